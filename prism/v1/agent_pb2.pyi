@@ -1,0 +1,118 @@
+from prism.v1 import generate_pb2 as _generate_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class EngineState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENGINE_STATE_UNSPECIFIED: _ClassVar[EngineState]
+    ENGINE_STATE_LOADING: _ClassVar[EngineState]
+    ENGINE_STATE_ACTIVE: _ClassVar[EngineState]
+    ENGINE_STATE_INACTIVE: _ClassVar[EngineState]
+    ENGINE_STATE_FAILED: _ClassVar[EngineState]
+ENGINE_STATE_UNSPECIFIED: EngineState
+ENGINE_STATE_LOADING: EngineState
+ENGINE_STATE_ACTIVE: EngineState
+ENGINE_STATE_INACTIVE: EngineState
+ENGINE_STATE_FAILED: EngineState
+
+class Device(_message.Message):
+    __slots__ = ("index", "kind", "name", "memory_bytes")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    kind: str
+    name: str
+    memory_bytes: int
+    def __init__(self, index: _Optional[int] = ..., kind: _Optional[str] = ..., name: _Optional[str] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
+
+class ModelSpec(_message.Message):
+    __slots__ = ("name", "path", "tp_size", "load_format", "engine", "dtype", "seed")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    TP_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    tp_size: int
+    load_format: str
+    engine: str
+    dtype: str
+    seed: int
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., tp_size: _Optional[int] = ..., load_format: _Optional[str] = ..., engine: _Optional[str] = ..., dtype: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class EngineStatus(_message.Message):
+    __slots__ = ("model", "gpu_ids", "state", "error", "memory_limit_bytes", "kv_used_bytes", "weight_bytes", "running_requests", "queued_requests", "max_context")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    GPU_IDS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    gpu_ids: _containers.RepeatedScalarFieldContainer[int]
+    state: EngineState
+    error: str
+    memory_limit_bytes: int
+    kv_used_bytes: int
+    weight_bytes: int
+    running_requests: int
+    queued_requests: int
+    max_context: int
+    def __init__(self, model: _Optional[str] = ..., gpu_ids: _Optional[_Iterable[int]] = ..., state: _Optional[_Union[EngineState, str]] = ..., error: _Optional[str] = ..., memory_limit_bytes: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., max_context: _Optional[int] = ...) -> None: ...
+
+class LoadModelRequest(_message.Message):
+    __slots__ = ("spec", "gpu_ids", "activate", "memory_limit_bytes")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    GPU_IDS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    spec: ModelSpec
+    gpu_ids: _containers.RepeatedScalarFieldContainer[int]
+    activate: bool
+    memory_limit_bytes: int
+    def __init__(self, spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., gpu_ids: _Optional[_Iterable[int]] = ..., activate: _Optional[bool] = ..., memory_limit_bytes: _Optional[int] = ...) -> None: ...
+
+class ModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class SetMemoryLimitRequest(_message.Message):
+    __slots__ = ("model", "memory_limit_bytes", "revision")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    memory_limit_bytes: int
+    revision: int
+    def __init__(self, model: _Optional[str] = ..., memory_limit_bytes: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AgentStatus(_message.Message):
+    __slots__ = ("agent_id", "devices", "engines")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    ENGINES_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    devices: _containers.RepeatedCompositeFieldContainer[Device]
+    engines: _containers.RepeatedCompositeFieldContainer[EngineStatus]
+    def __init__(self, agent_id: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., engines: _Optional[_Iterable[_Union[EngineStatus, _Mapping]]] = ...) -> None: ...
