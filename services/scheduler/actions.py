@@ -1,0 +1,45 @@
+"""The difference between the target placement and what agents run, as the
+ordered commands that close it. Pure: the loop in server.py executes them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.records import EngineRecord
+from services.scheduler.policy import Placement
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str  # "load" | "unload"
+    agent_id: str
+    model: str
+    gpu_ids: tuple[int, ...] = ()
+    activate: bool = True
+    memory_limit_bytes: int = 0
+
+
+def plan_actions(target: Placement, engines: dict[tuple[str, str], EngineRecord], live_agents: set[str]) -> list[Action]:
+    """engines: (agent_id, model) -> what that agent reports in etcd.
+
+    Unloads come first so their memory is free before loads need it. A
+    failed engine is loaded again (the agent replaces it); a loading one is
+    left alone.
+    """
+    wanted: dict[tuple[str, str], Action] = {}
+    for model, replicas in target.items():
+        for r in replicas:
+            wanted[(r.agent_id, model)] = Action("load", r.agent_id, model, r.gpu_ids, r.active, r.memory_limit_bytes)
+    unloads = [
+        Action("unload", agent_id, model)
+        for (agent_id, model), record in sorted(engines.items())
+        if (agent_id, model) not in wanted and agent_id in live_agents
+    ]
+    loads = []
+    for key, action in sorted(wanted.items()):
+        record = engines.get(key)
+        if action.agent_id not in live_agents:
+            continue
+        if record is None or record.state == "failed":
+            loads.append(action)
+    return unloads + loads

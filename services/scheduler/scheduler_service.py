@@ -1,0 +1,41 @@
+"""The scheduler's gRPC service: agents announce themselves and stream load
+reports; both wake the placement loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from prism.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(self, wake: asyncio.Event, report_interval_ms: int = 500):
+        self.wake = wake
+        self.report_interval_ms = report_interval_ms
+        # agent_id -> (monotonic receive time, last report); read by policies as demand.
+        self.latest_reports: dict[str, tuple[float, scheduler_pb2.LoadReport]] = {}
+
+    async def RegisterAgent(self, request, context) -> scheduler_pb2.RegisterAgentResponse:
+        log.info("agent %s registered from %s with %d device(s)", request.agent_id, request.address, len(request.devices))
+        self.wake.set()
+        return scheduler_pb2.RegisterAgentResponse(report_interval_ms=self.report_interval_ms)
+
+    async def StreamLoadReports(self, request_iterator, context) -> AsyncIterator[scheduler_pb2.LoadReportAck]:
+        async for report in request_iterator:
+            self.latest_reports[report.agent_id] = (time.monotonic(), report)
+            yield scheduler_pb2.LoadReportAck(sequence=report.sequence)
+
+    def demand(self, max_age_s: float = 5.0) -> dict[str, float]:
+        """Requests/s per model summed over agents with a fresh report."""
+        now = time.monotonic()
+        totals: dict[str, float] = {}
+        for received, report in self.latest_reports.values():
+            if now - received <= max_age_s:
+                for load in report.models:
+                    totals[load.model] = totals.get(load.model, 0.0) + load.arrival_rate
+        return totals

@@ -1,0 +1,214 @@
+"""Global scheduler process: publishes the model registry, computes placement
+with the chosen policy, drives agents to it and records it in etcd.
+
+    python -m services.scheduler.server --etcd 127.0.0.1:2379 --config models.json \
+        --listen 127.0.0.1:50051 [--policy static]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import time
+
+import grpc
+
+from prism.v1 import agent_pb2, agent_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from services.common import placement_config, records
+from services.common.etcd import PrefixMirror, connect
+from services.common.grpc_util import add_health_and_reflection, mark_serving
+from services.common.logs import setup_logging
+from services.scheduler.actions import Action, plan_actions
+from services.scheduler.policy import POLICIES, AgentView, ClusterSnapshot, Placement
+from services.scheduler.scheduler_service import SchedulerService
+
+log = logging.getLogger("scheduler")
+SERVICE_NAME = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Prism global scheduler")
+    p.add_argument("--etcd", default="127.0.0.1:2379")
+    p.add_argument("--config", required=True, help="placement config (.json, .yaml)")
+    p.add_argument("--listen", default="127.0.0.1:50051")
+    p.add_argument("--policy", default="static", choices=sorted(POLICIES))
+    p.add_argument("--replan-interval-s", type=float, default=2.0)
+    p.add_argument("--load-timeout-s", type=float, default=600.0, help="deadline of one LoadModel command")
+    return p.parse_args(argv)
+
+
+class PlacementLoop:
+    """Re-plans on an interval and whenever `wake` is set, and executes the
+    resulting actions in the background, one at a time per (agent, model),
+    backing off after failures."""
+
+    def __init__(self, config: placement_config.PlacementConfig, etcd, policy_name: str, service: SchedulerService,
+                 wake: asyncio.Event, interval_s: float, load_timeout_s: float):
+        self.config = config
+        self.etcd = etcd
+        self.policy = POLICIES[policy_name]
+        self.service = service
+        self.wake = wake
+        self.interval_s = interval_s
+        self.load_timeout_s = load_timeout_s
+        self.agents = PrefixMirror(etcd, records.AGENTS, lambda k, v: wake.set())
+        self.engines = PrefixMirror(etcd, records.ENGINES, lambda k, v: wake.set())
+        self._in_flight: dict[tuple[str, str], asyncio.Task] = {}
+        self._retry_at: dict[tuple[str, str], tuple[float, float]] = {}  # key -> (monotonic time, backoff)
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    async def publish_registry(self) -> None:
+        wanted = {}
+        for m in self.config.models:
+            rec = records.ModelRecord(name=m.model_name, path=m.model_path, tp_size=m.tp_size,
+                                      load_format=m.load_format, engine=m.engine, dtype=m.dtype, seed=m.seed)
+            wanted[rec.key()] = rec.to_json()
+        existing = {kv.key.decode(): kv.value for kv in await self.etcd.get_prefix(records.MODELS.encode())}
+        for key in existing.keys() - wanted.keys():
+            await self.etcd.delete(key.encode())
+        for key, value in wanted.items():
+            if existing.get(key) != value:
+                await self.etcd.put(key.encode(), value)
+
+    def _agent_records(self) -> dict[str, records.AgentRecord]:
+        out = {}
+        for value in self.agents.items.values():
+            rec = records.AgentRecord.from_json(value)
+            out[rec.agent_id] = rec
+        return out
+
+    def _engine_records(self) -> dict[tuple[str, str], records.EngineRecord]:
+        out = {}
+        for value in self.engines.items.values():
+            rec = records.EngineRecord.from_json(value)
+            out[(rec.agent_id, rec.model)] = rec
+        return out
+
+    async def _write_placements(self, target: Placement) -> None:
+        existing = {kv.key.decode(): records.PlacementRecord.from_json(kv.value)
+                    for kv in await self.etcd.get_prefix(records.PLACEMENTS.encode())}
+        for model, replicas in target.items():
+            as_dicts = [vars(records.Replica(r.agent_id, list(r.gpu_ids), r.active, r.memory_limit_bytes)) for r in replicas]
+            key = records.PLACEMENTS + model
+            old = existing.get(key)
+            if old is None or old.replicas != as_dicts:
+                rec = records.PlacementRecord(model=model, replicas=as_dicts, revision=(old.revision if old else 0) + 1)
+                await self.etcd.put(key.encode(), rec.to_json())
+                log.info("placement of %s -> %s (revision %d)", model,
+                         [f"{r['agent_id']}:{r['gpu_ids']}" for r in as_dicts] or "unplaced", rec.revision)
+        for key in existing.keys() - {records.PLACEMENTS + m for m in target}:
+            await self.etcd.delete(key.encode())
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address)
+        return self._channels[address]
+
+    async def replan(self) -> None:
+        agents = self._agent_records()
+        snapshot = ClusterSnapshot(
+            models=self.config.models,
+            agents=tuple(AgentView(a.agent_id, frozenset(d["index"] for d in a.devices)) for a in agents.values()),
+            demand=self.service.demand(),
+        )
+        target = self.policy(snapshot)
+        await self._write_placements(target)
+        now = time.monotonic()
+        for action in plan_actions(target, self._engine_records(), set(agents)):
+            key = (action.agent_id, action.model)
+            if key in self._in_flight or self._retry_at.get(key, (0.0, 0.0))[0] > now:
+                continue
+            self._in_flight[key] = asyncio.create_task(self._execute(action, agents[action.agent_id].address))
+
+    async def _execute(self, action: Action, address: str) -> None:
+        key = (action.agent_id, action.model)
+        stub = agent_pb2_grpc.AgentStub(self._channel(address))
+        try:
+            if action.kind == "load":
+                spec = self.config.model(action.model)
+                status = await stub.LoadModel(agent_pb2.LoadModelRequest(
+                    spec=agent_pb2.ModelSpec(name=spec.model_name, path=spec.model_path, tp_size=spec.tp_size,
+                                             load_format=spec.load_format, engine=spec.engine, dtype=spec.dtype, seed=spec.seed),
+                    gpu_ids=list(action.gpu_ids), activate=action.activate, memory_limit_bytes=action.memory_limit_bytes,
+                ), timeout=self.load_timeout_s)
+                if status.state == agent_pb2.ENGINE_STATE_FAILED:
+                    raise RuntimeError(status.error)
+                log.info("loaded %s on %s (%s)", action.model, action.agent_id, agent_pb2.EngineState.Name(status.state))
+            else:
+                await stub.UnloadModel(agent_pb2.ModelRequest(model=action.model), timeout=60)
+                log.info("unloaded %s from %s", action.model, action.agent_id)
+            self._retry_at.pop(key, None)
+        except Exception as exc:  # the agent may be gone or the model broken: retry later, never crash the loop
+            message = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            backoff = min(self._retry_at.get(key, (0.0, 1.0))[1] * 2, 60.0)
+            self._retry_at[key] = (time.monotonic() + backoff, backoff)
+            log.warning("%s %s on %s failed: %s; retrying in %.0fs", action.kind, action.model, action.agent_id, message, backoff)
+        finally:
+            self._in_flight.pop(key, None)
+            self.wake.set()
+
+    async def run(self) -> None:
+        mirrors = [asyncio.create_task(self.agents.run()), asyncio.create_task(self.engines.run())]
+        try:
+            await self.agents.ready.wait()
+            await self.engines.ready.wait()
+            while True:
+                self.wake.clear()
+                try:
+                    await self.replan()
+                except Exception:
+                    log.exception("re-planning failed; trying again")
+                try:
+                    await asyncio.wait_for(self.wake.wait(), self.interval_s)
+                except asyncio.TimeoutError:
+                    pass
+                await asyncio.sleep(0.05)  # coalesce bursts of etcd events into one re-plan
+        finally:
+            for task in [*mirrors, *self._in_flight.values()]:
+                task.cancel()
+            for channel in self._channels.values():
+                await channel.close()
+
+
+async def serve(args: argparse.Namespace) -> None:
+    config = placement_config.load(args.config)
+    etcd = await connect(args.etcd)
+    wake = asyncio.Event()
+    service = SchedulerService(wake)
+    loop_ = PlacementLoop(config, etcd, args.policy, service, wake, args.replan_interval_s, args.load_timeout_s)
+    await loop_.publish_registry()
+
+    server = grpc.aio.server()
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
+    health = add_health_and_reflection(server, [SERVICE_NAME])
+    if server.add_insecure_port(args.listen) == 0:
+        raise SystemExit(f"scheduler: cannot listen on {args.listen}")
+    await server.start()
+    await mark_serving(health, [SERVICE_NAME])
+    log.info("scheduler serving on %s, policy %s, %d model(s)", args.listen, args.policy, len(config.models))
+
+    task = asyncio.create_task(loop_.run())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("scheduler stopping")
+    task.cancel()
+    await server.stop(grace=2)
+    await etcd.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging("scheduler")
+    args = parse_args(argv)
+    try:
+        asyncio.run(serve(args))
+    except placement_config.ConfigError as exc:
+        raise SystemExit(str(exc)) from None
+
+
+if __name__ == "__main__":
+    main()
