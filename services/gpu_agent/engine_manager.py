@@ -1,0 +1,198 @@
+"""The engines this agent runs, one per placed model, and their life cycle.
+
+Loading weights is slow and blocking, so it runs in a worker thread; the
+asyncio side only ever sees finished state changes. Every change is
+published through `on_change` (the agent writes it to etcd) so the gateway
+and the scheduler see an engine as loading, active, inactive or failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from services.gpu_agent.devices import Device
+from services.gpu_agent.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    name: str
+    path: str
+    tp_size: int = 1
+    load_format: str = "auto"
+    engine: str = "torch"
+    dtype: str = "auto"
+    seed: int = 0
+
+
+class ModelNotLoadedError(LookupError):
+    pass
+
+
+class EngineNotReadyError(RuntimeError):
+    """The engine exists but cannot serve now (still loading, or failed)."""
+
+
+class PlacementError(ValueError):
+    """A load request this agent cannot satisfy (unknown GPU, wrong tp size, ...)."""
+
+
+@dataclass
+class ManagedEngine:
+    spec: EngineSpec
+    gpu_ids: tuple[int, ...]
+    state: str = "loading"  # loading | active | inactive | failed | unloaded
+    error: str = ""
+    engine: Engine | None = None
+    memory_limit_bytes: int = 0
+    limit_revision: int = 0
+    loaded: asyncio.Event = field(default_factory=asyncio.Event)
+    arrivals: deque[float] = field(default_factory=deque)  # request start times, for the arrival rate
+    activation_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def arrival_rate(self, window_s: float = 10.0) -> float:
+        cutoff = time.monotonic() - window_s
+        while self.arrivals and self.arrivals[0] < cutoff:
+            self.arrivals.popleft()
+        return len(self.arrivals) / window_s
+
+
+OnChange = Callable[[ManagedEngine], Awaitable[None]]
+
+
+class EngineManager:
+    def __init__(self, devices: list[Device], on_change: OnChange):
+        self.devices = {d.index: d for d in devices}
+        self.engines: dict[str, ManagedEngine] = {}
+        self._on_change = on_change
+
+    async def _publish(self, managed: ManagedEngine) -> None:
+        try:
+            await self._on_change(managed)
+        except Exception:  # etcd trouble must not break serving; the next change republishes
+            log.exception("publishing engine state of %s failed", managed.spec.name)
+
+    def get(self, model: str) -> ManagedEngine:
+        managed = self.engines.get(model)
+        if managed is None:
+            raise ModelNotLoadedError(f"model {model!r} is not loaded on this agent")
+        return managed
+
+    def _torch_device(self, gpu_ids: tuple[int, ...]) -> str:
+        # Tensor parallelism arrives with the engine issue; one device per engine for now.
+        return self.devices[gpu_ids[0]].torch_device
+
+    async def load(self, spec: EngineSpec, gpu_ids: tuple[int, ...], activate: bool, memory_limit_bytes: int) -> ManagedEngine:
+        """Loads (or finds) the model's engine; returns when it is ready or failed."""
+        unknown = [g for g in gpu_ids if g not in self.devices]
+        if not gpu_ids or unknown:
+            raise PlacementError(f"gpu_ids {list(gpu_ids)} not on this agent (it has {sorted(self.devices)})")
+        if len(gpu_ids) != spec.tp_size:
+            raise PlacementError(f"tp_size {spec.tp_size} needs {spec.tp_size} GPU(s), got {list(gpu_ids)}")
+        if spec.tp_size > 1:
+            raise PlacementError("tensor parallelism (tp_size > 1) is not supported by the built-in engine yet")
+        if spec.engine != "torch":
+            raise PlacementError(f"engine {spec.engine!r} is not available on this agent; use engine: torch")
+        existing = self.engines.get(spec.name)
+        if existing is not None and existing.state != "failed":
+            if existing.spec != spec or existing.gpu_ids != gpu_ids:
+                raise PlacementError(f"model {spec.name!r} is already loaded here with another spec; unload it first")
+            await existing.loaded.wait()
+            if activate and existing.state == "inactive":
+                await self.activate(spec.name)
+            return existing
+        managed = ManagedEngine(spec=spec, gpu_ids=gpu_ids, memory_limit_bytes=memory_limit_bytes)
+        self.engines[spec.name] = managed
+        await self._publish(managed)
+        try:
+            engine = await asyncio.to_thread(self._build_engine, spec, gpu_ids, memory_limit_bytes)
+        except Exception as exc:
+            log.exception("loading %s failed", spec.name)
+            managed.state, managed.error = "failed", f"{type(exc).__name__}: {exc}"
+        else:
+            managed.engine = engine
+            if not activate:
+                await asyncio.to_thread(engine.deactivate)
+            managed.state = "active" if activate else "inactive"
+            managed.memory_limit_bytes = engine.stats().memory_limit_bytes
+        managed.loaded.set()
+        if self.engines.get(spec.name) is not managed:  # unloaded while loading
+            if managed.engine is not None:
+                managed.engine.stop()
+            return managed
+        await self._publish(managed)
+        return managed
+
+    def _build_engine(self, spec: EngineSpec, gpu_ids: tuple[int, ...], memory_limit_bytes: int) -> Engine:
+        start = time.perf_counter()
+        engine = Engine(
+            spec.path,
+            name=spec.name,
+            load_format=spec.load_format,
+            dtype=spec.dtype,
+            device=self._torch_device(gpu_ids),
+            seed=spec.seed,
+            memory_limit_bytes=memory_limit_bytes or None,
+        )
+        engine.start()
+        log.info("loaded %s on %s in %.2fs (%d MB of weights)", spec.name, engine.device,
+                 time.perf_counter() - start, engine.weight_bytes >> 20)
+        return engine
+
+    async def unload(self, model: str) -> ManagedEngine:
+        managed = self.get(model)
+        del self.engines[model]
+        if managed.engine is not None:
+            await asyncio.to_thread(managed.engine.stop)
+        managed.state = "unloaded"
+        await self._publish(managed)
+        return managed
+
+    async def activate(self, model: str) -> ManagedEngine:
+        managed = self.ready(model)
+        async with managed.activation_lock:
+            if managed.state == "inactive":
+                start = time.perf_counter()
+                await asyncio.to_thread(managed.engine.activate)
+                managed.state = "active"
+                log.info("activated %s in %.3fs", model, time.perf_counter() - start)
+                await self._publish(managed)
+        return managed
+
+    async def deactivate(self, model: str) -> ManagedEngine:
+        managed = self.ready(model)
+        async with managed.activation_lock:
+            if managed.state == "active":
+                await asyncio.to_thread(managed.engine.deactivate)
+                managed.state = "inactive"
+                await self._publish(managed)
+        return managed
+
+    def set_memory_limit(self, model: str, nbytes: int, revision: int) -> ManagedEngine:
+        managed = self.ready(model)
+        if revision and revision <= managed.limit_revision:
+            return managed  # stale: a newer limit has been applied already
+        managed.engine.set_memory_limit(nbytes)
+        managed.memory_limit_bytes = nbytes
+        managed.limit_revision = revision
+        return managed
+
+    def ready(self, model: str) -> ManagedEngine:
+        """The model's engine if it is loaded and healthy (active or not)."""
+        managed = self.get(model)
+        if managed.state == "loading":
+            raise EngineNotReadyError(f"model {model!r} is still loading on this agent")
+        if managed.state == "failed" or managed.engine is None:
+            raise EngineNotReadyError(f"model {model!r} failed to load on this agent: {managed.error}")
+        return managed
+
+    async def stop_all(self) -> None:
+        for model in list(self.engines):
+            await self.unload(model)

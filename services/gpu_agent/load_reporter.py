@@ -1,0 +1,76 @@
+"""Announces the agent to the scheduler and streams its load reports.
+
+The stream is re-opened after any failure (scheduler restart, network blip)
+with a short back-off, so the scheduler always gets reports from a live agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from prism.v1 import agent_pb2, scheduler_pb2, scheduler_pb2_grpc
+from services.gpu_agent.agent_service import STATE_TO_PROTO
+from services.gpu_agent.engine_manager import EngineManager
+
+log = logging.getLogger(__name__)
+
+
+class LoadReporter:
+    def __init__(self, scheduler_address: str, agent_id: str, address: str, devices, manager: EngineManager):
+        self.scheduler_address = scheduler_address
+        self.agent_id = agent_id
+        self.address = address
+        self.devices = devices
+        self.manager = manager
+        self.interval_s = 0.5
+        self._sequence = 0
+
+    def _report(self) -> scheduler_pb2.LoadReport:
+        self._sequence += 1
+        report = scheduler_pb2.LoadReport(agent_id=self.agent_id, sequence=self._sequence)
+        for name, managed in self.manager.engines.items():
+            load = report.models.add(
+                model=name,
+                state=STATE_TO_PROTO.get(managed.state, agent_pb2.ENGINE_STATE_UNSPECIFIED),
+                arrival_rate=managed.arrival_rate(),
+                memory_limit_bytes=managed.memory_limit_bytes,
+            )
+            if managed.engine is not None:
+                stats = managed.engine.stats()
+                load.queued_requests = stats.queued_requests
+                load.running_requests = stats.running_requests
+                load.kv_used_bytes = stats.kv_used_bytes
+        return report
+
+    async def _reports(self):
+        while True:
+            yield self._report()
+            await asyncio.sleep(self.interval_s)
+
+    async def run(self) -> None:
+        backoff = 0.2
+        while True:
+            try:
+                async with grpc.aio.insecure_channel(self.scheduler_address) as channel:
+                    stub = scheduler_pb2_grpc.SchedulerStub(channel)
+                    reply = await stub.RegisterAgent(scheduler_pb2.RegisterAgentRequest(
+                        agent_id=self.agent_id,
+                        address=self.address,
+                        devices=[agent_pb2.Device(index=d.index, kind=d.kind, name=d.name, memory_bytes=d.memory_bytes)
+                                 for d in self.devices],
+                    ), timeout=5)
+                    if reply.report_interval_ms > 0:
+                        self.interval_s = reply.report_interval_ms / 1000
+                    log.info("registered with scheduler %s; reporting every %.1fs", self.scheduler_address, self.interval_s)
+                    backoff = 0.2
+                    async for _ack in stub.StreamLoadReports(self._reports()):
+                        pass
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                log.warning("scheduler %s unreachable (%s); retrying in %.1fs", self.scheduler_address, exc.code().name, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)

@@ -1,0 +1,114 @@
+"""GPU agent process: discovers devices, serves the Agent gRPC API, keeps its
+registration alive in etcd and reports load to the scheduler.
+
+    python -m services.gpu_agent.server --etcd 127.0.0.1:2379 --scheduler 127.0.0.1:50051 \
+        --listen 127.0.0.1:50061 [--advertise HOST:PORT] [--device auto|cpu|cuda] [--cpu-memory-gb 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import socket
+import time
+
+import grpc
+
+from prism.v1 import agent_pb2, agent_pb2_grpc
+from services.common import records
+from services.common.etcd import LeasedKeys, connect
+from services.common.grpc_util import add_health_and_reflection, mark_not_serving, mark_serving
+from services.common.logs import setup_logging
+from services.gpu_agent.agent_service import AgentService
+from services.gpu_agent.devices import discover_devices
+from services.gpu_agent.engine_manager import EngineManager, ManagedEngine
+from services.gpu_agent.load_reporter import LoadReporter
+
+log = logging.getLogger("gpu_agent")
+SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Prism GPU agent")
+    p.add_argument("--etcd", default="127.0.0.1:2379", help="etcd endpoint host:port")
+    p.add_argument("--scheduler", default="127.0.0.1:50051", help="scheduler gRPC address")
+    p.add_argument("--listen", default="127.0.0.1:50061", help="address to serve gRPC on")
+    p.add_argument("--advertise", default=None, help="address others reach this agent at (default: --listen)")
+    p.add_argument("--agent-id", default=None, help="stable id (default: hostname-port)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--cpu-memory-gb", type=float, default=4.0, help="memory budget of the CPU device")
+    p.add_argument("--lease-ttl-s", type=int, default=5, help="etcd lease; the agent vanishes this long after dying")
+    return p.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    devices = discover_devices(args.device, args.cpu_memory_gb)
+    advertise = args.advertise or args.listen
+    agent_id = args.agent_id or f"{socket.gethostname()}-{advertise.rsplit(':', 1)[-1]}"
+    etcd = await connect(args.etcd)
+    leased = LeasedKeys(etcd, ttl_s=args.lease_ttl_s)
+    # Engine keys of an earlier life of this agent id would make its models
+    # look served until their lease ran out; nothing of that life survives.
+    await etcd.delete_prefix(f"{records.ENGINES}{agent_id}/".encode())
+
+    async def publish(managed: ManagedEngine) -> None:
+        key = records.engine_key(agent_id, managed.spec.name)
+        if managed.state == "unloaded":
+            await leased.delete(key)
+            return
+        record = records.EngineRecord(
+            agent_id=agent_id, model=managed.spec.name, state=managed.state, gpu_ids=list(managed.gpu_ids),
+            max_context=managed.engine.max_context if managed.engine else 0, error=managed.error,
+        )
+        await leased.put(key, record.to_json())
+
+    manager = EngineManager(devices, publish)
+    service = AgentService(agent_id, devices, manager)
+
+    server = grpc.aio.server()
+    agent_pb2_grpc.add_AgentServicer_to_server(service, server)
+    health = add_health_and_reflection(server, [SERVICE_NAME])
+    if server.add_insecure_port(args.listen) == 0:
+        raise SystemExit(f"agent: cannot listen on {args.listen}")
+    await server.start()
+
+    agent_record = records.AgentRecord(
+        agent_id=agent_id, address=advertise,
+        devices=[vars(records.DeviceRecord(d.index, d.kind, d.name, d.memory_bytes)) for d in devices],
+        started_at=time.time(),
+    )
+    await leased.put(agent_record.key(), agent_record.to_json())
+    await mark_serving(health, [SERVICE_NAME])
+    log.info("agent %s serving on %s with %s", agent_id, advertise, ", ".join(f"{d.kind}:{d.index} {d.memory_bytes >> 20} MB" for d in devices))
+
+    reporter = LoadReporter(args.scheduler, agent_id, advertise, devices, manager)
+    tasks = [asyncio.create_task(leased.run()), asyncio.create_task(reporter.run())]
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    log.info("agent %s stopping", agent_id)
+    await mark_not_serving(health, [SERVICE_NAME])
+    for task in tasks:
+        task.cancel()
+    try:
+        await leased.revoke()
+    except Exception as exc:
+        log.warning("could not revoke lease: %s", exc)
+    await server.stop(grace=5)
+    await manager.stop_all()
+    await etcd.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging("agent")
+    asyncio.run(serve(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
