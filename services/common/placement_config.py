@@ -161,6 +161,8 @@ def _parse_placements(c: _Checker, raw: Any, path: str, tp_size: int) -> tuple[I
         if not isinstance(pl, dict):
             c.error(pp, "must be an object")
             continue
+        # YAML 1.1 reads an unquoted `on:` key as the boolean true.
+        pl = {("on" if k is True else k): v for k, v in pl.items()}
         for unknown in sorted(set(pl) - _PLACEMENT_FIELDS):
             c.error(f"{pp}.{unknown}", "unknown field")
         gpu_ids = pl.get("gpu_ids")

@@ -1,0 +1,143 @@
+"""The `prism` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(help="Prism: many LLMs sharing few GPUs.", no_args_is_help=True, add_completion=False)
+
+
+@app.command()
+def up(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="placement config (.json/.yaml); default: two tiny generated models"),
+    http_port: int = typer.Option(8000, help="OpenAI-compatible REST port"),
+    grpc_port: int = typer.Option(50050, help="gRPC gateway port"),
+    etcd: Optional[str] = typer.Option(None, help="external etcd host:port; default: start one in the state dir"),
+    state_dir: Path = typer.Option(Path(".prism"), help="etcd data, logs and generated models"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    cpu_memory_gb: float = typer.Option(4.0, help="memory budget of the CPU device"),
+    host: str = typer.Option("127.0.0.1", help="address every service binds to"),
+) -> None:
+    """Run etcd, the scheduler, one agent and the gateway in the foreground; Ctrl-C stops them all."""
+    from prism.cluster import ClusterStartError, LocalCluster
+    from services.common.placement_config import ConfigError
+
+    cluster = LocalCluster(state_dir=state_dir, config_path=config, http_port=http_port, grpc_port=grpc_port,
+                           etcd_endpoint=etcd, device=device, cpu_memory_gb=cpu_memory_gb, host=host)
+    typer.echo(f"starting Prism (state and logs in {cluster.state_dir}) ...")
+    try:
+        cluster.start()
+    except (ClusterStartError, ConfigError, TimeoutError, RuntimeError) as exc:
+        typer.echo(f"prism up failed: {exc}", err=True)
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+    typer.echo(
+        "Prism is up:\n"
+        f"  OpenAI REST   {cluster.http_url}/v1   (models: {', '.join(cluster.model_names())})\n"
+        f"  gRPC gateway  {cluster.gateway_grpc}\n"
+        f"  scheduler     {cluster.scheduler_address}\n"
+        f"  agent         {cluster.agent_address}\n"
+        f"  etcd          {cluster.etcd_endpoint}\n"
+        f"  logs          {cluster.log_dir}\n"
+        "Ctrl-C stops everything."
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(0.5):
+            for name, proc in cluster.processes.items():
+                if proc.poll() is not None:
+                    typer.echo(f"{name} exited with code {proc.returncode}; stopping. Log:\n{cluster.log_tail(name)}", err=True)
+                    stop.set()
+    except KeyboardInterrupt:
+        pass
+    typer.echo("stopping ...")
+    cluster.stop()
+    typer.echo("stopped.")
+
+
+@app.command("make-model")
+def make_model(
+    out_dir: Path = typer.Argument(..., help="folder to write config.json, model.safetensors and tokenizer files to"),
+    arch: str = typer.Option("llama", help="llama | qwen2"),
+    seed: int = typer.Option(0, help="seed of the random weights"),
+) -> None:
+    """Write a tiny random-weight model in Hugging Face format (no download)."""
+    from prism.tiny_models import write_tiny_model
+
+    path = write_tiny_model(out_dir, arch=arch, seed=seed)
+    typer.echo(f"wrote a tiny {arch} model to {path}")
+
+
+@app.command()
+def status(etcd: str = typer.Option("127.0.0.1:2379", help="etcd host:port"),
+           as_json: bool = typer.Option(False, "--json", help="print the raw records")) -> None:
+    """Show agents, engines and placements as recorded in etcd."""
+    from services.common import records
+    from services.common.etcd import connect
+
+    async def read() -> dict[str, list[dict]]:
+        client = await connect(etcd, timeout_s=5)
+        try:
+            out: dict[str, list[dict]] = {}
+            for name, prefix in (("models", records.MODELS), ("agents", records.AGENTS),
+                                 ("engines", records.ENGINES), ("placements", records.PLACEMENTS)):
+                out[name] = [json.loads(kv.value) for kv in await client.get_prefix(prefix.encode())]
+            return out
+        finally:
+            await client.close()
+
+    try:
+        state = asyncio.run(read())
+    except ConnectionError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1)
+    if as_json:
+        typer.echo(json.dumps(state, indent=2))
+        return
+    typer.echo("agents:")
+    for a in state["agents"]:
+        devices = ", ".join(f"{d['kind']}:{d['index']} {d['memory_bytes'] >> 20} MB" for d in a["devices"])
+        typer.echo(f"  {a['agent_id']:<24} {a['address']:<22} {devices}")
+    typer.echo("engines:")
+    for e in state["engines"]:
+        typer.echo(f"  {e['model']:<20} on {e['agent_id']:<24} gpus {e['gpu_ids']}  {e['state']}" + (f"  ({e['error']})" if e["error"] else ""))
+    typer.echo("placements:")
+    for p in state["placements"]:
+        replicas = ", ".join(f"{r['agent_id']}:{r['gpu_ids']}{'' if r['active'] else ' (off)'}" for r in p["replicas"]) or "unplaced"
+        typer.echo(f"  {p['model']:<20} rev {p['revision']:<4} {replicas}")
+
+
+@app.command()
+def generate(
+    model: str = typer.Argument(...),
+    prompt: str = typer.Argument(...),
+    gateway: str = typer.Option("127.0.0.1:50050", help="gRPC gateway host:port"),
+    max_tokens: int = typer.Option(32),
+    temperature: float = typer.Option(0.0),
+) -> None:
+    """Stream a completion through the gRPC gateway."""
+    from prism.client import PrismClient, PrismError
+
+    try:
+        with PrismClient(gateway) as client:
+            for chunk in client.generate_stream(model, prompt, max_tokens=max_tokens, temperature=temperature):
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+    except PrismError as exc:
+        typer.echo(f"\nerror: {exc}", err=True)
+        raise typer.Exit(1)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,173 @@
+"""A whole Prism cluster on this machine: etcd, scheduler, one agent and the
+gateway, each its own process. `prism up` and the test suite both use it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common import placement_config
+from services.common.etcd_server import EmbeddedEtcd, free_port
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Stop order: the gateway first so no new requests arrive, etcd last.
+SERVICES = ("gateway", "agent", "scheduler")
+
+
+class ClusterStartError(RuntimeError):
+    pass
+
+
+def write_default_config(state_dir: Path) -> Path:
+    """Generates the two tiny default models (once) and a config serving both on device 0."""
+    from prism.tiny_models import ensure_default_models
+
+    models = ensure_default_models(state_dir / "models")
+    config = [
+        {"model_name": name, "model_path": str(path), "tp_size": 1,
+         "init_placements": [{"gpu_ids": [0], "on": True, "max_memory_pool_size": 0.25}]}
+        for name, path in sorted(models.items())
+    ]
+    path = state_dir / "models.json"
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return path
+
+
+@dataclass
+class LocalCluster:
+    state_dir: Path
+    config_path: Path | None = None
+    http_port: int = 8000
+    grpc_port: int = 50050
+    etcd_endpoint: str | None = None  # an external etcd; None starts one in state_dir
+    device: str = "auto"
+    cpu_memory_gb: float = 4.0
+    host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        self.state_dir = Path(self.state_dir).resolve()
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.etcd: EmbeddedEtcd | None = None
+        self.scheduler_address = f"{self.host}:{free_port(self.host)}"
+        self.agent_address = f"{self.host}:{free_port(self.host)}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    @property
+    def gateway_grpc(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    @property
+    def models(self) -> dict[str, str]:
+        """Model name -> model path, as configured."""
+        return {m.model_name: m.model_path for m in placement_config.load(self.config_path).models}
+
+    def model_names(self) -> list[str]:
+        return list(self.models)
+
+    def start(self, timeout_s: float = 180.0) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(exist_ok=True)
+        if self.config_path is None:
+            self.config_path = write_default_config(self.state_dir)
+        self.config_path = Path(self.config_path).resolve()
+        names = self.model_names()  # fails here, before any process starts, on a bad config
+        if self.etcd_endpoint is None:
+            self.etcd = EmbeddedEtcd(self.state_dir / "etcd", host=self.host)
+            self.etcd.start()
+            self.etcd_endpoint = self.etcd.endpoint
+        try:
+            self._spawn("scheduler", "services.scheduler.server", "--etcd", self.etcd_endpoint,
+                        "--config", str(self.config_path), "--listen", self.scheduler_address)
+            self._spawn_agent()
+            self._spawn("gateway", "services.gateway.server", "--etcd", self.etcd_endpoint,
+                        "--http-host", self.host, "--http-port", str(self.http_port),
+                        "--grpc-host", self.host, "--grpc-port", str(self.grpc_port))
+            self.wait_ready(names, timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _spawn_agent(self) -> None:
+        self._spawn("agent", "services.gpu_agent.server", "--etcd", self.etcd_endpoint,
+                    "--scheduler", self.scheduler_address, "--listen", self.agent_address,
+                    "--device", self.device, "--cpu-memory-gb", str(self.cpu_memory_gb))
+
+    def _spawn(self, name: str, module: str, *args: str) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+        log = open(self.log_dir / f"{name}.log", "ab")
+        self.processes[name] = subprocess.Popen([sys.executable, "-m", module, *args], stdout=log,
+                                                stderr=subprocess.STDOUT, env=env, cwd=self.state_dir)
+        log.close()
+
+    def log_tail(self, name: str, lines: int = 30) -> str:
+        path = self.log_dir / f"{name}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def _check_alive(self) -> None:
+        for name, proc in self.processes.items():
+            if proc.poll() is not None:
+                raise ClusterStartError(f"{name} exited with code {proc.returncode}; its log ends:\n{self.log_tail(name)}")
+
+    def wait_ready(self, models: list[str], timeout_s: float) -> None:
+        """Returns when the gateway is healthy and lists every model as available."""
+        deadline = time.monotonic() + timeout_s
+        missing = list(models)
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                with urllib.request.urlopen(self.http_url + "/v1/models", timeout=2) as resp:
+                    listed = json.load(resp)["data"]
+                available = {m["id"] for m in listed if m.get("available", True)}
+                missing = [m for m in models if m not in available]
+                if not missing:
+                    return
+            except (urllib.error.URLError, OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.3)
+        raise ClusterStartError(f"cluster not ready within {timeout_s:.0f}s; models not yet served: {missing}\n"
+                                f"agent log ends:\n{self.log_tail('agent')}")
+
+    def kill(self, name: str) -> None:
+        """SIGKILLs one service (for fault tests); it stays down."""
+        proc = self.processes[name]
+        proc.kill()
+        proc.wait()
+
+    def restart_agent(self) -> None:
+        self.processes.pop("agent", None)
+        self._spawn_agent()
+
+    def stop(self) -> None:
+        for name in SERVICES:
+            proc = self.processes.get(name)
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for name in SERVICES:
+            proc = self.processes.get(name)
+            if proc is None:
+                continue
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.processes.clear()
+        if self.etcd is not None:
+            self.etcd.stop()
+            self.etcd = None

@@ -1,0 +1,35 @@
+"""Shared fixtures. `cluster` is a real local cluster: etcd, scheduler, one
+agent and the gateway as separate processes on loopback, serving the two
+tiny generated models. It is started once per session."""
+
+from __future__ import annotations
+
+import pytest
+
+from prism.cluster import LocalCluster
+from services.common.etcd_server import free_port
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    c = LocalCluster(
+        state_dir=tmp_path_factory.mktemp("cluster"),
+        http_port=free_port(),
+        grpc_port=free_port(),
+        device="cpu",
+        cpu_memory_gb=2.0,
+    )
+    c.start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture()
+def etcd_server(tmp_path):
+    """A fresh etcd of our own for one test."""
+    from services.common.etcd_server import EmbeddedEtcd
+
+    server = EmbeddedEtcd(tmp_path / "etcd")
+    server.start()
+    yield server
+    server.stop()
