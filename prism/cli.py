@@ -52,12 +52,14 @@ def up(
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    reported: set[str] = set()
     try:
         while not stop.wait(0.5):
+            # A dead service is reported, not fatal: the rest degrade (503s for its models) and stay inspectable.
             for name, proc in cluster.processes.items():
-                if proc.poll() is not None:
-                    typer.echo(f"{name} exited with code {proc.returncode}; stopping. Log:\n{cluster.log_tail(name)}", err=True)
-                    stop.set()
+                if proc.poll() is not None and name not in reported:
+                    reported.add(name)
+                    typer.echo(f"{name} exited with code {proc.returncode}; its log ends:\n{cluster.log_tail(name, 10)}", err=True)
     except KeyboardInterrupt:
         pass
     typer.echo("stopping ...")

@@ -114,6 +114,14 @@ class LocalCluster:
         self.processes[name] = subprocess.Popen([sys.executable, "-m", module, *args], stdout=log,
                                                 stderr=subprocess.STDOUT, env=env, cwd=self.state_dir)
         log.close()
+        self._write_pids()
+
+    def _write_pids(self) -> None:
+        # For operators and tests that need to signal one service of a running `prism up`.
+        pids = {name: proc.pid for name, proc in self.processes.items()}
+        if self.etcd is not None and self.etcd.process is not None:
+            pids["etcd"] = self.etcd.process.pid
+        (self.state_dir / "pids.json").write_text(json.dumps(pids, indent=2) + "\n")
 
     def log_tail(self, name: str, lines: int = 30) -> str:
         path = self.log_dir / f"{name}.log"

@@ -1,0 +1,87 @@
+"""`prism up` as a user runs it: one command brings the cluster up, prints
+the endpoints, serves tokens; a dead agent turns into prompt 503s, not hangs;
+Ctrl-C stops every process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.common.etcd_server import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); read its state.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.fixture()
+def prism_up(tmp_path):
+    http_port, grpc_port = free_port(), free_port()
+    state = tmp_path / "state"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prism.cli", "up", "--state-dir", str(state), "--http-port", str(http_port),
+         "--grpc-port", str(grpc_port), "--device", "cpu", "--cpu-memory-gb", "1"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines: list[str] = []
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if "Ctrl-C stops everything" in line:
+            break
+    assert any("Prism is up" in line for line in lines), "".join(lines)
+    yield proc, f"http://127.0.0.1:{http_port}", state, lines
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_up_serves_reports_dead_agent_as_503_and_stops_cleanly(prism_up):
+    proc, url, state, lines = prism_up
+    banner = "".join(lines)
+    assert f"{url}/v1" in banner and "tiny-llama" in banner and "tiny-qwen2" in banner
+
+    models = httpx.get(f"{url}/v1/models").json()["data"]
+    assert {m["id"] for m in models} == {"tiny-llama", "tiny-qwen2"}
+    r = httpx.post(f"{url}/v1/completions", json={"model": "tiny-llama", "prompt": "hello", "max_tokens": 4, "temperature": 0}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 1
+
+    pids = json.loads((state / "pids.json").read_text())
+    assert set(pids) == {"etcd", "scheduler", "agent", "gateway"}
+    os.kill(pids["agent"], signal.SIGKILL)
+    start = time.monotonic()
+    r = httpx.post(f"{url}/v1/completions", json={"model": "tiny-llama", "prompt": "hello", "max_tokens": 4}, timeout=30)
+    assert r.status_code == 503, r.text
+    assert time.monotonic() - start < 10
+    body = r.json()["error"]
+    assert "tiny-llama" in body["message"] and body["type"]
+    # The other processes keep running (the agent's death is reported, not fatal); Ctrl-C stops them all.
+    assert proc.poll() is None
+    time.sleep(1.5)  # `prism up` polls its children twice a second
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert "agent exited" in out and "stopped." in out
+    assert proc.returncode == 0
+    assert not [name for name, pid in pids.items() if _alive(pid)]
