@@ -1,0 +1,116 @@
+"""Building the model and filling its weights: from Hugging Face safetensors
+(one file or sharded with model.safetensors.index.json), or random from
+config.json alone ("dummy", seeded, for tests and benchmarks).
+
+The model is built on the meta device and materialized with to_empty, so no
+time goes into a random init that the checkpoint overwrites anyway."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from services.gpu_agent.engine.model import CausalLM, RMSNorm
+from services.gpu_agent.engine.model_config import ModelConfig
+from services.gpu_agent.engine.rotary import RotaryEmbedding
+
+log = logging.getLogger(__name__)
+
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+
+
+class WeightsError(RuntimeError):
+    pass
+
+
+def build_empty_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.device) -> CausalLM:
+    with torch.device("meta"):
+        model = CausalLM(config, dtype)
+    model = model.to_empty(device=device)
+    model.tie_weights()
+    model.model.rotary.reset_parameters()
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        return [model_dir / name for name in sorted(set(weight_map.values()))]
+    single = model_dir / "model.safetensors"
+    if single.exists():
+        return [single]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise WeightsError(f"no *.safetensors weights in {model_dir} (use load_format 'dummy' for random weights)")
+    return files
+
+
+def _ignored(name: str, config: ModelConfig) -> bool:
+    # Old checkpoints store RoPE frequencies; tied checkpoints may store lm_head too.
+    return name.endswith("rotary_emb.inv_freq") or (config.tie_word_embeddings and name == "lm_head.weight")
+
+
+def load_safetensors(model: CausalLM, model_dir: Path) -> None:
+    params = dict(model.named_parameters())  # tied lm_head.weight appears once, as the embedding
+    loaded: set[str] = set()
+    for path in checkpoint_files(model_dir):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if _ignored(name, model.config):
+                    continue
+                param = params.get(name)
+                if param is None:
+                    log.warning("%s: ignoring unexpected tensor %s", path.name, name)
+                    continue
+                tensor = f.get_tensor(name)
+                if tuple(tensor.shape) != tuple(param.shape):
+                    raise WeightsError(f"{path.name}: {name} has shape {tuple(tensor.shape)}, the config needs {tuple(param.shape)}")
+                param.copy_(tensor)
+                loaded.add(name)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise WeightsError(f"checkpoint in {model_dir} lacks {shown}")
+
+
+def init_dummy(model: CausalLM, seed: int) -> None:
+    """Deterministic random weights: normal(0, initializer_range) matrices,
+    zero biases, unit norms, as Hugging Face initializes these models."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    std = model.config.initializer_range
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.weight.fill_(1.0)
+        elif isinstance(module, RotaryEmbedding):
+            continue
+        elif isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            if isinstance(module, torch.nn.Linear) and module is model.lm_head and model.config.tie_word_embeddings:
+                continue
+            module.weight.normal_(0.0, std, generator=generator)
+            bias = getattr(module, "bias", None)
+            if bias is not None:
+                bias.zero_()
+
+
+def load_model(config: ModelConfig, model_dir: Path, load_format: str, dtype: torch.dtype,
+               device: str | torch.device, seed: int) -> CausalLM:
+    """Weights from files are read into host memory first (the engine moves
+    them on activation); random ones are made directly on `device`."""
+    if load_format not in LOAD_FORMATS:
+        raise WeightsError(f"load_format {load_format!r} is not supported (supported: {', '.join(LOAD_FORMATS)})")
+    with torch.no_grad():
+        if load_format == "dummy":
+            model = build_empty_model(config, dtype, device)
+            init_dummy(model, seed)
+            return model
+        model = build_empty_model(config, dtype, "cpu")
+        load_safetensors(model, model_dir)
+        return model
