@@ -1,0 +1,39 @@
+"""What callers hand the engine and what they get back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None  # [{"role": ..., "content": ...}], rendered with the chat template
+    add_generation_prompt: bool = True
+    max_tokens: int | None = None  # None: the rest of the context
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+
+
+@dataclass
+class GenerationOutput:
+    """One streamed piece."""
+
+    text: str  # text decoded since the previous piece (stop strings removed)
+    token_ids: list[int]  # token ids since the previous piece
+    finish_reason: str | None  # None while running; "stop" (EOS or stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class EngineStats:
+    running_requests: int
+    queued_requests: int
+    kv_used_bytes: int
+    memory_limit_bytes: int
+    weight_bytes: int

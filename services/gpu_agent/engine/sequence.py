@@ -1,0 +1,55 @@
+"""One request's state inside the engine: its tokens, how many of them are in
+its KV cache, its KV reservation, and the text streamed so far."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from services.gpu_agent.engine.detokenizer import IncrementalDetokenizer
+from services.gpu_agent.engine.kv_cache import SequenceKVCache
+from services.gpu_agent.engine.request import GenerationOutput
+from services.gpu_agent.engine.sampling import SamplingParams
+
+# Hands an output (or the exception ending the request) to the consumer;
+# returns False when the consumer is gone.
+Deliver = Callable[[GenerationOutput | BaseException], bool]
+
+
+@dataclass(eq=False)
+class Sequence:
+    request_id: str
+    prompt_ids: list[int]
+    max_tokens: int  # resolved: never None here
+    sampling: SamplingParams
+    stop: list[str]
+    ignore_eos: bool
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None
+    deliver: Deliver
+    token_ids: list[int] = field(default_factory=list)  # prompt + output
+    num_cached: int = 0  # leading token_ids whose KV is in `cache`
+    reserved_tokens: int = 0  # KV slots counted against the memory limit
+    cache: SequenceKVCache | None = None
+    text: str = ""  # output text so far, cut at a stop string
+    sent_chars: int = 0  # text[:sent_chars] has been delivered
+    unsent_ids: list[int] = field(default_factory=list)
+    finished: bool = False
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_ids)
+
+    @property
+    def num_prompt(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - len(self.prompt_ids)
+
+    def drop_cache(self) -> None:
+        """Forget the KV (preemption): a later prefill recomputes it from token_ids."""
+        self.cache = None
+        self.num_cached = 0
