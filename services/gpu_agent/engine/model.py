@@ -10,13 +10,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from services.gpu_agent.engine.kv_cache import SequenceKVCache
 from services.gpu_agent.engine.model_config import ModelConfig
 from services.gpu_agent.engine.rotary import RotaryEmbedding, apply_rotary
+
+# enable_gqa (torch >= 2.5) lets query heads share kv heads without copying them.
+_SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
+# Not cuDNN attention on CUDA: it builds a graph for every new key length, so
+# decoding (one longer each step) measured 3x slower per step than flash on an H100.
+_CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -37,9 +46,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalize in float32 (as the checkpoints were trained), scale in the model dtype.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -59,29 +66,39 @@ class Attention(nn.Module):
         q = apply_rotary(self.q_proj(x).view(tokens, self.num_heads, self.head_dim), cos, sin)
         k = apply_rotary(self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        group = self.num_heads // self.num_kv_heads
         outputs = []
         offset = 0
         for span in spans:
             end = offset + span.count
             keys, values = span.cache.write(layer, span.start, k[offset:end], v[offset:end])
-            if group > 1:
-                keys = keys.repeat_interleave(group, dim=0)
-                values = values.repeat_interleave(group, dim=0)
-            query = q[offset:end].transpose(0, 1)  # [heads, new tokens, head_dim]
-            if span.count == 1:
-                out = F.scaled_dot_product_attention(query, keys, values)
-            elif span.start == 0:
-                out = F.scaled_dot_product_attention(query, keys, values, is_causal=True)
-            else:
-                # New token i sits at position start + i and sees keys 0..start + i.
-                key_pos = torch.arange(span.start + span.count, device=x.device)
-                query_pos = torch.arange(span.start, span.start + span.count, device=x.device)
-                mask = key_pos[None, :] <= query_pos[:, None]
-                out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask)
-            outputs.append(out.transpose(0, 1).reshape(span.count, self.num_heads * self.head_dim))
+            outputs.append(self._attend(q[offset:end], keys, values, span).reshape(span.count, -1))
             offset = end
-        return self.o_proj(torch.cat(outputs, dim=0))
+        return self.o_proj(torch.cat(outputs, dim=0) if len(outputs) > 1 else outputs[0])
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, span: KVSpan) -> torch.Tensor:
+        """q: [new tokens, heads, head_dim]; keys/values: [kv_heads, tokens so far, head_dim].
+        Returns [new tokens, heads, head_dim]."""
+        # 4-D inputs, so CUDA can pick its fused (flash / memory-efficient) kernels.
+        query = q.transpose(0, 1).unsqueeze(0)
+        keys, values = keys.unsqueeze(0), values.unsqueeze(0)
+        group = self.num_heads // self.num_kv_heads
+        gqa = {}
+        if group > 1:
+            if _SDPA_HAS_GQA:
+                gqa = {"enable_gqa": True}
+            else:
+                keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+        if span.count == 1:
+            out = F.scaled_dot_product_attention(query, keys, values, **gqa)
+        elif span.start == 0:
+            out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, **gqa)
+        else:
+            # New token i sits at position start + i and sees keys 0..start + i.
+            key_pos = torch.arange(span.start + span.count, device=q.device)
+            query_pos = torch.arange(span.start, span.start + span.count, device=q.device)
+            mask = key_pos[None, :] <= query_pos[:, None]
+            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, **gqa)
+        return out[0].transpose(0, 1)
 
 
 class MLP(nn.Module):
@@ -138,7 +155,12 @@ class CausalLM(nn.Module):
         Returns float32 logits of each span's last token, [len(spans), vocab]."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary.cos_sin(positions, x.dtype)
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, i, spans)
-        last = torch.tensor([0] + [s.count for s in spans], device=x.device).cumsum(0)[1:] - 1
-        return self.lm_head(self.model.norm(x[last])).float()
+        with sdpa_kernel(_CUDA_SDPA_BACKENDS) if x.is_cuda else contextlib.nullcontext():
+            for i, layer in enumerate(self.model.layers):
+                x = layer(x, cos, sin, i, spans)
+        if x.shape[0] > len(spans):  # some span has several tokens (a prefill): take each span's last
+            ends = [0]
+            for s in spans:
+                ends.append(ends[-1] + s.count)
+            x = x[torch.tensor(ends[1:], device=x.device) - 1]
+        return self.lm_head(self.model.norm(x)).float()
