@@ -6,7 +6,11 @@ daemon thread. They share the scheduler and sequences under `_lock`; the
 model's forward runs outside it (so submitting and aborting never wait for a
 step) but under `_model_lock`, which activation and deactivation take before
 moving weights. Outputs go back with loop.call_soon_threadsafe into the
-request's asyncio.Queue."""
+request's asyncio.Queue.
+
+Memory: on an accelerator the weights live on the device while active and in
+pinned host memory always (see host_weights.py); KV is counted against the
+memory limit per token."""
 
 from __future__ import annotations
 
@@ -19,10 +23,11 @@ from pathlib import Path
 
 import torch
 
+from services.gpu_agent.engine.chat_template import ChatTemplateError
 from services.gpu_agent.engine.detokenizer import IncrementalDetokenizer
 from services.gpu_agent.engine.errors import CapacityError, EngineError, EngineInactiveError, InvalidRequestError
+from services.gpu_agent.engine.host_weights import HostWeights
 from services.gpu_agent.engine.kv_cache import SequenceKVCache
-from services.gpu_agent.engine.chat_template import ChatTemplateError
 from services.gpu_agent.engine.model import CausalLM, KVSpan
 from services.gpu_agent.engine.model_config import ModelConfig, load_model_config
 from services.gpu_agent.engine.request import EngineStats, GenerationOutput, GenerationRequest
@@ -85,6 +90,8 @@ class Engine:
             raise
         except Exception as exc:
             raise EngineError(f"cannot load {self.model_path}: {exc}") from exc
+        # On an accelerator the weights also stay in pinned host memory, for fast switching.
+        self._host_weights = HostWeights(self._model) if self._device.type != "cpu" else None
         self._move_weights(self._device)
         cfg = self.config
         self.max_context = cfg.max_position_embeddings
@@ -128,6 +135,7 @@ class Engine:
             thread.join(timeout=30)
         with self._model_lock:
             self._model = None  # the weights go with the engine
+            self._host_weights = None
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -147,7 +155,7 @@ class Engine:
 
     def deactivate(self) -> None:
         """Ends running and queued requests with EngineInactiveError, then
-        moves the weights to host memory."""
+        frees the device's copy of the weights (the pinned host copy stays)."""
         with self._lock:
             if not self._active:
                 return
@@ -159,20 +167,12 @@ class Engine:
         log.info("engine %s deactivated", self.name)
 
     def _move_weights(self, device: torch.device) -> None:
-        if self._device.type == "cpu":
-            return  # host memory is where they live anyway
-        to_host = device.type == "cpu"
-        with torch.no_grad():
-            for t in [*self._model.parameters(), *self._model.buffers()]:
-                if t.device == device:
-                    continue
-                if to_host:  # pinned, so the next activation copies at full speed
-                    t.data = torch.empty_like(t.data, device="cpu").pin_memory().copy_(t.data)
-                else:
-                    t.data = t.data.to(device, non_blocking=True)
-        torch.cuda.synchronize(self._device)
-        if to_host:
-            torch.cuda.empty_cache()
+        if self._host_weights is None:
+            return  # a CPU engine: host memory is where the weights live anyway
+        if device.type == "cpu":
+            self._host_weights.to_host()
+        else:
+            self._host_weights.to_device(device)
 
     def set_memory_limit(self, nbytes: int) -> None:
         with self._lock:
