@@ -583,3 +583,54 @@ def test_fallback_chat_template(model_dirs, tmp_path):
     tok = Tokenizer(path)
     assert tok.chat_template.is_fallback
     assert tok.render_chat([{"role": "user", "content": "Hi"}]) == "user: Hi\n\nassistant: "
+
+
+# ---- CUDA (skipped on machines without a GPU) -------------------------------------------
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@requires_cuda
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+async def test_cuda_greedy_matches_reference(arch, model_dirs, references):
+    engine = started(model_dirs[arch], device="cuda", dtype="float32")
+    try:
+        assert engine.device == "cuda:0"
+        reqs = [greedy(p, request_id=f"g{i}") for i, p in enumerate(PROMPTS)]
+        results = await asyncio.gather(*(collect(engine, r) for r in reqs))
+        for req, outs in zip(reqs, results):
+            assert token_ids(outs) == references[arch].greedy(engine.tokenize_prompt(req), NEW_TOKENS)
+    finally:
+        engine.stop()
+
+
+@requires_cuda
+async def test_cuda_auto_dtype_is_the_checkpoints(model_dirs, tmp_path):
+    path = copy_model(model_dirs["llama"], tmp_path / "bf16", torch_dtype="bfloat16")
+    engine = started(path, device="cuda")
+    try:
+        assert engine.dtype == torch.bfloat16
+        cfg = engine.config
+        assert engine.kv_bytes_per_token == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2
+        outs = await collect(engine, greedy("Hello"))
+        assert outs[-1].completion_tokens == NEW_TOKENS
+        req = GenerationRequest("s", prompt="Hello", max_tokens=NEW_TOKENS, temperature=1.0, seed=3, ignore_eos=True)
+        assert token_ids(await collect(engine, req)) == token_ids(await collect(engine, req))
+    finally:
+        engine.stop()
+
+
+@requires_cuda
+async def test_cuda_deactivate_moves_weights_off_the_gpu(model_dirs):
+    engine = started(model_dirs["qwen2"], device="cuda", dtype="float32")
+    try:
+        before = token_ids(await collect(engine, greedy("Hello")))
+        on_gpu = torch.cuda.memory_allocated()
+        await asyncio.to_thread(engine.deactivate)
+        assert torch.cuda.memory_allocated() <= on_gpu - engine.weight_bytes
+        assert all(p.device.type == "cpu" and p.is_pinned() for p in engine._model.parameters())
+        await asyncio.to_thread(engine.activate)
+        assert all(p.device.type == "cuda" for p in engine._model.parameters())
+        assert token_ids(await collect(engine, greedy("Hello"))) == before
+    finally:
+        engine.stop()
