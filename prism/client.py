@@ -1,0 +1,393 @@
+"""Python client SDK of the `prism.v1.Gateway` gRPC service.
+
+    from prism.client import PrismClient
+
+    with PrismClient("127.0.0.1:50050") as client:
+        print(client.generate("tiny-llama", "Hello", max_tokens=16, temperature=0).text)
+        for chunk in client.generate_stream("tiny-qwen2", messages=[{"role": "user", "content": "Hi"}]):
+            print(chunk.text, end="")
+
+`AsyncPrismClient` has the same methods for asyncio. gRPC failures surface as
+`PrismError` subclasses, one per status code a caller would handle
+differently; arguments the SDK itself can tell are wrong raise ValueError
+before anything is sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Literal, TypedDict, Unpack
+
+import grpc
+
+from prism.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "AsyncPrismClient",
+    "Completion",
+    "CompletionChunk",
+    "GenerateOptions",
+    "InvalidRequestError",
+    "ModelInfo",
+    "ModelNotFoundError",
+    "PrismClient",
+    "PrismError",
+    "RateLimitedError",
+    "UnavailableError",
+    "Usage",
+    "build_generate_request",
+    "chunk_from_response",
+    "completion_from_chunks",
+    "error_from_rpc",
+]
+
+DEFAULT_TARGET = "127.0.0.1:50050"
+DEFAULT_TIMEOUT_S = 600.0
+# The gRPC twin of the REST gateway's X-Request-Id header; read from a failed
+# call's metadata when no response carried the id before the failure.
+REQUEST_ID_METADATA_KEY = "x-request-id"
+
+FinishReason = Literal["stop", "length"]
+_FINISH_REASONS: dict[int, FinishReason] = {
+    generate_pb2.FINISH_REASON_STOP: "stop",
+    generate_pb2.FINISH_REASON_LENGTH: "length",
+}
+_CHAT_MESSAGE_KEYS = {"role", "content"}
+
+
+# --- results -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    available: bool  # at least one live agent hosts an engine for it
+    max_context: int
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class CompletionChunk:
+    """One streamed piece: the text decoded since the previous piece. Only the
+    last piece has finish_reason and usage."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None
+    usage: Usage | None
+
+
+@dataclass(frozen=True)
+class Completion:
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+# --- errors ------------------------------------------------------------------
+
+
+class PrismError(Exception):
+    """A failed call. `code` is the gRPC status; `request_id` is the id the
+    gateway logged the request under, when it is known."""
+
+    def __init__(self, message: str, *, code: grpc.StatusCode, request_id: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.request_id = request_id
+
+    def __str__(self) -> str:
+        text = f"{self.code.name}: {self.message}"
+        return f"{text} (request {self.request_id})" if self.request_id else text
+
+
+class InvalidRequestError(PrismError):
+    """INVALID_ARGUMENT: a parameter, or the prompt's length, was rejected."""
+
+
+class ModelNotFoundError(PrismError):
+    """NOT_FOUND: the cluster has no model of that name."""
+
+
+class RateLimitedError(PrismError):
+    """RESOURCE_EXHAUSTED: retry later."""
+
+
+class UnavailableError(PrismError):
+    """UNAVAILABLE or DEADLINE_EXCEEDED: nothing could serve the request in time."""
+
+
+_ERROR_CLASSES: dict[grpc.StatusCode, type[PrismError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
+    grpc.StatusCode.NOT_FOUND: ModelNotFoundError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: RateLimitedError,
+    grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: UnavailableError,
+}
+
+
+def _request_id_from_metadata(exc: grpc.RpcError) -> str | None:
+    for getter_name in ("trailing_metadata", "initial_metadata"):
+        getter = getattr(exc, getter_name, None)
+        try:
+            metadata = getter() if getter is not None else None
+        except Exception:  # a call that never started has no metadata to read
+            metadata = None
+        for key, value in metadata or ():
+            if key.lower() == REQUEST_ID_METADATA_KEY and value:
+                return value if isinstance(value, str) else value.decode()
+    return None
+
+
+def error_from_rpc(exc: grpc.RpcError, request_id: str | None = None) -> PrismError:
+    """The typed error for a failed gRPC call (sync or asyncio). `request_id`
+    is the id already known from the request or an earlier response."""
+    code_getter = getattr(exc, "code", None)
+    code = code_getter() if callable(code_getter) else grpc.StatusCode.UNKNOWN
+    details_getter = getattr(exc, "details", None)
+    details = (details_getter() if callable(details_getter) else None) or code.name
+    error_class = _ERROR_CLASSES.get(code, PrismError)
+    return error_class(details, code=code, request_id=request_id or _request_id_from_metadata(exc))
+
+
+# --- requests and responses --------------------------------------------------
+
+
+class GenerateOptions(TypedDict, total=False):
+    """The keyword arguments of every generate method; see build_generate_request."""
+
+    messages: list[dict[str, str]] | None
+    max_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    seed: int | None
+    stop: list[str] | str | None
+    ignore_eos: bool
+    request_id: str | None
+
+
+def _chat_message(index: int, message: object) -> generate_pb2.ChatMessage:
+    if not isinstance(message, dict):
+        raise ValueError(f"messages[{index}] must be a dict with 'role' and 'content', got {type(message).__name__}")
+    if set(message) != _CHAT_MESSAGE_KEYS:
+        raise ValueError(f"messages[{index}] must have exactly the keys 'role' and 'content', got {sorted(message)}")
+    role, content = message["role"], message["content"]
+    if not isinstance(role, str) or not isinstance(content, str):
+        raise ValueError(f"messages[{index}]: 'role' and 'content' must be strings")
+    return generate_pb2.ChatMessage(role=role, content=content)
+
+
+def _stop_strings(stop: list[str] | str | None) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if not all(isinstance(s, str) for s in stop):
+        raise ValueError("stop must be a string or a list of strings")
+    return list(stop)
+
+
+def build_generate_request(
+    model: str,
+    prompt: str | None = None,
+    *,
+    messages: list[dict[str, str]] | None = None,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: list[str] | str | None = None,
+    ignore_eos: bool = False,
+    request_id: str | None = None,
+) -> generate_pb2.GenerateRequest:
+    """The GenerateRequest for these arguments. Sampling parameters left None
+    stay unset, so the engine's defaults apply; their ranges are checked by
+    the gateway (InvalidRequestError), the one place that knows the model."""
+    if (prompt is None) == (messages is None):
+        raise ValueError("give exactly one of prompt and messages")
+    if not isinstance(model, str) or not model:
+        raise ValueError("model must be a non-empty string")
+    sampling = generate_pb2.SamplingParams(stop=_stop_strings(stop), ignore_eos=ignore_eos)
+    if max_tokens is not None:
+        sampling.max_tokens = max_tokens
+    if temperature is not None:
+        sampling.temperature = temperature
+    if top_p is not None:
+        sampling.top_p = top_p
+    if seed is not None:
+        sampling.seed = seed
+    request = generate_pb2.GenerateRequest(request_id=request_id or "", model=model, sampling=sampling)
+    if prompt is not None:
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        request.prompt = prompt  # sets the oneof even when empty
+    else:
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty list")
+        # CopyFrom, not messages.extend: the oneof must be set as chat.
+        request.chat.CopyFrom(generate_pb2.ChatInput(messages=[_chat_message(i, m) for i, m in enumerate(messages)]))
+    return request
+
+
+def chunk_from_response(response: generate_pb2.GenerateResponse) -> CompletionChunk:
+    usage = None
+    if response.HasField("usage"):
+        usage = Usage(prompt_tokens=response.usage.prompt_tokens, completion_tokens=response.usage.completion_tokens)
+    return CompletionChunk(
+        request_id=response.request_id,
+        text=response.text,
+        token_ids=list(response.token_ids),
+        finish_reason=_FINISH_REASONS.get(response.finish_reason),
+        usage=usage,
+    )
+
+
+def completion_from_chunks(chunks: Iterable[CompletionChunk], request_id: str | None = None) -> Completion:
+    """Joins a finished stream. A stream that ends without a finish reason or
+    usage broke the Generate contract; that is an error, not a short answer."""
+    chunks = list(chunks)
+    request_id = next((c.request_id for c in chunks if c.request_id), request_id or "")
+    last = chunks[-1] if chunks else None
+    if last is None or last.finish_reason is None:
+        raise PrismError("the stream ended without a finish reason", code=grpc.StatusCode.UNKNOWN,
+                         request_id=request_id or None)
+    if last.usage is None:
+        raise PrismError("the last response carried no usage", code=grpc.StatusCode.UNKNOWN,
+                         request_id=request_id or None)
+    return Completion(
+        request_id=request_id,
+        text="".join(c.text for c in chunks),
+        token_ids=[t for c in chunks for t in c.token_ids],
+        finish_reason=last.finish_reason,
+        prompt_tokens=last.usage.prompt_tokens,
+        completion_tokens=last.usage.completion_tokens,
+    )
+
+
+def _model_infos(response: gateway_pb2.ListModelsResponse) -> list[ModelInfo]:
+    return [ModelInfo(name=m.name, available=m.available, max_context=m.max_context) for m in response.models]
+
+
+# --- clients -----------------------------------------------------------------
+
+
+class PrismClient:
+    """Blocking client. Use it as a context manager, or call close(), so its
+    channel is released. `timeout_s` is each call's deadline (a streamed
+    generation's whole stream included); None means no deadline."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> None:
+        self.target = target
+        self.timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(target)
+        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> PrismClient:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def list_models(self) -> list[ModelInfo]:
+        try:
+            response = self._stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+        return _model_infos(response)
+
+    def generate(self, model: str, prompt: str | None = None, **options: Unpack[GenerateOptions]) -> Completion:
+        request = build_generate_request(model, prompt, **options)
+        return completion_from_chunks(self._stream(request), request.request_id)
+
+    def generate_stream(self, model: str, prompt: str | None = None,
+                        **options: Unpack[GenerateOptions]) -> Iterator[CompletionChunk]:
+        """Streams the completion. Closing the iterator before its end (close(),
+        leaving a for loop and dropping it) cancels the call."""
+        # Built here, not in the generator, so bad arguments raise at the call.
+        request = build_generate_request(model, prompt, **options)
+        return self._stream(request)
+
+    def _stream(self, request: generate_pb2.GenerateRequest) -> Iterator[CompletionChunk]:
+        request_id = request.request_id or None
+        call = self._stub.Generate(request, timeout=self.timeout_s)
+        try:
+            for response in call:
+                request_id = request_id or response.request_id or None
+                yield chunk_from_response(response)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, request_id) from exc
+        finally:
+            # Ends the RPC when the caller stops early; a no-op once it finished.
+            call.cancel()
+
+
+class AsyncPrismClient:
+    """The asyncio twin of PrismClient. `generate_stream` returns an async
+    iterator; `aclose()` it (or use contextlib.aclosing) to cancel early."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> None:
+        self.target = target
+        self.timeout_s = timeout_s
+        self._channel = grpc.aio.insecure_channel(target)
+        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncPrismClient:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.close()
+
+    async def list_models(self) -> list[ModelInfo]:
+        try:
+            response = await self._stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+        return _model_infos(response)
+
+    async def generate(self, model: str, prompt: str | None = None,
+                       **options: Unpack[GenerateOptions]) -> Completion:
+        request = build_generate_request(model, prompt, **options)
+        chunks = [chunk async for chunk in self._stream(request)]
+        return completion_from_chunks(chunks, request.request_id)
+
+    def generate_stream(self, model: str, prompt: str | None = None,
+                        **options: Unpack[GenerateOptions]) -> AsyncIterator[CompletionChunk]:
+        # A plain method returning the async generator, so bad arguments raise
+        # at the call rather than at the first `async for` step.
+        request = build_generate_request(model, prompt, **options)
+        return self._stream(request)
+
+    async def _stream(self, request: generate_pb2.GenerateRequest) -> AsyncIterator[CompletionChunk]:
+        request_id = request.request_id or None
+        call = self._stub.Generate(request, timeout=self.timeout_s)
+        try:
+            async for response in call:
+                request_id = request_id or response.request_id or None
+                yield chunk_from_response(response)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc, request_id) from exc
+        finally:
+            # Synchronous on purpose: this may run while the generator is being
+            # finalized, where awaiting is not allowed.
+            call.cancel()

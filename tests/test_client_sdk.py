@@ -1,0 +1,464 @@
+"""The gRPC client SDK (prism.client).
+
+Most tests here need no cluster: request building and argument checks are
+pure, and the status-code mapping runs against a real grpc.aio server whose
+Gateway servicer only fails (StatusCodeOnlyGatewayFake). The tests in
+TestAgainstLocalCluster use the `cluster` fixture: real gateway, agent and
+engines serving tiny-llama and tiny-qwen2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import grpc
+import pytest
+
+from prism.client import (
+    AsyncPrismClient,
+    Completion,
+    CompletionChunk,
+    InvalidRequestError,
+    ModelNotFoundError,
+    PrismClient,
+    PrismError,
+    RateLimitedError,
+    UnavailableError,
+    Usage,
+    build_generate_request,
+    chunk_from_response,
+    completion_from_chunks,
+)
+from prism.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
+
+MODELS = ("tiny-llama", "tiny-qwen2")
+
+
+# --- fakes served by a real grpc.aio server ----------------------------------
+
+
+class StatusCodeOnlyGatewayFake(gateway_pb2_grpc.GatewayServicer):
+    """Not a gateway: every call fails at once with the status code, details
+    and x-request-id trailing metadata the test set. It exists to check how
+    the SDK maps gRPC statuses to its errors."""
+
+    def __init__(self) -> None:
+        self.code = grpc.StatusCode.UNKNOWN
+        self.details = "set by the test"
+        self.request_id: str | None = None
+
+    async def _fail(self, context: grpc.aio.ServicerContext) -> None:
+        metadata = (("x-request-id", self.request_id),) if self.request_id else ()
+        await context.abort(self.code, self.details, trailing_metadata=metadata)
+
+    async def Generate(self, request, context):
+        await self._fail(context)
+        yield generate_pb2.GenerateResponse()  # never reached; makes this a streaming handler
+
+    async def ListModels(self, request, context):
+        await self._fail(context)
+
+
+class EndlessStreamGatewayFake(gateway_pb2_grpc.GatewayServicer):
+    """Not a gateway: Generate streams one-token pieces until the client
+    cancels, and records that the cancellation reached the server."""
+
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+
+    async def Generate(self, request, context):
+        try:
+            while True:
+                yield generate_pb2.GenerateResponse(request_id=request.request_id or "endless", text="x", token_ids=[7])
+                await asyncio.sleep(0.01)
+        finally:
+            # The loop has no end of its own, so leaving it means the call was
+            # torn down. (Not `except CancelledError`: suspended at the yield,
+            # the handler is closed with GeneratorExit instead; and
+            # context.cancelled() reads False here even then.)
+            self.cancelled.set()
+
+
+@contextmanager
+def serve_in_thread(servicer: gateway_pb2_grpc.GatewayServicer) -> Iterator[str]:
+    """Serves `servicer` from a grpc.aio server on its own event loop thread,
+    so blocking clients in the test's thread can call it; yields host:port."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="fake-gateway", daemon=True)
+    thread.start()
+    server_holder: list[grpc.aio.Server] = []
+
+    async def start() -> int:
+        server = grpc.aio.server()
+        gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        server_holder.append(server)
+        return port
+
+    port = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=10)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(server_holder[0].stop(grace=None), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
+@pytest.fixture(scope="module")
+def failing_gateway() -> Iterator[tuple[StatusCodeOnlyGatewayFake, str]]:
+    fake = StatusCodeOnlyGatewayFake()
+    with serve_in_thread(fake) as target:
+        yield fake, target
+
+
+@pytest.fixture()
+def endless_gateway() -> Iterator[tuple[EndlessStreamGatewayFake, str]]:
+    fake = EndlessStreamGatewayFake()
+    with serve_in_thread(fake) as target:
+        yield fake, target
+
+
+# --- building requests -------------------------------------------------------
+
+
+def test_prompt_request_leaves_unset_sampling_parameters_unset():
+    request = build_generate_request("tiny-llama", "Hello")
+    assert request.model == "tiny-llama"
+    assert request.WhichOneof("input") == "prompt" and request.prompt == "Hello"
+    assert request.request_id == ""  # the gateway assigns one
+    for name in ("max_tokens", "temperature", "top_p", "seed"):
+        assert not request.sampling.HasField(name), name
+    assert list(request.sampling.stop) == [] and request.sampling.ignore_eos is False
+
+
+def test_every_sampling_parameter_is_carried():
+    request = build_generate_request("m", "p", max_tokens=5, temperature=0.5, top_p=0.25, seed=-3,
+                                     stop=["a", "bc"], ignore_eos=True, request_id="req-1")
+    s = request.sampling
+    assert (s.max_tokens, s.temperature, s.top_p, s.seed) == (5, 0.5, 0.25, -3)
+    assert list(s.stop) == ["a", "bc"] and s.ignore_eos is True
+    assert request.request_id == "req-1"
+
+
+def test_zero_values_are_sent_not_dropped():
+    # temperature 0 means greedy and max_tokens 0 must reach the gateway to be
+    # rejected; neither may fall back to "unset".
+    s = build_generate_request("m", "p", temperature=0.0, max_tokens=0).sampling
+    assert s.HasField("temperature") and s.temperature == 0.0
+    assert s.HasField("max_tokens") and s.max_tokens == 0
+
+
+def test_a_single_stop_string_becomes_a_list():
+    assert list(build_generate_request("m", "p", stop="\n").sampling.stop) == ["\n"]
+
+
+def test_empty_prompt_still_selects_the_prompt_input():
+    assert build_generate_request("m", "").WhichOneof("input") == "prompt"
+
+
+def test_messages_become_a_chat_input():
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    request = build_generate_request("tiny-qwen2", messages=messages)
+    assert request.WhichOneof("input") == "chat"
+    assert [(m.role, m.content) for m in request.chat.messages] == [("system", "Be brief."), ("user", "Hi")]
+    assert not request.chat.HasField("add_generation_prompt")  # the engine's default: true
+
+
+@pytest.mark.parametrize("kwargs", [
+    {},
+    {"prompt": "p", "messages": [{"role": "user", "content": "Hi"}]},
+], ids=["neither", "both"])
+def test_exactly_one_of_prompt_and_messages(kwargs):
+    with pytest.raises(ValueError, match="exactly one of prompt and messages"):
+        build_generate_request("m", **kwargs)
+
+
+@pytest.mark.parametrize("messages", [
+    [],
+    [{"role": "user"}],
+    [{"role": "user", "content": "Hi", "name": "bob"}],
+    [{"role": "user", "content": 3}],
+    ["Hi"],
+    {"role": "user", "content": "Hi"},
+], ids=["empty", "no-content", "extra-key", "non-str-content", "not-a-dict", "not-a-list"])
+def test_malformed_messages_are_rejected(messages):
+    with pytest.raises(ValueError):
+        build_generate_request("m", messages=messages)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"model": "", "prompt": "p"},
+    {"model": "m", "prompt": 5},
+    {"model": "m", "prompt": "p", "stop": ["a", 1]},
+], ids=["empty-model", "non-str-prompt", "non-str-stop"])
+def test_malformed_arguments_are_rejected(kwargs):
+    with pytest.raises(ValueError):
+        build_generate_request(**kwargs)
+
+
+def test_client_methods_check_arguments_before_calling():
+    # Port 9 (discard) has no gRPC server: reaching the network would fail
+    # with UnavailableError, not ValueError.
+    with PrismClient("127.0.0.1:9", timeout_s=2) as client:
+        with pytest.raises(ValueError):
+            client.generate("m")
+        with pytest.raises(ValueError):
+            client.generate_stream("m", "p", messages=[{"role": "user", "content": "Hi"}])  # raised before iterating
+        with pytest.raises(TypeError):
+            client.generate("m", "p", max_token=3)  # a misspelt option is not silently ignored
+
+
+async def test_async_client_methods_check_arguments_before_calling():
+    async with AsyncPrismClient("127.0.0.1:9", timeout_s=2) as client:
+        with pytest.raises(ValueError):
+            await client.generate("m")
+        with pytest.raises(ValueError):
+            client.generate_stream("m")  # raised at the call, not at the first step
+
+
+# --- reading responses -------------------------------------------------------
+
+
+def test_chunk_without_finish_reason_has_no_usage():
+    chunk = chunk_from_response(generate_pb2.GenerateResponse(request_id="r", text="ab", token_ids=[1, 2]))
+    assert chunk == CompletionChunk(request_id="r", text="ab", token_ids=[1, 2], finish_reason=None, usage=None)
+
+
+@pytest.mark.parametrize("reason, name", [(generate_pb2.FINISH_REASON_STOP, "stop"),
+                                          (generate_pb2.FINISH_REASON_LENGTH, "length")])
+def test_last_chunk_carries_finish_reason_and_usage(reason, name):
+    response = generate_pb2.GenerateResponse(request_id="r", text="", finish_reason=reason,
+                                             usage=generate_pb2.Usage(prompt_tokens=4, completion_tokens=2))
+    chunk = chunk_from_response(response)
+    assert chunk.finish_reason == name and chunk.usage == Usage(prompt_tokens=4, completion_tokens=2)
+
+
+def test_chunks_join_into_a_completion():
+    chunks = [
+        CompletionChunk("r", "Hel", [1, 2], None, None),
+        CompletionChunk("r", "lo", [3], None, None),
+        CompletionChunk("r", "", [], "length", Usage(prompt_tokens=5, completion_tokens=3)),
+    ]
+    assert completion_from_chunks(chunks) == Completion(
+        request_id="r", text="Hello", token_ids=[1, 2, 3], finish_reason="length", prompt_tokens=5, completion_tokens=3)
+
+
+@pytest.mark.parametrize("chunks", [
+    [],
+    [CompletionChunk("r", "a", [1], None, None)],
+    [CompletionChunk("r", "a", [1], "stop", None)],
+], ids=["empty", "no-finish-reason", "no-usage"])
+def test_a_stream_that_breaks_the_contract_is_an_error(chunks):
+    with pytest.raises(PrismError) as caught:
+        completion_from_chunks(chunks, request_id="mine")
+    assert caught.value.code == grpc.StatusCode.UNKNOWN
+    assert caught.value.request_id == (chunks[0].request_id if chunks else "mine")
+
+
+# --- status codes become typed errors ----------------------------------------
+
+STATUS_TO_ERROR = [
+    (grpc.StatusCode.INVALID_ARGUMENT, InvalidRequestError),
+    (grpc.StatusCode.NOT_FOUND, ModelNotFoundError),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, RateLimitedError),
+    (grpc.StatusCode.UNAVAILABLE, UnavailableError),
+    (grpc.StatusCode.DEADLINE_EXCEEDED, UnavailableError),
+    (grpc.StatusCode.INTERNAL, PrismError),
+    (grpc.StatusCode.PERMISSION_DENIED, PrismError),
+]
+
+
+def _check_error(caught: pytest.ExceptionInfo, code: grpc.StatusCode, error_class: type[PrismError]) -> None:
+    assert type(caught.value) is error_class
+    assert caught.value.code == code
+    assert caught.value.message == "fake failure"
+
+
+@pytest.mark.parametrize("code, error_class", STATUS_TO_ERROR, ids=[c.name for c, _ in STATUS_TO_ERROR])
+def test_sync_client_maps_status_codes(failing_gateway, code, error_class):
+    fake, target = failing_gateway
+    fake.code, fake.details, fake.request_id = code, "fake failure", "srv-1"
+    with PrismClient(target, timeout_s=10) as client:
+        with pytest.raises(error_class) as caught:
+            client.list_models()
+        _check_error(caught, code, error_class)
+        with pytest.raises(error_class) as caught:
+            client.generate("tiny-llama", "Hello")
+        _check_error(caught, code, error_class)
+        assert caught.value.request_id == "srv-1"  # from the trailing metadata
+        stream = client.generate_stream("tiny-llama", "Hello")
+        with pytest.raises(error_class) as caught:
+            next(stream)
+        _check_error(caught, code, error_class)
+
+
+@pytest.mark.parametrize("code, error_class", STATUS_TO_ERROR, ids=[c.name for c, _ in STATUS_TO_ERROR])
+async def test_async_client_maps_status_codes(failing_gateway, code, error_class):
+    fake, target = failing_gateway
+    fake.code, fake.details, fake.request_id = code, "fake failure", "srv-2"
+    async with AsyncPrismClient(target, timeout_s=10) as client:
+        with pytest.raises(error_class) as caught:
+            await client.list_models()
+        _check_error(caught, code, error_class)
+        with pytest.raises(error_class) as caught:
+            await client.generate("tiny-llama", "Hello")
+        _check_error(caught, code, error_class)
+        assert caught.value.request_id == "srv-2"
+        with pytest.raises(error_class) as caught:
+            async for _ in client.generate_stream("tiny-llama", "Hello"):
+                pass
+        _check_error(caught, code, error_class)
+
+
+def test_error_keeps_the_callers_request_id(failing_gateway):
+    fake, target = failing_gateway
+    fake.code, fake.details, fake.request_id = grpc.StatusCode.NOT_FOUND, "fake failure", None
+    with PrismClient(target, timeout_s=10) as client:
+        with pytest.raises(ModelNotFoundError) as caught:
+            client.generate("nope", "Hello", request_id="client-7")
+    assert caught.value.request_id == "client-7"
+    assert "NOT_FOUND" in str(caught.value) and "client-7" in str(caught.value)
+
+
+def test_unreachable_gateway_is_unavailable():
+    with PrismClient("127.0.0.1:9", timeout_s=5) as client:
+        with pytest.raises(UnavailableError):
+            client.list_models()
+
+
+# --- closing a stream early cancels the call ---------------------------------
+
+
+def test_closing_a_sync_stream_cancels_the_call(endless_gateway):
+    fake, target = endless_gateway
+    with PrismClient(target, timeout_s=30) as client:
+        stream = client.generate_stream("any", "Hello")
+        first = next(stream)
+        assert (first.text, first.token_ids, first.finish_reason, first.usage) == ("x", [7], None, None)
+        stream.close()
+        assert fake.cancelled.wait(timeout=10), "the server never saw the cancellation"
+
+
+def test_leaving_a_for_loop_cancels_the_call(endless_gateway):
+    fake, target = endless_gateway
+    with PrismClient(target, timeout_s=30) as client:
+        for _ in client.generate_stream("any", "Hello"):
+            break  # the dropped generator is closed, which cancels the call
+        gc.collect()
+        assert fake.cancelled.wait(timeout=10), "the server never saw the cancellation"
+
+
+async def test_closing_an_async_stream_cancels_the_call(endless_gateway):
+    fake, target = endless_gateway
+    async with AsyncPrismClient(target, timeout_s=30) as client:
+        stream = client.generate_stream("any", "Hello", request_id="async-1")
+        first = await anext(stream)
+        assert first.request_id == "async-1" and first.text == "x"
+        await stream.aclose()
+        assert await asyncio.to_thread(fake.cancelled.wait, 10), "the server never saw the cancellation"
+
+
+# --- against the real cluster ------------------------------------------------
+
+
+class TestAgainstLocalCluster:
+    """Real gateway, agent and engines (the session's `cluster` fixture)."""
+
+    @pytest.fixture()
+    def client(self, cluster) -> Iterator[PrismClient]:
+        with PrismClient(cluster.gateway_grpc, timeout_s=120) as client:
+            yield client
+
+    def test_lists_the_configured_models(self, client):
+        models = {m.name: m for m in client.list_models()}
+        for name in MODELS:
+            assert models[name].available, models[name]
+            assert models[name].max_context > 0
+
+    @pytest.mark.parametrize("model", MODELS)
+    def test_greedy_generate_equals_the_joined_stream(self, client, model):
+        args = dict(max_tokens=12, temperature=0.0, ignore_eos=True)
+        done = client.generate(model, "The capital of France is", **args)
+        chunks = list(client.generate_stream(model, "The capital of France is", **args))
+        assert done.text == "".join(c.text for c in chunks)
+        assert done.token_ids == [t for c in chunks for t in c.token_ids]
+        assert done.finish_reason == "length" == chunks[-1].finish_reason
+        assert all(c.finish_reason is None and c.usage is None for c in chunks[:-1])
+        assert chunks[-1].usage == Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens)
+        assert done.request_id and all(c.request_id == chunks[0].request_id for c in chunks)
+
+    def test_usage_counts_prompt_and_completion_tokens(self, client):
+        short = client.generate("tiny-llama", "Hi", max_tokens=5, temperature=0.0, ignore_eos=True)
+        longer = client.generate("tiny-llama", "Hi there, how are you today?", max_tokens=5, temperature=0.0,
+                                 ignore_eos=True)
+        assert 0 < short.prompt_tokens < longer.prompt_tokens
+        assert short.completion_tokens == len(short.token_ids) == 5
+
+    def test_max_tokens_ends_with_length(self, client):
+        done = client.generate("tiny-qwen2", "Count:", max_tokens=3, temperature=0.0, ignore_eos=True)
+        assert done.finish_reason == "length" and done.completion_tokens == 3
+
+    def test_stop_string_ends_with_stop_and_is_not_returned(self, client):
+        full = client.generate("tiny-llama", "Once upon a time", max_tokens=24, temperature=0.0,
+                               ignore_eos=True).text
+        # A bit of the middle of the greedy output: greedy decoding repeats the
+        # output, so the second run must stop where that bit first appears.
+        middle = len(full) // 2
+        stop = full[middle:middle + 3]
+        assert stop, f"too little text to pick a stop string from: {full!r}"
+        done = client.generate("tiny-llama", "Once upon a time", max_tokens=24, temperature=0.0, ignore_eos=True,
+                               stop=stop)
+        assert done.finish_reason == "stop"
+        assert done.text == full[:full.index(stop)]
+
+    def test_seeded_sampling_is_reproducible(self, client):
+        args = dict(max_tokens=8, temperature=1.0, seed=1234, ignore_eos=True)
+        assert client.generate("tiny-qwen2", "Hello", **args).token_ids == \
+            client.generate("tiny-qwen2", "Hello", **args).token_ids
+
+    def test_chat_messages(self, client):
+        done = client.generate("tiny-qwen2", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                               temperature=0.0, ignore_eos=True)
+        assert done.completion_tokens == 4 and done.prompt_tokens > 1
+
+    def test_unknown_model_is_model_not_found(self, client):
+        with pytest.raises(ModelNotFoundError) as caught:
+            client.generate("no-such-model", "Hello", request_id="sdk-unknown-model")
+        assert caught.value.code == grpc.StatusCode.NOT_FOUND
+        assert caught.value.request_id == "sdk-unknown-model"
+        with pytest.raises(ModelNotFoundError):
+            next(client.generate_stream("no-such-model", "Hello"))
+
+    @pytest.mark.parametrize("bad", [
+        {"max_tokens": 0},
+        {"max_tokens": -5},
+        {"temperature": -1.0},
+        {"top_p": 1.5},
+    ], ids=lambda bad: ",".join(f"{k}={v}" for k, v in bad.items()))
+    def test_invalid_parameters_are_invalid_requests(self, client, bad):
+        with pytest.raises(InvalidRequestError) as caught:
+            client.generate("tiny-llama", "Hello", **bad)
+        assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+    def test_prompt_over_the_context_is_an_invalid_request(self, client):
+        max_context = {m.name: m.max_context for m in client.list_models()}["tiny-llama"]
+        with pytest.raises(InvalidRequestError):
+            client.generate("tiny-llama", "hello " * (max_context + 16), max_tokens=1)
+
+    async def test_async_client(self, cluster):
+        async with AsyncPrismClient(cluster.gateway_grpc, timeout_s=120) as client:
+            assert set(MODELS) <= {m.name for m in await client.list_models()}
+            args = dict(max_tokens=10, temperature=0.0, ignore_eos=True)
+            done = await client.generate("tiny-llama", "Hello", **args)
+            chunks = [c async for c in client.generate_stream("tiny-llama", "Hello", **args)]
+            assert done.text == "".join(c.text for c in chunks)
+            assert done.token_ids == [t for c in chunks for t in c.token_ids]
+            assert (done.finish_reason, done.completion_tokens) == ("length", 10)
+            with pytest.raises(ModelNotFoundError):
+                await client.generate("no-such-model", "Hello")
