@@ -86,13 +86,13 @@ class Engine:
             self.tokenizer = Tokenizer(self.model_path)
             self.dtype = resolve_dtype(dtype, self.config, self._device)
             self._model: CausalLM | None = load_model(self.config, self.model_path, load_format, self.dtype, self._device, seed)
+            # On an accelerator the weights also stay in pinned host memory, for fast switching.
+            self._host_weights = HostWeights(self._model) if self._device.type != "cpu" else None
+            self._move_weights(self._device)
         except EngineError:
             raise
         except Exception as exc:
-            raise EngineError(f"cannot load {self.model_path}: {exc}") from exc
-        # On an accelerator the weights also stay in pinned host memory, for fast switching.
-        self._host_weights = HostWeights(self._model) if self._device.type != "cpu" else None
-        self._move_weights(self._device)
+            raise EngineError(f"cannot load {self.model_path}: {type(exc).__name__}: {exc}") from exc
         cfg = self.config
         self.max_context = cfg.max_position_embeddings
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self._model.parameters())
