@@ -1,0 +1,104 @@
+"""The gateway's errors: each knows its HTTP status, its gRPC code and its
+OpenAI error `type`/`code`, so REST and gRPC report the same failure alike."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+
+class GatewayError(Exception):
+    http_status = 500
+    grpc_code = grpc.StatusCode.INTERNAL
+    error_type = "server_error"
+    error_code: str | None = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequest(GatewayError):
+    http_status = 400
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    error_type = "invalid_request_error"
+    error_code = "invalid_value"
+
+
+class MissingParameter(InvalidRequest):
+    error_code = "missing_required_parameter"
+
+
+class ModelNotFound(GatewayError):
+    http_status = 404
+    grpc_code = grpc.StatusCode.NOT_FOUND
+    error_type = "invalid_request_error"
+    error_code = "model_not_found"
+
+
+class RateLimited(GatewayError):
+    http_status = 429
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    error_type = "rate_limit_error"
+    error_code = "resource_exhausted"
+
+
+class ModelUnavailable(GatewayError):
+    http_status = 503
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    error_type = "service_unavailable_error"
+    error_code = "model_unavailable"
+
+
+class GatewayTimeout(GatewayError):
+    http_status = 504
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED
+    error_type = "timeout_error"
+    error_code = "timeout"
+
+
+class InternalError(GatewayError):
+    pass
+
+
+class ClientGone(Exception):
+    """The client went away before its answer was complete (nginx's 499)."""
+
+    http_status = 499
+
+
+_BY_AGENT_CODE: dict[grpc.StatusCode, type[GatewayError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+    grpc.StatusCode.NOT_FOUND: ModelNotFound,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: RateLimited,
+    grpc.StatusCode.UNAVAILABLE: ModelUnavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: GatewayTimeout,
+}
+
+
+def from_agent_error(code: grpc.StatusCode, details: str | None, *, model: str, request_id: str,
+                     timeout_s: float) -> GatewayError:
+    """The gateway error for an agent's failed Generate call."""
+    details = details or code.name
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return ModelUnavailable(f"model {model!r} is unavailable: {details}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return GatewayTimeout(f"request {request_id} did not finish within {timeout_s:g}s")
+    error_class = _BY_AGENT_CODE.get(code)
+    if error_class is not None:
+        return error_class(details)
+    # Unexpected failures carry the id so an operator can find the agent's log lines.
+    return InternalError(f"request {request_id} failed on the serving agent ({code.name}): {details}")
+
+
+def error_body(error: GatewayError, request_id: str) -> dict[str, Any]:
+    """The OpenAI-style error object; `request_id` is our addition."""
+    return {"error": {
+        "message": error.message,
+        "type": error.error_type,
+        "param": error.param,
+        "code": error.error_code,
+        "request_id": request_id,
+    }}
