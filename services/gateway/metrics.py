@@ -1,0 +1,68 @@
+"""Prometheus metrics of the gateway, in a registry of its own (so several
+gateways can live in one test process). Status codes are HTTP statuses for
+both APIs (a gRPC error counts as its REST twin would; 499 is a client that
+left early), so one dashboard covers REST and gRPC."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+UNKNOWN_MODEL = "unknown"  # the label of names the cluster does not have, so clients cannot add series
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class GatewayMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("prism_gateway_requests", "Generate requests by API, model and status code",
+                                ["api", "model", "code"], registry=self.registry)
+        self.time_to_first_token = Histogram(
+            "prism_gateway_time_to_first_token_seconds", "From a request's arrival to its first generated token",
+            ["api", "model"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.latency = Histogram(
+            "prism_gateway_request_duration_seconds", "End-to-end duration of successful generate requests",
+            ["api", "model"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.generated_tokens = Counter("prism_gateway_generated_tokens", "Tokens generated and relayed to clients",
+                                        ["api", "model"], registry=self.registry)
+        self.in_flight = Gauge("prism_gateway_requests_in_flight", "Generate requests being served",
+                               ["api", "model"], registry=self.registry)
+
+    def track(self, api: str, model: str) -> RequestTracker:
+        return RequestTracker(self, api, model)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestTracker:
+    """Measures one generate request; finish() records it once."""
+
+    def __init__(self, metrics: GatewayMetrics, api: str, model: str):
+        self._metrics = metrics
+        self._labels = (api, model)
+        self._start = time.monotonic()
+        self._first_token_seen = False
+        self.finished = False
+        metrics.in_flight.labels(*self._labels).inc()
+
+    def tokens(self, count: int) -> None:
+        if count <= 0:
+            return
+        if not self._first_token_seen:
+            self._first_token_seen = True
+            self._metrics.time_to_first_token.labels(*self._labels).observe(time.monotonic() - self._start)
+        self._metrics.generated_tokens.labels(*self._labels).inc(count)
+
+    def finish(self, http_status: int) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self._metrics.in_flight.labels(*self._labels).dec()
+        self._metrics.requests.labels(*self._labels, str(http_status)).inc()
+        if http_status == 200:
+            self._metrics.latency.labels(*self._labels).observe(time.monotonic() - self._start)

@@ -1,0 +1,196 @@
+"""Which agent serves a model: a live view of the placement state in etcd.
+
+The router mirrors models/, placements/, agents/ and engines/. A replica is
+live when its agent's key exists (the agent holds it under its lease) and
+its engine record is servable; requests rotate round robin over the live
+replicas. It keeps one gRPC channel per agent address and closes the
+channels of agents that vanish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import TypeVar
+
+import aetcd
+import grpc
+
+from prism.v1 import agent_pb2_grpc
+from services.common import records
+from services.common.etcd import PrefixMirror, connect
+from services.gateway.errors import ModelNotFound, ModelUnavailable
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+
+# An agent that restarts at the same address must be reachable again within
+# a second, not after gRPC's default reconnect backoff of up to two minutes.
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.max_receive_message_length", 64 << 20),
+]
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    name: str
+    available: bool  # at least one live replica
+    max_context: int  # from the engine records on live agents; 0 when none has loaded
+
+
+class GatewayNotReady(ModelUnavailable):
+    pass
+
+
+def _parse(cls: type[R], raw: bytes | None, key: str) -> R | None:
+    """A record, or None (with a warning) when the stored value is unreadable."""
+    if raw is None:
+        return None
+    try:
+        return cls.from_json(raw)  # type: ignore[attr-defined]
+    except (ValueError, TypeError) as exc:
+        log.warning("ignoring unreadable record %s: %s", key, exc)
+        return None
+
+
+class Router:
+    def __init__(self, etcd_endpoint: str, channel_close_grace_s: float = 600.0):
+        self.etcd_endpoint = etcd_endpoint
+        # In-flight calls to an agent whose key vanished may still finish
+        # (a lost lease is not always a dead agent); they get this long.
+        self._close_grace_s = channel_close_grace_s
+        self._client: aetcd.Client | None = None
+        self._mirrors: dict[str, PrefixMirror] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[str, agent_pb2_grpc.AgentStub] = {}
+        self._turns: dict[str, itertools.count] = {}
+        self._closing: set[asyncio.Task] = set()
+
+    # ---- life cycle -----------------------------------------------------
+
+    async def run(self) -> None:
+        """Connects to etcd (retrying for as long as it takes) and follows it."""
+        while self._client is None:
+            try:
+                self._client = await connect(self.etcd_endpoint)
+            except ConnectionError as exc:
+                log.warning("%s; still trying", exc)
+        self._mirrors = {
+            prefix: PrefixMirror(self._client, prefix, self._on_agent_change if prefix == records.AGENTS else None)
+            for prefix in (records.MODELS, records.PLACEMENTS, records.AGENTS, records.ENGINES)
+        }
+        await asyncio.gather(*(mirror.run() for mirror in self._mirrors.values()))
+
+    @property
+    def ready(self) -> bool:
+        """True once every prefix has been loaded from etcd."""
+        return bool(self._mirrors) and all(m.ready.is_set() for m in self._mirrors.values())
+
+    async def wait_ready(self) -> None:
+        while not self._mirrors:
+            await asyncio.sleep(0.05)
+        await asyncio.gather(*(m.ready.wait() for m in self._mirrors.values()))
+
+    async def close(self) -> None:
+        channels = list(self._channels.values())
+        self._channels.clear()
+        self._stubs.clear()
+        await asyncio.gather(*(c.close(grace=None) for c in channels), return_exceptions=True)
+        for task in list(self._closing):
+            task.cancel()
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    # ---- the view ------------------------------------------------------
+
+    def _items(self, prefix: str) -> dict[str, bytes]:
+        if not self.ready:
+            raise GatewayNotReady("the gateway has not loaded the cluster state from etcd yet")
+        return self._mirrors[prefix].items
+
+    def has_model(self, model: str) -> bool:
+        return self.ready and records.MODELS + model in self._mirrors[records.MODELS].items
+
+    def _replica_states(self, model: str) -> list[tuple[str, str | None, records.EngineRecord | None]]:
+        """(agent_id, agent address or None, engine record or None) per placed replica."""
+        key = records.PLACEMENTS + model
+        placement = _parse(records.PlacementRecord, self._items(records.PLACEMENTS).get(key), key)
+        states = []
+        for replica in placement.replica_list() if placement else []:
+            agent_key = records.AGENTS + replica.agent_id
+            agent = _parse(records.AgentRecord, self._items(records.AGENTS).get(agent_key), agent_key)
+            engine_key = records.engine_key(replica.agent_id, model)
+            engine = _parse(records.EngineRecord, self._items(records.ENGINES).get(engine_key), engine_key)
+            states.append((replica.agent_id, agent.address if agent else None, engine))
+        return states
+
+    def candidates(self, model: str) -> list[str]:
+        """Addresses of the agents serving `model`, starting with this
+        request's round-robin pick; the rest are fallbacks in order.
+
+        Raises ModelNotFound for a model the cluster does not have and
+        ModelUnavailable when none of its replicas is live."""
+        if records.MODELS + model not in self._items(records.MODELS):
+            raise ModelNotFound(f"The model {model!r} does not exist", param="model")
+        live: list[str] = []
+        reasons: list[str] = []
+        for agent_id, address, engine in self._replica_states(model):
+            if address is None:
+                reasons.append(f"agent {agent_id} is not registered")
+            elif engine is None:
+                reasons.append(f"agent {agent_id} has no engine for it")
+            elif not engine.servable:
+                reasons.append(f"its engine on agent {agent_id} is {engine.state}")
+            elif address not in live:
+                live.append(address)
+        if not live:
+            why = "; ".join(reasons) if reasons else "it is not placed on any agent"
+            raise ModelUnavailable(f"model {model!r} has no live replica ({why})")
+        turn = next(self._turns.setdefault(model, itertools.count())) % len(live)
+        return live[turn:] + live[:turn]
+
+    def route(self, model: str) -> str:
+        """The address of the agent that should serve the next request for `model`."""
+        return self.candidates(model)[0]
+
+    def list_models(self) -> list[ModelStatus]:
+        models = []
+        for key in sorted(self._items(records.MODELS)):
+            name = key[len(records.MODELS):]
+            engines = [e for _, address, e in self._replica_states(name) if address is not None and e is not None]
+            models.append(ModelStatus(name=name, available=any(e.servable for e in engines),
+                                      max_context=max((e.max_context for e in engines), default=0)))
+        return models
+
+    # ---- channels ------------------------------------------------------
+
+    def stub(self, address: str) -> agent_pb2_grpc.AgentStub:
+        stub = self._stubs.get(address)
+        if stub is None:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = channel
+            stub = self._stubs[address] = agent_pb2_grpc.AgentStub(channel)
+        return stub
+
+    def channel_addresses(self) -> set[str]:
+        """The agent addresses with an open channel."""
+        return set(self._channels)
+
+    def _on_agent_change(self, key: str, value: bytes | None) -> None:
+        # Any agent change may retire an address: close channels no live agent uses.
+        agents = self._mirrors[records.AGENTS].items
+        addresses = {a.address for k, v in agents.items() if (a := _parse(records.AgentRecord, v, k)) is not None}
+        for address in [a for a in self._channels if a not in addresses]:
+            log.info("agent at %s is gone; closing its channel", address)
+            channel = self._channels.pop(address)
+            self._stubs.pop(address, None)
+            task = asyncio.create_task(channel.close(grace=self._close_grace_s))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)

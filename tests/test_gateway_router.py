@@ -1,0 +1,167 @@
+"""The gateway's Router against a real etcd (the `etcd_server` fixture):
+which replicas are live, round robin, model listing, agent channels."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from services.common import records
+from services.common.etcd import connect
+from services.gateway.errors import ModelNotFound, ModelUnavailable
+from services.gateway.router import GatewayNotReady, Router
+
+
+async def eventually(check, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            check()
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.02)
+
+
+@pytest.fixture()
+async def etcd(etcd_server):
+    client = await connect(etcd_server.endpoint)
+    yield client
+    await client.close()
+
+
+@pytest.fixture()
+async def router(etcd_server) -> AsyncIterator[Router]:
+    router = Router(etcd_server.endpoint, channel_close_grace_s=0.1)
+    task = asyncio.create_task(router.run())
+    await asyncio.wait_for(router.wait_ready(), 10)
+    yield router
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await router.close()
+
+
+async def put(etcd, key: str, value: bytes) -> None:
+    await etcd.put(key.encode(), value)
+
+
+async def place(etcd, model: str, replicas: dict[str, str | None], state: str = "active",
+                max_context: int = 128) -> None:
+    """`model` placed on agents (agent_id -> address; None: the agent is not registered)."""
+    await put(etcd, records.MODELS + model, records.ModelRecord(name=model, path="/m").to_json())
+    for agent_id, address in replicas.items():
+        if address is not None:
+            await put(etcd, records.AGENTS + agent_id, records.AgentRecord(agent_id, address).to_json())
+        engine = records.EngineRecord(agent_id=agent_id, model=model, state=state, max_context=max_context)
+        await put(etcd, engine.key(), engine.to_json())
+    placement = records.PlacementRecord(model=model, replicas=[{"agent_id": a, "gpu_ids": [0]} for a in replicas])
+    await put(etcd, placement.key(), placement.to_json())
+
+
+async def test_not_ready_before_etcd_is_loaded():
+    router = Router("127.0.0.1:1")
+    assert not router.ready and not router.has_model("m")
+    with pytest.raises(GatewayNotReady):
+        router.route("m")
+    with pytest.raises(GatewayNotReady):
+        router.list_models()
+
+
+async def test_unknown_model_is_not_found(router):
+    with pytest.raises(ModelNotFound):
+        router.route("nothing")
+
+
+async def test_model_without_placement_is_unavailable(router, etcd):
+    await put(etcd, records.MODELS + "m", records.ModelRecord(name="m", path="/m").to_json())
+    await eventually(lambda: assert_has(router, "m"))
+    with pytest.raises(ModelUnavailable, match=r"has no live replica.*not placed"):
+        router.route("m")
+
+
+def assert_has(router: Router, model: str) -> None:
+    assert router.has_model(model)
+
+
+async def test_round_robin_over_live_replicas(router, etcd):
+    await place(etcd, "m", {"a1": "10.0.0.1:1", "a2": "10.0.0.2:1"})
+    await eventually(lambda: assert_picks(router, "m", 2))
+    picks = [router.route("m") for _ in range(4)]
+    assert sorted(picks) == ["10.0.0.1:1", "10.0.0.1:1", "10.0.0.2:1", "10.0.0.2:1"]
+    assert picks[0] != picks[1] and picks[0] == picks[2]
+    assert len(router.candidates("m")) == 2  # the others follow as fallbacks
+
+
+def assert_picks(router: Router, model: str, count: int) -> None:
+    assert len({router.route(model) for _ in range(count * 2)}) == count
+
+
+@pytest.mark.parametrize("replicas, state, reason", [
+    ({"gone": None}, "active", "agent gone is not registered"),
+    ({"a1": "10.0.0.1:1"}, "loading", "engine on agent a1 is loading"),
+    ({"a1": "10.0.0.1:1"}, "failed", "engine on agent a1 is failed"),
+])
+async def test_replicas_that_cannot_serve_are_skipped(router, etcd, replicas, state, reason):
+    await place(etcd, "m", replicas, state=state)
+    await eventually(lambda: assert_has(router, "m"))
+    with pytest.raises(ModelUnavailable, match=reason):
+        router.route("m")
+
+
+async def test_inactive_engines_are_servable(router, etcd):
+    await place(etcd, "m", {"a1": "10.0.0.1:1"}, state="inactive")
+    await eventually(lambda: assert_picks(router, "m", 1))
+
+
+async def test_a_vanished_agent_stops_being_routed_to(router, etcd):
+    await place(etcd, "m", {"a1": "10.0.0.1:1", "a2": "10.0.0.2:1"})
+    await eventually(lambda: assert_picks(router, "m", 2))
+    await etcd.delete((records.AGENTS + "a2").encode())
+    await eventually(lambda: assert_picks(router, "m", 1))
+    assert router.route("m") == "10.0.0.1:1"
+
+
+async def test_list_models(router, etcd):
+    await place(etcd, "live", {"a1": "10.0.0.1:1"}, max_context=2048)
+    await place(etcd, "loading", {"a2": "10.0.0.2:1"}, state="loading", max_context=0)
+    await put(etcd, records.MODELS + "unplaced", records.ModelRecord(name="unplaced", path="/m").to_json())
+
+    def check() -> None:
+        models = {m.name: (m.available, m.max_context) for m in router.list_models()}
+        assert models == {"live": (True, 2048), "loading": (False, 0), "unplaced": (False, 0)}
+
+    await eventually(check)
+
+
+async def test_unreadable_records_are_ignored(router, etcd):
+    await place(etcd, "m", {"a1": "10.0.0.1:1"})
+    await put(etcd, records.AGENTS + "a1", b"{not json")
+
+    def check() -> None:
+        try:
+            router.route("m")
+        except ModelUnavailable as exc:
+            assert "agent a1 is not registered" in exc.message
+            return
+        raise AssertionError("still routed to an agent whose record is unreadable")
+
+    await eventually(check)
+
+
+async def test_channels_of_vanished_agents_are_closed(router, etcd):
+    await place(etcd, "m", {"a1": "127.0.0.1:1", "a2": "127.0.0.1:2"})
+    await eventually(lambda: assert_picks(router, "m", 2))
+    first = router.stub("127.0.0.1:1")
+    assert router.stub("127.0.0.1:1") is first  # one channel per address
+    router.stub("127.0.0.1:2")
+    await etcd.delete((records.AGENTS + "a1").encode())
+
+    def check() -> None:
+        assert router.channel_addresses() == {"127.0.0.1:2"}
+
+    await eventually(check)
+    assert router.stub("127.0.0.1:1") is not first
