@@ -1,0 +1,128 @@
+"""Request bodies of the OpenAI-compatible API, and their translation into
+the GenerateRequest the agents take.
+
+Types are strict (no "0.5" for a number, no true for an integer) and
+unknown fields are ignored, as OpenAI clients send many we do not use.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from prism.v1 import generate_pb2
+from services.gateway.validation import CHAT_ROLES, INT32_MAX, INT64_MAX, INT64_MIN, MAX_TEMPERATURE
+
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+MaxTokens = Annotated[int, Field(ge=1, le=INT32_MAX)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _GenerateBody(_Body):
+    model: str = Field(min_length=1)
+    temperature: float | None = Field(None, ge=0.0, le=MAX_TEMPERATURE)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    ignore_eos: bool = False  # an extension (as in vLLM), for benchmarks
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_is_text(cls, value: Any) -> Any:
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, list) and all(isinstance(s, str) for s in value):
+            return value
+        raise ValueError("stop must be a string or a list of strings")
+
+    @field_validator("n", mode="after")
+    @classmethod
+    def _one_choice(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError(f"only n=1 is supported, got {value}")
+        return value
+
+    @property
+    def include_usage_chunk(self) -> bool:
+        return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+    def _sampling(self, max_tokens: int | None) -> generate_pb2.SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        sampling = generate_pb2.SamplingParams(stop=stop, ignore_eos=self.ignore_eos)
+        if max_tokens is not None:
+            sampling.max_tokens = max_tokens
+        if self.temperature is not None:
+            sampling.temperature = self.temperature
+        if self.top_p is not None:
+            sampling.top_p = self.top_p
+        if self.seed is not None:
+            sampling.seed = self.seed
+        return sampling
+
+
+class CompletionRequest(_GenerateBody):
+    prompt: str
+    # null, like absent, means OpenAI's default
+    max_tokens: MaxTokens | None = None
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, value: Any) -> Any:
+        if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
+            value = value[0]
+        if not isinstance(value, str):
+            raise ValueError("prompt must be a string (or a list of one string)")
+        if not value:
+            raise ValueError("prompt must not be empty")
+        return value
+
+    def to_grpc(self, request_id: str) -> generate_pb2.GenerateRequest:
+        max_tokens = self.max_tokens if self.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
+        return generate_pb2.GenerateRequest(request_id=request_id, model=self.model, prompt=self.prompt,
+                                            sampling=self._sampling(max_tokens))
+
+
+class ChatMessage(_Body):
+    role: Literal[CHAT_ROLES]  # type: ignore[valid-type]
+    content: str
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_content(cls, value: Any) -> Any:
+        """A string, or OpenAI's list of {"type": "text", "text": ...} parts (joined by newlines)."""
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list):
+            texts = []
+            for part in value:
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise ValueError('content parts must be {"type": "text", "text": "..."}; only text is supported')
+                texts.append(part["text"])
+            return "\n".join(texts)
+        raise ValueError("content must be a string or a list of text parts")
+
+
+class ChatCompletionRequest(_GenerateBody):
+    messages: list[ChatMessage] = Field(min_length=1)
+    # Unset means the rest of the model's context (the engine's default).
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None  # OpenAI's newer name; wins over max_tokens
+
+    def to_grpc(self, request_id: str) -> generate_pb2.GenerateRequest:
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        chat = generate_pb2.ChatInput(
+            messages=[generate_pb2.ChatMessage(role=m.role, content=m.content) for m in self.messages])
+        return generate_pb2.GenerateRequest(request_id=request_id, model=self.model, chat=chat,
+                                            sampling=self._sampling(max_tokens))
