@@ -1,0 +1,84 @@
+"""The prism.v1.Gateway gRPC service: the REST API's operations for gRPC
+clients. Generate validates the request, routes it like REST does and
+relays the agent's stream; failures end the call with the same codes the
+agent would use (NOT_FOUND, UNAVAILABLE, INVALID_ARGUMENT, ...). The request
+id goes back as `x-request-id` metadata, initial and trailing, so a client
+knows it even for a call that fails before any response."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from prism.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
+from services.common.logs import request_id_var
+from services.gateway.errors import ClientGone, GatewayError, InternalError
+from services.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
+from services.gateway.relay import AgentStream, Relay
+from services.gateway.request_ids import HEADER, choose_request_id, prefix_for
+from services.gateway.router import Router
+from services.gateway.validation import validate_generate_request
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
+API = "grpc"
+
+
+class GatewayService(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self, router: Router, relay: Relay, metrics: GatewayMetrics):
+        self.router = router
+        self.relay = relay
+        self.metrics = metrics
+
+    async def Generate(self, request: generate_pb2.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[generate_pb2.GenerateResponse]:
+        request_id = choose_request_id(request.request_id, prefix_for(request))
+        request.request_id = request_id
+        request_id_var.set(request_id)
+        metadata = ((HEADER, request_id),)
+        await context.send_initial_metadata(metadata)
+        context.set_trailing_metadata(metadata)
+        model = request.model
+        tracker = self.metrics.track(API, model if self.router.has_model(model) else UNKNOWN_MODEL)
+        stream: AgentStream | None = None
+        failure: GatewayError | None = None
+        try:
+            validate_generate_request(request)
+            stream = await self.relay.open(request)
+            async for piece in stream:
+                tracker.tokens(len(piece.token_ids))
+                piece.request_id = request_id
+                yield piece
+            tracker.finish(200)
+        except GatewayError as error:
+            failure = error
+        except asyncio.CancelledError:  # the client cancelled or went away
+            tracker.finish(ClientGone.http_status)
+            raise
+        except Exception as exc:
+            log.exception("generate failed in the gateway")
+            failure = InternalError(f"request {request_id} failed in the gateway: {exc}")
+        finally:
+            if stream is not None:
+                stream.cancel()
+        if failure is not None:
+            log.info("generate model=%s failed: %s %s", model, failure.grpc_code.name, failure.message)
+            tracker.finish(failure.http_status)
+            await context.abort(failure.grpc_code, failure.message, trailing_metadata=metadata)
+
+    async def ListModels(self, request: gateway_pb2.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> gateway_pb2.ListModelsResponse:
+        try:
+            models = self.router.list_models()
+        except GatewayError as error:
+            await context.abort(error.grpc_code, error.message)
+        return gateway_pb2.ListModelsResponse(models=[
+            gateway_pb2.ModelInfo(name=m.name, available=m.available, max_context=m.max_context) for m in models])
+
+
+def add_gateway_service(server: grpc.aio.Server, router: Router, relay: Relay, metrics: GatewayMetrics) -> None:
+    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayService(router, relay, metrics), server)
