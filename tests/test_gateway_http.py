@@ -165,6 +165,22 @@ def test_requests_rotate_over_replicas(gateway_stack, http):
             agent.stop()
 
 
+def test_an_agent_restarted_at_the_same_address_is_reached_again(gateway_stack, http):
+    agent = FakeAgent()
+    gateway_stack.serve_model("restarting", {"restarting-agent": agent.address})
+    assert http.post("/v1/completions", json={"model": "restarting", "prompt": "echo x"}).status_code == 200
+    agent.stop()
+    assert http.post("/v1/completions", json={"model": "restarting", "prompt": "echo x"}).status_code == 503
+    agent = FakeAgent(port=agent.port)
+    try:
+        deadline = time.monotonic() + 3  # the gateway's reconnect backoff is capped at a second
+        while http.post("/v1/completions", json={"model": "restarting", "prompt": "echo x"}).status_code != 200:
+            assert time.monotonic() < deadline, "the gateway did not reconnect to the restarted agent"
+            time.sleep(0.1)
+    finally:
+        agent.stop()
+
+
 # ---- validation ------------------------------------------------------------------
 
 

@@ -51,10 +51,10 @@ class Call:
 
 
 class FakeAgent(agent_pb2_grpc.AgentServicer):
-    def __init__(self) -> None:
+    def __init__(self, port: int | None = None) -> None:
         self.calls: list[Call] = []
         self._lock = threading.Lock()
-        self.port = free_port()
+        self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
         agent_pb2_grpc.add_AgentServicer_to_server(self, self._server)
@@ -179,15 +179,19 @@ class GatewayStack:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_for_model(self, model: str, available: bool = True, timeout_s: float = 10.0) -> dict:
-        """Waits until the gateway's /v1/models shows `model` with that availability."""
+    def wait_for_model(self, model: str, available: bool = True, max_context: int | None = None,
+                       timeout_s: float = 10.0) -> dict:
+        """Waits until the gateway's /v1/models shows `model` with that
+        availability (and max_context, which it reads from the engine
+        records of live agents: seeing it means every record has arrived)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             listed = {m["id"]: m for m in httpx.get(self.http_url + "/v1/models").json()["data"]}
-            if model in listed and listed[model]["available"] == available:
-                return listed[model]
+            found = listed.get(model)
+            if found and found["available"] == available and max_context in (None, found["max_context"]):
+                return found
             time.sleep(0.05)
-        raise AssertionError(f"gateway never listed {model} with available={available}")
+        raise AssertionError(f"gateway never listed {model} with available={available}, max_context={max_context}")
 
     def wait_for_absence(self, model: str, timeout_s: float = 10.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -197,11 +201,12 @@ class GatewayStack:
             time.sleep(0.05)
         raise AssertionError(f"gateway still lists {model}")
 
-    def serve_model(self, model: str, agents: list[FakeAgent] | dict[str, str], **kwargs) -> None:
+    def serve_model(self, model: str, agents: list[FakeAgent] | dict[str, str], state: str = "active",
+                    max_context: int = 256) -> None:
         if isinstance(agents, list):
             agents = {f"fake-{a.port}": a.address for a in agents}
-        self.etcd.serve_model(model, agents, **kwargs)
-        self.wait_for_model(model, available=kwargs.get("state", "active") in ("active", "inactive"))
+        self.etcd.serve_model(model, agents, state=state, max_context=max_context)
+        self.wait_for_model(model, available=state in ("active", "inactive"), max_context=max_context)
 
 
 def wait_until_healthy(url: str, process: subprocess.Popen, log_path: Path, timeout_s: float = 30.0) -> None:
