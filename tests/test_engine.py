@@ -29,9 +29,6 @@ from services.gpu_agent.engine import (
 )
 from services.gpu_agent.engine.detokenizer import IncrementalDetokenizer
 from services.gpu_agent.engine.model_config import parse_model_config
-from services.gpu_agent.engine.sampling import SamplingParams
-from services.gpu_agent.engine.scheduler import Scheduler
-from services.gpu_agent.engine.sequence import Sequence
 from services.gpu_agent.engine.stop_strings import find_stop, held_back_len
 from tests.reference_llama import ReferenceLlama
 
@@ -290,7 +287,8 @@ async def test_invalid_requests_raise_before_streaming(engines, req, message):
 
 
 async def test_prompt_that_can_never_fit_raises_capacity_error(model_dirs):
-    engine = started(model_dirs["llama"], memory_limit_bytes=0)
+    # One-token pages (the tiny model's slot is 128 bytes a buffer), so a limit of 8 tokens means 8.
+    engine = started(model_dirs["llama"], memory_limit_bytes=0, kv_page_bytes=128)
     try:
         engine.set_memory_limit(8 * engine.kv_bytes_per_token)
         assert engine.stats().memory_limit_bytes == 8 * engine.kv_bytes_per_token
@@ -306,7 +304,7 @@ async def test_prompt_that_can_never_fit_raises_capacity_error(model_dirs):
 
 
 async def test_requests_queue_and_preempt_under_the_kv_limit(model_dirs, references, caplog):
-    engine = started(model_dirs["llama"])
+    engine = started(model_dirs["llama"], kv_page_bytes=4 * 128)  # 4-token pages
     ref = references["llama"]
     try:
         reqs = [greedy(p, request_id=f"q{i}", max_tokens=30) for i, p in enumerate(PROMPTS)]
@@ -512,47 +510,6 @@ def test_stop_string_helpers():
     assert held_back_len("hello ST", ["STOP"]) == 2
     assert held_back_len("hello", ["STOP"]) == 0
     assert held_back_len("xab", ["abc", "b"]) == 2
-
-
-def _sequence(name: str, prompt_len: int) -> Sequence:
-    return Sequence(request_id=name, prompt_ids=[1] * prompt_len, max_tokens=100, sampling=SamplingParams(0.0),
-                    stop=[], ignore_eos=True, detokenizer=None, generator=None, deliver=lambda out: True)
-
-
-def test_scheduler_admits_in_order_and_preempts_the_latest():
-    sched = Scheduler(kv_bytes_per_token=10, memory_limit_bytes=10 * 12)  # 12 token slots
-    a, b, c = _sequence("a", 4), _sequence("b", 4), _sequence("c", 4)
-    for seq in (a, b, c):
-        sched.add(seq)
-    result = sched.schedule()
-    assert result.batch == [a, b] and list(sched.waiting) == [c]  # c's 5 slots do not fit
-    assert sched.kv_used_bytes == 100
-    for seq in (a, b):  # the step's tokens: each gets one more
-        seq.num_cached = len(seq.token_ids)
-        seq.token_ids.append(2)
-    result = sched.schedule()  # both fit their reservation still
-    assert result.batch == [a, b] and not result.preempted
-    a.token_ids.append(2)
-    b.token_ids.append(2)
-    result = sched.schedule()  # growing to 6 + 6 fits exactly
-    assert result.batch == [a, b] and sched.reserved_tokens == 12
-    a.token_ids.append(2)
-    b.token_ids.append(2)
-    result = sched.schedule()  # 7 + 7 does not: b (the latest) goes back, ahead of c
-    assert result.batch == [a] and result.preempted == [b]
-    assert list(sched.waiting) == [b, c] and b.num_cached == 0 and b.reserved_tokens == 0
-    assert sched.reserved_tokens == 7
-    sched.remove(a)
-    result = sched.schedule()  # b comes back first, with its generated tokens, to recompute
-    assert result.batch == [b] and b.reserved_tokens == len(b.token_ids) + 1
-    sched.memory_limit_bytes = 10 * 5  # shrinks below what b needs even alone
-    result = sched.schedule()
-    assert result.too_big == [b] or result.preempted == [b]
-    sched.remove(b)
-    result = sched.schedule()
-    assert result.batch == [c] and sched.kv_used_bytes == 50
-    sched.remove(c)
-    assert sched.kv_used_bytes == 0 and not sched.has_work()
 
 
 def test_model_config_parsing():

@@ -52,7 +52,7 @@ class ModelSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., tp_size: _Optional[int] = ..., load_format: _Optional[str] = ..., engine: _Optional[str] = ..., dtype: _Optional[str] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class EngineStatus(_message.Message):
-    __slots__ = ("model", "gpu_ids", "state", "error", "memory_limit_bytes", "kv_used_bytes", "weight_bytes", "running_requests", "queued_requests", "max_context")
+    __slots__ = ("model", "gpu_ids", "state", "error", "memory_limit_bytes", "kv_used_bytes", "weight_bytes", "running_requests", "queued_requests", "max_context", "kv_mapped_bytes", "kv_free_tokens", "memory_limit_revision", "memory_limit_status")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     GPU_IDS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,10 @@ class EngineStatus(_message.Message):
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    KV_MAPPED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_FREE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LIMIT_REVISION_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LIMIT_STATUS_FIELD_NUMBER: _ClassVar[int]
     model: str
     gpu_ids: _containers.RepeatedScalarFieldContainer[int]
     state: EngineState
@@ -73,7 +77,11 @@ class EngineStatus(_message.Message):
     running_requests: int
     queued_requests: int
     max_context: int
-    def __init__(self, model: _Optional[str] = ..., gpu_ids: _Optional[_Iterable[int]] = ..., state: _Optional[_Union[EngineState, str]] = ..., error: _Optional[str] = ..., memory_limit_bytes: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., max_context: _Optional[int] = ...) -> None: ...
+    kv_mapped_bytes: int
+    kv_free_tokens: int
+    memory_limit_revision: int
+    memory_limit_status: str
+    def __init__(self, model: _Optional[str] = ..., gpu_ids: _Optional[_Iterable[int]] = ..., state: _Optional[_Union[EngineState, str]] = ..., error: _Optional[str] = ..., memory_limit_bytes: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., max_context: _Optional[int] = ..., kv_mapped_bytes: _Optional[int] = ..., kv_free_tokens: _Optional[int] = ..., memory_limit_revision: _Optional[int] = ..., memory_limit_status: _Optional[str] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
     __slots__ = ("spec", "gpu_ids", "activate", "memory_limit_bytes")

@@ -24,7 +24,7 @@ class RegisterAgentResponse(_message.Message):
     def __init__(self, report_interval_ms: _Optional[int] = ...) -> None: ...
 
 class ModelLoad(_message.Message):
-    __slots__ = ("model", "state", "arrival_rate", "queued_requests", "running_requests", "kv_used_bytes", "memory_limit_bytes")
+    __slots__ = ("model", "state", "arrival_rate", "queued_requests", "running_requests", "kv_used_bytes", "memory_limit_bytes", "kv_mapped_bytes", "kv_free_tokens")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ARRIVAL_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,8 @@ class ModelLoad(_message.Message):
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     KV_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_MAPPED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_FREE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model: str
     state: _agent_pb2.EngineState
     arrival_rate: float
@@ -39,7 +41,9 @@ class ModelLoad(_message.Message):
     running_requests: int
     kv_used_bytes: int
     memory_limit_bytes: int
-    def __init__(self, model: _Optional[str] = ..., state: _Optional[_Union[_agent_pb2.EngineState, str]] = ..., arrival_rate: _Optional[float] = ..., queued_requests: _Optional[int] = ..., running_requests: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ...) -> None: ...
+    kv_mapped_bytes: int
+    kv_free_tokens: int
+    def __init__(self, model: _Optional[str] = ..., state: _Optional[_Union[_agent_pb2.EngineState, str]] = ..., arrival_rate: _Optional[float] = ..., queued_requests: _Optional[int] = ..., running_requests: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., kv_mapped_bytes: _Optional[int] = ..., kv_free_tokens: _Optional[int] = ...) -> None: ...
 
 class LoadReport(_message.Message):
     __slots__ = ("agent_id", "sequence", "models")

@@ -58,6 +58,11 @@ def engine_status(managed: ManagedEngine) -> agent_pb2.EngineStatus:
         status.running_requests = stats.running_requests
         status.queued_requests = stats.queued_requests
         status.max_context = managed.engine.max_context
+        status.kv_mapped_bytes = stats.kv_mapped_bytes
+        status.kv_free_tokens = stats.kv_free_tokens
+        status.memory_limit_revision = stats.memory_limit_revision
+        status.memory_limit_status = stats.memory_limit_status
+        status.memory_limit_bytes = stats.memory_limit_bytes
     return status
 
 

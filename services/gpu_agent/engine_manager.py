@@ -140,6 +140,9 @@ class EngineManager:
             device=self._torch_device(gpu_ids),
             seed=spec.seed,
             memory_limit_bytes=memory_limit_bytes or None,
+            # The limit may later grow to the whole device (the memory coordinator decides);
+            # on the CPU the reservation is virtual until used, on CUDA kvcached's is.
+            kv_capacity_bytes=self.devices[gpu_ids[0]].memory_bytes if self.devices[gpu_ids[0]].kind == "cpu" else None,
         )
         engine.start()
         log.info("loaded %s on %s in %.2fs (%d MB of weights)", spec.name, engine.device,
@@ -176,12 +179,11 @@ class EngineManager:
         return managed
 
     def set_memory_limit(self, model: str, nbytes: int, revision: int) -> ManagedEngine:
+        """revision 0: the engine's next revision; otherwise a stale revision is ignored."""
         managed = self.ready(model)
-        if revision and revision <= managed.limit_revision:
-            return managed  # stale: a newer limit has been applied already
-        managed.engine.set_memory_limit(nbytes)
-        managed.memory_limit_bytes = nbytes
-        managed.limit_revision = revision
+        state = managed.engine.set_memory_limit(nbytes, revision or None)
+        managed.memory_limit_bytes = state.limit_bytes
+        managed.limit_revision = state.revision
         return managed
 
     def ready(self, model: str) -> ManagedEngine:

@@ -43,6 +43,9 @@ class LoadReporter:
                 load.queued_requests = stats.queued_requests
                 load.running_requests = stats.running_requests
                 load.kv_used_bytes = stats.kv_used_bytes
+                load.kv_mapped_bytes = stats.kv_mapped_bytes
+                load.kv_free_tokens = stats.kv_free_tokens
+                load.memory_limit_bytes = stats.memory_limit_bytes
         return report
 
     async def _reports(self):

@@ -9,8 +9,14 @@ moving weights. Outputs go back with loop.call_soon_threadsafe into the
 request's asyncio.Queue.
 
 Memory: on an accelerator the weights live on the device while active and in
-pinned host memory always (see host_weights.py); KV is counted against the
-memory limit per token."""
+pinned host memory always (see host_weights.py). KV lives in a paged pool
+(kv_pool.py: kvcached on CUDA when it is installed, PagePool otherwise) whose
+mapped memory follows a limit that can change at any time; the scheduler
+(scheduler.py) batches continuously and preempts under that limit.
+
+Slots are freed only between steps: a request aborted while a step runs (a
+client gone, a deactivation) is marked finished at once, and its slots go
+back when the step ends, since the step may still be writing to them."""
 
 from __future__ import annotations
 
@@ -27,12 +33,14 @@ from services.gpu_agent.engine.chat_template import ChatTemplateError
 from services.gpu_agent.engine.detokenizer import IncrementalDetokenizer
 from services.gpu_agent.engine.errors import CapacityError, EngineError, EngineInactiveError, InvalidRequestError
 from services.gpu_agent.engine.host_weights import HostWeights
-from services.gpu_agent.engine.kv_cache import SequenceKVCache
-from services.gpu_agent.engine.model import CausalLM, KVSpan
+from services.gpu_agent.engine.kv_pool import DEFAULT_PAGE_BYTES, KVGeometry, KVPool, MemoryLimitState, PagePool
+from services.gpu_agent.engine.kvcached_pool import KvcachedPool, kvcached_available
+from services.gpu_agent.engine.model import CausalLM
+from services.gpu_agent.engine.paged_attention import build_step_attention
 from services.gpu_agent.engine.model_config import ModelConfig, load_model_config
 from services.gpu_agent.engine.request import EngineStats, GenerationOutput, GenerationRequest
 from services.gpu_agent.engine.sampling import SamplingParams, make_generator, sample_batch
-from services.gpu_agent.engine.scheduler import Scheduler
+from services.gpu_agent.engine.scheduler import DEFAULT_STEP_TOKENS, ScheduledSeq, Scheduler
 from services.gpu_agent.engine.sequence import Deliver, Sequence
 from services.gpu_agent.engine.stop_strings import find_stop, held_back_len
 from services.gpu_agent.engine.tokenizer import Tokenizer
@@ -46,6 +54,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_CONTEXTS_IN_MEMORY = 8  # default KV limit: this many full contexts
+DEFAULT_CAPACITY_CONTEXTS = 32  # default virtual KV reservation on the CPU, at least
+# Host pages are 4 KiB, so nothing forces kvcached's 2 MiB pages on the CPU;
+# smaller pages let tiny models' limits mean something.
+CPU_PAGE_BYTES = 64 * 1024
+KV_POOLS = ("auto", "kvcached", "pages")
 
 _DTYPES = {
     "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
@@ -73,7 +86,15 @@ def _rlog(seq: Sequence) -> dict[str, str]:
 class Engine:
     def __init__(self, model_path: str | Path, *, name: str | None = None, load_format: str = "auto",
                  dtype: str = "auto", device: str = "cpu", seed: int = 0,
-                 memory_limit_bytes: int | None = None):
+                 memory_limit_bytes: int | None = None, kv_capacity_bytes: int | None = None,
+                 kv_pool: str = "auto", kv_page_bytes: int | None = None,
+                 step_tokens: int = DEFAULT_STEP_TOKENS, attention: str = "auto"):
+        """memory_limit_bytes: KV memory the engine may map now (default: 8 contexts).
+        kv_capacity_bytes: the KV reservation the limit can later grow to (virtual where
+        the pool is elastic; default: the device's memory on CUDA, 32 contexts on the CPU).
+        kv_pool: "kvcached" (CUDA), "pages" (PagePool) or "auto" (kvcached where it runs).
+        step_tokens: the token budget of one step (decode tokens plus prefill chunks).
+        attention: "triton" (decode kernel, CUDA), "torch" or "auto"."""
         start = time.perf_counter()
         self.model_path = Path(model_path)
         self.name = name or self.model_path.name
@@ -102,15 +123,70 @@ class Engine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
         limit = memory_limit_bytes or DEFAULT_CONTEXTS_IN_MEMORY * self.max_context * self.kv_bytes_per_token
-        self._scheduler = Scheduler(self.kv_bytes_per_token, limit)
+        self._geometry = KVGeometry(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, self.dtype)
+        self._pool_kind = self._choose_pool(kv_pool)
+        self._kv_page_bytes = kv_page_bytes
+        self._kv_capacity_bytes = kv_capacity_bytes
+        self._use_triton = self._choose_attention(attention)
+        self._scheduler = Scheduler(self._make_pool(limit, 0), step_tokens)
+        self._in_step: set[Sequence] = set()  # sequences the running step computes
+        self._free_after_step: list[Sequence] = []
         self._lock = threading.Condition()
         self._model_lock = threading.Lock()
         self._active = True
         self._stopped = False
         self._thread: threading.Thread | None = None
-        log.info("engine %s: %s %s on %s, %d layers, context %d, %.1f MB weights, loaded in %.2fs",
-                 self.name, cfg.architecture, self.dtype, self.device, cfg.num_hidden_layers,
-                 self.max_context, self.weight_bytes / 1e6, time.perf_counter() - start)
+        log.info("engine %s: %s %s on %s, %d layers, context %d, %.1f MB weights, KV pool %s, attention %s, "
+                 "loaded in %.2fs", self.name, cfg.architecture, self.dtype, self.device, cfg.num_hidden_layers,
+                 self.max_context, self.weight_bytes / 1e6, self._pool_kind, "triton" if self._use_triton else "torch",
+                 time.perf_counter() - start)
+
+    # ---- the KV pool --------------------------------------------------------
+
+    def _choose_pool(self, kind: str) -> str:
+        if kind not in KV_POOLS:
+            raise EngineError(f"kv_pool {kind!r} is not one of {', '.join(KV_POOLS)}")
+        if kind == "kvcached" and (self._device.type != "cuda" or not kvcached_available()):
+            raise EngineError("kv_pool 'kvcached' needs CUDA and the kvcached package")
+        if kind == "auto":
+            return "kvcached" if self._device.type == "cuda" and kvcached_available() else "pages"
+        return kind
+
+    def _choose_attention(self, kind: str) -> bool:
+        if kind not in ("auto", "triton", "torch"):
+            raise EngineError(f"attention {kind!r} is not one of auto, triton, torch")
+        usable = False
+        if self._device.type == "cuda":
+            from services.gpu_agent.engine.triton_decode import triton_available
+
+            usable = triton_available()
+        if kind == "triton" and not usable:
+            raise EngineError("attention 'triton' needs CUDA and triton")
+        return usable and kind != "torch"
+
+    def _make_pool(self, limit_bytes: int, revision: int) -> KVPool:
+        token_bytes = self._geometry.token_bytes
+        if self._pool_kind == "kvcached":
+            pool: KVPool = KvcachedPool(self._geometry, self._capacity_tokens(limit_bytes), limit_bytes, self._device)
+        else:
+            page_bytes = self._kv_page_bytes or (CPU_PAGE_BYTES if self._device.type == "cpu" else DEFAULT_PAGE_BYTES)
+            pool = PagePool(self._geometry, self._capacity_tokens(limit_bytes), limit_bytes, self._device, page_bytes)
+        if revision:
+            pool.set_memory_limit(limit_bytes, revision)
+        log.info("engine %s: KV pool of %d virtual slots (%.1f MB), %d slots a page, limit %.1f MB",
+                 self.name, pool.capacity_tokens, pool.capacity_tokens * token_bytes / 1e6, pool.tokens_per_page,
+                 limit_bytes / 1e6)
+        return pool
+
+    def _capacity_tokens(self, limit_bytes: int) -> int:
+        token_bytes = self._geometry.token_bytes
+        if self._kv_capacity_bytes:
+            return max(1, self._kv_capacity_bytes // token_bytes)
+        if self._device.type == "cuda" and self._pool_kind == "kvcached":
+            return torch.cuda.get_device_properties(self._device).total_memory // token_bytes
+        if self._device.type == "cuda":  # PagePool on CUDA allocates its reservation: no more than the limit
+            return max(1, limit_bytes // token_bytes)
+        return max(limit_bytes // token_bytes, DEFAULT_CAPACITY_CONTEXTS * self.max_context)
 
     # ---- life cycle -------------------------------------------------------
 
@@ -136,6 +212,10 @@ class Engine:
         with self._model_lock:
             self._model = None  # the weights go with the engine
             self._host_weights = None
+            with self._lock:
+                self._end_step()
+                if self._scheduler.pool is not None:
+                    self._scheduler.pool.close()
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -150,6 +230,9 @@ class Engine:
             if not self._active:
                 self._move_weights(self._device)
                 with self._lock:
+                    if self._scheduler.pool is None:
+                        state = self._pool_state
+                        self._scheduler.pool = self._make_pool(state.limit_bytes, state.revision)
                     self._active = True
                 log.info("engine %s activated", self.name)
 
@@ -164,7 +247,21 @@ class Engine:
         with self._model_lock:
             if self._model is not None:
                 self._move_weights(torch.device("cpu"))
+            with self._lock:
+                self._release_kv_memory()
         log.info("engine %s deactivated", self.name)
+
+    def _release_kv_memory(self) -> None:
+        """Under both locks, with no sequence left: the KV pool's memory goes back."""
+        self._end_step()  # a step that ended before this took the model lock may not have freed its aborts yet
+        pool = self._scheduler.pool
+        if isinstance(pool, KvcachedPool):
+            pool.trim()  # every slot is free, so only kvcached's pre-mapped pages remain
+        elif self._device.type != "cpu":  # PagePool holds its whole reservation: drop it, rebuild on activation
+            self._pool_state = pool.limit_state()
+            pool.close()
+            self._scheduler.pool = None
+            torch.cuda.empty_cache()
 
     def _move_weights(self, device: torch.device) -> None:
         if self._host_weights is None:
@@ -174,20 +271,44 @@ class Engine:
         else:
             self._host_weights.to_device(device)
 
-    def set_memory_limit(self, nbytes: int) -> None:
+    def set_memory_limit(self, nbytes: int, revision: int | None = None) -> MemoryLimitState:
+        """Sets the KV memory limit. Limits apply in revision order (an older
+        revision is ignored: status "stale"); None takes the next revision.
+        A limit below the mapped memory is "deferred": the engine preempts its
+        newest requests at the next step until the pool fits."""
+        if nbytes < 0:
+            raise InvalidRequestError(f"the memory limit must be non-negative, got {nbytes}")
         with self._lock:
-            self._scheduler.memory_limit_bytes = int(nbytes)
+            pool = self._scheduler.pool
+            if pool is None:  # deactivated without an elastic pool: applies at activation
+                current = self._pool_state
+                rev = current.revision + 1 if revision is None else revision
+                if rev > current.revision:
+                    self._pool_state = MemoryLimitState("applied", int(nbytes), int(nbytes), 0, rev)
+                    return self._pool_state
+                return MemoryLimitState("stale", current.limit_bytes, current.effective_limit_bytes, 0,
+                                        current.revision)
+            rev = pool.limit_state().revision + 1 if revision is None else revision
+            state = pool.set_memory_limit(int(nbytes), rev)
             self._lock.notify_all()
+        log.info("engine %s: memory limit %.1f MB (revision %d): %s", self.name, nbytes / 1e6, rev, state.status)
+        return state
 
     def stats(self) -> EngineStats:
         with self._lock:
             s = self._scheduler
+            pool = s.pool
+            state = pool.limit_state() if pool is not None else self._pool_state
             return EngineStats(
                 running_requests=len(s.running),
                 queued_requests=len(s.waiting),
-                kv_used_bytes=s.kv_used_bytes,
-                memory_limit_bytes=s.memory_limit_bytes,
+                kv_used_bytes=pool.used_bytes if pool is not None else 0,
+                memory_limit_bytes=state.limit_bytes,
                 weight_bytes=self.weight_bytes,
+                kv_mapped_bytes=state.mapped_bytes,
+                kv_free_tokens=pool.free_tokens if pool is not None else 0,
+                memory_limit_revision=state.revision,
+                memory_limit_status=state.status,
             )
 
     # ---- requests ---------------------------------------------------------
@@ -262,7 +383,7 @@ class Engine:
                 raise CapacityError(
                     f"prompt has {seq.num_prompt} tokens: with one more that needs "
                     f"{(seq.num_prompt + 1) * self.kv_bytes_per_token} bytes of KV cache, over the engine's "
-                    f"memory limit of {self._scheduler.memory_limit_bytes} bytes")
+                    f"memory limit of {self._scheduler.pool.limit_state().effective_limit_bytes} bytes")
             self._scheduler.add(seq)
             self._lock.notify_all()
         log.info("queued: %d prompt tokens, max_tokens %d", seq.num_prompt, seq.max_tokens, extra=_rlog(seq))
@@ -306,10 +427,13 @@ class Engine:
     # ---- the step loop (engine thread) ------------------------------------
 
     def _remove(self, seq: Sequence) -> None:
-        """Under _lock: the sequence leaves the engine and frees its KV."""
+        """Under _lock: the sequence leaves the engine and frees its KV (after
+        the running step, if the step computes it)."""
         seq.finished = True
-        self._scheduler.remove(seq)
-        seq.cache = None
+        if seq in self._in_step:
+            self._free_after_step.append(seq)
+        else:
+            self._scheduler.remove(seq)
 
     def _fail(self, seq: Sequence, error: BaseException) -> None:
         if not seq.finished:
@@ -333,8 +457,10 @@ class Engine:
                 self._step()
             except Exception as exc:  # never leave consumers waiting on a dead step
                 log.exception("engine %s: step failed", self.name)
+                message = f"step failed: {type(exc).__name__}: {exc}"
                 with self._lock:
-                    self._fail_all(lambda: EngineError(f"step failed: {type(exc).__name__}: {exc}"))
+                    self._end_step()
+                    self._fail_all(lambda: EngineError(message))
         log.info("engine %s: step loop ended", self.name)
 
     def _step(self) -> None:
@@ -344,51 +470,66 @@ class Engine:
                 log.info("preempted at %d tokens (KV limit)", len(seq.token_ids), extra=_rlog(seq))
             for seq in result.too_big:
                 self._too_big(seq)
-            plan = []
-            for seq in result.batch:
-                if seq.cache is None:
-                    seq.cache = SequenceKVCache(self.config.num_hidden_layers, self.config.num_key_value_heads,
-                                                self.config.head_dim, self.max_context, self.dtype, self._device)
-                plan.append((seq, seq.cache, seq.num_cached, seq.token_ids[seq.num_cached:]))
-        if not plan:
-            return
+            plan = result.batch
+            self._in_step = {item.seq for item in plan}
         try:
-            tokens = self._forward(plan)
+            tokens = self._forward(plan, result.num_decode) if plan else []
         except Exception as exc:  # e.g. out of device memory: these requests fail, the engine goes on
             log.exception("engine %s: forward of %d sequences failed", self.name, len(plan))
             with self._lock:
-                for seq, *_ in plan:
-                    self._fail(seq, EngineError(f"forward failed: {type(exc).__name__}: {exc}"))
+                self._end_step()
+                for item in plan:
+                    self._fail(item.seq, EngineError(f"forward failed: {type(exc).__name__}: {exc}"))
             return
-        if tokens is None:
-            return  # stopped meanwhile; stop() has failed the requests
         with self._lock:
-            for (seq, cache, start, new), token in zip(plan, tokens):
-                if seq.finished or seq.cache is not cache:
+            self._end_step()
+            if tokens is None:
+                return  # stopped meanwhile; stop() has failed the requests
+            sampled = iter(tokens)
+            for item in plan:
+                token = next(sampled) if item.samples else None
+                if item.seq.finished:
                     continue  # aborted or failed while the step ran
-                seq.num_cached = start + len(new)
-                self._append_token(seq, token)
+                item.seq.num_cached = item.start + item.count
+                if token is not None:
+                    self._append_token(item.seq, token)
 
-    def _forward(self, plan: list[tuple[Sequence, SequenceKVCache, int, list[int]]]) -> list[int] | None:
-        """One model step over the planned sequences' new tokens; one sampled token each."""
+    def _end_step(self) -> None:
+        """Under _lock: frees what was aborted while the step ran."""
+        self._in_step = set()
+        for seq in self._free_after_step:
+            self._scheduler.remove(seq)
+        self._free_after_step = []
+
+    def _forward(self, plan: list[ScheduledSeq], num_decode: int) -> list[int] | None:
+        """One model step over the planned tokens; a sampled token for each
+        sequence whose step reaches its last token."""
         with self._model_lock, torch.inference_mode():
-            if self._model is None:
+            if self._model is None or self._scheduler.pool is None:
                 return None
-            input_ids, positions, spans = [], [], []
-            for _, cache, start, new in plan:
-                cache.ensure_capacity(start + len(new))
-                spans.append(KVSpan(cache, start, len(new)))
-                input_ids.extend(new)
-                positions.extend(range(start, start + len(new)))
+            input_ids, positions, spans, logits_at = [], [], [], []
+            for item in plan:
+                seq = item.seq
+                input_ids.extend(seq.token_ids[item.start:item.start + item.count])
+                positions.extend(range(item.start, item.start + item.count))
+                spans.append((item.start, item.count, seq.slots))
+                if item.samples:
+                    logits_at.append(len(input_ids) - 1)
+            step = build_step_attention(spans, num_decode, self._device, self._use_triton)
             logits = self._model(torch.tensor(input_ids, device=self._device),
-                                 torch.tensor(positions, device=self._device), spans)
-            return sample_batch(logits, [seq.sampling for seq, *_ in plan], [seq.generator for seq, *_ in plan])
+                                 torch.tensor(positions, device=self._device), self._scheduler.pool, step,
+                                 torch.tensor(logits_at, dtype=torch.long, device=self._device))
+            samplers = [item.seq for item in plan if item.samples]
+            if not samplers:
+                return []
+            return sample_batch(logits, [seq.sampling for seq in samplers], [seq.generator for seq in samplers])
 
     def _too_big(self, seq: Sequence) -> None:
         """The limit shrank below what this sequence needs even alone."""
         if seq.num_output == 0:
+            limit = self._scheduler.pool.limit_state().effective_limit_bytes
             self._fail(seq, CapacityError(f"request needs {(len(seq.token_ids) + 1) * self.kv_bytes_per_token} bytes "
-                                          f"of KV cache, over the engine's memory limit of {self._scheduler.memory_limit_bytes}"))
+                                          f"of KV cache, over the engine's memory limit of {limit}"))
         else:
             log.warning("KV limit reached: ending at %d tokens", len(seq.token_ids), extra=_rlog(seq))
             self._emit(seq, "length")

@@ -35,5 +35,9 @@ class EngineStats:
     running_requests: int
     queued_requests: int
     kv_used_bytes: int
-    memory_limit_bytes: int
+    memory_limit_bytes: int  # as last set
     weight_bytes: int
+    kv_mapped_bytes: int = 0  # physical KV memory the pool holds (whole pages)
+    kv_free_tokens: int = 0  # token slots that can still be allocated under the limit
+    memory_limit_revision: int = 0
+    memory_limit_status: str = "applied"  # or "deferred": mapped is above the limit until requests end

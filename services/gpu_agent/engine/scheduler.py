@@ -1,57 +1,77 @@
-"""Which sequences run in the next step, under the KV memory limit.
+"""Continuous batching: which sequences run in the next step, and how many of
+their tokens, under a per-step token budget and the KV pool's memory limit.
 
-KV is counted in token slots (bytes = slots * kv_bytes_per_token). A waiting
-sequence is admitted, first come first served, when its tokens plus one more
-fit. A running sequence grows by one slot per step; if the limit does not
-allow that, the most recently admitted sequence is preempted: its KV is
-dropped and it waits at the head of the queue to be recomputed, keeping the
-tokens it generated. Not thread safe: the engine holds its lock around every
-call."""
+Every step, sequences join and leave the batch:
+1. If the pool holds more memory than its (lowered) limit allows, the most
+   recently admitted sequences are preempted until it does not.
+2. Decoding sequences, oldest first, each get one slot for their new token.
+3. Sequences part-way through a prefill continue with their next chunk.
+4. Waiting sequences are admitted first come, first served, with a first
+   chunk of their prompt, while the budget and the pool allow.
+A sequence that cannot get a slot preempts the newest running sequence (its
+slots are freed and it waits at the head of the queue to be recomputed,
+keeping the tokens it generated) or, if it is the newest, itself. Nothing is
+failed for lack of memory unless a sequence could not fit even alone.
+
+Not thread safe: the engine holds its lock around every call."""
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
 
+from services.gpu_agent.engine.kv_pool import KVPool
 from services.gpu_agent.engine.sequence import Sequence
+
+DEFAULT_STEP_TOKENS = 512
+DEFAULT_MAX_RUNNING = 256
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    start: int  # first new position (= tokens already cached)
+    count: int  # new tokens this step
+
+    @property
+    def samples(self) -> bool:
+        """The step reaches the sequence's last token, so it samples the next."""
+        return self.start + self.count == len(self.seq.token_ids)
 
 
 @dataclass
 class ScheduleResult:
-    batch: list[Sequence] = field(default_factory=list)  # run these now
+    batch: list[ScheduledSeq] = field(default_factory=list)  # decoding ones first
     too_big: list[Sequence] = field(default_factory=list)  # cannot fit even alone; removed
     preempted: list[Sequence] = field(default_factory=list)  # moved back to waiting
 
+    @property
+    def num_decode(self) -> int:
+        return sum(1 for s in self.batch if s.count == 1 and s.start > 0 and s.samples)
+
 
 class Scheduler:
-    def __init__(self, kv_bytes_per_token: int, memory_limit_bytes: int, max_running: int = 256):
-        self.kv_bytes_per_token = kv_bytes_per_token
-        self.memory_limit_bytes = memory_limit_bytes
+    def __init__(self, pool: KVPool, step_tokens: int = DEFAULT_STEP_TOKENS, max_running: int = DEFAULT_MAX_RUNNING):
+        if step_tokens < 1:
+            raise ValueError(f"the step token budget must be at least 1, got {step_tokens}")
+        self.pool = pool
+        self.step_tokens = step_tokens
         self.max_running = max_running
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
-        self.reserved_tokens = 0
-
-    @property
-    def limit_tokens(self) -> int:
-        return self.memory_limit_bytes // self.kv_bytes_per_token
-
-    @property
-    def kv_used_bytes(self) -> int:
-        return self.reserved_tokens * self.kv_bytes_per_token
+        self.running: list[Sequence] = []  # in admission order: the newest is last
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def fits_alone(self, num_tokens: int) -> bool:
-        """Whether a sequence of num_tokens (and one more) can ever be admitted."""
-        return num_tokens + 1 <= self.limit_tokens
+        """Whether a sequence of num_tokens and one more token fits under the limit by itself."""
+        return num_tokens + 1 <= self.pool.limit_tokens
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def remove(self, seq: Sequence) -> None:
-        """Takes a sequence out (finished or aborted) and frees its KV."""
+        """Takes a sequence out (finished or aborted) and frees its slots."""
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -59,57 +79,76 @@ class Scheduler:
         self._release(seq)
 
     def _release(self, seq: Sequence) -> None:
-        self.reserved_tokens -= seq.reserved_tokens
-        seq.reserved_tokens = 0
+        self.pool.free(seq.slots)
+        seq.slots = []
+        seq.num_cached = 0
 
     def _preempt(self, seq: Sequence, result: ScheduleResult) -> None:
         self.running.remove(seq)
         self._release(seq)
-        seq.drop_cache()
+        seq.preemptions += 1
         self.waiting.appendleft(seq)
         result.preempted.append(seq)
+        result.batch = [s for s in result.batch if s.seq is not seq]
 
-    def _admit(self, result: ScheduleResult) -> None:
-        while self.waiting and len(self.running) < self.max_running:
-            seq = self.waiting[0]
-            need = len(seq.token_ids) + 1
-            if not self.fits_alone(len(seq.token_ids)):
-                self.waiting.popleft()
-                result.too_big.append(seq)
-                continue
-            if self.reserved_tokens + need > self.limit_tokens:
-                break  # first come first served: nobody overtakes the head
-            self.waiting.popleft()
-            seq.reserved_tokens = need
-            self.reserved_tokens += need
-            self.running.append(seq)
-
-    def _grow(self, seq: Sequence, result: ScheduleResult) -> bool:
-        """Reserves slots for all of seq's tokens; False if seq itself had to go."""
-        extra = len(seq.token_ids) - seq.reserved_tokens
-        if extra <= 0:
-            return True
-        if not self.fits_alone(len(seq.token_ids) - 1):
-            self.running.remove(seq)
-            self._release(seq)
-            result.too_big.append(seq)
-            return False
-        while self.reserved_tokens + extra > self.limit_tokens:
+    def _reserve(self, seq: Sequence, count: int, result: ScheduleResult) -> bool:
+        """Slots for seq's next `count` tokens, preempting newer sequences if
+        needed; False if seq itself had to go."""
+        need = seq.num_cached + count - len(seq.slots)
+        while True:
+            slots = self.pool.alloc(need) if need > 0 else []
+            if slots is not None:
+                seq.slots.extend(slots)
+                return True
             victim = self.running[-1]
             self._preempt(victim, result)
             if victim is seq:
                 return False
-        seq.reserved_tokens += extra
-        self.reserved_tokens += extra
-        return True
 
     def schedule(self) -> ScheduleResult:
         result = ScheduleResult()
-        # A lowered limit takes effect now, not only when sequences grow.
-        while self.running and self.reserved_tokens > self.limit_tokens:
+        # 1. A lowered limit takes effect now, not only when sequences grow.
+        while self.running and self.pool.over_limit:
             self._preempt(self.running[-1], result)
-        self._admit(result)
-        for seq in list(self.running):
-            if seq in self.running and self._grow(seq, result):
-                result.batch.append(seq)
+        budget = self.step_tokens
+        # 2, 3: running sequences, decoding ones first (they cost one token each).
+        for seq in sorted(self.running, key=lambda s: not s.decoding):
+            if budget == 0:
+                break
+            if seq not in self.running:
+                continue  # preempted for an older sequence this step
+            if not self.fits_alone(len(seq.token_ids)):
+                self.running.remove(seq)
+                self._release(seq)
+                result.too_big.append(seq)
+                continue
+            count = min(seq.num_uncached, budget)
+            if self._reserve(seq, count, result):
+                result.batch.append(ScheduledSeq(seq, seq.num_cached, count))
+                budget -= count
+        # 4. Admission, first come first served: nobody overtakes the head.
+        while self.waiting and budget > 0 and len(self.running) < self.max_running and not self.pool.over_limit:
+            seq = self.waiting[0]
+            if not self.fits_alone(len(seq.token_ids)):
+                self.waiting.popleft()
+                result.too_big.append(seq)
+                continue
+            if seq in result.preempted:
+                break  # it just lost its memory: not back in the same step
+            count = min(seq.num_uncached, budget)
+            # Keep a slot free for each decoding sequence's next token, so
+            # admitting does not force a preemption on the very next step.
+            headroom = sum(1 for s in self.running if s.decoding)
+            if self.pool.free_tokens < count + headroom:
+                break
+            slots = self.pool.alloc(count)
+            if slots is None:
+                break
+            self.waiting.popleft()
+            seq.slots = slots
+            self.running.append(seq)
+            result.batch.append(ScheduledSeq(seq, 0, count))
+            budget -= count
+        decoding = [s for s in result.batch if s.count == 1 and s.start > 0 and s.samples]
+        result.batch = decoding + [s for s in result.batch if not (s.count == 1 and s.start > 0 and s.samples)]
         return result

@@ -1,5 +1,5 @@
-"""One request's state inside the engine: its tokens, how many of them are in
-its KV cache, its KV reservation, and the text streamed so far."""
+"""One request's state inside the engine: its tokens, how many of them have
+their KV in the pool, the pool slots they hold, and the text streamed so far."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 import torch
 
 from services.gpu_agent.engine.detokenizer import IncrementalDetokenizer
-from services.gpu_agent.engine.kv_cache import SequenceKVCache
 from services.gpu_agent.engine.request import GenerationOutput
 from services.gpu_agent.engine.sampling import SamplingParams
 
@@ -30,9 +29,10 @@ class Sequence:
     generator: torch.Generator | None
     deliver: Deliver
     token_ids: list[int] = field(default_factory=list)  # prompt + output
-    num_cached: int = 0  # leading token_ids whose KV is in `cache`
-    reserved_tokens: int = 0  # KV slots counted against the memory limit
-    cache: SequenceKVCache | None = None
+    num_cached: int = 0  # leading token_ids whose KV is in the pool
+    # Pool slots of token_ids[0], [1], ...: the cached ones and those being computed this step.
+    slots: list[int] = field(default_factory=list)
+    preemptions: int = 0
     text: str = ""  # output text so far, cut at a stop string
     sent_chars: int = 0  # text[:sent_chars] has been delivered
     unsent_ids: list[int] = field(default_factory=list)
@@ -49,7 +49,11 @@ class Sequence:
     def num_output(self) -> int:
         return len(self.token_ids) - len(self.prompt_ids)
 
-    def drop_cache(self) -> None:
-        """Forget the KV (preemption): a later prefill recomputes it from token_ids."""
-        self.cache = None
-        self.num_cached = 0
+    @property
+    def num_uncached(self) -> int:
+        return len(self.token_ids) - self.num_cached
+
+    @property
+    def decoding(self) -> bool:
+        """Its prompt (and any recomputed output) is in the pool: one new token a step."""
+        return self.num_cached > 0 and self.num_uncached == 1

@@ -1,0 +1,105 @@
+"""The KV pool on CUDA: kvcached's virtual KV tensors, whose physical pages
+are mapped through CUDA's virtual memory API as slots are allocated and
+unmapped as they are freed, so an engine holds only the GPU memory its
+sequences use, under a limit set at run time.
+
+kvcached keeps one set of virtual tensors per (process, group id); each
+engine in the process takes its own group id. Its page allocator works in
+2 MiB pages of each layer's K and V tensor, like PagePool (kv_pool.py), which
+mirrors these semantics on the CPU. Calls follow
+kvcached.integration.sglang.interfaces (kvcached 0.1.6)."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import torch
+
+from services.gpu_agent.engine.kv_pool import KVGeometry, KVPool, MemoryLimitState
+
+_next_group = itertools.count()
+_init_lock = threading.Lock()
+
+
+def kvcached_available() -> bool:
+    try:
+        import kvcached.integration.sglang.interfaces  # noqa: F401
+    except Exception:  # ImportError, or a broken native build
+        return False
+    return torch.cuda.is_available()
+
+
+class KvcachedPool(KVPool):
+    def __init__(self, geometry: KVGeometry, capacity_tokens: int, limit_bytes: int, device: torch.device | str):
+        from kvcached.integration.sglang import interfaces as kvi
+        from kvcached.utils import PAGE_SIZE
+
+        self.geometry = geometry
+        self.device = torch.device(device)
+        self.group_id = next(_next_group)
+        with _init_lock:
+            kvi.init_kvcached(device=str(self.device))
+        shape = (capacity_tokens, geometry.num_kv_heads, geometry.head_dim)
+        self.k_buffers, self.v_buffers = kvi.alloc_kv_cache(
+            shape, geometry.dtype, str(self.device), geometry.num_layers,
+            page_size=1, attention_type="GQA", group_id=self.group_id)
+        # kvcached sizes the virtual tensors to the whole GPU; use what it gave.
+        self.capacity_tokens = self.k_buffers[0].shape[0]
+        self.tokens_per_page = PAGE_SIZE // geometry.slot_bytes_per_buffer
+        self._manager = kvi.get_kv_cache_manager(
+            self.capacity_tokens, 1, geometry.slot_bytes_per_buffer, geometry.num_layers,
+            group_id=self.group_id, pool_name=f"prism-{self.group_id}")
+        self._used_tokens = 0
+        self.set_memory_limit(limit_bytes, 0)
+
+    def alloc(self, n: int) -> list[int] | None:
+        if n <= 0:
+            return []
+        if self._manager.available_size() < n:
+            return None  # asked first: kvcached logs a warning for every failed alloc
+        slots = self._manager.alloc(n)
+        if slots is not None:
+            self._used_tokens += n
+        return slots
+
+    def free(self, slots: list[int]) -> None:
+        if slots:
+            self._manager.free(list(slots))
+            self._used_tokens -= len(slots)
+
+    def set_memory_limit(self, limit_bytes: int, revision: int) -> MemoryLimitState:
+        return self._to_state(self._manager.set_memory_limit(int(limit_bytes), revision=int(revision)))
+
+    def limit_state(self) -> MemoryLimitState:
+        return self._to_state(self._manager.memory_limit_state())
+
+    @staticmethod
+    def _to_state(raw: dict) -> MemoryLimitState:
+        status = raw["status"]
+        if status == "rejected":  # quarantined pages (a failed unmap) block the shrink: still waiting
+            status = "deferred"
+        return MemoryLimitState(status, int(raw["limit_bytes"] or 0), int(raw["effective_limit_bytes"] or 0),
+                                int(raw["mapped_bytes"]), int(raw["revision"]))
+
+    @property
+    def used_tokens(self) -> int:
+        return self._used_tokens
+
+    @property
+    def free_tokens(self) -> int:
+        return int(self._manager.available_size())
+
+    @property
+    def bundle_bytes(self) -> int:
+        return self.tokens_per_page * self.geometry.token_bytes
+
+    def trim(self) -> None:
+        """Unmaps the pages kvcached pre-maps for fast allocation."""
+        self._manager.trim()
+
+    def close(self) -> None:
+        self.k_buffers, self.v_buffers = [], []
+        close = getattr(self._manager, "shutdown", None) or getattr(self._manager, "clear", None)
+        if close is not None:
+            close()

@@ -1,0 +1,136 @@
+"""Attention over the paged KV pool for one engine step.
+
+A step runs several sequences at once: decoding sequences (one new token
+each) first, then prefill chunks (several new tokens each). Every new
+token's key and value are written to its slot in the pool; each sequence's
+queries then attend to all its slots so far, in token order.
+
+Two paths: plain torch (gather the sequence's slots, then scaled dot-product
+attention), which runs anywhere; and, on CUDA, one Triton kernel for all the
+decoding sequences of the step (triton_decode.py), which reads the slots in
+place instead of gathering them."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# enable_gqa (torch >= 2.5) lets query heads share kv heads without copying them.
+_SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
+# Not cuDNN attention on CUDA: it builds a graph for every new key length, so
+# decoding (one longer each step) measured 3x slower per step than flash on an H100.
+_CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+@dataclass
+class SeqSpan:
+    """One sequence's new tokens in a step: they sit at positions
+    [start, start + count) and attend to positions [0, start + count),
+    whose KV slots are `slots` (int64, on the device)."""
+
+    start: int
+    count: int
+    slots: torch.Tensor
+
+
+@dataclass
+class StepAttention:
+    """What attention needs for one step, built once and used by every layer."""
+
+    slot_mapping: torch.Tensor  # [new tokens] int64: where each new token's K/V goes
+    spans: list[SeqSpan]  # decoding spans (count 1) first, then prefill chunks
+    num_decode: int  # how many leading spans are decoding
+    # For the Triton decode kernel, when it is used: [num_decode, longest] int32 slots and their lengths.
+    decode_slot_table: torch.Tensor | None = None
+    decode_seq_lens: torch.Tensor | None = None
+
+    def sdpa_context(self, device: torch.device):
+        return sdpa_kernel(_CUDA_SDPA_BACKENDS) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def build_step_attention(spans: list[tuple[int, int, list[int]]], num_decode: int, device: torch.device,
+                         use_triton: bool) -> StepAttention:
+    """spans: (start, count, slots of positions 0..start+count) per sequence,
+    decoding ones first. Each index tensor is built from host lists and moved
+    to the device in one transfer."""
+    new_slots = [slot for start, count, slots in spans for slot in slots[start:start + count]]
+    step = StepAttention(_to_device(new_slots, torch.int64, device), [], num_decode)
+    torch_from = 0
+    if use_triton and num_decode:
+        torch_from = num_decode
+        longest = max(start + 1 for start, _, _ in spans[:num_decode])
+        table = [slots[:start + 1] + [0] * (longest - start - 1) for start, _, slots in spans[:num_decode]]
+        step.decode_slot_table = _to_device(table, torch.int32, device)
+        step.decode_seq_lens = _to_device([start + 1 for start, _, _ in spans[:num_decode]], torch.int32, device)
+    # Every torch-path span's slots in one tensor; each span takes a slice of it.
+    flat = [slot for start, count, slots in spans[torch_from:] for slot in slots[:start + count]]
+    all_slots = _to_device(flat, torch.int64, device)
+    offset = 0
+    for start, count, _ in spans:
+        if len(step.spans) < torch_from:  # served by the kernel: no gather needed
+            step.spans.append(SeqSpan(start, count, all_slots[:0]))
+            continue
+        step.spans.append(SeqSpan(start, count, all_slots[offset:offset + start + count]))
+        offset += start + count
+    return step
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def write_kv(k_buffer: torch.Tensor, v_buffer: torch.Tensor, step: StepAttention,
+             k: torch.Tensor, v: torch.Tensor) -> None:
+    """k, v: [new tokens, kv_heads, head_dim] into their slots."""
+    k_buffer[step.slot_mapping] = k
+    v_buffer[step.slot_mapping] = v
+
+
+def paged_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+                    step: StepAttention) -> torch.Tensor:
+    """q: [new tokens, heads, head_dim], in the order of step.spans. Returns the same shape."""
+    out = torch.empty_like(q)
+    first_prefill = 0
+    if step.decode_slot_table is not None:
+        from services.gpu_agent.engine.triton_decode import paged_decode_attention
+
+        first_prefill = step.num_decode
+        out[:first_prefill] = paged_decode_attention(
+            q[:first_prefill], k_buffer, v_buffer, step.decode_slot_table, step.decode_seq_lens,
+            q.shape[-1] ** -0.5)
+    offset = first_prefill
+    for span in step.spans[first_prefill:]:
+        end = offset + span.count
+        out[offset:end] = _attend_span(q[offset:end], k_buffer, v_buffer, span)
+        offset = end
+    return out
+
+
+def _attend_span(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, span: SeqSpan) -> torch.Tensor:
+    """q: [count, heads, head_dim] -> [count, heads, head_dim], with torch's SDPA."""
+    # [1, kv_heads, tokens, head_dim]: 4-D, so CUDA can pick its fused kernels.
+    keys = k_buffer[span.slots].transpose(0, 1).unsqueeze(0)
+    values = v_buffer[span.slots].transpose(0, 1).unsqueeze(0)
+    query = q.transpose(0, 1).unsqueeze(0)
+    group = q.shape[1] // keys.shape[1]
+    gqa = {}
+    if group > 1:
+        if _SDPA_HAS_GQA:
+            gqa = {"enable_gqa": True}
+        else:
+            keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+    if span.count == 1:
+        out = F.scaled_dot_product_attention(query, keys, values, **gqa)
+    elif span.start == 0:
+        out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, **gqa)
+    else:
+        # New token i sits at position start + i and sees keys 0..start + i.
+        key_pos = torch.arange(span.start + span.count, device=q.device)
+        query_pos = torch.arange(span.start, span.start + span.count, device=q.device)
+        mask = key_pos[None, :] <= query_pos[:, None]
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, **gqa)
+    return out[0].transpose(0, 1)

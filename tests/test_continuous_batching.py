@@ -1,0 +1,261 @@
+"""Continuous batching over the paged KV pool: the scheduler on its own (with
+a real PagePool), then the engine: batched, chunked and preempted runs give
+the same greedy tokens as the reference, the limit can shrink mid-generation
+without losing a request, KV accounting returns to zero, cancellation frees
+slots, and a deactivate/activate round trip changes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+import torch
+
+from prism.tiny_models import write_tiny_model
+from services.gpu_agent.engine import Engine, GenerationRequest
+from services.gpu_agent.engine.kv_pool import KVGeometry, PagePool
+from services.gpu_agent.engine.sampling import SamplingParams
+from services.gpu_agent.engine.scheduler import Scheduler
+from services.gpu_agent.engine.sequence import Sequence
+from tests.reference_llama import ReferenceLlama
+
+GEOMETRY = KVGeometry(num_layers=2, num_kv_heads=2, head_dim=16, dtype=torch.float32)
+SLOT = 128  # bytes of one token in one buffer: a page of SLOT bytes holds one token
+
+
+# ---- the scheduler ----------------------------------------------------------------
+
+
+def seq(name: str, prompt_len: int) -> Sequence:
+    return Sequence(request_id=name, prompt_ids=[1] * prompt_len, max_tokens=100, sampling=SamplingParams(0.0),
+                    stop=[], ignore_eos=True, detokenizer=None, generator=None, deliver=lambda out: True)
+
+
+def scheduler(limit_tokens: int, step_tokens: int = 64, page_tokens: int = 1) -> Scheduler:
+    pool = PagePool(GEOMETRY, 256, limit_tokens * GEOMETRY.token_bytes, "cpu", page_bytes=page_tokens * SLOT)
+    return Scheduler(pool, step_tokens=step_tokens)
+
+
+def run_step(sched: Scheduler) -> list[tuple[str, int, int]]:
+    """Schedules, then does what the engine does after the forward."""
+    result = sched.schedule()
+    for item in result.batch:
+        item.seq.num_cached = item.start + item.count
+        if item.samples:
+            item.seq.token_ids.append(2)
+    return [(item.seq.request_id, item.start, item.count) for item in result.batch]
+
+
+def test_admits_in_order_and_preempts_the_newest():
+    sched = scheduler(limit_tokens=12)
+    a, b, c = seq("a", 4), seq("b", 4), seq("c", 4)
+    for s in (a, b, c):
+        sched.add(s)
+    # c's 4 slots would leave no headroom for a's and b's next tokens... but they are
+    # not decoding yet, so all three are admitted.
+    assert run_step(sched) == [("a", 0, 4), ("b", 0, 4), ("c", 0, 4)]
+    assert sched.pool.used_tokens == 12
+    # Each now needs one more slot: none is free, so the newest (c) goes back,
+    # and frees enough for a and b.
+    result = sched.schedule()
+    assert result.preempted == [c] and [i.seq for i in result.batch] == [a, b]
+    assert list(sched.waiting) == [c] and c.num_cached == 0 and c.slots == [] and c.preemptions == 1
+    assert sched.pool.used_tokens == 10
+
+
+def test_decoding_first_then_chunks_under_the_token_budget():
+    sched = scheduler(limit_tokens=100, step_tokens=6)
+    a, b = seq("a", 3), seq("b", 10)
+    sched.add(a)
+    sched.add(b)
+    assert run_step(sched) == [("a", 0, 3), ("b", 0, 3)]  # a whole, b's first chunk
+    assert run_step(sched) == [("a", 3, 1), ("b", 3, 5)]  # a decodes first, b continues
+    assert run_step(sched) == [("a", 4, 1), ("b", 8, 2)]  # b's last chunk samples
+    assert b.token_ids[-1] == 2 and len(b.token_ids) == 11
+    assert run_step(sched) == [("a", 5, 1), ("b", 10, 1)]
+    assert sched.pool.used_tokens == len(a.token_ids) + len(b.token_ids) - 2  # the newest tokens are not yet cached
+
+
+def test_admission_keeps_headroom_for_decoding_sequences():
+    sched = scheduler(limit_tokens=10)
+    a = seq("a", 5)
+    sched.add(a)
+    run_step(sched)
+    sched.add(seq("b", 4))  # 4 free slots, but a needs one for its next token
+    assert run_step(sched) == [("a", 5, 1)]
+    assert [s.request_id for s in sched.waiting] == ["b"]
+
+
+def test_a_lowered_limit_preempts_until_the_pool_fits():
+    sched = scheduler(limit_tokens=64, page_tokens=4)
+    seqs = [seq(n, 6) for n in "abcd"]
+    for s in seqs:
+        sched.add(s)
+    run_step(sched)  # 4 x 6 slots: 8 pages of 4 (each sequence's slots fill whole pages and halves)
+    state = sched.pool.set_memory_limit(10 * GEOMETRY.token_bytes, revision=1)  # two pages
+    assert state.status == "deferred"
+    result = sched.schedule()
+    assert result.preempted[:2] == [seqs[3], seqs[2]]  # newest first
+    assert not sched.pool.over_limit
+    assert [i.seq for i in result.batch] == sched.running
+    assert sched.pool.limit_state().status == "applied"
+
+
+def test_a_sequence_that_cannot_fit_alone_is_too_big():
+    sched = scheduler(limit_tokens=5)
+    a = seq("a", 5)
+    sched.add(a)
+    result = sched.schedule()
+    assert result.too_big == [a] and not sched.has_work()
+
+
+def test_removal_frees_everything():
+    sched = scheduler(limit_tokens=20)
+    a, b = seq("a", 5), seq("b", 5)
+    sched.add(a)
+    sched.add(b)
+    run_step(sched)
+    sched.remove(a)
+    sched.remove(b)
+    assert sched.pool.used_tokens == 0 and sched.pool.mapped_bytes == 0 and not sched.has_work()
+
+
+# ---- the engine -------------------------------------------------------------------
+
+PROMPTS = ["Hello world", "The cache of the model is", "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20",
+           "a", "café 🙂 naïve 日本語", "Once upon a time there was a model that", "x y z", "tokens " * 12]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("cb") / "llama", arch="llama")
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    return ReferenceLlama(model_dir)
+
+
+def greedy(prompt: str, max_tokens: int, request_id: str) -> GenerationRequest:
+    return GenerationRequest(request_id=request_id, prompt=prompt, max_tokens=max_tokens, temperature=0.0,
+                             ignore_eos=True)
+
+
+async def tokens_of(engine: Engine, req: GenerationRequest) -> list[int]:
+    return [t async for out in engine.generate(req) for t in out.token_ids]
+
+
+async def wait_idle(engine: Engine, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        s = engine.stats()
+        if s.kv_used_bytes == 0 and s.kv_mapped_bytes == 0 and s.running_requests == 0 and s.queued_requests == 0:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"engine not idle: {engine.stats()}")
+
+
+@pytest.fixture()
+def engine_factory(model_dir):
+    made: list[Engine] = []
+
+    def make(**kwargs) -> Engine:
+        engine = Engine(model_dir, **kwargs)
+        engine.start()
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in made:
+        engine.stop()
+
+
+async def test_batched_chunked_equals_one_at_a_time_and_the_reference(engine_factory, reference, caplog):
+    # A small step budget: long prompts are prefilled in several chunks while others decode.
+    engine = engine_factory(step_tokens=8, kv_page_bytes=4 * SLOT)
+    reqs = [greedy(p, 8 + 3 * i, f"b{i}") for i, p in enumerate(PROMPTS)]
+    alone = [await tokens_of(engine, r) for r in reqs]
+    most_running = 0
+
+    async def watch() -> None:
+        nonlocal most_running
+        while True:
+            most_running = max(most_running, engine.stats().running_requests)
+            await asyncio.sleep(0.001)
+
+    watcher = asyncio.create_task(watch())
+    together = await asyncio.gather(*(tokens_of(engine, r) for r in reqs))
+    watcher.cancel()
+    assert together == alone
+    for req, out in zip(reqs, together):
+        assert out == reference.greedy(engine.tokenize_prompt(req), req.max_tokens), req.request_id
+    assert most_running > 2
+    await wait_idle(engine)
+
+
+async def test_shrinking_the_limit_mid_generation_preempts_and_completes_all(engine_factory, reference, caplog):
+    engine = engine_factory(step_tokens=32, kv_page_bytes=4 * SLOT)
+    reqs = [greedy(p, 40, f"s{i}") for i, p in enumerate(PROMPTS)]
+    longest = max(len(engine.tokenize_prompt(r)) for r in reqs) + 40
+    seen_deferred, over = [], []
+
+    async def squeeze() -> None:
+        # Room for the longest request alone and a little more: most must wait.
+        limit = (longest + 8) * engine.kv_bytes_per_token
+        while engine.stats().kv_mapped_bytes <= limit:
+            await asyncio.sleep(0.0005)
+        state = engine.set_memory_limit(limit)
+        seen_deferred.append(state.status)
+        while True:  # from the next step on, mapped memory stays under the limit
+            s = engine.stats()
+            if s.memory_limit_status == "applied" and s.kv_mapped_bytes > s.memory_limit_bytes:
+                over.append(s)
+            await asyncio.sleep(0.001)
+
+    squeezer = asyncio.create_task(squeeze())
+    with caplog.at_level(logging.INFO, logger="services.gpu_agent.engine"):
+        results = await asyncio.gather(*(tokens_of(engine, r) for r in reqs))
+    squeezer.cancel()
+    assert seen_deferred == ["deferred"] and not over
+    assert any("preempted" in r.getMessage() for r in caplog.records)
+    for req, out in zip(reqs, results):
+        assert out == reference.greedy(engine.tokenize_prompt(req), 40), req.request_id
+    await wait_idle(engine)
+    # and it grows back
+    assert engine.set_memory_limit(1 << 20).status == "applied"
+    assert await tokens_of(engine, reqs[0]) == results[0]
+
+
+async def test_cancel_frees_slots_at_once(engine_factory):
+    engine = engine_factory(kv_page_bytes=4 * SLOT)
+    streams = [engine.generate(greedy(p, 200, f"c{i}")) for i, p in enumerate(PROMPTS[:4])]
+    for stream in streams:
+        await stream.__anext__()
+    assert engine.stats().kv_used_bytes > 0
+    for stream in streams:
+        await stream.aclose()
+    await wait_idle(engine, timeout=1.0)
+    free_after = engine.stats().kv_free_tokens
+    assert free_after == engine.stats().memory_limit_bytes // (4 * engine.kv_bytes_per_token) * 4
+
+
+async def test_deactivate_activate_round_trip_gives_identical_outputs(engine_factory):
+    engine = engine_factory()
+    reqs = [greedy(p, 12, f"d{i}") for i, p in enumerate(PROMPTS[:3])]
+    before = await asyncio.gather(*(tokens_of(engine, r) for r in reqs))
+    engine.deactivate()
+    assert not engine.active and engine.stats().kv_mapped_bytes == 0
+    engine.activate()
+    after = await asyncio.gather(*(tokens_of(engine, r) for r in reqs))
+    assert after == before
+    await wait_idle(engine)
+
+
+async def test_limit_revisions_through_the_engine(engine_factory):
+    engine = engine_factory()
+    assert engine.set_memory_limit(1 << 20, revision=5).status == "applied"
+    assert engine.set_memory_limit(1 << 21, revision=4).status == "stale"
+    s = engine.stats()
+    assert s.memory_limit_bytes == 1 << 20 and s.memory_limit_revision == 5
+    assert engine.set_memory_limit(1 << 21).revision == 6  # None: the next revision

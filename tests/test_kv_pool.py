@@ -1,0 +1,118 @@
+"""PagePool: the CPU KV pool with kvcached's semantics (pages mapped on
+allocation and unmapped when empty, a revisioned limit on mapped bytes,
+deferred shrinks), and its host memory really going back to the kernel."""
+
+from __future__ import annotations
+
+import mmap
+import sys
+
+import pytest
+import torch
+
+from services.gpu_agent.engine.kv_pool import KVGeometry, PagePool
+
+# 2 layers x 2 kv heads x 16 dims x 4 bytes = 128 bytes a slot in each buffer.
+GEOMETRY = KVGeometry(num_layers=2, num_kv_heads=2, head_dim=16, dtype=torch.float32)
+PAGE = 1024  # bytes of each buffer a page: 8 slots
+BUNDLE = 8 * GEOMETRY.token_bytes  # a page over 2 layers' K and V: 4 KiB
+
+
+def pool(capacity_tokens: int = 64, limit_bytes: int = 1 << 30) -> PagePool:
+    return PagePool(GEOMETRY, capacity_tokens, limit_bytes, "cpu", page_bytes=PAGE)
+
+
+def test_geometry_and_pages():
+    p = pool(capacity_tokens=60)
+    assert GEOMETRY.token_bytes == 512 and p.tokens_per_page == 8 and p.bundle_bytes == BUNDLE
+    assert p.capacity_tokens == 64  # rounded up to whole pages
+    assert p.k_buffers[0].shape == (64, 2, 16) and len(p.v_buffers) == 2
+    assert p.k_buffers[0].data_ptr() % mmap.PAGESIZE == 0
+
+
+def test_pages_are_mapped_on_alloc_and_unmapped_when_empty():
+    p = pool()
+    a = p.alloc(3)
+    assert len(a) == 3 and len(set(a)) == 3
+    assert p.used_tokens == 3 and p.mapped_bytes == BUNDLE
+    b = p.alloc(6)  # 5 more fit in the first page, then a second page
+    assert p.mapped_bytes == 2 * BUNDLE and p.used_bytes == 9 * GEOMETRY.token_bytes
+    assert not set(a) & set(b)
+    p.free(a)
+    assert p.mapped_bytes == 2 * BUNDLE  # page 0 still holds some of b
+    p.free(b)
+    assert p.used_tokens == 0 and p.mapped_bytes == 0
+    with pytest.raises(ValueError):
+        p.free([b[0]])  # a double free is a bug, not something to ignore
+
+
+def test_alloc_fails_whole_at_the_limit_or_the_reservation():
+    p = pool(capacity_tokens=32, limit_bytes=2 * BUNDLE + BUNDLE // 2)  # effective: 2 pages
+    assert p.limit_state().effective_limit_bytes == 2 * BUNDLE and p.limit_tokens == 16
+    assert p.free_tokens == 16
+    got = p.alloc(10)
+    assert p.alloc(7) is None and p.used_tokens == 10  # nothing taken by the failed call
+    assert p.free_tokens == 6 and len(p.alloc(6)) == 6
+    p.set_memory_limit(1 << 30, revision=1)
+    assert p.limit_state().effective_limit_bytes == 4 * BUNDLE  # capped at the reservation
+    assert p.alloc(17) is None and len(p.alloc(16)) == 16
+    assert p.free_tokens == 0
+    p.free(got)
+
+
+def test_limit_revisions():
+    p = pool()
+    assert p.set_memory_limit(BUNDLE, revision=3).status == "applied"
+    stale = p.set_memory_limit(8 * BUNDLE, revision=2)
+    assert stale.status == "stale" and stale.limit_bytes == BUNDLE and stale.revision == 3
+    assert p.set_memory_limit(BUNDLE, revision=3).status == "applied"  # the same again: no change
+    assert p.set_memory_limit(2 * BUNDLE, revision=3).status == "conflict"
+    assert p.limit_state().limit_bytes == BUNDLE
+    with pytest.raises(ValueError):
+        p.set_memory_limit(-1, revision=4)
+
+
+def test_shrink_below_mapped_is_deferred_until_frees():
+    p = pool()
+    a, b = p.alloc(8), p.alloc(8)  # two full pages
+    state = p.set_memory_limit(BUNDLE, revision=1)
+    assert state.status == "deferred" and state.mapped_bytes == 2 * BUNDLE and p.over_limit
+    assert p.alloc(1) is None and p.free_tokens == 0  # no new page while over
+    p.free(b)
+    assert not p.over_limit and p.limit_state().status == "applied"
+    p.free(a)
+
+
+def test_allocation_prefers_low_pages():
+    p = pool()
+    first = p.alloc(8)
+    second = p.alloc(8)
+    p.free(first)
+    again = p.alloc(4)
+    assert max(again) < 8 and min(second) >= 8  # page 0 is reused before page 2 is mapped
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * mmap.PAGESIZE
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and uses madvise")
+def test_unmapped_pages_give_host_memory_back():
+    geometry = KVGeometry(num_layers=4, num_kv_heads=8, head_dim=128, dtype=torch.float32)  # 4 KiB a slot a buffer
+    page_bytes = 256 * 1024
+    capacity = 16 * 1024  # 64 MiB a buffer, 512 MiB over the 8 buffers
+    p = PagePool(geometry, capacity, 1 << 40, "cpu", page_bytes=page_bytes)
+    base = _resident_bytes()
+    slots = p.alloc(capacity)
+    index = torch.tensor(slots)
+    for buf in (*p.k_buffers, *p.v_buffers):
+        buf[index] = 1.0  # touch every page
+    touched = _resident_bytes() - base
+    assert touched > 400 * 2**20, touched
+    p.free(slots[: capacity // 2])
+    half = _resident_bytes() - base
+    assert half < 0.6 * touched, (half, touched)
+    p.free(slots[capacity // 2:])
+    assert _resident_bytes() - base < 0.1 * touched
+    assert p.k_buffers[0][0].abs().sum() == 0  # an unmapped page reads zero when used again
