@@ -102,12 +102,36 @@ def test_a_lowered_limit_preempts_until_the_pool_fits():
     assert sched.pool.limit_state().status == "applied"
 
 
-def test_a_sequence_that_cannot_fit_alone_is_too_big():
+def test_a_sequence_over_the_limit_waits_and_lets_smaller_ones_pass():
     sched = scheduler(limit_tokens=5)
-    a = seq("a", 5)
+    big, small = seq("big", 5), seq("small", 2)
+    sched.add(big)
+    sched.add(small)
+    assert run_step(sched) == [("small", 0, 2)]
+    assert list(sched.waiting) == [big]
+    sched.pool.set_memory_limit(20 * GEOMETRY.token_bytes, revision=1)
+    assert run_step(sched) == [("small", 2, 1), ("big", 0, 5)]
+
+
+def test_a_running_sequence_squeezed_below_its_size_waits_for_the_limit():
+    sched = scheduler(limit_tokens=20)
+    a = seq("a", 8)
     sched.add(a)
+    run_step(sched)
+    sched.pool.set_memory_limit(4 * GEOMETRY.token_bytes, revision=1)
     result = sched.schedule()
-    assert result.too_big == [a] and not sched.has_work()
+    assert result.preempted == [a] and not result.too_big and list(sched.waiting) == [a]
+    assert sched.pool.used_tokens == 0
+    sched.pool.set_memory_limit(20 * GEOMETRY.token_bytes, revision=2)
+    assert run_step(sched) == [("a", 0, 9)]  # recomputed with its generated token
+
+
+def test_only_a_sequence_over_the_whole_reservation_is_too_big():
+    sched = scheduler(limit_tokens=1000)  # capped at the 256-slot reservation
+    huge = seq("huge", 300)
+    sched.add(huge)
+    result = sched.schedule()
+    assert result.too_big == [huge] and not sched.has_work()
 
 
 def test_removal_frees_everything():

@@ -32,7 +32,7 @@ import torch
 from services.gpu_agent.engine.chat_template import ChatTemplateError
 from services.gpu_agent.engine.detokenizer import IncrementalDetokenizer
 from services.gpu_agent.engine.errors import CapacityError, EngineError, EngineInactiveError, InvalidRequestError
-from services.gpu_agent.engine.host_weights import HostWeights
+from services.gpu_agent.engine.host_weights import ActivationTiming, HostWeights
 from services.gpu_agent.engine.kv_pool import DEFAULT_PAGE_BYTES, KVGeometry, KVPool, MemoryLimitState, PagePool
 from services.gpu_agent.engine.kvcached_pool import KvcachedPool, kvcached_available
 from services.gpu_agent.engine.model import CausalLM
@@ -109,6 +109,9 @@ class Engine:
             self._model: CausalLM | None = load_model(self.config, self.model_path, load_format, self.dtype, self._device, seed)
             # On an accelerator the weights also stay in pinned host memory, for fast switching.
             self._host_weights = HostWeights(self._model) if self._device.type != "cpu" else None
+            # Off the device and back into one buffer, as every activation does:
+            # the loaded tensors and the packed copy never both hold device memory.
+            self._move_weights(torch.device("cpu"))
             self._move_weights(self._device)
         except EngineError:
             raise
@@ -157,8 +160,10 @@ class Engine:
             raise EngineError(f"attention {kind!r} is not one of auto, triton, torch")
         usable = False
         if self._device.type == "cuda":
-            from services.gpu_agent.engine.triton_decode import triton_available
-
+            try:
+                from services.gpu_agent.engine.triton_decode import triton_available
+            except ImportError:
+                triton_available = lambda: False  # noqa: E731
             usable = triton_available()
         if kind == "triton" and not usable:
             raise EngineError("attention 'triton' needs CUDA and triton")
@@ -211,6 +216,8 @@ class Engine:
             thread.join(timeout=30)
         with self._model_lock:
             self._model = None  # the weights go with the engine
+            if self._host_weights is not None:
+                self._host_weights.close()
             self._host_weights = None
             with self._lock:
                 self._end_step()
@@ -223,18 +230,25 @@ class Engine:
     def active(self) -> bool:
         return self._active
 
-    def activate(self) -> None:
+    def activate(self) -> ActivationTiming | None:
+        """Brings the weights back to the device; returns where the time went
+        (None if the engine was active already)."""
         with self._model_lock:
             if self._model is None:
                 raise EngineError("engine stopped")
-            if not self._active:
-                self._move_weights(self._device)
-                with self._lock:
-                    if self._scheduler.pool is None:
-                        state = self._pool_state
-                        self._scheduler.pool = self._make_pool(state.limit_bytes, state.revision)
-                    self._active = True
-                log.info("engine %s activated", self.name)
+            if self._active:
+                return None
+            timing = self._move_weights(self._device)
+            ready_start = time.perf_counter()
+            with self._lock:
+                if self._scheduler.pool is None:
+                    state = self._pool_state
+                    self._scheduler.pool = self._make_pool(state.limit_bytes, state.revision)
+                self._active = True
+            timing = timing.with_ready(time.perf_counter() - ready_start)
+            log.info("engine %s activated in %.3fs: allocate %.3fs, copy %.3fs (%.1f GB/s), ready %.3fs", self.name,
+                     timing.total_s, timing.allocate_s, timing.copy_s, timing.copy_gbps, timing.ready_s)
+            return timing
 
     def deactivate(self) -> None:
         """Ends running and queued requests with EngineInactiveError, then
@@ -263,13 +277,12 @@ class Engine:
             self._scheduler.pool = None
             torch.cuda.empty_cache()
 
-    def _move_weights(self, device: torch.device) -> None:
-        if self._host_weights is None:
-            return  # a CPU engine: host memory is where the weights live anyway
-        if device.type == "cpu":
-            self._host_weights.to_host()
-        else:
-            self._host_weights.to_device(device)
+    def _move_weights(self, device: torch.device) -> ActivationTiming:
+        if self._host_weights is None or device.type == "cpu":
+            if self._host_weights is not None:
+                self._host_weights.to_host()
+            return ActivationTiming(0, 0.0, 0.0, 0.0)  # a CPU engine's weights never move
+        return self._host_weights.to_device(device)
 
     def set_memory_limit(self, nbytes: int, revision: int | None = None) -> MemoryLimitState:
         """Sets the KV memory limit. Limits apply in revision order (an older

@@ -91,6 +91,12 @@ class KvcachedPool(KVPool):
         return int(self._manager.available_size())
 
     @property
+    def over_limit(self) -> bool:
+        # kvcached counts its pre-mapped spare pages as mapped; whether sequences
+        # must go is whether the slots in use exceed the target ("deferred").
+        return self.limit_state().status == "deferred"
+
+    @property
     def bundle_bytes(self) -> int:
         return self.tokens_per_page * self.geometry.token_bytes
 

@@ -10,8 +10,14 @@ Every step, sequences join and leave the batch:
    chunk of their prompt, while the budget and the pool allow.
 A sequence that cannot get a slot preempts the newest running sequence (its
 slots are freed and it waits at the head of the queue to be recomputed,
-keeping the tokens it generated) or, if it is the newest, itself. Nothing is
-failed for lack of memory unless a sequence could not fit even alone.
+keeping the tokens it generated) or, if it is the newest, itself.
+
+A limit can drop below what one sequence needs alone (the memory went to
+another model for a while): such a sequence is preempted too and waits until
+the limit grows again, while the sequences behind it that do fit go ahead.
+Only a sequence larger than the pool's whole reservation, which no limit can
+ever fit, is failed ("too big"); the engine rejects at submission what does
+not fit the limit at that moment, so nothing waits on a limit nobody raised.
 
 Not thread safe: the engine holds its lock around every call."""
 
@@ -67,6 +73,10 @@ class Scheduler:
         """Whether a sequence of num_tokens and one more token fits under the limit by itself."""
         return num_tokens + 1 <= self.pool.limit_tokens
 
+    def fits_ever(self, num_tokens: int) -> bool:
+        """Whether it would fit under the largest limit the pool can take."""
+        return num_tokens + 1 <= self.pool.capacity_tokens
+
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
@@ -117,21 +127,30 @@ class Scheduler:
                 break
             if seq not in self.running:
                 continue  # preempted for an older sequence this step
-            if not self.fits_alone(len(seq.token_ids)):
+            if not self.fits_ever(len(seq.token_ids)):
                 self.running.remove(seq)
                 self._release(seq)
                 result.too_big.append(seq)
+                continue
+            if not self.fits_alone(len(seq.token_ids)):
+                self._preempt(seq, result)  # waits for the limit to grow back
                 continue
             count = min(seq.num_uncached, budget)
             if self._reserve(seq, count, result):
                 result.batch.append(ScheduledSeq(seq, seq.num_cached, count))
                 budget -= count
-        # 4. Admission, first come first served: nobody overtakes the head.
-        while self.waiting and budget > 0 and len(self.running) < self.max_running and not self.pool.over_limit:
-            seq = self.waiting[0]
-            if not self.fits_alone(len(seq.token_ids)):
-                self.waiting.popleft()
+        # 4. Admission, first come first served: nobody overtakes a sequence
+        #    that fits the limit (those that do not, wait for it to grow).
+        position = 0
+        while position < len(self.waiting) and budget > 0 and len(self.running) < self.max_running \
+                and not self.pool.over_limit:
+            seq = self.waiting[position]
+            if not self.fits_ever(len(seq.token_ids)):
+                del self.waiting[position]
                 result.too_big.append(seq)
+                continue
+            if not self.fits_alone(len(seq.token_ids)):
+                position += 1
                 continue
             if seq in result.preempted:
                 break  # it just lost its memory: not back in the same step
@@ -144,7 +163,7 @@ class Scheduler:
             slots = self.pool.alloc(count)
             if slots is None:
                 break
-            self.waiting.popleft()
+            del self.waiting[position]
             seq.slots = slots
             self.running.append(seq)
             result.batch.append(ScheduledSeq(seq, 0, count))

@@ -1,0 +1,120 @@
+"""Activation time of dummy-weight Llama engines against the physical floor.
+
+For each model config in bench/configs (Llama-3.2-1B, 3B, Llama-3.1-8B), on
+one GPU: load the built-in engine with dummy bf16 weights, then deactivate
+and activate it several times. Each activation's time is split into
+allocate / copy / ready; the floor is the weights' bytes over the pinned
+host-to-device bandwidth measured in the same run. Also the time to the
+first token of a request sent right after activation.
+
+    python bench/activation.py [--repeats 5] [--json bench/results/activation.json]
+
+Targets (issue 3): every activation within 1.5x its floor; 8B under 0.5 s."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+
+import common  # first: puts the project on sys.path
+import torch
+from common import environment, table, write_json
+
+from services.gpu_agent.engine import Engine, GenerationRequest
+
+CONFIGS = ["llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"]
+
+
+def pinned_bandwidth(nbytes: int = 4 << 30, repeats: int = 5) -> float:
+    """Best-of-N bytes/s of one large pinned host -> device copy."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    best = float("inf")
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        device.copy_(host, non_blocking=True)
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    del host, device
+    torch.cuda.empty_cache()
+    return nbytes / best
+
+
+async def first_token_s(engine: Engine) -> float:
+    start = time.perf_counter()
+    stream = engine.generate(GenerationRequest("probe", prompt="Hello", max_tokens=1, temperature=0.0,
+                                               ignore_eos=True))
+    async for _ in stream:
+        break
+    await stream.aclose()
+    return time.perf_counter() - start
+
+
+def measure(name: str, repeats: int, bandwidth: float) -> dict:
+    path = common.ROOT / "bench" / "configs" / name
+    load_start = time.perf_counter()
+    engine = Engine(path, name=name, load_format="dummy", dtype="bfloat16", device="cuda:0",
+                    memory_limit_bytes=1 << 30)
+    engine.start()
+    load_s = time.perf_counter() - load_start
+    try:
+        asyncio.run(first_token_s(engine))  # warm-up: kernels compiled, allocator primed
+        timings, deactivations, firsts = [], [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            engine.deactivate()
+            deactivations.append(time.perf_counter() - start)
+            free_inactive = torch.cuda.mem_get_info()[0]
+            timings.append(engine.activate())
+            firsts.append(asyncio.run(first_token_s(engine)))
+        weight_bytes = engine.weight_bytes
+    finally:
+        engine.stop()
+        torch.cuda.empty_cache()
+    floor = weight_bytes / bandwidth
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    total = med([t.total_s for t in timings])
+    return {
+        "model": name, "weight_gb": weight_bytes / 1e9, "load_s": load_s, "floor_s": floor,
+        "activate_s": total, "activate_min_s": min(t.total_s for t in timings),
+        "allocate_s": med([t.allocate_s for t in timings]), "copy_s": med([t.copy_s for t in timings]),
+        "ready_s": med([t.ready_s for t in timings]), "copy_gbps": med([t.copy_gbps for t in timings]),
+        "ratio_to_floor": total / floor, "deactivate_s": med(deactivations),
+        "first_token_after_s": med(firsts), "free_gb_while_inactive": free_inactive / 1e9,
+        "within_1_5x_floor": total <= 1.5 * floor,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="*", default=CONFIGS)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("activation.py needs a CUDA GPU")
+    bandwidth = pinned_bandwidth()
+    print(f"pinned host->device bandwidth: {bandwidth / 1e9:.1f} GB/s")
+    rows = []
+    for name in args.models:
+        rows.append(measure(name, args.repeats, bandwidth))
+        print(f"{name}: activate {rows[-1]['activate_s']:.3f}s (floor {rows[-1]['floor_s']:.3f}s)", flush=True)
+    print()
+    print(table(rows, [
+        ("model", "model", ""), ("weight_gb", "weights GB", ".2f"), ("floor_s", "floor s", ".3f"),
+        ("activate_s", "activate s", ".3f"), ("allocate_s", "alloc s", ".4f"), ("copy_s", "copy s", ".3f"),
+        ("ready_s", "ready s", ".4f"), ("copy_gbps", "copy GB/s", ".1f"), ("ratio_to_floor", "x floor", ".2f"),
+        ("deactivate_s", "deactivate s", ".4f"), ("first_token_after_s", "1st token s", ".3f"),
+    ]))
+    eight_b = [r for r in rows if r["model"] == "llama-3.1-8b"]
+    print(f"\nall within 1.5x floor: {all(r['within_1_5x_floor'] for r in rows)}"
+          + (f"; 8B under 0.5 s: {eight_b[0]['activate_s'] < 0.5}" if eight_b else ""))
+    write_json(args.json, {"benchmark": "activation", "environment": environment(),
+                           "pinned_bandwidth_gbps": bandwidth / 1e9, "results": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""The engine on CUDA with its production KV path: kvcached's elastic pool and
+the Triton decode kernel. Skipped where there is no GPU, kvcached or triton
+(CI); run on the GPU host with `source .device/setup-kvcached.sh .device`."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from prism.tiny_models import write_tiny_model
+from services.gpu_agent.engine import Engine, GenerationRequest
+from services.gpu_agent.engine.kvcached_pool import KvcachedPool, kvcached_available
+from tests.reference_llama import ReferenceLlama
+
+
+def _triton_ok() -> bool:
+    try:
+        from services.gpu_agent.engine.triton_decode import triton_available
+    except ImportError:
+        return False
+    return triton_available()
+
+
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and kvcached_available() and _triton_ok()),
+                                reason="needs CUDA, kvcached and triton")
+
+PROMPTS = ["Hello world", "The cache of the model is", "1 2 3 4 5 6 7 8 9 10 11 12", "a", "x y z " * 9]
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cuda-models")
+    return {arch: write_tiny_model(root / arch, arch=arch) for arch in ("llama", "qwen2")}
+
+
+def greedy(prompt: str, max_tokens: int, request_id: str) -> GenerationRequest:
+    return GenerationRequest(request_id=request_id, prompt=prompt, max_tokens=max_tokens, temperature=0.0,
+                             ignore_eos=True)
+
+
+async def tokens_of(engine: Engine, req: GenerationRequest) -> list[int]:
+    return [t async for out in engine.generate(req) for t in out.token_ids]
+
+
+async def test_two_kvcached_engines_in_one_process_match_the_reference(model_dirs):
+    engines = {arch: Engine(path, device="cuda", dtype="float32", kv_pool="kvcached", attention="triton",
+                            step_tokens=16) for arch, path in model_dirs.items()}
+    try:
+        for engine in engines.values():
+            engine.start()
+            assert isinstance(engine._scheduler.pool, KvcachedPool) and engine._use_triton
+        for arch, engine in engines.items():
+            ref = ReferenceLlama(model_dirs[arch])
+            reqs = [greedy(p, 24, f"{arch}{i}") for i, p in enumerate(PROMPTS)]
+            outs = await asyncio.gather(*(tokens_of(engine, r) for r in reqs))  # batched decode through triton
+            for req, out in zip(reqs, outs):
+                assert out == ref.greedy(engine.tokenize_prompt(req), 24), req.request_id
+    finally:
+        for engine in engines.values():
+            engine.stop()
+
+
+async def test_kvcached_limit_squeeze_preempts_and_completes(model_dirs):
+    engine = Engine(model_dirs["llama"], device="cuda", dtype="float32", kv_pool="kvcached")
+    engine.start()
+    try:
+        ref = ReferenceLlama(model_dirs["llama"])
+        reqs = [greedy(p, 60, f"s{i}") for i, p in enumerate(PROMPTS * 2)]
+        tasks = [asyncio.create_task(tokens_of(engine, r)) for r in reqs]
+        while engine.stats().running_requests < 4:
+            await asyncio.sleep(0.001)
+        state = engine.set_memory_limit(0)  # nothing fits: every running request is preempted, none fails
+        assert state.status in ("deferred", "applied")
+        await asyncio.sleep(0.2)
+        assert engine.stats().running_requests == 0 and engine.stats().kv_used_bytes == 0
+        engine.set_memory_limit(1 << 30)
+        outs = await asyncio.gather(*tasks)
+        for req, out in zip(reqs, outs):
+            assert out == ref.greedy(engine.tokenize_prompt(req), 60), req.request_id
+        assert engine.stats().kv_used_bytes == 0
+    finally:
+        engine.stop()
