@@ -33,7 +33,8 @@ from services.gpu_agent.engine.chat_template import ChatTemplateError
 from services.gpu_agent.engine.detokenizer import IncrementalDetokenizer
 from services.gpu_agent.engine.errors import CapacityError, EngineError, EngineInactiveError, InvalidRequestError
 from services.gpu_agent.engine.host_weights import ActivationTiming, HostWeights
-from services.gpu_agent.engine.kv_pool import DEFAULT_PAGE_BYTES, KVGeometry, KVPool, MemoryLimitState, PagePool
+from services.gpu_agent.engine.kv_pool import (
+    DEFAULT_PAGE_BYTES, KVGeometry, KVPool, MemoryLimitState, PagePool, page_bundle_bytes)
 from services.gpu_agent.engine.kvcached_pool import KvcachedPool, kvcached_available
 from services.gpu_agent.engine.model import CausalLM
 from services.gpu_agent.engine.paged_attention import build_step_attention
@@ -125,10 +126,13 @@ class Engine:
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
-        limit = memory_limit_bytes or DEFAULT_CONTEXTS_IN_MEMORY * self.max_context * self.kv_bytes_per_token
         self._geometry = KVGeometry(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, self.dtype)
         self._pool_kind = self._choose_pool(kv_pool)
         self._kv_page_bytes = kv_page_bytes
+        limit = memory_limit_bytes
+        if not limit:  # the default: 8 contexts, in whole pages (a tiny model's 8 contexts are under one 2 MiB page)
+            bundle = page_bundle_bytes(self._geometry, self._page_bytes())
+            limit = -(-DEFAULT_CONTEXTS_IN_MEMORY * self.max_context * self.kv_bytes_per_token // bundle) * bundle
         self._kv_capacity_bytes = kv_capacity_bytes
         self._use_triton = self._choose_attention(attention)
         self._scheduler = Scheduler(self._make_pool(limit, 0), step_tokens)
@@ -174,14 +178,21 @@ class Engine:
         if self._pool_kind == "kvcached":
             pool: KVPool = KvcachedPool(self._geometry, self._capacity_tokens(limit_bytes), limit_bytes, self._device)
         else:
-            page_bytes = self._kv_page_bytes or (CPU_PAGE_BYTES if self._device.type == "cpu" else DEFAULT_PAGE_BYTES)
-            pool = PagePool(self._geometry, self._capacity_tokens(limit_bytes), limit_bytes, self._device, page_bytes)
+            pool = PagePool(self._geometry, self._capacity_tokens(limit_bytes), limit_bytes, self._device,
+                            self._page_bytes())
         if revision:
             pool.set_memory_limit(limit_bytes, revision)
         log.info("engine %s: KV pool of %d virtual slots (%.1f MB), %d slots a page, limit %.1f MB",
                  self.name, pool.capacity_tokens, pool.capacity_tokens * token_bytes / 1e6, pool.tokens_per_page,
                  limit_bytes / 1e6)
         return pool
+
+    def _page_bytes(self) -> int:
+        if self._pool_kind == "kvcached":
+            from kvcached.utils import PAGE_SIZE
+
+            return PAGE_SIZE
+        return self._kv_page_bytes or (CPU_PAGE_BYTES if self._device.type == "cpu" else DEFAULT_PAGE_BYTES)
 
     def _capacity_tokens(self, limit_bytes: int) -> int:
         token_bytes = self._geometry.token_bytes

@@ -55,6 +55,12 @@ class KVGeometry:
         return 2 * self.num_layers * self.slot_bytes_per_buffer
 
 
+def page_bundle_bytes(geometry: KVGeometry, page_bytes: int) -> int:
+    """The physical cost of one page of `page_bytes` in each K and V buffer,
+    in whole tokens: the granularity of a pool's limit."""
+    return max(1, page_bytes // geometry.slot_bytes_per_buffer) * geometry.token_bytes
+
+
 @dataclass(frozen=True)
 class MemoryLimitState:
     status: str  # "applied", "deferred" (waiting for frees), "stale" or "conflict" (request ignored)
@@ -163,7 +169,7 @@ class PagePool(KVPool):
             raise ValueError(f"capacity must be at least one token, got {capacity_tokens}")
         self.geometry = geometry
         self.device = torch.device(device)
-        self.tokens_per_page = max(1, page_bytes // geometry.slot_bytes_per_buffer)
+        self.tokens_per_page = page_bundle_bytes(geometry, page_bytes) // geometry.token_bytes
         self.num_pages = -(-capacity_tokens // self.tokens_per_page)
         self.capacity_tokens = self.num_pages * self.tokens_per_page
         shape = (self.capacity_tokens, geometry.num_kv_heads, geometry.head_dim)
