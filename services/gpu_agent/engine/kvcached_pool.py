@@ -47,6 +47,7 @@ class KvcachedPool(KVPool):
         # kvcached sizes the virtual tensors to the whole GPU; use what it gave.
         self.capacity_tokens = self.k_buffers[0].shape[0]
         self.tokens_per_page = PAGE_SIZE // geometry.slot_bytes_per_buffer
+        self.page_bundle_bytes = PAGE_SIZE * 2 * geometry.num_layers  # one page of every K and V tensor
         self._manager = kvi.get_kv_cache_manager(
             self.capacity_tokens, 1, geometry.slot_bytes_per_buffer, geometry.num_layers,
             group_id=self.group_id, pool_name=f"prism-{self.group_id}")
@@ -57,7 +58,9 @@ class KvcachedPool(KVPool):
         if n <= 0:
             return []
         if self._manager.available_size() < n:
-            return None  # asked first: kvcached logs a warning for every failed alloc
+            self._settle_deferred_shrink()  # a shrink left pending hides every free page
+            if self._manager.available_size() < n:
+                return None  # asked first: kvcached logs a warning for every failed alloc
         slots = self._manager.alloc(n)
         if slots is not None:
             self._used_tokens += n
@@ -69,10 +72,37 @@ class KvcachedPool(KVPool):
             self._used_tokens -= len(slots)
 
     def set_memory_limit(self, limit_bytes: int, revision: int) -> MemoryLimitState:
-        return self._to_state(self._manager.set_memory_limit(int(limit_bytes), revision=int(revision)))
+        if limit_bytes < self._manager.memory_limit_state()["mapped_bytes"]:
+            # kvcached's spare pre-mapped pages count against a shrink; unmapped
+            # first, the shrink applies at once when the slots in use fit.
+            self._manager.trim()
+        self._manager.set_memory_limit(int(limit_bytes), revision=int(revision))
+        return self.limit_state()
 
     def limit_state(self) -> MemoryLimitState:
-        return self._to_state(self._manager.memory_limit_state())
+        raw = self._manager.memory_limit_state()
+        if raw["status"] == "deferred" and not self._inuse_over_limit(raw):
+            self._settle_deferred_shrink()
+            raw = self._manager.memory_limit_state()
+        return self._to_state(raw)
+
+    def _inuse_over_limit(self, raw: dict) -> bool:
+        """Whether the pages holding slots (spare pre-mapped pages not counted)
+        exceed the effective limit: only then must sequences give memory back."""
+        inuse_bytes = self._manager.page_allocator.get_num_inuse_pages() * self.page_bundle_bytes
+        return inuse_bytes > int(raw["effective_limit_bytes"] or 0)
+
+    def _settle_deferred_shrink(self) -> None:
+        """kvcached completes a deferred shrink only inside free(). An engine
+        with nothing left to free (idle, or already within the new limit because
+        the spare pages were what stood over it) would wait forever, with free
+        pages hidden from allocation; so finish it here, under kvcached's lock."""
+        manager = self._manager
+        if not manager.in_shrink:
+            return
+        manager.trim()
+        with manager._lock:  # kvcached 0.1.6: the lock its @synchronized methods take
+            manager._maybe_finish_shrink()
 
     @staticmethod
     def _to_state(raw: dict) -> MemoryLimitState:
@@ -93,8 +123,9 @@ class KvcachedPool(KVPool):
     @property
     def over_limit(self) -> bool:
         # kvcached counts its pre-mapped spare pages as mapped; whether sequences
-        # must go is whether the slots in use exceed the target ("deferred").
-        return self.limit_state().status == "deferred"
+        # must go is whether the pages in use exceed the target.
+        raw = self._manager.memory_limit_state()
+        return raw["status"] == "deferred" and self._inuse_over_limit(raw)
 
     @property
     def bundle_bytes(self) -> int:
