@@ -1,0 +1,140 @@
+from prism.v1 import generate_pb2 as _generate_pb2
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from typing import ClassVar as _ClassVar, Optional as _Optional
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class WorkerInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerInfo(_message.Message):
+    __slots__ = ("pid", "device", "warmup_s", "import_s", "model_loaded", "model")
+    PID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_S_FIELD_NUMBER: _ClassVar[int]
+    IMPORT_S_FIELD_NUMBER: _ClassVar[int]
+    MODEL_LOADED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    device: str
+    warmup_s: float
+    import_s: float
+    model_loaded: bool
+    model: str
+    def __init__(self, pid: _Optional[int] = ..., device: _Optional[str] = ..., warmup_s: _Optional[float] = ..., import_s: _Optional[float] = ..., model_loaded: _Optional[bool] = ..., model: _Optional[str] = ...) -> None: ...
+
+class EngineLoadSpec(_message.Message):
+    __slots__ = ("path", "name", "load_format", "dtype", "seed", "memory_limit_bytes", "kv_capacity_bytes")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    name: str
+    load_format: str
+    dtype: str
+    seed: int
+    memory_limit_bytes: int
+    kv_capacity_bytes: int
+    def __init__(self, path: _Optional[str] = ..., name: _Optional[str] = ..., load_format: _Optional[str] = ..., dtype: _Optional[str] = ..., seed: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., kv_capacity_bytes: _Optional[int] = ...) -> None: ...
+
+class LoadReply(_message.Message):
+    __slots__ = ("weight_bytes", "max_context", "load_s", "device")
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    LOAD_S_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    weight_bytes: int
+    max_context: int
+    load_s: float
+    device: str
+    def __init__(self, weight_bytes: _Optional[int] = ..., max_context: _Optional[int] = ..., load_s: _Optional[float] = ..., device: _Optional[str] = ...) -> None: ...
+
+class WorkerSetMemoryLimitRequest(_message.Message):
+    __slots__ = ("memory_limit_bytes", "revision")
+    MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    memory_limit_bytes: int
+    revision: int
+    def __init__(self, memory_limit_bytes: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class MemoryLimitReply(_message.Message):
+    __slots__ = ("status", "limit_bytes", "effective_limit_bytes", "mapped_bytes", "revision")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EFFECTIVE_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAPPED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    status: str
+    limit_bytes: int
+    effective_limit_bytes: int
+    mapped_bytes: int
+    revision: int
+    def __init__(self, status: _Optional[str] = ..., limit_bytes: _Optional[int] = ..., effective_limit_bytes: _Optional[int] = ..., mapped_bytes: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
+
+class ActivateRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ActivateReply(_message.Message):
+    __slots__ = ("activated", "nbytes", "allocate_s", "copy_s", "ready_s")
+    ACTIVATED_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATE_S_FIELD_NUMBER: _ClassVar[int]
+    COPY_S_FIELD_NUMBER: _ClassVar[int]
+    READY_S_FIELD_NUMBER: _ClassVar[int]
+    activated: bool
+    nbytes: int
+    allocate_s: float
+    copy_s: float
+    ready_s: float
+    def __init__(self, activated: _Optional[bool] = ..., nbytes: _Optional[int] = ..., allocate_s: _Optional[float] = ..., copy_s: _Optional[float] = ..., ready_s: _Optional[float] = ...) -> None: ...
+
+class DeactivateRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DeactivateReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class EngineStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class EngineStatsReply(_message.Message):
+    __slots__ = ("running_requests", "queued_requests", "kv_used_bytes", "memory_limit_bytes", "weight_bytes", "kv_mapped_bytes", "kv_free_tokens", "memory_limit_revision", "memory_limit_status", "active")
+    RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    KV_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_MAPPED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_FREE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LIMIT_REVISION_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LIMIT_STATUS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    running_requests: int
+    queued_requests: int
+    kv_used_bytes: int
+    memory_limit_bytes: int
+    weight_bytes: int
+    kv_mapped_bytes: int
+    kv_free_tokens: int
+    memory_limit_revision: int
+    memory_limit_status: str
+    active: bool
+    def __init__(self, running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_mapped_bytes: _Optional[int] = ..., kv_free_tokens: _Optional[int] = ..., memory_limit_revision: _Optional[int] = ..., memory_limit_status: _Optional[str] = ..., active: _Optional[bool] = ...) -> None: ...
+
+class ShutdownRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ShutdownReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
