@@ -16,7 +16,6 @@ from services.gpu_agent.engine import (
     CapacityError,
     EngineError,
     EngineInactiveError,
-    GenerationRequest,
     InvalidRequestError,
 )
 from services.gpu_agent.engine_manager import (
@@ -27,6 +26,7 @@ from services.gpu_agent.engine_manager import (
     ModelNotLoadedError,
     PlacementError,
 )
+from services.gpu_agent.workers.wire import FINISH_TO_PROTO, to_generation_request
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +35,6 @@ STATE_TO_PROTO = {
     "active": agent_pb2.ENGINE_STATE_ACTIVE,
     "inactive": agent_pb2.ENGINE_STATE_INACTIVE,
     "failed": agent_pb2.ENGINE_STATE_FAILED,
-}
-FINISH_TO_PROTO = {
-    None: generate_pb2.FINISH_REASON_UNSPECIFIED,
-    "stop": generate_pb2.FINISH_REASON_STOP,
-    "length": generate_pb2.FINISH_REASON_LENGTH,
 }
 
 
@@ -66,29 +61,6 @@ def engine_status(managed: ManagedEngine) -> agent_pb2.EngineStatus:
     return status
 
 
-def to_generation_request(request: generate_pb2.GenerateRequest) -> GenerationRequest:
-    sampling = request.sampling
-    req = GenerationRequest(
-        request_id=request.request_id,
-        stop=list(sampling.stop),
-        ignore_eos=sampling.ignore_eos,
-        max_tokens=sampling.max_tokens if sampling.HasField("max_tokens") else None,
-        seed=sampling.seed if sampling.HasField("seed") else None,
-    )
-    if sampling.HasField("temperature"):
-        req.temperature = sampling.temperature
-    if sampling.HasField("top_p"):
-        req.top_p = sampling.top_p
-    which = request.WhichOneof("input")
-    if which == "prompt":
-        req.prompt = request.prompt
-    elif which == "chat":
-        req.messages = [{"role": m.role, "content": m.content} for m in request.chat.messages]
-        if request.chat.HasField("add_generation_prompt"):
-            req.add_generation_prompt = request.chat.add_generation_prompt
-    return req
-
-
 class AgentService(agent_pb2_grpc.AgentServicer):
     def __init__(self, agent_id: str, devices, manager: EngineManager):
         self.agent_id = agent_id
@@ -109,7 +81,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         managed = await self._managed(request.model, context)
         managed.arrivals.append(time.monotonic())
         if managed.state == "inactive":  # the first request for a switched-off model brings it back
-            await self.manager.activate(request.model)
+            await self._activate(request.model, context)
         req = to_generation_request(request)
         log.info("generate model=%s", request.model)
         try:
@@ -159,16 +131,37 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         await self._managed(request.model, context, ready=False)
         return engine_status(await self.manager.unload(request.model))
 
+    async def _activate(self, model: str, context: grpc.aio.ServicerContext) -> ManagedEngine:
+        try:
+            return await self.manager.activate(model)
+        except EngineNotReadyError as exc:  # it failed meanwhile
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except EngineError as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, f"activating {model!r} failed: {exc}")
+        raise AssertionError("unreachable")
+
     async def ActivateModel(self, request: agent_pb2.ModelRequest, context) -> agent_pb2.EngineStatus:
         await self._managed(request.model, context)
-        return engine_status(await self.manager.activate(request.model))
+        return engine_status(await self._activate(request.model, context))
 
     async def DeactivateModel(self, request: agent_pb2.ModelRequest, context) -> agent_pb2.EngineStatus:
         await self._managed(request.model, context)
-        return engine_status(await self.manager.deactivate(request.model))
+        try:
+            managed = await self.manager.deactivate(request.model)
+        except EngineNotReadyError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except EngineError as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, f"deactivating {request.model!r} failed: {exc}")
+        return engine_status(managed)
 
     async def SetMemoryLimit(self, request: agent_pb2.SetMemoryLimitRequest, context) -> agent_pb2.EngineStatus:
         await self._managed(request.model, context)
         if request.memory_limit_bytes <= 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "memory_limit_bytes must be positive")
-        return engine_status(self.manager.set_memory_limit(request.model, request.memory_limit_bytes, request.revision))
+        try:
+            managed = await self.manager.set_memory_limit(request.model, request.memory_limit_bytes, request.revision)
+        except EngineNotReadyError as exc:  # it failed meanwhile
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except EngineError as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, f"engine for {request.model!r}: {exc}")
+        return engine_status(managed)

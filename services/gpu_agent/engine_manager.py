@@ -1,9 +1,12 @@
 """The engines this agent runs, one per placed model, and their life cycle.
 
-Loading weights is slow and blocking, so it runs in a worker thread; the
+An engine runs either in this process (inline: loading weights is slow and
+blocking, so it runs in a thread) or in its own worker process taken from a
+WorkerPool (process isolation, warm start); both are EngineHandles, and the
 asyncio side only ever sees finished state changes. Every change is
 published through `on_change` (the agent writes it to etcd) so the gateway
-and the scheduler see an engine as loading, active, inactive or failed.
+and the scheduler see an engine as loading, active, inactive or failed; a
+worker process that dies makes its engine "failed".
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ from dataclasses import dataclass, field
 
 from services.gpu_agent.devices import Device
 from services.gpu_agent.engine import Engine
+from services.gpu_agent.engine_handle import EngineHandle, InlineEngine
+from services.gpu_agent.workers.errors import WorkerLostError
+from services.gpu_agent.workers.remote_engine import RemoteEngine
+from services.gpu_agent.workers.worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +57,7 @@ class ManagedEngine:
     gpu_ids: tuple[int, ...]
     state: str = "loading"  # loading | active | inactive | failed | unloaded
     error: str = ""
-    engine: Engine | None = None
+    engine: EngineHandle | None = None
     memory_limit_bytes: int = 0
     limit_revision: int = 0
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
@@ -68,10 +75,16 @@ OnChange = Callable[[ManagedEngine], Awaitable[None]]
 
 
 class EngineManager:
-    def __init__(self, devices: list[Device], on_change: OnChange):
+    def __init__(self, devices: list[Device], on_change: OnChange, pool: WorkerPool | None = None):
+        """pool: run each engine in a worker process from it; None runs engines inline."""
         self.devices = {d.index: d for d in devices}
         self.engines: dict[str, ManagedEngine] = {}
         self._on_change = on_change
+        self.pool = pool
+
+    @property
+    def isolation(self) -> str:
+        return "inline" if self.pool is None else "process"
 
     async def _publish(self, managed: ManagedEngine) -> None:
         try:
@@ -101,6 +114,8 @@ class EngineManager:
         if spec.engine != "torch":
             raise PlacementError(f"engine {spec.engine!r} is not available on this agent; use engine: torch")
         existing = self.engines.get(spec.name)
+        if existing is not None and existing.state == "failed" and existing.engine is not None:
+            await existing.engine.stop()  # what is left of it (a dead worker's channel)
         if existing is not None and existing.state != "failed":
             if existing.spec != spec or existing.gpu_ids != gpu_ids:
                 raise PlacementError(f"model {spec.name!r} is already loaded here with another spec; unload it first")
@@ -112,23 +127,60 @@ class EngineManager:
         self.engines[spec.name] = managed
         await self._publish(managed)
         try:
-            engine = await asyncio.to_thread(self._build_engine, spec, gpu_ids, memory_limit_bytes)
+            engine = await self._start_engine(managed)
+            managed.engine = engine
+            if not activate:
+                await engine.deactivate()
         except Exception as exc:
             log.exception("loading %s failed", spec.name)
             managed.state, managed.error = "failed", f"{type(exc).__name__}: {exc}"
         else:
-            managed.engine = engine
-            if not activate:
-                await asyncio.to_thread(engine.deactivate)
             managed.state = "active" if activate else "inactive"
             managed.memory_limit_bytes = engine.stats().memory_limit_bytes
         managed.loaded.set()
         if self.engines.get(spec.name) is not managed:  # unloaded while loading
             if managed.engine is not None:
-                managed.engine.stop()
+                await managed.engine.stop()
             return managed
         await self._publish(managed)
         return managed
+
+    def _kv_capacity_bytes(self, gpu_ids: tuple[int, ...]) -> int | None:
+        # The limit may later grow to the whole device (the memory coordinator decides);
+        # on the CPU the reservation is virtual until used, on CUDA kvcached's is.
+        device = self.devices[gpu_ids[0]]
+        return device.memory_bytes if device.kind == "cpu" else None
+
+    async def _start_engine(self, managed: ManagedEngine) -> EngineHandle:
+        spec, gpu_ids = managed.spec, managed.gpu_ids
+        if self.pool is None:
+            return InlineEngine(await asyncio.to_thread(self._build_engine, spec, gpu_ids, managed.memory_limit_bytes))
+        start = time.perf_counter()
+        worker = await self.pool.acquire(self._torch_device(gpu_ids))
+        try:
+            engine = await RemoteEngine.load(
+                worker, spec.path, name=spec.name, load_format=spec.load_format, dtype=spec.dtype, seed=spec.seed,
+                memory_limit_bytes=managed.memory_limit_bytes, kv_capacity_bytes=self._kv_capacity_bytes(gpu_ids) or 0)
+        except BaseException:
+            await worker.terminate()  # a worker that failed a load is not reused
+            raise
+
+        async def lost(error: WorkerLostError) -> None:
+            await self._engine_lost(managed, error)
+
+        engine.on_lost(lost)
+        log.info("loaded %s in engine worker %d on %s in %.2fs (%d MB of weights)", spec.name, worker.pid,
+                 engine.device, time.perf_counter() - start, engine.weight_bytes >> 20)
+        return engine
+
+    async def _engine_lost(self, managed: ManagedEngine, error: WorkerLostError) -> None:
+        """The engine's worker process died: the engine has failed (a new LoadModel starts a fresh one)."""
+        await managed.loaded.wait()
+        if self.engines.get(managed.spec.name) is not managed or managed.state in ("failed", "unloaded"):
+            return
+        managed.state, managed.error = "failed", str(error)
+        log.error("engine of %s failed: %s", managed.spec.name, error)
+        await self._publish(managed)
 
     def _build_engine(self, spec: EngineSpec, gpu_ids: tuple[int, ...], memory_limit_bytes: int) -> Engine:
         start = time.perf_counter()
@@ -140,9 +192,7 @@ class EngineManager:
             device=self._torch_device(gpu_ids),
             seed=spec.seed,
             memory_limit_bytes=memory_limit_bytes or None,
-            # The limit may later grow to the whole device (the memory coordinator decides);
-            # on the CPU the reservation is virtual until used, on CUDA kvcached's is.
-            kv_capacity_bytes=self.devices[gpu_ids[0]].memory_bytes if self.devices[gpu_ids[0]].kind == "cpu" else None,
+            kv_capacity_bytes=self._kv_capacity_bytes(gpu_ids),
         )
         engine.start()
         log.info("loaded %s on %s in %.2fs (%d MB of weights)", spec.name, engine.device,
@@ -153,7 +203,7 @@ class EngineManager:
         managed = self.get(model)
         del self.engines[model]
         if managed.engine is not None:
-            await asyncio.to_thread(managed.engine.stop)
+            await managed.engine.stop()
         managed.state = "unloaded"
         await self._publish(managed)
         return managed
@@ -163,7 +213,7 @@ class EngineManager:
         async with managed.activation_lock:
             if managed.state == "inactive":
                 start = time.perf_counter()
-                await asyncio.to_thread(managed.engine.activate)
+                await managed.engine.activate()
                 managed.state = "active"
                 log.info("activated %s in %.3fs", model, time.perf_counter() - start)
                 await self._publish(managed)
@@ -173,15 +223,15 @@ class EngineManager:
         managed = self.ready(model)
         async with managed.activation_lock:
             if managed.state == "active":
-                await asyncio.to_thread(managed.engine.deactivate)
+                await managed.engine.deactivate()
                 managed.state = "inactive"
                 await self._publish(managed)
         return managed
 
-    def set_memory_limit(self, model: str, nbytes: int, revision: int) -> ManagedEngine:
+    async def set_memory_limit(self, model: str, nbytes: int, revision: int) -> ManagedEngine:
         """revision 0: the engine's next revision; otherwise a stale revision is ignored."""
         managed = self.ready(model)
-        state = managed.engine.set_memory_limit(nbytes, revision or None)
+        state = await managed.engine.set_memory_limit(nbytes, revision or None)
         managed.memory_limit_bytes = state.limit_bytes
         managed.limit_revision = state.revision
         return managed

@@ -2,7 +2,14 @@
 registration alive in etcd and reports load to the scheduler.
 
     python -m services.gpu_agent.server --etcd 127.0.0.1:2379 --scheduler 127.0.0.1:50051 \
-        --listen 127.0.0.1:50061 [--advertise HOST:PORT] [--device auto|cpu|cuda] [--cpu-memory-gb 4]
+        --listen 127.0.0.1:50061 [--advertise HOST:PORT] [--device auto|cpu|cuda] [--cpu-memory-gb 4] \
+        [--engine-isolation auto|process|inline] [--spare-workers 1]
+
+Engine isolation: `process` runs each engine in its own worker process, with
+`--spare-workers` pre-started, device-initialized workers per device so a new
+model starts warm (services/gpu_agent/workers/); `inline` runs engines in the
+agent's process. `auto` (the default) is `process` on CUDA and `inline` on the
+CPU, where a worker's start-up would cost more than it isolates.
 """
 
 from __future__ import annotations
@@ -22,9 +29,10 @@ from services.common.etcd import LeasedKeys, connect
 from services.common.grpc_util import add_health_and_reflection, mark_not_serving, mark_serving
 from services.common.logs import setup_logging
 from services.gpu_agent.agent_service import AgentService
-from services.gpu_agent.devices import discover_devices
+from services.gpu_agent.devices import Device, discover_devices
 from services.gpu_agent.engine_manager import EngineManager, ManagedEngine
 from services.gpu_agent.load_reporter import LoadReporter
+from services.gpu_agent.workers.worker_pool import WorkerPool
 
 log = logging.getLogger("gpu_agent")
 SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name
@@ -40,7 +48,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--cpu-memory-gb", type=float, default=4.0, help="memory budget of the CPU device")
     p.add_argument("--lease-ttl-s", type=int, default=5, help="etcd lease; the agent vanishes this long after dying")
-    return p.parse_args(argv)
+    p.add_argument("--engine-isolation", default="auto", choices=["auto", "process", "inline"],
+                   help="engines in worker processes or in the agent (auto: process on CUDA, inline on the CPU)")
+    p.add_argument("--spare-workers", type=int, default=1,
+                   help="pre-started engine workers per device (process isolation; 0: every load starts cold)")
+    args = p.parse_args(argv)
+    if args.spare_workers < 0:
+        p.error("--spare-workers must be >= 0")
+    return args
+
+
+def engine_isolation(choice: str, devices: list[Device]) -> str:
+    if choice != "auto":
+        return choice
+    return "process" if any(d.kind == "cuda" for d in devices) else "inline"
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -64,7 +85,11 @@ async def serve(args: argparse.Namespace) -> None:
         )
         await leased.put(key, record.to_json())
 
-    manager = EngineManager(devices, publish)
+    pool = None
+    if engine_isolation(args.engine_isolation, devices) == "process":
+        pool = WorkerPool([d.torch_device for d in devices], args.spare_workers)
+        await pool.start()  # the spares warm up while the agent registers
+    manager = EngineManager(devices, publish, pool)
     service = AgentService(agent_id, devices, manager)
 
     server = grpc.aio.server()
@@ -81,7 +106,9 @@ async def serve(args: argparse.Namespace) -> None:
     )
     await leased.put(agent_record.key(), agent_record.to_json())
     await mark_serving(health, [SERVICE_NAME])
-    log.info("agent %s serving on %s with %s", agent_id, advertise, ", ".join(f"{d.kind}:{d.index} {d.memory_bytes >> 20} MB" for d in devices))
+    log.info("agent %s serving on %s with %s; engines %s", agent_id, advertise,
+             ", ".join(f"{d.kind}:{d.index} {d.memory_bytes >> 20} MB" for d in devices),
+             "inline" if pool is None else f"in worker processes ({args.spare_workers} spare a device)")
 
     reporter = LoadReporter(args.scheduler, agent_id, advertise, devices, manager)
     tasks = [asyncio.create_task(leased.run()), asyncio.create_task(reporter.run())]
@@ -102,6 +129,8 @@ async def serve(args: argparse.Namespace) -> None:
         log.warning("could not revoke lease: %s", exc)
     await server.stop(grace=5)
     await manager.stop_all()
+    if pool is not None:
+        await pool.close()
     await etcd.close()
 
 
