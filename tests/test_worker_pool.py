@@ -33,7 +33,7 @@ from services.gpu_agent.engine_manager import (
     EngineSpec,
     ManagedEngine,
 )
-from services.gpu_agent.workers.errors import WorkerLostError
+from services.gpu_agent.workers.errors import WorkerLostError, WorkerStartError
 from services.gpu_agent.workers.remote_engine import RemoteEngine
 from services.gpu_agent.workers.worker_pool import WorkerPool
 from tests.reference_llama import ReferenceLlama
@@ -139,6 +139,15 @@ async def test_without_spares_a_load_starts_a_fresh_worker_and_close_ends_it():
         await cold.close()
     assert not worker.alive and not pid_alive(worker.pid)
     assert not cold.socket_dir.exists()
+
+
+async def test_a_worker_that_cannot_use_its_device_fails_to_start_with_a_clear_error():
+    pool = WorkerPool(["cuda:99"], spares_per_device=0)
+    try:
+        with pytest.raises(WorkerStartError, match=r"exited before it was ready \(exit code 2\)"):
+            await asyncio.wait_for(pool.acquire("cuda:99"), HANG_GUARD_S)
+    finally:
+        await pool.close()
 
 
 # ---- RemoteEngine: the engine's semantics over the wire -----------------------------------

@@ -61,6 +61,23 @@ def watch_parent(parent_fd: int | None) -> None:
     threading.Thread(target=by_pipe if parent_fd is not None else by_pid, name="parent-watch", daemon=True).start()
 
 
+def device_problem(torch, device: str) -> str | None:
+    """Why this worker cannot use the device, or None."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        return str(exc)
+    if dev.type == "cpu":
+        return None
+    if dev.type != "cuda":
+        return f"device type {dev.type!r} is not supported (cuda:N or cpu)"
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA GPU"
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        return f"there are only {torch.cuda.device_count()} CUDA GPU(s)"
+    return None
+
+
 async def serve(args: argparse.Namespace, warmup, import_s: float) -> None:
     import grpc
 
@@ -93,12 +110,20 @@ async def serve(args: argparse.Namespace, warmup, import_s: float) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # Until the server's own handlers are in place, SIGTERM (a pool closing
+    # while this worker still warms up) is a clean, immediate exit.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     from services.common.logs import setup_logging
 
     setup_logging(f"worker-{os.getpid()}")
     watch_parent(args.parent_fd)  # first: a parent dying during the warm-up ends us too
 
-    import torch  # noqa: F401  the point of a warm worker: this is paid before any model is known
+    import torch  # the point of a warm worker: this is paid before any model is known
+
+    problem = device_problem(torch, args.device)
+    if problem:
+        log.error("cannot serve %s: %s", args.device, problem)
+        raise SystemExit(2)
 
     from services.gpu_agent.engine import Engine  # noqa: F401
     from services.gpu_agent.workers.device_warmup import warm_up

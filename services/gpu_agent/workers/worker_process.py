@@ -122,7 +122,8 @@ class WorkerProcess:
             await asyncio.wait({info_call, exit_wait}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             exit_wait.cancel()
-        if not info_call.done():
+        answered = info_call.done() and not info_call.cancelled() and info_call.exception() is None
+        if not answered and self.exited.is_set():  # (closing the channel at exit may have cancelled the call)
             info_call.cancel()
             raise WorkerStartError(f"engine worker {self.pid} for {self.device} exited before it was ready "
                                    f"({self.exit_description()}); see its log lines above")
