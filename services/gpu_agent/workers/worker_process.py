@@ -69,6 +69,11 @@ class WorkerProcess:
     async def spawn(cls, device: str, socket_path: Path, parent_fd: int, ready_timeout_s: float) -> WorkerProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+        # kvcached keeps each process's KV memory accounting in a /dev/shm segment
+        # named by KVCACHED_IPC_NAME; engines in separate processes on one GPU
+        # must not share it (the agent pid and socket name make it unique).
+        base = os.environ.get("KVCACHED_IPC_NAME", "kvcached_mem_info")
+        env["KVCACHED_IPC_NAME"] = f"{base}_prism{os.getpid()}_w{socket_path.stem}"
         spawned_at = time.perf_counter()
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", WORKER_MODULE, "--device", device, "--socket", str(socket_path),
