@@ -25,13 +25,16 @@ def up(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     cpu_memory_gb: float = typer.Option(4.0, help="memory budget of the CPU device"),
     host: str = typer.Option("127.0.0.1", help="address every service binds to"),
+    engine_isolation: str = typer.Option("auto", help="auto | process | inline: engines in warm worker processes "
+                                         "or in the agent (auto: process on CUDA, inline on the CPU)"),
 ) -> None:
     """Run etcd, the scheduler, one agent and the gateway in the foreground; Ctrl-C stops them all."""
     from prism.cluster import ClusterStartError, LocalCluster
     from services.common.placement_config import ConfigError
 
     cluster = LocalCluster(state_dir=state_dir, config_path=config, http_port=http_port, grpc_port=grpc_port,
-                           etcd_endpoint=etcd, device=device, cpu_memory_gb=cpu_memory_gb, host=host)
+                           etcd_endpoint=etcd, device=device, cpu_memory_gb=cpu_memory_gb, host=host,
+                           engine_isolation=engine_isolation)
     typer.echo(f"starting Prism (state and logs in {cluster.state_dir}) ...")
     try:
         cluster.start()
