@@ -23,13 +23,15 @@ def test_generated_stubs_are_current(tmp_path):
 
 
 def test_every_service_has_its_rpcs():
-    from prism.v1 import agent_pb2, gateway_pb2, scheduler_pb2
+    from prism.v1 import agent_pb2, engine_worker_pb2, gateway_pb2, scheduler_pb2
 
     rpcs = {
         s.full_name: {m.name for m in s.methods}
-        for module in (agent_pb2, gateway_pb2, scheduler_pb2)
+        for module in (agent_pb2, engine_worker_pb2, gateway_pb2, scheduler_pb2)
         for s in module.DESCRIPTOR.services_by_name.values()
     }
     assert rpcs["prism.v1.Gateway"] == {"Generate", "ListModels"}
     assert {"Generate", "GetStatus", "LoadModel", "ActivateModel", "DeactivateModel", "SetMemoryLimit"} <= rpcs["prism.v1.Agent"]
     assert rpcs["prism.v1.Scheduler"] == {"RegisterAgent", "StreamLoadReports"}
+    assert rpcs["prism.v1.EngineWorker"] == {"Info", "Load", "Generate", "SetMemoryLimit", "Activate", "Deactivate",
+                                             "Stats", "Shutdown"}

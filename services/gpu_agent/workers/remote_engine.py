@@ -54,6 +54,7 @@ class RemoteEngine:
         self._stub = worker.stub
         self._stats = wire.stats_from_proto(stats)
         self._active = stats.active
+        self._stats_requests = self._stats_applied = 0
         self._lost: WorkerLostError | None = None
         self._stopping = False
         self._on_lost: list[OnLost] = []
@@ -103,8 +104,15 @@ class RemoteEngine:
         self._on_lost.append(callback)
 
     async def refresh_stats(self) -> EngineStats:
+        # Replies may arrive out of order (a background refresh issued before a
+        # state change, answered after the change's own refresh): the reply to
+        # the latest request issued wins.
+        self._stats_requests += 1
+        ticket = self._stats_requests
         reply = await self._control(self._stub.Stats, wpb.EngineStatsRequest())
-        self._stats, self._active = wire.stats_from_proto(reply), reply.active
+        if ticket > self._stats_applied:
+            self._stats_applied = ticket
+            self._stats, self._active = wire.stats_from_proto(reply), reply.active
         return self._stats
 
     async def _refresh_forever(self) -> None:

@@ -76,7 +76,11 @@ class WorkerPool:
             worker = await self._spawn(device)
             log.info("cold start on %s: engine worker %d", device, worker.pid)
         self._schedule_refill(device)
-        await worker.wait_ready()
+        try:
+            await worker.wait_ready()
+        except BaseException:
+            await worker.terminate(self.stop_timeout_s)  # timed out (or cancelled): it is nobody's now
+            raise
         return worker
 
     def _known(self, device: str) -> str:
@@ -93,7 +97,11 @@ class WorkerPool:
         spares = self._spares[device]
         async with self._refill_locks[device]:
             while not self._closed and len([w for w in spares if w.alive]) < self.spares_per_device:
-                spares.append(await self._spawn(device))
+                try:
+                    spares.append(await self._spawn(device))
+                except OSError as exc:  # cannot fork/exec: the next acquire starts one cold (and says why)
+                    log.error("cannot start a spare engine worker for %s: %s", device, exc)
+                    return
 
     async def _spawn(self, device: str) -> WorkerProcess:
         socket_path = self.socket_dir / f"{next(self._names)}.sock"
