@@ -82,10 +82,6 @@ class EngineManager:
         self._on_change = on_change
         self.pool = pool
 
-    @property
-    def isolation(self) -> str:
-        return "inline" if self.pool is None else "process"
-
     async def _publish(self, managed: ManagedEngine) -> None:
         try:
             await self._on_change(managed)
