@@ -228,6 +228,9 @@ def measure_prism(folder: Path, attention: str, args, batches: list[int], bandwi
             tag = f"{folder.name}-{attention}-b{batch}"
             try:
                 asyncio.run(decode_round(engine, prompt, args.prompt_tokens, batch, args.new_tokens, tag + "-warmup"))
+                runner = engine._graph_runner  # CUDA graphs: how much of a step the GPU takes
+                if runner is not None:
+                    runner.replay_gpu_ms.clear()
                 timed = asyncio.run(decode_round(engine, prompt, args.prompt_tokens, batch, args.new_tokens, tag))
             except EngineError as exc:
                 print(f"  prism {tag}: failed: {exc}", flush=True)
@@ -241,6 +244,8 @@ def measure_prism(folder: Path, attention: str, args, batches: list[int], bandwi
                 "floor_ms": floor * 1e3, "x_floor": timed["step_s"] / floor,
                 "prefill_ms": timed["prefill_s"] * 1e3, "first_token_spread_ms": timed["first_token_spread_s"] * 1e3,
                 "weight_gb": engine.weight_bytes / 1e9, "step_weight_gb": weight_bytes / 1e9,
+                "graph_gpu_ms": (statistics.median(runner.replay_gpu_ms)
+                                 if runner is not None and runner.replay_gpu_ms else None),
             })
             print(f"  prism {tag}: step {rows[-1]['step_ms']:.2f} ms, {rows[-1]['tokens_per_s']:.0f} tok/s, "
                   f"{rows[-1]['x_floor']:.2f}x floor", flush=True)
@@ -411,6 +416,7 @@ def main() -> None:
     print(table(rows, [
         ("model", "model", ""), ("batch", "batch", "d"), ("attention", "attention", ""),
         ("step_ms", "step ms", ".2f"), ("tokens_per_s", "tokens/s", ".0f"), ("floor_ms", "floor ms", ".2f"),
+        ("graph_gpu_ms", "graph GPU ms", ".2f"),
         ("x_floor", "x floor", ".2f"), ("hf_step_ms", "HF step ms", ".2f"), ("hf_tokens_per_s", "HF tokens/s", ".0f"),
         ("speedup_vs_hf", "speed-up vs HF", ".2f"),
     ]))

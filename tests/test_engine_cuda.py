@@ -57,6 +57,9 @@ async def test_two_kvcached_engines_in_one_process_match_the_reference(model_dir
             outs = await asyncio.gather(*(tokens_of(engine, r) for r in reqs))  # batched decode through triton
             for req, out in zip(reqs, outs):
                 assert out == ref.greedy(engine.tokenize_prompt(req), 24), req.request_id
+            # Five sequences decode from the graph of batch 8 (three padding rows), and
+            # fewer as the short ones end.
+            assert engine._graph_runner is not None and (8, 512) in engine._graph_runner._graphs
     finally:
         for engine in engines.values():
             engine.stop()
@@ -82,3 +85,23 @@ async def test_kvcached_limit_squeeze_preempts_and_completes(model_dirs):
         assert engine.stats().kv_used_bytes == 0
     finally:
         engine.stop()
+
+
+async def test_graph_and_eager_decode_match_the_reference_across_reactivation(model_dirs):
+    ref = ReferenceLlama(model_dirs["llama"])
+    for graphs in (True, False):
+        engine = Engine(model_dirs["llama"], device="cuda", dtype="float32", kv_pool="kvcached",
+                        attention="triton", cuda_graphs=graphs)
+        engine.start()
+        try:
+            reqs = [greedy(p, 40, f"g{i}") for i, p in enumerate(PROMPTS * 3)]
+            expected = [ref.greedy(engine.tokenize_prompt(r), 40) for r in reqs]
+            assert await asyncio.gather(*(tokens_of(engine, r) for r in reqs)) == expected
+            assert (engine._graph_runner is not None) == graphs
+            engine.deactivate()  # graphs go with the weights; decoding after activation captures anew
+            assert engine._graph_runner is None
+            engine.activate()
+            assert await asyncio.gather(*(tokens_of(engine, r) for r in reqs)) == expected
+            assert engine.stats().kv_used_bytes == 0
+        finally:
+            engine.stop()

@@ -30,19 +30,44 @@ from pathlib import Path
 import torch
 
 from services.gpu_agent.engine.chat_template import ChatTemplateError
+from services.gpu_agent.engine.cuda_graphs import DecodeGraphRunner
 from services.gpu_agent.engine.detokenizer import IncrementalDetokenizer
-from services.gpu_agent.engine.errors import CapacityError, EngineError, EngineInactiveError, InvalidRequestError
+from services.gpu_agent.engine.errors import (
+    CapacityError,
+    EngineError,
+    EngineInactiveError,
+    InvalidRequestError,
+)
 from services.gpu_agent.engine.host_weights import ActivationTiming, HostWeights
 from services.gpu_agent.engine.kv_pool import (
-    DEFAULT_PAGE_BYTES, KVGeometry, KVPool, MemoryLimitState, PagePool, page_bundle_bytes)
+    DEFAULT_PAGE_BYTES,
+    KVGeometry,
+    KVPool,
+    MemoryLimitState,
+    PagePool,
+    page_bundle_bytes,
+)
 from services.gpu_agent.engine.kvcached_pool import KvcachedPool, kvcached_available
 from services.gpu_agent.engine.model import CausalLM
-from services.gpu_agent.engine.paged_attention import build_step_attention
 from services.gpu_agent.engine.model_config import ModelConfig, load_model_config
-from services.gpu_agent.engine.request import EngineStats, GenerationOutput, GenerationRequest
-from services.gpu_agent.engine.sampling import SamplingParams, make_generator, sample_batch
-from services.gpu_agent.engine.scheduler import DEFAULT_STEP_TOKENS, ScheduledSeq, Scheduler
+from services.gpu_agent.engine.paged_attention import build_step_attention
+from services.gpu_agent.engine.request import (
+    EngineStats,
+    GenerationOutput,
+    GenerationRequest,
+)
+from services.gpu_agent.engine.sampling import (
+    SamplingParams,
+    make_generator,
+    sample_batch,
+)
+from services.gpu_agent.engine.scheduler import (
+    DEFAULT_STEP_TOKENS,
+    ScheduledSeq,
+    Scheduler,
+)
 from services.gpu_agent.engine.sequence import Deliver, Sequence
+from services.gpu_agent.engine.slot_table import DeviceSlotTable
 from services.gpu_agent.engine.stop_strings import find_stop, held_back_len
 from services.gpu_agent.engine.tokenizer import Tokenizer
 from services.gpu_agent.engine.weights import load_model
@@ -89,13 +114,15 @@ class Engine:
                  dtype: str = "auto", device: str = "cpu", seed: int = 0,
                  memory_limit_bytes: int | None = None, kv_capacity_bytes: int | None = None,
                  kv_pool: str = "auto", kv_page_bytes: int | None = None,
-                 step_tokens: int = DEFAULT_STEP_TOKENS, attention: str = "auto"):
+                 step_tokens: int = DEFAULT_STEP_TOKENS, attention: str = "auto", cuda_graphs: bool = True):
         """memory_limit_bytes: KV memory the engine may map now (default: 8 contexts).
         kv_capacity_bytes: the KV reservation the limit can later grow to (virtual where
         the pool is elastic; default: the device's memory on CUDA, 32 contexts on the CPU).
         kv_pool: "kvcached" (CUDA), "pages" (PagePool) or "auto" (kvcached where it runs).
         step_tokens: the token budget of one step (decode tokens plus prefill chunks).
-        attention: "triton" (decode kernel, CUDA), "torch" or "auto"."""
+        attention: "triton" (decode kernel, CUDA), "torch" or "auto".
+        cuda_graphs: replay decode steps from CUDA graphs where they can run
+        (CUDA, the Triton kernel and kvcached's pool, whose slot 0 pads a batch)."""
         start = time.perf_counter()
         self.model_path = Path(model_path)
         self.name = name or self.model_path.name
@@ -136,6 +163,10 @@ class Engine:
         self._kv_capacity_bytes = kv_capacity_bytes
         self._use_triton = self._choose_attention(attention)
         self._scheduler = Scheduler(self._make_pool(limit, 0), step_tokens)
+        # The decoding sequences' slots stay on the device for the Triton kernel (slot_table.py).
+        self._slot_table = self._new_slot_table()
+        self._use_graphs = cuda_graphs and self._use_triton and self._pool_kind == "kvcached"
+        self._graph_runner: DecodeGraphRunner | None = None  # made on the first decode step after activation
         self._in_step: set[Sequence] = set()  # sequences the running step computes
         self._free_after_step: list[Sequence] = []
         self._lock = threading.Condition()
@@ -187,6 +218,9 @@ class Engine:
                  limit_bytes / 1e6)
         return pool
 
+    def _new_slot_table(self) -> DeviceSlotTable | None:
+        return DeviceSlotTable(self._device, self.max_context) if self._use_triton else None
+
     def _page_bytes(self) -> int:
         if self._pool_kind == "kvcached":
             from kvcached.utils import PAGE_SIZE
@@ -226,6 +260,7 @@ class Engine:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=30)
         with self._model_lock:
+            self._graph_runner = None
             self._model = None  # the weights go with the engine
             if self._host_weights is not None:
                 self._host_weights.close()
@@ -255,6 +290,7 @@ class Engine:
                 if self._scheduler.pool is None:
                     state = self._pool_state
                     self._scheduler.pool = self._make_pool(state.limit_bytes, state.revision)
+                self._slot_table = self._new_slot_table()
                 self._active = True
             timing = timing.with_ready(time.perf_counter() - ready_start)
             log.info("engine %s activated in %.3fs: allocate %.3fs, copy %.3fs (%.1f GB/s), ready %.3fs", self.name,
@@ -270,6 +306,9 @@ class Engine:
             self._active = False
             self._fail_all(lambda: EngineInactiveError(f"model {self.name!r} was deactivated"))
         with self._model_lock:
+            # Graphs hold the device addresses of the weights about to be freed.
+            self._graph_runner = None
+            self._slot_table = None
             if self._model is not None:
                 self._move_weights(torch.device("cpu"))
             with self._lock:
@@ -289,6 +328,8 @@ class Engine:
             torch.cuda.empty_cache()
 
     def _move_weights(self, device: torch.device) -> ActivationTiming:
+        if self._model is not None:
+            self._model.forget_joined_weights()
         if self._host_weights is None or device.type == "cpu":
             if self._host_weights is not None:
                 self._host_weights.to_host()
@@ -531,22 +572,51 @@ class Engine:
         with self._model_lock, torch.inference_mode():
             if self._model is None or self._scheduler.pool is None:
                 return None
-            input_ids, positions, spans, logits_at = [], [], [], []
-            for item in plan:
-                seq = item.seq
-                input_ids.extend(seq.token_ids[item.start:item.start + item.count])
-                positions.extend(range(item.start, item.start + item.count))
-                spans.append((item.start, item.count, seq.slots))
-                if item.samples:
-                    logits_at.append(len(input_ids) - 1)
-            step = build_step_attention(spans, num_decode, self._device, self._use_triton)
-            logits = self._model(torch.tensor(input_ids, device=self._device),
-                                 torch.tensor(positions, device=self._device), self._scheduler.pool, step,
-                                 torch.tensor(logits_at, dtype=torch.long, device=self._device))
+            rows = None
+            if self._slot_table is not None and num_decode:
+                rows = self._slot_table.rows_for([item.seq for item in plan[:num_decode]])
+            logits = None
+            if rows is not None and num_decode == len(plan) and self._use_graphs:
+                logits = self._graph_decode(plan, rows)
+            if logits is None:
+                logits = self._eager_forward(plan, num_decode, rows)
             samplers = [item.seq for item in plan if item.samples]
             if not samplers:
                 return []
             return sample_batch(logits, [seq.sampling for seq in samplers], [seq.generator for seq in samplers])
+
+    def _eager_forward(self, plan: list[ScheduledSeq], num_decode: int, rows: list[int] | None) -> torch.Tensor:
+        input_ids, positions, spans, logits_at = [], [], [], []
+        for item in plan:
+            seq = item.seq
+            input_ids.extend(seq.token_ids[item.start:item.start + item.count])
+            positions.extend(range(item.start, item.start + item.count))
+            spans.append((item.start, item.count, seq.slots))
+            if item.samples:
+                logits_at.append(len(input_ids) - 1)
+        table = self._slot_table.tensor if rows is not None else None
+        step = build_step_attention(spans, num_decode, self._device, table, rows)
+        return self._model(torch.tensor(input_ids, device=self._device),
+                           torch.tensor(positions, device=self._device), self._scheduler.pool, step,
+                           torch.tensor(logits_at, dtype=torch.long, device=self._device))
+
+    def _graph_decode(self, plan: list[ScheduledSeq], rows: list[int]) -> torch.Tensor | None:
+        """A pure decode step from a CUDA graph; None where no graph can run it."""
+        seq_lens = [item.start + 1 for item in plan]
+        if self._graph_runner is None:
+            self._graph_runner = DecodeGraphRunner(self._model, self._scheduler.pool, self._slot_table,
+                                                   self._device)
+        if not self._graph_runner.can_run(len(plan), max(seq_lens)):
+            return None
+        try:
+            return self._graph_runner.run([item.seq.token_ids[item.start] for item in plan],
+                                          [item.start for item in plan],
+                                          [item.seq.slots[item.start] for item in plan], seq_lens, rows)
+        except Exception:  # a capture that fails must not take serving down: eager from now on
+            log.exception("engine %s: CUDA graph decode failed; decoding eagerly from now on", self.name)
+            self._use_graphs = False
+            self._graph_runner = None
+            return None
 
     def _too_big(self, seq: Sequence) -> None:
         """The limit shrank below what this sequence needs even alone."""

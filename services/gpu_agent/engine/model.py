@@ -25,8 +25,51 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(size, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            # One fused kernel (it accumulates in float32), not five: a decode
+            # step's time on a small model is mostly its number of kernels.
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Normalize in float32 (as the checkpoints were trained), scale in the model dtype.
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+def rows_back_to_back(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The 2-D tensors as one [sum of rows, cols] matrix, without a copy, where
+    they lie back to back in one storage, as HostWeights packs a model's
+    parameters on the device (q, k and v projections; gate and up); else None.
+    One matmul over the joined weights replaces two or three small ones."""
+    first = tensors[0]
+    storage = first.untyped_storage().data_ptr()
+    at = first.data_ptr()
+    for t in tensors:
+        if (t.dim() != 2 or t.dtype != first.dtype or t.shape[1] != first.shape[1] or not t.is_contiguous()
+                or t.data_ptr() != at or t.untyped_storage().data_ptr() != storage):
+            return None
+        at += t.numel() * t.element_size()
+    rows = sum(t.shape[0] for t in tensors)
+    return first.as_strided((rows, first.shape[1]), first.stride(), first.storage_offset())
+
+
+class JoinedWeights:
+    """rows_back_to_back over some linears' weights, found again whenever the
+    weights move (activation rebinds them into a new device buffer)."""
+
+    def __init__(self, *linears: nn.Linear):
+        self._linears = linears
+        self._key: tuple[int, ...] = ()
+        self._joined: torch.Tensor | None = None
+
+    def get(self) -> torch.Tensor | None:
+        if any(linear.bias is not None for linear in self._linears):
+            return None
+        key = tuple(linear.weight.data_ptr() for linear in self._linears)
+        if key != self._key:
+            self._key, self._joined = key, rows_back_to_back([linear.weight for linear in self._linears])
+        return self._joined
+
+    def forget(self) -> None:
+        """Drops the joined view: it would keep moved-away weights' memory alive."""
+        self._key, self._joined = (), None
 
 
 class Attention(nn.Module):
@@ -40,13 +83,23 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.qkv_bias, dtype=dtype)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.qkv_bias, dtype=dtype)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.o_bias, dtype=dtype)
+        self._qkv = JoinedWeights(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int, pool: KVPool,
                 step: StepAttention) -> torch.Tensor:
         tokens = x.shape[0]
-        q = apply_rotary(self.q_proj(x).view(tokens, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
+        qkv_weight = self._qkv.get()
+        if qkv_weight is not None:
+            # One matmul, and the rotary embedding over q's and k's heads at once.
+            qkv = F.linear(x, qkv_weight)
+            qk_size = (self.num_heads + self.num_kv_heads) * self.head_dim
+            qk = apply_rotary(qkv[:, :qk_size].view(tokens, -1, self.head_dim), cos, sin)
+            q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
+            v = qkv[:, qk_size:].view(tokens, self.num_kv_heads, self.head_dim)
+        else:
+            q = apply_rotary(self.q_proj(x).view(tokens, self.num_heads, self.head_dim), cos, sin)
+            k = apply_rotary(self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
+            v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
         k_buffer, v_buffer = pool.k_buffers[layer], pool.v_buffers[layer]
         write_kv(k_buffer, v_buffer, step, k, v)
         return self.o_proj(paged_attention(q, k_buffer, v_buffer, step).reshape(tokens, -1))
@@ -59,8 +112,13 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=bias, dtype=dtype)
         self.up_proj = nn.Linear(h, i, bias=bias, dtype=dtype)
         self.down_proj = nn.Linear(i, h, bias=bias, dtype=dtype)
+        self._gate_up = JoinedWeights(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up_weight = self._gate_up.get()
+        if gate_up_weight is not None:
+            gate, up = F.linear(x, gate_up_weight).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -97,6 +155,13 @@ class CausalLM(nn.Module):
         self.model = DecoderStack(config, dtype)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
         self.tie_weights()
+
+    def forget_joined_weights(self) -> None:
+        """Call when the weights move (deactivation, activation)."""
+        for module in self.modules():
+            for joined in (getattr(module, "_qkv", None), getattr(module, "_gate_up", None)):
+                if isinstance(joined, JoinedWeights):
+                    joined.forget()
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:

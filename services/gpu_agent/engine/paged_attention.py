@@ -53,19 +53,24 @@ class StepAttention:
 
 
 def build_step_attention(spans: list[tuple[int, int, list[int]]], num_decode: int, device: torch.device,
-                         use_triton: bool) -> StepAttention:
+                         decode_table: torch.Tensor | None = None, decode_rows: list[int] | None = None
+                         ) -> StepAttention:
     """spans: (start, count, slots of positions 0..start+count) per sequence,
-    decoding ones first. Each index tensor is built from host lists and moved
-    to the device in one transfer."""
+    decoding ones first. With decode_table (the slots of every decoding
+    sequence, one row each: slot_table.py) and the decoding spans' rows in it,
+    the decoding spans go to the Triton kernel; the rest to the torch path.
+    Each index tensor is built from host lists and moved to the device in one
+    transfer."""
     new_slots = [slot for start, count, slots in spans for slot in slots[start:start + count]]
     step = StepAttention(_to_device(new_slots, torch.int64, device), [], num_decode)
     torch_from = 0
-    if use_triton and num_decode:
+    if decode_table is not None and num_decode:
         torch_from = num_decode
-        longest = max(start + 1 for start, _, _ in spans[:num_decode])
-        table = [slots[:start + 1] + [0] * (longest - start - 1) for start, _, slots in spans[:num_decode]]
-        step.decode_slot_table = _to_device(table, torch.int32, device)
-        step.decode_seq_lens = _to_device([start + 1 for start, _, _ in spans[:num_decode]], torch.int32, device)
+        lengths = [start + 1 for start, _, _ in spans[:num_decode]]
+        width = -(-max(lengths) // 64) * 64  # fewer distinct shapes than the exact longest
+        rows = _to_device(decode_rows, torch.int64, device)
+        step.decode_slot_table = decode_table.index_select(0, rows)[:, :width]
+        step.decode_seq_lens = _to_device(lengths, torch.int32, device)
     # Every torch-path span's slots in one tensor; each span takes a slice of it.
     flat = [slot for start, count, slots in spans[torch_from:] for slot in slots[:start + count]]
     all_slots = _to_device(flat, torch.int64, device)
@@ -93,15 +98,18 @@ def write_kv(k_buffer: torch.Tensor, v_buffer: torch.Tensor, step: StepAttention
 def paged_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
                     step: StepAttention) -> torch.Tensor:
     """q: [new tokens, heads, head_dim], in the order of step.spans. Returns the same shape."""
-    out = torch.empty_like(q)
     first_prefill = 0
     if step.decode_slot_table is not None:
         from services.gpu_agent.engine.triton_decode import paged_decode_attention
 
         first_prefill = step.num_decode
-        out[:first_prefill] = paged_decode_attention(
-            q[:first_prefill], k_buffer, v_buffer, step.decode_slot_table, step.decode_seq_lens,
-            q.shape[-1] ** -0.5)
+        decoded = paged_decode_attention(q[:first_prefill], k_buffer, v_buffer, step.decode_slot_table,
+                                         step.decode_seq_lens, q.shape[-1] ** -0.5)
+        if first_prefill == q.shape[0]:
+            return decoded  # a pure decode step: no copy into a joint output
+    out = torch.empty_like(q)
+    if first_prefill:
+        out[:first_prefill] = decoded
     offset = first_prefill
     for span in step.spans[first_prefill:]:
         end = offset + span.count

@@ -101,10 +101,14 @@ class Scheduler:
         result.preempted.append(seq)
         result.batch = [s for s in result.batch if s.seq is not seq]
 
-    def _reserve(self, seq: Sequence, count: int, result: ScheduleResult) -> bool:
+    def _reserve(self, seq: Sequence, count: int, result: ScheduleResult, prefetched: list[int]) -> bool:
         """Slots for seq's next `count` tokens, preempting newer sequences if
-        needed; False if seq itself had to go."""
+        needed; False if seq itself had to go. A decoding sequence's one slot
+        comes from `prefetched` while it lasts."""
         need = seq.num_cached + count - len(seq.slots)
+        if need == 1 and prefetched:
+            seq.slots.append(prefetched.pop())
+            return True
         while True:
             slots = self.pool.alloc(need) if need > 0 else []
             if slots is not None:
@@ -122,10 +126,15 @@ class Scheduler:
             self._preempt(self.running[-1], result)
         budget = self.step_tokens
         # 2, 3: running sequences, decoding ones first (they cost one token each).
-        for seq in sorted(self.running, key=lambda s: not s.decoding):
+        order = sorted(self.running, key=lambda s: not s.decoding)
+        # The decoding sequences' next slots in one allocation where they fit (the
+        # common case), not one call each; otherwise one at a time, preempting.
+        decoding = sum(1 for s in order[:budget] if s.decoding)
+        prefetched = (self.pool.alloc(decoding) or []) if decoding > 1 else []
+        for seq in order:
             if budget == 0:
                 break
-            if seq not in self.running:
+            if seq in result.preempted:
                 continue  # preempted for an older sequence this step
             if not self.fits_ever(len(seq.token_ids)):
                 self.running.remove(seq)
@@ -136,9 +145,11 @@ class Scheduler:
                 self._preempt(seq, result)  # waits for the limit to grow back
                 continue
             count = min(seq.num_uncached, budget)
-            if self._reserve(seq, count, result):
+            if self._reserve(seq, count, result, prefetched):
                 result.batch.append(ScheduledSeq(seq, seq.num_cached, count))
                 budget -= count
+        if prefetched:  # some decoding sequences left (preempted, too big) before taking theirs
+            self.pool.free(prefetched)
         # 4. Admission, first come first served: nobody overtakes a sequence
         #    that fits the limit (those that do not, wait for it to grow).
         position = 0

@@ -61,6 +61,9 @@ _LOG2_E = 1.4426950408889634  # scores are kept in base 2, so the kernels can us
 _MAX_HEAD_DIM = 256  # larger head dims would need the key/value tiles split along head_dim
 _MAX_SPLITS = 64  # the combine kernel holds every split's partial of one head in registers
 _MIN_TOKENS_PER_SPLIT = 128  # below this a split's fixed costs (queries, partials) stop paying
+# Tables up to this wide get one split: the second (combine) kernel costs more
+# than the split saves there, and a small model's decode step is mostly launches.
+_SINGLE_SPLIT_MAX_LEN = 1024
 _PROGRAMS_PER_SM = 4  # stage-1 programs wanted per SM: several resident at once hide load latency
 _CPU_SM_COUNT = 8  # stands in for the SM count under the CPU interpreter (tests)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -320,6 +323,8 @@ def _auto_num_splits(programs: int, max_len: int, device: torch.device) -> int:
     """Enough splits that stage 1 has about _PROGRAMS_PER_SM programs per SM, but
     none shorter than _MIN_TOKENS_PER_SPLIT tokens. A large batch needs no split
     (batch x kv heads already fills the GPU); one long sequence needs many."""
+    if max_len <= _SINGLE_SPLIT_MAX_LEN:
+        return 1
     wanted = _cdiv(_PROGRAMS_PER_SM * _sm_count(device), programs)
     return max(1, min(wanted, _cdiv(max_len, _MIN_TOKENS_PER_SPLIT), _MAX_SPLITS))
 
