@@ -20,9 +20,9 @@ import time
 
 import common  # first: puts the project on sys.path
 import torch
-from common import environment, table, write_json
+from common import environment, first_token_s, table, write_json
 
-from services.gpu_agent.engine import Engine, GenerationRequest
+from services.gpu_agent.engine import Engine
 
 CONFIGS = ["llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"]
 
@@ -41,16 +41,6 @@ def pinned_bandwidth(nbytes: int = 4 << 30, repeats: int = 5) -> float:
     del host, device
     torch.cuda.empty_cache()
     return nbytes / best
-
-
-async def first_token_s(engine: Engine) -> float:
-    start = time.perf_counter()
-    stream = engine.generate(GenerationRequest("probe", prompt="Hello", max_tokens=1, temperature=0.0,
-                                               ignore_eos=True))
-    async for _ in stream:
-        break
-    await stream.aclose()
-    return time.perf_counter() - start
 
 
 def measure(name: str, repeats: int, bandwidth: float) -> dict:

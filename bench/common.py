@@ -43,3 +43,19 @@ def write_json(path: str | Path | None, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+async def first_token_s(engine) -> float:
+    """Seconds until an engine (Engine or RemoteEngine) streams the first
+    token of a one-token greedy request."""
+    import time
+
+    from services.gpu_agent.engine import GenerationRequest
+
+    start = time.perf_counter()
+    stream = engine.generate(GenerationRequest("first-token", prompt="Hello", max_tokens=1, temperature=0.0,
+                                               ignore_eos=True))
+    async for _ in stream:
+        break
+    await stream.aclose()
+    return time.perf_counter() - start

@@ -28,9 +28,8 @@ import time
 from pathlib import Path
 
 import common  # first: puts the project on sys.path
-from common import environment, table, write_json
+from common import environment, first_token_s, table, write_json
 
-from services.gpu_agent.engine import GenerationRequest
 from services.gpu_agent.workers.remote_engine import RemoteEngine
 from services.gpu_agent.workers.worker_pool import WorkerPool
 
@@ -40,16 +39,6 @@ COLUMNS = [
     ("worker_load_s", "in worker s", ".3f"), ("first_token_s", "1st token s", ".3f"), ("total_s", "total s", ".3f"),
     ("warmup_s", "device init s", ".3f"), ("import_s", "imports s", ".3f"),
 ]
-
-
-async def first_token_s(engine: RemoteEngine) -> float:
-    start = time.perf_counter()
-    stream = engine.generate(GenerationRequest("warm-start", prompt="Hello", max_tokens=1, temperature=0.0,
-                                               ignore_eos=True))
-    async for _ in stream:
-        break
-    await stream.aclose()
-    return time.perf_counter() - start
 
 
 async def load_to_first_token(pool: WorkerPool, args: argparse.Namespace, mode: str) -> dict:

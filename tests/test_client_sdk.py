@@ -33,7 +33,7 @@ from prism.client import (
     chunk_from_response,
     completion_from_chunks,
 )
-from prism.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
+from prism.v1 import gateway_pb2_grpc, generate_pb2
 
 MODELS = ("tiny-llama", "tiny-qwen2")
 

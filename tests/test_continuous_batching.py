@@ -18,6 +18,7 @@ from services.gpu_agent.engine.kv_pool import KVGeometry, PagePool
 from services.gpu_agent.engine.sampling import SamplingParams
 from services.gpu_agent.engine.scheduler import Scheduler
 from services.gpu_agent.engine.sequence import Sequence
+from tests.engine_watch import gather_watching_running
 from tests.reference_llama import ReferenceLlama
 
 GEOMETRY = KVGeometry(num_layers=2, num_kv_heads=2, head_dim=16, dtype=torch.float32)
@@ -200,17 +201,7 @@ async def test_batched_chunked_equals_one_at_a_time_and_the_reference(engine_fac
     engine = engine_factory(step_tokens=8, kv_page_bytes=4 * SLOT)
     reqs = [greedy(p, 8 + 3 * i, f"b{i}") for i, p in enumerate(PROMPTS)]
     alone = [await tokens_of(engine, r) for r in reqs]
-    most_running = 0
-
-    async def watch() -> None:
-        nonlocal most_running
-        while True:
-            most_running = max(most_running, engine.stats().running_requests)
-            await asyncio.sleep(0.001)
-
-    watcher = asyncio.create_task(watch())
-    together = await asyncio.gather(*(tokens_of(engine, r) for r in reqs))
-    watcher.cancel()
+    together, most_running = await gather_watching_running(engine, [tokens_of(engine, r) for r in reqs])
     assert together == alone
     for req, out in zip(reqs, together):
         assert out == reference.greedy(engine.tokenize_prompt(req), req.max_tokens), req.request_id

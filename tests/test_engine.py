@@ -30,6 +30,7 @@ from services.gpu_agent.engine import (
 from services.gpu_agent.engine.detokenizer import IncrementalDetokenizer
 from services.gpu_agent.engine.model_config import parse_model_config
 from services.gpu_agent.engine.stop_strings import find_stop, held_back_len
+from tests.engine_watch import gather_watching_running
 from tests.reference_llama import ReferenceLlama
 
 torch.set_num_threads(2)
@@ -129,17 +130,7 @@ async def test_greedy_matches_reference(arch, engines, references):
 async def test_concurrent_requests_match_reference(arch, engines, references):
     engine, ref = engines[arch], references[arch]
     reqs = [greedy(p, request_id=f"c{i}", max_tokens=NEW_TOKENS + i) for i, p in enumerate(PROMPTS * 2)]
-    most_running = 0
-
-    async def watch() -> None:
-        nonlocal most_running
-        while True:
-            most_running = max(most_running, engine.stats().running_requests)
-            await asyncio.sleep(0.001)
-
-    watcher = asyncio.create_task(watch())
-    results = await asyncio.gather(*(collect(engine, r) for r in reqs))
-    watcher.cancel()
+    results, most_running = await gather_watching_running(engine, [collect(engine, r) for r in reqs])
     for req, outs in zip(reqs, results):
         assert token_ids(outs) == ref.greedy(engine.tokenize_prompt(req), req.max_tokens), req.request_id
     assert most_running > 1
