@@ -265,3 +265,19 @@ async def test_killing_a_worker_mid_stream_fails_its_requests_and_its_engine(poo
 
 async def tokens_of_stream(stream) -> list[int]:
     return [t async for out in stream for t in out.token_ids]
+
+
+async def test_a_hung_worker_is_killed_and_its_requests_fail(pool, model_dir):
+    """SIGSTOP stands in for a hang: the process lives on but answers nothing."""
+    worker = await asyncio.wait_for(pool.acquire("cpu"), HANG_GUARD_S)
+    engine = await asyncio.wait_for(
+        RemoteEngine.load(worker, model_dir, name="hung", unresponsive_after_s=1.0), HANG_GUARD_S)
+    try:
+        stream = engine.generate(greedy("Hello", 250, "hung-1"))
+        await stream.__anext__()
+        os.kill(engine.pid, signal.SIGSTOP)
+        with pytest.raises(WorkerLostError, match=rf"engine worker {engine.pid} .*unresponsive, so killed"):
+            await asyncio.wait_for(tokens_of_stream(stream), HANG_GUARD_S)
+        assert engine.lost is not None and not pid_alive(engine.pid)
+    finally:
+        await engine.stop()

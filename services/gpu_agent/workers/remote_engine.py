@@ -11,12 +11,16 @@ it returns.
 
 A worker that dies ends every in-flight generate with WorkerLostError (gRPC
 reports the broken socket; the exit watcher also cancels the calls, so
-nothing waits on a dead process), and the on_lost listeners hear of it once."""
+nothing waits on a dead process), and the on_lost listeners hear of it once.
+A worker that hangs without dying (a deadlock, a wedged driver call) would
+leave its requests waiting forever: one that has not answered a stats call
+for `unresponsive_after_s` is killed, and then it is lost like any other."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -38,13 +42,16 @@ log = logging.getLogger(__name__)
 
 STATS_INTERVAL_S = 0.1
 CONTROL_TIMEOUT_S = 30.0  # stats, limits, shutdown: never slow unless the worker is stuck
+UNRESPONSIVE_AFTER_S = 20.0  # no stats reply for this long: the worker is hung and is killed
+LOAD_TIMEOUT_S = 900.0  # reading a large checkpoint from a slow disk, with room to spare
 EXIT_STATUS_WAIT_S = 2.0  # how long an error waits to learn how the worker ended, for its message
 
 OnLost = Callable[[WorkerLostError], Awaitable[None]]
 
 
 class RemoteEngine:
-    def __init__(self, worker: WorkerProcess, name: str, loaded: wpb.LoadReply, stats: wpb.EngineStatsReply):
+    def __init__(self, worker: WorkerProcess, name: str, loaded: wpb.LoadReply, stats: wpb.EngineStatsReply,
+                 unresponsive_after_s: float = UNRESPONSIVE_AFTER_S):
         self.worker = worker
         self.name = name
         self.device = loaded.device
@@ -59,19 +66,22 @@ class RemoteEngine:
         self._stopping = False
         self._on_lost: list[OnLost] = []
         self._calls: set[grpc.aio.Call] = set()
+        self._unresponsive_after_s = unresponsive_after_s
+        self._last_answer = time.monotonic()
+        self._killed_as_hung = False
         worker.on_exit(self._worker_exited)
         self._refresher = asyncio.create_task(self._refresh_forever(), name=f"stats-{name}")
 
     @classmethod
     async def load(cls, worker: WorkerProcess, path: str, *, name: str, load_format: str = "auto",
                    dtype: str = "auto", seed: int = 0, memory_limit_bytes: int = 0,
-                   kv_capacity_bytes: int = 0) -> RemoteEngine:
+                   kv_capacity_bytes: int = 0, unresponsive_after_s: float = UNRESPONSIVE_AFTER_S) -> RemoteEngine:
         """Loads the model into the (model-less) worker. On failure the worker is
         left as it is: the caller ends it."""
         spec = wpb.EngineLoadSpec(path=str(path), name=name, load_format=load_format, dtype=dtype, seed=seed,
                                   memory_limit_bytes=memory_limit_bytes or 0, kv_capacity_bytes=kv_capacity_bytes or 0)
         try:
-            loaded = await worker.stub.Load(spec)
+            loaded = await worker.stub.Load(spec, timeout=LOAD_TIMEOUT_S)
             stats = await worker.stub.Stats(wpb.EngineStatsRequest(), timeout=CONTROL_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNAVAILABLE or not worker.alive:
@@ -80,7 +90,7 @@ class RemoteEngine:
                                       f"{name!r} ({worker.exit_description()})") from None
             raise wire.CODE_TO_ERROR.get(exc.code(), EngineError)(exc.details()) from None
         log.info("loaded %s into engine worker %d on %s in %.2fs", name, worker.pid, loaded.device, loaded.load_s)
-        return cls(worker, name, loaded, stats)
+        return cls(worker, name, loaded, stats, unresponsive_after_s)
 
     # ---- state -----------------------------------------------------------------
 
@@ -109,7 +119,9 @@ class RemoteEngine:
         # the latest request issued wins.
         self._stats_requests += 1
         ticket = self._stats_requests
-        reply = await self._control(self._stub.Stats, wpb.EngineStatsRequest())
+        reply = await self._control(self._stub.Stats, wpb.EngineStatsRequest(),
+                                    timeout=min(CONTROL_TIMEOUT_S, self._unresponsive_after_s))
+        self._last_answer = time.monotonic()
         if ticket > self._stats_applied:
             self._stats_applied = ticket
             self._stats, self._active = wire.stats_from_proto(reply), reply.active
@@ -123,6 +135,13 @@ class RemoteEngine:
             except EngineError as exc:
                 if self._lost is None and not self._stopping:
                     log.warning("stats of %s from engine worker %d: %s", self.name, self.pid, exc)
+            silent_s = time.monotonic() - self._last_answer
+            if silent_s > self._unresponsive_after_s and self._lost is None and not self._stopping:
+                log.error("engine worker %d for %r has not answered for %.0fs; killing it", self.pid, self.name,
+                          silent_s)
+                self._killed_as_hung = True
+                self.worker.kill()  # the exit watcher then fails its requests (_worker_exited)
+                return
 
     # ---- calls -----------------------------------------------------------------
 
@@ -212,7 +231,8 @@ class RemoteEngine:
     async def _worker_exited(self, worker: WorkerProcess) -> None:
         if self._stopping or self._lost is not None:
             return
-        self._lost = WorkerLostError(f"engine worker {worker.pid} for {self.name!r} on {worker.device} died "
+        why = "unresponsive, so killed" if self._killed_as_hung else "died"
+        self._lost = WorkerLostError(f"engine worker {worker.pid} for {self.name!r} on {worker.device} {why} "
                                      f"({worker.exit_description()})")
         log.error("%s", self._lost)
         self._refresher.cancel()

@@ -174,6 +174,12 @@ class WorkerProcess:
         await self.wait_exited()
         self._ready_task.cancel()
 
+    def kill(self) -> None:
+        """SIGKILL at once: for a worker that no longer answers (SIGTERM would
+        wait on the very code that hangs)."""
+        if self.alive:
+            self._signal(signal.SIGKILL)
+
     def _signal(self, sig: signal.Signals) -> None:
         try:
             self.process.send_signal(sig)
