@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 import grpc
 
@@ -26,7 +26,7 @@ from services.gpu_agent.engine_manager import (
     ModelNotLoadedError,
     PlacementError,
 )
-from services.gpu_agent.workers.wire import FINISH_TO_PROTO, to_generation_request
+from services.gpu_agent.workers.wire import output_to_proto, to_generation_request
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +86,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         log.info("generate model=%s", request.model)
         try:
             async for out in managed.engine.generate(req):
-                response = generate_pb2.GenerateResponse(
-                    request_id=request.request_id,
-                    text=out.text,
-                    token_ids=out.token_ids,
-                    finish_reason=FINISH_TO_PROTO[out.finish_reason],
-                )
-                if out.finish_reason is not None:
-                    response.usage.prompt_tokens = out.prompt_tokens
-                    response.usage.completion_tokens = out.completion_tokens
-                yield response
+                yield output_to_proto(out, request.request_id, usage_at_end_only=True)
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except CapacityError as exc:
@@ -131,14 +122,21 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         await self._managed(request.model, context, ready=False)
         return engine_status(await self.manager.unload(request.model))
 
-    async def _activate(self, model: str, context: grpc.aio.ServicerContext) -> ManagedEngine:
+    @staticmethod
+    async def _engine_call(context: grpc.aio.ServicerContext, call: Awaitable[ManagedEngine],
+                           failure: str) -> ManagedEngine:
+        """Awaits a manager call that drives an engine; an engine that failed
+        meanwhile is UNAVAILABLE, an engine error INTERNAL ("<failure>: <error>")."""
         try:
-            return await self.manager.activate(model)
+            return await call
         except EngineNotReadyError as exc:  # it failed meanwhile
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except EngineError as exc:
-            await context.abort(grpc.StatusCode.INTERNAL, f"activating {model!r} failed: {exc}")
+            await context.abort(grpc.StatusCode.INTERNAL, f"{failure}: {exc}")
         raise AssertionError("unreachable")
+
+    async def _activate(self, model: str, context: grpc.aio.ServicerContext) -> ManagedEngine:
+        return await self._engine_call(context, self.manager.activate(model), f"activating {model!r} failed")
 
     async def ActivateModel(self, request: agent_pb2.ModelRequest, context) -> agent_pb2.EngineStatus:
         await self._managed(request.model, context)
@@ -146,22 +144,12 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
     async def DeactivateModel(self, request: agent_pb2.ModelRequest, context) -> agent_pb2.EngineStatus:
         await self._managed(request.model, context)
-        try:
-            managed = await self.manager.deactivate(request.model)
-        except EngineNotReadyError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        except EngineError as exc:
-            await context.abort(grpc.StatusCode.INTERNAL, f"deactivating {request.model!r} failed: {exc}")
-        return engine_status(managed)
+        return engine_status(await self._engine_call(context, self.manager.deactivate(request.model),
+                                                     f"deactivating {request.model!r} failed"))
 
     async def SetMemoryLimit(self, request: agent_pb2.SetMemoryLimitRequest, context) -> agent_pb2.EngineStatus:
         await self._managed(request.model, context)
         if request.memory_limit_bytes <= 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "memory_limit_bytes must be positive")
-        try:
-            managed = await self.manager.set_memory_limit(request.model, request.memory_limit_bytes, request.revision)
-        except EngineNotReadyError as exc:  # it failed meanwhile
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        except EngineError as exc:
-            await context.abort(grpc.StatusCode.INTERNAL, f"engine for {request.model!r}: {exc}")
-        return engine_status(managed)
+        call = self.manager.set_memory_limit(request.model, request.memory_limit_bytes, request.revision)
+        return engine_status(await self._engine_call(context, call, f"engine for {request.model!r}"))

@@ -16,7 +16,7 @@ import threading
 
 import torch
 
-from services.gpu_agent.engine.kv_pool import KVGeometry, KVPool, MemoryLimitState
+from services.gpu_agent.engine.kv_pool import KVGeometry, KVPool, MemoryLimitState, page_bundle_bytes
 
 _next_group = itertools.count()
 _init_lock = threading.Lock()
@@ -46,8 +46,9 @@ class KvcachedPool(KVPool):
             page_size=1, attention_type="GQA", group_id=self.group_id)
         # kvcached sizes the virtual tensors to the whole GPU; use what it gave.
         self.capacity_tokens = self.k_buffers[0].shape[0]
-        self.tokens_per_page = PAGE_SIZE // geometry.slot_bytes_per_buffer
-        self.page_bundle_bytes = PAGE_SIZE * 2 * geometry.num_layers  # one page of every K and V tensor
+        self.tokens_per_page = page_bundle_bytes(geometry, PAGE_SIZE) // geometry.token_bytes
+        # kvcached's own unit for limits and mapped bytes: a whole page of every K and V tensor.
+        self._kvcached_bundle_bytes = PAGE_SIZE * 2 * geometry.num_layers
         self._manager = kvi.get_kv_cache_manager(
             self.capacity_tokens, 1, geometry.slot_bytes_per_buffer, geometry.num_layers,
             group_id=self.group_id, pool_name=f"prism-{self.group_id}")
@@ -89,7 +90,7 @@ class KvcachedPool(KVPool):
     def _inuse_over_limit(self, raw: dict) -> bool:
         """Whether the pages holding slots (spare pre-mapped pages not counted)
         exceed the effective limit: only then must sequences give memory back."""
-        inuse_bytes = self._manager.page_allocator.get_num_inuse_pages() * self.page_bundle_bytes
+        inuse_bytes = self._manager.page_allocator.get_num_inuse_pages() * self._kvcached_bundle_bytes
         return inuse_bytes > int(raw["effective_limit_bytes"] or 0)
 
     def _settle_deferred_shrink(self) -> None:

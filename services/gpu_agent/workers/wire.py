@@ -96,9 +96,14 @@ def generation_request_to_proto(req: GenerationRequest, model: str = "") -> gene
     return message
 
 
-def output_to_proto(out: GenerationOutput, request_id: str) -> generate_pb2.GenerateResponse:
+def output_to_proto(out: GenerationOutput, request_id: str, usage_at_end_only: bool = False
+                    ) -> generate_pb2.GenerateResponse:
+    """usage_at_end_only: the agent's public stream reports usage once, with
+    the final chunk; between agent and worker every chunk carries it."""
     response = generate_pb2.GenerateResponse(request_id=request_id, text=out.text, token_ids=out.token_ids,
                                              finish_reason=FINISH_TO_PROTO[out.finish_reason])
+    if usage_at_end_only and out.finish_reason is None:
+        return response
     response.usage.prompt_tokens = out.prompt_tokens
     response.usage.completion_tokens = out.completion_tokens
     return response
