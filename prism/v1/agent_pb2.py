@@ -25,31 +25,39 @@ _sym_db = _symbol_database.Default()
 from prism.v1 import generate_pb2 as prism_dot_v1_dot_generate__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14prism/v1/agent.proto\x12\x08prism.v1\x1a\x17prism/v1/generate.proto\"I\n\x06\x44\x65vice\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x03\"z\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07tp_size\x18\x03 \x01(\x05\x12\x13\n\x0bload_format\x18\x04 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0c\n\x04seed\x18\x07 \x01(\x03\"\xe1\x02\n\x0c\x45ngineStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07gpu_ids\x18\x02 \x03(\x05\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.prism.v1.EngineState\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x1a\n\x12memory_limit_bytes\x18\x05 \x01(\x03\x12\x15\n\rkv_used_bytes\x18\x06 \x01(\x03\x12\x14\n\x0cweight_bytes\x18\x07 \x01(\x03\x12\x18\n\x10running_requests\x18\x08 \x01(\x05\x12\x17\n\x0fqueued_requests\x18\t \x01(\x05\x12\x13\n\x0bmax_context\x18\n \x01(\x05\x12\x17\n\x0fkv_mapped_bytes\x18\x0b \x01(\x03\x12\x16\n\x0ekv_free_tokens\x18\x0c \x01(\x03\x12\x1d\n\x15memory_limit_revision\x18\r \x01(\x03\x12\x1b\n\x13memory_limit_status\x18\x0e \x01(\t\"t\n\x10LoadModelRequest\x12!\n\x04spec\x18\x01 \x01(\x0b\x32\x13.prism.v1.ModelSpec\x12\x0f\n\x07gpu_ids\x18\x02 \x03(\x05\x12\x10\n\x08\x61\x63tivate\x18\x03 \x01(\x08\x12\x1a\n\x12memory_limit_bytes\x18\x04 \x01(\x03\"\x1d\n\x0cModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"T\n\x15SetMemoryLimitRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1a\n\x12memory_limit_bytes\x18\x02 \x01(\x03\x12\x10\n\x08revision\x18\x03 \x01(\x03\"\x12\n\x10GetStatusRequest\"k\n\x0b\x41gentStatus\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12!\n\x07\x64\x65vices\x18\x02 \x03(\x0b\x32\x10.prism.v1.Device\x12\'\n\x07\x65ngines\x18\x03 \x03(\x0b\x32\x16.prism.v1.EngineStatus*\x92\x01\n\x0b\x45ngineState\x12\x1c\n\x18\x45NGINE_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45NGINE_STATE_LOADING\x10\x01\x12\x17\n\x13\x45NGINE_STATE_ACTIVE\x10\x02\x12\x19\n\x15\x45NGINE_STATE_INACTIVE\x10\x03\x12\x17\n\x13\x45NGINE_STATE_FAILED\x10\x04\x32\xdb\x03\n\x05\x41gent\x12\x43\n\x08Generate\x12\x19.prism.v1.GenerateRequest\x1a\x1a.prism.v1.GenerateResponse0\x01\x12>\n\tGetStatus\x12\x1a.prism.v1.GetStatusRequest\x1a\x15.prism.v1.AgentStatus\x12?\n\tLoadModel\x12\x1a.prism.v1.LoadModelRequest\x1a\x16.prism.v1.EngineStatus\x12=\n\x0bUnloadModel\x12\x16.prism.v1.ModelRequest\x1a\x16.prism.v1.EngineStatus\x12?\n\rActivateModel\x12\x16.prism.v1.ModelRequest\x1a\x16.prism.v1.EngineStatus\x12\x41\n\x0f\x44\x65\x61\x63tivateModel\x12\x16.prism.v1.ModelRequest\x1a\x16.prism.v1.EngineStatus\x12I\n\x0eSetMemoryLimit\x12\x1f.prism.v1.SetMemoryLimitRequest\x1a\x16.prism.v1.EngineStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14prism/v1/agent.proto\x12\x08prism.v1\x1a\x17prism/v1/generate.proto\"I\n\x06\x44\x65vice\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x03\"\xc0\x01\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07tp_size\x18\x03 \x01(\x05\x12\x13\n\x0bload_format\x18\x04 \x01(\t\x12\x0e\n\x06\x65ngine\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0c\n\x04seed\x18\x07 \x01(\x03\x12\x1f\n\x03slo\x18\x08 \x01(\x0b\x32\x12.prism.v1.ModelSlo\x12\x10\n\x08priority\x18\t \x01(\x05\x12\x11\n\tshed_load\x18\n \x01(\x08\",\n\x08ModelSlo\x12\x0f\n\x07ttft_ms\x18\x01 \x01(\x01\x12\x0f\n\x07tpot_ms\x18\x02 \x01(\x01\"\xed\x01\n\x0cServingStats\x12\x10\n\x08window_s\x18\x01 \x01(\x01\x12\x14\n\x0c\x61rrival_rate\x18\x02 \x01(\x01\x12\x19\n\x11\x66inished_requests\x18\x03 \x01(\x03\x12\x13\n\x0bttft_p50_ms\x18\x04 \x01(\x01\x12\x13\n\x0bttft_p99_ms\x18\x05 \x01(\x01\x12\x13\n\x0btpot_p50_ms\x18\x06 \x01(\x01\x12\x13\n\x0btpot_p99_ms\x18\x07 \x01(\x01\x12\x16\n\x0eslo_attainment\x18\x08 \x01(\x01\x12\x15\n\rshed_requests\x18\t \x01(\x03\x12\x17\n\x0f\x66\x61iled_requests\x18\n \x01(\x03\"\xe4\x01\n\tGpuMemory\x12\x0e\n\x06gpu_id\x18\x01 \x01(\x05\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\x12\x14\n\x0cweight_bytes\x18\x03 \x01(\x03\x12\x15\n\rreserve_bytes\x18\x04 \x01(\x03\x12\x17\n\x0fkv_budget_bytes\x18\x05 \x01(\x03\x12\x16\n\x0ekv_limit_bytes\x18\x06 \x01(\x03\x12\x17\n\x0fkv_mapped_bytes\x18\x07 \x01(\x03\x12\x12\n\nfree_bytes\x18\x08 \x01(\x03\x12\'\n\x07\x65ngines\x18\t \x03(\x0b\x32\x16.prism.v1.EngineMemory\"\xa4\x01\n\x0c\x45ngineMemory\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tive\x18\x02 \x01(\x08\x12\x14\n\x0cweight_bytes\x18\x03 \x01(\x03\x12\x16\n\x0ekv_limit_bytes\x18\x04 \x01(\x03\x12\x17\n\x0fkv_mapped_bytes\x18\x05 \x01(\x03\x12\x15\n\rkv_used_bytes\x18\x06 \x01(\x03\x12\x17\n\x0fkv_demand_bytes\x18\x07 \x01(\x03\"\xcf\x03\n\x0c\x45ngineStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07gpu_ids\x18\x02 \x03(\x05\x12$\n\x05state\x18\x03 \x01(\x0e\x32\x15.prism.v1.EngineState\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x1a\n\x12memory_limit_bytes\x18\x05 \x01(\x03\x12\x15\n\rkv_used_bytes\x18\x06 \x01(\x03\x12\x14\n\x0cweight_bytes\x18\x07 \x01(\x03\x12\x18\n\x10running_requests\x18\x08 \x01(\x05\x12\x17\n\x0fqueued_requests\x18\t \x01(\x05\x12\x13\n\x0bmax_context\x18\n \x01(\x05\x12\x17\n\x0fkv_mapped_bytes\x18\x0b \x01(\x03\x12\x16\n\x0ekv_free_tokens\x18\x0c \x01(\x03\x12\x1d\n\x15memory_limit_revision\x18\r \x01(\x03\x12\x1b\n\x13memory_limit_status\x18\x0e \x01(\t\x12\x17\n\x0fkv_demand_bytes\x18\x0f \x01(\x03\x12\x18\n\x10\x61\x64mission_queued\x18\x10 \x01(\x05\x12\'\n\x07serving\x18\x11 \x01(\x0b\x32\x16.prism.v1.ServingStats\x12\x10\n\x08priority\x18\x12 \x01(\x05\"t\n\x10LoadModelRequest\x12!\n\x04spec\x18\x01 \x01(\x0b\x32\x13.prism.v1.ModelSpec\x12\x0f\n\x07gpu_ids\x18\x02 \x03(\x05\x12\x10\n\x08\x61\x63tivate\x18\x03 \x01(\x08\x12\x1a\n\x12memory_limit_bytes\x18\x04 \x01(\x03\"\x1d\n\x0cModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"T\n\x15SetMemoryLimitRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x1a\n\x12memory_limit_bytes\x18\x02 \x01(\x03\x12\x10\n\x08revision\x18\x03 \x01(\x03\"\x12\n\x10GetStatusRequest\"\x8e\x01\n\x0b\x41gentStatus\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12!\n\x07\x64\x65vices\x18\x02 \x03(\x0b\x32\x10.prism.v1.Device\x12\'\n\x07\x65ngines\x18\x03 \x03(\x0b\x32\x16.prism.v1.EngineStatus\x12!\n\x04gpus\x18\x04 \x03(\x0b\x32\x13.prism.v1.GpuMemory*\x92\x01\n\x0b\x45ngineState\x12\x1c\n\x18\x45NGINE_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45NGINE_STATE_LOADING\x10\x01\x12\x17\n\x13\x45NGINE_STATE_ACTIVE\x10\x02\x12\x19\n\x15\x45NGINE_STATE_INACTIVE\x10\x03\x12\x17\n\x13\x45NGINE_STATE_FAILED\x10\x04\x32\xdb\x03\n\x05\x41gent\x12\x43\n\x08Generate\x12\x19.prism.v1.GenerateRequest\x1a\x1a.prism.v1.GenerateResponse0\x01\x12>\n\tGetStatus\x12\x1a.prism.v1.GetStatusRequest\x1a\x15.prism.v1.AgentStatus\x12?\n\tLoadModel\x12\x1a.prism.v1.LoadModelRequest\x1a\x16.prism.v1.EngineStatus\x12=\n\x0bUnloadModel\x12\x16.prism.v1.ModelRequest\x1a\x16.prism.v1.EngineStatus\x12?\n\rActivateModel\x12\x16.prism.v1.ModelRequest\x1a\x16.prism.v1.EngineStatus\x12\x41\n\x0f\x44\x65\x61\x63tivateModel\x12\x16.prism.v1.ModelRequest\x1a\x16.prism.v1.EngineStatus\x12I\n\x0eSetMemoryLimit\x12\x1f.prism.v1.SetMemoryLimitRequest\x1a\x16.prism.v1.EngineStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'prism.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENGINESTATE']._serialized_start=979
-  _globals['_ENGINESTATE']._serialized_end=1125
+  _globals['_ENGINESTATE']._serialized_start=1880
+  _globals['_ENGINESTATE']._serialized_end=2026
   _globals['_DEVICE']._serialized_start=59
   _globals['_DEVICE']._serialized_end=132
-  _globals['_MODELSPEC']._serialized_start=134
-  _globals['_MODELSPEC']._serialized_end=256
-  _globals['_ENGINESTATUS']._serialized_start=259
-  _globals['_ENGINESTATUS']._serialized_end=612
-  _globals['_LOADMODELREQUEST']._serialized_start=614
-  _globals['_LOADMODELREQUEST']._serialized_end=730
-  _globals['_MODELREQUEST']._serialized_start=732
-  _globals['_MODELREQUEST']._serialized_end=761
-  _globals['_SETMEMORYLIMITREQUEST']._serialized_start=763
-  _globals['_SETMEMORYLIMITREQUEST']._serialized_end=847
-  _globals['_GETSTATUSREQUEST']._serialized_start=849
-  _globals['_GETSTATUSREQUEST']._serialized_end=867
-  _globals['_AGENTSTATUS']._serialized_start=869
-  _globals['_AGENTSTATUS']._serialized_end=976
-  _globals['_AGENT']._serialized_start=1128
-  _globals['_AGENT']._serialized_end=1603
+  _globals['_MODELSPEC']._serialized_start=135
+  _globals['_MODELSPEC']._serialized_end=327
+  _globals['_MODELSLO']._serialized_start=329
+  _globals['_MODELSLO']._serialized_end=373
+  _globals['_SERVINGSTATS']._serialized_start=376
+  _globals['_SERVINGSTATS']._serialized_end=613
+  _globals['_GPUMEMORY']._serialized_start=616
+  _globals['_GPUMEMORY']._serialized_end=844
+  _globals['_ENGINEMEMORY']._serialized_start=847
+  _globals['_ENGINEMEMORY']._serialized_end=1011
+  _globals['_ENGINESTATUS']._serialized_start=1014
+  _globals['_ENGINESTATUS']._serialized_end=1477
+  _globals['_LOADMODELREQUEST']._serialized_start=1479
+  _globals['_LOADMODELREQUEST']._serialized_end=1595
+  _globals['_MODELREQUEST']._serialized_start=1597
+  _globals['_MODELREQUEST']._serialized_end=1626
+  _globals['_SETMEMORYLIMITREQUEST']._serialized_start=1628
+  _globals['_SETMEMORYLIMITREQUEST']._serialized_end=1712
+  _globals['_GETSTATUSREQUEST']._serialized_start=1714
+  _globals['_GETSTATUSREQUEST']._serialized_end=1732
+  _globals['_AGENTSTATUS']._serialized_start=1735
+  _globals['_AGENTSTATUS']._serialized_end=1877
+  _globals['_AGENT']._serialized_start=2029
+  _globals['_AGENT']._serialized_end=2504
 # @@protoc_insertion_point(module_scope)

@@ -24,7 +24,7 @@ class RegisterAgentResponse(_message.Message):
     def __init__(self, report_interval_ms: _Optional[int] = ...) -> None: ...
 
 class ModelLoad(_message.Message):
-    __slots__ = ("model", "state", "arrival_rate", "queued_requests", "running_requests", "kv_used_bytes", "memory_limit_bytes", "kv_mapped_bytes", "kv_free_tokens")
+    __slots__ = ("model", "state", "arrival_rate", "queued_requests", "running_requests", "kv_used_bytes", "memory_limit_bytes", "kv_mapped_bytes", "kv_free_tokens", "kv_demand_bytes", "admission_queued", "serving")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ARRIVAL_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,9 @@ class ModelLoad(_message.Message):
     MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_MAPPED_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_FREE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KV_DEMAND_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ADMISSION_QUEUED_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
     model: str
     state: _agent_pb2.EngineState
     arrival_rate: float
@@ -43,17 +46,22 @@ class ModelLoad(_message.Message):
     memory_limit_bytes: int
     kv_mapped_bytes: int
     kv_free_tokens: int
-    def __init__(self, model: _Optional[str] = ..., state: _Optional[_Union[_agent_pb2.EngineState, str]] = ..., arrival_rate: _Optional[float] = ..., queued_requests: _Optional[int] = ..., running_requests: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., kv_mapped_bytes: _Optional[int] = ..., kv_free_tokens: _Optional[int] = ...) -> None: ...
+    kv_demand_bytes: int
+    admission_queued: int
+    serving: _agent_pb2.ServingStats
+    def __init__(self, model: _Optional[str] = ..., state: _Optional[_Union[_agent_pb2.EngineState, str]] = ..., arrival_rate: _Optional[float] = ..., queued_requests: _Optional[int] = ..., running_requests: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., kv_mapped_bytes: _Optional[int] = ..., kv_free_tokens: _Optional[int] = ..., kv_demand_bytes: _Optional[int] = ..., admission_queued: _Optional[int] = ..., serving: _Optional[_Union[_agent_pb2.ServingStats, _Mapping]] = ...) -> None: ...
 
 class LoadReport(_message.Message):
-    __slots__ = ("agent_id", "sequence", "models")
+    __slots__ = ("agent_id", "sequence", "models", "gpus")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     sequence: int
     models: _containers.RepeatedCompositeFieldContainer[ModelLoad]
-    def __init__(self, agent_id: _Optional[str] = ..., sequence: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelLoad, _Mapping]]] = ...) -> None: ...
+    gpus: _containers.RepeatedCompositeFieldContainer[_agent_pb2.GpuMemory]
+    def __init__(self, agent_id: _Optional[str] = ..., sequence: _Optional[int] = ..., models: _Optional[_Iterable[_Union[ModelLoad, _Mapping]]] = ..., gpus: _Optional[_Iterable[_Union[_agent_pb2.GpuMemory, _Mapping]]] = ...) -> None: ...
 
 class LoadReportAck(_message.Message):
     __slots__ = ("sequence",)

@@ -1,0 +1,135 @@
+"""The memory policies on hand-built snapshots: pure functions, no engines."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from services.gpu_agent.memory_policy import (
+    DeviceMemorySnapshot,
+    EngineMemoryDemand,
+    PolicyParams,
+    grant,
+    plan_balloon,
+    plan_static,
+    water_fill,
+)
+
+UNIT = 1 << 20  # 1 MiB page bundles
+PARAMS = PolicyParams(headroom_units=2, hysteresis_units=2)
+
+
+def engine(model, *, demand=0, used=0, limit=0, priority=1, cap=0):
+    return EngineMemoryDemand(model=model, priority=priority, used_bytes=used * UNIT, demand_bytes=demand * UNIT,
+                              limit_bytes=limit * UNIT, cap_bytes=cap * UNIT)
+
+
+def snapshot(budget_units, *engines):
+    return DeviceMemorySnapshot(budget_bytes=budget_units * UNIT, unit_bytes=UNIT, engines=tuple(engines))
+
+
+def units(plan):
+    return {m: b // UNIT for m, b in plan.items()}
+
+
+def test_wants_that_fit_are_granted_and_the_rest_stays_free():
+    plan = units(plan_balloon(snapshot(100, engine("a", demand=10), engine("b", demand=0)), PARAMS))
+    assert plan == {"a": 12, "b": 2}  # demand + headroom; 86 units unassigned for bursts
+
+
+def test_a_burst_takes_memory_from_an_idle_engine():
+    # b held a large limit while busy; now a bursts and b is idle.
+    plan = units(plan_balloon(snapshot(100, engine("a", demand=90, limit=10), engine("b", demand=0, limit=90)), PARAMS))
+    assert plan["a"] == 92 and plan["b"] == 2
+    assert sum(plan.values()) <= 100
+
+
+def test_contention_splits_by_priority_and_cuts_the_engine_over_its_share():
+    plan = units(plan_balloon(snapshot(90, engine("hi", demand=100, used=30, limit=30, priority=2),
+                                       engine("lo", demand=100, used=60, limit=60, priority=1)), PARAMS))
+    assert plan == {"hi": 60, "lo": 30}  # 2:1, and lo preempts down to 30
+
+
+def test_one_engine_wanting_little_leaves_the_rest_to_the_others():
+    plan = units(plan_balloon(snapshot(100, engine("a", demand=8), engine("b", demand=500), engine("c", demand=500)),
+                              PARAMS))
+    assert plan == {"a": 10, "b": 45, "c": 45}
+
+
+def test_caps_apply():
+    plan = units(plan_balloon(snapshot(100, engine("a", demand=80, cap=20), engine("b", demand=10)), PARAMS))
+    assert plan == {"a": 20, "b": 12}
+
+
+def test_every_engine_keeps_one_unit_even_when_the_budget_is_tiny():
+    plan = units(plan_balloon(snapshot(3, engine("a", demand=50), engine("b", demand=50), engine("c", demand=50)),
+                              PARAMS))
+    assert plan == {"a": 1, "b": 1, "c": 1}
+    plan = units(plan_balloon(snapshot(2, engine("a", demand=50, priority=1), engine("b", demand=50, priority=3),
+                                       engine("c", demand=50, priority=2)), PARAMS))
+    assert plan == {"a": 0, "b": 1, "c": 1}  # not even the floors fit: highest priorities keep theirs
+
+
+def test_small_changes_are_not_made():
+    # Demand moved by one unit either way: the limits stay.
+    plan = units(plan_balloon(snapshot(100, engine("a", demand=11, limit=12), engine("b", demand=21, limit=22)), PARAMS))
+    assert plan == {"a": 12, "b": 22}
+    plan = units(plan_balloon(snapshot(100, engine("a", demand=9, limit=12), engine("b", demand=19, limit=20)), PARAMS))
+    assert plan == {"a": 12, "b": 20}
+
+
+def test_hysteresis_never_breaks_the_budget():
+    # Keeping a's slightly larger limit would put the sum over the budget.
+    plan = units(plan_balloon(snapshot(40, engine("a", demand=100, limit=21), engine("b", demand=100, limit=19)),
+                              PARAMS))
+    assert sum(plan.values()) <= 40
+
+
+def test_no_flapping_under_noisy_demand():
+    rng = random.Random(7)
+    limits = {"a": 0, "b": 0}
+    changes = 0
+    for _ in range(200):
+        engines = [engine(m, demand=base + rng.randint(-1, 1), limit=limits[m]) for m, base in (("a", 30), ("b", 50))]
+        plan = units(plan_balloon(snapshot(200, *engines), PARAMS))
+        changes += sum(plan[m] != limits[m] for m in plan)
+        limits = plan
+    assert changes <= 4  # the first plan sets both; noise of one unit moves nothing after
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_limits_never_sum_over_the_budget(seed):
+    rng = random.Random(seed)
+    budget = rng.randint(1, 300)
+    engines = [engine(f"m{i}", demand=rng.randint(0, 200), used=rng.randint(0, 100), limit=rng.randint(0, 150),
+                      priority=rng.randint(1, 4), cap=rng.choice([0, 0, rng.randint(1, 100)]))
+               for i in range(rng.randint(1, 5))]
+    for policy in (plan_balloon, plan_static):
+        plan = policy(snapshot(budget, *engines), PARAMS)
+        assert sum(plan.values()) <= budget * UNIT
+        assert all(v % UNIT == 0 and v >= 0 for v in plan.values())
+        for e in engines:
+            assert e.cap_bytes == 0 or plan[e.model] <= max(e.cap_bytes, UNIT)
+
+
+def test_water_fill_is_max_min_fair():
+    assert water_fill({"a": 10, "b": 10}, {"a": 1, "b": 1}, 10) == {"a": 5, "b": 5}
+    assert water_fill({"a": 2, "b": 100}, {"a": 1, "b": 1}, 50) == {"a": 2, "b": 48}
+    assert water_fill({"a": 100, "b": 100}, {"a": 3, "b": 1}, 40) == {"a": 30, "b": 10}
+    assert sum(water_fill({"a": 100, "b": 100, "c": 100}, {"a": 1, "b": 1, "c": 1}, 10).values()) == 10
+
+
+def test_static_splits_equally_whatever_the_demand():
+    plan = units(plan_static(snapshot(100, engine("a", demand=90), engine("b", demand=0)), PARAMS))
+    assert plan == {"a": 50, "b": 50}
+
+
+def test_grant_comes_from_unassigned_budget_only():
+    snap = snapshot(100, engine("a", limit=30), engine("b", limit=60))
+    assert grant(snap, "a", 5 * UNIT) == 35 * UNIT
+    assert grant(snap, "a", 10 * UNIT) == 40 * UNIT
+    assert grant(snap, "a", 11 * UNIT) is None
+    assert grant(snap, "a", UNIT // 2) == 31 * UNIT  # whole units
+    assert grant(snapshot(100, engine("a", limit=30, cap=32)), "a", 5 * UNIT) is None
+    assert grant(snap, "nope", UNIT) is None
