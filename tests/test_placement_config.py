@@ -85,3 +85,20 @@ def test_relative_model_path_resolves_against_config_folder(tmp_path):
     path = tmp_path / "c.json"
     path.write_text(json.dumps([{"model_name": "m", "model_path": "models/m", "init_placements": [{"gpu_ids": [0]}]}]))
     assert pc.load(path).models[0].model_path == str((tmp_path / "models" / "m").resolve())
+
+
+def test_slo_priority_and_shed_load():
+    base = {"model_name": "m", "model_path": "/m", "init_placements": [{"gpu_ids": [0]}]}
+    cfg = pc.parse([{**base, "slo": {"ttft_ms": 250, "tpot_ms": 40.5}, "priority": 3, "shed_load": True}])
+    m = cfg.models[0]
+    assert (m.ttft_slo_ms, m.tpot_slo_ms, m.priority, m.shed_load) == (250.0, 40.5, 3, True)
+    m = pc.parse([base]).models[0]
+    assert (m.ttft_slo_ms, m.tpot_slo_ms, m.priority, m.shed_load) == (None, None, 1, False)
+    with pytest.raises(pc.ConfigError) as err:
+        pc.parse([{**base, "slo": {"ttft_ms": 0, "tpot": 5}, "priority": 0, "shed_load": "yes"}])
+    assert sorted(err.value.errors) == sorted([
+        "[0].slo.ttft_ms: must be a positive number of milliseconds, got 0",
+        "[0].slo.tpot: unknown field",
+        "[0].priority: must be an integer >= 1, got 0",
+        "[0].shed_load: must be true or false, got 'yes'",
+    ])

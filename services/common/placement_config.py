@@ -6,8 +6,12 @@ Compatible with the original Prism's file, a JSON (or YAML) list of models:
       "init_placements": [{"gpu_ids": [0], "on": true, "max_memory_pool_size": 15}]}]
 
 Prism's own optional fields per model: "load_format" ("auto" | "dummy"),
-"engine" ("torch" | "sglang"), "dtype", "seed". `max_memory_pool_size` is in
-GB of KV memory. A relative model_path is resolved against the config file's
+"engine" ("torch" | "sglang"), "dtype", "seed", "slo" ({"ttft_ms": ...,
+"tpot_ms": ...}, the latency targets its requests are admitted against),
+"priority" (an integer >= 1, its weight when models on a GPU contend for
+memory) and "shed_load" (true: refuse with 429 a request that can no longer
+meet its TTFT instead of serving it late). `max_memory_pool_size` is in GB of
+KV memory: the most the model's engine may hold there. A relative model_path is resolved against the config file's
 folder. load() reports every problem at once, each with its field's path
 (e.g. `[1].init_placements[0].gpu_ids`), rather than stopping at the first.
 """
@@ -55,6 +59,10 @@ class ModelConfig:
     engine: str = "torch"
     dtype: str = "auto"
     seed: int = 0
+    ttft_slo_ms: float | None = None  # None: the agent's default
+    tpot_slo_ms: float | None = None
+    priority: int = 1
+    shed_load: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,7 +76,9 @@ class PlacementConfig:
         raise KeyError(name)
 
 
-_MODEL_FIELDS = {"model_name", "model_path", "tp_size", "init_placements", "load_format", "engine", "dtype", "seed"}
+_MODEL_FIELDS = {"model_name", "model_path", "tp_size", "init_placements", "load_format", "engine", "dtype", "seed",
+                 "slo", "priority", "shed_load"}
+_SLO_FIELDS = {"ttft_ms", "tpot_ms"}
 _PLACEMENT_FIELDS = {"gpu_ids", "on", "max_memory_pool_size"}
 
 
@@ -133,6 +143,15 @@ def parse(data: Any, base_dir: Path | None = None, source: str = "<config>") -> 
             c.error(f"{p}.seed", f"must be an integer, got {seed!r}")
             seed = 0
         placements = _parse_placements(c, entry.get("init_placements"), f"{p}.init_placements", tp)
+        ttft_ms, tpot_ms = _parse_slo(c, entry.get("slo"), f"{p}.slo")
+        priority = entry.get("priority", 1)
+        if not _is_int(priority) or priority < 1:
+            c.error(f"{p}.priority", f"must be an integer >= 1, got {priority!r}")
+            priority = 1
+        shed_load = entry.get("shed_load", False)
+        if not isinstance(shed_load, bool):
+            c.error(f"{p}.shed_load", f"must be true or false, got {shed_load!r}")
+            shed_load = False
         models.append(ModelConfig(
             model_name=name,
             model_path=path,
@@ -142,10 +161,32 @@ def parse(data: Any, base_dir: Path | None = None, source: str = "<config>") -> 
             engine=c.choice(entry, "engine", p, ENGINES, "torch"),
             dtype=c.choice(entry, "dtype", p, DTYPES, "auto"),
             seed=seed,
+            ttft_slo_ms=ttft_ms,
+            tpot_slo_ms=tpot_ms,
+            priority=priority,
+            shed_load=shed_load,
         ))
     if c.errors:
         raise ConfigError(source, c.errors)
     return PlacementConfig(models=tuple(models))
+
+
+def _parse_slo(c: _Checker, raw: Any, path: str) -> tuple[float | None, float | None]:
+    if raw is None:
+        return None, None
+    if not isinstance(raw, dict):
+        c.error(path, f"must be an object like {{\"ttft_ms\": 1000, \"tpot_ms\": 100}}, got {raw!r}")
+        return None, None
+    for unknown in sorted(set(raw) - _SLO_FIELDS):
+        c.error(f"{path}.{unknown}", "unknown field")
+    out: list[float | None] = []
+    for key in ("ttft_ms", "tpot_ms"):
+        value = raw.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            c.error(f"{path}.{key}", f"must be a positive number of milliseconds, got {value!r}")
+            value = None
+        out.append(float(value) if value is not None else None)
+    return out[0], out[1]
 
 
 def _parse_placements(c: _Checker, raw: Any, path: str, tp_size: int) -> tuple[InitPlacement, ...]:

@@ -25,8 +25,13 @@ class EngineHandle(Protocol):
     device: str
     max_context: int
     weight_bytes: int
+    kv_bytes_per_token: int
 
     def stats(self) -> EngineStats: ...
+
+    def count_prompt_tokens(self, req: GenerationRequest) -> int:
+        """The request's prompt length in tokens (admission reserves KV by it);
+        raises InvalidRequestError for a prompt the engine would refuse."""
 
     def generate(self, req: GenerationRequest) -> AsyncIterator[GenerationOutput]: ...
 
@@ -48,9 +53,13 @@ class InlineEngine:
         self.device = engine.device
         self.max_context = engine.max_context
         self.weight_bytes = engine.weight_bytes
+        self.kv_bytes_per_token = engine.kv_bytes_per_token
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
+
+    def count_prompt_tokens(self, req: GenerationRequest) -> int:
+        return len(self.engine.tokenize_prompt(req))
 
     def generate(self, req: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         return self.engine.generate(req)

@@ -20,6 +20,7 @@ from services.common import placement_config, records
 from services.common.etcd import PrefixMirror, connect
 from services.common.grpc_util import add_health_and_reflection, mark_serving
 from services.common.logs import setup_logging
+from services.common.placement_config import ModelConfig
 from services.scheduler.actions import Action, plan_actions
 from services.scheduler.policy import POLICIES, AgentView, ClusterSnapshot, Placement
 from services.scheduler.scheduler_service import SchedulerService
@@ -37,6 +38,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--replan-interval-s", type=float, default=2.0)
     p.add_argument("--load-timeout-s", type=float, default=600.0, help="deadline of one LoadModel command")
     return p.parse_args(argv)
+
+
+def model_spec(model: ModelConfig) -> agent_pb2.ModelSpec:
+    """What an agent needs to run the model (its SLO unset where the config leaves it to the agent's default)."""
+    return agent_pb2.ModelSpec(
+        name=model.model_name, path=model.model_path, tp_size=model.tp_size, load_format=model.load_format,
+        engine=model.engine, dtype=model.dtype, seed=model.seed, priority=model.priority, shed_load=model.shed_load,
+        slo=agent_pb2.ModelSlo(ttft_ms=model.ttft_slo_ms or 0, tpot_ms=model.tpot_slo_ms or 0),
+    )
 
 
 class PlacementLoop:
@@ -129,8 +139,7 @@ class PlacementLoop:
             if action.kind == "load":
                 spec = self.config.model(action.model)
                 status = await stub.LoadModel(agent_pb2.LoadModelRequest(
-                    spec=agent_pb2.ModelSpec(name=spec.model_name, path=spec.model_path, tp_size=spec.tp_size,
-                                             load_format=spec.load_format, engine=spec.engine, dtype=spec.dtype, seed=spec.seed),
+                    spec=model_spec(spec),
                     gpu_ids=list(action.gpu_ids), activate=action.activate, memory_limit_bytes=action.memory_limit_bytes,
                 ), timeout=self.load_timeout_s)
                 if status.state == agent_pb2.ENGINE_STATE_FAILED:

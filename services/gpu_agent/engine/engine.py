@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 
-from services.gpu_agent.engine.chat_template import ChatTemplateError
 from services.gpu_agent.engine.cuda_graphs import DecodeGraphRunner
 from services.gpu_agent.engine.detokenizer import IncrementalDetokenizer
 from services.gpu_agent.engine.errors import (
@@ -51,6 +50,7 @@ from services.gpu_agent.engine.kvcached_pool import KvcachedPool, kvcached_avail
 from services.gpu_agent.engine.model import CausalLM
 from services.gpu_agent.engine.model_config import ModelConfig, load_model_config
 from services.gpu_agent.engine.paged_attention import build_step_attention
+from services.gpu_agent.engine.prompt import prompt_token_ids
 from services.gpu_agent.engine.request import (
     EngineStats,
     GenerationOutput,
@@ -78,6 +78,12 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# The growth counted in each request's KV demand (stats().kv_demand_tokens):
+# enough decode steps that the memory coordinator, re-planning every 100 ms,
+# raises a limit before the requests reach it rather than after.
+DEMAND_GROWTH_TOKENS = 32
+
 
 DEFAULT_CONTEXTS_IN_MEMORY = 8  # default KV limit: this many full contexts
 DEFAULT_CAPACITY_CONTEXTS = 32  # default virtual KV reservation on the CPU, at least
@@ -374,24 +380,13 @@ class Engine:
                 kv_free_tokens=pool.free_tokens if pool is not None else 0,
                 memory_limit_revision=state.revision,
                 memory_limit_status=state.status,
+                kv_demand_tokens=s.demand_tokens(DEMAND_GROWTH_TOKENS),
             )
 
     # ---- requests ---------------------------------------------------------
 
     def tokenize_prompt(self, req: GenerationRequest) -> list[int]:
-        if req.messages is not None:
-            if not req.messages:
-                raise InvalidRequestError("messages is empty")
-            for m in req.messages:
-                if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                    raise InvalidRequestError(f"each message needs a string role and content, got {m!r}")
-            try:
-                return self.tokenizer.encode_chat(req.messages, req.add_generation_prompt)
-            except ChatTemplateError as exc:
-                raise InvalidRequestError(f"cannot render the chat: {exc}") from None
-        if not req.prompt:
-            raise InvalidRequestError("the prompt is empty (give a prompt or messages)")
-        return self.tokenizer.encode(req.prompt)
+        return prompt_token_ids(self.tokenizer, req)
 
     def _checked_prompt_ids(self, req: GenerationRequest) -> list[int]:
         ids = self.tokenize_prompt(req)

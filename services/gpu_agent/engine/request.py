@@ -41,3 +41,4 @@ class EngineStats:
     kv_free_tokens: int = 0  # token slots that can still be allocated under the limit
     memory_limit_revision: int = 0
     memory_limit_status: str = "applied"  # or "deferred": mapped is above the limit until requests end
+    kv_demand_tokens: int = 0  # token slots its requests hold, and will need over the next few steps

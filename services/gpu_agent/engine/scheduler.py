@@ -69,6 +69,13 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def demand_tokens(self, growth: int) -> int:
+        """Token slots the running and waiting sequences need: all their tokens
+        so far (a waiting one must recompute its KV) and up to `growth` more
+        each, bounded by what each may still generate."""
+        return sum(len(seq.token_ids) + min(growth, max(0, seq.max_tokens - seq.num_output))
+                   for seq in (*self.running, *self.waiting))
+
     def fits_alone(self, num_tokens: int) -> bool:
         """Whether a sequence of num_tokens and one more token fits under the limit by itself."""
         return num_tokens + 1 <= self.pool.limit_tokens

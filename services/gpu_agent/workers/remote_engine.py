@@ -29,11 +29,13 @@ from prism.v1 import engine_worker_pb2 as wpb
 from services.gpu_agent.engine.errors import EngineError
 from services.gpu_agent.engine.host_weights import ActivationTiming
 from services.gpu_agent.engine.kv_pool import MemoryLimitState
+from services.gpu_agent.engine.prompt import prompt_token_ids
 from services.gpu_agent.engine.request import (
     EngineStats,
     GenerationOutput,
     GenerationRequest,
 )
+from services.gpu_agent.engine.tokenizer import Tokenizer
 from services.gpu_agent.workers import wire
 from services.gpu_agent.workers.errors import WorkerLostError
 from services.gpu_agent.workers.worker_process import WorkerProcess
@@ -51,13 +53,16 @@ OnLost = Callable[[WorkerLostError], Awaitable[None]]
 
 class RemoteEngine:
     def __init__(self, worker: WorkerProcess, name: str, loaded: wpb.LoadReply, stats: wpb.EngineStatsReply,
-                 unresponsive_after_s: float = UNRESPONSIVE_AFTER_S):
+                 unresponsive_after_s: float = UNRESPONSIVE_AFTER_S, model_path: str = ""):
         self.worker = worker
         self.name = name
         self.device = loaded.device
         self.max_context = loaded.max_context
         self.weight_bytes = loaded.weight_bytes
         self.load_s = loaded.load_s
+        self.kv_bytes_per_token = loaded.kv_bytes_per_token
+        self._model_path = model_path
+        self._tokenizer: Tokenizer | None = None  # the agent's own copy, for counting prompt tokens
         self._stub = worker.stub
         self._stats = wire.stats_from_proto(stats)
         self._active = stats.active
@@ -90,7 +95,7 @@ class RemoteEngine:
                                       f"{name!r} ({worker.exit_description()})") from None
             raise wire.CODE_TO_ERROR.get(exc.code(), EngineError)(exc.details()) from None
         log.info("loaded %s into engine worker %d on %s in %.2fs", name, worker.pid, loaded.device, loaded.load_s)
-        return cls(worker, name, loaded, stats, unresponsive_after_s)
+        return cls(worker, name, loaded, stats, unresponsive_after_s, model_path=str(path))
 
     # ---- state -----------------------------------------------------------------
 
@@ -109,6 +114,13 @@ class RemoteEngine:
     def stats(self) -> EngineStats:
         """The latest stats (at most about 100 ms old; fresh after any state change made here)."""
         return self._stats
+
+    def count_prompt_tokens(self, req: GenerationRequest) -> int:
+        # Tokenized here and again in the worker: a second pass over the prompt
+        # costs far less than a round trip to the worker before admission.
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer(self._model_path)
+        return len(prompt_token_ids(self._tokenizer, req))
 
     def on_lost(self, callback: OnLost) -> None:
         self._on_lost.append(callback)

@@ -58,7 +58,8 @@ class EngineWorkerService(engine_worker_pb2_grpc.EngineWorkerServicer):
                 await self._abort_with(context, exc)
             load_s = time.perf_counter() - start
             return wpb.LoadReply(weight_bytes=self.engine.weight_bytes, max_context=self.engine.max_context,
-                                 load_s=load_s, device=self.engine.device)
+                                 load_s=load_s, device=self.engine.device,
+                                 kv_bytes_per_token=self.engine.kv_bytes_per_token)
 
     def _build(self, spec: wpb.EngineLoadSpec) -> Engine:
         try:
