@@ -1,0 +1,148 @@
+"""One model's recent requests on this agent: arrival rate, TTFT and TPOT
+percentiles, SLO attainment, shed and failed counts over a sliding window.
+
+The agent records every request's arrival and end here; the load reporter,
+GetStatus (and so the gateway's /metrics and `prism top`) read snapshots.
+Events are kept with their time in deques and dropped once older than the
+window, on every call, so memory follows the request rate times the window;
+a cap on each deque bounds it even under a flood (then the window shrinks to
+what the newest `max_events` events cover, and the rate is computed over that
+span, so it stays right).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from services.gpu_agent.slo import ModelSlo
+
+DEFAULT_WINDOW_S = 60.0
+DEFAULT_MAX_EVENTS = 100_000  # per kind of event: about 1,700 requests/s over a minute
+# Arrival rates in the first moments of a window would be wild (one request
+# after 1 ms is not 1,000/s): the rate's span is never shorter than this.
+MIN_RATE_SPAN_S = 1.0
+
+
+@dataclass(frozen=True)
+class ServingSnapshot:
+    """Mirrors the ServingStats proto (services/gpu_agent/status_report.py converts)."""
+
+    window_s: float  # the span the numbers cover: the window, or less just after start
+    arrival_rate: float  # requests/s
+    finished_requests: int
+    ttft_p50_ms: float  # 0 when none finished
+    ttft_p99_ms: float
+    tpot_p50_ms: float  # 0 when no finished request had a second token
+    tpot_p99_ms: float
+    slo_attainment: float  # fraction of finished requests within both SLOs; 1.0 when none finished
+    shed_requests: int
+    failed_requests: int
+
+
+@dataclass(frozen=True)
+class _Finished:
+    at: float
+    ttft_s: float
+    tpot_s: float | None
+    met: bool
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in (0, 1]) of an ascending list; 0.0 when empty.
+    Nearest rank reports a value that was actually observed, and p99 of a
+    handful of requests is their slowest, which is what an SLO cares about."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, math.ceil(q * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+class ModelRequestStats:
+    def __init__(self, slo: ModelSlo, window_s: float = DEFAULT_WINDOW_S,
+                 clock: Callable[[], float] = time.monotonic, max_events: int = DEFAULT_MAX_EVENTS):
+        if window_s <= 0:
+            raise ValueError("window_s must be positive")
+        self.slo = slo
+        self.window_s = window_s
+        self._clock = clock
+        self._started = clock()
+        self._arrivals: deque[float] = deque(maxlen=max_events)
+        self._finished: deque[_Finished] = deque(maxlen=max_events)
+        self._shed: deque[float] = deque(maxlen=max_events)
+        self._failed: deque[float] = deque(maxlen=max_events)
+        # Requests end on the event loop, but an engine thread or a test may
+        # record too; a snapshot must not see a deque mid-prune.
+        self._lock = threading.Lock()
+
+    # ---- recording ---------------------------------------------------------
+
+    def arrived(self) -> None:
+        with self._lock:
+            now = self._clock()
+            self._arrivals.append(now)
+            self._prune(now)
+
+    def finished(self, ttft_s: float, tpot_s: float | None) -> None:
+        """A request ended normally; tpot_s is None when it produced one token only."""
+        with self._lock:
+            now = self._clock()
+            self._finished.append(_Finished(now, ttft_s, tpot_s, self.slo.met(ttft_s, tpot_s)))
+            self._prune(now)
+
+    def shed(self) -> None:
+        """A request was refused (the model sheds load it cannot serve in time)."""
+        with self._lock:
+            now = self._clock()
+            self._shed.append(now)
+            self._prune(now)
+
+    def failed(self) -> None:
+        """A request ended with an error."""
+        with self._lock:
+            now = self._clock()
+            self._failed.append(now)
+            self._prune(now)
+
+    # ---- reading -----------------------------------------------------------
+
+    def snapshot(self) -> ServingSnapshot:
+        with self._lock:
+            now = self._clock()
+            self._prune(now)
+            span = min(self.window_s, now - self._started)
+            rate_span = max(span, MIN_RATE_SPAN_S)
+            arrivals = len(self._arrivals)
+            if arrivals == self._arrivals.maxlen and now > self._arrivals[0]:
+                # Capped: the retained arrivals cover less than the window; a
+                # flood is what fills the cap, so their own span is no start-up blip.
+                span = rate_span = min(span, now - self._arrivals[0])
+            finished = list(self._finished)
+            shed, failed = len(self._shed), len(self._failed)
+        ttfts = sorted(f.ttft_s for f in finished)
+        tpots = sorted(f.tpot_s for f in finished if f.tpot_s is not None)
+        return ServingSnapshot(
+            window_s=span,
+            arrival_rate=arrivals / rate_span,
+            finished_requests=len(finished),
+            ttft_p50_ms=percentile(ttfts, 0.50) * 1000,
+            ttft_p99_ms=percentile(ttfts, 0.99) * 1000,
+            tpot_p50_ms=percentile(tpots, 0.50) * 1000,
+            tpot_p99_ms=percentile(tpots, 0.99) * 1000,
+            slo_attainment=sum(f.met for f in finished) / len(finished) if finished else 1.0,
+            shed_requests=shed,
+            failed_requests=failed,
+        )
+
+    def _prune(self, now: float) -> None:
+        # The window is [now - window_s, now]: an event exactly window_s old still counts.
+        cutoff = now - self.window_s
+        for times in (self._arrivals, self._shed, self._failed):
+            while times and times[0] < cutoff:
+                times.popleft()
+        while self._finished and self._finished[0].at < cutoff:
+            self._finished.popleft()
