@@ -52,6 +52,7 @@ class LocalCluster:
     cpu_memory_gb: float = 4.0
     host: str = "127.0.0.1"
     engine_isolation: str = "auto"  # the agent's --engine-isolation: auto | process | inline
+    agent_args: tuple[str, ...] = ()  # more agent flags (--memory-policy, --memory-reserve-gb, ...)
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).resolve()
@@ -107,7 +108,7 @@ class LocalCluster:
         self._spawn("agent", "services.gpu_agent.server", "--etcd", self.etcd_endpoint,
                     "--scheduler", self.scheduler_address, "--listen", self.agent_address,
                     "--device", self.device, "--cpu-memory-gb", str(self.cpu_memory_gb),
-                    "--engine-isolation", self.engine_isolation)
+                    "--engine-isolation", self.engine_isolation, *self.agent_args)
 
     def _spawn(self, name: str, module: str, *args: str) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}

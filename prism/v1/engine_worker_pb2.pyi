@@ -44,18 +44,20 @@ class EngineLoadSpec(_message.Message):
     def __init__(self, path: _Optional[str] = ..., name: _Optional[str] = ..., load_format: _Optional[str] = ..., dtype: _Optional[str] = ..., seed: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., kv_capacity_bytes: _Optional[int] = ...) -> None: ...
 
 class LoadReply(_message.Message):
-    __slots__ = ("weight_bytes", "max_context", "load_s", "device", "kv_bytes_per_token")
+    __slots__ = ("weight_bytes", "max_context", "load_s", "device", "kv_bytes_per_token", "kv_bundle_bytes")
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     LOAD_S_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    KV_BUNDLE_BYTES_FIELD_NUMBER: _ClassVar[int]
     weight_bytes: int
     max_context: int
     load_s: float
     device: str
     kv_bytes_per_token: int
-    def __init__(self, weight_bytes: _Optional[int] = ..., max_context: _Optional[int] = ..., load_s: _Optional[float] = ..., device: _Optional[str] = ..., kv_bytes_per_token: _Optional[int] = ...) -> None: ...
+    kv_bundle_bytes: int
+    def __init__(self, weight_bytes: _Optional[int] = ..., max_context: _Optional[int] = ..., load_s: _Optional[float] = ..., device: _Optional[str] = ..., kv_bytes_per_token: _Optional[int] = ..., kv_bundle_bytes: _Optional[int] = ...) -> None: ...
 
 class WorkerSetMemoryLimitRequest(_message.Message):
     __slots__ = ("memory_limit_bytes", "revision")

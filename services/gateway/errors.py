@@ -14,10 +14,11 @@ class GatewayError(Exception):
     error_type = "server_error"
     error_code: str | None = "internal_error"
 
-    def __init__(self, message: str, *, param: str | None = None):
+    def __init__(self, message: str, *, param: str | None = None, retry_after_s: int | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
+        self.retry_after_s = retry_after_s  # sent as Retry-After (REST) / retry-after (gRPC trailer)
 
 
 class InvalidRequest(GatewayError):
@@ -78,10 +79,26 @@ _BY_AGENT_CODE: dict[grpc.StatusCode, type[GatewayError]] = {
 }
 
 
+# The agent's trailing metadata key on a shed request: seconds before a retry may succeed.
+RETRY_AFTER_KEY = "retry-after"
+
+
+def retry_after_of(trailing_metadata) -> int | None:
+    for key, value in trailing_metadata or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                return max(1, int(value))
+            except ValueError:
+                return None
+    return None
+
+
 def from_agent_error(code: grpc.StatusCode, details: str | None, *, model: str, request_id: str,
-                     timeout_s: float) -> GatewayError:
+                     timeout_s: float, retry_after_s: int | None = None) -> GatewayError:
     """The gateway error for an agent's failed Generate call."""
     details = details or code.name
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return RateLimited(details, retry_after_s=retry_after_s)
     if code == grpc.StatusCode.UNAVAILABLE:
         return ModelUnavailable(f"model {model!r} is unavailable: {details}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:

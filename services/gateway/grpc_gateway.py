@@ -15,7 +15,7 @@ import grpc
 
 from prism.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
 from services.common.logs import request_id_var
-from services.gateway.errors import ClientGone, GatewayError, InternalError
+from services.gateway.errors import RETRY_AFTER_KEY, ClientGone, GatewayError, InternalError
 from services.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from services.gateway.relay import AgentStream, Relay
 from services.gateway.request_ids import HEADER, choose_request_id, prefix_for
@@ -68,6 +68,8 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         if failure is not None:
             log.info("generate model=%s failed: %s %s", model, failure.grpc_code.name, failure.message)
             tracker.finish(failure.http_status)
+            if failure.retry_after_s is not None:
+                metadata = (*metadata, (RETRY_AFTER_KEY, str(failure.retry_after_s)))
             await context.abort(failure.grpc_code, failure.message, trailing_metadata=metadata)
 
     async def ListModels(self, request: gateway_pb2.ListModelsRequest,

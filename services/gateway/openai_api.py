@@ -54,7 +54,8 @@ def _request_id(request: Request) -> str:
 
 
 def _error_response(request: Request, error: GatewayError) -> JSONResponse:
-    return JSONResponse(error_body(error, _request_id(request)), status_code=error.http_status)
+    headers = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s is not None else None
+    return JSONResponse(error_body(error, _request_id(request)), status_code=error.http_status, headers=headers)
 
 
 def _param_path(loc: list[Any]) -> str:
@@ -205,7 +206,7 @@ def create_app(router: Router, relay: Relay, metrics: GatewayMetrics) -> FastAPI
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
-        return Response(metrics.render(), media_type=metrics.content_type)
+        return Response(await metrics.render_cluster(router), media_type=metrics.content_type)
 
     def model_object(name: str, available: bool, max_context: int) -> dict[str, Any]:
         # `available` and `max_context` are ours; OpenAI clients ignore them.

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from prism.v1 import generate_pb2
-from services.gateway.errors import GatewayError, InternalError, ModelUnavailable, from_agent_error
+from services.gateway.errors import GatewayError, InternalError, ModelUnavailable, from_agent_error, retry_after_of
 from services.gateway.request_ids import HEADER
 from services.gateway.router import Router
 
@@ -42,7 +42,8 @@ class AgentStream:
 
     def _error(self, exc: grpc.aio.AioRpcError) -> GatewayError:
         return from_agent_error(exc.code(), exc.details(), model=self._request.model,
-                                request_id=self._request.request_id, timeout_s=self._timeout_s)
+                                request_id=self._request.request_id, timeout_s=self._timeout_s,
+                                retry_after_s=retry_after_of(exc.trailing_metadata()))
 
     async def __aiter__(self) -> AsyncIterator[generate_pb2.GenerateResponse]:
         response = self.first
@@ -85,7 +86,8 @@ class Relay:
                     unreachable.append(f"agent at {address}: {exc.details()}")
                     continue
                 raise from_agent_error(exc.code(), exc.details(), model=request.model,
-                                       request_id=request.request_id, timeout_s=self.timeout_s) from None
+                                       request_id=request.request_id, timeout_s=self.timeout_s,
+                                       retry_after_s=retry_after_of(exc.trailing_metadata())) from None
             except BaseException:  # our caller was cancelled (its client left): end the call too
                 call.cancel()
                 raise

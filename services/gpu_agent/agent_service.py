@@ -18,6 +18,7 @@ from services.gpu_agent.engine import (
     EngineInactiveError,
     InvalidRequestError,
 )
+from services.gpu_agent.admission import AgentAdmission, ShedError
 from services.gpu_agent.engine_manager import (
     EngineManager,
     EngineNotReadyError,
@@ -26,7 +27,19 @@ from services.gpu_agent.engine_manager import (
     ModelNotLoadedError,
     PlacementError,
 )
+from services.gpu_agent.slo import DEFAULT_PRIORITY, DEFAULT_TPOT_MS, DEFAULT_TTFT_MS, ModelSlo
+from services.gpu_agent.status_report import (
+    AdmissionQueueView,
+    MemorySplitSource,
+    demand_by_model,
+    fill_model_serving,
+    gpu_memory_proto,
+    memory_splits,
+)
 from services.gpu_agent.workers.wire import output_to_proto, to_generation_request
+
+# Trailing metadata of a shed request: seconds to wait before retrying (the gateway's Retry-After).
+RETRY_AFTER_KEY = "retry-after"
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +51,11 @@ STATE_TO_PROTO = {
 }
 
 
-def engine_status(managed: ManagedEngine) -> agent_pb2.EngineStatus:
+def engine_status(managed: ManagedEngine, *, admission: AdmissionQueueView | None = None,
+                  demand_bytes: dict[str, int] | None = None) -> agent_pb2.EngineStatus:
+    """admission and demand_bytes (model -> KV demand, from the memory
+    coordinators) fill admission_queued and kv_demand_bytes; the serving
+    stats come from the engine's own request stats."""
     status = agent_pb2.EngineStatus(
         model=managed.spec.name,
         gpu_ids=list(managed.gpu_ids),
@@ -46,6 +63,8 @@ def engine_status(managed: ManagedEngine) -> agent_pb2.EngineStatus:
         error=managed.error,
         memory_limit_bytes=managed.memory_limit_bytes,
     )
+    status.priority = managed.slo.priority
+    fill_model_serving(status, managed, admission=admission, demand_bytes=demand_bytes or {})
     if managed.engine is not None:
         stats = managed.engine.stats()
         status.kv_used_bytes = stats.kv_used_bytes
@@ -61,11 +80,24 @@ def engine_status(managed: ManagedEngine) -> agent_pb2.EngineStatus:
     return status
 
 
+def slo_from_proto(spec: agent_pb2.ModelSpec) -> ModelSlo:
+    """The spec's SLO, the agent's defaults where it leaves a field unset (0)."""
+    return ModelSlo(ttft_ms=spec.slo.ttft_ms or DEFAULT_TTFT_MS, tpot_ms=spec.slo.tpot_ms or DEFAULT_TPOT_MS,
+                    priority=spec.priority or DEFAULT_PRIORITY, shed_load=spec.shed_load)
+
+
 class AgentService(agent_pb2_grpc.AgentServicer):
-    def __init__(self, agent_id: str, devices, manager: EngineManager):
+    def __init__(self, agent_id: str, devices, manager: EngineManager, *,
+                 coordinators: dict[int, MemorySplitSource] | None = None,
+                 admission: AgentAdmission | None = None):
+        """coordinators (device index -> its memory coordinator) and the
+        admission queue feed GetStatus's memory split and queue numbers;
+        without them those stay empty."""
         self.agent_id = agent_id
         self.devices = devices
         self.manager = manager
+        self.coordinators = coordinators
+        self.admission = admission
 
     async def _managed(self, model: str, context: grpc.aio.ServicerContext, *, ready: bool = True) -> ManagedEngine:
         try:
@@ -78,39 +110,73 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
     async def Generate(self, request: generate_pb2.GenerateRequest, context) -> AsyncIterator[generate_pb2.GenerateResponse]:
         request_id_var.set(request.request_id or "-")
+        arrival = time.monotonic()
         managed = await self._managed(request.model, context)
-        managed.arrivals.append(time.monotonic())
+        stats = managed.request_stats
+        stats.arrived()
         if managed.state == "inactive":  # the first request for a switched-off model brings it back
             await self._activate(request.model, context)
         req = to_generation_request(request)
         log.info("generate model=%s", request.model)
+        ticket = None
+        first_token_at = None
+        completion_tokens = 0
         try:
+            queue = self.admission.queue_for(managed) if self.admission is not None else None
+            if queue is not None:
+                ticket = await queue.admit(managed, managed.engine.count_prompt_tokens(req))
             async for out in managed.engine.generate(req):
+                if first_token_at is None and (out.token_ids or out.finish_reason):
+                    first_token_at = time.monotonic()
+                    if ticket is not None:
+                        ticket.started()
+                completion_tokens = out.completion_tokens
                 yield output_to_proto(out, request.request_id, usage_at_end_only=True)
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except ShedError as exc:
+            stats.shed()
+            log.info("shed: %s", exc)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc),
+                                trailing_metadata=((RETRY_AFTER_KEY, str(exc.retry_after_s)),))
         except CapacityError as exc:
+            stats.failed()
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except EngineInactiveError as exc:
+        except (EngineInactiveError, EngineNotReadyError) as exc:
+            stats.failed()
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except EngineError as exc:
+            stats.failed()
             log.error("engine failure: %s", exc)
             await context.abort(grpc.StatusCode.INTERNAL, f"engine for {request.model!r} failed on request {request.request_id}: {exc}")
+        else:
+            if first_token_at is not None:
+                tpot = (time.monotonic() - first_token_at) / (completion_tokens - 1) if completion_tokens > 1 else None
+                stats.finished(first_token_at - arrival, tpot)
+        finally:
+            if ticket is not None:
+                ticket.release()
 
     async def GetStatus(self, request, context) -> agent_pb2.AgentStatus:
+        splits = memory_splits(self.coordinators)
+        demand = demand_by_model(splits)
         return agent_pb2.AgentStatus(
             agent_id=self.agent_id,
             devices=[agent_pb2.Device(index=d.index, kind=d.kind, name=d.name, memory_bytes=d.memory_bytes) for d in self.devices],
-            engines=[engine_status(m) for m in self.manager.engines.values()],
+            engines=[engine_status(m, admission=self.admission, demand_bytes=demand)
+                     for m in self.manager.engines.values()],
+            gpus=[gpu_memory_proto(s) for s in splits],
         )
 
     async def LoadModel(self, request: agent_pb2.LoadModelRequest, context) -> agent_pb2.EngineStatus:
         s = request.spec
         if not s.name or not s.path:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "spec.name and spec.path are required")
+        if s.slo.ttft_ms < 0 or s.slo.tpot_ms < 0 or s.priority < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "spec.slo and spec.priority must not be negative")
         spec = EngineSpec(
             name=s.name, path=s.path, tp_size=s.tp_size or 1, load_format=s.load_format or "auto",
-            engine=s.engine or "torch", dtype=s.dtype or "auto", seed=s.seed,
+            engine=s.engine or "torch", dtype=s.dtype or "auto", seed=s.seed, slo=slo_from_proto(s),
         )
         try:
             managed = await self.manager.load(spec, tuple(request.gpu_ids), request.activate, request.memory_limit_bytes)

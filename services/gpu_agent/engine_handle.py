@@ -26,6 +26,7 @@ class EngineHandle(Protocol):
     max_context: int
     weight_bytes: int
     kv_bytes_per_token: int
+    kv_bundle_bytes: int  # the KV limit's granularity
 
     def stats(self) -> EngineStats: ...
 
@@ -54,6 +55,7 @@ class InlineEngine:
         self.max_context = engine.max_context
         self.weight_bytes = engine.weight_bytes
         self.kv_bytes_per_token = engine.kv_bytes_per_token
+        self.kv_bundle_bytes = engine.kv_bundle_bytes
 
     def stats(self) -> EngineStats:
         return self.engine.stats()

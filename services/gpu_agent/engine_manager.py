@@ -14,13 +14,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from services.gpu_agent.devices import Device
 from services.gpu_agent.engine import Engine
 from services.gpu_agent.engine_handle import EngineHandle, InlineEngine
+from services.gpu_agent.request_stats import ModelRequestStats
+from services.gpu_agent.slo import ModelSlo
 from services.gpu_agent.workers.errors import WorkerLostError
 from services.gpu_agent.workers.remote_engine import RemoteEngine
 from services.gpu_agent.workers.worker_pool import WorkerPool
@@ -37,6 +38,7 @@ class EngineSpec:
     engine: str = "torch"
     dtype: str = "auto"
     seed: int = 0
+    slo: ModelSlo = ModelSlo()
 
 
 class ModelNotLoadedError(LookupError):
@@ -60,27 +62,43 @@ class ManagedEngine:
     engine: EngineHandle | None = None
     memory_limit_bytes: int = 0
     limit_revision: int = 0
+    cap_bytes: int = 0  # the most KV memory the coordinator may give it (0: no cap)
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
-    arrivals: deque[float] = field(default_factory=deque)  # request start times, for the arrival rate
     activation_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    request_stats: ModelRequestStats = None  # type: ignore[assignment]  # set from the spec's SLO
 
-    def arrival_rate(self, window_s: float = 10.0) -> float:
-        cutoff = time.monotonic() - window_s
-        while self.arrivals and self.arrivals[0] < cutoff:
-            self.arrivals.popleft()
-        return len(self.arrivals) / window_s
+    def __post_init__(self) -> None:
+        if self.request_stats is None:
+            self.request_stats = ModelRequestStats(self.spec.slo)
+
+    @property
+    def slo(self) -> ModelSlo:
+        return self.spec.slo
 
 
 OnChange = Callable[[ManagedEngine], Awaitable[None]]
 
 
+# A coordinated engine starts with no KV memory; the device's memory
+# coordinator sets its limit as soon as it is loaded (and admission grants
+# more before any request goes in).
+COORDINATED_INITIAL_LIMIT_BYTES = 1
+
+
 class EngineManager:
-    def __init__(self, devices: list[Device], on_change: OnChange, pool: WorkerPool | None = None):
-        """pool: run each engine in a worker process from it; None runs engines inline."""
+    def __init__(self, devices: list[Device], on_change: OnChange, pool: WorkerPool | None = None,
+                 coordinated: bool = False):
+        """pool: run each engine in a worker process from it; None runs engines inline.
+        coordinated: a memory coordinator sets the KV limits; a load's memory
+        limit is then the engine's cap, not its limit."""
         self.devices = {d.index: d for d in devices}
         self.engines: dict[str, ManagedEngine] = {}
         self._on_change = on_change
         self.pool = pool
+        self.coordinated = coordinated
+        # Awaited before an engine's weights come back, so the others make room
+        # (the memory coordinator's rebalance); None: nothing to wait for.
+        self.before_activate: Callable[[ManagedEngine], Awaitable[None]] | None = None
 
     async def _publish(self, managed: ManagedEngine) -> None:
         try:
@@ -119,7 +137,11 @@ class EngineManager:
             if activate and existing.state == "inactive":
                 await self.activate(spec.name)
             return existing
-        managed = ManagedEngine(spec=spec, gpu_ids=gpu_ids, memory_limit_bytes=memory_limit_bytes)
+        if self.coordinated:
+            managed = ManagedEngine(spec=spec, gpu_ids=gpu_ids, memory_limit_bytes=COORDINATED_INITIAL_LIMIT_BYTES,
+                                    cap_bytes=memory_limit_bytes)
+        else:
+            managed = ManagedEngine(spec=spec, gpu_ids=gpu_ids, memory_limit_bytes=memory_limit_bytes)
         self.engines[spec.name] = managed
         await self._publish(managed)
         try:
@@ -208,6 +230,8 @@ class EngineManager:
         managed = self.ready(model)
         async with managed.activation_lock:
             if managed.state == "inactive":
+                if self.before_activate is not None:
+                    await self.before_activate(managed)
                 start = time.perf_counter()
                 await managed.engine.activate()
                 managed.state = "active"

@@ -14,33 +14,54 @@ import grpc
 from prism.v1 import agent_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.gpu_agent.agent_service import STATE_TO_PROTO
 from services.gpu_agent.engine_manager import EngineManager
+from services.gpu_agent.status_report import (
+    AdmissionQueueView,
+    MemorySplitSource,
+    demand_by_model,
+    fill_model_serving,
+    gpu_memory_proto,
+    memory_splits,
+)
 
 log = logging.getLogger(__name__)
 
 
 class LoadReporter:
-    def __init__(self, scheduler_address: str, agent_id: str, address: str, devices, manager: EngineManager):
+    def __init__(self, scheduler_address: str, agent_id: str, address: str, devices, manager: EngineManager, *,
+                 coordinators: dict[int, MemorySplitSource] | None = None,
+                 admission: AdmissionQueueView | None = None):
+        """coordinators (device index -> its memory coordinator) and the
+        admission queue add the memory split and queue numbers to each
+        report; without them those stay empty."""
         self.scheduler_address = scheduler_address
         self.agent_id = agent_id
         self.address = address
         self.devices = devices
         self.manager = manager
+        self.coordinators = coordinators
+        self.admission = admission
         self.interval_s = 0.5
         self._sequence = 0
 
     def _report(self) -> scheduler_pb2.LoadReport:
         self._sequence += 1
-        report = scheduler_pb2.LoadReport(agent_id=self.agent_id, sequence=self._sequence)
+        splits = memory_splits(self.coordinators)
+        demand = demand_by_model(splits)
+        report = scheduler_pb2.LoadReport(agent_id=self.agent_id, sequence=self._sequence,
+                                          gpus=[gpu_memory_proto(s) for s in splits])
         for name, managed in self.manager.engines.items():
             load = report.models.add(
                 model=name,
                 state=STATE_TO_PROTO.get(managed.state, agent_pb2.ENGINE_STATE_UNSPECIFIED),
-                arrival_rate=managed.arrival_rate(),
                 memory_limit_bytes=managed.memory_limit_bytes,
             )
+            fill_model_serving(load, managed, admission=self.admission, demand_bytes=demand)
+            load.arrival_rate = load.serving.arrival_rate  # one rate for the scheduler and every view
+            # The scheduler sees every request waiting on this model: the agent's admission queue and the engine's.
+            load.queued_requests = load.admission_queued
             if managed.engine is not None:
                 stats = managed.engine.stats()
-                load.queued_requests = stats.queued_requests
+                load.queued_requests += stats.queued_requests
                 load.running_requests = stats.running_requests
                 load.kv_used_bytes = stats.kv_used_bytes
                 load.kv_mapped_bytes = stats.kv_mapped_bytes

@@ -3,7 +3,8 @@ registration alive in etcd and reports load to the scheduler.
 
     python -m services.gpu_agent.server --etcd 127.0.0.1:2379 --scheduler 127.0.0.1:50051 \
         --listen 127.0.0.1:50061 [--advertise HOST:PORT] [--device auto|cpu|cuda] [--cpu-memory-gb 4] \
-        [--engine-isolation auto|process|inline] [--spare-workers 1]
+        [--engine-isolation auto|process|inline] [--spare-workers 1] \
+        [--memory-policy balloon|static] [--memory-reserve-gb GB] [--starvation-s 5]
 
 Engine isolation: `process` runs each engine in its own worker process, with
 `--spare-workers` pre-started, device-initialized workers per device so a new
@@ -28,10 +29,13 @@ from services.common import records
 from services.common.etcd import LeasedKeys, connect
 from services.common.grpc_util import add_health_and_reflection, mark_not_serving, mark_serving
 from services.common.logs import setup_logging
+from services.gpu_agent.admission import DEFAULT_STARVATION_S, AdmissionQueue, AgentAdmission
 from services.gpu_agent.agent_service import AgentService
 from services.gpu_agent.devices import Device, discover_devices
 from services.gpu_agent.engine_manager import EngineManager, ManagedEngine
 from services.gpu_agent.load_reporter import LoadReporter
+from services.gpu_agent.memory_coordinator import MemoryCoordinator
+from services.gpu_agent.memory_policy import POLICIES
 from services.gpu_agent.workers.worker_pool import WorkerPool
 
 log = logging.getLogger("gpu_agent")
@@ -52,9 +56,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="engines in worker processes or in the agent (auto: process on CUDA, inline on the CPU)")
     p.add_argument("--spare-workers", type=int, default=1,
                    help="pre-started engine workers per device (process isolation; 0: every load starts cold)")
+    p.add_argument("--memory-policy", default="balloon", choices=sorted(POLICIES),
+                   help="how a device's KV budget is split among its engines: balloon (by demand and priority) "
+                        "or static (equal shares)")
+    p.add_argument("--memory-reserve-gb", type=float, default=None,
+                   help="device memory kept out of the KV budget (default: 5%% of a GPU, at most 4 GiB; 0 on the CPU)")
+    p.add_argument("--starvation-s", type=float, default=DEFAULT_STARVATION_S,
+                   help="a request waiting this long for admission goes first, whatever its deadline")
     args = p.parse_args(argv)
     if args.spare_workers < 0:
         p.error("--spare-workers must be >= 0")
+    if args.memory_reserve_gb is not None and args.memory_reserve_gb < 0:
+        p.error("--memory-reserve-gb must be >= 0")
+    if args.starvation_s <= 0:
+        p.error("--starvation-s must be positive")
     return args
 
 
@@ -74,7 +89,13 @@ async def serve(args: argparse.Namespace) -> None:
     # look served until their lease ran out; nothing of that life survives.
     await etcd.delete_prefix(f"{records.ENGINES}{agent_id}/".encode())
 
+    coordinators: dict[int, MemoryCoordinator] = {}
+
     async def publish(managed: ManagedEngine) -> None:
+        # Loaded, switched off, failed or gone: the device's KV split changes.
+        for gpu in managed.gpu_ids:
+            if gpu in coordinators:
+                coordinators[gpu].poke()
         key = records.engine_key(agent_id, managed.spec.name)
         if managed.state == "unloaded":
             await leased.delete(key)
@@ -89,8 +110,17 @@ async def serve(args: argparse.Namespace) -> None:
     if engine_isolation(args.engine_isolation, devices) == "process":
         pool = WorkerPool([d.torch_device for d in devices], args.spare_workers)
         await pool.start()  # the spares warm up while the agent registers
-    manager = EngineManager(devices, publish, pool)
-    service = AgentService(agent_id, devices, manager)
+    manager = EngineManager(devices, publish, pool, coordinated=True)
+    reserve = None if args.memory_reserve_gb is None else int(args.memory_reserve_gb * (1 << 30))
+    for d in devices:
+        coordinators[d.index] = MemoryCoordinator(d, manager, args.memory_policy, reserve)
+    admission = AgentAdmission({i: AdmissionQueue(c, args.starvation_s) for i, c in coordinators.items()})
+
+    async def before_activate(managed: ManagedEngine) -> None:
+        await coordinators[managed.gpu_ids[0]].rebalance(activating=managed)
+
+    manager.before_activate = before_activate
+    service = AgentService(agent_id, devices, manager, coordinators=coordinators, admission=admission)
 
     server = grpc.aio.server()
     agent_pb2_grpc.add_AgentServicer_to_server(service, server)
@@ -110,8 +140,11 @@ async def serve(args: argparse.Namespace) -> None:
              ", ".join(f"{d.kind}:{d.index} {d.memory_bytes >> 20} MB" for d in devices),
              "inline" if pool is None else f"in worker processes ({args.spare_workers} spare a device)")
 
-    reporter = LoadReporter(args.scheduler, agent_id, advertise, devices, manager)
-    tasks = [asyncio.create_task(leased.run()), asyncio.create_task(reporter.run())]
+    reporter = LoadReporter(args.scheduler, agent_id, advertise, devices, manager, coordinators=coordinators,
+                            admission=admission)
+    tasks = [asyncio.create_task(leased.run()), asyncio.create_task(reporter.run()),
+             *(asyncio.create_task(c.run()) for c in coordinators.values()),
+             *(asyncio.create_task(q.run()) for q in admission.queues.values())]
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -52,6 +52,7 @@ from services.gpu_agent.engine.model_config import ModelConfig, load_model_confi
 from services.gpu_agent.engine.paged_attention import build_step_attention
 from services.gpu_agent.engine.prompt import prompt_token_ids
 from services.gpu_agent.engine.request import (
+    DEMAND_GROWTH_TOKENS,
     EngineStats,
     GenerationOutput,
     GenerationRequest,
@@ -78,12 +79,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-# The growth counted in each request's KV demand (stats().kv_demand_tokens):
-# enough decode steps that the memory coordinator, re-planning every 100 ms,
-# raises a limit before the requests reach it rather than after.
-DEMAND_GROWTH_TOKENS = 32
-
 
 DEFAULT_CONTEXTS_IN_MEMORY = 8  # default KV limit: this many full contexts
 DEFAULT_CAPACITY_CONTEXTS = 32  # default virtual KV reservation on the CPU, at least
@@ -233,6 +228,11 @@ class Engine:
 
             return PAGE_SIZE
         return self._kv_page_bytes or (CPU_PAGE_BYTES if self._device.type == "cpu" else DEFAULT_PAGE_BYTES)
+
+    @property
+    def kv_bundle_bytes(self) -> int:
+        """The granularity of the KV limit: one page in every K and V buffer."""
+        return page_bundle_bytes(self._geometry, self._page_bytes())
 
     def _capacity_tokens(self, limit_bytes: int) -> int:
         token_bytes = self._geometry.token_bytes

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# The growth counted in each request's KV demand (EngineStats.kv_demand_tokens,
+# and the agent's admission): enough decode steps that the memory coordinator,
+# re-planning every 100 ms, raises a limit before the requests reach it.
+DEMAND_GROWTH_TOKENS = 32
+
 
 @dataclass
 class GenerationRequest:

@@ -61,6 +61,7 @@ class RemoteEngine:
         self.weight_bytes = loaded.weight_bytes
         self.load_s = loaded.load_s
         self.kv_bytes_per_token = loaded.kv_bytes_per_token
+        self.kv_bundle_bytes = loaded.kv_bundle_bytes
         self._model_path = model_path
         self._tokenizer: Tokenizer | None = None  # the agent's own copy, for counting prompt tokens
         self._stub = worker.stub

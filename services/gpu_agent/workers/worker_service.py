@@ -59,7 +59,8 @@ class EngineWorkerService(engine_worker_pb2_grpc.EngineWorkerServicer):
             load_s = time.perf_counter() - start
             return wpb.LoadReply(weight_bytes=self.engine.weight_bytes, max_context=self.engine.max_context,
                                  load_s=load_s, device=self.engine.device,
-                                 kv_bytes_per_token=self.engine.kv_bytes_per_token)
+                                 kv_bytes_per_token=self.engine.kv_bytes_per_token,
+                                 kv_bundle_bytes=self.engine.kv_bundle_bytes)
 
     def _build(self, spec: wpb.EngineLoadSpec) -> Engine:
         try:

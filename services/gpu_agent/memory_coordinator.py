@@ -1,0 +1,205 @@
+"""The memory coordinator of one device: sets each engine's KV limit.
+
+Every `interval_s` (100 ms), and at once when poked (an arrival burst, a
+request's end, an engine loaded or switched on or off), it takes a snapshot
+of the device — its KV budget (memory less the active engines' weights and a
+reserve) and each active engine's demand, use and limit — runs the chosen
+policy (memory_policy.py, a pure function) and applies the new limits through
+the engines' balloons: shrinks first, then grows, each with the engine's next
+revision, so the limits never sum to more than the budget, not even between
+two calls. Admission (admission.py) asks it for immediate grants out of the
+budget no engine holds, so a burst need not wait for the next plan.
+
+All of it runs on the agent's event loop under one lock per device: a plan
+and a grant never interleave."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from services.gpu_agent.devices import Device
+from services.gpu_agent.engine.errors import EngineError
+from services.gpu_agent.engine_manager import EngineManager, EngineNotReadyError, ManagedEngine, ModelNotLoadedError
+from services.gpu_agent.memory_policy import (
+    POLICIES,
+    DeviceMemorySnapshot,
+    EngineMemoryDemand,
+    PolicyParams,
+    grant,
+)
+from services.gpu_agent.memory_split import DeviceMemorySplit, EngineMemory
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INTERVAL_S = 0.1
+DEFAULT_UNIT_BYTES = 2 << 20  # before any engine says its page bundle
+
+
+def default_reserve_bytes(device: Device) -> int:
+    """Kept out of the KV budget for what the engines need besides weights
+    and KV (activations, CUDA graphs, the CUDA context, fragmentation): 5% of
+    the device, at most 4 GiB on a GPU; nothing on the CPU, whose memory
+    budget is set by hand."""
+    if device.kind == "cpu":
+        return 0
+    return min(device.memory_bytes // 20, 4 << 30)
+
+
+class MemoryCoordinator:
+    def __init__(self, device: Device, manager: EngineManager, policy: str = "balloon",
+                 reserve_bytes: int | None = None, interval_s: float = DEFAULT_INTERVAL_S,
+                 params: PolicyParams = PolicyParams()):
+        if policy not in POLICIES:
+            raise ValueError(f"memory policy {policy!r} is not one of {', '.join(POLICIES)}")
+        self.device = device
+        self.manager = manager
+        self.policy_name = policy
+        self._policy = POLICIES[policy]
+        self.params = params
+        self.reserve_bytes = default_reserve_bytes(device) if reserve_bytes is None else reserve_bytes
+        self.interval_s = interval_s
+        self.lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        # KV the agent's admission queue holds back for each model (queued, or
+        # admitted and not yet in the engine's own numbers); set by admission.
+        self.pending_demand_bytes: Callable[[str], int] = lambda model: 0
+        self.on_limits_changed: Callable[[], None] = lambda: None
+        self.plans = 0
+        self.budget_violations = 0  # limits found summing over the budget after a change; stays 0
+
+    # ---- what is on the device ---------------------------------------------------
+
+    def engines(self) -> list[ManagedEngine]:
+        return [m for m in self.manager.engines.values() if m.gpu_ids and m.gpu_ids[0] == self.device.index]
+
+    def _active(self, also: ManagedEngine | None = None) -> list[ManagedEngine]:
+        return [m for m in self.engines() if m.engine is not None and (m.state == "active" or m is also)]
+
+    def unit_bytes(self, engines: list[ManagedEngine]) -> int:
+        # The largest page bundle: one unit of limit then maps at least one page in every engine.
+        return max((m.engine.kv_bundle_bytes for m in engines if m.engine.kv_bundle_bytes > 0),
+                   default=DEFAULT_UNIT_BYTES)
+
+    def budget_bytes(self, active: list[ManagedEngine]) -> int:
+        weights = sum(m.engine.weight_bytes for m in active)
+        return max(0, self.device.memory_bytes - weights - self.reserve_bytes)
+
+    def demand_bytes(self, managed: ManagedEngine) -> int:
+        stats = managed.engine.stats()
+        return stats.kv_demand_tokens * managed.engine.kv_bytes_per_token + self.pending_demand_bytes(managed.spec.name)
+
+    def snapshot(self, also: ManagedEngine | None = None) -> DeviceMemorySnapshot:
+        """The active engines (and `also`, about to be activated) as the policy sees them."""
+        active = self._active(also)
+        engines = []
+        for m in active:
+            stats = m.engine.stats()
+            engines.append(EngineMemoryDemand(
+                model=m.spec.name, priority=m.spec.slo.priority, used_bytes=stats.kv_used_bytes,
+                demand_bytes=self.demand_bytes(m), limit_bytes=m.memory_limit_bytes if m.state == "active" else 0,
+                cap_bytes=m.cap_bytes))
+        return DeviceMemorySnapshot(budget_bytes=self.budget_bytes(active), unit_bytes=self.unit_bytes(active),
+                                    engines=tuple(engines))
+
+    def memory_split(self) -> DeviceMemorySplit:
+        engines = self.engines()
+        active = self._active()
+        budget = self.budget_bytes(active)
+        rows = []
+        for m in engines:
+            stats = m.engine.stats() if m.engine is not None else None
+            on = m in active
+            rows.append(EngineMemory(
+                model=m.spec.name, active=on, weight_bytes=m.engine.weight_bytes if m.engine is not None else 0,
+                kv_limit_bytes=m.memory_limit_bytes if on else 0,
+                kv_mapped_bytes=stats.kv_mapped_bytes if stats else 0,
+                kv_used_bytes=stats.kv_used_bytes if stats else 0,
+                kv_demand_bytes=self.demand_bytes(m) if on else 0))
+        limits = sum(r.kv_limit_bytes for r in rows)
+        return DeviceMemorySplit(
+            gpu_id=self.device.index, total_bytes=self.device.memory_bytes,
+            weight_bytes=sum(m.engine.weight_bytes for m in active), reserve_bytes=self.reserve_bytes,
+            kv_budget_bytes=budget, kv_limit_bytes=limits, kv_mapped_bytes=sum(r.kv_mapped_bytes for r in rows),
+            free_bytes=budget - limits, engines=tuple(rows))
+
+    # ---- changing limits ---------------------------------------------------------
+
+    def poke(self) -> None:
+        """Re-plan now rather than at the next interval."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.interval_s)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.rebalance()
+            except Exception:  # one bad plan must not stop the coordinator
+                log.exception("memory coordinator of device %d: re-planning failed", self.device.index)
+
+    async def rebalance(self, activating: ManagedEngine | None = None) -> dict[str, int]:
+        """Plans and applies new limits; `activating`: an inactive engine about
+        to be switched on, counted (weights and a limit) as if it were active,
+        so the others make room before its weights arrive."""
+        async with self.lock:
+            snapshot = self.snapshot(also=activating)
+            plan = self._policy(snapshot, self.params)
+            self.plans += 1
+            await self._apply(plan, skip=activating)
+            self._check(snapshot.budget_bytes)
+        return plan
+
+    async def grant(self, managed: ManagedEngine, need_bytes: int) -> bool:
+        """Raises the engine's limit by need_bytes (whole units) at once if
+        that much of the budget is unassigned; False otherwise."""
+        async with self.lock:
+            if managed.state != "active" or managed.engine is None:
+                return False
+            snapshot = self.snapshot()
+            new_limit = grant(snapshot, managed.spec.name, need_bytes)
+            if new_limit is None:
+                return False
+            ok = await self._set(managed.spec.name, new_limit)
+            self._check(snapshot.budget_bytes)
+        if ok:
+            self.on_limits_changed()
+        return ok
+
+    async def _apply(self, plan: dict[str, int], skip: ManagedEngine | None) -> None:
+        current = {m.spec.name: m.memory_limit_bytes for m in self._active()}
+        shrinks = [(model, nbytes) for model, nbytes in plan.items() if model in current and nbytes < current[model]]
+        grows = [(model, nbytes) for model, nbytes in plan.items()
+                 if model in current and nbytes > current[model] and (skip is None or model != skip.spec.name)]
+        for model, nbytes in shrinks:
+            await self._set(model, nbytes)
+        for model, nbytes in grows:
+            await self._set(model, nbytes)
+        if skip is not None and skip.spec.name in plan:
+            # Set while inactive: the engine takes it on activation (the limit outlives deactivation).
+            await self._set(skip.spec.name, plan[skip.spec.name], inactive_ok=True)
+        if grows or shrinks:
+            log.debug("device %d limits: %s", self.device.index,
+                      ", ".join(f"{m} {b >> 20} MiB" for m, b in plan.items()))
+            self.on_limits_changed()
+
+    async def _set(self, model: str, nbytes: int, inactive_ok: bool = False) -> bool:
+        try:
+            managed = self.manager.ready(model)
+            if managed.state != "active" and not inactive_ok:
+                return False
+            await self.manager.set_memory_limit(model, max(1, nbytes), 0)
+            return True
+        except (ModelNotLoadedError, EngineNotReadyError, EngineError) as exc:  # gone or failed meanwhile
+            log.warning("setting the KV limit of %s to %d bytes failed: %s", model, nbytes, exc)
+            return False
+
+    def _check(self, budget: int) -> None:
+        total = sum(m.memory_limit_bytes for m in self._active())
+        if total > budget:
+            self.budget_violations += 1
+            log.error("device %d: KV limits sum to %d bytes, over the budget of %d", self.device.index, total, budget)
