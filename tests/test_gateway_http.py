@@ -20,6 +20,7 @@ from test_gateway_support import (  # noqa: F401 - fixtures
     gateway_stack,
 )
 
+from prism.v1 import agent_pb2
 from services.common import records
 from services.common.etcd_server import free_port
 
@@ -450,6 +451,103 @@ def test_metrics_count_requests_tokens_and_latency(http, echo_model):
     assert f"prism_gateway_time_to_first_token_seconds_count{{{labels}}}" in text
     assert f"prism_gateway_request_duration_seconds_count{{{labels}}}" in text
     assert f"prism_gateway_requests_in_flight{{{labels}}} 0.0" in text
+
+
+def reporting_agent_status(agent_id: str, model: str) -> agent_pb2.AgentStatus:
+    """What a busy agent with one engine on device 0 (and one of a model the cluster does not know) reports."""
+    mib = 1 << 20
+    status = agent_pb2.AgentStatus(agent_id=agent_id, gpus=[agent_pb2.GpuMemory(
+        gpu_id=0, total_bytes=8000 * mib, weight_bytes=1000 * mib, reserve_bytes=500 * mib,
+        kv_budget_bytes=6500 * mib, kv_limit_bytes=2000 * mib, kv_mapped_bytes=1500 * mib, free_bytes=4500 * mib,
+        engines=[agent_pb2.EngineMemory(model=model, active=True, weight_bytes=1000 * mib,
+                                        kv_limit_bytes=2000 * mib)])])
+    status.engines.add(
+        model=model, gpu_ids=[0], state=agent_pb2.ENGINE_STATE_ACTIVE, memory_limit_bytes=2000 * mib,
+        kv_mapped_bytes=1500 * mib, kv_used_bytes=1200 * mib, kv_demand_bytes=1800 * mib, weight_bytes=1000 * mib,
+        queued_requests=2, admission_queued=3, running_requests=4, priority=2,
+        serving=agent_pb2.ServingStats(window_s=60, arrival_rate=1.5, finished_requests=80, ttft_p50_ms=120,
+                                       ttft_p99_ms=900, tpot_p50_ms=20, tpot_p99_ms=45, slo_attainment=0.75,
+                                       shed_requests=5, failed_requests=1))
+    status.engines.add(model="not-in-the-registry", gpu_ids=[0], state=agent_pb2.ENGINE_STATE_ACTIVE)
+    return status
+
+
+def metric_values(text: str) -> dict[str, float]:
+    """'name{labels}' -> value of every sample in an exposition."""
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def scrape_until(http, sample: str, timeout_s: float = 10.0) -> dict[str, float]:
+    """/metrics once it has `sample` (the gateway sees new agents through its etcd watch)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        response = http.get("/metrics")
+        assert response.status_code == 200, response.text
+        samples = metric_values(response.text)
+        if sample in samples:
+            return samples
+        assert time.monotonic() < deadline, f"{sample} never appeared in /metrics:\n{response.text}"
+        time.sleep(0.05)
+
+
+def test_metrics_carry_each_agents_status(gateway_stack, http):
+    agent = FakeAgent()
+    try:
+        agent_id = f"fake-{agent.port}"
+        agent.status = reporting_agent_status(agent_id, "metered")
+        gateway_stack.serve_model("metered", [agent])
+        samples = scrape_until(http, f'prism_agent_up{{agent="{agent_id}"}}')
+    finally:
+        agent.stop()
+    mib = 1 << 20
+    assert samples[f'prism_agent_up{{agent="{agent_id}"}}'] == 1
+    gpu = f'agent="{agent_id}",gpu="0"'
+    assert samples[f"prism_agent_gpu_total_bytes{{{gpu}}}"] == 8000 * mib
+    assert samples[f"prism_agent_gpu_weight_bytes{{{gpu}}}"] == 1000 * mib
+    assert samples[f"prism_agent_gpu_kv_budget_bytes{{{gpu}}}"] == 6500 * mib
+    assert samples[f"prism_agent_gpu_free_bytes{{{gpu}}}"] == 4500 * mib
+    engine = f'agent="{agent_id}",gpu="0",model="metered"'
+    assert samples[f"prism_agent_engine_kv_limit_bytes{{{engine}}}"] == 2000 * mib
+    assert samples[f"prism_agent_engine_kv_mapped_bytes{{{engine}}}"] == 1500 * mib
+    assert samples[f"prism_agent_engine_kv_used_bytes{{{engine}}}"] == 1200 * mib
+    assert samples[f"prism_agent_engine_kv_demand_bytes{{{engine}}}"] == 1800 * mib
+    assert samples[f"prism_agent_engine_weight_bytes{{{engine}}}"] == 1000 * mib
+    assert samples[f"prism_agent_engine_queued_requests{{{engine}}}"] == 2
+    assert samples[f"prism_agent_engine_admission_queued_requests{{{engine}}}"] == 3
+    assert samples[f"prism_agent_engine_running_requests{{{engine}}}"] == 4
+    assert samples[f"prism_agent_engine_priority{{{engine}}}"] == 2
+    assert samples[f'prism_agent_engine_state{{{engine},state="active"}}'] == 1
+    assert samples[f"prism_agent_model_arrival_rate{{{engine}}}"] == 1.5
+    assert samples[f"prism_agent_model_slo_attainment{{{engine}}}"] == 0.75
+    assert samples[f"prism_agent_model_finished_requests{{{engine}}}"] == 80
+    assert samples[f"prism_agent_model_shed_requests{{{engine}}}"] == 5
+    assert samples[f"prism_agent_model_failed_requests{{{engine}}}"] == 1
+    assert samples[f'prism_agent_model_ttft_seconds{{{engine},quantile="0.5"}}'] == pytest.approx(0.12)
+    assert samples[f'prism_agent_model_ttft_seconds{{{engine},quantile="0.99"}}'] == pytest.approx(0.9)
+    assert samples[f'prism_agent_model_tpot_seconds{{{engine},quantile="0.99"}}'] == pytest.approx(0.045)
+    # An engine of a model the cluster does not have adds no series (label values stay bounded).
+    assert not any("not-in-the-registry" in name for name in samples)
+
+
+def test_agents_that_do_not_answer_do_not_fail_the_scrape(gateway_stack, http, fake_agent):
+    # One agent is registered but nothing listens at its address; the fake agent answers UNIMPLEMENTED.
+    gateway_stack.etcd.put(records.AGENTS + "gone", records.AgentRecord(
+        agent_id="gone", address=f"127.0.0.1:{free_port()}").to_json())
+    gateway_stack.serve_model("silent", [fake_agent])
+    silent = f"fake-{fake_agent.port}"
+    samples = scrape_until(http, 'prism_agent_up{agent="gone"}')
+    samples = scrape_until(http, f'prism_agent_up{{agent="{silent}"}}')  # a second scrape: errors add up
+    assert samples['prism_agent_up{agent="gone"}'] == 0
+    assert samples[f'prism_agent_up{{agent="{silent}"}}'] == 0
+    assert samples['prism_gateway_agent_scrape_errors_total{agent="gone"}'] >= 2
+    assert samples[f'prism_gateway_agent_scrape_errors_total{{agent="{silent}"}}'] >= 1
+    assert not any(name.startswith("prism_agent_engine") and "silent" in name for name in samples)
+    gateway_stack.etcd.delete(records.AGENTS + "gone")
 
 
 def test_generate_request_ids_are_unique(http, echo_model):

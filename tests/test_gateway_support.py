@@ -16,6 +16,9 @@ checked for every case:
     "fail-after N CODE"  N pieces, then aborts with CODE
     "no-finish"          one piece without a finish reason, then ends
     "eof"                ends without any response
+
+GetStatus answers `status` when a test sets it (UNIMPLEMENTED otherwise, as
+an agent that cannot report).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import grpc
 import httpx
 import pytest
 
-from prism.v1 import agent_pb2_grpc, generate_pb2
+from prism.v1 import agent_pb2, agent_pb2_grpc, generate_pb2
 from services.common import records
 from services.common.etcd_server import EmbeddedEtcd, free_port
 
@@ -53,6 +56,7 @@ class Call:
 class FakeAgent(agent_pb2_grpc.AgentServicer):
     def __init__(self, port: int | None = None) -> None:
         self.calls: list[Call] = []
+        self.status: agent_pb2.AgentStatus | None = None  # what GetStatus answers
         self._lock = threading.Lock()
         self.port = port or free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -79,6 +83,11 @@ class FakeAgent(agent_pb2_grpc.AgentServicer):
                 raise AssertionError(f"the agent never received {request_id}")
             time.sleep(0.01)
         return self.call_for(request_id)
+
+    def GetStatus(self, request: agent_pb2.GetStatusRequest, context: grpc.ServicerContext) -> agent_pb2.AgentStatus:
+        if self.status is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this fake agent reports no status")
+        return self.status
 
     def Generate(self, request: generate_pb2.GenerateRequest, context: grpc.ServicerContext):
         call = Call(request=request, metadata={k: v for k, v in context.invocation_metadata()})

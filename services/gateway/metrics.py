@@ -1,14 +1,23 @@
 """Prometheus metrics of the gateway, in a registry of its own (so several
 gateways can live in one test process). Status codes are HTTP statuses for
 both APIs (a gRPC error counts as its REST twin would; 499 is a client that
-left early), so one dashboard covers REST and gRPC."""
+left early), so one dashboard covers REST and gRPC.
+
+Each scrape also carries what the agents serve (services/gateway/agent_metrics.py):
+`render_cluster` asks every live agent for its status first."""
 
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from services.gateway.agent_metrics import AGENT_STATUS_TIMEOUT_S, AgentStatusCollector, scrape_agents
+
+if TYPE_CHECKING:
+    from services.gateway.router import Router
 
 UNKNOWN_MODEL = "unknown"  # the label of names the cluster does not have, so clients cannot add series
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -17,8 +26,12 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0
 class GatewayMetrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self) -> None:
+    def __init__(self, agent_status_timeout_s: float = AGENT_STATUS_TIMEOUT_S) -> None:
+        self.agent_status_timeout_s = agent_status_timeout_s
         self.registry = CollectorRegistry()
+        self.agent_scrape_errors = Counter(
+            "prism_gateway_agent_scrape_errors", "Agents that did not answer a /metrics status call in time",
+            ["agent"], registry=self.registry)
         self.requests = Counter("prism_gateway_requests", "Generate requests by API, model and status code",
                                 ["api", "model", "code"], registry=self.registry)
         self.time_to_first_token = Histogram(
@@ -36,7 +49,19 @@ class GatewayMetrics:
         return RequestTracker(self, api, model)
 
     def render(self) -> bytes:
+        """The gateway's own metrics alone."""
         return generate_latest(self.registry)
+
+    async def render_cluster(self, router: Router) -> bytes:
+        """The gateway's metrics and every live agent's, asked for now."""
+        scrapes = await scrape_agents(router.live_agents(), router.stub, self.agent_status_timeout_s)
+        for scrape in scrapes:
+            if scrape.status is None:
+                self.agent_scrape_errors.labels(scrape.agent_id).inc()
+        agents = CollectorRegistry(auto_describe=False)
+        agents.register(AgentStatusCollector(scrapes, router.has_model))
+        # Two registries in the text format concatenate into one valid exposition (names do not overlap).
+        return generate_latest(self.registry) + generate_latest(agents)
 
 
 class RequestTracker:

@@ -160,6 +160,17 @@ class Router:
         """The address of the agent that should serve the next request for `model`."""
         return self.candidates(model)[0]
 
+    def live_agents(self) -> dict[str, str]:
+        """agent_id -> address of every registered agent; empty until the state is loaded."""
+        if not self.ready:
+            return {}
+        agents = {}
+        for key, value in self._mirrors[records.AGENTS].items.items():
+            agent = _parse(records.AgentRecord, value, key)
+            if agent is not None:
+                agents[agent.agent_id] = agent.address
+        return agents
+
     def list_models(self) -> list[ModelStatus]:
         models = []
         for key in sorted(self._items(records.MODELS)):
