@@ -1,0 +1,103 @@
+"""The admission queue's order, on real engines and a real memory coordinator
+of a CPU device whose budget the test opens one page bundle at a time: the
+earliest TTFT deadline goes first across models, a request that waited past
+the starvation bound goes before any deadline, a client that leaves while
+waiting leaves no reservation behind."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from prism.tiny_models import write_tiny_model
+from services.gpu_agent.admission import AdmissionQueue, ShedError
+from services.gpu_agent.devices import discover_devices
+from services.gpu_agent.engine_manager import EngineManager, EngineSpec
+from services.gpu_agent.memory_coordinator import MemoryCoordinator
+from services.gpu_agent.slo import ModelSlo
+
+PROMPT_TOKENS = 10  # with DEMAND_GROWTH_TOKENS: far less than one page bundle (512 tokens)
+
+
+@pytest.fixture()
+async def device(tmp_path):
+    devices = discover_devices("cpu", cpu_memory_gb=0.05)
+
+    async def publish(_managed) -> None:
+        return None
+
+    manager = EngineManager(devices, publish, coordinated=True)
+    path = str(write_tiny_model(tmp_path / "m", arch="llama"))
+    await manager.load(EngineSpec(name="loose", path=path, slo=ModelSlo(ttft_ms=5000)), (0,), True, 0)
+    await manager.load(EngineSpec(name="tight", path=path, slo=ModelSlo(ttft_ms=100)), (0,), True, 0)
+    coordinator = MemoryCoordinator(devices[0], manager, reserve_bytes=0)
+    yield manager, coordinator
+    await manager.stop_all()
+
+
+def open_budget(coordinator: MemoryCoordinator, units: int) -> None:
+    """Sets the reserve so that exactly `units` page bundles are unassigned."""
+    active = coordinator._active()
+    unit = coordinator.unit_bytes(active)
+    limits = sum(m.memory_limit_bytes for m in active)
+    weights = sum(m.engine.weight_bytes for m in active)
+    coordinator.reserve_bytes = coordinator.device.memory_bytes - weights - limits - units * unit
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_earliest_deadline_first_across_models_then_starving_requests_first(device):
+    manager, coordinator = device
+    queue = AdmissionQueue(coordinator, starvation_s=0.3)
+    open_budget(coordinator, 0)  # nothing free: every request waits
+    loose = asyncio.create_task(queue.admit(manager.get("loose"), PROMPT_TOKENS))
+    await settle()
+    tight = asyncio.create_task(queue.admit(manager.get("tight"), PROMPT_TOKENS))
+    await settle()
+    await queue.pump()
+    assert not loose.done() and not tight.done()
+    assert [t.model for t in queue.waiting] == ["loose", "tight"]
+
+    open_budget(coordinator, 1)  # room for one: the later arrival with the earlier deadline goes first
+    await queue.pump()
+    await settle()
+    assert tight.done() and not loose.done()
+    assert manager.get("tight").memory_limit_bytes > 1  # granted at once from the unassigned budget
+
+    await asyncio.sleep(0.35)  # `loose` has now waited past the starvation bound
+    # Too long for what is left of tight's granted unit, so it needs a grant too.
+    tight2 = asyncio.create_task(queue.admit(manager.get("tight"), 480))
+    await settle()
+    open_budget(coordinator, 1)
+    await queue.pump()
+    await settle()
+    assert loose.done() and not tight2.done()  # starving beats a tighter deadline
+
+    tight2.cancel()  # its client leaves while it waits
+    await settle()
+    assert queue.waiting == [] and queue.queued("tight") == 0
+    tickets = [tight.result(), loose.result()]
+    assert queue.pending_demand_bytes("tight") > 0 and queue.pending_demand_bytes("loose") > 0
+    for ticket in tickets:
+        ticket.release()
+    assert queue.pending_demand_bytes("tight") == 0 and queue.pending_demand_bytes("loose") == 0
+
+
+async def test_a_shedding_model_refuses_a_request_past_its_deadline(device, tmp_path):
+    manager, coordinator = device
+    path = str(write_tiny_model(tmp_path / "s", arch="llama"))
+    await manager.load(EngineSpec(name="shed", path=path, slo=ModelSlo(ttft_ms=50, shed_load=True)), (0,), True, 0)
+    queue = AdmissionQueue(coordinator)
+    open_budget(coordinator, 0)
+    waiting = asyncio.create_task(queue.admit(manager.get("shed"), PROMPT_TOKENS))
+    await asyncio.sleep(0.1)
+    await queue.pump()
+    await settle()
+    with pytest.raises(ShedError) as refused:
+        await waiting
+    assert refused.value.retry_after_s >= 1
+    assert queue.waiting == [] and queue.shed == 1
