@@ -18,6 +18,13 @@ from services.gpu_agent.engine.paged_attention import StepAttention, paged_atten
 from services.gpu_agent.engine.rotary import RotaryEmbedding, apply_rotary
 
 
+def _fused_ops():
+    """fused_ops.py, imported on first use on CUDA: importing the engine imports no triton."""
+    from services.gpu_agent.engine import fused_ops
+
+    return fused_ops
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float, dtype: torch.dtype):
         super().__init__()
@@ -86,9 +93,20 @@ class Attention(nn.Module):
         self._qkv = JoinedWeights(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int, pool: KVPool,
-                step: StepAttention) -> torch.Tensor:
+                step: StepAttention, fused: bool = False) -> torch.Tensor:
         tokens = x.shape[0]
         qkv_weight = self._qkv.get()
+        k_buffer, v_buffer = pool.k_buffers[layer], pool.v_buffers[layer]
+        if fused:
+            # One kernel for the rotary embedding of q and k and the slot writes of k and v.
+            q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            if qkv_weight is not None:
+                qkv = F.linear(x, qkv_weight)
+                q, k, v = qkv[:, :q_size], qkv[:, q_size:q_size + kv_size], qkv[:, q_size + kv_size:]
+            else:  # biases: three matmuls
+                q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q = _fused_ops().rotary_write_kv(q, k, v, cos, sin, k_buffer, v_buffer, step.slot_mapping)
+            return self.o_proj(paged_attention(q, k_buffer, v_buffer, step).reshape(tokens, -1))
         if qkv_weight is not None:
             # One matmul, and the rotary embedding over q's and k's heads at once.
             qkv = F.linear(x, qkv_weight)
@@ -100,7 +118,6 @@ class Attention(nn.Module):
             q = apply_rotary(self.q_proj(x).view(tokens, self.num_heads, self.head_dim), cos, sin)
             k = apply_rotary(self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
             v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
-        k_buffer, v_buffer = pool.k_buffers[layer], pool.v_buffers[layer]
         write_kv(k_buffer, v_buffer, step, k, v)
         return self.o_proj(paged_attention(q, k_buffer, v_buffer, step).reshape(tokens, -1))
 
@@ -114,8 +131,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=bias, dtype=dtype)
         self._gate_up = JoinedWeights(self.gate_proj, self.up_proj)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         gate_up_weight = self._gate_up.get()
+        if gate_up_weight is not None and fused:
+            return self.down_proj(_fused_ops().silu_mul(F.linear(x, gate_up_weight)))
         if gate_up_weight is not None:
             gate, up = F.linear(x, gate_up_weight).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
@@ -135,6 +154,21 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, pool, step)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def forward_fused(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                      layer: int, pool: KVPool, step: StepAttention) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same layer with the fused kernels (fused_ops.py), the residual
+        stream carried apart: x is the previous layer's MLP output (or the
+        embeddings, with residual None); returns this layer's MLP output and the
+        residual stream before it. The next layer (or the final norm) adds them,
+        in one kernel with its norm."""
+        fused_ops = _fused_ops()
+        norm = self.input_layernorm
+        h, residual = fused_ops.add_rms_norm(x, residual, norm.weight, norm.eps)
+        attended = self.self_attn(h, cos, sin, layer, pool, step, fused=True)
+        norm = self.post_attention_layernorm
+        h, residual = fused_ops.add_rms_norm(attended, residual, norm.weight, norm.eps)
+        return self.mlp(h, fused=True), residual
+
 
 class DecoderStack(nn.Module):
     """What Hugging Face calls `model` inside `*ForCausalLM`."""
@@ -152,9 +186,17 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.dtype = dtype
+        # The fused kernels (fused_ops.py) on CUDA; False keeps the torch ops everywhere,
+        # None decides on the first CUDA forward (fused_ops.fused_ops_enabled()).
+        self.use_fused_ops: bool | None = None
         self.model = DecoderStack(config, dtype)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
         self.tie_weights()
+
+    def _fused(self) -> bool:
+        if self.use_fused_ops is None:
+            self.use_fused_ops = _fused_ops().fused_ops_enabled()
+        return self.use_fused_ops
 
     def forget_joined_weights(self) -> None:
         """Call when the weights move (deactivation, activation)."""
@@ -173,6 +215,15 @@ class CausalLM(nn.Module):
         Returns float32 logits of the tokens at logits_at, [len(logits_at), vocab]."""
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary.cos_sin(positions, x.dtype)
+        if x.is_cuda and self._fused():
+            residual = None
+            with step.sdpa_context(x.device):
+                for i, layer in enumerate(self.model.layers):
+                    x, residual = layer.forward_fused(x, residual, cos, sin, i, pool, step)
+            if logits_at.shape[0] != x.shape[0]:  # not a pure decode step: only the tokens that sample
+                x, residual = x[logits_at], residual[logits_at]
+            norm = self.model.norm
+            return self.lm_head(_fused_ops().add_rms_norm(x, residual, norm.weight, norm.eps)[0]).float()
         with step.sdpa_context(x.device):
             for i, layer in enumerate(self.model.layers):
                 x = layer(x, cos, sin, i, pool, step)
