@@ -61,3 +61,18 @@ def test_finished_sequences_give_their_rows_back():
     a.finished = b.finished = True
     c, d = make_seq([3]), make_seq([4])
     assert sorted(table.rows_for([c, d])) == sorted(rows) and table.version == 0
+
+
+def test_last_slots_left_to_the_step_and_written_after_unsync():
+    table = DeviceSlotTable(torch.device("cpu"), max_width=4096, rows=4, width=256)
+    seq = make_seq([5, 9, 7])
+    table.tensor.fill_(-1)
+    (row,) = table.rows_for([seq], last_by_step=True)
+    assert row_slots(table, row, 3) == [5, 9, -1]  # the step writes the last one
+    table.tensor[row, 2] = 7  # as a graph step does
+    seq.slots.append(40)
+    assert table.rows_for([seq], last_by_step=True) == [row]  # nothing new to copy
+    assert row_slots(table, row, 4) == [5, 9, 7, -1]
+    table.unsync_last([seq])  # that step did not run after all
+    assert table.rows_for([seq]) == [row]
+    assert row_slots(table, row, 4) == [5, 9, 7, 40]

@@ -13,7 +13,10 @@ rows that write and read only the pool's padding slot (slot 0: kvcached keeps
 it mapped and never hands it out) through the slot table's padding row. The
 slot table (slot_table.py) is read inside the graph, so a graph is only valid
 for the table tensor it was captured with: a table that grows (its `version`)
-drops every graph.
+drops every graph. The graph also writes each sequence's new slot into its
+row of the table (rows_for(..., last_by_step=True) leaves that to it: no
+host-to-device copy of the table in a steady decode), and takes the greedy
+token of every row (argmax) along with the logits.
 
 Graphs capture weight and KV-buffer addresses too: the engine drops the runner
 when it deactivates (both are freed) and makes a new one on activation."""
@@ -37,6 +40,15 @@ MIN_WIDTH_BUCKET = 512
 DEFAULT_MAX_WIDTH = 16384  # longer contexts are attention-bound: eager launches cost little there
 PADDING_SLOT = 0
 _IDS, _POSITIONS, _SLOTS, _LENS, _ROWS = range(5)
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """argmax of every row (the first of equal maxima), int64 [batch]."""
+    from services.gpu_agent.engine import fused_ops
+
+    if fused_ops.fused_ops_enabled():
+        return fused_ops.argmax_rows(logits)
+    return logits.argmax(dim=-1)
 
 
 def batch_bucket(batch: int) -> int | None:
@@ -64,7 +76,8 @@ class DecodeGraphRunner:
         self.max_width = max_width
         self._inputs = torch.zeros((5, self.max_batch), dtype=torch.int64, device=device)
         self._staging = torch.zeros((5, self.max_batch), dtype=torch.int64).pin_memory()
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (batch, width) -> (graph, logits [batch, vocab] float32, greedy tokens [batch] int64)
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self._graph_pool = torch.cuda.graph_pool_handle()
         self._table_version = table.version
         self.capture_seconds = 0.0
@@ -72,15 +85,22 @@ class DecodeGraphRunner:
         # tokens were copied to the host, so its end event is done. Separates
         # the GPU's share of a step from the host's.
         self.replay_gpu_ms: deque[float] = deque(maxlen=1024)
-        self._timing: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+        # Two pairs of timing events, used in turn: a pair is read (one step late)
+        # before it is recorded again, and none is made per step.
+        self._events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                        for _ in range(2)]
+        self._recorded: list[bool] = [False, False]
+        self._turn = 0
 
     def can_run(self, batch: int, longest: int) -> bool:
         return batch <= self.max_batch and longest <= self.max_width
 
     def run(self, input_ids: list[int], positions: list[int], new_slots: list[int], seq_lens: list[int],
-            rows: list[int]) -> torch.Tensor:
-        """One decode step of len(input_ids) sequences; float32 logits [batch, vocab]
-        (a view of the graph's output: read it before the next run)."""
+            rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode step of len(input_ids) sequences: float32 logits [batch, vocab]
+        and the greedy tokens [batch] (int64), both on the device (views of the
+        graph's outputs: read them before the next run). Also writes new_slots
+        into the rows' slot-table entries at seq_lens - 1."""
         batch = len(input_ids)
         bucket = batch_bucket(batch)
         width = width_bucket(max(seq_lens))
@@ -95,19 +115,25 @@ class DecodeGraphRunner:
         staging[_SLOTS, :batch] = new_slots
         staging[_LENS, :batch] = seq_lens
         staging[_ROWS, :batch] = rows
-        self._pad(staging, batch, bucket)
+        if batch < bucket:
+            self._pad(staging, batch, bucket)
         self._inputs[:, :bucket].copy_(self._staging[:, :bucket], non_blocking=True)
         graph = self._graphs.get((bucket, width))
         if graph is None:
             graph = self._graphs[(bucket, width)] = self._capture(bucket, width)
-        if self._timing is not None and self._timing[1].query():
-            self.replay_gpu_ms.append(self._timing[0].elapsed_time(self._timing[1]))
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start, end = self._events[self._turn]
         start.record()
         graph[0].replay()
         end.record()
-        self._timing = (start, end)
-        return graph[1][:batch]
+        # While the GPU runs the step: the GPU time of the replay before last.
+        self._recorded[self._turn] = True
+        self._turn ^= 1
+        if self._recorded[self._turn]:
+            before, after = self._events[self._turn]
+            if after.query():
+                self.replay_gpu_ms.append(before.elapsed_time(after))
+            self._recorded[self._turn] = False
+        return graph[1][:batch], graph[2][:batch]
 
     @staticmethod
     def _pad(staging, start: int, end: int) -> None:
@@ -117,16 +143,22 @@ class DecodeGraphRunner:
         staging[_LENS, start:end] = 1
         staging[_ROWS, start:end] = PADDING_ROW
 
-    def _step(self, bucket: int, width: int) -> torch.Tensor:
-        """The captured work: everything from the input buffer to the logits."""
+    def _step(self, bucket: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The captured work: everything from the input buffer to the logits and
+        the greedy tokens."""
         inputs = self._inputs[:, :bucket]
-        slot_table = self.table.tensor.index_select(0, inputs[_ROWS])[:, :width]
+        table = self.table.tensor
+        # The new token's slot into its sequence's row (padding rows write slot 0
+        # into the padding row's first entry, which already holds it).
+        table[inputs[_ROWS], inputs[_LENS] - 1] = inputs[_SLOTS].to(table.dtype)
+        slot_table = table.index_select(0, inputs[_ROWS])[:, :width]
         step = StepAttention(slot_mapping=inputs[_SLOTS], spans=[], num_decode=bucket,
                              decode_slot_table=slot_table, decode_seq_lens=inputs[_LENS].to(torch.int32))
         every_row = torch.arange(bucket, device=self.device)
-        return self.model(inputs[_IDS], inputs[_POSITIONS], self.pool, step, every_row)
+        logits = self.model(inputs[_IDS], inputs[_POSITIONS], self.pool, step, every_row)
+        return logits, greedy_tokens(logits)
 
-    def _capture(self, bucket: int, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, bucket: int, width: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]:
         start = time.perf_counter()
         # The staged inputs of this step are already in self._inputs; run it once
         # eagerly on a side stream first (Triton compiles, cuBLAS picks kernels),
@@ -139,8 +171,8 @@ class DecodeGraphRunner:
         graph = torch.cuda.CUDAGraph()
         # thread_local: kvcached's page thread maps memory while we capture.
         with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-            logits = self._step(bucket, width)
+            logits, greedy = self._step(bucket, width)
         seconds = time.perf_counter() - start
         self.capture_seconds += seconds
         log.info("captured the decode graph for batch %d, width %d in %.3fs", bucket, width, seconds)
-        return graph, logits
+        return graph, logits, greedy

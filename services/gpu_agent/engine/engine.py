@@ -568,17 +568,27 @@ class Engine:
             if self._model is None or self._scheduler.pool is None:
                 return None
             rows = None
+            runner = self._decode_graph_runner(plan, num_decode)
+            decoding = [item.seq for item in plan[:num_decode]]
+            # A graph step writes each sequence's new slot into the slot table itself.
+            last_by_step = runner is not None and all(len(item.seq.slots) == item.start + 1 for item in plan)
             if self._slot_table is not None and num_decode:
-                rows = self._slot_table.rows_for([item.seq for item in plan[:num_decode]])
-            logits = None
-            if rows is not None and num_decode == len(plan) and self._use_graphs:
-                logits = self._graph_decode(plan, rows)
+                rows = self._slot_table.rows_for(decoding, last_by_step=last_by_step)
+            logits = greedy = None
+            if runner is not None:
+                out = self._graph_decode(runner, plan, rows)
+                if out is not None:
+                    logits, greedy = out
+                elif last_by_step:  # eager after all: the table needs the slots the graph would have written
+                    self._slot_table.unsync_last(decoding)
+                    rows = self._slot_table.rows_for(decoding)
             if logits is None:
                 logits = self._eager_forward(plan, num_decode, rows)
             samplers = [item.seq for item in plan if item.samples]
             if not samplers:
                 return []
-            return sample_batch(logits, [seq.sampling for seq in samplers], [seq.generator for seq in samplers])
+            return sample_batch(logits, [seq.sampling for seq in samplers], [seq.generator for seq in samplers],
+                                greedy if len(samplers) == len(plan) else None)
 
     def _eager_forward(self, plan: list[ScheduledSeq], num_decode: int, rows: list[int] | None) -> torch.Tensor:
         input_ids, positions, spans, logits_at = [], [], [], []
@@ -595,18 +605,24 @@ class Engine:
                            torch.tensor(positions, device=self._device), self._scheduler.pool, step,
                            torch.tensor(logits_at, dtype=torch.long, device=self._device))
 
-    def _graph_decode(self, plan: list[ScheduledSeq], rows: list[int]) -> torch.Tensor | None:
-        """A pure decode step from a CUDA graph; None where no graph can run it."""
-        seq_lens = [item.start + 1 for item in plan]
+    def _decode_graph_runner(self, plan: list[ScheduledSeq], num_decode: int) -> DecodeGraphRunner | None:
+        """The graph runner, where this step is a pure decode step that a CUDA graph can run."""
+        if not (self._use_graphs and self._slot_table is not None and num_decode and num_decode == len(plan)):
+            return None
         if self._graph_runner is None:
             self._graph_runner = DecodeGraphRunner(self._model, self._scheduler.pool, self._slot_table,
                                                    self._device)
-        if not self._graph_runner.can_run(len(plan), max(seq_lens)):
+        if not self._graph_runner.can_run(len(plan), max(item.start + 1 for item in plan)):
             return None
+        return self._graph_runner
+
+    def _graph_decode(self, runner: DecodeGraphRunner, plan: list[ScheduledSeq],
+                      rows: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A pure decode step from a CUDA graph: (logits, greedy tokens); None
+        where the graph failed (then the engine decodes eagerly from now on)."""
         try:
-            return self._graph_runner.run([item.seq.token_ids[item.start] for item in plan],
-                                          [item.start for item in plan],
-                                          [item.seq.slots[item.start] for item in plan], seq_lens, rows)
+            return runner.run([item.seq.token_ids[item.start] for item in plan], [item.start for item in plan],
+                              [item.seq.slots[item.start] for item in plan], [item.start + 1 for item in plan], rows)
         except Exception:  # a capture that fails must not take serving down: eager from now on
             log.exception("engine %s: CUDA graph decode failed; decoding eagerly from now on", self.name)
             self._use_graphs = False

@@ -5,7 +5,9 @@ of slots ([batch, width] int32). Rebuilt from Python lists every step, that
 table costs O(batch x context) host work and a large copy per step; here
 every sequence owns a row of one persistent device table instead, and a step
 writes only the slots that are new since the last one (one per decoding
-sequence): one small host-to-device copy and one scatter.
+sequence): one small host-to-device copy and one scatter, or nothing at all
+where a CUDA graph step writes those slots itself (cuda_graphs.py; a pinned
+copy and two eager kernels each step cost about 0.3 ms of host time).
 
 Row 0 is the padding row: all slot 0, the pool's padding slot (kvcached keeps
 slot 0 mapped and never hands it out), for the padded rows of a CUDA graph.
@@ -41,11 +43,16 @@ class DeviceSlotTable:
     def width(self) -> int:
         return self.tensor.shape[1]
 
-    def rows_for(self, seqs: list[Sequence]) -> list[int]:
+    def rows_for(self, seqs: list[Sequence], last_by_step: bool = False) -> list[int]:
         """The rows of `seqs`, with every slot they hold written to the device
-        (in one copy): call once per step, before the step's kernels run."""
-        for seq in [s for s in self._rows if s.finished]:
-            self.release(seq)
+        (in one copy): call once per step, before the step's kernels run.
+        last_by_step: the step itself writes each sequence's last slot into its
+        row (a CUDA graph decode step does, at position len(slots) - 1), so it is
+        not copied here: a steady decode step then copies nothing. Should the
+        step not run, unsync_last() and a second call write those slots too."""
+        if self._rows and any(s.finished for s in self._rows):
+            for seq in [s for s in self._rows if s.finished]:
+                self.release(seq)
         longest = max((len(seq.slots) for seq in seqs), default=0)
         if longest > self.width:
             self._grow(rows=self.tensor.shape[0], width=longest)
@@ -59,16 +66,24 @@ class DeviceSlotTable:
                 synced = 0
             else:
                 row, _, synced = entry
-            new = seq.slots[synced:]
-            if new:
-                rows.append(np.full(len(new), row, dtype=np.int64))
-                cols.append(np.arange(synced, len(seq.slots), dtype=np.int64))
-                values.append(np.asarray(new, dtype=np.int64))
+            end = len(seq.slots) - 1 if last_by_step else len(seq.slots)
+            if end > synced:
+                rows.append(np.full(end - synced, row, dtype=np.int64))
+                cols.append(np.arange(synced, end, dtype=np.int64))
+                values.append(np.asarray(seq.slots[synced:end], dtype=np.int64))
             self._rows[seq] = (row, seq.slots, len(seq.slots))
             result.append(row)
         if rows:
             self._scatter(np.concatenate(rows), np.concatenate(cols), np.concatenate(values))
         return result
+
+    def unsync_last(self, seqs: list[Sequence]) -> None:
+        """Undoes last_by_step for a step that did not run: the next rows_for
+        copies these sequences' last slots too."""
+        for seq in seqs:
+            entry = self._rows.get(seq)
+            if entry is not None and entry[1] is seq.slots and entry[2] == len(seq.slots) and entry[2] > 0:
+                self._rows[seq] = (entry[0], entry[1], entry[2] - 1)
 
     def release(self, seq: Sequence) -> None:
         """Only from the thread that calls rows_for (the engine's step thread)."""
