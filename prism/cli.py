@@ -83,43 +83,88 @@ def make_model(
     typer.echo(f"wrote a tiny {arch} model to {path}")
 
 
-@app.command()
-def status(etcd: str = typer.Option("127.0.0.1:2379", help="etcd host:port"),
-           as_json: bool = typer.Option(False, "--json", help="print the raw records")) -> None:
-    """Show agents, engines and placements as recorded in etcd."""
-    from services.common import records
-    from services.common.etcd import connect
+def _read_cluster(etcd: str):
+    """One snapshot of etcd's records and every agent's status; exits on an unreachable etcd."""
+    from prism.cluster_view import ClusterReader
 
-    async def read() -> dict[str, list[dict]]:
-        client = await connect(etcd, timeout_s=5)
+    async def read():
+        reader = ClusterReader(etcd)
         try:
-            out: dict[str, list[dict]] = {}
-            for name, prefix in (("models", records.MODELS), ("agents", records.AGENTS),
-                                 ("engines", records.ENGINES), ("placements", records.PLACEMENTS)):
-                out[name] = [json.loads(kv.value) for kv in await client.get_prefix(prefix.encode())]
-            return out
+            return await reader.read()
         finally:
-            await client.close()
+            await reader.close()
 
     try:
-        state = asyncio.run(read())
+        return asyncio.run(read())
     except ConnectionError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1)
+
+
+@app.command()
+def status(etcd: str = typer.Option("127.0.0.1:2379", help="etcd host:port"),
+           as_json: bool = typer.Option(False, "--json", help="print the raw records and agent statuses")) -> None:
+    """Show agents, engines and placements as recorded in etcd, with each agent's memory split and model numbers."""
+    from prism.cluster_view import gpu_lines, model_lines
+
+    snapshot = _read_cluster(etcd)
     if as_json:
-        typer.echo(json.dumps(state, indent=2))
+        typer.echo(json.dumps(snapshot.to_json(), indent=2))
         return
     typer.echo("agents:")
-    for a in state["agents"]:
-        devices = ", ".join(f"{d['kind']}:{d['index']} {d['memory_bytes'] >> 20} MB" for d in a["devices"])
-        typer.echo(f"  {a['agent_id']:<24} {a['address']:<22} {devices}")
+    for a in snapshot.agents:
+        devices = ", ".join(f"{d['kind']}:{d['index']} {d['memory_bytes'] >> 20} MB" for d in a.record["devices"])
+        typer.echo(f"  {a.agent_id:<24} {a.record['address']:<22} {devices}")
     typer.echo("engines:")
-    for e in state["engines"]:
+    for e in snapshot.engines:
         typer.echo(f"  {e['model']:<20} on {e['agent_id']:<24} gpus {e['gpu_ids']}  {e['state']}" + (f"  ({e['error']})" if e["error"] else ""))
     typer.echo("placements:")
-    for p in state["placements"]:
+    for p in snapshot.placements:
         replicas = ", ".join(f"{r['agent_id']}:{r['gpu_ids']}{'' if r['active'] else ' (off)'}" for r in p["replicas"]) or "unplaced"
         typer.echo(f"  {p['model']:<20} rev {p['revision']:<4} {replicas}")
+    typer.echo("gpus:")
+    for line in gpu_lines(snapshot):
+        typer.echo("  " + line)
+    typer.echo("models:")
+    for line in model_lines(snapshot, indent="  "):
+        typer.echo(line)
+
+
+@app.command()
+def top(etcd: str = typer.Option("127.0.0.1:2379", help="etcd host:port"),
+        interval: float = typer.Option(1.0, "--interval", min=0.1, help="seconds between frames"),
+        once: bool = typer.Option(False, "--once", help="print one frame and exit")) -> None:
+    """A live view of every GPU's memory split and every model's queue, latency and SLO attainment."""
+    from prism.cluster_view import ClusterReader, top_frame
+
+    clear = "\x1b[H\x1b[2J"  # cursor home, clear screen
+
+    async def frames() -> None:
+        reader = ClusterReader(etcd)
+        try:
+            while True:
+                try:
+                    frame = top_frame(await reader.read(), etcd, None if once else interval)
+                except Exception as exc:  # etcd gone or restarting: keep watching, it may come back
+                    if once:
+                        raise
+                    frame = f"prism top: reading the cluster failed ({type(exc).__name__}: {exc}); retrying"
+                    await reader.close()  # the next read connects afresh
+                sys.stdout.write(frame + "\n" if once else clear + frame + "\n")
+                sys.stdout.flush()
+                if once:
+                    return
+                await asyncio.sleep(interval)
+        finally:
+            await reader.close()
+
+    try:
+        asyncio.run(frames())
+    except ConnectionError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how top ends
 
 
 @app.command()
