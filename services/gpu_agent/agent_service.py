@@ -131,6 +131,12 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                     if ticket is not None:
                         ticket.started()
                 completion_tokens = out.completion_tokens
+                if out.finish_reason is not None:
+                    # Recorded before the last yield: the gateway cancels the call once it has the
+                    # final response, so code after the loop may never run.
+                    tpot = ((time.monotonic() - first_token_at) / (completion_tokens - 1)
+                            if completion_tokens > 1 else None)
+                    stats.finished(first_token_at - arrival, tpot)
                 yield output_to_proto(out, request.request_id, usage_at_end_only=True)
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -149,10 +155,6 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             stats.failed()
             log.error("engine failure: %s", exc)
             await context.abort(grpc.StatusCode.INTERNAL, f"engine for {request.model!r} failed on request {request.request_id}: {exc}")
-        else:
-            if first_token_at is not None:
-                tpot = (time.monotonic() - first_token_at) / (completion_tokens - 1) if completion_tokens > 1 else None
-                stats.finished(first_token_at - arrival, tpot)
         finally:
             if ticket is not None:
                 ticket.release()

@@ -50,7 +50,10 @@ def default_reserve_bytes(device: Device) -> int:
 class MemoryCoordinator:
     def __init__(self, device: Device, manager: EngineManager, policy: str = "balloon",
                  reserve_bytes: int | None = None, interval_s: float = DEFAULT_INTERVAL_S,
-                 params: PolicyParams = PolicyParams()):
+                 params: PolicyParams = PolicyParams(), kv_budget_cap_bytes: int = 0):
+        """kv_budget_cap_bytes: the KV budget never exceeds this (0: no cap),
+        for a device shared with something else, or a benchmark that wants
+        memory to be scarce."""
         if policy not in POLICIES:
             raise ValueError(f"memory policy {policy!r} is not one of {', '.join(POLICIES)}")
         self.device = device
@@ -60,6 +63,7 @@ class MemoryCoordinator:
         self.params = params
         self.reserve_bytes = default_reserve_bytes(device) if reserve_bytes is None else reserve_bytes
         self.interval_s = interval_s
+        self.kv_budget_cap_bytes = kv_budget_cap_bytes
         self.lock = asyncio.Lock()
         self._wake = asyncio.Event()
         # KV the agent's admission queue holds back for each model (queued, or
@@ -84,7 +88,8 @@ class MemoryCoordinator:
 
     def budget_bytes(self, active: list[ManagedEngine]) -> int:
         weights = sum(m.engine.weight_bytes for m in active)
-        return max(0, self.device.memory_bytes - weights - self.reserve_bytes)
+        budget = max(0, self.device.memory_bytes - weights - self.reserve_bytes)
+        return min(budget, self.kv_budget_cap_bytes) if self.kv_budget_cap_bytes > 0 else budget
 
     def demand_bytes(self, managed: ManagedEngine) -> int:
         stats = managed.engine.stats()

@@ -4,7 +4,7 @@ registration alive in etcd and reports load to the scheduler.
     python -m services.gpu_agent.server --etcd 127.0.0.1:2379 --scheduler 127.0.0.1:50051 \
         --listen 127.0.0.1:50061 [--advertise HOST:PORT] [--device auto|cpu|cuda] [--cpu-memory-gb 4] \
         [--engine-isolation auto|process|inline] [--spare-workers 1] \
-        [--memory-policy balloon|static] [--memory-reserve-gb GB] [--starvation-s 5]
+        [--memory-policy balloon|static] [--memory-reserve-gb GB] [--kv-budget-gb GB] [--starvation-s 5]
 
 Engine isolation: `process` runs each engine in its own worker process, with
 `--spare-workers` pre-started, device-initialized workers per device so a new
@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "or static (equal shares)")
     p.add_argument("--memory-reserve-gb", type=float, default=None,
                    help="device memory kept out of the KV budget (default: 5%% of a GPU, at most 4 GiB; 0 on the CPU)")
+    p.add_argument("--kv-budget-gb", type=float, default=0.0,
+                   help="cap on each device's KV budget (default 0: no cap; the budget is memory - weights - reserve)")
     p.add_argument("--starvation-s", type=float, default=DEFAULT_STARVATION_S,
                    help="a request waiting this long for admission goes first, whatever its deadline")
     args = p.parse_args(argv)
@@ -68,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--spare-workers must be >= 0")
     if args.memory_reserve_gb is not None and args.memory_reserve_gb < 0:
         p.error("--memory-reserve-gb must be >= 0")
+    if args.kv_budget_gb < 0:
+        p.error("--kv-budget-gb must be >= 0")
     if args.starvation_s <= 0:
         p.error("--starvation-s must be positive")
     return args
@@ -113,7 +117,8 @@ async def serve(args: argparse.Namespace) -> None:
     manager = EngineManager(devices, publish, pool, coordinated=True)
     reserve = None if args.memory_reserve_gb is None else int(args.memory_reserve_gb * (1 << 30))
     for d in devices:
-        coordinators[d.index] = MemoryCoordinator(d, manager, args.memory_policy, reserve)
+        coordinators[d.index] = MemoryCoordinator(d, manager, args.memory_policy, reserve,
+                                                  kv_budget_cap_bytes=int(args.kv_budget_gb * (1 << 30)))
     admission = AgentAdmission({i: AdmissionQueue(c, args.starvation_s) for i, c in coordinators.items()})
 
     async def before_activate(managed: ManagedEngine) -> None:
