@@ -23,12 +23,14 @@ from services.common.etcd import connect
 
 STATUS_TIMEOUT_S = 1.0
 BAR_WIDTH = 48
-STATE_NAMES = {
-    agent_pb2.ENGINE_STATE_LOADING: "loading",
-    agent_pb2.ENGINE_STATE_ACTIVE: "active",
-    agent_pb2.ENGINE_STATE_INACTIVE: "inactive",
-    agent_pb2.ENGINE_STATE_FAILED: "failed",
-}
+
+
+def state_name(state: int) -> str:
+    """ENGINE_STATE_ACTIVE -> "active" (a state this client does not know -> "?")."""
+    try:
+        return agent_pb2.EngineState.Name(state).removeprefix("ENGINE_STATE_").lower()
+    except ValueError:
+        return "?"
 
 
 @dataclass
@@ -168,7 +170,7 @@ def model_rows(snapshot: ClusterSnapshot) -> list[tuple[str, ...]]:
             s = e.serving
             served = e.HasField("serving")
             rows.append((
-                e.model, agent.agent_id, ",".join(map(str, e.gpu_ids)), STATE_NAMES.get(e.state, "?"),
+                e.model, agent.agent_id, ",".join(map(str, e.gpu_ids)), state_name(e.state),
                 str(e.admission_queued + e.queued_requests), str(e.running_requests),
                 f"{s.arrival_rate:.2f}" if served else "-",
                 f"{s.ttft_p50_ms:.0f}/{s.ttft_p99_ms:.0f}" if served and s.finished_requests else "-",

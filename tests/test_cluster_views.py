@@ -16,24 +16,16 @@ import pytest
 
 from prism.cluster_view import ClusterSnapshot, gpu_lines, memory_bar, model_lines
 from prism.v1 import agent_pb2
+from tests.prometheus_text import metric_values
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = ("tiny-llama", "tiny-qwen2")
 
 
-def samples_of(text: str) -> dict[str, float]:
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
-
-
 def scrape(cluster) -> dict[str, float]:
     response = httpx.get(cluster.http_url + "/metrics", timeout=10)
     assert response.status_code == 200
-    return samples_of(response.text)
+    return metric_values(response.text)
 
 
 @pytest.fixture(scope="module")

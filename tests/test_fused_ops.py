@@ -9,10 +9,8 @@ where triton is not installed (CI: CPU torch only)."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib
-import os
 from pathlib import Path
 
 import pytest
@@ -22,27 +20,14 @@ import torch.nn.functional as F
 from services.gpu_agent.engine.model_config import load_model_config
 from services.gpu_agent.engine.paged_attention import StepAttention, write_kv
 from services.gpu_agent.engine.rotary import RotaryEmbedding, apply_rotary
+from tests.triton_interpreter import interpreter_env
 
 ON_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@contextlib.contextmanager
-def _interpreter_env():
-    previous = os.environ.get("TRITON_INTERPRET")
-    if not ON_CUDA:
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-
-
-with _interpreter_env():
+with interpreter_env():
     triton = pytest.importorskip("triton")
     fo = importlib.import_module("services.gpu_agent.engine.fused_ops")
     if not ON_CUDA and type(fo._silu_mul_kernel).__name__ != "InterpretedFunction":
@@ -57,7 +42,7 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 @pytest.fixture(scope="module", autouse=True)
 def _interpreter_runs():
-    with _interpreter_env():
+    with interpreter_env():
         yield
 
 

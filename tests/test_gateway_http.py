@@ -23,6 +23,7 @@ from test_gateway_support import (  # noqa: F401 - fixtures
 from prism.v1 import agent_pb2
 from services.common import records
 from services.common.etcd_server import free_port
+from tests.prometheus_text import metric_values
 
 
 @pytest.fixture()
@@ -470,16 +471,6 @@ def reporting_agent_status(agent_id: str, model: str) -> agent_pb2.AgentStatus:
                                        shed_requests=5, failed_requests=1))
     status.engines.add(model="not-in-the-registry", gpu_ids=[0], state=agent_pb2.ENGINE_STATE_ACTIVE)
     return status
-
-
-def metric_values(text: str) -> dict[str, float]:
-    """'name{labels}' -> value of every sample in an exposition."""
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
 
 
 def scrape_until(http, sample: str, timeout_s: float = 10.0) -> dict[str, float]:

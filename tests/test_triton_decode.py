@@ -9,7 +9,6 @@ only)."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import os
 import subprocess
@@ -18,29 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.triton_interpreter import interpreter_env
 
 ON_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
 
 
-@contextlib.contextmanager
-def _interpreter_env():
-    """TRITON_INTERPRET=1 when there is no CUDA, restored on exit so that it does
-    not leak into other tests. triton reads it when it decorates a kernel (its own
-    library functions, tl.max, tl.sum..., on first import) and again at launch."""
-    previous = os.environ.get("TRITON_INTERPRET")
-    if not ON_CUDA:
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-
-
-with _interpreter_env():
+with interpreter_env():
     triton = pytest.importorskip("triton")
     td = importlib.import_module("services.gpu_agent.engine.triton_decode")
     if not ON_CUDA and type(td._attend_split_kernel).__name__ != "InterpretedFunction":
@@ -71,7 +54,7 @@ def _interpreter_runs():
     newer numpy (a loop bounded by a loaded value raises 'only 0-dimensional arrays
     can be converted'), and triton imported before the variable was set compiles
     its library functions for a GPU."""
-    with _interpreter_env():
+    with interpreter_env():
         if not ON_CUDA:
             case = make_case([3], heads=2, kv_heads=1, head_dim=16, dtype=torch.float32)
             try:

@@ -29,12 +29,14 @@ log = logging.getLogger(__name__)
 
 AGENT_STATUS_TIMEOUT_S = 1.0
 
-ENGINE_STATES = {
-    agent_pb2.ENGINE_STATE_LOADING: "loading",
-    agent_pb2.ENGINE_STATE_ACTIVE: "active",
-    agent_pb2.ENGINE_STATE_INACTIVE: "inactive",
-    agent_pb2.ENGINE_STATE_FAILED: "failed",
-}
+
+
+def engine_state_label(state: int) -> str:
+    """ENGINE_STATE_ACTIVE -> "active" (an unknown number -> "unknown")."""
+    try:
+        return agent_pb2.EngineState.Name(state).removeprefix("ENGINE_STATE_").lower()
+    except ValueError:
+        return "unknown"
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,7 @@ class AgentStatusCollector(Collector):
                 labels = [scrape.agent_id, _gpu_label(engine.gpu_ids), engine.model]
                 for f, family in engines.items():
                     family.add_metric(labels, getattr(engine, f))
-                state.add_metric([*labels, ENGINE_STATES.get(engine.state, "unknown")], 1.0)
+                state.add_metric([*labels, engine_state_label(engine.state)], 1.0)
                 if not engine.HasField("serving"):
                     continue
                 s = engine.serving
