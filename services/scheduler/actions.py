@@ -11,7 +11,7 @@ from services.scheduler.policy import Placement
 
 @dataclass(frozen=True)
 class Action:
-    kind: str  # "load" | "unload"
+    kind: str  # "load" | "unload" | "activate" | "deactivate"
     agent_id: str
     model: str
     gpu_ids: tuple[int, ...] = ()
@@ -19,12 +19,16 @@ class Action:
     memory_limit_bytes: int = 0
 
 
-def plan_actions(target: Placement, engines: dict[tuple[str, str], EngineRecord], live_agents: set[str]) -> list[Action]:
+def plan_actions(target: Placement, engines: dict[tuple[str, str], EngineRecord], live_agents: set[str],
+                 manage_activity: bool = False) -> list[Action]:
     """engines: (agent_id, model) -> what that agent reports in etcd.
 
-    Unloads come first so their memory is free before loads need it. A
+    Unloads come first so their memory is free before loads need it, then
+    deactivations (they free GPU memory too), then loads and activations. A
     failed engine is loaded again (the agent replaces it); a loading one is
-    left alone.
+    left alone. manage_activity: switch engines on and off to match the
+    target (policies that time-share); otherwise a replica's `active` only
+    applies when it is loaded, and agents switch engines on by demand.
     """
     wanted: dict[tuple[str, str], Action] = {}
     for model, replicas in target.items():
@@ -35,11 +39,15 @@ def plan_actions(target: Placement, engines: dict[tuple[str, str], EngineRecord]
         for (agent_id, model), record in sorted(engines.items())
         if (agent_id, model) not in wanted and agent_id in live_agents
     ]
-    loads = []
+    loads, activations, deactivations = [], [], []
     for key, action in sorted(wanted.items()):
         record = engines.get(key)
         if action.agent_id not in live_agents:
             continue
         if record is None or record.state == "failed":
             loads.append(action)
-    return unloads + loads
+        elif manage_activity and record.state == "inactive" and action.activate:
+            activations.append(Action("activate", action.agent_id, action.model, action.gpu_ids))
+        elif manage_activity and record.state == "active" and not action.activate:
+            deactivations.append(Action("deactivate", action.agent_id, action.model, action.gpu_ids, False))
+    return unloads + deactivations + loads + activations

@@ -30,12 +30,7 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             self.latest_reports[report.agent_id] = (time.monotonic(), report)
             yield scheduler_pb2.LoadReportAck(sequence=report.sequence)
 
-    def demand(self, max_age_s: float = 5.0) -> dict[str, float]:
-        """Requests/s per model summed over agents with a fresh report."""
+    def fresh_reports(self, max_age_s: float = 5.0) -> list[scheduler_pb2.LoadReport]:
+        """The latest report of every agent that reported in the last max_age_s."""
         now = time.monotonic()
-        totals: dict[str, float] = {}
-        for received, report in self.latest_reports.values():
-            if now - received <= max_age_s:
-                for load in report.models:
-                    totals[load.model] = totals.get(load.model, 0.0) + load.arrival_rate
-        return totals
+        return [report for received, report in self.latest_reports.values() if now - received <= max_age_s]

@@ -22,7 +22,17 @@ from services.common.grpc_util import add_health_and_reflection, mark_serving
 from services.common.logs import setup_logging
 from services.common.placement_config import ModelConfig
 from services.scheduler.actions import Action, plan_actions
-from services.scheduler.policy import POLICIES, AgentView, ClusterSnapshot, Placement
+from services.common.model_size import estimate_weight_bytes
+from services.scheduler.policy import (
+    MANAGES_ACTIVITY,
+    POLICIES,
+    AgentView,
+    ClusterSnapshot,
+    ModelDemand,
+    Placement,
+    PolicyParams,
+    ReplicaTarget,
+)
 from services.scheduler.scheduler_service import SchedulerService
 
 log = logging.getLogger("scheduler")
@@ -49,6 +59,39 @@ def model_spec(model: ModelConfig) -> agent_pb2.ModelSpec:
     )
 
 
+def demand_from_reports(reports: list[scheduler_pb2.LoadReport]) -> dict[str, ModelDemand]:
+    """Each model's load summed over the agents' latest reports."""
+    totals: dict[str, ModelDemand] = {}
+    for report in reports:
+        for load in report.models:
+            d = totals.get(load.model, ModelDemand())
+            totals[load.model] = ModelDemand(
+                arrival_rate=d.arrival_rate + load.serving.arrival_rate,
+                queued=d.queued + load.queued_requests, running=d.running + load.running_requests,
+                kv_demand_bytes=d.kv_demand_bytes + load.kv_demand_bytes)
+    return totals
+
+
+def reported_weight_bytes(reports: list[scheduler_pb2.LoadReport]) -> dict[str, int]:
+    """Each model's weight size as an agent that loaded it reports it."""
+    out: dict[str, int] = {}
+    for report in reports:
+        for gpu in report.gpus:
+            for engine in gpu.engines:
+                if engine.weight_bytes:
+                    out[engine.model] = max(out.get(engine.model, 0), engine.weight_bytes)
+    return out
+
+
+def current_placement(engines: dict[tuple[str, str], records.EngineRecord]) -> Placement:
+    """What the agents run: their engines that are loaded or loading (a loading one counts as inactive)."""
+    out: Placement = {}
+    for (agent_id, model), rec in sorted(engines.items()):
+        if rec.state in ("active", "inactive", "loading"):
+            out.setdefault(model, []).append(ReplicaTarget(agent_id, tuple(rec.gpu_ids), rec.state == "active"))
+    return out
+
+
 class PlacementLoop:
     """Re-plans on an interval and whenever `wake` is set, and executes the
     resulting actions in the background, one at a time per (agent, model),
@@ -59,6 +102,10 @@ class PlacementLoop:
         self.config = config
         self.etcd = etcd
         self.policy = POLICIES[policy_name]
+        self.manages_activity = policy_name in MANAGES_ACTIVITY
+        self.params = PolicyParams()
+        # Until an agent reports a model's real size: estimated from its config.json.
+        self._estimated_weights = {m.model_name: estimate_weight_bytes(m.model_path, m.dtype) for m in config.models}
         self.service = service
         self.wake = wake
         self.interval_s = interval_s
@@ -118,15 +165,20 @@ class PlacementLoop:
 
     async def replan(self) -> None:
         agents = self._agent_records()
+        engines = self._engine_records()
+        reports = self.service.fresh_reports()
         snapshot = ClusterSnapshot(
             models=self.config.models,
-            agents=tuple(AgentView(a.agent_id, frozenset(d["index"] for d in a.devices)) for a in agents.values()),
-            demand=self.service.demand(),
+            agents=tuple(AgentView(a.agent_id, frozenset(d["index"] for d in a.devices),
+                                   {d["index"]: d.get("memory_bytes", 0) for d in a.devices}) for a in agents.values()),
+            demand=demand_from_reports(reports),
+            weight_bytes={**self._estimated_weights, **reported_weight_bytes(reports)},
+            current=current_placement(engines),
         )
-        target = self.policy(snapshot)
+        target = self.policy(snapshot, self.params)
         await self._write_placements(target)
         now = time.monotonic()
-        for action in plan_actions(target, self._engine_records(), set(agents)):
+        for action in plan_actions(target, engines, set(agents), self.manages_activity):
             key = (action.agent_id, action.model)
             if key in self._in_flight or self._retry_at.get(key, (0.0, 0.0))[0] > now:
                 continue
@@ -145,6 +197,12 @@ class PlacementLoop:
                 if status.state == agent_pb2.ENGINE_STATE_FAILED:
                     raise RuntimeError(status.error)
                 log.info("loaded %s on %s (%s)", action.model, action.agent_id, agent_pb2.EngineState.Name(status.state))
+            elif action.kind == "activate":
+                await stub.ActivateModel(agent_pb2.ModelRequest(model=action.model), timeout=60)
+                log.info("activated %s on %s", action.model, action.agent_id)
+            elif action.kind == "deactivate":
+                await stub.DeactivateModel(agent_pb2.ModelRequest(model=action.model), timeout=60)
+                log.info("deactivated %s on %s", action.model, action.agent_id)
             else:
                 await stub.UnloadModel(agent_pb2.ModelRequest(model=action.model), timeout=60)
                 log.info("unloaded %s from %s", action.model, action.agent_id)
