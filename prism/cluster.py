@@ -53,6 +53,7 @@ class LocalCluster:
     host: str = "127.0.0.1"
     engine_isolation: str = "auto"  # the agent's --engine-isolation: auto | process | inline
     agent_args: tuple[str, ...] = ()  # more agent flags (--memory-policy, --memory-reserve-gb, ...)
+    scheduler_args: tuple[str, ...] = ()  # more scheduler flags (--policy, --replan-interval-s, ...)
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).resolve()
@@ -94,7 +95,7 @@ class LocalCluster:
             self.etcd_endpoint = self.etcd.endpoint
         try:
             self._spawn("scheduler", "services.scheduler.server", "--etcd", self.etcd_endpoint,
-                        "--config", str(self.config_path), "--listen", self.scheduler_address)
+                        "--config", str(self.config_path), "--listen", self.scheduler_address, *self.scheduler_args)
             self._spawn_agent()
             self._spawn("gateway", "services.gateway.server", "--etcd", self.etcd_endpoint,
                         "--http-host", self.host, "--http-port", str(self.http_port),

@@ -102,3 +102,18 @@ def test_slo_priority_and_shed_load():
         "[0].priority: must be an integer >= 1, got 0",
         "[0].shed_load: must be true or false, got 'yes'",
     ])
+
+
+def test_policy_in_the_file_and_its_names_match_the_schedulers():
+    from services.scheduler.policy import POLICIES
+
+    assert set(pc.POLICY_NAMES) == set(POLICIES)
+    model = {"model_name": "m", "model_path": "/m", "init_placements": [{"gpu_ids": [0]}]}
+    assert pc.parse({"models": [model], "policy": "prism"}).policy == "prism"
+    assert pc.parse([model]).policy is None
+    with pytest.raises(pc.ConfigError) as err:
+        pc.parse({"models": [model], "policy": "best"})
+    assert err.value.errors == ["<root>.policy: must be one of static, dedicated, time-share, prism, got 'best'"]
+    with pytest.raises(pc.ConfigError) as err:
+        pc.parse({"models": [model], "polcy": "prism"})
+    assert err.value.errors == ["<root>.polcy: unknown field"]

@@ -5,6 +5,8 @@ Compatible with the original Prism's file, a JSON (or YAML) list of models:
     [{"model_name": "model_1", "model_path": "meta-llama/Llama-3.2-1B", "tp_size": 1,
       "init_placements": [{"gpu_ids": [0], "on": true, "max_memory_pool_size": 15}]}]
 
+The list may also be wrapped as {"models": [...], "policy": "prism"} to name
+the scheduler's placement policy in the file (the --policy flag wins).
 Prism's own optional fields per model: "load_format" ("auto" | "dummy"),
 "engine" ("torch" | "sglang"), "dtype", "seed", "slo" ({"ttft_ms": ...,
 "tpot_ms": ...}, the latency targets its requests are admitted against),
@@ -28,6 +30,8 @@ import yaml
 LOAD_FORMATS = ("auto", "dummy")
 ENGINES = ("torch", "sglang")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+# The scheduler's placement policies (services/scheduler/policy.py POLICIES; a test keeps the two in step).
+POLICY_NAMES = ("static", "dedicated", "time-share", "prism")
 GB = 1 << 30
 
 
@@ -68,6 +72,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class PlacementConfig:
     models: tuple[ModelConfig, ...] = field(default_factory=tuple)
+    policy: str | None = None  # the scheduler's placement policy; None: its --policy (default static)
 
     def model(self, name: str) -> ModelConfig:
         for m in self.models:
@@ -104,7 +109,14 @@ class _Checker:
 def parse(data: Any, base_dir: Path | None = None, source: str = "<config>") -> PlacementConfig:
     """Validates already-decoded config data; raises ConfigError listing every problem."""
     c = _Checker()
-    if isinstance(data, dict) and "models" in data:  # also accept {"models": [...]}
+    policy = None
+    if isinstance(data, dict) and "models" in data:  # also accept {"models": [...], "policy": "prism"}
+        unknown = sorted(set(data) - {"models", "policy"})
+        if unknown:
+            raise ConfigError(source, [f"<root>.{k}: unknown field" for k in unknown])
+        policy = data.get("policy")
+        if policy is not None and policy not in POLICY_NAMES:
+            raise ConfigError(source, [f"<root>.policy: must be one of {', '.join(POLICY_NAMES)}, got {policy!r}"])
         data = data["models"]
     if not isinstance(data, list):
         raise ConfigError(source, ["<root>: must be a list of models"])
@@ -168,7 +180,7 @@ def parse(data: Any, base_dir: Path | None = None, source: str = "<config>") -> 
         ))
     if c.errors:
         raise ConfigError(source, c.errors)
-    return PlacementConfig(models=tuple(models))
+    return PlacementConfig(models=tuple(models), policy=policy)
 
 
 def _parse_slo(c: _Checker, raw: Any, path: str) -> tuple[float | None, float | None]:

@@ -38,6 +38,9 @@ from services.gpu_agent.status_report import (
 )
 from services.gpu_agent.workers.wire import output_to_proto, to_generation_request
 
+# Longer than a load report or two takes to reach the scheduler, so its view of demand has caught up.
+DEFAULT_BUSY_WINDOW_S = 10.0
+
 # Trailing metadata of a shed request: seconds to wait before retrying (the gateway's Retry-After).
 RETRY_AFTER_KEY = "retry-after"
 
@@ -89,15 +92,17 @@ def slo_from_proto(spec: agent_pb2.ModelSpec) -> ModelSlo:
 class AgentService(agent_pb2_grpc.AgentServicer):
     def __init__(self, agent_id: str, devices, manager: EngineManager, *,
                  coordinators: dict[int, MemorySplitSource] | None = None,
-                 admission: AgentAdmission | None = None):
+                 admission: AgentAdmission | None = None, busy_window_s: float = DEFAULT_BUSY_WINDOW_S):
         """coordinators (device index -> its memory coordinator) and the
         admission queue feed GetStatus's memory split and queue numbers;
-        without them those stay empty."""
+        without them those stay empty. busy_window_s: an engine that had a
+        request this recently is not switched off unless forced."""
         self.agent_id = agent_id
         self.devices = devices
         self.manager = manager
         self.coordinators = coordinators
         self.admission = admission
+        self.busy_window_s = busy_window_s
 
     async def _managed(self, model: str, context: grpc.aio.ServicerContext, *, ready: bool = True) -> ManagedEngine:
         try:
@@ -211,9 +216,19 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         return engine_status(await self._activate(request.model, context))
 
     async def DeactivateModel(self, request: agent_pb2.ModelRequest, context) -> agent_pb2.EngineStatus:
-        await self._managed(request.model, context)
+        managed = await self._managed(request.model, context)
+        if not request.force and managed.state == "active" and self._busy(managed):
+            log.info("not deactivating %s: it has requests, or had one in the last %.0fs", request.model,
+                     self.busy_window_s)
+            return engine_status(managed)
         return engine_status(await self._engine_call(context, self.manager.deactivate(request.model),
                                                      f"deactivating {request.model!r} failed"))
+
+    def _busy(self, managed: ManagedEngine) -> bool:
+        stats = managed.engine.stats()
+        queued = self.admission.queued(managed.spec.name) if self.admission is not None else 0
+        return (stats.running_requests + stats.queued_requests + queued > 0
+                or managed.request_stats.idle_s() < self.busy_window_s)
 
     async def SetMemoryLimit(self, request: agent_pb2.SetMemoryLimitRequest, context) -> agent_pb2.EngineStatus:
         await self._managed(request.model, context)

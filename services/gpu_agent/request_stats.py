@@ -85,7 +85,13 @@ class ModelRequestStats:
         with self._lock:
             now = self._clock()
             self._arrivals.append(now)
+            self.last_arrival = now
             self._prune(now)
+
+    def idle_s(self) -> float:
+        """Seconds since the last arrival (infinite before the first)."""
+        last = getattr(self, "last_arrival", None)
+        return float("inf") if last is None else self._clock() - last
 
     def finished(self, ttft_s: float, tpot_s: float | None) -> None:
         """A request ended normally; tpot_s is None when it produced one token only."""

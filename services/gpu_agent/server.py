@@ -30,7 +30,7 @@ from services.common.etcd import LeasedKeys, connect
 from services.common.grpc_util import add_health_and_reflection, mark_not_serving, mark_serving
 from services.common.logs import setup_logging
 from services.gpu_agent.admission import DEFAULT_STARVATION_S, AdmissionQueue, AgentAdmission
-from services.gpu_agent.agent_service import AgentService
+from services.gpu_agent.agent_service import DEFAULT_BUSY_WINDOW_S, AgentService
 from services.gpu_agent.devices import Device, discover_devices
 from services.gpu_agent.engine_manager import EngineManager, ManagedEngine
 from services.gpu_agent.load_reporter import LoadReporter
@@ -63,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="device memory kept out of the KV budget (default: 5%% of a GPU, at most 4 GiB; 0 on the CPU)")
     p.add_argument("--kv-budget-gb", type=float, default=0.0,
                    help="cap on each device's KV budget (default 0: no cap; the budget is memory - weights - reserve)")
+    p.add_argument("--busy-window-s", type=float, default=DEFAULT_BUSY_WINDOW_S,
+                   help="an engine that had a request this recently is not switched off unless the call forces it")
     p.add_argument("--starvation-s", type=float, default=DEFAULT_STARVATION_S,
                    help="a request waiting this long for admission goes first, whatever its deadline")
     args = p.parse_args(argv)
@@ -125,7 +127,8 @@ async def serve(args: argparse.Namespace) -> None:
         await coordinators[managed.gpu_ids[0]].rebalance(activating=managed)
 
     manager.before_activate = before_activate
-    service = AgentService(agent_id, devices, manager, coordinators=coordinators, admission=admission)
+    service = AgentService(agent_id, devices, manager, coordinators=coordinators, admission=admission,
+                           busy_window_s=args.busy_window_s)
 
     server = grpc.aio.server()
     agent_pb2_grpc.add_AgentServicer_to_server(service, server)

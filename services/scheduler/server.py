@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--etcd", default="127.0.0.1:2379")
     p.add_argument("--config", required=True, help="placement config (.json, .yaml)")
     p.add_argument("--listen", default="127.0.0.1:50051")
-    p.add_argument("--policy", default="static", choices=sorted(POLICIES))
+    p.add_argument("--policy", default=None, choices=sorted(POLICIES),
+                   help="placement policy (default: the config's \"policy\", else static)")
     p.add_argument("--replan-interval-s", type=float, default=2.0)
     p.add_argument("--load-timeout-s", type=float, default=600.0, help="deadline of one LoadModel command")
     return p.parse_args(argv)
@@ -57,6 +58,10 @@ def model_spec(model: ModelConfig) -> agent_pb2.ModelSpec:
         engine=model.engine, dtype=model.dtype, seed=model.seed, priority=model.priority, shed_load=model.shed_load,
         slo=agent_pb2.ModelSlo(ttft_ms=model.ttft_slo_ms or 0, tpot_ms=model.tpot_slo_ms or 0),
     )
+
+
+# After an agent kept an engine on (recent requests), ask again no sooner than this.
+KEPT_ON_RETRY_S = 2.0
 
 
 def demand_from_reports(reports: list[scheduler_pb2.LoadReport]) -> dict[str, ModelDemand]:
@@ -201,7 +206,11 @@ class PlacementLoop:
                 await stub.ActivateModel(agent_pb2.ModelRequest(model=action.model), timeout=60)
                 log.info("activated %s on %s", action.model, action.agent_id)
             elif action.kind == "deactivate":
-                await stub.DeactivateModel(agent_pb2.ModelRequest(model=action.model), timeout=60)
+                status = await stub.DeactivateModel(agent_pb2.ModelRequest(model=action.model), timeout=60)
+                if status.state == agent_pb2.ENGINE_STATE_ACTIVE:  # it had requests our reports had not shown yet
+                    log.info("%s on %s stays on: the agent saw recent requests", action.model, action.agent_id)
+                    self._retry_at[key] = (time.monotonic() + KEPT_ON_RETRY_S, 1.0)  # the reports catch up meanwhile
+                    return
                 log.info("deactivated %s on %s", action.model, action.agent_id)
             else:
                 await stub.UnloadModel(agent_pb2.ModelRequest(model=action.model), timeout=60)
@@ -244,7 +253,8 @@ async def serve(args: argparse.Namespace) -> None:
     etcd = await connect(args.etcd)
     wake = asyncio.Event()
     service = SchedulerService(wake)
-    loop_ = PlacementLoop(config, etcd, args.policy, service, wake, args.replan_interval_s, args.load_timeout_s)
+    policy = args.policy or config.policy or "static"
+    loop_ = PlacementLoop(config, etcd, policy, service, wake, args.replan_interval_s, args.load_timeout_s)
     await loop_.publish_registry()
 
     server = grpc.aio.server()
@@ -254,7 +264,7 @@ async def serve(args: argparse.Namespace) -> None:
         raise SystemExit(f"scheduler: cannot listen on {args.listen}")
     await server.start()
     await mark_serving(health, [SERVICE_NAME])
-    log.info("scheduler serving on %s, policy %s, %d model(s)", args.listen, args.policy, len(config.models))
+    log.info("scheduler serving on %s, policy %s, %d model(s)", args.listen, policy, len(config.models))
 
     task = asyncio.create_task(loop_.run())
     stop = asyncio.Event()
