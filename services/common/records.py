@@ -6,6 +6,11 @@ Everything lives under PREFIX = "/prism/v1/":
   agents/<agent_id>            AgentRecord      written by the agent, under its lease
   engines/<agent_id>/<model>   EngineRecord     written by the agent, under its lease
   placements/<model>           PlacementRecord  written by the scheduler
+  demand/<model>/<gateway_id>  DemandRecord     written by a gateway while requests for the
+                                                model wait for it to become servable, under
+                                                a short lease; deleted when none waits
+  scheduler/leader             LeaderRecord     the scheduler replica that leads, under its
+                                                short lease (leader election)
 
 An agent that dies stops refreshing its lease, so its agents/ and engines/
 keys disappear on their own; readers treat a placement on a missing agent as
@@ -25,6 +30,9 @@ MODELS = PREFIX + "models/"
 AGENTS = PREFIX + "agents/"
 ENGINES = PREFIX + "engines/"
 PLACEMENTS = PREFIX + "placements/"
+DEMAND = PREFIX + "demand/"
+# Created only if absent, under the leader's lease: whoever wrote it leads until the lease ends.
+SCHEDULER_LEADER = PREFIX + "scheduler/leader"
 
 T = TypeVar("T")
 
@@ -53,6 +61,7 @@ class ModelRecord(_Record):
     engine: str = "torch"
     dtype: str = "auto"
     seed: int = 0
+    ttft_ms: float = 0.0  # the model's TTFT SLO; 0: the default (the gateway bounds cold-start waits by it)
 
     def key(self) -> str:
         return MODELS + self.name
@@ -121,3 +130,33 @@ class PlacementRecord(_Record):
 
     def replica_list(self) -> list[Replica]:
         return [Replica(**r) for r in self.replicas]
+
+
+@dataclass
+class LeaderRecord(_Record):
+    """The leading scheduler replica: agents send their load reports to `address`."""
+
+    scheduler_id: str
+    address: str  # its gRPC address, as agents reach it
+    elected_at: float  # wall-clock time (time.time()) it won the election
+
+    def key(self) -> str:
+        return SCHEDULER_LEADER
+
+
+@dataclass
+class DemandRecord(_Record):
+    """Requests of one gateway waiting for `model` to become servable (no
+    engine on a live agent yet): the scheduler counts them as queued demand."""
+
+    model: str
+    gateway_id: str
+    waiting: int  # requests waiting now
+    since: float  # wall-clock time (time.time()) the oldest of them arrived
+
+    def key(self) -> str:
+        return demand_key(self.model, self.gateway_id)
+
+
+def demand_key(model: str, gateway_id: str) -> str:
+    return f"{DEMAND}{model}/{gateway_id}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 import time
@@ -77,6 +78,27 @@ def demand_from_reports(reports: list[scheduler_pb2.LoadReport]) -> dict[str, Mo
     return totals
 
 
+def waiting_at_gateways(values) -> dict[str, int]:
+    """Requests waiting at the gateways for each model to become servable (demand/ records)."""
+    out: dict[str, int] = {}
+    for value in values:
+        try:
+            rec = records.DemandRecord.from_json(value)
+        except (ValueError, TypeError):
+            continue
+        out[rec.model] = out.get(rec.model, 0) + max(rec.waiting, 0)
+    return out
+
+
+def with_waiting(demand: dict[str, ModelDemand], waiting: dict[str, int]) -> dict[str, ModelDemand]:
+    """The reports' demand plus the requests waiting at gateways, counted as queued."""
+    out = dict(demand)
+    for model, count in waiting.items():
+        d = out.get(model, ModelDemand())
+        out[model] = dataclasses.replace(d, queued=d.queued + count)
+    return out
+
+
 def reported_weight_bytes(reports: list[scheduler_pb2.LoadReport]) -> dict[str, int]:
     """Each model's weight size as an agent that loaded it reports it."""
     out: dict[str, int] = {}
@@ -117,6 +139,8 @@ class PlacementLoop:
         self.load_timeout_s = load_timeout_s
         self.agents = PrefixMirror(etcd, records.AGENTS, lambda k, v: wake.set())
         self.engines = PrefixMirror(etcd, records.ENGINES, lambda k, v: wake.set())
+        # Requests waiting at gateways for a model no agent serves yet: re-plan at once.
+        self.waiting = PrefixMirror(etcd, records.DEMAND, lambda k, v: wake.set())
         self._in_flight: dict[tuple[str, str], asyncio.Task] = {}
         self._retry_at: dict[tuple[str, str], tuple[float, float]] = {}  # key -> (monotonic time, backoff)
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -125,7 +149,8 @@ class PlacementLoop:
         wanted = {}
         for m in self.config.models:
             rec = records.ModelRecord(name=m.model_name, path=m.model_path, tp_size=m.tp_size,
-                                      load_format=m.load_format, engine=m.engine, dtype=m.dtype, seed=m.seed)
+                                      load_format=m.load_format, engine=m.engine, dtype=m.dtype, seed=m.seed,
+                                      ttft_ms=m.ttft_slo_ms or 0.0)
             wanted[rec.key()] = rec.to_json()
         existing = {kv.key.decode(): kv.value for kv in await self.etcd.get_prefix(records.MODELS.encode())}
         for key in existing.keys() - wanted.keys():
@@ -176,7 +201,7 @@ class PlacementLoop:
             models=self.config.models,
             agents=tuple(AgentView(a.agent_id, frozenset(d["index"] for d in a.devices),
                                    {d["index"]: d.get("memory_bytes", 0) for d in a.devices}) for a in agents.values()),
-            demand=demand_from_reports(reports),
+            demand=with_waiting(demand_from_reports(reports), waiting_at_gateways(self.waiting.items.values())),
             weight_bytes={**self._estimated_weights, **reported_weight_bytes(reports)},
             current=current_placement(engines),
         )
@@ -226,10 +251,11 @@ class PlacementLoop:
             self.wake.set()
 
     async def run(self) -> None:
-        mirrors = [asyncio.create_task(self.agents.run()), asyncio.create_task(self.engines.run())]
+        mirrors = [asyncio.create_task(m.run()) for m in (self.agents, self.engines, self.waiting)]
         try:
             await self.agents.ready.wait()
             await self.engines.ready.wait()
+            await self.waiting.ready.wait()
             while True:
                 self.wake.clear()
                 try:
