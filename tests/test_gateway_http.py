@@ -134,10 +134,13 @@ def test_dead_agent_through_the_openai_client(gateway_stack, oai):
     assert caught.value.status_code == 503
 
 
-def test_model_whose_engine_is_loading_is_503(gateway_stack, http, fake_agent):
+# A model with no servable engine is waited for (test_gateway_cold_start.py); these never get one.
+
+
+def test_model_whose_engine_stays_loading_is_503(gateway_stack, http, fake_agent):
     gateway_stack.serve_model("still-loading", {"loading-agent": fake_agent.address}, state="loading")
     error = assert_error(http.post("/v1/completions", json={"model": "still-loading", "prompt": "echo hi"}), 503)
-    assert "no live replica" in error["message"] and "loading" in error["message"]
+    assert "did not become available" in error["message"] and "loading" in error["message"]
 
 
 def test_model_whose_agent_vanished_is_503(gateway_stack, http, fake_agent):
@@ -145,7 +148,7 @@ def test_model_whose_agent_vanished_is_503(gateway_stack, http, fake_agent):
     gateway_stack.etcd.delete(records.AGENTS + "vanishing-agent")
     gateway_stack.wait_for_model("orphaned", available=False)
     error = assert_error(http.post("/v1/completions", json={"model": "orphaned", "prompt": "echo hi"}), 503)
-    assert "vanishing-agent is not registered" in error["message"]
+    assert "did not become available" in error["message"] and "vanishing-agent is not registered" in error["message"]
 
 
 def test_a_dead_replica_is_skipped_for_a_live_one(gateway_stack, http, fake_agent):

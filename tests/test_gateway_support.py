@@ -43,6 +43,9 @@ from services.common.etcd_server import EmbeddedEtcd, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REQUEST_TIMEOUT_S = 2.0  # the stack's gateway deadline: short, so a hung agent costs a test little
+# How long beyond its TTFT SLO (1 s unless its record says otherwise) a request waits for a model
+# with no servable engine: short, so a model that never comes costs a test little.
+COLD_START_S = 0.5
 
 
 @dataclass
@@ -162,10 +165,20 @@ class EtcdWriter:
     def delete(self, key: str) -> None:
         httpx.post(f"{self._url}/deleterange", json={"key": self._b64(key)}).raise_for_status()
 
-    def serve_model(self, model: str, agents: dict[str, str], state: str = "active", max_context: int = 256) -> None:
+    def get_prefix(self, prefix: str) -> dict[str, bytes]:
+        """Every key under `prefix` with its value."""
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        reply = httpx.post(f"{self._url}/range", json={"key": self._b64(prefix), "range_end": self._b64(end)})
+        reply.raise_for_status()
+        return {base64.b64decode(kv["key"]).decode(): base64.b64decode(kv["value"])
+                for kv in reply.json().get("kvs", [])}
+
+    def serve_model(self, model: str, agents: dict[str, str], state: str = "active", max_context: int = 256,
+                    ttft_ms: float = 0.0) -> None:
         """Records as scheduler and agents would write them: `model` placed on
         `agents` (agent_id -> address), each with an engine in `state`."""
-        self.put(records.MODELS + model, records.ModelRecord(name=model, path=f"/models/{model}").to_json())
+        self.put(records.MODELS + model,
+                 records.ModelRecord(name=model, path=f"/models/{model}", ttft_ms=ttft_ms).to_json())
         for agent_id, address in agents.items():
             self.put(records.AGENTS + agent_id, records.AgentRecord(agent_id=agent_id, address=address).to_json())
             engine = records.EngineRecord(agent_id=agent_id, model=model, state=state, gpu_ids=[0],
@@ -260,7 +273,8 @@ def gateway_stack(tmp_path_factory) -> Iterator[GatewayStack]:
     etcd.start()
     log_path = state / "gateway.log"
     process, http_url, grpc_target = start_gateway(etcd.endpoint, log_path,
-                                                   "--request-timeout-s", str(REQUEST_TIMEOUT_S))
+                                                   "--request-timeout-s", str(REQUEST_TIMEOUT_S),
+                                                   "--cold-start-timeout-s", str(COLD_START_S))
     try:
         wait_until_healthy(http_url, process, log_path)
         yield GatewayStack(EtcdWriter(etcd.endpoint), etcd.endpoint, http_url, grpc_target, process, log_path)

@@ -44,6 +44,15 @@ class GatewayMetrics:
                                         ["api", "model"], registry=self.registry)
         self.in_flight = Gauge("prism_gateway_requests_in_flight", "Generate requests being served",
                                ["api", "model"], registry=self.registry)
+        # Cold starts (services/gateway/cold_start.py): requests whose model had no servable engine on arrival.
+        self.cold_start_wait = Histogram(
+            "prism_gateway_cold_start_wait_seconds",
+            "How long a request for a model with no servable engine waited for one, by outcome "
+            "(served: one became servable; timeout: none did within the bound; cancelled: the client left)",
+            ["model", "outcome"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.cold_start_waiting = Gauge("prism_gateway_cold_start_waiting",
+                                        "Requests waiting now for their model to become servable",
+                                        ["model"], registry=self.registry)
 
     def track(self, api: str, model: str) -> RequestTracker:
         return RequestTracker(self, api, model)

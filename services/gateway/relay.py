@@ -4,7 +4,8 @@ open() returns only once the agent's first response has arrived, so every
 failure before generation starts (unknown model, prompt over the context,
 no live replica) surfaces as an exception the caller can still turn into a
 real HTTP status or gRPC code. An agent that is unreachable (UNAVAILABLE
-before any output) is skipped for the model's next live replica.
+before any output) is skipped for the model's next live replica. A model
+with no live replica at all is first waited for (services/gateway/cold_start.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -19,6 +21,9 @@ from prism.v1 import generate_pb2
 from services.gateway.errors import GatewayError, InternalError, ModelUnavailable, from_agent_error, retry_after_of
 from services.gateway.request_ids import HEADER
 from services.gateway.router import Router
+
+if TYPE_CHECKING:
+    from services.gateway.cold_start import ColdStart
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +69,21 @@ class AgentStream:
 
 
 class Relay:
-    def __init__(self, router: Router, timeout_s: float):
+    def __init__(self, router: Router, timeout_s: float, cold_start: ColdStart | None = None):
         self.router = router
         self.timeout_s = timeout_s
+        self.cold_start = cold_start  # None: a model without a live replica fails at once
 
     async def open(self, request: generate_pb2.GenerateRequest) -> AgentStream:
-        """Raises GatewayError (ModelNotFound, ModelUnavailable, InvalidRequest, ...)."""
+        """Raises GatewayError (ModelNotFound, ModelUnavailable, InvalidRequest, ...).
+        A model without a live replica is waited for first (cold start)."""
+        if self.cold_start is not None:
+            candidates = await self.cold_start.candidates(request.model)
+        else:
+            candidates = self.router.candidates(request.model)
         deadline = time.monotonic() + self.timeout_s
         unreachable: list[str] = []
-        for address in self.router.candidates(request.model):
+        for address in candidates:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break

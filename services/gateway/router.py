@@ -4,7 +4,9 @@ The router mirrors models/, placements/, agents/ and engines/. A replica is
 live when its agent's key exists (the agent holds it under its lease) and
 its engine record is servable; requests rotate round robin over the live
 replicas. It keeps one gRPC channel per agent address and closes the
-channels of agents that vanish.
+channels of agents that vanish. Every change it sees sets the event that
+next_change() handed out, so a request waiting for its model to become
+servable (services/gateway/cold_start.py) wakes on it instead of polling.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from prism.v1 import agent_pb2_grpc
 from services.common import records
 from services.common.etcd import PrefixMirror, connect
 from services.gateway.errors import ModelNotFound, ModelUnavailable
+from services.gpu_agent.slo import DEFAULT_TTFT_MS
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,7 @@ class Router:
         self._stubs: dict[str, agent_pb2_grpc.AgentStub] = {}
         self._turns: dict[str, itertools.count] = {}
         self._closing: set[asyncio.Task] = set()
+        self._changed = asyncio.Event()  # set (and replaced) on every change of the mirrored state
 
     # ---- life cycle -----------------------------------------------------
 
@@ -82,10 +86,21 @@ class Router:
             except ConnectionError as exc:
                 log.warning("%s; still trying", exc)
         self._mirrors = {
-            prefix: PrefixMirror(self._client, prefix, self._on_agent_change if prefix == records.AGENTS else None)
+            prefix: PrefixMirror(self._client, prefix, self._on_change)
             for prefix in (records.MODELS, records.PLACEMENTS, records.AGENTS, records.ENGINES)
         }
         await asyncio.gather(*(mirror.run() for mirror in self._mirrors.values()))
+
+    @property
+    def etcd(self) -> aetcd.Client | None:
+        """The router's etcd client, once connected (shared with the demand publisher)."""
+        return self._client
+
+    def next_change(self) -> asyncio.Event:
+        """An event set at the next change of models, placements, agents or
+        engines. Take it before looking at the state, then wait on it: no
+        change in between is missed."""
+        return self._changed
 
     @property
     def ready(self) -> bool:
@@ -117,6 +132,12 @@ class Router:
 
     def has_model(self, model: str) -> bool:
         return self.ready and records.MODELS + model in self._mirrors[records.MODELS].items
+
+    def ttft_slo_s(self, model: str) -> float:
+        """The model's TTFT SLO from the registry (the agents' default where the config sets none)."""
+        key = records.MODELS + model
+        record = _parse(records.ModelRecord, self._items(records.MODELS).get(key), key)
+        return ((record.ttft_ms if record else 0) or DEFAULT_TTFT_MS) / 1000
 
     def _replica_states(self, model: str) -> list[tuple[str, str | None, records.EngineRecord | None]]:
         """(agent_id, agent address or None, engine record or None) per placed replica."""
@@ -193,6 +214,12 @@ class Router:
     def channel_addresses(self) -> set[str]:
         """The agent addresses with an open channel."""
         return set(self._channels)
+
+    def _on_change(self, key: str, value: bytes | None) -> None:
+        if key.startswith(records.AGENTS):
+            self._on_agent_change(key, value)
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     def _on_agent_change(self, key: str, value: bytes | None) -> None:
         # Any agent change may retire an address: close channels no live agent uses.

@@ -3,12 +3,16 @@ prism.v1.Gateway gRPC API, in one asyncio loop over one router.
 
     python -m services.gateway.server --etcd 127.0.0.1:2379 \
         --http-host 127.0.0.1 --http-port 8000 --grpc-host 127.0.0.1 --grpc-port 50050 \
-        [--request-timeout-s 600]
+        [--request-timeout-s 600] [--cold-start-timeout-s 30] [--gateway-id ID]
 
 Both servers listen at once; until the router has loaded the cluster state
 from etcd, /health answers 503 and requests fail with 503 / UNAVAILABLE.
 SIGINT or SIGTERM stops it: health goes NOT_SERVING, in-flight requests get
 a few seconds to finish, then everything closes.
+
+A request for a model that no live agent serves yet waits for it (up to the
+model's TTFT SLO plus --cold-start-timeout-s) while the gateway publishes the
+demand in etcd for the scheduler: services/gateway/cold_start.py.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import uvicorn
 
 from services.common.grpc_util import add_health_and_reflection, mark_not_serving, mark_serving
 from services.common.logs import setup_logging
+from services.gateway.cold_start import DEFAULT_ALLOWANCE_S, ColdStart, DemandPublisher
 from services.gateway.grpc_gateway import SERVICE_NAME, add_gateway_service
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_api import create_app
@@ -46,9 +51,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grpc-port", type=int, default=50050)
     p.add_argument("--request-timeout-s", type=float, default=600.0,
                    help="deadline of every agent call, a whole streamed generation included")
+    p.add_argument("--cold-start-timeout-s", type=float, default=DEFAULT_ALLOWANCE_S,
+                   help="how long beyond its TTFT SLO a request waits for its model to become servable "
+                        "(loaded and switched on somewhere) before it fails with 503; 0: fail at once")
+    p.add_argument("--gateway-id", default=None,
+                   help="names this gateway's demand records in etcd (default: HOSTNAME-HTTP_PORT)")
     args = p.parse_args(argv)
     if args.request_timeout_s <= 0:
         p.error("--request-timeout-s must be positive")
+    if args.cold_start_timeout_s < 0:
+        p.error("--cold-start-timeout-s must not be negative")
     return args
 
 
@@ -80,8 +92,9 @@ async def serve(args: argparse.Namespace) -> int:
     if http_socket is None:
         return 1
     router = Router(args.etcd, channel_close_grace_s=args.request_timeout_s)
-    relay = Relay(router, args.request_timeout_s)
     metrics = GatewayMetrics()
+    demand = DemandPublisher(router, args.gateway_id or f"{socket.gethostname()}-{args.http_port}")
+    relay = Relay(router, args.request_timeout_s, ColdStart(router, metrics, args.cold_start_timeout_s, demand))
 
     grpc_server = grpc.aio.server()
     add_gateway_service(grpc_server, router, relay, metrics)
@@ -102,6 +115,7 @@ async def serve(args: argparse.Namespace) -> int:
         create_app(router, relay, metrics), host=args.http_host, port=args.http_port,
         log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
     router_task = asyncio.create_task(router.run(), name="router")
+    demand_task = asyncio.create_task(demand.run(), name="demand")
     http_task = asyncio.create_task(http_server.serve(sockets=[http_socket]), name="http")
 
     async def serving_once_ready() -> None:
@@ -127,9 +141,9 @@ async def serve(args: argparse.Namespace) -> int:
     await mark_not_serving(health, [SERVICE_NAME])
     http_server.should_exit = True
     await asyncio.gather(grpc_server.stop(grace=SHUTDOWN_GRACE_S), http_task, return_exceptions=True)
-    for task in (ready_task, router_task, stop_task):
+    for task in (ready_task, demand_task, router_task, stop_task):
         task.cancel()
-    await asyncio.gather(ready_task, router_task, stop_task, return_exceptions=True)
+    await asyncio.gather(ready_task, demand_task, router_task, stop_task, return_exceptions=True)
     await router.close()
     log.info("gateway stopped")
     return exit_code
