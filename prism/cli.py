@@ -27,6 +27,8 @@ def up(
     host: str = typer.Option("127.0.0.1", help="address every service binds to"),
     engine_isolation: str = typer.Option("auto", help="auto | process | inline: engines in warm worker processes "
                                          "or in the agent (auto: process on CUDA, inline on the CPU)"),
+    scheduler_replicas: int = typer.Option(1, min=1, help="scheduler processes; they elect a leader through etcd "
+                                           "and a standby takes over when the leader dies"),
 ) -> None:
     """Run etcd, the scheduler, one agent and the gateway in the foreground; Ctrl-C stops them all."""
     from prism.cluster import ClusterStartError, LocalCluster
@@ -34,7 +36,7 @@ def up(
 
     cluster = LocalCluster(state_dir=state_dir, config_path=config, http_port=http_port, grpc_port=grpc_port,
                            etcd_endpoint=etcd, device=device, cpu_memory_gb=cpu_memory_gb, host=host,
-                           engine_isolation=engine_isolation)
+                           engine_isolation=engine_isolation, scheduler_replicas=scheduler_replicas)
     typer.echo(f"starting Prism (state and logs in {cluster.state_dir}) ...")
     try:
         cluster.start()
@@ -47,7 +49,7 @@ def up(
         "Prism is up:\n"
         f"  OpenAI REST   {cluster.http_url}/v1   (models: {', '.join(cluster.model_names())})\n"
         f"  gRPC gateway  {cluster.gateway_grpc}\n"
-        f"  scheduler     {cluster.scheduler_address}\n"
+        f"  scheduler     {', '.join(cluster.scheduler_addresses.values())}\n"
         f"  agent         {cluster.agent_address}\n"
         f"  etcd          {cluster.etcd_endpoint}\n"
         f"  logs          {cluster.log_dir}\n"
@@ -187,6 +189,91 @@ def generate(
         typer.echo(f"\nerror: {exc}", err=True)
         raise typer.Exit(1)
     sys.stdout.write("\n")
+
+
+trace_app = typer.Typer(help="Make workload traces (JSON lines) for prism bench and the simulator.",
+                        no_args_is_help=True)
+app.add_typer(trace_app, name="trace")
+
+
+def _models_option(models: str) -> list[str]:
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    if not names:
+        raise typer.BadParameter("give at least one model name")
+    return names
+
+
+@trace_app.command("generate")
+def trace_generate(
+    out: Path = typer.Option(..., "--out", "-o", help="the trace file to write"),
+    models: Optional[str] = typer.Option(None, help="comma-separated model names (default model-0, model-1, ...)"),
+    num_models: int = typer.Option(18),
+    num_groups: int = typer.Option(3, help="groups of models that become active together"),
+    active_groups: int = typer.Option(1, help="groups active at a time"),
+    shift_s: float = typer.Option(60.0, help="how often the active groups change"),
+    rate: float = typer.Option(10.0, help="requests/s over the active models"),
+    idle_fraction: float = typer.Option(0.02, help="an inactive model's rate, as a fraction of its active one"),
+    zipf_alpha: float = typer.Option(1.0, help="popularity skew within the active models"),
+    burstiness_cv: float = typer.Option(2.0, help="coefficient of variation of inter-arrival times (1: Poisson)"),
+    prompt_mean: float = typer.Option(512.0), prompt_std: float = typer.Option(256.0),
+    output_mean: float = typer.Option(128.0), output_std: float = typer.Option(64.0),
+    max_prompt: int = typer.Option(4096), max_output: int = typer.Option(1024),
+    duration_s: float = typer.Option(600.0),
+    seed: int = typer.Option(0),
+) -> None:
+    """A bursty-group trace (prism/workload/generator.py)."""
+    from prism.workload.generator import BurstyGroupParams, bursty_group_trace
+
+    names = _models_option(models) if models else None
+    params = BurstyGroupParams(
+        num_models=len(names) if names else num_models, num_groups=num_groups, active_groups=active_groups,
+        shift_s=shift_s, rate=rate, idle_fraction=idle_fraction, zipf_alpha=zipf_alpha, burstiness_cv=burstiness_cv,
+        prompt_mean=prompt_mean, prompt_std=prompt_std, output_mean=output_mean, output_std=output_std,
+        max_prompt=max_prompt, max_output=max_output, duration_s=duration_s, seed=seed)
+    try:
+        trace = bursty_group_trace(params, names)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc))
+    trace.save(out)
+    typer.echo(f"wrote {out}: {len(trace.requests)} requests for {len(trace.models)} models over "
+               f"{trace.duration_s:.0f}s")
+
+
+@trace_app.command("convert")
+def trace_convert(
+    source: Path = typer.Argument(..., help="an Azure LLM inference trace or a BurstGPT CSV"),
+    out: Path = typer.Option(..., "--out", "-o"),
+    models: str = typer.Option(..., help="comma-separated model names to map the requests onto"),
+    format: str = typer.Option("auto", help="azure | burstgpt | auto (from the CSV header)"),
+    time_scale: float = typer.Option(1.0, help="multiply times by this (0.1: ten times the rate)"),
+    assign: Optional[str] = typer.Option(None, help="zipf | round-robin | source (default: source for BurstGPT, "
+                                                    "zipf for Azure)"),
+    limit: Optional[int] = typer.Option(None, help="read at most this many requests"),
+    seed: int = typer.Option(0),
+) -> None:
+    """A public trace file as a Prism trace (prism/workload/loaders.py)."""
+    from prism.workload.loaders import load_azure, load_burstgpt
+
+    if format == "auto":
+        try:
+            header = source.open().readline()
+        except OSError as exc:
+            raise typer.BadParameter(f"cannot read {source}: {exc.strerror}")
+        format = "burstgpt" if "Response tokens" in header else "azure"
+    names = _models_option(models)
+    try:
+        if format == "azure":
+            trace = load_azure(source, names, time_scale=time_scale, assign=assign or "zipf", seed=seed, limit=limit)
+        elif format == "burstgpt":
+            trace = load_burstgpt(source, names, time_scale=time_scale, assign=assign or "source", seed=seed,
+                                  limit=limit)
+        else:
+            raise typer.BadParameter(f"format must be azure, burstgpt or auto, got {format!r}")
+    except (OSError, ValueError) as exc:
+        typer.echo(f"prism trace convert: {exc}", err=True)
+        raise typer.Exit(1)
+    trace.save(out)
+    typer.echo(f"wrote {out}: {len(trace.requests)} requests over {trace.duration_s:.0f}s")
 
 
 if __name__ == "__main__":
