@@ -191,6 +191,55 @@ def generate(
     sys.stdout.write("\n")
 
 
+@app.command()
+def bench(
+    trace_file: Path = typer.Argument(..., help="a trace (prism trace generate / convert)"),
+    url: str = typer.Option("http://127.0.0.1:8000", help="the gateway's REST base URL"),
+    grpc_gateway: Optional[str] = typer.Option(None, "--grpc", help="replay through the gRPC gateway at host:port "
+                                                                    "instead (a response per token)"),
+    ttft_ms: float = typer.Option(1000.0, help="TTFT SLO"),
+    tpot_ms: float = typer.Option(100.0, help="TPOT SLO"),
+    slo_scale: float = typer.Option(1.0, help="multiplies both SLO targets"),
+    time_scale: float = typer.Option(1.0, help="multiply the trace's times by this (0.5: twice the rate)"),
+    chars_per_token: float = typer.Option(1.0, help="synthetic prompt characters per token (1: byte tokenizers)"),
+    out: Path = typer.Option(Path("bench.json"), "--out", "-o", help="results JSON"),
+    plot: Optional[Path] = typer.Option(None, help="also write a PNG (needs matplotlib)"),
+) -> None:
+    """Replay a trace open-loop against a running cluster; TTFT, TPOT, SLO attainment and goodput."""
+    from prism.workload.replay import SloTargets, plot as plot_png, replay, report
+    from prism.workload.trace import Trace
+
+    try:
+        trace = Trace.load(trace_file)
+    except (OSError, ValueError) as exc:
+        typer.echo(f"prism bench: {exc}", err=True)
+        raise typer.Exit(1)
+    if time_scale != 1.0:
+        trace = trace.scaled(time_scale)
+    slo = SloTargets(ttft_ms / 1000, tpot_ms / 1000, slo_scale)
+    results = asyncio.run(replay(trace, http_url=None if grpc_gateway else url, grpc_address=grpc_gateway,
+                                 slo=slo, chars_per_token=chars_per_token, progress=True))
+    result = report(trace, results, slo, "grpc" if grpc_gateway else "openai")
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    o = result["overall"]
+    typer.echo(f"{o['requests']} requests, {o['succeeded']} succeeded, errors {o['errors'] or 'none'}")
+    typer.echo(f"SLO attainment {100 * o['slo_attainment']:.1f}% (TTFT {ttft_ms * slo_scale:g} ms, "
+               f"TPOT {tpot_ms * slo_scale:g} ms), goodput {o['goodput_rps']:.2f} req/s")
+    fmt = lambda v: "-" if v is None else f"{v * 1000:.0f}"  # noqa: E731
+    typer.echo(f"TTFT p50/p99 {fmt(o['ttft_p50_s'])}/{fmt(o['ttft_p99_s'])} ms, "
+               f"TPOT p50/p99 {fmt(o['tpot_p50_s'])}/{fmt(o['tpot_p99_s'])} ms")
+    for model, s in result["per_model"].items():
+        typer.echo(f"  {model}: {s['requests']} requests, attainment {100 * s['slo_attainment']:.1f}%, "
+                   f"TTFT p99 {fmt(s['ttft_p99_s'])} ms")
+    typer.echo(f"wrote {out}")
+    if plot is not None:
+        try:
+            plot_png(result, str(plot))
+            typer.echo(f"wrote {plot}")
+        except ImportError:
+            typer.echo("matplotlib is not installed (pip install '.[bench]'): no plot", err=True)
+
+
 trace_app = typer.Typer(help="Make workload traces (JSON lines) for prism bench and the simulator.",
                         no_args_is_help=True)
 app.add_typer(trace_app, name="trace")
