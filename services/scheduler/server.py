@@ -2,7 +2,12 @@
 with the chosen policy, drives agents to it and records it in etcd.
 
     python -m services.scheduler.server --etcd 127.0.0.1:2379 --config models.json \
-        --listen 127.0.0.1:50051 [--policy static]
+        --listen 127.0.0.1:50051 [--policy static] [--scheduler-id ID]
+
+Any number of replicas may run against one etcd: they elect a leader
+(leader_election.py), and only the leader publishes the registry, re-plans
+and drives agents; a standby answers health NOT_SERVING and takes over when
+the leader is gone.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import asyncio
 import dataclasses
 import logging
 import signal
+import socket
 import time
 
 import grpc
@@ -19,7 +25,7 @@ import grpc
 from prism.v1 import agent_pb2, agent_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from services.common import placement_config, records
 from services.common.etcd import PrefixMirror, connect
-from services.common.grpc_util import add_health_and_reflection, mark_serving
+from services.common.grpc_util import add_health_and_reflection, mark_not_serving, mark_serving
 from services.common.logs import setup_logging
 from services.common.placement_config import ModelConfig
 from services.scheduler.actions import Action, plan_actions
@@ -34,6 +40,7 @@ from services.scheduler.policy import (
     PolicyParams,
     ReplicaTarget,
 )
+from services.scheduler.leader_election import LEADER, LeaderElection
 from services.scheduler.scheduler_service import SchedulerService
 
 log = logging.getLogger("scheduler")
@@ -49,6 +56,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="placement policy (default: the config's \"policy\", else static)")
     p.add_argument("--replan-interval-s", type=float, default=2.0)
     p.add_argument("--load-timeout-s", type=float, default=600.0, help="deadline of one LoadModel command")
+    p.add_argument("--scheduler-id", default=None, help="this replica's name in the leader election "
+                   "(default: <hostname>-<port>)")
+    p.add_argument("--advertise", default=None, help="the address agents reach this replica at (default: --listen)")
+    p.add_argument("--leader-ttl-s", type=int, default=2,
+                   help="the leader's etcd lease: a dead leader is replaced about this long after its death")
     return p.parse_args(argv)
 
 
@@ -274,14 +286,29 @@ class PlacementLoop:
                 await channel.close()
 
 
+async def wait_for_agent_reports(etcd, service: SchedulerService, timeout_s: float) -> None:
+    """Waits until every registered agent has sent this replica a load report,
+    at most timeout_s: a new leader's first plan then sees the demand its
+    predecessor saw, instead of switching off models that only look idle."""
+    agents = {records.AgentRecord.from_json(kv.value).agent_id
+              for kv in await etcd.get_prefix(records.AGENTS.encode())}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if agents <= {r.agent_id for r in service.fresh_reports()}:
+            return
+        await asyncio.sleep(0.05)
+    log.warning("no load report yet from %s; planning without", sorted(agents - {r.agent_id for r in service.fresh_reports()}))
+
+
 async def serve(args: argparse.Namespace) -> None:
     config = placement_config.load(args.config)
     etcd = await connect(args.etcd)
     wake = asyncio.Event()
     service = SchedulerService(wake)
+    service.leading = False  # until elected
     policy = args.policy or config.policy or "static"
-    loop_ = PlacementLoop(config, etcd, policy, service, wake, args.replan_interval_s, args.load_timeout_s)
-    await loop_.publish_registry()
+    advertise = args.advertise or args.listen
+    scheduler_id = args.scheduler_id or f"{socket.gethostname()}-{advertise.rsplit(':', 1)[-1]}"
 
     server = grpc.aio.server()
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
@@ -289,10 +316,22 @@ async def serve(args: argparse.Namespace) -> None:
     if server.add_insecure_port(args.listen) == 0:
         raise SystemExit(f"scheduler: cannot listen on {args.listen}")
     await server.start()
-    await mark_serving(health, [SERVICE_NAME])
-    log.info("scheduler serving on %s, policy %s, %d model(s)", args.listen, policy, len(config.models))
+    await mark_not_serving(health, [SERVICE_NAME])
+    log.info("scheduler %s serving on %s, policy %s, %d model(s)", scheduler_id, args.listen, policy, len(config.models))
 
-    task = asyncio.create_task(loop_.run())
+    async def on_role(role: str) -> None:
+        service.leading = role == LEADER
+        await (mark_serving if service.leading else mark_not_serving)(health, [SERVICE_NAME])
+
+    async def lead() -> None:
+        # A fresh loop each term: its mirrors, retries and in-flight actions end with the term.
+        loop_ = PlacementLoop(config, etcd, policy, service, wake, args.replan_interval_s, args.load_timeout_s)
+        await loop_.publish_registry()
+        await wait_for_agent_reports(etcd, service, timeout_s=3 * service.report_interval_ms / 1000 + 1.0)
+        await loop_.run()
+
+    election = LeaderElection(etcd, scheduler_id, advertise, ttl_s=args.leader_ttl_s, on_role=on_role)
+    task = asyncio.create_task(election.run(lead))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -300,6 +339,11 @@ async def serve(args: argparse.Namespace) -> None:
     await stop.wait()
     log.info("scheduler stopping")
     task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    await election.resign()  # a standby takes over now, not when the lease runs out
     await server.stop(grace=2)
     await etcd.close()
 
