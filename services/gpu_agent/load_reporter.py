@@ -2,6 +2,10 @@
 
 The stream is re-opened after any failure (scheduler restart, network blip)
 with a short back-off, so the scheduler always gets reports from a live agent.
+With several scheduler replicas, reports go to the leader: its address is
+looked up in etcd (records.SCHEDULER_LEADER) on every (re)connect, falling
+back to the configured scheduler address while no leader is recorded, and a
+change of leader in etcd moves the stream at once (no back-off wait).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import logging
 import grpc
 
 from prism.v1 import agent_pb2, scheduler_pb2, scheduler_pb2_grpc
+from services.common import records
+from services.common.etcd import PrefixMirror
 from services.gpu_agent.agent_service import STATE_TO_PROTO
 from services.gpu_agent.engine_manager import EngineManager
 from services.gpu_agent.status_report import (
@@ -29,11 +35,15 @@ log = logging.getLogger(__name__)
 class LoadReporter:
     def __init__(self, scheduler_address: str, agent_id: str, address: str, devices, manager: EngineManager, *,
                  coordinators: dict[int, MemorySplitSource] | None = None,
-                 admission: AdmissionQueueView | None = None):
+                 admission: AdmissionQueueView | None = None, etcd=None):
         """coordinators (device index -> its memory coordinator) and the
         admission queue add the memory split and queue numbers to each
-        report; without them those stay empty."""
+        report; without them those stay empty. etcd (an aetcd client): where
+        to find the leading scheduler; without it, scheduler_address only."""
         self.scheduler_address = scheduler_address
+        self.etcd = etcd
+        self.target = scheduler_address  # where reports go now
+        self._leader_moved = asyncio.Event()
         self.agent_id = agent_id
         self.address = address
         self.devices = devices
@@ -74,27 +84,74 @@ class LoadReporter:
             yield self._report()
             await asyncio.sleep(self.interval_s)
 
+    async def _leader_address(self) -> str:
+        """The leading scheduler's address from etcd, else the configured one."""
+        if self.etcd is None:
+            return self.scheduler_address
+        try:
+            got = await asyncio.wait_for(self.etcd.get(records.SCHEDULER_LEADER.encode()), 2.0)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # etcd unreachable: the configured scheduler may still answer
+            log.warning("cannot look up the scheduler leader (%s); using %s", exc, self.scheduler_address)
+            return self.scheduler_address
+        return records.LeaderRecord.from_json(got.value).address if got is not None else self.scheduler_address
+
+    def _on_leader_change(self, key: str, value: bytes | None) -> None:
+        if key == records.SCHEDULER_LEADER and value is not None \
+                and records.LeaderRecord.from_json(value).address != self.target:
+            self._leader_moved.set()
+
+    async def _until_leader_moves(self, coro) -> None:
+        """Runs coro until it ends or a new leader appears in etcd (then cancels it)."""
+        work = asyncio.ensure_future(coro)
+        moved = asyncio.ensure_future(self._leader_moved.wait())
+        try:
+            await asyncio.wait({work, moved}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            moved.cancel()
+            if not work.done():
+                work.cancel()
+                log.info("the scheduler leader moved; reconnecting")
+        if work.done() and not work.cancelled():
+            work.result()  # its error, if any
+
+    async def _session(self) -> None:
+        async with grpc.aio.insecure_channel(self.target) as channel:
+            stub = scheduler_pb2_grpc.SchedulerStub(channel)
+            reply = await stub.RegisterAgent(scheduler_pb2.RegisterAgentRequest(
+                agent_id=self.agent_id,
+                address=self.address,
+                devices=[agent_pb2.Device(index=d.index, kind=d.kind, name=d.name, memory_bytes=d.memory_bytes)
+                         for d in self.devices],
+            ), timeout=5)
+            if reply.report_interval_ms > 0:
+                self.interval_s = reply.report_interval_ms / 1000
+            log.info("registered with scheduler %s; reporting every %.1fs", self.target, self.interval_s)
+            self._backoff = 0.2
+            async for _ack in stub.StreamLoadReports(self._reports()):
+                pass
+
     async def run(self) -> None:
-        backoff = 0.2
-        while True:
-            try:
-                async with grpc.aio.insecure_channel(self.scheduler_address) as channel:
-                    stub = scheduler_pb2_grpc.SchedulerStub(channel)
-                    reply = await stub.RegisterAgent(scheduler_pb2.RegisterAgentRequest(
-                        agent_id=self.agent_id,
-                        address=self.address,
-                        devices=[agent_pb2.Device(index=d.index, kind=d.kind, name=d.name, memory_bytes=d.memory_bytes)
-                                 for d in self.devices],
-                    ), timeout=5)
-                    if reply.report_interval_ms > 0:
-                        self.interval_s = reply.report_interval_ms / 1000
-                    log.info("registered with scheduler %s; reporting every %.1fs", self.scheduler_address, self.interval_s)
-                    backoff = 0.2
-                    async for _ack in stub.StreamLoadReports(self._reports()):
-                        pass
-            except asyncio.CancelledError:
-                raise
-            except grpc.aio.AioRpcError as exc:
-                log.warning("scheduler %s unreachable (%s); retrying in %.1fs", self.scheduler_address, exc.code().name, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+        follower = None
+        if self.etcd is not None:
+            follower = asyncio.create_task(PrefixMirror(self.etcd, records.SCHEDULER_LEADER, self._on_leader_change).run())
+        self._backoff = 0.2
+        try:
+            while True:
+                self._leader_moved.clear()
+                self.target = await self._leader_address()
+                try:
+                    await self._until_leader_moves(self._session())
+                except asyncio.CancelledError:
+                    raise
+                except grpc.aio.AioRpcError as exc:
+                    log.warning("scheduler %s unreachable (%s); retrying in %.1fs", self.target, exc.code().name,
+                                self._backoff)
+                if self._leader_moved.is_set():
+                    continue  # straight to the new leader
+                await self._until_leader_moves(asyncio.sleep(self._backoff))
+                self._backoff = min(self._backoff * 2, 5.0)
+        finally:
+            if follower is not None:
+                follower.cancel()

@@ -45,7 +45,8 @@ SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Prism GPU agent")
     p.add_argument("--etcd", default="127.0.0.1:2379", help="etcd endpoint host:port")
-    p.add_argument("--scheduler", default="127.0.0.1:50051", help="scheduler gRPC address")
+    p.add_argument("--scheduler", default="127.0.0.1:50051",
+                   help="scheduler gRPC address, used while etcd names no leading scheduler replica")
     p.add_argument("--listen", default="127.0.0.1:50061", help="address to serve gRPC on")
     p.add_argument("--advertise", default=None, help="address others reach this agent at (default: --listen)")
     p.add_argument("--agent-id", default=None, help="stable id (default: hostname-port)")
@@ -149,7 +150,7 @@ async def serve(args: argparse.Namespace) -> None:
              "inline" if pool is None else f"in worker processes ({args.spare_workers} spare a device)")
 
     reporter = LoadReporter(args.scheduler, agent_id, advertise, devices, manager, coordinators=coordinators,
-                            admission=admission)
+                            admission=admission, etcd=etcd)  # reports follow the scheduler leader in etcd
     tasks = [asyncio.create_task(leased.run()), asyncio.create_task(reporter.run()),
              *(asyncio.create_task(c.run()) for c in coordinators.values()),
              *(asyncio.create_task(q.run()) for q in admission.queues.values())]
