@@ -54,13 +54,22 @@ class LocalCluster:
     engine_isolation: str = "auto"  # the agent's --engine-isolation: auto | process | inline
     agent_args: tuple[str, ...] = ()  # more agent flags (--memory-policy, --memory-reserve-gb, ...)
     scheduler_args: tuple[str, ...] = ()  # more scheduler flags (--policy, --replan-interval-s, ...)
+    scheduler_replicas: int = 1  # scheduler processes electing a leader ("scheduler", "scheduler-2", ...)
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).resolve()
         self.processes: dict[str, subprocess.Popen] = {}
         self.etcd: EmbeddedEtcd | None = None
-        self.scheduler_address = f"{self.host}:{free_port(self.host)}"
+        # Replica name (also its --scheduler-id) -> address; agents fall back to the first one
+        # until a leader is elected.
+        self.scheduler_addresses = {self.scheduler_name(i): f"{self.host}:{free_port(self.host)}"
+                                    for i in range(self.scheduler_replicas)}
+        self.scheduler_address = self.scheduler_addresses["scheduler"]
         self.agent_address = f"{self.host}:{free_port(self.host)}"
+
+    @staticmethod
+    def scheduler_name(index: int) -> str:
+        return "scheduler" if index == 0 else f"scheduler-{index + 1}"
 
     @property
     def http_url(self) -> str:
@@ -94,8 +103,8 @@ class LocalCluster:
             self.etcd.start()
             self.etcd_endpoint = self.etcd.endpoint
         try:
-            self._spawn("scheduler", "services.scheduler.server", "--etcd", self.etcd_endpoint,
-                        "--config", str(self.config_path), "--listen", self.scheduler_address, *self.scheduler_args)
+            for name in self.scheduler_addresses:
+                self.spawn_scheduler(name)
             self._spawn_agent()
             self._spawn("gateway", "services.gateway.server", "--etcd", self.etcd_endpoint,
                         "--http-host", self.host, "--http-port", str(self.http_port),
@@ -110,6 +119,11 @@ class LocalCluster:
                     "--scheduler", self.scheduler_address, "--listen", self.agent_address,
                     "--device", self.device, "--cpu-memory-gb", str(self.cpu_memory_gb),
                     "--engine-isolation", self.engine_isolation, *self.agent_args)
+
+    def spawn_scheduler(self, name: str = "scheduler") -> None:
+        """Starts (or, after kill(), restarts) one scheduler replica."""
+        self._spawn(name, "services.scheduler.server", "--etcd", self.etcd_endpoint, "--config", str(self.config_path),
+                    "--listen", self.scheduler_addresses[name], "--scheduler-id", name, *self.scheduler_args)
 
     def _spawn(self, name: str, module: str, *args: str) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -165,12 +179,20 @@ class LocalCluster:
         self.processes.pop("agent", None)
         self._spawn_agent()
 
+    def _stop_order(self) -> list[str]:
+        """The gateway first (no new requests), then the agents, then the rest."""
+        def rank(name: str) -> int:
+            base = name.split("-")[0]
+            return SERVICES.index(base) if base in SERVICES else len(SERVICES)
+        return sorted(self.processes, key=rank)
+
     def stop(self) -> None:
-        for name in SERVICES:
+        order = self._stop_order()
+        for name in order:
             proc = self.processes.get(name)
             if proc is not None and proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for name in SERVICES:
+        for name in order:
             proc = self.processes.get(name)
             if proc is None:
                 continue
