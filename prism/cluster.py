@@ -54,6 +54,7 @@ class LocalCluster:
     engine_isolation: str = "auto"  # the agent's --engine-isolation: auto | process | inline
     agent_args: tuple[str, ...] = ()  # more agent flags (--memory-policy, --memory-reserve-gb, ...)
     scheduler_args: tuple[str, ...] = ()  # more scheduler flags (--policy, --replan-interval-s, ...)
+    agents: int = 1  # agent processes, each with its own device (process names "agent", "agent-2", ...)
     scheduler_replicas: int = 1  # scheduler processes electing a leader ("scheduler", "scheduler-2", ...)
 
     def __post_init__(self) -> None:
@@ -65,11 +66,20 @@ class LocalCluster:
         self.scheduler_addresses = {self.scheduler_name(i): f"{self.host}:{free_port(self.host)}"
                                     for i in range(self.scheduler_replicas)}
         self.scheduler_address = self.scheduler_addresses["scheduler"]
-        self.agent_address = f"{self.host}:{free_port(self.host)}"
+        self.agent_addresses = {self.agent_name(i): f"{self.host}:{free_port(self.host)}" for i in range(self.agents)}
 
     @staticmethod
     def scheduler_name(index: int) -> str:
         return "scheduler" if index == 0 else f"scheduler-{index + 1}"
+
+    @staticmethod
+    def agent_name(index: int) -> str:
+        return "agent" if index == 0 else f"agent-{index + 1}"
+
+    @property
+    def agent_address(self) -> str:
+        """The first agent's address."""
+        return self.agent_addresses["agent"]
 
     @property
     def http_url(self) -> str:
@@ -114,11 +124,14 @@ class LocalCluster:
             self.stop()
             raise
 
-    def _spawn_agent(self) -> None:
-        self._spawn("agent", "services.gpu_agent.server", "--etcd", self.etcd_endpoint,
-                    "--scheduler", self.scheduler_address, "--listen", self.agent_address,
-                    "--device", self.device, "--cpu-memory-gb", str(self.cpu_memory_gb),
-                    "--engine-isolation", self.engine_isolation, *self.agent_args)
+    def _spawn_agent(self, name: str | None = None) -> None:
+        """Starts the named agent, or all of them."""
+        for agent, address in self.agent_addresses.items():
+            if name is None or agent == name:
+                self._spawn(agent, "services.gpu_agent.server", "--etcd", self.etcd_endpoint,
+                            "--scheduler", self.scheduler_address, "--listen", address,
+                            "--device", self.device, "--cpu-memory-gb", str(self.cpu_memory_gb),
+                            "--engine-isolation", self.engine_isolation, *self.agent_args)
 
     def spawn_scheduler(self, name: str = "scheduler") -> None:
         """Starts (or, after kill(), restarts) one scheduler replica."""
@@ -175,9 +188,9 @@ class LocalCluster:
         proc.kill()
         proc.wait()
 
-    def restart_agent(self) -> None:
-        self.processes.pop("agent", None)
-        self._spawn_agent()
+    def restart_agent(self, name: str = "agent") -> None:
+        self.processes.pop(name, None)
+        self._spawn_agent(name)
 
     def _stop_order(self) -> list[str]:
         """The gateway first (no new requests), then the agents, then the rest."""
