@@ -174,3 +174,19 @@ def test_actions_switch_engines_on_and_off_only_for_policies_that_manage_activit
         Action("activate", "x", "a", (0,)),
     ]
     assert plan_actions(target, engines, {"x"}) == [Action("unload", "x", "old"), Action("load", "x", "c", (1,), True, 0)]
+
+
+def test_prism_moves_the_same_model_whatever_the_noise_in_the_rates():
+    # Two models running side by side on a GPU too small for both: one gets a replica elsewhere;
+    # which one must not depend on whose rate is a little higher at each plan.
+    weights = dict.fromkeys("ab", 16 * GB)
+    snap_models, agents = models("a", "b"), (agent("x", 2),)
+    current = {m: [ReplicaTarget("x", (0,), True)] for m in "ab"}
+    moved = set()
+    for i in range(20):
+        rates = (1.0, 1.1) if i % 2 else (1.1, 1.0)
+        demand = {"a": hot(rates[0], kv=30 * GB), "b": hot(rates[1], kv=30 * GB)}
+        target = prism_policy(ClusterSnapshot(models=snap_models, agents=agents, weight_bytes=weights,
+                                              current=current, demand=demand))
+        moved |= {m for m, rs in target.items() if any(r.gpu_ids == (1,) for r in rs)}
+    assert moved == {"b"}

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from services.gpu_agent.devices import Device
 from services.gpu_agent.engine import Engine
 from services.gpu_agent.engine_handle import EngineHandle, InlineEngine
-from services.gpu_agent.request_stats import ModelRequestStats
+from services.gpu_agent.request_stats import DEFAULT_WINDOW_S, ModelRequestStats
 from services.gpu_agent.slo import ModelSlo
 from services.gpu_agent.workers.errors import WorkerLostError
 from services.gpu_agent.workers.remote_engine import RemoteEngine
@@ -87,7 +87,7 @@ COORDINATED_INITIAL_LIMIT_BYTES = 1
 
 class EngineManager:
     def __init__(self, devices: list[Device], on_change: OnChange, pool: WorkerPool | None = None,
-                 coordinated: bool = False):
+                 coordinated: bool = False, stats_window_s: float = DEFAULT_WINDOW_S):
         """pool: run each engine in a worker process from it; None runs engines inline.
         coordinated: a memory coordinator sets the KV limits; a load's memory
         limit is then the engine's cap, not its limit."""
@@ -96,6 +96,7 @@ class EngineManager:
         self._on_change = on_change
         self.pool = pool
         self.coordinated = coordinated
+        self.stats_window_s = stats_window_s  # of each model's request stats (its arrival rate in load reports)
         # Awaited before an engine's weights come back, so the others make room
         # (the memory coordinator's rebalance); None: nothing to wait for.
         self.before_activate: Callable[[ManagedEngine], Awaitable[None]] | None = None
@@ -139,9 +140,11 @@ class EngineManager:
             return existing
         if self.coordinated:
             managed = ManagedEngine(spec=spec, gpu_ids=gpu_ids, memory_limit_bytes=COORDINATED_INITIAL_LIMIT_BYTES,
+                                    request_stats=ModelRequestStats(spec.slo, self.stats_window_s),
                                     cap_bytes=memory_limit_bytes)
         else:
-            managed = ManagedEngine(spec=spec, gpu_ids=gpu_ids, memory_limit_bytes=memory_limit_bytes)
+            managed = ManagedEngine(spec=spec, gpu_ids=gpu_ids, memory_limit_bytes=memory_limit_bytes,
+                                    request_stats=ModelRequestStats(spec.slo, self.stats_window_s))
         self.engines[spec.name] = managed
         await self._publish(managed)
         try:

@@ -36,6 +36,7 @@ from services.gpu_agent.engine_manager import EngineManager, ManagedEngine
 from services.gpu_agent.load_reporter import LoadReporter
 from services.gpu_agent.memory_coordinator import MemoryCoordinator
 from services.gpu_agent.memory_policy import POLICIES
+from services.gpu_agent.request_stats import DEFAULT_WINDOW_S
 from services.gpu_agent.workers.worker_pool import WorkerPool
 
 log = logging.getLogger("gpu_agent")
@@ -66,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cap on each device's KV budget (default 0: no cap; the budget is memory - weights - reserve)")
     p.add_argument("--busy-window-s", type=float, default=DEFAULT_BUSY_WINDOW_S,
                    help="an engine that had a request this recently is not switched off unless the call forces it")
+    p.add_argument("--stats-window-s", type=float, default=DEFAULT_WINDOW_S,
+                   help="window of each model's request stats; a model with no request in it reports no demand")
     p.add_argument("--starvation-s", type=float, default=DEFAULT_STARVATION_S,
                    help="a request waiting this long for admission goes first, whatever its deadline")
     args = p.parse_args(argv)
@@ -75,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--memory-reserve-gb must be >= 0")
     if args.kv_budget_gb < 0:
         p.error("--kv-budget-gb must be >= 0")
+    if args.stats_window_s <= 0:
+        p.error("--stats-window-s must be positive")
     if args.starvation_s <= 0:
         p.error("--starvation-s must be positive")
     return args
@@ -117,7 +122,7 @@ async def serve(args: argparse.Namespace) -> None:
     if engine_isolation(args.engine_isolation, devices) == "process":
         pool = WorkerPool([d.torch_device for d in devices], args.spare_workers)
         await pool.start()  # the spares warm up while the agent registers
-    manager = EngineManager(devices, publish, pool, coordinated=True)
+    manager = EngineManager(devices, publish, pool, coordinated=True, stats_window_s=args.stats_window_s)
     reserve = None if args.memory_reserve_gb is None else int(args.memory_reserve_gb * (1 << 30))
     for d in devices:
         coordinators[d.index] = MemoryCoordinator(d, manager, args.memory_policy, reserve,

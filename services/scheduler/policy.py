@@ -253,9 +253,18 @@ def prism_policy(snapshot: ClusterSnapshot, params: PolicyParams = PolicyParams(
         if active:
             used[key] = used.get(key, 0) + _need_per_gpu(snapshot, models[name], _memory(snapshot, key), params)
 
-    # Hot models in order of priority, then demand: the first ones keep their GPU.
+    # Hot models in order: priority; then those already running at home (they keep their GPU, so
+    # noise in the rates cannot make two models swap places); then demand; then name.
+    def running_at_home(m: ModelConfig) -> bool:
+        return any(r.active and (r.agent_id, r.gpu_ids) == homes[m.model_name] for r in _live_replicas(snapshot, m))
+
+    def order(m: ModelConfig) -> tuple:
+        settled = running_at_home(m)
+        return (-m.priority, not settled, 0.0 if settled else -snapshot.demand_of(m.model_name).arrival_rate,
+                m.model_name)
+
     hot = sorted((m for m in snapshot.models if snapshot.demand_of(m.model_name).hot and m.model_name in homes),
-                 key=lambda m: (-m.priority, -snapshot.demand_of(m.model_name).arrival_rate, m.model_name))
+                 key=order)
     for model in hot:
         name = model.model_name
         home = homes[name]

@@ -56,12 +56,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="placement policy (default: the config's \"policy\", else static)")
     p.add_argument("--replan-interval-s", type=float, default=2.0)
     p.add_argument("--load-timeout-s", type=float, default=600.0, help="deadline of one LoadModel command")
+    p.add_argument("--min-kv-fraction", type=float, default=PolicyParams.min_kv_fraction,
+                   help="prism policy: KV an active model is counted with at least, as a fraction of its GPU")
     p.add_argument("--scheduler-id", default=None, help="this replica's name in the leader election "
                    "(default: <hostname>-<port>)")
     p.add_argument("--advertise", default=None, help="the address agents reach this replica at (default: --listen)")
     p.add_argument("--leader-ttl-s", type=int, default=2,
                    help="the leader's etcd lease: a dead leader is replaced about this long after its death")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0 <= args.min_kv_fraction <= 1:
+        p.error("--min-kv-fraction must be between 0 and 1")
+    return args
 
 
 def model_spec(model: ModelConfig) -> agent_pb2.ModelSpec:
@@ -137,12 +142,13 @@ class PlacementLoop:
     backing off after failures."""
 
     def __init__(self, config: placement_config.PlacementConfig, etcd, policy_name: str, service: SchedulerService,
-                 wake: asyncio.Event, interval_s: float, load_timeout_s: float):
+                 wake: asyncio.Event, interval_s: float, load_timeout_s: float,
+                 params: PolicyParams = PolicyParams()):
         self.config = config
         self.etcd = etcd
         self.policy = POLICIES[policy_name]
         self.manages_activity = policy_name in MANAGES_ACTIVITY
-        self.params = PolicyParams()
+        self.params = params
         # Until an agent reports a model's real size: estimated from its config.json.
         self._estimated_weights = {m.model_name: estimate_weight_bytes(m.model_path, m.dtype) for m in config.models}
         self.service = service
@@ -325,7 +331,8 @@ async def serve(args: argparse.Namespace) -> None:
 
     async def lead() -> None:
         # A fresh loop each term: its mirrors, retries and in-flight actions end with the term.
-        loop_ = PlacementLoop(config, etcd, policy, service, wake, args.replan_interval_s, args.load_timeout_s)
+        loop_ = PlacementLoop(config, etcd, policy, service, wake, args.replan_interval_s, args.load_timeout_s,
+                              PolicyParams(min_kv_fraction=args.min_kv_fraction))
         await loop_.publish_registry()
         await wait_for_agent_reports(etcd, service, timeout_s=3 * service.report_interval_ms / 1000 + 1.0)
         await loop_.run()
