@@ -143,8 +143,12 @@ class PlacementLoop:
 
     def __init__(self, config: placement_config.PlacementConfig, etcd, policy_name: str, service: SchedulerService,
                  wake: asyncio.Event, interval_s: float, load_timeout_s: float,
-                 params: PolicyParams = PolicyParams()):
+                 params: PolicyParams = PolicyParams(), fence: tuple[str, bytes] | None = None):
+        """fence: (key, value) that must still be in etcd for this loop's
+        placement writes to land (the leader key with this term's record), so
+        a deposed leader can never overwrite its successor's placements."""
         self.config = config
+        self.fence = fence
         self.etcd = etcd
         self.policy = POLICIES[policy_name]
         self.manages_activity = policy_name in MANAGES_ACTIVITY
@@ -191,20 +195,37 @@ class PlacementLoop:
             out[(rec.agent_id, rec.model)] = rec
         return out
 
-    async def _write_placements(self, target: Placement) -> None:
-        existing = {kv.key.decode(): records.PlacementRecord.from_json(kv.value)
-                    for kv in await self.etcd.get_prefix(records.PLACEMENTS.encode())}
+    async def _write_placements(self, target: Placement) -> bool:
+        """Writes the changed placements in one etcd transaction that holds
+        only if none of them changed since they were read and, with a fence,
+        this loop's leader still leads. False (nothing written) otherwise."""
+        kvs = {kv.key.decode(): kv for kv in await self.etcd.get_prefix(records.PLACEMENTS.encode())}
+        existing = {key: records.PlacementRecord.from_json(kv.value) for key, kv in kvs.items()}
+        tx = self.etcd.transactions
+        compare = [tx.value(self.fence[0].encode()) == self.fence[1]] if self.fence else []
+        ops, changes = [], []
         for model, replicas in target.items():
             as_dicts = [vars(records.Replica(r.agent_id, list(r.gpu_ids), r.active, r.memory_limit_bytes)) for r in replicas]
             key = records.PLACEMENTS + model
             old = existing.get(key)
             if old is None or old.replicas != as_dicts:
                 rec = records.PlacementRecord(model=model, replicas=as_dicts, revision=(old.revision if old else 0) + 1)
-                await self.etcd.put(key.encode(), rec.to_json())
-                log.info("placement of %s -> %s (revision %d)", model,
-                         [f"{r['agent_id']}:{r['gpu_ids']}" for r in as_dicts] or "unplaced", rec.revision)
+                compare.append(tx.mod(key.encode()) == kvs[key].mod_revision if old else tx.version(key.encode()) == 0)
+                ops.append(tx.put(key.encode(), rec.to_json()))
+                changes.append((model, as_dicts, rec.revision))
         for key in existing.keys() - {records.PLACEMENTS + m for m in target}:
-            await self.etcd.delete(key.encode())
+            compare.append(tx.mod(key.encode()) == kvs[key].mod_revision)
+            ops.append(tx.delete(key.encode()))
+        if not ops:
+            return True
+        written, _ = await self.etcd.transaction(compare=compare, success=ops, failure=[])
+        if not written:
+            log.warning("placement not written: another writer changed it, or this replica no longer leads")
+            return False
+        for model, as_dicts, revision in changes:
+            log.info("placement of %s -> %s (revision %d)", model,
+                     [f"{r['agent_id']}:{r['gpu_ids']}" for r in as_dicts] or "unplaced", revision)
+        return True
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
@@ -224,7 +245,8 @@ class PlacementLoop:
             current=current_placement(engines),
         )
         target = self.policy(snapshot, self.params)
-        await self._write_placements(target)
+        if not await self._write_placements(target):
+            return  # fenced off or raced: act on nothing; the next plan reads etcd afresh
         now = time.monotonic()
         for action in plan_actions(target, engines, set(agents), self.manages_activity):
             key = (action.agent_id, action.model)
@@ -331,8 +353,9 @@ async def serve(args: argparse.Namespace) -> None:
 
     async def lead() -> None:
         # A fresh loop each term: its mirrors, retries and in-flight actions end with the term.
+        fence = (records.SCHEDULER_LEADER, election.leader.to_json()) if election.leader is not None else None
         loop_ = PlacementLoop(config, etcd, policy, service, wake, args.replan_interval_s, args.load_timeout_s,
-                              PolicyParams(min_kv_fraction=args.min_kv_fraction))
+                              PolicyParams(min_kv_fraction=args.min_kv_fraction), fence=fence)
         await loop_.publish_registry()
         await wait_for_agent_reports(etcd, service, timeout_s=3 * service.report_interval_ms / 1000 + 1.0)
         await loop_.run()
