@@ -6,7 +6,6 @@ models to spread them.)"""
 
 from __future__ import annotations
 
-import json
 import time
 
 import grpc
@@ -14,28 +13,16 @@ import httpx
 import pytest
 
 from prism.cluster import LocalCluster
-from prism.tiny_models import ensure_default_models
+from tests.prism_clusters import prism_cluster as start_prism_cluster
 from prism.v1 import agent_pb2, agent_pb2_grpc
-from services.common.etcd_server import free_port
 
 GUARD_S = 90
 
 
 @pytest.fixture(scope="module")
 def two_agents(tmp_path_factory):
-    state = tmp_path_factory.mktemp("two-agents")
-    models = ensure_default_models(state / "models")
-    config = {"policy": "prism", "models": [
-        {"model_name": name, "model_path": str(path), "init_placements": [{"gpu_ids": [0]}]}
-        for name, path in sorted(models.items())]}
-    path = state / "models.json"
-    path.write_text(json.dumps(config))
-    cluster = LocalCluster(state_dir=state, config_path=path, http_port=free_port(), grpc_port=free_port(),
-                           device="cpu", cpu_memory_gb=1.0, engine_isolation="inline", agents=2,
-                           scheduler_args=("--replan-interval-s", "0.5"))
-    cluster.start()
-    yield cluster
-    cluster.stop()
+    with start_prism_cluster(tmp_path_factory.mktemp("two-agents"), agents=2) as cluster:
+        yield cluster
 
 
 def models_on(address: str) -> set[str]:

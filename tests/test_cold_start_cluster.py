@@ -19,9 +19,8 @@ import pytest
 from test_gateway_support import EtcdWriter
 
 from prism.cluster import LocalCluster
-from prism.tiny_models import ensure_default_models
+from tests.prism_clusters import prism_cluster as start_prism_cluster
 from services.common import records
-from services.common.etcd_server import free_port
 from tests.prometheus_text import metric_values
 
 GUARD_S = 60.0  # hang guard: the agent restarts and loads both models well within it
@@ -29,19 +28,8 @@ GUARD_S = 60.0  # hang guard: the agent restarts and loads both models well with
 
 @pytest.fixture(scope="module")
 def prism_cluster(tmp_path_factory):
-    state = tmp_path_factory.mktemp("cold-start")
-    models = ensure_default_models(state / "models")
-    config = {"policy": "prism", "models": [
-        {"model_name": name, "model_path": str(path), "init_placements": [{"gpu_ids": [0], "on": True}]}
-        for name, path in sorted(models.items())]}
-    path = state / "models.json"
-    path.write_text(json.dumps(config))
-    cluster = LocalCluster(state_dir=state, config_path=path, http_port=free_port(), grpc_port=free_port(),
-                           device="cpu", cpu_memory_gb=1.0, engine_isolation="inline",
-                           scheduler_args=("--replan-interval-s", "0.5"))
-    cluster.start()
-    yield cluster
-    cluster.stop()
+    with start_prism_cluster(tmp_path_factory.mktemp("cold-start")) as cluster:
+        yield cluster
 
 
 def until(check, what: str):
