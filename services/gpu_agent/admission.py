@@ -38,6 +38,33 @@ DEFAULT_STARVATION_S = 5.0
 RECHECK_S = 0.02  # while requests wait: how often to look again (engine numbers change between pokes)
 
 
+# ---- the pure parts (the agent's queue below and the simulator call them) ------------
+
+
+def admission_key(arrival: float, deadline: float, now: float, starvation_s: float) -> tuple[int, float]:
+    """A waiting request's place in the queue (smallest first): one that has
+    waited `starvation_s` or longer goes first, oldest first; the others by
+    their TTFT deadline."""
+    if now - arrival >= starvation_s:
+        return (0, arrival)
+    return (1, deadline)
+
+
+def free_tokens(limit_bytes: int, kv_bytes_per_token: int, engine_demand_tokens: int, engine_used_bytes: int,
+                reserved_tokens: int) -> int:
+    """Token slots under an engine's limit that neither its requests (what
+    they hold or will need soon, whichever is more) nor admission's
+    reservations claim; negative when they claim more than the limit."""
+    per_token = max(1, kv_bytes_per_token)
+    engine_claims = max(engine_demand_tokens, engine_used_bytes // per_token)
+    return limit_bytes // per_token - engine_claims - reserved_tokens
+
+
+def shortfall_bytes(tokens: int, free: int, kv_bytes_per_token: int) -> int:
+    """What a request of `tokens` lacks beyond `free` token slots, in bytes."""
+    return (tokens - max(0, free)) * kv_bytes_per_token
+
+
 class ShedError(Exception):
     """The request cannot meet its SLO and its model sheds load."""
 
@@ -140,9 +167,7 @@ class AdmissionQueue:
                 log.exception("admission of device %d failed a pass", self.coordinator.device.index)
 
     def _key(self, ticket: Ticket, now: float) -> tuple[int, float]:
-        if now - ticket.arrival >= self.starvation_s:
-            return (0, ticket.arrival)
-        return (1, ticket.deadline)
+        return admission_key(ticket.arrival, ticket.deadline, now, self.starvation_s)
 
     async def pump(self) -> None:
         """One pass over the waiting requests, in order."""
@@ -187,16 +212,14 @@ class AdmissionQueue:
         admission's reservations claim."""
         engine = managed.engine
         stats = engine.stats()
-        per_token = max(1, engine.kv_bytes_per_token)
-        engine_claims = max(stats.kv_demand_tokens, stats.kv_used_bytes // per_token)
-        return managed.memory_limit_bytes // per_token - engine_claims - self._reserved_tokens.get(managed.spec.name, 0)
+        return free_tokens(managed.memory_limit_bytes, engine.kv_bytes_per_token, stats.kv_demand_tokens,
+                           stats.kv_used_bytes, self._reserved_tokens.get(managed.spec.name, 0))
 
     def _fits(self, ticket: Ticket) -> bool:
         return ticket.managed.engine is not None and ticket.tokens <= self._free_tokens(ticket.managed)
 
     def _shortfall_bytes(self, ticket: Ticket) -> int:
-        missing = ticket.tokens - max(0, self._free_tokens(ticket.managed))
-        return missing * ticket.managed.engine.kv_bytes_per_token
+        return shortfall_bytes(ticket.tokens, self._free_tokens(ticket.managed), ticket.managed.engine.kv_bytes_per_token)
 
     def _reserve(self, ticket: Ticket) -> None:
         ticket.reserved = True
