@@ -1,0 +1,41 @@
+"""Fits the simulator's latency profile (prism/simulator/profile.py) to the
+committed benchmark results and writes it as JSON, its sources, device and
+which numbers are measured or assumed recorded inside.
+
+    python bench/fit_profile.py [--results bench/results] [--configs bench/configs]
+        [--decode decode_throughput-h200-fused.json] [--attention decode_attention-h200.json]
+        [--activation activation-h200.json] [--out bench/results/sim-profile-h200.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from prism.simulator.profile import fit_profile
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", type=Path, default=HERE / "results")
+    p.add_argument("--configs", type=Path, default=HERE / "configs")
+    p.add_argument("--decode", default="decode_throughput-h200-fused.json")
+    p.add_argument("--attention", default="decode_attention-h200.json")
+    p.add_argument("--activation", default="activation-h200.json")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "sim-profile-h200.json")
+    args = p.parse_args()
+    profile = fit_profile(args.results, args.configs, decode_file=args.decode, attention_file=args.attention,
+                          activation_file=args.activation)
+    profile.save(args.out)
+    for point in profile.points:
+        print(f"{point.model}: decode {point.decode_base_s * 1e3:.2f} ms + {point.decode_per_seq_s * 1e6:.1f} us/seq, "
+              f"prefill +{point.prefill_base_s * 1e3:.1f} ms + {1 / point.prefill_per_token_s:,.0f} tokens/s")
+    print(f"attention {profile.attention_bytes_per_s / 1e12:.2f} TB/s, activation copy "
+          f"{profile.copy_bytes_per_s / 1e9:.1f} GB/s + {profile.activation_overhead_s * 1e3:.1f} ms")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

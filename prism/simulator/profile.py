@@ -1,0 +1,222 @@
+"""The simulator's engine latency model and its JSON file.
+
+Times are functions of a model's weight bytes (its size class), fitted per
+measured model and interpolated linearly in weight bytes between them (the
+smallest measured model's numbers below it, the last two points' slope above
+the largest):
+
+    step_s = decode_base_s + decode_per_seq_s * decode_seqs
+             + context_kv_bytes / attention_bytes_per_s
+             + (prefill_base_s + prefill_per_token_s * prefill_tokens  if the step has prefill tokens)
+
+where context_kv_bytes is the KV the decoding sequences read this step (their
+cached tokens times the model's KV bytes per token). Activation is weight
+bytes over the host-to-device copy bandwidth plus an overhead; loading (an
+engine created by the scheduler) is a fit of the same kind.
+
+`fit_profile(results_dir)` makes a profile from the committed benchmark
+results (bench/results/*.json); `bench/fit_profile.py` writes it to a file.
+The file records its sources, the device and, for every number, whether it
+was measured or is an assumption."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class SizePoint:
+    """The step-time constants of one measured model size."""
+
+    model: str
+    weight_bytes: int
+    decode_base_s: float  # a decode step's fixed cost (reading the weights, launches)
+    decode_per_seq_s: float  # each decoding sequence in the batch, beyond its attention
+    prefill_base_s: float  # what a step with prefill tokens costs beyond a decode step's base
+    prefill_per_token_s: float
+
+
+@dataclass(frozen=True)
+class LatencyProfile:
+    device: str
+    points: tuple[SizePoint, ...]  # ascending weight bytes
+    attention_bytes_per_s: float  # decode attention's KV read rate
+    copy_bytes_per_s: float  # host-to-device weight copy (activation)
+    activation_overhead_s: float
+    deactivation_s: float
+    load_base_s: float  # an engine's creation with weights in host memory
+    load_bytes_per_s: float
+    metadata: dict = field(default_factory=dict, compare=False)
+
+    # ---- the model --------------------------------------------------------------
+
+    def _at(self, weight_bytes: int, name: str) -> float:
+        pts = self.points
+        if len(pts) == 1 or weight_bytes <= pts[0].weight_bytes:
+            return getattr(pts[0], name)
+        lo, hi = pts[-2], pts[-1]
+        for a, b in zip(pts, pts[1:]):
+            if weight_bytes <= b.weight_bytes:
+                lo, hi = a, b
+                break
+        x = (weight_bytes - lo.weight_bytes) / (hi.weight_bytes - lo.weight_bytes)
+        value = getattr(lo, name) + x * (getattr(hi, name) - getattr(lo, name))
+        return max(0.0, value)
+
+    def step_s(self, weight_bytes: int, decode_seqs: int, context_kv_bytes: int, prefill_tokens: int) -> float:
+        """One engine step over `decode_seqs` decoding sequences (reading
+        `context_kv_bytes` of KV) and `prefill_tokens` prompt tokens."""
+        if decode_seqs == 0 and prefill_tokens == 0:
+            return 0.0
+        t = (self._at(weight_bytes, "decode_base_s") + self._at(weight_bytes, "decode_per_seq_s") * decode_seqs
+             + context_kv_bytes / self.attention_bytes_per_s)
+        if prefill_tokens:
+            t += self._at(weight_bytes, "prefill_base_s") + self._at(weight_bytes, "prefill_per_token_s") * prefill_tokens
+        return t
+
+    def prefill_s(self, weight_bytes: int, tokens: int) -> float:
+        """A step that only prefills `tokens` prompt tokens."""
+        return self.step_s(weight_bytes, 0, 0, tokens)
+
+    def activation_s(self, weight_bytes: int) -> float:
+        return self.activation_overhead_s + weight_bytes / self.copy_bytes_per_s
+
+    def load_s(self, weight_bytes: int) -> float:
+        return self.load_base_s + weight_bytes / self.load_bytes_per_s
+
+    # ---- the file ---------------------------------------------------------------
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["points"] = [asdict(p) for p in self.points]
+        return out
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+    @classmethod
+    def from_json(cls, data: dict) -> LatencyProfile:
+        points = tuple(sorted((SizePoint(**p) for p in data["points"]), key=lambda p: p.weight_bytes))
+        return cls(device=data["device"], points=points, attention_bytes_per_s=data["attention_bytes_per_s"],
+                   copy_bytes_per_s=data["copy_bytes_per_s"], activation_overhead_s=data["activation_overhead_s"],
+                   deactivation_s=data["deactivation_s"], load_base_s=data["load_base_s"],
+                   load_bytes_per_s=data["load_bytes_per_s"], metadata=data.get("metadata", {}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatencyProfile:
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+
+DEFAULT_PROFILE = Path(__file__).resolve().parents[2] / "bench" / "results" / "sim-profile-h200.json"
+
+
+# ---- fitting ----------------------------------------------------------------------
+
+
+def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares intercept and slope."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx else 0.0
+    return my - slope * mx, slope
+
+
+def kv_bytes_per_token(config: dict) -> int:
+    """K and V of every layer for one token, from a Hugging Face config.json."""
+    heads = int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim", int(config["hidden_size"]) // heads))
+    element = {"float32": 4}.get(str(config.get("torch_dtype", "bfloat16")), 2)
+    return int(config["num_hidden_layers"]) * 2 * int(config.get("num_key_value_heads", heads)) * head_dim * element
+
+
+def fit_profile(results_dir: str | Path, configs_dir: str | Path, *,
+                decode_file: str = "decode_throughput-h200-fused.json",
+                attention_file: str = "decode_attention-h200.json",
+                activation_file: str = "activation-h200.json") -> LatencyProfile:
+    """Fits the profile from three benchmark results:
+    - decode_file (bench/decode_throughput.py): per model, the decode step
+      time at two batch sizes and the one-step prefill of the whole batch's
+      prompts, which give the decode base and per-sequence costs and the
+      prefill intercept and per-token cost;
+    - attention_file (bench/decode_attention.py): the Triton decode kernel's
+      time against the KV it reads, whose slope is the attention read rate
+      (taken out of the decode fit at the benchmark's mean context);
+    - activation_file (bench/activation.py): activation and load seconds
+      against weight bytes."""
+    results_dir, configs_dir = Path(results_dir), Path(configs_dir)
+    decode = json.loads((results_dir / decode_file).read_text())
+    attention = json.loads((results_dir / attention_file).read_text())
+    activation = json.loads((results_dir / activation_file).read_text())
+
+    # Attention: ms = t0 + MiB / rate per layer call; the slope is what scales with context.
+    geometry = attention["geometry"]
+    xs = [r["kv_mib"] * (1 << 20) for r in attention["results"]]
+    ys = [r["triton_ms"] / 1e3 for r in attention["results"]]
+    _, seconds_per_byte = _line(xs, ys)
+    attention_rate = 1 / seconds_per_byte
+
+    settings = decode["settings"]
+    prompt, new = settings["prompt_tokens"], settings["new_tokens"]
+    mean_context = prompt + new / 2  # the timed decode steps' mean context
+    points = []
+    for model in sorted({r["model"] for r in decode["results"]}):
+        rows = sorted((r for r in decode["results"] if r["model"] == model), key=lambda r: r["batch"])
+        small, large = rows[0], rows[-1]
+        config = json.loads((configs_dir / model / "config.json").read_text())
+        kv = kv_bytes_per_token(config)
+
+        def without_attention(row: dict) -> float:
+            return row["step_ms"] / 1e3 - row["batch"] * mean_context * kv / attention_rate
+
+        per_seq = (without_attention(large) - without_attention(small)) / (large["batch"] - small["batch"])
+        base = without_attention(small) - per_seq * small["batch"]
+        # The prefill step of b prompts: intercept + slope * b * prompt tokens.
+        p_small, p_large = small["prefill_ms"] / 1e3, large["prefill_ms"] / 1e3
+        per_token = (p_large - p_small) / ((large["batch"] - small["batch"]) * prompt)
+        intercept = p_small - per_token * small["batch"] * prompt
+        points.append(SizePoint(model=model, weight_bytes=round(small["weight_gb"] * 1e9), decode_base_s=base,
+                                decode_per_seq_s=max(0.0, per_seq), prefill_base_s=max(0.0, intercept - base),
+                                prefill_per_token_s=max(0.0, per_token)))
+    points.sort(key=lambda p: p.weight_bytes)
+
+    rows = activation["results"]
+    weights = [r["weight_gb"] * 1e9 for r in rows]
+    act_overhead, act_slope = _line(weights, [r["activate_s"] for r in rows])
+    load_base, load_slope = _line(weights, [r["load_s"] for r in rows])
+    device = decode["environment"]["device"]
+    metadata = {
+        "device": device,
+        "activation_device": activation["environment"]["device"],
+        "sources": {"decode": f"bench/results/{decode_file}", "attention": f"bench/results/{attention_file}",
+                    "activation": f"bench/results/{activation_file}"},
+        "source_dates": {"decode": decode["environment"]["date"], "attention": attention["environment"]["date"],
+                         "activation": activation["environment"]["date"]},
+        "measured": [
+            f"decode step time at batch {small['batch']} and {large['batch']} ({prompt}-token prompts, {new} new "
+            f"tokens) for {', '.join(p.model for p in points)}: decode_base_s, decode_per_seq_s",
+            f"one-step prefill of {small['batch']} and {large['batch']} prompts of {prompt} tokens: prefill_base_s, "
+            "prefill_per_token_s (the prefill intercept includes the client's submission overhead)",
+            f"Triton decode attention on the {geometry['kv_heads']}-KV-head geometry: attention_bytes_per_s",
+            "activation (weights host to device) and engine load (dummy weights) of the 1B, 3B and 8B configs: "
+            "copy_bytes_per_s, activation_overhead_s, load_base_s, load_bytes_per_s, deactivation_s",
+        ],
+        "assumptions": [
+            "linear in weight bytes between the measured sizes, the last slope beyond the largest, the smallest's "
+            "numbers below it; tensor parallelism is not modeled",
+            "prefill cost is linear in prompt tokens (no quadratic attention term; measured on 128-token prompts "
+            "only), and a chunk's attention over earlier context is not charged",
+            "decode attention cost is the kernel's per-byte slope applied to all layers' KV (measured on one layer)",
+            "colocated engines on a GPU run their steps one at a time, round robin (no overlap of their kernels)",
+            "a load reads weights as fast as the benchmark's dummy-weight load (no disk or network time)",
+            "KV pages are packed perfectly (mapped pages = used tokens rounded up to whole pages)",
+        ],
+    }
+    return LatencyProfile(
+        device=device, points=tuple(points), attention_bytes_per_s=attention_rate,
+        copy_bytes_per_s=1 / act_slope, activation_overhead_s=max(0.0, act_overhead),
+        deactivation_s=sum(r["deactivate_s"] for r in rows) / len(rows),
+        load_base_s=max(0.0, load_base), load_bytes_per_s=1 / load_slope if load_slope > 0 else float("inf"),
+        metadata=metadata)
