@@ -240,6 +240,75 @@ def bench(
             typer.echo("matplotlib is not installed (pip install '.[bench]'): no plot", err=True)
 
 
+@app.command()
+def simulate(
+    trace_file: Path = typer.Argument(..., help="a trace (prism trace generate / convert)"),
+    config: Path = typer.Option(..., "--config", "-c", help="placement config; each model_path must hold a "
+                                                            "config.json (e.g. bench/configs/llama-3.1-8b)"),
+    gpus: int = typer.Option(8, "--gpus", min=1, help="GPUs in the simulated cluster"),
+    gpus_per_agent: int = typer.Option(8, min=1),
+    gpu_memory_gb: float = typer.Option(80.0, help="memory of each GPU"),
+    policy: str = typer.Option("prism", help="static | dedicated | time-share | prism | all"),
+    memory_policy: str = typer.Option("balloon", help="balloon | static: how a GPU's KV memory is split"),
+    profile: Optional[Path] = typer.Option(None, help="latency profile JSON (default "
+                                                      "bench/results/sim-profile-h200.json)"),
+    ttft_ms: float = typer.Option(1000.0, help="TTFT SLO"),
+    tpot_ms: float = typer.Option(100.0, help="TPOT SLO"),
+    slo_scale: float = typer.Option(1.0, help="multiplies both SLO targets"),
+    time_scale: float = typer.Option(1.0, help="multiply the trace's times by this (0.5: twice the rate)"),
+    replan_interval_s: float = typer.Option(2.0, help="the scheduler's re-plan interval"),
+    min_gpus_for: Optional[float] = typer.Option(None, help="also search the fewest GPUs reaching this attainment "
+                                                            "(e.g. 0.99) per policy"),
+    max_gpus: Optional[int] = typer.Option(None, help="upper bound of that search (default 4x the models)"),
+    out: Path = typer.Option(Path("simulate.json"), "--out", "-o", help="results JSON"),
+) -> None:
+    """Simulate a cluster serving a trace with the real policies; SLO attainment per policy (and GPUs needed)."""
+    from prism.simulator.profile import DEFAULT_PROFILE, LatencyProfile
+    from prism.simulator.runner import GB, SimSettings, min_gpus_for as search, simulate as run
+    from prism.workload.replay import SloTargets
+    from prism.workload.trace import Trace
+    from services.common.placement_config import ConfigError, load
+    from services.scheduler.policy import POLICIES
+
+    policies = list(POLICIES) if policy == "all" else [policy]
+    if any(p not in POLICIES for p in policies):
+        raise typer.BadParameter(f"policy must be one of {', '.join(POLICIES)} or all, got {policy!r}")
+    try:
+        trace = Trace.load(trace_file)
+        models = list(load(config).models)
+        latency = LatencyProfile.load(profile or DEFAULT_PROFILE)
+    except (OSError, ValueError, ConfigError) as exc:
+        typer.echo(f"prism simulate: {exc}", err=True)
+        raise typer.Exit(1)
+    if time_scale != 1.0:
+        trace = trace.scaled(time_scale)
+    slo = SloTargets(ttft_ms / 1000, tpot_ms / 1000, slo_scale)
+    results: dict = {"slo": vars(slo), "profile": str(profile or DEFAULT_PROFILE), "policies": {}}
+    typer.echo(f"{len(trace.requests)} requests, {len(models)} models, {gpus} GPUs of {gpu_memory_gb:g} GB, "
+               f"profile {latency.device}")
+    for name in policies:
+        settings = SimSettings(num_gpus=gpus, policy=name, gpus_per_agent=gpus_per_agent,
+                               gpu_memory_bytes=int(gpu_memory_gb * GB), memory_policy=memory_policy,
+                               replan_interval_s=replan_interval_s)
+        try:
+            result = run(trace, models, latency, settings, slo)
+        except ValueError as exc:
+            typer.echo(f"prism simulate: {exc}", err=True)
+            raise typer.Exit(1)
+        o = result["overall"]
+        line = (f"  {name:<11} attainment {100 * o['slo_attainment']:5.1f}% at {gpus} GPUs, "
+                f"errors {o['errors'] or 'none'}")
+        if min_gpus_for is not None:
+            needed, tried = search(trace, models, latency, settings, min_gpus_for, slo, max_gpus)
+            result["min_gpus"] = {"target": min_gpus_for, "gpus": needed,
+                                  "tried": {str(n): a for n, a in sorted(tried.items())}}
+            line += f"; fewest GPUs for {100 * min_gpus_for:g}%: {needed if needed is not None else 'none found'}"
+        typer.echo(line)
+        results["policies"][name] = result
+    out.write_text(json.dumps(results if len(policies) > 1 else results["policies"][policies[0]], indent=1) + "\n")
+    typer.echo(f"wrote {out}")
+
+
 trace_app = typer.Typer(help="Make workload traces (JSON lines) for prism bench and the simulator.",
                         no_args_is_help=True)
 app.add_typer(trace_app, name="trace")

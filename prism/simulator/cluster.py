@@ -1,0 +1,452 @@
+"""The simulated cluster: agents with GPUs, the engines on them, each GPU's
+memory coordinator and admission queue, and the gateway's routing.
+
+What runs the real code (imported):
+- each GPU's KV limits: services/gpu_agent/memory_policy.py (POLICIES and
+  grant) on the snapshot the agent's coordinator would take (budget = GPU
+  memory less the active engines' weights and the reserve), every 100 ms,
+  when a request has to queue, and before an activation;
+- admission: the ordering key and the fit and shortfall arithmetic of
+  services/gpu_agent/admission.py, in the same pass structure as its pump
+  (a model whose earlier request waits blocks its later ones, a grant from
+  the unassigned budget first, shedding past the deadline);
+- batching: each engine's real Scheduler (see engine.py).
+
+What is modeled: step times, activation, deactivation and load delays from the
+profile; a GPU runs one engine step at a time, round robin over its engines
+with work; the gateway routes round robin over a model's placed replicas whose
+engine is loaded (a switched-off one is switched on by its first request, as
+the agent does), and a request for a model with no such replica waits there
+(cold start) up to its TTFT SLO plus 30 s, then fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from prism.simulator.engine import SimEngine, SimRequest, Step
+from prism.simulator.models import SimModel
+from prism.simulator.profile import LatencyProfile
+from services.gpu_agent.admission import (
+    DEFAULT_STARVATION_S,
+    admission_key,
+    free_tokens,
+    shortfall_bytes,
+)
+from services.gpu_agent.engine.request import DEMAND_GROWTH_TOKENS
+from services.gpu_agent.memory_coordinator import DEFAULT_INTERVAL_S, DEFAULT_UNIT_BYTES
+from services.gpu_agent.memory_policy import POLICIES as MEMORY_POLICIES
+from services.gpu_agent.memory_policy import (
+    DeviceMemorySnapshot,
+    EngineMemoryDemand,
+    PolicyParams,
+    grant,
+)
+from services.gpu_agent.request_stats import DEFAULT_WINDOW_S, MIN_RATE_SPAN_S
+from services.scheduler.policy import Placement
+
+COLD_START_TIMEOUT_S = 30.0  # the gateway's --cold-start-timeout-s default
+BUSY_WINDOW_S = 10.0  # the agent's --busy-window-s default
+RESERVE_FRACTION, RESERVE_MAX = 0.05, 4 << 30  # memory_coordinator.default_reserve_bytes on a GPU
+
+
+class Clock:
+    """What the cluster needs of the event loop."""
+
+    now: float
+
+    def at(self, t: float, fn: Callable[[], None]) -> None: ...
+
+
+@dataclass(eq=False)
+class Ticket:
+    request: SimRequest
+    engine: SimEngine
+    tokens: int
+    arrival: float
+    deadline: float
+    reserved: bool = False
+
+
+class Device:
+    """One GPU: its engines, memory coordinator state and admission queue."""
+
+    def __init__(self, agent_id: str, index: int, memory_bytes: int):
+        self.agent_id = agent_id
+        self.index = index
+        self.memory_bytes = memory_bytes
+        self.reserve_bytes = min(int(memory_bytes * RESERVE_FRACTION), RESERVE_MAX)
+        self.engines: list[SimEngine] = []
+        self.waiting: list[Ticket] = []
+        self.reserved: dict[str, int] = {}  # model -> tokens admitted but not yet counted by its engine
+        self.busy = False
+        self.turn = 0
+
+    def holding_memory(self) -> list[SimEngine]:
+        """Engines whose weights are on the GPU (or on their way)."""
+        return [e for e in self.engines if e.state in ("active", "activating")]
+
+
+class Agent:
+    def __init__(self, agent_id: str, num_gpus: int, memory_bytes: int):
+        self.agent_id = agent_id
+        self.devices = {i: Device(agent_id, i, memory_bytes) for i in range(num_gpus)}
+        self.engines: dict[str, SimEngine] = {}
+
+
+class SimCluster:
+    def __init__(self, clock: Clock, profile: LatencyProfile, models: dict[str, SimModel], num_gpus: int,
+                 gpus_per_agent: int, gpu_memory_bytes: int, memory_policy: str = "balloon",
+                 starvation_s: float = DEFAULT_STARVATION_S):
+        if memory_policy not in MEMORY_POLICIES:
+            raise ValueError(f"memory policy {memory_policy!r} is not one of {', '.join(MEMORY_POLICIES)}")
+        self.clock = clock
+        self.profile = profile
+        self.models = models
+        self.memory_policy = MEMORY_POLICIES[memory_policy]
+        self.memory_params = PolicyParams()
+        self.starvation_s = starvation_s
+        self.agents: dict[str, Agent] = {}
+        left, n = num_gpus, 0
+        while left > 0:
+            n += 1
+            agent_id = f"agent-{n}"
+            self.agents[agent_id] = Agent(agent_id, min(gpus_per_agent, left), gpu_memory_bytes)
+            left -= gpus_per_agent
+        self.placement: Placement = {}  # the scheduler's latest target, what the gateway routes by
+        self.gateway_waiting: dict[str, list[SimRequest]] = {}
+        self.turns: dict[str, int] = {}
+        self.on_cold_start: Callable[[], None] = lambda: None  # the scheduler re-plans at once
+        self.on_done: Callable[[SimRequest], None] = lambda r: None
+        self.stats = {"loads": 0, "unloads": 0, "activations": 0, "deactivations": 0, "deactivations_refused": 0,
+                      "activation_out_of_memory": 0, "preemptions": 0, "memory_plans": 0, "grants": 0, "steps": 0}
+
+    @property
+    def now(self) -> float:
+        return self.clock.now
+
+    def device_of(self, engine: SimEngine) -> Device:
+        return self.agents[engine.agent_id].devices[engine.gpu]
+
+    def engines(self) -> list[SimEngine]:
+        return [e for a in self.agents.values() for e in a.engines.values()]
+
+    # ---- requests ending ---------------------------------------------------------
+
+    def _fail(self, request: SimRequest, error: str) -> None:
+        if request.done:
+            return
+        request.error = error
+        if request.ticket is not None:
+            self._release(request.ticket)
+        self.on_done(request)
+
+    def _finish(self, request: SimRequest) -> None:
+        request.finished_at = self.now
+        if request.ticket is not None:
+            self._release(request.ticket)
+        self.on_done(request)
+
+    # ---- the gateway -------------------------------------------------------------
+
+    def _servable(self, model: str) -> list[SimEngine]:
+        out = []
+        for replica in self.placement.get(model, []):
+            engine = self.agents[replica.agent_id].engines.get(model) if replica.agent_id in self.agents else None
+            if engine is not None and engine.state in ("inactive", "activating", "active"):
+                out.append(engine)
+        return out
+
+    def arrive(self, request: SimRequest) -> None:
+        live = self._servable(request.model)
+        if not live:  # cold start: wait at the gateway for a replica, up to the TTFT SLO plus the timeout
+            self.gateway_waiting.setdefault(request.model, []).append(request)
+            bound = self.models[request.model].ttft_s + COLD_START_TIMEOUT_S
+            self.clock.at(self.now + bound, lambda: self._cold_start_timeout(request))
+            self.on_cold_start()
+            return
+        turn = self.turns.get(request.model, 0)
+        self.turns[request.model] = turn + 1
+        self._deliver(live[turn % len(live)], request)
+
+    def _cold_start_timeout(self, request: SimRequest) -> None:
+        waiting = self.gateway_waiting.get(request.model, [])
+        if request in waiting:
+            waiting.remove(request)
+            self._fail(request, f"UNAVAILABLE: model {request.model!r} did not become available within "
+                                f"{self.models[request.model].ttft_s + COLD_START_TIMEOUT_S:.0f}s")
+
+    def _published(self, model: str) -> None:
+        """An engine of `model` became servable (or the placement changed): waiting requests go."""
+        waiting = self.gateway_waiting.pop(model, [])
+        for request in waiting:
+            self.arrive(request)
+
+    def set_placement(self, placement: Placement) -> None:
+        self.placement = placement
+        for model in list(self.gateway_waiting):
+            if self._servable(model):
+                self._published(model)
+
+    # ---- the agent ---------------------------------------------------------------
+
+    def _deliver(self, engine: SimEngine, request: SimRequest) -> None:
+        engine.last_arrival = self.now
+        engine.arrivals.append(self.now)
+        if engine.state == "active":
+            self._admit(engine, request)
+        else:  # the first request for a switched-off model brings it back
+            engine.pending.append(request)
+            self.activate(engine)
+
+    def load(self, agent_id: str, model: str, gpu_ids: tuple[int, ...], activate: bool, cap_bytes: int,
+             instant: bool = False) -> None:
+        agent = self.agents[agent_id]
+        if model in agent.engines and agent.engines[model].state != "failed":
+            return
+        spec = self.models[model]
+        device = agent.devices[gpu_ids[0]]
+        capacity = device.memory_bytes // spec.kv_bytes_per_token  # kvcached's virtual reservation: the whole GPU
+        engine = SimEngine(spec, agent_id, gpu_ids[0], capacity, self.now, cap_bytes)
+        agent.engines[model] = engine
+        device.engines.append(engine)
+        self.stats["loads"] += 1
+
+        def loaded() -> None:
+            if agent.engines.get(model) is not engine:
+                return  # unloaded meanwhile
+            engine.state = "inactive"
+            if activate:
+                self.activate(engine, instant=instant)
+            self._published(model)
+
+        if instant:
+            loaded()
+        else:
+            self.clock.at(self.now + self.profile.load_s(spec.weight_bytes), loaded)
+
+    def unload(self, agent_id: str, model: str) -> None:
+        agent = self.agents[agent_id]
+        engine = agent.engines.pop(model, None)
+        if engine is None:
+            return
+        device = agent.devices[engine.gpu]
+        device.engines.remove(engine)
+        engine.state = "unloaded"
+        self.stats["unloads"] += 1
+        for ticket in [t for t in device.waiting if t.engine is engine]:
+            device.waiting.remove(ticket)
+            self._fail(ticket.request, f"UNAVAILABLE: model {model!r} was unloaded while the request waited")
+        for request in engine.drop_all():
+            self._fail(request, f"UNAVAILABLE: model {model!r} was unloaded while serving the request")
+        self.rebalance(device)
+
+    def activate(self, engine: SimEngine, instant: bool = False) -> None:
+        if engine.state != "inactive":
+            return
+        device = self.device_of(engine)
+        others = sum(e.model.weight_bytes for e in device.holding_memory())
+        if others + engine.model.weight_bytes + device.reserve_bytes > device.memory_bytes:
+            # Its weights do not fit beside the engines on the GPU: the real copy would fail (out of memory).
+            self.stats["activation_out_of_memory"] += 1
+            for request in engine.pending:
+                self._fail(request, f"INTERNAL: activating {engine.name!r} failed: its weights do not fit on "
+                                    f"GPU {engine.gpu} of {engine.agent_id} beside the active engines")
+            engine.pending.clear()
+            return
+        engine.state = "activating"
+        self.stats["activations"] += 1
+        self.rebalance(device)  # the others make room (and it gets a limit) before its weights arrive
+
+        def activated() -> None:
+            if engine.state != "activating":
+                return
+            engine.state = "active"
+            self.rebalance(device)
+            pending, engine.pending = engine.pending, []
+            for request in pending:
+                self._admit(engine, request)
+
+        if instant:
+            activated()
+        else:
+            self.clock.at(self.now + self.profile.activation_s(engine.model.weight_bytes), activated)
+
+    def deactivate(self, engine: SimEngine) -> bool:
+        """As the agent's DeactivateModel without force: refused while the engine is busy."""
+        if engine.state != "active":
+            return engine.state == "inactive"
+        if engine.busy(self.now, BUSY_WINDOW_S) or any(t.engine is engine for t in self.device_of(engine).waiting):
+            self.stats["deactivations_refused"] += 1
+            return False
+        engine.state = "inactive"  # the deactivation's few ms are not modeled: nothing runs on it
+        engine.set_limit(0)
+        self.stats["deactivations"] += 1
+        self.rebalance(self.device_of(engine))
+        return True
+
+    # ---- the memory coordinator --------------------------------------------------
+
+    def _pending_tokens(self, device: Device, model: str) -> int:
+        return device.reserved.get(model, 0) + sum(t.tokens for t in device.waiting if t.engine.name == model)
+
+    def memory_snapshot(self, device: Device) -> DeviceMemorySnapshot:
+        holding = device.holding_memory()
+        budget = max(0, device.memory_bytes - sum(e.model.weight_bytes for e in holding) - device.reserve_bytes)
+        unit = max((e.model.bundle_bytes for e in holding), default=DEFAULT_UNIT_BYTES)
+        engines = tuple(EngineMemoryDemand(
+            model=e.name, priority=e.model.priority, used_bytes=e.used_bytes,
+            demand_bytes=(e.demand_tokens() + self._pending_tokens(device, e.name)) * e.model.kv_bytes_per_token,
+            limit_bytes=e.limit_bytes, cap_bytes=e.cap_bytes) for e in holding)
+        return DeviceMemorySnapshot(budget_bytes=budget, unit_bytes=unit, engines=engines)
+
+    def rebalance(self, device: Device) -> None:
+        """One plan of the device's KV limits, then admission and compute look again."""
+        holding = device.holding_memory()
+        if holding:
+            plan = self.memory_policy(self.memory_snapshot(device), self.memory_params)
+            self.stats["memory_plans"] += 1
+            for engine in holding:
+                if engine.name in plan:
+                    engine.set_limit(plan[engine.name])
+        self._pump(device)
+        self._kick(device)
+
+    def memory_tick(self) -> None:
+        for agent in self.agents.values():
+            for device in agent.devices.values():
+                if device.holding_memory():
+                    self.rebalance(device)
+
+    # ---- admission ---------------------------------------------------------------
+
+    def _free(self, device: Device, engine: SimEngine) -> int:
+        return free_tokens(engine.limit_bytes, engine.model.kv_bytes_per_token, engine.demand_tokens(),
+                           engine.used_bytes, device.reserved.get(engine.name, 0))
+
+    def _admit(self, engine: SimEngine, request: SimRequest) -> None:
+        device = self.device_of(engine)
+        ticket = Ticket(request, engine, request.prompt_tokens + DEMAND_GROWTH_TOKENS, self.now,
+                        self.now + engine.model.ttft_s)
+        if not device.waiting and ticket.tokens <= self._free(device, engine):
+            self._start(device, ticket)
+            self._kick(device)
+            return
+        device.waiting.append(ticket)
+        self.rebalance(device)  # demand just grew (the coordinator is poked), then the queue is pumped
+
+    def _pump(self, device: Device) -> None:
+        if not device.waiting:
+            return
+        now = self.now
+        blocked: set[str] = set()
+        for ticket in sorted(device.waiting, key=lambda t: admission_key(t.arrival, t.deadline, now, self.starvation_s)):
+            engine = ticket.engine
+            if engine.name in blocked:
+                continue
+            if engine.model.config.shed_load and now > ticket.deadline:
+                device.waiting.remove(ticket)
+                self._fail(ticket.request, f"RESOURCE_EXHAUSTED: model {engine.name!r} is overloaded: the request "
+                                           f"waited {now - ticket.arrival:.2f}s for memory")
+                continue
+            free = self._free(device, engine)
+            if ticket.tokens > free:
+                new_limit = grant(self.memory_snapshot(device), engine.name,
+                                  shortfall_bytes(ticket.tokens, free, engine.model.kv_bytes_per_token))
+                if new_limit is None:
+                    blocked.add(engine.name)
+                    continue
+                engine.set_limit(new_limit)
+                self.stats["grants"] += 1
+                if ticket.tokens > self._free(device, engine):
+                    blocked.add(engine.name)
+                    continue
+            device.waiting.remove(ticket)
+            self._start(device, ticket)
+
+    def _start(self, device: Device, ticket: Ticket) -> None:
+        ticket.reserved = True
+        device.reserved[ticket.engine.name] = device.reserved.get(ticket.engine.name, 0) + ticket.tokens
+        ticket.request.ticket = ticket
+        if not ticket.engine.submit(ticket.request):
+            self._fail(ticket.request, f"RESOURCE_EXHAUSTED: the prompt of {ticket.request.prompt_tokens} tokens is "
+                                       f"over {ticket.engine.name!r}'s KV limit")
+
+    def _unreserve(self, ticket: Ticket) -> None:
+        if not ticket.reserved:
+            return
+        ticket.reserved = False
+        device = self.device_of(ticket.engine)
+        left = device.reserved.get(ticket.engine.name, 0) - ticket.tokens
+        if left > 0:
+            device.reserved[ticket.engine.name] = left
+        else:
+            device.reserved.pop(ticket.engine.name, None)
+
+    def _release(self, ticket: Ticket) -> None:
+        self._unreserve(ticket)
+        ticket.request.ticket = None
+        if ticket.engine.state != "unloaded":
+            self._pump(self.device_of(ticket.engine))
+
+    # ---- compute -----------------------------------------------------------------
+
+    def _kick(self, device: Device) -> None:
+        """Starts the next step on an idle GPU: the next engine, round robin, that has something to run."""
+        if device.busy:
+            return
+        n = len(device.engines)
+        for i in range(n):
+            position = (device.turn + i) % n
+            engine = device.engines[position]
+            if engine.state != "active" or not engine.scheduler.has_work():
+                continue
+            step = engine.start_step(self.profile)
+            if step is None:
+                continue
+            for request in step.too_big:
+                self._fail(request, f"RESOURCE_EXHAUSTED: the request needs more KV than {engine.name!r} can hold")
+            self.stats["preemptions"] += len(step.result.preempted)
+            if not step.result.batch:
+                continue
+            device.turn = (position + 1) % n
+            device.busy = True
+            self.stats["steps"] += 1
+            self.clock.at(self.now + step.duration_s, lambda e=engine, s=step: self._step_done(device, e, s))
+            return
+
+    def _step_done(self, device: Device, engine: SimEngine, step: Step) -> None:
+        device.busy = False
+        first, finished = engine.end_step(step)
+        for request in first:
+            request.first_token_at = self.now
+            if request.ticket is not None:  # the engine holds its KV now: admission's reservation goes
+                self._unreserve(request.ticket)
+        for request in finished:
+            self._finish(request)
+        self._pump(device)
+        self._kick(device)
+
+    # ---- what the load reports say --------------------------------------------------
+
+    def arrival_rate(self, engine: SimEngine) -> float:
+        """As the agent's request stats: arrivals in the window over its span (at least a second)."""
+        cutoff = self.now - DEFAULT_WINDOW_S
+        while engine.arrivals and engine.arrivals[0] < cutoff:
+            engine.arrivals.pop(0)
+        span = max(min(DEFAULT_WINDOW_S, self.now - engine.created_at), MIN_RATE_SPAN_S)
+        return len(engine.arrivals) / span
+
+    def queued(self, engine: SimEngine) -> int:
+        waiting = sum(1 for t in self.device_of(engine).waiting if t.engine is engine)
+        return waiting + engine.queued + len(engine.pending)
+
+    def kv_demand_bytes(self, engine: SimEngine) -> int:
+        if engine.state not in ("active", "activating"):
+            return 0
+        device = self.device_of(engine)
+        return (engine.demand_tokens() + self._pending_tokens(device, engine.name)) * engine.model.kv_bytes_per_token
+
+
+MEMORY_INTERVAL_S = DEFAULT_INTERVAL_S

@@ -1,0 +1,222 @@
+"""A simulated engine: the real continuous-batching scheduler
+(services/gpu_agent/engine/scheduler.py, with its Sequence objects) over a KV
+pool that only counts tokens and pages, and step times from the profile
+instead of a forward pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prism.simulator.models import SimModel
+from prism.simulator.profile import LatencyProfile
+from services.gpu_agent.engine.kv_pool import KVPool, MemoryLimitState
+from services.gpu_agent.engine.request import DEMAND_GROWTH_TOKENS
+from services.gpu_agent.engine.scheduler import Scheduler, ScheduleResult
+from services.gpu_agent.engine.sequence import Sequence
+
+
+class CountingPool(KVPool):
+    """kvcached's interface with nothing behind it: slots are counted, pages
+    are mapped as the used tokens need them (packed perfectly), and the limit
+    caps mapped pages like the real pools do (a limit below what is mapped
+    defers: no new page until frees bring it under)."""
+
+    def __init__(self, model: SimModel, capacity_tokens: int):
+        self.capacity_tokens = capacity_tokens
+        self.tokens_per_page = model.tokens_per_page
+        self._bundle = model.bundle_bytes
+        self._token_bytes = model.kv_bytes_per_token
+        self._used = 0
+        self._limit = 0
+        self._revision = 0
+
+    @property
+    def bundle_bytes(self) -> int:
+        return self._bundle
+
+    def _pages(self, tokens: int) -> int:
+        return -(-tokens // self.tokens_per_page)
+
+    def _effective(self) -> int:
+        return min(self._limit // self._bundle, self._pages(self.capacity_tokens)) * self._bundle
+
+    def alloc(self, n: int) -> list[int] | None:
+        if n <= 0:
+            return []
+        if self._used + n > self.capacity_tokens:
+            return None
+        new_pages = self._pages(self._used + n) - self._pages(self._used)
+        if new_pages and self._pages(self._used + n) * self._bundle > self._effective():
+            return None
+        self._used += n
+        return [0] * n  # the scheduler only counts and hands back slots
+
+    def free(self, slots: list[int]) -> None:
+        self._used -= len(slots)
+
+    def set_memory_limit(self, limit_bytes: int, revision: int = 0) -> MemoryLimitState:
+        self._limit = max(0, limit_bytes)
+        self._revision += 1
+        return self.limit_state()
+
+    def limit_state(self) -> MemoryLimitState:
+        mapped = self._pages(self._used) * self._bundle
+        effective = self._effective()
+        return MemoryLimitState("deferred" if mapped > effective else "applied", self._limit, effective, mapped,
+                                self._revision)
+
+    @property
+    def limit_bytes(self) -> int:
+        return self._limit
+
+    @property
+    def used_tokens(self) -> int:
+        return self._used
+
+    @property
+    def free_tokens(self) -> int:
+        mapped_pages = self._pages(self._used)
+        mappable = max(0, self._effective() // self._bundle - mapped_pages)
+        return mapped_pages * self.tokens_per_page - self._used + mappable * self.tokens_per_page
+
+
+@dataclass(eq=False)
+class SimRequest:
+    index: int
+    model: str
+    t: float  # arrival at the gateway (the trace's time)
+    prompt_tokens: int
+    output_tokens: int
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    tokens: int = 0  # output tokens produced
+    error: str | None = None
+    seq: Sequence | None = None
+    ticket: object | None = None  # the admission ticket while it holds a reservation
+
+    @property
+    def done(self) -> bool:
+        return self.finished_at is not None or self.error is not None
+
+
+def _ignore(_item) -> bool:
+    return True
+
+
+@dataclass
+class Step:
+    result: ScheduleResult
+    duration_s: float
+    too_big: list[SimRequest] = field(default_factory=list)
+
+
+class SimEngine:
+    """One model's engine on one GPU of an agent. States as the agent reports
+    them: loading, inactive, active; plus activating (reported inactive, as
+    the real one is until its weights are on the GPU)."""
+
+    def __init__(self, model: SimModel, agent_id: str, gpu: int, capacity_tokens: int, created_at: float,
+                 cap_bytes: int = 0):
+        self.model = model
+        self.agent_id = agent_id
+        self.gpu = gpu
+        self.cap_bytes = cap_bytes
+        self.pool = CountingPool(model, capacity_tokens)
+        self.scheduler = Scheduler(self.pool)
+        self.state = "loading"
+        self.created_at = created_at
+        self.arrivals: list[float] = []  # at this agent, for the load report's rate (pruned to the window)
+        self.last_arrival = float("-inf")
+        self.pending: list[SimRequest] = []  # arrived while it was switched off: wait for its activation
+        self.requests: dict[Sequence, SimRequest] = {}
+        self.stepping = False
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def limit_bytes(self) -> int:
+        return self.pool.limit_bytes
+
+    def set_limit(self, nbytes: int) -> None:
+        self.pool.set_memory_limit(nbytes)
+
+    @property
+    def used_bytes(self) -> int:
+        return self.pool.used_tokens * self.model.kv_bytes_per_token
+
+    def demand_tokens(self) -> int:
+        return self.scheduler.demand_tokens(DEMAND_GROWTH_TOKENS)
+
+    @property
+    def running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def queued(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def submit(self, request: SimRequest) -> bool:
+        """Into the engine's queue; False when its prompt cannot fit the limit
+        now (the real engine's CapacityError at submission)."""
+        if not self.scheduler.fits_alone(request.prompt_tokens):
+            return False
+        seq = Sequence(request_id=str(request.index), prompt_ids=[0] * request.prompt_tokens,
+                       max_tokens=request.output_tokens, sampling=None, stop=[], ignore_eos=True, detokenizer=None,
+                       generator=None, deliver=_ignore)
+        request.seq = seq
+        self.requests[seq] = request
+        self.scheduler.add(seq)
+        return True
+
+    def start_step(self, profile: LatencyProfile) -> Step | None:
+        """Plans the next step with the real scheduler and times it; None
+        when nothing can run (waiting sequences that do not fit the limit)."""
+        result = self.scheduler.schedule()
+        too_big = [self.requests.pop(seq) for seq in result.too_big]
+        if not result.batch:
+            return Step(result, 0.0, too_big) if too_big else None
+        decode = result.num_decode
+        context = sum(item.start for item in result.batch[:decode]) * self.model.kv_bytes_per_token
+        prefill = sum(item.count for item in result.batch[decode:])
+        duration = profile.step_s(self.model.weight_bytes, decode, context, prefill)
+        self.stepping = True
+        return Step(result, duration, too_big)
+
+    def end_step(self, step: Step) -> tuple[list[SimRequest], list[SimRequest]]:
+        """Applies a finished step: (requests that got their first token,
+        requests that finished)."""
+        self.stepping = False
+        first, finished = [], []
+        for item in step.result.batch:
+            seq = item.seq
+            request = self.requests.get(seq)
+            if request is None:
+                continue  # failed or removed while the step ran
+            seq.num_cached = item.start + item.count
+            if not item.samples:
+                continue
+            seq.token_ids.append(0)
+            request.tokens = seq.num_output
+            if seq.num_output == 1 and request.first_token_at is None:
+                first.append(request)
+            if seq.num_output >= seq.max_tokens or len(seq.token_ids) >= self.model.max_context:
+                self.scheduler.remove(seq)
+                del self.requests[seq]
+                finished.append(request)
+        return first, finished
+
+    def drop_all(self) -> list[SimRequest]:
+        """Every request it holds (unloaded): out of the scheduler."""
+        out = list(self.requests.values())
+        for seq in list(self.requests):
+            self.scheduler.remove(seq)
+        self.requests.clear()
+        out.extend(self.pending)
+        self.pending.clear()
+        return out
+
+    def busy(self, now: float, window_s: float) -> bool:
+        """What makes the agent refuse a (non-forced) deactivation."""
+        return bool(self.requests or self.pending) or now - self.last_arrival < window_s

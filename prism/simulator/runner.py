@@ -1,0 +1,170 @@
+"""The event loop and `simulate()`: a trace through a simulated cluster, and
+its results in `prism bench`'s report format (prism/workload/replay.py), so
+a simulated run and a real one compare field by field.
+
+Deterministic: simulated time only (no wall clock), one heap of events
+ordered by (time, insertion order), no randomness of its own (a trace's
+randomness is its generator's seed).
+
+The cluster is up when the trace begins: the first plan's loads and
+activations take effect at time 0, as they have before `prism bench`
+starts. A request still unfinished `drain_s` after the last arrival fails
+("UNFINISHED"), so an overloaded run ends and no request goes uncounted."""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from itertools import count
+
+from prism.simulator.cluster import MEMORY_INTERVAL_S, SimCluster
+from prism.simulator.engine import SimRequest
+from prism.simulator.models import sim_model
+from prism.simulator.profile import LatencyProfile
+from prism.simulator.scheduler import DEFAULT_REPLAN_INTERVAL_S, SimScheduler
+from prism.workload.replay import RequestResult, SloTargets, report
+from prism.workload.trace import Trace
+from services.common.placement_config import ModelConfig
+from services.gpu_agent.admission import DEFAULT_STARVATION_S
+
+GB = 1 << 30
+
+
+class EventLoop:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._order = count()
+        self.events = 0
+
+    def at(self, t: float, fn: Callable[[], None]) -> None:
+        heapq.heappush(self._heap, (max(t, self.now), next(self._order), fn))
+
+    def run(self, until: float) -> None:
+        while self._heap and self._heap[0][0] <= until:
+            self.now, _, fn = heapq.heappop(self._heap)
+            self.events += 1
+            fn()
+        self.now = max(self.now, until) if not self._heap else self.now
+
+
+@dataclass(frozen=True)
+class SimSettings:
+    num_gpus: int
+    policy: str = "prism"
+    gpus_per_agent: int = 8
+    gpu_memory_bytes: int = 80 * GB
+    memory_policy: str = "balloon"
+    replan_interval_s: float = DEFAULT_REPLAN_INTERVAL_S
+    starvation_s: float = DEFAULT_STARVATION_S
+    drain_s: float = 300.0
+
+
+def _result(r: SimRequest, slo: SloTargets) -> RequestResult:
+    out = RequestResult(r.index, r.model, r.t, r.prompt_tokens, r.output_tokens, tokens=r.tokens, error=r.error)
+    if r.error is None and r.finished_at is not None:
+        out.e2e_s = r.finished_at - r.t
+        out.ttft_s = r.first_token_at - r.t
+        out.tpot_s = (r.finished_at - r.first_token_at) / (r.tokens - 1) if r.tokens > 1 else None
+        out.attained = slo.attained(out.ttft_s, out.tpot_s)
+    return out
+
+
+def simulate(trace: Trace, models: list[ModelConfig], profile: LatencyProfile, settings: SimSettings,
+             slo: SloTargets = SloTargets()) -> dict:
+    """Runs the trace; returns prism bench's report plus the simulation's settings and counters."""
+    specs = {m.model_name: sim_model(m) for m in models}
+    unknown = sorted(set(trace.models) - set(specs))
+    if unknown:
+        raise ValueError(f"the trace has models the config lacks: {', '.join(unknown)}")
+    loop = EventLoop()
+    cluster = SimCluster(loop, profile, specs, settings.num_gpus, settings.gpus_per_agent, settings.gpu_memory_bytes,
+                         settings.memory_policy, settings.starvation_s)
+    scheduler = SimScheduler(cluster, settings.policy, settings.replan_interval_s)
+    requests = [SimRequest(i, r.model, r.t, r.prompt_tokens, r.output_tokens) for i, r in enumerate(trace.requests)]
+    open_requests = len(requests)
+    replan_due = False
+
+    def done(_request: SimRequest) -> None:
+        nonlocal open_requests
+        open_requests -= 1
+
+    def replan_soon() -> None:  # a demand record appeared: the real loop re-plans at once
+        nonlocal replan_due
+        if not replan_due:
+            replan_due = True
+            loop.at(loop.now, replan_now)
+
+    def replan_now() -> None:
+        nonlocal replan_due
+        replan_due = False
+        scheduler.replan()
+
+    def periodic_replan() -> None:
+        scheduler.replan()
+        if open_requests:
+            loop.at(loop.now + settings.replan_interval_s, periodic_replan)
+
+    def memory_tick() -> None:
+        cluster.memory_tick()
+        if open_requests:
+            loop.at(loop.now + MEMORY_INTERVAL_S, memory_tick)
+
+    cluster.on_done = done
+    cluster.on_cold_start = replan_soon
+    scheduler.replan(instant=True)
+    for request in requests:
+        loop.at(request.t, lambda r=request: cluster.arrive(r))
+    loop.at(settings.replan_interval_s, periodic_replan)
+    loop.at(MEMORY_INTERVAL_S, memory_tick)
+    end = trace.duration_s + settings.drain_s
+    loop.run(until=end)
+    for r in requests:
+        if not r.done:
+            r.error = f"UNFINISHED: not done {settings.drain_s:.0f}s after the trace's last arrival"
+    results = [_result(r, slo) for r in requests]
+    out = report(trace, results, slo, api="simulate")
+    out["simulation"] = {**asdict(settings), "gpu_memory_gb": settings.gpu_memory_bytes / GB,
+                         "profile_device": profile.device, "profile_sources": profile.metadata.get("sources"),
+                         "simulated_s": loop.now, "events": loop.events, "placement_plans": scheduler.plans,
+                         **cluster.stats}
+    return out
+
+
+def min_gpus_for(trace: Trace, models: list[ModelConfig], profile: LatencyProfile, settings: SimSettings,
+                 target: float, slo: SloTargets = SloTargets(), max_gpus: int | None = None) -> tuple[int | None, dict]:
+    """The fewest GPUs whose attainment reaches `target`: doubling from
+    settings.num_gpus (or halving while it is met), then a binary search
+    between the last count that missed and the first that met. Assumes
+    attainment grows with GPUs (mostly true; a policy's placement changes
+    with the count, so a count between two tested ones may differ).
+    Returns (count or None if max_gpus misses, {gpus: attainment} tried)."""
+    max_gpus = max_gpus or max(settings.num_gpus, 4 * len(models))
+    tried: dict[int, float] = {}
+
+    def met(n: int) -> bool:
+        if n not in tried:
+            run = simulate(trace, models, profile, SimSettings(**{**asdict(settings), "num_gpus": n}), slo)
+            tried[n] = run["overall"]["slo_attainment"]
+        return tried[n] >= target
+
+    hi = min(max(1, settings.num_gpus), max_gpus)
+    if met(hi):
+        lo = 0
+        while hi > 1 and met(hi // 2):
+            hi //= 2
+        lo = hi // 2
+    else:
+        lo = hi
+        while not met(hi):
+            if hi >= max_gpus:
+                return None, tried
+            lo, hi = hi, min(hi * 2, max_gpus)
+    while hi - lo > 1:  # lo misses (or is 0), hi meets
+        mid = (lo + hi) // 2
+        if met(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi, tried

@@ -1,0 +1,95 @@
+"""The simulated global scheduler: the real placement policy
+(services/scheduler/policy.py POLICIES) and action planner
+(services/scheduler/actions.py plan_actions) on a snapshot of the simulated
+cluster, re-planned every `interval_s` (the scheduler's --replan-interval-s)
+and at once when a request starts waiting at the gateway for a model no
+agent serves, as the real loop does on a demand record. The actions take
+effect with the profile's delays (load, activation); a deactivation the
+agent refuses (the engine was busy) is asked again at the next plan.
+
+Not modeled: the load reports' 0.5 s lag (the snapshot reads the agents'
+numbers at the moment of the plan) and failed or retried actions."""
+
+from __future__ import annotations
+
+from prism.simulator.cluster import SimCluster
+from services.common.records import EngineRecord
+from services.scheduler.actions import Action, plan_actions
+from services.scheduler.policy import (
+    MANAGES_ACTIVITY,
+    POLICIES,
+    AgentView,
+    ClusterSnapshot,
+    ModelDemand,
+    Placement,
+    PolicyParams,
+    ReplicaTarget,
+)
+
+DEFAULT_REPLAN_INTERVAL_S = 2.0
+
+
+class SimScheduler:
+    def __init__(self, cluster: SimCluster, policy: str, interval_s: float = DEFAULT_REPLAN_INTERVAL_S,
+                 params: PolicyParams = PolicyParams()):
+        if policy not in POLICIES:
+            raise ValueError(f"placement policy {policy!r} is not one of {', '.join(POLICIES)}")
+        self.cluster = cluster
+        self.policy_name = policy
+        self.policy = POLICIES[policy]
+        self.manages_activity = policy in MANAGES_ACTIVITY
+        self.interval_s = interval_s
+        self.params = params
+        self.plans = 0
+
+    def records(self) -> dict[tuple[str, str], EngineRecord]:
+        """The engine records the agents would have in etcd (activating reads inactive, as it does there)."""
+        out = {}
+        for engine in self.cluster.engines():
+            state = {"activating": "inactive"}.get(engine.state, engine.state)
+            out[(engine.agent_id, engine.name)] = EngineRecord(agent_id=engine.agent_id, model=engine.name,
+                                                               state=state, gpu_ids=[engine.gpu])
+        return out
+
+    def snapshot(self, records: dict[tuple[str, str], EngineRecord]) -> ClusterSnapshot:
+        cluster = self.cluster
+        demand: dict[str, ModelDemand] = {}
+        for engine in cluster.engines():
+            d = demand.get(engine.name, ModelDemand())
+            demand[engine.name] = ModelDemand(
+                arrival_rate=d.arrival_rate + cluster.arrival_rate(engine), queued=d.queued + cluster.queued(engine),
+                running=d.running + engine.running, kv_demand_bytes=d.kv_demand_bytes + cluster.kv_demand_bytes(engine))
+        for model, waiting in cluster.gateway_waiting.items():  # the gateways' demand records
+            d = demand.get(model, ModelDemand())
+            demand[model] = ModelDemand(d.arrival_rate, d.queued + len(waiting), d.running, d.kv_demand_bytes)
+        current: Placement = {}
+        for (agent_id, model), rec in sorted(records.items()):
+            if rec.state in ("active", "inactive", "loading"):
+                current.setdefault(model, []).append(ReplicaTarget(agent_id, tuple(rec.gpu_ids), rec.state == "active"))
+        agents = tuple(AgentView(a.agent_id, frozenset(a.devices), {i: d.memory_bytes for i, d in a.devices.items()})
+                       for a in cluster.agents.values())
+        return ClusterSnapshot(models=tuple(m.config for m in cluster.models.values()), agents=agents, demand=demand,
+                               weight_bytes={name: m.weight_bytes for name, m in cluster.models.items()},
+                               current=current)
+
+    def replan(self, instant: bool = False) -> None:
+        """instant: the actions take effect at once (the cluster was up before the trace began)."""
+        records = self.records()
+        target = self.policy(self.snapshot(records), self.params)
+        self.plans += 1
+        self.cluster.set_placement(target)
+        for action in plan_actions(target, records, set(self.cluster.agents), self.manages_activity):
+            self.execute(action, instant)
+
+    def execute(self, action: Action, instant: bool) -> None:
+        cluster = self.cluster
+        engine = cluster.agents[action.agent_id].engines.get(action.model)
+        if action.kind == "load":
+            cluster.load(action.agent_id, action.model, action.gpu_ids, action.activate, action.memory_limit_bytes,
+                         instant=instant)
+        elif action.kind == "unload":
+            cluster.unload(action.agent_id, action.model)
+        elif action.kind == "activate" and engine is not None:
+            cluster.activate(engine, instant=instant)
+        elif action.kind == "deactivate" and engine is not None:
+            cluster.deactivate(engine)

@@ -1,0 +1,189 @@
+"""prism simulate: the discrete-event simulator runs the real policies, is
+deterministic, and moves in the expected direction under load, memory
+pressure and too few GPUs; the profile is what the committed benchmarks fit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import prism.simulator.cluster as sim_cluster
+import prism.simulator.engine as sim_engine
+import prism.simulator.scheduler as sim_scheduler
+from prism.simulator.models import sim_model
+from prism.simulator.profile import (
+    DEFAULT_PROFILE,
+    LatencyProfile,
+    fit_profile,
+    kv_bytes_per_token,
+)
+from prism.simulator.runner import GB, SimSettings, min_gpus_for, simulate
+from prism.workload.generator import BurstyGroupParams, bursty_group_trace
+from prism.workload.replay import SloTargets
+from prism.workload.trace import Trace, TraceRequest
+from services.common.placement_config import parse
+from services.gpu_agent import memory_policy
+from services.gpu_agent.engine import scheduler as engine_scheduler
+from services.scheduler import actions, policy
+
+ONE_B = "bench/configs/llama-3.2-1b"
+EIGHT_B = "bench/configs/llama-3.1-8b"
+
+
+@pytest.fixture(scope="module")
+def profile() -> LatencyProfile:
+    return LatencyProfile.load(DEFAULT_PROFILE)
+
+
+def models(*specs: tuple[str, str, int, bool]):
+    """(name, config dir, gpu id, on) per model."""
+    return list(parse([{"model_name": n, "model_path": path, "init_placements": [{"gpu_ids": [gpu], "on": on}]}
+                       for n, path, gpu, on in specs]).models)
+
+
+def two_model_trace(rate: float, seed: int = 3, duration_s: float = 60.0) -> Trace:
+    return bursty_group_trace(BurstyGroupParams(num_models=2, num_groups=2, shift_s=5, rate=rate, idle_fraction=0.05,
+                                                duration_s=duration_s, seed=seed), ["a", "b"])
+
+
+def test_the_policies_run_are_the_real_ones(profile):
+    assert sim_scheduler.POLICIES is policy.POLICIES
+    assert sim_scheduler.plan_actions is actions.plan_actions
+    assert sim_cluster.MEMORY_POLICIES is memory_policy.POLICIES
+    assert sim_cluster.grant is memory_policy.grant
+    assert sim_engine.Scheduler is engine_scheduler.Scheduler
+    from services.gpu_agent import admission
+    assert sim_cluster.admission_key is admission.admission_key
+    assert sim_cluster.free_tokens is admission.free_tokens
+    cluster = sim_cluster.SimCluster(None, profile, {}, 1, 8, 80 * GB)
+    for name in policy.POLICIES:
+        assert sim_scheduler.SimScheduler(cluster, name).policy is policy.POLICIES[name]
+
+
+def test_deterministic(profile):
+    trace = two_model_trace(rate=12, seed=5)
+    config = models(("a", ONE_B, 0, True), ("b", EIGHT_B, 0, False))
+    for name in ("static", "prism"):
+        first = simulate(trace, config, profile, SimSettings(num_gpus=1, policy=name))
+        second = simulate(trace, config, profile, SimSettings(num_gpus=1, policy=name))
+        assert first["requests"] == second["requests"]
+        assert first["simulation"] == second["simulation"]
+        assert first["overall"]["requests"] == len(trace.requests)
+
+
+def test_a_lone_request_waits_only_for_its_prefill(profile):
+    """Requests far apart on an idle GPU: TTFT is one prefill step of the
+    profile, TPOT one decode step at batch 1, and all attain."""
+    config = models(("a", ONE_B, 0, True))
+    trace = Trace(tuple(TraceRequest(t=10.0 * i, model="a", prompt_tokens=300, output_tokens=20) for i in range(10)))
+    result = simulate(trace, config, profile, SimSettings(num_gpus=1, policy="static"))
+    assert result["overall"]["slo_attainment"] == 1.0
+    weights = sim_model(config[0]).weight_bytes
+    prefill = profile.prefill_s(weights, 300)
+    for r in result["requests"]:
+        assert r["error"] is None and r["tokens"] == 20
+        assert r["ttft_s"] == pytest.approx(prefill, rel=1e-9)
+        # Each decode step reads the context so far: between the steps at 300 and 318 cached tokens.
+        lo = profile.step_s(weights, 1, 300 * sim_model(config[0]).kv_bytes_per_token, 0)
+        hi = profile.step_s(weights, 1, 320 * sim_model(config[0]).kv_bytes_per_token, 0)
+        assert lo <= r["tpot_s"] <= hi
+
+
+def test_overload_lowers_attainment(profile):
+    config = models(("a", EIGHT_B, 0, True))
+    light = bursty_group_trace(BurstyGroupParams(num_models=1, num_groups=1, rate=2, duration_s=60, seed=1), ["a"])
+    heavy = bursty_group_trace(BurstyGroupParams(num_models=1, num_groups=1, rate=60, duration_s=15, seed=1), ["a"])
+    light_result = simulate(light, config, profile, SimSettings(num_gpus=1, policy="static"))
+    heavy_result = simulate(heavy, config, profile, SimSettings(num_gpus=1, policy="static"))
+    assert light_result["overall"]["slo_attainment"] >= 0.99
+    assert heavy_result["overall"]["slo_attainment"] < light_result["overall"]["slo_attainment"] - 0.2
+    assert heavy_result["overall"]["requests"] == len(heavy.requests)
+
+
+def test_balloon_beats_static_partitions_when_kv_is_scarce(profile):
+    """Two 1B models on one GPU with about 1 GB left for KV, their bursts
+    taking turns: the balloon lends the idle model's memory to the busy one."""
+    config = models(("a", ONE_B, 0, True), ("b", ONE_B, 0, True))
+    weights = sim_model(config[0]).weight_bytes
+    memory = int((2 * weights + 1 * GB) / 0.95) + 1  # the coordinator keeps 5% in reserve
+    trace = two_model_trace(rate=16)
+    out = {}
+    for name in ("static", "balloon"):
+        run = simulate(trace, config, profile, SimSettings(num_gpus=1, policy="static", gpu_memory_bytes=memory,
+                                                           memory_policy=name))
+        out[name] = run["overall"]["slo_attainment"]
+    assert out["balloon"] > out["static"] + 0.02, out
+    # With memory to spare the two split it alike.
+    roomy = {name: simulate(trace, config, profile, SimSettings(num_gpus=1, policy="static", memory_policy=name))
+             ["overall"]["slo_attainment"] for name in ("static", "balloon")}
+    assert roomy["static"] == roomy["balloon"] == 1.0
+
+
+def test_dedicated_with_fewer_gpus_than_models_fails_the_rest_visibly(profile):
+    config = models(("a", ONE_B, 0, True), ("b", ONE_B, 0, True), ("c", ONE_B, 0, True))
+    trace = bursty_group_trace(BurstyGroupParams(num_models=3, num_groups=1, rate=3, duration_s=30, seed=2),
+                               ["a", "b", "c"])
+    result = simulate(trace, config, profile, SimSettings(num_gpus=2, policy="dedicated"))
+    per_model = result["per_model"]
+    unplaced = [m for m, s in per_model.items() if s["succeeded"] == 0]
+    assert len(unplaced) == 1  # two GPUs, two models served
+    lost = per_model[unplaced[0]]
+    assert lost["requests"] > 0 and lost["errors"] == {"UNAVAILABLE": lost["requests"]}
+    assert result["overall"]["requests"] == len(trace.requests)  # every request counted
+    assert sum(s["requests"] for s in per_model.values()) == len(trace.requests)
+    # Three GPUs serve all three.
+    assert simulate(trace, config, profile, SimSettings(num_gpus=3, policy="dedicated"))["overall"]["errors"] == {}
+
+
+def test_fewest_gpus_search(profile):
+    config = models(("a", ONE_B, 0, True), ("b", ONE_B, 1, True), ("c", ONE_B, 2, True))
+    trace = bursty_group_trace(BurstyGroupParams(num_models=3, num_groups=1, rate=3, duration_s=30, seed=2),
+                               ["a", "b", "c"])
+    needed, tried = min_gpus_for(trace, config, profile, SimSettings(num_gpus=8, policy="dedicated"), 0.99,
+                                 SloTargets(), max_gpus=8)
+    assert needed == 3
+    assert tried[3] >= 0.99 and tried[2] < 0.99
+
+
+def test_committed_profile_is_the_fit_of_the_committed_results(profile):
+    fitted = fit_profile("bench/results", "bench/configs")
+    assert fitted == profile  # bench/fit_profile.py regenerates it exactly (metadata aside)
+    assert profile.metadata["measured"] and profile.metadata["assumptions"]
+    measured = json.loads(Path("bench/results/decode_throughput-h200-fused.json").read_text())
+    for row in measured["results"]:
+        point = next(p for p in profile.points if p.model == row["model"])
+        kv = kv_bytes_per_token(json.loads(Path(f"bench/configs/{row['model']}/config.json").read_text()))
+        context = row["batch"] * (128 + 64) * kv
+        # The fit passes through the decode points it was made from.
+        assert profile.step_s(point.weight_bytes, row["batch"], context, 0) == pytest.approx(row["step_ms"] / 1e3,
+                                                                                             rel=1e-6)
+    # Between the measured sizes, times are in between; activation grows with weights.
+    small, large = profile.points[0], profile.points[-1]
+    mid = (small.weight_bytes + large.weight_bytes) // 2
+    assert profile.step_s(small.weight_bytes, 8, 0, 0) < profile.step_s(mid, 8, 0, 0) < profile.step_s(
+        large.weight_bytes, 8, 0, 0)
+    assert profile.activation_s(small.weight_bytes) < profile.activation_s(large.weight_bytes) < 1.0
+
+
+def test_cli_writes_a_bench_shaped_report_per_policy(tmp_path):
+    from typer.testing import CliRunner
+
+    from prism.cli import app
+
+    config = tmp_path / "models.json"
+    config.write_text(json.dumps([{"model_name": n, "model_path": str(Path(ONE_B).resolve()),
+                                   "init_placements": [{"gpu_ids": [0], "on": True}]} for n in ("a", "b")]))
+    two_model_trace(rate=4, duration_s=20).save(tmp_path / "trace.jsonl")
+    out = tmp_path / "sim.json"
+    result = CliRunner().invoke(app, ["simulate", str(tmp_path / "trace.jsonl"), "--config", str(config), "--gpus", "2",
+                                      "--policy", "all", "--min-gpus-for", "0.99", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    written = json.loads(out.read_text())
+    assert set(written["policies"]) == set(policy.POLICIES)
+    for name, run in written["policies"].items():
+        assert {"overall", "per_model", "over_time", "requests"} <= set(run)
+        assert run["simulation"]["policy"] == name and run["simulation"]["num_gpus"] == 2
+        assert run["min_gpus"]["target"] == 0.99
+        assert f"{name}" in result.output
