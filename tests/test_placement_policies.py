@@ -190,3 +190,14 @@ def test_prism_moves_the_same_model_whatever_the_noise_in_the_rates():
                                               current=current, demand=demand))
         moved |= {m for m, rs in target.items() if any(r.gpu_ids == (1,) for r in rs)}
     assert moved == {"b"}
+
+
+def test_new_models_are_spread_by_weight_not_by_count():
+    weights = {"big-1": 16 * GB, "big-2": 16 * GB, "big-3": 16 * GB, **{f"s{i}": 2 * GB for i in range(6)}}
+    snap = ClusterSnapshot(models=models(*weights), agents=(agent("x", 3),), weight_bytes=weights)
+    for policy in (prism_policy, time_share_policy):
+        target = policy(snap)
+        per_gpu: dict[tuple[int, ...], int] = {}
+        for name, rs in target.items():
+            per_gpu[rs[0].gpu_ids] = per_gpu.get(rs[0].gpu_ids, 0) + weights[name]
+        assert sorted(per_gpu.values()) == [20 * GB, 20 * GB, 20 * GB]  # a big one and two small on each

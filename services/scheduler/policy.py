@@ -180,24 +180,35 @@ def dedicated_policy(snapshot: ClusterSnapshot, params: PolicyParams = PolicyPar
 
 def _home_of_everyone(snapshot: ClusterSnapshot) -> dict[str, GpuKey]:
     """One GPU set per model: where it runs now (its active replica first),
-    else the set with the fewest models (spreads host memory, and the models
-    that may later become active together)."""
+    else the set whose models' weights (per GPU) weigh least, then the one
+    with the fewest models: spreads the memory that models which become
+    active together will need. The largest models are placed first."""
     homes: dict[str, GpuKey] = {}
-    count: dict[GpuKey, int] = {}
+    load: dict[GpuKey, tuple[int, int]] = {}  # set -> (weight bytes per GPU, models)
+
+    def add(key: GpuKey, model: ModelConfig) -> None:
+        weights, count = load.get(key, (0, 0))
+        load[key] = (weights + snapshot.weight_bytes.get(model.model_name, 0) // model.tp_size, count + 1)
+
     for model in snapshot.models:
         replicas = sorted(_live_replicas(snapshot, model), key=lambda r: (not r.active, r.agent_id, r.gpu_ids))
         if replicas:
             homes[model.model_name] = (replicas[0].agent_id, replicas[0].gpu_ids)
-            count[homes[model.model_name]] = count.get(homes[model.model_name], 0) + 1
-    for model in snapshot.models:
-        if model.model_name in homes:
-            continue
+            add(homes[model.model_name], model)
+    unplaced = sorted((m for m in snapshot.models if m.model_name not in homes),
+                      key=lambda m: (-snapshot.weight_bytes.get(m.model_name, 0), m.model_name))
+    for model in unplaced:
         sets = _gpu_sets(snapshot, model.tp_size)
         if not sets:
             continue
-        best = min(sets, key=lambda k: (sum(n for s, n in count.items() if _overlaps(s, k)), k))
+
+        def burden(k: GpuKey) -> tuple[int, int, GpuKey]:
+            overlapping = [v for s, v in load.items() if _overlaps(s, k)]
+            return (sum(w for w, _ in overlapping), sum(n for _, n in overlapping), k)
+
+        best = min(sets, key=burden)
         homes[model.model_name] = best
-        count[best] = count.get(best, 0) + 1
+        add(best, model)
     return homes
 
 
