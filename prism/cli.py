@@ -113,6 +113,9 @@ def status(etcd: str = typer.Option("127.0.0.1:2379", help="etcd host:port"),
     if as_json:
         typer.echo(json.dumps(snapshot.to_json(), indent=2))
         return
+    leader = snapshot.scheduler_leader
+    typer.echo(f"scheduler: {leader['scheduler_id']} at {leader['address']} leads" if leader
+               else "scheduler: no replica leads")
     typer.echo("agents:")
     for a in snapshot.agents:
         devices = ", ".join(f"{d['kind']}:{d['index']} {d['memory_bytes'] >> 20} MB" for d in a.record["devices"])

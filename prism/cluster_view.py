@@ -51,6 +51,7 @@ class ClusterSnapshot:
     engines: list[dict] = field(default_factory=list)
     placements: list[dict] = field(default_factory=list)
     taken_at: float = 0.0  # time.time()
+    scheduler_leader: dict | None = None  # the leading scheduler replica's record; None: none leads
 
     def to_json(self) -> dict:
         return {
@@ -58,6 +59,7 @@ class ClusterSnapshot:
             "agents": [a.record for a in self.agents],
             "engines": self.engines,
             "placements": self.placements,
+            "scheduler_leader": self.scheduler_leader,
             "agent_status": {a.agent_id: MessageToDict(a.status, preserving_proto_field_name=True)
                              if a.status is not None else {"error": a.error} for a in self.agents},
         }
@@ -83,8 +85,10 @@ class ClusterReader:
             found[name] = [json.loads(kv.value) for kv in await self._client.get_prefix(prefix.encode())]
         agents = [AgentView(record) for record in found["agents"]]
         await asyncio.gather(*(self._ask(agent) for agent in agents))
+        leader = await self._client.get(records.SCHEDULER_LEADER.encode())
         return ClusterSnapshot(models=found["models"], agents=agents, engines=found["engines"],
-                               placements=found["placements"], taken_at=time.time())
+                               placements=found["placements"], taken_at=time.time(),
+                               scheduler_leader=json.loads(leader.value) if leader is not None else None)
 
     async def _ask(self, agent: AgentView) -> None:
         address = agent.record["address"]

@@ -68,6 +68,8 @@ def run_cli(*args: str) -> str:
 
 def test_status_shows_the_memory_split_and_model_numbers(cluster, served):
     out = run_cli("status", "--etcd", cluster.etcd_endpoint)
+    # The local cluster's one replica, named "scheduler" (its --scheduler-id), leads.
+    assert f"scheduler: scheduler at {cluster.scheduler_address} leads" in out
     gpus = out[out.index("gpus:"):out.index("models:")]
     assert re.search(r"gpu 0 \(cpu, 2\.0 GB\)\s+\[#*[AB.#r]+\]", gpus), gpus
     for model in MODELS:
