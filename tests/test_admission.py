@@ -12,6 +12,7 @@ import pytest
 
 from prism.tiny_models import write_tiny_model
 from services.gpu_agent.admission import AdmissionQueue, ShedError
+from services.gpu_agent.engine.errors import CapacityError
 from services.gpu_agent.devices import discover_devices
 from services.gpu_agent.engine_manager import EngineManager, EngineSpec
 from services.gpu_agent.memory_coordinator import MemoryCoordinator
@@ -68,9 +69,15 @@ async def test_earliest_deadline_first_across_models_then_starving_requests_firs
     assert tight.done() and not loose.done()
     assert manager.get("tight").memory_limit_bytes > 1  # granted at once from the unassigned budget
 
+    # Most of what is left of tight's granted unit (512 tokens) goes to another tight request ...
+    tight_fill = asyncio.create_task(queue.admit(manager.get("tight"), 250))
+    await settle()
+    await queue.pump()
+    await settle()
+    assert tight_fill.done() and not loose.done()
     await asyncio.sleep(0.35)  # `loose` has now waited past the starvation bound
-    # Too long for what is left of tight's granted unit, so it needs a grant too.
-    tight2 = asyncio.create_task(queue.admit(manager.get("tight"), 480))
+    # ... so this one needs a grant too.
+    tight2 = asyncio.create_task(queue.admit(manager.get("tight"), 200))
     await settle()
     open_budget(coordinator, 1)
     await queue.pump()
@@ -80,7 +87,7 @@ async def test_earliest_deadline_first_across_models_then_starving_requests_firs
     tight2.cancel()  # its client leaves while it waits
     await settle()
     assert queue.waiting == [] and queue.queued("tight") == 0
-    tickets = [tight.result(), loose.result()]
+    tickets = [tight.result(), tight_fill.result(), loose.result()]
     assert queue.pending_demand_bytes("tight") > 0 and queue.pending_demand_bytes("loose") > 0
     for ticket in tickets:
         ticket.release()
@@ -101,3 +108,17 @@ async def test_a_shedding_model_refuses_a_request_past_its_deadline(device, tmp_
         await waiting
     assert refused.value.retry_after_s >= 1
     assert queue.waiting == [] and queue.shed == 1
+
+
+async def test_requests_that_could_never_be_admitted_do_not_wait(device, tmp_path):
+    manager, coordinator = device
+    path = str(write_tiny_model(tmp_path / "c", arch="llama"))
+    await manager.load(EngineSpec(name="capped", path=path), (0,), True, 4096)  # a cap of 4 KiB of KV
+    queue = AdmissionQueue(coordinator)
+    open_budget(coordinator, 0)
+    with pytest.raises(CapacityError, match="can ever be given on this device"):
+        await asyncio.wait_for(queue.admit(manager.get("capped"), PROMPT_TOKENS), 5)
+    # Over the model's context: let through at once, for the engine to refuse with its own message.
+    ticket = await asyncio.wait_for(queue.admit(manager.get("tight"), 10_000), 5)
+    assert ticket.tokens == 0 and not ticket.reserved and queue.waiting == []
+    ticket.release()

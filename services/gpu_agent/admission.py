@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from services.gpu_agent.engine.errors import CapacityError
 from services.gpu_agent.engine.request import DEMAND_GROWTH_TOKENS
 from services.gpu_agent.engine_manager import EngineNotReadyError, ManagedEngine
 from services.gpu_agent.memory_coordinator import MemoryCoordinator
@@ -134,10 +135,20 @@ class AdmissionQueue:
     async def admit(self, managed: ManagedEngine, prompt_tokens: int) -> Ticket:
         """Waits until the request may go into its engine; the caller must
         release() the ticket when the request ends. Raises ShedError, or
-        EngineNotReadyError if the engine stops serving meanwhile."""
+        EngineNotReadyError if the engine stops serving meanwhile, and
+        CapacityError at once for a request whose KV no limit on this device
+        could ever hold (it would wait forever)."""
         now = self.clock()
         ticket = Ticket(managed=managed, tokens=prompt_tokens + DEMAND_GROWTH_TOKENS, arrival=now,
                         deadline=now + managed.slo.ttft_s, queue=self)
+        if managed.engine is not None and prompt_tokens >= managed.engine.max_context:
+            ticket.tokens = 0  # over the model's context: the engine refuses it at once, nothing to wait for
+            return ticket
+        most = self.coordinator.most_kv_bytes(managed)
+        need = (prompt_tokens + 1) * managed.engine.kv_bytes_per_token
+        if need > most:
+            raise CapacityError(f"the prompt's {prompt_tokens} tokens need {need} bytes of KV cache, more than "
+                                f"model {managed.spec.name!r} can ever be given on this device ({most} bytes)")
         if not self.waiting and self._fits(ticket):  # nobody ahead and room now: no queueing at all
             self._reserve(ticket)
             return ticket

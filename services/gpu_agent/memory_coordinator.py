@@ -108,6 +108,12 @@ class MemoryCoordinator:
         return DeviceMemorySnapshot(budget_bytes=self.budget_bytes(active), unit_bytes=self.unit_bytes(active),
                                     engines=tuple(engines))
 
+    def most_kv_bytes(self, managed: ManagedEngine) -> int:
+        """The largest KV limit the engine could ever get here: the budget
+        with only it active (others may switch off), within its cap."""
+        most = self.budget_bytes([managed]) if managed.engine is not None else 0
+        return min(most, managed.cap_bytes) if managed.cap_bytes > 0 else most
+
     def memory_split(self) -> DeviceMemorySplit:
         engines = self.engines()
         active = self._active()
