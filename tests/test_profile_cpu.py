@@ -1,0 +1,46 @@
+"""bench/profile_cpu.py: the tiny models' engine on the CPU, timed in-process,
+gives positive step times that grow with the batch and a profile that loads
+back and drives the simulator. No assertions on absolute times."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from prism.simulator.profile import LatencyProfile
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _profile_cpu_module():
+    spec = importlib.util.spec_from_file_location("profile_cpu", ROOT / "bench" / "profile_cpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cpu_profile_step_times_are_positive_and_grow_with_batch(tmp_path):
+    module = _profile_cpu_module()
+    profile, measured = module.profile_cpu(tmp_path / "models", batches=(1, 16), prompts=(16, 32), new_tokens=6)
+    assert {m["model"] for m in measured} == {"tiny-llama", "tiny-qwen2"}
+    for m in measured:
+        rows = sorted(m["rows"], key=lambda r: r["batch"])
+        assert all(r["step_s"] > 0 and r["prefill_s"] > 0 for r in rows)
+        assert rows[-1]["step_s"] > rows[0]["step_s"]  # 16 sequences cost more than one
+        assert rows[-1]["prefill_s"] > rows[0]["prefill_s"]
+    kv = {m["weight_bytes"]: m["kv_bytes_per_token"] for m in measured}
+    for point in profile.points:
+        w = point.weight_bytes  # a step at 20 tokens of context per sequence, as measured
+        one, many = profile.step_s(w, 1, 20 * kv[w], 0), profile.step_s(w, 16, 16 * 20 * kv[w], 0)
+        assert 0 < one < many
+        assert profile.prefill_s(w, 256) > profile.prefill_s(w, 16) > 0
+    path = tmp_path / "profile.json"
+    profile.save(path)
+    assert LatencyProfile.load(path) == profile
+
+
+def test_committed_cpu_profile_loads():
+    profile = LatencyProfile.load(ROOT / "bench" / "results" / "sim-profile-cpu.json")
+    assert profile.device.startswith("CPU")
+    assert profile.metadata["source"] == "bench/profile_cpu.py"
+    assert all(p.decode_base_s > 0 and p.prefill_per_token_s > 0 for p in profile.points)
