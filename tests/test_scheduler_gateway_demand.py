@@ -15,8 +15,9 @@ from services.scheduler.policy import (
     ReplicaTarget,
     prism_policy,
     time_share_policy,
+    with_waiting,
 )
-from services.scheduler.server import waiting_at_gateways, with_waiting
+from services.scheduler.server import waiting_at_gateways
 
 GB = 1 << 30
 

@@ -14,16 +14,15 @@ from __future__ import annotations
 
 from prism.simulator.cluster import SimCluster
 from services.common.records import EngineRecord
-from services.scheduler.actions import Action, plan_actions
+from services.scheduler.actions import Action, current_placement, plan_actions
 from services.scheduler.policy import (
     MANAGES_ACTIVITY,
     POLICIES,
     AgentView,
     ClusterSnapshot,
     ModelDemand,
-    Placement,
     PolicyParams,
-    ReplicaTarget,
+    with_waiting,
 )
 
 DEFAULT_REPLAN_INTERVAL_S = 2.0
@@ -55,22 +54,16 @@ class SimScheduler:
         cluster = self.cluster
         demand: dict[str, ModelDemand] = {}
         for engine in cluster.engines():
-            d = demand.get(engine.name, ModelDemand())
-            demand[engine.name] = ModelDemand(
-                arrival_rate=d.arrival_rate + cluster.arrival_rate(engine), queued=d.queued + cluster.queued(engine),
-                running=d.running + engine.running, kv_demand_bytes=d.kv_demand_bytes + cluster.kv_demand_bytes(engine))
-        for model, waiting in cluster.gateway_waiting.items():  # the gateways' demand records
-            d = demand.get(model, ModelDemand())
-            demand[model] = ModelDemand(d.arrival_rate, d.queued + len(waiting), d.running, d.kv_demand_bytes)
-        current: Placement = {}
-        for (agent_id, model), rec in sorted(records.items()):
-            if rec.state in ("active", "inactive", "loading"):
-                current.setdefault(model, []).append(ReplicaTarget(agent_id, tuple(rec.gpu_ids), rec.state == "active"))
+            demand[engine.name] = demand.get(engine.name, ModelDemand()) + ModelDemand(
+                arrival_rate=cluster.arrival_rate(engine), queued=cluster.queued(engine), running=engine.running,
+                kv_demand_bytes=cluster.kv_demand_bytes(engine))
+        # The gateways' demand records.
+        demand = with_waiting(demand, {model: len(waiting) for model, waiting in cluster.gateway_waiting.items()})
         agents = tuple(AgentView(a.agent_id, frozenset(a.devices), {i: d.memory_bytes for i, d in a.devices.items()})
                        for a in cluster.agents.values())
         return ClusterSnapshot(models=tuple(m.config for m in cluster.models.values()), agents=agents, demand=demand,
                                weight_bytes={name: m.weight_bytes for name, m in cluster.models.items()},
-                               current=current)
+                               current=current_placement(records))
 
     def replan(self, instant: bool = False) -> None:
         """instant: the actions take effect at once (the cluster was up before the trace began)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.records import EngineRecord
-from services.scheduler.policy import Placement
+from services.scheduler.policy import Placement, ReplicaTarget
 
 
 @dataclass(frozen=True)
@@ -17,6 +17,15 @@ class Action:
     gpu_ids: tuple[int, ...] = ()
     activate: bool = True
     memory_limit_bytes: int = 0
+
+
+def current_placement(engines: dict[tuple[str, str], EngineRecord]) -> Placement:
+    """What the agents run: their engines that are loaded or loading (a loading one counts as inactive)."""
+    out: Placement = {}
+    for (agent_id, model), rec in sorted(engines.items()):
+        if rec.state in ("active", "inactive", "loading"):
+            out.setdefault(model, []).append(ReplicaTarget(agent_id, tuple(rec.gpu_ids), rec.state == "active"))
+    return out
 
 
 def plan_actions(target: Placement, engines: dict[tuple[str, str], EngineRecord], live_agents: set[str],

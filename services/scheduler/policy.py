@@ -59,6 +59,19 @@ class ModelDemand:
     def hot(self) -> bool:
         return self.arrival_rate > 0 or self.queued > 0 or self.running > 0
 
+    def __add__(self, other: ModelDemand) -> ModelDemand:
+        """Two sources' load on one model (two agents' reports, say), summed."""
+        return ModelDemand(self.arrival_rate + other.arrival_rate, self.queued + other.queued,
+                           self.running + other.running, self.kv_demand_bytes + other.kv_demand_bytes)
+
+
+def with_waiting(demand: Mapping[str, ModelDemand], waiting: Mapping[str, int]) -> dict[str, ModelDemand]:
+    """Demand plus the requests waiting at gateways for a model to become servable, counted as queued."""
+    out = dict(demand)
+    for model, count in waiting.items():
+        out[model] = out.get(model, ModelDemand()) + ModelDemand(queued=count)
+    return out
+
 
 @dataclass(frozen=True)
 class ReplicaTarget:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
 import signal
 import socket
@@ -25,11 +24,16 @@ import grpc
 from prism.v1 import agent_pb2, agent_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from services.common import placement_config, records
 from services.common.etcd import PrefixMirror, connect
-from services.common.grpc_util import add_health_and_reflection, mark_not_serving, mark_serving
+from services.common.grpc_util import (
+    add_health_and_reflection,
+    mark_not_serving,
+    mark_serving,
+)
 from services.common.logs import setup_logging
-from services.common.placement_config import ModelConfig
-from services.scheduler.actions import Action, plan_actions
 from services.common.model_size import estimate_weight_bytes
+from services.common.placement_config import ModelConfig
+from services.scheduler.actions import Action, current_placement, plan_actions
+from services.scheduler.leader_election import LEADER, LeaderElection
 from services.scheduler.policy import (
     MANAGES_ACTIVITY,
     POLICIES,
@@ -38,9 +42,8 @@ from services.scheduler.policy import (
     ModelDemand,
     Placement,
     PolicyParams,
-    ReplicaTarget,
+    with_waiting,
 )
-from services.scheduler.leader_election import LEADER, LeaderElection
 from services.scheduler.scheduler_service import SchedulerService
 
 log = logging.getLogger("scheduler")
@@ -87,11 +90,9 @@ def demand_from_reports(reports: list[scheduler_pb2.LoadReport]) -> dict[str, Mo
     totals: dict[str, ModelDemand] = {}
     for report in reports:
         for load in report.models:
-            d = totals.get(load.model, ModelDemand())
-            totals[load.model] = ModelDemand(
-                arrival_rate=d.arrival_rate + load.serving.arrival_rate,
-                queued=d.queued + load.queued_requests, running=d.running + load.running_requests,
-                kv_demand_bytes=d.kv_demand_bytes + load.kv_demand_bytes)
+            totals[load.model] = totals.get(load.model, ModelDemand()) + ModelDemand(
+                arrival_rate=load.serving.arrival_rate, queued=load.queued_requests,
+                running=load.running_requests, kv_demand_bytes=load.kv_demand_bytes)
     return totals
 
 
@@ -107,15 +108,6 @@ def waiting_at_gateways(values) -> dict[str, int]:
     return out
 
 
-def with_waiting(demand: dict[str, ModelDemand], waiting: dict[str, int]) -> dict[str, ModelDemand]:
-    """The reports' demand plus the requests waiting at gateways, counted as queued."""
-    out = dict(demand)
-    for model, count in waiting.items():
-        d = out.get(model, ModelDemand())
-        out[model] = dataclasses.replace(d, queued=d.queued + count)
-    return out
-
-
 def reported_weight_bytes(reports: list[scheduler_pb2.LoadReport]) -> dict[str, int]:
     """Each model's weight size as an agent that loaded it reports it."""
     out: dict[str, int] = {}
@@ -124,15 +116,6 @@ def reported_weight_bytes(reports: list[scheduler_pb2.LoadReport]) -> dict[str, 
             for engine in gpu.engines:
                 if engine.weight_bytes:
                     out[engine.model] = max(out.get(engine.model, 0), engine.weight_bytes)
-    return out
-
-
-def current_placement(engines: dict[tuple[str, str], records.EngineRecord]) -> Placement:
-    """What the agents run: their engines that are loaded or loading (a loading one counts as inactive)."""
-    out: Placement = {}
-    for (agent_id, model), rec in sorted(engines.items()):
-        if rec.state in ("active", "inactive", "loading"):
-            out.setdefault(model, []).append(ReplicaTarget(agent_id, tuple(rec.gpu_ids), rec.state == "active"))
     return out
 
 
