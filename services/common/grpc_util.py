@@ -7,6 +7,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+# Trailing metadata of a refused (RESOURCE_EXHAUSTED) call: whole seconds before a retry may succeed.
+# The agent sets it on a shed request; the gateway passes it on (REST: the Retry-After header).
+RETRY_AFTER_KEY = "retry-after"
+
 
 def add_health_and_reflection(server: grpc.aio.Server, service_full_names: list[str]) -> health.aio.HealthServicer:
     """Registers health (every service SERVING) and reflection; returns the

@@ -7,6 +7,8 @@ from typing import Any
 
 import grpc
 
+from services.common.grpc_util import RETRY_AFTER_KEY
+
 
 class GatewayError(Exception):
     http_status = 500
@@ -77,10 +79,6 @@ _BY_AGENT_CODE: dict[grpc.StatusCode, type[GatewayError]] = {
     grpc.StatusCode.UNAVAILABLE: ModelUnavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: GatewayTimeout,
 }
-
-
-# The agent's trailing metadata key on a shed request: seconds before a retry may succeed.
-RETRY_AFTER_KEY = "retry-after"
 
 
 def retry_after_of(trailing_metadata) -> int | None:

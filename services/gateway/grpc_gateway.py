@@ -14,8 +14,9 @@ from collections.abc import AsyncIterator
 import grpc
 
 from prism.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
+from services.common.grpc_util import RETRY_AFTER_KEY
 from services.common.logs import request_id_var
-from services.gateway.errors import RETRY_AFTER_KEY, ClientGone, GatewayError, InternalError
+from services.gateway.errors import ClientGone, GatewayError, InternalError
 from services.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from services.gateway.relay import AgentStream, Relay
 from services.gateway.request_ids import HEADER, choose_request_id, prefix_for

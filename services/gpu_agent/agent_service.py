@@ -11,14 +11,15 @@ from collections.abc import AsyncIterator, Awaitable
 import grpc
 
 from prism.v1 import agent_pb2, agent_pb2_grpc, generate_pb2
+from services.common.grpc_util import RETRY_AFTER_KEY
 from services.common.logs import request_id_var
+from services.gpu_agent.admission import AgentAdmission, ShedError
 from services.gpu_agent.engine import (
     CapacityError,
     EngineError,
     EngineInactiveError,
     InvalidRequestError,
 )
-from services.gpu_agent.admission import AgentAdmission, ShedError
 from services.gpu_agent.engine_manager import (
     EngineManager,
     EngineNotReadyError,
@@ -27,7 +28,12 @@ from services.gpu_agent.engine_manager import (
     ModelNotLoadedError,
     PlacementError,
 )
-from services.gpu_agent.slo import DEFAULT_PRIORITY, DEFAULT_TPOT_MS, DEFAULT_TTFT_MS, ModelSlo
+from services.gpu_agent.slo import (
+    DEFAULT_PRIORITY,
+    DEFAULT_TPOT_MS,
+    DEFAULT_TTFT_MS,
+    ModelSlo,
+)
 from services.gpu_agent.status_report import (
     AdmissionQueueView,
     MemorySplitSource,
@@ -40,9 +46,6 @@ from services.gpu_agent.workers.wire import output_to_proto, to_generation_reque
 
 # Longer than a load report or two takes to reach the scheduler, so its view of demand has caught up.
 DEFAULT_BUSY_WINDOW_S = 10.0
-
-# Trailing metadata of a shed request: seconds to wait before retrying (the gateway's Retry-After).
-RETRY_AFTER_KEY = "retry-after"
 
 log = logging.getLogger(__name__)
 
