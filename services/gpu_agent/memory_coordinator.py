@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from services.gpu_agent.devices import Device
 from services.gpu_agent.engine.errors import EngineError
+from services.gpu_agent.engine.request import EngineStats
 from services.gpu_agent.engine_manager import EngineManager, EngineNotReadyError, ManagedEngine, ModelNotLoadedError
 from services.gpu_agent.memory_policy import (
     POLICIES,
@@ -91,8 +92,9 @@ class MemoryCoordinator:
         budget = max(0, self.device.memory_bytes - weights - self.reserve_bytes)
         return min(budget, self.kv_budget_cap_bytes) if self.kv_budget_cap_bytes > 0 else budget
 
-    def demand_bytes(self, managed: ManagedEngine) -> int:
-        stats = managed.engine.stats()
+    def demand_bytes(self, managed: ManagedEngine, stats: EngineStats | None = None) -> int:
+        """stats: the engine's, when the caller has just read them."""
+        stats = stats or managed.engine.stats()
         return stats.kv_demand_tokens * managed.engine.kv_bytes_per_token + self.pending_demand_bytes(managed.spec.name)
 
     def snapshot(self, also: ManagedEngine | None = None) -> DeviceMemorySnapshot:
@@ -103,7 +105,7 @@ class MemoryCoordinator:
             stats = m.engine.stats()
             engines.append(EngineMemoryDemand(
                 model=m.spec.name, priority=m.spec.slo.priority, used_bytes=stats.kv_used_bytes,
-                demand_bytes=self.demand_bytes(m), limit_bytes=m.memory_limit_bytes if m.state == "active" else 0,
+                demand_bytes=self.demand_bytes(m, stats), limit_bytes=m.memory_limit_bytes if m.state == "active" else 0,
                 cap_bytes=m.cap_bytes))
         return DeviceMemorySnapshot(budget_bytes=self.budget_bytes(active), unit_bytes=self.unit_bytes(active),
                                     engines=tuple(engines))
@@ -127,7 +129,7 @@ class MemoryCoordinator:
                 kv_limit_bytes=m.memory_limit_bytes if on else 0,
                 kv_mapped_bytes=stats.kv_mapped_bytes if stats else 0,
                 kv_used_bytes=stats.kv_used_bytes if stats else 0,
-                kv_demand_bytes=self.demand_bytes(m) if on else 0))
+                kv_demand_bytes=self.demand_bytes(m, stats) if on else 0))
         limits = sum(r.kv_limit_bytes for r in rows)
         return DeviceMemorySplit(
             gpu_id=self.device.index, total_bytes=self.device.memory_bytes,
