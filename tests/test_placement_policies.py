@@ -13,7 +13,9 @@ from services.scheduler.policy import (
     ClusterSnapshot,
     ModelDemand,
     Placement,
+    PolicyParams,
     ReplicaTarget,
+    compute_load,
     dedicated_policy,
     prism_policy,
     time_share_policy,
@@ -116,23 +118,36 @@ def test_prism_colocates_hot_models_that_fit_and_switches_off_cold_ones():
 
 
 def test_prism_spreads_a_group_that_bursts_together_make_before_break():
+    # An agent runs one engine per model, so a model's second replica goes to another agent.
     weights = dict.fromkeys("abc", 16 * GB)
     current = {m: [ReplicaTarget("x", (0,), False)] for m in "abc"}
-    demand = {m: hot(5, kv=20 * GB) for m in "abc"}  # 3 x 36 GB: more than GPU 0's 80 GB
-    snap = ClusterSnapshot(models=models("a", "b", "c"), agents=(agent("x", 2),), weight_bytes=weights,
+    demand = {m: hot(1, kv=20 * GB) for m in "abc"}  # 3 x 36 GB: more than x's 80 GB (compute fits)
+    snap = ClusterSnapshot(models=models("a", "b", "c"), agents=(agent("x", 1), agent("y", 1)), weight_bytes=weights,
                            current=current, demand=demand)
     target = prism_policy(snap)
     moved = [m for m, rs in target.items() if len(rs) == 2]
-    assert len(moved) == 1  # two fit on GPU 0; the third gets a replica on GPU 1 ...
+    assert len(moved) == 1  # two fit on x; the third gets a replica on y ...
     (m,) = moved
-    assert {r.gpu_ids for r in target[m]} == {(0,), (1,)} and all(r.active for r in target[m])
+    assert {r.agent_id for r in target[m]} == {"x", "y"} and all(r.active for r in target[m])
     # ... and once that replica is active, the one on the crowded GPU goes.
     current = as_current(target)
-    current[m] = [ReplicaTarget("x", (0,), True), ReplicaTarget("x", (1,), True)]
+    current[m] = [ReplicaTarget("x", (0,), True), ReplicaTarget("y", (0,), True)]
     after = prism_policy(ClusterSnapshot(models=snap.models, agents=snap.agents, weight_bytes=weights,
                                          current=current, demand=demand))
-    assert after[m] == [ReplicaTarget("x", (1,), True)]
-    assert sum(1 for rs in after.values() for r in rs if r.gpu_ids == (0,) and r.active) == 2
+    assert after[m] == [ReplicaTarget("y", (0,), True)]
+    assert sum(1 for rs in after.values() for r in rs if r.agent_id == "x" and r.active) == 2
+
+
+def test_prism_never_plans_two_engines_of_a_model_on_one_agent():
+    # GPU 0 of x is too full for the third model, GPU 1 is free, but x already runs that model's
+    # engine: moving it there would need a second engine of it on x, which agents do not run.
+    weights = dict.fromkeys("abc", 16 * GB)
+    current = {m: [ReplicaTarget("x", (0,), True)] for m in "abc"}
+    demand = {m: hot(1, kv=20 * GB) for m in "abc"}
+    target = prism_policy(ClusterSnapshot(models=models("a", "b", "c"), agents=(agent("x", 2),),
+                                          weight_bytes=weights, current=current, demand=demand))
+    for replicas in target.values():
+        assert len({r.agent_id for r in replicas}) == len(replicas)
 
 
 def test_prism_keeps_the_placement_under_noisy_demand():
@@ -180,7 +195,7 @@ def test_prism_moves_the_same_model_whatever_the_noise_in_the_rates():
     # Two models running side by side on a GPU too small for both: one gets a replica elsewhere;
     # which one must not depend on whose rate is a little higher at each plan.
     weights = dict.fromkeys("ab", 16 * GB)
-    snap_models, agents = models("a", "b"), (agent("x", 2),)
+    snap_models, agents = models("a", "b"), (agent("x", 1), agent("y", 1))
     current = {m: [ReplicaTarget("x", (0,), True)] for m in "ab"}
     moved = set()
     for i in range(20):
@@ -188,7 +203,7 @@ def test_prism_moves_the_same_model_whatever_the_noise_in_the_rates():
         demand = {"a": hot(rates[0], kv=30 * GB), "b": hot(rates[1], kv=30 * GB)}
         target = prism_policy(ClusterSnapshot(models=snap_models, agents=agents, weight_bytes=weights,
                                               current=current, demand=demand))
-        moved |= {m for m, rs in target.items() if any(r.gpu_ids == (1,) for r in rs)}
+        moved |= {m for m, rs in target.items() if any(r.agent_id == "y" for r in rs)}
     assert moved == {"b"}
 
 
@@ -201,3 +216,85 @@ def test_new_models_are_spread_by_weight_not_by_count():
         for name, rs in target.items():
             per_gpu[rs[0].gpu_ids] = per_gpu.get(rs[0].gpu_ids, 0) + weights[name]
         assert sorted(per_gpu.values()) == [20 * GB, 20 * GB, 20 * GB]  # a big one and two small on each
+
+
+# ---- prism: compute ----------------------------------------------------------------
+
+
+def busy(rate: float, busy_fraction: float = 1.0) -> ModelDemand:
+    return ModelDemand(arrival_rate=rate, busy_fraction=busy_fraction, mean_prompt_tokens=512,
+                       mean_output_tokens=128)
+
+
+def test_compute_load_grows_with_rate_and_size_and_a_busy_fraction_caps_the_fixed_cost():
+    weights = {"small": 2 * GB, "big": 16 * GB}
+    snap = ClusterSnapshot(models=models("small", "big"), agents=(agent("x", 1),), weight_bytes=weights,
+                           demand={"small": busy(4.0), "big": busy(4.0)})
+    small, big = (compute_load(snap, m, PolicyParams()) for m in snap.models)
+    assert 0 < small < big
+    faster = ClusterSnapshot(models=snap.models, agents=snap.agents, weight_bytes=weights,
+                             demand={"small": busy(8.0), "big": busy(8.0)})
+    assert compute_load(faster, faster.models[0], PolicyParams()) > small
+    # The same rate, busy a tenth of the time (bursts): less fixed per-step cost.
+    bursty = ClusterSnapshot(models=snap.models, agents=snap.agents, weight_bytes=weights,
+                             demand={"small": busy(4.0, 0.1), "big": busy(4.0, 0.1)})
+    assert compute_load(bursty, bursty.models[0], PolicyParams()) < small
+
+
+def test_prism_spreads_hot_models_whose_compute_does_not_fit_one_gpu():
+    # Two 8B models at 8 requests/s each fit x's memory (2 x 16 GB weights, little KV) but not its compute.
+    weights = dict.fromkeys("ab", 16 * GB)
+    current = {m: [ReplicaTarget("x", (0,), True)] for m in "ab"}
+    snap = ClusterSnapshot(models=models("a", "b"), agents=(agent("x", 1), agent("y", 1)), weight_bytes=weights,
+                           current=current, demand={m: busy(8.0) for m in "ab"})
+    params = PolicyParams()
+    loads = [compute_load(snap, m, params) for m in snap.models]
+    assert max(loads) <= params.compute_capacity < sum(loads)
+    target = prism_policy(snap, params)
+    moved = [m for m, rs in target.items() if any(r.agent_id == "y" and r.active for r in rs)]
+    assert len(moved) == 1  # one stays on x, the other gets a replica on y (made before x's breaks)
+    after = prism_policy(ClusterSnapshot(models=snap.models, agents=snap.agents, weight_bytes=weights,
+                                         current={**current, moved[0]: [ReplicaTarget("x", (0,), True),
+                                                                        ReplicaTarget("y", (0,), True)]},
+                                         demand=snap.demand), params)
+    assert active_of(after) == {moved[0]: [("y", (0,))], ({"a", "b"} - set(moved)).pop(): [("x", (0,))]}
+    # With memory alone (the compute check off), both would have stayed on x.
+    lax = prism_policy(snap, PolicyParams(compute_capacity=10.0))
+    assert active_of(lax) == {"a": [("x", (0,))], "b": [("x", (0,))]}
+
+
+def test_prism_keeps_cold_and_light_models_sharing_one_gpu():
+    # Many light models: their compute fits one GPU together, so nothing moves.
+    names = [f"m{i}" for i in range(6)]
+    weights = dict.fromkeys(names, 2 * GB)
+    current = {m: [ReplicaTarget("x", (0,), True)] for m in names}
+    demand = {m: busy(1.0, 0.3) for m in names[:4]}  # two stay cold
+    snap = ClusterSnapshot(models=models(*names), agents=(agent("x", 1), agent("y", 1)), weight_bytes=weights,
+                           current=current, demand=demand)
+    assert sum(compute_load(snap, m, PolicyParams()) for m in snap.models) < PolicyParams().compute_capacity
+    target = prism_policy(snap)
+    assert all(rs == [ReplicaTarget("x", (0,), True)] for m, rs in target.items() if m in demand)
+    assert all(rs == [ReplicaTarget("x", (0,), False)] for m, rs in target.items() if m not in demand)
+
+
+def test_prism_puts_what_fits_nowhere_together_so_the_others_keep_their_slo():
+    # Three agents of one GPU; four hot 8B models each needing most of a GPU's compute. The
+    # busiest three get a GPU each; the fourth, which fits nowhere, goes to the GPU whose model
+    # has the fewest requests, rather than spreading the overload over every GPU.
+    names = ["a", "b", "c", "d"]
+    weights = dict.fromkeys(names, 16 * GB)
+    agents = tuple(agent(a, 1) for a in ("x", "y", "z"))
+    current = {"a": [ReplicaTarget("x", (0,), True)], "b": [ReplicaTarget("y", (0,), True)],
+               "c": [ReplicaTarget("z", (0,), True)], "d": [ReplicaTarget("x", (0,), True)]}
+    demand = {"a": busy(9.0), "b": busy(10.0), "c": busy(6.0), "d": busy(8.0)}
+    snap = ClusterSnapshot(models=models(*names), agents=agents, weight_bytes=weights, current=current, demand=demand)
+    params = PolicyParams()
+    assert all(compute_load(snap, m, params) > params.compute_capacity / 2 for m in snap.models)
+    target = prism_policy(snap, params)
+    # d (on x beside a) overflows; z, whose c has the fewest requests, takes it (x keeps it until then).
+    assert [r.agent_id for r in target["d"] if r.active] == ["z", "x"]
+    assert active_of(target)["a"] == [("x", (0,))] and active_of(target)["b"] == [("y", (0,))]
+    settled = prism_policy(ClusterSnapshot(models=snap.models, agents=agents, weight_bytes=weights, demand=demand,
+                                           current={**current, "d": [ReplicaTarget("x", (0,), True),
+                                                                     ReplicaTarget("z", (0,), True)]}), params)
+    assert active_of(settled)["d"] == [("z", (0,))]

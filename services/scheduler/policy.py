@@ -15,15 +15,23 @@ Policies (`POLICIES`, chosen by `--policy`):
 - `time-share`: every model placed, at most one active per GPU: the one with
   demand, the current one kept while it has demand (no flapping), the most
   demanded otherwise.
-- `prism`: demand-aware sharing. Every model is placed (cold ones inactive,
-  spread over GPUs, so their weights wait in host memory); models with demand
-  are active, and as many share a GPU as their weights plus KV demand fit;
-  a model with demand on a GPU too full for it gets a second replica on the
-  GPU with the most room (make before break: its first replica goes once the
-  new one is active), which also spreads bursty groups that become active
-  together. Hysteresis: a model is cold only after its demand has been zero
-  for the whole report window (60 s), placed models stay where they are
-  unless their GPU is over-committed beyond a margin, and a move never takes
+- `prism`: demand- and compute-aware sharing. Every model is placed (cold
+  ones inactive, spread over GPUs, so their weights wait in host memory);
+  models with demand are active, and as many share a GPU as both their
+  weights plus KV demand fit its memory and their compute loads fit its
+  compute (`compute_load`: the GPU time a model needs per second to keep its
+  TPOT SLO beside others, from its arrival rate, busy fraction and tokens per
+  request, priced by a step-cost profile). A model with demand on a GPU too
+  full for it (memory or compute) gets a second replica on the GPU with the
+  most compute room where it fits (make before break: its first replica goes
+  once the new one is active), which also spreads bursty groups that become
+  active together. When the GPUs are short, models are admitted in order of
+  requests per unit of compute and those that fit nowhere are put together on
+  the GPU(s) whose admitted models have the fewest requests, so the others
+  keep their SLOs instead of every GPU being overloaded. Hysteresis: a model
+  is cold only after its demand has been zero for the whole report window
+  (60 s), placed models stay where they are unless their GPU is
+  over-committed beyond a margin (memory or compute), and a move never takes
   a model off its only active replica.
 """
 
@@ -54,15 +62,30 @@ class ModelDemand:
     queued: int = 0
     running: int = 0
     kv_demand_bytes: int = 0  # KV its requests hold and will need soon
+    # Fraction of the report window with at least one request in flight, summed over
+    # the reports (two busy replicas: up to 2).
+    busy_fraction: float = 0.0
+    mean_prompt_tokens: float = 0.0  # per finished request; 0: not known
+    mean_output_tokens: float = 0.0
 
     @property
     def hot(self) -> bool:
         return self.arrival_rate > 0 or self.queued > 0 or self.running > 0
 
     def __add__(self, other: ModelDemand) -> ModelDemand:
-        """Two sources' load on one model (two agents' reports, say), summed."""
+        """Two sources' load on one model (two agents' reports, say): counts and
+        rates summed, mean tokens per request averaged weighted by arrival rate."""
+        def mean(a: float, b: float) -> float:
+            if not a or not b:
+                return a or b
+            rates = self.arrival_rate + other.arrival_rate
+            return (a * self.arrival_rate + b * other.arrival_rate) / rates if rates > 0 else (a + b) / 2
+
         return ModelDemand(self.arrival_rate + other.arrival_rate, self.queued + other.queued,
-                           self.running + other.running, self.kv_demand_bytes + other.kv_demand_bytes)
+                           self.running + other.running, self.kv_demand_bytes + other.kv_demand_bytes,
+                           self.busy_fraction + other.busy_fraction,
+                           mean(self.mean_prompt_tokens, other.mean_prompt_tokens),
+                           mean(self.mean_output_tokens, other.mean_output_tokens))
 
 
 def with_waiting(demand: Mapping[str, ModelDemand], waiting: Mapping[str, int]) -> dict[str, ModelDemand]:
@@ -91,9 +114,53 @@ class ClusterSnapshot:
     demand: Mapping[str, ModelDemand] = field(default_factory=dict)  # absent: no demand
     weight_bytes: Mapping[str, int] = field(default_factory=dict)  # model -> bytes (all its GPUs)
     current: Placement = field(default_factory=dict)  # what the agents run now (active as reported)
+    # model -> KV bytes per token (all layers, K and V); missing: estimated from its weight bytes
+    kv_bytes_per_token: Mapping[str, int] = field(default_factory=dict)
 
     def demand_of(self, model: str) -> ModelDemand:
         return self.demand.get(model, ModelDemand())
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """The engine step-time constants of one model size (as the simulator's profile has them)."""
+
+    weight_bytes: int
+    decode_base_s: float  # a decode step's fixed cost
+    decode_per_seq_s: float  # each decoding sequence, beyond its attention
+    prefill_base_s: float  # a step with prefill tokens, beyond a decode step's base
+    prefill_per_token_s: float
+
+
+@dataclass(frozen=True)
+class ComputeCosts:
+    """What an engine step costs on the cluster's GPUs, by model size (linear
+    in weight bytes between the sizes, the smallest's below them, the last
+    slope above), and decode attention's KV read rate."""
+
+    points: tuple[StepCost, ...]  # ascending weight bytes
+    attention_bytes_per_s: float
+
+    def at(self, weight_bytes: int, name: str) -> float:
+        pts = self.points
+        if len(pts) == 1 or weight_bytes <= pts[0].weight_bytes:
+            return getattr(pts[0], name)
+        lo, hi = pts[-2], pts[-1]
+        for a, b in zip(pts, pts[1:]):
+            if weight_bytes <= b.weight_bytes:
+                lo, hi = a, b
+                break
+        x = (weight_bytes - lo.weight_bytes) / (hi.weight_bytes - lo.weight_bytes)
+        return max(0.0, getattr(lo, name) + x * (getattr(hi, name) - getattr(lo, name)))
+
+
+# The H200 fit in bench/results/sim-profile-h200.json (Llama 3.2 1B and 3.1 8B, bf16,
+# the built-in engine), rounded; a cluster of other GPUs passes its own (the
+# simulator passes its profile's: LatencyProfile.compute_costs()).
+H200_COMPUTE_COSTS = ComputeCosts(
+    points=(StepCost(2_471_628_800, 1.48e-3, 3.79e-5, 1.149e-2, 1.328e-5),
+            StepCost(16_060_522_496, 5.07e-3, 4.13e-5, 1.671e-2, 2.227e-5)),
+    attention_bytes_per_s=4.61e12)
 
 
 @dataclass(frozen=True)
@@ -104,6 +171,26 @@ class PolicyParams:
     # A GPU counts as over-committed (a hot model there gets a replica elsewhere)
     # only when its active models' needs exceed its memory by this fraction.
     overcommit_margin: float = 0.1
+    # Compute (prism): step costs, and the load (GPU time per second, 1.0 = the
+    # whole GPU) that active models may sum to on one GPU; a model already
+    # active there stays until its GPU's load exceeds capacity plus the margin.
+    compute: ComputeCosts = H200_COMPUTE_COSTS
+    compute_capacity: float = 0.5
+    compute_margin: float = 0.15
+    # The round of steps over a GPU's busy engines must stay within this fraction
+    # of each model's TPOT SLO.
+    cycle_fraction: float = 0.5
+    # An engine step's token budget (the engine's chunked prefill: services/gpu_agent/engine/scheduler.py).
+    step_tokens: int = 512
+    # Models with demand below this rate (requests/s) are warm rather than hot: they stay where they are,
+    # active while their GPU has the memory, else switched off (their agent switches them on for a
+    # request), and never move or push others away.
+    warm_rate: float = 0.5
+    # Tokens per request when the reports have none yet.
+    default_prompt_tokens: float = 512.0
+    default_output_tokens: float = 128.0
+    # KV bytes per token per weight byte, for a model whose KV geometry is not in the snapshot.
+    kv_bytes_per_weight_byte: float = 1.2e-5
 
 
 Policy = Callable[[ClusterSnapshot, PolicyParams], Placement]
@@ -262,59 +349,173 @@ def _need_per_gpu(snapshot: ClusterSnapshot, model: ModelConfig, memory: int, pa
     return math.ceil((weights + kv) / model.tp_size)
 
 
+def _open_sets(snapshot: ClusterSnapshot, model: ModelConfig, live: list[ReplicaTarget]) -> list[GpuKey]:
+    """Sets a new replica of the model can go to: on agents that do not run it
+    yet (an agent runs one engine per model, so a model moves between agents,
+    not between the GPUs of one)."""
+    hosting = {r.agent_id for r in live}
+    return [k for k in _gpu_sets(snapshot, model.tp_size) if k[0] not in hosting]
+
+
+DEFAULT_TPOT_S = 0.1  # the agent's default TPOT SLO (services/gpu_agent/slo.py)
+
+
+def compute_load(snapshot: ClusterSnapshot, model: ModelConfig, params: PolicyParams) -> float:
+    """The share of one GPU's time (each of its GPUs, for tensor parallelism)
+    that the model needs to keep its TPOT SLO while it shares the GPU.
+
+    Colocated engines run their steps one at a time, so a GPU's busy engines
+    take turns in a round whose length is every step summed; a decoding
+    request gets one token per round, so the round must stay within the TPOT
+    SLO (times `cycle_fraction`, for bursts): the cycle C. Per second, a model
+    then costs its fixed step cost once per round while it has requests in
+    flight (busy), a prefill step's extra base per new request (at most once
+    per round), and per-token work for its prompts and outputs:
+
+        load = busy * decode_base / C + min(rate, 1/C) * prefill_base
+               + rate * (prompt * prefill_per_token + output * (decode_per_seq + context * kv_per_token / attention_rate))
+
+    busy is the measured busy fraction, capped by what the rate implies at
+    the cycle (1 - exp(-rate * T), T a request's time in flight: its output
+    at one token per round), since a model that waited behind others looks
+    busier than it would be; prompt and output are the reported means
+    (defaults until a request finished). The loads of models on one GPU add
+    up: they fit while the sum stays under `compute_capacity`."""
+    demand = snapshot.demand_of(model.model_name)
+    rate = demand.arrival_rate
+    weights = snapshot.weight_bytes.get(model.model_name, 0)
+    costs = params.compute
+    cycle = params.cycle_fraction * ((model.tpot_slo_ms / 1000) if model.tpot_slo_ms else DEFAULT_TPOT_S)
+    prompt = demand.mean_prompt_tokens or params.default_prompt_tokens
+    output = demand.mean_output_tokens or params.default_output_tokens
+    kv_per_token = snapshot.kv_bytes_per_token.get(model.model_name) or weights * params.kv_bytes_per_weight_byte
+    busy = 1 - math.exp(-rate * output * cycle)
+    if demand.busy_fraction > 0:
+        busy = min(busy, demand.busy_fraction)
+    if demand.queued or demand.running:
+        busy = max(busy, min(1.0, demand.busy_fraction) if demand.busy_fraction else 1.0)
+    base = costs.at(weights, "decode_base_s")
+    # Steps with prefill: a prompt is cut into chunks of the step's token budget; small ones share a step.
+    prefill_steps = max(rate * prompt / params.step_tokens, min(rate, 1 / cycle))
+    per_token = (costs.at(weights, "decode_per_seq_s")
+                 + (prompt + output / 2) * kv_per_token / costs.attention_bytes_per_s)
+    load = (busy * base / cycle + max(0.0, prefill_steps - busy / cycle) * base
+            + prefill_steps * costs.at(weights, "prefill_base_s")
+            + rate * (prompt * costs.at(weights, "prefill_per_token_s") + output * per_token))
+    return load / model.tp_size
+
+
 def prism_policy(snapshot: ClusterSnapshot, params: PolicyParams = PolicyParams()) -> Placement:
     homes = _home_of_everyone(snapshot)
     models = {m.model_name: m for m in snapshot.models}
     placement: Placement = {name: [] for name in models}
     used: dict[GpuKey, int] = {}  # active needs per GPU set
+    compute: dict[GpuKey, float] = {}  # compute loads per GPU set
+    protected: dict[GpuKey, float] = {}  # arrival rate of the models placed within compute, per GPU set
+    sacrificed: list[GpuKey] = []  # sets given the models that fit nowhere
+    loads = {m.model_name: compute_load(snapshot, m, params) for m in snapshot.models}
 
     def room(key: GpuKey) -> int:
         memory = _memory(snapshot, key)
         return memory - sum(n for k, n in used.items() if _overlaps(k, key))
 
-    def add(name: str, key: GpuKey, active: bool) -> None:
+    def compute_used(key: GpuKey) -> float:
+        return sum(c for k, c in compute.items() if _overlaps(k, key))
+
+    def protected_rate(key: GpuKey) -> float:
+        return sum(r for k, r in protected.items() if _overlaps(k, key))
+
+    def add(name: str, key: GpuKey, active: bool, load: float = 0.0) -> None:
         placement[name].append(ReplicaTarget(key[0], key[1], active))
         if active:
             used[key] = used.get(key, 0) + _need_per_gpu(snapshot, models[name], _memory(snapshot, key), params)
+            compute[key] = compute.get(key, 0.0) + load
+
+    def memory_fits(model: ModelConfig, key: GpuKey) -> bool:
+        memory = _memory(snapshot, key)
+        need = _need_per_gpu(snapshot, model, memory, params)
+        return not memory or need <= room(key) + params.overcommit_margin * memory
+
+    def fits(model: ModelConfig, key: GpuKey, staying: bool) -> bool:
+        """Memory and compute; a model already active there keeps it up to the margins."""
+        limit = params.compute_capacity + (params.compute_margin if staying else 0.0)
+        return memory_fits(model, key) and compute_used(key) + loads[model.model_name] <= limit
 
     # Hot models in order: priority; then those already running at home (they keep their GPU, so
-    # noise in the rates cannot make two models swap places); then demand; then name.
+    # noise in the rates cannot make two models swap places); then requests per unit of compute
+    # (when GPUs are short, the most requests keep their SLO); then name.
     def running_at_home(m: ModelConfig) -> bool:
         return any(r.active and (r.agent_id, r.gpu_ids) == homes[m.model_name] for r in _live_replicas(snapshot, m))
 
     def order(m: ModelConfig) -> tuple:
         settled = running_at_home(m)
-        return (-m.priority, not settled, 0.0 if settled else -snapshot.demand_of(m.model_name).arrival_rate,
-                m.model_name)
+        rate = snapshot.demand_of(m.model_name).arrival_rate
+        efficiency = rate / loads[m.model_name] if loads[m.model_name] > 0 else rate
+        return (-m.priority, not settled, 0.0 if settled else -efficiency, 0.0 if settled else -rate, m.model_name)
+
+    def warm(m: ModelConfig) -> bool:
+        demand = snapshot.demand_of(m.model_name)
+        return demand.arrival_rate < params.warm_rate and not demand.queued
 
     hot = sorted((m for m in snapshot.models if snapshot.demand_of(m.model_name).hot and m.model_name in homes),
                  key=order)
-    for model in hot:
+    overflow: list[ModelConfig] = []
+    for model in (m for m in hot if not warm(m)):
         name = model.model_name
         home = homes[name]
-        memory = _memory(snapshot, home)
-        need = _need_per_gpu(snapshot, model, memory, params)
+        load = loads[name]
+        rate = snapshot.demand_of(name).arrival_rate
         live = _live_replicas(snapshot, model)
-        elsewhere = [r for r in live if (r.agent_id, r.gpu_ids) != home]
-        if need <= room(home) + params.overcommit_margin * memory or not memory:
-            add(name, home, True)
+        active = [(r.agent_id, r.gpu_ids) for r in live if r.active]
+        loaded = [(r.agent_id, r.gpu_ids) for r in live if not r.active]
+        # Stay: on an active replica (or home) that fits, the one with the most compute room.
+        current = active + ([home] if home not in active else [])
+        stay = [k for k in current if fits(model, k, staying=k in active)]
+        if stay:
+            key = max(stay, key=lambda k: (-compute_used(k), k in active, k))
+            add(name, key, True, load)
+            protected[key] = protected.get(key, 0.0) + rate
             continue
-        # Its GPU is too full: a replica on the set with the most room, made before the old one breaks.
-        candidates = [k for k in _gpu_sets(snapshot, model.tp_size) if not _overlaps(k, home)]
-        target = None
-        for r in elsewhere:  # a second replica already exists: keep it
-            target = (r.agent_id, r.gpu_ids)
-        if target is None and candidates:
-            best = max(candidates, key=lambda k: (room(k), k))
-            if room(best) >= need:
-                target = best
+        # Move: a replica loaded elsewhere that fits, else the set with the most compute room where it
+        # fits; made before the old one breaks.
+        target = next((k for k in loaded if k not in current and fits(model, k, staying=False)), None)
         if target is None:
-            add(name, home, True)  # nowhere better: squeeze in (the agent's balloon shares the GPU)
+            candidates = [k for k in _open_sets(snapshot, model, live) if k not in current and fits(model, k, False)]
+            if candidates:
+                target = max(candidates, key=lambda k: (-compute_used(k), room(k), k))
+        if target is None:
+            overflow.append(model)
             continue
-        add(name, target, True)
-        new_is_active = any(r.active and (r.agent_id, r.gpu_ids) == target for r in live)
-        if not new_is_active:
-            add(name, home, True)  # keep serving from home until the new replica is up
+        add(name, target, True, load)
+        protected[target] = protected.get(target, 0.0) + rate
+        if target not in active:
+            add(name, current[0], True)  # keep serving from where it is until the new replica is up
+    # What fits nowhere goes together where it costs the fewest requests their SLO: the sets whose
+    # protected models have the least arrival rate (one already given such models first).
+    for model in overflow:
+        name = model.model_name
+        home = homes[name]
+        live = _live_replicas(snapshot, model)
+        active = [(r.agent_id, r.gpu_ids) for r in live if r.active]
+        loaded = [(r.agent_id, r.gpu_ids) for r in live]
+        current = active + ([home] if home not in active else [])
+        candidates = [k for k in loaded + _open_sets(snapshot, model, live) if memory_fits(model, k)]
+        if not candidates:
+            add(name, current[0], True, loads[name])  # nowhere better: squeeze in (the balloon shares the GPU)
+            continue
+        key = min(candidates, key=lambda k: (not any(_overlaps(k, s) for s in sacrificed), protected_rate(k),
+                                            k not in active, k not in loaded, -room(k), k))
+        sacrificed.append(key)
+        add(name, key, True, loads[name])
+        if key not in active and current[0] != key and (key not in loaded or current[0] in active):
+            add(name, current[0], True)  # keep serving from where it is until the new replica is up
+    # Warm models stay where they are (active there, else at home): on while the memory has room.
+    for model in (m for m in hot if warm(m)):
+        name = model.model_name
+        live = _live_replicas(snapshot, model)
+        key = next(((r.agent_id, r.gpu_ids) for r in live if r.active), homes[model.model_name])
+        on = memory_fits(model, key)
+        add(name, key, on, loads[name] if on else 0.0)
     # Cold models stay placed, inactive, where they are (or on the emptiest set).
     for model in snapshot.models:
         name = model.model_name
