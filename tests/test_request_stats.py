@@ -167,3 +167,49 @@ def test_percentile_helper():
 def test_window_must_be_positive():
     with pytest.raises(ValueError):
         ModelRequestStats(ModelSlo(), window_s=0)
+
+
+def test_busy_fraction_is_the_part_of_the_window_with_a_request_in_flight(clock):
+    stats = make_stats(clock, window_s=10.0)
+    clock.advance(20)  # the window is full
+    stats.arrived()
+    clock.advance(2)
+    stats.arrived()  # overlapping: still one busy interval
+    clock.advance(1)
+    stats.ended()
+    clock.advance(1)
+    stats.ended()  # busy from t-4 to now
+    clock.advance(3)
+    stats.arrived()
+    clock.advance(1)  # in flight now: 1 s of an open interval
+    snap = stats.snapshot()
+    assert snap.busy_fraction == pytest.approx(5 / 10)
+    assert stats.in_flight == 1
+    clock.advance(9)  # the first interval slides out of the window; the open one covers it all
+    assert stats.snapshot().busy_fraction == pytest.approx(1.0)
+    stats.ended()
+    clock.advance(10)
+    assert stats.snapshot().busy_fraction == pytest.approx(0.0)
+
+
+def test_busy_fraction_just_after_start_and_an_end_without_an_arrival(clock):
+    stats = make_stats(clock, window_s=60.0)
+    stats.ended()  # ignored: nothing was in flight
+    clock.advance(2)
+    stats.arrived()
+    clock.advance(2)
+    stats.ended()
+    assert stats.snapshot().busy_fraction == pytest.approx(0.5)  # 2 s busy of the 4 s seen
+
+
+def test_mean_tokens_of_the_finished_requests_in_the_window(clock):
+    stats = make_stats(clock, window_s=10.0)
+    stats.finished(0.1, 0.01, prompt_tokens=100, output_tokens=10)
+    clock.advance(6)
+    stats.finished(0.1, 0.01, prompt_tokens=300, output_tokens=30)
+    stats.finished(0.1, None)  # no token counts: not in the means
+    snap = stats.snapshot()
+    assert (snap.mean_prompt_tokens, snap.mean_output_tokens) == (200, 20)
+    clock.advance(5)  # the first one leaves the window
+    snap = stats.snapshot()
+    assert (snap.mean_prompt_tokens, snap.mean_output_tokens) == (300, 30)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
+from contextlib import aclosing
 
 import grpc
 
@@ -122,6 +123,16 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         managed = await self._managed(request.model, context)
         stats = managed.request_stats
         stats.arrived()
+        try:  # in flight (the busy fraction) until it ends, whichever way
+            async with aclosing(self._generate(request, context, managed, arrival)) as responses:
+                async for response in responses:
+                    yield response
+        finally:
+            stats.ended()
+
+    async def _generate(self, request: generate_pb2.GenerateRequest, context, managed: ManagedEngine,
+                        arrival: float) -> AsyncIterator[generate_pb2.GenerateResponse]:
+        stats = managed.request_stats
         if managed.state == "inactive":  # the first request for a switched-off model brings it back
             await self._activate(request.model, context)
         req = to_generation_request(request)
@@ -144,7 +155,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                     # final response, so code after the loop may never run.
                     tpot = ((time.monotonic() - first_token_at) / (completion_tokens - 1)
                             if completion_tokens > 1 else None)
-                    stats.finished(first_token_at - arrival, tpot)
+                    stats.finished(first_token_at - arrival, tpot, out.prompt_tokens, completion_tokens)
                 yield output_to_proto(out, request.request_id, usage_at_end_only=True)
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

@@ -1,5 +1,7 @@
 """One model's recent requests on this agent: arrival rate, TTFT and TPOT
-percentiles, SLO attainment, shed and failed counts over a sliding window.
+percentiles, SLO attainment, shed and failed counts, the busy fraction (the
+part of the window with at least one request in flight) and the mean prompt
+and output tokens of finished requests, over a sliding window.
 
 The agent records every request's arrival and end here; the load reporter,
 GetStatus (and so the gateway's /metrics and `prism top`) read snapshots.
@@ -42,6 +44,11 @@ class ServingSnapshot:
     slo_attainment: float  # fraction of finished requests within both SLOs; 1.0 when none finished
     shed_requests: int
     failed_requests: int
+    # Fraction of the window in which at least one request was in flight here
+    # (from its arrival to its end, waiting for admission included).
+    busy_fraction: float = 0.0
+    mean_prompt_tokens: float = 0.0  # over the finished requests that reported tokens; 0 when none did
+    mean_output_tokens: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,46 @@ class _Finished:
     ttft_s: float
     tpot_s: float | None
     met: bool
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+
+
+class BusyTime:
+    """When at least one request is in flight, over a sliding window: the
+    busy intervals that ended (pruned once wholly older than the window) and
+    the one still open. Not thread-safe (callers hold their lock)."""
+
+    def __init__(self, max_intervals: int = DEFAULT_MAX_EVENTS):
+        self.in_flight = 0
+        self._since: float | None = None  # start of the open busy interval
+        self._intervals: deque[tuple[float, float]] = deque(maxlen=max_intervals)
+
+    def began(self, now: float) -> None:
+        if self.in_flight == 0:
+            self._since = now
+        self.in_flight += 1
+
+    def ended(self, now: float) -> None:
+        if self.in_flight == 0:
+            return  # an end without a beginning: nothing was counted in flight
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._since is not None:
+            self._intervals.append((self._since, now))
+            self._since = None
+
+    def prune(self, cutoff: float) -> None:
+        while self._intervals and self._intervals[0][1] < cutoff:
+            self._intervals.popleft()
+
+    def seconds(self, start: float, now: float) -> float:
+        """Busy seconds within [start, now]."""
+        total = sum(max(0.0, min(end, now) - max(begin, start)) for begin, end in self._intervals)
+        if self._since is not None:
+            total += max(0.0, now - max(self._since, start))
+        return total
+
+    def fraction(self, start: float, now: float) -> float:
+        return min(1.0, self.seconds(start, now) / (now - start)) if now > start else 0.0
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -75,6 +122,7 @@ class ModelRequestStats:
         self._finished: deque[_Finished] = deque(maxlen=max_events)
         self._shed: deque[float] = deque(maxlen=max_events)
         self._failed: deque[float] = deque(maxlen=max_events)
+        self._busy = BusyTime(max_events)
         # Requests end on the event loop, but an engine thread or a test may
         # record too; a snapshot must not see a deque mid-prune.
         self._lock = threading.Lock()
@@ -82,22 +130,36 @@ class ModelRequestStats:
     # ---- recording ---------------------------------------------------------
 
     def arrived(self) -> None:
+        """A request arrived; it is in flight until `ended()` (call that once for each arrival, however the
+        request ends: finished, shed, failed or cancelled)."""
         with self._lock:
             now = self._clock()
             self._arrivals.append(now)
             self.last_arrival = now
+            self._busy.began(now)
             self._prune(now)
+
+    def ended(self) -> None:
+        """A request that arrived is no longer in flight."""
+        with self._lock:
+            self._busy.ended(self._clock())
+
+    @property
+    def in_flight(self) -> int:
+        return self._busy.in_flight
 
     def idle_s(self) -> float:
         """Seconds since the last arrival (infinite before the first)."""
         last = getattr(self, "last_arrival", None)
         return float("inf") if last is None else self._clock() - last
 
-    def finished(self, ttft_s: float, tpot_s: float | None) -> None:
-        """A request ended normally; tpot_s is None when it produced one token only."""
+    def finished(self, ttft_s: float, tpot_s: float | None, prompt_tokens: int = 0, output_tokens: int = 0) -> None:
+        """A request ended normally; tpot_s is None when it produced one token only; its token counts
+        (0: not known) feed the mean tokens per request."""
         with self._lock:
             now = self._clock()
-            self._finished.append(_Finished(now, ttft_s, tpot_s, self.slo.met(ttft_s, tpot_s)))
+            self._finished.append(_Finished(now, ttft_s, tpot_s, self.slo.met(ttft_s, tpot_s), prompt_tokens,
+                                            output_tokens))
             self._prune(now)
 
     def shed(self) -> None:
@@ -129,6 +191,8 @@ class ModelRequestStats:
                 span = rate_span = min(span, now - self._arrivals[0])
             finished = list(self._finished)
             shed, failed = len(self._shed), len(self._failed)
+            busy = self._busy.fraction(now - span, now)
+        counted = [f for f in finished if f.prompt_tokens or f.output_tokens]
         ttfts = sorted(f.ttft_s for f in finished)
         tpots = sorted(f.tpot_s for f in finished if f.tpot_s is not None)
         return ServingSnapshot(
@@ -142,6 +206,9 @@ class ModelRequestStats:
             slo_attainment=sum(f.met for f in finished) / len(finished) if finished else 1.0,
             shed_requests=shed,
             failed_requests=failed,
+            busy_fraction=busy,
+            mean_prompt_tokens=sum(f.prompt_tokens for f in counted) / len(counted) if counted else 0.0,
+            mean_output_tokens=sum(f.output_tokens for f in counted) / len(counted) if counted else 0.0,
         )
 
     def _prune(self, now: float) -> None:
@@ -152,3 +219,4 @@ class ModelRequestStats:
                 times.popleft()
         while self._finished and self._finished[0].at < cutoff:
             self._finished.popleft()
+        self._busy.prune(cutoff)

@@ -42,6 +42,9 @@ def serving_stats_proto(snapshot: ServingSnapshot) -> agent_pb2.ServingStats:
         slo_attainment=snapshot.slo_attainment,
         shed_requests=snapshot.shed_requests,
         failed_requests=snapshot.failed_requests,
+        busy_fraction=snapshot.busy_fraction,
+        mean_prompt_tokens=snapshot.mean_prompt_tokens,
+        mean_output_tokens=snapshot.mean_output_tokens,
     )
 
 
