@@ -43,7 +43,7 @@ from services.gpu_agent.memory_policy import (
     PolicyParams,
     grant,
 )
-from services.gpu_agent.request_stats import DEFAULT_WINDOW_S, MIN_RATE_SPAN_S
+from services.gpu_agent.request_stats import ServingSnapshot
 from services.scheduler.policy import Placement
 
 COLD_START_TIMEOUT_S = 30.0  # the gateway's --cold-start-timeout-s default
@@ -140,12 +140,20 @@ class SimCluster:
         request.error = error
         if request.ticket is not None:
             self._release(request.ticket)
+        if request.engine is not None:  # the agent counted it: it ends there
+            request.engine.stats.failed()
+            request.engine.stats.ended()
         self.on_done(request)
 
     def _finish(self, request: SimRequest) -> None:
         request.finished_at = self.now
         if request.ticket is not None:
             self._release(request.ticket)
+        if request.engine is not None:
+            ttft = request.first_token_at - request.t
+            tpot = (self.now - request.first_token_at) / (request.tokens - 1) if request.tokens > 1 else None
+            request.engine.stats.finished(ttft, tpot, request.prompt_tokens, request.tokens)
+            request.engine.stats.ended()
         self.on_done(request)
 
     # ---- the gateway -------------------------------------------------------------
@@ -193,7 +201,8 @@ class SimCluster:
 
     def _deliver(self, engine: SimEngine, request: SimRequest) -> None:
         engine.last_arrival = self.now
-        engine.arrivals.append(self.now)
+        engine.stats.arrived()
+        request.engine = engine
         if engine.state == "active":
             self._admit(engine, request)
         else:  # the first request for a switched-off model brings it back
@@ -208,7 +217,7 @@ class SimCluster:
         spec = self.models[model]
         device = agent.devices[gpu_ids[0]]
         capacity = device.memory_bytes // spec.kv_bytes_per_token  # kvcached's virtual reservation: the whole GPU
-        engine = SimEngine(spec, agent_id, gpu_ids[0], capacity, self.now, cap_bytes)
+        engine = SimEngine(spec, agent_id, gpu_ids[0], capacity, self.now, cap_bytes, clock=lambda: self.now)
         agent.engines[model] = engine
         device.engines.append(engine)
         self.stats["loads"] += 1
@@ -295,9 +304,13 @@ class SimCluster:
         holding = device.holding_memory()
         budget = max(0, device.memory_bytes - sum(e.model.weight_bytes for e in holding) - device.reserve_bytes)
         unit = max((e.model.bundle_bytes for e in holding), default=DEFAULT_UNIT_BYTES)
+        pending = dict(device.reserved)  # _pending_tokens of every engine, in one pass over the queue
+        for ticket in device.waiting:
+            pending[ticket.engine.model.config.model_name] = (pending.get(ticket.engine.model.config.model_name, 0)
+                                                              + ticket.tokens)
         engines = tuple(EngineMemoryDemand(
             model=e.name, priority=e.model.priority, used_bytes=e.used_bytes,
-            demand_bytes=(e.demand_tokens() + self._pending_tokens(device, e.name)) * e.model.kv_bytes_per_token,
+            demand_bytes=(e.demand_tokens() + pending.get(e.name, 0)) * e.model.kv_bytes_per_token,
             limit_bytes=e.limit_bytes, cap_bytes=e.cap_bytes) for e in holding)
         return DeviceMemorySnapshot(budget_bytes=budget, unit_bytes=unit, engines=engines)
 
@@ -430,13 +443,10 @@ class SimCluster:
 
     # ---- what the load reports say --------------------------------------------------
 
-    def arrival_rate(self, engine: SimEngine) -> float:
-        """As the agent's request stats: arrivals in the window over its span (at least a second)."""
-        cutoff = self.now - DEFAULT_WINDOW_S
-        while engine.arrivals and engine.arrivals[0] < cutoff:
-            engine.arrivals.pop(0)
-        span = max(min(DEFAULT_WINDOW_S, self.now - engine.created_at), MIN_RATE_SPAN_S)
-        return len(engine.arrivals) / span
+    def serving(self, engine: SimEngine) -> ServingSnapshot:
+        """The agent's request stats for the engine (services/gpu_agent/request_stats.py on simulated time):
+        arrival rate, busy fraction, mean tokens per request over the window."""
+        return engine.stats.snapshot()
 
     def queued(self, engine: SimEngine) -> int:
         waiting = sum(1 for t in self.device_of(engine).waiting if t.engine is engine)

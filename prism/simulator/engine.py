@@ -5,6 +5,7 @@ instead of a forward pass."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prism.simulator.models import SimModel
@@ -13,6 +14,8 @@ from services.gpu_agent.engine.kv_pool import KVPool, MemoryLimitState
 from services.gpu_agent.engine.request import DEMAND_GROWTH_TOKENS
 from services.gpu_agent.engine.scheduler import Scheduler, ScheduleResult
 from services.gpu_agent.engine.sequence import Sequence
+from services.gpu_agent.request_stats import ModelRequestStats
+from services.gpu_agent.slo import ModelSlo
 
 
 class CountingPool(KVPool):
@@ -93,6 +96,7 @@ class SimRequest:
     error: str | None = None
     seq: Sequence | None = None
     ticket: object | None = None  # the admission ticket while it holds a reservation
+    engine: SimEngine | None = None  # the engine it was delivered to (its agent's request stats count it)
 
     @property
     def done(self) -> bool:
@@ -116,8 +120,12 @@ class SimEngine:
     the real one is until its weights are on the GPU)."""
 
     def __init__(self, model: SimModel, agent_id: str, gpu: int, capacity_tokens: int, created_at: float,
-                 cap_bytes: int = 0):
+                 cap_bytes: int = 0, clock: Callable[[], float] | None = None):
         self.model = model
+        # The agent's request stats for this engine (arrival rate, busy fraction, tokens per request), on
+        # simulated time.
+        self.stats = ModelRequestStats(ModelSlo(ttft_ms=model.ttft_s * 1000, tpot_ms=model.tpot_s * 1000),
+                                       clock=clock or (lambda: created_at))
         self.agent_id = agent_id
         self.gpu = gpu
         self.cap_bytes = cap_bytes
@@ -125,7 +133,6 @@ class SimEngine:
         self.scheduler = Scheduler(self.pool)
         self.state = "loading"
         self.created_at = created_at
-        self.arrivals: list[float] = []  # at this agent, for the load report's rate (pruned to the window)
         self.last_arrival = float("-inf")
         self.pending: list[SimRequest] = []  # arrived while it was switched off: wait for its activation
         self.requests: dict[Sequence, SimRequest] = {}

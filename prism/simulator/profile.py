@@ -25,6 +25,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from services.scheduler.policy import ComputeCosts, StepCost
+
 
 @dataclass(frozen=True)
 class SizePoint:
@@ -75,6 +77,12 @@ class LatencyProfile:
         if prefill_tokens:
             t += self._at(weight_bytes, "prefill_base_s") + self._at(weight_bytes, "prefill_per_token_s") * prefill_tokens
         return t
+
+    def compute_costs(self) -> ComputeCosts:
+        """The step costs as the placement policy prices compute (PolicyParams.compute)."""
+        return ComputeCosts(points=tuple(StepCost(p.weight_bytes, p.decode_base_s, p.decode_per_seq_s, p.prefill_base_s,
+                                                  p.prefill_per_token_s) for p in self.points),
+                            attention_bytes_per_s=self.attention_bytes_per_s)
 
     def prefill_s(self, weight_bytes: int, tokens: int) -> float:
         """A step that only prefills `tokens` prompt tokens."""

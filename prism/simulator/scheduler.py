@@ -30,7 +30,7 @@ DEFAULT_REPLAN_INTERVAL_S = 2.0
 
 class SimScheduler:
     def __init__(self, cluster: SimCluster, policy: str, interval_s: float = DEFAULT_REPLAN_INTERVAL_S,
-                 params: PolicyParams = PolicyParams()):
+                 params: PolicyParams | None = None):
         if policy not in POLICIES:
             raise ValueError(f"placement policy {policy!r} is not one of {', '.join(POLICIES)}")
         self.cluster = cluster
@@ -38,7 +38,8 @@ class SimScheduler:
         self.policy = POLICIES[policy]
         self.manages_activity = policy in MANAGES_ACTIVITY
         self.interval_s = interval_s
-        self.params = params
+        # The policy prices compute with the same step costs the simulated GPUs run at.
+        self.params = params if params is not None else PolicyParams(compute=cluster.profile.compute_costs())
         self.plans = 0
 
     def records(self) -> dict[tuple[str, str], EngineRecord]:
@@ -54,16 +55,19 @@ class SimScheduler:
         cluster = self.cluster
         demand: dict[str, ModelDemand] = {}
         for engine in cluster.engines():
+            serving = cluster.serving(engine)
             demand[engine.name] = demand.get(engine.name, ModelDemand()) + ModelDemand(
-                arrival_rate=cluster.arrival_rate(engine), queued=cluster.queued(engine), running=engine.running,
-                kv_demand_bytes=cluster.kv_demand_bytes(engine))
+                arrival_rate=serving.arrival_rate, queued=cluster.queued(engine), running=engine.running,
+                kv_demand_bytes=cluster.kv_demand_bytes(engine), busy_fraction=serving.busy_fraction,
+                mean_prompt_tokens=serving.mean_prompt_tokens, mean_output_tokens=serving.mean_output_tokens)
         # The gateways' demand records.
         demand = with_waiting(demand, {model: len(waiting) for model, waiting in cluster.gateway_waiting.items()})
         agents = tuple(AgentView(a.agent_id, frozenset(a.devices), {i: d.memory_bytes for i, d in a.devices.items()})
                        for a in cluster.agents.values())
         return ClusterSnapshot(models=tuple(m.config for m in cluster.models.values()), agents=agents, demand=demand,
                                weight_bytes={name: m.weight_bytes for name, m in cluster.models.items()},
-                               current=current_placement(records))
+                               current=current_placement(records),
+                               kv_bytes_per_token={name: m.kv_bytes_per_token for name, m in cluster.models.items()})
 
     def replan(self, instant: bool = False) -> None:
         """instant: the actions take effect at once (the cluster was up before the trace began)."""
