@@ -7,12 +7,17 @@ initialized spare (warm, services/gpu_agent/workers/).
   warm  WorkerPool with one spare per device, already warm: take it, load,
         generate one token. (Taking it starts its replacement in the background,
         as in the agent, which competes for the host's cores meanwhile.)
+  write  as warm, with the host weights written into a shared-memory file
+        (the agent's default: a worker's copy outlives the worker);
+  mapped as warm, into another spare, mapping the copy "write" left instead of
+        loading the model (a worker that replaces a dead one, a reload).
 
 Each row splits the total into start (process start + device init; for warm,
 waiting for the ready spare), load (the Load call; "in worker": Engine(...)
 inside the worker) and first token (a one-token greedy request).
 
-    python bench/warm_start.py [--model DIR] [--load-format dummy] [--device cuda:0] [--repeats 3] [--json out.json]
+    python bench/warm_start.py [--model DIR] [--load-format dummy] [--device cuda:0] [--repeats 3]
+                               [--modes cold,warm,write,mapped] [--json out.json]
     python bench/warm_start.py --device cpu      # a tiny generated model, safetensors weights
 
 Default model: bench/configs/llama-3.2-1b with dummy weights on cuda:0."""
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -30,6 +36,7 @@ from pathlib import Path
 import common  # first: puts the project on sys.path
 from common import environment, first_token_s, table, write_json
 
+from services.gpu_agent.engine.shared_weights import default_shared_dir
 from services.gpu_agent.workers.remote_engine import RemoteEngine
 from services.gpu_agent.workers.worker_pool import WorkerPool
 
@@ -41,12 +48,17 @@ COLUMNS = [
 ]
 
 
-async def load_to_first_token(pool: WorkerPool, args: argparse.Namespace, mode: str) -> dict:
+MODES = ("cold", "warm", "write", "mapped")
+
+
+async def load_to_first_token(pool: WorkerPool, args: argparse.Namespace, mode: str, shared_path: str = "") -> dict:
     t0 = time.perf_counter()
     worker = await pool.acquire(args.device)
     t1 = time.perf_counter()
     engine = await RemoteEngine.load(worker, args.model, name=Path(args.model).name, load_format=args.load_format,
-                                     dtype=args.dtype)
+                                     dtype=args.dtype, shared_weights_path=shared_path)
+    if mode == "mapped" and not engine.weights_attached:
+        raise RuntimeError(f"the worker did not map {shared_path}; see its log")
     t2 = time.perf_counter()
     try:
         first = await first_token_s(engine)
@@ -59,7 +71,7 @@ async def load_to_first_token(pool: WorkerPool, args: argparse.Namespace, mode: 
 
 async def run(args: argparse.Namespace) -> list[dict]:
     runs = []
-    for i in range(args.repeats):
+    for i in range(args.repeats if "cold" in args.modes else 0):
         cold_pool = WorkerPool([args.device], spares_per_device=0)
         try:
             runs.append(await load_to_first_token(cold_pool, args, "cold"))
@@ -68,20 +80,29 @@ async def run(args: argparse.Namespace) -> list[dict]:
         print(f"cold {i + 1}/{args.repeats}: {runs[-1]['total_s']:.3f}s", flush=True)
     warm_pool = WorkerPool([args.device], spares_per_device=1)
     await warm_pool.start()
+    shared_dir = Path(tempfile.mkdtemp(prefix="prism-bench-", dir=default_shared_dir()))
     try:
-        for i in range(args.repeats):
-            await warm_pool.wait_spares_ready()  # steady state: the spare finished warming up
-            runs.append(await load_to_first_token(warm_pool, args, "warm"))
-            print(f"warm {i + 1}/{args.repeats}: {runs[-1]['total_s']:.3f}s", flush=True)
+        for mode in [m for m in MODES[1:] if m in args.modes]:
+            for i in range(args.repeats):
+                shared_path = str(shared_dir / f"{i}.weights")
+                if mode == "mapped" and not Path(shared_path).exists():  # write one to map
+                    await warm_pool.wait_spares_ready()
+                    await load_to_first_token(warm_pool, args, "write", shared_path)
+                await warm_pool.wait_spares_ready()  # steady state: the spare finished warming up
+                runs.append(await load_to_first_token(warm_pool, args, mode, shared_path if mode != "warm" else ""))
+                print(f"{mode} {i + 1}/{args.repeats}: {runs[-1]['total_s']:.3f}s", flush=True)
     finally:
         await warm_pool.close()
+        shutil.rmtree(shared_dir, ignore_errors=True)
     return runs
 
 
 def medians(runs: list[dict]) -> list[dict]:
     rows = []
-    for mode in ("cold", "warm"):
+    for mode in MODES:
         of_mode = [r for r in runs if r["mode"] == mode]
+        if not of_mode:
+            continue
         rows.append({"mode": mode, **{key: statistics.median(r[key] for r in of_mode)
                                       for key, _, _ in COLUMNS[1:]}})
     return rows
@@ -94,8 +115,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="cuda:0", help="cuda:N or cpu")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", default=",".join(MODES), help=f"which of {','.join(MODES)} to run")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    args.modes = [m for m in args.modes.split(",") if m]
+    if not args.modes or set(args.modes) - set(MODES):
+        parser.error(f"--modes: choose among {','.join(MODES)}")
     if args.device.startswith("cuda"):
         import torch
 
@@ -116,12 +141,14 @@ def main() -> None:
     rows = medians(runs)
     print(f"\nmodel {args.model} ({args.load_format}) on {args.device}, median of {args.repeats}:")
     print(table(rows, COLUMNS))
-    cold, warm = rows
-    print(f"\nwarm start saves {cold['total_s'] - warm['total_s']:.3f}s of {cold['total_s']:.3f}s "
-          f"({warm['total_s'] / cold['total_s']:.0%} of cold)")
+    by_mode = {r["mode"]: r for r in rows}
+    for faster, slower in (("warm", "cold"), ("mapped", "warm")):
+        if faster in by_mode and slower in by_mode:
+            a, b = by_mode[faster]["total_s"], by_mode[slower]["total_s"]
+            print(f"{faster} saves {b - a:.3f}s of {slower}'s {b:.3f}s ({a / b:.0%} of {slower})")
     write_json(args.json, {"benchmark": "warm_start", "environment": environment(),
                            "config": {"model": args.model, "load_format": args.load_format, "dtype": args.dtype,
-                                      "device": args.device, "repeats": args.repeats},
+                                      "device": args.device, "repeats": args.repeats, "modes": args.modes},
                            "results": rows, "runs": runs})
 
 

@@ -5,6 +5,9 @@ the Triton decode kernel. Skipped where there is no GPU, kvcached or triton
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +15,10 @@ import torch
 from prism.tiny_models import write_tiny_model
 from services.gpu_agent.engine import Engine, GenerationRequest
 from services.gpu_agent.engine.kvcached_pool import KvcachedPool, kvcached_available
+from services.gpu_agent.engine.shared_weights import default_shared_dir
+from services.gpu_agent.engine.tokenizer import Tokenizer
+from services.gpu_agent.workers.remote_engine import RemoteEngine
+from services.gpu_agent.workers.worker_pool import WorkerPool
 from tests.reference_llama import ReferenceLlama
 
 
@@ -127,3 +134,39 @@ async def test_fused_kernels_and_torch_ops_both_match_the_reference(model_dirs, 
             assert engine._graph_runner._graphs
         finally:
             engine.stop()
+
+
+
+async def test_workers_sharing_host_weights_pin_them_each_and_match_the_reference(model_dirs):
+    """Two worker processes on the GPU at once: the first writes the model's host
+    weights into a shared-memory file, the second maps and pins the same pages
+    (cudaHostRegister) instead of loading; both serve the reference's tokens,
+    across reactivation (which copies from the shared pages)."""
+    # In memory, as the agent requires: CUDA cannot pin a disk file's pages.
+    shm = Path(tempfile.mkdtemp(prefix="prism-test-", dir=default_shared_dir()))
+    path = str(shm / "llama.weights")
+    ref, tokenizer = ReferenceLlama(model_dirs["llama"]), Tokenizer(model_dirs["llama"])
+    pool = WorkerPool(["cuda:0"], spares_per_device=0)
+    await pool.start()
+    engines = []
+    try:
+        for _ in range(2):
+            worker = await pool.acquire("cuda:0")
+            engines.append(await RemoteEngine.load(worker, model_dirs["llama"], name="llama", dtype="float32",
+                                                   shared_weights_path=path))
+        writer, mapper = engines
+        assert writer.weights_shared and not writer.weights_attached and mapper.weights_attached
+        for engine in engines:
+            for round_ in range(2):
+                reqs = [greedy(p, 12, f"sh{round_}-{i}") for i, p in enumerate(PROMPTS)]
+                outs = await asyncio.gather(*(tokens_of(engine, r) for r in reqs))
+                for req, out in zip(reqs, outs):
+                    assert out == ref.greedy(tokenizer.encode(req.prompt), 12), req.request_id
+                await engine.deactivate()
+                assert (await engine.activate()).copy_gbps > 0
+    finally:
+        for engine in engines:
+            await engine.stop()
+        await pool.close()
+        shutil.rmtree(shm, ignore_errors=True)
+

@@ -231,17 +231,26 @@ async def test_deactivate_activate_round_trip_gives_identical_outputs_and_a_timi
 # ---- a worker that dies ---------------------------------------------------------------------
 
 
-async def test_killing_a_worker_mid_stream_fails_its_requests_and_its_engine(pool, model_dir):
+async def test_killing_a_worker_mid_stream_fails_its_requests_and_its_engine(pool, model_dir, reference, tokenizer,
+                                                                             tmp_path):
     published: list[tuple[str, str]] = []
 
     async def publish(managed: ManagedEngine) -> None:
         published.append((managed.state, managed.error))
 
-    manager = EngineManager([Device(0, "cpu", "cpu", 1 << 30)], publish, pool)
+    shared_dir = tmp_path / "shm"
+    shared_dir.mkdir()
+    (shared_dir / "prism-t-left-by-a-crash.weights").write_bytes(b"x")
+    manager = EngineManager([Device(0, "cpu", "cpu", 1 << 30)], publish, pool, shared_weights_dir=shared_dir,
+                            shared_weights_prefix="prism-t")
+    assert list(shared_dir.iterdir()) == []  # an earlier run's copies are removed
     spec = EngineSpec(name="doomed", path=str(model_dir))
     managed = await asyncio.wait_for(manager.load(spec, (0,), activate=True, memory_limit_bytes=0), HANG_GUARD_S)
     try:
         assert managed.state == "active" and isinstance(managed.engine, RemoteEngine)
+        # The worker wrote its host weights into a shared file the agent named.
+        assert managed.engine.weights_shared and not managed.engine.weights_attached
+        assert len(list(shared_dir.glob("prism-t-*.weights"))) == 1
         pid = managed.engine.pid
         max_tokens = 200
         streams = [managed.engine.generate(greedy(p, max_tokens, f"k{i}")) for i, p in enumerate(PROMPTS * 3)]
@@ -266,12 +275,16 @@ async def test_killing_a_worker_mid_stream_fails_its_requests_and_its_engine(poo
             manager.ready("doomed")
         with pytest.raises(EngineError):
             await tokens_of(managed.engine, greedy("Hello"))
-        # Loading it again starts a fresh engine in another worker.
+        # Loading it again starts a fresh engine in another worker, which maps the
+        # dead worker's shared host weights instead of loading the model.
         again = await asyncio.wait_for(manager.load(spec, (0,), activate=True, memory_limit_bytes=0), HANG_GUARD_S)
         assert again.state == "active" and again.engine.pid != pid
-        assert len(await tokens_of(again.engine, greedy("Hello", 4))) == 4
+        assert again.engine.weights_attached
+        req = greedy("Hello", 4)
+        assert await tokens_of(again.engine, req) == reference.greedy(tokenizer.encode(req.prompt), 4)
     finally:
         await manager.stop_all()
+    assert list(shared_dir.iterdir()) == []  # unloading removes the copy
 
 
 async def tokens_of_stream(stream) -> list[int]:

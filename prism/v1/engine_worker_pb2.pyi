@@ -26,7 +26,7 @@ class WorkerInfo(_message.Message):
     def __init__(self, pid: _Optional[int] = ..., device: _Optional[str] = ..., warmup_s: _Optional[float] = ..., import_s: _Optional[float] = ..., model_loaded: _Optional[bool] = ..., model: _Optional[str] = ...) -> None: ...
 
 class EngineLoadSpec(_message.Message):
-    __slots__ = ("path", "name", "load_format", "dtype", "seed", "memory_limit_bytes", "kv_capacity_bytes")
+    __slots__ = ("path", "name", "load_format", "dtype", "seed", "memory_limit_bytes", "kv_capacity_bytes", "shared_weights_path")
     PATH_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     LOAD_FORMAT_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class EngineLoadSpec(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHARED_WEIGHTS_PATH_FIELD_NUMBER: _ClassVar[int]
     path: str
     name: str
     load_format: str
@@ -41,23 +42,28 @@ class EngineLoadSpec(_message.Message):
     seed: int
     memory_limit_bytes: int
     kv_capacity_bytes: int
-    def __init__(self, path: _Optional[str] = ..., name: _Optional[str] = ..., load_format: _Optional[str] = ..., dtype: _Optional[str] = ..., seed: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., kv_capacity_bytes: _Optional[int] = ...) -> None: ...
+    shared_weights_path: str
+    def __init__(self, path: _Optional[str] = ..., name: _Optional[str] = ..., load_format: _Optional[str] = ..., dtype: _Optional[str] = ..., seed: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., kv_capacity_bytes: _Optional[int] = ..., shared_weights_path: _Optional[str] = ...) -> None: ...
 
 class LoadReply(_message.Message):
-    __slots__ = ("weight_bytes", "max_context", "load_s", "device", "kv_bytes_per_token", "kv_bundle_bytes")
+    __slots__ = ("weight_bytes", "max_context", "load_s", "device", "kv_bytes_per_token", "kv_bundle_bytes", "weights_attached", "weights_shared")
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     LOAD_S_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
     KV_BUNDLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_ATTACHED_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SHARED_FIELD_NUMBER: _ClassVar[int]
     weight_bytes: int
     max_context: int
     load_s: float
     device: str
     kv_bytes_per_token: int
     kv_bundle_bytes: int
-    def __init__(self, weight_bytes: _Optional[int] = ..., max_context: _Optional[int] = ..., load_s: _Optional[float] = ..., device: _Optional[str] = ..., kv_bytes_per_token: _Optional[int] = ..., kv_bundle_bytes: _Optional[int] = ...) -> None: ...
+    weights_attached: bool
+    weights_shared: bool
+    def __init__(self, weight_bytes: _Optional[int] = ..., max_context: _Optional[int] = ..., load_s: _Optional[float] = ..., device: _Optional[str] = ..., kv_bytes_per_token: _Optional[int] = ..., kv_bundle_bytes: _Optional[int] = ..., weights_attached: _Optional[bool] = ..., weights_shared: _Optional[bool] = ...) -> None: ...
 
 class WorkerSetMemoryLimitRequest(_message.Message):
     __slots__ = ("memory_limit_bytes", "revision")

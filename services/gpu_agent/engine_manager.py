@@ -16,9 +16,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from services.gpu_agent.devices import Device
 from services.gpu_agent.engine import Engine
+from services.gpu_agent.engine.shared_weights import SharedWeightsFile, remove_shared_weights, shared_weights_name
 from services.gpu_agent.engine_handle import EngineHandle, InlineEngine
 from services.gpu_agent.request_stats import DEFAULT_WINDOW_S, ModelRequestStats
 from services.gpu_agent.slo import ModelSlo
@@ -87,10 +89,15 @@ COORDINATED_INITIAL_LIMIT_BYTES = 1
 
 class EngineManager:
     def __init__(self, devices: list[Device], on_change: OnChange, pool: WorkerPool | None = None,
-                 coordinated: bool = False, stats_window_s: float = DEFAULT_WINDOW_S):
+                 coordinated: bool = False, stats_window_s: float = DEFAULT_WINDOW_S,
+                 shared_weights_dir: Path | None = None, shared_weights_prefix: str = "prism"):
         """pool: run each engine in a worker process from it; None runs engines inline.
         coordinated: a memory coordinator sets the KV limits; a load's memory
-        limit is then the engine's cap, not its limit."""
+        limit is then the engine's cap, not its limit.
+        shared_weights_dir: workers keep each model's host weights in a shared-memory
+        file there (named with shared_weights_prefix, removed when the model is
+        unloaded), so a worker that replaces a dead one maps them instead of
+        loading the model again; None: each worker has a private copy."""
         self.devices = {d.index: d for d in devices}
         self.engines: dict[str, ManagedEngine] = {}
         self._on_change = on_change
@@ -100,6 +107,13 @@ class EngineManager:
         # Awaited before an engine's weights come back, so the others make room
         # (the memory coordinator's rebalance); None: nothing to wait for.
         self.before_activate: Callable[[ManagedEngine], Awaitable[None]] | None = None
+        self.shared_weights_dir = shared_weights_dir if pool is not None else None
+        self.shared_weights_prefix = shared_weights_prefix
+        if self.shared_weights_dir is not None:
+            stale = remove_shared_weights(self.shared_weights_dir, shared_weights_prefix)
+            if stale:
+                log.warning("removed %d shared weight copies an earlier run of this agent left in %s",
+                            stale, self.shared_weights_dir)
 
     async def _publish(self, managed: ManagedEngine) -> None:
         try:
@@ -162,6 +176,7 @@ class EngineManager:
         if self.engines.get(spec.name) is not managed:  # unloaded while loading
             if managed.engine is not None:
                 await managed.engine.stop()
+            self._remove_shared_weights(managed)
             return managed
         await self._publish(managed)
         return managed
@@ -179,9 +194,11 @@ class EngineManager:
         start = time.perf_counter()
         worker = await self.pool.acquire(self._torch_device(gpu_ids))
         try:
+            shared = self._shared_weights_of(managed)
             engine = await RemoteEngine.load(
                 worker, spec.path, name=spec.name, load_format=spec.load_format, dtype=spec.dtype, seed=spec.seed,
-                memory_limit_bytes=managed.memory_limit_bytes, kv_capacity_bytes=self._kv_capacity_bytes(gpu_ids) or 0)
+                memory_limit_bytes=managed.memory_limit_bytes, kv_capacity_bytes=self._kv_capacity_bytes(gpu_ids) or 0,
+                shared_weights_path=str(shared.path) if shared is not None else "")
         except BaseException:
             await worker.terminate()  # a worker that failed a load is not reused
             raise
@@ -190,9 +207,26 @@ class EngineManager:
             await self._engine_lost(managed, error)
 
         engine.on_lost(lost)
-        log.info("loaded %s in engine worker %d on %s in %.2fs (%d MB of weights)", spec.name, worker.pid,
-                 engine.device, time.perf_counter() - start, engine.weight_bytes >> 20)
+        log.info("loaded %s in engine worker %d on %s in %.2fs (%d MB of weights%s)", spec.name, worker.pid,
+                 engine.device, time.perf_counter() - start, engine.weight_bytes >> 20,
+                 ", mapped from the shared host copy" if engine.weights_attached else "")
         return engine
+
+    def _shared_weights_of(self, managed: ManagedEngine) -> SharedWeightsFile | None:
+        if self.shared_weights_dir is None:
+            return None
+        spec = managed.spec
+        device_kind = self.devices[managed.gpu_ids[0]].kind
+        name = shared_weights_name(self.shared_weights_prefix, spec.path, spec.load_format, spec.dtype, spec.seed,
+                                   device_kind)
+        return SharedWeightsFile(self.shared_weights_dir / name)
+
+    def _remove_shared_weights(self, managed: ManagedEngine) -> None:
+        """Unlinks the model's shared host copy once no engine here uses it (a
+        failed engine's copy stays for its replacement until it is unloaded)."""
+        shared = self._shared_weights_of(managed)
+        if shared is not None and all(self._shared_weights_of(m) != shared for m in self.engines.values()):
+            shared.remove()
 
     async def _engine_lost(self, managed: ManagedEngine, error: WorkerLostError) -> None:
         """The engine's worker process died: the engine has failed (a new LoadModel starts a fresh one)."""
@@ -225,6 +259,7 @@ class EngineManager:
         del self.engines[model]
         if managed.engine is not None:
             await managed.engine.stop()
+        self._remove_shared_weights(managed)
         managed.state = "unloaded"
         await self._publish(managed)
         return managed

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import logging
 import signal
 import socket
 import time
+from pathlib import Path
 
 import grpc
 
@@ -32,6 +34,7 @@ from services.common.logs import setup_logging
 from services.gpu_agent.admission import DEFAULT_STARVATION_S, AdmissionQueue, AgentAdmission
 from services.gpu_agent.agent_service import DEFAULT_BUSY_WINDOW_S, AgentService
 from services.gpu_agent.devices import Device, discover_devices
+from services.gpu_agent.engine.shared_weights import check_shared_dir, default_shared_dir
 from services.gpu_agent.engine_manager import EngineManager, ManagedEngine
 from services.gpu_agent.load_reporter import LoadReporter
 from services.gpu_agent.memory_coordinator import MemoryCoordinator
@@ -58,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="engines in worker processes or in the agent (auto: process on CUDA, inline on the CPU)")
     p.add_argument("--spare-workers", type=int, default=1,
                    help="pre-started engine workers per device (process isolation; 0: every load starts cold)")
+    p.add_argument("--shared-weights-dir", default="auto",
+                   help="engine workers keep host weights in shared-memory files here, so a replacement worker "
+                        "maps them instead of loading (auto: /dev/shm where it exists; none: private copies)")
     p.add_argument("--memory-policy", default="balloon", choices=sorted(POLICIES),
                    help="how a device's KV budget is split among its engines: balloon (by demand and priority) "
                         "or static (equal shares)")
@@ -85,6 +91,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def shared_weights_dir(choice: str, devices: list[Device]) -> Path | None:
+    if choice == "none":
+        return None
+    if choice == "auto":
+        return default_shared_dir()
+    path = Path(choice)
+    if any(d.kind == "cuda" for d in devices):
+        check_shared_dir(path)
+    elif not path.is_dir():
+        raise ValueError(f"shared weights directory {path} does not exist")
+    return path
+
+
 def engine_isolation(choice: str, devices: list[Device]) -> str:
     if choice != "auto":
         return choice
@@ -93,6 +112,10 @@ def engine_isolation(choice: str, devices: list[Device]) -> str:
 
 async def serve(args: argparse.Namespace) -> None:
     devices = discover_devices(args.device, args.cpu_memory_gb)
+    try:
+        shared_dir = shared_weights_dir(args.shared_weights_dir, devices)
+    except ValueError as exc:
+        raise SystemExit(f"agent: --shared-weights-dir: {exc}") from None
     advertise = args.advertise or args.listen
     agent_id = args.agent_id or f"{socket.gethostname()}-{advertise.rsplit(':', 1)[-1]}"
     etcd = await connect(args.etcd)
@@ -122,7 +145,9 @@ async def serve(args: argparse.Namespace) -> None:
     if engine_isolation(args.engine_isolation, devices) == "process":
         pool = WorkerPool([d.torch_device for d in devices], args.spare_workers)
         await pool.start()  # the spares warm up while the agent registers
-    manager = EngineManager(devices, publish, pool, coordinated=True, stats_window_s=args.stats_window_s)
+    manager = EngineManager(devices, publish, pool, coordinated=True, stats_window_s=args.stats_window_s,
+                            shared_weights_dir=shared_dir,
+                            shared_weights_prefix=f"prism-{hashlib.sha256(agent_id.encode()).hexdigest()[:10]}")
     reserve = None if args.memory_reserve_gb is None else int(args.memory_reserve_gb * (1 << 30))
     for d in devices:
         coordinators[d.index] = MemoryCoordinator(d, manager, args.memory_policy, reserve,

@@ -38,6 +38,7 @@ from services.gpu_agent.engine.errors import (
     InvalidRequestError,
 )
 from services.gpu_agent.engine.host_weights import ActivationTiming, HostWeights
+from services.gpu_agent.engine.shared_weights import SharedWeightsFile
 from services.gpu_agent.engine.kv_pool import (
     DEFAULT_PAGE_BYTES,
     KVGeometry,
@@ -71,7 +72,7 @@ from services.gpu_agent.engine.sequence import Deliver, Sequence
 from services.gpu_agent.engine.slot_table import DeviceSlotTable
 from services.gpu_agent.engine.stop_strings import find_stop, held_back_len
 from services.gpu_agent.engine.tokenizer import Tokenizer
-from services.gpu_agent.engine.weights import load_model
+from services.gpu_agent.engine.weights import build_empty_model, load_model
 
 __all__ = [
     "CapacityError", "Engine", "EngineError", "EngineInactiveError", "EngineStats",
@@ -115,7 +116,8 @@ class Engine:
                  dtype: str = "auto", device: str = "cpu", seed: int = 0,
                  memory_limit_bytes: int | None = None, kv_capacity_bytes: int | None = None,
                  kv_pool: str = "auto", kv_page_bytes: int | None = None,
-                 step_tokens: int = DEFAULT_STEP_TOKENS, attention: str = "auto", cuda_graphs: bool = True):
+                 step_tokens: int = DEFAULT_STEP_TOKENS, attention: str = "auto", cuda_graphs: bool = True,
+                 shared_weights_path: str | Path | None = None):
         """memory_limit_bytes: KV memory the engine may map now (default: 8 contexts).
         kv_capacity_bytes: the KV reservation the limit can later grow to (virtual where
         the pool is elastic; default: the device's memory on CUDA, 32 contexts on the CPU).
@@ -123,7 +125,10 @@ class Engine:
         step_tokens: the token budget of one step (decode tokens plus prefill chunks).
         attention: "triton" (decode kernel, CUDA), "torch" or "auto".
         cuda_graphs: replay decode steps from CUDA graphs where they can run
-        (CUDA, the Triton kernel and kvcached's pool, whose slot 0 pads a batch)."""
+        (CUDA, the Triton kernel and kvcached's pool, whose slot 0 pads a batch).
+        shared_weights_path: the host copy of the weights lives in this shared-memory
+        file (shared_weights.py): mapped from there when another process has
+        written it (no load), written there otherwise."""
         start = time.perf_counter()
         self.model_path = Path(model_path)
         self.name = name or self.model_path.name
@@ -135,9 +140,7 @@ class Engine:
             self.config = load_model_config(self.model_path)
             self.tokenizer = Tokenizer(self.model_path)
             self.dtype = resolve_dtype(dtype, self.config, self._device)
-            self._model: CausalLM | None = load_model(self.config, self.model_path, load_format, self.dtype, self._device, seed)
-            # On an accelerator the weights also stay in pinned host memory, for fast switching.
-            self._host_weights = HostWeights(self._model) if self._device.type != "cpu" else None
+            self._model, self._host_weights = self._load_weights(load_format, seed, shared_weights_path)
             # Off the device and back into one buffer, as every activation does:
             # the loaded tensors and the packed copy never both hold device memory.
             self._move_weights(torch.device("cpu"))
@@ -179,6 +182,30 @@ class Engine:
                  "loaded in %.2fs", self.name, cfg.architecture, self.dtype, self.device, cfg.num_hidden_layers,
                  self.max_context, self.weight_bytes / 1e6, self._pool_kind, "triton" if self._use_triton else "torch",
                  time.perf_counter() - start)
+
+    def _load_weights(self, load_format: str, seed: int,
+                      shared_path: str | Path | None) -> tuple[CausalLM, HostWeights | None]:
+        """The model and its host copy. On an accelerator the weights always stay
+        in (pinned) host memory too, for fast switching; on the CPU the host copy
+        is the weights, kept only where it is shared."""
+        shared = SharedWeightsFile(Path(shared_path)) if shared_path else None
+        pin = self._device.type == "cuda"
+        self.weights_attached = False  # mapped from another process's shared copy
+        if shared is not None:
+            skeleton = build_empty_model(self.config, self.dtype, "cpu")  # uninitialized: no memory touched
+            host = HostWeights.attach(skeleton, shared, pin=pin)
+            if host is not None:
+                self.weights_attached = True
+                return skeleton, host
+        model = load_model(self.config, self.model_path, load_format, self.dtype, self._device, seed)
+        if shared is None and self._device.type == "cpu":
+            return model, None
+        return model, HostWeights(model, shared, pin=pin)
+
+    @property
+    def weights_shared(self) -> bool:
+        """The host copy is in a shared-memory file other processes can map."""
+        return self._host_weights is not None and self._host_weights.shared
 
     # ---- the KV pool --------------------------------------------------------
 

@@ -8,19 +8,26 @@ bus's pinned bandwidth: one allocation and a handful of copies instead of one
 per tensor), then points every parameter at its slice. Pinning happens once,
 at load, where its cost (about 1 s per GB) is off a model switch's path.
 
-With shared=True the host buffer is in shared memory (then registered with
-CUDA as pinned), so another process on the host can map the same weights
-instead of holding a second copy."""
+Given a SharedWeightsFile, the host buffer is that named shared-memory file
+(registered with CUDA as pinned), so another process on the host attaches
+to the same weights (HostWeights.attach) instead of loading the model and
+holding a second copy."""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from services.gpu_agent.engine.shared_weights import SharedWeightsFile, layout_digest
+
+log = logging.getLogger(__name__)
+
 _ALIGN = 256  # bytes: every tensor starts aligned for any dtype and for fast copies
+_CUDA_HOST_REGISTER_PORTABLE = 1  # pinned for every CUDA context of the process
 DEFAULT_COPY_STREAMS = 4
 
 
@@ -46,7 +53,43 @@ class ActivationTiming:
 
 
 class HostWeights:
-    def __init__(self, model: nn.Module, shared: bool = False):
+    def __init__(self, model: nn.Module, shared_file: SharedWeightsFile | None = None, pin: bool = True):
+        """Packs the model's weights into a new host buffer: the shared file when
+        one is given and can be created (none exists yet, there is room), a
+        private one otherwise. pin: for copies to a GPU (where CUDA runs)."""
+        self._layout(model)
+        self._pin = pin and torch.cuda.is_available()
+        host = shared_file.create(self.nbytes) if shared_file is not None else None
+        self.shared = host is not None
+        self._host = host if host is not None else torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=self._pin)
+        self._registered = self.shared and self._pin and self._register(self._host)
+        self._host_views = [self._view(self._host, i) for i in range(len(self._tensors))]
+        with torch.no_grad():
+            for t, view in zip(self._tensors, self._host_views):
+                view.copy_(t.data)
+        if self.shared:
+            shared_file.mark_complete(self.digest, self.nbytes)
+        self._device_buffer: torch.Tensor | None = None
+
+    @classmethod
+    def attach(cls, skeleton: nn.Module, shared_file: SharedWeightsFile, pin: bool = True) -> HostWeights | None:
+        """Points the skeleton's tensors (a model of the same config, its values
+        unset) at a complete shared copy of its weights; None if there is none."""
+        self = cls.__new__(cls)
+        self._layout(skeleton)
+        host = shared_file.open_complete(self.digest, self.nbytes)
+        if host is None:
+            return None
+        self.shared = True
+        self._pin = pin and torch.cuda.is_available()
+        self._host = host
+        self._registered = self._pin and self._register(host)
+        self._host_views = [self._view(host, i) for i in range(len(self._tensors))]
+        self._device_buffer = None
+        self.to_host()
+        return self
+
+    def _layout(self, model: nn.Module) -> None:
         # parameters() yields a tied weight once, so it is stored once.
         self._tensors = [*model.parameters(), *model.buffers()]
         self._offsets: list[int] = []
@@ -55,35 +98,22 @@ class HostWeights:
             self._offsets.append(total)
             total += -(-t.numel() * t.element_size() // _ALIGN) * _ALIGN
         self.nbytes = total
-        self.shared = shared
-        self._host = self._allocate_host(total, shared)
-        self._registered = shared and torch.cuda.is_available()
-        self._host_views = [self._view(self._host, i) for i in range(len(self._tensors))]
-        with torch.no_grad():
-            for t, view in zip(self._tensors, self._host_views):
-                view.copy_(t.data)
-        self._device_buffer: torch.Tensor | None = None
+        self.digest = layout_digest(self._tensors, self._offsets, total)
 
     @staticmethod
-    def _allocate_host(nbytes: int, shared: bool) -> torch.Tensor:
-        if not shared:
-            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
-        host = torch.empty(nbytes, dtype=torch.uint8).share_memory_()
-        if torch.cuda.is_available():
-            err = torch.cuda.cudart().cudaHostRegister(host.data_ptr(), nbytes, 0)
-            if int(err) != 0:
-                raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed with CUDA error {int(err)}")
-        return host
+    def _register(host: torch.Tensor) -> bool:
+        """Pins a mapped shared buffer for CUDA's copy engines."""
+        start = time.perf_counter()
+        err = torch.cuda.cudart().cudaHostRegister(host.data_ptr(), host.numel(), _CUDA_HOST_REGISTER_PORTABLE)
+        if int(err) != 0:
+            raise RuntimeError(f"cudaHostRegister of {host.numel()} bytes failed with CUDA error {int(err)}")
+        log.info("pinned %d MB of shared host weights in %.2fs", host.numel() >> 20, time.perf_counter() - start)
+        return True
 
     def _view(self, buffer: torch.Tensor, i: int) -> torch.Tensor:
         t = self._tensors[i]
         n = t.numel() * t.element_size()
         return buffer[self._offsets[i]:self._offsets[i] + n].view(t.dtype).view(t.shape)
-
-    @property
-    def host_buffer(self) -> torch.Tensor:
-        """The whole packed host copy (for handing to another process when shared)."""
-        return self._host
 
     def to_device(self, device: torch.device, streams: int = DEFAULT_COPY_STREAMS) -> ActivationTiming:
         start = time.perf_counter()
@@ -114,7 +144,7 @@ class HostWeights:
         torch.cuda.empty_cache()
 
     def close(self) -> None:
-        """Unregisters shared pinned memory (plain pinned memory is freed by torch)."""
+        """Unpins a shared buffer (private pinned memory is freed by torch; the mapping ends with the tensor)."""
         if self._registered:
             torch.cuda.cudart().cudaHostUnregister(self._host.data_ptr())
             self._registered = False

@@ -62,6 +62,8 @@ class RemoteEngine:
         self.load_s = loaded.load_s
         self.kv_bytes_per_token = loaded.kv_bytes_per_token
         self.kv_bundle_bytes = loaded.kv_bundle_bytes
+        self.weights_attached = loaded.weights_attached
+        self.weights_shared = loaded.weights_shared
         self._model_path = model_path
         self._tokenizer: Tokenizer | None = None  # the agent's own copy, for counting prompt tokens
         self._stub = worker.stub
@@ -81,11 +83,13 @@ class RemoteEngine:
     @classmethod
     async def load(cls, worker: WorkerProcess, path: str, *, name: str, load_format: str = "auto",
                    dtype: str = "auto", seed: int = 0, memory_limit_bytes: int = 0,
-                   kv_capacity_bytes: int = 0, unresponsive_after_s: float = UNRESPONSIVE_AFTER_S) -> RemoteEngine:
+                   kv_capacity_bytes: int = 0, shared_weights_path: str = "",
+                   unresponsive_after_s: float = UNRESPONSIVE_AFTER_S) -> RemoteEngine:
         """Loads the model into the (model-less) worker. On failure the worker is
-        left as it is: the caller ends it."""
+        left as it is: the caller ends it. shared_weights_path: see EngineLoadSpec."""
         spec = wpb.EngineLoadSpec(path=str(path), name=name, load_format=load_format, dtype=dtype, seed=seed,
-                                  memory_limit_bytes=memory_limit_bytes or 0, kv_capacity_bytes=kv_capacity_bytes or 0)
+                                  memory_limit_bytes=memory_limit_bytes or 0, kv_capacity_bytes=kv_capacity_bytes or 0,
+                                  shared_weights_path=shared_weights_path)
         try:
             loaded = await worker.stub.Load(spec, timeout=LOAD_TIMEOUT_S)
             stats = await worker.stub.Stats(wpb.EngineStatsRequest(), timeout=CONTROL_TIMEOUT_S)
@@ -95,7 +99,8 @@ class RemoteEngine:
                 raise WorkerLostError(f"engine worker {worker.pid} on {worker.device} died while loading "
                                       f"{name!r} ({worker.exit_description()})") from None
             raise wire.CODE_TO_ERROR.get(exc.code(), EngineError)(exc.details()) from None
-        log.info("loaded %s into engine worker %d on %s in %.2fs", name, worker.pid, loaded.device, loaded.load_s)
+        log.info("loaded %s into engine worker %d on %s in %.2fs%s", name, worker.pid, loaded.device, loaded.load_s,
+                 " (weights mapped from the shared host copy)" if loaded.weights_attached else "")
         return cls(worker, name, loaded, stats, unresponsive_after_s, model_path=str(path))
 
     # ---- state -----------------------------------------------------------------

@@ -60,14 +60,17 @@ class EngineWorkerService(engine_worker_pb2_grpc.EngineWorkerServicer):
             return wpb.LoadReply(weight_bytes=self.engine.weight_bytes, max_context=self.engine.max_context,
                                  load_s=load_s, device=self.engine.device,
                                  kv_bytes_per_token=self.engine.kv_bytes_per_token,
-                                 kv_bundle_bytes=self.engine.kv_bundle_bytes)
+                                 kv_bundle_bytes=self.engine.kv_bundle_bytes,
+                                 weights_attached=self.engine.weights_attached,
+                                 weights_shared=self.engine.weights_shared)
 
     def _build(self, spec: wpb.EngineLoadSpec) -> Engine:
         try:
             engine = Engine(spec.path, name=spec.name or None, load_format=spec.load_format or "auto",
                             dtype=spec.dtype or "auto", device=self.device, seed=spec.seed,
                             memory_limit_bytes=spec.memory_limit_bytes or None,
-                            kv_capacity_bytes=spec.kv_capacity_bytes or None)
+                            kv_capacity_bytes=spec.kv_capacity_bytes or None,
+                            shared_weights_path=spec.shared_weights_path or None)
         except EngineError:
             raise
         except Exception as exc:  # the engine wraps its own failures; anything else still means "cannot load"
