@@ -54,7 +54,51 @@ def test_contention_splits_by_priority_and_cuts_the_engine_over_its_share():
 def test_one_engine_wanting_little_leaves_the_rest_to_the_others():
     plan = units(plan_balloon(snapshot(100, engine("a", demand=8), engine("b", demand=500), engine("c", demand=500)),
                               PARAMS))
-    assert plan == {"a": 10, "b": 45, "c": 45}
+    assert plan == {"a": 8, "b": 46, "c": 46}  # under contention demand comes first, headroom only from what is left
+
+
+MIB = 1 << 20
+
+
+def sized(model, unit_mib, *, demand=0, limit=0, priority=1):
+    return EngineMemoryDemand(model=model, priority=priority, used_bytes=0, demand_bytes=demand * MIB,
+                              limit_bytes=limit * MIB, unit_bytes=unit_mib * MIB)
+
+
+def test_engines_of_different_page_bundles_get_whole_bundles_of_their_own():
+    # The H100 ballooning bench's device: a 1B (64 MiB bundles) and a 3B (112 MiB) on 512 MiB.
+    # The 1B bursts while the 3B, holding three bundles, has gone idle.
+    snap = DeviceMemorySnapshot(budget_bytes=512 * MIB, unit_bytes=112 * MIB,
+                                engines=(sized("1b", 64, demand=300, limit=64), sized("3b", 112, demand=0, limit=336)))
+    plan = {m: b // MIB for m, b in plan_balloon(snap, PARAMS).items()}
+    # The 3B keeps one bundle; the 1B gets its 5 bundles of demand and one of headroom
+    # (on 4 to 8 bundles of budget, a hysteresis of 2 would freeze every limit).
+    assert plan == {"1b": 384, "3b": 112}
+    assert plan["1b"] % 64 == 0 and plan["3b"] % 112 == 0 and sum(plan.values()) <= 512
+    # Then the 3B bursts: the 1B, now idle, gives it back.
+    snap = DeviceMemorySnapshot(budget_bytes=512 * MIB, unit_bytes=112 * MIB,
+                                engines=(sized("1b", 64, demand=0, limit=384), sized("3b", 112, demand=400, limit=112)))
+    plan = {m: b // MIB for m, b in plan_balloon(snap, PARAMS).items()}
+    assert plan == {"1b": 64, "3b": 448}
+    # Static: equal bytes, in whole bundles of each.
+    plan = {m: b // MIB for m, b in plan_static(snap, PARAMS).items()}
+    assert plan == {"1b": 256, "3b": 224}
+
+
+def test_water_fill_in_units_of_different_sizes_is_fair_in_bytes():
+    got = water_fill({"small": 100, "big": 100}, {"small": 1, "big": 1}, 600, units={"small": 10, "big": 30})
+    assert got["small"] * 10 + got["big"] * 30 <= 600
+    assert abs(got["small"] * 10 - got["big"] * 30) <= 30  # equal bytes, to within a unit
+    # A key whose next unit does not fit leaves the rest to one with smaller units.
+    got = water_fill({"small": 100, "big": 100}, {"small": 1, "big": 1}, 65, units={"small": 10, "big": 30})
+    assert got == {"small": 3, "big": 1}  # after the floors, 25 left: big's 30 never fits, small takes 20
+
+
+def test_grant_is_in_the_engines_own_units():
+    snap = DeviceMemorySnapshot(budget_bytes=512 * MIB, unit_bytes=112 * MIB,
+                                engines=(sized("1b", 64, limit=64), sized("3b", 112, limit=112)))
+    assert grant(snap, "1b", 1) == 128 * MIB
+    assert grant(snap, "3b", 1) == 224 * MIB
 
 
 def test_caps_apply():

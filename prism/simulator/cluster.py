@@ -311,7 +311,7 @@ class SimCluster:
         engines = tuple(EngineMemoryDemand(
             model=e.name, priority=e.model.priority, used_bytes=e.used_bytes,
             demand_bytes=(e.demand_tokens() + pending.get(e.name, 0)) * e.model.kv_bytes_per_token,
-            limit_bytes=e.limit_bytes, cap_bytes=e.cap_bytes) for e in holding)
+            limit_bytes=e.limit_bytes, cap_bytes=e.cap_bytes, unit_bytes=e.model.bundle_bytes) for e in holding)
         return DeviceMemorySnapshot(budget_bytes=budget, unit_bytes=unit, engines=engines)
 
     def rebalance(self, device: Device) -> None:

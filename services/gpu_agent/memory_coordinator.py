@@ -83,7 +83,7 @@ class MemoryCoordinator:
         return [m for m in self.engines() if m.engine is not None and (m.state == "active" or m is also)]
 
     def unit_bytes(self, engines: list[ManagedEngine]) -> int:
-        # The largest page bundle: one unit of limit then maps at least one page in every engine.
+        # Each engine's limit is in its own page bundles; this unit is for an engine that reports none.
         return max((m.engine.kv_bundle_bytes for m in engines if m.engine.kv_bundle_bytes > 0),
                    default=DEFAULT_UNIT_BYTES)
 
@@ -106,7 +106,7 @@ class MemoryCoordinator:
             engines.append(EngineMemoryDemand(
                 model=m.spec.name, priority=m.spec.slo.priority, used_bytes=stats.kv_used_bytes,
                 demand_bytes=self.demand_bytes(m, stats), limit_bytes=m.memory_limit_bytes if m.state == "active" else 0,
-                cap_bytes=m.cap_bytes))
+                cap_bytes=m.cap_bytes, unit_bytes=m.engine.kv_bundle_bytes))
         return DeviceMemorySnapshot(budget_bytes=self.budget_bytes(active), unit_bytes=self.unit_bytes(active),
                                     engines=tuple(engines))
 

@@ -5,24 +5,27 @@ The device's KV budget is its memory less the active engines' weights and a
 reserve. Two policies share the interface `(snapshot, params) -> {model: limit}`:
 
 - `balloon` (Prism's): each engine wants its demand (the KV its running and
-  queued requests hold or will need soon) plus a little headroom. While the
-  wants fit the budget every engine gets its want and the rest stays
-  unassigned, so an arrival burst can be granted memory at once (see
-  `grant`). When they do not fit, the budget is split by weighted max-min
-  fairness (water-filling, weights = priorities): no engine gets more than it
-  wants, and memory flows from idle and low-priority engines to busy ones —
-  an engine holding more than its share is cut to it and preempts its newest
-  requests. Small changes are left alone (hysteresis), so limits do not flap.
+  queued requests hold or will need soon), then a little headroom from what
+  no demand needs. While the wants fit the budget every engine gets its want
+  and the rest stays unassigned, so an arrival burst can be granted memory at
+  once (see `grant`). When they do not fit, the budget is split by weighted
+  max-min fairness (water-filling, weights = priorities): no engine gets more
+  than it wants, and memory flows from idle and low-priority engines to busy
+  ones — an engine holding more than its share is cut to it and preempts its
+  newest requests. Small changes are left alone (hysteresis), so limits do not
+  flap; small is relative to the budget, so a budget of a few units still moves.
 - `static`: the budget split equally among the active engines, whatever the
   demand; the baseline the balloon is measured against.
 
-Every limit is a whole number of `unit_bytes` (a page bundle: what one page
-per layer of K and V holds), at least one unit, and never above the engine's
-cap; the limits never sum to more than the budget.
+Every limit is a whole number of the engine's own unit (its page bundle: what
+one page per layer of K and V holds; engines of different models differ), at
+least one unit, and never above the engine's cap; the limits never sum to
+more than the budget.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,19 +38,25 @@ class EngineMemoryDemand:
     demand_bytes: int  # KV its running and queued requests hold or will need soon
     limit_bytes: int  # its limit now
     cap_bytes: int = 0  # most it may ever get (the config's max_memory_pool_size); 0: no cap
+    unit_bytes: int = 0  # its limit's granularity (its page bundle); 0: the snapshot's
 
 
 @dataclass(frozen=True)
 class DeviceMemorySnapshot:
     budget_bytes: int  # what the KV limits may sum to
-    unit_bytes: int  # limits are whole multiples of this
+    unit_bytes: int  # an engine's limit granularity where the engine does not give its own
     engines: tuple[EngineMemoryDemand, ...]  # the active engines on the device
+
+    def unit_of(self, engine: EngineMemoryDemand) -> int:
+        return engine.unit_bytes or self.unit_bytes
 
 
 @dataclass(frozen=True)
 class PolicyParams:
-    headroom_units: int = 2  # granted beyond demand, so a few arrivals need no new grant
-    hysteresis_units: int = 2  # a change of at most this many units is not made, unless the budget needs it
+    headroom_units: int = 2  # granted beyond demand from what no demand needs, so a few arrivals need no grant
+    # A change of at most this many units is not made, unless demand or the budget
+    # needs it; at most an eighth of the budget, so a small budget still moves.
+    hysteresis_units: int = 2
 
 
 MemoryPolicy = Callable[[DeviceMemorySnapshot, PolicyParams], dict[str, int]]
@@ -61,72 +70,77 @@ def _cap_units(engine: EngineMemoryDemand, unit: int) -> int | None:
     return max(1, engine.cap_bytes // unit) if engine.cap_bytes > 0 else None
 
 
-def water_fill(wants: dict[str, int], weights: dict[str, int], total: int, floor: int = 1) -> dict[str, int]:
-    """Splits `total` units by weighted max-min fairness: each key gets at
-    least `floor` (if the total allows), no more than its want, and whatever
-    one does not want goes to the others in proportion to their weights.
-    Integer units; the result never sums to more than `total`."""
-    grant = {k: min(floor, w) for k, w in wants.items()}
-    if sum(grant.values()) > total:  # not even the floors fit: highest weights first
-        grant = dict.fromkeys(wants, 0)
+def water_fill(wants: dict[str, int], weights: dict[str, int], total: int, floor: int = 1,
+               units: dict[str, int] | None = None, start: dict[str, int] | None = None) -> dict[str, int]:
+    """Splits `total` bytes by weighted max-min fairness, in whole units per
+    key (`units`, default 1): each key gets at least `floor` units (if the
+    total allows; highest weights first otherwise), no more than its want
+    (units), and what one does not want goes to the others, one unit at a time
+    to the key with the least bytes per weight whose next unit still fits.
+    `start`: units already granted (a second round fills on top). Returns
+    units per key; their bytes never sum to more than `total`."""
+    units = units or dict.fromkeys(wants, 1)
+    grant = dict(start) if start is not None else {}
+    if start is None:
         left = total
         for k in sorted(wants, key=lambda k: (-weights[k], k)):
-            grant[k] = min(floor, wants[k], left)
-            left -= grant[k]
-        return grant
-    left = total - sum(grant.values())
-    hungry = {k for k in wants if wants[k] > grant[k]}
-    while left > 0 and hungry:
-        weight_sum = sum(weights[k] for k in hungry)
-        shares = {k: left * weights[k] // weight_sum for k in hungry}
-        if not any(shares.values()):  # fewer units left than hungry keys: one each, highest weight first
-            for k in sorted(hungry, key=lambda k: (-weights[k], k))[:left]:
-                grant[k] += 1
-            break
-        for k in list(hungry):
-            give = min(shares[k], wants[k] - grant[k])
-            grant[k] += give
-            left -= give
-            if grant[k] >= wants[k]:
-                hungry.discard(k)
+            grant[k] = min(floor, wants[k]) if min(floor, wants[k]) * units[k] <= left else 0
+            left -= grant[k] * units[k]
+    left = total - sum(grant[k] * units[k] for k in grant)
+    heap = [(grant[k] * units[k] / weights[k], k) for k in wants if wants[k] > grant[k]]
+    heapq.heapify(heap)
+    while heap:
+        _, k = heapq.heappop(heap)
+        if units[k] > left:
+            continue  # its next unit does not fit; a key of smaller units still may
+        grant[k] += 1
+        left -= units[k]
+        if grant[k] < wants[k]:
+            heapq.heappush(heap, (grant[k] * units[k] / weights[k], k))
     return grant
 
 
 def plan_balloon(snapshot: DeviceMemorySnapshot, params: PolicyParams = PolicyParams()) -> dict[str, int]:
-    unit = snapshot.unit_bytes
-    total = snapshot.budget_bytes // unit
-    wants, weights, caps = {}, {}, {}
+    total = snapshot.budget_bytes
+    demand, roomy, weights, units, caps = {}, {}, {}, {}, {}
     for e in snapshot.engines:
-        want = _units_up(max(e.demand_bytes, e.used_bytes), unit) + params.headroom_units
-        cap = _cap_units(e, unit)
-        wants[e.model] = max(1, min(want, cap) if cap is not None else want)
+        unit = units[e.model] = snapshot.unit_of(e)
+        cap = caps[e.model] = _cap_units(e, unit)
+        need = _units_up(max(e.demand_bytes, e.used_bytes), unit)
+        demand[e.model] = min(need, cap) if cap is not None else need
+        roomy[e.model] = max(1, min(need + params.headroom_units, cap) if cap is not None
+                             else need + params.headroom_units)
         weights[e.model] = max(1, e.priority)
-        caps[e.model] = cap
-    plan = water_fill(wants, weights, total)
-    # Hysteresis: keep a limit that is close to the plan. Keeping a smaller one
-    # costs nothing; keeping a larger one only while the budget has room.
-    current = {e.model: e.limit_bytes // unit for e in snapshot.engines}
-    for model, units in plan.items():
+    # Demand first (max-min fair by priority), then headroom from what is left:
+    # an idle engine's headroom never holds back a busy one's requests.
+    plan = water_fill({m: max(1, d) for m, d in demand.items()}, weights, total, units=units)
+    plan = water_fill(roomy, weights, total, units=units, start=plan)
+    # Hysteresis: keep a limit close to the plan. Keeping a smaller one only
+    # while it covers the demand; keeping a larger one only while the budget has room.
+    current = {e.model: e.limit_bytes // units[e.model] for e in snapshot.engines}
+    slack = {m: min(params.hysteresis_units, total // units[m] // 8) for m in plan}
+    for model, n in plan.items():
         now = current[model]
-        if 1 <= now < units and units - now <= params.hysteresis_units:
+        if 1 <= now < n and n - now <= slack[model] and now >= demand[model]:
             plan[model] = now
-    for model, units in plan.items():
-        now = current[model]
-        cap = caps[model]
-        if units < now and now - units <= params.hysteresis_units and (cap is None or now <= cap) \
-                and sum(plan.values()) - units + now <= total:
+    for model, n in plan.items():
+        now, cap = current[model], caps[model]
+        used = sum(plan[m] * units[m] for m in plan)
+        if n < now and now - n <= slack[model] and (cap is None or now <= cap) \
+                and used + (now - n) * units[model] <= total:
             plan[model] = now
-    return {model: units * unit for model, units in plan.items()}
+    return {model: n * units[model] for model, n in plan.items()}
 
 
 def plan_static(snapshot: DeviceMemorySnapshot, params: PolicyParams = PolicyParams()) -> dict[str, int]:
-    unit = snapshot.unit_bytes
     if not snapshot.engines:
         return {}
-    share = max(0, snapshot.budget_bytes // unit // len(snapshot.engines))
+    share_bytes = max(0, snapshot.budget_bytes // len(snapshot.engines))
     out = {}
     for e in snapshot.engines:
+        unit = snapshot.unit_of(e)
         cap = _cap_units(e, unit)
+        share = share_bytes // unit
         out[e.model] = (min(share, cap) if cap is not None else share) * unit
     return out
 
@@ -138,10 +152,10 @@ def grant(snapshot: DeviceMemorySnapshot, model: str, need_bytes: int) -> int | 
     """The new limit that gives `model` `need_bytes` more than it can use now,
     taken from the budget no engine holds; None if that much is not free (the
     next plan will decide). Its cap still applies."""
-    unit = snapshot.unit_bytes
     engine = next((e for e in snapshot.engines if e.model == model), None)
     if engine is None:
         return None
+    unit = snapshot.unit_of(engine)
     free = snapshot.budget_bytes - sum(e.limit_bytes for e in snapshot.engines)
     extra = _units_up(need_bytes, unit) * unit
     new_limit = (engine.limit_bytes // unit) * unit + extra
