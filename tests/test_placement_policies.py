@@ -298,3 +298,29 @@ def test_prism_puts_what_fits_nowhere_together_so_the_others_keep_their_slo():
                                            current={**current, "d": [ReplicaTarget("x", (0,), True),
                                                                      ReplicaTarget("z", (0,), True)]}), params)
     assert active_of(settled)["d"] == [("z", (0,))]
+
+
+def test_prism_sheds_a_model_whose_squeeze_would_overload_a_gpu_and_serves_it_again_once_there_is_room():
+    # One GPU; a (10 req/s) fits its compute, b (8 req/s) fits nowhere. Beside a, the two would need
+    # more than the overload bound: b is not placed (its requests wait at the gateway, then fail)
+    # so that a keeps its SLO, rather than both missing theirs.
+    names = ["a", "b"]
+    weights = dict.fromkeys(names, 16 * GB)
+    current = {m: [ReplicaTarget("x", (0,), True)] for m in names}
+    demand = {"a": busy(10.0), "b": busy(8.0)}
+    snap = ClusterSnapshot(models=models(*names), agents=(agent("x", 1),), weight_bytes=weights, current=current,
+                           demand=demand)
+    params = PolicyParams()
+    a_load, b_load = (compute_load(snap, m, params) for m in snap.models)
+    assert a_load <= params.compute_capacity and a_load + b_load > params.compute_overload
+    target = prism_policy(snap, params)
+    assert target["a"] == [ReplicaTarget("x", (0,), True)] and target["b"] == []
+    # Under the bound (b at 4 req/s), b squeezes in beside a instead.
+    light = {**demand, "b": busy(4.0)}
+    target = prism_policy(ClusterSnapshot(models=snap.models, agents=snap.agents, weight_bytes=weights,
+                                          current=current, demand=light), params)
+    assert active_of(target) == {"a": [("x", (0,))], "b": [("x", (0,))]}
+    # A second GPU: b goes there.
+    target = prism_policy(ClusterSnapshot(models=snap.models, agents=(agent("x", 1), agent("y", 1)),
+                                          weight_bytes=weights, current=current, demand=demand), params)
+    assert [r.agent_id for r in target["b"] if r.active][0] == "y"
