@@ -15,11 +15,13 @@ class EngineState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ENGINE_STATE_ACTIVE: _ClassVar[EngineState]
     ENGINE_STATE_INACTIVE: _ClassVar[EngineState]
     ENGINE_STATE_FAILED: _ClassVar[EngineState]
+    ENGINE_STATE_DRAINING: _ClassVar[EngineState]
 ENGINE_STATE_UNSPECIFIED: EngineState
 ENGINE_STATE_LOADING: EngineState
 ENGINE_STATE_ACTIVE: EngineState
 ENGINE_STATE_INACTIVE: EngineState
 ENGINE_STATE_FAILED: EngineState
+ENGINE_STATE_DRAINING: EngineState
 
 class Device(_message.Message):
     __slots__ = ("index", "kind", "name", "memory_bytes")

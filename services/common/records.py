@@ -86,7 +86,10 @@ class AgentRecord(_Record):
         return AGENTS + self.agent_id
 
 
-ENGINE_STATES = ("loading", "active", "inactive", "failed")
+# draining: being unloaded; it finishes the requests it has and is then gone
+# (its key deleted). Gateways send it new requests only while the model has
+# no servable replica; the scheduler no longer counts it as placed.
+ENGINE_STATES = ("loading", "active", "inactive", "draining", "failed")
 
 
 @dataclass

@@ -3,7 +3,10 @@
 The router mirrors models/, placements/, agents/ and engines/. A replica is
 live when its agent's key exists (the agent holds it under its lease) and
 its engine record is servable; requests rotate round robin over the live
-replicas. It keeps one gRPC channel per agent address and closes the
+replicas. A model that is placed but has no live replica yet (moved: its new
+replica still loads) is served by its draining engines (being unloaded, no
+longer placed) while they last, rather than waited for; a model placed
+nowhere (its policy left it out) is not. It keeps one gRPC channel per agent address and closes the
 channels of agents that vanish. Every change it sees sets the event that
 next_change() handed out, so a request waiting for its model to become
 servable (services/gateway/cold_start.py) wakes on it instead of polling.
@@ -162,7 +165,8 @@ class Router:
             raise ModelNotFound(f"The model {model!r} does not exist", param="model")
         live: list[str] = []
         reasons: list[str] = []
-        for agent_id, address, engine in self._replica_states(model):
+        replicas = self._replica_states(model)
+        for agent_id, address, engine in replicas:
             if address is None:
                 reasons.append(f"agent {agent_id} is not registered")
             elif engine is None:
@@ -171,11 +175,30 @@ class Router:
                 reasons.append(f"its engine on agent {agent_id} is {engine.state}")
             elif address not in live:
                 live.append(address)
+        if not live and replicas:  # placed, none servable yet (a move): one on its way out serves meanwhile
+            live = self._draining(model)
         if not live:
             why = "; ".join(reasons) if reasons else "it is not placed on any agent"
             raise ModelUnavailable(f"model {model!r} has no live replica ({why})")
         turn = next(self._turns.setdefault(model, itertools.count())) % len(live)
         return live[turn:] + live[:turn]
+
+    def _draining(self, model: str) -> list[str]:
+        """Addresses of the live agents whose engine of `model` is draining
+        (being unloaded: it finishes what it has, then goes)."""
+        agents = self._items(records.AGENTS)
+        out = []
+        for key, value in sorted(self._items(records.ENGINES).items()):
+            if not key.endswith("/" + model):
+                continue
+            engine = _parse(records.EngineRecord, value, key)
+            if engine is None or engine.model != model or engine.state != "draining":
+                continue
+            agent_key = records.AGENTS + engine.agent_id
+            agent = _parse(records.AgentRecord, agents.get(agent_key), agent_key)
+            if agent is not None and agent.address not in out:
+                out.append(agent.address)
+        return out
 
     def route(self, model: str) -> str:
         """The address of the agent that should serve the next request for `model`."""
@@ -196,8 +219,10 @@ class Router:
         models = []
         for key in sorted(self._items(records.MODELS)):
             name = key[len(records.MODELS):]
-            engines = [e for _, address, e in self._replica_states(name) if address is not None and e is not None]
-            models.append(ModelStatus(name=name, available=any(e.servable for e in engines),
+            replicas = self._replica_states(name)
+            engines = [e for _, address, e in replicas if address is not None and e is not None]
+            available = any(e.servable for e in engines) or bool(replicas and self._draining(name))
+            models.append(ModelStatus(name=name, available=available,
                                       max_context=max((e.max_context for e in engines), default=0)))
         return models
 
