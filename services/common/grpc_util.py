@@ -10,6 +10,9 @@ from grpc_reflection.v1alpha import reflection
 # Trailing metadata of a refused (RESOURCE_EXHAUSTED) call: whole seconds before a retry may succeed.
 # The agent sets it on a shed request; the gateway passes it on (REST: the Retry-After header).
 RETRY_AFTER_KEY = "retry-after"
+# Trailing metadata of a request an agent sends back unstarted (UNAVAILABLE) because the engine it
+# waited for is draining: the gateway sends it to the model's replicas as they are now.
+DRAINING_KEY = "prism-draining"
 
 
 def add_health_and_reflection(server: grpc.aio.Server, service_full_names: list[str]) -> health.aio.HealthServicer:

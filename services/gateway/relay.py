@@ -4,8 +4,11 @@ open() returns only once the agent's first response has arrived, so every
 failure before generation starts (unknown model, prompt over the context,
 no live replica) surfaces as an exception the caller can still turn into a
 real HTTP status or gRPC code. An agent that is unreachable (UNAVAILABLE
-before any output) is skipped for the model's next live replica. A model
-with no live replica at all is first waited for (services/gateway/cold_start.py).
+before any output) is skipped for the model's next live replica. A request
+an agent sends back unstarted because its engine began draining (UNAVAILABLE
+with the draining marker) goes to the model's replicas as the router sees
+them now. A model with no live replica at all is first waited for
+(services/gateway/cold_start.py).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from prism.v1 import generate_pb2
+from services.common.grpc_util import DRAINING_KEY
 from services.gateway.errors import GatewayError, InternalError, ModelUnavailable, from_agent_error, retry_after_of
 from services.gateway.request_ids import HEADER
 from services.gateway.router import Router
@@ -26,6 +30,14 @@ if TYPE_CHECKING:
     from services.gateway.cold_start import ColdStart
 
 log = logging.getLogger(__name__)
+
+# How often one request may be sent back by draining engines before the relay stops re-routing it (a
+# request that arrives while an engine drains is served there, so one bounce is the most expected).
+MAX_DRAIN_BOUNCES = 3
+
+
+def _sent_back_draining(exc: grpc.aio.AioRpcError) -> bool:
+    return any(key == DRAINING_KEY for key, _ in exc.trailing_metadata() or ())
 
 
 class AgentStream:
@@ -77,13 +89,12 @@ class Relay:
     async def open(self, request: generate_pb2.GenerateRequest) -> AgentStream:
         """Raises GatewayError (ModelNotFound, ModelUnavailable, InvalidRequest, ...).
         A model without a live replica is waited for first (cold start)."""
-        if self.cold_start is not None:
-            candidates = await self.cold_start.candidates(request.model)
-        else:
-            candidates = self.router.candidates(request.model)
+        candidates = await self._candidates(request.model)
         deadline = time.monotonic() + self.timeout_s
         unreachable: list[str] = []
-        for address in candidates:
+        bounces = 0
+        while candidates:
+            address = candidates.pop(0)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -92,6 +103,13 @@ class Relay:
             try:
                 first = await call.read()
             except grpc.aio.AioRpcError as exc:
+                draining = exc.code() == grpc.StatusCode.UNAVAILABLE and _sent_back_draining(exc)
+                if draining and bounces < MAX_DRAIN_BOUNCES:
+                    bounces += 1
+                    log.info("request %s sent back by the draining engine of %s at %s; routing it again",
+                             request.request_id, request.model, address)
+                    candidates = await self._candidates(request.model)
+                    continue
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:
                     log.warning("agent at %s unavailable for %s: %s", address, request.model, exc.details())
                     unreachable.append(f"agent at {address}: {exc.details()}")
@@ -110,3 +128,8 @@ class Relay:
             raise from_agent_error(grpc.StatusCode.DEADLINE_EXCEEDED, None, model=request.model,
                                    request_id=request.request_id, timeout_s=self.timeout_s)
         raise ModelUnavailable(f"model {request.model!r} has no live replica ({'; '.join(unreachable)})")
+
+    async def _candidates(self, model: str) -> list[str]:
+        if self.cold_start is not None:
+            return await self.cold_start.candidates(model)
+        return self.router.candidates(model)

@@ -245,6 +245,18 @@ class AdmissionQueue:
         else:
             self._reserved_tokens.pop(ticket.model, None)
 
+    def send_back(self, managed: ManagedEngine, error: Exception) -> int:
+        """Ends the waits of the engine's queued requests with `error` (its
+        drain began: they go back to the gateway); how many."""
+        tickets = [t for t in self.waiting if t.managed is managed and not t.future.done()]
+        for ticket in tickets:
+            self._drop(ticket)
+            ticket.future.set_exception(error)
+        if tickets:
+            self.coordinator.poke()
+            self.poke()
+        return len(tickets)
+
     def _drop(self, ticket: Ticket) -> None:
         if ticket in self.waiting:
             self.waiting.remove(ticket)

@@ -12,7 +12,7 @@ from contextlib import aclosing
 import grpc
 
 from prism.v1 import agent_pb2, agent_pb2_grpc, generate_pb2
-from services.common.grpc_util import RETRY_AFTER_KEY
+from services.common.grpc_util import DRAINING_KEY, RETRY_AFTER_KEY
 from services.common.logs import request_id_var
 from services.gpu_agent.admission import AgentAdmission, ShedError
 from services.gpu_agent.engine import (
@@ -22,6 +22,7 @@ from services.gpu_agent.engine import (
     InvalidRequestError,
 )
 from services.gpu_agent.engine_manager import (
+    DrainingError,
     EngineManager,
     EngineNotReadyError,
     EngineSpec,
@@ -55,6 +56,7 @@ STATE_TO_PROTO = {
     "active": agent_pb2.ENGINE_STATE_ACTIVE,
     "inactive": agent_pb2.ENGINE_STATE_INACTIVE,
     "failed": agent_pb2.ENGINE_STATE_FAILED,
+    "draining": agent_pb2.ENGINE_STATE_DRAINING,
 }
 
 
@@ -66,7 +68,7 @@ def engine_status(managed: ManagedEngine, *, admission: AdmissionQueueView | Non
     status = agent_pb2.EngineStatus(
         model=managed.spec.name,
         gpu_ids=list(managed.gpu_ids),
-        state=STATE_TO_PROTO.get(managed.state, agent_pb2.ENGINE_STATE_UNSPECIFIED),
+        state=STATE_TO_PROTO.get(managed.published_state, agent_pb2.ENGINE_STATE_UNSPECIFIED),
         error=managed.error,
         memory_limit_bytes=managed.memory_limit_bytes,
     )
@@ -167,11 +169,17 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         except CapacityError as exc:
             stats.failed()
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except DrainingError as exc:  # not started: the gateway gives it to another replica
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc), trailing_metadata=((DRAINING_KEY, "1"),))
         except (EngineInactiveError, EngineNotReadyError) as exc:
             stats.failed()
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, managed.unload_reason or str(exc))
         except EngineError as exc:
             stats.failed()
+            if managed.unload_reason:  # a drain timed out: the engine was stopped under the request
+                log.warning("request %s ended unfinished: %s", request.request_id, managed.unload_reason)
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"request {request.request_id}: "
+                                                                 f"{managed.unload_reason}")
             log.error("engine failure: %s", exc)
             await context.abort(grpc.StatusCode.INTERNAL, f"engine for {request.model!r} failed on request {request.request_id}: {exc}")
         finally:
@@ -206,8 +214,20 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         return engine_status(managed)
 
     async def UnloadModel(self, request: agent_pb2.ModelRequest, context) -> agent_pb2.EngineStatus:
+        """Drains the engine (returns at once, DRAINING while requests are in
+        flight); with force, unloads it at once."""
         await self._managed(request.model, context, ready=False)
-        return engine_status(await self.manager.unload(request.model))
+        if request.force:
+            return engine_status(await self.manager.unload(request.model))
+        managed = await self.manager.drain(request.model)
+        queue = self.admission.queue_for(managed) if self.admission is not None and managed.draining else None
+        if queue is not None:  # what waits to go into the engine goes back to the gateway at once
+            sent = queue.send_back(managed, DrainingError(
+                f"model {request.model!r} is draining on agent {self.agent_id} (being unloaded): the request had "
+                "not started; sent back for another replica"))
+            if sent:
+                log.info("draining %s: %d queued request(s) sent back to the gateway", request.model, sent)
+        return engine_status(managed)
 
     @staticmethod
     async def _engine_call(context: grpc.aio.ServicerContext, call: Awaitable[ManagedEngine],

@@ -5,8 +5,14 @@ blocking, so it runs in a thread) or in its own worker process taken from a
 WorkerPool (process isolation, warm start); both are EngineHandles, and the
 asyncio side only ever sees finished state changes. Every change is
 published through `on_change` (the agent writes it to etcd) so the gateway
-and the scheduler see an engine as loading, active, inactive or failed; a
-worker process that dies makes its engine "failed".
+and the scheduler see an engine as loading, active, inactive, draining or
+failed; a worker process that dies makes its engine "failed".
+
+Unloading drains by default (drain()): the engine is published as draining,
+so gateways send new requests to the model's other replicas (and to it only
+while there is none), keeps serving what it has, and is unloaded once no
+request is in flight, or at the drain timeout, when the requests left end
+with an error that says so. unload() is the immediate way.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ from services.gpu_agent.workers.worker_pool import WorkerPool
 
 log = logging.getLogger(__name__)
 
+DEFAULT_DRAIN_TIMEOUT_S = 30.0  # the agent's --drain-timeout-s
+DRAIN_POLL_S = 0.05  # how often a drain looks whether its engine's last request has ended
+
 
 @dataclass(frozen=True)
 class EngineSpec:
@@ -51,6 +60,11 @@ class EngineNotReadyError(RuntimeError):
     """The engine exists but cannot serve now (still loading, or failed)."""
 
 
+class DrainingError(EngineNotReadyError):
+    """A request that had not gone into the engine yet when its drain began:
+    sent back, so the gateway can give it to another replica."""
+
+
 class PlacementError(ValueError):
     """A load request this agent cannot satisfy (unknown GPU, wrong tp size, ...)."""
 
@@ -68,6 +82,14 @@ class ManagedEngine:
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
     activation_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     request_stats: ModelRequestStats = None  # type: ignore[assignment]  # set from the spec's SLO
+    # Being unloaded: serves what it has, then goes (EngineManager.drain). Its
+    # `state` stays what it was (active or inactive) for everything on this
+    # agent; only what is published says draining.
+    draining: bool = False
+    drain_task: asyncio.Task | None = None
+    # Why it was unloaded while requests were still in flight (a drain that
+    # timed out): those requests end with this message.
+    unload_reason: str = ""
 
     def __post_init__(self) -> None:
         if self.request_stats is None:
@@ -76,6 +98,11 @@ class ManagedEngine:
     @property
     def slo(self) -> ModelSlo:
         return self.spec.slo
+
+    @property
+    def published_state(self) -> str:
+        """The state others see (etcd, GetStatus): draining while it drains."""
+        return "draining" if self.draining and self.state in ("active", "inactive") else self.state
 
 
 OnChange = Callable[[ManagedEngine], Awaitable[None]]
@@ -90,14 +117,20 @@ COORDINATED_INITIAL_LIMIT_BYTES = 1
 class EngineManager:
     def __init__(self, devices: list[Device], on_change: OnChange, pool: WorkerPool | None = None,
                  coordinated: bool = False, stats_window_s: float = DEFAULT_WINDOW_S,
-                 shared_weights_dir: Path | None = None, shared_weights_prefix: str = "prism"):
+                 shared_weights_dir: Path | None = None, shared_weights_prefix: str = "prism",
+                 drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S):
         """pool: run each engine in a worker process from it; None runs engines inline.
         coordinated: a memory coordinator sets the KV limits; a load's memory
         limit is then the engine's cap, not its limit.
         shared_weights_dir: workers keep each model's host weights in a shared-memory
         file there (named with shared_weights_prefix, removed when the model is
         unloaded), so a worker that replaces a dead one maps them instead of
-        loading the model again; None: each worker has a private copy."""
+        loading the model again; None: each worker has a private copy.
+        drain_timeout_s: the longest a drain (a graceful unload) waits for its
+        engine's requests before unloading it anyway."""
+        if drain_timeout_s < 0:
+            raise ValueError("drain_timeout_s must not be negative")
+        self.drain_timeout_s = drain_timeout_s
         self.devices = {d.index: d for d in devices}
         self.engines: dict[str, ManagedEngine] = {}
         self._on_change = on_change
@@ -148,6 +181,8 @@ class EngineManager:
         if existing is not None and existing.state != "failed":
             if existing.spec != spec or existing.gpu_ids != gpu_ids:
                 raise PlacementError(f"model {spec.name!r} is already loaded here with another spec; unload it first")
+            if existing.draining:  # placed here again before it was gone: it stays
+                await self._cancel_drain(existing)
             await existing.loaded.wait()
             if activate and existing.state == "inactive":
                 await self.activate(spec.name)
@@ -255,14 +290,69 @@ class EngineManager:
         return engine
 
     async def unload(self, model: str) -> ManagedEngine:
-        managed = self.get(model)
-        del self.engines[model]
+        """Unloads the engine at once: requests in flight on it end with an error."""
+        return await self._unload(self.get(model))
+
+    async def _unload(self, managed: ManagedEngine) -> ManagedEngine:
+        if managed.drain_task is not None and managed.drain_task is not asyncio.current_task():
+            managed.drain_task.cancel()
+        managed.drain_task = None
+        del self.engines[managed.spec.name]
         if managed.engine is not None:
             await managed.engine.stop()
         self._remove_shared_weights(managed)
         managed.state = "unloaded"
         await self._publish(managed)
         return managed
+
+    async def drain(self, model: str, timeout_s: float | None = None) -> ManagedEngine:
+        """Unloads the engine gracefully: at once if no request is in flight on
+        it (or it is loading or failed), else it is published as draining and
+        unloaded by a background task once its requests have ended, at the
+        latest after timeout_s (default: the manager's drain_timeout_s), when
+        the ones left end with an error saying so. Returns at once; a drain
+        under way is left to run. load() of the same spec cancels it."""
+        managed = self.get(model)
+        if managed.draining:
+            return managed
+        if managed.state not in ("active", "inactive") or managed.request_stats.in_flight == 0:
+            return await self._unload(managed)
+        timeout_s = self.drain_timeout_s if timeout_s is None else timeout_s
+        managed.draining = True
+        log.info("draining %s: %d request(s) in flight, unloading once they end (at most %.0fs)", model,
+                 managed.request_stats.in_flight, timeout_s)
+        await self._publish(managed)
+        managed.drain_task = asyncio.create_task(self._drain(managed, timeout_s), name=f"drain-{model}")
+        return managed
+
+    async def _drain(self, managed: ManagedEngine, timeout_s: float) -> None:
+        model = managed.spec.name
+        start = time.monotonic()
+        deadline = start + timeout_s
+        while managed.request_stats.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        if self.engines.get(model) is not managed or not managed.draining:
+            return  # unloaded at once meanwhile, or placed here again
+        left = managed.request_stats.in_flight
+        if left:
+            managed.unload_reason = (f"model {model!r} was unloaded from this agent while the request was in flight: "
+                                     f"its drain timeout of {timeout_s:g}s passed with {left} request(s) unfinished")
+            log.warning("drain of %s timed out after %.0fs: unloading it with %d request(s) in flight", model,
+                        timeout_s, left)
+        else:
+            log.info("drained %s in %.2fs; unloading it", model, time.monotonic() - start)
+        try:
+            await self._unload(managed)
+        except Exception:
+            log.exception("unloading %s after its drain failed", model)
+
+    async def _cancel_drain(self, managed: ManagedEngine) -> None:
+        if managed.drain_task is not None:
+            managed.drain_task.cancel()
+        managed.drain_task = None
+        managed.draining = False
+        log.info("%s is placed here again: its drain is cancelled", managed.spec.name)
+        await self._publish(managed)
 
     async def activate(self, model: str) -> ManagedEngine:
         managed = self.ready(model)

@@ -60,6 +60,8 @@ class LoadReporter:
         report = scheduler_pb2.LoadReport(agent_id=self.agent_id, sequence=self._sequence,
                                           gpus=[gpu_memory_proto(s) for s in splits])
         for name, managed in self.manager.engines.items():
+            if managed.draining:  # on its way out: its requests need no placement (the simulator agrees)
+                continue
             load = report.models.add(
                 model=name,
                 state=STATE_TO_PROTO.get(managed.state, agent_pb2.ENGINE_STATE_UNSPECIFIED),

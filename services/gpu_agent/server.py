@@ -4,7 +4,8 @@ registration alive in etcd and reports load to the scheduler.
     python -m services.gpu_agent.server --etcd 127.0.0.1:2379 --scheduler 127.0.0.1:50051 \
         --listen 127.0.0.1:50061 [--advertise HOST:PORT] [--device auto|cpu|cuda] [--cpu-memory-gb 4] \
         [--engine-isolation auto|process|inline] [--spare-workers 1] \
-        [--memory-policy balloon|static] [--memory-reserve-gb GB] [--kv-budget-gb GB] [--starvation-s 5]
+        [--memory-policy balloon|static] [--memory-reserve-gb GB] [--kv-budget-gb GB] [--starvation-s 5] \
+        [--drain-timeout-s 30]
 
 Engine isolation: `process` runs each engine in its own worker process, with
 `--spare-workers` pre-started, device-initialized workers per device so a new
@@ -35,7 +36,7 @@ from services.gpu_agent.admission import DEFAULT_STARVATION_S, AdmissionQueue, A
 from services.gpu_agent.agent_service import DEFAULT_BUSY_WINDOW_S, AgentService
 from services.gpu_agent.devices import Device, discover_devices
 from services.gpu_agent.engine.shared_weights import check_shared_dir, default_shared_dir
-from services.gpu_agent.engine_manager import EngineManager, ManagedEngine
+from services.gpu_agent.engine_manager import DEFAULT_DRAIN_TIMEOUT_S, EngineManager, ManagedEngine
 from services.gpu_agent.load_reporter import LoadReporter
 from services.gpu_agent.memory_coordinator import MemoryCoordinator
 from services.gpu_agent.memory_policy import POLICIES
@@ -77,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="window of each model's request stats; a model with no request in it reports no demand")
     p.add_argument("--starvation-s", type=float, default=DEFAULT_STARVATION_S,
                    help="a request waiting this long for admission goes first, whatever its deadline")
+    p.add_argument("--drain-timeout-s", type=float, default=DEFAULT_DRAIN_TIMEOUT_S,
+                   help="an engine the scheduler removes first finishes its requests (new ones go to the model's "
+                        "other replicas); after this long it is unloaded anyway and the requests left fail")
     args = p.parse_args(argv)
     if args.spare_workers < 0:
         p.error("--spare-workers must be >= 0")
@@ -88,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--stats-window-s must be positive")
     if args.starvation_s <= 0:
         p.error("--starvation-s must be positive")
+    if args.drain_timeout_s < 0:
+        p.error("--drain-timeout-s must not be negative")
     return args
 
 
@@ -136,7 +142,7 @@ async def serve(args: argparse.Namespace) -> None:
             await leased.delete(key)
             return
         record = records.EngineRecord(
-            agent_id=agent_id, model=managed.spec.name, state=managed.state, gpu_ids=list(managed.gpu_ids),
+            agent_id=agent_id, model=managed.spec.name, state=managed.published_state, gpu_ids=list(managed.gpu_ids),
             max_context=managed.engine.max_context if managed.engine else 0, error=managed.error,
         )
         await leased.put(key, record.to_json())
@@ -146,7 +152,7 @@ async def serve(args: argparse.Namespace) -> None:
         pool = WorkerPool([d.torch_device for d in devices], args.spare_workers)
         await pool.start()  # the spares warm up while the agent registers
     manager = EngineManager(devices, publish, pool, coordinated=True, stats_window_s=args.stats_window_s,
-                            shared_weights_dir=shared_dir,
+                            shared_weights_dir=shared_dir, drain_timeout_s=args.drain_timeout_s,
                             shared_weights_prefix=f"prism-{hashlib.sha256(agent_id.encode()).hexdigest()[:10]}")
     reserve = None if args.memory_reserve_gb is None else int(args.memory_reserve_gb * (1 << 30))
     for d in devices:
