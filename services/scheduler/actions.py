@@ -20,7 +20,8 @@ class Action:
 
 
 def current_placement(engines: dict[tuple[str, str], EngineRecord]) -> Placement:
-    """What the agents run: their engines that are loaded or loading (a loading one counts as inactive)."""
+    """What the agents run: their engines that are loaded or loading (a loading one counts as inactive); a
+    draining one is on its way out and does not count."""
     out: Placement = {}
     for (agent_id, model), rec in sorted(engines.items()):
         if rec.state in ("active", "inactive", "loading"):
@@ -35,7 +36,9 @@ def plan_actions(target: Placement, engines: dict[tuple[str, str], EngineRecord]
     Unloads come first so their memory is free before loads need it, then
     deactivations (they free GPU memory too), then loads and activations. A
     failed engine is loaded again (the agent replaces it); a loading one is
-    left alone. manage_activity: switch engines on and off to match the
+    left alone. An unload drains (the agent finishes the engine's requests
+    first): an engine already draining is not unloaded again, and one that
+    the target wants back is loaded, which cancels its drain. manage_activity: switch engines on and off to match the
     target (policies that time-share); otherwise a replica's `active` only
     applies when it is loaded, and agents switch engines on by demand.
     """
@@ -46,14 +49,14 @@ def plan_actions(target: Placement, engines: dict[tuple[str, str], EngineRecord]
     unloads = [
         Action("unload", agent_id, model)
         for (agent_id, model), record in sorted(engines.items())
-        if (agent_id, model) not in wanted and agent_id in live_agents
+        if (agent_id, model) not in wanted and agent_id in live_agents and record.state != "draining"
     ]
     loads, activations, deactivations = [], [], []
     for key, action in sorted(wanted.items()):
         record = engines.get(key)
         if action.agent_id not in live_agents:
             continue
-        if record is None or record.state == "failed":
+        if record is None or record.state in ("failed", "draining"):
             loads.append(action)
         elif manage_activity and record.state == "inactive" and action.activate:
             activations.append(Action("activate", action.agent_id, action.model, action.gpu_ids))

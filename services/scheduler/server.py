@@ -263,8 +263,13 @@ class PlacementLoop:
                     return
                 log.info("deactivated %s on %s", action.model, action.agent_id)
             else:
-                await stub.UnloadModel(agent_pb2.ModelRequest(model=action.model), timeout=60)
-                log.info("unloaded %s from %s", action.model, action.agent_id)
+                # Drains: returns at once, the agent unloads the engine once its requests have ended.
+                status = await stub.UnloadModel(agent_pb2.ModelRequest(model=action.model), timeout=60)
+                if status.state == agent_pb2.ENGINE_STATE_DRAINING:
+                    log.info("draining %s on %s: %d request(s) running, %d queued", action.model, action.agent_id,
+                             status.running_requests, status.queued_requests + status.admission_queued)
+                else:
+                    log.info("unloaded %s from %s", action.model, action.agent_id)
             self._retry_at.pop(key, None)
         except Exception as exc:  # the agent may be gone or the model broken: retry later, never crash the loop
             message = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
