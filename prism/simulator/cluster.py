@@ -16,8 +16,18 @@ What is modeled: step times, activation, deactivation and load delays from the
 profile; a GPU runs one engine step at a time, round robin over its engines
 with work; the gateway routes round robin over a model's placed replicas whose
 engine is loaded (a switched-off one is switched on by its first request, as
-the agent does), and a request for a model with no such replica waits there
-(cold start) up to its TTFT SLO plus 30 s, then fails.
+the agent does), and a request for a model with no such replica goes to one
+of its draining engines if it has any and the model is placed (its new
+replica still loads), else waits there (cold start) up to its TTFT SLO plus
+30 s, then fails.
+
+An unload drains, as the agent's does (services/gpu_agent/engine_manager.py
+drain): an engine with requests (running, queued in it or in admission, or
+waiting for its activation) keeps serving them and is removed once the last
+one ends, or at the drain timeout (the agent's --drain-timeout-s), when the
+ones left fail; meanwhile it gets new requests only while its model has no
+servable placed replica, what waits in admission goes back to the gateway
+when the drain begins, and a load of it on the same agent cancels the drain.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ from services.scheduler.policy import Placement
 
 COLD_START_TIMEOUT_S = 30.0  # the gateway's --cold-start-timeout-s default
 BUSY_WINDOW_S = 10.0  # the agent's --busy-window-s default
+DRAIN_TIMEOUT_S = 30.0  # the agent's --drain-timeout-s default
 RESERVE_FRACTION, RESERVE_MAX = 0.05, 4 << 30  # memory_coordinator.default_reserve_bytes on a GPU
 
 
@@ -98,7 +109,7 @@ class Agent:
 class SimCluster:
     def __init__(self, clock: Clock, profile: LatencyProfile, models: dict[str, SimModel], num_gpus: int,
                  gpus_per_agent: int, gpu_memory_bytes: int, memory_policy: str = "balloon",
-                 starvation_s: float = DEFAULT_STARVATION_S):
+                 starvation_s: float = DEFAULT_STARVATION_S, drain_timeout_s: float = DRAIN_TIMEOUT_S):
         if memory_policy not in MEMORY_POLICIES:
             raise ValueError(f"memory policy {memory_policy!r} is not one of {', '.join(MEMORY_POLICIES)}")
         self.clock = clock
@@ -107,6 +118,7 @@ class SimCluster:
         self.memory_policy = MEMORY_POLICIES[memory_policy]
         self.memory_params = PolicyParams()
         self.starvation_s = starvation_s
+        self.drain_timeout_s = drain_timeout_s
         self.agents: dict[str, Agent] = {}
         left, n = num_gpus, 0
         while left > 0:
@@ -120,7 +132,7 @@ class SimCluster:
         self.on_cold_start: Callable[[], None] = lambda: None  # the scheduler re-plans at once
         self.on_done: Callable[[SimRequest], None] = lambda r: None
         self.stats = {"loads": 0, "unloads": 0, "activations": 0, "deactivations": 0, "deactivations_refused": 0,
-                      "activation_out_of_memory": 0, "preemptions": 0, "memory_plans": 0, "grants": 0, "steps": 0}
+                      "drains": 0, "drain_timeouts": 0, "drains_cancelled": 0, "drain_rerouted": 0, "activation_out_of_memory": 0, "preemptions": 0, "memory_plans": 0, "grants": 0, "steps": 0}
 
     @property
     def now(self) -> float:
@@ -143,6 +155,7 @@ class SimCluster:
         if request.engine is not None:  # the agent counted it: it ends there
             request.engine.stats.failed()
             request.engine.stats.ended()
+            self._ended_on(request.engine)
         self.on_done(request)
 
     def _finish(self, request: SimRequest) -> None:
@@ -154,6 +167,7 @@ class SimCluster:
             tpot = (self.now - request.first_token_at) / (request.tokens - 1) if request.tokens > 1 else None
             request.engine.stats.finished(ttft, tpot, request.prompt_tokens, request.tokens)
             request.engine.stats.ended()
+            self._ended_on(request.engine)
         self.on_done(request)
 
     # ---- the gateway -------------------------------------------------------------
@@ -166,8 +180,19 @@ class SimCluster:
                 out.append(engine)
         return out
 
+    def _draining(self, model: str) -> list[SimEngine]:
+        """The model's draining engines (no longer placed): the gateway's fallback."""
+        out = []
+        for agent in self.agents.values():
+            engine = agent.engines.get(model)
+            if engine is not None and engine.draining and engine.state in ("inactive", "activating", "active"):
+                out.append(engine)
+        return out
+
     def arrive(self, request: SimRequest) -> None:
         live = self._servable(request.model)
+        if not live and self.placement.get(request.model):  # placed, none servable yet: draining ones serve
+            live = self._draining(request.model)
         if not live:  # cold start: wait at the gateway for a replica, up to the TTFT SLO plus the timeout
             self.gateway_waiting.setdefault(request.model, []).append(request)
             bound = self.models[request.model].ttft_s + COLD_START_TIMEOUT_S
@@ -213,6 +238,10 @@ class SimCluster:
              instant: bool = False) -> None:
         agent = self.agents[agent_id]
         if model in agent.engines and agent.engines[model].state != "failed":
+            engine = agent.engines[model]
+            if engine.draining:  # placed here again before it was gone: it stays
+                engine.draining = False
+                self.stats["drains_cancelled"] += 1
             return
         spec = self.models[model]
         device = agent.devices[gpu_ids[0]]
@@ -235,20 +264,68 @@ class SimCluster:
         else:
             self.clock.at(self.now + self.profile.load_s(spec.weight_bytes), loaded)
 
+    def _has_requests(self, engine: SimEngine) -> bool:
+        """What a drain waits for: requests in the engine, waiting for its activation or in admission."""
+        return bool(engine.requests or engine.pending) or any(t.engine is engine
+                                                              for t in self.device_of(engine).waiting)
+
     def unload(self, agent_id: str, model: str) -> None:
-        agent = self.agents[agent_id]
-        engine = agent.engines.pop(model, None)
-        if engine is None:
+        """As the agent's UnloadModel: drains (at once when nothing is in flight)."""
+        engine = self.agents[agent_id].engines.get(model)
+        if engine is None or engine.draining:
             return
+        if engine.state in ("loading", "failed") or not self._has_requests(engine):
+            self._remove(engine)
+            return
+        engine.draining = True
+        self.stats["drains"] += 1
+        token = engine.drain_token = engine.drain_token + 1
+        self.clock.at(self.now + self.drain_timeout_s, lambda: self._drain_timeout(engine, token))
+        # What waits in admission (not in the engine yet) goes back to the gateway, which sends it to another
+        # replica (or, with none, here again, where it is served: a request arriving while it drains stays).
+        device = self.device_of(engine)
+        bounced = [t.request for t in device.waiting if t.engine is engine]
+        device.waiting = [t for t in device.waiting if t.engine is not engine]
+        for request in bounced:
+            engine.stats.ended()
+            request.engine = None
+            self.stats["drain_rerouted"] += 1
+            self.arrive(request)
+        if bounced:
+            self._ended_on(engine)
+
+    def _ended_on(self, engine: SimEngine) -> None:
+        """A request of the engine ended: a draining engine goes once its last one has (looked at after the
+        event that ended it, so the engine's own bookkeeping is done)."""
+        if engine.draining and engine.state != "unloaded":
+            self.clock.at(self.now, lambda: self._drained(engine))
+
+    def _drained(self, engine: SimEngine) -> None:
+        if engine.draining and engine.state != "unloaded" and not self._has_requests(engine):
+            self._remove(engine)
+
+    def _drain_timeout(self, engine: SimEngine, token: int) -> None:
+        if engine.draining and engine.drain_token == token and engine.state != "unloaded":
+            self.stats["drain_timeouts"] += 1
+            self._remove(engine, f"its drain timeout of {self.drain_timeout_s:g}s passed with the request unfinished")
+
+    def _remove(self, engine: SimEngine, why: str = "") -> None:
+        agent = self.agents[engine.agent_id]
+        model = engine.name
+        if agent.engines.get(model) is not engine:
+            return
+        del agent.engines[model]
         device = agent.devices[engine.gpu]
         device.engines.remove(engine)
         engine.state = "unloaded"
+        engine.draining = False
         self.stats["unloads"] += 1
+        why = f": {why}" if why else ""
         for ticket in [t for t in device.waiting if t.engine is engine]:
             device.waiting.remove(ticket)
-            self._fail(ticket.request, f"UNAVAILABLE: model {model!r} was unloaded while the request waited")
+            self._fail(ticket.request, f"UNAVAILABLE: model {model!r} was unloaded while the request waited{why}")
         for request in engine.drop_all():
-            self._fail(request, f"UNAVAILABLE: model {model!r} was unloaded while serving the request")
+            self._fail(request, f"UNAVAILABLE: model {model!r} was unloaded while serving the request{why}")
         self.rebalance(device)
 
     def activate(self, engine: SimEngine, instant: bool = False) -> None:

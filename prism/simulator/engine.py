@@ -117,7 +117,8 @@ class Step:
 class SimEngine:
     """One model's engine on one GPU of an agent. States as the agent reports
     them: loading, inactive, active; plus activating (reported inactive, as
-    the real one is until its weights are on the GPU)."""
+    the real one is until its weights are on the GPU); `draining` on top of
+    active or inactive is reported as draining."""
 
     def __init__(self, model: SimModel, agent_id: str, gpu: int, capacity_tokens: int, created_at: float,
                  cap_bytes: int = 0, clock: Callable[[], float] | None = None):
@@ -137,6 +138,8 @@ class SimEngine:
         self.pending: list[SimRequest] = []  # arrived while it was switched off: wait for its activation
         self.requests: dict[Sequence, SimRequest] = {}
         self.stepping = False
+        self.draining = False  # being unloaded: serves what it has, then goes (SimCluster.unload)
+        self.drain_token = 0  # which drain a timeout event belongs to (a cancelled drain's timeout is void)
 
     @property
     def name(self) -> str:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from itertools import count
 
-from prism.simulator.cluster import MEMORY_INTERVAL_S, SimCluster
+from prism.simulator.cluster import DRAIN_TIMEOUT_S, MEMORY_INTERVAL_S, SimCluster
 from prism.simulator.engine import SimRequest
 from prism.simulator.models import sim_model
 from prism.simulator.profile import LatencyProfile
@@ -58,7 +58,8 @@ class SimSettings:
     memory_policy: str = "balloon"
     replan_interval_s: float = DEFAULT_REPLAN_INTERVAL_S
     starvation_s: float = DEFAULT_STARVATION_S
-    drain_s: float = 300.0
+    drain_s: float = 300.0  # how long after the trace's last arrival the run goes on
+    drain_timeout_s: float = DRAIN_TIMEOUT_S  # an unloaded engine's drain (the agent's --drain-timeout-s)
 
 
 def _result(r: SimRequest, slo: SloTargets) -> RequestResult:
@@ -80,7 +81,7 @@ def simulate(trace: Trace, models: list[ModelConfig], profile: LatencyProfile, s
         raise ValueError(f"the trace has models the config lacks: {', '.join(unknown)}")
     loop = EventLoop()
     cluster = SimCluster(loop, profile, specs, settings.num_gpus, settings.gpus_per_agent, settings.gpu_memory_bytes,
-                         settings.memory_policy, settings.starvation_s)
+                         settings.memory_policy, settings.starvation_s, settings.drain_timeout_s)
     scheduler = SimScheduler(cluster, settings.policy, settings.replan_interval_s)
     requests = [SimRequest(i, r.model, r.t, r.prompt_tokens, r.output_tokens) for i, r in enumerate(trace.requests)]
     open_requests = len(requests)

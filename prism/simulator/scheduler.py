@@ -5,7 +5,8 @@ cluster, re-planned every `interval_s` (the scheduler's --replan-interval-s)
 and at once when a request starts waiting at the gateway for a model no
 agent serves, as the real loop does on a demand record. The actions take
 effect with the profile's delays (load, activation); a deactivation the
-agent refuses (the engine was busy) is asked again at the next plan.
+agent refuses (the engine was busy) is asked again at the next plan; an
+unload drains the engine first (SimCluster.unload).
 
 Not modeled: the load reports' 0.5 s lag (the snapshot reads the agents'
 numbers at the moment of the plan) and failed or retried actions."""
@@ -43,10 +44,11 @@ class SimScheduler:
         self.plans = 0
 
     def records(self) -> dict[tuple[str, str], EngineRecord]:
-        """The engine records the agents would have in etcd (activating reads inactive, as it does there)."""
+        """The engine records the agents would have in etcd (activating reads inactive, as it does there;
+        a draining engine reads draining)."""
         out = {}
         for engine in self.cluster.engines():
-            state = {"activating": "inactive"}.get(engine.state, engine.state)
+            state = "draining" if engine.draining else {"activating": "inactive"}.get(engine.state, engine.state)
             out[(engine.agent_id, engine.name)] = EngineRecord(agent_id=engine.agent_id, model=engine.name,
                                                                state=state, gpu_ids=[engine.gpu])
         return out
@@ -55,6 +57,8 @@ class SimScheduler:
         cluster = self.cluster
         demand: dict[str, ModelDemand] = {}
         for engine in cluster.engines():
+            if engine.draining:  # on its way out: the agent does not report its load (it needs no placement)
+                continue
             serving = cluster.serving(engine)
             demand[engine.name] = demand.get(engine.name, ModelDemand()) + ModelDemand(
                 arrival_rate=serving.arrival_rate, queued=cluster.queued(engine), running=engine.running,
