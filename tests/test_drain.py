@@ -1,0 +1,267 @@
+"""Removing a replica drains it: on a real agent (its gRPC service over a real
+engine of a tiny model on the CPU) an unload lets the streams in flight
+finish and then the engine goes, or, past the drain timeout, ends them with
+an error that says so; the scheduler's plan does not unload a draining
+engine twice and loads one it wants back (the agent cancels the drain); the
+gateway's router sends a placed model with no servable replica to its
+draining engine (a real etcd); the simulator drains alike."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from prism.simulator.cluster import SimCluster
+from prism.simulator.engine import SimRequest
+from prism.simulator.models import sim_model
+from prism.simulator.profile import DEFAULT_PROFILE, LatencyProfile
+from prism.simulator.runner import GB, EventLoop
+from prism.tiny_models import write_tiny_model
+from prism.v1 import agent_pb2, agent_pb2_grpc, generate_pb2
+from services.common import records
+from services.common.etcd import connect
+from services.common.grpc_util import DRAINING_KEY
+from services.common.placement_config import parse
+from services.common.records import EngineRecord
+from services.gateway.errors import ModelUnavailable
+from services.gateway.router import Router
+from services.gpu_agent.admission import AdmissionQueue, AgentAdmission
+from services.gpu_agent.agent_service import AgentService
+from services.gpu_agent.devices import discover_devices
+from services.gpu_agent.engine_manager import EngineManager
+from services.gpu_agent.memory_coordinator import MemoryCoordinator
+from services.scheduler.actions import Action, current_placement, plan_actions
+from services.scheduler.policy import ReplicaTarget
+
+# ---- the agent ---------------------------------------------------------------------------
+
+
+class Agent:
+    """A real agent's gRPC service (engine manager, memory coordinator, admission) on one CPU device."""
+
+    def __init__(self, model_path: str, drain_timeout_s: float):
+        self.model_path = model_path
+        self.drain_timeout_s = drain_timeout_s
+        self.published: list[tuple[str, str]] = []  # (model, state) as it would go to etcd
+
+    async def __aenter__(self) -> Agent:
+        devices = discover_devices("cpu", cpu_memory_gb=1.0)
+
+        async def publish(managed) -> None:
+            self.published.append((managed.spec.name, managed.published_state))
+
+        self.manager = EngineManager(devices, publish, coordinated=True, drain_timeout_s=self.drain_timeout_s)
+        self.coordinator = MemoryCoordinator(devices[0], self.manager, reserve_bytes=0)
+        queue = AdmissionQueue(self.coordinator)
+        self.tasks = [asyncio.create_task(self.coordinator.run()), asyncio.create_task(queue.run())]
+        service = AgentService("agent-t", devices, self.manager, coordinators={0: self.coordinator},
+                               admission=AgentAdmission({0: queue}))
+        self.server = grpc.aio.server()
+        agent_pb2_grpc.add_AgentServicer_to_server(service, self.server)
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        await self.server.start()
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        self.stub = agent_pb2_grpc.AgentStub(self.channel)
+        status = await self.stub.LoadModel(agent_pb2.LoadModelRequest(
+            spec=agent_pb2.ModelSpec(name="m", path=self.model_path), gpu_ids=[0], activate=True), timeout=120)
+        assert status.state == agent_pb2.ENGINE_STATE_ACTIVE, status
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.channel.close()
+        await self.server.stop(grace=None)
+        for task in self.tasks:
+            task.cancel()
+        await self.manager.stop_all()
+
+    def stream(self, i: int, max_tokens: int):
+        return self.stub.Generate(generate_pb2.GenerateRequest(
+            request_id=f"d{i}", model="m", prompt=f"Hello number {i}",
+            sampling=generate_pb2.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)), timeout=120)
+
+
+async def read_all(call) -> tuple[int, int]:
+    """(responses, completion tokens at the end) of a stream that must finish."""
+    n, last = 0, None
+    while (response := await call.read()) is not grpc.aio.EOF:
+        n, last = n + 1, response
+    assert last is not None and last.finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED
+    return n, last.usage.completion_tokens
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory) -> str:
+    return str(write_tiny_model(tmp_path_factory.mktemp("drain") / "m", arch="llama"))
+
+
+async def test_an_unload_lets_the_streams_in_flight_finish_then_the_engine_goes(model_path):
+    async with Agent(model_path, drain_timeout_s=60) as agent:
+        calls = [agent.stream(i, max_tokens=40) for i in range(4)]
+        for call in calls:  # every stream has started: its first output is here
+            await call.read()
+        status = await agent.stub.UnloadModel(agent_pb2.ModelRequest(model="m"), timeout=10)
+        assert status.state == agent_pb2.ENGINE_STATE_DRAINING
+        assert ("m", "draining") in agent.published
+        rest = await asyncio.gather(*(read_all(call) for call in calls))
+        assert [tokens for _, tokens in rest] == [40] * 4  # every stream whole
+        deadline = time.monotonic() + 10
+        while "m" in agent.manager.engines:
+            assert time.monotonic() < deadline, "the drained engine was not unloaded"
+            await asyncio.sleep(0.05)
+        assert agent.published[-1] == ("m", "unloaded")
+        listed = await agent.stub.GetStatus(agent_pb2.GetStatusRequest(), timeout=5)
+        assert [e.model for e in listed.engines] == []
+
+
+async def test_a_drain_past_its_timeout_ends_the_requests_left_with_an_explicit_error(model_path):
+    async with Agent(model_path, drain_timeout_s=0.2) as agent:
+        call = agent.stream(0, max_tokens=250)
+        await call.read()
+        started = time.monotonic()
+        status = await agent.stub.UnloadModel(agent_pb2.ModelRequest(model="m"), timeout=10)
+        assert status.state == agent_pb2.ENGINE_STATE_DRAINING
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            while await call.read() is not grpc.aio.EOF:
+                pass
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "drain timeout of 0.2s" in caught.value.details() and "d0" in caught.value.details()
+        assert time.monotonic() - started < 10
+        assert "m" not in agent.manager.engines
+
+
+async def test_a_load_of_the_draining_model_cancels_its_drain(model_path):
+    async with Agent(model_path, drain_timeout_s=60) as agent:
+        call = agent.stream(0, max_tokens=40)
+        await call.read()
+        status = await agent.stub.UnloadModel(agent_pb2.ModelRequest(model="m"), timeout=10)
+        assert status.state == agent_pb2.ENGINE_STATE_DRAINING
+        status = await agent.stub.LoadModel(agent_pb2.LoadModelRequest(
+            spec=agent_pb2.ModelSpec(name="m", path=model_path), gpu_ids=[0], activate=True), timeout=30)
+        assert status.state == agent_pb2.ENGINE_STATE_ACTIVE
+        assert (await read_all(call))[1] == 40
+        await asyncio.sleep(0.3)  # a drain that was not cancelled would unload it now
+        assert agent.manager.engines["m"].state == "active" and agent.published[-1] == ("m", "active")
+
+
+async def test_a_forced_unload_is_immediate(model_path):
+    async with Agent(model_path, drain_timeout_s=60) as agent:
+        call = agent.stream(0, max_tokens=250)
+        await call.read()
+        await agent.stub.UnloadModel(agent_pb2.ModelRequest(model="m", force=True), timeout=10)
+        assert "m" not in agent.manager.engines
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            while await call.read() is not grpc.aio.EOF:
+                pass
+        assert not any(key == DRAINING_KEY for key, _ in caught.value.trailing_metadata() or ())
+
+
+# ---- the scheduler's plan ------------------------------------------------------------------
+
+
+def test_plan_does_not_unload_a_draining_engine_again_and_loads_one_wanted_back():
+    engines = {("a1", "m"): EngineRecord("a1", "m", "draining", [0]),
+               ("a2", "m"): EngineRecord("a2", "m", "active", [0]),
+               ("a1", "n"): EngineRecord("a1", "n", "draining", [0])}
+    target = {"m": [ReplicaTarget("a2", (0,), True)], "n": [ReplicaTarget("a1", (0,), True)]}
+    assert plan_actions(target, engines, {"a1", "a2"}) == [Action("load", "a1", "n", (0,))]
+    assert current_placement(engines) == {"m": [ReplicaTarget("a2", (0,), True)]}
+
+
+# ---- the gateway's router ------------------------------------------------------------------
+
+
+async def test_router_sends_a_placed_model_with_no_servable_replica_to_its_draining_engine(etcd_server):
+    etcd = await connect(etcd_server.endpoint)
+    router = Router(etcd_server.endpoint, channel_close_grace_s=0.1)
+    task = asyncio.create_task(router.run())
+    try:
+        await asyncio.wait_for(router.wait_ready(), 10)
+
+        async def put(record) -> None:
+            await etcd.put(record.key().encode(), record.to_json())
+
+        await put(records.ModelRecord(name="m", path="/m"))
+        for agent_id, port in (("old", 1), ("new", 2)):
+            await put(records.AgentRecord(agent_id, f"127.0.0.1:{port}"))
+        await put(records.EngineRecord("old", "m", "draining"))
+        await put(records.PlacementRecord("m", [vars(records.Replica("new", [0]))]))
+        await put(records.EngineRecord("new", "m", "loading"))
+
+        async def candidates_become(wanted) -> None:
+            deadline = time.monotonic() + 5
+            while True:
+                try:
+                    got = router.candidates("m")
+                except ModelUnavailable as exc:
+                    got = exc
+                if got == wanted or (isinstance(wanted, type) and isinstance(got, wanted)):
+                    return
+                assert time.monotonic() < deadline, f"candidates {got!r}, wanted {wanted!r}"
+                await asyncio.sleep(0.02)
+
+        await candidates_become(["127.0.0.1:1"])  # the new replica loads: the draining one serves meanwhile
+        await put(records.EngineRecord("new", "m", "active"))
+        await candidates_become(["127.0.0.1:2"])  # servable: the draining one gets nothing more
+        await put(records.PlacementRecord("m", [], revision=2))
+        await put(records.EngineRecord("new", "m", "draining"))
+        await candidates_become(ModelUnavailable)  # placed nowhere: its policy left it out, no fallback
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await router.close()
+        await etcd.close()
+
+
+# ---- the simulator -------------------------------------------------------------------------
+
+
+def sim_move(drain_timeout_s: float, output_tokens: int):
+    """Model m on agent-1's GPU with 6 requests streaming; then moved to agent-2 as the scheduler does it (the
+    placement first, then the load there and the unload here); 4 more requests arrive while agent-2 loads."""
+    loop = EventLoop()
+    config = parse([{"model_name": "m", "model_path": "bench/configs/llama-3.2-1b",
+                     "init_placements": [{"gpu_ids": [0]}]}]).models[0]
+    cluster = SimCluster(loop, LatencyProfile.load(DEFAULT_PROFILE), {"m": sim_model(config)}, num_gpus=2,
+                         gpus_per_agent=1, gpu_memory_bytes=80 * GB, drain_timeout_s=drain_timeout_s)
+    done: list[SimRequest] = []
+    cluster.on_done = done.append
+    cluster.set_placement({"m": [ReplicaTarget("agent-1", (0,), True)]})
+    cluster.load("agent-1", "m", (0,), True, 0, instant=True)
+    first = [SimRequest(i, "m", 0.0, 200, output_tokens) for i in range(6)]
+    for r in first:
+        cluster.arrive(r)
+    loop.run(until=0.1)
+    old = cluster.agents["agent-1"].engines["m"]
+    assert all(r.first_token_at is not None and not r.done for r in first)  # streaming
+    cluster.set_placement({"m": [ReplicaTarget("agent-2", (0,), True)]})
+    cluster.load("agent-2", "m", (0,), True, 0)
+    cluster.unload("agent-1", "m")
+    later = [SimRequest(10 + i, "m", 0.1, 50, 5) for i in range(4)]
+    for r in later:
+        cluster.arrive(r)
+    return loop, cluster, old, first, later, done
+
+
+def test_simulator_a_move_loses_no_request_and_the_old_engine_goes_when_empty():
+    loop, cluster, old, first, later, done = sim_move(drain_timeout_s=30.0, output_tokens=2000)
+    assert old.draining and cluster.stats["drains"] == 1
+    assert all(r.engine is old for r in later)  # agent-2 still loads: the draining engine serves them
+    loop.run(until=60.0)
+    assert len(done) == 10 and all(r.error is None and r.tokens == r.output_tokens for r in done)
+    assert old.state == "unloaded" and "m" not in cluster.agents["agent-1"].engines
+    assert cluster.stats["drain_timeouts"] == 0
+    new = cluster.agents["agent-2"].engines["m"]
+    fresh = SimRequest(99, "m", loop.now, 50, 5)
+    cluster.arrive(fresh)
+    assert fresh.engine is new
+
+
+def test_simulator_a_drain_past_its_timeout_fails_what_is_left_explicitly():
+    loop, cluster, old, first, later, done = sim_move(drain_timeout_s=1.0, output_tokens=4000)
+    loop.run(until=120.0)
+    assert cluster.stats["drain_timeouts"] == 1 and old.state == "unloaded"
+    assert all(r.error is not None and "drain timeout of 1s" in r.error for r in first)
+    assert all(r.error is None for r in later)  # short: they finished on the draining engine in time
