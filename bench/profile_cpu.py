@@ -13,7 +13,16 @@ Fits, by least squares over all rows:
 Activation is taken as ~0 (the CPU "device" is host memory; nothing moves);
 load is the measured engine creation. Takes a few seconds.
 
+With --through-cluster the same rows are measured end to end instead: the
+requests go through a real LocalCluster (etcd, scheduler, one agent with
+inline engines, the gRPC gateway) from a client in this process, so the step
+and prefill times include what the engine alone does not pay: gRPC streaming
+through the agent and the gateway, asyncio, and the cores those processes
+share with the engine. The simulator has no separate term for that cost; a
+profile fitted this way charges it to the steps, as the real cluster does.
+
     python bench/profile_cpu.py [--out bench/results/sim-profile-cpu.json]
+    python bench/profile_cpu.py --through-cluster --out bench/results/sim-profile-cpu-cluster.json
 """
 
 from __future__ import annotations
@@ -87,7 +96,92 @@ def measure_model(folder: Path, batches=BATCHES, prompts=PROMPTS, new_tokens: in
         engine.stop()
 
 
-def fit_cpu_profile(measured: list[dict]) -> LatencyProfile:
+class GatewayEngine:
+    """The parts of an Engine that decode_round and prompt_of_length use, served
+    by a cluster's gRPC gateway: requests take the whole path a client's do."""
+
+    def __init__(self, stub, model: str, folder: Path):
+        from services.gpu_agent.engine.tokenizer import Tokenizer
+
+        self._stub, self.name, self._tokenizer = stub, model, Tokenizer(folder)
+
+    def tokenize_prompt(self, req) -> list[int]:
+        from services.gpu_agent.engine.prompt import prompt_token_ids
+
+        return prompt_token_ids(self._tokenizer, req)
+
+    async def generate(self, req):
+        from prism.v1 import generate_pb2
+
+        sampling = generate_pb2.SamplingParams(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True)
+        request = generate_pb2.GenerateRequest(request_id=req.request_id, model=self.name, prompt=req.prompt,
+                                               sampling=sampling)
+        async for response in self._stub.Generate(request):
+            yield _Output(list(response.token_ids), response.usage.prompt_tokens if response.HasField("usage") else None)
+
+
+class _Output:
+    def __init__(self, token_ids: list[int], prompt_tokens: int | None):
+        self.token_ids, self.prompt_tokens = token_ids, prompt_tokens
+
+
+def measure_through_cluster(models: dict[str, Path], batches=BATCHES, prompts=PROMPTS,
+                            new_tokens: int = NEW_TOKENS) -> list[dict]:
+    """The rows of measure_model, each model served by a real local cluster (see the module doc)."""
+    import json
+
+    import grpc
+
+    from prism.cluster import LocalCluster
+    from prism.v1 import gateway_pb2_grpc
+    from services.common.etcd_server import free_port
+
+    facts = {}
+    for name, folder in models.items():  # weight and KV sizes and creation time, from an engine of the same model
+        t0 = time.perf_counter()
+        engine = Engine(folder, name=name, device="cpu", attention="torch")
+        facts[name] = (engine.weight_bytes, engine.kv_bytes_per_token, time.perf_counter() - t0)
+        engine.stop()
+    with tempfile.TemporaryDirectory(prefix="prism-profile-") as tmp:
+        state = Path(tmp)
+        config = state / "models.json"
+        config.write_text(json.dumps({"policy": "static", "models": [
+            {"model_name": n, "model_path": str(f), "init_placements": [{"gpu_ids": [0], "on": True}]}
+            for n, f in sorted(models.items())]}))
+        cluster = LocalCluster(state_dir=state / "cluster", config_path=config, http_port=free_port(),
+                               grpc_port=free_port(), device="cpu", engine_isolation="inline")
+        cluster.start()
+        measured = []
+        try:
+            async def run_all() -> None:
+                async with grpc.aio.insecure_channel(cluster.gateway_grpc) as channel:
+                    stub = gateway_pb2_grpc.GatewayStub(channel)
+                    engines = {name: GatewayEngine(stub, name, folder) for name, folder in sorted(models.items())}
+                    texts = {name: {p: prompt_of_length(e, p) for p in prompts} for name, e in engines.items()}
+                    # Untimed: every model at every shape once, so no row pays a first-time cost
+                    # (the KV limits' first grants, the agent's and the gateway's first requests).
+                    for name, engine in engines.items():
+                        for prompt in prompts:
+                            await decode_round(engine, texts[name][prompt], prompt, max(batches), 4, f"warm-{name}")
+                    for name, engine in engines.items():
+                        rows = []
+                        for prompt in prompts:
+                            for batch in batches:
+                                r = await decode_round(engine, texts[name][prompt], prompt, batch, new_tokens,
+                                                       f"{name}-{prompt}-{batch}")
+                                rows.append({"batch": batch, "prompt_tokens": prompt, "new_tokens": new_tokens,
+                                             "step_s": r["step_s"], "prefill_s": r["prefill_s"]})
+                        weight_bytes, kv_bytes, load_s = facts[name]
+                        measured.append({"model": name, "weight_bytes": weight_bytes, "kv_bytes_per_token": kv_bytes,
+                                         "load_s": load_s, "rows": rows})
+
+            asyncio.run(run_all())
+        finally:
+            cluster.stop()
+    return measured
+
+
+def fit_cpu_profile(measured: list[dict], through_cluster: bool = False) -> LatencyProfile:
     """One SizePoint per distinct weight size (models of the same size averaged), a shared attention rate."""
     # Attention rate from all models' decode rows: step = base_m + per_seq_m * b + kv_read * s_per_byte.
     names = [m["model"] for m in measured]
@@ -120,9 +214,12 @@ def fit_cpu_profile(measured: list[dict]) -> LatencyProfile:
     load_s = sum(m["load_s"] for m in measured) / len(measured)
     metadata = {
         "device": device, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": "bench/profile_cpu.py", "torch": torch.__version__, "models": names,
+        "torch": torch.__version__, "models": names,
+        "source": "bench/profile_cpu.py" + (" --through-cluster" if through_cluster else ""),
         "measured": [
-            f"in-process engine (device cpu, torch attention) of {', '.join(names)}: decode step time and one-step "
+            ("requests through a local cluster's gRPC gateway to an inline engine (device cpu, torch attention) of "
+             if through_cluster else "in-process engine (device cpu, torch attention) of ")
+            + f"{', '.join(names)}: decode step time and one-step "
             f"prefill at batch {list(BATCHES)} x prompt {list(PROMPTS)} tokens, {NEW_TOKENS} new tokens; "
             "decode_base_s, decode_per_seq_s, attention_bytes_per_s (shared), prefill_base_s, prefill_per_token_s "
             "by least squares",
@@ -130,7 +227,9 @@ def fit_cpu_profile(measured: list[dict]) -> LatencyProfile:
         ],
         "assumptions": [
             "activation and deactivation ~0: weights stay in host memory (copy rate set to 1e15 B/s)",
-            "no agent, gRPC or gateway overhead: the real cluster's per-request costs are not in the step times",
+            ("the agent's, gRPC's and the gateway's per-token costs are in the step times (measured through them)"
+             if through_cluster else
+             "no agent, gRPC or gateway overhead: the real cluster's per-request costs are not in the step times"),
             "models of the same weight size averaged into one point",
         ],
         "rows": {m["model"]: m["rows"] for m in measured},
@@ -141,20 +240,25 @@ def fit_cpu_profile(measured: list[dict]) -> LatencyProfile:
 
 
 def profile_cpu(models_dir: Path | None = None, batches=BATCHES, prompts=PROMPTS,
-                new_tokens: int = NEW_TOKENS) -> tuple[LatencyProfile, list[dict]]:
+                new_tokens: int = NEW_TOKENS, through_cluster: bool = False) -> tuple[LatencyProfile, list[dict]]:
     if models_dir is None:
         models_dir = Path(tempfile.gettempdir()) / "prism-tiny-models"
     models = ensure_default_models(Path(models_dir))
-    measured = [measure_model(Path(path), batches, prompts, new_tokens) for _, path in sorted(models.items())]
-    return fit_cpu_profile(measured), measured
+    if through_cluster:
+        measured = measure_through_cluster({n: Path(p) for n, p in models.items()}, batches, prompts, new_tokens)
+    else:
+        measured = [measure_model(Path(path), batches, prompts, new_tokens) for _, path in sorted(models.items())]
+    return fit_cpu_profile(measured, through_cluster), measured
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=HERE / "results" / "sim-profile-cpu.json")
+    p.add_argument("--through-cluster", action="store_true",
+                   help="measure through a local cluster's gateway (see above) instead of the engine alone")
     args = p.parse_args()
-    profile, measured = profile_cpu(args.models_dir)
+    profile, measured = profile_cpu(args.models_dir, through_cluster=args.through_cluster)
     for m in measured:
         for r in m["rows"]:
             print(f"{m['model']:<11} batch {r['batch']:>3} prompt {r['prompt_tokens']:>4}: "
