@@ -1,9 +1,10 @@
 """Removing a replica drains it: on a real agent (its gRPC service over a real
 engine of a tiny model on the CPU) an unload lets the streams in flight
 finish and then the engine goes, or, past the drain timeout, ends them with
-an error that says so; the scheduler's plan does not unload a draining
-engine twice and loads one it wants back (the agent cancels the drain); the
-gateway's router sends a placed model with no servable replica to its
+an error that says so; the scheduler's plan drains a replica whose model
+stays placed elsewhere, unloads a model placed nowhere at once, does not
+unload a draining engine twice and loads one it wants back (the agent
+cancels the drain); the gateway's router sends a placed model with no servable replica to its
 draining engine (a real etcd); the simulator drains alike."""
 
 from __future__ import annotations
@@ -168,6 +169,15 @@ def test_plan_does_not_unload_a_draining_engine_again_and_loads_one_wanted_back(
     target = {"m": [ReplicaTarget("a2", (0,), True)], "n": [ReplicaTarget("a1", (0,), True)]}
     assert plan_actions(target, engines, {"a1", "a2"}) == [Action("load", "a1", "n", (0,))]
     assert current_placement(engines) == {"m": [ReplicaTarget("a2", (0,), True)]}
+
+
+def test_plan_drains_a_replica_of_a_model_placed_elsewhere_and_drops_an_unplaced_model_at_once():
+    engines = {("a1", "m"): EngineRecord("a1", "m", "active", [0]),
+               ("a2", "m"): EngineRecord("a2", "m", "active", [0]),
+               ("a1", "gone"): EngineRecord("a1", "gone", "active", [0])}
+    target = {"m": [ReplicaTarget("a2", (0,), True)], "gone": []}
+    assert plan_actions(target, engines, {"a1", "a2"}) == [Action("unload", "a1", "gone", drain=False),
+                                                           Action("unload", "a1", "m", drain=True)]
 
 
 # ---- the gateway's router ------------------------------------------------------------------

@@ -22,12 +22,13 @@ replica still loads), else waits there (cold start) up to its TTFT SLO plus
 30 s, then fails.
 
 An unload drains, as the agent's does (services/gpu_agent/engine_manager.py
-drain): an engine with requests (running, queued in it or in admission, or
-waiting for its activation) keeps serving them and is removed once the last
-one ends, or at the drain timeout (the agent's --drain-timeout-s), when the
-ones left fail; meanwhile it gets new requests only while its model has no
-servable placed replica, what waits in admission goes back to the gateway
-when the drain begins, and a load of it on the same agent cancels the drain.
+drain), when the scheduler asks for it (the model stays placed elsewhere): an
+engine with requests (running, queued in it or in admission) keeps serving
+them and is removed once the last one ends, or at the drain timeout (the
+agent's --drain-timeout-s), when the ones left fail; meanwhile it gets new
+requests only while its model has no servable placed replica, what waits in
+admission goes back to the gateway when the drain begins, and a load of it on
+the same agent cancels the drain.
 """
 
 from __future__ import annotations
@@ -269,12 +270,13 @@ class SimCluster:
         return bool(engine.requests or engine.pending) or any(t.engine is engine
                                                               for t in self.device_of(engine).waiting)
 
-    def unload(self, agent_id: str, model: str) -> None:
-        """As the agent's UnloadModel: drains (at once when nothing is in flight)."""
+    def unload(self, agent_id: str, model: str, drain: bool = True) -> None:
+        """As the agent's UnloadModel: drains (at once when nothing is in flight); drain=False (force):
+        at once, its requests fail."""
         engine = self.agents[agent_id].engines.get(model)
-        if engine is None or engine.draining:
+        if engine is None or (drain and engine.draining):
             return
-        if engine.state in ("loading", "failed") or not self._has_requests(engine):
+        if not drain or engine.state in ("loading", "failed") or not self._has_requests(engine):
             self._remove(engine)
             return
         engine.draining = True

@@ -6,7 +6,8 @@ and at once when a request starts waiting at the gateway for a model no
 agent serves, as the real loop does on a demand record. The actions take
 effect with the profile's delays (load, activation); a deactivation the
 agent refuses (the engine was busy) is asked again at the next plan; an
-unload drains the engine first (SimCluster.unload).
+unload of a replica whose model stays placed elsewhere drains the engine
+first (SimCluster.unload), one of a model placed nowhere is at once.
 
 Not modeled: the load reports' 0.5 s lag (the snapshot reads the agents'
 numbers at the moment of the plan) and failed or retried actions."""
@@ -89,7 +90,7 @@ class SimScheduler:
             cluster.load(action.agent_id, action.model, action.gpu_ids, action.activate, action.memory_limit_bytes,
                          instant=instant)
         elif action.kind == "unload":
-            cluster.unload(action.agent_id, action.model)
+            cluster.unload(action.agent_id, action.model, drain=action.drain)
         elif action.kind == "activate" and engine is not None:
             cluster.activate(engine, instant=instant)
         elif action.kind == "deactivate" and engine is not None:

@@ -17,6 +17,7 @@ class Action:
     gpu_ids: tuple[int, ...] = ()
     activate: bool = True
     memory_limit_bytes: int = 0
+    drain: bool = False  # unload: let the engine finish its requests first (the model stays placed elsewhere)
 
 
 def current_placement(engines: dict[tuple[str, str], EngineRecord]) -> Placement:
@@ -36,9 +37,12 @@ def plan_actions(target: Placement, engines: dict[tuple[str, str], EngineRecord]
     Unloads come first so their memory is free before loads need it, then
     deactivations (they free GPU memory too), then loads and activations. A
     failed engine is loaded again (the agent replaces it); a loading one is
-    left alone. An unload drains (the agent finishes the engine's requests
-    first): an engine already draining is not unloaded again, and one that
-    the target wants back is loaded, which cancels its drain. manage_activity: switch engines on and off to match the
+    left alone. Removing a replica of a model the target still places
+    elsewhere (a move, fewer replicas) drains it: the agent finishes its
+    requests first. A model the target places nowhere (its policy sheds or
+    drops it) is unloaded at once: draining would keep the load its policy
+    means to take off the GPU. An engine already draining is not unloaded
+    again, and one the target wants back is loaded, which cancels its drain. manage_activity: switch engines on and off to match the
     target (policies that time-share); otherwise a replica's `active` only
     applies when it is loaded, and agents switch engines on by demand.
     """
@@ -47,7 +51,7 @@ def plan_actions(target: Placement, engines: dict[tuple[str, str], EngineRecord]
         for r in replicas:
             wanted[(r.agent_id, model)] = Action("load", r.agent_id, model, r.gpu_ids, r.active, r.memory_limit_bytes)
     unloads = [
-        Action("unload", agent_id, model)
+        Action("unload", agent_id, model, drain=bool(target.get(model)))
         for (agent_id, model), record in sorted(engines.items())
         if (agent_id, model) not in wanted and agent_id in live_agents and record.state != "draining"
     ]

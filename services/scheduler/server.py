@@ -263,8 +263,9 @@ class PlacementLoop:
                     return
                 log.info("deactivated %s on %s", action.model, action.agent_id)
             else:
-                # Drains: returns at once, the agent unloads the engine once its requests have ended.
-                status = await stub.UnloadModel(agent_pb2.ModelRequest(model=action.model), timeout=60)
+                # A drain returns at once; the agent unloads the engine once its requests have ended.
+                status = await stub.UnloadModel(agent_pb2.ModelRequest(model=action.model, force=not action.drain),
+                                                timeout=60)
                 if status.state == agent_pb2.ENGINE_STATE_DRAINING:
                     log.info("draining %s on %s: %d request(s) running, %d queued", action.model, action.agent_id,
                              status.running_requests, status.queued_requests + status.admission_queued)
