@@ -28,6 +28,7 @@ from services.common.grpc_util import DRAINING_KEY
 from services.common.placement_config import parse
 from services.common.records import EngineRecord
 from services.gateway.errors import ModelUnavailable
+from services.gateway.relay import Relay
 from services.gateway.router import Router
 from services.gpu_agent.admission import AdmissionQueue, AgentAdmission
 from services.gpu_agent.agent_service import AgentService
@@ -43,28 +44,42 @@ from services.scheduler.policy import ReplicaTarget
 class Agent:
     """A real agent's gRPC service (engine manager, memory coordinator, admission) on one CPU device."""
 
-    def __init__(self, model_path: str, drain_timeout_s: float):
+    def __init__(self, model_path: str, drain_timeout_s: float, etcd=None, agent_id: str = "agent-t"):
+        """etcd: an etcd client to publish the agent and its engines to (as the agent process does)."""
         self.model_path = model_path
         self.drain_timeout_s = drain_timeout_s
-        self.published: list[tuple[str, str]] = []  # (model, state) as it would go to etcd
+        self.etcd = etcd
+        self.agent_id = agent_id
+        self.published: list[tuple[str, str]] = []  # (model, state) as it goes to etcd
 
     async def __aenter__(self) -> Agent:
         devices = discover_devices("cpu", cpu_memory_gb=1.0)
 
         async def publish(managed) -> None:
             self.published.append((managed.spec.name, managed.published_state))
+            if self.etcd is not None:
+                record = records.EngineRecord(self.agent_id, managed.spec.name, managed.published_state, [0])
+                if managed.state == "unloaded":
+                    await self.etcd.delete(record.key().encode())
+                else:
+                    await self.etcd.put(record.key().encode(), record.to_json())
 
         self.manager = EngineManager(devices, publish, coordinated=True, drain_timeout_s=self.drain_timeout_s)
         self.coordinator = MemoryCoordinator(devices[0], self.manager, reserve_bytes=0)
         queue = AdmissionQueue(self.coordinator)
         self.tasks = [asyncio.create_task(self.coordinator.run()), asyncio.create_task(queue.run())]
-        service = AgentService("agent-t", devices, self.manager, coordinators={0: self.coordinator},
-                               admission=AgentAdmission({0: queue}))
+        self.service_admission = AgentAdmission({0: queue})
+        service = AgentService(self.agent_id, devices, self.manager, coordinators={0: self.coordinator},
+                               admission=self.service_admission)
         self.server = grpc.aio.server()
         agent_pb2_grpc.add_AgentServicer_to_server(service, self.server)
         port = self.server.add_insecure_port("127.0.0.1:0")
         await self.server.start()
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        self.address = f"127.0.0.1:{port}"
+        if self.etcd is not None:
+            agent = records.AgentRecord(self.agent_id, self.address)
+            await self.etcd.put(agent.key().encode(), agent.to_json())
+        self.channel = grpc.aio.insecure_channel(self.address)
         self.stub = agent_pb2_grpc.AgentStub(self.channel)
         status = await self.stub.LoadModel(agent_pb2.LoadModelRequest(
             spec=agent_pb2.ModelSpec(name="m", path=self.model_path), gpu_ids=[0], activate=True), timeout=120)
@@ -77,6 +92,9 @@ class Agent:
         for task in self.tasks:
             task.cancel()
         await self.manager.stop_all()
+
+    def admission_queued(self) -> int:
+        return self.service_admission.queued("m")
 
     def stream(self, i: int, max_tokens: int):
         return self.stub.Generate(generate_pb2.GenerateRequest(
@@ -157,6 +175,72 @@ async def test_a_forced_unload_is_immediate(model_path):
             while await call.read() is not grpc.aio.EOF:
                 pass
         assert not any(key == DRAINING_KEY for key, _ in caught.value.trailing_metadata() or ())
+
+
+async def test_requests_queued_at_a_draining_engine_go_back_through_the_gateway_to_the_new_replica(
+        model_path, etcd_server, caplog):
+    """Two real agents and the gateway's router and relay over a real etcd: m moves from `old` to `new` while
+    `old` has requests running and more waiting in its admission queue (its KV budget capped to one page
+    bundle). The running ones finish on `old`; the waiting ones are sent back unstarted and the relay gives
+    them to `new`; every request completes whole."""
+    caplog.set_level("INFO", logger="services.gateway.relay")
+    etcd = await connect(etcd_server.endpoint)
+    router = Router(etcd_server.endpoint, channel_close_grace_s=0.1)
+    task = asyncio.create_task(router.run())
+    try:
+        async with Agent(model_path, 60, etcd, "old") as old, Agent(model_path, 60, etcd, "new") as new:
+            model = records.ModelRecord(name="m", path=model_path)
+            await etcd.put(model.key().encode(), model.to_json())
+            placement = records.PlacementRecord("m", [vars(records.Replica("old", [0]))], revision=1)
+            await etcd.put(placement.key().encode(), placement.to_json())
+            await asyncio.wait_for(router.wait_ready(), 10)
+            while True:
+                try:
+                    if router.candidates("m") == [old.address]:
+                        break
+                except ModelUnavailable:
+                    pass
+                await asyncio.sleep(0.02)
+            engine = old.manager.engines["m"].engine
+            old.coordinator.kv_budget_cap_bytes = engine.kv_bundle_bytes  # room for about three of the prompts
+            await old.coordinator.rebalance()
+            relay = Relay(router, timeout_s=120)
+
+            async def one(i: int) -> tuple[str, int]:
+                stream = await relay.open(generate_pb2.GenerateRequest(
+                    request_id=f"q{i}", model="m", prompt="hello " * 90,
+                    sampling=generate_pb2.SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)))
+                last = None
+                async for response in stream:
+                    last = response
+                assert last.finish_reason == generate_pb2.FINISH_REASON_LENGTH
+                return stream.address, last.usage.completion_tokens
+
+            requests = [asyncio.create_task(one(i)) for i in range(8)]
+            deadline = time.monotonic() + 30
+            while not old.admission_queued():
+                assert time.monotonic() < deadline, "no request waited in the old agent's admission queue"
+                await asyncio.sleep(0.005)
+            placement = records.PlacementRecord("m", [vars(records.Replica("new", [0]))], revision=2)
+            await etcd.put(placement.key().encode(), placement.to_json())
+            while router.candidates("m") != [new.address]:
+                await asyncio.sleep(0.02)
+            status = await old.stub.UnloadModel(agent_pb2.ModelRequest(model="m"), timeout=10)
+            assert status.state == agent_pb2.ENGINE_STATE_DRAINING
+            served = await asyncio.wait_for(asyncio.gather(*requests), 120)
+            assert [tokens for _, tokens in served] == [100] * 8
+            where = [address for address, _ in served]
+            assert old.address in where and new.address in where, where
+            assert any("sent back by the draining engine" in r.getMessage() for r in caplog.records)
+            deadline = time.monotonic() + 10
+            while "m" in old.manager.engines:
+                assert time.monotonic() < deadline, "the drained engine was not unloaded"
+                await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await router.close()
+        await etcd.close()
 
 
 # ---- the scheduler's plan ------------------------------------------------------------------
