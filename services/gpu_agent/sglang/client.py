@@ -1,0 +1,242 @@
+"""SGLang's native HTTP API, as the driver uses it, and its streaming format.
+
+POST /generate with "stream": true answers text/event-stream: one
+`data: {json}` event per step, then `data: [DONE]`. Each event is
+{"text", "output_ids", "meta_info": {"id", "finish_reason", "prompt_tokens",
+"completion_tokens", "cached_tokens", ...}}; with
+--incremental-streaming-output "text" and "output_ids" hold only what is
+new, otherwise everything so far (ChunkDecoder handles both).
+finish_reason is null while running, then {"type": "stop", "matched": ...},
+{"type": "length", "length": n} or {"type": "abort", "message",
+"status_code", "err_type"}. A request SGLang refuses after the stream began
+(a ValueError in its tokenizer manager: a prompt over the context, bad
+sampling parameters) arrives as `data: {"error": {"message": ...}}`; one
+refused before it began is an HTTP 400 with the same body.
+
+POST /abort_request {"rid": ...} (or {"abort_all": true}) aborts; closing a
+stream makes SGLang abort its request too (it watches for the disconnect).
+POST /release_memory_occupation and /resume_memory_occupation take
+{"tags": [...]} (none: every region). GET /health answers 200 once the
+server serves; GET /metrics with --enable-metrics."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from services.gpu_agent.engine.errors import EngineError, InvalidRequestError
+from services.gpu_agent.engine.request import GenerationOutput
+
+DONE = object()  # the [DONE] event
+
+
+class SGLangHTTPError(EngineError):
+    """SGLang answered a call with an error status."""
+
+    def __init__(self, path: str, status: int, message: str):
+        super().__init__(f"SGLang {path} answered {status}: {message}")
+        self.path, self.status, self.message = path, status, message
+
+
+class StreamFormatError(EngineError):
+    """An event in a /generate stream that is not SGLang's format."""
+
+
+def parse_sse_line(line: str) -> dict[str, Any] | object | None:
+    """One line of the event stream: its JSON object, DONE, or None for lines
+    that carry no event (blank separators, comments, other fields)."""
+    line = line.rstrip("\r\n")
+    if not line.startswith("data:"):
+        return None
+    data = line[5:].strip()
+    if data == "[DONE]":
+        return DONE
+    try:
+        event = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise StreamFormatError(f"an SGLang stream event is not JSON ({exc}): {data[:200]!r}") from None
+    if not isinstance(event, dict):
+        raise StreamFormatError(f"an SGLang stream event is not an object: {data[:200]!r}")
+    return event
+
+
+def error_message(body: Any) -> str:
+    """The message of an SGLang error body ({"error": {"message"}}, or
+    FastAPI's {"detail"}), else the body itself."""
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+        if isinstance(err, str):
+            return err
+        if body.get("detail"):
+            return str(body["detail"])
+        if body.get("message"):
+            return str(body["message"])
+    return str(body)[:2000]
+
+
+def engine_error(message: str, status: int | None = None, err_type: str | None = None) -> EngineError:
+    """Our error for SGLang's: the request's fault (HTTP 400, or SGLang's
+    BadRequestError type) is InvalidRequestError, anything else the engine's."""
+    text = f"SGLang: {message}"
+    if status == 400 or (err_type or "").lower() in ("badrequesterror", "invalid_request_error"):
+        return InvalidRequestError(text)
+    return EngineError(text)
+
+
+class ChunkDecoder:
+    """Turns one request's stream events into GenerationOutputs (each with
+    only what is new), and its errors and aborts into engine errors."""
+
+    def __init__(self, incremental: bool):
+        self.incremental = incremental
+        self.text = ""
+        self.token_ids: list[int] = []
+        self.completion_tokens = 0
+
+    def feed(self, event: dict[str, Any]) -> GenerationOutput | None:
+        """The event's output, or None if it carries nothing new."""
+        if "error" in event:
+            message = error_message(event)
+            err = event["error"] if isinstance(event["error"], dict) else {}
+            # A stream error before any output is SGLang refusing the request.
+            status = err.get("code") if isinstance(err.get("code"), int) else (400 if not self.token_ids else None)
+            raise engine_error(message, status, err.get("type"))
+        meta = event.get("meta_info")
+        if not isinstance(meta, dict):
+            raise StreamFormatError(f"an SGLang stream event has no meta_info: {str(event)[:200]}")
+        text = event.get("text")
+        ids = event.get("output_ids") or []
+        if not isinstance(ids, list):
+            raise StreamFormatError(f"output_ids is not a list: {ids!r}")
+        if self.incremental:
+            new_text, new_ids = text or "", list(ids)
+            self.text += new_text
+            self.token_ids += new_ids
+        else:
+            new_ids = list(ids[len(self.token_ids):])
+            self.token_ids = list(ids)
+            if text is None:  # newer versions defer the text of intermediate chunks
+                new_text = ""
+            elif text.startswith(self.text):
+                new_text, self.text = text[len(self.text):], text
+            else:  # detokenization revised earlier text: cannot happen with SGLang's surrogate handling
+                raise StreamFormatError(f"cumulative text no longer extends what was streamed: {text[:200]!r}")
+        finish = _finish_reason(meta.get("finish_reason"))
+        self.completion_tokens = int(meta.get("completion_tokens", len(self.token_ids)))
+        if not new_text and not new_ids and finish is None:
+            return None
+        return GenerationOutput(text=new_text, token_ids=new_ids, finish_reason=finish,
+                                prompt_tokens=int(meta.get("prompt_tokens", 0)),
+                                completion_tokens=self.completion_tokens)
+
+
+def _finish_reason(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        kind, reason = value, {}
+    elif isinstance(value, dict):
+        kind, reason = str(value.get("type")), value
+    else:
+        raise StreamFormatError(f"unknown finish_reason {value!r}")
+    if kind in ("stop", "length"):
+        return kind
+    if kind == "abort":
+        status = reason.get("status_code")
+        raise engine_error(f"request aborted: {reason.get('message') or 'no reason given'}",
+                           int(status) if isinstance(status, int) else None, reason.get("err_type"))
+    raise StreamFormatError(f"unknown finish_reason type {kind!r}")
+
+
+@dataclass
+class GenerateStream:
+    response: httpx.Response
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        """The stream's events up to [DONE] (or the end of the body)."""
+        async for line in self.response.aiter_lines():
+            event = parse_sse_line(line)
+            if event is DONE:
+                return
+            if event is not None:
+                yield event  # type: ignore[misc]
+
+
+class SGLangClient:
+    def __init__(self, base_url: str, control_timeout_s: float = 30.0, stream_read_timeout_s: float = 600.0,
+                 connect_timeout_s: float = 5.0):
+        """control_timeout_s bounds every call but /generate streams, whose
+        wait between two events is bounded by stream_read_timeout_s (a long
+        prefill under load; a dead server is noticed by its exit instead)."""
+        self.base_url = base_url
+        self.control_timeout_s = control_timeout_s
+        self._stream_timeout = httpx.Timeout(connect_timeout_s, read=stream_read_timeout_s)
+        # No pool limit: every in-flight request holds a connection while it streams.
+        self._http = httpx.AsyncClient(base_url=base_url,
+                                       timeout=httpx.Timeout(control_timeout_s, connect=connect_timeout_s),
+                                       limits=httpx.Limits(max_connections=None, max_keepalive_connections=32))
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def health(self, timeout_s: float = 5.0) -> bool:
+        try:
+            response = await self._http.get("/health", timeout=timeout_s)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    @asynccontextmanager
+    async def generate(self, payload: dict[str, Any]) -> AsyncIterator[GenerateStream]:
+        """The open /generate stream; the response closes when the block ends."""
+        async with self._http.stream("POST", "/generate", json={**payload, "stream": True},
+                                     timeout=self._stream_timeout) as response:
+            if response.status_code != 200:
+                body = await response.aread()
+                raise _refusal(response.status_code, body)
+            yield GenerateStream(response)
+
+    async def abort(self, rid: str | None = None, abort_all: bool = False, timeout_s: float = 5.0) -> None:
+        body: dict[str, Any] = {"rid": rid or ""}
+        if abort_all:
+            body["abort_all"] = True
+        await self._post("/abort_request", body, timeout_s)
+
+    async def release_memory(self, tags: list[str] | None = None) -> None:
+        await self._post("/release_memory_occupation", {"tags": tags} if tags else {})
+
+    async def resume_memory(self, tags: list[str] | None = None) -> None:
+        await self._post("/resume_memory_occupation", {"tags": tags} if tags else {})
+
+    async def metrics_text(self, timeout_s: float | None = None) -> str:
+        response = await self._http.get("/metrics", timeout=timeout_s or self.control_timeout_s)
+        if response.status_code != 200:
+            raise SGLangHTTPError("/metrics", response.status_code, response.text[:500])
+        return response.text
+
+    async def _post(self, path: str, body: dict[str, Any], timeout_s: float | None = None) -> Any:
+        response = await self._http.post(path, json=body, timeout=timeout_s or self.control_timeout_s)
+        parsed = _json_or_text(response.content)
+        if response.status_code != 200:
+            raise SGLangHTTPError(path, response.status_code, error_message(parsed))
+        if isinstance(parsed, dict) and parsed.get("success") is False:  # newer versions answer 200 with success
+            raise SGLangHTTPError(path, response.status_code, error_message(parsed))
+        return parsed
+
+
+def _json_or_text(content: bytes) -> Any:
+    try:
+        return json.loads(content) if content else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return content.decode("utf-8", "replace")
+
+
+def _refusal(status: int, body: bytes) -> EngineError:
+    return engine_error(error_message(_json_or_text(body)), status)
