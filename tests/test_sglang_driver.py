@@ -1,0 +1,456 @@
+"""The SGLang driver (services/gpu_agent/sglang) on the CPU: its command line
+and environment, its parsing of SGLang's documented formats (stream events,
+errors, metrics, kvcached's segment), and its life cycle against
+fake_sglang_server.py, a real process that is a stand-in for SGLang (which
+cannot run here). The last test runs real SGLang where it imports and a GPU
+is present (skipped here)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import struct
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.gpu_agent.engine.errors import EngineError, EngineInactiveError, InvalidRequestError
+from services.gpu_agent.engine.request import GenerationRequest
+from services.gpu_agent.sglang.client import DONE, ChunkDecoder, StreamFormatError, parse_sse_line
+from services.gpu_agent.sglang.driver import DriverOptions, SGLangEngine, SGLangStartError
+from services.gpu_agent.sglang.kvcached_limit import KvcachedLimit, KvcachedSegment, KvcachedSegmentError
+from services.gpu_agent.sglang.launch import SGLangLaunchConfig, build_command, build_env, resolve_port
+from services.gpu_agent.sglang.metrics import MetricsFormatError, parse_prometheus_text, parse_sglang_metrics
+from services.gpu_agent.sglang.model_info import read_model_info
+from services.gpu_agent.workers.errors import WorkerLostError
+
+FAKE_SERVER = Path(__file__).with_name("fake_sglang_server.py")
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    from prism.tiny_models import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("sglang-model") / "tiny-llama", arch="llama")
+
+
+# ---- command line and environment ---------------------------------------------
+
+
+def test_command_line_carries_the_spec():
+    config = SGLangLaunchConfig(name="llama-8b", model_path="/models/llama", gpu_ids=(2, 3), tp_size=2, port=31000,
+                                load_format="safetensors", dtype="bfloat16", seed=7, mem_fraction_static=0.5,
+                                extra_args=("--disable-radix-cache",))
+    argv = build_command(config)
+    assert argv[:3] == [sys.executable, "-m", "sglang.launch_server"]
+    pairs = dict(zip(argv[3::1], argv[4::1]))
+    assert pairs["--model-path"] == "/models/llama"
+    assert pairs["--served-model-name"] == "llama-8b"
+    assert pairs["--port"] == "31000" and pairs["--host"] == "127.0.0.1"
+    assert pairs["--tp-size"] == "2"
+    assert pairs["--load-format"] == "safetensors" and pairs["--dtype"] == "bfloat16"
+    assert pairs["--random-seed"] == "7" and pairs["--mem-fraction-static"] == "0.5"
+    for flag in ("--enable-metrics", "--enable-memory-saver", "--enable-weights-cpu-backup",
+                 "--incremental-streaming-output"):
+        assert flag in argv
+    assert argv[-1] == "--disable-radix-cache"
+    # kvcached sizes the KV pool: no memory fraction unless asked for.
+    assert "--mem-fraction-static" not in build_command(replace(config, mem_fraction_static=None))
+    bare = build_command(replace(config, enable_memory_saver=False, incremental_streaming=False,
+                                 enable_metrics=False))
+    assert not {"--enable-memory-saver", "--enable-weights-cpu-backup", "--incremental-streaming-output",
+                "--enable-metrics"} & set(bare)
+    stand_in = build_command(replace(config, launch_command=("python3", "fake.py")))
+    assert stand_in[:2] == ["python3", "fake.py"] and stand_in[2:] == argv[3:]
+
+
+def test_environment_enables_kvcached_per_engine():
+    base = {"PATH": "/usr/bin", "KVCACHED_IPC_NAME": "someone-elses", "CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+    a = SGLangLaunchConfig(name="llama/8b", model_path="/m", gpu_ids=(2, 3), tp_size=2, port=31000)
+    b = replace(a, name="qwen", gpu_ids=(2,), tp_size=1, port=31001)
+    env_a, env_b = build_env(a, base), build_env(b, base)
+    assert env_a["ENABLE_KVCACHED"] == "true" and env_a["KVCACHED_AUTOPATCH"] == "1"
+    assert env_a["CUDA_VISIBLE_DEVICES"] == "2,3" and env_b["CUDA_VISIBLE_DEVICES"] == "2"
+    assert env_a["KVCACHED_IPC_NAME"] == "prism_llama-8b_31000"  # sanitized as kvcached would, and distinct
+    assert env_a["KVCACHED_IPC_NAME"] != env_b["KVCACHED_IPC_NAME"]
+    assert env_a["PATH"] == "/usr/bin" and base["KVCACHED_IPC_NAME"] == "someone-elses"
+    off = build_env(replace(a, kvcached=False), {**base, "ENABLE_KVCACHED": "true"})
+    assert off["ENABLE_KVCACHED"] == "false" and "KVCACHED_IPC_NAME" not in off
+    long = SGLangLaunchConfig(name="x" * 100, model_path="/m", port=40000)
+    assert len(long.kvcached_ipc_name) <= 64 and long.kvcached_ipc_name.endswith("_40000")
+    assert build_env(replace(a, extra_env=(("KVCACHED_PAGE_SIZE_MB", "4"),)), base)["KVCACHED_PAGE_SIZE_MB"] == "4"
+
+
+def test_launch_config_refuses_what_cannot_run():
+    with pytest.raises(ValueError, match="tp_size 2 needs 2"):
+        SGLangLaunchConfig(name="m", model_path="/m", gpu_ids=(0,), tp_size=2)
+    with pytest.raises(ValueError, match="silently"):
+        SGLangLaunchConfig(name="m", model_path="/m", ipc_name="has space")
+    with pytest.raises(ValueError, match="mem_fraction_static"):
+        SGLangLaunchConfig(name="m", model_path="/m", mem_fraction_static=1.5)
+    with pytest.raises(ValueError, match="resolve the port"):
+        build_command(SGLangLaunchConfig(name="m", model_path="/m"))
+    assert resolve_port(SGLangLaunchConfig(name="m", model_path="/m")).port > 0
+
+
+def test_model_info_from_config(model_dir):
+    info = read_model_info(model_dir)
+    # tiny llama: 2 layers, 2 KV heads, head_dim 64 / 4 = 16; bf16 unless its config says otherwise.
+    assert (info.num_layers, info.num_kv_heads, info.head_dim) == (2, 2, 16)
+    assert info.kv_bytes_per_token == 2 * 2 * 2 * 16 * info.dtype_bytes
+    assert info.max_context == 256 and info.weight_bytes > 0
+
+
+# ---- SGLang's formats -----------------------------------------------------------
+
+
+def _event(text, ids, finish=None, completion=None, prompt=5):
+    return {"text": text, "output_ids": ids,
+            "meta_info": {"id": "r", "finish_reason": finish, "prompt_tokens": prompt,
+                          "completion_tokens": completion if completion is not None else len(ids),
+                          "cached_tokens": 0}}
+
+
+def test_sse_lines():
+    assert parse_sse_line('data: {"text": "a"}\n') == {"text": "a"}
+    assert parse_sse_line("data: [DONE]") is DONE
+    assert parse_sse_line("") is None and parse_sse_line(": keep-alive") is None
+    with pytest.raises(StreamFormatError, match="not JSON"):
+        parse_sse_line("data: {broken")
+
+
+def test_incremental_stream_decoding():
+    d = ChunkDecoder(incremental=True)
+    first = d.feed(_event(" Hello", [11], completion=1))
+    assert (first.text, first.token_ids, first.finish_reason, first.prompt_tokens) == (" Hello", [11], None, 5)
+    assert d.feed(_event("", [], completion=1)) is None  # nothing new
+    last = d.feed(_event(" world", [12], {"type": "length", "length": 2}, completion=2))
+    assert (last.text, last.token_ids, last.finish_reason, last.completion_tokens) == (" world", [12], "length", 2)
+    stop = ChunkDecoder(True).feed(_event(".", [13], {"type": "stop", "matched": 2}))
+    assert stop.finish_reason == "stop"
+
+
+def test_cumulative_stream_decoding():
+    d = ChunkDecoder(incremental=False)
+    assert d.feed(_event(" Hello", [11])).text == " Hello"
+    out = d.feed(_event(" Hello world", [11, 12]))
+    assert (out.text, out.token_ids) == (" world", [12])
+    deferred = d.feed(_event(None, [11, 12, 13]))  # newer SGLang leaves intermediate text out
+    assert (deferred.text, deferred.token_ids) == ("", [13])
+    end = d.feed(_event(" Hello world!", [11, 12, 13], {"type": "stop", "matched": "!"}))
+    assert (end.text, end.token_ids, end.finish_reason) == ("!", [], "stop")
+
+
+def test_stream_errors_map_to_engine_errors():
+    with pytest.raises(InvalidRequestError, match="longer than the model's context"):
+        ChunkDecoder(True).feed({"error": {"message": "The input (300 tokens) is longer than the model's context"}})
+    with pytest.raises(InvalidRequestError, match="bad stop"):
+        ChunkDecoder(True).feed(_event("", [], {"type": "abort", "message": "bad stop", "status_code": 400,
+                                               "err_type": "BadRequestError"}))
+    with pytest.raises(EngineError, match="Abort in waiting queue") as info:
+        ChunkDecoder(True).feed(_event("", [], {"type": "abort", "message": "Abort in waiting queue",
+                                               "status_code": None, "err_type": None}))
+    assert not isinstance(info.value, InvalidRequestError)
+    with pytest.raises(StreamFormatError, match="meta_info"):
+        ChunkDecoder(True).feed({"text": "x"})
+    with pytest.raises(StreamFormatError, match="unknown finish_reason type"):
+        ChunkDecoder(True).feed(_event("", [1], {"type": "exploded"}))
+
+
+METRICS = """# HELP sglang:num_running_reqs The number of running requests.
+# TYPE sglang:num_running_reqs gauge
+sglang:num_running_reqs{engine_type="unified",model_name="m",tp_rank="0",pp_rank="0"} 3.0
+sglang:num_running_reqs{engine_type="unified",model_name="m",tp_rank="1",pp_rank="0"} 3.0
+sglang:num_queue_reqs{model_name="m",tp_rank="0",dp_rank="0"} 2.0
+sglang:num_queue_reqs{model_name="m",tp_rank="0",dp_rank="1"} 1.0
+sglang:num_used_tokens{model_name="m",tp_rank="0"} 1536.0 1700000000000
+sglang:token_usage{model_name="m",tp_rank="0"} 0.25
+sglang:gen_throughput{model_name="a \\"quoted\\", name",tp_rank="0"} NaN
+"""
+
+
+def test_metrics_parsing():
+    samples = parse_prometheus_text(METRICS)
+    assert len(samples) == 7
+    assert samples[-1].labels["model_name"] == 'a "quoted", name'
+    m = parse_sglang_metrics(METRICS)
+    assert (m.running_requests, m.queued_requests, m.used_tokens) == (3, 3, 1536)  # TP rank 1 not counted twice
+    assert m.token_usage == 0.25 and m.available_tokens is None
+    assert parse_sglang_metrics(METRICS + 'sglang:kv_available_tokens{tp_rank="0"} 4096\n').available_tokens == 4096
+    with pytest.raises(MetricsFormatError, match="line 1"):
+        parse_prometheus_text("sglang:num_running_reqs{model_name=m} 1")
+
+
+def _segment(tmp_path, limit, used=0, prealloc=0) -> KvcachedSegment:
+    (tmp_path / "seg").write_bytes(struct.pack("=qqq", limit, used, prealloc))
+    return KvcachedSegment("seg", tmp_path)
+
+
+def test_kvcached_limit_revisions(tmp_path):
+    bundle = 8 * MiB  # per rank
+    segment = _segment(tmp_path, 1024 * MiB)
+    limit = KvcachedLimit(segment, bundle, tp_size=2)
+    state = limit.attach(100 * MiB)
+    assert limit.capacity_bytes == 2048 * MiB and limit.bundle_bytes == 16 * MiB
+    assert (state.status, state.limit_bytes, state.effective_limit_bytes, state.revision) == \
+           ("applied", 100 * MiB, 96 * MiB, 0)
+    assert segment.read().limit_bytes == 48 * MiB  # what each rank's kvcached reads: half, in whole bundles
+    state = limit.set(200 * MiB)  # no revision: the next
+    assert (state.status, state.revision, state.effective_limit_bytes) == ("applied", 1, 192 * MiB)
+    assert segment.read().limit_bytes == 96 * MiB
+    assert limit.set(300 * MiB, revision=5).revision == 5
+    stale = limit.set(1 * MiB, revision=4)
+    assert (stale.status, stale.limit_bytes, stale.revision) == ("stale", 300 * MiB, 5)
+    assert limit.set(64 * MiB, revision=5).status == "conflict"
+    assert limit.set(300 * MiB, revision=5).status == "applied"  # the same again: a no-op
+    assert segment.read().limit_bytes == 144 * MiB
+    assert limit.set(10 * 4096 * MiB, revision=6).effective_limit_bytes == 2048 * MiB  # capped at the capacity
+    # The engine holds 40 MiB per rank in use: a limit under 80 MiB waits for frees.
+    raw = tmp_path / "seg"
+    current = struct.unpack("=qqq", raw.read_bytes())[0]
+    raw.write_bytes(struct.pack("=qqq", current, 40 * MiB, 8 * MiB))
+    deferred = limit.set(32 * MiB, revision=7)
+    assert (deferred.status, deferred.mapped_bytes) == ("deferred", 96 * MiB)
+    assert struct.unpack("=qqq", raw.read_bytes()) == (16 * MiB, 40 * MiB, 8 * MiB)  # usage fields untouched
+    raw.write_bytes(struct.pack("=qqq", 16 * MiB, 0, 0))
+    assert limit.state().status == "applied"
+    with pytest.raises(InvalidRequestError):
+        limit.set(-1)
+    raw.unlink()
+    with pytest.raises(KvcachedSegmentError, match="gone"):
+        limit.set(64 * MiB, revision=8)
+    assert KvcachedLimit(KvcachedSegment("absent", tmp_path), bundle).attach(0) is None
+
+
+# ---- life cycle against the stand-in -------------------------------------------
+
+
+def _config(model_dir: Path, **kw) -> SGLangLaunchConfig:
+    return SGLangLaunchConfig(name="tiny-llama", model_path=str(model_dir), gpu_ids=(0,),
+                              launch_command=(sys.executable, str(FAKE_SERVER)), **kw)
+
+
+def _options(tmp_path: Path, **kw) -> DriverOptions:
+    return DriverOptions(log_dir=tmp_path / "logs", shm_dir=tmp_path, stats_interval_s=0.05, health_poll_s=0.1,
+                         stop_timeout_s=5.0, **kw)
+
+
+@pytest.fixture()
+def fake_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("FAKE_SGLANG_SHM_DIR", str(tmp_path))
+    monkeypatch.setenv("FAKE_SGLANG_TOKEN_INTERVAL_S", "0.01")
+    return monkeypatch
+
+
+async def _fake_state(engine: SGLangEngine) -> dict:
+    async with httpx.AsyncClient(base_url=engine.config.base_url, timeout=5) as c:
+        return (await c.get("/fake_state")).json()
+
+
+async def _eventually(predicate, timeout_s=5.0, what="condition"):
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not await predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def _request(rid="req", **kw) -> GenerationRequest:
+    return GenerationRequest(request_id=rid, prompt=kw.pop("prompt", "Hello there"), temperature=0, **kw)
+
+
+async def test_lifecycle_against_the_stand_in(model_dir, tmp_path, fake_env):
+    fake_env.setenv("FAKE_SGLANG_RESUME_S", "0.2")
+    engine = await SGLangEngine.start(_config(model_dir), memory_limit_bytes=64 * MiB, options=_options(tmp_path))
+    pgid = engine.process.pgid
+    segment = tmp_path / engine.config.kvcached_ipc_name
+    try:
+        state = await _fake_state(engine)
+        assert state["env"]["ENABLE_KVCACHED"] == "true" and state["env"]["CUDA_VISIBLE_DEVICES"] == "0"
+        assert state["env"]["KVCACHED_IPC_NAME"] == engine.config.kvcached_ipc_name
+        assert "--incremental-streaming-output" in state["argv"] and "--enable-memory-saver" in state["argv"]
+        bundle = engine.kv_bundle_bytes  # 2 MiB x 2 (K, V) x 2 layers
+        assert bundle == 8 * MiB and state["limit"] == 64 * MiB  # the initial limit reached the server
+        assert engine.stats().memory_limit_bytes == 64 * MiB and engine.stats().memory_limit_revision == 0
+
+        # Generation streams the stand-in's tokens, with counts.
+        outs = [o async for o in engine.generate(_request(max_tokens=5))]
+        assert [o.finish_reason for o in outs] == [None] * 4 + ["length"]
+        assert all(len(o.token_ids) == 1 and o.text.startswith(" t") for o in outs)
+        prompt_len = engine.count_prompt_tokens(_request())
+        assert outs[-1].completion_tokens == 5 and outs[-1].prompt_tokens == prompt_len
+
+        # A request SGLang refuses: HTTP 400 and in-stream errors.
+        with pytest.raises(InvalidRequestError, match="temperature"):
+            [o async for o in engine.generate(replace(_request(), temperature=-1.0))]
+        with pytest.raises(InvalidRequestError, match="at most"):
+            engine.count_prompt_tokens(_request(prompt="word " * 400))
+
+        # Closing a stream early aborts the request in SGLang.
+        fake_env.setenv("FAKE_SGLANG_TOKEN_INTERVAL_S", "0.05")
+        stream = engine.generate(_request("cancelled", max_tokens=200))
+        await anext(stream)
+        await anext(stream)
+        assert engine.stats().running_requests == 1 and engine.stats().kv_demand_tokens > prompt_len
+        await stream.aclose()
+
+        async def aborted():
+            s = await _fake_state(engine)
+            return any(r.startswith("cancelled#") for r in s["aborted"] + s["disconnected"]) and not s["running"]
+        await _eventually(aborted, what="the stand-in to abort the closed stream")
+        assert engine.stats().running_requests == 0
+
+        # Limits through kvcached's segment, with revisions; usage comes back in stats.
+        state = await engine.set_memory_limit(128 * MiB)
+        assert (state.status, state.revision, state.effective_limit_bytes) == ("applied", 1, 128 * MiB)
+        assert (await _fake_state(engine))["limit"] == 128 * MiB
+        assert (await engine.set_memory_limit(8 * MiB, revision=1)).status == "conflict"
+        assert (await engine.set_memory_limit(8 * MiB, revision=0)).status == "stale"
+        held = engine.generate(_request("held", max_tokens=400))
+        await anext(held)
+        await _eventually(lambda: asyncio.sleep(0, engine.stats().kv_used_bytes > 0), what="KV usage in stats")
+        shrink = await engine.set_memory_limit(0, revision=3)
+        assert shrink.status == "deferred" and engine.stats().memory_limit_status == "deferred"
+
+        # Deactivation ends what is in flight and releases the memory.
+        deactivating = asyncio.create_task(engine.deactivate())
+        with pytest.raises(EngineInactiveError, match="deactivated"):
+            async for _ in held:
+                pass
+        await asyncio.wait_for(deactivating, 10)
+        assert engine.last_deactivate_s is not None
+        state = await _fake_state(engine)
+        assert state["released"] and any(r.startswith("held#") for r in state["aborted"])
+        assert engine.stats().memory_limit_status == "applied"  # nothing held any more
+        with pytest.raises(EngineInactiveError):
+            await anext(engine.generate(_request()))
+        await engine.deactivate()  # again: nothing to do
+
+        timing = await engine.activate()
+        assert timing is not None and 0.2 <= timing.copy_s < 5 and timing.nbytes == engine.weight_bytes
+        assert await engine.activate() is None
+        assert [c["path"] for c in (await _fake_state(engine))["memory_calls"]] == \
+               ["/release_memory_occupation", "/resume_memory_occupation"]
+        outs = [o async for o in engine.generate(_request(max_tokens=3))]
+        assert outs[-1].finish_reason == "length"
+        metrics = await engine.refresh_stats()
+        assert metrics.running_requests == 0 and engine.sglang_metrics() is not None
+    finally:
+        await engine.stop()
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pgid, 0)
+    assert not segment.exists()
+    with pytest.raises(EngineError, match="stopped"):
+        await anext(engine.generate(_request()))
+
+
+async def test_stop_ends_streams_in_flight(model_dir, tmp_path, fake_env):
+    fake_env.setenv("FAKE_SGLANG_TOKEN_INTERVAL_S", "0.05")
+    engine = await SGLangEngine.start(_config(model_dir), memory_limit_bytes=64 * MiB, options=_options(tmp_path))
+    stream = engine.generate(_request(max_tokens=1000))
+    await anext(stream)
+    await engine.stop()
+    with pytest.raises(EngineError, match="stopped"):
+        async for _ in stream:
+            pass
+    assert not engine.process.group_alive()
+
+
+async def test_server_exiting_at_start_up_fails_with_its_log(model_dir, tmp_path, fake_env):
+    fake_env.setenv("FAKE_SGLANG_MODE", "exit")
+    with pytest.raises(SGLangStartError) as info:
+        await SGLangEngine.start(_config(model_dir), options=_options(tmp_path))
+    message = str(info.value)
+    assert "exited during start-up" in message and "exit code 3" in message
+    assert "CUDA out of memory (simulated by the stand-in)" in message
+
+
+async def test_server_never_healthy_times_out(model_dir, tmp_path, fake_env):
+    fake_env.setenv("FAKE_SGLANG_MODE", "unhealthy")
+    config = resolve_port(_config(model_dir))
+    with pytest.raises(SGLangStartError, match=r"did not become healthy within 1.5s") as info:
+        await SGLangEngine.start(config, options=_options(tmp_path, start_timeout_s=1.5))
+    assert "fake SGLang stand-in" in str(info.value)  # the log tail
+    async with httpx.AsyncClient() as c:  # it was stopped
+        with pytest.raises(httpx.ConnectError):
+            await c.get(f"{config.base_url}/health", timeout=2)
+
+
+async def test_missing_kvcached_segment_fails_clearly(model_dir, tmp_path, fake_env):
+    fake_env.setenv("FAKE_SGLANG_MODE", "no_kvcached")
+    with pytest.raises(SGLangStartError, match="kvcached is not active"):
+        await SGLangEngine.start(_config(model_dir), options=_options(tmp_path, segment_timeout_s=1.0))
+
+
+async def test_without_kvcached_the_limit_is_refused(model_dir, tmp_path, fake_env):
+    engine = await SGLangEngine.start(_config(model_dir, kvcached=False), options=_options(tmp_path))
+    try:
+        assert (await _fake_state(engine))["env"]["ENABLE_KVCACHED"] == "false"
+        with pytest.raises(EngineError, match="without kvcached"):
+            await engine.set_memory_limit(64 * MiB)
+        await _eventually(lambda: asyncio.sleep(0, engine.sglang_metrics() is not None), what="a metrics scrape")
+        assert engine.stats().kv_free_tokens == 100000  # from sglang:kv_available_tokens
+    finally:
+        await engine.stop()
+
+
+async def test_server_death_fails_requests_and_is_reported(model_dir, tmp_path, fake_env):
+    fake_env.setenv("FAKE_SGLANG_TOKEN_INTERVAL_S", "0.05")
+    engine = await SGLangEngine.start(_config(model_dir), memory_limit_bytes=64 * MiB, options=_options(tmp_path))
+    lost: list[WorkerLostError] = []
+
+    async def on_lost(error):
+        lost.append(error)
+
+    engine.on_lost(on_lost)
+    try:
+        stream = engine.generate(_request(max_tokens=1000))
+        await anext(stream)
+        os.kill(engine.pid, signal.SIGKILL)
+        with pytest.raises(WorkerLostError, match="killed by SIGKILL") as info:
+            async for _ in stream:
+                pass
+        assert "fake SGLang stand-in" in str(info.value)
+        await _eventually(lambda: asyncio.sleep(0, len(lost) == 1), what="on_lost")
+        with pytest.raises(WorkerLostError):
+            await engine.set_memory_limit(1)
+        assert not (tmp_path / engine.config.kvcached_ipc_name).exists()
+    finally:
+        await engine.stop()
+
+
+# ---- real SGLang, where it can run ----------------------------------------------
+
+
+def _sglang_runs_here() -> bool:
+    try:
+        import sglang  # noqa: F401
+        import torch
+    except Exception:
+        return False
+    return torch.cuda.is_available() and bool(os.environ.get("PRISM_SGLANG_TEST_MODEL"))
+
+
+@pytest.mark.skipif(not _sglang_runs_here(),
+                    reason="needs `import sglang`, a CUDA GPU and PRISM_SGLANG_TEST_MODEL (a local model folder)")
+@pytest.mark.timeout(1800)
+async def test_real_sglang_with_kvcached(tmp_path):
+    config = SGLangLaunchConfig(name="sglang-it", model_path=os.environ["PRISM_SGLANG_TEST_MODEL"])
+    engine = await SGLangEngine.start(config, memory_limit_bytes=1 << 30, options=DriverOptions(log_dir=tmp_path))
+    try:
+        outs = [o async for o in engine.generate(_request(max_tokens=8))]
+        assert outs[-1].finish_reason in ("length", "stop") and sum(len(o.token_ids) for o in outs) >= 1
+        state = await engine.set_memory_limit(2 << 30)
+        assert state.status == "applied" and state.revision == 1
+        await engine.deactivate()
+        timing = await engine.activate()
+        print(f"SGLang deactivate {engine.last_deactivate_s:.3f}s, activate {timing.total_s:.3f}s")
+        outs = [o async for o in engine.generate(_request(max_tokens=8))]
+        assert outs[-1].finish_reason in ("length", "stop")
+    finally:
+        await engine.stop()
