@@ -23,7 +23,7 @@ def test_original_prism_file_loads(tmp_path):
     assert m2.init_placements[0].on is False
     assert m2.init_placements[0].gpu_ids == (0,)
     assert m2.init_placements[0].memory_limit_bytes == 15 * pc.GB
-    assert m2.load_format == "auto" and m2.engine == "torch"
+    assert m2.load_format == "auto" and m2.engine == "auto"
 
 
 def test_tensor_parallel_example_and_yaml(tmp_path):
@@ -62,7 +62,7 @@ def test_every_error_is_reported_with_its_path():
         "[1].init_placements[0].max_memory_pool_size: must be a positive number",
         "[2]: must be an object",
         "[3].model_name: required",
-        "[3].engine: must be one of torch, sglang",
+        "[3].engine: must be one of auto, torch, sglang",
         "[3].init_placements[0].gpu_ids: lists a GPU twice",
     ]:
         assert expected in errors, f"missing {expected!r} in:\n{errors}"

@@ -8,6 +8,7 @@ is present (skipped here)."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import signal
 import struct
@@ -326,7 +327,9 @@ async def test_lifecycle_against_the_stand_in(model_dir, tmp_path, fake_env):
         assert engine.last_deactivate_s is not None
         state = await _fake_state(engine)
         assert state["released"] and any(r.startswith("held#") for r in state["aborted"])
-        assert engine.stats().memory_limit_status == "applied"  # nothing held any more
+        # Nothing is held any more: the deferred shrink applies (at the driver's next stats refresh).
+        await _eventually(lambda: asyncio.sleep(0, engine.stats().memory_limit_status == "applied"),
+                          what="the deferred shrink to apply")
         with pytest.raises(EngineInactiveError):
             await anext(engine.generate(_request()))
         await engine.deactivate()  # again: nothing to do
@@ -454,3 +457,45 @@ async def test_real_sglang_with_kvcached(tmp_path):
         assert outs[-1].finish_reason in ("length", "stop")
     finally:
         await engine.stop()
+
+
+async def test_the_engine_manager_runs_sglang_engines(model_dir, tmp_path, fake_env):
+    from services.gpu_agent.devices import Device
+    from services.gpu_agent.engine_manager import EngineManager, EngineSpec, PlacementError
+
+    states: list[str] = []
+
+    async def publish(managed) -> None:
+        states.append(managed.state)
+
+    cpu = [Device(0, "cpu", "cpu", 1 << 30)]
+    manager = EngineManager(cpu, publish, sglang_launch_command=(sys.executable, str(FAKE_SERVER)),
+                            sglang_options=_options(tmp_path))
+    managed = await manager.load(EngineSpec(name="tiny-llama", path=str(model_dir), engine="sglang"), (0,),
+                                 activate=True, memory_limit_bytes=64 * MiB)
+    try:
+        assert managed.state == "active" and isinstance(managed.engine, SGLangEngine), managed.error
+        assert managed.spec.engine == "sglang" and states[-1] == "active"
+        outs = [o async for o in managed.engine.generate(_request(max_tokens=3))]
+        assert outs[-1].completion_tokens == 3 and outs[-1].finish_reason == "length"
+        await manager.set_memory_limit("tiny-llama", 32 * MiB, 0)
+        assert managed.engine.stats().memory_limit_bytes == 32 * MiB
+        pgid = managed.engine.process.pgid
+    finally:
+        await manager.stop_all()
+    assert states[-1] == "unloaded"
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pgid, 0)  # the server's whole process group is gone
+    # auto on a CPU device is the built-in engine, even where SGLang could start.
+    auto = await manager.load(EngineSpec(name="auto-llama", path=str(model_dir)), (0,), activate=True,
+                              memory_limit_bytes=0)
+    try:
+        assert auto.state == "active" and auto.spec.engine == "torch" and not isinstance(auto.engine, SGLangEngine)
+    finally:
+        await manager.stop_all()
+    # Without the package (and no stand-in), asking for sglang is refused clearly.
+    plain = EngineManager(cpu, publish)
+    if importlib.util.find_spec("sglang") is None:
+        with pytest.raises(PlacementError, match="needs the sglang package"):
+            await plain.load(EngineSpec(name="x", path=str(model_dir), engine="sglang"), (0,), activate=True,
+                             memory_limit_bytes=0)

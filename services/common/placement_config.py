@@ -8,7 +8,7 @@ Compatible with the original Prism's file, a JSON (or YAML) list of models:
 The list may also be wrapped as {"models": [...], "policy": "prism"} to name
 the scheduler's placement policy in the file (the --policy flag wins).
 Prism's own optional fields per model: "load_format" ("auto" | "dummy"),
-"engine" ("torch" | "sglang"), "dtype", "seed", "slo" ({"ttft_ms": ...,
+"engine" ("auto" | "torch" | "sglang"; auto: SGLang on an agent with CUDA where it imports, else the built-in torch engine), "dtype", "seed", "slo" ({"ttft_ms": ...,
 "tpot_ms": ...}, the latency targets its requests are admitted against),
 "priority" (an integer >= 1, its weight when models on a GPU contend for
 memory) and "shed_load" (true: refuse with 429 a request that can no longer
@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 LOAD_FORMATS = ("auto", "dummy")
-ENGINES = ("torch", "sglang")
+ENGINES = ("auto", "torch", "sglang")  # auto: sglang where it imports on a CUDA agent, else torch
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 # The scheduler's placement policies (services/scheduler/policy.py POLICIES; a test keeps the two in step).
 POLICY_NAMES = ("static", "dedicated", "time-share", "prism")
@@ -60,7 +60,7 @@ class ModelConfig:
     tp_size: int = 1
     init_placements: tuple[InitPlacement, ...] = ()
     load_format: str = "auto"
-    engine: str = "torch"
+    engine: str = "auto"
     dtype: str = "auto"
     seed: int = 0
     ttft_slo_ms: float | None = None  # None: the agent's default
@@ -170,7 +170,7 @@ def parse(data: Any, base_dir: Path | None = None, source: str = "<config>") -> 
             tp_size=tp,
             init_placements=placements,
             load_format=c.choice(entry, "load_format", p, LOAD_FORMATS, "auto"),
-            engine=c.choice(entry, "engine", p, ENGINES, "torch"),
+            engine=c.choice(entry, "engine", p, ENGINES, "auto"),
             dtype=c.choice(entry, "dtype", p, DTYPES, "auto"),
             seed=seed,
             ttft_slo_ms=ttft_ms,

@@ -58,7 +58,7 @@ class ModelRecord(_Record):
     path: str
     tp_size: int = 1
     load_format: str = "auto"
-    engine: str = "torch"
+    engine: str = "auto"
     dtype: str = "auto"
     seed: int = 0
     ttft_ms: float = 0.0  # the model's TTFT SLO; 0: the default (the gateway bounds cold-start waits by it)

@@ -1,8 +1,9 @@
 """The engines this agent runs, one per placed model, and their life cycle.
 
 An engine runs either in this process (inline: loading weights is slow and
-blocking, so it runs in a thread) or in its own worker process taken from a
-WorkerPool (process isolation, warm start); both are EngineHandles, and the
+blocking, so it runs in a thread), in its own worker process taken from a
+WorkerPool (process isolation, warm start), or, for engine "sglang", as an
+SGLang server process (services/gpu_agent/sglang); all are EngineHandles, and the
 asyncio side only ever sees finished state changes. Every change is
 published through `on_change` (the agent writes it to etcd) so the gateway
 and the scheduler see an engine as loading, active, inactive, draining or
@@ -18,10 +19,11 @@ with an error that says so. unload() is the immediate way.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from services.gpu_agent.devices import Device
@@ -46,7 +48,7 @@ class EngineSpec:
     path: str
     tp_size: int = 1
     load_format: str = "auto"
-    engine: str = "torch"
+    engine: str = "auto"  # "torch" | "sglang" | "auto" (resolved by the manager at load)
     dtype: str = "auto"
     seed: int = 0
     slo: ModelSlo = ModelSlo()
@@ -118,7 +120,8 @@ class EngineManager:
     def __init__(self, devices: list[Device], on_change: OnChange, pool: WorkerPool | None = None,
                  coordinated: bool = False, stats_window_s: float = DEFAULT_WINDOW_S,
                  shared_weights_dir: Path | None = None, shared_weights_prefix: str = "prism",
-                 drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S):
+                 drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
+                 sglang_launch_command: tuple[str, ...] | None = None, sglang_options: object | None = None):
         """pool: run each engine in a worker process from it; None runs engines inline.
         coordinated: a memory coordinator sets the KV limits; a load's memory
         limit is then the engine's cap, not its limit.
@@ -127,10 +130,15 @@ class EngineManager:
         unloaded), so a worker that replaces a dead one maps them instead of
         loading the model again; None: each worker has a private copy.
         drain_timeout_s: the longest a drain (a graceful unload) waits for its
-        engine's requests before unloading it anyway."""
+        engine's requests before unloading it anyway.
+        sglang_launch_command: replaces `python -m sglang.launch_server` for
+        engine "sglang" (another interpreter; tests give a stand-in);
+        sglang_options: the driver's DriverOptions (timeouts, log folder)."""
         if drain_timeout_s < 0:
             raise ValueError("drain_timeout_s must not be negative")
         self.drain_timeout_s = drain_timeout_s
+        self.sglang_launch_command = sglang_launch_command
+        self.sglang_options = sglang_options
         self.devices = {d.index: d for d in devices}
         self.engines: dict[str, ManagedEngine] = {}
         self._on_change = on_change
@@ -171,10 +179,9 @@ class EngineManager:
             raise PlacementError(f"gpu_ids {list(gpu_ids)} not on this agent (it has {sorted(self.devices)})")
         if len(gpu_ids) != spec.tp_size:
             raise PlacementError(f"tp_size {spec.tp_size} needs {spec.tp_size} GPU(s), got {list(gpu_ids)}")
-        if spec.tp_size > 1:
+        spec = replace(spec, engine=self._engine_kind(spec, gpu_ids))
+        if spec.tp_size > 1 and spec.engine == "torch":
             raise PlacementError("tensor parallelism (tp_size > 1) is not supported by the built-in engine yet")
-        if spec.engine != "torch":
-            raise PlacementError(f"engine {spec.engine!r} is not available on this agent; use engine: torch")
         existing = self.engines.get(spec.name)
         if existing is not None and existing.state == "failed" and existing.engine is not None:
             await existing.engine.stop()  # what is left of it (a dead worker's channel)
@@ -222,8 +229,39 @@ class EngineManager:
         device = self.devices[gpu_ids[0]]
         return device.memory_bytes if device.kind == "cpu" else None
 
+    def _engine_kind(self, spec: EngineSpec, gpu_ids: tuple[int, ...]) -> str:
+        """"torch" or "sglang": auto is SGLang where it imports and the GPU is CUDA."""
+        sglang_here = self.sglang_launch_command is not None or importlib.util.find_spec("sglang") is not None
+        if spec.engine == "auto":
+            return "sglang" if sglang_here and self.devices[gpu_ids[0]].kind == "cuda" else "torch"
+        if spec.engine == "sglang" and not sglang_here:
+            raise PlacementError("engine 'sglang' needs the sglang package on this agent (pip install '.[sglang]'); "
+                                 "or use engine: torch")
+        if spec.engine not in ("torch", "sglang"):
+            raise PlacementError(f"engine {spec.engine!r} is not one of auto, torch, sglang")
+        return spec.engine
+
+    async def _start_sglang(self, managed: ManagedEngine) -> EngineHandle:
+        # Imported here: the driver's HTTP client comes with the sglang extra.
+        from services.gpu_agent.sglang import SGLangEngine, SGLangLaunchConfig
+
+        spec = managed.spec
+        config = SGLangLaunchConfig(name=spec.name, model_path=spec.path, gpu_ids=managed.gpu_ids,
+                                    tp_size=spec.tp_size, load_format=spec.load_format, dtype=spec.dtype,
+                                    seed=spec.seed, launch_command=self.sglang_launch_command)
+        engine = await SGLangEngine.start(config, memory_limit_bytes=managed.memory_limit_bytes,
+                                          options=self.sglang_options)
+
+        async def lost(error: WorkerLostError) -> None:
+            await self._engine_lost(managed, error)
+
+        engine.on_lost(lost)
+        return engine
+
     async def _start_engine(self, managed: ManagedEngine) -> EngineHandle:
         spec, gpu_ids = managed.spec, managed.gpu_ids
+        if spec.engine == "sglang":
+            return await self._start_sglang(managed)
         if self.pool is None:
             return InlineEngine(await asyncio.to_thread(self._build_engine, spec, gpu_ids, managed.memory_limit_bytes))
         start = time.perf_counter()
