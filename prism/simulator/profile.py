@@ -25,7 +25,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from services.scheduler.policy import ComputeCosts, StepCost
+from services.scheduler.policy import ComputeCosts, StepCost, by_weight
 
 
 @dataclass(frozen=True)
@@ -55,17 +55,7 @@ class LatencyProfile:
     # ---- the model --------------------------------------------------------------
 
     def _at(self, weight_bytes: int, name: str) -> float:
-        pts = self.points
-        if len(pts) == 1 or weight_bytes <= pts[0].weight_bytes:
-            return getattr(pts[0], name)
-        lo, hi = pts[-2], pts[-1]
-        for a, b in zip(pts, pts[1:]):
-            if weight_bytes <= b.weight_bytes:
-                lo, hi = a, b
-                break
-        x = (weight_bytes - lo.weight_bytes) / (hi.weight_bytes - lo.weight_bytes)
-        value = getattr(lo, name) + x * (getattr(hi, name) - getattr(lo, name))
-        return max(0.0, value)
+        return by_weight(self.points, weight_bytes, name)
 
     def step_s(self, weight_bytes: int, decode_seqs: int, context_kv_bytes: int, prefill_tokens: int) -> float:
         """One engine step over `decode_seqs` decoding sequences (reading

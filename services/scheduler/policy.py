@@ -147,16 +147,22 @@ class ComputeCosts:
     attention_bytes_per_s: float
 
     def at(self, weight_bytes: int, name: str) -> float:
-        pts = self.points
-        if len(pts) == 1 or weight_bytes <= pts[0].weight_bytes:
-            return getattr(pts[0], name)
-        lo, hi = pts[-2], pts[-1]
-        for a, b in zip(pts, pts[1:]):
-            if weight_bytes <= b.weight_bytes:
-                lo, hi = a, b
-                break
-        x = (weight_bytes - lo.weight_bytes) / (hi.weight_bytes - lo.weight_bytes)
-        return max(0.0, getattr(lo, name) + x * (getattr(hi, name) - getattr(lo, name)))
+        return by_weight(self.points, weight_bytes, name)
+
+
+def by_weight(points: tuple, weight_bytes: int, name: str) -> float:
+    """Field `name` of points (ascending weight_bytes) at weight_bytes: linear
+    between the two points around it, the first's value below them, the last
+    two's slope above; never negative."""
+    if len(points) == 1 or weight_bytes <= points[0].weight_bytes:
+        return getattr(points[0], name)
+    lo, hi = points[-2], points[-1]
+    for a, b in zip(points, points[1:]):
+        if weight_bytes <= b.weight_bytes:
+            lo, hi = a, b
+            break
+    x = (weight_bytes - lo.weight_bytes) / (hi.weight_bytes - lo.weight_bytes)
+    return max(0.0, getattr(lo, name) + x * (getattr(hi, name) - getattr(lo, name)))
 
 
 # The H200 fit in bench/results/sim-profile-h200.json (Llama 3.2 1B and 3.1 8B, bf16,
