@@ -82,7 +82,11 @@ def measure_model(folder: Path, batches=BATCHES, prompts=PROMPTS, new_tokens: in
 
         async def run_all() -> None:
             texts = {p: prompt_of_length(engine, p) for p in prompts}
-            await decode_round(engine, texts[prompts[0]], prompts[0], 2, 4, "warm")  # untimed
+            # Untimed: every row once first. On the CPU a shape's first steps pay a one-time
+            # cost (through a cluster, a 16-request first burst: 130 ms a step, then 3 ms).
+            for prompt in prompts:
+                for batch in batches:
+                    await decode_round(engine, texts[prompt], prompt, batch, new_tokens, "warm")
             for prompt in prompts:
                 for batch in batches:
                     r = await decode_round(engine, texts[prompt], prompt, batch, new_tokens, f"{prompt}-{batch}")
@@ -158,11 +162,12 @@ def measure_through_cluster(models: dict[str, Path], batches=BATCHES, prompts=PR
                     stub = gateway_pb2_grpc.GatewayStub(channel)
                     engines = {name: GatewayEngine(stub, name, folder) for name, folder in sorted(models.items())}
                     texts = {name: {p: prompt_of_length(e, p) for p in prompts} for name, e in engines.items()}
-                    # Untimed: every model at every shape once, so no row pays a first-time cost
-                    # (the KV limits' first grants, the agent's and the gateway's first requests).
+                    # Untimed: every model at every row's shape once, so no row pays a first-time cost.
                     for name, engine in engines.items():
                         for prompt in prompts:
-                            await decode_round(engine, texts[name][prompt], prompt, max(batches), 4, f"warm-{name}")
+                            for batch in batches:
+                                await decode_round(engine, texts[name][prompt], prompt, batch, new_tokens,
+                                                   f"warm-{name}")
                     for name, engine in engines.items():
                         rows = []
                         for prompt in prompts:

@@ -101,8 +101,11 @@ def validate_at(rate: float, args: argparse.Namespace, slo: SloTargets, profile:
         state = Path(tmp)
         config_path = write_config(state, args.policy)
         models = list(placement_config.load(config_path).models)
+        # The live scheduler prices compute with its built-in (H200) costs: the simulated one must too,
+        # or the two clusters run different placements (the CPU profile's costs shed a model here).
         settings = SimSettings(num_gpus=1, policy=args.policy, gpus_per_agent=1,
-                               gpu_memory_bytes=int(args.cpu_memory_gb * GB), replan_interval_s=REPLAN_S)
+                               gpu_memory_bytes=int(args.cpu_memory_gb * GB), replan_interval_s=REPLAN_S,
+                               policy_compute="default")
         sim = simulate(trace, models, profile, settings, slo)
         real = run_real(trace, config_path, state / "cluster", args.cpu_memory_gb, slo, args.chars_per_token)
     rows = [row("real", real), row("simulated", sim)]

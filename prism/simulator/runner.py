@@ -27,6 +27,7 @@ from prism.workload.replay import RequestResult, SloTargets, report
 from prism.workload.trace import Trace
 from services.common.placement_config import ModelConfig
 from services.gpu_agent.admission import DEFAULT_STARVATION_S
+from services.scheduler.policy import PolicyParams
 
 GB = 1 << 30
 
@@ -60,6 +61,9 @@ class SimSettings:
     starvation_s: float = DEFAULT_STARVATION_S
     drain_s: float = 300.0  # how long after the trace's last arrival the run goes on
     drain_timeout_s: float = DRAIN_TIMEOUT_S  # an unloaded engine's drain (the agent's --drain-timeout-s)
+    # What the placement policy prices compute with: "profile", the simulated GPUs' own step costs;
+    # "default", the live scheduler's built-in ones (PolicyParams()), as a real cluster runs today.
+    policy_compute: str = "profile"
 
 
 def _result(r: SimRequest, slo: SloTargets) -> RequestResult:
@@ -82,7 +86,10 @@ def simulate(trace: Trace, models: list[ModelConfig], profile: LatencyProfile, s
     loop = EventLoop()
     cluster = SimCluster(loop, profile, specs, settings.num_gpus, settings.gpus_per_agent, settings.gpu_memory_bytes,
                          settings.memory_policy, settings.starvation_s, settings.drain_timeout_s)
-    scheduler = SimScheduler(cluster, settings.policy, settings.replan_interval_s)
+    if settings.policy_compute not in ("profile", "default"):
+        raise ValueError(f"policy_compute {settings.policy_compute!r} is not profile or default")
+    params = PolicyParams() if settings.policy_compute == "default" else None
+    scheduler = SimScheduler(cluster, settings.policy, settings.replan_interval_s, params)
     requests = [SimRequest(i, r.model, r.t, r.prompt_tokens, r.output_tokens) for i, r in enumerate(trace.requests)]
     open_requests = len(requests)
     replan_due = False
