@@ -80,3 +80,31 @@ async def test_mirror_and_lease_survive_an_etcd_restart(etcd_server):
     keepalive.cancel()
     follow.cancel()
     await client.close()
+
+
+def test_etcd_on_chosen_ports_moves_when_another_process_took_one(tmp_path):
+    import socket
+
+    from services.common.etcd_server import EmbeddedEtcd
+
+    etcd = EmbeddedEtcd(tmp_path / "etcd")
+    taken = etcd.client_port
+    with socket.socket() as squatter:  # takes the port between choosing it and etcd binding it
+        squatter.bind(("127.0.0.1", taken))  # bound, not listening: a connect does not mistake it for etcd
+        etcd.start()
+        try:
+            assert etcd.client_port != taken
+            assert "address already in use" in (tmp_path / "etcd" / "etcd.log").read_text()
+        finally:
+            etcd.stop()
+    # Ports the caller gave are not moved: the clash is an error that says so.
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        fixed = EmbeddedEtcd(tmp_path / "fixed", client_port=squatter.getsockname()[1])
+        try:
+            fixed.start()
+        except RuntimeError as exc:
+            assert "address already in use" in str(exc)
+        else:
+            fixed.stop()
+            raise AssertionError("etcd started on a port another socket holds")

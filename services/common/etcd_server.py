@@ -41,6 +41,13 @@ def _port_open(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
+BIND_ATTEMPTS = 3
+
+
+class _PortTaken(Exception):
+    """etcd exited because a port it was given is in use."""
+
+
 class EmbeddedEtcd:
     """One etcd member listening on loopback; its data lives in state_dir."""
 
@@ -48,6 +55,9 @@ class EmbeddedEtcd:
                  host: str = "127.0.0.1"):
         self.state_dir = Path(state_dir)
         self.host = host
+        # Ports chosen here may be taken by another process before etcd binds them
+        # (free_port can only find one free now): start() then picks new ones.
+        self._chosen_ports = client_port is None and peer_port is None
         self.client_port = client_port or free_port(host)
         self.peer_port = peer_port or free_port(host)
         self.process: subprocess.Popen | None = None
@@ -57,10 +67,22 @@ class EmbeddedEtcd:
         return f"{self.host}:{self.client_port}"
 
     def start(self, timeout_s: float = 20.0) -> None:
+        for attempt in range(BIND_ATTEMPTS):
+            try:
+                return self._start_once(timeout_s)
+            except _PortTaken:
+                if not self._chosen_ports or attempt == BIND_ATTEMPTS - 1:
+                    raise RuntimeError(f"etcd could not bind {self.endpoint} or its peer port {self.peer_port}: "
+                                       f"address already in use; see {self.state_dir / 'etcd.log'}") from None
+                self.client_port, self.peer_port = free_port(self.host), free_port(self.host)
+
+    def _start_once(self, timeout_s: float) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.state_dir / "etcd.log"
+        log_start = log_path.stat().st_size if log_path.exists() else 0
         client_url = f"http://{self.host}:{self.client_port}"
         peer_url = f"http://{self.host}:{self.peer_port}"
-        log_file = open(self.state_dir / "etcd.log", "ab")
+        log_file = open(log_path, "ab")
         self.process = subprocess.Popen(
             [
                 etcd_binary(),
@@ -80,7 +102,11 @@ class EmbeddedEtcd:
         deadline = time.monotonic() + timeout_s
         while not _port_open(self.host, self.client_port):
             if self.process.poll() is not None:
-                raise RuntimeError(f"etcd exited with {self.process.returncode}; see {self.state_dir / 'etcd.log'}")
+                with open(log_path, "rb") as f:
+                    f.seek(log_start)
+                    if b"address already in use" in f.read():
+                        raise _PortTaken()
+                raise RuntimeError(f"etcd exited with {self.process.returncode}; see {log_path}")
             if time.monotonic() > deadline:
                 self.stop()
                 raise TimeoutError(f"etcd did not listen on {self.endpoint} within {timeout_s}s")
