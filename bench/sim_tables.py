@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from prism.simulator.profile import DEFAULT_PROFILE, LatencyProfile  # noqa: E402
-from prism.simulator.runner import SimSettings, simulate  # noqa: E402
+from prism.simulator.runner import SimSettings, fewest_above, simulate  # noqa: E402
 from prism.workload.generator import BurstyGroupParams, bursty_group_trace  # noqa: E402
 from services.common.placement_config import ModelConfig, PlacementConfig, load  # noqa: E402
 
@@ -84,31 +84,15 @@ def run_table(name: str, trace_params: BurstyGroupParams, models: list[ModelConf
         # The fewest GPUs at the target: from the table, else doubling past it, then bisecting.
         fewest: dict[str, int | None] = {}
         for policy in POLICIES:
-            met = sorted(n for n, r in results[policy].items() if r["attainment"] >= target)
-            if met:
-                fewest[policy] = met[0]
-                continue
-            lo, hi = max(gpu_counts), max(gpu_counts)
-            while hi < search_up_to:
-                hi = min(2 * hi, search_up_to)
-                _, _, row = pool.submit(_run, (trace_params, models, policy, hi, agents_for(policy))).result()
-                results[policy][hi] = row
-                if row["attainment"] >= target:
-                    break
-                lo = hi
-            else:
-                if results[policy][hi]["attainment"] < target:
-                    fewest[policy] = None
-                    continue
-            if results[policy][hi]["attainment"] < target:
-                fewest[policy] = None
-                continue
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                _, _, row = pool.submit(_run, (trace_params, models, policy, mid, agents_for(policy))).result()
-                results[policy][mid] = row
-                lo, hi = (mid, hi) if row["attainment"] < target else (lo, mid)
-            fewest[policy] = hi
+            rows = results[policy]
+
+            def met(n: int) -> bool:
+                if n not in rows:
+                    _, _, rows[n] = pool.submit(_run, (trace_params, models, policy, n, agents_for(policy))).result()
+                return rows[n]["attainment"] >= target
+
+            in_table = sorted(n for n in gpu_counts if met(n))
+            fewest[policy] = in_table[0] if in_table else fewest_above(met, max(gpu_counts), search_up_to)
     return {"name": name, "trace": asdict(trace_params), "models": len(models), "target": target,
             "gpu_counts": gpu_counts, "fewest_gpus": fewest,
             "results": {p: {str(n): r for n, r in sorted(rows.items())} for p, rows in results.items()}}

@@ -158,21 +158,31 @@ def min_gpus_for(trace: Trace, models: list[ModelConfig], profile: LatencyProfil
         return tried[n] >= target
 
     hi = min(max(1, settings.num_gpus), max_gpus)
-    if met(hi):
-        lo = 0
-        while hi > 1 and met(hi // 2):
-            hi //= 2
-        lo = hi // 2
-    else:
-        lo = hi
-        while not met(hi):
-            if hi >= max_gpus:
-                return None, tried
-            lo, hi = hi, min(hi * 2, max_gpus)
+    if not met(hi):
+        return fewest_above(met, hi, max_gpus), tried
+    while hi > 1 and met(hi // 2):
+        hi //= 2
+    return _bisect(met, hi // 2, hi), tried
+
+
+def fewest_above(met: Callable[[int], bool], missed: int, most: int) -> int | None:
+    """The fewest count up to `most` that meets, above `missed` (which does
+    not): doubling from it, then a binary search between the last count that
+    missed and the first that met; None if `most` misses."""
+    lo = hi = missed
+    while True:
+        if hi >= most:
+            return None
+        lo, hi = hi, min(hi * 2, most)
+        if met(hi):
+            return _bisect(met, lo, hi)
+
+
+def _bisect(met: Callable[[int], bool], lo: int, hi: int) -> int:
     while hi - lo > 1:  # lo misses (or is 0), hi meets
         mid = (lo + hi) // 2
         if met(mid):
             hi = mid
         else:
             lo = mid
-    return hi, tried
+    return hi
