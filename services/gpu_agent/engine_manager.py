@@ -81,6 +81,7 @@ class ManagedEngine:
     memory_limit_bytes: int = 0
     limit_revision: int = 0
     cap_bytes: int = 0  # the most KV memory the coordinator may give it (0: no cap)
+    shared_weights: SharedWeightsFile | None = None  # its worker's host weights, named at load
     loaded: asyncio.Event = field(default_factory=asyncio.Event)
     activation_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     request_stats: ModelRequestStats = None  # type: ignore[assignment]  # set from the spec's SLO
@@ -267,7 +268,7 @@ class EngineManager:
         start = time.perf_counter()
         worker = await self.pool.acquire(self._torch_device(gpu_ids))
         try:
-            shared = self._shared_weights_of(managed)
+            shared = managed.shared_weights = self._shared_weights_of(managed)
             engine = await RemoteEngine.load(
                 worker, spec.path, name=spec.name, load_format=spec.load_format, dtype=spec.dtype, seed=spec.seed,
                 memory_limit_bytes=managed.memory_limit_bytes, kv_capacity_bytes=self._kv_capacity_bytes(gpu_ids) or 0,
@@ -296,9 +297,11 @@ class EngineManager:
 
     def _remove_shared_weights(self, managed: ManagedEngine) -> None:
         """Unlinks the model's shared host copy once no engine here uses it (a
-        failed engine's copy stays for its replacement until it is unloaded)."""
-        shared = self._shared_weights_of(managed)
-        if shared is not None and all(self._shared_weights_of(m) != shared for m in self.engines.values()):
+        failed engine's copy stays for its replacement until it is unloaded).
+        The name is the one given at load: naming reads the checkpoint's files,
+        which may have changed since."""
+        shared = managed.shared_weights
+        if shared is not None and all(m.shared_weights != shared for m in self.engines.values()):
             shared.remove()
 
     async def _engine_lost(self, managed: ManagedEngine, error: WorkerLostError) -> None:
