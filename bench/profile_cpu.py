@@ -78,26 +78,29 @@ def measure_model(folder: Path, batches=BATCHES, prompts=PROMPTS, new_tokens: in
     engine.start()
     load_s = time.perf_counter() - t0
     try:
-        rows = []
-
-        async def run_all() -> None:
+        async def run_all() -> list[dict]:
             texts = {p: prompt_of_length(engine, p) for p in prompts}
-            # Untimed: every row once first. On the CPU a shape's first steps pay a one-time
-            # cost (through a cluster, a 16-request first burst: 130 ms a step, then 3 ms).
-            for prompt in prompts:
-                for batch in batches:
-                    await decode_round(engine, texts[prompt], prompt, batch, new_tokens, "warm")
-            for prompt in prompts:
-                for batch in batches:
-                    r = await decode_round(engine, texts[prompt], prompt, batch, new_tokens, f"{prompt}-{batch}")
-                    rows.append({"batch": batch, "prompt_tokens": prompt, "new_tokens": new_tokens,
-                                 "step_s": r["step_s"], "prefill_s": r["prefill_s"]})
+            await measure_rows(engine, texts, batches, new_tokens, "warm")  # untimed: see measure_rows
+            return await measure_rows(engine, texts, batches, new_tokens, engine.name)
 
-        asyncio.run(run_all())
+        rows = asyncio.run(run_all())
         return {"model": folder.name, "weight_bytes": engine.weight_bytes,
                 "kv_bytes_per_token": engine.kv_bytes_per_token, "load_s": load_s, "rows": rows}
     finally:
         engine.stop()
+
+
+async def measure_rows(engine, texts: dict[int, str], batches, new_tokens: int, tag: str) -> list[dict]:
+    """One row per (prompt length, batch): decode_round's step and prefill times.
+    Run it once untimed first: on the CPU a shape's first steps pay a one-time
+    cost (through a cluster, a 16-request first burst: 130 ms a step, then 3 ms)."""
+    rows = []
+    for prompt, text in texts.items():
+        for batch in batches:
+            r = await decode_round(engine, text, prompt, batch, new_tokens, f"{tag}-{prompt}-{batch}")
+            rows.append({"batch": batch, "prompt_tokens": prompt, "new_tokens": new_tokens,
+                         "step_s": r["step_s"], "prefill_s": r["prefill_s"]})
+    return rows
 
 
 class GatewayEngine:
@@ -162,20 +165,10 @@ def measure_through_cluster(models: dict[str, Path], batches=BATCHES, prompts=PR
                     stub = gateway_pb2_grpc.GatewayStub(channel)
                     engines = {name: GatewayEngine(stub, name, folder) for name, folder in sorted(models.items())}
                     texts = {name: {p: prompt_of_length(e, p) for p in prompts} for name, e in engines.items()}
-                    # Untimed: every model at every row's shape once, so no row pays a first-time cost.
+                    for name, engine in engines.items():  # untimed first, every model (see measure_rows)
+                        await measure_rows(engine, texts[name], batches, new_tokens, f"warm-{name}")
                     for name, engine in engines.items():
-                        for prompt in prompts:
-                            for batch in batches:
-                                await decode_round(engine, texts[name][prompt], prompt, batch, new_tokens,
-                                                   f"warm-{name}")
-                    for name, engine in engines.items():
-                        rows = []
-                        for prompt in prompts:
-                            for batch in batches:
-                                r = await decode_round(engine, texts[name][prompt], prompt, batch, new_tokens,
-                                                       f"{name}-{prompt}-{batch}")
-                                rows.append({"batch": batch, "prompt_tokens": prompt, "new_tokens": new_tokens,
-                                             "step_s": r["step_s"], "prefill_s": r["prefill_s"]})
+                        rows = await measure_rows(engine, texts[name], batches, new_tokens, name)
                         weight_bytes, kv_bytes, load_s = facts[name]
                         measured.append({"model": name, "weight_bytes": weight_bytes, "kv_bytes_per_token": kv_bytes,
                                          "load_s": load_s, "rows": rows})
