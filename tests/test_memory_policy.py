@@ -10,6 +10,7 @@ from services.gpu_agent.memory_policy import (
     DeviceMemorySnapshot,
     EngineMemoryDemand,
     PolicyParams,
+    RecentDemand,
     grant,
     plan_balloon,
     plan_static,
@@ -20,9 +21,9 @@ UNIT = 1 << 20  # 1 MiB page bundles
 PARAMS = PolicyParams(headroom_units=2, hysteresis_units=2)
 
 
-def engine(model, *, demand=0, used=0, limit=0, priority=1, cap=0):
+def engine(model, *, demand=0, used=0, limit=0, priority=1, cap=0, recent=0):
     return EngineMemoryDemand(model=model, priority=priority, used_bytes=used * UNIT, demand_bytes=demand * UNIT,
-                              limit_bytes=limit * UNIT, cap_bytes=cap * UNIT)
+                              limit_bytes=limit * UNIT, cap_bytes=cap * UNIT, recent_demand_bytes=recent * UNIT)
 
 
 def snapshot(budget_units, *engines):
@@ -177,3 +178,62 @@ def test_grant_comes_from_unassigned_budget_only():
     assert grant(snap, "a", UNIT // 2) == 31 * UNIT  # whole units
     assert grant(snapshot(100, engine("a", limit=30, cap=32)), "a", 5 * UNIT) is None
     assert grant(snap, "nope", UNIT) is None
+
+
+def test_recent_demand_is_the_peak_over_the_window():
+    recent = RecentDemand(window_s=1.0)
+    assert recent.observe("a", 0.0, 10) == 10
+    assert recent.observe("a", 0.3, 40) == 40
+    assert recent.observe("a", 0.6, 5) == 40
+    assert recent.observe("a", 1.2, 20) == 40  # 40 was seen 0.9 s ago
+    assert recent.observe("a", 1.35, 7) == 20  # now 1.05 s ago: gone; 20 is the largest left
+    assert recent.observe("b", 1.35, 3) == 3  # each engine its own
+    recent.forget_all_but({"b"})
+    assert recent.observe("a", 1.4, 1) == 1
+
+
+def test_recent_demand_matches_a_brute_force_window():
+    rng = random.Random(3)
+    recent, samples, now = RecentDemand(window_s=0.5), [], 0.0
+    for _ in range(500):
+        now += rng.uniform(0, 0.2)
+        value = rng.randint(0, 100)
+        samples.append((now, value))
+        assert recent.observe("a", now, value) == max(v for t, v in samples if t >= now - 0.5)
+
+
+def test_a_recent_peak_is_held_while_nobody_needs_the_memory():
+    # a's requests just ended (demand 5) but it needed 30 a moment ago: with the
+    # budget free it keeps room for its peak (plus headroom) instead of shrinking.
+    plan = units(plan_balloon(snapshot(100, engine("a", demand=5, limit=32, recent=30), engine("b", demand=10, limit=12)),
+                              PARAMS))
+    assert plan == {"a": 32, "b": 12}
+
+
+def test_a_recent_peak_yields_to_another_engines_demand():
+    # b's burst needs 80 of the 100: a's held peak gives way down to its demand.
+    plan = units(plan_balloon(snapshot(100, engine("a", demand=5, limit=32, recent=30), engine("b", demand=80, limit=12)),
+                              PARAMS))
+    assert plan["b"] >= 80
+    assert 5 <= plan["a"] <= 20
+    assert sum(plan.values()) <= 100
+
+
+def test_a_tiny_budget_does_not_flap_between_a_bursts_requests():
+    # Four units of budget (no hysteresis left at that size): a bursting engine
+    # whose demand dips between requests keeps its limit while its recent peak lasts.
+    params = PolicyParams(headroom_units=0, hysteresis_units=2, demand_hold_s=1.0)
+    recent = RecentDemand(params.demand_hold_s)
+    limits = {"a": 1, "b": 1}
+    changes = 0
+    for step in range(40):  # 4 s at the coordinator's 100 ms
+        now = step * 0.1
+        demand_a = 3 if step % 5 else 1  # a request ends every half second and the next arrives
+        engines = [engine("a", demand=demand_a, limit=limits["a"], recent=recent.observe("a", now, demand_a)),
+                   engine("b", demand=1, limit=limits["b"], recent=recent.observe("b", now, 1))]
+        plan = units(plan_balloon(DeviceMemorySnapshot(budget_bytes=4 * UNIT, unit_bytes=UNIT,
+                                                       engines=tuple(e for e in engines)), params))
+        changes += sum(plan[m] != limits[m] for m in plan)
+        limits = plan
+    assert limits == {"a": 3, "b": 1}
+    assert changes == 1  # a grew once, and stayed

@@ -52,6 +52,7 @@ from services.gpu_agent.memory_policy import (
     DeviceMemorySnapshot,
     EngineMemoryDemand,
     PolicyParams,
+    RecentDemand,
     grant,
 )
 from services.gpu_agent.request_stats import ServingSnapshot
@@ -84,7 +85,7 @@ class Ticket:
 class Device:
     """One GPU: its engines, memory coordinator state and admission queue."""
 
-    def __init__(self, agent_id: str, index: int, memory_bytes: int):
+    def __init__(self, agent_id: str, index: int, memory_bytes: int, demand_hold_s: float):
         self.agent_id = agent_id
         self.index = index
         self.memory_bytes = memory_bytes
@@ -92,6 +93,7 @@ class Device:
         self.engines: list[SimEngine] = []
         self.waiting: list[Ticket] = []
         self.reserved: dict[str, int] = {}  # model -> tokens admitted but not yet counted by its engine
+        self.recent_demand = RecentDemand(demand_hold_s)  # as the agent's coordinator keeps it
         self.busy = False
         self.turn = 0
 
@@ -101,9 +103,9 @@ class Device:
 
 
 class Agent:
-    def __init__(self, agent_id: str, num_gpus: int, memory_bytes: int):
+    def __init__(self, agent_id: str, num_gpus: int, memory_bytes: int, demand_hold_s: float):
         self.agent_id = agent_id
-        self.devices = {i: Device(agent_id, i, memory_bytes) for i in range(num_gpus)}
+        self.devices = {i: Device(agent_id, i, memory_bytes, demand_hold_s) for i in range(num_gpus)}
         self.engines: dict[str, SimEngine] = {}
 
 
@@ -125,7 +127,8 @@ class SimCluster:
         while left > 0:
             n += 1
             agent_id = f"agent-{n}"
-            self.agents[agent_id] = Agent(agent_id, min(gpus_per_agent, left), gpu_memory_bytes)
+            self.agents[agent_id] = Agent(agent_id, min(gpus_per_agent, left), gpu_memory_bytes,
+                                          self.memory_params.demand_hold_s)
             left -= gpus_per_agent
         self.placement: Placement = {}  # the scheduler's latest target, what the gateway routes by
         self.gateway_waiting: dict[str, list[SimRequest]] = {}
@@ -387,10 +390,15 @@ class SimCluster:
         for ticket in device.waiting:
             pending[ticket.engine.model.config.model_name] = (pending.get(ticket.engine.model.config.model_name, 0)
                                                               + ticket.tokens)
-        engines = tuple(EngineMemoryDemand(
-            model=e.name, priority=e.model.priority, used_bytes=e.used_bytes,
-            demand_bytes=(e.demand_tokens() + pending.get(e.name, 0)) * e.model.kv_bytes_per_token,
-            limit_bytes=e.limit_bytes, cap_bytes=e.cap_bytes, unit_bytes=e.model.bundle_bytes) for e in holding)
+        engines = []
+        for e in holding:
+            demand = (e.demand_tokens() + pending.get(e.name, 0)) * e.model.kv_bytes_per_token
+            engines.append(EngineMemoryDemand(
+                model=e.name, priority=e.model.priority, used_bytes=e.used_bytes, demand_bytes=demand,
+                limit_bytes=e.limit_bytes, cap_bytes=e.cap_bytes, unit_bytes=e.model.bundle_bytes,
+                recent_demand_bytes=device.recent_demand.observe(e.name, self.now, demand)))
+        device.recent_demand.forget_all_but({e.name for e in holding})
+        engines = tuple(engines)
         return DeviceMemorySnapshot(budget_bytes=budget, unit_bytes=unit, engines=engines)
 
     def rebalance(self, device: Device) -> None:

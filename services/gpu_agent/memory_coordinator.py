@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from services.gpu_agent.devices import Device
@@ -28,6 +29,7 @@ from services.gpu_agent.memory_policy import (
     DeviceMemorySnapshot,
     EngineMemoryDemand,
     PolicyParams,
+    RecentDemand,
     grant,
 )
 from services.gpu_agent.memory_split import DeviceMemorySplit, EngineMemory
@@ -51,7 +53,8 @@ def default_reserve_bytes(device: Device) -> int:
 class MemoryCoordinator:
     def __init__(self, device: Device, manager: EngineManager, policy: str = "balloon",
                  reserve_bytes: int | None = None, interval_s: float = DEFAULT_INTERVAL_S,
-                 params: PolicyParams = PolicyParams(), kv_budget_cap_bytes: int = 0):
+                 params: PolicyParams = PolicyParams(), kv_budget_cap_bytes: int = 0,
+                 clock: Callable[[], float] = time.monotonic):
         """kv_budget_cap_bytes: the KV budget never exceeds this (0: no cap),
         for a device shared with something else, or a benchmark that wants
         memory to be scarce."""
@@ -65,6 +68,8 @@ class MemoryCoordinator:
         self.reserve_bytes = default_reserve_bytes(device) if reserve_bytes is None else reserve_bytes
         self.interval_s = interval_s
         self.kv_budget_cap_bytes = kv_budget_cap_bytes
+        self.clock = clock
+        self.recent_demand = RecentDemand(params.demand_hold_s)
         self.lock = asyncio.Lock()
         self._wake = asyncio.Event()
         # KV the agent's admission queue holds back for each model (queued, or
@@ -100,13 +105,17 @@ class MemoryCoordinator:
     def snapshot(self, also: ManagedEngine | None = None) -> DeviceMemorySnapshot:
         """The active engines (and `also`, about to be activated) as the policy sees them."""
         active = self._active(also)
+        now = self.clock()
         engines = []
         for m in active:
             stats = m.engine.stats()
+            demand = self.demand_bytes(m, stats)
             engines.append(EngineMemoryDemand(
                 model=m.spec.name, priority=m.spec.slo.priority, used_bytes=stats.kv_used_bytes,
-                demand_bytes=self.demand_bytes(m, stats), limit_bytes=m.memory_limit_bytes if m.state == "active" else 0,
-                cap_bytes=m.cap_bytes, unit_bytes=m.engine.kv_bundle_bytes))
+                demand_bytes=demand, limit_bytes=m.memory_limit_bytes if m.state == "active" else 0,
+                cap_bytes=m.cap_bytes, unit_bytes=m.engine.kv_bundle_bytes,
+                recent_demand_bytes=self.recent_demand.observe(m.spec.name, now, demand)))
+        self.recent_demand.forget_all_but({m.spec.name for m in active})
         return DeviceMemorySnapshot(budget_bytes=self.budget_bytes(active), unit_bytes=self.unit_bytes(active),
                                     engines=tuple(engines))
 

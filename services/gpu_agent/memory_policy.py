@@ -14,6 +14,10 @@ reserve. Two policies share the interface `(snapshot, params) -> {model: limit}`
   ones — an engine holding more than its share is cut to it and preempts its
   newest requests. Small changes are left alone (hysteresis), so limits do not
   flap; small is relative to the budget, so a budget of a few units still moves.
+  Headroom also covers an engine's recent peak of demand (`RecentDemand`, over
+  `demand_hold_s`): a bursting model whose requests end and arrive keeps its
+  memory between them instead of giving it back and taking it again, yet only
+  from what no demand needs, so another engine's demand still takes it at once.
 - `static`: the budget split equally among the active engines, whatever the
   demand; the baseline the balloon is measured against.
 
@@ -26,6 +30,7 @@ more than the budget.
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -39,6 +44,7 @@ class EngineMemoryDemand:
     limit_bytes: int  # its limit now
     cap_bytes: int = 0  # most it may ever get (the config's max_memory_pool_size); 0: no cap
     unit_bytes: int = 0  # its limit's granularity (its page bundle); 0: the snapshot's
+    recent_demand_bytes: int = 0  # the most demand it showed over the last demand_hold_s (RecentDemand)
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,34 @@ class PolicyParams:
     # A change of at most this many units is not made, unless demand or the budget
     # needs it; at most an eighth of the budget, so a small budget still moves.
     hysteresis_units: int = 2
+    # How long an engine's peak demand is remembered (RecentDemand) and kept in its
+    # headroom: about a request's lifetime, so a burst's gaps between requests do not
+    # give memory back; a tenth of it would re-plan at every request end.
+    demand_hold_s: float = 1.0
+
+
+class RecentDemand:
+    """The most demand each engine showed over a sliding window of time: what
+    the coordinator (and the simulator) put in `recent_demand_bytes`. A sliding
+    maximum over a deque of samples whose demands fall from front to back."""
+
+    def __init__(self, window_s: float):
+        self.window_s = window_s
+        self._samples: dict[str, deque[tuple[float, int]]] = {}
+
+    def observe(self, model: str, now: float, demand_bytes: int) -> int:
+        """Records the engine's demand now; returns its peak over the window."""
+        samples = self._samples.setdefault(model, deque())
+        while samples and samples[-1][1] <= demand_bytes:
+            samples.pop()  # never the maximum again: a newer sample is at least as large
+        samples.append((now, demand_bytes))
+        while samples[0][0] < now - self.window_s:
+            samples.popleft()
+        return samples[0][1]
+
+    def forget_all_but(self, models: set[str]) -> None:
+        for model in set(self._samples) - models:
+            del self._samples[model]
 
 
 MemoryPolicy = Callable[[DeviceMemorySnapshot, PolicyParams], dict[str, int]]
@@ -108,8 +142,8 @@ def plan_balloon(snapshot: DeviceMemorySnapshot, params: PolicyParams = PolicyPa
         cap = caps[e.model] = _cap_units(e, unit)
         need = _units_up(max(e.demand_bytes, e.used_bytes), unit)
         demand[e.model] = min(need, cap) if cap is not None else need
-        roomy[e.model] = max(1, min(need + params.headroom_units, cap) if cap is not None
-                             else need + params.headroom_units)
+        held = max(need, _units_up(e.recent_demand_bytes, unit)) + params.headroom_units
+        roomy[e.model] = max(1, min(held, cap) if cap is not None else held)
         weights[e.model] = max(1, e.priority)
     # Demand first (max-min fair by priority), then headroom from what is left:
     # an idle engine's headroom never holds back a busy one's requests.
