@@ -15,12 +15,18 @@ class GatewayError(Exception):
     grpc_code = grpc.StatusCode.INTERNAL
     error_type = "server_error"
     error_code: str | None = "internal_error"
+    # The reason label of prism_gateway_rejected_requests_total when the gateway's own access control
+    # (services/gateway/access.py) refuses a request with this error; None for every other failure.
+    rejection: str | None = None
 
     def __init__(self, message: str, *, param: str | None = None, retry_after_s: int | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
         self.retry_after_s = retry_after_s  # sent as Retry-After (REST) / retry-after (gRPC trailer)
+
+    def http_headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else {}
 
 
 class InvalidRequest(GatewayError):
@@ -32,6 +38,44 @@ class InvalidRequest(GatewayError):
 
 class MissingParameter(InvalidRequest):
     error_code = "missing_required_parameter"
+
+
+class PromptTooLong(InvalidRequest):
+    error_code = "prompt_too_long"
+    rejection = "prompt_too_long"
+
+
+class MaxTokensTooLarge(InvalidRequest):
+    rejection = "max_tokens"
+
+
+class Unauthenticated(GatewayError):
+    """No API key, or one the gateway does not know (OpenAI answers a bad key alike)."""
+
+    http_status = 401
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    error_type = "invalid_request_error"
+    error_code = "invalid_api_key"
+    rejection = "auth"
+
+    def http_headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="prism"'}  # RFC 6750: how to authenticate
+
+
+class ModelNotAllowed(GatewayError):
+    http_status = 403
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+    error_type = "invalid_request_error"
+    error_code = "model_not_allowed"
+    rejection = "forbidden"
+
+
+class RequestTooLarge(GatewayError):
+    http_status = 413
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED  # what gRPC itself answers a message over its size limit
+    error_type = "invalid_request_error"
+    error_code = "request_too_large"
+    rejection = "too_large"
 
 
 class ModelNotFound(GatewayError):
@@ -46,6 +90,18 @@ class RateLimited(GatewayError):
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
     error_type = "rate_limit_error"
     error_code = "resource_exhausted"
+
+
+class KeyRateLimited(RateLimited):
+    """The client's own request rate is over its limit (not the cluster shedding load)."""
+
+    error_code = "rate_limit_exceeded"
+    rejection = "rate_limited"
+
+
+class TooManyStreams(RateLimited):
+    error_code = "too_many_concurrent_requests"
+    rejection = "too_many_streams"
 
 
 class ModelUnavailable(GatewayError):

@@ -3,6 +3,11 @@ gateways can live in one test process). Status codes are HTTP statuses for
 both APIs (a gRPC error counts as its REST twin would; 499 is a client that
 left early), so one dashboard covers REST and gRPC.
 
+Requests the gateway's access control refuses (services/gateway/access.py)
+count in prism_gateway_rejected_requests_total by reason; those refused
+before their body is parsed (no or a bad key, rate, size) are not in
+prism_gateway_requests_total, whose `model` label needs the parsed body.
+
 Each scrape also carries what the agents serve (services/gateway/agent_metrics.py):
 `render_cluster` asks every live agent for its status first."""
 
@@ -32,6 +37,11 @@ class GatewayMetrics:
         self.agent_scrape_errors = Counter(
             "prism_gateway_agent_scrape_errors", "Agents that did not answer a /metrics status call in time",
             ["agent"], registry=self.registry)
+        self.rejected = Counter(
+            "prism_gateway_rejected_requests",
+            "Requests refused by the gateway's access control, by API (rest, grpc), reason (auth, forbidden, "
+            "too_large, prompt_too_long, max_tokens, rate_limited, too_many_streams) and API key name",
+            ["api", "reason", "key"], registry=self.registry)
         self.requests = Counter("prism_gateway_requests", "Generate requests by API, model and status code",
                                 ["api", "model", "code"], registry=self.registry)
         self.time_to_first_token = Histogram(
