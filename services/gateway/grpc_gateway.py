@@ -3,7 +3,11 @@ clients. Generate validates the request, routes it like REST does and
 relays the agent's stream; failures end the call with the same codes the
 agent would use (NOT_FOUND, UNAVAILABLE, INVALID_ARGUMENT, ...). The request
 id goes back as `x-request-id` metadata, initial and trailing, so a client
-knows it even for a call that fails before any response."""
+knows it even for a call that fails before any response.
+
+API keys come as `authorization: Bearer <key>` metadata; the access checks
+(services/gateway/access.py) run before anything reaches the relay, as in
+the REST API. A refused rate carries `retry-after` trailing metadata."""
 
 from __future__ import annotations
 
@@ -16,7 +20,9 @@ import grpc
 from prism.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
 from services.common.grpc_util import RETRY_AFTER_KEY
 from services.common.logs import request_id_var
+from services.gateway.access import GRPC, AccessControl, Client
 from services.gateway.errors import ClientGone, GatewayError, InternalError
+from services.gateway.limits import StreamSlot
 from services.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics
 from services.gateway.relay import AgentStream, Relay
 from services.gateway.request_ids import HEADER, choose_request_id, prefix_for
@@ -27,13 +33,33 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 API = "grpc"
+AUTHORIZATION_KEY = "authorization"
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+def _authorization(context: grpc.aio.ServicerContext) -> str | None:
+    return next((value for key, value in context.invocation_metadata() or () if key == AUTHORIZATION_KEY), None)
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: GatewayError, metadata: Metadata) -> None:
+    if error.retry_after_s is not None:
+        metadata = (*metadata, (RETRY_AFTER_KEY, str(error.retry_after_s)))
+    await context.abort(error.grpc_code, error.message, trailing_metadata=metadata)
 
 
 class GatewayService(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, router: Router, relay: Relay, metrics: GatewayMetrics):
+    def __init__(self, router: Router, relay: Relay, metrics: GatewayMetrics, access: AccessControl):
         self.router = router
         self.relay = relay
         self.metrics = metrics
+        self.access = access
+
+    def _admit(self, context: grpc.aio.ServicerContext) -> Client:
+        """The caller, once its key and rate allow the call; raises GatewayError."""
+        client = self.access.authenticate(_authorization(context), GRPC)
+        self.access.admit(client, GRPC)
+        return client
 
     async def Generate(self, request: generate_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[generate_pb2.GenerateResponse]:
@@ -43,12 +69,22 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         metadata = ((HEADER, request_id),)
         await context.send_initial_metadata(metadata)
         context.set_trailing_metadata(metadata)
+        try:  # refused before the tracker, as the REST access middleware refuses before the route
+            client = self._admit(context)
+            # gRPC's own limit is the largest any client has; this is the caller's.
+            self.access.check_size(client, request.ByteSize(), GRPC)
+        except GatewayError as error:
+            log.info("generate model=%s refused: %s %s", request.model, error.grpc_code.name, error.message)
+            await _abort(context, error, metadata)
         model = request.model
         tracker = self.metrics.track(API, model if self.router.has_model(model) else UNKNOWN_MODEL)
         stream: AgentStream | None = None
+        slot: StreamSlot | None = None
         failure: GatewayError | None = None
         try:
             validate_generate_request(request)
+            self.access.check_generate(client, request, GRPC)
+            slot = self.access.open_stream(client, GRPC)
             stream = await self.relay.open(request)
             async for piece in stream:
                 tracker.tokens(len(piece.token_ids))
@@ -66,22 +102,24 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         finally:
             if stream is not None:
                 stream.cancel()
+            if slot is not None:  # every end: complete, failed, cancelled
+                slot.release()
         if failure is not None:
             log.info("generate model=%s failed: %s %s", model, failure.grpc_code.name, failure.message)
             tracker.finish(failure.http_status)
-            if failure.retry_after_s is not None:
-                metadata = (*metadata, (RETRY_AFTER_KEY, str(failure.retry_after_s)))
-            await context.abort(failure.grpc_code, failure.message, trailing_metadata=metadata)
+            await _abort(context, failure, metadata)
 
     async def ListModels(self, request: gateway_pb2.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> gateway_pb2.ListModelsResponse:
         try:
-            models = self.router.list_models()
+            client = self._admit(context)
+            models = [m for m in self.router.list_models() if client.may_use(m.name)]
         except GatewayError as error:
-            await context.abort(error.grpc_code, error.message)
+            await _abort(context, error, ())
         return gateway_pb2.ListModelsResponse(models=[
             gateway_pb2.ModelInfo(name=m.name, available=m.available, max_context=m.max_context) for m in models])
 
 
-def add_gateway_service(server: grpc.aio.Server, router: Router, relay: Relay, metrics: GatewayMetrics) -> None:
-    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayService(router, relay, metrics), server)
+def add_gateway_service(server: grpc.aio.Server, router: Router, relay: Relay, metrics: GatewayMetrics,
+                        access: AccessControl) -> None:
+    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayService(router, relay, metrics, access), server)

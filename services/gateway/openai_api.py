@@ -5,6 +5,11 @@ Generation awaits the agent's first response before answering, so errors
 that happen before any output get real HTTP statuses even when streaming;
 an error after the stream began is sent as an SSE error event followed by
 [DONE]. A client that disconnects gets its agent call cancelled.
+
+API keys and limits (services/gateway/access.py): the access middleware
+authenticates and size-checks every request but /health (and /metrics unless
+--metrics-auth); the routes check the model and the request's limits and
+hold a stream slot for each generation until it ends, however it ends.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from starlette.types import Receive, Scope, Send
 
 from prism.v1 import generate_pb2
 from services.common.logs import request_id_var
+from services.gateway.access import REST, AccessControl, Client
+from services.gateway.access_middleware import AccessMiddleware
 from services.gateway.errors import (
     ClientGone,
     GatewayError,
@@ -32,6 +39,7 @@ from services.gateway.errors import (
     ModelNotFound,
     error_body,
 )
+from services.gateway.limits import StreamSlot
 from services.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics, RequestTracker
 from services.gateway.openai_format import SSE_DONE, OpenAIFormat, finish_reason, sse_event
 from services.gateway.openai_schema import ChatCompletionRequest, CompletionRequest
@@ -54,8 +62,13 @@ def _request_id(request: Request) -> str:
 
 
 def _error_response(request: Request, error: GatewayError) -> JSONResponse:
-    headers = {"Retry-After": str(error.retry_after_s)} if error.retry_after_s is not None else None
-    return JSONResponse(error_body(error, _request_id(request)), status_code=error.http_status, headers=headers)
+    return JSONResponse(error_body(error, _request_id(request)), status_code=error.http_status,
+                        headers=error.http_headers())
+
+
+def _client(request: Request) -> Client:
+    """Who sent the request, as the access middleware found it."""
+    return request.state.client
 
 
 def _param_path(loc: list[Any]) -> str:
@@ -127,7 +140,7 @@ class RelayedStreamResponse(StreamingResponse):
 
 
 async def _sse_events(stream: AgentStream, fmt: OpenAIFormat, tracker: RequestTracker,
-                      include_usage: bool) -> AsyncIterator[bytes]:
+                      include_usage: bool, slot: StreamSlot) -> AsyncIterator[bytes]:
     try:
         for chunk in fmt.opening_chunks():
             yield sse_event(chunk)
@@ -150,6 +163,8 @@ async def _sse_events(stream: AgentStream, fmt: OpenAIFormat, tracker: RequestTr
         error = InternalError(f"request {fmt.request_id} failed in the gateway: {exc}")
         tracker.finish(error.http_status)
         yield sse_event(error_body(error, fmt.request_id))
+    # Free before [DONE] goes out, so a client that opens its next stream on [DONE] finds the slot.
+    slot.release()
     yield SSE_DONE
 
 
@@ -166,9 +181,10 @@ async def _collect(stream: AgentStream, fmt: OpenAIFormat, tracker: RequestTrack
 # ---- the app ---------------------------------------------------------------
 
 
-def create_app(router: Router, relay: Relay, metrics: GatewayMetrics) -> FastAPI:
+def create_app(router: Router, relay: Relay, metrics: GatewayMetrics, access: AccessControl) -> FastAPI:
     app = FastAPI(title="Prism gateway", summary="OpenAI-compatible API of a Prism cluster")
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(AccessMiddleware, access=access)
+    app.add_middleware(RequestIdMiddleware)  # added last, so it runs first: access refusals carry the id
     started = int(time.time())
 
     @app.exception_handler(GatewayError)
@@ -214,12 +230,14 @@ def create_app(router: Router, relay: Relay, metrics: GatewayMetrics) -> FastAPI
                 "available": available, "max_context": max_context}
 
     @app.get("/v1/models")
-    async def list_models() -> dict[str, Any]:
-        models = router.list_models()
+    async def list_models(request: Request) -> dict[str, Any]:
+        client = _client(request)
+        models = [m for m in router.list_models() if client.may_use(m.name)]
         return {"object": "list", "data": [model_object(m.name, m.available, m.max_context) for m in models]}
 
     @app.get("/v1/models/{model:path}")
-    async def retrieve_model(model: str) -> dict[str, Any]:
+    async def retrieve_model(model: str, request: Request) -> dict[str, Any]:
+        access.check_model(_client(request), model, REST)
         for m in router.list_models():
             if m.name == model:
                 return model_object(m.name, m.available, m.max_context)
@@ -230,19 +248,24 @@ def create_app(router: Router, relay: Relay, metrics: GatewayMetrics) -> FastAPI
         model = grpc_request.model
         tracker = metrics.track(api, model if router.has_model(model) else UNKNOWN_MODEL)
         agent_stream: AgentStream | None = None
+        slot: StreamSlot | None = None
         try:
             validate_generate_request(grpc_request)
+            client = _client(request)
+            access.check_generate(client, grpc_request, REST)
+            slot = access.open_stream(client, REST)
             agent_stream = await _unless_client_leaves(request, relay.open(grpc_request))
             fmt = OpenAIFormat(grpc_request.request_id, model, chat)
             if stream:
-                opened = agent_stream
+                opened, held = agent_stream, slot
 
                 def on_close() -> None:
                     opened.cancel()
+                    held.release()  # a no-op unless the stream ended early (client gone)
                     tracker.finish(ClientGone.http_status)  # a no-op unless the client left mid-stream
 
-                events = _sse_events(agent_stream, fmt, tracker, include_usage)
-                agent_stream = None  # the response owns it now
+                events = _sse_events(agent_stream, fmt, tracker, include_usage, slot)
+                agent_stream = slot = None  # the response owns them now
                 return RelayedStreamResponse(events, on_close)
             body = await _unless_client_leaves(request, _collect(agent_stream, fmt, tracker))
             tracker.finish(200)
@@ -259,10 +282,16 @@ def create_app(router: Router, relay: Relay, metrics: GatewayMetrics) -> FastAPI
         finally:
             if agent_stream is not None:
                 agent_stream.cancel()
+            if slot is not None:
+                slot.release()
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await generate(request, body.to_grpc(_request_id(request)), "completions", chat=False,
+        grpc_request = body.to_grpc(_request_id(request))
+        if body.max_tokens is None:  # OpenAI's default, which the client did not ask for: kept within its cap
+            cap = _client(request).limits.max_tokens_cap
+            grpc_request.sampling.max_tokens = min(grpc_request.sampling.max_tokens, cap)
+        return await generate(request, grpc_request, "completions", chat=False,
                               stream=body.stream, include_usage=body.include_usage_chunk)
 
     @app.post("/v1/chat/completions")

@@ -3,7 +3,9 @@ prism.v1.Gateway gRPC API, in one asyncio loop over one router.
 
     python -m services.gateway.server --etcd 127.0.0.1:2379 \
         --http-host 127.0.0.1 --http-port 8000 --grpc-host 127.0.0.1 --grpc-port 50050 \
-        [--request-timeout-s 600] [--cold-start-timeout-s 30] [--gateway-id ID]
+        [--request-timeout-s 600] [--cold-start-timeout-s 30] [--gateway-id ID] \
+        [--api-keys-file FILE] [--metrics-auth] [--max-request-bytes N] [--max-prompt-chars N] \
+        [--max-tokens-cap N] [--max-concurrent-streams N] [--rate-limit-rps R] [--rate-limit-burst N]
 
 Both servers listen at once; until the router has loaded the cluster state
 from etcd, /health answers 503 and requests fail with 503 / UNAVAILABLE.
@@ -13,6 +15,9 @@ a few seconds to finish, then everything closes.
 A request for a model that no live agent serves yet waits for it (up to the
 model's TTFT SLO plus --cold-start-timeout-s) while the gateway publishes the
 demand in etcd for the scheduler: services/gateway/cold_start.py.
+
+API keys (--api-keys-file and/or PRISM_API_KEYS) and the per-client limits:
+services/gateway/auth.py, limits.py and access.py; docs/security.md.
 """
 
 from __future__ import annotations
@@ -21,17 +26,22 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import uvicorn
 
 from services.common.grpc_util import add_health_and_reflection, mark_not_serving, mark_serving
 from services.common.logs import setup_logging
+from services.gateway.access import AccessControl
+from services.gateway.auth import ENV_VAR, KeyFileError, KeyStore, load_key_store
 from services.gateway.cold_start import DEFAULT_ALLOWANCE_S, ColdStart, DemandPublisher
 from services.gateway.grpc_gateway import SERVICE_NAME, add_gateway_service
+from services.gateway.limits import LIMIT_FIELDS, Limits, limit_problem
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_api import create_app
 from services.gateway.relay import Relay
@@ -56,12 +66,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(loaded and switched on somewhere) before it fails with 503; 0: fail at once")
     p.add_argument("--gateway-id", default=None,
                    help="names this gateway's demand records in etcd (default: HOSTNAME-HTTP_PORT)")
+    p.add_argument("--api-keys-file", type=Path, default=None,
+                   help=f"YAML or JSON list of API keys (see docs/security.md); {ENV_VAR} adds comma-separated "
+                        "keys for every model. Without any key, authentication is off")
+    p.add_argument("--metrics-auth", action="store_true", help="/metrics requires an API key too")
+    defaults = Limits()
+    limit_help = {
+        "max_request_bytes": "largest request body (REST) or message (gRPC); larger: 413 / RESOURCE_EXHAUSTED",
+        "max_prompt_chars": "longest prompt, or all chat messages together, in characters; longer: 400",
+        "max_tokens_cap": "largest max_tokens a request may ask for; larger: 400",
+        "max_concurrent_streams": "generations in flight per client (API key), streamed or not; more: 429; "
+                                  "0: no limit",
+        "rate_limit_rps": "requests per second per client (token bucket); over: 429 with Retry-After; 0: no limit",
+        "rate_limit_burst": "requests a client may send at once after a quiet spell; 0: one second's worth",
+    }
+    for name, (kind, _) in LIMIT_FIELDS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(defaults, name),
+                       help=f"{limit_help[name]} (default %(default)s; a key's `limits:` overrides it)")
     args = p.parse_args(argv)
     if args.request_timeout_s <= 0:
         p.error("--request-timeout-s must be positive")
     if args.cold_start_timeout_s < 0:
         p.error("--cold-start-timeout-s must not be negative")
+    for name in LIMIT_FIELDS:
+        problem = limit_problem(name, getattr(args, name))
+        if problem is not None:
+            p.error(f"--{name.replace('_', '-')}: {problem}")
     return args
+
+
+def limits_of(args: argparse.Namespace) -> Limits:
+    """The default limits of every client, from the flags."""
+    return Limits(**{name: getattr(args, name) for name in LIMIT_FIELDS})
+
+
+def _log_auth(keys: KeyStore, args: argparse.Namespace) -> None:
+    if not keys.enabled:
+        log.warning("authentication is off: no --api-keys-file and no %s; every client is 'anonymous'", ENV_VAR)
+        if args.metrics_auth:
+            log.warning("--metrics-auth has no effect without API keys")
+        return
+    log.info("authentication is on: %d API key(s) (%s); /metrics %s", len(keys.keys),
+             ", ".join(key.name for key in keys.keys), "needs a key" if args.metrics_auth else "is open")
 
 
 class _HttpServer(uvicorn.Server):
@@ -88,16 +134,24 @@ def _bind(host: str, port: int) -> socket.socket | None:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    try:
+        keys = load_key_store(args.api_keys_file, os.environ.get(ENV_VAR))
+    except KeyFileError as exc:
+        log.error("%s", exc)
+        return 1
+    _log_auth(keys, args)
     http_socket = _bind(args.http_host, args.http_port)
     if http_socket is None:
         return 1
     router = Router(args.etcd, channel_close_grace_s=args.request_timeout_s)
     metrics = GatewayMetrics()
+    access = AccessControl(keys, limits_of(args), metrics, metrics_auth=args.metrics_auth)
     demand = DemandPublisher(router, args.gateway_id or f"{socket.gethostname()}-{args.http_port}")
     relay = Relay(router, args.request_timeout_s, ColdStart(router, metrics, args.cold_start_timeout_s, demand))
 
-    grpc_server = grpc.aio.server()
-    add_gateway_service(grpc_server, router, relay, metrics)
+    # gRPC refuses larger messages itself (RESOURCE_EXHAUSTED); the service checks each caller's own limit.
+    grpc_server = grpc.aio.server(options=[("grpc.max_receive_message_length", access.largest_request_bytes)])
+    add_gateway_service(grpc_server, router, relay, metrics, access)
     health = add_health_and_reflection(grpc_server, [SERVICE_NAME])
     await mark_not_serving(health, [SERVICE_NAME])  # until the cluster state is loaded
     grpc_address = f"{args.grpc_host}:{args.grpc_port}"
@@ -112,7 +166,7 @@ async def serve(args: argparse.Namespace) -> int:
     await grpc_server.start()
 
     http_server = _HttpServer(uvicorn.Config(
-        create_app(router, relay, metrics), host=args.http_host, port=args.http_port,
+        create_app(router, relay, metrics, access), host=args.http_host, port=args.http_port,
         log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
     router_task = asyncio.create_task(router.run(), name="router")
     demand_task = asyncio.create_task(demand.run(), name="demand")
