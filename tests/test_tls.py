@@ -1,0 +1,200 @@
+"""Transport security (services/common/tls.py): the local CA's certificates,
+real gRPC servers over TLS and mTLS refusing the clients they must refuse,
+and etcd over TLS with client certificates and as an etcd user."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common import tls
+from services.common.etcd import ETCD_PASSWORD_ENV, EtcdAccess, PrefixMirror, connect, etcd_access
+from services.common.etcd_server import EmbeddedEtcd, etcd_binary
+from services.common.grpc_util import add_health_and_reflection, mark_serving
+from services.common.tls import TlsConfigError, TlsFiles
+
+GUARD_S = 30
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> dict[str, TlsFiles]:
+    """A CA with a server, a client and an etcd certificate for loopback."""
+    return tls.local_pki(tmp_path_factory.mktemp("pki"), ["server", "client", "etcd"])
+
+
+@pytest.fixture(scope="module")
+def other_pki(tmp_path_factory) -> dict[str, TlsFiles]:
+    """Another CA's client and server: valid certificates nobody here trusts."""
+    return tls.local_pki(tmp_path_factory.mktemp("other-pki"), ["client", "server"])
+
+
+# ---- certificates -----------------------------------------------------------------
+
+
+def test_local_ca_issues_server_and_client_certificates_for_the_hosts(tmp_path):
+    files = tls.local_pki(tmp_path, ["agent"], hosts=["127.0.0.1", "::1", "localhost", "gpu-7.example"])["agent"]
+    ca = x509.load_pem_x509_certificate(files.ca.read_bytes())
+    cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+
+    cert.verify_directly_issued_by(ca)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.IPAddress)) == {ipaddress.ip_address("127.0.0.1"),
+                                                             ipaddress.ip_address("::1")}
+    assert set(san.get_values_for_type(x509.DNSName)) == {"localhost", "gpu-7.example"}
+    usages = set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    assert usages == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}  # every service is both
+    for key in (files.key, tmp_path / tls.CA_KEY):
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    files.check()  # the key is the certificate's
+
+    # A second run keeps the CA (clients keep trusting it) and issues a new certificate.
+    again = tls.local_pki(tmp_path, ["agent"])["agent"]
+    assert again.ca.read_bytes() == files.ca.read_bytes()
+    x509.load_pem_x509_certificate(again.cert.read_bytes()).verify_directly_issued_by(ca)
+
+
+def test_bad_tls_settings_are_errors_that_name_the_option_and_the_file(tmp_path, pki):
+    missing = tmp_path / "nope.pem"
+    with pytest.raises(TlsConfigError, match=f"--tls-ca {missing}: cannot read it"):
+        tls.client_tls(ca=missing)
+    with pytest.raises(TlsConfigError, match="--tls-cert needs --tls-key"):
+        tls.client_tls(ca=pki["client"].ca, cert=pki["client"].cert)
+    with pytest.raises(TlsConfigError, match="tls_key .* is not the key of tls_cert"):
+        tls.client_tls(cert=pki["client"].cert, key=pki["server"].key, options="tls")
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("hello")
+    with pytest.raises(TlsConfigError, match=f"--etcd-ca {not_pem}: not a PEM certificate"):
+        etcd_access(ca=str(not_pem))
+    with pytest.raises(TlsConfigError, match=ETCD_PASSWORD_ENV):
+        etcd_access(user="prism", environ={})
+    assert etcd_access(user="prism", environ={ETCD_PASSWORD_ENV: "s3cret"}).password == "s3cret"
+
+
+# ---- gRPC over TLS and mTLS -------------------------------------------------------
+
+
+async def start_health_server(files: TlsFiles, require_client_cert: bool) -> tuple[grpc.aio.Server, str]:
+    server = grpc.aio.server()
+    health = add_health_and_reflection(server, [])
+    port = tls.add_port(server, "127.0.0.1:0", files, require_client_cert)
+    assert port > 0
+    await server.start()
+    await mark_serving(health, [])
+    return server, f"127.0.0.1:{port}"
+
+
+async def health_check(address: str, files: TlsFiles | None) -> grpc.StatusCode:
+    async with tls.aio_channel(address, files) as channel:
+        try:
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=GUARD_S)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+    return grpc.StatusCode.OK
+
+
+async def test_tls_server_serves_clients_that_trust_its_ca(pki, other_pki):
+    server, address = await start_health_server(pki["server"], require_client_cert=False)
+    try:
+        assert await health_check(address, TlsFiles(ca=pki["server"].ca)) == grpc.StatusCode.OK
+        # A client that trusts another CA does not accept this server; a plaintext client gets nowhere.
+        assert await health_check(address, TlsFiles(ca=other_pki["client"].ca)) == grpc.StatusCode.UNAVAILABLE
+        assert await health_check(address, None) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await server.stop(None)
+
+
+async def test_mtls_server_refuses_clients_without_a_certificate_of_its_ca(pki, other_pki):
+    server, address = await start_health_server(pki["server"], require_client_cert=True)
+    ca = pki["server"].ca
+    try:
+        assert await health_check(address, pki["client"]) == grpc.StatusCode.OK
+        assert await health_check(address, TlsFiles(ca=ca)) == grpc.StatusCode.UNAVAILABLE  # no certificate
+        stranger = TlsFiles(ca=ca, cert=other_pki["client"].cert, key=other_pki["client"].key)
+        assert await health_check(address, stranger) == grpc.StatusCode.UNAVAILABLE  # another CA's certificate
+    finally:
+        await server.stop(None)
+
+
+# ---- etcd ---------------------------------------------------------------------------
+
+
+async def wait_for(predicate, what: str) -> None:
+    deadline = time.monotonic() + GUARD_S
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+async def test_etcd_over_tls_with_client_certificates(tmp_path, pki, other_pki):
+    server = EmbeddedEtcd(tmp_path / "etcd", tls=pki["etcd"])
+    server.start()
+    try:
+        client = await connect(server.endpoint, timeout_s=GUARD_S, access=EtcdAccess(tls=pki["client"]))
+        mirror = PrefixMirror(client, "/tls/")
+        follow = asyncio.create_task(mirror.run())
+        await asyncio.wait_for(mirror.ready.wait(), GUARD_S)
+        await client.put(b"/tls/a", b"1")
+        await wait_for(lambda: mirror.items.get("/tls/a") == b"1", "the watch over TLS")
+        follow.cancel()
+        await client.close()
+
+        # etcd requires a client certificate of its CA; plaintext gets nowhere either.
+        stranger = TlsFiles(ca=pki["client"].ca, cert=other_pki["client"].cert, key=other_pki["client"].key)
+        for access in (EtcdAccess(tls=TlsFiles(ca=pki["client"].ca)), EtcdAccess(tls=stranger), EtcdAccess()):
+            with pytest.raises(ConnectionError, match="did not answer"):
+                await connect(server.endpoint, timeout_s=0.5, access=access)
+    finally:
+        server.stop()
+
+
+def etcdctl(endpoint: str, *args: str) -> None:
+    ctl = Path(etcd_binary()).parent / "etcdctl"
+    if not ctl.exists():
+        pytest.skip(f"no etcdctl next to {etcd_binary()}")
+    subprocess.run([str(ctl), "--endpoints", endpoint, *args], check=True, capture_output=True, timeout=GUARD_S)
+
+
+async def test_etcd_user_and_password_and_a_new_token_after_an_etcd_restart(etcd_server):
+    etcdctl(etcd_server.endpoint, "user", "add", "root", "--new-user-password=root-pw")
+    etcdctl(etcd_server.endpoint, "user", "grant-role", "root", "root")
+    etcdctl(etcd_server.endpoint, "auth", "enable")
+
+    with pytest.raises(ConnectionError, match="refused user 'root'.*authentication failed"):
+        await connect(etcd_server.endpoint, timeout_s=GUARD_S, access=EtcdAccess(user="root", password="wrong"))
+    anonymous = await connect(etcd_server.endpoint, timeout_s=GUARD_S)  # etcd answers status to anyone ...
+    with pytest.raises(Exception, match="user name is empty"):
+        await anonymous.get(b"/auth/a")  # ... but not reads
+    await anonymous.close()
+
+    client = await connect(etcd_server.endpoint, timeout_s=GUARD_S, access=EtcdAccess(user="root", password="root-pw"))
+    await client.put(b"/auth/a", b"1")
+    mirror = PrefixMirror(client, "/auth/")
+    follow = asyncio.create_task(mirror.run())
+    await asyncio.wait_for(mirror.ready.wait(), GUARD_S)
+    assert mirror.items == {"/auth/a": b"1"}
+
+    # A restarted etcd has forgotten every token: the client gets a new one, and its watch follows.
+    etcd_server.stop()
+    etcd_server.start()
+    deadline = time.monotonic() + GUARD_S
+    while True:
+        try:
+            await client.put(b"/auth/b", b"2")
+            break
+        except Exception:  # etcd still coming back
+            assert time.monotonic() < deadline, "no write after the restart"
+            await asyncio.sleep(0.2)
+    await wait_for(lambda: mirror.items.get("/auth/b") == b"2", "the watch after the restart")
+    follow.cancel()
+    await client.close()
