@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import stat
 import subprocess
 import time
@@ -79,6 +80,35 @@ def test_bad_tls_settings_are_errors_that_name_the_option_and_the_file(tmp_path,
     with pytest.raises(TlsConfigError, match=ETCD_PASSWORD_ENV):
         etcd_access(user="prism", environ={})
     assert etcd_access(user="prism", environ={ETCD_PASSWORD_ENV: "s3cret"}).password == "s3cret"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tls-cert", "CERT"], "--tls-cert needs --tls-key"),
+    (["--tls-ca", "CA"], "--tls-ca needs --tls-cert and --tls-key"),
+    (["--tls-cert", "CERT", "--tls-key", "KEY", "--mtls"], "--mtls needs --tls-ca"),
+    (["--mtls"], "--mtls needs --tls-ca"),
+    (["--tls-cert", "CERT", "--tls-key", "MISSING"], "--tls-key .*missing.pem: cannot read it"),
+])
+def test_a_service_refuses_a_tls_flag_without_its_pair(pki, tmp_path, capsys, flags, message):
+    from services.scheduler.server import parse_args
+
+    paths = {"CERT": pki["server"].cert, "KEY": pki["server"].key, "CA": pki["server"].ca,
+             "MISSING": tmp_path / "missing.pem"}
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--config", "models.json", *[str(paths.get(f, f)) for f in flags]])
+    assert exited.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_a_service_takes_its_tls_and_etcd_flags(pki):
+    from services.gpu_agent.server import parse_args
+
+    server, client = pki["server"], pki["client"]
+    args = parse_args([*tls.service_tls_args(server, mtls=True), "--etcd-ca", str(client.ca),
+                       "--etcd-cert", str(client.cert), "--etcd-key", str(client.key)])
+    assert args.tls_files == server and args.mtls
+    assert args.etcd_access == EtcdAccess(tls=TlsFiles(client.ca, client.cert, client.key))
+    assert parse_args([]).tls_files is None  # plaintext stays the default
 
 
 # ---- gRPC over TLS and mTLS -------------------------------------------------------

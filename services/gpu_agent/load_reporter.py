@@ -6,6 +6,8 @@ With several scheduler replicas, reports go to the leader: its address is
 looked up in etcd (records.SCHEDULER_LEADER) on every (re)connect, falling
 back to the configured scheduler address while no leader is recorded, and a
 change of leader in etcd moves the stream at once (no back-off wait).
+With TLS files, the stream is TLS and presents the agent's certificate (the
+scheduler may require it: --mtls).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import grpc
 from prism.v1 import agent_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.common import records
 from services.common.etcd import PrefixMirror
+from services.common.tls import TlsFiles, aio_channel
 from services.gpu_agent.agent_service import STATE_TO_PROTO
 from services.gpu_agent.engine_manager import EngineManager
 from services.gpu_agent.status_report import (
@@ -35,12 +38,14 @@ log = logging.getLogger(__name__)
 class LoadReporter:
     def __init__(self, scheduler_address: str, agent_id: str, address: str, devices, manager: EngineManager, *,
                  coordinators: dict[int, MemorySplitSource] | None = None,
-                 admission: AdmissionQueueView | None = None, etcd=None):
+                 admission: AdmissionQueueView | None = None, etcd=None, tls: TlsFiles | None = None):
         """coordinators (device index -> its memory coordinator) and the
         admission queue add the memory split and queue numbers to each
         report; without them those stay empty. etcd (an aetcd client): where
-        to find the leading scheduler; without it, scheduler_address only."""
+        to find the leading scheduler; without it, scheduler_address only.
+        tls: the agent's TLS files for the stream (None: plaintext)."""
         self.scheduler_address = scheduler_address
+        self.tls = tls
         self.etcd = etcd
         self.target = scheduler_address  # where reports go now
         self._leader_moved = asyncio.Event()
@@ -119,7 +124,7 @@ class LoadReporter:
             work.result()  # its error, if any
 
     async def _session(self) -> None:
-        async with grpc.aio.insecure_channel(self.target) as channel:
+        async with aio_channel(self.target, self.tls) as channel:
             stub = scheduler_pb2_grpc.SchedulerStub(channel)
             reply = await stub.RegisterAgent(scheduler_pb2.RegisterAgentRequest(
                 agent_id=self.agent_id,

@@ -5,7 +5,8 @@ registration alive in etcd and reports load to the scheduler.
         --listen 127.0.0.1:50061 [--advertise HOST:PORT] [--device auto|cpu|cuda] [--cpu-memory-gb 4] \
         [--engine-isolation auto|process|inline] [--spare-workers 1] \
         [--memory-policy balloon|static] [--memory-reserve-gb GB] [--kv-budget-gb GB] [--starvation-s 5] \
-        [--drain-timeout-s 30]
+        [--drain-timeout-s 30] [--tls-cert PEM --tls-key PEM --tls-ca PEM [--mtls]] \
+        [--etcd-ca PEM --etcd-cert PEM --etcd-key PEM] [--etcd-user USER]  (its password: $PRISM_ETCD_PASSWORD)
 
 Engine isolation: `process` runs each engine in its own worker process, with
 `--spare-workers` pre-started, device-initialized workers per device so a new
@@ -29,9 +30,10 @@ import grpc
 
 from prism.v1 import agent_pb2, agent_pb2_grpc
 from services.common import records
-from services.common.etcd import LeasedKeys, connect
+from services.common.etcd import LeasedKeys, add_etcd_args, connect, etcd_access_from_args
 from services.common.grpc_util import add_health_and_reflection, mark_not_serving, mark_serving
 from services.common.logs import setup_logging
+from services.common.tls import TlsConfigError, add_port, add_tls_args, tls_from_args, transport_name
 from services.gpu_agent.admission import DEFAULT_STARVATION_S, AdmissionQueue, AgentAdmission
 from services.gpu_agent.agent_service import DEFAULT_BUSY_WINDOW_S, AgentService
 from services.gpu_agent.devices import Device, discover_devices
@@ -81,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drain-timeout-s", type=float, default=DEFAULT_DRAIN_TIMEOUT_S,
                    help="an engine the scheduler removes first finishes its requests (new ones go to the model's "
                         "other replicas); after this long it is unloaded anyway and the requests left fail")
+    add_tls_args(p)
+    add_etcd_args(p)
     args = p.parse_args(argv)
     if args.spare_workers < 0:
         p.error("--spare-workers must be >= 0")
@@ -94,6 +98,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--starvation-s must be positive")
     if args.drain_timeout_s < 0:
         p.error("--drain-timeout-s must not be negative")
+    try:
+        args.tls_files = tls_from_args(args)
+        args.etcd_access = etcd_access_from_args(args)
+    except TlsConfigError as exc:
+        p.error(str(exc))
     return args
 
 
@@ -124,7 +133,7 @@ async def serve(args: argparse.Namespace) -> None:
         raise SystemExit(f"agent: --shared-weights-dir: {exc}") from None
     advertise = args.advertise or args.listen
     agent_id = args.agent_id or f"{socket.gethostname()}-{advertise.rsplit(':', 1)[-1]}"
-    etcd = await connect(args.etcd)
+    etcd = await connect(args.etcd, access=args.etcd_access)
     leased = LeasedKeys(etcd, ttl_s=args.lease_ttl_s)
     # Engine keys of an earlier life of this agent id would make its models
     # look served until their lease ran out; nothing of that life survives.
@@ -170,7 +179,7 @@ async def serve(args: argparse.Namespace) -> None:
     server = grpc.aio.server()
     agent_pb2_grpc.add_AgentServicer_to_server(service, server)
     health = add_health_and_reflection(server, [SERVICE_NAME])
-    if server.add_insecure_port(args.listen) == 0:
+    if add_port(server, args.listen, args.tls_files, require_client_cert=args.mtls) == 0:
         raise SystemExit(f"agent: cannot listen on {args.listen}")
     await server.start()
 
@@ -181,12 +190,14 @@ async def serve(args: argparse.Namespace) -> None:
     )
     await leased.put(agent_record.key(), agent_record.to_json())
     await mark_serving(health, [SERVICE_NAME])
-    log.info("agent %s serving on %s with %s; engines %s", agent_id, advertise,
+    log.info("agent %s serving on %s (%s) with %s; engines %s", agent_id, advertise,
+             transport_name(args.tls_files, args.mtls),
              ", ".join(f"{d.kind}:{d.index} {d.memory_bytes >> 20} MB" for d in devices),
              "inline" if pool is None else f"in worker processes ({args.spare_workers} spare a device)")
 
     reporter = LoadReporter(args.scheduler, agent_id, advertise, devices, manager, coordinators=coordinators,
-                            admission=admission, etcd=etcd)  # reports follow the scheduler leader in etcd
+                            admission=admission, etcd=etcd,  # reports follow the scheduler leader in etcd
+                            tls=args.tls_files)
     tasks = [asyncio.create_task(leased.run()), asyncio.create_task(reporter.run()),
              *(asyncio.create_task(c.run()) for c in coordinators.values()),
              *(asyncio.create_task(q.run()) for q in admission.queues.values())]

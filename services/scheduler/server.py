@@ -2,7 +2,9 @@
 with the chosen policy, drives agents to it and records it in etcd.
 
     python -m services.scheduler.server --etcd 127.0.0.1:2379 --config models.json \
-        --listen 127.0.0.1:50051 [--policy static] [--scheduler-id ID]
+        --listen 127.0.0.1:50051 [--policy static] [--scheduler-id ID] \
+        [--tls-cert PEM --tls-key PEM --tls-ca PEM [--mtls]] [--etcd-ca PEM --etcd-cert PEM --etcd-key PEM] \
+        [--etcd-user USER]  (its password: $PRISM_ETCD_PASSWORD)
 
 Any number of replicas may run against one etcd: they elect a leader
 (leader_election.py), and only the leader publishes the registry, re-plans
@@ -23,7 +25,7 @@ import grpc
 
 from prism.v1 import agent_pb2, agent_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from services.common import placement_config, records
-from services.common.etcd import PrefixMirror, connect
+from services.common.etcd import PrefixMirror, add_etcd_args, connect, etcd_access_from_args
 from services.common.grpc_util import (
     add_health_and_reflection,
     mark_not_serving,
@@ -32,6 +34,15 @@ from services.common.grpc_util import (
 from services.common.logs import setup_logging
 from services.common.model_size import estimate_weight_bytes
 from services.common.placement_config import ModelConfig
+from services.common.tls import (
+    TlsConfigError,
+    TlsFiles,
+    add_port,
+    add_tls_args,
+    aio_channel,
+    tls_from_args,
+    transport_name,
+)
 from services.scheduler.actions import Action, current_placement, plan_actions
 from services.scheduler.leader_election import LEADER, LeaderElection
 from services.scheduler.policy import (
@@ -66,9 +77,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--advertise", default=None, help="the address agents reach this replica at (default: --listen)")
     p.add_argument("--leader-ttl-s", type=int, default=2,
                    help="the leader's etcd lease: a dead leader is replaced about this long after its death")
+    add_tls_args(p)
+    add_etcd_args(p)
     args = p.parse_args(argv)
     if not 0 <= args.min_kv_fraction <= 1:
         p.error("--min-kv-fraction must be between 0 and 1")
+    try:
+        args.tls_files = tls_from_args(args)
+        args.etcd_access = etcd_access_from_args(args)
+    except TlsConfigError as exc:
+        p.error(str(exc))
     return args
 
 
@@ -128,11 +146,14 @@ class PlacementLoop:
 
     def __init__(self, config: placement_config.PlacementConfig, etcd, policy_name: str, service: SchedulerService,
                  wake: asyncio.Event, interval_s: float, load_timeout_s: float,
-                 params: PolicyParams = PolicyParams(), fence: tuple[str, bytes] | None = None):
+                 params: PolicyParams = PolicyParams(), fence: tuple[str, bytes] | None = None,
+                 tls: TlsFiles | None = None):
         """fence: (key, value) that must still be in etcd for this loop's
         placement writes to land (the leader key with this term's record), so
-        a deposed leader can never overwrite its successor's placements."""
+        a deposed leader can never overwrite its successor's placements.
+        tls: the scheduler's TLS files for its calls to the agents (None: plaintext)."""
         self.config = config
+        self.tls = tls
         self.fence = fence
         self.etcd = etcd
         self.policy = POLICIES[policy_name]
@@ -214,7 +235,7 @@ class PlacementLoop:
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address)
+            self._channels[address] = aio_channel(address, self.tls)
         return self._channels[address]
 
     async def replan(self) -> None:
@@ -321,7 +342,7 @@ async def wait_for_agent_reports(etcd, service: SchedulerService, timeout_s: flo
 
 async def serve(args: argparse.Namespace) -> None:
     config = placement_config.load(args.config)
-    etcd = await connect(args.etcd)
+    etcd = await connect(args.etcd, access=args.etcd_access)
     wake = asyncio.Event()
     service = SchedulerService(wake)
     service.leading = False  # until elected
@@ -332,11 +353,12 @@ async def serve(args: argparse.Namespace) -> None:
     server = grpc.aio.server()
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
     health = add_health_and_reflection(server, [SERVICE_NAME])
-    if server.add_insecure_port(args.listen) == 0:
+    if add_port(server, args.listen, args.tls_files, require_client_cert=args.mtls) == 0:
         raise SystemExit(f"scheduler: cannot listen on {args.listen}")
     await server.start()
     await mark_not_serving(health, [SERVICE_NAME])
-    log.info("scheduler %s serving on %s, policy %s, %d model(s)", scheduler_id, args.listen, policy, len(config.models))
+    log.info("scheduler %s serving on %s (%s), policy %s, %d model(s)", scheduler_id, args.listen,
+             transport_name(args.tls_files, args.mtls), policy, len(config.models))
 
     async def on_role(role: str) -> None:
         service.leading = role == LEADER
@@ -346,7 +368,7 @@ async def serve(args: argparse.Namespace) -> None:
         # A fresh loop each term: its mirrors, retries and in-flight actions end with the term.
         fence = (records.SCHEDULER_LEADER, election.leader.to_json()) if election.leader is not None else None
         loop_ = PlacementLoop(config, etcd, policy, service, wake, args.replan_interval_s, args.load_timeout_s,
-                              PolicyParams(min_kv_fraction=args.min_kv_fraction), fence=fence)
+                              PolicyParams(min_kv_fraction=args.min_kv_fraction), fence=fence, tls=args.tls_files)
         await loop_.publish_registry()
         await wait_for_agent_reports(etcd, service, timeout_s=3 * service.report_interval_ms / 1000 + 1.0)
         await loop_.run()
