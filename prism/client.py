@@ -7,6 +7,11 @@
         for chunk in client.generate_stream("tiny-qwen2", messages=[{"role": "user", "content": "Hi"}]):
             print(chunk.text, end="")
 
+A gateway serving TLS: `PrismClient(target, tls_ca="ca.pem")` verifies it
+against that CA (`tls_ca=None` with a client certificate: the system's roots);
+`tls_cert`/`tls_key` present a client certificate to a gateway that requires
+one. Without any of them the channel is plaintext.
+
 `AsyncPrismClient` has the same methods for asyncio. gRPC failures surface as
 `PrismError` subclasses, one per status code a caller would handle
 differently; arguments the SDK itself can tell are wrong raise ValueError
@@ -15,6 +20,7 @@ before anything is sent.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -23,6 +29,7 @@ from typing import Literal, TypedDict, Unpack
 import grpc
 
 from prism.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
+from services.common.tls import aio_channel, client_tls, sync_channel
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -284,15 +291,23 @@ def _model_infos(response: gateway_pb2.ListModelsResponse) -> list[ModelInfo]:
 # --- clients -----------------------------------------------------------------
 
 
+PemPath = str | os.PathLike[str]
+
+
 class PrismClient:
     """Blocking client. Use it as a context manager, or call close(), so its
     channel is released. `timeout_s` is each call's deadline (a streamed
-    generation's whole stream included); None means no deadline."""
+    generation's whole stream included); None means no deadline. tls_ca,
+    tls_cert, tls_key: PEM files for TLS (see the module's docstring); a
+    file that cannot be read raises services.common.tls.TlsConfigError (a
+    ValueError) here."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout_s: float | None = DEFAULT_TIMEOUT_S,
+                 tls_ca: PemPath | None = None, tls_cert: PemPath | None = None,
+                 tls_key: PemPath | None = None) -> None:
         self.target = target
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(target)
+        self._channel = sync_channel(target, client_tls(tls_ca, tls_cert, tls_key, options="tls"))
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
     def close(self) -> None:
@@ -342,10 +357,12 @@ class AsyncPrismClient:
     """The asyncio twin of PrismClient. `generate_stream` returns an async
     iterator; `aclose()` it (or use contextlib.aclosing) to cancel early."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout_s: float | None = DEFAULT_TIMEOUT_S,
+                 tls_ca: PemPath | None = None, tls_cert: PemPath | None = None,
+                 tls_key: PemPath | None = None) -> None:
         self.target = target
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(target)
+        self._channel = aio_channel(target, client_tls(tls_ca, tls_cert, tls_key, options="tls"))
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
     async def close(self) -> None:

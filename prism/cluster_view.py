@@ -19,7 +19,8 @@ from google.protobuf.json_format import MessageToDict
 
 from prism.v1 import agent_pb2, agent_pb2_grpc
 from services.common import records
-from services.common.etcd import connect
+from services.common.etcd import EtcdAccess, connect
+from services.common.tls import TlsFiles, aio_channel
 
 STATUS_TIMEOUT_S = 1.0
 BAR_WIDTH = 48
@@ -67,18 +68,23 @@ class ClusterSnapshot:
 
 class ClusterReader:
     """Reads snapshots from one etcd, keeping its connection and the agents'
-    channels between reads (`prism top` reads every second)."""
+    channels between reads (`prism top` reads every second). etcd_access:
+    TLS and user of the etcd connection; tls: the CA (and, for agents that
+    require one, the client certificate) of the calls to the agents."""
 
-    def __init__(self, etcd_endpoint: str, status_timeout_s: float = STATUS_TIMEOUT_S):
+    def __init__(self, etcd_endpoint: str, status_timeout_s: float = STATUS_TIMEOUT_S, *,
+                 etcd_access: EtcdAccess = EtcdAccess(), tls: TlsFiles | None = None):
         self.etcd_endpoint = etcd_endpoint
         self.status_timeout_s = status_timeout_s
+        self.etcd_access = etcd_access
+        self.tls = tls
         self._client = None
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     async def read(self) -> ClusterSnapshot:
         """Raises ConnectionError when etcd cannot be reached."""
         if self._client is None:
-            self._client = await connect(self.etcd_endpoint, timeout_s=5)
+            self._client = await connect(self.etcd_endpoint, timeout_s=5, access=self.etcd_access)
         found: dict[str, list[dict]] = {}
         for name, prefix in (("models", records.MODELS), ("agents", records.AGENTS),
                              ("engines", records.ENGINES), ("placements", records.PLACEMENTS)):
@@ -94,7 +100,7 @@ class ClusterReader:
         address = agent.record["address"]
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+            channel = self._channels[address] = aio_channel(address, self.tls)
         try:
             agent.status = await agent_pb2_grpc.AgentStub(channel).GetStatus(
                 agent_pb2.GetStatusRequest(), timeout=self.status_timeout_s)

@@ -1,6 +1,7 @@
 """Transport security (services/common/tls.py): the local CA's certificates,
 real gRPC servers over TLS and mTLS refusing the clients they must refuse,
-and etcd over TLS with client certificates and as an etcd user."""
+the SDK with a CA and a client certificate, and etcd over TLS with client
+certificates and as an etcd user."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from prism.v1 import gateway_pb2, gateway_pb2_grpc
 from services.common import tls
 from services.common.etcd import ETCD_PASSWORD_ENV, EtcdAccess, PrefixMirror, connect, etcd_access
 from services.common.etcd_server import EmbeddedEtcd, etcd_binary
@@ -152,6 +154,37 @@ async def test_mtls_server_refuses_clients_without_a_certificate_of_its_ca(pki, 
         assert await health_check(address, TlsFiles(ca=ca)) == grpc.StatusCode.UNAVAILABLE  # no certificate
         stranger = TlsFiles(ca=ca, cert=other_pki["client"].cert, key=other_pki["client"].key)
         assert await health_check(address, stranger) == grpc.StatusCode.UNAVAILABLE  # another CA's certificate
+    finally:
+        await server.stop(None)
+
+
+class ListOnlyGateway(gateway_pb2_grpc.GatewayServicer):
+    async def ListModels(self, request, context):
+        return gateway_pb2.ListModelsResponse(models=[gateway_pb2.ModelInfo(name="m", available=True, max_context=8)])
+
+
+async def test_sdk_clients_take_a_ca_and_a_client_certificate(pki, tmp_path):
+    from prism.client import AsyncPrismClient, PrismClient, UnavailableError
+
+    server = grpc.aio.server()
+    gateway_pb2_grpc.add_GatewayServicer_to_server(ListOnlyGateway(), server)
+    port = tls.add_port(server, "127.0.0.1:0", pki["server"], require_client_cert=True)
+    await server.start()
+    target, client = f"127.0.0.1:{port}", pki["client"]
+    try:
+        async with AsyncPrismClient(target, tls_ca=client.ca, tls_cert=client.cert, tls_key=client.key) as sdk:
+            assert [m.name for m in await sdk.list_models()] == ["m"]
+        async with AsyncPrismClient(target, tls_ca=client.ca, timeout_s=GUARD_S) as without_cert:
+            with pytest.raises(UnavailableError):
+                await without_cert.list_models()
+        with pytest.raises(TlsConfigError, match="tls_ca .*nope.pem: cannot read it"):
+            PrismClient(target, tls_ca=tmp_path / "nope.pem")
+
+        def blocking_list() -> list[str]:
+            with PrismClient(target, tls_ca=str(client.ca), tls_cert=str(client.cert), tls_key=str(client.key)) as sdk:
+                return [m.name for m in sdk.list_models()]
+
+        assert await asyncio.to_thread(blocking_list) == ["m"]
     finally:
         await server.stop(None)
 
