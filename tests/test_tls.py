@@ -21,7 +21,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from prism.v1 import gateway_pb2, gateway_pb2_grpc
 from services.common import tls
-from services.common.etcd import ETCD_PASSWORD_ENV, EtcdAccess, PrefixMirror, connect, etcd_access
+from services.common.etcd import (
+    ETCD_PASSWORD_ENV,
+    EtcdAccess,
+    EtcdLoginRefused,
+    PrefixMirror,
+    connect,
+    etcd_access,
+)
 from services.common.etcd_server import EmbeddedEtcd, etcd_binary
 from services.common.grpc_util import add_health_and_reflection, mark_serving
 from services.common.tls import TlsConfigError, TlsFiles
@@ -233,7 +240,7 @@ async def test_etcd_user_and_password_and_a_new_token_after_an_etcd_restart(etcd
     etcdctl(etcd_server.endpoint, "user", "grant-role", "root", "root")
     etcdctl(etcd_server.endpoint, "auth", "enable")
 
-    with pytest.raises(ConnectionError, match="refused user 'root'.*authentication failed"):
+    with pytest.raises(EtcdLoginRefused, match="refused user 'root'.*authentication failed"):
         await connect(etcd_server.endpoint, timeout_s=GUARD_S, access=EtcdAccess(user="root", password="wrong"))
     anonymous = await connect(etcd_server.endpoint, timeout_s=GUARD_S)  # etcd answers status to anyone ...
     with pytest.raises(Exception, match="user name is empty"):

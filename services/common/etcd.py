@@ -92,9 +92,14 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
     return host, int(port)
 
 
+class EtcdLoginRefused(Exception):
+    """etcd refused the user or password (or has authentication off). Not a
+    ConnectionError, which callers retry: waiting cannot fix this."""
+
+
 async def connect(endpoint: str, timeout_s: float = 30.0, access: EtcdAccess = EtcdAccess()) -> aetcd.Client:
-    """Returns a connected client, retrying until etcd answers or timeout_s.
-    A refused user or password fails at once: waiting cannot fix it."""
+    """Returns a connected client, retrying until etcd answers or timeout_s
+    (then ConnectionError). A refused login raises EtcdLoginRefused at once."""
     host, port = parse_endpoint(endpoint)
     if access.tls is None and endpoint.startswith("https://"):
         access = EtcdAccess(TlsFiles(options="--etcd"), access.user, access.password)  # the system's roots
@@ -111,7 +116,7 @@ async def connect(endpoint: str, timeout_s: float = 30.0, access: EtcdAccess = E
         except Exception as exc:  # aetcd wraps grpc errors in its own types
             await client.close()
             if _refused_login(exc):
-                raise ConnectionError(f"etcd at {endpoint} refused user {access.user!r}: {exc}") from exc
+                raise EtcdLoginRefused(f"etcd at {endpoint} refused user {access.user!r}: {exc}") from exc
             if time.monotonic() > deadline:
                 raise ConnectionError(f"etcd at {endpoint} did not answer within {timeout_s:.0f}s: {exc}") from exc
             await asyncio.sleep(0.3)

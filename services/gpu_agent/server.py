@@ -30,7 +30,7 @@ import grpc
 
 from prism.v1 import agent_pb2, agent_pb2_grpc
 from services.common import records
-from services.common.etcd import LeasedKeys, add_etcd_args, connect, etcd_access_from_args
+from services.common.etcd import EtcdLoginRefused, LeasedKeys, add_etcd_args, connect, etcd_access_from_args
 from services.common.grpc_util import add_health_and_reflection, mark_not_serving, mark_serving
 from services.common.logs import setup_logging
 from services.common.tls import TlsConfigError, add_port, add_tls_args, tls_from_args, transport_name
@@ -225,7 +225,11 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     setup_logging("agent")
-    asyncio.run(serve(parse_args(argv)))
+    args = parse_args(argv)
+    try:
+        asyncio.run(serve(args))
+    except EtcdLoginRefused as exc:
+        raise SystemExit(f"agent: {exc}") from None
 
 
 if __name__ == "__main__":

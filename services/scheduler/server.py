@@ -25,7 +25,7 @@ import grpc
 
 from prism.v1 import agent_pb2, agent_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from services.common import placement_config, records
-from services.common.etcd import PrefixMirror, add_etcd_args, connect, etcd_access_from_args
+from services.common.etcd import EtcdLoginRefused, PrefixMirror, add_etcd_args, connect, etcd_access_from_args
 from services.common.grpc_util import (
     add_health_and_reflection,
     mark_not_serving,
@@ -398,6 +398,8 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(serve(args))
     except placement_config.ConfigError as exc:
         raise SystemExit(str(exc)) from None
+    except EtcdLoginRefused as exc:
+        raise SystemExit(f"scheduler: {exc}") from None
 
 
 if __name__ == "__main__":
