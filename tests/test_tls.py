@@ -109,6 +109,22 @@ def test_a_service_refuses_a_tls_flag_without_its_pair(pki, tmp_path, capsys, fl
     assert re.search(message, capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--http-tls-cert", "CERT"], "--http-tls-cert needs --http-tls-key"),
+    (["--http-tls-cert", "CERT", "--http-tls-key", "OTHER_KEY"], "--http-tls-key .* is not the key of --http-tls-cert"),
+    (["--etcd-user", "prism"], ETCD_PASSWORD_ENV),
+])
+def test_the_gateway_refuses_bad_https_and_etcd_flags(pki, capsys, monkeypatch, flags, message):
+    from services.gateway.server import parse_args
+
+    monkeypatch.delenv(ETCD_PASSWORD_ENV, raising=False)
+    paths = {"CERT": pki["server"].cert, "OTHER_KEY": pki["client"].key}
+    with pytest.raises(SystemExit) as exited:
+        parse_args([str(paths.get(f, f)) for f in flags])
+    assert exited.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
 def test_a_service_takes_its_tls_and_etcd_flags(pki):
     from services.gpu_agent.server import parse_args
 

@@ -25,7 +25,8 @@ import grpc
 
 from prism.v1 import agent_pb2_grpc
 from services.common import records
-from services.common.etcd import PrefixMirror, connect
+from services.common.etcd import EtcdAccess, PrefixMirror, connect
+from services.common.tls import TlsFiles, aio_channel
 from services.gateway.errors import ModelNotFound, ModelUnavailable
 from services.gpu_agent.slo import DEFAULT_TTFT_MS
 
@@ -66,8 +67,13 @@ def _parse(cls: type[R], raw: bytes | None, key: str) -> R | None:
 
 
 class Router:
-    def __init__(self, etcd_endpoint: str, channel_close_grace_s: float = 600.0):
+    def __init__(self, etcd_endpoint: str, channel_close_grace_s: float = 600.0, *,
+                 etcd_access: EtcdAccess = EtcdAccess(), tls: TlsFiles | None = None):
+        """etcd_access: TLS and user of the etcd connection; tls: the
+        gateway's TLS files for its calls to the agents (None: plaintext)."""
         self.etcd_endpoint = etcd_endpoint
+        self.etcd_access = etcd_access
+        self.tls = tls
         # In-flight calls to an agent whose key vanished may still finish
         # (a lost lease is not always a dead agent); they get this long.
         self._close_grace_s = channel_close_grace_s
@@ -85,7 +91,7 @@ class Router:
         """Connects to etcd (retrying for as long as it takes) and follows it."""
         while self._client is None:
             try:
-                self._client = await connect(self.etcd_endpoint)
+                self._client = await connect(self.etcd_endpoint, access=self.etcd_access)
             except ConnectionError as exc:
                 log.warning("%s; still trying", exc)
         self._mirrors = {
@@ -231,7 +237,7 @@ class Router:
     def stub(self, address: str) -> agent_pb2_grpc.AgentStub:
         stub = self._stubs.get(address)
         if stub is None:
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = aio_channel(address, self.tls, options=CHANNEL_OPTIONS)
             self._channels[address] = channel
             stub = self._stubs[address] = agent_pb2_grpc.AgentStub(channel)
         return stub

@@ -5,7 +5,9 @@ prism.v1.Gateway gRPC API, in one asyncio loop over one router.
         --http-host 127.0.0.1 --http-port 8000 --grpc-host 127.0.0.1 --grpc-port 50050 \
         [--request-timeout-s 600] [--cold-start-timeout-s 30] [--gateway-id ID] \
         [--api-keys-file FILE] [--metrics-auth] [--max-request-bytes N] [--max-prompt-chars N] \
-        [--max-tokens-cap N] [--max-concurrent-streams N] [--rate-limit-rps R] [--rate-limit-burst N]
+        [--max-tokens-cap N] [--max-concurrent-streams N] [--rate-limit-rps R] [--rate-limit-burst N] \
+        [--tls-cert PEM --tls-key PEM [--tls-ca PEM] [--mtls]] [--http-tls-cert PEM --http-tls-key PEM] \
+        [--etcd-ca PEM --etcd-cert PEM --etcd-key PEM] [--etcd-user USER]  (its password: $PRISM_ETCD_PASSWORD)
 
 Both servers listen at once; until the router has loaded the cluster state
 from etcd, /health answers 503 and requests fail with 503 / UNAVAILABLE.
@@ -18,6 +20,12 @@ demand in etcd for the scheduler: services/gateway/cold_start.py.
 
 API keys (--api-keys-file and/or PRISM_API_KEYS) and the per-client limits:
 services/gateway/auth.py, limits.py and access.py; docs/security.md.
+
+TLS (services/common/tls.py, docs/security.md): --tls-cert/--tls-key serve
+the gRPC API over TLS (--mtls: only to clients with a certificate of
+--tls-ca) and are the client certificate of the calls to the agents, which
+--tls-ca verifies; --http-tls-cert/--http-tls-key serve REST over HTTPS, with
+a public certificate that may differ from the internal one.
 """
 
 from __future__ import annotations
@@ -35,8 +43,10 @@ from pathlib import Path
 import grpc
 import uvicorn
 
+from services.common.etcd import add_etcd_args, etcd_access_from_args
 from services.common.grpc_util import add_health_and_reflection, mark_not_serving, mark_serving
 from services.common.logs import setup_logging
+from services.common.tls import TlsConfigError, TlsFiles, add_port, add_tls_args, tls_from_args, transport_name
 from services.gateway.access import AccessControl
 from services.gateway.auth import ENV_VAR, KeyFileError, KeyStore, load_key_store
 from services.gateway.cold_start import DEFAULT_ALLOWANCE_S, ColdStart, DemandPublisher
@@ -83,7 +93,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, (kind, _) in LIMIT_FIELDS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(defaults, name),
                        help=f"{limit_help[name]} (default %(default)s; a key's `limits:` overrides it)")
+    add_tls_args(p)
+    p.add_argument("--http-tls-cert", default=None, metavar="PEM",
+                   help="serve REST over HTTPS with this certificate (may differ from --tls-cert)")
+    p.add_argument("--http-tls-key", default=None, metavar="PEM", help="the private key of --http-tls-cert")
+    add_etcd_args(p)
     args = p.parse_args(argv)
+    try:
+        args.tls_files = tls_from_args(args)
+        args.http_tls = http_tls_from_args(args)
+        args.etcd_access = etcd_access_from_args(args)
+    except TlsConfigError as exc:
+        p.error(str(exc))
     if args.request_timeout_s <= 0:
         p.error("--request-timeout-s must be positive")
     if args.cold_start_timeout_s < 0:
@@ -93,6 +114,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if problem is not None:
             p.error(f"--{name.replace('_', '-')}: {problem}")
     return args
+
+
+def http_tls_from_args(args: argparse.Namespace) -> TlsFiles | None:
+    """The REST API's certificate and key (None: plain HTTP)."""
+    if args.http_tls_cert is None and args.http_tls_key is None:
+        return None
+    files = TlsFiles(cert=Path(args.http_tls_cert) if args.http_tls_cert else None,
+                     key=Path(args.http_tls_key) if args.http_tls_key else None, options="--http-tls")
+    files.check()
+    return files
 
 
 def limits_of(args: argparse.Namespace) -> Limits:
@@ -143,7 +174,8 @@ async def serve(args: argparse.Namespace) -> int:
     http_socket = _bind(args.http_host, args.http_port)
     if http_socket is None:
         return 1
-    router = Router(args.etcd, channel_close_grace_s=args.request_timeout_s)
+    router = Router(args.etcd, channel_close_grace_s=args.request_timeout_s, etcd_access=args.etcd_access,
+                    tls=args.tls_files)
     metrics = GatewayMetrics()
     access = AccessControl(keys, limits_of(args), metrics, metrics_auth=args.metrics_auth)
     demand = DemandPublisher(router, args.gateway_id or f"{socket.gethostname()}-{args.http_port}")
@@ -155,11 +187,7 @@ async def serve(args: argparse.Namespace) -> int:
     health = add_health_and_reflection(grpc_server, [SERVICE_NAME])
     await mark_not_serving(health, [SERVICE_NAME])  # until the cluster state is loaded
     grpc_address = f"{args.grpc_host}:{args.grpc_port}"
-    try:
-        bound = grpc_server.add_insecure_port(grpc_address)
-    except RuntimeError:
-        bound = 0
-    if bound == 0:
+    if add_port(grpc_server, grpc_address, args.tls_files, require_client_cert=args.mtls) == 0:
         log.error("cannot listen for gRPC on %s", grpc_address)
         http_socket.close()
         return 1
@@ -167,7 +195,9 @@ async def serve(args: argparse.Namespace) -> int:
 
     http_server = _HttpServer(uvicorn.Config(
         create_app(router, relay, metrics, access), host=args.http_host, port=args.http_port,
-        log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
+        log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        ssl_certfile=args.http_tls.cert if args.http_tls else None,
+        ssl_keyfile=args.http_tls.key if args.http_tls else None))
     router_task = asyncio.create_task(router.run(), name="router")
     demand_task = asyncio.create_task(demand.run(), name="demand")
     http_task = asyncio.create_task(http_server.serve(sockets=[http_socket]), name="http")
@@ -175,7 +205,8 @@ async def serve(args: argparse.Namespace) -> int:
     async def serving_once_ready() -> None:
         await router.wait_ready()
         await mark_serving(health, [SERVICE_NAME])
-        log.info("gateway ready: REST on http://%s:%d, gRPC on %s", args.http_host, args.http_port, grpc_address)
+        log.info("gateway ready: REST on %s://%s:%d, gRPC on %s (%s)", "https" if args.http_tls else "http",
+                 args.http_host, args.http_port, grpc_address, transport_name(args.tls_files, args.mtls))
 
     ready_task = asyncio.create_task(serving_once_ready(), name="ready")
     stop = asyncio.Event()
