@@ -14,6 +14,37 @@ import typer
 
 app = typer.Typer(help="Prism: many LLMs sharing few GPUs.", no_args_is_help=True, add_completion=False)
 
+# Shared options: TLS of the calls to the services, TLS and user of etcd (the password: $PRISM_ETCD_PASSWORD).
+TLS_CA = typer.Option(None, "--tls-ca", help="CA certificate that verifies the services (turns TLS on)")
+TLS_CERT = typer.Option(None, "--tls-cert", help="client certificate, for services that require one (mTLS)")
+TLS_KEY = typer.Option(None, "--tls-key", help="the private key of --tls-cert")
+ETCD_CA = typer.Option(None, "--etcd-ca", help="CA certificate that verifies etcd (turns TLS on)")
+ETCD_CERT = typer.Option(None, "--etcd-cert", help="client certificate for an etcd that requires one")
+ETCD_KEY = typer.Option(None, "--etcd-key", help="the private key of --etcd-cert")
+ETCD_USER = typer.Option(None, "--etcd-user", help="etcd user; its password from $PRISM_ETCD_PASSWORD")
+
+
+def _client_tls(ca: Optional[Path], cert: Optional[Path], key: Optional[Path]):
+    """TlsFiles from --tls-* (None: plaintext); a bad combination or an unreadable file exits with its reason."""
+    from services.common.tls import TlsConfigError, client_tls
+
+    try:
+        return client_tls(ca, cert, key)
+    except TlsConfigError as exc:
+        typer.echo(f"prism: {exc}", err=True)
+        raise typer.Exit(2)
+
+
+def _etcd_access(ca: Optional[Path], cert: Optional[Path], key: Optional[Path], user: Optional[str]):
+    from services.common.etcd import etcd_access
+    from services.common.tls import TlsConfigError
+
+    try:
+        return etcd_access(ca, cert, key, user)
+    except TlsConfigError as exc:
+        typer.echo(f"prism: {exc}", err=True)
+        raise typer.Exit(2)
+
 
 @app.command()
 def up(
@@ -29,18 +60,33 @@ def up(
                                          "or in the agent (auto: process on CUDA, inline on the CPU)"),
     scheduler_replicas: int = typer.Option(1, min=1, help="scheduler processes; they elect a leader through etcd "
                                            "and a standby takes over when the leader dies"),
+    tls: bool = typer.Option(False, "--tls", help="make a local CA and certificates in STATE_DIR/tls; TLS "
+                             "everywhere, mTLS between services and etcd; clients need the CA it prints"),
+    etcd_ca: Optional[Path] = typer.Option(None, "--etcd-ca", help="with --etcd: CA certificate that verifies it"),
+    etcd_cert: Optional[Path] = typer.Option(None, "--etcd-cert", help="with --etcd: client certificate"),
+    etcd_key: Optional[Path] = typer.Option(None, "--etcd-key", help="with --etcd: the key of --etcd-cert"),
+    etcd_user: Optional[str] = typer.Option(None, "--etcd-user", help="with --etcd: etcd user "
+                                            "(password from $PRISM_ETCD_PASSWORD)"),
 ) -> None:
     """Run etcd, the scheduler, one agent and the gateway in the foreground; Ctrl-C stops them all."""
     from prism.cluster import ClusterStartError, LocalCluster
+    from services.common.etcd import EtcdAccess
     from services.common.placement_config import ConfigError
+    from services.common.tls import TlsConfigError
 
+    access = _etcd_access(etcd_ca, etcd_cert, etcd_key, etcd_user)
+    if etcd is None and access != EtcdAccess():
+        typer.echo("prism up: --etcd-ca, --etcd-cert, --etcd-key and --etcd-user are for an external etcd (--etcd); "
+                   "the etcd prism up starts is secured by --tls", err=True)
+        raise typer.Exit(2)
     cluster = LocalCluster(state_dir=state_dir, config_path=config, http_port=http_port, grpc_port=grpc_port,
                            etcd_endpoint=etcd, device=device, cpu_memory_gb=cpu_memory_gb, host=host,
-                           engine_isolation=engine_isolation, scheduler_replicas=scheduler_replicas)
+                           engine_isolation=engine_isolation, scheduler_replicas=scheduler_replicas, tls=tls,
+                           etcd_access=access)
     typer.echo(f"starting Prism (state and logs in {cluster.state_dir}) ...")
     try:
         cluster.start()
-    except (ClusterStartError, ConfigError, TimeoutError, RuntimeError) as exc:
+    except (ClusterStartError, ConfigError, TimeoutError, RuntimeError, TlsConfigError) as exc:
         typer.echo(f"prism up failed: {exc}", err=True)
         raise typer.Exit(1)
     except KeyboardInterrupt:
@@ -53,7 +99,8 @@ def up(
         f"  agent         {cluster.agent_address}\n"
         f"  etcd          {cluster.etcd_endpoint}\n"
         f"  logs          {cluster.log_dir}\n"
-        "Ctrl-C stops everything."
+        + (_tls_banner(cluster) if tls else "")
+        + "Ctrl-C stops everything."
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -72,6 +119,19 @@ def up(
     typer.echo("stopped.")
 
 
+def _tls_banner(cluster) -> str:
+    """What a client of a --tls cluster needs: the CA, and for the tools that read agents and etcd, a certificate."""
+    ca, client = cluster.ca_path, cluster.client_tls()
+    reader_flags = (f"--etcd {cluster.etcd_endpoint} --etcd-ca {ca} --etcd-cert {client.cert} --etcd-key {client.key} "
+                    f"--tls-ca {ca} --tls-cert {client.cert} --tls-key {client.key}")
+    return (
+        f"  TLS CA        {ca}   (REST and gRPC clients verify the gateway with it)\n"
+        f"  e.g.          curl --cacert {ca} {cluster.http_url}/v1/models\n"
+        f"                prism generate --gateway {cluster.gateway_grpc} --tls-ca {ca} MODEL PROMPT\n"
+        f"                prism status {reader_flags}\n"
+    )
+
+
 @app.command("make-model")
 def make_model(
     out_dir: Path = typer.Argument(..., help="folder to write config.json, model.safetensors and tokenizer files to"),
@@ -85,31 +145,37 @@ def make_model(
     typer.echo(f"wrote a tiny {arch} model to {path}")
 
 
-def _read_cluster(etcd: str):
+def _read_cluster(etcd: str, etcd_access, tls):
     """One snapshot of etcd's records and every agent's status; exits on an unreachable etcd."""
     from prism.cluster_view import ClusterReader
 
     async def read():
-        reader = ClusterReader(etcd)
+        reader = ClusterReader(etcd, etcd_access=etcd_access, tls=tls)
         try:
             return await reader.read()
         finally:
             await reader.close()
 
+    from services.common.etcd import EtcdLoginRefused
+
     try:
         return asyncio.run(read())
-    except ConnectionError as exc:
+    except (ConnectionError, EtcdLoginRefused) as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1)
 
 
 @app.command()
 def status(etcd: str = typer.Option("127.0.0.1:2379", help="etcd host:port"),
-           as_json: bool = typer.Option(False, "--json", help="print the raw records and agent statuses")) -> None:
+           as_json: bool = typer.Option(False, "--json", help="print the raw records and agent statuses"),
+           tls_ca: Optional[Path] = TLS_CA, tls_cert: Optional[Path] = TLS_CERT, tls_key: Optional[Path] = TLS_KEY,
+           etcd_ca: Optional[Path] = ETCD_CA, etcd_cert: Optional[Path] = ETCD_CERT,
+           etcd_key: Optional[Path] = ETCD_KEY, etcd_user: Optional[str] = ETCD_USER) -> None:
     """Show agents, engines and placements as recorded in etcd, with each agent's memory split and model numbers."""
     from prism.cluster_view import gpu_lines, model_lines
 
-    snapshot = _read_cluster(etcd)
+    snapshot = _read_cluster(etcd, _etcd_access(etcd_ca, etcd_cert, etcd_key, etcd_user),
+                             _client_tls(tls_ca, tls_cert, tls_key))
     if as_json:
         typer.echo(json.dumps(snapshot.to_json(), indent=2))
         return
@@ -138,14 +204,19 @@ def status(etcd: str = typer.Option("127.0.0.1:2379", help="etcd host:port"),
 @app.command()
 def top(etcd: str = typer.Option("127.0.0.1:2379", help="etcd host:port"),
         interval: float = typer.Option(1.0, "--interval", min=0.1, help="seconds between frames"),
-        once: bool = typer.Option(False, "--once", help="print one frame and exit")) -> None:
+        once: bool = typer.Option(False, "--once", help="print one frame and exit"),
+        tls_ca: Optional[Path] = TLS_CA, tls_cert: Optional[Path] = TLS_CERT, tls_key: Optional[Path] = TLS_KEY,
+        etcd_ca: Optional[Path] = ETCD_CA, etcd_cert: Optional[Path] = ETCD_CERT,
+        etcd_key: Optional[Path] = ETCD_KEY, etcd_user: Optional[str] = ETCD_USER) -> None:
     """A live view of every GPU's memory split and every model's queue, latency and SLO attainment."""
     from prism.cluster_view import ClusterReader, top_frame
 
     clear = "\x1b[H\x1b[2J"  # cursor home, clear screen
+    access = _etcd_access(etcd_ca, etcd_cert, etcd_key, etcd_user)
+    tls = _client_tls(tls_ca, tls_cert, tls_key)
 
     async def frames() -> None:
-        reader = ClusterReader(etcd)
+        reader = ClusterReader(etcd, etcd_access=access, tls=tls)
         try:
             while True:
                 try:
@@ -163,9 +234,11 @@ def top(etcd: str = typer.Option("127.0.0.1:2379", help="etcd host:port"),
         finally:
             await reader.close()
 
+    from services.common.etcd import EtcdLoginRefused
+
     try:
         asyncio.run(frames())
-    except ConnectionError as exc:
+    except (ConnectionError, EtcdLoginRefused) as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1)
     except KeyboardInterrupt:
@@ -179,12 +252,19 @@ def generate(
     gateway: str = typer.Option("127.0.0.1:50050", help="gRPC gateway host:port"),
     max_tokens: int = typer.Option(32),
     temperature: float = typer.Option(0.0),
+    tls_ca: Optional[Path] = typer.Option(None, "--tls-ca", help="CA certificate that verifies the gateway "
+                                          "(turns TLS on; prism up --tls prints it)"),
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="client certificate, for a gateway that "
+                                            "requires one"),
+    tls_key: Optional[Path] = TLS_KEY,
 ) -> None:
     """Stream a completion through the gRPC gateway."""
     from prism.client import PrismClient, PrismError
 
+    tls = _client_tls(tls_ca, tls_cert, tls_key)  # a bad --tls-* option is named before any call
+    paths = {} if tls is None else {"tls_ca": tls.ca, "tls_cert": tls.cert, "tls_key": tls.key}
     try:
-        with PrismClient(gateway) as client:
+        with PrismClient(gateway, **paths) as client:
             for chunk in client.generate_stream(model, prompt, max_tokens=max_tokens, temperature=temperature):
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
@@ -207,6 +287,11 @@ def bench(
     chars_per_token: float = typer.Option(1.0, help="synthetic prompt characters per token (1: byte tokenizers)"),
     out: Path = typer.Option(Path("bench.json"), "--out", "-o", help="results JSON"),
     plot: Optional[Path] = typer.Option(None, help="also write a PNG (needs matplotlib)"),
+    tls_ca: Optional[Path] = typer.Option(None, "--tls-ca", help="CA certificate that verifies a TLS gateway "
+                                          "(REST https:// or --grpc)"),
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="client certificate, for a gateway that "
+                                            "requires one"),
+    tls_key: Optional[Path] = TLS_KEY,
 ) -> None:
     """Replay a trace open-loop against a running cluster; TTFT, TPOT, SLO attainment and goodput."""
     from prism.workload.replay import SloTargets, plot as plot_png, replay, report
@@ -220,8 +305,9 @@ def bench(
     if time_scale != 1.0:
         trace = trace.scaled(time_scale)
     slo = SloTargets(ttft_ms / 1000, tpot_ms / 1000, slo_scale)
+    tls = _client_tls(tls_ca, tls_cert, tls_key)
     results = asyncio.run(replay(trace, http_url=None if grpc_gateway else url, grpc_address=grpc_gateway,
-                                 slo=slo, chars_per_token=chars_per_token, progress=True))
+                                 slo=slo, chars_per_token=chars_per_token, progress=True, tls=tls))
     result = report(trace, results, slo, "grpc" if grpc_gateway else "openai")
     out.write_text(json.dumps(result, indent=1) + "\n")
     o = result["overall"]

@@ -1,11 +1,21 @@
 """A whole Prism cluster on this machine: etcd, scheduler, one agent and the
-gateway, each its own process. `prism up` and the test suite both use it."""
+gateway, each its own process. `prism up` and the test suite both use it.
+
+With tls=True (`prism up --tls`) a local CA and a certificate per service
+are made under STATE_DIR/tls (services/common/tls.py), etcd serves TLS and
+requires client certificates, the scheduler and the agents require client
+certificates signed by the CA (mTLS), and the gateway serves its gRPC and
+REST APIs over TLS to any client that trusts the CA. The `client`
+certificate there is for the tools that read agents and etcd directly
+(prism status, prism top).
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,11 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common import placement_config
+from services.common.etcd import EtcdAccess, etcd_access_args
 from services.common.etcd_server import EmbeddedEtcd, free_port
+from services.common.tls import LOOPBACK_HOSTS, TlsFiles, local_pki, service_tls_args, ssl_context
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Stop order: the gateway first so no new requests arrive, etcd last.
 SERVICES = ("gateway", "agent", "scheduler")
+# The certificates `tls=True` makes: one per kind of process (every agent shares "agent"), and
+# "client" for operators' tools.
+TLS_IDENTITIES = ("etcd", "scheduler", "agent", "gateway", "client")
 
 
 class ClusterStartError(RuntimeError):
@@ -56,6 +71,8 @@ class LocalCluster:
     scheduler_args: tuple[str, ...] = ()  # more scheduler flags (--policy, --replan-interval-s, ...)
     agents: int = 1  # agent processes, each with its own device (process names "agent", "agent-2", ...)
     scheduler_replicas: int = 1  # scheduler processes electing a leader ("scheduler", "scheduler-2", ...)
+    tls: bool = False  # TLS everywhere, mTLS between services (see the module docstring)
+    etcd_access: EtcdAccess = EtcdAccess()  # TLS and user of an external etcd (etcd_endpoint)
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).resolve()
@@ -67,6 +84,7 @@ class LocalCluster:
                                     for i in range(self.scheduler_replicas)}
         self.scheduler_address = self.scheduler_addresses["scheduler"]
         self.agent_addresses = {self.agent_name(i): f"{self.host}:{free_port(self.host)}" for i in range(self.agents)}
+        self.pki: dict[str, TlsFiles] = {}  # identity -> its files, once start() made them (tls=True)
 
     @staticmethod
     def scheduler_name(index: int) -> str:
@@ -83,7 +101,34 @@ class LocalCluster:
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.host}:{self.http_port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.http_port}"
+
+    @property
+    def tls_dir(self) -> Path:
+        return self.state_dir / "tls"
+
+    @property
+    def ca_path(self) -> Path | None:
+        """The CA every client must trust (tls=True), else None."""
+        return self.tls_dir / "ca.pem" if self.tls else None
+
+    def client_tls(self) -> TlsFiles | None:
+        """The CA and the client certificate for calls to the services (tls=True), else None."""
+        return self.pki.get("client")
+
+    def client_etcd_access(self) -> EtcdAccess:
+        """How a client of this cluster reaches its etcd."""
+        if self.tls and self.etcd is not None:
+            return EtcdAccess(tls=self.pki["client"])
+        return self.etcd_access
+
+    def _etcd_args(self, identity: str) -> list[str]:
+        if self.tls and self.etcd is not None:  # our etcd asks every client for a certificate
+            return etcd_access_args(EtcdAccess(tls=self.pki[identity]))
+        return etcd_access_args(self.etcd_access)
+
+    def _tls_args(self, identity: str, mtls: bool) -> list[str]:
+        return service_tls_args(self.pki.get(identity), mtls=mtls)
 
     @property
     def gateway_grpc(self) -> str:
@@ -108,8 +153,11 @@ class LocalCluster:
             self.config_path = write_default_config(self.state_dir)
         self.config_path = Path(self.config_path).resolve()
         names = self.model_names()  # fails here, before any process starts, on a bad config
+        if self.tls:
+            hosts = [self.host, *LOOPBACK_HOSTS, socket.gethostname()]
+            self.pki = local_pki(self.tls_dir, TLS_IDENTITIES, hosts)
         if self.etcd_endpoint is None:
-            self.etcd = EmbeddedEtcd(self.state_dir / "etcd", host=self.host)
+            self.etcd = EmbeddedEtcd(self.state_dir / "etcd", host=self.host, tls=self.pki.get("etcd"))
             self.etcd.start()
             self.etcd_endpoint = self.etcd.endpoint
         try:
@@ -118,7 +166,8 @@ class LocalCluster:
             self._spawn_agent()
             self._spawn("gateway", "services.gateway.server", "--etcd", self.etcd_endpoint,
                         "--http-host", self.host, "--http-port", str(self.http_port),
-                        "--grpc-host", self.host, "--grpc-port", str(self.grpc_port))
+                        "--grpc-host", self.host, "--grpc-port", str(self.grpc_port),
+                        *self._etcd_args("gateway"), *self._gateway_tls_args())
             self.wait_ready(names, timeout_s)
         except BaseException:
             self.stop()
@@ -131,12 +180,22 @@ class LocalCluster:
                 self._spawn(agent, "services.gpu_agent.server", "--etcd", self.etcd_endpoint,
                             "--scheduler", self.scheduler_address, "--listen", address,
                             "--device", self.device, "--cpu-memory-gb", str(self.cpu_memory_gb),
-                            "--engine-isolation", self.engine_isolation, *self.agent_args)
+                            "--engine-isolation", self.engine_isolation, *self._etcd_args("agent"),
+                            *self._tls_args("agent", mtls=True), *self.agent_args)
 
     def spawn_scheduler(self, name: str = "scheduler") -> None:
         """Starts (or, after kill(), restarts) one scheduler replica."""
         self._spawn(name, "services.scheduler.server", "--etcd", self.etcd_endpoint, "--config", str(self.config_path),
-                    "--listen", self.scheduler_addresses[name], "--scheduler-id", name, *self.scheduler_args)
+                    "--listen", self.scheduler_addresses[name], "--scheduler-id", name, *self._etcd_args("scheduler"),
+                    *self._tls_args("scheduler", mtls=True), *self.scheduler_args)
+
+    def _gateway_tls_args(self) -> list[str]:
+        """The gateway's certificate for its calls to the agents, and for its gRPC and REST APIs:
+        TLS without client certificates there, since its clients are the cluster's users."""
+        files = self.pki.get("gateway")
+        if files is None:
+            return []
+        return [*service_tls_args(files), "--http-tls-cert", str(files.cert), "--http-tls-key", str(files.key)]
 
     def _spawn(self, name: str, module: str, *args: str) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -167,10 +226,11 @@ class LocalCluster:
         """Returns when the gateway is healthy and lists every model as available."""
         deadline = time.monotonic() + timeout_s
         missing = list(models)
+        context = ssl_context(TlsFiles(ca=self.ca_path)) if self.tls else None
         while time.monotonic() < deadline:
             self._check_alive()
             try:
-                with urllib.request.urlopen(self.http_url + "/v1/models", timeout=2) as resp:
+                with urllib.request.urlopen(self.http_url + "/v1/models", timeout=2, context=context) as resp:
                     listed = json.load(resp)["data"]
                 available = {m["id"] for m in listed if m.get("available", True)}
                 missing = [m for m in models if m not in available]

@@ -1,25 +1,33 @@
 """Transport security (services/common/tls.py): the local CA's certificates,
 real gRPC servers over TLS and mTLS refusing the clients they must refuse,
-the SDK with a CA and a client certificate, and etcd over TLS with client
-certificates and as an etcd user."""
+the SDK with a CA and a client certificate, etcd over TLS with client
+certificates and as an etcd user, and a whole cluster started like
+`prism up --tls` serving generations end to end (SDK, REST, prism bench)
+with mTLS between its services."""
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import re
 import stat
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from prism.cluster import LocalCluster
 from prism.v1 import gateway_pb2, gateway_pb2_grpc
+from prism.workload.replay import replay
+from prism.workload.trace import Trace, TraceRequest
 from services.common import tls
 from services.common.etcd import (
     ETCD_PASSWORD_ENV,
@@ -29,7 +37,7 @@ from services.common.etcd import (
     connect,
     etcd_access,
 )
-from services.common.etcd_server import EmbeddedEtcd, etcd_binary
+from services.common.etcd_server import EmbeddedEtcd, etcd_binary, free_port
 from services.common.grpc_util import add_health_and_reflection, mark_serving
 from services.common.tls import TlsConfigError, TlsFiles
 
@@ -284,3 +292,64 @@ async def test_etcd_user_and_password_and_a_new_token_after_an_etcd_restart(etcd
     await wait_for(lambda: mirror.items.get("/auth/b") == b"2", "the watch after the restart")
     follow.cancel()
     await client.close()
+
+
+# ---- a whole cluster, as `prism up --tls` starts it ---------------------------------
+
+
+@pytest.fixture()
+def tls_cluster(tmp_path) -> Iterator[LocalCluster]:
+    """The two tiny models on one CPU agent, every service started as `prism up --tls` starts it."""
+    cluster = LocalCluster(state_dir=tmp_path, http_port=free_port(), grpc_port=free_port(), device="cpu",
+                           cpu_memory_gb=1.0, engine_isolation="inline", tls=True)
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_cluster_under_tls_serves_a_generation_with_mtls_between_services(tls_cluster):
+    from prism.client import PrismClient, UnavailableError
+    from prism.cluster_view import ClusterReader
+
+    cluster = tls_cluster
+    ca = cluster.ca_path
+    with PrismClient(cluster.gateway_grpc, tls_ca=ca, timeout_s=GUARD_S) as client:
+        completion = client.generate("tiny-llama", "hello", max_tokens=4, temperature=0)
+    assert completion.completion_tokens >= 1 and completion.finish_reason in ("stop", "length")
+    with PrismClient(cluster.gateway_grpc, timeout_s=GUARD_S) as plaintext, pytest.raises(UnavailableError):
+        plaintext.list_models()
+
+    listed = httpx.get(cluster.http_url + "/v1/models", verify=tls.ssl_context(TlsFiles(ca=ca)),
+                       timeout=GUARD_S).json()["data"]
+    assert {m["id"] for m in listed} == {"tiny-llama", "tiny-qwen2"}
+    assert cluster.http_url.startswith("https://")
+
+    # prism bench over both APIs, trusting the CA.
+    trace = Trace((TraceRequest(0.0, "tiny-qwen2", 4, 3), TraceRequest(0.0, "tiny-llama", 4, 3)))
+    for api in ({"http_url": cluster.http_url}, {"grpc_address": cluster.gateway_grpc}):
+        results = asyncio.run(replay(trace, **api, tls=TlsFiles(ca=ca)))
+        assert [(r.error, r.e2e_s is not None) for r in results] == [(None, True)] * 2, api
+
+    async def read(files: TlsFiles | None):
+        reader = ClusterReader(cluster.etcd_endpoint, GUARD_S, etcd_access=cluster.client_etcd_access(),
+                               tls=files)
+        try:
+            return await reader.read()
+        finally:
+            await reader.close()
+
+    # The agent answers its status to a client with a certificate of the CA only (mTLS).
+    with_cert = asyncio.run(read(cluster.client_tls()))
+    assert [a.status is not None for a in with_cert.agents] == [True]
+    assert {e.model for e in with_cert.agents[0].status.engines} == {"tiny-llama", "tiny-qwen2"}
+    without_cert = asyncio.run(read(TlsFiles(ca=ca)))
+    assert [a.error for a in without_cert.agents] == ["no status (UNAVAILABLE)"]
+    # The scheduler and the agent serve mTLS only, so the loads above and the agent's load reports
+    # went over mTLS; the logs say so.
+    logs = {name: cluster.log_tail(name, 200) for name in ("scheduler", "agent", "gateway")}
+    assert "(mTLS)" in logs["scheduler"] and "(mTLS)" in logs["agent"], json.dumps(logs)[:2000]
+    assert "registered with scheduler" in logs["agent"], logs["agent"]
+    assert "REST on https://" in logs["gateway"], logs["gateway"]
+

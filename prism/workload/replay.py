@@ -25,8 +25,12 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from prism.workload.trace import Trace, TraceRequest
+
+if TYPE_CHECKING:  # grpc loads only for a replay (the simulator imports this module too)
+    from services.common.tls import TlsFiles
 
 WORDS = ("the", "model", "serves", "many", "requests", "from", "users", "across", "a", "shared", "cluster",
          "of", "graphics", "cards", "while", "latency", "targets", "hold", "for", "each", "one")
@@ -139,9 +143,10 @@ def _progress(done: int, total: int, started: float) -> None:
 
 async def replay(trace: Trace, *, http_url: str | None = None, grpc_address: str | None = None,
                  slo: SloTargets = SloTargets(), chars_per_token: float = 1.0,
-                 progress: bool = False) -> list[RequestResult]:
+                 progress: bool = False, tls: TlsFiles | None = None) -> list[RequestResult]:
     """Sends the trace to the REST API at http_url, or to the gRPC gateway
-    at grpc_address; returns one result per request, in trace order."""
+    at grpc_address; returns one result per request, in trace order. tls:
+    the CA that verifies a TLS gateway (and a client certificate, if it wants one)."""
     if (http_url is None) == (grpc_address is None):
         raise ValueError("give either http_url or grpc_address")
     results = [RequestResult(i, r.model, r.t, r.prompt_tokens, r.output_tokens) for i, r in enumerate(trace.requests)]
@@ -164,18 +169,19 @@ async def replay(trace: Trace, *, http_url: str | None = None, grpc_address: str
             tasks.append(asyncio.create_task(one(send, client, index)))
         await asyncio.gather(*tasks)
 
+    from services.common.tls import aio_channel, ssl_context
+
     if http_url is not None:
         import httpx
 
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-        async with httpx.AsyncClient(base_url=http_url, timeout=3600, limits=limits) as client:
+        async with httpx.AsyncClient(base_url=http_url, timeout=3600, limits=limits,
+                                     verify=True if tls is None else ssl_context(tls)) as client:
             await run(_send_rest, client)
     else:
-        import grpc
-
         from prism.v1 import gateway_pb2_grpc
 
-        async with grpc.aio.insecure_channel(grpc_address) as channel:
+        async with aio_channel(grpc_address, tls) as channel:
             await run(_send_grpc, gateway_pb2_grpc.GatewayStub(channel))
     if progress:
         sys.stderr.write("\n")

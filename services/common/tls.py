@@ -14,6 +14,7 @@ import argparse
 import datetime
 import ipaddress
 import os
+import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,6 +159,14 @@ def sync_channel(target: str, files: TlsFiles | None,
     if files is None:
         return grpc.insecure_channel(target, options=options)
     return grpc.secure_channel(target, channel_credentials(files), options=options)
+
+
+def ssl_context(files: TlsFiles) -> ssl.SSLContext:
+    """The same for HTTPS clients (httpx, urllib): verifies against files.ca, presents files.cert."""
+    context = ssl.create_default_context(cafile=None if files.ca is None else str(files.ca))
+    if files.cert is not None and files.key is not None:
+        context.load_cert_chain(str(files.cert), str(files.key))
+    return context
 
 
 # ---- flags --------------------------------------------------------------------
