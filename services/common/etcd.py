@@ -101,8 +101,6 @@ async def connect(endpoint: str, timeout_s: float = 30.0, access: EtcdAccess = E
     """Returns a connected client, retrying until etcd answers or timeout_s
     (then ConnectionError). A refused login raises EtcdLoginRefused at once."""
     host, port = parse_endpoint(endpoint)
-    if access.tls is None and endpoint.startswith("https://"):
-        access = EtcdAccess(TlsFiles(options="--etcd"), access.user, access.password)  # the system's roots
     deadline = time.monotonic() + timeout_s
     while True:
         if access.tls is None and access.user is None:

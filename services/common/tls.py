@@ -48,10 +48,6 @@ class TlsFiles:
         """The name of the option that gave `part` ("ca", "cert" or "key")."""
         return f"{self.options}-{part}" if self.options.startswith("--") else f"{self.options}_{part}"
 
-    @property
-    def has_identity(self) -> bool:
-        return self.cert is not None
-
     def read(self) -> TlsPem:
         return TlsPem(ca=_read(self.ca, self.option("ca")), cert=_read(self.cert, self.option("cert")),
                       key=_read(self.key, self.option("key")))
