@@ -1,5 +1,7 @@
-"""Transport security of Prism's gRPC: certificate paths from flags, gRPC
-credentials from them, and a local CA for `prism up --tls` and tests.
+"""Transport security: certificate paths from flags, gRPC credentials (and
+an ssl context for HTTPS clients) from them, and a local CA for
+`prism up --tls` and tests. cryptography is imported only where certificates
+are checked or made: the SDK imports this module.
 
 A service has one identity, --tls-cert/--tls-key: it serves with it, and
 presents it as its client certificate when it calls another service. --tls-ca
