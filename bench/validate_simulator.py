@@ -17,6 +17,14 @@ it the simulator served 100% where the real cluster attained 23%.
 
     python bench/validate_simulator.py [--rates 15 25 40 65] [--duration 30] [--ttft-ms 100] [--tpot-ms 20]
         [--profile bench/results/sim-profile-cpu-cluster.json] [--out bench/results/validate_simulator-cpu.json]
+
+On a GPU (`--device cuda`) the models are the Llama-3.2-1B and -3B configs
+with dummy weights (bench/configs), the trace's requests are longer, and the
+profile is the H100's (bench/results/sim-profile-h100.json, from the engine
+benchmarks): one GPU serializes its engines' steps as the simulator does,
+which the CPU device, running two inline engines on two cores, does not.
+
+    python bench/validate_simulator.py --device cuda --rates 20 40 80 160 --out /tmp/validate-h100.json
 """
 
 from __future__ import annotations
@@ -42,33 +50,47 @@ from prism.workload.replay import SloTargets, replay, report  # noqa: E402
 from services.common import placement_config  # noqa: E402
 from services.common.etcd_server import free_port  # noqa: E402
 
-MODELS = ["tiny-llama", "tiny-qwen2"]
+CPU_MODELS = ["tiny-llama", "tiny-qwen2"]
+GPU_MODELS = {"llama-1b": "llama-3.2-1b", "llama-3b": "llama-3.2-3b"}  # bench/configs, dummy weights
 REPLAN_S = 0.5  # the scheduler's re-planning interval, real and simulated
 
 
-def make_trace(rate: float, duration_s: float, seed: int):
-    # Tiny models hold 256 positions: prompts and outputs kept well under that.
+def make_trace(rate: float, duration_s: float, seed: int, device: str = "cpu"):
+    if device == "cpu":
+        # Tiny models hold 256 positions: prompts and outputs kept well under that.
+        lengths = dict(prompt_mean=64, prompt_std=32, output_mean=32, output_std=16, max_prompt=128, max_output=96)
+        models = CPU_MODELS
+    else:
+        # Long prompts, short answers: the load is the GPU's prefill compute, not tokens streamed through
+        # the Python gateway and agent (per-token costs the simulator does not model).
+        lengths = dict(prompt_mean=1536, prompt_std=512, output_mean=32, output_std=16, max_prompt=4096,
+                       max_output=128)
+        models = sorted(GPU_MODELS)
     params = BurstyGroupParams(num_models=2, num_groups=2, active_groups=1, shift_s=duration_s / 3, rate=rate,
-                               idle_fraction=0.2, burstiness_cv=2.0, prompt_mean=64, prompt_std=32,
-                               output_mean=32, output_std=16, max_prompt=128, max_output=96,
-                               duration_s=duration_s, seed=seed)
-    return bursty_group_trace(params, MODELS)
+                               idle_fraction=0.2, burstiness_cv=2.0, duration_s=duration_s, seed=seed, **lengths)
+    return bursty_group_trace(params, models)
 
 
-def write_config(state: Path, policy: str) -> Path:
-    models = ensure_default_models(state / "models")
+def write_config(state: Path, policy: str, device: str = "cpu") -> Path:
+    if device == "cpu":
+        models = {name: {"model_path": str(path)}
+                  for name, path in ensure_default_models(state / "models").items()}
+    else:
+        models = {name: {"model_path": str(HERE / "configs" / folder), "load_format": "dummy"}
+                  for name, folder in GPU_MODELS.items()}
     config = {"policy": policy, "models": [
-        {"model_name": name, "model_path": str(path), "init_placements": [{"gpu_ids": [0], "on": True}]}
-        for name, path in sorted(models.items())]}
+        {"model_name": name, **fields, "init_placements": [{"gpu_ids": [0], "on": True}]}
+        for name, fields in sorted(models.items())]}
     path = state / "models.json"
     path.write_text(json.dumps(config))
     return path
 
 
 def run_real(trace, config_path: Path, state: Path, cpu_memory_gb: float, slo: SloTargets,
-             chars_per_token: float) -> dict:
+             chars_per_token: float, device: str = "cpu") -> dict:
     cluster = LocalCluster(state_dir=state, config_path=config_path, http_port=free_port(), grpc_port=free_port(),
-                           device="cpu", cpu_memory_gb=cpu_memory_gb, engine_isolation="inline",
+                           device=device, cpu_memory_gb=cpu_memory_gb,
+                           engine_isolation="inline" if device == "cpu" else "auto",
                            scheduler_args=("--replan-interval-s", str(REPLAN_S)))
     cluster.start()
     try:
@@ -96,18 +118,19 @@ def brief(rep: dict) -> dict:
 
 def validate_at(rate: float, args: argparse.Namespace, slo: SloTargets, profile: LatencyProfile) -> dict:
     """One trace at `rate`, real and simulated."""
-    trace = make_trace(rate, args.duration, args.seed)
+    trace = make_trace(rate, args.duration, args.seed, args.device)
     with tempfile.TemporaryDirectory(prefix="prism-validate-") as tmp:
         state = Path(tmp)
-        config_path = write_config(state, args.policy)
+        config_path = write_config(state, args.policy, args.device)
         models = list(placement_config.load(config_path).models)
         # The live scheduler prices compute with its built-in (H200) costs: the simulated one must too,
         # or the two clusters run different placements (the CPU profile's costs shed a model here).
         settings = SimSettings(num_gpus=1, policy=args.policy, gpus_per_agent=1,
-                               gpu_memory_bytes=int(args.cpu_memory_gb * GB), replan_interval_s=REPLAN_S,
+                               gpu_memory_bytes=args.gpu_memory_bytes, replan_interval_s=REPLAN_S,
                                policy_compute="default")
         sim = simulate(trace, models, profile, settings, slo)
-        real = run_real(trace, config_path, state / "cluster", args.cpu_memory_gb, slo, args.chars_per_token)
+        real = run_real(trace, config_path, state / "cluster", args.cpu_memory_gb, slo, args.chars_per_token,
+                        args.device)
     rows = [row("real", real), row("simulated", sim)]
     ra, sa = rows[0]["attainment"], rows[1]["attainment"]
     diff = None if ra is None or sa is None else 100 * (sa - ra)
@@ -118,18 +141,37 @@ def validate_at(rate: float, args: argparse.Namespace, slo: SloTargets, profile:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rates", type=float, nargs="+", default=[15.0, 25.0, 40.0, 65.0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--rates", type=float, nargs="+", default=None, help="default: 15 25 40 65 (cpu), 20 40 80 160 (cuda)")
     p.add_argument("--duration", type=float, default=30.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ttft-ms", type=float, default=100.0)
     p.add_argument("--tpot-ms", type=float, default=20.0)
     p.add_argument("--policy", default="prism")
     # The tiny models' tokenizer encodes replay's prompt words at about 2.2 characters a token.
-    p.add_argument("--chars-per-token", type=float, default=2.2)
+    # (The dummy configs' byte tokenizer: one character a token.)
+    p.add_argument("--chars-per-token", type=float, default=None, help="default: 2.2 (cpu), 1 (cuda)")
     p.add_argument("--cpu-memory-gb", type=float, default=1.0)
-    p.add_argument("--profile", type=Path, default=HERE / "results" / "sim-profile-cpu-cluster.json")
-    p.add_argument("--out", type=Path, default=HERE / "results" / "validate_simulator-cpu.json")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="default: results/sim-profile-cpu-cluster.json (cpu), results/sim-profile-h100.json (cuda)")
+    p.add_argument("--out", type=Path, default=None, help="default: results/validate_simulator-DEVICE.json")
     args = p.parse_args()
+    gpu = args.device == "cuda"
+    if args.rates is None:
+        args.rates = [20.0, 40.0, 80.0, 160.0] if gpu else [15.0, 25.0, 40.0, 65.0]
+    if args.chars_per_token is None:
+        args.chars_per_token = 1.0 if gpu else 2.2
+    if args.profile is None:
+        args.profile = HERE / "results" / ("sim-profile-h100.json" if gpu else "sim-profile-cpu-cluster.json")
+    if args.out is None:
+        args.out = HERE / "results" / f"validate_simulator-{args.device}.json"
+    # The simulated GPU has the memory the real agent sees: the CPU device's budget, or the GPU's own.
+    if gpu:
+        import torch
+
+        args.gpu_memory_bytes = torch.cuda.get_device_properties(0).total_memory
+    else:
+        args.gpu_memory_bytes = int(args.cpu_memory_gb * GB)
 
     slo = SloTargets(ttft_s=args.ttft_ms / 1e3, tpot_s=args.tpot_ms / 1e3)
     profile = LatencyProfile.load(args.profile)
