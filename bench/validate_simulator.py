@@ -87,10 +87,10 @@ def write_config(state: Path, policy: str, device: str = "cpu") -> Path:
 
 
 def run_real(trace, config_path: Path, state: Path, cpu_memory_gb: float, slo: SloTargets,
-             chars_per_token: float, device: str = "cpu") -> dict:
+             chars_per_token: float, device: str = "cpu", isolation: str = "auto") -> dict:
     cluster = LocalCluster(state_dir=state, config_path=config_path, http_port=free_port(), grpc_port=free_port(),
                            device=device, cpu_memory_gb=cpu_memory_gb,
-                           engine_isolation="inline" if device == "cpu" else "auto",
+                           engine_isolation="inline" if device == "cpu" else isolation,
                            scheduler_args=("--replan-interval-s", str(REPLAN_S)))
     cluster.start()
     try:
@@ -130,7 +130,7 @@ def validate_at(rate: float, args: argparse.Namespace, slo: SloTargets, profile:
                                policy_compute="default")
         sim = simulate(trace, models, profile, settings, slo)
         real = run_real(trace, config_path, state / "cluster", args.cpu_memory_gb, slo, args.chars_per_token,
-                        args.device)
+                        args.device, args.engine_isolation)
     rows = [row("real", real), row("simulated", sim)]
     ra, sa = rows[0]["attainment"], rows[1]["attainment"]
     diff = None if ra is None or sa is None else 100 * (sa - ra)
@@ -152,6 +152,8 @@ def main() -> None:
     # (The dummy configs' byte tokenizer: one character a token.)
     p.add_argument("--chars-per-token", type=float, default=None, help="default: 2.2 (cpu), 1 (cuda)")
     p.add_argument("--cpu-memory-gb", type=float, default=1.0)
+    p.add_argument("--engine-isolation", default="auto", choices=["auto", "process", "inline"],
+                   help="the real agent's, on a GPU (the CPU device always runs inline engines)")
     p.add_argument("--profile", type=Path, default=None,
                    help="default: results/sim-profile-cpu-cluster.json (cpu), results/sim-profile-h100.json (cuda)")
     p.add_argument("--out", type=Path, default=None, help="default: results/validate_simulator-DEVICE.json")
