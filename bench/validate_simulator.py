@@ -120,7 +120,9 @@ def validate_at(rate: float, args: argparse.Namespace, slo: SloTargets, profile:
     """One trace at `rate`, real and simulated."""
     trace = make_trace(rate, args.duration, args.seed, args.device)
     with tempfile.TemporaryDirectory(prefix="prism-validate-") as tmp:
-        state = Path(tmp)
+        # --state-dir keeps each rate's cluster logs (scheduler, agent, workers, gateway) for a post-mortem.
+        state = args.state_dir / f"rate-{rate:g}" if args.state_dir else Path(tmp)
+        state.mkdir(parents=True, exist_ok=True)
         config_path = write_config(state, args.policy, args.device)
         models = list(placement_config.load(config_path).models)
         # The live scheduler prices compute with its built-in (H200) costs: the simulated one must too,
@@ -157,6 +159,7 @@ def main() -> None:
     p.add_argument("--profile", type=Path, default=None,
                    help="default: results/sim-profile-cpu-cluster.json (cpu), results/sim-profile-h100.json (cuda)")
     p.add_argument("--out", type=Path, default=None, help="default: results/validate_simulator-DEVICE.json")
+    p.add_argument("--state-dir", type=Path, default=None, help="keep each rate's cluster state and logs here")
     args = p.parse_args()
     gpu = args.device == "cuda"
     if args.rates is None:
