@@ -18,6 +18,8 @@ app = typer.Typer(help="Prism: many LLMs sharing few GPUs.", no_args_is_help=Tru
 TLS_CA = typer.Option(None, "--tls-ca", help="CA certificate that verifies the services (turns TLS on)")
 TLS_CERT = typer.Option(None, "--tls-cert", help="client certificate, for services that require one (mTLS)")
 TLS_KEY = typer.Option(None, "--tls-key", help="the private key of --tls-cert")
+API_KEY = typer.Option(None, "--api-key", envvar="PRISM_API_KEY", show_envvar=True,
+                       help="API key for a gateway with keys (better from the environment: a flag shows in ps)")
 ETCD_CA = typer.Option(None, "--etcd-ca", help="CA certificate that verifies etcd (turns TLS on)")
 ETCD_CERT = typer.Option(None, "--etcd-cert", help="client certificate for an etcd that requires one")
 ETCD_KEY = typer.Option(None, "--etcd-key", help="the private key of --etcd-cert")
@@ -257,6 +259,7 @@ def generate(
     tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="client certificate, for a gateway that "
                                             "requires one"),
     tls_key: Optional[Path] = TLS_KEY,
+    api_key: Optional[str] = API_KEY,
 ) -> None:
     """Stream a completion through the gRPC gateway."""
     from prism.client import PrismClient, PrismError
@@ -264,7 +267,7 @@ def generate(
     tls = _client_tls(tls_ca, tls_cert, tls_key)  # a bad --tls-* option is named before any call
     paths = {} if tls is None else {"tls_ca": tls.ca, "tls_cert": tls.cert, "tls_key": tls.key}
     try:
-        with PrismClient(gateway, **paths) as client:
+        with PrismClient(gateway, api_key=api_key, **paths) as client:
             for chunk in client.generate_stream(model, prompt, max_tokens=max_tokens, temperature=temperature):
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
@@ -292,6 +295,7 @@ def bench(
     tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="client certificate, for a gateway that "
                                             "requires one"),
     tls_key: Optional[Path] = TLS_KEY,
+    api_key: Optional[str] = API_KEY,
 ) -> None:
     """Replay a trace open-loop against a running cluster; TTFT, TPOT, SLO attainment and goodput."""
     from prism.workload.replay import SloTargets, plot as plot_png, replay, report
@@ -307,7 +311,8 @@ def bench(
     slo = SloTargets(ttft_ms / 1000, tpot_ms / 1000, slo_scale)
     tls = _client_tls(tls_ca, tls_cert, tls_key)
     results = asyncio.run(replay(trace, http_url=None if grpc_gateway else url, grpc_address=grpc_gateway,
-                                 slo=slo, chars_per_token=chars_per_token, progress=True, tls=tls))
+                                 slo=slo, chars_per_token=chars_per_token, progress=True, tls=tls,
+                                 api_key=api_key))
     result = report(trace, results, slo, "grpc" if grpc_gateway else "openai")
     out.write_text(json.dumps(result, indent=1) + "\n")
     o = result["overall"]

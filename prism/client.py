@@ -10,7 +10,9 @@
 A gateway serving TLS: `PrismClient(target, tls_ca="ca.pem")` verifies it
 against that CA (`tls_ca=None` with a client certificate: the system's roots);
 `tls_cert`/`tls_key` present a client certificate to a gateway that requires
-one. Without any of them the channel is plaintext.
+one. Without any of them the channel is plaintext. A gateway with API keys:
+`PrismClient(target, api_key="...")` (default: the PRISM_API_KEY environment
+variable) sends it as `authorization: Bearer <key>` on every call.
 
 `AsyncPrismClient` has the same methods for asyncio. gRPC failures surface as
 `PrismError` subclasses, one per status code a caller would handle
@@ -133,6 +135,14 @@ class RateLimitedError(PrismError):
     """RESOURCE_EXHAUSTED: retry later."""
 
 
+class AuthenticationError(PrismError):
+    """UNAUTHENTICATED: no API key, or one the gateway does not know."""
+
+
+class PermissionDeniedError(PrismError):
+    """PERMISSION_DENIED: the API key may not use that model."""
+
+
 class UnavailableError(PrismError):
     """UNAVAILABLE or DEADLINE_EXCEEDED: nothing could serve the request in time."""
 
@@ -141,6 +151,8 @@ _ERROR_CLASSES: dict[grpc.StatusCode, type[PrismError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequestError,
     grpc.StatusCode.NOT_FOUND: ModelNotFoundError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: RateLimitedError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: UnavailableError,
 }
@@ -292,6 +304,14 @@ def _model_infos(response: gateway_pb2.ListModelsResponse) -> list[ModelInfo]:
 
 
 PemPath = str | os.PathLike[str]
+API_KEY_ENV = "PRISM_API_KEY"
+
+
+def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
+    """The call metadata that carries an API key (the key given, else
+    $PRISM_API_KEY); None when there is none."""
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+    return (("authorization", f"Bearer {key}"),) if key else None
 
 
 class PrismClient:
@@ -300,13 +320,14 @@ class PrismClient:
     generation's whole stream included); None means no deadline. tls_ca,
     tls_cert, tls_key: PEM files for TLS (see the module's docstring); a
     file that cannot be read raises services.common.tls.TlsConfigError (a
-    ValueError) here."""
+    ValueError) here. api_key: sent with every call (default $PRISM_API_KEY)."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout_s: float | None = DEFAULT_TIMEOUT_S,
                  tls_ca: PemPath | None = None, tls_cert: PemPath | None = None,
-                 tls_key: PemPath | None = None) -> None:
+                 tls_key: PemPath | None = None, api_key: str | None = None) -> None:
         self.target = target
         self.timeout_s = timeout_s
+        self._metadata = auth_metadata(api_key)
         self._channel = sync_channel(target, client_tls(tls_ca, tls_cert, tls_key, options="tls"))
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
@@ -322,7 +343,8 @@ class PrismClient:
 
     def list_models(self) -> list[ModelInfo]:
         try:
-            response = self._stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=self.timeout_s)
+            response = self._stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=self.timeout_s,
+                                            metadata=self._metadata)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from exc
         return _model_infos(response)
@@ -341,7 +363,7 @@ class PrismClient:
 
     def _stream(self, request: generate_pb2.GenerateRequest) -> Iterator[CompletionChunk]:
         request_id = request.request_id or None
-        call = self._stub.Generate(request, timeout=self.timeout_s)
+        call = self._stub.Generate(request, timeout=self.timeout_s, metadata=self._metadata)
         try:
             for response in call:
                 request_id = request_id or response.request_id or None
@@ -359,9 +381,10 @@ class AsyncPrismClient:
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout_s: float | None = DEFAULT_TIMEOUT_S,
                  tls_ca: PemPath | None = None, tls_cert: PemPath | None = None,
-                 tls_key: PemPath | None = None) -> None:
+                 tls_key: PemPath | None = None, api_key: str | None = None) -> None:
         self.target = target
         self.timeout_s = timeout_s
+        self._metadata = auth_metadata(api_key)
         self._channel = aio_channel(target, client_tls(tls_ca, tls_cert, tls_key, options="tls"))
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
@@ -377,7 +400,8 @@ class AsyncPrismClient:
 
     async def list_models(self) -> list[ModelInfo]:
         try:
-            response = await self._stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=self.timeout_s)
+            response = await self._stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=self.timeout_s,
+                                            metadata=self._metadata)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from exc
         return _model_infos(response)
@@ -397,7 +421,7 @@ class AsyncPrismClient:
 
     async def _stream(self, request: generate_pb2.GenerateRequest) -> AsyncIterator[CompletionChunk]:
         request_id = request.request_id or None
-        call = self._stub.Generate(request, timeout=self.timeout_s)
+        call = self._stub.Generate(request, timeout=self.timeout_s, metadata=self._metadata)
         try:
             async for response in call:
                 request_id = request_id or response.request_id or None

@@ -20,10 +20,12 @@ import pytest
 
 from prism.client import (
     AsyncPrismClient,
+    AuthenticationError,
     Completion,
     CompletionChunk,
     InvalidRequestError,
     ModelNotFoundError,
+    PermissionDeniedError,
     PrismClient,
     PrismError,
     RateLimitedError,
@@ -269,8 +271,10 @@ STATUS_TO_ERROR = [
     (grpc.StatusCode.RESOURCE_EXHAUSTED, RateLimitedError),
     (grpc.StatusCode.UNAVAILABLE, UnavailableError),
     (grpc.StatusCode.DEADLINE_EXCEEDED, UnavailableError),
+    (grpc.StatusCode.UNAUTHENTICATED, AuthenticationError),
+    (grpc.StatusCode.PERMISSION_DENIED, PermissionDeniedError),
     (grpc.StatusCode.INTERNAL, PrismError),
-    (grpc.StatusCode.PERMISSION_DENIED, PrismError),
+    (grpc.StatusCode.DATA_LOSS, PrismError),
 ]
 
 

@@ -456,3 +456,36 @@ def test_without_keys_everything_is_open_and_any_authorization_is_ignored(gatewa
         stub = gateway_pb2_grpc.GatewayStub(channel)
         assert "".join(r.text for r in stub.Generate(prompt_request(echo_model, "echo g"), timeout=5)) == "g "
         assert echo_model in {m.name for m in stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=5).models}
+
+
+# ---- the SDK's api_key ------------------------------------------------------------------
+
+
+def test_the_sdk_sends_its_key_and_types_the_refusals(keyed, monkeypatch):
+    from prism.client import AuthenticationError, PermissionDeniedError, PrismClient
+
+    monkeypatch.delenv("PRISM_API_KEY", raising=False)
+    with PrismClient(keyed.grpc_target, api_key=TEAM_KEY, timeout_s=10) as client:
+        assert [m.name for m in client.list_models()] == [OPEN_MODEL]
+        assert client.generate(OPEN_MODEL, "echo x y").text == "x y "
+        with pytest.raises(PermissionDeniedError):
+            client.generate(SECRET_MODEL, "echo x")
+    with PrismClient(keyed.grpc_target, timeout_s=10) as client, pytest.raises(AuthenticationError):
+        client.list_models()
+    # The key from the environment, when none is given.
+    monkeypatch.setenv("PRISM_API_KEY", ADMIN_KEY)
+    with PrismClient(keyed.grpc_target, timeout_s=10) as client:
+        assert {m.name for m in client.list_models()} >= {OPEN_MODEL, SECRET_MODEL}
+
+
+async def test_the_async_sdk_sends_its_key(keyed, monkeypatch):
+    from prism.client import AsyncPrismClient, AuthenticationError
+
+    monkeypatch.delenv("PRISM_API_KEY", raising=False)
+    async with AsyncPrismClient(keyed.grpc_target, api_key=TEAM_KEY, timeout_s=10) as client:
+        assert (await client.generate(OPEN_MODEL, "echo a b")).text == "a b "
+        chunks = [c.text async for c in client.generate_stream(OPEN_MODEL, "echo c")]
+        assert "".join(chunks) == "c "
+    async with AsyncPrismClient(keyed.grpc_target, api_key="sk-wrong", timeout_s=10) as client:
+        with pytest.raises(AuthenticationError):
+            await client.list_models()

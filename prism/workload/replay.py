@@ -19,6 +19,7 @@ output length (ignore_eos)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import random
 import statistics
@@ -103,7 +104,8 @@ async def _send_rest(client, req: TraceRequest, index: int, chars_per_token: flo
     _finish(result, start, first, req.output_tokens)
 
 
-async def _send_grpc(stub, req: TraceRequest, index: int, chars_per_token: float, result: RequestResult) -> None:
+async def _send_grpc(stub, req: TraceRequest, index: int, chars_per_token: float, result: RequestResult,
+                     metadata=None) -> None:
     import grpc
 
     from prism.v1 import generate_pb2
@@ -114,7 +116,7 @@ async def _send_grpc(stub, req: TraceRequest, index: int, chars_per_token: float
     start = time.monotonic()
     first = None
     try:
-        async for response in stub.Generate(request, timeout=3600):
+        async for response in stub.Generate(request, timeout=3600, metadata=metadata):
             if response.token_ids:
                 result.tokens += len(response.token_ids)
                 if first is None:
@@ -143,10 +145,15 @@ def _progress(done: int, total: int, started: float) -> None:
 
 async def replay(trace: Trace, *, http_url: str | None = None, grpc_address: str | None = None,
                  slo: SloTargets = SloTargets(), chars_per_token: float = 1.0,
-                 progress: bool = False, tls: TlsFiles | None = None) -> list[RequestResult]:
+                 progress: bool = False, tls: TlsFiles | None = None,
+                 api_key: str | None = None) -> list[RequestResult]:
     """Sends the trace to the REST API at http_url, or to the gRPC gateway
     at grpc_address; returns one result per request, in trace order. tls:
-    the CA that verifies a TLS gateway (and a client certificate, if it wants one)."""
+    the CA that verifies a TLS gateway (and a client certificate, if it wants one).
+    api_key: for a gateway with API keys (default $PRISM_API_KEY)."""
+    from prism.client import auth_metadata
+
+    metadata = auth_metadata(api_key)
     if (http_url is None) == (grpc_address is None):
         raise ValueError("give either http_url or grpc_address")
     results = [RequestResult(i, r.model, r.t, r.prompt_tokens, r.output_tokens) for i, r in enumerate(trace.requests)]
@@ -175,14 +182,14 @@ async def replay(trace: Trace, *, http_url: str | None = None, grpc_address: str
         import httpx
 
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-        async with httpx.AsyncClient(base_url=http_url, timeout=3600, limits=limits,
+        async with httpx.AsyncClient(base_url=http_url, timeout=3600, limits=limits, headers=dict(metadata or ()),
                                      verify=True if tls is None else ssl_context(tls)) as client:
             await run(_send_rest, client)
     else:
         from prism.v1 import gateway_pb2_grpc
 
         async with aio_channel(grpc_address, tls) as channel:
-            await run(_send_grpc, gateway_pb2_grpc.GatewayStub(channel))
+            await run(functools.partial(_send_grpc, metadata=metadata), gateway_pb2_grpc.GatewayStub(channel))
     if progress:
         sys.stderr.write("\n")
     for r in results:
