@@ -3,6 +3,8 @@ the GenerateRequest the agents take.
 
 Types are strict (no "0.5" for a number, no true for an integer) and
 unknown fields are ignored, as OpenAI clients send many we do not use.
+Text must be Unicode: JSON can escape half a surrogate pair alone
+("\\ud800"), which no protobuf string (nor UTF-8) can carry.
 """
 
 from __future__ import annotations
@@ -17,6 +19,18 @@ from services.gateway.validation import CHAT_ROLES, INT32_MAX, INT64_MAX, INT64_
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 MaxTokens = Annotated[int, Field(ge=1, le=INT32_MAX)]
+
+
+def _unicode(value: Any) -> Any:
+    """A string with an unpaired surrogate is refused (400) here, where the
+    field is known, instead of failing the request's translation to protobuf."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"must be valid Unicode: unpaired surrogate {value[exc.start]!r} at index {exc.start}"
+                             ) from None
+    return value
 
 
 class _Body(BaseModel):
@@ -38,13 +52,18 @@ class _GenerateBody(_Body):
     n: int = 1
     ignore_eos: bool = False  # an extension (as in vLLM), for benchmarks
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_is_unicode(cls, value: Any) -> Any:
+        return _unicode(value)
+
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_is_text(cls, value: Any) -> Any:
         if value is None or isinstance(value, str):
-            return value
+            return _unicode(value)
         if isinstance(value, list) and all(isinstance(s, str) for s in value):
-            return value
+            return [_unicode(s) for s in value]
         raise ValueError("stop must be a string or a list of strings")
 
     @field_validator("n", mode="after")
@@ -86,7 +105,7 @@ class CompletionRequest(_GenerateBody):
             raise ValueError("prompt must be a string (or a list of one string)")
         if not value:
             raise ValueError("prompt must not be empty")
-        return value
+        return _unicode(value)
 
     def to_grpc(self, request_id: str) -> generate_pb2.GenerateRequest:
         max_tokens = self.max_tokens if self.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
@@ -103,13 +122,13 @@ class ChatMessage(_Body):
     def _text_content(cls, value: Any) -> Any:
         """A string, or OpenAI's list of {"type": "text", "text": ...} parts (joined by newlines)."""
         if isinstance(value, str):
-            return value
+            return _unicode(value)
         if isinstance(value, list):
             texts = []
             for part in value:
                 if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
                     raise ValueError('content parts must be {"type": "text", "text": "..."}; only text is supported')
-                texts.append(part["text"])
+                texts.append(_unicode(part["text"]))
             return "\n".join(texts)
         raise ValueError("content must be a string or a list of text parts")
 
