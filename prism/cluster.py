@@ -69,6 +69,7 @@ class LocalCluster:
     engine_isolation: str = "auto"  # the agent's --engine-isolation: auto | process | inline
     agent_args: tuple[str, ...] = ()  # more agent flags (--memory-policy, --memory-reserve-gb, ...)
     scheduler_args: tuple[str, ...] = ()  # more scheduler flags (--policy, --replan-interval-s, ...)
+    gateway_args: tuple[str, ...] = ()  # more gateway flags (--request-timeout-s, ...)
     agents: int = 1  # agent processes, each with its own device (process names "agent", "agent-2", ...)
     scheduler_replicas: int = 1  # scheduler processes electing a leader ("scheduler", "scheduler-2", ...)
     tls: bool = False  # TLS everywhere, mTLS between services (see the module docstring)
@@ -167,7 +168,7 @@ class LocalCluster:
             self._spawn("gateway", "services.gateway.server", "--etcd", self.etcd_endpoint,
                         "--http-host", self.host, "--http-port", str(self.http_port),
                         "--grpc-host", self.host, "--grpc-port", str(self.grpc_port),
-                        *self._etcd_args("gateway"), *self._gateway_tls_args())
+                        *self._etcd_args("gateway"), *self._gateway_tls_args(), *self.gateway_args)
             self.wait_ready(names, timeout_s)
         except BaseException:
             self.stop()
