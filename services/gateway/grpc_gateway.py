@@ -93,7 +93,8 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             tracker.finish(200)
         except GatewayError as error:
             failure = error
-        except asyncio.CancelledError:  # the client cancelled or went away
+        except (asyncio.CancelledError, GeneratorExit):  # the client cancelled or went away (GeneratorExit:
+            # grpc.aio closes this generator where it waits at a yield, when the cancel came as it sent)
             tracker.finish(ClientGone.http_status)
             raise
         except Exception as exc:
