@@ -360,6 +360,7 @@ def summarize(outcomes: list[Outcome]) -> dict:
         "errors_by_kind": dict(sorted(Counter(o.detail for o in outcomes if o.kind == ERROR).items())),
         "unexpected_errors": dict(sorted(Counter(o.detail for o in outcomes
                                                  if o.kind == ERROR and not o.expected_error).items())),
+        "missing_model_ends": dict(sorted(Counter(o.label for o in outcomes if o.expected_error).items())),
         "cancelled": kinds[CANCELLED],
         "lost": kinds[LOST],
         "lost_examples": [f"#{o.index} {o.shape}: {o.detail}" for o in outcomes if o.kind == LOST][:20],
@@ -450,11 +451,16 @@ def report_table(result: dict) -> str:
                  "last": result["rss_last_round_growth"][name] / 2**20} for name in result["rss_before"]]
     out.append(table(rss_rows, [("process", "process", ""), ("before", "RSS before MiB", ".1f"),
                                 ("after", "RSS after MiB", ".1f"), ("last", "last round +MiB", ".1f")]))
+    processes = list(result["rss_before"])
     round_rows = [{"name": r["name"], "requests": r["requests"], "wall": r["wall_s"],
                    "rate": r["requests"] / r["wall_s"] if r["wall_s"] else None, "lost": r["lost"],
-                   "idle": "yes" if r["idle"].get("idle") else "NO"} for r in result["rounds"]]
+                   "p99": r["latency_p99_s"] and r["latency_p99_s"] * 1000,
+                   "idle": "yes" if r["idle"].get("idle") else "NO",
+                   **{name: r["rss_after"][name] / 2**20 for name in processes}} for r in result["rounds"]]
     out.append(table(round_rows, [("name", "round", ""), ("requests", "requests", "d"), ("wall", "wall s", ".1f"),
-                                  ("rate", "req/s", ".1f"), ("lost", "lost", "d"), ("idle", "idle after", "")]))
+                                  ("rate", "req/s", ".1f"), ("lost", "lost", "d"), ("p99", "p99 ms", ".0f"),
+                                  ("idle", "idle after", ""),
+                                  *((name, f"{name} MiB", ".1f") for name in processes)]))
     return "\n\n".join(out)
 
 
