@@ -93,3 +93,23 @@ def test_unpaired_surrogates_are_400(http, path, fields, param, stream):
     assert response.status_code == 400, response.text
     error = assert_error_body(response)
     assert error["param"] == param and "unpaired surrogate" in error["message"], error
+
+
+def greedy_text(http: httpx.Client, path: str, **sampling: Any) -> str:
+    body = {"model": MODELS[0], "max_tokens": 4, "ignore_eos": True, **sampling}
+    if path == "/v1/completions":
+        body["prompt"] = "The capital of France is"
+    else:
+        body["messages"] = [{"role": "user", "content": "The capital of France is"}]
+    response = post_json(http, path, body)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    return choice["text"] if path == "/v1/completions" else choice["message"]["content"]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("temperature", [1e-45, 1e-40, 1e-6])
+def test_a_tiny_temperature_decodes_greedily(http, path, temperature):
+    """temperature 1e-45 was a 500 ("probability tensor contains either `inf`, `nan` or element < 0"
+    from the engine, which failed every request in the same step with it)."""
+    assert greedy_text(http, path, temperature=temperature) == greedy_text(http, path, temperature=0)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -428,8 +429,8 @@ class Engine:
             raise InvalidRequestError("give either a prompt or messages, not both")
         if req.max_tokens is not None and req.max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be at least 1, got {req.max_tokens}")
-        if req.temperature is None or req.temperature < 0:
-            raise InvalidRequestError(f"temperature must be >= 0, got {req.temperature}")
+        if req.temperature is None or not 0 <= req.temperature < math.inf:  # NaN fails too
+            raise InvalidRequestError(f"temperature must be a finite number >= 0, got {req.temperature}")
         if req.top_p is None or not 0 < req.top_p <= 1:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {req.top_p}")
 

@@ -1,6 +1,7 @@
-"""Choosing the next token: greedy at temperature 0, otherwise temperature and
-nucleus (top-p) sampling from a per-request torch.Generator, so a request with
-a seed gets the same tokens every time regardless of what else runs."""
+"""Choosing the next token: greedy at temperature 0 (or below GREEDY_BELOW),
+otherwise temperature and nucleus (top-p) sampling from a per-request
+torch.Generator, so a request with a seed gets the same tokens every time
+regardless of what else runs."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ import secrets
 from dataclasses import dataclass
 
 import torch
+
+# Temperatures below this decode greedily, as vLLM's do: logits divided by a float32 this small
+# overflow to inf and the softmax to NaN (temperature 1e-45 failed the sampling, and with it every
+# request in the same step), while what they would sample is the argmax anyway.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
@@ -18,7 +24,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
 
 def make_generator(params: SamplingParams, device: torch.device | str) -> torch.Generator | None:
