@@ -15,6 +15,8 @@ from prism.v1 import agent_pb2_grpc, gateway_pb2_grpc, generate_pb2
 MODELS = ("tiny-llama", "tiny-qwen2")
 ALLOWED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED}
 DEADLINE_S = 60.0  # per call: far beyond any answer here, so reaching it is a hang
+GATEWAY_GENERATE = "/prism.v1.Gateway/Generate"
+AGENT_GENERATE = "/prism.v1.Agent/Generate"
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +100,52 @@ def test_a_tiny_temperature_row_samples_beside_others():
     tokens = sample_batch(logits, params, generators)
     assert tokens[0] == int(logits[0].argmax()) and tokens[2] == int(logits[2].argmax())
     assert 0 <= tokens[1] < 50
+
+
+CORRUPT = b"\xff\xff\xff"  # no message's wire format
+UNDECODABLE = [
+    (GATEWAY_GENERATE, CORRUPT), (GATEWAY_GENERATE, b"\x12\x02\xff\xfe"),  # model: not UTF-8
+    (GATEWAY_GENERATE, b"\x12\x0atiny-llama\x1a\x02\xc3\x28"),  # prompt: not UTF-8
+    (AGENT_GENERATE, CORRUPT), (AGENT_GENERATE, b"\x12\x0atiny-llama\x1a\x02\xc3\x28"),
+    ("/prism.v1.Gateway/ListModels", CORRUPT), ("/prism.v1.Agent/GetStatus", CORRUPT),
+    ("/prism.v1.Agent/UnloadModel", b"\x0a\x02\xff\xfe"),  # model: not UTF-8
+]
+
+
+@pytest.mark.parametrize("method, data", UNDECODABLE)
+def test_a_request_that_does_not_parse_is_invalid_argument(gateway_channel, agent_channel, method, data):
+    """gRPC's server parses the request before the servicer runs; a DecodeError there was UNKNOWN
+    ("Unexpected <class 'google.protobuf.message.DecodeError'>: ... Wire format was corrupt" or
+    "String field had bad UTF-8"). Both services answer INVALID_ARGUMENT now."""
+    channel = gateway_channel if method.startswith("/prism.v1.Gateway/") else agent_channel
+    call = (channel.unary_stream if method.endswith("/Generate") else channel.unary_unary)(
+        method, request_serializer=None, response_deserializer=None)
+    with pytest.raises(grpc.RpcError) as caught:
+        reply = call(data, timeout=DEADLINE_S)
+        if method.endswith("/Generate"):
+            list(reply)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert "does not parse" in caught.value.details()
+
+
+async def test_the_guard_passes_a_close_on_to_the_servicer():
+    """grpc.aio closes a servicer's stream at its yield when the client cancels as it sends; through
+    the guard the servicer's own generator must be closed too, so its cleanup runs."""
+    from services.common.grpc_decode import _guarded
+
+    closed = []
+
+    async def generate(request, context):
+        try:
+            yield 1
+            yield 2
+        finally:
+            closed.append(request.model)
+
+    handler = _guarded(grpc.unary_stream_rpc_method_handler(
+        generate, request_deserializer=generate_pb2.GenerateRequest.FromString))
+    stream = handler.unary_stream(handler.request_deserializer(generate_pb2.GenerateRequest(model="m").SerializeToString()),
+                                  None)
+    assert await stream.__anext__() == 1
+    await stream.aclose()
+    assert closed == ["m"]

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from prism.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
+from services.common.grpc_decode import add_servicer
 from services.common.grpc_util import RETRY_AFTER_KEY
 from services.common.logs import request_id_var
 from services.gateway.access import GRPC, AccessControl, Client
@@ -123,4 +124,5 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
 
 def add_gateway_service(server: grpc.aio.Server, router: Router, relay: Relay, metrics: GatewayMetrics,
                         access: AccessControl) -> None:
-    gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayService(router, relay, metrics, access), server)
+    # A request that does not parse is INVALID_ARGUMENT (not gRPC's UNKNOWN): services/common/grpc_decode.py.
+    add_servicer(gateway_pb2_grpc.add_GatewayServicer_to_server, GatewayService(router, relay, metrics, access), server)

@@ -31,6 +31,7 @@ import grpc
 from prism.v1 import agent_pb2, agent_pb2_grpc
 from services.common import records
 from services.common.etcd import EtcdLoginRefused, LeasedKeys, add_etcd_args, connect, etcd_access_from_args
+from services.common.grpc_decode import add_servicer
 from services.common.grpc_util import add_health_and_reflection, mark_not_serving, mark_serving
 from services.common.logs import setup_logging
 from services.common.tls import TlsConfigError, add_port, add_tls_args, tls_from_args, transport_name
@@ -177,7 +178,7 @@ async def serve(args: argparse.Namespace) -> None:
                            busy_window_s=args.busy_window_s)
 
     server = grpc.aio.server()
-    agent_pb2_grpc.add_AgentServicer_to_server(service, server)
+    add_servicer(agent_pb2_grpc.add_AgentServicer_to_server, service, server)  # undecodable: INVALID_ARGUMENT
     health = add_health_and_reflection(server, [SERVICE_NAME])
     if add_port(server, args.listen, args.tls_files, require_client_cert=args.mtls) == 0:
         raise SystemExit(f"agent: cannot listen on {args.listen}")
