@@ -68,6 +68,12 @@ def test_command_line_carries_the_spec():
                 "--enable-metrics"} & set(bare)
     stand_in = build_command(replace(config, launch_command=("python3", "fake.py")))
     assert stand_in[:2] == ["python3", "fake.py"] and stand_in[2:] == argv[3:]
+    # SGLang 0.5.15's --dtype choices are auto/half/float16/bfloat16/float/float32: our aliases are translated.
+    bf16 = build_command(replace(config, dtype="bf16"))
+    assert bf16[bf16.index("--dtype") + 1] == "bfloat16"
+    assert "--context-length" not in argv and "--enable-deterministic-inference" not in argv
+    pinned = build_command(replace(config, max_context=2048, deterministic_inference=True))
+    assert pinned[pinned.index("--context-length") + 1] == "2048" and "--enable-deterministic-inference" in pinned
 
 
 def test_environment_enables_kvcached_per_engine():
@@ -94,6 +100,8 @@ def test_launch_config_refuses_what_cannot_run():
         SGLangLaunchConfig(name="m", model_path="/m", ipc_name="has space")
     with pytest.raises(ValueError, match="mem_fraction_static"):
         SGLangLaunchConfig(name="m", model_path="/m", mem_fraction_static=1.5)
+    with pytest.raises(ValueError, match="not one SGLang takes"):  # its argument parser would exit at start-up
+        SGLangLaunchConfig(name="m", model_path="/m", dtype="float8_e4m3fn")
     with pytest.raises(ValueError, match="resolve the port"):
         build_command(SGLangLaunchConfig(name="m", model_path="/m"))
     assert resolve_port(SGLangLaunchConfig(name="m", model_path="/m")).port > 0

@@ -58,7 +58,7 @@ from services.gpu_agent.sglang.kvcached_limit import (
     KvcachedSegment,
     KvcachedUsage,
 )
-from services.gpu_agent.sglang.launch import SGLangLaunchConfig, build_command, build_env, resolve_port
+from services.gpu_agent.sglang.launch import SGLangLaunchConfig, build_command, build_env, resolve_port, sglang_dtype
 from services.gpu_agent.sglang.metrics import SGLangMetrics, parse_sglang_metrics
 from services.gpu_agent.sglang.model_info import ModelInfo, read_model_info
 from services.gpu_agent.sglang.process import ServerProcess
@@ -153,7 +153,7 @@ class SGLangEngine:
         """Starts the server and returns once it serves. memory_limit_bytes:
         the initial KV limit (0: none yet; the memory coordinator sets it)."""
         options = options or DriverOptions()
-        info = read_model_info(config.model_path, config.dtype)
+        info = read_model_info(config.model_path, sglang_dtype(config.dtype))
         config = resolve_port(config)
         log_dir = options.log_dir or Path(tempfile.mkdtemp(prefix="prism-sglang-"))
         log_path = Path(log_dir) / f"sglang-{config.name.replace('/', '_')}-{config.port}.log"

@@ -12,14 +12,24 @@ refused here: the driver must write the limit to the segment SGLang uses.
 The GPUs are chosen with CUDA_VISIBLE_DEVICES (SGLang then counts from its
 base GPU 0), so `--tp-size` is the number of GPUs given.
 
-SGLang flags used (see docs/sglang.md for the versions they were read from):
---model-path, --served-model-name, --host, --port, --tp-size, --load-format,
---dtype, --random-seed, --mem-fraction-static (only when set: with kvcached
-the KV pool is virtual and kvcached sizes it), --enable-metrics (/metrics),
---enable-memory-saver and --enable-weights-cpu-backup (release/resume memory
-occupation keeps a host copy of the weights, so a deactivated model comes
-back without reading its checkpoint), --incremental-streaming-output (each
-streamed chunk carries only the new text and token ids)."""
+SGLang flags used, each checked against SGLang 0.5.15's ServerArgs
+(python/sglang/srt/server_args.py, which derives every flag from its field
+name) and parsed by that release's own argument parser: --model-path,
+--served-model-name, --host, --port, --tp-size, --load-format, --dtype (one
+of SGLang's choices: auto, half, float16, bfloat16, float, float32; our
+engine's aliases fp16/bf16/fp32 are translated), --random-seed,
+--context-length (only when max_context is set, so that SGLang refuses
+exactly what the driver refuses), --mem-fraction-static (only when set; with
+kvcached 0.1.6 on SGLang 0.5.11-0.5.15 the pool's virtual capacity, and so
+the largest limit, is the GPU's memory times this fraction less what the
+process holds, see kvcached/integration/sglang/patches.py), --enable-metrics
+(/metrics), --enable-memory-saver and --enable-weights-cpu-backup
+(release/resume memory occupation keeps a host copy of the weights, so a
+deactivated model comes back without reading its checkpoint),
+--incremental-streaming-output (each streamed chunk carries only the new text
+and token ids), --enable-deterministic-inference (only when asked for: it is
+what makes SGLang honour a request's sampling_seed; without it the seed is
+accepted and ignored, see sampling/sampling_batch_info.py)."""
 
 from __future__ import annotations
 
@@ -33,6 +43,17 @@ from dataclasses import dataclass, replace
 LAUNCH_MODULE = "sglang.launch_server"
 KVCACHED_IPC_NAME_MAX = 64
 _IPC_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+# SGLang 0.5.15's --dtype choices, and our built-in engine's other spellings of them.
+SGLANG_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+_DTYPE_ALIASES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+def sglang_dtype(dtype: str) -> str:
+    """The --dtype value SGLang accepts for one of ours (ValueError if none)."""
+    name = _DTYPE_ALIASES.get(dtype, dtype)
+    if name not in SGLANG_DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one SGLang takes ({', '.join(SGLANG_DTYPES)}, or fp16/bf16/fp32)")
+    return name
 
 
 @dataclass(frozen=True)
@@ -55,7 +76,8 @@ class SGLangLaunchConfig:
     enable_metrics: bool = True
     # Given to /release_memory_occupation and /resume_memory_occupation; None: every region SGLang manages.
     memory_tags: tuple[str, ...] | None = None
-    max_context: int = 0  # 0: the model's max_position_embeddings
+    max_context: int = 0  # 0: the model's (as SGLang derives it); else passed as --context-length
+    deterministic_inference: bool = False  # --enable-deterministic-inference: requests' seeds are honoured
     extra_args: tuple[str, ...] = ()
     extra_env: tuple[tuple[str, str], ...] = ()
     python: str = sys.executable
@@ -69,6 +91,9 @@ class SGLangLaunchConfig:
             raise ValueError(f"tp_size {self.tp_size} needs {self.tp_size} GPU id(s), got {list(self.gpu_ids)}")
         if len(set(self.gpu_ids)) != len(self.gpu_ids) or any(g < 0 for g in self.gpu_ids):
             raise ValueError(f"GPU ids must be distinct and non-negative, got {list(self.gpu_ids)}")
+        sglang_dtype(self.dtype)
+        if self.max_context < 0:
+            raise ValueError(f"max_context must be non-negative, got {self.max_context}")
         if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static <= 1:
             raise ValueError(f"mem_fraction_static must be in (0, 1], got {self.mem_fraction_static}")
         if self.ipc_name and (_IPC_UNSAFE.search(self.ipc_name) or len(self.ipc_name) > KVCACHED_IPC_NAME_MAX):
@@ -111,9 +136,11 @@ def build_command(config: SGLangLaunchConfig) -> list[str]:
         "--port", str(config.port),
         "--tp-size", str(config.tp_size),
         "--load-format", config.load_format,
-        "--dtype", config.dtype,
+        "--dtype", sglang_dtype(config.dtype),
         "--random-seed", str(config.seed),
     ]
+    if config.max_context:
+        args += ["--context-length", str(config.max_context)]
     if config.mem_fraction_static is not None:
         args += ["--mem-fraction-static", repr(config.mem_fraction_static)]
     if config.enable_metrics:
@@ -124,6 +151,8 @@ def build_command(config: SGLangLaunchConfig) -> list[str]:
             args.append("--enable-weights-cpu-backup")
     if config.incremental_streaming:
         args.append("--incremental-streaming-output")
+    if config.deterministic_inference:
+        args.append("--enable-deterministic-inference")
     return prefix + args + list(config.extra_args)
 
 
