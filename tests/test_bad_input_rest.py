@@ -113,3 +113,11 @@ def test_a_tiny_temperature_decodes_greedily(http, path, temperature):
     """temperature 1e-45 was a 500 ("probability tensor contains either `inf`, `nan` or element < 0"
     from the engine, which failed every request in the same step with it)."""
     assert greedy_text(http, path, temperature=temperature) == greedy_text(http, path, temperature=0)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("top_p", [5e-324, 1e-300, 1e-46])
+def test_a_top_p_below_the_smallest_float32_keeps_the_likeliest_token(http, path, top_p):
+    """A valid top_p (in (0, 1]) too small for a protobuf float rounded to 0 on the way to the agent
+    and came back 400 "top_p must be in (0, 1], got 0". It keeps only the most likely token now."""
+    assert greedy_text(http, path, temperature=1.0, top_p=top_p) == greedy_text(http, path, temperature=0)

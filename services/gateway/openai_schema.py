@@ -19,6 +19,10 @@ from services.gateway.validation import CHAT_ROLES, INT32_MAX, INT64_MAX, INT64_
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 MaxTokens = Annotated[int, Field(ge=1, le=INT32_MAX)]
+# The smallest positive float32. top_p travels as a protobuf float: a valid top_p below this would
+# round to 0 there and be refused as outside (0, 1]; it becomes this instead (keeping only the most
+# likely token, as the client's value would).
+FLOAT32_TRUE_MIN = 2.0**-149
 
 
 def _unicode(value: Any) -> Any:
@@ -85,7 +89,7 @@ class _GenerateBody(_Body):
         if self.temperature is not None:
             sampling.temperature = self.temperature
         if self.top_p is not None:
-            sampling.top_p = self.top_p
+            sampling.top_p = max(self.top_p, FLOAT32_TRUE_MIN)
         if self.seed is not None:
             sampling.seed = self.seed
         return sampling
