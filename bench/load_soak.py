@@ -37,13 +37,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import random
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,6 +117,8 @@ class Outcome:
     detail: str = ""  # the error's kind ("http 503", "sse model_unavailable", "grpc UNAVAILABLE"), or why lost
     latency_s: float = 0.0
     expected_error: bool = False  # a request for a model that does not exist
+    started: float = 0.0  # time.monotonic() when it was sent
+    ended: float = 0.0  # ... and when it ended
 
     @property
     def label(self) -> str:
@@ -258,7 +263,8 @@ async def send(clients: Clients, p: Planned, deadline_s: float) -> Outcome:
         outcome.detail = f"{type(exc).__name__}: {exc}"
     except (ValueError, KeyError, IndexError, TypeError) as exc:  # a body that is not what it should be
         outcome.detail = f"malformed answer: {type(exc).__name__}: {exc}"
-    outcome.latency_s = time.monotonic() - start
+    outcome.started, outcome.ended = start, time.monotonic()
+    outcome.latency_s = outcome.ended - start
     return outcome
 
 
@@ -276,6 +282,58 @@ async def run_requests(http_url: str, grpc_target: str, planned: list[Planned], 
         return list(await asyncio.gather(*(one(p) for p in planned)))
     finally:
         await clients.close()
+
+
+class BackgroundLoad:
+    """`workers` clients sending requests back to back, from an event loop on a thread of its own, until
+    the block ends (fault tests: requests before, during and after a fault). make(i) plans request i;
+    every Outcome is kept, in the order they ended."""
+
+    def __init__(self, http_url: str, grpc_target: str, make: Callable[[int], Planned], *, workers: int = 8,
+                 deadline_s: float = 60.0):
+        self.http_url, self.grpc_target = http_url, grpc_target
+        self.make = make
+        self.workers = workers
+        self.deadline_s = deadline_s
+        self.outcomes: list[Outcome] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+
+    async def _run(self) -> None:
+        clients = Clients(self.http_url, self.grpc_target, self.workers)
+        counter = itertools.count()
+
+        async def worker() -> None:
+            while not self._stop.is_set():
+                self.outcomes.append(await send(clients, self.make(next(counter)), self.deadline_s))
+
+        try:
+            await asyncio.gather(*(worker() for _ in range(self.workers)))
+        finally:
+            await clients.close()
+
+    def ended_since(self, since: float) -> list[Outcome]:
+        return [o for o in list(self.outcomes) if o.ended >= since]
+
+    def wait_for(self, check: Callable[[list[Outcome]], bool], what: str, timeout_s: float) -> None:
+        """Until check(outcomes so far) holds; AssertionError after timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        while not check(list(self.outcomes)):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; outcomes: "
+                                     f"{dict(Counter(o.label for o in self.outcomes))}")
+            time.sleep(0.02)
+
+    def __enter__(self) -> BackgroundLoad:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        # Each worker ends after its request in flight, which ends by its deadline.
+        self._thread.join(self.deadline_s + 30)
+        if self._thread.is_alive():
+            raise AssertionError("the background load did not stop")
 
 
 # ---- the cluster's side: accounting and memory ----------------------------------------------
