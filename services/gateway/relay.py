@@ -9,13 +9,21 @@ an agent sends back unstarted because its engine began draining (UNAVAILABLE
 with the draining marker) goes to the model's replicas as the router sees
 them now. A model with no live replica at all is first waited for
 (services/gateway/cold_start.py).
+
+The relay knows every generation it has in flight (opening or streaming),
+for the gateway's drain on SIGTERM: end_all() ends those still going at the
+end of the grace with GatewayShuttingDown (503 / UNAVAILABLE), which the
+APIs send as they send any error (an SSE error event then [DONE], a JSON
+error, a gRPC status with the gateway's trailers), rather than letting the
+servers cut them; a request that comes to open() after it fails so at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 import grpc
@@ -40,21 +48,48 @@ def _sent_back_draining(exc: grpc.aio.AioRpcError) -> bool:
     return any(key == DRAINING_KEY for key, _ in exc.trailing_metadata() or ())
 
 
+class GatewayShuttingDown(GatewayError):
+    """The gateway stops (SIGTERM) and its grace ended before this request did; another gateway can take
+    it at once."""
+
+    http_status = 503
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    error_type = "service_unavailable_error"
+    error_code = "gateway_shutting_down"
+
+
+def shutting_down(request_id: str) -> GatewayShuttingDown:
+    return GatewayShuttingDown(f"request {request_id} was ended unfinished: the gateway is shutting down and its "
+                               "grace has passed; send it again", retry_after_s=1)
+
+
 class AgentStream:
     """An agent's Generate call whose first response has arrived. Iterate it
     for every response (the first included); failures raise GatewayError.
     cancel() ends the call, freeing the engine's slot; it is safe to call at
-    any time, also after the stream finished."""
+    any time, also after the stream finished. end(error) ends it so that its
+    reader gets `error`."""
 
     def __init__(self, call: grpc.aio.UnaryStreamCall, first: generate_pb2.GenerateResponse,
-                 request: generate_pb2.GenerateRequest, address: str, timeout_s: float):
+                 request: generate_pb2.GenerateRequest, address: str, timeout_s: float,
+                 on_done: Callable[[AgentStream], None] | None = None):
         self._call = call
         self.first = first
         self._request = request
         self.address = address
         self._timeout_s = timeout_s
+        self._on_done = on_done  # told once, when the stream is cancelled or has ended
+        self._ended_with: GatewayError | None = None
 
     def cancel(self) -> None:
+        self._call.cancel()
+        if self._on_done is not None:
+            on_done, self._on_done = self._on_done, None
+            on_done(self)
+
+    def end(self, error: GatewayError) -> None:
+        """Ends the call; the reader's next read raises `error` (unless the last response is already here)."""
+        self._ended_with = error
         self._call.cancel()
 
     def _error(self, exc: grpc.aio.AioRpcError) -> GatewayError:
@@ -72,7 +107,16 @@ class AgentStream:
                 try:
                     response = await self._call.read()
                 except grpc.aio.AioRpcError as exc:
+                    if self._ended_with is not None:
+                        raise self._ended_with from None
                     raise self._error(exc) from None
+                except asyncio.CancelledError:
+                    # grpc.aio raises CancelledError from a call cancelled here: from end(), that is the
+                    # error to report, unless our own task is being cancelled too (the client left).
+                    task = asyncio.current_task()
+                    if self._ended_with is not None and (task is None or not task.cancelling()):
+                        raise self._ended_with from None
+                    raise
                 if response is grpc.aio.EOF:
                     raise InternalError(f"request {self._request.request_id}: the agent at {self.address} "
                                         "ended the stream without a finish reason")
@@ -85,10 +129,61 @@ class Relay:
         self.router = router
         self.timeout_s = timeout_s
         self.cold_start = cold_start  # None: a model without a live replica fails at once
+        self._streams: set[AgentStream] = set()  # streaming: open() returned them, not yet done
+        self._opening = 0  # in open(): routing, waiting for a model, or for the first response
+        self._ending: asyncio.Event | None = None  # set by end_all(); made in the serving loop
+
+    @property
+    def in_flight(self) -> int:
+        """Generations opening or streaming."""
+        return self._opening + len(self._streams)
+
+    @property
+    def ending(self) -> bool:
+        return self._ending is not None and self._ending.is_set()
+
+    def end_all(self) -> int:
+        """Ends every generation in flight with GatewayShuttingDown, and every later open() at once
+        (the gateway's grace is over); returns how many were in flight."""
+        if self._ending is None:
+            self._ending = asyncio.Event()
+        self._ending.set()  # the ones opening raise it themselves
+        left = self.in_flight
+        for stream in list(self._streams):
+            stream.end(shutting_down(stream._request.request_id))
+        return left
+
+    def _stream_done(self, stream: AgentStream) -> None:
+        self._streams.discard(stream)
 
     async def open(self, request: generate_pb2.GenerateRequest) -> AgentStream:
-        """Raises GatewayError (ModelNotFound, ModelUnavailable, InvalidRequest, ...).
-        A model without a live replica is waited for first (cold start)."""
+        """Raises GatewayError (ModelNotFound, ModelUnavailable, InvalidRequest, ...;
+        GatewayShuttingDown once end_all() was called). A model without a
+        live replica is waited for first (cold start)."""
+        if self._ending is None:
+            self._ending = asyncio.Event()
+        if self._ending.is_set():
+            raise shutting_down(request.request_id)
+        self._opening += 1
+        opening = asyncio.ensure_future(self._open(request))
+        ending = asyncio.ensure_future(self._ending.wait())
+        try:
+            await asyncio.wait({opening, ending}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when our caller is cancelled (its client left): the open goes with it
+            self._opening -= 1
+            ending.cancel()
+            if not opening.done():
+                opening.cancel()
+                await asyncio.wait({opening})  # let it unwind (its agent call is cancelled on the way)
+        if opening.cancelled():
+            raise shutting_down(request.request_id)
+        stream = opening.result()  # or its GatewayError
+        self._streams.add(stream)
+        if self._ending.is_set():  # opened as the grace ended
+            stream.end(shutting_down(request.request_id))
+        return stream
+
+    async def _open(self, request: generate_pb2.GenerateRequest) -> AgentStream:
         candidates = await self._candidates(request.model)
         deadline = time.monotonic() + self.timeout_s
         unreachable: list[str] = []
@@ -123,7 +218,7 @@ class Relay:
             if first is grpc.aio.EOF:
                 raise InternalError(f"request {request.request_id}: the agent at {address} "
                                     "ended the stream without any response")
-            return AgentStream(call, first, request, address, self.timeout_s)
+            return AgentStream(call, first, request, address, self.timeout_s, on_done=self._stream_done)
         if not unreachable:
             raise from_agent_error(grpc.StatusCode.DEADLINE_EXCEEDED, None, model=request.model,
                                    request_id=request.request_id, timeout_s=self.timeout_s)

@@ -11,8 +11,14 @@ prism.v1.Gateway gRPC API, in one asyncio loop over one router.
 
 Both servers listen at once; until the router has loaded the cluster state
 from etcd, /health answers 503 and requests fail with 503 / UNAVAILABLE.
-SIGINT or SIGTERM stops it: health goes NOT_SERVING, in-flight requests get
-a few seconds to finish, then everything closes.
+
+SIGINT or SIGTERM drains it: gRPC health goes NOT_SERVING, new requests are
+refused while both servers still listen (REST: 503 with Retry-After, /health
+503, /metrics still answers; gRPC: UNAVAILABLE), the requests in flight may
+finish for SHUTDOWN_GRACE_S less END_MARGIN_S, the ones still going then end
+with an explicit error (GatewayShuttingDown: an SSE error event and [DONE],
+a 503, UNAVAILABLE with the request id; never a cut stream), and the process
+exits 0 once the servers have flushed them.
 
 A request for a model that no live agent serves yet waits for it (up to the
 model's TTFT SLO plus --cold-start-timeout-s) while the gateway publishes the
@@ -33,6 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -42,7 +49,9 @@ from pathlib import Path
 
 import grpc
 import uvicorn
+from starlette.types import ASGIApp, Receive, Scope, Send
 
+from prism.v1 import generate_pb2
 from services.common.etcd import add_etcd_args, etcd_access_from_args
 from services.common.grpc_util import add_health_and_reflection, mark_not_serving, mark_serving
 from services.common.logs import setup_logging
@@ -50,16 +59,21 @@ from services.common.tls import TlsConfigError, TlsFiles, add_port, add_tls_args
 from services.gateway.access import AccessControl
 from services.gateway.auth import ENV_VAR, KeyFileError, KeyStore, load_key_store
 from services.gateway.cold_start import DEFAULT_ALLOWANCE_S, ColdStart, DemandPublisher
+from services.gateway.errors import error_body
 from services.gateway.grpc_gateway import SERVICE_NAME, add_gateway_service
 from services.gateway.limits import LIMIT_FIELDS, Limits, limit_problem
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_api import create_app
-from services.gateway.relay import Relay
+from services.gateway.relay import GatewayShuttingDown, Relay
+from services.gateway.request_ids import HEADER, OTHER_PREFIX, choose_request_id, new_request_id, prefix_for
 from services.gateway.router import Router
 
 log = logging.getLogger("gateway")
 
 SHUTDOWN_GRACE_S = 5.0
+# Of the grace, what is kept for ending the requests still in flight explicitly and flushing them.
+END_MARGIN_S = 1.0
+DRAIN_POLL_S = 0.05
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -141,6 +155,101 @@ def _log_auth(keys: KeyStore, args: argparse.Namespace) -> None:
              ", ".join(key.name for key in keys.keys), "needs a key" if args.metrics_auth else "is open")
 
 
+class HttpGate:
+    """The REST app behind a gate that counts the requests inside; once
+    closed, it answers every new request 503 itself (/metrics still
+    answers), with Connection: close so keep-alive clients go elsewhere."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+        self.closed = False
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.closed and scope["path"] != "/metrics":
+            await self._refuse(scope, send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    @staticmethod
+    async def _refuse(scope: Scope, send: Send) -> None:
+        if scope["path"] == "/health":
+            body: dict = {"status": "shutting down"}
+        else:
+            request_id = new_request_id(OTHER_PREFIX)
+            body = error_body(GatewayShuttingDown(f"the gateway is shutting down: {scope['method']} {scope['path']} "
+                                                  "was not taken; send it to another gateway or again later"),
+                              request_id)
+        payload = json.dumps(body).encode()
+        await send({"type": "http.response.start", "status": 503, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+            (b"retry-after", b"1"), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": payload})
+
+
+class GrpcGate(grpc.aio.ServerInterceptor):
+    """Once closed, the gateway service's calls are refused with UNAVAILABLE
+    (health and reflection still answer)."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if not self.closed or handler is None or not handler_call_details.method.startswith(f"/{SERVICE_NAME}/"):
+            return handler
+
+        async def refuse(request, context: grpc.aio.ServicerContext) -> None:
+            request_id = (choose_request_id(request.request_id, prefix_for(request))
+                          if isinstance(request, generate_pb2.GenerateRequest) else new_request_id(OTHER_PREFIX))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down: the call was not "
+                                "taken; send it to another gateway or again later",
+                                trailing_metadata=((HEADER, request_id),))
+
+        make = grpc.unary_stream_rpc_method_handler if handler.response_streaming else \
+            grpc.unary_unary_rpc_method_handler
+        if handler.request_streaming:  # the gateway has no such call; leave it to the servicer
+            return handler
+        return make(refuse, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
+
+
+async def drain(http_gate: HttpGate, grpc_gate: GrpcGate, relay: Relay, grace_s: float = SHUTDOWN_GRACE_S,
+                end_margin_s: float = END_MARGIN_S) -> None:
+    """Closes both gates, waits for the requests in flight (REST requests
+    inside the gate, generations of either API in the relay) for up to
+    grace_s - end_margin_s, then ends those left explicitly and gives them
+    up to end_margin_s to be sent."""
+    http_gate.closed = grpc_gate.closed = True
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+
+    def busy() -> bool:
+        return http_gate.in_flight > 0 or relay.in_flight > 0
+
+    if busy():
+        log.info("draining: %d REST request(s) and %d generation(s) in flight get up to %.1fs",
+                 http_gate.in_flight, relay.in_flight, grace_s - end_margin_s)
+    while busy() and loop.time() - start < grace_s - end_margin_s:
+        await asyncio.sleep(DRAIN_POLL_S)
+    if busy():
+        left = relay.end_all()
+        log.warning("grace of %.1fs over: ending %d generation(s) still in flight with an error", grace_s, left)
+        ended_at = loop.time()
+        while busy() and loop.time() - ended_at < end_margin_s / 2:
+            await asyncio.sleep(DRAIN_POLL_S)
+    else:
+        relay.end_all()  # nothing in flight: anything that still slips in fails at once
+    log.info("drained in %.2fs", loop.time() - start)
+
+
 class _HttpServer(uvicorn.Server):
     """uvicorn without its own signal handling: this process handles the
     signals and stops both servers together."""
@@ -182,7 +291,9 @@ async def serve(args: argparse.Namespace) -> int:
     relay = Relay(router, args.request_timeout_s, ColdStart(router, metrics, args.cold_start_timeout_s, demand))
 
     # gRPC refuses larger messages itself (RESOURCE_EXHAUSTED); the service checks each caller's own limit.
-    grpc_server = grpc.aio.server(options=[("grpc.max_receive_message_length", access.largest_request_bytes)])
+    grpc_gate = GrpcGate()
+    grpc_server = grpc.aio.server(options=[("grpc.max_receive_message_length", access.largest_request_bytes)],
+                                  interceptors=[grpc_gate])
     add_gateway_service(grpc_server, router, relay, metrics, access)
     health = add_health_and_reflection(grpc_server, [SERVICE_NAME])
     await mark_not_serving(health, [SERVICE_NAME])  # until the cluster state is loaded
@@ -193,9 +304,10 @@ async def serve(args: argparse.Namespace) -> int:
         return 1
     await grpc_server.start()
 
+    http_gate = HttpGate(create_app(router, relay, metrics, access))
     http_server = _HttpServer(uvicorn.Config(
-        create_app(router, relay, metrics, access), host=args.http_host, port=args.http_port,
-        log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        http_gate, host=args.http_host, port=args.http_port,
+        log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=END_MARGIN_S / 2,
         ssl_certfile=args.http_tls.cert if args.http_tls else None,
         ssl_keyfile=args.http_tls.key if args.http_tls else None))
     router_task = asyncio.create_task(router.run(), name="router")
@@ -222,10 +334,12 @@ async def serve(args: argparse.Namespace) -> int:
             exit_code = 1
             log.error("%s stopped unexpectedly: %r", task.get_name(),
                       task.exception() if not task.cancelled() else "cancelled")
-    log.info("gateway stopping")
+    log.info("gateway stopping: new requests are refused")
     await mark_not_serving(health, [SERVICE_NAME])
+    if exit_code == 0:
+        await drain(http_gate, grpc_gate, relay)
     http_server.should_exit = True
-    await asyncio.gather(grpc_server.stop(grace=SHUTDOWN_GRACE_S), http_task, return_exceptions=True)
+    await asyncio.gather(grpc_server.stop(grace=END_MARGIN_S / 2), http_task, return_exceptions=True)
     for task in (ready_task, demand_task, router_task, stop_task):
         task.cancel()
     await asyncio.gather(ready_task, demand_task, router_task, stop_task, return_exceptions=True)
