@@ -118,6 +118,25 @@ def test_model_info_from_config(model_dir):
 # ---- SGLang's formats -----------------------------------------------------------
 
 
+def test_generate_payload():
+    """The /generate body: GenerateReqInput's rid, input_ids, stream and
+    sampling_params (SamplingParams' max_new_tokens, temperature, top_p,
+    stop, ignore_eos, sampling_seed) in SGLang 0.5.15. Its sampling_seed is
+    used only under --enable-deterministic-inference, so only then sent."""
+    from types import SimpleNamespace
+
+    def payload(deterministic: bool) -> dict:
+        config = SGLangLaunchConfig(name="m", model_path="/m", deterministic_inference=deterministic)
+        engine = SimpleNamespace(config=config, options=DriverOptions(), name="m", _seed_warned=False)
+        return SGLangEngine._payload(engine, _request(seed=3, stop=["\n"], top_p=0.9, max_tokens=4), [1, 2], "r", 4)
+
+    body = payload(False)
+    assert body == {"rid": "r", "input_ids": [1, 2],
+                    "sampling_params": {"max_new_tokens": 4, "temperature": 0, "top_p": 0.9, "ignore_eos": False,
+                                        "stop": ["\n"]}}
+    assert payload(True)["sampling_params"]["sampling_seed"] == 3
+
+
 def _event(text, ids, finish=None, completion=None, prompt=5):
     return {"text": text, "output_ids": ids,
             "meta_info": {"id": "r", "finish_reason": finish, "prompt_tokens": prompt,

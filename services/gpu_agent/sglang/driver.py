@@ -91,7 +91,9 @@ class DriverOptions:
     log_dir: Path | None = None  # None: a new temporary folder (kept after stop, for post-mortems)
     shm_dir: Path = SHM_DIR
     page_bytes: int = KVCACHED_PAGE_BYTES  # kvcached's page (KVCACHED_PAGE_SIZE_MB in extra_env changes it)
-    send_sampling_seed: bool = True  # SGLang's sampling_params.sampling_seed (recent versions)
+    # SGLang's sampling_params.sampling_seed. SGLang 0.5.15 honours it only with
+    # --enable-deterministic-inference (SGLangLaunchConfig.deterministic_inference), so it is sent only then.
+    send_sampling_seed: bool = True
 
 
 class SGLangStartError(WorkerStartError):
@@ -131,6 +133,7 @@ class SGLangEngine:
         self._tokenizer: Tokenizer | None = None
         self._flights: dict[str, _Flight] = {}
         self._rids = itertools.count(1)
+        self._seed_warned = False
         self._active = True
         self._stopping = False
         self._lost: WorkerLostError | None = None
@@ -271,7 +274,13 @@ class SGLangEngine:
         if req.stop:
             sampling["stop"] = list(req.stop)
         if req.seed is not None and self.options.send_sampling_seed:
-            sampling["sampling_seed"] = req.seed
+            if self.config.deterministic_inference:
+                sampling["sampling_seed"] = req.seed
+            elif not self._seed_warned:
+                self._seed_warned = True
+                log.warning("%s: SGLang ignores per-request seeds unless started with deterministic inference "
+                            "(SGLangLaunchConfig.deterministic_inference); seeded requests are sampled unseeded",
+                            self.name)
         return {"rid": rid, "input_ids": ids, "sampling_params": sampling}
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[GenerationOutput]:
