@@ -123,6 +123,7 @@ class SimEngine:
     def __init__(self, model: SimModel, agent_id: str, gpu: int, capacity_tokens: int, created_at: float,
                  cap_bytes: int = 0, clock: Callable[[], float] | None = None):
         self.model = model
+        self.name = model.name  # read tens of millions of times in an overloaded run: an attribute, not a property
         # The agent's request stats for this engine (arrival rate, busy fraction, tokens per request), on
         # simulated time.
         self.stats = ModelRequestStats(ModelSlo(ttft_ms=model.ttft_s * 1000, tpot_ms=model.tpot_s * 1000),
@@ -140,10 +141,6 @@ class SimEngine:
         self.stepping = False
         self.draining = False  # being unloaded: serves what it has, then goes (SimCluster.unload)
         self.drain_token = 0  # which drain a timeout event belongs to (a cancelled drain's timeout is void)
-
-    @property
-    def name(self) -> str:
-        return self.model.name
 
     @property
     def limit_bytes(self) -> int:
