@@ -151,13 +151,18 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         body = self._body()
         if self.path == "/abort_request":
+            # As SGLang 0.5.15: an unknown id (or an empty one without abort_all) is ignored; the scheduler
+            # aborts every running request whose id starts with the one given; 200 with an empty body.
+            rid = body.get("rid") or ""
             with STATE.lock:
-                targets = list(STATE.abort_events) if body.get("abort_all") else [body.get("rid", "")]
-                for rid in targets:
-                    STATE.aborted.append(rid)
-                    if rid in STATE.abort_events:
-                        STATE.abort_events[rid].set()
-            self._json(200, {})
+                if body.get("abort_all") or rid in STATE.abort_events:
+                    for target in list(STATE.abort_events):
+                        if body.get("abort_all") or target.startswith(rid):
+                            STATE.aborted.append(target)
+                            STATE.abort_events[target].set()
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
         elif self.path in ("/release_memory_occupation", "/resume_memory_occupation"):
             releasing = self.path.startswith("/release")
             with STATE.lock:

@@ -144,6 +144,18 @@ def _event(text, ids, finish=None, completion=None, prompt=5):
                           "cached_tokens": 0}}
 
 
+def test_request_ids_are_prefix_free():
+    """SGLang aborts by id prefix: no request id the driver makes may start
+    another's, whatever the callers' ids, nor look like a health check."""
+    from services.gpu_agent.sglang.driver import sglang_rid
+
+    rids = [sglang_rid(n, request_id) for n, request_id in
+            enumerate(["a", "a", "ab", "", "1", "1-a", "HEALTH_CHECK_x"] * 3, start=1)]
+    assert len(set(rids)) == len(rids)
+    assert not [(a, b) for a in rids for b in rids if a != b and b.startswith(a)]
+    assert not any(r.startswith("HEALTH_CHECK") for r in rids)
+
+
 def test_sse_lines():
     assert parse_sse_line('data: {"text": "a"}\n') == {"text": "a"}
     assert parse_sse_line("data: [DONE]") is DONE
@@ -329,7 +341,7 @@ async def test_lifecycle_against_the_stand_in(model_dir, tmp_path, fake_env):
 
         async def aborted():
             s = await _fake_state(engine)
-            return any(r.startswith("cancelled#") for r in s["aborted"] + s["disconnected"]) and not s["running"]
+            return any(r.endswith("-cancelled") for r in s["aborted"] + s["disconnected"]) and not s["running"]
         await _eventually(aborted, what="the stand-in to abort the closed stream")
         assert engine.stats().running_requests == 0
 
@@ -353,7 +365,7 @@ async def test_lifecycle_against_the_stand_in(model_dir, tmp_path, fake_env):
         await asyncio.wait_for(deactivating, 10)
         assert engine.last_deactivate_s is not None
         state = await _fake_state(engine)
-        assert state["released"] and any(r.startswith("held#") for r in state["aborted"])
+        assert state["released"] and any(r.endswith("-held") for r in state["aborted"])
         # Nothing is held any more: the deferred shrink applies (at the driver's next stats refresh).
         await _eventually(lambda: asyncio.sleep(0, engine.stats().memory_limit_status == "applied"),
                           what="the deferred shrink to apply")

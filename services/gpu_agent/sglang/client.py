@@ -204,6 +204,11 @@ class SGLangClient:
             yield GenerateStream(response)
 
     async def abort(self, rid: str | None = None, abort_all: bool = False, timeout_s: float = 5.0) -> None:
+        """SGLang aborts every request whose id starts with `rid` (so ids
+        must be prefix-free, see driver.sglang_rid); it answers 200 with an
+        empty body, also for an id it no longer knows."""
+        if not rid and not abort_all:
+            raise ValueError("abort needs a request id or abort_all")
         body: dict[str, Any] = {"rid": rid or ""}
         if abort_all:
             body["abort_all"] = True

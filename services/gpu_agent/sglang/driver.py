@@ -96,6 +96,15 @@ class DriverOptions:
     send_sampling_seed: bool = True
 
 
+def sglang_rid(n: int, request_id: str) -> str:
+    """The SGLang request id of this engine's n-th request. SGLang's
+    scheduler aborts every request whose id *starts with* the one given
+    (0.5.15 managers/scheduler.py, abort_request), and treats ids starting
+    with HEALTH_CHECK as health checks, so the id leads with the engine's
+    unique counter and a separator: no id is a prefix of another."""
+    return f"{n}-{request_id}"
+
+
 class SGLangStartError(WorkerStartError):
     """The server exited, or did not become ready, during start-up."""
 
@@ -299,7 +308,7 @@ class SGLangEngine:
         max_tokens = req.max_tokens if req.max_tokens is not None else room
         if max_tokens is None:
             raise InvalidRequestError(f"{self.name!r} has no known context length: give max_tokens")
-        rid = f"{req.request_id}#{next(self._rids)}"
+        rid = sglang_rid(next(self._rids), req.request_id)
         flight = _Flight(rid, len(ids), max_tokens)
         self._flights[rid] = flight
         finished = False
