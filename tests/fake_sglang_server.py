@@ -7,11 +7,13 @@ driver against a real process:
 - it takes `python -m sglang.launch_server`'s arguments (the ones it needs;
   the rest are accepted and ignored) and records argv and the kvcached
   environment, readable at GET /fake_state;
-- GET /health; POST /generate streaming `data: {...}` events and
+- GET /health; GET /v1/loads (the scheduler's load snapshot); POST /generate streaming `data: {...}` events and
   `data: [DONE]` (incremental with --incremental-streaming-output, else
   cumulative), errors as SGLang sends them; POST /abort_request (rid or
   abort_all); GET /metrics with sglang:* gauges; POST
-  /release_memory_occupation and /resume_memory_occupation;
+  /release_memory_occupation and /resume_memory_occupation (a release while
+  a request is still in the batch ends the process, as SGLang 0.5.15's
+  scheduler assertion does);
 - with ENABLE_KVCACHED=true it keeps a kvcached-format segment
   /dev/shm/$KVCACHED_IPC_NAME (limit, used, prealloc as native int64s):
   created with its "capacity" as the limit, used bytes following the tokens
@@ -22,6 +24,8 @@ failure and exit 3 during start-up), unhealthy (serve, but /health is
 always 503), no_kvcached (never create the segment);
 FAKE_SGLANG_TOKEN_INTERVAL_S (time per generated token, default 0.01);
 FAKE_SGLANG_RESUME_S / FAKE_SGLANG_RELEASE_S (time those calls take);
+FAKE_SGLANG_ABORT_LAG_S (how long an aborted request stays in the running
+batch, default 0.1: SGLang runs it one more step);
 FAKE_SGLANG_KV_CAPACITY (bytes, default 1 GiB); FAKE_SGLANG_SHM_DIR."""
 
 from __future__ import annotations
@@ -37,12 +41,14 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 _FIELDS = struct.Struct("=qqq")
 MODE = os.environ.get("FAKE_SGLANG_MODE", "ok")
 TOKEN_INTERVAL_S = float(os.environ.get("FAKE_SGLANG_TOKEN_INTERVAL_S", "0.01"))
 RESUME_S = float(os.environ.get("FAKE_SGLANG_RESUME_S", "0.05"))
 RELEASE_S = float(os.environ.get("FAKE_SGLANG_RELEASE_S", "0.02"))
+ABORT_LAG_S = float(os.environ.get("FAKE_SGLANG_ABORT_LAG_S", "0.1"))
 KV_CAPACITY = int(os.environ.get("FAKE_SGLANG_KV_CAPACITY", str(1 << 30)))
 PAGE = 2 * 1024 * 1024
 
@@ -117,7 +123,16 @@ class Handler(BaseHTTPRequestHandler):
         return json.loads(self.rfile.read(n) or b"{}")
 
     def do_GET(self):
-        if self.path == "/health":
+        path = urlsplit(self.path).path
+        if path == "/v1/loads":
+            with STATE.lock:
+                running, used = len(STATE.running), sum(STATE.running.values())
+            self._json(200, {"timestamp": "1970-01-01T00:00:00+00:00", "version": "0.5.15", "loads": [
+                {"dp_rank": 0, "num_running_reqs": running, "num_waiting_reqs": 0, "num_waiting_uncached_tokens": 0,
+                 "num_used_tokens": used, "num_total_tokens": used, "max_total_num_tokens": 100000,
+                 "max_running_requests": 256, "token_usage": used / 100000, "gen_throughput": 0.0,
+                 "cache_hit_rate": 0.0, "utilization": 0.0}]})
+        elif self.path == "/health":
             self.send_response(503 if MODE == "unhealthy" else 200)
             self.send_header("Content-Length", "0")
             self.end_headers()
@@ -167,8 +182,10 @@ class Handler(BaseHTTPRequestHandler):
             releasing = self.path.startswith("/release")
             with STATE.lock:
                 if releasing and STATE.running:
-                    self._json(400, {"error": {"message": "release_memory_occupation needs an idle server"}})
-                    return
+                    # SGLang 0.5.15: the scheduler asserts is_fully_idle(); the exception ends the server.
+                    print("Scheduler hit an exception: AssertionError: release_memory_occupation should be called "
+                          "only when server is idle. (stand-in)", flush=True)
+                    os._exit(1)
                 if STATE.released == releasing:
                     self._json(400, {"error": {"message": f"memory is already {'released' if releasing else 'resumed'}"}})
                     return
@@ -212,6 +229,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             for i in range(max_new):
                 if stop_event.wait(TOKEN_INTERVAL_S):
+                    time.sleep(ABORT_LAG_S)  # the aborted request runs one more step before it leaves the batch
                     meta = {"id": rid, "finish_reason": {"type": "abort", "message": "Abort in waiting queue",
                                                          "status_code": None, "err_type": None},
                             "prompt_tokens": len(ids), "completion_tokens": len(out_ids), "cached_tokens": 0}

@@ -220,6 +220,20 @@ class SGLangClient:
     async def resume_memory(self, tags: list[str] | None = None) -> None:
         await self._post("/resume_memory_occupation", {"tags": tags} if tags else {})
 
+    async def loads(self, timeout_s: float | None = None) -> list[dict[str, Any]]:
+        """GET /v1/loads?include=core: one entry per data-parallel rank
+        (num_running_reqs, num_waiting_reqs, num_used_tokens, ...) from the
+        snapshot each scheduler publishes, also without --enable-metrics."""
+        response = await self._http.get("/v1/loads", params={"include": "core"},
+                                        timeout=timeout_s or self.control_timeout_s)
+        if response.status_code != 200:
+            raise SGLangHTTPError("/v1/loads", response.status_code, response.text[:500])
+        body = response.json()
+        loads = body.get("loads") if isinstance(body, dict) else None
+        if not isinstance(loads, list):
+            raise SGLangHTTPError("/v1/loads", response.status_code, f"no loads in {str(body)[:200]}")
+        return [load for load in loads if isinstance(load, dict)]
+
     async def metrics_text(self, timeout_s: float | None = None) -> str:
         response = await self._http.get("/metrics", timeout=timeout_s or self.control_timeout_s)
         if response.status_code != 200:

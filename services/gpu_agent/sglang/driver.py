@@ -73,6 +73,8 @@ STATS_INTERVAL_S = 0.2
 STOP_TIMEOUT_S = 30.0
 MEMORY_CALL_TIMEOUT_S = 120.0  # release/resume: copying tens of GB between host and device
 ABORT_TIMEOUT_S = 5.0
+IDLE_POLL_S = 0.05  # polling /v1/loads before a release
+NO_LOADS_SETTLE_S = 1.0  # before a release, where /v1/loads has no snapshot
 LOG_TAIL_LINES = 30
 
 OnLost = Callable[[WorkerLostError], Awaitable[None]]
@@ -417,16 +419,45 @@ class SGLangEngine:
             log.info("deactivated %s (SGLang released its memory in %.3fs)", self.name, self.last_deactivate_s)
 
     async def _release_when_idle(self) -> None:
-        """SGLang refuses to release while requests are still in its batch;
-        the aborts take a step or two to land, so a refusal is retried."""
+        """/release_memory_occupation once SGLang is idle. In SGLang 0.5.15
+        the scheduler *asserts* that it is fully idle when it handles the
+        release (managers/scheduler_components/weight_updater.py), and an
+        exception in the scheduler ends the whole server: a release sent while
+        an aborted request still runs its last step would kill it. The aborts
+        take a step or two to land, so the release waits until /v1/loads
+        reports no running and no waiting request on every data-parallel
+        rank, twice in a row (the scheduler publishes that snapshot from its
+        idle loop). A server whose /v1/loads has no snapshot gets a settle
+        time instead. An error answer is retried."""
         tags = list(self.config.memory_tags) if self.config.memory_tags else None
         while True:
+            await self._wait_server_idle()
             try:
                 await self.client.release_memory(tags)
                 return
             except SGLangHTTPError as exc:
                 log.info("SGLang refused to release the memory of %s yet (%s); retrying", self.name, exc.message)
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(IDLE_POLL_S)
+            except httpx.HTTPError as exc:  # a server that died in the call: its loss, with its log
+                raise await self._transport_error(exc, "/release_memory_occupation") from None
+
+    async def _wait_server_idle(self) -> None:
+        idle_reads = 0
+        while idle_reads < 2:
+            try:
+                loads = await self.client.loads()
+            except SGLangHTTPError as exc:  # no /v1/loads: settle instead
+                log.warning("SGLang /v1/loads of %s answered %s; waiting %.1fs for the aborts to land",
+                            self.name, exc.status, NO_LOADS_SETTLE_S)
+                await asyncio.sleep(NO_LOADS_SETTLE_S)
+                return
+            if not loads:
+                await asyncio.sleep(NO_LOADS_SETTLE_S)
+                return
+            busy = any(int(load.get("num_running_reqs", 0)) or int(load.get("num_waiting_reqs", 0))
+                       for load in loads)
+            idle_reads = 0 if busy else idle_reads + 1
+            await asyncio.sleep(IDLE_POLL_S)
 
     async def activate(self) -> ActivationTiming | None:
         """Brings the weights and KV pool back; None if already active."""
