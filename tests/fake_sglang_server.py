@@ -24,6 +24,8 @@ failure and exit 3 during start-up), unhealthy (serve, but /health is
 always 503), no_kvcached (never create the segment);
 FAKE_SGLANG_TOKEN_INTERVAL_S (time per generated token, default 0.01);
 FAKE_SGLANG_RESUME_S / FAKE_SGLANG_RELEASE_S (time those calls take);
+FAKE_SGLANG_STARTING_S (how long /health answers 503 after the port
+opens, as SGLang does until its warm-up is done, default 0.3);
 FAKE_SGLANG_ABORT_LAG_S (how long an aborted request stays in the running
 batch, default 0.1: SGLang runs it one more step);
 FAKE_SGLANG_KV_CAPACITY (bytes, default 1 GiB); FAKE_SGLANG_SHM_DIR."""
@@ -49,6 +51,7 @@ TOKEN_INTERVAL_S = float(os.environ.get("FAKE_SGLANG_TOKEN_INTERVAL_S", "0.01"))
 RESUME_S = float(os.environ.get("FAKE_SGLANG_RESUME_S", "0.05"))
 RELEASE_S = float(os.environ.get("FAKE_SGLANG_RELEASE_S", "0.02"))
 ABORT_LAG_S = float(os.environ.get("FAKE_SGLANG_ABORT_LAG_S", "0.1"))
+STARTING_S = float(os.environ.get("FAKE_SGLANG_STARTING_S", "0.3"))
 KV_CAPACITY = int(os.environ.get("FAKE_SGLANG_KV_CAPACITY", str(1 << 30)))
 PAGE = 2 * 1024 * 1024
 
@@ -63,6 +66,7 @@ class State:
         self.disconnected: list[str] = []
         self.running: dict[str, int] = {}  # rid -> tokens held
         self.released = False
+        self.started = time.monotonic()
         self.memory_calls: list[dict] = []
         self.limits_seen: list[int] = []
         config = json.loads((Path(args.model_path) / "config.json").read_text())
@@ -133,7 +137,8 @@ class Handler(BaseHTTPRequestHandler):
                  "max_running_requests": 256, "token_usage": used / 100000, "gen_throughput": 0.0,
                  "cache_hit_rate": 0.0, "utilization": 0.0}]})
         elif self.path == "/health":
-            self.send_response(503 if MODE == "unhealthy" else 200)
+            starting = time.monotonic() - STATE.started < STARTING_S  # SGLang's ServerStatus.Starting
+            self.send_response(503 if MODE == "unhealthy" or starting else 200)
             self.send_header("Content-Length", "0")
             self.end_headers()
         elif self.path == "/metrics":
@@ -186,14 +191,18 @@ class Handler(BaseHTTPRequestHandler):
                     print("Scheduler hit an exception: AssertionError: release_memory_occupation should be called "
                           "only when server is idle. (stand-in)", flush=True)
                     os._exit(1)
-                if STATE.released == releasing:
-                    self._json(400, {"error": {"message": f"memory is already {'released' if releasing else 'resumed'}"}})
+                if not releasing and not STATE.released:
+                    # SGLang 0.5.15: resuming what was not released is a KeyError in the scheduler (offload_tags).
+                    print("Scheduler hit an exception: KeyError: 'weights' (stand-in)", flush=True)
+                    os._exit(1)
+                if STATE.released and releasing:  # (what SGLang does here is not known: the stand-in refuses)
+                    self._json(400, {"error": {"message": "memory is already released (stand-in)"}})
                     return
             time.sleep(RELEASE_S if releasing else RESUME_S)
             with STATE.lock:
                 STATE.released = releasing
                 STATE.memory_calls.append({"path": self.path, "tags": body.get("tags")})
-            self._json(200, {"success": True, "message": ""})
+            self._json(200, None)  # SGLang 0.5.15's handlers return nothing: FastAPI answers null
         elif self.path == "/generate":
             self._generate(body)
         else:
@@ -201,8 +210,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def _generate(self, body: dict) -> None:
         sampling = body.get("sampling_params", {})
-        if float(sampling.get("temperature", 1.0)) < 0:
-            self._json(400, {"error": {"message": "temperature must be non-negative"}})
+        if not isinstance(sampling, dict) or not isinstance(body.get("input_ids", []), list):
+            # FastAPI's validation of GenerateReqInput fails before the stream: SGLang answers 400, ErrorResponse.
+            self._json(400, {"object": "error", "message": "1 validation error for GenerateReqInput (stand-in)",
+                             "type": "Bad Request", "param": None, "code": 400})
             return
         rid = body.get("rid") or f"fake-{time.monotonic_ns()}"
         ids = body.get("input_ids") or []
@@ -210,9 +221,16 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
         incremental = STATE.args.incremental_streaming_output
-        if len(ids) >= STATE.max_context:  # SGLang refuses it inside the stream
-            self._event({"error": {"message": f"The input ({len(ids)} tokens) is longer than the model's context "
-                                              f"length ({STATE.max_context} tokens)."}})
+        # SGLang validates inside the stream (a ValueError in its tokenizer manager): an error event, then [DONE].
+        refusal = None
+        if len(ids) >= STATE.max_context:
+            refusal = (f"The input ({len(ids)} tokens) is longer than the model's context length "
+                       f"({STATE.max_context} tokens).")
+        elif float(sampling.get("temperature", 1.0)) < 0:
+            refusal = f"temperature must be a non-negative finite number, got {float(sampling['temperature'])}."
+        if refusal is not None:
+            self._event({"error": {"message": refusal, "type": "invalid_request_error", "code": 400,
+                                   "retryable": False}})
             self.wfile.write(b"data: [DONE]\n\n")
             return
         if STATE.released:
@@ -230,9 +248,11 @@ class Handler(BaseHTTPRequestHandler):
             for i in range(max_new):
                 if stop_event.wait(TOKEN_INTERVAL_S):
                     time.sleep(ABORT_LAG_S)  # the aborted request runs one more step before it leaves the batch
-                    meta = {"id": rid, "finish_reason": {"type": "abort", "message": "Abort in waiting queue",
+                    # An aborted running request finishes with FINISH_ABORT()'s JSON (schedule_batch.py).
+                    meta = {"id": rid, "finish_reason": {"type": "abort", "message": "Aborted",
                                                          "status_code": None, "err_type": None},
-                            "prompt_tokens": len(ids), "completion_tokens": len(out_ids), "cached_tokens": 0}
+                            "prompt_tokens": len(ids), "weight_version": "default", "num_retractions": 0,
+                            "reasoning_tokens": 0, "completion_tokens": len(out_ids), "cached_tokens": 0}
                     self._event({"text": "" if incremental else text, "output_ids": [] if incremental else out_ids,
                                  "meta_info": meta})
                     break
@@ -245,7 +265,8 @@ class Handler(BaseHTTPRequestHandler):
                     STATE.publish_usage()
                 done = i == max_new - 1
                 meta = {"id": rid, "finish_reason": {"type": "length", "length": max_new} if done else None,
-                        "prompt_tokens": len(ids), "completion_tokens": len(out_ids), "cached_tokens": 0}
+                        "prompt_tokens": len(ids), "weight_version": "default", "num_retractions": 0,
+                        "reasoning_tokens": 0, "completion_tokens": len(out_ids), "cached_tokens": 0}
                 self._event({"text": piece if incremental else text,
                              "output_ids": [token] if incremental else list(out_ids), "meta_info": meta})
             self.wfile.write(b"data: [DONE]\n\n")

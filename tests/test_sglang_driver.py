@@ -187,8 +187,19 @@ def test_cumulative_stream_decoding():
 
 
 def test_stream_errors_map_to_engine_errors():
+    # SGLang 0.5.15's in-stream refusal (http_server.py, generate_request's stream_results).
     with pytest.raises(InvalidRequestError, match="longer than the model's context"):
+        ChunkDecoder(True).feed({"error": {"message": "The input (300 tokens) is longer than the model's context",
+                                           "type": "invalid_request_error", "code": 400, "retryable": False}})
+    with pytest.raises(InvalidRequestError, match="longer than the model's context"):  # older: message only
         ChunkDecoder(True).feed({"error": {"message": "The input (300 tokens) is longer than the model's context"}})
+    # Aborted while waiting (tokenizer_manager.py, _handle_abort_req): no prompt_tokens, the text so far.
+    waiting = {"text": "so far", "output_ids": [7], "meta_info": {
+        "id": "1-r", "finish_reason": {"type": "abort", "message": "Abort in waiting queue"},
+        "weight_version": "default", "e2e_latency": 0.1, "completion_tokens": 1}}
+    with pytest.raises(EngineError, match="Abort in waiting queue") as waited:
+        ChunkDecoder(True).feed(waiting)
+    assert not isinstance(waited.value, InvalidRequestError)
     with pytest.raises(InvalidRequestError, match="bad stop"):
         ChunkDecoder(True).feed(_event("", [], {"type": "abort", "message": "bad stop", "status_code": 400,
                                                "err_type": "BadRequestError"}))
@@ -325,9 +336,12 @@ async def test_lifecycle_against_the_stand_in(model_dir, tmp_path, fake_env):
         prompt_len = engine.count_prompt_tokens(_request())
         assert outs[-1].completion_tokens == 5 and outs[-1].prompt_tokens == prompt_len
 
-        # A request SGLang refuses: HTTP 400 and in-stream errors.
-        with pytest.raises(InvalidRequestError, match="temperature"):
+        # A request SGLang refuses: in the stream (bad sampling parameters), or HTTP 400 (a malformed body).
+        with pytest.raises(InvalidRequestError, match="temperature must be a non-negative"):
             [o async for o in engine.generate(replace(_request(), temperature=-1.0))]
+        with pytest.raises(InvalidRequestError, match="validation error"):
+            async with engine.client.generate({"input_ids": [1], "sampling_params": 5}):
+                pass
         with pytest.raises(InvalidRequestError, match="at most"):
             engine.count_prompt_tokens(_request(prompt="word " * 400))
 

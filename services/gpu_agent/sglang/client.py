@@ -1,23 +1,32 @@
-"""SGLang's native HTTP API, as the driver uses it, and its streaming format.
+"""SGLang's native HTTP API, as the driver uses it, and its streaming format
+(read from SGLang 0.5.15: python/sglang/srt/entrypoints/http_server.py and
+managers/tokenizer_manager.py).
 
 POST /generate with "stream": true answers text/event-stream: one
 `data: {json}` event per step, then `data: [DONE]`. Each event is
 {"text", "output_ids", "meta_info": {"id", "finish_reason", "prompt_tokens",
-"completion_tokens", "cached_tokens", ...}}; with
---incremental-streaming-output "text" and "output_ids" hold only what is
-new, otherwise everything so far (ChunkDecoder handles both).
-finish_reason is null while running, then {"type": "stop", "matched": ...},
-{"type": "length", "length": n} or {"type": "abort", "message",
-"status_code", "err_type"}. A request SGLang refuses after the stream began
-(a ValueError in its tokenizer manager: a prompt over the context, bad
-sampling parameters) arrives as `data: {"error": {"message": ...}}`; one
-refused before it began is an HTTP 400 with the same body.
+"completion_tokens", "cached_tokens", "reasoning_tokens", "weight_version",
+...}}; with --incremental-streaming-output "text" and "output_ids" hold only
+what is new (chunks queued together are concatenated), otherwise everything
+so far (ChunkDecoder handles both). finish_reason is null while running,
+then {"type": "stop", "matched": ...}, {"type": "length", "length": n} or
+{"type": "abort", "message", "status_code", "err_type"}; a request aborted
+while still waiting gets {"type": "abort", "message"} and no prompt_tokens.
+A request SGLang refuses (a ValueError in its tokenizer manager: a prompt
+over the context, bad sampling parameters) is refused inside the stream, as
+`data: {"error": {"message", "type": "invalid_request_error", "code": 400,
+"retryable": false}}` then [DONE]; only a body that fails FastAPI's
+validation is an HTTP 400 ({"object": "error", "message", "type", "code"}).
 
-POST /abort_request {"rid": ...} (or {"abort_all": true}) aborts; closing a
-stream makes SGLang abort its request too (it watches for the disconnect).
+POST /abort_request {"rid": ...} (or {"abort_all": true}) aborts every
+request whose id starts with rid, and answers 200 with no body; after a
+stream closes SGLang aborts its request too, two seconds later.
 POST /release_memory_occupation and /resume_memory_occupation take
-{"tags": [...]} (none: every region). GET /health answers 200 once the
-server serves; GET /metrics with --enable-metrics."""
+{"tags": [...]} (none: every region) and answer 200 null, or 400 {"error":
+{"message"}}; the release must find the server idle (driver.py).
+GET /v1/loads: the schedulers' request counts. GET /health answers 503 while
+the server starts, then 200 after a one-token generation. GET /metrics with
+--enable-metrics."""
 
 from __future__ import annotations
 

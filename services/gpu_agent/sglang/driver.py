@@ -16,7 +16,8 @@ RemoteEngine are.
   with the built-in engine's revision semantics.
 - deactivate()/activate(): the requests in flight end with
   EngineInactiveError and are aborted, then /release_memory_occupation; on
-  activation /resume_memory_occupation and a health check, timed.
+  activation /resume_memory_occupation and a health check (SGLang's
+  /health generates one token and takes at least a second), timed.
 - stats(): synchronous, as the agent needs: request counts from the driver's
   own bookkeeping (exact, where SGLang's gauges update only every few
   steps), KV bytes from kvcached's segment (or /metrics' token counts
@@ -68,6 +69,9 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 900.0  # loading a large checkpoint and capturing CUDA graphs, with room to spare
 HEALTH_POLL_S = 0.5
+# GET /health: SGLang 0.5.15 answers 503 while starting, then by default runs a one-token generation and
+# answers after >= 1 s (it polls every second), or 503 after SGLANG_HEALTH_CHECK_TIMEOUT (20 s).
+HEALTH_TIMEOUT_S = 25.0
 SEGMENT_TIMEOUT_S = 30.0
 STATS_INTERVAL_S = 0.2
 STOP_TIMEOUT_S = 30.0
@@ -84,6 +88,7 @@ OnLost = Callable[[WorkerLostError], Awaitable[None]]
 class DriverOptions:
     start_timeout_s: float = START_TIMEOUT_S
     health_poll_s: float = HEALTH_POLL_S
+    health_timeout_s: float = HEALTH_TIMEOUT_S
     segment_timeout_s: float = SEGMENT_TIMEOUT_S
     stats_interval_s: float = STATS_INTERVAL_S
     stop_timeout_s: float = STOP_TIMEOUT_S
@@ -473,7 +478,7 @@ class SGLangEngine:
                 raise EngineError(f"SGLang did not resume the memory of {self.name!r} within "
                                   f"{self.options.memory_call_timeout_s:g}s") from None
             resumed = time.perf_counter()
-            if not await self.client.health(self.options.control_timeout_s):
+            if not await self.client.health(self.options.health_timeout_s):
                 raise EngineError(f"the SGLang server of {self.name!r} is not healthy after resuming its memory")
             self._active = True
             # SGLang does not split a resume into allocation and copy: copy_s is the whole call.
@@ -539,7 +544,7 @@ async def _wait_healthy(process: ServerProcess, client: SGLangClient, config: SG
             raise SGLangStartError(
                 f"the SGLang server for {config.name!r} ({process.exit_description()}) exited during start-up; its "
                 f"log ({process.log_path}) ends:\n{process.log_tail(LOG_TAIL_LINES)}")
-        if await client.health(min(5.0, options.health_poll_s * 4)):
+        if await client.health(max(1.0, min(options.health_timeout_s, deadline - time.monotonic()))):
             return
         if time.monotonic() >= deadline:
             raise SGLangStartError(
