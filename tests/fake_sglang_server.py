@@ -144,14 +144,18 @@ class Handler(BaseHTTPRequestHandler):
         elif self.path == "/metrics":
             with STATE.lock:
                 running, used = len(STATE.running), sum(STATE.running.values())
-            labels = f'model_name="{STATE.args.served_model_name}",tp_rank="0"'
+            # SGLang 0.5.15's scheduler labels (observability/metrics_collector.py).
+            labels = (f'model_name="{STATE.args.served_model_name}",engine_type="unified",tp_rank="0",pp_rank="0",'
+                      'moe_ep_rank="0"')
             text = ("# HELP sglang:num_running_reqs The number of running requests.\n"
                     "# TYPE sglang:num_running_reqs gauge\n"
                     f"sglang:num_running_reqs{{{labels}}} {float(running)}\n"
                     f"sglang:num_queue_reqs{{{labels}}} 0.0\n"
                     f"sglang:num_used_tokens{{{labels}}} {float(used)}\n"
                     f"sglang:token_usage{{{labels}}} {used / 100000:.6f}\n"
-                    f"sglang:kv_available_tokens{{{labels}}} {float(100000 - used)}\n").encode()
+                    f"sglang:kv_available_tokens{{{labels}}} {float(90000 - used)}\n"
+                    f"sglang:kv_evictable_tokens{{{labels}}} 10000.0\n"
+                    f"sglang:kv_used_tokens{{{labels}}} {float(used)}\n").encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain; version=0.0.4")
             self.send_header("Content-Length", str(len(text)))

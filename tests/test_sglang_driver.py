@@ -215,9 +215,10 @@ def test_stream_errors_map_to_engine_errors():
 
 METRICS = """# HELP sglang:num_running_reqs The number of running requests.
 # TYPE sglang:num_running_reqs gauge
-sglang:num_running_reqs{engine_type="unified",model_name="m",tp_rank="0",pp_rank="0"} 3.0
-sglang:num_running_reqs{engine_type="unified",model_name="m",tp_rank="1",pp_rank="0"} 3.0
-sglang:num_queue_reqs{model_name="m",tp_rank="0",dp_rank="0"} 2.0
+sglang:num_running_reqs{engine_type="unified",model_name="m",tp_rank="0",pp_rank="0",moe_ep_rank="0"} 3.0
+sglang:num_running_reqs{engine_type="unified",model_name="m",tp_rank="1",pp_rank="0",moe_ep_rank="0"} 3.0
+sglang:num_queue_reqs{model_name="m",tp_rank="0",dp_rank="0",priority=""} 2.0
+sglang:num_queue_reqs{model_name="m",tp_rank="0",dp_rank="0",priority="1"} 2.0
 sglang:num_queue_reqs{model_name="m",tp_rank="0",dp_rank="1"} 1.0
 sglang:num_used_tokens{model_name="m",tp_rank="0"} 1536.0 1700000000000
 sglang:token_usage{model_name="m",tp_rank="0"} 0.25
@@ -227,12 +228,15 @@ sglang:gen_throughput{model_name="a \\"quoted\\", name",tp_rank="0"} NaN
 
 def test_metrics_parsing():
     samples = parse_prometheus_text(METRICS)
-    assert len(samples) == 7
+    assert len(samples) == 8
     assert samples[-1].labels["model_name"] == 'a "quoted", name'
     m = parse_sglang_metrics(METRICS)
-    assert (m.running_requests, m.queued_requests, m.used_tokens) == (3, 3, 1536)  # TP rank 1 not counted twice
-    assert m.token_usage == 0.25 and m.available_tokens is None
-    assert parse_sglang_metrics(METRICS + 'sglang:kv_available_tokens{tp_rank="0"} 4096\n').available_tokens == 4096
+    # TP rank 1 is not counted twice, nor is a per-priority breakdown.
+    assert (m.running_requests, m.queued_requests, m.used_tokens) == (3, 3, 1536)
+    assert m.token_usage == 0.25 and m.available_tokens is None and m.free_tokens is None
+    kv = parse_sglang_metrics(METRICS + 'sglang:kv_available_tokens{tp_rank="0"} 4096\n'
+                              'sglang:kv_evictable_tokens{tp_rank="0"} 1000\n')
+    assert (kv.available_tokens, kv.evictable_tokens, kv.free_tokens) == (4096, 1000, 5096)
     with pytest.raises(MetricsFormatError, match="line 1"):
         parse_prometheus_text("sglang:num_running_reqs{model_name=m} 1")
 
@@ -450,7 +454,7 @@ async def test_without_kvcached_the_limit_is_refused(model_dir, tmp_path, fake_e
         with pytest.raises(EngineError, match="without kvcached"):
             await engine.set_memory_limit(64 * MiB)
         await _eventually(lambda: asyncio.sleep(0, engine.sglang_metrics() is not None), what="a metrics scrape")
-        assert engine.stats().kv_free_tokens == 100000  # from sglang:kv_available_tokens
+        assert engine.stats().kv_free_tokens == 100000  # sglang:kv_available_tokens + kv_evictable_tokens
     finally:
         await engine.stop()
 

@@ -230,7 +230,7 @@ class SGLangEngine:
             state = self._static_limit
             metrics = self._metrics
             used = metrics.used_tokens * self.kv_bytes_per_token if metrics else 0
-            free_tokens = (metrics.available_tokens or 0) if metrics else 0
+            free_tokens = (metrics.free_tokens or 0) if metrics else 0
             state = MemoryLimitState(state.status, state.limit_bytes, state.effective_limit_bytes, used,
                                      state.revision)
         return EngineStats(running_requests=running, queued_requests=len(flights) - running, kv_used_bytes=used,
