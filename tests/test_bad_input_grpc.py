@@ -18,6 +18,7 @@ the end."""
 from __future__ import annotations
 
 import math
+import uuid
 
 import grpc
 import pytest
@@ -364,6 +365,25 @@ async def test_the_guard_passes_a_close_on_to_the_servicer():
     assert await stream.__anext__() == 1
     await stream.aclose()
     assert closed == ["m"]
+
+
+def log_lines_starting(cluster, service: str, marker: str) -> list[str]:
+    text = (cluster.log_dir / f"{service}.log").read_text(errors="replace")
+    return [line for line in text.splitlines() if line.startswith(marker)]
+
+
+def test_a_request_id_cannot_forge_agent_log_lines(cluster, agent_channel):
+    """The agent logged a caller's request id as it came, so a newline in it started a line of the
+    caller's choosing in the agent's log (the gateway only ever sends one visible-ASCII token). Such
+    an id is replaced now, in the log and in the responses."""
+    marker = f"FORGED-{uuid.uuid4().hex}"
+    request = generate_pb2.GenerateRequest(request_id=f"x\n{marker} ERROR agent [x] forged", model=MODELS[0],
+                                           prompt="Hello", sampling=generate_pb2.SamplingParams(max_tokens=1))
+    code, responses = call_agent(agent_channel, request)
+    assert code == grpc.StatusCode.OK
+    assert {r.request_id for r in responses} == {responses[0].request_id}
+    assert responses[0].request_id.startswith("agent-") and responses[0].request_id.isprintable()
+    assert log_lines_starting(cluster, "agent", marker) == []
 
 
 def test_the_cluster_survived(cluster, gateway_channel, agent_channel):

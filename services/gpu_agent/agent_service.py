@@ -5,7 +5,9 @@ every failure to a gRPC status code."""
 from __future__ import annotations
 
 import logging
+import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
 
@@ -50,6 +52,22 @@ from services.gpu_agent.workers.wire import output_to_proto, to_generation_reque
 DEFAULT_BUSY_WINDOW_S = 10.0
 
 log = logging.getLogger(__name__)
+
+# The gateway sends only request ids that are one visible-ASCII token (services/gateway/request_ids.py).
+# Another caller's id would go into every log line of its request as it is, where a newline forges
+# lines; the agent replaces it.
+_LOGGABLE_ID = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+def loggable_request_id(request_id: str) -> str:
+    """`request_id`, or a fresh one in its place when it is not one visible-ASCII token (empty stays empty)."""
+    if not request_id or _LOGGABLE_ID.fullmatch(request_id):
+        return request_id
+    replacement = f"agent-{uuid.uuid4().hex}"
+    log.warning("request id %r is not one visible-ASCII token: the request goes by %s", request_id[:200],
+                replacement)
+    return replacement
+
 
 STATE_TO_PROTO = {
     "loading": agent_pb2.ENGINE_STATE_LOADING,
@@ -120,6 +138,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         raise AssertionError("unreachable")
 
     async def Generate(self, request: generate_pb2.GenerateRequest, context) -> AsyncIterator[generate_pb2.GenerateResponse]:
+        request.request_id = loggable_request_id(request.request_id)
         request_id_var.set(request.request_id or "-")
         arrival = time.monotonic()
         managed = await self._managed(request.model, context)
