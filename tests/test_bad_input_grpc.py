@@ -386,6 +386,16 @@ def test_a_request_id_cannot_forge_agent_log_lines(cluster, agent_channel):
     assert log_lines_starting(cluster, "agent", marker) == []
 
 
+def test_a_model_name_cannot_forge_gateway_log_lines(cluster, gateway_channel):
+    """The gateway logged a failed call's model with %s, so a newline in a gRPC client's model name
+    started a line of its choosing in gateway.log ("generate model=nope\nFORGED... failed: NOT_FOUND")."""
+    marker = f"FORGED-{uuid.uuid4().hex}"
+    request = generate_pb2.GenerateRequest(model=f"nope\n{marker} ERROR gateway [x] forged", prompt="Hello")
+    code, _ = call_gateway(gateway_channel, request)
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert log_lines_starting(cluster, "gateway", marker) == []
+
+
 def test_the_cluster_survived(cluster, gateway_channel, agent_channel):
     """Runs last in this module: every process is alive, both servers SERVING and still generating."""
     dead = {name: p.returncode for name, p in cluster.processes.items() if p.poll() is not None}

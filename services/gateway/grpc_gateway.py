@@ -75,7 +75,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             # gRPC's own limit is the largest any client has; this is the caller's.
             self.access.check_size(client, request.ByteSize(), GRPC)
         except GatewayError as error:
-            log.info("generate model=%s refused: %s %s", request.model, error.grpc_code.name, error.message)
+            log.info("generate model=%r refused: %s %s", request.model, error.grpc_code.name, error.message)
             await _abort(context, error, metadata)
         model = request.model
         tracker = self.metrics.track(API, model if self.router.has_model(model) else UNKNOWN_MODEL)
@@ -107,7 +107,7 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             if slot is not None:  # every end: complete, failed, cancelled
                 slot.release()
         if failure is not None:
-            log.info("generate model=%s failed: %s %s", model, failure.grpc_code.name, failure.message)
+            log.info("generate model=%r failed: %s %s", model, failure.grpc_code.name, failure.message)
             tracker.finish(failure.http_status)
             await _abort(context, failure, metadata)
 
