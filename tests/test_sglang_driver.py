@@ -26,7 +26,7 @@ from services.gpu_agent.sglang.driver import DriverOptions, SGLangEngine, SGLang
 from services.gpu_agent.sglang.kvcached_limit import KvcachedLimit, KvcachedSegment, KvcachedSegmentError
 from services.gpu_agent.sglang.launch import SGLangLaunchConfig, build_command, build_env, resolve_port
 from services.gpu_agent.sglang.metrics import MetricsFormatError, parse_prometheus_text, parse_sglang_metrics
-from services.gpu_agent.sglang.model_info import read_model_info
+from services.gpu_agent.sglang.model_info import ModelInfoError, read_model_info
 from services.gpu_agent.workers.errors import WorkerLostError
 
 FAKE_SERVER = Path(__file__).with_name("fake_sglang_server.py")
@@ -113,6 +113,33 @@ def test_model_info_from_config(model_dir):
     assert (info.num_layers, info.num_kv_heads, info.head_dim) == (2, 2, 16)
     assert info.kv_bytes_per_token == 2 * 2 * 2 * 16 * info.dtype_bytes
     assert info.max_context == 256 and info.weight_bytes > 0
+
+
+def test_model_info_reads_config_as_sglang_does(tmp_path):
+    """SGLang 0.5.15's dtype and context length rules (configs/model_config.py,
+    utils/hf_transformers/common.py) on hand-written configs."""
+    import json
+
+    def info(**config):
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        folder.mkdir()
+        base = {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 64}
+        (folder / "config.json").write_text(json.dumps({**base, **config}))
+        return read_model_info(folder)
+
+    assert info(torch_dtype="float32").dtype_bytes == 2  # auto runs float32 checkpoints in float16
+    assert info(dtype="float32", model_type="gemma2").dtype_bytes == 2  # (bfloat16 for Gemma)
+    assert info().dtype_bytes == 2  # no dtype: float32, so float16
+    assert read_model_info(tmp_path / "0", dtype="float32").dtype_bytes == 4  # asked for explicitly
+    assert info(max_position_embeddings=4096).max_context == 4096
+    assert info(seq_length=1024, max_position_embeddings=4096).max_context == 1024  # SGLang's key order
+    assert info().max_context == 2048  # SGLang's default
+    assert info(max_position_embeddings=4096, rope_scaling={"rope_type": "linear", "factor": 2.0}).max_context == 8192
+    for rope in ({"rope_type": "yarn", "factor": 4.0}, {"rope_type": "llama3", "factor": 8.0},
+                 {"type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 4096}):
+        assert info(max_position_embeddings=4096, rope_scaling=rope).max_context == 4096
+    with pytest.raises(ModelInfoError, match="MLA"):
+        info(kv_lora_rank=512)
 
 
 # ---- SGLang's formats -----------------------------------------------------------

@@ -3,7 +3,19 @@ Hugging Face folder without loading it: the KV cache's bytes per token (for
 admission and the memory coordinator), the context length and the size of
 the weights. Unlike the built-in engine's config reader this accepts any
 decoder architecture: SGLang runs far more of them, and only the attention
-geometry matters here."""
+geometry matters here.
+
+Read as SGLang 0.5.15 reads the same config.json (configs/model_config.py,
+utils/hf_transformers/common.py): the dtype under "dtype" (transformers 5)
+or "torch_dtype", float32 when absent; --dtype auto runs a float32
+checkpoint in float16 (bfloat16 for Gemma), and the KV cache has the
+model's dtype (--kv-cache-dtype auto). The context length is the first of
+max_sequence_length, seq_length, max_seq_len, model_max_length,
+max_position_embeddings, times the rope scaling factor unless the rope
+parameters carry original_max_position_embeddings (which transformers 5
+fills in for yarn and longrope) or are llama3's; 2048 if none is given.
+MLA models (DeepSeek's kv_lora_rank) keep one latent buffer per layer, not
+K and V heads: they are refused rather than mis-sized."""
 
 from __future__ import annotations
 
@@ -11,9 +23,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-# torch_dtype names in config.json -> bytes per element.
+# dtype names in config.json and SGLang's --dtype -> bytes per element.
 _DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "half": 2, "float32": 4, "float": 4, "float8_e4m3fn": 1,
                 "float8_e5m2": 1}
+_CONTEXT_LENGTH_KEYS = ("max_sequence_length", "seq_length", "max_seq_len", "model_max_length",
+                        "max_position_embeddings")
+_ROPE_TYPES_WITH_ORIGINAL = ("llama3", "yarn", "longrope")  # factor not applied (see above)
+DEFAULT_CONTEXT = 2048
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
@@ -51,13 +67,37 @@ def read_model_info(model_dir: str | Path, dtype: str = "auto") -> ModelInfo:
         heads = int(text["num_attention_heads"])
         kv_heads = int(text.get("num_key_value_heads") or heads)
         head_dim = int(text.get("head_dim") or int(text["hidden_size"]) // heads)
-        max_context = int(text.get("max_position_embeddings") or raw.get("max_position_embeddings") or 0)
+        max_context = context_length(text)
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelInfoError(f"{path} lacks the attention geometry ({exc})") from None
+    if text.get("kv_lora_rank"):
+        raise ModelInfoError(f"{path}: an MLA model (kv_lora_rank); the SGLang driver sizes separate K and V heads only")
     if min(layers, heads, kv_heads, head_dim) < 1:
         raise ModelInfoError(f"{path}: layers, heads, KV heads and head_dim must be positive")
-    name = (raw.get("torch_dtype") or text.get("torch_dtype") or "bfloat16") if dtype == "auto" else dtype
+    name = runtime_dtype(raw, text) if dtype == "auto" else dtype
     if name not in _DTYPE_BYTES:
         raise ModelInfoError(f"{path}: unknown dtype {name!r}")
     weights = sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
     return ModelInfo(layers, kv_heads, head_dim, _DTYPE_BYTES[name], max_context, weights)
+
+
+def runtime_dtype(raw: dict, text: dict) -> str:
+    """The dtype SGLang runs a checkpoint in under --dtype auto."""
+    name = str(text.get("dtype") or text.get("torch_dtype") or raw.get("dtype") or raw.get("torch_dtype")
+               or "float32")
+    if name in ("float32", "float"):
+        return "bfloat16" if str(text.get("model_type") or raw.get("model_type") or "").startswith("gemma") \
+            else "float16"
+    return name
+
+
+def context_length(text: dict) -> int:
+    rope = text.get("rope_scaling") or text.get("rope_parameters")
+    factor = 1.0
+    if isinstance(rope, dict) and "original_max_position_embeddings" not in rope \
+            and (rope.get("rope_type") or rope.get("type")) not in _ROPE_TYPES_WITH_ORIGINAL:
+        factor = float(rope.get("factor", 1))
+    for key in _CONTEXT_LENGTH_KEYS:
+        if text.get(key) is not None:
+            return int(factor * int(text[key]))
+    return DEFAULT_CONTEXT
