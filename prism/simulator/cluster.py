@@ -46,6 +46,7 @@ from services.gpu_agent.admission import (
     shortfall_bytes,
 )
 from services.gpu_agent.engine.request import DEMAND_GROWTH_TOKENS
+from services.gpu_agent.make_room import ResidentEngine, engines_to_switch_off
 from services.gpu_agent.memory_coordinator import DEFAULT_INTERVAL_S, DEFAULT_UNIT_BYTES
 from services.gpu_agent.memory_policy import POLICIES as MEMORY_POLICIES
 from services.gpu_agent.memory_policy import (
@@ -136,7 +137,7 @@ class SimCluster:
         self.on_cold_start: Callable[[], None] = lambda: None  # the scheduler re-plans at once
         self.on_done: Callable[[SimRequest], None] = lambda r: None
         self.stats = {"loads": 0, "unloads": 0, "activations": 0, "deactivations": 0, "deactivations_refused": 0,
-                      "drains": 0, "drain_timeouts": 0, "drains_cancelled": 0, "drain_rerouted": 0, "activation_out_of_memory": 0, "preemptions": 0, "memory_plans": 0, "grants": 0, "steps": 0}
+                      "drains": 0, "drain_timeouts": 0, "drains_cancelled": 0, "drain_rerouted": 0, "activation_out_of_memory": 0, "switched_off_for_room": 0, "preemptions": 0, "memory_plans": 0, "grants": 0, "steps": 0}
 
     @property
     def now(self) -> float:
@@ -337,6 +338,18 @@ class SimCluster:
         if engine.state != "inactive":
             return
         device = self.device_of(engine)
+        # As the agent: idle engines step aside when the weights do not fit (make_room.py).
+        holding = device.holding_memory()
+        residents = [ResidentEngine(model=e.name, weight_bytes=e.model.weight_bytes, idle_s=self.now - e.last_arrival,
+                                    serving=e.state == "activating" or bool(e.requests or e.pending)
+                                    or any(t.engine is e for t in device.waiting)) for e in holding]
+        free = device.memory_bytes - device.reserve_bytes - sum(e.model.weight_bytes for e in holding)
+        for model in engines_to_switch_off(residents, engine.model.weight_bytes, free) or ():
+            other = next(e for e in holding if e.name == model)
+            other.state = "inactive"
+            other.set_limit(0)
+            self.stats["deactivations"] += 1
+            self.stats["switched_off_for_room"] += 1
         others = sum(e.model.weight_bytes for e in device.holding_memory())
         if others + engine.model.weight_bytes + device.reserve_bytes > device.memory_bytes:
             # Its weights do not fit beside the engines on the GPU: the real copy would fail (out of memory).

@@ -24,6 +24,7 @@ from services.gpu_agent.devices import Device
 from services.gpu_agent.engine.errors import EngineError
 from services.gpu_agent.engine.request import EngineStats
 from services.gpu_agent.engine_manager import EngineManager, EngineNotReadyError, ManagedEngine, ModelNotLoadedError
+from services.gpu_agent.make_room import ResidentEngine, engines_to_switch_off
 from services.gpu_agent.memory_policy import (
     POLICIES,
     DeviceMemorySnapshot,
@@ -124,6 +125,33 @@ class MemoryCoordinator:
         with only it active (others may switch off), within its cap."""
         most = self.budget_bytes([managed]) if managed.engine is not None else 0
         return min(most, managed.cap_bytes) if managed.cap_bytes > 0 else most
+
+    def room_for_weights(self, activating: ManagedEngine) -> list[str] | None:
+        """The active engines to switch off, longest idle first and only those
+        with nothing to serve, so that `activating`'s weights fit beside the
+        others' and the reserve (make_room.py); [] when they fit, None when
+        they cannot be made to."""
+        others = [m for m in self._active() if m is not activating]
+        free = self.device.memory_bytes - self.reserve_bytes - sum(m.engine.weight_bytes for m in others)
+        residents = []
+        for m in others:
+            stats = m.engine.stats()
+            serving = (stats.running_requests + stats.queued_requests > 0 or m.request_stats.in_flight > 0
+                       or self.pending_demand_bytes(m.spec.name) > 0)
+            residents.append(ResidentEngine(model=m.spec.name, weight_bytes=m.engine.weight_bytes,
+                                            idle_s=m.request_stats.idle_s(), serving=serving))
+        return engines_to_switch_off(residents, activating.engine.weight_bytes, free)
+
+    async def prepare_activation(self, activating: ManagedEngine) -> None:
+        """Before an engine is switched on (the engine manager's
+        before_activate): idle engines step aside if its weights would not fit
+        (room_for_weights), then the others' KV limits make room and it gets
+        its own. With no room to make, nothing is switched off and the
+        activation itself fails (out of memory) as it would have."""
+        for model in self.room_for_weights(activating) or ():
+            log.info("switching %s off to make room for the weights of %s", model, activating.spec.name)
+            await self.manager.deactivate(model)
+        await self.rebalance(activating=activating)
 
     def memory_split(self) -> DeviceMemorySplit:
         engines = self.engines()

@@ -1,0 +1,44 @@
+"""Which engines to switch off so that another's weights fit on a device.
+
+An engine switched on for a request (or by the scheduler) needs room for its
+weights beside the active engines' weights and the device's reserve. When the
+scheduler's plan and the requests disagree for a moment (a burst for a model
+the plan switched off, on a device full of others), failing the request is
+the worst answer: engines with nothing to serve can step aside instead, and
+come back in about as long as this one takes to activate.
+
+A pure function, so the agent (memory_coordinator.py) and the simulator
+(prism/simulator/cluster.py) make the same choice: engines with no request
+running or waiting, the longest idle first, until the weights fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ResidentEngine:
+    """An active engine on the device, as the choice sees it."""
+
+    model: str
+    weight_bytes: int
+    idle_s: float  # since its last request arrived; infinite if none ever did
+    serving: bool  # a request is running in it or waiting for it
+
+
+def engines_to_switch_off(residents: Sequence[ResidentEngine], need_bytes: int, free_bytes: int) -> list[str] | None:
+    """The engines to switch off, in order, so that `need_bytes` of weights
+    fit where `free_bytes` are free now: [] when they fit already, None when
+    even every engine with nothing to serve would not make room (then none is
+    switched off for nothing)."""
+    if need_bytes <= free_bytes:
+        return []
+    chosen: list[str] = []
+    for engine in sorted((e for e in residents if not e.serving), key=lambda e: (-e.idle_s, e.model)):
+        chosen.append(engine.model)
+        free_bytes += engine.weight_bytes
+        if need_bytes <= free_bytes:
+            return chosen
+    return None

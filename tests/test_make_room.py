@@ -1,0 +1,106 @@
+"""make_room: which idle engines step aside so another's weights fit (pure),
+and the agent doing it on a real CPU device with two tiny engines."""
+
+from __future__ import annotations
+
+from services.gpu_agent.make_room import ResidentEngine, engines_to_switch_off
+
+GB = 1 << 30
+
+
+def resident(model, gb, idle_s=100.0, serving=False):
+    return ResidentEngine(model=model, weight_bytes=int(gb * GB), idle_s=idle_s, serving=serving)
+
+
+def test_nothing_is_switched_off_when_the_weights_fit():
+    assert engines_to_switch_off([resident("a", 10)], need_bytes=4 * GB, free_bytes=5 * GB) == []
+
+
+def test_the_longest_idle_go_first_and_only_as_many_as_needed():
+    residents = [resident("recent", 8, idle_s=2), resident("old", 8, idle_s=300), resident("older", 2, idle_s=900)]
+    # 6 GB short: "older" (2 GB) is not enough alone, "old" (8 GB) after it is.
+    assert engines_to_switch_off(residents, need_bytes=16 * GB, free_bytes=10 * GB) == ["older", "old"]
+
+
+def test_engines_with_requests_are_never_switched_off():
+    residents = [resident("busy", 30, idle_s=1000, serving=True), resident("idle", 4, idle_s=1)]
+    assert engines_to_switch_off(residents, need_bytes=8 * GB, free_bytes=5 * GB) == ["idle"]
+
+
+def test_no_room_to_make_switches_nothing_off():
+    residents = [resident("busy", 30, serving=True), resident("idle", 1)]
+    assert engines_to_switch_off(residents, need_bytes=8 * GB, free_bytes=5 * GB) is None
+
+
+def test_ties_are_broken_by_name_so_the_agent_and_the_simulator_agree():
+    residents = [resident("b", 4, idle_s=float("inf")), resident("a", 4, idle_s=float("inf"))]
+    assert engines_to_switch_off(residents, need_bytes=4 * GB, free_bytes=1 * GB) == ["a"]
+
+
+# ---- a real agent's service on the CPU device -------------------------------------------
+
+async def test_a_request_for_a_switched_off_model_makes_room_on_a_full_device(tmp_path):
+    """Two tiny engines on a CPU device whose memory holds the weights of one:
+    a request for the switched-off one switches the idle other off (instead
+    of the activation failing for want of memory) and is served; a request
+    for the first then switches it back the same way."""
+    import asyncio
+
+    import grpc
+
+    from prism.tiny_models import write_tiny_model
+    from prism.v1 import agent_pb2, agent_pb2_grpc, generate_pb2
+    from services.gpu_agent.admission import AdmissionQueue, AgentAdmission
+    from services.gpu_agent.agent_service import AgentService
+    from services.gpu_agent.devices import discover_devices
+    from services.gpu_agent.engine_manager import EngineManager
+    from services.gpu_agent.memory_coordinator import MemoryCoordinator
+
+    paths = {name: str(write_tiny_model(tmp_path / name, arch="llama", seed=i)) for i, name in enumerate("ab")}
+
+    async def publish(managed) -> None:
+        pass
+
+    # Sized from the first engine: its weights and KV fit, a second one's weights do not.
+    probe = EngineManager(discover_devices("cpu", cpu_memory_gb=1.0), publish, coordinated=True)
+    from services.gpu_agent.engine_manager import EngineSpec
+
+    weights = (await probe.load(EngineSpec(name="a", path=paths["a"]), (0,), True, 0)).engine.weight_bytes
+    await probe.stop_all()
+    devices = discover_devices("cpu", cpu_memory_gb=(weights * 1.6) / (1 << 30))
+    manager = EngineManager(devices, publish, coordinated=True)
+    coordinator = MemoryCoordinator(devices[0], manager, reserve_bytes=0)
+    manager.before_activate = coordinator.prepare_activation  # as the agent's server wires it
+    queue = AdmissionQueue(coordinator)
+    tasks = [asyncio.create_task(coordinator.run()), asyncio.create_task(queue.run())]
+    service = AgentService("agent-room", devices, manager, coordinators={0: coordinator},
+                           admission=AgentAdmission({0: queue}))
+    server = grpc.aio.server()
+    agent_pb2_grpc.add_AgentServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = agent_pb2_grpc.AgentStub(channel)
+            for name, on in (("a", True), ("b", False)):
+                status = await stub.LoadModel(agent_pb2.LoadModelRequest(
+                    spec=agent_pb2.ModelSpec(name=name, path=paths[name]), gpu_ids=[0], activate=on), timeout=120)
+                assert status.state == (agent_pb2.ENGINE_STATE_ACTIVE if on else agent_pb2.ENGINE_STATE_INACTIVE)
+
+            async def generate(model: str) -> str:
+                responses = [r async for r in stub.Generate(generate_pb2.GenerateRequest(
+                    request_id=f"room-{model}", model=model, prompt="Hello",
+                    sampling=generate_pb2.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)), timeout=60)]
+                assert responses[-1].finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED
+                return "".join(r.text for r in responses)
+
+            await generate("b")
+            assert (manager.engines["a"].state, manager.engines["b"].state) == ("inactive", "active")
+            await generate("a")
+            assert (manager.engines["a"].state, manager.engines["b"].state) == ("active", "inactive")
+            assert coordinator.budget_violations == 0
+    finally:
+        await server.stop(grace=None)
+        for task in tasks:
+            task.cancel()
+        await manager.stop_all()
