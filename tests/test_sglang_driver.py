@@ -301,12 +301,20 @@ def test_kvcached_limit_revisions(tmp_path):
     assert struct.unpack("=qqq", raw.read_bytes()) == (16 * MiB, 40 * MiB, 8 * MiB)  # usage fields untouched
     raw.write_bytes(struct.pack("=qqq", 16 * MiB, 0, 0))
     assert limit.state().status == "applied"
+    # kvcached 0.1.6 ignores a limit of 0 (KVCacheManager._alloc applies positive targets only): a zero limit is
+    # written as 1 byte per K/V buffer of each layer (8 MiB bundle / 2 MiB pages = 4), which it reads as 0 pages.
+    zero = limit.set(0, revision=9)
+    assert (zero.limit_bytes, zero.effective_limit_bytes) == (0, 0) and limit.segment.read().limit_bytes == 4
+    assert limit.set(1 * MiB, revision=10).effective_limit_bytes == 0 and limit.segment.read().limit_bytes == 4
     with pytest.raises(InvalidRequestError):
         limit.set(-1)
     raw.unlink()
     with pytest.raises(KvcachedSegmentError, match="gone"):
-        limit.set(64 * MiB, revision=8)
+        limit.set(64 * MiB, revision=11)
     assert KvcachedLimit(KvcachedSegment("absent", tmp_path), bundle).attach(0) is None
+    # No initial limit: the whole capacity, as kvcached wrote it.
+    whole = KvcachedLimit(_segment(tmp_path, 1024 * MiB), bundle).attach(0)
+    assert (whole.limit_bytes, whole.effective_limit_bytes) == (1024 * MiB, 1024 * MiB)
 
 
 # ---- life cycle against the stand-in -------------------------------------------

@@ -170,7 +170,8 @@ class SGLangEngine:
     async def start(cls, config: SGLangLaunchConfig, memory_limit_bytes: int = 0,
                     options: DriverOptions | None = None) -> SGLangEngine:
         """Starts the server and returns once it serves. memory_limit_bytes:
-        the initial KV limit (0: none yet; the memory coordinator sets it)."""
+        the initial KV limit (0: none, the pool's whole virtual capacity,
+        until the memory coordinator sets one)."""
         options = options or DriverOptions()
         info = read_model_info(config.model_path, sglang_dtype(config.dtype))
         config = resolve_port(config)
@@ -187,7 +188,7 @@ class SGLangEngine:
             limit = None
             if segment is not None:
                 rank_bundle = options.page_bytes * 2 * info.num_layers
-                limit = KvcachedLimit(segment, rank_bundle, config.tp_size)
+                limit = KvcachedLimit(segment, rank_bundle, config.tp_size, options.page_bytes)
                 await _attach_limit(process, limit, memory_limit_bytes, config, options)
         except BaseException:
             await client.aclose()

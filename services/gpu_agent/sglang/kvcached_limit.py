@@ -1,26 +1,35 @@
 """An SGLang instance's KV limit, through kvcached's shared-memory segment.
 
-kvcached (its MemInfoTracker, read for kvcached 0.1.5/0.1.6 and main at
-e8e6406) keeps, per serving instance, a small file /dev/shm/<ipc name> of
-three native int64s: the KV limit in bytes (`total_size`), the bytes of the
-pages in use and the bytes of the pages it keeps mapped ahead (prealloc),
-guarded by flock. The engine creates it when its KV pool starts (writing its
-whole virtual capacity as the limit), a watcher thread in the engine reads
-the limit every 100 ms, and the next allocation resizes the pool to it:
-growing at once, shrinking once the pages in use fit (until then new
-allocations wait). `kvctl limit <ipc> <size>` is the same write. That is the
-only way to change a running SGLang's limit from outside its process
+Read from kvcached 0.1.6 (the PyPI sdist: csrc/inc/mem_info_tracker.hpp,
+csrc/page_allocator.cpp, kvcached/kv_cache_manager.py, kvcached/cli/utils.py,
+kvcached/integration/sglang/interfaces.py). Each serving instance has a file
+/dev/shm/<ipc name> of three native int64s, guarded by flock: the KV limit in
+bytes (`total_size`, over all layers and both K and V, for one TP rank), the
+bytes of the pages in use and the bytes of the pages kept mapped ahead
+(prealloc). The <ipc name> is KVCACHED_IPC_NAME, sanitized to [A-Za-z0-9_-]
+and 64 characters. When the KV pool starts, kvcached writes its whole
+virtual capacity there as the limit; a watcher thread re-reads the limit
+every 100 ms, and the next allocation resizes the pool to
+limit // layers // 2 bytes per K or V buffer, in whole pages: growing at
+once, shrinking once the pages in use fit (until then no new pages are
+mapped). A limit of 0 is ignored (the allocation path applies only positive
+targets), so a zero limit is written as layers x 2 bytes, which kvcached
+reads as zero pages. `kvctl limit <ipc> <size>` is the same write. That is
+the only way to change a running SGLang's limit from outside its process
 (kvcached.control.set_instance_memory_limit, which takes revisions, works
 only inside it), so the revisions live here, with the built-in engine's
 semantics (kv_pool.py): an older revision is "stale" and ignored, the same
 revision with another limit is a "conflict", a limit under the pages in use
 is "deferred" until they fit.
 
-Each tensor-parallel rank runs its own pool on the same segment, so the
-limit written is the engine's limit over its ranks (KV heads are split
-evenly), and usage read back is one rank's times the ranks. Unverified with
-tp > 1: the ranks overwrite each other's usage fields (all equal when their
-pools move together)."""
+Each tensor-parallel rank runs its own pool (kvcached 0.1.6 gives SGLang's
+workers local pools, world_size 1) on the same segment, every rank with the
+same capacity (the minimum over the ranks), so the limit written is the
+engine's limit over its ranks (KV heads are split evenly), and usage read
+back is one rank's times the ranks. Unverified with tp > 1: the ranks
+overwrite each other's usage fields (all equal when their pools move
+together). Hybrid models' other pools (sliding-window, Mamba) have segments
+of their own, <ipc name>_g<n>, which the driver does not limit."""
 
 from __future__ import annotations
 
@@ -113,12 +122,17 @@ class KvcachedSegment:
 class KvcachedLimit:
     """The engine's KV limit with revisions, applied through the segment."""
 
-    def __init__(self, segment: KvcachedSegment, bundle_bytes_per_rank: int, tp_size: int = 1):
-        if bundle_bytes_per_rank < 1 or tp_size < 1:
-            raise ValueError("bundle bytes and tp size must be positive")
+    def __init__(self, segment: KvcachedSegment, bundle_bytes_per_rank: int, tp_size: int = 1,
+                 page_bytes: int = KVCACHED_PAGE_BYTES):
+        """bundle_bytes_per_rank: one kvcached page of every layer's K and V
+        buffer on one rank (page_bytes x layers x 2)."""
+        if bundle_bytes_per_rank < 1 or tp_size < 1 or page_bytes < 1 or bundle_bytes_per_rank % page_bytes:
+            raise ValueError("bundle bytes, tp size and page bytes must be positive, the bundle whole pages")
         self.segment = segment
         self.tp_size = tp_size
         self.rank_bundle_bytes = bundle_bytes_per_rank
+        # The smallest value kvcached does not ignore: 1 byte per K or V buffer of each layer, i.e. zero pages.
+        self.zero_limit_bytes = bundle_bytes_per_rank // page_bytes
         self.capacity_bytes = 0  # over all ranks; known once attached
         self._limit = 0
         self._effective = 0
@@ -133,16 +147,20 @@ class KvcachedLimit:
     def attach(self, initial_limit_bytes: int) -> MemoryLimitState | None:
         """Takes the segment's first limit (the pool's whole virtual capacity,
         written by kvcached when the pool starts) as the capacity, then applies
-        the initial limit at revision 0. None while there is no segment yet."""
+        the initial limit at revision 0 (0: none, the whole capacity). None
+        while there is no segment yet."""
         usage = self.segment.read()
         if usage is None:
             return None
         self.capacity_bytes = max(0, usage.limit_bytes) * self.tp_size
         self._attached = True
-        self._limit, self._revision = int(initial_limit_bytes), 0
+        self._limit, self._revision = int(initial_limit_bytes) or self.capacity_bytes, 0
         self._effective = self._effective_limit(self._limit)
-        self.segment.write_limit(self._effective // self.tp_size)
+        self._write(self._effective)
         return self.state()
+
+    def _write(self, effective_bytes: int) -> None:
+        self.segment.write_limit(effective_bytes // self.tp_size or self.zero_limit_bytes)
 
     def _effective_limit(self, limit_bytes: int) -> int:
         bundles = max(0, limit_bytes) // self.bundle_bytes
@@ -163,7 +181,7 @@ class KvcachedLimit:
         if rev == self._revision:
             return self.state(None if limit_bytes == self._limit else "conflict")
         effective = self._effective_limit(int(limit_bytes))
-        self.segment.write_limit(effective // self.tp_size)
+        self._write(effective)
         self._limit, self._effective, self._revision = int(limit_bytes), effective, rev
         state = self.state()
         log.info("kvcached %s: limit %.1f MB (revision %d): %s", self.segment.ipc_name, limit_bytes / 1e6, rev,
