@@ -475,7 +475,8 @@ async def soak(cluster, *, requests: int, rounds: int, concurrency: int, warmup:
 # ---- the cluster ---------------------------------------------------------------------------
 
 
-def load_cluster(state: Path, *, agents: int = 2, cpu_memory_gb: float = 1.0, gateway_args: tuple[str, ...] = ()):
+def load_cluster(state: Path, *, agents: int = 2, cpu_memory_gb: float = 1.0, agent_args: tuple[str, ...] = (),
+                 gateway_args: tuple[str, ...] = ()):
     """A LocalCluster for the soak: both tiny models on every agent (static policy, one replica per agent),
     engines inline on the CPU. Not started."""
     from prism.cluster import LocalCluster
@@ -490,7 +491,7 @@ def load_cluster(state: Path, *, agents: int = 2, cpu_memory_gb: float = 1.0, ga
     (state / "models.json").write_text(json.dumps(config))
     return LocalCluster(state_dir=state, config_path=state / "models.json", http_port=free_port(),
                         grpc_port=free_port(), device="cpu", cpu_memory_gb=cpu_memory_gb, engine_isolation="inline",
-                        agents=agents, gateway_args=gateway_args)
+                        agents=agents, agent_args=agent_args, gateway_args=gateway_args)
 
 
 def report_table(result: dict) -> str:

@@ -90,6 +90,8 @@ class ManagedEngine:
     # agent; only what is published says draining.
     draining: bool = False
     drain_task: asyncio.Task | None = None
+    drain_deadline: float = 0.0  # time.monotonic() by which a drain unloads it anyway
+    drain_why: str = ""  # what the requests left at that deadline are told
     # Why it was unloaded while requests were still in flight (a drain that
     # timed out): those requests end with this message.
     unload_reason: str = ""
@@ -346,40 +348,55 @@ class EngineManager:
         await self._publish(managed)
         return managed
 
-    async def drain(self, model: str, timeout_s: float | None = None) -> ManagedEngine:
+    async def drain(self, model: str, timeout_s: float | None = None, why: str | None = None) -> ManagedEngine:
         """Unloads the engine gracefully: at once if no request is in flight on
         it (or it is loading or failed), else it is published as draining and
         unloaded by a background task once its requests have ended, at the
         latest after timeout_s (default: the manager's drain_timeout_s), when
-        the ones left end with an error saying so. Returns at once; a drain
-        under way is left to run. load() of the same spec cancels it."""
+        the ones left end with an error saying so (`why`, default: the drain
+        timeout passed). Returns at once; a drain under way is left to run,
+        ending by the earlier of its deadline and this one when `why` is
+        given. load() of the same spec cancels it."""
         managed = self.get(model)
+        timeout_s = self.drain_timeout_s if timeout_s is None else timeout_s
         if managed.draining:
+            if why is not None and time.monotonic() + timeout_s < managed.drain_deadline:
+                managed.drain_deadline, managed.drain_why = time.monotonic() + timeout_s, why
             return managed
         if managed.state not in ("active", "inactive") or managed.request_stats.in_flight == 0:
             return await self._unload(managed)
-        timeout_s = self.drain_timeout_s if timeout_s is None else timeout_s
         managed.draining = True
+        managed.drain_deadline = time.monotonic() + timeout_s
+        managed.drain_why = why or f"its drain timeout of {timeout_s:g}s passed"
         log.info("draining %s: %d request(s) in flight, unloading once they end (at most %.0fs)", model,
                  managed.request_stats.in_flight, timeout_s)
         await self._publish(managed)
-        managed.drain_task = asyncio.create_task(self._drain(managed, timeout_s), name=f"drain-{model}")
+        managed.drain_task = asyncio.create_task(self._drain(managed), name=f"drain-{model}")
         return managed
 
-    async def _drain(self, managed: ManagedEngine, timeout_s: float) -> None:
+    async def drain_all(self, timeout_s: float, why: str) -> None:
+        """Drains every engine (a shutdown) and returns once all are gone: each
+        within timeout_s, a drain already under way too; the requests still in
+        flight then end with an error that gives `why`."""
+        for model in list(self.engines):
+            if model in self.engines:
+                await self.drain(model, timeout_s, why)
+        drains = [m.drain_task for m in self.engines.values() if m.drain_task is not None]
+        await asyncio.gather(*drains, return_exceptions=True)
+
+    async def _drain(self, managed: ManagedEngine) -> None:
         model = managed.spec.name
         start = time.monotonic()
-        deadline = start + timeout_s
-        while managed.request_stats.in_flight > 0 and time.monotonic() < deadline:
+        while managed.request_stats.in_flight > 0 and time.monotonic() < managed.drain_deadline:
             await asyncio.sleep(DRAIN_POLL_S)
         if self.engines.get(model) is not managed or not managed.draining:
             return  # unloaded at once meanwhile, or placed here again
         left = managed.request_stats.in_flight
         if left:
             managed.unload_reason = (f"model {model!r} was unloaded from this agent while the request was in flight: "
-                                     f"its drain timeout of {timeout_s:g}s passed with {left} request(s) unfinished")
-            log.warning("drain of %s timed out after %.0fs: unloading it with %d request(s) in flight", model,
-                        timeout_s, left)
+                                     f"{managed.drain_why} with {left} request(s) unfinished")
+            log.warning("drain of %s ended after %.1fs with %d request(s) in flight (%s): unloading it", model,
+                        time.monotonic() - start, left, managed.drain_why)
         else:
             log.info("drained %s in %.2fs; unloading it", model, time.monotonic() - start)
         try:

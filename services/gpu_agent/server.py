@@ -5,7 +5,7 @@ registration alive in etcd and reports load to the scheduler.
         --listen 127.0.0.1:50061 [--advertise HOST:PORT] [--device auto|cpu|cuda] [--cpu-memory-gb 4] \
         [--engine-isolation auto|process|inline] [--spare-workers 1] \
         [--memory-policy balloon|static] [--memory-reserve-gb GB] [--kv-budget-gb GB] [--starvation-s 5] \
-        [--drain-timeout-s 30] [--tls-cert PEM --tls-key PEM --tls-ca PEM [--mtls]] \
+        [--drain-timeout-s 30] [--shutdown-grace-s 10] [--tls-cert PEM --tls-key PEM --tls-ca PEM [--mtls]] \
         [--etcd-ca PEM --etcd-cert PEM --etcd-key PEM] [--etcd-user USER]  (its password: $PRISM_ETCD_PASSWORD)
 
 Engine isolation: `process` runs each engine in its own worker process, with
@@ -13,6 +13,15 @@ Engine isolation: `process` runs each engine in its own worker process, with
 model starts warm (services/gpu_agent/workers/); `inline` runs engines in the
 agent's process. `auto` (the default) is `process` on CUDA and `inline` on the
 CPU, where a worker's start-up would cost more than it isolates.
+
+SIGTERM (or SIGINT) drains the agent: gRPC health goes NOT_SERVING; new
+Generate calls are sent back unstarted (UNAVAILABLE with the draining
+marker, so the gateway gives them to another replica at once, or answers
+503 where there is none) and LoadModel is refused; every engine drains
+(published as draining, its requests waiting for admission sent back the
+same way, its running ones finishing) for up to --shutdown-grace-s less
+END_MARGIN_S, after which the requests left end with UNAVAILABLE saying the
+agent shut down; then the lease is revoked and the process exits 0.
 """
 
 from __future__ import annotations
@@ -32,14 +41,14 @@ from prism.v1 import agent_pb2, agent_pb2_grpc
 from services.common import records
 from services.common.etcd import EtcdLoginRefused, LeasedKeys, add_etcd_args, connect, etcd_access_from_args
 from services.common.grpc_decode import add_servicer
-from services.common.grpc_util import add_health_and_reflection, mark_not_serving, mark_serving
+from services.common.grpc_util import DRAINING_KEY, add_health_and_reflection, mark_not_serving, mark_serving
 from services.common.logs import setup_logging
 from services.common.tls import TlsConfigError, add_port, add_tls_args, tls_from_args, transport_name
 from services.gpu_agent.admission import DEFAULT_STARVATION_S, AdmissionQueue, AgentAdmission
 from services.gpu_agent.agent_service import DEFAULT_BUSY_WINDOW_S, AgentService
 from services.gpu_agent.devices import Device, discover_devices
 from services.gpu_agent.engine.shared_weights import check_shared_dir, default_shared_dir
-from services.gpu_agent.engine_manager import DEFAULT_DRAIN_TIMEOUT_S, EngineManager, ManagedEngine
+from services.gpu_agent.engine_manager import DEFAULT_DRAIN_TIMEOUT_S, DrainingError, EngineManager, ManagedEngine
 from services.gpu_agent.load_reporter import LoadReporter
 from services.gpu_agent.memory_coordinator import MemoryCoordinator
 from services.gpu_agent.memory_policy import POLICIES
@@ -48,6 +57,67 @@ from services.gpu_agent.workers.worker_pool import WorkerPool
 
 log = logging.getLogger("gpu_agent")
 SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name
+DEFAULT_SHUTDOWN_GRACE_S = 10.0
+# Of the grace, what is kept for the gRPC server to send the last responses and errors.
+END_MARGIN_S = 1.0
+
+
+class ShutdownGate(grpc.aio.ServerInterceptor):
+    """Once closed (the agent is shutting down), new Generate calls are sent
+    back unstarted, as a draining engine sends back the requests it has not
+    started: UNAVAILABLE with the draining marker, so the gateway routes them
+    again at once; LoadModel is refused (UNAVAILABLE), so the scheduler
+    cannot place a model here again and cancel its drain. Everything else
+    (status, unloads) still answers."""
+
+    def __init__(self, agent_id: str):
+        self.agent_id = agent_id
+        self.closed = False
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if not self.closed or handler is None or method not in (f"/{SERVICE_NAME}/Generate",
+                                                                f"/{SERVICE_NAME}/LoadModel"):
+            return handler
+        generate = method.endswith("/Generate")
+        message = (f"agent {self.agent_id} is shutting down: the request was not started; sent back for another "
+                   "replica" if generate else f"agent {self.agent_id} is shutting down: it loads no model")
+        metadata = ((DRAINING_KEY, "1"),) if generate else ()
+
+        async def refuse(request, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, message, trailing_metadata=metadata)
+
+        make = grpc.unary_stream_rpc_method_handler if handler.response_streaming else \
+            grpc.unary_unary_rpc_method_handler
+        return make(refuse, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
+
+
+async def drain_for_shutdown(manager: EngineManager, admission: AgentAdmission | None, gate: ShutdownGate,
+                             grace_s: float) -> None:
+    """Closes the gate and drains every engine (see the module docstring);
+    returns once all are unloaded, within grace_s."""
+    gate.closed = True
+    agent = gate.agent_id
+    why = f"agent {agent} is shutting down and its grace of {grace_s:g}s passed"
+    start = time.monotonic()
+    in_flight = sum(m.request_stats.in_flight for m in manager.engines.values())
+    if in_flight:
+        log.info("draining: %d request(s) in flight get up to %.1fs", in_flight, grace_s)
+    for model in list(manager.engines):
+        if model not in manager.engines:
+            continue
+        managed = await manager.drain(model, grace_s, why)
+        queue = admission.queue_for(managed) if admission is not None and managed.draining else None
+        if queue is not None:  # not started: back to the gateway at once, for another replica
+            sent = queue.send_back(managed, DrainingError(
+                f"model {model!r}: agent {agent} is shutting down; the request had not started: sent back for "
+                "another replica"))
+            if sent:
+                log.info("draining %s: %d queued request(s) sent back to the gateway", model, sent)
+    await manager.drain_all(grace_s, why)
+    log.info("drained in %.2fs", time.monotonic() - start)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -84,6 +154,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drain-timeout-s", type=float, default=DEFAULT_DRAIN_TIMEOUT_S,
                    help="an engine the scheduler removes first finishes its requests (new ones go to the model's "
                         "other replicas); after this long it is unloaded anyway and the requests left fail")
+    p.add_argument("--shutdown-grace-s", type=float, default=DEFAULT_SHUTDOWN_GRACE_S,
+                   help="on SIGTERM, how long the requests in flight may take to finish (new ones go to other "
+                        "replicas) before they end with an error and the agent exits")
     add_tls_args(p)
     add_etcd_args(p)
     args = p.parse_args(argv)
@@ -99,6 +172,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--starvation-s must be positive")
     if args.drain_timeout_s < 0:
         p.error("--drain-timeout-s must not be negative")
+    if args.shutdown_grace_s < 0:
+        p.error("--shutdown-grace-s must not be negative")
     try:
         args.tls_files = tls_from_args(args)
         args.etcd_access = etcd_access_from_args(args)
@@ -177,7 +252,8 @@ async def serve(args: argparse.Namespace) -> None:
     service = AgentService(agent_id, devices, manager, coordinators=coordinators, admission=admission,
                            busy_window_s=args.busy_window_s)
 
-    server = grpc.aio.server()
+    gate = ShutdownGate(agent_id)
+    server = grpc.aio.server(interceptors=[gate])
     add_servicer(agent_pb2_grpc.add_AgentServicer_to_server, service, server)  # undecodable: INVALID_ARGUMENT
     health = add_health_and_reflection(server, [SERVICE_NAME])
     if add_port(server, args.listen, args.tls_files, require_client_cert=args.mtls) == 0:
@@ -211,13 +287,15 @@ async def serve(args: argparse.Namespace) -> None:
 
     log.info("agent %s stopping", agent_id)
     await mark_not_serving(health, [SERVICE_NAME])
+    # The coordinators, the admission queues and the lease go on while the engines drain.
+    await drain_for_shutdown(manager, admission, gate, max(0.0, args.shutdown_grace_s - END_MARGIN_S))
     for task in tasks:
         task.cancel()
     try:
         await leased.revoke()
     except Exception as exc:
         log.warning("could not revoke lease: %s", exc)
-    await server.stop(grace=5)
+    await server.stop(grace=END_MARGIN_S)
     await manager.stop_all()
     if pool is not None:
         await pool.close()
