@@ -1,6 +1,6 @@
 """SLO attainment per placement policy and GPU count, simulated (prism
 simulate's engine: prism/simulator) on one seeded bursty-group trace, with the
-H200 latency profile (bench/results/sim-profile-h200.json).
+H200 latency profile (bench/results/sim-profile-h200.json; --profile for another, e.g. the H100's).
 
     .venv/bin/python bench/sim_tables.py                       # 18 models, 1..8 GPUs
     .venv/bin/python bench/sim_tables.py --large               # also 200 models on 8..64 GPUs
@@ -53,9 +53,9 @@ def large_config(num_models: int, gpus_per_machine: int = 8) -> PlacementConfig:
 
 
 def _run(job: tuple) -> tuple:
-    trace_params, models, policy, gpus, gpus_per_agent = job
+    trace_params, models, policy, gpus, gpus_per_agent, profile_path = job
     trace = bursty_group_trace(trace_params)
-    profile = LatencyProfile.load(DEFAULT_PROFILE)
+    profile = LatencyProfile.load(profile_path)
     settings = SimSettings(num_gpus=gpus, policy=policy, gpus_per_agent=gpus_per_agent)
     started = time.monotonic()
     result = simulate(trace, models, profile, settings)
@@ -70,12 +70,12 @@ def _run(job: tuple) -> tuple:
 
 
 def run_table(name: str, trace_params: BurstyGroupParams, models: list[ModelConfig], gpu_counts: list[int],
-              target: float, jobs: int, agent_gpus: int, search_up_to: int) -> dict:
+              target: float, jobs: int, agent_gpus: int, search_up_to: int, profile: Path = DEFAULT_PROFILE) -> dict:
     def agents_for(policy: str) -> int:
         return 8 if policy == "static" else agent_gpus
 
     results: dict[str, dict[int, dict]] = {p: {} for p in POLICIES}
-    work = [(trace_params, models, p, n, agents_for(p)) for n in gpu_counts for p in POLICIES]
+    work = [(trace_params, models, p, n, agents_for(p), profile) for n in gpu_counts for p in POLICIES]
     with ProcessPoolExecutor(jobs) as pool:
         for policy, gpus, row in pool.map(_run, work):
             results[policy][gpus] = row
@@ -88,7 +88,8 @@ def run_table(name: str, trace_params: BurstyGroupParams, models: list[ModelConf
 
             def met(n: int) -> bool:
                 if n not in rows:
-                    _, _, rows[n] = pool.submit(_run, (trace_params, models, policy, n, agents_for(policy))).result()
+                    _, _, rows[n] = pool.submit(_run, (trace_params, models, policy, n, agents_for(policy),
+                                                           profile)).result()
                 return rows[n]["attainment"] >= target
 
             in_table = sorted(n for n in gpu_counts if met(n))
@@ -127,6 +128,8 @@ def main() -> None:
     ap.add_argument("--large-gpus", default="8,16,24,32,48,64")
     ap.add_argument("--large-groups", type=int, default=10)
     ap.add_argument("--only-large", action="store_true")
+    ap.add_argument("--profile", type=Path, default=DEFAULT_PROFILE,
+                    help="latency profile (default: the H200's; bench/results/sim-profile-h100.json: the H100's)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "sim_tables-h200profile.json")
     args = ap.parse_args()
 
@@ -136,18 +139,18 @@ def main() -> None:
         params = BurstyGroupParams(num_models=len(models), rate=args.rate, duration_s=args.duration_s, seed=args.seed)
         counts = [int(n) for n in args.gpus.split(",")]
         tables.append(run_table("18 models", params, models, counts, args.target, args.jobs, args.gpus_per_agent,
-                                search_up_to=2 * len(models)))
+                                search_up_to=2 * len(models), profile=args.profile))
     if args.large or args.only_large:
         models = list(large_config(args.large_models).models)
         params = BurstyGroupParams(num_models=len(models), num_groups=args.large_groups, rate=args.large_rate,
                                    duration_s=args.duration_s, seed=args.seed)
         counts = [int(n) for n in args.large_gpus.split(",")]
         tables.append(run_table(f"{len(models)} models", params, models, counts, args.target, args.jobs,
-                                args.gpus_per_agent, search_up_to=len(models)))
+                                args.gpus_per_agent, search_up_to=len(models), profile=args.profile))
     for table in tables:
         print(markdown(table) + "\n")
-    profile = LatencyProfile.load(DEFAULT_PROFILE)
-    args.out.write_text(json.dumps({"profile": str(DEFAULT_PROFILE.relative_to(REPO)), "profile_device": profile.device,
+    profile = LatencyProfile.load(args.profile)
+    args.out.write_text(json.dumps({"profile": str(args.profile.resolve().relative_to(REPO)), "profile_device": profile.device,
                                     "date": time.strftime("%Y-%m-%d"), "tables": tables}, indent=1) + "\n")
     print(f"wrote {args.out}")
 
