@@ -364,6 +364,7 @@ async def test_lifecycle_against_the_stand_in(model_dir, tmp_path, fake_env):
         assert state["env"]["ENABLE_KVCACHED"] == "true" and state["env"]["CUDA_VISIBLE_DEVICES"] == "0"
         assert state["env"]["KVCACHED_IPC_NAME"] == engine.config.kvcached_ipc_name
         assert "--incremental-streaming-output" in state["argv"] and "--enable-memory-saver" in state["argv"]
+        assert engine.sglang_version == "0.5.15"  # from /v1/loads
         bundle = engine.kv_bundle_bytes  # 2 MiB x 2 (K, V) x 2 layers
         assert bundle == 8 * MiB and state["limit"] == 64 * MiB  # the initial limit reached the server
         assert engine.stats().memory_limit_bytes == 64 * MiB and engine.stats().memory_limit_revision == 0

@@ -229,6 +229,17 @@ class SGLangClient:
     async def resume_memory(self, tags: list[str] | None = None) -> None:
         await self._post("/resume_memory_occupation", {"tags": tags} if tags else {})
 
+    async def version(self, timeout_s: float | None = None) -> str:
+        """SGLang's version, as /v1/loads reports it."""
+        response = await self._http.get("/v1/loads", params={"include": "core"},
+                                        timeout=timeout_s or self.control_timeout_s)
+        if response.status_code != 200:
+            raise SGLangHTTPError("/v1/loads", response.status_code, response.text[:500])
+        version = response.json().get("version")
+        if not isinstance(version, str):
+            raise ValueError(f"/v1/loads has no version: {response.text[:200]}")
+        return version
+
     async def loads(self, timeout_s: float | None = None) -> list[dict[str, Any]]:
         """GET /v1/loads?include=core: one entry per data-parallel rank
         (num_running_reqs, num_waiting_reqs, num_used_tokens, ...) from the

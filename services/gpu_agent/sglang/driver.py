@@ -80,6 +80,7 @@ ABORT_TIMEOUT_S = 5.0
 IDLE_POLL_S = 0.05  # polling /v1/loads before a release
 NO_LOADS_SETTLE_S = 1.0  # before a release, where /v1/loads has no snapshot
 LOG_TAIL_LINES = 30
+SGLANG_CHECKED_VERSION = "0.5.15"  # the release whose source this driver was audited against
 
 OnLost = Callable[[WorkerLostError], Awaitable[None]]
 
@@ -161,6 +162,7 @@ class SGLangEngine:
         self._refresh_failures: dict[str, str] = {}
         self.last_deactivate_s: float | None = None
         self.last_activation: ActivationTiming | None = None
+        self.sglang_version: str | None = None  # as the server reports it
         self._refresher = asyncio.create_task(self._refresh_forever(), name=f"sglang-stats-{self.name}")
         self._watcher = asyncio.create_task(self._watch_exit(), name=f"sglang-watch-{self.name}")
 
@@ -185,6 +187,7 @@ class SGLangEngine:
         client = SGLangClient(config.base_url, options.control_timeout_s, options.stream_read_timeout_s)
         try:
             await _wait_healthy(process, client, config, options)
+            version = await _server_version(client, config)
             limit = None
             if segment is not None:
                 rank_bundle = options.page_bytes * 2 * info.num_layers
@@ -198,7 +201,9 @@ class SGLangEngine:
             raise
         log.info("SGLang server for %s serves at %s (pid %d, GPUs %s, kvcached %s)", config.name, config.base_url,
                  process.pid, list(config.gpu_ids), config.kvcached_ipc_name if config.kvcached else "off")
-        return cls(config, info, process, client, limit, options, memory_limit_bytes)
+        engine = cls(config, info, process, client, limit, options, memory_limit_bytes)
+        engine.sglang_version = version
+        return engine
 
     # ---- state -----------------------------------------------------------------
 
@@ -553,6 +558,20 @@ async def _wait_healthy(process: ServerProcess, client: SGLangClient, config: SG
                 f"{options.start_timeout_s:g}s at {config.base_url}/health; it was stopped. Its log "
                 f"({process.log_path}) ends:\n{process.log_tail(LOG_TAIL_LINES)}")
         await process.wait_exit(options.health_poll_s)
+
+
+async def _server_version(client: SGLangClient, config: SGLangLaunchConfig) -> str | None:
+    """The version /v1/loads reports; a warning where it is not the one the
+    driver was checked against (docs/sglang.md)."""
+    try:
+        version = await client.version()
+    except (SGLangHTTPError, httpx.HTTPError, ValueError) as exc:
+        log.warning("the SGLang server for %s does not say its version (%s)", config.name, exc)
+        return None
+    if version != SGLANG_CHECKED_VERSION:
+        log.warning("the SGLang server for %s is version %s; the driver was checked against %s's source",
+                    config.name, version, SGLANG_CHECKED_VERSION)
+    return version
 
 
 async def _attach_limit(process: ServerProcess, limit: KvcachedLimit, initial_bytes: int,
