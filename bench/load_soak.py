@@ -290,11 +290,12 @@ class BackgroundLoad:
     every Outcome is kept, in the order they ended."""
 
     def __init__(self, http_url: str, grpc_target: str, make: Callable[[int], Planned], *, workers: int = 8,
-                 deadline_s: float = 60.0):
+                 deadline_s: float = 60.0, pause_after_error_s: float = 0.05):
         self.http_url, self.grpc_target = http_url, grpc_target
         self.make = make
         self.workers = workers
         self.deadline_s = deadline_s
+        self.pause_after_error_s = pause_after_error_s  # errors come fast during an outage: not thousands
         self.outcomes: list[Outcome] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
@@ -305,7 +306,10 @@ class BackgroundLoad:
 
         async def worker() -> None:
             while not self._stop.is_set():
-                self.outcomes.append(await send(clients, self.make(next(counter)), self.deadline_s))
+                outcome = await send(clients, self.make(next(counter)), self.deadline_s)
+                self.outcomes.append(outcome)
+                if outcome.kind != COMPLETE:
+                    await asyncio.sleep(self.pause_after_error_s)
 
         try:
             await asyncio.gather(*(worker() for _ in range(self.workers)))
