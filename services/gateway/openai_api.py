@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
@@ -42,7 +42,17 @@ from services.gateway.errors import (
 from services.gateway.limits import StreamSlot
 from services.gateway.metrics import UNKNOWN_MODEL, GatewayMetrics, RequestTracker
 from services.gateway.openai_format import SSE_DONE, OpenAIFormat, finish_reason, sse_event
-from services.gateway.openai_schema import ChatCompletionRequest, CompletionRequest
+from services.gateway.openai_schema import (
+    SSE_EVENTS,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ErrorResponse,
+    Health,
+    ModelList,
+    ModelObject,
+)
 from services.gateway.relay import AgentStream, Relay
 from services.gateway.request_id_middleware import RequestIdMiddleware
 from services.gateway.request_ids import HEADER
@@ -180,6 +190,14 @@ async def _collect(stream: AgentStream, fmt: OpenAIFormat, tracker: RequestTrack
 
 # ---- the app ---------------------------------------------------------------
 
+# What each operation answers, for the OpenAPI spec: every 4xx and 5xx is an ErrorResponse.
+ERRORS: dict[int | str, dict[str, Any]] = {"4XX": {"model": ErrorResponse}, "5XX": {"model": ErrorResponse}}
+
+
+def _generation_responses(body: type) -> dict[int | str, dict[str, Any]]:
+    return {200: {"model": body, "description": "The answer, or with `stream` its chunks as server-sent events",
+                  "content": {"text/event-stream": SSE_EVENTS}}, **ERRORS}
+
 
 def create_app(router: Router, relay: Relay, metrics: GatewayMetrics, access: AccessControl) -> FastAPI:
     app = FastAPI(title="Prism gateway", summary="OpenAI-compatible API of a Prism cluster")
@@ -214,13 +232,17 @@ def create_app(router: Router, relay: Relay, metrics: GatewayMetrics, access: Ac
         error = InternalError(f"request {request_id} failed in the gateway: {exc}")
         return JSONResponse(error_body(error, request_id), status_code=500, headers={HEADER: request_id})
 
-    @app.get("/health")
+    @app.get("/health", response_model=None, responses={
+        200: {"model": Health}, 503: {"model": Health, "description": "The cluster state is not loaded yet"}})
     async def health() -> JSONResponse:
         if router.ready:
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "loading cluster state from etcd"}, status_code=503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={
+        200: {"description": "Prometheus text format"},
+        "4XX": {"description": "With --metrics-auth, a missing or unknown API key (401)", "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}})
     async def prometheus_metrics() -> Response:
         return Response(await metrics.render_cluster(router), media_type=metrics.content_type)
 
@@ -229,13 +251,13 @@ def create_app(router: Router, relay: Relay, metrics: GatewayMetrics, access: Ac
         return {"id": name, "object": "model", "created": started, "owned_by": "prism",
                 "available": available, "max_context": max_context}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", response_model=None, responses={200: {"model": ModelList}, **ERRORS})
     async def list_models(request: Request) -> dict[str, Any]:
         client = _client(request)
         models = [m for m in router.list_models() if client.may_use(m.name)]
         return {"object": "list", "data": [model_object(m.name, m.available, m.max_context) for m in models]}
 
-    @app.get("/v1/models/{model:path}")
+    @app.get("/v1/models/{model:path}", response_model=None, responses={200: {"model": ModelObject}, **ERRORS})
     async def retrieve_model(model: str, request: Request) -> dict[str, Any]:
         access.check_model(_client(request), model, REST)
         for m in router.list_models():
@@ -285,7 +307,7 @@ def create_app(router: Router, relay: Relay, metrics: GatewayMetrics, access: Ac
             if slot is not None:
                 slot.release()
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", response_model=None, responses=_generation_responses(Completion))
     async def completions(body: CompletionRequest, request: Request) -> Response:
         grpc_request = body.to_grpc(_request_id(request))
         if body.max_tokens is None:  # OpenAI's default, which the client did not ask for: kept within its cap
@@ -294,7 +316,7 @@ def create_app(router: Router, relay: Relay, metrics: GatewayMetrics, access: Ac
         return await generate(request, grpc_request, "completions", chat=False,
                               stream=body.stream, include_usage=body.include_usage_chunk)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", response_model=None, responses=_generation_responses(ChatCompletion))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await generate(request, body.to_grpc(_request_id(request)), "chat", chat=True,
                               stream=body.stream, include_usage=body.include_usage_chunk)

@@ -1,5 +1,7 @@
 """Request bodies of the OpenAI-compatible API, and their translation into
-the GenerateRequest the agents take.
+the GenerateRequest the agents take; and the response bodies, which only
+document the API (the OpenAPI spec at /openapi.json says what each
+operation answers, errors included).
 
 Types are strict (no "0.5" for a number, no true for an integer) and
 unknown fields are ignored, as OpenAI clients send many we do not use.
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from prism.v1 import generate_pb2
 from services.gateway.validation import CHAT_ROLES, INT32_MAX, INT64_MAX, INT64_MIN, MAX_TEMPERATURE
@@ -53,7 +55,7 @@ class _GenerateBody(_Body):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: Annotated[int, WithJsonSchema({"type": "integer", "enum": [1], "default": 1})] = 1  # only 1 is supported
     ignore_eos: bool = False  # an extension (as in vLLM), for benchmarks
 
     @field_validator("model", mode="before")
@@ -96,7 +98,9 @@ class _GenerateBody(_Body):
 
 
 class CompletionRequest(_GenerateBody):
-    prompt: str
+    prompt: Annotated[str, WithJsonSchema({"anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1}]})]
     # null, like absent, means OpenAI's default
     max_tokens: MaxTokens | None = None
 
@@ -119,7 +123,10 @@ class CompletionRequest(_GenerateBody):
 
 class ChatMessage(_Body):
     role: Literal[CHAT_ROLES]  # type: ignore[valid-type]
-    content: str
+    content: Annotated[str, WithJsonSchema({"anyOf": [
+        {"type": "string"},
+        {"type": "array", "items": {"type": "object", "required": ["type", "text"], "properties": {
+            "type": {"const": "text"}, "text": {"type": "string"}}}}]})]
 
     @field_validator("content", mode="before")
     @classmethod
@@ -149,3 +156,89 @@ class ChatCompletionRequest(_GenerateBody):
             messages=[generate_pb2.ChatMessage(role=m.role, content=m.content) for m in self.messages])
         return generate_pb2.GenerateRequest(request_id=request_id, model=self.model, chat=chat,
                                             sampling=self._sampling(max_tokens))
+
+
+# ---- responses (documentation only: the routes build these bodies as dicts) -------------------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+    request_id: str  # ours, beside OpenAI's four
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx and 5xx of the API, as OpenAI's."""
+
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+FinishReason = Literal["stop", "length"] | None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: FinishReason
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatCompletionChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None
+    finish_reason: FinishReason
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: Usage
+
+
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    available: bool  # ours: a live agent serves it
+    max_context: int  # ours
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelObject]
+
+
+class Health(BaseModel):
+    status: str
+
+
+# A streamed answer: one event per chunk (a text_completion or chat.completion.chunk object, or an
+# error object when the generation fails after it began), then "[DONE]".
+SSE_EVENTS = {"itemSchema": {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}}
