@@ -31,7 +31,7 @@ the server starts, then 200 after a one-token generation. GET /metrics with
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -101,13 +101,38 @@ def engine_error(message: str, status: int | None = None, err_type: str | None =
 
 class ChunkDecoder:
     """Turns one request's stream events into GenerationOutputs (each with
-    only what is new), and its errors and aborts into engine errors."""
+    only what is new), and its errors and aborts into engine errors.
 
-    def __init__(self, incremental: bool):
+    Stop strings: SGLang 0.5.15 trims a matched stop string only from the
+    last chunk's detokenization window (managers/detokenizer_manager.py,
+    trim_matched_stop), so the start of a stop string that spans tokens has
+    already been streamed when it matches. The decoder therefore holds back
+    text that could begin one of the request's stop strings until the next
+    event shows it does not, and at a stop cuts the text at the matched
+    string, so that, as with the built-in engine, no stop string is output.
+    Token ids are passed on as SGLang sends them."""
+
+    def __init__(self, incremental: bool, stop: Sequence[str] = ()):
         self.incremental = incremental
+        self.stop = [s for s in stop if s]
         self.text = ""
         self.token_ids: list[int] = []
         self.completion_tokens = 0
+        self._held = ""  # received, not yet output: could begin a stop string
+
+    def _release(self, text: str, finish_reason: Any) -> str:
+        """What of the text received so far can be output now."""
+        text = self._held + text
+        self._held = ""
+        if finish_reason is not None:
+            matched = finish_reason.get("matched") if isinstance(finish_reason, dict) else None
+            if isinstance(matched, str) and matched and matched in text:
+                text = text[:text.index(matched)]
+            return text
+        held = max((j for s in self.stop for j in range(1, len(s)) if text.endswith(s[:j])), default=0)
+        if held:
+            text, self._held = text[:-held], text[-held:]
+        return text
 
     def feed(self, event: dict[str, Any]) -> GenerationOutput | None:
         """The event's output, or None if it carries nothing new."""
@@ -138,6 +163,7 @@ class ChunkDecoder:
             else:  # detokenization revised earlier text: cannot happen with SGLang's surrogate handling
                 raise StreamFormatError(f"cumulative text no longer extends what was streamed: {text[:200]!r}")
         finish = _finish_reason(meta.get("finish_reason"))
+        new_text = self._release(new_text, meta.get("finish_reason"))
         self.completion_tokens = int(meta.get("completion_tokens", len(self.token_ids)))
         if not new_text and not new_ids and finish is None:
             return None

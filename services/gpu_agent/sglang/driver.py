@@ -330,7 +330,7 @@ class SGLangEngine:
                 flight.response = stream.response
                 if flight.failure is not None:  # ended while the request was being sent
                     raise flight.failure
-                decoder = ChunkDecoder(self.config.incremental_streaming)
+                decoder = ChunkDecoder(self.config.incremental_streaming, req.stop)
                 async for event in stream.events():
                     out = decoder.feed(event)
                     if out is None:
