@@ -214,26 +214,32 @@ def test_cumulative_stream_decoding():
 
 
 def test_stop_strings_are_not_output():
-    """SGLang 0.5.15 trims a stop string only from the finishing chunk's
-    window, so '\\n\\n' made of two '\\n' tokens arrives as '\\n' then '\\n'
-    with finish_reason {type: stop, matched: '\\n\\n'}: none of it is output."""
+    """SGLang 0.5.15 cuts the finished text at the stop string and sends only
+    what lies past what it had sent (detokenizer_manager.py), so '\\n\\n' made
+    of two '\\n' tokens arrives as '\\n', then '' with finish_reason {type:
+    stop, matched: '\\n\\n'}; a one-token stop string arrives whole if the
+    window held it. Neither is output."""
     for incremental in (True, False):
-        d = ChunkDecoder(incremental, stop=["\n\n", "END"])
-        texts, ids = [" a", " a\n", " a\n\n"], [[1], [1, 2], [1, 2, 2]]
-        outs = []
-        for i, piece in enumerate([" a", "\n", "\n"]):
-            text = piece if incremental else texts[i]
-            new_ids = ids[i][-1:] if incremental else ids[i]
-            finish = {"type": "stop", "matched": "\n\n"} if i == 2 else None
-            outs.append(d.feed(_event(text, new_ids, finish, completion=i + 1)))
-        assert [o.text for o in outs] == [" a", "", ""] and outs[-1].finish_reason == "stop"
-        assert [t for o in outs for t in o.token_ids] == [1, 2, 2]  # ids as SGLang sends them
+        for last in ("", "\n"):  # SGLang cut it / the final window still had it
+            d = ChunkDecoder(incremental, stop=["\n\n", "END"])
+            pieces, texts = [" a", "\n", last], [" a", " a\n", " a\n" + last]
+            outs = []
+            for i in range(3):
+                ids = [1, 2, 2][:i + 1]
+                finish = {"type": "stop", "matched": "\n\n"} if i == 2 else None
+                outs.append(d.feed(_event(pieces[i] if incremental else texts[i],
+                                          ids[-1:] if incremental else ids, finish, completion=i + 1)))
+            assert [o.text for o in outs] == [" a", "", ""] and outs[-1].finish_reason == "stop"
+            assert [t for o in outs for t in o.token_ids] == [1, 2, 2]  # ids as SGLang sends them
     # Held text that turns out not to start a stop string comes out with the next event.
     d = ChunkDecoder(True, stop=["END"])
     assert d.feed(_event(" E", [5])).text == " "
     assert d.feed(_event("x", [6])).text == "Ex"
     assert d.feed(_event(" EN", [7], {"type": "length", "length": 3})).text == " EN"  # at the end, all of it
     assert ChunkDecoder(True, stop=["END"]).feed(_event("xEND", [1], {"type": "stop", "matched": "END"})).text == "x"
+    d = ChunkDecoder(True, stop=["END"])
+    assert d.feed(_event("E", [5])).text == "" and d.feed(_event("x", [6], {"type": "stop", "matched": "END"})).text \
+        == "Ex"  # held text that is not where the stop began
 
 
 def test_stream_errors_map_to_engine_errors():

@@ -105,11 +105,13 @@ class ChunkDecoder:
 
     Stop strings: SGLang 0.5.15 trims a matched stop string only from the
     last chunk's detokenization window (managers/detokenizer_manager.py,
-    trim_matched_stop), so the start of a stop string that spans tokens has
-    already been streamed when it matches. The decoder therefore holds back
-    text that could begin one of the request's stop strings until the next
-    event shows it does not, and at a stop cuts the text at the matched
-    string, so that, as with the built-in engine, no stop string is output.
+    trim_matched_stop: the finished text is cut at the stop string and only
+    what lies past what was already sent goes out), so the start of a stop
+    string that spans tokens has already been streamed when it matches. The
+    decoder therefore holds back text that could begin one of the request's
+    stop strings until the next event shows it does not, and at a stop drops
+    the matched string (or the start of it that SGLang had sent), so that, as
+    with the built-in engine, no stop string is output.
     Token ids are passed on as SGLang sends them."""
 
     def __init__(self, incremental: bool, stop: Sequence[str] = ()):
@@ -126,8 +128,12 @@ class ChunkDecoder:
         self._held = ""
         if finish_reason is not None:
             matched = finish_reason.get("matched") if isinstance(finish_reason, dict) else None
-            if isinstance(matched, str) and matched and matched in text:
-                text = text[:text.index(matched)]
+            if isinstance(matched, str) and matched:
+                if matched in text:  # all of it arrived: cut it
+                    text = text[:text.index(matched)]
+                else:  # SGLang cut what it had not sent yet: drop the start of it that it had
+                    text = text[:len(text) - max((j for j in range(1, len(matched)) if text.endswith(matched[:j])),
+                                                 default=0)]
             return text
         held = max((j for s in self.stop for j in range(1, len(s)) if text.endswith(s[:j])), default=0)
         if held:
