@@ -112,6 +112,9 @@ def test_model_info_from_config(model_dir):
     # tiny llama: 2 layers, 2 KV heads, head_dim 64 / 4 = 16; bf16 unless its config says otherwise.
     assert (info.num_layers, info.num_kv_heads, info.head_dim) == (2, 2, 16)
     assert info.kv_bytes_per_token == 2 * 2 * 2 * 16 * info.dtype_bytes
+    # Over 4 TP ranks SGLang replicates the 2 KV heads: one per rank, 4 in all.
+    assert info.kv_bytes_per_token_over(2) == info.kv_bytes_per_token
+    assert info.kv_bytes_per_token_over(4) == 2 * info.kv_bytes_per_token
     assert info.max_context == 256 and info.weight_bytes > 0
 
 

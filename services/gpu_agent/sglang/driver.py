@@ -142,10 +142,10 @@ class SGLangEngine:
             "cuda:" + ",".join(str(g) for g in config.gpu_ids)
         self.max_context = config.max_context or info.max_context
         self.weight_bytes = info.weight_bytes
-        self.kv_bytes_per_token = info.kv_bytes_per_token
+        self.kv_bytes_per_token = info.kv_bytes_per_token_over(config.tp_size)
         self._limit = limit
         # kvcached's unit: one page of every layer's K and V buffer, per rank.
-        self.kv_bundle_bytes = limit.bundle_bytes if limit is not None else info.kv_bytes_per_token
+        self.kv_bundle_bytes = limit.bundle_bytes if limit is not None else self.kv_bytes_per_token
         self._static_limit = MemoryLimitState("applied", initial_limit_bytes, initial_limit_bytes, 0, 0)
         self._tokenizer: Tokenizer | None = None
         self._flights: dict[str, _Flight] = {}

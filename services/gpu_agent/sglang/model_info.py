@@ -49,7 +49,14 @@ class ModelInfo:
     @property
     def kv_bytes_per_token(self) -> int:
         """One token's keys and values over all layers (and all TP ranks together)."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+        return self.kv_bytes_per_token_over(1)
+
+    def kv_bytes_per_token_over(self, tp_size: int) -> int:
+        """The same with tp_size ranks: SGLang gives each rank
+        max(1, KV heads // tp_size) heads, replicating them when there are
+        fewer heads than ranks (configs/model_config.py get_num_kv_heads)."""
+        heads = tp_size * max(1, self.num_kv_heads // tp_size)
+        return 2 * self.num_layers * heads * self.head_dim * self.dtype_bytes
 
 
 def read_model_info(model_dir: str | Path, dtype: str = "auto") -> ModelInfo:
