@@ -1,8 +1,9 @@
 """A stand-in for SGLang, which cannot run here (no GPU build of it fits our
 machines, see ../shared/device/NOTES.md). NOT SGLang: a small stdlib HTTP
 server that speaks the parts of SGLang's native API the driver uses, in the
-formats SGLang documents, so tests/test_sglang_driver.py can drive the real
-driver against a real process:
+formats of SGLang 0.5.15's source (docs/sglang.md, "Audit against the
+sources"), so tests/test_sglang_driver.py can drive the real driver against a
+real process:
 
 - it takes `python -m sglang.launch_server`'s arguments (the ones it needs;
   the rest are accepted and ignored) and records argv and the kvcached

@@ -15,7 +15,8 @@ RemoteEngine are.
 - set_memory_limit(): kvcached's per-instance limit (kvcached_limit.py),
   with the built-in engine's revision semantics.
 - deactivate()/activate(): the requests in flight end with
-  EngineInactiveError and are aborted, then /release_memory_occupation; on
+  EngineInactiveError and are aborted, and once SGLang reports itself idle
+  (/v1/loads; it dies on a release while busy) /release_memory_occupation; on
   activation /resume_memory_occupation and a health check (SGLang's
   /health generates one token and takes at least a second), timed.
 - stats(): synchronous, as the agent needs: request counts from the driver's
