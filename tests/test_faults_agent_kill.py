@@ -67,8 +67,8 @@ def test_killing_an_agent_mid_stream_ends_its_requests_explicitly_and_new_ones_g
         while not any(n["running_requests"] for n in agent_accounting(
                 {victim: cluster.agent_addresses[victim]})[victim].values()):
             assert time.monotonic() < deadline, "no request running on the agent to kill"
-        cluster.kill(victim)  # SIGKILL: no drain, no lease revoked
         killed = time.monotonic()
+        cluster.kill(victim)  # SIGKILL: no drain, no lease revoked
         while not set(moving) <= models_on(cluster.agent_addresses[survivor]):
             assert time.monotonic() < killed + GUARD_S, f"{moving} not placed again on {survivor}"
             time.sleep(0.1)
