@@ -411,3 +411,22 @@ def test_the_cluster_survived(cluster, gateway_channel, agent_channel):
         for call in (call_gateway, call_agent):
             code, responses = call(gateway_channel if call is call_gateway else agent_channel, request)
             assert code == grpc.StatusCode.OK and responses[-1].usage.completion_tokens == 2
+
+
+def test_the_scheduler_answers_undecodable_registrations_invalid_argument(cluster):
+    """The scheduler's RegisterAgent, given bytes that are not a RegisterAgentRequest (a string
+    field that is not UTF-8): INVALID_ARGUMENT, not UNKNOWN; and the scheduler still serves."""
+    from prism.v1 import scheduler_pb2
+
+    bad = b"\x0a\x02\xff\xfe"  # field 1 (a string) holding bytes that are not UTF-8
+    with pytest.raises(DecodeError):
+        scheduler_pb2.RegisterAgentRequest.FromString(bad)
+    with grpc.insecure_channel(cluster.scheduler_address) as channel:
+        register = channel.unary_unary("/prism.v1.Scheduler/RegisterAgent", request_serializer=None,
+                                       response_deserializer=scheduler_pb2.RegisterAgentResponse.FromString)
+        with pytest.raises(grpc.RpcError) as caught:
+            register(bad, timeout=DEADLINE_S)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
+                                                           timeout=DEADLINE_S)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING

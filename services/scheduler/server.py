@@ -26,6 +26,7 @@ import grpc
 from prism.v1 import agent_pb2, agent_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from services.common import placement_config, records
 from services.common.etcd import EtcdLoginRefused, PrefixMirror, add_etcd_args, connect, etcd_access_from_args
+from services.common.grpc_decode import add_servicer
 from services.common.grpc_util import (
     add_health_and_reflection,
     mark_not_serving,
@@ -351,7 +352,7 @@ async def serve(args: argparse.Namespace) -> None:
     scheduler_id = args.scheduler_id or f"{socket.gethostname()}-{advertise.rsplit(':', 1)[-1]}"
 
     server = grpc.aio.server()
-    scheduler_pb2_grpc.add_SchedulerServicer_to_server(service, server)
+    add_servicer(scheduler_pb2_grpc.add_SchedulerServicer_to_server, service, server)  # undecodable: INVALID_ARGUMENT
     health = add_health_and_reflection(server, [SERVICE_NAME])
     if add_port(server, args.listen, args.tls_files, require_client_cert=args.mtls) == 0:
         raise SystemExit(f"scheduler: cannot listen on {args.listen}")
