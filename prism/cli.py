@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import sys
 import threading
@@ -69,6 +70,9 @@ def up(
     etcd_key: Optional[Path] = typer.Option(None, "--etcd-key", help="with --etcd: the key of --etcd-cert"),
     etcd_user: Optional[str] = typer.Option(None, "--etcd-user", help="with --etcd: etcd user "
                                             "(password from $PRISM_ETCD_PASSWORD)"),
+    api_keys_file: Optional[Path] = typer.Option(None, "--api-keys-file", help="the gateway's API keys (YAML/JSON, "
+                                                 "docs/security.md); $PRISM_API_KEY must hold one that may use "
+                                                 "every model, for the readiness check"),
 ) -> None:
     """Run etcd, the scheduler, one agent and the gateway in the foreground; Ctrl-C stops them all."""
     from prism.cluster import ClusterStartError, LocalCluster
@@ -81,10 +85,20 @@ def up(
         typer.echo("prism up: --etcd-ca, --etcd-cert, --etcd-key and --etcd-user are for an external etcd (--etcd); "
                    "the etcd prism up starts is secured by --tls", err=True)
         raise typer.Exit(2)
+    gateway_args: tuple[str, ...] = ()
+    if api_keys_file is not None:
+        if not api_keys_file.is_file():
+            typer.echo(f"prism up: --api-keys-file {api_keys_file}: no such file", err=True)
+            raise typer.Exit(2)
+        if not os.environ.get("PRISM_API_KEY"):
+            typer.echo("prism up: with --api-keys-file, set PRISM_API_KEY to one of its keys that may use every "
+                       "model (prism up checks with it that the models are served)", err=True)
+            raise typer.Exit(2)
+        gateway_args = ("--api-keys-file", str(api_keys_file.resolve()))
     cluster = LocalCluster(state_dir=state_dir, config_path=config, http_port=http_port, grpc_port=grpc_port,
                            etcd_endpoint=etcd, device=device, cpu_memory_gb=cpu_memory_gb, host=host,
                            engine_isolation=engine_isolation, scheduler_replicas=scheduler_replicas, tls=tls,
-                           etcd_access=access)
+                           etcd_access=access, gateway_args=gateway_args)
     typer.echo(f"starting Prism (state and logs in {cluster.state_dir}) ...")
     try:
         cluster.start()

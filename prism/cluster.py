@@ -228,15 +228,24 @@ class LocalCluster:
         deadline = time.monotonic() + timeout_s
         missing = list(models)
         context = ssl_context(TlsFiles(ca=self.ca_path)) if self.tls else None
+        # A gateway with API keys lists models only to a key: the client's, from the environment.
+        key = os.environ.get("PRISM_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
         while time.monotonic() < deadline:
             self._check_alive()
             try:
-                with urllib.request.urlopen(self.http_url + "/v1/models", timeout=2, context=context) as resp:
+                request = urllib.request.Request(self.http_url + "/v1/models", headers=headers)
+                with urllib.request.urlopen(request, timeout=2, context=context) as resp:
                     listed = json.load(resp)["data"]
                 available = {m["id"] for m in listed if m.get("available", True)}
                 missing = [m for m in models if m not in available]
                 if not missing:
                     return
+            except urllib.error.HTTPError as exc:
+                if exc.code in (401, 403):  # waiting longer would not change the answer
+                    raise ClusterStartError(
+                        f"the gateway refused the readiness check with {exc.code}: it has API keys, so set "
+                        "PRISM_API_KEY to a key that may use every model") from None
             except (urllib.error.URLError, OSError, ValueError, KeyError):
                 pass
             time.sleep(0.3)

@@ -85,3 +85,41 @@ def test_up_serves_reports_dead_agent_as_503_and_stops_cleanly(prism_up):
     assert "agent exited" in out and "stopped." in out
     assert proc.returncode == 0
     assert not [name for name, pid in pids.items() if _alive(pid)]
+
+
+def test_up_with_api_keys_checks_readiness_with_the_clients_key(tmp_path):
+    """`prism up --api-keys-file` starts the gateway with those keys and checks
+    it serves with $PRISM_API_KEY; without that variable it says so at once."""
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("- name: ops\n  key: sk-up-ops-0001\n")
+    http_port, grpc_port = free_port(), free_port()
+    command = [sys.executable, "-m", "prism.cli", "up", "--state-dir", str(tmp_path / "state"), "--http-port",
+               str(http_port), "--grpc-port", str(grpc_port), "--device", "cpu", "--cpu-memory-gb", "1",
+               "--api-keys-file", str(keys)]
+    env = {k: v for k, v in os.environ.items() if k not in ("PRISM_API_KEY", "PRISM_API_KEYS")}
+    refused = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "PRISM_API_KEY" in refused.stderr, refused.stderr
+    proc = subprocess.Popen(command, cwd=REPO, env={**env, "PRISM_API_KEY": "sk-up-ops-0001"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines: list[str] = []
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "Ctrl-C stops everything" in line:
+                break
+        assert any("Prism is up" in line for line in lines), "".join(lines)
+        url = f"http://127.0.0.1:{http_port}/v1/models"
+        assert httpx.get(url, timeout=10).status_code == 401
+        listed = httpx.get(url, headers={"Authorization": "Bearer sk-up-ops-0001"}, timeout=10)
+        assert listed.status_code == 200 and listed.json()["data"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
