@@ -7,7 +7,8 @@ replicas. A model that is placed but has no live replica yet (moved: its new
 replica still loads) is served by its draining engines (being unloaded, no
 longer placed) while they last, rather than waited for; a model placed
 nowhere (its policy left it out) is not. It keeps one gRPC channel per agent address and closes the
-channels of agents that vanish. Every change it sees sets the event that
+channels of agents that vanish; a channel whose agent stops answering its
+keepalive pings fails its calls (channel_options). Every change it sees sets the event that
 next_change() handed out, so a request waiting for its model to become
 servable (services/gateway/cold_start.py) wakes on it instead of polling.
 """
@@ -42,6 +43,21 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.max_receive_message_length", 64 << 20),
 ]
+# A frozen agent (stopped, a hung host, a network partition) keeps its TCP connection open and answers
+# nothing, so the calls on it would wait out their whole deadline (--request-timeout-s, 600 s). The
+# gateway pings each agent connection that has calls open every keepalive interval and drops it when a
+# ping goes unanswered as long: its calls fail with UNAVAILABLE, which the clients get as an explicit
+# error. Agents accept pings however often they come (services/gpu_agent/server.py).
+DEFAULT_AGENT_KEEPALIVE_S = 10.0
+
+
+def channel_options(keepalive_s: float) -> list[tuple[str, int]]:
+    ms = max(1, round(keepalive_s * 1000))
+    # gRPC core times an unanswered ping out after grpc.http2.ping_timeout_ms (1 min by default), whatever
+    # the keepalive timeout says: both are set.
+    return [*CHANNEL_OPTIONS, ("grpc.keepalive_time_ms", ms), ("grpc.keepalive_timeout_ms", ms),
+            ("grpc.http2.ping_timeout_ms", ms),
+            ("grpc.http2.max_pings_without_data", 0)]  # ping a silent agent for as long as calls wait
 
 
 @dataclass(frozen=True)
@@ -68,10 +84,14 @@ def _parse(cls: type[R], raw: bytes | None, key: str) -> R | None:
 
 class Router:
     def __init__(self, etcd_endpoint: str, channel_close_grace_s: float = 600.0, *,
-                 etcd_access: EtcdAccess = EtcdAccess(), tls: TlsFiles | None = None):
+                 etcd_access: EtcdAccess = EtcdAccess(), tls: TlsFiles | None = None,
+                 agent_keepalive_s: float = DEFAULT_AGENT_KEEPALIVE_S):
         """etcd_access: TLS and user of the etcd connection; tls: the
-        gateway's TLS files for its calls to the agents (None: plaintext)."""
+        gateway's TLS files for its calls to the agents (None: plaintext);
+        agent_keepalive_s: how soon a frozen agent's calls fail (see
+        channel_options)."""
         self.etcd_endpoint = etcd_endpoint
+        self._channel_options = channel_options(agent_keepalive_s)
         self.etcd_access = etcd_access
         self.tls = tls
         # In-flight calls to an agent whose key vanished may still finish
@@ -237,7 +257,7 @@ class Router:
     def stub(self, address: str) -> agent_pb2_grpc.AgentStub:
         stub = self._stubs.get(address)
         if stub is None:
-            channel = aio_channel(address, self.tls, options=CHANNEL_OPTIONS)
+            channel = aio_channel(address, self.tls, options=self._channel_options)
             self._channels[address] = channel
             stub = self._stubs[address] = agent_pb2_grpc.AgentStub(channel)
         return stub

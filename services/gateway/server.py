@@ -3,7 +3,7 @@ prism.v1.Gateway gRPC API, in one asyncio loop over one router.
 
     python -m services.gateway.server --etcd 127.0.0.1:2379 \
         --http-host 127.0.0.1 --http-port 8000 --grpc-host 127.0.0.1 --grpc-port 50050 \
-        [--request-timeout-s 600] [--cold-start-timeout-s 30] [--gateway-id ID] \
+        [--request-timeout-s 600] [--agent-keepalive-s 10] [--cold-start-timeout-s 30] [--gateway-id ID] \
         [--api-keys-file FILE] [--metrics-auth] [--max-request-bytes N] [--max-prompt-chars N] \
         [--max-tokens-cap N] [--max-concurrent-streams N] [--rate-limit-rps R] [--rate-limit-burst N] \
         [--tls-cert PEM --tls-key PEM [--tls-ca PEM] [--mtls]] [--http-tls-cert PEM --http-tls-key PEM] \
@@ -66,7 +66,7 @@ from services.gateway.metrics import GatewayMetrics
 from services.gateway.openai_api import create_app
 from services.gateway.relay import GatewayShuttingDown, Relay
 from services.gateway.request_ids import HEADER, OTHER_PREFIX, choose_request_id, new_request_id, prefix_for
-from services.gateway.router import Router
+from services.gateway.router import DEFAULT_AGENT_KEEPALIVE_S, Router
 
 log = logging.getLogger("gateway")
 
@@ -85,6 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grpc-port", type=int, default=50050)
     p.add_argument("--request-timeout-s", type=float, default=600.0,
                    help="deadline of every agent call, a whole streamed generation included")
+    p.add_argument("--agent-keepalive-s", type=float, default=DEFAULT_AGENT_KEEPALIVE_S,
+                   help="ping each agent connection with calls open this often; one that does not answer a ping "
+                        "within as long (a frozen agent, a partition) is dropped and its requests fail with "
+                        "503 / UNAVAILABLE instead of waiting out --request-timeout-s")
     p.add_argument("--cold-start-timeout-s", type=float, default=DEFAULT_ALLOWANCE_S,
                    help="how long beyond its TTFT SLO a request waits for its model to become servable "
                         "(loaded and switched on somewhere) before it fails with 503; 0: fail at once")
@@ -121,6 +125,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(str(exc))
     if args.request_timeout_s <= 0:
         p.error("--request-timeout-s must be positive")
+    if args.agent_keepalive_s <= 0:
+        p.error("--agent-keepalive-s must be positive")
     if args.cold_start_timeout_s < 0:
         p.error("--cold-start-timeout-s must not be negative")
     for name in LIMIT_FIELDS:
@@ -284,7 +290,7 @@ async def serve(args: argparse.Namespace) -> int:
     if http_socket is None:
         return 1
     router = Router(args.etcd, channel_close_grace_s=args.request_timeout_s, etcd_access=args.etcd_access,
-                    tls=args.tls_files)
+                    tls=args.tls_files, agent_keepalive_s=args.agent_keepalive_s)
     metrics = GatewayMetrics()
     access = AccessControl(keys, limits_of(args), metrics, metrics_auth=args.metrics_auth)
     demand = DemandPublisher(router, args.gateway_id or f"{socket.gethostname()}-{args.http_port}")

@@ -58,6 +58,10 @@ from services.gpu_agent.workers.worker_pool import WorkerPool
 log = logging.getLogger("gpu_agent")
 SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name
 DEFAULT_SHUTDOWN_GRACE_S = 10.0
+# The gateway pings the agents it has calls open on, to find a frozen one (services/gateway/router.py): the
+# pings are welcome however often they come (gRPC's default answers a second ping within 5 minutes without
+# data, as in a long prefill, with GOAWAY too_many_pings, failing every call on the connection).
+SERVER_OPTIONS = [("grpc.http2.min_ping_interval_without_data_ms", 1000), ("grpc.http2.max_ping_strikes", 0)]
 # Of the grace, what is kept for the gRPC server to send the last responses and errors.
 END_MARGIN_S = 1.0
 
@@ -254,7 +258,7 @@ async def serve(args: argparse.Namespace) -> None:
                            busy_window_s=args.busy_window_s)
 
     gate = ShutdownGate(agent_id)
-    server = grpc.aio.server(interceptors=[gate])
+    server = grpc.aio.server(interceptors=[gate], options=SERVER_OPTIONS)
     add_servicer(agent_pb2_grpc.add_AgentServicer_to_server, service, server)  # undecodable: INVALID_ARGUMENT
     health = add_health_and_reflection(server, [SERVICE_NAME])
     if add_port(server, args.listen, args.tls_files, require_client_cert=args.mtls) == 0:
