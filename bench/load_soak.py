@@ -147,10 +147,16 @@ def _error_code(payload: object) -> str:
     return "unknown"
 
 
+def request_id(p: Planned) -> str:
+    """Sent with each request (REST header, gRPC field), so the services' logs can be searched for it."""
+    return f"soak-{p.index}"
+
+
 async def _rest(client: httpx.AsyncClient, p: Planned) -> tuple[str, str]:
     path = "/v1/chat/completions" if p.chat else "/v1/completions"
+    headers = {REQUEST_ID_KEY: request_id(p)}
     if not p.stream:
-        response = await client.post(path, json=_body(p))
+        response = await client.post(path, json=_body(p), headers=headers)
         if response.status_code != 200:
             return ERROR, f"http {response.status_code}"
         body = response.json()
@@ -159,7 +165,7 @@ async def _rest(client: httpx.AsyncClient, p: Planned) -> tuple[str, str]:
         if choice.get("finish_reason") is None or tokens != p.max_tokens:
             return LOST, f"200 without a whole answer: finish_reason={choice.get('finish_reason')} tokens={tokens}"
         return COMPLETE, ""
-    async with client.stream("POST", path, json=_body(p)) as response:
+    async with client.stream("POST", path, json=_body(p), headers=headers) as response:
         if response.status_code != 200:
             await response.aread()
             return ERROR, f"http {response.status_code}"
@@ -195,7 +201,7 @@ async def _rest(client: httpx.AsyncClient, p: Planned) -> tuple[str, str]:
 
 def _grpc_request(p: Planned) -> generate_pb2.GenerateRequest:
     return generate_pb2.GenerateRequest(
-        model=p.model, prompt=p.prompt,
+        request_id=request_id(p), model=p.model, prompt=p.prompt,
         sampling=generate_pb2.SamplingParams(max_tokens=p.max_tokens, temperature=0.0, ignore_eos=True))
 
 
@@ -425,7 +431,8 @@ def summarize(outcomes: list[Outcome]) -> dict:
         "missing_model_ends": dict(sorted(Counter(o.label for o in outcomes if o.expected_error).items())),
         "cancelled": kinds[CANCELLED],
         "lost": kinds[LOST],
-        "lost_examples": [f"#{o.index} {o.shape}: {o.detail}" for o in outcomes if o.kind == LOST][:20],
+        "lost_examples": [f"#{o.index} {o.shape} after {o.latency_s:.3f}s: {o.detail}"
+                          for o in outcomes if o.kind == LOST][:20],
         "by_shape": {shape: dict(Counter(o.label for o in outcomes if o.shape == shape))
                      for shape in sorted({o.shape for o in outcomes})},
         "latency_p50_s": percentile(latencies, 0.5),

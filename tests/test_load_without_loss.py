@@ -22,7 +22,10 @@ at a larger scale.
 from __future__ import annotations
 
 import asyncio
+import http.client
+import time
 
+import httpx
 import pytest
 
 from bench.load_soak import load_cluster, report_table, soak
@@ -149,3 +152,26 @@ async def test_a_grpc_call_closed_while_it_waits_at_a_yield_ends_its_request():
     assert relay.stream.cancelled
     assert _gauge(metrics, "prism_gateway_requests_in_flight", api="grpc", model="m") == 0
     assert _gauge(metrics, "prism_gateway_requests_total", api="grpc", model="m", code="499") == 1
+
+
+HTTPX_KEEPALIVE_EXPIRY_S = 5.0  # httpx's default (and so the openai SDK's): an idle connection is reused until then
+
+
+def test_the_gateway_leaves_closing_an_idle_connection_to_the_client(load_cluster_2):
+    """At 500 concurrent requests a few REST requests a round were lost to a connection reset, unseen by the
+    gateway: uvicorn closed idle keep-alive connections after 5 s, the clients' own expiry, and under load
+    (each side noticing the other late) it closed connections a client had just sent a request on. An idle
+    connection now stays open past the clients' expiry, so they close it first."""
+    url = httpx.URL(load_cluster_2.http_url)
+    connection = http.client.HTTPConnection(url.host, url.port, timeout=10)
+    try:
+        connection.request("GET", "/health")
+        first = connection.getresponse()
+        assert first.status == 200 and first.read()
+        sock = connection.sock
+        time.sleep(HTTPX_KEEPALIVE_EXPIRY_S + 1)  # idle as long as a client may keep it for reuse, and more
+        connection.request("GET", "/health")  # on the same connection: http.client does not reconnect
+        second = connection.getresponse()
+        assert connection.sock is sock and second.status == 200 and second.read()
+    finally:
+        connection.close()

@@ -74,6 +74,12 @@ SHUTDOWN_GRACE_S = 5.0
 # Of the grace, what is kept for ending the requests still in flight explicitly and flushing them.
 END_MARGIN_S = 1.0
 DRAIN_POLL_S = 0.05
+# How long an idle keep-alive REST connection stays open. Longer than the clients' own idle expiry (httpx,
+# and so the openai SDK: 5 s; aiohttp 15 s) and a load balancer's (60 s is usual), so that the client is the
+# one to close it: at uvicorn's 5 s, under load (a busy loop notices the timer late, a busy client reuses
+# the connection late) the gateway closed connections a client had just sent a request on, unread, and
+# the client got a connection reset for a request the gateway never saw.
+HTTP_KEEP_ALIVE_S = 75
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -314,6 +320,7 @@ async def serve(args: argparse.Namespace) -> int:
     http_server = _HttpServer(uvicorn.Config(
         http_gate, host=args.http_host, port=args.http_port,
         log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=END_MARGIN_S / 2,
+        timeout_keep_alive=HTTP_KEEP_ALIVE_S,
         ssl_certfile=args.http_tls.cert if args.http_tls else None,
         ssl_keyfile=args.http_tls.key if args.http_tls else None))
     router_task = asyncio.create_task(router.run(), name="router")
