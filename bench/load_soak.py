@@ -534,6 +534,18 @@ def report_table(result: dict) -> str:
     return "\n\n".join(out)
 
 
+def machine() -> dict:
+    """The CPUs the whole cluster and the load shared."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "cpu_model": model, "machine": f"{os.uname().sysname} {os.uname().machine}",
+            "note": "etcd, scheduler, agents, gateway and the load generator all on this machine"}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=10000, help="requests after the warm-up, over every round")
@@ -565,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             cluster.stop()
     env = environment()
-    env.update({"cpus": os.cpu_count(), "machine": f"{os.uname().sysname} {os.uname().machine}"})
+    env.update(machine())
     result = {"environment": env, **result}
     print()
     print(report_table(result))
