@@ -61,6 +61,7 @@ from services.scheduler.policy import Placement
 
 COLD_START_TIMEOUT_S = 30.0  # the gateway's --cold-start-timeout-s default
 BUSY_WINDOW_S = 10.0  # the agent's --busy-window-s default
+MAKE_ROOM_IDLE_S = float(__import__("os").environ.get("SIM_MAKE_ROOM_IDLE_S", BUSY_WINDOW_S))  # TEMP experiment
 DRAIN_TIMEOUT_S = 30.0  # the agent's --drain-timeout-s default
 RESERVE_FRACTION, RESERVE_MAX = 0.05, 4 << 30  # memory_coordinator.default_reserve_bytes on a GPU
 
@@ -95,7 +96,7 @@ class Device:
         self.waiting: list[Ticket] = []
         self.reserved: dict[str, int] = {}  # model -> tokens admitted but not yet counted by its engine
         self.recent_demand = RecentDemand(demand_hold_s)  # as the agent's coordinator keeps it
-        self.busy = False
+        self.running = 0  # engines' steps under way on it
         self.turn = 0
 
     def holding_memory(self) -> list[SimEngine]:
@@ -113,7 +114,10 @@ class Agent:
 class SimCluster:
     def __init__(self, clock: Clock, profile: LatencyProfile, models: dict[str, SimModel], num_gpus: int,
                  gpus_per_agent: int, gpu_memory_bytes: int, memory_policy: str = "balloon",
-                 starvation_s: float = DEFAULT_STARVATION_S, drain_timeout_s: float = DRAIN_TIMEOUT_S):
+                 starvation_s: float = DEFAULT_STARVATION_S, drain_timeout_s: float = DRAIN_TIMEOUT_S,
+                 engines_in_parallel: int = 1):
+        """engines_in_parallel: how many engines' steps one device runs at once: 1 on a GPU, whose
+        kernels serialize; the CPU device runs each inline engine's steps on a thread of its own."""
         if memory_policy not in MEMORY_POLICIES:
             raise ValueError(f"memory policy {memory_policy!r} is not one of {', '.join(MEMORY_POLICIES)}")
         self.clock = clock
@@ -123,6 +127,9 @@ class SimCluster:
         self.memory_params = PolicyParams()
         self.starvation_s = starvation_s
         self.drain_timeout_s = drain_timeout_s
+        if engines_in_parallel < 1:
+            raise ValueError(f"engines_in_parallel must be at least 1, got {engines_in_parallel}")
+        self.engines_in_parallel = engines_in_parallel
         self.agents: dict[str, Agent] = {}
         left, n = num_gpus, 0
         while left > 0:
@@ -344,7 +351,7 @@ class SimCluster:
                                     serving=e.state == "activating" or bool(e.requests or e.pending)
                                     or any(t.engine is e for t in device.waiting)) for e in holding]
         free = device.memory_bytes - device.reserve_bytes - sum(e.model.weight_bytes for e in holding)
-        for model in engines_to_switch_off(residents, engine.model.weight_bytes, free) or ():
+        for model in engines_to_switch_off(residents, engine.model.weight_bytes, free, MAKE_ROOM_IDLE_S) or ():
             other = next(e for e in holding if e.name == model)
             other.state = "inactive"
             other.set_limit(0)
@@ -522,14 +529,17 @@ class SimCluster:
     # ---- compute -----------------------------------------------------------------
 
     def _kick(self, device: Device) -> None:
-        """Starts the next step on an idle GPU: the next engine, round robin, that has something to run."""
-        if device.busy:
-            return
+        """Starts the next step on an idle GPU: the next engine, round robin, that has something to run; on a
+        device that runs several engines' steps at once (`engines_in_parallel`), until its lanes are full."""
+        while device.running < self.engines_in_parallel and self._start_next_step(device):
+            pass
+
+    def _start_next_step(self, device: Device) -> bool:
         n = len(device.engines)
         for i in range(n):
             position = (device.turn + i) % n
             engine = device.engines[position]
-            if engine.state != "active" or not engine.scheduler.has_work():
+            if engine.state != "active" or engine.stepping or not engine.scheduler.has_work():
                 continue
             step = engine.start_step(self.profile)
             if step is None:
@@ -540,13 +550,14 @@ class SimCluster:
             if not step.result.batch:
                 continue
             device.turn = (position + 1) % n
-            device.busy = True
+            device.running += 1
             self.stats["steps"] += 1
             self.clock.at(self.now + step.duration_s, lambda e=engine, s=step: self._step_done(device, e, s))
-            return
+            return True
+        return False
 
     def _step_done(self, device: Device, engine: SimEngine, step: Step) -> None:
-        device.busy = False
+        device.running -= 1
         first, finished = engine.end_step(step)
         for request in first:
             request.first_token_at = self.now

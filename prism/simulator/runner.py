@@ -64,6 +64,9 @@ class SimSettings:
     # What the placement policy prices compute with: "profile", the simulated GPUs' own step costs;
     # "default", the live scheduler's built-in ones (PolicyParams()), as a real cluster runs today.
     policy_compute: str = "profile"
+    # Engines' steps one device runs at once: 1 for a GPU; the CPU device steps each inline engine on its own
+    # thread, so its two engines overlap on two cores.
+    engines_in_parallel: int = 1
 
 
 def _result(r: SimRequest, slo: SloTargets) -> RequestResult:
@@ -85,7 +88,8 @@ def simulate(trace: Trace, models: list[ModelConfig], profile: LatencyProfile, s
         raise ValueError(f"the trace has models the config lacks: {', '.join(unknown)}")
     loop = EventLoop()
     cluster = SimCluster(loop, profile, specs, settings.num_gpus, settings.gpus_per_agent, settings.gpu_memory_bytes,
-                         settings.memory_policy, settings.starvation_s, settings.drain_timeout_s)
+                         settings.memory_policy, settings.starvation_s, settings.drain_timeout_s,
+                         settings.engines_in_parallel)
     if settings.policy_compute not in ("profile", "default"):
         raise ValueError(f"policy_compute {settings.policy_compute!r} is not profile or default")
     params = PolicyParams() if settings.policy_compute == "default" else None
