@@ -61,7 +61,6 @@ from services.scheduler.policy import Placement
 
 COLD_START_TIMEOUT_S = 30.0  # the gateway's --cold-start-timeout-s default
 BUSY_WINDOW_S = 10.0  # the agent's --busy-window-s default
-MAKE_ROOM_IDLE_S = float(__import__("os").environ.get("SIM_MAKE_ROOM_IDLE_S", BUSY_WINDOW_S))  # TEMP experiment
 DRAIN_TIMEOUT_S = 30.0  # the agent's --drain-timeout-s default
 RESERVE_FRACTION, RESERVE_MAX = 0.05, 4 << 30  # memory_coordinator.default_reserve_bytes on a GPU
 
@@ -351,7 +350,7 @@ class SimCluster:
                                     serving=e.state == "activating" or bool(e.requests or e.pending)
                                     or any(t.engine is e for t in device.waiting)) for e in holding]
         free = device.memory_bytes - device.reserve_bytes - sum(e.model.weight_bytes for e in holding)
-        for model in engines_to_switch_off(residents, engine.model.weight_bytes, free, MAKE_ROOM_IDLE_S) or ():
+        for model in engines_to_switch_off(residents, engine.model.weight_bytes, free) or ():
             other = next(e for e in holding if e.name == model)
             other.state = "inactive"
             other.set_limit(0)

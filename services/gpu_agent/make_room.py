@@ -10,6 +10,10 @@ come back in about as long as this one takes to activate.
 A pure function, so the agent (memory_coordinator.py) and the simulator
 (prism/simulator/cluster.py) make the same choice: engines with no request
 running or waiting, the longest idle first, until the weights fit.
+`min_idle_s` spares engines whose last request is more recent than that;
+the agent and the simulator pass none, which did best in simulation
+(200 models, 20 s of trace: static on 8 GPUs 6.9% without making room,
+8.8% with, 8.2% sparing the last 10 s; prism on 16 GPUs 36.2, 37.2, 36.1%).
 """
 
 from __future__ import annotations
@@ -28,15 +32,17 @@ class ResidentEngine:
     serving: bool  # a request is running in it or waiting for it
 
 
-def engines_to_switch_off(residents: Sequence[ResidentEngine], need_bytes: int, free_bytes: int) -> list[str] | None:
+def engines_to_switch_off(residents: Sequence[ResidentEngine], need_bytes: int, free_bytes: int,
+                          min_idle_s: float = 0.0) -> list[str] | None:
     """The engines to switch off, in order, so that `need_bytes` of weights
     fit where `free_bytes` are free now: [] when they fit already, None when
-    even every engine with nothing to serve would not make room (then none is
-    switched off for nothing)."""
+    even every engine with nothing to serve for `min_idle_s` would not make
+    room (then none is switched off for nothing)."""
     if need_bytes <= free_bytes:
         return []
     chosen: list[str] = []
-    for engine in sorted((e for e in residents if not e.serving), key=lambda e: (-e.idle_s, e.model)):
+    idle = (e for e in residents if not e.serving and e.idle_s >= min_idle_s)
+    for engine in sorted(idle, key=lambda e: (-e.idle_s, e.model)):
         chosen.append(engine.model)
         free_bytes += engine.weight_bytes
         if need_bytes <= free_bytes:
