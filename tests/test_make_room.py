@@ -32,6 +32,13 @@ def test_no_room_to_make_switches_nothing_off():
     assert engines_to_switch_off(residents, need_bytes=8 * GB, free_bytes=5 * GB) is None
 
 
+def test_recently_used_engines_are_spared():
+    residents = [resident("just-used", 8, idle_s=3), resident("quiet", 2, idle_s=30)]
+    assert engines_to_switch_off(residents, need_bytes=4 * GB, free_bytes=1 * GB, min_idle_s=10) is None
+    assert engines_to_switch_off(residents, need_bytes=2 * GB, free_bytes=1 * GB, min_idle_s=10) == ["quiet"]
+    assert engines_to_switch_off(residents, need_bytes=4 * GB, free_bytes=1 * GB) == ["quiet", "just-used"]
+
+
 def test_ties_are_broken_by_name_so_the_agent_and_the_simulator_agree():
     residents = [resident("b", 4, idle_s=float("inf")), resident("a", 4, idle_s=float("inf"))]
     assert engines_to_switch_off(residents, need_bytes=4 * GB, free_bytes=1 * GB) == ["a"]
@@ -69,7 +76,8 @@ async def test_a_request_for_a_switched_off_model_makes_room_on_a_full_device(tm
     await probe.stop_all()
     devices = discover_devices("cpu", cpu_memory_gb=(weights * 1.6) / (1 << 30))
     manager = EngineManager(devices, publish, coordinated=True)
-    coordinator = MemoryCoordinator(devices[0], manager, reserve_bytes=0)
+    # Sparing no recently used engine, so "b" (just served) can step aside for "a" below.
+    coordinator = MemoryCoordinator(devices[0], manager, reserve_bytes=0, make_room_idle_s=0.0)
     manager.before_activate = coordinator.prepare_activation  # as the agent's server wires it
     queue = AdmissionQueue(coordinator)
     tasks = [asyncio.create_task(coordinator.run()), asyncio.create_task(queue.run())]

@@ -350,7 +350,7 @@ class SimCluster:
                                     serving=e.state == "activating" or bool(e.requests or e.pending)
                                     or any(t.engine is e for t in device.waiting)) for e in holding]
         free = device.memory_bytes - device.reserve_bytes - sum(e.model.weight_bytes for e in holding)
-        for model in engines_to_switch_off(residents, engine.model.weight_bytes, free) or ():
+        for model in engines_to_switch_off(residents, engine.model.weight_bytes, free, BUSY_WINDOW_S) or ():
             other = next(e for e in holding if e.name == model)
             other.state = "inactive"
             other.set_limit(0)

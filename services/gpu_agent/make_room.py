@@ -11,9 +11,12 @@ A pure function, so the agent (memory_coordinator.py) and the simulator
 (prism/simulator/cluster.py) make the same choice: engines with no request
 running or waiting, the longest idle first, until the weights fit.
 `min_idle_s` spares engines whose last request is more recent than that;
-the agent and the simulator pass none, which did best in simulation
-(200 models, 20 s of trace: static on 8 GPUs 6.9% without making room,
-8.8% with, 8.2% sparing the last 10 s; prism on 16 GPUs 36.2, 37.2, 36.1%).
+the agent and the simulator pass the agent's busy window (10 s), as its
+non-forced deactivations do. Sparing none thrashed a crowded GPU: simulated,
+200 models under the static policy on 8 GPUs over 150 s attained 5.0%
+without making room and 1.8% making room from any idle engine (engines of
+25 models per GPU switching each other off and on), though over 20 s it was
+6.9% and 8.8% (8.2% sparing the last 10 s).
 """
 
 from __future__ import annotations

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL_S = 0.1
 DEFAULT_UNIT_BYTES = 2 << 20  # before any engine says its page bundle
+# An engine with a request this recent is not switched off to make room (the agent's busy window: the
+# scheduler's deactivations spare it as long). Sparing none thrashed a crowded GPU in simulation (make_room.py).
+DEFAULT_MAKE_ROOM_IDLE_S = 10.0
 
 
 def default_reserve_bytes(device: Device) -> int:
@@ -55,7 +58,7 @@ class MemoryCoordinator:
     def __init__(self, device: Device, manager: EngineManager, policy: str = "balloon",
                  reserve_bytes: int | None = None, interval_s: float = DEFAULT_INTERVAL_S,
                  params: PolicyParams = PolicyParams(), kv_budget_cap_bytes: int = 0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, make_room_idle_s: float = DEFAULT_MAKE_ROOM_IDLE_S):
         """kv_budget_cap_bytes: the KV budget never exceeds this (0: no cap),
         for a device shared with something else, or a benchmark that wants
         memory to be scarce."""
@@ -70,6 +73,7 @@ class MemoryCoordinator:
         self.interval_s = interval_s
         self.kv_budget_cap_bytes = kv_budget_cap_bytes
         self.clock = clock
+        self.make_room_idle_s = make_room_idle_s
         self.recent_demand = RecentDemand(params.demand_hold_s)
         self.lock = asyncio.Lock()
         self._wake = asyncio.Event()
@@ -128,9 +132,9 @@ class MemoryCoordinator:
 
     def room_for_weights(self, activating: ManagedEngine) -> list[str] | None:
         """The active engines to switch off, longest idle first and only those
-        with nothing to serve, so that `activating`'s weights fit beside the
-        others' and the reserve (make_room.py); [] when they fit, None when
-        they cannot be made to."""
+        with nothing to serve and no request for make_room_idle_s, so that
+        `activating`'s weights fit beside the others' and the reserve
+        (make_room.py); [] when they fit, None when they cannot be made to."""
         others = [m for m in self._active() if m is not activating]
         free = self.device.memory_bytes - self.reserve_bytes - sum(m.engine.weight_bytes for m in others)
         residents = []
@@ -140,7 +144,7 @@ class MemoryCoordinator:
                        or self.pending_demand_bytes(m.spec.name) > 0)
             residents.append(ResidentEngine(model=m.spec.name, weight_bytes=m.engine.weight_bytes,
                                             idle_s=m.request_stats.idle_s(), serving=serving))
-        return engines_to_switch_off(residents, activating.engine.weight_bytes, free)
+        return engines_to_switch_off(residents, activating.engine.weight_bytes, free, self.make_room_idle_s)
 
     async def prepare_activation(self, activating: ManagedEngine) -> None:
         """Before an engine is switched on (the engine manager's

@@ -246,7 +246,8 @@ async def serve(args: argparse.Namespace) -> None:
     reserve = None if args.memory_reserve_gb is None else int(args.memory_reserve_gb * (1 << 30))
     for d in devices:
         coordinators[d.index] = MemoryCoordinator(d, manager, args.memory_policy, reserve,
-                                                  kv_budget_cap_bytes=int(args.kv_budget_gb * (1 << 30)))
+                                                  kv_budget_cap_bytes=int(args.kv_budget_gb * (1 << 30)),
+                                                  make_room_idle_s=args.busy_window_s)
     admission = AgentAdmission({i: AdmissionQueue(c, args.starvation_s) for i, c in coordinators.items()})
 
     async def before_activate(managed: ManagedEngine) -> None:
