@@ -140,6 +140,19 @@ def field_values(name: str) -> st.SearchStrategy[Any]:
     return st.one_of(near, near, near, numbers, text, json_values)  # near values three times as often
 
 
+def sampling_fields() -> dict[str, st.SearchStrategy]:
+    """The optional fields completions and chats share, each with valid values."""
+    return {"temperature": st.one_of(st.none(), st.floats(0.0, 2.0)),
+            "top_p": st.one_of(st.none(), st.floats(0.0, 1.0, exclude_min=True)),
+            "seed": st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1)),
+            "stop": st.one_of(st.none(), st.text(max_size=5), st.lists(st.text(max_size=5), max_size=4)),
+            "stream": st.booleans(),
+            "stream_options": st.one_of(st.none(), st.fixed_dictionaries({}, optional={
+                "include_usage": st.booleans()})),
+            "n": st.just(1),
+            "user": st.text(max_size=10)}
+
+
 def valid_completion() -> st.SearchStrategy[dict[str, Any]]:
     # Small enough that prompt and output fit the tiny models' 256-token context whatever the
     # tokenizer does (it falls back to one token a byte at worst).
@@ -147,17 +160,8 @@ def valid_completion() -> st.SearchStrategy[dict[str, Any]]:
         {"model": st.sampled_from(MODELS),
          "prompt": st.one_of(st.text(min_size=1, max_size=30), st.text(min_size=1, max_size=30).map(lambda s: [s])),
          "max_tokens": st.integers(1, 4)},
-        optional={"temperature": st.one_of(st.none(), st.floats(0.0, 2.0)),
-                  "top_p": st.one_of(st.none(), st.floats(0.0, 1.0, exclude_min=True)),
-                  "seed": st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1)),
-                  "stop": st.one_of(st.none(), st.text(max_size=5), st.lists(st.text(max_size=5), max_size=4)),
-                  "stream": st.booleans(),
-                  "stream_options": st.one_of(st.none(), st.fixed_dictionaries({}, optional={
-                      "include_usage": st.booleans()})),
-                  "n": st.just(1),
-                  "ignore_eos": st.booleans(),
-                  "logprobs": st.one_of(st.none(), st.integers(0, 5)),
-                  "user": st.text(max_size=10)})
+        optional={**sampling_fields(), "ignore_eos": st.booleans(),
+                  "logprobs": st.one_of(st.none(), st.integers(0, 5))})
 
 
 @st.composite
@@ -168,16 +172,7 @@ def valid_chat(draw: st.DrawFn) -> dict[str, Any]:
         {"model": st.sampled_from(MODELS),
          "messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(ROLES), "content": content}),
                               min_size=1, max_size=3)},
-        optional={"temperature": st.one_of(st.none(), st.floats(0.0, 2.0)),
-                  "top_p": st.one_of(st.none(), st.floats(0.0, 1.0, exclude_min=True)),
-                  "seed": st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1)),
-                  "stop": st.one_of(st.none(), st.text(max_size=5), st.lists(st.text(max_size=5), max_size=4)),
-                  "stream": st.booleans(),
-                  "stream_options": st.one_of(st.none(), st.fixed_dictionaries({}, optional={
-                      "include_usage": st.booleans()})),
-                  "n": st.just(1),
-                  "logprobs": st.booleans(),
-                  "user": st.text(max_size=10)}))
+        optional={**sampling_fields(), "logprobs": st.booleans()}))
     # One or both (max_completion_tokens wins): without either, a chat runs to the end of the context.
     for name in draw(st.sampled_from([("max_tokens",), ("max_completion_tokens",),
                                       ("max_tokens", "max_completion_tokens")])):

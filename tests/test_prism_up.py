@@ -32,15 +32,8 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.fixture()
-def prism_up(tmp_path):
-    http_port, grpc_port = free_port(), free_port()
-    state = tmp_path / "state"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prism.cli", "up", "--state-dir", str(state), "--http-port", str(http_port),
-         "--grpc-port", str(grpc_port), "--device", "cpu", "--cpu-memory-gb", "1"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+def _read_until_up(proc: subprocess.Popen) -> list[str]:
+    """prism up's output lines until its banner ends (it is serving), within 180 s."""
     lines: list[str] = []
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -51,6 +44,19 @@ def prism_up(tmp_path):
         if "Ctrl-C stops everything" in line:
             break
     assert any("Prism is up" in line for line in lines), "".join(lines)
+    return lines
+
+
+@pytest.fixture()
+def prism_up(tmp_path):
+    http_port, grpc_port = free_port(), free_port()
+    state = tmp_path / "state"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prism.cli", "up", "--state-dir", str(state), "--http-port", str(http_port),
+         "--grpc-port", str(grpc_port), "--device", "cpu", "--cpu-memory-gb", "1"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    lines = _read_until_up(proc)
     yield proc, f"http://127.0.0.1:{http_port}", state, lines
     if proc.poll() is None:
         proc.kill()
@@ -102,16 +108,7 @@ def test_up_with_api_keys_checks_readiness_with_the_clients_key(tmp_path):
     proc = subprocess.Popen(command, cwd=REPO, env={**env, "PRISM_API_KEY": "sk-up-ops-0001"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        lines: list[str] = []
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if "Ctrl-C stops everything" in line:
-                break
-        assert any("Prism is up" in line for line in lines), "".join(lines)
+        _read_until_up(proc)
         url = f"http://127.0.0.1:{http_port}/v1/models"
         assert httpx.get(url, timeout=10).status_code == 401
         listed = httpx.get(url, headers={"Authorization": "Bearer sk-up-ops-0001"}, timeout=10)
