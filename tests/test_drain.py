@@ -15,13 +15,14 @@ import time
 import grpc
 import pytest
 
+from in_process_agent import InProcessAgent
 from prism.simulator.cluster import SimCluster
 from prism.simulator.engine import SimRequest
 from prism.simulator.models import sim_model
 from prism.simulator.profile import DEFAULT_PROFILE, LatencyProfile
 from prism.simulator.runner import GB, EventLoop
 from prism.tiny_models import write_tiny_model
-from prism.v1 import agent_pb2, agent_pb2_grpc, generate_pb2
+from prism.v1 import agent_pb2, generate_pb2
 from services.common import records
 from services.common.etcd import connect
 from services.common.grpc_util import DRAINING_KEY
@@ -30,71 +31,42 @@ from services.common.records import EngineRecord
 from services.gateway.errors import ModelNotFound, ModelUnavailable
 from services.gateway.relay import Relay
 from services.gateway.router import Router
-from services.gpu_agent.admission import AdmissionQueue, AgentAdmission
-from services.gpu_agent.agent_service import AgentService
-from services.gpu_agent.devices import discover_devices
-from services.gpu_agent.engine_manager import EngineManager
-from services.gpu_agent.memory_coordinator import MemoryCoordinator
 from services.scheduler.actions import Action, current_placement, plan_actions
 from services.scheduler.policy import ReplicaTarget
 
 # ---- the agent ---------------------------------------------------------------------------
 
 
-class Agent:
-    """A real agent's gRPC service (engine manager, memory coordinator, admission) on one CPU device."""
+class Agent(InProcessAgent):
+    """A real agent's gRPC service (in_process_agent.py) with model "m" loaded, publishing its engines'
+    states (and to etcd, when given one, with the agent's record, as the agent process does)."""
 
     def __init__(self, model_path: str, drain_timeout_s: float, etcd=None, agent_id: str = "agent-t"):
-        """etcd: an etcd client to publish the agent and its engines to (as the agent process does)."""
+        super().__init__(agent_id, drain_timeout_s=drain_timeout_s, publish=self._publish)
         self.model_path = model_path
-        self.drain_timeout_s = drain_timeout_s
         self.etcd = etcd
-        self.agent_id = agent_id
         self.published: list[tuple[str, str]] = []  # (model, state) as it goes to etcd
 
+    async def _publish(self, managed) -> None:
+        self.published.append((managed.spec.name, managed.published_state))
+        if self.etcd is not None:
+            record = records.EngineRecord(self.agent_id, managed.spec.name, managed.published_state, [0])
+            if managed.state == "unloaded":
+                await self.etcd.delete(record.key().encode())
+            else:
+                await self.etcd.put(record.key().encode(), record.to_json())
+
     async def __aenter__(self) -> Agent:
-        devices = discover_devices("cpu", cpu_memory_gb=1.0)
-
-        async def publish(managed) -> None:
-            self.published.append((managed.spec.name, managed.published_state))
-            if self.etcd is not None:
-                record = records.EngineRecord(self.agent_id, managed.spec.name, managed.published_state, [0])
-                if managed.state == "unloaded":
-                    await self.etcd.delete(record.key().encode())
-                else:
-                    await self.etcd.put(record.key().encode(), record.to_json())
-
-        self.manager = EngineManager(devices, publish, coordinated=True, drain_timeout_s=self.drain_timeout_s)
-        self.coordinator = MemoryCoordinator(devices[0], self.manager, reserve_bytes=0)
-        queue = AdmissionQueue(self.coordinator)
-        self.tasks = [asyncio.create_task(self.coordinator.run()), asyncio.create_task(queue.run())]
-        self.service_admission = AgentAdmission({0: queue})
-        service = AgentService(self.agent_id, devices, self.manager, coordinators={0: self.coordinator},
-                               admission=self.service_admission)
-        self.server = grpc.aio.server()
-        agent_pb2_grpc.add_AgentServicer_to_server(service, self.server)
-        port = self.server.add_insecure_port("127.0.0.1:0")
-        await self.server.start()
-        self.address = f"127.0.0.1:{port}"
+        await self.start()
         if self.etcd is not None:
             agent = records.AgentRecord(self.agent_id, self.address)
             await self.etcd.put(agent.key().encode(), agent.to_json())
-        self.channel = grpc.aio.insecure_channel(self.address)
-        self.stub = agent_pb2_grpc.AgentStub(self.channel)
-        status = await self.stub.LoadModel(agent_pb2.LoadModelRequest(
-            spec=agent_pb2.ModelSpec(name="m", path=self.model_path), gpu_ids=[0], activate=True), timeout=120)
+        status = await self.load("m", self.model_path)
         assert status.state == agent_pb2.ENGINE_STATE_ACTIVE, status
         return self
 
-    async def __aexit__(self, *exc) -> None:
-        await self.channel.close()
-        await self.server.stop(grace=None)
-        for task in self.tasks:
-            task.cancel()
-        await self.manager.stop_all()
-
     def admission_queued(self) -> int:
-        return self.service_admission.queued("m")
+        return self.admission.queued("m")
 
     def stream(self, i: int, max_tokens: int):
         return self.stub.Generate(generate_pb2.GenerateRequest(

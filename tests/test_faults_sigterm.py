@@ -47,16 +47,12 @@ from bench.load_soak import (
     load_cluster,
     send,
 )
+from in_process_agent import InProcessAgent
 from prism.tiny_models import write_tiny_model
-from prism.v1 import agent_pb2, agent_pb2_grpc, gateway_pb2_grpc, generate_pb2
+from prism.v1 import agent_pb2, gateway_pb2_grpc, generate_pb2
 from services.common.grpc_util import DRAINING_KEY
 from services.gateway.server import SHUTDOWN_GRACE_S
-from services.gpu_agent.admission import AdmissionQueue, AgentAdmission
-from services.gpu_agent.agent_service import AgentService
-from services.gpu_agent.devices import discover_devices
-from services.gpu_agent.engine_manager import EngineManager
-from services.gpu_agent.memory_coordinator import MemoryCoordinator
-from services.gpu_agent.server import ShutdownGate, drain_for_shutdown
+from services.gpu_agent.server import drain_for_shutdown
 
 GUARD_S = 60  # a request or a process not done by then has hung
 SHORT = 40  # the fake agent's "slow N" streams N tokens 30 ms apart: 1.2 s, well within the grace
@@ -159,33 +155,15 @@ def test_sigterm_drains_the_gateway_and_ends_what_outlasts_its_grace_explicitly(
 # ---- the agent --------------------------------------------------------------------------------
 
 
-class InProcessAgent:
-    """The agent's gRPC service as services/gpu_agent/server.py wires it (engine manager, memory
-    coordinator, admission queue, the shutdown gate) on one CPU device, model "m" loaded."""
+class LoadedAgent(InProcessAgent):
+    """The agent's gRPC service as its server wires it (in_process_agent.py), model "m" loaded."""
 
     def __init__(self, model_path: str):
+        super().__init__()
         self.model_path = model_path
 
-    async def __aenter__(self) -> InProcessAgent:
-        devices = discover_devices("cpu", cpu_memory_gb=1.0)
-
-        async def publish(managed) -> None:
-            pass
-
-        self.manager = EngineManager(devices, publish, coordinated=True)
-        self.coordinator = MemoryCoordinator(devices[0], self.manager, reserve_bytes=0)
-        queue = AdmissionQueue(self.coordinator)
-        self.tasks = [asyncio.create_task(self.coordinator.run()), asyncio.create_task(queue.run())]
-        self.admission = AgentAdmission({0: queue})
-        service = AgentService("agent-t", devices, self.manager, coordinators={0: self.coordinator},
-                               admission=self.admission)
-        self.gate = ShutdownGate("agent-t")
-        self.server = grpc.aio.server(interceptors=[self.gate])
-        agent_pb2_grpc.add_AgentServicer_to_server(service, self.server)
-        port = self.server.add_insecure_port("127.0.0.1:0")
-        await self.server.start()
-        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        self.stub = agent_pb2_grpc.AgentStub(self.channel)
+    async def __aenter__(self) -> LoadedAgent:
+        await self.start()
         status = await self.stub.LoadModel(self.load_request(), timeout=120)
         assert status.state == agent_pb2.ENGINE_STATE_ACTIVE, status
         return self
@@ -193,13 +171,6 @@ class InProcessAgent:
     def load_request(self) -> agent_pb2.LoadModelRequest:
         return agent_pb2.LoadModelRequest(spec=agent_pb2.ModelSpec(name="m", path=self.model_path), gpu_ids=[0],
                                           activate=True)
-
-    async def __aexit__(self, *exc) -> None:
-        await self.channel.close()
-        await self.server.stop(grace=None)
-        for task in self.tasks:
-            task.cancel()
-        await self.manager.stop_all()
 
     def generate(self, i: int, max_tokens: int, prompt: str = "Hello"):
         return self.stub.Generate(generate_pb2.GenerateRequest(
@@ -229,7 +200,7 @@ def model_path(tmp_path_factory) -> str:
 
 
 async def test_an_agent_shutting_down_sends_back_what_it_has_not_started_and_finishes_the_rest(model_path):
-    async with InProcessAgent(model_path) as agent:
+    async with LoadedAgent(model_path) as agent:
         engine = agent.manager.engines["m"].engine
         agent.coordinator.kv_budget_cap_bytes = engine.kv_bundle_bytes  # room for about three of the prompts
         await agent.coordinator.rebalance()
@@ -258,7 +229,7 @@ async def test_an_agent_shutting_down_sends_back_what_it_has_not_started_and_fin
 
 async def test_an_agent_whose_grace_ends_first_ends_its_requests_with_an_explicit_error(model_path):
     # A grace of 0 ends the drain at once, with the stream still in flight (see test_drain.py).
-    async with InProcessAgent(model_path) as agent:
+    async with LoadedAgent(model_path) as agent:
         call = agent.generate(0, 250)
         first = await call.read()
         await asyncio.wait_for(drain_for_shutdown(agent.manager, agent.admission, agent.gate, 0), GUARD_S)

@@ -51,64 +51,32 @@ async def test_a_request_for_a_switched_off_model_makes_room_on_a_full_device(tm
     a request for the switched-off one switches the idle other off (instead
     of the activation failing for want of memory) and is served; a request
     for the first then switches it back the same way."""
-    import asyncio
-
-    import grpc
+    from in_process_agent import InProcessAgent
 
     from prism.tiny_models import write_tiny_model
-    from prism.v1 import agent_pb2, agent_pb2_grpc, generate_pb2
-    from services.gpu_agent.admission import AdmissionQueue, AgentAdmission
-    from services.gpu_agent.agent_service import AgentService
-    from services.gpu_agent.devices import discover_devices
-    from services.gpu_agent.engine_manager import EngineManager
-    from services.gpu_agent.memory_coordinator import MemoryCoordinator
+    from prism.v1 import agent_pb2, generate_pb2
 
     paths = {name: str(write_tiny_model(tmp_path / name, arch="llama", seed=i)) for i, name in enumerate("ab")}
-
-    async def publish(managed) -> None:
-        pass
-
     # Sized from the first engine: its weights and KV fit, a second one's weights do not.
-    probe = EngineManager(discover_devices("cpu", cpu_memory_gb=1.0), publish, coordinated=True)
-    from services.gpu_agent.engine_manager import EngineSpec
-
-    weights = (await probe.load(EngineSpec(name="a", path=paths["a"]), (0,), True, 0)).engine.weight_bytes
-    await probe.stop_all()
-    devices = discover_devices("cpu", cpu_memory_gb=(weights * 1.6) / (1 << 30))
-    manager = EngineManager(devices, publish, coordinated=True)
+    async with InProcessAgent() as probe:
+        await probe.load("a", paths["a"])
+        weights = probe.manager.engines["a"].engine.weight_bytes
     # Sparing no recently used engine, so "b" (just served) can step aside for "a" below.
-    coordinator = MemoryCoordinator(devices[0], manager, reserve_bytes=0, make_room_idle_s=0.0)
-    manager.before_activate = coordinator.prepare_activation  # as the agent's server wires it
-    queue = AdmissionQueue(coordinator)
-    tasks = [asyncio.create_task(coordinator.run()), asyncio.create_task(queue.run())]
-    service = AgentService("agent-room", devices, manager, coordinators={0: coordinator},
-                           admission=AgentAdmission({0: queue}))
-    server = grpc.aio.server()
-    agent_pb2_grpc.add_AgentServicer_to_server(service, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = agent_pb2_grpc.AgentStub(channel)
-            for name, on in (("a", True), ("b", False)):
-                status = await stub.LoadModel(agent_pb2.LoadModelRequest(
-                    spec=agent_pb2.ModelSpec(name=name, path=paths[name]), gpu_ids=[0], activate=on), timeout=120)
-                assert status.state == (agent_pb2.ENGINE_STATE_ACTIVE if on else agent_pb2.ENGINE_STATE_INACTIVE)
+    async with InProcessAgent("agent-room", cpu_memory_gb=(weights * 1.6) / (1 << 30), make_room_idle_s=0.0) as agent:
+        for name, on in (("a", True), ("b", False)):
+            status = await agent.load(name, paths[name], activate=on)
+            assert status.state == (agent_pb2.ENGINE_STATE_ACTIVE if on else agent_pb2.ENGINE_STATE_INACTIVE)
 
-            async def generate(model: str) -> str:
-                responses = [r async for r in stub.Generate(generate_pb2.GenerateRequest(
-                    request_id=f"room-{model}", model=model, prompt="Hello",
-                    sampling=generate_pb2.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)), timeout=60)]
-                assert responses[-1].finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED
-                return "".join(r.text for r in responses)
+        async def generate(model: str) -> str:
+            responses = [r async for r in agent.stub.Generate(generate_pb2.GenerateRequest(
+                request_id=f"room-{model}", model=model, prompt="Hello",
+                sampling=generate_pb2.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)), timeout=60)]
+            assert responses[-1].finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED
+            return "".join(r.text for r in responses)
 
-            await generate("b")
-            assert (manager.engines["a"].state, manager.engines["b"].state) == ("inactive", "active")
-            await generate("a")
-            assert (manager.engines["a"].state, manager.engines["b"].state) == ("active", "inactive")
-            assert coordinator.budget_violations == 0
-    finally:
-        await server.stop(grace=None)
-        for task in tasks:
-            task.cancel()
-        await manager.stop_all()
+        engines = agent.manager.engines
+        await generate("b")
+        assert (engines["a"].state, engines["b"].state) == ("inactive", "active")
+        await generate("a")
+        assert (engines["a"].state, engines["b"].state) == ("active", "inactive")
+        assert agent.coordinator.budget_violations == 0
