@@ -351,10 +351,7 @@ class SimCluster:
                                     or any(t.engine is e for t in device.waiting)) for e in holding]
         free = device.memory_bytes - device.reserve_bytes - sum(e.model.weight_bytes for e in holding)
         for model in engines_to_switch_off(residents, engine.model.weight_bytes, free, BUSY_WINDOW_S) or ():
-            other = next(e for e in holding if e.name == model)
-            other.state = "inactive"
-            other.set_limit(0)
-            self.stats["deactivations"] += 1
+            self._switch_off(next(e for e in holding if e.name == model))
             self.stats["switched_off_for_room"] += 1
         others = sum(e.model.weight_bytes for e in device.holding_memory())
         if others + engine.model.weight_bytes + device.reserve_bytes > device.memory_bytes:
@@ -390,21 +387,29 @@ class SimCluster:
         if engine.busy(self.now, BUSY_WINDOW_S) or any(t.engine is engine for t in self.device_of(engine).waiting):
             self.stats["deactivations_refused"] += 1
             return False
+        self._switch_off(engine)
+        self.rebalance(self.device_of(engine))
+        return True
+
+    def _switch_off(self, engine: SimEngine) -> None:
         engine.state = "inactive"  # the deactivation's few ms are not modeled: nothing runs on it
         engine.set_limit(0)
         self.stats["deactivations"] += 1
-        self.rebalance(self.device_of(engine))
-        return True
 
     # ---- the memory coordinator --------------------------------------------------
 
     def _pending_tokens(self, device: Device, model: str) -> int:
         return device.reserved.get(model, 0) + sum(t.tokens for t in device.waiting if t.engine.name == model)
 
+    @staticmethod
+    def _budget_and_unit(device: Device, holding: list[SimEngine]) -> tuple[int, int]:
+        """The device's KV budget (its memory less the weights on it and the reserve) and default unit."""
+        budget = max(0, device.memory_bytes - sum(e.model.weight_bytes for e in holding) - device.reserve_bytes)
+        return budget, max((e.model.bundle_bytes for e in holding), default=DEFAULT_UNIT_BYTES)
+
     def memory_snapshot(self, device: Device) -> DeviceMemorySnapshot:
         holding = device.holding_memory()
-        budget = max(0, device.memory_bytes - sum(e.model.weight_bytes for e in holding) - device.reserve_bytes)
-        unit = max((e.model.bundle_bytes for e in holding), default=DEFAULT_UNIT_BYTES)
+        budget, unit = self._budget_and_unit(device, holding)
         pending = dict(device.reserved)  # _pending_tokens of every engine, in one pass over the queue
         for ticket in device.waiting:
             pending[ticket.engine.model.config.model_name] = (pending.get(ticket.engine.model.config.model_name, 0)
@@ -427,8 +432,7 @@ class SimCluster:
         the full snapshot, an overloaded 200-model run spent most of its time
         (224 of 305 s) re-counting the queue."""
         holding = device.holding_memory()
-        budget = max(0, device.memory_bytes - sum(e.model.weight_bytes for e in holding) - device.reserve_bytes)
-        unit = max((e.model.bundle_bytes for e in holding), default=DEFAULT_UNIT_BYTES)
+        budget, unit = self._budget_and_unit(device, holding)
         return DeviceMemorySnapshot(budget_bytes=budget, unit_bytes=unit, engines=tuple(EngineMemoryDemand(
             model=e.name, priority=e.model.priority, used_bytes=e.used_bytes, demand_bytes=0,
             limit_bytes=e.limit_bytes, cap_bytes=e.cap_bytes, unit_bytes=e.model.bundle_bytes) for e in holding))
