@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -81,6 +82,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+# PRISM_ENGINE_STEP_LOG=1 logs every step (its batch and wall time): for post-mortems of
+# serving latency (bench/step_log_summary.py reads these lines), off by default.
+STEP_LOG = os.environ.get("PRISM_ENGINE_STEP_LOG", "") not in ("", "0")
 
 DEFAULT_CONTEXTS_IN_MEMORY = 8  # default KV limit: this many full contexts
 DEFAULT_CAPACITY_CONTEXTS = 32  # default virtual KV reservation on the CPU, at least
@@ -171,6 +175,7 @@ class Engine:
         # The decoding sequences' slots stay on the device for the Triton kernel (slot_table.py).
         self._slot_table = self._new_slot_table()
         self._use_graphs = cuda_graphs and self._use_triton and self._pool_kind == "kvcached"
+        self._last_step_graph = False  # for the step log
         self._graph_runner: DecodeGraphRunner | None = None  # made on the first decode step after activation
         self._in_step: set[Sequence] = set()  # sequences the running step computes
         self._free_after_step: list[Sequence] = []
@@ -560,8 +565,14 @@ class Engine:
                 self._too_big(seq)
             plan = result.batch
             self._in_step = {item.seq for item in plan}
+        started = time.perf_counter()
         try:
             tokens = self._forward(plan, result.num_decode) if plan else []
+            if STEP_LOG and plan:
+                log.info("engine %s step: %d decode, %d prefill tokens in %d seqs, %s, %.2f ms", self.name,
+                         result.num_decode, sum(item.count for item in plan[result.num_decode:]),
+                         len(plan) - result.num_decode, "graph" if self._last_step_graph else "eager",
+                         1e3 * (time.perf_counter() - started))
         except Exception as exc:  # e.g. out of device memory: these requests fail, the engine goes on
             log.exception("engine %s: forward of %d sequences failed", self.name, len(plan))
             with self._lock:
@@ -603,8 +614,10 @@ class Engine:
             if self._slot_table is not None and num_decode:
                 rows = self._slot_table.rows_for(decoding, last_by_step=last_by_step)
             logits = greedy = None
+            self._last_step_graph = False
             if runner is not None:
                 out = self._graph_decode(runner, plan, rows)
+                self._last_step_graph = out is not None
                 if out is not None:
                     logits, greedy = out
                 elif last_by_step:  # eager after all: the table needs the slots the graph would have written
@@ -669,6 +682,8 @@ class Engine:
 
     def _append_token(self, seq: Sequence, token: int) -> None:
         seq.token_ids.append(token)
+        if STEP_LOG and seq.num_output == 1:
+            log.info("first token", extra=_rlog(seq))
         seq.unsent_ids.append(token)
         finish: str | None = None
         if token in self.eos_token_ids and not seq.ignore_eos:
