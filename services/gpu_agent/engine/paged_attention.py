@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 # enable_gqa (torch >= 2.5) lets query heads share kv heads without copying them.
 _SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -136,9 +137,9 @@ def _attend_span(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor
     elif span.start == 0:
         out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, **gqa)
     else:
-        # New token i sits at position start + i and sees keys 0..start + i.
-        key_pos = torch.arange(span.start + span.count, device=q.device)
-        query_pos = torch.arange(span.start, span.start + span.count, device=q.device)
-        mask = key_pos[None, :] <= query_pos[:, None]
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, **gqa)
+        # A later chunk: new token i sits at position start + i and sees keys 0..start + i, the causal
+        # mask aligned to the lower right. As a CausalBias SDPA keeps its flash kernel on CUDA; an
+        # explicit boolean mask sent chunked prefill to a slower kernel (bench/probe/prefill_chunks.py).
+        out = F.scaled_dot_product_attention(query, keys, values,
+                                             attn_mask=causal_lower_right(span.count, span.start + span.count), **gqa)
     return out[0].transpose(0, 1)
