@@ -37,6 +37,8 @@ def masked_sdpa(query, keys, values, start, count, **gqa):
 
 
 def biased_sdpa(query, keys, values, start, count, **gqa):
+    if start == 0:  # the engine's first chunk: plain causal
+        return F.scaled_dot_product_attention(query, keys, values, is_causal=True, **gqa)
     return F.scaled_dot_product_attention(query, keys, values, attn_mask=causal_lower_right(count, start + count), **gqa)
 
 
@@ -53,7 +55,7 @@ def time_call(fn, repeats: int = 50) -> float:
 def kernel_probe(device: str) -> None:
     print("one chunk's attention, 3B geometry (ms per call, per layer)")
     print(f"{'start':>6} {'count':>6} {'masked':>8} {'bias':>8} {'max diff':>9}")
-    for start, count in ((512, 512), (1024, 512), (2048, 2048), (3584, 512)):
+    for start, count in ((0, 512), (0, 3072), (512, 512), (1024, 512), (2048, 2048), (3584, 512)):
         q = torch.randn(1, 24, count, 128, dtype=torch.bfloat16, device=device)
         k = torch.randn(1, 8, start + count, 128, dtype=torch.bfloat16, device=device)
         v = torch.randn(1, 8, start + count, 128, dtype=torch.bfloat16, device=device)
@@ -106,6 +108,15 @@ async def engine_probe(device: str) -> None:
         label = "masked" if attend is old_attend_span else "bias"
         print(f"{budget:>7} {label:>10} {1e3 * row[0]:>8.1f} {1e3 * row[1]:>8.1f}")
     paged_attention._attend_span = new_attend
+    from torch.profiler import ProfilerActivity, profile
+
+    for budget in (512, 4096):
+        engine._scheduler.step_tokens = budget
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            ms = 1e3 * await first_token_s(engine, prompts[3072], f"profiled-{budget}")
+        print(f"\nprofile of the 3072-token prompt at a budget of {budget} ({ms:.1f} ms to the first token)")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
     engine.stop()
 
 
