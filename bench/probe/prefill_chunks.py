@@ -108,15 +108,17 @@ async def engine_probe(device: str) -> None:
         label = "masked" if attend is old_attend_span else "bias"
         print(f"{budget:>7} {label:>10} {1e3 * row[0]:>8.1f} {1e3 * row[1]:>8.1f}")
     paged_attention._attend_span = new_attend
-    from torch.profiler import ProfilerActivity, profile
-
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
+    engine_module = sys.modules["services.gpu_agent.engine.engine"]
+    engine_module.STEP_LOG = True
     for budget in (512, 4096):
         engine._scheduler.step_tokens = budget
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            ms = 1e3 * await first_token_s(engine, prompts[3072], f"profiled-{budget}")
-        print(f"\nprofile of the 3072-token prompt at a budget of {budget} ({ms:.1f} ms to the first token)")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
-        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=12, max_name_column_width=60))
+        print(f"\nsteps of the 3072-token prompt at a budget of {budget}", flush=True)
+        ms = 1e3 * await first_token_s(engine, prompts[3072], f"logged-{budget}")
+        print(f"{ms:.1f} ms to the first token", flush=True)
+    engine_module.STEP_LOG = False
+
     engine.stop()
 
 

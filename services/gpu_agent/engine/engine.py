@@ -557,6 +557,7 @@ class Engine:
         log.info("engine %s: step loop ended", self.name)
 
     def _step(self) -> None:
+        scheduling = time.perf_counter()
         with self._lock:
             result = self._scheduler.schedule()
             for seq in result.preempted:
@@ -569,10 +570,10 @@ class Engine:
         try:
             tokens = self._forward(plan, result.num_decode) if plan else []
             if STEP_LOG and plan:
-                log.info("engine %s step: %d decode, %d prefill tokens in %d seqs, %s, %.2f ms", self.name,
-                         result.num_decode, sum(item.count for item in plan[result.num_decode:]),
+                log.info("engine %s step: %d decode, %d prefill tokens in %d seqs, %s, %.2f ms (scheduled in %.2f ms)",
+                         self.name, result.num_decode, sum(item.count for item in plan[result.num_decode:]),
                          len(plan) - result.num_decode, "graph" if self._last_step_graph else "eager",
-                         1e3 * (time.perf_counter() - started))
+                         1e3 * (time.perf_counter() - started), 1e3 * (started - scheduling))
         except Exception as exc:  # e.g. out of device memory: these requests fail, the engine goes on
             log.exception("engine %s: forward of %d sequences failed", self.name, len(plan))
             with self._lock:
