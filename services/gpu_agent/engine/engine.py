@@ -91,6 +91,11 @@ DEFAULT_CAPACITY_CONTEXTS = 32  # default virtual KV reservation on the CPU, at 
 # Host pages are 4 KiB, so nothing forces kvcached's 2 MiB pages on the CPU;
 # smaller pages let tiny models' limits mean something.
 CPU_PAGE_BYTES = 64 * 1024
+# A GPU step's budget: an eager prefill step costs milliseconds of kernel launches whatever its
+# length, so a 1536-token prompt in 512-token chunks reached its first token in 41 ms on an
+# H100 (3B) against 19 ms in one step (bench/probe/prefill_chunks.py); a 2048-token step of the
+# 3B model holds decoding sequences back about 25 ms, well inside a 50 ms TPOT target.
+CUDA_STEP_TOKENS = 2048
 KV_POOLS = ("auto", "kvcached", "pages")
 
 _DTYPES = {
@@ -121,13 +126,14 @@ class Engine:
                  dtype: str = "auto", device: str = "cpu", seed: int = 0,
                  memory_limit_bytes: int | None = None, kv_capacity_bytes: int | None = None,
                  kv_pool: str = "auto", kv_page_bytes: int | None = None,
-                 step_tokens: int = DEFAULT_STEP_TOKENS, attention: str = "auto", cuda_graphs: bool = True,
+                 step_tokens: int | None = None, attention: str = "auto", cuda_graphs: bool = True,
                  shared_weights_path: str | Path | None = None):
         """memory_limit_bytes: KV memory the engine may map now (default: 8 contexts).
         kv_capacity_bytes: the KV reservation the limit can later grow to (virtual where
         the pool is elastic; default: the device's memory on CUDA, 32 contexts on the CPU).
         kv_pool: "kvcached" (CUDA), "pages" (PagePool) or "auto" (kvcached where it runs).
-        step_tokens: the token budget of one step (decode tokens plus prefill chunks).
+        step_tokens: the token budget of one step (decode tokens plus prefill chunks);
+        default CUDA_STEP_TOKENS on CUDA, DEFAULT_STEP_TOKENS elsewhere.
         attention: "triton" (decode kernel, CUDA), "torch" or "auto".
         cuda_graphs: replay decode steps from CUDA graphs where they can run
         (CUDA, the Triton kernel and kvcached's pool, whose slot 0 pads a batch).
@@ -171,6 +177,8 @@ class Engine:
             limit = -(-DEFAULT_CONTEXTS_IN_MEMORY * self.max_context * self.kv_bytes_per_token // bundle) * bundle
         self._kv_capacity_bytes = kv_capacity_bytes
         self._use_triton = self._choose_attention(attention)
+        if step_tokens is None:
+            step_tokens = CUDA_STEP_TOKENS if self._device.type == "cuda" else DEFAULT_STEP_TOKENS
         self._scheduler = Scheduler(self._make_pool(limit, 0), step_tokens)
         # The decoding sequences' slots stay on the device for the Triton kernel (slot_table.py).
         self._slot_table = self._new_slot_table()
