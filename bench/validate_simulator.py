@@ -100,14 +100,30 @@ def run_real(trace, config_path: Path, state: Path, cpu_memory_gb: float, slo: S
                            scheduler_args=("--replan-interval-s", str(REPLAN_S)))
     cluster.start()
     try:
+        lead_s = stats_lead_s(cluster.agent_address)
         t0 = time.monotonic()
         results = asyncio.run(replay(trace, grpc_address=cluster.gateway_grpc, slo=slo,
                                         chars_per_token=chars_per_token))
         out = report(trace, results, slo, api="grpc")
         out["wall_s"] = time.monotonic() - t0
+        out["stats_lead_s"] = lead_s
         return out
     finally:
         cluster.stop()
+
+
+def stats_lead_s(agent_address: str) -> float:
+    """How long the agent's engines have kept request stats (their span, up to the window): the
+    simulated engines begin theirs as long before the trace (SimSettings.stats_lead_s), or a burst
+    at the start reads as a far higher arrival rate there than here, where the engines loaded
+    while the cluster started (simulated, that made the policy shed the 3B model at 12 req/s)."""
+    import grpc
+
+    from prism.v1 import agent_pb2, agent_pb2_grpc
+
+    with grpc.insecure_channel(agent_address) as channel:
+        status = agent_pb2_grpc.AgentStub(channel).GetStatus(agent_pb2.GetStatusRequest(), timeout=10)
+    return max((e.serving.window_s for e in status.engines), default=0.0)
 
 
 def row(name: str, rep: dict) -> dict:
@@ -133,12 +149,13 @@ def validate_at(rate: float, args: argparse.Namespace, slo: SloTargets, profile:
         models = list(placement_config.load(config_path).models)
         # The live scheduler prices compute with its built-in (H200) costs: the simulated one must too,
         # or the two clusters run different placements (the CPU profile's costs shed a model here).
-        settings = SimSettings(num_gpus=1, policy=args.policy, gpus_per_agent=1,
-                               gpu_memory_bytes=args.gpu_memory_bytes, replan_interval_s=REPLAN_S,
-                               policy_compute="default", engines_in_parallel=args.engines_in_parallel)
-        sim = simulate(trace, models, profile, settings, slo)
         real = run_real(trace, config_path, state / "cluster", args.cpu_memory_gb, slo, args.chars_per_token,
                         args.device, args.engine_isolation)
+        settings = SimSettings(num_gpus=1, policy=args.policy, gpus_per_agent=1,
+                               gpu_memory_bytes=args.gpu_memory_bytes, replan_interval_s=REPLAN_S,
+                               policy_compute="default", engines_in_parallel=args.engines_in_parallel,
+                               stats_lead_s=real["stats_lead_s"])
+        sim = simulate(trace, models, profile, settings, slo)
     rows = [row("real", real), row("simulated", sim)]
     ra, sa = rows[0]["attainment"], rows[1]["attainment"]
     diff = None if ra is None or sa is None else 100 * (sa - ra)

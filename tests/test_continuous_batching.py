@@ -274,3 +274,26 @@ async def test_limit_revisions_through_the_engine(engine_factory):
     s = engine.stats()
     assert s.memory_limit_bytes == 1 << 20 and s.memory_limit_revision == 5
     assert engine.set_memory_limit(1 << 21).revision == 6  # None: the next revision
+
+
+async def test_the_kernel_warm_up_runs_its_steps_and_leaves_the_engine_as_it_was(model_dir, reference, caplog):
+    # On CUDA every engine runs it in its constructor, before the step thread starts; here it is
+    # called at the same moment: its requests complete on a pool of its own, and the engine's pool,
+    # limit, revision, step budget and outputs are what they were.
+    engine = Engine(model_dir, step_tokens=8, kv_page_bytes=4 * SLOT)
+    try:
+        before = engine.stats()
+        with caplog.at_level(logging.INFO):
+            engine._warm_up_kernels()
+        assert "kernels warm" in caplog.text
+        assert "warm-up incomplete" not in caplog.text and "warm-up failed" not in caplog.text
+        for prompt_tokens in (40, 150):
+            assert f"finished (length): {prompt_tokens} prompt + 3 completion tokens" in caplog.text
+        assert engine.stats() == before
+        assert engine._scheduler.step_tokens == 8
+        engine.start()
+        req = greedy(PROMPTS[5], 10, "after-warm-up")
+        assert await tokens_of(engine, req) == reference.greedy(engine.tokenize_prompt(req), req.max_tokens)
+        await wait_idle(engine)
+    finally:
+        engine.stop()

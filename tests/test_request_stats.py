@@ -58,6 +58,16 @@ def test_arrival_rate_just_after_start_divides_by_the_time_seen(clock):
     assert snap.arrival_rate == pytest.approx(2.0)  # 8 in 4 s, not 8 in 60 s
 
 
+def test_stats_started_before_now_count_the_time_since(clock):
+    # The simulator backdates the stats of engines that were up before its trace began.
+    stats = make_stats(clock, window_s=60.0, started_at=clock.now - 30)
+    for _ in range(15):
+        stats.arrived()
+    snap = stats.snapshot()
+    assert snap.window_s == pytest.approx(30.0)
+    assert snap.arrival_rate == pytest.approx(0.5)  # 15 over the 30 s seen, not 15 over the 1 s minimum
+
+
 def test_arrival_rate_span_is_at_least_a_second(clock):
     stats = make_stats(clock)
     clock.advance(0.001)

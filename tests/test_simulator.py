@@ -187,3 +187,32 @@ def test_cli_writes_a_bench_shaped_report_per_policy(tmp_path):
         assert run["simulation"]["policy"] == name and run["simulation"]["num_gpus"] == 2
         assert run["min_gpus"]["target"] == 0.99
         assert f"{name}" in result.output
+
+
+def test_a_long_prompt_is_prefilled_in_steps_of_the_engines_budget(profile):
+    """The simulated engine cuts a prompt where the real one does on the profile's device: a GPU
+    engine's step budget is CUDA_STEP_TOKENS, so 3000 tokens take a full step and the rest."""
+    config = models(("a", ONE_B, 0, True))
+    trace = Trace((TraceRequest(t=0.0, model="a", prompt_tokens=3000, output_tokens=2),))
+    result = simulate(trace, config, profile, SimSettings(num_gpus=1, policy="static"))
+    weights = sim_model(config[0]).weight_bytes
+    budget = engine_scheduler.CUDA_STEP_TOKENS
+    assert profile.step_tokens == budget and 3000 > budget
+    expected = profile.prefill_s(weights, budget) + profile.prefill_s(weights, 3000 - budget)
+    assert result["requests"][0]["ttft_s"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_engines_up_before_the_trace_count_their_rates_from_then(profile):
+    """stats_lead_s backdates the request stats of the engines placed at the trace's start (a live
+    cluster's were loaded before its traffic), so a first burst is not read as a rate over one second."""
+    from prism.simulator.runner import EventLoop
+
+    for lead in (0.0, 30.0):
+        loop = EventLoop()
+        specs = {m.model_name: sim_model(m) for m in models(("a", ONE_B, 0, True))}
+        cluster = sim_cluster.SimCluster(loop, profile, specs, 1, 1, 80 * GB, stats_lead_s=lead)
+        sim_scheduler.SimScheduler(cluster, "static").replan(instant=True)
+        (engine,) = [e for agent in cluster.agents.values() for e in agent.engines.values()]
+        for _ in range(15):
+            engine.stats.arrived()
+        assert engine.stats.snapshot().arrival_rate == pytest.approx(15 / max(lead, 1.0))

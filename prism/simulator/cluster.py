@@ -114,9 +114,13 @@ class SimCluster:
     def __init__(self, clock: Clock, profile: LatencyProfile, models: dict[str, SimModel], num_gpus: int,
                  gpus_per_agent: int, gpu_memory_bytes: int, memory_policy: str = "balloon",
                  starvation_s: float = DEFAULT_STARVATION_S, drain_timeout_s: float = DRAIN_TIMEOUT_S,
-                 engines_in_parallel: int = 1):
+                 engines_in_parallel: int = 1, stats_lead_s: float = 0.0):
         """engines_in_parallel: how many engines' steps one device runs at once: 1 on a GPU, whose
-        kernels serialize; the CPU device runs each inline engine's steps on a thread of its own."""
+        kernels serialize; the CPU device runs each inline engine's steps on a thread of its own.
+        stats_lead_s: the engines placed when the trace starts began their request stats this long
+        before it (a live cluster's engines were loaded before its traffic: their arrival rates are
+        over the time since, up to the stats window; with no lead a first burst reads as a rate
+        its whole window long)."""
         if memory_policy not in MEMORY_POLICIES:
             raise ValueError(f"memory policy {memory_policy!r} is not one of {', '.join(MEMORY_POLICIES)}")
         self.clock = clock
@@ -129,6 +133,7 @@ class SimCluster:
         if engines_in_parallel < 1:
             raise ValueError(f"engines_in_parallel must be at least 1, got {engines_in_parallel}")
         self.engines_in_parallel = engines_in_parallel
+        self.stats_lead_s = stats_lead_s
         self.agents: dict[str, Agent] = {}
         left, n = num_gpus, 0
         while left > 0:
@@ -257,7 +262,9 @@ class SimCluster:
         spec = self.models[model]
         device = agent.devices[gpu_ids[0]]
         capacity = device.memory_bytes // spec.kv_bytes_per_token  # kvcached's virtual reservation: the whole GPU
-        engine = SimEngine(spec, agent_id, gpu_ids[0], capacity, self.now, cap_bytes, clock=lambda: self.now)
+        engine = SimEngine(spec, agent_id, gpu_ids[0], capacity, self.now, cap_bytes, clock=lambda: self.now,
+                           step_tokens=self.profile.step_tokens,
+                           stats_started_at=self.now - self.stats_lead_s if self.now <= 0 else None)
         agent.engines[model] = engine
         device.engines.append(engine)
         self.stats["loads"] += 1

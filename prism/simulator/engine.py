@@ -12,7 +12,7 @@ from prism.simulator.models import SimModel
 from prism.simulator.profile import LatencyProfile
 from services.gpu_agent.engine.kv_pool import KVPool, MemoryLimitState
 from services.gpu_agent.engine.request import DEMAND_GROWTH_TOKENS
-from services.gpu_agent.engine.scheduler import Scheduler, ScheduleResult
+from services.gpu_agent.engine.scheduler import DEFAULT_STEP_TOKENS, Scheduler, ScheduleResult
 from services.gpu_agent.engine.sequence import Sequence
 from services.gpu_agent.request_stats import ModelRequestStats
 from services.gpu_agent.slo import ModelSlo
@@ -121,18 +121,19 @@ class SimEngine:
     active or inactive is reported as draining."""
 
     def __init__(self, model: SimModel, agent_id: str, gpu: int, capacity_tokens: int, created_at: float,
-                 cap_bytes: int = 0, clock: Callable[[], float] | None = None):
+                 cap_bytes: int = 0, clock: Callable[[], float] | None = None, step_tokens: int = DEFAULT_STEP_TOKENS,
+                 stats_started_at: float | None = None):
         self.model = model
         self.name = model.name  # read tens of millions of times in an overloaded run: an attribute, not a property
         # The agent's request stats for this engine (arrival rate, busy fraction, tokens per request), on
         # simulated time.
         self.stats = ModelRequestStats(ModelSlo(ttft_ms=model.ttft_s * 1000, tpot_ms=model.tpot_s * 1000),
-                                       clock=clock or (lambda: created_at))
+                                       clock=clock or (lambda: created_at), started_at=stats_started_at)
         self.agent_id = agent_id
         self.gpu = gpu
         self.cap_bytes = cap_bytes
         self.pool = CountingPool(model, capacity_tokens)
-        self.scheduler = Scheduler(self.pool)
+        self.scheduler = Scheduler(self.pool, step_tokens)
         self.state = "loading"
         self.created_at = created_at
         self.last_arrival = float("-inf")

@@ -25,6 +25,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from services.gpu_agent.engine.scheduler import CUDA_STEP_TOKENS, DEFAULT_STEP_TOKENS
 from services.scheduler.policy import ComputeCosts, StepCost, by_weight
 
 
@@ -51,6 +52,12 @@ class LatencyProfile:
     load_base_s: float  # an engine's creation with weights in host memory
     load_bytes_per_s: float
     metadata: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def step_tokens(self) -> int:
+        """The step budget of the engine this profile was measured for (the built-in engine's
+        default on that device): CPU profiles are named "CPU: ..." (bench/profile_cpu.py)."""
+        return DEFAULT_STEP_TOKENS if self.device.startswith("CPU") else CUDA_STEP_TOKENS
 
     # ---- the model --------------------------------------------------------------
 

@@ -67,6 +67,8 @@ class SimSettings:
     # Engines' steps one device runs at once: 1 for a GPU; the CPU device steps each inline engine on its own
     # thread, so its two engines overlap on two cores.
     engines_in_parallel: int = 1
+    # The engines placed at the trace's start were up this long before it (SimCluster's stats_lead_s).
+    stats_lead_s: float = 0.0
 
 
 def _result(r: SimRequest, slo: SloTargets) -> RequestResult:
@@ -89,7 +91,7 @@ def simulate(trace: Trace, models: list[ModelConfig], profile: LatencyProfile, s
     loop = EventLoop()
     cluster = SimCluster(loop, profile, specs, settings.num_gpus, settings.gpus_per_agent, settings.gpu_memory_bytes,
                          settings.memory_policy, settings.starvation_s, settings.drain_timeout_s,
-                         settings.engines_in_parallel)
+                         settings.engines_in_parallel, settings.stats_lead_s)
     if settings.policy_compute not in ("profile", "default"):
         raise ValueError(f"policy_compute {settings.policy_compute!r} is not profile or default")
     params = PolicyParams() if settings.policy_compute == "default" else None

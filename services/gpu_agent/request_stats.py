@@ -111,13 +111,17 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 class ModelRequestStats:
     def __init__(self, slo: ModelSlo, window_s: float = DEFAULT_WINDOW_S,
-                 clock: Callable[[], float] = time.monotonic, max_events: int = DEFAULT_MAX_EVENTS):
+                 clock: Callable[[], float] = time.monotonic, max_events: int = DEFAULT_MAX_EVENTS,
+                 started_at: float | None = None):
+        """started_at: when the numbers began (default: now), on `clock`; rates are over the
+        time since then until it reaches the window (the simulator backdates it for engines
+        that were up before its trace began, as a live cluster's are)."""
         if window_s <= 0:
             raise ValueError("window_s must be positive")
         self.slo = slo
         self.window_s = window_s
         self._clock = clock
-        self._started = clock()
+        self._started = clock() if started_at is None else started_at
         self._arrivals: deque[float] = deque(maxlen=max_events)
         self._finished: deque[_Finished] = deque(maxlen=max_events)
         self._shed: deque[float] = deque(maxlen=max_events)

@@ -66,6 +66,7 @@ from services.gpu_agent.engine.sampling import (
     sample_batch,
 )
 from services.gpu_agent.engine.scheduler import (
+    CUDA_STEP_TOKENS,
     DEFAULT_STEP_TOKENS,
     ScheduledSeq,
     Scheduler,
@@ -91,11 +92,10 @@ DEFAULT_CAPACITY_CONTEXTS = 32  # default virtual KV reservation on the CPU, at 
 # Host pages are 4 KiB, so nothing forces kvcached's 2 MiB pages on the CPU;
 # smaller pages let tiny models' limits mean something.
 CPU_PAGE_BYTES = 64 * 1024
-# A GPU step's budget: an eager prefill step costs milliseconds of kernel launches whatever its
-# length, so a 1536-token prompt in 512-token chunks reached its first token in 41 ms on an
-# H100 (3B) against 19 ms in one step (bench/probe/prefill_chunks.py); a 2048-token step of the
-# 3B model holds decoding sequences back about 25 ms, well inside a 50 ms TPOT target.
-CUDA_STEP_TOKENS = 2048
+# The CUDA warm-up's two requests (_warm_up_kernels): the longer prompt is cut into chunks.
+WARMUP_PROMPT_TOKENS = (40, 150)
+WARMUP_STEP_TOKENS = 128
+WARMUP_NEW_TOKENS = 3
 KV_POOLS = ("auto", "kvcached", "pages")
 
 _DTYPES = {
@@ -127,7 +127,7 @@ class Engine:
                  memory_limit_bytes: int | None = None, kv_capacity_bytes: int | None = None,
                  kv_pool: str = "auto", kv_page_bytes: int | None = None,
                  step_tokens: int | None = None, attention: str = "auto", cuda_graphs: bool = True,
-                 shared_weights_path: str | Path | None = None):
+                 shared_weights_path: str | Path | None = None, warm_up: bool = True):
         """memory_limit_bytes: KV memory the engine may map now (default: 8 contexts).
         kv_capacity_bytes: the KV reservation the limit can later grow to (virtual where
         the pool is elastic; default: the device's memory on CUDA, 32 contexts on the CPU).
@@ -139,7 +139,9 @@ class Engine:
         (CUDA, the Triton kernel and kvcached's pool, whose slot 0 pads a batch).
         shared_weights_path: the host copy of the weights lives in this shared-memory
         file (shared_weights.py): mapped from there when another process has
-        written it (no load), written there otherwise."""
+        written it (no load), written there otherwise.
+        warm_up: on CUDA, compile and load this model's kernels before the first
+        request (_warm_up_kernels)."""
         start = time.perf_counter()
         self.model_path = Path(model_path)
         self.name = name or self.model_path.name
@@ -192,6 +194,8 @@ class Engine:
         self._active = True
         self._stopped = False
         self._thread: threading.Thread | None = None
+        if warm_up and self._device.type == "cuda":
+            self._warm_up_kernels()
         log.info("engine %s: %s %s on %s, %d layers, context %d, %.1f MB weights, KV pool %s, attention %s, "
                  "loaded in %.2fs", self.name, cfg.architecture, self.dtype, self.device, cfg.num_hidden_layers,
                  self.max_context, self.weight_bytes / 1e6, self._pool_kind, "triton" if self._use_triton else "torch",
@@ -259,6 +263,49 @@ class Engine:
                  self.name, pool.capacity_tokens, pool.capacity_tokens * token_bytes / 1e6, pool.tokens_per_page,
                  limit_bytes / 1e6)
         return pool
+
+    def _warm_up_kernels(self) -> None:
+        """Two short requests through every kind of step this engine runs (a prefill from
+        position 0, a later prefill chunk, decoding through the Triton kernel), so that the
+        kernels of this model's geometry are compiled and loaded now, not on its first
+        users' requests: on a fresh H100 those waited up to 1.8 s for their first token
+        (bench/step_log_summary.py over bench/validate_simulator.py's cluster). Runs on the
+        calling thread, before the step thread starts, on a small KV pool of its own, so
+        the engine's pool, its limit and revision are untouched; never fatal."""
+        start = time.perf_counter()
+        pool, budget, graphs = self._scheduler.pool, self._scheduler.step_tokens, self._use_graphs
+        scratch = None
+        outcomes: list[GenerationOutput | BaseException] = []
+        try:
+            scratch = PagePool(self._geometry, sum(WARMUP_PROMPT_TOKENS) + 2 * WARMUP_NEW_TOKENS + 2, 0, self._device)
+            scratch.set_memory_limit(scratch.capacity_tokens * self._geometry.token_bytes, 1)
+            self._scheduler.pool, self._scheduler.step_tokens = scratch, WARMUP_STEP_TOKENS
+            self._use_graphs = False  # a graph is bound to its pool: this one goes at the end
+            vocab = self.config.vocab_size
+            for i, n in enumerate(WARMUP_PROMPT_TOKENS):
+                prompt = [1 + j % (vocab - 1) for j in range(n)]
+                self._scheduler.add(Sequence(
+                    request_id=f"warm-up-{i}", prompt_ids=prompt, max_tokens=WARMUP_NEW_TOKENS,
+                    sampling=SamplingParams(temperature=0.0), stop=[], ignore_eos=True,
+                    detokenizer=IncrementalDetokenizer(self.tokenizer, prompt), generator=None,
+                    deliver=lambda out: outcomes.append(out) or True))
+            for _ in range(64):  # a few steps are enough: bounded all the same
+                if not self._scheduler.has_work():
+                    break
+                self._step()
+            failed = [o for o in outcomes if isinstance(o, BaseException)]
+            if failed or self._scheduler.has_work():
+                log.warning("engine %s: kernel warm-up incomplete (%s)", self.name, failed[0] if failed else "unfinished")
+        except Exception as exc:  # noqa: BLE001  an optimization: serving goes on without it
+            log.warning("engine %s: kernel warm-up failed: %s: %s", self.name, type(exc).__name__, exc)
+        finally:
+            for seq in [*self._scheduler.running, *self._scheduler.waiting]:
+                self._scheduler.remove(seq)
+            self._scheduler.pool, self._scheduler.step_tokens, self._use_graphs = pool, budget, graphs
+            self._slot_table = self._new_slot_table()
+            if scratch is not None:
+                scratch.close()
+        log.info("engine %s: kernels warm in %.2fs", self.name, time.perf_counter() - start)
 
     def _new_slot_table(self) -> DeviceSlotTable | None:
         return DeviceSlotTable(self._device, self.max_context) if self._use_triton else None
