@@ -4,7 +4,8 @@ which numbers are measured or assumed recorded inside.
 
     python bench/fit_profile.py [--results bench/results] [--configs bench/configs]
         [--decode decode_throughput-h200-fused.json] [--attention decode_attention-h200.json]
-        [--activation activation-h200.json] [--out bench/results/sim-profile-h200.json]
+        [--activation activation-h200.json] [--colocated colocated_steps-h100.json]
+        [--out bench/results/sim-profile-h200.json]
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ def main() -> None:
     p.add_argument("--decode", default="decode_throughput-h200-fused.json")
     p.add_argument("--attention", default="decode_attention-h200.json")
     p.add_argument("--activation", default="activation-h200.json")
+    p.add_argument("--colocated", default=None, help="bench/colocated_steps.py's result: the device's parallelism")
     p.add_argument("--out", type=Path, default=HERE / "results" / "sim-profile-h200.json")
     args = p.parse_args()
     profile = fit_profile(args.results, args.configs, decode_file=args.decode, attention_file=args.attention,
-                          activation_file=args.activation)
+                          activation_file=args.activation, colocated_file=args.colocated)
     profile.save(args.out)
     for point in profile.points:
         print(f"{point.model}: decode {point.decode_base_s * 1e3:.2f} ms + {point.decode_per_seq_s * 1e6:.1f} us/seq, "

@@ -25,8 +25,8 @@ against 5.5 ms real (attainment 53.6 against 99.7%); with two, 5.6 ms.
 On a GPU (`--device cuda`) the models are the Llama-3.2-1B and -3B configs
 with dummy weights (bench/configs), the trace's requests are longer, and the
 profile is the H100's (bench/results/sim-profile-h100.json, from the engine
-benchmarks): one GPU serializes its engines' steps as the simulator does,
-which the CPU device, running two inline engines on two cores, does not.
+benchmarks); its colocated engines share the GPU as the profile's
+device_parallelism says (bench/colocated_steps.py).
 
     python bench/validate_simulator.py --device cuda --rates 4 6 8 12 --ttft-ms 500 --tpot-ms 50 \
         --out /tmp/validate-h100.json
@@ -153,7 +153,7 @@ def validate_at(rate: float, args: argparse.Namespace, slo: SloTargets, profile:
                         args.device, args.engine_isolation)
         settings = SimSettings(num_gpus=1, policy=args.policy, gpus_per_agent=1,
                                gpu_memory_bytes=args.gpu_memory_bytes, replan_interval_s=REPLAN_S,
-                               policy_compute="default", engines_in_parallel=args.engines_in_parallel,
+                               policy_compute="default", device_parallelism=args.device_parallelism,
                                stats_lead_s=real["stats_lead_s"])
         sim = simulate(trace, models, profile, settings, slo)
     rows = [row("real", real), row("simulated", sim)]
@@ -183,10 +183,10 @@ def main() -> None:
                    help="default: results/sim-profile-cpu-cluster.json (cpu), results/sim-profile-h100.json (cuda)")
     p.add_argument("--out", type=Path, default=None, help="default: results/validate_simulator-DEVICE.json")
     p.add_argument("--state-dir", type=Path, default=None, help="keep each rate's cluster state and logs here")
-    p.add_argument("--engines-in-parallel", type=int, default=None,
-                   help="engines' steps the simulated device runs at once; default: 1 on a GPU (its kernels "
-                        "serialize), on the CPU one per core up to the two models (each inline engine steps on "
-                        "a thread of its own)")
+    p.add_argument("--device-parallelism", type=float, default=None,
+                   help="engines' steps the simulated device runs at once; default: the profile's on a GPU "
+                        "(bench/colocated_steps.py), on the CPU one per core up to the two models (each inline "
+                        "engine steps on a thread of its own)")
     args = p.parse_args()
     gpu = args.device == "cuda"
     if args.rates is None:
@@ -197,8 +197,8 @@ def main() -> None:
         args.profile = HERE / "results" / ("sim-profile-h100.json" if gpu else "sim-profile-cpu-cluster.json")
     if args.out is None:
         args.out = HERE / "results" / f"validate_simulator-{args.device}.json"
-    if args.engines_in_parallel is None:
-        args.engines_in_parallel = 1 if gpu else max(1, min(len(CPU_MODELS), os.cpu_count() or 1))
+    if args.device_parallelism is None and not gpu:
+        args.device_parallelism = float(max(1, min(len(CPU_MODELS), os.cpu_count() or 1)))
     # The simulated GPU has the memory the real agent sees: the CPU device's budget, or the GPU's own.
     if gpu:
         import torch

@@ -150,6 +150,9 @@ async def test_a_forced_unload_is_immediate(model_path):
             while await call.read() is not grpc.aio.EOF:
                 pass
         assert not any(key == DRAINING_KEY for key, _ in caught.value.trailing_metadata() or ())
+        # Unloaded under it, not an engine failure: UNAVAILABLE, saying why.
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "was unloaded from this agent while the request was in flight" in caught.value.details()
 
 
 async def test_requests_queued_at_a_draining_engine_go_back_through_the_gateway_to_the_new_replica(

@@ -13,8 +13,9 @@ What runs the real code (imported):
 - batching: each engine's real Scheduler (see engine.py).
 
 What is modeled: step times, activation, deactivation and load delays from the
-profile; a GPU runs one engine step at a time, round robin over its engines
-with work; the gateway routes round robin over a model's placed replicas whose
+profile; the engines with work on a GPU step at once, sharing it as the
+profile's device_parallelism says (a step with n engines busy takes
+max(1, n / parallelism) times its alone time); the gateway routes round robin over a model's placed replicas whose
 engine is loaded (a switched-off one is switched on by its first request, as
 the agent does), and a request for a model with no such replica goes to one
 of its draining engines if it has any and the model is placed (its new
@@ -114,9 +115,12 @@ class SimCluster:
     def __init__(self, clock: Clock, profile: LatencyProfile, models: dict[str, SimModel], num_gpus: int,
                  gpus_per_agent: int, gpu_memory_bytes: int, memory_policy: str = "balloon",
                  starvation_s: float = DEFAULT_STARVATION_S, drain_timeout_s: float = DRAIN_TIMEOUT_S,
-                 engines_in_parallel: int = 1, stats_lead_s: float = 0.0):
-        """engines_in_parallel: how many engines' steps one device runs at once: 1 on a GPU, whose
-        kernels serialize; the CPU device runs each inline engine's steps on a thread of its own.
+                 device_parallelism: float | None = None, stats_lead_s: float = 0.0):
+        """device_parallelism: how many engines' steps one device runs at once, in alone-step
+        equivalents (default: the profile's, measured by bench/colocated_steps.py; 1 is fully
+        serialized): with n engines busy on a device, each step takes max(1, n / parallelism)
+        times its alone time. The CPU device, whose inline engines each step on a thread of their
+        own, runs one per core.
         stats_lead_s: the engines placed when the trace starts began their request stats this long
         before it (a live cluster's engines were loaded before its traffic: their arrival rates are
         over the time since, up to the stats window; with no lead a first burst reads as a rate
@@ -130,9 +134,9 @@ class SimCluster:
         self.memory_params = PolicyParams()
         self.starvation_s = starvation_s
         self.drain_timeout_s = drain_timeout_s
-        if engines_in_parallel < 1:
-            raise ValueError(f"engines_in_parallel must be at least 1, got {engines_in_parallel}")
-        self.engines_in_parallel = engines_in_parallel
+        self.device_parallelism = profile.device_parallelism if device_parallelism is None else device_parallelism
+        if self.device_parallelism < 1:
+            raise ValueError(f"device_parallelism must be at least 1, got {self.device_parallelism}")
         self.stats_lead_s = stats_lead_s
         self.agents: dict[str, Agent] = {}
         left, n = num_gpus, 0
@@ -539,9 +543,9 @@ class SimCluster:
     # ---- compute -----------------------------------------------------------------
 
     def _kick(self, device: Device) -> None:
-        """Starts the next step on an idle GPU: the next engine, round robin, that has something to run; on a
-        device that runs several engines' steps at once (`engines_in_parallel`), until its lanes are full."""
-        while device.running < self.engines_in_parallel and self._start_next_step(device):
+        """Starts a step for every engine on the device that has something to run and is not stepping
+        (round robin from the device's turn): they share the device (`device_parallelism`)."""
+        while self._start_next_step(device):
             pass
 
     def _start_next_step(self, device: Device) -> bool:
@@ -562,7 +566,11 @@ class SimCluster:
             device.turn = (position + 1) % n
             device.running += 1
             self.stats["steps"] += 1
-            self.clock.at(self.now + step.duration_s, lambda e=engine, s=step: self._step_done(device, e, s))
+            # Processor sharing, priced when the step starts: the engines busy on the device now (stepping,
+            # or with work between two steps) share its parallelism.
+            busy = sum(1 for e in device.engines if e.state == "active" and (e.stepping or e.scheduler.has_work()))
+            duration = step.duration_s * max(1.0, busy / self.device_parallelism)
+            self.clock.at(self.now + duration, lambda e=engine, s=step: self._step_done(device, e, s))
             return True
         return False
 

@@ -51,6 +51,9 @@ class LatencyProfile:
     deactivation_s: float
     load_base_s: float  # an engine's creation with weights in host memory
     load_bytes_per_s: float
+    # How many engines' steps the device runs at once, in alone-step equivalents: a step with n engines
+    # busy on the device takes max(1, n / device_parallelism) times its alone time (1: fully serialized).
+    device_parallelism: float = 1.0
     metadata: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -107,7 +110,8 @@ class LatencyProfile:
         return cls(device=data["device"], points=points, attention_bytes_per_s=data["attention_bytes_per_s"],
                    copy_bytes_per_s=data["copy_bytes_per_s"], activation_overhead_s=data["activation_overhead_s"],
                    deactivation_s=data["deactivation_s"], load_base_s=data["load_base_s"],
-                   load_bytes_per_s=data["load_bytes_per_s"], metadata=data.get("metadata", {}))
+                   load_bytes_per_s=data["load_bytes_per_s"],
+                   device_parallelism=data.get("device_parallelism", 1.0), metadata=data.get("metadata", {}))
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyProfile:
@@ -140,7 +144,7 @@ def kv_bytes_per_token(config: dict) -> int:
 def fit_profile(results_dir: str | Path, configs_dir: str | Path, *,
                 decode_file: str = "decode_throughput-h200-fused.json",
                 attention_file: str = "decode_attention-h200.json",
-                activation_file: str = "activation-h200.json") -> LatencyProfile:
+                activation_file: str = "activation-h200.json", colocated_file: str | None = None) -> LatencyProfile:
     """Fits the profile from three benchmark results:
     - decode_file (bench/decode_throughput.py): per model, the decode step
       time at two batch sizes and the one-step prefill of the whole batch's
@@ -150,11 +154,21 @@ def fit_profile(results_dir: str | Path, configs_dir: str | Path, *,
       time against the KV it reads, whose slope is the attention read rate
       (taken out of the decode fit at the benchmark's mean context);
     - activation_file (bench/activation.py): activation and load seconds
-      against weight bytes."""
+      against weight bytes;
+    - colocated_file (bench/colocated_steps.py), if given: two engines'
+      decode steps alone and together on one device; the device's
+      parallelism is the sum of their alone/together ratios (the share of
+      the device each gets while both are busy; 1 when fully serialized),
+      kept within [1, 2]. Without it, 1."""
     results_dir, configs_dir = Path(results_dir), Path(configs_dir)
     decode = json.loads((results_dir / decode_file).read_text())
     attention = json.loads((results_dir / attention_file).read_text())
     activation = json.loads((results_dir / activation_file).read_text())
+    parallelism = 1.0
+    if colocated_file:
+        colocated = json.loads((results_dir / colocated_file).read_text())
+        decode_rows = [r for r in colocated["rows"] if r["step"] == "decode_step"]
+        parallelism = min(2.0, max(1.0, sum(r["alone_ms"] / r["together_ms"] for r in decode_rows)))
 
     # Attention: ms = t0 + MiB / rate per layer call; the slope is what scales with context.
     geometry = attention["geometry"]
@@ -196,7 +210,8 @@ def fit_profile(results_dir: str | Path, configs_dir: str | Path, *,
         "device": device,
         "activation_device": activation["environment"]["device"],
         "sources": {"decode": f"bench/results/{decode_file}", "attention": f"bench/results/{attention_file}",
-                    "activation": f"bench/results/{activation_file}"},
+                    "activation": f"bench/results/{activation_file}",
+                    **({"colocated": f"bench/results/{colocated_file}"} if colocated_file else {})},
         "source_dates": {"decode": decode["environment"]["date"], "attention": attention["environment"]["date"],
                          "activation": activation["environment"]["date"]},
         "measured": [
@@ -214,7 +229,9 @@ def fit_profile(results_dir: str | Path, configs_dir: str | Path, *,
             "prefill cost is linear in prompt tokens (no quadratic attention term; measured on 128-token prompts "
             "only), and a chunk's attention over earlier context is not charged",
             "decode attention cost is the kernel's per-byte slope applied to all layers' KV (measured on one layer)",
-            "colocated engines on a GPU run their steps one at a time, round robin (no overlap of their kernels)",
+            (f"colocated engines share a GPU as {parallelism:.2f} alone-steps at once (measured with two engines' decode "
+             "steps; more engines assumed to share it the same way)" if colocated_file else
+             "colocated engines on a GPU run their steps one at a time (no overlap of their kernels)"),
             "a load reads weights as fast as the benchmark's dummy-weight load (no disk or network time)",
             "KV pages are packed perfectly (mapped pages = used tokens rounded up to whole pages)",
         ],
@@ -224,4 +241,4 @@ def fit_profile(results_dir: str | Path, configs_dir: str | Path, *,
         copy_bytes_per_s=1 / act_slope, activation_overhead_s=max(0.0, act_overhead),
         deactivation_s=sum(r["deactivate_s"] for r in rows) / len(rows),
         load_base_s=max(0.0, load_base), load_bytes_per_s=1 / load_slope if load_slope > 0 else float("inf"),
-        metadata=metadata)
+        device_parallelism=parallelism, metadata=metadata)

@@ -64,9 +64,10 @@ class SimSettings:
     # What the placement policy prices compute with: "profile", the simulated GPUs' own step costs;
     # "default", the live scheduler's built-in ones (PolicyParams()), as a real cluster runs today.
     policy_compute: str = "profile"
-    # Engines' steps one device runs at once: 1 for a GPU; the CPU device steps each inline engine on its own
-    # thread, so its two engines overlap on two cores.
-    engines_in_parallel: int = 1
+    # Engines' steps one device runs at once, in alone-step equivalents (SimCluster): None, the profile's
+    # (bench/colocated_steps.py on its GPU; 1, fully serialized, where not measured); the CPU device steps
+    # each inline engine on a thread of its own, so its two engines overlap on two cores: 2.
+    device_parallelism: float | None = None
     # The engines placed at the trace's start were up this long before it (SimCluster's stats_lead_s).
     stats_lead_s: float = 0.0
 
@@ -91,7 +92,7 @@ def simulate(trace: Trace, models: list[ModelConfig], profile: LatencyProfile, s
     loop = EventLoop()
     cluster = SimCluster(loop, profile, specs, settings.num_gpus, settings.gpus_per_agent, settings.gpu_memory_bytes,
                          settings.memory_policy, settings.starvation_s, settings.drain_timeout_s,
-                         settings.engines_in_parallel, settings.stats_lead_s)
+                         settings.device_parallelism, settings.stats_lead_s)
     if settings.policy_compute not in ("profile", "default"):
         raise ValueError(f"policy_compute {settings.policy_compute!r} is not profile or default")
     params = PolicyParams() if settings.policy_compute == "default" else None

@@ -333,8 +333,14 @@ class EngineManager:
         return engine
 
     async def unload(self, model: str) -> ManagedEngine:
-        """Unloads the engine at once: requests in flight on it end with an error."""
-        return await self._unload(self.get(model))
+        """Unloads the engine at once: requests in flight on it end with an error
+        that says so (UNAVAILABLE, not an engine failure)."""
+        managed = self.get(model)
+        left = managed.request_stats.in_flight
+        if left and not managed.unload_reason:
+            managed.unload_reason = (f"model {model!r} was unloaded from this agent while the request was in flight "
+                                     f"(unloaded at once, with {left} request(s) unfinished)")
+        return await self._unload(managed)
 
     async def _unload(self, managed: ManagedEngine) -> ManagedEngine:
         if managed.drain_task is not None and managed.drain_task is not asyncio.current_task():
