@@ -324,3 +324,42 @@ def test_prism_sheds_a_model_whose_squeeze_would_overload_a_gpu_and_serves_it_ag
     target = prism_policy(ClusterSnapshot(models=snap.models, agents=(agent("x", 1), agent("y", 1)),
                                           weight_bytes=weights, current=current, demand=demand), params)
     assert [r.agent_id for r in target["b"] if r.active][0] == "y"
+
+
+def test_prism_gives_a_model_too_hot_for_one_gpu_replicas_on_several_and_drops_them_when_it_cools():
+    # One 8B model at 30 req/s needs about 1.3 GPUs of compute: three replicas at capacity 0.5 each,
+    # on three agents (one engine of a model per agent), the one it runs on among them.
+    weights = {"a": 16 * GB, "b": 16 * GB}
+    agents = tuple(agent(a, 1) for a in ("w", "x", "y", "z"))
+    current = {"a": [ReplicaTarget("x", (0,), True)], "b": [ReplicaTarget("w", (0,), True)]}
+    demand = {"a": busy(30.0), "b": busy(8.0)}
+    snap = ClusterSnapshot(models=models("a", "b"), agents=agents, weight_bytes=weights, current=current,
+                           demand=demand)
+    params = PolicyParams()
+    load = compute_load(snap, snap.models[0], params)
+    assert 2 * params.compute_capacity < load <= 3 * params.compute_capacity
+    target = prism_policy(snap, params)
+    replicas = active_of(target)["a"]
+    assert len(replicas) == 3 and ("x", (0,)) in replicas
+    assert len({agent_id for agent_id, _ in replicas}) == 3
+    assert "w" not in {agent_id for agent_id, _ in replicas}  # b's GPU has the least compute room left
+    assert active_of(target)["b"] == [("w", (0,))]
+    # Carried out, the plan holds; at 16 req/s the three stay (two would be past capacity less the
+    # margin), at 12 two are enough, at 6 one: a keeps some of its replicas and the others go.
+    running = as_current(target)
+    for rate, count in ((30.0, 3), (16.0, 3), (12.0, 2), (6.0, 1)):
+        after = prism_policy(ClusterSnapshot(models=snap.models, agents=agents, weight_bytes=weights,
+                                             current=running, demand={**demand, "a": busy(rate)}), params)
+        kept = active_of(after)["a"]
+        assert len(kept) == count, (rate, kept)
+        assert set(kept) <= set(replicas)
+
+
+def test_prism_shares_a_hot_models_load_among_the_replicas_it_finds():
+    # Two agents only: the 30 req/s model gets both (it would want three), each taking half its load.
+    weights = {"a": 16 * GB}
+    agents = (agent("x", 1), agent("y", 1))
+    snap = ClusterSnapshot(models=models("a"), agents=agents, weight_bytes=weights,
+                           current={"a": [ReplicaTarget("x", (0,), True)]}, demand={"a": busy(30.0)})
+    target = prism_policy(snap)
+    assert sorted(active_of(target)["a"]) == [("x", (0,)), ("y", (0,))]

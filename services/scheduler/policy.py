@@ -355,12 +355,14 @@ def time_share_policy(snapshot: ClusterSnapshot, params: PolicyParams = PolicyPa
 # ---- prism ---------------------------------------------------------------------
 
 
-def _need_per_gpu(snapshot: ClusterSnapshot, model: ModelConfig, memory: int, params: PolicyParams) -> int:
+def _need_per_gpu(snapshot: ClusterSnapshot, model: ModelConfig, memory: int, params: PolicyParams,
+                  replicas: int = 1) -> int:
     """Memory an active replica takes on each of its GPUs: its weight shard
-    and its KV demand, at least a small share of the GPU."""
+    and its share of the KV demand (of `replicas` serving it), at least a
+    small share of the GPU."""
     demand = snapshot.demand_of(model.model_name)
     weights = snapshot.weight_bytes.get(model.model_name, 0)
-    kv = max(demand.kv_demand_bytes, int(params.min_kv_fraction * memory * model.tp_size))
+    kv = max(demand.kv_demand_bytes // replicas, int(params.min_kv_fraction * memory * model.tp_size))
     return math.ceil((weights + kv) / model.tp_size)
 
 
@@ -441,21 +443,43 @@ def prism_policy(snapshot: ClusterSnapshot, params: PolicyParams = PolicyParams(
     def protected_rate(key: GpuKey) -> float:
         return sum(r for k, r in protected.items() if _overlaps(k, key))
 
-    def add(name: str, key: GpuKey, active: bool, load: float = 0.0) -> None:
+    def add(name: str, key: GpuKey, active: bool, load: float = 0.0, replicas: int = 1) -> None:
         placement[name].append(ReplicaTarget(key[0], key[1], active))
         if active:
-            used[key] = used.get(key, 0) + _need_per_gpu(snapshot, models[name], _memory(snapshot, key), params)
+            used[key] = used.get(key, 0) + _need_per_gpu(snapshot, models[name], _memory(snapshot, key), params,
+                                                         replicas)
             compute[key] = compute.get(key, 0.0) + load
 
-    def memory_fits(model: ModelConfig, key: GpuKey) -> bool:
+    def memory_fits(model: ModelConfig, key: GpuKey, replicas: int = 1) -> bool:
         memory = _memory(snapshot, key)
-        need = _need_per_gpu(snapshot, model, memory, params)
+        need = _need_per_gpu(snapshot, model, memory, params, replicas)
         return not memory or need <= room(key) + params.overcommit_margin * memory
 
-    def fits(model: ModelConfig, key: GpuKey, staying: bool) -> bool:
-        """Memory and compute; a model already active there keeps it up to the margins."""
+    def fits(model: ModelConfig, key: GpuKey, staying: bool, replicas: int = 1) -> bool:
+        """Memory and compute (a replica's share of the model's, with `replicas` serving it); a model
+        already active there keeps it up to the margins. A replica of a model replicated for its load
+        may fill a GPU with nothing else on it up to the overload bound: no one else's SLO is at stake."""
         limit = params.compute_capacity + (params.compute_margin if staying else 0.0)
-        return memory_fits(model, key) and compute_used(key) + loads[model.model_name] <= limit
+        if replicas > 1 and not compute_used(key):
+            limit = max(limit, params.compute_overload)
+        return (memory_fits(model, key, replicas)
+                and compute_used(key) + loads[model.model_name] / replicas <= limit)
+
+    def replicas_wanted(model: ModelConfig, active: list[GpuKey]) -> int:
+        """As many active replicas as the model's compute needs at `compute_capacity` each (the gateways
+        split its requests evenly among them), with hysteresis so that a rate near a boundary does not
+        add and drop a replica by turns: a lone replica is enough while it stays within capacity plus
+        the margin (as a model staying on its GPU does), and a model replicated for its load keeps
+        its replicas until one fewer would stay under capacity less the margin. (Two active replicas
+        of a model whose load fits one are a move under way, made before break: not kept.)"""
+        load = loads[model.model_name]
+        want = max(1, math.ceil(load / params.compute_capacity))
+        have = len(active)
+        if have <= 1 and load <= params.compute_capacity + params.compute_margin:
+            want = 1
+        if want >= 2 and have > want and load / (have - 1) > params.compute_capacity - params.compute_margin:
+            want = have
+        return min(want, len({k[0] for k in _gpu_sets(snapshot, model.tp_size)}))
 
     # Hot models in order: priority; then those already running at home (they keep their GPU, so
     # noise in the rates cannot make two models swap places); then requests per unit of compute
@@ -473,9 +497,40 @@ def prism_policy(snapshot: ClusterSnapshot, params: PolicyParams = PolicyParams(
         demand = snapshot.demand_of(m.model_name)
         return demand.arrival_rate < params.warm_rate and not demand.queued
 
+    def place_replicas(model: ModelConfig, want: int, live: list[ReplicaTarget], active: list[GpuKey],
+                       loaded: list[GpuKey]) -> bool:
+        """A model whose compute needs more than one GPU: up to `want` active replicas on distinct agents
+        (its active ones first, then its loaded ones, then the sets with the most compute room), each
+        taking an even share of its load. With fewer found, the ones found share it all; with none, False
+        (it goes on as a model that fits nowhere)."""
+        name = model.model_name
+        chosen: list[GpuKey] = []
+        taken: set[str] = set()
+
+        def take(candidates: list[GpuKey], staying: bool) -> None:
+            for key in candidates:
+                if len(chosen) < want and key[0] not in taken and fits(model, key, staying, want):
+                    chosen.append(key)
+                    taken.add(key[0])
+
+        take(sorted(active, key=lambda k: (compute_used(k), k)), staying=True)
+        take(sorted((k for k in loaded if k not in active), key=lambda k: (compute_used(k), k)), staying=False)
+        take(sorted((k for k in _open_sets(snapshot, model, live) if k not in active and k not in loaded),
+                    key=lambda k: (compute_used(k), -room(k), k)), staying=False)
+        if not chosen:
+            return False
+        rate = snapshot.demand_of(name).arrival_rate
+        for key in chosen:
+            add(name, key, True, loads[name] / len(chosen), len(chosen))
+            protected[key] = protected.get(key, 0.0) + rate / len(chosen)
+        if active and not any(k in active for k in chosen):
+            add(name, active[0], True)  # keep serving from where it is until the new replicas are up
+        return True
+
     hot = sorted((m for m in snapshot.models if snapshot.demand_of(m.model_name).hot and m.model_name in homes),
                  key=order)
     overflow: list[ModelConfig] = []
+    replicated: list[tuple[ModelConfig, int, list[ReplicaTarget], list[GpuKey], list[GpuKey]]] = []
     for model in (m for m in hot if not warm(m)):
         name = model.model_name
         home = homes[name]
@@ -484,6 +539,10 @@ def prism_policy(snapshot: ClusterSnapshot, params: PolicyParams = PolicyParams(
         live = _live_replicas(snapshot, model)
         active = [(r.agent_id, r.gpu_ids) for r in live if r.active]
         loaded = [(r.agent_id, r.gpu_ids) for r in live if not r.active]
+        want = replicas_wanted(model, active)
+        if want > 1:  # after the others: they keep their GPUs, it takes the room left
+            replicated.append((model, want, live, active, loaded))
+            continue
         # Stay: on an active replica (or home) that fits, the one with the most compute room.
         current = active + ([home] if home not in active else [])
         stay = [k for k in current if fits(model, k, staying=k in active)]
@@ -506,6 +565,9 @@ def prism_policy(snapshot: ClusterSnapshot, params: PolicyParams = PolicyParams(
         protected[target] = protected.get(target, 0.0) + rate
         if target not in active:
             add(name, current[0], True)  # keep serving from where it is until the new replica is up
+    for model, want, live, active, loaded in replicated:
+        if not place_replicas(model, want, live, active, loaded):
+            overflow.append(model)
     # What fits nowhere goes together where it costs the fewest requests their SLO: the sets whose
     # protected models have the least arrival rate (one already given such models first).
     for model in overflow:
