@@ -138,6 +138,18 @@ def brief(rep: dict) -> dict:
     return {k: v for k, v in rep.items() if k != "requests"}
 
 
+def simulate_like(trace, models: list, args: argparse.Namespace, slo: SloTargets, profile: LatencyProfile,
+                  stats_lead_s: float) -> dict:
+    """The trace through the simulator, set up as the real cluster ran it."""
+    # The live scheduler prices compute with its built-in (H200) costs: the simulated one must too,
+    # or the two clusters run different placements (the CPU profile's costs shed a model here).
+    settings = SimSettings(num_gpus=1, policy=args.policy, gpus_per_agent=1,
+                           gpu_memory_bytes=args.gpu_memory_bytes, replan_interval_s=REPLAN_S,
+                           policy_compute="default", device_parallelism=args.device_parallelism,
+                           stats_lead_s=stats_lead_s)
+    return simulate(trace, models, profile, settings, slo)
+
+
 def validate_at(rate: float, args: argparse.Namespace, slo: SloTargets, profile: LatencyProfile) -> dict:
     """One trace at `rate`, real and simulated."""
     trace = make_trace(rate, args.duration, args.seed, args.device)
@@ -147,15 +159,22 @@ def validate_at(rate: float, args: argparse.Namespace, slo: SloTargets, profile:
         state.mkdir(parents=True, exist_ok=True)
         config_path = write_config(state, args.policy, args.device)
         models = list(placement_config.load(config_path).models)
-        # The live scheduler prices compute with its built-in (H200) costs: the simulated one must too,
-        # or the two clusters run different placements (the CPU profile's costs shed a model here).
         real = run_real(trace, config_path, state / "cluster", args.cpu_memory_gb, slo, args.chars_per_token,
                         args.device, args.engine_isolation)
-        settings = SimSettings(num_gpus=1, policy=args.policy, gpus_per_agent=1,
-                               gpu_memory_bytes=args.gpu_memory_bytes, replan_interval_s=REPLAN_S,
-                               policy_compute="default", device_parallelism=args.device_parallelism,
-                               stats_lead_s=real["stats_lead_s"])
-        sim = simulate(trace, models, profile, settings, slo)
+        sim = simulate_like(trace, models, args, slo, profile, real["stats_lead_s"])
+    return comparison(rate, trace, real, sim)
+
+
+def resimulate_at(run: dict, args: argparse.Namespace, slo: SloTargets, profile: LatencyProfile) -> dict:
+    """A recorded run's real half as it was, its simulated half run again with today's simulator."""
+    trace = make_trace(run["rate"], args.duration, args.seed, args.device)
+    with tempfile.TemporaryDirectory(prefix="prism-validate-") as tmp:  # the simulator reads the models' configs
+        models = list(placement_config.load(write_config(Path(tmp), args.policy, args.device)).models)
+        sim = simulate_like(trace, models, args, slo, profile, run["real"].get("stats_lead_s", 0.0))
+    return comparison(run["rate"], trace, run["real"], sim)
+
+
+def comparison(rate: float, trace, real: dict, sim: dict) -> dict:
     rows = [row("real", real), row("simulated", sim)]
     ra, sa = rows[0]["attainment"], rows[1]["attainment"]
     diff = None if ra is None or sa is None else 100 * (sa - ra)
@@ -183,11 +202,21 @@ def main() -> None:
                    help="default: results/sim-profile-cpu-cluster.json (cpu), results/sim-profile-h100.json (cuda)")
     p.add_argument("--out", type=Path, default=None, help="default: results/validate_simulator-DEVICE.json")
     p.add_argument("--state-dir", type=Path, default=None, help="keep each rate's cluster state and logs here")
+    p.add_argument("--resimulate", type=Path, default=None,
+                   help="a result file of this script: keep its real runs, simulate them again with today's "
+                        "simulator (its trace settings, SLOs and memory; today's profile defaults); no cluster")
     p.add_argument("--device-parallelism", type=float, default=None,
                    help="engines' steps the simulated device runs at once; default: the profile's on a GPU "
                         "(bench/colocated_steps.py), on the CPU one per core up to the two models (each inline "
                         "engine steps on a thread of its own)")
     args = p.parse_args()
+    recorded = None
+    if args.resimulate is not None:
+        recorded = json.loads(args.resimulate.read_text())
+        kept = recorded["settings"]
+        for name in ("device", "duration", "seed", "ttft_ms", "tpot_ms", "policy", "cpu_memory_gb"):
+            setattr(args, name, kept[name])
+        args.rates = [run["rate"] for run in recorded["runs"]]
     gpu = args.device == "cuda"
     if args.rates is None:
         args.rates = [20.0, 40.0, 80.0, 160.0] if gpu else [15.0, 25.0, 40.0, 65.0]
@@ -200,7 +229,9 @@ def main() -> None:
     if args.device_parallelism is None and not gpu:
         args.device_parallelism = float(max(1, min(len(CPU_MODELS), os.cpu_count() or 1)))
     # The simulated GPU has the memory the real agent sees: the CPU device's budget, or the GPU's own.
-    if gpu:
+    if recorded is not None and "gpu_memory_bytes" in recorded["settings"]:
+        args.gpu_memory_bytes = recorded["settings"]["gpu_memory_bytes"]
+    elif gpu:
         import torch
 
         args.gpu_memory_bytes = torch.cuda.get_device_properties(0).total_memory
@@ -210,8 +241,11 @@ def main() -> None:
     slo = SloTargets(ttft_s=args.ttft_ms / 1e3, tpot_s=args.tpot_ms / 1e3)
     profile = LatencyProfile.load(args.profile)
     runs = []
-    for rate in args.rates:
-        runs.append(validate_at(rate, args, slo, profile))
+    for index, rate in enumerate(args.rates):
+        if recorded is not None:
+            runs.append(resimulate_at(recorded["runs"][index], args, slo, profile))
+        else:
+            runs.append(validate_at(rate, args, slo, profile))
         r = runs[-1]
         print(f"rate {rate:g}/s: {r['requests']} requests, attainment real {r['table'][0]['attainment']:.3f} "
               f"simulated {r['table'][1]['attainment']:.3f}", flush=True)
@@ -233,6 +267,9 @@ def main() -> None:
     out = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "settings": {**vars(args), "profile": str(args.profile), "out": str(args.out)},
            "profile_device": profile.device, "runs": runs}
+    if recorded is not None:  # the real runs are the recorded ones: say when and where they ran
+        out["real_runs_date"] = recorded.get("real_runs_date", recorded["date"])
+        out["real_runs_device"] = recorded.get("real_runs_device", recorded.get("profile_device"))
     args.out.write_text(json.dumps(out, indent=1, default=str) + "\n")
     print(f"wrote {args.out}")
 

@@ -363,3 +363,21 @@ def test_prism_shares_a_hot_models_load_among_the_replicas_it_finds():
                            current={"a": [ReplicaTarget("x", (0,), True)]}, demand={"a": busy(30.0)})
     target = prism_policy(snap)
     assert sorted(active_of(target)["a"]) == [("x", (0,)), ("y", (0,))]
+
+
+def test_prism_replicates_a_burst_on_its_recent_rate_before_the_window_shows_it():
+    # The window's 6 req/s fits one GPU; the last seconds' 30 req/s would need three. Replication
+    # plans on the recent rate, so the replicas come as the burst starts.
+    weights = {"a": 16 * GB}
+    agents = tuple(agent(a, 1) for a in ("x", "y", "z"))
+    current = {"a": [ReplicaTarget("x", (0,), True)]}
+
+    def demand(recent: float) -> dict[str, ModelDemand]:
+        return {"a": ModelDemand(arrival_rate=6.0, recent_arrival_rate=recent, busy_fraction=1.0,
+                                 mean_prompt_tokens=512, mean_output_tokens=128)}
+
+    snap = ClusterSnapshot(models=models("a"), agents=agents, weight_bytes=weights, current=current, demand=demand(30.0))
+    assert compute_load(snap, snap.models[0], PolicyParams()) <= PolicyParams().compute_capacity
+    assert sorted(active_of(prism_policy(snap))["a"]) == [("x", (0,)), ("y", (0,)), ("z", (0,))]
+    calm = ClusterSnapshot(models=snap.models, agents=agents, weight_bytes=weights, current=current, demand=demand(6.0))
+    assert active_of(prism_policy(calm))["a"] == [("x", (0,))]

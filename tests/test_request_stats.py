@@ -68,6 +68,22 @@ def test_stats_started_before_now_count_the_time_since(clock):
     assert snap.arrival_rate == pytest.approx(0.5)  # 15 over the 30 s seen, not 15 over the 1 s minimum
 
 
+def test_the_recent_arrival_rate_shows_a_burst_the_window_rate_hides(clock):
+    stats = make_stats(clock, window_s=60.0)
+    for _ in range(30):  # a quiet minute: one request every 2 s
+        clock.advance(2)
+        stats.arrived()
+    quiet = stats.snapshot()
+    # Both spans take their ends: 30 arrivals in the minute, 6 in the last 10 s.
+    assert quiet.arrival_rate == pytest.approx(0.5) and quiet.recent_arrival_rate == pytest.approx(0.6)
+    for _ in range(50):  # then 10 requests/s for 5 s
+        clock.advance(0.1)
+        stats.arrived()
+    burst = stats.snapshot()
+    assert burst.recent_arrival_rate == pytest.approx((50 + 3) / 10)  # the last 10 s: the burst and 3 before it
+    assert burst.arrival_rate < 1.5  # the minute's rate barely moved
+
+
 def test_arrival_rate_span_is_at_least_a_second(clock):
     stats = make_stats(clock)
     clock.advance(0.001)

@@ -26,7 +26,7 @@ MIB = 1 << 20
 SNAPSHOT = ServingSnapshot(window_s=60.0, arrival_rate=2.5, finished_requests=140, ttft_p50_ms=80.0,
                            ttft_p99_ms=950.0, tpot_p50_ms=12.0, tpot_p99_ms=40.0, slo_attainment=0.93,
                            shed_requests=3, failed_requests=1, busy_fraction=0.4, mean_prompt_tokens=480.0,
-                           mean_output_tokens=120.0)
+                           mean_output_tokens=120.0, recent_arrival_rate=7.5)
 
 
 def split(gpu_id: int = 0) -> DeviceMemorySplit:
@@ -170,10 +170,11 @@ def test_the_scheduler_sums_the_reports_busy_fractions_and_averages_their_tokens
         load.serving.CopyFrom(serving_stats_proto(ServingSnapshot(
             window_s=60.0, arrival_rate=rate, finished_requests=10, ttft_p50_ms=0, ttft_p99_ms=0, tpot_p50_ms=0,
             tpot_p99_ms=0, slo_attainment=1.0, shed_requests=0, failed_requests=0, busy_fraction=busy,
-            mean_prompt_tokens=prompt, mean_output_tokens=100.0)))
+            mean_prompt_tokens=prompt, mean_output_tokens=100.0, recent_arrival_rate=2 * rate)))
         reports.append(report)
     demand = demand_from_reports(reports)["m"]
     assert demand.arrival_rate == pytest.approx(4.0)
+    assert demand.recent_arrival_rate == pytest.approx(8.0)
     assert demand.busy_fraction == pytest.approx(0.75)
     assert demand.mean_prompt_tokens == pytest.approx((3 * 400 + 1 * 800) / 4)  # weighted by arrival rate
     assert demand.mean_output_tokens == pytest.approx(100.0)

@@ -62,7 +62,8 @@ class SimScheduler:
                 continue
             serving = cluster.serving(engine)
             demand[engine.name] = demand.get(engine.name, ModelDemand()) + ModelDemand(
-                arrival_rate=serving.arrival_rate, queued=cluster.queued(engine), running=engine.running,
+                arrival_rate=serving.arrival_rate, recent_arrival_rate=serving.recent_arrival_rate,
+                queued=cluster.queued(engine), running=engine.running,
                 kv_demand_bytes=cluster.kv_demand_bytes(engine), busy_fraction=serving.busy_fraction,
                 mean_prompt_tokens=serving.mean_prompt_tokens, mean_output_tokens=serving.mean_output_tokens)
         # The gateways' demand records.

@@ -68,7 +68,7 @@ class ModelSlo(_message.Message):
     def __init__(self, ttft_ms: _Optional[float] = ..., tpot_ms: _Optional[float] = ...) -> None: ...
 
 class ServingStats(_message.Message):
-    __slots__ = ("window_s", "arrival_rate", "finished_requests", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "slo_attainment", "shed_requests", "failed_requests", "busy_fraction", "mean_prompt_tokens", "mean_output_tokens")
+    __slots__ = ("window_s", "arrival_rate", "finished_requests", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms", "slo_attainment", "shed_requests", "failed_requests", "busy_fraction", "mean_prompt_tokens", "mean_output_tokens", "recent_arrival_rate")
     WINDOW_S_FIELD_NUMBER: _ClassVar[int]
     ARRIVAL_RATE_FIELD_NUMBER: _ClassVar[int]
     FINISHED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +82,7 @@ class ServingStats(_message.Message):
     BUSY_FRACTION_FIELD_NUMBER: _ClassVar[int]
     MEAN_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MEAN_OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    RECENT_ARRIVAL_RATE_FIELD_NUMBER: _ClassVar[int]
     window_s: float
     arrival_rate: float
     finished_requests: int
@@ -95,7 +96,8 @@ class ServingStats(_message.Message):
     busy_fraction: float
     mean_prompt_tokens: float
     mean_output_tokens: float
-    def __init__(self, window_s: _Optional[float] = ..., arrival_rate: _Optional[float] = ..., finished_requests: _Optional[int] = ..., ttft_p50_ms: _Optional[float] = ..., ttft_p99_ms: _Optional[float] = ..., tpot_p50_ms: _Optional[float] = ..., tpot_p99_ms: _Optional[float] = ..., slo_attainment: _Optional[float] = ..., shed_requests: _Optional[int] = ..., failed_requests: _Optional[int] = ..., busy_fraction: _Optional[float] = ..., mean_prompt_tokens: _Optional[float] = ..., mean_output_tokens: _Optional[float] = ...) -> None: ...
+    recent_arrival_rate: float
+    def __init__(self, window_s: _Optional[float] = ..., arrival_rate: _Optional[float] = ..., finished_requests: _Optional[int] = ..., ttft_p50_ms: _Optional[float] = ..., ttft_p99_ms: _Optional[float] = ..., tpot_p50_ms: _Optional[float] = ..., tpot_p99_ms: _Optional[float] = ..., slo_attainment: _Optional[float] = ..., shed_requests: _Optional[int] = ..., failed_requests: _Optional[int] = ..., busy_fraction: _Optional[float] = ..., mean_prompt_tokens: _Optional[float] = ..., mean_output_tokens: _Optional[float] = ..., recent_arrival_rate: _Optional[float] = ...) -> None: ...
 
 class GpuMemory(_message.Message):
     __slots__ = ("gpu_id", "total_bytes", "weight_bytes", "reserve_bytes", "kv_budget_bytes", "kv_limit_bytes", "kv_mapped_bytes", "free_bytes", "engines")

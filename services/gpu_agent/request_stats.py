@@ -28,6 +28,8 @@ DEFAULT_MAX_EVENTS = 100_000  # per kind of event: about 1,700 requests/s over a
 # Arrival rates in the first moments of a window would be wild (one request
 # after 1 ms is not 1,000/s): the rate's span is never shorter than this.
 MIN_RATE_SPAN_S = 1.0
+# The recent arrival rate's span: short, so that a burst shows within seconds.
+RECENT_RATE_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class ServingSnapshot:
     busy_fraction: float = 0.0
     mean_prompt_tokens: float = 0.0  # over the finished requests that reported tokens; 0 when none did
     mean_output_tokens: float = 0.0
+    recent_arrival_rate: float = 0.0  # requests/s over the last RECENT_RATE_S (less just after start)
 
 
 @dataclass(frozen=True)
@@ -196,12 +199,19 @@ class ModelRequestStats:
             finished = list(self._finished)
             shed, failed = len(self._shed), len(self._failed)
             busy = self._busy.fraction(now - span, now)
+            recent_span = max(min(RECENT_RATE_S, span), MIN_RATE_SPAN_S)
+            recent = 0
+            for at in reversed(self._arrivals):  # newest first: only the recent ones are read
+                if at < now - recent_span:
+                    break
+                recent += 1
         counted = [f for f in finished if f.prompt_tokens or f.output_tokens]
         ttfts = sorted(f.ttft_s for f in finished)
         tpots = sorted(f.tpot_s for f in finished if f.tpot_s is not None)
         return ServingSnapshot(
             window_s=span,
             arrival_rate=arrivals / rate_span,
+            recent_arrival_rate=recent / recent_span,
             finished_requests=len(finished),
             ttft_p50_ms=percentile(ttfts, 0.50) * 1000,
             ttft_p99_ms=percentile(ttfts, 0.99) * 1000,

@@ -45,6 +45,7 @@ def serving_stats_proto(snapshot: ServingSnapshot) -> agent_pb2.ServingStats:
         busy_fraction=snapshot.busy_fraction,
         mean_prompt_tokens=snapshot.mean_prompt_tokens,
         mean_output_tokens=snapshot.mean_output_tokens,
+        recent_arrival_rate=snapshot.recent_arrival_rate,
     )
 
 

@@ -72,6 +72,10 @@ class ModelDemand:
     busy_fraction: float = 0.0
     mean_prompt_tokens: float = 0.0  # per finished request; 0: not known
     mean_output_tokens: float = 0.0
+    # Requests/s over the last 10 s: a burst shows here within seconds, where the window's rate
+    # takes most of a minute. Only replication reads it (prism_policy): a model whose burst needs
+    # more than one GPU gets its replicas as the burst starts; everything else plans on the window.
+    recent_arrival_rate: float = 0.0
 
     @property
     def hot(self) -> bool:
@@ -90,7 +94,8 @@ class ModelDemand:
                            self.running + other.running, self.kv_demand_bytes + other.kv_demand_bytes,
                            self.busy_fraction + other.busy_fraction,
                            mean(self.mean_prompt_tokens, other.mean_prompt_tokens),
-                           mean(self.mean_output_tokens, other.mean_output_tokens))
+                           mean(self.mean_output_tokens, other.mean_output_tokens),
+                           self.recent_arrival_rate + other.recent_arrival_rate)
 
 
 def with_waiting(demand: Mapping[str, ModelDemand], waiting: Mapping[str, int]) -> dict[str, ModelDemand]:
@@ -377,7 +382,8 @@ def _open_sets(snapshot: ClusterSnapshot, model: ModelConfig, live: list[Replica
 DEFAULT_TPOT_S = 0.1  # the agent's default TPOT SLO (services/gpu_agent/slo.py)
 
 
-def compute_load(snapshot: ClusterSnapshot, model: ModelConfig, params: PolicyParams) -> float:
+def compute_load(snapshot: ClusterSnapshot, model: ModelConfig, params: PolicyParams,
+                 rate: float | None = None) -> float:
     """The share of one GPU's time (each of its GPUs, for tensor parallelism)
     that the model needs to keep its TPOT SLO while it shares the GPU.
 
@@ -397,9 +403,10 @@ def compute_load(snapshot: ClusterSnapshot, model: ModelConfig, params: PolicyPa
     at one token per round), since a model that waited behind others looks
     busier than it would be; prompt and output are the reported means
     (defaults until a request finished). The loads of models on one GPU add
-    up: they fit while the sum stays under `compute_capacity`."""
+    up: they fit while the sum stays under `compute_capacity`. rate: in place
+    of the reported arrival rate."""
     demand = snapshot.demand_of(model.model_name)
-    rate = demand.arrival_rate
+    rate = demand.arrival_rate if rate is None else rate
     weights = snapshot.weight_bytes.get(model.model_name, 0)
     costs = params.compute
     cycle = params.cycle_fraction * ((model.tpot_slo_ms / 1000) if model.tpot_slo_ms else DEFAULT_TPOT_S)
@@ -432,6 +439,16 @@ def prism_policy(snapshot: ClusterSnapshot, params: PolicyParams = PolicyParams(
     sacrificed: list[GpuKey] = []  # sets given the models that fit nowhere
     shed: set[str] = set()  # hot models no set can take without costing others their SLO
     loads = {m.model_name: compute_load(snapshot, m, params) for m in snapshot.models}
+
+    def burst_load(model: ModelConfig) -> float:
+        """What the model's last seconds would need, where its recent rate is above the window's
+        (replication only reads it)."""
+        demand = snapshot.demand_of(model.model_name)
+        if demand.recent_arrival_rate <= demand.arrival_rate:
+            return loads[model.model_name]
+        return compute_load(snapshot, model, params, rate=demand.recent_arrival_rate)
+
+    burst_loads = {m.model_name: burst_load(m) for m in snapshot.models}
 
     def room(key: GpuKey) -> int:
         memory = _memory(snapshot, key)
@@ -471,8 +488,9 @@ def prism_policy(snapshot: ClusterSnapshot, params: PolicyParams = PolicyParams(
         add and drop a replica by turns: a lone replica is enough while it stays within capacity plus
         the margin (as a model staying on its GPU does), and a model replicated for its load keeps
         its replicas until one fewer would stay under capacity less the margin. (Two active replicas
-        of a model whose load fits one are a move under way, made before break: not kept.)"""
-        load = loads[model.model_name]
+        of a model whose load fits one are a move under way, made before break: not kept.) The load
+        is the larger of the window's and the last seconds' (a burst is replicated as it starts)."""
+        load = burst_loads[model.model_name]
         want = max(1, math.ceil(load / params.compute_capacity))
         have = len(active)
         if have <= 1 and load <= params.compute_capacity + params.compute_margin:
