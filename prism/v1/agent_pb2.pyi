@@ -36,7 +36,7 @@ class Device(_message.Message):
     def __init__(self, index: _Optional[int] = ..., kind: _Optional[str] = ..., name: _Optional[str] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "path", "tp_size", "load_format", "engine", "dtype", "seed", "slo", "priority", "shed_load")
+    __slots__ = ("name", "path", "tp_size", "load_format", "engine", "dtype", "seed", "slo", "priority", "shed_load", "max_context", "deterministic_inference")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +47,8 @@ class ModelSpec(_message.Message):
     SLO_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     SHED_LOAD_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    DETERMINISTIC_INFERENCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     path: str
     tp_size: int
@@ -57,7 +59,9 @@ class ModelSpec(_message.Message):
     slo: ModelSlo
     priority: int
     shed_load: bool
-    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., tp_size: _Optional[int] = ..., load_format: _Optional[str] = ..., engine: _Optional[str] = ..., dtype: _Optional[str] = ..., seed: _Optional[int] = ..., slo: _Optional[_Union[ModelSlo, _Mapping]] = ..., priority: _Optional[int] = ..., shed_load: _Optional[bool] = ...) -> None: ...
+    max_context: int
+    deterministic_inference: bool
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., tp_size: _Optional[int] = ..., load_format: _Optional[str] = ..., engine: _Optional[str] = ..., dtype: _Optional[str] = ..., seed: _Optional[int] = ..., slo: _Optional[_Union[ModelSlo, _Mapping]] = ..., priority: _Optional[int] = ..., shed_load: _Optional[bool] = ..., max_context: _Optional[int] = ..., deterministic_inference: _Optional[bool] = ...) -> None: ...
 
 class ModelSlo(_message.Message):
     __slots__ = ("ttft_ms", "tpot_ms")

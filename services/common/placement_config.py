@@ -12,7 +12,12 @@ Prism's own optional fields per model: "load_format" ("auto" | "dummy"),
 "tpot_ms": ...}, the latency targets its requests are admitted against),
 "priority" (an integer >= 1, its weight when models on a GPU contend for
 memory) and "shed_load" (true: refuse with 429 a request that can no longer
-meet its TTFT instead of serving it late). `max_memory_pool_size` is in GB of
+meet its TTFT instead of serving it late). SGLang engines also take
+"max_context" (an integer >= 1: the longest sequence, prompt and output, the
+engine accepts, passed as --context-length; absent: the model's own) and
+"deterministic_inference" (true: --enable-deterministic-inference, so that
+requests' seeds are honoured; default false); the built-in torch engine
+ignores both. `max_memory_pool_size` is in GB of
 KV memory: the most the model's engine may hold there. A relative model_path is resolved against the config file's
 folder. load() reports every problem at once, each with its field's path
 (e.g. `[1].init_placements[0].gpu_ids`), rather than stopping at the first.
@@ -67,6 +72,8 @@ class ModelConfig:
     tpot_slo_ms: float | None = None
     priority: int = 1
     shed_load: bool = False
+    max_context: int = 0  # 0: the model's own context length
+    deterministic_inference: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,7 +89,7 @@ class PlacementConfig:
 
 
 _MODEL_FIELDS = {"model_name", "model_path", "tp_size", "init_placements", "load_format", "engine", "dtype", "seed",
-                 "slo", "priority", "shed_load"}
+                 "slo", "priority", "shed_load", "max_context", "deterministic_inference"}
 _SLO_FIELDS = {"ttft_ms", "tpot_ms"}
 _PLACEMENT_FIELDS = {"gpu_ids", "on", "max_memory_pool_size"}
 
@@ -164,6 +171,17 @@ def parse(data: Any, base_dir: Path | None = None, source: str = "<config>") -> 
         if not isinstance(shed_load, bool):
             c.error(f"{p}.shed_load", f"must be true or false, got {shed_load!r}")
             shed_load = False
+        max_context = entry.get("max_context")  # absent (or null): the model's own, kept as 0
+        if max_context is None:
+            max_context = 0
+        elif not _is_int(max_context) or max_context < 1:
+            c.error(f"{p}.max_context", f"must be an integer >= 1 (tokens; leave it out for the model's own "
+                    f"context length), got {max_context!r}")
+            max_context = 0
+        deterministic = entry.get("deterministic_inference", False)
+        if not isinstance(deterministic, bool):
+            c.error(f"{p}.deterministic_inference", f"must be true or false, got {deterministic!r}")
+            deterministic = False
         models.append(ModelConfig(
             model_name=name,
             model_path=path,
@@ -177,6 +195,8 @@ def parse(data: Any, base_dir: Path | None = None, source: str = "<config>") -> 
             tpot_slo_ms=tpot_ms,
             priority=priority,
             shed_load=shed_load,
+            max_context=max_context,
+            deterministic_inference=deterministic,
         ))
     if c.errors:
         raise ConfigError(source, c.errors)

@@ -62,6 +62,8 @@ class ModelRecord(_Record):
     dtype: str = "auto"
     seed: int = 0
     ttft_ms: float = 0.0  # the model's TTFT SLO; 0: the default (the gateway bounds cold-start waits by it)
+    max_context: int = 0  # --context-length of its SGLang engines; 0: the model's own
+    deterministic_inference: bool = False  # its SGLang engines honour requests' seeds
 
     def key(self) -> str:
         return MODELS + self.name

@@ -52,6 +52,8 @@ class EngineSpec:
     dtype: str = "auto"
     seed: int = 0
     slo: ModelSlo = ModelSlo()
+    max_context: int = 0  # SGLang's --context-length; 0: the model's own
+    deterministic_inference: bool = False  # SGLang's --enable-deterministic-inference
 
 
 class ModelNotLoadedError(LookupError):
@@ -251,7 +253,9 @@ class EngineManager:
         spec = managed.spec
         config = SGLangLaunchConfig(name=spec.name, model_path=spec.path, gpu_ids=managed.gpu_ids,
                                     tp_size=spec.tp_size, load_format=spec.load_format, dtype=spec.dtype,
-                                    seed=spec.seed, launch_command=self.sglang_launch_command)
+                                    seed=spec.seed, max_context=spec.max_context,
+                                    deterministic_inference=spec.deterministic_inference,
+                                    launch_command=self.sglang_launch_command)
         engine = await SGLangEngine.start(config, memory_limit_bytes=managed.memory_limit_bytes,
                                           options=self.sglang_options)
 
@@ -265,6 +269,7 @@ class EngineManager:
         spec, gpu_ids = managed.spec, managed.gpu_ids
         if spec.engine == "sglang":
             return await self._start_sglang(managed)
+        # The torch engine ignores spec.max_context and spec.deterministic_inference: it serves the model's whole context.
         if self.pool is None:
             return InlineEngine(await asyncio.to_thread(self._build_engine, spec, gpu_ids, managed.memory_limit_bytes))
         start = time.perf_counter()

@@ -97,6 +97,7 @@ def model_spec(model: ModelConfig) -> agent_pb2.ModelSpec:
         name=model.model_name, path=model.model_path, tp_size=model.tp_size, load_format=model.load_format,
         engine=model.engine, dtype=model.dtype, seed=model.seed, priority=model.priority, shed_load=model.shed_load,
         slo=agent_pb2.ModelSlo(ttft_ms=model.ttft_slo_ms or 0, tpot_ms=model.tpot_slo_ms or 0),
+        max_context=model.max_context, deterministic_inference=model.deterministic_inference,
     )
 
 
@@ -180,7 +181,8 @@ class PlacementLoop:
         for m in self.config.models:
             rec = records.ModelRecord(name=m.model_name, path=m.model_path, tp_size=m.tp_size,
                                       load_format=m.load_format, engine=m.engine, dtype=m.dtype, seed=m.seed,
-                                      ttft_ms=m.ttft_slo_ms or 0.0)
+                                      ttft_ms=m.ttft_slo_ms or 0.0, max_context=m.max_context,
+                                      deterministic_inference=m.deterministic_inference)
             wanted[rec.key()] = rec.to_json()
         existing = {kv.key.decode(): kv.value for kv in await self.etcd.get_prefix(records.MODELS.encode())}
         for key in existing.keys() - wanted.keys():
