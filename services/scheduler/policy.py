@@ -25,7 +25,12 @@ Policies (`POLICIES`, chosen by `--policy`):
   full for it (memory or compute) gets a second replica on the GPU with the
   most compute room where it fits (make before break: its first replica goes
   once the new one is active), which also spreads bursty groups that become
-  active together. When the GPUs are short, models are admitted in order of
+  active together. A model whose compute needs more than one GPU (at its
+  window's rate, or its last 10 s's where that is higher, so that a burst
+  is served as it starts) gets that many replicas on distinct agents, each
+  taking an even share (the gateways round-robin over them), placed after
+  the models that fit one GPU, with hysteresis on their number. When the
+  GPUs are short, models are admitted in order of
   requests per unit of compute and those that fit nowhere are put together on
   the GPU(s) whose admitted models have the fewest requests, so the others
   keep their SLOs instead of every GPU being overloaded; where that would
