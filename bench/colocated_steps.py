@@ -25,7 +25,6 @@ import asyncio
 import multiprocessing as mp
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import common  # noqa: F401  first: puts the project on sys.path
@@ -35,17 +34,7 @@ PHASES = ("alone", "alone", "together")
 
 
 def _worker(index: int, args: argparse.Namespace, barrier, results) -> None:
-    from decode_throughput import build_engine, decode_round, model_folder, prompt_of_length
-
-    from services.gpu_agent.engine import GenerationRequest
-
-    async def first_token_s(engine, prompt: str, tag: str) -> float:
-        start = time.perf_counter()
-        async for out in engine.generate(GenerationRequest(tag, prompt=prompt, max_tokens=1, temperature=0.0,
-                                                           ignore_eos=True)):
-            if out.token_ids:
-                return time.perf_counter() - start
-        raise RuntimeError("no token")
+    from decode_throughput import build_engine, decode_round, first_token_s, model_folder, prompt_of_length
 
     async def measure(engine, decode_prompt: str, prefill_prompt: str, tag: str) -> dict:
         steps = [(await decode_round(engine, decode_prompt, args.prompt_tokens, args.batch, args.new_tokens,

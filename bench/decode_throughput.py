@@ -180,6 +180,16 @@ def build_engine(folder: Path, attention: str, device: str, max_batch: int, prom
     return engine
 
 
+async def first_token_s(engine: Engine, prompt: str, tag: str) -> float:
+    """Seconds from submitting one greedy request of `prompt` (max_tokens 1) to its first token."""
+    start = time.perf_counter()
+    async for out in engine.generate(GenerationRequest(tag, prompt=prompt, max_tokens=1, temperature=0.0,
+                                                       ignore_eos=True)):
+        if out.token_ids:
+            return time.perf_counter() - start
+    raise RuntimeError(f"{tag}: no token")
+
+
 async def decode_round(engine: Engine, prompt: str, prompt_tokens: int, batch: int, new_tokens: int,
                        tag: str) -> dict:
     """batch concurrent requests; from the times their first and last tokens

@@ -5,8 +5,7 @@ import services.gpu_agent.engine.engine as em
 em.STEP_LOG = True
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
 for n in ("kvcached",): logging.getLogger(n).setLevel(logging.WARNING)
-from decode_throughput import build_engine, model_folder, prompt_of_length
-from prefill_chunks import first_token_s
+from decode_throughput import build_engine, first_token_s, model_folder, prompt_of_length
 async def main():
     for model in ("llama-3.2-1b",):
         t = time.perf_counter()
@@ -18,4 +17,5 @@ async def main():
             ms = 1e3 * await first_token_s(engine, p, f"first-{n}")
             print(f"PROMPT {n}: {ms:.1f} ms", flush=True)
         engine.stop()
-asyncio.run(main())
+if __name__ == "__main__":
+    asyncio.run(main())

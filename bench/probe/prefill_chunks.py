@@ -24,10 +24,10 @@ sys.path.insert(0, str(HERE.parent.parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from decode_throughput import build_engine, model_folder, prompt_of_length  # noqa: E402
+from decode_throughput import build_engine, first_token_s, model_folder, prompt_of_length  # noqa: E402
 from torch.nn.attention.bias import causal_lower_right  # noqa: E402
 
-from services.gpu_agent.engine import GenerationRequest, paged_attention  # noqa: E402
+from services.gpu_agent.engine import paged_attention  # noqa: E402
 
 
 def masked_sdpa(query, keys, values, start, count, **gqa):
@@ -79,15 +79,6 @@ def old_attend_span(q, k_buffer, v_buffer, span):
     else:
         out = masked_sdpa(query, keys, values, span.start, span.count, **gqa)
     return out[0].transpose(0, 1)
-
-
-async def first_token_s(engine, prompt: str, tag: str) -> float:
-    start = time.perf_counter()
-    async for out in engine.generate(GenerationRequest(tag, prompt=prompt, max_tokens=1, temperature=0.0,
-                                                       ignore_eos=True)):
-        if out.token_ids:
-            return time.perf_counter() - start
-    raise RuntimeError("no token")
 
 
 async def engine_probe(device: str) -> None:
