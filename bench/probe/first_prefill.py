@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from decode_throughput import build_engine, first_token_s, model_folder, prompt_of_length  # noqa: E402
 
 from services.gpu_agent.engine import engine as engine_module  # noqa: E402
+from services.gpu_agent.engine.scheduler import CUDA_STEP_TOKENS  # noqa: E402
 
 PROMPTS = (1536, 1400, 1536, 3000)
 
@@ -29,6 +30,7 @@ async def main(model: str) -> None:
     start = time.perf_counter()
     engine = build_engine(model_folder(model), "auto", "cuda", 1, max(PROMPTS), 1)
     print(f"built (with its warm-up) in {time.perf_counter() - start:.2f} s", flush=True)
+    engine._scheduler.step_tokens = CUDA_STEP_TOKENS  # the serving default (build_engine fits a whole batch)
     try:
         for n in PROMPTS:
             ms = 1e3 * await first_token_s(engine, prompt_of_length(engine, n), f"first-{n}")
