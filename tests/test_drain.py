@@ -223,6 +223,76 @@ async def test_requests_queued_at_a_draining_engine_go_back_through_the_gateway_
         await etcd.close()
 
 
+class StaleRecordAgent(Agent):
+    """An agent whose engine record stays in etcd once `keep_records` is set and the engine is unloaded:
+    the moment between an agent unloading a model and the gateways' routing seeing it."""
+
+    keep_records = False
+
+    async def _publish(self, managed) -> None:
+        if self.keep_records and managed.state == "unloaded":
+            self.published.append((managed.spec.name, managed.published_state))
+            return
+        await super()._publish(managed)
+
+
+async def test_a_request_routed_to_an_agent_that_just_unloaded_the_model_goes_to_another_replica(
+        model_path, etcd_server):
+    """The gateway's routing still lists a replica whose agent has unloaded the model (shed, moved): that
+    agent answers NOT_FOUND, and the relay routes the request again, to the live replica, instead of telling
+    the client the model does not exist; with no other replica the client gets 503, not 404."""
+    etcd = await connect(etcd_server.endpoint)
+    router = Router(etcd_server.endpoint, channel_close_grace_s=0.1)
+    task = asyncio.create_task(router.run())
+    try:
+        async with StaleRecordAgent(model_path, 60, etcd, "stale") as stale, Agent(model_path, 60, etcd, "live") as live:
+            model = records.ModelRecord(name="m", path=model_path)
+            await etcd.put(model.key().encode(), model.to_json())
+            both = [vars(records.Replica("stale", [0])), vars(records.Replica("live", [0]))]
+            await etcd.put(records.PlacementRecord("m", both, revision=1).key().encode(),
+                           records.PlacementRecord("m", both, revision=1).to_json())
+            await asyncio.wait_for(router.wait_ready(), 10)
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    if sorted(router.candidates("m")) == sorted([stale.address, live.address]):
+                        break
+                except (ModelNotFound, ModelUnavailable):
+                    pass
+                assert time.monotonic() < deadline, "the router never saw both replicas"
+                await asyncio.sleep(0.02)
+            stale.keep_records = True
+            await stale.stub.UnloadModel(agent_pb2.ModelRequest(model="m", force=True), timeout=10)
+            assert "m" not in stale.manager.engines
+            assert sorted(router.candidates("m")) == sorted([stale.address, live.address])  # the stale view
+            relay = Relay(router, timeout_s=60)
+
+            def request(i: int) -> generate_pb2.GenerateRequest:
+                return generate_pb2.GenerateRequest(
+                    request_id=f"s{i}", model="m", prompt="hello",
+                    sampling=generate_pb2.SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+
+            for i in range(4):  # round robin over the two: half of them try the stale one first
+                stream = await relay.open(request(i))
+                last = None
+                async for response in stream:
+                    last = response
+                assert stream.address == live.address
+                assert last.finish_reason == generate_pb2.FINISH_REASON_LENGTH and last.usage.completion_tokens == 5
+            only_stale = [vars(records.Replica("stale", [0]))]
+            record = records.PlacementRecord("m", only_stale, revision=2)
+            await etcd.put(record.key().encode(), record.to_json())
+            while router.candidates("m") != [stale.address]:
+                await asyncio.sleep(0.02)
+            with pytest.raises(ModelUnavailable):
+                await relay.open(request(9))
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await router.close()
+        await etcd.close()
+
+
 # ---- the scheduler's plan ------------------------------------------------------------------
 
 

@@ -199,11 +199,21 @@ class Relay:
                 first = await call.read()
             except grpc.aio.AioRpcError as exc:
                 draining = exc.code() == grpc.StatusCode.UNAVAILABLE and _sent_back_draining(exc)
-                if draining and bounces < MAX_DRAIN_BOUNCES:
+                # The agent has no engine of the model: unloaded (shed, moved) after the routing this
+                # gateway holds last saw it. The model exists; this replica is gone: route again.
+                gone = exc.code() == grpc.StatusCode.NOT_FOUND
+                if gone:
+                    log.info("request %s: the agent at %s no longer serves %s (%s); routing it again",
+                             request.request_id, address, request.model, exc.details())
+                    unreachable.append(f"agent at {address}: {exc.details()}")
+                if (draining or gone) and bounces < MAX_DRAIN_BOUNCES:
                     bounces += 1
-                    log.info("request %s sent back by the draining engine of %s at %s; routing it again",
-                             request.request_id, request.model, address)
-                    candidates = await self._candidates(request.model)
+                    if draining:
+                        log.info("request %s sent back by the draining engine of %s at %s; routing it again",
+                                 request.request_id, request.model, address)
+                    candidates = [c for c in await self._candidates(request.model) if not (gone and c == address)]
+                    continue
+                if gone:
                     continue
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:
                     log.warning("agent at %s unavailable for %s: %s", address, request.model, exc.details())
