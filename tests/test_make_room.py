@@ -3,6 +3,11 @@ and the agent doing it on a real CPU device with two tiny engines."""
 
 from __future__ import annotations
 
+import time
+
+import grpc
+import pytest
+
 from services.gpu_agent.make_room import ResidentEngine, engines_to_switch_off
 
 GB = 1 << 30
@@ -79,4 +84,44 @@ async def test_a_request_for_a_switched_off_model_makes_room_on_a_full_device(tm
         assert (engines["a"].state, engines["b"].state) == ("inactive", "active")
         await generate("a")
         assert (engines["a"].state, engines["b"].state) == ("active", "inactive")
+        assert agent.coordinator.budget_violations == 0
+
+
+async def test_a_switched_off_model_that_cannot_get_room_is_refused_at_once(tmp_path):
+    """The same full device, but the active engine served a request within make_room_idle_s: it does not
+    step aside, and the request for the switched-off model is refused at once with RESOURCE_EXHAUSTED saying
+    why (it used to go on to copy its weights into memory the other holds), while the active one serves on."""
+    from in_process_agent import InProcessAgent
+
+    from prism.tiny_models import write_tiny_model
+    from prism.v1 import agent_pb2, generate_pb2
+
+    paths = {name: str(write_tiny_model(tmp_path / name, arch="llama", seed=i)) for i, name in enumerate("ab")}
+    async with InProcessAgent() as probe:
+        await probe.load("a", paths["a"])
+        weights = probe.manager.engines["a"].engine.weight_bytes
+    async with InProcessAgent("agent-full", cpu_memory_gb=(weights * 1.6) / (1 << 30), make_room_idle_s=60.0) as agent:
+        for name, on in (("a", True), ("b", False)):
+            await agent.load(name, paths[name], activate=on)
+
+        def request(model: str) -> generate_pb2.GenerateRequest:
+            return generate_pb2.GenerateRequest(
+                request_id=f"full-{model}", model=model, prompt="Hello",
+                sampling=generate_pb2.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+
+        served = [r async for r in agent.stub.Generate(request("a"), timeout=60)]
+        assert served[-1].finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            _ = [r async for r in agent.stub.Generate(request("b"), timeout=60)]
+        assert time.monotonic() - started < 5  # at once, not at a deadline
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "cannot be switched on now" in caught.value.details() and "'b'" in caught.value.details()
+        engines = agent.manager.engines
+        assert (engines["a"].state, engines["b"].state) == ("active", "inactive")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await agent.stub.ActivateModel(agent_pb2.ModelRequest(model="b"), timeout=30)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        served = [r async for r in agent.stub.Generate(request("a"), timeout=60)]
+        assert served[-1].finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED
         assert agent.coordinator.budget_violations == 0

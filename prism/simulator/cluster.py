@@ -366,11 +366,11 @@ class SimCluster:
             self.stats["switched_off_for_room"] += 1
         others = sum(e.model.weight_bytes for e in device.holding_memory())
         if others + engine.model.weight_bytes + device.reserve_bytes > device.memory_bytes:
-            # Its weights do not fit beside the engines on the GPU: the real copy would fail (out of memory).
+            # Its weights do not fit beside the engines on the GPU: the agent refuses it at once.
             self.stats["activation_out_of_memory"] += 1
             for request in engine.pending:
-                self._fail(request, f"INTERNAL: activating {engine.name!r} failed: its weights do not fit on "
-                                    f"GPU {engine.gpu} of {engine.agent_id} beside the active engines")
+                self._fail(request, f"RESOURCE_EXHAUSTED: activating {engine.name!r} failed: its weights do not "
+                                    f"fit on GPU {engine.gpu} of {engine.agent_id} beside the active engines")
             engine.pending.clear()
             return
         engine.state = "activating"

@@ -253,11 +253,15 @@ class AgentService(agent_pb2_grpc.AgentServicer):
     async def _engine_call(context: grpc.aio.ServicerContext, call: Awaitable[ManagedEngine],
                            failure: str) -> ManagedEngine:
         """Awaits a manager call that drives an engine; an engine that failed
-        meanwhile is UNAVAILABLE, an engine error INTERNAL ("<failure>: <error>")."""
+        meanwhile is UNAVAILABLE, one that cannot get the memory now (its weights
+        do not fit beside the busy engines) RESOURCE_EXHAUSTED, an engine error
+        INTERNAL ("<failure>: <error>")."""
         try:
             return await call
         except EngineNotReadyError as exc:  # it failed meanwhile
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except CapacityError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{failure}: {exc}")
         except EngineError as exc:
             await context.abort(grpc.StatusCode.INTERNAL, f"{failure}: {exc}")
         raise AssertionError("unreachable")

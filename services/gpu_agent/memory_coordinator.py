@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 
 from services.gpu_agent.devices import Device
-from services.gpu_agent.engine.errors import EngineError
+from services.gpu_agent.engine.errors import CapacityError, EngineError
 from services.gpu_agent.engine.request import EngineStats
 from services.gpu_agent.engine_manager import EngineManager, EngineNotReadyError, ManagedEngine, ModelNotLoadedError
 from services.gpu_agent.make_room import ResidentEngine, engines_to_switch_off
@@ -150,9 +150,21 @@ class MemoryCoordinator:
         """Before an engine is switched on (the engine manager's
         before_activate): idle engines step aside if its weights would not fit
         (room_for_weights), then the others' KV limits make room and it gets
-        its own. With no room to make, nothing is switched off and the
-        activation itself fails (out of memory) as it would have."""
-        for model in self.room_for_weights(activating) or ():
+        its own. With no room to make, nothing is switched off and it fails at
+        once with CapacityError (RESOURCE_EXHAUSTED), rather than copying
+        weights into memory the active engines hold (out of memory on a GPU;
+        on the CPU device, an engine with no KV budget whose requests wait for
+        their deadlines)."""
+        room = self.room_for_weights(activating)
+        if room is None:
+            others = sum(m.engine.weight_bytes for m in self._active() if m is not activating)
+            raise CapacityError(
+                f"model {activating.spec.name!r} cannot be switched on now: its weights "
+                f"({activating.engine.weight_bytes / 2**20:.0f} MiB) do not fit on device {self.device.index} beside "
+                f"the active engines' ({others / 2**20:.0f} MiB of {self.device.memory_bytes / 2**20:.0f} MiB, "
+                f"{self.reserve_bytes / 2**20:.0f} MiB kept in reserve), and none of them has been idle "
+                f"{self.make_room_idle_s:g} s to step aside")
+        for model in room:
             log.info("switching %s off to make room for the weights of %s", model, activating.spec.name)
             await self.manager.deactivate(model)
         await self.rebalance(activating=activating)
