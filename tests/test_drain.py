@@ -10,6 +10,7 @@ draining engine (a real etcd); the simulator drains alike."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import grpc
@@ -155,6 +156,42 @@ async def test_a_forced_unload_is_immediate(model_path):
         assert "was unloaded from this agent while the request was in flight" in caught.value.details()
 
 
+@contextlib.asynccontextmanager
+async def routed(etcd_server):
+    """A real etcd client and the gateway's router watching it; both closed at the end."""
+    etcd = await connect(etcd_server.endpoint)
+    router = Router(etcd_server.endpoint, channel_close_grace_s=0.1)
+    task = asyncio.create_task(router.run())
+    try:
+        yield etcd, router
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await router.close()
+        await etcd.close()
+
+
+async def place(etcd, model_path: str, agent_ids: list[str], revision: int) -> None:
+    """Model m in the registry, placed on `agent_ids` (one replica each, GPU 0)."""
+    model = records.ModelRecord(name="m", path=model_path)
+    await etcd.put(model.key().encode(), model.to_json())
+    placement = records.PlacementRecord("m", [vars(records.Replica(a, [0])) for a in agent_ids], revision=revision)
+    await etcd.put(placement.key().encode(), placement.to_json())
+
+
+async def until_routed(router: Router, addresses: list[str], timeout_s: float = 10) -> None:
+    """Until the router's watch routes m to exactly `addresses`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if sorted(router.candidates("m")) == sorted(addresses):
+                return
+        except (ModelNotFound, ModelUnavailable):
+            pass
+        assert time.monotonic() < deadline, f"the router never routed m to {addresses}"
+        await asyncio.sleep(0.02)
+
+
 async def test_requests_queued_at_a_draining_engine_go_back_through_the_gateway_to_the_new_replica(
         model_path, etcd_server, caplog):
     """Two real agents and the gateway's router and relay over a real etcd: m moves from `old` to `new` while
@@ -162,25 +199,11 @@ async def test_requests_queued_at_a_draining_engine_go_back_through_the_gateway_
     bundle). The running ones finish on `old`; the waiting ones are sent back unstarted and the relay gives
     them to `new`; every request completes whole."""
     caplog.set_level("INFO", logger="services.gateway.relay")
-    etcd = await connect(etcd_server.endpoint)
-    router = Router(etcd_server.endpoint, channel_close_grace_s=0.1)
-    task = asyncio.create_task(router.run())
-    try:
+    async with routed(etcd_server) as (etcd, router):
         async with Agent(model_path, 60, etcd, "old") as old, Agent(model_path, 60, etcd, "new") as new:
-            model = records.ModelRecord(name="m", path=model_path)
-            await etcd.put(model.key().encode(), model.to_json())
-            placement = records.PlacementRecord("m", [vars(records.Replica("old", [0]))], revision=1)
-            await etcd.put(placement.key().encode(), placement.to_json())
+            await place(etcd, model_path, ["old"], revision=1)
             await asyncio.wait_for(router.wait_ready(), 10)
-            deadline = time.monotonic() + 10
-            while True:  # until the router's watch has the model, its placement and old's engine
-                try:
-                    if router.candidates("m") == [old.address]:
-                        break
-                except (ModelNotFound, ModelUnavailable):
-                    pass
-                assert time.monotonic() < deadline, "the router never saw m served by old"
-                await asyncio.sleep(0.02)
+            await until_routed(router, [old.address])  # the model, its placement and old's engine
             engine = old.manager.engines["m"].engine
             old.coordinator.kv_budget_cap_bytes = engine.kv_bundle_bytes  # room for about three of the prompts
             await old.coordinator.rebalance()
@@ -201,10 +224,8 @@ async def test_requests_queued_at_a_draining_engine_go_back_through_the_gateway_
             while not old.admission_queued():
                 assert time.monotonic() < deadline, "no request waited in the old agent's admission queue"
                 await asyncio.sleep(0.005)
-            placement = records.PlacementRecord("m", [vars(records.Replica("new", [0]))], revision=2)
-            await etcd.put(placement.key().encode(), placement.to_json())
-            while router.candidates("m") != [new.address]:
-                await asyncio.sleep(0.02)
+            await place(etcd, model_path, ["new"], revision=2)
+            await until_routed(router, [new.address])
             status = await old.stub.UnloadModel(agent_pb2.ModelRequest(model="m"), timeout=10)
             assert status.state == agent_pb2.ENGINE_STATE_DRAINING
             served = await asyncio.wait_for(asyncio.gather(*requests), 120)
@@ -216,11 +237,6 @@ async def test_requests_queued_at_a_draining_engine_go_back_through_the_gateway_
             while "m" in old.manager.engines:
                 assert time.monotonic() < deadline, "the drained engine was not unloaded"
                 await asyncio.sleep(0.05)
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await router.close()
-        await etcd.close()
 
 
 class StaleRecordAgent(Agent):
@@ -241,26 +257,11 @@ async def test_a_request_routed_to_an_agent_that_just_unloaded_the_model_goes_to
     """The gateway's routing still lists a replica whose agent has unloaded the model (shed, moved): that
     agent answers NOT_FOUND, and the relay routes the request again, to the live replica, instead of telling
     the client the model does not exist; with no other replica the client gets 503, not 404."""
-    etcd = await connect(etcd_server.endpoint)
-    router = Router(etcd_server.endpoint, channel_close_grace_s=0.1)
-    task = asyncio.create_task(router.run())
-    try:
+    async with routed(etcd_server) as (etcd, router):
         async with StaleRecordAgent(model_path, 60, etcd, "stale") as stale, Agent(model_path, 60, etcd, "live") as live:
-            model = records.ModelRecord(name="m", path=model_path)
-            await etcd.put(model.key().encode(), model.to_json())
-            both = [vars(records.Replica("stale", [0])), vars(records.Replica("live", [0]))]
-            await etcd.put(records.PlacementRecord("m", both, revision=1).key().encode(),
-                           records.PlacementRecord("m", both, revision=1).to_json())
+            await place(etcd, model_path, ["stale", "live"], revision=1)
             await asyncio.wait_for(router.wait_ready(), 10)
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    if sorted(router.candidates("m")) == sorted([stale.address, live.address]):
-                        break
-                except (ModelNotFound, ModelUnavailable):
-                    pass
-                assert time.monotonic() < deadline, "the router never saw both replicas"
-                await asyncio.sleep(0.02)
+            await until_routed(router, [stale.address, live.address])
             stale.keep_records = True
             await stale.stub.UnloadModel(agent_pb2.ModelRequest(model="m", force=True), timeout=10)
             assert "m" not in stale.manager.engines
@@ -279,18 +280,10 @@ async def test_a_request_routed_to_an_agent_that_just_unloaded_the_model_goes_to
                     last = response
                 assert stream.address == live.address
                 assert last.finish_reason == generate_pb2.FINISH_REASON_LENGTH and last.usage.completion_tokens == 5
-            only_stale = [vars(records.Replica("stale", [0]))]
-            record = records.PlacementRecord("m", only_stale, revision=2)
-            await etcd.put(record.key().encode(), record.to_json())
-            while router.candidates("m") != [stale.address]:
-                await asyncio.sleep(0.02)
+            await place(etcd, model_path, ["stale"], revision=2)
+            await until_routed(router, [stale.address])
             with pytest.raises(ModelUnavailable):
                 await relay.open(request(9))
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await router.close()
-        await etcd.close()
 
 
 # ---- the scheduler's plan ------------------------------------------------------------------

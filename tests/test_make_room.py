@@ -51,6 +51,20 @@ def test_ties_are_broken_by_name_so_the_agent_and_the_simulator_agree():
 
 # ---- a real agent's service on the CPU device -------------------------------------------
 
+async def two_models_one_fits(tmp_path) -> tuple[dict[str, str], float]:
+    """Two tiny models "a" and "b", and a CPU device memory (GB) sized from the first engine: its
+    weights and KV fit, a second one's weights do not."""
+    from in_process_agent import InProcessAgent
+
+    from prism.tiny_models import write_tiny_model
+
+    paths = {name: str(write_tiny_model(tmp_path / name, arch="llama", seed=i)) for i, name in enumerate("ab")}
+    async with InProcessAgent() as probe:
+        await probe.load("a", paths["a"])
+        weights = probe.manager.engines["a"].engine.weight_bytes
+    return paths, weights * 1.6 / (1 << 30)
+
+
 async def test_a_request_for_a_switched_off_model_makes_room_on_a_full_device(tmp_path):
     """Two tiny engines on a CPU device whose memory holds the weights of one:
     a request for the switched-off one switches the idle other off (instead
@@ -58,16 +72,11 @@ async def test_a_request_for_a_switched_off_model_makes_room_on_a_full_device(tm
     for the first then switches it back the same way."""
     from in_process_agent import InProcessAgent
 
-    from prism.tiny_models import write_tiny_model
     from prism.v1 import agent_pb2, generate_pb2
 
-    paths = {name: str(write_tiny_model(tmp_path / name, arch="llama", seed=i)) for i, name in enumerate("ab")}
-    # Sized from the first engine: its weights and KV fit, a second one's weights do not.
-    async with InProcessAgent() as probe:
-        await probe.load("a", paths["a"])
-        weights = probe.manager.engines["a"].engine.weight_bytes
+    paths, memory_gb = await two_models_one_fits(tmp_path)
     # Sparing no recently used engine, so "b" (just served) can step aside for "a" below.
-    async with InProcessAgent("agent-room", cpu_memory_gb=(weights * 1.6) / (1 << 30), make_room_idle_s=0.0) as agent:
+    async with InProcessAgent("agent-room", cpu_memory_gb=memory_gb, make_room_idle_s=0.0) as agent:
         for name, on in (("a", True), ("b", False)):
             status = await agent.load(name, paths[name], activate=on)
             assert status.state == (agent_pb2.ENGINE_STATE_ACTIVE if on else agent_pb2.ENGINE_STATE_INACTIVE)
@@ -93,14 +102,10 @@ async def test_a_switched_off_model_that_cannot_get_room_is_refused_at_once(tmp_
     why (it used to go on to copy its weights into memory the other holds), while the active one serves on."""
     from in_process_agent import InProcessAgent
 
-    from prism.tiny_models import write_tiny_model
     from prism.v1 import agent_pb2, generate_pb2
 
-    paths = {name: str(write_tiny_model(tmp_path / name, arch="llama", seed=i)) for i, name in enumerate("ab")}
-    async with InProcessAgent() as probe:
-        await probe.load("a", paths["a"])
-        weights = probe.manager.engines["a"].engine.weight_bytes
-    async with InProcessAgent("agent-full", cpu_memory_gb=(weights * 1.6) / (1 << 30), make_room_idle_s=60.0) as agent:
+    paths, memory_gb = await two_models_one_fits(tmp_path)
+    async with InProcessAgent("agent-full", cpu_memory_gb=memory_gb, make_room_idle_s=60.0) as agent:
         for name, on in (("a", True), ("b", False)):
             await agent.load(name, paths[name], activate=on)
 
