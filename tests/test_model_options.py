@@ -1,11 +1,12 @@
-"""The per-model SGLang options `max_context` and `deterministic_inference`
-from the placement config to the engine's command line: parsed and checked
+"""The per-model options `max_context` and `deterministic_inference`
+from the placement config to SGLang's command line: parsed and checked
 in the config, kept in the scheduler's etcd model record, sent in the agent's
 ModelSpec, turned into an EngineSpec by the agent's LoadModel, and given by
 the engine manager to SGLang as --context-length and
 --enable-deterministic-inference. The engine runs as
 tests/fake_sglang_server.py, a real process that is a stand-in for SGLang
-(which cannot run here), as in tests/test_sglang_driver.py."""
+(which cannot run here), as in tests/test_sglang_driver.py. The built-in
+engine honours max_context too, inline and in a worker process."""
 
 from __future__ import annotations
 
@@ -190,3 +191,64 @@ async def test_load_model_hands_both_options_to_the_sglang_command_line(model_di
     assert pinned.count("--context-length") == 1 and pinned[pinned.index("--context-length") + 1] == "64"
     assert pinned.count("--enable-deterministic-inference") == 1
     assert "--context-length" not in plain and "--enable-deterministic-inference" not in plain
+
+
+# ---- the built-in engine honours max_context too ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    from prism.tiny_models import write_tiny_model
+
+    return str(write_tiny_model(tmp_path_factory.mktemp("options") / "tiny", arch="llama"))
+
+
+async def _tokens(engine, prompt: str, max_tokens: int | None = None) -> tuple[int, str | None]:
+    from services.gpu_agent.engine import GenerationRequest
+
+    outs = [o async for o in engine.generate(GenerationRequest(
+        "ctx", prompt=prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True))]
+    return outs[-1].prompt_tokens + outs[-1].completion_tokens, outs[-1].finish_reason
+
+
+async def test_the_built_in_engine_serves_at_most_max_context(tiny_model):
+    from services.gpu_agent.engine import Engine, EngineError, InvalidRequestError
+
+    engine = Engine(tiny_model, max_context=40)
+    engine.start()
+    try:
+        assert engine.max_context == 40  # the tiny model's own is 256
+        total, finish = await _tokens(engine, "Hello there")  # no max_tokens: the rest of the context
+        assert (total, finish) == (40, "length")
+        with pytest.raises(InvalidRequestError, match="context of 40"):
+            await _tokens(engine, "word " * 60)
+    finally:
+        engine.stop()
+    assert Engine(tiny_model, max_context=10_000).max_context == 256  # never past the model's own
+    with pytest.raises(EngineError, match="max_context must be at least 1"):
+        Engine(tiny_model, max_context=-1)
+
+
+async def test_an_engine_worker_and_the_agent_take_max_context(tiny_model):
+    """Through a worker process (the agent's process isolation), and through LoadModel on an in-process agent."""
+    from in_process_agent import InProcessAgent
+
+    from services.gpu_agent.workers.remote_engine import RemoteEngine
+    from services.gpu_agent.workers.worker_pool import WorkerPool
+
+    pool = WorkerPool(["cpu"], spares_per_device=0)
+    await pool.start()
+    try:
+        worker = await asyncio.wait_for(pool.acquire("cpu"), 120)
+        engine = await asyncio.wait_for(RemoteEngine.load(worker, tiny_model, name="tiny", max_context=40), 120)
+        try:
+            assert engine.max_context == 40
+        finally:
+            await engine.stop()
+    finally:
+        await pool.close()
+    async with InProcessAgent() as agent:
+        status = await agent.stub.LoadModel(agent_pb2.LoadModelRequest(
+            spec=agent_pb2.ModelSpec(name="m", path=tiny_model, max_context=40), gpu_ids=[0], activate=True),
+            timeout=120)
+        assert status.max_context == 40

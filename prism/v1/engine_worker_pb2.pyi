@@ -26,7 +26,7 @@ class WorkerInfo(_message.Message):
     def __init__(self, pid: _Optional[int] = ..., device: _Optional[str] = ..., warmup_s: _Optional[float] = ..., import_s: _Optional[float] = ..., model_loaded: _Optional[bool] = ..., model: _Optional[str] = ...) -> None: ...
 
 class EngineLoadSpec(_message.Message):
-    __slots__ = ("path", "name", "load_format", "dtype", "seed", "memory_limit_bytes", "kv_capacity_bytes", "shared_weights_path")
+    __slots__ = ("path", "name", "load_format", "dtype", "seed", "memory_limit_bytes", "kv_capacity_bytes", "shared_weights_path", "max_context")
     PATH_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     LOAD_FORMAT_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class EngineLoadSpec(_message.Message):
     MEMORY_LIMIT_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHARED_WEIGHTS_PATH_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     path: str
     name: str
     load_format: str
@@ -43,7 +44,8 @@ class EngineLoadSpec(_message.Message):
     memory_limit_bytes: int
     kv_capacity_bytes: int
     shared_weights_path: str
-    def __init__(self, path: _Optional[str] = ..., name: _Optional[str] = ..., load_format: _Optional[str] = ..., dtype: _Optional[str] = ..., seed: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., kv_capacity_bytes: _Optional[int] = ..., shared_weights_path: _Optional[str] = ...) -> None: ...
+    max_context: int
+    def __init__(self, path: _Optional[str] = ..., name: _Optional[str] = ..., load_format: _Optional[str] = ..., dtype: _Optional[str] = ..., seed: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., kv_capacity_bytes: _Optional[int] = ..., shared_weights_path: _Optional[str] = ..., max_context: _Optional[int] = ...) -> None: ...
 
 class LoadReply(_message.Message):
     __slots__ = ("weight_bytes", "max_context", "load_s", "device", "kv_bytes_per_token", "kv_bundle_bytes", "weights_attached", "weights_shared")

@@ -12,12 +12,12 @@ Prism's own optional fields per model: "load_format" ("auto" | "dummy"),
 "tpot_ms": ...}, the latency targets its requests are admitted against),
 "priority" (an integer >= 1, its weight when models on a GPU contend for
 memory) and "shed_load" (true: refuse with 429 a request that can no longer
-meet its TTFT instead of serving it late). SGLang engines also take
-"max_context" (an integer >= 1: the longest sequence, prompt and output, the
-engine accepts, passed as --context-length; absent: the model's own) and
-"deterministic_inference" (true: --enable-deterministic-inference, so that
-requests' seeds are honoured; default false); the built-in torch engine
-ignores both. `max_memory_pool_size` is in GB of
+meet its TTFT instead of serving it late), "max_context" (an integer >= 1:
+the longest sequence, prompt and output, the engine accepts, at most the
+model's own; SGLang gets it as --context-length; absent: the model's own)
+and, for SGLang, "deterministic_inference" (true:
+--enable-deterministic-inference, so that requests' seeds are honoured;
+default false; the built-in engine honours seeds always). `max_memory_pool_size` is in GB of
 KV memory: the most the model's engine may hold there. A relative model_path is resolved against the config file's
 folder. load() reports every problem at once, each with its field's path
 (e.g. `[1].init_placements[0].gpu_ids`), rather than stopping at the first.

@@ -269,7 +269,7 @@ class EngineManager:
         spec, gpu_ids = managed.spec, managed.gpu_ids
         if spec.engine == "sglang":
             return await self._start_sglang(managed)
-        # The torch engine ignores spec.max_context and spec.deterministic_inference: it serves the model's whole context.
+        # The built-in engine honours seeds always (deterministic_inference is SGLang's switch for that).
         if self.pool is None:
             return InlineEngine(await asyncio.to_thread(self._build_engine, spec, gpu_ids, managed.memory_limit_bytes))
         start = time.perf_counter()
@@ -279,7 +279,7 @@ class EngineManager:
             engine = await RemoteEngine.load(
                 worker, spec.path, name=spec.name, load_format=spec.load_format, dtype=spec.dtype, seed=spec.seed,
                 memory_limit_bytes=managed.memory_limit_bytes, kv_capacity_bytes=self._kv_capacity_bytes(gpu_ids) or 0,
-                shared_weights_path=str(shared.path) if shared is not None else "")
+                shared_weights_path=str(shared.path) if shared is not None else "", max_context=spec.max_context)
         except BaseException:
             await worker.terminate()  # a worker that failed a load is not reused
             raise
@@ -331,6 +331,7 @@ class EngineManager:
             seed=spec.seed,
             memory_limit_bytes=memory_limit_bytes or None,
             kv_capacity_bytes=self._kv_capacity_bytes(gpu_ids),
+            max_context=spec.max_context or None,
         )
         engine.start()
         log.info("loaded %s on %s in %.2fs (%d MB of weights)", spec.name, engine.device,

@@ -127,7 +127,8 @@ class Engine:
                  memory_limit_bytes: int | None = None, kv_capacity_bytes: int | None = None,
                  kv_pool: str = "auto", kv_page_bytes: int | None = None,
                  step_tokens: int | None = None, attention: str = "auto", cuda_graphs: bool = True,
-                 shared_weights_path: str | Path | None = None, warm_up: bool = True):
+                 shared_weights_path: str | Path | None = None, warm_up: bool = True,
+                 max_context: int | None = None):
         """memory_limit_bytes: KV memory the engine may map now (default: 8 contexts).
         kv_capacity_bytes: the KV reservation the limit can later grow to (virtual where
         the pool is elastic; default: the device's memory on CUDA, 32 contexts on the CPU).
@@ -141,7 +142,10 @@ class Engine:
         file (shared_weights.py): mapped from there when another process has
         written it (no load), written there otherwise.
         warm_up: on CUDA, compile and load this model's kernels before the first
-        request (_warm_up_kernels)."""
+        request (_warm_up_kernels).
+        max_context: serve at most this many tokens a sequence (prompt and output),
+        if fewer than the model's own context; its KV defaults and reservation
+        follow it."""
         start = time.perf_counter()
         self.model_path = Path(model_path)
         self.name = name or self.model_path.name
@@ -163,7 +167,9 @@ class Engine:
         except Exception as exc:
             raise EngineError(f"cannot load {self.model_path}: {type(exc).__name__}: {exc}") from exc
         cfg = self.config
-        self.max_context = cfg.max_position_embeddings
+        if max_context is not None and max_context < 1:
+            raise EngineError(f"max_context must be at least 1, got {max_context}")
+        self.max_context = min(cfg.max_position_embeddings, max_context or cfg.max_position_embeddings)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self._model.parameters())
         self.kv_bytes_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * self.dtype.itemsize
         eos = set(cfg.eos_token_ids)

@@ -83,13 +83,13 @@ class RemoteEngine:
     @classmethod
     async def load(cls, worker: WorkerProcess, path: str, *, name: str, load_format: str = "auto",
                    dtype: str = "auto", seed: int = 0, memory_limit_bytes: int = 0,
-                   kv_capacity_bytes: int = 0, shared_weights_path: str = "",
+                   kv_capacity_bytes: int = 0, shared_weights_path: str = "", max_context: int = 0,
                    unresponsive_after_s: float = UNRESPONSIVE_AFTER_S) -> RemoteEngine:
         """Loads the model into the (model-less) worker. On failure the worker is
         left as it is: the caller ends it. shared_weights_path: see EngineLoadSpec."""
         spec = wpb.EngineLoadSpec(path=str(path), name=name, load_format=load_format, dtype=dtype, seed=seed,
                                   memory_limit_bytes=memory_limit_bytes or 0, kv_capacity_bytes=kv_capacity_bytes or 0,
-                                  shared_weights_path=shared_weights_path)
+                                  shared_weights_path=shared_weights_path, max_context=max_context or 0)
         try:
             loaded = await worker.stub.Load(spec, timeout=LOAD_TIMEOUT_S)
             stats = await worker.stub.Stats(wpb.EngineStatsRequest(), timeout=CONTROL_TIMEOUT_S)

@@ -70,7 +70,8 @@ class EngineWorkerService(engine_worker_pb2_grpc.EngineWorkerServicer):
                             dtype=spec.dtype or "auto", device=self.device, seed=spec.seed,
                             memory_limit_bytes=spec.memory_limit_bytes or None,
                             kv_capacity_bytes=spec.kv_capacity_bytes or None,
-                            shared_weights_path=spec.shared_weights_path or None)
+                            shared_weights_path=spec.shared_weights_path or None,
+                            max_context=spec.max_context or None)
         except EngineError:
             raise
         except Exception as exc:  # the engine wraps its own failures; anything else still means "cannot load"
