@@ -62,8 +62,10 @@ def test_an_etcd_restart_keeps_serving_and_a_later_placement_change_is_seen(two_
     where = until(lambda: (w := {n: models_on(a) for n, a in cluster.agent_addresses.items()})
                   and sum(map(len, w.values())) == 2 and w, "both models placed")
     models = sorted(set().union(*where.values()))
-    _, agents_before, engines_before = etcd_view(cluster)
-    assert len(agents_before) == 2 and len(engines_before) == 2
+    # Both models can be served by one agent before the other has registered (a loaded machine): wait for both.
+    _, agents_before, engines_before = until(
+        lambda: (view := etcd_view(cluster)) and len(view[1]) == 2 and len(view[2]) == 2 and view,
+        "both agents and both engines in etcd")
 
     def request(index: int) -> Planned:
         api, stream = [("rest", True), ("grpc", True), ("rest", False)][index % 3]
