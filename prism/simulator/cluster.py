@@ -15,10 +15,11 @@ What runs the real code (imported):
 What is modeled: step times, activation, deactivation and load delays from the
 profile; the engines with work on a GPU step at once, sharing it as the
 profile's device_parallelism says (a step with n engines busy takes
-max(1, n / parallelism) times its alone time); the gateway routes round robin over a model's placed replicas whose
-engine is loaded (a switched-off one is switched on by its first request, as
-the agent does), and a request for a model with no such replica goes to one
-of its draining engines if it has any and the model is placed (its new
+max(1, n / parallelism) times its alone time; an engine with work it cannot
+run yet, waiting for KV, counts as busy too); the gateway routes round robin
+over a model's placed replicas whose engine is loaded (a switched-off one is
+switched on by its first request, as the agent does), and a request for a
+model with no such replica goes to one of its draining engines if it has any and the model is placed (its new
 replica still loads), else waits there (cold start) up to its TTFT SLO plus
 30 s, then fails.
 
