@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from services.gpu_agent.engine.errors import CapacityError
 from services.gpu_agent.engine.request import DEMAND_GROWTH_TOKENS
-from services.gpu_agent.engine_manager import EngineNotReadyError, ManagedEngine
+from services.gpu_agent.engine_manager import DrainingError, EngineNotReadyError, ManagedEngine
 from services.gpu_agent.memory_coordinator import MemoryCoordinator
 
 log = logging.getLogger(__name__)
@@ -278,6 +278,16 @@ class AgentAdmission:
 
     def queue_for(self, managed: ManagedEngine) -> AdmissionQueue | None:
         return self.queues.get(managed.gpu_ids[0]) if managed.gpu_ids else None
+
+    def send_back_unstarted(self, managed: ManagedEngine, message: str) -> int:
+        """A draining engine's requests still waiting for admission end at once with
+        DrainingError(message) (UNAVAILABLE with the draining marker: the gateway gives them to
+        another replica); how many. Nothing for an engine that is not draining."""
+        queue = self.queue_for(managed) if managed.draining else None
+        sent = queue.send_back(managed, DrainingError(message)) if queue is not None else 0
+        if sent:
+            log.info("draining %s: %d queued request(s) sent back to the gateway", managed.spec.name, sent)
+        return sent
 
     def queued(self, model: str) -> int:
         return sum(q.queued(model) for q in self.queues.values())

@@ -240,13 +240,10 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         if request.force:
             return engine_status(await self.manager.unload(request.model))
         managed = await self.manager.drain(request.model)
-        queue = self.admission.queue_for(managed) if self.admission is not None and managed.draining else None
-        if queue is not None:  # what waits to go into the engine goes back to the gateway at once
-            sent = queue.send_back(managed, DrainingError(
+        if self.admission is not None:  # what waits to go into the engine goes back to the gateway at once
+            self.admission.send_back_unstarted(managed, (
                 f"model {request.model!r} is draining on agent {self.agent_id} (being unloaded): the request had "
                 "not started; sent back for another replica"))
-            if sent:
-                log.info("draining %s: %d queued request(s) sent back to the gateway", request.model, sent)
         return engine_status(managed)
 
     @staticmethod

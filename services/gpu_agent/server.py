@@ -48,7 +48,7 @@ from services.gpu_agent.admission import DEFAULT_STARVATION_S, AdmissionQueue, A
 from services.gpu_agent.agent_service import DEFAULT_BUSY_WINDOW_S, AgentService
 from services.gpu_agent.devices import Device, discover_devices
 from services.gpu_agent.engine.shared_weights import check_shared_dir, default_shared_dir
-from services.gpu_agent.engine_manager import DEFAULT_DRAIN_TIMEOUT_S, DrainingError, EngineManager, ManagedEngine
+from services.gpu_agent.engine_manager import DEFAULT_DRAIN_TIMEOUT_S, EngineManager, ManagedEngine
 from services.gpu_agent.load_reporter import LoadReporter
 from services.gpu_agent.memory_coordinator import MemoryCoordinator
 from services.gpu_agent.memory_policy import POLICIES
@@ -113,13 +113,10 @@ async def drain_for_shutdown(manager: EngineManager, admission: AgentAdmission |
         if model not in manager.engines:
             continue
         managed = await manager.drain(model, grace_s, why)
-        queue = admission.queue_for(managed) if admission is not None and managed.draining else None
-        if queue is not None:  # not started: back to the gateway at once, for another replica
-            sent = queue.send_back(managed, DrainingError(
+        if admission is not None:  # not started: back to the gateway at once, for another replica
+            admission.send_back_unstarted(managed, (
                 f"model {model!r}: agent {agent} is shutting down; the request had not started: sent back for "
                 "another replica"))
-            if sent:
-                log.info("draining %s: %d queued request(s) sent back to the gateway", model, sent)
     await manager.drain_all(grace_s, why)
     log.info("drained in %.2fs", time.monotonic() - start)
 
