@@ -5,7 +5,8 @@ scheduler's end-to-end tests."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,3 +33,12 @@ def prism_cluster(state: Path, *, agents: int = 1, on: bool = True, agent_args: 
         yield cluster
     finally:
         cluster.stop()
+
+
+def until(check: Callable, what: str, timeout_s: float, poll_s: float = 0.05):
+    """check()'s first truthy result, polled; fails the test after timeout_s, naming `what`."""
+    deadline = time.monotonic() + timeout_s
+    while not (found := check()):
+        assert time.monotonic() < deadline, f"waited {timeout_s:.0f}s for {what}"
+        time.sleep(poll_s)
+    return found

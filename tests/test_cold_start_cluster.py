@@ -19,7 +19,7 @@ import pytest
 from test_gateway_support import EtcdWriter
 
 from prism.cluster import LocalCluster
-from tests.prism_clusters import prism_cluster as start_prism_cluster
+from tests.prism_clusters import prism_cluster as start_prism_cluster, until
 from services.common import records
 from tests.prometheus_text import metric_values
 
@@ -30,14 +30,6 @@ GUARD_S = 60.0  # hang guard: the agent restarts and loads both models well with
 def prism_cluster(tmp_path_factory):
     with start_prism_cluster(tmp_path_factory.mktemp("cold-start")) as cluster:
         yield cluster
-
-
-def until(check, what: str):
-    deadline = time.monotonic() + GUARD_S
-    while not (found := check()):
-        assert time.monotonic() < deadline, f"waited {GUARD_S:.0f}s for {what}"
-        time.sleep(0.05)
-    return found
 
 
 def available(cluster: LocalCluster) -> dict[str, bool]:
@@ -51,7 +43,7 @@ def test_a_request_for_a_model_served_nowhere_waits_and_the_scheduler_brings_it_
     agent = cluster.processes["agent"]
     agent.send_signal(signal.SIGTERM)  # a clean stop revokes its lease: its engines leave etcd at once
     agent.wait(30)
-    until(lambda: available(cluster) == {"tiny-llama": False, "tiny-qwen2": False}, "the engines to go")
+    until(lambda: available(cluster) == {"tiny-llama": False, "tiny-qwen2": False}, "the engines to go", GUARD_S)
 
     first_event: list[float] = []
     outcome: dict = {}
@@ -73,7 +65,7 @@ def test_a_request_for_a_model_served_nowhere_waits_and_the_scheduler_brings_it_
 
     thread = threading.Thread(target=request, daemon=True)
     thread.start()
-    demand = until(lambda: etcd.get_prefix(records.DEMAND + "tiny-llama/"), "the gateway's demand record")
+    demand = until(lambda: etcd.get_prefix(records.DEMAND + "tiny-llama/"), "the gateway's demand record", GUARD_S)
     seen = time.monotonic()
     (record,) = [records.DemandRecord.from_json(v) for v in demand.values()]
     assert record.model == "tiny-llama" and record.waiting == 1
@@ -87,7 +79,7 @@ def test_a_request_for_a_model_served_nowhere_waits_and_the_scheduler_brings_it_
     assert outcome["lines"][-1] == "data: [DONE]"
     pieces = [json.loads(line[6:]) for line in outcome["lines"] if line.startswith("data: {")]
     assert "error" not in pieces[-1] and sum(1 for p in pieces if p["choices"] and p["choices"][0]["text"]) >= 1
-    until(lambda: not etcd.get_prefix(records.DEMAND + "tiny-llama/"), "the demand record to go")
+    until(lambda: not etcd.get_prefix(records.DEMAND + "tiny-llama/"), "the demand record to go", GUARD_S)
 
     # The scheduler saw the demand: it loaded the requested model switched on and the other one off.
     log = (cluster.log_dir / "scheduler.log").read_text()

@@ -21,7 +21,7 @@ import pytest
 from bench.load_soak import COMPLETE, LOST, BackgroundLoad, Planned
 from services.common import records
 from services.common.etcd import connect
-from tests.prism_clusters import prism_cluster as start_prism_cluster
+from tests.prism_clusters import prism_cluster as start_prism_cluster, until
 from tests.test_agent_failover_cluster import models_on
 
 GUARD_S = 90  # a request, a recovery or a re-placement not done by then has hung
@@ -49,23 +49,15 @@ def etcd_view(cluster) -> tuple[str | None, set[str], set[str]]:
     return asyncio.run(read())
 
 
-def until(check, what: str):
-    deadline = time.monotonic() + GUARD_S
-    while not (found := check()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-    return found
-
-
 def test_an_etcd_restart_keeps_serving_and_a_later_placement_change_is_seen(two_agents):
     cluster = two_agents
     where = until(lambda: (w := {n: models_on(a) for n, a in cluster.agent_addresses.items()})
-                  and sum(map(len, w.values())) == 2 and w, "both models placed")
+                  and sum(map(len, w.values())) == 2 and w, "both models placed", GUARD_S)
     models = sorted(set().union(*where.values()))
     # Both models can be served by one agent before the other has registered (a loaded machine): wait for both.
     _, agents_before, engines_before = until(
         lambda: (view := etcd_view(cluster)) and len(view[1]) == 2 and len(view[2]) == 2 and view,
-        "both agents and both engines in etcd")
+        "both agents and both engines in etcd", GUARD_S)
 
     def request(index: int) -> Planned:
         api, stream = [("rest", True), ("grpc", True), ("rest", False)][index % 3]
@@ -82,7 +74,7 @@ def test_an_etcd_restart_keeps_serving_and_a_later_placement_change_is_seen(two_
         restarted = time.monotonic()
         # etcd answers with a leader, both agents and both engines (the kill below shows they are live).
         until(lambda: (view := etcd_view(cluster))[0] is not None and view[1] == agents_before
-              and view[2] == engines_before, "the leader, agents and engines in etcd")
+              and view[2] == engines_before, "the leader, agents and engines in etcd", GUARD_S)
         recovered = time.monotonic()
         load.wait_for(lambda done: sum(o.kind == COMPLETE and o.started > recovered for o in done) >= 12,
                       "requests after the restart", GUARD_S)
@@ -94,7 +86,8 @@ def test_an_etcd_restart_keeps_serving_and_a_later_placement_change_is_seen(two_
         survivor = next(name for name in where if name != victim)
         killed = time.monotonic()
         cluster.kill(victim)
-        until(lambda: set(models) <= models_on(cluster.agent_addresses[survivor]), f"{models} placed on {survivor}")
+        until(lambda: set(models) <= models_on(cluster.agent_addresses[survivor]), f"{models} placed on {survivor}",
+              GUARD_S)
         replaced = time.monotonic()
         load.wait_for(lambda done: sum(o.kind == COMPLETE and o.started > replaced for o in done) >= 12,
                       "requests after the re-placement", GUARD_S)
