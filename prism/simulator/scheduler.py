@@ -60,12 +60,9 @@ class SimScheduler:
         for engine in cluster.engines():
             if engine.draining:  # on its way out: the agent does not report its load (it needs no placement)
                 continue
-            serving = cluster.serving(engine)
-            demand[engine.name] = demand.get(engine.name, ModelDemand()) + ModelDemand(
-                arrival_rate=serving.arrival_rate, recent_arrival_rate=serving.recent_arrival_rate,
-                queued=cluster.queued(engine), running=engine.running,
-                kv_demand_bytes=cluster.kv_demand_bytes(engine), busy_fraction=serving.busy_fraction,
-                mean_prompt_tokens=serving.mean_prompt_tokens, mean_output_tokens=serving.mean_output_tokens)
+            demand[engine.name] = demand.get(engine.name, ModelDemand()) + ModelDemand.from_serving(
+                cluster.serving(engine), queued=cluster.queued(engine), running=engine.running,
+                kv_demand_bytes=cluster.kv_demand_bytes(engine))
         # The gateways' demand records.
         demand = with_waiting(demand, {model: len(waiting) for model, waiting in cluster.gateway_waiting.items()})
         agents = tuple(AgentView(a.agent_id, frozenset(a.devices), {i: d.memory_bytes for i, d in a.devices.items()})

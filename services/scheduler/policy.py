@@ -86,6 +86,15 @@ class ModelDemand:
     def hot(self) -> bool:
         return self.arrival_rate > 0 or self.queued > 0 or self.running > 0
 
+    @classmethod
+    def from_serving(cls, serving, *, queued: int, running: int, kv_demand_bytes: int) -> ModelDemand:
+        """One engine's load: `serving` is its request stats, a ServingStats proto (a load report) or
+        the ServingSnapshot it mirrors (the simulator), which name their fields alike."""
+        return cls(arrival_rate=serving.arrival_rate, recent_arrival_rate=serving.recent_arrival_rate,
+                   queued=queued, running=running, kv_demand_bytes=kv_demand_bytes,
+                   busy_fraction=serving.busy_fraction, mean_prompt_tokens=serving.mean_prompt_tokens,
+                   mean_output_tokens=serving.mean_output_tokens)
+
     def __add__(self, other: ModelDemand) -> ModelDemand:
         """Two sources' load on one model (two agents' reports, say): counts and
         rates summed, mean tokens per request averaged weighted by arrival rate."""

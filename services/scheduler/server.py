@@ -110,12 +110,9 @@ def demand_from_reports(reports: list[scheduler_pb2.LoadReport]) -> dict[str, Mo
     totals: dict[str, ModelDemand] = {}
     for report in reports:
         for load in report.models:
-            totals[load.model] = totals.get(load.model, ModelDemand()) + ModelDemand(
-                arrival_rate=load.serving.arrival_rate, recent_arrival_rate=load.serving.recent_arrival_rate,
-                queued=load.queued_requests,
-                running=load.running_requests, kv_demand_bytes=load.kv_demand_bytes,
-                busy_fraction=load.serving.busy_fraction, mean_prompt_tokens=load.serving.mean_prompt_tokens,
-                mean_output_tokens=load.serving.mean_output_tokens)
+            totals[load.model] = totals.get(load.model, ModelDemand()) + ModelDemand.from_serving(
+                load.serving, queued=load.queued_requests, running=load.running_requests,
+                kv_demand_bytes=load.kv_demand_bytes)
     return totals
 
 
