@@ -24,6 +24,10 @@ from collections import defaultdict
 from datetime import datetime
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from services.gpu_agent.request_stats import percentile  # noqa: E402  the agent's nearest rank
+
 LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\w+) (\S+) \[([^\]]*)\] ([\w.]+): (.*)$")
 STEP = re.compile(r"engine (\S+) step: (\d+) decode, (\d+) prefill tokens in (\d+) seqs, (graph|eager), ([\d.]+) ms")
 CAPTURE = re.compile(r"captured the decode graph for batch (\d+), width (\d+) in ([\d.]+)s")
@@ -34,16 +38,12 @@ def _time(stamp: str) -> float:
     return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def _stats(values: list[float]) -> dict:
-    return {"n": len(values), "mean": statistics.fmean(values) if values else None, "p50": _pct(values, 0.5),
-            "p99": _pct(values, 0.99)}
+    if not values:
+        return {"n": 0, "mean": None, "p50": None, "p99": None}
+    ordered = sorted(values)
+    return {"n": len(values), "mean": statistics.fmean(values), "p50": percentile(ordered, 0.5),
+            "p99": percentile(ordered, 0.99)}
 
 
 def summarize(lines) -> dict:
