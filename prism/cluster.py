@@ -224,7 +224,9 @@ class LocalCluster:
                 raise ClusterStartError(f"{name} exited with code {proc.returncode}; its log ends:\n{self.log_tail(name)}")
 
     def wait_ready(self, models: list[str], timeout_s: float) -> None:
-        """Returns when the gateway is healthy and lists every model as available."""
+        """Returns when the gateway is healthy and lists every model as available, and every
+        agent started accepts connections (one agent can serve every model before another is
+        up: a caller that then asks each agent for its status found one refusing)."""
         deadline = time.monotonic() + timeout_s
         missing = list(models)
         context = ssl_context(TlsFiles(ca=self.ca_path)) if self.tls else None
@@ -239,7 +241,7 @@ class LocalCluster:
                     listed = json.load(resp)["data"]
                 available = {m["id"] for m in listed if m.get("available", True)}
                 missing = [m for m in models if m not in available]
-                if not missing:
+                if not missing and not self._agents_not_listening():
                     return
             except urllib.error.HTTPError as exc:
                 if exc.code in (401, 403):  # waiting longer would not change the answer
@@ -249,8 +251,23 @@ class LocalCluster:
             except (urllib.error.URLError, OSError, ValueError, KeyError):
                 pass
             time.sleep(0.3)
-        raise ClusterStartError(f"cluster not ready within {timeout_s:.0f}s; models not yet served: {missing}\n"
+        raise ClusterStartError(f"cluster not ready within {timeout_s:.0f}s; models not yet served: {missing}; "
+                                f"agents not listening: {self._agents_not_listening()}\n"
                                 f"agent log ends:\n{self.log_tail('agent')}")
+
+    def _agents_not_listening(self) -> list[str]:
+        """The agents started here that do not accept a connection yet."""
+        waiting = []
+        for name, address in self.agent_addresses.items():
+            if name not in self.processes:
+                continue
+            host, port = address.rsplit(":", 1)
+            try:
+                with socket.create_connection((host, int(port)), timeout=1):
+                    pass
+            except OSError:
+                waiting.append(name)
+        return waiting
 
     def kill(self, name: str) -> None:
         """SIGKILLs one service (for fault tests); it stays down."""

@@ -49,17 +49,11 @@ def cluster(tmp_path_factory):
 
 
 def serving(cluster: LocalCluster) -> dict[str, str]:
-    """agent name -> the model's engine state there (agents without it, or not listening yet, left out:
-    the cluster is ready once the model is served, which one agent can do before the other is up)."""
+    """agent name -> the model's engine state there (agents without it left out)."""
     out = {}
     for name, address in cluster.agent_addresses.items():
         with grpc.insecure_channel(address) as channel:
-            try:
-                status = agent_pb2_grpc.AgentStub(channel).GetStatus(agent_pb2.GetStatusRequest(), timeout=5)
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise
-                continue
+            status = agent_pb2_grpc.AgentStub(channel).GetStatus(agent_pb2.GetStatusRequest(), timeout=5)
         for e in status.engines:
             if e.model == MODEL:
                 out[name] = agent_pb2.EngineState.Name(e.state)
