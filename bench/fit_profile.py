@@ -5,6 +5,7 @@ which numbers are measured or assumed recorded inside.
     python bench/fit_profile.py [--results bench/results] [--configs bench/configs]
         [--decode decode_throughput-h200-fused.json] [--attention decode_attention-h200.json]
         [--activation activation-h200.json] [--colocated colocated_steps-h100.json]
+        [--prefill prefill_steps-h100.json]
         [--out bench/results/sim-profile-h200.json]
 """
 
@@ -26,14 +27,18 @@ def main() -> None:
     p.add_argument("--attention", default="decode_attention-h200.json")
     p.add_argument("--activation", default="activation-h200.json")
     p.add_argument("--colocated", default=None, help="bench/colocated_steps.py's result: the device's parallelism")
+    p.add_argument("--prefill", default=None,
+                   help="bench/prefill_steps.py's result: the prefill costs, per prompt and per token")
     p.add_argument("--out", type=Path, default=HERE / "results" / "sim-profile-h200.json")
     args = p.parse_args()
     profile = fit_profile(args.results, args.configs, decode_file=args.decode, attention_file=args.attention,
-                          activation_file=args.activation, colocated_file=args.colocated)
+                          activation_file=args.activation, colocated_file=args.colocated,
+                          prefill_file=args.prefill)
     profile.save(args.out)
     for point in profile.points:
         print(f"{point.model}: decode {point.decode_base_s * 1e3:.2f} ms + {point.decode_per_seq_s * 1e6:.1f} us/seq, "
-              f"prefill +{point.prefill_base_s * 1e3:.1f} ms + {1 / point.prefill_per_token_s:,.0f} tokens/s")
+              f"prefill +{point.prefill_base_s * 1e3:.1f} ms + {point.prefill_per_seq_s * 1e3:.2f} ms/prompt + "
+              f"{1 / point.prefill_per_token_s:,.0f} tokens/s")
     print(f"attention {profile.attention_bytes_per_s / 1e12:.2f} TB/s, activation copy "
           f"{profile.copy_bytes_per_s / 1e9:.1f} GB/s + {profile.activation_overhead_s * 1e3:.1f} ms")
     print(f"wrote {args.out}")

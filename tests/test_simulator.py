@@ -216,3 +216,23 @@ def test_engines_up_before_the_trace_count_their_rates_from_then(profile):
         for _ in range(15):
             engine.stats.arrived()
         assert engine.stats.snapshot().arrival_rate == pytest.approx(15 / max(lead, 1.0))
+
+
+def test_the_prefill_fit_tells_a_prompts_own_cost_from_its_tokens():
+    """bench/prefill_steps.py's shapes, timed by a known law, give that law back; a prefill step of
+    several prompts then costs each prompt's own part beside its tokens'."""
+    from prism.simulator.profile import SizePoint, fit_prefill
+
+    intercept, per_prompt, per_token = 0.012, 0.0013, 4e-6
+    rows = [{"batch": b, "prompt_tokens": n, "first_token_ms": 1e3 * (intercept + per_prompt * b + per_token * b * n)}
+            for b, n in ((1, 128), (1, 512), (1, 1024), (1, 2048), (4, 128), (16, 128))]
+    assert fit_prefill(rows) == pytest.approx((intercept, per_prompt, per_token), rel=1e-9)
+    with pytest.raises(ValueError, match="two lengths"):
+        fit_prefill([r for r in rows if r["batch"] > 1 or r["prompt_tokens"] == 128])
+
+    point = SizePoint("m", 10**9, decode_base_s=0.002, decode_per_seq_s=0.0, prefill_base_s=intercept - 0.002,
+                      prefill_per_token_s=per_token, prefill_per_seq_s=per_prompt)
+    profile = LatencyProfile("GPU", (point,), 1e12, 1e10, 0.0, 0.0, 0.0, 1e10)
+    one, sixteen = profile.step_s(10**9, 0, 0, 2048, 1), profile.step_s(10**9, 0, 0, 2048, 16)
+    assert sixteen - one == pytest.approx(15 * per_prompt)
+    assert profile.prefill_s(10**9, 2048) == pytest.approx(intercept + per_prompt + per_token * 2048)

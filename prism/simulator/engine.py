@@ -188,7 +188,7 @@ class SimEngine:
         decode = result.num_decode
         context = sum(item.start for item in result.batch[:decode]) * self.model.kv_bytes_per_token
         prefill = sum(item.count for item in result.batch[decode:])
-        duration = profile.step_s(self.model.weight_bytes, decode, context, prefill)
+        duration = profile.step_s(self.model.weight_bytes, decode, context, prefill, len(result.batch) - decode)
         self.stepping = True
         return Step(result, duration, too_big)
 

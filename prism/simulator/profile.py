@@ -7,7 +7,8 @@ the largest):
 
     step_s = decode_base_s + decode_per_seq_s * decode_seqs
              + context_kv_bytes / attention_bytes_per_s
-             + (prefill_base_s + prefill_per_token_s * prefill_tokens  if the step has prefill tokens)
+             + (prefill_base_s + prefill_per_seq_s * prefill_seqs + prefill_per_token_s * prefill_tokens
+                if the step has prefill tokens)
 
 where context_kv_bytes is the KV the decoding sequences read this step (their
 cached tokens times the model's KV bytes per token). Activation is weight
@@ -39,6 +40,9 @@ class SizePoint:
     decode_per_seq_s: float  # each decoding sequence in the batch, beyond its attention
     prefill_base_s: float  # what a step with prefill tokens costs beyond a decode step's base
     prefill_per_token_s: float
+    # each prompt (or prompt chunk) in a prefill step: its own work beside its tokens' (0 where unmeasured,
+    # its cost then sits in prefill_per_token_s)
+    prefill_per_seq_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -67,25 +71,28 @@ class LatencyProfile:
     def _at(self, weight_bytes: int, name: str) -> float:
         return by_weight(self.points, weight_bytes, name)
 
-    def step_s(self, weight_bytes: int, decode_seqs: int, context_kv_bytes: int, prefill_tokens: int) -> float:
+    def step_s(self, weight_bytes: int, decode_seqs: int, context_kv_bytes: int, prefill_tokens: int,
+               prefill_seqs: int = 1) -> float:
         """One engine step over `decode_seqs` decoding sequences (reading
-        `context_kv_bytes` of KV) and `prefill_tokens` prompt tokens."""
+        `context_kv_bytes` of KV) and `prefill_tokens` prompt tokens of
+        `prefill_seqs` prompts."""
         if decode_seqs == 0 and prefill_tokens == 0:
             return 0.0
         t = (self._at(weight_bytes, "decode_base_s") + self._at(weight_bytes, "decode_per_seq_s") * decode_seqs
              + context_kv_bytes / self.attention_bytes_per_s)
         if prefill_tokens:
-            t += self._at(weight_bytes, "prefill_base_s") + self._at(weight_bytes, "prefill_per_token_s") * prefill_tokens
+            t += (self._at(weight_bytes, "prefill_base_s") + self._at(weight_bytes, "prefill_per_seq_s") * prefill_seqs
+                  + self._at(weight_bytes, "prefill_per_token_s") * prefill_tokens)
         return t
 
     def compute_costs(self) -> ComputeCosts:
         """The step costs as the placement policy prices compute (PolicyParams.compute)."""
         return ComputeCosts(points=tuple(StepCost(p.weight_bytes, p.decode_base_s, p.decode_per_seq_s, p.prefill_base_s,
-                                                  p.prefill_per_token_s) for p in self.points),
+                                                  p.prefill_per_token_s, p.prefill_per_seq_s) for p in self.points),
                             attention_bytes_per_s=self.attention_bytes_per_s)
 
     def prefill_s(self, weight_bytes: int, tokens: int) -> float:
-        """A step that only prefills `tokens` prompt tokens."""
+        """A step that only prefills one prompt of `tokens` tokens."""
         return self.step_s(weight_bytes, 0, 0, tokens)
 
     def activation_s(self, weight_bytes: int) -> float:
@@ -133,6 +140,24 @@ def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return my - slope * mx, slope
 
 
+def fit_prefill(rows: list[dict]) -> tuple[float, float, float]:
+    """(intercept_s, per_seq_s, per_token_s) of the time to first token of
+    one prefill step, t = intercept + per_seq * prompts + per_token * tokens,
+    from bench/prefill_steps.py's rows of one model (batch, prompt_tokens,
+    first_token_ms): the single prompts' line over their lengths gives
+    intercept + per_seq and per_token; the batches' time beyond that line,
+    per extra prompt, gives per_seq (least squares through zero)."""
+    singles = [r for r in rows if r["batch"] == 1]
+    batches = [r for r in rows if r["batch"] > 1]
+    if len({r["prompt_tokens"] for r in singles}) < 2 or not batches:
+        raise ValueError("fit_prefill needs single prompts of two lengths or more and one batch of several")
+    one_prompt, per_token = _line([r["prompt_tokens"] for r in singles], [r["first_token_ms"] / 1e3 for r in singles])
+    extra = [(r["batch"] - 1, r["first_token_ms"] / 1e3 - one_prompt - per_token * r["batch"] * r["prompt_tokens"])
+             for r in batches]
+    per_seq = sum(x * y for x, y in extra) / sum(x * x for x, _ in extra)
+    return one_prompt - per_seq, per_seq, per_token
+
+
 def kv_bytes_per_token(config: dict) -> int:
     """K and V of every layer for one token, from a Hugging Face config.json."""
     heads = int(config["num_attention_heads"])
@@ -144,7 +169,8 @@ def kv_bytes_per_token(config: dict) -> int:
 def fit_profile(results_dir: str | Path, configs_dir: str | Path, *,
                 decode_file: str = "decode_throughput-h200-fused.json",
                 attention_file: str = "decode_attention-h200.json",
-                activation_file: str = "activation-h200.json", colocated_file: str | None = None) -> LatencyProfile:
+                activation_file: str = "activation-h200.json", colocated_file: str | None = None,
+                prefill_file: str | None = None) -> LatencyProfile:
     """Fits the profile from three benchmark results:
     - decode_file (bench/decode_throughput.py): per model, the decode step
       time at two batch sizes and the one-step prefill of the whole batch's
@@ -159,11 +185,17 @@ def fit_profile(results_dir: str | Path, configs_dir: str | Path, *,
       decode steps alone and together on one device; the device's
       parallelism is the sum of their alone/together ratios (the share of
       the device each gets while both are busy; 1 when fully serialized),
-      kept within [1, 2]. Without it, 1."""
+      kept within [1, 2]. Without it, 1;
+    - prefill_file (bench/prefill_steps.py), if given: per model, the time to
+      first token of single prompts of several lengths and of batches of
+      short ones, which give the prefill intercept, per-prompt and per-token
+      costs (fit_prefill) in place of decode_file's two batch prefills (whose
+      slope is mostly the per-prompt cost: 32 prompts of 128 tokens)."""
     results_dir, configs_dir = Path(results_dir), Path(configs_dir)
     decode = json.loads((results_dir / decode_file).read_text())
     attention = json.loads((results_dir / attention_file).read_text())
     activation = json.loads((results_dir / activation_file).read_text())
+    prefill = json.loads((results_dir / prefill_file).read_text()) if prefill_file else None
     parallelism = 1.0
     if colocated_file:
         colocated = json.loads((results_dir / colocated_file).read_text())
@@ -192,13 +224,19 @@ def fit_profile(results_dir: str | Path, configs_dir: str | Path, *,
 
         per_seq = (without_attention(large) - without_attention(small)) / (large["batch"] - small["batch"])
         base = without_attention(small) - per_seq * small["batch"]
-        # The prefill step of b prompts: intercept + slope * b * prompt tokens.
-        p_small, p_large = small["prefill_ms"] / 1e3, large["prefill_ms"] / 1e3
-        per_token = (p_large - p_small) / ((large["batch"] - small["batch"]) * prompt)
-        intercept = p_small - per_token * small["batch"] * prompt
+        if prefill is None:
+            # The prefill step of b prompts: intercept + slope * b * prompt tokens.
+            p_small, p_large = small["prefill_ms"] / 1e3, large["prefill_ms"] / 1e3
+            per_token = (p_large - p_small) / ((large["batch"] - small["batch"]) * prompt)
+            intercept, per_prompt = p_small - per_token * small["batch"] * prompt, 0.0
+        else:
+            prefill_rows = [r for r in prefill["results"] if r["model"] == model]
+            if not prefill_rows:
+                raise ValueError(f"{prefill_file} has no rows of {model}, which {decode_file} has")
+            intercept, per_prompt, per_token = fit_prefill(prefill_rows)
         points.append(SizePoint(model=model, weight_bytes=round(small["weight_gb"] * 1e9), decode_base_s=base,
                                 decode_per_seq_s=max(0.0, per_seq), prefill_base_s=max(0.0, intercept - base),
-                                prefill_per_token_s=max(0.0, per_token)))
+                                prefill_per_token_s=max(0.0, per_token), prefill_per_seq_s=max(0.0, per_prompt)))
     points.sort(key=lambda p: p.weight_bytes)
 
     rows = activation["results"]
@@ -211,14 +249,19 @@ def fit_profile(results_dir: str | Path, configs_dir: str | Path, *,
         "activation_device": activation["environment"]["device"],
         "sources": {"decode": f"bench/results/{decode_file}", "attention": f"bench/results/{attention_file}",
                     "activation": f"bench/results/{activation_file}",
-                    **({"colocated": f"bench/results/{colocated_file}"} if colocated_file else {})},
+                    **({"colocated": f"bench/results/{colocated_file}"} if colocated_file else {}),
+                    **({"prefill": f"bench/results/{prefill_file}"} if prefill_file else {})},
         "source_dates": {"decode": decode["environment"]["date"], "attention": attention["environment"]["date"],
                          "activation": activation["environment"]["date"]},
         "measured": [
             f"decode step time at batch {small['batch']} and {large['batch']} ({prompt}-token prompts, {new} new "
             f"tokens) for {', '.join(p.model for p in points)}: decode_base_s, decode_per_seq_s",
-            f"one-step prefill of {small['batch']} and {large['batch']} prompts of {prompt} tokens: prefill_base_s, "
-            "prefill_per_token_s (the prefill intercept includes the client's submission overhead)",
+            (f"time to first token of single prompts of {sorted({r['prompt_tokens'] for r in prefill['results']})} "
+             f"tokens and batches of {sorted({r['batch'] for r in prefill['results']} - {1})} prompts: prefill_base_s, "
+             "prefill_per_seq_s, prefill_per_token_s (the intercept includes the client's submission overhead)"
+             if prefill else
+             f"one-step prefill of {small['batch']} and {large['batch']} prompts of {prompt} tokens: prefill_base_s, "
+             "prefill_per_token_s (the prefill intercept includes the client's submission overhead)"),
             f"Triton decode attention on the {geometry['kv_heads']}-KV-head geometry: attention_bytes_per_s",
             "activation (weights host to device) and engine load (dummy weights) of the 1B, 3B and 8B configs: "
             "copy_bytes_per_s, activation_overhead_s, load_base_s, load_bytes_per_s, deactivation_s",
@@ -226,8 +269,10 @@ def fit_profile(results_dir: str | Path, configs_dir: str | Path, *,
         "assumptions": [
             "linear in weight bytes between the measured sizes, the last slope beyond the largest, the smallest's "
             "numbers below it; tensor parallelism is not modeled",
-            "prefill cost is linear in prompt tokens (no quadratic attention term; measured on 128-token prompts "
-            "only), and a chunk's attention over earlier context is not charged",
+            ("prefill cost is linear in prompt tokens (no quadratic attention term) up to the step budget, and a "
+             "chunk's attention over earlier context is not charged" if prefill else
+             "prefill cost is linear in prompt tokens (no quadratic attention term; measured on 128-token prompts "
+             "only), and a chunk's attention over earlier context is not charged"),
             "decode attention cost is the kernel's per-byte slope applied to all layers' KV (measured on one layer)",
             (f"colocated engines share a GPU as {parallelism:.2f} alone-steps at once (measured with two engines' decode "
              "steps; more engines assumed to share it the same way)" if colocated_file else

@@ -154,6 +154,7 @@ class StepCost:
     decode_per_seq_s: float  # each decoding sequence, beyond its attention
     prefill_base_s: float  # a step with prefill tokens, beyond a decode step's base
     prefill_per_token_s: float
+    prefill_per_seq_s: float = 0.0  # each prompt in a prefill step
 
 
 @dataclass(frozen=True)
@@ -439,7 +440,8 @@ def compute_load(snapshot: ClusterSnapshot, model: ModelConfig, params: PolicyPa
                  + (prompt + output / 2) * kv_per_token / costs.attention_bytes_per_s)
     load = (busy * base / cycle + max(0.0, prefill_steps - busy / cycle) * base
             + prefill_steps * costs.at(weights, "prefill_base_s")
-            + rate * (prompt * costs.at(weights, "prefill_per_token_s") + output * per_token))
+            + rate * (costs.at(weights, "prefill_per_seq_s") + prompt * costs.at(weights, "prefill_per_token_s")
+                      + output * per_token))
     return load / model.tp_size
 
 
