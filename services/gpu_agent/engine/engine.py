@@ -703,7 +703,7 @@ class Engine:
             if item.samples:
                 logits_at.append(len(input_ids) - 1)
         table = self._slot_table.tensor if rows is not None else None
-        step = build_step_attention(spans, num_decode, self._device, table, rows)
+        step = build_step_attention(spans, num_decode, self._device, table, rows, self.dtype)
         return self._model(torch.tensor(input_ids, device=self._device),
                            torch.tensor(positions, device=self._device), self._scheduler.pool, step,
                            torch.tensor(logits_at, dtype=torch.long, device=self._device))

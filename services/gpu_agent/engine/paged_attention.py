@@ -5,15 +5,20 @@ each) first, then prefill chunks (several new tokens each). Every new
 token's key and value are written to its slot in the pool; each sequence's
 queries then attend to all its slots so far, in token order.
 
-Two paths: plain torch (gather the sequence's slots, then scaled dot-product
-attention), which runs anywhere; and, on CUDA, one Triton kernel for all the
-decoding sequences of the step (triton_decode.py), which reads the slots in
-place instead of gathering them."""
+Three paths: plain torch (gather each sequence's slots, then scaled
+dot-product attention, one call per sequence), which runs anywhere; on CUDA,
+one Triton kernel for all the decoding sequences of the step
+(triton_decode.py), which reads the slots in place instead of gathering them;
+and on CUDA, where torch has it, one flash-attention varlen call for all the
+other sequences of the step (a prefill step of many short prompts ran one
+SDPA per prompt and layer: 2 ms per prompt on a 1B model, H100)."""
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +30,41 @@ _SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5
 # Not cuDNN attention on CUDA: it builds a graph for every new key length, so
 # decoding (one longer each step) measured 3x slower per step than flash on an H100.
 _CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _causal_varlen():
+    """torch's flash-attention varlen kernel with the causal mask aligned to
+    the lower right (a query at position start + i sees keys 0..start + i) and
+    query heads sharing KV heads, called as (q, k, v, cu_q, cu_k, max_q,
+    max_k); None where this torch lacks it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    if "window_size" in params:
+        causal = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        causal = {"is_causal": True}
+    else:
+        return None
+    return partial(varlen_attn, **causal, **({"enable_gqa": True} if "enable_gqa" in params else {}))
+
+
+_VARLEN = _causal_varlen()
+_VARLEN_DTYPES = (torch.bfloat16, torch.float16)  # flash attention's
+
+
+@dataclass
+class VarlenSpans:
+    """The torch-path spans of a step as one varlen batch: their slots back to
+    back and the cumulative query and key lengths."""
+
+    slots: torch.Tensor  # int64: every span's slots 0..start+count, span after span
+    cu_q: torch.Tensor  # int32 [spans + 1]
+    cu_k: torch.Tensor  # int32 [spans + 1]
+    max_q: int
+    max_k: int
 
 
 @dataclass
@@ -48,20 +88,23 @@ class StepAttention:
     # For the Triton decode kernel, when it is used: [num_decode, longest] int32 slots and their lengths.
     decode_slot_table: torch.Tensor | None = None
     decode_seq_lens: torch.Tensor | None = None
+    # The torch-path spans for one varlen call (CUDA, where torch has it); None: one SDPA call per span.
+    varlen: VarlenSpans | None = None
 
     def sdpa_context(self, device: torch.device):
         return sdpa_kernel(_CUDA_SDPA_BACKENDS) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def build_step_attention(spans: list[tuple[int, int, list[int]]], num_decode: int, device: torch.device,
-                         decode_table: torch.Tensor | None = None, decode_rows: list[int] | None = None
-                         ) -> StepAttention:
+                         decode_table: torch.Tensor | None = None, decode_rows: list[int] | None = None,
+                         dtype: torch.dtype | None = None) -> StepAttention:
     """spans: (start, count, slots of positions 0..start+count) per sequence,
     decoding ones first. With decode_table (the slots of every decoding
     sequence, one row each: slot_table.py) and the decoding spans' rows in it,
-    the decoding spans go to the Triton kernel; the rest to the torch path.
-    Each index tensor is built from host lists and moved to the device in one
-    transfer."""
+    the decoding spans go to the Triton kernel; the rest to the torch path,
+    as one varlen call on CUDA where torch has it and `dtype` (the KV's) is
+    one flash attention takes. Each index tensor is built from host lists and
+    moved to the device in one transfer."""
     new_slots = [slot for start, count, slots in spans for slot in slots[start:start + count]]
     step = StepAttention(_to_device(new_slots, torch.int64, device), [], num_decode)
     torch_from = 0
@@ -82,6 +125,14 @@ def build_step_attention(spans: list[tuple[int, int, list[int]]], num_decode: in
             continue
         step.spans.append(SeqSpan(start, count, all_slots[offset:offset + start + count]))
         offset += start + count
+    rest = spans[torch_from:]
+    if rest and _VARLEN is not None and device.type == "cuda" and dtype in _VARLEN_DTYPES:
+        cu_q, cu_k = [0], [0]
+        for start, count, _ in rest:
+            cu_q.append(cu_q[-1] + count)
+            cu_k.append(cu_k[-1] + start + count)
+        step.varlen = VarlenSpans(all_slots, _to_device(cu_q, torch.int32, device), _to_device(cu_k, torch.int32, device),
+                                  max(count for _, count, _ in rest), max(start + count for start, count, _ in rest))
     return step
 
 
@@ -108,6 +159,11 @@ def paged_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Ten
                                          step.decode_seq_lens, q.shape[-1] ** -0.5)
         if first_prefill == q.shape[0]:
             return decoded  # a pure decode step: no copy into a joint output
+    if step.varlen is not None:
+        batch = step.varlen
+        rest = _VARLEN(q[first_prefill:], k_buffer[batch.slots], v_buffer[batch.slots], batch.cu_q, batch.cu_k,
+                       batch.max_q, batch.max_k)
+        return torch.cat([decoded, rest]) if first_prefill else rest
     out = torch.empty_like(q)
     if first_prefill:
         out[:first_prefill] = decoded
