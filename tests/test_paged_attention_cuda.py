@@ -1,6 +1,6 @@
 """The varlen attention path (one flash-attention call for every prefill span
 of a step, CUDA) against the per-span SDPA path it replaces there. Skipped
-where there is no GPU or this torch has no varlen kernel (CI); run on the GPU
+where there is no GPU or this torch has no flash attention op (CI); run on the GPU
 host."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from services.gpu_agent.engine import paged_attention as pa
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and pa._VARLEN is not None),
-                                reason="needs CUDA and torch's varlen attention")
+                                reason="needs CUDA and torch's flash attention op")
 
 # (start, count): fresh prompts, later chunks of a long prompt, one-token spans (decoding on the torch path)
 SPANS = [(0, 128), (0, 7), (512, 256), (0, 1), (300, 1), (1000, 48), (0, 2048)]

@@ -9,16 +9,14 @@ Three paths: plain torch (gather each sequence's slots, then scaled
 dot-product attention, one call per sequence), which runs anywhere; on CUDA,
 one Triton kernel for all the decoding sequences of the step
 (triton_decode.py), which reads the slots in place instead of gathering them;
-and on CUDA, where torch has it, one flash-attention varlen call for all the
-other sequences of the step (a prefill step of many short prompts ran one
-SDPA per prompt and layer: 2 ms per prompt on a 1B model, H100)."""
+and on CUDA, one flash-attention varlen call for all the other sequences of
+the step (a prefill step of many short prompts ran one SDPA per prompt and
+layer: 2 ms per prompt on a 1B model, H100)."""
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -33,22 +31,24 @@ _CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTIO
 
 
 def _causal_varlen():
-    """torch's flash-attention varlen kernel with the causal mask aligned to
-    the lower right (a query at position start + i sees keys 0..start + i) and
-    query heads sharing KV heads, called as (q, k, v, cu_q, cu_k, max_q,
-    max_k); None where this torch lacks it."""
+    """Flash attention over a varlen batch with the causal mask aligned to the
+    lower right (a query at position start + i sees keys 0..start + i; flash
+    attention's causal rule when there are fewer queries than keys), query
+    heads sharing KV heads, called as (q, k, v, cu_q, cu_k, max_q, max_k);
+    None where this torch lacks the op. The aten op, not its public wrapper
+    torch.nn.attention.varlen.varlen_attn (torch >= 2.10): the wrapper's
+    custom-op and compile guards cost ~150 us a call on the host (H100, torch
+    2.11, cProfile: bench/probe/prefill_overhead.py), once per layer and step."""
     try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
+        flash = torch.ops.aten._flash_attention_forward
+    except (AttributeError, RuntimeError):
         return None
-    params = inspect.signature(varlen_attn).parameters
-    if "window_size" in params:
-        causal = {"window_size": (-1, 0)}
-    elif "is_causal" in params:
-        causal = {"is_causal": True}
-    else:
-        return None
-    return partial(varlen_attn, **causal, **({"enable_gqa": True} if "enable_gqa" in params else {}))
+
+    def attend(q, k, v, cu_q, cu_k, max_q, max_k):
+        # positional: dropout_p, is_causal, return_debug_mask; [0] is the output
+        return flash(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, True, False)[0]
+
+    return attend
 
 
 _VARLEN = _causal_varlen()
