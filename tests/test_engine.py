@@ -7,7 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -582,3 +585,18 @@ async def test_cuda_deactivate_moves_weights_off_the_gpu(model_dirs):
         assert token_ids(await collect(engine, greedy("Hello"))) == before
     finally:
         engine.stop()
+
+
+def test_importing_the_engine_imports_no_triton():
+    """The engine module must import without triton and without touching
+    TRITON_INTERPRET: the kernel module is imported only when used. Nor
+    torch's compile stack, which imports triton where it is installed (a CPU
+    host has no triton, so this is what the check can see there). Here, not
+    in test_triton_decode.py, which is skipped where triton is missing."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import os, sys; import services.gpu_agent.engine; "
+            "import services.gpu_agent.engine.paged_attention; "
+            "assert 'triton' not in sys.modules, 'triton imported'; "
+            "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo imported'; "
+            "assert 'TRITON_INTERPRET' not in os.environ")
+    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, env=env, check=True, timeout=120)

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import causal_lower_right
 
 # enable_gqa (torch >= 2.5) lets query heads share kv heads without copying them.
 _SDPA_HAS_GQA = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -196,6 +195,9 @@ def _attend_span(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor
         # A later chunk: new token i sits at position start + i and sees keys 0..start + i, the causal
         # mask aligned to the lower right. As a CausalBias SDPA keeps its flash kernel on CUDA; an
         # explicit boolean mask sent chunked prefill to a slower kernel (bench/probe/prefill_chunks.py).
+        # Imported here: torch.nn.attention.bias imports torch's compile stack (and triton, where installed).
+        from torch.nn.attention.bias import causal_lower_right
+
         out = F.scaled_dot_product_attention(query, keys, values,
                                              attn_mask=causal_lower_right(span.count, span.start + span.count), **gqa)
     return out[0].transpose(0, 1)
