@@ -10,6 +10,14 @@ count, and the fewest GPUs reaching the target, searched beyond the table
 where the table does not reach it) and writes everything, with the trace's
 parameters and the settings, to bench/results/sim_tables-h200profile.json.
 
+Dedicated is provisioned for each model's peak, as an operator sizing GPUs
+per model from its history would: a model gets as many GPUs (placements in
+its config; dedicated_policy) as its busiest 10 s of the trace needs at
+`compute_overload` of a GPU each (the policy's compute_load: the share of a
+GPU's time a model needs to keep its TPOT SLO at a rate). Its column is then
+the attainment with that many GPUs or fewer, and its fewest GPUs at the
+target is searched the same way.
+
 Agents: static's placements name GPU ids of one 8-GPU machine, so it runs with
 8 GPUs per agent (its models on GPU ids the cluster lacks stay unplaced);
 the other policies run with one agent per GPU (`--gpus-per-agent`), since an
@@ -21,21 +29,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from prism.simulator.models import sim_model  # noqa: E402
 from prism.simulator.profile import DEFAULT_PROFILE, LatencyProfile  # noqa: E402
 from prism.simulator.runner import SimSettings, fewest_above, simulate  # noqa: E402
 from prism.workload.generator import BurstyGroupParams, bursty_group_trace  # noqa: E402
-from services.common.placement_config import ModelConfig, PlacementConfig, load  # noqa: E402
+from prism.workload.trace import Trace  # noqa: E402
+from services.common.placement_config import InitPlacement, ModelConfig, PlacementConfig, load  # noqa: E402
+from services.scheduler.policy import ClusterSnapshot, ModelDemand, PolicyParams, compute_load  # noqa: E402
 
 POLICIES = ("static", "dedicated", "time-share", "prism")
+WARMUP_S = 30.0  # attainment_after_warmup: of the requests sent from then on
 SIZES = ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b")
 
 
@@ -52,16 +65,56 @@ def large_config(num_models: int, gpus_per_machine: int = 8) -> PlacementConfig:
     return load(path)
 
 
+def peak_rate(times: list[float], window_s: float) -> float:
+    """The most requests in any window_s-long window, per second (times ascending)."""
+    most, first = 0, 0
+    for last, t in enumerate(times):
+        while t - times[first] > window_s:
+            first += 1
+        most = max(most, last - first + 1)
+    return most / window_s
+
+
+def provisioned_for_peak(trace: Trace, models: list[ModelConfig], profile: LatencyProfile,
+                         window_s: float = 10.0) -> list[ModelConfig]:
+    """The models, each with as many placements as GPUs its busiest window_s
+    of the trace needs at the policy's compute_overload (dedicated's
+    provisioning; the placements' GPU ids are not used by that policy)."""
+    params = PolicyParams(compute=profile.compute_costs())
+    out = []
+    for model in models:
+        requests = trace.for_model(model.model_name)
+        spec = sim_model(model)
+        gpus = 1
+        if requests:
+            rate = peak_rate([r.t for r in requests], window_s)
+            demand = ModelDemand(arrival_rate=rate,
+                                 mean_prompt_tokens=sum(r.prompt_tokens for r in requests) / len(requests),
+                                 mean_output_tokens=sum(r.output_tokens for r in requests) / len(requests))
+            snapshot = ClusterSnapshot(models=(model,), agents=(), demand={model.model_name: demand},
+                                       weight_bytes={model.model_name: spec.weight_bytes},
+                                       kv_bytes_per_token={model.model_name: spec.kv_bytes_per_token})
+            gpus = max(1, math.ceil(compute_load(snapshot, model, params) / params.compute_overload))
+        out.append(replace(model, init_placements=tuple(InitPlacement(gpu_ids=(0,), on=True) for _ in range(gpus))))
+    return out
+
+
 def _run(job: tuple) -> tuple:
     trace_params, models, policy, gpus, gpus_per_agent, profile_path = job
     trace = bursty_group_trace(trace_params)
+    if policy == "dedicated":
+        models = provisioned_for_peak(trace, models, LatencyProfile.load(profile_path))
     profile = LatencyProfile.load(profile_path)
     settings = SimSettings(num_gpus=gpus, policy=policy, gpus_per_agent=gpus_per_agent)
     started = time.monotonic()
     result = simulate(trace, models, profile, settings)
     overall = result["overall"]
     errors = overall.get("errors") or {}
+    # Every model starts switched off with no history: the first WARMUP_S are a cold start for the
+    # policies that react to demand (dedicated is provisioned from the trace beforehand).
+    after = [r for r in result["requests"] if r["sent_at"] >= WARMUP_S]
     return (policy, gpus, {"attainment": overall["slo_attainment"], "requests": overall["requests"],
+                           "attainment_after_warmup": sum(r["attained"] for r in after) / len(after) if after else None,
                            "errors": errors, "gpus_per_agent": gpus_per_agent,
                            "ttft_p99_s": overall.get("ttft_p99_s"), "tpot_p99_s": overall.get("tpot_p99_s"),
                            "wall_s": round(time.monotonic() - started, 1),
@@ -74,6 +127,9 @@ def run_table(name: str, trace_params: BurstyGroupParams, models: list[ModelConf
     def agents_for(policy: str) -> int:
         return 8 if policy == "static" else agent_gpus
 
+    provisioned = sum(len(m.init_placements) for m in provisioned_for_peak(
+        bursty_group_trace(trace_params), models, LatencyProfile.load(profile)))
+    search_up_to = max(search_up_to, provisioned)
     results: dict[str, dict[int, dict]] = {p: {} for p in POLICIES}
     work = [(trace_params, models, p, n, agents_for(p), profile) for n in gpu_counts for p in POLICIES]
     with ProcessPoolExecutor(jobs) as pool:
@@ -95,7 +151,7 @@ def run_table(name: str, trace_params: BurstyGroupParams, models: list[ModelConf
             in_table = sorted(n for n in gpu_counts if met(n))
             fewest[policy] = in_table[0] if in_table else fewest_above(met, max(gpu_counts), search_up_to)
     return {"name": name, "trace": asdict(trace_params), "models": len(models), "target": target,
-            "gpu_counts": gpu_counts, "fewest_gpus": fewest,
+            "gpu_counts": gpu_counts, "fewest_gpus": fewest, "dedicated_provisioned_gpus": provisioned,
             "results": {p: {str(n): r for n, r in sorted(rows.items())} for p, rows in results.items()}}
 
 
@@ -110,6 +166,7 @@ def markdown(table: dict) -> str:
         cells = [f"{100 * rows[str(n)]['attainment']:.1f}%" for n in counts]
         fewest = table["fewest_gpus"][policy]
         lines.append(f"| {policy} | " + " | ".join(cells) + f" | {fewest if fewest is not None else 'not reached'} |")
+    lines.append(f"\ndedicated provisioned for each model's busiest 10 s: {table['dedicated_provisioned_gpus']} GPUs")
     return "\n".join(lines)
 
 

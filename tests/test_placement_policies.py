@@ -63,6 +63,23 @@ def test_dedicated_gives_each_model_its_own_gpus_and_leaves_the_rest_unplaced():
     assert again == target
 
 
+def test_dedicated_gives_a_model_provisioned_with_several_placements_that_many_agents():
+    hot_model, cold = pc.parse([
+        {"model_name": "hot", "model_path": "/m/hot", "priority": 2,
+         "init_placements": [{"gpu_ids": [0]}, {"gpu_ids": [0]}, {"gpu_ids": [0]}]},
+        {"model_name": "cold", "model_path": "/m/cold", "init_placements": [{"gpu_ids": [0]}]}]).models
+    agents = (agent("x", 2), agent("y", 1), agent("z", 1))
+    target = dedicated_policy(ClusterSnapshot(models=(hot_model, cold), agents=agents))
+    assert sorted(r.agent_id for r in target["hot"]) == ["x", "y", "z"]  # one replica an agent
+    assert all(r.active for r in target["hot"])
+    assert target["cold"] == [ReplicaTarget("x", (1,), True)]  # the GPU the hot model could not take
+    again = dedicated_policy(ClusterSnapshot(models=(hot_model, cold), agents=agents, current=as_current(target)))
+    assert again == target
+    # Fewer agents than placements: as many replicas as there are agents, never two on one.
+    fewer = dedicated_policy(ClusterSnapshot(models=(hot_model,), agents=(agent("x", 4),)))
+    assert fewer["hot"] == [ReplicaTarget("x", (0,), True)]
+
+
 # ---- time-share ------------------------------------------------------------------
 
 

@@ -10,8 +10,10 @@ memory, switched back on by its first request, or by the scheduler).
 
 Policies (`POLICIES`, chosen by `--policy`):
 - `static`: the config's init_placements, never changed.
-- `dedicated`: one model per GPU set, always active; models beyond the GPUs
-  are not placed (what "a GPU per model" costs).
+- `dedicated`: each model on GPU sets of its own, always active, as many as
+  its config lists placements (an operator provisions a hot model with
+  several); models beyond the GPUs are not placed (what "GPUs per model"
+  costs).
 - `time-share`: every model placed, at most one active per GPU: the one with
   demand, the current one kept while it has demand (no flapping), the most
   demanded otherwise.
@@ -289,24 +291,35 @@ def static_policy(snapshot: ClusterSnapshot, params: PolicyParams = PolicyParams
 
 
 def dedicated_policy(snapshot: ClusterSnapshot, params: PolicyParams = PolicyParams()) -> Placement:
-    """One model per GPU set, always active. Models keep the GPUs they have;
-    the others take free sets in order of priority (then name)."""
+    """Each model on GPU sets no other model uses, always active: one per
+    placement its config lists (at least one; where, is this policy's
+    choice), each on a distinct agent (an agent runs one engine per model).
+    Models keep the GPUs they have; the others take free sets in order of
+    priority (then name)."""
     placement: Placement = {m.model_name: [] for m in snapshot.models}
     taken: list[GpuKey] = []
+
+    def wanted(model: ModelConfig) -> int:
+        return max(1, len(model.init_placements))
+
+    def take(model: ModelConfig, key: GpuKey) -> None:
+        taken.append(key)
+        placement[model.model_name].append(ReplicaTarget(key[0], key[1], True))
+
+    def free_for(model: ModelConfig, key: GpuKey) -> bool:
+        return (not any(_overlaps(key, t) for t in taken)
+                and all(r.agent_id != key[0] for r in placement[model.model_name]))
+
     for model in snapshot.models:  # keep what runs
-        for r in _live_replicas(snapshot, model)[:1]:
-            key = (r.agent_id, r.gpu_ids)
-            if not any(_overlaps(key, t) for t in taken):
-                taken.append(key)
-                placement[model.model_name] = [ReplicaTarget(r.agent_id, r.gpu_ids, True)]
+        for r in _live_replicas(snapshot, model):
+            if len(placement[model.model_name]) < wanted(model) and free_for(model, (r.agent_id, r.gpu_ids)):
+                take(model, (r.agent_id, r.gpu_ids))
     for model in sorted(snapshot.models, key=lambda m: (-m.priority, m.model_name)):
-        if placement[model.model_name]:
-            continue
         for key in _gpu_sets(snapshot, model.tp_size):
-            if not any(_overlaps(key, t) for t in taken):
-                taken.append(key)
-                placement[model.model_name] = [ReplicaTarget(key[0], key[1], True)]
+            if len(placement[model.model_name]) >= wanted(model):
                 break
+            if free_for(model, key):
+                take(model, key)
     return placement
 
 
