@@ -236,3 +236,25 @@ def test_the_prefill_fit_tells_a_prompts_own_cost_from_its_tokens():
     one, sixteen = profile.step_s(10**9, 0, 0, 2048, 1), profile.step_s(10**9, 0, 0, 2048, 16)
     assert sixteen - one == pytest.approx(15 * per_prompt)
     assert profile.prefill_s(10**9, 2048) == pytest.approx(intercept + per_prompt + per_token * 2048)
+
+
+def test_an_engine_waiting_for_kv_takes_no_share_of_its_gpu(profile):
+    """Processor sharing prices a step by the engines stepping on the device; one with work it cannot
+    run yet (its waiting requests do not fit its KV limit) is not stepping, so its neighbour's prefill
+    takes its alone time on a device that runs one step at a time (the H200 profile's parallelism 1)."""
+    from prism.simulator.engine import SimRequest
+    from prism.simulator.runner import EventLoop
+
+    assert profile.device_parallelism == 1.0
+    loop = EventLoop()
+    specs = {m.model_name: sim_model(m) for m in models(("a", ONE_B, 0, True), ("b", ONE_B, 0, True))}
+    cluster = sim_cluster.SimCluster(loop, profile, specs, 1, 1, 80 * GB)
+    sim_scheduler.SimScheduler(cluster, "static").replan(instant=True)
+    engines = {e.name: e for agent in cluster.agents.values() for e in agent.engines.values()}
+    blocked = engines["b"]
+    blocked.scheduler.has_work = lambda: True  # as when its waiting requests do not fit its limit: no step
+    blocked.start_step = lambda _profile: None
+    request = SimRequest(index=0, model="a", t=0.0, prompt_tokens=300, output_tokens=1)
+    cluster.arrive(request)
+    loop.run(until=5.0)
+    assert request.first_token_at == pytest.approx(profile.prefill_s(specs["a"].weight_bytes, 300), rel=1e-9)

@@ -16,7 +16,7 @@ What is modeled: step times, activation, deactivation and load delays from the
 profile; the engines with work on a GPU step at once, sharing it as the
 profile's device_parallelism says (a step with n engines busy takes
 max(1, n / parallelism) times its alone time; an engine with work it cannot
-run yet, waiting for KV, counts as busy too); the gateway routes round robin
+run yet, waiting for KV, takes no share); the gateway routes round robin
 over a model's placed replicas whose engine is loaded (a switched-off one is
 switched on by its first request, as the agent does), and a request for a
 model with no such replica goes to one of its draining engines if it has any and the model is placed (its new
@@ -545,11 +545,18 @@ class SimCluster:
 
     def _kick(self, device: Device) -> None:
         """Starts a step for every engine on the device that has something to run and is not stepping
-        (round robin from the device's turn): they share the device (`device_parallelism`)."""
-        while self._start_next_step(device):
-            pass
+        (round robin from the device's turn): they share the device (`device_parallelism`). Processor
+        sharing, priced when the steps start: by the engines stepping on the device once every one
+        that can step has started (one with work it cannot run yet, waiting for KV, takes no share)."""
+        started = []
+        while (started_step := self._start_next_step(device)) is not None:
+            started.append(started_step)
+        stepping = sum(1 for e in device.engines if e.stepping)
+        for engine, step in started:
+            duration = step.duration_s * max(1.0, stepping / self.device_parallelism)
+            self.clock.at(self.now + duration, lambda e=engine, s=step: self._step_done(device, e, s))
 
-    def _start_next_step(self, device: Device) -> bool:
+    def _start_next_step(self, device: Device) -> tuple[SimEngine, Step] | None:
         n = len(device.engines)
         for i in range(n):
             position = (device.turn + i) % n
@@ -567,13 +574,8 @@ class SimCluster:
             device.turn = (position + 1) % n
             device.running += 1
             self.stats["steps"] += 1
-            # Processor sharing, priced when the step starts: the engines busy on the device now (stepping,
-            # or with work between two steps) share its parallelism.
-            busy = sum(1 for e in device.engines if e.state == "active" and (e.stepping or e.scheduler.has_work()))
-            duration = step.duration_s * max(1.0, busy / self.device_parallelism)
-            self.clock.at(self.now + duration, lambda e=engine, s=step: self._step_done(device, e, s))
-            return True
-        return False
+            return engine, step
+        return None
 
     def _step_done(self, device: Device, engine: SimEngine, step: Step) -> None:
         device.running -= 1
