@@ -280,6 +280,7 @@ async def test_a_request_routed_to_an_agent_that_just_unloaded_the_model_goes_to
                     last = response
                 assert stream.address == live.address
                 assert last.finish_reason == generate_pb2.FINISH_REASON_LENGTH and last.usage.completion_tokens == 5
+            assert router._in_flight == {}  # the relay told the router of every attempt's end, bounced or not
             await place(etcd, model_path, ["stale"], revision=2)
             await until_routed(router, [stale.address])
             with pytest.raises(ModelUnavailable):

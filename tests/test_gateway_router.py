@@ -96,6 +96,34 @@ async def test_round_robin_over_live_replicas(router, etcd):
     assert len(router.candidates("m")) == 2  # the others follow as fallbacks
 
 
+async def test_the_replica_with_the_fewest_requests_in_flight_goes_first(router, etcd):
+    """A replica that has just come up beside a busy one takes the new requests (the relay tells the
+    router when a request begins and ends on a replica)."""
+    await place(etcd, "m", {"a1": "10.0.0.1:1", "a2": "10.0.0.2:1"})
+    await eventually(lambda: assert_picks(router, "m", 2))
+    busy, fresh = "10.0.0.1:1", "10.0.0.2:1"
+    for _ in range(3):
+        router.began("m", busy)
+    assert [router.route("m") for _ in range(4)] == [fresh] * 4
+    router.began("m", fresh)
+    assert router.candidates("m") == [fresh, busy]  # still fewer there; the busy one is the fallback
+    for _ in range(3):
+        router.ended("m", busy)
+    assert router.route("m") == busy  # now it has none
+    router.ended("m", fresh)
+    assert sorted(router.route("m") for _ in range(4)) == [busy, busy, fresh, fresh]  # equals: round robin
+
+
+def test_least_busy_first_breaks_ties_round_robin():
+    from services.common.routing import least_busy_first
+
+    counts = {"a": 2, "b": 0, "c": 0, "d": 1}
+    assert least_busy_first(list(counts), counts.get, 0) == ["b", "c", "d", "a"]
+    assert least_busy_first(list(counts), counts.get, 3) == ["b", "c", "d", "a"]
+    assert least_busy_first(list(counts), counts.get, 2) == ["c", "b", "d", "a"]  # the turn starts at c
+    assert [least_busy_first(["x", "y", "z"], lambda _: 0, t)[0] for t in range(4)] == ["x", "y", "z", "x"]
+
+
 def assert_picks(router: Router, model: str, count: int) -> None:
     assert len({router.route(model) for _ in range(count * 2)}) == count
 

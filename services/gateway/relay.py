@@ -155,6 +155,7 @@ class Relay:
 
     def _stream_done(self, stream: AgentStream) -> None:
         self._streams.discard(stream)
+        self.router.ended(stream._request.model, stream.address)
 
     async def open(self, request: generate_pb2.GenerateRequest) -> AgentStream:
         """Raises GatewayError (ModelNotFound, ModelUnavailable, InvalidRequest, ...;
@@ -193,42 +194,53 @@ class Relay:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
-            call = self.router.stub(address).Generate(
-                request, timeout=remaining, metadata=((HEADER, request.request_id),))
+            # In flight from here until the stream ends (_stream_done) or this attempt fails: the router
+            # sends the next requests to the replicas with the fewest.
+            self.router.began(request.model, address)
+            handed_over = False
             try:
-                first = await call.read()
-            except grpc.aio.AioRpcError as exc:
-                draining = exc.code() == grpc.StatusCode.UNAVAILABLE and _sent_back_draining(exc)
-                # The agent has no engine of the model: unloaded (shed, moved) after the routing this
-                # gateway holds last saw it. The model exists; this replica is gone: route again.
-                gone = exc.code() == grpc.StatusCode.NOT_FOUND
-                if gone:
-                    log.info("request %s: the agent at %s no longer serves %s (%s); routing it again",
-                             request.request_id, address, request.model, exc.details())
-                    unreachable.append(f"agent at {address}: {exc.details()}")
-                if (draining or gone) and bounces < MAX_DRAIN_BOUNCES:
-                    bounces += 1
-                    if draining:
-                        log.info("request %s sent back by the draining engine of %s at %s; routing it again",
-                                 request.request_id, request.model, address)
-                    candidates = [c for c in await self._candidates(request.model) if not (gone and c == address)]
-                    continue
-                if gone:
-                    continue
-                if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                    log.warning("agent at %s unavailable for %s: %s", address, request.model, exc.details())
-                    unreachable.append(f"agent at {address}: {exc.details()}")
-                    continue
-                raise from_agent_error(exc.code(), exc.details(), model=request.model,
-                                       request_id=request.request_id, timeout_s=self.timeout_s,
-                                       retry_after_s=retry_after_of(exc.trailing_metadata())) from None
-            except BaseException:  # our caller was cancelled (its client left): end the call too
-                call.cancel()
-                raise
-            if first is grpc.aio.EOF:
-                raise InternalError(f"request {request.request_id}: the agent at {address} "
-                                    "ended the stream without any response")
-            return AgentStream(call, first, request, address, self.timeout_s, on_done=self._stream_done)
+                call = self.router.stub(address).Generate(
+                    request, timeout=remaining, metadata=((HEADER, request.request_id),))
+                try:
+                    first = await call.read()
+                except grpc.aio.AioRpcError as exc:
+                    draining = exc.code() == grpc.StatusCode.UNAVAILABLE and _sent_back_draining(exc)
+                    # The agent has no engine of the model: unloaded (shed, moved) after the routing this
+                    # gateway holds last saw it. The model exists; this replica is gone: route again.
+                    gone = exc.code() == grpc.StatusCode.NOT_FOUND
+                    if gone:
+                        log.info("request %s: the agent at %s no longer serves %s (%s); routing it again",
+                                 request.request_id, address, request.model, exc.details())
+                        unreachable.append(f"agent at {address}: {exc.details()}")
+                    if (draining or gone) and bounces < MAX_DRAIN_BOUNCES:
+                        bounces += 1
+                        if draining:
+                            log.info("request %s sent back by the draining engine of %s at %s; routing it again",
+                                     request.request_id, request.model, address)
+                        candidates = [c for c in await self._candidates(request.model)
+                                      if not (gone and c == address)]
+                        continue
+                    if gone:
+                        continue
+                    if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                        log.warning("agent at %s unavailable for %s: %s", address, request.model, exc.details())
+                        unreachable.append(f"agent at {address}: {exc.details()}")
+                        continue
+                    raise from_agent_error(exc.code(), exc.details(), model=request.model,
+                                           request_id=request.request_id, timeout_s=self.timeout_s,
+                                           retry_after_s=retry_after_of(exc.trailing_metadata())) from None
+                except BaseException:  # our caller was cancelled (its client left): end the call too
+                    call.cancel()
+                    raise
+                if first is grpc.aio.EOF:
+                    raise InternalError(f"request {request.request_id}: the agent at {address} "
+                                        "ended the stream without any response")
+                stream = AgentStream(call, first, request, address, self.timeout_s, on_done=self._stream_done)
+                handed_over = True
+                return stream
+            finally:
+                if not handed_over:
+                    self.router.ended(request.model, address)
         if not unreachable:
             raise from_agent_error(grpc.StatusCode.DEADLINE_EXCEEDED, None, model=request.model,
                                    request_id=request.request_id, timeout_s=self.timeout_s)

@@ -2,8 +2,10 @@
 
 The router mirrors models/, placements/, agents/ and engines/. A replica is
 live when its agent's key exists (the agent holds it under its lease) and
-its engine record is servable; requests rotate round robin over the live
-replicas. A model that is placed but has no live replica yet (moved: its new
+its engine record is servable; a request goes to the live replica with the
+fewest requests this gateway has in flight on it (a replica that has just
+come up takes the new requests while the others work off what they hold),
+round robin among equals. A model that is placed but has no live replica yet (moved: its new
 replica still loads) is served by its draining engines (being unloaded, no
 longer placed) while they last, rather than waited for; a model placed
 nowhere (its policy left it out) is not. It keeps one gRPC channel per agent address and closes the
@@ -27,6 +29,7 @@ import grpc
 from prism.v1 import agent_pb2_grpc
 from services.common import records
 from services.common.etcd import EtcdAccess, PrefixMirror, connect
+from services.common.routing import least_busy_first
 from services.common.tls import TlsFiles, aio_channel
 from services.gateway.errors import ModelNotFound, ModelUnavailable
 from services.gpu_agent.slo import DEFAULT_TTFT_MS
@@ -102,6 +105,7 @@ class Router:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, agent_pb2_grpc.AgentStub] = {}
         self._turns: dict[str, itertools.count] = {}
+        self._in_flight: dict[tuple[str, str], int] = {}  # (model, agent address) -> requests relayed there
         self._closing: set[asyncio.Task] = set()
         self._changed = asyncio.Event()  # set (and replaced) on every change of the mirrored state
 
@@ -183,7 +187,7 @@ class Router:
 
     def candidates(self, model: str) -> list[str]:
         """Addresses of the agents serving `model`, starting with this
-        request's round-robin pick; the rest are fallbacks in order.
+        request's pick (least_busy_first); the rest are fallbacks in order.
 
         Raises ModelNotFound for a model the cluster does not have and
         ModelUnavailable when none of its replicas is live."""
@@ -206,8 +210,22 @@ class Router:
         if not live:
             why = "; ".join(reasons) if reasons else "it is not placed on any agent"
             raise ModelUnavailable(f"model {model!r} has no live replica ({why})")
-        turn = next(self._turns.setdefault(model, itertools.count())) % len(live)
-        return live[turn:] + live[:turn]
+        turn = next(self._turns.setdefault(model, itertools.count()))
+        return least_busy_first(live, lambda address: self._in_flight.get((model, address), 0), turn)
+
+    def began(self, model: str, address: str) -> None:
+        """A request for `model` was sent to the agent at `address` (the relay tells)."""
+        key = (model, address)
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+
+    def ended(self, model: str, address: str) -> None:
+        """That request ended there (finished, failed, cancelled or sent elsewhere)."""
+        key = (model, address)
+        left = self._in_flight.get(key, 0) - 1
+        if left > 0:
+            self._in_flight[key] = left
+        else:
+            self._in_flight.pop(key, None)
 
     def _draining(self, model: str) -> list[str]:
         """Addresses of the live agents whose engine of `model` is draining
