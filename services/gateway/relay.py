@@ -63,6 +63,12 @@ def shutting_down(request_id: str) -> GatewayShuttingDown:
                                "grace has passed; send it again", retry_after_s=1)
 
 
+def _cancelling() -> bool:
+    """Whether the running task is being cancelled."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class AgentStream:
     """An agent's Generate call whose first response has arrived. Iterate it
     for every response (the first included); failures raise GatewayError.
@@ -176,6 +182,8 @@ class Relay:
             if not opening.done():
                 opening.cancel()
                 await asyncio.wait({opening})  # let it unwind (its agent call is cancelled on the way)
+            elif _cancelling() and not opening.cancelled() and opening.exception() is None:
+                opening.result().cancel()  # opened just as our caller left: nobody will read it
         if opening.cancelled():
             raise shutting_down(request.request_id)
         stream = opening.result()  # or its GatewayError
