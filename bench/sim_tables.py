@@ -100,12 +100,13 @@ def provisioned_for_peak(trace: Trace, models: list[ModelConfig], profile: Laten
 
 
 def _run(job: tuple) -> tuple:
-    trace_params, models, policy, gpus, gpus_per_agent, profile_path = job
+    trace_params, models, policy, gpus, gpus_per_agent, profile_path, *rest = job
+    standby = rest[0] if rest else 0  # prism's standby replicas per model
     trace = bursty_group_trace(trace_params)
     if policy == "dedicated":
         models = provisioned_for_peak(trace, models, LatencyProfile.load(profile_path))
     profile = LatencyProfile.load(profile_path)
-    settings = SimSettings(num_gpus=gpus, policy=policy, gpus_per_agent=gpus_per_agent)
+    settings = SimSettings(num_gpus=gpus, policy=policy, gpus_per_agent=gpus_per_agent, standby_replicas=standby)
     started = time.monotonic()
     result = simulate(trace, models, profile, settings)
     overall = result["overall"]
@@ -123,7 +124,8 @@ def _run(job: tuple) -> tuple:
 
 
 def run_table(name: str, trace_params: BurstyGroupParams, models: list[ModelConfig], gpu_counts: list[int],
-              target: float, jobs: int, agent_gpus: int, search_up_to: int, profile: Path = DEFAULT_PROFILE) -> dict:
+              target: float, jobs: int, agent_gpus: int, search_up_to: int, profile: Path = DEFAULT_PROFILE,
+              standby: int = 0) -> dict:
     def agents_for(policy: str) -> int:
         return 8 if policy == "static" else agent_gpus
 
@@ -131,7 +133,7 @@ def run_table(name: str, trace_params: BurstyGroupParams, models: list[ModelConf
         bursty_group_trace(trace_params), models, LatencyProfile.load(profile)))
     search_up_to = max(search_up_to, provisioned)
     results: dict[str, dict[int, dict]] = {p: {} for p in POLICIES}
-    work = [(trace_params, models, p, n, agents_for(p), profile) for n in gpu_counts for p in POLICIES]
+    work = [(trace_params, models, p, n, agents_for(p), profile, standby) for n in gpu_counts for p in POLICIES]
     with ProcessPoolExecutor(jobs) as pool:
         for policy, gpus, row in pool.map(_run, work):
             results[policy][gpus] = row
@@ -145,13 +147,14 @@ def run_table(name: str, trace_params: BurstyGroupParams, models: list[ModelConf
             def met(n: int) -> bool:
                 if n not in rows:
                     _, _, rows[n] = pool.submit(_run, (trace_params, models, policy, n, agents_for(policy),
-                                                           profile)).result()
+                                                           profile, standby)).result()
                 return rows[n]["attainment"] >= target
 
             in_table = sorted(n for n in gpu_counts if met(n))
             fewest[policy] = in_table[0] if in_table else fewest_above(met, max(gpu_counts), search_up_to)
     return {"name": name, "trace": asdict(trace_params), "models": len(models), "target": target,
             "gpu_counts": gpu_counts, "fewest_gpus": fewest, "dedicated_provisioned_gpus": provisioned,
+            "prism_standby_replicas": standby,
             "results": {p: {str(n): r for n, r in sorted(rows.items())} for p, rows in results.items()}}
 
 
@@ -187,6 +190,8 @@ def main() -> None:
     ap.add_argument("--only-large", action="store_true")
     ap.add_argument("--profile", type=Path, default=DEFAULT_PROFILE,
                     help="latency profile (default: the H200's; bench/results/sim-profile-h100.json: the H100's)")
+    ap.add_argument("--standby-replicas", type=int, default=0,
+                    help="the prism policy's standby replicas per model (the scheduler's --standby-replicas)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "sim_tables-h200profile.json")
     args = ap.parse_args()
 
@@ -196,14 +201,16 @@ def main() -> None:
         params = BurstyGroupParams(num_models=len(models), rate=args.rate, duration_s=args.duration_s, seed=args.seed)
         counts = [int(n) for n in args.gpus.split(",")]
         tables.append(run_table("18 models", params, models, counts, args.target, args.jobs, args.gpus_per_agent,
-                                search_up_to=2 * len(models), profile=args.profile))
+                                search_up_to=2 * len(models), profile=args.profile,
+                                standby=args.standby_replicas))
     if args.large or args.only_large:
         models = list(large_config(args.large_models).models)
         params = BurstyGroupParams(num_models=len(models), num_groups=args.large_groups, rate=args.large_rate,
                                    duration_s=args.duration_s, seed=args.seed)
         counts = [int(n) for n in args.large_gpus.split(",")]
         tables.append(run_table(f"{len(models)} models", params, models, counts, args.target, args.jobs,
-                                args.gpus_per_agent, search_up_to=len(models), profile=args.profile))
+                                args.gpus_per_agent, search_up_to=len(models), profile=args.profile,
+                                standby=args.standby_replicas))
     for table in tables:
         print(markdown(table) + "\n")
     profile = LatencyProfile.load(args.profile)

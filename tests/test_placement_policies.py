@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from services.common import placement_config as pc
 from services.common.records import EngineRecord
 from services.scheduler.actions import Action, plan_actions
@@ -294,6 +296,34 @@ def test_prism_keeps_cold_and_light_models_sharing_one_gpu():
     assert all(rs == [ReplicaTarget("x", (0,), False)] for m, rs in target.items() if m not in demand)
 
 
+def test_prism_standby_replicas_wait_switched_off_on_other_agents_and_stay_put():
+    """With standby_replicas, each model on one GPU set gets that many switched-off replicas on other
+    agents, spread by the weight already placed on them; the next plan keeps them where they are."""
+    names = ["a", "b", "c"]
+    weights = {"a": 16 * GB, "b": 2 * GB, "c": 2 * GB}
+    agents = tuple(agent(a, 1) for a in ("x", "y", "z"))
+    current = {"a": [ReplicaTarget("x", (0,), True)], "b": [ReplicaTarget("y", (0,), True)],
+               "c": [ReplicaTarget("y", (0,), False)]}
+    snap = ClusterSnapshot(models=models(*names), agents=agents, weight_bytes=weights, current=current,
+                           demand={"a": busy(2.0), "b": busy(1.0)})
+    params = PolicyParams(standby_replicas=1)
+    target = prism_policy(snap, params)
+    plain = prism_policy(snap)
+    for name in names:
+        first, *standby = target[name]
+        assert first == plain[name][0] and len(plain[name]) == 1  # as without standbys, plus one
+        assert [r.active for r in standby] == [False] and standby[0].agent_id != first.agent_id
+    assert target["a"][1].agent_id == "z"  # the agent with nothing on it, not y (b and c are there)
+    assert target["b"][1].agent_id == "x"  # x and z hold 16 GB each now: the first by name
+    assert target["c"][1].agent_id == "z"  # x holds 18 GB by then
+    again = prism_policy(ClusterSnapshot(models=snap.models, agents=agents, weight_bytes=weights,
+                                         current=as_current(target), demand=snap.demand), params)
+    assert again == target
+    two = prism_policy(snap, PolicyParams(standby_replicas=2))
+    assert all(len({r.agent_id for r in two[n]}) == 3 and sum(r.active for r in two[n]) == plain_active
+               for n, plain_active in (("a", 1), ("b", 1), ("c", 0)))
+
+
 def test_prism_puts_what_fits_nowhere_together_so_the_others_keep_their_slo():
     # Three agents of one GPU; four hot 8B models each needing most of a GPU's compute. The
     # busiest three get a GPU each; the fourth, which fits nowhere, goes to the GPU whose model
@@ -398,3 +428,13 @@ def test_prism_replicates_a_burst_on_its_recent_rate_before_the_window_shows_it(
     assert sorted(active_of(prism_policy(snap))["a"]) == [("x", (0,)), ("y", (0,)), ("z", (0,))]
     calm = ClusterSnapshot(models=snap.models, agents=agents, weight_bytes=weights, current=current, demand=demand(6.0))
     assert active_of(prism_policy(calm))["a"] == [("x", (0,))]
+
+
+def test_the_scheduler_takes_standby_replicas_from_its_command_line(capsys):
+    from services.scheduler.server import parse_args
+
+    assert parse_args(["--config", "models.json"]).standby_replicas == 0
+    assert parse_args(["--config", "models.json", "--standby-replicas", "2"]).standby_replicas == 2
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--config", "models.json", "--standby-replicas", "-1"])
+    assert exited.value.code == 2 and "--standby-replicas must be 0 or more" in capsys.readouterr().err

@@ -70,6 +70,9 @@ class SimSettings:
     device_parallelism: float | None = None
     # The engines placed at the trace's start were up this long before it (SimCluster's stats_lead_s).
     stats_lead_s: float = 0.0
+    # The prism policy's standby replicas per model (PolicyParams.standby_replicas; the scheduler's
+    # --standby-replicas). The simulated agents' host memory is not bounded.
+    standby_replicas: int = 0
 
 
 def _result(r: SimRequest, slo: SloTargets) -> RequestResult:
@@ -95,7 +98,8 @@ def simulate(trace: Trace, models: list[ModelConfig], profile: LatencyProfile, s
                          settings.device_parallelism, settings.stats_lead_s)
     if settings.policy_compute not in ("profile", "default"):
         raise ValueError(f"policy_compute {settings.policy_compute!r} is not profile or default")
-    params = PolicyParams() if settings.policy_compute == "default" else None
+    params = PolicyParams(standby_replicas=settings.standby_replicas) if settings.policy_compute == "default" \
+        else PolicyParams(compute=profile.compute_costs(), standby_replicas=settings.standby_replicas)
     scheduler = SimScheduler(cluster, settings.policy, settings.replan_interval_s, params)
     requests = [SimRequest(i, r.model, r.t, r.prompt_tokens, r.output_tokens) for i, r in enumerate(trace.requests)]
     open_requests = len(requests)

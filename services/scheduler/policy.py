@@ -228,6 +228,12 @@ class PolicyParams:
     default_output_tokens: float = 128.0
     # KV bytes per token per weight byte, for a model whose KV geometry is not in the snapshot.
     kv_bytes_per_weight_byte: float = 1.2e-5
+    # Standby replicas (prism): this many more engines of each placed model that runs one, switched
+    # off, on other agents. They cost their agents' host memory (the weights) and no GPU memory; a
+    # burst switches them on in an activation (tenths of a second) instead of a load (seconds): the
+    # gateways route to them as to any replica, and their agents switch them on for the first request.
+    # 0: none (the agents' host memory is not in the snapshot, so this is the operator's call).
+    standby_replicas: int = 0
 
 
 Policy = Callable[[ClusterSnapshot, PolicyParams], Placement]
@@ -650,7 +656,35 @@ def prism_policy(snapshot: ClusterSnapshot, params: PolicyParams = PolicyParams(
         name = model.model_name
         if not placement[name] and name in homes and name not in shed:
             add(name, homes[name], False)
+    if params.standby_replicas:
+        _add_standby_replicas(snapshot, placement, params.standby_replicas)
     return placement
+
+
+def _add_standby_replicas(snapshot: ClusterSnapshot, placement: Placement, count: int) -> None:
+    """Gives each model placed on one GPU set `count` switched-off replicas on
+    other agents: the ones it has there already (switched off or on), else the
+    sets whose agents hold the least weight of the models placed on them, so
+    the host memory the standbys take is spread. A replicated model (placed on
+    several sets) needs none: a move under way, or its replicas all serve."""
+    weight_on: dict[str, int] = {}  # agent -> weight bytes of the engines placed there
+    for name, replicas in placement.items():
+        for r in replicas:
+            weight_on[r.agent_id] = weight_on.get(r.agent_id, 0) + snapshot.weight_bytes.get(name, 0)
+    for model in snapshot.models:
+        name = model.model_name
+        if len(placement[name]) != 1:
+            continue
+        live = _live_replicas(snapshot, model)
+        kept = [(r.agent_id, r.gpu_ids) for r in live if r.agent_id != placement[name][0].agent_id]
+        sets = kept + sorted(_open_sets(snapshot, model, live + placement[name]),
+                             key=lambda k: (weight_on.get(k[0], 0), k))
+        for key in sets:
+            if len(placement[name]) > count:
+                break
+            if all(r.agent_id != key[0] for r in placement[name]):
+                placement[name].append(ReplicaTarget(key[0], key[1], False))
+                weight_on[key[0]] = weight_on.get(key[0], 0) + snapshot.weight_bytes.get(name, 0)
 
 
 # Policies whose target switches engines on and off (static leaves that to demand at the agents).

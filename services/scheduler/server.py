@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--load-timeout-s", type=float, default=600.0, help="deadline of one LoadModel command")
     p.add_argument("--min-kv-fraction", type=float, default=PolicyParams.min_kv_fraction,
                    help="prism policy: KV an active model is counted with at least, as a fraction of its GPU")
+    p.add_argument("--standby-replicas", type=int, default=PolicyParams.standby_replicas,
+                   help="prism policy: switched-off replicas of each model on other agents, which a burst "
+                        "switches on instead of loading; each costs its agent host memory for the weights")
     p.add_argument("--scheduler-id", default=None, help="this replica's name in the leader election "
                    "(default: <hostname>-<port>)")
     p.add_argument("--advertise", default=None, help="the address agents reach this replica at (default: --listen)")
@@ -83,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0 <= args.min_kv_fraction <= 1:
         p.error("--min-kv-fraction must be between 0 and 1")
+    if args.standby_replicas < 0:
+        p.error("--standby-replicas must be 0 or more")
     try:
         args.tls_files = tls_from_args(args)
         args.etcd_access = etcd_access_from_args(args)
@@ -368,8 +373,9 @@ async def serve(args: argparse.Namespace) -> None:
     async def lead() -> None:
         # A fresh loop each term: its mirrors, retries and in-flight actions end with the term.
         fence = (records.SCHEDULER_LEADER, election.leader.to_json()) if election.leader is not None else None
+        params = PolicyParams(min_kv_fraction=args.min_kv_fraction, standby_replicas=args.standby_replicas)
         loop_ = PlacementLoop(config, etcd, policy, service, wake, args.replan_interval_s, args.load_timeout_s,
-                              PolicyParams(min_kv_fraction=args.min_kv_fraction), fence=fence, tls=args.tls_files)
+                              params, fence=fence, tls=args.tls_files)
         await loop_.publish_registry()
         await wait_for_agent_reports(etcd, service, timeout_s=3 * service.report_interval_ms / 1000 + 1.0)
         await loop_.run()
