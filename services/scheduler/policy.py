@@ -44,7 +44,9 @@ Policies (`POLICIES`, chosen by `--policy`):
   is cold only after its demand has been zero for the whole report window
   (60 s), placed models stay where they are unless their GPU is
   over-committed beyond a margin (memory or compute), and a move never takes
-  a model off its only active replica.
+  a model off its only active replica. Opt-in (`standby_replicas`): each
+  model on one GPU set also gets switched-off replicas on other agents, which
+  a burst switches on instead of loading new ones.
 """
 
 from __future__ import annotations
