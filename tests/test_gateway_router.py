@@ -114,6 +114,26 @@ async def test_the_replica_with_the_fewest_requests_in_flight_goes_first(router,
     assert sorted(router.route("m") for _ in range(4)) == [busy, busy, fresh, fresh]  # equals: round robin
 
 
+async def test_a_switched_off_replica_gets_requests_only_when_none_is_active(router, etcd):
+    """The scheduler switches replicas on and off (a standby waits switched off): the gateway sends
+    to an active one, however busy, and to a switched-off one, which its agent switches on, only
+    while none is active; it stays a fallback."""
+    await place(etcd, "m", {"on": "10.0.0.1:1", "off": "10.0.0.2:1"})
+    standby = records.EngineRecord(agent_id="off", model="m", state="inactive", max_context=128)
+    await put(etcd, standby.key(), standby.to_json())
+    await eventually(lambda: assert_candidates(router, "m", ["10.0.0.1:1", "10.0.0.2:1"]))
+    for _ in range(5):
+        router.began("m", "10.0.0.1:1")
+    assert [router.route("m") for _ in range(3)] == ["10.0.0.1:1"] * 3
+    switched_off = records.EngineRecord(agent_id="on", model="m", state="inactive", max_context=128)
+    await put(etcd, switched_off.key(), switched_off.to_json())
+    await eventually(lambda: assert_candidates(router, "m", ["10.0.0.2:1", "10.0.0.1:1"]))  # both off: least busy
+
+
+def assert_candidates(router: Router, model: str, expected: list[str]) -> None:
+    assert router.candidates(model) == expected
+
+
 def test_least_busy_first_breaks_ties_round_robin():
     from services.common.routing import least_busy_first
 

@@ -16,10 +16,11 @@ What is modeled: step times, activation, deactivation and load delays from the
 profile; the engines with work on a GPU step at once, sharing it as the
 profile's device_parallelism says (a step with n engines busy takes
 max(1, n / parallelism) times its alone time; an engine with work it cannot
-run yet, waiting for KV, takes no share); the gateway routes to the one with
-the fewest requests in flight (round robin among equals: least_busy_first)
-of a model's placed replicas whose engine is loaded (a switched-off one is
-switched on by its first request, as the agent does), and a request for a
+run yet, waiting for KV, takes no share); the gateway routes to the active
+one with the fewest requests in flight (round robin among equals:
+least_busy_first) of a model's placed replicas whose engine is loaded, to a
+switched-off one only when none is active (its first request switches it on,
+as the agent does), and a request for a
 model with no such replica goes to one of its draining engines if it has any and the model is placed (its new
 replica still loads), else waits there (cold start) up to its TTFT SLO plus
 30 s, then fails.
@@ -224,8 +225,10 @@ class SimCluster:
             return
         turn = self.turns.get(request.model, 0)
         self.turns[request.model] = turn + 1
-        # The gateway's rule: the replica with the fewest requests in flight (the agent's count of them).
-        self._deliver(least_busy_first(live, lambda e: e.stats.in_flight, turn)[0], request)
+        # The gateway's rule: the active replica with the fewest requests in flight (the agent's count of
+        # them); a switched-off one only when none is active.
+        active = [e for e in live if e.state == "active"]
+        self._deliver(least_busy_first(active or live, lambda e: e.stats.in_flight, turn)[0], request)
 
     def _cold_start_timeout(self, request: SimRequest) -> None:
         waiting = self.gateway_waiting.get(request.model, [])

@@ -2,10 +2,11 @@
 
 The router mirrors models/, placements/, agents/ and engines/. A replica is
 live when its agent's key exists (the agent holds it under its lease) and
-its engine record is servable; a request goes to the live replica with the
+its engine record is servable; a request goes to the active replica with the
 fewest requests this gateway has in flight on it (a replica that has just
 come up takes the new requests while the others work off what they hold),
-round robin among equals. A model that is placed but has no live replica yet (moved: its new
+round robin among equals, and to a switched-off one (its agent switches it
+on) only when none is active. A model that is placed but has no live replica yet (moved: its new
 replica still loads) is served by its draining engines (being unloaded, no
 longer placed) while they last, rather than waited for; a model placed
 nowhere (its policy left it out) is not. It keeps one gRPC channel per agent address and closes the
@@ -194,6 +195,7 @@ class Router:
         if records.MODELS + model not in self._items(records.MODELS):
             raise ModelNotFound(f"The model {model!r} does not exist", param="model")
         live: list[str] = []
+        switched_off: list[str] = []  # servable too: their agents switch them on for a request
         reasons: list[str] = []
         replicas = self._replica_states(model)
         for agent_id, address, engine in replicas:
@@ -203,15 +205,19 @@ class Router:
                 reasons.append(f"agent {agent_id} has no engine for it")
             elif not engine.servable:
                 reasons.append(f"its engine on agent {agent_id} is {engine.state}")
-            elif address not in live:
-                live.append(address)
-        if not live and replicas:  # placed, none servable yet (a move): one on its way out serves meanwhile
-            live = self._draining(model)
-        if not live:
+            elif address not in live + switched_off:
+                (live if engine.state == "active" else switched_off).append(address)
+        if not live and not switched_off and replicas:
+            live = self._draining(model)  # placed, none servable yet (a move): one on its way out serves meanwhile
+        if not live and not switched_off:
             why = "; ".join(reasons) if reasons else "it is not placed on any agent"
             raise ModelUnavailable(f"model {model!r} has no live replica ({why})")
+        # Active replicas first; a switched-off one only when none is active (the scheduler switches
+        # replicas on and off: a request that switched one on beside an active one would undo it).
         turn = next(self._turns.setdefault(model, itertools.count()))
-        return least_busy_first(live, lambda address: self._in_flight.get((model, address), 0), turn)
+        busy = lambda address: self._in_flight.get((model, address), 0)  # noqa: E731
+        ordered = least_busy_first(live, busy, turn) if live else []
+        return ordered + (least_busy_first(switched_off, busy, turn) if switched_off else [])
 
     def began(self, model: str, address: str) -> None:
         """A request for `model` was sent to the agent at `address` (the relay tells)."""

@@ -658,7 +658,11 @@ def prism_policy(snapshot: ClusterSnapshot, params: PolicyParams = PolicyParams(
         name = model.model_name
         if not placement[name] and name in homes and name not in shed:
             add(name, homes[name], False)
-    if params.standby_replicas:
+    # Standbys only while every hot model fits within its GPUs' compute: where GPUs are short, the
+    # replicas the policy switches on for a burst push in beside models that already share a GPU
+    # (simulated, 200 models on 32 GPUs: 80.8% of requests within SLO with a standby each in every
+    # plan, 89.7% with standbys only in the plans where everything fits).
+    if params.standby_replicas and not overflow:
         _add_standby_replicas(snapshot, placement, params.standby_replicas)
     return placement
 
