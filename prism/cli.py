@@ -365,6 +365,8 @@ def simulate(
     slo_scale: float = typer.Option(1.0, help="multiplies both SLO targets"),
     time_scale: float = typer.Option(1.0, help="multiply the trace's times by this (0.5: twice the rate)"),
     replan_interval_s: float = typer.Option(2.0, help="the scheduler's re-plan interval"),
+    standby_replicas: int = typer.Option(0, min=0, help="prism policy: switched-off replicas of each model on "
+                                         "other agents (the scheduler's --standby-replicas)"),
     min_gpus_for: Optional[float] = typer.Option(None, help="also search the fewest GPUs reaching this attainment "
                                                             "(e.g. 0.99) per policy"),
     max_gpus: Optional[int] = typer.Option(None, help="upper bound of that search (default 4x the models)"),
@@ -397,7 +399,7 @@ def simulate(
     for name in policies:
         settings = SimSettings(num_gpus=gpus, policy=name, gpus_per_agent=gpus_per_agent,
                                gpu_memory_bytes=int(gpu_memory_gb * GB), memory_policy=memory_policy,
-                               replan_interval_s=replan_interval_s)
+                               replan_interval_s=replan_interval_s, standby_replicas=standby_replicas)
         try:
             result = run(trace, models, latency, settings, slo)
         except ValueError as exc:

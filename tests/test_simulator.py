@@ -187,6 +187,12 @@ def test_cli_writes_a_bench_shaped_report_per_policy(tmp_path):
         assert run["simulation"]["policy"] == name and run["simulation"]["num_gpus"] == 2
         assert run["min_gpus"]["target"] == 0.99
         assert f"{name}" in result.output
+    # Prism with a standby replica of each model: the second GPU's agent holds it, switched off.
+    standby = CliRunner().invoke(app, ["simulate", str(tmp_path / "trace.jsonl"), "--config", str(config), "--gpus",
+                                       "2", "--gpus-per-agent", "1", "--standby-replicas", "1", "--out", str(out)])
+    assert standby.exit_code == 0, standby.output
+    run = json.loads(out.read_text())  # one policy (prism, the default): its report alone
+    assert run["simulation"]["standby_replicas"] == 1 and run["simulation"]["loads"] == 4  # 2 without
 
 
 def test_a_long_prompt_is_prefilled_in_steps_of_the_engines_budget(profile):
