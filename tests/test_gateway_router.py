@@ -134,14 +134,18 @@ def assert_candidates(router: Router, model: str, expected: list[str]) -> None:
     assert router.candidates(model) == expected
 
 
-def test_least_busy_first_breaks_ties_round_robin():
-    from services.common.routing import least_busy_first
+def test_least_busy_first_breaks_ties_round_robin_and_route_order_puts_active_replicas_first():
+    from services.common.routing import least_busy_first, route_order
 
     counts = {"a": 2, "b": 0, "c": 0, "d": 1}
     assert least_busy_first(list(counts), counts.get, 0) == ["b", "c", "d", "a"]
     assert least_busy_first(list(counts), counts.get, 3) == ["b", "c", "d", "a"]
     assert least_busy_first(list(counts), counts.get, 2) == ["c", "b", "d", "a"]  # the turn starts at c
     assert [least_busy_first(["x", "y", "z"], lambda _: 0, t)[0] for t in range(4)] == ["x", "y", "z", "x"]
+    assert least_busy_first([], counts.get, 1) == []
+    # route_order: the active ones, however busy, before the switched-off ones.
+    assert route_order(list(counts), lambda r: r in ("a", "d"), counts.get, 0) == ["d", "a", "b", "c"]
+    assert route_order(list(counts), lambda r: False, counts.get, 0) == ["b", "c", "d", "a"]
 
 
 def assert_picks(router: Router, model: str, count: int) -> None:

@@ -18,7 +18,7 @@ profile's device_parallelism says (a step with n engines busy takes
 max(1, n / parallelism) times its alone time; an engine with work it cannot
 run yet, waiting for KV, takes no share); the gateway routes to the active
 one with the fewest requests in flight (round robin among equals:
-least_busy_first) of a model's placed replicas whose engine is loaded, to a
+route_order) of a model's placed replicas whose engine is loaded, to a
 switched-off one only when none is active (its first request switches it on,
 as the agent does), and a request for a
 model with no such replica goes to one of its draining engines if it has any and the model is placed (its new
@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from prism.simulator.engine import SimEngine, SimRequest, Step
 from prism.simulator.models import SimModel
 from prism.simulator.profile import LatencyProfile
-from services.common.routing import least_busy_first
+from services.common.routing import route_order
 from services.gpu_agent.admission import (
     DEFAULT_STARVATION_S,
     admission_key,
@@ -225,10 +225,8 @@ class SimCluster:
             return
         turn = self.turns.get(request.model, 0)
         self.turns[request.model] = turn + 1
-        # The gateway's rule: the active replica with the fewest requests in flight (the agent's count of
-        # them); a switched-off one only when none is active.
-        active = [e for e in live if e.state == "active"]
-        self._deliver(least_busy_first(active or live, lambda e: e.stats.in_flight, turn)[0], request)
+        # The gateway's rule, on the agents' counts of requests in flight.
+        self._deliver(route_order(live, lambda e: e.state == "active", lambda e: e.stats.in_flight, turn)[0], request)
 
     def _cold_start_timeout(self, request: SimRequest) -> None:
         waiting = self.gateway_waiting.get(request.model, [])

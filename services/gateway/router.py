@@ -30,7 +30,7 @@ import grpc
 from prism.v1 import agent_pb2_grpc
 from services.common import records
 from services.common.etcd import EtcdAccess, PrefixMirror, connect
-from services.common.routing import least_busy_first
+from services.common.routing import route_order
 from services.common.tls import TlsFiles, aio_channel
 from services.gateway.errors import ModelNotFound, ModelUnavailable
 from services.gpu_agent.slo import DEFAULT_TTFT_MS
@@ -188,14 +188,15 @@ class Router:
 
     def candidates(self, model: str) -> list[str]:
         """Addresses of the agents serving `model`, starting with this
-        request's pick (least_busy_first); the rest are fallbacks in order.
+        request's pick (route_order); the rest are fallbacks in order.
 
         Raises ModelNotFound for a model the cluster does not have and
         ModelUnavailable when none of its replicas is live."""
         if records.MODELS + model not in self._items(records.MODELS):
             raise ModelNotFound(f"The model {model!r} does not exist", param="model")
-        live: list[str] = []
-        switched_off: list[str] = []  # servable too: their agents switch them on for a request
+        # address -> whether its engine is active (a switched-off one is servable too: its agent switches
+        # it on for a request)
+        servable: dict[str, bool] = {}
         reasons: list[str] = []
         replicas = self._replica_states(model)
         for agent_id, address, engine in replicas:
@@ -205,19 +206,17 @@ class Router:
                 reasons.append(f"agent {agent_id} has no engine for it")
             elif not engine.servable:
                 reasons.append(f"its engine on agent {agent_id} is {engine.state}")
-            elif address not in live + switched_off:
-                (live if engine.state == "active" else switched_off).append(address)
-        if not live and not switched_off and replicas:
-            live = self._draining(model)  # placed, none servable yet (a move): one on its way out serves meanwhile
-        if not live and not switched_off:
+            elif address not in servable:
+                servable[address] = engine.state == "active"
+        if not servable and replicas:
+            # Placed, none servable yet (a move): one on its way out serves meanwhile.
+            servable = dict.fromkeys(self._draining(model), True)
+        if not servable:
             why = "; ".join(reasons) if reasons else "it is not placed on any agent"
             raise ModelUnavailable(f"model {model!r} has no live replica ({why})")
-        # Active replicas first; a switched-off one only when none is active (the scheduler switches
-        # replicas on and off: a request that switched one on beside an active one would undo it).
         turn = next(self._turns.setdefault(model, itertools.count()))
-        busy = lambda address: self._in_flight.get((model, address), 0)  # noqa: E731
-        ordered = least_busy_first(live, busy, turn) if live else []
-        return ordered + (least_busy_first(switched_off, busy, turn) if switched_off else [])
+        return route_order(list(servable), servable.__getitem__,
+                           lambda address: self._in_flight.get((model, address), 0), turn)
 
     def began(self, model: str, address: str) -> None:
         """A request for `model` was sent to the agent at `address` (the relay tells)."""
