@@ -231,10 +231,11 @@ class PolicyParams:
     # KV bytes per token per weight byte, for a model whose KV geometry is not in the snapshot.
     kv_bytes_per_weight_byte: float = 1.2e-5
     # Standby replicas (prism): this many more engines of each placed model that runs one, switched
-    # off, on other agents. They cost their agents' host memory (the weights) and no GPU memory; a
-    # burst switches them on in an activation (tenths of a second) instead of a load (seconds): the
-    # gateways route to them as to any replica, and their agents switch them on for the first request.
-    # 0: none (the agents' host memory is not in the snapshot, so this is the operator's call).
+    # off, on other agents. They cost their agents' host memory (the weights) and no GPU memory; when
+    # a burst needs replicas, the policy switches them on (its loaded replicas come before new sets),
+    # an activation (tenths of a second) instead of a load (seconds). The gateways send requests to
+    # them only while no replica is active. 0: none (the agents' host memory is not in the snapshot,
+    # so this is the operator's call).
     standby_replicas: int = 0
 
 
