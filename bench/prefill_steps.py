@@ -53,7 +53,6 @@ def measure(model: str, args: argparse.Namespace) -> list[dict]:
         for batch, tokens in shapes:
             prompt = prompt_of_length(engine, tokens)
             tag = f"{model}-b{batch}-p{tokens}"
-
             samples = asyncio.run(first_token_rounds(engine, prompt, tokens, batch, args.repeats, tag))
             rows.append({"model": model, "batch": batch, "prompt_tokens": tokens,
                          "first_token_ms": 1e3 * statistics.median(samples),

@@ -100,11 +100,8 @@ def provisioned_for_peak(trace: Trace, models: list[ModelConfig], profile: Laten
 
 
 def _run(job: tuple) -> tuple:
-    trace_params, models, policy, gpus, gpus_per_agent, profile_path, *rest = job
-    standby = rest[0] if rest else 0  # prism's standby replicas per model
+    trace_params, models, policy, gpus, gpus_per_agent, profile_path, standby = job  # standby: prism's, per model
     trace = bursty_group_trace(trace_params)
-    if policy == "dedicated":
-        models = provisioned_for_peak(trace, models, LatencyProfile.load(profile_path))
     profile = LatencyProfile.load(profile_path)
     settings = SimSettings(num_gpus=gpus, policy=policy, gpus_per_agent=gpus_per_agent, standby_replicas=standby)
     started = time.monotonic()
@@ -126,14 +123,16 @@ def _run(job: tuple) -> tuple:
 def run_table(name: str, trace_params: BurstyGroupParams, models: list[ModelConfig], gpu_counts: list[int],
               target: float, jobs: int, agent_gpus: int, search_up_to: int, profile: Path = DEFAULT_PROFILE,
               standby: int = 0) -> dict:
-    def agents_for(policy: str) -> int:
-        return 8 if policy == "static" else agent_gpus
-
-    provisioned = sum(len(m.init_placements) for m in provisioned_for_peak(
-        bursty_group_trace(trace_params), models, LatencyProfile.load(profile)))
+    dedicated_models = provisioned_for_peak(bursty_group_trace(trace_params), models, LatencyProfile.load(profile))
+    provisioned = sum(len(m.init_placements) for m in dedicated_models)
     search_up_to = max(search_up_to, provisioned)
+
+    def job(policy: str, gpus: int) -> tuple:
+        return (trace_params, dedicated_models if policy == "dedicated" else models, policy, gpus,
+                8 if policy == "static" else agent_gpus, profile, standby)
+
     results: dict[str, dict[int, dict]] = {p: {} for p in POLICIES}
-    work = [(trace_params, models, p, n, agents_for(p), profile, standby) for n in gpu_counts for p in POLICIES]
+    work = [job(p, n) for n in gpu_counts for p in POLICIES]
     with ProcessPoolExecutor(jobs) as pool:
         for policy, gpus, row in pool.map(_run, work):
             results[policy][gpus] = row
@@ -146,8 +145,7 @@ def run_table(name: str, trace_params: BurstyGroupParams, models: list[ModelConf
 
             def met(n: int) -> bool:
                 if n not in rows:
-                    _, _, rows[n] = pool.submit(_run, (trace_params, models, policy, n, agents_for(policy),
-                                                           profile, standby)).result()
+                    _, _, rows[n] = pool.submit(_run, job(policy, n)).result()
                 return rows[n]["attainment"] >= target
 
             in_table = sorted(n for n in gpu_counts if met(n))

@@ -1,6 +1,6 @@
 """Probe: where the time to first token of one short prompt goes on the GPU
-(an eager prefill step), from the engine's step log and torch's profiler
-over a few rounds.
+(an eager prefill step), from the engine's step log, cProfile of the step's
+Python (in the engine thread) and torch's profiler, over a few rounds.
 
     python bench/probe/prefill_overhead.py [--model llama-3.2-1b] [--tokens 128]"""
 
