@@ -5,8 +5,8 @@ Threads: generate() runs on the caller's asyncio loop; the step loop is a
 daemon thread. They share the scheduler and sequences under `_lock`; the
 model's forward runs outside it (so submitting and aborting never wait for a
 step) but under `_model_lock`, which activation and deactivation take before
-moving weights. Outputs go back with loop.call_soon_threadsafe into the
-request's asyncio.Queue.
+moving weights. Outputs go back into the request's asyncio.Queue through the
+outbox (outbox.py): one loop.call_soon_threadsafe per step, not per output.
 
 Memory: on an accelerator the weights live on the device while active and in
 pinned host memory always (see host_weights.py). KV lives in a paged pool
@@ -52,6 +52,7 @@ from services.gpu_agent.engine.kv_pool import (
 from services.gpu_agent.engine.kvcached_pool import KvcachedPool, kvcached_available
 from services.gpu_agent.engine.model import CausalLM
 from services.gpu_agent.engine.model_config import ModelConfig, load_model_config
+from services.gpu_agent.engine.outbox import Outbox
 from services.gpu_agent.engine.paged_attention import build_step_attention
 from services.gpu_agent.engine.prompt import prompt_token_ids
 from services.gpu_agent.engine.request import (
@@ -195,6 +196,7 @@ class Engine:
         self._graph_runner: DecodeGraphRunner | None = None  # made on the first decode step after activation
         self._in_step: set[Sequence] = set()  # sequences the running step computes
         self._free_after_step: list[Sequence] = []
+        self._outbox = Outbox()  # outputs to the consumers, flushed after every step and failure
         self._lock = threading.Condition()
         self._model_lock = threading.Lock()
         self._active = True
@@ -357,6 +359,7 @@ class Engine:
             self._fail_all(lambda: EngineError("engine stopped"))
             self._lock.notify_all()
             thread = self._thread
+        self._outbox.flush()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=30)
         with self._model_lock:
@@ -405,6 +408,7 @@ class Engine:
                 return
             self._active = False
             self._fail_all(lambda: EngineInactiveError(f"model {self.name!r} was deactivated"))
+        self._outbox.flush()
         with self._model_lock:
             # Graphs hold the device addresses of the weights about to be freed.
             self._graph_runner = None
@@ -555,11 +559,7 @@ class Engine:
         queue: asyncio.Queue[GenerationOutput | BaseException] = asyncio.Queue()
 
         def deliver(item: GenerationOutput | BaseException) -> bool:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-                return True
-            except RuntimeError:  # the consumer's event loop is closed
-                return False
+            return self._outbox.post(loop, queue.put_nowait, item)
 
         seq = self._new_sequence(req, deliver)
         self._submit(seq)
@@ -615,6 +615,8 @@ class Engine:
                 with self._lock:
                     self._end_step()
                     self._fail_all(lambda: EngineError(message))
+            finally:
+                self._outbox.flush()
         log.info("engine %s: step loop ended", self.name)
 
     def _step(self) -> None:
