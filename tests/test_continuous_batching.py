@@ -14,6 +14,7 @@ import torch
 
 from prism.tiny_models import write_tiny_model
 from services.gpu_agent.engine import Engine, GenerationRequest
+from services.gpu_agent.engine.engine import WARMUP_NEW_TOKENS, WARMUP_PROMPT_TOKENS
 from services.gpu_agent.engine.kv_pool import KVGeometry, PagePool
 from services.gpu_agent.engine.sampling import SamplingParams
 from services.gpu_agent.engine.scheduler import Scheduler
@@ -287,8 +288,8 @@ async def test_the_kernel_warm_up_runs_its_steps_and_leaves_the_engine_as_it_was
             engine._warm_up_kernels()
         assert "kernels warm" in caplog.text
         assert "warm-up incomplete" not in caplog.text and "warm-up failed" not in caplog.text
-        for prompt_tokens in (40, 150):
-            assert f"finished (length): {prompt_tokens} prompt + 3 completion tokens" in caplog.text
+        for prompt_tokens, new_tokens in zip(WARMUP_PROMPT_TOKENS, WARMUP_NEW_TOKENS):
+            assert f"finished (length): {prompt_tokens} prompt + {new_tokens} completion tokens" in caplog.text
         assert engine.stats() == before
         assert engine._scheduler.step_tokens == 8
         engine.start()

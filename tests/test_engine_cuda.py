@@ -5,6 +5,7 @@ the Triton decode kernel. Skipped where there is no GPU, kvcached or triton
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -112,6 +113,28 @@ async def test_graph_and_eager_decode_match_the_reference_across_reactivation(mo
             assert engine.stats().kv_used_bytes == 0
         finally:
             engine.stop()
+
+
+async def test_the_warm_up_captures_decode_graphs_and_leaves_none_behind(model_dirs, caplog):
+    # Its graphs compile the graph path's Triton kernels for batches of 16, 8, 4, 2 and 1, on the
+    # warm-up's own pool: none of them may survive it (they write that pool's slots).
+    ref = ReferenceLlama(model_dirs["llama"])
+    with caplog.at_level(logging.INFO, logger="services.gpu_agent.engine"):
+        engine = Engine(model_dirs["llama"], device="cuda", dtype="float32", kv_pool="kvcached",
+                        attention="triton", cuda_graphs=True)
+    try:
+        for batch in (16, 8, 4, 2, 1):
+            assert f"captured the decode graph for batch {batch}," in caplog.text
+        assert "warm-up incomplete" not in caplog.text and "warm-up failed" not in caplog.text
+        assert engine._graph_runner is None and engine._use_graphs
+        assert engine.stats().kv_used_bytes == 0
+        engine.start()
+        reqs = [greedy(p, 20, f"w{i}") for i, p in enumerate(PROMPTS)]
+        expected = [ref.greedy(engine.tokenize_prompt(r), 20) for r in reqs]
+        assert await asyncio.gather(*(tokens_of(engine, r) for r in reqs)) == expected
+        assert engine._graph_runner is not None
+    finally:
+        engine.stop()
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused-kernels", "torch-ops"])

@@ -51,6 +51,18 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
+def graph_batch_buckets(max_batch: int = BATCH_BUCKETS[-1]) -> list[int]:
+    return [b for b in BATCH_BUCKETS if b <= max_batch]
+
+
+def graph_width_buckets(max_width: int = DEFAULT_MAX_WIDTH) -> list[int]:
+    """Every slot-table width a graph is captured for, up to max_width."""
+    widths = [MIN_WIDTH_BUCKET]
+    while widths[-1] < max_width:
+        widths.append(widths[-1] * 2)
+    return widths
+
+
 def batch_bucket(batch: int) -> int | None:
     for bucket in BATCH_BUCKETS:
         if bucket >= batch:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from services.gpu_agent.engine.cuda_graphs import DecodeGraphRunner
+from services.gpu_agent.engine.cuda_graphs import DecodeGraphRunner, graph_batch_buckets, graph_width_buckets
 from services.gpu_agent.engine.detokenizer import IncrementalDetokenizer
 from services.gpu_agent.engine.errors import (
     CapacityError,
@@ -93,10 +93,11 @@ DEFAULT_CAPACITY_CONTEXTS = 32  # default virtual KV reservation on the CPU, at 
 # Host pages are 4 KiB, so nothing forces kvcached's 2 MiB pages on the CPU;
 # smaller pages let tiny models' limits mean something.
 CPU_PAGE_BYTES = 64 * 1024
-# The CUDA warm-up's two requests (_warm_up_kernels): the longer prompt is cut into chunks.
-WARMUP_PROMPT_TOKENS = (40, 150)
+# The CUDA warm-up's requests (_warm_up_kernels): two prompts, the longer cut into chunks,
+# then 16 short ones; request i asks for 2 + i tokens, so decode batches of 16 down to 1 follow.
+WARMUP_PROMPT_TOKENS = (40, 150) + (8,) * 14
 WARMUP_STEP_TOKENS = 128
-WARMUP_NEW_TOKENS = 3
+WARMUP_NEW_TOKENS = tuple(2 + i for i in range(len(WARMUP_PROMPT_TOKENS)))
 KV_POOLS = ("auto", "kvcached", "pages")
 
 _DTYPES = {
@@ -273,27 +274,34 @@ class Engine:
         return pool
 
     def _warm_up_kernels(self) -> None:
-        """Two short requests through every kind of step this engine runs (a prefill from
-        position 0, a later prefill chunk, decoding through the Triton kernel), so that the
-        kernels of this model's geometry are compiled and loaded now, not on its first
-        users' requests: on a fresh H100 those waited up to 1.8 s for their first token
-        (bench/step_log_summary.py over bench/validate_simulator.py's cluster). Runs on the
-        calling thread, before the step thread starts, on a small KV pool of its own, so
-        the engine's pool, its limit and revision are untouched; never fatal."""
+        """Short requests through every kind of step this engine runs (a prefill from
+        position 0, a later prefill chunk, a prefill beside decoding sequences, decoding
+        through the Triton kernel, and CUDA-graph decode steps of 16 sequences down to 1),
+        so that the kernels of this model's geometry are compiled and loaded now, not on
+        its first users' requests: on a fresh H100 those waited up to 1.8 s for their first
+        token (bench/step_log_summary.py over bench/validate_simulator.py's cluster), and
+        with the graphs left out, the first graph captured after an activation took 0.5-0.9 s
+        (Triton compiling the graph path's kernels for batch sizes it had not seen; a later
+        capture takes 15-40 ms). Triton specializes integer arguments that equal 1 or divide
+        by 16, so batches of 1, 2 and 16 cover the kernels' variants. Runs on the calling
+        thread, before the step thread starts, on a small KV pool of its own, so the
+        engine's pool, its limit and revision are untouched; its graphs go at the end
+        (they are bound to that pool); never fatal."""
         start = time.perf_counter()
         pool, budget, graphs = self._scheduler.pool, self._scheduler.step_tokens, self._use_graphs
         scratch = None
         outcomes: list[GenerationOutput | BaseException] = []
         try:
-            scratch = PagePool(self._geometry, sum(WARMUP_PROMPT_TOKENS) + 2 * WARMUP_NEW_TOKENS + 2, 0, self._device)
+            scratch = PagePool(self._geometry, sum(WARMUP_PROMPT_TOKENS) + sum(WARMUP_NEW_TOKENS) + 2, 0, self._device)
             scratch.set_memory_limit(scratch.capacity_tokens * self._geometry.token_bytes, 1)
+            scratch.alloc(1)  # slot 0, which the graphs' padding rows write (kvcached never hands it out)
             self._scheduler.pool, self._scheduler.step_tokens = scratch, WARMUP_STEP_TOKENS
-            self._use_graphs = False  # a graph is bound to its pool: this one goes at the end
+            self._graph_runner = None
             vocab = self.config.vocab_size
             for i, n in enumerate(WARMUP_PROMPT_TOKENS):
                 prompt = [1 + j % (vocab - 1) for j in range(n)]
                 self._scheduler.add(Sequence(
-                    request_id=f"warm-up-{i}", prompt_ids=prompt, max_tokens=WARMUP_NEW_TOKENS,
+                    request_id=f"warm-up-{i}", prompt_ids=prompt, max_tokens=WARMUP_NEW_TOKENS[i],
                     sampling=SamplingParams(temperature=0.0), stop=[], ignore_eos=True,
                     detokenizer=IncrementalDetokenizer(self.tokenizer, prompt), generator=None,
                     deliver=lambda out: outcomes.append(out) or True))
@@ -301,6 +309,12 @@ class Engine:
                 if not self._scheduler.has_work():
                     break
                 self._step()
+            if self._use_graphs:  # the decode kernel's variants for the other graph shapes
+                from services.gpu_agent.engine.triton_decode import compile_decode_variants
+
+                cfg = self.config
+                compile_decode_variants(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, self.dtype,
+                                        self._device, graph_batch_buckets(), graph_width_buckets())
             failed = [o for o in outcomes if isinstance(o, BaseException)]
             if failed or self._scheduler.has_work():
                 log.warning("engine %s: kernel warm-up incomplete (%s)", self.name, failed[0] if failed else "unfinished")
@@ -310,6 +324,7 @@ class Engine:
             for seq in [*self._scheduler.running, *self._scheduler.waiting]:
                 self._scheduler.remove(seq)
             self._scheduler.pool, self._scheduler.step_tokens, self._use_graphs = pool, budget, graphs
+            self._graph_runner = None
             self._slot_table = self._new_slot_table()
             if scratch is not None:
                 scratch.close()
