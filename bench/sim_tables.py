@@ -4,6 +4,13 @@ H200 latency profile (bench/results/sim-profile-h200.json; --profile for another
 
     .venv/bin/python bench/sim_tables.py                       # 18 models, 1..8 GPUs
     .venv/bin/python bench/sim_tables.py --large               # also 200 models on 8..64 GPUs
+    .venv/bin/python bench/sim_tables.py --rate 90 --gpus 2,4,6,8 --out bench/results/sim_tables-18models-90rps.json
+
+The default 18-model trace (30 req/s) needs only 3 GPUs under prism; at 90 req/s
+prism needs 8, the original system's setting of 18 models on 8 GPUs
+(2026-11-27, H200 profile: prism 34.7/52.0/96.4/99.4% at 2/4/6/8 GPUs,
+time-share 10.5/36.1/78.5/92.8%, fewest GPUs at 99%: prism 8, time-share 17,
+dedicated 20).
 
 Prints a markdown table per configuration (attainment per policy and GPU
 count, and the fewest GPUs reaching the target, searched beyond the table
