@@ -12,6 +12,13 @@ prism needs 8, the original system's setting of 18 models on 8 GPUs
 time-share 10.5/36.1/78.5/92.8%, fewest GPUs at 99%: prism 8, time-share 17,
 dedicated 20).
 
+    .venv/bin/python bench/sim_tables.py --sweep-rates 60,90,120,150,200 --sweep-gpus 8 \
+        --out bench/results/sim_sweep-18models-8gpus.json
+
+holds the GPUs at 8 and raises the rate instead (2026-11-27, H200 profile): prism
+100/99.4/86.4/73.5/47.9%, time-share 100/92.8/59.4/48.3/41.0% at 60/90/120/150/200
+req/s, so 1.0-1.5x; time-share here switches models with the same fast activation.
+
 Prints a markdown table per configuration (attainment per policy and GPU
 count, and the fewest GPUs reaching the target, searched beyond the table
 where the table does not reach it) and writes everything, with the trace's
@@ -163,6 +170,36 @@ def run_table(name: str, trace_params: BurstyGroupParams, models: list[ModelConf
             "results": {p: {str(n): r for n, r in sorted(rows.items())} for p, rows in results.items()}}
 
 
+def rate_sweep(trace_params: BurstyGroupParams, models: list[ModelConfig], rates: list[float], gpus: int,
+               policies: list[str], jobs: int, agent_gpus: int, profile: Path, standby: int = 0) -> dict:
+    """Attainment per policy at one GPU count as the trace's rate grows: where
+    each policy gives way (dedicated is left out: its GPU count is the trace's)."""
+    work = [(replace(trace_params, rate=rate), models, policy, gpus, 8 if policy == "static" else agent_gpus,
+             profile, standby) for rate in rates for policy in policies]
+    results: dict[str, dict[str, dict]] = {p: {} for p in policies}
+    with ProcessPoolExecutor(jobs) as pool:
+        for job, (policy, _, row) in zip(work, pool.map(_run, work)):
+            results[policy][f"{job[0].rate:g}"] = row
+            print(f"  sweep at {gpus} GPUs: {policy} at {job[0].rate:g} req/s: {100 * row['attainment']:.1f}% "
+                  f"({row['wall_s']}s)", file=sys.stderr, flush=True)
+    return {"gpus": gpus, "models": len(models), "trace": asdict(trace_params), "rates": rates,
+            "prism_standby_replicas": standby, "results": results}
+
+
+def sweep_markdown(sweep: dict) -> str:
+    rates = [f"{r:g}" for r in sweep["rates"]]
+    lines = [f"### {sweep['models']} models on {sweep['gpus']} GPUs, attainment against the trace's rate "
+             f"({sweep['trace']['duration_s']:g} s, seed {sweep['trace']['seed']})", "",
+             "| policy | " + " | ".join(f"{r} req/s" for r in rates) + " |", "|---" * (len(rates) + 1) + "|"]
+    results = sweep["results"]
+    for policy, rows in results.items():
+        lines.append(f"| {policy} | " + " | ".join(f"{100 * rows[r]['attainment']:.1f}%" for r in rates) + " |")
+    if "prism" in results and "time-share" in results:
+        ratios = [results["prism"][r]["attainment"] / max(results["time-share"][r]["attainment"], 1e-9) for r in rates]
+        lines.append("| prism / time-share | " + " | ".join(f"{x:.2f}x" for x in ratios) + " |")
+    return "\n".join(lines)
+
+
 def markdown(table: dict) -> str:
     counts = table["gpu_counts"]
     lines = [f"### {table['name']}: {table['models']} models, {table['trace']['rate']:g} req/s, "
@@ -197,8 +234,26 @@ def main() -> None:
                     help="latency profile (default: the H200's; bench/results/sim-profile-h100.json: the H100's)")
     ap.add_argument("--standby-replicas", type=int, default=0,
                     help="the prism policy's standby replicas per model (the scheduler's --standby-replicas)")
+    ap.add_argument("--sweep-rates", default=None,
+                    help="instead of the tables: the 18-model trace at these rates (comma-separated) on --sweep-gpus")
+    ap.add_argument("--sweep-gpus", type=int, default=8)
+    ap.add_argument("--sweep-policies", default="prism,time-share")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "sim_tables-h200profile.json")
     args = ap.parse_args()
+
+    if args.sweep_rates:
+        models = list(load(REPO / "bench" / "sim" / "models-18.json").models)
+        params = BurstyGroupParams(num_models=len(models), rate=args.rate, duration_s=args.duration_s, seed=args.seed)
+        sweep = rate_sweep(params, models, [float(r) for r in args.sweep_rates.split(",")], args.sweep_gpus,
+                           args.sweep_policies.split(","), args.jobs, args.gpus_per_agent, args.profile,
+                           args.standby_replicas)
+        print(sweep_markdown(sweep))
+        profile = LatencyProfile.load(args.profile)
+        args.out.write_text(json.dumps({"profile": str(args.profile.resolve().relative_to(REPO)),
+                                        "profile_device": profile.device, "date": time.strftime("%Y-%m-%d"),
+                                        "sweep": sweep}, indent=1) + "\n")
+        print(f"wrote {args.out}")
+        return
 
     tables = []
     if not args.only_large:
