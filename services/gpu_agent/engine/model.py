@@ -4,7 +4,9 @@ Module and parameter names follow the Hugging Face checkpoints
 (model.layers.N.self_attn.q_proj.weight, ...), so state-dict keys load as they
 are. One forward runs a step for several sequences at once: their new tokens
 are concatenated into one flat batch for every matmul; attention reads and
-writes the engine's paged KV pool (paged_attention.py)."""
+writes the engine's paged KV pool (paged_attention.py). Split over several
+GPUs (tensor_parallel.py), each rank's modules hold its share of the heads and
+MLP columns and sum their partial outputs after o_proj and down_proj."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from services.gpu_agent.engine.kv_pool import KVPool
 from services.gpu_agent.engine.model_config import ModelConfig
 from services.gpu_agent.engine.paged_attention import StepAttention, paged_attention, write_kv
 from services.gpu_agent.engine.rotary import RotaryEmbedding, apply_rotary
+from services.gpu_agent.engine.tensor_parallel import SINGLE, TensorParallel
 
 
 def _fused_ops():
@@ -80,10 +83,11 @@ class JoinedWeights:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        self.tp = tp
+        self.num_heads = config.num_attention_heads // tp.size  # this rank's
+        self.num_kv_heads = config.num_key_value_heads // tp.size
         self.head_dim = config.head_dim
         hidden = config.hidden_size
         self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=config.qkv_bias, dtype=dtype)
@@ -106,7 +110,7 @@ class Attention(nn.Module):
             else:  # biases: three matmuls
                 q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
             q = _fused_ops().rotary_write_kv(q, k, v, cos, sin, k_buffer, v_buffer, step.slot_mapping)
-            return self.o_proj(paged_attention(q, k_buffer, v_buffer, step).reshape(tokens, -1))
+            return self.tp.all_reduce(self.o_proj(paged_attention(q, k_buffer, v_buffer, step).reshape(tokens, -1)))
         if qkv_weight is not None:
             # One matmul, and the rotary embedding over q's and k's heads at once.
             qkv = F.linear(x, qkv_weight)
@@ -119,13 +123,14 @@ class Attention(nn.Module):
             k = apply_rotary(self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim), cos, sin)
             v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
         write_kv(k_buffer, v_buffer, step, k, v)
-        return self.o_proj(paged_attention(q, k_buffer, v_buffer, step).reshape(tokens, -1))
+        return self.tp.all_reduce(self.o_proj(paged_attention(q, k_buffer, v_buffer, step).reshape(tokens, -1)))
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, tp: TensorParallel = SINGLE):
         super().__init__()
-        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.tp = tp
+        h, i, bias = config.hidden_size, config.intermediate_size // tp.size, config.mlp_bias
         self.gate_proj = nn.Linear(h, i, bias=bias, dtype=dtype)
         self.up_proj = nn.Linear(h, i, bias=bias, dtype=dtype)
         self.down_proj = nn.Linear(i, h, bias=bias, dtype=dtype)
@@ -134,18 +139,18 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
         gate_up_weight = self._gate_up.get()
         if gate_up_weight is not None and fused:
-            return self.down_proj(_fused_ops().silu_mul(F.linear(x, gate_up_weight)))
+            return self.tp.all_reduce(self.down_proj(_fused_ops().silu_mul(F.linear(x, gate_up_weight))))
         if gate_up_weight is not None:
             gate, up = F.linear(x, gate_up_weight).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.tp.all_reduce(self.down_proj(F.silu(gate) * up))
+        return self.tp.all_reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.self_attn = Attention(config, dtype)
-        self.mlp = MLP(config, dtype)
+        self.self_attn = Attention(config, dtype, tp)
+        self.mlp = MLP(config, dtype, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
@@ -173,23 +178,24 @@ class DecoderLayer(nn.Module):
 class DecoderStack(nn.Module):
     """What Hugging Face calls `model` inside `*ForCausalLM`."""
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, tp: TensorParallel = SINGLE):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(DecoderLayer(config, dtype) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, dtype, tp) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.rotary = RotaryEmbedding(config)
 
 
 class CausalLM(nn.Module):
-    def __init__(self, config: ModelConfig, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, tp: TensorParallel = SINGLE):
         super().__init__()
         self.config = config
         self.dtype = dtype
+        self.tp = tp
         # The fused kernels (fused_ops.py) on CUDA; False keeps the torch ops everywhere,
         # None decides on the first CUDA forward (fused_ops.fused_ops_enabled()).
         self.use_fused_ops: bool | None = None
-        self.model = DecoderStack(config, dtype)
+        self.model = DecoderStack(config, dtype, tp)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
         self.tie_weights()
 

@@ -3,12 +3,15 @@
 config.json alone ("dummy", seeded, for tests and benchmarks).
 
 The model is built on the meta device and materialized with to_empty, so no
-time goes into a random init that the checkpoint overwrites anyway."""
+time goes into a random init that the checkpoint overwrites anyway. Split over
+tensor-parallel ranks, each rank builds and fills only its shard
+(tensor_parallel.shard_of cuts every tensor the same way for both sources)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import zlib
 from pathlib import Path
 
 import torch
@@ -17,6 +20,7 @@ from safetensors import safe_open
 from services.gpu_agent.engine.model import CausalLM, RMSNorm
 from services.gpu_agent.engine.model_config import ModelConfig
 from services.gpu_agent.engine.rotary import RotaryEmbedding
+from services.gpu_agent.engine.tensor_parallel import SINGLE, TensorParallel, check_divisible, shard_of, split_dim
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +31,11 @@ class WeightsError(RuntimeError):
     pass
 
 
-def build_empty_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.device) -> CausalLM:
+def build_empty_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.device,
+                      tp: TensorParallel = SINGLE) -> CausalLM:
+    check_divisible(config, tp.size)
     with torch.device("meta"):
-        model = CausalLM(config, dtype)
+        model = CausalLM(config, dtype, tp)
     model = model.to_empty(device=device)
     model.tie_weights()
     model.model.rotary.reset_parameters()
@@ -69,7 +75,7 @@ def load_safetensors(model: CausalLM, model_dir: Path) -> None:
                 if param is None:
                     log.warning("%s: ignoring unexpected tensor %s", path.name, name)
                     continue
-                tensor = f.get_tensor(name)
+                tensor = shard_of(name, f.get_tensor(name), model.tp)
                 if tuple(tensor.shape) != tuple(param.shape):
                     raise WeightsError(f"{path.name}: {name} has shape {tuple(tensor.shape)}, the config needs {tuple(param.shape)}")
                 param.copy_(tensor)
@@ -82,35 +88,49 @@ def load_safetensors(model: CausalLM, model_dir: Path) -> None:
 
 def init_dummy(model: CausalLM, seed: int) -> None:
     """Deterministic random weights: normal(0, initializer_range) matrices,
-    zero biases, unit norms, as Hugging Face initializes these models."""
+    zero biases, unit norms, as Hugging Face initializes these models. Each
+    matrix is drawn whole from a generator seeded by `seed` and its name, then
+    cut to this rank's shard: a model's shards are slices of its unsplit weights."""
     device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
     std = model.config.initializer_range
-    for module in model.modules():
+    tied = model.lm_head if model.config.tie_word_embeddings else None
+    for module_name, module in model.named_modules():
         if isinstance(module, RMSNorm):
             module.weight.fill_(1.0)
-        elif isinstance(module, RotaryEmbedding):
+        elif isinstance(module, RotaryEmbedding) or module is tied:
             continue
         elif isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-            if isinstance(module, torch.nn.Linear) and module is model.lm_head and model.config.tie_word_embeddings:
-                continue
-            module.weight.normal_(0.0, std, generator=generator)
+            name = f"{module_name}.weight"
+            generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            if model.tp.size == 1:
+                module.weight.normal_(0.0, std, generator=generator)
+            else:
+                full = torch.empty(_full_shape(name, module.weight, model.tp), dtype=module.weight.dtype, device=device)
+                module.weight.copy_(shard_of(name, full.normal_(0.0, std, generator=generator), model.tp))
             bias = getattr(module, "bias", None)
             if bias is not None:
                 bias.zero_()
 
 
+def _full_shape(name: str, shard: torch.Tensor, tp: TensorParallel) -> tuple[int, ...]:
+    dim = split_dim(name)
+    shape = list(shard.shape)
+    if dim is not None:
+        shape[dim] *= tp.size
+    return tuple(shape)
+
+
 def load_model(config: ModelConfig, model_dir: Path, load_format: str, dtype: torch.dtype,
-               device: str | torch.device, seed: int) -> CausalLM:
+               device: str | torch.device, seed: int, tp: TensorParallel = SINGLE) -> CausalLM:
     """Weights from files are read into host memory first (the engine moves
     them on activation); random ones are made directly on `device`."""
     if load_format not in LOAD_FORMATS:
         raise WeightsError(f"load_format {load_format!r} is not supported (supported: {', '.join(LOAD_FORMATS)})")
     with torch.no_grad():
         if load_format == "dummy":
-            model = build_empty_model(config, dtype, device)
+            model = build_empty_model(config, dtype, device, tp)
             init_dummy(model, seed)
             return model
-        model = build_empty_model(config, dtype, "cpu")
+        model = build_empty_model(config, dtype, "cpu", tp)
         load_safetensors(model, model_dir)
         return model
