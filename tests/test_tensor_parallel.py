@@ -5,6 +5,7 @@ on GPUs is the same code)."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import traceback
 from datetime import timedelta
@@ -16,9 +17,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from prism.tiny_models import write_tiny_model
+from services.gpu_agent.engine import Engine, GenerationRequest
+from services.gpu_agent.engine.errors import EngineError
 from services.gpu_agent.engine.kv_pool import KVGeometry, PagePool
 from services.gpu_agent.engine.model_config import load_model_config
 from services.gpu_agent.engine.paged_attention import build_step_attention
+from services.gpu_agent.engine.shard_follower import StepChannel, follow
 from services.gpu_agent.engine.tensor_parallel import (
     TensorParallel,
     TensorParallelError,
@@ -127,3 +131,72 @@ def test_two_ranks_give_the_whole_models_logits(tmp_path, arch, load_format):
         for diff, scale in zip(diffs, scales):
             assert scale > 0
             assert diff <= 1e-5 * max(1.0, scale), f"rank {rank}: logits differ by {diff}"
+
+
+PROMPTS = ["Hello world", "The cache of the model is", "1 2 3 4 5 6 7 8 9 10 11 12", "a", "x y z " * 9]
+
+
+def _engine_rank(rank: int, port: int, model_dir: Path, results) -> None:
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                                timeout=timedelta(seconds=60))
+        tp = TensorParallel(rank, 2)
+        channel = StepChannel(tp)
+        if rank == 1:
+            results.put((rank, follow(model_dir, tp, channel, dtype="float32")))
+            return
+        # step_tokens 8: prompts are cut into chunks, and chunks share steps with decoding sequences
+        engine = Engine(model_dir, dtype="float32", step_tokens=8, tensor_parallel=tp, step_channel=channel)
+        engine.start()
+        try:
+            results.put((rank, asyncio.run(_generate_all(engine))))
+        finally:
+            engine.stop()
+    except BaseException:
+        results.put((rank, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+async def _generate_all(engine: Engine) -> list[list[int]]:
+    async def one(i: int, prompt: str) -> list[int]:
+        req = GenerationRequest(f"r{i}", prompt=prompt, max_tokens=12, temperature=0.0, ignore_eos=True)
+        return [t async for out in engine.generate(req) for t in out.token_ids]
+
+    return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(PROMPTS))))
+
+
+def test_a_two_rank_engine_generates_what_a_one_rank_engine_does(tmp_path):
+    model_dir = write_tiny_model(tmp_path / "llama")
+    single = Engine(model_dir, dtype="float32", step_tokens=8)
+    single.start()
+    try:
+        expected = asyncio.run(_generate_all(single))
+    finally:
+        single.stop()
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_engine_rank, args=(r, port, model_dir, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict(results.get(timeout=120) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert isinstance(got[0], list), f"rank 0 failed:\n{got[0]}"
+    assert isinstance(got[1], int), f"rank 1 failed:\n{got[1]}"
+    assert got[0] == expected
+    assert got[1] > len(PROMPTS)  # the follower ran the steps: chunked prefills and decoding
+
+
+def test_an_engine_and_its_step_channel_come_together():
+    with pytest.raises(EngineError, match="step channel"):
+        Engine("unused", tensor_parallel=TensorParallel(0, 2))
+    with pytest.raises(EngineError, match="only tensor-parallel rank 0"):
+        Engine("unused", tensor_parallel=TensorParallel(1, 2), step_channel=StepChannel(TensorParallel(1, 2)))

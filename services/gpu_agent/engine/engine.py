@@ -51,7 +51,7 @@ from services.gpu_agent.engine.kv_pool import (
 )
 from services.gpu_agent.engine.kvcached_pool import KvcachedPool, kvcached_available
 from services.gpu_agent.engine.model import CausalLM
-from services.gpu_agent.engine.model_config import ModelConfig, load_model_config
+from services.gpu_agent.engine.model_config import load_model_config
 from services.gpu_agent.engine.outbox import Outbox
 from services.gpu_agent.engine.paged_attention import build_step_attention
 from services.gpu_agent.engine.prompt import prompt_token_ids
@@ -73,10 +73,12 @@ from services.gpu_agent.engine.scheduler import (
     Scheduler,
 )
 from services.gpu_agent.engine.sequence import Deliver, Sequence
+from services.gpu_agent.engine.shard_follower import ForwardStep, ShardSetup, StepChannel, StopFollowing
 from services.gpu_agent.engine.slot_table import DeviceSlotTable
 from services.gpu_agent.engine.stop_strings import find_stop, held_back_len
+from services.gpu_agent.engine.tensor_parallel import SINGLE, TensorParallel
 from services.gpu_agent.engine.tokenizer import Tokenizer
-from services.gpu_agent.engine.weights import build_empty_model, load_model
+from services.gpu_agent.engine.weights import build_empty_model, load_model, resolve_dtype
 
 __all__ = [
     "CapacityError", "Engine", "EngineError", "EngineInactiveError", "EngineStats",
@@ -100,25 +102,6 @@ WARMUP_STEP_TOKENS = 128
 WARMUP_NEW_TOKENS = tuple(2 + i for i in range(len(WARMUP_PROMPT_TOKENS)))
 KV_POOLS = ("auto", "kvcached", "pages")
 
-_DTYPES = {
-    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}
-
-
-def resolve_dtype(dtype: str, config: ModelConfig, device: torch.device) -> torch.dtype:
-    """"auto": the checkpoint's dtype on accelerators, float32 on the CPU
-    (CPU half-precision matmuls are slow and inexact)."""
-    if dtype == "auto":
-        if device.type == "cpu":
-            return torch.float32
-        return _DTYPES.get(str(config.torch_dtype), torch.bfloat16)
-    if dtype not in _DTYPES:
-        raise EngineError(f"dtype {dtype!r} is not supported (supported: auto, {', '.join(_DTYPES)})")
-    return _DTYPES[dtype]
-
-
 def _rlog(seq: Sequence) -> dict[str, str]:
     return {"request_id": seq.request_id}
 
@@ -130,7 +113,8 @@ class Engine:
                  kv_pool: str = "auto", kv_page_bytes: int | None = None,
                  step_tokens: int | None = None, attention: str = "auto", cuda_graphs: bool = True,
                  shared_weights_path: str | Path | None = None, warm_up: bool = True,
-                 max_context: int | None = None):
+                 max_context: int | None = None, tensor_parallel: TensorParallel = SINGLE,
+                 step_channel: StepChannel | None = None):
         """memory_limit_bytes: KV memory the engine may map now (default: 8 contexts).
         kv_capacity_bytes: the KV reservation the limit can later grow to (virtual where
         the pool is elastic; default: the device's memory on CUDA, 32 contexts on the CPU).
@@ -147,7 +131,12 @@ class Engine:
         request (_warm_up_kernels).
         max_context: serve at most this many tokens a sequence (prompt and output),
         if fewer than the model's own context; its KV defaults and reservation
-        follow it."""
+        follow it.
+        tensor_parallel, step_channel: this engine is rank 0 of a model split over
+        tensor_parallel.size devices (tensor_parallel.py); it sends every forward's
+        inputs over step_channel to the other ranks (shard_follower.py). Its KV
+        pool and kv_bytes_per_token are this rank's share of the KV heads. Not yet
+        with CUDA graphs, kvcached, shared weights or switching off."""
         start = time.perf_counter()
         self.model_path = Path(model_path)
         self.name = name or self.model_path.name
@@ -155,6 +144,14 @@ class Engine:
         if self._device.type == "cuda" and self._device.index is None:
             self._device = torch.device("cuda", torch.cuda.current_device())
         self.device = str(self._device)
+        self.tp = tensor_parallel
+        if (self.tp.size > 1) != (step_channel is not None):
+            raise EngineError("a tensor-parallel engine needs a step channel to its other ranks, and only it")
+        if self.tp.rank != 0:
+            raise EngineError("only tensor-parallel rank 0 runs an engine (the others follow it: shard_follower.py)")
+        if self.tp.size > 1 and shared_weights_path:
+            raise EngineError("shared host weights are not supported with tensor parallelism yet")
+        self._steps = step_channel
         try:
             self.config = load_model_config(self.model_path)
             self.tokenizer = Tokenizer(self.model_path)
@@ -173,13 +170,18 @@ class Engine:
             raise EngineError(f"max_context must be at least 1, got {max_context}")
         self.max_context = min(cfg.max_position_embeddings, max_context or cfg.max_position_embeddings)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self._model.parameters())
-        self.kv_bytes_per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * self.dtype.itemsize
+        kv_heads = cfg.num_key_value_heads // self.tp.size  # this rank's share
+        self.kv_bytes_per_token = 2 * cfg.num_hidden_layers * kv_heads * cfg.head_dim * self.dtype.itemsize
         eos = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
-        self._geometry = KVGeometry(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, self.dtype)
+        self._geometry = KVGeometry(cfg.num_hidden_layers, kv_heads, cfg.head_dim, self.dtype)
         self._pool_kind = self._choose_pool(kv_pool)
+        if self.tp.size > 1 and self._pool_kind == "kvcached":
+            # The followers would need kvcached's own tensor-parallel mapping (its workers map the pages
+            # rank 0's allocator maps); until then their pools are PagePools of rank 0's reservation.
+            raise EngineError("tensor parallelism runs on the page pool for now: kv_pool='pages'")
         self._kv_page_bytes = kv_page_bytes
         limit = memory_limit_bytes
         if not limit:  # the default: 8 contexts, in whole pages (a tiny model's 8 contexts are under one 2 MiB page)
@@ -190,9 +192,12 @@ class Engine:
         if step_tokens is None:
             step_tokens = CUDA_STEP_TOKENS if self._device.type == "cuda" else DEFAULT_STEP_TOKENS
         self._scheduler = Scheduler(self._make_pool(limit, 0), step_tokens)
+        if self._steps is not None:  # the other ranks' pools are as large
+            self._steps.send(ShardSetup(self._scheduler.pool.capacity_tokens))
         # The decoding sequences' slots stay on the device for the Triton kernel (slot_table.py).
         self._slot_table = self._new_slot_table()
-        self._use_graphs = cuda_graphs and self._use_triton and self._pool_kind == "kvcached"
+        # Not yet with tensor parallelism: every rank would have to capture and replay in step.
+        self._use_graphs = cuda_graphs and self._use_triton and self._pool_kind == "kvcached" and self.tp.size == 1
         self._last_step_graph = False  # for the step log
         self._graph_runner: DecodeGraphRunner | None = None  # made on the first decode step after activation
         self._in_step: set[Sequence] = set()  # sequences the running step computes
@@ -224,7 +229,7 @@ class Engine:
             if host is not None:
                 self.weights_attached = True
                 return skeleton, host
-        model = load_model(self.config, self.model_path, load_format, self.dtype, self._device, seed)
+        model = load_model(self.config, self.model_path, load_format, self.dtype, self._device, seed, self.tp)
         if shared is None and self._device.type == "cpu":
             return model, None
         return model, HostWeights(model, shared, pin=pin)
@@ -377,6 +382,8 @@ class Engine:
         self._outbox.flush()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=30)
+        if self._steps is not None:  # after the step thread: the channel's messages never interleave
+            self._steps.send(StopFollowing())
         with self._model_lock:
             self._graph_runner = None
             self._model = None  # the weights go with the engine
@@ -390,6 +397,10 @@ class Engine:
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
 
+    def _single_rank_only(self, what: str) -> None:
+        if self.tp.size > 1:
+            raise EngineError(f"{what} a tensor-parallel engine is not supported yet")
+
     @property
     def active(self) -> bool:
         return self._active
@@ -397,6 +408,7 @@ class Engine:
     def activate(self) -> ActivationTiming | None:
         """Brings the weights back to the device; returns where the time went
         (None if the engine was active already)."""
+        self._single_rank_only("switching on")
         with self._model_lock:
             if self._model is None:
                 raise EngineError("engine stopped")
@@ -418,6 +430,7 @@ class Engine:
     def deactivate(self) -> None:
         """Ends running and queued requests with EngineInactiveError, then
         frees the device's copy of the weights (the pinned host copy stays)."""
+        self._single_rank_only("switching off")
         with self._lock:
             if not self._active:
                 return
@@ -720,6 +733,8 @@ class Engine:
             if item.samples:
                 logits_at.append(len(input_ids) - 1)
         table = self._slot_table.tensor if rows is not None else None
+        if self._steps is not None:  # the other ranks run this forward too, on their shards
+            self._steps.send(ForwardStep(input_ids, positions, spans, logits_at))
         step = build_step_attention(spans, num_decode, self._device, table, rows, self.dtype)
         return self._model(torch.tensor(input_ids, device=self._device),
                            torch.tensor(positions, device=self._device), self._scheduler.pool, step,

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from services.gpu_agent.engine.errors import EngineError
 from services.gpu_agent.engine.model import CausalLM, RMSNorm
 from services.gpu_agent.engine.model_config import ModelConfig
 from services.gpu_agent.engine.rotary import RotaryEmbedding
@@ -25,6 +26,24 @@ from services.gpu_agent.engine.tensor_parallel import SINGLE, TensorParallel, ch
 log = logging.getLogger(__name__)
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
+
+_DTYPES = {
+    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def resolve_dtype(dtype: str, config: ModelConfig, device: torch.device) -> torch.dtype:
+    """"auto": the checkpoint's dtype on accelerators, float32 on the CPU
+    (CPU half-precision matmuls are slow and inexact)."""
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        return _DTYPES.get(str(config.torch_dtype), torch.bfloat16)
+    if dtype not in _DTYPES:
+        raise EngineError(f"dtype {dtype!r} is not supported (supported: auto, {', '.join(_DTYPES)})")
+    return _DTYPES[dtype]
 
 
 class WeightsError(RuntimeError):
