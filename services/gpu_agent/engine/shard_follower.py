@@ -92,7 +92,8 @@ def follow(model_path: str | Path, tp: TensorParallel, channel: StepChannel, *, 
     config = load_model_config(model_path)
     device = torch.device(device)
     weights_dtype = resolve_dtype(dtype, config, device)
-    model = load_model(config, model_path, load_format, weights_dtype, device, seed, tp)
+    # From a checkpoint the weights are read into host memory (the engine moves its own on activation).
+    model = load_model(config, model_path, load_format, weights_dtype, device, seed, tp).to(device)
     setup = channel.receive()
     if not isinstance(setup, ShardSetup):
         raise RuntimeError(f"rank 0 sent {type(setup).__name__} before its ShardSetup")
