@@ -150,7 +150,10 @@ def _engine_rank(rank: int, port: int, model_dir: Path, results) -> None:
         engine = Engine(model_dir, dtype="float32", step_tokens=8, tensor_parallel=tp, step_channel=channel)
         engine.start()
         try:
-            results.put((rank, asyncio.run(_generate_all(engine))))
+            first = asyncio.run(_generate_all(engine))
+            engine.deactivate()  # every rank switches off and on with it
+            engine.activate()
+            results.put((rank, [first, asyncio.run(_generate_all(engine))]))
         finally:
             engine.stop()
     except BaseException:
@@ -168,7 +171,7 @@ async def _generate_all(engine: Engine) -> list[list[int]]:
     return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(PROMPTS))))
 
 
-def test_a_two_rank_engine_generates_what_a_one_rank_engine_does(tmp_path):
+def test_a_two_rank_engine_generates_what_a_one_rank_engine_does_and_again_after_switching(tmp_path):
     model_dir = write_tiny_model(tmp_path / "llama")
     single = Engine(model_dir, dtype="float32", step_tokens=8)
     single.start()
@@ -191,8 +194,8 @@ def test_a_two_rank_engine_generates_what_a_one_rank_engine_does(tmp_path):
                 p.kill()
     assert isinstance(got[0], list), f"rank 0 failed:\n{got[0]}"
     assert isinstance(got[1], int), f"rank 1 failed:\n{got[1]}"
-    assert got[0] == expected
-    assert got[1] > len(PROMPTS)  # the follower ran the steps: chunked prefills and decoding
+    assert got[0] == [expected, expected]  # before switching off, and after switching on again
+    assert got[1] > 2 * len(PROMPTS)  # the follower ran the steps: chunked prefills and decoding
 
 
 def test_an_engine_and_its_step_channel_come_together():

@@ -1,6 +1,6 @@
 """Tensor parallelism on two GPUs: NCCL all-reduces inside the forward (the
 fused kernels' path on rank 0 and its follower), the step channel on a gloo
-group beside it. Skipped without two CUDA devices (CI); run on the GPU host
+group beside it, and both ranks' weights switched off and on. Skipped without two CUDA devices (CI); run on the GPU host
 with `source .device/setup-kvcached.sh .device`."""
 
 from __future__ import annotations
@@ -39,7 +39,10 @@ def _rank(rank: int, port: int, model_dir: Path, results) -> None:
                         tensor_parallel=tp, step_channel=channel)
         engine.start()
         try:
-            results.put((rank, asyncio.run(_generate_all(engine))))
+            first = asyncio.run(_generate_all(engine))
+            engine.deactivate()  # both GPUs' weights to host memory and back
+            timing = engine.activate()
+            results.put((rank, [first, asyncio.run(_generate_all(engine)), timing.total_s]))
         finally:
             engine.stop()
     except BaseException:
@@ -49,7 +52,7 @@ def _rank(rank: int, port: int, model_dir: Path, results) -> None:
             dist.destroy_process_group()
 
 
-def test_a_two_gpu_engine_generates_what_a_one_gpu_engine_does(tmp_path):
+def test_a_two_gpu_engine_generates_what_a_one_gpu_engine_does_and_again_after_switching(tmp_path):
     model_dir = write_tiny_model(tmp_path / "llama")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -72,5 +75,6 @@ def test_a_two_gpu_engine_generates_what_a_one_gpu_engine_does(tmp_path):
         expected = asyncio.run(_generate_all(single))
     finally:
         single.stop()
-    assert got[0] == expected
-    assert got[1] > 5
+    assert got[0][:2] == [expected, expected]  # before switching off, and after switching on again
+    assert got[0][2] > 0
+    assert got[1] > 10

@@ -73,7 +73,14 @@ from services.gpu_agent.engine.scheduler import (
     Scheduler,
 )
 from services.gpu_agent.engine.sequence import Deliver, Sequence
-from services.gpu_agent.engine.shard_follower import ForwardStep, ShardSetup, StepChannel, StopFollowing
+from services.gpu_agent.engine.shard_follower import (
+    ForwardStep,
+    ShardSetup,
+    StepChannel,
+    StopFollowing,
+    SwitchOff,
+    SwitchOn,
+)
 from services.gpu_agent.engine.slot_table import DeviceSlotTable
 from services.gpu_agent.engine.stop_strings import find_stop, held_back_len
 from services.gpu_agent.engine.tensor_parallel import SINGLE, TensorParallel
@@ -135,8 +142,9 @@ class Engine:
         tensor_parallel, step_channel: this engine is rank 0 of a model split over
         tensor_parallel.size devices (tensor_parallel.py); it sends every forward's
         inputs over step_channel to the other ranks (shard_follower.py). Its KV
-        pool and kv_bytes_per_token are this rank's share of the KV heads. Not yet
-        with CUDA graphs, kvcached, shared weights or switching off."""
+        pool and kv_bytes_per_token are this rank's share of the KV heads; switching
+        off and on moves every rank's weights. Not yet with CUDA graphs, kvcached
+        or shared weights."""
         start = time.perf_counter()
         self.model_path = Path(model_path)
         self.name = name or self.model_path.name
@@ -397,10 +405,6 @@ class Engine:
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _single_rank_only(self, what: str) -> None:
-        if self.tp.size > 1:
-            raise EngineError(f"{what} a tensor-parallel engine is not supported yet")
-
     @property
     def active(self) -> bool:
         return self._active
@@ -408,12 +412,13 @@ class Engine:
     def activate(self) -> ActivationTiming | None:
         """Brings the weights back to the device; returns where the time went
         (None if the engine was active already)."""
-        self._single_rank_only("switching on")
         with self._model_lock:
             if self._model is None:
                 raise EngineError("engine stopped")
             if self._active:
                 return None
+            if self._steps is not None:  # the other ranks copy their shards while this one copies its own
+                self._steps.send(SwitchOn())
             timing = self._move_weights(self._device)
             ready_start = time.perf_counter()
             with self._lock:
@@ -422,6 +427,9 @@ class Engine:
                     self._scheduler.pool = self._make_pool(state.limit_bytes, state.revision)
                 self._slot_table = self._new_slot_table()
                 self._active = True
+            if self._steps is not None:  # switched on once every rank is
+                self._steps.send(ShardSetup(self._scheduler.pool.capacity_tokens))
+                self._steps.barrier()
             timing = timing.with_ready(time.perf_counter() - ready_start)
             log.info("engine %s activated in %.3fs: allocate %.3fs, copy %.3fs (%.1f GB/s), ready %.3fs", self.name,
                      timing.total_s, timing.allocate_s, timing.copy_s, timing.copy_gbps, timing.ready_s)
@@ -430,7 +438,6 @@ class Engine:
     def deactivate(self) -> None:
         """Ends running and queued requests with EngineInactiveError, then
         frees the device's copy of the weights (the pinned host copy stays)."""
-        self._single_rank_only("switching off")
         with self._lock:
             if not self._active:
                 return
@@ -441,10 +448,15 @@ class Engine:
             # Graphs hold the device addresses of the weights about to be freed.
             self._graph_runner = None
             self._slot_table = None
+            following = self._steps is not None and self._model is not None  # after stop() nobody follows
+            if following:  # the other ranks free their memory while this one frees its own
+                self._steps.send(SwitchOff())
             if self._model is not None:
                 self._move_weights(torch.device("cpu"))
             with self._lock:
                 self._release_kv_memory()
+            if following:  # switched off once every rank's memory is free
+                self._steps.barrier()
         log.info("engine %s deactivated", self.name)
 
     def _release_kv_memory(self) -> None:

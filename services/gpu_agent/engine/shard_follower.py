@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from services.gpu_agent.engine.host_weights import HostWeights
 from services.gpu_agent.engine.kv_pool import KVGeometry, PagePool
 from services.gpu_agent.engine.model_config import load_model_config
 from services.gpu_agent.engine.paged_attention import build_step_attention
@@ -50,6 +51,18 @@ class ForwardStep:
 
 
 @dataclass(frozen=True)
+class SwitchOff:
+    """Rank 0's engine is switching off: the followers free their device copy of the weights and KV
+    memory, then meet rank 0 at a barrier (its deactivation ends when every rank's memory is free)."""
+
+
+@dataclass(frozen=True)
+class SwitchOn:
+    """Rank 0's engine is switching on: the followers copy their weights back while it copies its
+    own; its ShardSetup follows, then every rank meets at a barrier."""
+
+
+@dataclass(frozen=True)
 class StopFollowing:
     """Rank 0's engine stopped: the followers end."""
 
@@ -73,6 +86,11 @@ class StepChannel:
 
         dist.broadcast_object_list([message], src=self._source(), group=self.group)
 
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier(group=self.group)
+
     def receive(self) -> ShardSetup | ForwardStep | StopFollowing:
         import torch.distributed as dist
 
@@ -88,32 +106,91 @@ def follow(model_path: str | Path, tp: TensorParallel, channel: StepChannel, *, 
     given them (the same dummy weights need the same seed)."""
     if tp.rank == 0:
         raise ValueError("rank 0 runs the engine, not a follower")
-    model_path = Path(model_path)
-    config = load_model_config(model_path)
-    device = torch.device(device)
-    weights_dtype = resolve_dtype(dtype, config, device)
-    # From a checkpoint the weights are read into host memory (the engine moves its own on activation).
-    model = load_model(config, model_path, load_format, weights_dtype, device, seed, tp).to(device)
-    setup = channel.receive()
-    if not isinstance(setup, ShardSetup):
-        raise RuntimeError(f"rank 0 sent {type(setup).__name__} before its ShardSetup")
-    geometry = KVGeometry(config.num_hidden_layers, config.num_key_value_heads // tp.size, config.head_dim,
-                          weights_dtype)
-    # Every slot rank 0 can hand out, written at once: the pool's own accounting is not used here.
-    capacity = setup.kv_capacity_tokens
-    pool = PagePool(geometry, capacity, capacity * geometry.token_bytes, device)
-    log.info("tensor-parallel rank %d of %d: %s loaded, KV for %d tokens", tp.rank, tp.size, model_path.name,
-             pool.capacity_tokens)
-    forwards = 0
+    follower = ShardFollower(Path(model_path), tp, dtype, load_format, torch.device(device), seed)
     with torch.inference_mode():
         while True:
             message = channel.receive()
             if isinstance(message, StopFollowing):
                 break
-            step = build_step_attention(message.spans, 0, device, dtype=weights_dtype)
-            model(torch.tensor(message.input_ids, device=device), torch.tensor(message.positions, device=device),
-                  pool, step, torch.tensor(message.logits_at, dtype=torch.long, device=device))
-            forwards += 1
-    pool.close()
-    log.info("tensor-parallel rank %d of %d: stopped after %d forwards", tp.rank, tp.size, forwards)
-    return forwards
+            if isinstance(message, ForwardStep):
+                follower.forward(message)
+            elif isinstance(message, ShardSetup):
+                follower.setup(message)
+            elif isinstance(message, SwitchOff):
+                follower.switch_off()
+                channel.barrier()
+            elif isinstance(message, SwitchOn):
+                follower.switch_on()
+                setup = channel.receive()
+                if not isinstance(setup, ShardSetup):
+                    raise RuntimeError(f"rank 0 sent {type(setup).__name__} after SwitchOn, not its ShardSetup")
+                follower.setup(setup)
+                channel.barrier()
+            else:
+                raise RuntimeError(f"rank 0 sent an unknown message: {type(message).__name__}")
+    follower.close()
+    log.info("tensor-parallel rank %d of %d: stopped after %d forwards", tp.rank, tp.size, follower.forwards)
+    return follower.forwards
+
+
+class ShardFollower:
+    """One follower rank's shard, host copy and KV pool."""
+
+    def __init__(self, model_path: Path, tp: TensorParallel, dtype: str, load_format: str, device: torch.device,
+                 seed: int):
+        config = load_model_config(model_path)
+        self.device = device
+        self.dtype = resolve_dtype(dtype, config, device)
+        # From a checkpoint the weights are read into host memory first.
+        self.model = load_model(config, model_path, load_format, self.dtype, device, seed, tp).to(device)
+        # As the engine does: a pinned host copy where the weights move, so switching on is one copy.
+        self.host = HostWeights(self.model) if device.type == "cuda" else None
+        if self.host is not None:
+            self.host.to_host()
+            self.host.to_device(device)
+        self.geometry = KVGeometry(config.num_hidden_layers, config.num_key_value_heads // tp.size,
+                                   config.head_dim, self.dtype)
+        self.pool: PagePool | None = None
+        self.forwards = 0
+        log.info("tensor-parallel rank %d of %d: %s loaded", tp.rank, tp.size, model_path.name)
+
+    def setup(self, message: ShardSetup) -> None:
+        """A pool as large as rank 0's, every slot written at once: its own accounting is not used here."""
+        capacity = message.kv_capacity_tokens
+        if self.pool is not None and self.pool.capacity_tokens >= capacity:
+            return
+        if self.pool is not None:
+            self.pool.close()
+        self.pool = PagePool(self.geometry, capacity, capacity * self.geometry.token_bytes, self.device)
+
+    def forward(self, message: ForwardStep) -> None:
+        if self.pool is None:
+            raise RuntimeError("rank 0 sent a step before its ShardSetup")
+        device = self.device
+        step = build_step_attention(message.spans, 0, device, dtype=self.dtype)
+        self.model(torch.tensor(message.input_ids, device=device), torch.tensor(message.positions, device=device),
+                   self.pool, step, torch.tensor(message.logits_at, dtype=torch.long, device=device))
+        self.forwards += 1
+
+    def switch_off(self) -> None:
+        """Off the device, as rank 0's engine: weights back to the host copy, the KV pool dropped (on
+        the CPU nothing moves and the pool stays, as there)."""
+        if self.host is None:
+            return
+        self.model.forget_joined_weights()
+        self.host.to_host()
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+        torch.cuda.empty_cache()
+
+    def switch_on(self) -> None:
+        if self.host is not None:
+            self.model.forget_joined_weights()
+            self.host.to_device(self.device)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+        if self.host is not None:
+            self.host.close()
