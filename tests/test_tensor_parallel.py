@@ -11,12 +11,14 @@ import traceback
 from datetime import timedelta
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from prism.tiny_models import write_tiny_model
+from prism.v1 import engine_worker_pb2 as wpb
 from services.gpu_agent.engine import Engine, GenerationRequest
 from services.gpu_agent.engine.errors import EngineError
 from services.gpu_agent.engine.kv_pool import KVGeometry, PagePool
@@ -31,6 +33,8 @@ from services.gpu_agent.engine.tensor_parallel import (
     split_dim,
 )
 from services.gpu_agent.engine.weights import load_model
+from services.gpu_agent.workers.remote_engine import RemoteEngine
+from services.gpu_agent.workers.worker_pool import WorkerPool
 
 
 def test_each_parameter_kind_is_cut_along_its_dimension():
@@ -203,3 +207,38 @@ def test_an_engine_and_its_step_channel_come_together():
         Engine("unused", tensor_parallel=TensorParallel(0, 2))
     with pytest.raises(EngineError, match="only tensor-parallel rank 0"):
         Engine("unused", tensor_parallel=TensorParallel(1, 2), step_channel=StepChannel(TensorParallel(1, 2)))
+
+
+async def test_two_workers_serve_one_model_split_over_them(tmp_path):
+    # The agent's way: one engine worker per rank, loaded at once; rank 0's worker takes the requests,
+    # rank 1's follows its steps and refuses requests of its own.
+    model_dir = write_tiny_model(tmp_path / "llama")
+    single = Engine(model_dir, dtype="float32")  # the workers' engines take the default step budget too
+    single.start()
+    try:
+        expected = await _generate_all(single)
+        whole_bytes = single.weight_bytes
+    finally:
+        single.stop()
+    pool = WorkerPool(["cpu"], spares_per_device=0)
+    await pool.start()
+    try:
+        workers = [await pool.acquire("cpu") for _ in range(2)]
+        rendezvous = f"tcp://127.0.0.1:{_free_port()}"
+        specs = [wpb.TensorParallelSpec(rank=r, size=2, rendezvous=rendezvous) for r in range(2)]
+        engine, follower = await asyncio.wait_for(asyncio.gather(
+            RemoteEngine.load(workers[0], str(model_dir), name="split", dtype="float32", tensor_parallel=specs[0]),
+            RemoteEngine.load_shard_follower(workers[1], str(model_dir), name="split", dtype="float32",
+                                             tensor_parallel=specs[1])), 120)
+        # each rank: its share of the layers, and the embeddings, norms and LM head whole
+        assert follower.weight_bytes == engine.weight_bytes < whole_bytes
+        got = await asyncio.wait_for(_generate_all(engine), 60)
+        assert got == expected
+        with pytest.raises(grpc.aio.AioRpcError, match="rank 1 of a model"):
+            await workers[1].stub.Stats(wpb.EngineStatsRequest(), timeout=10)
+        await engine.deactivate()
+        await engine.activate()
+        assert await asyncio.wait_for(_generate_all(engine), 60) == got
+        await engine.stop()
+    finally:
+        await pool.close()

@@ -1,7 +1,8 @@
 from prism.v1 import generate_pb2 as _generate_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -26,7 +27,7 @@ class WorkerInfo(_message.Message):
     def __init__(self, pid: _Optional[int] = ..., device: _Optional[str] = ..., warmup_s: _Optional[float] = ..., import_s: _Optional[float] = ..., model_loaded: _Optional[bool] = ..., model: _Optional[str] = ...) -> None: ...
 
 class EngineLoadSpec(_message.Message):
-    __slots__ = ("path", "name", "load_format", "dtype", "seed", "memory_limit_bytes", "kv_capacity_bytes", "shared_weights_path", "max_context")
+    __slots__ = ("path", "name", "load_format", "dtype", "seed", "memory_limit_bytes", "kv_capacity_bytes", "shared_weights_path", "max_context", "tensor_parallel")
     PATH_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     LOAD_FORMAT_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +37,7 @@ class EngineLoadSpec(_message.Message):
     KV_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHARED_WEIGHTS_PATH_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_FIELD_NUMBER: _ClassVar[int]
     path: str
     name: str
     load_format: str
@@ -45,7 +47,18 @@ class EngineLoadSpec(_message.Message):
     kv_capacity_bytes: int
     shared_weights_path: str
     max_context: int
-    def __init__(self, path: _Optional[str] = ..., name: _Optional[str] = ..., load_format: _Optional[str] = ..., dtype: _Optional[str] = ..., seed: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., kv_capacity_bytes: _Optional[int] = ..., shared_weights_path: _Optional[str] = ..., max_context: _Optional[int] = ...) -> None: ...
+    tensor_parallel: TensorParallelSpec
+    def __init__(self, path: _Optional[str] = ..., name: _Optional[str] = ..., load_format: _Optional[str] = ..., dtype: _Optional[str] = ..., seed: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., kv_capacity_bytes: _Optional[int] = ..., shared_weights_path: _Optional[str] = ..., max_context: _Optional[int] = ..., tensor_parallel: _Optional[_Union[TensorParallelSpec, _Mapping]] = ...) -> None: ...
+
+class TensorParallelSpec(_message.Message):
+    __slots__ = ("rank", "size", "rendezvous")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    RENDEZVOUS_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    size: int
+    rendezvous: str
+    def __init__(self, rank: _Optional[int] = ..., size: _Optional[int] = ..., rendezvous: _Optional[str] = ...) -> None: ...
 
 class LoadReply(_message.Message):
     __slots__ = ("weight_bytes", "max_context", "load_s", "device", "kv_bytes_per_token", "kv_bundle_bytes", "weights_attached", "weights_shared")

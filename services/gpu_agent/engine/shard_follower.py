@@ -99,38 +99,32 @@ class StepChannel:
         return box[0]
 
 
+def join_ranks(rank: int, size: int, init_method: str, device: str | torch.device,
+               timeout_s: float = 600.0) -> tuple[TensorParallel, StepChannel]:
+    """Joins this process to its model's ranks: the default process group (NCCL
+    on CUDA, for the all-reduces; gloo on the CPU) and, on CUDA, a gloo group
+    beside it for the step channel, whose messages stay in host memory. One
+    model's ranks a process: workers hold one engine each."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    device = torch.device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
+                            timeout=timedelta(seconds=timeout_s), **kwargs)
+    tp = TensorParallel(rank, size)
+    group = dist.new_group(backend="gloo") if backend != "gloo" else None
+    return tp, StepChannel(tp, group)
+
+
 def follow(model_path: str | Path, tp: TensorParallel, channel: StepChannel, *, dtype: str = "auto",
            load_format: str = "auto", device: str = "cpu", seed: int = 0) -> int:
     """Loads this rank's shard and runs rank 0's steps until it stops; returns
     how many forwards ran. dtype, load_format and seed: as rank 0's engine was
     given them (the same dummy weights need the same seed)."""
-    if tp.rank == 0:
-        raise ValueError("rank 0 runs the engine, not a follower")
-    follower = ShardFollower(Path(model_path), tp, dtype, load_format, torch.device(device), seed)
-    with torch.inference_mode():
-        while True:
-            message = channel.receive()
-            if isinstance(message, StopFollowing):
-                break
-            if isinstance(message, ForwardStep):
-                follower.forward(message)
-            elif isinstance(message, ShardSetup):
-                follower.setup(message)
-            elif isinstance(message, SwitchOff):
-                follower.switch_off()
-                channel.barrier()
-            elif isinstance(message, SwitchOn):
-                follower.switch_on()
-                setup = channel.receive()
-                if not isinstance(setup, ShardSetup):
-                    raise RuntimeError(f"rank 0 sent {type(setup).__name__} after SwitchOn, not its ShardSetup")
-                follower.setup(setup)
-                channel.barrier()
-            else:
-                raise RuntimeError(f"rank 0 sent an unknown message: {type(message).__name__}")
-    follower.close()
-    log.info("tensor-parallel rank %d of %d: stopped after %d forwards", tp.rank, tp.size, follower.forwards)
-    return follower.forwards
+    return ShardFollower(Path(model_path), tp, dtype, load_format, torch.device(device), seed).run(channel)
 
 
 class ShardFollower:
@@ -138,7 +132,10 @@ class ShardFollower:
 
     def __init__(self, model_path: Path, tp: TensorParallel, dtype: str, load_format: str, device: torch.device,
                  seed: int):
+        if tp.rank == 0:
+            raise ValueError("rank 0 runs the engine, not a follower")
         config = load_model_config(model_path)
+        self.tp = tp
         self.device = device
         self.dtype = resolve_dtype(dtype, config, device)
         # From a checkpoint the weights are read into host memory first.
@@ -153,6 +150,38 @@ class ShardFollower:
         self.pool: PagePool | None = None
         self.forwards = 0
         log.info("tensor-parallel rank %d of %d: %s loaded", tp.rank, tp.size, model_path.name)
+
+    def run(self, channel: StepChannel) -> int:
+        """Rank 0's messages until it stops; returns how many forwards ran."""
+        tp = self.tp
+        with torch.inference_mode():
+            while True:
+                message = channel.receive()
+                if isinstance(message, StopFollowing):
+                    break
+                if isinstance(message, ForwardStep):
+                    self.forward(message)
+                elif isinstance(message, ShardSetup):
+                    self.setup(message)
+                elif isinstance(message, SwitchOff):
+                    self.switch_off()
+                    channel.barrier()
+                elif isinstance(message, SwitchOn):
+                    self.switch_on()
+                    setup = channel.receive()
+                    if not isinstance(setup, ShardSetup):
+                        raise RuntimeError(f"rank 0 sent {type(setup).__name__} after SwitchOn, not its ShardSetup")
+                    self.setup(setup)
+                    channel.barrier()
+                else:
+                    raise RuntimeError(f"rank 0 sent an unknown message: {type(message).__name__}")
+        self.close()
+        log.info("tensor-parallel rank %d of %d: stopped after %d forwards", tp.rank, tp.size, self.forwards)
+        return self.forwards
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     def setup(self, message: ShardSetup) -> None:
         """A pool as large as rank 0's, every slot written at once: its own accounting is not used here."""

@@ -84,24 +84,41 @@ class RemoteEngine:
     async def load(cls, worker: WorkerProcess, path: str, *, name: str, load_format: str = "auto",
                    dtype: str = "auto", seed: int = 0, memory_limit_bytes: int = 0,
                    kv_capacity_bytes: int = 0, shared_weights_path: str = "", max_context: int = 0,
-                   unresponsive_after_s: float = UNRESPONSIVE_AFTER_S) -> RemoteEngine:
+                   unresponsive_after_s: float = UNRESPONSIVE_AFTER_S,
+                   tensor_parallel: wpb.TensorParallelSpec | None = None) -> RemoteEngine:
         """Loads the model into the (model-less) worker. On failure the worker is
-        left as it is: the caller ends it. shared_weights_path: see EngineLoadSpec."""
+        left as it is: the caller ends it. shared_weights_path: see EngineLoadSpec.
+        tensor_parallel: this worker is rank 0 of a split model; its other ranks'
+        workers load at the same time (load_shard_follower)."""
         spec = wpb.EngineLoadSpec(path=str(path), name=name, load_format=load_format, dtype=dtype, seed=seed,
                                   memory_limit_bytes=memory_limit_bytes or 0, kv_capacity_bytes=kv_capacity_bytes or 0,
-                                  shared_weights_path=shared_weights_path, max_context=max_context or 0)
+                                  shared_weights_path=shared_weights_path, max_context=max_context or 0,
+                                  tensor_parallel=tensor_parallel)
         try:
             loaded = await worker.stub.Load(spec, timeout=LOAD_TIMEOUT_S)
             stats = await worker.stub.Stats(wpb.EngineStatsRequest(), timeout=CONTROL_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.UNAVAILABLE or not worker.alive:
-                await _wait_exit(worker)
-                raise WorkerLostError(f"engine worker {worker.pid} on {worker.device} died while loading "
-                                      f"{name!r} ({worker.exit_description()})") from None
-            raise wire.CODE_TO_ERROR.get(exc.code(), EngineError)(exc.details()) from None
+            raise await _load_error(worker, name, exc) from None
         log.info("loaded %s into engine worker %d on %s in %.2fs%s", name, worker.pid, loaded.device, loaded.load_s,
                  " (weights mapped from the shared host copy)" if loaded.weights_attached else "")
         return cls(worker, name, loaded, stats, unresponsive_after_s, model_path=str(path))
+
+    @staticmethod
+    async def load_shard_follower(worker: WorkerProcess, path: str, *, name: str,
+                                  tensor_parallel: wpb.TensorParallelSpec, load_format: str = "auto",
+                                  dtype: str = "auto", seed: int = 0) -> wpb.LoadReply:
+        """Loads rank tensor_parallel.rank (1 or more) of a split model into the
+        worker, which then follows rank 0's engine until it stops (shard_follower.py);
+        rank 0's worker must load at the same time (load)."""
+        spec = wpb.EngineLoadSpec(path=str(path), name=name, load_format=load_format, dtype=dtype, seed=seed,
+                                  tensor_parallel=tensor_parallel)
+        try:
+            loaded = await worker.stub.Load(spec, timeout=LOAD_TIMEOUT_S)
+        except grpc.aio.AioRpcError as exc:
+            raise await _load_error(worker, name, exc) from None
+        log.info("loaded rank %d of %s into engine worker %d on %s in %.2fs", tensor_parallel.rank, name, worker.pid,
+                 loaded.device, loaded.load_s)
+        return loaded
 
     # ---- state -----------------------------------------------------------------
 
@@ -264,6 +281,14 @@ class RemoteEngine:
                 await callback(self._lost)
             except Exception:
                 log.exception("handling the loss of engine worker %d failed", worker.pid)
+
+
+async def _load_error(worker: WorkerProcess, name: str, exc: grpc.aio.AioRpcError) -> Exception:
+    if exc.code() == grpc.StatusCode.UNAVAILABLE or not worker.alive:
+        await _wait_exit(worker)
+        return WorkerLostError(f"engine worker {worker.pid} on {worker.device} died while loading "
+                               f"{name!r} ({worker.exit_description()})")
+    return wire.CODE_TO_ERROR.get(exc.code(), EngineError)(exc.details())
 
 
 async def _wait_exit(worker: WorkerProcess) -> None:

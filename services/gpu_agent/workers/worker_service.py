@@ -1,6 +1,10 @@
 """The EngineWorker gRPC service inside a worker process: holds at most one
 Engine and exposes its API. Engine errors travel as gRPC status codes
-(wire.ERROR_TO_CODE); the agent's RemoteEngine turns them back."""
+(wire.ERROR_TO_CODE); the agent's RemoteEngine turns them back.
+
+A worker loaded as rank 1 or more of a tensor-parallel model holds a
+ShardFollower instead: it runs rank 0's steps on a thread of its own until
+rank 0's engine stops, and takes no requests itself."""
 
 from __future__ import annotations
 
@@ -8,15 +12,20 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import grpc
+import torch
 
 from prism.v1 import engine_worker_pb2 as wpb
 from prism.v1 import engine_worker_pb2_grpc, generate_pb2
 from services.common.logs import request_id_var
 from services.gpu_agent.engine import Engine, EngineError
+from services.gpu_agent.engine.shard_follower import ShardFollower, join_ranks
+from services.gpu_agent.engine.tensor_parallel import SINGLE
 from services.gpu_agent.workers import wire
 from services.gpu_agent.workers.device_warmup import WarmupReport
 
@@ -29,10 +38,15 @@ class EngineWorkerService(engine_worker_pb2_grpc.EngineWorkerServicer):
         self.warmup = warmup
         self.import_s = import_s
         self.engine: Engine | None = None
+        self.follower: ShardFollower | None = None  # a tensor-parallel rank other than 0
         self._on_shutdown = on_shutdown
         self._load_lock = asyncio.Lock()
 
     async def _engine(self, context: grpc.aio.ServicerContext) -> Engine:
+        if self.follower is not None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"worker {os.getpid()} is tensor-parallel rank {self.follower.tp.rank} of a model: "
+                                "its rank 0's worker takes the requests")
         if self.engine is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"worker {os.getpid()} has no model loaded")
         return self.engine
@@ -42,15 +56,18 @@ class EngineWorkerService(engine_worker_pb2_grpc.EngineWorkerServicer):
 
     async def Info(self, request, context) -> wpb.WorkerInfo:
         return wpb.WorkerInfo(pid=os.getpid(), device=self.device, warmup_s=self.warmup.seconds,
-                              import_s=self.import_s, model_loaded=self.engine is not None,
+                              import_s=self.import_s,
+                              model_loaded=self.engine is not None or self.follower is not None,
                               model=self.engine.name if self.engine is not None else "")
 
     async def Load(self, spec: wpb.EngineLoadSpec, context) -> wpb.LoadReply:
         async with self._load_lock:
-            if self.engine is not None:
+            if self.engine is not None or self.follower is not None:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                    f"worker {os.getpid()} holds {self.engine.name!r} already (one engine a worker)")
+                                    f"worker {os.getpid()} holds a model already (one engine a worker)")
             start = time.perf_counter()
+            if spec.HasField("tensor_parallel") and spec.tensor_parallel.rank > 0:
+                return await self._follow(spec, context, start)
             try:
                 self.engine = await asyncio.to_thread(self._build, spec)
             except EngineError as exc:
@@ -64,14 +81,45 @@ class EngineWorkerService(engine_worker_pb2_grpc.EngineWorkerServicer):
                                  weights_attached=self.engine.weights_attached,
                                  weights_shared=self.engine.weights_shared)
 
+    async def _follow(self, spec: wpb.EngineLoadSpec, context, start: float) -> wpb.LoadReply:
+        """Rank 1 or more: loads the shard, then follows rank 0 on a thread of its own."""
+        tp_spec = spec.tensor_parallel
+        try:
+            self.follower, channel = await asyncio.to_thread(self._build_follower, spec)
+        except Exception as exc:  # noqa: BLE001  reported to the agent as a failed load
+            log.error("loading rank %d of %s failed: %s", tp_spec.rank, spec.path, exc)
+            await self._abort_with(context, EngineError(f"cannot load rank {tp_spec.rank} of {spec.path}: "
+                                                        f"{type(exc).__name__}: {exc}"))
+        threading.Thread(target=self._run_follower, args=(channel,), name="shard-follower", daemon=True).start()
+        follower = self.follower
+        return wpb.LoadReply(weight_bytes=follower.weight_bytes, load_s=time.perf_counter() - start,
+                             device=str(follower.device),
+                             kv_bytes_per_token=follower.geometry.token_bytes)
+
+    def _build_follower(self, spec: wpb.EngineLoadSpec):
+        tp, channel = join_ranks(spec.tensor_parallel.rank, spec.tensor_parallel.size, spec.tensor_parallel.rendezvous,
+                                 self.device)
+        return ShardFollower(Path(spec.path), tp, spec.dtype or "auto", spec.load_format or "auto",
+                             torch.device(self.device), spec.seed), channel
+
+    def _run_follower(self, channel) -> None:
+        try:
+            self.follower.run(channel)
+        except Exception:  # rank 0 gone, or a failed step: this rank can do nothing more
+            log.exception("tensor-parallel rank %d stopped following", self.follower.tp.rank)
+
     def _build(self, spec: wpb.EngineLoadSpec) -> Engine:
+        tp, channel = SINGLE, None
+        if spec.HasField("tensor_parallel") and spec.tensor_parallel.size > 1:
+            tp, channel = join_ranks(0, spec.tensor_parallel.size, spec.tensor_parallel.rendezvous, self.device)
         try:
             engine = Engine(spec.path, name=spec.name or None, load_format=spec.load_format or "auto",
                             dtype=spec.dtype or "auto", device=self.device, seed=spec.seed,
                             memory_limit_bytes=spec.memory_limit_bytes or None,
                             kv_capacity_bytes=spec.kv_capacity_bytes or None,
                             shared_weights_path=spec.shared_weights_path or None,
-                            max_context=spec.max_context or None)
+                            max_context=spec.max_context or None, tensor_parallel=tp, step_channel=channel,
+                            kv_pool="pages" if channel is not None else "auto")
         except EngineError:
             raise
         except Exception as exc:  # the engine wraps its own failures; anything else still means "cannot load"
