@@ -33,6 +33,8 @@ from services.gpu_agent.engine.tensor_parallel import (
     split_dim,
 )
 from services.gpu_agent.engine.weights import load_model
+from services.gpu_agent.engine_manager import EngineManager, EngineSpec, PlacementError
+from services.gpu_agent.devices import Device
 from services.gpu_agent.workers.remote_engine import RemoteEngine
 from services.gpu_agent.workers.worker_pool import WorkerPool
 
@@ -242,3 +244,57 @@ async def test_two_workers_serve_one_model_split_over_them(tmp_path):
         await engine.stop()
     finally:
         await pool.close()
+
+
+async def test_the_agents_engine_manager_loads_a_model_split_over_two_devices(tmp_path):
+    # tp_size 2 on GPUs 0 and 1 (two CPU devices here): a worker per rank; the model serves as one engine
+    # would, switches off and on, and its unload ends both workers. When a rank's worker dies, the
+    # engine is reported failed (its steps would wait for that rank), and rank 0's worker is ended too.
+    model_dir = write_tiny_model(tmp_path / "llama")
+    single = Engine(model_dir, dtype="float32")
+    single.start()
+    try:
+        expected = await _generate_all(single)
+    finally:
+        single.stop()
+    async def publish(managed):
+        pass
+
+    pool = WorkerPool(["cpu"], spares_per_device=0)
+    await pool.start()
+    devices = [Device(0, "cpu", "cpu", 1 << 30), Device(1, "cpu", "cpu", 1 << 30)]
+    manager = EngineManager(devices, publish, pool)
+    try:
+        spec = EngineSpec(name="split", path=str(model_dir), tp_size=2, dtype="float32")
+        managed = await asyncio.wait_for(manager.load(spec, (0, 1), activate=True, memory_limit_bytes=0), 120)
+        assert managed.state == "active", managed.error
+        engine = managed.engine
+        assert await asyncio.wait_for(_generate_all(engine), 60) == expected
+        await manager.deactivate("split")
+        await manager.activate("split")
+        assert await asyncio.wait_for(_generate_all(engine), 60) == expected
+        workers = [engine.worker, *engine._followers]
+        await asyncio.wait_for(manager.unload("split"), 60)
+        assert not any(w.alive for w in workers)
+
+        managed = await asyncio.wait_for(manager.load(spec, (0, 1), activate=True, memory_limit_bytes=0), 120)
+        engine = managed.engine
+        engine._followers[0].kill()
+        await asyncio.wait_for(engine.worker.exited.wait(), 30)
+        for _ in range(100):
+            if managed.state == "failed":
+                break
+            await asyncio.sleep(0.1)
+        assert managed.state == "failed" and "another tensor-parallel rank died" in managed.error
+    finally:
+        await pool.close()
+
+
+async def test_an_agent_without_workers_refuses_a_split_model(tmp_path):
+    async def publish(managed):
+        pass
+
+    manager = EngineManager([Device(0, "cpu", "cpu", 1 << 30), Device(1, "cpu", "cpu", 1 << 30)], publish)
+    spec = EngineSpec(name="split", path=str(tmp_path), tp_size=2, engine="torch")
+    with pytest.raises(PlacementError, match="needs engine workers"):
+        await manager.load(spec, (0, 1), activate=True, memory_limit_bytes=0)

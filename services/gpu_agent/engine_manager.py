@@ -26,6 +26,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from prism.v1 import engine_worker_pb2 as wpb
+from services.common.etcd_server import free_port
 from services.gpu_agent.devices import Device
 from services.gpu_agent.engine import Engine
 from services.gpu_agent.engine.shared_weights import SharedWeightsFile, remove_shared_weights, shared_weights_name
@@ -174,7 +176,7 @@ class EngineManager:
         return managed
 
     def _torch_device(self, gpu_ids: tuple[int, ...]) -> str:
-        # Tensor parallelism arrives with the engine issue; one device per engine for now.
+        """The device of the engine itself: rank 0's where the model is split (_start_split_engine)."""
         return self.devices[gpu_ids[0]].torch_device
 
     async def load(self, spec: EngineSpec, gpu_ids: tuple[int, ...], activate: bool, memory_limit_bytes: int) -> ManagedEngine:
@@ -185,8 +187,9 @@ class EngineManager:
         if len(gpu_ids) != spec.tp_size:
             raise PlacementError(f"tp_size {spec.tp_size} needs {spec.tp_size} GPU(s), got {list(gpu_ids)}")
         spec = replace(spec, engine=self._engine_kind(spec, gpu_ids))
-        if spec.tp_size > 1 and spec.engine == "torch":
-            raise PlacementError("tensor parallelism (tp_size > 1) is not supported by the built-in engine yet")
+        if spec.tp_size > 1 and spec.engine == "torch" and self.pool is None:
+            raise PlacementError("tensor parallelism (tp_size > 1) with the built-in engine needs engine workers "
+                                 "(one process per GPU): the agent runs its engines inline")
         existing = self.engines.get(spec.name)
         if existing is not None and existing.state == "failed" and existing.engine is not None:
             await existing.engine.stop()  # what is left of it (a dead worker's channel)
@@ -272,6 +275,8 @@ class EngineManager:
         # The built-in engine honours seeds always (deterministic_inference is SGLang's switch for that).
         if self.pool is None:
             return InlineEngine(await asyncio.to_thread(self._build_engine, spec, gpu_ids, managed.memory_limit_bytes))
+        if spec.tp_size > 1:
+            return await self._start_split_engine(managed)
         start = time.perf_counter()
         worker = await self.pool.acquire(self._torch_device(gpu_ids))
         try:
@@ -291,6 +296,40 @@ class EngineManager:
         log.info("loaded %s in engine worker %d on %s in %.2fs (%d MB of weights%s)", spec.name, worker.pid,
                  engine.device, time.perf_counter() - start, engine.weight_bytes >> 20,
                  ", mapped from the shared host copy" if engine.weights_attached else "")
+        return engine
+
+    async def _start_split_engine(self, managed: ManagedEngine) -> EngineHandle:
+        """tp_size > 1: one engine worker per GPU, all loading at once (they meet at a
+        rendezvous); rank 0's worker runs the engine and takes the requests, the
+        others follow its steps (shard_follower.py) and end with it."""
+        spec, gpu_ids = managed.spec, managed.gpu_ids
+        start = time.perf_counter()
+        workers = []
+        try:
+            for gpu in gpu_ids:
+                workers.append(await self.pool.acquire(self.devices[gpu].torch_device))
+            rendezvous = f"tcp://127.0.0.1:{free_port()}"
+            ranks = [wpb.TensorParallelSpec(rank=r, size=len(gpu_ids), rendezvous=rendezvous)
+                     for r in range(len(gpu_ids))]
+            common = dict(name=spec.name, load_format=spec.load_format, dtype=spec.dtype, seed=spec.seed)
+            engine, *_ = await asyncio.gather(
+                RemoteEngine.load(workers[0], spec.path, memory_limit_bytes=managed.memory_limit_bytes,
+                                  kv_capacity_bytes=self._kv_capacity_bytes(gpu_ids) or 0,
+                                  max_context=spec.max_context, tensor_parallel=ranks[0], **common),
+                *(RemoteEngine.load_shard_follower(w, spec.path, tensor_parallel=ranks[r], **common)
+                  for r, w in enumerate(workers[1:], 1)))
+        except BaseException:
+            for worker in workers:  # a rank that failed leaves the others waiting at the rendezvous
+                await worker.terminate()
+            raise
+        engine.add_followers(workers[1:])
+
+        async def lost(error: WorkerLostError) -> None:
+            await self._engine_lost(managed, error)
+
+        engine.on_lost(lost)
+        log.info("loaded %s split over %d workers on %s in %.2fs (%d MB of weights a rank)", spec.name, len(workers),
+                 ", ".join(w.device for w in workers), time.perf_counter() - start, engine.weight_bytes >> 20)
         return engine
 
     def _shared_weights_of(self, managed: ManagedEngine) -> SharedWeightsFile | None:

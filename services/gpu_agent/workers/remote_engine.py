@@ -77,6 +77,8 @@ class RemoteEngine:
         self._unresponsive_after_s = unresponsive_after_s
         self._last_answer = time.monotonic()
         self._killed_as_hung = False
+        self._followers: list[WorkerProcess] = []  # the workers of this engine's other tensor-parallel ranks
+        self._follower_died: WorkerProcess | None = None
         worker.on_exit(self._worker_exited)
         self._refresher = asyncio.create_task(self._refresh_forever(), name=f"stats-{name}")
 
@@ -231,6 +233,24 @@ class RemoteEngine:
                 log.warning("engine worker %d did not shut down cleanly (%s); terminating it", self.pid,
                             exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "timeout")
         await self.worker.terminate(timeout_s)
+        for follower in self._followers:  # their follower threads ended with the engine
+            await follower.terminate(timeout_s)
+
+    def add_followers(self, workers: list[WorkerProcess]) -> None:
+        """The workers of this engine's other tensor-parallel ranks: they end with
+        it, and when one dies, so does this engine's worker (its steps would wait
+        for that rank's all-reduces), which reports the engine lost."""
+        self._followers = list(workers)
+        for worker in workers:
+            worker.on_exit(self._follower_exited)
+
+    async def _follower_exited(self, worker: WorkerProcess) -> None:
+        if self._stopping or self._lost is not None:
+            return
+        self._follower_died = worker
+        log.error("engine worker %d, a tensor-parallel rank of %r, died (%s): ending rank 0's worker %d", worker.pid,
+                  self.name, worker.exit_description(), self.pid)
+        await self.worker.terminate()
 
     # ---- failures --------------------------------------------------------------
 
@@ -267,6 +287,9 @@ class RemoteEngine:
         if self._stopping or self._lost is not None:
             return
         why = "unresponsive, so killed" if self._killed_as_hung else "died"
+        if self._follower_died is not None:
+            why = (f"ended: worker {self._follower_died.pid} of another tensor-parallel rank died "
+                   f"({self._follower_died.exit_description()})")
         self._lost = WorkerLostError(f"engine worker {worker.pid} for {self.name!r} on {worker.device} {why} "
                                      f"({worker.exit_description()})")
         log.error("%s", self._lost)
