@@ -24,7 +24,7 @@ from services.gpu_agent.engine.errors import EngineError
 from services.gpu_agent.engine.kv_pool import KVGeometry, PagePool
 from services.gpu_agent.engine.model_config import load_model_config
 from services.gpu_agent.engine.paged_attention import build_step_attention
-from services.gpu_agent.engine.shard_follower import StepChannel, follow
+from services.gpu_agent.engine.shard_follower import StepChannel, follow, join_ranks
 from services.gpu_agent.engine.tensor_parallel import (
     TensorParallel,
     TensorParallelError,
@@ -65,6 +65,24 @@ def test_a_model_that_does_not_split_evenly_is_refused(tmp_path):
         TensorParallel(2, 2)
 
 
+def run_ranks(target, *args, size: int = 2, timeout_s: float = 120) -> dict[int, object]:
+    """target(rank, port, *args, results) in a spawned process per rank, meeting at
+    port; each puts (rank, result) on results. Returns the results by rank."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=target, args=(rank, port, *args, results)) for rank in range(size)]
+    for p in procs:
+        p.start()
+    try:
+        return dict(results.get(timeout=timeout_s) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -87,11 +105,11 @@ def _logits(model, kv_heads: int, prompt: list[int]) -> list[torch.Tensor]:
     return out
 
 
-def _rank(rank: int, size: int, port: int, model_dir: Path, load_format: str, results) -> None:
+def _rank(rank: int, port: int, model_dir: Path, load_format: str, results) -> None:
     try:
-        _compare(rank, size, port, model_dir, load_format, results)
+        _compare(rank, 2, port, model_dir, load_format, results)
     except BaseException:  # the test reads a result from every rank: never leave it waiting
-        results.put((rank, None, traceback.format_exc()))
+        results.put((rank, (None, traceback.format_exc())))
 
 
 def _compare(rank: int, size: int, port: int, model_dir: Path, load_format: str, results) -> None:
@@ -108,8 +126,8 @@ def _compare(rank: int, size: int, port: int, model_dir: Path, load_format: str,
         assert split.model.layers[0].self_attn.num_heads == config.num_attention_heads // size
         assert split.model.layers[0].mlp.gate_proj.weight.shape[0] == config.intermediate_size // size
         got = _logits(split, config.num_key_value_heads // size, prompt)
-        results.put((rank, [(g - e).abs().max().item() for g, e in zip(got, expected)],
-                     [e.abs().max().item() for e in expected]))
+        results.put((rank, ([(g - e).abs().max().item() for g, e in zip(got, expected)],
+                            [e.abs().max().item() for e in expected])))
     finally:
         dist.destroy_process_group()
 
@@ -119,20 +137,8 @@ def test_two_ranks_give_the_whole_models_logits(tmp_path, arch, load_format):
     # qwen2 has q/k/v biases (cut with their heads); "auto" reads the checkpoint and cuts it,
     # "dummy" draws each whole matrix from its seed and keeps the rank's part.
     model_dir = write_tiny_model(tmp_path / arch, arch=arch)
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank, args=(r, 2, port, model_dir, load_format, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        got = sorted(results.get(timeout=120) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-    for rank, diffs, scales in got:
+    got = run_ranks(_rank, model_dir, load_format)
+    for rank, (diffs, scales) in got.items():
         assert diffs is not None, f"rank {rank} failed:\n{scales}"
         for diff, scale in zip(diffs, scales):
             assert scale > 0
@@ -142,24 +148,30 @@ def test_two_ranks_give_the_whole_models_logits(tmp_path, arch, load_format):
 PROMPTS = ["Hello world", "The cache of the model is", "1 2 3 4 5 6 7 8 9 10 11 12", "a", "x y z " * 9]
 
 
-def _engine_rank(rank: int, port: int, model_dir: Path, results) -> None:
+def serve_split(rank: int, port: int, model_dir: Path, device_kind: str, results) -> None:
+    """Rank `rank` of a model split in two, joined as the agent's workers join
+    (join_ranks: gloo on the CPU; NCCL with a gloo step channel on CUDA): rank 1
+    follows and reports its forwards; rank 0 serves PROMPTS, switches off and on,
+    serves them again, and reports both and the activation's seconds."""
     try:
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                                timeout=timedelta(seconds=60))
-        tp = TensorParallel(rank, 2)
-        channel = StepChannel(tp)
+        device = "cpu"
+        if device_kind == "cuda":
+            torch.cuda.set_device(rank)
+            device = f"cuda:{rank}"
+        tp, channel = join_ranks(rank, 2, f"tcp://127.0.0.1:{port}", device, timeout_s=60)
         if rank == 1:
-            results.put((rank, follow(model_dir, tp, channel, dtype="float32")))
+            results.put((rank, follow(model_dir, tp, channel, dtype="float32", device=device)))
             return
         # step_tokens 8: prompts are cut into chunks, and chunks share steps with decoding sequences
-        engine = Engine(model_dir, dtype="float32", step_tokens=8, tensor_parallel=tp, step_channel=channel)
+        engine = Engine(model_dir, dtype="float32", device=device, kv_pool="pages", step_tokens=8,
+                        tensor_parallel=tp, step_channel=channel)
         engine.start()
         try:
             first = asyncio.run(_generate_all(engine))
             engine.deactivate()  # every rank switches off and on with it
-            engine.activate()
-            results.put((rank, [first, asyncio.run(_generate_all(engine))]))
+            timing = engine.activate()
+            results.put((rank, [first, asyncio.run(_generate_all(engine)), timing.total_s]))
         finally:
             engine.stop()
     except BaseException:
@@ -167,6 +179,16 @@ def _engine_rank(rank: int, port: int, model_dir: Path, results) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def one_rank_tokens(model_dir: Path, **engine_args) -> list[list[int]]:
+    """What one unsplit engine generates for PROMPTS (greedy)."""
+    single = Engine(model_dir, dtype="float32", **engine_args)
+    single.start()
+    try:
+        return asyncio.run(_generate_all(single))
+    finally:
+        single.stop()
 
 
 async def _generate_all(engine: Engine) -> list[list[int]]:
@@ -179,28 +201,11 @@ async def _generate_all(engine: Engine) -> list[list[int]]:
 
 def test_a_two_rank_engine_generates_what_a_one_rank_engine_does_and_again_after_switching(tmp_path):
     model_dir = write_tiny_model(tmp_path / "llama")
-    single = Engine(model_dir, dtype="float32", step_tokens=8)
-    single.start()
-    try:
-        expected = asyncio.run(_generate_all(single))
-    finally:
-        single.stop()
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_engine_rank, args=(r, port, model_dir, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        got = dict(results.get(timeout=120) for _ in procs)
-    finally:
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
+    expected = one_rank_tokens(model_dir, step_tokens=8)
+    got = run_ranks(serve_split, model_dir, "cpu")
     assert isinstance(got[0], list), f"rank 0 failed:\n{got[0]}"
     assert isinstance(got[1], int), f"rank 1 failed:\n{got[1]}"
-    assert got[0] == [expected, expected]  # before switching off, and after switching on again
+    assert got[0][:2] == [expected, expected]  # before switching off, and after switching on again
     assert got[1] > 2 * len(PROMPTS)  # the follower ran the steps: chunked prefills and decoding
 
 
@@ -251,12 +256,8 @@ async def test_the_agents_engine_manager_loads_a_model_split_over_two_devices(tm
     # would, switches off and on, and its unload ends both workers. When a rank's worker dies, the
     # engine is reported failed (its steps would wait for that rank), and rank 0's worker is ended too.
     model_dir = write_tiny_model(tmp_path / "llama")
-    single = Engine(model_dir, dtype="float32")
-    single.start()
-    try:
-        expected = await _generate_all(single)
-    finally:
-        single.stop()
+    expected = await asyncio.to_thread(one_rank_tokens, model_dir)
+
     async def publish(managed):
         pass
 

@@ -325,9 +325,10 @@ class Engine:
             if self._use_graphs:  # the decode kernel's variants for the other graph shapes
                 from services.gpu_agent.engine.triton_decode import compile_decode_variants
 
-                cfg = self.config
-                compile_decode_variants(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, self.dtype,
-                                        self._device, graph_batch_buckets(), graph_width_buckets())
+                geometry = self._geometry
+                compile_decode_variants(self.config.num_attention_heads // self.tp.size, geometry.num_kv_heads,
+                                        geometry.head_dim, self.dtype, self._device, graph_batch_buckets(),
+                                        graph_width_buckets())
             failed = [o for o in outcomes if isinstance(o, BaseException)]
             if failed or self._scheduler.has_work():
                 log.warning("engine %s: kernel warm-up incomplete (%s)", self.name, failed[0] if failed else "unfinished")

@@ -4,14 +4,19 @@ engine plans.
 
 Rank 0's engine owns everything else (requests, the scheduler, the KV
 slots, sampling). Once its KV pool exists it sends its size (ShardSetup);
-before each forward it sends the step's inputs over the StepChannel (token ids, positions, every sequence's span and slots); each
-follower builds the same step and runs its forward, whose all-reduces meet
-rank 0's. The slots are rank 0's: a follower's pool is as large as rank 0's,
-and its K/V for a slot is that slot's share of the heads.
+before each forward, the step's inputs (ForwardStep: token ids, positions,
+every sequence's span and slots); switching off and on, SwitchOff and
+SwitchOn. Each follower builds the same step and runs its forward, whose
+all-reduces meet rank 0's. The slots are rank 0's: a follower's pool is as
+large as rank 0's, and its K/V for a slot is that slot's share of the heads.
 
-The channel is torch.distributed's broadcast of a pickled object over its
-group (gloo: host memory, no device sync), issued by rank 0's step thread in
-the same order as the forwards, so collectives never interleave."""
+The channel (StepChannel) is torch.distributed's broadcast of a pickled
+object over its group (gloo: host memory, no device sync). Rank 0 sends
+only under its model lock or after its step thread ended, in the order of
+its forwards, so collectives never interleave.
+
+Not handled yet: a forward that fails on one rank leaves the others waiting
+in an all-reduce (the agent ends all ranks' workers only when one dies)."""
 
 from __future__ import annotations
 
@@ -67,6 +72,9 @@ class StopFollowing:
     """Rank 0's engine stopped: the followers end."""
 
 
+Message = ShardSetup | ForwardStep | SwitchOff | SwitchOn | StopFollowing
+
+
 class StepChannel:
     """Rank 0 sends, the other ranks receive, one message at a time, in order."""
 
@@ -79,7 +87,7 @@ class StepChannel:
 
         return 0 if self.group is None else dist.get_global_rank(self.group, 0)
 
-    def send(self, message: ShardSetup | ForwardStep | StopFollowing) -> None:
+    def send(self, message: Message) -> None:
         if self.tp.rank != 0:
             raise RuntimeError("only tensor-parallel rank 0 sends steps")
         import torch.distributed as dist
@@ -91,7 +99,7 @@ class StepChannel:
 
         dist.barrier(group=self.group)
 
-    def receive(self) -> ShardSetup | ForwardStep | StopFollowing:
+    def receive(self) -> Message:
         import torch.distributed as dist
 
         box: list[Any] = [None]
