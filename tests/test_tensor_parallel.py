@@ -6,6 +6,7 @@ on GPUs is the same code)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import traceback
 from datetime import timedelta
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from prism.cluster import LocalCluster
 from prism.tiny_models import write_tiny_model
 from prism.v1 import engine_worker_pb2 as wpb
 from services.gpu_agent.engine import Engine, GenerationRequest
@@ -299,3 +301,41 @@ async def test_an_agent_without_workers_refuses_a_split_model(tmp_path):
     spec = EngineSpec(name="split", path=str(tmp_path), tp_size=2, engine="torch")
     with pytest.raises(PlacementError, match="needs engine workers"):
         await manager.load(spec, (0, 1), activate=True, memory_limit_bytes=0)
+
+
+def test_a_local_cluster_serves_a_model_split_over_two_cpu_devices(tmp_path):
+    # The whole path on a laptop: the placement config's tp_size 2 on GPU ids [0, 1], an agent with two
+    # CPU devices and engine workers, and a completion through the gateway's REST API, whose text is
+    # what one unsplit engine writes.
+    import httpx
+
+    model_dir = write_tiny_model(tmp_path / "llama")
+    prompt = PROMPTS[1]
+    single = Engine(model_dir, dtype="float32")
+    single.start()
+    try:
+        async def text_of_one() -> str:
+            req = GenerationRequest("one", prompt=prompt, max_tokens=10, temperature=0.0, ignore_eos=True)
+            return "".join([out.text async for out in single.generate(req)])
+
+        expected = asyncio.run(text_of_one())
+    finally:
+        single.stop()
+    config = {"policy": "static", "models": [{
+        "model_name": "split", "model_path": str(model_dir), "tp_size": 2, "dtype": "float32",
+        "init_placements": [{"gpu_ids": [0, 1], "on": True}]}]}
+    config_path = tmp_path / "models.json"
+    config_path.write_text(json.dumps(config))
+    cluster = LocalCluster(state_dir=tmp_path / "state", config_path=config_path, http_port=_free_port(),
+                           grpc_port=_free_port(), device="cpu", cpu_memory_gb=1.0, engine_isolation="process",
+                           agent_args=("--cpu-devices", "2", "--spare-workers", "0"))
+    cluster.start()
+    try:
+        reply = httpx.post(f"{cluster.http_url}/v1/completions", timeout=120, json={
+            "model": "split", "prompt": prompt, "max_tokens": 10, "temperature": 0, "ignore_eos": True})
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert body["choices"][0]["text"] == expected
+        assert body["usage"]["completion_tokens"] == 10
+    finally:
+        cluster.stop()

@@ -131,6 +131,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--agent-id", default=None, help="stable id (default: hostname-port)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--cpu-memory-gb", type=float, default=4.0, help="memory budget of the CPU device")
+    p.add_argument("--cpu-devices", type=int, default=1,
+                   help="on the CPU, this many devices (GPU ids 0..n-1) with --cpu-memory-gb each, on the same cores: "
+                        "multi-GPU placements (tp_size > 1) on a machine without GPUs")
     p.add_argument("--lease-ttl-s", type=int, default=5, help="etcd lease; the agent vanishes this long after dying")
     p.add_argument("--engine-isolation", default="auto", choices=["auto", "process", "inline"],
                    help="engines in worker processes or in the agent (auto: process on CUDA, inline on the CPU)")
@@ -203,7 +206,10 @@ def engine_isolation(choice: str, devices: list[Device]) -> str:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    devices = discover_devices(args.device, args.cpu_memory_gb)
+    try:
+        devices = discover_devices(args.device, args.cpu_memory_gb, args.cpu_devices)
+    except ValueError as exc:
+        raise SystemExit(f"agent: {exc}") from None
     try:
         shared_dir = shared_weights_dir(args.shared_weights_dir, devices)
     except ValueError as exc:
