@@ -17,7 +17,6 @@ exactly the slices of its unsplit weights."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -36,9 +35,11 @@ class TensorParallelError(ValueError):
 
 @dataclass(frozen=True)
 class TensorParallel:
+    """This process's rank among its model's; the ranks are torch.distributed's
+    default group (shard_follower.join_ranks: one model's ranks a process)."""
+
     rank: int
     size: int
-    group: Any = None  # a torch.distributed process group; None: the default one
 
     def __post_init__(self) -> None:
         if self.size < 1 or not 0 <= self.rank < self.size:
@@ -49,7 +50,7 @@ class TensorParallel:
         if self.size > 1:
             import torch.distributed as dist
 
-            dist.all_reduce(x, group=self.group)
+            dist.all_reduce(x)
         return x
 
 

@@ -277,24 +277,21 @@ def paged_decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: to
 
 
 def compile_decode_variants(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                            device: torch.device, batches: list[int], widths: list[int]) -> int:
+                            device: torch.device, batches: list[int], widths: list[int]) -> None:
     """Runs paged_decode_attention once for every (batch, slot-table width) on
     inputs that read one slot, so that Triton compiles now, at load, the
     variants those shapes select (one split or several, the combine kernel's
     BLOCK_S, integer arguments that equal 1 or divide by 16), and not inside a
     serving step: on a fresh H100 the first decode graph of a new width took
-    0.3-1 s to capture, against 15-60 ms once compiled. Returns the number of
-    calls made; a compiled variant costs a launch."""
+    0.3-1 s to capture, against 15-60 ms once compiled. A variant already
+    compiled costs one launch."""
     buffer = torch.zeros((1, num_kv_heads, head_dim), dtype=dtype, device=device)
-    calls = 0
     for batch in batches:
         q = torch.zeros((batch, num_heads, head_dim), dtype=dtype, device=device)
         lengths = torch.ones(batch, dtype=torch.int32, device=device)
         for width in widths:
             table = torch.zeros((batch, width), dtype=torch.int32, device=device)
             paged_decode_attention(q, buffer, buffer, table, lengths, 1.0)
-            calls += 1
-    return calls
 
 
 def _check_inputs(q, k_buffer, v_buffer, slot_table, seq_lens) -> None:
