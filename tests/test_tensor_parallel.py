@@ -293,6 +293,68 @@ async def test_the_agents_engine_manager_loads_a_model_split_over_two_devices(tm
         await pool.close()
 
 
+async def test_every_device_of_a_split_model_counts_its_weights_and_fixed_kv(tmp_path):
+    # The memory coordinators of an agent with two devices: a model split over both keeps the KV
+    # reservation it was loaded with (its ranks' page pools are allocated whole), and each device
+    # counts its shard of the weights and that reservation as taken, so the model planned beside it
+    # on device 1 only gets what is left there. Switched off, the split model frees both devices.
+    from services.gpu_agent.memory_coordinator import MemoryCoordinator
+
+    model_dir = write_tiny_model(tmp_path / "llama")
+
+    async def publish(managed):
+        pass
+
+    pool = WorkerPool(["cpu"], spares_per_device=0)
+    await pool.start()
+    memory = 64 << 20
+    devices = [Device(0, "cpu", "cpu", memory), Device(1, "cpu", "cpu", memory)]
+    manager = EngineManager(devices, publish, pool, coordinated=True)
+    coordinators = {d.index: MemoryCoordinator(d, manager, reserve_bytes=0) for d in devices}
+
+    async def before_activate(managed):
+        for gpu in managed.gpu_ids:
+            await coordinators[gpu].prepare_activation(managed)
+
+    manager.before_activate = before_activate
+    reservation = 8 << 20
+    try:
+        split_spec = EngineSpec(name="split", path=str(model_dir), tp_size=2, dtype="float32")
+        split = await asyncio.wait_for(manager.load(split_spec, (0, 1), True, memory_limit_bytes=reservation), 120)
+        one = await asyncio.wait_for(manager.load(EngineSpec(name="one", path=str(model_dir), dtype="float32"),
+                                                  (1,), True, memory_limit_bytes=0), 120)
+        assert split.state == one.state == "active", (split.error, one.error)
+        assert split.fixed_kv and not one.fixed_kv
+        for c in coordinators.values():
+            await c.rebalance()
+        shard, whole = split.engine.weight_bytes, one.engine.weight_bytes
+        assert split.memory_limit_bytes == reservation  # not ballooned
+        device1 = coordinators[1].snapshot()
+        assert [e.model for e in device1.engines] == ["one"]  # only the unsplit model is planned there
+        assert device1.budget_bytes == memory - shard - reservation - whole
+        assert 0 < one.memory_limit_bytes <= device1.budget_bytes
+        report = coordinators[1].memory_split()
+        assert {e.model for e in report.engines} == {"split", "one"}
+        assert report.weight_bytes == shard + whole
+        assert report.kv_limit_bytes == reservation + one.memory_limit_bytes
+        assert report.free_bytes == report.kv_budget_bytes - report.kv_limit_bytes >= 0
+        assert coordinators[0].snapshot().engines == ()  # device 0 plans nothing: the split model's KV is fixed
+        assert coordinators[0].memory_split().engines[0].kv_demand_bytes >= 0  # its demand counted on device 0
+        assert coordinators[1].memory_split().engines[0].kv_demand_bytes == 0  # and only there
+        assert not await coordinators[0].grant(split, 1 << 20)  # nor does admission grow it
+        assert coordinators[0].most_kv_bytes(split) == reservation
+
+        await manager.deactivate("split")
+        await coordinators[1].rebalance()
+        assert coordinators[1].snapshot().budget_bytes == memory - whole
+        await manager.activate("split")
+        assert split.memory_limit_bytes == reservation
+        assert coordinators[1].snapshot().budget_bytes == memory - shard - reservation - whole
+    finally:
+        await manager.stop_all()
+        await pool.close()
+
+
 async def test_an_agent_without_workers_refuses_a_split_model(tmp_path):
     async def publish(managed):
         pass

@@ -109,6 +109,12 @@ class ManagedEngine:
         return self.spec.slo
 
     @property
+    def fixed_kv(self) -> bool:
+        """A built-in engine split over several GPUs: its KV reservation is fixed at
+        load (every rank allocates its page pool whole), never ballooned."""
+        return len(self.gpu_ids) > 1 and self.spec.engine == "torch"
+
+    @property
     def published_state(self) -> str:
         """The state others see (etcd, GetStatus): draining while it drains."""
         return "draining" if self.draining and self.state in ("active", "inactive") else self.state
@@ -131,7 +137,8 @@ class EngineManager:
                  sglang_launch_command: tuple[str, ...] | None = None, sglang_options: object | None = None):
         """pool: run each engine in a worker process from it; None runs engines inline.
         coordinated: a memory coordinator sets the KV limits; a load's memory
-        limit is then the engine's cap, not its limit.
+        limit is then the engine's cap, not its limit (but a split built-in
+        engine's fixed reservation, 0: the engine's default; fixed_kv).
         shared_weights_dir: workers keep each model's host weights in a shared-memory
         file there (named with shared_weights_prefix, removed when the model is
         unloaded), so a worker that replaces a dead one maps them instead of
@@ -202,13 +209,10 @@ class EngineManager:
             if activate and existing.state == "inactive":
                 await self.activate(spec.name)
             return existing
-        if self.coordinated:
-            managed = ManagedEngine(spec=spec, gpu_ids=gpu_ids, memory_limit_bytes=COORDINATED_INITIAL_LIMIT_BYTES,
-                                    request_stats=ModelRequestStats(spec.slo, self.stats_window_s),
-                                    cap_bytes=memory_limit_bytes)
-        else:
-            managed = ManagedEngine(spec=spec, gpu_ids=gpu_ids, memory_limit_bytes=memory_limit_bytes,
-                                    request_stats=ModelRequestStats(spec.slo, self.stats_window_s))
+        managed = ManagedEngine(spec=spec, gpu_ids=gpu_ids, memory_limit_bytes=memory_limit_bytes,
+                                request_stats=ModelRequestStats(spec.slo, self.stats_window_s))
+        if self.coordinated and not managed.fixed_kv:  # the coordinator sets the limit; the load's is its cap
+            managed.memory_limit_bytes, managed.cap_bytes = COORDINATED_INITIAL_LIMIT_BYTES, memory_limit_bytes
         self.engines[spec.name] = managed
         await self._publish(managed)
         try:
@@ -306,8 +310,13 @@ class EngineManager:
         start = time.perf_counter()
         workers = []
         try:
-            for gpu in gpu_ids:
-                workers.append(await self.pool.acquire(self.devices[gpu].torch_device))
+            # All at once: with no spare worker, each starts (imports, CUDA, warm-up) in 5-10 s.
+            acquired = await asyncio.gather(*(self.pool.acquire(self.devices[gpu].torch_device) for gpu in gpu_ids),
+                                            return_exceptions=True)
+            workers = [w for w in acquired if not isinstance(w, BaseException)]
+            failed = next((w for w in acquired if isinstance(w, BaseException)), None)
+            if failed is not None:
+                raise failed
             rendezvous = f"tcp://127.0.0.1:{free_port()}"
             ranks = [wpb.TensorParallelSpec(rank=r, size=len(gpu_ids), rendezvous=rendezvous)
                      for r in range(len(gpu_ids))]

@@ -11,7 +11,15 @@ two calls. Admission (admission.py) asks it for immediate grants out of the
 budget no engine holds, so a burst need not wait for the next plan.
 
 All of it runs on the agent's event loop under one lock per device: a plan
-and a grant never interleave."""
+and a grant never interleave.
+
+A model split over several GPUs (tensor parallelism) holds KV on each of
+them. Its first device's coordinator plans its limit, and the others count
+that limit, with its shard of the weights, as taken while it is active. A
+split built-in engine's KV is fixed when it is loaded (its ranks allocate
+their page pools whole; growing one would mean every rank re-allocating in
+step): no device plans it, and every one it spans counts it as taken, so
+the engines planned beside it never get that memory."""
 
 from __future__ import annotations
 
@@ -87,10 +95,24 @@ class MemoryCoordinator:
     # ---- what is on the device ---------------------------------------------------
 
     def engines(self) -> list[ManagedEngine]:
-        return [m for m in self.manager.engines.values() if m.gpu_ids and m.gpu_ids[0] == self.device.index]
+        """Every engine on this device, split ones (on several devices) included."""
+        return [m for m in self.manager.engines.values() if self.device.index in m.gpu_ids]
 
     def _active(self, also: ManagedEngine | None = None) -> list[ManagedEngine]:
         return [m for m in self.engines() if m.engine is not None and (m.state == "active" or m is also)]
+
+    def _plans(self, m: ManagedEngine) -> bool:
+        """Whether this device's policy sets the engine's limit: yes for an engine
+        whose first device this is, unless its KV is fixed (a split built-in engine)."""
+        return m.gpu_ids[0] == self.device.index and not m.fixed_kv
+
+    def _planned(self, engines: list[ManagedEngine]) -> list[ManagedEngine]:
+        return [m for m in engines if self._plans(m)]
+
+    def _taken_bytes(self, m: ManagedEngine) -> int:
+        """What an active engine holds here besides the KV planned here: its weights
+        (a split engine's shard), and the limit of one whose KV is not planned here."""
+        return m.engine.weight_bytes + (0 if self._plans(m) else m.memory_limit_bytes)
 
     def unit_bytes(self, engines: list[ManagedEngine]) -> int:
         # Each engine's limit is in its own page bundles; this unit is for an engine that reports none.
@@ -98,8 +120,8 @@ class MemoryCoordinator:
                    default=DEFAULT_UNIT_BYTES)
 
     def budget_bytes(self, active: list[ManagedEngine]) -> int:
-        weights = sum(m.engine.weight_bytes for m in active)
-        budget = max(0, self.device.memory_bytes - weights - self.reserve_bytes)
+        taken = sum(self._taken_bytes(m) for m in active)
+        budget = max(0, self.device.memory_bytes - taken - self.reserve_bytes)
         return min(budget, self.kv_budget_cap_bytes) if self.kv_budget_cap_bytes > 0 else budget
 
     def demand_bytes(self, managed: ManagedEngine, stats: EngineStats | None = None) -> int:
@@ -112,7 +134,7 @@ class MemoryCoordinator:
         active = self._active(also)
         now = self.clock()
         engines = []
-        for m in active:
+        for m in self._planned(active):
             stats = m.engine.stats()
             demand = self.demand_bytes(m, stats)
             engines.append(EngineMemoryDemand(
@@ -121,12 +143,15 @@ class MemoryCoordinator:
                 cap_bytes=m.cap_bytes, unit_bytes=m.engine.kv_bundle_bytes,
                 recent_demand_bytes=self.recent_demand.observe(m.spec.name, now, demand)))
         self.recent_demand.forget_all_but({m.spec.name for m in active})
-        return DeviceMemorySnapshot(budget_bytes=self.budget_bytes(active), unit_bytes=self.unit_bytes(active),
+        return DeviceMemorySnapshot(budget_bytes=self.budget_bytes(active),
+                                    unit_bytes=self.unit_bytes(self._planned(active)),
                                     engines=tuple(engines))
 
     def most_kv_bytes(self, managed: ManagedEngine) -> int:
         """The largest KV limit the engine could ever get here: the budget
         with only it active (others may switch off), within its cap."""
+        if not self._plans(managed):
+            return managed.memory_limit_bytes
         most = self.budget_bytes([managed]) if managed.engine is not None else 0
         return min(most, managed.cap_bytes) if managed.cap_bytes > 0 else most
 
@@ -136,31 +161,32 @@ class MemoryCoordinator:
         `activating`'s weights fit beside the others' and the reserve
         (make_room.py); [] when they fit, None when they cannot be made to."""
         others = [m for m in self._active() if m is not activating]
-        free = self.device.memory_bytes - self.reserve_bytes - sum(m.engine.weight_bytes for m in others)
+        free = self.device.memory_bytes - self.reserve_bytes - sum(self._taken_bytes(m) for m in others)
         residents = []
         for m in others:
             stats = m.engine.stats()
             serving = (stats.running_requests + stats.queued_requests > 0 or m.request_stats.in_flight > 0
                        or self.pending_demand_bytes(m.spec.name) > 0)
-            residents.append(ResidentEngine(model=m.spec.name, weight_bytes=m.engine.weight_bytes,
+            residents.append(ResidentEngine(model=m.spec.name, weight_bytes=self._taken_bytes(m),
                                             idle_s=m.request_stats.idle_s(), serving=serving))
-        return engines_to_switch_off(residents, activating.engine.weight_bytes, free, self.make_room_idle_s)
+        return engines_to_switch_off(residents, self._taken_bytes(activating), free, self.make_room_idle_s)
 
     async def prepare_activation(self, activating: ManagedEngine) -> None:
         """Before an engine is switched on (the engine manager's
         before_activate): idle engines step aside if its weights would not fit
         (room_for_weights), then the others' KV limits make room and it gets
-        its own. With no room to make, nothing is switched off and it fails at
+        its own. A split engine is prepared so on each of its devices, in turn
+        (the agent's before_activate). With no room to make, nothing is switched off and it fails at
         once with CapacityError (RESOURCE_EXHAUSTED), rather than copying
         weights into memory the active engines hold (out of memory on a GPU;
         on the CPU device, an engine with no KV budget whose requests wait for
         their deadlines)."""
         room = self.room_for_weights(activating)
         if room is None:
-            others = sum(m.engine.weight_bytes for m in self._active() if m is not activating)
+            others = sum(self._taken_bytes(m) for m in self._active() if m is not activating)
             raise CapacityError(
                 f"model {activating.spec.name!r} cannot be switched on now: its weights "
-                f"({activating.engine.weight_bytes / 2**20:.0f} MiB) do not fit on device {self.device.index} beside "
+                f"({self._taken_bytes(activating) / 2**20:.0f} MiB) do not fit on device {self.device.index} beside "
                 f"the active engines' ({others / 2**20:.0f} MiB of {self.device.memory_bytes / 2**20:.0f} MiB, "
                 f"{self.reserve_bytes / 2**20:.0f} MiB kept in reserve), and none of them has been idle "
                 f"{self.make_room_idle_s:g} s to step aside")
@@ -177,12 +203,16 @@ class MemoryCoordinator:
         for m in engines:
             stats = m.engine.stats() if m.engine is not None else None
             on = m in active
+            # A split engine's demand is counted once, on its first device (demand_by_model sums devices).
+            counted_here = on and m.gpu_ids[0] == self.device.index
             rows.append(EngineMemory(
                 model=m.spec.name, active=on, weight_bytes=m.engine.weight_bytes if m.engine is not None else 0,
                 kv_limit_bytes=m.memory_limit_bytes if on else 0,
                 kv_mapped_bytes=stats.kv_mapped_bytes if stats else 0,
                 kv_used_bytes=stats.kv_used_bytes if stats else 0,
-                kv_demand_bytes=self.demand_bytes(m, stats) if on else 0))
+                kv_demand_bytes=self.demand_bytes(m, stats) if counted_here else 0))
+        # Limits not planned here count in both the budget and the limits (budget_bytes leaves them out).
+        budget += sum(m.memory_limit_bytes for m in active if not self._plans(m))
         limits = sum(r.kv_limit_bytes for r in rows)
         return DeviceMemorySplit(
             gpu_id=self.device.index, total_bytes=self.device.memory_bytes,
@@ -224,7 +254,7 @@ class MemoryCoordinator:
         """Raises the engine's limit by need_bytes (whole units) at once if
         that much of the budget is unassigned; False otherwise."""
         async with self.lock:
-            if managed.state != "active" or managed.engine is None:
+            if managed.state != "active" or managed.engine is None or not self._plans(managed):
                 return False
             snapshot = self.snapshot()
             new_limit = grant(snapshot, managed.spec.name, need_bytes)
@@ -237,7 +267,7 @@ class MemoryCoordinator:
         return ok
 
     async def _apply(self, plan: dict[str, int], skip: ManagedEngine | None) -> None:
-        current = {m.spec.name: m.memory_limit_bytes for m in self._active()}
+        current = {m.spec.name: m.memory_limit_bytes for m in self._planned(self._active())}
         shrinks = [(model, nbytes) for model, nbytes in plan.items() if model in current and nbytes < current[model]]
         grows = [(model, nbytes) for model, nbytes in plan.items()
                  if model in current and nbytes > current[model] and (skip is None or model != skip.spec.name)]
@@ -265,7 +295,7 @@ class MemoryCoordinator:
             return False
 
     def _check(self, budget: int) -> None:
-        total = sum(m.memory_limit_bytes for m in self._active())
+        total = sum(m.memory_limit_bytes for m in self._planned(self._active()))
         if total > budget:
             self.budget_violations += 1
             log.error("device %d: KV limits sum to %d bytes, over the budget of %d", self.device.index, total, budget)

@@ -254,8 +254,10 @@ async def serve(args: argparse.Namespace) -> None:
     admission = AgentAdmission({i: AdmissionQueue(c, args.starvation_s) for i, c in coordinators.items()})
 
     async def before_activate(managed: ManagedEngine) -> None:
-        # Idle engines step aside if its weights do not fit (make_room.py), then the KV limits make room.
-        await coordinators[managed.gpu_ids[0]].prepare_activation(managed)
+        # Idle engines step aside if its weights do not fit (make_room.py), then the KV limits make
+        # room: on every device of a split engine.
+        for gpu in managed.gpu_ids:
+            await coordinators[gpu].prepare_activation(managed)
 
     manager.before_activate = before_activate
     service = AgentService(agent_id, devices, manager, coordinators=coordinators, admission=admission,
