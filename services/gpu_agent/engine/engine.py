@@ -85,7 +85,7 @@ from services.gpu_agent.engine.slot_table import DeviceSlotTable
 from services.gpu_agent.engine.stop_strings import find_stop, held_back_len
 from services.gpu_agent.engine.tensor_parallel import SINGLE, TensorParallel
 from services.gpu_agent.engine.tokenizer import Tokenizer
-from services.gpu_agent.engine.weights import build_empty_model, load_model, resolve_dtype
+from services.gpu_agent.engine.weights import build_empty_model, load_model, resolve_dtype, use_device_on_this_thread
 
 __all__ = [
     "CapacityError", "Engine", "EngineError", "EngineInactiveError", "EngineStats",
@@ -151,6 +151,7 @@ class Engine:
         self._device = torch.device(device)
         if self._device.type == "cuda" and self._device.index is None:
             self._device = torch.device("cuda", torch.cuda.current_device())
+        use_device_on_this_thread(self._device)  # the load and the warm-up's kernels run on this thread
         self.device = str(self._device)
         self.tp = tensor_parallel
         if (self.tp.size > 1) != (step_channel is not None):
@@ -641,6 +642,7 @@ class Engine:
             self._fail(seq, make_error())
 
     def _run(self) -> None:
+        use_device_on_this_thread(self._device)
         log.info("engine %s: step loop started", self.name)
         while True:
             with self._lock:

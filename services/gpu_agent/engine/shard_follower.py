@@ -32,7 +32,7 @@ from services.gpu_agent.engine.kv_pool import KVGeometry, PagePool
 from services.gpu_agent.engine.model_config import load_model_config
 from services.gpu_agent.engine.paged_attention import build_step_attention
 from services.gpu_agent.engine.tensor_parallel import TensorParallel
-from services.gpu_agent.engine.weights import load_model, resolve_dtype
+from services.gpu_agent.engine.weights import load_model, resolve_dtype, use_device_on_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,7 @@ class ShardFollower:
         config = load_model_config(model_path)
         self.tp = tp
         self.device = device
+        use_device_on_this_thread(device)
         self.dtype = resolve_dtype(dtype, config, device)
         # From a checkpoint the weights are read into host memory first.
         self.model = load_model(config, model_path, load_format, self.dtype, device, seed, tp).to(device)
@@ -162,6 +163,7 @@ class ShardFollower:
     def run(self, channel: StepChannel) -> int:
         """Rank 0's messages until it stops; returns how many forwards ran."""
         tp = self.tp
+        use_device_on_this_thread(self.device)  # the worker runs this on a thread of its own
         with torch.inference_mode():
             while True:
                 message = channel.receive()

@@ -46,6 +46,15 @@ def resolve_dtype(dtype: str, config: ModelConfig, device: torch.device) -> torc
     return _DTYPES[dtype]
 
 
+def use_device_on_this_thread(device: torch.device) -> None:
+    """Makes `device` the calling thread's current CUDA device (each thread starts on
+    device 0). Torch's own ops follow their tensors' device, but Triton launches its
+    kernels on the current one: an engine on cuda:2 stepping on a fresh thread failed
+    with "Pointer argument cannot be accessed from Triton" until it said so."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 class WeightsError(RuntimeError):
     pass
 
