@@ -16,6 +16,7 @@ holding a second copy."""
 from __future__ import annotations
 
 import logging
+import mmap
 import time
 from dataclasses import dataclass
 
@@ -29,6 +30,13 @@ log = logging.getLogger(__name__)
 _ALIGN = 256  # bytes: every tensor starts aligned for any dtype and for fast copies
 _CUDA_HOST_REGISTER_PORTABLE = 1  # pinned for every CUDA context of the process
 DEFAULT_COPY_STREAMS = 4
+
+
+def _page_aligned_bytes(nbytes: int) -> torch.Tensor:
+    """Plain host memory starting on an OS page, as cudaHostRegister pins whole pages."""
+    raw = torch.empty(nbytes + mmap.PAGESIZE, dtype=torch.uint8)
+    skip = -raw.data_ptr() % mmap.PAGESIZE
+    return raw[skip:skip + nbytes]
 
 
 @dataclass(frozen=True)
@@ -61,8 +69,11 @@ class HostWeights:
         self._pin = pin and torch.cuda.is_available()
         host = shared_file.create(self.nbytes) if shared_file is not None else None
         self.shared = host is not None
-        self._host = host if host is not None else torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=self._pin)
-        self._registered = self.shared and self._pin and self._register(self._host)
+        # A private buffer is pinned by registering plain memory, not through torch's pinned
+        # allocator, which rounds each allocation up to a power of two (a 70B config's 35 GB
+        # shard would pin 64 GiB).
+        self._host = host if host is not None else _page_aligned_bytes(self.nbytes)
+        self._registered = self._pin and self._register(self._host)
         self._host_views = [self._view(self._host, i) for i in range(len(self._tensors))]
         with torch.no_grad():
             for t, view in zip(self._tensors, self._host_views):
@@ -102,12 +113,12 @@ class HostWeights:
 
     @staticmethod
     def _register(host: torch.Tensor) -> bool:
-        """Pins a mapped shared buffer for CUDA's copy engines."""
+        """Pins a host buffer (a mapped shared file or private memory) for CUDA's copy engines."""
         start = time.perf_counter()
         err = torch.cuda.cudart().cudaHostRegister(host.data_ptr(), host.numel(), _CUDA_HOST_REGISTER_PORTABLE)
         if int(err) != 0:
             raise RuntimeError(f"cudaHostRegister of {host.numel()} bytes failed with CUDA error {int(err)}")
-        log.info("pinned %d MB of shared host weights in %.2fs", host.numel() >> 20, time.perf_counter() - start)
+        log.info("pinned %d MB of host weights in %.2fs", host.numel() >> 20, time.perf_counter() - start)
         return True
 
     def _view(self, buffer: torch.Tensor, i: int) -> torch.Tensor:
@@ -144,7 +155,7 @@ class HostWeights:
         torch.cuda.empty_cache()
 
     def close(self) -> None:
-        """Unpins a shared buffer (private pinned memory is freed by torch; the mapping ends with the tensor)."""
+        """Unpins the buffer (torch frees private memory, and a shared mapping ends, with the tensor)."""
         if self._registered:
             torch.cuda.cudart().cudaHostUnregister(self._host.data_ptr())
             self._registered = False
