@@ -193,6 +193,47 @@ def test_prism_places_tensor_parallel_models_on_gpus_of_one_agent_and_replaces_a
     assert len(target["small"]) == 1 and target["small"][0].agent_id in ("x", "y")  # off the dead agent
 
 
+def test_prism_counts_a_split_models_gpus_one_by_one_not_summed():
+    # One agent of 4 GPUs, a small hot model running on each at a fifth of a GPU's compute, and a
+    # model split over all 4 (tp_size 4), not loaded yet, that needs a quarter of each. Each GPU then
+    # stays within the compute capacity: the split model fits beside them. (Summing the four GPUs'
+    # loads for its GPU set made it fit nowhere, and a model that fits nowhere beside protected ones
+    # is shed: unloaded, and a 70B config then loads again a minute later; seen on 4 H200s.)
+    small = [f"s{i}" for i in range(4)]
+    snap_models = models(*small, "big", tp={"big": 4})
+    weights = {**dict.fromkeys(small, 2 * GB), "big": 140 * GB}
+    params = PolicyParams()
+    current = {m: [ReplicaTarget("x", (i,), True)] for i, m in enumerate(small)}
+
+    def snapshot(small_rate: float) -> ClusterSnapshot:
+        demand = {**{m: busy(small_rate) for m in small}, "big": busy(1.0)}
+        return ClusterSnapshot(models=snap_models, agents=(agent("x", 4, memory=141 * GB),), weight_bytes=weights,
+                               current=current, demand=demand)
+
+    small_rate = next(r for r in (x / 8 for x in range(1, 400))
+                      if compute_load(snapshot(r), snap_models[0], params) >= 0.2)
+    snap = snapshot(small_rate)
+    loads = {m.model_name: compute_load(snap, m, params) for m in snap.models}
+    assert loads["s0"] + loads["big"] <= params.compute_capacity
+    assert 4 * loads["s0"] + loads["big"] > params.compute_overload  # the four GPUs' sum
+    target = prism_policy(snap, params)
+    assert active_of(target) == {**{m: [("x", (i,))] for i, m in enumerate(small)}, "big": [("x", (0, 1, 2, 3))]}
+
+
+def test_prism_counts_a_split_models_memory_on_its_fullest_gpu():
+    # The same for memory: small models of 30 GB on each of 4 GPUs of 80 GB leave 50 GB on each,
+    # room for a model split over all 4 that needs 40 GB on each; the sum over the GPUs (120 GB) is not.
+    small = [f"s{i}" for i in range(4)]
+    snap_models = models(*small, "big", tp={"big": 4})
+    weights = {**dict.fromkeys(small, 30 * GB), "big": 160 * GB}
+    current = {m: [ReplicaTarget("x", (i,), True)] for i, m in enumerate(small)}
+    snap = ClusterSnapshot(models=snap_models, agents=(agent("x", 4, memory=80 * GB),), weight_bytes=weights,
+                           current=current, demand={m: hot(0.1) for m in [*small, "big"]})
+    target = prism_policy(snap)
+    assert active_of(target)["big"] == [("x", (0, 1, 2, 3))]
+    assert all(active_of(target)[m] == [("x", (i,))] for i, m in enumerate(small))
+
+
 # ---- actions ---------------------------------------------------------------------
 
 

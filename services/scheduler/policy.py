@@ -276,6 +276,15 @@ def _overlaps(a: GpuKey, b: GpuKey) -> bool:
     return a[0] == b[0] and bool(set(a[1]) & set(b[1]))
 
 
+def _on_busiest_gpu(per_gpu_of_set: Mapping[GpuKey, float], key: GpuKey) -> float:
+    """The most that any one GPU of `key` carries, given what each GPU set puts on
+    each of its GPUs (memory or compute per GPU): a set of several GPUs (tensor
+    parallelism) has room where its fullest GPU has, not where the sum of its GPUs does."""
+    agent, gpus = key
+    return max((sum(v for (a, ids), v in per_gpu_of_set.items() if a == agent and gpu in ids) for gpu in gpus),
+               default=0)
+
+
 # ---- static --------------------------------------------------------------------
 
 
@@ -490,10 +499,10 @@ def prism_policy(snapshot: ClusterSnapshot, params: PolicyParams = PolicyParams(
 
     def room(key: GpuKey) -> int:
         memory = _memory(snapshot, key)
-        return memory - sum(n for k, n in used.items() if _overlaps(k, key))
+        return memory - _on_busiest_gpu(used, key)
 
     def compute_used(key: GpuKey) -> float:
-        return sum(c for k, c in compute.items() if _overlaps(k, key))
+        return _on_busiest_gpu(compute, key)
 
     def protected_rate(key: GpuKey) -> float:
         return sum(r for k, r in protected.items() if _overlaps(k, key))
