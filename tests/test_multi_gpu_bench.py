@@ -1,0 +1,76 @@
+"""bench/multi_gpu.py without GPUs: the scaled model mix and its static
+layout, the trace, and the tables and plot from the committed 4-GPU result.
+(The whole run on CPU devices: `python bench/multi_gpu.py --device cpu ...`,
+as its docstring says; the cluster path it drives is tested in
+test_tensor_parallel.py.)"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bench():
+    if str(ROOT / "bench") not in sys.path:  # the script imports bench/common.py as `common`
+        sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("multi_gpu", ROOT / "bench" / "multi_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _args(**kw) -> argparse.Namespace:
+    base = dict(device="cuda", gpus=4, models=0, large_tp=4, rate=12.0, duration=60.0, seed=0)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_four_gpus_get_half_the_original_mix_with_the_70b_split_over_all_four(tmp_path):
+    bench = _bench()
+    entries = bench.model_entries(_args(), tmp_path)
+    assert len(entries) == 9  # 18 models on 8 GPUs, scaled to 4
+    *small, large = entries
+    assert Path(large["model_path"]).name == "llama-3.1-70b" and large["tp_size"] == 4
+    assert large["init_placements"] == [{"gpu_ids": [0, 1, 2, 3], "on": False}]
+    assert [Path(e["model_path"]).name for e in small[:3]] == ["llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"]
+    assert [e["init_placements"][0]["gpu_ids"] for e in small] == [[i % 4] for i in range(8)]
+    assert all(e["load_format"] == "dummy" and e["tp_size"] == 1 for e in small)
+    # Two GPUs: no room for a split over four; every model whole.
+    two = bench.model_entries(_args(gpus=2), tmp_path)
+    assert len(two) == 4 and all(e["tp_size"] == 1 for e in two)
+
+
+def test_the_cpu_dry_run_splits_a_tiny_model_and_its_trace_covers_every_model(tmp_path):
+    bench = _bench()
+    entries = bench.model_entries(_args(device="cpu", gpus=2, large_tp=2, models=3), tmp_path)
+    assert [e["tp_size"] for e in entries] == [1, 1, 2]
+    assert (Path(entries[0]["model_path"]) / "config.json").exists()
+    trace, params = bench.make_trace(_args(device="cpu", models=3, duration=30.0), [e["model_name"] for e in entries])
+    assert params.num_groups == 3 and trace.requests
+    assert {r.model for r in trace.requests} <= {e["model_name"] for e in entries}
+    assert max(r.prompt_tokens for r in trace.requests) <= 128  # the tiny models hold 256 positions
+
+
+RESULT = ROOT / "bench" / "results" / "multi_gpu-h200x4.json"
+
+
+def test_the_committed_four_gpu_result_prints_its_tables(capsys):
+    _bench().print_tables(json.loads(RESULT.read_text()))
+    out = capsys.readouterr().out
+    assert "activation within 1.5 s: True" in out
+    rows = [line.split() for line in out.splitlines()]
+    policies = [r[0] for r in rows if r and r[0] in ("prism", "time-share", "static")]
+    assert policies == ["prism", "time-share", "static"]
+    assert any(r[:2] == ["model-8", "(3.1-70b)"] for r in rows)  # the per-model table names the split model
+
+
+def test_the_committed_four_gpu_result_plots_memory_over_time(tmp_path):
+    pytest.importorskip("matplotlib", reason="the bench extra (pip install '.[bench]') draws the plot")
+    _bench().plot_memory(json.loads(RESULT.read_text()), tmp_path / "memory.png")
+    assert (tmp_path / "memory.png").stat().st_size > 0
