@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import common  # first: puts the project on sys.path
-from common import table, write_json
+from common import save_figure, table, write_json
 
 import grpc
 
@@ -255,9 +255,7 @@ def plot(payload: dict, path: str) -> None:
     ax.set_xlabel("request rate (req/s)")
     ax.set_ylabel("%")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -63,7 +63,7 @@ import time
 from pathlib import Path
 
 import common  # first: puts the project on sys.path
-from common import table, write_json
+from common import save_figure, table, write_json
 
 from prism.cluster import LocalCluster
 from prism.tiny_models import write_tiny_model
@@ -386,9 +386,7 @@ def plot_memory(payload: dict, path: Path) -> None:
                      + (f" (grey: {large} on)" if large else ""), fontsize=10)
         ax.legend(loc="lower right", fontsize=8)
     axes[-1, 0].set_xlabel("seconds into the trace")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def main() -> None:
