@@ -88,13 +88,11 @@ def model_entries(args: argparse.Namespace, state: Path) -> list[dict]:
     split = args.gpus >= args.large_tp > 1
     count = args.models or max(1, round(18 * args.gpus / 8))
     entries = []
-    if args.device == "cpu":
-        tiny = write_tiny_model(state / "tiny-llama")
-        paths = {"small": str(tiny), "large": str(tiny)}
+    tiny = write_tiny_model(state / "tiny-llama") if args.device == "cpu" else None  # every CPU model is this one
     for i in range(count):
         large = split and i == count - 1
-        if args.device == "cpu":
-            fields = {"model_path": paths["large" if large else "small"], "dtype": "float32"}
+        if tiny is not None:
+            fields = {"model_path": str(tiny), "dtype": "float32"}
         else:
             config = LARGE if large else SMALL[i % len(SMALL)]
             fields = {"model_path": str(CONFIGS / config), "load_format": "dummy", "max_context": MAX_CONTEXT}

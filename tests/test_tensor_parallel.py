@@ -298,7 +298,8 @@ async def test_every_device_of_a_split_model_counts_its_weights_and_fixed_kv(tmp
     # reservation it was loaded with (its ranks' page pools are allocated whole), and each device
     # counts its shard of the weights and that reservation as taken, so the model planned beside it
     # on device 1 only gets what is left there. Switched off, the split model frees both devices.
-    from services.gpu_agent.memory_coordinator import MemoryCoordinator
+    from services.gpu_agent.engine.errors import CapacityError
+    from services.gpu_agent.memory_coordinator import MemoryCoordinator, prepare_activation_on
 
     model_dir = write_tiny_model(tmp_path / "llama")
 
@@ -313,8 +314,7 @@ async def test_every_device_of_a_split_model_counts_its_weights_and_fixed_kv(tmp
     coordinators = {d.index: MemoryCoordinator(d, manager, reserve_bytes=0) for d in devices}
 
     async def before_activate(managed):
-        for gpu in managed.gpu_ids:
-            await coordinators[gpu].prepare_activation(managed)
+        await prepare_activation_on([coordinators[gpu] for gpu in managed.gpu_ids], managed)
 
     manager.before_activate = before_activate
     reservation = 8 << 20
@@ -350,6 +350,19 @@ async def test_every_device_of_a_split_model_counts_its_weights_and_fixed_kv(tmp
         await manager.activate("split")
         assert split.memory_limit_bytes == reservation
         assert coordinators[1].snapshot().budget_bytes == memory - shard - reservation - whole
+
+        # Switching the split model on where device 0 could make room (an idle model there steps
+        # aside) but device 1 cannot: refused, and nothing was switched off on device 0 for it.
+        zero = await asyncio.wait_for(manager.load(EngineSpec(name="zero", path=str(model_dir), dtype="float32"),
+                                                   (0,), True, memory_limit_bytes=0), 120)
+        await manager.deactivate("split")
+        tight = [MemoryCoordinator(Device(0, "cpu", "cpu", zero.engine.weight_bytes + shard + reservation - 1),
+                                   manager, reserve_bytes=0),
+                 MemoryCoordinator(Device(1, "cpu", "cpu", shard + reservation - 1), manager, reserve_bytes=0)]
+        assert tight[0].room_for_weights(split) == ["zero"] and tight[1].room_for_weights(split) is None
+        with pytest.raises(CapacityError, match="do not fit on device 1"):
+            await prepare_activation_on(tight, split)
+        assert zero.state == "active"
     finally:
         await manager.stop_all()
         await pool.close()

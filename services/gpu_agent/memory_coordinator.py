@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from services.gpu_agent.devices import Device
 from services.gpu_agent.engine.errors import CapacityError, EngineError
@@ -171,25 +171,28 @@ class MemoryCoordinator:
                                             idle_s=m.request_stats.idle_s(), serving=serving))
         return engines_to_switch_off(residents, self._taken_bytes(activating), free, self.make_room_idle_s)
 
+    def no_room_error(self, activating: ManagedEngine) -> CapacityError:
+        others = sum(self._taken_bytes(m) for m in self._active() if m is not activating)
+        return CapacityError(
+            f"model {activating.spec.name!r} cannot be switched on now: its weights "
+            f"({self._taken_bytes(activating) / 2**20:.0f} MiB) do not fit on device {self.device.index} beside "
+            f"the active engines' ({others / 2**20:.0f} MiB of {self.device.memory_bytes / 2**20:.0f} MiB, "
+            f"{self.reserve_bytes / 2**20:.0f} MiB kept in reserve), and none of them has been idle "
+            f"{self.make_room_idle_s:g} s to step aside")
+
     async def prepare_activation(self, activating: ManagedEngine) -> None:
         """Before an engine is switched on (the engine manager's
         before_activate): idle engines step aside if its weights would not fit
         (room_for_weights), then the others' KV limits make room and it gets
-        its own. A split engine is prepared so on each of its devices, in turn
-        (the agent's before_activate). With no room to make, nothing is switched off and it fails at
+        its own (a split engine: on each of its devices, prepare_activation_on).
+        With no room to make, nothing is switched off and it fails at
         once with CapacityError (RESOURCE_EXHAUSTED), rather than copying
         weights into memory the active engines hold (out of memory on a GPU;
         on the CPU device, an engine with no KV budget whose requests wait for
         their deadlines)."""
         room = self.room_for_weights(activating)
         if room is None:
-            others = sum(self._taken_bytes(m) for m in self._active() if m is not activating)
-            raise CapacityError(
-                f"model {activating.spec.name!r} cannot be switched on now: its weights "
-                f"({self._taken_bytes(activating) / 2**20:.0f} MiB) do not fit on device {self.device.index} beside "
-                f"the active engines' ({others / 2**20:.0f} MiB of {self.device.memory_bytes / 2**20:.0f} MiB, "
-                f"{self.reserve_bytes / 2**20:.0f} MiB kept in reserve), and none of them has been idle "
-                f"{self.make_room_idle_s:g} s to step aside")
+            raise self.no_room_error(activating)
         for model in room:
             log.info("switching %s off to make room for the weights of %s", model, activating.spec.name)
             await self.manager.deactivate(model)
@@ -299,3 +302,14 @@ class MemoryCoordinator:
         if total > budget:
             self.budget_violations += 1
             log.error("device %d: KV limits sum to %d bytes, over the budget of %d", self.device.index, total, budget)
+
+
+async def prepare_activation_on(coordinators: Sequence[MemoryCoordinator], activating: ManagedEngine) -> None:
+    """prepare_activation on every device of the engine (a split engine spans
+    several): each device is checked first, so that no engine is switched off
+    on one device for an activation that another device then refuses."""
+    for coordinator in coordinators:
+        if coordinator.room_for_weights(activating) is None:
+            raise coordinator.no_room_error(activating)
+    for coordinator in coordinators:
+        await coordinator.prepare_activation(activating)

@@ -50,7 +50,7 @@ from services.gpu_agent.devices import Device, discover_devices
 from services.gpu_agent.engine.shared_weights import check_shared_dir, default_shared_dir
 from services.gpu_agent.engine_manager import DEFAULT_DRAIN_TIMEOUT_S, EngineManager, ManagedEngine
 from services.gpu_agent.load_reporter import LoadReporter
-from services.gpu_agent.memory_coordinator import MemoryCoordinator
+from services.gpu_agent.memory_coordinator import MemoryCoordinator, prepare_activation_on
 from services.gpu_agent.memory_policy import POLICIES
 from services.gpu_agent.request_stats import DEFAULT_WINDOW_S
 from services.gpu_agent.workers.worker_pool import WorkerPool
@@ -256,8 +256,7 @@ async def serve(args: argparse.Namespace) -> None:
     async def before_activate(managed: ManagedEngine) -> None:
         # Idle engines step aside if its weights do not fit (make_room.py), then the KV limits make
         # room: on every device of a split engine.
-        for gpu in managed.gpu_ids:
-            await coordinators[gpu].prepare_activation(managed)
+        await prepare_activation_on([coordinators[gpu] for gpu in managed.gpu_ids], managed)
 
     manager.before_activate = before_activate
     service = AgentService(agent_id, devices, manager, coordinators=coordinators, admission=admission,
