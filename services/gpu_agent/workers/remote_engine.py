@@ -233,8 +233,10 @@ class RemoteEngine:
                 log.warning("engine worker %d did not shut down cleanly (%s); terminating it", self.pid,
                             exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "timeout")
         await self.worker.terminate(timeout_s)
-        for follower in self._followers:  # their follower threads ended with the engine
-            await follower.terminate(timeout_s)
+        # Their follower threads ended with the engine. All at once: on 4 H200s each follower of a
+        # 70B config took about 3 s to exit, and ended one after another, the last GPU got its
+        # memory back 13 s after the unload.
+        await asyncio.gather(*(follower.terminate(timeout_s) for follower in self._followers))
 
     def add_followers(self, workers: list[WorkerProcess]) -> None:
         """The workers of this engine's other tensor-parallel ranks: they end with
