@@ -178,7 +178,7 @@ class Engine:
         if max_context is not None and max_context < 1:
             raise EngineError(f"max_context must be at least 1, got {max_context}")
         self.max_context = min(cfg.max_position_embeddings, max_context or cfg.max_position_embeddings)
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in self._model.parameters())
+        self.weight_bytes = self._model.weight_bytes
         kv_heads = cfg.num_key_value_heads // self.tp.size  # this rank's share
         self.kv_bytes_per_token = 2 * cfg.num_hidden_layers * kv_heads * cfg.head_dim * self.dtype.itemsize
         eos = set(cfg.eos_token_ids)

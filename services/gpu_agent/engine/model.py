@@ -204,6 +204,11 @@ class CausalLM(nn.Module):
             self.use_fused_ops = _fused_ops().fused_ops_enabled()
         return self.use_fused_ops
 
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of its parameters (this rank's shard where it is split)."""
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
     def forget_joined_weights(self) -> None:
         """Call when the weights move (deactivation, activation)."""
         for module in self.modules():

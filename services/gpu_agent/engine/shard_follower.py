@@ -191,7 +191,7 @@ class ShardFollower:
 
     @property
     def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return self.model.weight_bytes
 
     def setup(self, message: ShardSetup) -> None:
         """A pool as large as rank 0's, every slot written at once: its own accounting is not used here."""
