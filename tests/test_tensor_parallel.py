@@ -379,10 +379,13 @@ async def test_an_agent_without_workers_refuses_a_split_model(tmp_path):
 
 
 def test_a_local_cluster_serves_a_model_split_over_two_cpu_devices(tmp_path):
-    # The whole path on a laptop: the placement config's tp_size 2 on GPU ids [0, 1], an agent with two
-    # CPU devices and engine workers, and a completion through the gateway's REST API, whose text is
-    # what one unsplit engine writes.
+    # The whole path on a laptop: the placement config's tp_size 2, an agent with two CPU devices and
+    # engine workers, the prism policy placing it on GPU ids [0, 1] beside an unsplit model, and
+    # completions through the gateway's REST API: the split model's text is what one unsplit engine
+    # writes. The agent reports the split model on both devices, with its KV reservation counted there.
     import httpx
+
+    from prism.v1 import agent_pb2, agent_pb2_grpc
 
     model_dir = write_tiny_model(tmp_path / "llama")
     prompt = PROMPTS[1]
@@ -396,21 +399,35 @@ def test_a_local_cluster_serves_a_model_split_over_two_cpu_devices(tmp_path):
         expected = asyncio.run(text_of_one())
     finally:
         single.stop()
-    config = {"policy": "static", "models": [{
-        "model_name": "split", "model_path": str(model_dir), "tp_size": 2, "dtype": "float32",
-        "init_placements": [{"gpu_ids": [0, 1], "on": True}]}]}
+    config = {"policy": "prism", "models": [
+        {"model_name": "split", "model_path": str(model_dir), "tp_size": 2, "dtype": "float32",
+         "init_placements": [{"gpu_ids": [0, 1]}]},
+        {"model_name": "whole", "model_path": str(model_dir), "dtype": "float32",
+         "init_placements": [{"gpu_ids": [1]}]}]}
     config_path = tmp_path / "models.json"
     config_path.write_text(json.dumps(config))
     cluster = LocalCluster(state_dir=tmp_path / "state", config_path=config_path, http_port=_free_port(),
                            grpc_port=_free_port(), device="cpu", cpu_memory_gb=1.0, engine_isolation="process",
-                           agent_args=("--cpu-devices", "2", "--spare-workers", "0"))
+                           agent_args=("--cpu-devices", "2", "--spare-workers", "0"),
+                           scheduler_args=("--replan-interval-s", "0.5"))
     cluster.start()
     try:
-        reply = httpx.post(f"{cluster.http_url}/v1/completions", timeout=120, json={
-            "model": "split", "prompt": prompt, "max_tokens": 10, "temperature": 0, "ignore_eos": True})
-        assert reply.status_code == 200, reply.text
-        body = reply.json()
-        assert body["choices"][0]["text"] == expected
-        assert body["usage"]["completion_tokens"] == 10
+        for model in ("split", "whole"):
+            reply = httpx.post(f"{cluster.http_url}/v1/completions", timeout=120, json={
+                "model": model, "prompt": prompt, "max_tokens": 10, "temperature": 0, "ignore_eos": True})
+            assert reply.status_code == 200, reply.text
+            body = reply.json()
+            assert body["choices"][0]["text"] == expected  # the same weights, split or not
+            assert body["usage"]["completion_tokens"] == 10
+        with grpc.insecure_channel(cluster.agent_address) as channel:
+            status = agent_pb2_grpc.AgentStub(channel).GetStatus(agent_pb2.GetStatusRequest(), timeout=10)
+        engines = {e.model: e for e in status.engines}
+        assert list(engines["split"].gpu_ids) == [0, 1]
+        for gpu in status.gpus:
+            rows = {e.model: e for e in gpu.engines}
+            assert "split" in rows and rows["split"].weight_bytes > 0
+            if rows["split"].active:
+                assert rows["split"].kv_limit_bytes == engines["split"].memory_limit_bytes > 0
+            assert gpu.free_bytes == gpu.kv_budget_bytes - gpu.kv_limit_bytes >= 0
     finally:
         cluster.stop()
