@@ -36,6 +36,16 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
+def agent_status(address: str, timeout_s: float = 10.0):
+    """One agent's GetStatus (engines, per-GPU memory split), over a plaintext channel."""
+    import grpc
+
+    from prism.v1 import agent_pb2, agent_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        return agent_pb2_grpc.AgentStub(channel).GetStatus(agent_pb2.GetStatusRequest(), timeout=timeout_s)
+
+
 def save_figure(fig, path: str | Path) -> None:
     """A matplotlib figure as the benchmarks' PNGs are: tight layout, 110 dpi; says where."""
     fig.tight_layout()

@@ -63,7 +63,7 @@ import time
 from pathlib import Path
 
 import common  # first: puts the project on sys.path
-from common import save_figure, table, write_json
+from common import agent_status, save_figure, table, write_json
 
 from prism.cluster import LocalCluster
 from prism.tiny_models import write_tiny_model
@@ -195,15 +195,6 @@ async def split_activation(args: argparse.Namespace, entry: dict) -> dict:
 
 ACTIVATED = re.compile(r"activated (\S+) in ([0-9.]+)s")
 MADE_ROOM = re.compile(r"switching (\S+) off to make room for the weights of (\S+)")
-
-
-def agent_status(address: str):
-    import grpc
-
-    from prism.v1 import agent_pb2, agent_pb2_grpc
-
-    with grpc.insecure_channel(address) as channel:
-        return agent_pb2_grpc.AgentStub(channel).GetStatus(agent_pb2.GetStatusRequest(), timeout=10)
 
 
 def wait_loaded(cluster: LocalCluster, names: list[str], timeout_s: float) -> float:

@@ -47,6 +47,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from common import agent_status  # noqa: E402  (bench/common.py: the script's folder is on sys.path)
 from prism.cluster import LocalCluster  # noqa: E402
 from prism.simulator.profile import LatencyProfile  # noqa: E402
 from prism.simulator.runner import GB, SimSettings, simulate  # noqa: E402
@@ -117,13 +118,7 @@ def stats_lead_s(agent_address: str) -> float:
     simulated engines begin theirs as long before the trace (SimSettings.stats_lead_s), or a burst
     at the start reads as a far higher arrival rate there than here, where the engines loaded
     while the cluster started (simulated, that made the policy shed the 3B model at 12 req/s)."""
-    import grpc
-
-    from prism.v1 import agent_pb2, agent_pb2_grpc
-
-    with grpc.insecure_channel(agent_address) as channel:
-        status = agent_pb2_grpc.AgentStub(channel).GetStatus(agent_pb2.GetStatusRequest(), timeout=10)
-    return max((e.serving.window_s for e in status.engines), default=0.0)
+    return max((e.serving.window_s for e in agent_status(agent_address).engines), default=0.0)
 
 
 def row(name: str, rep: dict) -> dict:
