@@ -56,11 +56,9 @@ def graph_batch_buckets(max_batch: int = BATCH_BUCKETS[-1]) -> list[int]:
 
 
 def graph_width_buckets(max_width: int = DEFAULT_MAX_WIDTH) -> list[int]:
-    """Every slot-table width a graph is captured for, up to max_width."""
-    widths = [MIN_WIDTH_BUCKET]
-    while widths[-1] < max_width:
-        widths.append(widths[-1] * 2)
-    return widths
+    """Every slot-table width a graph is captured for, up to max_width's bucket."""
+    doublings = (width_bucket(max_width) // MIN_WIDTH_BUCKET).bit_length()  # the bucket is MIN_WIDTH_BUCKET * 2**k
+    return [MIN_WIDTH_BUCKET << i for i in range(doublings)]
 
 
 def batch_bucket(batch: int) -> int | None:
