@@ -250,7 +250,8 @@ def cluster_request(index: int) -> Planned:
 
 @pytest.fixture(scope="module")
 def two_agents(tmp_path_factory):
-    # A KV budget of a few requests' worth, so that requests wait in the admission queues.
+    # A KV budget of a few requests' worth, so that requests wait in the admission queues: one
+    # 512-token page bundle per engine, about 7 of cluster_request's 72-token requests.
     cluster = load_cluster(tmp_path_factory.mktemp("sigterm-agents"), agents=2,
                            agent_args=("--kv-budget-gb", "0.0005"))
     cluster.start()
@@ -260,7 +261,9 @@ def two_agents(tmp_path_factory):
 
 def test_sigterm_drains_an_agent_its_requests_finish_and_new_ones_go_to_the_other_replica(two_agents):
     cluster = two_agents
-    with BackgroundLoad(cluster.http_url, cluster.gateway_grpc, cluster_request, workers=24,
+    # 36 workers: about 9 requests per engine (2 agents, 2 models), more than the 7 that fit, so both of
+    # agent-2's engines have some waiting (24 left it to chance, and an even spread had none waiting).
+    with BackgroundLoad(cluster.http_url, cluster.gateway_grpc, cluster_request, workers=36,
                         deadline_s=GUARD_S) as load:
         load.wait_for(lambda done: sum(o.kind == COMPLETE for o in done) >= 30, "requests before", GUARD_S)
         deadline = time.monotonic() + GUARD_S
