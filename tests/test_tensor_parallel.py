@@ -359,7 +359,7 @@ async def test_every_device_of_a_split_model_counts_its_weights_and_fixed_kv(tmp
         tight = [MemoryCoordinator(Device(0, "cpu", "cpu", zero.engine.weight_bytes + shard + reservation - 1),
                                    manager, reserve_bytes=0),
                  MemoryCoordinator(Device(1, "cpu", "cpu", shard + reservation - 1), manager, reserve_bytes=0)]
-        assert tight[0].room_for_weights(split) == ["zero"] and tight[1].room_for_weights(split) is None
+        assert tight[0].room_to_activate(split) == ["zero"] and tight[1].room_to_activate(split) is None
         with pytest.raises(CapacityError, match="do not fit on device 1"):
             await prepare_activation_on(tight, split)
         assert zero.state == "active"

@@ -360,17 +360,20 @@ class SimCluster:
         if engine.state != "inactive":
             return
         device = self.device_of(engine)
-        # As the agent: idle engines step aside when the weights do not fit (make_room.py).
+        # As the agent: idle engines step aside when the weights, with a page bundle of KV for each
+        # engine (the least limit the memory policy gives), do not fit (make_room.py).
         holding = device.holding_memory()
-        residents = [ResidentEngine(model=e.name, weight_bytes=e.model.weight_bytes, idle_s=self.now - e.last_arrival,
+        residents = [ResidentEngine(model=e.name, weight_bytes=e.model.weight_bytes + e.model.bundle_bytes,
+                                    idle_s=self.now - e.last_arrival,
                                     serving=e.state == "activating" or bool(e.requests or e.pending)
                                     or any(t.engine is e for t in device.waiting)) for e in holding]
-        free = device.memory_bytes - device.reserve_bytes - sum(e.model.weight_bytes for e in holding)
-        for model in engines_to_switch_off(residents, engine.model.weight_bytes, free, BUSY_WINDOW_S) or ():
+        free = device.memory_bytes - device.reserve_bytes - sum(r.weight_bytes for r in residents)
+        need = engine.model.weight_bytes + engine.model.bundle_bytes
+        for model in engines_to_switch_off(residents, need, free, BUSY_WINDOW_S) or ():
             self._switch_off(next(e for e in holding if e.name == model))
             self.stats["switched_off_for_room"] += 1
-        others = sum(e.model.weight_bytes for e in device.holding_memory())
-        if others + engine.model.weight_bytes + device.reserve_bytes > device.memory_bytes:
+        others = sum(e.model.weight_bytes + e.model.bundle_bytes for e in device.holding_memory())
+        if others + need + device.reserve_bytes > device.memory_bytes:
             # Its weights do not fit beside the engines on the GPU: the agent refuses it at once.
             self.stats["activation_out_of_memory"] += 1
             for request in engine.pending:

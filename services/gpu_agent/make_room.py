@@ -1,7 +1,10 @@
 """Which engines to switch off so that another's weights fit on a device.
 
 An engine switched on for a request (or by the scheduler) needs room for its
-weights beside the active engines' weights and the device's reserve. When the
+weights beside the active engines' weights and the device's reserve, and for
+one page bundle of KV for each of them (the least KV limit the memory policy
+gives: an engine given none would serve nothing while the others are busy).
+Callers count that floor in `weight_bytes` and `need_bytes`. When the
 scheduler's plan and the requests disagree for a moment (a burst for a model
 the plan switched off, on a device full of others), failing the request is
 the worst answer: engines with nothing to serve can step aside instead, and

@@ -27,6 +27,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from services.gpu_agent.devices import Device
 from services.gpu_agent.engine.errors import CapacityError, EngineError
@@ -155,42 +156,65 @@ class MemoryCoordinator:
         most = self.budget_bytes([managed]) if managed.engine is not None else 0
         return min(most, managed.cap_bytes) if managed.cap_bytes > 0 else most
 
-    def room_for_weights(self, activating: ManagedEngine) -> list[str] | None:
+    def _kv_floor_bytes(self, m: ManagedEngine) -> int:
+        """The least KV limit this device's policy gives an active engine it
+        plans: one page bundle (memory_policy.py)."""
+        return m.engine.kv_bundle_bytes if self._plans(m) else 0
+
+    def room_to_activate(self, activating: ManagedEngine) -> list[str] | None:
         """The active engines to switch off, longest idle first and only those
         with nothing to serve and no request for make_room_idle_s, so that
-        `activating`'s weights fit beside the others' and the reserve
-        (make_room.py); [] when they fit, None when they cannot be made to."""
+        `activating`'s weights fit beside the others' and the reserve, with
+        room left for every engine planned here to get its least KV limit
+        (make_room.py); [] when they fit, None when they cannot be made to.
+        Without that KV floor an engine could be switched on whose policy
+        share is nothing while the others are busy: its requests would wait
+        for as long as the others' load lasts."""
         others = [m for m in self._active() if m is not activating]
+        floors = {m.spec.name: self._kv_floor_bytes(m) for m in others}
         free = self.device.memory_bytes - self.reserve_bytes - sum(self._taken_bytes(m) for m in others)
         residents = []
         for m in others:
             stats = m.engine.stats()
             serving = (stats.running_requests + stats.queued_requests > 0 or m.request_stats.in_flight > 0
                        or self.pending_demand_bytes(m.spec.name) > 0)
-            residents.append(ResidentEngine(model=m.spec.name, weight_bytes=self._taken_bytes(m),
+            residents.append(ResidentEngine(model=m.spec.name, weight_bytes=self._taken_bytes(m) + floors[m.spec.name],
                                             idle_s=m.request_stats.idle_s(), serving=serving))
-        return engines_to_switch_off(residents, self._taken_bytes(activating), free, self.make_room_idle_s)
+        need = self._taken_bytes(activating) + self._kv_floor_bytes(activating)
+        room = engines_to_switch_off(residents, need, free - sum(floors.values()), self.make_room_idle_s)
+        if room is None or self.kv_budget_cap_bytes <= 0:
+            return room
+        # The cap bounds the KV alone: the floors of the engines left on must fit under it as well.
+        staying = [replace(r, weight_bytes=floors[r.model]) for r in residents if r.model not in room]
+        more = engines_to_switch_off(staying, self._kv_floor_bytes(activating),
+                                     self.kv_budget_cap_bytes - sum(r.weight_bytes for r in staying),
+                                     self.make_room_idle_s)
+        return None if more is None else room + more
 
     def no_room_error(self, activating: ManagedEngine) -> CapacityError:
-        others = sum(self._taken_bytes(m) for m in self._active() if m is not activating)
+        others = [m for m in self._active() if m is not activating]
+        taken = sum(self._taken_bytes(m) for m in others)
+        floors = sum(self._kv_floor_bytes(m) for m in others + [activating])
+        cap = f", the KV budget capped at {self.kv_budget_cap_bytes / 2**20:.1f} MiB" if self.kv_budget_cap_bytes else ""
         return CapacityError(
             f"model {activating.spec.name!r} cannot be switched on now: its weights "
-            f"({self._taken_bytes(activating) / 2**20:.0f} MiB) do not fit on device {self.device.index} beside "
-            f"the active engines' ({others / 2**20:.0f} MiB of {self.device.memory_bytes / 2**20:.0f} MiB, "
-            f"{self.reserve_bytes / 2**20:.0f} MiB kept in reserve), and none of them has been idle "
+            f"({self._taken_bytes(activating) / 2**20:.0f} MiB) and one KV page bundle for each engine "
+            f"({floors / 2**20:.1f} MiB together) do not fit on device {self.device.index} beside "
+            f"the active engines' weights ({taken / 2**20:.0f} MiB of {self.device.memory_bytes / 2**20:.0f} MiB, "
+            f"{self.reserve_bytes / 2**20:.0f} MiB kept in reserve{cap}), and none of them has been idle "
             f"{self.make_room_idle_s:g} s to step aside")
 
     async def prepare_activation(self, activating: ManagedEngine) -> None:
         """Before an engine is switched on (the engine manager's
         before_activate): idle engines step aside if its weights would not fit
-        (room_for_weights), then the others' KV limits make room and it gets
+        (room_to_activate), then the others' KV limits make room and it gets
         its own (a split engine: on each of its devices, prepare_activation_on).
         With no room to make, nothing is switched off and it fails at
         once with CapacityError (RESOURCE_EXHAUSTED), rather than copying
         weights into memory the active engines hold (out of memory on a GPU;
         on the CPU device, an engine with no KV budget whose requests wait for
         their deadlines)."""
-        room = self.room_for_weights(activating)
+        room = self.room_to_activate(activating)
         if room is None:
             raise self.no_room_error(activating)
         for model in room:
@@ -309,7 +333,7 @@ async def prepare_activation_on(coordinators: Sequence[MemoryCoordinator], activ
     several): each device is checked first, so that no engine is switched off
     on one device for an activation that another device then refuses."""
     for coordinator in coordinators:
-        if coordinator.room_for_weights(activating) is None:
+        if coordinator.room_to_activate(activating) is None:
             raise coordinator.no_room_error(activating)
     for coordinator in coordinators:
         await coordinator.prepare_activation(activating)
