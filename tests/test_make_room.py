@@ -132,13 +132,14 @@ async def test_a_switched_off_model_that_cannot_get_room_is_refused_at_once(tmp_
         assert agent.coordinator.budget_violations == 0
 
 
-@pytest.mark.parametrize("a_stepped_aside", [True, False])
-async def test_an_engine_is_switched_on_only_with_a_page_bundle_of_kv_for_each(tmp_path, a_stepped_aside):
+@pytest.mark.parametrize("loaded_active", [False, True], ids=["activated", "loaded-active"])
+@pytest.mark.parametrize("a_stepped_aside", [True, False], ids=["a-idle", "a-busy"])
+async def test_an_engine_is_switched_on_only_with_a_page_bundle_of_kv_for_each(tmp_path, a_stepped_aside, loaded_active):
     """A KV budget (capped) that holds one page bundle: both weights fit, but beside a busy "a" the policy
     would give "b" no KV at all, and b's requests would wait as long as a's load lasted (found with the
-    SIGTERM cluster test's budget lowered). So "b" is switched on only if idle "a" steps aside; otherwise
-    it is refused at once with RESOURCE_EXHAUSTED saying why, and "a" serves on. (A load that activates
-    at once is not checked: see EngineManager.load.)"""
+    SIGTERM cluster test's budget lowered). So "b" is switched on (activated, or loaded active) only if idle
+    "a" steps aside; otherwise it is refused at once with RESOURCE_EXHAUSTED saying why (loaded, it stays
+    loaded and switched off), and "a" serves on."""
     from in_process_agent import InProcessAgent
 
     from prism.tiny_models import write_tiny_model
@@ -155,16 +156,21 @@ async def test_an_engine_is_switched_on_only_with_a_page_bundle_of_kv_for_each(t
             request_id="floor-a", model="a", prompt="Hello",
             sampling=generate_pb2.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)), timeout=60)]
         assert served[-1].finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED
-        await agent.load("b", paths["b"], activate=False)
+
+        async def switch_b_on() -> agent_pb2.EngineStatus:
+            if loaded_active:
+                return await agent.load("b", paths["b"])
+            await agent.load("b", paths["b"], activate=False)
+            return await agent.stub.ActivateModel(agent_pb2.ModelRequest(model="b"), timeout=30)
+
         engines = agent.manager.engines
         if a_stepped_aside:
-            status = await agent.stub.ActivateModel(agent_pb2.ModelRequest(model="b"), timeout=30)
-            assert status.state == agent_pb2.ENGINE_STATE_ACTIVE
+            assert (await switch_b_on()).state == agent_pb2.ENGINE_STATE_ACTIVE
             assert (engines["a"].state, engines["b"].state) == ("inactive", "active")
             assert engines["b"].memory_limit_bytes >= bundle
         else:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await agent.stub.ActivateModel(agent_pb2.ModelRequest(model="b"), timeout=30)
+                await switch_b_on()
             assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             details = caught.value.details()
             assert "cannot be switched on now" in details and "one KV page bundle for each engine" in details, details

@@ -231,6 +231,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             managed = await self.manager.load(spec, tuple(request.gpu_ids), request.activate, request.memory_limit_bytes)
         except PlacementError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except CapacityError as exc:  # loaded, but no room to switch it on: the scheduler retries later
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         return engine_status(managed)
 
     async def UnloadModel(self, request: agent_pb2.ModelRequest, context) -> agent_pb2.EngineStatus:

@@ -30,6 +30,7 @@ from prism.v1 import engine_worker_pb2 as wpb
 from services.common.etcd_server import free_port
 from services.gpu_agent.devices import Device
 from services.gpu_agent.engine import Engine
+from services.gpu_agent.engine.errors import CapacityError
 from services.gpu_agent.engine.shared_weights import SharedWeightsFile, remove_shared_weights, shared_weights_name
 from services.gpu_agent.engine_handle import EngineHandle, InlineEngine
 from services.gpu_agent.request_stats import DEFAULT_WINDOW_S, ModelRequestStats
@@ -215,10 +216,14 @@ class EngineManager:
             managed.memory_limit_bytes, managed.cap_bytes = COORDINATED_INITIAL_LIMIT_BYTES, memory_limit_bytes
         self.engines[spec.name] = managed
         await self._publish(managed)
+        no_room: CapacityError | None = None
         try:
             engine = await self._start_engine(managed)
             managed.engine = engine
-            if not activate:
+            if activate and self.before_activate is not None:
+                no_room = await self._prepare_loaded_activation(managed)
+                activate = no_room is None
+            elif not activate:
                 await engine.deactivate()
         except Exception as exc:
             log.exception("loading %s failed", spec.name)
@@ -233,7 +238,26 @@ class EngineManager:
             self._remove_shared_weights(managed)
             return managed
         await self._publish(managed)
+        if no_room is not None and managed.state == "inactive":
+            raise CapacityError(f"model {spec.name!r} is loaded but stays switched off: {no_room}")
         return managed
+
+    async def _prepare_loaded_activation(self, managed: ManagedEngine) -> CapacityError | None:
+        """An engine loaded active gets what an activation gets (before_activate):
+        idle engines step aside and the KV limits make room. Its weights are on
+        the device already, so what this decides is whether each engine there
+        can still get its least KV limit; if not, it is switched off and stays
+        loaded, and the error says why. Under the activation lock, as inactive
+        meanwhile, so a request's activation waits for the outcome."""
+        async with managed.activation_lock:
+            managed.state = "inactive"
+            try:
+                await self.before_activate(managed)
+            except CapacityError as exc:
+                await managed.engine.deactivate()
+                return exc
+            managed.state = "active"
+        return None
 
     def _kv_capacity_bytes(self, gpu_ids: tuple[int, ...]) -> int | None:
         # The limit may later grow to the whole device (the memory coordinator decides);

@@ -218,7 +218,8 @@ class MemoryCoordinator:
         if room is None:
             raise self.no_room_error(activating)
         for model in room:
-            log.info("switching %s off to make room for the weights of %s", model, activating.spec.name)
+            log.info("switching %s off to make room for %s (its weights and a page bundle of KV each)", model,
+                     activating.spec.name)
             await self.manager.deactivate(model)
         await self.rebalance(activating=activating)
 
