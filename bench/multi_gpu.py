@@ -28,8 +28,8 @@ The table is printed last; the JSON keeps everything. Runs as one command:
 
 Measured 2026-11-27 on 4 H200s (bench/results/multi_gpu-h200x4.json and .png; the trace at
 12 req/s for 60 s, SLO TTFT 1 s, TPOT 100 ms):
-- the 70B config over 4 GPUs (38.4 GB a rank: its embeddings and LM head are whole on every
-  rank) switched on in 1.235 s median, 1.252 s at most, against a floor of 0.98 s (each GPU's
+- the 70B config over 4 GPUs (38.4 GB a rank: its embeddings and LM head were whole on every
+  rank then; split by vocabulary since, a rank is 35.3 GB, not yet measured here) switched on in 1.235 s median, 1.252 s at most, against a floor of 0.98 s (each GPU's
   copy at 39 GB/s while all four copy); switched off in 0.23 s;
 - attainment: prism 79.4%, time-share 85.5%, static 83.4%. Every policy lost the same two
   models: the 70B (0%: the split engine's eager forward, TPOT p99 0.34 s) and the busiest 8B

@@ -31,6 +31,7 @@ from services.gpu_agent.engine.tensor_parallel import (
     TensorParallel,
     TensorParallelError,
     check_divisible,
+    full_shape,
     shard_of,
     split_dim,
 )
@@ -50,7 +51,12 @@ def test_each_parameter_kind_is_cut_along_its_dimension():
     rank1 = TensorParallel(1, 2)
     assert torch.equal(shard_of("model.layers.0.mlp.up_proj.weight", full, rank1), full[2:])
     assert torch.equal(shard_of("model.layers.0.self_attn.o_proj.weight", full, rank1), full[:, 3:])
-    assert torch.equal(shard_of("lm_head.weight", full, rank1), full)
+    # the vocabulary: a block of rows each where the ranks divide it, whole where they do not
+    assert torch.equal(shard_of("lm_head.weight", full, rank1), full[2:])
+    assert torch.equal(shard_of("model.embed_tokens.weight", full, rank1), full[2:])
+    assert torch.equal(shard_of("model.embed_tokens.weight", full[:3], rank1), full[:3])
+    assert full_shape("model.embed_tokens.weight", torch.Size([2, 6]), rank1, vocab_size=4) == (4, 6)
+    assert full_shape("model.layers.0.self_attn.o_proj.weight", torch.Size([4, 3]), rank1, vocab_size=4) == (4, 6)
     bias = torch.ones(6)
     # a row-parallel bias is added once, after the ranks' parts are summed
     assert torch.equal(shard_of("model.layers.0.self_attn.o_proj.bias", bias, TensorParallel(0, 2)), bias)
@@ -103,7 +109,7 @@ def _logits(model, kv_heads: int, prompt: list[int]) -> list[torch.Tensor]:
         step = build_step_attention([(0, n, slots[:n])], 0, torch.device("cpu"))
         out.append(model(torch.tensor(prompt), torch.arange(n), pool, step, torch.tensor([n - 1])))
         step = build_step_attention([(n, 1, slots)], 1, torch.device("cpu"))
-        out.append(model(torch.tensor([7]), torch.tensor([n]), pool, step, torch.tensor([0])))
+        out.append(model(torch.tensor([300]), torch.tensor([n]), pool, step, torch.tensor([0])))
     return out
 
 
@@ -120,13 +126,16 @@ def _compare(rank: int, size: int, port: int, model_dir: Path, load_format: str,
                             timeout=timedelta(seconds=60))
     try:
         config = load_model_config(model_dir)
-        prompt = [3, 14, 15, 92, 65, 35, 89, 79]
+        prompt = [3, 14, 15, 392, 65, 511, 89, 279]  # tokens in both halves of a split vocabulary
         whole = load_model(config, model_dir, load_format, torch.float32, "cpu", seed=5)
         expected = _logits(whole, config.num_key_value_heads, prompt)
         tp = TensorParallel(rank, size)
         split = load_model(config, model_dir, load_format, torch.float32, "cpu", seed=5, tp=tp)
         assert split.model.layers[0].self_attn.num_heads == config.num_attention_heads // size
         assert split.model.layers[0].mlp.gate_proj.weight.shape[0] == config.intermediate_size // size
+        assert split.vocab_split and split.lm_head.weight.shape[0] == config.vocab_size // size
+        assert split.model.embed_tokens.weight.shape[0] == config.vocab_size // size
+        assert torch.equal(split.model.embed_tokens.weight, whole.model.embed_tokens.weight.chunk(size)[rank])
         got = _logits(split, config.num_key_value_heads // size, prompt)
         results.put((rank, ([(g - e).abs().max().item() for g, e in zip(got, expected)],
                             [e.abs().max().item() for e in expected])))

@@ -180,7 +180,9 @@ class DecoderStack(nn.Module):
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, tp: TensorParallel = SINGLE):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=dtype)
+        # This rank's vocabulary rows (all of them unless split: tensor_parallel.py).
+        self.vocab_first, vocab_rows = tp.vocab_rows(config.vocab_size)
+        self.embed_tokens = nn.Embedding(vocab_rows, config.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList(DecoderLayer(config, dtype, tp) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.rotary = RotaryEmbedding(config)
@@ -196,8 +198,9 @@ class CausalLM(nn.Module):
         # None decides on the first CUDA forward (fused_ops.fused_ops_enabled()).
         self.use_fused_ops: bool | None = None
         self.model = DecoderStack(config, dtype, tp)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=dtype)
+        self.lm_head = nn.Linear(config.hidden_size, self.model.embed_tokens.num_embeddings, bias=False, dtype=dtype)
         self.tie_weights()
+        self.vocab_split = self.model.embed_tokens.num_embeddings != config.vocab_size
 
     def _fused(self) -> bool:
         if self.use_fused_ops is None:
@@ -220,11 +223,25 @@ class CausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not self.vocab_split:
+            return self.model.embed_tokens(input_ids)
+        # Each rank embeds the tokens in its rows and zeros the rest; the all-reduce puts them together.
+        local = input_ids - self.model.vocab_first
+        outside = (local < 0) | (local >= self.model.embed_tokens.num_embeddings)
+        x = self.model.embed_tokens(local.masked_fill(outside, 0))
+        return self.tp.all_reduce(x.masked_fill_(outside.unsqueeze(-1), 0))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits over the whole vocabulary (a split LM head's blocks gathered)."""
+        logits = self.lm_head(hidden)
+        return (self.tp.all_gather_last(logits) if self.vocab_split else logits).float()
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, pool: KVPool, step: StepAttention,
                 logits_at: torch.Tensor) -> torch.Tensor:
         """input_ids/positions: [tokens], the step's new tokens in span order.
         Returns float32 logits of the tokens at logits_at, [len(logits_at), vocab]."""
-        x = self.model.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         cos, sin = self.model.rotary.cos_sin(positions, x.dtype)
         if x.is_cuda and self._fused():
             residual = None
@@ -234,10 +251,10 @@ class CausalLM(nn.Module):
             if logits_at.shape[0] != x.shape[0]:  # not a pure decode step: only the tokens that sample
                 x, residual = x[logits_at], residual[logits_at]
             norm = self.model.norm
-            return self.lm_head(_fused_ops().add_rms_norm(x, residual, norm.weight, norm.eps)[0]).float()
+            return self.logits(_fused_ops().add_rms_norm(x, residual, norm.weight, norm.eps)[0])
         with step.sdpa_context(x.device):
             for i, layer in enumerate(self.model.layers):
                 x = layer(x, cos, sin, i, pool, step)
         if logits_at.shape[0] != x.shape[0]:  # not a pure decode step: only the tokens that sample
             x = x[logits_at]
-        return self.lm_head(self.model.norm(x)).float()
+        return self.logits(self.model.norm(x))

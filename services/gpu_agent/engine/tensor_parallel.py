@@ -6,8 +6,15 @@ Column-parallel (each rank keeps a block of output rows): q, k and v (whole
 heads: query heads and KV heads split alike, so each rank's queries meet
 their own KV heads) and gate and up. Row-parallel (a block of input columns):
 o and down; their partial outputs are summed across ranks by the all-reduce,
-so a bias there is kept by rank 0 alone. Embeddings, norms and the LM head
-are replicated: every rank ends a step with the same logits.
+so a bias there is kept by rank 0 alone. Vocabulary-parallel (a block of
+vocabulary rows, where the rank count divides the vocabulary): the token
+embedding (each rank looks up the tokens in its rows, zeros for the others,
+and an all-reduce sums them) and the LM head (each rank's block of logits,
+then an all-gather); a vocabulary that does not divide is replicated, as the
+norms are. Every rank ends a step with the same logits. Splitting the
+vocabulary saves each rank (size-1)/size of both matrices: a 70B Llama's are
+2.1 GB each in bf16, so on 4 ranks every shard is 3.2 GB smaller (38.4 ->
+35.3 GB), and its activation copies that much less.
 
 Each rank's KV cache holds only its KV heads, so a model's KV memory is split
 across its GPUs as its weights are. The weights of a checkpoint or of the
@@ -27,6 +34,7 @@ _COLUMN_PARALLEL = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "q_proj.b
                     "gate_proj.weight", "up_proj.weight", "gate_proj.bias", "up_proj.bias")
 _ROW_PARALLEL = ("o_proj.weight", "down_proj.weight")
 _ROW_PARALLEL_BIAS = ("o_proj.bias", "down_proj.bias")
+_VOCAB_PARALLEL = ("embed_tokens.weight", "lm_head.weight")
 
 
 class TensorParallelError(ValueError):
@@ -53,6 +61,25 @@ class TensorParallel:
             dist.all_reduce(x)
         return x
 
+    def all_gather_last(self, x: torch.Tensor) -> torch.Tensor:
+        """The ranks' x side by side along the last dimension, in rank order
+        (a vocabulary-parallel LM head's blocks of logits: the whole vocabulary)."""
+        if self.size == 1:
+            return x
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=-1)
+
+    def vocab_rows(self, vocab_size: int) -> tuple[int, int]:
+        """This rank's rows of the embedding and the LM head: (first, count);
+        all of them where the ranks do not divide the vocabulary."""
+        if self.size == 1 or vocab_size % self.size:
+            return 0, vocab_size
+        count = vocab_size // self.size
+        return self.rank * count, count
+
 
 SINGLE = TensorParallel(0, 1)
 
@@ -66,7 +93,8 @@ def check_divisible(config: ModelConfig, size: int) -> None:
 
 
 def split_dim(name: str) -> int | None:
-    """The dimension of parameter `name` split across ranks; None: replicated."""
+    """The dimension of a layer's parameter `name` split across ranks; None:
+    replicated (the embedding and LM head: see TensorParallel.vocab_rows)."""
     if name.endswith(_COLUMN_PARALLEL):
         return 0
     if name.endswith(_ROW_PARALLEL):
@@ -81,6 +109,9 @@ def shard_of(name: str, full: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
         return full
     if name.endswith(_ROW_PARALLEL_BIAS):  # added once, after the all-reduce sums the ranks' parts
         return full if tp.rank == 0 else torch.zeros_like(full)
+    if name.endswith(_VOCAB_PARALLEL):
+        first, count = tp.vocab_rows(full.shape[0])
+        return full.narrow(0, first, count)
     dim = split_dim(name)
     if dim is None:
         return full
@@ -88,3 +119,15 @@ def shard_of(name: str, full: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
         raise TensorParallelError(f"{name}: dimension {dim} of {tuple(full.shape)} does not split {tp.size} ways")
     part = full.shape[dim] // tp.size
     return full.narrow(dim, tp.rank * part, part)
+
+
+def full_shape(name: str, shard_shape: torch.Size, tp: TensorParallel, vocab_size: int) -> tuple[int, ...]:
+    """The shape of parameter `name` unsplit, given this rank's shard of it."""
+    shape = list(shard_shape)
+    if name.endswith(_VOCAB_PARALLEL):
+        shape[0] = vocab_size
+        return tuple(shape)
+    dim = split_dim(name)
+    if dim is not None:
+        shape[dim] *= tp.size
+    return tuple(shape)

@@ -21,7 +21,7 @@ from services.gpu_agent.engine.errors import EngineError
 from services.gpu_agent.engine.model import CausalLM, RMSNorm
 from services.gpu_agent.engine.model_config import ModelConfig
 from services.gpu_agent.engine.rotary import RotaryEmbedding
-from services.gpu_agent.engine.tensor_parallel import SINGLE, TensorParallel, check_divisible, shard_of, split_dim
+from services.gpu_agent.engine.tensor_parallel import SINGLE, TensorParallel, check_divisible, full_shape, shard_of
 
 log = logging.getLogger(__name__)
 
@@ -133,19 +133,12 @@ def init_dummy(model: CausalLM, seed: int) -> None:
             if model.tp.size == 1:
                 module.weight.normal_(0.0, std, generator=generator)
             else:
-                full = torch.empty(_full_shape(name, module.weight, model.tp), dtype=module.weight.dtype, device=device)
+                shape = full_shape(name, module.weight.shape, model.tp, model.config.vocab_size)
+                full = torch.empty(shape, dtype=module.weight.dtype, device=device)
                 module.weight.copy_(shard_of(name, full.normal_(0.0, std, generator=generator), model.tp))
             bias = getattr(module, "bias", None)
             if bias is not None:
                 bias.zero_()
-
-
-def _full_shape(name: str, shard: torch.Tensor, tp: TensorParallel) -> tuple[int, ...]:
-    dim = split_dim(name)
-    shape = list(shard.shape)
-    if dim is not None:
-        shape[dim] *= tp.size
-    return tuple(shape)
 
 
 def load_model(config: ModelConfig, model_dir: Path, load_format: str, dtype: torch.dtype,
