@@ -367,6 +367,8 @@ def simulate(
     replan_interval_s: float = typer.Option(2.0, help="the scheduler's re-plan interval"),
     standby_replicas: int = typer.Option(0, min=0, help="prism policy: switched-off replicas of each model on "
                                          "other agents (the scheduler's --standby-replicas)"),
+    split_step_factor: float = typer.Option(1.0, help="a model split over GPUs (tp_size > 1) steps this many "
+                                            "times slower than the profile's model of its shard's size"),
     min_gpus_for: Optional[float] = typer.Option(None, help="also search the fewest GPUs reaching this attainment "
                                                             "(e.g. 0.99) per policy"),
     max_gpus: Optional[int] = typer.Option(None, help="upper bound of that search (default 4x the models)"),
@@ -399,7 +401,8 @@ def simulate(
     for name in policies:
         settings = SimSettings(num_gpus=gpus, policy=name, gpus_per_agent=gpus_per_agent,
                                gpu_memory_bytes=int(gpu_memory_gb * GB), memory_policy=memory_policy,
-                               replan_interval_s=replan_interval_s, standby_replicas=standby_replicas)
+                               replan_interval_s=replan_interval_s, standby_replicas=standby_replicas,
+                               split_step_factor=split_step_factor)
         try:
             result = run(trace, models, latency, settings, slo)
         except ValueError as exc:

@@ -134,7 +134,8 @@ async def test_a_switched_off_model_that_cannot_get_room_is_refused_at_once(tmp_
 
 @pytest.mark.parametrize("loaded_active", [False, True], ids=["activated", "loaded-active"])
 @pytest.mark.parametrize("a_stepped_aside", [True, False], ids=["a-idle", "a-busy"])
-async def test_an_engine_is_switched_on_only_with_a_page_bundle_of_kv_for_each(tmp_path, a_stepped_aside, loaded_active):
+async def test_an_engine_is_switched_on_only_with_a_page_bundle_of_kv_for_each(tmp_path, a_stepped_aside,
+                                                                                 loaded_active):
     """A KV budget (capped) that holds one page bundle: both weights fit, but beside a busy "a" the policy
     would give "b" no KV at all, and b's requests would wait as long as a's load lasted (found with the
     SIGTERM cluster test's budget lowered). So "b" is switched on (activated, or loaded active) only if idle

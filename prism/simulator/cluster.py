@@ -25,6 +25,16 @@ model with no such replica goes to one of its draining engines if it has any and
 replica still loads), else waits there (cold start) up to its TTFT SLO plus
 30 s, then fails.
 
+A model split over several GPUs (tensor parallelism, tp_size > 1) is one
+engine listed on each of its GPUs, as the agent's coordinators see it: its
+shard of the weights and its fixed KV reservation are taken on every one (no
+policy plans a split engine's KV), an activation needs room on all of them
+first, and its steps run on all of them at once (each step priced by the
+busiest of its GPUs); its requests are admitted on its first GPU. Its step
+takes the profile's time for a model of its shard's size, times
+`split_step_factor` (1: as fast as that unsplit model; the live split engine
+runs eager, so slower: see bench/multi_gpu.py).
+
 An unload drains, as the agent's does (services/gpu_agent/engine_manager.py
 drain), when the scheduler asks for it (the model stays placed elsewhere): an
 engine with requests (running, queued in it or in admission) keeps serving
@@ -108,6 +118,22 @@ class Device:
         return [e for e in self.engines if e.state in ("active", "activating")]
 
 
+def planned(engines: list[SimEngine]) -> list[SimEngine]:
+    """Those whose KV limit the device's memory policy sets: all but split ones (fixed KV)."""
+    return [e for e in engines if not e.split]
+
+
+def taken_bytes(engine: SimEngine) -> int:
+    """What an engine holding memory takes on each of its GPUs besides planned KV: its weights' shard,
+    and a split engine's fixed KV."""
+    return engine.model.shard_weight_bytes + (engine.limit_bytes if engine.split else 0)
+
+
+def kv_floor_bytes(engine: SimEngine) -> int:
+    """The least KV limit the policy gives a planned engine: one page bundle (the agent's room check)."""
+    return 0 if engine.split else engine.model.bundle_bytes
+
+
 class Agent:
     def __init__(self, agent_id: str, num_gpus: int, memory_bytes: int, demand_hold_s: float):
         self.agent_id = agent_id
@@ -119,7 +145,7 @@ class SimCluster:
     def __init__(self, clock: Clock, profile: LatencyProfile, models: dict[str, SimModel], num_gpus: int,
                  gpus_per_agent: int, gpu_memory_bytes: int, memory_policy: str = "balloon",
                  starvation_s: float = DEFAULT_STARVATION_S, drain_timeout_s: float = DRAIN_TIMEOUT_S,
-                 device_parallelism: float | None = None, stats_lead_s: float = 0.0):
+                 device_parallelism: float | None = None, stats_lead_s: float = 0.0, split_step_factor: float = 1.0):
         """device_parallelism: how many engines' steps one device runs at once, in alone-step
         equivalents (default: the profile's, measured by bench/colocated_steps.py; 1 is fully
         serialized): with n engines busy on a device, each step takes max(1, n / parallelism)
@@ -128,7 +154,9 @@ class SimCluster:
         stats_lead_s: the engines placed when the trace starts began their request stats this long
         before it (a live cluster's engines were loaded before its traffic: their arrival rates are
         over the time since, up to the stats window; with no lead a first burst reads as a rate
-        its whole window long)."""
+        its whole window long).
+        split_step_factor: a split model's step takes this many times the profile's time for a model of
+        its shard's size."""
         if memory_policy not in MEMORY_POLICIES:
             raise ValueError(f"memory policy {memory_policy!r} is not one of {', '.join(MEMORY_POLICIES)}")
         self.clock = clock
@@ -142,6 +170,9 @@ class SimCluster:
         if self.device_parallelism < 1:
             raise ValueError(f"device_parallelism must be at least 1, got {self.device_parallelism}")
         self.stats_lead_s = stats_lead_s
+        if split_step_factor <= 0:
+            raise ValueError(f"split_step_factor must be positive, got {split_step_factor}")
+        self.split_step_factor = split_step_factor
         self.agents: dict[str, Agent] = {}
         left, n = num_gpus, 0
         while left > 0:
@@ -163,7 +194,12 @@ class SimCluster:
         return self.clock.now
 
     def device_of(self, engine: SimEngine) -> Device:
+        """Its first GPU: where its requests are admitted."""
         return self.agents[engine.agent_id].devices[engine.gpu]
+
+    def devices_of(self, engine: SimEngine) -> list[Device]:
+        devices = self.agents[engine.agent_id].devices
+        return [devices[g] for g in engine.gpus]
 
     def engines(self) -> list[SimEngine]:
         return [e for a in self.agents.values() for e in a.engines.values()]
@@ -269,13 +305,18 @@ class SimCluster:
                 self.stats["drains_cancelled"] += 1
             return
         spec = self.models[model]
+        if len(gpu_ids) != spec.tp_size:
+            raise ValueError(f"{model}: tp_size {spec.tp_size} needs {spec.tp_size} GPU(s), got {list(gpu_ids)}")
         device = agent.devices[gpu_ids[0]]
         capacity = device.memory_bytes // spec.kv_bytes_per_token  # kvcached's virtual reservation: the whole GPU
-        engine = SimEngine(spec, agent_id, gpu_ids[0], capacity, self.now, cap_bytes, clock=lambda: self.now,
+        split = len(gpu_ids) > 1
+        engine = SimEngine(spec, agent_id, tuple(gpu_ids), capacity, self.now, cap_bytes, clock=lambda: self.now,
                            step_tokens=self.profile.step_tokens,
-                           stats_started_at=self.now - self.stats_lead_s if self.now <= 0 else None)
+                           stats_started_at=self.now - self.stats_lead_s if self.now <= 0 else None,
+                           step_factor=self.split_step_factor if split else 1.0)
         agent.engines[model] = engine
-        device.engines.append(engine)
+        for d in self.devices_of(engine):
+            d.engines.append(engine)
         self.stats["loads"] += 1
 
         def loaded() -> None:
@@ -289,7 +330,8 @@ class SimCluster:
         if instant:
             loaded()
         else:
-            self.clock.at(self.now + self.profile.load_s(spec.weight_bytes), loaded)
+            # A split model's ranks load at once, each its shard.
+            self.clock.at(self.now + self.profile.load_s(spec.shard_weight_bytes), loaded)
 
     def _has_requests(self, engine: SimEngine) -> bool:
         """What a drain waits for: requests in the engine, waiting for its activation or in admission."""
@@ -343,8 +385,9 @@ class SimCluster:
         if agent.engines.get(model) is not engine:
             return
         del agent.engines[model]
-        device = agent.devices[engine.gpu]
-        device.engines.remove(engine)
+        device = self.device_of(engine)
+        for d in self.devices_of(engine):
+            d.engines.remove(engine)
         engine.state = "unloaded"
         engine.draining = False
         self.stats["unloads"] += 1
@@ -354,50 +397,66 @@ class SimCluster:
             self._fail(ticket.request, f"UNAVAILABLE: model {model!r} was unloaded while the request waited{why}")
         for request in engine.drop_all():
             self._fail(request, f"UNAVAILABLE: model {model!r} was unloaded while serving the request{why}")
-        self.rebalance(device)
+        for d in self.devices_of(engine):
+            self.rebalance(d)
+
+    def _room(self, device: Device, engine: SimEngine) -> list[str] | None:
+        """As the agent's room_to_activate on one GPU: the idle engines to switch off so that the engine's
+        weights (a split one's shard and fixed KV) fit beside the others' and a page bundle of KV for each
+        planned engine; None when they cannot be made to."""
+        holding = [e for e in device.holding_memory() if e is not engine]
+        residents = [ResidentEngine(model=e.name, weight_bytes=taken_bytes(e) + kv_floor_bytes(e),
+                                    idle_s=self.now - e.last_arrival,
+                                    serving=e.state == "activating" or bool(e.requests or e.pending)
+                                    or any(t.engine is e for t in self.device_of(e).waiting)) for e in holding]
+        free = device.memory_bytes - device.reserve_bytes - sum(r.weight_bytes for r in residents)
+        return engines_to_switch_off(residents, taken_bytes(engine) + kv_floor_bytes(engine), free, BUSY_WINDOW_S)
 
     def activate(self, engine: SimEngine, instant: bool = False) -> None:
         if engine.state != "inactive":
             return
-        device = self.device_of(engine)
-        # As the agent: idle engines step aside when the weights, with a page bundle of KV for each
-        # engine (the least limit the memory policy gives), do not fit (make_room.py).
-        holding = device.holding_memory()
-        residents = [ResidentEngine(model=e.name, weight_bytes=e.model.weight_bytes + e.model.bundle_bytes,
-                                    idle_s=self.now - e.last_arrival,
-                                    serving=e.state == "activating" or bool(e.requests or e.pending)
-                                    or any(t.engine is e for t in device.waiting)) for e in holding]
-        free = device.memory_bytes - device.reserve_bytes - sum(r.weight_bytes for r in residents)
-        need = engine.model.weight_bytes + engine.model.bundle_bytes
-        for model in engines_to_switch_off(residents, need, free, BUSY_WINDOW_S) or ():
-            self._switch_off(next(e for e in holding if e.name == model))
-            self.stats["switched_off_for_room"] += 1
-        others = sum(e.model.weight_bytes + e.model.bundle_bytes for e in device.holding_memory())
-        if others + need + device.reserve_bytes > device.memory_bytes:
-            # Its weights do not fit beside the engines on the GPU: the agent refuses it at once.
+        devices = self.devices_of(engine)
+        if engine.split:
+            engine.set_limit(engine.model.fixed_kv_bytes(engine.cap_bytes))  # what it takes while it holds memory
+        # As the agent (prepare_activation_on): every GPU is checked before anything is switched off.
+        rooms = [self._room(d, engine) for d in devices]
+        if any(room is None for room in rooms):
+            if engine.split:
+                engine.set_limit(0)
+            # Its weights do not fit beside the engines on a GPU: the agent refuses it at once.
             self.stats["activation_out_of_memory"] += 1
             for request in engine.pending:
                 self._fail(request, f"RESOURCE_EXHAUSTED: activating {engine.name!r} failed: its weights do not "
                                     f"fit on GPU {engine.gpu} of {engine.agent_id} beside the active engines")
             engine.pending.clear()
             return
+        agent = self.agents[engine.agent_id]
+        freed: list[Device] = []  # GPUs beyond this engine's where a split engine switched off left room
+        for model in dict.fromkeys(m for room in rooms for m in room):
+            other = agent.engines[model]
+            if other.state == "active":  # not already switched off for another of its GPUs
+                self._switch_off(other)
+                self.stats["switched_off_for_room"] += 1
+                freed += [d for d in self.devices_of(other) if d not in devices and d not in freed]
         engine.state = "activating"
         self.stats["activations"] += 1
-        self.rebalance(device)  # the others make room (and it gets a limit) before its weights arrive
+        for d in devices + freed:
+            self.rebalance(d)  # the others make room (and it gets a limit) before its weights arrive
 
         def activated() -> None:
             if engine.state != "activating":
                 return
             engine.state = "active"
-            self.rebalance(device)
+            for d in devices:
+                self.rebalance(d)
             pending, engine.pending = engine.pending, []
             for request in pending:
                 self._admit(engine, request)
 
         if instant:
             activated()
-        else:
-            self.clock.at(self.now + self.profile.activation_s(engine.model.weight_bytes), activated)
+        else:  # a split model's ranks copy their shards at once
+            self.clock.at(self.now + self.profile.activation_s(engine.model.shard_weight_bytes), activated)
 
     def deactivate(self, engine: SimEngine) -> bool:
         """As the agent's DeactivateModel without force: refused while the engine is busy."""
@@ -407,7 +466,8 @@ class SimCluster:
             self.stats["deactivations_refused"] += 1
             return False
         self._switch_off(engine)
-        self.rebalance(self.device_of(engine))
+        for d in self.devices_of(engine):
+            self.rebalance(d)
         return True
 
     def _switch_off(self, engine: SimEngine) -> None:
@@ -422,9 +482,10 @@ class SimCluster:
 
     @staticmethod
     def _budget_and_unit(device: Device, holding: list[SimEngine]) -> tuple[int, int]:
-        """The device's KV budget (its memory less the weights on it and the reserve) and default unit."""
-        budget = max(0, device.memory_bytes - sum(e.model.weight_bytes for e in holding) - device.reserve_bytes)
-        return budget, max((e.model.bundle_bytes for e in holding), default=DEFAULT_UNIT_BYTES)
+        """The device's KV budget (its memory less the weights on it, split engines' fixed KV and the
+        reserve) and default unit."""
+        budget = max(0, device.memory_bytes - sum(taken_bytes(e) for e in holding) - device.reserve_bytes)
+        return budget, max((e.model.bundle_bytes for e in planned(holding)), default=DEFAULT_UNIT_BYTES)
 
     def memory_snapshot(self, device: Device) -> DeviceMemorySnapshot:
         holding = device.holding_memory()
@@ -434,13 +495,13 @@ class SimCluster:
             pending[ticket.engine.model.config.model_name] = (pending.get(ticket.engine.model.config.model_name, 0)
                                                               + ticket.tokens)
         engines = []
-        for e in holding:
+        for e in planned(holding):
             demand = (e.demand_tokens() + pending.get(e.name, 0)) * e.model.kv_bytes_per_token
             engines.append(EngineMemoryDemand(
                 model=e.name, priority=e.model.priority, used_bytes=e.used_bytes, demand_bytes=demand,
                 limit_bytes=e.limit_bytes, cap_bytes=e.cap_bytes, unit_bytes=e.model.bundle_bytes,
                 recent_demand_bytes=device.recent_demand.observe(e.name, self.now, demand)))
-        device.recent_demand.forget_all_but({e.name for e in holding})
+        device.recent_demand.forget_all_but({e.name for e in planned(holding)})
         engines = tuple(engines)
         return DeviceMemorySnapshot(budget_bytes=budget, unit_bytes=unit, engines=engines)
 
@@ -454,11 +515,12 @@ class SimCluster:
         budget, unit = self._budget_and_unit(device, holding)
         return DeviceMemorySnapshot(budget_bytes=budget, unit_bytes=unit, engines=tuple(EngineMemoryDemand(
             model=e.name, priority=e.model.priority, used_bytes=e.used_bytes, demand_bytes=0,
-            limit_bytes=e.limit_bytes, cap_bytes=e.cap_bytes, unit_bytes=e.model.bundle_bytes) for e in holding))
+            limit_bytes=e.limit_bytes, cap_bytes=e.cap_bytes, unit_bytes=e.model.bundle_bytes)
+            for e in planned(holding)))
 
     def rebalance(self, device: Device) -> None:
         """One plan of the device's KV limits, then admission and compute look again."""
-        holding = device.holding_memory()
+        holding = planned(device.holding_memory())
         if holding:
             plan = self.memory_policy(self.memory_snapshot(device), self.memory_params)
             self.stats["memory_plans"] += 1
@@ -560,7 +622,10 @@ class SimCluster:
             started.append(started_step)
         stepping = sum(1 for e in device.engines if e.stepping)
         for engine, step in started:
-            duration = step.duration_s * max(1.0, stepping / self.device_parallelism)
+            # A split engine steps on all its GPUs: priced by the busiest.
+            busy = max(sum(1 for e in d.engines if e.stepping) for d in self.devices_of(engine)) if engine.split \
+                else stepping
+            duration = step.duration_s * max(1.0, busy / self.device_parallelism)
             self.clock.at(self.now + duration, lambda e=engine, s=step: self._step_done(device, e, s))
 
     def _start_next_step(self, device: Device) -> tuple[SimEngine, Step] | None:
@@ -568,8 +633,9 @@ class SimCluster:
         for i in range(n):
             position = (device.turn + i) % n
             engine = device.engines[position]
-            if engine.state != "active" or engine.stepping or not engine.scheduler.has_work():
-                continue
+            if engine.state != "active" or engine.stepping or engine.gpu != device.index \
+                    or not engine.scheduler.has_work():
+                continue  # (a split engine's steps start from its first GPU)
             step = engine.start_step(self.profile)
             if step is None:
                 continue

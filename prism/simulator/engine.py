@@ -115,14 +115,18 @@ class Step:
 
 
 class SimEngine:
-    """One model's engine on one GPU of an agent. States as the agent reports
+    """One model's engine on one GPU of an agent (or several: `gpus`, a model
+    split by tensor parallelism; `gpu` is the first, where its requests are
+    admitted and its KV limit is kept). States as the agent reports
     them: loading, inactive, active; plus activating (reported inactive, as
     the real one is until its weights are on the GPU); `draining` on top of
     active or inactive is reported as draining."""
 
-    def __init__(self, model: SimModel, agent_id: str, gpu: int, capacity_tokens: int, created_at: float,
+    def __init__(self, model: SimModel, agent_id: str, gpus: tuple[int, ...], capacity_tokens: int, created_at: float,
                  cap_bytes: int = 0, clock: Callable[[], float] | None = None, step_tokens: int = DEFAULT_STEP_TOKENS,
-                 stats_started_at: float | None = None):
+                 stats_started_at: float | None = None, step_factor: float = 1.0):
+        """step_factor: its steps take this many times the profile's time for its shard's size (a split
+        model's; 1 for one on a single GPU)."""
         self.model = model
         self.name = model.name  # read tens of millions of times in an overloaded run: an attribute, not a property
         # The agent's request stats for this engine (arrival rate, busy fraction, tokens per request), on
@@ -130,7 +134,10 @@ class SimEngine:
         self.stats = ModelRequestStats(ModelSlo(ttft_ms=model.ttft_s * 1000, tpot_ms=model.tpot_s * 1000),
                                        clock=clock or (lambda: created_at), started_at=stats_started_at)
         self.agent_id = agent_id
-        self.gpu = gpu
+        self.gpus = gpus
+        self.gpu = gpus[0]
+        self.split = len(gpus) > 1
+        self.step_factor = step_factor
         self.cap_bytes = cap_bytes
         self.pool = CountingPool(model, capacity_tokens)
         self.scheduler = Scheduler(self.pool, step_tokens)
@@ -188,7 +195,8 @@ class SimEngine:
         decode = result.num_decode
         context = sum(item.start for item in result.batch[:decode]) * self.model.kv_bytes_per_token
         prefill = sum(item.count for item in result.batch[decode:])
-        duration = profile.step_s(self.model.weight_bytes, decode, context, prefill, len(result.batch) - decode)
+        duration = self.step_factor * profile.step_s(self.model.shard_weight_bytes, decode, context, prefill,
+                                                     len(result.batch) - decode)
         self.stepping = True
         return Step(result, duration, too_big)
 

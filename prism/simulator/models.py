@@ -1,6 +1,13 @@
 """What the simulator needs of each configured model: its weight bytes and
 KV geometry (from its config.json, as the scheduler estimates them before an
-agent reports), its SLO and priority as the agent would see them."""
+agent reports), its SLO and priority as the agent would see them.
+
+A model split over `tp_size` GPUs (tensor parallelism) holds 1/tp_size of its
+weights and of its KV heads on each (services/gpu_agent/engine/tensor_parallel.py,
+the vocabulary split too): `shard_weight_bytes` and `kv_bytes_per_token` are one
+GPU's, as the agent's rank-0 engine counts them. Its KV is a fixed reservation
+(the agent never balloons a split built-in engine): the load's memory limit,
+or 8 contexts (`fixed_kv_bytes`)."""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ from pathlib import Path
 
 from services.common.model_size import estimate_weight_bytes
 from services.common.placement_config import ModelConfig
+from services.gpu_agent.engine.engine import DEFAULT_CONTEXTS_IN_MEMORY
 from services.gpu_agent.engine.kv_pool import DEFAULT_PAGE_BYTES
 from services.gpu_agent.slo import DEFAULT_TPOT_MS, DEFAULT_TTFT_MS
 
@@ -39,10 +47,25 @@ class SimModel:
         """One page in every K and V buffer: the unit of its KV limit."""
         return self.tokens_per_page * self.kv_bytes_per_token
 
+    @property
+    def tp_size(self) -> int:
+        return self.config.tp_size
+
+    @property
+    def shard_weight_bytes(self) -> int:
+        """Its weights on each of its GPUs."""
+        return self.weight_bytes // self.tp_size
+
+    def fixed_kv_bytes(self, limit_bytes: int = 0) -> int:
+        """A split model's KV on each GPU: the load's limit, or the engine's
+        default of 8 contexts in whole page bundles (engine.py)."""
+        if limit_bytes > 0:
+            return limit_bytes
+        bundle = self.bundle_bytes
+        return -(-DEFAULT_CONTEXTS_IN_MEMORY * self.max_context * self.kv_bytes_per_token // bundle) * bundle
+
 
 def sim_model(config: ModelConfig) -> SimModel:
-    if config.tp_size != 1:
-        raise ValueError(f"{config.model_name}: tp_size {config.tp_size}: the simulator models one GPU per engine")
     try:
         cfg = json.loads((Path(config.model_path) / "config.json").read_text())
         heads = int(cfg["num_attention_heads"])
@@ -53,7 +76,10 @@ def sim_model(config: ModelConfig) -> SimModel:
         raise ValueError(f"{config.model_name}: cannot read {config.model_path}/config.json ({exc}); the simulator "
                          "needs each model's config.json (e.g. bench/configs/llama-3.2-1b)") from None
     element = {"float32": 4}.get(config.dtype if config.dtype != "auto" else str(cfg.get("torch_dtype")), 2)
-    slot_bytes = kv_heads * head_dim * element  # one token in one layer's K or V buffer
+    if kv_heads % config.tp_size:
+        raise ValueError(f"{config.model_name}: tp_size {config.tp_size} does not divide its {kv_heads} "
+                         "key/value heads")
+    slot_bytes = kv_heads // config.tp_size * head_dim * element  # one token in one layer's K or V buffer, one GPU's
     return SimModel(
         config=config, weight_bytes=estimate_weight_bytes(config.model_path, config.dtype),
         kv_bytes_per_token=2 * layers * slot_bytes, tokens_per_page=max(1, DEFAULT_PAGE_BYTES // slot_bytes),

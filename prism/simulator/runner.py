@@ -73,6 +73,8 @@ class SimSettings:
     # The prism policy's standby replicas per model (PolicyParams.standby_replicas; the scheduler's
     # --standby-replicas). The simulated agents' host memory is not bounded.
     standby_replicas: int = 0
+    # A split model's step against the profile's for a model of its shard's size (SimCluster).
+    split_step_factor: float = 1.0
 
 
 def _result(r: SimRequest, slo: SloTargets) -> RequestResult:
@@ -95,7 +97,7 @@ def simulate(trace: Trace, models: list[ModelConfig], profile: LatencyProfile, s
     loop = EventLoop()
     cluster = SimCluster(loop, profile, specs, settings.num_gpus, settings.gpus_per_agent, settings.gpu_memory_bytes,
                          settings.memory_policy, settings.starvation_s, settings.drain_timeout_s,
-                         settings.device_parallelism, settings.stats_lead_s)
+                         settings.device_parallelism, settings.stats_lead_s, settings.split_step_factor)
     if settings.policy_compute not in ("profile", "default"):
         raise ValueError(f"policy_compute {settings.policy_compute!r} is not profile or default")
     params = PolicyParams(standby_replicas=settings.standby_replicas) if settings.policy_compute == "default" \

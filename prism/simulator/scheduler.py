@@ -51,7 +51,7 @@ class SimScheduler:
         for engine in self.cluster.engines():
             state = "draining" if engine.draining else {"activating": "inactive"}.get(engine.state, engine.state)
             out[(engine.agent_id, engine.name)] = EngineRecord(agent_id=engine.agent_id, model=engine.name,
-                                                               state=state, gpu_ids=[engine.gpu])
+                                                               state=state, gpu_ids=list(engine.gpus))
         return out
 
     def snapshot(self, records: dict[tuple[str, str], EngineRecord]) -> ClusterSnapshot:

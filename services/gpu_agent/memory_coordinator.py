@@ -195,7 +195,8 @@ class MemoryCoordinator:
         others = [m for m in self._active() if m is not activating]
         taken = sum(self._taken_bytes(m) for m in others)
         floors = sum(self._kv_floor_bytes(m) for m in others + [activating])
-        cap = f", the KV budget capped at {self.kv_budget_cap_bytes / 2**20:.1f} MiB" if self.kv_budget_cap_bytes else ""
+        cap = (f", the KV budget capped at {self.kv_budget_cap_bytes / 2**20:.1f} MiB"
+               if self.kv_budget_cap_bytes else "")
         return CapacityError(
             f"model {activating.spec.name!r} cannot be switched on now: its weights "
             f"({self._taken_bytes(activating) / 2**20:.0f} MiB) and one KV page bundle for each engine "
