@@ -178,3 +178,21 @@ def test_the_scheduler_sums_the_reports_busy_fractions_and_averages_their_tokens
     assert demand.busy_fraction == pytest.approx(0.75)
     assert demand.mean_prompt_tokens == pytest.approx((3 * 400 + 1 * 800) / 4)  # weighted by arrival rate
     assert demand.mean_output_tokens == pytest.approx(100.0)
+
+
+def test_the_scheduler_counts_a_split_models_weights_over_all_its_gpus():
+    """A model split over two GPUs shows its shard on each in the agent's report: the scheduler adds
+    them up (the policies divide a model's weights by its tp_size), and takes the largest agent's."""
+    from services.scheduler.server import reported_weight_bytes
+
+    def report(agent_id: str, rows: dict[int, dict[str, int]]) -> scheduler_pb2.LoadReport:
+        out = scheduler_pb2.LoadReport(agent_id=agent_id)
+        for gpu_id, engines in rows.items():
+            gpu = out.gpus.add(gpu_id=gpu_id)
+            for model, nbytes in engines.items():
+                gpu.engines.add(model=model, weight_bytes=nbytes)
+        return out
+
+    reports = [report("a", {0: {"split": 10 * MIB, "small": 3 * MIB}, 1: {"split": 10 * MIB}}),
+               report("b", {0: {"small": 4 * MIB, "unknown": 0}})]
+    assert reported_weight_bytes(reports) == {"split": 20 * MIB, "small": 4 * MIB}

@@ -134,13 +134,20 @@ def waiting_at_gateways(values) -> dict[str, int]:
 
 
 def reported_weight_bytes(reports: list[scheduler_pb2.LoadReport]) -> dict[str, int]:
-    """Each model's weight size as an agent that loaded it reports it."""
+    """Each model's weight size as an agent that loaded it reports it: its
+    rows summed over the agent's GPUs, since a model split over several GPUs
+    shows its shard on each (the policies take a model's whole weights and
+    divide them by its tp_size; the shard alone made a 70B split four ways
+    look like a 19B model to them)."""
     out: dict[str, int] = {}
     for report in reports:
+        summed: dict[str, int] = {}
         for gpu in report.gpus:
             for engine in gpu.engines:
-                if engine.weight_bytes:
-                    out[engine.model] = max(out.get(engine.model, 0), engine.weight_bytes)
+                summed[engine.model] = summed.get(engine.model, 0) + engine.weight_bytes
+        for model, nbytes in summed.items():
+            if nbytes:
+                out[model] = max(out.get(model, 0), nbytes)
     return out
 
 
