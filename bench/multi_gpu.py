@@ -343,7 +343,7 @@ def print_tables(payload: dict) -> None:
                      "errors": sum(r["errors"].values()), "ttft_p99": r["ttft_p99_s"], "tpot_p99": r["tpot_p99_s"],
                      "activations": s["count"], "act_median": s["median_s"], "act_max": s["max_s"],
                      "large_acts": s["large_count"], "large_max": s["large_max_s"],
-                     "peak_gib": max(r["peak_used_gib"], default=0)})
+                     "peak_gib": max(r["peak_used_gib"], default=None)})
     print(table(rows, [("policy", "policy", ""), ("attainment", "attainment %", ".1f"), ("errors", "errors", "d"),
                        ("ttft_p99", "TTFT p99 s", ".3f"), ("tpot_p99", "TPOT p99 s", ".3f"),
                        ("activations", "activations", "d"), ("act_median", "act median s", ".3f"),

@@ -17,6 +17,27 @@ static / time-share at 1.5: 83.8% / 84.9%, at 2: 79.8% / 81.7%; measured
 Per GPU count: the same trace shape as the live run, its rate scaled with the
 GPUs (--rate-per-gpu, 3 req/s: the live run's 12 on 4), 18 x GPUs / 8 models.
 Prints the tables last; writes bench/results/multi_gpu-simulated.json.
+
+Simulated 2026-12-05 (bench/results/multi_gpu-simulated.json, seed 0, 60 s):
+- 4 GPUs: prism 94.8%, static 83.1%, time-share 84.4% (measured 79.4 / 83.4 / 85.5%).
+  Static and time-share match model by model (the 8B beside a 70B rank at 42-46%, measured
+  49-58%; the 70B at 23-30%, measured 0%). Prism does not: simulated, it sheds the 70B (0%,
+  its 36 requests fail after waiting) and every other model attains 100%; live, it kept the 70B
+  and lost the 8B. Live, the scheduler counted a loaded split model's weights as one shard
+  (fixed since: reported_weight_bytes sums the shards), so to the policy the 70B was a 19B model
+  that fitted.
+- 8 GPUs (the original setting, not run live: no 8-GPU machine was lent): prism 91.6%, static
+  82.1%, time-share 99.9%. Prism loses here because the run has one agent with all 8 GPUs, and
+  an agent runs one engine per model, so the policy cannot move a model between its GPUs: an
+  8B whose burst outgrows its GPU (model-5, 4 req/s of 1.5k-token prompts) fits nowhere it may
+  go, is shed (unloaded at once, its 5 requests in flight failing), and is loaded again as soon
+  as it is cold. (bench/sim_tables.py runs prism with one agent per GPU, where it can move; with
+  one agent of 8 GPUs its 18-model tables lose too: seed 1 at 3 GPUs 74.4% against 99.4%.)
+  Keeping a serving model in place rather than shedding it gave 99.9% here (keeping it always)
+  or 98.5% (keeping it up to compute_overload + compute_margin), but mixed results on
+  bench/sim_tables.py's tables (seeds 0 and 1, 1-8 GPUs, one agent or one per GPU: -13.7 to +8.4
+  points a cell, and -6.5 to +4.0), so neither is in the policy; moving an engine between one
+  agent's GPUs is the fix this points to.
 """
 
 from __future__ import annotations
