@@ -378,19 +378,24 @@ def plot_memory(payload: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+def add_experiment_args(p: argparse.ArgumentParser) -> None:
+    """The experiment's arguments that bench/multi_gpu_simulated.py shares."""
+    p.add_argument("--large-tp", type=int, default=4, help="tp_size of the large (70B) model")
+    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ttft-ms", type=float, default=1000.0)
+    p.add_argument("--tpot-ms", type=float, default=100.0)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--gpus", type=int, default=None, help="default: every CUDA GPU here (cpu: 4 devices)")
     p.add_argument("--models", type=int, default=0, help="default: round(18 x GPUs / 8)")
-    p.add_argument("--large-tp", type=int, default=4, help="tp_size of the large (70B) model")
+    add_experiment_args(p)
     p.add_argument("--parts", nargs="+", default=["activation", "experiment"], choices=["activation", "experiment"])
-    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     p.add_argument("--rate", type=float, default=12.0, help="requests/s over the active group")
     p.add_argument("--duration", type=float, default=90.0, help="seconds of trace per policy")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ttft-ms", type=float, default=1000.0)
-    p.add_argument("--tpot-ms", type=float, default=100.0)
     p.add_argument("--repeats", type=int, default=5, help="activations of the split model (part 1)")
     p.add_argument("--chars-per-token", type=float, default=None, help="default: 1 (cuda: byte tokenizer), 2.2 (cpu)")
     p.add_argument("--cpu-memory-gb", type=float, default=1.0, help="each CPU device's memory (--device cpu)")

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import common  # first: puts the project on sys.path
 from common import table, write_json
-from multi_gpu import POLICIES, make_trace, model_entries, print_tables
+from multi_gpu import add_experiment_args, make_trace, model_entries, print_tables
 
 from prism.simulator.profile import DEFAULT_PROFILE, LatencyProfile
 from prism.simulator.runner import GB, SimSettings, simulate
@@ -105,13 +105,9 @@ def compare_table(simulated: dict, measured: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpus", type=int, nargs="+", default=[4, 8])
-    p.add_argument("--large-tp", type=int, default=4, help="tp_size of the large (70B) model")
-    p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    add_experiment_args(p)
     p.add_argument("--rate-per-gpu", type=float, default=3.0, help="requests/s over the active group, per GPU")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of trace")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ttft-ms", type=float, default=1000.0)
-    p.add_argument("--tpot-ms", type=float, default=100.0)
     p.add_argument("--gpu-memory-gb", type=float, default=141.0, help="each GPU's memory (H200: 141)")
     p.add_argument("--split-step-factor", type=float, default=1.7,
                    help="a split model's step against the profile's for its shard's size (see above)")

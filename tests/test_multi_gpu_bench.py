@@ -74,3 +74,25 @@ def test_the_committed_four_gpu_result_plots_memory_over_time(tmp_path):
     pytest.importorskip("matplotlib", reason="the bench extra (pip install '.[bench]') draws the plot")
     _bench().plot_memory(json.loads(RESULT.read_text()), tmp_path / "memory.png")
     assert (tmp_path / "memory.png").stat().st_size > 0
+
+
+def test_the_simulated_run_matches_the_measured_one_where_the_policies_are_the_same(tmp_path, monkeypatch, capsys):
+    """bench/multi_gpu_simulated.py on 4 GPUs (a 20 s trace): every policy runs, the 70B is one split
+    model among 9, and the comparison with the committed measured run prints model by model."""
+    _bench()  # bench/ on sys.path
+    spec = importlib.util.spec_from_file_location("multi_gpu_simulated", ROOT / "bench" / "multi_gpu_simulated.py")
+    sim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sim)
+    out = tmp_path / "sim.json"
+    monkeypatch.setattr(sys, "argv", ["multi_gpu_simulated.py", "--gpus", "4", "--duration", "20",
+                                      "--measured", str(RESULT), "--out", str(out)])
+    sim.main()
+    payload = json.loads(out.read_text())
+    run = payload["by_gpus"]["4"]
+    assert [m["tp_size"] for m in run["models"]] == [1] * 8 + [4]
+    assert [r["policy"] for r in run["runs"]] == ["prism", "static", "time-share"]
+    for r in run["runs"]:
+        assert r["requests"] == run["trace"]["requests"] > 0 and 0.0 <= r["attainment"] <= 1.0
+        assert set(r["per_model"]) <= {m["name"] for m in run["models"]}
+    printed = capsys.readouterr().out
+    assert "measured (multi_gpu-h200x4.json" in printed and "prism live  prism sim" in printed
