@@ -196,3 +196,16 @@ def test_the_scheduler_counts_a_split_models_weights_over_all_its_gpus():
     reports = [report("a", {0: {"split": 10 * MIB, "small": 3 * MIB}, 1: {"split": 10 * MIB}}),
                report("b", {0: {"small": 4 * MIB, "unknown": 0}})]
     assert reported_weight_bytes(reports) == {"split": 20 * MIB, "small": 4 * MIB}
+
+
+def test_the_scheduler_counts_a_split_models_kv_demand_on_every_rank():
+    """An agent reports a split model's KV demand as its first rank holds it (its share of the KV heads);
+    the policies divide a model's demand by its tp_size, so the scheduler counts it tp_size times."""
+    from services.scheduler.server import demand_from_reports
+
+    report = scheduler_pb2.LoadReport(agent_id="a")
+    report.models.add(model="split", kv_demand_bytes=100 * MIB)
+    report.models.add(model="whole", kv_demand_bytes=30 * MIB)
+    demand = demand_from_reports([report], {"split": 4, "whole": 1})
+    assert (demand["split"].kv_demand_bytes, demand["whole"].kv_demand_bytes) == (400 * MIB, 30 * MIB)
+    assert demand_from_reports([report])["split"].kv_demand_bytes == 100 * MIB  # no sizes given: as reported

@@ -62,7 +62,7 @@ class SimScheduler:
                 continue
             demand[engine.name] = demand.get(engine.name, ModelDemand()) + ModelDemand.from_serving(
                 cluster.serving(engine), queued=cluster.queued(engine), running=engine.running,
-                kv_demand_bytes=cluster.kv_demand_bytes(engine))
+                kv_demand_bytes=cluster.kv_demand_bytes(engine) * engine.model.tp_size)  # as the scheduler counts it
         # The gateways' demand records.
         demand = with_waiting(demand, {model: len(waiting) for model, waiting in cluster.gateway_waiting.items()})
         agents = tuple(AgentView(a.agent_id, frozenset(a.devices), {i: d.memory_bytes for i, d in a.devices.items()})
@@ -70,7 +70,9 @@ class SimScheduler:
         return ClusterSnapshot(models=tuple(m.config for m in cluster.models.values()), agents=agents, demand=demand,
                                weight_bytes={name: m.weight_bytes for name, m in cluster.models.items()},
                                current=current_placement(records),
-                               kv_bytes_per_token={name: m.kv_bytes_per_token for name, m in cluster.models.items()})
+                               # a split model's per GPU, times its GPUs: the whole model's, as the policies take it
+                               kv_bytes_per_token={name: m.kv_bytes_per_token * m.tp_size
+                                                   for name, m in cluster.models.items()})
 
     def replan(self, instant: bool = False) -> None:
         """instant: the actions take effect at once (the cluster was up before the trace began)."""

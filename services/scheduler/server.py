@@ -20,6 +20,7 @@ import logging
 import signal
 import socket
 import time
+from collections.abc import Mapping
 
 import grpc
 
@@ -110,14 +111,19 @@ def model_spec(model: ModelConfig) -> agent_pb2.ModelSpec:
 KEPT_ON_RETRY_S = 2.0
 
 
-def demand_from_reports(reports: list[scheduler_pb2.LoadReport]) -> dict[str, ModelDemand]:
-    """Each model's load summed over the agents' latest reports."""
+def demand_from_reports(reports: list[scheduler_pb2.LoadReport],
+                        tp_sizes: Mapping[str, int] | None = None) -> dict[str, ModelDemand]:
+    """Each model's load summed over the agents' latest reports. tp_sizes: a
+    model split over several GPUs reports its KV demand as one rank holds it
+    (its share of the KV heads), and the policies take a model's whole demand
+    (they divide it by tp_size, as its weights): it counts tp_size times."""
+    tp_sizes = tp_sizes or {}
     totals: dict[str, ModelDemand] = {}
     for report in reports:
         for load in report.models:
             totals[load.model] = totals.get(load.model, ModelDemand()) + ModelDemand.from_serving(
                 load.serving, queued=load.queued_requests, running=load.running_requests,
-                kv_demand_bytes=load.kv_demand_bytes)
+                kv_demand_bytes=load.kv_demand_bytes * tp_sizes.get(load.model, 1))
     return totals
 
 
@@ -259,7 +265,8 @@ class PlacementLoop:
             models=self.config.models,
             agents=tuple(AgentView(a.agent_id, frozenset(d["index"] for d in a.devices),
                                    {d["index"]: d.get("memory_bytes", 0) for d in a.devices}) for a in agents.values()),
-            demand=with_waiting(demand_from_reports(reports), waiting_at_gateways(self.waiting.items.values())),
+            demand=with_waiting(demand_from_reports(reports, {m.model_name: m.tp_size for m in self.config.models}),
+                                waiting_at_gateways(self.waiting.items.values())),
             weight_bytes={**self._estimated_weights, **reported_weight_bytes(reports)},
             current=current_placement(engines),
         )
