@@ -414,6 +414,46 @@ def test_prism_sheds_a_model_whose_squeeze_would_overload_a_gpu_and_serves_it_ag
     assert [r.agent_id for r in target["b"] if r.active][0] == "y"
 
 
+def test_prism_keeps_a_serving_model_it_cannot_move_where_it_runs_while_the_gpus_have_room_in_sum():
+    # As the shedding test, but the agent has a second GPU, with a light model on it: b cannot move
+    # there (an agent runs one engine per model, so it moves between agents only), and the two GPUs
+    # are not short of compute in sum, so b stays on GPU 0 beside a rather than being shed (which
+    # would fail its requests in flight and unload it, to load it again once it is cold).
+    names = ["a", "b", "c"]
+    weights = dict.fromkeys(names, 16 * GB)
+    current = {"a": [ReplicaTarget("x", (0,), True)], "b": [ReplicaTarget("x", (0,), True)],
+               "c": [ReplicaTarget("x", (1,), True)]}
+    demand = {"a": busy(10.0), "b": busy(8.0), "c": busy(0.5)}
+    params = PolicyParams()
+    snap = ClusterSnapshot(models=models(*names), agents=(agent("x", 2),), weight_bytes=weights, current=current,
+                           demand=demand)
+    loads = {m.model_name: compute_load(snap, m, params) for m in snap.models}
+    assert loads["a"] + loads["b"] > params.compute_overload  # beside a, b overloads GPU 0
+    assert sum(loads.values()) <= 2 * params.compute_overload  # the two GPUs have room in sum
+    target = prism_policy(snap, params)
+    assert active_of(target) == {"a": [("x", (0,))], "b": [("x", (0,))], "c": [("x", (1,))]}
+    # Not running yet (b only waiting at the gateways, say), it can go to GPU 1 instead.
+    waiting = {**current, "b": []}
+    target = prism_policy(ClusterSnapshot(models=snap.models, agents=snap.agents, weight_bytes=weights,
+                                          current=waiting, demand=demand), params)
+    assert ("x", (1,)) in active_of(target)["b"]
+
+
+def test_new_models_spread_over_the_gpus_by_count_before_weight():
+    # A 70B-like model split over GPUs 0-1, then six small ones, all new: weights first put every small
+    # model on GPUs 2 and 3 (each far lighter than a shard of the big one), where those that became
+    # active together shared two GPUs' compute, and on one agent they could not move off again.
+    names = ["big", *(f"s{i}" for i in range(6))]
+    weights = {"big": 140 * GB, **{f"s{i}": GB for i in range(6)}}
+    snap = ClusterSnapshot(models=models(*names, tp={"big": 2}), agents=(agent("x", 4, 141 * GB),),
+                           weight_bytes=weights)
+    for policy in (prism_policy, time_share_policy):
+        homes = {m: rs[0].gpu_ids for m, rs in policy(snap).items()}
+        assert homes["big"] == (0, 1)
+        small = [homes[f"s{i}"] for i in range(6)]
+        assert sorted(small) == [(0,), (1,), (2,), (2,), (3,), (3,)], (policy.__name__, small)
+
+
 def test_prism_gives_a_model_too_hot_for_one_gpu_replicas_on_several_and_drops_them_when_it_cools():
     # One 8B model at 30 req/s needs about 1.3 GPUs of compute: three replicas at capacity 0.5 each,
     # on three agents (one engine of a model per agent), the one it runs on among them.
