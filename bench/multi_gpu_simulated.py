@@ -18,26 +18,26 @@ Per GPU count: the same trace shape as the live run, its rate scaled with the
 GPUs (--rate-per-gpu, 3 req/s: the live run's 12 on 4), 18 x GPUs / 8 models.
 Prints the tables last; writes bench/results/multi_gpu-simulated.json.
 
-Simulated 2026-12-05 (bench/results/multi_gpu-simulated.json, seed 0, 60 s):
-- 4 GPUs: prism 94.8%, static 83.1%, time-share 84.4% (measured 79.4 / 83.4 / 85.5%).
-  Static and time-share match model by model (the 8B beside a 70B rank at 42-46%, measured
-  49-58%; the 70B at 23-30%, measured 0%). Prism does not: simulated, it sheds the 70B (0%,
-  its 36 requests fail after waiting) and every other model attains 100%; live, it kept the 70B
-  and lost the 8B. Live, the scheduler counted a loaded split model's weights as one shard
-  (fixed since: reported_weight_bytes sums the shards), so to the policy the 70B was a 19B model
-  that fitted.
-- 8 GPUs (the original setting, not run live: no 8-GPU machine was lent): prism 91.6%, static
-  82.1%, time-share 99.9%. Prism loses here because the run has one agent with all 8 GPUs, and
-  an agent runs one engine per model, so the policy cannot move a model between its GPUs: an
-  8B whose burst outgrows its GPU (model-5, 4 req/s of 1.5k-token prompts) fits nowhere it may
-  go, is shed (unloaded at once, its 5 requests in flight failing), and is loaded again as soon
-  as it is cold. (bench/sim_tables.py runs prism with one agent per GPU, where it can move; with
-  one agent of 8 GPUs its 18-model tables lose too: seed 1 at 3 GPUs 74.4% against 99.4%.)
-  Keeping a serving model in place rather than shedding it gave 99.9% here (keeping it always)
-  or 98.5% (keeping it up to compute_overload + compute_margin), but mixed results on
-  bench/sim_tables.py's tables (seeds 0 and 1, 1-8 GPUs, one agent or one per GPU: -13.7 to +8.4
-  points a cell, and -6.5 to +4.0), so neither is in the policy; moving an engine between one
-  agent's GPUs is the fix this points to.
+Simulated 2026-12-05 (bench/results/multi_gpu-simulated.json, 60 s traces, seeds 0/1/2):
+- 4 GPUs, seed 0 (the live run's trace): prism 94.8%, static 83.1%, time-share 84.0% (measured
+  79.4 / 83.4 / 85.5%). Static and time-share match model by model (the 8B beside a 70B rank at
+  41-44%, measured 49-58%; the 70B at 23-30%, measured 0%). Prism does not: simulated, it sheds
+  the 70B (0%, its 36 requests fail after waiting) and every other model attains 100%; live, it
+  kept the 70B and lost the 8B, because the scheduler then counted a loaded split model's weights
+  as one shard (a 19B model to the policy; fixed since: reported_weight_bytes).
+  Seeds 1/2: prism 91.5/87.4%, static 91.4/88.3%, time-share 91.5/87.4%.
+- 8 GPUs (the original setting, not run live: no 8-GPU machine was lent), 18 models on one
+  agent: prism 97.8/98.7/99.7%, static 82.1/93.0/100%, time-share 97.8/98.7/99.7%.
+  Before two placement fixes this simulation found, prism attained 91.6/52.4/67.4% and
+  time-share 99.9/66.0/86.8%: new models were spread by weight, so every small model went to the
+  GPUs the 70B did not cover, and on one agent prism cannot move a model between its GPUs (an
+  agent runs one engine per model), so it shed serving models, failing their requests in flight,
+  and loaded them again once cold (seed 1: 74 loads, 57 unloads, 497 failed requests). Now new
+  models spread by count first, and a serving model is shed only when the GPUs are short of
+  compute in sum (services/scheduler/policy.py). Moving a model between one agent's GPUs as
+  drain-then-load made it worse (tried before these fixes, 4/8 GPUs, seed 0: 77.8/84.1%): the
+  only replica's drain never ends under load; a move would need a second engine of the model
+  on the agent.
 """
 
 from __future__ import annotations
@@ -112,6 +112,8 @@ def main() -> None:
     p.add_argument("--split-step-factor", type=float, default=1.7,
                    help="a split model's step against the profile's for its shard's size (see above)")
     p.add_argument("--profile", type=Path, default=DEFAULT_PROFILE)
+    p.add_argument("--more-seeds", type=int, nargs="*", default=[1, 2],
+                   help="also these traces' seeds (the attainment table; detail for --seed only)")
     p.add_argument("--measured", type=Path, default=None, help="a bench/multi_gpu.py result to compare with")
     p.add_argument("--out", type=Path, default=common.ROOT / "bench" / "results" / "multi_gpu-simulated.json")
     args = p.parse_args()
@@ -119,27 +121,35 @@ def main() -> None:
     measured = json.loads(args.measured.read_text()) if args.measured else None
     payload: dict = {"benchmark": "multi_gpu_simulated", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                      "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                     "profile_device": profile.device, "by_gpus": {}}
+                     "profile_device": profile.device, "by_gpus": {}, "attainment": []}
+    seeds = [args.seed] + [s for s in args.more_seeds if s != args.seed]
     for gpus in args.gpus:
-        run_args = argparse.Namespace(device="cuda", gpus=gpus, models=0, large_tp=args.large_tp,
-                                      rate=args.rate_per_gpu * gpus, duration=args.duration, seed=args.seed)
-        entries = model_entries(run_args, Path("/nonexistent"))  # CUDA configs: nothing is written
-        trace, params = make_trace(run_args, [e["model_name"] for e in entries])
-        one = {"settings": {"device": f"simulated {profile.device}", "gpus": gpus, "ttft_ms": args.ttft_ms,
-                            "tpot_ms": args.tpot_ms},
-               "models": [{"name": e["model_name"], "config": Path(e["model_path"]).name, "tp_size": e["tp_size"]}
-                          for e in entries],
-               "trace": {**vars(params), "requests": len(trace.requests)},
-               "runs": [simulated_run(policy, args, entries, trace, profile, gpus) for policy in args.policies]}
-        payload["by_gpus"][str(gpus)] = one
-        print(f"{gpus} GPUs: " + ", ".join(f"{r['policy']} {100 * r['attainment']:.1f}%" for r in one["runs"]),
-              flush=True)
+        for seed in seeds:
+            run_args = argparse.Namespace(device="cuda", gpus=gpus, models=0, large_tp=args.large_tp,
+                                          rate=args.rate_per_gpu * gpus, duration=args.duration, seed=seed)
+            entries = model_entries(run_args, Path("/nonexistent"))  # CUDA configs: nothing is written
+            trace, params = make_trace(run_args, [e["model_name"] for e in entries])
+            runs = [simulated_run(policy, args, entries, trace, profile, gpus) for policy in args.policies]
+            print(f"{gpus} GPUs, seed {seed}: " + ", ".join(f"{r['policy']} {100 * r['attainment']:.1f}%"
+                                                           for r in runs), flush=True)
+            payload["attainment"].append({"gpus": gpus, "seed": seed,
+                                          **{r["policy"]: r["attainment"] for r in runs}})
+            if seed == args.seed:  # the detail of the first seed's run (the live run's seed)
+                payload["by_gpus"][str(gpus)] = {
+                    "settings": {"device": f"simulated {profile.device}", "gpus": gpus, "ttft_ms": args.ttft_ms,
+                                 "tpot_ms": args.tpot_ms},
+                    "models": [{"name": e["model_name"], "config": Path(e["model_path"]).name,
+                                "tp_size": e["tp_size"]} for e in entries],
+                    "trace": {**vars(params), "requests": len(trace.requests)}, "runs": runs}
     write_json(args.out, payload)
     for gpus, one in payload["by_gpus"].items():
         print_tables(one)
         if measured is not None and str(measured["settings"]["gpus"]) == gpus and measured.get("runs"):
             print(f"\nmeasured ({args.measured.name}, {measured['date']}) beside simulated, {gpus} GPUs:")
             print(compare_table(one, measured))
+    print(f"\nattainment % per GPU count and seed (the trace's rate {args.rate_per_gpu:g} req/s a GPU):")
+    print(table([{**row, **{p: 100 * row[p] for p in args.policies}} for row in payload["attainment"]],
+                [("gpus", "GPUs", "d"), ("seed", "seed", "d")] + [(p, p, ".1f") for p in args.policies]))
 
 
 if __name__ == "__main__":

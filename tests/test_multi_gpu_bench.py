@@ -77,8 +77,9 @@ def test_the_committed_four_gpu_result_plots_memory_over_time(tmp_path):
 
 
 def test_the_simulated_run_matches_the_measured_one_where_the_policies_are_the_same(tmp_path, monkeypatch, capsys):
-    """bench/multi_gpu_simulated.py on 4 GPUs (a 20 s trace): every policy runs, the 70B is one split
-    model among 9, and the comparison with the committed measured run prints model by model."""
+    """bench/multi_gpu_simulated.py on 4 GPUs (20 s traces, seeds 0-2): every policy runs, the 70B is one
+    split model among 9, the comparison with the committed measured run prints model by model, and the
+    attainment per seed last."""
     _bench()  # bench/ on sys.path
     spec = importlib.util.spec_from_file_location("multi_gpu_simulated", ROOT / "bench" / "multi_gpu_simulated.py")
     sim = importlib.util.module_from_spec(spec)
@@ -94,5 +95,8 @@ def test_the_simulated_run_matches_the_measured_one_where_the_policies_are_the_s
     for r in run["runs"]:
         assert r["requests"] == run["trace"]["requests"] > 0 and 0.0 <= r["attainment"] <= 1.0
         assert set(r["per_model"]) <= {m["name"] for m in run["models"]}
+    assert [(row["gpus"], row["seed"]) for row in payload["attainment"]] == [(4, 0), (4, 1), (4, 2)]
+    assert payload["attainment"][0]["prism"] == run["runs"][0]["attainment"]
     printed = capsys.readouterr().out
     assert "measured (multi_gpu-h200x4.json" in printed and "prism live  prism sim" in printed
+    assert printed.rstrip().splitlines()[-3].split()[:2] == ["4", "0"]  # the seeds' table is printed last
