@@ -40,7 +40,11 @@ Policies (`POLICIES`, chosen by `--policy`):
   until a GPU has room (its requests wait at the gateways, then end with an
   explicit error), since squeezed in it would cost everyone there their SLO
   and itself keep none (simulated, 18 models on one H200: 21% of requests
-  within SLO, 2-3% when squeezing in). Hysteresis: a model
+  within SLO, 2-3% when squeezing in). A model already serving is shed only
+  while the GPUs are short of compute in sum; otherwise it stays where it
+  runs, since on an agent with several GPUs it cannot move to another of
+  them (one engine per model an agent) and a shed serving model fails its
+  requests in flight. Hysteresis: a model
   is cold only after its demand has been zero for the whole report window
   (60 s), placed models stay where they are unless their GPU is
   over-committed beyond a margin (memory or compute), and a move never takes
