@@ -17,7 +17,7 @@ from pathlib import Path
 
 from services.common.model_size import estimate_weight_bytes
 from services.common.placement_config import ModelConfig
-from services.gpu_agent.engine.engine import DEFAULT_CONTEXTS_IN_MEMORY
+from services.gpu_agent.engine.engine import default_kv_limit_bytes
 from services.gpu_agent.engine.kv_pool import DEFAULT_PAGE_BYTES
 from services.gpu_agent.slo import DEFAULT_TPOT_MS, DEFAULT_TTFT_MS
 
@@ -61,8 +61,7 @@ class SimModel:
         default of 8 contexts in whole page bundles (engine.py)."""
         if limit_bytes > 0:
             return limit_bytes
-        bundle = self.bundle_bytes
-        return -(-DEFAULT_CONTEXTS_IN_MEMORY * self.max_context * self.kv_bytes_per_token // bundle) * bundle
+        return default_kv_limit_bytes(self.max_context, self.kv_bytes_per_token, self.bundle_bytes)
 
 
 def sim_model(config: ModelConfig) -> SimModel:

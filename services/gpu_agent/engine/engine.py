@@ -113,6 +113,12 @@ def _rlog(seq: Sequence) -> dict[str, str]:
     return {"request_id": seq.request_id}
 
 
+def default_kv_limit_bytes(max_context: int, kv_bytes_per_token: int, bundle_bytes: int) -> int:
+    """An engine's KV limit when none is given: DEFAULT_CONTEXTS_IN_MEMORY full
+    contexts, in whole page bundles (a tiny model's are under one bundle)."""
+    return -(-DEFAULT_CONTEXTS_IN_MEMORY * max_context * kv_bytes_per_token // bundle_bytes) * bundle_bytes
+
+
 class Engine:
     def __init__(self, model_path: str | Path, *, name: str | None = None, load_format: str = "auto",
                  dtype: str = "auto", device: str = "cpu", seed: int = 0,
@@ -193,9 +199,9 @@ class Engine:
             raise EngineError("tensor parallelism runs on the page pool for now: kv_pool='pages'")
         self._kv_page_bytes = kv_page_bytes
         limit = memory_limit_bytes
-        if not limit:  # the default: 8 contexts, in whole pages (a tiny model's 8 contexts are under one 2 MiB page)
-            bundle = page_bundle_bytes(self._geometry, self._page_bytes())
-            limit = -(-DEFAULT_CONTEXTS_IN_MEMORY * self.max_context * self.kv_bytes_per_token // bundle) * bundle
+        if not limit:
+            limit = default_kv_limit_bytes(self.max_context, self.kv_bytes_per_token,
+                                           page_bundle_bytes(self._geometry, self._page_bytes()))
         self._kv_capacity_bytes = kv_capacity_bytes
         self._use_triton = self._choose_attention(attention)
         if step_tokens is None:
