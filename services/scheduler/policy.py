@@ -379,8 +379,7 @@ def _home_of_everyone(snapshot: ClusterSnapshot) -> dict[str, GpuKey]:
 
         def burden(k: GpuKey) -> tuple[int, int, GpuKey]:
             overlapping = [v for s, v in load.items() if _overlaps(s, k)]
-            models_on_fullest = max(sum(n for (a, ids), (_, n) in load.items() if a == k[0] and gpu in ids)
-                                    for gpu in k[1])
+            models_on_fullest = _on_busiest_gpu({s: n for s, (_, n) in load.items()}, k)
             return (models_on_fullest, sum(w for w, _ in overlapping), k)
 
         best = min(sets, key=burden)
