@@ -34,7 +34,7 @@ Simulated 2026-12-05 (bench/results/multi_gpu-simulated.json, 60 s traces, seeds
   agent runs one engine per model), so it shed serving models, failing their requests in flight,
   and loaded them again once cold (seed 1: 74 loads, 57 unloads, 497 failed requests). Now new
   models spread by count first, and a serving model is shed only when the GPUs are short of
-  compute in sum (services/scheduler/policy.py). Moving a model between one agent's GPUs as
+  compute in sum (services/scheduler/policies/prism.py). Moving a model between one agent's GPUs as
   drain-then-load made it worse (tried before these fixes, 4/8 GPUs, seed 0: 77.8/84.1%): the
   only replica's drain never ends under load; a move would need a second engine of the model
   on the agent.

@@ -59,7 +59,7 @@ from prism.simulator.runner import SimSettings, fewest_above, simulate  # noqa: 
 from prism.workload.generator import BurstyGroupParams, bursty_group_trace  # noqa: E402
 from prism.workload.trace import Trace  # noqa: E402
 from services.common.placement_config import InitPlacement, ModelConfig, PlacementConfig, load  # noqa: E402
-from services.scheduler.policy import ClusterSnapshot, ModelDemand, PolicyParams, compute_load  # noqa: E402
+from services.scheduler.policies import ClusterSnapshot, ModelDemand, PolicyParams, compute_load  # noqa: E402
 
 POLICIES = ("static", "dedicated", "time-share", "prism")
 WARMUP_S = 30.0  # attainment_after_warmup: of the requests sent from then on

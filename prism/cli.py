@@ -380,7 +380,7 @@ def simulate(
     from prism.workload.replay import SloTargets
     from prism.workload.trace import Trace
     from services.common.placement_config import ConfigError, load
-    from services.scheduler.policy import POLICIES
+    from services.scheduler.policies import POLICIES
 
     policies = list(POLICIES) if policy == "all" else [policy]
     if any(p not in POLICIES for p in policies):

@@ -33,7 +33,7 @@ from services.gateway.errors import ModelNotFound, ModelUnavailable
 from services.gateway.relay import Relay
 from services.gateway.router import Router
 from services.scheduler.actions import Action, current_placement, plan_actions
-from services.scheduler.policy import ReplicaTarget
+from services.scheduler.policies import ReplicaTarget
 
 # ---- the agent ---------------------------------------------------------------------------
 

@@ -105,7 +105,7 @@ def test_slo_priority_and_shed_load():
 
 
 def test_policy_in_the_file_and_its_names_match_the_schedulers():
-    from services.scheduler.policy import POLICIES
+    from services.scheduler.policies import POLICIES
 
     assert set(pc.POLICY_NAMES) == set(POLICIES)
     model = {"model_name": "m", "model_path": "/m", "init_placements": [{"gpu_ids": [0]}]}

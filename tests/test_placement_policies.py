@@ -10,7 +10,7 @@ import pytest
 from services.common import placement_config as pc
 from services.common.records import EngineRecord
 from services.scheduler.actions import Action, plan_actions
-from services.scheduler.policy import (
+from services.scheduler.policies import (
     AgentView,
     ClusterSnapshot,
     ModelDemand,

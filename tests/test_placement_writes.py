@@ -10,7 +10,7 @@ import asyncio
 from services.common import placement_config as pc
 from services.common import records
 from services.common.etcd import connect
-from services.scheduler.policy import ReplicaTarget
+from services.scheduler.policies import ReplicaTarget
 from services.scheduler.scheduler_service import SchedulerService
 from services.scheduler.server import PlacementLoop
 

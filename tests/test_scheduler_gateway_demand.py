@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from services.common import placement_config as pc
 from services.common import records
-from services.scheduler.policy import (
+from services.scheduler.policies import (
     AgentView,
     ClusterSnapshot,
     ModelDemand,

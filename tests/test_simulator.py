@@ -26,7 +26,7 @@ from prism.workload.trace import Trace, TraceRequest
 from services.common.placement_config import parse
 from services.gpu_agent import memory_policy
 from services.gpu_agent.engine import scheduler as engine_scheduler
-from services.scheduler import actions, policy
+from services.scheduler import actions, policies
 
 ONE_B = "bench/configs/llama-3.2-1b"
 EIGHT_B = "bench/configs/llama-3.1-8b"
@@ -49,7 +49,7 @@ def two_model_trace(rate: float, seed: int = 3, duration_s: float = 60.0) -> Tra
 
 
 def test_the_policies_run_are_the_real_ones(profile):
-    assert sim_scheduler.POLICIES is policy.POLICIES
+    assert sim_scheduler.POLICIES is policies.POLICIES
     assert sim_scheduler.plan_actions is actions.plan_actions
     assert sim_cluster.MEMORY_POLICIES is memory_policy.POLICIES
     assert sim_cluster.grant is memory_policy.grant
@@ -58,8 +58,8 @@ def test_the_policies_run_are_the_real_ones(profile):
     assert sim_cluster.admission_key is admission.admission_key
     assert sim_cluster.free_tokens is admission.free_tokens
     cluster = sim_cluster.SimCluster(None, profile, {}, 1, 8, 80 * GB)
-    for name in policy.POLICIES:
-        assert sim_scheduler.SimScheduler(cluster, name).policy is policy.POLICIES[name]
+    for name in policies.POLICIES:
+        assert sim_scheduler.SimScheduler(cluster, name).policy is policies.POLICIES[name]
 
 
 def test_deterministic(profile):
@@ -181,7 +181,7 @@ def test_cli_writes_a_bench_shaped_report_per_policy(tmp_path):
                                       "--policy", "all", "--min-gpus-for", "0.99", "--out", str(out)])
     assert result.exit_code == 0, result.output
     written = json.loads(out.read_text())
-    assert set(written["policies"]) == set(policy.POLICIES)
+    assert set(written["policies"]) == set(policies.POLICIES)
     for name, run in written["policies"].items():
         assert {"overall", "per_model", "over_time", "requests"} <= set(run)
         assert run["simulation"]["policy"] == name and run["simulation"]["num_gpus"] == 2

@@ -3,7 +3,7 @@ from __future__ import annotations
 from services.common import placement_config as pc
 from services.common.records import EngineRecord
 from services.scheduler.actions import Action, plan_actions
-from services.scheduler.policy import AgentView, ClusterSnapshot, ReplicaTarget, static_policy
+from services.scheduler.policies import AgentView, ClusterSnapshot, ReplicaTarget, static_policy
 
 CONFIG = pc.parse([
     {"model_name": "a", "model_path": "/m/a", "init_placements": [{"gpu_ids": [0], "on": True, "max_memory_pool_size": 1}]},

@@ -72,7 +72,7 @@ from services.gpu_agent.memory_policy import (
     grant,
 )
 from services.gpu_agent.request_stats import ServingSnapshot
-from services.scheduler.policy import Placement
+from services.scheduler.policies import Placement
 
 COLD_START_TIMEOUT_S = 30.0  # the gateway's --cold-start-timeout-s default
 BUSY_WINDOW_S = 10.0  # the agent's --busy-window-s default

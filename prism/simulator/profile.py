@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from services.gpu_agent.engine.scheduler import CUDA_STEP_TOKENS, DEFAULT_STEP_TOKENS
-from services.scheduler.policy import ComputeCosts, StepCost, by_weight
+from services.scheduler.policies import ComputeCosts, StepCost, by_weight
 
 
 @dataclass(frozen=True)

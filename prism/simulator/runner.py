@@ -27,7 +27,7 @@ from prism.workload.replay import RequestResult, SloTargets, report
 from prism.workload.trace import Trace
 from services.common.placement_config import ModelConfig
 from services.gpu_agent.admission import DEFAULT_STARVATION_S
-from services.scheduler.policy import PolicyParams
+from services.scheduler.policies import PolicyParams
 
 GB = 1 << 30
 

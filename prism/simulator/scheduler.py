@@ -1,5 +1,5 @@
 """The simulated global scheduler: the real placement policy
-(services/scheduler/policy.py POLICIES) and action planner
+(services/scheduler/policies/__init__.py POLICIES) and action planner
 (services/scheduler/actions.py plan_actions) on a snapshot of the simulated
 cluster, re-planned every `interval_s` (the scheduler's --replan-interval-s)
 and at once when a request starts waiting at the gateway for a model no
@@ -17,7 +17,7 @@ from __future__ import annotations
 from prism.simulator.cluster import SimCluster
 from services.common.records import EngineRecord
 from services.scheduler.actions import Action, current_placement, plan_actions
-from services.scheduler.policy import (
+from services.scheduler.policies import (
     MANAGES_ACTIVITY,
     POLICIES,
     AgentView,

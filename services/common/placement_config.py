@@ -35,7 +35,7 @@ import yaml
 LOAD_FORMATS = ("auto", "dummy")
 ENGINES = ("auto", "torch", "sglang")  # auto: sglang where it imports on a CUDA agent, else torch
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-# The scheduler's placement policies (services/scheduler/policy.py POLICIES; a test keeps the two in step).
+# The scheduler's placement policies (services/scheduler/policies/__init__.py POLICIES; a test keeps the two in step).
 POLICY_NAMES = ("static", "dedicated", "time-share", "prism")
 GB = 1 << 30
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.records import EngineRecord
-from services.scheduler.policy import Placement, ReplicaTarget
+from services.scheduler.policies import Placement, ReplicaTarget
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ from services.common.tls import (
 )
 from services.scheduler.actions import Action, current_placement, plan_actions
 from services.scheduler.leader_election import LEADER, LeaderElection
-from services.scheduler.policy import (
+from services.scheduler.policies import (
     MANAGES_ACTIVITY,
     POLICIES,
     AgentView,

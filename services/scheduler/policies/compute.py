@@ -1,0 +1,114 @@
+"""The compute-cost model: what an engine step costs on the cluster's GPUs, and
+`compute_load`, the share of a GPU's time a model needs to keep its TPOT SLO
+beside others (the prism policy sums these per GPU)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # compute_load's types; the snapshot module imports this one for its default costs
+    from services.common.placement_config import ModelConfig
+    from services.scheduler.policies.snapshot import ClusterSnapshot, PolicyParams
+
+
+@dataclass(frozen=True)
+class StepCost:
+    """The engine step-time constants of one model size (as the simulator's profile has them)."""
+
+    weight_bytes: int
+    decode_base_s: float  # a decode step's fixed cost
+    decode_per_seq_s: float  # each decoding sequence, beyond its attention
+    prefill_base_s: float  # a step with prefill tokens, beyond a decode step's base
+    prefill_per_token_s: float
+    prefill_per_seq_s: float = 0.0  # each prompt in a prefill step
+
+
+@dataclass(frozen=True)
+class ComputeCosts:
+    """What an engine step costs on the cluster's GPUs, by model size (linear
+    in weight bytes between the sizes, the smallest's below them, the last
+    slope above), and decode attention's KV read rate."""
+
+    points: tuple[StepCost, ...]  # ascending weight bytes
+    attention_bytes_per_s: float
+
+    def at(self, weight_bytes: int, name: str) -> float:
+        return by_weight(self.points, weight_bytes, name)
+
+
+def by_weight(points: tuple, weight_bytes: int, name: str) -> float:
+    """Field `name` of points (ascending weight_bytes) at weight_bytes: linear
+    between the two points around it, the first's value below them, the last
+    two's slope above; never negative."""
+    if len(points) == 1 or weight_bytes <= points[0].weight_bytes:
+        return getattr(points[0], name)
+    lo, hi = points[-2], points[-1]
+    for a, b in zip(points, points[1:]):
+        if weight_bytes <= b.weight_bytes:
+            lo, hi = a, b
+            break
+    x = (weight_bytes - lo.weight_bytes) / (hi.weight_bytes - lo.weight_bytes)
+    return max(0.0, getattr(lo, name) + x * (getattr(hi, name) - getattr(lo, name)))
+
+
+# The H200 fit in bench/results/sim-profile-h200.json (Llama 3.2 1B and 3.1 8B, bf16,
+# the built-in engine), rounded; a cluster of other GPUs passes its own (the
+# simulator passes its profile's: LatencyProfile.compute_costs()).
+H200_COMPUTE_COSTS = ComputeCosts(
+    points=(StepCost(2_471_628_800, 1.48e-3, 3.79e-5, 1.149e-2, 1.328e-5),
+            StepCost(16_060_522_496, 5.07e-3, 4.13e-5, 1.671e-2, 2.227e-5)),
+    attention_bytes_per_s=4.61e12)
+
+
+DEFAULT_TPOT_S = 0.1  # the agent's default TPOT SLO (services/gpu_agent/slo.py)
+
+
+def compute_load(snapshot: ClusterSnapshot, model: ModelConfig, params: PolicyParams,
+                 rate: float | None = None) -> float:
+    """The share of one GPU's time (each of its GPUs, for tensor parallelism)
+    that the model needs to keep its TPOT SLO while it shares the GPU.
+
+    Colocated engines run their steps one at a time, so a GPU's busy engines
+    take turns in a round whose length is every step summed; a decoding
+    request gets one token per round, so the round must stay within the TPOT
+    SLO (times `cycle_fraction`, for bursts): the cycle C. Per second, a model
+    then costs its fixed step cost once per round while it has requests in
+    flight (busy), a prefill step's extra base per new request (at most once
+    per round), and per-token work for its prompts and outputs:
+
+        load = busy * decode_base / C + min(rate, 1/C) * prefill_base
+               + rate * (prompt * prefill_per_token + output * (decode_per_seq + context * kv_per_token / attention_rate))
+
+    busy is the measured busy fraction, capped by what the rate implies at
+    the cycle (1 - exp(-rate * T), T a request's time in flight: its output
+    at one token per round), since a model that waited behind others looks
+    busier than it would be; prompt and output are the reported means
+    (defaults until a request finished). The loads of models on one GPU add
+    up: they fit while the sum stays under `compute_capacity`. rate: in place
+    of the reported arrival rate."""
+    demand = snapshot.demand_of(model.model_name)
+    rate = demand.arrival_rate if rate is None else rate
+    weights = snapshot.weight_bytes.get(model.model_name, 0)
+    costs = params.compute
+    cycle = params.cycle_fraction * ((model.tpot_slo_ms / 1000) if model.tpot_slo_ms else DEFAULT_TPOT_S)
+    prompt = demand.mean_prompt_tokens or params.default_prompt_tokens
+    output = demand.mean_output_tokens or params.default_output_tokens
+    kv_per_token = snapshot.kv_bytes_per_token.get(model.model_name) or weights * params.kv_bytes_per_weight_byte
+    busy = 1 - math.exp(-rate * output * cycle)
+    if demand.busy_fraction > 0:
+        busy = min(busy, demand.busy_fraction)
+    if demand.queued or demand.running:
+        busy = max(busy, min(1.0, demand.busy_fraction) if demand.busy_fraction else 1.0)
+    base = costs.at(weights, "decode_base_s")
+    # Steps with prefill: a prompt is cut into chunks of the step's token budget; small ones share a step.
+    prefill_steps = max(rate * prompt / params.step_tokens, min(rate, 1 / cycle))
+    per_token = (costs.at(weights, "decode_per_seq_s")
+                 + (prompt + output / 2) * kv_per_token / costs.attention_bytes_per_s)
+    load = (busy * base / cycle + max(0.0, prefill_steps - busy / cycle) * base
+            + prefill_steps * costs.at(weights, "prefill_base_s")
+            + rate * (costs.at(weights, "prefill_per_seq_s") + prompt * costs.at(weights, "prefill_per_token_s")
+                      + output * per_token))
+    return load / model.tp_size
+

@@ -1,0 +1,155 @@
+"""What a placement policy reads and writes: the cluster snapshot, the target
+placement, and the policies' parameters.
+
+A snapshot holds the agents and their GPUs (with memory), the configured
+models with their weight sizes, each model's recent demand from the load
+reports, and the current placement (what the agents run). A placement maps
+each model to its replicas: an agent, the GPUs of one engine, and whether the
+engine is active (weights and KV on the GPU) or inactive (weights in host
+memory, switched back on by its first request, or by the scheduler).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from services.common.placement_config import ModelConfig
+from services.scheduler.policies.compute import H200_COMPUTE_COSTS, ComputeCosts
+
+
+@dataclass(frozen=True)
+class AgentView:
+    agent_id: str
+    gpu_ids: frozenset[int]
+    gpu_memory: Mapping[int, int] = field(default_factory=dict)  # gpu id -> bytes; missing: unknown (0)
+
+    def memory_of(self, gpu_id: int) -> int:
+        return self.gpu_memory.get(gpu_id, 0)
+
+
+@dataclass(frozen=True)
+class ModelDemand:
+    """One model's load, summed over the agents' latest reports."""
+
+    arrival_rate: float = 0.0  # requests/s over the report window
+    queued: int = 0
+    running: int = 0
+    kv_demand_bytes: int = 0  # KV its requests hold and will need soon
+    # Fraction of the report window with at least one request in flight, summed over
+    # the reports (two busy replicas: up to 2).
+    busy_fraction: float = 0.0
+    mean_prompt_tokens: float = 0.0  # per finished request; 0: not known
+    mean_output_tokens: float = 0.0
+    # Requests/s over the last 10 s: a burst shows here within seconds, where the window's rate
+    # takes most of a minute. Only replication reads it (prism_policy): a model whose burst needs
+    # more than one GPU gets its replicas as the burst starts; everything else plans on the window.
+    recent_arrival_rate: float = 0.0
+
+    @property
+    def hot(self) -> bool:
+        return self.arrival_rate > 0 or self.queued > 0 or self.running > 0
+
+    @classmethod
+    def from_serving(cls, serving, *, queued: int, running: int, kv_demand_bytes: int) -> ModelDemand:
+        """One engine's load: `serving` is its request stats, a ServingStats proto (a load report) or
+        the ServingSnapshot it mirrors (the simulator), which name their fields alike."""
+        return cls(arrival_rate=serving.arrival_rate, recent_arrival_rate=serving.recent_arrival_rate,
+                   queued=queued, running=running, kv_demand_bytes=kv_demand_bytes,
+                   busy_fraction=serving.busy_fraction, mean_prompt_tokens=serving.mean_prompt_tokens,
+                   mean_output_tokens=serving.mean_output_tokens)
+
+    def __add__(self, other: ModelDemand) -> ModelDemand:
+        """Two sources' load on one model (two agents' reports, say): counts and
+        rates summed, mean tokens per request averaged weighted by arrival rate."""
+        def mean(a: float, b: float) -> float:
+            if not a or not b:
+                return a or b
+            rates = self.arrival_rate + other.arrival_rate
+            return (a * self.arrival_rate + b * other.arrival_rate) / rates if rates > 0 else (a + b) / 2
+
+        return ModelDemand(self.arrival_rate + other.arrival_rate, self.queued + other.queued,
+                           self.running + other.running, self.kv_demand_bytes + other.kv_demand_bytes,
+                           self.busy_fraction + other.busy_fraction,
+                           mean(self.mean_prompt_tokens, other.mean_prompt_tokens),
+                           mean(self.mean_output_tokens, other.mean_output_tokens),
+                           self.recent_arrival_rate + other.recent_arrival_rate)
+
+
+def with_waiting(demand: Mapping[str, ModelDemand], waiting: Mapping[str, int]) -> dict[str, ModelDemand]:
+    """Demand plus the requests waiting at gateways for a model to become servable, counted as queued."""
+    out = dict(demand)
+    for model, count in waiting.items():
+        out[model] = out.get(model, ModelDemand()) + ModelDemand(queued=count)
+    return out
+
+
+@dataclass(frozen=True)
+class ReplicaTarget:
+    agent_id: str
+    gpu_ids: tuple[int, ...]
+    active: bool
+    memory_limit_bytes: int = 0
+
+
+Placement = dict[str, list[ReplicaTarget]]  # model -> its replicas
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    models: tuple[ModelConfig, ...]
+    agents: tuple[AgentView, ...]
+    demand: Mapping[str, ModelDemand] = field(default_factory=dict)  # absent: no demand
+    weight_bytes: Mapping[str, int] = field(default_factory=dict)  # model -> bytes (all its GPUs)
+    current: Placement = field(default_factory=dict)  # what the agents run now (active as reported)
+    # model -> KV bytes per token (all layers, K and V); missing: estimated from its weight bytes
+    kv_bytes_per_token: Mapping[str, int] = field(default_factory=dict)
+
+    def demand_of(self, model: str) -> ModelDemand:
+        return self.demand.get(model, ModelDemand())
+
+
+@dataclass(frozen=True)
+class PolicyParams:
+    # KV an active model is counted with at least, as a fraction of its GPU, so
+    # a model with little demand still has room to take a burst.
+    min_kv_fraction: float = 0.05
+    # A GPU counts as over-committed (a hot model there gets a replica elsewhere)
+    # only when its active models' needs exceed its memory by this fraction.
+    overcommit_margin: float = 0.1
+    # Compute (prism): step costs, and the load (GPU time per second, 1.0 = the
+    # whole GPU) that active models may sum to on one GPU; a model already
+    # active there stays until its GPU's load exceeds capacity plus the margin.
+    compute: ComputeCosts = H200_COMPUTE_COSTS
+    compute_capacity: float = 0.5
+    compute_margin: float = 0.15
+    # When GPUs are short, a model that fits nowhere within capacity still goes beside
+    # others while their GPU's load stays under this; past it, it is not served (shed)
+    # until a GPU has room, so the models there keep their SLO.
+    compute_overload: float = 0.8
+    # The round of steps over a GPU's busy engines must stay within this fraction
+    # of each model's TPOT SLO.
+    cycle_fraction: float = 0.5
+    # An engine step's token budget (the engine's chunked prefill: services/gpu_agent/engine/scheduler.py).
+    step_tokens: int = 512
+    # Models with demand below this rate (requests/s) are warm rather than hot: they stay where they are,
+    # active while their GPU has the memory, else switched off (their agent switches them on for a
+    # request), and never move or push others away.
+    warm_rate: float = 0.5
+    # Tokens per request when the reports have none yet.
+    default_prompt_tokens: float = 512.0
+    default_output_tokens: float = 128.0
+    # KV bytes per token per weight byte, for a model whose KV geometry is not in the snapshot.
+    kv_bytes_per_weight_byte: float = 1.2e-5
+    # Standby replicas (prism): this many more engines of each placed model that runs one, switched
+    # off, on other agents. They cost their agents' host memory (the weights) and no GPU memory; when
+    # a burst needs replicas, the policy switches them on (its loaded replicas come before new sets),
+    # an activation (tenths of a second) instead of a load (seconds). The gateways send requests to
+    # them only while no replica is active. 0: none (the agents' host memory is not in the snapshot,
+    # so this is the operator's call).
+    standby_replicas: int = 0
+
+
+Policy = Callable[[ClusterSnapshot, PolicyParams], Placement]
+
+GpuKey = tuple[str, tuple[int, ...]]  # (agent id, gpu ids of one engine)
