@@ -37,6 +37,8 @@ a burst switches on instead of loading new ones.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from services.common.placement_config import ModelConfig
 from services.scheduler.policies.compute import compute_load
@@ -54,216 +56,359 @@ from services.scheduler.policies.snapshot import ClusterSnapshot, GpuKey, Placem
 
 
 def prism_policy(snapshot: ClusterSnapshot, params: PolicyParams = PolicyParams()) -> Placement:
-    homes = home_of_everyone(snapshot)
-    models = {m.model_name: m for m in snapshot.models}
-    placement: Placement = {name: [] for name in models}
-    used: dict[GpuKey, int] = {}  # active needs per GPU set
-    compute: dict[GpuKey, float] = {}  # compute loads per GPU set
-    protected: dict[GpuKey, float] = {}  # arrival rate of the models placed within compute, per GPU set
-    sacrificed: list[GpuKey] = []  # sets given the models that fit nowhere
-    shed: set[str] = set()  # hot models no set can take without costing others their SLO
-    loads = {m.model_name: compute_load(snapshot, m, params) for m in snapshot.models}
-
-    def burst_load(model: ModelConfig) -> float:
-        """What the model's last seconds would need, where its recent rate is above the window's
-        (replication only reads it)."""
-        demand = snapshot.demand_of(model.model_name)
-        if demand.recent_arrival_rate <= demand.arrival_rate:
-            return loads[model.model_name]
-        return compute_load(snapshot, model, params, rate=demand.recent_arrival_rate)
-
-    burst_loads = {m.model_name: burst_load(m) for m in snapshot.models}
-
-    def room(key: GpuKey) -> int:
-        memory = shard_memory(snapshot, key)
-        return memory - on_busiest_gpu(used, key)
-
-    def compute_used(key: GpuKey) -> float:
-        return on_busiest_gpu(compute, key)
-
-    def protected_rate(key: GpuKey) -> float:
-        return sum(r for k, r in protected.items() if overlaps(k, key))
-
-    def add(name: str, key: GpuKey, active: bool, load: float = 0.0, replicas: int = 1) -> None:
-        placement[name].append(ReplicaTarget(key[0], key[1], active))
-        if active:
-            used[key] = used.get(key, 0) + need_per_gpu(snapshot, models[name], shard_memory(snapshot, key), params,
-                                                         replicas)
-            compute[key] = compute.get(key, 0.0) + load
-
-    def memory_fits(model: ModelConfig, key: GpuKey, replicas: int = 1) -> bool:
-        memory = shard_memory(snapshot, key)
-        need = need_per_gpu(snapshot, model, memory, params, replicas)
-        return not memory or need <= room(key) + params.overcommit_margin * memory
-
-    def fits(model: ModelConfig, key: GpuKey, staying: bool, replicas: int = 1) -> bool:
-        """Memory and compute (a replica's share of the model's, with `replicas` serving it); a model
-        already active there keeps it up to the margins. A replica of a model replicated for its load
-        may fill a GPU with nothing else on it up to the overload bound: no one else's SLO is at stake."""
-        limit = params.compute_capacity + (params.compute_margin if staying else 0.0)
-        if replicas > 1 and not compute_used(key):
-            limit = max(limit, params.compute_overload)
-        return (memory_fits(model, key, replicas)
-                and compute_used(key) + loads[model.model_name] / replicas <= limit)
-
-    def replicas_wanted(model: ModelConfig, active: list[GpuKey]) -> int:
-        """As many active replicas as the model's compute needs at `compute_capacity` each (the gateways
-        split its requests evenly among them), with hysteresis so that a rate near a boundary does not
-        add and drop a replica by turns: a lone replica is enough while it stays within capacity plus
-        the margin (as a model staying on its GPU does), and a model replicated for its load keeps
-        its replicas until one fewer would stay under capacity less the margin. (Two active replicas
-        of a model whose load fits one are a move under way, made before break: not kept.) The load
-        is the larger of the window's and the last seconds' (a burst is replicated as it starts)."""
-        load = burst_loads[model.model_name]
-        want = max(1, math.ceil(load / params.compute_capacity))
-        have = len(active)
-        if have <= 1 and load <= params.compute_capacity + params.compute_margin:
-            want = 1
-        if want >= 2 and have > want and load / (have - 1) > params.compute_capacity - params.compute_margin:
-            want = have
-        return min(want, len({k[0] for k in gpu_sets(snapshot, model.tp_size)}))
-
-    # Hot models in order: priority; then those already running at home (they keep their GPU, so
-    # noise in the rates cannot make two models swap places); then requests per unit of compute
-    # (when GPUs are short, the most requests keep their SLO); then name.
-    def running_at_home(m: ModelConfig) -> bool:
-        return any(r.active and (r.agent_id, r.gpu_ids) == homes[m.model_name] for r in live_replicas(snapshot, m))
-
-    def order(m: ModelConfig) -> tuple:
-        settled = running_at_home(m)
-        rate = snapshot.demand_of(m.model_name).arrival_rate
-        efficiency = rate / loads[m.model_name] if loads[m.model_name] > 0 else rate
-        return (-m.priority, not settled, 0.0 if settled else -efficiency, 0.0 if settled else -rate, m.model_name)
-
-    def warm(m: ModelConfig) -> bool:
-        demand = snapshot.demand_of(m.model_name)
-        return demand.arrival_rate < params.warm_rate and not demand.queued
-
-    def place_replicas(model: ModelConfig, want: int, live: list[ReplicaTarget], active: list[GpuKey],
-                       loaded: list[GpuKey]) -> bool:
-        """A model whose compute needs more than one GPU: up to `want` active replicas on distinct agents
-        (its active ones first, then its loaded ones, then the sets with the most compute room), each
-        taking an even share of its load. With fewer found, the ones found share it all; with none, False
-        (it goes on as a model that fits nowhere)."""
-        name = model.model_name
-        chosen: list[GpuKey] = []
-        taken: set[str] = set()
-
-        def take(candidates: list[GpuKey], staying: bool) -> None:
-            for key in candidates:
-                if len(chosen) < want and key[0] not in taken and fits(model, key, staying, want):
-                    chosen.append(key)
-                    taken.add(key[0])
-
-        take(sorted(active, key=lambda k: (compute_used(k), k)), staying=True)
-        take(sorted((k for k in loaded if k not in active), key=lambda k: (compute_used(k), k)), staying=False)
-        take(sorted((k for k in open_sets(snapshot, model, live) if k not in active and k not in loaded),
-                    key=lambda k: (compute_used(k), -room(k), k)), staying=False)
-        if not chosen:
-            return False
-        rate = snapshot.demand_of(name).arrival_rate
-        for key in chosen:
-            add(name, key, True, loads[name] / len(chosen), len(chosen))
-            protected[key] = protected.get(key, 0.0) + rate / len(chosen)
-        if active and not any(k in active for k in chosen):
-            add(name, active[0], True)  # keep serving from where it is until the new replicas are up
-        return True
-
-    hot = sorted((m for m in snapshot.models if snapshot.demand_of(m.model_name).hot and m.model_name in homes),
-                 key=order)
-    overflow: list[ModelConfig] = []
-    replicated: list[tuple[ModelConfig, int, list[ReplicaTarget], list[GpuKey], list[GpuKey]]] = []
-    for model in (m for m in hot if not warm(m)):
-        name = model.model_name
-        home = homes[name]
-        load = loads[name]
-        rate = snapshot.demand_of(name).arrival_rate
-        live = live_replicas(snapshot, model)
-        active = [(r.agent_id, r.gpu_ids) for r in live if r.active]
-        loaded = [(r.agent_id, r.gpu_ids) for r in live if not r.active]
-        want = replicas_wanted(model, active)
-        if want > 1:  # after the others: they keep their GPUs, it takes the room left
-            replicated.append((model, want, live, active, loaded))
-            continue
-        # Stay: on an active replica (or home) that fits, the one with the most compute room.
-        current = active + ([home] if home not in active else [])
-        stay = [k for k in current if fits(model, k, staying=k in active)]
-        if stay:
-            key = max(stay, key=lambda k: (-compute_used(k), k in active, k))
-            add(name, key, True, load)
-            protected[key] = protected.get(key, 0.0) + rate
-            continue
-        # Move: a replica loaded elsewhere that fits, else the set with the most compute room where it
-        # fits; made before the old one breaks.
-        target = next((k for k in loaded if k not in current and fits(model, k, staying=False)), None)
-        if target is None:
-            candidates = [k for k in open_sets(snapshot, model, live) if k not in current and fits(model, k, False)]
-            if candidates:
-                target = max(candidates, key=lambda k: (-compute_used(k), room(k), k))
-        if target is None:
-            overflow.append(model)
-            continue
-        add(name, target, True, load)
-        protected[target] = protected.get(target, 0.0) + rate
-        if target not in active:
-            add(name, current[0], True)  # keep serving from where it is until the new replica is up
-    for model, want, live, active, loaded in replicated:
-        if not place_replicas(model, want, live, active, loaded):
-            overflow.append(model)
-    # Shedding is triage for GPUs short of compute in sum. Where they have room in sum, a model that fits
-    # nowhere it may go (an agent runs one engine per model, so it cannot move between one agent's GPUs)
-    # and is active stays where it runs: shedding it would fail its requests in flight and unload its
-    # engine, to load it again once it is cold (simulated, issue 9's 18 models on one agent of 8 GPUs,
-    # seed 1: 74 loads, 57 unloads and 497 failed requests in 60 s).
-    gpu_count = sum(len(a.gpu_ids) for a in snapshot.agents)
-    short = sum(loads[m.model_name] * m.tp_size for m in hot) > params.compute_overload * gpu_count
-    # What fits nowhere goes together where it costs the fewest requests their SLO: the sets whose
-    # protected models have the least arrival rate (one already given such models first).
+    """Plans the placement in steps, each a function below, on a PrismPlan
+    (what is placed so far, and its memory, compute and protected rate per GPU
+    set): the hot models in order (hot_in_order); those not warm one by one
+    (place_hot: stay, else move, else overflow; a model that needs several
+    replicas after the others, place_replicas); what overflowed squeezed onto
+    sacrificed sets or shed (squeeze_or_shed, gpus_short_of_compute); the warm
+    models (place_warm); the cold ones (place_cold); standbys last
+    (add_standby_replicas)."""
+    plan = PrismPlan.start(snapshot, params)
+    hot = hot_in_order(plan)
+    overflow = place_hot(plan, [m for m in hot if not is_warm(plan, m)])
+    short = gpus_short_of_compute(plan, hot)
     for model in overflow:
-        name = model.model_name
-        home = homes[name]
-        live = live_replicas(snapshot, model)
-        active = [(r.agent_id, r.gpu_ids) for r in live if r.active]
-        loaded = [(r.agent_id, r.gpu_ids) for r in live]
-        current = active + ([home] if home not in active else [])
-        candidates = [k for k in loaded + open_sets(snapshot, model, live) if memory_fits(model, k)]
-        # Onto a set whose models were placed within its compute only while the
-        # sum stays under the GPU's whole: past it, the squeeze would take their SLO too.
-        candidates = [k for k in candidates
-                      if not protected_rate(k) or compute_used(k) + loads[name] <= params.compute_overload]
-        if not candidates and active and not short:
-            candidates = active[:1]
-        if not candidates:
-            shed.add(name)  # not served until a set has room: its requests wait at the gateway, then fail
-            continue
-        key = min(candidates, key=lambda k: (not any(overlaps(k, s) for s in sacrificed), protected_rate(k),
-                                            k not in active, k not in loaded, -room(k), k))
-        sacrificed.append(key)
-        add(name, key, True, loads[name])
-        if key not in active and current[0] != key and (key not in loaded or current[0] in active):
-            add(name, current[0], True)  # keep serving from where it is until the new replica is up
-    # Warm models stay where they are (active there, else at home): on while the memory has room.
-    for model in (m for m in hot if warm(m)):
-        name = model.model_name
-        live = live_replicas(snapshot, model)
-        key = next(((r.agent_id, r.gpu_ids) for r in live if r.active), homes[model.model_name])
-        on = memory_fits(model, key)
-        add(name, key, on, loads[name] if on else 0.0)
-    # Cold models stay placed, inactive, where they are (or on the emptiest set).
-    for model in snapshot.models:
-        name = model.model_name
-        if not placement[name] and name in homes and name not in shed:
-            add(name, homes[name], False)
+        squeeze_or_shed(plan, model, short)
+    for model in (m for m in hot if is_warm(plan, m)):
+        place_warm(plan, model)
+    place_cold(plan)
     # Standbys only while every hot model fits within its GPUs' compute: where GPUs are short, the
     # replicas the policy switches on for a burst push in beside models that already share a GPU
     # (simulated, 200 models on 32 GPUs: 80.8% of requests within SLO with a standby each in every
     # plan, 89.7% with standbys only in the plans where everything fits).
     if params.standby_replicas and not overflow:
-        _add_standby_replicas(snapshot, placement, params.standby_replicas)
-    return placement
+        add_standby_replicas(snapshot, plan.placement, params.standby_replicas)
+    return plan.placement
 
 
-def _add_standby_replicas(snapshot: ClusterSnapshot, placement: Placement, count: int) -> None:
+# ---- the plan in progress --------------------------------------------------------
+
+
+@dataclass
+class PrismPlan:
+    """The placement being planned and what it has put on each GPU set so far,
+    which the later steps read to decide where a model still fits."""
+
+    snapshot: ClusterSnapshot
+    params: PolicyParams
+    homes: dict[str, GpuKey]  # one set per model (home_of_everyone)
+    models: dict[str, ModelConfig]  # by name
+    loads: dict[str, float]  # compute load per model at its window's rate (compute_load)
+    burst_loads: dict[str, float]  # ... at its last seconds' rate where that is higher (replication only)
+    placement: Placement
+    used: dict[GpuKey, int] = field(default_factory=dict)  # active needs per GPU set
+    compute: dict[GpuKey, float] = field(default_factory=dict)  # compute loads per GPU set
+    # arrival rate of the models placed within compute, per GPU set
+    protected: dict[GpuKey, float] = field(default_factory=dict)
+    sacrificed: list[GpuKey] = field(default_factory=list)  # sets given the models that fit nowhere
+    shed: set[str] = field(default_factory=set)  # hot models no set can take without costing others their SLO
+
+    @classmethod
+    def start(cls, snapshot: ClusterSnapshot, params: PolicyParams) -> PrismPlan:
+        """An empty plan: every model's home and compute loads, nothing placed yet."""
+        models = {m.model_name: m for m in snapshot.models}
+        loads = compute_loads(snapshot, params)
+        return cls(snapshot, params, home_of_everyone(snapshot), models, loads,
+                   burst_loads(snapshot, params, loads), {name: [] for name in models})
+
+    def room(self, key: GpuKey) -> int:
+        memory = shard_memory(self.snapshot, key)
+        return memory - on_busiest_gpu(self.used, key)
+
+    def compute_used(self, key: GpuKey) -> float:
+        return on_busiest_gpu(self.compute, key)
+
+    def protected_rate(self, key: GpuKey) -> float:
+        return sum(r for k, r in self.protected.items() if overlaps(k, key))
+
+    def add(self, name: str, key: GpuKey, active: bool, load: float = 0.0, replicas: int = 1) -> None:
+        """A replica of `name` on `key`; an active one counts its memory (a `replicas`th of its KV demand)
+        and `load` of compute there."""
+        self.placement[name].append(ReplicaTarget(key[0], key[1], active))
+        if active:
+            self.used[key] = self.used.get(key, 0) + need_per_gpu(
+                self.snapshot, self.models[name], shard_memory(self.snapshot, key), self.params, replicas)
+            self.compute[key] = self.compute.get(key, 0.0) + load
+
+    def protect(self, key: GpuKey, rate: float) -> None:
+        """Counts `rate` requests/s on `key` as placed within its compute (the squeeze avoids them)."""
+        self.protected[key] = self.protected.get(key, 0.0) + rate
+
+    def memory_fits(self, model: ModelConfig, key: GpuKey, replicas: int = 1) -> bool:
+        memory = shard_memory(self.snapshot, key)
+        need = need_per_gpu(self.snapshot, model, memory, self.params, replicas)
+        return not memory or need <= self.room(key) + self.params.overcommit_margin * memory
+
+    def fits(self, model: ModelConfig, key: GpuKey, staying: bool, replicas: int = 1) -> bool:
+        """Memory and compute (a replica's share of the model's, with `replicas` serving it); a model
+        already active there keeps it up to the margins. A replica of a model replicated for its load
+        may fill a GPU with nothing else on it up to the overload bound: no one else's SLO is at stake."""
+        limit = self.params.compute_capacity + (self.params.compute_margin if staying else 0.0)
+        if replicas > 1 and not self.compute_used(key):
+            limit = max(limit, self.params.compute_overload)
+        return (self.memory_fits(model, key, replicas)
+                and self.compute_used(key) + self.loads[model.model_name] / replicas <= limit)
+
+
+class Replicas(NamedTuple):
+    """Where a model runs now: its live replicas, and the GPU sets of the active
+    ones and of the loaded but switched-off ones."""
+
+    live: list[ReplicaTarget]
+    active: list[GpuKey]
+    loaded: list[GpuKey]
+
+    @property
+    def live_sets(self) -> list[GpuKey]:
+        """The GPU sets of every live replica, active or not, in order."""
+        return [(r.agent_id, r.gpu_ids) for r in self.live]
+
+
+def replicas_now(snapshot: ClusterSnapshot, model: ModelConfig) -> Replicas:
+    live = live_replicas(snapshot, model)
+    return Replicas(live, [(r.agent_id, r.gpu_ids) for r in live if r.active],
+                    [(r.agent_id, r.gpu_ids) for r in live if not r.active])
+
+
+def serving_sets(plan: PrismPlan, model: ModelConfig, active: list[GpuKey]) -> list[GpuKey]:
+    """Where the model serves from now: its active sets, then its home if not among them."""
+    home = plan.homes[model.model_name]
+    return active + ([home] if home not in active else [])
+
+
+# ---- loads and order -------------------------------------------------------------
+
+
+def compute_loads(snapshot: ClusterSnapshot, params: PolicyParams) -> dict[str, float]:
+    """Each model's compute load at its window's arrival rate: what every step but replication plans on."""
+    return {m.model_name: compute_load(snapshot, m, params) for m in snapshot.models}
+
+
+def burst_loads(snapshot: ClusterSnapshot, params: PolicyParams, loads: dict[str, float]) -> dict[str, float]:
+    """What each model's last seconds would need, where its recent rate is above the window's
+    (replication only reads it)."""
+    def burst_load(model: ModelConfig) -> float:
+        demand = snapshot.demand_of(model.model_name)
+        if demand.recent_arrival_rate <= demand.arrival_rate:
+            return loads[model.model_name]
+        return compute_load(snapshot, model, params, rate=demand.recent_arrival_rate)
+
+    return {m.model_name: burst_load(m) for m in snapshot.models}
+
+
+def hot_in_order(plan: PrismPlan) -> list[ModelConfig]:
+    """The models with demand (and a home), in the order they are placed: priority; then those
+    already running at home (they keep their GPU, so noise in the rates cannot make two models swap
+    places); then requests per unit of compute (when GPUs are short, the most requests keep their
+    SLO); then name."""
+    snapshot = plan.snapshot
+
+    def running_at_home(m: ModelConfig) -> bool:
+        return any(r.active and (r.agent_id, r.gpu_ids) == plan.homes[m.model_name]
+                   for r in live_replicas(snapshot, m))
+
+    def order(m: ModelConfig) -> tuple:
+        settled = running_at_home(m)
+        rate = snapshot.demand_of(m.model_name).arrival_rate
+        load = plan.loads[m.model_name]
+        efficiency = rate / load if load > 0 else rate
+        return (-m.priority, not settled, 0.0 if settled else -efficiency, 0.0 if settled else -rate, m.model_name)
+
+    hot = (m for m in snapshot.models if snapshot.demand_of(m.model_name).hot and m.model_name in plan.homes)
+    return sorted(hot, key=order)
+
+
+def is_warm(plan: PrismPlan, model: ModelConfig) -> bool:
+    """Demand below `warm_rate` and nothing queued: the model stays where it is and never pushes others away."""
+    demand = plan.snapshot.demand_of(model.model_name)
+    return demand.arrival_rate < plan.params.warm_rate and not demand.queued
+
+
+# ---- hot models ------------------------------------------------------------------
+
+
+def place_hot(plan: PrismPlan, models: list[ModelConfig]) -> list[ModelConfig]:
+    """Places the hot models (not warm), in order: each stays where it serves, else moves, else
+    overflows. Those that need several replicas go after the others: they keep their GPUs, it takes
+    the room left. Returns the overflow: the models that fit nowhere."""
+    overflow: list[ModelConfig] = []
+    replicated: list[tuple[ModelConfig, int]] = []
+    for model in models:
+        replicas = replicas_now(plan.snapshot, model)
+        want = replicas_wanted(plan, model, replicas.active)
+        if want > 1:  # after the others: they keep their GPUs, it takes the room left
+            replicated.append((model, want))
+        elif not (stay(plan, model, replicas) or move(plan, model, replicas)):
+            overflow.append(model)
+    for model, want in replicated:
+        if not place_replicas(plan, model, want, replicas_now(plan.snapshot, model)):
+            overflow.append(model)
+    return overflow
+
+
+def replicas_wanted(plan: PrismPlan, model: ModelConfig, active: list[GpuKey]) -> int:
+    """As many active replicas as the model's compute needs at `compute_capacity` each (the gateways
+    split its requests evenly among them), with hysteresis so that a rate near a boundary does not
+    add and drop a replica by turns: a lone replica is enough while it stays within capacity plus
+    the margin (as a model staying on its GPU does), and a model replicated for its load keeps
+    its replicas until one fewer would stay under capacity less the margin. (Two active replicas
+    of a model whose load fits one are a move under way, made before break: not kept.) The load
+    is the larger of the window's and the last seconds' (a burst is replicated as it starts)."""
+    params = plan.params
+    load = plan.burst_loads[model.model_name]
+    want = max(1, math.ceil(load / params.compute_capacity))
+    have = len(active)
+    if have <= 1 and load <= params.compute_capacity + params.compute_margin:
+        want = 1
+    if want >= 2 and have > want and load / (have - 1) > params.compute_capacity - params.compute_margin:
+        want = have
+    return min(want, len({k[0] for k in gpu_sets(plan.snapshot, model.tp_size)}))
+
+
+def stay(plan: PrismPlan, model: ModelConfig, replicas: Replicas) -> bool:
+    """Stay: on an active replica (or home) that fits, the one with the most compute room. False
+    where none fits."""
+    name = model.model_name
+    current = serving_sets(plan, model, replicas.active)
+    fitting = [k for k in current if plan.fits(model, k, staying=k in replicas.active)]
+    if not fitting:
+        return False
+    key = max(fitting, key=lambda k: (-plan.compute_used(k), k in replicas.active, k))
+    plan.add(name, key, True, plan.loads[name])
+    plan.protect(key, plan.snapshot.demand_of(name).arrival_rate)
+    return True
+
+
+def move(plan: PrismPlan, model: ModelConfig, replicas: Replicas) -> bool:
+    """Move: a replica loaded elsewhere that fits, else the set with the most compute room where it
+    fits; made before the old one breaks. False where no set fits."""
+    name = model.model_name
+    current = serving_sets(plan, model, replicas.active)
+    target = next((k for k in replicas.loaded if k not in current and plan.fits(model, k, staying=False)), None)
+    if target is None:
+        candidates = [k for k in open_sets(plan.snapshot, model, replicas.live)
+                      if k not in current and plan.fits(model, k, False)]
+        if candidates:
+            target = max(candidates, key=lambda k: (-plan.compute_used(k), plan.room(k), k))
+    if target is None:
+        return False
+    plan.add(name, target, True, plan.loads[name])
+    plan.protect(target, plan.snapshot.demand_of(name).arrival_rate)
+    if target not in replicas.active:
+        plan.add(name, current[0], True)  # keep serving from where it is until the new replica is up
+    return True
+
+
+def replica_sets(plan: PrismPlan, model: ModelConfig, want: int, replicas: Replicas) -> list[GpuKey]:
+    """Up to `want` sets on distinct agents where a replica fits with an even share of the model's
+    load: its active ones first, then its loaded ones, then the sets with the most compute room."""
+    active, loaded = replicas.active, replicas.loaded
+    chosen: list[GpuKey] = []
+    taken: set[str] = set()
+
+    def take(candidates: list[GpuKey], staying: bool) -> None:
+        for key in candidates:
+            if len(chosen) < want and key[0] not in taken and plan.fits(model, key, staying, want):
+                chosen.append(key)
+                taken.add(key[0])
+
+    take(sorted(active, key=lambda k: (plan.compute_used(k), k)), staying=True)
+    take(sorted((k for k in loaded if k not in active), key=lambda k: (plan.compute_used(k), k)), staying=False)
+    take(sorted((k for k in open_sets(plan.snapshot, model, replicas.live) if k not in active and k not in loaded),
+                key=lambda k: (plan.compute_used(k), -plan.room(k), k)), staying=False)
+    return chosen
+
+
+def place_replicas(plan: PrismPlan, model: ModelConfig, want: int, replicas: Replicas) -> bool:
+    """A model whose compute needs more than one GPU: up to `want` active replicas on distinct agents
+    (replica_sets), each taking an even share of its load. With fewer found, the ones found share it
+    all; with none, False (it goes on as a model that fits nowhere)."""
+    name = model.model_name
+    chosen = replica_sets(plan, model, want, replicas)
+    if not chosen:
+        return False
+    rate = plan.snapshot.demand_of(name).arrival_rate
+    for key in chosen:
+        plan.add(name, key, True, plan.loads[name] / len(chosen), len(chosen))
+        plan.protect(key, rate / len(chosen))
+    if replicas.active and not any(k in replicas.active for k in chosen):
+        plan.add(name, replicas.active[0], True)  # keep serving from where it is until the new replicas are up
+    return True
+
+
+# ---- triage: what fits nowhere ---------------------------------------------------
+
+
+def gpus_short_of_compute(plan: PrismPlan, hot: list[ModelConfig]) -> bool:
+    """Whether the hot models' compute, summed, exceeds `compute_overload` of every GPU.
+
+    Shedding is triage for GPUs short of compute in sum. Where they have room in sum, a model that fits
+    nowhere it may go (an agent runs one engine per model, so it cannot move between one agent's GPUs)
+    and is active stays where it runs: shedding it would fail its requests in flight and unload its
+    engine, to load it again once it is cold (simulated, issue 9's 18 models on one agent of 8 GPUs,
+    seed 1: 74 loads, 57 unloads and 497 failed requests in 60 s)."""
+    gpu_count = sum(len(a.gpu_ids) for a in plan.snapshot.agents)
+    return sum(plan.loads[m.model_name] * m.tp_size for m in hot) > plan.params.compute_overload * gpu_count
+
+
+def squeeze_candidates(plan: PrismPlan, model: ModelConfig, replicas: Replicas, short: bool) -> list[GpuKey]:
+    """The sets a model that fits nowhere may be squeezed onto: its live sets and open ones with the
+    memory, onto a set whose models were placed within its compute only while the sum stays under the
+    GPU's whole (past it, the squeeze would take their SLO too). None left and the GPUs not short in
+    sum: where it runs active (see gpus_short_of_compute)."""
+    load = plan.loads[model.model_name]
+    candidates = [k for k in replicas.live_sets + open_sets(plan.snapshot, model, replicas.live)
+                  if plan.memory_fits(model, k)]
+    candidates = [k for k in candidates
+                  if not plan.protected_rate(k) or plan.compute_used(k) + load <= plan.params.compute_overload]
+    if not candidates and replicas.active and not short:
+        candidates = replicas.active[:1]
+    return candidates
+
+
+def squeeze_or_shed(plan: PrismPlan, model: ModelConfig, short: bool) -> None:
+    """What fits nowhere goes together where it costs the fewest requests their SLO: the sets whose
+    protected models have the least arrival rate (one already given such models first). With no set
+    to go to it is shed: not served until a set has room (its requests wait at the gateway, then fail)."""
+    name = model.model_name
+    replicas = replicas_now(plan.snapshot, model)
+    active, live_sets = replicas.active, replicas.live_sets
+    current = serving_sets(plan, model, active)
+    candidates = squeeze_candidates(plan, model, replicas, short)
+    if not candidates:
+        plan.shed.add(name)  # not served until a set has room: its requests wait at the gateway, then fail
+        return
+    key = min(candidates, key=lambda k: (not any(overlaps(k, s) for s in plan.sacrificed), plan.protected_rate(k),
+                                        k not in active, k not in live_sets, -plan.room(k), k))
+    plan.sacrificed.append(key)
+    plan.add(name, key, True, plan.loads[name])
+    if key not in active and current[0] != key and (key not in live_sets or current[0] in active):
+        plan.add(name, current[0], True)  # keep serving from where it is until the new replica is up
+
+
+# ---- warm, cold, standby ---------------------------------------------------------
+
+
+def place_warm(plan: PrismPlan, model: ModelConfig) -> None:
+    """A warm model stays where it is (active there, else at home): on while the memory has room."""
+    name = model.model_name
+    live = live_replicas(plan.snapshot, model)
+    key = next(((r.agent_id, r.gpu_ids) for r in live if r.active), plan.homes[name])
+    on = plan.memory_fits(model, key)
+    plan.add(name, key, on, plan.loads[name] if on else 0.0)
+
+
+def place_cold(plan: PrismPlan) -> None:
+    """Cold models stay placed, inactive, where they are (or on the emptiest set): their home. Not
+    the shed ones."""
+    for model in plan.snapshot.models:
+        name = model.model_name
+        if not plan.placement[name] and name in plan.homes and name not in plan.shed:
+            plan.add(name, plan.homes[name], False)
+
+
+def add_standby_replicas(snapshot: ClusterSnapshot, placement: Placement, count: int) -> None:
     """Gives each model placed on one GPU set `count` switched-off replicas on
     other agents: the ones it has there already (switched off or on), else the
     sets whose agents hold the least weight of the models placed on them, so
