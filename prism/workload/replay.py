@@ -25,7 +25,8 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from prism.workload.trace import Trace, TraceRequest
@@ -42,10 +43,27 @@ class SloTargets:
     ttft_s: float = 1.0
     tpot_s: float = 0.1
     scale: float = 1.0  # multiplies both targets
+    # model -> (ttft_s, tpot_s) where a model has its own (a config's "slo"); the others take the two above
+    per_model: Mapping[str, tuple[float, float]] = field(default_factory=dict)
 
-    def attained(self, ttft_s: float | None, tpot_s: float | None) -> bool:
-        return (ttft_s is not None and ttft_s <= self.ttft_s * self.scale
-                and (tpot_s is None or tpot_s <= self.tpot_s * self.scale))
+    def with_models(self, models) -> SloTargets:
+        """These targets with each model's own where its config sets one (ModelConfig's ttft_slo_ms and
+        tpot_slo_ms; either alone keeps the default for the other)."""
+        own = dict(self.per_model)
+        for m in models:
+            if m.ttft_slo_ms or m.tpot_slo_ms:
+                own[m.model_name] = (m.ttft_slo_ms / 1000 if m.ttft_slo_ms else self.ttft_s,
+                                     m.tpot_slo_ms / 1000 if m.tpot_slo_ms else self.tpot_s)
+        return replace(self, per_model=own)
+
+    def of(self, model: str | None) -> tuple[float, float]:
+        """The model's (ttft_s, tpot_s), before scaling."""
+        return self.per_model.get(model, (self.ttft_s, self.tpot_s)) if model is not None else (self.ttft_s, self.tpot_s)
+
+    def attained(self, ttft_s: float | None, tpot_s: float | None, model: str | None = None) -> bool:
+        ttft_target, tpot_target = self.of(model)
+        return (ttft_s is not None and ttft_s <= ttft_target * self.scale
+                and (tpot_s is None or tpot_s <= tpot_target * self.scale))
 
 
 @dataclass
@@ -193,7 +211,7 @@ async def replay(trace: Trace, *, http_url: str | None = None, grpc_address: str
     if progress:
         sys.stderr.write("\n")
     for r in results:
-        r.attained = r.error is None and slo.attained(r.ttft_s, r.tpot_s)
+        r.attained = r.error is None and slo.attained(r.ttft_s, r.tpot_s, r.model)
     return results
 
 
