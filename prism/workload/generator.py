@@ -11,7 +11,10 @@ other model gets `idle_fraction` of its active share. Each model's arrivals
 in a window form a renewal process with Gamma inter-arrival times of
 coefficient of variation `burstiness_cv` (1: Poisson; above 1: bursts).
 Prompt and output lengths are log-normal with the given means and standard
-deviations, clipped to [1, max]."""
+deviations, clipped to [1, max]. The groups and the windows' draws come from
+the seed alone, and each model's arrivals and lengths in a window from a
+stream of their own, so traces that differ only in `rate` share every
+window's groups and, scaled, every model's arrivals and lengths."""
 
 from __future__ import annotations
 
@@ -109,11 +112,16 @@ def bursty_group_trace(params: BurstyGroupParams, models: list[str] | None = Non
         for m in names:
             share = params.rate * weights[m] / total
             rate = share if m in active_models else share * params.idle_fraction
-            for t in _arrivals(rng, rate, params.burstiness_cv, start, end):
+            # Each model's window draws from streams of its own: the schedule above never depends on the
+            # rate, and at twice the rate a window's arrivals are the same gaps halved with the same
+            # lengths first, so a sweep of rates changes nothing but the rate.
+            stream = f"{params.seed}:{m}:{len(windows)}"
+            lengths = random.Random(stream + ":lengths")
+            for t in _arrivals(random.Random(stream), rate, params.burstiness_cv, start, end):
                 requests.append(TraceRequest(
                     t=round(t, 6), model=m,
-                    prompt_tokens=_lognormal(rng, params.prompt_mean, params.prompt_std, params.max_prompt),
-                    output_tokens=_lognormal(rng, params.output_mean, params.output_std, params.max_output)))
+                    prompt_tokens=_lognormal(lengths, params.prompt_mean, params.prompt_std, params.max_prompt),
+                    output_tokens=_lognormal(lengths, params.output_mean, params.output_std, params.max_output)))
         start = end
     requests.sort(key=lambda r: (r.t, r.model))
     return Trace(tuple(requests), {"generator": "bursty-group", "params": asdict(params),
