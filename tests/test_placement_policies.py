@@ -244,11 +244,14 @@ def test_actions_switch_engines_on_and_off_only_for_policies_that_manage_activit
                ("x", "old"): EngineRecord("x", "old", "inactive", [1])}
     assert plan_actions(target, engines, {"x"}, manage_activity=True) == [
         Action("unload", "x", "old"),
-        Action("deactivate", "x", "b", (0,), False),
+        Action("deactivate", "x", "b", (0,), False, skip_busy_window=True),
         Action("load", "x", "c", (1,), True, 0),
         Action("activate", "x", "a", (0,)),
     ]
     assert plan_actions(target, engines, {"x"}) == [Action("unload", "x", "old"), Action("load", "x", "c", (1,), True, 0)]
+    # The agent's busy window can be left to hold switched-off engines on, as before (the simulator's ablation).
+    held = plan_actions(target, engines, {"x"}, manage_activity=True, deactivate_when_idle=False)
+    assert Action("deactivate", "x", "b", (0,), False) in held
 
 
 def test_prism_moves_the_same_model_whatever_the_noise_in_the_rates():

@@ -32,7 +32,7 @@ DEFAULT_REPLAN_INTERVAL_S = 2.0
 
 class SimScheduler:
     def __init__(self, cluster: SimCluster, policy: str, interval_s: float = DEFAULT_REPLAN_INTERVAL_S,
-                 params: PolicyParams | None = None):
+                 params: PolicyParams | None = None, deactivate_when_idle: bool = True):
         if policy not in POLICIES:
             raise ValueError(f"placement policy {policy!r} is not one of {', '.join(POLICIES)}")
         self.cluster = cluster
@@ -43,6 +43,7 @@ class SimScheduler:
         # The policy prices compute with the same step costs the simulated GPUs run at.
         self.params = params if params is not None else PolicyParams(compute=cluster.profile.compute_costs())
         self.plans = 0
+        self.deactivate_when_idle = deactivate_when_idle  # plan_actions': the agent's busy window skipped
 
     def records(self) -> dict[tuple[str, str], EngineRecord]:
         """The engine records the agents would have in etcd (activating reads inactive, as it does there;
@@ -80,7 +81,8 @@ class SimScheduler:
         target = self.policy(self.snapshot(records), self.params)
         self.plans += 1
         self.cluster.set_placement(target)
-        for action in plan_actions(target, records, set(self.cluster.agents), self.manages_activity):
+        for action in plan_actions(target, records, set(self.cluster.agents), self.manages_activity,
+                                   self.deactivate_when_idle):
             self.execute(action, instant)
 
     def execute(self, action: Action, instant: bool) -> None:
@@ -94,4 +96,4 @@ class SimScheduler:
         elif action.kind == "activate" and engine is not None:
             cluster.activate(engine, instant=instant)
         elif action.kind == "deactivate" and engine is not None:
-            cluster.deactivate(engine)
+            cluster.deactivate(engine, action.skip_busy_window)

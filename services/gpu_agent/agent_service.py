@@ -274,18 +274,19 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
     async def DeactivateModel(self, request: agent_pb2.ModelRequest, context) -> agent_pb2.EngineStatus:
         managed = await self._managed(request.model, context)
-        if not request.force and managed.state == "active" and self._busy(managed):
-            log.info("not deactivating %s: it has requests, or had one in the last %.0fs", request.model,
-                     self.busy_window_s)
+        window_s = 0.0 if request.skip_busy_window else self.busy_window_s
+        if not request.force and managed.state == "active" and self._busy(managed, window_s):
+            log.info("not deactivating %s: it has requests, or had one in the last %.0fs", request.model, window_s)
             return engine_status(managed)
         return engine_status(await self._engine_call(context, self.manager.deactivate(request.model),
                                                      f"deactivating {request.model!r} failed"))
 
-    def _busy(self, managed: ManagedEngine) -> bool:
+    def _busy(self, managed: ManagedEngine, window_s: float) -> bool:
+        """A request running or waiting in it, or one arrived within window_s."""
         stats = managed.engine.stats()
         queued = self.admission.queued(managed.spec.name) if self.admission is not None else 0
         return (stats.running_requests + stats.queued_requests + queued > 0
-                or managed.request_stats.idle_s() < self.busy_window_s)
+                or managed.request_stats.in_flight > 0 or managed.request_stats.idle_s() < window_s)
 
     async def SetMemoryLimit(self, request: agent_pb2.SetMemoryLimitRequest, context) -> agent_pb2.EngineStatus:
         await self._managed(request.model, context)
