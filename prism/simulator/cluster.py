@@ -5,7 +5,9 @@ What runs the real code (imported):
 - each GPU's KV limits: services/gpu_agent/memory_policy.py (POLICIES and
   grant) on the snapshot the agent's coordinator would take (budget = GPU
   memory less the active engines' weights and the reserve), every 100 ms,
-  when a request has to queue, and before an activation;
+  when a request has to queue, and before an activation; and the idle
+  engines switched off when the serving ones' KV demand exceeds the budget
+  (make_room.engines_to_relieve, as the agent's relieve_kv_pressure);
 - admission: the ordering key and the fit and shortfall arithmetic of
   services/gpu_agent/admission.py, in the same pass structure as its pump
   (a model whose earlier request waits blocks its later ones, a grant from
@@ -61,7 +63,7 @@ from services.gpu_agent.admission import (
     shortfall_bytes,
 )
 from services.gpu_agent.engine.request import DEMAND_GROWTH_TOKENS
-from services.gpu_agent.make_room import ResidentEngine, engines_to_switch_off
+from services.gpu_agent.make_room import ResidentEngine, engines_to_relieve, engines_to_switch_off
 from services.gpu_agent.memory_coordinator import DEFAULT_INTERVAL_S, DEFAULT_UNIT_BYTES
 from services.gpu_agent.memory_policy import POLICIES as MEMORY_POLICIES
 from services.gpu_agent.memory_policy import (
@@ -70,12 +72,14 @@ from services.gpu_agent.memory_policy import (
     PolicyParams,
     RecentDemand,
     grant,
+    kv_shortfall_bytes,
 )
 from services.gpu_agent.request_stats import ServingSnapshot
 from services.scheduler.policies import Placement
 
 COLD_START_TIMEOUT_S = 30.0  # the gateway's --cold-start-timeout-s default
 BUSY_WINDOW_S = 10.0  # the agent's --busy-window-s default
+RELIEVE_IDLE_S = BUSY_WINDOW_S
 DRAIN_TIMEOUT_S = 30.0  # the agent's --drain-timeout-s default
 RESERVE_FRACTION, RESERVE_MAX = 0.05, 4 << 30  # memory_coordinator.default_reserve_bytes on a GPU
 
@@ -101,11 +105,13 @@ class Ticket:
 class Device:
     """One GPU: its engines, memory coordinator state and admission queue."""
 
-    def __init__(self, agent_id: str, index: int, memory_bytes: int, demand_hold_s: float):
+    def __init__(self, agent_id: str, index: int, memory_bytes: int, demand_hold_s: float,
+                 reserve_bytes: int | None = None):
         self.agent_id = agent_id
         self.index = index
         self.memory_bytes = memory_bytes
-        self.reserve_bytes = min(int(memory_bytes * RESERVE_FRACTION), RESERVE_MAX)
+        self.reserve_bytes = min(int(memory_bytes * RESERVE_FRACTION), RESERVE_MAX) if reserve_bytes is None \
+            else reserve_bytes
         self.engines: list[SimEngine] = []
         self.waiting: list[Ticket] = []
         self.reserved: dict[str, int] = {}  # model -> tokens admitted but not yet counted by its engine
@@ -135,9 +141,10 @@ def kv_floor_bytes(engine: SimEngine) -> int:
 
 
 class Agent:
-    def __init__(self, agent_id: str, num_gpus: int, memory_bytes: int, demand_hold_s: float):
+    def __init__(self, agent_id: str, num_gpus: int, memory_bytes: int, demand_hold_s: float,
+                 reserve_bytes: int | None = None):
         self.agent_id = agent_id
-        self.devices = {i: Device(agent_id, i, memory_bytes, demand_hold_s) for i in range(num_gpus)}
+        self.devices = {i: Device(agent_id, i, memory_bytes, demand_hold_s, reserve_bytes) for i in range(num_gpus)}
         self.engines: dict[str, SimEngine] = {}
 
 
@@ -145,7 +152,8 @@ class SimCluster:
     def __init__(self, clock: Clock, profile: LatencyProfile, models: dict[str, SimModel], num_gpus: int,
                  gpus_per_agent: int, gpu_memory_bytes: int, memory_policy: str = "balloon",
                  starvation_s: float = DEFAULT_STARVATION_S, drain_timeout_s: float = DRAIN_TIMEOUT_S,
-                 device_parallelism: float | None = None, stats_lead_s: float = 0.0, split_step_factor: float = 1.0):
+                 device_parallelism: float | None = None, stats_lead_s: float = 0.0, split_step_factor: float = 1.0,
+                 reserve_bytes: int | None = None):
         """device_parallelism: how many engines' steps one device runs at once, in alone-step
         equivalents (default: the profile's, measured by bench/colocated_steps.py; 1 is fully
         serialized): with n engines busy on a device, each step takes max(1, n / parallelism)
@@ -156,7 +164,9 @@ class SimCluster:
         over the time since, up to the stats window; with no lead a first burst reads as a rate
         its whole window long).
         split_step_factor: a split model's step takes this many times the profile's time for a model of
-        its shard's size."""
+        its shard's size.
+        reserve_bytes: each GPU's memory kept out of the KV budget (the agent's --memory-reserve-gb);
+        None: the agent's default (5%, at most 4 GiB)."""
         if memory_policy not in MEMORY_POLICIES:
             raise ValueError(f"memory policy {memory_policy!r} is not one of {', '.join(MEMORY_POLICIES)}")
         self.clock = clock
@@ -179,7 +189,7 @@ class SimCluster:
             n += 1
             agent_id = f"agent-{n}"
             self.agents[agent_id] = Agent(agent_id, min(gpus_per_agent, left), gpu_memory_bytes,
-                                          self.memory_params.demand_hold_s)
+                                          self.memory_params.demand_hold_s, reserve_bytes)
             left -= gpus_per_agent
         self.placement: Placement = {}  # the scheduler's latest target, what the gateway routes by
         self.gateway_waiting: dict[str, list[SimRequest]] = {}
@@ -187,7 +197,7 @@ class SimCluster:
         self.on_cold_start: Callable[[], None] = lambda: None  # the scheduler re-plans at once
         self.on_done: Callable[[SimRequest], None] = lambda r: None
         self.stats = {"loads": 0, "unloads": 0, "activations": 0, "deactivations": 0, "deactivations_refused": 0,
-                      "drains": 0, "drain_timeouts": 0, "drains_cancelled": 0, "drain_rerouted": 0, "activation_out_of_memory": 0, "switched_off_for_room": 0, "preemptions": 0, "memory_plans": 0, "grants": 0, "steps": 0}
+                      "drains": 0, "drain_timeouts": 0, "drains_cancelled": 0, "drain_rerouted": 0, "activation_out_of_memory": 0, "switched_off_for_room": 0, "switched_off_for_kv": 0, "preemptions": 0, "memory_plans": 0, "grants": 0, "steps": 0}
 
     @property
     def now(self) -> float:
@@ -405,12 +415,15 @@ class SimCluster:
         weights (a split one's shard and fixed KV) fit beside the others' and a page bundle of KV for each
         planned engine; None when they cannot be made to."""
         holding = [e for e in device.holding_memory() if e is not engine]
-        residents = [ResidentEngine(model=e.name, weight_bytes=taken_bytes(e) + kv_floor_bytes(e),
-                                    idle_s=self.now - e.last_arrival,
-                                    serving=e.state == "activating" or bool(e.requests or e.pending)
-                                    or any(t.engine is e for t in self.device_of(e).waiting)) for e in holding]
+        residents = [self._resident(e, kv_floor_bytes(e)) for e in holding]
         free = device.memory_bytes - device.reserve_bytes - sum(r.weight_bytes for r in residents)
         return engines_to_switch_off(residents, taken_bytes(engine) + kv_floor_bytes(engine), free, BUSY_WINDOW_S)
+
+    def _resident(self, e: SimEngine, extra_bytes: int = 0) -> ResidentEngine:
+        """An engine holding memory as make_room.py sees it (the agent's MemoryCoordinator._resident)."""
+        return ResidentEngine(model=e.name, weight_bytes=taken_bytes(e) + extra_bytes, idle_s=self.now - e.last_arrival,
+                              serving=e.state == "activating" or bool(e.requests or e.pending)
+                              or any(t.engine is e for t in self.device_of(e).waiting))
 
     def activate(self, engine: SimEngine, instant: bool = False) -> None:
         if engine.state != "inactive":
@@ -458,11 +471,13 @@ class SimCluster:
         else:  # a split model's ranks copy their shards at once
             self.clock.at(self.now + self.profile.activation_s(engine.model.shard_weight_bytes), activated)
 
-    def deactivate(self, engine: SimEngine) -> bool:
-        """As the agent's DeactivateModel without force: refused while the engine is busy."""
+    def deactivate(self, engine: SimEngine, skip_busy_window: bool = False) -> bool:
+        """As the agent's DeactivateModel without force: refused while the engine is busy (a request
+        running or waiting in it, or, unless skip_busy_window, one arrived within the busy window)."""
         if engine.state != "active":
             return engine.state == "inactive"
-        if engine.busy(self.now, BUSY_WINDOW_S) or any(t.engine is engine for t in self.device_of(engine).waiting):
+        window_s = 0.0 if skip_busy_window else BUSY_WINDOW_S
+        if engine.busy(self.now, window_s) or any(t.engine is engine for t in self.device_of(engine).waiting):
             self.stats["deactivations_refused"] += 1
             return False
         self._switch_off(engine)
@@ -535,6 +550,24 @@ class SimCluster:
             for device in agent.devices.values():
                 if device.holding_memory():
                     self.rebalance(device)
+                    self.relieve_kv_pressure(device)
+
+    def relieve_kv_pressure(self, device: Device) -> None:
+        """As the agent's coordinator (relieve_kv_pressure), balloon policy only: idle engines switched off
+        while the serving engines' KV demand exceeds the budget."""
+        if self.memory_policy is not MEMORY_POLICIES["balloon"]:
+            return
+        shortfall = kv_shortfall_bytes(self.memory_snapshot(device))
+        if shortfall <= 0:
+            return
+        holding = [e for e in planned(device.holding_memory()) if e.state == "active"]
+        chosen = engines_to_relieve([self._resident(e) for e in holding], shortfall, RELIEVE_IDLE_S)
+        agent = self.agents[device.agent_id]
+        for model in chosen:
+            self._switch_off(agent.engines[model])
+            self.stats["switched_off_for_kv"] += 1
+        if chosen:
+            self.rebalance(device)
 
     # ---- admission ---------------------------------------------------------------
 

@@ -54,3 +54,22 @@ def engines_to_switch_off(residents: Sequence[ResidentEngine], need_bytes: int, 
         if need_bytes <= free_bytes:
             return chosen
     return None
+
+
+def engines_to_relieve(residents: Sequence[ResidentEngine], shortfall_bytes: int, min_idle_s: float) -> list[str]:
+    """The engines to switch off so that their weights give the device's KV
+    budget `shortfall_bytes` more: those with nothing to serve for
+    `min_idle_s`, longest idle first, until their weights cover it (all of
+    them when they fall short: each one helps). The balloon's other half:
+    an idle engine's weights are the largest memory on a crowded GPU, and
+    with KV limits alone the requests of the engines that serve can wait
+    for KV that no limit can give while idle neighbours hold gigabytes."""
+    chosen: list[str] = []
+    freed = 0
+    for engine in sorted((e for e in residents if not e.serving and e.idle_s >= min_idle_s),
+                         key=lambda e: (-e.idle_s, e.model)):
+        if freed >= shortfall_bytes:
+            break
+        chosen.append(engine.model)
+        freed += engine.weight_bytes
+    return chosen

@@ -8,7 +8,10 @@ policy (memory_policy.py, a pure function) and applies the new limits through
 the engines' balloons: shrinks first, then grows, each with the engine's next
 revision, so the limits never sum to more than the budget, not even between
 two calls. Admission (admission.py) asks it for immediate grants out of the
-budget no engine holds, so a burst need not wait for the next plan.
+budget no engine holds, so a burst need not wait for the next plan. Under the
+balloon policy, when the serving engines' demand exceeds the whole budget,
+idle engines are switched off to give it their weights' memory
+(relieve_kv_pressure).
 
 All of it runs on the agent's event loop under one lock per device: a plan
 and a grant never interleave.
@@ -33,7 +36,7 @@ from services.gpu_agent.devices import Device
 from services.gpu_agent.engine.errors import CapacityError, EngineError
 from services.gpu_agent.engine.request import EngineStats
 from services.gpu_agent.engine_manager import EngineManager, EngineNotReadyError, ManagedEngine, ModelNotLoadedError
-from services.gpu_agent.make_room import ResidentEngine, engines_to_switch_off
+from services.gpu_agent.make_room import ResidentEngine, engines_to_relieve, engines_to_switch_off
 from services.gpu_agent.memory_policy import (
     POLICIES,
     DeviceMemorySnapshot,
@@ -41,6 +44,7 @@ from services.gpu_agent.memory_policy import (
     PolicyParams,
     RecentDemand,
     grant,
+    kv_shortfall_bytes,
 )
 from services.gpu_agent.memory_split import DeviceMemorySplit, EngineMemory
 
@@ -173,13 +177,7 @@ class MemoryCoordinator:
         others = [m for m in self._active() if m is not activating]
         floors = {m.spec.name: self._kv_floor_bytes(m) for m in others}
         free = self.device.memory_bytes - self.reserve_bytes - sum(self._taken_bytes(m) for m in others)
-        residents = []
-        for m in others:
-            stats = m.engine.stats()
-            serving = (stats.running_requests + stats.queued_requests > 0 or m.request_stats.in_flight > 0
-                       or self.pending_demand_bytes(m.spec.name) > 0)
-            residents.append(ResidentEngine(model=m.spec.name, weight_bytes=self._taken_bytes(m) + floors[m.spec.name],
-                                            idle_s=m.request_stats.idle_s(), serving=serving))
+        residents = [self._resident(m, floors[m.spec.name]) for m in others]
         need = self._taken_bytes(activating) + self._kv_floor_bytes(activating)
         room = engines_to_switch_off(residents, need, free - sum(floors.values()), self.make_room_idle_s)
         if room is None or self.kv_budget_cap_bytes <= 0:
@@ -190,6 +188,35 @@ class MemoryCoordinator:
                                      self.kv_budget_cap_bytes - sum(r.weight_bytes for r in staying),
                                      self.make_room_idle_s)
         return None if more is None else room + more
+
+    def _resident(self, m: ManagedEngine, extra_bytes: int = 0) -> ResidentEngine:
+        """An active engine as make_room.py sees it: what switching it off frees here (plus
+        extra_bytes), how long since its last request, whether a request runs or waits in it."""
+        stats = m.engine.stats()
+        serving = (stats.running_requests + stats.queued_requests > 0 or m.request_stats.in_flight > 0
+                   or self.pending_demand_bytes(m.spec.name) > 0)
+        return ResidentEngine(model=m.spec.name, weight_bytes=self._taken_bytes(m) + extra_bytes,
+                              idle_s=m.request_stats.idle_s(), serving=serving)
+
+    async def relieve_kv_pressure(self) -> list[str]:
+        """Balloon policy: when the active engines' KV demand exceeds the budget, idle engines (nothing
+        to serve for make_room_idle_s, longest idle first) are switched off until their weights cover
+        the shortfall (make_room.engines_to_relieve). Returns the models switched off. Static
+        partitions keep their engines on: their split is the operator's."""
+        if self.policy_name != "balloon":
+            return []
+        shortfall = kv_shortfall_bytes(self.snapshot())
+        if shortfall <= 0:
+            return []
+        residents = [self._resident(m) for m in self._planned(self._active())]
+        chosen = engines_to_relieve(residents, shortfall, self.make_room_idle_s)
+        for model in chosen:
+            log.info("switching %s off: idle, while the engines serving on device %d need %.0f MiB more KV than "
+                     "it has", model, self.device.index, shortfall / 2**20)
+            await self.manager.deactivate(model)
+        if chosen:
+            await self.rebalance()
+        return chosen
 
     def no_room_error(self, activating: ManagedEngine) -> CapacityError:
         others = [m for m in self._active() if m is not activating]
@@ -264,6 +291,7 @@ class MemoryCoordinator:
             self._wake.clear()
             try:
                 await self.rebalance()
+                await self.relieve_kv_pressure()
             except Exception:  # one bad plan must not stop the coordinator
                 log.exception("memory coordinator of device %d: re-planning failed", self.device.index)
 

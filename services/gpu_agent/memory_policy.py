@@ -166,6 +166,19 @@ def plan_balloon(snapshot: DeviceMemorySnapshot, params: PolicyParams = PolicyPa
     return {model: n * units[model] for model, n in plan.items()}
 
 
+def kv_shortfall_bytes(snapshot: DeviceMemorySnapshot) -> int:
+    """How much more KV the active engines' demand (what their running and
+    queued requests hold or will need soon, within each one's cap, in whole
+    units) needs than the device's budget holds; 0 when the budget covers it."""
+    wanted = 0
+    for e in snapshot.engines:
+        unit = snapshot.unit_of(e)
+        need = _units_up(max(e.demand_bytes, e.used_bytes), unit)
+        cap = _cap_units(e, unit)
+        wanted += (min(need, cap) if cap is not None else need) * unit
+    return max(0, wanted - snapshot.budget_bytes)
+
+
 def plan_static(snapshot: DeviceMemorySnapshot, params: PolicyParams = PolicyParams()) -> dict[str, int]:
     if not snapshot.engines:
         return {}
