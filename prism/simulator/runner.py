@@ -75,6 +75,10 @@ class SimSettings:
     standby_replicas: int = 0
     # A split model's step against the profile's for a model of its shard's size (SimCluster).
     split_step_factor: float = 1.0
+    # Each GPU's memory kept out of the KV budget (the agent's --memory-reserve-gb); None: its default.
+    memory_reserve_bytes: int | None = None
+    # The scheduler's deactivations skip the agent's busy window (plan_actions); False: as before 2026-12-06.
+    deactivate_when_idle: bool = True
 
 
 def _result(r: SimRequest, slo: SloTargets) -> RequestResult:
@@ -83,7 +87,7 @@ def _result(r: SimRequest, slo: SloTargets) -> RequestResult:
         out.e2e_s = r.finished_at - r.t
         out.ttft_s = r.first_token_at - r.t
         out.tpot_s = (r.finished_at - r.first_token_at) / (r.tokens - 1) if r.tokens > 1 else None
-        out.attained = slo.attained(out.ttft_s, out.tpot_s)
+        out.attained = slo.attained(out.ttft_s, out.tpot_s, r.model)
     return out
 
 
@@ -97,12 +101,14 @@ def simulate(trace: Trace, models: list[ModelConfig], profile: LatencyProfile, s
     loop = EventLoop()
     cluster = SimCluster(loop, profile, specs, settings.num_gpus, settings.gpus_per_agent, settings.gpu_memory_bytes,
                          settings.memory_policy, settings.starvation_s, settings.drain_timeout_s,
-                         settings.device_parallelism, settings.stats_lead_s, settings.split_step_factor)
+                         settings.device_parallelism, settings.stats_lead_s, settings.split_step_factor,
+                         settings.memory_reserve_bytes)
     if settings.policy_compute not in ("profile", "default"):
         raise ValueError(f"policy_compute {settings.policy_compute!r} is not profile or default")
     params = PolicyParams(standby_replicas=settings.standby_replicas) if settings.policy_compute == "default" \
         else PolicyParams(compute=profile.compute_costs(), standby_replicas=settings.standby_replicas)
-    scheduler = SimScheduler(cluster, settings.policy, settings.replan_interval_s, params)
+    scheduler = SimScheduler(cluster, settings.policy, settings.replan_interval_s, params,
+                             settings.deactivate_when_idle)
     requests = [SimRequest(i, r.model, r.t, r.prompt_tokens, r.output_tokens) for i, r in enumerate(trace.requests)]
     open_requests = len(requests)
     replan_due = False
