@@ -113,7 +113,7 @@ def test_policy_in_the_file_and_its_names_match_the_schedulers():
     assert pc.parse([model]).policy is None
     with pytest.raises(pc.ConfigError) as err:
         pc.parse({"models": [model], "policy": "best"})
-    assert err.value.errors == ["<root>.policy: must be one of static, dedicated, time-share, prism, got 'best'"]
+    assert err.value.errors == ["<root>.policy: must be one of static, dedicated, time-share, kvpr, prism, got 'best'"]
     with pytest.raises(pc.ConfigError) as err:
         pc.parse({"models": [model], "polcy": "prism"})
     assert err.value.errors == ["<root>.polcy: unknown field"]

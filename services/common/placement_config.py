@@ -36,7 +36,7 @@ LOAD_FORMATS = ("auto", "dummy")
 ENGINES = ("auto", "torch", "sglang")  # auto: sglang where it imports on a CUDA agent, else torch
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 # The scheduler's placement policies (services/scheduler/policies/__init__.py POLICIES; a test keeps the two in step).
-POLICY_NAMES = ("static", "dedicated", "time-share", "prism")
+POLICY_NAMES = ("static", "dedicated", "time-share", "kvpr", "prism")
 GB = 1 << 30
 
 

@@ -12,6 +12,8 @@ Policies (`POLICIES`, chosen by `--policy`), one module each, which says more:
 - `static` (static.py): the config's init_placements, never changed.
 - `dedicated` (dedicated.py): each model on GPU sets of its own, always active.
 - `time-share` (time_share.py): every model placed, at most one active per GPU.
+- `kvpr` (kvpr.py): the original Prism's placement heuristic (KV pressure
+  ratio), kept as the baseline that `prism` is measured against.
 - `prism` (prism.py): demand- and compute-aware sharing: models with demand
   share GPUs as far as their memory and compute loads fit, replicated when
   one GPU is not enough, shed when the GPUs are short.
@@ -31,6 +33,7 @@ from services.scheduler.policies.compute import (
     compute_load,
 )
 from services.scheduler.policies.dedicated import dedicated_policy
+from services.scheduler.policies.kvpr import kvpr_policy
 from services.scheduler.policies.prism import prism_policy
 from services.scheduler.policies.snapshot import (
     AgentView,
@@ -52,6 +55,7 @@ _REGISTERED: tuple[tuple[str, Policy, bool], ...] = (
     ("static", static_policy, False),
     ("dedicated", dedicated_policy, True),
     ("time-share", time_share_policy, True),
+    ("kvpr", kvpr_policy, True),
     ("prism", prism_policy, True),
 )
 
@@ -63,6 +67,6 @@ MANAGES_ACTIVITY = frozenset(name for name, _, manages_activity in _REGISTERED i
 __all__ = [
     "DEFAULT_TPOT_S", "H200_COMPUTE_COSTS", "MANAGES_ACTIVITY", "POLICIES", "AgentView", "ClusterSnapshot",
     "ComputeCosts", "GpuKey", "ModelDemand", "Placement", "Policy", "PolicyParams", "ReplicaTarget", "StepCost",
-    "by_weight", "compute_load", "dedicated_policy", "prism_policy", "static_policy", "time_share_policy",
+    "by_weight", "compute_load", "dedicated_policy", "kvpr_policy", "prism_policy", "static_policy", "time_share_policy",
     "with_waiting",
 ]

@@ -148,6 +148,10 @@ class PolicyParams:
     # them only while no replica is active. 0: none (the agents' host memory is not in the snapshot,
     # so this is the operator's call).
     standby_replicas: int = 0
+    # kvpr: the fresh plan replaces the one that keeps models where they run only if its worst KV
+    # pressure ratio is lower by more than this fraction (the original's migration threshold tau; the
+    # paper gives no value).
+    kvpr_tau: float = 0.2
 
 
 Policy = Callable[[ClusterSnapshot, PolicyParams], Placement]

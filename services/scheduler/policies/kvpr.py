@@ -1,0 +1,153 @@
+"""`kvpr`: the original Prism's placement heuristic (arXiv 2505.04021), kept as
+a baseline so that our `prism` policy is measured against it on the same trace.
+
+Each model with demand weighs w = arrival rate / TTFT SLO (a tighter SLO
+weighs more). A GPU's KV pressure ratio (KVPR) is the sum of w of the active
+models on it over the KV memory it has left after their weights. The models
+are taken by w, largest first, and each goes to the GPU set where the worst
+ratio over all GPUs stays lowest (then its own ratio, then the set's order):
+placement for balance. A set takes a model only if, with its weights, every
+one of its GPUs keeps at least `min_kv_fraction` of its memory for KV; a
+model that fits nowhere is placed switched off where it is (or at its home),
+so its agent switches it on for a request when idle engines can step aside:
+the original's time sharing.
+
+Migration threshold tau (`PolicyParams.kvpr_tau`): the plan that keeps every
+placed model where it is (only the others placed by the heuristic) is taken
+unless the fresh plan's worst ratio is lower by more than the fraction tau;
+re-planned at every scheduler pass from the measured rates. A model moves
+only between agents (an agent runs one engine per model), so its candidate
+sets are the one it runs on and those of other agents.
+
+Models without demand stay placed, switched off. Nothing here prices
+compute: the heuristic balances KV pressure alone, which is what `prism`
+adds to (compute loads, replicas for models that need more than one GPU,
+triage when GPUs are short).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from services.common.placement_config import ModelConfig
+from services.scheduler.policies.gpu_sets import gpu_sets, home_of_everyone, live_replicas
+from services.scheduler.policies.snapshot import ClusterSnapshot, GpuKey, Placement, PolicyParams, ReplicaTarget
+
+DEFAULT_TTFT_S = 1.0  # the agent's default TTFT SLO (services/gpu_agent/slo.py)
+# w of a model with requests waiting or running but no measured rate yet (a cold start): it still
+# needs a place, after the models whose rate is known.
+UNMEASURED_RATE = 1e-6
+
+GpuId = tuple[str, int]  # (agent id, gpu index)
+
+
+def pressure_weight(snapshot: ClusterSnapshot, model: ModelConfig) -> float:
+    """w = requests/s over the TTFT SLO in seconds."""
+    demand = snapshot.demand_of(model.model_name)
+    rate = demand.arrival_rate or (UNMEASURED_RATE if demand.hot else 0.0)
+    slo_s = (model.ttft_slo_ms / 1000) if model.ttft_slo_ms else DEFAULT_TTFT_S
+    return rate / slo_s
+
+
+class PressureMap:
+    """Each GPU's weights and summed w of the models assigned so far, and the ratios they give."""
+
+    def __init__(self, snapshot: ClusterSnapshot, params: PolicyParams):
+        self.snapshot = snapshot
+        self.params = params
+        self.memory: dict[GpuId, int] = {(a.agent_id, g): a.memory_of(g) for a in snapshot.agents
+                                         for g in a.gpu_ids}
+        self.weights: dict[GpuId, int] = dict.fromkeys(self.memory, 0)
+        self.pressure: dict[GpuId, float] = dict.fromkeys(self.memory, 0.0)
+
+    def _shares(self, model: ModelConfig, key: GpuKey) -> tuple[list[GpuId], int, float]:
+        gpus = [(key[0], g) for g in key[1]]
+        weights = self.snapshot.weight_bytes.get(model.model_name, 0)
+        return gpus, weights // len(gpus), pressure_weight(self.snapshot, model) / len(gpus)
+
+    def fits(self, model: ModelConfig, key: GpuKey) -> bool:
+        """Its weight shard fits every GPU of the set with min_kv_fraction of the GPU left for KV
+        (a GPU of unknown memory takes anything)."""
+        gpus, shard, _ = self._shares(model, key)
+        return all(not self.memory[g] or self.memory[g] - self.weights[g] - shard
+                   >= self.params.min_kv_fraction * self.memory[g] for g in gpus)
+
+    def ratio(self, gpu: GpuId, extra_weights: int = 0, extra_pressure: float = 0.0) -> float:
+        kv_left = self.memory[gpu] - self.weights[gpu] - extra_weights
+        pressure = self.pressure[gpu] + extra_pressure
+        if not self.memory[gpu]:
+            return pressure  # memory unknown: balance w alone
+        return pressure / kv_left if kv_left > 0 else float("inf")
+
+    def worst_with(self, model: ModelConfig, key: GpuKey) -> tuple[float, float]:
+        """(the worst ratio over every GPU, the set's own worst) were the model added to the set."""
+        gpus, shard, w = self._shares(model, key)
+        own = max(self.ratio(g, shard, w) for g in gpus)
+        others = max((self.ratio(g) for g in self.memory if g not in gpus), default=0.0)
+        return max(own, others), own
+
+    def add(self, model: ModelConfig, key: GpuKey) -> None:
+        gpus, shard, w = self._shares(model, key)
+        for g in gpus:
+            self.weights[g] += shard
+            self.pressure[g] += w
+
+    def worst(self) -> float:
+        return max((self.ratio(g) for g in self.memory), default=0.0)
+
+
+def _candidate_sets(snapshot: ClusterSnapshot, model: ModelConfig) -> list[GpuKey]:
+    """Where the model may be active: the sets it runs on, and any set of an agent that does not run it."""
+    live = live_replicas(snapshot, model)
+    hosting = {r.agent_id for r in live}
+    return sorted({(r.agent_id, r.gpu_ids) for r in live}
+                  | {k for k in gpu_sets(snapshot, model.tp_size) if k[0] not in hosting})
+
+
+def _assign(snapshot: ClusterSnapshot, params: PolicyParams, models: list[ModelConfig],
+            kept: Mapping[str, GpuKey]) -> tuple[dict[str, GpuKey], float]:
+    """The heuristic: models in `kept` stay on their sets (counted first), the others in order, each to
+    the set that keeps the worst ratio lowest. Returns model -> set (a model that fits nowhere is absent)
+    and the worst ratio."""
+    pressure = PressureMap(snapshot, params)
+    out: dict[str, GpuKey] = {}
+    for model in models:
+        key = kept.get(model.model_name)
+        if key is not None and pressure.fits(model, key):
+            pressure.add(model, key)
+            out[model.model_name] = key
+    for model in models:
+        if model.model_name in out:
+            continue
+        candidates = [k for k in _candidate_sets(snapshot, model) if pressure.fits(model, k)]
+        if not candidates:
+            continue
+        best = min(candidates, key=lambda k: (*pressure.worst_with(model, k), k))
+        pressure.add(model, best)
+        out[model.model_name] = best
+    return out, pressure.worst()
+
+
+def kvpr_policy(snapshot: ClusterSnapshot, params: PolicyParams = PolicyParams()) -> Placement:
+    homes = home_of_everyone(snapshot)
+    hot = sorted((m for m in snapshot.models if snapshot.demand_of(m.model_name).hot and m.model_name in homes),
+                 key=lambda m: (-pressure_weight(snapshot, m), m.model_name))
+    running = {}
+    for model in hot:
+        active = [(r.agent_id, r.gpu_ids) for r in live_replicas(snapshot, model) if r.active]
+        if active:
+            running[model.model_name] = active[0]
+    fresh, fresh_worst = _assign(snapshot, params, hot, {})
+    stay, stay_worst = _assign(snapshot, params, hot, running)
+    # A move costs a load (seconds) and a drain: only for a gain beyond tau.
+    chosen = fresh if stay_worst > (1 + params.kvpr_tau) * fresh_worst else stay
+    placement: Placement = {m.model_name: [] for m in snapshot.models}
+    for model in snapshot.models:
+        name = model.model_name
+        if name in chosen:
+            placement[name] = [ReplicaTarget(chosen[name][0], chosen[name][1], True)]
+        elif name in homes:
+            live = live_replicas(snapshot, model)
+            where = next(((r.agent_id, r.gpu_ids) for r in live if r.active), homes[name])
+            placement[name] = [ReplicaTarget(where[0], where[1], False)]
+    return placement
