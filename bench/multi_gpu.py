@@ -63,7 +63,7 @@ import time
 from pathlib import Path
 
 import common  # first: puts the project on sys.path
-from common import agent_status, save_figure, table, write_json
+from common import MemorySampler, save_figure, table, wait_loaded, write_json
 
 from prism.cluster import LocalCluster
 from prism.tiny_models import write_tiny_model
@@ -195,69 +195,6 @@ async def split_activation(args: argparse.Namespace, entry: dict) -> dict:
 
 ACTIVATED = re.compile(r"activated (\S+) in ([0-9.]+)s")
 MADE_ROOM = re.compile(r"switching (\S+) off to make room for the weights of (\S+)")
-
-
-def wait_loaded(cluster: LocalCluster, names: list[str], timeout_s: float) -> float:
-    """Seconds until the agent has an engine of every model, on or off (the policies load them all)."""
-    from prism.v1 import agent_pb2
-
-    start = time.monotonic()
-    settled = (agent_pb2.ENGINE_STATE_ACTIVE, agent_pb2.ENGINE_STATE_INACTIVE)
-    while time.monotonic() - start < timeout_s:
-        status = agent_status(cluster.agent_address)
-        states = {e.model: e.state for e in status.engines}
-        failed = [f"{e.model}: {e.error}" for e in status.engines if e.state == agent_pb2.ENGINE_STATE_FAILED]
-        if failed:
-            raise RuntimeError(f"engines failed to load: {failed}")
-        if all(states.get(n) in settled for n in names):
-            return time.monotonic() - start
-        time.sleep(1.0)
-    raise RuntimeError(f"not every model loaded within {timeout_s:.0f}s: {states}\n{cluster.log_tail('agent')}")
-
-
-class MemorySampler:
-    """Every second: each GPU's used memory (nvidia-smi, where there is one), the agent's split of
-    each device (weights of the active engines, their KV limits, mapped KV) and which engines are on."""
-
-    def __init__(self, agent_address: str, interval_s: float = 1.0):
-        self.agent_address = agent_address
-        self.interval_s = interval_s
-        self.samples: list[dict] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._smi = shutil.which("nvidia-smi")
-
-    def start(self) -> None:
-        self.t0 = time.monotonic()
-        self._thread.start()
-
-    def stop(self) -> list[dict]:
-        self._stop.set()
-        self._thread.join()
-        return self.samples
-
-    def _run(self) -> None:
-        from prism.v1 import agent_pb2
-
-        while not self._stop.wait(self.interval_s):
-            sample: dict = {"t": round(time.monotonic() - self.t0, 2)}
-            if self._smi:
-                try:
-                    out = subprocess.run([self._smi, "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
-                                         capture_output=True, text=True, timeout=5).stdout
-                    sample["used_mib"] = [int(line.split(",")[1]) for line in out.strip().splitlines()]
-                except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
-                    pass
-            try:
-                status = agent_status(self.agent_address)
-            except Exception:  # noqa: BLE001 - the agent busy for a moment: skip the sample's split
-                self.samples.append(sample)
-                continue
-            sample["weights_gb"] = [round(g.weight_bytes / 1e9, 2) for g in status.gpus]
-            sample["kv_limit_gb"] = [round(g.kv_limit_bytes / 1e9, 2) for g in status.gpus]
-            sample["kv_mapped_gb"] = [round(g.kv_mapped_bytes / 1e9, 2) for g in status.gpus]
-            sample["active"] = sorted(e.model for e in status.engines if e.state == agent_pb2.ENGINE_STATE_ACTIVE)
-            self.samples.append(sample)
 
 
 def run_policy(policy: str, args: argparse.Namespace, entries: list[dict], trace, state: Path) -> dict:
