@@ -9,7 +9,7 @@ import pytest
 
 from services.common import placement_config as pc
 from services.common.records import EngineRecord
-from services.scheduler.actions import Action, plan_actions
+from services.scheduler.actions import DEACTIVATE_BUSY_WINDOW_S, Action, plan_actions
 from services.scheduler.policies import (
     AgentView,
     ClusterSnapshot,
@@ -37,7 +37,9 @@ def agent(agent_id: str, gpus: int, memory: int = 80 * GB) -> AgentView:
 
 
 def hot(rate: float = 1.0, kv: int = 0) -> ModelDemand:
-    return ModelDemand(arrival_rate=rate, kv_demand_bytes=kv)
+    # Arrivals in the last seconds too (the reports' recent rate): a model with demand now, not one whose
+    # burst has ended (is_idle_now).
+    return ModelDemand(arrival_rate=rate, recent_arrival_rate=rate, kv_demand_bytes=kv)
 
 
 def active_of(placement: Placement) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
@@ -244,13 +246,13 @@ def test_actions_switch_engines_on_and_off_only_for_policies_that_manage_activit
                ("x", "old"): EngineRecord("x", "old", "inactive", [1])}
     assert plan_actions(target, engines, {"x"}, manage_activity=True) == [
         Action("unload", "x", "old"),
-        Action("deactivate", "x", "b", (0,), False, skip_busy_window=True),
+        Action("deactivate", "x", "b", (0,), False, busy_window_s=DEACTIVATE_BUSY_WINDOW_S),
         Action("load", "x", "c", (1,), True, 0),
         Action("activate", "x", "a", (0,)),
     ]
     assert plan_actions(target, engines, {"x"}) == [Action("unload", "x", "old"), Action("load", "x", "c", (1,), True, 0)]
     # The agent's busy window can be left to hold switched-off engines on, as before (the simulator's ablation).
-    held = plan_actions(target, engines, {"x"}, manage_activity=True, deactivate_when_idle=False)
+    held = plan_actions(target, engines, {"x"}, manage_activity=True, deactivate_busy_window_s=0.0)
     assert Action("deactivate", "x", "b", (0,), False) in held
 
 
@@ -285,8 +287,8 @@ def test_new_models_are_spread_by_weight_not_by_count():
 
 
 def busy(rate: float, busy_fraction: float = 1.0) -> ModelDemand:
-    return ModelDemand(arrival_rate=rate, busy_fraction=busy_fraction, mean_prompt_tokens=512,
-                       mean_output_tokens=128)
+    return ModelDemand(arrival_rate=rate, recent_arrival_rate=rate, busy_fraction=busy_fraction,
+                       mean_prompt_tokens=512, mean_output_tokens=128)
 
 
 def test_compute_load_grows_with_rate_and_size_and_a_busy_fraction_caps_the_fixed_cost():

@@ -79,7 +79,8 @@ from services.scheduler.policies import Placement
 
 COLD_START_TIMEOUT_S = 30.0  # the gateway's --cold-start-timeout-s default
 BUSY_WINDOW_S = 10.0  # the agent's --busy-window-s default
-RELIEVE_IDLE_S = BUSY_WINDOW_S
+RELIEVE_IDLE_S = 1.0  # the agent's --relieve-idle-s default
+MAKE_ROOM_IDLE_S = BUSY_WINDOW_S  # the agent's make-room spares engines this recently used (its busy window)
 DRAIN_TIMEOUT_S = 30.0  # the agent's --drain-timeout-s default
 RESERVE_FRACTION, RESERVE_MAX = 0.05, 4 << 30  # memory_coordinator.default_reserve_bytes on a GPU
 
@@ -417,7 +418,7 @@ class SimCluster:
         holding = [e for e in device.holding_memory() if e is not engine]
         residents = [self._resident(e, kv_floor_bytes(e)) for e in holding]
         free = device.memory_bytes - device.reserve_bytes - sum(r.weight_bytes for r in residents)
-        return engines_to_switch_off(residents, taken_bytes(engine) + kv_floor_bytes(engine), free, BUSY_WINDOW_S)
+        return engines_to_switch_off(residents, taken_bytes(engine) + kv_floor_bytes(engine), free, MAKE_ROOM_IDLE_S)
 
     def _resident(self, e: SimEngine, extra_bytes: int = 0) -> ResidentEngine:
         """An engine holding memory as make_room.py sees it (the agent's MemoryCoordinator._resident)."""
@@ -471,12 +472,12 @@ class SimCluster:
         else:  # a split model's ranks copy their shards at once
             self.clock.at(self.now + self.profile.activation_s(engine.model.shard_weight_bytes), activated)
 
-    def deactivate(self, engine: SimEngine, skip_busy_window: bool = False) -> bool:
+    def deactivate(self, engine: SimEngine, busy_window_s: float = 0.0) -> bool:
         """As the agent's DeactivateModel without force: refused while the engine is busy (a request
-        running or waiting in it, or, unless skip_busy_window, one arrived within the busy window)."""
+        running or waiting in it, or one arrived within busy_window_s, or 0: the agent's busy window)."""
         if engine.state != "active":
             return engine.state == "inactive"
-        window_s = 0.0 if skip_busy_window else BUSY_WINDOW_S
+        window_s = busy_window_s if busy_window_s > 0 else BUSY_WINDOW_S
         if engine.busy(self.now, window_s) or any(t.engine is engine for t in self.device_of(engine).waiting):
             self.stats["deactivations_refused"] += 1
             return False

@@ -27,6 +27,7 @@ from prism.workload.replay import RequestResult, SloTargets, report
 from prism.workload.trace import Trace
 from services.common.placement_config import ModelConfig
 from services.gpu_agent.admission import DEFAULT_STARVATION_S
+from services.scheduler.actions import DEACTIVATE_BUSY_WINDOW_S
 from services.scheduler.policies import PolicyParams
 
 GB = 1 << 30
@@ -77,8 +78,9 @@ class SimSettings:
     split_step_factor: float = 1.0
     # Each GPU's memory kept out of the KV budget (the agent's --memory-reserve-gb); None: its default.
     memory_reserve_bytes: int | None = None
-    # The scheduler's deactivations skip the agent's busy window (plan_actions); False: as before 2026-12-06.
-    deactivate_when_idle: bool = True
+    # How long after its last request an engine the scheduler switches off stays on (plan_actions'); 0:
+    # the agent's busy window, as before 2026-12-06.
+    deactivate_busy_window_s: float = DEACTIVATE_BUSY_WINDOW_S
 
 
 def _result(r: SimRequest, slo: SloTargets) -> RequestResult:
@@ -108,7 +110,7 @@ def simulate(trace: Trace, models: list[ModelConfig], profile: LatencyProfile, s
     params = PolicyParams(standby_replicas=settings.standby_replicas) if settings.policy_compute == "default" \
         else PolicyParams(compute=profile.compute_costs(), standby_replicas=settings.standby_replicas)
     scheduler = SimScheduler(cluster, settings.policy, settings.replan_interval_s, params,
-                             settings.deactivate_when_idle)
+                             settings.deactivate_busy_window_s)
     requests = [SimRequest(i, r.model, r.t, r.prompt_tokens, r.output_tokens) for i, r in enumerate(trace.requests)]
     open_requests = len(requests)
     replan_due = False

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from prism.simulator.cluster import SimCluster
 from services.common.records import EngineRecord
-from services.scheduler.actions import Action, current_placement, plan_actions
+from services.scheduler.actions import DEACTIVATE_BUSY_WINDOW_S, Action, current_placement, plan_actions
 from services.scheduler.policies import (
     MANAGES_ACTIVITY,
     POLICIES,
@@ -32,7 +32,7 @@ DEFAULT_REPLAN_INTERVAL_S = 2.0
 
 class SimScheduler:
     def __init__(self, cluster: SimCluster, policy: str, interval_s: float = DEFAULT_REPLAN_INTERVAL_S,
-                 params: PolicyParams | None = None, deactivate_when_idle: bool = True):
+                 params: PolicyParams | None = None, deactivate_busy_window_s: float = DEACTIVATE_BUSY_WINDOW_S):
         if policy not in POLICIES:
             raise ValueError(f"placement policy {policy!r} is not one of {', '.join(POLICIES)}")
         self.cluster = cluster
@@ -43,7 +43,7 @@ class SimScheduler:
         # The policy prices compute with the same step costs the simulated GPUs run at.
         self.params = params if params is not None else PolicyParams(compute=cluster.profile.compute_costs())
         self.plans = 0
-        self.deactivate_when_idle = deactivate_when_idle  # plan_actions': the agent's busy window skipped
+        self.deactivate_busy_window_s = deactivate_busy_window_s  # plan_actions' (0: the agent's busy window)
 
     def records(self) -> dict[tuple[str, str], EngineRecord]:
         """The engine records the agents would have in etcd (activating reads inactive, as it does there;
@@ -82,7 +82,7 @@ class SimScheduler:
         self.plans += 1
         self.cluster.set_placement(target)
         for action in plan_actions(target, records, set(self.cluster.agents), self.manages_activity,
-                                   self.deactivate_when_idle):
+                                   self.deactivate_busy_window_s):
             self.execute(action, instant)
 
     def execute(self, action: Action, instant: bool) -> None:
@@ -96,4 +96,4 @@ class SimScheduler:
         elif action.kind == "activate" and engine is not None:
             cluster.activate(engine, instant=instant)
         elif action.kind == "deactivate" and engine is not None:
-            cluster.deactivate(engine, action.skip_busy_window)
+            cluster.deactivate(engine, action.busy_window_s)

@@ -196,14 +196,14 @@ class LoadModelRequest(_message.Message):
     def __init__(self, spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., gpu_ids: _Optional[_Iterable[int]] = ..., activate: _Optional[bool] = ..., memory_limit_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelRequest(_message.Message):
-    __slots__ = ("model", "force", "skip_busy_window")
+    __slots__ = ("model", "force", "busy_window_s")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FORCE_FIELD_NUMBER: _ClassVar[int]
-    SKIP_BUSY_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    BUSY_WINDOW_S_FIELD_NUMBER: _ClassVar[int]
     model: str
     force: bool
-    skip_busy_window: bool
-    def __init__(self, model: _Optional[str] = ..., force: _Optional[bool] = ..., skip_busy_window: _Optional[bool] = ...) -> None: ...
+    busy_window_s: float
+    def __init__(self, model: _Optional[str] = ..., force: _Optional[bool] = ..., busy_window_s: _Optional[float] = ...) -> None: ...
 
 class SetMemoryLimitRequest(_message.Message):
     __slots__ = ("model", "memory_limit_bytes", "revision")

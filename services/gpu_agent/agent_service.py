@@ -274,7 +274,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
     async def DeactivateModel(self, request: agent_pb2.ModelRequest, context) -> agent_pb2.EngineStatus:
         managed = await self._managed(request.model, context)
-        window_s = 0.0 if request.skip_busy_window else self.busy_window_s
+        window_s = request.busy_window_s if request.busy_window_s > 0 else self.busy_window_s
         if not request.force and managed.state == "active" and self._busy(managed, window_s):
             log.info("not deactivating %s: it has requests, or had one in the last %.0fs", request.model, window_s)
             return engine_status(managed)

@@ -19,6 +19,7 @@ with an error that says so. unload() is the immediate way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import logging
 import time
@@ -155,6 +156,10 @@ class EngineManager:
         self.sglang_launch_command = sglang_launch_command
         self.sglang_options = sglang_options
         self.devices = {d.index: d for d in devices}
+        # One engine starts on a GPU at a time: a start builds the weights and warms up on the device
+        # before an inactive engine gives them back, so concurrent starts of a fleet larger than the GPU
+        # ran it out of memory (12 models, 100 GB of weights, on an 80 GB H100: 4 of 12 loads failed).
+        self._start_locks = {d.index: asyncio.Lock() for d in devices if d.kind == "cuda"}
         self.engines: dict[str, ManagedEngine] = {}
         self._on_change = on_change
         self.pool = pool
@@ -218,13 +223,16 @@ class EngineManager:
         await self._publish(managed)
         no_room: CapacityError | None = None
         try:
-            engine = await self._start_engine(managed)
-            managed.engine = engine
+            async with contextlib.AsyncExitStack() as starting:
+                for gpu in sorted(g for g in gpu_ids if g in self._start_locks):
+                    await starting.enter_async_context(self._start_locks[gpu])
+                engine = await self._start_engine(managed)
+                managed.engine = engine
+                if not activate:  # its weights leave the GPU before the next start there
+                    await engine.deactivate()
             if activate and self.before_activate is not None:
                 no_room = await self._prepare_loaded_activation(managed)
                 activate = no_room is None
-            elif not activate:
-                await engine.deactivate()
         except Exception as exc:
             log.exception("loading %s failed", spec.name)
             managed.state, managed.error = "failed", f"{type(exc).__name__}: {exc}"

@@ -50,7 +50,7 @@ from services.gpu_agent.devices import Device, discover_devices
 from services.gpu_agent.engine.shared_weights import check_shared_dir, default_shared_dir
 from services.gpu_agent.engine_manager import DEFAULT_DRAIN_TIMEOUT_S, EngineManager, ManagedEngine
 from services.gpu_agent.load_reporter import LoadReporter
-from services.gpu_agent.memory_coordinator import MemoryCoordinator, prepare_activation_on
+from services.gpu_agent.memory_coordinator import DEFAULT_RELIEVE_IDLE_S, MemoryCoordinator, prepare_activation_on
 from services.gpu_agent.memory_policy import POLICIES
 from services.gpu_agent.request_stats import DEFAULT_WINDOW_S
 from services.gpu_agent.workers.worker_pool import WorkerPool
@@ -151,6 +151,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cap on each device's KV budget (default 0: no cap; the budget is memory - weights - reserve)")
     p.add_argument("--busy-window-s", type=float, default=DEFAULT_BUSY_WINDOW_S,
                    help="an engine that had a request this recently is not switched off unless the call forces it")
+    p.add_argument("--relieve-idle-s", type=float, default=DEFAULT_RELIEVE_IDLE_S,
+                   help="when the serving engines need more KV than a device has, engines idle this long are "
+                        "switched off to give it their memory (balloon policy)")
     p.add_argument("--stats-window-s", type=float, default=DEFAULT_WINDOW_S,
                    help="window of each model's request stats; a model with no request in it reports no demand")
     p.add_argument("--starvation-s", type=float, default=DEFAULT_STARVATION_S,
@@ -250,7 +253,8 @@ async def serve(args: argparse.Namespace) -> None:
     for d in devices:
         coordinators[d.index] = MemoryCoordinator(d, manager, args.memory_policy, reserve,
                                                   kv_budget_cap_bytes=int(args.kv_budget_gb * (1 << 30)),
-                                                  make_room_idle_s=args.busy_window_s)
+                                                  make_room_idle_s=args.busy_window_s,
+                                                  relieve_idle_s=args.relieve_idle_s)
     admission = AgentAdmission({i: AdmissionQueue(c, args.starvation_s) for i, c in coordinators.items()})
 
     async def before_activate(managed: ManagedEngine) -> None:

@@ -18,9 +18,9 @@ class Action:
     activate: bool = True
     memory_limit_bytes: int = 0
     drain: bool = False  # unload: let the engine finish its requests first (the model stays placed elsewhere)
-    # deactivate: as soon as no request runs or waits in it, not a busy window after its last one (see
-    # plan_actions)
-    skip_busy_window: bool = False
+    # deactivate: the engine goes once no request ran or waited in it for this long, in place of the
+    # agent's busy window (0: the agent's; see plan_actions)
+    busy_window_s: float = 0.0
 
 
 def current_placement(engines: dict[tuple[str, str], EngineRecord]) -> Placement:
@@ -33,8 +33,15 @@ def current_placement(engines: dict[tuple[str, str], EngineRecord]) -> Placement
     return out
 
 
+# How recent a request keeps an engine the target switches off on: enough to cover the lag of the
+# scheduler's view of demand (load reports every 0.5 s), so a model whose first request just ended is not
+# switched off on a report that does not show it yet.
+DEACTIVATE_BUSY_WINDOW_S = 2.0
+
+
 def plan_actions(target: Placement, engines: dict[tuple[str, str], EngineRecord], live_agents: set[str],
-                 manage_activity: bool = False, deactivate_when_idle: bool = True) -> list[Action]:
+                 manage_activity: bool = False,
+                 deactivate_busy_window_s: float = DEACTIVATE_BUSY_WINDOW_S) -> list[Action]:
     """engines: (agent_id, model) -> what that agent reports in etcd.
 
     Unloads come first so their memory is free before loads need it, then
@@ -48,12 +55,12 @@ def plan_actions(target: Placement, engines: dict[tuple[str, str], EngineRecord]
     again, and one the target wants back is loaded, which cancels its drain. manage_activity: switch engines on and off to match the
     target (policies that time-share); otherwise a replica's `active` only
     applies when it is loaded, and agents switch engines on by demand.
-    deactivate_when_idle: deactivations skip the agent's busy window (an engine the target switches off
-    goes as soon as no request runs or waits in it). The policies' own hysteresis decides when a model
-    is idle; the busy window on top kept every engine a request had touched on for 10 s more, and on
-    one GPU of more models than fit those engines' weights left their neighbours no KV (simulated,
-    bench/one_gpu.py's 12 models on an H100 at 12 req/s: time-share 78.5% of requests within SLO with
-    it, 90.2% without).
+    deactivate_busy_window_s: deactivations hold an engine on only this long after its last request, in
+    place of the agent's busy window (0: the agent's, 10 s). The policies' own hysteresis decides when a
+    model is idle; the agent's window on top kept every engine a request had touched on for 10 s more,
+    and on one GPU of more models than fit, those engines' weights left their neighbours no KV
+    (simulated, bench/one_gpu.py's 12 models on an H100 at 12 req/s: time-share 78.5% of requests
+    within SLO with it, 90.2% without).
     """
     wanted: dict[tuple[str, str], Action] = {}
     for model, replicas in target.items():
@@ -75,5 +82,5 @@ def plan_actions(target: Placement, engines: dict[tuple[str, str], EngineRecord]
             activations.append(Action("activate", action.agent_id, action.model, action.gpu_ids))
         elif manage_activity and record.state == "active" and not action.activate:
             deactivations.append(Action("deactivate", action.agent_id, action.model, action.gpu_ids, False,
-                                        skip_busy_window=deactivate_when_idle))
+                                        busy_window_s=deactivate_busy_window_s))
     return unloads + deactivations + loads + activations

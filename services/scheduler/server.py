@@ -298,7 +298,7 @@ class PlacementLoop:
                 log.info("activated %s on %s", action.model, action.agent_id)
             elif action.kind == "deactivate":
                 status = await stub.DeactivateModel(agent_pb2.ModelRequest(
-                    model=action.model, skip_busy_window=action.skip_busy_window), timeout=60)
+                    model=action.model, busy_window_s=action.busy_window_s), timeout=60)
                 if status.state == agent_pb2.ENGINE_STATE_ACTIVE:  # it had requests our reports had not shown yet
                     log.info("%s on %s stays on: the agent saw recent requests", action.model, action.agent_id)
                     self._retry_at[key] = (time.monotonic() + KEPT_ON_RETRY_S, 1.0)  # the reports catch up meanwhile

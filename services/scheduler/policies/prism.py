@@ -52,7 +52,14 @@ from services.scheduler.policies.gpu_sets import (
     overlaps,
     shard_memory,
 )
-from services.scheduler.policies.snapshot import ClusterSnapshot, GpuKey, Placement, PolicyParams, ReplicaTarget
+from services.scheduler.policies.snapshot import (
+    ClusterSnapshot,
+    GpuKey,
+    ModelDemand,
+    Placement,
+    PolicyParams,
+    ReplicaTarget,
+)
 
 
 def prism_policy(snapshot: ClusterSnapshot, params: PolicyParams = PolicyParams()) -> Placement:
@@ -220,9 +227,21 @@ def hot_in_order(plan: PrismPlan) -> list[ModelConfig]:
 
 
 def is_warm(plan: PrismPlan, model: ModelConfig) -> bool:
-    """Demand below `warm_rate` and nothing queued: the model stays where it is and never pushes others away."""
+    """Demand below `warm_rate` and nothing queued, or (`cooling`) idle now: the model stays where it is,
+    on while its GPU has the memory, and never pushes others away."""
     demand = plan.snapshot.demand_of(model.model_name)
-    return demand.arrival_rate < plan.params.warm_rate and not demand.queued
+    return (demand.arrival_rate < plan.params.warm_rate and not demand.queued) or \
+        (plan.params.cooling and is_idle_now(demand))
+
+
+def is_idle_now(demand: ModelDemand) -> bool:
+    """Nothing running or queued and no arrival in the reports' recent window (10 s): a model whose
+    burst has ended, though its window's rate counts it hot for up to a minute. Placed as a warm
+    one: on while its GPU has room after the models that serve now, since on a GPU of more models
+    than fit, the next group's bursts need its weights' memory (simulated, bench/one_gpu.py's 12
+    models on an H100, seed 0: at 8 req/s, 91.2% within SLO instead of 84.3%; at 12 req/s, 88.2%
+    instead of 82.0%)."""
+    return not demand.running and not demand.queued and demand.recent_arrival_rate <= 0
 
 
 # ---- hot models ------------------------------------------------------------------
@@ -395,7 +414,7 @@ def place_warm(plan: PrismPlan, model: ModelConfig) -> None:
     name = model.model_name
     live = live_replicas(plan.snapshot, model)
     key = next(((r.agent_id, r.gpu_ids) for r in live if r.active), plan.homes[name])
-    on = plan.memory_fits(model, key)
+    on = plan.params.warm_stays_on and plan.memory_fits(model, key)
     plan.add(name, key, on, plan.loads[name] if on else 0.0)
 
 

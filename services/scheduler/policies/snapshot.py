@@ -148,6 +148,12 @@ class PolicyParams:
     # them only while no replica is active. 0: none (the agents' host memory is not in the snapshot,
     # so this is the operator's call).
     standby_replicas: int = 0
+    # prism: a model with nothing running or queued and no arrival in the reports' recent window is
+    # placed as a warm one until it has a request again (is_idle_now); False: hot for the whole window.
+    cooling: bool = True
+    # prism: warm models stay switched on while their GPU has the memory (place_warm); False: switched
+    # off, their requests switching them on (as a cold model's do).
+    warm_stays_on: bool = True
     # kvpr: the fresh plan replaces the one that keeps models where they run only if its worst KV
     # pressure ratio is lower by more than this fraction (the original's migration threshold tau; the
     # paper gives no value).
