@@ -240,9 +240,11 @@ def simulate_points(policy: str, served_names: list[str], rates: list[float], me
     models = list(parse_config(config_of(served, policy)).models)
     names = {m.model_name for m in models}
     profile = LatencyProfile.load(args.profile)
+    # The live engines were loaded a minute or more before the traffic (stats_lead_s): a first burst reads
+    # as a burst, not as a rate that lasted the whole report window.
     settings = SimSettings(num_gpus=1, gpus_per_agent=1, policy=policy, gpu_memory_bytes=memory_bytes,
                            memory_policy="static" if policy == "static" else "balloon", replan_interval_s=REPLAN_S,
-                           memory_reserve_bytes=int(args.reserve_gb * (1 << 30)))
+                           memory_reserve_bytes=int(args.reserve_gb * (1 << 30)), stats_lead_s=60.0)
     slo = slo_targets(entries)
     out = []
     for rate in rates:

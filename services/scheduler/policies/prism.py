@@ -423,7 +423,7 @@ def place_cold(plan: PrismPlan) -> None:
     the shed ones."""
     for model in plan.snapshot.models:
         name = model.model_name
-        if not plan.placement[name] and name in plan.homes and name not in plan.shed:
+        if not plan.placement[name] and name in plan.homes and (name not in plan.shed or plan.params.shed_stays_loaded):
             plan.add(name, plan.homes[name], False)
 
 

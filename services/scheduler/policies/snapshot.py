@@ -154,6 +154,9 @@ class PolicyParams:
     # prism: warm models stay switched on while their GPU has the memory (place_warm); False: switched
     # off, their requests switching them on (as a cold model's do).
     warm_stays_on: bool = True
+    # prism: a shed model stays loaded, switched off at home (its requests switch it on where idle engines
+    # can step aside); False: unplaced, so unloaded, its requests waiting at the gateways.
+    shed_stays_loaded: bool = False
     # kvpr: the fresh plan replaces the one that keeps models where they run only if its worst KV
     # pressure ratio is lower by more than this fraction (the original's migration threshold tau; the
     # paper gives no value).
