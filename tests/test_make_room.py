@@ -8,7 +8,8 @@ import time
 import grpc
 import pytest
 
-from services.gpu_agent.make_room import ResidentEngine, engines_to_switch_off
+from services.gpu_agent.make_room import ResidentEngine, engines_to_relieve, engines_to_switch_off
+from services.gpu_agent.memory_policy import DeviceMemorySnapshot, EngineMemoryDemand, kv_shortfall_bytes
 
 GB = 1 << 30
 
@@ -47,6 +48,30 @@ def test_recently_used_engines_are_spared():
 def test_ties_are_broken_by_name_so_the_agent_and_the_simulator_agree():
     residents = [resident("b", 4, idle_s=float("inf")), resident("a", 4, idle_s=float("inf"))]
     assert engines_to_switch_off(residents, need_bytes=4 * GB, free_bytes=1 * GB) == ["a"]
+
+
+# ---- KV pressure: idle engines give their weights' memory to the serving ones' KV ------------
+
+
+def test_kv_shortfall_is_what_the_demand_wants_beyond_the_budget_in_whole_units():
+    unit = 2 << 20
+    engines = (EngineMemoryDemand("a", 1, used_bytes=0, demand_bytes=3 * unit + 1, limit_bytes=unit),
+               EngineMemoryDemand("b", 1, used_bytes=2 * unit, demand_bytes=0, limit_bytes=2 * unit),
+               EngineMemoryDemand("c", 1, used_bytes=0, demand_bytes=50 * unit, limit_bytes=unit, cap_bytes=5 * unit))
+    # a wants 4 units (rounded up), b holds 2, c is capped at 5: 11 units against a budget of 8.
+    assert kv_shortfall_bytes(DeviceMemorySnapshot(8 * unit, unit, engines)) == 3 * unit
+    assert kv_shortfall_bytes(DeviceMemorySnapshot(11 * unit, unit, engines)) == 0
+
+
+def test_kv_pressure_switches_off_idle_engines_longest_idle_first_until_their_weights_cover_it():
+    residents = [resident("serving", 16, idle_s=500, serving=True), resident("just-done", 6, idle_s=0.5),
+                 resident("idle", 3, idle_s=20), resident("idler", 2, idle_s=60)]
+    assert engines_to_relieve(residents, shortfall_bytes=1 * GB, min_idle_s=1.0) == ["idler"]
+    assert engines_to_relieve(residents, shortfall_bytes=4 * GB, min_idle_s=1.0) == ["idler", "idle"]
+    # Short of what the idle ones hold: each one still helps.
+    assert engines_to_relieve(residents, shortfall_bytes=40 * GB, min_idle_s=1.0) == ["idler", "idle"]
+    assert engines_to_relieve(residents, shortfall_bytes=40 * GB, min_idle_s=0.0) == ["idler", "idle", "just-done"]
+    assert engines_to_relieve(residents, shortfall_bytes=0, min_idle_s=0.0) == []
 
 
 # ---- a real agent's service on the CPU device -------------------------------------------

@@ -136,3 +136,37 @@ def test_prism_trace_commands(tmp_path):
     assert [(r.t, r.model) for r in Trace.load(tmp_path / "b.jsonl").requests] == [(0.0, "x"), (1.0, "y")]
     done = runner.invoke(app, ["trace", "generate", "-o", str(out), "--num-groups", "40"])
     assert done.exit_code == 2 and "num_groups" in done.output
+
+
+def test_traces_that_differ_only_in_rate_share_their_groups_windows_and_scaled_arrivals():
+    """A rate sweep (bench/one_gpu.py) changes nothing but the rate: the same groups and windows, and at
+    twice the rate each model's arrivals in a window are the same gaps halved, with the same lengths first."""
+    base = dict(num_models=6, num_groups=3, shift_s=10, idle_fraction=0.0, duration_s=30, seed=4)
+    slow = bursty_group_trace(BurstyGroupParams(rate=4, **base))
+    fast = bursty_group_trace(BurstyGroupParams(rate=8, **base))
+    assert slow.metadata["groups"] == fast.metadata["groups"]
+    assert slow.metadata["windows"] == fast.metadata["windows"]
+    for model in slow.models:
+        for window in range(3):
+            start = 10.0 * window
+
+            def of(trace):
+                return [r for r in trace.requests if r.model == model and start <= r.t < start + 10]
+
+            s, f = of(slow), of(fast)
+            assert len(f) >= len(s)
+            assert [round(start + (r.t - start) / 2, 4) for r in s] == [round(r.t, 4) for r in f[:len(s)]]
+            assert [(r.prompt_tokens, r.output_tokens) for r in s] == [(r.prompt_tokens, r.output_tokens)
+                                                                       for r in f[:len(s)]]
+
+
+def test_a_model_is_judged_by_its_own_slo_where_its_config_sets_one():
+    from prism.workload.replay import SloTargets
+    from services.common.placement_config import ModelConfig
+
+    models = [ModelConfig("big", "/m", ttft_slo_ms=2000), ModelConfig("fast", "/m", tpot_slo_ms=50), ModelConfig("plain", "/m")]
+    slo = SloTargets(ttft_s=1.0, tpot_s=0.1).with_models(models)
+    assert slo.of("big") == (2.0, 0.1) and slo.of("fast") == (1.0, 0.05) and slo.of("plain") == (1.0, 0.1)
+    assert slo.attained(1.5, 0.08, "big") and not slo.attained(1.5, 0.08, "plain")
+    assert not slo.attained(0.5, 0.08, "fast") and slo.attained(0.5, 0.08, "plain")
+    assert slo.attained(1.5, 0.08) is False  # no model: the defaults

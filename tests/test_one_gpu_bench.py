@@ -1,0 +1,100 @@
+"""bench/one_gpu.py without a GPU: the fleet and the operator's static subset, the sweep's traces, the
+highest rate holding a target, the committed H100 result's tables and plot, and the whole flow on the
+CPU device with tiny models (a dry run: real etcd, scheduler, agent, gateway and engines)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULT = ROOT / "bench" / "results" / "one_gpu-h100.json"
+GIB = 1 << 30
+
+
+def _bench():
+    if str(ROOT / "bench") not in sys.path:  # the script imports bench/common.py as `common`
+        sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("one_gpu", ROOT / "bench" / "one_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _args(**kw) -> argparse.Namespace:
+    base = dict(device="cuda", fleet="1b=4,3b=4,8b=4", group_size=4, shift_s=30.0, duration=60.0, seed=0,
+                reserve_gb=14.0, static_kv_gb=2.0)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_the_fleet_outweighs_an_h100_and_static_serves_the_smallest_that_fit(tmp_path):
+    bench = _bench()
+    entries = bench.fleet_entries(_args(), tmp_path)
+    assert [e["size"] for e in entries] == ["1b"] * 4 + ["3b"] * 4 + ["8b"] * 4
+    assert [e["slo"]["ttft_ms"] for e in entries] == [1000.0] * 8 + [2000.0] * 4
+    total = sum(bench.weight_bytes(e) for e in entries)
+    # 99.8 GB: 1.17 times an H100's 79.2 GiB (85.0 GB) of memory, short of the issue's 1.3 (which counted
+    # the card as 80 GB); --fleet 1b=4,3b=4,8b=5 would be 1.36.
+    assert total >= 1.15 * 79.19 * GIB
+    static = bench.static_entries(entries, int(79.19 * GIB), 14 * GIB, 2 * GIB)
+    # 4 x 1B and 4 x 3B (35.6 GB) with 2 GiB of KV each fit beside the reserve; an 8B more does not.
+    assert [e["size"] for e in static] == ["1b"] * 4 + ["3b"] * 4
+    assert all(e["init_placements"] == [{"gpu_ids": [0], "on": True}] for e in static)
+    assert bench.served_entries("prism", entries, _args(), int(79.19 * GIB)) == entries
+
+
+def test_the_sweeps_traces_share_their_groups_and_differ_in_rate():
+    bench = _bench()
+    names = [f"model-{i}" for i in range(12)]
+    slow = bench.bursty_group_trace(bench.trace_params(_args(), 12, 6.0), names)
+    fast = bench.bursty_group_trace(bench.trace_params(_args(), 12, 12.0), names)
+    assert slow.metadata["groups"] == fast.metadata["groups"] and len(slow.metadata["groups"]) == 3
+    assert slow.metadata["windows"] == fast.metadata["windows"]
+    assert 1.7 < len(fast.requests) / len(slow.requests) < 2.3
+    params = slow.metadata["params"]
+    assert params["burstiness_cv"] >= 2 and params["shift_s"] == 30.0
+
+
+def test_the_highest_rate_holding_a_target_and_its_interpolation():
+    bench = _bench()
+    points = [{"rate": 4, "attainment": 1.0}, {"rate": 8, "attainment": 0.95}, {"rate": 12, "attainment": 0.85},
+              {"rate": 16, "attainment": 0.95}]
+    assert bench.highest_rate(points, 0.9) == (8, pytest.approx(10.0))  # a later recovery does not count
+    assert bench.highest_rate(points, 0.99) == (4, pytest.approx(4 + 4 * 0.01 / 0.05))
+    assert bench.highest_rate(points, 0.5) == (16, 16)
+    assert bench.highest_rate([{"rate": 4, "attainment": 0.5}], 0.9) == (None, None)
+
+
+def test_the_committed_h100_result_prints_its_tables_and_plots(capsys, tmp_path):
+    bench = _bench()
+    payload = json.loads(RESULT.read_text())
+    assert "H100" in payload["device"] and {r["policy"] for r in payload["runs"]} >= {"prism", "time-share", "kvpr"}
+    bench.print_tables(payload)
+    out = capsys.readouterr().out
+    assert "x best baseline 90%" in out.splitlines()[-len(payload["runs"]) - 2]  # the summary table is last
+    assert "sim - live" in out
+    pytest.importorskip("matplotlib", reason="the bench extra (pip install '.[bench]') draws the plot")
+    bench.plot(payload, tmp_path / "one_gpu.png")
+    assert (tmp_path / "one_gpu.png").stat().st_size > 0
+
+
+def test_the_cpu_dry_run_replays_every_point_under_each_policy_and_simulates_it(tmp_path, monkeypatch):
+    bench = _bench()
+    out = tmp_path / "one_gpu.json"
+    monkeypatch.setattr(sys, "argv", ["one_gpu.py", "--device", "cpu", "--policies", "prism", "static",
+                                      "--rates", "3", "--duration", "8", "--settle-s", "0.5", "--simulate",
+                                      "--out", str(out)])
+    bench.main()
+    payload = json.loads(out.read_text())
+    assert [r["policy"] for r in payload["runs"]] == ["prism", "static"]
+    for run in payload["runs"]:
+        point, = run["points"]
+        assert point["requests"] > 0 and 0.0 <= point["attainment"] <= 1.0
+        assert point["memory_samples"]  # the agent's split, sampled each second
+        simulated, = run["simulated"]
+        assert simulated["rate"] == 3 and simulated["requests"] == point["requests"]
