@@ -61,7 +61,7 @@ from prism.workload.trace import Trace  # noqa: E402
 from services.common.placement_config import InitPlacement, ModelConfig, PlacementConfig, load  # noqa: E402
 from services.scheduler.policies import ClusterSnapshot, ModelDemand, PolicyParams, compute_load  # noqa: E402
 
-POLICIES = ("static", "dedicated", "time-share", "prism")
+POLICIES = ("static", "dedicated", "time-share", "kvpr", "prism")
 WARMUP_S = 30.0  # attainment_after_warmup: of the requests sent from then on
 SIZES = ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b")
 
