@@ -7,23 +7,18 @@ test_tensor_parallel.py.)"""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+from bench_scripts import load_bench_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _bench():
-    if str(ROOT / "bench") not in sys.path:  # the script imports bench/common.py as `common`
-        sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("multi_gpu", ROOT / "bench" / "multi_gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("multi_gpu")
 
 
 def _args(**kw) -> argparse.Namespace:
@@ -80,10 +75,7 @@ def test_the_simulated_run_matches_the_measured_one_where_the_policies_are_the_s
     """bench/multi_gpu_simulated.py on 4 GPUs (20 s traces, seeds 0-2): every policy runs, the 70B is one
     split model among 9, the comparison with the committed measured run prints model by model, and the
     attainment per seed last."""
-    _bench()  # bench/ on sys.path
-    spec = importlib.util.spec_from_file_location("multi_gpu_simulated", ROOT / "bench" / "multi_gpu_simulated.py")
-    sim = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sim)
+    sim = load_bench_script("multi_gpu_simulated")
     out = tmp_path / "sim.json"
     monkeypatch.setattr(sys, "argv", ["multi_gpu_simulated.py", "--gpus", "4", "--duration", "20",
                                       "--measured", str(RESULT), "--out", str(out)])

@@ -5,12 +5,12 @@ CPU device with tiny models (a dry run: real etcd, scheduler, agent, gateway and
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+from bench_scripts import load_bench_script
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULT = ROOT / "bench" / "results" / "one_gpu-h100.json"
@@ -18,12 +18,7 @@ GIB = 1 << 30
 
 
 def _bench():
-    if str(ROOT / "bench") not in sys.path:  # the script imports bench/common.py as `common`
-        sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("one_gpu", ROOT / "bench" / "one_gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("one_gpu")
 
 
 def _args(**kw) -> argparse.Namespace:

@@ -4,8 +4,9 @@ back and drives the simulator. No assertions on absolute times."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
+
+from bench_scripts import load_bench_script
 
 from prism.simulator.profile import LatencyProfile
 
@@ -13,10 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _profile_cpu_module():
-    spec = importlib.util.spec_from_file_location("profile_cpu", ROOT / "bench" / "profile_cpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("profile_cpu")
 
 
 def test_cpu_profile_step_times_are_positive_and_grow_with_batch(tmp_path):

@@ -1,13 +1,7 @@
-"""What a placement policy reads and writes: the cluster snapshot, the target
-placement, and the policies' parameters.
-
-A snapshot holds the agents and their GPUs (with memory), the configured
-models with their weight sizes, each model's recent demand from the load
-reports, and the current placement (what the agents run). A placement maps
-each model to its replicas: an agent, the GPUs of one engine, and whether the
-engine is active (weights and KV on the GPU) or inactive (weights in host
-memory, switched back on by its first request, or by the scheduler).
-"""
+"""What a placement policy reads and writes: the cluster snapshot (agents and
+their GPUs, the models, their demand, what runs now), the target placement
+(each model's replicas, switched on or off), and the policies' parameters;
+the package's docstring says more."""
 
 from __future__ import annotations
 
