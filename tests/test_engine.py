@@ -475,6 +475,29 @@ async def test_deactivate_refuses_and_activate_serves_again(model_dirs):
         engine.stop()
 
 
+async def test_no_room_for_the_weights_is_a_capacity_error_and_the_engine_comes_back_later(model_dirs,
+                                                                                          monkeypatch):
+    """The device out of memory when the weights come back (the agent's count of it was short) refuses
+    the activation with CapacityError (RESOURCE_EXHAUSTED at the agent): the engine stays off and whole."""
+    engine = started(model_dirs["llama"], name="tiny")
+    try:
+        engine.deactivate()
+        move = engine._move_weights
+
+        def out_of_memory(device):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 14.96 GiB.")
+
+        monkeypatch.setattr(engine, "_move_weights", out_of_memory)
+        with pytest.raises(CapacityError, match="no room on cpu for its weights"):
+            engine.activate()
+        assert not engine.active
+        monkeypatch.setattr(engine, "_move_weights", move)
+        engine.activate()
+        assert (await collect(engine, greedy("Hello")))[-1].completion_tokens == NEW_TOKENS
+    finally:
+        engine.stop()
+
+
 async def test_stop_ends_running_requests(model_dirs):
     engine = started(model_dirs["llama"])
     running = engine.generate(greedy("Hello", max_tokens=None))

@@ -427,7 +427,9 @@ class Engine:
                 return None
             if self._steps is not None:  # the other ranks copy their shards while this one copies its own
                 self._steps.send(SwitchOn())
-            timing = self._move_weights(self._device)
+                timing = self._move_weights(self._device)
+            else:
+                timing = self._weights_back_or_no_room()
             ready_start = time.perf_counter()
             with self._lock:
                 if self._scheduler.pool is None:
@@ -442,6 +444,19 @@ class Engine:
             log.info("engine %s activated in %.3fs: allocate %.3fs, copy %.3fs (%.1f GB/s), ready %.3fs", self.name,
                      timing.total_s, timing.allocate_s, timing.copy_s, timing.copy_gbps, timing.ready_s)
             return timing
+
+    def _weights_back_or_no_room(self) -> ActivationTiming:
+        """The weights to the device; its running out of memory (the agent's count of the device's memory
+        is short of what every process there holds: seen on an H100 with 12 engine processes, about 25 GB
+        beyond weights and KV) is a CapacityError the agent answers RESOURCE_EXHAUSTED, the engine left
+        switched off and whole, not an internal error."""
+        try:
+            return self._move_weights(self._device)
+        except torch.OutOfMemoryError as exc:
+            free, total = torch.cuda.mem_get_info(self._device) if self._device.type == "cuda" else (0, 0)
+            raise CapacityError(f"engine {self.name}: no room on {self._device} for its weights "
+                                f"({self.weight_bytes / 2**30:.2f} GiB; {free / 2**30:.2f} of "
+                                f"{total / 2**30:.2f} GiB free): {exc}") from None
 
     def deactivate(self) -> None:
         """Ends running and queued requests with EngineInactiveError, then
