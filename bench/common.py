@@ -113,6 +113,7 @@ class MemorySampler:
             sample["weights_gb"] = [round(g.weight_bytes / 1e9, 2) for g in status.gpus]
             sample["kv_limit_gb"] = [round(g.kv_limit_bytes / 1e9, 2) for g in status.gpus]
             sample["kv_mapped_gb"] = [round(g.kv_mapped_bytes / 1e9, 2) for g in status.gpus]
+            sample["reserve_gb"] = [round(g.reserve_bytes / 1e9, 2) for g in status.gpus]  # measured overhead, if more
             sample["active"] = sorted(e.model for e in status.engines if e.state == agent_pb2.ENGINE_STATE_ACTIVE)
             # Each active engine's GPU memory, GB: weights + KV mapped (+ its KV limit), per GPU.
             sample["engines_gb"] = [{e.model: [round(e.weight_bytes / 1e9, 2), round(e.kv_mapped_bytes / 1e9, 2),

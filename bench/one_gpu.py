@@ -228,15 +228,24 @@ def served_entries(policy: str, entries: list[dict], args: argparse.Namespace, m
     return static_entries(entries, memory_bytes, int(args.reserve_gb * (1 << 30)), int(args.static_kv_gb * (1 << 30)))
 
 
+def measured_reserve_bytes(points: list[dict]) -> int:
+    """The median reserve the agent kept over a live run (its configured one, or what the GPU's processes
+    were measured to hold beyond weights and KV, whichever was more): the simulator's reserve for that run."""
+    values = sorted(s["reserve_gb"][0] for p in points for s in p.get("memory_samples", []) if s.get("reserve_gb"))
+    return int(values[len(values) // 2] * 1e9) if values else 0
+
+
 def simulate_points(policy: str, served_names: list[str], rates: list[float], memory_bytes: int,
-                    args: argparse.Namespace, entries: list[dict]) -> list[dict]:
+                    args: argparse.Namespace, entries: list[dict], live_points: list[dict] | None = None) -> list[dict]:
     """Each rate's trace through the simulator (the same policy code, the card's profile); a static
-    run's unconfigured models' requests count as missed, as they fail live."""
+    run's unconfigured models' requests count as missed, as they fail live. live_points: the live run's,
+    whose measured reserve (measured_reserve_bytes) the simulated GPU keeps, where the samples have it."""
     from prism.simulator.profile import LatencyProfile
     from prism.simulator.runner import SimSettings, simulate
     from prism.workload.trace import Trace
 
     served = [e for e in served_entries(policy, entries, args, memory_bytes) if e["model_name"] in served_names]
+    reserve_bytes = measured_reserve_bytes(live_points) if live_points else int(args.reserve_gb * (1 << 30))
     models = list(parse_config(config_of(served, policy)).models)
     names = {m.model_name for m in models}
     profile = LatencyProfile.load(args.profile)
@@ -244,7 +253,7 @@ def simulate_points(policy: str, served_names: list[str], rates: list[float], me
     # as a burst, not as a rate that lasted the whole report window.
     settings = SimSettings(num_gpus=1, gpus_per_agent=1, policy=policy, gpu_memory_bytes=memory_bytes,
                            memory_policy="static" if policy == "static" else "balloon", replan_interval_s=REPLAN_S,
-                           memory_reserve_bytes=int(args.reserve_gb * (1 << 30)), stats_lead_s=60.0)
+                           memory_reserve_bytes=reserve_bytes or int(args.reserve_gb * (1 << 30)), stats_lead_s=60.0)
     slo = slo_targets(entries)
     out = []
     for rate in rates:
@@ -465,7 +474,7 @@ def main() -> None:
         if args.simulate:
             for run in payload["runs"]:
                 run["simulated"] = simulate_points(run["policy"], run["served"], [p["rate"] for p in run["points"]],
-                                                   payload["settings"]["memory_bytes"], args, entries)
+                                                   payload["settings"]["memory_bytes"], args, entries, run["points"])
     write_json(out_path, payload)
     if args.plot:
         plot(payload, args.plot)

@@ -11,7 +11,9 @@ two calls. Admission (admission.py) asks it for immediate grants out of the
 budget no engine holds, so a burst need not wait for the next plan. Under the
 balloon policy, when the serving engines' demand exceeds the whole budget,
 idle engines are switched off to give it their weights' memory
-(relieve_kv_pressure).
+(relieve_kv_pressure). On a GPU the reserve is at least what its processes
+were measured to hold beyond the weights and KV counted here (the engine
+workers read the device's memory in use; observe_overhead).
 
 All of it runs on the agent's event loop under one lock per device: a plan
 and a grant never interleave.
@@ -29,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -61,6 +64,9 @@ DEFAULT_MAKE_ROOM_IDLE_S = 10.0
 # on an H100, seed 0, 12 req/s: time-share 90.6% within SLO waiting 10 s, 95.4% waiting 1 s; prism at 8 req/s
 # 80.3% and 91.2%).
 DEFAULT_RELIEVE_IDLE_S = 1.0
+# The measured overhead (observe_overhead) is the least over this window, plus this margin.
+OVERHEAD_WINDOW_S = 3.0
+OVERHEAD_MARGIN_BYTES = 1 << 30
 
 
 def default_reserve_bytes(device: Device) -> int:
@@ -92,6 +98,10 @@ class MemoryCoordinator:
         self._policy = POLICIES[policy]
         self.params = params
         self.reserve_bytes = default_reserve_bytes(device) if reserve_bytes is None else reserve_bytes
+        # What the device's processes hold beyond the weights and KV counted here (measured_overhead_bytes):
+        # (time, bytes) samples over OVERHEAD_WINDOW_S, whose least is the overhead the reserve must cover.
+        self._overhead_samples: deque[tuple[float, int]] = deque()
+        self.overhead_bytes = 0
         self.interval_s = interval_s
         self.kv_budget_cap_bytes = kv_budget_cap_bytes
         self.clock = clock
@@ -136,8 +146,43 @@ class MemoryCoordinator:
 
     def budget_bytes(self, active: list[ManagedEngine]) -> int:
         taken = sum(self._taken_bytes(m) for m in active)
-        budget = max(0, self.device.memory_bytes - taken - self.reserve_bytes)
+        budget = max(0, self.device.memory_bytes - taken - self.reserve_now())
         return min(budget, self.kv_budget_cap_bytes) if self.kv_budget_cap_bytes > 0 else budget
+
+    def reserve_now(self) -> int:
+        """Memory kept out of weights and KV: the configured reserve, or what the device's processes
+        were measured to hold beyond them (plus a margin for the next activation's graphs and
+        activations), whichever is more."""
+        if not self.overhead_bytes:
+            return self.reserve_bytes
+        return max(self.reserve_bytes, self.overhead_bytes + OVERHEAD_MARGIN_BYTES)
+
+    def measured_overhead_bytes(self) -> int | None:
+        """The device's memory in use (every process's, as the engine workers read it) less the weights
+        of the active engines and the KV every engine has mapped: CUDA contexts, graphs, activations,
+        allocator slack, other processes. None where no engine reads the device (the CPU)."""
+        engines = [m for m in self.engines() if m.engine is not None]
+        stats = [m.engine.stats() for m in engines]
+        used = max((s.device_used_bytes for s in stats), default=0)
+        if not used:
+            return None
+        counted = sum(self._taken_bytes(m) for m in self._active()) + sum(s.kv_mapped_bytes for s in stats)
+        return max(0, used - counted)
+
+    def observe_overhead(self) -> int:
+        """Samples measured_overhead_bytes; overhead_bytes is the least over OVERHEAD_WINDOW_S, so the
+        weights of an activation under way (in use before the engine counts as active) do not read as
+        overhead. Counted as a reserve, the measurement keeps the budget within what the device has:
+        on an H100 with 12 engine processes, about 25 GB beyond weights and KV, and activations the
+        count said had room ran out of memory."""
+        now = self.clock()
+        measured = self.measured_overhead_bytes()
+        if measured is not None:
+            self._overhead_samples.append((now, measured))
+        while self._overhead_samples and self._overhead_samples[0][0] < now - OVERHEAD_WINDOW_S:
+            self._overhead_samples.popleft()
+        self.overhead_bytes = min((b for _, b in self._overhead_samples), default=0)
+        return self.overhead_bytes
 
     def demand_bytes(self, managed: ManagedEngine, stats: EngineStats | None = None) -> int:
         """stats: the engine's, when the caller has just read them."""
@@ -186,7 +231,7 @@ class MemoryCoordinator:
         for as long as the others' load lasts."""
         others = [m for m in self._active() if m is not activating]
         floors = {m.spec.name: self._kv_floor_bytes(m) for m in others}
-        free = self.device.memory_bytes - self.reserve_bytes - sum(self._taken_bytes(m) for m in others)
+        free = self.device.memory_bytes - self.reserve_now() - sum(self._taken_bytes(m) for m in others)
         residents = [self._resident(m, floors[m.spec.name]) for m in others]
         need = self._taken_bytes(activating) + self._kv_floor_bytes(activating)
         room = engines_to_switch_off(residents, need, free - sum(floors.values()), self.make_room_idle_s)
@@ -239,7 +284,7 @@ class MemoryCoordinator:
             f"({self._taken_bytes(activating) / 2**20:.0f} MiB) and one KV page bundle for each engine "
             f"({floors / 2**20:.1f} MiB together) do not fit on device {self.device.index} beside "
             f"the active engines' weights ({taken / 2**20:.0f} MiB of {self.device.memory_bytes / 2**20:.0f} MiB, "
-            f"{self.reserve_bytes / 2**20:.0f} MiB kept in reserve{cap}), and none of them has been idle "
+            f"{self.reserve_now() / 2**20:.0f} MiB kept in reserve{cap}), and none of them has been idle "
             f"{self.make_room_idle_s:g} s to step aside")
 
     async def prepare_activation(self, activating: ManagedEngine) -> None:
@@ -282,7 +327,7 @@ class MemoryCoordinator:
         limits = sum(r.kv_limit_bytes for r in rows)
         return DeviceMemorySplit(
             gpu_id=self.device.index, total_bytes=self.device.memory_bytes,
-            weight_bytes=sum(m.engine.weight_bytes for m in active), reserve_bytes=self.reserve_bytes,
+            weight_bytes=sum(m.engine.weight_bytes for m in active), reserve_bytes=self.reserve_now(),
             kv_budget_bytes=budget, kv_limit_bytes=limits, kv_mapped_bytes=sum(r.kv_mapped_bytes for r in rows),
             free_bytes=budget - limits, engines=tuple(rows))
 
@@ -310,6 +355,7 @@ class MemoryCoordinator:
         to be switched on, counted (weights and a limit) as if it were active,
         so the others make room before its weights arrive."""
         async with self.lock:
+            self.observe_overhead()
             snapshot = self.snapshot(also=activating)
             plan = self._policy(snapshot, self.params)
             self.plans += 1

@@ -47,3 +47,4 @@ class EngineStats:
     memory_limit_revision: int = 0
     memory_limit_status: str = "applied"  # or "deferred": mapped is above the limit until requests end
     kv_demand_tokens: int = 0  # token slots its requests hold, and will need over the next few steps
+    device_used_bytes: int = 0  # the whole device's memory in use, every process's (a worker's CUDA device); 0: unknown

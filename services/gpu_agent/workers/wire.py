@@ -125,7 +125,8 @@ def stats_to_proto(stats: EngineStats, active: bool) -> wpb.EngineStatsReply:
         kv_used_bytes=stats.kv_used_bytes, memory_limit_bytes=stats.memory_limit_bytes,
         weight_bytes=stats.weight_bytes, kv_mapped_bytes=stats.kv_mapped_bytes,
         kv_free_tokens=stats.kv_free_tokens, memory_limit_revision=stats.memory_limit_revision,
-        memory_limit_status=stats.memory_limit_status, kv_demand_tokens=stats.kv_demand_tokens, active=active)
+        memory_limit_status=stats.memory_limit_status, kv_demand_tokens=stats.kv_demand_tokens, active=active,
+        device_used_bytes=stats.device_used_bytes)
 
 
 def stats_from_proto(reply: wpb.EngineStatsReply) -> EngineStats:
@@ -134,7 +135,8 @@ def stats_from_proto(reply: wpb.EngineStatsReply) -> EngineStats:
         kv_used_bytes=reply.kv_used_bytes, memory_limit_bytes=reply.memory_limit_bytes,
         weight_bytes=reply.weight_bytes, kv_mapped_bytes=reply.kv_mapped_bytes,
         kv_free_tokens=reply.kv_free_tokens, memory_limit_revision=reply.memory_limit_revision,
-        memory_limit_status=reply.memory_limit_status, kv_demand_tokens=reply.kv_demand_tokens)
+        memory_limit_status=reply.memory_limit_status, kv_demand_tokens=reply.kv_demand_tokens,
+        device_used_bytes=reply.device_used_bytes)
 
 
 def limit_to_proto(state: MemoryLimitState) -> wpb.MemoryLimitReply:

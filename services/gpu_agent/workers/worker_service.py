@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -30,6 +31,14 @@ from services.gpu_agent.workers import wire
 from services.gpu_agent.workers.device_warmup import WarmupReport
 
 log = logging.getLogger(__name__)
+
+
+def device_used_bytes(device: str) -> int:
+    """The CUDA device's memory in use by every process (total less free); 0 for the CPU."""
+    if not device.startswith("cuda"):
+        return 0
+    free, total = torch.cuda.mem_get_info(torch.device(device))
+    return total - free
 
 
 class EngineWorkerService(engine_worker_pb2_grpc.EngineWorkerServicer):
@@ -161,7 +170,8 @@ class EngineWorkerService(engine_worker_pb2_grpc.EngineWorkerServicer):
 
     async def Stats(self, request, context) -> wpb.EngineStatsReply:
         engine = await self._engine(context)
-        return wire.stats_to_proto(engine.stats(), engine.active)
+        return wire.stats_to_proto(replace(engine.stats(), device_used_bytes=device_used_bytes(self.device)),
+                                   engine.active)
 
     async def Shutdown(self, request, context) -> wpb.ShutdownReply:
         log.info("shutdown requested")

@@ -1,0 +1,98 @@
+"""The memory coordinator's measured overhead: what a GPU's processes hold beyond the weights and KV
+it counts (CUDA contexts, graphs, activations) is read from the engine workers' device readings and
+kept out of the KV budget and the room an activation gets.
+
+There is no GPU here, so the engines are stand-ins that report the readings a worker on a CUDA device
+would (CudaReadingEngineFake); the coordinator's arithmetic over them is the real one."""
+
+from __future__ import annotations
+
+from services.gpu_agent.devices import Device
+from services.gpu_agent.engine.request import EngineStats
+from services.gpu_agent.engine_manager import EngineManager, EngineSpec, ManagedEngine
+from services.gpu_agent.memory_coordinator import OVERHEAD_MARGIN_BYTES, OVERHEAD_WINDOW_S, MemoryCoordinator
+
+GIB = 1 << 30
+
+
+class CudaReadingEngineFake:
+    """Stands in for an engine worker on a CUDA device (none here): its stats carry its KV mapped and the
+    device's memory in use, as a worker reads it with cudaMemGetInfo."""
+
+    kv_bundle_bytes = 2 << 20
+    kv_bytes_per_token = 128 << 10
+
+    def __init__(self, weight_bytes: int, mapped_bytes: int = 0):
+        self.weight_bytes = weight_bytes
+        self.mapped_bytes = mapped_bytes
+        self.device_used_bytes = 0
+
+    def stats(self) -> EngineStats:
+        return EngineStats(running_requests=0, queued_requests=0, kv_used_bytes=self.mapped_bytes,
+                           memory_limit_bytes=self.mapped_bytes, weight_bytes=self.weight_bytes,
+                           kv_mapped_bytes=self.mapped_bytes, device_used_bytes=self.device_used_bytes)
+
+
+class Clock:
+    now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def noop(_managed) -> None:
+    pass
+
+
+def coordinator_with(engines: dict[str, tuple[CudaReadingEngineFake, str]], clock: Clock) -> MemoryCoordinator:
+    device = Device(0, "cuda", "a GPU that is not here", 80 * GIB)
+    manager = EngineManager([device], noop)
+    for name, (engine, state) in engines.items():
+        manager.engines[name] = ManagedEngine(spec=EngineSpec(name=name, path=f"/m/{name}"), gpu_ids=(0,),
+                                              state=state, engine=engine)
+    return MemoryCoordinator(device, manager, reserve_bytes=4 * GIB, clock=clock)
+
+
+def read(engines, used: int) -> None:
+    for engine in engines:
+        engine.device_used_bytes = used
+
+
+async def test_what_the_processes_hold_beyond_weights_and_kv_is_kept_out_of_the_budget():
+    active, idle = CudaReadingEngineFake(16 * GIB, mapped_bytes=2 * GIB), CudaReadingEngineFake(16 * GIB)
+    clock = Clock()
+    coordinator = coordinator_with({"a": (active, "active"), "b": (idle, "inactive")}, clock)
+    # Nothing read (the CPU device, or before the first stats): the configured reserve.
+    assert coordinator.observe_overhead() == 0
+    assert coordinator.budget_bytes(coordinator._active()) == 80 * GIB - 16 * GIB - 4 * GIB
+    # The device reads 30 GiB in use: 16 of weights and 2 of KV are counted, 12 are not.
+    read((active, idle), 30 * GIB)
+    assert coordinator.observe_overhead() == 12 * GIB
+    assert coordinator.reserve_now() == 12 * GIB + OVERHEAD_MARGIN_BYTES
+    assert coordinator.budget_bytes(coordinator._active()) == 80 * GIB - 16 * GIB - 12 * GIB - OVERHEAD_MARGIN_BYTES
+    assert coordinator.room_to_activate(coordinator.manager.engines["b"]) == []  # 16 GiB fit in the 51 left
+    # 66 GiB in use, 48 of them uncounted: the switched-off engine's weights no longer fit beside the
+    # active one (beside the configured 4 GiB reserve alone they would), so the idle one steps aside...
+    clock.now = OVERHEAD_WINDOW_S + 1
+    read((active, idle), 66 * GIB)
+    assert coordinator.observe_overhead() == 48 * GIB
+    assert coordinator.room_to_activate(coordinator.manager.engines["b"]) == ["a"]
+    # ... and were it serving, the activation is refused rather than run the device out of memory.
+    coordinator.manager.engines["a"].request_stats.arrived()
+    assert coordinator.room_to_activate(coordinator.manager.engines["b"]) is None
+    assert coordinator.memory_split().reserve_bytes == coordinator.reserve_now()
+
+
+async def test_an_activation_under_way_does_not_read_as_overhead():
+    active = CudaReadingEngineFake(16 * GIB)
+    clock = Clock()
+    coordinator = coordinator_with({"a": (active, "active")}, clock)
+    read((active,), 20 * GIB)
+    assert coordinator.observe_overhead() == 4 * GIB
+    # Another engine's weights arriving (in use before it counts as active): the least over the window holds.
+    clock.now = 1.0
+    read((active,), 36 * GIB)
+    assert coordinator.observe_overhead() == 4 * GIB
+    # Still there a window later: it is what the device holds.
+    clock.now = 1.0 + OVERHEAD_WINDOW_S + 0.1
+    assert coordinator.observe_overhead() == 20 * GIB
