@@ -57,6 +57,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import common  # first: puts the project on sys.path
@@ -198,7 +199,9 @@ def summarize_point(rep: dict, duration_s: float, activations: list, samples: li
                 "memory_samples": samples} if samples is not None else {})}
 
 
-def run_policy(policy: str, args: argparse.Namespace, entries: list[dict], state: Path) -> dict:
+def run_policy(policy: str, args: argparse.Namespace, entries: list[dict], state: Path,
+               save: Callable[[dict], None] = lambda run: None) -> dict:
+    """save: called with the run so far after each point (a call that reaches its time limit keeps them)."""
     served = served_entries(policy, entries, args, device_memory_bytes(args))
     slo = slo_targets(entries)
     started = time.monotonic()
@@ -212,6 +215,7 @@ def run_policy(policy: str, args: argparse.Namespace, entries: list[dict], state
             time.sleep(args.settle_s)
             point = {"rate": rate, **run_point(cluster, args, trace, slo)}
             points.append(point)
+            save({"policy": policy, "served": [e["model_name"] for e in served], "load_s": load_s, "points": points})
             print(f"{policy} @ {rate:g} req/s: attainment {100 * point['attainment']:.1f}%, "
                   f"{point['activations']} activations, errors {point['errors'] or 'none'}", flush=True)
     finally:
@@ -495,8 +499,9 @@ def live_runs(args: argparse.Namespace, entries: list[dict], state: Path, out_pa
           f"{settings['memory_bytes'] / 2**30:.1f} GiB ({args.device})", flush=True)
     runs = []
     for policy in args.policies:
-        runs.append(run_policy(policy, args, entries, state))
-        write_json(out_path, {**payload, "runs": runs})  # kept as it goes: a later policy may not finish
+        # Kept as it goes, point by point: a later point or policy may not finish within the call.
+        runs.append(run_policy(policy, args, entries, state,
+                               save=lambda run: write_json(out_path, {**payload, "runs": runs + [run]})))
     payload["runs"] = runs
     return payload
 

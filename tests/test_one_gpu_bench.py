@@ -78,15 +78,15 @@ def test_the_committed_h100_result_prints_its_tables_and_plots(capsys, tmp_path)
     assert (tmp_path / "one_gpu.png").stat().st_size > 0
 
 
-def test_the_cpu_dry_run_replays_every_point_under_each_policy_and_simulates_it(tmp_path, monkeypatch):
+def test_the_cpu_dry_run_replays_a_point_and_simulates_it(tmp_path, monkeypatch):
     bench = _bench()
     out = tmp_path / "one_gpu.json"
-    monkeypatch.setattr(sys, "argv", ["one_gpu.py", "--device", "cpu", "--policies", "prism", "static",
-                                      "--rates", "3", "--duration", "8", "--settle-s", "0.5", "--simulate",
-                                      "--out", str(out)])
+    # One policy, one point: every cluster start costs CI about 20 s (static's subset is tested above).
+    monkeypatch.setattr(sys, "argv", ["one_gpu.py", "--device", "cpu", "--policies", "prism", "--rates", "3",
+                                      "--duration", "6", "--settle-s", "0.5", "--simulate", "--out", str(out)])
     bench.main()
     payload = json.loads(out.read_text())
-    assert [r["policy"] for r in payload["runs"]] == ["prism", "static"]
+    assert [r["policy"] for r in payload["runs"]] == ["prism"]
     for run in payload["runs"]:
         point, = run["points"]
         assert point["requests"] > 0 and 0.0 <= point["attainment"] <= 1.0
