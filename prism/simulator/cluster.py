@@ -63,7 +63,12 @@ from services.gpu_agent.admission import (
     shortfall_bytes,
 )
 from services.gpu_agent.engine.request import DEMAND_GROWTH_TOKENS
-from services.gpu_agent.make_room import ResidentEngine, engines_to_relieve, engines_to_switch_off
+from services.gpu_agent.make_room import (
+    ResidentEngine,
+    engines_to_relieve,
+    engines_to_switch_off,
+    kv_kept_bytes,
+)
 from services.gpu_agent.memory_coordinator import DEFAULT_INTERVAL_S, DEFAULT_UNIT_BYTES
 from services.gpu_agent.memory_policy import POLICIES as MEMORY_POLICIES
 from services.gpu_agent.memory_policy import (
@@ -414,9 +419,11 @@ class SimCluster:
     def _room(self, device: Device, engine: SimEngine) -> list[str] | None:
         """As the agent's room_to_activate on one GPU: the idle engines to switch off so that the engine's
         weights (a split one's shard and fixed KV) fit beside the others' and a page bundle of KV for each
-        planned engine; None when they cannot be made to."""
+        planned engine, beside the KV the others' requests hold (kv_kept_bytes); None when they cannot be
+        made to."""
         holding = [e for e in device.holding_memory() if e is not engine]
-        residents = [self._resident(e, kv_floor_bytes(e)) for e in holding]
+        residents = [self._resident(e, kv_kept_bytes(kv_floor_bytes(e), 0 if e.split else e.used_bytes))
+                     for e in holding]
         free = device.memory_bytes - device.reserve_bytes - sum(r.weight_bytes for r in residents)
         return engines_to_switch_off(residents, taken_bytes(engine) + kv_floor_bytes(engine), free, MAKE_ROOM_IDLE_S)
 

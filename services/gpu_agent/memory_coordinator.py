@@ -38,8 +38,18 @@ from dataclasses import replace
 from services.gpu_agent.devices import Device
 from services.gpu_agent.engine.errors import CapacityError, EngineError
 from services.gpu_agent.engine.request import EngineStats
-from services.gpu_agent.engine_manager import EngineManager, EngineNotReadyError, ManagedEngine, ModelNotLoadedError
-from services.gpu_agent.make_room import ResidentEngine, engines_to_relieve, engines_to_switch_off
+from services.gpu_agent.engine_manager import (
+    EngineManager,
+    EngineNotReadyError,
+    ManagedEngine,
+    ModelNotLoadedError,
+)
+from services.gpu_agent.make_room import (
+    ResidentEngine,
+    engines_to_relieve,
+    engines_to_switch_off,
+    kv_kept_bytes,
+)
 from services.gpu_agent.memory_policy import (
     POLICIES,
     DeviceMemorySnapshot,
@@ -64,8 +74,8 @@ DEFAULT_MAKE_ROOM_IDLE_S = 10.0
 # on an H100, seed 0, 12 req/s: time-share 90.6% within SLO waiting 10 s, 95.4% waiting 1 s; prism at 8 req/s
 # 80.3% and 91.2%).
 DEFAULT_RELIEVE_IDLE_S = 1.0
-# The measured overhead (observe_overhead) is the least over this window, plus this margin.
-OVERHEAD_WINDOW_S = 3.0
+# The measured overhead (observe_overhead) is the most over this window, plus this margin.
+OVERHEAD_WINDOW_S = 30.0
 OVERHEAD_MARGIN_BYTES = 1 << 30
 
 
@@ -159,29 +169,36 @@ class MemoryCoordinator:
 
     def measured_overhead_bytes(self) -> int | None:
         """The device's memory in use (every process's, as the engine workers read it) less the weights
-        of the active engines and the KV every engine has mapped: CUDA contexts, graphs, activations,
-        allocator slack, other processes. None where no engine reads the device (the CPU)."""
+        of the active engines and of those being switched on, and the KV every engine has mapped: CUDA
+        contexts, graphs, activations, allocator caches, other processes. None where no engine reads
+        the device (the CPU), and while an engine is loading here (its weights are on the device, in no
+        count)."""
         engines = [m for m in self.engines() if m.engine is not None]
+        if any(m.state == "loading" for m in self.engines()):
+            return None
         stats = [m.engine.stats() for m in engines]
         used = max((s.device_used_bytes for s in stats), default=0)
         if not used:
             return None
-        counted = sum(self._taken_bytes(m) for m in self._active()) + sum(s.kv_mapped_bytes for s in stats)
+        switching_on = [m for m in engines if m.state == "inactive" and m.activation_lock.locked()]
+        counted = (sum(self._taken_bytes(m) for m in self._active() + switching_on)
+                   + sum(s.kv_mapped_bytes for s in stats))
         return max(0, used - counted)
 
     def observe_overhead(self) -> int:
-        """Samples measured_overhead_bytes; overhead_bytes is the least over OVERHEAD_WINDOW_S, so the
-        weights of an activation under way (in use before the engine counts as active) do not read as
-        overhead. Counted as a reserve, the measurement keeps the budget within what the device has:
-        on an H100 with 12 engine processes, about 25 GB beyond weights and KV, and activations the
-        count said had room ran out of memory."""
+        """Samples measured_overhead_bytes; overhead_bytes is the most over OVERHEAD_WINDOW_S. Counted as
+        a reserve, the measurement keeps the budget within what the device has: on an H100 with 12
+        engine processes, 16 GB beyond weights and KV at rest and up to 26 GB serving (the processes
+        hold more as they serve), and activations the count said had room ran out of memory. The least over 3 s was kept at first (so that an activation's weights in
+        flight did not read as overhead; they are counted now): engine steps and kvcached's page maps
+        then still ran the H100 out of memory when the engines' caches grew together."""
         now = self.clock()
         measured = self.measured_overhead_bytes()
         if measured is not None:
             self._overhead_samples.append((now, measured))
         while self._overhead_samples and self._overhead_samples[0][0] < now - OVERHEAD_WINDOW_S:
             self._overhead_samples.popleft()
-        self.overhead_bytes = min((b for _, b in self._overhead_samples), default=0)
+        self.overhead_bytes = max((b for _, b in self._overhead_samples), default=0)
         return self.overhead_bytes
 
     def demand_bytes(self, managed: ManagedEngine, stats: EngineStats | None = None) -> int:
@@ -220,17 +237,25 @@ class MemoryCoordinator:
         plans: one page bundle (memory_policy.py)."""
         return m.engine.kv_bundle_bytes if self._plans(m) else 0
 
+    def _kv_kept_bytes(self, m: ManagedEngine) -> int:
+        """The KV an engine staying on keeps through another's activation (make_room.kv_kept_bytes);
+        a split engine's fixed KV is in its taken bytes already."""
+        if not self._plans(m):
+            return 0
+        return kv_kept_bytes(self._kv_floor_bytes(m), m.engine.stats().kv_used_bytes)
+
     def room_to_activate(self, activating: ManagedEngine) -> list[str] | None:
         """The active engines to switch off, longest idle first and only those
         with nothing to serve and no request for make_room_idle_s, so that
         `activating`'s weights fit beside the others' and the reserve, with
         room left for every engine planned here to get its least KV limit
-        (make_room.py); [] when they fit, None when they cannot be made to.
-        Without that KV floor an engine could be switched on whose policy
-        share is nothing while the others are busy: its requests would wait
-        for as long as the others' load lasts."""
+        and for the KV the others' requests hold (make_room.kv_kept_bytes);
+        [] when they fit, None when they cannot be made to. Without that KV
+        floor an engine could be switched on whose policy share is nothing
+        while the others are busy: its requests would wait for as long as the
+        others' load lasts."""
         others = [m for m in self._active() if m is not activating]
-        floors = {m.spec.name: self._kv_floor_bytes(m) for m in others}
+        floors = {m.spec.name: self._kv_kept_bytes(m) for m in others}
         free = self.device.memory_bytes - self.reserve_now() - sum(self._taken_bytes(m) for m in others)
         residents = [self._resident(m, floors[m.spec.name]) for m in others]
         need = self._taken_bytes(activating) + self._kv_floor_bytes(activating)
@@ -277,13 +302,15 @@ class MemoryCoordinator:
         others = [m for m in self._active() if m is not activating]
         taken = sum(self._taken_bytes(m) for m in others)
         floors = sum(self._kv_floor_bytes(m) for m in others + [activating])
+        held = sum(self._kv_kept_bytes(m) - self._kv_floor_bytes(m) for m in others)
         cap = (f", the KV budget capped at {self.kv_budget_cap_bytes / 2**20:.1f} MiB"
                if self.kv_budget_cap_bytes else "")
         return CapacityError(
             f"model {activating.spec.name!r} cannot be switched on now: its weights "
             f"({self._taken_bytes(activating) / 2**20:.0f} MiB) and one KV page bundle for each engine "
             f"({floors / 2**20:.1f} MiB together) do not fit on device {self.device.index} beside "
-            f"the active engines' weights ({taken / 2**20:.0f} MiB of {self.device.memory_bytes / 2**20:.0f} MiB, "
+            f"the KV the active engines' requests hold beyond that ({held / 2**20:.0f} MiB) and "
+            f"their weights ({taken / 2**20:.0f} MiB of {self.device.memory_bytes / 2**20:.0f} MiB, "
             f"{self.reserve_now() / 2**20:.0f} MiB kept in reserve{cap}), and none of them has been idle "
             f"{self.make_room_idle_s:g} s to step aside")
 

@@ -1,0 +1,33 @@
+"""An activation never takes the KV that the engines staying on hold for their running requests: the
+room it needs is counted beside that KV (make_room.kv_kept_bytes), not beside a page bundle each.
+
+The engines are the stand-ins of test_memory_overhead.py (CudaReadingEngineFake: a GPU is not here),
+whose stats report the KV their requests hold; the coordinator's room check over them is the real one."""
+
+from __future__ import annotations
+
+from test_memory_overhead import GIB, Clock, CudaReadingEngineFake, coordinator_with
+
+from services.gpu_agent.make_room import kv_kept_bytes
+
+
+def test_an_engine_keeps_the_kv_its_requests_hold_and_at_least_its_floor():
+    assert kv_kept_bytes(floor_bytes=2 << 20, used_bytes=0) == 2 << 20
+    assert kv_kept_bytes(floor_bytes=2 << 20, used_bytes=5 * GIB) == 5 * GIB
+
+
+async def test_an_activation_that_would_take_kv_in_use_is_refused_and_fits_once_it_is_given_back():
+    # 80 GiB, 4 in reserve: "busy" (40 GiB of weights) serves requests holding 20 GiB of KV; the
+    # switched-off "trickle" has 24 GiB of weights. Beside a page bundle it would fit (36 GiB free);
+    # beside the KV in use (16 GiB free) it does not, and the busy engine cannot step aside.
+    busy, trickle = CudaReadingEngineFake(40 * GIB, mapped_bytes=20 * GIB), CudaReadingEngineFake(24 * GIB)
+    coordinator = coordinator_with({"busy": (busy, "active"), "trickle": (trickle, "inactive")}, Clock())
+    engines = coordinator.manager.engines
+    engines["busy"].request_stats.arrived()
+    assert coordinator.room_to_activate(engines["trickle"]) is None
+    error = str(coordinator.no_room_error(engines["trickle"]))
+    assert "'trickle' cannot be switched on now" in error and "KV the active engines' requests hold" in error
+    assert "20478 MiB" in error, error  # 20 GiB held beyond busy's page bundle
+    # Its requests done (the KV given back, the engine idle long enough to step aside or not needed to):
+    busy.mapped_bytes = 0
+    assert coordinator.room_to_activate(engines["trickle"]) == []
