@@ -209,3 +209,18 @@ def test_the_scheduler_counts_a_split_models_kv_demand_on_every_rank():
     demand = demand_from_reports([report], {"split": 4, "whole": 1})
     assert (demand["split"].kv_demand_bytes, demand["whole"].kv_demand_bytes) == (400 * MIB, 30 * MIB)
     assert demand_from_reports([report])["split"].kv_demand_bytes == 100 * MIB  # no sizes given: as reported
+
+
+def test_the_policies_plan_each_gpu_without_the_reserve_its_agent_keeps():
+    """The policies plan weights and KV on a GPU's memory less the reserve its agent reports in force
+    (measured on a GPU: what the processes hold beyond weights and KV); a GPU not yet reported, or
+    another agent's report, leaves the device's whole memory."""
+    from services.scheduler.server import usable_gpu_memory
+
+    report = scheduler_pb2.LoadReport(agent_id="a")
+    report.gpus.add(gpu_id=0, total_bytes=80 * MIB, reserve_bytes=20 * MIB)
+    other = scheduler_pb2.LoadReport(agent_id="b")
+    other.gpus.add(gpu_id=1, reserve_bytes=50 * MIB)
+    devices = [{"index": 0, "memory_bytes": 80 * MIB}, {"index": 1, "memory_bytes": 80 * MIB}]
+    assert usable_gpu_memory("a", devices, [report, other]) == {0: 60 * MIB, 1: 80 * MIB}
+    assert usable_gpu_memory("a", [{"index": 0}], [report]) == {0: 0}  # memory unknown stays unknown (0)

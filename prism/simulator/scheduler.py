@@ -66,7 +66,9 @@ class SimScheduler:
                 kv_demand_bytes=cluster.kv_demand_bytes(engine) * engine.model.tp_size)  # as the scheduler counts it
         # The gateways' demand records.
         demand = with_waiting(demand, {model: len(waiting) for model, waiting in cluster.gateway_waiting.items()})
-        agents = tuple(AgentView(a.agent_id, frozenset(a.devices), {i: d.memory_bytes for i, d in a.devices.items()})
+        # What weights and KV may take on each GPU, as the live scheduler reads it (usable_gpu_memory).
+        agents = tuple(AgentView(a.agent_id, frozenset(a.devices),
+                                 {i: d.memory_bytes - d.reserve_bytes for i, d in a.devices.items()})
                        for a in cluster.agents.values())
         return ClusterSnapshot(models=tuple(m.config for m in cluster.models.values()), agents=agents, demand=demand,
                                weight_bytes={name: m.weight_bytes for name, m in cluster.models.items()},
