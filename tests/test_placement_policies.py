@@ -524,3 +524,66 @@ def test_the_scheduler_takes_standby_replicas_from_its_command_line(capsys):
     with pytest.raises(SystemExit) as exited:
         parse_args(["--config", "models.json", "--standby-replicas", "-1"])
     assert exited.value.code == 2 and "--standby-replicas must be 0 or more" in capsys.readouterr().err
+
+
+# ---- prism on a GPU of more models than fit (bench/one_gpu.py's setting) ---------------------------------
+
+
+def one_gpu_of(weights: dict[str, int], memory: int = 80 * GB, **snapshot) -> ClusterSnapshot:
+    return ClusterSnapshot(models=models(*weights), agents=(agent("x", 1, memory),), weight_bytes=weights, **snapshot)
+
+
+def test_prism_switches_a_warm_model_off_on_an_oversubscribed_gpu_and_keeps_it_on_where_all_fit():
+    # "idle" has had a burst (its window's rate) but nothing in the last seconds: warm. Beside 60 GB of
+    # other models on an 80 GB GPU it stays on (all fit); beside 100 GB it goes off for the next burst.
+    current = {"idle": [ReplicaTarget("x", (0,), True)], "busy": [ReplicaTarget("x", (0,), True)]}
+    demand = {"idle": ModelDemand(arrival_rate=3.0, recent_arrival_rate=0.0), "busy": hot(3.0)}
+    fits = one_gpu_of({"idle": 16 * GB, "busy": 16 * GB, "off": 28 * GB}, current=current, demand=demand)
+    assert active_of(prism_policy(fits))["idle"] == [("x", (0,))]
+    crowded = one_gpu_of({"idle": 16 * GB, "busy": 16 * GB, "off": 68 * GB}, current=current, demand=demand)
+    assert active_of(prism_policy(crowded))["idle"] == []
+    assert active_of(prism_policy(crowded))["busy"] == [("x", (0,))]
+
+
+def test_prism_on_an_oversubscribed_gpu_leaves_a_model_of_a_few_requests_a_second_to_its_requests():
+    # 1 req/s (window and recent): hot on a GPU whose models all fit, switched on by the plan; on an
+    # oversubscribed one its requests switch it on (warm_rate_oversubscribed), the plan does not.
+    demand = {"few": hot(1.0)}
+    fits = one_gpu_of({"few": 16 * GB, "other": 16 * GB}, demand=demand)
+    assert active_of(prism_policy(fits))["few"] == [("x", (0,))]
+    crowded = one_gpu_of({"few": 16 * GB, "other": 70 * GB}, demand=demand)
+    assert active_of(prism_policy(crowded))["few"] == []
+    assert active_of(prism_policy(crowded, PolicyParams(warm_rate_oversubscribed=0.5)))["few"] == [("x", (0,))]
+
+
+def test_prism_counts_a_model_whose_last_seconds_fell_below_the_warm_rate_as_cooling():
+    # Its window still reads 3 req/s from a burst that ended; the last 10 s read 0.2 with a straggler
+    # request now and then: cooling (warm), so on an oversubscribed GPU it is not kept on.
+    current = {"cooling": [ReplicaTarget("x", (0,), True)]}
+    weights = {"cooling": 16 * GB, "other": 70 * GB}
+    cooling = ModelDemand(arrival_rate=3.0, recent_arrival_rate=0.2)
+    assert active_of(prism_policy(one_gpu_of(weights, current=current, demand={"cooling": cooling})))["cooling"] == []
+    rising = ModelDemand(arrival_rate=0.2, recent_arrival_rate=3.0)  # a burst starting: the window lags
+    assert active_of(prism_policy(one_gpu_of(weights, current=current, demand={"cooling": rising})))["cooling"] == []
+    steady = hot(3.0)
+    assert active_of(prism_policy(one_gpu_of(weights, current=current, demand={"cooling": steady})))["cooling"] == \
+        [("x", (0,))]
+
+
+def test_prism_puts_a_replica_a_model_is_short_of_where_it_stays_under_the_overload_bound():
+    # "a" needs two replicas; both other GPUs already run models of a third of a GPU's compute each, so
+    # no half of a's load fits under capacity (0.5) beside them: the second replica goes to the least
+    # loaded of them, under the overload bound, rather than the one replica carrying all of a's load.
+    weights = {"a": 2 * GB, "b": 2 * GB, "c": 2 * GB}
+    agents = (agent("x", 1), agent("y", 1), agent("z", 1))
+    current = {"a": [ReplicaTarget("x", (0,), True)], "b": [ReplicaTarget("y", (0,), True)],
+               "c": [ReplicaTarget("z", (0,), True)]}
+    snap = ClusterSnapshot(models=models("a", "b", "c"), agents=agents, weight_bytes=weights, current=current,
+                           demand={"a": busy(30.0), "b": busy(8.0), "c": busy(10.0)})
+    params = PolicyParams()
+    loads = {m.model_name: compute_load(snap, m, params) for m in snap.models}
+    assert params.compute_capacity + params.compute_margin < loads["a"] <= 2 * params.compute_capacity
+    assert loads["b"] < loads["c"] and loads["b"] + loads["a"] / 2 > params.compute_capacity
+    assert loads["b"] + loads["a"] / 2 <= params.compute_overload
+    target = prism_policy(snap, params)
+    assert sorted(active_of(target)["a"]) == [("x", (0,)), ("y", (0,))]

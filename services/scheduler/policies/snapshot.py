@@ -130,6 +130,10 @@ class PolicyParams:
     # active while their GPU has the memory, else switched off (their agent switches them on for a
     # request), and never move or push others away.
     warm_rate: float = 0.5
+    # ... and on a GPU whose placed models weigh more than it holds (prism's `oversubscribed`), where a model
+    # on for nothing blocks the next burst's activations: there a model of a few requests a second is
+    # switched on by its requests (a tenth to four tenths of a second) rather than kept on.
+    warm_rate_oversubscribed: float = 2.0
     # Tokens per request when the reports have none yet.
     default_prompt_tokens: float = 512.0
     default_output_tokens: float = 128.0
