@@ -5,6 +5,8 @@ H200 latency profile (bench/results/sim-profile-h200.json; --profile for another
     .venv/bin/python bench/sim_tables.py                       # 18 models, 1..8 GPUs
     .venv/bin/python bench/sim_tables.py --large               # also 200 models on 8..64 GPUs
     .venv/bin/python bench/sim_tables.py --rate 90 --gpus 2,4,6,8 --out bench/results/sim_tables-18models-90rps.json
+    .venv/bin/python bench/sim_tables.py --rate 90 --gpus 3,4,5,6,8 --policies prism,kvpr --seeds 0,1,2 \
+        --out bench/results/sim_tables-18models-90rps-seeds.json   # one seed's trace decides little
 
 The default 18-model trace (30 req/s) needs only 3 GPUs under prism; at 90 req/s
 prism needs 8, the original system's setting of 18 models on 8 GPUs
@@ -136,7 +138,7 @@ def _run(job: tuple) -> tuple:
 
 def run_table(name: str, trace_params: BurstyGroupParams, models: list[ModelConfig], gpu_counts: list[int],
               target: float, jobs: int, agent_gpus: int, search_up_to: int, profile: Path = DEFAULT_PROFILE,
-              standby: int = 0) -> dict:
+              standby: int = 0, policies: tuple[str, ...] = POLICIES) -> dict:
     dedicated_models = provisioned_for_peak(bursty_group_trace(trace_params), models, LatencyProfile.load(profile))
     provisioned = sum(len(m.init_placements) for m in dedicated_models)
     search_up_to = max(search_up_to, provisioned)
@@ -145,8 +147,8 @@ def run_table(name: str, trace_params: BurstyGroupParams, models: list[ModelConf
         return (trace_params, dedicated_models if policy == "dedicated" else models, policy, gpus,
                 8 if policy == "static" else agent_gpus, profile, standby)
 
-    results: dict[str, dict[int, dict]] = {p: {} for p in POLICIES}
-    work = [job(p, n) for n in gpu_counts for p in POLICIES]
+    results: dict[str, dict[int, dict]] = {p: {} for p in policies}
+    work = [job(p, n) for n in gpu_counts for p in policies]
     with ProcessPoolExecutor(jobs) as pool:
         for policy, gpus, row in pool.map(_run, work):
             results[policy][gpus] = row
@@ -154,7 +156,7 @@ def run_table(name: str, trace_params: BurstyGroupParams, models: list[ModelConf
                   file=sys.stderr, flush=True)
         # The fewest GPUs at the target: from the table, else doubling past it, then bisecting.
         fewest: dict[str, int | None] = {}
-        for policy in POLICIES:
+        for policy in policies:
             rows = results[policy]
 
             def met(n: int) -> bool:
@@ -200,13 +202,34 @@ def sweep_markdown(sweep: dict) -> str:
     return "\n".join(lines)
 
 
+def seeds_markdown(tables: list[dict]) -> str:
+    """One configuration's tables over several seeds: each cell the mean attainment (the seeds' in
+    brackets), and the fewest GPUs at the target seed by seed."""
+    first = tables[0]
+    counts = first["gpu_counts"]
+    seeds = [t["trace"]["seed"] for t in tables]
+    lines = [f"### {first['name']}: {first['models']} models, {first['trace']['rate']:g} req/s, "
+             f"{first['trace']['duration_s']:g} s, mean of seeds {', '.join(map(str, seeds))}",
+             "", "| policy | " + " | ".join(f"{n} GPUs" for n in counts) + f" | fewest GPUs at "
+             f"{100 * first['target']:g}% (each seed) |", "|---" * (len(counts) + 2) + "|"]
+    for policy in first["results"]:
+        cells = []
+        for n in counts:
+            values = [100 * t["results"][policy][str(n)]["attainment"] for t in tables]
+            cells.append(f"{sum(values) / len(values):.1f}% ({'/'.join(f'{v:.0f}' for v in values)})")
+        fewest = "/".join(str(t["fewest_gpus"][policy]) if t["fewest_gpus"][policy] is not None else "-"
+                          for t in tables)
+        lines.append(f"| {policy} | " + " | ".join(cells) + f" | {fewest} |")
+    return "\n".join(lines)
+
+
 def markdown(table: dict) -> str:
     counts = table["gpu_counts"]
     lines = [f"### {table['name']}: {table['models']} models, {table['trace']['rate']:g} req/s, "
              f"{table['trace']['duration_s']:g} s, seed {table['trace']['seed']}",
              "", "| policy | " + " | ".join(f"{n} GPUs" for n in counts) + f" | fewest GPUs at "
              f"{100 * table['target']:g}% |", "|---" * (len(counts) + 2) + "|"]
-    for policy in POLICIES:
+    for policy in table["results"]:
         rows = table["results"][policy]
         cells = [f"{100 * rows[str(n)]['attainment']:.1f}%" for n in counts]
         fewest = table["fewest_gpus"][policy]
@@ -220,6 +243,8 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=30.0, help="requests/s of the 18-model trace")
     ap.add_argument("--duration-s", type=float, default=150.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default=None, help="several seeds (e.g. 0,1,2): a table each, and their means")
+    ap.add_argument("--policies", default=",".join(POLICIES), help="which policies (comma-separated)")
     ap.add_argument("--gpus", default="1,2,3,4,5,6,7,8", help="GPU counts of the 18-model table")
     ap.add_argument("--target", type=float, default=0.99)
     ap.add_argument("--gpus-per-agent", type=int, default=1, help="for every policy but static")
@@ -256,23 +281,32 @@ def main() -> None:
         return
 
     tables = []
-    if not args.only_large:
-        models = list(load(REPO / "bench" / "sim" / "models-18.json").models)
-        params = BurstyGroupParams(num_models=len(models), rate=args.rate, duration_s=args.duration_s, seed=args.seed)
-        counts = [int(n) for n in args.gpus.split(",")]
-        tables.append(run_table("18 models", params, models, counts, args.target, args.jobs, args.gpus_per_agent,
-                                search_up_to=2 * len(models), profile=args.profile,
-                                standby=args.standby_replicas))
-    if args.large or args.only_large:
-        models = list(large_config(args.large_models).models)
-        params = BurstyGroupParams(num_models=len(models), num_groups=args.large_groups, rate=args.large_rate,
-                                   duration_s=args.duration_s, seed=args.seed)
-        counts = [int(n) for n in args.large_gpus.split(",")]
-        tables.append(run_table(f"{len(models)} models", params, models, counts, args.target, args.jobs,
-                                args.gpus_per_agent, search_up_to=len(models), profile=args.profile,
-                                standby=args.standby_replicas))
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
+    policies = tuple(args.policies.split(","))
+    unknown = sorted(set(policies) - set(POLICIES))
+    if unknown:
+        ap.error(f"unknown policies {', '.join(unknown)}; choose from {', '.join(POLICIES)}")
+    for seed in seeds:
+        if not args.only_large:
+            models = list(load(REPO / "bench" / "sim" / "models-18.json").models)
+            params = BurstyGroupParams(num_models=len(models), rate=args.rate, duration_s=args.duration_s, seed=seed)
+            counts = [int(n) for n in args.gpus.split(",")]
+            tables.append(run_table("18 models", params, models, counts, args.target, args.jobs,
+                                    args.gpus_per_agent, search_up_to=2 * len(models), profile=args.profile,
+                                    standby=args.standby_replicas, policies=policies))
+        if args.large or args.only_large:
+            models = list(large_config(args.large_models).models)
+            params = BurstyGroupParams(num_models=len(models), num_groups=args.large_groups, rate=args.large_rate,
+                                       duration_s=args.duration_s, seed=seed)
+            counts = [int(n) for n in args.large_gpus.split(",")]
+            tables.append(run_table(f"{len(models)} models", params, models, counts, args.target, args.jobs,
+                                    args.gpus_per_agent, search_up_to=len(models), profile=args.profile,
+                                    standby=args.standby_replicas, policies=policies))
     for table in tables:
         print(markdown(table) + "\n")
+    if len(seeds) > 1:
+        for name in dict.fromkeys(t["name"] for t in tables):
+            print(seeds_markdown([t for t in tables if t["name"] == name]) + "\n")
     profile = LatencyProfile.load(args.profile)
     args.out.write_text(json.dumps({"profile": str(args.profile.resolve().relative_to(REPO)), "profile_device": profile.device,
                                     "date": time.strftime("%Y-%m-%d"), "tables": tables}, indent=1) + "\n")
