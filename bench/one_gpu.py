@@ -33,10 +33,12 @@ attainment holds 90% and 99% (the highest swept rate that holds it with
 every lower rate holding it too, and the rate interpolated linearly to the
 first point that misses).
 
-Run on the GPU (each call holds 10 minutes at most, so spread the policies):
+Run on the GPU (each call holds 10 minutes at most, so spread the policies; starting 12 engine
+processes takes about three minutes on an H100, so --share-engines runs prism, kvpr and time-share
+on one cluster, the scheduler restarting with each, and the engines load once):
 
-    python bench/one_gpu.py --policies prism kvpr --out $OUT/one_gpu-a.json
-    python bench/one_gpu.py --policies time-share static --out $OUT/one_gpu-b.json
+    python bench/one_gpu.py --policies prism time-share --share-engines --out $OUT/one_gpu-a.json
+    python bench/one_gpu.py --policies kvpr static --out $OUT/one_gpu-b.json
 
 then here, the simulator on the same traces and the tables of both files:
 
@@ -203,24 +205,72 @@ def run_policy(policy: str, args: argparse.Namespace, entries: list[dict], state
                save: Callable[[dict], None] = lambda run: None) -> dict:
     """save: called with the run so far after each point (a call that reaches its time limit keeps them)."""
     served = served_entries(policy, entries, args, device_memory_bytes(args))
-    slo = slo_targets(entries)
     started = time.monotonic()
     cluster = start_cluster(policy, args, served, state)
-    points = []
     try:
         load_s = wait_loaded(cluster, [e["model_name"] for e in served], args.load_timeout)
         print(f"{policy}: {len(served)} models up in {time.monotonic() - started:.0f}s", flush=True)
-        for rate in sorted(args.rates):
-            trace = bursty_group_trace(trace_params(args, len(entries), rate), [e["model_name"] for e in entries])
-            time.sleep(args.settle_s)
-            point = {"rate": rate, **run_point(cluster, args, trace, slo)}
-            points.append(point)
-            save({"policy": policy, "served": [e["model_name"] for e in served], "load_s": load_s, "points": points})
-            print(f"{policy} @ {rate:g} req/s: attainment {100 * point['attainment']:.1f}%, "
-                  f"{point['activations']} activations, errors {point['errors'] or 'none'}", flush=True)
+        return run_points(cluster, policy, args, entries, served, load_s, save)
     finally:
         cluster.stop()
-    return {"policy": policy, "served": [e["model_name"] for e in served], "load_s": load_s, "points": points}
+
+
+def run_policies_sharing_engines(policies: list[str], args: argparse.Namespace, entries: list[dict], state: Path,
+                                 save: Callable[[list[dict]], None] = lambda runs: None) -> list[dict]:
+    """The policies that configure the whole fleet (all but static) on one cluster, in turn: between two,
+    the scheduler restarts with the next policy, every engine is switched off (as at a cluster's start)
+    and the cluster idles --policy-settle-s (the agents' request statistics forget the last policy's
+    traffic over their 60 s window). The engines load once: on the H100, 12 engine processes took
+    165-191 s to start, so that a 10-minute call held one policy's three points. save: called with
+    the runs so far after each point."""
+    started = time.monotonic()
+    cluster = start_cluster(policies[0], args, entries, state)
+    runs: list[dict] = []
+    try:
+        load_s = wait_loaded(cluster, [e["model_name"] for e in entries], args.load_timeout)
+        print(f"{', '.join(policies)}: {len(entries)} models up in {time.monotonic() - started:.0f}s", flush=True)
+        for i, policy in enumerate(policies):
+            if i:
+                switch_policy(cluster, policy, entries, args)
+            runs.append(run_points(cluster, policy, args, entries, entries, load_s,
+                                   lambda run: save(runs + [run])))
+    finally:
+        cluster.stop()
+    return runs
+
+
+def switch_policy(cluster: LocalCluster, policy: str, entries: list[dict], args: argparse.Namespace) -> None:
+    """The cluster's scheduler restarted with `policy`, every engine switched off, then --policy-settle-s idle."""
+    import grpc
+
+    from prism.v1 import agent_pb2, agent_pb2_grpc
+
+    cluster.kill("scheduler")
+    cluster.config_path.write_text(json.dumps(config_of(entries, policy), indent=1))
+    with grpc.insecure_channel(cluster.agent_address) as channel:
+        stub = agent_pb2_grpc.AgentStub(channel)
+        for entry in entries:
+            stub.DeactivateModel(agent_pb2.ModelRequest(model=entry["model_name"], force=True), timeout=60)
+    cluster.spawn_scheduler("scheduler")
+    print(f"scheduler now {policy}; every engine off; idle {args.policy_settle_s:g}s", flush=True)
+    time.sleep(args.policy_settle_s)
+
+
+def run_points(cluster: LocalCluster, policy: str, args: argparse.Namespace, entries: list[dict],
+               served: list[dict], load_s: float, save: Callable[[dict], None]) -> dict:
+    """The sweep's points on a running cluster under `policy`, ascending."""
+    slo = slo_targets(entries)
+    points: list[dict] = []
+    run = {"policy": policy, "served": [e["model_name"] for e in served], "load_s": load_s, "points": points}
+    for rate in sorted(args.rates):
+        trace = bursty_group_trace(trace_params(args, len(entries), rate), [e["model_name"] for e in entries])
+        time.sleep(args.settle_s)
+        point = {"rate": rate, **run_point(cluster, args, trace, slo)}
+        points.append(point)
+        save(run)
+        print(f"{policy} @ {rate:g} req/s: attainment {100 * point['attainment']:.1f}%, "
+              f"{point['activations']} activations, errors {point['errors'] or 'none'}", flush=True)
+    return run
 
 
 # ---- the simulator on the same traces ----------------------------------------------------
@@ -429,6 +479,11 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=4, help="models that become active together")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--settle-s", type=float, default=5.0, help="idle seconds before each point")
+    p.add_argument("--share-engines", action="store_true",
+                   help="prism, kvpr and time-share on one cluster in turn (the engines load once; static has "
+                        "its own): the scheduler restarts with each policy, every engine switched off")
+    p.add_argument("--policy-settle-s", type=float, default=60.0,
+                   help="with --share-engines: idle seconds after switching policy (the agents' stats window)")
     p.add_argument("--reserve-gb", type=float, default=None,
                    help="the agent's --memory-reserve-gb: kept out of weights and KV for the engine processes' "
                         "CUDA contexts, activations and graphs (default 14 on cuda: about 1 GB for each of 12 "
@@ -497,9 +552,13 @@ def live_runs(args: argparse.Namespace, entries: list[dict], state: Path, out_pa
                                            capture_output=True, text=True).stdout.strip().splitlines()[0]
     print(f"{len(entries)} models, {payload['fleet_weight_gb']:.1f} GB of weights, on "
           f"{settings['memory_bytes'] / 2**30:.1f} GiB ({args.device})", flush=True)
-    runs = []
-    for policy in args.policies:
-        # Kept as it goes, point by point: a later point or policy may not finish within the call.
+    runs: list[dict] = []
+    # Kept as it goes, point by point: a later point or policy may not finish within the call.
+    shared = [p for p in args.policies if p != "static"] if args.share_engines else []
+    if shared:
+        runs += run_policies_sharing_engines(shared, args, entries, state,
+                                             save=lambda so_far: write_json(out_path, {**payload, "runs": so_far}))
+    for policy in (p for p in args.policies if p not in shared):
         runs.append(run_policy(policy, args, entries, state,
                                save=lambda run: write_json(out_path, {**payload, "runs": runs + [run]})))
     payload["runs"] = runs

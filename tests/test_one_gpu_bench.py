@@ -13,7 +13,7 @@ import pytest
 from bench_scripts import load_bench_script
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULT = ROOT / "bench" / "results" / "one_gpu-h100.json"
+RESULT = ROOT / "bench" / "results" / "one_gpu-h100-kept-kv.json"
 GIB = 1 << 30
 
 
@@ -78,18 +78,25 @@ def test_the_committed_h100_result_prints_its_tables_and_plots(capsys, tmp_path)
     assert (tmp_path / "one_gpu.png").stat().st_size > 0
 
 
-def test_the_cpu_dry_run_replays_a_point_and_simulates_it(tmp_path, monkeypatch):
+def test_the_cpu_dry_run_replays_a_point_per_policy_on_shared_engines_and_simulates_them(tmp_path, monkeypatch):
     bench = _bench()
     out = tmp_path / "one_gpu.json"
-    # One policy, one point: every cluster start costs CI about 20 s (static's subset is tested above).
-    monkeypatch.setattr(sys, "argv", ["one_gpu.py", "--device", "cpu", "--policies", "prism", "--rates", "3",
-                                      "--duration", "6", "--settle-s", "0.5", "--simulate", "--out", str(out)])
+    # Two policies on one cluster (--share-engines), a point each: every cluster start costs CI about
+    # 20 s (static's subset is tested above).
+    monkeypatch.setattr(sys, "argv", ["one_gpu.py", "--device", "cpu", "--policies", "prism", "time-share",
+                                      "--share-engines", "--policy-settle-s", "1", "--rates", "3",
+                                      "--duration", "6", "--settle-s", "0.5", "--simulate",
+                                      "--state-dir", str(tmp_path / "state"), "--out", str(out)])
     bench.main()
     payload = json.loads(out.read_text())
-    assert [r["policy"] for r in payload["runs"]] == ["prism"]
+    assert [r["policy"] for r in payload["runs"]] == ["prism", "time-share"]
     for run in payload["runs"]:
         point, = run["points"]
         assert point["requests"] > 0 and 0.0 <= point["attainment"] <= 1.0
         assert point["memory_samples"]  # the agent's split, sampled each second
         simulated, = run["simulated"]
         assert simulated["rate"] == 3 and simulated["requests"] == point["requests"]
+    # One cluster: its scheduler started with prism, then again with time-share.
+    log = (tmp_path / "state" / "prism" / "logs" / "scheduler.log").read_text()
+    assert log.index(", policy prism,") < log.index(", policy time-share,")
+    assert not (tmp_path / "state" / "time-share").exists()
