@@ -41,9 +41,13 @@ def coordinated_cluster(tmp_path_factory):
     path = state / "models.json"
     path.write_text(json.dumps(config))
     # 8 MiB for three tiny models: ~1.7 MB of weights, a KV budget of ~24 page bundles (512 tokens each).
+    # All three stay on: KV pressure does not switch the idle shedder off (--relieve-idle-s), since a
+    # switched-off shedder could come back only once the others' requests gave their KV back (an
+    # activation never takes KV in use), and the budget its weights left would change the contention
+    # the priority split is tested under.
     cluster = LocalCluster(state_dir=state, config_path=path, http_port=free_port(), grpc_port=free_port(),
                            device="cpu", cpu_memory_gb=8 / 1024, engine_isolation="inline",
-                           agent_args=("--memory-reserve-gb", "0"))
+                           agent_args=("--memory-reserve-gb", "0", "--relieve-idle-s", "3600"))
     cluster.start()
     yield cluster
     cluster.stop()

@@ -189,9 +189,10 @@ class MemoryCoordinator:
         """Samples measured_overhead_bytes; overhead_bytes is the most over OVERHEAD_WINDOW_S. Counted as
         a reserve, the measurement keeps the budget within what the device has: on an H100 with 12
         engine processes, 16 GB beyond weights and KV at rest and up to 26 GB serving (the processes
-        hold more as they serve), and activations the count said had room ran out of memory. The least over 3 s was kept at first (so that an activation's weights in
-        flight did not read as overhead; they are counted now): engine steps and kvcached's page maps
-        then still ran the H100 out of memory when the engines' caches grew together."""
+        hold more as they serve), and activations the count said had room ran out of memory. The
+        least over 3 s was kept at first (so that an activation's weights in flight did not read as
+        overhead; they are counted now): engine steps and kvcached's page maps then still ran the
+        H100 out of memory as the processes grew."""
         now = self.clock()
         measured = self.measured_overhead_bytes()
         if measured is not None:

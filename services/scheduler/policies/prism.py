@@ -231,14 +231,18 @@ def hot_in_order(plan: PrismPlan) -> list[ModelConfig]:
 
 
 def is_warm(plan: PrismPlan, model: ModelConfig) -> bool:
-    """Demand below `warm_rate` (`warm_rate_oversubscribed` where its home is oversubscribed) and nothing
-    queued, or (`cooling`) idle now: the model stays where it is, on while its GPU has the memory, and
-    never pushes others away. (Simulated, bench/one_gpu.py's 12 models on an H100, seeds 0-4, 6/10/14
-    req/s: 84.6% within SLO on average at 0.5 req/s, 89.4% at 1, 91.9% at 2, 92.1% at 4; time-share
-    92.4%. On 18 models at 90 req/s on 4 H200s, whose models all fit, 2 req/s cost 7 points.)"""
+    """Demand below the warm rate and nothing queued, or (`cooling`) idle now: the model stays where it
+    is, on while its GPU has the memory, and never pushes others away. The warm rate is `warm_rate`,
+    or `warm_rate_oversubscribed` where the model's home is oversubscribed (simulated, bench/one_gpu.py's
+    12 models on an H100, seeds 0-4 at 6/10/14 req/s: 84.6% within SLO on average at 0.5 req/s, 89.4%
+    at 1, 91.9% at 2, 92.1% at 4, time-share 92.4%; on 18 models at 90 req/s on 4 H200s, where every
+    model fits, 2 req/s cost 7 points). With `cooling`, the demand is the lower of the window's rate
+    and the last 10 s's, so a burst that has ended counts as over within seconds rather than the
+    window's minute (one GPU: 92.1% either way; 18 models on 4 GPUs, seed 0: 63.4% -> 73.4%)."""
     demand = plan.snapshot.demand_of(model.model_name)
     home = plan.homes.get(model.model_name)
-    warm_rate = plan.params.warm_rate_oversubscribed if home and oversubscribed(plan, home) else plan.params.warm_rate
+    warm_rate = (plan.params.warm_rate_oversubscribed if home and oversubscribed(plan, home)
+                 else plan.params.warm_rate)
     rate = min(demand.arrival_rate, demand.recent_arrival_rate) if plan.params.cooling else demand.arrival_rate
     return (rate < warm_rate and not demand.queued) or (plan.params.cooling and is_idle_now(demand))
 
@@ -432,8 +436,8 @@ def squeeze_or_shed(plan: PrismPlan, model: ModelConfig, short: bool) -> None:
 
 
 def place_warm(plan: PrismPlan, model: ModelConfig) -> None:
-    """A warm model stays where it is (active there, else at home): on while the memory has room, on
-    GPUs whose models all fit (oversubscribed)."""
+    """A warm model stays where it is (active there, else at home): on while the memory has room, and
+    only on a GPU whose models all fit (not oversubscribed)."""
     name = model.model_name
     live = live_replicas(plan.snapshot, model)
     key = next(((r.agent_id, r.gpu_ids) for r in live if r.active), plan.homes[name])
@@ -447,12 +451,13 @@ def oversubscribed(plan: PrismPlan, key: GpuKey) -> bool:
     the agent spares engines used in the last 10 s (make_room.py), so the next group's first requests
     were refused while the last group's engines idled on (simulated, bench/one_gpu.py's 12 models on
     an H100 with a 20 GiB reserve, seeds 0-4, 6/10/14 req/s: 89.4% within SLO on average with warm
-    models on while the plan had room, 92.1% switched off). Where every model fits, one on costs no one anything."""
+    models on while the plan had room, 92.1% switched off). Where every model fits, one on costs no
+    one anything."""
     memory = shard_memory(plan.snapshot, key)
     if not memory:
         return False
     weights = plan.snapshot.weight_bytes
-    homed = {}
+    homed: dict[int, int] = {}  # gpu -> weight bytes of the models whose home is on it
     for name, home in plan.homes.items():
         for gpu in home[1]:
             if home[0] == key[0] and gpu in key[1]:
