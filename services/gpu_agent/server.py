@@ -41,7 +41,13 @@ from prism.v1 import agent_pb2, agent_pb2_grpc
 from services.common import records
 from services.common.etcd import EtcdLoginRefused, LeasedKeys, add_etcd_args, connect, etcd_access_from_args
 from services.common.grpc_decode import add_servicer
-from services.common.grpc_util import DRAINING_KEY, add_health_and_reflection, mark_not_serving, mark_serving
+from services.common.grpc_util import (
+    DRAINING_KEY,
+    REUSE_NO_PORT,
+    add_health_and_reflection,
+    mark_not_serving,
+    mark_serving,
+)
 from services.common.logs import setup_logging
 from services.common.tls import TlsConfigError, add_port, add_tls_args, tls_from_args, transport_name
 from services.gpu_agent.admission import DEFAULT_STARVATION_S, AdmissionQueue, AgentAdmission
@@ -61,7 +67,8 @@ DEFAULT_SHUTDOWN_GRACE_S = 10.0
 # The gateway pings the agents it has calls open on, to find a frozen one (services/gateway/router.py): the
 # pings are welcome however often they come (gRPC's default answers a second ping within 5 minutes without
 # data, as in a long prefill, with GOAWAY too_many_pings, failing every call on the connection).
-SERVER_OPTIONS = [("grpc.http2.min_ping_interval_without_data_ms", 1000), ("grpc.http2.max_ping_strikes", 0)]
+SERVER_OPTIONS = [("grpc.http2.min_ping_interval_without_data_ms", 1000), ("grpc.http2.max_ping_strikes", 0),
+                  REUSE_NO_PORT]
 # Of the grace, what is kept for the gRPC server to send the last responses and errors.
 END_MARGIN_S = 1.0
 

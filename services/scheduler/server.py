@@ -29,6 +29,7 @@ from services.common import placement_config, records
 from services.common.etcd import EtcdLoginRefused, PrefixMirror, add_etcd_args, connect, etcd_access_from_args
 from services.common.grpc_decode import add_servicer
 from services.common.grpc_util import (
+    REUSE_NO_PORT,
     add_health_and_reflection,
     mark_not_serving,
     mark_serving,
@@ -383,7 +384,7 @@ async def serve(args: argparse.Namespace) -> None:
     advertise = args.advertise or args.listen
     scheduler_id = args.scheduler_id or f"{socket.gethostname()}-{advertise.rsplit(':', 1)[-1]}"
 
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[REUSE_NO_PORT])
     add_servicer(scheduler_pb2_grpc.add_SchedulerServicer_to_server, service, server)  # undecodable: INVALID_ARGUMENT
     health = add_health_and_reflection(server, [SERVICE_NAME])
     if add_port(server, args.listen, args.tls_files, require_client_cert=args.mtls) == 0:
