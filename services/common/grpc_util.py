@@ -7,12 +7,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-# Trailing metadata of a refused (RESOURCE_EXHAUSTED) call: whole seconds before a retry may succeed.
-# The agent sets it on a shed request; the gateway passes it on (REST: the Retry-After header).
 # Server option: a port another process listens on already is an error at bind, not a port shared with it
 # (gRPC sets SO_REUSEPORT by default, and the kernel then splits the connections between the two servers).
 REUSE_NO_PORT = ("grpc.so_reuseport", 0)
 
+# Trailing metadata of a refused (RESOURCE_EXHAUSTED) call: whole seconds before a retry may succeed.
+# The agent sets it on a shed request; the gateway passes it on (REST: the Retry-After header).
 RETRY_AFTER_KEY = "retry-after"
 # Trailing metadata of a request an agent sends back unstarted (UNAVAILABLE) because the engine it
 # waited for is draining: the gateway sends it to the model's replicas as they are now.
