@@ -29,7 +29,8 @@ requests in flight. Hysteresis: a model
 is cold only after its demand has been zero for the whole report window
 (60 s), though one idle now (nothing running or queued, no arrival in the
 last 10 s) is placed as a warm one, on only while its GPU has room
-(`cooling`: the next group's bursts need its memory), placed models stay where they are unless their GPU is
+(`cooling`: the next group's bursts need its memory), placed models stay
+where they are unless their GPU is
 over-committed beyond a margin (memory or compute), and a move never takes
 a model off its only active replica. Opt-in (`standby_replicas`): each
 model on one GPU set also gets switched-off replicas on other agents, which
@@ -106,6 +107,8 @@ class PrismPlan:
     loads: dict[str, float]  # compute load per model at its window's rate (compute_load)
     burst_loads: dict[str, float]  # ... at its last seconds' rate where that is higher (replication only)
     placement: Placement
+    # weight bytes of the models whose home is on each (agent, gpu), per GPU (oversubscribed)
+    homed_weight: dict[tuple[str, int], int]
     used: dict[GpuKey, int] = field(default_factory=dict)  # active needs per GPU set
     compute: dict[GpuKey, float] = field(default_factory=dict)  # compute loads per GPU set
     # arrival rate of the models placed within compute, per GPU set
@@ -118,8 +121,9 @@ class PrismPlan:
         """An empty plan: every model's home and compute loads, nothing placed yet."""
         models = {m.model_name: m for m in snapshot.models}
         loads = compute_loads(snapshot, params)
-        return cls(snapshot, params, home_of_everyone(snapshot), models, loads,
-                   burst_loads(snapshot, params, loads), {name: [] for name in models})
+        homes = home_of_everyone(snapshot)
+        return cls(snapshot, params, homes, models, loads, burst_loads(snapshot, params, loads),
+                   {name: [] for name in models}, homed_weight(snapshot, homes, models))
 
     def room(self, key: GpuKey) -> int:
         memory = shard_memory(self.snapshot, key)
@@ -194,6 +198,18 @@ def serving_sets(plan: PrismPlan, model: ModelConfig, active: list[GpuKey]) -> l
 def compute_loads(snapshot: ClusterSnapshot, params: PolicyParams) -> dict[str, float]:
     """Each model's compute load at its window's arrival rate: what every step but replication plans on."""
     return {m.model_name: compute_load(snapshot, m, params) for m in snapshot.models}
+
+
+def homed_weight(snapshot: ClusterSnapshot, homes: dict[str, GpuKey],
+                 models: dict[str, ModelConfig]) -> dict[tuple[str, int], int]:
+    """The weight bytes of the models whose home is on each (agent, gpu): a model split over several
+    GPUs counts its shard on each."""
+    out: dict[tuple[str, int], int] = {}
+    for name, (agent_id, gpu_ids) in homes.items():
+        shard = snapshot.weight_bytes.get(name, 0) // models[name].tp_size
+        for gpu in gpu_ids:
+            out[(agent_id, gpu)] = out.get((agent_id, gpu), 0) + shard
+    return out
 
 
 def burst_loads(snapshot: ClusterSnapshot, params: PolicyParams, loads: dict[str, float]) -> dict[str, float]:
@@ -454,15 +470,7 @@ def oversubscribed(plan: PrismPlan, key: GpuKey) -> bool:
     models on while the plan had room, 92.1% switched off). Where every model fits, one on costs no
     one anything."""
     memory = shard_memory(plan.snapshot, key)
-    if not memory:
-        return False
-    weights = plan.snapshot.weight_bytes
-    homed: dict[int, int] = {}  # gpu -> weight bytes of the models whose home is on it
-    for name, home in plan.homes.items():
-        for gpu in home[1]:
-            if home[0] == key[0] and gpu in key[1]:
-                homed[gpu] = homed.get(gpu, 0) + weights.get(name, 0) // plan.models[name].tp_size
-    return max(homed.values(), default=0) > memory
+    return bool(memory) and max((plan.homed_weight.get((key[0], gpu), 0) for gpu in key[1]), default=0) > memory
 
 
 def place_cold(plan: PrismPlan) -> None:
