@@ -173,9 +173,10 @@ class MemoryCoordinator:
         contexts, graphs, activations, allocator caches, other processes. None where no engine reads
         the device (the CPU), and while an engine is loading here (its weights are on the device, in no
         count)."""
-        engines = [m for m in self.engines() if m.engine is not None]
-        if any(m.state == "loading" for m in self.engines()):
+        every = self.engines()
+        if any(m.state == "loading" for m in every):
             return None
+        engines = [m for m in every if m.engine is not None]
         stats = [m.engine.stats() for m in engines]
         used = max((s.device_used_bytes for s in stats), default=0)
         if not used:
@@ -256,15 +257,15 @@ class MemoryCoordinator:
         while the others are busy: its requests would wait for as long as the
         others' load lasts."""
         others = [m for m in self._active() if m is not activating]
-        floors = {m.spec.name: self._kv_kept_bytes(m) for m in others}
+        kept = {m.spec.name: self._kv_kept_bytes(m) for m in others}
         free = self.device.memory_bytes - self.reserve_now() - sum(self._taken_bytes(m) for m in others)
-        residents = [self._resident(m, floors[m.spec.name]) for m in others]
+        residents = [self._resident(m, kept[m.spec.name]) for m in others]
         need = self._taken_bytes(activating) + self._kv_floor_bytes(activating)
-        room = engines_to_switch_off(residents, need, free - sum(floors.values()), self.make_room_idle_s)
+        room = engines_to_switch_off(residents, need, free - sum(kept.values()), self.make_room_idle_s)
         if room is None or self.kv_budget_cap_bytes <= 0:
             return room
-        # The cap bounds the KV alone: the floors of the engines left on must fit under it as well.
-        staying = [replace(r, weight_bytes=floors[r.model]) for r in residents if r.model not in room]
+        # The cap bounds the KV alone: the KV the engines left on keep must fit under it as well.
+        staying = [replace(r, weight_bytes=kept[r.model]) for r in residents if r.model not in room]
         more = engines_to_switch_off(staying, self._kv_floor_bytes(activating),
                                      self.kv_budget_cap_bytes - sum(r.weight_bytes for r in staying),
                                      self.make_room_idle_s)
