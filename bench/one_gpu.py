@@ -162,7 +162,7 @@ def device_memory_bytes(args: argparse.Namespace) -> int:
 def start_cluster(policy: str, args: argparse.Namespace, entries: list[dict], state: Path) -> LocalCluster:
     config = state / f"models-{policy}.json"
     config.write_text(json.dumps(config_of(entries, policy), indent=1))
-    agent_args = ["--spare-workers", "0", "--memory-reserve-gb", str(args.reserve_gb)]
+    agent_args = ["--spare-workers", "0", "--memory-reserve-gb", str(args.reserve_gb), "--cuda-mps", args.cuda_mps]
     if policy == "static":
         agent_args += ["--memory-policy", "static"]
     cluster = LocalCluster(state_dir=state / policy, config_path=config, http_port=free_port(), grpc_port=free_port(),
@@ -488,6 +488,9 @@ def main() -> None:
                    help="the agent's --memory-reserve-gb: kept out of weights and KV for the engine processes' "
                         "CUDA contexts, activations and graphs (default 14 on cuda: about 1 GB for each of 12 "
                         "engine processes, measured on the H100; 0 on cpu)")
+    p.add_argument("--cuda-mps", default=None, choices=["auto", "on", "off"],
+                   help="the agent's --cuda-mps: engine processes share the GPU through CUDA MPS (default on: "
+                        "the run fails without it; off on cpu)")
     p.add_argument("--static-kv-gb", type=float, default=None,
                    help="static: KV each configured model needs at least (default 2; cpu: 0.05)")
     p.add_argument("--cpu-memory-gb", type=float, default=1.0, help="the CPU device's memory (--device cpu)")
@@ -513,6 +516,8 @@ def main() -> None:
         payload = None
     if args.reserve_gb is None:
         args.reserve_gb = 0.0 if args.device == "cpu" else 14.0
+    if args.cuda_mps is None:
+        args.cuda_mps = "off" if args.device == "cpu" else "on"
     if args.static_kv_gb is None:
         args.static_kv_gb = 0.05 if args.device == "cpu" else 2.0
     args.fleet = args.fleet or ("1b=3,3b=3" if args.device == "cpu" else "1b=4,3b=4,8b=4")

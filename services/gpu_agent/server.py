@@ -5,6 +5,7 @@ registration alive in etcd and reports load to the scheduler.
         --listen 127.0.0.1:50061 [--advertise HOST:PORT] [--device auto|cpu|cuda] [--cpu-memory-gb 4] \
         [--engine-isolation auto|process|inline] [--spare-workers 1] \
         [--memory-policy balloon|static] [--memory-reserve-gb GB] [--kv-budget-gb GB] [--starvation-s 5] \
+        [--cuda-mps auto|on|off] \
         [--drain-timeout-s 30] [--shutdown-grace-s 10] [--tls-cert PEM --tls-key PEM --tls-ca PEM [--mtls]] \
         [--etcd-ca PEM --etcd-cert PEM --etcd-key PEM] [--etcd-user USER]  (its password: $PRISM_ETCD_PASSWORD)
 
@@ -52,6 +53,7 @@ from services.common.logs import setup_logging
 from services.common.tls import TlsConfigError, add_port, add_tls_args, tls_from_args, transport_name
 from services.gpu_agent.admission import DEFAULT_STARVATION_S, AdmissionQueue, AgentAdmission
 from services.gpu_agent.agent_service import DEFAULT_BUSY_WINDOW_S, AgentService
+from services.gpu_agent.cuda_mps import CHOICES as MPS_CHOICES, MpsError, start_mps
 from services.gpu_agent.devices import Device, discover_devices
 from services.gpu_agent.engine.shared_weights import check_shared_dir, default_shared_dir
 from services.gpu_agent.engine_manager import DEFAULT_DRAIN_TIMEOUT_S, EngineManager, ManagedEngine
@@ -171,6 +173,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shutdown-grace-s", type=float, default=DEFAULT_SHUTDOWN_GRACE_S,
                    help="on SIGTERM, how long the requests in flight may take to finish (new ones go to other "
                         "replicas) before they end with an error and the agent exits")
+    p.add_argument("--cuda-mps", default="auto", choices=MPS_CHOICES,
+                   help="run the engine processes of each GPU through CUDA MPS, so their kernels share the GPU at "
+                        "once instead of time-slicing it (auto: when nvidia-cuda-mps-control is found; a daemon "
+                        "already at $CUDA_MPS_PIPE_DIRECTORY is used). Trade-off: a fatal GPU fault in one engine "
+                        "ends all engines on that GPU (services/gpu_agent/cuda_mps.py)")
     add_tls_args(p)
     add_etcd_args(p)
     args = p.parse_args(argv)
@@ -216,6 +223,19 @@ def engine_isolation(choice: str, devices: list[Device]) -> str:
 
 
 async def serve(args: argparse.Namespace) -> None:
+    # Before any CUDA use here: the engine workers inherit the daemon's directories from this process.
+    try:
+        mps = None if args.device == "cpu" else start_mps(args.cuda_mps)
+    except MpsError as exc:
+        raise SystemExit(f"agent: {exc}") from None
+    try:
+        await serve_engines(args)
+    finally:
+        if mps is not None:
+            mps.stop()
+
+
+async def serve_engines(args: argparse.Namespace) -> None:
     try:
         devices = discover_devices(args.device, args.cpu_memory_gb, args.cpu_devices)
     except ValueError as exc:
