@@ -31,3 +31,18 @@ async def test_an_activation_that_would_take_kv_in_use_is_refused_and_fits_once_
     # Its requests done (the KV given back, the engine idle long enough to step aside or not needed to):
     busy.mapped_bytes = 0
     assert coordinator.room_to_activate(engines["trickle"]) == []
+
+
+async def test_an_activation_under_way_keeps_the_room_it_took():
+    # 80 GiB, 4 in reserve: "serving" (30 GiB) is on; "first" and "second" (24 GiB each) are switched on at
+    # once. Either fits beside "serving" alone (46 GiB free); both do not (22 GiB after the first).
+    serving = CudaReadingEngineFake(30 * GIB)
+    first, second = CudaReadingEngineFake(24 * GIB), CudaReadingEngineFake(24 * GIB)
+    coordinator = coordinator_with({"serving": (serving, "active"), "first": (first, "inactive"),
+                                    "second": (second, "inactive")}, Clock())
+    engines = coordinator.manager.engines
+    engines["serving"].request_stats.arrived()  # serving: it cannot step aside
+    assert coordinator.room_to_activate(engines["second"]) == []
+    async with engines["first"].activation_lock:  # the first's weights are on their way
+        assert coordinator.room_to_activate(engines["second"]) is None
+    assert coordinator.room_to_activate(engines["second"]) == []

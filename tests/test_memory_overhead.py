@@ -10,7 +10,12 @@ from __future__ import annotations
 from services.gpu_agent.devices import Device
 from services.gpu_agent.engine.request import EngineStats
 from services.gpu_agent.engine_manager import EngineManager, EngineSpec, ManagedEngine
-from services.gpu_agent.memory_coordinator import OVERHEAD_MARGIN_BYTES, OVERHEAD_WINDOW_S, MemoryCoordinator
+from services.gpu_agent.memory_coordinator import (
+    OVERHEAD_MARGIN_BYTES,
+    OVERHEAD_SETTLE_S,
+    OVERHEAD_WINDOW_S,
+    MemoryCoordinator,
+)
 
 GIB = 1 << 30
 
@@ -58,6 +63,17 @@ def read(engines, used: int) -> None:
         engine.device_used_bytes = used
 
 
+def read_and_hold(coordinator: MemoryCoordinator, clock: Clock, engines, used: int) -> int:
+    """The engines read `used` from now on, sampled every second until the reading has held its settle
+    time; returns the overhead then."""
+    read(engines, used)
+    start = clock.now
+    while clock.now < start + OVERHEAD_SETTLE_S:
+        coordinator.observe_overhead()
+        clock.now += 1.0
+    return coordinator.observe_overhead()
+
+
 async def test_what_the_processes_hold_beyond_weights_and_kv_is_kept_out_of_the_budget():
     active, idle = CudaReadingEngineFake(16 * GIB, mapped_bytes=2 * GIB), CudaReadingEngineFake(16 * GIB)
     clock = Clock()
@@ -65,17 +81,17 @@ async def test_what_the_processes_hold_beyond_weights_and_kv_is_kept_out_of_the_
     # Nothing read (the CPU device, or before the first stats): the configured reserve.
     assert coordinator.observe_overhead() == 0
     assert coordinator.budget_bytes(coordinator._active()) == 80 * GIB - 16 * GIB - 4 * GIB
-    # The device reads 30 GiB in use: 16 of weights and 2 of KV are counted, 12 are not.
+    # The device reads 30 GiB in use: 16 of weights and 2 of KV are counted, 12 are not; counted once held.
     read((active, idle), 30 * GIB)
-    assert coordinator.observe_overhead() == 12 * GIB
+    assert coordinator.observe_overhead() == 0
+    assert read_and_hold(coordinator, clock, (active, idle), 30 * GIB) == 12 * GIB
     assert coordinator.reserve_now() == 12 * GIB + OVERHEAD_MARGIN_BYTES
     assert coordinator.budget_bytes(coordinator._active()) == 80 * GIB - 16 * GIB - 12 * GIB - OVERHEAD_MARGIN_BYTES
     assert coordinator.room_to_activate(coordinator.manager.engines["b"]) == []  # 16 GiB fit in the 51 left
     # 66 GiB in use, 48 of them uncounted: the switched-off engine's weights no longer fit beside the
     # active one (beside the configured 4 GiB reserve alone they would), so the idle one steps aside...
     clock.now = OVERHEAD_WINDOW_S + 1
-    read((active, idle), 66 * GIB)
-    assert coordinator.observe_overhead() == 48 * GIB
+    assert read_and_hold(coordinator, clock, (active, idle), 66 * GIB) == 48 * GIB
     assert coordinator.room_to_activate(coordinator.manager.engines["b"]) == ["a"]
     # ... and were it serving, the activation is refused rather than run the device out of memory.
     coordinator.manager.engines["a"].request_stats.arrived()
@@ -87,8 +103,7 @@ async def test_an_activation_under_way_and_a_loading_engine_do_not_read_as_overh
     active, switching_on = CudaReadingEngineFake(16 * GIB), CudaReadingEngineFake(16 * GIB)
     clock = Clock()
     coordinator = coordinator_with({"a": (active, "active"), "b": (switching_on, "inactive")}, clock)
-    read((active, switching_on), 20 * GIB)
-    assert coordinator.observe_overhead() == 4 * GIB
+    assert read_and_hold(coordinator, clock, (active, switching_on), 20 * GIB) == 4 * GIB
     # b's weights arriving while it is switched on (its activation lock held, not yet active): counted.
     b = coordinator.manager.engines["b"]
     await b.activation_lock.acquire()
@@ -96,6 +111,7 @@ async def test_an_activation_under_way_and_a_loading_engine_do_not_read_as_overh
     read((active, switching_on), 36 * GIB)
     assert coordinator.measured_overhead_bytes() == 4 * GIB
     b.activation_lock.release()
+    read((active, switching_on), 20 * GIB)
     # An engine loading here (its weights on the device, in no count): no reading is taken.
     coordinator.manager.engines["c"] = ManagedEngine(spec=EngineSpec(name="c", path="/m/c"), gpu_ids=(0,),
                                                      state="loading", engine=CudaReadingEngineFake(8 * GIB))
@@ -109,16 +125,31 @@ async def test_the_reserve_covers_the_most_the_processes_held_over_the_window():
     active = CudaReadingEngineFake(16 * GIB)
     clock = Clock()
     coordinator = coordinator_with({"a": (active, "active")}, clock)
+    assert read_and_hold(coordinator, clock, (active,), 20 * GIB) == 4 * GIB
+    # The processes hold 6 GiB more for a while (a large step's activations in an allocator's cache)...
+    grown_at = clock.now
+    assert read_and_hold(coordinator, clock, (active,), 26 * GIB) == 10 * GIB
     read((active,), 20 * GIB)
-    assert coordinator.observe_overhead() == 4 * GIB
-    # The processes hold 6 GiB more for a moment (a large step's activations in an allocator's cache)...
-    clock.now = 1.0
-    read((active,), 26 * GIB)
-    assert coordinator.observe_overhead() == 10 * GIB
-    clock.now = 2.0
-    read((active,), 20 * GIB)
+    clock.now += 1.0
     assert coordinator.observe_overhead() == 10 * GIB
     assert coordinator.reserve_now() == 10 * GIB + OVERHEAD_MARGIN_BYTES
     # ... which the reserve keeps covering until the window has passed without it.
-    clock.now = 1.0 + OVERHEAD_WINDOW_S + 0.1
+    clock.now = grown_at + OVERHEAD_SETTLE_S + OVERHEAD_WINDOW_S + 0.1
     assert coordinator.observe_overhead() == 4 * GIB
+
+
+async def test_a_reading_that_does_not_hold_is_not_overhead():
+    """An engine's reading is up to 100 ms old: for a moment after a switch the device's memory in use
+    still holds weights the count no longer has. Such a reading is passed over unless it holds."""
+    active = CudaReadingEngineFake(16 * GIB)
+    clock = Clock()
+    coordinator = coordinator_with({"a": (active, "active")}, clock)
+    assert read_and_hold(coordinator, clock, (active,), 20 * GIB) == 4 * GIB
+    for moment in range(5):  # 16 GiB more for half a second, then gone, now and then
+        read((active,), 36 * GIB)
+        clock.now += 0.5
+        assert coordinator.observe_overhead() == 4 * GIB
+        read((active,), 20 * GIB)
+        clock.now += 2.0
+        assert coordinator.observe_overhead() == 4 * GIB
+    assert coordinator.reserve_now() == 4 * GIB + OVERHEAD_MARGIN_BYTES

@@ -74,7 +74,10 @@ DEFAULT_MAKE_ROOM_IDLE_S = 10.0
 # on an H100, seed 0, 12 req/s: time-share 90.6% within SLO waiting 10 s, 95.4% waiting 1 s; prism at 8 req/s
 # 80.3% and 91.2%).
 DEFAULT_RELIEVE_IDLE_S = 1.0
-# The measured overhead (observe_overhead) is the most over this window, plus this margin.
+# The measured overhead (observe_overhead): a reading counts once it has held this long (the least of the
+# readings over it)...
+OVERHEAD_SETTLE_S = 3.0
+# ... and the overhead is the most of those over this window, plus this margin.
 OVERHEAD_WINDOW_S = 30.0
 OVERHEAD_MARGIN_BYTES = 1 << 30
 
@@ -109,8 +112,10 @@ class MemoryCoordinator:
         self.params = params
         self.reserve_bytes = default_reserve_bytes(device) if reserve_bytes is None else reserve_bytes
         # What the device's processes hold beyond the weights and KV counted here (measured_overhead_bytes):
-        # (time, bytes) samples over OVERHEAD_WINDOW_S, whose least is the overhead the reserve must cover.
-        self._overhead_samples: deque[tuple[float, int]] = deque()
+        # (time, bytes) readings over OVERHEAD_SETTLE_S (and the last one before), and the least of them
+        # at each reading over OVERHEAD_WINDOW_S, whose most is the overhead the reserve must cover.
+        self._overhead_readings: deque[tuple[float, int]] = deque()
+        self._overhead_settled: deque[tuple[float, int]] = deque()
         self.overhead_bytes = 0
         self.interval_s = interval_s
         self.kv_budget_cap_bytes = kv_budget_cap_bytes
@@ -135,6 +140,11 @@ class MemoryCoordinator:
 
     def _active(self, also: ManagedEngine | None = None) -> list[ManagedEngine]:
         return [m for m in self.engines() if m.engine is not None and (m.state == "active" or m is also)]
+
+    def _switching_on(self, besides: ManagedEngine | None = None) -> list[ManagedEngine]:
+        """Engines being switched on here (not yet active, their activation under way), but `besides`."""
+        return [m for m in self.engines() if m.engine is not None and m.state == "inactive"
+                and m.activation_lock.locked() and m is not besides]
 
     def _plans(self, m: ManagedEngine) -> bool:
         """Whether this device's policy sets the engine's limit: yes for an engine
@@ -181,26 +191,31 @@ class MemoryCoordinator:
         used = max((s.device_used_bytes for s in stats), default=0)
         if not used:
             return None
-        switching_on = [m for m in engines if m.state == "inactive" and m.activation_lock.locked()]
-        counted = (sum(self._taken_bytes(m) for m in self._active() + switching_on)
+        counted = (sum(self._taken_bytes(m) for m in self._active() + self._switching_on())
                    + sum(s.kv_mapped_bytes for s in stats))
         return max(0, used - counted)
 
     def observe_overhead(self) -> int:
-        """Samples measured_overhead_bytes; overhead_bytes is the most over OVERHEAD_WINDOW_S. Counted as
-        a reserve, the measurement keeps the budget within what the device has: on an H100 with 12
-        engine processes, 16 GB beyond weights and KV at rest and up to 26 GB serving (the processes
-        hold more as they serve), and activations the count said had room ran out of memory. The
-        least over 3 s was kept at first (so that an activation's weights in flight did not read as
-        overhead; they are counted now): engine steps and kvcached's page maps then still ran the
-        H100 out of memory as the processes grew."""
+        """Samples measured_overhead_bytes; overhead_bytes is the most, over OVERHEAD_WINDOW_S, of the
+        readings that held for OVERHEAD_SETTLE_S. Counted as a reserve, the measurement keeps the budget
+        within what the device has: on an H100 with 12 engine processes, 14-16 GB beyond weights and KV
+        at rest and up to 26 GB serving (the processes hold more as they serve). The least over 3 s
+        alone let engine steps and kvcached's page maps run the H100 out of memory as the processes
+        grew; the most of every reading read 23-39 GB on that H100 (2026-12-06), whose engine readings
+        are up to 100 ms old and so, for a moment after a switch, count weights no longer counted here:
+        the budget fell to nothing and every request waited 20 s."""
         now = self.clock()
         measured = self.measured_overhead_bytes()
+        readings, settled = self._overhead_readings, self._overhead_settled
         if measured is not None:
-            self._overhead_samples.append((now, measured))
-        while self._overhead_samples and self._overhead_samples[0][0] < now - OVERHEAD_WINDOW_S:
-            self._overhead_samples.popleft()
-        self.overhead_bytes = max((b for _, b in self._overhead_samples), default=0)
+            readings.append((now, measured))
+        while len(readings) > 1 and readings[1][0] <= now - OVERHEAD_SETTLE_S:
+            readings.popleft()  # the one kept before the window is what held at its start
+        if measured is not None and readings[0][0] <= now - OVERHEAD_SETTLE_S:
+            settled.append((now, min(b for _, b in readings)))
+        while settled and settled[0][0] < now - OVERHEAD_WINDOW_S:
+            settled.popleft()
+        self.overhead_bytes = max((b for _, b in settled), default=0)
         return self.overhead_bytes
 
     def demand_bytes(self, managed: ManagedEngine, stats: EngineStats | None = None) -> int:
@@ -258,7 +273,11 @@ class MemoryCoordinator:
         others' load lasts."""
         others = [m for m in self._active() if m is not activating]
         kept = {m.spec.name: self._kv_kept_bytes(m) for m in others}
-        free = self.device.memory_bytes - self.reserve_now() - sum(self._taken_bytes(m) for m in others)
+        # Another activation under way needs its room too (the scheduler activates models concurrently:
+        # on the H100 two did, each counted room the other then took, and both ran out of memory).
+        arriving = sum(self._taken_bytes(m) + self._kv_floor_bytes(m) for m in self._switching_on(activating))
+        free = (self.device.memory_bytes - self.reserve_now() - sum(self._taken_bytes(m) for m in others)
+                - arriving)
         residents = [self._resident(m, kept[m.spec.name]) for m in others]
         need = self._taken_bytes(activating) + self._kv_floor_bytes(activating)
         room = engines_to_switch_off(residents, need, free - sum(kept.values()), self.make_room_idle_s)
