@@ -254,6 +254,9 @@ def test_actions_switch_engines_on_and_off_only_for_policies_that_manage_activit
     # The agent's busy window can be left to hold switched-off engines on, as before (the simulator's ablation).
     held = plan_actions(target, engines, {"x"}, manage_activity=True, deactivate_busy_window_s=0.0)
     assert Action("deactivate", "x", "b", (0,), False) in held
+    # An engine the scheduler switched on moments ago and finds off (its agent switched it off) stays off.
+    after_agent_relief = plan_actions(target, engines, {"x"}, manage_activity=True, held_off=frozenset({("x", "a")}))
+    assert [a.kind for a in after_agent_relief] == ["unload", "deactivate", "load"]
 
 
 def test_prism_moves_the_same_model_whatever_the_noise_in_the_rates():

@@ -16,7 +16,13 @@ from __future__ import annotations
 
 from prism.simulator.cluster import SimCluster
 from services.common.records import EngineRecord
-from services.scheduler.actions import DEACTIVATE_BUSY_WINDOW_S, Action, current_placement, plan_actions
+from services.scheduler.actions import (
+    DEACTIVATE_BUSY_WINDOW_S,
+    REACTIVATE_HOLD_S,
+    Action,
+    current_placement,
+    plan_actions,
+)
 from services.scheduler.policies import (
     MANAGES_ACTIVITY,
     POLICIES,
@@ -44,6 +50,7 @@ class SimScheduler:
         self.params = params if params is not None else PolicyParams(compute=cluster.profile.compute_costs())
         self.plans = 0
         self.deactivate_busy_window_s = deactivate_busy_window_s  # plan_actions' (0: the agent's busy window)
+        self.activated_at: dict[tuple[str, str], float] = {}  # as the live scheduler's (REACTIVATE_HOLD_S)
 
     def records(self) -> dict[tuple[str, str], EngineRecord]:
         """The engine records the agents would have in etcd (activating reads inactive, as it does there;
@@ -83,8 +90,10 @@ class SimScheduler:
         target = self.policy(self.snapshot(records), self.params)
         self.plans += 1
         self.cluster.set_placement(target)
+        now = self.cluster.now
+        self.activated_at = {k: t for k, t in self.activated_at.items() if now - t < REACTIVATE_HOLD_S}
         for action in plan_actions(target, records, set(self.cluster.agents), self.manages_activity,
-                                   self.deactivate_busy_window_s):
+                                   self.deactivate_busy_window_s, held_off=frozenset(self.activated_at)):
             self.execute(action, instant)
 
     def execute(self, action: Action, instant: bool) -> None:
@@ -97,5 +106,6 @@ class SimScheduler:
             cluster.unload(action.agent_id, action.model, drain=action.drain)
         elif action.kind == "activate" and engine is not None:
             cluster.activate(engine, instant=instant)
+            self.activated_at[(action.agent_id, action.model)] = cluster.now
         elif action.kind == "deactivate" and engine is not None:
             cluster.deactivate(engine, action.busy_window_s)

@@ -46,7 +46,7 @@ from services.common.tls import (
     tls_from_args,
     transport_name,
 )
-from services.scheduler.actions import Action, current_placement, plan_actions
+from services.scheduler.actions import REACTIVATE_HOLD_S, Action, current_placement, plan_actions
 from services.scheduler.leader_election import LEADER, LeaderElection
 from services.scheduler.policies import (
     MANAGES_ACTIVITY,
@@ -202,6 +202,7 @@ class PlacementLoop:
         self.waiting = PrefixMirror(etcd, records.DEMAND, lambda k, v: wake.set())
         self._in_flight: dict[tuple[str, str], asyncio.Task] = {}
         self._retry_at: dict[tuple[str, str], tuple[float, float]] = {}  # key -> (monotonic time, backoff)
+        self._activated_at: dict[tuple[str, str], float] = {}  # key -> when this scheduler switched it on
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     async def publish_registry(self) -> None:
@@ -287,7 +288,9 @@ class PlacementLoop:
         if not await self._write_placements(target):
             return  # fenced off or raced: act on nothing; the next plan reads etcd afresh
         now = time.monotonic()
-        for action in plan_actions(target, engines, set(agents), self.manages_activity):
+        self._activated_at = {k: t for k, t in self._activated_at.items() if now - t < REACTIVATE_HOLD_S}
+        for action in plan_actions(target, engines, set(agents), self.manages_activity,
+                                   held_off=frozenset(self._activated_at)):
             key = (action.agent_id, action.model)
             if key in self._in_flight or self._retry_at.get(key, (0.0, 0.0))[0] > now:
                 continue
@@ -308,6 +311,7 @@ class PlacementLoop:
                 log.info("loaded %s on %s (%s)", action.model, action.agent_id, agent_pb2.EngineState.Name(status.state))
             elif action.kind == "activate":
                 await stub.ActivateModel(agent_pb2.ModelRequest(model=action.model), timeout=60)
+                self._activated_at[key] = time.monotonic()
                 log.info("activated %s on %s", action.model, action.agent_id)
             elif action.kind == "deactivate":
                 status = await stub.DeactivateModel(agent_pb2.ModelRequest(
