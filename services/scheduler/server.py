@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import json
 import logging
 import signal
 import socket
 import time
 from collections.abc import Mapping
+from pathlib import Path
 
 import grpc
 
@@ -53,9 +56,12 @@ from services.scheduler.policies import (
     POLICIES,
     AgentView,
     ClusterSnapshot,
+    ComputeCosts,
     ModelDemand,
     Placement,
     PolicyParams,
+    compute_costs_for,
+    compute_costs_from_profile,
     with_waiting,
 )
 from services.scheduler.scheduler_service import SchedulerService
@@ -78,6 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--standby-replicas", type=int, default=PolicyParams.standby_replicas,
                    help="prism policy: switched-off replicas of each model on other agents, which a burst "
                         "switches on instead of loading; each costs its agent host memory for the weights")
+    p.add_argument("--compute-costs", default=None, metavar="PROFILE_JSON",
+                   help="step costs the policies price compute with: a latency profile's JSON (as "
+                        "bench/results/sim-profile-h100.json). Default: the fitted costs of the card the agents "
+                        "name (H100, H200; another CUDA card: the H100's; several: the slowest's)")
     p.add_argument("--scheduler-id", default=None, help="this replica's name in the leader election "
                    "(default: <hostname>-<port>)")
     p.add_argument("--advertise", default=None, help="the address agents reach this replica at (default: --listen)")
@@ -90,6 +100,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--min-kv-fraction must be between 0 and 1")
     if args.standby_replicas < 0:
         p.error("--standby-replicas must be 0 or more")
+    args.compute = None
+    if args.compute_costs is not None:
+        try:
+            args.compute = compute_costs_from_profile(json.loads(Path(args.compute_costs).read_text()))
+        except (OSError, ValueError) as exc:
+            p.error(f"--compute-costs {args.compute_costs}: {exc}")
     try:
         args.tls_files = tls_from_args(args)
         args.etcd_access = etcd_access_from_args(args)
@@ -178,11 +194,13 @@ class PlacementLoop:
     def __init__(self, config: placement_config.PlacementConfig, etcd, policy_name: str, service: SchedulerService,
                  wake: asyncio.Event, interval_s: float, load_timeout_s: float,
                  params: PolicyParams = PolicyParams(), fence: tuple[str, bytes] | None = None,
-                 tls: TlsFiles | None = None):
+                 tls: TlsFiles | None = None, compute_from_devices: bool = False):
         """fence: (key, value) that must still be in etcd for this loop's
         placement writes to land (the leader key with this term's record), so
         a deposed leader can never overwrite its successor's placements.
-        tls: the scheduler's TLS files for its calls to the agents (None: plaintext)."""
+        tls: the scheduler's TLS files for its calls to the agents (None: plaintext).
+        compute_from_devices: price compute with the costs of the cards the agents name
+        (compute_costs_for), in place of params.compute."""
         self.config = config
         self.tls = tls
         self.fence = fence
@@ -190,6 +208,7 @@ class PlacementLoop:
         self.policy = POLICIES[policy_name]
         self.manages_activity = policy_name in MANAGES_ACTIVITY
         self.params = params
+        self.compute_from_devices = compute_from_devices
         # Until an agent reports a model's real size: estimated from its config.json.
         self._estimated_weights = {m.model_name: estimate_weight_bytes(m.model_path, m.dtype) for m in config.models}
         self.service = service
@@ -271,8 +290,19 @@ class PlacementLoop:
             self._channels[address] = aio_channel(address, self.tls)
         return self._channels[address]
 
+    def _price_compute_for(self, agents: Mapping[str, records.AgentRecord]) -> None:
+        """With compute_from_devices: params.compute follows the cards the agents name."""
+        if not self.compute_from_devices or not agents:
+            return
+        costs: ComputeCosts = compute_costs_for([(d["kind"], d["name"]) for a in agents.values() for d in a.devices])
+        if costs != self.params.compute:
+            log.info("pricing compute with the step costs of %s",
+                     ", ".join(sorted({d["name"] for a in agents.values() for d in a.devices})))
+            self.params = dataclasses.replace(self.params, compute=costs)
+
     async def replan(self) -> None:
         agents = self._agent_records()
+        self._price_compute_for(agents)
         engines = self._engine_records()
         reports = self.service.fresh_reports()
         snapshot = ClusterSnapshot(
@@ -406,8 +436,10 @@ async def serve(args: argparse.Namespace) -> None:
         # A fresh loop each term: its mirrors, retries and in-flight actions end with the term.
         fence = (records.SCHEDULER_LEADER, election.leader.to_json()) if election.leader is not None else None
         params = PolicyParams(min_kv_fraction=args.min_kv_fraction, standby_replicas=args.standby_replicas)
+        if args.compute is not None:
+            params = dataclasses.replace(params, compute=args.compute)
         loop_ = PlacementLoop(config, etcd, policy, service, wake, args.replan_interval_s, args.load_timeout_s,
-                              params, fence=fence, tls=args.tls_files)
+                              params, fence=fence, tls=args.tls_files, compute_from_devices=args.compute is None)
         await loop_.publish_registry()
         await wait_for_agent_reports(etcd, service, timeout_s=3 * service.report_interval_ms / 1000 + 1.0)
         await loop_.run()

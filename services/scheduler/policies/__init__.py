@@ -26,10 +26,13 @@ and model homes the policies share). A new policy is a module with a function
 
 from services.scheduler.policies.compute import (
     DEFAULT_TPOT_S,
+    H100_COMPUTE_COSTS,
     H200_COMPUTE_COSTS,
     ComputeCosts,
     StepCost,
     by_weight,
+    compute_costs_for,
+    compute_costs_from_profile,
     compute_load,
 )
 from services.scheduler.policies.dedicated import dedicated_policy
@@ -65,8 +68,8 @@ POLICIES: dict[str, Policy] = {name: policy for name, policy, _ in _REGISTERED}
 MANAGES_ACTIVITY = frozenset(name for name, _, manages_activity in _REGISTERED if manages_activity)
 
 __all__ = [
-    "DEFAULT_TPOT_S", "H200_COMPUTE_COSTS", "MANAGES_ACTIVITY", "POLICIES", "AgentView", "ClusterSnapshot",
+    "DEFAULT_TPOT_S", "H100_COMPUTE_COSTS", "H200_COMPUTE_COSTS", "MANAGES_ACTIVITY", "POLICIES", "AgentView", "ClusterSnapshot",
     "ComputeCosts", "GpuKey", "ModelDemand", "Placement", "Policy", "PolicyParams", "ReplicaTarget", "StepCost",
-    "by_weight", "compute_load", "dedicated_policy", "kvpr_policy", "prism_policy", "static_policy", "time_share_policy",
+    "by_weight", "compute_costs_for", "compute_costs_from_profile", "compute_load", "dedicated_policy", "kvpr_policy", "prism_policy", "static_policy", "time_share_policy",
     "with_waiting",
 ]

@@ -60,6 +60,55 @@ H200_COMPUTE_COSTS = ComputeCosts(
     points=(StepCost(2_471_628_800, 1.48e-3, 3.79e-5, 1.149e-2, 1.328e-5),
             StepCost(16_060_522_496, 5.07e-3, 4.13e-5, 1.671e-2, 2.227e-5)),
     attention_bytes_per_s=4.61e12)
+# The H100 fit in bench/results/sim-profile-h100.json (Llama 3.2 1B and 3B, 3.1 8B, bf16, the
+# built-in engine on kvcached), rounded: a decode step costs about a third more than on the H200.
+H100_COMPUTE_COSTS = ComputeCosts(
+    points=(StepCost(2_471_628_800, 1.92e-3, 3.74e-5, 5.62e-3, 4.53e-6),
+            StepCost(6_425_499_648, 3.84e-3, 5.87e-5, 5.24e-3, 7.92e-6, 6.96e-5),
+            StepCost(16_060_522_496, 6.88e-3, 6.31e-5, 0.0, 2.220e-5)),
+    attention_bytes_per_s=3.02e12)
+# Costs by a word in the device's name, as torch names it ("NVIDIA H100 80GB HBM3").
+COSTS_BY_CARD = {"H100": H100_COMPUTE_COSTS, "H200": H200_COMPUTE_COSTS}
+# A CUDA card named in none: the slower of the fitted ones, so compute is not over-promised.
+UNKNOWN_CARD_COSTS = H100_COMPUTE_COSTS
+
+
+def card_of(device_name: str) -> str | None:
+    """The COSTS_BY_CARD key a device name holds, if any."""
+    return next((card for card in COSTS_BY_CARD if card in device_name.upper()), None)
+
+
+def compute_costs_for(devices: list[tuple[str, str]]) -> ComputeCosts:
+    """The step costs the policies price compute with, from the cluster's devices as (kind, name):
+    the fitted costs of the card they name; on a mix of cards, the slowest card's (its 8B-sized
+    decode step the longest), since one cost model prices every GPU; a CUDA card named in none,
+    UNKNOWN_CARD_COSTS. A cluster of CPU devices alone keeps the H200 constants it always had (its
+    placement tests were written against them; no CPU fit prices compute here)."""
+    cuda = [name for kind, name in devices if kind == "cuda"]
+    if not cuda:
+        return H200_COMPUTE_COSTS
+    costs = {COSTS_BY_CARD.get(card_of(name) or "", UNKNOWN_CARD_COSTS) for name in cuda}
+    return max(costs, key=lambda c: c.at(16_060_522_496, "decode_base_s"))
+
+
+def compute_costs_from_profile(data: dict) -> ComputeCosts:
+    """Step costs from a latency profile's JSON (bench/results/sim-profile-*.json: `points`, each with
+    weight_bytes, decode_base_s, decode_per_seq_s, prefill_base_s, prefill_per_token_s and optionally
+    prefill_per_seq_s; `attention_bytes_per_s`): an operator's own fit. ValueError says what is wrong."""
+    try:
+        points = tuple(sorted((StepCost(int(p["weight_bytes"]), float(p["decode_base_s"]),
+                                        float(p["decode_per_seq_s"]), float(p["prefill_base_s"]),
+                                        float(p["prefill_per_token_s"]), float(p.get("prefill_per_seq_s", 0.0)))
+                               for p in data["points"]), key=lambda c: c.weight_bytes))
+        attention = float(data["attention_bytes_per_s"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"not a latency profile (points with weight_bytes, decode_base_s, decode_per_seq_s, "
+                         f"prefill_base_s, prefill_per_token_s; attention_bytes_per_s): {exc!r}") from None
+    if not points:
+        raise ValueError("a latency profile needs at least one point")
+    if attention <= 0 or any(v < 0 for c in points for v in vars(c).values()):
+        raise ValueError("a latency profile's costs must not be negative and its attention rate must be positive")
+    return ComputeCosts(points=points, attention_bytes_per_s=attention)
 
 
 DEFAULT_TPOT_S = 0.1  # the agent's default TPOT SLO (services/gpu_agent/slo.py)
