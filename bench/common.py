@@ -119,10 +119,11 @@ class MemorySampler:
             sample["kv_mapped_gb"] = [round(g.kv_mapped_bytes / 1e9, 2) for g in status.gpus]
             sample["reserve_gb"] = [round(g.reserve_bytes / 1e9, 2) for g in status.gpus]  # measured overhead, if more
             sample["active"] = sorted(e.model for e in status.engines if e.state == agent_pb2.ENGINE_STATE_ACTIVE)
-            # Each active engine's GPU memory, GB: weights + KV mapped (+ its KV limit), per GPU.
-            sample["engines_gb"] = [{e.model: [round(e.weight_bytes / 1e9, 2), round(e.kv_mapped_bytes / 1e9, 2),
-                                               round(e.kv_limit_bytes / 1e9, 2)] for e in g.engines if e.active}
-                                    for g in status.gpus]
+            # Each active engine's GPU memory, GB: weights + KV mapped (+ its KV limit, the KV its requests
+            # use, the pages those are on, and its demand), per GPU.
+            sample["engines_gb"] = [{e.model: [round(b / 1e9, 2) for b in (
+                e.weight_bytes, e.kv_mapped_bytes, e.kv_limit_bytes, e.kv_used_bytes, e.kv_held_bytes,
+                e.kv_demand_bytes)] for e in g.engines if e.active} for g in status.gpus]
             self.samples.append(sample)
 
 

@@ -46,3 +46,19 @@ async def test_an_activation_under_way_keeps_the_room_it_took():
     async with engines["first"].activation_lock:  # the first's weights are on their way
         assert coordinator.room_to_activate(engines["second"]) is None
     assert coordinator.room_to_activate(engines["second"]) == []
+
+
+async def test_kv_spread_over_pages_counts_as_the_pages_it_holds():
+    # An engine's requests use 2 GiB of slots spread over 6 GiB of pages: what it keeps through an
+    # activation and what its memory policy sees it use are the 6 (a limit below them preempts).
+    busy, other = CudaReadingEngineFake(30 * GIB, mapped_bytes=2 * GIB), CudaReadingEngineFake(30 * GIB)
+    busy.held_bytes = 6 * GIB
+    coordinator = coordinator_with({"busy": (busy, "active"), "other": (other, "inactive")}, Clock())
+    engines = coordinator.manager.engines
+    engines["busy"].request_stats.arrived()
+    assert coordinator._kv_kept_bytes(engines["busy"]) == 6 * GIB
+    assert [e.used_bytes for e in coordinator.snapshot().engines] == [6 * GIB]
+    # 80 - 4 reserve - 30 busy - 6 held: 40 GiB left; other's 30 fit beside the 6, not beside 20.
+    assert coordinator.room_to_activate(engines["other"]) == []
+    busy.held_bytes = 20 * GIB
+    assert coordinator.room_to_activate(engines["other"]) is None

@@ -116,3 +116,13 @@ def test_unmapped_pages_give_host_memory_back():
     p.free(slots[capacity // 2:])
     assert _resident_bytes() - base < 0.1 * touched
     assert p.k_buffers[0][0].abs().sum() == 0  # an unmapped page reads zero when used again
+
+
+def test_held_bytes_are_the_pages_the_slots_are_spread_over():
+    p = pool()
+    first, second = p.alloc(6), p.alloc(6)  # the second takes the first page's last 2 slots and 4 of a new one
+    assert p.held_bytes == 2 * BUNDLE
+    p.free(first)  # 6 slots in use, packed they would fill one page; they are on two
+    assert p.used_bytes == 6 * GEOMETRY.token_bytes and p.held_bytes == 2 * BUNDLE
+    p.free(second)
+    assert p.held_bytes == 0

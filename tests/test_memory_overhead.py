@@ -30,12 +30,14 @@ class CudaReadingEngineFake:
     def __init__(self, weight_bytes: int, mapped_bytes: int = 0):
         self.weight_bytes = weight_bytes
         self.mapped_bytes = mapped_bytes
+        self.held_bytes = 0  # the pages the used KV is on, where more than the KV itself
         self.device_used_bytes = 0
 
     def stats(self) -> EngineStats:
         return EngineStats(running_requests=0, queued_requests=0, kv_used_bytes=self.mapped_bytes,
                            memory_limit_bytes=self.mapped_bytes, weight_bytes=self.weight_bytes,
-                           kv_mapped_bytes=self.mapped_bytes, device_used_bytes=self.device_used_bytes)
+                           kv_mapped_bytes=self.mapped_bytes, device_used_bytes=self.device_used_bytes,
+                           kv_held_bytes=self.held_bytes)
 
 
 class Clock:

@@ -182,12 +182,13 @@ async def test_cancelling_streams_frees_their_kv(engine):
         await stream.__anext__()
     busy = await engine.refresh_stats()
     assert busy.kv_used_bytes > 0 and busy.running_requests + busy.queued_requests == len(PROMPTS)
+    assert busy.kv_held_bytes >= busy.kv_used_bytes  # the pages the slots are on, across the process boundary
     for stream in streams:
         await stream.aclose()
 
     def idle() -> bool:
         s = engine.stats()  # refreshed in the background
-        return s.kv_used_bytes == 0 and s.running_requests == 0 and s.queued_requests == 0
+        return s.kv_used_bytes == 0 and s.kv_held_bytes == 0 and s.running_requests == 0 and s.queued_requests == 0
 
     await eventually(idle, "the cancelled requests to free their KV")
     # a consumer task cancelled mid-stream frees its KV too

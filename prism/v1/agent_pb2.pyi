@@ -126,7 +126,7 @@ class GpuMemory(_message.Message):
     def __init__(self, gpu_id: _Optional[int] = ..., total_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., reserve_bytes: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ..., kv_limit_bytes: _Optional[int] = ..., kv_mapped_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., engines: _Optional[_Iterable[_Union[EngineMemory, _Mapping]]] = ...) -> None: ...
 
 class EngineMemory(_message.Message):
-    __slots__ = ("model", "active", "weight_bytes", "kv_limit_bytes", "kv_mapped_bytes", "kv_used_bytes", "kv_demand_bytes")
+    __slots__ = ("model", "active", "weight_bytes", "kv_limit_bytes", "kv_mapped_bytes", "kv_used_bytes", "kv_demand_bytes", "kv_held_bytes")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +134,7 @@ class EngineMemory(_message.Message):
     KV_MAPPED_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_DEMAND_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_HELD_BYTES_FIELD_NUMBER: _ClassVar[int]
     model: str
     active: bool
     weight_bytes: int
@@ -141,7 +142,8 @@ class EngineMemory(_message.Message):
     kv_mapped_bytes: int
     kv_used_bytes: int
     kv_demand_bytes: int
-    def __init__(self, model: _Optional[str] = ..., active: _Optional[bool] = ..., weight_bytes: _Optional[int] = ..., kv_limit_bytes: _Optional[int] = ..., kv_mapped_bytes: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., kv_demand_bytes: _Optional[int] = ...) -> None: ...
+    kv_held_bytes: int
+    def __init__(self, model: _Optional[str] = ..., active: _Optional[bool] = ..., weight_bytes: _Optional[int] = ..., kv_limit_bytes: _Optional[int] = ..., kv_mapped_bytes: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., kv_demand_bytes: _Optional[int] = ..., kv_held_bytes: _Optional[int] = ...) -> None: ...
 
 class EngineStatus(_message.Message):
     __slots__ = ("model", "gpu_ids", "state", "error", "memory_limit_bytes", "kv_used_bytes", "weight_bytes", "running_requests", "queued_requests", "max_context", "kv_mapped_bytes", "kv_free_tokens", "memory_limit_revision", "memory_limit_status", "kv_demand_bytes", "admission_queued", "serving", "priority")

@@ -133,7 +133,7 @@ class EngineStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class EngineStatsReply(_message.Message):
-    __slots__ = ("running_requests", "queued_requests", "kv_used_bytes", "memory_limit_bytes", "weight_bytes", "kv_mapped_bytes", "kv_free_tokens", "memory_limit_revision", "memory_limit_status", "active", "kv_demand_tokens", "device_used_bytes")
+    __slots__ = ("running_requests", "queued_requests", "kv_used_bytes", "memory_limit_bytes", "weight_bytes", "kv_mapped_bytes", "kv_free_tokens", "memory_limit_revision", "memory_limit_status", "active", "kv_demand_tokens", "device_used_bytes", "kv_held_bytes")
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     KV_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +146,7 @@ class EngineStatsReply(_message.Message):
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
     KV_DEMAND_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_HELD_BYTES_FIELD_NUMBER: _ClassVar[int]
     running_requests: int
     queued_requests: int
     kv_used_bytes: int
@@ -158,7 +159,8 @@ class EngineStatsReply(_message.Message):
     active: bool
     kv_demand_tokens: int
     device_used_bytes: int
-    def __init__(self, running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_mapped_bytes: _Optional[int] = ..., kv_free_tokens: _Optional[int] = ..., memory_limit_revision: _Optional[int] = ..., memory_limit_status: _Optional[str] = ..., active: _Optional[bool] = ..., kv_demand_tokens: _Optional[int] = ..., device_used_bytes: _Optional[int] = ...) -> None: ...
+    kv_held_bytes: int
+    def __init__(self, running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_mapped_bytes: _Optional[int] = ..., kv_free_tokens: _Optional[int] = ..., memory_limit_revision: _Optional[int] = ..., memory_limit_status: _Optional[str] = ..., active: _Optional[bool] = ..., kv_demand_tokens: _Optional[int] = ..., device_used_bytes: _Optional[int] = ..., kv_held_bytes: _Optional[int] = ...) -> None: ...
 
 class ShutdownRequest(_message.Message):
     __slots__ = ()

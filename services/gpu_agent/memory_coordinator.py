@@ -232,7 +232,7 @@ class MemoryCoordinator:
             stats = m.engine.stats()
             demand = self.demand_bytes(m, stats)
             engines.append(EngineMemoryDemand(
-                model=m.spec.name, priority=m.spec.slo.priority, used_bytes=stats.kv_used_bytes,
+                model=m.spec.name, priority=m.spec.slo.priority, used_bytes=stats.kv_holding_bytes,
                 demand_bytes=demand, limit_bytes=m.memory_limit_bytes if m.state == "active" else 0,
                 cap_bytes=m.cap_bytes, unit_bytes=m.engine.kv_bundle_bytes,
                 recent_demand_bytes=self.recent_demand.observe(m.spec.name, now, demand)))
@@ -259,7 +259,7 @@ class MemoryCoordinator:
         a split engine's fixed KV is in its taken bytes already."""
         if not self._plans(m):
             return 0
-        return kv_kept_bytes(self._kv_floor_bytes(m), m.engine.stats().kv_used_bytes)
+        return kv_kept_bytes(self._kv_floor_bytes(m), m.engine.stats().kv_holding_bytes)
 
     def room_to_activate(self, activating: ManagedEngine) -> list[str] | None:
         """The active engines to switch off, longest idle first and only those
@@ -369,7 +369,8 @@ class MemoryCoordinator:
                 kv_limit_bytes=m.memory_limit_bytes if on else 0,
                 kv_mapped_bytes=stats.kv_mapped_bytes if stats else 0,
                 kv_used_bytes=stats.kv_used_bytes if stats else 0,
-                kv_demand_bytes=self.demand_bytes(m, stats) if counted_here else 0))
+                kv_demand_bytes=self.demand_bytes(m, stats) if counted_here else 0,
+                kv_held_bytes=stats.kv_holding_bytes if stats else 0))
         # Limits not planned here count in both the budget and the limits (budget_bytes leaves them out).
         budget += sum(m.memory_limit_bytes for m in active if not self._plans(m))
         limits = sum(r.kv_limit_bytes for r in rows)

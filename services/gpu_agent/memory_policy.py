@@ -39,7 +39,7 @@ from dataclasses import dataclass
 class EngineMemoryDemand:
     model: str
     priority: int  # weight under contention, >= 1
-    used_bytes: int  # KV its requests hold now
+    used_bytes: int  # KV its requests hold now: the pages it is on, whole (EngineStats.kv_holding_bytes)
     demand_bytes: int  # KV its running and queued requests hold or will need soon
     limit_bytes: int  # its limit now
     cap_bytes: int = 0  # most it may ever get (the config's max_memory_pool_size); 0: no cap

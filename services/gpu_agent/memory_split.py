@@ -15,6 +15,7 @@ class EngineMemory:
     kv_mapped_bytes: int
     kv_used_bytes: int
     kv_demand_bytes: int  # what its running and queued requests need soon
+    kv_held_bytes: int = 0  # the pages its requests' KV is on, whole (EngineStats.kv_holding_bytes)
 
 
 @dataclass(frozen=True)

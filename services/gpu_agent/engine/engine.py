@@ -542,6 +542,7 @@ class Engine:
                 memory_limit_revision=state.revision,
                 memory_limit_status=state.status,
                 kv_demand_tokens=s.demand_tokens(DEMAND_GROWTH_TOKENS),
+                kv_held_bytes=pool.held_bytes if pool is not None else 0,
             )
 
     # ---- requests ---------------------------------------------------------

@@ -118,6 +118,13 @@ class KVPool(ABC):
         return self.used_tokens * self.geometry.token_bytes
 
     @property
+    def held_bytes(self) -> int:
+        """The pages holding slots, whole: used_bytes rounded up to the pages the slots are spread over,
+        which a freed slot gives back only once its page has no other. A limit below it preempts.
+        Here: the slots packed into as few pages as they fill; pools that spread them say more."""
+        return -(-self.used_tokens // self.tokens_per_page) * self.bundle_bytes
+
+    @property
     def mapped_bytes(self) -> int:
         return self.limit_state().mapped_bytes
 
@@ -253,6 +260,11 @@ class PagePool(KVPool):
     @property
     def used_tokens(self) -> int:
         return self._used_tokens
+
+    @property
+    def held_bytes(self) -> int:
+        # A page is mapped while any slot on it is used (free unmaps it with its last).
+        return self._mapped_pages * self.bundle_bytes
 
     @property
     def free_tokens(self) -> int:

@@ -122,6 +122,12 @@ class KvcachedPool(KVPool):
         return int(self._manager.available_size())
 
     @property
+    def held_bytes(self) -> int:
+        # kvcached places each allocation on the best-fitting page, so a sequence's decode slots
+        # spread over its neighbours' pages: its in-use pages, not its slots, are what it holds.
+        return self._manager.page_allocator.get_num_inuse_pages() * self._kvcached_bundle_bytes
+
+    @property
     def over_limit(self) -> bool:
         # kvcached counts its pre-mapped spare pages as mapped; whether sequences
         # must go is whether the pages in use exceed the target.

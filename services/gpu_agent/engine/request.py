@@ -48,3 +48,10 @@ class EngineStats:
     memory_limit_status: str = "applied"  # or "deferred": mapped is above the limit until requests end
     kv_demand_tokens: int = 0  # token slots its requests hold, and will need over the next few steps
     device_used_bytes: int = 0  # the whole device's memory in use, every process's (a worker's CUDA device); 0: unknown
+    # The pages holding its requests' KV, whole (KVPool.held_bytes): at least kv_used_bytes; 0: unknown
+    kv_held_bytes: int = 0
+
+    @property
+    def kv_holding_bytes(self) -> int:
+        """The KV memory its requests hold physically: the pages their slots are on where known."""
+        return max(self.kv_used_bytes, self.kv_held_bytes)

@@ -126,7 +126,7 @@ def stats_to_proto(stats: EngineStats, active: bool) -> wpb.EngineStatsReply:
         weight_bytes=stats.weight_bytes, kv_mapped_bytes=stats.kv_mapped_bytes,
         kv_free_tokens=stats.kv_free_tokens, memory_limit_revision=stats.memory_limit_revision,
         memory_limit_status=stats.memory_limit_status, kv_demand_tokens=stats.kv_demand_tokens, active=active,
-        device_used_bytes=stats.device_used_bytes)
+        device_used_bytes=stats.device_used_bytes, kv_held_bytes=stats.kv_held_bytes)
 
 
 def stats_from_proto(reply: wpb.EngineStatsReply) -> EngineStats:
@@ -136,7 +136,7 @@ def stats_from_proto(reply: wpb.EngineStatsReply) -> EngineStats:
         weight_bytes=reply.weight_bytes, kv_mapped_bytes=reply.kv_mapped_bytes,
         kv_free_tokens=reply.kv_free_tokens, memory_limit_revision=reply.memory_limit_revision,
         memory_limit_status=reply.memory_limit_status, kv_demand_tokens=reply.kv_demand_tokens,
-        device_used_bytes=reply.device_used_bytes)
+        device_used_bytes=reply.device_used_bytes, kv_held_bytes=reply.kv_held_bytes)
 
 
 def limit_to_proto(state: MemoryLimitState) -> wpb.MemoryLimitReply:
