@@ -136,9 +136,13 @@ async def test_a_load_of_the_draining_model_cancels_its_drain(model_path):
         status = await agent.stub.LoadModel(agent_pb2.LoadModelRequest(
             spec=agent_pb2.ModelSpec(name="m", path=model_path), gpu_ids=[0], activate=True), timeout=30)
         assert status.state == agent_pb2.ENGINE_STATE_ACTIVE
+        managed = agent.manager.engines["m"]
+        tasks = asyncio.all_tasks()  # a drain task left running would unload it once the call ends
+        assert managed.drain_task is None and not managed.draining
+        assert not [t for t in tasks if t.get_name() == "drain-m" and not t.done() and not t.cancelling()]
         assert (await read_all(call))[1] == 40
-        await asyncio.sleep(0.3)  # a drain that was not cancelled would unload it now
-        assert agent.manager.engines["m"].state == "active" and agent.published[-1] == ("m", "active")
+        assert agent.manager.engines["m"] is managed and managed.state == "active"
+        assert agent.published[-1] == ("m", "active")
 
 
 async def test_a_forced_unload_is_immediate(model_path):

@@ -71,10 +71,11 @@ def test_the_committed_four_gpu_result_plots_memory_over_time(tmp_path):
     assert (tmp_path / "memory.png").stat().st_size > 0
 
 
-def test_the_simulated_run_matches_the_measured_one_where_the_policies_are_the_same(tmp_path, monkeypatch, capsys):
+def test_the_simulated_run_prints_the_measured_one_beside_it(tmp_path, monkeypatch, capsys):
     """bench/multi_gpu_simulated.py on 4 GPUs (20 s traces, seeds 0-2): every policy runs, the 70B is one
-    split model among 9, the comparison with the committed measured run prints model by model, and the
-    attainment per seed last."""
+    split model among 9, the comparison with the committed measured run prints model by model (its live
+    column the measured file's numbers), and the attainment per seed last. Whether the two agree is the
+    bench's finding, not asserted: its split-step factor was fitted to that measured run."""
     sim = load_bench_script("multi_gpu_simulated")
     out = tmp_path / "sim.json"
     monkeypatch.setattr(sys, "argv", ["multi_gpu_simulated.py", "--gpus", "4", "--duration", "20",
@@ -91,4 +92,14 @@ def test_the_simulated_run_matches_the_measured_one_where_the_policies_are_the_s
     assert payload["attainment"][0]["prism"] == run["runs"][0]["attainment"]
     printed = capsys.readouterr().out
     assert "measured (multi_gpu-h200x4.json" in printed and "prism live  prism sim" in printed
+    measured = {r["policy"]: r["attainment"] for r in json.loads(RESULT.read_text())["runs"]}
+    simulated = {r["policy"]: r["attainment"] for r in run["runs"]}
+    comparison = printed[printed.index("measured (multi_gpu-h200x4.json"):]
+    lines = [line.split() for line in comparison.splitlines()]
+    header = next(words for words in lines if words[:2] == ["attainment", "%"])  # then "<policy> live|sim" pairs
+    total = next(words for words in lines if words[:1] == ["all"])
+    shown = dict(zip(zip(header[2::2], header[3::2]), map(float, total[1:])))
+    assert {p for p, _ in shown} == set(simulated) & set(measured)
+    for (policy, column), value in shown.items():
+        assert value == pytest.approx(100 * (measured if column == "live" else simulated)[policy], abs=0.05)
     assert printed.rstrip().splitlines()[-3].split()[:2] == ["4", "0"]  # the seeds' table is printed last

@@ -275,15 +275,18 @@ def test_prism_moves_the_same_model_whatever_the_noise_in_the_rates():
     assert moved == {"b"}
 
 
-def test_new_models_are_spread_by_weight_not_by_count():
-    weights = {"big-1": 16 * GB, "big-2": 16 * GB, "big-3": 16 * GB, **{f"s{i}": 2 * GB for i in range(6)}}
-    snap = ClusterSnapshot(models=models(*weights), agents=(agent("x", 3),), weight_bytes=weights)
+def test_new_models_are_spread_by_count_then_by_weight():
+    # The largest first, each to the GPU with the fewest models, ties to the lightest (home_of_everyone):
+    # the big one alone, two small ones beside each other, the third beside the big one. Spread by
+    # weight first, all three small ones would share the second GPU.
+    weights = {"big": 16 * GB, "s0": 2 * GB, "s1": 2 * GB, "s2": 2 * GB}
+    snap = ClusterSnapshot(models=models(*weights), agents=(agent("x", 2),), weight_bytes=weights)
     for policy in (prism_policy, time_share_policy):
         target = policy(snap)
-        per_gpu: dict[tuple[int, ...], int] = {}
+        per_gpu: dict[tuple[int, ...], list[str]] = {}
         for name, rs in target.items():
-            per_gpu[rs[0].gpu_ids] = per_gpu.get(rs[0].gpu_ids, 0) + weights[name]
-        assert sorted(per_gpu.values()) == [20 * GB, 20 * GB, 20 * GB]  # a big one and two small on each
+            per_gpu.setdefault(rs[0].gpu_ids, []).append(name)
+        assert sorted(sorted(names) for names in per_gpu.values()) == [["big", "s2"], ["s0", "s1"]], policy
 
 
 # ---- prism: compute ----------------------------------------------------------------
