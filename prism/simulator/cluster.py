@@ -422,7 +422,7 @@ class SimCluster:
         planned engine, beside the KV the others' requests hold (kv_kept_bytes); None when they cannot be
         made to."""
         holding = [e for e in device.holding_memory() if e is not engine]
-        residents = [self._resident(e, kv_kept_bytes(kv_floor_bytes(e), 0 if e.split else e.used_bytes))
+        residents = [self._resident(e, kv_kept_bytes(kv_floor_bytes(e), 0 if e.split else e.holding_bytes))
                      for e in holding]
         free = device.memory_bytes - device.reserve_bytes - sum(r.weight_bytes for r in residents)
         return engines_to_switch_off(residents, taken_bytes(engine) + kv_floor_bytes(engine), free, MAKE_ROOM_IDLE_S)
@@ -521,7 +521,7 @@ class SimCluster:
         for e in planned(holding):
             demand = (e.demand_tokens() + pending.get(e.name, 0)) * e.model.kv_bytes_per_token
             engines.append(EngineMemoryDemand(
-                model=e.name, priority=e.model.priority, used_bytes=e.used_bytes, demand_bytes=demand,
+                model=e.name, priority=e.model.priority, used_bytes=e.holding_bytes, demand_bytes=demand,
                 limit_bytes=e.limit_bytes, cap_bytes=e.cap_bytes, unit_bytes=e.model.bundle_bytes,
                 recent_demand_bytes=device.recent_demand.observe(e.name, self.now, demand)))
         device.recent_demand.forget_all_but({e.name for e in planned(holding)})
@@ -537,7 +537,7 @@ class SimCluster:
         holding = device.holding_memory()
         budget, unit = self._budget_and_unit(device, holding)
         return DeviceMemorySnapshot(budget_bytes=budget, unit_bytes=unit, engines=tuple(EngineMemoryDemand(
-            model=e.name, priority=e.model.priority, used_bytes=e.used_bytes, demand_bytes=0,
+            model=e.name, priority=e.model.priority, used_bytes=e.holding_bytes, demand_bytes=0,
             limit_bytes=e.limit_bytes, cap_bytes=e.cap_bytes, unit_bytes=e.model.bundle_bytes)
             for e in planned(holding)))
 

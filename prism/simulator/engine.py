@@ -19,10 +19,17 @@ from services.gpu_agent.slo import ModelSlo
 
 
 class CountingPool(KVPool):
-    """kvcached's interface with nothing behind it: slots are counted, pages
-    are mapped as the used tokens need them (packed perfectly), and the limit
-    caps mapped pages like the real pools do (a limit below what is mapped
-    defers: no new page until frees bring it under)."""
+    """kvcached's interface with nothing behind it: slots are counted on pages placed as kvcached places
+    them, and the limit caps mapped pages like the real pools do (a limit below what is mapped defers:
+    no new page until frees bring it under).
+
+    Placement is kvcached's (KVCacheManager._pick_avail_page): an allocation goes to the mapped page
+    with the fewest free slots that still holds it whole, else to the one with the most (and on to
+    the next), and a new page is mapped only when no mapped page has a free slot; a page is unmapped
+    when its last slot is freed. Decode slots so spread over the pages of every running sequence, and
+    a page stays mapped until its last sequence ends: the pages held exceed the slots used (1.2x at
+    the median, 1.4-1.7x at p90 for twenty 8B sequences of median 512 + 128 tokens). A slot here is
+    the id of its page."""
 
     def __init__(self, model: SimModel, capacity_tokens: int):
         self.capacity_tokens = capacity_tokens
@@ -30,6 +37,9 @@ class CountingPool(KVPool):
         self._bundle = model.bundle_bytes
         self._token_bytes = model.kv_bytes_per_token
         self._used = 0
+        self._free_in_page: dict[int, int] = {}  # mapped page -> its free slots
+        self._unused_ids: list[int] = []  # page ids to reuse
+        self._next_id = 0
         self._limit = 0
         self._revision = 0
 
@@ -43,18 +53,49 @@ class CountingPool(KVPool):
     def _effective(self) -> int:
         return min(self._limit // self._bundle, self._pages(self.capacity_tokens)) * self._bundle
 
+    def _mappable_pages(self) -> int:
+        return max(0, self._effective() // self._bundle - len(self._free_in_page))
+
     def alloc(self, n: int) -> list[int] | None:
         if n <= 0:
             return []
-        if self._used + n > self.capacity_tokens:
+        if self._used + n > self.capacity_tokens or n > self.free_tokens:
             return None
-        new_pages = self._pages(self._used + n) - self._pages(self._used)
-        if new_pages and self._pages(self._used + n) * self._bundle > self._effective():
-            return None
-        self._used += n
-        return [0] * n  # the scheduler only counts and hands back slots
+        slots: list[int] = []
+        while n > 0:
+            page = self._pick_page(n)
+            take = min(n, self._free_in_page[page])
+            self._free_in_page[page] -= take
+            slots.extend([page] * take)
+            n -= take
+        self._used += len(slots)
+        return slots
+
+    def _pick_page(self, n: int) -> int:
+        """The page the next `n` slots go to: the fullest that holds them all, else the emptiest mapped
+        page with room, else a newly mapped one."""
+        fits = [(free, page) for page, free in self._free_in_page.items() if free >= n]
+        if fits:
+            return min(fits)[1]
+        partial = [(free, page) for page, free in self._free_in_page.items() if free > 0]
+        if partial:
+            return max(partial)[1]
+        page = self._unused_ids.pop() if self._unused_ids else self._new_id()
+        self._free_in_page[page] = self.tokens_per_page
+        return page
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id - 1
 
     def free(self, slots: list[int]) -> None:
+        for page in slots:
+            free = self._free_in_page[page] + 1
+            if free == self.tokens_per_page:
+                del self._free_in_page[page]
+                self._unused_ids.append(page)
+            else:
+                self._free_in_page[page] = free
         self._used -= len(slots)
 
     def set_memory_limit(self, limit_bytes: int, revision: int = 0) -> MemoryLimitState:
@@ -63,7 +104,7 @@ class CountingPool(KVPool):
         return self.limit_state()
 
     def limit_state(self) -> MemoryLimitState:
-        mapped = self._pages(self._used) * self._bundle
+        mapped = len(self._free_in_page) * self._bundle
         effective = self._effective()
         return MemoryLimitState("deferred" if mapped > effective else "applied", self._limit, effective, mapped,
                                 self._revision)
@@ -77,10 +118,12 @@ class CountingPool(KVPool):
         return self._used
 
     @property
+    def held_bytes(self) -> int:
+        return len(self._free_in_page) * self._bundle
+
+    @property
     def free_tokens(self) -> int:
-        mapped_pages = self._pages(self._used)
-        mappable = max(0, self._effective() // self._bundle - mapped_pages)
-        return mapped_pages * self.tokens_per_page - self._used + mappable * self.tokens_per_page
+        return sum(self._free_in_page.values()) + self._mappable_pages() * self.tokens_per_page
 
 
 @dataclass(eq=False)
@@ -160,6 +203,11 @@ class SimEngine:
     @property
     def used_bytes(self) -> int:
         return self.pool.used_tokens * self.model.kv_bytes_per_token
+
+    @property
+    def holding_bytes(self) -> int:
+        """The KV its requests hold physically: the pages their slots are on (EngineStats.kv_holding_bytes)."""
+        return max(self.used_bytes, self.pool.held_bytes)
 
     def demand_tokens(self) -> int:
         return self.scheduler.demand_tokens(DEMAND_GROWTH_TOKENS)

@@ -278,7 +278,7 @@ def fit_profile(results_dir: str | Path, configs_dir: str | Path, *,
              "steps; more engines assumed to share it the same way)" if colocated_file else
              "colocated engines on a GPU run their steps one at a time (no overlap of their kernels)"),
             "a load reads weights as fast as the benchmark's dummy-weight load (no disk or network time)",
-            "KV pages are packed perfectly (mapped pages = used tokens rounded up to whole pages)",
+            "KV slots are placed on pages as kvcached places them (best fit; a page is unmapped with its last slot: the simulator's CountingPool), not checked against a GPU's page counts",
         ],
     }
     return LatencyProfile(
