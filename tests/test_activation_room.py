@@ -14,6 +14,7 @@ from services.gpu_agent.make_room import kv_kept_bytes
 def test_an_engine_keeps_the_kv_its_requests_hold_and_at_least_its_floor():
     assert kv_kept_bytes(floor_bytes=2 << 20, used_bytes=0) == 2 << 20
     assert kv_kept_bytes(floor_bytes=2 << 20, used_bytes=5 * GIB) == 5 * GIB
+    assert kv_kept_bytes(floor_bytes=2 << 20, used_bytes=5 * GIB, demand_bytes=7 * GIB) == 7 * GIB
 
 
 async def test_an_activation_that_would_take_kv_in_use_is_refused_and_fits_once_it_is_given_back():
@@ -62,3 +63,20 @@ async def test_kv_spread_over_pages_counts_as_the_pages_it_holds():
     assert coordinator.room_to_activate(engines["other"]) == []
     busy.held_bytes = 20 * GIB
     assert coordinator.room_to_activate(engines["other"]) is None
+
+
+async def test_an_activation_leaves_the_kv_that_queued_requests_wait_for():
+    # "busy" holds 2 GiB of KV and its running and queued requests need 14 soon (its demand): switching
+    # on a 30 GiB model would leave it 10. 80 - 4 reserve - 30 busy = 46; 46 - 14 = 32 >= 30 fits, 46 - 20
+    # does not. What its admission queue holds back does not count (a backlog would keep everyone off).
+    busy, other = CudaReadingEngineFake(30 * GIB, mapped_bytes=2 * GIB), CudaReadingEngineFake(30 * GIB)
+    coordinator = coordinator_with({"busy": (busy, "active"), "other": (other, "inactive")}, Clock())
+    engines = coordinator.manager.engines
+    engines["busy"].request_stats.arrived()
+    busy.demand_tokens = 14 * GIB // busy.kv_bytes_per_token
+    coordinator.pending_demand_bytes = lambda model: 40 * GIB  # the agent's queue: not counted here
+    assert coordinator._kv_kept_bytes(engines["busy"]) == 14 * GIB
+    assert coordinator.room_to_activate(engines["other"]) == []
+    busy.demand_tokens = 20 * GIB // busy.kv_bytes_per_token
+    assert coordinator.room_to_activate(engines["other"]) is None
+    assert "hold or need soon" in str(coordinator.no_room_error(engines["other"]))

@@ -31,13 +31,14 @@ class CudaReadingEngineFake:
         self.weight_bytes = weight_bytes
         self.mapped_bytes = mapped_bytes
         self.held_bytes = 0  # the pages the used KV is on, where more than the KV itself
+        self.demand_tokens = 0  # what its running and queued requests need soon
         self.device_used_bytes = 0
 
     def stats(self) -> EngineStats:
         return EngineStats(running_requests=0, queued_requests=0, kv_used_bytes=self.mapped_bytes,
                            memory_limit_bytes=self.mapped_bytes, weight_bytes=self.weight_bytes,
                            kv_mapped_bytes=self.mapped_bytes, device_used_bytes=self.device_used_bytes,
-                           kv_held_bytes=self.held_bytes)
+                           kv_held_bytes=self.held_bytes, kv_demand_tokens=self.demand_tokens)
 
 
 class Clock:

@@ -422,7 +422,8 @@ class SimCluster:
         planned engine, beside the KV the others' requests hold (kv_kept_bytes); None when they cannot be
         made to."""
         holding = [e for e in device.holding_memory() if e is not engine]
-        residents = [self._resident(e, kv_kept_bytes(kv_floor_bytes(e), 0 if e.split else e.holding_bytes))
+        residents = [self._resident(e, 0 if e.split else kv_kept_bytes(
+                         kv_floor_bytes(e), e.holding_bytes, e.demand_tokens() * e.model.kv_bytes_per_token))
                      for e in holding]
         free = device.memory_bytes - device.reserve_bytes - sum(r.weight_bytes for r in residents)
         return engines_to_switch_off(residents, taken_bytes(engine) + kv_floor_bytes(engine), free, MAKE_ROOM_IDLE_S)
