@@ -9,7 +9,13 @@ import pytest
 
 from services.common import placement_config as pc
 from services.common.records import EngineRecord
-from services.scheduler.actions import DEACTIVATE_BUSY_WINDOW_S, Action, plan_actions
+from services.scheduler.actions import (
+    DEACTIVATE_BUSY_WINDOW_S,
+    REACTIVATE_HOLD_S,
+    Action,
+    plan_actions,
+    still_held_off,
+)
 from services.scheduler.policies import (
     AgentView,
     ClusterSnapshot,
@@ -257,6 +263,9 @@ def test_actions_switch_engines_on_and_off_only_for_policies_that_manage_activit
     # An engine the scheduler switched on moments ago and finds off (its agent switched it off) stays off.
     after_agent_relief = plan_actions(target, engines, {"x"}, manage_activity=True, held_off=frozenset({("x", "a")}))
     assert [a.kind for a in after_agent_relief] == ["unload", "deactivate", "load"]
+    # Held off for REACTIVATE_HOLD_S after the scheduler switched it on, no longer.
+    switched_on = {("x", "a"): 100.0, ("x", "b"): 100.0 - REACTIVATE_HOLD_S}
+    assert still_held_off(switched_on, now=100.0 + REACTIVATE_HOLD_S / 2) == {("x", "a"): 100.0}
 
 
 def test_prism_moves_the_same_model_whatever_the_noise_in_the_rates():

@@ -35,7 +35,6 @@ class CountingPool(KVPool):
         self.capacity_tokens = capacity_tokens
         self.tokens_per_page = model.tokens_per_page
         self._bundle = model.bundle_bytes
-        self._token_bytes = model.kv_bytes_per_token
         self._used = 0
         self._free_in_page: dict[int, int] = {}  # mapped page -> its free slots
         self._unused_ids: list[int] = []  # page ids to reuse

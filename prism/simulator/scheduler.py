@@ -18,10 +18,10 @@ from prism.simulator.cluster import SimCluster
 from services.common.records import EngineRecord
 from services.scheduler.actions import (
     DEACTIVATE_BUSY_WINDOW_S,
-    REACTIVATE_HOLD_S,
     Action,
     current_placement,
     plan_actions,
+    still_held_off,
 )
 from services.scheduler.policies import (
     MANAGES_ACTIVITY,
@@ -50,7 +50,7 @@ class SimScheduler:
         self.params = params if params is not None else PolicyParams(compute=cluster.profile.compute_costs())
         self.plans = 0
         self.deactivate_busy_window_s = deactivate_busy_window_s  # plan_actions' (0: the agent's busy window)
-        self.activated_at: dict[tuple[str, str], float] = {}  # as the live scheduler's (REACTIVATE_HOLD_S)
+        self.activated_at: dict[tuple[str, str], float] = {}  # as the live scheduler's (still_held_off)
 
     def records(self) -> dict[tuple[str, str], EngineRecord]:
         """The engine records the agents would have in etcd (activating reads inactive, as it does there;
@@ -91,7 +91,7 @@ class SimScheduler:
         self.plans += 1
         self.cluster.set_placement(target)
         now = self.cluster.now
-        self.activated_at = {k: t for k, t in self.activated_at.items() if now - t < REACTIVATE_HOLD_S}
+        self.activated_at = still_held_off(self.activated_at, now)
         for action in plan_actions(target, records, set(self.cluster.agents), self.manages_activity,
                                    self.deactivate_busy_window_s, held_off=frozenset(self.activated_at)):
             self.execute(action, instant)

@@ -46,6 +46,12 @@ DEACTIVATE_BUSY_WINDOW_S = 2.0
 REACTIVATE_HOLD_S = 5.0
 
 
+def still_held_off(activated_at: dict[tuple[str, str], float], now: float) -> dict[tuple[str, str], float]:
+    """Of (agent_id, model) -> when the scheduler switched it on, those switched on within
+    REACTIVATE_HOLD_S of `now`: plan_actions' held_off."""
+    return {key: t for key, t in activated_at.items() if now - t < REACTIVATE_HOLD_S}
+
+
 def plan_actions(target: Placement, engines: dict[tuple[str, str], EngineRecord], live_agents: set[str],
                  manage_activity: bool = False,
                  deactivate_busy_window_s: float = DEACTIVATE_BUSY_WINDOW_S,

@@ -49,7 +49,7 @@ from services.common.tls import (
     tls_from_args,
     transport_name,
 )
-from services.scheduler.actions import REACTIVATE_HOLD_S, Action, current_placement, plan_actions
+from services.scheduler.actions import Action, current_placement, plan_actions, still_held_off
 from services.scheduler.leader_election import LEADER, LeaderElection
 from services.scheduler.policies import (
     MANAGES_ACTIVITY,
@@ -318,7 +318,7 @@ class PlacementLoop:
         if not await self._write_placements(target):
             return  # fenced off or raced: act on nothing; the next plan reads etcd afresh
         now = time.monotonic()
-        self._activated_at = {k: t for k, t in self._activated_at.items() if now - t < REACTIVATE_HOLD_S}
+        self._activated_at = still_held_off(self._activated_at, now)
         for action in plan_actions(target, engines, set(agents), self.manages_activity,
                                    held_off=frozenset(self._activated_at)):
             key = (action.agent_id, action.model)

@@ -118,11 +118,10 @@ class KVPool(ABC):
         return self.used_tokens * self.geometry.token_bytes
 
     @property
+    @abstractmethod
     def held_bytes(self) -> int:
         """The pages holding slots, whole: used_bytes rounded up to the pages the slots are spread over,
-        which a freed slot gives back only once its page has no other. A limit below it preempts.
-        Here: the slots packed into as few pages as they fill; pools that spread them say more."""
-        return -(-self.used_tokens // self.tokens_per_page) * self.bundle_bytes
+        which a freed slot gives back only once its page has no other. A limit below it preempts."""
 
     @property
     def mapped_bytes(self) -> int:

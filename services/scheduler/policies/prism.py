@@ -30,8 +30,8 @@ is cold only after its demand has been zero for the whole report window
 (60 s), though one idle now (nothing running or queued, no arrival in the
 last 10 s) is placed as a warm one, on only while its GPU has room
 (`cooling`: the next group's bursts need its memory), placed models stay
-where they are unless their GPU is
-over-committed beyond a margin (memory or compute), and a move never takes
+where they are unless their GPU is over-committed beyond a margin (memory
+or compute), and a move never takes
 a model off its only active replica. Opt-in (`standby_replicas`): each
 model on one GPU set also gets switched-off replicas on other agents, which
 a burst switches on instead of loading new ones.
