@@ -1,5 +1,5 @@
-"""KV ballooning against static partitions: two models on one device, a bursty
-two-model trace, TTFT SLO attainment and each engine's memory over time.
+"""KV ballooning against static partitions: models on one device that take
+turns bursting, TTFT SLO attainment and each engine's memory over time.
 
 For each memory policy (`static`: the KV budget split equally, whatever the
 demand; `balloon`: Prism's, by demand and priority) a whole local cluster is
@@ -18,8 +18,12 @@ attainment, ballooning attains at least 1.5x as much.
     python bench/ballooning.py --device cpu --rates 2 4 --duration-s 10    # two tiny models on the CPU
     python bench/ballooning.py --plot-from out.json --plot out.png         # the PNG, from a run's JSON
 
-The KV budget is capped (`--kv-budget-gb`) so that memory, not compute, is
-what the bursts contend for, as with many models on one GPU."""
+By default (two small models) the KV budget is capped (`--kv-budget-gb`) so
+that memory, not compute, is what the bursts contend for, as with many models
+on one GPU. A fleet whose weights leave little KV on the card needs no cap
+(issue 21, part 5; on an H100):
+
+    python bench/ballooning.py --fleet 8b=3,3b=2 --kv-budget-gb 0 --rates 4 8 12 16 --duration-s 25"""
 
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ import time
 from pathlib import Path
 
 import common  # first: puts the project on sys.path
-from common import save_figure, table, write_json
+from common import GPU_CONFIGS, parse_fleet, save_figure, table, write_json
 
 import grpc
 
@@ -142,13 +146,25 @@ def summarize(results: list[dict], ttft_slo_s: float) -> dict:
     }
 
 
-def write_config(folder: Path, device: str, ttft_ms: float) -> tuple[Path, list[str]]:
+def gpu_models(fleet: str | None) -> dict[str, str]:
+    """Model name -> its config under bench/configs: the two default models, or a fleet's
+    ('8b=3,3b=2' -> 8b-0, 8b-1, 8b-2, 3b-0, 3b-1)."""
+    if not fleet:
+        return dict(GPU_MODELS)
+    names: dict[str, str] = {}
+    for size in parse_fleet(fleet):
+        names[f"{size}-{sum(1 for n in names if n.startswith(size + '-'))}"] = GPU_CONFIGS[size]
+    return names
+
+
+def write_config(folder: Path, device: str, ttft_ms: float, fleet: str | None = None) -> tuple[Path, list[str]]:
     if device == "cpu":
         from prism.tiny_models import ensure_default_models
 
         models = {name: (str(path), "auto") for name, path in ensure_default_models(folder / "models").items()}
     else:
-        models = {name: (str(common.ROOT / "bench" / "configs" / cfg), "dummy") for name, cfg in GPU_MODELS.items()}
+        models = {name: (str(common.ROOT / "bench" / "configs" / cfg), "dummy")
+                  for name, cfg in gpu_models(fleet).items()}
     config = [{"model_name": name, "model_path": path, "load_format": fmt, "slo": {"ttft_ms": ttft_ms},
                "init_placements": [{"gpu_ids": [0], "on": True}]} for name, (path, fmt) in models.items()]
     path = folder / "models.json"
@@ -166,8 +182,11 @@ async def warm_up(cluster: LocalCluster, models: list[str], max_tokens: int) -> 
 
 
 def run_policy(policy: str, args, folder: Path) -> dict:
-    config, models = write_config(folder, args.device, args.ttft_ms)
-    agent_args = ("--memory-policy", policy, "--kv-budget-gb", str(args.kv_budget_gb), "--memory-reserve-gb", "0")
+    config, models = write_config(folder, args.device, args.ttft_ms, args.fleet)
+    # The reserve: what the agent measures its engine processes hold beyond weights and KV (at least
+    # --reserve-gb); with several engines on a GPU they share it through CUDA MPS, as in bench/one_gpu.py.
+    agent_args = ("--memory-policy", policy, "--kv-budget-gb", str(args.kv_budget_gb),
+                  "--memory-reserve-gb", str(args.reserve_gb), "--cuda-mps", args.cuda_mps)
     cluster = LocalCluster(state_dir=folder / policy, config_path=config, http_port=free_port(), grpc_port=free_port(),
                            device=args.device, cpu_memory_gb=args.cpu_memory_gb, agent_args=agent_args)
     started = time.monotonic()
@@ -269,7 +288,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--prompt-min", type=int, default=None)
     parser.add_argument("--prompt-max", type=int, default=None)
-    parser.add_argument("--kv-budget-gb", type=float, default=None, help="the agent's KV budget cap")
+    parser.add_argument("--kv-budget-gb", type=float, default=None,
+                        help="the agent's KV budget cap (0: none; default 0.5 GiB on cuda with the two default models)")
+    parser.add_argument("--fleet", default=None,
+                        help="cuda: SIZE=COUNT,... of 1b, 3b, 8b (dummy weights) instead of one 1B and one 3B")
+    parser.add_argument("--reserve-gb", type=float, default=0.0,
+                        help="the agent's --memory-reserve-gb (default 0: what it measures its processes hold)")
+    parser.add_argument("--cuda-mps", choices=["auto", "on", "off"], default=None,
+                        help="the agent's --cuda-mps (default: on for cuda, off on cpu)")
     parser.add_argument("--cpu-memory-gb", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--state-dir", default=None, help="keep each cluster's logs here (default: a temporary folder)")
@@ -281,13 +307,17 @@ def main() -> None:
         plot(json.loads(Path(args.plot_from).read_text()), args.plot or str(Path(args.plot_from).with_suffix(".png")))
         return
     gpu = args.device == "cuda"
+    if args.fleet and not gpu:
+        parser.error("--fleet is for cuda (the CPU run serves the tiny generated models)")
+    if args.cuda_mps is None:
+        args.cuda_mps = "on" if gpu else "off"
     # GPU defaults: a KV budget small enough that the 3B model's bursts run out of memory (a static half
     # holds ~4 of its requests) before they run out of compute (measured on the H200 2026-11-27: with
     # 2 GB the 3B engine was compute-bound from 16 req/s on, where no memory policy helps).
     defaults = {"rates": [2, 4, 6, 8, 12] if gpu else [2, 4], "duration_s": 15.0 if gpu else 10.0,
                 "ttft_ms": 1000.0 if gpu else 2000.0, "max_tokens": 128 if gpu else 32,
                 "prompt_min": 256 if gpu else 16, "prompt_max": 768 if gpu else 64,
-                "kv_budget_gb": 0.5 if gpu else 0.002}
+                "kv_budget_gb": (0.0 if args.fleet else 0.5) if gpu else 0.002}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

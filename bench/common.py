@@ -1,5 +1,6 @@
 """Shared by the benchmark scripts: the run's environment, a plain-text
-table, and the JSON result file."""
+table, the JSON result file, and the dummy-weight model configs a fleet is
+made of."""
 
 from __future__ import annotations
 
@@ -20,6 +21,21 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as `python bench/x.py` from anywhere
     sys.path.insert(0, str(ROOT))
+
+
+# The Llama configs under bench/configs a GPU fleet is made of (dummy weights), by size.
+GPU_CONFIGS = {"1b": "llama-3.2-1b", "3b": "llama-3.2-3b", "8b": "llama-3.1-8b"}
+
+
+def parse_fleet(text: str, sizes=GPU_CONFIGS) -> list[str]:
+    """'1b=4,3b=4,8b=4' -> the sizes of the models in order (the first model is the first size's)."""
+    fleet = []
+    for part in text.split(","):
+        size, _, count = part.partition("=")
+        if size not in sizes or not count.isdigit():
+            raise SystemExit(f"--fleet wants SIZE=COUNT,... with sizes {', '.join(sizes)}; got {part!r}")
+        fleet += [size] * int(count)
+    return fleet
 
 
 def environment() -> dict:

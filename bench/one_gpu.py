@@ -63,7 +63,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import common  # first: puts the project on sys.path
-from common import MemorySampler, save_figure, table, wait_loaded, write_json
+from common import MemorySampler, parse_fleet, save_figure, table, wait_loaded, write_json
 
 from prism.cluster import LocalCluster
 from prism.tiny_models import write_tiny_model
@@ -73,7 +73,8 @@ from services.common.etcd_server import free_port
 from services.common.placement_config import parse as parse_config
 
 CONFIGS = common.ROOT / "bench" / "configs"
-SIZES = {"1b": ("llama-3.2-1b", 1000.0), "3b": ("llama-3.2-3b", 1000.0), "8b": ("llama-3.1-8b", 2000.0)}
+TTFT_MS_BY_SIZE = {"1b": 1000.0, "3b": 1000.0, "8b": 2000.0}
+SIZES = {size: (common.GPU_CONFIGS[size], ttft_ms) for size, ttft_ms in TTFT_MS_BY_SIZE.items()}
 TPOT_MS = 100.0
 POLICIES = ("prism", "kvpr", "time-share", "static")
 REPLAN_S = 0.5
@@ -86,22 +87,11 @@ ACTIVATED = re.compile(r"activated (\S+) in ([0-9.]+)s")
 # ---- the fleet, its configs and the traces ----------------------------------------------
 
 
-def parse_fleet(text: str) -> list[str]:
-    """'1b=4,3b=4,8b=4' -> the sizes of the models in order (model-0 is the first)."""
-    sizes = []
-    for part in text.split(","):
-        size, _, count = part.partition("=")
-        if size not in SIZES or not count.isdigit():
-            raise SystemExit(f"one_gpu.py: --fleet wants SIZE=COUNT,... with sizes {', '.join(SIZES)}; got {part!r}")
-        sizes += [size] * int(count)
-    return sizes
-
-
 def fleet_entries(args: argparse.Namespace, state: Path) -> list[dict]:
     """Every model of the fleet, placed on GPU 0 and switched off, with its size's SLO."""
     tiny = write_tiny_model(state / "tiny-llama") if args.device == "cpu" else None  # every CPU model is this one
     entries = []
-    for i, size in enumerate(parse_fleet(args.fleet)):
+    for i, size in enumerate(parse_fleet(args.fleet, SIZES)):
         config, ttft_ms = SIZES[size]
         fields = ({"model_path": str(tiny), "dtype": "float32"} if tiny is not None else
                   {"model_path": str(CONFIGS / config), "load_format": "dummy", "max_context": MAX_CONTEXT})
