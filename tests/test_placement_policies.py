@@ -410,8 +410,9 @@ def test_prism_puts_what_fits_nowhere_together_so_the_others_keep_their_slo():
 
 def test_prism_sheds_a_model_whose_squeeze_would_overload_a_gpu_and_serves_it_again_once_there_is_room():
     # One GPU; a (10 req/s) fits its compute, b (8 req/s) fits nowhere. Beside a, the two would need
-    # more than the overload bound: b is not placed (its requests wait at the gateway, then fail)
-    # so that a keeps its SLO, rather than both missing theirs.
+    # more than the overload bound: b is shed, not switched on by the plan, so that a keeps its SLO,
+    # rather than both missing theirs. It stays loaded, switched off (shed_stays_loaded: its requests
+    # switch it on where idle engines step aside); unplaced without it.
     names = ["a", "b"]
     weights = dict.fromkeys(names, 16 * GB)
     current = {m: [ReplicaTarget("x", (0,), True)] for m in names}
@@ -422,7 +423,9 @@ def test_prism_sheds_a_model_whose_squeeze_would_overload_a_gpu_and_serves_it_ag
     a_load, b_load = (compute_load(snap, m, params) for m in snap.models)
     assert a_load <= params.compute_capacity and a_load + b_load > params.compute_overload
     target = prism_policy(snap, params)
-    assert target["a"] == [ReplicaTarget("x", (0,), True)] and target["b"] == []
+    assert target["a"] == [ReplicaTarget("x", (0,), True)] and target["b"] == [ReplicaTarget("x", (0,), False)]
+    unplaced = prism_policy(snap, PolicyParams(shed_stays_loaded=False))
+    assert unplaced["a"] == [ReplicaTarget("x", (0,), True)] and unplaced["b"] == []
     # Under the bound (b at 4 req/s), b squeezes in beside a instead.
     light = {**demand, "b": busy(4.0)}
     target = prism_policy(ClusterSnapshot(models=snap.models, agents=snap.agents, weight_bytes=weights,

@@ -17,15 +17,15 @@ GPUs are short, models are admitted in order of
 requests per unit of compute and those that fit nowhere are put together on
 the GPU(s) whose admitted models have the fewest requests, so the others
 keep their SLOs instead of every GPU being overloaded; where that would
-push a GPU's load past `compute_overload`, the model is shed: not placed
-until a GPU has room (its requests wait at the gateways, then end with an
-explicit error), since squeezed in it would cost everyone there their SLO
-and itself keep none (simulated, 18 models on one H200: 21% of requests
-within SLO, 2-3% when squeezing in). A model already serving is shed only
-while the GPUs are short of compute in sum; otherwise it stays where it
-runs, since on an agent with several GPUs it cannot move to another of
-them (one engine per model an agent) and a shed serving model fails its
-requests in flight. Hysteresis: a model
+push a GPU's load past `compute_overload`, the model is shed: the plan does
+not switch it on until a GPU has room (it stays loaded, switched off, and
+its requests switch it on only where idle engines can step aside; with
+`shed_stays_loaded` off it is unplaced), since squeezed in it would cost
+everyone there their SLO and itself keep none (simulated, 18 models on one
+H200: 21% of requests within SLO, 2-3% when squeezing in). A model already
+serving is shed only while the GPUs are short of compute in sum; otherwise
+it stays where it runs, since on an agent with several GPUs it cannot move
+to another of them (one engine per model an agent). Hysteresis: a model
 is cold only after its demand has been zero for the whole report window
 (60 s), though one idle now (nothing running or queued, no arrival in the
 last 10 s) is placed as a warm one, on only while its GPU has room
@@ -431,14 +431,14 @@ def squeeze_candidates(plan: PrismPlan, model: ModelConfig, replicas: Replicas, 
 def squeeze_or_shed(plan: PrismPlan, model: ModelConfig, short: bool) -> None:
     """What fits nowhere goes together where it costs the fewest requests their SLO: the sets whose
     protected models have the least arrival rate (one already given such models first). With no set
-    to go to it is shed: not served until a set has room (its requests wait at the gateway, then fail)."""
+    to go to it is shed: not switched on by the plan until a set has room (place_cold)."""
     name = model.model_name
     replicas = replicas_now(plan.snapshot, model)
     active, live_sets = replicas.active, replicas.live_sets
     current = serving_sets(plan, model, active)
     candidates = squeeze_candidates(plan, model, replicas, short)
     if not candidates:
-        plan.shed.add(name)  # not served until a set has room: its requests wait at the gateway, then fail
+        plan.shed.add(name)  # not switched on by the plan until a set has room
         return
     key = min(candidates, key=lambda k: (not any(overlaps(k, s) for s in plan.sacrificed), plan.protected_rate(k),
                                         k not in active, k not in live_sets, -plan.room(k), k))
@@ -474,8 +474,8 @@ def oversubscribed(plan: PrismPlan, key: GpuKey) -> bool:
 
 
 def place_cold(plan: PrismPlan) -> None:
-    """Cold models stay placed, inactive, where they are (or on the emptiest set): their home. Not
-    the shed ones."""
+    """Cold models stay placed, inactive, where they are (or on the emptiest set): their home; so do
+    the shed ones unless `shed_stays_loaded` is off (then they are unplaced: unloaded at once)."""
     for model in plan.snapshot.models:
         name = model.model_name
         if not plan.placement[name] and name in plan.homes and (name not in plan.shed or plan.params.shed_stays_loaded):
