@@ -5,7 +5,7 @@ which numbers are measured or assumed recorded inside.
     python bench/fit_profile.py [--results bench/results] [--configs bench/configs]
         [--decode decode_throughput-h200-fused.json] [--attention decode_attention-h200.json]
         [--activation activation-h200.json] [--colocated colocated_steps-h100.json]
-        [--prefill prefill_steps-h100.json]
+        [--prefill prefill_steps-h100.json] [--step-log one_gpu-h100-steplog-steps.json]
         [--out bench/results/sim-profile-h200.json]
 """
 
@@ -29,11 +29,13 @@ def main() -> None:
     p.add_argument("--colocated", default=None, help="bench/colocated_steps.py's result: the device's parallelism")
     p.add_argument("--prefill", default=None,
                    help="bench/prefill_steps.py's result: the prefill costs, per prompt and per token")
+    p.add_argument("--step-log", default=None,
+                   help="bench/step_log_summary.py's JSON of a cluster run: the CUDA-graph capture time")
     p.add_argument("--out", type=Path, default=HERE / "results" / "sim-profile-h200.json")
     args = p.parse_args()
     profile = fit_profile(args.results, args.configs, decode_file=args.decode, attention_file=args.attention,
                           activation_file=args.activation, colocated_file=args.colocated,
-                          prefill_file=args.prefill)
+                          prefill_file=args.prefill, step_log_file=args.step_log)
     profile.save(args.out)
     for point in profile.points:
         print(f"{point.model}: decode {point.decode_base_s * 1e3:.2f} ms + {point.decode_per_seq_s * 1e6:.1f} us/seq, "

@@ -266,3 +266,52 @@ def test_an_engine_waiting_for_kv_takes_no_share_of_its_gpu(profile):
     cluster.arrive(request)
     loop.run(until=5.0)
     assert request.first_token_at == pytest.approx(profile.prefill_s(specs["a"].weight_bytes, 300), rel=1e-9)
+
+
+def test_a_decode_graph_is_captured_once_a_shape_until_the_engine_is_switched_off(profile):
+    """Where the profile times CUDA-graph captures (the built-in engine on CUDA captures one per batch and
+    context bucket on first use and drops them when switched off), the first decode step of a shape costs
+    a capture: one request's decode steps (batch 1, under 512 tokens) capture once; a request after the
+    engine was switched off and on captures again."""
+    import dataclasses
+
+    from prism.simulator.engine import SimRequest
+    from prism.simulator.runner import EventLoop
+
+    def run(capture_s: float) -> tuple[list[SimRequest], int]:
+        timed = dataclasses.replace(profile, graph_capture_s=capture_s)
+        loop = EventLoop()
+        specs = {m.model_name: sim_model(m) for m in models(("a", ONE_B, 0, True))}
+        cluster = sim_cluster.SimCluster(loop, timed, specs, 1, 1, 80 * GB)
+        sim_scheduler.SimScheduler(cluster, "static").replan(instant=True)
+        engine = next(e for agent in cluster.agents.values() for e in agent.engines.values())
+        first = SimRequest(index=0, model="a", t=0.0, prompt_tokens=300, output_tokens=4)
+        cluster.arrive(first)
+        loop.run(until=5.0)
+        cluster._switch_off(engine)
+        cluster.activate(engine, instant=True)
+        second = SimRequest(index=1, model="a", t=5.0, prompt_tokens=300, output_tokens=4)
+        cluster.arrive(second)
+        loop.run(until=10.0)
+        return [first, second], cluster.stats["graph_captures"]
+
+    untimed, none = run(0.0)
+    timed, captures = run(0.03)
+    assert none == 0 and captures == 2
+    for plain, captured in zip(untimed, timed):
+        assert plain.first_token_at is not None and plain.finished_at is not None
+        assert captured.first_token_at - captured.t == pytest.approx(plain.first_token_at - plain.t)  # prefill: eager
+        assert captured.finished_at - captured.t == pytest.approx(plain.finished_at - plain.t + 0.03)
+
+
+def test_the_committed_h100_profile_is_the_fit_of_its_results_and_step_log():
+    committed = LatencyProfile.load("bench/results/sim-profile-h100.json")
+    fitted = fit_profile("bench/results", "bench/configs", decode_file="decode_throughput-h100.json",
+                         attention_file="decode_attention-h100.json", activation_file="activation-h100.json",
+                         colocated_file="colocated_steps-h100.json", prefill_file="prefill_steps-h100.json",
+                         step_log_file="one_gpu-h100-steplog-steps.json")
+    assert fitted == committed
+    captures = json.loads(Path("bench/results/one_gpu-h100-steplog-steps.json").read_text())["graph_captures"]
+    assert committed.graph_capture_s == pytest.approx(captures["seconds"] / captures["n"])
+    assert 0.01 < committed.graph_capture_s < 0.05  # 15-40 ms a capture, as the engine's own log says
+    assert LatencyProfile.load(DEFAULT_PROFILE).graph_capture_s == 0.0  # the H200's: not measured

@@ -203,7 +203,7 @@ class SimCluster:
         self.on_cold_start: Callable[[], None] = lambda: None  # the scheduler re-plans at once
         self.on_done: Callable[[SimRequest], None] = lambda r: None
         self.stats = {"loads": 0, "unloads": 0, "activations": 0, "deactivations": 0, "deactivations_refused": 0,
-                      "drains": 0, "drain_timeouts": 0, "drains_cancelled": 0, "drain_rerouted": 0, "activation_out_of_memory": 0, "switched_off_for_room": 0, "switched_off_for_kv": 0, "preemptions": 0, "memory_plans": 0, "grants": 0, "steps": 0}
+                      "drains": 0, "drain_timeouts": 0, "drains_cancelled": 0, "drain_rerouted": 0, "activation_out_of_memory": 0, "switched_off_for_room": 0, "switched_off_for_kv": 0, "preemptions": 0, "memory_plans": 0, "grants": 0, "steps": 0, "graph_captures": 0}
 
     @property
     def now(self) -> float:
@@ -497,6 +497,7 @@ class SimCluster:
     def _switch_off(self, engine: SimEngine) -> None:
         engine.state = "inactive"  # the deactivation's few ms are not modeled: nothing runs on it
         engine.set_limit(0)
+        engine.drop_graphs()
         self.stats["deactivations"] += 1
 
     # ---- the memory coordinator --------------------------------------------------
@@ -689,6 +690,7 @@ class SimCluster:
             device.turn = (position + 1) % n
             device.running += 1
             self.stats["steps"] += 1
+            self.stats["graph_captures"] += step.captured
             return engine, step
         return None
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from prism.simulator.models import SimModel
 from prism.simulator.profile import LatencyProfile
+from services.gpu_agent.engine.graph_shapes import graph_shape
 from services.gpu_agent.engine.kv_pool import KVPool, MemoryLimitState
 from services.gpu_agent.engine.request import DEMAND_GROWTH_TOKENS
 from services.gpu_agent.engine.scheduler import DEFAULT_STEP_TOKENS, Scheduler, ScheduleResult
@@ -154,6 +155,7 @@ class Step:
     result: ScheduleResult
     duration_s: float
     too_big: list[SimRequest] = field(default_factory=list)
+    captured: bool = False  # it captured a decode graph (its duration includes the capture)
 
 
 class SimEngine:
@@ -191,6 +193,9 @@ class SimEngine:
         self.stepping = False
         self.draining = False  # being unloaded: serves what it has, then goes (SimCluster.unload)
         self.drain_token = 0  # which drain a timeout event belongs to (a cancelled drain's timeout is void)
+        # The decode graphs' shapes captured since it was last switched on (the engine drops them when
+        # switched off; drop_graphs).
+        self.graphs: set[tuple[int, int]] = set()
 
     @property
     def limit_bytes(self) -> int:
@@ -244,8 +249,24 @@ class SimEngine:
         prefill = sum(item.count for item in result.batch[decode:])
         duration = self.step_factor * profile.step_s(self.model.shard_weight_bytes, decode, context, prefill,
                                                      len(result.batch) - decode)
+        captured = self._captures_graph(profile, result)
         self.stepping = True
-        return Step(result, duration, too_big)
+        return Step(result, duration + (profile.graph_capture_s if captured else 0.0), too_big, captured)
+
+    def _captures_graph(self, profile: LatencyProfile, result: ScheduleResult) -> bool:
+        """Whether this step captures a decode graph first: a pure decode step of a shape not captured since
+        the engine was switched on, where the profile times captures (the built-in engine on CUDA)."""
+        if not profile.graph_capture_s or result.num_decode != len(result.batch) or self.split:
+            return False
+        shape = graph_shape(result.num_decode, max(item.start + 1 for item in result.batch))
+        if shape is None or shape in self.graphs:
+            return False
+        self.graphs.add(shape)
+        return True
+
+    def drop_graphs(self) -> None:
+        """Switched off: its graphs held its weights' and KV's addresses, so the next activation captures anew."""
+        self.graphs.clear()
 
     def end_step(self, step: Step) -> tuple[list[SimRequest], list[SimRequest]]:
         """Applies a finished step: (requests that got their first token,

@@ -11,7 +11,10 @@ the largest):
                 if the step has prefill tokens)
 
 where context_kv_bytes is the KV the decoding sequences read this step (their
-cached tokens times the model's KV bytes per token). Activation is weight
+cached tokens times the model's KV bytes per token), plus graph_capture_s for a
+decode step of a shape its engine has not captured since it was switched on
+(the built-in engine captures a CUDA graph per batch and context bucket on
+first use, and drops them all when it is switched off). Activation is weight
 bytes over the host-to-device copy bandwidth plus an overhead; loading (an
 engine created by the scheduler) is a fit of the same kind.
 
@@ -58,6 +61,8 @@ class LatencyProfile:
     # How many engines' steps the device runs at once, in alone-step equivalents: a step with n engines
     # busy on the device takes max(1, n / device_parallelism) times its alone time (1: fully serialized).
     device_parallelism: float = 1.0
+    # One CUDA-graph capture of a decode step (0: not measured, or no graphs, as on the CPU).
+    graph_capture_s: float = 0.0
     metadata: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -118,7 +123,8 @@ class LatencyProfile:
                    copy_bytes_per_s=data["copy_bytes_per_s"], activation_overhead_s=data["activation_overhead_s"],
                    deactivation_s=data["deactivation_s"], load_base_s=data["load_base_s"],
                    load_bytes_per_s=data["load_bytes_per_s"],
-                   device_parallelism=data.get("device_parallelism", 1.0), metadata=data.get("metadata", {}))
+                   device_parallelism=data.get("device_parallelism", 1.0),
+                   graph_capture_s=data.get("graph_capture_s", 0.0), metadata=data.get("metadata", {}))
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyProfile:
@@ -170,7 +176,7 @@ def fit_profile(results_dir: str | Path, configs_dir: str | Path, *,
                 decode_file: str = "decode_throughput-h200-fused.json",
                 attention_file: str = "decode_attention-h200.json",
                 activation_file: str = "activation-h200.json", colocated_file: str | None = None,
-                prefill_file: str | None = None) -> LatencyProfile:
+                prefill_file: str | None = None, step_log_file: str | None = None) -> LatencyProfile:
     """Fits the profile from three benchmark results:
     - decode_file (bench/decode_throughput.py): per model, the decode step
       time at two batch sizes and the one-step prefill of the whole batch's
@@ -190,12 +196,17 @@ def fit_profile(results_dir: str | Path, configs_dir: str | Path, *,
       first token of single prompts of several lengths and of batches of
       short ones, which give the prefill intercept, per-prompt and per-token
       costs (fit_prefill) in place of decode_file's two batch prefills (whose
-      slope is mostly the per-prompt cost: 32 prompts of 128 tokens)."""
+      slope is mostly the per-prompt cost: 32 prompts of 128 tokens);
+    - step_log_file (bench/step_log_summary.py --json), if given: a cluster
+      run's CUDA-graph captures, whose mean time is graph_capture_s. Without
+      it, 0."""
     results_dir, configs_dir = Path(results_dir), Path(configs_dir)
     decode = json.loads((results_dir / decode_file).read_text())
     attention = json.loads((results_dir / attention_file).read_text())
     activation = json.loads((results_dir / activation_file).read_text())
     prefill = json.loads((results_dir / prefill_file).read_text()) if prefill_file else None
+    captures = json.loads((results_dir / step_log_file).read_text())["graph_captures"] if step_log_file else None
+    graph_capture_s = captures["seconds"] / captures["n"] if captures and captures["n"] else 0.0
     parallelism = 1.0
     if colocated_file:
         colocated = json.loads((results_dir / colocated_file).read_text())
@@ -250,7 +261,8 @@ def fit_profile(results_dir: str | Path, configs_dir: str | Path, *,
         "sources": {"decode": f"bench/results/{decode_file}", "attention": f"bench/results/{attention_file}",
                     "activation": f"bench/results/{activation_file}",
                     **({"colocated": f"bench/results/{colocated_file}"} if colocated_file else {}),
-                    **({"prefill": f"bench/results/{prefill_file}"} if prefill_file else {})},
+                    **({"prefill": f"bench/results/{prefill_file}"} if prefill_file else {}),
+                    **({"step_log": f"bench/results/{step_log_file}"} if step_log_file else {})},
         "source_dates": {"decode": decode["environment"]["date"], "attention": attention["environment"]["date"],
                          "activation": activation["environment"]["date"]},
         "measured": [
@@ -265,6 +277,8 @@ def fit_profile(results_dir: str | Path, configs_dir: str | Path, *,
             f"Triton decode attention on the {geometry['kv_heads']}-KV-head geometry: attention_bytes_per_s",
             "activation (weights host to device) and engine load (dummy weights) of the 1B, 3B and 8B configs: "
             "copy_bytes_per_s, activation_overhead_s, load_base_s, load_bytes_per_s, deactivation_s",
+            *([f"{captures['n']} CUDA-graph captures of decode steps in a cluster run's engine step log, "
+               f"{captures['seconds']:.2f} s in all: graph_capture_s (their mean)"] if captures else []),
         ],
         "assumptions": [
             "linear in weight bytes between the measured sizes, the last slope beyond the largest, the smallest's "
@@ -279,6 +293,8 @@ def fit_profile(results_dir: str | Path, configs_dir: str | Path, *,
              "colocated engines on a GPU run their steps one at a time (no overlap of their kernels)"),
             "a load reads weights as fast as the benchmark's dummy-weight load (no disk or network time)",
             "KV slots are placed on pages as kvcached places them (best fit; a page is unmapped with its last slot: the simulator's CountingPool), not checked against a GPU's page counts",
+            ("every CUDA-graph capture takes the mean one's time, whatever the model and shape" if captures else
+             "no CUDA-graph capture time (not measured: graph_capture_s 0)"),
         ],
     }
     return LatencyProfile(
@@ -286,4 +302,4 @@ def fit_profile(results_dir: str | Path, configs_dir: str | Path, *,
         copy_bytes_per_s=1 / act_slope, activation_overhead_s=max(0.0, act_overhead),
         deactivation_s=sum(r["deactivate_s"] for r in rows) / len(rows),
         load_base_s=max(0.0, load_base), load_bytes_per_s=1 / load_slope if load_slope > 0 else float("inf"),
-        device_parallelism=parallelism, metadata=metadata)
+        device_parallelism=parallelism, graph_capture_s=graph_capture_s, metadata=metadata)

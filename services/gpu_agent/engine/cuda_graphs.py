@@ -5,7 +5,7 @@ one from Python, the launches (not the GPU) set the step time: measured on an
 H200, 16 ms a step for Llama-3.2-1B against a 0.6 ms memory floor. A CUDA
 graph launches the whole step at once.
 
-One graph per (batch bucket, table width bucket), captured on first use. A
+One graph per (batch bucket, table width bucket; graph_shapes.py), captured on first use. A
 graph's inputs live in one static device buffer, [5, max batch] int64 (token
 ids, positions, new slots, sequence lengths, slot-table rows), filled by one
 host-to-device copy per step; a batch smaller than its bucket is padded with
@@ -29,15 +29,13 @@ from collections import deque
 
 import torch
 
+from services.gpu_agent.engine.graph_shapes import BATCH_BUCKETS, DEFAULT_MAX_WIDTH, batch_bucket, width_bucket
 from services.gpu_agent.engine.kv_pool import KVPool
 from services.gpu_agent.engine.paged_attention import StepAttention
 from services.gpu_agent.engine.slot_table import PADDING_ROW, DeviceSlotTable
 
 log = logging.getLogger(__name__)
 
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256)
-MIN_WIDTH_BUCKET = 512
-DEFAULT_MAX_WIDTH = 16384  # longer contexts are attention-bound: eager launches cost little there
 PADDING_SLOT = 0
 _IDS, _POSITIONS, _SLOTS, _LENS, _ROWS = range(5)
 
@@ -49,30 +47,6 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     if fused_ops.fused_ops_enabled():
         return fused_ops.argmax_rows(logits)
     return logits.argmax(dim=-1)
-
-
-def graph_batch_buckets(max_batch: int = BATCH_BUCKETS[-1]) -> list[int]:
-    return [b for b in BATCH_BUCKETS if b <= max_batch]
-
-
-def graph_width_buckets(max_width: int = DEFAULT_MAX_WIDTH) -> list[int]:
-    """Every slot-table width a graph is captured for, up to max_width's bucket."""
-    doublings = (width_bucket(max_width) // MIN_WIDTH_BUCKET).bit_length()  # the bucket is MIN_WIDTH_BUCKET * 2**k
-    return [MIN_WIDTH_BUCKET << i for i in range(doublings)]
-
-
-def batch_bucket(batch: int) -> int | None:
-    for bucket in BATCH_BUCKETS:
-        if bucket >= batch:
-            return bucket
-    return None
-
-
-def width_bucket(longest: int) -> int:
-    width = MIN_WIDTH_BUCKET
-    while width < longest:
-        width *= 2
-    return width
 
 
 class DecodeGraphRunner:

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from services.gpu_agent.engine.cuda_graphs import DecodeGraphRunner, graph_batch_buckets, graph_width_buckets
+from services.gpu_agent.engine.cuda_graphs import DecodeGraphRunner
+from services.gpu_agent.engine.graph_shapes import graph_batch_buckets, graph_width_buckets
 from services.gpu_agent.engine.detokenizer import IncrementalDetokenizer
 from services.gpu_agent.engine.errors import (
     CapacityError,
