@@ -23,7 +23,7 @@ req/s, so 1.0-1.5x; time-share here switches models with the same fast activatio
 
 Prints a markdown table per configuration (attainment per policy and GPU
 count, and the fewest GPUs reaching the target, searched beyond the table
-where the table does not reach it) and writes everything, with the trace's
+where the table does not reach it or a larger count of it misses) and writes everything, with the trace's
 parameters and the settings, to bench/results/sim_tables-h200profile.json.
 
 Dedicated is provisioned for each model's peak, as an operator sizing GPUs
@@ -57,7 +57,7 @@ sys.path.insert(0, str(REPO))
 
 from prism.simulator.models import sim_model  # noqa: E402
 from prism.simulator.profile import DEFAULT_PROFILE, LatencyProfile  # noqa: E402
-from prism.simulator.runner import SimSettings, fewest_above, simulate  # noqa: E402
+from prism.simulator.runner import SimSettings, fewest_meeting, simulate  # noqa: E402
 from prism.workload.generator import BurstyGroupParams, bursty_group_trace  # noqa: E402
 from prism.workload.trace import Trace  # noqa: E402
 from services.common.placement_config import InitPlacement, ModelConfig, PlacementConfig, load  # noqa: E402
@@ -154,7 +154,8 @@ def run_table(name: str, trace_params: BurstyGroupParams, models: list[ModelConf
             results[policy][gpus] = row
             print(f"  {name}: {policy} at {gpus} GPUs: {100 * row['attainment']:.1f}% ({row['wall_s']}s)",
                   file=sys.stderr, flush=True)
-        # The fewest GPUs at the target: from the table, else doubling past it, then bisecting.
+        # The fewest GPUs at the target: from the table, else doubling past it, then bisecting; where a
+        # larger count of the table misses, searched again above it (fewest_meeting).
         fewest: dict[str, int | None] = {}
         for policy in policies:
             rows = results[policy]
@@ -164,8 +165,7 @@ def run_table(name: str, trace_params: BurstyGroupParams, models: list[ModelConf
                     _, _, rows[n] = pool.submit(_run, job(policy, n)).result()
                 return rows[n]["attainment"] >= target
 
-            in_table = sorted(n for n in gpu_counts if met(n))
-            fewest[policy] = in_table[0] if in_table else fewest_above(met, max(gpu_counts), search_up_to)
+            fewest[policy] = fewest_meeting(met, max(gpu_counts), search_up_to, tried=tuple(gpu_counts))
     return {"name": name, "trace": asdict(trace_params), "models": len(models), "target": target,
             "gpu_counts": gpu_counts, "fewest_gpus": fewest, "dedicated_provisioned_gpus": provisioned,
             "prism_standby_replicas": standby,

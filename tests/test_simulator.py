@@ -19,7 +19,7 @@ from prism.simulator.profile import (
     fit_profile,
     kv_bytes_per_token,
 )
-from prism.simulator.runner import GB, SimSettings, min_gpus_for, simulate
+from prism.simulator.runner import GB, SimSettings, fewest_meeting, min_gpus_for, simulate
 from prism.workload.generator import BurstyGroupParams, bursty_group_trace
 from prism.workload.replay import SloTargets
 from prism.workload.trace import Trace, TraceRequest
@@ -145,6 +145,25 @@ def test_fewest_gpus_search(profile):
                                  SloTargets(), max_gpus=8)
     assert needed == 3
     assert tried[3] >= 0.99 and tried[2] < 0.99
+
+
+def test_the_fewest_gpus_are_searched_again_above_a_larger_count_that_misses():
+    # Attainment need not grow with GPUs (a policy places differently on each count): here 6 meets,
+    # 8 and 9-12 miss, 13 and more meet. A table of 3-6 and 8 has 6 meeting but 8 missing: the answer is
+    # searched above 8 (16 meets, then 12 misses, 14, 13 meet).
+    meets = {n: n == 6 or n >= 13 for n in range(1, 65)}
+    tried: list[int] = []
+
+    def met(n: int) -> bool:
+        tried.append(n)
+        return meets[n]
+
+    assert fewest_meeting(met, 8, 64, tried=(3, 4, 5, 6, 8)) == 13
+    assert 16 in tried and 12 in tried
+    assert fewest_meeting(met, 8, 64, tried=(3, 4, 5, 6)) == 6  # nothing larger tried misses
+    assert fewest_meeting(lambda n: n >= 5, 8, 64) == 5  # halving, then bisecting
+    assert fewest_meeting(lambda n: n >= 20, 8, 64) == 20  # doubling, then bisecting
+    assert fewest_meeting(lambda n: False, 8, 64) is None
 
 
 def test_committed_profile_is_the_fit_of_the_committed_results(profile):
