@@ -29,7 +29,7 @@ from collections import deque
 
 import torch
 
-from services.gpu_agent.engine.graph_shapes import BATCH_BUCKETS, DEFAULT_MAX_WIDTH, batch_bucket, width_bucket
+from services.gpu_agent.engine.graph_shapes import BATCH_BUCKETS, DEFAULT_MAX_WIDTH, batch_bucket, graph_shape
 from services.gpu_agent.engine.kv_pool import KVPool
 from services.gpu_agent.engine.paged_attention import StepAttention
 from services.gpu_agent.engine.slot_table import PADDING_ROW, DeviceSlotTable
@@ -77,7 +77,7 @@ class DecodeGraphRunner:
         self._turn = 0
 
     def can_run(self, batch: int, longest: int) -> bool:
-        return batch <= self.max_batch and longest <= self.max_width
+        return batch <= self.max_batch and graph_shape(batch, longest, self.max_width) is not None
 
     def run(self, input_ids: list[int], positions: list[int], new_slots: list[int], seq_lens: list[int],
             rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,8 +86,7 @@ class DecodeGraphRunner:
         graph's outputs: read them before the next run). Also writes new_slots
         into the rows' slot-table entries at seq_lens - 1."""
         batch = len(input_ids)
-        bucket = batch_bucket(batch)
-        width = width_bucket(max(seq_lens))
+        bucket, width = graph_shape(batch, max(seq_lens), self.max_width)  # the simulator charges captures by it
         if self.table.version != self._table_version:  # the table tensor the graphs read was replaced
             self._graphs.clear()
             # The private memory pool went with its last graph: its handle cannot be used again.
