@@ -54,12 +54,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import shutil
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import common  # first: puts the project on sys.path
@@ -314,7 +316,8 @@ def simulate_points(policy: str, served_names: list[str], rates: list[float], me
 
 
 def simulated_only(args: argparse.Namespace, entries: list[dict]) -> dict:
-    """The sweep in the simulator alone (--simulate-only): no live run, more rates and seeds for nothing."""
+    """The sweep in the simulator alone (--simulate-only): no live run, more rates and seeds for nothing.
+    With --seeds, one run per policy and seed (each run names its seed), the seeds' runs in parallel."""
     memory_bytes = int(args.memory_gb * (1 << 30))
     payload = {"benchmark": "one_gpu", "simulated_only": True, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "settings": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -323,13 +326,23 @@ def simulated_only(args: argparse.Namespace, entries: list[dict]) -> dict:
                "models": [{"name": e["model_name"], "size": e["size"], "config": Path(e["model_path"]).name,
                            "slo": e["slo"]} for e in entries], "device": f"simulated ({Path(args.profile).name})",
                "runs": []}
-    for policy in args.policies:
-        served = [e["model_name"] for e in served_entries(policy, entries, args, memory_bytes)]
-        points = simulate_points(policy, served, sorted(args.rates), memory_bytes, args, entries)
-        payload["runs"].append({"policy": policy, "served": served, "points": points})
-        print(f"{policy}: " + ", ".join(f"{p['rate']:g} req/s {100 * p['attainment']:.1f}%" for p in points),
-              flush=True)
+    jobs = [(policy, argparse.Namespace(**{**vars(args), "seed": seed}), entries)
+            for policy in args.policies for seed in (args.seeds or [args.seed])]
+    with ProcessPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+        for run in pool.map(simulated_run, jobs):
+            payload["runs"].append(run)
+            print(f"{run['policy']} seed {run['seed']}: " + ", ".join(
+                f"{p['rate']:g} req/s {100 * p['attainment']:.1f}%" for p in run["points"]), flush=True)
     return payload
+
+
+def simulated_run(job: tuple[str, argparse.Namespace, list[dict]]) -> dict:
+    """One policy's sweep on one seed's traces in the simulator (a process pool's task)."""
+    policy, args, entries = job
+    memory_bytes = int(args.memory_gb * (1 << 30))
+    served = [e["model_name"] for e in served_entries(policy, entries, args, memory_bytes)]
+    points = simulate_points(policy, served, sorted(args.rates), memory_bytes, args, entries)
+    return {"policy": policy, "seed": args.seed, "served": served, "points": points}
 
 
 # ---- the summary -----------------------------------------------------------------------
@@ -352,20 +365,40 @@ def highest_rate(points: list[dict], threshold: float, key: str = "attainment") 
 
 
 def summary(payload: dict) -> list[dict]:
+    """Per run, the highest rates holding each threshold; with several seeds also, per policy, those of
+    its attainment averaged over the seeds (seed "mean"). prism's row of each seed (and of the mean) gets
+    its ratio to the best baseline's interpolated rate on the same traces."""
+    runs = list(payload["runs"])
+    seeds = sorted({run["seed"] for run in runs if "seed" in run})
+    if len(seeds) > 1:
+        runs += [mean_run(policy, [run for run in runs if run["policy"] == policy])
+                 for policy in dict.fromkeys(run["policy"] for run in runs)]
     rows = []
-    for run in payload["runs"]:
-        row = {"policy": run["policy"], "served": len(run["served"])}
+    for run in runs:
+        row = {"policy": run["policy"], "seed": run.get("seed"), "served": len(run["served"])}
         for t in THRESHOLDS:
             held, interpolated = highest_rate(run["points"], t)
             row[f"held_{t}"], row[f"interp_{t}"] = held, interpolated
         rows.append(row)
-    prism = next((r for r in rows if r["policy"] == "prism"), None)
-    for t in THRESHOLDS:
-        baselines = [r[f"interp_{t}"] or 0.0 for r in rows if r["policy"] != "prism"]
-        if prism is not None and baselines:
-            best = max(baselines)
-            prism[f"ratio_{t}"] = (prism[f"interp_{t}"] or 0.0) / best if best else None
+    for seed in dict.fromkeys(row["seed"] for row in rows):
+        same = [row for row in rows if row["seed"] == seed]
+        prism = next((row for row in same if row["policy"] == "prism"), None)
+        for t in THRESHOLDS:
+            baselines = [row[f"interp_{t}"] or 0.0 for row in same if row["policy"] != "prism"]
+            if prism is not None and baselines:
+                best = max(baselines)
+                prism[f"ratio_{t}"] = (prism[f"interp_{t}"] or 0.0) / best if best else None
     return rows
+
+
+def mean_run(policy: str, runs: list[dict]) -> dict:
+    """A policy's runs on several seeds as one: each rate's attainment averaged over the seeds that ran it."""
+    by_rate: dict[float, list[float]] = {}
+    for run in runs:
+        for point in run["points"]:
+            by_rate.setdefault(point["rate"], []).append(point["attainment"])
+    return {"policy": policy, "seed": "mean", "served": runs[0]["served"],
+            "points": [{"rate": rate, "attainment": sum(v) / len(v)} for rate, v in sorted(by_rate.items())]}
 
 
 def print_tables(payload: dict) -> None:
@@ -383,19 +416,20 @@ def print_tables(payload: dict) -> None:
         sim = {p["rate"]: p for p in run.get("simulated", [])}
         for p in run["points"]:
             s = sim.get(p["rate"])
-            rows.append({"policy": run["policy"], "rate": p["rate"], "requests": p["requests"],
+            rows.append({"policy": run["policy"], "seed": run.get("seed"), "rate": p["rate"], "requests": p["requests"],
                          "attainment": 100 * p["attainment"], "sim": 100 * s["attainment"] if s else None,
                          "diff": 100 * (s["attainment"] - p["attainment"]) if s else None,
                          "goodput": p.get("goodput_rps"), "acts": p.get("activations_per_s"),
                          "ttft99": p.get("ttft_p99_s"), "tpot99": p.get("tpot_p99_s"), "peak": p.get("peak_used_gib"),
                          "errors": sum(p["errors"].values())})
-    print(table(rows, [("policy", "policy", ""), ("rate", "req/s", "g"), ("requests", "requests", "d"),
+    seeded = [("seed", "seed", "")] if any(row["seed"] is not None for row in rows) else []
+    print(table(rows, [("policy", "policy", ""), *seeded, ("rate", "req/s", "g"), ("requests", "requests", "d"),
                        ("attainment", "attainment %", ".1f"), ("sim", "simulated %", ".1f"),
                        ("diff", "sim - live", "+.1f"), ("goodput", "goodput req/s", ".2f"),
                        ("acts", "activations/s", ".2f"), ("ttft99", "TTFT p99 s", ".2f"),
                        ("tpot99", "TPOT p99 s", ".3f"), ("peak", "peak GiB", ".1f"), ("errors", "errors", "d")]))
     print()
-    columns = [("policy", "policy", ""), ("served", "models served", "d")]
+    columns = [("policy", "policy", ""), *seeded, ("served", "models served", "d")]
     for t in THRESHOLDS:
         pct = f"{100 * t:g}%"
         columns += [(f"held_{t}", f"rate at {pct}", "g"), (f"interp_{t}", f"interpolated {pct}", ".2f"),
@@ -468,6 +502,9 @@ def main() -> None:
     p.add_argument("--shift-s", type=float, default=30.0, help="how often the active group changes")
     p.add_argument("--group-size", type=int, default=4, help="models that become active together")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="--simulate-only: one sweep per seed (default: --seed alone); the summary gives each "
+                        "seed's highest rates and, per policy, those of the mean over the seeds")
     p.add_argument("--settle-s", type=float, default=5.0, help="idle seconds before each point")
     p.add_argument("--share-engines", action="store_true",
                    help="prism, kvpr and time-share on one cluster in turn (the engines load once; static has "

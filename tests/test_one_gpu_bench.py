@@ -65,6 +65,27 @@ def test_the_highest_rate_holding_a_target_and_its_interpolation():
     assert bench.highest_rate([{"rate": 4, "attainment": 0.5}], 0.9) == (None, None)
 
 
+def test_several_seeds_compare_prism_with_the_baselines_on_each_seeds_traces_and_on_their_mean():
+    bench = _bench()
+
+    def run(policy, seed, attainments):
+        return {"policy": policy, "seed": seed, "served": ["model-0"],
+                "points": [{"rate": r, "attainment": a} for r, a in zip((4, 8, 12), attainments)]}
+
+    payload = {"runs": [run("prism", 0, (1.0, 0.95, 0.85)), run("kvpr", 0, (1.0, 0.85, 0.8)),
+                        run("prism", 1, (0.95, 0.75, 0.7)), run("kvpr", 1, (1.0, 0.97, 0.92))]}
+    rows = {(r["policy"], r["seed"]): r for r in bench.summary(payload)}
+    assert rows[("prism", 0)]["interp_0.9"] == pytest.approx(10.0)
+    assert rows[("kvpr", 0)]["interp_0.9"] == pytest.approx(4 + 4 * 0.1 / 0.15)
+    assert rows[("prism", 0)]["ratio_0.9"] == pytest.approx(1.5)  # against seed 0's kvpr, not seed 1's
+    assert rows[("prism", 1)]["ratio_0.9"] == pytest.approx(5.0 / 12)
+    # The mean curves: prism (0.975, 0.85, 0.775) holds 90% to 6.4 req/s, kvpr (1.0, 0.91, 0.86) to 8.8.
+    assert rows[("prism", "mean")]["interp_0.9"] == pytest.approx(6.4)
+    assert rows[("kvpr", "mean")]["interp_0.9"] == pytest.approx(8.8)
+    assert rows[("prism", "mean")]["ratio_0.9"] == pytest.approx(6.4 / 8.8)
+    assert "ratio_0.9" not in rows[("kvpr", "mean")]
+
+
 def test_the_committed_h100_result_prints_its_tables_and_plots(capsys, tmp_path):
     bench = _bench()
     payload = json.loads(RESULT.read_text())
