@@ -188,7 +188,7 @@ def status(etcd: str = typer.Option("127.0.0.1:2379", help="etcd host:port"),
            etcd_ca: Optional[Path] = ETCD_CA, etcd_cert: Optional[Path] = ETCD_CERT,
            etcd_key: Optional[Path] = ETCD_KEY, etcd_user: Optional[str] = ETCD_USER) -> None:
     """Show agents, engines and placements as recorded in etcd, with each agent's memory split and model numbers."""
-    from prism.cluster_view import gpu_lines, model_lines
+    from prism.cluster_view import compute_cost_lines, gpu_lines, model_lines
 
     snapshot = _read_cluster(etcd, _etcd_access(etcd_ca, etcd_cert, etcd_key, etcd_user),
                              _client_tls(tls_ca, tls_cert, tls_key))
@@ -214,6 +214,9 @@ def status(etcd: str = typer.Option("127.0.0.1:2379", help="etcd host:port"),
         typer.echo("  " + line)
     typer.echo("models:")
     for line in model_lines(snapshot, indent="  "):
+        typer.echo(line)
+    typer.echo("step costs (what the scheduler prices compute with):")
+    for line in compute_cost_lines(snapshot, indent="  "):
         typer.echo(line)
 
 

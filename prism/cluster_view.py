@@ -53,6 +53,7 @@ class ClusterSnapshot:
     placements: list[dict] = field(default_factory=list)
     taken_at: float = 0.0  # time.time()
     scheduler_leader: dict | None = None  # the leading scheduler replica's record; None: none leads
+    compute_costs: dict | None = None  # the step costs the scheduler prices compute with; None: not written yet
 
     def to_json(self) -> dict:
         return {
@@ -61,6 +62,7 @@ class ClusterSnapshot:
             "engines": self.engines,
             "placements": self.placements,
             "scheduler_leader": self.scheduler_leader,
+            "compute_costs": self.compute_costs,
             "agent_status": {a.agent_id: MessageToDict(a.status, preserving_proto_field_name=True)
                              if a.status is not None else {"error": a.error} for a in self.agents},
         }
@@ -92,9 +94,11 @@ class ClusterReader:
         agents = [AgentView(record) for record in found["agents"]]
         await asyncio.gather(*(self._ask(agent) for agent in agents))
         leader = await self._client.get(records.SCHEDULER_LEADER.encode())
+        costs = await self._client.get(records.COMPUTE_COSTS.encode())
         return ClusterSnapshot(models=found["models"], agents=agents, engines=found["engines"],
                                placements=found["placements"], taken_at=time.time(),
-                               scheduler_leader=json.loads(leader.value) if leader is not None else None)
+                               scheduler_leader=json.loads(leader.value) if leader is not None else None,
+                               compute_costs=json.loads(costs.value) if costs is not None else None)
 
     async def _ask(self, agent: AgentView) -> None:
         address = agent.record["address"]
@@ -195,6 +199,22 @@ def model_rows(snapshot: ClusterSnapshot) -> list[tuple[str, ...]]:
 def table(header: tuple[str, ...], rows: list[tuple[str, ...]], indent: str = "") -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return [indent + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+
+
+def compute_cost_lines(snapshot: ClusterSnapshot, indent: str = "") -> list[str]:
+    """The step costs the scheduler prices compute with, a row per model size: measured (the steps its
+    engines ran, fitted over the card's profile) or the profile's alone."""
+    costs = snapshot.compute_costs
+    if not costs:
+        return [indent + "not published yet (the scheduler writes them as it plans)"]
+    rows = [(f"{p['weight_bytes'] / 1e9:.2f} GB", f"{1e3 * p['decode_base_s']:.2f}",
+             f"{1e6 * p['decode_per_seq_s']:.1f}", f"{1e3 * p['prefill_base_s']:.2f}",
+             f"{1e6 * p['prefill_per_token_s']:.2f}", f"{1e6 * p.get('prefill_per_seq_s', 0.0):.1f}",
+             f"measured ({p['measured_steps']:.0f} steps)" if p.get("measured_steps") else "profile")
+            for p in costs["points"]]
+    header = ("weights", "decode ms", "per seq us", "prefill ms", "per token us", "per prompt us", "from")
+    return table(header, rows, indent) + [
+        f"{indent}decode attention reads KV at {costs['attention_bytes_per_s'] / 1e9:.0f} GB/s"]
 
 
 def model_lines(snapshot: ClusterSnapshot, indent: str = "") -> list[str]:

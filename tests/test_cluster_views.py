@@ -81,6 +81,11 @@ def test_status_shows_the_memory_split_and_model_numbers(cluster, served):
         assert row[3] == "active" and row[4] == "0", row  # state, queued
         assert float(row[6]) > 0, row  # its arrival rate (REQ/S)
         assert row[-1].endswith("KB") or row[-1].endswith("MB"), row  # KV used/limit
+    # The step costs the scheduler prices compute with: on a CPU cluster, the constants (no CPU steps
+    # are fitted in unless the scheduler is told --step-costs-from all).
+    costs = out[out.index("step costs"):]
+    assert "decode ms" in costs and "GB/s" in costs, costs
+    assert costs.count("profile") == 2 and "measured" not in costs, costs
 
 
 def test_top_once_prints_one_frame(cluster, served):

@@ -70,10 +70,10 @@ def test_the_placement_loop_prices_compute_as_its_agents_cards():
 
     loop = PlacementLoop(config, None, "prism", SchedulerService(asyncio.Event()), asyncio.Event(), 1.0, 1.0,
                          compute_from_devices=True)
-    loop._price_compute_for({"x": agent("H100")})
+    loop._price_compute_for({"x": agent("H100")}, [])
     assert loop.params.compute is H100_COMPUTE_COSTS
-    loop._price_compute_for({"x": agent("H200")})
+    loop._price_compute_for({"x": agent("H200")}, [])
     assert loop.params.compute is H200_COMPUTE_COSTS
     operator = PlacementLoop(config, None, "prism", SchedulerService(asyncio.Event()), asyncio.Event(), 1.0, 1.0)
-    operator._price_compute_for({"x": agent("H100")})  # --compute-costs given: left as it was
+    operator._price_compute_for({"x": agent("H100")}, [])  # --compute-costs given: left as it was
     assert operator.params.compute is H200_COMPUTE_COSTS

@@ -1,7 +1,8 @@
 from prism.v1 import generate_pb2 as _generate_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -133,7 +134,7 @@ class EngineStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class EngineStatsReply(_message.Message):
-    __slots__ = ("running_requests", "queued_requests", "kv_used_bytes", "memory_limit_bytes", "weight_bytes", "kv_mapped_bytes", "kv_free_tokens", "memory_limit_revision", "memory_limit_status", "active", "kv_demand_tokens", "device_used_bytes", "kv_held_bytes")
+    __slots__ = ("running_requests", "queued_requests", "kv_used_bytes", "memory_limit_bytes", "weight_bytes", "kv_mapped_bytes", "kv_free_tokens", "memory_limit_revision", "memory_limit_status", "active", "kv_demand_tokens", "device_used_bytes", "kv_held_bytes", "step_count", "step_xtx", "step_xty")
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     KV_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +148,9 @@ class EngineStatsReply(_message.Message):
     KV_DEMAND_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_HELD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STEP_COUNT_FIELD_NUMBER: _ClassVar[int]
+    STEP_XTX_FIELD_NUMBER: _ClassVar[int]
+    STEP_XTY_FIELD_NUMBER: _ClassVar[int]
     running_requests: int
     queued_requests: int
     kv_used_bytes: int
@@ -160,7 +164,10 @@ class EngineStatsReply(_message.Message):
     kv_demand_tokens: int
     device_used_bytes: int
     kv_held_bytes: int
-    def __init__(self, running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_mapped_bytes: _Optional[int] = ..., kv_free_tokens: _Optional[int] = ..., memory_limit_revision: _Optional[int] = ..., memory_limit_status: _Optional[str] = ..., active: _Optional[bool] = ..., kv_demand_tokens: _Optional[int] = ..., device_used_bytes: _Optional[int] = ..., kv_held_bytes: _Optional[int] = ...) -> None: ...
+    step_count: float
+    step_xtx: _containers.RepeatedScalarFieldContainer[float]
+    step_xty: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_mapped_bytes: _Optional[int] = ..., kv_free_tokens: _Optional[int] = ..., memory_limit_revision: _Optional[int] = ..., memory_limit_status: _Optional[str] = ..., active: _Optional[bool] = ..., kv_demand_tokens: _Optional[int] = ..., device_used_bytes: _Optional[int] = ..., kv_held_bytes: _Optional[int] = ..., step_count: _Optional[float] = ..., step_xtx: _Optional[_Iterable[float]] = ..., step_xty: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ShutdownRequest(_message.Message):
     __slots__ = ()

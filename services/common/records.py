@@ -33,6 +33,7 @@ PLACEMENTS = PREFIX + "placements/"
 DEMAND = PREFIX + "demand/"
 # Created only if absent, under the leader's lease: whoever wrote it leads until the lease ends.
 SCHEDULER_LEADER = PREFIX + "scheduler/leader"
+COMPUTE_COSTS = PREFIX + "scheduler/compute_costs"
 
 T = TypeVar("T")
 
@@ -147,6 +148,19 @@ class LeaderRecord(_Record):
 
     def key(self) -> str:
         return SCHEDULER_LEADER
+
+
+@dataclass
+class ComputeCostsRecord(_Record):
+    """The step costs the leading scheduler prices compute with (services/scheduler/policies/compute.py
+    ComputeCosts): per model size (weight bytes) a point, with the steps its engines measured behind it
+    (0: the card's profile alone)."""
+
+    attention_bytes_per_s: float
+    points: list[dict]  # StepCost's fields and measured_steps
+
+    def key(self) -> str:
+        return COMPUTE_COSTS
 
 
 @dataclass

@@ -84,6 +84,10 @@ class LoadReporter:
                 load.kv_mapped_bytes = stats.kv_mapped_bytes
                 load.kv_free_tokens = stats.kv_free_tokens
                 load.memory_limit_bytes = stats.memory_limit_bytes
+                if stats.step_times.steps:
+                    load.step_count = stats.step_times.steps
+                    load.step_xtx.extend(stats.step_times.xtx)
+                    load.step_xty.extend(stats.step_times.xty)
         return report
 
     async def _reports(self):

@@ -40,6 +40,7 @@ from services.common.grpc_util import (
 from services.common.logs import setup_logging
 from services.common.model_size import estimate_weight_bytes
 from services.common.placement_config import ModelConfig
+from services.common.step_costs import StepTimeSums
 from services.common.tls import (
     TlsConfigError,
     TlsFiles,
@@ -56,7 +57,6 @@ from services.scheduler.policies import (
     POLICIES,
     AgentView,
     ClusterSnapshot,
-    ComputeCosts,
     ModelDemand,
     Placement,
     PolicyParams,
@@ -64,6 +64,7 @@ from services.scheduler.policies import (
     compute_costs_from_profile,
     with_waiting,
 )
+from services.scheduler.policies.compute import MeasuredSize, measured_sizes, with_measured
 from services.scheduler.scheduler_service import SchedulerService
 
 log = logging.getLogger("scheduler")
@@ -88,6 +89,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="step costs the policies price compute with: a latency profile's JSON (as "
                         "bench/results/sim-profile-h100.json). Default: the fitted costs of the card the agents "
                         "name (H100, H200; another CUDA card: the H100's; several: the slowest's)")
+    p.add_argument("--step-costs-from", default="cuda", choices=STEP_COSTS_FROM,
+                   help="whose measured steps replace the costs above for their model sizes once enough were "
+                        "run: cuda (engines on CUDA devices; CPU clusters keep the constants their placement "
+                        "tests were written against), all (every engine's), none (the costs above alone)")
     p.add_argument("--scheduler-id", default=None, help="this replica's name in the leader election "
                    "(default: <hostname>-<port>)")
     p.add_argument("--advertise", default=None, help="the address agents reach this replica at (default: --listen)")
@@ -126,6 +131,8 @@ def model_spec(model: ModelConfig) -> agent_pb2.ModelSpec:
 
 # After an agent kept an engine on (recent requests), ask again no sooner than this.
 KEPT_ON_RETRY_S = 2.0
+STEP_COSTS_FROM = ("cuda", "all", "none")  # --step-costs-from
+COMPUTE_RECORD_INTERVAL_S = 10.0  # how often the compute costs record (prism status) is written at most
 
 
 def demand_from_reports(reports: list[scheduler_pb2.LoadReport],
@@ -168,6 +175,28 @@ def waiting_at_gateways(values) -> dict[str, int]:
     return out
 
 
+def step_sums_by_weight(reports: list[scheduler_pb2.LoadReport]) -> dict[int, StepTimeSums]:
+    """The step-time sums of every engine the agents report, added up per size of an engine's weights on
+    its GPU (engines of one size cost alike)."""
+    out: dict[int, StepTimeSums] = {}
+    for report in reports:
+        weights: dict[str, int] = {}
+        for gpu in report.gpus:
+            for engine in gpu.engines:
+                weights[engine.model] = max(weights.get(engine.model, 0), engine.weight_bytes)
+        for load in report.models:
+            if load.step_count <= 0 or not weights.get(load.model):
+                continue
+            try:
+                sums = StepTimeSums.from_values(load.step_count, load.step_xtx, load.step_xty)
+            except ValueError as exc:  # an agent of another version: its steps do not count
+                log.warning("agent %s: step sums of %s ignored: %s", report.agent_id, load.model, exc)
+                continue
+            size = weights[load.model]
+            out[size] = out[size] + sums if size in out else sums
+    return out
+
+
 def reported_weight_bytes(reports: list[scheduler_pb2.LoadReport]) -> dict[str, int]:
     """Each model's weight size as an agent that loaded it reports it: its
     rows summed over the agent's GPUs, since a model split over several GPUs
@@ -194,13 +223,14 @@ class PlacementLoop:
     def __init__(self, config: placement_config.PlacementConfig, etcd, policy_name: str, service: SchedulerService,
                  wake: asyncio.Event, interval_s: float, load_timeout_s: float,
                  params: PolicyParams = PolicyParams(), fence: tuple[str, bytes] | None = None,
-                 tls: TlsFiles | None = None, compute_from_devices: bool = False):
+                 tls: TlsFiles | None = None, compute_from_devices: bool = False, step_costs_from: str = "cuda"):
         """fence: (key, value) that must still be in etcd for this loop's
         placement writes to land (the leader key with this term's record), so
         a deposed leader can never overwrite its successor's placements.
         tls: the scheduler's TLS files for its calls to the agents (None: plaintext).
         compute_from_devices: price compute with the costs of the cards the agents name
-        (compute_costs_for), in place of params.compute."""
+        (compute_costs_for), in place of params.compute.
+        step_costs_from: whose engines' measured steps are fitted in (STEP_COSTS_FROM)."""
         self.config = config
         self.tls = tls
         self.fence = fence
@@ -209,6 +239,13 @@ class PlacementLoop:
         self.manages_activity = policy_name in MANAGES_ACTIVITY
         self.params = params
         self.compute_from_devices = compute_from_devices
+        if step_costs_from not in STEP_COSTS_FROM:
+            raise ValueError(f"step_costs_from must be one of {STEP_COSTS_FROM}, got {step_costs_from!r}")
+        self.step_costs_from = step_costs_from
+        # The step costs before the engines' measured steps are fitted in (the cards' or the operator's).
+        self.profile_compute = params.compute
+        self.measured: dict[int, MeasuredSize] = {}  # the sizes whose steps price compute now
+        self._compute_written_at = float("-inf")
         # Until an agent reports a model's real size: estimated from its config.json.
         self._estimated_weights = {m.model_name: estimate_weight_bytes(m.model_path, m.dtype) for m in config.models}
         self.service = service
@@ -290,21 +327,51 @@ class PlacementLoop:
             self._channels[address] = aio_channel(address, self.tls)
         return self._channels[address]
 
-    def _price_compute_for(self, agents: Mapping[str, records.AgentRecord]) -> None:
-        """With compute_from_devices: params.compute follows the cards the agents name."""
-        if not self.compute_from_devices or not agents:
-            return
-        costs: ComputeCosts = compute_costs_for([(d["kind"], d["name"]) for a in agents.values() for d in a.devices])
+    def _price_compute_for(self, agents: Mapping[str, records.AgentRecord],
+                           reports: list[scheduler_pb2.LoadReport]) -> None:
+        """params.compute: the step costs of the cards the agents name (with compute_from_devices; else the
+        configured ones), with every model size whose engines have run enough steps fitted from those steps
+        (services/common/step_costs.py), so that compute is priced with what the GPUs actually take."""
+        if self.compute_from_devices and agents:
+            costs = compute_costs_for([(d["kind"], d["name"]) for a in agents.values() for d in a.devices])
+            if costs != self.profile_compute:
+                log.info("pricing compute with the step costs of %s",
+                         ", ".join(sorted({d["name"] for a in agents.values() for d in a.devices})))
+                self.profile_compute = costs
+        measuring = [r for r in reports if self.step_costs_from == "all" or (
+            self.step_costs_from == "cuda" and r.agent_id in agents
+            and any(d["kind"] == "cuda" for d in agents[r.agent_id].devices))]
+        measured = measured_sizes(self.profile_compute, step_sums_by_weight(measuring))
+        if measured.keys() - self.measured.keys():
+            log.info("pricing compute with the measured steps of models of %s",
+                     ", ".join(f"{w / 1e9:.2f} GB ({m.steps:.0f} steps)" for w, m in measured.items()
+                               if w not in self.measured))
+        self.measured = measured
+        costs = with_measured(self.profile_compute, measured)
         if costs != self.params.compute:
-            log.info("pricing compute with the step costs of %s",
-                     ", ".join(sorted({d["name"] for a in agents.values() for d in a.devices})))
             self.params = dataclasses.replace(self.params, compute=costs)
+
+    async def _publish_compute(self) -> None:
+        """The step costs the policies price compute with, in etcd for `prism status` (every 10 s at most)."""
+        now = time.monotonic()
+        if now - self._compute_written_at < COMPUTE_RECORD_INTERVAL_S:
+            return
+        self._compute_written_at = now
+        record = records.ComputeCostsRecord(
+            attention_bytes_per_s=self.params.compute.attention_bytes_per_s,
+            points=[{**dataclasses.asdict(p), "measured_steps": self.measured[p.weight_bytes].steps
+                     if p.weight_bytes in self.measured else 0.0} for p in self.params.compute.points])
+        try:
+            await self.etcd.put(records.COMPUTE_COSTS.encode(), record.to_json())
+        except Exception as exc:  # a status record: the plan goes on without it
+            log.warning("cannot write the compute costs record: %s", exc)
 
     async def replan(self) -> None:
         agents = self._agent_records()
-        self._price_compute_for(agents)
         engines = self._engine_records()
         reports = self.service.fresh_reports()
+        self._price_compute_for(agents, reports)
+        await self._publish_compute()
         snapshot = ClusterSnapshot(
             models=self.config.models,
             agents=tuple(AgentView(a.agent_id, frozenset(d["index"] for d in a.devices),
@@ -439,7 +506,8 @@ async def serve(args: argparse.Namespace) -> None:
         if args.compute is not None:
             params = dataclasses.replace(params, compute=args.compute)
         loop_ = PlacementLoop(config, etcd, policy, service, wake, args.replan_interval_s, args.load_timeout_s,
-                              params, fence=fence, tls=args.tls_files, compute_from_devices=args.compute is None)
+                              params, fence=fence, tls=args.tls_files, compute_from_devices=args.compute is None,
+                              step_costs_from=args.step_costs_from)
         await loop_.publish_registry()
         await wait_for_agent_reports(etcd, service, timeout_s=3 * service.report_interval_ms / 1000 + 1.0)
         await loop_.run()

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from services.common.step_costs import StepTimeAccumulator, step_features
 from services.gpu_agent.engine.cuda_graphs import DecodeGraphRunner
 from services.gpu_agent.engine.graph_shapes import graph_batch_buckets, graph_width_buckets
 from services.gpu_agent.engine.detokenizer import IncrementalDetokenizer
@@ -215,6 +216,7 @@ class Engine:
         # Not yet with tensor parallelism: every rank would have to capture and replay in step.
         self._use_graphs = cuda_graphs and self._use_triton and self._pool_kind == "kvcached" and self.tp.size == 1
         self._last_step_graph = False  # for the step log
+        self._step_times = StepTimeAccumulator()  # every step's time, for the scheduler's step costs
         self._graph_runner: DecodeGraphRunner | None = None  # made on the first decode step after activation
         self._in_step: set[Sequence] = set()  # sequences the running step computes
         self._free_after_step: list[Sequence] = []
@@ -544,6 +546,7 @@ class Engine:
                 memory_limit_status=state.status,
                 kv_demand_tokens=s.demand_tokens(DEMAND_GROWTH_TOKENS),
                 kv_held_bytes=pool.held_bytes if pool is not None else 0,
+                step_times=self._step_times.sums(),
             )
 
     # ---- requests ---------------------------------------------------------
@@ -696,8 +699,10 @@ class Engine:
             plan = result.batch
             self._in_step = {item.seq for item in plan}
         started = time.perf_counter()
+        captures_before = self._graph_runner.capture_seconds if self._graph_runner is not None else 0.0
         try:
             tokens = self._forward(plan, result.num_decode) if plan else []
+            took = time.perf_counter() - started
             if STEP_LOG and plan:
                 log.info("engine %s step: %d decode, %d prefill tokens in %d seqs, %s, %.2f ms (scheduled in %.2f ms)",
                          self.name, result.num_decode, sum(item.count for item in plan[result.num_decode:]),
@@ -714,6 +719,10 @@ class Engine:
             self._end_step()
             if tokens is None:
                 return  # stopped meanwhile; stop() has failed the requests
+            if plan:  # a graph captured in the step is a one-off, not what such a step costs
+                captured = (self._graph_runner.capture_seconds if self._graph_runner is not None else 0.0) \
+                    - captures_before
+                self._record_step_time(plan, result.num_decode, took - max(0.0, captured))
             sampled = iter(tokens)
             for item in plan:
                 token = next(sampled) if item.samples else None
@@ -760,6 +769,13 @@ class Engine:
                 return []
             return sample_batch(logits, [seq.sampling for seq in samplers], [seq.generator for seq in samplers],
                                 greedy if len(samplers) == len(plan) else None)
+
+    def _record_step_time(self, plan: list[ScheduledSeq], num_decode: int, seconds: float) -> None:
+        """Into the step-time sums the scheduler fits step costs from (services/common/step_costs.py)."""
+        context = sum(item.start for item in plan[:num_decode]) * self.kv_bytes_per_token
+        prefill = plan[num_decode:]
+        self._step_times.record(step_features(num_decode, context, sum(item.count for item in prefill), len(prefill)),
+                                seconds)
 
     def _eager_forward(self, plan: list[ScheduledSeq], num_decode: int, rows: list[int] | None) -> torch.Tensor:
         input_ids, positions, spans, logits_at = [], [], [], []

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from services.common.step_costs import StepTimeSums
+
 # The growth counted in each request's KV demand (EngineStats.kv_demand_tokens,
 # and the agent's admission): enough decode steps that the memory coordinator,
 # re-planning every 100 ms, raises a limit before the requests reach it.
@@ -50,6 +52,8 @@ class EngineStats:
     device_used_bytes: int = 0  # the whole device's memory in use, every process's (a worker's CUDA device); 0: unknown
     # The pages holding its requests' KV, whole (KVPool.held_bytes): at least kv_used_bytes; 0: unknown
     kv_held_bytes: int = 0
+    # Its steps' least-squares sums (services/common/step_costs.py): the scheduler fits step costs from them.
+    step_times: StepTimeSums = StepTimeSums()
 
     @property
     def kv_holding_bytes(self) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import grpc
 
+from services.common.step_costs import StepTimeSums
 from prism.v1 import engine_worker_pb2 as wpb
 from prism.v1 import generate_pb2
 from services.gpu_agent.engine.errors import (
@@ -126,7 +127,8 @@ def stats_to_proto(stats: EngineStats, active: bool) -> wpb.EngineStatsReply:
         weight_bytes=stats.weight_bytes, kv_mapped_bytes=stats.kv_mapped_bytes,
         kv_free_tokens=stats.kv_free_tokens, memory_limit_revision=stats.memory_limit_revision,
         memory_limit_status=stats.memory_limit_status, kv_demand_tokens=stats.kv_demand_tokens, active=active,
-        device_used_bytes=stats.device_used_bytes, kv_held_bytes=stats.kv_held_bytes)
+        device_used_bytes=stats.device_used_bytes, kv_held_bytes=stats.kv_held_bytes,
+        step_count=stats.step_times.steps, step_xtx=stats.step_times.xtx, step_xty=stats.step_times.xty)
 
 
 def stats_from_proto(reply: wpb.EngineStatsReply) -> EngineStats:
@@ -136,7 +138,9 @@ def stats_from_proto(reply: wpb.EngineStatsReply) -> EngineStats:
         weight_bytes=reply.weight_bytes, kv_mapped_bytes=reply.kv_mapped_bytes,
         kv_free_tokens=reply.kv_free_tokens, memory_limit_revision=reply.memory_limit_revision,
         memory_limit_status=reply.memory_limit_status, kv_demand_tokens=reply.kv_demand_tokens,
-        device_used_bytes=reply.device_used_bytes, kv_held_bytes=reply.kv_held_bytes)
+        device_used_bytes=reply.device_used_bytes, kv_held_bytes=reply.kv_held_bytes,
+        step_times=StepTimeSums.from_values(reply.step_count, reply.step_xtx, reply.step_xty)
+        if reply.step_xty else StepTimeSums())
 
 
 def limit_to_proto(state: MemoryLimitState) -> wpb.MemoryLimitReply:

@@ -5,8 +5,11 @@ beside others (the prism policy sums these per GPU)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from services.common.step_costs import StepTimeSums, fit_coefficients
 
 if TYPE_CHECKING:  # compute_load's types; the snapshot module imports this one for its default costs
     from services.common.placement_config import ModelConfig
@@ -108,6 +111,58 @@ def compute_costs_from_profile(data: dict) -> ComputeCosts:
         raise ValueError("a latency profile needs at least one point")
     if attention <= 0 or any(v < 0 for c in points for v in vars(c).values()):
         raise ValueError("a latency profile's costs must not be negative and its attention rate must be positive")
+    return ComputeCosts(points=points, attention_bytes_per_s=attention)
+
+
+# Engines of one size must have run this many steps (faded sums) before their fit prices compute.
+MIN_MEASURED_STEPS = 200.0
+SAME_SIZE = 0.02  # a profile point this close in weight bytes to a measured size is replaced by it
+
+
+@dataclass(frozen=True)
+class MeasuredSize:
+    """The costs fitted for one model size from its engines' steps (prism status shows these)."""
+
+    cost: StepCost
+    attention_bytes_per_s: float
+    steps: float  # the steps behind it (faded sums of every engine of this size)
+
+
+def coefficients_at(costs: ComputeCosts, weight_bytes: int) -> tuple[float, ...]:
+    """The costs at a size as services.common.step_costs' coefficients (its order and units)."""
+    def at(name: str) -> float:
+        return costs.at(weight_bytes, name)
+    return (at("decode_base_s"), at("decode_per_seq_s"), 1e9 / costs.attention_bytes_per_s, at("prefill_base_s"),
+            1000 * at("prefill_per_token_s"), at("prefill_per_seq_s"))
+
+
+def measured_sizes(costs: ComputeCosts, sums_by_weight: Mapping[int, StepTimeSums],
+                   min_steps: float = MIN_MEASURED_STEPS) -> dict[int, MeasuredSize]:
+    """Each model size whose engines ran `min_steps` steps, fitted with `costs` as the prior."""
+    out = {}
+    for weight_bytes, sums in sorted(sums_by_weight.items()):
+        if sums.steps < min_steps:
+            continue
+        base, per_seq, s_per_gb, prefill_base, per_ktoken, prefill_per_seq = fit_coefficients(
+            sums, coefficients_at(costs, weight_bytes))
+        out[weight_bytes] = MeasuredSize(
+            StepCost(weight_bytes, base, per_seq, prefill_base, per_ktoken / 1000, prefill_per_seq),
+            1e9 / s_per_gb if s_per_gb > 0 else float("inf"), sums.steps)
+    return out
+
+
+def with_measured(costs: ComputeCosts, measured: Mapping[int, MeasuredSize]) -> ComputeCosts:
+    """`costs` with each measured size's fitted point in place of (or beside) the profile's points, and
+    the attention rate the measured sizes' fits give (weighted by their steps) where they give one."""
+    if not measured:
+        return costs
+    kept = [p for p in costs.points
+            if all(abs(p.weight_bytes - w) > SAME_SIZE * w for w in measured)]
+    points = tuple(sorted(kept + [m.cost for m in measured.values()], key=lambda c: c.weight_bytes))
+    finite = [m for m in measured.values() if m.attention_bytes_per_s != float("inf")]
+    attention = costs.attention_bytes_per_s
+    if finite:  # the steps' mean seconds per KV byte
+        attention = sum(m.steps for m in finite) / sum(m.steps / m.attention_bytes_per_s for m in finite)
     return ComputeCosts(points=points, attention_bytes_per_s=attention)
 
 
