@@ -350,6 +350,8 @@ class Engine:
             self._scheduler.pool, self._scheduler.step_tokens, self._use_graphs = pool, budget, graphs
             self._graph_runner = None
             self._slot_table = self._new_slot_table()
+            # Its steps compiled kernels: not what serving steps cost (the scheduler fits costs from these).
+            self._step_times = StepTimeAccumulator()
             if scratch is not None:
                 scratch.close()
         log.info("engine %s: kernels warm in %.2fs", self.name, time.perf_counter() - start)
