@@ -21,6 +21,7 @@ from services.common.step_costs import (
     step_features,
 )
 from services.gpu_agent.engine import Engine, GenerationRequest
+from services.gpu_agent.engine.step_board import DeviceBoards, StepBoard
 from services.gpu_agent.workers.wire import stats_from_proto, stats_to_proto
 from services.scheduler.policies import H100_COMPUTE_COSTS, H200_COMPUTE_COSTS
 from services.scheduler.policies.compute import coefficients_at, measured_sizes, with_measured
@@ -186,3 +187,59 @@ def test_a_real_engines_steps_reach_the_sums_through_the_worker_wire(tmp_path):
     assert sums.xty[0] > 0  # the steps took time
     fitted = fit_coefficients(sums, PRIOR)
     assert fitted[0] > 0 and all(v >= 0 for v in fitted)
+
+
+def test_the_step_board_tells_a_step_that_ran_alone_from_one_beside_another(tmp_path):
+    boards = DeviceBoards([0])
+    try:
+        a_at, b_at = boards.slot_for(0, "a"), boards.slot_for(0, "b")
+        assert a_at[1] != b_at[1] and boards.slot_for(0, "a") == a_at  # a model keeps its slot
+        a, b = StepBoard(*a_at), StepBoard(*b_at)
+        assert a.end(a.begin())  # nobody else stepped
+        seen = a.begin()
+        assert a.end(seen)
+        seen = a.begin()
+        b.end(b.begin())  # b stepped while a's step ran
+        assert not a.end(seen)
+        b_seen = b.begin()  # b is mid-step when a begins
+        seen = a.begin()
+        assert not a.end(seen)
+        assert not b.end(b_seen)  # a's step ran while b's did
+        # An engine that died mid-step leaves its slot busy; the next engine in that slot idles it.
+        b.begin()
+        b2 = StepBoard(*b_at)
+        assert a.end(a.begin())
+        for board in (a, b2):
+            board.close()
+        boards.release("b")
+        assert boards.slot_for(0, "c") == b_at  # freed slots are given again
+        with pytest.raises(ValueError, match="slots 0-63"):
+            StepBoard(a_at[0], 64)
+    finally:
+        boards.close()
+
+
+def test_an_engine_with_a_board_fits_only_its_steps_that_ran_alone(tmp_path):
+    boards = DeviceBoards([0])
+    model = write_tiny_model(tmp_path / "llama", arch="llama")
+    engine = Engine(model, step_board=boards.slot_for(0, "llama"))
+    neighbour = StepBoard(*boards.slot_for(0, "neighbour"))
+    engine.start()
+
+    async def generate(tokens: int) -> None:
+        outs = [o async for o in engine.generate(GenerationRequest(
+            prompt="Hello there", max_tokens=tokens, temperature=0.0, ignore_eos=True, request_id="r"))]
+        assert sum(len(o.token_ids) for o in outs) == tokens
+
+    try:
+        asyncio.run(generate(20))
+        alone = engine.stats().step_times.steps
+        assert 19 < alone <= 20
+        neighbour.begin()  # a neighbour's step that lasts through the whole request
+        asyncio.run(generate(20))
+        assert engine.stats().step_times.steps == alone  # none of its steps ran alone: none recorded
+        neighbour.end([])
+    finally:
+        engine.stop()
+        neighbour.close()
+        boards.close()

@@ -28,7 +28,7 @@ class WorkerInfo(_message.Message):
     def __init__(self, pid: _Optional[int] = ..., device: _Optional[str] = ..., warmup_s: _Optional[float] = ..., import_s: _Optional[float] = ..., model_loaded: _Optional[bool] = ..., model: _Optional[str] = ...) -> None: ...
 
 class EngineLoadSpec(_message.Message):
-    __slots__ = ("path", "name", "load_format", "dtype", "seed", "memory_limit_bytes", "kv_capacity_bytes", "shared_weights_path", "max_context", "tensor_parallel")
+    __slots__ = ("path", "name", "load_format", "dtype", "seed", "memory_limit_bytes", "kv_capacity_bytes", "shared_weights_path", "max_context", "tensor_parallel", "step_board_path", "step_board_slot")
     PATH_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     LOAD_FORMAT_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,8 @@ class EngineLoadSpec(_message.Message):
     SHARED_WEIGHTS_PATH_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     TENSOR_PARALLEL_FIELD_NUMBER: _ClassVar[int]
+    STEP_BOARD_PATH_FIELD_NUMBER: _ClassVar[int]
+    STEP_BOARD_SLOT_FIELD_NUMBER: _ClassVar[int]
     path: str
     name: str
     load_format: str
@@ -49,7 +51,9 @@ class EngineLoadSpec(_message.Message):
     shared_weights_path: str
     max_context: int
     tensor_parallel: TensorParallelSpec
-    def __init__(self, path: _Optional[str] = ..., name: _Optional[str] = ..., load_format: _Optional[str] = ..., dtype: _Optional[str] = ..., seed: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., kv_capacity_bytes: _Optional[int] = ..., shared_weights_path: _Optional[str] = ..., max_context: _Optional[int] = ..., tensor_parallel: _Optional[_Union[TensorParallelSpec, _Mapping]] = ...) -> None: ...
+    step_board_path: str
+    step_board_slot: int
+    def __init__(self, path: _Optional[str] = ..., name: _Optional[str] = ..., load_format: _Optional[str] = ..., dtype: _Optional[str] = ..., seed: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., kv_capacity_bytes: _Optional[int] = ..., shared_weights_path: _Optional[str] = ..., max_context: _Optional[int] = ..., tensor_parallel: _Optional[_Union[TensorParallelSpec, _Mapping]] = ..., step_board_path: _Optional[str] = ..., step_board_slot: _Optional[int] = ...) -> None: ...
 
 class TensorParallelSpec(_message.Message):
     __slots__ = ("rank", "size", "rendezvous")

@@ -18,9 +18,10 @@ that a coefficient the steps do not tell apart (no prefill seen yet, every
 step at batch 1) stays at the profile's value instead of going wild, and
 the measurements take over as they accumulate.
 
-The steps are timed as they run, beside whatever else shares the GPU: the
-fitted costs include that contention, which is what the GPU's models
-actually pay."""
+Only steps that ran alone on their device are summed (the agent's step
+board, services/gpu_agent/engine/step_board.py): the compute model adds the
+loads of the engines sharing a GPU itself, and a step timed beside a
+neighbour's already holds the neighbour's interference."""
 
 from __future__ import annotations
 

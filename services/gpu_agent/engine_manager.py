@@ -33,6 +33,7 @@ from services.gpu_agent.devices import Device
 from services.gpu_agent.engine import Engine
 from services.gpu_agent.engine.errors import CapacityError
 from services.gpu_agent.engine.shared_weights import SharedWeightsFile, remove_shared_weights, shared_weights_name
+from services.gpu_agent.engine.step_board import DeviceBoards
 from services.gpu_agent.engine_handle import EngineHandle, InlineEngine
 from services.gpu_agent.request_stats import DEFAULT_WINDOW_S, ModelRequestStats
 from services.gpu_agent.slo import ModelSlo
@@ -168,6 +169,8 @@ class EngineManager:
         # Awaited before an engine's weights come back, so the others make room
         # (the memory coordinator's rebalance); None: nothing to wait for.
         self.before_activate: Callable[[ManagedEngine], Awaitable[None]] | None = None
+        # Each device's step board: an engine fits its step costs from the steps that ran alone there.
+        self.step_boards = DeviceBoards([d.index for d in devices])
         self.shared_weights_dir = shared_weights_dir if pool is not None else None
         self.shared_weights_prefix = shared_weights_prefix
         if self.shared_weights_dir is not None:
@@ -310,7 +313,8 @@ class EngineManager:
             return await self._start_sglang(managed)
         # The built-in engine honours seeds always (deterministic_inference is SGLang's switch for that).
         if self.pool is None:
-            return InlineEngine(await asyncio.to_thread(self._build_engine, spec, gpu_ids, managed.memory_limit_bytes))
+            return InlineEngine(await asyncio.to_thread(self._build_engine, spec, gpu_ids, managed.memory_limit_bytes,
+                                                        self.step_boards.slot_for(gpu_ids[0], spec.name)))
         if spec.tp_size > 1:
             return await self._start_split_engine(managed)
         start = time.perf_counter()
@@ -320,7 +324,8 @@ class EngineManager:
             engine = await RemoteEngine.load(
                 worker, spec.path, name=spec.name, load_format=spec.load_format, dtype=spec.dtype, seed=spec.seed,
                 memory_limit_bytes=managed.memory_limit_bytes, kv_capacity_bytes=self._kv_capacity_bytes(gpu_ids) or 0,
-                shared_weights_path=str(shared.path) if shared is not None else "", max_context=spec.max_context)
+                shared_weights_path=str(shared.path) if shared is not None else "", max_context=spec.max_context,
+                step_board=self.step_boards.slot_for(gpu_ids[0], spec.name))
         except BaseException:
             await worker.terminate()  # a worker that failed a load is not reused
             raise
@@ -400,7 +405,8 @@ class EngineManager:
         log.error("engine of %s failed: %s", managed.spec.name, error)
         await self._publish(managed)
 
-    def _build_engine(self, spec: EngineSpec, gpu_ids: tuple[int, ...], memory_limit_bytes: int) -> Engine:
+    def _build_engine(self, spec: EngineSpec, gpu_ids: tuple[int, ...], memory_limit_bytes: int,
+                      step_board: tuple[str, int] | None = None) -> Engine:
         start = time.perf_counter()
         engine = Engine(
             spec.path,
@@ -412,6 +418,7 @@ class EngineManager:
             memory_limit_bytes=memory_limit_bytes or None,
             kv_capacity_bytes=self._kv_capacity_bytes(gpu_ids),
             max_context=spec.max_context or None,
+            step_board=step_board,
         )
         engine.start()
         log.info("loaded %s on %s in %.2fs (%d MB of weights)", spec.name, engine.device,
@@ -435,6 +442,7 @@ class EngineManager:
         del self.engines[managed.spec.name]
         if managed.engine is not None:
             await managed.engine.stop()
+        self.step_boards.release(managed.spec.name)
         self._remove_shared_weights(managed)
         managed.state = "unloaded"
         await self._publish(managed)

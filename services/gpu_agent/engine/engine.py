@@ -84,6 +84,7 @@ from services.gpu_agent.engine.shard_follower import (
     SwitchOn,
 )
 from services.gpu_agent.engine.slot_table import DeviceSlotTable
+from services.gpu_agent.engine.step_board import StepBoard
 from services.gpu_agent.engine.stop_strings import find_stop, held_back_len
 from services.gpu_agent.engine.tensor_parallel import SINGLE, TensorParallel
 from services.gpu_agent.engine.tokenizer import Tokenizer
@@ -129,7 +130,7 @@ class Engine:
                  step_tokens: int | None = None, attention: str = "auto", cuda_graphs: bool = True,
                  shared_weights_path: str | Path | None = None, warm_up: bool = True,
                  max_context: int | None = None, tensor_parallel: TensorParallel = SINGLE,
-                 step_channel: StepChannel | None = None):
+                 step_channel: StepChannel | None = None, step_board: tuple[str, int] | None = None):
         """memory_limit_bytes: KV memory the engine may map now (default: 8 contexts).
         kv_capacity_bytes: the KV reservation the limit can later grow to (virtual where
         the pool is elastic; default: the device's memory on CUDA, 32 contexts on the CPU).
@@ -152,7 +153,9 @@ class Engine:
         inputs over step_channel to the other ranks (shard_follower.py). Its KV
         pool and kv_bytes_per_token are this rank's share of the KV heads; switching
         off and on moves every rank's weights. Not yet with CUDA graphs, kvcached
-        or shared weights."""
+        or shared weights.
+        step_board: (path, slot) of its device's step board (step_board.py): only the steps that ran
+        alone on the device go into its step-time sums. None: every step does (nothing else shares it)."""
         start = time.perf_counter()
         self.model_path = Path(model_path)
         self.name = name or self.model_path.name
@@ -216,7 +219,8 @@ class Engine:
         # Not yet with tensor parallelism: every rank would have to capture and replay in step.
         self._use_graphs = cuda_graphs and self._use_triton and self._pool_kind == "kvcached" and self.tp.size == 1
         self._last_step_graph = False  # for the step log
-        self._step_times = StepTimeAccumulator()  # every step's time, for the scheduler's step costs
+        self._step_times = StepTimeAccumulator()  # steps' times, for the scheduler's step costs
+        self._board = StepBoard(*step_board) if step_board is not None else None
         self._graph_runner: DecodeGraphRunner | None = None  # made on the first decode step after activation
         self._in_step: set[Sequence] = set()  # sequences the running step computes
         self._free_after_step: list[Sequence] = []
@@ -411,6 +415,9 @@ class Engine:
             if self._host_weights is not None:
                 self._host_weights.close()
             self._host_weights = None
+            if self._board is not None:
+                self._board.close()
+                self._board = None
             with self._lock:
                 self._end_step()
                 if self._scheduler.pool is not None:
@@ -702,9 +709,13 @@ class Engine:
             self._in_step = {item.seq for item in plan}
         started = time.perf_counter()
         captures_before = self._graph_runner.capture_seconds if self._graph_runner is not None else 0.0
+        others = self._board.begin() if self._board is not None and plan else None
         try:
-            tokens = self._forward(plan, result.num_decode) if plan else []
-            took = time.perf_counter() - started
+            try:
+                tokens = self._forward(plan, result.num_decode) if plan else []
+            finally:
+                took = time.perf_counter() - started
+                alone = self._board.end(others) if others is not None else True
             if STEP_LOG and plan:
                 log.info("engine %s step: %d decode, %d prefill tokens in %d seqs, %s, %.2f ms (scheduled in %.2f ms)",
                          self.name, result.num_decode, sum(item.count for item in plan[result.num_decode:]),
@@ -721,7 +732,7 @@ class Engine:
             self._end_step()
             if tokens is None:
                 return  # stopped meanwhile; stop() has failed the requests
-            if plan:  # a graph captured in the step is a one-off, not what such a step costs
+            if plan and alone:  # a graph captured in the step is a one-off, not what such a step costs
                 captured = (self._graph_runner.capture_seconds if self._graph_runner is not None else 0.0) \
                     - captures_before
                 self._record_step_time(plan, result.num_decode, took - max(0.0, captured))

@@ -87,15 +87,18 @@ class RemoteEngine:
                    dtype: str = "auto", seed: int = 0, memory_limit_bytes: int = 0,
                    kv_capacity_bytes: int = 0, shared_weights_path: str = "", max_context: int = 0,
                    unresponsive_after_s: float = UNRESPONSIVE_AFTER_S,
-                   tensor_parallel: wpb.TensorParallelSpec | None = None) -> RemoteEngine:
+                   tensor_parallel: wpb.TensorParallelSpec | None = None,
+                   step_board: tuple[str, int] | None = None) -> RemoteEngine:
         """Loads the model into the (model-less) worker. On failure the worker is
         left as it is: the caller ends it. shared_weights_path: see EngineLoadSpec.
         tensor_parallel: this worker is rank 0 of a split model; its other ranks'
-        workers load at the same time (load_shard_follower)."""
+        workers load at the same time (load_shard_follower). step_board: (path, slot), see EngineLoadSpec."""
         spec = wpb.EngineLoadSpec(path=str(path), name=name, load_format=load_format, dtype=dtype, seed=seed,
                                   memory_limit_bytes=memory_limit_bytes or 0, kv_capacity_bytes=kv_capacity_bytes or 0,
                                   shared_weights_path=shared_weights_path, max_context=max_context or 0,
-                                  tensor_parallel=tensor_parallel)
+                                  tensor_parallel=tensor_parallel,
+                                  step_board_path=step_board[0] if step_board else "",
+                                  step_board_slot=step_board[1] if step_board else 0)
         try:
             loaded = await worker.stub.Load(spec, timeout=LOAD_TIMEOUT_S)
             stats = await worker.stub.Stats(wpb.EngineStatsRequest(), timeout=CONTROL_TIMEOUT_S)

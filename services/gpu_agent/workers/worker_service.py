@@ -128,7 +128,8 @@ class EngineWorkerService(engine_worker_pb2_grpc.EngineWorkerServicer):
                             kv_capacity_bytes=spec.kv_capacity_bytes or None,
                             shared_weights_path=spec.shared_weights_path or None,
                             max_context=spec.max_context or None, tensor_parallel=tp, step_channel=channel,
-                            kv_pool="pages" if channel is not None else "auto")
+                            kv_pool="pages" if channel is not None else "auto",
+                            step_board=(spec.step_board_path, spec.step_board_slot) if spec.step_board_path else None)
         except EngineError:
             raise
         except Exception as exc:  # the engine wraps its own failures; anything else still means "cannot load"
