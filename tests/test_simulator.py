@@ -168,7 +168,8 @@ def test_the_fewest_gpus_are_searched_again_above_a_larger_count_that_misses():
 
 def test_committed_profile_is_the_fit_of_the_committed_results(profile):
     fitted = fit_profile("bench/results", "bench/configs")
-    assert fitted == profile  # bench/fit_profile.py regenerates it exactly (metadata aside)
+    assert fitted == profile  # bench/fit_profile.py regenerates it exactly, metadata included
+    assert fitted.metadata == profile.metadata
     assert profile.metadata["measured"] and profile.metadata["assumptions"]
     measured = json.loads(Path("bench/results/decode_throughput-h200-fused.json").read_text())
     for row in measured["results"]:
@@ -186,6 +187,32 @@ def test_committed_profile_is_the_fit_of_the_committed_results(profile):
     assert profile.step_s(small.weight_bytes, 8, 0, 0) < profile.step_s(mid, 8, 0, 0) < profile.step_s(
         large.weight_bytes, 8, 0, 0)
     assert profile.activation_s(small.weight_bytes) < profile.activation_s(large.weight_bytes) < 1.0
+
+
+def test_the_h100_profile_is_regenerated_from_its_sources_and_says_how_each_value_came_to_be():
+    committed = LatencyProfile.load("bench/results/sim-profile-h100.json")
+    sources = {k: Path(v).name for k, v in committed.metadata["sources"].items()}
+    fitted = fit_profile("bench/results", "bench/configs", decode_file=sources["decode"],
+                         attention_file=sources["attention"], activation_file=sources["activation"],
+                         colocated_file=sources["colocated"], prefill_file=sources["prefill"],
+                         step_log_file=sources["step_log"])
+    assert fitted == committed and fitted.metadata == committed.metadata
+    values = committed.metadata["values"]
+    # Every number the profile holds has its record: the points' costs by model, and the device's.
+    names = {f"{p.model}.{f}" for p in committed.points for f in ("decode_base_s", "decode_per_seq_s",
+             "prefill_base_s", "prefill_per_token_s", "prefill_per_seq_s")}
+    assert set(values) == names | {"attention_bytes_per_s", "copy_bytes_per_s", "activation_overhead_s",
+                                   "deactivation_s", "load_base_s", "load_bytes_per_s", "device_parallelism",
+                                   "graph_capture_s"}
+    # A negative fit kept at 0 says so, with the fit it replaced (the 8B's prefill intercept on the H100).
+    clamped = values["llama-3.1-8b.prefill_base_s"]
+    assert clamped["how"] == "clamped" and clamped["fitted"] < 0
+    assert committed.points[-1].prefill_base_s == 0.0
+    assert values["graph_capture_s"] == {"how": "measured"} and values["llama-3.2-3b.decode_base_s"] == {"how": "fitted"}
+    # The H200's, without colocated steps or captures measured, says those are assumed.
+    h200 = LatencyProfile.load(DEFAULT_PROFILE).metadata["values"]
+    assert h200["device_parallelism"]["how"] == "assumed" and h200["graph_capture_s"]["how"] == "assumed"
+    assert h200["llama-3.2-1b.prefill_per_seq_s"]["how"] == "assumed"
 
 
 def test_cli_writes_a_bench_shaped_report_per_policy(tmp_path):

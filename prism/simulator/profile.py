@@ -164,6 +164,11 @@ def fit_prefill(rows: list[dict]) -> tuple[float, float, float]:
     return one_prompt - per_seq, per_seq, per_token
 
 
+def provenance(raw: float, kept: float, how: str) -> dict:
+    """A profile value's record: how it was had, and the fit it replaced where it was clamped."""
+    return {"how": how} if kept == raw else {"how": "clamped", "from": how, "fitted": raw}
+
+
 def kv_bytes_per_token(config: dict) -> int:
     """K and V of every layer for one token, from a Hugging Face config.json."""
     heads = int(config["num_attention_heads"])
@@ -211,7 +216,8 @@ def fit_profile(results_dir: str | Path, configs_dir: str | Path, *,
     if colocated_file:
         colocated = json.loads((results_dir / colocated_file).read_text())
         decode_rows = [r for r in colocated["rows"] if r["step"] == "decode_step"]
-        parallelism = min(2.0, max(1.0, sum(r["alone_ms"] / r["together_ms"] for r in decode_rows)))
+        measured_parallelism = sum(r["alone_ms"] / r["together_ms"] for r in decode_rows)
+        parallelism = min(2.0, max(1.0, measured_parallelism))
 
     # Attention: ms = t0 + MiB / rate per layer call; the slope is what scales with context.
     geometry = attention["geometry"]
@@ -220,6 +226,9 @@ def fit_profile(results_dir: str | Path, configs_dir: str | Path, *,
     _, seconds_per_byte = _line(xs, ys)
     attention_rate = 1 / seconds_per_byte
 
+    # How each number came to be: measured (a mean of measurements), fitted (a line through them),
+    # clamped (a fit that came out negative, or out of range, kept at the bound), or assumed.
+    values: dict[str, dict] = {"attention_bytes_per_s": provenance(attention_rate, attention_rate, "fitted")}
     settings = decode["settings"]
     prompt, new = settings["prompt_tokens"], settings["new_tokens"]
     mean_context = prompt + new / 2  # the timed decode steps' mean context
@@ -245,15 +254,34 @@ def fit_profile(results_dir: str | Path, configs_dir: str | Path, *,
             if not prefill_rows:
                 raise ValueError(f"{prefill_file} has no rows of {model}, which {decode_file} has")
             intercept, per_prompt, per_token = fit_prefill(prefill_rows)
-        points.append(SizePoint(model=model, weight_bytes=round(small["weight_gb"] * 1e9), decode_base_s=base,
-                                decode_per_seq_s=max(0.0, per_seq), prefill_base_s=max(0.0, intercept - base),
-                                prefill_per_token_s=max(0.0, per_token), prefill_per_seq_s=max(0.0, per_prompt)))
+        point = SizePoint(model=model, weight_bytes=round(small["weight_gb"] * 1e9), decode_base_s=base,
+                          decode_per_seq_s=max(0.0, per_seq), prefill_base_s=max(0.0, intercept - base),
+                          prefill_per_token_s=max(0.0, per_token), prefill_per_seq_s=max(0.0, per_prompt))
+        points.append(point)
+        fitted = {"decode_base_s": base, "decode_per_seq_s": per_seq, "prefill_base_s": intercept - base,
+                  "prefill_per_token_s": per_token, "prefill_per_seq_s": per_prompt}
+        for name, raw in fitted.items():
+            assumed = name == "prefill_per_seq_s" and prefill is None
+            values[f"{model}.{name}"] = provenance(raw, getattr(point, name), "assumed" if assumed else "fitted")
     points.sort(key=lambda p: p.weight_bytes)
 
     rows = activation["results"]
     weights = [r["weight_gb"] * 1e9 for r in rows]
     act_overhead, act_slope = _line(weights, [r["activate_s"] for r in rows])
     load_base, load_slope = _line(weights, [r["load_s"] for r in rows])
+    deactivation_s = sum(r["deactivate_s"] for r in rows) / len(rows)
+    values.update({
+        "copy_bytes_per_s": provenance(1 / act_slope, 1 / act_slope, "fitted"),
+        "activation_overhead_s": provenance(act_overhead, max(0.0, act_overhead), "fitted"),
+        "deactivation_s": provenance(deactivation_s, deactivation_s, "measured"),
+        "load_base_s": provenance(load_base, max(0.0, load_base), "fitted"),
+        "load_bytes_per_s": (provenance(1 / load_slope, 1 / load_slope, "fitted") if load_slope > 0 else
+                             {"how": "assumed", "why": "the load times do not grow with weight bytes: infinite"}),
+        "device_parallelism": (provenance(measured_parallelism, parallelism, "measured") if colocated_file else
+                               {"how": "assumed", "why": "no colocated steps measured: steps one at a time"}),
+        "graph_capture_s": (provenance(graph_capture_s, graph_capture_s, "measured") if captures else
+                            {"how": "assumed", "why": "no captures measured: 0"}),
+    })
     device = decode["environment"]["device"]
     metadata = {
         "device": device,
@@ -280,6 +308,7 @@ def fit_profile(results_dir: str | Path, configs_dir: str | Path, *,
             *([f"{captures['n']} CUDA-graph captures of decode steps in a cluster run's engine step log, "
                f"{captures['seconds']:.2f} s in all: graph_capture_s (their mean)"] if captures else []),
         ],
+        "values": values,
         "assumptions": [
             "linear in weight bytes between the measured sizes, the last slope beyond the largest, the smallest's "
             "numbers below it; tensor parallelism is not modeled",
@@ -300,6 +329,6 @@ def fit_profile(results_dir: str | Path, configs_dir: str | Path, *,
     return LatencyProfile(
         device=device, points=tuple(points), attention_bytes_per_s=attention_rate,
         copy_bytes_per_s=1 / act_slope, activation_overhead_s=max(0.0, act_overhead),
-        deactivation_s=sum(r["deactivate_s"] for r in rows) / len(rows),
+        deactivation_s=deactivation_s,
         load_base_s=max(0.0, load_base), load_bytes_per_s=1 / load_slope if load_slope > 0 else float("inf"),
         device_parallelism=parallelism, graph_capture_s=graph_capture_s, metadata=metadata)
