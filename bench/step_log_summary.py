@@ -5,17 +5,24 @@ Run the cluster with PRISM_ENGINE_STEP_LOG=1 (every engine step is logged with
 its batch and wall time, and every request's first token), keep its state
 directory (bench/validate_simulator.py --state-dir), then:
 
-    python bench/step_log_summary.py STATE_DIR [--json out.json]
+    python bench/step_log_summary.py STATE_DIR [--json out.json] [--contention MODELS_JSON [--profile P]]
 
 Per engine: steps by kind (CUDA-graph decode, eager decode, steps with
 prefill) with their wall times, the busy fraction, graph captures, KV
 preemptions, limit changes and activations. Per model: a request's wait in
 the agent's admission queue (agent arrival -> engine queue), in the engine
-before its first token, and to its end."""
+before its first token, and to its end. With --contention (the placement config
+the cluster ran): how much slower the CUDA-graph decode steps ran beside other
+engines' steps than the profile's alone step, by concurrency and model (on the
+H100 showdown, bench/results/one_gpu-h100-steplog-steps.json: alone steps 0.8-1.0x
+the profile's; beside 4-5 others the 1B and 3B took 3.3x, the 8B 2.1x: the
+1B/3B saw a parallelism of ~1.4, the 8B ~2.2, where the simulator assumes 1.25
+for every engine)."""
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import re
 import statistics
@@ -52,6 +59,7 @@ def summarize(lines) -> dict:
     counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     captures = {"n": 0, "seconds": 0.0}
     requests: dict[str, dict[str, float | str]] = defaultdict(dict)
+    intervals: list[tuple[float, float, str, int, int, str]] = []  # (start, end, engine, decode, prefill, kind)
     for raw in lines:
         m = LINE.match(raw.rstrip("\n"))
         if not m:
@@ -60,6 +68,7 @@ def summarize(lines) -> dict:
         t = _time(stamp)
         if (s := STEP.match(message)):
             engine, decode, prefill, _seqs, kind, ms = s.groups()
+            intervals.append((t - float(ms) / 1e3, t, engine, int(decode), int(prefill), kind))  # logged at its end
             label = "prefill" if int(prefill) else f"decode-{kind}"
             steps[engine][label].append(float(ms))
             if label == "prefill":
@@ -112,7 +121,60 @@ def summarize(lines) -> dict:
         if "end" in r:
             per_model[model]["agent_to_end_s"].append(r["end"] - r["agent"])
     return {"engines": engines, "graph_captures": captures, "events": dict(counts.get("all", {})),
-            "models": {m: {k: _stats(v) for k, v in d.items()} for m, d in per_model.items()}}
+            "models": {m: {k: _stats(v) for k, v in d.items()} for m, d in per_model.items()},
+            "intervals": intervals}
+
+
+CONCURRENCY_BINS = ((1.0, 1.05), (1.05, 2.0), (2.0, 3.0), (3.0, 4.0), (4.0, 5.0), (5.0, float("inf")))
+
+
+def contention(intervals: list[tuple], alone_s, group_of) -> dict:
+    """How much slower the CUDA-graph decode steps ran than alone, by how many engines' steps ran beside
+    them: a step's concurrency is 1 plus the other engines' step time overlapping it, over its own time;
+    its slowdown its wall time over alone_s(engine, decode) (the profile's alone step). Per group_of(engine)
+    and concurrency bin: steps, median slowdown, and the median of concurrency / slowdown (the parallelism
+    the simulator's processor sharing would need for that step: 1 when the steps took turns)."""
+    ordered = sorted(intervals)
+    starts = [i[0] for i in ordered]
+    longest = max((b - a for a, b, *_ in ordered), default=0.0)
+    rows: dict[str, dict[int, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
+    for index, (a, b, engine, decode, prefill, kind) in enumerate(ordered):
+        alone = alone_s(engine, decode) if kind == "graph" and not prefill else None
+        if not alone or b <= a:
+            continue
+        overlap = 0.0
+        for j in range(bisect.bisect_left(starts, a - longest), bisect.bisect_right(starts, b)):
+            a2, b2, other = ordered[j][:3]
+            if other != engine:
+                overlap += max(0.0, min(b, b2) - max(a, a2))
+        concurrency = 1 + overlap / (b - a)
+        slowdown = (b - a) / alone
+        bin_index = next(i for i, (lo, hi) in enumerate(CONCURRENCY_BINS) if lo <= concurrency < hi)
+        rows[group_of(engine)][bin_index].append((slowdown, concurrency / slowdown))
+    return {group: {f"{CONCURRENCY_BINS[i][0]:g}-{CONCURRENCY_BINS[i][1]:g}": {
+                "steps": len(v), "slowdown_p50": statistics.median(s for s, _ in v),
+                "parallelism_p50": statistics.median(p for _, p in v)}
+                for i, v in sorted(bins.items())} for group, bins in sorted(rows.items())}
+
+
+def alone_step_of(models_json: Path, profile_json: Path, context_tokens: int):
+    """(alone_s, group_of) from the placement config the cluster ran and a latency profile: an engine's
+    pure decode step alone as the profile prices it (each sequence at context_tokens of context: the
+    step log does not say), and its group, the model's config folder."""
+    from prism.simulator.models import sim_model
+    from prism.simulator.profile import LatencyProfile
+    from services.common.placement_config import parse
+
+    profile = LatencyProfile.load(profile_json)
+    models = {m.model_name: m for m in parse(json.loads(models_json.read_text()), models_json.parent).models}
+    sims = {name: sim_model(m) for name, m in models.items()}
+
+    def alone_s(engine: str, decode: int) -> float | None:
+        sim = sims.get(engine)
+        return profile.step_s(sim.weight_bytes, decode, decode * context_tokens * sim.kv_bytes_per_token, 0) \
+            if sim else None
+
+    return alone_s, lambda engine: Path(models[engine].model_path).name if engine in models else engine
 
 
 def _fmt(x) -> str:
@@ -129,6 +191,11 @@ def print_summary(summary: dict) -> None:
         for kind, s in e.items():
             if isinstance(s, dict) and "n" in s:
                 print(f"{'':<12} {kind:<20} {s['n']:>6} {_fmt(s['mean']):>8} {_fmt(s['p50']):>8} {_fmt(s['p99']):>8}")
+    for group, bins in (summary.get("contention") or {}).items():
+        if isinstance(bins, dict):
+            for concurrency, b in bins.items():
+                print(f"{group:<14} concurrency {concurrency:<8} {b['steps']:>6} steps: {b['slowdown_p50']:.2f}x "
+                      f"the alone step, parallelism {b['parallelism_p50']:.2f}")
     print(f"{'model':<12} {'seconds':<24} {'n':>6} {'mean':>8} {'p50':>8} {'p99':>8}")
     for model, m in summary["models"].items():
         for kind, s in m.items():
@@ -139,12 +206,23 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("state_dir", type=Path)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--contention", type=Path, default=None, metavar="MODELS_JSON",
+                   help="also how much slower decode steps ran beside other engines' than alone (by --profile), "
+                        "by concurrency: needs the placement config the cluster ran")
+    p.add_argument("--profile", type=Path, default=Path(__file__).resolve().parent / "results" / "sim-profile-h100.json")
+    p.add_argument("--context-tokens", type=int, default=640,
+                   help="each decoding sequence's context for the alone step (the step log does not say)")
     args = p.parse_args()
     files = sorted(args.state_dir.rglob("*.log"))
     if not files:
         sys.exit(f"no *.log under {args.state_dir}")
     lines = [line for f in files for line in f.read_text(errors="replace").splitlines()]
     summary = summarize(lines)
+    intervals = summary.pop("intervals")
+    if args.contention:
+        summary["contention"] = {"profile": args.profile.name, "context_tokens": args.context_tokens,
+                                 **contention(intervals, *alone_step_of(args.contention, args.profile,
+                                                                        args.context_tokens))}
     print_summary(summary)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1))
