@@ -172,7 +172,7 @@ def gpu_lines(snapshot: ClusterSnapshot, bar_width: int = BAR_WIDTH) -> list[str
 
 
 MODEL_COLUMNS = ("MODEL", "AGENT", "GPU", "STATE", "QUEUED", "RUN", "REQ/S", "TTFT p50/p99 ms",
-                 "TPOT p50/p99 ms", "SLO", "SHED", "FAIL", "KV used/limit")
+                 "TPOT p50/p99 ms", "SLO", "SHED", "FAIL", "PATH", "KV used/limit")
 
 
 def model_rows(snapshot: ClusterSnapshot) -> list[tuple[str, ...]]:
@@ -190,10 +190,17 @@ def model_rows(snapshot: ClusterSnapshot) -> list[tuple[str, ...]]:
                 f"{s.ttft_p50_ms:.0f}/{s.ttft_p99_ms:.0f}" if served and s.finished_requests else "-",
                 f"{s.tpot_p50_ms:.1f}/{s.tpot_p99_ms:.1f}" if served and s.tpot_p99_ms else "-",
                 f"{s.slo_attainment:.0%}" if served and s.finished_requests else "-",
-                str(s.shed_requests), str(s.failed_requests),
+                str(s.shed_requests), str(s.failed_requests), serving_path(e),
                 f"{fmt_bytes(e.kv_used_bytes)}/{fmt_bytes(e.memory_limit_bytes)}",
             ))
     return rows
+
+
+def serving_path(engine: agent_pb2.EngineStatus) -> str:
+    """How the engine serves, in one word: its KV pool/attention, and /graphs where decode replays CUDA graphs."""
+    if not engine.kv_pool:
+        return "-"  # not loaded yet
+    return f"{engine.kv_pool}/{engine.attention}" + ("/graphs" if engine.cuda_graphs else "")
 
 
 def table(header: tuple[str, ...], rows: list[tuple[str, ...]], indent: str = "") -> list[str]:

@@ -49,6 +49,9 @@ def test_metrics_expose_the_agents_gauges_for_loaded_models(cluster, served):
     for model in MODELS:
         engine = f'agent="{agent}",gpu="0",model="{model}"'
         assert samples[f'prism_agent_engine_state{{{engine},state="active"}}'] == 1
+        # How it serves: the CPU's page pool, torch attention, no CUDA graphs (never a silent path).
+        assert samples[f'prism_agent_engine_serving_path{{agent="{agent}",attention="torch",cuda_graphs="off",'
+                       f'gpu="0",kv_pool="pages",model="{model}"}}'] == 1  # (the exposition sorts labels)
         assert samples[f"prism_agent_engine_weight_bytes{{{engine}}}"] > 0
         assert samples[f"prism_agent_engine_kv_limit_bytes{{{engine}}}"] > 0
         assert samples[f"prism_agent_model_arrival_rate{{{engine}}}"] > 0
@@ -79,6 +82,7 @@ def test_status_shows_the_memory_split_and_model_numbers(cluster, served):
     for model in MODELS:
         row = next(line for line in models.splitlines() if line.strip().startswith(model)).split()
         assert row[3] == "active" and row[4] == "0", row  # state, queued
+        assert "pages/torch" in row, row  # how it serves: the page pool, torch attention, no CUDA graphs
         assert float(row[6]) > 0, row  # its arrival rate (REQ/S)
         assert row[-1].endswith("KB") or row[-1].endswith("MB"), row  # KV used/limit
     # The step costs the scheduler prices compute with: on a CPU cluster, the constants (no CPU steps

@@ -8,7 +8,7 @@ would (CudaReadingEngineFake); the coordinator's arithmetic over them is the rea
 from __future__ import annotations
 
 from services.gpu_agent.devices import Device
-from services.gpu_agent.engine.request import EngineStats
+from services.gpu_agent.engine.request import EngineStats, ServingPath
 from services.gpu_agent.engine_manager import EngineManager, EngineSpec, ManagedEngine
 from services.gpu_agent.memory_coordinator import (
     OVERHEAD_MARGIN_BYTES,
@@ -26,6 +26,7 @@ class CudaReadingEngineFake:
 
     kv_bundle_bytes = 2 << 20
     kv_bytes_per_token = 128 << 10
+    serving_path = ServingPath("kvcached", "triton", True)
 
     def __init__(self, weight_bytes: int, mapped_bytes: int = 0):
         self.weight_bytes = weight_bytes

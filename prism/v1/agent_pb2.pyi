@@ -146,7 +146,7 @@ class EngineMemory(_message.Message):
     def __init__(self, model: _Optional[str] = ..., active: _Optional[bool] = ..., weight_bytes: _Optional[int] = ..., kv_limit_bytes: _Optional[int] = ..., kv_mapped_bytes: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., kv_demand_bytes: _Optional[int] = ..., kv_held_bytes: _Optional[int] = ...) -> None: ...
 
 class EngineStatus(_message.Message):
-    __slots__ = ("model", "gpu_ids", "state", "error", "memory_limit_bytes", "kv_used_bytes", "weight_bytes", "running_requests", "queued_requests", "max_context", "kv_mapped_bytes", "kv_free_tokens", "memory_limit_revision", "memory_limit_status", "kv_demand_bytes", "admission_queued", "serving", "priority")
+    __slots__ = ("model", "gpu_ids", "state", "error", "memory_limit_bytes", "kv_used_bytes", "weight_bytes", "running_requests", "queued_requests", "max_context", "kv_mapped_bytes", "kv_free_tokens", "memory_limit_revision", "memory_limit_status", "kv_demand_bytes", "admission_queued", "serving", "priority", "kv_pool", "attention", "cuda_graphs")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     GPU_IDS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +165,9 @@ class EngineStatus(_message.Message):
     ADMISSION_QUEUED_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    KV_POOL_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    CUDA_GRAPHS_FIELD_NUMBER: _ClassVar[int]
     model: str
     gpu_ids: _containers.RepeatedScalarFieldContainer[int]
     state: EngineState
@@ -183,7 +186,10 @@ class EngineStatus(_message.Message):
     admission_queued: int
     serving: ServingStats
     priority: int
-    def __init__(self, model: _Optional[str] = ..., gpu_ids: _Optional[_Iterable[int]] = ..., state: _Optional[_Union[EngineState, str]] = ..., error: _Optional[str] = ..., memory_limit_bytes: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., max_context: _Optional[int] = ..., kv_mapped_bytes: _Optional[int] = ..., kv_free_tokens: _Optional[int] = ..., memory_limit_revision: _Optional[int] = ..., memory_limit_status: _Optional[str] = ..., kv_demand_bytes: _Optional[int] = ..., admission_queued: _Optional[int] = ..., serving: _Optional[_Union[ServingStats, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
+    kv_pool: str
+    attention: str
+    cuda_graphs: bool
+    def __init__(self, model: _Optional[str] = ..., gpu_ids: _Optional[_Iterable[int]] = ..., state: _Optional[_Union[EngineState, str]] = ..., error: _Optional[str] = ..., memory_limit_bytes: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., max_context: _Optional[int] = ..., kv_mapped_bytes: _Optional[int] = ..., kv_free_tokens: _Optional[int] = ..., memory_limit_revision: _Optional[int] = ..., memory_limit_status: _Optional[str] = ..., kv_demand_bytes: _Optional[int] = ..., admission_queued: _Optional[int] = ..., serving: _Optional[_Union[ServingStats, _Mapping]] = ..., priority: _Optional[int] = ..., kv_pool: _Optional[str] = ..., attention: _Optional[str] = ..., cuda_graphs: _Optional[bool] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
     __slots__ = ("spec", "gpu_ids", "activate", "memory_limit_bytes")

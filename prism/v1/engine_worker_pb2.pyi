@@ -66,7 +66,7 @@ class TensorParallelSpec(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., size: _Optional[int] = ..., rendezvous: _Optional[str] = ...) -> None: ...
 
 class LoadReply(_message.Message):
-    __slots__ = ("weight_bytes", "max_context", "load_s", "device", "kv_bytes_per_token", "kv_bundle_bytes", "weights_attached", "weights_shared")
+    __slots__ = ("weight_bytes", "max_context", "load_s", "device", "kv_bytes_per_token", "kv_bundle_bytes", "weights_attached", "weights_shared", "kv_pool", "attention", "cuda_graphs")
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     LOAD_S_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,9 @@ class LoadReply(_message.Message):
     KV_BUNDLE_BYTES_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_ATTACHED_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SHARED_FIELD_NUMBER: _ClassVar[int]
+    KV_POOL_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    CUDA_GRAPHS_FIELD_NUMBER: _ClassVar[int]
     weight_bytes: int
     max_context: int
     load_s: float
@@ -83,7 +86,10 @@ class LoadReply(_message.Message):
     kv_bundle_bytes: int
     weights_attached: bool
     weights_shared: bool
-    def __init__(self, weight_bytes: _Optional[int] = ..., max_context: _Optional[int] = ..., load_s: _Optional[float] = ..., device: _Optional[str] = ..., kv_bytes_per_token: _Optional[int] = ..., kv_bundle_bytes: _Optional[int] = ..., weights_attached: _Optional[bool] = ..., weights_shared: _Optional[bool] = ...) -> None: ...
+    kv_pool: str
+    attention: str
+    cuda_graphs: bool
+    def __init__(self, weight_bytes: _Optional[int] = ..., max_context: _Optional[int] = ..., load_s: _Optional[float] = ..., device: _Optional[str] = ..., kv_bytes_per_token: _Optional[int] = ..., kv_bundle_bytes: _Optional[int] = ..., weights_attached: _Optional[bool] = ..., weights_shared: _Optional[bool] = ..., kv_pool: _Optional[str] = ..., attention: _Optional[str] = ..., cuda_graphs: _Optional[bool] = ...) -> None: ...
 
 class WorkerSetMemoryLimitRequest(_message.Message):
     __slots__ = ("memory_limit_bytes", "revision")

@@ -107,6 +107,8 @@ class AgentStatusCollector(Collector):
         }
         engines = {f: gauge(m, doc, engine_labels) for f, (m, doc) in engine_fields.items()}
         state = gauge("engine_state", "1 for the engine's state", [*engine_labels, "state"])
+        path = gauge("engine_serving_path", "1, labelled with how the engine serves: its KV pool, attention "
+                     "kernels and CUDA graphs (on or off)", [*engine_labels, "kv_pool", "attention", "cuda_graphs"])
 
         serving_fields = {  # ServingStats field -> (metric, help)
             "arrival_rate": ("model_arrival_rate", "Requests per second over the agent's window"),
@@ -138,6 +140,9 @@ class AgentStatusCollector(Collector):
                 for f, family in engines.items():
                     family.add_metric(labels, getattr(engine, f))
                 state.add_metric([*labels, engine_state_label(engine.state)], 1.0)
+                if engine.kv_pool:  # loaded
+                    path.add_metric([*labels, engine.kv_pool, engine.attention, "on" if engine.cuda_graphs else "off"],
+                                    1.0)
                 if not engine.HasField("serving"):
                     continue
                 s = engine.serving
@@ -152,6 +157,7 @@ class AgentStatusCollector(Collector):
         yield from gpus.values()
         yield from engines.values()
         yield state
+        yield path
         yield from serving.values()
         yield ttft
         yield tpot

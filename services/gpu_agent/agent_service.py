@@ -99,6 +99,8 @@ def engine_status(managed: ManagedEngine, *, admission: AdmissionQueueView | Non
         status.running_requests = stats.running_requests
         status.queued_requests = stats.queued_requests
         status.max_context = managed.engine.max_context
+        path = managed.engine.serving_path
+        status.kv_pool, status.attention, status.cuda_graphs = path.kv_pool, path.attention, path.cuda_graphs
         status.kv_mapped_bytes = stats.kv_mapped_bytes
         status.kv_free_tokens = stats.kv_free_tokens
         status.memory_limit_revision = stats.memory_limit_revision

@@ -18,6 +18,7 @@ from services.gpu_agent.engine import (
 )
 from services.gpu_agent.engine.host_weights import ActivationTiming
 from services.gpu_agent.engine.kv_pool import MemoryLimitState
+from services.gpu_agent.engine.request import ServingPath
 
 
 class EngineHandle(Protocol):
@@ -27,6 +28,7 @@ class EngineHandle(Protocol):
     weight_bytes: int
     kv_bytes_per_token: int
     kv_bundle_bytes: int  # the KV limit's granularity
+    serving_path: ServingPath
 
     def stats(self) -> EngineStats: ...
 
@@ -56,6 +58,7 @@ class InlineEngine:
         self.weight_bytes = engine.weight_bytes
         self.kv_bytes_per_token = engine.kv_bytes_per_token
         self.kv_bundle_bytes = engine.kv_bundle_bytes
+        self.serving_path = engine.serving_path
 
     def stats(self) -> EngineStats:
         return self.engine.stats()

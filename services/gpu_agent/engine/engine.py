@@ -62,6 +62,7 @@ from services.gpu_agent.engine.request import (
     EngineStats,
     GenerationOutput,
     GenerationRequest,
+    ServingPath,
 )
 from services.gpu_agent.engine.sampling import (
     SamplingParams,
@@ -232,10 +233,15 @@ class Engine:
         self._thread: threading.Thread | None = None
         if warm_up and self._device.type == "cuda":
             self._warm_up_kernels()
+        self.serving_path = ServingPath(self._pool_kind, "triton" if self._use_triton else "torch", self._use_graphs)
         log.info("engine %s: %s %s on %s, %d layers, context %d, %.1f MB weights, KV pool %s, attention %s, "
-                 "loaded in %.2fs", self.name, cfg.architecture, self.dtype, self.device, cfg.num_hidden_layers,
-                 self.max_context, self.weight_bytes / 1e6, self._pool_kind, "triton" if self._use_triton else "torch",
-                 time.perf_counter() - start)
+                 "CUDA graphs %s, loaded in %.2fs", self.name, cfg.architecture, self.dtype, self.device,
+                 cfg.num_hidden_layers, self.max_context, self.weight_bytes / 1e6, self._pool_kind,
+                 self.serving_path.attention, "on" if self._use_graphs else "off", time.perf_counter() - start)
+        if self.serving_path.slow_on(self.device):
+            log.warning("engine %s runs the slow path on %s: the page pool without CUDA graphs (kvcached is not "
+                        "installed or cannot run here); decode steps take 2-6x as long as with kvcached",
+                        self.name, self.device)
 
     def _load_weights(self, load_format: str, seed: int,
                       shared_path: str | Path | None) -> tuple[CausalLM, HostWeights | None]:

@@ -50,6 +50,7 @@ from services.gpu_agent.engine.request import (
     EngineStats,
     GenerationOutput,
     GenerationRequest,
+    ServingPath,
 )
 from services.gpu_agent.engine.tokenizer import Tokenizer
 from services.gpu_agent.sglang.client import ChunkDecoder, SGLangClient, SGLangHTTPError
@@ -130,6 +131,14 @@ class _Flight:
     ended: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+def sglang_serving_path(config: SGLangLaunchConfig, kvcached: bool) -> ServingPath:
+    """How an SGLang server serves: its KV pool (kvcached's, or its own static one), the attention backend
+    its extra arguments name (else SGLang's default), CUDA graphs unless they are disabled."""
+    extra = list(config.extra_args)
+    backend = extra[extra.index("--attention-backend") + 1] if "--attention-backend" in extra[:-1] else "sglang"
+    return ServingPath("kvcached" if kvcached else "sglang", backend, "--disable-cuda-graph" not in extra)
+
+
 class SGLangEngine:
     def __init__(self, config: SGLangLaunchConfig, info: ModelInfo, process: ServerProcess, client: SGLangClient,
                  limit: KvcachedLimit | None, options: DriverOptions, initial_limit_bytes: int):
@@ -147,6 +156,7 @@ class SGLangEngine:
         self._limit = limit
         # kvcached's unit: one page of every layer's K and V buffer, per rank.
         self.kv_bundle_bytes = limit.bundle_bytes if limit is not None else self.kv_bytes_per_token
+        self.serving_path = sglang_serving_path(config, kvcached=limit is not None)
         self._static_limit = MemoryLimitState("applied", initial_limit_bytes, initial_limit_bytes, 0, 0)
         self._tokenizer: Tokenizer | None = None
         self._flights: dict[str, _Flight] = {}

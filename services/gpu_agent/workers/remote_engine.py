@@ -34,6 +34,7 @@ from services.gpu_agent.engine.request import (
     EngineStats,
     GenerationOutput,
     GenerationRequest,
+    ServingPath,
 )
 from services.gpu_agent.engine.tokenizer import Tokenizer
 from services.gpu_agent.workers import wire
@@ -64,6 +65,7 @@ class RemoteEngine:
         self.kv_bundle_bytes = loaded.kv_bundle_bytes
         self.weights_attached = loaded.weights_attached
         self.weights_shared = loaded.weights_shared
+        self.serving_path = ServingPath(loaded.kv_pool, loaded.attention, loaded.cuda_graphs)
         self._model_path = model_path
         self._tokenizer: Tokenizer | None = None  # the agent's own copy, for counting prompt tokens
         self._stub = worker.stub

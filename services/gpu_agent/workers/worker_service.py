@@ -88,7 +88,10 @@ class EngineWorkerService(engine_worker_pb2_grpc.EngineWorkerServicer):
                                  kv_bytes_per_token=self.engine.kv_bytes_per_token,
                                  kv_bundle_bytes=self.engine.kv_bundle_bytes,
                                  weights_attached=self.engine.weights_attached,
-                                 weights_shared=self.engine.weights_shared)
+                                 weights_shared=self.engine.weights_shared,
+                                 kv_pool=self.engine.serving_path.kv_pool,
+                                 attention=self.engine.serving_path.attention,
+                                 cuda_graphs=self.engine.serving_path.cuda_graphs)
 
     async def _follow(self, spec: wpb.EngineLoadSpec, context, start: float) -> wpb.LoadReply:
         """Rank 1 or more: loads the shard, then follows rank 0 on a thread of its own."""
