@@ -65,6 +65,9 @@ class Background:
         except BaseException as exc:  # handed to the test
             self._error = exc
 
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
     def result(self, timeout_s: float = GUARD_S):
         self._thread.join(timeout_s)
         assert not self._thread.is_alive(), "the call did not return"
@@ -95,7 +98,9 @@ def test_a_request_waits_for_its_engine_and_is_served(gateway_stack, fake_agent,
     seen = time.monotonic()
     assert record.model == model and started - 1 <= record.since <= time.time()
     assert metrics(gateway_stack)[f'prism_gateway_cold_start_waiting{{model="{model}"}}'] == 1
-    time.sleep(0.3)  # still waiting, not failed: nothing can serve it yet
+    # Still waiting, not failed, after the gateway answered a metrics scrape and an etcd read since: nothing
+    # can serve it yet.
+    assert request.running()
     assert sum(r.waiting for r in demand(gateway_stack, model)) == 1
     # The engine appears (a scheduler placed it, its agent loaded it): the same records they would write.
     flipped = time.monotonic()
