@@ -6,6 +6,7 @@ which numbers are measured or assumed recorded inside.
         [--decode decode_throughput-h200-fused.json] [--attention decode_attention-h200.json]
         [--activation activation-h200.json] [--colocated colocated_steps-h100.json]
         [--prefill prefill_steps-h100.json] [--step-log one_gpu-h100-steplog-steps.json]
+        [--step-costs step_costs-h100.json]
         [--out bench/results/sim-profile-h200.json]
 """
 
@@ -31,11 +32,13 @@ def main() -> None:
                    help="bench/prefill_steps.py's result: the prefill costs, per prompt and per token")
     p.add_argument("--step-log", default=None,
                    help="bench/step_log_summary.py's JSON of a cluster run: the CUDA-graph capture time")
+    p.add_argument("--step-costs", default=None,
+                   help="bench/step_costs.py's result: the prefill costs a live cluster fitted from its steps")
     p.add_argument("--out", type=Path, default=HERE / "results" / "sim-profile-h200.json")
     args = p.parse_args()
     profile = fit_profile(args.results, args.configs, decode_file=args.decode, attention_file=args.attention,
                           activation_file=args.activation, colocated_file=args.colocated,
-                          prefill_file=args.prefill, step_log_file=args.step_log)
+                          prefill_file=args.prefill, step_log_file=args.step_log, step_costs_file=args.step_costs)
     profile.save(args.out)
     for point in profile.points:
         print(f"{point.model}: decode {point.decode_base_s * 1e3:.2f} ms + {point.decode_per_seq_s * 1e6:.1f} us/seq, "

@@ -195,7 +195,7 @@ def test_the_h100_profile_is_regenerated_from_its_sources_and_says_how_each_valu
     fitted = fit_profile("bench/results", "bench/configs", decode_file=sources["decode"],
                          attention_file=sources["attention"], activation_file=sources["activation"],
                          colocated_file=sources["colocated"], prefill_file=sources["prefill"],
-                         step_log_file=sources["step_log"])
+                         step_log_file=sources["step_log"], step_costs_file=sources["step_costs"])
     assert fitted == committed and fitted.metadata == committed.metadata
     values = committed.metadata["values"]
     # Every number the profile holds has its record: the points' costs by model, and the device's.
@@ -204,11 +204,15 @@ def test_the_h100_profile_is_regenerated_from_its_sources_and_says_how_each_valu
     assert set(values) == names | {"attention_bytes_per_s", "copy_bytes_per_s", "activation_overhead_s",
                                    "deactivation_s", "load_base_s", "load_bytes_per_s", "device_parallelism",
                                    "graph_capture_s"}
-    # A negative fit kept at 0 says so, with the fit it replaced (the 8B's prefill intercept on the H100).
-    clamped = values["llama-3.1-8b.prefill_base_s"]
-    assert clamped["how"] == "clamped" and clamped["fitted"] < 0
-    assert committed.points[-1].prefill_base_s == 0.0
+    # A negative fit kept at 0 says so, with the fit it replaced (the activation's fixed cost on the H100).
+    clamped = values["activation_overhead_s"]
+    assert clamped["how"] == "clamped" and clamped["fitted"] < 0 and committed.activation_overhead_s == 0.0
     assert values["graph_capture_s"] == {"how": "measured"} and values["llama-3.2-3b.decode_base_s"] == {"how": "fitted"}
+    # The prefill costs are a live cluster's (bench/step_costs.py), where its steps measured them.
+    live = json.loads(Path("bench/results/step_costs-h100.json").read_text())["sizes"]
+    eight_b = next(r for r in live if abs(r["weight_gb"] * 1e9 - committed.points[-1].weight_bytes) < 1e8)
+    assert committed.points[-1].prefill_base_s == eight_b["prefill_base_s"] > 0.005
+    assert values["llama-3.1-8b.prefill_base_s"]["live"].endswith("alone steps")
     # The H200's, without colocated steps or captures measured, says those are assumed.
     h200 = LatencyProfile.load(DEFAULT_PROFILE).metadata["values"]
     assert h200["device_parallelism"]["how"] == "assumed" and h200["graph_capture_s"]["how"] == "assumed"
@@ -355,7 +359,7 @@ def test_the_committed_h100_profile_is_the_fit_of_its_results_and_step_log():
     fitted = fit_profile("bench/results", "bench/configs", decode_file="decode_throughput-h100.json",
                          attention_file="decode_attention-h100.json", activation_file="activation-h100.json",
                          colocated_file="colocated_steps-h100.json", prefill_file="prefill_steps-h100.json",
-                         step_log_file="one_gpu-h100-steplog-steps.json")
+                         step_log_file="one_gpu-h100-steplog-steps.json", step_costs_file="step_costs-h100.json")
     assert fitted == committed
     captures = json.loads(Path("bench/results/one_gpu-h100-steplog-steps.json").read_text())["graph_captures"]
     assert committed.graph_capture_s == pytest.approx(captures["seconds"] / captures["n"])

@@ -64,11 +64,12 @@ H200_COMPUTE_COSTS = ComputeCosts(
             StepCost(16_060_522_496, 5.07e-3, 4.13e-5, 1.671e-2, 2.227e-5)),
     attention_bytes_per_s=4.61e12)
 # The H100 fit in bench/results/sim-profile-h100.json (Llama 3.2 1B and 3B, 3.1 8B, bf16, the
-# built-in engine on kvcached), rounded: a decode step costs about a third more than on the H200.
+# built-in engine on kvcached), rounded: a decode step costs about a third more than on the H200;
+# the prefill costs are a live cluster's (bench/results/step_costs-h100.json).
 H100_COMPUTE_COSTS = ComputeCosts(
-    points=(StepCost(2_471_628_800, 1.92e-3, 3.74e-5, 5.62e-3, 4.53e-6),
-            StepCost(6_425_499_648, 3.84e-3, 5.87e-5, 5.24e-3, 7.92e-6, 6.96e-5),
-            StepCost(16_060_522_496, 6.88e-3, 6.31e-5, 0.0, 2.220e-5)),
+    points=(StepCost(2_471_628_800, 1.92e-3, 3.74e-5, 1.563e-2, 1.70e-6),
+            StepCost(6_425_499_648, 3.84e-3, 5.87e-5, 1.650e-2, 5.58e-6),
+            StepCost(16_060_522_496, 6.88e-3, 6.31e-5, 1.208e-2, 1.585e-5)),
     attention_bytes_per_s=3.02e12)
 # Costs by a word in the device's name, as torch names it ("NVIDIA H100 80GB HBM3").
 COSTS_BY_CARD = {"H100": H100_COMPUTE_COSTS, "H200": H200_COMPUTE_COSTS}
