@@ -21,7 +21,9 @@ def test_the_cpu_dry_run_reads_back_the_costs_the_scheduler_fitted(tmp_path):
     assert payload["completed"] == {"tiny": 2 * (1 + 4 + 16 + 32)}  # every request ran its 24 tokens
     (size,) = payload["sizes"]
     assert size["steps"] >= 200  # the scheduler fits a size from 200 steps on
-    assert size["decode_base_s"] > 0 and size["prefill_per_token_s"] > 0
+    # A decode step's fixed cost is what every step has; the smaller costs may fit at 0 on a noisy CPU.
+    assert size["decode_base_s"] > 0
+    assert all(size[k] >= 0 for k in ("decode_per_seq_s", "prefill_base_s", "prefill_per_token_s", "prefill_per_seq_s"))
     assert [tuple(s["shape"]) for s in size["shapes"]][0] == (1, 512, 0, 0)
     assert all(s["measured_ms"] > 0 and s["profile_ms"] > 0 for s in size["shapes"])
     assert "measured / profile" in done.stdout.splitlines()[-len(size["shapes"]) - 2]  # the table is last
