@@ -66,12 +66,12 @@ def drive(cluster: LocalCluster, model: str, args: argparse.Namespace) -> int:
 
 
 def published_costs(cluster: LocalCluster, sizes: int, timeout_s: float) -> dict:
-    """The scheduler's compute costs record once `sizes` sizes are measured in it (written every 10 s)."""
+    """The scheduler's status record once `sizes` sizes are measured in its step costs."""
     deadline = time.monotonic() + timeout_s
     while True:
         out = subprocess.run([sys.executable, "-m", "prism.cli", "status", "--etcd", cluster.etcd_endpoint, "--json"],
                              capture_output=True, text=True, timeout=60, cwd=common.ROOT)
-        costs = json.loads(out.stdout).get("compute_costs") if out.returncode == 0 else None
+        costs = json.loads(out.stdout).get("scheduler_status") if out.returncode == 0 else None
         measured = [p for p in (costs or {}).get("points", []) if p.get("measured_steps")]
         if len(measured) >= sizes:
             return costs
@@ -170,7 +170,7 @@ def main() -> None:
     cluster = LocalCluster(state_dir=state / "cluster", config_path=config, http_port=free_port(),
                            grpc_port=free_port(), device=args.device, engine_isolation="process",
                            agent_args=("--spare-workers", "0"),
-                           scheduler_args=("--replan-interval-s", "0.5",
+                           scheduler_args=("--replan-interval-s", "0.5", "--status-interval-s", "1",
                                            "--step-costs-from", "all" if cpu else "cuda"))
     cluster.start(timeout_s=args.load_timeout)
     try:

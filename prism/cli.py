@@ -188,7 +188,7 @@ def status(etcd: str = typer.Option("127.0.0.1:2379", help="etcd host:port"),
            etcd_ca: Optional[Path] = ETCD_CA, etcd_cert: Optional[Path] = ETCD_CERT,
            etcd_key: Optional[Path] = ETCD_KEY, etcd_user: Optional[str] = ETCD_USER) -> None:
     """Show agents, engines and placements as recorded in etcd, with each agent's memory split and model numbers."""
-    from prism.cluster_view import compute_cost_lines, gpu_lines, model_lines
+    from prism.cluster_view import compute_cost_lines, gpu_lines, model_lines, plans_line
 
     snapshot = _read_cluster(etcd, _etcd_access(etcd_ca, etcd_cert, etcd_key, etcd_user),
                              _client_tls(tls_ca, tls_cert, tls_key))
@@ -196,7 +196,7 @@ def status(etcd: str = typer.Option("127.0.0.1:2379", help="etcd host:port"),
         typer.echo(json.dumps(snapshot.to_json(), indent=2))
         return
     leader = snapshot.scheduler_leader
-    typer.echo(f"scheduler: {leader['scheduler_id']} at {leader['address']} leads" if leader
+    typer.echo(f"scheduler: {leader['scheduler_id']} at {leader['address']} leads; {plans_line(snapshot)}" if leader
                else "scheduler: no replica leads")
     typer.echo("agents:")
     for a in snapshot.agents:

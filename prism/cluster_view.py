@@ -53,7 +53,8 @@ class ClusterSnapshot:
     placements: list[dict] = field(default_factory=list)
     taken_at: float = 0.0  # time.time()
     scheduler_leader: dict | None = None  # the leading scheduler replica's record; None: none leads
-    compute_costs: dict | None = None  # the step costs the scheduler prices compute with; None: not written yet
+    # The leader's status record (plans made, the step costs it prices compute with); None: not written yet.
+    scheduler_status: dict | None = None
 
     def to_json(self) -> dict:
         return {
@@ -62,7 +63,7 @@ class ClusterSnapshot:
             "engines": self.engines,
             "placements": self.placements,
             "scheduler_leader": self.scheduler_leader,
-            "compute_costs": self.compute_costs,
+            "scheduler_status": self.scheduler_status,
             "agent_status": {a.agent_id: MessageToDict(a.status, preserving_proto_field_name=True)
                              if a.status is not None else {"error": a.error} for a in self.agents},
         }
@@ -94,11 +95,11 @@ class ClusterReader:
         agents = [AgentView(record) for record in found["agents"]]
         await asyncio.gather(*(self._ask(agent) for agent in agents))
         leader = await self._client.get(records.SCHEDULER_LEADER.encode())
-        costs = await self._client.get(records.COMPUTE_COSTS.encode())
+        status = await self._client.get(records.SCHEDULER_STATUS.encode())
         return ClusterSnapshot(models=found["models"], agents=agents, engines=found["engines"],
                                placements=found["placements"], taken_at=time.time(),
                                scheduler_leader=json.loads(leader.value) if leader is not None else None,
-                               compute_costs=json.loads(costs.value) if costs is not None else None)
+                               scheduler_status=json.loads(status.value) if status is not None else None)
 
     async def _ask(self, agent: AgentView) -> None:
         address = agent.record["address"]
@@ -208,10 +209,19 @@ def table(header: tuple[str, ...], rows: list[tuple[str, ...]], indent: str = ""
     return [indent + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
 
 
+def plans_line(snapshot: ClusterSnapshot) -> str:
+    """How many plans the leader made and how long ago the last was, from its status record."""
+    status = snapshot.scheduler_status
+    if not status:
+        return "no plan published yet"
+    ago = max(0.0, (snapshot.taken_at or time.time()) - status["planned_at"])
+    return f"{status['plans']} plan(s) by {status['scheduler_id']}, the last {ago:.1f} s ago"
+
+
 def compute_cost_lines(snapshot: ClusterSnapshot, indent: str = "") -> list[str]:
     """The step costs the scheduler prices compute with, a row per model size: measured (the steps its
     engines ran, fitted over the card's profile) or the profile's alone."""
-    costs = snapshot.compute_costs
+    costs = snapshot.scheduler_status
     if not costs:
         return [indent + "not published yet (the scheduler writes them as it plans)"]
     rows = [(f"{p['weight_bytes'] / 1e9:.2f} GB", f"{1e3 * p['decode_base_s']:.2f}",

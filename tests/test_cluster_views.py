@@ -73,6 +73,7 @@ def test_status_shows_the_memory_split_and_model_numbers(cluster, served):
     out = run_cli("status", "--etcd", cluster.etcd_endpoint)
     # The local cluster's one replica, named "scheduler" (its --scheduler-id), leads.
     assert f"scheduler: scheduler at {cluster.scheduler_address} leads" in out
+    assert re.search(r"leads; \d+ plan\(s\) by scheduler, the last [\d.]+ s ago", out), out.splitlines()[0]
     gpus = out[out.index("gpus:"):out.index("models:")]
     assert re.search(r"gpu 0 \(cpu, 2\.0 GB\)\s+\[#*[AB.#r]+\]", gpus), gpus
     for model in MODELS:

@@ -6,6 +6,7 @@ the load reports, keeps it on while the other stays off."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
@@ -15,14 +16,31 @@ import pytest
 from prism.cluster import LocalCluster
 from tests.prism_clusters import prism_cluster as start_prism_cluster
 from prism.v1 import agent_pb2, agent_pb2_grpc
+from services.common import records
+from services.common.etcd import connect
 
 GUARD_S = 60
 
 
 @pytest.fixture(scope="module")
 def prism_cluster(tmp_path_factory):
-    with start_prism_cluster(tmp_path_factory.mktemp("prism-policy")) as cluster:
+    # The scheduler's status record after every plan: the tests count plans instead of sleeping.
+    with start_prism_cluster(tmp_path_factory.mktemp("prism-policy"),
+                             scheduler_args=("--status-interval-s", "0")) as cluster:
         yield cluster
+
+
+def scheduler_plans(cluster: LocalCluster) -> int:
+    """The plans the leading scheduler has made, from its status record in etcd."""
+    async def read() -> int:
+        client = await connect(cluster.etcd_endpoint, timeout_s=5)
+        try:
+            got = await client.get(records.SCHEDULER_STATUS.encode())
+            return records.SchedulerStatusRecord.from_json(got.value).plans if got is not None else 0
+        finally:
+            await client.close()
+
+    return asyncio.run(read())
 
 
 def engine_states(cluster: LocalCluster) -> dict[str, str]:
@@ -48,7 +66,11 @@ def test_cold_models_wait_switched_off_and_a_requested_one_is_served_and_kept_on
     assert response.json()["usage"]["completion_tokens"] == 4
     wait_for_states(cluster, {"tiny-llama": on, "tiny-qwen2": off})
     # Several re-plans later (every 0.5 s), with the demand in the reports, nothing has flipped.
-    time.sleep(2.0)
+    after = scheduler_plans(cluster) + 4
+    deadline = time.monotonic() + GUARD_S
+    while scheduler_plans(cluster) < after:
+        assert time.monotonic() < deadline, f"the scheduler made no {after}th plan in {GUARD_S}s"
+        time.sleep(0.1)
     assert engine_states(cluster) == {"tiny-llama": on, "tiny-qwen2": off}
     log = (cluster.log_dir / "scheduler.log").read_text()
     assert "policy prism" in log

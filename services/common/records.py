@@ -33,7 +33,7 @@ PLACEMENTS = PREFIX + "placements/"
 DEMAND = PREFIX + "demand/"
 # Created only if absent, under the leader's lease: whoever wrote it leads until the lease ends.
 SCHEDULER_LEADER = PREFIX + "scheduler/leader"
-COMPUTE_COSTS = PREFIX + "scheduler/compute_costs"
+SCHEDULER_STATUS = PREFIX + "scheduler/status"
 
 T = TypeVar("T")
 
@@ -151,16 +151,20 @@ class LeaderRecord(_Record):
 
 
 @dataclass
-class ComputeCostsRecord(_Record):
-    """The step costs the leading scheduler prices compute with (services/scheduler/policies/compute.py
-    ComputeCosts): per model size (weight bytes) a point, with the steps its engines measured behind it
-    (0: the card's profile alone)."""
+class SchedulerStatusRecord(_Record):
+    """What the leading scheduler has done (written every --status-interval-s at most): the plans it has
+    made and when the last was, and the step costs it prices compute with (services/scheduler/policies/
+    compute.py ComputeCosts): per model size (weight bytes) a point, with the steps its engines measured
+    behind it (0: the card's profile alone)."""
 
+    scheduler_id: str
+    plans: int  # made by this replica since it began leading
+    planned_at: float  # wall-clock time (time.time()) of the last
     attention_bytes_per_s: float
     points: list[dict]  # StepCost's fields and measured_steps
 
     def key(self) -> str:
-        return COMPUTE_COSTS
+        return SCHEDULER_STATUS
 
 
 @dataclass

@@ -93,6 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="whose measured steps replace the costs above for their model sizes once enough were "
                         "run: cuda (engines on CUDA devices; CPU clusters keep the constants their placement "
                         "tests were written against), all (every engine's), none (the costs above alone)")
+    p.add_argument("--status-interval-s", type=float, default=DEFAULT_STATUS_INTERVAL_S,
+                   help="how often the leader writes its status record (plans made, step costs; prism status "
+                        "shows it) at most")
     p.add_argument("--scheduler-id", default=None, help="this replica's name in the leader election "
                    "(default: <hostname>-<port>)")
     p.add_argument("--advertise", default=None, help="the address agents reach this replica at (default: --listen)")
@@ -106,6 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.standby_replicas < 0:
         p.error("--standby-replicas must be 0 or more")
     args.compute = None
+    if args.status_interval_s < 0:
+        p.error(f"--status-interval-s must not be negative, got {args.status_interval_s:g}")
     if args.compute_costs is not None:
         try:
             args.compute = compute_costs_from_profile(json.loads(Path(args.compute_costs).read_text()))
@@ -132,7 +137,7 @@ def model_spec(model: ModelConfig) -> agent_pb2.ModelSpec:
 # After an agent kept an engine on (recent requests), ask again no sooner than this.
 KEPT_ON_RETRY_S = 2.0
 STEP_COSTS_FROM = ("cuda", "all", "none")  # --step-costs-from
-COMPUTE_RECORD_INTERVAL_S = 10.0  # how often the compute costs record (prism status) is written at most
+DEFAULT_STATUS_INTERVAL_S = 10.0  # how often the scheduler status record (prism status) is written at most
 
 
 def demand_from_reports(reports: list[scheduler_pb2.LoadReport],
@@ -223,14 +228,16 @@ class PlacementLoop:
     def __init__(self, config: placement_config.PlacementConfig, etcd, policy_name: str, service: SchedulerService,
                  wake: asyncio.Event, interval_s: float, load_timeout_s: float,
                  params: PolicyParams = PolicyParams(), fence: tuple[str, bytes] | None = None,
-                 tls: TlsFiles | None = None, compute_from_devices: bool = False, step_costs_from: str = "cuda"):
+                 tls: TlsFiles | None = None, compute_from_devices: bool = False, step_costs_from: str = "cuda",
+                 scheduler_id: str = "", status_interval_s: float = DEFAULT_STATUS_INTERVAL_S):
         """fence: (key, value) that must still be in etcd for this loop's
         placement writes to land (the leader key with this term's record), so
         a deposed leader can never overwrite its successor's placements.
         tls: the scheduler's TLS files for its calls to the agents (None: plaintext).
         compute_from_devices: price compute with the costs of the cards the agents name
         (compute_costs_for), in place of params.compute.
-        step_costs_from: whose engines' measured steps are fitted in (STEP_COSTS_FROM)."""
+        step_costs_from: whose engines' measured steps are fitted in (STEP_COSTS_FROM).
+        scheduler_id, status_interval_s: the status record's replica name, and how often it is written."""
         self.config = config
         self.tls = tls
         self.fence = fence
@@ -245,7 +252,11 @@ class PlacementLoop:
         # The step costs before the engines' measured steps are fitted in (the cards' or the operator's).
         self.profile_compute = params.compute
         self.measured: dict[int, MeasuredSize] = {}  # the sizes whose steps price compute now
-        self._compute_written_at = float("-inf")
+        self.scheduler_id = scheduler_id
+        self.status_interval_s = status_interval_s
+        self.plans = 0  # made since this loop began (it runs while its replica leads)
+        self._planned_at = 0.0
+        self._status_written_at = float("-inf")
         # Until an agent reports a model's real size: estimated from its config.json.
         self._estimated_weights = {m.model_name: estimate_weight_bytes(m.model_path, m.dtype) for m in config.models}
         self.service = service
@@ -351,27 +362,28 @@ class PlacementLoop:
         if costs != self.params.compute:
             self.params = dataclasses.replace(self.params, compute=costs)
 
-    async def _publish_compute(self) -> None:
-        """The step costs the policies price compute with, in etcd for `prism status` (every 10 s at most)."""
+    async def _publish_status(self) -> None:
+        """The plans made and the step costs the policies price compute with, in etcd for `prism status`
+        (every status_interval_s at most)."""
         now = time.monotonic()
-        if now - self._compute_written_at < COMPUTE_RECORD_INTERVAL_S:
+        if now - self._status_written_at < self.status_interval_s:
             return
-        self._compute_written_at = now
-        record = records.ComputeCostsRecord(
+        self._status_written_at = now
+        record = records.SchedulerStatusRecord(
+            scheduler_id=self.scheduler_id, plans=self.plans, planned_at=self._planned_at,
             attention_bytes_per_s=self.params.compute.attention_bytes_per_s,
             points=[{**dataclasses.asdict(p), "measured_steps": self.measured[p.weight_bytes].steps
                      if p.weight_bytes in self.measured else 0.0} for p in self.params.compute.points])
         try:
-            await self.etcd.put(records.COMPUTE_COSTS.encode(), record.to_json())
+            await self.etcd.put(records.SCHEDULER_STATUS.encode(), record.to_json())
         except Exception as exc:  # a status record: the plan goes on without it
-            log.warning("cannot write the compute costs record: %s", exc)
+            log.warning("cannot write the scheduler status record: %s", exc)
 
     async def replan(self) -> None:
         agents = self._agent_records()
         engines = self._engine_records()
         reports = self.service.fresh_reports()
         self._price_compute_for(agents, reports)
-        await self._publish_compute()
         snapshot = ClusterSnapshot(
             models=self.config.models,
             agents=tuple(AgentView(a.agent_id, frozenset(d["index"] for d in a.devices),
@@ -382,6 +394,9 @@ class PlacementLoop:
             current=current_placement(engines),
         )
         target = self.policy(snapshot, self.params)
+        self.plans += 1
+        self._planned_at = time.time()
+        await self._publish_status()
         if not await self._write_placements(target):
             return  # fenced off or raced: act on nothing; the next plan reads etcd afresh
         now = time.monotonic()
@@ -507,7 +522,8 @@ async def serve(args: argparse.Namespace) -> None:
             params = dataclasses.replace(params, compute=args.compute)
         loop_ = PlacementLoop(config, etcd, policy, service, wake, args.replan_interval_s, args.load_timeout_s,
                               params, fence=fence, tls=args.tls_files, compute_from_devices=args.compute is None,
-                              step_costs_from=args.step_costs_from)
+                              step_costs_from=args.step_costs_from, scheduler_id=scheduler_id,
+                              status_interval_s=args.status_interval_s)
         await loop_.publish_registry()
         await wait_for_agent_reports(etcd, service, timeout_s=3 * service.report_interval_ms / 1000 + 1.0)
         await loop_.run()
