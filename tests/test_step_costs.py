@@ -235,10 +235,10 @@ def test_an_engine_with_a_board_fits_only_its_steps_that_ran_alone(tmp_path):
         asyncio.run(generate(20))
         alone = engine.stats().step_times.steps
         assert 19 < alone <= 20
-        neighbour.begin()  # a neighbour's step that lasts through the whole request
+        long_step = neighbour.begin()  # a neighbour's step that lasts through the whole request
         asyncio.run(generate(20))
         assert engine.stats().step_times.steps == alone  # none of its steps ran alone: none recorded
-        neighbour.end([])
+        neighbour.end(long_step)
     finally:
         engine.stop()
         neighbour.close()
