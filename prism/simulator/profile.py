@@ -31,6 +31,7 @@ from pathlib import Path
 
 from services.gpu_agent.engine.scheduler import CUDA_STEP_TOKENS, DEFAULT_STEP_TOKENS
 from services.scheduler.policies import ComputeCosts, StepCost, by_weight
+from services.scheduler.policies.compute import SAME_SIZE
 
 
 @dataclass(frozen=True)
@@ -174,8 +175,9 @@ LIVE_FIELDS = ("prefill_base_s", "prefill_per_token_s", "prefill_per_seq_s")
 
 def with_live_prefill(point: SizePoint, sizes: list[dict], values: dict[str, dict]) -> SizePoint:
     """The point with the prefill costs a live cluster fitted for its size (bench/step_costs.py's `sizes`,
-    the one within 2% of its weight bytes), recorded in `values`; as it was where none was measured."""
-    live = next((r for r in sizes if abs(r["weight_gb"] * 1e9 - point.weight_bytes) <= 0.02 * point.weight_bytes),
+    the one within SAME_SIZE of its weight bytes, as the scheduler matches measured sizes to a profile's),
+    recorded in `values`; as it was where none was measured."""
+    live = next((r for r in sizes if abs(r["weight_gb"] * 1e9 - point.weight_bytes) <= SAME_SIZE * point.weight_bytes),
                 None)
     if live is None:
         return point

@@ -714,7 +714,7 @@ class Engine:
             plan = result.batch
             self._in_step = {item.seq for item in plan}
         started = time.perf_counter()
-        captures_before = self._graph_runner.capture_seconds if self._graph_runner is not None else 0.0
+        captures_before = self._capture_seconds()
         others = self._board.begin() if self._board is not None and plan else None
         try:
             try:
@@ -739,9 +739,8 @@ class Engine:
             if tokens is None:
                 return  # stopped meanwhile; stop() has failed the requests
             if plan and alone:  # a graph captured in the step is a one-off, not what such a step costs
-                captured = (self._graph_runner.capture_seconds if self._graph_runner is not None else 0.0) \
-                    - captures_before
-                self._record_step_time(plan, result.num_decode, took - max(0.0, captured))
+                self._record_step_time(plan, result.num_decode,
+                                       took - max(0.0, self._capture_seconds() - captures_before))
             sampled = iter(tokens)
             for item in plan:
                 token = next(sampled) if item.samples else None
@@ -788,6 +787,10 @@ class Engine:
                 return []
             return sample_batch(logits, [seq.sampling for seq in samplers], [seq.generator for seq in samplers],
                                 greedy if len(samplers) == len(plan) else None)
+
+    def _capture_seconds(self) -> float:
+        """The seconds the decode graphs were captured in, since the graph runner was made."""
+        return self._graph_runner.capture_seconds if self._graph_runner is not None else 0.0
 
     def _record_step_time(self, plan: list[ScheduledSeq], num_decode: int, seconds: float) -> None:
         """Into the step-time sums the scheduler fits step costs from (services/common/step_costs.py)."""
