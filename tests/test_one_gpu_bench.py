@@ -85,6 +85,12 @@ def test_several_seeds_compare_prism_with_the_baselines_on_each_seeds_traces_and
     assert rows[("prism", "mean")]["ratio_0.9"] == pytest.approx(6.4 / 8.8)
     assert "ratio_0.9" not in rows[("kvpr", "mean")]
 
+    # A prism+foresight run (--foresight-s) is set against the baselines, never counted as one.
+    payload["runs"] += [run("prism+foresight", 0, (1.0, 1.0, 0.95))]
+    rows = {(r["policy"], r["seed"]): r for r in bench.summary(payload)}
+    assert rows[("prism", 0)]["ratio_0.9"] == pytest.approx(1.5)
+    assert rows[("prism+foresight", 0)]["ratio_0.9"] == pytest.approx(12 / (4 + 4 * 0.1 / 0.15))
+
 
 def test_the_committed_h100_result_prints_its_tables_and_plots(capsys, tmp_path):
     bench = _bench()

@@ -365,3 +365,25 @@ def test_the_committed_h100_profile_is_the_fit_of_its_results_and_step_log():
     assert committed.graph_capture_s == pytest.approx(captures["seconds"] / captures["n"])
     assert 0.01 < committed.graph_capture_s < 0.05  # 15-40 ms a capture, as the engine's own log says
     assert LatencyProfile.load(DEFAULT_PROFILE).graph_capture_s == 0.0  # the H200's: not measured
+
+
+def test_foresight_plans_on_the_traces_next_arrivals_and_changes_nothing_else(profile):
+    """--foresight-s's bound: the scheduler sees each model's arrivals over the next window instead of
+    the past; its queued and running counts stay as measured, and without it the run is as before."""
+    ahead = sim_scheduler.Foresight([(1.0, "a"), (2.5, "a"), (2.9, "b"), (9.0, "b")], window_s=2.0)
+    assert ahead.rates(0.0) == {"a": 0.5, "b": 0.0}  # a at 1.0 is in [0, 2), the rest later
+    assert ahead.rates(1.0) == {"a": 1.0, "b": 0.5}
+    assert ahead.rates(9.5) == {"a": 0.0, "b": 0.0}
+    measured = {"a": policies.ModelDemand(arrival_rate=7.0, recent_arrival_rate=9.0, queued=3, running=2)}
+    seen = ahead.foreseen(measured, ["a", "b", "c"], now=1.0)
+    assert (seen["a"].arrival_rate, seen["a"].recent_arrival_rate, seen["a"].queued, seen["a"].running) == (1.0, 1.0, 3, 2)
+    assert seen["b"].arrival_rate == 0.5 and seen["c"] == policies.ModelDemand()
+    with pytest.raises(ValueError, match="window"):
+        sim_scheduler.Foresight([], window_s=0)
+
+    trace = two_model_trace(rate=12, seed=5)
+    config = models(("a", ONE_B, 0, True), ("b", EIGHT_B, 0, False))
+    plain = simulate(trace, config, profile, SimSettings(num_gpus=1, policy="prism"))
+    foreseen = simulate(trace, config, profile, SimSettings(num_gpus=1, policy="prism", foresight_s=5.0))
+    assert foreseen["simulation"]["foresight_s"] == 5.0 and plain["simulation"]["foresight_s"] == 0.0
+    assert foreseen["overall"]["requests"] == plain["overall"]["requests"] == len(trace.requests)

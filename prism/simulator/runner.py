@@ -22,7 +22,7 @@ from prism.simulator.cluster import DRAIN_TIMEOUT_S, MEMORY_INTERVAL_S, SimClust
 from prism.simulator.engine import SimRequest
 from prism.simulator.models import sim_model
 from prism.simulator.profile import LatencyProfile
-from prism.simulator.scheduler import DEFAULT_REPLAN_INTERVAL_S, SimScheduler
+from prism.simulator.scheduler import DEFAULT_REPLAN_INTERVAL_S, Foresight, SimScheduler
 from prism.workload.replay import RequestResult, SloTargets, report
 from prism.workload.trace import Trace
 from services.common.placement_config import ModelConfig
@@ -81,6 +81,9 @@ class SimSettings:
     # How long after its last request an engine the scheduler switches off stays on (plan_actions'); 0:
     # the agent's busy window, as before 2026-12-06.
     deactivate_busy_window_s: float = DEACTIVATE_BUSY_WINDOW_S
+    # > 0: the policy plans on each model's arrivals over the next this many seconds of the trace instead
+    # of measured rates (scheduler.Foresight): an upper bound on what demand forecasting could win.
+    foresight_s: float = 0.0
 
 
 def _result(r: SimRequest, slo: SloTargets) -> RequestResult:
@@ -109,8 +112,10 @@ def simulate(trace: Trace, models: list[ModelConfig], profile: LatencyProfile, s
         raise ValueError(f"policy_compute {settings.policy_compute!r} is not profile or default")
     params = PolicyParams(standby_replicas=settings.standby_replicas) if settings.policy_compute == "default" \
         else PolicyParams(compute=profile.compute_costs(), standby_replicas=settings.standby_replicas)
+    foresight = Foresight(((r.t, r.model) for r in trace.requests), settings.foresight_s) \
+        if settings.foresight_s > 0 else None
     scheduler = SimScheduler(cluster, settings.policy, settings.replan_interval_s, params,
-                             settings.deactivate_busy_window_s)
+                             settings.deactivate_busy_window_s, foresight)
     requests = [SimRequest(i, r.model, r.t, r.prompt_tokens, r.output_tokens) for i, r in enumerate(trace.requests)]
     open_requests = len(requests)
     replan_due = False

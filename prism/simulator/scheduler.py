@@ -14,6 +14,10 @@ numbers at the moment of the plan) and failed or retried actions."""
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
+from collections.abc import Iterable
+
 from prism.simulator.cluster import SimCluster
 from services.common.records import EngineRecord
 from services.scheduler.actions import (
@@ -36,9 +40,40 @@ from services.scheduler.policies import (
 DEFAULT_REPLAN_INTERVAL_S = 2.0
 
 
+class Foresight:
+    """Each model's arrival rate over the next `window_s` of the trace: what a perfect demand forecast
+    would tell the scheduler. An upper bound for measurement, not a policy (no live scheduler knows the
+    future): run with it, a policy shows how much of what it misses better forecasting could win back."""
+
+    def __init__(self, arrivals: Iterable[tuple[float, str]], window_s: float):
+        if window_s <= 0:
+            raise ValueError(f"foresight window must be > 0 s, got {window_s}")
+        self.window_s = window_s
+        self._times: dict[str, list[float]] = {}
+        for t, model in arrivals:
+            self._times.setdefault(model, []).append(t)
+        for times in self._times.values():
+            times.sort()
+
+    def rates(self, now: float) -> dict[str, float]:
+        """model -> its arrivals in [now, now + window_s) per second."""
+        end = now + self.window_s
+        return {model: (bisect.bisect_left(times, end) - bisect.bisect_left(times, now)) / self.window_s
+                for model, times in self._times.items()}
+
+    def foreseen(self, demand: dict[str, ModelDemand], models: Iterable[str], now: float) -> dict[str, ModelDemand]:
+        """`demand` with every model's measured rates (window and recent) replaced by the foreseen one;
+        its queued and running requests, KV demand and token means as measured."""
+        rates = self.rates(now)
+        return {name: dataclasses.replace(demand.get(name, ModelDemand()), arrival_rate=rates.get(name, 0.0),
+                                          recent_arrival_rate=rates.get(name, 0.0))
+                for name in dict.fromkeys([*demand, *models])}
+
+
 class SimScheduler:
     def __init__(self, cluster: SimCluster, policy: str, interval_s: float = DEFAULT_REPLAN_INTERVAL_S,
-                 params: PolicyParams | None = None, deactivate_busy_window_s: float = DEACTIVATE_BUSY_WINDOW_S):
+                 params: PolicyParams | None = None, deactivate_busy_window_s: float = DEACTIVATE_BUSY_WINDOW_S,
+                 foresight: Foresight | None = None):
         if policy not in POLICIES:
             raise ValueError(f"placement policy {policy!r} is not one of {', '.join(POLICIES)}")
         self.cluster = cluster
@@ -51,6 +86,7 @@ class SimScheduler:
         self.plans = 0
         self.deactivate_busy_window_s = deactivate_busy_window_s  # plan_actions' (0: the agent's busy window)
         self.activated_at: dict[tuple[str, str], float] = {}  # as the live scheduler's (still_held_off)
+        self.foresight = foresight  # None: the policy plans on measured demand, as live
 
     def records(self) -> dict[tuple[str, str], EngineRecord]:
         """The engine records the agents would have in etcd (activating reads inactive, as it does there;
@@ -73,6 +109,8 @@ class SimScheduler:
                 kv_demand_bytes=cluster.kv_demand_bytes(engine) * engine.model.tp_size)  # as the scheduler counts it
         # The gateways' demand records.
         demand = with_waiting(demand, {model: len(waiting) for model, waiting in cluster.gateway_waiting.items()})
+        if self.foresight is not None:
+            demand = self.foresight.foreseen(demand, cluster.models, cluster.now)
         # What weights and KV may take on each GPU, as the live scheduler reads it (usable_gpu_memory).
         agents = tuple(AgentView(a.agent_id, frozenset(a.devices),
                                  {i: d.memory_bytes - d.reserve_bytes for i, d in a.devices.items()})
