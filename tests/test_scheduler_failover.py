@@ -30,6 +30,7 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 def ha_cluster(tmp_path_factory):
     cluster = LocalCluster(state_dir=tmp_path_factory.mktemp("ha"), http_port=free_port(), grpc_port=free_port(),
                            device="cpu", cpu_memory_gb=1.0, engine_isolation="inline", scheduler_replicas=2,
+                           default_models="tiny",
                            scheduler_args=("--replan-interval-s", "0.5"))
     cluster.start()
     yield cluster

@@ -301,7 +301,7 @@ async def test_etcd_user_and_password_and_a_new_token_after_an_etcd_restart(etcd
 def tls_cluster(tmp_path) -> Iterator[LocalCluster]:
     """The two tiny models on one CPU agent, every service started as `prism up --tls` starts it."""
     cluster = LocalCluster(state_dir=tmp_path, http_port=free_port(), grpc_port=free_port(), device="cpu",
-                           cpu_memory_gb=1.0, engine_isolation="inline", tls=True)
+                           cpu_memory_gb=1.0, engine_isolation="inline", tls=True, default_models="tiny")
     cluster.start()
     try:
         yield cluster

@@ -53,6 +53,7 @@ from services.gpu_agent.engine.kv_pool import (
 )
 from services.gpu_agent.engine.kvcached_pool import KvcachedPool, kvcached_available
 from services.gpu_agent.engine.model import CausalLM
+from services.gpu_agent.engine.gguf_file import GGUFModelFile, is_gguf
 from services.gpu_agent.engine.model_config import load_model_config
 from services.gpu_agent.engine.outbox import Outbox
 from services.gpu_agent.engine.paged_attention import build_step_attention
@@ -174,10 +175,13 @@ class Engine:
             raise EngineError("shared host weights are not supported with tensor parallelism yet")
         self._steps = step_channel
         try:
-            self.config = load_model_config(self.model_path)
-            self.tokenizer = Tokenizer(self.model_path)
+            gguf = GGUFModelFile(self.model_path) if is_gguf(self.model_path) else None
+            if gguf is not None and self.tp.size > 1:
+                raise EngineError(f"{self.model_path}: a GGUF model runs unsplit (tp_size 1)")
+            self.config = gguf.model_config() if gguf else load_model_config(self.model_path)
+            self.tokenizer = Tokenizer.from_gguf(gguf.tokenizer_spec()) if gguf else Tokenizer(self.model_path)
             self.dtype = resolve_dtype(dtype, self.config, self._device)
-            self._model, self._host_weights = self._load_weights(load_format, seed, shared_weights_path)
+            self._model, self._host_weights = self._load_weights(load_format, seed, shared_weights_path, gguf)
             # Off the device and back into one buffer, as every activation does:
             # the loaded tensors and the packed copy never both hold device memory.
             self._move_weights(torch.device("cpu"))
@@ -243,8 +247,8 @@ class Engine:
                         "installed or cannot run here); decode steps take 2-6x as long as with kvcached",
                         self.name, self.device)
 
-    def _load_weights(self, load_format: str, seed: int,
-                      shared_path: str | Path | None) -> tuple[CausalLM, HostWeights | None]:
+    def _load_weights(self, load_format: str, seed: int, shared_path: str | Path | None,
+                      gguf: GGUFModelFile | None = None) -> tuple[CausalLM, HostWeights | None]:
         """The model and its host copy. On an accelerator the weights always stay
         in (pinned) host memory too, for fast switching; on the CPU the host copy
         is the weights, kept only where it is shared."""
@@ -257,7 +261,7 @@ class Engine:
             if host is not None:
                 self.weights_attached = True
                 return skeleton, host
-        model = load_model(self.config, self.model_path, load_format, self.dtype, self._device, seed, self.tp)
+        model = load_model(self.config, self.model_path, load_format, self.dtype, self._device, seed, self.tp, gguf)
         if shared is None and self._device.type == "cpu":
             return model, None
         return model, HostWeights(model, shared, pin=pin)

@@ -1,5 +1,6 @@
 """A model's tokenizer: tokenizer.json through the `tokenizers` library, the
-special tokens and chat template from tokenizer_config.json.
+special tokens and chat template from tokenizer_config.json; or all of it from
+a GGUF file's metadata (Tokenizer.from_gguf).
 
 A model directory without tokenizer.json (a dummy model made from
 config.json alone) gets a byte tokenizer: token id b is byte b, so any text
@@ -13,9 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
 from services.gpu_agent.engine.chat_template import ChatTemplate
+from services.gpu_agent.engine.gguf_file import GGUFTokenizerSpec
+
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types: special tokens, and added ones matched whole
 
 log = logging.getLogger(__name__)
 
@@ -61,23 +65,65 @@ def _chat_template_source(model_dir: Path, tokenizer_config: dict[str, Any]) -> 
     return None
 
 
+def gguf_tokenizer(spec: GGUFTokenizerSpec) -> tokenizers.Tokenizer:
+    """A GGUF file's byte-level BPE as a `tokenizers` tokenizer: its vocabulary and merges, its
+    pre-tokenizer's split, its control tokens kept whole as special tokens (user-defined ones whole
+    as plain added tokens), BOS prepended where the file says so."""
+    alphabet = _byte_to_unicode()
+    spelled = set(alphabet.values())
+    # A token written in raw text rather than in the byte alphabet is spelled in it, byte by byte.
+    vocab = {token if set(token) <= spelled else "".join(alphabet[b] for b in token.encode()): index
+             for index, token in enumerate(spec.tokens)}
+    merges = [tuple(m.split(" ", 1)) for m in spec.merges]
+    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    steps = [pre_tokenizers.Digits(individual_digits=True)] if spec.pre.single_digits else []
+    tok.pre_tokenizer = pre_tokenizers.Sequence([*steps, pre_tokenizers.Split(Regex(spec.pre.split), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    typed = list(zip(spec.tokens, spec.token_types))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, kind in typed if kind == CONTROL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, kind in typed if kind == USER_DEFINED])
+    if spec.add_bos_token and spec.bos_token_id is not None:
+        bos = spec.tokens[spec.bos_token_id]
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                           special_tokens=[(bos, spec.bos_token_id)])
+    return tok
+
+
 class Tokenizer:
     def __init__(self, model_dir: str | Path):
         model_dir = Path(model_dir)
         tokenizer_file = model_dir / "tokenizer.json"
         if tokenizer_file.exists():
-            self._tok = tokenizers.Tokenizer.from_file(str(tokenizer_file))
-            self.is_byte_fallback = False
+            tok = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+            byte_fallback = False
         else:
             log.warning("%s has no tokenizer.json; using a byte tokenizer", model_dir)
-            self._tok = byte_tokenizer()
-            self.is_byte_fallback = True
+            tok = byte_tokenizer()
+            byte_fallback = True
         config_file = model_dir / "tokenizer_config.json"
         config: dict[str, Any] = json.loads(config_file.read_text()) if config_file.exists() else {}
-        self.bos_token = _token_text(config.get("bos_token"))
-        self.eos_token = _token_text(config.get("eos_token"))
-        self.chat_template = ChatTemplate(_chat_template_source(model_dir, config),
-                                          bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        self._setup(tok, _token_text(config.get("bos_token")), _token_text(config.get("eos_token")),
+                    _chat_template_source(model_dir, config), byte_fallback)
+
+    @classmethod
+    def from_gguf(cls, spec: GGUFTokenizerSpec) -> Tokenizer:
+        """The tokenizer and chat template a GGUF file's metadata holds (gguf_file.py)."""
+        def text(token_id: int | None) -> str | None:
+            return spec.tokens[token_id] if token_id is not None and 0 <= token_id < len(spec.tokens) else None
+
+        self = cls.__new__(cls)
+        self._setup(gguf_tokenizer(spec), text(spec.bos_token_id), text(spec.eos_token_id), spec.chat_template,
+                    byte_fallback=False)
+        return self
+
+    def _setup(self, tok: tokenizers.Tokenizer, bos_token: str | None, eos_token: str | None,
+               chat_template: str | None, byte_fallback: bool) -> None:
+        self._tok = tok
+        self.is_byte_fallback = byte_fallback
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.chat_template = ChatTemplate(chat_template, bos_token=bos_token or "", eos_token=eos_token or "")
 
     @property
     def vocab_size(self) -> int:

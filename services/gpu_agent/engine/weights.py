@@ -1,6 +1,7 @@
 """Building the model and filling its weights: from Hugging Face safetensors
-(one file or sharded with model.safetensors.index.json), or random from
-config.json alone ("dummy", seeded, for tests and benchmarks).
+(one file or sharded with model.safetensors.index.json), from a GGUF file
+(dequantized, gguf_file.py), or random from the config alone ("dummy", seeded,
+for tests and benchmarks).
 
 The model is built on the meta device and materialized with to_empty, so no
 time goes into a random init that the checkpoint overwrites anyway. Split over
@@ -18,6 +19,7 @@ import torch
 from safetensors import safe_open
 
 from services.gpu_agent.engine.errors import EngineError
+from services.gpu_agent.engine.gguf_file import GGUFModelFile
 from services.gpu_agent.engine.model import CausalLM, RMSNorm
 from services.gpu_agent.engine.model_config import ModelConfig
 from services.gpu_agent.engine.rotary import RotaryEmbedding
@@ -25,7 +27,7 @@ from services.gpu_agent.engine.tensor_parallel import SINGLE, TensorParallel, ch
 
 log = logging.getLogger(__name__)
 
-LOAD_FORMATS = ("auto", "safetensors", "dummy")
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 
 _DTYPES = {
     "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
@@ -114,6 +116,27 @@ def load_safetensors(model: CausalLM, model_dir: Path) -> None:
         raise WeightsError(f"checkpoint in {model_dir} lacks {shown}")
 
 
+def load_gguf(model: CausalLM, source: GGUFModelFile) -> None:
+    """A GGUF file's tensors, dequantized one at a time, into the model (gguf_file.py)."""
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for name, tensor in source.tensors(model.config):
+        param = params.get(name)
+        if param is None:
+            if _ignored(name, model.config):
+                continue
+            raise WeightsError(f"{source.path.name}: tensor {name} has no place in a {model.config.architecture}")
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise WeightsError(f"{source.path.name}: {name} has shape {tuple(tensor.shape)}, "
+                               f"the file's metadata needs {tuple(param.shape)}")
+        param.copy_(tensor)
+        loaded.add(name)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise WeightsError(f"{source.path} lacks {shown}")
+
+
 def init_dummy(model: CausalLM, seed: int) -> None:
     """Deterministic random weights: normal(0, initializer_range) matrices,
     zero biases, unit norms, as Hugging Face initializes these models. Each
@@ -142,16 +165,27 @@ def init_dummy(model: CausalLM, seed: int) -> None:
 
 
 def load_model(config: ModelConfig, model_dir: Path, load_format: str, dtype: torch.dtype,
-               device: str | torch.device, seed: int, tp: TensorParallel = SINGLE) -> CausalLM:
+               device: str | torch.device, seed: int, tp: TensorParallel = SINGLE,
+               gguf: GGUFModelFile | None = None) -> CausalLM:
     """Weights from files are read into host memory first (the engine moves
-    them on activation); random ones are made directly on `device`."""
+    them on activation); random ones are made directly on `device`. gguf: the
+    open file when model_dir names a GGUF file (its weights are that file's)."""
     if load_format not in LOAD_FORMATS:
         raise WeightsError(f"load_format {load_format!r} is not supported (supported: {', '.join(LOAD_FORMATS)})")
+    if gguf is not None and load_format not in ("auto", "gguf", "dummy"):
+        raise WeightsError(f"{model_dir} is a GGUF file: load_format {load_format!r} does not read it (use auto)")
+    if gguf is None and load_format == "gguf":
+        raise WeightsError(f"load_format 'gguf' needs a .gguf model_path, got {model_dir}")
     with torch.no_grad():
         if load_format == "dummy":
             model = build_empty_model(config, dtype, device, tp)
             init_dummy(model, seed)
             return model
         model = build_empty_model(config, dtype, "cpu", tp)
-        load_safetensors(model, model_dir)
+        if gguf is not None:
+            if tp.size > 1:
+                raise WeightsError(f"{model_dir}: a GGUF model runs unsplit (tp_size 1)")
+            load_gguf(model, gguf)
+        else:
+            load_safetensors(model, model_dir)
         return model
