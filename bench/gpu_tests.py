@@ -29,6 +29,7 @@ GPU_TEST_FILES = (
     "tests/test_fused_ops.py",
     "tests/test_tensor_parallel_cuda.py",
     "tests/test_sglang_driver.py",
+    "tests/test_gguf_cuda.py",
 )
 
 

@@ -84,8 +84,11 @@ async def test_kvcached_limit_squeeze_preempts_and_completes(model_dirs):
             await asyncio.sleep(0.001)
         state = engine.set_memory_limit(0)  # nothing fits: every running request is preempted, none fails
         assert state.status in ("deferred", "applied")
-        await asyncio.sleep(0.2)
-        assert engine.stats().running_requests == 0 and engine.stats().kv_used_bytes == 0
+        # The squeeze takes effect at the engine's next step: wait for it (not a fixed sleep).
+        deadline = asyncio.get_running_loop().time() + 10.0
+        while not (engine.stats().running_requests == 0 and engine.stats().kv_used_bytes == 0):
+            assert asyncio.get_running_loop().time() < deadline, f"the squeeze did not empty the pool: {engine.stats()}"
+            await asyncio.sleep(0.001)
         engine.set_memory_limit(1 << 30)
         outs = await asyncio.gather(*tasks)
         for req, out in zip(reqs, outs):
