@@ -22,6 +22,13 @@ REPO = Path(__file__).resolve().parent.parent
 MODELS = ("tiny-llama", "tiny-qwen2")
 
 
+def _ctrl_c_works() -> None:
+    """In the child before exec: SIGINT back to its default, so the Python it starts turns Ctrl-C into
+    KeyboardInterrupt even where the test run was started in the background (which ignores SIGINT,
+    and children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def scrape(cluster) -> dict[str, float]:
     response = httpx.get(cluster.http_url + "/metrics", timeout=10)
     assert response.status_code == 200
@@ -134,7 +141,7 @@ def test_an_agent_without_status_is_shown_not_skipped():
 def test_top_refreshes_until_ctrl_c(cluster):
     proc = subprocess.Popen([sys.executable, "-m", "prism.cli", "top", "--etcd", cluster.etcd_endpoint,
                              "--interval", "0.2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=_ctrl_c_works)
     try:
         frames = 0
         while frames < 2:  # a second frame: it refreshes

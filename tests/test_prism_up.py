@@ -20,6 +20,13 @@ from services.common.etcd_server import free_port
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _ctrl_c_works() -> None:
+    """In the child before exec: SIGINT back to its default, so the Python it starts turns Ctrl-C into
+    KeyboardInterrupt even where the test run was started in the background (which ignores SIGINT,
+    and children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -54,7 +61,7 @@ def prism_up(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "prism.cli", "up", "--state-dir", str(state), "--http-port", str(http_port),
          "--grpc-port", str(grpc_port), "--device", "cpu", "--cpu-memory-gb", "2"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=_ctrl_c_works,
     )
     lines = _read_until_up(proc)
     yield proc, f"http://127.0.0.1:{http_port}", state, lines
@@ -113,7 +120,7 @@ def test_up_with_api_keys_checks_readiness_with_the_clients_key(tmp_path):
     refused = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "PRISM_API_KEY" in refused.stderr, refused.stderr
     proc = subprocess.Popen(command, cwd=REPO, env={**env, "PRISM_API_KEY": "sk-up-ops-0001"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=_ctrl_c_works)
     try:
         _read_until_up(proc)
         url = f"http://127.0.0.1:{http_port}/v1/models"
