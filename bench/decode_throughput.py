@@ -164,7 +164,7 @@ def prompt_of_length(engine: Engine, n: int) -> str:
 
 
 def build_engine(folder: Path, attention: str, device: str, max_batch: int, prompt_tokens: int,
-                 new_tokens: int) -> Engine:
+                 new_tokens: int, kv_pool: str = "auto") -> Engine:
     config = load_model_config(folder)
     kv_bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * DTYPE.itemsize
     # Twice what the largest batch holds, plus a margin for the pool's whole-page
@@ -175,7 +175,7 @@ def build_engine(folder: Path, attention: str, device: str, max_batch: int, prom
     # in the same step, and the timed window holds exactly new_tokens - 1 steps.
     step_tokens = max(DEFAULT_STEP_TOKENS, max_batch * prompt_tokens)
     engine = Engine(folder, name=folder.name, load_format="dummy", dtype="bfloat16", device=device,
-                    memory_limit_bytes=memory_limit, attention=attention, step_tokens=step_tokens)
+                    memory_limit_bytes=memory_limit, attention=attention, step_tokens=step_tokens, kv_pool=kv_pool)
     engine.start()
     return engine
 
@@ -225,10 +225,11 @@ async def decode_round(engine: Engine, prompt: str, prompt_tokens: int, batch: i
 
 
 def measure_prism(folder: Path, attention: str, args, batches: list[int], bandwidth: float,
-                  skipped: list[dict]) -> list[dict]:
+                  skipped: list[dict], kv_pool: str = "auto") -> list[dict]:
     """One engine, every batch; a batch that fails (e.g. out of memory: the
     engine fails the requests) is recorded in skipped and the rest go on."""
-    engine = build_engine(folder, attention, args.device, max(batches), args.prompt_tokens, args.new_tokens)
+    engine = build_engine(folder, attention, args.device, max(batches), args.prompt_tokens, args.new_tokens,
+                          kv_pool)
     rows = []
     try:
         prompt = prompt_of_length(engine, args.prompt_tokens)
@@ -250,6 +251,7 @@ def measure_prism(folder: Path, attention: str, args, batches: list[int], bandwi
                             bandwidth)
             rows.append({
                 "model": folder.name, "batch": batch, "attention": attention, "kv_pool": pool,
+                "graphs": "on" if engine.serving_path.cuda_graphs else "off",
                 "step_ms": timed["step_s"] * 1e3, "tokens_per_s": batch / timed["step_s"],
                 "floor_ms": floor * 1e3, "x_floor": timed["step_s"] / floor,
                 "prefill_ms": timed["prefill_s"] * 1e3, "first_token_spread_ms": timed["first_token_spread_s"] * 1e3,
@@ -386,6 +388,9 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers column")
+    parser.add_argument("--kv-pools", type=name_list, default=["auto"],
+                        help="auto, kvcached and/or pages: an engine per pool (pages beside kvcached: the page "
+                             "pool's step against kvcached's, x kvcached)")
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -406,16 +411,21 @@ def main() -> None:
     for name in args.models:
         folder = model_folder(name)
         for attention in args.attention:
-            print(f"{folder.name}, attention {attention}:", flush=True)
-            try:
-                rows.extend(measure_prism(folder, attention, args, batches, bandwidth, skipped))
-            except EngineError as exc:  # the engine cannot be built: e.g. triton on the CPU
-                print(f"  skipped: {exc}", flush=True)
-                skipped.append({"model": folder.name, "attention": attention, "reason": str(exc)})
+            for kv_pool in args.kv_pools:
+                print(f"{folder.name}, attention {attention}, KV pool {kv_pool}:", flush=True)
+                try:
+                    rows.extend(measure_prism(folder, attention, args, batches, bandwidth, skipped, kv_pool))
+                except EngineError as exc:  # the engine cannot be built: e.g. triton on the CPU
+                    print(f"  skipped: {exc}", flush=True)
+                    skipped.append({"model": folder.name, "attention": attention, "kv_pool": kv_pool,
+                                    "reason": str(exc)})
         if transformers is not None:
             print(f"{folder.name}, transformers {transformers.__version__}:", flush=True)
             hf_rows[folder.name] = measure_hf(transformers, folder, args, batches)
+    kvcached = {(r["model"], r["batch"], r["attention"]): r["step_ms"] for r in rows if r["kv_pool"] == "KvcachedPool"}
     for row in rows:
+        same = kvcached.get((row["model"], row["batch"], row["attention"]))
+        row["x_kvcached"] = row["step_ms"] / same if same and row["kv_pool"] != "KvcachedPool" else None
         hf = (hf_rows.get(row["model"]) or {}).get(row["batch"])
         row["hf_step_ms"] = hf["step_ms"] if hf else None
         row["hf_tokens_per_s"] = hf["tokens_per_s"] if hf else None
@@ -424,8 +434,8 @@ def main() -> None:
 
     print()
     print(table(rows, [
-        ("model", "model", ""), ("batch", "batch", "d"), ("attention", "attention", ""),
-        ("step_ms", "step ms", ".2f"), ("tokens_per_s", "tokens/s", ".0f"), ("floor_ms", "floor ms", ".2f"),
+        ("model", "model", ""), ("batch", "batch", "d"), ("attention", "attention", ""), ("kv_pool", "KV pool", ""),
+        ("graphs", "graphs", ""), ("step_ms", "step ms", ".2f"), ("x_kvcached", "x kvcached", ".2f"), ("tokens_per_s", "tokens/s", ".0f"), ("floor_ms", "floor ms", ".2f"),
         ("graph_gpu_ms", "graph GPU ms", ".2f"),
         ("x_floor", "x floor", ".2f"), ("hf_step_ms", "HF step ms", ".2f"), ("hf_tokens_per_s", "HF tokens/s", ".0f"),
         ("speedup_vs_hf", "speed-up vs HF", ".2f"),
@@ -437,7 +447,7 @@ def main() -> None:
         print(verdict_line(v))
     write_json(args.json, {
         "benchmark": "decode_throughput", "environment": environment(),
-        "settings": {"models": args.models, "batches": batches, "attention": args.attention,
+        "settings": {"models": args.models, "batches": batches, "attention": args.attention, "kv_pools": args.kv_pools,
                      "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "device": args.device,
                      "transformers": transformers.__version__ if transformers is not None else None},
         "hbm_gbps": bandwidth / 1e9, "results": rows, "skipped": skipped, "targets": targets,

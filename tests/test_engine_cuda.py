@@ -16,6 +16,7 @@ import torch
 from prism.tiny_models import write_tiny_model
 from services.gpu_agent.engine import Engine, GenerationRequest
 from services.gpu_agent.engine.kvcached_pool import KvcachedPool, kvcached_available
+from services.gpu_agent.engine.request import ServingPath
 from services.gpu_agent.engine.shared_weights import default_shared_dir
 from services.gpu_agent.engine.tokenizer import Tokenizer
 from services.gpu_agent.workers.remote_engine import RemoteEngine
@@ -94,6 +95,27 @@ async def test_kvcached_limit_squeeze_preempts_and_completes(model_dirs):
         for req, out in zip(reqs, outs):
             assert out == ref.greedy(engine.tokenize_prompt(req), 60), req.request_id
         assert engine.stats().kv_used_bytes == 0
+    finally:
+        engine.stop()
+
+
+async def test_the_page_pool_replays_decode_graphs_too(model_dirs):
+    """Without kvcached the engine keeps its CUDA graphs (issue 22): the page pool's extra padding row
+    takes the padded rows' writes, and a batch of 15 (padded to 16) decodes as the reference does,
+    across a switch off and on."""
+    ref = ReferenceLlama(model_dirs["llama"])
+    engine = Engine(model_dirs["llama"], device="cuda", dtype="float32", kv_pool="pages", attention="triton")
+    engine.start()
+    try:
+        assert engine.serving_path == ServingPath("pages", "triton", True)
+        assert not engine.serving_path.slow_on(engine.device)
+        reqs = [greedy(p, 40, f"p{i}") for i, p in enumerate(PROMPTS * 3)]
+        expected = [ref.greedy(engine.tokenize_prompt(r), 40) for r in reqs]
+        assert await asyncio.gather(*(tokens_of(engine, r) for r in reqs)) == expected
+        assert engine._graph_runner is not None and (16, 512) in engine._graph_runner._graphs
+        engine.deactivate()
+        engine.activate()
+        assert await asyncio.gather(*(tokens_of(engine, r) for r in reqs)) == expected
     finally:
         engine.stop()
 

@@ -138,3 +138,16 @@ def test_held_bytes_are_the_pages_the_slots_are_spread_over():
     assert p.used_bytes == 6 * GEOMETRY.token_bytes and p.held_bytes == 2 * BUNDLE
     p.free(second)
     assert p.held_bytes == 0
+
+
+def test_a_padding_slot_is_a_row_outside_the_pages_never_handed_out():
+    """What a CUDA graph's padded rows write (cuda_graphs.py): the page pool's extra row."""
+    plain = pool()
+    assert plain.padding_slot is None
+    geometry = KVGeometry(num_layers=2, num_kv_heads=2, head_dim=4, dtype=torch.float32)
+    padded = PagePool(geometry, 64, 1 << 30, "cpu", page_bytes=4096, padding_slot=True)
+    assert padded.padding_slot == padded.capacity_tokens
+    assert all(b.shape[0] == padded.capacity_tokens + 1 for b in (*padded.k_buffers, *padded.v_buffers))
+    slots = padded.alloc(padded.capacity_tokens)  # every slot there is: the padding row is not one of them
+    assert slots is not None and padded.padding_slot not in slots and padded.alloc(1) is None
+    assert padded.held_bytes == padded.num_pages * padded.bundle_bytes  # the row is outside the accounting

@@ -10,8 +10,10 @@ from services.gpu_agent.sglang.driver import sglang_serving_path
 from services.gpu_agent.sglang.launch import SGLangLaunchConfig
 
 
-def test_the_page_pool_on_cuda_is_the_slow_path_and_nothing_else_is():
+def test_the_page_pool_on_cuda_without_graphs_is_the_slow_path_and_nothing_else_is():
     assert ServingPath("pages", "torch", False).slow_on("cuda:0")
+    assert ServingPath("pages", "triton", False).slow_on("cuda:0")
+    assert not ServingPath("pages", "triton", True).slow_on("cuda:0")  # graphs run on the page pool too
     assert not ServingPath("pages", "torch", False).slow_on("cpu")
     assert not ServingPath("kvcached", "triton", True).slow_on("cuda:0")
     assert not ServingPath("kvcached", "triton", True).slow_on("cuda:1")

@@ -9,8 +9,9 @@ One graph per (batch bucket, table width bucket; graph_shapes.py), captured on f
 graph's inputs live in one static device buffer, [5, max batch] int64 (token
 ids, positions, new slots, sequence lengths, slot-table rows), filled by one
 host-to-device copy per step; a batch smaller than its bucket is padded with
-rows that write and read only the pool's padding slot (slot 0: kvcached keeps
-it mapped and never hands it out) through the slot table's padding row. The
+rows that write only the pool's padding slot (KVPool.padding_slot: kvcached's
+slot 0, which it keeps mapped and never hands out; the page pool's extra row)
+and read through the slot table's padding row (what they read is thrown away). The
 slot table (slot_table.py) is read inside the graph, so a graph is only valid
 for the table tensor it was captured with: a table that grows (its `version`)
 drops every graph. The graph also writes each sequence's new slot into its
@@ -36,7 +37,6 @@ from services.gpu_agent.engine.slot_table import PADDING_ROW, DeviceSlotTable
 
 log = logging.getLogger(__name__)
 
-PADDING_SLOT = 0
 _IDS, _POSITIONS, _SLOTS, _LENS, _ROWS = range(5)
 
 
@@ -52,8 +52,11 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
 class DecodeGraphRunner:
     def __init__(self, model: torch.nn.Module, pool: KVPool, table: DeviceSlotTable, device: torch.device,
                  max_batch: int = BATCH_BUCKETS[-1], max_width: int = DEFAULT_MAX_WIDTH):
+        if pool.padding_slot is None:
+            raise ValueError(f"{type(pool).__name__} has no padding slot: decode graphs cannot pad a batch on it")
         self.model = model
         self.pool = pool
+        self.padding_slot = pool.padding_slot
         self.table = table
         self.device = device
         self.max_batch = batch_bucket(min(max_batch, BATCH_BUCKETS[-1])) or BATCH_BUCKETS[-1]
@@ -99,7 +102,7 @@ class DecodeGraphRunner:
         staging[_LENS, :batch] = seq_lens
         staging[_ROWS, :batch] = rows
         if batch < bucket:
-            self._pad(staging, batch, bucket)
+            self._pad(staging, batch, bucket, self.padding_slot)
         self._inputs[:, :bucket].copy_(self._staging[:, :bucket], non_blocking=True)
         graph = self._graphs.get((bucket, width))
         if graph is None:
@@ -119,10 +122,10 @@ class DecodeGraphRunner:
         return graph[1][:batch], graph[2][:batch]
 
     @staticmethod
-    def _pad(staging, start: int, end: int) -> None:
+    def _pad(staging, start: int, end: int, padding_slot: int) -> None:
         staging[_IDS, start:end] = 0
         staging[_POSITIONS, start:end] = 0
-        staging[_SLOTS, start:end] = PADDING_SLOT
+        staging[_SLOTS, start:end] = padding_slot
         staging[_LENS, start:end] = 1
         staging[_ROWS, start:end] = PADDING_ROW
 
@@ -131,8 +134,8 @@ class DecodeGraphRunner:
         the greedy tokens."""
         inputs = self._inputs[:, :bucket]
         table = self.table.tensor
-        # The new token's slot into its sequence's row (padding rows write slot 0
-        # into the padding row's first entry, which already holds it).
+        # The new token's slot into its sequence's row (padding rows write the padding
+        # slot into the padding row's first entry, the only one a padded row reads).
         table[inputs[_ROWS], inputs[_LENS] - 1] = inputs[_SLOTS].to(table.dtype)
         slot_table = table.index_select(0, inputs[_ROWS])[:, :width]
         step = StepAttention(slot_mapping=inputs[_SLOTS], spans=[], num_decode=bucket,

@@ -141,7 +141,7 @@ class Engine:
         default CUDA_STEP_TOKENS on CUDA, DEFAULT_STEP_TOKENS elsewhere.
         attention: "triton" (decode kernel, CUDA), "torch" or "auto".
         cuda_graphs: replay decode steps from CUDA graphs where they can run
-        (CUDA, the Triton kernel and kvcached's pool, whose slot 0 pads a batch).
+        (CUDA, the Triton kernel, no tensor parallelism; on either KV pool).
         shared_weights_path: the host copy of the weights lives in this shared-memory
         file (shared_weights.py): mapped from there when another process has
         written it (no load), written there otherwise.
@@ -214,6 +214,9 @@ class Engine:
                                            page_bundle_bytes(self._geometry, self._page_bytes()))
         self._kv_capacity_bytes = kv_capacity_bytes
         self._use_triton = self._choose_attention(attention)
+        # Decode steps from CUDA graphs: on either pool (each keeps a padding slot for them); not yet
+        # with tensor parallelism, where every rank would have to capture and replay in step.
+        self._use_graphs = cuda_graphs and self._use_triton and self.tp.size == 1
         if step_tokens is None:
             step_tokens = CUDA_STEP_TOKENS if self._device.type == "cuda" else DEFAULT_STEP_TOKENS
         self._scheduler = Scheduler(self._make_pool(limit, 0), step_tokens)
@@ -221,8 +224,6 @@ class Engine:
             self._steps.send(ShardSetup(self._scheduler.pool.capacity_tokens))
         # The decoding sequences' slots stay on the device for the Triton kernel (slot_table.py).
         self._slot_table = self._new_slot_table()
-        # Not yet with tensor parallelism: every rank would have to capture and replay in step.
-        self._use_graphs = cuda_graphs and self._use_triton and self._pool_kind == "kvcached" and self.tp.size == 1
         self._last_step_graph = False  # for the step log
         self._step_times = StepTimeAccumulator()  # steps' times, for the scheduler's step costs
         self._board = StepBoard(*step_board) if step_board is not None else None
@@ -243,8 +244,8 @@ class Engine:
                  cfg.num_hidden_layers, self.max_context, self.weight_bytes / 1e6, self._pool_kind,
                  self.serving_path.attention, "on" if self._use_graphs else "off", time.perf_counter() - start)
         if self.serving_path.slow_on(self.device):
-            log.warning("engine %s runs the slow path on %s: the page pool without CUDA graphs (kvcached is not "
-                        "installed or cannot run here); decode steps take 2-6x as long as with kvcached",
+            log.warning("engine %s runs the slow path on %s: the page pool without CUDA graphs (no triton, or "
+                        "graphs turned off); decode steps take 2-6x as long as with graphs",
                         self.name, self.device)
 
     def _load_weights(self, load_format: str, seed: int, shared_path: str | Path | None,
@@ -302,7 +303,7 @@ class Engine:
             pool: KVPool = KvcachedPool(self._geometry, self._capacity_tokens(limit_bytes), limit_bytes, self._device)
         else:
             pool = PagePool(self._geometry, self._capacity_tokens(limit_bytes), limit_bytes, self._device,
-                            self._page_bytes())
+                            self._page_bytes(), padding_slot=self._use_graphs)
         if revision:
             pool.set_memory_limit(limit_bytes, revision)
         log.info("engine %s: KV pool of %d virtual slots (%.1f MB), %d slots a page, limit %.1f MB",
@@ -329,9 +330,9 @@ class Engine:
         scratch = None
         outcomes: list[GenerationOutput | BaseException] = []
         try:
-            scratch = PagePool(self._geometry, sum(WARMUP_PROMPT_TOKENS) + sum(WARMUP_NEW_TOKENS) + 2, 0, self._device)
+            scratch = PagePool(self._geometry, sum(WARMUP_PROMPT_TOKENS) + sum(WARMUP_NEW_TOKENS) + 1, 0, self._device,
+                               padding_slot=True)  # for the graphs' padded rows
             scratch.set_memory_limit(scratch.capacity_tokens * self._geometry.token_bytes, 1)
-            scratch.alloc(1)  # slot 0, which the graphs' padding rows write (kvcached never hands it out)
             self._scheduler.pool, self._scheduler.step_tokens = scratch, WARMUP_STEP_TOKENS
             self._graph_runner = None
             vocab = self.config.vocab_size

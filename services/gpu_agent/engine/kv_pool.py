@@ -77,8 +77,11 @@ class KVPool(ABC):
     geometry: KVGeometry
     capacity_tokens: int  # virtual slots
     tokens_per_page: int
-    k_buffers: list[torch.Tensor]  # per layer, [capacity_tokens, kv_heads, head_dim]
+    k_buffers: list[torch.Tensor]  # per layer, [capacity_tokens, kv_heads, head_dim] (a row more with a padding slot)
     v_buffers: list[torch.Tensor]
+    # A slot never handed out, which the padded rows of a CUDA graph's batch write (cuda_graphs.py);
+    # None: the pool has none, and decode graphs cannot run on it.
+    padding_slot: int | None = None
 
     @abstractmethod
     def alloc(self, n: int) -> list[int] | None:
@@ -167,10 +170,13 @@ class PagePool(KVPool):
     """Pages over ordinary tensors. On the CPU the memory of an unmapped page
     is really returned (see the module doc); on CUDA (a host without kvcached)
     the whole reservation is allocated up front and only the accounting is
-    elastic, so size `capacity_tokens` to the memory the engine may ever use."""
+    elastic, so size `capacity_tokens` to the memory the engine may ever use.
+    padding_slot: one row more in every buffer, outside the pages and never
+    handed out, for CUDA graphs' padded rows to write (padding_slot is its index)."""
 
     def __init__(self, geometry: KVGeometry, capacity_tokens: int, limit_bytes: int,
-                 device: torch.device | str = "cpu", page_bytes: int = DEFAULT_PAGE_BYTES):
+                 device: torch.device | str = "cpu", page_bytes: int = DEFAULT_PAGE_BYTES,
+                 padding_slot: bool = False):
         if capacity_tokens < 1:
             raise ValueError(f"capacity must be at least one token, got {capacity_tokens}")
         self.geometry = geometry
@@ -178,7 +184,8 @@ class PagePool(KVPool):
         self.tokens_per_page = page_bundle_bytes(geometry, page_bytes) // geometry.token_bytes
         self.num_pages = -(-capacity_tokens // self.tokens_per_page)
         self.capacity_tokens = self.num_pages * self.tokens_per_page
-        shape = (self.capacity_tokens, geometry.num_kv_heads, geometry.head_dim)
+        self.padding_slot = self.capacity_tokens if padding_slot else None
+        shape = (self.capacity_tokens + int(padding_slot), geometry.num_kv_heads, geometry.head_dim)
         self.k_buffers = [self._buffer(shape) for _ in range(geometry.num_layers)]
         self.v_buffers = [self._buffer(shape) for _ in range(geometry.num_layers)]
         self._unmapped: list[int] = list(range(self.num_pages))  # a heap: lowest page first keeps memory compact

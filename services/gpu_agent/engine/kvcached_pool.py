@@ -46,6 +46,7 @@ class KvcachedPool(KVPool):
             page_size=1, attention_type="GQA", group_id=self.group_id)
         # kvcached sizes the virtual tensors to the whole GPU; use what it gave.
         self.capacity_tokens = self.k_buffers[0].shape[0]
+        self.padding_slot = 0  # kvcached keeps slot 0 mapped and never hands it out
         self.tokens_per_page = page_bundle_bytes(geometry, PAGE_SIZE) // geometry.token_bytes
         # kvcached's own unit for limits and mapped bytes: a whole page of every K and V tensor.
         self._kvcached_bundle_bytes = PAGE_SIZE * 2 * geometry.num_layers

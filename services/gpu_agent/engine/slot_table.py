@@ -9,8 +9,9 @@ sequence): one small host-to-device copy and one scatter, or nothing at all
 where a CUDA graph step writes those slots itself (cuda_graphs.py; a pinned
 copy and two eager kernels each step cost about 0.3 ms of host time).
 
-Row 0 is the padding row: all slot 0, the pool's padding slot (kvcached keeps
-slot 0 mapped and never hands it out), for the padded rows of a CUDA graph.
+Row 0 is the padding row, for the padded rows of a CUDA graph: they read it
+(what they read is thrown away) and write its first entry with the pool's
+padding slot (KVPool.padding_slot).
 
 The table grows (rows and width, doubling) when it must; each growth bumps
 `version`, since a captured CUDA graph holds the old tensor's address."""
