@@ -152,3 +152,26 @@ def test_smollm2_answers_token_for_token_as_transformers_gguf_path(smollm2):
                                                                               "content": PROMPTS[0]}]))
     finally:
         engine.stop()
+
+
+def test_a_gguf_engine_shares_its_host_weights_and_switches_off_and_on(tiny, tmp_path):
+    """As any model (issue 24, What 3): a second engine of the same file maps the first one's host copy
+    (no second dequantization) and gives the same tokens; an engine switched off and on from host
+    memory does too."""
+    path = write_gguf(tiny["llama"], tmp_path / "llama.gguf", qtype="Q8_0")
+    shared = tmp_path / "llama.weights"
+    first = served(path, shared_weights_path=shared)
+    second = None
+    try:
+        assert first.weights_shared and not first.weights_attached
+        second = served(path, shared_weights_path=shared)
+        assert second.weights_attached
+        expected = generate(first, prompt="the engine", ignore_eos=True)
+        assert generate(second, prompt="the engine", ignore_eos=True) == expected
+        first.deactivate()
+        first.activate()
+        assert generate(first, prompt="the engine", ignore_eos=True) == expected
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
