@@ -20,7 +20,9 @@ from services.gpu_agent.engine.errors import EngineError
 from services.gpu_agent.engine.gguf_file import GGUFModelFile, unpermute_rotary_rows
 from services.gpu_agent.engine.request import GenerationRequest
 
-PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain gravity to a child."]
+# The last three run the whole 32 new tokens; the first stops at EOS, as transformers' does.
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain gravity to a child.",
+           "Describe the water cycle."]
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +139,7 @@ def test_smollm2_answers_token_for_token_as_transformers_gguf_path(smollm2):
     reference = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2.parent), gguf_file=smollm2.name,
                                                                   dtype=torch.float32)
     engine = served(smollm2, device="cpu")
+    full = 0
     try:
         for prompt in PROMPTS:
             messages = [{"role": "user", "content": prompt}]
@@ -148,6 +151,8 @@ def test_smollm2_answers_token_for_token_as_transformers_gguf_path(smollm2):
             theirs = out[0, ids.shape[1]:].tolist()
             ours = generate(engine, messages=messages, max_tokens=32)
             assert ours == theirs, (prompt, tokenizer.decode(theirs), engine.tokenizer.decode(ours))
+            full += len(ours) == 32
+        assert full >= 3  # at least three prompts compared over all 32 new tokens
         assert "Paris" in engine.tokenizer.decode(generate(engine, messages=[{"role": "user",
                                                                               "content": PROMPTS[0]}]))
     finally:

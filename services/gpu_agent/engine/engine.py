@@ -41,6 +41,7 @@ from services.gpu_agent.engine.errors import (
     EngineInactiveError,
     InvalidRequestError,
 )
+from services.gpu_agent.engine.gguf_file import GGUFModelFile, is_gguf
 from services.gpu_agent.engine.host_weights import ActivationTiming, HostWeights
 from services.gpu_agent.engine.shared_weights import SharedWeightsFile
 from services.gpu_agent.engine.kv_pool import (
@@ -53,7 +54,6 @@ from services.gpu_agent.engine.kv_pool import (
 )
 from services.gpu_agent.engine.kvcached_pool import KvcachedPool, kvcached_available
 from services.gpu_agent.engine.model import CausalLM
-from services.gpu_agent.engine.gguf_file import GGUFModelFile, is_gguf
 from services.gpu_agent.engine.model_config import load_model_config
 from services.gpu_agent.engine.outbox import Outbox
 from services.gpu_agent.engine.paged_attention import build_step_attention
@@ -176,8 +176,6 @@ class Engine:
         self._steps = step_channel
         try:
             gguf = GGUFModelFile(self.model_path) if is_gguf(self.model_path) else None
-            if gguf is not None and self.tp.size > 1:
-                raise EngineError(f"{self.model_path}: a GGUF model runs unsplit (tp_size 1)")
             self.config = gguf.model_config() if gguf else load_model_config(self.model_path)
             self.tokenizer = Tokenizer.from_gguf(gguf.tokenizer_spec()) if gguf else Tokenizer(self.model_path)
             self.dtype = resolve_dtype(dtype, self.config, self._device)
