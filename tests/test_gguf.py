@@ -180,3 +180,30 @@ def test_a_gguf_engine_shares_its_host_weights_and_switches_off_and_on(tiny, tmp
         first.stop()
         if second is not None:
             second.stop()
+
+
+async def test_an_agent_refuses_a_bad_gguf_with_its_reason_and_serves_the_model_beside_it(tiny, tmp_path):
+    """issue 24, What 4: through the agent's LoadModel, a GGUF it cannot serve ends in a failed engine
+    whose error names what is unsupported; a good GGUF beside it loads and serves."""
+    from in_process_agent import InProcessAgent
+
+    from prism.v1 import agent_pb2
+
+    bad = write_gguf(tiny["llama"], tmp_path / "falcon.gguf", architecture="falcon")
+    good = write_gguf(tiny["llama"], tmp_path / "good.gguf")
+    async with InProcessAgent() as agent:
+        def load(name: str, path: Path):
+            return agent.stub.LoadModel(agent_pb2.LoadModelRequest(
+                spec=agent_pb2.ModelSpec(name=name, path=str(path)), gpu_ids=[0], activate=True), timeout=120)
+
+        try:
+            status = await load("bad", bad)
+            failed, reason = status.state == agent_pb2.ENGINE_STATE_FAILED, status.error
+        except Exception as exc:  # a refusal as a gRPC error is as good, if it says why
+            failed, reason = True, str(exc)
+        assert failed and "architecture 'falcon' is not supported" in reason
+        status = await load("good", good)
+        assert status.state == agent_pb2.ENGINE_STATE_ACTIVE, status
+        engine = agent.manager.engines["good"].engine
+        req = GenerationRequest(request_id="a", prompt="hello", max_tokens=4, temperature=0.0, ignore_eos=True)
+        assert len([t async for out in engine.generate(req) for t in out.token_ids]) == 4
