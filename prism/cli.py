@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -120,19 +121,45 @@ def up(
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    reported: set[str] = set()
     try:
-        while not stop.wait(0.5):
-            # A dead service is reported, not fatal: the rest degrade (503s for its models) and stay inspectable.
-            for name, proc in cluster.processes.items():
-                if proc.poll() is not None and name not in reported:
-                    reported.add(name)
-                    typer.echo(f"{name} exited with code {proc.returncode}; its log ends:\n{cluster.log_tail(name, 10)}", err=True)
+        supervise(cluster, stop)
     except KeyboardInterrupt:
         pass
     typer.echo("stopping ...")
     cluster.stop()
     typer.echo("stopped.")
+
+
+def supervise(cluster, stop: threading.Event, interval_s: float = 0.5) -> None:
+    """Until `stop`: a child of the cluster that dies is said and started again after a backoff
+    (prism/supervisor.py); one that keeps dying at start is given up, the rest serving what they can."""
+    from prism.supervisor import Supervisor
+
+    supervisor = Supervisor()
+    for name in cluster.children():
+        supervisor.started(name, time.monotonic())
+    while not stop.wait(interval_s):
+        for name, code in cluster.children().items():
+            now = time.monotonic()
+            known = supervisor.children.get(name)
+            if code is not None and supervisor.restart_at(name) is None and not (known and known.given_up):
+                supervisor.died(name, now)
+                child = supervisor.children[name]
+                if child.given_up:
+                    typer.echo(f"{name} exited with code {code} again, {child.quick_deaths} times in a row soon after "
+                               f"its start: not restarting it; its log ends:\n{cluster.log_tail(name, 10)}", err=True)
+                    continue
+                wait = supervisor.restart_at(name) - now
+                typer.echo(f"{name} exited with code {code}; restarting it in {wait:.0f}s; its log ends:\n"
+                           f"{cluster.log_tail(name, 10)}", err=True)
+            due = supervisor.restart_at(name)
+            if due is not None and now >= due:
+                try:
+                    cluster.restart(name)
+                except Exception as exc:  # noqa: BLE001  said, then counted as another death
+                    typer.echo(f"restarting {name} failed: {exc}", err=True)
+                supervisor.restarted(name, time.monotonic())
+                typer.echo(f"{name} restarted (restart {supervisor.children[name].restarts})", err=True)
 
 
 def _tls_banner(cluster) -> str:

@@ -186,14 +186,40 @@ class LocalCluster:
             for name in self.scheduler_addresses:
                 self.spawn_scheduler(name)
             self._spawn_agent()
-            self._spawn("gateway", "services.gateway.server", "--etcd", self.etcd_endpoint,
-                        "--http-host", self.host, "--http-port", str(self.http_port),
-                        "--grpc-host", self.host, "--grpc-port", str(self.grpc_port),
-                        *self._etcd_args("gateway"), *self._gateway_tls_args(), *self.gateway_args)
+            self._spawn_gateway()
             self.wait_ready(names, timeout_s)
         except BaseException:
             self.stop()
             raise
+
+    def _spawn_gateway(self) -> None:
+        self._spawn("gateway", "services.gateway.server", "--etcd", self.etcd_endpoint,
+                    "--http-host", self.host, "--http-port", str(self.http_port),
+                    "--grpc-host", self.host, "--grpc-port", str(self.grpc_port),
+                    *self._etcd_args("gateway"), *self._gateway_tls_args(), *self.gateway_args)
+
+    def children(self) -> dict[str, int | None]:
+        """Every process this cluster started (etcd too, where it started one) -> its exit code, None
+        while it runs."""
+        out = {name: proc.poll() for name, proc in self.processes.items()}
+        if self.etcd is not None and self.etcd.process is not None:
+            out["etcd"] = self.etcd.process.poll()
+        return out
+
+    def restart(self, name: str) -> None:
+        """Starts a child of this cluster that died again, as it was started: a scheduler replica, an
+        agent, the gateway, or the embedded etcd on its data dir (prism up's supervision)."""
+        if name == "etcd" and self.etcd is not None:
+            self.etcd.start()
+            self._write_pids()
+        elif name in self.scheduler_addresses:
+            self.spawn_scheduler(name)
+        elif name in self.agent_addresses:
+            self._spawn_agent(name)
+        elif name == "gateway":
+            self._spawn_gateway()
+        else:
+            raise ValueError(f"{name!r} is not a process of this cluster")
 
     def _spawn_agent(self, name: str | None = None) -> None:
         """Starts the named agent, or all of them."""

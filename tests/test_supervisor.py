@@ -1,0 +1,37 @@
+"""prism up's supervision policy (prism/supervisor.py): a dead child is restarted after a backoff that
+doubles while it keeps dying soon after its start, resets once it ran long enough, and is given up
+after a bound."""
+
+from __future__ import annotations
+
+from prism.supervisor import RestartPolicy, Supervisor
+
+
+def test_a_child_dying_at_start_backs_off_doubling_then_is_given_up():
+    s = Supervisor(RestartPolicy(base_s=1.0, max_s=5.0, healthy_s=30.0, give_up_after=3))
+    s.started("gateway", 0.0)
+    assert s.restart_at("gateway") is None  # running
+    now, waits = 0.0, []
+    for _ in range(3):
+        now += 2.0
+        s.died("gateway", now)
+        s.died("gateway", now + 0.5)  # found dead again before its restart: the same death
+        waits.append(s.restart_at("gateway") - now)
+        now = s.restart_at("gateway")
+        s.restarted("gateway", now)
+    assert waits == [1.0, 2.0, 4.0]
+    s.died("gateway", now + 1.0)  # a fourth death soon after its start: given up
+    assert s.children["gateway"].given_up and s.restart_at("gateway") is None
+    assert s.children["gateway"].restarts == 3
+
+
+def test_a_child_that_ran_long_enough_is_restarted_after_the_base_wait_again():
+    s = Supervisor(RestartPolicy(base_s=1.0, max_s=30.0, healthy_s=30.0, give_up_after=5))
+    s.started("agent", 0.0)
+    s.died("agent", 1.0)
+    s.restarted("agent", 2.0)
+    s.died("agent", 3.0)  # soon after its restart: 2 s
+    assert s.restart_at("agent") == 5.0
+    s.restarted("agent", 5.0)
+    s.died("agent", 100.0)  # ran 95 s: healthy, the count starts over
+    assert s.restart_at("agent") == 101.0 and s.children["agent"].quick_deaths == 1
