@@ -3,9 +3,9 @@
 A pure policy over each child's history (no processes here: prism/cli.py's `up` loop asks it and
 acts), so it is tested on its own. A child that dies is restarted after a backoff that doubles with
 each death that came soon after its start (base_s, 2 base_s, ... up to max_s); one that ran at least
-healthy_s before dying counts as healthy again and is restarted after base_s. After give_up_after
-deaths in a row that came soon after their start, the child is given up: the rest keep serving what
-they can, and the console says so with the child's log."""
+healthy_s before dying counts as healthy again and is restarted after base_s. A child is restarted
+at most give_up_after times in a row for deaths soon after its start; the next such death gives it
+up: the rest keep serving what they can, and the console says so with the child's log."""
 
 from __future__ import annotations
 
