@@ -102,7 +102,7 @@ def up(
                            etcd_access=access, gateway_args=gateway_args)
     typer.echo(f"starting Prism (state and logs in {cluster.state_dir}) ...")
     try:
-        cluster.start()
+        cluster.start(progress=typer.echo)
     except (ClusterStartError, ConfigError, TimeoutError, RuntimeError, TlsConfigError) as exc:
         typer.echo(f"prism up failed: {exc}", err=True)
         raise typer.Exit(1)

@@ -21,6 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +75,29 @@ def write_default_config(state_dir: Path, which: str = "real") -> Path:
     path = state_dir / "models.json"
     path.write_text(json.dumps(config, indent=2) + "\n")
     return path
+
+
+class ReadinessProgress:
+    """What a cluster's start says while it waits for its models: each model as it becomes served
+    (with the seconds since the wait began), and every `every_s` which it still waits for."""
+
+    def __init__(self, models: list[str], say: Callable[[str], None], every_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.models, self.say, self.every_s, self.clock = list(models), say, every_s, clock
+        self.start = self.last_said = clock()
+        self.served: set[str] = set()
+
+    def update(self, available: set[str]) -> None:
+        now = self.clock()
+        for model in self.models:
+            if model in available and model not in self.served:
+                self.served.add(model)
+                self.say(f"  {model} served ({now - self.start:.1f}s)")
+                self.last_said = now
+        waiting = [m for m in self.models if m not in self.served]
+        if waiting and now - self.last_said >= self.every_s:
+            self.say(f"  waiting for {', '.join(waiting)} ({now - self.start:.0f}s)")
+            self.last_said = now
 
 
 @dataclass
@@ -168,7 +192,9 @@ class LocalCluster:
     def model_names(self) -> list[str]:
         return list(self.models)
 
-    def start(self, timeout_s: float = 180.0) -> None:
+    def start(self, timeout_s: float = 180.0, progress: Callable[[str], None] | None = None) -> None:
+        """Starts every part and returns once the gateway serves every model. progress: told a line as
+        each model becomes served, and which it still waits for every 10 s (prism up prints them)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(exist_ok=True)
         if self.config_path is None:
@@ -187,7 +213,7 @@ class LocalCluster:
                 self.spawn_scheduler(name)
             self._spawn_agent()
             self._spawn_gateway()
-            self.wait_ready(names, timeout_s)
+            self.wait_ready(names, timeout_s, progress)
         except BaseException:
             self.stop()
             raise
@@ -270,7 +296,7 @@ class LocalCluster:
             if proc.poll() is not None:
                 raise ClusterStartError(f"{name} exited with code {proc.returncode}; its log ends:\n{self.log_tail(name)}")
 
-    def wait_ready(self, models: list[str], timeout_s: float) -> None:
+    def wait_ready(self, models: list[str], timeout_s: float, progress: Callable[[str], None] | None = None) -> None:
         """Returns when the gateway is healthy and lists every model as available, and every
         agent started accepts connections (one agent can serve every model before another is
         up: a caller that then asks each agent for its status found one refusing)."""
@@ -280,6 +306,7 @@ class LocalCluster:
         # A gateway with API keys lists models only to a key: the client's, from the environment.
         key = os.environ.get("PRISM_API_KEY")
         headers = {"Authorization": f"Bearer {key}"} if key else {}
+        tell = ReadinessProgress(models, progress) if progress else None
         while time.monotonic() < deadline:
             self._check_alive()
             try:
@@ -288,6 +315,8 @@ class LocalCluster:
                     listed = json.load(resp)["data"]
                 available = {m["id"] for m in listed if m.get("available", True)}
                 missing = [m for m in models if m not in available]
+                if tell:
+                    tell.update(available)
                 if not missing and not self._agents_not_listening():
                     return
             except urllib.error.HTTPError as exc:
@@ -324,7 +353,7 @@ class LocalCluster:
 
     def restart_agent(self, name: str = "agent") -> None:
         self.processes.pop(name, None)
-        self._spawn_agent(name)
+        self.restart(name)
 
     def _stop_order(self) -> list[str]:
         """The gateway first (no new requests), then the agents, then the rest."""

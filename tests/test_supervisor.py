@@ -1,6 +1,6 @@
-"""prism up's supervision policy (prism/supervisor.py): a dead child is restarted after a backoff that
-doubles while it keeps dying soon after its start, resets once it ran long enough, and is given up
-after a bound."""
+"""prism up as it runs a cluster: its supervision policy (prism/supervisor.py: a dead child is
+restarted after a backoff that doubles while it keeps dying soon after its start, resets once it ran
+long enough, and is given up after a bound), and what it says while the cluster starts."""
 
 from __future__ import annotations
 
@@ -35,3 +35,18 @@ def test_a_child_that_ran_long_enough_is_restarted_after_the_base_wait_again():
     s.restarted("agent", 5.0)
     s.died("agent", 100.0)  # ran 95 s: healthy, the count starts over
     assert s.restart_at("agent") == 101.0 and s.children["agent"].quick_deaths == 1
+
+
+def test_a_starting_cluster_says_each_model_as_it_is_served_and_what_it_still_waits_for():
+    """prism up's lines between "starting Prism" and "Prism is up" (prism/cluster.py ReadinessProgress)."""
+    from prism.cluster import ReadinessProgress
+
+    clock = iter([0.0, 2.0, 2.0, 13.0, 14.5, 15.0])
+    said: list[str] = []
+    progress = ReadinessProgress(["smollm2", "tiny"], said.append, every_s=10.0, clock=lambda: next(clock))  # at 0
+    progress.update({"tiny"})  # 2 s
+    progress.update({"tiny"})  # 2 s: nothing new
+    progress.update({"tiny"})  # 13 s: 11 s since the last line
+    progress.update({"tiny", "smollm2"})  # 14.5 s
+    progress.update({"tiny", "smollm2"})  # 15 s: all served, nothing more to say
+    assert said == ["  tiny served (2.0s)", "  waiting for smollm2 (13s)", "  smollm2 served (14.5s)"]
