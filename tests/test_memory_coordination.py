@@ -154,13 +154,16 @@ async def test_when_both_burst_the_split_follows_priority_and_the_shedder_refuse
             done = await asyncio.gather(*tasks)
     assert_completed(done)
     assert_within_budget(sampler)
-    # Under contention (both want more than is free) the higher priority holds more.
-    contended = [(engine_of(gpu, HIGH).kv_limit_bytes, engine_of(gpu, LOW).kv_limit_bytes)
+    # Under contention (both want more than is free) the higher priority is served first: where HIGH's
+    # limit peaked, it held twice LOW's, or all it demanded (then nothing was kept from it for LOW; on a
+    # slow run HIGH's requests finish before its demand reaches twice LOW's share).
+    contended = [(engine_of(gpu, HIGH).kv_limit_bytes, engine_of(gpu, LOW).kv_limit_bytes,
+                  engine_of(gpu, HIGH).kv_demand_bytes)
                  for _, gpu in sampler.samples
                  if engine_of(gpu, HIGH).kv_demand_bytes + engine_of(gpu, LOW).kv_demand_bytes > gpu.kv_budget_bytes]
     assert contended, "the bursts never contended for memory"
-    high, low = max(contended)
-    assert high >= 2 * low, contended
+    high, low, high_demand = max(contended)
+    assert high >= 2 * low or high >= high_demand, contended
     # The shedder's requests: each either completed or was refused with 429 and a Retry-After.
     refused = [r for r in shed_done if r.status_code == 429]
     assert refused, [r.status_code for r in shed_done]
