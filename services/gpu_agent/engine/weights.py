@@ -110,10 +110,15 @@ def load_safetensors(model: CausalLM, model_dir: Path) -> None:
                     raise WeightsError(f"{path.name}: {name} has shape {tuple(tensor.shape)}, the config needs {tuple(param.shape)}")
                 param.copy_(tensor)
                 loaded.add(name)
+    _check_complete(params, loaded, f"checkpoint in {model_dir}")
+
+
+def _check_complete(params: dict[str, torch.nn.Parameter], loaded: set[str], source: str) -> None:
+    """Raises naming the first parameters `source` did not fill."""
     missing = sorted(set(params) - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise WeightsError(f"checkpoint in {model_dir} lacks {shown}")
+        raise WeightsError(f"{source} lacks {shown}")
 
 
 def load_gguf(model: CausalLM, source: GGUFModelFile) -> None:
@@ -131,10 +136,7 @@ def load_gguf(model: CausalLM, source: GGUFModelFile) -> None:
                                f"the file's metadata needs {tuple(param.shape)}")
         param.copy_(tensor)
         loaded.add(name)
-    missing = sorted(set(params) - loaded)
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise WeightsError(f"{source.path} lacks {shown}")
+    _check_complete(params, loaded, str(source.path))
 
 
 def init_dummy(model: CausalLM, seed: int) -> None:
