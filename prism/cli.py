@@ -141,9 +141,7 @@ def supervise(cluster, stop: threading.Event, interval_s: float = 0.5) -> None:
     while not stop.wait(interval_s):
         for name, code in cluster.children().items():
             now = time.monotonic()
-            known = supervisor.children.get(name)
-            if code is not None and supervisor.restart_at(name) is None and not (known and known.given_up):
-                supervisor.died(name, now)
+            if code is not None and supervisor.died(name, now):
                 child = supervisor.children[name]
                 if child.given_up:
                     typer.echo(f"{name} exited with code {code} again, {child.quick_deaths} times in a row soon after "

@@ -38,14 +38,16 @@ class Supervisor:
         child = self.children.setdefault(name, ChildHistory(started_at=now))
         child.started_at, child.died_at = now, None
 
-    def died(self, name: str, now: float) -> None:
-        """Says once that `name` was found dead at `now`."""
+    def died(self, name: str, now: float) -> bool:
+        """`name` was found dead at `now`; True when that is a new death (not one already counted and
+        waiting for its restart, nor a child given up)."""
         child = self.children.setdefault(name, ChildHistory(started_at=now))
         if child.died_at is not None or child.given_up:
-            return
+            return False
         child.died_at = now
         child.quick_deaths = child.quick_deaths + 1 if now - child.started_at < self.policy.healthy_s else 1
         child.given_up = child.quick_deaths > self.policy.give_up_after
+        return True
 
     def restart_at(self, name: str) -> float | None:
         """When a dead child is to be started again; None while it runs, or once given up."""

@@ -14,14 +14,15 @@ def test_a_child_dying_at_start_backs_off_doubling_then_is_given_up():
     now, waits = 0.0, []
     for _ in range(3):
         now += 2.0
-        s.died("gateway", now)
-        s.died("gateway", now + 0.5)  # found dead again before its restart: the same death
+        assert s.died("gateway", now)
+        assert not s.died("gateway", now + 0.5)  # found dead again before its restart: the same death
         waits.append(s.restart_at("gateway") - now)
         now = s.restart_at("gateway")
         s.restarted("gateway", now)
     assert waits == [1.0, 2.0, 4.0]
-    s.died("gateway", now + 1.0)  # a fourth death soon after its start: given up
+    assert s.died("gateway", now + 1.0)  # a fourth death soon after its start: given up
     assert s.children["gateway"].given_up and s.restart_at("gateway") is None
+    assert not s.died("gateway", now + 2.0)  # given up: not counted, not said again
     assert s.children["gateway"].restarts == 3
 
 
