@@ -11,42 +11,25 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import torch
 
 from prism.tiny_models import write_tiny_model
 from services.gpu_agent.engine import Engine, GenerationRequest
-from services.gpu_agent.engine.kvcached_pool import KvcachedPool, kvcached_available
+from services.gpu_agent.engine.kvcached_pool import KvcachedPool
 from services.gpu_agent.engine.request import ServingPath
 from services.gpu_agent.engine.shared_weights import default_shared_dir
 from services.gpu_agent.engine.tokenizer import Tokenizer
 from services.gpu_agent.workers.remote_engine import RemoteEngine
 from services.gpu_agent.workers.worker_pool import WorkerPool
+from tests.cuda_engine import PROMPTS, greedy, needs_cuda_kvcached_triton
 from tests.reference_llama import ReferenceLlama
 
-
-def _triton_ok() -> bool:
-    try:
-        from services.gpu_agent.engine.triton_decode import triton_available
-    except ImportError:
-        return False
-    return triton_available()
-
-
-pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and kvcached_available() and _triton_ok()),
-                                reason="needs CUDA, kvcached and triton")
-
-PROMPTS = ["Hello world", "The cache of the model is", "1 2 3 4 5 6 7 8 9 10 11 12", "a", "x y z " * 9]
+pytestmark = needs_cuda_kvcached_triton
 
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("cuda-models")
     return {arch: write_tiny_model(root / arch, arch=arch) for arch in ("llama", "qwen2")}
-
-
-def greedy(prompt: str, max_tokens: int, request_id: str) -> GenerationRequest:
-    return GenerationRequest(request_id=request_id, prompt=prompt, max_tokens=max_tokens, temperature=0.0,
-                             ignore_eos=True)
 
 
 async def tokens_of(engine: Engine, req: GenerationRequest) -> list[int]:

@@ -13,22 +13,10 @@ import torch
 from gguf_models import write_gguf
 
 from prism.tiny_models import write_tiny_model
-from services.gpu_agent.engine import Engine, GenerationRequest
-from services.gpu_agent.engine.kvcached_pool import kvcached_available
+from services.gpu_agent.engine import Engine
+from tests.cuda_engine import PROMPTS, greedy, needs_cuda_kvcached_triton
 
-
-def _triton_ok() -> bool:
-    try:
-        from services.gpu_agent.engine.triton_decode import triton_available
-    except ImportError:
-        return False
-    return triton_available()
-
-
-pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and kvcached_available() and _triton_ok()),
-                                reason="needs CUDA, kvcached and triton")
-
-PROMPTS = ["Hello world", "The cache of the model is", "1 2 3 4 5 6 7 8 9 10 11 12", "a", "x y z " * 9]
+pytestmark = needs_cuda_kvcached_triton
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +28,6 @@ def twins(tmp_path_factory):
         folder = write_tiny_model(root / arch, arch=arch)
         out[arch] = (folder, write_gguf(folder, root / f"{arch}.gguf"))
     return out
-
-
-def greedy(prompt: str, max_tokens: int, request_id: str) -> GenerationRequest:
-    return GenerationRequest(request_id=request_id, prompt=prompt, max_tokens=max_tokens, temperature=0.0,
-                             ignore_eos=True)
 
 
 async def all_tokens(engine: Engine, prompts: list[str], max_tokens: int = 32) -> list[list[int]]:
