@@ -23,9 +23,11 @@ def test_a_steps_decoding_sequences_in_one_masked_call_match_one_call_each():
     q = torch.randn(len(lengths) + 4, heads, dim)
     batched = build_step_attention(spans, len(lengths), torch.device("cpu"))
     assert batched.decode_batch is not None and batched.decode_batch[0].shape == (3, 40)
-    one_each = build_step_attention(spans, len(lengths), torch.device("cpu"))
-    one_each.decode_batch = None
-    assert torch.allclose(paged_attention(q, k_buffer, v_buffer, batched),
-                          paged_attention(q, k_buffer, v_buffer, one_each), atol=1e-5)
+    # One call each: every sequence in a step of its own (a lone decoding sequence keeps its own call).
+    cpu = torch.device("cpu")
+    one_each = [paged_attention(q[i:i + 1], k_buffer, v_buffer, build_step_attention([span], 1, cpu))
+                for i, span in enumerate(spans[:len(lengths)])]
+    one_each.append(paged_attention(q[len(lengths):], k_buffer, v_buffer, build_step_attention(spans[-1:], 0, cpu)))
+    assert torch.allclose(paged_attention(q, k_buffer, v_buffer, batched), torch.cat(one_each), atol=1e-5)
     alone = build_step_attention(spans[:1], 1, torch.device("cpu"))
     assert alone.decode_batch is None  # one sequence keeps its own call

@@ -110,6 +110,7 @@ def build_step_attention(spans: list[tuple[int, int, list[int]]], num_decode: in
     moved to the device in one transfer."""
     new_slots = [slot for start, count, slots in spans for slot in slots[start:start + count]]
     step = StepAttention(_to_device(new_slots, torch.int64, device), [], num_decode)
+    varlen_here = _VARLEN is not None and device.type == "cuda" and dtype in _VARLEN_DTYPES
     torch_from = 0
     if decode_table is not None and num_decode:
         torch_from = num_decode
@@ -118,26 +119,27 @@ def build_step_attention(spans: list[tuple[int, int, list[int]]], num_decode: in
         rows = _to_device(decode_rows, torch.int64, device)
         step.decode_slot_table = decode_table.index_select(0, rows)[:, :width]
         step.decode_seq_lens = _to_device(lengths, torch.int32, device)
-    # Every torch-path span's slots in one tensor; each span takes a slice of it.
+    elif num_decode > 1 and not varlen_here:
+        torch_from = num_decode
+        step.decode_batch = _padded_decode_batch(spans[:num_decode], device)
+    # Every other span's slots in one tensor; each span takes a slice of it.
     flat = [slot for start, count, slots in spans[torch_from:] for slot in slots[:start + count]]
     all_slots = _to_device(flat, torch.int64, device)
     offset = 0
     for start, count, _ in spans:
-        if len(step.spans) < torch_from:  # served by the kernel: no gather needed
+        if len(step.spans) < torch_from:  # served by the kernel or the padded batch: no gather here
             step.spans.append(SeqSpan(start, count, all_slots[:0]))
             continue
         step.spans.append(SeqSpan(start, count, all_slots[offset:offset + start + count]))
         offset += start + count
     rest = spans[torch_from:]
-    if rest and _VARLEN is not None and device.type == "cuda" and dtype in _VARLEN_DTYPES:
+    if rest and varlen_here:
         cu_q, cu_k = [0], [0]
         for start, count, _ in rest:
             cu_q.append(cu_q[-1] + count)
             cu_k.append(cu_k[-1] + start + count)
         step.varlen = VarlenSpans(all_slots, _to_device(cu_q, torch.int32, device), _to_device(cu_k, torch.int32, device),
                                   max(count for _, count, _ in rest), max(start + count for start, count, _ in rest))
-    elif torch_from == 0 and num_decode > 1:
-        step.decode_batch = _padded_decode_batch(spans[:num_decode], device)
     return step
 
 
