@@ -136,12 +136,11 @@ class GGUFModelFile:
         kv_heads = int(self._arch("attention.head_count_kv", heads))
         head_dim = int(self._arch("attention.key_length", hidden // heads))
         tokens = self._value("tokenizer.ggml.tokens") or []
-        scaling = None
-        if self._value(f"{self.architecture}.rope.scaling.type") == "linear":
+        scaling, scaling_type = None, self._value(f"{self.architecture}.rope.scaling.type")
+        if scaling_type == "linear":
             scaling = RopeScaling("linear", float(self._arch("rope.scaling.factor")))
-        elif self._value(f"{self.architecture}.rope.scaling.type") not in (None, "none"):
-            raise GGUFError(f"{self.path}: rope scaling "
-                            f"{self._value(f'{self.architecture}.rope.scaling.type')!r} is not supported")
+        elif scaling_type not in (None, "none"):
+            raise GGUFError(f"{self.path}: rope scaling {scaling_type!r} is not supported")
         names = {t.name for t in self._reader.tensors}
         model_type = self.architecture
         # The ids that end a reply: end of sequence, and end of turn / message where the file names them.
