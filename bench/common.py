@@ -27,6 +27,18 @@ if str(ROOT) not in sys.path:  # run as `python bench/x.py` from anywhere
 GPU_CONFIGS = {"1b": "llama-3.2-1b", "3b": "llama-3.2-3b", "8b": "llama-3.1-8b"}
 
 
+def dummy_model_folder(config_name: str, out_dir: str | Path) -> Path:
+    """A folder with a bench config (bench/configs/NAME/config.json) and the tiny Llama tokenizer: what
+    SGLang needs to serve the config with --load-format dummy (it will not start without a tokenizer).
+    Token ids past the tiny vocabulary decode to nothing."""
+    from prism.tiny_models import write_tokenizer
+
+    folder = Path(out_dir) / config_name
+    write_tokenizer(folder, "llama")
+    (folder / "config.json").write_text((ROOT / "bench" / "configs" / config_name / "config.json").read_text())
+    return folder
+
+
 def parse_fleet(text: str, sizes=GPU_CONFIGS) -> list[str]:
     """'1b=4,3b=4,8b=4' -> the sizes of the models in order (the first model is the first size's)."""
     fleet = []

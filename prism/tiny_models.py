@@ -156,8 +156,10 @@ def random_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_tiny_model(out_dir: Path, arch: str = "llama", seed: int = 0) -> Path:
-    """Writes a tiny `arch` ("llama" | "qwen2") model into out_dir; returns out_dir."""
+def write_tokenizer(out_dir: Path, arch: str = "llama") -> Tokenizer:
+    """Writes the tiny `arch` tokenizer (tokenizer.json, tokenizer_config.json with its chat template) into
+    out_dir and returns it. Beside a full-size config it makes a folder a server that insists on a tokenizer
+    (SGLang) can serve with dummy weights."""
     if arch not in ("llama", "qwen2"):
         raise ValueError(f"unknown arch {arch!r} (known: llama, qwen2)")
     out_dir = Path(out_dir)
@@ -166,9 +168,16 @@ def write_tiny_model(out_dir: Path, arch: str = "llama", seed: int = 0) -> Path:
         tok = train_tokenizer(_LLAMA_SPECIALS, bos="<|begin_of_text|>")
     else:
         tok = train_tokenizer(_QWEN2_SPECIALS, bos=None)
-    config = _config(arch, tok)
     tok.save(str(out_dir / "tokenizer.json"))
     (out_dir / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(arch), indent=2) + "\n")
+    return tok
+
+
+def write_tiny_model(out_dir: Path, arch: str = "llama", seed: int = 0) -> Path:
+    """Writes a tiny `arch` ("llama" | "qwen2") model into out_dir; returns out_dir."""
+    out_dir = Path(out_dir)
+    tok = write_tokenizer(out_dir, arch)
+    config = _config(arch, tok)
     save_file(random_weights(config, seed), str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")  # last: marks the model complete
     return out_dir

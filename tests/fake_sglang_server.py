@@ -22,7 +22,8 @@ real process:
 
 Behaviour for tests, from the environment: FAKE_SGLANG_MODE=exit (log a
 failure and exit 3 during start-up), unhealthy (serve, but /health is
-always 503), no_kvcached (never create the segment);
+always 503), no_kvcached (never create the segment), stuck_after_resume
+(a resume answers 200 but generation keeps failing as while released);
 FAKE_SGLANG_TOKEN_INTERVAL_S (time per generated token, default 0.01);
 FAKE_SGLANG_RESUME_S / FAKE_SGLANG_RELEASE_S (time those calls take);
 FAKE_SGLANG_STARTING_S (how long /health answers 503 after the port
@@ -65,6 +66,8 @@ class State:
         self.aborted: list[str] = []
         self.abort_events: dict[str, threading.Event] = {}
         self.disconnected: list[str] = []
+        self.generated: list[str] = []  # the rid of every /generate, in order
+        self.health_calls = 0
         self.running: dict[str, int] = {}  # rid -> tokens held
         self.released = False
         self.started = time.monotonic()
@@ -138,6 +141,8 @@ class Handler(BaseHTTPRequestHandler):
                  "max_running_requests": 256, "token_usage": used / 100000, "gen_throughput": 0.0,
                  "cache_hit_rate": 0.0, "utilization": 0.0}]})
         elif self.path == "/health":
+            with STATE.lock:
+                STATE.health_calls += 1
             starting = time.monotonic() - STATE.started < STARTING_S  # SGLang's ServerStatus.Starting
             self.send_response(503 if MODE == "unhealthy" or starting else 200)
             self.send_header("Content-Length", "0")
@@ -167,7 +172,8 @@ class Handler(BaseHTTPRequestHandler):
                 self._json(200, {"argv": STATE.argv, "aborted": STATE.aborted, "disconnected": STATE.disconnected,
                                  "running": dict(STATE.running), "released": STATE.released,
                                  "memory_calls": STATE.memory_calls, "limit": STATE.read_limit(),
-                                 "limits_seen": STATE.limits_seen,
+                                 "limits_seen": STATE.limits_seen, "generated": STATE.generated,
+                                 "health_calls": STATE.health_calls,
                                  "env": {k: os.environ.get(k) for k in ("ENABLE_KVCACHED", "KVCACHED_AUTOPATCH",
                                                                         "KVCACHED_IPC_NAME", "CUDA_VISIBLE_DEVICES")}})
         else:
@@ -205,7 +211,7 @@ class Handler(BaseHTTPRequestHandler):
                     return
             time.sleep(RELEASE_S if releasing else RESUME_S)
             with STATE.lock:
-                STATE.released = releasing
+                STATE.released = releasing or MODE == "stuck_after_resume"
                 STATE.memory_calls.append({"path": self.path, "tags": body.get("tags")})
             self._json(200, None)  # SGLang 0.5.15's handlers return nothing: FastAPI answers null
         elif self.path == "/generate":
@@ -221,6 +227,8 @@ class Handler(BaseHTTPRequestHandler):
                              "type": "Bad Request", "param": None, "code": 400})
             return
         rid = body.get("rid") or f"fake-{time.monotonic_ns()}"
+        with STATE.lock:
+            STATE.generated.append(rid)
         ids = body.get("input_ids") or []
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")

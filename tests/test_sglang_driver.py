@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from services.common.model_size import estimate_weight_bytes
 from services.gpu_agent.engine.errors import EngineError, EngineInactiveError, InvalidRequestError
 from services.gpu_agent.engine.request import GenerationRequest
 from services.gpu_agent.sglang.client import DONE, ChunkDecoder, StreamFormatError, parse_sse_line
@@ -29,6 +30,7 @@ from services.gpu_agent.sglang.metrics import MetricsFormatError, parse_promethe
 from services.gpu_agent.sglang.model_info import ModelInfoError, read_model_info
 from services.gpu_agent.workers.errors import WorkerLostError
 
+ROOT = Path(__file__).resolve().parent.parent
 FAKE_SERVER = Path(__file__).with_name("fake_sglang_server.py")
 MiB = 1 << 20
 
@@ -116,6 +118,16 @@ def test_model_info_from_config(model_dir):
     assert info.kv_bytes_per_token_over(2) == info.kv_bytes_per_token
     assert info.kv_bytes_per_token_over(4) == 2 * info.kv_bytes_per_token
     assert info.max_context == 256 and info.weight_bytes > 0
+
+
+def test_model_info_counts_dummy_weights_by_their_parameters():
+    """A bench config served with --load-format dummy has no weight files; SGLang makes its weights up in
+    the run dtype, so they count as the parameters do (Llama-3.2-1B: 1.24 B parameters, 2.47 GB in bf16)."""
+    folder = ROOT / "bench" / "configs" / "llama-3.2-1b"
+    info = read_model_info(folder, "bfloat16", "dummy")
+    assert info.weight_bytes == estimate_weight_bytes(str(folder), "bfloat16")
+    assert 2.4e9 < info.weight_bytes < 2.6e9
+    assert read_model_info(folder, "float32", "dummy").weight_bytes == 2 * info.weight_bytes
 
 
 def test_model_info_reads_config_as_sglang_does(tmp_path):
@@ -459,11 +471,16 @@ async def test_lifecycle_against_the_stand_in(model_dir, tmp_path, fake_env):
             await anext(engine.generate(_request()))
         await engine.deactivate()  # again: nothing to do
 
+        health_before = (await _fake_state(engine))["health_calls"]
         timing = await engine.activate()
         assert timing is not None and 0.2 <= timing.copy_s < 5 and timing.nbytes == engine.weight_bytes
         assert await engine.activate() is None
-        assert [c["path"] for c in (await _fake_state(engine))["memory_calls"]] == \
+        state = await _fake_state(engine)
+        assert [c["path"] for c in state["memory_calls"]] == \
                ["/release_memory_occupation", "/resume_memory_occupation"]
+        # Ready when a one-token request after the resume finishes, not by SGLang's /health (a second at least).
+        assert state["generated"][-1].endswith("-activation-check") and state["health_calls"] == health_before
+        assert timing.ready_s < 1.0
         outs = [o async for o in engine.generate(_request(max_tokens=3))]
         assert outs[-1].finish_reason == "length"
         metrics = await engine.refresh_stats()
@@ -527,6 +544,19 @@ async def test_without_kvcached_the_limit_is_refused(model_dir, tmp_path, fake_e
         await engine.stop()
 
 
+async def test_activation_that_cannot_generate_fails_clearly(model_dir, tmp_path, fake_env):
+    fake_env.setenv("FAKE_SGLANG_MODE", "stuck_after_resume")
+    engine = await SGLangEngine.start(_config(model_dir), memory_limit_bytes=64 * MiB, options=_options(tmp_path))
+    try:
+        await engine.deactivate()
+        with pytest.raises(EngineError, match="failed a one-token request after resuming its memory"):
+            await engine.activate()
+        with pytest.raises(EngineInactiveError):  # not taken for active
+            await anext(engine.generate(_request()))
+    finally:
+        await engine.stop()
+
+
 async def test_server_death_fails_requests_and_is_reported(model_dir, tmp_path, fake_env):
     fake_env.setenv("FAKE_SGLANG_TOKEN_INTERVAL_S", "0.05")
     engine = await SGLangEngine.start(_config(model_dir), memory_limit_bytes=64 * MiB, options=_options(tmp_path))
@@ -568,7 +598,11 @@ def _sglang_runs_here() -> bool:
                     reason="needs `import sglang`, a CUDA GPU and PRISM_SGLANG_TEST_MODEL (a local model folder)")
 @pytest.mark.timeout(1800)
 async def test_real_sglang_with_kvcached(tmp_path):
-    config = SGLangLaunchConfig(name="sglang-it", model_path=os.environ["PRISM_SGLANG_TEST_MODEL"])
+    # PRISM_SGLANG_TEST_LOAD_FORMAT=dummy serves a config with made-up weights; PRISM_SGLANG_TEST_ARGS adds
+    # launch arguments (bench/sglang_gpu.sh: "--attention-backend triton", its bundle has no FA3).
+    config = SGLangLaunchConfig(name="sglang-it", model_path=os.environ["PRISM_SGLANG_TEST_MODEL"],
+                                load_format=os.environ.get("PRISM_SGLANG_TEST_LOAD_FORMAT", "auto"),
+                                extra_args=tuple(os.environ.get("PRISM_SGLANG_TEST_ARGS", "").split()))
     engine = await SGLangEngine.start(config, memory_limit_bytes=1 << 30, options=DriverOptions(log_dir=tmp_path))
     try:
         outs = [o async for o in engine.generate(_request(max_tokens=8))]
@@ -577,7 +611,8 @@ async def test_real_sglang_with_kvcached(tmp_path):
         assert state.status == "applied" and state.revision == 1
         await engine.deactivate()
         timing = await engine.activate()
-        print(f"SGLang deactivate {engine.last_deactivate_s:.3f}s, activate {timing.total_s:.3f}s")
+        print(f"SGLang deactivate {engine.last_deactivate_s:.3f}s, activate {timing.total_s:.3f}s "
+              f"(resume {timing.copy_s:.3f}s, first token {timing.ready_s:.3f}s)")
         outs = [o async for o in engine.generate(_request(max_tokens=8))]
         assert outs[-1].finish_reason in ("length", "stop")
     finally:

@@ -23,6 +23,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common.model_size import estimate_weight_bytes
+
 # dtype names in config.json and SGLang's --dtype -> bytes per element.
 _DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "half": 2, "float32": 4, "float": 4, "float8_e4m3fn": 1,
                 "float8_e5m2": 1}
@@ -59,7 +61,11 @@ class ModelInfo:
         return 2 * self.num_layers * heads * self.head_dim * self.dtype_bytes
 
 
-def read_model_info(model_dir: str | Path, dtype: str = "auto") -> ModelInfo:
+def read_model_info(model_dir: str | Path, dtype: str = "auto", load_format: str = "auto") -> ModelInfo:
+    """The geometry from config.json; the weights' size from the folder's weight files, or, for dummy
+    weights (which SGLang makes up in the run dtype, whatever files lie there) or a folder without any,
+    from the parameter count (services/common/model_size.py): counting 0 bytes, the agent's memory
+    coordinator would switch such a model on anywhere."""
     folder = Path(model_dir)
     path = folder / "config.json"
     try:
@@ -85,6 +91,8 @@ def read_model_info(model_dir: str | Path, dtype: str = "auto") -> ModelInfo:
     if name not in _DTYPE_BYTES:
         raise ModelInfoError(f"{path}: unknown dtype {name!r}")
     weights = sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
+    if load_format == "dummy" or not weights:
+        weights = estimate_weight_bytes(str(folder), name)
     return ModelInfo(layers, kv_heads, head_dim, _DTYPE_BYTES[name], max_context, weights)
 
 
