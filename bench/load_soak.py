@@ -117,6 +117,7 @@ class Outcome:
     detail: str = ""  # the error's kind ("http 503", "sse model_unavailable", "grpc UNAVAILABLE"), or why lost
     latency_s: float = 0.0
     expected_error: bool = False  # a request for a model that does not exist
+    model: str = ""
     started: float = 0.0  # time.monotonic() when it was sent
     ended: float = 0.0  # ... and when it ended
 
@@ -254,7 +255,7 @@ class Clients:
 
 async def send(clients: Clients, p: Planned, deadline_s: float) -> Outcome:
     start = time.monotonic()
-    outcome = Outcome(p.index, p.shape, LOST, expected_error=p.model == MISSING_MODEL)
+    outcome = Outcome(p.index, p.shape, LOST, expected_error=p.model == MISSING_MODEL, model=p.model)
     try:
         if p.api == "rest":
             work = _rest(clients.http, p)

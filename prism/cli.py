@@ -64,6 +64,8 @@ def up(
                                          "or in the agent (auto: process on CUDA, inline on the CPU)"),
     scheduler_replicas: int = typer.Option(1, min=1, help="scheduler processes; they elect a leader through etcd "
                                            "and a standby takes over when the leader dies"),
+    agents: int = typer.Option(1, min=1, help="agent processes, each with its own device (on a CPU: its own "
+                               "--cpu-memory-gb); the scheduler places models over all of them"),
     tls: bool = typer.Option(False, "--tls", help="make a local CA and certificates in STATE_DIR/tls; TLS "
                              "everywhere, mTLS between services and etcd; clients need the CA it prints"),
     etcd_ca: Optional[Path] = typer.Option(None, "--etcd-ca", help="with --etcd: CA certificate that verifies it"),
@@ -75,7 +77,7 @@ def up(
                                                  "docs/security.md); $PRISM_API_KEY must hold one that may use "
                                                  "every model, for the readiness check"),
 ) -> None:
-    """Run etcd, the scheduler, one agent and the gateway in the foreground; Ctrl-C stops them all."""
+    """Run etcd, the scheduler, the agent(s) and the gateway in the foreground; Ctrl-C stops them all."""
     from prism.cluster import ClusterStartError, LocalCluster
     from services.common.etcd import EtcdAccess
     from services.common.placement_config import ConfigError
@@ -98,7 +100,8 @@ def up(
         gateway_args = ("--api-keys-file", str(api_keys_file.resolve()))
     cluster = LocalCluster(state_dir=state_dir, config_path=config, http_port=http_port, grpc_port=grpc_port,
                            etcd_endpoint=etcd, device=device, cpu_memory_gb=cpu_memory_gb, host=host,
-                           engine_isolation=engine_isolation, scheduler_replicas=scheduler_replicas, tls=tls,
+                           engine_isolation=engine_isolation, scheduler_replicas=scheduler_replicas, agents=agents,
+                           tls=tls,
                            etcd_access=access, gateway_args=gateway_args)
     typer.echo(f"starting Prism (state and logs in {cluster.state_dir}) ...")
     try:
@@ -113,7 +116,7 @@ def up(
         f"  OpenAI REST   {cluster.http_url}/v1   (models: {', '.join(cluster.model_names())})\n"
         f"  gRPC gateway  {cluster.gateway_grpc}\n"
         f"  scheduler     {', '.join(cluster.scheduler_addresses.values())}\n"
-        f"  agent         {cluster.agent_address}\n"
+        f"  agent{'s' if agents > 1 else ' '}        {', '.join(cluster.agent_addresses.values())}\n"
         f"  etcd          {cluster.etcd_endpoint}\n"
         f"  logs          {cluster.log_dir}\n"
         + (_tls_banner(cluster) if tls else "")
