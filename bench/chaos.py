@@ -37,7 +37,7 @@ What is measured per fault: the requests that ended from its injection to
 the next one, by how they ended; "serving resumed": from the injection to
 the end of the first request sent after it that completed; "all served":
 the same for the last model to get one; "consistent": until a scheduler
-replica leads (after the leader's kill: the other one) and etcd's
+replica leads (after the leader's kill: one elected since) and etcd's
 placement and the agents agree again (every configured model has a replica
 on a live agent, each replica's agent runs an engine for it that has loaded
 and not failed, no live agent runs an engine no placement names, and each agent's
@@ -309,13 +309,14 @@ def agent_serving_most(etcd: str, up: PrismUp) -> str:
     return max(up.agent_addresses, key=lambda name: engines_at.get(up.agent_addresses[name], 0))
 
 
-def consistency_problems(snapshot, models: list[str], dead_scheduler: str = "") -> list[str]:
+def consistency_problems(snapshot, models: list[str], elected_after: float = 0.0) -> list[str]:
     """What keeps etcd's placement and the agents from agreeing (empty: consistent); and a scheduler
-    replica leads, not `dead_scheduler`."""
+    replica leads, elected after `elected_after` (wall-clock time: the killed leader's record is not
+    a leader)."""
     problems = []
-    leader = (snapshot.scheduler_leader or {}).get("scheduler_id")
-    if leader is None or leader == dead_scheduler:
-        problems.append(f"no scheduler leads (the leader record names {leader})")
+    leader = snapshot.scheduler_leader or {}
+    if not leader or leader.get("elected_at", 0.0) <= elected_after:
+        problems.append(f"no scheduler leads (the leader record: {leader or 'none'})")
     live = {a.agent_id: a for a in snapshot.agents}
     engines = {(e["agent_id"], e["model"]): e for e in snapshot.engines}
     named = set()
@@ -354,6 +355,7 @@ class Injection:
     fault: str
     target: str  # the process it hit
     at: float  # time.monotonic()
+    wall_at: float  # time.time() at the same moment
     cleared_at: float = 0.0  # agent-stop: SIGCONT; else the injection
     resumed_s: float | None = None  # to the first request sent after it that completed
     all_served_s: float | None = None  # ... for the last model
@@ -406,8 +408,8 @@ def watch_recovery(injection: Injection, load: OpenLoopLoad, etcd: str, models: 
             injection.all_served_s = max(firsts[m] for m in models) - injection.at
         if injection.consistent_s is None and time.monotonic() >= injection.cleared_at:
             try:
-                dead = injection.target if injection.fault == "scheduler" else ""
-                problems = consistency_problems(asyncio.run(read_cluster(etcd)), models, dead)
+                elected_after = injection.wall_at if injection.fault == "scheduler" else 0.0
+                problems = consistency_problems(asyncio.run(read_cluster(etcd)), models, elected_after)
             except Exception as exc:  # noqa: BLE001  etcd down for a moment: not yet consistent
                 problems = [f"cannot read the cluster: {type(exc).__name__}: {exc}"]
             if problems:
@@ -454,7 +456,7 @@ def run_seed(seed: int, faults: list[str], *, rate: float, deadline_s: float, bo
             for fault in faults:
                 time.sleep(rng.uniform(*gap_s))
                 target, at, cleared = inject(fault, up, etcd)
-                injection = Injection(fault, target, at, cleared)
+                injection = Injection(fault, target, at, time.time() - (time.monotonic() - at), cleared)
                 injections.append(injection)
                 log(f"seed {seed}, {replicas} replica(s) a model: {fault} ({target})")
                 watch_recovery(injection, load, etcd, models, bound_s)
@@ -483,10 +485,14 @@ def run_seed(seed: int, faults: list[str], *, rate: float, deadline_s: float, bo
             "ends": dict(Counter(chaos_kind(o) for o in outcomes)),
             "missing_model_requests": sum(o.expected_error for o in outcomes),
             "before_first_fault": dict(Counter(chaos_kind(o) for o in before)),
-            "injections": [{**asdict(inj), "at": None, "cleared_at": None,
+            "injections": [{**asdict(inj), "at": None, "wall_at": None, "cleared_at": None,
                             "stopped_s": round(inj.cleared_at - inj.at, 2)} for inj in injections],
             "supervisor_lines": restarts,
         }
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
 
 
 def _s(value: float | None) -> str:
@@ -536,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
     faults = [f.strip() for f in args.faults.split(",") if f.strip()]
     if unknown := [f for f in faults if f not in FAULTS]:
         p.error(f"unknown fault(s) {', '.join(unknown)}; known: {', '.join(FAULTS)}")
+    # A SIGTERM ends the run as Ctrl-C does: each run's cluster is stopped on the way out, not left behind.
+    signal.signal(signal.SIGTERM, _interrupt)
     started = time.time()
     runs = [run_seed(seed, faults, rate=args.rate, deadline_s=args.deadline_s, bound_s=args.bound_s,
                      gap_s=tuple(args.gap_s), agents=args.agents, cpu_memory_gb=args.cpu_memory_gb, replicas=replicas)
