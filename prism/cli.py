@@ -176,6 +176,32 @@ def _tls_banner(cluster) -> str:
     )
 
 
+@app.command()
+def doctor(
+    device: str = typer.Option("auto", help="auto | cpu | cuda: the device the agent will serve on"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="the placement config to check; default: "
+                                          "what prism up serves without one"),
+    etcd: Optional[str] = typer.Option(None, help="an external etcd host:port to reach; default: the embedded one"),
+    host: str = typer.Option("127.0.0.1", help="the address prism up binds"),
+    http_port: int = typer.Option(8000, help="REST port prism up binds"),
+    grpc_port: int = typer.Option(50050, help="gRPC port prism up binds"),
+    quick: bool = typer.Option(False, "--quick", help="skip mapping a kvcached page and timing a pinned copy"),
+) -> None:
+    """Check this host before a run: one line per check, what to fix; exit 1 when something blocks serving."""
+    from prism import doctor as checks
+
+    if device not in ("auto", "cpu", "cuda"):
+        typer.echo(f"prism doctor: --device must be auto, cpu or cuda, not {device!r}", err=True)
+        raise typer.Exit(2)
+    found = checks.run(device=device, config=config, etcd=etcd, host=host, http_port=http_port,
+                       grpc_port=grpc_port, measure=not quick)
+    for check in found:
+        typer.echo(check.line())
+    typer.echo(checks.summary(found))
+    if any(c.status == checks.FAIL for c in found):
+        raise typer.Exit(1)
+
+
 @app.command("make-model")
 def make_model(
     out_dir: Path = typer.Argument(..., help="folder to write config.json, model.safetensors and tokenizer files to"),

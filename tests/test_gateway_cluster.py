@@ -85,6 +85,13 @@ def test_the_request_id_reaches_the_agent_log(cluster):
         time.sleep(0.1)
 
 
+def test_the_agent_logs_its_host_checks(cluster):
+    """prism doctor's host checks (services/gpu_agent/host_checks.py), at the agent's start."""
+    log = (cluster.log_dir / "agent.log").read_text()
+    assert "host check: OK    python" in log and "host check: OK    torch" in log
+    assert "host check: SKIP  gpus" in log  # a CPU agent
+
+
 def test_raw_sse_stream_ends_with_done(cluster):
     with httpx.stream("POST", cluster.http_url + "/v1/chat/completions", timeout=60, json={
             "model": "tiny-llama", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,

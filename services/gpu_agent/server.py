@@ -57,6 +57,7 @@ from services.gpu_agent.cuda_mps import CHOICES as MPS_CHOICES, MpsError, start_
 from services.gpu_agent.devices import Device, discover_devices
 from services.gpu_agent.engine.shared_weights import check_shared_dir, default_shared_dir
 from services.gpu_agent.engine_manager import DEFAULT_DRAIN_TIMEOUT_S, EngineManager, ManagedEngine
+from services.gpu_agent.host_checks import FAIL, WARN, gather_facts, verdicts
 from services.gpu_agent.load_reporter import LoadReporter
 from services.gpu_agent.memory_coordinator import DEFAULT_RELIEVE_IDLE_S, MemoryCoordinator, prepare_activation_on
 from services.gpu_agent.memory_policy import POLICIES
@@ -203,6 +204,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def log_host_checks(device: str) -> None:
+    """prism doctor's host checks, without the ones that touch the GPU (host_checks.py): a warning for
+    each one that finds something to fix."""
+    for check in verdicts(gather_facts(measure=False), device):
+        (log.warning if check.status in (WARN, FAIL) else log.info)("host check: %s", check.line())
+
+
 def shared_weights_dir(choice: str, devices: list[Device]) -> Path | None:
     if choice == "none":
         return None
@@ -244,6 +252,7 @@ async def serve_engines(args: argparse.Namespace) -> None:
         shared_dir = shared_weights_dir(args.shared_weights_dir, devices)
     except ValueError as exc:
         raise SystemExit(f"agent: --shared-weights-dir: {exc}") from None
+    log_host_checks(args.device)
     advertise = args.advertise or args.listen
     agent_id = args.agent_id or f"{socket.gethostname()}-{advertise.rsplit(':', 1)[-1]}"
     etcd = await connect(args.etcd, access=args.etcd_access)
