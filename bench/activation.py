@@ -31,24 +31,9 @@ import torch
 from common import environment, first_token_s, table, write_json
 
 from services.gpu_agent.engine import Engine
+from services.gpu_agent.host_checks import pinned_bandwidth
 
 CONFIGS = ["llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"]
-
-
-def pinned_bandwidth(nbytes: int = 4 << 30, repeats: int = 5) -> float:
-    """Best-of-N bytes/s of one large pinned host -> device copy."""
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    device = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    best = float("inf")
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        device.copy_(host, non_blocking=True)
-        torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    del host, device
-    torch.cuda.empty_cache()
-    return nbytes / best
 
 
 def measure(name: str, repeats: int, bandwidth: float) -> dict:
@@ -136,7 +121,7 @@ def main() -> None:
         raise SystemExit(f"--engines: unknown {', '.join(sorted(unknown))} (builtin, sglang)")
     if not torch.cuda.is_available():
         raise SystemExit("activation.py needs a CUDA GPU")
-    bandwidth = pinned_bandwidth()
+    bandwidth = pinned_bandwidth(4 << 30, repeats=5)
     print(f"pinned host->device bandwidth: {bandwidth / 1e9:.1f} GB/s")
     rows = []
     with tempfile.TemporaryDirectory(prefix="prism-activation-") as work:

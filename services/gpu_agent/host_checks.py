@@ -141,12 +141,10 @@ def bandwidth_check(facts: HostFacts) -> Check:
 
 def verdicts(facts: HostFacts, device: str = "auto", weight_bytes: int = 0) -> list[Check]:
     """Every host check's line, for `device` ("auto", "cpu" or "cuda")."""
-    if device == "cpu":  # the GPU checks do not matter for a CPU agent
-        cpu = HostFacts(python=facts.python, torch_version=facts.torch_version, torch_error=facts.torch_error,
-                        torch_cuda=facts.torch_cuda, sglang_version=facts.sglang_version,
-                        shm_free_bytes=facts.shm_free_bytes)
-        return [python_check(cpu), torch_check(cpu, device), gpu_check(cpu, device), kvcached_check(cpu),
-                sglang_check(cpu), shm_check(cpu, weight_bytes), bandwidth_check(cpu)]
+    if device == "cpu":  # the GPUs do not matter to a CPU agent: judged as if it had none
+        facts = HostFacts(python=facts.python, torch_version=facts.torch_version, torch_error=facts.torch_error,
+                          torch_cuda=facts.torch_cuda, sglang_version=facts.sglang_version,
+                          shm_free_bytes=facts.shm_free_bytes)
     return [python_check(facts), torch_check(facts, device), gpu_check(facts, device), kvcached_check(facts),
             sglang_check(facts), shm_check(facts, weight_bytes), bandwidth_check(facts)]
 
@@ -184,7 +182,7 @@ def gather_facts(*, measure: bool = True) -> HostFacts:
     facts.shm_free_bytes = _free_bytes("/dev/shm")
     if measure and facts.gpus:
         facts.kvcached_map = _map_a_page() if facts.kvcached_version else ""
-        facts.pinned_gbps = _pinned_gbps()
+        facts.pinned_gbps = pinned_bandwidth() / 1e9
     return facts
 
 
@@ -239,7 +237,8 @@ def _map_a_page() -> str:
     return "ok"
 
 
-def _pinned_gbps(nbytes: int = 256 << 20, repeats: int = 3) -> float:
+def pinned_bandwidth(nbytes: int = 256 << 20, repeats: int = 3) -> float:
+    """Best-of-N bytes/s of one pinned host -> GPU 0 copy of nbytes."""
     import torch
 
     host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
@@ -253,4 +252,4 @@ def _pinned_gbps(nbytes: int = 256 << 20, repeats: int = 3) -> float:
         best = min(best, time.perf_counter() - start)
     del host, device
     torch.cuda.empty_cache()
-    return nbytes / best / 1e9
+    return nbytes / best
