@@ -163,7 +163,9 @@ class PrismUp:
 
     def stop(self) -> None:
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)  # prism up stops everything it started
+            # prism up stops everything it started on SIGTERM (SIGINT too, unless it inherited SIGINT
+            # ignored: a test run in the background); its services share its process group for the rest.
+            self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(60)
             except subprocess.TimeoutExpired:
