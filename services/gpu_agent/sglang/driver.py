@@ -54,6 +54,7 @@ from services.gpu_agent.engine.request import (
     ServingPath,
 )
 from services.gpu_agent.engine.tokenizer import Tokenizer
+from services.gpu_agent.host_checks import SGLANG_VERIFIED
 from services.gpu_agent.sglang.client import ChunkDecoder, SGLangClient, SGLangHTTPError
 from services.gpu_agent.sglang.kvcached_limit import (
     KVCACHED_PAGE_BYTES,
@@ -83,7 +84,6 @@ ABORT_TIMEOUT_S = 5.0
 IDLE_POLL_S = 0.05  # polling /v1/loads before a release
 NO_LOADS_SETTLE_S = 1.0  # before a release, where /v1/loads has no snapshot
 LOG_TAIL_LINES = 30
-SGLANG_CHECKED_VERSION = "0.5.15"  # the release whose source this driver was audited against
 
 OnLost = Callable[[WorkerLostError], Awaitable[None]]
 
@@ -600,16 +600,16 @@ async def _wait_healthy(process: ServerProcess, client: SGLangClient, config: SG
 
 
 async def _server_version(client: SGLangClient, config: SGLangLaunchConfig) -> str | None:
-    """The version /v1/loads reports; a warning where it is not the one the
-    driver was checked against (docs/sglang.md)."""
+    """The version /v1/loads reports; a warning where it is not one the
+    driver was verified with (docs/sglang.md)."""
     try:
         version = await client.version()
     except (SGLangHTTPError, httpx.HTTPError, ValueError) as exc:
         log.warning("the SGLang server for %s does not say its version (%s)", config.name, exc)
         return None
-    if version != SGLANG_CHECKED_VERSION:
-        log.warning("the SGLang server for %s is version %s; the driver was checked against %s's source",
-                    config.name, version, SGLANG_CHECKED_VERSION)
+    if version not in SGLANG_VERIFIED:
+        log.warning("the SGLang server for %s is version %s; the driver was verified with %s",
+                    config.name, version, ", ".join(SGLANG_VERIFIED))
     return version
 
 
