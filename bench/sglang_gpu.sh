@@ -3,10 +3,11 @@
 # calls sent back to back (the lent machine goes back after 30 s idle, and a
 # call carries at most 64 MiB: the offline SGLang site is three parts).
 #
-# Here, once (downloads about 230 MiB; see ../shared/device/sglang-bundle.sh):
-#   bash ../shared/device/sglang-bundle.sh .sglang-bundle      # sgl.0 sgl.1 sgl.2
-#   mkdir -p .sglang-min && cp ../shared/device/{setup-kvcached.sh,kvcached-*.tar.gz,posix_ipc-*.whl} \
-#     .device/wheels/{aetcd,pytest_asyncio,grpcio_health,grpcio_reflection}*.whl .sglang-min/
+# Here, once (downloads about 230 MiB):
+#   bash deploy/sglang-bundle.sh .sglang-bundle      # sgl.0 sgl.1 sgl.2
+#   .sglang-min/: setup-kvcached.sh (builds kvcached from its sdist into /tmp/kvsite and
+#     exports PYTHONPATH and LD_PRELOAD), the kvcached 0.1.6 sdist and the posix_ipc wheel,
+#     and the aetcd, pytest-asyncio, grpcio-health-checking/-reflection 1.84 wheels
 #   (both folders listed in .git/info/exclude)
 # On the GPU machine, each call carrying the named paths:
 #   1. carry .sglang-bundle/sgl.0:               bash bench/sglang_gpu.sh stash
