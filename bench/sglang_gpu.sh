@@ -16,13 +16,14 @@
 # `run` assembles the site into /tmp/site312 (once per machine), builds kvcached,
 # puts kvcached's autopatch .pth into the interpreter's site-packages (a .pth on
 # PYTHONPATH is not read: kvcached would then patch nothing, silently), and runs
-# the STEPs (default: tests activation), each writing under $OUT:
+# the STEPs (default: doctor tests activation), each writing under $OUT:
+#   doctor      prism doctor --device cuda (kvcached maps a page, pinned bandwidth)
 #   tests       tests/test_sglang_driver.py with the real server (a Llama-3.2-1B
 #               config with dummy weights and the tiny tokenizer, Triton attention)
 #   activation  bench/activation.py --engines sglang,builtin (1B, 3B, 8B)
 # A later call on the same warm machine runs `run STEP` again without the parts.
 set -uo pipefail
-stage="${1:?usage: sglang_gpu.sh stash | run [tests] [activation]}"
+stage="${1:?usage: sglang_gpu.sh stash | run [doctor] [tests] [activation]}"
 shift
 parts=/tmp/sglang-parts
 out="${OUT:-/tmp/sglang-out}"
@@ -55,7 +56,7 @@ python3 -c "import sglang, kvcached, torch; print('sglang', sglang.__version__, 
 'torch', torch.__version__, torch.cuda.get_device_name())" || exit 1
 
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(tests activation)
+[ ${#steps[@]} -gt 0 ] || steps=(doctor tests activation)
 status=0
 for step in "${steps[@]}"; do
   case "$step" in
@@ -67,11 +68,14 @@ print(common.dummy_model_folder('llama-3.2-1b', '/tmp/sglang-models'))")
         python3 -m pytest -q -s -p no:cacheprovider tests/test_sglang_driver.py --junitxml "$out/sglang-tests.xml" \
         2>&1 | tee "$out/sglang-tests.log" | tail -25 || status=1
       ;;
+    doctor)
+      python3 -m prism.cli doctor --device cuda 2>&1 | tee "$out/doctor.log" || status=1
+      ;;
     activation)
       python3 bench/activation.py --engines sglang,builtin --repeats 5 --json "$out/activation-sglang.json" \
         2>&1 | tee "$out/activation-sglang.log" | grep -v "^\[" | tail -30 || status=1
       ;;
-    *) echo "unknown step $step (tests, activation)"; status=2 ;;
+    *) echo "unknown step $step (doctor, tests, activation)"; status=2 ;;
   esac
 done
 exit $status
