@@ -436,6 +436,7 @@ def simulate(
     from prism.simulator.runner import GB, SimSettings, min_gpus_for as search, simulate as run
     from dataclasses import asdict
 
+    from prism.progress import Progress, bar
     from prism.workload.replay import SloTargets
     from prism.workload.trace import Trace
     from services.common.placement_config import ConfigError, load
@@ -458,7 +459,10 @@ def simulate(
     results: dict = {"slo": asdict(slo), "profile": str(profile or DEFAULT_PROFILE), "policies": {}}
     typer.echo(f"{len(trace.requests)} requests, {len(models)} models, {gpus} GPUs of {gpu_memory_gb:g} GB, "
                f"profile {latency.device}")
-    for name in policies:
+    shown = Progress()
+    for done, name in enumerate(policies):
+        shown.update(f"{bar(done, len(policies))} {done}/{len(policies)} policies; simulating {name}"
+                     + (f" and the fewest GPUs for {100 * min_gpus_for:g}%" if min_gpus_for is not None else ""))
         settings = SimSettings(num_gpus=gpus, policy=name, gpus_per_agent=gpus_per_agent,
                                gpu_memory_bytes=int(gpu_memory_gb * GB), memory_policy=memory_policy,
                                replan_interval_s=replan_interval_s, standby_replicas=standby_replicas,
@@ -468,6 +472,7 @@ def simulate(
         except ValueError as exc:
             typer.echo(f"prism simulate: {exc}", err=True)
             raise typer.Exit(1)
+        shown.close()
         o = result["overall"]
         line = (f"  {name:<11} attainment {100 * o['slo_attainment']:5.1f}% at {gpus} GPUs, "
                 f"errors {o['errors'] or 'none'}")

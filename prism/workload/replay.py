@@ -23,12 +23,12 @@ import functools
 import json
 import random
 import statistics
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
+from prism.progress import Progress, bar
 from prism.workload.trace import Trace, TraceRequest
 
 if TYPE_CHECKING:  # grpc loads only for a replay (the simulator imports this module too)
@@ -153,12 +153,12 @@ def _finish(result: RequestResult, start: float, first: float | None, tokens: in
         result.tpot_s = (end - first) / (tokens - 1) if tokens > 1 else None
 
 
-def _progress(done: int, total: int, started: float) -> None:
-    width = 30
-    filled = width * done // max(1, total)
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} requests, "
-                     f"{time.monotonic() - started:.0f}s")
-    sys.stderr.flush()
+def progress_text(results: list[RequestResult], done: int, elapsed_s: float) -> str:
+    """The replay's progress: requests ended, the share of them within SLO so far, errors."""
+    within = sum(r.attained for r in results)  # False until a request has ended within its SLO
+    errors = sum(r.error is not None for r in results)
+    share = f"{100 * within / done:.1f}% within SLO" if done else "none ended yet"
+    return f"{bar(done, len(results))} {done}/{len(results)} requests, {share}, {errors} errors, {elapsed_s:.0f}s"
 
 
 async def replay(trace: Trace, *, http_url: str | None = None, grpc_address: str | None = None,
@@ -178,12 +178,16 @@ async def replay(trace: Trace, *, http_url: str | None = None, grpc_address: str
     done = 0
     t0 = time.monotonic()
 
+    shown = Progress() if progress else None
+
     async def one(send, client, index: int) -> None:
         nonlocal done
-        await send(client, trace.requests[index], index, chars_per_token, results[index])
+        result = results[index]
+        await send(client, trace.requests[index], index, chars_per_token, result)
+        result.attained = result.error is None and slo.attained(result.ttft_s, result.tpot_s, result.model)
         done += 1
-        if progress:
-            _progress(done, len(results), t0)
+        if shown is not None:
+            shown.update(progress_text(results, done, time.monotonic() - t0))
 
     async def run(send, client) -> None:
         tasks = []
@@ -208,10 +212,8 @@ async def replay(trace: Trace, *, http_url: str | None = None, grpc_address: str
 
         async with aio_channel(grpc_address, tls) as channel:
             await run(functools.partial(_send_grpc, metadata=metadata), gateway_pb2_grpc.GatewayStub(channel))
-    if progress:
-        sys.stderr.write("\n")
-    for r in results:
-        r.attained = r.error is None and slo.attained(r.ttft_s, r.tpot_s, r.model)
+    if shown is not None:
+        shown.close(progress_text(results, done, time.monotonic() - t0))
     return results
 
 
