@@ -88,10 +88,52 @@ class PlacementConfig:
         raise KeyError(name)
 
 
-_MODEL_FIELDS = {"model_name", "model_path", "tp_size", "init_placements", "load_format", "engine", "dtype", "seed",
-                 "slo", "priority", "shed_load", "max_context", "deterministic_inference"}
-_SLO_FIELDS = {"ttft_ms", "tpot_ms"}
-_PLACEMENT_FIELDS = {"gpu_ids", "on", "max_memory_pool_size"}
+@dataclass(frozen=True)
+class FieldDoc:
+    """One field of the config, as its reference (docs/reference/config.md, generated) states it; the
+    parser accepts exactly the fields these tables name."""
+
+    name: str
+    kind: str
+    default: str  # "required", or the value taken when absent
+    meaning: str
+
+
+MODEL_FIELDS = (
+    FieldDoc("model_name", "string", "required", "the name clients ask for; unique, no '/' or spaces"),
+    FieldDoc("model_path", "string", "required", "a folder with config.json (and safetensors weights unless "
+             "load_format is dummy), or a .gguf file; relative paths are resolved against the config's folder"),
+    FieldDoc("tp_size", "integer >= 1", "1", "GPUs one engine of the model is split over (tensor parallelism)"),
+    FieldDoc("init_placements", "list of placements", "required", "where the model starts (see below)"),
+    FieldDoc("load_format", " | ".join(LOAD_FORMATS), "auto", "auto: the folder's safetensors or the .gguf file; "
+             "dummy: random weights from config.json alone"),
+    FieldDoc("engine", " | ".join(ENGINES), "auto", "torch: the built-in engine; sglang: an SGLang server with "
+             "kvcached; auto: SGLang on a CUDA agent where it imports, else torch"),
+    FieldDoc("dtype", " | ".join(DTYPES), "auto", "the weights' and activations' type (auto: the checkpoint's)"),
+    FieldDoc("seed", "integer", "0", "the seed of dummy weights"),
+    FieldDoc("slo", "object", "the agent's defaults", "the latency targets the model's requests are admitted "
+             "and judged against (see below)"),
+    FieldDoc("priority", "integer >= 1", "1", "the model's weight when models on a GPU contend for memory"),
+    FieldDoc("shed_load", "boolean", "false", "true: refuse with 429 a request that can no longer meet its TTFT, "
+             "instead of serving it late"),
+    FieldDoc("max_context", "integer >= 1", "the model's own", "the longest sequence (prompt and output) the "
+             "engine accepts, at most the model's own; SGLang gets it as --context-length"),
+    FieldDoc("deterministic_inference", "boolean", "false", "SGLang engines honour requests' seeds "
+             "(--enable-deterministic-inference); the built-in engine always does"),
+)
+SLO_FIELDS = (
+    FieldDoc("ttft_ms", "number > 0", "1000", "time to the first token, milliseconds"),
+    FieldDoc("tpot_ms", "number > 0", "100", "time per output token after the first, milliseconds"),
+)
+PLACEMENT_FIELDS = (
+    FieldDoc("gpu_ids", "list of integers >= 0", "required", "the GPUs of one engine, tp_size of them; the "
+             "scheduler picks the agent"),
+    FieldDoc("on", "boolean", "true", "false: loaded switched off, switched on by its first request"),
+    FieldDoc("max_memory_pool_size", "number > 0", "no cap", "the most KV memory, in GB, the engine may hold"),
+)
+_MODEL_FIELDS = {f.name for f in MODEL_FIELDS}
+_SLO_FIELDS = {f.name for f in SLO_FIELDS}
+_PLACEMENT_FIELDS = {f.name for f in PLACEMENT_FIELDS}
 
 
 def _is_int(v: Any) -> bool:
