@@ -18,6 +18,9 @@ variable) sends it as `authorization: Bearer <key>` on every call.
 `PrismError` subclasses, one per status code a caller would handle
 differently; arguments the SDK itself can tell are wrong raise ValueError
 before anything is sent.
+
+The SDK depends on grpcio, protobuf and the generated stubs (prism.v1) alone,
+never on a service's code.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from typing import Literal, TypedDict, Unpack
 import grpc
 
 from prism.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
-from services.common.tls import aio_channel, client_tls, sync_channel
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -304,6 +306,33 @@ def _model_infos(response: gateway_pb2.ListModelsResponse) -> list[ModelInfo]:
 
 
 PemPath = str | os.PathLike[str]
+
+
+class TlsConfigError(ValueError):
+    """tls_ca / tls_cert / tls_key that cannot work: a certificate without its key, a file that cannot be
+    read. (A file that is not PEM is found by the TLS handshake: UnavailableError.)"""
+
+
+def tls_credentials(tls_ca: PemPath | None, tls_cert: PemPath | None,
+                    tls_key: PemPath | None) -> grpc.ChannelCredentials | None:
+    """The channel's TLS credentials; None (plaintext) when no file is given."""
+    if tls_ca is None and tls_cert is None and tls_key is None:
+        return None
+    if (tls_cert is None) != (tls_key is None):
+        given, missing = ("tls_cert", "tls_key") if tls_cert is not None else ("tls_key", "tls_cert")
+        raise TlsConfigError(f"{given} needs {missing}: a client certificate goes with its key")
+
+    def read(path: PemPath | None, option: str) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            return open(path, "rb").read()
+        except OSError as exc:
+            raise TlsConfigError(f"{option} {path}: cannot read it ({exc.strerror})") from None
+
+    return grpc.ssl_channel_credentials(root_certificates=read(tls_ca, "tls_ca"),
+                                        private_key=read(tls_key, "tls_key"),
+                                        certificate_chain=read(tls_cert, "tls_cert"))
 API_KEY_ENV = "PRISM_API_KEY"
 
 
@@ -319,7 +348,7 @@ class PrismClient:
     channel is released. `timeout_s` is each call's deadline (a streamed
     generation's whole stream included); None means no deadline. tls_ca,
     tls_cert, tls_key: PEM files for TLS (see the module's docstring); a
-    file that cannot be read raises services.common.tls.TlsConfigError (a
+    file that cannot be read raises TlsConfigError (a
     ValueError) here. api_key: sent with every call (default $PRISM_API_KEY)."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout_s: float | None = DEFAULT_TIMEOUT_S,
@@ -328,7 +357,9 @@ class PrismClient:
         self.target = target
         self.timeout_s = timeout_s
         self._metadata = auth_metadata(api_key)
-        self._channel = sync_channel(target, client_tls(tls_ca, tls_cert, tls_key, options="tls"))
+        credentials = tls_credentials(tls_ca, tls_cert, tls_key)
+        self._channel = (grpc.insecure_channel(target) if credentials is None
+                         else grpc.secure_channel(target, credentials))
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
     def close(self) -> None:
@@ -385,7 +416,9 @@ class AsyncPrismClient:
         self.target = target
         self.timeout_s = timeout_s
         self._metadata = auth_metadata(api_key)
-        self._channel = aio_channel(target, client_tls(tls_ca, tls_cert, tls_key, options="tls"))
+        credentials = tls_credentials(tls_ca, tls_cert, tls_key)
+        self._channel = (grpc.aio.insecure_channel(target) if credentials is None
+                         else grpc.aio.secure_channel(target, credentials))
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
     async def close(self) -> None:

@@ -466,3 +466,15 @@ class TestAgainstLocalCluster:
             assert (done.finish_reason, done.completion_tokens) == ("length", 10)
             with pytest.raises(ModelNotFoundError):
                 await client.generate("no-such-model", "Hello")
+
+
+def test_the_sdk_imports_no_service_code():
+    """The SDK depends on grpcio, protobuf and the generated stubs alone (a client installs no server)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, prism.client; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('services', 'torch', 'fastapi', 'aetcd')); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr

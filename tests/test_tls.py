@@ -195,7 +195,7 @@ class ListOnlyGateway(gateway_pb2_grpc.GatewayServicer):
 
 
 async def test_sdk_clients_take_a_ca_and_a_client_certificate(pki, tmp_path):
-    from prism.client import AsyncPrismClient, PrismClient, UnavailableError
+    from prism.client import AsyncPrismClient, PrismClient, TlsConfigError, UnavailableError
 
     server = grpc.aio.server()
     gateway_pb2_grpc.add_GatewayServicer_to_server(ListOnlyGateway(), server)
@@ -210,6 +210,8 @@ async def test_sdk_clients_take_a_ca_and_a_client_certificate(pki, tmp_path):
                 await without_cert.list_models()
         with pytest.raises(TlsConfigError, match="tls_ca .*nope.pem: cannot read it"):
             PrismClient(target, tls_ca=tmp_path / "nope.pem")
+        with pytest.raises(TlsConfigError, match="tls_cert needs tls_key"):
+            PrismClient(target, tls_cert=client.cert)
 
         def blocking_list() -> list[str]:
             with PrismClient(target, tls_ca=str(client.ca), tls_cert=str(client.cert), tls_key=str(client.key)) as sdk:
