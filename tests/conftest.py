@@ -9,6 +9,15 @@ import pytest
 
 from prism.cluster import LocalCluster
 from services.common.etcd_server import free_port
+from tests.tiers import TIERS
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks each test with its module's tier (tests/tiers.py): `pytest -m unit`, `-m cluster`, `-m cuda`."""
+    for item in items:
+        tier = TIERS.get(item.module.__name__.rsplit(".", 1)[-1]) if item.module is not None else None
+        if tier is not None:
+            item.add_marker(getattr(pytest.mark, tier))
 
 
 @pytest.fixture(scope="session")
