@@ -17,7 +17,7 @@ from services.gpu_agent.engine import Engine, GenerationRequest
 from services.gpu_agent.engine.engine import WARMUP_NEW_TOKENS, WARMUP_PROMPT_TOKENS
 from services.gpu_agent.engine.kv_pool import KVGeometry, PagePool
 from services.gpu_agent.engine.sampling import SamplingParams
-from services.gpu_agent.engine.scheduler import Scheduler
+from services.gpu_agent.engine.batch_scheduler import BatchScheduler
 from services.gpu_agent.engine.sequence import Sequence
 from tests.engine_watch import gather_watching_running
 from tests.reference_llama import ReferenceLlama
@@ -34,12 +34,12 @@ def seq(name: str, prompt_len: int) -> Sequence:
                     stop=[], ignore_eos=True, detokenizer=None, generator=None, deliver=lambda out: True)
 
 
-def scheduler(limit_tokens: int, step_tokens: int = 64, page_tokens: int = 1) -> Scheduler:
+def scheduler(limit_tokens: int, step_tokens: int = 64, page_tokens: int = 1) -> BatchScheduler:
     pool = PagePool(GEOMETRY, 256, limit_tokens * GEOMETRY.token_bytes, "cpu", page_bytes=page_tokens * SLOT)
-    return Scheduler(pool, step_tokens=step_tokens)
+    return BatchScheduler(pool, step_tokens=step_tokens)
 
 
-def run_step(sched: Scheduler) -> list[tuple[str, int, int]]:
+def run_step(sched: BatchScheduler) -> list[tuple[str, int, int]]:
     """Schedules, then does what the engine does after the forward."""
     result = sched.schedule()
     for item in result.batch:

@@ -25,7 +25,7 @@ from prism.workload.replay import SloTargets
 from prism.workload.trace import Trace, TraceRequest
 from services.common.placement_config import parse
 from services.gpu_agent import memory_policy
-from services.gpu_agent.engine import scheduler as engine_scheduler
+from services.gpu_agent.engine import batch_scheduler as engine_scheduler
 from services.scheduler import actions, policies
 
 ONE_B = "bench/configs/llama-3.2-1b"
@@ -53,7 +53,7 @@ def test_the_policies_run_are_the_real_ones(profile):
     assert sim_scheduler.plan_actions is actions.plan_actions
     assert sim_cluster.MEMORY_POLICIES is memory_policy.POLICIES
     assert sim_cluster.grant is memory_policy.grant
-    assert sim_engine.Scheduler is engine_scheduler.Scheduler
+    assert sim_engine.BatchScheduler is engine_scheduler.BatchScheduler
     from services.gpu_agent import admission
     assert sim_cluster.admission_key is admission.admission_key
     assert sim_cluster.free_tokens is admission.free_tokens
@@ -310,7 +310,7 @@ def test_an_engine_waiting_for_kv_takes_no_share_of_its_gpu(profile):
     sim_scheduler.SimScheduler(cluster, "static").replan(instant=True)
     engines = {e.name: e for agent in cluster.agents.values() for e in agent.engines.values()}
     blocked = engines["b"]
-    blocked.scheduler.has_work = lambda: True  # as when its waiting requests do not fit its limit: no step
+    blocked.batcher.has_work = lambda: True  # as when its waiting requests do not fit its limit: no step
     blocked.start_step = lambda _profile: None
     request = SimRequest(index=0, model="a", t=0.0, prompt_tokens=300, output_tokens=1)
     cluster.arrive(request)

@@ -12,7 +12,7 @@ What runs the real code (imported):
   services/gpu_agent/admission.py, in the same pass structure as its pump
   (a model whose earlier request waits blocks its later ones, a grant from
   the unassigned budget first, shedding past the deadline);
-- batching: each engine's real Scheduler (see engine.py).
+- batching: each engine's real BatchScheduler (see engine.py).
 
 What is modeled: step times, activation, deactivation and load delays from the
 profile; the engines with work on a GPU step at once, sharing it as the
@@ -677,7 +677,7 @@ class SimCluster:
             position = (device.turn + i) % n
             engine = device.engines[position]
             if engine.state != "active" or engine.stepping or engine.gpu != device.index \
-                    or not engine.scheduler.has_work():
+                    or not engine.batcher.has_work():
                 continue  # (a split engine's steps start from its first GPU)
             step = engine.start_step(self.profile)
             if step is None:

@@ -1,5 +1,5 @@
 """A simulated engine: the real continuous-batching scheduler
-(services/gpu_agent/engine/scheduler.py, with its Sequence objects) over a KV
+(services/gpu_agent/engine/batch_scheduler.py, with its Sequence objects) over a KV
 pool that only counts tokens and pages, and step times from the profile
 instead of a forward pass."""
 
@@ -13,7 +13,7 @@ from prism.simulator.profile import LatencyProfile
 from services.gpu_agent.engine.graph_shapes import graph_shape
 from services.gpu_agent.engine.kv_pool import KVPool, MemoryLimitState
 from services.gpu_agent.engine.request import DEMAND_GROWTH_TOKENS
-from services.gpu_agent.engine.scheduler import DEFAULT_STEP_TOKENS, Scheduler, ScheduleResult
+from services.gpu_agent.engine.batch_scheduler import DEFAULT_STEP_TOKENS, BatchScheduler, ScheduleResult
 from services.gpu_agent.engine.sequence import Sequence
 from services.gpu_agent.request_stats import ModelRequestStats
 from services.gpu_agent.slo import ModelSlo
@@ -184,7 +184,7 @@ class SimEngine:
         self.step_factor = step_factor
         self.cap_bytes = cap_bytes
         self.pool = CountingPool(model, capacity_tokens)
-        self.scheduler = Scheduler(self.pool, step_tokens)
+        self.batcher = BatchScheduler(self.pool, step_tokens)
         self.state = "loading"
         self.created_at = created_at
         self.last_arrival = float("-inf")
@@ -214,33 +214,33 @@ class SimEngine:
         return max(self.used_bytes, self.pool.held_bytes)
 
     def demand_tokens(self) -> int:
-        return self.scheduler.demand_tokens(DEMAND_GROWTH_TOKENS)
+        return self.batcher.demand_tokens(DEMAND_GROWTH_TOKENS)
 
     @property
     def running(self) -> int:
-        return len(self.scheduler.running)
+        return len(self.batcher.running)
 
     @property
     def queued(self) -> int:
-        return len(self.scheduler.waiting)
+        return len(self.batcher.waiting)
 
     def submit(self, request: SimRequest) -> bool:
         """Into the engine's queue; False when its prompt cannot fit the limit
         now (the real engine's CapacityError at submission)."""
-        if not self.scheduler.fits_alone(request.prompt_tokens):
+        if not self.batcher.fits_alone(request.prompt_tokens):
             return False
         seq = Sequence(request_id=str(request.index), prompt_ids=[0] * request.prompt_tokens,
                        max_tokens=request.output_tokens, sampling=None, stop=[], ignore_eos=True, detokenizer=None,
                        generator=None, deliver=_ignore)
         request.seq = seq
         self.requests[seq] = request
-        self.scheduler.add(seq)
+        self.batcher.add(seq)
         return True
 
     def start_step(self, profile: LatencyProfile) -> Step | None:
         """Plans the next step with the real scheduler and times it; None
         when nothing can run (waiting sequences that do not fit the limit)."""
-        result = self.scheduler.schedule()
+        result = self.batcher.schedule()
         too_big = [self.requests.pop(seq) for seq in result.too_big]
         if not result.batch:
             return Step(result, 0.0, too_big) if too_big else None
@@ -286,7 +286,7 @@ class SimEngine:
             if seq.num_output == 1 and request.first_token_at is None:
                 first.append(request)
             if seq.num_output >= seq.max_tokens or len(seq.token_ids) >= self.model.max_context:
-                self.scheduler.remove(seq)
+                self.batcher.remove(seq)
                 del self.requests[seq]
                 finished.append(request)
         return first, finished
@@ -295,7 +295,7 @@ class SimEngine:
         """Every request it holds (unloaded): out of the scheduler."""
         out = list(self.requests.values())
         for seq in list(self.requests):
-            self.scheduler.remove(seq)
+            self.batcher.remove(seq)
         self.requests.clear()
         out.extend(self.pending)
         self.pending.clear()

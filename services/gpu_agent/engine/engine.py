@@ -12,7 +12,7 @@ Memory: on an accelerator the weights live on the device while active and in
 pinned host memory always (see host_weights.py). KV lives in a paged pool
 (kv_pool.py: kvcached on CUDA when it is installed, PagePool otherwise) whose
 mapped memory follows a limit that can change at any time; the scheduler
-(scheduler.py) batches continuously and preempts under that limit.
+(batch_scheduler.py) batches continuously and preempts under that limit.
 
 Slots are freed only between steps: a request aborted while a step runs (a
 client gone, a deactivation) is marked finished at once, and its slots go
@@ -70,11 +70,11 @@ from services.gpu_agent.engine.sampling import (
     make_generator,
     sample_batch,
 )
-from services.gpu_agent.engine.scheduler import (
+from services.gpu_agent.engine.batch_scheduler import (
     CUDA_STEP_TOKENS,
     DEFAULT_STEP_TOKENS,
     ScheduledSeq,
-    Scheduler,
+    BatchScheduler,
 )
 from services.gpu_agent.engine.sequence import Deliver, Sequence
 from services.gpu_agent.engine.shard_follower import (
@@ -217,7 +217,7 @@ class Engine:
         self._use_graphs = cuda_graphs and self._use_triton and self.tp.size == 1
         if step_tokens is None:
             step_tokens = CUDA_STEP_TOKENS if self._device.type == "cuda" else DEFAULT_STEP_TOKENS
-        self._scheduler = Scheduler(self._make_pool(limit, 0), step_tokens)
+        self._scheduler = BatchScheduler(self._make_pool(limit, 0), step_tokens)
         if self._steps is not None:  # the other ranks' pools are as large
             self._steps.send(ShardSetup(self._scheduler.pool.capacity_tokens))
         # The decoding sequences' slots stay on the device for the Triton kernel (slot_table.py).

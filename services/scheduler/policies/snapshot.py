@@ -124,7 +124,7 @@ class PolicyParams:
     # The round of steps over a GPU's busy engines must stay within this fraction
     # of each model's TPOT SLO.
     cycle_fraction: float = 0.5
-    # An engine step's token budget (the engine's chunked prefill: services/gpu_agent/engine/scheduler.py).
+    # An engine step's token budget (the engine's chunked prefill: services/gpu_agent/engine/batch_scheduler.py).
     step_tokens: int = 512
     # Models with demand below this rate (requests/s) are warm rather than hot: they stay where they are,
     # active while their GPU has the memory, else switched off (their agent switches them on for a

@@ -61,7 +61,7 @@ class ScheduleResult:
         return sum(1 for s in self.batch if s.count == 1 and s.start > 0 and s.samples)
 
 
-class Scheduler:
+class BatchScheduler:
     def __init__(self, pool: KVPool, step_tokens: int = DEFAULT_STEP_TOKENS, max_running: int = DEFAULT_MAX_RUNNING):
         if step_tokens < 1:
             raise ValueError(f"the step token budget must be at least 1, got {step_tokens}")
