@@ -234,7 +234,7 @@ def measure_prism(folder: Path, attention: str, args, batches: list[int], bandwi
     try:
         prompt = prompt_of_length(engine, args.prompt_tokens)
         weight_bytes = step_weight_bytes(folder, engine.weight_bytes)
-        pool = type(engine._scheduler.pool).__name__  # which KV pool served: KvcachedPool or PagePool
+        pool = type(engine._batcher.pool).__name__  # which KV pool served: KvcachedPool or PagePool
         for batch in batches:
             tag = f"{folder.name}-{attention}-b{batch}"
             try:

@@ -66,7 +66,7 @@ async def run(model: str, gib: int, clients: int) -> dict:
     engine = Engine(path, name=model, load_format="dummy", dtype="bfloat16", device="cuda:0",
                     memory_limit_bytes=8 * GIB)
     engine.start()
-    pool = engine._scheduler.pool  # the bench times the pool's own map/unmap under the engine's lock
+    pool = engine._batcher.pool  # the bench times the pool's own map/unmap under the engine's lock
     stop = asyncio.Event()
     results = {"completed": 0, "tokens": 0, "errors": []}
     # The dummy model has no tokenizer.json: bytes are tokens, so 50 words are 300 tokens.

@@ -59,7 +59,7 @@ def main() -> None:
         round_("warmup")
         totals: dict[str, float] = collections.defaultdict(float)
         counts: dict[str, int] = collections.defaultdict(int)
-        patches = [(engine._scheduler, "schedule", "schedule"), (engine._slot_table, "rows_for", "rows_for"),
+        patches = [(engine._batcher, "schedule", "schedule"), (engine._slot_table, "rows_for", "rows_for"),
                    (engine, "_graph_decode", "graph_decode (launch)"),
                    (engine, "_append_token", "append_token (detokenize, deliver)")]
         patches = [(obj, attr, name) for obj, attr, name in patches if obj is not None]

@@ -291,7 +291,7 @@ async def test_the_kernel_warm_up_runs_its_steps_and_leaves_the_engine_as_it_was
         for prompt_tokens, new_tokens in zip(WARMUP_PROMPT_TOKENS, WARMUP_NEW_TOKENS):
             assert f"finished (length): {prompt_tokens} prompt + {new_tokens} completion tokens" in caplog.text
         assert engine.stats() == before
-        assert engine._scheduler.step_tokens == 8
+        assert engine._batcher.step_tokens == 8
         engine.start()
         req = greedy(PROMPTS[5], 10, "after-warm-up")
         assert await tokens_of(engine, req) == reference.greedy(engine.tokenize_prompt(req), req.max_tokens)

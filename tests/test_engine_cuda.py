@@ -42,7 +42,7 @@ async def test_two_kvcached_engines_in_one_process_match_the_reference(model_dir
     try:
         for engine in engines.values():
             engine.start()
-            assert isinstance(engine._scheduler.pool, KvcachedPool) and engine._use_triton
+            assert isinstance(engine._batcher.pool, KvcachedPool) and engine._use_triton
         for arch, engine in engines.items():
             ref = ReferenceLlama(model_dirs[arch])
             reqs = [greedy(p, 24, f"{arch}{i}") for i, p in enumerate(PROMPTS)]

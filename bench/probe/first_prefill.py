@@ -30,7 +30,7 @@ async def main(model: str) -> None:
     start = time.perf_counter()
     engine = build_engine(model_folder(model), "auto", "cuda", 1, max(PROMPTS), 1)
     print(f"built (with its warm-up) in {time.perf_counter() - start:.2f} s", flush=True)
-    engine._scheduler.step_tokens = CUDA_STEP_TOKENS  # the serving default (build_engine fits a whole batch)
+    engine._batcher.step_tokens = CUDA_STEP_TOKENS  # the serving default (build_engine fits a whole batch)
     try:
         for n in PROMPTS:
             ms = 1e3 * await first_token_s(engine, prompt_of_length(engine, n), f"first-{n}")

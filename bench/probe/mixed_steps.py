@@ -95,7 +95,7 @@ def main() -> None:
     logging.getLogger("services.gpu_agent.engine.engine").addHandler(steps)
     logging.getLogger("services.gpu_agent.engine.engine").setLevel(logging.INFO)
     engine = build_engine(model_folder(args.model), "auto", args.device, args.decoders, 128, 400)
-    engine._scheduler.step_tokens = CUDA_STEP_TOKENS
+    engine._batcher.step_tokens = CUDA_STEP_TOKENS
     profile = LatencyProfile.load(args.profile)
     try:
         asyncio.run(drive(engine, args.decoders, [128] * 3))  # warm: graphs for the batch sizes

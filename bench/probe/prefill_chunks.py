@@ -91,7 +91,7 @@ async def engine_probe(device: str) -> None:
     for budget, attend in ((512, old_attend_span), (512, new_attend), (1024, new_attend), (2048, new_attend),
                            (4096, new_attend)):
         paged_attention._attend_span = attend
-        engine._scheduler.step_tokens = budget  # a probe: the engine is built with one budget
+        engine._batcher.step_tokens = budget  # a probe: the engine is built with one budget
         row = []
         for n, prompt in prompts.items():
             await first_token_s(engine, prompt, f"warm-{budget}-{n}")
@@ -104,7 +104,7 @@ async def engine_probe(device: str) -> None:
     engine_module = sys.modules["services.gpu_agent.engine.engine"]
     engine_module.STEP_LOG = True
     for budget in (512, 4096):
-        engine._scheduler.step_tokens = budget
+        engine._batcher.step_tokens = budget
         print(f"\nsteps of the 3072-token prompt at a budget of {budget}", flush=True)
         ms = 1e3 * await first_token_s(engine, prompts[3072], f"logged-{budget}")
         print(f"{ms:.1f} ms to the first token", flush=True)

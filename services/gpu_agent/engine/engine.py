@@ -217,9 +217,9 @@ class Engine:
         self._use_graphs = cuda_graphs and self._use_triton and self.tp.size == 1
         if step_tokens is None:
             step_tokens = CUDA_STEP_TOKENS if self._device.type == "cuda" else DEFAULT_STEP_TOKENS
-        self._scheduler = BatchScheduler(self._make_pool(limit, 0), step_tokens)
+        self._batcher = BatchScheduler(self._make_pool(limit, 0), step_tokens)
         if self._steps is not None:  # the other ranks' pools are as large
-            self._steps.send(ShardSetup(self._scheduler.pool.capacity_tokens))
+            self._steps.send(ShardSetup(self._batcher.pool.capacity_tokens))
         # The decoding sequences' slots stay on the device for the Triton kernel (slot_table.py).
         self._slot_table = self._new_slot_table()
         self._last_step_graph = False  # for the step log
@@ -324,25 +324,25 @@ class Engine:
         engine's pool, its limit and revision are untouched; its graphs go at the end
         (they are bound to that pool); never fatal."""
         start = time.perf_counter()
-        pool, budget, graphs = self._scheduler.pool, self._scheduler.step_tokens, self._use_graphs
+        pool, budget, graphs = self._batcher.pool, self._batcher.step_tokens, self._use_graphs
         scratch = None
         outcomes: list[GenerationOutput | BaseException] = []
         try:
             scratch = PagePool(self._geometry, sum(WARMUP_PROMPT_TOKENS) + sum(WARMUP_NEW_TOKENS) + 1, 0, self._device,
                                padding_slot=True)  # for the graphs' padded rows
             scratch.set_memory_limit(scratch.capacity_tokens * self._geometry.token_bytes, 1)
-            self._scheduler.pool, self._scheduler.step_tokens = scratch, WARMUP_STEP_TOKENS
+            self._batcher.pool, self._batcher.step_tokens = scratch, WARMUP_STEP_TOKENS
             self._graph_runner = None
             vocab = self.config.vocab_size
             for i, n in enumerate(WARMUP_PROMPT_TOKENS):
                 prompt = [1 + j % (vocab - 1) for j in range(n)]
-                self._scheduler.add(Sequence(
+                self._batcher.add(Sequence(
                     request_id=f"warm-up-{i}", prompt_ids=prompt, max_tokens=WARMUP_NEW_TOKENS[i],
                     sampling=SamplingParams(temperature=0.0), stop=[], ignore_eos=True,
                     detokenizer=IncrementalDetokenizer(self.tokenizer, prompt), generator=None,
                     deliver=lambda out: outcomes.append(out) or True))
             for _ in range(64):  # a few steps are enough: bounded all the same
-                if not self._scheduler.has_work():
+                if not self._batcher.has_work():
                     break
                 self._step()
             if self._use_graphs:  # the decode kernel's variants for the other graph shapes
@@ -353,14 +353,14 @@ class Engine:
                                         geometry.head_dim, self.dtype, self._device, graph_batch_buckets(),
                                         graph_width_buckets())
             failed = [o for o in outcomes if isinstance(o, BaseException)]
-            if failed or self._scheduler.has_work():
+            if failed or self._batcher.has_work():
                 log.warning("engine %s: kernel warm-up incomplete (%s)", self.name, failed[0] if failed else "unfinished")
         except Exception as exc:  # noqa: BLE001  an optimization: serving goes on without it
             log.warning("engine %s: kernel warm-up failed: %s: %s", self.name, type(exc).__name__, exc)
         finally:
-            for seq in [*self._scheduler.running, *self._scheduler.waiting]:
-                self._scheduler.remove(seq)
-            self._scheduler.pool, self._scheduler.step_tokens, self._use_graphs = pool, budget, graphs
+            for seq in [*self._batcher.running, *self._batcher.waiting]:
+                self._batcher.remove(seq)
+            self._batcher.pool, self._batcher.step_tokens, self._use_graphs = pool, budget, graphs
             self._graph_runner = None
             self._slot_table = self._new_slot_table()
             # Its steps compiled kernels: not what serving steps cost (the scheduler fits costs from these).
@@ -429,8 +429,8 @@ class Engine:
                 self._board = None
             with self._lock:
                 self._end_step()
-                if self._scheduler.pool is not None:
-                    self._scheduler.pool.close()
+                if self._batcher.pool is not None:
+                    self._batcher.pool.close()
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -453,13 +453,13 @@ class Engine:
                 timing = self._weights_back_or_no_room()
             ready_start = time.perf_counter()
             with self._lock:
-                if self._scheduler.pool is None:
+                if self._batcher.pool is None:
                     state = self._pool_state
-                    self._scheduler.pool = self._make_pool(state.limit_bytes, state.revision)
+                    self._batcher.pool = self._make_pool(state.limit_bytes, state.revision)
                 self._slot_table = self._new_slot_table()
                 self._active = True
             if self._steps is not None:  # switched on once every rank is
-                self._steps.send(ShardSetup(self._scheduler.pool.capacity_tokens))
+                self._steps.send(ShardSetup(self._batcher.pool.capacity_tokens))
                 self._steps.barrier()
             timing = timing.with_ready(time.perf_counter() - ready_start)
             log.info("engine %s activated in %.3fs: allocate %.3fs, copy %.3fs (%.1f GB/s), ready %.3fs", self.name,
@@ -506,13 +506,13 @@ class Engine:
     def _release_kv_memory(self) -> None:
         """Under both locks, with no sequence left: the KV pool's memory goes back."""
         self._end_step()  # a step that ended before this took the model lock may not have freed its aborts yet
-        pool = self._scheduler.pool
+        pool = self._batcher.pool
         if isinstance(pool, KvcachedPool):
             pool.trim()  # every slot is free, so only kvcached's pre-mapped pages remain
         elif self._device.type != "cpu":  # PagePool holds its whole reservation: drop it, rebuild on activation
             self._pool_state = pool.limit_state()
             pool.close()
-            self._scheduler.pool = None
+            self._batcher.pool = None
             torch.cuda.empty_cache()
 
     def _move_weights(self, device: torch.device) -> ActivationTiming:
@@ -532,7 +532,7 @@ class Engine:
         if nbytes < 0:
             raise InvalidRequestError(f"the memory limit must be non-negative, got {nbytes}")
         with self._lock:
-            pool = self._scheduler.pool
+            pool = self._batcher.pool
             if pool is None:  # deactivated without an elastic pool: applies at activation
                 current = self._pool_state
                 rev = current.revision + 1 if revision is None else revision
@@ -549,7 +549,7 @@ class Engine:
 
     def stats(self) -> EngineStats:
         with self._lock:
-            s = self._scheduler
+            s = self._batcher
             pool = s.pool
             state = pool.limit_state() if pool is not None else self._pool_state
             return EngineStats(
@@ -623,12 +623,12 @@ class Engine:
                 raise EngineError("engine not started")
             if not self._active:
                 raise EngineInactiveError(f"model {self.name!r} is deactivated")
-            if not self._scheduler.fits_alone(seq.num_prompt):
+            if not self._batcher.fits_alone(seq.num_prompt):
                 raise CapacityError(
                     f"prompt has {seq.num_prompt} tokens: with one more that needs "
                     f"{(seq.num_prompt + 1) * self.kv_bytes_per_token} bytes of KV cache, over the engine's "
-                    f"memory limit of {self._scheduler.pool.limit_state().effective_limit_bytes} bytes")
-            self._scheduler.add(seq)
+                    f"memory limit of {self._batcher.pool.limit_state().effective_limit_bytes} bytes")
+            self._batcher.add(seq)
             self._lock.notify_all()
         log.info("queued: %d prompt tokens, max_tokens %d", seq.num_prompt, seq.max_tokens, extra=_rlog(seq))
 
@@ -673,7 +673,7 @@ class Engine:
         if seq in self._in_step:
             self._free_after_step.append(seq)
         else:
-            self._scheduler.remove(seq)
+            self._batcher.remove(seq)
 
     def _fail(self, seq: Sequence, error: BaseException) -> None:
         if not seq.finished:
@@ -682,7 +682,7 @@ class Engine:
             log.info("failed: %s", error, extra=_rlog(seq))
 
     def _fail_all(self, make_error) -> None:
-        for seq in [*self._scheduler.running, *self._scheduler.waiting]:
+        for seq in [*self._batcher.running, *self._batcher.waiting]:
             self._fail(seq, make_error())
 
     def _run(self) -> None:
@@ -690,7 +690,7 @@ class Engine:
         log.info("engine %s: step loop started", self.name)
         while True:
             with self._lock:
-                while not self._stopped and not self._scheduler.has_work():
+                while not self._stopped and not self._batcher.has_work():
                     self._lock.wait()
                 if self._stopped:
                     break
@@ -709,7 +709,7 @@ class Engine:
     def _step(self) -> None:
         scheduling = time.perf_counter()
         with self._lock:
-            result = self._scheduler.schedule()
+            result = self._batcher.schedule()
             for seq in result.preempted:
                 log.info("preempted at %d tokens (KV limit)", len(seq.token_ids), extra=_rlog(seq))
             for seq in result.too_big:
@@ -757,14 +757,14 @@ class Engine:
         """Under _lock: frees what was aborted while the step ran."""
         self._in_step = set()
         for seq in self._free_after_step:
-            self._scheduler.remove(seq)
+            self._batcher.remove(seq)
         self._free_after_step = []
 
     def _forward(self, plan: list[ScheduledSeq], num_decode: int) -> list[int] | None:
         """One model step over the planned tokens; a sampled token for each
         sequence whose step reaches its last token."""
         with self._model_lock, torch.inference_mode():
-            if self._model is None or self._scheduler.pool is None:
+            if self._model is None or self._batcher.pool is None:
                 return None
             rows = None
             runner = self._decode_graph_runner(plan, num_decode)
@@ -816,7 +816,7 @@ class Engine:
             self._steps.send(ForwardStep(input_ids, positions, spans, logits_at))
         step = build_step_attention(spans, num_decode, self._device, table, rows, self.dtype)
         return self._model(torch.tensor(input_ids, device=self._device),
-                           torch.tensor(positions, device=self._device), self._scheduler.pool, step,
+                           torch.tensor(positions, device=self._device), self._batcher.pool, step,
                            torch.tensor(logits_at, dtype=torch.long, device=self._device))
 
     def _decode_graph_runner(self, plan: list[ScheduledSeq], num_decode: int) -> DecodeGraphRunner | None:
@@ -824,7 +824,7 @@ class Engine:
         if not (self._use_graphs and self._slot_table is not None and num_decode and num_decode == len(plan)):
             return None
         if self._graph_runner is None:
-            self._graph_runner = DecodeGraphRunner(self._model, self._scheduler.pool, self._slot_table,
+            self._graph_runner = DecodeGraphRunner(self._model, self._batcher.pool, self._slot_table,
                                                    self._device)
         if not self._graph_runner.can_run(len(plan), max(item.start + 1 for item in plan)):
             return None
@@ -846,7 +846,7 @@ class Engine:
     def _too_big(self, seq: Sequence) -> None:
         """The limit shrank below what this sequence needs even alone."""
         if seq.num_output == 0:
-            limit = self._scheduler.pool.limit_state().effective_limit_bytes
+            limit = self._batcher.pool.limit_state().effective_limit_bytes
             self._fail(seq, CapacityError(f"request needs {(len(seq.token_ids) + 1) * self.kv_bytes_per_token} bytes "
                                           f"of KV cache, over the engine's memory limit of {limit}"))
         else:
