@@ -11,6 +11,9 @@ from prism.cluster import LocalCluster
 from services.common.etcd_server import free_port
 from tests.tiers import TIERS
 
+# The gateway tests' fixtures (gateway_stack, fake_agent, echo_model), for every module that asks for them.
+pytest_plugins = ("test_gateway_support",)
+
 
 def pytest_collection_modifyitems(config, items):
     """Marks each test with its module's tier (tests/tiers.py): `pytest -m unit`, `-m cluster`, `-m cuda`."""

@@ -21,14 +21,12 @@ import httpx
 import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_gateway_support import (  # noqa: F401 - fixtures
+from test_gateway_support import (  # its fixtures come as a plugin (tests/conftest.py)
+    # noqa: F401 - fixtures,
     REPO_ROOT,
     EtcdWriter,
     FakeAgent,
     GatewayStack,
-    echo_model,
-    fake_agent,
-    gateway_stack,
     stop_process,
     wait_until_healthy,
 )

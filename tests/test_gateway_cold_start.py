@@ -16,12 +16,11 @@ import time
 import grpc
 import httpx
 import pytest
-from test_gateway_support import (  # noqa: F401 - fixtures
+from test_gateway_support import (  # its fixtures come as a plugin (tests/conftest.py)
+    # noqa: F401 - fixtures,
     COLD_START_S,
     FakeAgent,
     GatewayStack,
-    fake_agent,
-    gateway_stack,
 )
 
 from prism.v1 import gateway_pb2_grpc, generate_pb2

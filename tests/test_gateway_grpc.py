@@ -12,11 +12,9 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from test_gateway_support import (  # noqa: F401 - fixtures
+from test_gateway_support import (  # its fixtures come as a plugin (tests/conftest.py)
+    # noqa: F401 - fixtures,
     GatewayStack,
-    echo_model,
-    fake_agent,
-    gateway_stack,
 )
 
 from prism.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2

@@ -11,13 +11,11 @@ import time
 import httpx
 import openai
 import pytest
-from test_gateway_support import (  # noqa: F401 - fixtures
+from test_gateway_support import (  # its fixtures come as a plugin (tests/conftest.py)
+    # noqa: F401 - fixtures,
     REQUEST_TIMEOUT_S,
     FakeAgent,
     GatewayStack,
-    echo_model,
-    fake_agent,
-    gateway_stack,
 )
 
 from prism.v1 import agent_pb2

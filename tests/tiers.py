@@ -56,6 +56,7 @@ TIERS = {
     "test_leader_election": "cluster",
     "test_load_reports": "cluster",
     "test_load_without_loss": "cluster",
+    "test_lint": "unit",
     "test_make_room": "unit",
     "test_memory_coordination": "cluster",
     "test_memory_overhead": "unit",
