@@ -66,6 +66,9 @@ def up(
                                            "and a standby takes over when the leader dies"),
     agents: int = typer.Option(1, min=1, help="agent processes, each with its own device (on a CPU: its own "
                                "--cpu-memory-gb); the scheduler places models over all of them"),
+    model_root: list[Path] = typer.Option([], "--model-root", help="the agents load models only from under "
+                                          "this folder (repeatable; the state dir's generated models and "
+                                          "SmolLM2's package are added); none: from any path"),
     tls: bool = typer.Option(False, "--tls", help="make a local CA and certificates in STATE_DIR/tls; TLS "
                              "everywhere, mTLS between services and etcd; clients need the CA it prints"),
     etcd_ca: Optional[Path] = typer.Option(None, "--etcd-ca", help="with --etcd: CA certificate that verifies it"),
@@ -98,11 +101,19 @@ def up(
                        "model (prism up checks with it that the models are served)", err=True)
             raise typer.Exit(2)
         gateway_args = ("--api-keys-file", str(api_keys_file.resolve()))
+    if model_root:
+        from prism.packaged_models import smollm2_path
+
+        packaged = smollm2_path()
+        roots = [*model_root, state_dir / "models", *([packaged.parent] if packaged is not None else [])]
+        agent_args: tuple[str, ...] = tuple(a for root in roots for a in ("--model-root", str(root.resolve())))
+    else:
+        agent_args = ()
     cluster = LocalCluster(state_dir=state_dir, config_path=config, http_port=http_port, grpc_port=grpc_port,
                            etcd_endpoint=etcd, device=device, cpu_memory_gb=cpu_memory_gb, host=host,
                            engine_isolation=engine_isolation, scheduler_replicas=scheduler_replicas, agents=agents,
                            tls=tls,
-                           etcd_access=access, gateway_args=gateway_args)
+                           etcd_access=access, gateway_args=gateway_args, agent_args=agent_args)
     typer.echo(f"starting Prism (state and logs in {cluster.state_dir}) ...")
     try:
         cluster.start(progress=typer.echo)

@@ -27,8 +27,9 @@ async def _no_publish(managed: ManagedEngine) -> None:
 class InProcessAgent:
     def __init__(self, agent_id: str = "agent-t", *, cpu_memory_gb: float = 1.0,
                  drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S, make_room_idle_s: float = DEFAULT_MAKE_ROOM_IDLE_S,
-                 publish: Callable[[ManagedEngine], Awaitable[None]] = _no_publish):
+                 publish: Callable[[ManagedEngine], Awaitable[None]] = _no_publish, model_roots: tuple = ()):
         self.agent_id = agent_id
+        self.model_roots = model_roots
         self.cpu_memory_gb = cpu_memory_gb
         self.drain_timeout_s = drain_timeout_s
         self.make_room_idle_s = make_room_idle_s
@@ -44,7 +45,7 @@ class InProcessAgent:
         self.tasks = [asyncio.create_task(self.coordinator.run()), asyncio.create_task(queue.run())]
         self.admission = AgentAdmission({0: queue})
         service = AgentService(self.agent_id, devices, self.manager, coordinators={0: self.coordinator},
-                               admission=self.admission)
+                               admission=self.admission, model_roots=self.model_roots)
         self.gate = ShutdownGate(self.agent_id)
         self.server = grpc.aio.server(interceptors=[self.gate])
         agent_pb2_grpc.add_AgentServicer_to_server(service, self.server)

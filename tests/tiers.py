@@ -61,6 +61,7 @@ TIERS = {
     "test_memory_coordination": "cluster",
     "test_memory_overhead": "unit",
     "test_memory_policy": "unit",
+    "test_model_roots": "unit",
     "test_model_options": "cluster",
     "test_multi_gpu_bench": "unit",
     "test_one_gpu_bench": "cluster",

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import aclosing
+from pathlib import Path
 
 import grpc
 
@@ -32,6 +33,7 @@ from services.gpu_agent.engine_manager import (
     ModelNotLoadedError,
     PlacementError,
 )
+from services.gpu_agent.model_roots import refusal
 from services.gpu_agent.slo import (
     DEFAULT_PRIORITY,
     DEFAULT_TPOT_MS,
@@ -118,17 +120,20 @@ def slo_from_proto(spec: agent_pb2.ModelSpec) -> ModelSlo:
 class AgentService(agent_pb2_grpc.AgentServicer):
     def __init__(self, agent_id: str, devices, manager: EngineManager, *,
                  coordinators: dict[int, MemorySplitSource] | None = None,
-                 admission: AgentAdmission | None = None, busy_window_s: float = DEFAULT_BUSY_WINDOW_S):
+                 admission: AgentAdmission | None = None, busy_window_s: float = DEFAULT_BUSY_WINDOW_S,
+                 model_roots: tuple[Path, ...] = ()):
         """coordinators (device index -> its memory coordinator) and the
         admission queue feed GetStatus's memory split and queue numbers;
         without them those stay empty. busy_window_s: an engine that had a
-        request this recently is not switched off unless forced."""
+        request this recently is not switched off unless forced. model_roots:
+        the folders LoadModel may load from (model_roots.py); none: any."""
         self.agent_id = agent_id
         self.devices = devices
         self.manager = manager
         self.coordinators = coordinators
         self.admission = admission
         self.busy_window_s = busy_window_s
+        self.model_roots = model_roots
 
     async def _managed(self, model: str, context: grpc.aio.ServicerContext, *, ready: bool = True) -> ManagedEngine:
         try:
@@ -224,6 +229,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "spec.name and spec.path are required")
         if s.slo.ttft_ms < 0 or s.slo.tpot_ms < 0 or s.priority < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "spec.slo and spec.priority must not be negative")
+        if (why := refusal(s.path, self.model_roots)) is not None:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{s.name}: {why}")
         spec = EngineSpec(
             name=s.name, path=s.path, tp_size=s.tp_size or 1, load_format=s.load_format or "auto",
             engine=s.engine or "auto", dtype=s.dtype or "auto", seed=s.seed, slo=slo_from_proto(s),

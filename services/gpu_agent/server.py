@@ -61,6 +61,7 @@ from services.gpu_agent.host_checks import FAIL, WARN, gather_facts, verdicts
 from services.gpu_agent.load_reporter import LoadReporter
 from services.gpu_agent.memory_coordinator import DEFAULT_RELIEVE_IDLE_S, MemoryCoordinator, prepare_activation_on
 from services.gpu_agent.memory_policy import POLICIES
+from services.gpu_agent.model_roots import resolved_roots
 from services.gpu_agent.request_stats import DEFAULT_WINDOW_S
 from services.gpu_agent.workers.worker_pool import WorkerPool
 
@@ -144,6 +145,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpu-devices", type=int, default=1,
                    help="on the CPU, this many devices (GPU ids 0..n-1) with --cpu-memory-gb each, on the same cores: "
                         "multi-GPU placements (tp_size > 1) on a machine without GPUs")
+    p.add_argument("--model-root", action="append", default=[], metavar="DIR",
+                   help="load models only from under this folder (repeatable); none: from any path")
     p.add_argument("--lease-ttl-s", type=int, default=5, help="etcd lease; the agent vanishes this long after dying")
     p.add_argument("--engine-isolation", default="auto", choices=["auto", "process", "inline"],
                    help="engines in worker processes or in the agent (auto: process on CUDA, inline on the CPU)")
@@ -299,8 +302,13 @@ async def serve_engines(args: argparse.Namespace) -> None:
         await prepare_activation_on([coordinators[gpu] for gpu in managed.gpu_ids], managed)
 
     manager.before_activate = before_activate
+    roots = resolved_roots(args.model_root)
+    if roots:
+        log.info("loading models only from under %s (--model-root)", ", ".join(map(str, roots)))
+    else:
+        log.warning("loading models from any path on this host: give --model-root to bound where from")
     service = AgentService(agent_id, devices, manager, coordinators=coordinators, admission=admission,
-                           busy_window_s=args.busy_window_s)
+                           busy_window_s=args.busy_window_s, model_roots=roots)
 
     gate = ShutdownGate(agent_id)
     server = grpc.aio.server(interceptors=[gate], options=SERVER_OPTIONS)
