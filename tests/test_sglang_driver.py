@@ -659,3 +659,14 @@ async def test_the_engine_manager_runs_sglang_engines(model_dir, tmp_path, fake_
         with pytest.raises(PlacementError, match="needs the sglang package"):
             await plain.load(EngineSpec(name="x", path=str(model_dir), engine="sglang"), (0,), activate=True,
                              memory_limit_bytes=0)
+
+
+def test_engine_auto_runs_sglang_only_for_a_verified_release_on_a_gpu():
+    from services.gpu_agent.engine_manager import auto_engine
+
+    assert auto_engine("cuda", "0.5.17")[0] == "sglang"
+    kind, why = auto_engine("cuda", "0.5.20")
+    assert kind == "torch" and "verified with 0.5.17" in why and "engine: sglang runs it anyway" in why
+    assert auto_engine("cuda", "") == ("torch", "SGLang is not installed")
+    assert auto_engine("cpu", "0.5.17")[0] == "torch"
+    assert auto_engine("cuda", "", stand_in=True)[0] == "sglang"

@@ -8,7 +8,7 @@ Compatible with the original Prism's file, a JSON (or YAML) list of models:
 The list may also be wrapped as {"models": [...], "policy": "prism"} to name
 the scheduler's placement policy in the file (the --policy flag wins).
 Prism's own optional fields per model: "load_format" ("auto" | "dummy"),
-"engine" ("auto" | "torch" | "sglang"; auto: SGLang on an agent with CUDA where it imports, else the built-in torch engine), "dtype", "seed", "slo" ({"ttft_ms": ...,
+"engine" ("auto" | "torch" | "sglang"; auto: SGLang on an agent with CUDA where a verified release is installed, else the built-in torch engine), "dtype", "seed", "slo" ({"ttft_ms": ...,
 "tpot_ms": ...}, the latency targets its requests are admitted against),
 "priority" (an integer >= 1, its weight when models on a GPU contend for
 memory) and "shed_load" (true: refuse with 429 a request that can no longer
@@ -33,7 +33,7 @@ from typing import Any
 import yaml
 
 LOAD_FORMATS = ("auto", "dummy")
-ENGINES = ("auto", "torch", "sglang")  # auto: sglang where it imports on a CUDA agent, else torch
+ENGINES = ("auto", "torch", "sglang")  # auto: sglang where a verified release is installed on a CUDA agent, else torch
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 # The scheduler's placement policies (services/scheduler/policies/__init__.py POLICIES; a test keeps the two in step).
 POLICY_NAMES = ("static", "dedicated", "time-share", "kvpr", "prism")
@@ -108,7 +108,7 @@ MODEL_FIELDS = (
     FieldDoc("load_format", " | ".join(LOAD_FORMATS), "auto", "auto: the folder's safetensors or the .gguf file; "
              "dummy: random weights from config.json alone"),
     FieldDoc("engine", " | ".join(ENGINES), "auto", "torch: the built-in engine; sglang: an SGLang server with "
-             "kvcached; auto: SGLang on a CUDA agent where it imports, else torch"),
+             "kvcached; auto: SGLang on a CUDA agent where a verified release is installed, else torch"),
     FieldDoc("dtype", " | ".join(DTYPES), "auto", "the weights' and activations' type (auto: the checkpoint's)"),
     FieldDoc("seed", "integer", "0", "the seed of dummy weights"),
     FieldDoc("slo", "object", "the agent's defaults", "the latency targets the model's requests are admitted "

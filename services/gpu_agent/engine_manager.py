@@ -35,6 +35,7 @@ from services.gpu_agent.engine.errors import CapacityError
 from services.gpu_agent.engine.shared_weights import SharedWeightsFile, remove_shared_weights, shared_weights_name
 from services.gpu_agent.engine.step_board import DeviceBoards
 from services.gpu_agent.engine_handle import EngineHandle, InlineEngine
+from services.gpu_agent.host_checks import SGLANG_VERIFIED
 from services.gpu_agent.request_stats import DEFAULT_WINDOW_S, ModelRequestStats
 from services.gpu_agent.slo import ModelSlo
 from services.gpu_agent.workers.errors import WorkerLostError
@@ -72,6 +73,32 @@ class EngineNotReadyError(RuntimeError):
 class DrainingError(EngineNotReadyError):
     """A request that had not gone into the engine yet when its drain began:
     sent back, so the gateway can give it to another replica."""
+
+
+def installed_sglang() -> str:
+    """The installed SGLang's version; "" when none is."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("sglang")
+    except metadata.PackageNotFoundError:
+        return ""
+
+
+def auto_engine(device_kind: str, sglang_version: str, stand_in: bool = False) -> tuple[str, str]:
+    """What `engine: auto` runs on a device, and why: SGLang on a CUDA GPU where a release the driver was
+    verified with is installed (or a launch command stands in for it), the built-in engine otherwise
+    (an unverified SGLang is run only when asked for by name, engine: sglang)."""
+    if device_kind != "cuda":
+        return "torch", f"the built-in engine on a {device_kind} device"
+    if stand_in:
+        return "sglang", "the agent's SGLang launch command"
+    if not sglang_version:
+        return "torch", "SGLang is not installed"
+    if sglang_version not in SGLANG_VERIFIED:
+        return "torch", (f"SGLang {sglang_version} is installed, but the driver was verified with "
+                         f"{', '.join(SGLANG_VERIFIED)}; engine: sglang runs it anyway")
+    return "sglang", f"SGLang {sglang_version}, a verified release"
 
 
 class PlacementError(ValueError):
@@ -277,10 +304,14 @@ class EngineManager:
         return device.memory_bytes if device.kind == "cpu" else None
 
     def _engine_kind(self, spec: EngineSpec, gpu_ids: tuple[int, ...]) -> str:
-        """"torch" or "sglang": auto is SGLang where it imports and the GPU is CUDA."""
+        """"torch" or "sglang": auto is SGLang on a CUDA GPU where a verified release is installed
+        (auto_engine), and says which it chose."""
         sglang_here = self.sglang_launch_command is not None or importlib.util.find_spec("sglang") is not None
         if spec.engine == "auto":
-            return "sglang" if sglang_here and self.devices[gpu_ids[0]].kind == "cuda" else "torch"
+            kind, why = auto_engine(self.devices[gpu_ids[0]].kind, installed_sglang() if sglang_here else "",
+                                    stand_in=self.sglang_launch_command is not None)
+            log.info("%s: engine auto is %s (%s)", spec.name, kind, why)
+            return kind
         if spec.engine == "sglang" and not sglang_here:
             raise PlacementError("engine 'sglang' needs the sglang package on this agent (pip install '.[sglang]'); "
                                  "or use engine: torch")
