@@ -142,3 +142,16 @@ def test_request_ids(client_id, kept):
 def test_request_id_prefixes():
     assert prefix_for(generate_pb2.GenerateRequest(prompt="x")) == "cmpl"
     assert prefix_for(generate_pb2.GenerateRequest(chat=generate_pb2.ChatInput())) == "chatcmpl"
+
+
+def test_every_429_from_an_agent_says_when_to_retry():
+    """The agent's shedder sends its own Retry-After; a refusal without one (no room to switch the model
+    on now) still gets one, so a client's backoff never has to guess (a 429 without it was seen in CI)."""
+    from services.gateway.errors import AGENT_REFUSAL_RETRY_AFTER_S, from_agent_error
+
+    hinted = from_agent_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "shed", model="m", request_id="r", timeout_s=1,
+                              retry_after_s=3)
+    assert hinted.http_status == 429 and hinted.http_headers() == {"Retry-After": "3"}
+    unhinted = from_agent_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "no room", model="m", request_id="r",
+                                timeout_s=1)
+    assert unhinted.http_headers() == {"Retry-After": str(AGENT_REFUSAL_RETRY_AFTER_S)}

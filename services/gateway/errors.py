@@ -128,6 +128,8 @@ class ClientGone(Exception):
     http_status = 499
 
 
+AGENT_REFUSAL_RETRY_AFTER_S = 1
+
 _BY_AGENT_CODE: dict[grpc.StatusCode, type[GatewayError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
     grpc.StatusCode.NOT_FOUND: ModelNotFound,
@@ -152,7 +154,10 @@ def from_agent_error(code: grpc.StatusCode, details: str | None, *, model: str, 
     """The gateway error for an agent's failed Generate call."""
     details = details or code.name
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return RateLimited(details, retry_after_s=retry_after_s)
+        # Every 429 says when to come back: the agent's own hint (its shedder's), else a second (no room to
+        # switch the model on now: the busy engines' window moves on).
+        return RateLimited(details, retry_after_s=retry_after_s if retry_after_s is not None
+                           else AGENT_REFUSAL_RETRY_AFTER_S)
     if code == grpc.StatusCode.UNAVAILABLE:
         return ModelUnavailable(f"model {model!r} is unavailable: {details}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
