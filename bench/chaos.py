@@ -79,6 +79,7 @@ from bench.load_soak import (  # noqa: E402
     Clients,
     Outcome,
     plan,
+    rss_bytes,
     send,
 )
 
@@ -267,11 +268,11 @@ def children_of(pid: int) -> list[int]:
     return out
 
 
-def rss_kib(pid: int) -> int:
+def rss_or_zero(pid: int) -> int:
+    """load_soak.rss_bytes, 0 for a process that is gone (or never had memory of its own)."""
     try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-    except (OSError, StopIteration):
+        return rss_bytes(pid)
+    except (OSError, ValueError):
         return 0
 
 
@@ -379,7 +380,7 @@ def inject(fault: str, up: PrismUp, etcd: str) -> tuple[str, float, float]:
         workers = engine_workers(pids[agent])
         if not workers:
             raise RuntimeError(f"{agent} has no engine worker processes")
-        pid = max(workers, key=rss_kib)  # the one holding a model's weights, not an idle spare
+        pid = max(workers, key=rss_or_zero)  # the one holding a model's weights, not an idle spare
         at = time.monotonic()
         os.kill(pid, signal.SIGKILL)
         return f"{agent} worker {pid}", at, at

@@ -112,8 +112,7 @@ def up(
     cluster = LocalCluster(state_dir=state_dir, config_path=config, http_port=http_port, grpc_port=grpc_port,
                            etcd_endpoint=etcd, device=device, cpu_memory_gb=cpu_memory_gb, host=host,
                            engine_isolation=engine_isolation, scheduler_replicas=scheduler_replicas, agents=agents,
-                           tls=tls,
-                           etcd_access=access, gateway_args=gateway_args, agent_args=agent_args)
+                           tls=tls, etcd_access=access, gateway_args=gateway_args, agent_args=agent_args)
     typer.echo(f"starting Prism (state and logs in {cluster.state_dir}) ...")
     try:
         cluster.start(progress=typer.echo)

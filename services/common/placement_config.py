@@ -7,20 +7,12 @@ Compatible with the original Prism's file, a JSON (or YAML) list of models:
 
 The list may also be wrapped as {"models": [...], "policy": "prism"} to name
 the scheduler's placement policy in the file (the --policy flag wins).
-Prism's own optional fields per model: "load_format" ("auto" | "dummy"),
-"engine" ("auto" | "torch" | "sglang"; auto: SGLang on an agent with CUDA where a verified release is installed, else the built-in torch engine), "dtype", "seed", "slo" ({"ttft_ms": ...,
-"tpot_ms": ...}, the latency targets its requests are admitted against),
-"priority" (an integer >= 1, its weight when models on a GPU contend for
-memory) and "shed_load" (true: refuse with 429 a request that can no longer
-meet its TTFT instead of serving it late), "max_context" (an integer >= 1:
-the longest sequence, prompt and output, the engine accepts, at most the
-model's own; SGLang gets it as --context-length; absent: the model's own)
-and, for SGLang, "deterministic_inference" (true:
---enable-deterministic-inference, so that requests' seeds are honoured;
-default false; the built-in engine honours seeds always). `max_memory_pool_size` is in GB of
-KV memory: the most the model's engine may hold there. A relative model_path is resolved against the config file's
-folder. load() reports every problem at once, each with its field's path
-(e.g. `[1].init_placements[0].gpu_ids`), rather than stopping at the first.
+Every field, its type, default and meaning: MODEL_FIELDS, PLACEMENT_FIELDS and
+SLO_FIELDS below (the parser accepts exactly those; docs/generate.py renders
+them as docs/reference/config.md). A relative model_path is resolved against
+the config file's folder. load() reports every problem at once, each with its
+field's path (e.g. `[1].init_placements[0].gpu_ids`), rather than stopping at
+the first.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ from services.gpu_agent.engine.errors import CapacityError
 from services.gpu_agent.engine.shared_weights import SharedWeightsFile, remove_shared_weights, shared_weights_name
 from services.gpu_agent.engine.step_board import DeviceBoards
 from services.gpu_agent.engine_handle import EngineHandle, InlineEngine
-from services.gpu_agent.host_checks import SGLANG_VERIFIED
+from services.gpu_agent.host_checks import SGLANG_VERIFIED, installed_version
 from services.gpu_agent.request_stats import DEFAULT_WINDOW_S, ModelRequestStats
 from services.gpu_agent.slo import ModelSlo
 from services.gpu_agent.workers.errors import WorkerLostError
@@ -73,16 +73,6 @@ class EngineNotReadyError(RuntimeError):
 class DrainingError(EngineNotReadyError):
     """A request that had not gone into the engine yet when its drain began:
     sent back, so the gateway can give it to another replica."""
-
-
-def installed_sglang() -> str:
-    """The installed SGLang's version; "" when none is."""
-    from importlib import metadata
-
-    try:
-        return metadata.version("sglang")
-    except metadata.PackageNotFoundError:
-        return ""
 
 
 def auto_engine(device_kind: str, sglang_version: str, stand_in: bool = False) -> tuple[str, str]:
@@ -308,7 +298,7 @@ class EngineManager:
         (auto_engine), and says which it chose."""
         sglang_here = self.sglang_launch_command is not None or importlib.util.find_spec("sglang") is not None
         if spec.engine == "auto":
-            kind, why = auto_engine(self.devices[gpu_ids[0]].kind, installed_sglang() if sglang_here else "",
+            kind, why = auto_engine(self.devices[gpu_ids[0]].kind, installed_version("sglang") if sglang_here else "",
                                     stand_in=self.sglang_launch_command is not None)
             log.info("%s: engine auto is %s (%s)", spec.name, kind, why)
             return kind

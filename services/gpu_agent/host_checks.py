@@ -176,9 +176,9 @@ def gather_facts(*, measure: bool = True) -> HostFacts:
         except Exception as exc:  # noqa: BLE001
             facts.kvcached_error = f"{type(exc).__name__}: {exc}"
     else:  # not imported into an agent whose engines import it in their own way (LD_PRELOAD, per process)
-        facts.kvcached_version = _installed_version("kvcached")
+        facts.kvcached_version = installed_version("kvcached")
         facts.kvcached_error = "" if facts.kvcached_version else "not installed"
-    facts.sglang_version = _installed_version("sglang")
+    facts.sglang_version = installed_version("sglang")
     facts.shm_free_bytes = _free_bytes("/dev/shm")
     if measure and facts.gpus:
         facts.kvcached_map = _map_a_page() if facts.kvcached_version else ""
@@ -199,7 +199,8 @@ def _nvidia_smi() -> tuple[int, str]:
     return len(lines), lines[0] if lines else ""
 
 
-def _installed_version(package: str) -> str:
+def installed_version(package: str) -> str:
+    """An installed distribution's version; "" when it is not installed (nothing imported)."""
     from importlib import metadata
 
     try:
