@@ -41,7 +41,8 @@ def coordinated_cluster(tmp_path_factory):
     path = state / "models.json"
     path.write_text(json.dumps(config))
     # 8 MiB for three tiny models: ~1.7 MB of weights, a KV budget of ~24 page bundles (512 tokens each).
-    # All three stay on: KV pressure does not switch the idle shedder off (--relieve-idle-s), since a
+    # All three stay on: KV pressure does not switch the idle shedder off (--relieve-idle-s, counted from
+    # its last request: one is sent below, since an engine never asked is idle without end), since a
     # switched-off shedder could come back only once the others' requests gave their KV back (an
     # activation never takes KV in use), and the budget its weights left would change the contention
     # the priority split is tested under.
@@ -49,6 +50,9 @@ def coordinated_cluster(tmp_path_factory):
                            device="cpu", cpu_memory_gb=8 / 1024, engine_isolation="inline",
                            agent_args=("--memory-reserve-gb", "0", "--relieve-idle-s", "3600"))
     cluster.start()
+    first = httpx.post(f"{cluster.http_url}/v1/completions", timeout=GUARD_S,
+                       json={"model": SHEDDER, "prompt": "a first request", "max_tokens": 1})
+    assert first.status_code == 200, first.text
     yield cluster
     cluster.stop()
 

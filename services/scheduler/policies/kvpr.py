@@ -59,11 +59,20 @@ class PressureMap:
                                          for g in a.gpu_ids}
         self.weights: dict[GpuId, int] = dict.fromkeys(self.memory, 0)
         self.pressure: dict[GpuId, float] = dict.fromkeys(self.memory, 0.0)
+        # Every GPU's ratio, highest first, until the next add: a candidate's worst over the other GPUs
+        # is the first entry outside it, not a pass over all of them (200 models on 64 GPUs: a pass of
+        # the policy took 0.39 s that way, 0.09 s now with the shares kept per model).
+        self._ranking: list[tuple[float, GpuId]] | None = None
+        self._per_gpu: dict[tuple[str, int], tuple[int, float]] = {}  # (model, GPUs) -> its shard, its w share
 
     def _shares(self, model: ModelConfig, key: GpuKey) -> tuple[list[GpuId], int, float]:
         gpus = [(key[0], g) for g in key[1]]
-        weights = self.snapshot.weight_bytes.get(model.model_name, 0)
-        return gpus, weights // len(gpus), pressure_weight(self.snapshot, model) / len(gpus)
+        per_gpu = self._per_gpu.get((model.model_name, len(gpus)))
+        if per_gpu is None:
+            weights = self.snapshot.weight_bytes.get(model.model_name, 0)
+            per_gpu = weights // len(gpus), pressure_weight(self.snapshot, model) / len(gpus)
+            self._per_gpu[(model.model_name, len(gpus))] = per_gpu
+        return gpus, *per_gpu
 
     def fits(self, model: ModelConfig, key: GpuKey) -> bool:
         """Its weight shard fits every GPU of the set with min_kv_fraction of the GPU left for KV
@@ -83,17 +92,23 @@ class PressureMap:
         """(the worst ratio over every GPU, the set's own worst) were the model added to the set."""
         gpus, shard, w = self._shares(model, key)
         own = max(self.ratio(g, shard, w) for g in gpus)
-        others = max((self.ratio(g) for g in self.memory if g not in gpus), default=0.0)
+        others = next((ratio for ratio, g in self._ranked() if g not in gpus), 0.0)
         return max(own, others), own
+
+    def _ranked(self) -> list[tuple[float, GpuId]]:
+        if self._ranking is None:
+            self._ranking = sorted(((self.ratio(g), g) for g in self.memory), reverse=True)
+        return self._ranking
 
     def add(self, model: ModelConfig, key: GpuKey) -> None:
         gpus, shard, w = self._shares(model, key)
         for g in gpus:
             self.weights[g] += shard
             self.pressure[g] += w
+        self._ranking = None
 
     def worst(self) -> float:
-        return max((self.ratio(g) for g in self.memory), default=0.0)
+        return self._ranked()[0][0] if self.memory else 0.0
 
 
 def _candidate_sets(snapshot: ClusterSnapshot, model: ModelConfig) -> list[GpuKey]:
