@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from prism.tiny_models import write_tiny_model
 from services.common.etcd_server import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -135,10 +136,14 @@ def test_up_with_api_keys_checks_readiness_with_the_clients_key(tmp_path):
     it serves with $PRISM_API_KEY; without that variable it says so at once."""
     keys = tmp_path / "keys.yaml"
     keys.write_text("- name: ops\n  key: sk-up-ops-0001\n")
+    # One tiny model: what is checked is the key, not a model (SmolLM2's load is the other test's).
+    config = tmp_path / "models.json"
+    config.write_text(json.dumps([{"model_name": "tiny-llama", "init_placements": [{"gpu_ids": [0], "on": True}],
+                                   "model_path": str(write_tiny_model(tmp_path / "tiny-llama"))}]))
     http_port, grpc_port = free_port(), free_port()
     command = [sys.executable, "-m", "prism.cli", "up", "--state-dir", str(tmp_path / "state"), "--http-port",
                str(http_port), "--grpc-port", str(grpc_port), "--device", "cpu", "--cpu-memory-gb", "1",
-               "--api-keys-file", str(keys)]
+               "--api-keys-file", str(keys), "--config", str(config)]
     env = {k: v for k, v in os.environ.items() if k not in ("PRISM_API_KEY", "PRISM_API_KEYS")}
     refused = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "PRISM_API_KEY" in refused.stderr, refused.stderr

@@ -113,47 +113,58 @@ def _logits(model, kv_heads: int, prompt: list[int]) -> list[torch.Tensor]:
     return out
 
 
-def _rank(rank: int, port: int, model_dir: Path, load_format: str, results) -> None:
-    try:
-        _compare(rank, 2, port, model_dir, load_format, results)
-    except BaseException:  # the test reads a result from every rank: never leave it waiting
-        results.put((rank, (None, traceback.format_exc())))
-
-
-def _compare(rank: int, size: int, port: int, model_dir: Path, load_format: str, results) -> None:
+def _rank(rank: int, port: int, variants: list[tuple[str, Path, str]], results) -> None:
+    """Each variant (name, model folder, load format) on one process group: the ranks' start
+    (spawn, torch's import) is most of the time, so it is paid once."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
-                            timeout=timedelta(seconds=60))
+    compared = {}
     try:
-        config = load_model_config(model_dir)
-        prompt = [3, 14, 15, 392, 65, 511, 89, 279]  # tokens in both halves of a split vocabulary
-        whole = load_model(config, model_dir, load_format, torch.float32, "cpu", seed=5)
-        expected = _logits(whole, config.num_key_value_heads, prompt)
-        tp = TensorParallel(rank, size)
-        split = load_model(config, model_dir, load_format, torch.float32, "cpu", seed=5, tp=tp)
-        assert split.model.layers[0].self_attn.num_heads == config.num_attention_heads // size
-        assert split.model.layers[0].mlp.gate_proj.weight.shape[0] == config.intermediate_size // size
-        assert split.vocab_split and split.lm_head.weight.shape[0] == config.vocab_size // size
-        assert split.model.embed_tokens.weight.shape[0] == config.vocab_size // size
-        assert torch.equal(split.model.embed_tokens.weight, whole.model.embed_tokens.weight.chunk(size)[rank])
-        got = _logits(split, config.num_key_value_heads // size, prompt)
-        results.put((rank, ([(g - e).abs().max().item() for g, e in zip(got, expected)],
-                            [e.abs().max().item() for e in expected])))
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                                timeout=timedelta(seconds=60))
+        for name, model_dir, load_format in variants:
+            try:
+                compared[name] = _compare(rank, 2, model_dir, load_format)
+            except BaseException:  # the test reads a result from every rank: never leave it waiting
+                compared[name] = (None, traceback.format_exc())
+    except BaseException:
+        compared = {name: (None, traceback.format_exc()) for name, _, _ in variants}
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    results.put((rank, compared))
 
 
-@pytest.mark.parametrize("arch,load_format", [("llama", "auto"), ("qwen2", "auto"), ("llama", "dummy")])
-def test_two_ranks_give_the_whole_models_logits(tmp_path, arch, load_format):
+def _compare(rank: int, size: int, model_dir: Path, load_format: str) -> tuple[list[float], list[float]]:
+    """Rank `rank`'s logits against the whole model's: (largest difference, largest logit) per forward."""
+    config = load_model_config(model_dir)
+    prompt = [3, 14, 15, 392, 65, 511, 89, 279]  # tokens in both halves of a split vocabulary
+    whole = load_model(config, model_dir, load_format, torch.float32, "cpu", seed=5)
+    expected = _logits(whole, config.num_key_value_heads, prompt)
+    tp = TensorParallel(rank, size)
+    split = load_model(config, model_dir, load_format, torch.float32, "cpu", seed=5, tp=tp)
+    assert split.model.layers[0].self_attn.num_heads == config.num_attention_heads // size
+    assert split.model.layers[0].mlp.gate_proj.weight.shape[0] == config.intermediate_size // size
+    assert split.vocab_split and split.lm_head.weight.shape[0] == config.vocab_size // size
+    assert split.model.embed_tokens.weight.shape[0] == config.vocab_size // size
+    assert torch.equal(split.model.embed_tokens.weight, whole.model.embed_tokens.weight.chunk(size)[rank])
+    got = _logits(split, config.num_key_value_heads // size, prompt)
+    return [(g - e).abs().max().item() for g, e in zip(got, expected)], [e.abs().max().item() for e in expected]
+
+
+def test_two_ranks_give_the_whole_models_logits(tmp_path):
     # qwen2 has q/k/v biases (cut with their heads); "auto" reads the checkpoint and cuts it,
     # "dummy" draws each whole matrix from its seed and keeps the rank's part.
-    model_dir = write_tiny_model(tmp_path / arch, arch=arch)
-    got = run_ranks(_rank, model_dir, load_format)
-    for rank, (diffs, scales) in got.items():
-        assert diffs is not None, f"rank {rank} failed:\n{scales}"
-        for diff, scale in zip(diffs, scales):
-            assert scale > 0
-            assert diff <= 1e-5 * max(1.0, scale), f"rank {rank}: logits differ by {diff}"
+    variants = [(f"{arch}-{load_format}", write_tiny_model(tmp_path / arch, arch=arch), load_format)
+                for arch, load_format in [("llama", "auto"), ("qwen2", "auto"), ("llama", "dummy")]]
+    got = run_ranks(_rank, variants)
+    assert sorted(got) == [0, 1]
+    for rank, compared in got.items():
+        assert sorted(compared) == sorted(name for name, _, _ in variants)
+        for name, (diffs, scales) in compared.items():
+            assert diffs is not None, f"{name}, rank {rank} failed:\n{scales}"
+            for diff, scale in zip(diffs, scales):
+                assert scale > 0
+                assert diff <= 1e-5 * max(1.0, scale), f"{name}, rank {rank}: logits differ by {diff}"
 
 
 PROMPTS = ["Hello world", "The cache of the model is", "1 2 3 4 5 6 7 8 9 10 11 12", "a", "x y z " * 9]
