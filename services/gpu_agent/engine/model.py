@@ -21,6 +21,23 @@ from services.gpu_agent.engine.rotary import RotaryEmbedding, apply_rotary
 from services.gpu_agent.engine.tensor_parallel import SINGLE, TensorParallel
 
 
+class Linear(nn.Linear):
+    """nn.Linear without its random initialization: the model is built on the meta device and every
+    weight is then loaded (a checkpoint, or the dummy loader's seeded values). Initializing there
+    was not only wasted: the first such call imports torch._dynamo, 1.7 s of every engine process's
+    start on the CPU."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding without its random initialization (see Linear)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 def _fused_ops():
     """fused_ops.py, imported on first use on CUDA: importing the engine imports no triton."""
     from services.gpu_agent.engine import fused_ops
@@ -90,10 +107,10 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads // tp.size
         self.head_dim = config.head_dim
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=config.qkv_bias, dtype=dtype)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.qkv_bias, dtype=dtype)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.qkv_bias, dtype=dtype)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.o_bias, dtype=dtype)
+        self.q_proj = Linear(hidden, self.num_heads * self.head_dim, bias=config.qkv_bias, dtype=dtype)
+        self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.qkv_bias, dtype=dtype)
+        self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=config.qkv_bias, dtype=dtype)
+        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=config.o_bias, dtype=dtype)
         self._qkv = JoinedWeights(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int, pool: KVPool,
@@ -131,9 +148,9 @@ class MLP(nn.Module):
         super().__init__()
         self.tp = tp
         h, i, bias = config.hidden_size, config.intermediate_size // tp.size, config.mlp_bias
-        self.gate_proj = nn.Linear(h, i, bias=bias, dtype=dtype)
-        self.up_proj = nn.Linear(h, i, bias=bias, dtype=dtype)
-        self.down_proj = nn.Linear(i, h, bias=bias, dtype=dtype)
+        self.gate_proj = Linear(h, i, bias=bias, dtype=dtype)
+        self.up_proj = Linear(h, i, bias=bias, dtype=dtype)
+        self.down_proj = Linear(i, h, bias=bias, dtype=dtype)
         self._gate_up = JoinedWeights(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
@@ -182,7 +199,7 @@ class DecoderStack(nn.Module):
         super().__init__()
         # This rank's vocabulary rows (all of them unless split: tensor_parallel.py).
         self.vocab_first, vocab_rows = tp.vocab_rows(config.vocab_size)
-        self.embed_tokens = nn.Embedding(vocab_rows, config.hidden_size, dtype=dtype)
+        self.embed_tokens = Embedding(vocab_rows, config.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList(DecoderLayer(config, dtype, tp) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.rotary = RotaryEmbedding(config)
@@ -198,7 +215,7 @@ class CausalLM(nn.Module):
         # None decides on the first CUDA forward (fused_ops.fused_ops_enabled()).
         self.use_fused_ops: bool | None = None
         self.model = DecoderStack(config, dtype, tp)
-        self.lm_head = nn.Linear(config.hidden_size, self.model.embed_tokens.num_embeddings, bias=False, dtype=dtype)
+        self.lm_head = Linear(config.hidden_size, self.model.embed_tokens.num_embeddings, bias=False, dtype=dtype)
         self.tie_weights()
         self.vocab_split = self.model.embed_tokens.num_embeddings != config.vocab_size
 

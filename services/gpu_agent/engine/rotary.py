@@ -42,7 +42,11 @@ class RotaryEmbedding(torch.nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        # Computed only where it is real: arithmetic on the meta device, where models are built, imports
+        # torch._dynamo on its first use (1.7 s of an engine process's start on the CPU).
+        self.register_buffer("inv_freq", torch.empty(config.head_dim // 2, dtype=torch.float32), persistent=False)
+        if self.inv_freq.device.type != "meta":
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         # Models are built on the meta device and materialized with
