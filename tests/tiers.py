@@ -23,6 +23,7 @@ TIERS = {
     "test_cold_start_cluster": "cluster",
     "test_compute_costs": "unit",
     "test_continuous_batching": "unit",
+    "test_prefix_cache": "unit",
     "test_cuda_mps": "cuda",
     "test_demand_shift_cluster": "cluster",
     "test_deploy": "cluster",

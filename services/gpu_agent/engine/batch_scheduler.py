@@ -12,6 +12,12 @@ A sequence that cannot get a slot preempts the newest running sequence (its
 slots are freed and it waits at the head of the queue to be recomputed,
 keeping the tokens it generated) or, if it is the newest, itself.
 
+With a prefix cache (prefix_cache.py), an admitted sequence starts after the
+longest chain of cached blocks its tokens begin with, and a sequence that
+ends or is preempted leaves its full blocks there. Memory the cache alone
+keeps is given back before anything else: before a sequence is preempted
+for slots, and first when the limit drops below what is mapped.
+
 A limit can drop below what one sequence needs alone (the memory went to
 another model for a while): such a sequence is preempted too and waits until
 the limit grows again, while the sequences behind it that do fit go ahead.
@@ -27,6 +33,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from services.gpu_agent.engine.kv_pool import KVPool
+from services.gpu_agent.engine.prefix_cache import PrefixCache
 from services.gpu_agent.engine.sequence import Sequence
 
 DEFAULT_STEP_TOKENS = 512
@@ -62,10 +69,12 @@ class ScheduleResult:
 
 
 class BatchScheduler:
-    def __init__(self, pool: KVPool, step_tokens: int = DEFAULT_STEP_TOKENS, max_running: int = DEFAULT_MAX_RUNNING):
+    def __init__(self, pool: KVPool, step_tokens: int = DEFAULT_STEP_TOKENS, max_running: int = DEFAULT_MAX_RUNNING,
+                 cache: PrefixCache | None = None):
         if step_tokens < 1:
             raise ValueError(f"the step token budget must be at least 1, got {step_tokens}")
         self.pool = pool
+        self.cache = cache
         self.step_tokens = step_tokens
         self.max_running = max_running
         self.waiting: deque[Sequence] = deque()
@@ -101,9 +110,55 @@ class BatchScheduler:
         self._release(seq)
 
     def _release(self, seq: Sequence) -> None:
-        self.pool.free(seq.slots)
+        slots = seq.slots
+        if self.cache is not None:  # its computed blocks stay cached; the rest is freed
+            slots = self.cache.release(seq.cache_blocks, seq.token_ids, seq.slots, seq.num_cached)
+        self.pool.free(slots)
         seq.slots = []
+        seq.cache_blocks = []
         seq.num_cached = 0
+
+    # ---- the prefix cache ----------------------------------------------------------
+
+    def _match(self, seq: Sequence) -> None:
+        """A sequence about to be admitted starts from the cached blocks its tokens begin with."""
+        if self.cache is None or seq.slots:
+            return
+        seq.cache_blocks = self.cache.match(seq.token_ids)
+        seq.slots = [slot for block in seq.cache_blocks for slot in block.slots]
+        seq.num_cached = len(seq.slots)
+
+    def _unmatch(self, seq: Sequence) -> None:
+        """Not admitted after all: the cached blocks it matched are let go."""
+        if self.cache is not None and seq.cache_blocks:
+            self.cache.unmatch(seq.cache_blocks)
+        seq.cache_blocks, seq.slots, seq.num_cached = [], [], 0
+
+    def _evict(self, tokens: int) -> bool:
+        """Frees at least `tokens` slots that only the cache keeps (fewer if it has fewer); False if
+        it had none."""
+        if self.cache is None:
+            return False
+        freed = self.cache.evict(max(1, tokens))
+        self.pool.free(freed)
+        return bool(freed)
+
+    def _alloc(self, n: int) -> list[int] | None:
+        """pool.alloc, giving back cached blocks while it does not fit."""
+        while True:
+            slots = self.pool.alloc(n)
+            if slots is not None or not self._evict(n - self.pool.free_tokens):
+                return slots
+
+    def shed_cache_over_limit(self) -> None:
+        """Gives back cached blocks, least recently used first, while the pool maps more than its limit."""
+        while self.pool.over_limit and self._evict(self.pool.tokens_per_page):
+            pass
+
+    def drop_cache(self) -> None:
+        """Frees every cached block (no sequence may be left: the engine is being switched off)."""
+        if self.cache is not None:
+            self.pool.free(self.cache.clear())
 
     def _preempt(self, seq: Sequence, result: ScheduleResult) -> None:
         self.running.remove(seq)
@@ -122,7 +177,7 @@ class BatchScheduler:
             seq.slots.append(prefetched.pop())
             return True
         while True:
-            slots = self.pool.alloc(need) if need > 0 else []
+            slots = self._alloc(need) if need > 0 else []
             if slots is not None:
                 seq.slots.extend(slots)
                 return True
@@ -133,7 +188,8 @@ class BatchScheduler:
 
     def schedule(self) -> ScheduleResult:
         result = ScheduleResult()
-        # 1. A lowered limit takes effect now, not only when sequences grow.
+        # 1. A lowered limit takes effect now, not only when sequences grow: the cache's memory goes first.
+        self.shed_cache_over_limit()
         while self.running and self.pool.over_limit:
             self._preempt(self.running[-1], result)
         budget = self.step_tokens
@@ -177,19 +233,25 @@ class BatchScheduler:
                 continue
             if seq in result.preempted:
                 break  # it just lost its memory: not back in the same step
+            self._match(seq)
             count = min(seq.num_uncached, budget)
             # Keep a slot free for each decoding sequence's next token, so
             # admitting does not force a preemption on the very next step.
             headroom = sum(1 for s in self.running if s.decoding)
-            if self.pool.free_tokens < count + headroom:
-                break
-            slots = self.pool.alloc(count)
+            while self.pool.free_tokens < count + headroom and self._evict(count + headroom - self.pool.free_tokens):
+                pass
+            slots = self._alloc(count) if self.pool.free_tokens >= count + headroom else None
             if slots is None:
+                self._unmatch(seq)
                 break
             del self.waiting[position]
-            seq.slots = slots
+            if self.cache is not None:
+                self.cache.count_admitted(len(seq.token_ids), seq.num_cached)
+                if seq.preemptions == 0:
+                    seq.cached_prompt_tokens = seq.num_cached
+            seq.slots.extend(slots)
             self.running.append(seq)
-            result.batch.append(ScheduledSeq(seq, 0, count))
+            result.batch.append(ScheduledSeq(seq, seq.num_cached, count))
             budget -= count
         decoding = [s for s in result.batch if s.count == 1 and s.start > 0 and s.samples]
         result.batch = decoding + [s for s in result.batch if not (s.count == 1 and s.start > 0 and s.samples)]

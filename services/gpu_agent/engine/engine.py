@@ -57,6 +57,7 @@ from services.gpu_agent.engine.model import CausalLM
 from services.gpu_agent.engine.model_config import load_model_config
 from services.gpu_agent.engine.outbox import Outbox
 from services.gpu_agent.engine.paged_attention import build_step_attention
+from services.gpu_agent.engine.prefix_cache import PrefixCache, PrefixCacheStats
 from services.gpu_agent.engine.prompt import prompt_token_ids
 from services.gpu_agent.engine.request import (
     DEMAND_GROWTH_TOKENS,
@@ -132,7 +133,8 @@ class Engine:
                  step_tokens: int | None = None, attention: str = "auto", cuda_graphs: bool = True,
                  shared_weights_path: str | Path | None = None, warm_up: bool = True,
                  max_context: int | None = None, tensor_parallel: TensorParallel = SINGLE,
-                 step_channel: StepChannel | None = None, step_board: tuple[str, int] | None = None):
+                 step_channel: StepChannel | None = None, step_board: tuple[str, int] | None = None,
+                 prefix_caching: bool = True):
         """memory_limit_bytes: KV memory the engine may map now (default: 8 contexts).
         kv_capacity_bytes: the KV reservation the limit can later grow to (virtual where
         the pool is elastic; default: the device's memory on CUDA, 32 contexts on the CPU).
@@ -157,7 +159,10 @@ class Engine:
         off and on moves every rank's weights. Not yet with CUDA graphs, kvcached
         or shared weights.
         step_board: (path, slot) of its device's step board (step_board.py): only the steps that ran
-        alone on the device go into its step-time sums. None: every step does (nothing else shares it)."""
+        alone on the device go into its step-time sums. None: every step does (nothing else shares it).
+        prefix_caching: full blocks of computed KV stay cached for later requests that begin with the
+        same tokens (prefix_cache.py); what only the cache keeps is given back first when memory is
+        needed, and does not count as used in stats()."""
         start = time.perf_counter()
         self.model_path = Path(model_path)
         self.name = name or self.model_path.name
@@ -217,7 +222,9 @@ class Engine:
         self._use_graphs = cuda_graphs and self._use_triton and self.tp.size == 1
         if step_tokens is None:
             step_tokens = CUDA_STEP_TOKENS if self._device.type == "cuda" else DEFAULT_STEP_TOKENS
-        self._batcher = BatchScheduler(self._make_pool(limit, 0), step_tokens)
+        pool = self._make_pool(limit, 0)
+        cache = PrefixCache(tokens_per_page=pool.tokens_per_page) if prefix_caching else None
+        self._batcher = BatchScheduler(pool, step_tokens, cache=cache)
         if self._steps is not None:  # the other ranks' pools are as large
             self._steps.send(ShardSetup(self._batcher.pool.capacity_tokens))
         # The decoding sequences' slots stay on the device for the Triton kernel (slot_table.py).
@@ -324,7 +331,8 @@ class Engine:
         engine's pool, its limit and revision are untouched; its graphs go at the end
         (they are bound to that pool); never fatal."""
         start = time.perf_counter()
-        pool, budget, graphs = self._batcher.pool, self._batcher.step_tokens, self._use_graphs
+        pool, budget, graphs, cache = self._batcher.pool, self._batcher.step_tokens, self._use_graphs, self._batcher.cache
+        self._batcher.cache = None  # every kind of step runs in full, and nothing of the scratch pool is kept
         scratch = None
         outcomes: list[GenerationOutput | BaseException] = []
         try:
@@ -361,6 +369,7 @@ class Engine:
             for seq in [*self._batcher.running, *self._batcher.waiting]:
                 self._batcher.remove(seq)
             self._batcher.pool, self._batcher.step_tokens, self._use_graphs = pool, budget, graphs
+            self._batcher.cache = cache
             self._graph_runner = None
             self._slot_table = self._new_slot_table()
             # Its steps compiled kernels: not what serving steps cost (the scheduler fits costs from these).
@@ -506,6 +515,7 @@ class Engine:
     def _release_kv_memory(self) -> None:
         """Under both locks, with no sequence left: the KV pool's memory goes back."""
         self._end_step()  # a step that ended before this took the model lock may not have freed its aborts yet
+        self._batcher.drop_cache()  # the KV it keeps is not kept over a switch off
         pool = self._batcher.pool
         if isinstance(pool, KvcachedPool):
             pool.trim()  # every slot is free, so only kvcached's pre-mapped pages remain
@@ -543,6 +553,9 @@ class Engine:
                                         current.revision)
             rev = pool.limit_state().revision + 1 if revision is None else revision
             state = pool.set_memory_limit(int(nbytes), rev)
+            if state.status == "deferred":  # what only the prefix cache keeps goes at once, not at the next step
+                self._batcher.shed_cache_over_limit()
+                state = pool.limit_state()
             self._lock.notify_all()
         log.info("engine %s: memory limit %.1f MB (revision %d): %s", self.name, nbytes / 1e6, rev, state.status)
         return state
@@ -552,18 +565,25 @@ class Engine:
             s = self._batcher
             pool = s.pool
             state = pool.limit_state() if pool is not None else self._pool_state
+            cache = s.cache.stats() if s.cache is not None else PrefixCacheStats()
+            # The cache's reclaimable blocks are neither used nor held: they are given back on demand.
+            reclaimable = cache.reclaimable_tokens
             return EngineStats(
                 running_requests=len(s.running),
                 queued_requests=len(s.waiting),
-                kv_used_bytes=pool.used_bytes if pool is not None else 0,
+                kv_used_bytes=(pool.used_tokens - reclaimable) * pool.geometry.token_bytes if pool is not None else 0,
                 memory_limit_bytes=state.limit_bytes,
                 weight_bytes=self.weight_bytes,
                 kv_mapped_bytes=state.mapped_bytes,
-                kv_free_tokens=pool.free_tokens if pool is not None else 0,
+                kv_free_tokens=pool.free_tokens + reclaimable if pool is not None else 0,
                 memory_limit_revision=state.revision,
                 memory_limit_status=state.status,
                 kv_demand_tokens=s.demand_tokens(DEMAND_GROWTH_TOKENS),
-                kv_held_bytes=pool.held_bytes if pool is not None else 0,
+                kv_held_bytes=(pool.held_bytes_excluding(s.cache.reclaimable_in_page) if s.cache is not None
+                               else pool.held_bytes) if pool is not None else 0,
+                kv_cached_bytes=reclaimable * self.kv_bytes_per_token,
+                prefix_cache_queried_tokens=cache.queried_tokens,
+                prefix_cache_hit_tokens=cache.hit_tokens,
                 step_times=self._step_times.sums(),
             )
 
@@ -884,6 +904,7 @@ class Engine:
             finish_reason=finish,
             prompt_tokens=seq.num_prompt,
             completion_tokens=seq.num_output,
+            cached_tokens=min(seq.cached_prompt_tokens, seq.num_prompt),
         )
         seq.sent_chars = release
         seq.unsent_ids = []

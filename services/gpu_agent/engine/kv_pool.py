@@ -30,6 +30,7 @@ import heapq
 import mmap
 import sys
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -125,6 +126,13 @@ class KVPool(ABC):
     def held_bytes(self) -> int:
         """The pages holding slots, whole: used_bytes rounded up to the pages the slots are spread over,
         which a freed slot gives back only once its page has no other. A limit below it preempts."""
+
+    def held_bytes_excluding(self, cache_only_in_page: Mapping[int, int]) -> int:
+        """held_bytes less the pages whose used slots the prefix cache alone keeps (page -> how many
+        slots on it are such): what requests hold. A pool that cannot tell how many slots of a page
+        are used counts only pages the cache fills whole: never less than requests hold."""
+        whole = sum(1 for n in cache_only_in_page.values() if n >= self.tokens_per_page)
+        return max(0, self.held_bytes - whole * self.bundle_bytes)
 
     @property
     def mapped_bytes(self) -> int:
@@ -271,6 +279,10 @@ class PagePool(KVPool):
     def held_bytes(self) -> int:
         # A page is mapped while any slot on it is used (free unmaps it with its last).
         return self._mapped_pages * self.bundle_bytes
+
+    def held_bytes_excluding(self, cache_only_in_page: Mapping[int, int]) -> int:
+        cache_only = sum(1 for page, n in cache_only_in_page.items() if n >= self._used_in_page.get(page, 0))
+        return max(0, self.held_bytes - cache_only * self.bundle_bytes)
 
     @property
     def free_tokens(self) -> int:

@@ -35,6 +35,7 @@ class GenerationOutput:
     finish_reason: str | None  # None while running; "stop" (EOS or stop string) or "length"
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (OpenAI's cached_tokens)
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,11 @@ class EngineStats:
     kv_held_bytes: int = 0
     # Its steps' least-squares sums (services/common/step_costs.py): the scheduler fits step costs from them.
     step_times: StepTimeSums = StepTimeSums()
+    # The prefix cache: the KV only it keeps (given back first when memory is needed; not in kv_used_bytes
+    # nor kv_held_bytes), and the prompt tokens admitted and found there.
+    kv_cached_bytes: int = 0
+    prefix_cache_queried_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0
 
     @property
     def kv_holding_bytes(self) -> int:

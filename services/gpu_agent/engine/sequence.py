@@ -32,6 +32,9 @@ class Sequence:
     num_cached: int = 0  # leading token_ids whose KV is in the pool
     # Pool slots of token_ids[0], [1], ...: the cached ones and those being computed this step.
     slots: list[int] = field(default_factory=list)
+    # The prefix cache's blocks this sequence holds (prefix_cache.py): they hold its first slots.
+    cache_blocks: list = field(default_factory=list)
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the prefix cache at admission
     preemptions: int = 0
     text: str = ""  # output text so far, cut at a stop string
     sent_chars: int = 0  # text[:sent_chars] has been delivered
