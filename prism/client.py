@@ -83,6 +83,7 @@ class ModelInfo:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_prompt_tokens: int = 0  # of prompt_tokens, those whose KV came from the engine's prefix cache
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ class Completion:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    cached_prompt_tokens: int = 0  # of prompt_tokens, those whose KV came from the engine's prefix cache
 
 
 # --- errors ------------------------------------------------------------------
@@ -266,7 +268,8 @@ def build_generate_request(
 def chunk_from_response(response: generate_pb2.GenerateResponse) -> CompletionChunk:
     usage = None
     if response.HasField("usage"):
-        usage = Usage(prompt_tokens=response.usage.prompt_tokens, completion_tokens=response.usage.completion_tokens)
+        usage = Usage(prompt_tokens=response.usage.prompt_tokens, completion_tokens=response.usage.completion_tokens,
+                      cached_prompt_tokens=response.usage.cached_prompt_tokens)
     return CompletionChunk(
         request_id=response.request_id,
         text=response.text,
@@ -295,6 +298,7 @@ def completion_from_chunks(chunks: Iterable[CompletionChunk], request_id: str | 
         finish_reason=last.finish_reason,
         prompt_tokens=last.usage.prompt_tokens,
         completion_tokens=last.usage.completion_tokens,
+        cached_prompt_tokens=last.usage.cached_prompt_tokens,
     )
 
 

@@ -394,7 +394,9 @@ class TestAgainstLocalCluster:
         assert done.token_ids == [t for c in chunks for t in c.token_ids]
         assert done.finish_reason == "length" == chunks[-1].finish_reason
         assert all(c.finish_reason is None and c.usage is None for c in chunks[:-1])
-        assert chunks[-1].usage == Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens)
+        # The same prompt a second time: part of it may come from the prefix cache, and its usage says so.
+        assert chunks[-1].usage == Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
+                                         cached_prompt_tokens=chunks[-1].usage.cached_prompt_tokens)
         assert done.request_id and all(c.request_id == chunks[0].request_id for c in chunks)
 
     def test_usage_counts_prompt_and_completion_tokens(self, client):
@@ -403,6 +405,21 @@ class TestAgainstLocalCluster:
                                  ignore_eos=True)
         assert 0 < short.prompt_tokens < longer.prompt_tokens
         assert short.completion_tokens == len(short.token_ids) == 5
+
+    def test_a_repeated_prompt_is_served_from_the_prefix_cache_and_its_usage_says_so(self, client, cluster):
+        import httpx
+
+        prompt = "You are a helpful assistant who answers briefly and well. " * 2 + "Question: what is a cache?"
+        args = dict(max_tokens=4, temperature=0.0, ignore_eos=True)
+        first = client.generate("tiny-qwen2", prompt, **args)
+        again = client.generate("tiny-qwen2", prompt, **args)
+        assert again.token_ids == first.token_ids
+        # Whole 16-token blocks, never the prompt's last token (its logits give the first new one).
+        assert 16 <= again.cached_prompt_tokens < again.prompt_tokens
+        assert again.cached_prompt_tokens % 16 == 0
+        rest = httpx.post(f"{cluster.http_url}/v1/completions", timeout=60,
+                          json={"model": "tiny-qwen2", "prompt": prompt, **args}).json()
+        assert rest["usage"]["prompt_tokens_details"] == {"cached_tokens": again.cached_prompt_tokens}
 
     def test_max_tokens_ends_with_length(self, client):
         done = client.generate("tiny-qwen2", "Count:", max_tokens=3, temperature=0.0, ignore_eos=True)

@@ -256,7 +256,8 @@ def test_completion(http, fake_agent, echo_model):
     assert body["id"] == request_id and request_id.startswith("cmpl-")
     assert (body["object"], body["model"]) == ("text_completion", echo_model)
     assert body["choices"] == [{"index": 0, "text": "a b c ", "logprobs": None, "finish_reason": "stop"}]
-    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     call = fake_agent.call_for(request_id)
     assert call.request.prompt == "echo a b c" and call.request.model == echo_model
     assert call.request.sampling.max_tokens == 16  # OpenAI's completions default

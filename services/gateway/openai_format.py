@@ -20,11 +20,12 @@ def finish_reason(piece: generate_pb2.GenerateResponse) -> str | None:
     return FINISH_REASONS.get(piece.finish_reason)
 
 
-def usage_dict(usage: generate_pb2.Usage) -> dict[str, int]:
+def usage_dict(usage: generate_pb2.Usage) -> dict[str, Any]:
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens},
     }
 
 

@@ -107,6 +107,7 @@ def output_to_proto(out: GenerationOutput, request_id: str, usage_at_end_only: b
         return response
     response.usage.prompt_tokens = out.prompt_tokens
     response.usage.completion_tokens = out.completion_tokens
+    response.usage.cached_prompt_tokens = out.cached_tokens
     return response
 
 
@@ -114,7 +115,8 @@ def output_from_proto(response: generate_pb2.GenerateResponse) -> GenerationOutp
     return GenerationOutput(text=response.text, token_ids=list(response.token_ids),
                             finish_reason=FINISH_FROM_PROTO[response.finish_reason],
                             prompt_tokens=response.usage.prompt_tokens,
-                            completion_tokens=response.usage.completion_tokens)
+                            completion_tokens=response.usage.completion_tokens,
+                            cached_tokens=response.usage.cached_prompt_tokens)
 
 
 # ---- engine state -----------------------------------------------------------------------
