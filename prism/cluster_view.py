@@ -173,7 +173,7 @@ def gpu_lines(snapshot: ClusterSnapshot, bar_width: int = BAR_WIDTH) -> list[str
 
 
 MODEL_COLUMNS = ("MODEL", "AGENT", "GPU", "STATE", "QUEUED", "RUN", "REQ/S", "TTFT p50/p99 ms",
-                 "TPOT p50/p99 ms", "SLO", "SHED", "FAIL", "PATH", "KV used/limit")
+                 "TPOT p50/p99 ms", "SLO", "SHED", "FAIL", "PATH", "CACHE hit/kept", "KV used/limit")
 
 
 def model_rows(snapshot: ClusterSnapshot) -> list[tuple[str, ...]]:
@@ -191,10 +191,19 @@ def model_rows(snapshot: ClusterSnapshot) -> list[tuple[str, ...]]:
                 f"{s.ttft_p50_ms:.0f}/{s.ttft_p99_ms:.0f}" if served and s.finished_requests else "-",
                 f"{s.tpot_p50_ms:.1f}/{s.tpot_p99_ms:.1f}" if served and s.tpot_p99_ms else "-",
                 f"{s.slo_attainment:.0%}" if served and s.finished_requests else "-",
-                str(s.shed_requests), str(s.failed_requests), serving_path(e),
+                str(s.shed_requests), str(s.failed_requests), serving_path(e), prefix_cache(e),
                 f"{fmt_bytes(e.kv_used_bytes)}/{fmt_bytes(e.memory_limit_bytes)}",
             ))
     return rows
+
+
+def prefix_cache(engine: agent_pb2.EngineStatus) -> str:
+    """The prefix cache's hit rate over the prompt tokens admitted since the engine loaded, and the KV
+    memory only the cache keeps; "-" before any prompt was admitted with it on."""
+    if not engine.prefix_cache_queried_tokens:
+        return "-"
+    rate = engine.prefix_cache_hit_tokens / engine.prefix_cache_queried_tokens
+    return f"{rate:.0%}/{fmt_bytes(engine.kv_cached_bytes).replace(' ', '')}"
 
 
 def serving_path(engine: agent_pb2.EngineStatus) -> str:

@@ -420,6 +420,19 @@ class TestAgainstLocalCluster:
         rest = httpx.post(f"{cluster.http_url}/v1/completions", timeout=60,
                           json={"model": "tiny-qwen2", "prompt": prompt, **args}).json()
         assert rest["usage"]["prompt_tokens_details"] == {"cached_tokens": again.cached_prompt_tokens}
+        # Visible per model: the agent's status and the gateway's /metrics count the hits.
+        from prism.v1 import agent_pb2, agent_pb2_grpc
+
+        with grpc.insecure_channel(cluster.agent_address) as channel:
+            status = agent_pb2_grpc.AgentStub(channel).GetStatus(agent_pb2.GetStatusRequest(), timeout=10)
+        engine = next(e for e in status.engines if e.model == "tiny-qwen2")
+        assert engine.prefix_cache_hit_tokens >= 2 * again.cached_prompt_tokens
+        assert engine.prefix_cache_queried_tokens >= 3 * again.prompt_tokens
+        assert engine.kv_cached_bytes > 0
+        metrics = httpx.get(f"{cluster.http_url}/metrics", timeout=30).text
+        hits = [line for line in metrics.splitlines()
+                if line.startswith("prism_agent_engine_prefix_cache_hit_tokens{") and 'model="tiny-qwen2"' in line]
+        assert hits and float(hits[0].split()[-1]) >= 2 * again.cached_prompt_tokens, hits
 
     def test_max_tokens_ends_with_length(self, client):
         done = client.generate("tiny-qwen2", "Count:", max_tokens=3, temperature=0.0, ignore_eos=True)

@@ -88,11 +88,14 @@ def test_status_shows_the_memory_split_and_model_numbers(cluster, served):
     models = out[out.index("models:"):]
     assert "TTFT p50/p99 ms" in models
     for model in MODELS:
-        row = next(line for line in models.splitlines() if line.strip().startswith(model)).split()
+        line = next(line for line in models.splitlines() if line.strip().startswith(model))
+        row = line.split()
         assert row[3] == "active" and row[4] == "0", row  # state, queued
         assert "pages/torch" in row, row  # how it serves: the page pool, torch attention, no CUDA graphs
         assert float(row[6]) > 0, row  # its arrival rate (REQ/S)
         assert row[-1].endswith("KB") or row[-1].endswith("MB"), row  # KV used/limit
+        # The prefix cache's hit rate and what it keeps (or "-" before a prompt was admitted), then KV used/limit.
+        assert re.search(r" (\d+%/[\d.]+[KMG]?B|-) +[\d.]+ [KMG]?B/", line), line
     # The step costs the scheduler prices compute with: on a CPU cluster, the constants (no CPU steps
     # are fitted in unless the scheduler is told --step-costs-from all).
     costs = out[out.index("step costs"):]

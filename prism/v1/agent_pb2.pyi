@@ -126,7 +126,7 @@ class GpuMemory(_message.Message):
     def __init__(self, gpu_id: _Optional[int] = ..., total_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., reserve_bytes: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ..., kv_limit_bytes: _Optional[int] = ..., kv_mapped_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., engines: _Optional[_Iterable[_Union[EngineMemory, _Mapping]]] = ...) -> None: ...
 
 class EngineMemory(_message.Message):
-    __slots__ = ("model", "active", "weight_bytes", "kv_limit_bytes", "kv_mapped_bytes", "kv_used_bytes", "kv_demand_bytes", "kv_held_bytes")
+    __slots__ = ("model", "active", "weight_bytes", "kv_limit_bytes", "kv_mapped_bytes", "kv_used_bytes", "kv_demand_bytes", "kv_held_bytes", "kv_cached_bytes")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +135,7 @@ class EngineMemory(_message.Message):
     KV_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_DEMAND_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_HELD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHED_BYTES_FIELD_NUMBER: _ClassVar[int]
     model: str
     active: bool
     weight_bytes: int
@@ -143,10 +144,11 @@ class EngineMemory(_message.Message):
     kv_used_bytes: int
     kv_demand_bytes: int
     kv_held_bytes: int
-    def __init__(self, model: _Optional[str] = ..., active: _Optional[bool] = ..., weight_bytes: _Optional[int] = ..., kv_limit_bytes: _Optional[int] = ..., kv_mapped_bytes: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., kv_demand_bytes: _Optional[int] = ..., kv_held_bytes: _Optional[int] = ...) -> None: ...
+    kv_cached_bytes: int
+    def __init__(self, model: _Optional[str] = ..., active: _Optional[bool] = ..., weight_bytes: _Optional[int] = ..., kv_limit_bytes: _Optional[int] = ..., kv_mapped_bytes: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., kv_demand_bytes: _Optional[int] = ..., kv_held_bytes: _Optional[int] = ..., kv_cached_bytes: _Optional[int] = ...) -> None: ...
 
 class EngineStatus(_message.Message):
-    __slots__ = ("model", "gpu_ids", "state", "error", "memory_limit_bytes", "kv_used_bytes", "weight_bytes", "running_requests", "queued_requests", "max_context", "kv_mapped_bytes", "kv_free_tokens", "memory_limit_revision", "memory_limit_status", "kv_demand_bytes", "admission_queued", "serving", "priority", "kv_pool", "attention", "cuda_graphs")
+    __slots__ = ("model", "gpu_ids", "state", "error", "memory_limit_bytes", "kv_used_bytes", "weight_bytes", "running_requests", "queued_requests", "max_context", "kv_mapped_bytes", "kv_free_tokens", "memory_limit_revision", "memory_limit_status", "kv_demand_bytes", "admission_queued", "serving", "priority", "kv_pool", "attention", "cuda_graphs", "kv_cached_bytes", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     GPU_IDS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +170,9 @@ class EngineStatus(_message.Message):
     KV_POOL_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_FIELD_NUMBER: _ClassVar[int]
     CUDA_GRAPHS_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERIED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model: str
     gpu_ids: _containers.RepeatedScalarFieldContainer[int]
     state: EngineState
@@ -189,7 +194,10 @@ class EngineStatus(_message.Message):
     kv_pool: str
     attention: str
     cuda_graphs: bool
-    def __init__(self, model: _Optional[str] = ..., gpu_ids: _Optional[_Iterable[int]] = ..., state: _Optional[_Union[EngineState, str]] = ..., error: _Optional[str] = ..., memory_limit_bytes: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., max_context: _Optional[int] = ..., kv_mapped_bytes: _Optional[int] = ..., kv_free_tokens: _Optional[int] = ..., memory_limit_revision: _Optional[int] = ..., memory_limit_status: _Optional[str] = ..., kv_demand_bytes: _Optional[int] = ..., admission_queued: _Optional[int] = ..., serving: _Optional[_Union[ServingStats, _Mapping]] = ..., priority: _Optional[int] = ..., kv_pool: _Optional[str] = ..., attention: _Optional[str] = ..., cuda_graphs: _Optional[bool] = ...) -> None: ...
+    kv_cached_bytes: int
+    prefix_cache_queried_tokens: int
+    prefix_cache_hit_tokens: int
+    def __init__(self, model: _Optional[str] = ..., gpu_ids: _Optional[_Iterable[int]] = ..., state: _Optional[_Union[EngineState, str]] = ..., error: _Optional[str] = ..., memory_limit_bytes: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., max_context: _Optional[int] = ..., kv_mapped_bytes: _Optional[int] = ..., kv_free_tokens: _Optional[int] = ..., memory_limit_revision: _Optional[int] = ..., memory_limit_status: _Optional[str] = ..., kv_demand_bytes: _Optional[int] = ..., admission_queued: _Optional[int] = ..., serving: _Optional[_Union[ServingStats, _Mapping]] = ..., priority: _Optional[int] = ..., kv_pool: _Optional[str] = ..., attention: _Optional[str] = ..., cuda_graphs: _Optional[bool] = ..., kv_cached_bytes: _Optional[int] = ..., prefix_cache_queried_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ...) -> None: ...
 
 class LoadModelRequest(_message.Message):
     __slots__ = ("spec", "gpu_ids", "activate", "memory_limit_bytes")

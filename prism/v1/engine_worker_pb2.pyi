@@ -144,7 +144,7 @@ class EngineStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class EngineStatsReply(_message.Message):
-    __slots__ = ("running_requests", "queued_requests", "kv_used_bytes", "memory_limit_bytes", "weight_bytes", "kv_mapped_bytes", "kv_free_tokens", "memory_limit_revision", "memory_limit_status", "active", "kv_demand_tokens", "device_used_bytes", "kv_held_bytes", "step_count", "step_xtx", "step_xty")
+    __slots__ = ("running_requests", "queued_requests", "kv_used_bytes", "memory_limit_bytes", "weight_bytes", "kv_mapped_bytes", "kv_free_tokens", "memory_limit_revision", "memory_limit_status", "active", "kv_demand_tokens", "device_used_bytes", "kv_held_bytes", "step_count", "step_xtx", "step_xty", "kv_cached_bytes", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens")
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     KV_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +161,9 @@ class EngineStatsReply(_message.Message):
     STEP_COUNT_FIELD_NUMBER: _ClassVar[int]
     STEP_XTX_FIELD_NUMBER: _ClassVar[int]
     STEP_XTY_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERIED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     running_requests: int
     queued_requests: int
     kv_used_bytes: int
@@ -177,7 +180,10 @@ class EngineStatsReply(_message.Message):
     step_count: float
     step_xtx: _containers.RepeatedScalarFieldContainer[float]
     step_xty: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_mapped_bytes: _Optional[int] = ..., kv_free_tokens: _Optional[int] = ..., memory_limit_revision: _Optional[int] = ..., memory_limit_status: _Optional[str] = ..., active: _Optional[bool] = ..., kv_demand_tokens: _Optional[int] = ..., device_used_bytes: _Optional[int] = ..., kv_held_bytes: _Optional[int] = ..., step_count: _Optional[float] = ..., step_xtx: _Optional[_Iterable[float]] = ..., step_xty: _Optional[_Iterable[float]] = ...) -> None: ...
+    kv_cached_bytes: int
+    prefix_cache_queried_tokens: int
+    prefix_cache_hit_tokens: int
+    def __init__(self, running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., kv_mapped_bytes: _Optional[int] = ..., kv_free_tokens: _Optional[int] = ..., memory_limit_revision: _Optional[int] = ..., memory_limit_status: _Optional[str] = ..., active: _Optional[bool] = ..., kv_demand_tokens: _Optional[int] = ..., device_used_bytes: _Optional[int] = ..., kv_held_bytes: _Optional[int] = ..., step_count: _Optional[float] = ..., step_xtx: _Optional[_Iterable[float]] = ..., step_xty: _Optional[_Iterable[float]] = ..., kv_cached_bytes: _Optional[int] = ..., prefix_cache_queried_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ...) -> None: ...
 
 class ShutdownRequest(_message.Message):
     __slots__ = ()

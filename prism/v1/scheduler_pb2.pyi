@@ -24,7 +24,7 @@ class RegisterAgentResponse(_message.Message):
     def __init__(self, report_interval_ms: _Optional[int] = ...) -> None: ...
 
 class ModelLoad(_message.Message):
-    __slots__ = ("model", "state", "arrival_rate", "queued_requests", "running_requests", "kv_used_bytes", "memory_limit_bytes", "kv_mapped_bytes", "kv_free_tokens", "kv_demand_bytes", "admission_queued", "serving", "step_count", "step_xtx", "step_xty")
+    __slots__ = ("model", "state", "arrival_rate", "queued_requests", "running_requests", "kv_used_bytes", "memory_limit_bytes", "kv_mapped_bytes", "kv_free_tokens", "kv_demand_bytes", "admission_queued", "serving", "step_count", "step_xtx", "step_xty", "kv_cached_bytes", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ARRIVAL_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,9 @@ class ModelLoad(_message.Message):
     STEP_COUNT_FIELD_NUMBER: _ClassVar[int]
     STEP_XTX_FIELD_NUMBER: _ClassVar[int]
     STEP_XTY_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_QUERIED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     model: str
     state: _agent_pb2.EngineState
     arrival_rate: float
@@ -55,7 +58,10 @@ class ModelLoad(_message.Message):
     step_count: float
     step_xtx: _containers.RepeatedScalarFieldContainer[float]
     step_xty: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, model: _Optional[str] = ..., state: _Optional[_Union[_agent_pb2.EngineState, str]] = ..., arrival_rate: _Optional[float] = ..., queued_requests: _Optional[int] = ..., running_requests: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., kv_mapped_bytes: _Optional[int] = ..., kv_free_tokens: _Optional[int] = ..., kv_demand_bytes: _Optional[int] = ..., admission_queued: _Optional[int] = ..., serving: _Optional[_Union[_agent_pb2.ServingStats, _Mapping]] = ..., step_count: _Optional[float] = ..., step_xtx: _Optional[_Iterable[float]] = ..., step_xty: _Optional[_Iterable[float]] = ...) -> None: ...
+    kv_cached_bytes: int
+    prefix_cache_queried_tokens: int
+    prefix_cache_hit_tokens: int
+    def __init__(self, model: _Optional[str] = ..., state: _Optional[_Union[_agent_pb2.EngineState, str]] = ..., arrival_rate: _Optional[float] = ..., queued_requests: _Optional[int] = ..., running_requests: _Optional[int] = ..., kv_used_bytes: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., kv_mapped_bytes: _Optional[int] = ..., kv_free_tokens: _Optional[int] = ..., kv_demand_bytes: _Optional[int] = ..., admission_queued: _Optional[int] = ..., serving: _Optional[_Union[_agent_pb2.ServingStats, _Mapping]] = ..., step_count: _Optional[float] = ..., step_xtx: _Optional[_Iterable[float]] = ..., step_xty: _Optional[_Iterable[float]] = ..., kv_cached_bytes: _Optional[int] = ..., prefix_cache_queried_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ...) -> None: ...
 
 class LoadReport(_message.Message):
     __slots__ = ("agent_id", "sequence", "models", "gpus")

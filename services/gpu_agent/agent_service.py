@@ -108,6 +108,9 @@ def engine_status(managed: ManagedEngine, *, admission: AdmissionQueueView | Non
         status.memory_limit_revision = stats.memory_limit_revision
         status.memory_limit_status = stats.memory_limit_status
         status.memory_limit_bytes = stats.memory_limit_bytes
+        status.kv_cached_bytes = stats.kv_cached_bytes
+        status.prefix_cache_queried_tokens = stats.prefix_cache_queried_tokens
+        status.prefix_cache_hit_tokens = stats.prefix_cache_hit_tokens
     return status
 
 

@@ -84,6 +84,9 @@ class LoadReporter:
                 load.kv_mapped_bytes = stats.kv_mapped_bytes
                 load.kv_free_tokens = stats.kv_free_tokens
                 load.memory_limit_bytes = stats.memory_limit_bytes
+                load.kv_cached_bytes = stats.kv_cached_bytes
+                load.prefix_cache_queried_tokens = stats.prefix_cache_queried_tokens
+                load.prefix_cache_hit_tokens = stats.prefix_cache_hit_tokens
                 if stats.step_times.steps:
                     load.step_count = stats.step_times.steps
                     load.step_xtx.extend(stats.step_times.xtx)

@@ -375,7 +375,8 @@ class MemoryCoordinator:
                 kv_mapped_bytes=stats.kv_mapped_bytes if stats else 0,
                 kv_used_bytes=stats.kv_used_bytes if stats else 0,
                 kv_demand_bytes=self.demand_bytes(m, stats) if counted_here else 0,
-                kv_held_bytes=stats.kv_holding_bytes if stats else 0))
+                kv_held_bytes=stats.kv_holding_bytes if stats else 0,
+                kv_cached_bytes=stats.kv_cached_bytes if stats else 0))
         # Limits not planned here count in both the budget and the limits (budget_bytes leaves them out).
         budget += sum(m.memory_limit_bytes for m in active if not self._plans(m))
         limits = sum(r.kv_limit_bytes for r in rows)

@@ -16,6 +16,7 @@ class EngineMemory:
     kv_used_bytes: int
     kv_demand_bytes: int  # what its running and queued requests need soon
     kv_held_bytes: int = 0  # the pages its requests' KV is on, whole (EngineStats.kv_holding_bytes)
+    kv_cached_bytes: int = 0  # KV only its prefix cache keeps (the coordinator may take it)
 
 
 @dataclass(frozen=True)

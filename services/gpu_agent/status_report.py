@@ -59,6 +59,7 @@ def engine_memory_proto(engine: EngineMemory) -> agent_pb2.EngineMemory:
         kv_used_bytes=engine.kv_used_bytes,
         kv_demand_bytes=engine.kv_demand_bytes,
         kv_held_bytes=engine.kv_held_bytes,
+        kv_cached_bytes=engine.kv_cached_bytes,
     )
 
 

@@ -130,7 +130,9 @@ def stats_to_proto(stats: EngineStats, active: bool) -> wpb.EngineStatsReply:
         kv_free_tokens=stats.kv_free_tokens, memory_limit_revision=stats.memory_limit_revision,
         memory_limit_status=stats.memory_limit_status, kv_demand_tokens=stats.kv_demand_tokens, active=active,
         device_used_bytes=stats.device_used_bytes, kv_held_bytes=stats.kv_held_bytes,
-        step_count=stats.step_times.steps, step_xtx=stats.step_times.xtx, step_xty=stats.step_times.xty)
+        step_count=stats.step_times.steps, step_xtx=stats.step_times.xtx, step_xty=stats.step_times.xty,
+        kv_cached_bytes=stats.kv_cached_bytes, prefix_cache_queried_tokens=stats.prefix_cache_queried_tokens,
+        prefix_cache_hit_tokens=stats.prefix_cache_hit_tokens)
 
 
 def stats_from_proto(reply: wpb.EngineStatsReply) -> EngineStats:
@@ -142,7 +144,9 @@ def stats_from_proto(reply: wpb.EngineStatsReply) -> EngineStats:
         memory_limit_status=reply.memory_limit_status, kv_demand_tokens=reply.kv_demand_tokens,
         device_used_bytes=reply.device_used_bytes, kv_held_bytes=reply.kv_held_bytes,
         step_times=StepTimeSums.from_values(reply.step_count, reply.step_xtx, reply.step_xty)
-        if reply.step_xty else StepTimeSums())
+        if reply.step_xty else StepTimeSums(),
+        kv_cached_bytes=reply.kv_cached_bytes, prefix_cache_queried_tokens=reply.prefix_cache_queried_tokens,
+        prefix_cache_hit_tokens=reply.prefix_cache_hit_tokens)
 
 
 def limit_to_proto(state: MemoryLimitState) -> wpb.MemoryLimitReply:
