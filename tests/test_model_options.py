@@ -252,3 +252,58 @@ async def test_an_engine_worker_and_the_agent_take_max_context(tiny_model):
             spec=agent_pb2.ModelSpec(name="m", path=tiny_model, max_context=40), gpu_ids=[0], activate=True),
             timeout=120)
         assert status.max_context == 40
+
+
+# ---- prefix caching: on unless the config turns it off -------------------------------------
+
+
+def test_prefix_caching_is_on_unless_the_config_turns_it_off():
+    config = pc.parse([_entry("cached"), _entry("uncached", prefix_caching=False)])
+    assert config.model("cached").prefix_caching is True and config.model("uncached").prefix_caching is False
+    assert model_spec(config.model("cached")).no_prefix_caching is False
+    assert model_spec(config.model("uncached")).no_prefix_caching is True
+    with pytest.raises(pc.ConfigError) as exc:
+        pc.parse([_entry(prefix_caching="no")])
+    assert exc.value.errors == ["[0].prefix_caching: must be true or false, got 'no'"]
+
+
+async def test_an_engine_worker_and_the_agent_turn_the_prefix_cache_off(tiny_model):
+    """The same prompt twice: found in the cache, unless the spec turned it off (a worker process, and
+    LoadModel on an in-process agent with its engine inline)."""
+    from in_process_agent import InProcessAgent
+
+    from services.gpu_agent.workers.remote_engine import RemoteEngine
+    from services.gpu_agent.workers.worker_pool import WorkerPool
+
+    prompt = "the same long prompt, twice over: " * 3
+
+    async def queried_and_hit(engine) -> tuple[int, int]:
+        for _ in range(2):
+            await _tokens(engine, prompt, max_tokens=2)
+        if isinstance(engine, RemoteEngine):
+            await engine.refresh_stats()  # a worker's stats are otherwise refreshed in the background
+        stats = engine.stats()
+        return stats.prefix_cache_queried_tokens, stats.prefix_cache_hit_tokens
+
+    pool = WorkerPool(["cpu"], spares_per_device=0)
+    await pool.start()
+    try:
+        for off in (False, True):
+            worker = await asyncio.wait_for(pool.acquire("cpu"), 120)
+            engine = await asyncio.wait_for(RemoteEngine.load(worker, tiny_model, name="tiny", prefix_caching=not off),
+                                            120)
+            try:
+                queried, hit = await queried_and_hit(engine)
+                assert (queried, hit) == (0, 0) if off else (queried > 0 and hit >= 16), (off, queried, hit)
+            finally:
+                await engine.stop()
+    finally:
+        await pool.close()
+    async with InProcessAgent() as agent:
+        for name, off in (("cached", False), ("uncached", True)):
+            await agent.stub.LoadModel(agent_pb2.LoadModelRequest(
+                spec=agent_pb2.ModelSpec(name=name, path=tiny_model, no_prefix_caching=off), gpu_ids=[0],
+                activate=True), timeout=120)
+        queried, hit = await queried_and_hit(agent.manager.engines["cached"].engine)
+        assert queried > 0 and hit >= 16
+        assert await queried_and_hit(agent.manager.engines["uncached"].engine) == (0, 0)

@@ -36,7 +36,7 @@ class Device(_message.Message):
     def __init__(self, index: _Optional[int] = ..., kind: _Optional[str] = ..., name: _Optional[str] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("name", "path", "tp_size", "load_format", "engine", "dtype", "seed", "slo", "priority", "shed_load", "max_context", "deterministic_inference")
+    __slots__ = ("name", "path", "tp_size", "load_format", "engine", "dtype", "seed", "slo", "priority", "shed_load", "max_context", "deterministic_inference", "no_prefix_caching")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     TP_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,7 @@ class ModelSpec(_message.Message):
     SHED_LOAD_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     DETERMINISTIC_INFERENCE_FIELD_NUMBER: _ClassVar[int]
+    NO_PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
     name: str
     path: str
     tp_size: int
@@ -61,7 +62,8 @@ class ModelSpec(_message.Message):
     shed_load: bool
     max_context: int
     deterministic_inference: bool
-    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., tp_size: _Optional[int] = ..., load_format: _Optional[str] = ..., engine: _Optional[str] = ..., dtype: _Optional[str] = ..., seed: _Optional[int] = ..., slo: _Optional[_Union[ModelSlo, _Mapping]] = ..., priority: _Optional[int] = ..., shed_load: _Optional[bool] = ..., max_context: _Optional[int] = ..., deterministic_inference: _Optional[bool] = ...) -> None: ...
+    no_prefix_caching: bool
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., tp_size: _Optional[int] = ..., load_format: _Optional[str] = ..., engine: _Optional[str] = ..., dtype: _Optional[str] = ..., seed: _Optional[int] = ..., slo: _Optional[_Union[ModelSlo, _Mapping]] = ..., priority: _Optional[int] = ..., shed_load: _Optional[bool] = ..., max_context: _Optional[int] = ..., deterministic_inference: _Optional[bool] = ..., no_prefix_caching: _Optional[bool] = ...) -> None: ...
 
 class ModelSlo(_message.Message):
     __slots__ = ("ttft_ms", "tpot_ms")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from prism.v1 import generate_pb2 as prism_dot_v1_dot_generate__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprism/v1/engine_worker.proto\x12\x08prism.v1\x1a\x17prism/v1/generate.proto\"\x13\n\x11WorkerInfoRequest\"r\n\nWorkerInfo\x12\x0b\n\x03pid\x18\x01 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x10\n\x08warmup_s\x18\x03 \x01(\x01\x12\x10\n\x08import_s\x18\x04 \x01(\x01\x12\x14\n\x0cmodel_loaded\x18\x05 \x01(\x08\x12\r\n\x05model\x18\x06 \x01(\t\"\xb0\x02\n\x0e\x45ngineLoadSpec\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bload_format\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\x1a\n\x12memory_limit_bytes\x18\x06 \x01(\x03\x12\x19\n\x11kv_capacity_bytes\x18\x07 \x01(\x03\x12\x1b\n\x13shared_weights_path\x18\x08 \x01(\t\x12\x13\n\x0bmax_context\x18\t \x01(\x05\x12\x35\n\x0ftensor_parallel\x18\n \x01(\x0b\x32\x1c.prism.v1.TensorParallelSpec\x12\x17\n\x0fstep_board_path\x18\x0b \x01(\t\x12\x17\n\x0fstep_board_slot\x18\x0c \x01(\x05\"D\n\x12TensorParallelSpec\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0c\n\x04size\x18\x02 \x01(\x05\x12\x12\n\nrendezvous\x18\x03 \x01(\t\"\xf6\x01\n\tLoadReply\x12\x14\n\x0cweight_bytes\x18\x01 \x01(\x03\x12\x13\n\x0bmax_context\x18\x02 \x01(\x05\x12\x0e\n\x06load_s\x18\x03 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x1a\n\x12kv_bytes_per_token\x18\x05 \x01(\x03\x12\x17\n\x0fkv_bundle_bytes\x18\x06 \x01(\x03\x12\x18\n\x10weights_attached\x18\x07 \x01(\x08\x12\x16\n\x0eweights_shared\x18\x08 \x01(\x08\x12\x0f\n\x07kv_pool\x18\t \x01(\t\x12\x11\n\tattention\x18\n \x01(\t\x12\x13\n\x0b\x63uda_graphs\x18\x0b \x01(\x08\"]\n\x1bWorkerSetMemoryLimitRequest\x12\x1a\n\x12memory_limit_bytes\x18\x01 \x01(\x03\x12\x15\n\x08revision\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x0b\n\t_revision\"~\n\x10MemoryLimitReply\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x13\n\x0blimit_bytes\x18\x02 \x01(\x03\x12\x1d\n\x15\x65\x66\x66\x65\x63tive_limit_bytes\x18\x03 \x01(\x03\x12\x14\n\x0cmapped_bytes\x18\x04 \x01(\x03\x12\x10\n\x08revision\x18\x05 \x01(\x03\"\x11\n\x0f\x41\x63tivateRequest\"g\n\rActivateReply\x12\x11\n\tactivated\x18\x01 \x01(\x08\x12\x0e\n\x06nbytes\x18\x02 \x01(\x03\x12\x12\n\nallocate_s\x18\x03 \x01(\x01\x12\x0e\n\x06\x63opy_s\x18\x04 \x01(\x01\x12\x0f\n\x07ready_s\x18\x05 \x01(\x01\"\x13\n\x11\x44\x65\x61\x63tivateRequest\"\x11\n\x0f\x44\x65\x61\x63tivateReply\"\x14\n\x12\x45ngineStatsRequest\"\xee\x03\n\x10\x45ngineStatsReply\x12\x18\n\x10running_requests\x18\x01 \x01(\x05\x12\x17\n\x0fqueued_requests\x18\x02 \x01(\x05\x12\x15\n\rkv_used_bytes\x18\x03 \x01(\x03\x12\x1a\n\x12memory_limit_bytes\x18\x04 \x01(\x03\x12\x14\n\x0cweight_bytes\x18\x05 \x01(\x03\x12\x17\n\x0fkv_mapped_bytes\x18\x06 \x01(\x03\x12\x16\n\x0ekv_free_tokens\x18\x07 \x01(\x03\x12\x1d\n\x15memory_limit_revision\x18\x08 \x01(\x03\x12\x1b\n\x13memory_limit_status\x18\t \x01(\t\x12\x0e\n\x06\x61\x63tive\x18\n \x01(\x08\x12\x18\n\x10kv_demand_tokens\x18\x0b \x01(\x03\x12\x19\n\x11\x64\x65vice_used_bytes\x18\x0c \x01(\x03\x12\x15\n\rkv_held_bytes\x18\r \x01(\x03\x12\x12\n\nstep_count\x18\x0e \x01(\x01\x12\x10\n\x08step_xtx\x18\x0f \x03(\x01\x12\x10\n\x08step_xty\x18\x10 \x03(\x01\x12\x17\n\x0fkv_cached_bytes\x18\x11 \x01(\x03\x12#\n\x1bprefix_cache_queried_tokens\x18\x12 \x01(\x03\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x13 \x01(\x03\"\x11\n\x0fShutdownRequest\"\x0f\n\rShutdownReply2\xa3\x04\n\x0c\x45ngineWorker\x12\x39\n\x04Info\x12\x1b.prism.v1.WorkerInfoRequest\x1a\x14.prism.v1.WorkerInfo\x12\x35\n\x04Load\x12\x18.prism.v1.EngineLoadSpec\x1a\x13.prism.v1.LoadReply\x12\x43\n\x08Generate\x12\x19.prism.v1.GenerateRequest\x1a\x1a.prism.v1.GenerateResponse0\x01\x12S\n\x0eSetMemoryLimit\x12%.prism.v1.WorkerSetMemoryLimitRequest\x1a\x1a.prism.v1.MemoryLimitReply\x12>\n\x08\x41\x63tivate\x12\x19.prism.v1.ActivateRequest\x1a\x17.prism.v1.ActivateReply\x12\x44\n\nDeactivate\x12\x1b.prism.v1.DeactivateRequest\x1a\x19.prism.v1.DeactivateReply\x12\x41\n\x05Stats\x12\x1c.prism.v1.EngineStatsRequest\x1a\x1a.prism.v1.EngineStatsReply\x12>\n\x08Shutdown\x12\x19.prism.v1.ShutdownRequest\x1a\x17.prism.v1.ShutdownReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cprism/v1/engine_worker.proto\x12\x08prism.v1\x1a\x17prism/v1/generate.proto\"\x13\n\x11WorkerInfoRequest\"r\n\nWorkerInfo\x12\x0b\n\x03pid\x18\x01 \x01(\x03\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x10\n\x08warmup_s\x18\x03 \x01(\x01\x12\x10\n\x08import_s\x18\x04 \x01(\x01\x12\x14\n\x0cmodel_loaded\x18\x05 \x01(\x08\x12\r\n\x05model\x18\x06 \x01(\t\"\xcb\x02\n\x0e\x45ngineLoadSpec\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bload_format\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\x1a\n\x12memory_limit_bytes\x18\x06 \x01(\x03\x12\x19\n\x11kv_capacity_bytes\x18\x07 \x01(\x03\x12\x1b\n\x13shared_weights_path\x18\x08 \x01(\t\x12\x13\n\x0bmax_context\x18\t \x01(\x05\x12\x35\n\x0ftensor_parallel\x18\n \x01(\x0b\x32\x1c.prism.v1.TensorParallelSpec\x12\x17\n\x0fstep_board_path\x18\x0b \x01(\t\x12\x17\n\x0fstep_board_slot\x18\x0c \x01(\x05\x12\x19\n\x11no_prefix_caching\x18\r \x01(\x08\"D\n\x12TensorParallelSpec\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x0c\n\x04size\x18\x02 \x01(\x05\x12\x12\n\nrendezvous\x18\x03 \x01(\t\"\xf6\x01\n\tLoadReply\x12\x14\n\x0cweight_bytes\x18\x01 \x01(\x03\x12\x13\n\x0bmax_context\x18\x02 \x01(\x05\x12\x0e\n\x06load_s\x18\x03 \x01(\x01\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x1a\n\x12kv_bytes_per_token\x18\x05 \x01(\x03\x12\x17\n\x0fkv_bundle_bytes\x18\x06 \x01(\x03\x12\x18\n\x10weights_attached\x18\x07 \x01(\x08\x12\x16\n\x0eweights_shared\x18\x08 \x01(\x08\x12\x0f\n\x07kv_pool\x18\t \x01(\t\x12\x11\n\tattention\x18\n \x01(\t\x12\x13\n\x0b\x63uda_graphs\x18\x0b \x01(\x08\"]\n\x1bWorkerSetMemoryLimitRequest\x12\x1a\n\x12memory_limit_bytes\x18\x01 \x01(\x03\x12\x15\n\x08revision\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x0b\n\t_revision\"~\n\x10MemoryLimitReply\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x13\n\x0blimit_bytes\x18\x02 \x01(\x03\x12\x1d\n\x15\x65\x66\x66\x65\x63tive_limit_bytes\x18\x03 \x01(\x03\x12\x14\n\x0cmapped_bytes\x18\x04 \x01(\x03\x12\x10\n\x08revision\x18\x05 \x01(\x03\"\x11\n\x0f\x41\x63tivateRequest\"g\n\rActivateReply\x12\x11\n\tactivated\x18\x01 \x01(\x08\x12\x0e\n\x06nbytes\x18\x02 \x01(\x03\x12\x12\n\nallocate_s\x18\x03 \x01(\x01\x12\x0e\n\x06\x63opy_s\x18\x04 \x01(\x01\x12\x0f\n\x07ready_s\x18\x05 \x01(\x01\"\x13\n\x11\x44\x65\x61\x63tivateRequest\"\x11\n\x0f\x44\x65\x61\x63tivateReply\"\x14\n\x12\x45ngineStatsRequest\"\xee\x03\n\x10\x45ngineStatsReply\x12\x18\n\x10running_requests\x18\x01 \x01(\x05\x12\x17\n\x0fqueued_requests\x18\x02 \x01(\x05\x12\x15\n\rkv_used_bytes\x18\x03 \x01(\x03\x12\x1a\n\x12memory_limit_bytes\x18\x04 \x01(\x03\x12\x14\n\x0cweight_bytes\x18\x05 \x01(\x03\x12\x17\n\x0fkv_mapped_bytes\x18\x06 \x01(\x03\x12\x16\n\x0ekv_free_tokens\x18\x07 \x01(\x03\x12\x1d\n\x15memory_limit_revision\x18\x08 \x01(\x03\x12\x1b\n\x13memory_limit_status\x18\t \x01(\t\x12\x0e\n\x06\x61\x63tive\x18\n \x01(\x08\x12\x18\n\x10kv_demand_tokens\x18\x0b \x01(\x03\x12\x19\n\x11\x64\x65vice_used_bytes\x18\x0c \x01(\x03\x12\x15\n\rkv_held_bytes\x18\r \x01(\x03\x12\x12\n\nstep_count\x18\x0e \x01(\x01\x12\x10\n\x08step_xtx\x18\x0f \x03(\x01\x12\x10\n\x08step_xty\x18\x10 \x03(\x01\x12\x17\n\x0fkv_cached_bytes\x18\x11 \x01(\x03\x12#\n\x1bprefix_cache_queried_tokens\x18\x12 \x01(\x03\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x13 \x01(\x03\"\x11\n\x0fShutdownRequest\"\x0f\n\rShutdownReply2\xa3\x04\n\x0c\x45ngineWorker\x12\x39\n\x04Info\x12\x1b.prism.v1.WorkerInfoRequest\x1a\x14.prism.v1.WorkerInfo\x12\x35\n\x04Load\x12\x18.prism.v1.EngineLoadSpec\x1a\x13.prism.v1.LoadReply\x12\x43\n\x08Generate\x12\x19.prism.v1.GenerateRequest\x1a\x1a.prism.v1.GenerateResponse0\x01\x12S\n\x0eSetMemoryLimit\x12%.prism.v1.WorkerSetMemoryLimitRequest\x1a\x1a.prism.v1.MemoryLimitReply\x12>\n\x08\x41\x63tivate\x12\x19.prism.v1.ActivateRequest\x1a\x17.prism.v1.ActivateReply\x12\x44\n\nDeactivate\x12\x1b.prism.v1.DeactivateRequest\x1a\x19.prism.v1.DeactivateReply\x12\x41\n\x05Stats\x12\x1c.prism.v1.EngineStatsRequest\x1a\x1a.prism.v1.EngineStatsReply\x12>\n\x08Shutdown\x12\x19.prism.v1.ShutdownRequest\x1a\x17.prism.v1.ShutdownReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,31 +37,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WORKERINFO']._serialized_start=88
   _globals['_WORKERINFO']._serialized_end=202
   _globals['_ENGINELOADSPEC']._serialized_start=205
-  _globals['_ENGINELOADSPEC']._serialized_end=509
-  _globals['_TENSORPARALLELSPEC']._serialized_start=511
-  _globals['_TENSORPARALLELSPEC']._serialized_end=579
-  _globals['_LOADREPLY']._serialized_start=582
-  _globals['_LOADREPLY']._serialized_end=828
-  _globals['_WORKERSETMEMORYLIMITREQUEST']._serialized_start=830
-  _globals['_WORKERSETMEMORYLIMITREQUEST']._serialized_end=923
-  _globals['_MEMORYLIMITREPLY']._serialized_start=925
-  _globals['_MEMORYLIMITREPLY']._serialized_end=1051
-  _globals['_ACTIVATEREQUEST']._serialized_start=1053
-  _globals['_ACTIVATEREQUEST']._serialized_end=1070
-  _globals['_ACTIVATEREPLY']._serialized_start=1072
-  _globals['_ACTIVATEREPLY']._serialized_end=1175
-  _globals['_DEACTIVATEREQUEST']._serialized_start=1177
-  _globals['_DEACTIVATEREQUEST']._serialized_end=1196
-  _globals['_DEACTIVATEREPLY']._serialized_start=1198
-  _globals['_DEACTIVATEREPLY']._serialized_end=1215
-  _globals['_ENGINESTATSREQUEST']._serialized_start=1217
-  _globals['_ENGINESTATSREQUEST']._serialized_end=1237
-  _globals['_ENGINESTATSREPLY']._serialized_start=1240
-  _globals['_ENGINESTATSREPLY']._serialized_end=1734
-  _globals['_SHUTDOWNREQUEST']._serialized_start=1736
-  _globals['_SHUTDOWNREQUEST']._serialized_end=1753
-  _globals['_SHUTDOWNREPLY']._serialized_start=1755
-  _globals['_SHUTDOWNREPLY']._serialized_end=1770
-  _globals['_ENGINEWORKER']._serialized_start=1773
-  _globals['_ENGINEWORKER']._serialized_end=2320
+  _globals['_ENGINELOADSPEC']._serialized_end=536
+  _globals['_TENSORPARALLELSPEC']._serialized_start=538
+  _globals['_TENSORPARALLELSPEC']._serialized_end=606
+  _globals['_LOADREPLY']._serialized_start=609
+  _globals['_LOADREPLY']._serialized_end=855
+  _globals['_WORKERSETMEMORYLIMITREQUEST']._serialized_start=857
+  _globals['_WORKERSETMEMORYLIMITREQUEST']._serialized_end=950
+  _globals['_MEMORYLIMITREPLY']._serialized_start=952
+  _globals['_MEMORYLIMITREPLY']._serialized_end=1078
+  _globals['_ACTIVATEREQUEST']._serialized_start=1080
+  _globals['_ACTIVATEREQUEST']._serialized_end=1097
+  _globals['_ACTIVATEREPLY']._serialized_start=1099
+  _globals['_ACTIVATEREPLY']._serialized_end=1202
+  _globals['_DEACTIVATEREQUEST']._serialized_start=1204
+  _globals['_DEACTIVATEREQUEST']._serialized_end=1223
+  _globals['_DEACTIVATEREPLY']._serialized_start=1225
+  _globals['_DEACTIVATEREPLY']._serialized_end=1242
+  _globals['_ENGINESTATSREQUEST']._serialized_start=1244
+  _globals['_ENGINESTATSREQUEST']._serialized_end=1264
+  _globals['_ENGINESTATSREPLY']._serialized_start=1267
+  _globals['_ENGINESTATSREPLY']._serialized_end=1761
+  _globals['_SHUTDOWNREQUEST']._serialized_start=1763
+  _globals['_SHUTDOWNREQUEST']._serialized_end=1780
+  _globals['_SHUTDOWNREPLY']._serialized_start=1782
+  _globals['_SHUTDOWNREPLY']._serialized_end=1797
+  _globals['_ENGINEWORKER']._serialized_start=1800
+  _globals['_ENGINEWORKER']._serialized_end=2347
 # @@protoc_insertion_point(module_scope)

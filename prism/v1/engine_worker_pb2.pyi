@@ -28,7 +28,7 @@ class WorkerInfo(_message.Message):
     def __init__(self, pid: _Optional[int] = ..., device: _Optional[str] = ..., warmup_s: _Optional[float] = ..., import_s: _Optional[float] = ..., model_loaded: _Optional[bool] = ..., model: _Optional[str] = ...) -> None: ...
 
 class EngineLoadSpec(_message.Message):
-    __slots__ = ("path", "name", "load_format", "dtype", "seed", "memory_limit_bytes", "kv_capacity_bytes", "shared_weights_path", "max_context", "tensor_parallel", "step_board_path", "step_board_slot")
+    __slots__ = ("path", "name", "load_format", "dtype", "seed", "memory_limit_bytes", "kv_capacity_bytes", "shared_weights_path", "max_context", "tensor_parallel", "step_board_path", "step_board_slot", "no_prefix_caching")
     PATH_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     LOAD_FORMAT_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class EngineLoadSpec(_message.Message):
     TENSOR_PARALLEL_FIELD_NUMBER: _ClassVar[int]
     STEP_BOARD_PATH_FIELD_NUMBER: _ClassVar[int]
     STEP_BOARD_SLOT_FIELD_NUMBER: _ClassVar[int]
+    NO_PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
     path: str
     name: str
     load_format: str
@@ -53,7 +54,8 @@ class EngineLoadSpec(_message.Message):
     tensor_parallel: TensorParallelSpec
     step_board_path: str
     step_board_slot: int
-    def __init__(self, path: _Optional[str] = ..., name: _Optional[str] = ..., load_format: _Optional[str] = ..., dtype: _Optional[str] = ..., seed: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., kv_capacity_bytes: _Optional[int] = ..., shared_weights_path: _Optional[str] = ..., max_context: _Optional[int] = ..., tensor_parallel: _Optional[_Union[TensorParallelSpec, _Mapping]] = ..., step_board_path: _Optional[str] = ..., step_board_slot: _Optional[int] = ...) -> None: ...
+    no_prefix_caching: bool
+    def __init__(self, path: _Optional[str] = ..., name: _Optional[str] = ..., load_format: _Optional[str] = ..., dtype: _Optional[str] = ..., seed: _Optional[int] = ..., memory_limit_bytes: _Optional[int] = ..., kv_capacity_bytes: _Optional[int] = ..., shared_weights_path: _Optional[str] = ..., max_context: _Optional[int] = ..., tensor_parallel: _Optional[_Union[TensorParallelSpec, _Mapping]] = ..., step_board_path: _Optional[str] = ..., step_board_slot: _Optional[int] = ..., no_prefix_caching: _Optional[bool] = ...) -> None: ...
 
 class TensorParallelSpec(_message.Message):
     __slots__ = ("rank", "size", "rendezvous")

@@ -66,6 +66,7 @@ class ModelConfig:
     shed_load: bool = False
     max_context: int = 0  # 0: the model's own context length
     deterministic_inference: bool = False
+    prefix_caching: bool = True
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,9 @@ MODEL_FIELDS = (
              "engine accepts, at most the model's own; SGLang gets it as --context-length"),
     FieldDoc("deterministic_inference", "boolean", "false", "SGLang engines honour requests' seeds "
              "(--enable-deterministic-inference); the built-in engine always does"),
+    FieldDoc("prefix_caching", "boolean", "true", "the built-in engine keeps the KV of full blocks of prompt "
+             "and output for later requests that begin with the same tokens, given back first when memory is "
+             "needed; false: every request computes its whole prompt"),
 )
 SLO_FIELDS = (
     FieldDoc("ttft_ms", "number > 0", "1000", "time to the first token, milliseconds"),
@@ -216,6 +220,10 @@ def parse(data: Any, base_dir: Path | None = None, source: str = "<config>") -> 
         if not isinstance(deterministic, bool):
             c.error(f"{p}.deterministic_inference", f"must be true or false, got {deterministic!r}")
             deterministic = False
+        prefix_caching = entry.get("prefix_caching", True)
+        if not isinstance(prefix_caching, bool):
+            c.error(f"{p}.prefix_caching", f"must be true or false, got {prefix_caching!r}")
+            prefix_caching = True
         models.append(ModelConfig(
             model_name=name,
             model_path=path,
@@ -231,6 +239,7 @@ def parse(data: Any, base_dir: Path | None = None, source: str = "<config>") -> 
             shed_load=shed_load,
             max_context=max_context,
             deterministic_inference=deterministic,
+            prefix_caching=prefix_caching,
         ))
     if c.errors:
         raise ConfigError(source, c.errors)

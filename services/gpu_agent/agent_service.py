@@ -238,6 +238,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             name=s.name, path=s.path, tp_size=s.tp_size or 1, load_format=s.load_format or "auto",
             engine=s.engine or "auto", dtype=s.dtype or "auto", seed=s.seed, slo=slo_from_proto(s),
             max_context=s.max_context, deterministic_inference=s.deterministic_inference,
+            prefix_caching=not s.no_prefix_caching,
         )
         try:
             managed = await self.manager.load(spec, tuple(request.gpu_ids), request.activate, request.memory_limit_bytes)

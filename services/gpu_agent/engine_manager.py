@@ -60,6 +60,7 @@ class EngineSpec:
     slo: ModelSlo = ModelSlo()
     max_context: int = 0  # SGLang's --context-length; 0: the model's own
     deterministic_inference: bool = False  # SGLang's --enable-deterministic-inference
+    prefix_caching: bool = True  # the built-in engine's (prefix_cache.py)
 
 
 class ModelNotLoadedError(LookupError):
@@ -346,7 +347,7 @@ class EngineManager:
                 worker, spec.path, name=spec.name, load_format=spec.load_format, dtype=spec.dtype, seed=spec.seed,
                 memory_limit_bytes=managed.memory_limit_bytes, kv_capacity_bytes=self._kv_capacity_bytes(gpu_ids) or 0,
                 shared_weights_path=str(shared.path) if shared is not None else "", max_context=spec.max_context,
-                step_board=self.step_boards.slot_for(gpu_ids[0], spec.name))
+                step_board=self.step_boards.slot_for(gpu_ids[0], spec.name), prefix_caching=spec.prefix_caching)
         except BaseException:
             await worker.terminate()  # a worker that failed a load is not reused
             raise
@@ -382,7 +383,8 @@ class EngineManager:
             engine, *_ = await asyncio.gather(
                 RemoteEngine.load(workers[0], spec.path, memory_limit_bytes=managed.memory_limit_bytes,
                                   kv_capacity_bytes=self._kv_capacity_bytes(gpu_ids) or 0,
-                                  max_context=spec.max_context, tensor_parallel=ranks[0], **common),
+                                  max_context=spec.max_context, tensor_parallel=ranks[0],
+                                  prefix_caching=spec.prefix_caching, **common),
                 *(RemoteEngine.load_shard_follower(w, spec.path, tensor_parallel=ranks[r], **common)
                   for r, w in enumerate(workers[1:], 1)))
         except BaseException:
@@ -440,6 +442,7 @@ class EngineManager:
             kv_capacity_bytes=self._kv_capacity_bytes(gpu_ids),
             max_context=spec.max_context or None,
             step_board=step_board,
+            prefix_caching=spec.prefix_caching,
         )
         engine.start()
         log.info("loaded %s on %s in %.2fs (%d MB of weights)", spec.name, engine.device,

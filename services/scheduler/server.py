@@ -131,6 +131,7 @@ def model_spec(model: ModelConfig) -> agent_pb2.ModelSpec:
         engine=model.engine, dtype=model.dtype, seed=model.seed, priority=model.priority, shed_load=model.shed_load,
         slo=agent_pb2.ModelSlo(ttft_ms=model.ttft_slo_ms or 0, tpot_ms=model.tpot_slo_ms or 0),
         max_context=model.max_context, deterministic_inference=model.deterministic_inference,
+        no_prefix_caching=not model.prefix_caching,
     )
 
 

@@ -90,7 +90,7 @@ class RemoteEngine:
                    kv_capacity_bytes: int = 0, shared_weights_path: str = "", max_context: int = 0,
                    unresponsive_after_s: float = UNRESPONSIVE_AFTER_S,
                    tensor_parallel: wpb.TensorParallelSpec | None = None,
-                   step_board: tuple[str, int] | None = None) -> RemoteEngine:
+                   step_board: tuple[str, int] | None = None, prefix_caching: bool = True) -> RemoteEngine:
         """Loads the model into the (model-less) worker. On failure the worker is
         left as it is: the caller ends it. shared_weights_path: see EngineLoadSpec.
         tensor_parallel: this worker is rank 0 of a split model; its other ranks'
@@ -100,7 +100,8 @@ class RemoteEngine:
                                   shared_weights_path=shared_weights_path, max_context=max_context or 0,
                                   tensor_parallel=tensor_parallel,
                                   step_board_path=step_board[0] if step_board else "",
-                                  step_board_slot=step_board[1] if step_board else 0)
+                                  step_board_slot=step_board[1] if step_board else 0,
+                                  no_prefix_caching=not prefix_caching)
         try:
             loaded = await worker.stub.Load(spec, timeout=LOAD_TIMEOUT_S)
             stats = await worker.stub.Stats(wpb.EngineStatsRequest(), timeout=CONTROL_TIMEOUT_S)

@@ -132,7 +132,8 @@ class EngineWorkerService(engine_worker_pb2_grpc.EngineWorkerServicer):
                             shared_weights_path=spec.shared_weights_path or None,
                             max_context=spec.max_context or None, tensor_parallel=tp, step_channel=channel,
                             kv_pool="pages" if channel is not None else "auto",
-                            step_board=(spec.step_board_path, spec.step_board_slot) if spec.step_board_path else None)
+                            step_board=(spec.step_board_path, spec.step_board_slot) if spec.step_board_path else None,
+                            prefix_caching=not spec.no_prefix_caching)
         except EngineError:
             raise
         except Exception as exc:  # the engine wraps its own failures; anything else still means "cannot load"
