@@ -156,13 +156,19 @@ def test_a_dead_replica_is_skipped_for_a_live_one(gateway_stack, http, fake_agen
         assert response.status_code == 200, response.text
 
 
-def test_requests_rotate_over_replicas(gateway_stack, http):
+def test_requests_spread_over_replicas_and_a_repeated_prompt_keeps_its_replica(gateway_stack, http):
+    # Prefix affinity (services/common/routing.py): one prompt's requests go to one replica (its prefix
+    # cache holds it) while that one is not loaded past the others; other prompts spread.
     agents = [FakeAgent(), FakeAgent()]
     try:
         gateway_stack.serve_model("two-replicas", agents)
         for _ in range(6):
             assert http.post("/v1/completions", json={"model": "two-replicas", "prompt": "echo x"}).status_code == 200
-        assert [len(a.calls) for a in agents] == [3, 3]
+        assert sorted(len(a.calls) for a in agents) == [0, 6]
+        for i in range(40):
+            assert http.post("/v1/completions", json={"model": "two-replicas",
+                                                      "prompt": f"echo {i}"}).status_code == 200
+        assert min(len(a.calls) for a in agents) >= 10, [len(a.calls) for a in agents]
     finally:
         for agent in agents:
             agent.stop()

@@ -148,6 +148,54 @@ def test_least_busy_first_breaks_ties_round_robin_and_route_order_puts_active_re
     assert route_order(list(counts), lambda r: False, counts.get, 0) == ["b", "c", "d", "a"]
 
 
+def test_requests_that_begin_alike_go_to_their_home_replica_while_its_load_allows():
+    from services.common.routing import AFFINITY_LOAD_BOUND, prefix_home, route_order
+
+    replicas = ["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1", "10.0.0.4:1"]
+    idle = dict.fromkeys(replicas, 0)
+    keys = [f"system prompt {i}" for i in range(200)]
+    homes = {k: prefix_home(replicas, k) for k in keys}
+    # Every key has one home, taken first whatever the turn; the keys spread over the replicas.
+    for key in keys[:20]:
+        assert {route_order(replicas, lambda r: True, idle.get, turn, key)[0] for turn in range(4)} == {homes[key]}
+    assert min(list(homes.values()).count(r) for r in replicas) > 200 / 4 / 2
+    # A replica that goes moves only the keys it was home of (rendezvous hashing).
+    fewer = replicas[:3]
+    assert all(prefix_home(fewer, k) == homes[k] for k in keys if homes[k] != replicas[3])
+    # Loaded past the bound, the home gives way to the least busy; within it, it keeps its requests.
+    key = keys[0]
+    home = homes[key]
+    others = [r for r in replicas if r != home]
+    busy = {**dict.fromkeys(others, 4), home: int(AFFINITY_LOAD_BOUND * 5) + 2}
+    assert route_order(replicas, lambda r: True, busy.get, 0, key)[0] != home
+    within = {**dict.fromkeys(others, 4), home: 6}
+    assert route_order(replicas, lambda r: True, within.get, 0, key)[0] == home
+    # Only among the active replicas: a switched-off home is not switched on for its prefix.
+    assert route_order(replicas, lambda r: r != home, idle.get, 0, key)[0] != home
+    assert route_order(replicas, lambda r: True, idle.get, 0, None) == replicas  # no key: least busy, in turn
+
+
+def test_the_prefix_key_is_the_beginning_of_the_prompt_or_of_the_chat():
+    from prism.v1 import generate_pb2
+    from services.gateway.relay import PREFIX_KEY_CHARS, prefix_key
+
+    long_prompt = "You are a careful assistant. " * 40
+    assert prefix_key(generate_pb2.GenerateRequest(prompt=long_prompt + "Q1")) == long_prompt[:PREFIX_KEY_CHARS]
+    assert prefix_key(generate_pb2.GenerateRequest(prompt=long_prompt + "Q2")) == long_prompt[:PREFIX_KEY_CHARS]
+    assert prefix_key(generate_pb2.GenerateRequest(prompt="")) is None
+
+    def chat(*turns: tuple[str, str]) -> generate_pb2.GenerateRequest:
+        return generate_pb2.GenerateRequest(chat=generate_pb2.ChatInput(
+            messages=[generate_pb2.ChatMessage(role=r, content=c) for r, c in turns]))
+
+    # A conversation keeps its key over its turns; another opening is another key.
+    first = prefix_key(chat(("system", "Be brief."), ("user", "Hi")))
+    later = prefix_key(chat(("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello"), ("user", "More")))
+    assert later == first
+    assert first != prefix_key(chat(("system", "Be brief."), ("user", "Hello")))
+    assert first != prefix_key(chat(("user", "Be brief."), ("user", "Hi")))
+
+
 def assert_picks(router: Router, model: str, count: int) -> None:
     assert len({router.route(model) for _ in range(count * 2)}) == count
 

@@ -117,11 +117,11 @@ class ColdStart:
         self.allowance_s = allowance_s
         self.demand = demand
 
-    async def candidates(self, model: str) -> list[str]:
+    async def candidates(self, model: str, prefix_key: str | None = None) -> list[str]:
         """Router.candidates, but a model with no live replica is waited for
         (up to its TTFT SLO plus the allowance; an allowance of 0 turns waiting off)."""
         try:
-            return self.router.candidates(model)
+            return self.router.candidates(model, prefix_key)
         except GatewayNotReady:
             raise
         except ModelUnavailable as exc:
@@ -143,7 +143,7 @@ class ColdStart:
             while True:
                 changed = self.router.next_change()
                 try:
-                    found = self.router.candidates(model)
+                    found = self.router.candidates(model, prefix_key)
                 except ModelUnavailable as exc:
                     last = exc
                 else:

@@ -44,6 +44,27 @@ log = logging.getLogger(__name__)
 MAX_DRAIN_BOUNCES = 3
 
 
+# Requests whose first this many characters agree are sent to the same replica while its load allows
+# (services/common/routing.py): about the first 30 of an engine's 16-token prefix-cache blocks.
+PREFIX_KEY_CHARS = 512
+
+
+def prefix_key(request: generate_pb2.GenerateRequest) -> str | None:
+    """What requests that could share cached KV have in common, for the router: the beginning of the
+    prompt; for a chat, its messages up to the first user message (the system prompt and the
+    conversation's opening), which every later turn of the conversation repeats. None for an empty one."""
+    if request.HasField("chat"):
+        opening = []
+        for m in request.chat.messages:
+            opening.append(f"{m.role}\0{m.content}\0")
+            if m.role == "user":
+                break
+        text = "".join(opening)
+    else:
+        text = request.prompt
+    return text[:PREFIX_KEY_CHARS] or None
+
+
 def _sent_back_draining(exc: grpc.aio.AioRpcError) -> bool:
     return any(key == DRAINING_KEY for key, _ in exc.trailing_metadata() or ())
 
@@ -193,7 +214,7 @@ class Relay:
         return stream
 
     async def _open(self, request: generate_pb2.GenerateRequest) -> AgentStream:
-        candidates = await self._candidates(request.model)
+        candidates = await self._candidates(request)
         deadline = time.monotonic() + self.timeout_s
         unreachable: list[str] = []
         bounces = 0
@@ -225,7 +246,7 @@ class Relay:
                         if draining:
                             log.info("request %s sent back by the draining engine of %s at %s; routing it again",
                                      request.request_id, request.model, address)
-                        candidates = [c for c in await self._candidates(request.model)
+                        candidates = [c for c in await self._candidates(request)
                                       if not (gone and c == address)]
                         continue
                     if gone:
@@ -254,7 +275,8 @@ class Relay:
                                    request_id=request.request_id, timeout_s=self.timeout_s)
         raise ModelUnavailable(f"model {request.model!r} has no live replica ({'; '.join(unreachable)})")
 
-    async def _candidates(self, model: str) -> list[str]:
+    async def _candidates(self, request: generate_pb2.GenerateRequest) -> list[str]:
+        key = prefix_key(request)
         if self.cold_start is not None:
-            return await self.cold_start.candidates(model)
-        return self.router.candidates(model)
+            return await self.cold_start.candidates(request.model, key)
+        return self.router.candidates(request.model, key)

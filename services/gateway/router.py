@@ -186,9 +186,10 @@ class Router:
             states.append((replica.agent_id, agent.address if agent else None, engine))
         return states
 
-    def candidates(self, model: str) -> list[str]:
+    def candidates(self, model: str, prefix_key: str | None = None) -> list[str]:
         """Addresses of the agents serving `model`, starting with this
-        request's pick (route_order); the rest are fallbacks in order.
+        request's pick (route_order, with the request's prefix_key: see
+        routing.py); the rest are fallbacks in order.
 
         Raises ModelNotFound for a model the cluster does not have and
         ModelUnavailable when none of its replicas is live."""
@@ -216,7 +217,7 @@ class Router:
             raise ModelUnavailable(f"model {model!r} has no live replica ({why})")
         turn = next(self._turns.setdefault(model, itertools.count()))
         return route_order(list(servable), servable.__getitem__,
-                           lambda address: self._in_flight.get((model, address), 0), turn)
+                           lambda address: self._in_flight.get((model, address), 0), turn, prefix_key)
 
     def began(self, model: str, address: str) -> None:
         """A request for `model` was sent to the agent at `address` (the relay tells)."""
