@@ -11,6 +11,7 @@ from services.gpu_agent.memory_policy import (
     EngineMemoryDemand,
     PolicyParams,
     RecentDemand,
+    cache_to_free,
     grant,
     plan_balloon,
     plan_static,
@@ -21,9 +22,10 @@ UNIT = 1 << 20  # 1 MiB page bundles
 PARAMS = PolicyParams(headroom_units=2, hysteresis_units=2)
 
 
-def engine(model, *, demand=0, used=0, limit=0, priority=1, cap=0, recent=0):
+def engine(model, *, demand=0, used=0, limit=0, priority=1, cap=0, recent=0, cached=0):
     return EngineMemoryDemand(model=model, priority=priority, used_bytes=used * UNIT, demand_bytes=demand * UNIT,
-                              limit_bytes=limit * UNIT, cap_bytes=cap * UNIT, recent_demand_bytes=recent * UNIT)
+                              limit_bytes=limit * UNIT, cap_bytes=cap * UNIT, recent_demand_bytes=recent * UNIT,
+                              cached_bytes=cached * UNIT)
 
 
 def snapshot(budget_units, *engines):
@@ -237,3 +239,26 @@ def test_a_tiny_budget_does_not_flap_between_a_bursts_requests():
         limits = plan
     assert limits == {"a": 3, "b": 1}
     assert changes == 1  # a grew once, and stayed
+
+
+def test_a_prefix_cache_keeps_its_memory_only_where_no_demand_needs_it():
+    # Free budget: the idle engine keeps its cache (after the busy one's demand and both headrooms).
+    plan = units(plan_balloon(snapshot(100, engine("a", demand=10), engine("b", cached=50)), PARAMS))
+    assert plan == {"a": 12, "b": 52}
+    # Demand that needs it takes it: b's cache is cut to what is left (its headroom first).
+    plan = units(plan_balloon(snapshot(100, engine("a", demand=90), engine("b", cached=50, limit=52)), PARAMS))
+    assert plan["a"] >= 90 and plan["b"] <= 10 and sum(plan.values()) == 100
+    # A cache never counts as demand: under contention it gets nothing beyond the floor.
+    plan = units(plan_balloon(snapshot(100, engine("a", demand=120), engine("b", cached=50, limit=52)), PARAMS))
+    assert plan["b"] == 1
+
+
+def test_a_grant_the_free_budget_cannot_cover_takes_other_engines_cache_only_memory():
+    snap = snapshot(110, engine("a", limit=30), engine("b", limit=60, used=10, cached=40),
+                    engine("c", limit=10, cached=8))
+    assert cache_to_free(snap, "a", 10 * UNIT) == {}  # the unassigned 10 units cover it
+    assert cache_to_free(snap, "a", 25 * UNIT) == {"b": 45 * UNIT}  # the largest cache first
+    # b's requests hold 10 units: at most its 40 of cache can go; then c's.
+    assert cache_to_free(snap, "a", 55 * UNIT) == {"b": 20 * UNIT, "c": 5 * UNIT}
+    assert cache_to_free(snap, "a", 70 * UNIT) is None  # more than the caches hold
+    assert cache_to_free(snap, "nope", UNIT) is None

@@ -201,3 +201,51 @@ async def test_a_switch_off_drops_the_cache_and_a_switch_on_serves_the_same(engi
     second = await run_in_waves(engine, requests)
     for req in requests:
         assert second[req.request_id][:2] == first[req.request_id][:2]
+
+
+# ---- under ballooning: what only the cache keeps is the first memory another model gets ----------------------------
+
+
+async def test_a_neighbours_burst_takes_the_memory_only_the_cache_keeps(model_dir):
+    """Two models on one device of an in-process agent (its memory coordinator balloons KV between them).
+    `cached` serves distinct prompts until its cache holds most of the device's KV budget, then idles;
+    `bursting` then gets a burst whose KV needs that memory. The coordinator counts the cache as neither
+    used nor held, so it lowers `cached`'s limit at once and the engine gives the cache back: the burst
+    completes, served in memory the cache had."""
+    import grpc
+    from in_process_agent import InProcessAgent
+
+    from prism.v1 import generate_pb2
+
+    def stream(agent, model: str, prompt: str, max_tokens: int):
+        return agent.stub.Generate(generate_pb2.GenerateRequest(
+            request_id=f"{model}-{prompt[:12]}-{random.random()}", model=model, prompt=prompt,
+            sampling=generate_pb2.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)), timeout=120)
+
+    async def finish(call) -> int:
+        last = None
+        while (response := await call.read()) is not grpc.aio.EOF:
+            last = response
+        assert last is not None and last.finish_reason == generate_pb2.FINISH_REASON_LENGTH
+        return last.usage.completion_tokens
+
+    rng = random.Random(5)
+    # 6 MiB: ~1.2 MB of weights for both, the rest KV (the tiny model's token is 512 bytes: ~10k tokens).
+    async with InProcessAgent(cpu_memory_gb=6 / 1024) as agent:
+        for name in ("cached", "bursting"):
+            await agent.load(name, str(model_dir))
+        engines = {name: agent.manager.engines[name].engine for name in ("cached", "bursting")}
+        for wave in range(6):  # distinct prompts: their blocks stay cached
+            calls = [stream(agent, "cached", " ".join(rng.choice(WORDS) for _ in range(30)), 40) for _ in range(8)]
+            await asyncio.gather(*(finish(c) for c in calls))
+        cached_before = engines["cached"].stats().kv_cached_bytes
+        budget = agent.coordinator.snapshot().budget_bytes
+        assert cached_before > budget // 3, (cached_before, budget)
+        assert engines["cached"].stats().kv_used_bytes == 0
+        burst = [stream(agent, "bursting", f"burst request {i} " + "x y " * 20, 120) for i in range(40)]
+        assert await asyncio.gather(*(finish(c) for c in burst)) == [120] * 40
+        # Served in what the cache gave back: the burst's KV at its peak was beyond what was free beside it.
+        cached_after = engines["cached"].stats().kv_cached_bytes
+        assert cached_after < cached_before, (cached_before, cached_after)
+        assert engines["cached"].stats().kv_mapped_bytes <= agent.manager.engines["cached"].memory_limit_bytes \
+            or engines["cached"].stats().memory_limit_status == "applied"

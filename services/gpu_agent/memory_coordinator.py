@@ -56,6 +56,7 @@ from services.gpu_agent.memory_policy import (
     EngineMemoryDemand,
     PolicyParams,
     RecentDemand,
+    cache_to_free,
     grant,
     kv_shortfall_bytes,
 )
@@ -235,7 +236,8 @@ class MemoryCoordinator:
                 model=m.spec.name, priority=m.spec.slo.priority, used_bytes=stats.kv_holding_bytes,
                 demand_bytes=demand, limit_bytes=m.memory_limit_bytes if m.state == "active" else 0,
                 cap_bytes=m.cap_bytes, unit_bytes=m.engine.kv_bundle_bytes,
-                recent_demand_bytes=self.recent_demand.observe(m.spec.name, now, demand)))
+                recent_demand_bytes=self.recent_demand.observe(m.spec.name, now, demand),
+                cached_bytes=stats.kv_cached_bytes))
         self.recent_demand.forget_all_but({m.spec.name for m in active})
         return DeviceMemorySnapshot(budget_bytes=self.budget_bytes(active),
                                     unit_bytes=self.unit_bytes(self._planned(active)),
@@ -426,6 +428,14 @@ class MemoryCoordinator:
                 return False
             snapshot = self.snapshot()
             new_limit = grant(snapshot, managed.spec.name, need_bytes)
+            if new_limit is None and self.policy_name == "balloon":
+                # Not unassigned: taken from other engines' prefix caches, given back at once.
+                lowered = cache_to_free(snapshot, managed.spec.name, need_bytes)
+                for model, nbytes in (lowered or {}).items():
+                    await self._set(model, nbytes)
+                if lowered:
+                    snapshot = self.snapshot()
+                    new_limit = grant(snapshot, managed.spec.name, need_bytes)
             if new_limit is None:
                 return False
             ok = await self._set(managed.spec.name, new_limit)

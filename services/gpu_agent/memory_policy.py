@@ -45,6 +45,7 @@ class EngineMemoryDemand:
     cap_bytes: int = 0  # most it may ever get (the config's max_memory_pool_size); 0: no cap
     unit_bytes: int = 0  # its limit's granularity (its page bundle); 0: the snapshot's
     recent_demand_bytes: int = 0  # the most demand it showed over the last demand_hold_s (RecentDemand)
+    cached_bytes: int = 0  # KV only its prefix cache keeps (neither used nor demand): kept where nothing needs it
 
 
 @dataclass(frozen=True)
@@ -146,9 +147,15 @@ def plan_balloon(snapshot: DeviceMemorySnapshot, params: PolicyParams = PolicyPa
         roomy[e.model] = max(1, min(held, cap) if cap is not None else held)
         weights[e.model] = max(1, e.priority)
     # Demand first (max-min fair by priority), then headroom from what is left:
-    # an idle engine's headroom never holds back a busy one's requests.
+    # an idle engine's headroom never holds back a busy one's requests. Last, each engine's prefix
+    # cache from what is left still: kept while no demand needs its memory, the first to go when one does.
     plan = water_fill({m: max(1, d) for m, d in demand.items()}, weights, total, units=units)
     plan = water_fill(roomy, weights, total, units=units, start=plan)
+    cached = {}
+    for e in snapshot.engines:
+        keep = roomy[e.model] + _units_up(e.cached_bytes, units[e.model]) if e.cached_bytes else roomy[e.model]
+        cached[e.model] = min(keep, caps[e.model]) if caps[e.model] is not None else keep
+    plan = water_fill(cached, weights, total, units=units, start=plan)
     # Hysteresis: keep a limit close to the plan. Keeping a smaller one only
     # while it covers the demand; keeping a larger one only while the budget has room.
     current = {e.model: e.limit_bytes // units[e.model] for e in snapshot.engines}
@@ -177,6 +184,30 @@ def kv_shortfall_bytes(snapshot: DeviceMemorySnapshot) -> int:
         cap = _cap_units(e, unit)
         wanted += (min(need, cap) if cap is not None else need) * unit
     return max(0, wanted - snapshot.budget_bytes)
+
+
+def cache_to_free(snapshot: DeviceMemorySnapshot, model: str, need_bytes: int) -> dict[str, int] | None:
+    """For a grant to `model` of need_bytes that the unassigned budget does not cover: lower limits of
+    the other engines that only their prefix caches fill beyond what their requests hold and need, largest
+    cache first, enough to cover the rest. Returns those engines' new limits ({} if the unassigned budget
+    already covers it), or None if their caches cannot."""
+    engine = next((e for e in snapshot.engines if e.model == model), None)
+    if engine is None:
+        return None
+    short = _units_up(need_bytes, snapshot.unit_of(engine)) * snapshot.unit_of(engine) \
+        - (snapshot.budget_bytes - sum(e.limit_bytes for e in snapshot.engines))
+    lowered: dict[str, int] = {}
+    for other in sorted((e for e in snapshot.engines if e.model != model and e.cached_bytes > 0),
+                        key=lambda e: (-e.cached_bytes, e.model)):
+        if short <= 0:
+            break
+        unit = snapshot.unit_of(other)
+        spare = min(other.cached_bytes, other.limit_bytes - max(other.used_bytes, other.demand_bytes)) // unit
+        take = min(max(0, spare), _units_up(short, unit), other.limit_bytes // unit - 1)
+        if take > 0:
+            lowered[other.model] = other.limit_bytes - take * unit
+            short -= take * unit
+    return lowered if short <= 0 else None
 
 
 def plan_static(snapshot: DeviceMemorySnapshot, params: PolicyParams = PolicyParams()) -> dict[str, int]:
