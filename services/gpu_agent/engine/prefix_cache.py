@@ -45,10 +45,6 @@ class PrefixCacheStats:
     reclaimable_tokens: int = 0  # slots of the blocks no sequence holds
     cached_tokens: int = 0  # slots of every cached block, held or not
 
-    @property
-    def hit_rate(self) -> float:
-        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
-
 
 class PrefixCache:
     def __init__(self, block_tokens: int = DEFAULT_BLOCK_TOKENS, tokens_per_page: int = 1):
@@ -92,7 +88,7 @@ class PrefixCache:
 
     def release(self, held: list[CachedBlock], token_ids: list[int], slots: list[int],
                 num_computed: int) -> list[int]:
-        """A sequence ends or is preempted: it let goes of the blocks it held (the first
+        """A sequence ends or is preempted: it lets go of the blocks it held (the first
         len(held) blocks of its slots), and its other fully computed blocks join the cache
         (where another sequence cached the same block meanwhile, that one is kept). Returns
         the slots to free: those of no cached block."""
@@ -142,10 +138,6 @@ class PrefixCache:
         reclaimable = len(self._reclaimable) * self.block_tokens
         return PrefixCacheStats(self.queried_tokens, self.hit_tokens, reclaimable,
                                 len(self._blocks) * self.block_tokens)
-
-    @property
-    def reclaimable_tokens(self) -> int:
-        return len(self._reclaimable) * self.block_tokens
 
     @property
     def reclaimable_in_page(self) -> Counter[int]:
