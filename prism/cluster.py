@@ -79,21 +79,30 @@ def write_default_config(state_dir: Path, which: str = "real") -> Path:
 
 class ReadinessProgress:
     """What a cluster's start says while it waits for its models: each model as it becomes served
-    (with the seconds since the wait began), and every `every_s` which it still waits for."""
+    (with the seconds since the wait began), each change of a waiting model's engine state that its
+    agent reports (loading, switched off, failed and why), and every `every_s` which it still waits for."""
 
     def __init__(self, models: list[str], say: Callable[[str], None], every_s: float = 10.0,
                  clock: Callable[[], float] = time.monotonic):
         self.models, self.say, self.every_s, self.clock = list(models), say, every_s, clock
         self.start = self.last_said = clock()
         self.served: set[str] = set()
+        self.states: dict[str, str] = {}  # model -> the engine state last said
 
-    def update(self, available: set[str]) -> None:
+    def update(self, available: set[str], states: dict[str, str] | None = None) -> None:
+        """available: the models the gateway serves; states: model -> its engine's state, as said."""
         now = self.clock()
         for model in self.models:
             if model in available and model not in self.served:
                 self.served.add(model)
                 self.say(f"  {model} served ({now - self.start:.1f}s)")
                 self.last_said = now
+            elif model not in self.served and (states or {}).get(model, self.states.get(model)) \
+                    != self.states.get(model):
+                self.states[model] = states[model]
+                if states[model] != "active":  # active: "served" follows once the gateway routes to it
+                    self.say(f"  {model} {states[model]} ({now - self.start:.1f}s)")
+                    self.last_said = now
         waiting = [m for m in self.models if m not in self.served]
         if waiting and now - self.last_said >= self.every_s:
             self.say(f"  waiting for {', '.join(waiting)} ({now - self.start:.0f}s)")
@@ -316,7 +325,7 @@ class LocalCluster:
                 available = {m["id"] for m in listed if m.get("available", True)}
                 missing = [m for m in models if m not in available]
                 if tell:
-                    tell.update(available)
+                    tell.update(available, self.engine_states())
                 if not missing and not self._agents_not_listening():
                     return
             except urllib.error.HTTPError as exc:
@@ -330,6 +339,32 @@ class LocalCluster:
         raise ClusterStartError(f"cluster not ready within {timeout_s:.0f}s; models not yet served: {missing}; "
                                 f"agents not listening: {self._agents_not_listening()}\n"
                                 f"agent log ends:\n{self.log_tail('agent')}")
+
+    def engine_states(self) -> dict[str, str]:
+        """Each model's engine state as its agents report it (GetStatus), in words: "loading",
+        "switched off", "failed: why", ...; {} under TLS (the agents want a client certificate) or
+        where no agent answers yet."""
+        if self.tls:
+            return {}
+        import grpc
+
+        from prism.v1 import agent_pb2, agent_pb2_grpc
+
+        words = {agent_pb2.ENGINE_STATE_LOADING: "loading", agent_pb2.ENGINE_STATE_ACTIVE: "active",
+                 agent_pb2.ENGINE_STATE_INACTIVE: "switched off", agent_pb2.ENGINE_STATE_DRAINING: "draining"}
+        states: dict[str, str] = {}
+        for address in self.agent_addresses.values():
+            try:
+                with grpc.insecure_channel(address) as channel:
+                    status = agent_pb2_grpc.AgentStub(channel).GetStatus(agent_pb2.GetStatusRequest(), timeout=1)
+            except grpc.RpcError:
+                continue
+            for engine in status.engines:
+                if engine.state == agent_pb2.ENGINE_STATE_FAILED:
+                    states[engine.model] = f"failed: {engine.error or 'no reason given'}"
+                elif engine.state in words and states.get(engine.model) != "active":
+                    states[engine.model] = words[engine.state]
+        return states
 
     def _agents_not_listening(self) -> list[str]:
         """The agents started here that do not accept a connection yet."""

@@ -51,3 +51,19 @@ def test_a_starting_cluster_says_each_model_as_it_is_served_and_what_it_still_wa
     progress.update({"tiny", "smollm2"})  # 14.5 s
     progress.update({"tiny", "smollm2"})  # 15 s: all served, nothing more to say
     assert said == ["  tiny served (2.0s)", "  waiting for smollm2 (13s)", "  smollm2 served (14.5s)"]
+
+
+def test_readiness_progress_says_each_change_of_a_waiting_models_engine_state():
+    from prism.cluster import ReadinessProgress
+
+    clock = iter([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    said: list[str] = []
+    progress = ReadinessProgress(["big", "bad", "tiny"], said.append, every_s=60.0, clock=lambda: next(clock))
+    progress.update(set(), {"big": "loading", "tiny": "loading"})  # 1 s
+    progress.update(set(), {"big": "loading", "tiny": "active"})  # 2 s: active is said as served, later
+    progress.update({"tiny"}, {"big": "loading", "bad": "failed: no such file", "tiny": "active"})  # 3 s
+    progress.update({"tiny"}, {"big": "switched off", "bad": "failed: no such file", "tiny": "active"})  # 4 s
+    progress.update({"tiny"}, {})  # 5 s: an agent that did not answer changes nothing
+    progress.update({"tiny", "big"}, {"big": "active", "tiny": "active"})  # 6 s
+    assert said == ["  big loading (1.0s)", "  tiny loading (1.0s)", "  bad failed: no such file (3.0s)",
+                    "  tiny served (3.0s)", "  big switched off (4.0s)", "  big served (6.0s)"]
