@@ -97,8 +97,7 @@ class ReadinessProgress:
                 self.served.add(model)
                 self.say(f"  {model} served ({now - self.start:.1f}s)")
                 self.last_said = now
-            elif model not in self.served and (states or {}).get(model, self.states.get(model)) \
-                    != self.states.get(model):
+            elif model not in self.served and states and model in states and states[model] != self.states.get(model):
                 self.states[model] = states[model]
                 if states[model] != "active":  # active: "served" follows once the gateway routes to it
                     self.say(f"  {model} {states[model]} ({now - self.start:.1f}s)")

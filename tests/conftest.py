@@ -39,6 +39,24 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture()
+def engine_factory(model_dir):
+    """Starts built-in engines on the module's `model_dir` (Engine's keyword arguments), stops them after the test."""
+    from services.gpu_agent.engine import Engine
+
+    made: list[Engine] = []
+
+    def make(**kwargs) -> Engine:
+        engine = Engine(model_dir, **kwargs)
+        engine.start()
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in made:
+        engine.stop()
+
+
+@pytest.fixture()
 def etcd_server(tmp_path):
     """A fresh etcd of our own for one test."""
     from services.common.etcd_server import EmbeddedEtcd

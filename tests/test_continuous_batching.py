@@ -184,21 +184,6 @@ async def wait_idle(engine: Engine, timeout: float = 5.0) -> None:
     raise AssertionError(f"engine not idle: {engine.stats()}")
 
 
-@pytest.fixture()
-def engine_factory(model_dir):
-    made: list[Engine] = []
-
-    def make(**kwargs) -> Engine:
-        engine = Engine(model_dir, **kwargs)
-        engine.start()
-        made.append(engine)
-        return engine
-
-    yield make
-    for engine in made:
-        engine.stop()
-
-
 async def test_batched_chunked_equals_one_at_a_time_and_the_reference(engine_factory, reference, caplog):
     # A small step budget: long prompts are prefilled in several chunks while others decode.
     engine = engine_factory(step_tokens=8, kv_page_bytes=4 * SLOT)

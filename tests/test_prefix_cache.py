@@ -98,21 +98,6 @@ def model_dir(tmp_path_factory):
     return write_tiny_model(tmp_path_factory.mktemp("prefix-cache") / "llama")
 
 
-@pytest.fixture()
-def engines(model_dir):
-    made: list[Engine] = []
-
-    def make(**kwargs) -> Engine:
-        engine = Engine(model_dir, dtype="float32", **kwargs)
-        engine.start()
-        made.append(engine)
-        return engine
-
-    yield make
-    for engine in made:
-        engine.stop()
-
-
 WORDS = "the a cache of tokens model is prefix shared system prompt you are helpful answer briefly".split()
 
 
@@ -152,15 +137,15 @@ async def run_in_waves(engine: Engine, requests: list[GenerationRequest], wave: 
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-async def test_outputs_are_the_same_with_the_cache_on_and_off(engines, seed, caplog):
+async def test_outputs_are_the_same_with_the_cache_on_and_off(engine_factory, seed, caplog):
     # A small step budget (prompts are prefilled in chunks beside decoding sequences) and a limit of
     # 320 tokens (the tiny model's KV is 512 bytes a token), little more than one full context: sequences
     # are preempted and computed again, and cached blocks are given back for running ones.
-    settings = dict(step_tokens=16, kv_page_bytes=4096, memory_limit_bytes=320 * 512)
+    settings = dict(dtype="float32", step_tokens=16, kv_page_bytes=4096, memory_limit_bytes=320 * 512)
     requests = shared_prefix_workload(seed)
     with caplog.at_level(logging.INFO, logger="services.gpu_agent.engine"):
-        off = await run_in_waves(engines(prefix_caching=False, **settings), requests)
-        cached = engines(prefix_caching=True, **settings)
+        off = await run_in_waves(engine_factory(prefix_caching=False, **settings), requests)
+        cached = engine_factory(prefix_caching=True, **settings)
         on = await run_in_waves(cached, requests)
     assert any("preempted" in r.getMessage() for r in caplog.records)
     for req in requests:
@@ -173,8 +158,8 @@ async def test_outputs_are_the_same_with_the_cache_on_and_off(engines, seed, cap
     assert all(0 <= result[2] for result in on.values())
 
 
-async def test_the_cache_is_not_used_memory_and_goes_first_when_the_limit_shrinks(engines):
-    engine = engines(kv_page_bytes=4096)
+async def test_the_cache_is_not_used_memory_and_goes_first_when_the_limit_shrinks(engine_factory):
+    engine = engine_factory(dtype="float32", kv_page_bytes=4096)
     requests = shared_prefix_workload(3, n=8)
     await run_in_waves(engine, requests)
     stats = engine.stats()
@@ -190,8 +175,8 @@ async def test_the_cache_is_not_used_memory_and_goes_first_when_the_limit_shrink
     assert all(cached == 0 for _, _, cached in again.values())  # nothing was left to hit
 
 
-async def test_a_switch_off_drops_the_cache_and_a_switch_on_serves_the_same(engines):
-    engine = engines(kv_page_bytes=4096)
+async def test_a_switch_off_drops_the_cache_and_a_switch_on_serves_the_same(engine_factory):
+    engine = engine_factory(dtype="float32", kv_page_bytes=4096)
     requests = shared_prefix_workload(4, n=6)
     first = await run_in_waves(engine, requests)
     assert engine.stats().kv_cached_bytes > 0
