@@ -96,6 +96,17 @@ def test_tau_keeps_a_placement_whose_worst_ratio_is_close_and_moves_one_far_wors
     assert plan(rate_b=1.0, tau=0.1) == {"a": "x", "b": "y"}  # a smaller tau moves it at 1.25x
 
 
+def test_a_model_whose_engine_is_still_loading_stays_where_it_loads():
+    # b was placed on z and its engine loads there (it reads inactive). Fresh, the heuristic puts b on
+    # y (as good, and first in order): within tau, b stays on z; re-placing it each pass moved a model
+    # whose load had not ended (200 models on 64 GPUs: 11 loads a model in 5 simulated seconds).
+    models = (model("a"), model("b"))
+    snap = ClusterSnapshot(models=models, agents=gpus("x", "y", "z"), demand={"a": rate(4.0), "b": rate(2.0)},
+                           weight_bytes={"a": 8 * GB, "b": 8 * GB},
+                           current={"a": [ReplicaTarget("x", (0,), True)], "b": [ReplicaTarget("z", (0,), False)]})
+    assert active_sets(kvpr_policy(snap)) == {"a": "x", "b": "z"}
+
+
 def test_prism_simulate_runs_kvpr_on_a_small_trace(tmp_path):
     from typer.testing import CliRunner
 

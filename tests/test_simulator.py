@@ -387,3 +387,27 @@ def test_foresight_plans_on_the_traces_next_arrivals_and_changes_nothing_else(pr
     foreseen = simulate(trace, config, profile, SimSettings(num_gpus=1, policy="prism", foresight_s=5.0))
     assert foreseen["simulation"]["foresight_s"] == 5.0 and plain["simulation"]["foresight_s"] == 0.0
     assert foreseen["overall"]["requests"] == plain["overall"]["requests"] == len(trace.requests)
+
+
+def test_a_burst_of_cold_starts_is_one_replan_after_the_live_loops_pause(profile, monkeypatch):
+    """Requests for models placed nowhere within the live placement loop's pause (REPLAN_COALESCE_S) wake
+    it once: one re-plan, that long after the first. Unpaused, 200 models' cold starts re-planned ~100
+    times a simulated second, more than the live loop can."""
+    from services.scheduler.server import REPLAN_COALESCE_S as live_pause
+
+    assert sim_scheduler.REPLAN_COALESCE_S == live_pause
+    times = []
+    replan = sim_scheduler.SimScheduler.replan
+
+    def recording(self, instant=False):
+        times.append(self.cluster.now)
+        replan(self, instant)
+
+    monkeypatch.setattr(sim_scheduler.SimScheduler, "replan", recording)
+    # On a GPU the cluster lacks, under static: placed nowhere, each request waits at the gateway.
+    config = models(*((name, ONE_B, 3, False) for name in "abcd"))
+    trace = Trace(tuple(TraceRequest(t=1.0 + 0.01 * i, model=name, prompt_tokens=100, output_tokens=5)
+                        for i, name in enumerate("abcd")))
+    result = simulate(trace, config, profile, SimSettings(num_gpus=1, policy="static"))
+    assert all("did not become available" in r["error"] for r in result["requests"])
+    assert [t for t in times if 1.0 <= t < 2.0] == [pytest.approx(1.0 + live_pause)]

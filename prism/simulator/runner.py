@@ -22,7 +22,7 @@ from prism.simulator.cluster import DRAIN_TIMEOUT_S, MEMORY_INTERVAL_S, SimClust
 from prism.simulator.engine import SimRequest
 from prism.simulator.models import sim_model
 from prism.simulator.profile import LatencyProfile
-from prism.simulator.scheduler import DEFAULT_REPLAN_INTERVAL_S, Foresight, SimScheduler
+from prism.simulator.scheduler import DEFAULT_REPLAN_INTERVAL_S, REPLAN_COALESCE_S, Foresight, SimScheduler
 from prism.workload.replay import RequestResult, SloTargets, report
 from prism.workload.trace import Trace
 from services.common.placement_config import ModelConfig
@@ -124,11 +124,11 @@ def simulate(trace: Trace, models: list[ModelConfig], profile: LatencyProfile, s
         nonlocal open_requests
         open_requests -= 1
 
-    def replan_soon() -> None:  # a demand record appeared: the real loop re-plans at once
+    def replan_soon() -> None:  # a demand record appeared: the live loop re-plans after its pause
         nonlocal replan_due
         if not replan_due:
             replan_due = True
-            loop.at(loop.now, replan_now)
+            loop.at(loop.now + REPLAN_COALESCE_S, replan_now)
 
     def replan_now() -> None:
         nonlocal replan_due

@@ -38,6 +38,9 @@ from services.scheduler.policies import (
 )
 
 DEFAULT_REPLAN_INTERVAL_S = 2.0
+# The live loop's pause between a wake (a demand record) and its re-plan, which makes a burst of
+# wakes one re-plan (services/scheduler/server.py REPLAN_COALESCE_S).
+REPLAN_COALESCE_S = 0.05
 
 
 class Foresight:

@@ -138,6 +138,9 @@ def model_spec(model: ModelConfig) -> agent_pb2.ModelSpec:
 # After an agent kept an engine on (recent requests), ask again no sooner than this.
 KEPT_ON_RETRY_S = 2.0
 STEP_COSTS_FROM = ("cuda", "all", "none")  # --step-costs-from
+# After a wake, the loop waits this long before it re-plans: a burst of etcd events (demand records,
+# engines changing state) is one re-plan. prism/simulator/scheduler.py mirrors it.
+REPLAN_COALESCE_S = 0.05
 DEFAULT_STATUS_INTERVAL_S = 10.0  # how often the scheduler status record (prism status) is written at most
 
 
@@ -469,7 +472,7 @@ class PlacementLoop:
                     await asyncio.wait_for(self.wake.wait(), self.interval_s)
                 except asyncio.TimeoutError:
                     pass
-                await asyncio.sleep(0.05)  # coalesce bursts of etcd events into one re-plan
+                await asyncio.sleep(REPLAN_COALESCE_S)
         finally:
             for task in [*mirrors, *self._in_flight.values()]:
                 task.cancel()

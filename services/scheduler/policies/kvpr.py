@@ -13,7 +13,8 @@ so its agent switches it on for a request when idle engines can step aside:
 the original's time sharing.
 
 Migration threshold tau (`PolicyParams.kvpr_tau`): the plan that keeps every
-placed model where it is (only the others placed by the heuristic) is taken
+placed model where it is (where its engine is active, else loaded or loading;
+only the others placed by the heuristic) is taken
 unless the fresh plan's worst ratio is lower by more than the fraction tau;
 re-planned at every scheduler pass from the measured rates. A model moves
 only between agents (an agent runs one engine per model), so its candidate
@@ -88,12 +89,35 @@ class PressureMap:
             return pressure  # memory unknown: balance w alone
         return pressure / kv_left if kv_left > 0 else float("inf")
 
-    def worst_with(self, model: ModelConfig, key: GpuKey) -> tuple[float, float]:
-        """(the worst ratio over every GPU, the set's own worst) were the model added to the set."""
-        gpus, shard, w = self._shares(model, key)
-        own = max(self.ratio(g, shard, w) for g in gpus)
-        others = next((ratio for ratio, g in self._ranked() if g not in gpus), 0.0)
-        return max(own, others), own
+    def best_set(self, model: ModelConfig, candidates: list[GpuKey]) -> GpuKey | None:
+        """Of the candidate sets the model fits, the one where the worst ratio over every GPU stays
+        lowest were the model added (then the set's own worst, then the set's order); None if it fits
+        none. `fits` and `ratio` over each candidate, in one loop: this is the policy's inner loop
+        (200 models on 64 GPUs: about a million candidate looks a simulated minute)."""
+        if not candidates:
+            return None
+        _, shard, w = self._shares(model, candidates[0])  # every candidate has the model's tp size
+        memory, weights, pressure = self.memory, self.weights, self.pressure
+        min_fraction = self.params.min_kv_fraction
+        # The first GPU outside a set of n GPUs is among the n + 1 highest.
+        highest = self._ranked()[:len(candidates[0][1]) + 1]
+        best: tuple[float, float, GpuKey] | None = None
+        for key in candidates:
+            agent, ids = key
+            own = float("-inf")
+            for i in ids:
+                g = (agent, i)
+                total, kv_left = memory[g], memory[g] - weights[g] - shard
+                if total and kv_left < min_fraction * total:
+                    break  # does not fit
+                added = pressure[g] + w
+                own = max(own, added if not total else added / kv_left if kv_left > 0 else float("inf"))
+            else:
+                others = next((ratio for ratio, g in highest if g[0] != agent or g[1] not in ids), 0.0)
+                option = (max(own, others), own, key)
+                if best is None or option < best:
+                    best = option
+        return best[2] if best is not None else None
 
     def _ranked(self) -> list[tuple[float, GpuId]]:
         if self._ranking is None:
@@ -111,16 +135,19 @@ class PressureMap:
         return self._ranked()[0][0] if self.memory else 0.0
 
 
-def _candidate_sets(snapshot: ClusterSnapshot, model: ModelConfig) -> list[GpuKey]:
+def _candidate_sets(snapshot: ClusterSnapshot, model: ModelConfig,
+                    sets_by_size: dict[int, list[GpuKey]]) -> list[GpuKey]:
     """Where the model may be active: the sets it runs on, and any set of an agent that does not run it."""
     live = live_replicas(snapshot, model)
     hosting = {r.agent_id for r in live}
+    if model.tp_size not in sets_by_size:
+        sets_by_size[model.tp_size] = gpu_sets(snapshot, model.tp_size)
     return sorted({(r.agent_id, r.gpu_ids) for r in live}
-                  | {k for k in gpu_sets(snapshot, model.tp_size) if k[0] not in hosting})
+                  | {k for k in sets_by_size[model.tp_size] if k[0] not in hosting})
 
 
 def _assign(snapshot: ClusterSnapshot, params: PolicyParams, models: list[ModelConfig],
-            kept: Mapping[str, GpuKey]) -> tuple[dict[str, GpuKey], float]:
+            candidates: Mapping[str, list[GpuKey]], kept: Mapping[str, GpuKey]) -> tuple[dict[str, GpuKey], float]:
     """The heuristic: models in `kept` stay on their sets (counted first), the others in order, each to
     the set that keeps the worst ratio lowest. Returns model -> set (a model that fits nowhere is absent)
     and the worst ratio."""
@@ -134,12 +161,10 @@ def _assign(snapshot: ClusterSnapshot, params: PolicyParams, models: list[ModelC
     for model in models:
         if model.model_name in out:
             continue
-        candidates = [k for k in _candidate_sets(snapshot, model) if pressure.fits(model, k)]
-        if not candidates:
-            continue
-        best = min(candidates, key=lambda k: (*pressure.worst_with(model, k), k))
-        pressure.add(model, best)
-        out[model.model_name] = best
+        best = pressure.best_set(model, candidates[model.model_name])
+        if best is not None:
+            pressure.add(model, best)
+            out[model.model_name] = best
     return out, pressure.worst()
 
 
@@ -147,13 +172,18 @@ def kvpr_policy(snapshot: ClusterSnapshot, params: PolicyParams = PolicyParams()
     homes = home_of_everyone(snapshot)
     hot = sorted((m for m in snapshot.models if snapshot.demand_of(m.model_name).hot and m.model_name in homes),
                  key=lambda m: (-pressure_weight(snapshot, m), m.model_name))
-    running = {}
+    # Where each hot model is now: its active replica, else one loaded or loading there (a loading engine
+    # reads inactive). Keeping only the active ones let every pass move a model whose load had not
+    # ended: 200 models on 64 GPUs loaded 2,312 engines in 5 simulated seconds, 11 a model.
+    placed = {}
     for model in hot:
-        active = [(r.agent_id, r.gpu_ids) for r in live_replicas(snapshot, model) if r.active]
-        if active:
-            running[model.model_name] = active[0]
-    fresh, fresh_worst = _assign(snapshot, params, hot, {})
-    stay, stay_worst = _assign(snapshot, params, hot, running)
+        live = sorted(live_replicas(snapshot, model), key=lambda r: not r.active)
+        if live:
+            placed[model.model_name] = (live[0].agent_id, live[0].gpu_ids)
+    sets_by_size: dict[int, list[GpuKey]] = {}
+    candidates = {m.model_name: _candidate_sets(snapshot, m, sets_by_size) for m in hot}
+    fresh, fresh_worst = _assign(snapshot, params, hot, candidates, {})
+    stay, stay_worst = _assign(snapshot, params, hot, candidates, placed)
     # A move costs a load (seconds) and a drain: only for a gain beyond tau.
     chosen = fresh if stay_worst > (1 + params.kvpr_tau) * fresh_worst else stay
     placement: Placement = {m.model_name: [] for m in snapshot.models}
