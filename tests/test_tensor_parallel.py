@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
+import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -268,6 +270,61 @@ async def test_two_workers_serve_one_model_split_over_them(tmp_path):
         await engine.deactivate()
         await engine.activate()
         assert await asyncio.wait_for(_generate_all(engine), 60) == got
+        await engine.stop()
+    finally:
+        await pool.close()
+
+
+@pytest.mark.parametrize("failing_rank", [0, 1])
+async def test_a_step_failing_on_one_rank_fails_the_split_engine_on_every_rank_within_seconds(
+        tmp_path, monkeypatch, failing_rank):
+    # tests/faults/sitecustomize.py makes the workers' 40th all-reduce on one rank raise, mid-forward:
+    # the other rank is left inside that forward. Every request ends with an error (none hangs), both
+    # workers end, and the engine is reported lost, within seconds, not the process group's timeout.
+    model_dir = write_tiny_model(tmp_path / "llama")
+    faults = Path(__file__).parent / "faults"
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(faults), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("PRISM_TEST_FAIL_ALL_REDUCE", f"{failing_rank}:40")
+    pool = WorkerPool(["cpu"], spares_per_device=0)
+    await pool.start()
+    try:
+        workers = [await pool.acquire("cpu") for _ in range(2)]
+        rendezvous = f"tcp://127.0.0.1:{_free_port()}"
+        specs = [wpb.TensorParallelSpec(rank=r, size=2, rendezvous=rendezvous) for r in range(2)]
+        engine, _ = await asyncio.wait_for(asyncio.gather(
+            RemoteEngine.load(workers[0], str(model_dir), name="split", dtype="float32", tensor_parallel=specs[0]),
+            RemoteEngine.load_shard_follower(workers[1], str(model_dir), name="split", dtype="float32",
+                                             tensor_parallel=specs[1])), 120)
+        engine.add_followers(workers[1:])
+        lost: list[Exception] = []
+
+        async def on_lost(error: Exception) -> None:
+            lost.append(error)
+
+        engine.on_lost(on_lost)
+
+        async def one(i: int) -> Exception | None:
+            req = GenerationRequest(f"r{i}", prompt=PROMPTS[i % len(PROMPTS)], max_tokens=48, temperature=0.0,
+                                    ignore_eos=True)
+            try:
+                async for _ in engine.generate(req):
+                    pass
+            except EngineError as exc:
+                return exc
+            return None
+
+        started = time.monotonic()
+        errors = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(4))), 30)
+        assert all(isinstance(e, EngineError) for e in errors), errors
+        if failing_rank == 0:  # rank 0's own error reaches its requests before its worker ends
+            assert all("injected failure of all-reduce 40 on rank 0" in str(e) and "split engine has failed" in str(e)
+                       for e in errors), errors
+        await asyncio.wait_for(asyncio.gather(*(w.exited.wait() for w in workers)), 30)
+        while not lost and time.monotonic() - started < 30:  # the listeners run once the exit is seen
+            await asyncio.sleep(0.05)
+        assert len(lost) == 1 and "exit code 70" in str(lost[0]), lost
+        with pytest.raises(EngineError):
+            await engine.generate(GenerationRequest("after", prompt=PROMPTS[0], max_tokens=2)).__anext__()
         await engine.stop()
     finally:
         await pool.close()

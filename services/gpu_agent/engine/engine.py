@@ -26,7 +26,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import torch
@@ -134,7 +134,7 @@ class Engine:
                  shared_weights_path: str | Path | None = None, warm_up: bool = True,
                  max_context: int | None = None, tensor_parallel: TensorParallel = SINGLE,
                  step_channel: StepChannel | None = None, step_board: tuple[str, int] | None = None,
-                 prefix_caching: bool = True):
+                 prefix_caching: bool = True, on_split_failure: Callable[[str], None] | None = None):
         """memory_limit_bytes: KV memory the engine may map now (default: 8 contexts).
         kv_capacity_bytes: the KV reservation the limit can later grow to (virtual where
         the pool is elastic; default: the device's memory on CUDA, 32 contexts on the CPU).
@@ -157,7 +157,8 @@ class Engine:
         inputs over step_channel to the other ranks (shard_follower.py). Its KV
         pool and kv_bytes_per_token are this rank's share of the KV heads; switching
         off and on moves every rank's weights. Not yet with CUDA graphs, kvcached
-        or shared weights.
+        or shared weights. A step that fails on a split engine fails the engine (_fail_split):
+        on_split_failure(why) hears of it (the worker ends its process on it).
         step_board: (path, slot) of its device's step board (step_board.py): only the steps that ran
         alone on the device go into its step-time sums. None: every step does (nothing else shares it).
         prefix_caching: full blocks of computed KV stay cached for later requests that begin with the
@@ -240,6 +241,9 @@ class Engine:
         self._model_lock = threading.Lock()
         self._active = True
         self._stopped = False
+        # Why this split engine failed (_fail_split): it serves nothing more, its ranks are out of step.
+        self._split_failure: str | None = None
+        self._on_split_failure = on_split_failure
         self._thread: threading.Thread | None = None
         if warm_up and self._device.type == "cuda":
             self._warm_up_kernels()
@@ -425,8 +429,8 @@ class Engine:
         self._outbox.flush()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=30)
-        if self._steps is not None:  # after the step thread: the channel's messages never interleave
-            self._steps.send(StopFollowing())
+        if self._steps is not None and self._split_failure is None:  # after the step thread: the channel's
+            self._steps.send(StopFollowing())  # messages never interleave (none to ranks left mid-step)
         with self._model_lock:
             self._graph_runner = None
             self._model = None  # the weights go with the engine
@@ -451,6 +455,8 @@ class Engine:
         """Brings the weights back to the device; returns where the time went
         (None if the engine was active already)."""
         with self._model_lock:
+            if self._split_failure is not None:
+                raise EngineError(self._split_failure)
             if self._model is None:
                 raise EngineError("engine stopped")
             if self._active:
@@ -501,7 +507,8 @@ class Engine:
             # Graphs hold the device addresses of the weights about to be freed.
             self._graph_runner = None
             self._slot_table = None
-            following = self._steps is not None and self._model is not None  # after stop() nobody follows
+            # After stop() nobody follows; after a split failure the other ranks are mid-step or gone.
+            following = self._steps is not None and self._model is not None and self._split_failure is None
             if following:  # the other ranks free their memory while this one frees its own
                 self._steps.send(SwitchOff())
             if self._model is not None:
@@ -637,6 +644,8 @@ class Engine:
 
     def _submit(self, seq: Sequence) -> None:
         with self._lock:
+            if self._split_failure is not None:
+                raise EngineError(self._split_failure)
             if self._stopped:
                 raise EngineError("engine stopped")
             if self._thread is None:
@@ -712,13 +721,16 @@ class Engine:
             with self._lock:
                 while not self._stopped and not self._batcher.has_work():
                     self._lock.wait()
-                if self._stopped:
+                if self._stopped or self._split_failure is not None:
                     break
             try:
                 self._step()
             except Exception as exc:  # never leave consumers waiting on a dead step
                 log.exception("engine %s: step failed", self.name)
                 message = f"step failed: {type(exc).__name__}: {exc}"
+                if self.tp.size > 1:
+                    self._fail_split(message)
+                    continue
                 with self._lock:
                     self._end_step()
                     self._fail_all(lambda: EngineError(message))
@@ -752,6 +764,9 @@ class Engine:
                          1e3 * (time.perf_counter() - started), 1e3 * (started - scheduling))
         except Exception as exc:  # e.g. out of device memory: these requests fail, the engine goes on
             log.exception("engine %s: forward of %d sequences failed", self.name, len(plan))
+            if self.tp.size > 1:  # unless it is split: then its other ranks are left mid-step
+                self._fail_split(f"forward failed: {type(exc).__name__}: {exc}")
+                return
             with self._lock:
                 self._end_step()
                 for item in plan:
@@ -772,6 +787,25 @@ class Engine:
                 item.seq.num_cached = item.start + item.count
                 if token is not None:
                     self._append_token(item.seq, token)
+
+    def _fail_split(self, why: str) -> None:
+        """A step of this split engine failed: its other ranks are left inside the step's collectives (or
+        have gone, which is what failed it), so no later step, switch or stop can meet them. Every request
+        ends with the error, new ones are refused with it, the step loop ends, and on_split_failure hears
+        why: the worker ends its process, so the agent reports the engine failed and ends the other ranks
+        (whose collectives then fail too) within seconds, instead of leaving them waiting for the process
+        group's timeout."""
+        message = (f"{why} (tensor-parallel rank 0 of {self.tp.size}): the split engine has failed, "
+                   f"its ranks are out of step")
+        log.error("engine %s: %s", self.name, message)
+        with self._lock:
+            self._end_step()
+            self._split_failure = message
+            self._fail_all(lambda: EngineError(message))
+            self._lock.notify_all()
+        self._outbox.flush()
+        if self._on_split_failure is not None:
+            self._on_split_failure(message)
 
     def _end_step(self) -> None:
         """Under _lock: frees what was aborted while the step ran."""

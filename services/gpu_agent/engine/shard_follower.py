@@ -15,8 +15,11 @@ object over its group (gloo: host memory, no device sync). Rank 0 sends
 only under its model lock or after its step thread ended, in the order of
 its forwards, so collectives never interleave.
 
-Not handled yet: a forward that fails on one rank leaves the others waiting
-in an all-reduce (the agent ends all ranks' workers only when one dies)."""
+A step that fails on any rank ends the split engine: a follower's run raises
+(its worker then ends itself), rank 0's engine fails every request and refuses
+more (Engine._fail_split; its worker ends too). A peer whose process has gone
+fails the collectives the others wait in, and the agent ends every rank's
+worker once one has gone (workers/remote_engine.py)."""
 
 from __future__ import annotations
 

@@ -312,6 +312,8 @@ class RemoteEngine:
                 await callback(self._lost)
             except Exception:
                 log.exception("handling the loss of engine worker %d failed", worker.pid)
+        # Rank 0 gone: its other ranks wait in a step's collectives for it (on NCCL, until the timeout).
+        await asyncio.gather(*(follower.terminate() for follower in self._followers if follower.alive))
 
 
 async def _load_error(worker: WorkerProcess, name: str, exc: grpc.aio.AioRpcError) -> Exception:

@@ -20,7 +20,7 @@ import grpc
 
 from prism.v1 import engine_worker_pb2 as wpb
 from prism.v1 import engine_worker_pb2_grpc
-from services.gpu_agent.workers.errors import WorkerStartError
+from services.gpu_agent.workers.errors import EXIT_SPLIT_STEP_FAILED, WorkerStartError
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,8 @@ def describe_exit(returncode: int | None) -> str:
             return f"killed by {signal.Signals(-returncode).name}"
         except ValueError:
             return f"killed by signal {-returncode}"
+    if returncode == EXIT_SPLIT_STEP_FAILED:
+        return f"exit code {returncode}: a step of its split model failed, or its other ranks went; its log says why"
     return f"exit code {returncode}"
 
 

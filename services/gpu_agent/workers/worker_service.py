@@ -4,7 +4,11 @@ Engine and exposes its API. Engine errors travel as gRPC status codes
 
 A worker loaded as rank 1 or more of a tensor-parallel model holds a
 ShardFollower instead: it runs rank 0's steps on a thread of its own until
-rank 0's engine stops, and takes no requests itself."""
+rank 0's engine stops, and takes no requests itself.
+
+A step that fails on any rank of a split model ends that rank's worker
+(EXIT_SPLIT_STEP_FAILED): the others are left inside the step's collectives,
+which fail once a peer's process has gone (and the agent ends them too)."""
 
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from services.gpu_agent.engine.shard_follower import ShardFollower, join_ranks
 from services.gpu_agent.engine.tensor_parallel import SINGLE
 from services.gpu_agent.workers import wire
 from services.gpu_agent.workers.device_warmup import WarmupReport
+from services.gpu_agent.workers.errors import EXIT_SPLIT_STEP_FAILED
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,16 @@ def device_used_bytes(device: str) -> int:
         return 0
     free, total = torch.cuda.mem_get_info(torch.device(device))
     return total - free
+
+
+# Rank 0's worker ends this long after its split engine failed: its requests' errors go out first.
+SPLIT_FAILURE_EXIT_DELAY_S = 0.5
+
+
+def end_process(code: int) -> None:
+    """Ends this worker at once (no cleanup: its peers' collectives and the agent need it gone)."""
+    logging.shutdown()
+    os._exit(code)
 
 
 class EngineWorkerService(engine_worker_pb2_grpc.EngineWorkerServicer):
@@ -117,8 +132,10 @@ class EngineWorkerService(engine_worker_pb2_grpc.EngineWorkerServicer):
     def _run_follower(self, channel) -> None:
         try:
             self.follower.run(channel)
-        except Exception:  # rank 0 gone, or a failed step: this rank can do nothing more
-            log.exception("tensor-parallel rank %d stopped following", self.follower.tp.rank)
+        except Exception:  # a failed step, or rank 0 gone: this rank can do nothing more
+            log.exception("tensor-parallel rank %d of %d: its step failed, or rank 0 went; ending this worker",
+                          self.follower.tp.rank, self.follower.tp.size)
+            end_process(EXIT_SPLIT_STEP_FAILED)
 
     def _build(self, spec: wpb.EngineLoadSpec) -> Engine:
         tp, channel = SINGLE, None
@@ -133,13 +150,22 @@ class EngineWorkerService(engine_worker_pb2_grpc.EngineWorkerServicer):
                             max_context=spec.max_context or None, tensor_parallel=tp, step_channel=channel,
                             kv_pool="pages" if channel is not None else "auto",
                             step_board=(spec.step_board_path, spec.step_board_slot) if spec.step_board_path else None,
-                            prefix_caching=not spec.no_prefix_caching)
+                            prefix_caching=not spec.no_prefix_caching,
+                            on_split_failure=self._split_engine_failed if channel is not None else None)
         except EngineError:
             raise
         except Exception as exc:  # the engine wraps its own failures; anything else still means "cannot load"
             raise EngineError(f"cannot load {spec.path}: {type(exc).__name__}: {exc}") from exc
         engine.start()
         return engine
+
+    def _split_engine_failed(self, why: str) -> None:
+        """From rank 0's step thread, once every request has its error: ends this worker after a moment,
+        so the errors reach the agent first (its requests end with them, not with the worker's loss)."""
+        log.error("ending this worker in %.1fs: %s", SPLIT_FAILURE_EXIT_DELAY_S, why)
+        timer = threading.Timer(SPLIT_FAILURE_EXIT_DELAY_S, end_process, args=(EXIT_SPLIT_STEP_FAILED,))
+        timer.daemon = True
+        timer.start()
 
     async def Generate(self, request: generate_pb2.GenerateRequest, context) -> AsyncIterator[generate_pb2.GenerateResponse]:
         request_id_var.set(request.request_id or "-")
