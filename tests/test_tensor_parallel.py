@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import time
@@ -188,14 +189,27 @@ def serve_split(rank: int, port: int, model_dir: Path, device_kind: str, results
             results.put((rank, follow(model_dir, tp, channel, dtype="float32", device=device)))
             return
         # step_tokens 8: prompts are cut into chunks, and chunks share steps with decoding sequences
+        # 16 tokens a page of this rank's KV: a limit of a few pages is one to preempt under
         engine = Engine(model_dir, dtype="float32", device=device, kv_pool="pages", step_tokens=8,
-                        tensor_parallel=tp, step_channel=channel)
+                        kv_page_bytes=1024, tensor_parallel=tp, step_channel=channel)
         engine.start()
+        preemptions = _PreemptionCount()
+        engine_log = logging.getLogger("services.gpu_agent.engine.engine")
+        engine_log.setLevel(logging.INFO)
+        engine_log.addHandler(preemptions)
         try:
             first = asyncio.run(_generate_all(engine))
             engine.deactivate()  # every rank switches off and on with it
             timing = engine.activate()
-            results.put((rank, [first, asyncio.run(_generate_all(engine)), timing.total_s]))
+            second = asyncio.run(_generate_all(engine))
+            # The prompts again: their prefixes come from the cache (a sequence's slots begin anew, and
+            # reach the other rank whole); then under a limit of 80 tokens (the longest needs 67), where
+            # they preempt each other.
+            cached = asyncio.run(_generate_all(engine))
+            hits = engine.stats().prefix_cache_hit_tokens
+            engine.set_memory_limit(80 * engine.kv_bytes_per_token)
+            squeezed = asyncio.run(_generate_all(engine))
+            results.put((rank, [first, second, timing.total_s, cached, hits, squeezed, preemptions.count]))
         finally:
             engine.stop()
     except BaseException:
@@ -203,6 +217,15 @@ def serve_split(rank: int, port: int, model_dir: Path, device_kind: str, results
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+class _PreemptionCount(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += record.getMessage().startswith("preempted")
 
 
 def one_rank_tokens(model_dir: Path, **engine_args) -> list[list[int]]:
@@ -230,6 +253,9 @@ def test_a_two_rank_engine_generates_what_a_one_rank_engine_does_and_again_after
     assert isinstance(got[0], list), f"rank 0 failed:\n{got[0]}"
     assert isinstance(got[1], int), f"rank 1 failed:\n{got[1]}"
     assert got[0][:2] == [expected, expected]  # before switching off, and after switching on again
+    _, _, _, cached, hits, squeezed, preemptions = got[0]
+    assert cached == expected and hits > 0  # prefixes from the cache
+    assert squeezed == expected and preemptions > 0  # sequences preempted and recomputed
     assert got[1] > 2 * len(PROMPTS)  # the follower ran the steps: chunked prefills and decoding
 
 

@@ -89,6 +89,7 @@ TIERS = {
     "test_sim_tables_bench": "unit",
     "test_simulator": "unit",
     "test_simulator_tensor_parallel": "unit",
+    "test_slot_mirror": "unit",
     "test_slot_table": "unit",
     "test_static_policy": "unit",
     "test_status_report": "unit",

@@ -86,6 +86,7 @@ from services.gpu_agent.engine.shard_follower import (
     SwitchOff,
     SwitchOn,
 )
+from services.gpu_agent.engine.slot_mirror import SlotsSent
 from services.gpu_agent.engine.slot_table import DeviceSlotTable
 from services.gpu_agent.engine.step_board import StepBoard
 from services.gpu_agent.engine.stop_strings import find_stop, held_back_len
@@ -180,6 +181,7 @@ class Engine:
         if self.tp.size > 1 and shared_weights_path:
             raise EngineError("shared host weights are not supported with tensor parallelism yet")
         self._steps = step_channel
+        self._slots_sent = SlotsSent()  # what the other ranks know of each sequence's slots
         try:
             gguf = GGUFModelFile(self.model_path) if is_gguf(self.model_path) else None
             self.config = gguf.model_config() if gguf else load_model_config(self.model_path)
@@ -511,6 +513,7 @@ class Engine:
             following = self._steps is not None and self._model is not None and self._split_failure is None
             if following:  # the other ranks free their memory while this one frees its own
                 self._steps.send(SwitchOff())
+                self._slots_sent.clear()
             if self._model is not None:
                 self._move_weights(torch.device("cpu"))
             with self._lock:
@@ -867,7 +870,9 @@ class Engine:
                 logits_at.append(len(input_ids) - 1)
         table = self._slot_table.tensor if rows is not None else None
         if self._steps is not None:  # the other ranks run this forward too, on their shards
-            self._steps.send(ForwardStep(input_ids, positions, spans, logits_at))
+            updates, finished = self._slots_sent.updates(
+                (item.seq, start, count, slots) for item, (start, count, slots) in zip(plan, spans))
+            self._steps.send(ForwardStep(input_ids, positions, updates, logits_at, finished))
         step = build_step_attention(spans, num_decode, self._device, table, rows, self.dtype)
         return self._model(torch.tensor(input_ids, device=self._device),
                            torch.tensor(positions, device=self._device), self._batcher.pool, step,

@@ -6,7 +6,8 @@ Rank 0's engine owns everything else (requests, the scheduler, the KV
 slots, sampling). Once its KV pool exists it sends its size (ShardSetup);
 before each forward, the step's inputs (ForwardStep: token ids, positions,
 every sequence's span and slots); switching off and on, SwitchOff and
-SwitchOn. Each follower builds the same step and runs its forward, whose
+SwitchOn. Each follower builds the same step (its slots mirrored a step at
+a time: slot_mirror.py) and runs its forward, whose
 all-reduces meet rank 0's. The slots are rank 0's: a follower's pool is as
 large as rank 0's, and its K/V for a slot is that slot's share of the heads.
 
@@ -34,6 +35,7 @@ from services.gpu_agent.engine.host_weights import HostWeights
 from services.gpu_agent.engine.kv_pool import KVGeometry, PagePool
 from services.gpu_agent.engine.model_config import load_model_config
 from services.gpu_agent.engine.paged_attention import build_step_attention
+from services.gpu_agent.engine.slot_mirror import SlotsKnown, SpanUpdate
 from services.gpu_agent.engine.tensor_parallel import TensorParallel
 from services.gpu_agent.engine.weights import load_model, resolve_dtype, use_device_on_this_thread
 
@@ -50,12 +52,14 @@ class ShardSetup:
 
 @dataclass(frozen=True)
 class ForwardStep:
-    """One forward's inputs, as rank 0's engine built them."""
+    """One forward's inputs, as rank 0's engine built them; of each sequence's slots only those the
+    followers have not seen (slot_mirror.py)."""
 
     input_ids: list[int]
     positions: list[int]
-    spans: list[tuple[int, int, list[int]]]  # (start, count, slots of positions 0..start+count)
+    spans: list[SpanUpdate]
     logits_at: list[int]
+    finished: list[int]  # the sequences the followers may forget after this step
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,7 @@ class ShardFollower:
         self.geometry = KVGeometry(config.num_hidden_layers, config.num_key_value_heads // tp.size,
                                    config.head_dim, self.dtype)
         self.pool: PagePool | None = None
+        self.slots = SlotsKnown()
         self.forwards = 0
         log.info("tensor-parallel rank %d of %d: %s loaded", tp.rank, tp.size, model_path.name)
 
@@ -209,7 +214,7 @@ class ShardFollower:
         if self.pool is None:
             raise RuntimeError("rank 0 sent a step before its ShardSetup")
         device = self.device
-        step = build_step_attention(message.spans, 0, device, dtype=self.dtype)
+        step = build_step_attention(self.slots.spans(message.spans, message.finished), 0, device, dtype=self.dtype)
         self.model(torch.tensor(message.input_ids, device=device), torch.tensor(message.positions, device=device),
                    self.pool, step, torch.tensor(message.logits_at, dtype=torch.long, device=device))
         self.forwards += 1
@@ -217,6 +222,7 @@ class ShardFollower:
     def switch_off(self) -> None:
         """Off the device, as rank 0's engine: weights back to the host copy, the KV pool dropped (on
         the CPU nothing moves and the pool stays, as there)."""
+        self.slots.clear()  # rank 0 ended every sequence
         if self.host is None:
             return
         self.model.forget_joined_weights()
