@@ -385,10 +385,11 @@ def test_prism_standby_replicas_wait_switched_off_on_other_agents_and_stay_put()
                for n, plain_active in (("a", 1), ("b", 1), ("c", 0)))
 
 
-def test_prism_puts_what_fits_nowhere_together_so_the_others_keep_their_slo():
-    # Three agents of one GPU; four hot 8B models each needing most of a GPU's compute. The
-    # busiest three get a GPU each; the fourth, which fits nowhere, goes to the GPU whose model
-    # has the fewest requests, rather than spreading the overload over every GPU.
+def test_prism_spreads_a_model_no_gpu_has_room_for_while_the_gpus_have_the_compute_in_sum():
+    # Three agents of one GPU; four hot 8B models each needing most of a GPU's compute (capacity).
+    # The busiest three keep a GPU each; d, beside a on x, fits whole nowhere, but the four need
+    # less than the GPUs' overload bound in sum: d gets two replicas, half its load each, on x and
+    # z (the GPU with the most room), rather than all of it squeezed onto one.
     names = ["a", "b", "c", "d"]
     weights = dict.fromkeys(names, 16 * GB)
     agents = tuple(agent(a, 1) for a in ("x", "y", "z"))
@@ -397,11 +398,40 @@ def test_prism_puts_what_fits_nowhere_together_so_the_others_keep_their_slo():
     demand = {"a": busy(9.0), "b": busy(10.0), "c": busy(6.0), "d": busy(8.0)}
     snap = ClusterSnapshot(models=models(*names), agents=agents, weight_bytes=weights, current=current, demand=demand)
     params = PolicyParams()
-    assert all(compute_load(snap, m, params) > params.compute_capacity / 2 for m in snap.models)
+    loads = {m.model_name: compute_load(snap, m, params) for m in snap.models}
+    assert all(load > params.compute_capacity / 2 for load in loads.values())
+    assert sum(loads.values()) < params.compute_overload * len(agents)
+    target = prism_policy(snap, params)
+    assert sorted(r.agent_id for r in target["d"] if r.active) == ["x", "z"]
+    assert active_of(target)["a"] == [("x", (0,))] and active_of(target)["b"] == [("y", (0,))]
+    assert loads["a"] + loads["d"] / 2 < params.compute_overload and loads["c"] + loads["d"] / 2 < params.compute_overload
+    again = prism_policy(ClusterSnapshot(models=snap.models, agents=agents, weight_bytes=weights, demand=demand,
+                                         current=as_current(target)), params)
+    assert {n: sorted(v) for n, v in active_of(again).items()} == {n: sorted(v) for n, v in active_of(target).items()}
+
+
+def test_prism_puts_what_fits_nowhere_together_so_the_others_keep_their_slo():
+    # As above, with e and f as well: now the GPUs are short of compute in sum (triage). The busiest
+    # three keep a GPU each; d, which fits nowhere, goes to the GPU whose model has the fewest
+    # requests, rather than spreading the overload over every GPU; e and f, for which no GPU has
+    # room under the overload bound, are shed.
+    names = ["a", "b", "c", "d", "e", "f"]
+    weights = dict.fromkeys(names, 16 * GB)
+    agents = tuple(agent(a, 1) for a in ("x", "y", "z"))
+    current = {"a": [ReplicaTarget("x", (0,), True)], "b": [ReplicaTarget("y", (0,), True)],
+               "c": [ReplicaTarget("z", (0,), True)], "d": [ReplicaTarget("x", (0,), True)],
+               "e": [ReplicaTarget("y", (0,), True)], "f": [ReplicaTarget("z", (0,), True)]}
+    demand = {"a": busy(9.0), "b": busy(10.0), "c": busy(6.0), "d": busy(8.0), "e": busy(9.5), "f": busy(7.0)}
+    snap = ClusterSnapshot(models=models(*names), agents=agents, weight_bytes=weights, current=current, demand=demand)
+    params = PolicyParams()
+    loads = [compute_load(snap, m, params) for m in snap.models]
+    assert all(load > params.compute_capacity / 2 for load in loads)
+    assert sum(loads) > params.compute_overload * len(agents)
     target = prism_policy(snap, params)
     # d (on x beside a) overflows; z, whose c has the fewest requests, takes it (x keeps it until then).
     assert [r.agent_id for r in target["d"] if r.active] == ["z", "x"]
     assert active_of(target)["a"] == [("x", (0,))] and active_of(target)["b"] == [("y", (0,))]
+    assert not any(r.active for r in target["e"] + target["f"])
     settled = prism_policy(ClusterSnapshot(models=snap.models, agents=agents, weight_bytes=weights, demand=demand,
                                            current={**current, "d": [ReplicaTarget("x", (0,), True),
                                                                      ReplicaTarget("z", (0,), True)]}), params)
@@ -605,3 +635,23 @@ def test_prism_puts_a_replica_a_model_is_short_of_where_it_stays_under_the_overl
     assert loads["b"] + loads["a"] / 2 <= params.compute_overload
     target = prism_policy(snap, params)
     assert sorted(active_of(target)["a"]) == [("x", (0,)), ("y", (0,))]
+
+
+def test_prism_replicates_a_model_whose_queue_its_rates_do_not_show():
+    # A 1B whose burst has just begun: its window's rate is low, and 180 requests wait behind the
+    # ones running. Its queue counts as arrivals to drain within BACKLOG_DRAIN_S: replicas now,
+    # not once the window's rate has caught up (a minute later).
+    from services.scheduler.policies.prism import BACKLOG_DRAIN_S
+
+    agents = tuple(agent(a, 1) for a in ("x", "y", "z"))
+    current = {"small": [ReplicaTarget("x", (0,), True)]}
+
+    def plan(queued: int) -> list[str]:
+        demand = {"small": ModelDemand(arrival_rate=4.0, recent_arrival_rate=4.0, busy_fraction=1.0, queued=queued,
+                                       running=256, mean_prompt_tokens=512, mean_output_tokens=128)}
+        snap = ClusterSnapshot(models=models("small"), agents=agents, weight_bytes={"small": 2 * GB},
+                               current=current, demand=demand)
+        return sorted(r.agent_id for r in prism_policy(snap)["small"] if r.active)
+
+    assert plan(queued=0) == ["x"]
+    assert len(plan(queued=int(40 * BACKLOG_DRAIN_S))) >= 2
