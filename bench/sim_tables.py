@@ -138,7 +138,7 @@ def _run(job: tuple) -> tuple:
 
 def run_table(name: str, trace_params: BurstyGroupParams, models: list[ModelConfig], gpu_counts: list[int],
               target: float, jobs: int, agent_gpus: int, search_up_to: int, profile: Path = DEFAULT_PROFILE,
-              standby: int = 0, policies: tuple[str, ...] = POLICIES) -> dict:
+              standby: int = 0, policies: tuple[str, ...] = POLICIES, search: bool = True) -> dict:
     dedicated_models = provisioned_for_peak(bursty_group_trace(trace_params), models, LatencyProfile.load(profile))
     provisioned = sum(len(m.init_placements) for m in dedicated_models)
     search_up_to = max(search_up_to, provisioned)
@@ -157,7 +157,7 @@ def run_table(name: str, trace_params: BurstyGroupParams, models: list[ModelConf
         # The fewest GPUs at the target: from the table, else doubling past it, then bisecting; where a
         # larger count of the table misses, searched again above it (fewest_meeting).
         fewest: dict[str, int | None] = {}
-        for policy in policies:
+        for policy in policies if search else ():
             rows = results[policy]
 
             def met(n: int) -> bool:
@@ -167,7 +167,8 @@ def run_table(name: str, trace_params: BurstyGroupParams, models: list[ModelConf
 
             fewest[policy] = fewest_meeting(met, max(gpu_counts), search_up_to, tried=tuple(gpu_counts))
     return {"name": name, "trace": asdict(trace_params), "models": len(models), "target": target,
-            "gpu_counts": gpu_counts, "fewest_gpus": fewest, "dedicated_provisioned_gpus": provisioned,
+            "gpu_counts": gpu_counts, "fewest_gpus": fewest, "searched": search,
+            "dedicated_provisioned_gpus": provisioned,
             "prism_standby_replicas": standby,
             "results": {p: {str(n): r for n, r in sorted(rows.items())} for p, rows in results.items()}}
 
@@ -217,8 +218,8 @@ def seeds_markdown(tables: list[dict]) -> str:
         for n in counts:
             values = [100 * t["results"][policy][str(n)]["attainment"] for t in tables]
             cells.append(f"{sum(values) / len(values):.1f}% ({'/'.join(f'{v:.0f}' for v in values)})")
-        fewest = "/".join(str(t["fewest_gpus"][policy]) if t["fewest_gpus"][policy] is not None else "-"
-                          for t in tables)
+        fewest = "/".join(str(t["fewest_gpus"][policy]) if t["fewest_gpus"].get(policy) is not None else "-"
+                          for t in tables) if first.get("searched", True) else "not searched"
         lines.append(f"| {policy} | " + " | ".join(cells) + f" | {fewest} |")
     return "\n".join(lines)
 
@@ -232,8 +233,9 @@ def markdown(table: dict) -> str:
     for policy in table["results"]:
         rows = table["results"][policy]
         cells = [f"{100 * rows[str(n)]['attainment']:.1f}%" for n in counts]
-        fewest = table["fewest_gpus"][policy]
-        lines.append(f"| {policy} | " + " | ".join(cells) + f" | {fewest if fewest is not None else 'not reached'} |")
+        fewest = table["fewest_gpus"].get(policy)
+        said = "not searched" if not table.get("searched", True) else fewest if fewest is not None else "not reached"
+        lines.append(f"| {policy} | " + " | ".join(cells) + f" | {said} |")
     lines.append(f"\ndedicated provisioned for each model's busiest 10 s: {table['dedicated_provisioned_gpus']} GPUs")
     return "\n".join(lines)
 
@@ -249,6 +251,8 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=0.99)
     ap.add_argument("--gpus-per-agent", type=int, default=1, help="for every policy but static")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--no-search", action="store_true",
+                    help="only the table's GPU counts: no search for the fewest GPUs at the target")
     ap.add_argument("--large", action="store_true", help="also the 200-model table")
     ap.add_argument("--large-models", type=int, default=200)
     ap.add_argument("--large-rate", type=float, default=200.0)
@@ -293,7 +297,7 @@ def main() -> None:
             counts = [int(n) for n in args.gpus.split(",")]
             tables.append(run_table("18 models", params, models, counts, args.target, args.jobs,
                                     args.gpus_per_agent, search_up_to=2 * len(models), profile=args.profile,
-                                    standby=args.standby_replicas, policies=policies))
+                                    standby=args.standby_replicas, policies=policies, search=not args.no_search))
         if args.large or args.only_large:
             models = list(large_config(args.large_models).models)
             params = BurstyGroupParams(num_models=len(models), num_groups=args.large_groups, rate=args.large_rate,
@@ -301,7 +305,7 @@ def main() -> None:
             counts = [int(n) for n in args.large_gpus.split(",")]
             tables.append(run_table(f"{len(models)} models", params, models, counts, args.target, args.jobs,
                                     args.gpus_per_agent, search_up_to=len(models), profile=args.profile,
-                                    standby=args.standby_replicas, policies=policies))
+                                    standby=args.standby_replicas, policies=policies, search=not args.no_search))
     for table in tables:
         print(markdown(table) + "\n")
     if len(seeds) > 1:
