@@ -92,8 +92,23 @@ def test_tau_keeps_a_placement_whose_worst_ratio_is_close_and_moves_one_far_wors
         return active_sets(kvpr_policy(snap, PolicyParams(kvpr_tau=tau)))
 
     assert plan(rate_b=1.0, tau=0.5) == {"a": "x", "b": "x"}  # 1.25x worse: within tau, nothing moves
-    assert plan(rate_b=4.0, tau=0.5) == {"a": "x", "b": "y"}  # 2x worse: past tau, b moves to y
-    assert plan(rate_b=1.0, tau=0.1) == {"a": "x", "b": "y"}  # a smaller tau moves it at 1.25x
+    # 2x worse: past tau, one of them moves to y (the first by w, each deciding with the other in place)
+    assert plan(rate_b=4.0, tau=0.5) == {"a": "y", "b": "x"}
+    assert plan(rate_b=1.0, tau=0.1) == {"a": "y", "b": "x"}  # a smaller tau moves one at 1.25x
+
+
+def test_tau_applies_to_each_model_so_a_move_moves_only_the_models_that_gain():
+    # a and b (as heavy) share x, c runs alone on y, z is empty. Taking a whole fresh plan (a on x, b
+    # on y, c on z: the worst ratio halved) would move c too; per model, one of a and b moves to z
+    # and c stays where it is.
+    models = (model("a"), model("b"), model("c"))
+    current = {"a": [ReplicaTarget("x", (0,), True)], "b": [ReplicaTarget("x", (0,), True)],
+               "c": [ReplicaTarget("y", (0,), True)]}
+    snap = ClusterSnapshot(models=models, agents=gpus("x", "y", "z"),
+                           demand={"a": rate(4.0), "b": rate(4.0), "c": rate(1.0)},
+                           weight_bytes=dict.fromkeys(("a", "b", "c"), 8 * GB), current=current)
+    placed = active_sets(kvpr_policy(snap))
+    assert placed["c"] == "y" and sorted((placed["a"], placed["b"])) == ["x", "z"]
 
 
 def test_a_model_whose_engine_is_still_loading_stays_where_it_loads():

@@ -12,11 +12,13 @@ model that fits nowhere is placed switched off where it is (or at its home),
 so its agent switches it on for a request when idle engines can step aside:
 the original's time sharing.
 
-Migration threshold tau (`PolicyParams.kvpr_tau`): the plan that keeps every
-placed model where it is (where its engine is active, else loaded or loading;
-only the others placed by the heuristic) is taken
-unless the fresh plan's worst ratio is lower by more than the fraction tau;
-re-planned at every scheduler pass from the measured rates. A model moves
+Migration threshold tau (`PolicyParams.kvpr_tau`), per model: a placed model
+(where its engine is active, else loaded or loading) stays where it is unless
+the heuristic's best set keeps the worst ratio lower than staying does by more
+than the fraction tau; re-planned at every scheduler pass from the measured
+rates. (Taking a whole fresh plan whenever its worst ratio was lower by more
+than tau moved every model the fresh plan put elsewhere: simulated, 18 models
+at 90 req/s on 6 H200s, 412 loads and 394 unloads in 150 s.) A model moves
 only between agents (an agent runs one engine per model), so its candidate
 sets are the one it runs on and those of other agents.
 
@@ -75,13 +77,6 @@ class PressureMap:
             self._per_gpu[(model.model_name, len(gpus))] = per_gpu
         return gpus, *per_gpu
 
-    def fits(self, model: ModelConfig, key: GpuKey) -> bool:
-        """Its weight shard fits every GPU of the set with min_kv_fraction of the GPU left for KV
-        (a GPU of unknown memory takes anything)."""
-        gpus, shard, _ = self._shares(model, key)
-        return all(not self.memory[g] or self.memory[g] - self.weights[g] - shard
-                   >= self.params.min_kv_fraction * self.memory[g] for g in gpus)
-
     def ratio(self, gpu: GpuId, extra_weights: int = 0, extra_pressure: float = 0.0) -> float:
         kv_left = self.memory[gpu] - self.weights[gpu] - extra_weights
         pressure = self.pressure[gpu] + extra_pressure
@@ -89,11 +84,13 @@ class PressureMap:
             return pressure  # memory unknown: balance w alone
         return pressure / kv_left if kv_left > 0 else float("inf")
 
-    def best_set(self, model: ModelConfig, candidates: list[GpuKey]) -> GpuKey | None:
+    def best_option(self, model: ModelConfig, candidates: list[GpuKey]) -> tuple[float, float, GpuKey] | None:
         """Of the candidate sets the model fits, the one where the worst ratio over every GPU stays
-        lowest were the model added (then the set's own worst, then the set's order); None if it fits
-        none. `fits` and `ratio` over each candidate, in one loop: this is the policy's inner loop
-        (200 models on 64 GPUs: about a million candidate looks a simulated minute)."""
+        lowest were the model added (then the set's own worst, then the set's order), as (that worst
+        ratio, the set's own, the set); None if it fits none. A set takes the model only if, with its
+        weights, every GPU of it keeps min_kv_fraction of its memory for KV (a GPU of unknown memory
+        takes anything). One loop over the candidates: this is the policy's inner loop (200 models on
+        64 GPUs: about a million candidate looks a simulated minute)."""
         if not candidates:
             return None
         _, shard, w = self._shares(model, candidates[0])  # every candidate has the model's tp size
@@ -117,22 +114,22 @@ class PressureMap:
                 option = (max(own, others), own, key)
                 if best is None or option < best:
                     best = option
-        return best[2] if best is not None else None
+        return best
 
     def _ranked(self) -> list[tuple[float, GpuId]]:
         if self._ranking is None:
             self._ranking = sorted(((self.ratio(g), g) for g in self.memory), reverse=True)
         return self._ranking
 
-    def add(self, model: ModelConfig, key: GpuKey) -> None:
+    def add(self, model: ModelConfig, key: GpuKey, sign: int = 1) -> None:
         gpus, shard, w = self._shares(model, key)
         for g in gpus:
-            self.weights[g] += shard
-            self.pressure[g] += w
+            self.weights[g] += sign * shard
+            self.pressure[g] += sign * w
         self._ranking = None
 
-    def worst(self) -> float:
-        return self._ranked()[0][0] if self.memory else 0.0
+    def remove(self, model: ModelConfig, key: GpuKey) -> None:
+        self.add(model, key, -1)
 
 
 def _candidate_sets(snapshot: ClusterSnapshot, model: ModelConfig,
@@ -147,25 +144,31 @@ def _candidate_sets(snapshot: ClusterSnapshot, model: ModelConfig,
 
 
 def _assign(snapshot: ClusterSnapshot, params: PolicyParams, models: list[ModelConfig],
-            candidates: Mapping[str, list[GpuKey]], kept: Mapping[str, GpuKey]) -> tuple[dict[str, GpuKey], float]:
-    """The heuristic: models in `kept` stay on their sets (counted first), the others in order, each to
-    the set that keeps the worst ratio lowest. Returns model -> set (a model that fits nowhere is absent)
-    and the worst ratio."""
+            candidates: Mapping[str, list[GpuKey]], placed: Mapping[str, GpuKey]) -> dict[str, GpuKey]:
+    """The heuristic. Every placed model counts where it is; then, in order of w, each model goes to
+    the set that keeps the worst ratio lowest, unless it is placed and staying keeps the worst ratio
+    within (1 + tau) of that, the others where they are meanwhile (a move costs a load and a drain:
+    only for a gain beyond tau). Returns model -> set (a model that fits nowhere is absent)."""
     pressure = PressureMap(snapshot, params)
+    where = {}
+    for model in models:
+        key = placed.get(model.model_name)
+        if key is not None and pressure.best_option(model, [key]) is not None:
+            pressure.add(model, key)
+            where[model.model_name] = key
     out: dict[str, GpuKey] = {}
     for model in models:
-        key = kept.get(model.model_name)
-        if key is not None and pressure.fits(model, key):
-            pressure.add(model, key)
-            out[model.model_name] = key
-    for model in models:
-        if model.model_name in out:
-            continue
-        best = pressure.best_set(model, candidates[model.model_name])
+        staying = None
+        if model.model_name in where:
+            pressure.remove(model, where[model.model_name])
+            staying = pressure.best_option(model, [where[model.model_name]])
+        best = pressure.best_option(model, candidates[model.model_name])
+        if staying is not None and (best is None or staying[0] <= (1 + params.kvpr_tau) * best[0]):
+            best = staying
         if best is not None:
-            pressure.add(model, best)
-            out[model.model_name] = best
-    return out, pressure.worst()
+            pressure.add(model, best[2])
+            out[model.model_name] = best[2]
+    return out
 
 
 def kvpr_policy(snapshot: ClusterSnapshot, params: PolicyParams = PolicyParams()) -> Placement:
@@ -182,10 +185,7 @@ def kvpr_policy(snapshot: ClusterSnapshot, params: PolicyParams = PolicyParams()
             placed[model.model_name] = (live[0].agent_id, live[0].gpu_ids)
     sets_by_size: dict[int, list[GpuKey]] = {}
     candidates = {m.model_name: _candidate_sets(snapshot, m, sets_by_size) for m in hot}
-    fresh, fresh_worst = _assign(snapshot, params, hot, candidates, {})
-    stay, stay_worst = _assign(snapshot, params, hot, candidates, placed)
-    # A move costs a load (seconds) and a drain: only for a gain beyond tau.
-    chosen = fresh if stay_worst > (1 + params.kvpr_tau) * fresh_worst else stay
+    chosen = _assign(snapshot, params, hot, candidates, placed)
     placement: Placement = {m.model_name: [] for m in snapshot.models}
     for model in snapshot.models:
         name = model.model_name
