@@ -298,10 +298,11 @@ def place_hot(plan: PrismPlan, models: list[ModelConfig], short: bool) -> list[M
         if want > 1:  # after the others: they keep their GPUs, it takes the room left
             replicated.append((model, want))
         elif not (stay(plan, model, replicas) or move(plan, model, replicas)):
-            if short:  # triage: what fits nowhere goes together (squeeze_or_shed), not over every GPU
-                overflow.append(model)
+            spread = 0 if short else spread_wanted(plan, model)  # short: triage (squeeze_or_shed)
+            if spread > 1:
+                replicated.append((model, spread))
             else:
-                replicated.append((model, spread_wanted(plan, model)))
+                overflow.append(model)
     for model, want in replicated:
         if not place_replicas(plan, model, want, replicas_now(plan.snapshot, model)):
             overflow.append(model)
@@ -336,8 +337,10 @@ def spread_wanted(plan: PrismPlan, model: ModelConfig) -> int:
     else under the overload bound), before it is squeezed in whole where it overloads a GPU. Simulated
     (18 models at 90 req/s on 5 H200s, seed 0): an 8B at 13 req/s, 0.55 of a GPU, found no GPU under
     capacity and was squeezed whole beside its neighbours onto a GPU then at 1.0: all 1,907 of its
-    requests missed their SLO while two GPUs ran at 0.39."""
-    return max(2, math.ceil(plan.loads[model.model_name] / plan.params.compute_capacity))
+    requests missed their SLO while two GPUs ran at 0.39. At most one replica an agent (one engine
+    a model an agent): with one agent, none to spread over."""
+    agents = len({k[0] for k in gpu_sets(plan.snapshot, model.tp_size)})
+    return min(agents, max(2, math.ceil(plan.loads[model.model_name] / plan.params.compute_capacity)))
 
 
 def stay(plan: PrismPlan, model: ModelConfig, replicas: Replicas) -> bool:
