@@ -266,6 +266,19 @@ def test_an_engine_and_its_step_channel_come_together():
         Engine("unused", tensor_parallel=TensorParallel(1, 2), step_channel=StepChannel(TensorParallel(1, 2)))
 
 
+async def _split_over_two_workers(pool: WorkerPool, model_dir: Path):
+    """The agent's way: one engine worker per rank, loaded at once. Returns the workers, rank 0's
+    engine and rank 1's follower."""
+    workers = [await pool.acquire("cpu") for _ in range(2)]
+    rendezvous = f"tcp://127.0.0.1:{_free_port()}"
+    specs = [wpb.TensorParallelSpec(rank=r, size=2, rendezvous=rendezvous) for r in range(2)]
+    engine, follower = await asyncio.wait_for(asyncio.gather(
+        RemoteEngine.load(workers[0], str(model_dir), name="split", dtype="float32", tensor_parallel=specs[0]),
+        RemoteEngine.load_shard_follower(workers[1], str(model_dir), name="split", dtype="float32",
+                                         tensor_parallel=specs[1])), 120)
+    return workers, engine, follower
+
+
 async def test_two_workers_serve_one_model_split_over_them(tmp_path):
     # The agent's way: one engine worker per rank, loaded at once; rank 0's worker takes the requests,
     # rank 1's follows its steps and refuses requests of its own.
@@ -280,13 +293,7 @@ async def test_two_workers_serve_one_model_split_over_them(tmp_path):
     pool = WorkerPool(["cpu"], spares_per_device=0)
     await pool.start()
     try:
-        workers = [await pool.acquire("cpu") for _ in range(2)]
-        rendezvous = f"tcp://127.0.0.1:{_free_port()}"
-        specs = [wpb.TensorParallelSpec(rank=r, size=2, rendezvous=rendezvous) for r in range(2)]
-        engine, follower = await asyncio.wait_for(asyncio.gather(
-            RemoteEngine.load(workers[0], str(model_dir), name="split", dtype="float32", tensor_parallel=specs[0]),
-            RemoteEngine.load_shard_follower(workers[1], str(model_dir), name="split", dtype="float32",
-                                             tensor_parallel=specs[1])), 120)
+        workers, engine, follower = await _split_over_two_workers(pool, model_dir)
         # each rank: its share of the layers, and the embeddings, norms and LM head whole
         assert follower.weight_bytes == engine.weight_bytes < whole_bytes
         got = await asyncio.wait_for(_generate_all(engine), 60)
@@ -314,13 +321,7 @@ async def test_a_step_failing_on_one_rank_fails_the_split_engine_on_every_rank_w
     pool = WorkerPool(["cpu"], spares_per_device=0)
     await pool.start()
     try:
-        workers = [await pool.acquire("cpu") for _ in range(2)]
-        rendezvous = f"tcp://127.0.0.1:{_free_port()}"
-        specs = [wpb.TensorParallelSpec(rank=r, size=2, rendezvous=rendezvous) for r in range(2)]
-        engine, _ = await asyncio.wait_for(asyncio.gather(
-            RemoteEngine.load(workers[0], str(model_dir), name="split", dtype="float32", tensor_parallel=specs[0]),
-            RemoteEngine.load_shard_follower(workers[1], str(model_dir), name="split", dtype="float32",
-                                             tensor_parallel=specs[1])), 120)
+        workers, engine, _ = await _split_over_two_workers(pool, model_dir)
         engine.add_followers(workers[1:])
         lost: list[Exception] = []
 
