@@ -12,7 +12,10 @@ active together. A model whose compute needs more than one GPU (at its
 window's rate, or its last 10 s's where that is higher, so that a burst
 is served as it starts) gets that many replicas on distinct agents, each
 taking an even share (the gateways round-robin over them), placed after
-the models that fit one GPU, with hysteresis on their number. When the
+the models that fit one GPU, with hysteresis on their number; its queue
+counts as arrivals to drain within seconds. A model that fits one GPU but
+no GPU has room for whole gets replicas that split its load while the GPUs
+have the compute in sum (spread_wanted). When the
 GPUs are short, models are admitted in order of
 requests per unit of compute and those that fit nowhere are put together on
 the GPU(s) whose admitted models have the fewest requests, so the others
@@ -333,8 +336,9 @@ def replicas_wanted(plan: PrismPlan, model: ModelConfig, active: list[GpuKey]) -
 
 def spread_wanted(plan: PrismPlan, model: ModelConfig) -> int:
     """A model that fits one GPU's compute but no GPU has the room for it whole, while the GPUs have
-    the compute in sum: replicas that split its load, so that its shares fit beside others (place_replicas: within capacity where they can,
-    else under the overload bound), before it is squeezed in whole where it overloads a GPU. Simulated
+    the compute in sum: replicas that split its load, so that its shares fit beside others
+    (place_replicas: within capacity where they can, else under the overload bound), before it is
+    squeezed in whole where it overloads a GPU. Simulated
     (18 models at 90 req/s on 5 H200s, seed 0): an 8B at 13 req/s, 0.55 of a GPU, found no GPU under
     capacity and was squeezed whole beside its neighbours onto a GPU then at 1.0: all 1,907 of its
     requests missed their SLO while two GPUs ran at 0.39. At most one replica an agent (one engine
