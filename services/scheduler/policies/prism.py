@@ -331,7 +331,13 @@ def replicas_wanted(plan: PrismPlan, model: ModelConfig, active: list[GpuKey]) -
         want = 1
     if want >= 2 and have > want and load / (have - 1) > params.compute_capacity - params.compute_margin:
         want = have
-    return min(want, len({k[0] for k in gpu_sets(plan.snapshot, model.tp_size)}))
+    return min(want, agents_for(plan, model))
+
+
+def agents_for(plan: PrismPlan, model: ModelConfig) -> int:
+    """How many agents have a GPU set of the model's size: the most replicas it can have (one engine a
+    model an agent)."""
+    return len({k[0] for k in gpu_sets(plan.snapshot, model.tp_size)})
 
 
 def spread_wanted(plan: PrismPlan, model: ModelConfig) -> int:
@@ -343,8 +349,7 @@ def spread_wanted(plan: PrismPlan, model: ModelConfig) -> int:
     capacity and was squeezed whole beside its neighbours onto a GPU then at 1.0: all 1,907 of its
     requests missed their SLO while two GPUs ran at 0.39. At most one replica an agent (one engine
     a model an agent): with one agent, none to spread over."""
-    agents = len({k[0] for k in gpu_sets(plan.snapshot, model.tp_size)})
-    return min(agents, max(2, math.ceil(plan.loads[model.model_name] / plan.params.compute_capacity)))
+    return min(agents_for(plan, model), max(2, math.ceil(plan.loads[model.model_name] / plan.params.compute_capacity)))
 
 
 def stay(plan: PrismPlan, model: ModelConfig, replicas: Replicas) -> bool:
