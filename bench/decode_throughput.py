@@ -57,7 +57,7 @@ from common import environment, table, write_json
 
 from services.gpu_agent.engine import Engine, EngineError, GenerationRequest
 from services.gpu_agent.engine.model_config import load_model_config
-from services.gpu_agent.engine.batch_scheduler import DEFAULT_STEP_TOKENS
+from services.common.step_costs import DEFAULT_STEP_TOKENS
 
 MODELS = ["llama-3.2-1b", "llama-3.1-8b"]
 BATCHES = [1, 8, 32, 128]

@@ -96,7 +96,7 @@ def provisioned_for_peak(trace: Trace, models: list[ModelConfig], profile: Laten
     """The models, each with as many placements as GPUs its busiest window_s
     of the trace needs at the policy's compute_overload (dedicated's
     provisioning; the placements' GPU ids are not used by that policy)."""
-    params = PolicyParams(compute=profile.compute_costs())
+    params = PolicyParams(compute=profile.compute_costs(), step_tokens=profile.step_tokens)
     out = []
     for model in models:
         requests = trace.for_model(model.model_name)

@@ -77,3 +77,32 @@ def test_the_placement_loop_prices_compute_as_its_agents_cards():
     operator = PlacementLoop(config, None, "prism", SchedulerService(asyncio.Event()), asyncio.Event(), 1.0, 1.0)
     operator._price_compute_for({"x": agent("H100")}, [])  # --compute-costs given: left as it was
     assert operator.params.compute is H200_COMPUTE_COSTS
+
+
+def test_the_placement_loop_counts_prefill_steps_with_its_devices_step_budget():
+    """The compute model counts a model's prefill steps as its prompt tokens over the engines' step budget:
+    2048 tokens on CUDA (the built-in engine's there), 512 on CPUs. Priced with the CPU's budget, a 3B at
+    45 req/s of 512-token prompts on an H200 cost 1.37 GPUs; with its engines' own, 0.98."""
+    from services.common.step_costs import CUDA_STEP_TOKENS, DEFAULT_STEP_TOKENS
+    from services.scheduler.policies import ClusterSnapshot, ModelDemand, PolicyParams, compute_load
+
+    config = pc.parse([{"model_name": "a", "model_path": "/m/a", "init_placements": [{"gpu_ids": [0]}]}])
+
+    def agent(kind: str) -> records.AgentRecord:
+        return records.AgentRecord(agent_id="x", address="127.0.0.1:1", started_at=0.0, devices=[
+            vars(records.DeviceRecord(0, kind, "NVIDIA H200" if kind == "cuda" else "cpu", 80 << 30))])
+
+    loop = PlacementLoop(config, None, "prism", SchedulerService(asyncio.Event()), asyncio.Event(), 1.0, 1.0)
+    assert loop.params.step_tokens == DEFAULT_STEP_TOKENS
+    loop._price_compute_for({"x": agent("cuda")}, [])
+    assert loop.params.step_tokens == CUDA_STEP_TOKENS
+    loop._price_compute_for({"x": agent("cpu")}, [])
+    assert loop.params.step_tokens == DEFAULT_STEP_TOKENS
+
+    model = config.models[0]
+    snapshot = ClusterSnapshot(models=(model,), agents=(), weight_bytes={"a": 6_425_499_648},
+                               demand={"a": ModelDemand(arrival_rate=45.0, busy_fraction=1.0, running=100,
+                                                        mean_prompt_tokens=512, mean_output_tokens=128)})
+    cpu_budget, cuda_budget = (compute_load(snapshot, model, PolicyParams(step_tokens=n))
+                               for n in (DEFAULT_STEP_TOKENS, CUDA_STEP_TOKENS))
+    assert cuda_budget < 0.8 * cpu_budget

@@ -25,6 +25,7 @@ from prism.workload.replay import SloTargets
 from prism.workload.trace import Trace, TraceRequest
 from services.common.placement_config import parse
 from services.gpu_agent import memory_policy
+from services.common import step_costs
 from services.gpu_agent.engine import batch_scheduler as engine_scheduler
 from services.scheduler import actions, policies
 
@@ -254,7 +255,7 @@ def test_a_long_prompt_is_prefilled_in_steps_of_the_engines_budget(profile):
     trace = Trace((TraceRequest(t=0.0, model="a", prompt_tokens=3000, output_tokens=2),))
     result = simulate(trace, config, profile, SimSettings(num_gpus=1, policy="static"))
     weights = sim_model(config[0]).weight_bytes
-    budget = engine_scheduler.CUDA_STEP_TOKENS
+    budget = step_costs.CUDA_STEP_TOKENS
     assert profile.step_tokens == budget and 3000 > budget
     expected = profile.prefill_s(weights, budget) + profile.prefill_s(weights, 3000 - budget)
     assert result["requests"][0]["ttft_s"] == pytest.approx(expected, rel=1e-9)

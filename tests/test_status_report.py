@@ -161,7 +161,8 @@ async def test_get_status_carries_the_split_queue_demand_priority_and_serving(ma
 
 
 def test_the_scheduler_sums_the_reports_busy_fractions_and_averages_their_tokens():
-    from services.scheduler.server import demand_from_reports
+    from services.scheduler.demand import DemandMemory
+    from services.scheduler.server import engine_loads_from_reports
 
     reports = []
     for agent_id, rate, busy, prompt in (("a", 3.0, 0.5, 400.0), ("b", 1.0, 0.25, 800.0)):
@@ -172,7 +173,7 @@ def test_the_scheduler_sums_the_reports_busy_fractions_and_averages_their_tokens
             tpot_p99_ms=0, slo_attainment=1.0, shed_requests=0, failed_requests=0, busy_fraction=busy,
             mean_prompt_tokens=prompt, mean_output_tokens=100.0, recent_arrival_rate=2 * rate)))
         reports.append(report)
-    demand = demand_from_reports(reports)["m"]
+    demand = DemandMemory().demand(0.0, engine_loads_from_reports(reports))["m"]
     assert demand.arrival_rate == pytest.approx(4.0)
     assert demand.recent_arrival_rate == pytest.approx(8.0)
     assert demand.busy_fraction == pytest.approx(0.75)
@@ -201,14 +202,16 @@ def test_the_scheduler_counts_a_split_models_weights_over_all_its_gpus():
 def test_the_scheduler_counts_a_split_models_kv_demand_on_every_rank():
     """An agent reports a split model's KV demand as its first rank holds it (its share of the KV heads);
     the policies divide a model's demand by its tp_size, so the scheduler counts it tp_size times."""
-    from services.scheduler.server import demand_from_reports
+    from services.scheduler.server import engine_loads_from_reports
 
     report = scheduler_pb2.LoadReport(agent_id="a")
     report.models.add(model="split", kv_demand_bytes=100 * MIB)
     report.models.add(model="whole", kv_demand_bytes=30 * MIB)
-    demand = demand_from_reports([report], {"split": 4, "whole": 1})
-    assert (demand["split"].kv_demand_bytes, demand["whole"].kv_demand_bytes) == (400 * MIB, 30 * MIB)
-    assert demand_from_reports([report])["split"].kv_demand_bytes == 100 * MIB  # no sizes given: as reported
+    loads = engine_loads_from_reports([report], {"split": 4, "whole": 1})
+    assert (loads[("a", "split")].demand.kv_demand_bytes, loads[("a", "whole")].demand.kv_demand_bytes) == \
+        (400 * MIB, 30 * MIB)
+    # no sizes given: as reported
+    assert engine_loads_from_reports([report])[("a", "split")].demand.kv_demand_bytes == 100 * MIB
 
 
 def test_the_policies_plan_each_gpu_without_the_reserve_its_agent_keeps():

@@ -92,6 +92,7 @@ TIERS = {
     "test_slot_mirror": "unit",
     "test_slot_table": "unit",
     "test_static_policy": "unit",
+    "test_scheduler_demand": "unit",
     "test_status_report": "unit",
     "test_step_costs": "unit",
     "test_step_costs_bench": "cluster",

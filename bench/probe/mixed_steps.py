@@ -41,7 +41,7 @@ from decode_throughput import build_engine, model_folder, prompt_of_length  # no
 from prism.simulator.profile import LatencyProfile  # noqa: E402
 from services.gpu_agent.engine import GenerationRequest  # noqa: E402
 from services.gpu_agent.engine import engine as engine_module  # noqa: E402
-from services.gpu_agent.engine.batch_scheduler import CUDA_STEP_TOKENS  # noqa: E402
+from services.common.step_costs import CUDA_STEP_TOKENS  # noqa: E402
 
 STEP = re.compile(r"step: (\d+) decode, (\d+) prefill tokens in (\d+) seqs, (graph|eager), ([\d.]+) ms")
 

@@ -13,7 +13,8 @@ from prism.simulator.profile import LatencyProfile
 from services.gpu_agent.engine.graph_shapes import graph_shape
 from services.gpu_agent.engine.kv_pool import KVPool, MemoryLimitState
 from services.gpu_agent.engine.request import DEMAND_GROWTH_TOKENS
-from services.gpu_agent.engine.batch_scheduler import DEFAULT_STEP_TOKENS, BatchScheduler, ScheduleResult
+from services.common.step_costs import DEFAULT_STEP_TOKENS
+from services.gpu_agent.engine.batch_scheduler import BatchScheduler, ScheduleResult
 from services.gpu_agent.engine.sequence import Sequence
 from services.gpu_agent.request_stats import ModelRequestStats
 from services.gpu_agent.slo import ModelSlo

@@ -29,7 +29,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from services.gpu_agent.engine.batch_scheduler import CUDA_STEP_TOKENS, DEFAULT_STEP_TOKENS
+from services.common.step_costs import CUDA_STEP_TOKENS, DEFAULT_STEP_TOKENS
 from services.scheduler.policies import ComputeCosts, StepCost, by_weight
 from services.scheduler.policies.compute import SAME_SIZE
 

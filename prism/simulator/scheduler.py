@@ -20,6 +20,7 @@ from collections.abc import Iterable
 
 from prism.simulator.cluster import SimCluster
 from services.common.records import EngineRecord
+from services.scheduler.demand import DemandMemory, EngineLoad
 from services.scheduler.actions import (
     DEACTIVATE_BUSY_WINDOW_S,
     Action,
@@ -90,6 +91,7 @@ class SimScheduler:
         self.deactivate_busy_window_s = deactivate_busy_window_s  # plan_actions' (0: the agent's busy window)
         self.activated_at: dict[tuple[str, str], float] = {}  # as the live scheduler's (still_held_off)
         self.foresight = foresight  # None: the policy plans on measured demand, as live
+        self.demand_memory = DemandMemory()  # as the live scheduler's (services/scheduler/demand.py)
 
     def records(self) -> dict[tuple[str, str], EngineRecord]:
         """The engine records the agents would have in etcd (activating reads inactive, as it does there;
@@ -103,13 +105,16 @@ class SimScheduler:
 
     def snapshot(self, records: dict[tuple[str, str], EngineRecord]) -> ClusterSnapshot:
         cluster = self.cluster
-        demand: dict[str, ModelDemand] = {}
+        loads: dict[tuple[str, str], EngineLoad] = {}
         for engine in cluster.engines():
             if engine.draining:  # on its way out: the agent does not report its load (it needs no placement)
                 continue
-            demand[engine.name] = demand.get(engine.name, ModelDemand()) + ModelDemand.from_serving(
-                cluster.serving(engine), queued=cluster.queued(engine), running=engine.running,
-                kv_demand_bytes=cluster.kv_demand_bytes(engine) * engine.model.tp_size)  # as the scheduler counts it
+            serving = cluster.serving(engine)
+            loads[(engine.agent_id, engine.name)] = EngineLoad(ModelDemand.from_serving(
+                serving, queued=cluster.queued(engine), running=engine.running,
+                kv_demand_bytes=cluster.kv_demand_bytes(engine) * engine.model.tp_size),  # as the scheduler counts it
+                serving.window_s)
+        demand = self.demand_memory.demand(cluster.now, loads)
         # The gateways' demand records.
         demand = with_waiting(demand, {model: len(waiting) for model, waiting in cluster.gateway_waiting.items()})
         if self.foresight is not None:

@@ -28,6 +28,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+# The built-in engine's step token budget (decode tokens plus prefill chunks) by device kind: its
+# batch scheduler's (services/gpu_agent/engine/batch_scheduler.py says why CUDA's is larger), and the
+# compute model's: it counts a model's prefill steps as its prompt tokens over the budget.
+DEFAULT_STEP_TOKENS = 512
+CUDA_STEP_TOKENS = 2048
+
+
+def step_tokens_for(device_kinds) -> int:
+    """The step budget the engines on these devices run with: CUDA's where any is a CUDA device."""
+    return CUDA_STEP_TOKENS if "cuda" in set(device_kinds) else DEFAULT_STEP_TOKENS
+
+
 # The coefficients, in the features' units (scaled so that the sums stay well conditioned).
 COEFFICIENTS = ("decode_base_s", "decode_per_seq_s", "s_per_kv_gb", "prefill_base_s", "prefill_per_ktoken_s",
                 "prefill_per_seq_s")

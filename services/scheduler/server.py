@@ -40,7 +40,7 @@ from services.common.grpc_util import (
 from services.common.logs import setup_logging
 from services.common.model_size import estimate_weight_bytes
 from services.common.placement_config import ModelConfig
-from services.common.step_costs import StepTimeSums
+from services.common.step_costs import StepTimeSums, step_tokens_for
 from services.common.tls import (
     TlsConfigError,
     TlsFiles,
@@ -51,6 +51,7 @@ from services.common.tls import (
     transport_name,
 )
 from services.scheduler.actions import Action, current_placement, plan_actions, still_held_off
+from services.scheduler.demand import DemandMemory, EngineKey, EngineLoad
 from services.scheduler.leader_election import LEADER, LeaderElection
 from services.scheduler.policies import (
     MANAGES_ACTIVITY,
@@ -144,20 +145,18 @@ REPLAN_COALESCE_S = 0.05
 DEFAULT_STATUS_INTERVAL_S = 10.0  # how often the scheduler status record (prism status) is written at most
 
 
-def demand_from_reports(reports: list[scheduler_pb2.LoadReport],
-                        tp_sizes: Mapping[str, int] | None = None) -> dict[str, ModelDemand]:
-    """Each model's load summed over the agents' latest reports. tp_sizes: a
-    model split over several GPUs reports its KV demand as one rank holds it
-    (its share of the KV heads), and the policies take a model's whole demand
-    (they divide it by tp_size, as its weights): it counts tp_size times."""
+def engine_loads_from_reports(reports: list[scheduler_pb2.LoadReport],
+                              tp_sizes: Mapping[str, int] | None = None) -> dict[EngineKey, EngineLoad]:
+    """Each engine's load in the agents' latest reports, keyed by (agent, model), for DemandMemory to
+    sum. tp_sizes: a model split over several GPUs reports its KV demand as one rank holds it (its
+    share of the KV heads), and the policies take a model's whole demand (they divide it by tp_size,
+    as its weights): it counts tp_size times."""
     tp_sizes = tp_sizes or {}
-    totals: dict[str, ModelDemand] = {}
-    for report in reports:
-        for load in report.models:
-            totals[load.model] = totals.get(load.model, ModelDemand()) + ModelDemand.from_serving(
-                load.serving, queued=load.queued_requests, running=load.running_requests,
-                kv_demand_bytes=load.kv_demand_bytes * tp_sizes.get(load.model, 1))
-    return totals
+    return {(report.agent_id, load.model): EngineLoad(
+                ModelDemand.from_serving(load.serving, queued=load.queued_requests, running=load.running_requests,
+                                         kv_demand_bytes=load.kv_demand_bytes * tp_sizes.get(load.model, 1)),
+                load.serving.window_s)
+            for report in reports for load in report.models}
 
 
 def usable_gpu_memory(agent_id: str, devices: list[dict],
@@ -260,6 +259,8 @@ class PlacementLoop:
         self.status_interval_s = status_interval_s
         self.plans = 0  # made since this loop began (it runs while its replica leads)
         self._planned_at = 0.0
+        # Each model's demand, departed engines' requests in the window still counted (demand.py).
+        self.demand_memory = DemandMemory()
         self._status_written_at = float("-inf")
         # Until an agent reports a model's real size: estimated from its config.json.
         self._estimated_weights = {m.model_name: estimate_weight_bytes(m.model_path, m.dtype) for m in config.models}
@@ -346,7 +347,13 @@ class PlacementLoop:
                            reports: list[scheduler_pb2.LoadReport]) -> None:
         """params.compute: the step costs of the cards the agents name (with compute_from_devices; else the
         configured ones), with every model size whose engines have run enough steps fitted from those steps
-        (services/common/step_costs.py), so that compute is priced with what the GPUs actually take."""
+        (services/common/step_costs.py), so that compute is priced with what the GPUs actually take; and
+        params.step_tokens, the step budget their devices' engines run with (step_tokens_for: on CUDA four
+        times the CPU's, so a prompt takes a quarter of the steps the CPU's budget would count)."""
+        step_tokens = step_tokens_for(d["kind"] for a in agents.values() for d in a.devices) if agents \
+            else self.params.step_tokens
+        if step_tokens != self.params.step_tokens:
+            self.params = dataclasses.replace(self.params, step_tokens=step_tokens)
         if self.compute_from_devices and agents:
             costs = compute_costs_for([(d["kind"], d["name"]) for a in agents.values() for d in a.devices])
             if costs != self.profile_compute:
@@ -392,7 +399,8 @@ class PlacementLoop:
             models=self.config.models,
             agents=tuple(AgentView(a.agent_id, frozenset(d["index"] for d in a.devices),
                                    usable_gpu_memory(a.agent_id, a.devices, reports)) for a in agents.values()),
-            demand=with_waiting(demand_from_reports(reports, {m.model_name: m.tp_size for m in self.config.models}),
+            demand=with_waiting(self.demand_memory.demand(time.monotonic(), engine_loads_from_reports(
+                reports, {m.model_name: m.tp_size for m in self.config.models})),
                                 waiting_at_gateways(self.waiting.items.values())),
             weight_bytes={**self._estimated_weights, **reported_weight_bytes(reports)},
             current=current_placement(engines),

@@ -71,9 +71,8 @@ from services.gpu_agent.engine.sampling import (
     make_generator,
     sample_batch,
 )
+from services.common.step_costs import CUDA_STEP_TOKENS, DEFAULT_STEP_TOKENS
 from services.gpu_agent.engine.batch_scheduler import (
-    CUDA_STEP_TOKENS,
-    DEFAULT_STEP_TOKENS,
     ScheduledSeq,
     BatchScheduler,
 )

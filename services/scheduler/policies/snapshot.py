@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from services.common.placement_config import ModelConfig
+from services.common.step_costs import DEFAULT_STEP_TOKENS
 from services.scheduler.policies.compute import H200_COMPUTE_COSTS, ComputeCosts
 
 
@@ -124,8 +125,9 @@ class PolicyParams:
     # The round of steps over a GPU's busy engines must stay within this fraction
     # of each model's TPOT SLO.
     cycle_fraction: float = 0.5
-    # An engine step's token budget (the engine's chunked prefill: services/gpu_agent/engine/batch_scheduler.py).
-    step_tokens: int = 512
+    # An engine step's token budget (the engine's chunked prefill): the CPU engines' by default; the live
+    # scheduler sets its agents' devices' and the simulator its profile's (services/common/step_costs.py).
+    step_tokens: int = DEFAULT_STEP_TOKENS
     # Models with demand below this rate (requests/s) are warm rather than hot: they stay where they are,
     # active while their GPU has the memory, else switched off (their agent switches them on for a
     # request), and never move or push others away.
