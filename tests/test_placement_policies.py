@@ -655,3 +655,22 @@ def test_prism_replicates_a_model_whose_queue_its_rates_do_not_show():
 
     assert plan(queued=0) == ["x"]
     assert len(plan(queued=int(40 * BACKLOG_DRAIN_S))) >= 2
+
+
+def test_prism_keeps_a_replica_where_its_neighbours_load_rose_while_under_the_overload_bound():
+    # "a" (0.75 of a GPU) runs two replicas, on x alone and on y beside "b", whose load has risen: its
+    # share and b's now exceed capacity plus the margin on y, but not the overload bound. The replica
+    # stays: moving it to the empty z costs a load and a drain, and moved it back when b's load fell.
+    weights = {"a": 2 * GB, "b": 2 * GB}
+    agents = (agent("x", 1), agent("y", 1), agent("z", 1))
+    current = {"a": [ReplicaTarget("x", (0,), True), ReplicaTarget("y", (0,), True)],
+               "b": [ReplicaTarget("y", (0,), True)]}
+    snap = ClusterSnapshot(models=models("a", "b"), agents=agents, weight_bytes=weights, current=current,
+                           demand={"a": busy(30.0), "b": busy(12.0)})
+    params = PolicyParams()
+    loads = {m.model_name: compute_load(snap, m, params) for m in snap.models}
+    assert params.compute_capacity < loads["a"] <= 2 * params.compute_capacity
+    assert params.compute_capacity + params.compute_margin < loads["b"] + loads["a"] / 2 <= params.compute_overload
+    target = prism_policy(snap, params)
+    assert sorted(active_of(target)["a"]) == [("x", (0,)), ("y", (0,))]
+    assert active_of(target)["b"] == [("y", (0,))]
