@@ -20,7 +20,6 @@ from collections.abc import Iterable
 
 from prism.simulator.cluster import SimCluster
 from services.common.records import EngineRecord
-from services.scheduler.demand import DemandMemory, EngineLoad
 from services.scheduler.actions import (
     DEACTIVATE_BUSY_WINDOW_S,
     Action,
@@ -28,6 +27,7 @@ from services.scheduler.actions import (
     plan_actions,
     still_held_off,
 )
+from services.scheduler.demand import DemandMemory, EngineLoad
 from services.scheduler.policies import (
     MANAGES_ACTIVITY,
     POLICIES,
