@@ -112,10 +112,8 @@ def simulate(trace: Trace, models: list[ModelConfig], profile: LatencyProfile, s
         raise ValueError(f"policy_compute {settings.policy_compute!r} is not profile or default")
     # The policy counts prefill steps with the step budget the simulated engines run (the live scheduler
     # takes its agents' devices': services/common/step_costs.py step_tokens_for).
-    params = PolicyParams(standby_replicas=settings.standby_replicas, step_tokens=profile.step_tokens) \
-        if settings.policy_compute == "default" \
-        else PolicyParams(compute=profile.compute_costs(), standby_replicas=settings.standby_replicas,
-                          step_tokens=profile.step_tokens)
+    costs = {} if settings.policy_compute == "default" else {"compute": profile.compute_costs()}
+    params = PolicyParams(standby_replicas=settings.standby_replicas, step_tokens=profile.step_tokens, **costs)
     foresight = Foresight(((r.t, r.model) for r in trace.requests), settings.foresight_s) \
         if settings.foresight_s > 0 else None
     scheduler = SimScheduler(cluster, settings.policy, settings.replan_interval_s, params,

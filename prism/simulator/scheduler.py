@@ -27,7 +27,7 @@ from services.scheduler.actions import (
     plan_actions,
     still_held_off,
 )
-from services.scheduler.demand import DemandMemory, EngineLoad
+from services.scheduler.demand import DemandMemory, EngineKey, EngineLoad
 from services.scheduler.policies import (
     MANAGES_ACTIVITY,
     POLICIES,
@@ -105,7 +105,7 @@ class SimScheduler:
 
     def snapshot(self, records: dict[tuple[str, str], EngineRecord]) -> ClusterSnapshot:
         cluster = self.cluster
-        loads: dict[tuple[str, str], EngineLoad] = {}
+        loads: dict[EngineKey, EngineLoad] = {}
         for engine in cluster.engines():
             if engine.draining:  # on its way out: the agent does not report its load (it needs no placement)
                 continue

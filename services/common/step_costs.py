@@ -25,7 +25,7 @@ neighbour's already holds the neighbour's interference."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 # The built-in engine's step token budget (decode tokens plus prefill chunks) by device kind: its
@@ -35,7 +35,7 @@ DEFAULT_STEP_TOKENS = 512
 CUDA_STEP_TOKENS = 2048
 
 
-def step_tokens_for(device_kinds) -> int:
+def step_tokens_for(device_kinds: Iterable[str]) -> int:
     """The step budget the engines on these devices run with: CUDA's where any is a CUDA device."""
     return CUDA_STEP_TOKENS if "cuda" in set(device_kinds) else DEFAULT_STEP_TOKENS
 

@@ -45,9 +45,14 @@ class EngineLoad:
     window_s: float
 
     @property
+    def span(self) -> float:
+        """What its rate is taken over: its window, at least MIN_RATE_SPAN_S."""
+        return max(self.window_s, MIN_RATE_SPAN_S)
+
+    @property
     def arrivals(self) -> float:
-        """Its requests within its window (the agent's rate is them over at least MIN_RATE_SPAN_S)."""
-        return self.demand.arrival_rate * max(self.window_s, MIN_RATE_SPAN_S)
+        """Its requests within its window."""
+        return self.demand.arrival_rate * self.span
 
     @property
     def recent_arrivals(self) -> float:
@@ -68,13 +73,13 @@ class DepartedEngine:
         """Its requests still within the last `window_s` and the last RECENT_RATE_S at `now`, its last
         report's spread evenly over the span each covered."""
         age = max(0.0, now - self.left_at)
-        span, recent = max(self.load.window_s, MIN_RATE_SPAN_S), recent_span(self.load.window_s)
-        return (self.load.demand.arrival_rate * max(0.0, min(span, window_s - age)),
-                self.load.demand.recent_arrival_rate * max(0.0, min(recent, RECENT_RATE_S - age)))
+        return (self.load.demand.arrival_rate * max(0.0, min(self.load.span, window_s - age)),
+                self.load.demand.recent_arrival_rate * max(0.0, min(recent_span(self.load.window_s),
+                                                                    RECENT_RATE_S - age)))
 
     def covers(self, now: float) -> float:
         """How far back its numbers reach from `now`."""
-        return max(self.load.window_s, MIN_RATE_SPAN_S) + max(0.0, now - self.left_at)
+        return self.load.span + max(0.0, now - self.left_at)
 
 
 class DemandMemory:
@@ -120,7 +125,7 @@ def model_demand(now: float, window_s: float, loads: list[EngineLoad],
         total = total + load.demand
     arrivals = sum(load.arrivals for load in loads)
     recent_arrivals = sum(load.recent_arrivals for load in loads)
-    span = max([max(load.window_s, MIN_RATE_SPAN_S) for load in loads] + [MIN_RATE_SPAN_S])
+    span = max([load.span for load in loads] + [MIN_RATE_SPAN_S])
     busy = total.busy_fraction
     for engine in departed:
         within, recent_within = engine.arrivals_within(now, window_s)

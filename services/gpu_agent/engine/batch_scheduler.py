@@ -38,10 +38,11 @@ from services.gpu_agent.engine.prefix_cache import PrefixCache
 from services.gpu_agent.engine.sequence import Sequence
 
 # The step budget (DEFAULT_STEP_TOKENS, CUDA_STEP_TOKENS in services/common/step_costs.py, which the
-# scheduler's compute model reads too). A GPU step's is larger: an eager prefill step costs milliseconds of kernel launches whatever its
-# length, so a 1536-token prompt in 512-token chunks reached its first token in 41 ms on an
-# H100 (3B) against 19 ms in one step (bench/probe/prefill_chunks.py); a 2048-token step of the
-# 3B model holds decoding sequences back about 25 ms, well inside a 50 ms TPOT target.
+# scheduler's compute model reads too). A GPU step's is larger: an eager prefill step costs
+# milliseconds of kernel launches whatever its length, so a 1536-token prompt in 512-token chunks
+# reached its first token in 41 ms on an H100 (3B) against 19 ms in one step
+# (bench/probe/prefill_chunks.py); a 2048-token step of the 3B model holds decoding sequences back
+# about 25 ms, well inside a 50 ms TPOT target.
 DEFAULT_MAX_RUNNING = 256
 
 
