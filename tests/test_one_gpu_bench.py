@@ -105,25 +105,29 @@ def test_the_committed_h100_result_prints_its_tables_and_plots(capsys, tmp_path)
     assert (tmp_path / "one_gpu.png").stat().st_size > 0
 
 
-def test_the_cpu_dry_run_replays_a_point_per_policy_on_shared_engines_and_simulates_them(tmp_path, monkeypatch):
+def test_the_cpu_dry_run_replays_each_policys_points_on_shared_engines_from_a_reset_and_simulates_them(
+        tmp_path, monkeypatch, capsys):
     bench = _bench()
     out = tmp_path / "one_gpu.json"
-    # Two policies on one cluster (--share-engines), a point each: every cluster start costs CI about
-    # 20 s (static's subset is tested above).
+    # Two policies on one cluster (--share-engines), two short points each: every cluster start costs CI
+    # about 20 s (static's subset is tested above).
     monkeypatch.setattr(sys, "argv", ["one_gpu.py", "--device", "cpu", "--policies", "prism", "time-share",
-                                      "--share-engines", "--policy-settle-s", "1", "--rates", "3",
-                                      "--duration", "6", "--settle-s", "0.5", "--simulate",
+                                      "--share-engines", "--reset-settle-s", "1", "--rates", "3", "4",
+                                      "--duration", "4", "--settle-s", "0.5", "--simulate",
                                       "--state-dir", str(tmp_path / "state"), "--out", str(out)])
     bench.main()
     payload = json.loads(out.read_text())
     assert [r["policy"] for r in payload["runs"]] == ["prism", "time-share"]
     for run in payload["runs"]:
-        point, = run["points"]
-        assert point["requests"] > 0 and 0.0 <= point["attainment"] <= 1.0
-        assert point["memory_samples"]  # the agent's split, sampled each second
-        simulated, = run["simulated"]
-        assert simulated["rate"] == 3 and simulated["requests"] == point["requests"]
-    # One cluster: its scheduler started with prism, then again with time-share.
+        assert [p["rate"] for p in run["points"]] == [3, 4]
+        for point, simulated in zip(run["points"], run["simulated"]):
+            assert point["requests"] > 0 and 0.0 <= point["attainment"] <= 1.0
+            assert point["memory_samples"]  # the agent's split, sampled each second
+            assert simulated["rate"] == point["rate"] and simulated["requests"] == point["requests"]
+    # One cluster, reset before every point but the first: its scheduler started with prism, again with
+    # prism for the second point, then twice with time-share.
     log = (tmp_path / "state" / "prism" / "logs" / "scheduler.log").read_text()
-    assert log.index(", policy prism,") < log.index(", policy time-share,")
+    starts = [line for line in log.splitlines() if ", policy " in line]
+    assert [("prism" if ", policy prism," in s else "time-share") for s in starts] == ["prism"] * 2 + ["time-share"] * 2
+    assert capsys.readouterr().out.count("reset: scheduler now") == 3
     assert not (tmp_path / "state" / "time-share").exists()
