@@ -181,11 +181,16 @@ def run_point(cluster: LocalCluster, args: argparse.Namespace, trace, slo: SloTa
     return summarize_point(rep, trace.duration_s, activations, samples)
 
 
+def latency_percentiles(overall: dict) -> dict:
+    """A report's TTFT and TPOT p50 and p99 (live and simulated points alike, so that they compare)."""
+    return {k: overall.get(k) for k in ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s")}
+
+
 def summarize_point(rep: dict, duration_s: float, activations: list, samples: list | None) -> dict:
     overall = rep["overall"]
     return {"attainment": overall["slo_attainment"], "goodput_rps": overall["goodput_rps"],
             "requests": overall["requests"], "errors": overall.get("errors") or {},
-            "ttft_p99_s": overall.get("ttft_p99_s"), "tpot_p99_s": overall.get("tpot_p99_s"),
+            **latency_percentiles(overall),
             "activations": len(activations), "activations_per_s": len(activations) / max(duration_s, 1e-9),
             "activation_log": activations,
             "per_model": {m: {k: s.get(k) for k in ("requests", "slo_attainment", "ttft_p99_s", "tpot_p99_s")}
@@ -325,6 +330,7 @@ def simulate_points(policy: str, served_names: list[str], rates: list[float], me
         out.append({"rate": rate, "attainment": attained / max(1, len(trace.requests)),
                     "requests": len(trace.requests), "errors": result["overall"]["errors"],
                     "activations": sim["activations"], "preemptions": sim["preemptions"],
+                    **latency_percentiles(result["overall"]),
                     "per_model": {m: s["slo_attainment"] for m, s in result["per_model"].items()}})
     return out
 
@@ -439,14 +445,16 @@ def print_tables(payload: dict) -> None:
                          "attainment": 100 * p["attainment"], "sim": 100 * s["attainment"] if s else None,
                          "diff": 100 * (s["attainment"] - p["attainment"]) if s else None,
                          "goodput": p.get("goodput_rps"), "acts": p.get("activations_per_s"),
-                         "ttft99": p.get("ttft_p99_s"), "tpot99": p.get("tpot_p99_s"), "peak": p.get("peak_used_gib"),
+                         "ttft99": p.get("ttft_p99_s"), "tpot99": p.get("tpot_p99_s"),
+                         "sim_tpot99": s.get("tpot_p99_s") if s else None, "peak": p.get("peak_used_gib"),
                          "errors": sum(p["errors"].values())})
     seeded = [("seed", "seed", "")] if any(row["seed"] is not None for row in rows) else []
     print(table(rows, [("policy", "policy", ""), *seeded, ("rate", "req/s", "g"), ("requests", "requests", "d"),
                        ("attainment", "attainment %", ".1f"), ("sim", "simulated %", ".1f"),
                        ("diff", "sim - live", "+.1f"), ("goodput", "goodput req/s", ".2f"),
                        ("acts", "activations/s", ".2f"), ("ttft99", "TTFT p99 s", ".2f"),
-                       ("tpot99", "TPOT p99 s", ".3f"), ("peak", "peak GiB", ".1f"), ("errors", "errors", "d")]))
+                       ("tpot99", "TPOT p99 s", ".3f"), ("sim_tpot99", "simulated TPOT p99 s", ".3f"),
+                       ("peak", "peak GiB", ".1f"), ("errors", "errors", "d")]))
     print()
     columns = [("policy", "policy", ""), *seeded, ("served", "models served", "d")]
     for t in THRESHOLDS:

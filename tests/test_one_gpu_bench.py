@@ -124,6 +124,8 @@ def test_the_cpu_dry_run_replays_each_policys_points_on_shared_engines_from_a_re
             assert point["requests"] > 0 and 0.0 <= point["attainment"] <= 1.0
             assert point["memory_samples"]  # the agent's split, sampled each second
             assert simulated["rate"] == point["rate"] and simulated["requests"] == point["requests"]
+            # Both sides' latency percentiles, so that the simulator's TPOT can be set against live.
+            assert point["ttft_p50_s"] > 0 and simulated["tpot_p99_s"] > 0 and "tpot_p50_s" in simulated
     # One cluster, reset before every point but the first: its scheduler started with prism, again with
     # prism for the second point, then twice with time-share.
     log = (tmp_path / "state" / "prism" / "logs" / "scheduler.log").read_text()
