@@ -412,3 +412,90 @@ def test_a_burst_of_cold_starts_is_one_replan_after_the_live_loops_pause(profile
     result = simulate(trace, config, profile, SimSettings(num_gpus=1, policy="static"))
     assert all("did not become available" in r["error"] for r in result["requests"])
     assert [t for t in times if 1.0 <= t < 2.0] == [pytest.approx(1.0 + live_pause)]
+
+
+def test_weight_copies_switching_on_together_share_their_gpus_link():
+    """copy_link.py: one copy alone takes its bytes over the bandwidth; copies under way share it equally,
+    so the smaller of two started together ends at twice its alone time, and the larger then speeds up;
+    a copy started while another runs slows it from then on."""
+    from prism.simulator.copy_link import CopyLink
+    from prism.simulator.runner import EventLoop
+
+    loop = EventLoop()
+    link = CopyLink(loop, bytes_per_s=10.0)
+    ended: dict[str, float] = {}
+
+    def copy(name: str, nbytes: float) -> None:
+        link.start(nbytes, lambda: ended.setdefault(name, loop.now))
+
+    copy("alone", 20.0)
+    loop.run(until=10.0)
+    assert ended == {"alone": pytest.approx(2.0)}
+    loop.at(10.0, lambda: (copy("small", 10.0), copy("large", 30.0)))
+    loop.at(13.0, lambda: copy("late", 5.0))
+    loop.run(until=30.0)
+    # small and large at 5 B/s each: small done at 12.0 (10 B); large alone at 10 B/s to 13.0 (20 of 30 B);
+    # then large and late at 5 B/s: late done at 14.0, large (5 B left) at 14.5.
+    assert ended["small"] == pytest.approx(12.0) and ended["late"] == pytest.approx(14.0)
+    assert ended["large"] == pytest.approx(14.5)
+    with pytest.raises(ValueError, match="positive bandwidth"):
+        CopyLink(loop, bytes_per_s=0.0)
+
+
+def test_engines_switched_on_together_wait_for_each_others_weights(profile):
+    """The simulator copies an activating engine's weights over its GPU's link: two engines switched on at
+    once on one GPU take about twice as long as one alone; on two GPUs, as long as one."""
+    from prism.simulator.runner import EventLoop
+
+    def activation_times(gpus: int) -> list[float]:
+        loop = EventLoop()
+        specs = {m.model_name: sim_model(m) for m in models(("a", ONE_B, 0, False), ("b", ONE_B, 1 % gpus, False))}
+        cluster = sim_cluster.SimCluster(loop, profile, specs, gpus, gpus, 80 * GB)
+        sim_scheduler.SimScheduler(cluster, "static").replan(instant=True)
+        engines = [e for agent in cluster.agents.values() for e in agent.engines.values()]
+        for engine in engines:
+            engine.state = "inactive"
+        done: dict[str, float] = {}
+        for engine in engines:
+            cluster.activate(engine)
+        t = 0.0
+        while len(done) < 2 and t < 10:
+            t += 0.001
+            loop.run(until=t)
+            done.update({e.name: t for e in engines if e.state == "active" and e.name not in done})
+        return sorted(done.values())
+
+    alone = profile.activation_s(sim_model(models(("a", ONE_B, 0, False))[0]).weight_bytes)
+    assert activation_times(1) == [pytest.approx(2 * alone, abs=2e-3)] * 2
+    assert activation_times(2) == [pytest.approx(alone, abs=2e-3)] * 2
+
+
+def test_each_sizes_parallelism_can_be_fitted_from_a_step_logs_contention_and_prices_its_steps():
+    """fit_profile(parallelism_by_size=True): each size's parallelism from the H100 step log's contention
+    table (the 8B's steps slowed less beside the same neighbours than the 1B's and 3B's), recorded as
+    fitted; parallelism_at interpolates between the sizes and keeps to their range; the simulator prices
+    each engine's steps with its size's. Without it (the committed profiles) every size has the device's."""
+    committed = LatencyProfile.load("bench/results/sim-profile-h100.json")
+    sources = {k: Path(v).name for k, v in committed.metadata["sources"].items()}
+    sized = fit_profile("bench/results", "bench/configs", decode_file=sources["decode"],
+                        attention_file=sources["attention"], activation_file=sources["activation"],
+                        colocated_file=sources["colocated"], prefill_file=sources["prefill"],
+                        step_log_file=sources["step_log"], step_costs_file=sources["step_costs"],
+                        parallelism_by_size=True)
+    one_b, three_b, eight_b = sized.points
+    assert 1.2 < one_b.parallelism < three_b.parallelism < 1.6 < 2.0 < eight_b.parallelism < 2.4
+    assert sized.metadata["values"]["llama-3.1-8b.parallelism"] == {"how": "fitted"}
+    between = (three_b.weight_bytes + eight_b.weight_bytes) // 2
+    assert sized.parallelism_at(between) == pytest.approx((three_b.parallelism + eight_b.parallelism) / 2)
+    assert sized.parallelism_at(70 * 10**9) == eight_b.parallelism and sized.parallelism_at(1) == one_b.parallelism
+    assert all(committed.parallelism_at(p.weight_bytes) == committed.device_parallelism for p in committed.points)
+
+    from prism.simulator.runner import EventLoop
+
+    specs = {m.model_name: sim_model(m) for m in models(("a", ONE_B, 0, False))}
+    cluster = sim_cluster.SimCluster(EventLoop(), sized, specs, 1, 1, 80 * GB)
+    sim_scheduler.SimScheduler(cluster, "static").replan(instant=True)
+    engine, = (e for agent in cluster.agents.values() for e in agent.engines.values())
+    assert cluster._parallelism(engine) == pytest.approx(sized.parallelism_at(specs["a"].weight_bytes))
+    forced = sim_cluster.SimCluster(EventLoop(), sized, specs, 1, 1, 80 * GB, device_parallelism=3.0)
+    assert forced._parallelism(engine) == 3.0

@@ -16,8 +16,8 @@ What runs the real code (imported):
 
 What is modeled: step times, activation, deactivation and load delays from the
 profile; the engines with work on a GPU step at once, sharing it as the
-profile's device_parallelism says (a step with n engines busy takes
-max(1, n / parallelism) times its alone time; an engine with work it cannot
+profile's parallelism for the engine's size says (a step with n engines busy
+takes max(1, n / parallelism) times its alone time; an engine with work it cannot
 run yet, waiting for KV, takes no share); the gateway routes to the active
 one with the fewest requests in flight (round robin among equals:
 route_order) of a model's placed replicas whose engine is loaded, to a
@@ -52,6 +52,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from prism.simulator.copy_link import CopyLink
 from prism.simulator.engine import SimEngine, SimRequest, Step
 from prism.simulator.models import SimModel
 from prism.simulator.profile import LatencyProfile
@@ -161,10 +162,10 @@ class SimCluster:
                  device_parallelism: float | None = None, stats_lead_s: float = 0.0, split_step_factor: float = 1.0,
                  reserve_bytes: int | None = None):
         """device_parallelism: how many engines' steps one device runs at once, in alone-step
-        equivalents (default: the profile's, measured by bench/colocated_steps.py; 1 is fully
-        serialized): with n engines busy on a device, each step takes max(1, n / parallelism)
-        times its alone time. The CPU device, whose inline engines each step on a thread of their
-        own, runs one per core.
+        equivalents, for every engine (default: the profile's for each engine's size,
+        LatencyProfile.parallelism_at; 1 is fully serialized): with n engines busy on a device, each
+        step takes max(1, n / parallelism) times its alone time. The CPU device, whose inline engines
+        each step on a thread of their own, runs one per core.
         stats_lead_s: the engines placed when the trace starts began their request stats this long
         before it (a live cluster's engines were loaded before its traffic: their arrival rates are
         over the time since, up to the stats window; with no lead a first burst reads as a rate
@@ -182,9 +183,10 @@ class SimCluster:
         self.memory_params = PolicyParams()
         self.starvation_s = starvation_s
         self.drain_timeout_s = drain_timeout_s
-        self.device_parallelism = profile.device_parallelism if device_parallelism is None else device_parallelism
-        if self.device_parallelism < 1:
-            raise ValueError(f"device_parallelism must be at least 1, got {self.device_parallelism}")
+        if device_parallelism is not None and device_parallelism < 1:
+            raise ValueError(f"device_parallelism must be at least 1, got {device_parallelism}")
+        self.device_parallelism = device_parallelism  # None: the profile's, by size
+        self.copy_links: dict[tuple[str, int], CopyLink] = {}  # each GPU's host-to-device link
         self.stats_lead_s = stats_lead_s
         if split_step_factor <= 0:
             raise ValueError(f"split_step_factor must be positive, got {split_step_factor}")
@@ -477,8 +479,24 @@ class SimCluster:
 
         if instant:
             activated()
-        else:  # a split model's ranks copy their shards at once
-            self.clock.at(self.now + self.profile.activation_s(engine.model.shard_weight_bytes), activated)
+        else:
+            self._copy_weights(engine, devices, activated)
+
+    def _copy_weights(self, engine: SimEngine, devices: list[Device], then: Callable[[], None]) -> None:
+        """The engine's weights to its GPUs (a split model's ranks copy their shards at once), each over its
+        GPU's link beside the other engines' copies there (copy_link.py), then the activation's overhead."""
+        left = [len(devices)]
+
+        def copied() -> None:
+            left[0] -= 1
+            if not left[0]:
+                self.clock.at(self.now + self.profile.activation_overhead_s, then)
+
+        for device in devices:
+            link = self.copy_links.get((device.agent_id, device.index))
+            if link is None:
+                link = self.copy_links[(device.agent_id, device.index)] = CopyLink(self.clock, self.profile.copy_bytes_per_s)
+            link.start(engine.model.shard_weight_bytes, copied)
 
     def deactivate(self, engine: SimEngine, busy_window_s: float = 0.0) -> bool:
         """As the agent's DeactivateModel without force: refused while the engine is busy (a request
@@ -668,8 +686,15 @@ class SimCluster:
             # A split engine steps on all its GPUs: priced by the busiest.
             busy = max(sum(1 for e in d.engines if e.stepping) for d in self.devices_of(engine)) if engine.split \
                 else stepping
-            duration = step.duration_s * max(1.0, busy / self.device_parallelism)
+            duration = step.duration_s * max(1.0, busy / self._parallelism(engine))
             self.clock.at(self.now + duration, lambda e=engine, s=step: self._step_done(device, e, s))
+
+    def _parallelism(self, engine: SimEngine) -> float:
+        """The parallelism the engine's steps see beside others': the one given for every engine, else the
+        profile's for its size (a split engine's shard)."""
+        if self.device_parallelism is not None:
+            return self.device_parallelism
+        return self.profile.parallelism_at(engine.model.shard_weight_bytes)
 
     def _start_next_step(self, device: Device) -> tuple[SimEngine, Step] | None:
         n = len(device.engines)

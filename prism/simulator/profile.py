@@ -47,6 +47,10 @@ class SizePoint:
     # each prompt (or prompt chunk) in a prefill step: its own work beside its tokens' (0 where unmeasured,
     # its cost then sits in prefill_per_token_s)
     prefill_per_seq_s: float = 0.0
+    # With n engines busy on the device, a step of this size takes max(1, n / parallelism) times its alone
+    # time: a larger model's kernels take a larger share of the GPU beside others (0: not measured, the
+    # device's device_parallelism)
+    parallelism: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class LatencyProfile:
     load_bytes_per_s: float
     # How many engines' steps the device runs at once, in alone-step equivalents: a step with n engines
     # busy on the device takes max(1, n / device_parallelism) times its alone time (1: fully serialized).
+    # Where every size point has its own `parallelism`, those instead (parallelism_at).
     device_parallelism: float = 1.0
     # One CUDA-graph capture of a decode step (0: not measured, or no graphs, as on the CPU).
     graph_capture_s: float = 0.0
@@ -90,6 +95,15 @@ class LatencyProfile:
             t += (self._at(weight_bytes, "prefill_base_s") + self._at(weight_bytes, "prefill_per_seq_s") * prefill_seqs
                   + self._at(weight_bytes, "prefill_per_token_s") * prefill_tokens)
         return t
+
+    def parallelism_at(self, weight_bytes: int) -> float:
+        """The parallelism a step of this size sees beside other engines' (SizePoint.parallelism):
+        linear in weight bytes between the measured sizes, the nearest one's beyond them; the device's
+        where a size point has none."""
+        if not self.points or any(p.parallelism <= 0 for p in self.points):
+            return self.device_parallelism
+        values = [p.parallelism for p in self.points]
+        return min(max(self._at(weight_bytes, "parallelism"), min(values)), max(values))
 
     def compute_costs(self) -> ComputeCosts:
         """The step costs as the placement policy prices compute (PolicyParams.compute)."""
@@ -170,6 +184,29 @@ def provenance(raw: float, kept: float, how: str) -> dict:
     return {"how": how} if kept == raw else {"how": "clamped", "from": how, "fitted": raw}
 
 
+# A step log's contention bins (bench/step_log_summary.py) from this many engines stepping at once on: beside
+# fewer, a step's slowdown is mostly its own noise, and its parallelism reads as its concurrency.
+SHARED_FROM_CONCURRENCY = 2.0
+
+
+def with_parallelism(point: SizePoint, bins: dict[str, dict], values: dict[str, dict]) -> SizePoint:
+    """The point with the parallelism its size's CUDA-graph decode steps saw in a cluster run (a step log's
+    contention table for its model: per bin of concurrency, the steps and their median concurrency over
+    slowdown): the steps-weighted mean over the bins of at least SHARED_FROM_CONCURRENCY engines, kept at
+    1 or more (a step cannot beat its alone time by sharing), recorded in `values`. On the H100 showdown
+    the 8B's steps were slowed less than the 1B's and 3B's beside the same neighbours (2.2 against 1.3-1.4
+    alone-steps at once), where one device-wide parallelism of 1.25 gave the 8B a simulated TPOT p99 of
+    87-142 ms against 28-32 ms live."""
+    shared = [b for name, b in bins.items() if float(name.split("-")[0]) >= SHARED_FROM_CONCURRENCY]
+    steps = sum(b["steps"] for b in shared)
+    if not steps:
+        return point
+    raw = sum(b["steps"] * b["parallelism_p50"] for b in shared) / steps
+    kept = max(1.0, raw)
+    values[f"{point.model}.parallelism"] = provenance(raw, kept, "fitted")
+    return replace(point, parallelism=kept)
+
+
 LIVE_FIELDS = ("prefill_base_s", "prefill_per_token_s", "prefill_per_seq_s")
 
 
@@ -202,7 +239,7 @@ def fit_profile(results_dir: str | Path, configs_dir: str | Path, *,
                 attention_file: str = "decode_attention-h200.json",
                 activation_file: str = "activation-h200.json", colocated_file: str | None = None,
                 prefill_file: str | None = None, step_log_file: str | None = None,
-                step_costs_file: str | None = None) -> LatencyProfile:
+                step_costs_file: str | None = None, parallelism_by_size: bool = False) -> LatencyProfile:
     """Fits the profile from three benchmark results:
     - decode_file (bench/decode_throughput.py): per model, the decode step
       time at two batch sizes and the one-step prefill of the whole batch's
@@ -232,13 +269,22 @@ def fit_profile(results_dir: str | Path, configs_dir: str | Path, *,
       it measured. A cluster's prefill steps are eager and host-bound: on the
       H100 they cost 1.5-2x what single-prompt TTFTs give, and with them the
       simulator's attainment on two live showdowns neither fit saw came
-      within 2.1 and 2.6 points of live on average (3.0 and 3.1 before)."""
+      within 2.1 and 2.6 points of live on average (3.0 and 3.1 before).
+    parallelism_by_size: each size's parallelism from the step log's contention table (with_parallelism) in
+    place of the device's one. Off for the committed profiles: on the H100 it brought the simulated TPOT p99
+    of four live showdowns (16 points, none of them the step log's run but one) from 2.3-4.2x live to 1.2-2.2x,
+    and took the attainment from 3.1 points off live on average to 6.9, by more where more engines switched
+    on (time-share at 14 req/s: +17 points). The match rested on the 8B's simulated TPOT misses standing in
+    for the TTFT tails that a live point's cold start has and the simulator does not (TTFT p99 2.2-4.6 s live,
+    1.0-1.7 s simulated)."""
     results_dir, configs_dir = Path(results_dir), Path(configs_dir)
     decode = json.loads((results_dir / decode_file).read_text())
     attention = json.loads((results_dir / attention_file).read_text())
     activation = json.loads((results_dir / activation_file).read_text())
     prefill = json.loads((results_dir / prefill_file).read_text()) if prefill_file else None
-    captures = json.loads((results_dir / step_log_file).read_text())["graph_captures"] if step_log_file else None
+    step_log = json.loads((results_dir / step_log_file).read_text()) if step_log_file else None
+    captures = step_log["graph_captures"] if step_log else None
+    contention = step_log.get("contention") if step_log else None
     graph_capture_s = captures["seconds"] / captures["n"] if captures and captures["n"] else 0.0
     parallelism = 1.0
     if colocated_file:
@@ -292,6 +338,8 @@ def fit_profile(results_dir: str | Path, configs_dir: str | Path, *,
             assumed = name == "prefill_per_seq_s" and prefill is None
             values[f"{model}.{name}"] = provenance(raw, getattr(point, name), "assumed" if assumed else "fitted")
     points.sort(key=lambda p: p.weight_bytes)
+    if parallelism_by_size and contention and all(p.model in contention for p in points):
+        points = [with_parallelism(point, contention[point.model], values) for point in points]
     step_costs = json.loads((results_dir / step_costs_file).read_text()) if step_costs_file else None
     if step_costs is not None:
         points = [with_live_prefill(point, step_costs["sizes"], values) for point in points]
@@ -342,6 +390,9 @@ def fit_profile(results_dir: str | Path, configs_dir: str | Path, *,
                "prefill_per_seq_s"] if step_costs else []),
             *([f"{captures['n']} CUDA-graph captures of decode steps in a cluster run's engine step log, "
                f"{captures['seconds']:.2f} s in all: graph_capture_s (their mean)"] if captures else []),
+            *([f"the same step log's decode steps beside other engines' steps, per model: parallelism (the "
+               f"steps-weighted mean of concurrency over slowdown where {SHARED_FROM_CONCURRENCY:g} or more engines "
+               f"stepped at once)"] if any(p.parallelism for p in points) else []),
         ],
         "values": values,
         "assumptions": [
@@ -352,7 +403,10 @@ def fit_profile(results_dir: str | Path, configs_dir: str | Path, *,
              "prefill cost is linear in prompt tokens (no quadratic attention term; measured on 128-token prompts "
              "only), and a chunk's attention over earlier context is not charged"),
             "decode attention cost is the kernel's per-byte slope applied to all layers' KV (measured on one layer)",
-            (f"colocated engines share a GPU as {parallelism:.2f} alone-steps at once (measured with two engines' decode "
+            ("colocated engines' steps are slowed by how many engines step at once over their size's parallelism "
+             "(processor sharing), whatever the sizes beside them, and a size between the measured ones "
+             "interpolated" if any(p.parallelism for p in points) else
+             f"colocated engines share a GPU as {parallelism:.2f} alone-steps at once (measured with two engines' decode "
              "steps; more engines assumed to share it the same way)" if colocated_file else
              "colocated engines on a GPU run their steps one at a time (no overlap of their kernels)"),
             "a load reads weights as fast as the benchmark's dummy-weight load (no disk or network time)",
