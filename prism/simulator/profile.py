@@ -271,12 +271,12 @@ def fit_profile(results_dir: str | Path, configs_dir: str | Path, *,
       simulator's attainment on two live showdowns neither fit saw came
       within 2.1 and 2.6 points of live on average (3.0 and 3.1 before).
     parallelism_by_size: each size's parallelism from the step log's contention table (with_parallelism) in
-    place of the device's one. Off for the committed profiles: on the H100 it brought the simulated TPOT p99
-    of four live showdowns (16 points, none of them the step log's run but one) from 2.3-4.2x live to 1.2-2.2x,
-    and took the attainment from 3.1 points off live on average to 6.9, by more where more engines switched
-    on (time-share at 14 req/s: +17 points). The match rested on the 8B's simulated TPOT misses standing in
-    for the TTFT tails that a live point's cold start has and the simulator does not (TTFT p99 2.2-4.6 s live,
-    1.0-1.7 s simulated)."""
+    place of the device's one. Off for the committed profiles: on the 14 points of three H100 showdowns the
+    step log's run is not among (bench/results/one_gpu-h100-{reset,warmstart,repeat}.json), it brought the
+    simulated TPOT p99 from 1.8-6.3x live to 0.8-2.9x, and took the attainment from 4.9 points off live on
+    average to 7.0 (time-share at 14 req/s: +17). The closer match rested on the 8B's simulated TPOT misses
+    standing in for the TTFT tails that a live point's cold start has and the simulator does not (TTFT p99
+    2.2-4.6 s live, 1.0-1.7 s simulated)."""
     results_dir, configs_dir = Path(results_dir), Path(configs_dir)
     decode = json.loads((results_dir / decode_file).read_text())
     attention = json.loads((results_dir / attention_file).read_text())
