@@ -189,6 +189,43 @@ async def test_mtls_server_refuses_clients_without_a_certificate_of_its_ca(pki, 
         await server.stop(None)
 
 
+async def test_a_peer_reached_by_address_is_checked_for_the_shared_service_name(tmp_path):
+    """In Kubernetes the agents and schedulers are dialled by pod IP, which no certificate can name: their
+    certificates share one name, and the callers check for it (--tls-server-name) instead of the host."""
+    from dataclasses import replace
+
+    pki = tls.local_pki(tmp_path, ["server", "client"], hosts=["prism-internal"])
+    server, address = await start_health_server(pki["server"], require_client_cert=True)
+    try:
+        assert await health_check(address, pki["client"]) == grpc.StatusCode.UNAVAILABLE  # 127.0.0.1 is not named
+        named = replace(pki["client"], server_name="prism-internal")
+        assert await health_check(address, named) == grpc.StatusCode.OK
+        assert await health_check(address, replace(named, server_name="someone-else")) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await server.stop(None)
+    assert tls.service_tls_args(named, mtls=True)[-3:] == ["--tls-server-name", "prism-internal", "--mtls"]
+
+
+async def test_the_health_probe_checks_a_server_over_its_mtls(pki, capsys):
+    """python -m services.common.health_probe: exit 0 for SERVING over mTLS with the caller's certificate,
+    1 with the reason for a server that refuses it or is not there (Kubernetes' exec probe)."""
+    from services.common import health_probe
+
+    server, address = await start_health_server(pki["server"], require_client_cert=True)
+    client = pki["client"]
+    flags = ["--tls-ca", str(client.ca), "--tls-cert", str(client.cert), "--tls-key", str(client.key)]
+    try:
+        assert await asyncio.to_thread(health_probe.main, [address, *flags]) == 0
+        assert capsys.readouterr().out.strip() == f"{address}: SERVING"
+        assert await asyncio.to_thread(health_probe.main, [address, "--tls-ca", str(client.ca), "--timeout-s", "2"]) == 1
+        assert "UNAVAILABLE" in capsys.readouterr().out
+    finally:
+        await server.stop(None)
+    assert await asyncio.to_thread(health_probe.main, [address, *flags, "--timeout-s", "1"]) == 1
+    with pytest.raises(SystemExit):
+        health_probe.main([address, "--tls-server-name", "x"])  # a name without TLS
+
+
 class ListOnlyGateway(gateway_pb2_grpc.GatewayServicer):
     async def ListModels(self, request, context):
         return gateway_pb2.ListModelsResponse(models=[gateway_pb2.ModelInfo(name="m", available=True, max_context=8)])

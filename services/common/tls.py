@@ -40,6 +40,9 @@ class TlsFiles:
     cert: Path | None = None
     key: Path | None = None
     options: str = field(default="--tls", compare=False)
+    # The name a server this side calls must have in its certificate, in place of the host dialled: peers
+    # reached by address (an agent's or scheduler's pod IP in Kubernetes) share one name in their certificates.
+    server_name: str | None = None
 
     def __post_init__(self) -> None:
         if (self.cert is None) != (self.key is None):
@@ -143,12 +146,18 @@ def add_port(server: grpc.aio.Server, address: str, files: TlsFiles | None, requ
         return 0
 
 
+def _with_server_name(files: TlsFiles, options: Sequence[tuple[str, object]]) -> list[tuple[str, object]]:
+    """The channel options, plus the name the server's certificate is checked for where files set one."""
+    return [*options, *([("grpc.ssl_target_name_override", files.server_name)] if files.server_name else [])]
+
+
 def aio_channel(target: str, files: TlsFiles | None, options: Sequence[tuple[str, object]] = (),
                 interceptors: Sequence[grpc.aio.ClientInterceptor] = ()) -> grpc.aio.Channel:
     """An asyncio channel to target: TLS with files, plaintext without."""
     if files is None:
         return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
-    return grpc.aio.secure_channel(target, channel_credentials(files), options=options, interceptors=interceptors)
+    return grpc.aio.secure_channel(target, channel_credentials(files), options=_with_server_name(files, options),
+                                   interceptors=interceptors)
 
 
 def sync_channel(target: str, files: TlsFiles | None,
@@ -156,7 +165,7 @@ def sync_channel(target: str, files: TlsFiles | None,
     """The blocking twin of aio_channel."""
     if files is None:
         return grpc.insecure_channel(target, options=options)
-    return grpc.secure_channel(target, channel_credentials(files), options=options)
+    return grpc.secure_channel(target, channel_credentials(files), options=_with_server_name(files, options))
 
 
 def ssl_context(files: TlsFiles) -> ssl.SSLContext:
@@ -182,20 +191,24 @@ def add_tls_args(parser: argparse.ArgumentParser) -> None:
                             "(default: the system's roots)")
     group.add_argument("--mtls", action="store_true",
                        help="require client certificates signed by --tls-ca (needs --tls-ca)")
+    group.add_argument("--tls-server-name", default=None, metavar="NAME",
+                       help="check the certificates of the services this one calls for NAME instead of the host "
+                            "dialled (services reached by pod IP, as in deploy/kubernetes/, share one name)")
 
 
 def tls_from_args(args: argparse.Namespace) -> TlsFiles | None:
     """The service's TLS files from add_tls_args' flags (None: plaintext);
     TlsConfigError for a flag without its pair or an unreadable file."""
     if args.tls_ca is None and args.tls_cert is None and args.tls_key is None:
-        if args.mtls:
-            raise TlsConfigError("--mtls needs --tls-ca, --tls-cert and --tls-key")
+        if args.mtls or getattr(args, "tls_server_name", None):
+            raise TlsConfigError(f"{'--mtls' if args.mtls else '--tls-server-name'} needs --tls-ca, --tls-cert "
+                                 "and --tls-key")
         return None
     if args.tls_cert is None and args.tls_key is None:
         raise TlsConfigError("--tls-ca needs --tls-cert and --tls-key: the service serves TLS with them")
     if args.mtls and args.tls_ca is None:
         raise TlsConfigError("--mtls needs --tls-ca: the CA that signed the clients' certificates")
-    files = TlsFiles(_path(args.tls_ca), _path(args.tls_cert), _path(args.tls_key))
+    files = TlsFiles(_path(args.tls_ca), _path(args.tls_cert), _path(args.tls_key), server_name=getattr(args, "tls_server_name", None))
     files.check()
     return files
 
@@ -213,7 +226,7 @@ def service_tls_args(files: TlsFiles | None, mtls: bool = False) -> list[str]:
     for flag, path in (("--tls-ca", files.ca), ("--tls-cert", files.cert), ("--tls-key", files.key)):
         if path is not None:
             out += [flag, str(path)]
-    return out + (["--mtls"] if mtls else [])
+    return out + (["--tls-server-name", files.server_name] if files.server_name else []) + (["--mtls"] if mtls else [])
 
 
 # ---- a local CA ---------------------------------------------------------------
