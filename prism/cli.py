@@ -212,6 +212,28 @@ def doctor(
         raise typer.Exit(1)
 
 
+@app.command()
+def certs(
+    out_dir: Path = typer.Argument(..., help="folder for the CA (kept if it has one), the certificates and the key file"),
+    namespace: str = typer.Option("prism", help="the Kubernetes namespace the cluster runs in"),
+    host: list[str] = typer.Option([], "--host", help="a name or address clients reach the gateway's HTTPS by "
+                                                      "(repeatable)"),
+    kubernetes: Optional[Path] = typer.Option(None, "--kubernetes", help="also write the Secrets that "
+                                              "deploy/kubernetes mounts to this file (kubectl apply -f FILE)"),
+) -> None:
+    """Make the certificates and API key of a secure cluster (mTLS among the services, etcd with client
+    certificates, HTTPS and an API key at the gateway); prints the API key once."""
+    from prism.certs import kubernetes_secrets, make_cluster_certs
+
+    made = make_cluster_certs(out_dir, namespace, tuple(host))
+    typer.echo(f"wrote the CA, service, etcd and https certificates and {made.api_keys_file.name} to {out_dir}")
+    if kubernetes is not None:
+        kubernetes.write_text(kubernetes_secrets(made, namespace))
+        kubernetes.chmod(0o600)
+        typer.echo(f"wrote the Secrets for namespace {namespace!r} to {kubernetes}")
+    typer.echo(f"API key (shown once; only its sha256 is kept): {made.api_key}")
+
+
 @app.command("make-model")
 def make_model(
     out_dir: Path = typer.Argument(..., help="folder to write config.json, model.safetensors and tokenizer files to"),
