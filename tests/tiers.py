@@ -27,6 +27,7 @@ TIERS = {
     "test_cuda_mps": "cuda",
     "test_demand_shift_cluster": "cluster",
     "test_deploy": "cluster",
+    "test_kubernetes": "unit",
     "test_docs": "cluster",
     "test_doctor": "cluster",
     "test_drain": "cluster",
