@@ -42,7 +42,7 @@ from common import GPU_CONFIGS, parse_fleet, save_figure, table, write_json
 import grpc
 
 from prism.cluster import LocalCluster
-from prism.v1 import agent_pb2, agent_pb2_grpc, gateway_pb2_grpc, generate_pb2
+from prism_client.v1 import agent_pb2, agent_pb2_grpc, gateway_pb2_grpc, generate_pb2
 from services.common.etcd_server import free_port
 
 POLICIES = ("static", "balloon")

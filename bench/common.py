@@ -76,7 +76,7 @@ def agent_status(address: str, timeout_s: float = 10.0):
     """One agent's GetStatus (engines, per-GPU memory split), over a plaintext channel."""
     import grpc
 
-    from prism.v1 import agent_pb2, agent_pb2_grpc
+    from prism_client.v1 import agent_pb2, agent_pb2_grpc
 
     with grpc.insecure_channel(address) as channel:
         return agent_pb2_grpc.AgentStub(channel).GetStatus(agent_pb2.GetStatusRequest(), timeout=timeout_s)
@@ -87,7 +87,7 @@ def agent_status(address: str, timeout_s: float = 10.0):
 
 def wait_loaded(cluster: LocalCluster, names: list[str], timeout_s: float) -> float:
     """Seconds until the agent has an engine of every model, on or off (the policies load them all)."""
-    from prism.v1 import agent_pb2
+    from prism_client.v1 import agent_pb2
 
     start = time.monotonic()
     settled = (agent_pb2.ENGINE_STATE_ACTIVE, agent_pb2.ENGINE_STATE_INACTIVE)
@@ -126,7 +126,7 @@ class MemorySampler:
         return self.samples
 
     def _run(self) -> None:
-        from prism.v1 import agent_pb2
+        from prism_client.v1 import agent_pb2
 
         while not self._stop.wait(self.interval_s):
             sample: dict = {"t": round(time.monotonic() - self.t0, 2)}

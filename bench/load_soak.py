@@ -57,7 +57,7 @@ if str(ROOT) not in sys.path:  # run as `python bench/load_soak.py`
 import grpc  # noqa: E402
 import httpx  # noqa: E402
 
-from prism.v1 import agent_pb2, agent_pb2_grpc, gateway_pb2_grpc, generate_pb2  # noqa: E402
+from prism_client.v1 import agent_pb2, agent_pb2_grpc, gateway_pb2_grpc, generate_pb2  # noqa: E402
 
 MODELS = ("tiny-llama", "tiny-qwen2")
 MISSING_MODEL = "no-such-model"

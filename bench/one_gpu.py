@@ -248,7 +248,7 @@ def reset_cluster(cluster: LocalCluster, policy: str, entries: list[dict], args:
     which starts every point afresh, 96.3% and 87.5%)."""
     import grpc
 
-    from prism.v1 import agent_pb2, agent_pb2_grpc
+    from prism_client.v1 import agent_pb2, agent_pb2_grpc
 
     cluster.kill("scheduler")
     cluster.config_path.write_text(json.dumps(config_of(entries, policy), indent=1))

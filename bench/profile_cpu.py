@@ -118,7 +118,7 @@ class GatewayEngine:
         return prompt_token_ids(self._tokenizer, req)
 
     async def generate(self, req):
-        from prism.v1 import generate_pb2
+        from prism_client.v1 import generate_pb2
 
         sampling = generate_pb2.SamplingParams(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True)
         request = generate_pb2.GenerateRequest(request_id=req.request_id, model=self.name, prompt=req.prompt,
@@ -140,7 +140,7 @@ def measure_through_cluster(models: dict[str, Path], batches=BATCHES, prompts=PR
     import grpc
 
     from prism.cluster import LocalCluster
-    from prism.v1 import gateway_pb2_grpc
+    from prism_client.v1 import gateway_pb2_grpc
     from services.common.etcd_server import free_port
 
     facts = {}

@@ -26,7 +26,7 @@ from pathlib import Path
 import common  # first: puts the project on sys.path
 from common import table, write_json
 
-from prism.client import PrismClient
+from prism_client import PrismClient
 from prism.cluster import LocalCluster
 from prism.tiny_models import write_tiny_model
 from services.common.etcd_server import free_port

@@ -143,7 +143,7 @@ def grpc_page() -> str:
             "The client-facing services of package `prism.v1` (the gateway's gRPC port, 50050 by default), "
             "from `protos/prism/v1/` and their comments. A failed call carries a gRPC status "
             "(INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, UNAVAILABLE, ...) and the request's id in the "
-            "`x-request-id` trailer. The SDK (`prism.client`) wraps them.\n" + sections)
+            "`x-request-id` trailer. The SDK (`prism_client`, clients/python) wraps them.\n" + sections)
 
 
 PAGES = {"config.md": config_page, "rest.md": rest_page, "grpc.md": grpc_page}

@@ -365,7 +365,7 @@ def generate(
     api_key: Optional[str] = API_KEY,
 ) -> None:
     """Stream a completion through the gRPC gateway."""
-    from prism.client import PrismClient, PrismError
+    from prism_client import PrismClient, PrismError
 
     tls = _client_tls(tls_ca, tls_cert, tls_key)  # a bad --tls-* option is named before any call
     paths = {} if tls is None else {"tls_ca": tls.ca, "tls_cert": tls.cert, "tls_key": tls.key}

@@ -347,7 +347,7 @@ class LocalCluster:
             return {}
         import grpc
 
-        from prism.v1 import agent_pb2, agent_pb2_grpc
+        from prism_client.v1 import agent_pb2, agent_pb2_grpc
 
         words = {agent_pb2.ENGINE_STATE_LOADING: "loading", agent_pb2.ENGINE_STATE_ACTIVE: "active",
                  agent_pb2.ENGINE_STATE_INACTIVE: "switched off", agent_pb2.ENGINE_STATE_DRAINING: "draining"}

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from prism.v1 import agent_pb2, agent_pb2_grpc
+from prism_client.v1 import agent_pb2, agent_pb2_grpc
 from services.common import records
 from services.common.etcd import EtcdAccess, connect
 from services.common.tls import TlsFiles, aio_channel

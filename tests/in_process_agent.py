@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from prism.v1 import agent_pb2, agent_pb2_grpc
+from prism_client.v1 import agent_pb2, agent_pb2_grpc
 from services.gpu_agent.admission import AdmissionQueue, AgentAdmission
 from services.gpu_agent.agent_service import AgentService
 from services.gpu_agent.devices import discover_devices

@@ -14,7 +14,7 @@ import pytest
 
 from prism.cluster import LocalCluster
 from tests.prism_clusters import prism_cluster as start_prism_cluster
-from prism.v1 import agent_pb2, agent_pb2_grpc
+from prism_client.v1 import agent_pb2, agent_pb2_grpc
 
 GUARD_S = 90
 

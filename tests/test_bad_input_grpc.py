@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prism.v1 import agent_pb2_grpc, gateway_pb2, gateway_pb2_grpc, generate_pb2
+from prism_client.v1 import agent_pb2_grpc, gateway_pb2, gateway_pb2_grpc, generate_pb2
 
 MODELS = ("tiny-llama", "tiny-qwen2")
 ROLES = ("system", "user", "assistant")
@@ -416,7 +416,7 @@ def test_the_cluster_survived(cluster, gateway_channel, agent_channel):
 def test_the_scheduler_answers_undecodable_registrations_invalid_argument(cluster):
     """The scheduler's RegisterAgent, given bytes that are not a RegisterAgentRequest (a string
     field that is not UTF-8): INVALID_ARGUMENT, not UNKNOWN; and the scheduler still serves."""
-    from prism.v1 import scheduler_pb2
+    from prism_client.v1 import scheduler_pb2
 
     bad = b"\x0a\x02\xff\xfe"  # field 1 (a string) holding bytes that are not UTF-8
     with pytest.raises(DecodeError):

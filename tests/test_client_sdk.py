@@ -1,4 +1,4 @@
-"""The gRPC client SDK (prism.client).
+"""The gRPC client SDK (prism_client, clients/python).
 
 Most tests here need no cluster: request building and argument checks are
 pure, and the status-code mapping runs against a real grpc.aio server whose
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ from contextlib import contextmanager
 import grpc
 import pytest
 
-from prism.client import (
+from prism_client import (
     AsyncPrismClient,
     AuthenticationError,
     Completion,
@@ -35,7 +36,7 @@ from prism.client import (
     chunk_from_response,
     completion_from_chunks,
 )
-from prism.v1 import gateway_pb2_grpc, generate_pb2
+from prism_client.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
 
 MODELS = ("tiny-llama", "tiny-qwen2")
 
@@ -83,6 +84,35 @@ class EndlessStreamGatewayFake(gateway_pb2_grpc.GatewayServicer):
             # the handler is closed with GeneratorExit instead; and
             # context.cancelled() reads False here even then.)
             self.cancelled.set()
+
+
+class FlakyGatewayFake(gateway_pb2_grpc.GatewayServicer):
+    """Not a gateway: its first `failures` calls fail with `code`; later ones answer (ListModels with one
+    model, Generate with `tokens` tokens and then, with `fail_after_tokens`, a failure). It counts calls,
+    to check which failures the SDK tries again."""
+
+    def __init__(self) -> None:
+        self.failures, self.code, self.calls = 0, grpc.StatusCode.UNAVAILABLE, 0
+        self.fail_after_tokens = False
+
+    async def _maybe_fail(self, context: grpc.aio.ServicerContext) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            await context.abort(self.code, f"flaky call {self.calls}")
+
+    async def Generate(self, request, context):
+        await self._maybe_fail(context)
+        yield generate_pb2.GenerateResponse(request_id="flaky", text="a", token_ids=[1])
+        if self.fail_after_tokens:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "broke mid-stream")
+        yield generate_pb2.GenerateResponse(request_id="flaky", text="b", token_ids=[2],
+                                            finish_reason=generate_pb2.FINISH_REASON_STOP,
+                                            usage=generate_pb2.Usage(prompt_tokens=1, completion_tokens=2))
+
+    async def ListModels(self, request, context):
+        await self._maybe_fail(context)
+        return gateway_pb2.ListModelsResponse(models=[gateway_pb2.ModelInfo(name="m", available=True,
+                                                                             max_context=8)])
 
 
 @contextmanager
@@ -330,6 +360,86 @@ def test_error_keeps_the_callers_request_id(failing_gateway):
     assert "NOT_FOUND" in str(caught.value) and "client-7" in str(caught.value)
 
 
+# --- retries -------------------------------------------------------------------
+
+
+@pytest.fixture()
+def flaky_gateway() -> Iterator[tuple[FlakyGatewayFake, str]]:
+    fake = FlakyGatewayFake()
+    with serve_in_thread(fake) as target:
+        yield fake, target
+
+
+def test_retry_delays_back_off_exponentially_with_jitter_up_to_a_cap():
+    import random
+
+    from prism_client.client import RETRY_BASE_S, RETRY_CAP_S, retry_delays
+
+    delays = retry_delays(7, random.Random(1))
+    ceilings = [min(RETRY_CAP_S, RETRY_BASE_S * 2 ** i) for i in range(7)]
+    assert len(delays) == 7 and all(c / 2 <= d <= c for d, c in zip(delays, ceilings))
+    assert ceilings[-1] == RETRY_CAP_S and retry_delays(0) == []
+
+
+def test_a_call_failing_unavailable_before_any_answer_is_tried_again(flaky_gateway):
+    fake, target = flaky_gateway
+    fake.failures = 2
+    with PrismClient(target, timeout_s=10) as client:
+        assert [m.name for m in client.list_models()] == ["m"] and fake.calls == 3
+        fake.calls = 0
+        assert client.generate("m", "hi").text == "ab" and fake.calls == 3
+        fake.calls = 0
+        assert "".join(c.text for c in client.generate_stream("m", "hi")) == "ab" and fake.calls == 3
+    # More failures than retries: the last one surfaces, after 1 + retries calls.
+    fake.calls, fake.failures = 0, 10
+    with PrismClient(target, timeout_s=10, retries=1) as client, pytest.raises(UnavailableError):
+        client.list_models()
+    assert fake.calls == 2
+
+
+def test_no_retry_after_tokens_came_back_for_other_codes_or_when_disabled(flaky_gateway):
+    fake, target = flaky_gateway
+    fake.fail_after_tokens = True
+    with PrismClient(target, timeout_s=10) as client:
+        stream = client.generate_stream("m", "hi")
+        assert next(stream).text == "a"
+        with pytest.raises(UnavailableError, match="broke mid-stream"):
+            next(stream)
+    assert fake.calls == 1  # the caller has a token: trying again would repeat it
+    fake.calls, fake.failures, fake.fail_after_tokens = 0, 1, False
+    fake.code = grpc.StatusCode.INVALID_ARGUMENT
+    with PrismClient(target, timeout_s=10) as client, pytest.raises(InvalidRequestError):
+        client.list_models()
+    assert fake.calls == 1
+    fake.calls, fake.code = 0, grpc.StatusCode.UNAVAILABLE
+    with PrismClient(target, timeout_s=10, retries=0) as client, pytest.raises(UnavailableError):
+        client.list_models()
+    assert fake.calls == 1
+    with pytest.raises(ValueError, match="retries"):
+        PrismClient(target, retries=-1)
+
+
+async def test_the_async_client_tries_again_too(flaky_gateway):
+    fake, target = flaky_gateway
+    fake.failures = 2
+    async with AsyncPrismClient(target, timeout_s=10) as client:
+        assert [m.name for m in await client.list_models()] == ["m"] and fake.calls == 3
+        fake.calls = 0
+        assert (await client.generate("m", "hi")).text == "ab" and fake.calls == 3
+
+
+def test_retries_stop_at_the_calls_deadline(flaky_gateway):
+    """A deadline shorter than the backoff: the call ends with its deadline, not after every retry."""
+    import time
+
+    fake, target = flaky_gateway
+    fake.failures = 100
+    started = time.monotonic()
+    with PrismClient(target, timeout_s=0.15, retries=50) as client, pytest.raises(UnavailableError):
+        client.list_models()
+    assert time.monotonic() - started < 5 and fake.calls < 10
+
+
 def test_unreachable_gateway_is_unavailable():
     with PrismClient("127.0.0.1:9", timeout_s=5) as client:
         with pytest.raises(UnavailableError):
@@ -421,7 +531,7 @@ class TestAgainstLocalCluster:
                           json={"model": "tiny-qwen2", "prompt": prompt, **args}).json()
         assert rest["usage"]["prompt_tokens_details"] == {"cached_tokens": again.cached_prompt_tokens}
         # Visible per model: the agent's status and the gateway's /metrics count the hits.
-        from prism.v1 import agent_pb2, agent_pb2_grpc
+        from prism_client.v1 import agent_pb2, agent_pb2_grpc
 
         with grpc.insecure_channel(cluster.agent_address) as channel:
             status = agent_pb2_grpc.AgentStub(channel).GetStatus(agent_pb2.GetStatusRequest(), timeout=10)
@@ -498,12 +608,49 @@ class TestAgainstLocalCluster:
                 await client.generate("no-such-model", "Hello")
 
 
+def test_the_sdk_alone_installs_in_a_fresh_venv_and_talks_to_the_cluster(cluster, tmp_path):
+    """`pip install ./clients/python` into a new venv brings grpcio and protobuf and nothing of the server
+    (no torch, no services), and that venv's client generates on the running cluster what this one does."""
+    import os
+    import subprocess
+    import venv
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}  # nothing of ours
+    env_dir = tmp_path / "sdk-venv"
+    venv.EnvBuilder(with_pip=True).create(env_dir)
+    python = env_dir / "bin" / "python"
+    install = subprocess.run([str(python), "-m", "pip", "install", "-q", str(root / "clients" / "python")],
+                             capture_output=True, text=True, timeout=600, env=clean)
+    assert install.returncode == 0, install.stdout + install.stderr
+    installed = subprocess.run([str(python), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True,
+                               timeout=120, env=clean).stdout.lower()
+    assert "prism-client==" in installed and "grpcio==" in installed and "protobuf==" in installed
+    assert "torch" not in installed and "prism-serving" not in installed
+    script = ("import json, sys, importlib.util\n"
+              "from prism_client import PrismClient\n"
+              "with PrismClient(sys.argv[1], timeout_s=120) as c:\n"
+              "    done = c.generate('tiny-llama', 'Hello there', max_tokens=6, temperature=0.0, ignore_eos=True)\n"
+              "    names = sorted(m.name for m in c.list_models())\n"
+              "print(json.dumps({'tokens': done.token_ids, 'names': names,\n"
+              "                  'services': importlib.util.find_spec('services') is not None}))\n")
+    run = subprocess.run([str(python), "-c", script, cluster.gateway_grpc], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path, env=clean)  # not the checkout: its folders must not import
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = json.loads(run.stdout)
+    assert set(MODELS) <= set(out["names"]) and out["services"] is False
+    with PrismClient(cluster.gateway_grpc, timeout_s=120) as here:
+        mine = here.generate("tiny-llama", "Hello there", max_tokens=6, temperature=0.0, ignore_eos=True)
+    assert out["tokens"] == mine.token_ids
+
+
 def test_the_sdk_imports_no_service_code():
     """The SDK depends on grpcio, protobuf and the generated stubs alone (a client installs no server)."""
     import subprocess
     import sys
 
-    code = ("import sys, prism.client; "
+    code = ("import sys, prism_client; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('services', 'torch', 'fastapi', 'aetcd')); "
             "print(bad); sys.exit(1 if bad else 0)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from prism.client import PrismClient
+from prism_client import PrismClient
 from services.gpu_agent.engine.tokenizer import Tokenizer
 from tests.reference_llama import ReferenceLlama
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from prism.cluster_view import ClusterSnapshot, gpu_lines, memory_bar, model_lines
-from prism.v1 import agent_pb2
+from prism_client.v1 import agent_pb2
 from tests.prometheus_text import metric_values
 
 REPO = Path(__file__).resolve().parent.parent

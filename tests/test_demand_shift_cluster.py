@@ -19,7 +19,7 @@ import pytest
 
 from prism.cluster import LocalCluster
 from prism.tiny_models import write_tiny_model
-from prism.v1 import agent_pb2, agent_pb2_grpc
+from prism_client.v1 import agent_pb2, agent_pb2_grpc
 from services.common.etcd_server import free_port
 
 GROUP_1, GROUP_2 = ("g1-a", "g1-b"), ("g2-a", "g2-b")

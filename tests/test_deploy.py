@@ -400,5 +400,10 @@ def test_dockerfile_defaults_to_the_torch_ci_installs():
 
 def test_dockerfile_import_check_names_modules_of_this_repo():
     check = re.search(r'python -c "import ([^"]+)"', DOCKERFILE.read_text()).group(1)
+    # The server's modules, and the client SDK's package (its own distribution, clients/python).
+    roots = (REPO, REPO / "clients" / "python")
     for module in (m.strip() for m in check.split(",")):
-        assert (REPO / Path(*module.split(".")).with_suffix(".py")).is_file(), module
+        path = Path(*module.split("."))
+        assert any((r / path).with_suffix(".py").is_file() or (r / path / "__init__.py").is_file() for r in roots), \
+            module
+    assert "pip install ./clients/python ." in DOCKERFILE.read_text()  # the SDK's stubs, which the services import

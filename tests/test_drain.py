@@ -23,7 +23,7 @@ from prism.simulator.models import sim_model
 from prism.simulator.profile import DEFAULT_PROFILE, LatencyProfile
 from prism.simulator.runner import GB, EventLoop
 from prism.tiny_models import write_tiny_model
-from prism.v1 import agent_pb2, generate_pb2
+from prism_client.v1 import agent_pb2, generate_pb2
 from services.common import records
 from services.common.etcd import connect
 from services.common.grpc_util import DRAINING_KEY

@@ -49,7 +49,7 @@ from bench.load_soak import (
 )
 from in_process_agent import InProcessAgent
 from prism.tiny_models import write_tiny_model
-from prism.v1 import agent_pb2, gateway_pb2_grpc, generate_pb2
+from prism_client.v1 import agent_pb2, gateway_pb2_grpc, generate_pb2
 from services.common.grpc_util import DRAINING_KEY
 from services.gateway.server import SHUTDOWN_GRACE_S
 from services.gpu_agent.server import drain_for_shutdown

@@ -31,7 +31,7 @@ from test_gateway_support import (  # its fixtures come as a plugin (tests/conft
     wait_until_healthy,
 )
 
-from prism.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
+from prism_client.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
 from services.common.etcd_server import EmbeddedEtcd, free_port
 from services.gateway.access import AccessControl
 from services.gateway.auth import (
@@ -460,7 +460,7 @@ def test_without_keys_everything_is_open_and_any_authorization_is_ignored(gatewa
 
 
 def test_the_sdk_sends_its_key_and_types_the_refusals(keyed, monkeypatch):
-    from prism.client import AuthenticationError, PermissionDeniedError, PrismClient
+    from prism_client import AuthenticationError, PermissionDeniedError, PrismClient
 
     monkeypatch.delenv("PRISM_API_KEY", raising=False)
     with PrismClient(keyed.grpc_target, api_key=TEAM_KEY, timeout_s=10) as client:
@@ -477,7 +477,7 @@ def test_the_sdk_sends_its_key_and_types_the_refusals(keyed, monkeypatch):
 
 
 async def test_the_async_sdk_sends_its_key(keyed, monkeypatch):
-    from prism.client import AsyncPrismClient, AuthenticationError
+    from prism_client import AsyncPrismClient, AuthenticationError
 
     monkeypatch.delenv("PRISM_API_KEY", raising=False)
     async with AsyncPrismClient(keyed.grpc_target, api_key=TEAM_KEY, timeout_s=10) as client:

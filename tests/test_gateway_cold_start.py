@@ -23,7 +23,7 @@ from test_gateway_support import (  # its fixtures come as a plugin (tests/conft
     GatewayStack,
 )
 
-from prism.v1 import gateway_pb2_grpc, generate_pb2
+from prism_client.v1 import gateway_pb2_grpc, generate_pb2
 from services.common import records
 from services.scheduler.server import waiting_at_gateways
 from tests.prometheus_text import metric_values

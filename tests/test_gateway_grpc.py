@@ -17,7 +17,7 @@ from test_gateway_support import (  # its fixtures come as a plugin (tests/conft
     GatewayStack,
 )
 
-from prism.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
+from prism_client.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
 from services.common.etcd_server import free_port
 
 

@@ -18,7 +18,7 @@ from test_gateway_support import (  # its fixtures come as a plugin (tests/conft
     GatewayStack,
 )
 
-from prism.v1 import agent_pb2
+from prism_client.v1 import agent_pb2
 from services.common import records
 from services.common.etcd_server import free_port
 from tests.prometheus_text import metric_values

@@ -16,7 +16,7 @@ import pytest
 from test_gateway_auth import KeyedGateway, assert_openai_error, bearer, completion, grpc_auth, start_keyed_gateway
 from test_gateway_support import FakeAgent, stop_process
 
-from prism.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
+from prism_client.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
 from services.common.etcd_server import EmbeddedEtcd
 from services.gateway.access import AccessControl
 from services.gateway.auth import ApiKey, KeyStore, digest_of

@@ -176,7 +176,7 @@ def test_requests_that_begin_alike_go_to_their_home_replica_while_its_load_allow
 
 
 def test_the_prefix_key_is_the_beginning_of_the_prompt_or_of_the_chat():
-    from prism.v1 import generate_pb2
+    from prism_client.v1 import generate_pb2
     from services.gateway.relay import PREFIX_KEY_CHARS, prefix_key
 
     long_prompt = "You are a careful assistant. " * 40

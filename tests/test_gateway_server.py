@@ -12,7 +12,7 @@ import httpx
 import pytest
 from test_gateway_support import start_gateway, stop_process, wait_until_healthy
 
-from prism.v1 import gateway_pb2, gateway_pb2_grpc
+from prism_client.v1 import gateway_pb2, gateway_pb2_grpc
 from services.common.etcd_server import EmbeddedEtcd, free_port
 
 

@@ -37,7 +37,7 @@ import grpc
 import httpx
 import pytest
 
-from prism.v1 import agent_pb2, agent_pb2_grpc, generate_pb2
+from prism_client.v1 import agent_pb2, agent_pb2_grpc, generate_pb2
 from services.common import records
 from services.common.etcd_server import EmbeddedEtcd, free_port
 

@@ -7,7 +7,7 @@ import grpc
 import pytest
 from pydantic import ValidationError
 
-from prism.v1 import generate_pb2
+from prism_client.v1 import generate_pb2
 from services.gateway.errors import (
     GatewayTimeout,
     InternalError,

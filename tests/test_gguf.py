@@ -187,7 +187,7 @@ async def test_an_agent_refuses_a_bad_gguf_with_its_reason_and_serves_the_model_
     whose error names what is unsupported; a good GGUF beside it loads and serves."""
     from in_process_agent import InProcessAgent
 
-    from prism.v1 import agent_pb2
+    from prism_client.v1 import agent_pb2
 
     bad = write_gguf(tiny["llama"], tmp_path / "falcon.gguf", architecture="falcon")
     good = write_gguf(tiny["llama"], tmp_path / "good.gguf")

@@ -10,7 +10,7 @@ import time
 import grpc
 
 from prism.tiny_models import write_tiny_model
-from prism.v1 import scheduler_pb2_grpc
+from prism_client.v1 import scheduler_pb2_grpc
 from services.common.etcd_server import free_port
 from services.gpu_agent.devices import discover_devices
 from services.gpu_agent.engine_manager import EngineManager, EngineSpec

@@ -29,7 +29,7 @@ import httpx
 import pytest
 
 from bench.load_soak import load_cluster, report_table, soak
-from prism.v1 import generate_pb2
+from prism_client.v1 import generate_pb2
 from services.gateway.access import AccessControl
 from services.gateway.auth import KeyStore
 from services.gateway.grpc_gateway import GatewayService

@@ -97,7 +97,7 @@ async def test_a_request_for_a_switched_off_model_makes_room_on_a_full_device(tm
     for the first then switches it back the same way."""
     from in_process_agent import InProcessAgent
 
-    from prism.v1 import agent_pb2, generate_pb2
+    from prism_client.v1 import agent_pb2, generate_pb2
 
     paths, memory_gb = await two_models_one_fits(tmp_path)
     # Sparing no recently used engine, so "b" (just served) can step aside for "a" below.
@@ -127,7 +127,7 @@ async def test_a_switched_off_model_that_cannot_get_room_is_refused_at_once(tmp_
     why (it used to go on to copy its weights into memory the other holds), while the active one serves on."""
     from in_process_agent import InProcessAgent
 
-    from prism.v1 import agent_pb2, generate_pb2
+    from prism_client.v1 import agent_pb2, generate_pb2
 
     paths, memory_gb = await two_models_one_fits(tmp_path)
     async with InProcessAgent("agent-full", cpu_memory_gb=memory_gb, make_room_idle_s=60.0) as agent:
@@ -169,7 +169,7 @@ async def test_an_engine_is_switched_on_only_with_a_page_bundle_of_kv_for_each(t
     from in_process_agent import InProcessAgent
 
     from prism.tiny_models import write_tiny_model
-    from prism.v1 import agent_pb2, generate_pb2
+    from prism_client.v1 import agent_pb2, generate_pb2
 
     paths = {name: str(write_tiny_model(tmp_path / name, arch="llama", seed=i)) for i, name in enumerate("ab")}
     idle_s = 0.0 if a_stepped_aside else 60.0

@@ -18,7 +18,7 @@ import pytest
 
 from prism.cluster import LocalCluster
 from prism.tiny_models import ensure_default_models
-from prism.v1 import agent_pb2, agent_pb2_grpc
+from prism_client.v1 import agent_pb2, agent_pb2_grpc
 from services.common.etcd_server import free_port
 
 HIGH, LOW, SHEDDER = "tiny-llama", "tiny-qwen2", "tiny-shed"

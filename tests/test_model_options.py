@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from prism.v1 import agent_pb2
+from prism_client.v1 import agent_pb2
 from services.common import placement_config as pc
 from services.common import records
 from services.common.etcd import connect

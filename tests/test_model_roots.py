@@ -14,7 +14,7 @@ import pytest
 from in_process_agent import InProcessAgent
 
 from prism.tiny_models import write_tiny_model
-from prism.v1 import agent_pb2
+from prism_client.v1 import agent_pb2
 from services.gpu_agent.model_roots import refusal, resolved_roots
 
 

@@ -200,7 +200,7 @@ async def test_a_neighbours_burst_takes_the_memory_only_the_cache_keeps(model_di
     import grpc
     from in_process_agent import InProcessAgent
 
-    from prism.v1 import generate_pb2
+    from prism_client.v1 import generate_pb2
 
     def stream(agent, model: str, prompt: str, max_tokens: int):
         return agent.stub.Generate(generate_pb2.GenerateRequest(

@@ -1,4 +1,4 @@
-"""The committed stubs in prism/v1 must be what the .proto files generate."""
+"""The committed stubs in clients/python/prism_client/v1 must be what the .proto files generate."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from prism import protogen
 
 def test_generated_stubs_are_current(tmp_path):
     protogen.generate(tmp_path)
-    fresh = tmp_path / "prism" / "v1"
-    committed = protogen.REPO_ROOT / "prism" / "v1"
+    fresh = tmp_path
+    committed = protogen.STUBS
     generated = sorted(p.name for p in fresh.iterdir() if p.is_file())
     assert generated, "protoc produced nothing"
     stale = [name for name in generated if not filecmp.cmp(fresh / name, committed / name, shallow=False)]
@@ -23,7 +23,7 @@ def test_generated_stubs_are_current(tmp_path):
 
 
 def test_every_service_has_its_rpcs():
-    from prism.v1 import agent_pb2, engine_worker_pb2, gateway_pb2, scheduler_pb2
+    from prism_client.v1 import agent_pb2, engine_worker_pb2, gateway_pb2, scheduler_pb2
 
     rpcs = {
         s.full_name: {m.name for m in s.methods}

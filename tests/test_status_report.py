@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from prism.v1 import agent_pb2, scheduler_pb2
+from prism_client.v1 import agent_pb2, scheduler_pb2
 from services.gpu_agent.agent_service import AgentService
 from services.gpu_agent.devices import Device
 from services.gpu_agent.engine_manager import EngineManager, EngineSpec, ManagedEngine

@@ -10,7 +10,7 @@ import random
 import pytest
 
 from prism.tiny_models import write_tiny_model
-from prism.v1 import scheduler_pb2
+from prism_client.v1 import scheduler_pb2
 from services.common import placement_config as pc
 from services.common import records
 from services.common.step_costs import (

@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 
 from prism.cluster import LocalCluster
 from prism.tiny_models import write_tiny_model
-from prism.v1 import engine_worker_pb2 as wpb
+from prism_client.v1 import engine_worker_pb2 as wpb
 from services.gpu_agent.engine import Engine, GenerationRequest
 from services.gpu_agent.engine.errors import EngineError
 from services.gpu_agent.engine.kv_pool import KVGeometry, PagePool
@@ -494,7 +494,7 @@ def test_a_local_cluster_serves_a_model_split_over_two_cpu_devices(tmp_path):
     # writes. The agent reports the split model on both devices, with its KV reservation counted there.
     import httpx
 
-    from prism.v1 import agent_pb2, agent_pb2_grpc
+    from prism_client.v1 import agent_pb2, agent_pb2_grpc
 
     model_dir = write_tiny_model(tmp_path / "llama")
     prompt = PROMPTS[1]

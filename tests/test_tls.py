@@ -25,7 +25,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from prism.cluster import LocalCluster
-from prism.v1 import gateway_pb2, gateway_pb2_grpc
+from prism_client.v1 import gateway_pb2, gateway_pb2_grpc
 from prism.workload.replay import replay
 from prism.workload.trace import Trace, TraceRequest
 from services.common import tls
@@ -232,7 +232,7 @@ class ListOnlyGateway(gateway_pb2_grpc.GatewayServicer):
 
 
 async def test_sdk_clients_take_a_ca_and_a_client_certificate(pki, tmp_path):
-    from prism.client import AsyncPrismClient, PrismClient, TlsConfigError, UnavailableError
+    from prism_client import AsyncPrismClient, PrismClient, TlsConfigError, UnavailableError
 
     server = grpc.aio.server()
     gateway_pb2_grpc.add_GatewayServicer_to_server(ListOnlyGateway(), server)
@@ -349,7 +349,7 @@ def tls_cluster(tmp_path) -> Iterator[LocalCluster]:
 
 
 def test_cluster_under_tls_serves_a_generation_with_mtls_between_services(tls_cluster):
-    from prism.client import PrismClient, UnavailableError
+    from prism_client import PrismClient, UnavailableError
     from prism.cluster_view import ClusterReader
 
     cluster = tls_cluster

@@ -126,7 +126,7 @@ async def _send_grpc(stub, req: TraceRequest, index: int, chars_per_token: float
                      metadata=None) -> None:
     import grpc
 
-    from prism.v1 import generate_pb2
+    from prism_client.v1 import generate_pb2
 
     request = generate_pb2.GenerateRequest(
         model=req.model, prompt=prompt_text(req.prompt_tokens, index, chars_per_token),
@@ -169,7 +169,7 @@ async def replay(trace: Trace, *, http_url: str | None = None, grpc_address: str
     at grpc_address; returns one result per request, in trace order. tls:
     the CA that verifies a TLS gateway (and a client certificate, if it wants one).
     api_key: for a gateway with API keys (default $PRISM_API_KEY)."""
-    from prism.client import auth_metadata
+    from prism_client import auth_metadata
 
     metadata = auth_metadata(api_key)
     if (http_url is None) == (grpc_address is None):
@@ -208,7 +208,7 @@ async def replay(trace: Trace, *, http_url: str | None = None, grpc_address: str
                                      verify=True if tls is None else ssl_context(tls)) as client:
             await run(_send_rest, client)
     else:
-        from prism.v1 import gateway_pb2_grpc
+        from prism_client.v1 import gateway_pb2_grpc
 
         async with aio_channel(grpc_address, tls) as channel:
             await run(functools.partial(_send_grpc, metadata=metadata), gateway_pb2_grpc.GatewayStub(channel))

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from prism.v1 import generate_pb2
+from prism_client.v1 import generate_pb2
 from services.gateway.auth import ANONYMOUS, KeyStore, bearer_token
 from services.gateway.errors import (
     GatewayError,

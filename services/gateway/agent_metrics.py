@@ -23,7 +23,7 @@ import grpc
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from prism.v1 import agent_pb2
+from prism_client.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from prism.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
+from prism_client.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
 from services.common.grpc_decode import add_servicer
 from services.common.grpc_util import RETRY_AFTER_KEY
 from services.common.logs import request_id_var

@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from prism.v1 import generate_pb2
+from prism_client.v1 import generate_pb2
 from services.gateway.errors import MaxTokensTooLarge, PromptTooLong
 
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024  # gRPC's own default message limit, so both APIs agree

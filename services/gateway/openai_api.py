@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from prism.v1 import generate_pb2
+from prism_client.v1 import generate_pb2
 from services.common.logs import request_id_var
 from services.gateway.access import REST, AccessControl, Client
 from services.gateway.access_middleware import AccessMiddleware

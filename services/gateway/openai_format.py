@@ -8,7 +8,7 @@ import json
 import time
 from typing import Any
 
-from prism.v1 import generate_pb2
+from prism_client.v1 import generate_pb2
 
 FINISH_REASONS = {
     generate_pb2.FINISH_REASON_STOP: "stop",

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
-from prism.v1 import generate_pb2
+from prism_client.v1 import generate_pb2
 from services.gateway.validation import CHAT_ROLES, INT32_MAX, INT64_MAX, INT64_MIN, MAX_TEMPERATURE
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions

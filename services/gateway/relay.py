@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from prism.v1 import generate_pb2
+from prism_client.v1 import generate_pb2
 from services.common.grpc_util import DRAINING_KEY
 from services.gateway.errors import GatewayError, InternalError, ModelUnavailable, from_agent_error, retry_after_of
 from services.gateway.request_ids import HEADER

@@ -7,7 +7,7 @@ import logging
 import re
 import uuid
 
-from prism.v1 import generate_pb2
+from prism_client.v1 import generate_pb2
 
 log = logging.getLogger(__name__)
 

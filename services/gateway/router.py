@@ -27,7 +27,7 @@ from typing import TypeVar
 import aetcd
 import grpc
 
-from prism.v1 import agent_pb2_grpc
+from prism_client.v1 import agent_pb2_grpc
 from services.common import records
 from services.common.etcd import EtcdAccess, PrefixMirror, connect
 from services.common.routing import route_order

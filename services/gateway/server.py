@@ -51,7 +51,7 @@ import grpc
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from prism.v1 import generate_pb2
+from prism_client.v1 import generate_pb2
 from services.common.etcd import add_etcd_args, etcd_access_from_args
 from services.common.grpc_util import REUSE_NO_PORT, add_health_and_reflection, mark_not_serving, mark_serving
 from services.common.logs import setup_logging

@@ -5,7 +5,7 @@ model's context length)."""
 
 from __future__ import annotations
 
-from prism.v1 import generate_pb2
+from prism_client.v1 import generate_pb2
 from services.gateway.errors import InvalidRequest
 
 CHAT_ROLES = ("system", "user", "assistant")

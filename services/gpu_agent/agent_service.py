@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 
-from prism.v1 import agent_pb2, agent_pb2_grpc, generate_pb2
+from prism_client.v1 import agent_pb2, agent_pb2_grpc, generate_pb2
 from services.common.grpc_util import DRAINING_KEY, RETRY_AFTER_KEY
 from services.common.logs import request_id_var
 from services.gpu_agent.admission import AgentAdmission, ShedError

@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from prism.v1 import engine_worker_pb2 as wpb
+from prism_client.v1 import engine_worker_pb2 as wpb
 from services.common.etcd_server import free_port
 from services.gpu_agent.devices import Device
 from services.gpu_agent.engine import Engine

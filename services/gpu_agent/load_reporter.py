@@ -17,7 +17,7 @@ import logging
 
 import grpc
 
-from prism.v1 import agent_pb2, scheduler_pb2, scheduler_pb2_grpc
+from prism_client.v1 import agent_pb2, scheduler_pb2, scheduler_pb2_grpc
 from services.common import records
 from services.common.etcd import PrefixMirror
 from services.common.tls import TlsFiles, aio_channel

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Protocol
 
-from prism.v1 import agent_pb2
+from prism_client.v1 import agent_pb2
 from services.gpu_agent.engine_manager import ManagedEngine
 from services.gpu_agent.memory_split import DeviceMemorySplit, EngineMemory
 from services.gpu_agent.request_stats import ServingSnapshot

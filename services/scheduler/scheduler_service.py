@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from prism.v1 import scheduler_pb2, scheduler_pb2_grpc
+from prism_client.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
 

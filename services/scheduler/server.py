@@ -27,7 +27,7 @@ from pathlib import Path
 
 import grpc
 
-from prism.v1 import agent_pb2, agent_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
+from prism_client.v1 import agent_pb2, agent_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 from services.common import placement_config, records
 from services.common.etcd import EtcdLoginRefused, PrefixMirror, add_etcd_args, connect, etcd_access_from_args
 from services.common.grpc_decode import add_servicer

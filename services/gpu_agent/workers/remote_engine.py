@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
-from prism.v1 import engine_worker_pb2 as wpb
+from prism_client.v1 import engine_worker_pb2 as wpb
 from services.gpu_agent.engine.errors import EngineError
 from services.gpu_agent.engine.host_weights import ActivationTiming
 from services.gpu_agent.engine.kv_pool import MemoryLimitState

@@ -7,8 +7,8 @@ from __future__ import annotations
 import grpc
 
 from services.common.step_costs import StepTimeSums
-from prism.v1 import engine_worker_pb2 as wpb
-from prism.v1 import generate_pb2
+from prism_client.v1 import engine_worker_pb2 as wpb
+from prism_client.v1 import generate_pb2
 from services.gpu_agent.engine.errors import (
     CapacityError,
     EngineError,

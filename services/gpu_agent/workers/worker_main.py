@@ -81,7 +81,7 @@ def device_problem(torch, device: str) -> str | None:
 async def serve(args: argparse.Namespace, warmup, import_s: float) -> None:
     import grpc
 
-    from prism.v1 import engine_worker_pb2_grpc
+    from prism_client.v1 import engine_worker_pb2_grpc
     from services.gpu_agent.workers.worker_service import EngineWorkerService
 
     stop = asyncio.Event()

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import grpc
 
-from prism.v1 import engine_worker_pb2 as wpb
-from prism.v1 import engine_worker_pb2_grpc
+from prism_client.v1 import engine_worker_pb2 as wpb
+from prism_client.v1 import engine_worker_pb2_grpc
 from services.gpu_agent.workers.errors import EXIT_SPLIT_STEP_FAILED, WorkerStartError
 
 log = logging.getLogger(__name__)

@@ -25,8 +25,8 @@ from pathlib import Path
 import grpc
 import torch
 
-from prism.v1 import engine_worker_pb2 as wpb
-from prism.v1 import engine_worker_pb2_grpc, generate_pb2
+from prism_client.v1 import engine_worker_pb2 as wpb
+from prism_client.v1 import engine_worker_pb2_grpc, generate_pb2
 from services.common.logs import request_id_var
 from services.gpu_agent.engine import Engine, EngineError
 from services.gpu_agent.engine.shard_follower import ShardFollower, join_ranks

@@ -1,11 +1,16 @@
 """Python client SDK of the `prism.v1.Gateway` gRPC service.
 
-    from prism.client import PrismClient
+    from prism_client import PrismClient
 
     with PrismClient("127.0.0.1:50050") as client:
         print(client.generate("tiny-llama", "Hello", max_tokens=16, temperature=0).text)
         for chunk in client.generate_stream("tiny-qwen2", messages=[{"role": "user", "content": "Hi"}]):
             print(chunk.text, end="")
+
+A call that fails UNAVAILABLE before anything came back (the gateway
+restarting, no replica up yet) is tried again, up to `retries` more times
+(default 3) with exponential backoff and jitter, within the call's deadline;
+a stream that has produced tokens is never retried (the caller has them).
 
 A gateway serving TLS: `PrismClient(target, tls_ca="ca.pem")` verifies it
 against that CA (`tls_ca=None` with a client certificate: the system's roots);
@@ -19,13 +24,18 @@ variable) sends it as `authorization: Bearer <key>` on every call.
 differently; arguments the SDK itself can tell are wrong raise ValueError
 before anything is sent.
 
-The SDK depends on grpcio, protobuf and the generated stubs (prism.v1) alone,
-never on a service's code.
+The SDK is its own distribution (clients/python, `pip install
+./clients/python`: prism-client): it depends on grpcio and protobuf alone,
+ships the generated stubs of the prism.v1 API (prism_client.v1, which the
+services import too), and never imports a service's code.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import random
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -33,7 +43,7 @@ from typing import Literal, TypedDict, Unpack
 
 import grpc
 
-from prism.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
+from prism_client.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -340,6 +350,40 @@ def tls_credentials(tls_ca: PemPath | None, tls_cert: PemPath | None,
 API_KEY_ENV = "PRISM_API_KEY"
 
 
+# --- retries -----------------------------------------------------------------
+
+DEFAULT_RETRIES = 3
+RETRY_BASE_S = 0.1  # the first retry's delay before jitter; each next one doubles, up to RETRY_CAP_S
+RETRY_CAP_S = 2.0
+
+
+def retry_delays(retries: int, rng: random.Random | None = None) -> list[float]:
+    """The waits before each retry: exponential from RETRY_BASE_S, capped at RETRY_CAP_S, each drawn
+    between half and all of it (jitter, so that clients a restart failed together do not come back
+    together)."""
+    draw = (rng or random).uniform
+    return [draw(0.5, 1.0) * min(RETRY_CAP_S, RETRY_BASE_S * 2 ** i) for i in range(max(0, retries))]
+
+
+def retryable(exc: grpc.RpcError, produced: bool) -> bool:
+    """UNAVAILABLE before anything came back: nothing was lost, trying again may reach a server."""
+    return not produced and exc.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def _deadline(timeout_s: float | None) -> float | None:
+    return None if timeout_s is None else time.monotonic() + timeout_s
+
+
+def _left(deadline: float | None, after_s: float = 0.0) -> float | None:
+    """Seconds left of a call's deadline after waiting `after_s` (None: no deadline)."""
+    return None if deadline is None else deadline - time.monotonic() - after_s
+
+
+def _may_retry(exc: grpc.RpcError, produced: bool, delay: float | None, deadline: float | None) -> bool:
+    left = _left(deadline, delay or 0.0)
+    return delay is not None and retryable(exc, produced) and (left is None or left > 0)
+
+
 def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
     """The call metadata that carries an API key (the key given, else
     $PRISM_API_KEY); None when there is none."""
@@ -353,13 +397,19 @@ class PrismClient:
     generation's whole stream included); None means no deadline. tls_ca,
     tls_cert, tls_key: PEM files for TLS (see the module's docstring); a
     file that cannot be read raises TlsConfigError (a
-    ValueError) here. api_key: sent with every call (default $PRISM_API_KEY)."""
+    ValueError) here. api_key: sent with every call (default $PRISM_API_KEY).
+    retries: how many more times a call that failed UNAVAILABLE before anything came back is tried
+    (0: never), within its deadline."""
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout_s: float | None = DEFAULT_TIMEOUT_S,
                  tls_ca: PemPath | None = None, tls_cert: PemPath | None = None,
-                 tls_key: PemPath | None = None, api_key: str | None = None) -> None:
+                 tls_key: PemPath | None = None, api_key: str | None = None,
+                 retries: int = DEFAULT_RETRIES) -> None:
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
         self.target = target
         self.timeout_s = timeout_s
+        self.retries = retries
         self._metadata = auth_metadata(api_key)
         credentials = tls_credentials(tls_ca, tls_cert, tls_key)
         self._channel = (grpc.insecure_channel(target) if credentials is None
@@ -377,12 +427,16 @@ class PrismClient:
         self.close()
 
     def list_models(self) -> list[ModelInfo]:
-        try:
-            response = self._stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=self.timeout_s,
-                                            metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from exc
-        return _model_infos(response)
+        deadline = _deadline(self.timeout_s)
+        for delay in (*retry_delays(self.retries), None):
+            try:
+                return _model_infos(self._stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=_left(deadline),
+                                                          metadata=self._metadata))
+            except grpc.RpcError as exc:
+                if not _may_retry(exc, False, delay, deadline):
+                    raise error_from_rpc(exc) from exc
+            time.sleep(delay)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def generate(self, model: str, prompt: str | None = None, **options: Unpack[GenerateOptions]) -> Completion:
         request = build_generate_request(model, prompt, **options)
@@ -398,16 +452,23 @@ class PrismClient:
 
     def _stream(self, request: generate_pb2.GenerateRequest) -> Iterator[CompletionChunk]:
         request_id = request.request_id or None
-        call = self._stub.Generate(request, timeout=self.timeout_s, metadata=self._metadata)
-        try:
-            for response in call:
-                request_id = request_id or response.request_id or None
-                yield chunk_from_response(response)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, request_id) from exc
-        finally:
-            # Ends the RPC when the caller stops early; a no-op once it finished.
-            call.cancel()
+        deadline = _deadline(self.timeout_s)
+        for delay in (*retry_delays(self.retries), None):
+            call = self._stub.Generate(request, timeout=_left(deadline), metadata=self._metadata)
+            produced = False
+            try:
+                for response in call:
+                    produced = True
+                    request_id = request_id or response.request_id or None
+                    yield chunk_from_response(response)
+                return
+            except grpc.RpcError as exc:
+                if not _may_retry(exc, produced, delay, deadline):
+                    raise error_from_rpc(exc, request_id) from exc
+            finally:
+                # Ends the RPC when the caller stops early; a no-op once it finished.
+                call.cancel()
+            time.sleep(delay)
 
 
 class AsyncPrismClient:
@@ -416,9 +477,13 @@ class AsyncPrismClient:
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout_s: float | None = DEFAULT_TIMEOUT_S,
                  tls_ca: PemPath | None = None, tls_cert: PemPath | None = None,
-                 tls_key: PemPath | None = None, api_key: str | None = None) -> None:
+                 tls_key: PemPath | None = None, api_key: str | None = None,
+                 retries: int = DEFAULT_RETRIES) -> None:
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
         self.target = target
         self.timeout_s = timeout_s
+        self.retries = retries
         self._metadata = auth_metadata(api_key)
         credentials = tls_credentials(tls_ca, tls_cert, tls_key)
         self._channel = (grpc.aio.insecure_channel(target) if credentials is None
@@ -436,12 +501,16 @@ class AsyncPrismClient:
         await self.close()
 
     async def list_models(self) -> list[ModelInfo]:
-        try:
-            response = await self._stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=self.timeout_s,
-                                            metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from exc
-        return _model_infos(response)
+        deadline = _deadline(self.timeout_s)
+        for delay in (*retry_delays(self.retries), None):
+            try:
+                return _model_infos(await self._stub.ListModels(
+                    gateway_pb2.ListModelsRequest(), timeout=_left(deadline), metadata=self._metadata))
+            except grpc.RpcError as exc:
+                if not _may_retry(exc, False, delay, deadline):
+                    raise error_from_rpc(exc) from exc
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def generate(self, model: str, prompt: str | None = None,
                        **options: Unpack[GenerateOptions]) -> Completion:
@@ -458,14 +527,21 @@ class AsyncPrismClient:
 
     async def _stream(self, request: generate_pb2.GenerateRequest) -> AsyncIterator[CompletionChunk]:
         request_id = request.request_id or None
-        call = self._stub.Generate(request, timeout=self.timeout_s, metadata=self._metadata)
-        try:
-            async for response in call:
-                request_id = request_id or response.request_id or None
-                yield chunk_from_response(response)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc, request_id) from exc
-        finally:
-            # Synchronous on purpose: this may run while the generator is being
-            # finalized, where awaiting is not allowed.
-            call.cancel()
+        deadline = _deadline(self.timeout_s)
+        for delay in (*retry_delays(self.retries), None):
+            call = self._stub.Generate(request, timeout=_left(deadline), metadata=self._metadata)
+            produced = False
+            try:
+                async for response in call:
+                    produced = True
+                    request_id = request_id or response.request_id or None
+                    yield chunk_from_response(response)
+                return
+            except grpc.RpcError as exc:
+                if not _may_retry(exc, produced, delay, deadline):
+                    raise error_from_rpc(exc, request_id) from exc
+            finally:
+                # Synchronous on purpose: this may run while the generator is being
+                # finalized, where awaiting is not allowed.
+                call.cancel()
+            await asyncio.sleep(delay)

@@ -3,8 +3,8 @@
 import grpc
 import warnings
 
-from prism.v1 import engine_worker_pb2 as prism_dot_v1_dot_engine__worker__pb2
-from prism.v1 import generate_pb2 as prism_dot_v1_dot_generate__pb2
+from prism_client.v1 import engine_worker_pb2 as prism_dot_v1_dot_engine__worker__pb2
+from prism_client.v1 import generate_pb2 as prism_dot_v1_dot_generate__pb2
 
 GRPC_GENERATED_VERSION = '1.84.0'
 GRPC_VERSION = grpc.__version__

@@ -22,14 +22,14 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from prism.v1 import agent_pb2 as prism_dot_v1_dot_agent__pb2
+from prism_client.v1 import agent_pb2 as prism_dot_v1_dot_agent__pb2
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18prism/v1/scheduler.proto\x12\x08prism.v1\x1a\x14prism/v1/agent.proto\"\\\n\x14RegisterAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12!\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x10.prism.v1.Device\"3\n\x15RegisterAgentResponse\x12\x1a\n\x12report_interval_ms\x18\x01 \x01(\x05\"\xe0\x03\n\tModelLoad\x12\r\n\x05model\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.prism.v1.EngineState\x12\x14\n\x0c\x61rrival_rate\x18\x03 \x01(\x01\x12\x17\n\x0fqueued_requests\x18\x04 \x01(\x05\x12\x18\n\x10running_requests\x18\x05 \x01(\x05\x12\x15\n\rkv_used_bytes\x18\x06 \x01(\x03\x12\x1a\n\x12memory_limit_bytes\x18\x07 \x01(\x03\x12\x17\n\x0fkv_mapped_bytes\x18\x08 \x01(\x03\x12\x16\n\x0ekv_free_tokens\x18\t \x01(\x03\x12\x17\n\x0fkv_demand_bytes\x18\n \x01(\x03\x12\x18\n\x10\x61\x64mission_queued\x18\x0b \x01(\x05\x12\'\n\x07serving\x18\x0c \x01(\x0b\x32\x16.prism.v1.ServingStats\x12\x12\n\nstep_count\x18\r \x01(\x01\x12\x10\n\x08step_xtx\x18\x0e \x03(\x01\x12\x10\n\x08step_xty\x18\x0f \x03(\x01\x12\x17\n\x0fkv_cached_bytes\x18\x10 \x01(\x03\x12#\n\x1bprefix_cache_queried_tokens\x18\x11 \x01(\x03\x12\x1f\n\x17prefix_cache_hit_tokens\x18\x12 \x01(\x03\"x\n\nLoadReport\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12#\n\x06models\x18\x03 \x03(\x0b\x32\x13.prism.v1.ModelLoad\x12!\n\x04gpus\x18\x04 \x03(\x0b\x32\x13.prism.v1.GpuMemory\"!\n\rLoadReportAck\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x32\xa5\x01\n\tScheduler\x12P\n\rRegisterAgent\x12\x1e.prism.v1.RegisterAgentRequest\x1a\x1f.prism.v1.RegisterAgentResponse\x12\x46\n\x11StreamLoadReports\x12\x14.prism.v1.LoadReport\x1a\x17.prism.v1.LoadReportAck(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
-_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'prism.v1.scheduler_pb2', _globals)
+_builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'prism_client.v1.scheduler_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REGISTERAGENTREQUEST']._serialized_start=60

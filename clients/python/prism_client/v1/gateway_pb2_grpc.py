@@ -3,7 +3,8 @@
 import grpc
 import warnings
 
-from prism.v1 import scheduler_pb2 as prism_dot_v1_dot_scheduler__pb2
+from prism_client.v1 import gateway_pb2 as prism_dot_v1_dot_gateway__pb2
+from prism_client.v1 import generate_pb2 as prism_dot_v1_dot_generate__pb2
 
 GRPC_GENERATED_VERSION = '1.84.0'
 GRPC_VERSION = grpc.__version__
@@ -18,16 +19,15 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in prism/v1/scheduler_pb2_grpc.py depends on'
+        + ' but the generated code in prism/v1/gateway_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class SchedulerStub:
-    """The global scheduler. Agents announce themselves here (their liveness is
-    their etcd lease) and stream load reports while connected.
+class GatewayStub:
+    """The client-facing gRPC API; the same operations as the REST gateway.
     """
 
     def __init__(self, channel):
@@ -36,63 +36,88 @@ class SchedulerStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.RegisterAgent = channel.unary_unary(
-                '/prism.v1.Scheduler/RegisterAgent',
-                request_serializer=prism_dot_v1_dot_scheduler__pb2.RegisterAgentRequest.SerializeToString,
-                response_deserializer=prism_dot_v1_dot_scheduler__pb2.RegisterAgentResponse.FromString,
+        self.Generate = channel.unary_stream(
+                '/prism.v1.Gateway/Generate',
+                request_serializer=prism_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=prism_dot_v1_dot_generate__pb2.GenerateResponse.FromString,
                 _registered_method=True)
-        self.StreamLoadReports = channel.stream_stream(
-                '/prism.v1.Scheduler/StreamLoadReports',
-                request_serializer=prism_dot_v1_dot_scheduler__pb2.LoadReport.SerializeToString,
-                response_deserializer=prism_dot_v1_dot_scheduler__pb2.LoadReportAck.FromString,
+        self.ListModels = channel.unary_unary(
+                '/prism.v1.Gateway/ListModels',
+                request_serializer=prism_dot_v1_dot_gateway__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=prism_dot_v1_dot_gateway__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
 
 
-class SchedulerServicer:
-    """The global scheduler. Agents announce themselves here (their liveness is
-    their etcd lease) and stream load reports while connected.
+class GatewayServicer:
+    """The client-facing gRPC API; the same operations as the REST gateway.
     """
 
-    def RegisterAgent(self, request, context):
+    def Generate(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def StreamLoadReports(self, request_iterator, context):
+    def ListModels(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
 
-def add_SchedulerServicer_to_server(servicer, server):
+def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'RegisterAgent': grpc.unary_unary_rpc_method_handler(
-                    servicer.RegisterAgent,
-                    request_deserializer=prism_dot_v1_dot_scheduler__pb2.RegisterAgentRequest.FromString,
-                    response_serializer=prism_dot_v1_dot_scheduler__pb2.RegisterAgentResponse.SerializeToString,
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=prism_dot_v1_dot_generate__pb2.GenerateRequest.FromString,
+                    response_serializer=prism_dot_v1_dot_generate__pb2.GenerateResponse.SerializeToString,
             ),
-            'StreamLoadReports': grpc.stream_stream_rpc_method_handler(
-                    servicer.StreamLoadReports,
-                    request_deserializer=prism_dot_v1_dot_scheduler__pb2.LoadReport.FromString,
-                    response_serializer=prism_dot_v1_dot_scheduler__pb2.LoadReportAck.SerializeToString,
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=prism_dot_v1_dot_gateway__pb2.ListModelsRequest.FromString,
+                    response_serializer=prism_dot_v1_dot_gateway__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'prism.v1.Scheduler', rpc_method_handlers)
+            'prism.v1.Gateway', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('prism.v1.Scheduler', rpc_method_handlers)
+    server.add_registered_method_handlers('prism.v1.Gateway', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Scheduler:
-    """The global scheduler. Agents announce themselves here (their liveness is
-    their etcd lease) and stream load reports while connected.
+class Gateway:
+    """The client-facing gRPC API; the same operations as the REST gateway.
     """
 
     @staticmethod
-    def RegisterAgent(request,
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/prism.v1.Gateway/Generate',
+            prism_dot_v1_dot_generate__pb2.GenerateRequest.SerializeToString,
+            prism_dot_v1_dot_generate__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
             target,
             options=(),
             channel_credentials=None,
@@ -105,36 +130,9 @@ class Scheduler:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/prism.v1.Scheduler/RegisterAgent',
-            prism_dot_v1_dot_scheduler__pb2.RegisterAgentRequest.SerializeToString,
-            prism_dot_v1_dot_scheduler__pb2.RegisterAgentResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def StreamLoadReports(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_stream(
-            request_iterator,
-            target,
-            '/prism.v1.Scheduler/StreamLoadReports',
-            prism_dot_v1_dot_scheduler__pb2.LoadReport.SerializeToString,
-            prism_dot_v1_dot_scheduler__pb2.LoadReportAck.FromString,
+            '/prism.v1.Gateway/ListModels',
+            prism_dot_v1_dot_gateway__pb2.ListModelsRequest.SerializeToString,
+            prism_dot_v1_dot_gateway__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
