@@ -29,6 +29,7 @@ TIERS = {
     "test_deploy": "cluster",
     "test_kubernetes": "unit",
     "test_docs": "cluster",
+    "test_docstrings": "unit",
     "test_doctor": "cluster",
     "test_drain": "cluster",
     "test_drain_cluster": "cluster",

@@ -125,11 +125,19 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                  coordinators: dict[int, MemorySplitSource] | None = None,
                  admission: AgentAdmission | None = None, busy_window_s: float = DEFAULT_BUSY_WINDOW_S,
                  model_roots: tuple[Path, ...] = ()):
-        """coordinators (device index -> its memory coordinator) and the
-        admission queue feed GetStatus's memory split and queue numbers;
-        without them those stay empty. busy_window_s: an engine that had a
-        request this recently is not switched off unless forced. model_roots:
-        the folders LoadModel may load from (model_roots.py); none: any."""
+        """The agent's gRPC service (prism.v1.Agent) over its engines.
+
+        Args:
+            agent_id: the agent's id, as its etcd records and the scheduler's placements name it.
+            devices: the agent's devices (devices.py), which GetStatus reports.
+            manager: the engines (engine_manager.py) that LoadModel, Generate and the others act on.
+            coordinators: device index -> its memory coordinator, whose split GetStatus reports; without
+                them it stays empty.
+            admission: the admission queue, whose numbers GetStatus reports and through which Generate
+                admits requests; without it, requests go straight to their engines.
+            busy_window_s: an engine that had a request this recently is not switched off unless forced.
+            model_roots: the folders LoadModel may load from (model_roots.py); none: any.
+        """
         self.agent_id = agent_id
         self.devices = devices
         self.manager = manager

@@ -393,13 +393,19 @@ def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
 
 class PrismClient:
     """Blocking client. Use it as a context manager, or call close(), so its
-    channel is released. `timeout_s` is each call's deadline (a streamed
-    generation's whole stream included); None means no deadline. tls_ca,
-    tls_cert, tls_key: PEM files for TLS (see the module's docstring); a
-    file that cannot be read raises TlsConfigError (a
-    ValueError) here. api_key: sent with every call (default $PRISM_API_KEY).
-    retries: how many more times a call that failed UNAVAILABLE before anything came back is tried
-    (0: never), within its deadline."""
+    channel is released.
+
+    Args:
+        target: the gateway's gRPC address, host:port.
+        timeout_s: each call's deadline (a streamed generation's whole stream included); None: none.
+        tls_ca: PEM file of the CA that verifies the gateway (turns TLS on; see the module's docstring).
+        tls_cert: PEM file of a client certificate, for a gateway that requires one.
+        tls_key: the private key of tls_cert. A file that cannot be read raises TlsConfigError (a
+            ValueError) here.
+        api_key: sent with every call (default $PRISM_API_KEY).
+        retries: how many more times a call that failed UNAVAILABLE before anything came back is tried
+            (0: never), within its deadline.
+    """
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout_s: float | None = DEFAULT_TIMEOUT_S,
                  tls_ca: PemPath | None = None, tls_cert: PemPath | None = None,
@@ -473,7 +479,18 @@ class PrismClient:
 
 class AsyncPrismClient:
     """The asyncio twin of PrismClient. `generate_stream` returns an async
-    iterator; `aclose()` it (or use contextlib.aclosing) to cancel early."""
+    iterator; `aclose()` it (or use contextlib.aclosing) to cancel early.
+
+    Args:
+        target: the gateway's gRPC address, host:port.
+        timeout_s: each call's deadline (a streamed generation's whole stream included); None: none.
+        tls_ca: PEM file of the CA that verifies the gateway (turns TLS on).
+        tls_cert: PEM file of a client certificate, for a gateway that requires one.
+        tls_key: the private key of tls_cert.
+        api_key: sent with every call (default $PRISM_API_KEY).
+        retries: how many more times a call that failed UNAVAILABLE before anything came back is tried
+            (0: never), within its deadline.
+    """
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout_s: float | None = DEFAULT_TIMEOUT_S,
                  tls_ca: PemPath | None = None, tls_cert: PemPath | None = None,

@@ -135,35 +135,50 @@ class Engine:
                  max_context: int | None = None, tensor_parallel: TensorParallel = SINGLE,
                  step_channel: StepChannel | None = None, step_board: tuple[str, int] | None = None,
                  prefix_caching: bool = True, on_split_failure: Callable[[str], None] | None = None):
-        """memory_limit_bytes: KV memory the engine may map now (default: 8 contexts).
-        kv_capacity_bytes: the KV reservation the limit can later grow to (virtual where
-        the pool is elastic; default: the device's memory on CUDA, 32 contexts on the CPU).
-        kv_pool: "kvcached" (CUDA), "pages" (PagePool) or "auto" (kvcached where it runs).
-        step_tokens: the token budget of one step (decode tokens plus prefill chunks);
-        default CUDA_STEP_TOKENS on CUDA, DEFAULT_STEP_TOKENS elsewhere.
-        attention: "triton" (decode kernel, CUDA), "torch" or "auto".
-        cuda_graphs: replay decode steps from CUDA graphs where they can run
-        (CUDA, the Triton kernel, no tensor parallelism; on either KV pool).
-        shared_weights_path: the host copy of the weights lives in this shared-memory
-        file (shared_weights.py): mapped from there when another process has
-        written it (no load), written there otherwise.
-        warm_up: on CUDA, compile and load this model's kernels before the first
-        request (_warm_up_kernels).
-        max_context: serve at most this many tokens a sequence (prompt and output),
-        if fewer than the model's own context; its KV defaults and reservation
-        follow it.
-        tensor_parallel, step_channel: this engine is rank 0 of a model split over
-        tensor_parallel.size devices (tensor_parallel.py); it sends every forward's
-        inputs over step_channel to the other ranks (shard_follower.py). Its KV
-        pool and kv_bytes_per_token are this rank's share of the KV heads; switching
-        off and on moves every rank's weights. Not yet with CUDA graphs, kvcached
-        or shared weights. A step that fails on a split engine fails the engine (_fail_split):
-        on_split_failure(why) hears of it (the worker ends its process on it).
-        step_board: (path, slot) of its device's step board (step_board.py): only the steps that ran
-        alone on the device go into its step-time sums. None: every step does (nothing else shares it).
-        prefix_caching: full blocks of computed KV stay cached for later requests that begin with the
-        same tokens (prefix_cache.py); what only the cache keeps is given back first when memory is
-        needed, and does not count as used in stats()."""
+        """Loads the model and makes its KV pool; `start()` begins serving.
+
+        Args:
+            model_path: the model's folder (Hugging Face layout: config.json, safetensors, tokenizer) or a
+                .gguf file.
+            name: the name it serves under (default: the folder's name).
+            load_format: "auto", "safetensors", "gguf" or "dummy" (random weights of the config's shapes).
+            dtype: "auto" (the checkpoint's on accelerators, float32 on the CPU), "float32", "float16" or
+                "bfloat16".
+            device: "cpu", "cuda" or "cuda:N".
+            seed: the random weights' seed (load_format "dummy").
+            memory_limit_bytes: KV memory the engine may map now (default: 8 contexts).
+            kv_capacity_bytes: the KV reservation the limit can later grow to (virtual where the pool is
+                elastic; default: the device's memory on CUDA, 32 contexts on the CPU).
+            kv_pool: "kvcached" (CUDA), "pages" (PagePool) or "auto" (kvcached where it runs).
+            kv_page_bytes: the pool's page size (default: kvcached's 2 MiB page on CUDA, a smaller one on
+                the CPU).
+            step_tokens: the token budget of one step (decode tokens plus prefill chunks); default
+                CUDA_STEP_TOKENS on CUDA, DEFAULT_STEP_TOKENS elsewhere.
+            attention: "triton" (decode kernel, CUDA), "torch" or "auto".
+            cuda_graphs: replay decode steps from CUDA graphs where they can run (CUDA, the Triton kernel,
+                no tensor parallelism; on either KV pool).
+            shared_weights_path: the host copy of the weights lives in this shared-memory file
+                (shared_weights.py): mapped from there when another process has written it (no load),
+                written there otherwise.
+            warm_up: on CUDA, compile and load this model's kernels before the first request
+                (_warm_up_kernels).
+            max_context: serve at most this many tokens a sequence (prompt and output), if fewer than the
+                model's own context; its KV defaults and reservation follow it.
+            tensor_parallel: this engine is rank 0 of a model split over tensor_parallel.size devices
+                (tensor_parallel.py). Its KV pool and kv_bytes_per_token are this rank's share of the KV
+                heads; switching off and on moves every rank's weights. Not yet with CUDA graphs,
+                kvcached or shared weights.
+            step_channel: with tensor_parallel, every forward's inputs go over it to the other ranks
+                (shard_follower.py).
+            step_board: (path, slot) of its device's step board (step_board.py): only the steps that ran
+                alone on the device go into its step-time sums. None: every step does (nothing else
+                shares it).
+            prefix_caching: full blocks of computed KV stay cached for later requests that begin with the
+                same tokens (prefix_cache.py); what only the cache keeps is given back first when memory
+                is needed, and does not count as used in stats().
+            on_split_failure: a step that fails on a split engine fails the engine (_fail_split);
+                on_split_failure(why) hears of it (the worker ends its process on it).
+        """
         start = time.perf_counter()
         self.model_path = Path(model_path)
         self.name = name or self.model_path.name

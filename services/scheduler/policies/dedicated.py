@@ -15,7 +15,17 @@ def dedicated_policy(snapshot: ClusterSnapshot, params: PolicyParams = PolicyPar
     placement its config lists (at least one; where, is this policy's
     choice), each on a distinct agent (an agent runs one engine per model).
     Models keep the GPUs they have; the others take free sets in order of
-    priority (then name)."""
+    priority (then name).
+
+    Args:
+        snapshot: the cluster as the scheduler sees it: agents and their GPUs, models, live replicas and
+            each model's demand (policies/snapshot.py).
+        params: the policies' knobs (PolicyParams: compute costs and bounds, warm rates, kvpr's tau);
+            not read.
+
+    Returns:
+        The target placement: each model's replicas (agent, GPU ids, whether active).
+    """
     placement: Placement = {m.model_name: [] for m in snapshot.models}
     taken: list[GpuKey] = []
 

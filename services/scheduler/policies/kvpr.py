@@ -168,6 +168,17 @@ def _assign(snapshot: ClusterSnapshot, params: PolicyParams, models: list[ModelC
 
 
 def kvpr_policy(snapshot: ClusterSnapshot, params: PolicyParams = PolicyParams()) -> Placement:
+    """The original Prism's KV-pressure placement (the module says how): hot models by weight w =
+    rate / SLO, each where the worst GPU's pressure stays lowest, a move only past tau.
+
+    Args:
+        snapshot: the cluster as the scheduler sees it: agents and their GPUs, models, live replicas and
+            each model's demand (policies/snapshot.py).
+        params: the policies' knobs (PolicyParams: compute costs and bounds, warm rates, kvpr's tau).
+
+    Returns:
+        The target placement: each model's replicas (agent, GPU ids, whether active).
+    """
     homes = home_of_everyone(snapshot)
     hot = sorted((m for m in snapshot.models if snapshot.demand_of(m.model_name).hot and m.model_name in homes),
                  key=lambda m: (-pressure_weight(snapshot, m), m.model_name))

@@ -77,7 +77,16 @@ def prism_policy(snapshot: ClusterSnapshot, params: PolicyParams = PolicyParams(
     after the others, place_replicas); what overflowed squeezed onto
     sacrificed sets or shed (squeeze_or_shed, gpus_short_of_compute); the warm
     models (place_warm); the cold ones (place_cold); standbys last
-    (add_standby_replicas)."""
+    (add_standby_replicas).
+
+    Args:
+        snapshot: the cluster as the scheduler sees it: agents and their GPUs, models, live replicas and
+            each model's demand (policies/snapshot.py).
+        params: the policies' knobs (PolicyParams: compute costs and bounds, warm rates, kvpr's tau).
+
+    Returns:
+        The target placement: each model's replicas (agent, GPU ids, whether active).
+    """
     plan = PrismPlan.start(snapshot, params)
     hot = hot_in_order(plan)
     short = gpus_short_of_compute(plan, hot)

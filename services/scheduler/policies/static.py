@@ -8,7 +8,17 @@ from services.scheduler.policies.snapshot import ClusterSnapshot, Placement, Pol
 def static_policy(snapshot: ClusterSnapshot, params: PolicyParams = PolicyParams()) -> Placement:
     """Each init placement goes to the first agent (by id) that has its GPU
     ids and does not host that model yet; agents that are missing simply
-    leave the placement unassigned until one joins."""
+    leave the placement unassigned until one joins.
+
+    Args:
+        snapshot: the cluster as the scheduler sees it: agents and their GPUs, models, live replicas and
+            each model's demand (policies/snapshot.py).
+        params: the policies' knobs (PolicyParams: compute costs and bounds, warm rates, kvpr's tau);
+            not read: the config says it all.
+
+    Returns:
+        The target placement: each model's replicas (agent, GPU ids, whether active).
+    """
     agents = sorted(snapshot.agents, key=lambda a: a.agent_id)
     placement: Placement = {}
     for model in snapshot.models:

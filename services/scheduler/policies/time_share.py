@@ -10,6 +10,18 @@ from services.scheduler.policies.snapshot import ClusterSnapshot, GpuKey, Placem
 
 
 def time_share_policy(snapshot: ClusterSnapshot, params: PolicyParams = PolicyParams()) -> Placement:
+    """At most one active model per GPU: the one on it keeps it while it has demand, else the hot model
+    of the highest arrival rate; every other model of the GPU placed there, switched off.
+
+    Args:
+        snapshot: the cluster as the scheduler sees it: agents and their GPUs, models, live replicas and
+            each model's demand (policies/snapshot.py).
+        params: the policies' knobs (PolicyParams: compute costs and bounds, warm rates, kvpr's tau);
+            not read.
+
+    Returns:
+        The target placement: each model's replicas (agent, GPU ids, whether active).
+    """
     homes = home_of_everyone(snapshot)
     by_gpu: dict[GpuKey, list[ModelConfig]] = {}
     for model in snapshot.models:
