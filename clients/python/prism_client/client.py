@@ -45,25 +45,7 @@ import grpc
 
 from prism_client.v1 import gateway_pb2, gateway_pb2_grpc, generate_pb2
 
-__all__ = [
-    "DEFAULT_TARGET",
-    "AsyncPrismClient",
-    "Completion",
-    "CompletionChunk",
-    "GenerateOptions",
-    "InvalidRequestError",
-    "ModelInfo",
-    "ModelNotFoundError",
-    "PrismClient",
-    "PrismError",
-    "RateLimitedError",
-    "UnavailableError",
-    "Usage",
-    "build_generate_request",
-    "chunk_from_response",
-    "completion_from_chunks",
-    "error_from_rpc",
-]
+# The public names are the package's (prism_client/__init__.py's __all__).
 
 DEFAULT_TARGET = "127.0.0.1:50050"
 DEFAULT_TIMEOUT_S = 600.0
