@@ -493,10 +493,10 @@ class SimCluster:
                 self.clock.at(self.now + self.profile.activation_overhead_s, then)
 
         for device in devices:
-            link = self.copy_links.get((device.agent_id, device.index))
-            if link is None:
-                link = self.copy_links[(device.agent_id, device.index)] = CopyLink(self.clock, self.profile.copy_bytes_per_s)
-            link.start(engine.model.shard_weight_bytes, copied)
+            key = (device.agent_id, device.index)
+            if key not in self.copy_links:
+                self.copy_links[key] = CopyLink(self.clock, self.profile.copy_bytes_per_s)
+            self.copy_links[key].start(engine.model.shard_weight_bytes, copied)
 
     def deactivate(self, engine: SimEngine, busy_window_s: float = 0.0) -> bool:
         """As the agent's DeactivateModel without force: refused while the engine is busy (a request
