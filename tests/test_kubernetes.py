@@ -165,6 +165,15 @@ def test_production_is_secure_by_default_and_insecure_says_so(rendered, made):
             assert parsed.http_tls is not None and parsed.api_keys_file is not None and not parsed.mtls
         else:
             assert parsed.mtls
+    # Every pod as the restricted profile asks, but for the agents' hostPath of the node's models.
+    for workload, c in containers(production):
+        pod = workload["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"] == {
+            "type": "RuntimeDefault"}, workload["metadata"]["name"]
+        assert c["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+        assert pod["automountServiceAccountToken"] is False
+        host_paths = [v["name"] for v in pod.get("volumes", []) if "hostPath" in v]
+        assert host_paths == (["models"] if workload["metadata"]["name"] == "prism-agent" else [])
     etcd = find(production, "StatefulSet", "prism-etcd")
     command = etcd["spec"]["template"]["spec"]["containers"][0]["command"]
     assert etcd["spec"]["replicas"] == 3 and "--client-cert-auth" in command and "--peer-client-cert-auth" in command
