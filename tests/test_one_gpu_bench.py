@@ -112,8 +112,8 @@ def test_the_cpu_dry_run_replays_each_policys_points_on_shared_engines_from_a_re
     # Two policies on one cluster (--share-engines), two short points each: every cluster start costs CI
     # about 20 s (static's subset is tested above).
     monkeypatch.setattr(sys, "argv", ["one_gpu.py", "--device", "cpu", "--policies", "prism", "time-share",
-                                      "--share-engines", "--reset-settle-s", "1", "--rates", "3", "4",
-                                      "--duration", "4", "--settle-s", "0.5", "--simulate",
+                                      "--share-engines", "--reset-settle-s", "0.5", "--rates", "3", "4",
+                                      "--duration", "3", "--settle-s", "0.2", "--simulate",
                                       "--state-dir", str(tmp_path / "state"), "--out", str(out)])
     bench.main()
     payload = json.loads(out.read_text())
