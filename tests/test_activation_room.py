@@ -1,5 +1,6 @@
-"""An activation never takes the KV that the engines staying on hold for their running requests: the
-room it needs is counted beside that KV (make_room.kv_kept_bytes), not beside a page bundle each.
+"""An activation never takes the KV that the engines staying on hold for their running requests, or that
+their next second of arrivals will need: the room it needs is counted beside that KV
+(make_room.kv_kept_bytes), not beside a page bundle each.
 
 The engines are the stand-ins of test_memory_overhead.py (CudaReadingEngineFake: a GPU is not here),
 whose stats report the KV their requests hold; the coordinator's room check over them is the real one."""
@@ -8,13 +9,23 @@ from __future__ import annotations
 
 from test_memory_overhead import GIB, Clock, CudaReadingEngineFake, coordinator_with
 
-from services.gpu_agent.make_room import kv_kept_bytes
+from services.gpu_agent.make_room import ARRIVALS_KEPT_S, DEFAULT_REQUEST_TOKENS, arriving_tokens, kv_kept_bytes
 
 
 def test_an_engine_keeps_the_kv_its_requests_hold_and_at_least_its_floor():
     assert kv_kept_bytes(floor_bytes=2 << 20, used_bytes=0) == 2 << 20
     assert kv_kept_bytes(floor_bytes=2 << 20, used_bytes=5 * GIB) == 5 * GIB
     assert kv_kept_bytes(floor_bytes=2 << 20, used_bytes=5 * GIB, demand_bytes=7 * GIB) == 7 * GIB
+    # ... and beyond what its requests hold or need, what its next arrivals will.
+    assert kv_kept_bytes(floor_bytes=2 << 20, used_bytes=5 * GIB, demand_bytes=7 * GIB, arriving_bytes=GIB) == 8 * GIB
+    assert kv_kept_bytes(floor_bytes=2 << 20, used_bytes=9 * GIB, demand_bytes=7 * GIB, arriving_bytes=GIB) == 10 * GIB
+
+
+def test_the_arrivals_kept_for_are_a_second_of_the_recent_rate_at_the_mean_request():
+    assert ARRIVALS_KEPT_S == 1.0
+    assert arriving_tokens(10.0, 500.0, 140.0) == 6400  # 10 req/s x 1 s x 640 tokens
+    assert arriving_tokens(2.0, 0.0, 0.0) == 2 * DEFAULT_REQUEST_TOKENS  # none finished yet
+    assert arriving_tokens(0.0, 500.0, 140.0) == 0 and arriving_tokens(4.0, 500.0, 140.0, horizon_s=0.5) == 1280
 
 
 async def test_an_activation_that_would_take_kv_in_use_is_refused_and_fits_once_it_is_given_back():
@@ -28,7 +39,7 @@ async def test_an_activation_that_would_take_kv_in_use_is_refused_and_fits_once_
     assert coordinator.room_to_activate(engines["trickle"]) is None
     error = str(coordinator.no_room_error(engines["trickle"]))
     assert "'trickle' cannot be switched on now" in error and "KV the active engines' requests hold" in error
-    assert "20478 MiB" in error, error  # 20 GiB held beyond busy's page bundle
+    assert "20558 MiB" in error, error  # 20 GiB held beyond busy's page bundle, and 80 MiB for its arrivals
     # Its requests done (the KV given back, the engine idle long enough to step aside or not needed to):
     busy.mapped_bytes = 0
     assert coordinator.room_to_activate(engines["trickle"]) == []
@@ -57,7 +68,8 @@ async def test_kv_spread_over_pages_counts_as_the_pages_it_holds():
     coordinator = coordinator_with({"busy": (busy, "active"), "other": (other, "inactive")}, Clock())
     engines = coordinator.manager.engines
     engines["busy"].request_stats.arrived()
-    assert coordinator._kv_kept_bytes(engines["busy"]) == 6 * GIB
+    arrivals = arriving_tokens(1.0, 0.0, 0.0) * busy.kv_bytes_per_token  # its one arrival: a second's worth
+    assert coordinator._kv_kept_bytes(engines["busy"]) == 6 * GIB + arrivals
     assert [e.used_bytes for e in coordinator.snapshot().engines] == [6 * GIB]
     # 80 - 4 reserve - 30 busy - 6 held: 40 GiB left; other's 30 fit beside the 6, not beside 20.
     assert coordinator.room_to_activate(engines["other"]) == []
@@ -75,8 +87,31 @@ async def test_an_activation_leaves_the_kv_that_queued_requests_wait_for():
     engines["busy"].request_stats.arrived()
     busy.demand_tokens = 14 * GIB // busy.kv_bytes_per_token
     coordinator.pending_demand_bytes = lambda model: 40 * GIB  # the agent's queue: not counted here
-    assert coordinator._kv_kept_bytes(engines["busy"]) == 14 * GIB
+    # Its one arrival over the last second counts as a second of arrivals to come (arriving_tokens).
+    arrivals = arriving_tokens(1.0, 0.0, 0.0) * busy.kv_bytes_per_token
+    assert coordinator._kv_kept_bytes(engines["busy"]) == 14 * GIB + arrivals
     assert coordinator.room_to_activate(engines["other"]) == []
     busy.demand_tokens = 20 * GIB // busy.kv_bytes_per_token
     assert coordinator.room_to_activate(engines["other"]) is None
     assert "hold or need soon" in str(coordinator.no_room_error(engines["other"]))
+
+
+async def test_an_activation_leaves_room_for_a_busy_engines_next_second_of_arrivals():
+    # "busy" (30 GiB) holds 14 GiB for its requests; a 31.5 GiB model fits beside them (80 - 4 reserve - 30
+    # - 14 = 32 GiB free) while busy takes a request a second (640 tokens of 128 KiB: 80 MiB kept for them),
+    # not while it takes 20 (1.6 GiB). (The request stats run on real time: the arrivals are all "now", a
+    # second's span.)
+    def busy_with(arrivals: int):
+        busy, other = CudaReadingEngineFake(30 * GIB, mapped_bytes=14 * GIB), CudaReadingEngineFake(63 * GIB // 2)
+        coordinator = coordinator_with({"busy": (busy, "active"), "other": (other, "inactive")}, Clock())
+        engines = coordinator.manager.engines
+        for _ in range(arrivals):
+            engines["busy"].request_stats.arrived()
+        return coordinator, engines
+
+    coordinator, engines = busy_with(1)
+    assert coordinator._kv_kept_bytes(engines["busy"]) == 14 * GIB + DEFAULT_REQUEST_TOKENS * (128 << 10)
+    assert coordinator.room_to_activate(engines["other"]) == []
+    coordinator, engines = busy_with(20)
+    assert coordinator._kv_kept_bytes(engines["busy"]) == 14 * GIB + 20 * DEFAULT_REQUEST_TOKENS * (128 << 10)
+    assert coordinator.room_to_activate(engines["other"]) is None

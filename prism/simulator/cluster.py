@@ -66,6 +66,7 @@ from services.gpu_agent.admission import (
 from services.gpu_agent.engine.request import DEMAND_GROWTH_TOKENS
 from services.gpu_agent.make_room import (
     ResidentEngine,
+    arriving_tokens,
     engines_to_relieve,
     engines_to_switch_off,
     kv_kept_bytes,
@@ -424,11 +425,16 @@ class SimCluster:
         planned engine, beside the KV the others' requests hold (kv_kept_bytes); None when they cannot be
         made to."""
         holding = [e for e in device.holding_memory() if e is not engine]
-        residents = [self._resident(e, 0 if e.split else kv_kept_bytes(
-                         kv_floor_bytes(e), e.holding_bytes, e.demand_tokens() * e.model.kv_bytes_per_token))
-                     for e in holding]
+        residents = [self._resident(e, 0 if e.split else self._kv_kept_bytes(e)) for e in holding]
         free = device.memory_bytes - device.reserve_bytes - sum(r.weight_bytes for r in residents)
         return engines_to_switch_off(residents, taken_bytes(engine) + kv_floor_bytes(engine), free, MAKE_ROOM_IDLE_S)
+
+    def _kv_kept_bytes(self, e: SimEngine) -> int:
+        """As the agent's: what the engine's requests hold and need soon, and its next arrivals' KV."""
+        serving = e.stats.snapshot()
+        arriving = arriving_tokens(serving.recent_arrival_rate, serving.mean_prompt_tokens, serving.mean_output_tokens)
+        return kv_kept_bytes(kv_floor_bytes(e), e.holding_bytes, e.demand_tokens() * e.model.kv_bytes_per_token,
+                             arriving * e.model.kv_bytes_per_token)
 
     def _resident(self, e: SimEngine, extra_bytes: int = 0) -> ResidentEngine:
         """An engine holding memory as make_room.py sees it (the agent's MemoryCoordinator._resident)."""

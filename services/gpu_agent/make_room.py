@@ -45,10 +45,33 @@ class ResidentEngine:
     serving: bool  # a request is running in it or waiting for it
 
 
-def kv_kept_bytes(floor_bytes: int, used_bytes: int, demand_bytes: int = 0) -> int:
+# An engine staying on through another's activation keeps KV for its arrivals over this long too: about
+# the time an activation takes (a copy of up to a second for an 8B on an H100, more when several share
+# the link), during which its requests keep coming and the balloon can give them only what the newcomer
+# left. Simulated (bench/one_gpu.py's 12 models on an H100, 60 s points): on seed 3 at 14 req/s a
+# one-request 8B switched on beside a 3B with 146 running preempted 53 of them. Over seeds 0-7 at 14/17
+# req/s: prism 91.1/83.7% within SLO -> 94.3/85.1%, time-share 93.1/84.1 -> 94.3/86.0, kvpr 91.6/83.7 ->
+# 93.2/88.6; at 8 and 11 req/s within 0.6 points. On seeds 4-7, which the choice of one second did not
+# see (it was made on 0-3 among 1, 2 and 5 s: 2 s lost time-share 2.7 points at 17 req/s on 4-7, 5 s lost
+# 1.1 at 8 req/s on 0-3): prism +1.5/-0.5, time-share +1.8/+0.8, kvpr +1.2/+5.9 at 14/17 req/s.
+ARRIVALS_KEPT_S = 1.0
+# Tokens a request brings when the engine has finished none yet (the policies' defaults too).
+DEFAULT_REQUEST_TOKENS = 512 + 128
+
+
+def arriving_tokens(recent_rate: float, mean_prompt_tokens: float, mean_output_tokens: float,
+                    horizon_s: float = ARRIVALS_KEPT_S) -> int:
+    """The KV tokens an engine's requests arriving over horizon_s will take, at its recent rate and its
+    requests' mean sizes (DEFAULT_REQUEST_TOKENS before any finished)."""
+    per_request = (mean_prompt_tokens + mean_output_tokens) or DEFAULT_REQUEST_TOKENS
+    return int(recent_rate * horizon_s * per_request)
+
+
+def kv_kept_bytes(floor_bytes: int, used_bytes: int, demand_bytes: int = 0, arriving_bytes: int = 0) -> int:
     """The KV an engine staying on keeps through another's activation: what
-    its requests hold now and what its running and queued requests need soon
-    (its demand), at least its floor (one page bundle). Counting the floor
+    its requests hold now or what its running and queued requests need soon
+    (its demand), whichever is more, and beyond it what its arrivals over
+    ARRIVALS_KEPT_S will need (arriving_tokens); at least its floor (one page bundle). Counting the floor
     alone let activations take KV in use: simulated, bench/one_gpu.py's 12
     models on an H100 under time-share (seeds 0-2, 6/10/14 req/s, a 20 GiB
     reserve), 82.8% of requests within SLO on average against 91.2% counting
@@ -59,7 +82,7 @@ def kv_kept_bytes(floor_bytes: int, used_bytes: int, demand_bytes: int = 0) -> i
     engines with the memory the busiest one's queue waited for (simulated
     with kvcached's page placement and a 22 GiB reserve, prism at 20 req/s,
     seed 1: 59.5% within SLO, 80.8% counting the demand)."""
-    return max(floor_bytes, used_bytes, demand_bytes)
+    return max(floor_bytes, max(used_bytes, demand_bytes) + arriving_bytes)
 
 
 def engines_to_switch_off(residents: Sequence[ResidentEngine], need_bytes: int, free_bytes: int,

@@ -46,6 +46,7 @@ from services.gpu_agent.engine_manager import (
 )
 from services.gpu_agent.make_room import (
     ResidentEngine,
+    arriving_tokens,
     engines_to_relieve,
     engines_to_switch_off,
     kv_kept_bytes,
@@ -265,8 +266,11 @@ class MemoryCoordinator:
         # under overload, would keep every other model off (simulated, prism at 20 req/s, seed 4: 77.2%
         # within SLO counting the engine's demand, 68.3% counting the queue's too).
         stats = m.engine.stats()
+        serving = m.request_stats.snapshot()
+        arriving = arriving_tokens(serving.recent_arrival_rate, serving.mean_prompt_tokens, serving.mean_output_tokens)
         return kv_kept_bytes(self._kv_floor_bytes(m), stats.kv_holding_bytes,
-                             stats.kv_demand_tokens * m.engine.kv_bytes_per_token)
+                             stats.kv_demand_tokens * m.engine.kv_bytes_per_token,
+                             arriving * m.engine.kv_bytes_per_token)
 
     def room_to_activate(self, activating: ManagedEngine) -> list[str] | None:
         """The active engines to switch off, longest idle first and only those
@@ -337,7 +341,8 @@ class MemoryCoordinator:
             f"model {activating.spec.name!r} cannot be switched on now: its weights "
             f"({self._taken_bytes(activating) / 2**20:.0f} MiB) and one KV page bundle for each engine "
             f"({floors / 2**20:.1f} MiB together) do not fit on device {self.device.index} beside "
-            f"the KV the active engines' requests hold or need soon beyond that ({held / 2**20:.0f} MiB) and "
+            f"the KV the active engines' requests hold or need soon, and their next second of arrivals will, "
+            f"beyond that ({held / 2**20:.0f} MiB) and "
             f"their weights ({taken / 2**20:.0f} MiB of {self.device.memory_bytes / 2**20:.0f} MiB, "
             f"{self.reserve_now() / 2**20:.0f} MiB kept in reserve{cap}), and none of them has been idle "
             f"{self.make_room_idle_s:g} s to step aside")
