@@ -31,7 +31,9 @@ def probe(target: str, tls=None, timeout_s: float = 3.0) -> tuple[bool, str]:
     return reply.status == health_pb2.HealthCheckResponse.SERVING, f"{target}: {status}"
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The probe's flags; args.tls is its TLS files (None: plaintext). A bad combination or an unreadable
+    file exits with a usage error."""
     p = argparse.ArgumentParser(description="Checks a Prism gRPC server's health service (exit 0: SERVING)")
     p.add_argument("target", help="HOST:PORT")
     p.add_argument("--tls-ca", default=None, metavar="PEM", help="CA certificate that verifies the server (turns TLS on)")
@@ -42,14 +44,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout-s", type=float, default=3.0)
     args = p.parse_args(argv)
     try:
-        tls = client_tls(args.tls_ca, args.tls_cert, args.tls_key)
+        args.tls = client_tls(args.tls_ca, args.tls_cert, args.tls_key)
     except TlsConfigError as exc:
         p.error(str(exc))
     if args.tls_server_name:
-        if tls is None:
+        if args.tls is None:
             p.error("--tls-server-name needs --tls-ca")
-        tls = replace(tls, server_name=args.tls_server_name)
-    serving, why = probe(args.target, tls, args.timeout_s)
+        args.tls = replace(args.tls, server_name=args.tls_server_name)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    serving, why = probe(args.target, args.tls, args.timeout_s)
     print(why)
     return 0 if serving else 1
 
