@@ -239,7 +239,7 @@ def measure_prism(folder: Path, attention: str, args, batches: list[int], bandwi
             tag = f"{folder.name}-{attention}-b{batch}"
             try:
                 asyncio.run(decode_round(engine, prompt, args.prompt_tokens, batch, args.new_tokens, tag + "-warmup"))
-                runner = engine._graph_runner  # CUDA graphs: how much of a step the GPU takes
+                runner = engine._runner.graph_runner  # CUDA graphs: how much of a step the GPU takes
                 if runner is not None:
                     runner.replay_gpu_ms.clear()
                 timed = asyncio.run(decode_round(engine, prompt, args.prompt_tokens, batch, args.new_tokens, tag))

@@ -59,8 +59,8 @@ def main() -> None:
         round_("warmup")
         totals: dict[str, float] = collections.defaultdict(float)
         counts: dict[str, int] = collections.defaultdict(int)
-        patches = [(engine._batcher, "schedule", "schedule"), (engine._slot_table, "rows_for", "rows_for"),
-                   (engine, "_graph_decode", "graph_decode (launch)"),
+        patches = [(engine._batcher, "schedule", "schedule"), (engine._runner.slot_table, "rows_for", "rows_for"),
+                   (engine._runner, "_graph_decode", "graph_decode (launch)"),
                    (engine, "_append_token", "append_token (detokenize, deliver)")]
         patches = [(obj, attr, name) for obj, attr, name in patches if obj is not None]
         for obj, attr, name in patches:
@@ -81,7 +81,7 @@ def main() -> None:
             for obj, attr, _ in [*patches, (engine, "_step", "")]:
                 delattr(obj, attr)  # the class's method again
         steps = max(counts["steps"], 1)
-        runner = engine._graph_runner
+        runner = engine._runner.graph_runner
         gpu_ms = sorted(runner.replay_gpu_ms)[len(runner.replay_gpu_ms) // 2] if runner and runner.replay_gpu_ms else None
         print(f"{folder.name} batch {args.batch}: client step {result['step_s'] * 1e3:.3f} ms, "
               f"graph GPU {gpu_ms if gpu_ms is None else round(gpu_ms, 3)} ms, {steps} engine steps")

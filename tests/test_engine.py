@@ -482,16 +482,16 @@ async def test_no_room_for_the_weights_is_a_capacity_error_and_the_engine_comes_
     engine = started(model_dirs["llama"], name="tiny")
     try:
         engine.deactivate()
-        move = engine._move_weights
+        move = engine._runner.move_weights
 
         def out_of_memory(device):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 14.96 GiB.")
 
-        monkeypatch.setattr(engine, "_move_weights", out_of_memory)
+        monkeypatch.setattr(engine._runner, "move_weights", out_of_memory)
         with pytest.raises(CapacityError, match="no room on cpu for its weights"):
             engine.activate()
         assert not engine.active
-        monkeypatch.setattr(engine, "_move_weights", move)
+        monkeypatch.setattr(engine._runner, "move_weights", move)
         engine.activate()
         assert (await collect(engine, greedy("Hello")))[-1].completion_tokens == NEW_TOKENS
     finally:
@@ -602,9 +602,9 @@ async def test_cuda_deactivate_moves_weights_off_the_gpu(model_dirs):
         on_gpu = torch.cuda.memory_allocated()
         await asyncio.to_thread(engine.deactivate)
         assert torch.cuda.memory_allocated() <= on_gpu - engine.weight_bytes
-        assert all(p.device.type == "cpu" and p.is_pinned() for p in engine._model.parameters())
+        assert all(p.device.type == "cpu" and p.is_pinned() for p in engine._runner.model.parameters())
         await asyncio.to_thread(engine.activate)
-        assert all(p.device.type == "cuda" for p in engine._model.parameters())
+        assert all(p.device.type == "cuda" for p in engine._runner.model.parameters())
         assert token_ids(await collect(engine, greedy("Hello"))) == before
     finally:
         engine.stop()

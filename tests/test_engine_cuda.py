@@ -42,7 +42,7 @@ async def test_two_kvcached_engines_in_one_process_match_the_reference(model_dir
     try:
         for engine in engines.values():
             engine.start()
-            assert isinstance(engine._batcher.pool, KvcachedPool) and engine._use_triton
+            assert isinstance(engine._batcher.pool, KvcachedPool) and engine._runner.use_triton
         for arch, engine in engines.items():
             ref = ReferenceLlama(model_dirs[arch])
             reqs = [greedy(p, 24, f"{arch}{i}") for i, p in enumerate(PROMPTS)]
@@ -51,7 +51,7 @@ async def test_two_kvcached_engines_in_one_process_match_the_reference(model_dir
                 assert out == ref.greedy(engine.tokenize_prompt(req), 24), req.request_id
             # Five sequences decode from the graph of batch 8 (three padding rows), and
             # fewer as the short ones end.
-            assert engine._graph_runner is not None and (8, 512) in engine._graph_runner._graphs
+            assert engine._runner.graph_runner is not None and (8, 512) in engine._runner.graph_runner._graphs
     finally:
         for engine in engines.values():
             engine.stop()
@@ -95,7 +95,7 @@ async def test_the_page_pool_replays_decode_graphs_too(model_dirs):
         reqs = [greedy(p, 40, f"p{i}") for i, p in enumerate(PROMPTS * 3)]
         expected = [ref.greedy(engine.tokenize_prompt(r), 40) for r in reqs]
         assert await asyncio.gather(*(tokens_of(engine, r) for r in reqs)) == expected
-        assert engine._graph_runner is not None and (16, 512) in engine._graph_runner._graphs
+        assert engine._runner.graph_runner is not None and (16, 512) in engine._runner.graph_runner._graphs
         engine.deactivate()
         engine.activate()
         assert await asyncio.gather(*(tokens_of(engine, r) for r in reqs)) == expected
@@ -113,9 +113,9 @@ async def test_graph_and_eager_decode_match_the_reference_across_reactivation(mo
             reqs = [greedy(p, 40, f"g{i}") for i, p in enumerate(PROMPTS * 3)]
             expected = [ref.greedy(engine.tokenize_prompt(r), 40) for r in reqs]
             assert await asyncio.gather(*(tokens_of(engine, r) for r in reqs)) == expected
-            assert (engine._graph_runner is not None) == graphs
+            assert (engine._runner.graph_runner is not None) == graphs
             engine.deactivate()  # graphs go with the weights; decoding after activation captures anew
-            assert engine._graph_runner is None
+            assert engine._runner.graph_runner is None
             engine.activate()
             assert await asyncio.gather(*(tokens_of(engine, r) for r in reqs)) == expected
             assert engine.stats().kv_used_bytes == 0
@@ -134,13 +134,13 @@ async def test_the_warm_up_captures_decode_graphs_and_leaves_none_behind(model_d
         for batch in (16, 8, 4, 2, 1):
             assert f"captured the decode graph for batch {batch}," in caplog.text
         assert "warm-up incomplete" not in caplog.text and "warm-up failed" not in caplog.text
-        assert engine._graph_runner is None and engine._use_graphs
+        assert engine._runner.graph_runner is None and engine._runner.use_graphs
         assert engine.stats().kv_used_bytes == 0
         engine.start()
         reqs = [greedy(p, 20, f"w{i}") for i, p in enumerate(PROMPTS)]
         expected = [ref.greedy(engine.tokenize_prompt(r), 20) for r in reqs]
         assert await asyncio.gather(*(tokens_of(engine, r) for r in reqs)) == expected
-        assert engine._graph_runner is not None
+        assert engine._runner.graph_runner is not None
     finally:
         engine.stop()
 
@@ -153,7 +153,7 @@ async def test_fused_kernels_and_torch_ops_both_match_the_reference(model_dirs, 
     for arch in ("llama", "qwen2"):
         engine = Engine(model_dirs[arch], device="cuda", dtype="float32", kv_pool="kvcached", attention="triton",
                         step_tokens=16)
-        engine._model.use_fused_ops = fused
+        engine._runner.model.use_fused_ops = fused
         engine.start()
         try:
             ref = ReferenceLlama(model_dirs[arch])
@@ -161,8 +161,8 @@ async def test_fused_kernels_and_torch_ops_both_match_the_reference(model_dirs, 
             outs = await asyncio.gather(*(tokens_of(engine, r) for r in reqs))
             for req, out in zip(reqs, outs):
                 assert out == ref.greedy(engine.tokenize_prompt(req), 30), req.request_id
-            assert engine._model.use_fused_ops is fused and engine._graph_runner is not None
-            assert engine._graph_runner._graphs
+            assert engine._runner.model.use_fused_ops is fused and engine._runner.graph_runner is not None
+            assert engine._runner.graph_runner._graphs
         finally:
             engine.stop()
 

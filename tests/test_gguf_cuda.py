@@ -49,9 +49,9 @@ async def test_a_gguf_on_the_kvcached_graph_path_serves_what_its_twin_serves(twi
             ("kvcached", "triton", True)
         expected = await all_tokens(twin, PROMPTS)
         assert await all_tokens(engine, PROMPTS) == expected
-        assert engine._graph_runner is not None  # the batch decoded from a captured graph
+        assert engine._runner.graph_runner is not None  # the batch decoded from a captured graph
         engine.deactivate()  # weights to host memory, KV and graphs released
-        assert not engine.active and engine._graph_runner is None
+        assert not engine.active and engine._runner.graph_runner is None
         engine.activate()
         assert await all_tokens(engine, PROMPTS) == expected
     finally:

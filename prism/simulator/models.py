@@ -17,7 +17,7 @@ from pathlib import Path
 
 from services.common.model_size import estimate_weight_bytes
 from services.common.placement_config import ModelConfig
-from services.gpu_agent.engine.engine import default_kv_limit_bytes
+from services.gpu_agent.engine.kv_pool_factory import default_kv_limit_bytes
 from services.gpu_agent.engine.kv_pool import DEFAULT_PAGE_BYTES
 from services.gpu_agent.slo import DEFAULT_TPOT_MS, DEFAULT_TTFT_MS
 
@@ -58,7 +58,7 @@ class SimModel:
 
     def fixed_kv_bytes(self, limit_bytes: int = 0) -> int:
         """A split model's KV on each GPU: the load's limit, or the engine's
-        default of 8 contexts in whole page bundles (engine.py)."""
+        default of 8 contexts in whole page bundles (kv_pool_factory.py)."""
         if limit_bytes > 0:
             return limit_bytes
         return default_kv_limit_bytes(self.max_context, self.kv_bytes_per_token, self.bundle_bytes)

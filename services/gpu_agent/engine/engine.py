@@ -8,11 +8,12 @@ step) but under `_model_lock`, which activation and deactivation take before
 moving weights. Outputs go back into the request's asyncio.Queue through the
 outbox (outbox.py): one loop.call_soon_threadsafe per step, not per output.
 
-Memory: on an accelerator the weights live on the device while active and in
-pinned host memory always (see host_weights.py). KV lives in a paged pool
-(kv_pool.py: kvcached on CUDA when it is installed, PagePool otherwise) whose
-mapped memory follows a limit that can change at any time; the scheduler
-(batch_scheduler.py) batches continuously and preempts under that limit.
+The model itself, its weights and its forward are the runner's (model_runner.py): on an
+accelerator the weights live on the device while active and in pinned host memory always
+(host_weights.py). KV lives in a paged pool (kv_pool_factory.py: kvcached on CUDA when it is
+installed, PagePool otherwise) whose mapped memory follows a limit that can change at any
+time; the batch scheduler (batch_scheduler.py) batches continuously and preempts under
+that limit.
 
 Slots are freed only between steps: a request aborted while a step runs (a
 client gone, a deactivation) is marked finished at once, and its slots go
@@ -31,9 +32,8 @@ from pathlib import Path
 
 import torch
 
-from services.common.step_costs import StepTimeAccumulator, step_features
-from services.gpu_agent.engine.cuda_graphs import DecodeGraphRunner
-from services.gpu_agent.engine.graph_shapes import graph_batch_buckets, graph_width_buckets
+from services.common.step_costs import CUDA_STEP_TOKENS, DEFAULT_STEP_TOKENS, StepTimeAccumulator, step_features
+from services.gpu_agent.engine.batch_scheduler import BatchScheduler, ScheduledSeq
 from services.gpu_agent.engine.detokenizer import IncrementalDetokenizer
 from services.gpu_agent.engine.errors import (
     CapacityError,
@@ -42,21 +42,13 @@ from services.gpu_agent.engine.errors import (
     InvalidRequestError,
 )
 from services.gpu_agent.engine.gguf_file import GGUFModelFile, is_gguf
-from services.gpu_agent.engine.host_weights import ActivationTiming, HostWeights
-from services.gpu_agent.engine.shared_weights import SharedWeightsFile
-from services.gpu_agent.engine.kv_pool import (
-    DEFAULT_PAGE_BYTES,
-    KVGeometry,
-    KVPool,
-    MemoryLimitState,
-    PagePool,
-    page_bundle_bytes,
-)
-from services.gpu_agent.engine.kvcached_pool import KvcachedPool, kvcached_available
-from services.gpu_agent.engine.model import CausalLM
+from services.gpu_agent.engine.host_weights import ActivationTiming
+from services.gpu_agent.engine.kv_pool import KVGeometry, MemoryLimitState
+from services.gpu_agent.engine.kv_pool_factory import KVPoolFactory, choose_pool_kind, default_kv_limit_bytes
+from services.gpu_agent.engine.kvcached_pool import KvcachedPool
 from services.gpu_agent.engine.model_config import load_model_config
+from services.gpu_agent.engine.model_runner import ModelRunner
 from services.gpu_agent.engine.outbox import Outbox
-from services.gpu_agent.engine.paged_attention import build_step_attention
 from services.gpu_agent.engine.prefix_cache import PrefixCache, PrefixCacheStats
 from services.gpu_agent.engine.prompt import prompt_token_ids
 from services.gpu_agent.engine.request import (
@@ -66,32 +58,20 @@ from services.gpu_agent.engine.request import (
     GenerationRequest,
     ServingPath,
 )
-from services.gpu_agent.engine.sampling import (
-    SamplingParams,
-    make_generator,
-    sample_batch,
-)
-from services.common.step_costs import CUDA_STEP_TOKENS, DEFAULT_STEP_TOKENS
-from services.gpu_agent.engine.batch_scheduler import (
-    ScheduledSeq,
-    BatchScheduler,
-)
+from services.gpu_agent.engine.sampling import SamplingParams, make_generator
 from services.gpu_agent.engine.sequence import Deliver, Sequence
 from services.gpu_agent.engine.shard_follower import (
-    ForwardStep,
     ShardSetup,
     StepChannel,
     StopFollowing,
     SwitchOff,
     SwitchOn,
 )
-from services.gpu_agent.engine.slot_mirror import SlotsSent
-from services.gpu_agent.engine.slot_table import DeviceSlotTable
 from services.gpu_agent.engine.step_board import StepBoard
 from services.gpu_agent.engine.stop_strings import find_stop, held_back_len
 from services.gpu_agent.engine.tensor_parallel import SINGLE, TensorParallel
 from services.gpu_agent.engine.tokenizer import Tokenizer
-from services.gpu_agent.engine.weights import build_empty_model, load_model, resolve_dtype, use_device_on_this_thread
+from services.gpu_agent.engine.weights import resolve_dtype, use_device_on_this_thread
 
 __all__ = [
     "CapacityError", "Engine", "EngineError", "EngineInactiveError", "EngineStats",
@@ -103,26 +83,9 @@ log = logging.getLogger(__name__)
 # serving latency (bench/step_log_summary.py reads these lines), off by default.
 STEP_LOG = os.environ.get("PRISM_ENGINE_STEP_LOG", "") not in ("", "0")
 
-DEFAULT_CONTEXTS_IN_MEMORY = 8  # default KV limit: this many full contexts
-DEFAULT_CAPACITY_CONTEXTS = 32  # default virtual KV reservation on the CPU, at least
-# Host pages are 4 KiB, so nothing forces kvcached's 2 MiB pages on the CPU;
-# smaller pages let tiny models' limits mean something.
-CPU_PAGE_BYTES = 64 * 1024
-# The CUDA warm-up's requests (_warm_up_kernels): two prompts, the longer cut into chunks,
-# then 16 short ones; request i asks for 2 + i tokens, so decode batches of 16 down to 1 follow.
-WARMUP_PROMPT_TOKENS = (40, 150) + (8,) * 14
-WARMUP_STEP_TOKENS = 128
-WARMUP_NEW_TOKENS = tuple(2 + i for i in range(len(WARMUP_PROMPT_TOKENS)))
-KV_POOLS = ("auto", "kvcached", "pages")
 
 def _rlog(seq: Sequence) -> dict[str, str]:
     return {"request_id": seq.request_id}
-
-
-def default_kv_limit_bytes(max_context: int, kv_bytes_per_token: int, bundle_bytes: int) -> int:
-    """An engine's KV limit when none is given: DEFAULT_CONTEXTS_IN_MEMORY full
-    contexts, in whole page bundles (a tiny model's are under one bundle)."""
-    return -(-DEFAULT_CONTEXTS_IN_MEMORY * max_context * kv_bytes_per_token // bundle_bytes) * bundle_bytes
 
 
 class Engine:
@@ -182,11 +145,25 @@ class Engine:
         start = time.perf_counter()
         self.model_path = Path(model_path)
         self.name = name or self.model_path.name
+        self._init_device(device)
+        self._init_tensor_parallel(tensor_parallel, step_channel, shared_weights_path)
+        self._init_model(load_format, dtype, seed, shared_weights_path, max_context, attention, cuda_graphs)
+        self._init_kv_pool(kv_pool, kv_page_bytes, kv_capacity_bytes, memory_limit_bytes, step_tokens,
+                           prefix_caching)
+        self._init_step_loop(step_board, on_split_failure)
+        if warm_up and self._device.type == "cuda":
+            self._warm_up_kernels()
+        self._log_loaded(time.perf_counter() - start)
+
+    def _init_device(self, device: str) -> None:
         self._device = torch.device(device)
         if self._device.type == "cuda" and self._device.index is None:
             self._device = torch.device("cuda", torch.cuda.current_device())
         use_device_on_this_thread(self._device)  # the load and the warm-up's kernels run on this thread
         self.device = str(self._device)
+
+    def _init_tensor_parallel(self, tensor_parallel: TensorParallel, step_channel: StepChannel | None,
+                              shared_weights_path: str | Path | None) -> None:
         self.tp = tensor_parallel
         if (self.tp.size > 1) != (step_channel is not None):
             raise EngineError("a tensor-parallel engine needs a step channel to its other ranks, and only it")
@@ -195,61 +172,64 @@ class Engine:
         if self.tp.size > 1 and shared_weights_path:
             raise EngineError("shared host weights are not supported with tensor parallelism yet")
         self._steps = step_channel
-        self._slots_sent = SlotsSent()  # what the other ranks know of each sequence's slots
+
+    def _init_model(self, load_format: str, dtype: str, seed: int, shared_weights_path: str | Path | None,
+                    max_context: int | None, attention: str, cuda_graphs: bool) -> None:
+        """The configuration, the tokenizer and the model runner with its weights loaded; what a sequence
+        may hold (max_context, its KV bytes a token) and where it ends (EOS)."""
+        if max_context is not None and max_context < 1:
+            raise EngineError(f"max_context must be at least 1, got {max_context}")
         try:
             gguf = GGUFModelFile(self.model_path) if is_gguf(self.model_path) else None
             self.config = gguf.model_config() if gguf else load_model_config(self.model_path)
             self.tokenizer = Tokenizer.from_gguf(gguf.tokenizer_spec()) if gguf else Tokenizer(self.model_path)
             self.dtype = resolve_dtype(dtype, self.config, self._device)
-            self._model, self._host_weights = self._load_weights(load_format, seed, shared_weights_path, gguf)
-            # Off the device and back into one buffer, as every activation does:
-            # the loaded tensors and the packed copy never both hold device memory.
-            self._move_weights(torch.device("cpu"))
-            self._move_weights(self._device)
+            cfg = self.config
+            self.max_context = min(cfg.max_position_embeddings, max_context or cfg.max_position_embeddings)
+            self._runner = ModelRunner(self.name, cfg, self.dtype, self._device, self.max_context,
+                                       attention=attention, cuda_graphs=cuda_graphs,
+                                       tensor_parallel=self.tp, step_channel=self._steps)
+            self._runner.load_weights(self.model_path, load_format, seed, shared_weights_path, gguf)
         except EngineError:
             raise
         except Exception as exc:
             raise EngineError(f"cannot load {self.model_path}: {type(exc).__name__}: {exc}") from exc
-        cfg = self.config
-        if max_context is not None and max_context < 1:
-            raise EngineError(f"max_context must be at least 1, got {max_context}")
-        self.max_context = min(cfg.max_position_embeddings, max_context or cfg.max_position_embeddings)
-        self.weight_bytes = self._model.weight_bytes
+        self.weight_bytes = self._runner.weight_bytes
         kv_heads = cfg.num_key_value_heads // self.tp.size  # this rank's share
         self.kv_bytes_per_token = 2 * cfg.num_hidden_layers * kv_heads * cfg.head_dim * self.dtype.itemsize
+        self._geometry = KVGeometry(cfg.num_hidden_layers, kv_heads, cfg.head_dim, self.dtype)
         eos = set(cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
-        self._geometry = KVGeometry(cfg.num_hidden_layers, kv_heads, cfg.head_dim, self.dtype)
-        self._pool_kind = self._choose_pool(kv_pool)
-        if self.tp.size > 1 and self._pool_kind == "kvcached":
+
+    def _init_kv_pool(self, kv_pool: str, kv_page_bytes: int | None, kv_capacity_bytes: int | None,
+                      memory_limit_bytes: int | None, step_tokens: int | None, prefix_caching: bool) -> None:
+        """The KV pool under its first limit, and the batch scheduler over it."""
+        kind = choose_pool_kind(kv_pool, self._device)
+        if self.tp.size > 1 and kind == "kvcached":
             # The followers would need kvcached's own tensor-parallel mapping (its workers map the pages
             # rank 0's allocator maps); until then their pools are PagePools of rank 0's reservation.
             raise EngineError("tensor parallelism runs on the page pool for now: kv_pool='pages'")
-        self._kv_page_bytes = kv_page_bytes
-        limit = memory_limit_bytes
-        if not limit:
-            limit = default_kv_limit_bytes(self.max_context, self.kv_bytes_per_token,
-                                           page_bundle_bytes(self._geometry, self._page_bytes()))
-        self._kv_capacity_bytes = kv_capacity_bytes
-        self._use_triton = self._choose_attention(attention)
-        # Decode steps from CUDA graphs: on either pool (each keeps a padding slot for them); not yet
-        # with tensor parallelism, where every rank would have to capture and replay in step.
-        self._use_graphs = cuda_graphs and self._use_triton and self.tp.size == 1
+        self._pools = KVPoolFactory(kind, self._geometry, self._device, self.max_context, self.name,
+                                    page_bytes_asked=kv_page_bytes, capacity_bytes=kv_capacity_bytes,
+                                    padding_slot=self._runner.use_graphs)
+        limit = memory_limit_bytes or default_kv_limit_bytes(self.max_context, self.kv_bytes_per_token,
+                                                             self._pools.bundle_bytes)
         if step_tokens is None:
             step_tokens = CUDA_STEP_TOKENS if self._device.type == "cuda" else DEFAULT_STEP_TOKENS
-        pool = self._make_pool(limit, 0)
+        pool = self._pools.make(limit, 0)
         cache = PrefixCache(tokens_per_page=pool.tokens_per_page) if prefix_caching else None
         self._batcher = BatchScheduler(pool, step_tokens, cache=cache)
+        # Where a PagePool on an accelerator went with the weights: its limit, for the next activation.
+        self._pool_state = pool.limit_state()
         if self._steps is not None:  # the other ranks' pools are as large
-            self._steps.send(ShardSetup(self._batcher.pool.capacity_tokens))
-        # The decoding sequences' slots stay on the device for the Triton kernel (slot_table.py).
-        self._slot_table = self._new_slot_table()
-        self._last_step_graph = False  # for the step log
+            self._steps.send(ShardSetup(pool.capacity_tokens))
+
+    def _init_step_loop(self, step_board: tuple[str, int] | None,
+                        on_split_failure: Callable[[str], None] | None) -> None:
         self._step_times = StepTimeAccumulator()  # steps' times, for the scheduler's step costs
         self._board = StepBoard(*step_board) if step_board is not None else None
-        self._graph_runner: DecodeGraphRunner | None = None  # made on the first decode step after activation
         self._in_step: set[Sequence] = set()  # sequences the running step computes
         self._free_after_step: list[Sequence] = []
         self._outbox = Outbox()  # outputs to the consumers, flushed after every step and failure
@@ -261,167 +241,40 @@ class Engine:
         self._split_failure: str | None = None
         self._on_split_failure = on_split_failure
         self._thread: threading.Thread | None = None
-        if warm_up and self._device.type == "cuda":
-            self._warm_up_kernels()
-        self.serving_path = ServingPath(self._pool_kind, "triton" if self._use_triton else "torch", self._use_graphs)
+
+    def _warm_up_kernels(self) -> list[tuple[int, int]]:
+        """The runner's warm-up (ModelRunner.warm_up), before the step thread starts: the kernels of this
+        model's geometry compiled and loaded now, not on its first users' requests. Returns the (prompt,
+        output) tokens of its requests that finished."""
+        return self._runner.warm_up(self._geometry, self.tokenizer)
+
+    def _log_loaded(self, seconds: float) -> None:
+        runner = self._runner
+        self.serving_path = ServingPath(self._pools.kind, "triton" if runner.use_triton else "torch",
+                                        runner.use_graphs)
         log.info("engine %s: %s %s on %s, %d layers, context %d, %.1f MB weights, KV pool %s, attention %s, "
-                 "CUDA graphs %s, loaded in %.2fs", self.name, cfg.architecture, self.dtype, self.device,
-                 cfg.num_hidden_layers, self.max_context, self.weight_bytes / 1e6, self._pool_kind,
-                 self.serving_path.attention, "on" if self._use_graphs else "off", time.perf_counter() - start)
+                 "CUDA graphs %s, loaded in %.2fs", self.name, self.config.architecture, self.dtype, self.device,
+                 self.config.num_hidden_layers, self.max_context, self.weight_bytes / 1e6, self._pools.kind,
+                 self.serving_path.attention, "on" if runner.use_graphs else "off", seconds)
         if self.serving_path.slow_on(self.device):
             log.warning("engine %s runs the slow path on %s: the page pool without CUDA graphs (no triton, or "
                         "graphs turned off); decode steps take 2-6x as long as with graphs",
                         self.name, self.device)
 
-    def _load_weights(self, load_format: str, seed: int, shared_path: str | Path | None,
-                      gguf: GGUFModelFile | None = None) -> tuple[CausalLM, HostWeights | None]:
-        """The model and its host copy. On an accelerator the weights always stay
-        in (pinned) host memory too, for fast switching; on the CPU the host copy
-        is the weights, kept only where it is shared."""
-        shared = SharedWeightsFile(Path(shared_path)) if shared_path else None
-        pin = self._device.type == "cuda"
-        self.weights_attached = False  # mapped from another process's shared copy
-        if shared is not None:
-            skeleton = build_empty_model(self.config, self.dtype, "cpu")  # uninitialized: no memory touched
-            host = HostWeights.attach(skeleton, shared, pin=pin)
-            if host is not None:
-                self.weights_attached = True
-                return skeleton, host
-        model = load_model(self.config, self.model_path, load_format, self.dtype, self._device, seed, self.tp, gguf)
-        if shared is None and self._device.type == "cpu":
-            return model, None
-        return model, HostWeights(model, shared, pin=pin)
+    @property
+    def weights_attached(self) -> bool:
+        """The host copy was mapped from another process's shared copy (no load)."""
+        return self._runner.weights_attached
 
     @property
     def weights_shared(self) -> bool:
         """The host copy is in a shared-memory file other processes can map."""
-        return self._host_weights is not None and self._host_weights.shared
-
-    # ---- the KV pool --------------------------------------------------------
-
-    def _choose_pool(self, kind: str) -> str:
-        if kind not in KV_POOLS:
-            raise EngineError(f"kv_pool {kind!r} is not one of {', '.join(KV_POOLS)}")
-        if kind == "kvcached" and (self._device.type != "cuda" or not kvcached_available()):
-            raise EngineError("kv_pool 'kvcached' needs CUDA and the kvcached package")
-        if kind == "auto":
-            return "kvcached" if self._device.type == "cuda" and kvcached_available() else "pages"
-        return kind
-
-    def _choose_attention(self, kind: str) -> bool:
-        if kind not in ("auto", "triton", "torch"):
-            raise EngineError(f"attention {kind!r} is not one of auto, triton, torch")
-        usable = False
-        if self._device.type == "cuda":
-            try:
-                from services.gpu_agent.engine.triton_decode import triton_available
-            except ImportError:
-                triton_available = lambda: False  # noqa: E731
-            usable = triton_available()
-        if kind == "triton" and not usable:
-            raise EngineError("attention 'triton' needs CUDA and triton")
-        return usable and kind != "torch"
-
-    def _make_pool(self, limit_bytes: int, revision: int) -> KVPool:
-        token_bytes = self._geometry.token_bytes
-        if self._pool_kind == "kvcached":
-            pool: KVPool = KvcachedPool(self._geometry, self._capacity_tokens(limit_bytes), limit_bytes, self._device)
-        else:
-            pool = PagePool(self._geometry, self._capacity_tokens(limit_bytes), limit_bytes, self._device,
-                            self._page_bytes(), padding_slot=self._use_graphs)
-        if revision:
-            pool.set_memory_limit(limit_bytes, revision)
-        log.info("engine %s: KV pool of %d virtual slots (%.1f MB), %d slots a page, limit %.1f MB",
-                 self.name, pool.capacity_tokens, pool.capacity_tokens * token_bytes / 1e6, pool.tokens_per_page,
-                 limit_bytes / 1e6)
-        return pool
-
-    def _warm_up_kernels(self) -> None:
-        """Short requests through every kind of step this engine runs (a prefill from
-        position 0, a later prefill chunk, a prefill beside decoding sequences, decoding
-        through the Triton kernel, and CUDA-graph decode steps of 16 sequences down to 1),
-        so that the kernels of this model's geometry are compiled and loaded now, not on
-        its first users' requests: on a fresh H100 those waited up to 1.8 s for their first
-        token (bench/step_log_summary.py over bench/validate_simulator.py's cluster), and
-        with the graphs left out, the first graph captured after an activation took 0.5-0.9 s
-        (Triton compiling the graph path's kernels for batch sizes it had not seen; a later
-        capture takes 15-40 ms). Triton specializes integer arguments that equal 1 or divide
-        by 16, so batches of 1, 2 and 16 cover the kernels' variants. Runs on the calling
-        thread, before the step thread starts, on a small KV pool of its own, so the
-        engine's pool, its limit and revision are untouched; its graphs go at the end
-        (they are bound to that pool); never fatal."""
-        start = time.perf_counter()
-        pool, budget, graphs, cache = self._batcher.pool, self._batcher.step_tokens, self._use_graphs, self._batcher.cache
-        self._batcher.cache = None  # every kind of step runs in full, and nothing of the scratch pool is kept
-        scratch = None
-        outcomes: list[GenerationOutput | BaseException] = []
-        try:
-            scratch = PagePool(self._geometry, sum(WARMUP_PROMPT_TOKENS) + sum(WARMUP_NEW_TOKENS) + 1, 0, self._device,
-                               padding_slot=True)  # for the graphs' padded rows
-            scratch.set_memory_limit(scratch.capacity_tokens * self._geometry.token_bytes, 1)
-            self._batcher.pool, self._batcher.step_tokens = scratch, WARMUP_STEP_TOKENS
-            self._graph_runner = None
-            vocab = self.config.vocab_size
-            for i, n in enumerate(WARMUP_PROMPT_TOKENS):
-                prompt = [1 + j % (vocab - 1) for j in range(n)]
-                self._batcher.add(Sequence(
-                    request_id=f"warm-up-{i}", prompt_ids=prompt, max_tokens=WARMUP_NEW_TOKENS[i],
-                    sampling=SamplingParams(temperature=0.0), stop=[], ignore_eos=True,
-                    detokenizer=IncrementalDetokenizer(self.tokenizer, prompt), generator=None,
-                    deliver=lambda out: outcomes.append(out) or True))
-            for _ in range(64):  # a few steps are enough: bounded all the same
-                if not self._batcher.has_work():
-                    break
-                self._step()
-            if self._use_graphs:  # the decode kernel's variants for the other graph shapes
-                from services.gpu_agent.engine.triton_decode import compile_decode_variants
-
-                geometry = self._geometry
-                compile_decode_variants(self.config.num_attention_heads // self.tp.size, geometry.num_kv_heads,
-                                        geometry.head_dim, self.dtype, self._device, graph_batch_buckets(),
-                                        graph_width_buckets())
-            failed = [o for o in outcomes if isinstance(o, BaseException)]
-            if failed or self._batcher.has_work():
-                log.warning("engine %s: kernel warm-up incomplete (%s)", self.name, failed[0] if failed else "unfinished")
-        except Exception as exc:  # noqa: BLE001  an optimization: serving goes on without it
-            log.warning("engine %s: kernel warm-up failed: %s: %s", self.name, type(exc).__name__, exc)
-        finally:
-            for seq in [*self._batcher.running, *self._batcher.waiting]:
-                self._batcher.remove(seq)
-            self._batcher.pool, self._batcher.step_tokens, self._use_graphs = pool, budget, graphs
-            self._batcher.cache = cache
-            self._graph_runner = None
-            self._slot_table = self._new_slot_table()
-            # Its steps compiled kernels: not what serving steps cost (the scheduler fits costs from these).
-            self._step_times = StepTimeAccumulator()
-            if scratch is not None:
-                scratch.close()
-        log.info("engine %s: kernels warm in %.2fs", self.name, time.perf_counter() - start)
-
-    def _new_slot_table(self) -> DeviceSlotTable | None:
-        return DeviceSlotTable(self._device, self.max_context) if self._use_triton else None
-
-    def _page_bytes(self) -> int:
-        if self._pool_kind == "kvcached":
-            from kvcached.utils import PAGE_SIZE
-
-            return PAGE_SIZE
-        return self._kv_page_bytes or (CPU_PAGE_BYTES if self._device.type == "cpu" else DEFAULT_PAGE_BYTES)
+        return self._runner.weights_shared
 
     @property
     def kv_bundle_bytes(self) -> int:
         """The granularity of the KV limit: one page in every K and V buffer."""
-        return page_bundle_bytes(self._geometry, self._page_bytes())
-
-    def _capacity_tokens(self, limit_bytes: int) -> int:
-        token_bytes = self._geometry.token_bytes
-        if self._kv_capacity_bytes:
-            return max(1, self._kv_capacity_bytes // token_bytes)
-        if self._device.type == "cuda" and self._pool_kind == "kvcached":
-            return torch.cuda.get_device_properties(self._device).total_memory // token_bytes
-        if self._device.type == "cuda":  # PagePool on CUDA allocates its reservation: no more than the limit
-            return max(1, limit_bytes // token_bytes)
-        return max(limit_bytes // token_bytes, DEFAULT_CAPACITY_CONTEXTS * self.max_context)
+        return self._pools.bundle_bytes
 
     # ---- life cycle -------------------------------------------------------
 
@@ -448,11 +301,7 @@ class Engine:
         if self._steps is not None and self._split_failure is None:  # after the step thread: the channel's
             self._steps.send(StopFollowing())  # messages never interleave (none to ranks left mid-step)
         with self._model_lock:
-            self._graph_runner = None
-            self._model = None  # the weights go with the engine
-            if self._host_weights is not None:
-                self._host_weights.close()
-            self._host_weights = None
+            self._runner.close()  # the weights go with the engine
             if self._board is not None:
                 self._board.close()
                 self._board = None
@@ -473,21 +322,21 @@ class Engine:
         with self._model_lock:
             if self._split_failure is not None:
                 raise EngineError(self._split_failure)
-            if self._model is None:
+            if self._runner.model is None:
                 raise EngineError("engine stopped")
             if self._active:
                 return None
             if self._steps is not None:  # the other ranks copy their shards while this one copies its own
                 self._steps.send(SwitchOn())
-                timing = self._move_weights(self._device)
+                timing = self._runner.move_weights(self._device)
             else:
-                timing = self._weights_back_or_no_room()
+                timing = self._runner.weights_to_device(self.weight_bytes)
             ready_start = time.perf_counter()
             with self._lock:
                 if self._batcher.pool is None:
                     state = self._pool_state
-                    self._batcher.pool = self._make_pool(state.limit_bytes, state.revision)
-                self._slot_table = self._new_slot_table()
+                    self._batcher.pool = self._pools.make(state.limit_bytes, state.revision)
+                self._runner.slot_table = self._runner.new_slot_table()
                 self._active = True
             if self._steps is not None:  # switched on once every rank is
                 self._steps.send(ShardSetup(self._batcher.pool.capacity_tokens))
@@ -496,19 +345,6 @@ class Engine:
             log.info("engine %s activated in %.3fs: allocate %.3fs, copy %.3fs (%.1f GB/s), ready %.3fs", self.name,
                      timing.total_s, timing.allocate_s, timing.copy_s, timing.copy_gbps, timing.ready_s)
             return timing
-
-    def _weights_back_or_no_room(self) -> ActivationTiming:
-        """The weights to the device; its running out of memory (the agent's count of the device's memory
-        is short of what every process there holds: seen on an H100 with 12 engine processes, about 25 GB
-        beyond weights and KV) is a CapacityError the agent answers RESOURCE_EXHAUSTED, the engine left
-        switched off and whole, not an internal error."""
-        try:
-            return self._move_weights(self._device)
-        except torch.OutOfMemoryError as exc:
-            free, total = torch.cuda.mem_get_info(self._device) if self._device.type == "cuda" else (0, 0)
-            raise CapacityError(f"engine {self.name}: no room on {self._device} for its weights "
-                                f"({self.weight_bytes / 2**30:.2f} GiB; {free / 2**30:.2f} of "
-                                f"{total / 2**30:.2f} GiB free): {exc}") from None
 
     def deactivate(self) -> None:
         """Ends running and queued requests with EngineInactiveError, then
@@ -520,16 +356,14 @@ class Engine:
             self._fail_all(lambda: EngineInactiveError(f"model {self.name!r} was deactivated"))
         self._outbox.flush()
         with self._model_lock:
-            # Graphs hold the device addresses of the weights about to be freed.
-            self._graph_runner = None
-            self._slot_table = None
+            self._runner.drop_device_state()
             # After stop() nobody follows; after a split failure the other ranks are mid-step or gone.
-            following = self._steps is not None and self._model is not None and self._split_failure is None
+            following = self._steps is not None and self._runner.model is not None and self._split_failure is None
             if following:  # the other ranks free their memory while this one frees its own
                 self._steps.send(SwitchOff())
-                self._slots_sent.clear()
-            if self._model is not None:
-                self._move_weights(torch.device("cpu"))
+                self._runner.slots_sent.clear()
+            if self._runner.model is not None:
+                self._runner.move_weights(torch.device("cpu"))
             with self._lock:
                 self._release_kv_memory()
             if following:  # switched off once every rank's memory is free
@@ -548,15 +382,6 @@ class Engine:
             pool.close()
             self._batcher.pool = None
             torch.cuda.empty_cache()
-
-    def _move_weights(self, device: torch.device) -> ActivationTiming:
-        if self._model is not None:
-            self._model.forget_joined_weights()
-        if self._host_weights is None or device.type == "cpu":
-            if self._host_weights is not None:
-                self._host_weights.to_host()
-            return ActivationTiming(0, 0.0, 0.0, 0.0)  # a CPU engine's weights never move
-        return self._host_weights.to_device(device)
 
     def set_memory_limit(self, nbytes: int, revision: int | None = None) -> MemoryLimitState:
         """Sets the KV memory limit. Limits apply in revision order (an older
@@ -766,7 +591,7 @@ class Engine:
             plan = result.batch
             self._in_step = {item.seq for item in plan}
         started = time.perf_counter()
-        captures_before = self._capture_seconds()
+        captures_before = self._runner.capture_seconds
         others = self._board.begin() if self._board is not None and plan else None
         try:
             try:
@@ -777,7 +602,7 @@ class Engine:
             if STEP_LOG and plan:
                 log.info("engine %s step: %d decode, %d prefill tokens in %d seqs, %s, %.2f ms (scheduled in %.2f ms)",
                          self.name, result.num_decode, sum(item.count for item in plan[result.num_decode:]),
-                         len(plan) - result.num_decode, "graph" if self._last_step_graph else "eager",
+                         len(plan) - result.num_decode, "graph" if self._runner.last_step_graph else "eager",
                          1e3 * (time.perf_counter() - started), 1e3 * (started - scheduling))
         except Exception as exc:  # e.g. out of device memory: these requests fail, the engine goes on
             log.exception("engine %s: forward of %d sequences failed", self.name, len(plan))
@@ -795,7 +620,7 @@ class Engine:
                 return  # stopped meanwhile; stop() has failed the requests
             if plan and alone:  # a graph captured in the step is a one-off, not what such a step costs
                 self._record_step_time(plan, result.num_decode,
-                                       took - max(0.0, self._capture_seconds() - captures_before))
+                                       took - max(0.0, self._runner.capture_seconds - captures_before))
             sampled = iter(tokens)
             for item in plan:
                 token = next(sampled) if item.samples else None
@@ -832,39 +657,10 @@ class Engine:
         self._free_after_step = []
 
     def _forward(self, plan: list[ScheduledSeq], num_decode: int) -> list[int] | None:
-        """One model step over the planned tokens; a sampled token for each
-        sequence whose step reaches its last token."""
-        with self._model_lock, torch.inference_mode():
-            if self._model is None or self._batcher.pool is None:
-                return None
-            rows = None
-            runner = self._decode_graph_runner(plan, num_decode)
-            decoding = [item.seq for item in plan[:num_decode]]
-            # A graph step writes each sequence's new slot into the slot table itself.
-            last_by_step = runner is not None and all(len(item.seq.slots) == item.start + 1 for item in plan)
-            if self._slot_table is not None and num_decode:
-                rows = self._slot_table.rows_for(decoding, last_by_step=last_by_step)
-            logits = greedy = None
-            self._last_step_graph = False
-            if runner is not None:
-                out = self._graph_decode(runner, plan, rows)
-                self._last_step_graph = out is not None
-                if out is not None:
-                    logits, greedy = out
-                elif last_by_step:  # eager after all: the table needs the slots the graph would have written
-                    self._slot_table.unsync_last(decoding)
-                    rows = self._slot_table.rows_for(decoding)
-            if logits is None:
-                logits = self._eager_forward(plan, num_decode, rows)
-            samplers = [item.seq for item in plan if item.samples]
-            if not samplers:
-                return []
-            return sample_batch(logits, [seq.sampling for seq in samplers], [seq.generator for seq in samplers],
-                                greedy if len(samplers) == len(plan) else None)
-
-    def _capture_seconds(self) -> float:
-        """The seconds the decode graphs were captured in, since the graph runner was made."""
-        return self._graph_runner.capture_seconds if self._graph_runner is not None else 0.0
+        """One model step over the planned tokens (ModelRunner.forward), under the model lock: the
+        weights do not move meanwhile."""
+        with self._model_lock:
+            return self._runner.forward(plan, num_decode, self._batcher.pool)
 
     def _record_step_time(self, plan: list[ScheduledSeq], num_decode: int, seconds: float) -> None:
         """Into the step-time sums the scheduler fits step costs from (services/common/step_costs.py)."""
@@ -872,49 +668,6 @@ class Engine:
         prefill = plan[num_decode:]
         self._step_times.record(step_features(num_decode, context, sum(item.count for item in prefill), len(prefill)),
                                 seconds)
-
-    def _eager_forward(self, plan: list[ScheduledSeq], num_decode: int, rows: list[int] | None) -> torch.Tensor:
-        input_ids, positions, spans, logits_at = [], [], [], []
-        for item in plan:
-            seq = item.seq
-            input_ids.extend(seq.token_ids[item.start:item.start + item.count])
-            positions.extend(range(item.start, item.start + item.count))
-            spans.append((item.start, item.count, seq.slots))
-            if item.samples:
-                logits_at.append(len(input_ids) - 1)
-        table = self._slot_table.tensor if rows is not None else None
-        if self._steps is not None:  # the other ranks run this forward too, on their shards
-            updates, finished = self._slots_sent.updates(
-                (item.seq, start, count, slots) for item, (start, count, slots) in zip(plan, spans))
-            self._steps.send(ForwardStep(input_ids, positions, updates, logits_at, finished))
-        step = build_step_attention(spans, num_decode, self._device, table, rows, self.dtype)
-        return self._model(torch.tensor(input_ids, device=self._device),
-                           torch.tensor(positions, device=self._device), self._batcher.pool, step,
-                           torch.tensor(logits_at, dtype=torch.long, device=self._device))
-
-    def _decode_graph_runner(self, plan: list[ScheduledSeq], num_decode: int) -> DecodeGraphRunner | None:
-        """The graph runner, where this step is a pure decode step that a CUDA graph can run."""
-        if not (self._use_graphs and self._slot_table is not None and num_decode and num_decode == len(plan)):
-            return None
-        if self._graph_runner is None:
-            self._graph_runner = DecodeGraphRunner(self._model, self._batcher.pool, self._slot_table,
-                                                   self._device)
-        if not self._graph_runner.can_run(len(plan), max(item.start + 1 for item in plan)):
-            return None
-        return self._graph_runner
-
-    def _graph_decode(self, runner: DecodeGraphRunner, plan: list[ScheduledSeq],
-                      rows: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """A pure decode step from a CUDA graph: (logits, greedy tokens); None
-        where the graph failed (then the engine decodes eagerly from now on)."""
-        try:
-            return runner.run([item.seq.token_ids[item.start] for item in plan], [item.start for item in plan],
-                              [item.seq.slots[item.start] for item in plan], [item.start + 1 for item in plan], rows)
-        except Exception:  # a capture that fails must not take serving down: eager from now on
-            log.exception("engine %s: CUDA graph decode failed; decoding eagerly from now on", self.name)
-            self._use_graphs = False
-            self._graph_runner = None
-            return None
 
     def _too_big(self, seq: Sequence) -> None:
         """The limit shrank below what this sequence needs even alone."""
