@@ -254,6 +254,6 @@ class BatchScheduler:
             self.running.append(seq)
             result.batch.append(ScheduledSeq(seq, seq.num_cached, count))
             budget -= count
-        decoding = [s for s in result.batch if s.count == 1 and s.start > 0 and s.samples]
-        result.batch = decoding + [s for s in result.batch if not (s.count == 1 and s.start > 0 and s.samples)]
+        decode_steps = [s for s in result.batch if s.count == 1 and s.start > 0 and s.samples]
+        result.batch = decode_steps + [s for s in result.batch if not (s.count == 1 and s.start > 0 and s.samples)]
         return result

@@ -89,7 +89,10 @@ class DecodeGraphRunner:
         graph's outputs: read them before the next run). Also writes new_slots
         into the rows' slot-table entries at seq_lens - 1."""
         batch = len(input_ids)
-        bucket, width = graph_shape(batch, max(seq_lens), self.max_width)  # the simulator charges captures by it
+        shape = graph_shape(batch, max(seq_lens), self.max_width)  # the simulator charges captures by it
+        if shape is None:
+            raise ValueError(f"no decode graph for {batch} sequences of up to {max(seq_lens)} tokens (see can_run)")
+        bucket, width = shape
         if self.table.version != self._table_version:  # the table tensor the graphs read was replaced
             self._graphs.clear()
             # The private memory pool went with its last graph: its handle cannot be used again.

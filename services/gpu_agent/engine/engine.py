@@ -43,7 +43,7 @@ from services.gpu_agent.engine.errors import (
 )
 from services.gpu_agent.engine.gguf_file import GGUFModelFile, is_gguf
 from services.gpu_agent.engine.host_weights import ActivationTiming
-from services.gpu_agent.engine.kv_pool import KVGeometry, MemoryLimitState
+from services.gpu_agent.engine.kv_pool import KVGeometry, KVPool, MemoryLimitState
 from services.gpu_agent.engine.kv_pool_factory import KVPoolFactory, choose_pool_kind, default_kv_limit_bytes
 from services.gpu_agent.engine.kvcached_pool import KvcachedPool
 from services.gpu_agent.engine.model_config import load_model_config
@@ -219,6 +219,9 @@ class Engine:
         if step_tokens is None:
             step_tokens = CUDA_STEP_TOKENS if self._device.type == "cuda" else DEFAULT_STEP_TOKENS
         pool = self._pools.make(limit, 0)
+        # None while a PagePool on an accelerator is gone with the weights (_release_kv_memory); the batch
+        # scheduler keeps the last pool meanwhile, with no sequence on it.
+        self._pool: KVPool | None = pool
         cache = PrefixCache(tokens_per_page=pool.tokens_per_page) if prefix_caching else None
         self._batcher = BatchScheduler(pool, step_tokens, cache=cache)
         # Where a PagePool on an accelerator went with the weights: its limit, for the next activation.
@@ -307,8 +310,8 @@ class Engine:
                 self._board = None
             with self._lock:
                 self._end_step()
-                if self._batcher.pool is not None:
-                    self._batcher.pool.close()
+                if self._pool is not None:
+                    self._pool.close()
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -333,13 +336,14 @@ class Engine:
                 timing = self._runner.weights_to_device(self.weight_bytes)
             ready_start = time.perf_counter()
             with self._lock:
-                if self._batcher.pool is None:
+                if self._pool is None:
                     state = self._pool_state
-                    self._batcher.pool = self._pools.make(state.limit_bytes, state.revision)
+                    self._pool = self._batcher.pool = self._pools.make(state.limit_bytes, state.revision)
+                pool = self._pool
                 self._runner.slot_table = self._runner.new_slot_table()
                 self._active = True
             if self._steps is not None:  # switched on once every rank is
-                self._steps.send(ShardSetup(self._batcher.pool.capacity_tokens))
+                self._steps.send(ShardSetup(pool.capacity_tokens))
                 self._steps.barrier()
             timing = timing.with_ready(time.perf_counter() - ready_start)
             log.info("engine %s activated in %.3fs: allocate %.3fs, copy %.3fs (%.1f GB/s), ready %.3fs", self.name,
@@ -358,29 +362,30 @@ class Engine:
         with self._model_lock:
             self._runner.drop_device_state()
             # After stop() nobody follows; after a split failure the other ranks are mid-step or gone.
-            following = self._steps is not None and self._runner.model is not None and self._split_failure is None
-            if following:  # the other ranks free their memory while this one frees its own
-                self._steps.send(SwitchOff())
+            following = self._steps if self._runner.model is not None and self._split_failure is None else None
+            if following is not None:  # the other ranks free their memory while this one frees its own
+                following.send(SwitchOff())
                 self._runner.slots_sent.clear()
             if self._runner.model is not None:
                 self._runner.move_weights(torch.device("cpu"))
             with self._lock:
                 self._release_kv_memory()
-            if following:  # switched off once every rank's memory is free
-                self._steps.barrier()
+            if following is not None:  # switched off once every rank's memory is free
+                following.barrier()
         log.info("engine %s deactivated", self.name)
 
     def _release_kv_memory(self) -> None:
         """Under both locks, with no sequence left: the KV pool's memory goes back."""
         self._end_step()  # a step that ended before this took the model lock may not have freed its aborts yet
         self._batcher.drop_cache()  # the KV it keeps is not kept over a switch off
-        pool = self._batcher.pool
+        pool = self._pool
         if isinstance(pool, KvcachedPool):
             pool.trim()  # every slot is free, so only kvcached's pre-mapped pages remain
-        elif self._device.type != "cpu":  # PagePool holds its whole reservation: drop it, rebuild on activation
+        elif pool is not None and self._device.type != "cpu":
+            # A PagePool holds its whole reservation: drop it, rebuild on activation.
             self._pool_state = pool.limit_state()
             pool.close()
-            self._batcher.pool = None
+            self._pool = None
             torch.cuda.empty_cache()
 
     def set_memory_limit(self, nbytes: int, revision: int | None = None) -> MemoryLimitState:
@@ -391,7 +396,7 @@ class Engine:
         if nbytes < 0:
             raise InvalidRequestError(f"the memory limit must be non-negative, got {nbytes}")
         with self._lock:
-            pool = self._batcher.pool
+            pool = self._pool
             if pool is None:  # deactivated without an elastic pool: applies at activation
                 current = self._pool_state
                 rev = current.revision + 1 if revision is None else revision
@@ -412,7 +417,7 @@ class Engine:
     def stats(self) -> EngineStats:
         with self._lock:
             s = self._batcher
-            pool = s.pool
+            pool = self._pool
             state = pool.limit_state() if pool is not None else self._pool_state
             cache = s.cache.stats() if s.cache is not None else PrefixCacheStats()
             # The cache's reclaimable blocks are neither used nor held: they are given back on demand.
@@ -598,7 +603,7 @@ class Engine:
                 tokens = self._forward(plan, result.num_decode) if plan else []
             finally:
                 took = time.perf_counter() - started
-                alone = self._board.end(others) if others is not None else True
+                alone = self._board.end(others) if self._board is not None and others is not None else True
             if STEP_LOG and plan:
                 log.info("engine %s step: %d decode, %d prefill tokens in %d seqs, %s, %.2f ms (scheduled in %.2f ms)",
                          self.name, result.num_decode, sum(item.count for item in plan[result.num_decode:]),
@@ -660,7 +665,7 @@ class Engine:
         """One model step over the planned tokens (ModelRunner.forward), under the model lock: the
         weights do not move meanwhile."""
         with self._model_lock:
-            return self._runner.forward(plan, num_decode, self._batcher.pool)
+            return self._runner.forward(plan, num_decode, self._pool)
 
     def _record_step_time(self, plan: list[ScheduledSeq], num_decode: int, seconds: float) -> None:
         """Into the step-time sums the scheduler fits step costs from (services/common/step_costs.py)."""

@@ -78,7 +78,7 @@ class HostWeights:
         with torch.no_grad():
             for t, view in zip(self._tensors, self._host_views):
                 view.copy_(t.data)
-        if self.shared:
+        if host is not None and shared_file is not None:  # the shared copy is whole: others may map it
             shared_file.mark_complete(self.digest, self.nbytes)
         self._device_buffer: torch.Tensor | None = None
 

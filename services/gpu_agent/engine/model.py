@@ -200,7 +200,9 @@ class DecoderStack(nn.Module):
         # This rank's vocabulary rows (all of them unless split: tensor_parallel.py).
         self.vocab_first, vocab_rows = tp.vocab_rows(config.vocab_size)
         self.embed_tokens = Embedding(vocab_rows, config.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(DecoderLayer(config, dtype, tp) for _ in range(config.num_hidden_layers))
+        layers = [DecoderLayer(config, dtype, tp) for _ in range(config.num_hidden_layers)]
+        self.layers = nn.ModuleList(layers)
+        self.decoder_layers = layers  # the same modules, typed: a ModuleList yields plain Modules
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.rotary = RotaryEmbedding(config)
 
@@ -261,16 +263,17 @@ class CausalLM(nn.Module):
         x = self.embed(input_ids)
         cos, sin = self.model.rotary.cos_sin(positions, x.dtype)
         if x.is_cuda and self._fused():
-            residual = None
+            residual: torch.Tensor | None = None
             with step.sdpa_context(x.device):
-                for i, layer in enumerate(self.model.layers):
+                for i, layer in enumerate(self.model.decoder_layers):
                     x, residual = layer.forward_fused(x, residual, cos, sin, i, pool, step)
+            assert residual is not None  # a model has layers
             if logits_at.shape[0] != x.shape[0]:  # not a pure decode step: only the tokens that sample
                 x, residual = x[logits_at], residual[logits_at]
             norm = self.model.norm
             return self.logits(_fused_ops().add_rms_norm(x, residual, norm.weight, norm.eps)[0])
         with step.sdpa_context(x.device):
-            for i, layer in enumerate(self.model.layers):
+            for i, layer in enumerate(self.model.decoder_layers):
                 x = layer(x, cos, sin, i, pool, step)
         if logits_at.shape[0] != x.shape[0]:  # not a pure decode step: only the tokens that sample
             x = x[logits_at]

@@ -113,6 +113,8 @@ def build_step_attention(spans: list[tuple[int, int, list[int]]], num_decode: in
     varlen_here = _VARLEN is not None and device.type == "cuda" and dtype in _VARLEN_DTYPES
     torch_from = 0
     if decode_table is not None and num_decode:
+        if decode_rows is None:
+            raise ValueError("a decode table needs the decoding spans' rows in it")
         torch_from = num_decode
         lengths = [start + 1 for start, _, _ in spans[:num_decode]]
         width = -(-max(lengths) // 64) * 64  # fewer distinct shapes than the exact longest
@@ -169,7 +171,7 @@ def paged_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Ten
                     step: StepAttention) -> torch.Tensor:
     """q: [new tokens, heads, head_dim], in the order of step.spans. Returns the same shape."""
     first_prefill = 0
-    if step.decode_slot_table is not None:
+    if step.decode_slot_table is not None and step.decode_seq_lens is not None:  # set together
         from services.gpu_agent.engine.triton_decode import paged_decode_attention
 
         first_prefill = step.num_decode

@@ -39,6 +39,8 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(torch.nn.Module):
+    inv_freq: torch.Tensor  # a buffer (register_buffer)
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config

@@ -126,9 +126,8 @@ def join_ranks(rank: int, size: int, init_method: str, device: str | torch.devic
 
     device = torch.device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
-                            timeout=timedelta(seconds=timeout_s), **kwargs)
+                            timeout=timedelta(seconds=timeout_s), device_id=device if device.type == "cuda" else None)
     tp = TensorParallel(rank, size)
     group = dist.new_group(backend="gloo") if backend != "gloo" else None
     return tp, StepChannel(tp, group)

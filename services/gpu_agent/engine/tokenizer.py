@@ -24,6 +24,14 @@ CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types: special tokens, and add
 log = logging.getLogger(__name__)
 
 
+def _merge_pair(merge: str) -> tuple[str, str]:
+    """A GGUF merge, "left right", as the pair BPE takes."""
+    left, space, right = merge.partition(" ")
+    if not space:
+        raise ValueError(f"a BPE merge is two tokens and a space between them, got {merge!r}")
+    return left, right
+
+
 def _byte_to_unicode() -> dict[int, str]:
     # The byte-level BPE alphabet: printable bytes stand for themselves, the
     # rest are shifted to code points from 256 on.
@@ -74,7 +82,7 @@ def gguf_tokenizer(spec: GGUFTokenizerSpec) -> tokenizers.Tokenizer:
     # A token written in raw text rather than in the byte alphabet is spelled in it, byte by byte.
     vocab = {token if set(token) <= spelled else "".join(alphabet[b] for b in token.encode()): index
              for index, token in enumerate(spec.tokens)}
-    merges = [tuple(m.split(" ", 1)) for m in spec.merges]
+    merges = [_merge_pair(m) for m in spec.merges]
     tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges))
     steps = [pre_tokenizers.Digits(individual_digits=True)] if spec.pre.single_digits else []
     tok.pre_tokenizer = pre_tokenizers.Sequence([*steps, pre_tokenizers.Split(Regex(spec.pre.split), "isolated"),
