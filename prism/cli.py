@@ -160,7 +160,9 @@ def supervise(cluster, stop: threading.Event, interval_s: float = 0.5) -> None:
                     typer.echo(f"{name} exited with code {code} again, {child.quick_deaths} times in a row soon after "
                                f"its start: not restarting it; its log ends:\n{cluster.log_tail(name, 10)}", err=True)
                     continue
-                wait = supervisor.restart_at(name) - now
+                restart_at = supervisor.restart_at(name)
+                assert restart_at is not None  # a new death, not given up: its restart is set
+                wait = restart_at - now
                 typer.echo(f"{name} exited with code {code}; restarting it in {wait:.0f}s; its log ends:\n"
                            f"{cluster.log_tail(name, 10)}", err=True)
             due = supervisor.restart_at(name)

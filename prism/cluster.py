@@ -185,6 +185,12 @@ class LocalCluster:
         return service_tls_args(self.pki.get(identity), mtls=mtls)
 
     @property
+    def started_etcd_endpoint(self) -> str:
+        """etcd's host:port once start() has it: the external one given, or the one it started."""
+        assert self.etcd_endpoint is not None, "the cluster has not started"
+        return self.etcd_endpoint
+
+    @property
     def gateway_grpc(self) -> str:
         return f"{self.host}:{self.grpc_port}"
 
@@ -195,6 +201,7 @@ class LocalCluster:
     @property
     def models(self) -> dict[str, str]:
         """Model name -> model path, as configured."""
+        assert self.config_path is not None, "no config yet: start() writes the default one where none was given"
         return {m.model_name: m.model_path for m in placement_config.load(self.config_path).models}
 
     def model_names(self) -> list[str]:
@@ -227,7 +234,7 @@ class LocalCluster:
             raise
 
     def _spawn_gateway(self) -> None:
-        self._spawn("gateway", "services.gateway.server", "--etcd", self.etcd_endpoint,
+        self._spawn("gateway", "services.gateway.server", "--etcd", self.started_etcd_endpoint,
                     "--http-host", self.host, "--http-port", str(self.http_port),
                     "--grpc-host", self.host, "--grpc-port", str(self.grpc_port),
                     *self._etcd_args("gateway"), *self._gateway_tls_args(), *self.gateway_args)
@@ -259,7 +266,7 @@ class LocalCluster:
         """Starts the named agent, or all of them."""
         for agent, address in self.agent_addresses.items():
             if name is None or agent == name:
-                self._spawn(agent, "services.gpu_agent.server", "--etcd", self.etcd_endpoint,
+                self._spawn(agent, "services.gpu_agent.server", "--etcd", self.started_etcd_endpoint,
                             "--scheduler", self.scheduler_address, "--listen", address,
                             "--device", self.device, "--cpu-memory-gb", str(self.cpu_memory_gb),
                             "--engine-isolation", self.engine_isolation, *self._etcd_args("agent"),
@@ -267,7 +274,8 @@ class LocalCluster:
 
     def spawn_scheduler(self, name: str = "scheduler") -> None:
         """Starts (or, after kill(), restarts) one scheduler replica."""
-        self._spawn(name, "services.scheduler.server", "--etcd", self.etcd_endpoint, "--config", str(self.config_path),
+        self._spawn(name, "services.scheduler.server", "--etcd", self.started_etcd_endpoint,
+                    "--config", str(self.config_path),
                     "--listen", self.scheduler_addresses[name], "--scheduler-id", name, *self._etcd_args("scheduler"),
                     *self._tls_args("scheduler", mtls=True), *self.scheduler_args)
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import aetcd
 import grpc
 from google.protobuf.json_format import MessageToDict
 
@@ -81,7 +83,7 @@ class ClusterReader:
         self.status_timeout_s = status_timeout_s
         self.etcd_access = etcd_access
         self.tls = tls
-        self._client = None
+        self._client: aetcd.Client | None = None  # connected at the first read
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     async def read(self) -> ClusterSnapshot:
@@ -177,7 +179,7 @@ MODEL_COLUMNS = ("MODEL", "AGENT", "GPU", "STATE", "QUEUED", "RUN", "REQ/S", "TT
 
 
 def model_rows(snapshot: ClusterSnapshot) -> list[tuple[str, ...]]:
-    rows = []
+    rows: list[tuple[str, ...]] = []
     for agent in snapshot.agents:
         if agent.status is None:
             continue
@@ -213,7 +215,7 @@ def serving_path(engine: agent_pb2.EngineStatus) -> str:
     return f"{engine.kv_pool}/{engine.attention}" + ("/graphs" if engine.cuda_graphs else "")
 
 
-def table(header: tuple[str, ...], rows: list[tuple[str, ...]], indent: str = "") -> list[str]:
+def table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]], indent: str = "") -> list[str]:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return [indent + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
 

@@ -7,6 +7,7 @@ same limits on a gateway without keys."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 
@@ -22,6 +23,8 @@ from services.gateway.access import AccessControl
 from services.gateway.auth import ApiKey, KeyStore, digest_of
 from services.gateway.errors import KeyRateLimited, MaxTokensTooLarge, PromptTooLong, TooManyStreams
 from services.gateway.limits import (
+    LIMIT_FIELDS,
+    LimitOverrides,
     Limits,
     RateLimiter,
     StreamSlots,
@@ -151,6 +154,13 @@ def test_max_tokens_over_the_cap_is_refused_and_unset_is_left_to_the_engine():
 def test_bad_limit_overrides(raw, message):
     with pytest.raises(ValueError, match=message):
         parse_limit_overrides(raw, "entry 0")
+
+
+def test_limit_names_agree():
+    # Three lists of the same names: the dataclass, the checks, and the overrides' type.
+    names = [f.name for f in dataclasses.fields(Limits)]
+    assert list(LIMIT_FIELDS) == names
+    assert list(LimitOverrides.__annotations__) == names
 
 
 def test_flags_set_every_clients_defaults():

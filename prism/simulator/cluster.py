@@ -49,8 +49,10 @@ the same agent cancels the drain.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from prism.simulator.copy_link import CopyLink
 from prism.simulator.engine import SimEngine, SimRequest, Step
@@ -92,7 +94,7 @@ DRAIN_TIMEOUT_S = 30.0  # the agent's --drain-timeout-s default
 RESERVE_FRACTION, RESERVE_MAX = 0.05, 4 << 30  # memory_coordinator.default_reserve_bytes on a GPU
 
 
-class Clock:
+class Clock(Protocol):
     """What the cluster needs of the event loop."""
 
     now: float
@@ -242,6 +244,7 @@ class SimCluster:
         if request.ticket is not None:
             self._release(request.ticket)
         if request.engine is not None:
+            assert request.first_token_at is not None  # set in _step_done before it finishes a request
             ttft = request.first_token_at - request.t
             tpot = (self.now - request.first_token_at) / (request.tokens - 1) if request.tokens > 1 else None
             request.engine.stats.finished(ttft, tpot, request.prompt_tokens, request.tokens)
@@ -449,8 +452,8 @@ class SimCluster:
         if engine.split:
             engine.set_limit(engine.model.fixed_kv_bytes(engine.cap_bytes))  # what it takes while it holds memory
         # As the agent (prepare_activation_on): every GPU is checked before anything is switched off.
-        rooms = [self._room(d, engine) for d in devices]
-        if any(room is None for room in rooms):
+        rooms = [room for d in devices if (room := self._room(d, engine)) is not None]
+        if len(rooms) < len(devices):  # a GPU where no room can be made (its _room is None)
             if engine.split:
                 engine.set_limit(0)
             # Its weights do not fit beside the engines on a GPU: the agent refuses it at once.
@@ -551,8 +554,7 @@ class SimCluster:
                 limit_bytes=e.limit_bytes, cap_bytes=e.cap_bytes, unit_bytes=e.model.bundle_bytes,
                 recent_demand_bytes=device.recent_demand.observe(e.name, self.now, demand)))
         device.recent_demand.forget_all_but({e.name for e in planned(holding)})
-        engines = tuple(engines)
-        return DeviceMemorySnapshot(budget_bytes=budget, unit_bytes=unit, engines=engines)
+        return DeviceMemorySnapshot(budget_bytes=budget, unit_bytes=unit, engines=tuple(engines))
 
     def limits_snapshot(self, device: Device) -> DeviceMemorySnapshot:
         """The device's budget and limits without the engines' demand: all that
@@ -693,7 +695,7 @@ class SimCluster:
             busy = max(sum(1 for e in d.engines if e.stepping) for d in self.devices_of(engine)) if engine.split \
                 else stepping
             duration = step.duration_s * max(1.0, busy / self._parallelism(engine))
-            self.clock.at(self.now + duration, lambda e=engine, s=step: self._step_done(device, e, s))
+            self.clock.at(self.now + duration, functools.partial(self._step_done, device, engine, step))
 
     def _parallelism(self, engine: SimEngine) -> float:
         """The parallelism the engine's steps see beside others': the one given for every engine, else the

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prism.simulator.models import SimModel
 from prism.simulator.profile import LatencyProfile
@@ -18,6 +19,9 @@ from services.gpu_agent.engine.batch_scheduler import BatchScheduler, ScheduleRe
 from services.gpu_agent.engine.sequence import Sequence
 from services.gpu_agent.request_stats import ModelRequestStats
 from services.gpu_agent.slo import ModelSlo
+
+if TYPE_CHECKING:  # the cluster's module imports this one
+    from prism.simulator.cluster import Ticket
 
 
 class CountingPool(KVPool):
@@ -139,7 +143,7 @@ class SimRequest:
     tokens: int = 0  # output tokens produced
     error: str | None = None
     seq: Sequence | None = None
-    ticket: object | None = None  # the admission ticket while it holds a reservation
+    ticket: Ticket | None = None  # the admission ticket while it holds a reservation
     engine: SimEngine | None = None  # the engine it was delivered to (its agent's request stats count it)
 
     @property
@@ -230,9 +234,11 @@ class SimEngine:
         now (the real engine's CapacityError at submission)."""
         if not self.batcher.fits_alone(request.prompt_tokens):
             return False
+        # No sampling and no detokenizer: the batch scheduler reads only a sequence's lengths, and nothing here
+        # samples or detokenizes. Sequence types them as always given (services/gpu_agent/engine/sequence.py).
         seq = Sequence(request_id=str(request.index), prompt_ids=[0] * request.prompt_tokens,
-                       max_tokens=request.output_tokens, sampling=None, stop=[], ignore_eos=True, detokenizer=None,
-                       generator=None, deliver=_ignore)
+                       max_tokens=request.output_tokens, stop=[], ignore_eos=True, generator=None, deliver=_ignore,
+                       sampling=None, detokenizer=None)  # type: ignore[arg-type]
         request.seq = seq
         self.requests[seq] = request
         self.batcher.add(seq)

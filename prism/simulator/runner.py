@@ -13,9 +13,10 @@ starts. A request still unfinished `drain_s` after the last arrival fails
 
 from __future__ import annotations
 
+import functools
 import heapq
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import count
 
 from prism.simulator.cluster import DRAIN_TIMEOUT_S, MEMORY_INTERVAL_S, SimCluster
@@ -89,6 +90,7 @@ class SimSettings:
 def _result(r: SimRequest, slo: SloTargets) -> RequestResult:
     out = RequestResult(r.index, r.model, r.t, r.prompt_tokens, r.output_tokens, tokens=r.tokens, error=r.error)
     if r.error is None and r.finished_at is not None:
+        assert r.first_token_at is not None  # a finished request had its first token (SimCluster._step_done)
         out.e2e_s = r.finished_at - r.t
         out.ttft_s = r.first_token_at - r.t
         out.tpot_s = (r.finished_at - r.first_token_at) / (r.tokens - 1) if r.tokens > 1 else None
@@ -112,8 +114,9 @@ def simulate(trace: Trace, models: list[ModelConfig], profile: LatencyProfile, s
         raise ValueError(f"policy_compute {settings.policy_compute!r} is not profile or default")
     # The policy counts prefill steps with the step budget the simulated engines run (the live scheduler
     # takes its agents' devices': services/common/step_costs.py step_tokens_for).
-    costs = {} if settings.policy_compute == "default" else {"compute": profile.compute_costs()}
-    params = PolicyParams(standby_replicas=settings.standby_replicas, step_tokens=profile.step_tokens, **costs)
+    params = PolicyParams(standby_replicas=settings.standby_replicas, step_tokens=profile.step_tokens)
+    if settings.policy_compute == "profile":
+        params = replace(params, compute=profile.compute_costs())
     foresight = Foresight(((r.t, r.model) for r in trace.requests), settings.foresight_s) \
         if settings.foresight_s > 0 else None
     scheduler = SimScheduler(cluster, settings.policy, settings.replan_interval_s, params,
@@ -151,7 +154,7 @@ def simulate(trace: Trace, models: list[ModelConfig], profile: LatencyProfile, s
     cluster.on_cold_start = replan_soon
     scheduler.replan(instant=True)
     for request in requests:
-        loop.at(request.t, lambda r=request: cluster.arrive(r))
+        loop.at(request.t, functools.partial(cluster.arrive, request))
     loop.at(settings.replan_interval_s, periodic_replan)
     loop.at(MEMORY_INTERVAL_S, memory_tick)
     end = trace.duration_s + settings.drain_s

@@ -71,7 +71,7 @@ def _finish(rows: list[tuple[float, str, int, int]], metadata: dict, time_scale:
 def load_azure(path: str | Path, models: list[str], *, time_scale: float = 1.0, assign: str = "zipf",
                zipf_alpha: float = 1.0, seed: int = 0, limit: int | None = None) -> Trace:
     assigner = _Assigner(models, assign, zipf_alpha, seed)
-    rows = []
+    rows: list[tuple[float, str, int, int]] = []  # (arrival time, model, prompt tokens, output tokens)
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         missing = {"TIMESTAMP", "ContextTokens", "GeneratedTokens"} - set(reader.fieldnames or ())
@@ -96,7 +96,7 @@ def load_burstgpt(path: str | Path, models: list[str], *, time_scale: float = 1.
         missing = {"Timestamp", "Model", "Request tokens", "Response tokens"} - set(reader.fieldnames or ())
         if missing:
             raise ValueError(f"{path}: not a BurstGPT trace (missing columns {sorted(missing)})")
-        raw = []
+        raw: list[tuple[float, str, int, int]] = []  # (timestamp, its model, prompt tokens, output tokens)
         for number, row in enumerate(reader, 2):
             if limit is not None and len(raw) >= limit:
                 break

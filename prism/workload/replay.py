@@ -210,6 +210,7 @@ async def replay(trace: Trace, *, http_url: str | None = None, grpc_address: str
     else:
         from prism_client.v1 import gateway_pb2_grpc
 
+        assert grpc_address is not None  # one of the two is given (checked at the top)
         async with aio_channel(grpc_address, tls) as channel:
             await run(functools.partial(_send_grpc, metadata=metadata), gateway_pb2_grpc.GatewayStub(channel))
     if shown is not None:
@@ -228,6 +229,7 @@ def summarize(results: list[RequestResult], duration_s: float) -> dict:
     ok = [r for r in results if r.error is None]
     ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
     tpot = [r.tpot_s for r in ok if r.tpot_s is not None]
+    e2e = [r.e2e_s for r in ok if r.e2e_s is not None]  # every request that ended without error has its own
     errors: dict[str, int] = {}
     for r in results:
         if r.error is not None:
@@ -240,7 +242,7 @@ def summarize(results: list[RequestResult], duration_s: float) -> dict:
         "goodput_rps": attained / duration_s if duration_s > 0 else 0.0,
         "ttft_p50_s": _percentile(ttft, 0.5), "ttft_p99_s": _percentile(ttft, 0.99),
         "tpot_p50_s": _percentile(tpot, 0.5), "tpot_p99_s": _percentile(tpot, 0.99),
-        "e2e_mean_s": statistics.mean(r.e2e_s for r in ok) if ok else None,
+        "e2e_mean_s": statistics.mean(e2e) if e2e else None,
     }
 
 

@@ -45,7 +45,8 @@ class EtcdAccess:
                                  if self.user is not None else "an etcd password needs --etcd-user")
 
 
-def etcd_access(ca: str | None = None, cert: str | None = None, key: str | None = None, user: str | None = None,
+def etcd_access(ca: str | os.PathLike | None = None, cert: str | os.PathLike | None = None,
+                key: str | os.PathLike | None = None, user: str | None = None,
                 environ: Mapping[str, str] = os.environ) -> EtcdAccess:
     """EtcdAccess from the --etcd-* options; the password from $PRISM_ETCD_PASSWORD when a user is given."""
     tls = client_tls(ca, cert, key, options="--etcd")

@@ -20,8 +20,12 @@ import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeGuard, get_args
 
 import grpc
+
+if TYPE_CHECKING:  # cryptography is imported where certificates are checked or made (see above)
+    from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes, PrivateKeyTypes
 
 
 class TlsConfigError(ValueError):
@@ -253,6 +257,14 @@ def _new_key():
     return ec.generate_private_key(ec.SECP256R1())  # fast to make; every TLS stack here takes P-256
 
 
+def _can_issue(key: PrivateKeyTypes) -> TypeGuard[CertificateIssuerPrivateKeyTypes]:
+    """Whether the key is of a kind that signs certificates (RSA, EC, Ed25519, ...: whichever kinds the
+    installed cryptography signs with), not one made for key agreement only (DH, X25519, ...)."""
+    from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
+
+    return isinstance(key, get_args(CertificateIssuerPrivateKeyTypes))
+
+
 def _key_pem(key) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
@@ -321,6 +333,8 @@ def issue_cert(ca: TlsFiles, directory: Path, name: str, hosts: Iterable[str] = 
     assert pem.cert is not None and pem.key is not None, "issue_cert needs the CA's certificate and key"
     ca_cert = x509.load_pem_x509_certificate(pem.cert)
     ca_key = serialization.load_pem_private_key(pem.key, password=None)
+    if not _can_issue(ca_key):
+        raise TlsConfigError(f"{ca.option('key')} {ca.key}: a {type(ca_key).__name__} cannot sign certificates")
     key = _new_key()
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (x509.CertificateBuilder()

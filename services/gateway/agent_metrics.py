@@ -23,7 +23,7 @@ import grpc
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from prism_client.v1 import agent_pb2
+from prism_client.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class AgentScrape:
     error: str = ""
 
 
-async def scrape_agents(agents: dict[str, str], stub_for: Callable[[str], object],
+async def scrape_agents(agents: dict[str, str], stub_for: Callable[[str], agent_pb2_grpc.AgentStub],
                         timeout_s: float = AGENT_STATUS_TIMEOUT_S) -> list[AgentScrape]:
     """GetStatus of every agent (agent_id -> address) at once; one slow or
     dead agent costs the scrape at most `timeout_s`."""

@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from services.gateway.limits import parse_limit_overrides
+from services.gateway.limits import LimitOverrides, parse_limit_overrides
 
 ENV_VAR = "PRISM_API_KEYS"
 ANONYMOUS = "anonymous"  # the one client of a gateway without keys
@@ -50,7 +50,7 @@ class ApiKey:
     name: str
     digest: bytes = field(repr=False)  # sha256 of the key; the key itself is not kept
     models: frozenset[str] | None = None  # None: every model
-    limits: dict[str, int | float] = field(default_factory=dict)  # overrides of the gateway's limits
+    limits: LimitOverrides = field(default_factory=LimitOverrides)  # overrides of the gateway's limits
 
 
 class KeyStore:

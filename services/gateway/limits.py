@@ -15,9 +15,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict, cast
 
 from prism_client.v1 import generate_pb2
 from services.gateway.errors import MaxTokensTooLarge, PromptTooLong
@@ -37,12 +37,22 @@ class Limits:
     rate_limit_rps: float = 0.0  # requests per second, sustained; 0: no limit
     rate_limit_burst: int = 0  # requests at once after a quiet spell; 0: one second's worth (at least 1)
 
-    def with_overrides(self, overrides: Mapping[str, int | float]) -> Limits:
+    def with_overrides(self, overrides: LimitOverrides) -> Limits:
         return dataclasses.replace(self, **overrides)
 
     @property
     def bucket_size(self) -> int:
         return self.rate_limit_burst or max(1, math.ceil(self.rate_limit_rps))
+
+
+class LimitOverrides(TypedDict, total=False):
+    """An API key's overrides of the gateway's limits (its `limits:` in the keys file): any of Limits' fields."""
+    max_request_bytes: int
+    max_prompt_chars: int
+    max_tokens_cap: int
+    max_concurrent_streams: int
+    rate_limit_rps: float
+    rate_limit_burst: int
 
 
 # name -> (type, smallest allowed value); the names are both the keys file's and (dashed) the flags'.
@@ -67,7 +77,7 @@ def limit_problem(name: str, value: Any) -> str | None:
     return None
 
 
-def parse_limit_overrides(raw: Any, where: str) -> dict[str, int | float]:
+def parse_limit_overrides(raw: Any, where: str) -> LimitOverrides:
     """A keys file entry's `limits:` mapping, checked; raises ValueError naming `where`."""
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: limits must be a mapping of limit names to numbers")
@@ -79,7 +89,9 @@ def parse_limit_overrides(raw: Any, where: str) -> dict[str, int | float]:
         if problem is not None:
             raise ValueError(f"{where}: {problem}")
         overrides[name] = float(value) if LIMIT_FIELDS[name][0] is float else value
-    return overrides
+    # Each name checked to be a limit's and each value of that limit's type: what LimitOverrides says (a
+    # TypedDict takes no key computed at run time, so the checked mapping is cast to it).
+    return cast(LimitOverrides, overrides)
 
 
 # ---- per-request checks ---------------------------------------------------------

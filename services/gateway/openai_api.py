@@ -170,9 +170,9 @@ async def _sse_events(stream: AgentStream, fmt: OpenAIFormat, tracker: RequestTr
         yield sse_event(error_body(error, fmt.request_id))
     except Exception as exc:
         log.exception("stream failed after it began")
-        error = InternalError(f"request {fmt.request_id} failed in the gateway: {exc}")
-        tracker.finish(error.http_status)
-        yield sse_event(error_body(error, fmt.request_id))
+        internal = InternalError(f"request {fmt.request_id} failed in the gateway: {exc}")
+        tracker.finish(internal.http_status)
+        yield sse_event(error_body(internal, fmt.request_id))
     # Free before [DONE] goes out, so a client that opens its next stream on [DONE] finds the slot.
     slot.release()
     yield SSE_DONE

@@ -320,7 +320,9 @@ async def serve(args: argparse.Namespace) -> int:
     http_gate = HttpGate(create_app(router, relay, metrics, access))
     http_server = _HttpServer(uvicorn.Config(
         http_gate, host=args.http_host, port=args.http_port,
-        log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=END_MARGIN_S / 2,
+        log_config=None, access_log=False, lifespan="off",
+        # uvicorn annotates this int, but hands it only to asyncio.timeout, which takes float seconds: half a second.
+        timeout_graceful_shutdown=END_MARGIN_S / 2,  # type: ignore[arg-type]
         timeout_keep_alive=HTTP_KEEP_ALIVE_S,
         ssl_certfile=args.http_tls.cert if args.http_tls else None,
         ssl_keyfile=args.http_tls.key if args.http_tls else None))
@@ -343,11 +345,11 @@ async def serve(args: argparse.Namespace) -> int:
     await asyncio.wait({stop_task, http_task, router_task}, return_when=asyncio.FIRST_COMPLETED)
 
     exit_code = 0
-    for task in (http_task, router_task):
-        if task.done():  # either ending on its own is a failure (uvicorn exits when it cannot bind)
+    for serving_task in (http_task, router_task):
+        if serving_task.done():  # either ending on its own is a failure (uvicorn exits when it cannot bind)
             exit_code = 1
-            log.error("%s stopped unexpectedly: %r", task.get_name(),
-                      task.exception() if not task.cancelled() else "cancelled")
+            log.error("%s stopped unexpectedly: %r", serving_task.get_name(),
+                      serving_task.exception() if not serving_task.cancelled() else "cancelled")
     log.info("gateway stopping: new requests are refused")
     await mark_not_serving(health, [SERVICE_NAME])
     if exit_code == 0:

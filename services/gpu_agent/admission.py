@@ -141,11 +141,12 @@ class AdmissionQueue:
         now = self.clock()
         ticket = Ticket(managed=managed, tokens=prompt_tokens + DEMAND_GROWTH_TOKENS, arrival=now,
                         deadline=now + managed.slo.ttft_s, queue=self)
-        if managed.engine is not None and prompt_tokens >= managed.engine.max_context:
+        engine = managed.started_engine  # the agent admits requests for ready engines only
+        if prompt_tokens >= engine.max_context:
             ticket.tokens = 0  # over the model's context: the engine refuses it at once, nothing to wait for
             return ticket
         most = self.coordinator.most_kv_bytes(managed)
-        need = (prompt_tokens + 1) * managed.engine.kv_bytes_per_token
+        need = (prompt_tokens + 1) * engine.kv_bytes_per_token
         if need > most:
             raise CapacityError(f"the prompt's {prompt_tokens} tokens need {need} bytes of KV cache, more than "
                                 f"model {managed.spec.name!r} can ever be given on this device ({most} bytes)")
@@ -220,8 +221,9 @@ class AdmissionQueue:
 
     def _free_tokens(self, managed: ManagedEngine) -> int:
         """Token slots under the engine's limit that neither its requests nor
-        admission's reservations claim."""
-        engine = managed.engine
+        admission's reservations claim. Asked only of engines that have started (_fits, and pump's
+        active ones)."""
+        engine = managed.started_engine
         stats = engine.stats()
         return free_tokens(managed.memory_limit_bytes, engine.kv_bytes_per_token, stats.kv_demand_tokens,
                            stats.kv_used_bytes, self._reserved_tokens.get(managed.spec.name, 0))
@@ -230,7 +232,8 @@ class AdmissionQueue:
         return ticket.managed.engine is not None and ticket.tokens <= self._free_tokens(ticket.managed)
 
     def _shortfall_bytes(self, ticket: Ticket) -> int:
-        return shortfall_bytes(ticket.tokens, self._free_tokens(ticket.managed), ticket.managed.engine.kv_bytes_per_token)
+        return shortfall_bytes(ticket.tokens, self._free_tokens(ticket.managed),
+                               ticket.managed.started_engine.kv_bytes_per_token)
 
     def _reserve(self, ticket: Ticket) -> None:
         ticket.reserved = True

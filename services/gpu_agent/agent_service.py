@@ -8,7 +8,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Mapping
 from contextlib import aclosing
 from pathlib import Path
 
@@ -122,7 +122,7 @@ def slo_from_proto(spec: agent_pb2.ModelSpec) -> ModelSlo:
 
 class AgentService(agent_pb2_grpc.AgentServicer):
     def __init__(self, agent_id: str, devices, manager: EngineManager, *,
-                 coordinators: dict[int, MemorySplitSource] | None = None,
+                 coordinators: Mapping[int, MemorySplitSource] | None = None,
                  admission: AgentAdmission | None = None, busy_window_s: float = DEFAULT_BUSY_WINDOW_S,
                  model_roots: tuple[Path, ...] = ()):
         """The agent's gRPC service (prism.v1.Agent) over its engines.
@@ -170,7 +170,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             stats.ended()
 
     async def _generate(self, request: generate_pb2.GenerateRequest, context, managed: ManagedEngine,
-                        arrival: float) -> AsyncIterator[generate_pb2.GenerateResponse]:
+                        arrival: float) -> AsyncGenerator[generate_pb2.GenerateResponse, None]:
         stats = managed.request_stats
         if managed.state == "inactive":  # the first request for a switched-off model brings it back
             await self._activate(request.model, context)
@@ -182,14 +182,16 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         try:
             queue = self.admission.queue_for(managed) if self.admission is not None else None
             if queue is not None:
-                ticket = await queue.admit(managed, managed.engine.count_prompt_tokens(req))
-            async for out in managed.engine.generate(req):
+                ticket = await queue.admit(managed, managed.started_engine.count_prompt_tokens(req))
+            async for out in managed.started_engine.generate(req):
                 if first_token_at is None and (out.token_ids or out.finish_reason):
                     first_token_at = time.monotonic()
                     if ticket is not None:
                         ticket.started()
                 completion_tokens = out.completion_tokens
                 if out.finish_reason is not None:
+                    # Set above by this output at the latest: its finish reason ("stop" or "length") is not empty.
+                    assert first_token_at is not None
                     # Recorded before the last yield: the gateway cancels the call once it has the
                     # final response, so code after the loop may never run.
                     tpot = ((time.monotonic() - first_token_at) / (completion_tokens - 1)
@@ -304,7 +306,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
     def _busy(self, managed: ManagedEngine, window_s: float) -> bool:
         """A request running or waiting in it, or one arrived within window_s."""
-        stats = managed.engine.stats()
+        stats = managed.started_engine.stats()
         queued = self.admission.queued(managed.spec.name) if self.admission is not None else 0
         return (stats.running_requests + stats.queued_requests + queued > 0
                 or managed.request_stats.in_flight > 0 or managed.request_stats.idle_s() < window_s)

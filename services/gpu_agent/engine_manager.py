@@ -26,6 +26,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, TypedDict
 
 from prism_client.v1 import engine_worker_pb2 as wpb
 from services.common.etcd_server import free_port
@@ -41,6 +42,9 @@ from services.gpu_agent.slo import ModelSlo
 from services.gpu_agent.workers.errors import WorkerLostError
 from services.gpu_agent.workers.remote_engine import RemoteEngine
 from services.gpu_agent.workers.worker_pool import WorkerPool
+
+if TYPE_CHECKING:  # the driver's module imports httpx, which comes with the sglang extra (see _start_sglang)
+    from services.gpu_agent.sglang.driver import DriverOptions
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +134,14 @@ class ManagedEngine:
         return self.spec.slo
 
     @property
+    def started_engine(self) -> EngineHandle:
+        """The engine, for callers that hold one past its start: `engine` is set once, when the engine has
+        started, and never cleared, so what EngineManager.ready() returns has it, as do the engines the
+        memory coordinator and admission pick (they skip those whose `engine` is None)."""
+        assert self.engine is not None, f"the engine of {self.spec.name!r} has not started"
+        return self.engine
+
+    @property
     def fixed_kv(self) -> bool:
         """A built-in engine split over several GPUs: its KV reservation is fixed at
         load (every rank allocates its page pool whole), never ballooned."""
@@ -144,6 +156,14 @@ class ManagedEngine:
 OnChange = Callable[[ManagedEngine], Awaitable[None]]
 
 
+class ModelLoadArgs(TypedDict):
+    """What every rank of a split model is loaded with (RemoteEngine.load and load_shard_follower)."""
+    name: str
+    load_format: str
+    dtype: str
+    seed: int
+
+
 # A coordinated engine starts with no KV memory; the device's memory
 # coordinator sets its limit as soon as it is loaded (and admission grants
 # more before any request goes in).
@@ -155,7 +175,7 @@ class EngineManager:
                  coordinated: bool = False, stats_window_s: float = DEFAULT_WINDOW_S,
                  shared_weights_dir: Path | None = None, shared_weights_prefix: str = "prism",
                  drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
-                 sglang_launch_command: tuple[str, ...] | None = None, sglang_options: object | None = None):
+                 sglang_launch_command: tuple[str, ...] | None = None, sglang_options: DriverOptions | None = None):
         """pool: run each engine in a worker process from it; None runs engines inline.
         coordinated: a memory coordinator sets the KV limits; a load's memory
         limit is then the engine's cap, not its limit (but a split built-in
@@ -252,7 +272,7 @@ class EngineManager:
                 if not activate:  # its weights leave the GPU before the next start there
                     await engine.deactivate()
             if activate and self.before_activate is not None:
-                no_room = await self._prepare_loaded_activation(managed)
+                no_room = await self._prepare_loaded_activation(managed, self.before_activate)
                 activate = no_room is None
         except Exception as exc:
             log.exception("loading %s failed", spec.name)
@@ -271,7 +291,9 @@ class EngineManager:
             raise CapacityError(f"model {spec.name!r} is loaded but stays switched off: {no_room}")
         return managed
 
-    async def _prepare_loaded_activation(self, managed: ManagedEngine) -> CapacityError | None:
+    async def _prepare_loaded_activation(self, managed: ManagedEngine,
+                                         before_activate: Callable[[ManagedEngine], Awaitable[None]]
+                                         ) -> CapacityError | None:
         """An engine loaded active gets what an activation gets (before_activate):
         idle engines step aside and the KV limits make room. Its weights are on
         the device already, so what this decides is whether each engine there
@@ -281,9 +303,9 @@ class EngineManager:
         async with managed.activation_lock:
             managed.state = "inactive"
             try:
-                await self.before_activate(managed)
+                await before_activate(managed)
             except CapacityError as exc:
-                await managed.engine.deactivate()
+                await managed.started_engine.deactivate()
                 return exc
             managed.state = "active"
         return None
@@ -338,7 +360,7 @@ class EngineManager:
             return InlineEngine(await asyncio.to_thread(self._build_engine, spec, gpu_ids, managed.memory_limit_bytes,
                                                         self.step_boards.slot_for(gpu_ids[0], spec.name)))
         if spec.tp_size > 1:
-            return await self._start_split_engine(managed)
+            return await self._start_split_engine(managed, self.pool)
         start = time.perf_counter()
         worker = await self.pool.acquire(self._torch_device(gpu_ids))
         try:
@@ -361,7 +383,7 @@ class EngineManager:
                  ", mapped from the shared host copy" if engine.weights_attached else "")
         return engine
 
-    async def _start_split_engine(self, managed: ManagedEngine) -> EngineHandle:
+    async def _start_split_engine(self, managed: ManagedEngine, pool: WorkerPool) -> EngineHandle:
         """tp_size > 1: one engine worker per GPU, all loading at once (they meet at a
         rendezvous); rank 0's worker runs the engine and takes the requests, the
         others follow its steps (shard_follower.py) and end with it."""
@@ -370,7 +392,7 @@ class EngineManager:
         workers = []
         try:
             # All at once: with no spare worker, each starts (imports, CUDA, warm-up) in 5-10 s.
-            acquired = await asyncio.gather(*(self.pool.acquire(self.devices[gpu].torch_device) for gpu in gpu_ids),
+            acquired = await asyncio.gather(*(pool.acquire(self.devices[gpu].torch_device) for gpu in gpu_ids),
                                             return_exceptions=True)
             workers = [w for w in acquired if not isinstance(w, BaseException)]
             failed = next((w for w in acquired if isinstance(w, BaseException)), None)
@@ -379,7 +401,7 @@ class EngineManager:
             rendezvous = f"tcp://127.0.0.1:{free_port()}"
             ranks = [wpb.TensorParallelSpec(rank=r, size=len(gpu_ids), rendezvous=rendezvous)
                      for r in range(len(gpu_ids))]
-            common = dict(name=spec.name, load_format=spec.load_format, dtype=spec.dtype, seed=spec.seed)
+            common = ModelLoadArgs(name=spec.name, load_format=spec.load_format, dtype=spec.dtype, seed=spec.seed)
             engine, *_ = await asyncio.gather(
                 RemoteEngine.load(workers[0], spec.path, memory_limit_bytes=managed.memory_limit_bytes,
                                   kv_capacity_bytes=self._kv_capacity_bytes(gpu_ids) or 0,
@@ -543,7 +565,7 @@ class EngineManager:
                 if self.before_activate is not None:
                     await self.before_activate(managed)
                 start = time.perf_counter()
-                await managed.engine.activate()
+                await managed.started_engine.activate()
                 managed.state = "active"
                 log.info("activated %s in %.3fs", model, time.perf_counter() - start)
                 await self._publish(managed)
@@ -553,7 +575,7 @@ class EngineManager:
         managed = self.ready(model)
         async with managed.activation_lock:
             if managed.state == "active":
-                await managed.engine.deactivate()
+                await managed.started_engine.deactivate()
                 managed.state = "inactive"
                 await self._publish(managed)
         return managed
@@ -561,7 +583,7 @@ class EngineManager:
     async def set_memory_limit(self, model: str, nbytes: int, revision: int) -> ManagedEngine:
         """revision 0: the engine's next revision; otherwise a stale revision is ignored."""
         managed = self.ready(model)
-        state = await managed.engine.set_memory_limit(nbytes, revision or None)
+        state = await managed.started_engine.set_memory_limit(nbytes, revision or None)
         managed.memory_limit_bytes = state.limit_bytes
         managed.limit_revision = state.revision
         return managed

@@ -156,7 +156,8 @@ def gather_facts(*, measure: bool = True) -> HostFacts:
     """What this host has. measure: also import kvcached, map a page with it and time a pinned copy on
     GPU 0 (about a second; the agent, whose engines own the GPU, does none of that: it reads kvcached's
     installed version instead)."""
-    facts = HostFacts(python=tuple(sys.version_info[:3]))
+    version = sys.version_info
+    facts = HostFacts(python=(version.major, version.minor, version.micro))
     facts.nvidia_smi_gpus, facts.driver = _nvidia_smi()
     try:
         import torch

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 
 import grpc
 
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 class LoadReporter:
     def __init__(self, scheduler_address: str, agent_id: str, address: str, devices, manager: EngineManager, *,
-                 coordinators: dict[int, MemorySplitSource] | None = None,
+                 coordinators: Mapping[int, MemorySplitSource] | None = None,
                  admission: AdmissionQueueView | None = None, etcd=None, tls: TlsFiles | None = None):
         """coordinators (device index -> its memory coordinator) and the
         admission queue add the memory split and queue numbers to each

@@ -159,11 +159,11 @@ class MemoryCoordinator:
     def _taken_bytes(self, m: ManagedEngine) -> int:
         """What an active engine holds here besides the KV planned here: its weights
         (a split engine's shard), and the limit of one whose KV is not planned here."""
-        return m.engine.weight_bytes + (0 if self._plans(m) else m.memory_limit_bytes)
+        return m.started_engine.weight_bytes + (0 if self._plans(m) else m.memory_limit_bytes)
 
     def unit_bytes(self, engines: list[ManagedEngine]) -> int:
         # Each engine's limit is in its own page bundles; this unit is for an engine that reports none.
-        return max((m.engine.kv_bundle_bytes for m in engines if m.engine.kv_bundle_bytes > 0),
+        return max((m.started_engine.kv_bundle_bytes for m in engines if m.started_engine.kv_bundle_bytes > 0),
                    default=DEFAULT_UNIT_BYTES)
 
     def budget_bytes(self, active: list[ManagedEngine]) -> int:
@@ -189,7 +189,7 @@ class MemoryCoordinator:
         if any(m.state == "loading" for m in every):
             return None
         engines = [m for m in every if m.engine is not None]
-        stats = [m.engine.stats() for m in engines]
+        stats = [m.started_engine.stats() for m in engines]
         used = max((s.device_used_bytes for s in stats), default=0)
         if not used:
             return None
@@ -222,8 +222,9 @@ class MemoryCoordinator:
 
     def demand_bytes(self, managed: ManagedEngine, stats: EngineStats | None = None) -> int:
         """stats: the engine's, when the caller has just read them."""
-        stats = stats or managed.engine.stats()
-        return stats.kv_demand_tokens * managed.engine.kv_bytes_per_token + self.pending_demand_bytes(managed.spec.name)
+        stats = stats or managed.started_engine.stats()
+        return (stats.kv_demand_tokens * managed.started_engine.kv_bytes_per_token
+                + self.pending_demand_bytes(managed.spec.name))
 
     def snapshot(self, also: ManagedEngine | None = None) -> DeviceMemorySnapshot:
         """The active engines (and `also`, about to be activated) as the policy sees them."""
@@ -231,12 +232,12 @@ class MemoryCoordinator:
         now = self.clock()
         engines = []
         for m in self._planned(active):
-            stats = m.engine.stats()
+            stats = m.started_engine.stats()
             demand = self.demand_bytes(m, stats)
             engines.append(EngineMemoryDemand(
                 model=m.spec.name, priority=m.spec.slo.priority, used_bytes=stats.kv_holding_bytes,
                 demand_bytes=demand, limit_bytes=m.memory_limit_bytes if m.state == "active" else 0,
-                cap_bytes=m.cap_bytes, unit_bytes=m.engine.kv_bundle_bytes,
+                cap_bytes=m.cap_bytes, unit_bytes=m.started_engine.kv_bundle_bytes,
                 recent_demand_bytes=self.recent_demand.observe(m.spec.name, now, demand),
                 cached_bytes=stats.kv_cached_bytes))
         self.recent_demand.forget_all_but({m.spec.name for m in active})
@@ -255,7 +256,7 @@ class MemoryCoordinator:
     def _kv_floor_bytes(self, m: ManagedEngine) -> int:
         """The least KV limit this device's policy gives an active engine it
         plans: one page bundle (memory_policy.py)."""
-        return m.engine.kv_bundle_bytes if self._plans(m) else 0
+        return m.started_engine.kv_bundle_bytes if self._plans(m) else 0
 
     def _kv_kept_bytes(self, m: ManagedEngine) -> int:
         """The KV an engine staying on keeps through another's activation (make_room.kv_kept_bytes);
@@ -265,12 +266,12 @@ class MemoryCoordinator:
         # The engine's own demand, not what its admission queue holds back: a backlog there, unbounded
         # under overload, would keep every other model off (simulated, prism at 20 req/s, seed 4: 77.2%
         # within SLO counting the engine's demand, 68.3% counting the queue's too).
-        stats = m.engine.stats()
+        stats = m.started_engine.stats()
         serving = m.request_stats.snapshot()
         arriving = arriving_tokens(serving.recent_arrival_rate, serving.mean_prompt_tokens, serving.mean_output_tokens)
         return kv_kept_bytes(self._kv_floor_bytes(m), stats.kv_holding_bytes,
-                             stats.kv_demand_tokens * m.engine.kv_bytes_per_token,
-                             arriving * m.engine.kv_bytes_per_token)
+                             stats.kv_demand_tokens * m.started_engine.kv_bytes_per_token,
+                             arriving * m.started_engine.kv_bytes_per_token)
 
     def room_to_activate(self, activating: ManagedEngine) -> list[str] | None:
         """The active engines to switch off, longest idle first and only those
@@ -304,7 +305,7 @@ class MemoryCoordinator:
     def _resident(self, m: ManagedEngine, extra_bytes: int = 0) -> ResidentEngine:
         """An active engine as make_room.py sees it: what switching it off frees here (plus
         extra_bytes), how long since its last request, whether a request runs or waits in it."""
-        stats = m.engine.stats()
+        stats = m.started_engine.stats()
         serving = (stats.running_requests + stats.queued_requests > 0 or m.request_stats.in_flight > 0
                    or self.pending_demand_bytes(m.spec.name) > 0)
         return ResidentEngine(model=m.spec.name, weight_bytes=self._taken_bytes(m) + extra_bytes,
@@ -389,7 +390,7 @@ class MemoryCoordinator:
         limits = sum(r.kv_limit_bytes for r in rows)
         return DeviceMemorySplit(
             gpu_id=self.device.index, total_bytes=self.device.memory_bytes,
-            weight_bytes=sum(m.engine.weight_bytes for m in active), reserve_bytes=self.reserve_now(),
+            weight_bytes=sum(m.started_engine.weight_bytes for m in active), reserve_bytes=self.reserve_now(),
             kv_budget_bytes=budget, kv_limit_bytes=limits, kv_mapped_bytes=sum(r.kv_mapped_bytes for r in rows),
             free_bytes=budget - limits, engines=tuple(rows))
 

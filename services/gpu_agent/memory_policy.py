@@ -151,10 +151,11 @@ def plan_balloon(snapshot: DeviceMemorySnapshot, params: PolicyParams = PolicyPa
     # cache from what is left still: kept while no demand needs its memory, the first to go when one does.
     plan = water_fill({m: max(1, d) for m, d in demand.items()}, weights, total, units=units)
     plan = water_fill(roomy, weights, total, units=units, start=plan)
-    cached = {}
+    cached: dict[str, int] = {}
     for e in snapshot.engines:
         keep = roomy[e.model] + _units_up(e.cached_bytes, units[e.model]) if e.cached_bytes else roomy[e.model]
-        cached[e.model] = min(keep, caps[e.model]) if caps[e.model] is not None else keep
+        cap = caps[e.model]
+        cached[e.model] = min(keep, cap) if cap is not None else keep
     plan = water_fill(cached, weights, total, units=units, start=plan)
     # Hysteresis: keep a limit close to the plan. Keeping a smaller one only
     # while it covers the demand; keeping a larger one only while the budget has room.

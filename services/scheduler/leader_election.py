@@ -22,7 +22,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol
 
 import aetcd
 
@@ -35,6 +36,18 @@ STANDBY = "standby"
 LEADER = "leader"
 
 OnRole = Callable[[str], Awaitable[None] | None]
+# A term's work: a coroutine, run as a task that the end of the term cancels.
+LeaderWork = Callable[[], Coroutine[Any, Any, None]]
+
+
+class EtcdLease(Protocol):
+    """What the election uses of an aetcd.Lease (aetcd ships no type hints)."""
+    id: int
+    ttl: int  # seconds, as etcd granted it
+
+    async def refresh(self) -> Any: ...  # etcd's keep-alive reply (its TTL), or None
+
+    async def revoke(self) -> Any: ...
 
 
 class LeaderElection:
@@ -54,7 +67,7 @@ class LeaderElection:
         self._on_role = on_role
         self.role = STANDBY
         self.leader: records.LeaderRecord | None = None  # the leader as last seen (ourselves while leading)
-        self._lease: aetcd.Lease | None = None
+        self._lease: EtcdLease | None = None
         self._lease_deadline = 0.0  # monotonic time before which etcd cannot expire our lease
         self._resigned = False
         self.terms = 0  # how many times this candidate has led
@@ -73,7 +86,7 @@ class LeaderElection:
             if asyncio.iscoroutine(result):
                 await result
 
-    async def run(self, lead: Callable[[], Awaitable[None]]) -> None:
+    async def run(self, lead: LeaderWork) -> None:
         """Campaigns until cancelled or resign()ed; while leading, runs lead()
         (cancelled when leadership ends; if it returns or fails, the term ends
         and the lease is given up so that another replica can lead)."""
@@ -106,7 +119,7 @@ class LeaderElection:
             except Exception as exc:  # etcd gone: the lease runs out by itself
                 log.warning("could not revoke the leader lease (%s); it expires within %ds", exc, self.ttl_s)
 
-    async def _campaign(self) -> aetcd.Lease | None:
+    async def _campaign(self) -> EtcdLease | None:
         """One attempt: the lease whose key we created, or None if someone leads."""
         asked_at = time.monotonic()
         lease = await self._client.lease(self.ttl_s)
@@ -129,7 +142,7 @@ class LeaderElection:
             self.leader = records.LeaderRecord.from_json(got.value)
         return None
 
-    async def _forget(self, lease: aetcd.Lease) -> None:
+    async def _forget(self, lease: EtcdLease) -> None:
         try:
             await lease.revoke()
         except Exception:  # it expires by itself
@@ -162,7 +175,7 @@ class LeaderElection:
             self.leader = records.LeaderRecord.from_json(event.kv.value)
         return False  # the watch ended: read the key again
 
-    async def _lead(self, lease: aetcd.Lease, lead: Callable[[], Awaitable[None]]) -> None:
+    async def _lead(self, lease: EtcdLease, lead: LeaderWork) -> None:
         await self._set_role(LEADER)
         term = asyncio.create_task(lead(), name=f"leader-term-{self.terms}")
         try:
@@ -183,7 +196,7 @@ class LeaderElection:
             log.warning("%s steps down: %s", self.candidate_id, why)
             await self._forget(lease)  # lets a standby in at once when etcd is reachable
 
-    async def _hold(self, lease: aetcd.Lease, term: asyncio.Task) -> str:
+    async def _hold(self, lease: EtcdLease, term: asyncio.Task) -> str:
         """Keeps the lease alive while `term` runs; returns why leadership ended."""
         interval = self.ttl_s / 4
         while True:

@@ -48,8 +48,8 @@ def watch_parent(parent_fd: int | None) -> None:
     """Ends this process when the parent dies (a daemon thread)."""
     parent = os.getppid()
 
-    def by_pipe() -> None:
-        while os.read(parent_fd, 4096):
+    def by_pipe(fd: int) -> None:
+        while os.read(fd, 4096):
             pass
         _exit_now("parent gone (its pipe closed)")
 
@@ -58,7 +58,10 @@ def watch_parent(parent_fd: int | None) -> None:
             time.sleep(PARENT_POLL_S)
         _exit_now(f"parent {parent} gone")
 
-    threading.Thread(target=by_pipe if parent_fd is not None else by_pid, name="parent-watch", daemon=True).start()
+    if parent_fd is not None:
+        threading.Thread(target=by_pipe, args=(parent_fd,), name="parent-watch", daemon=True).start()
+    else:
+        threading.Thread(target=by_pid, name="parent-watch", daemon=True).start()
 
 
 def device_problem(torch, device: str) -> str | None:

@@ -18,9 +18,10 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 import torch
@@ -29,7 +30,7 @@ from prism_client.v1 import engine_worker_pb2 as wpb
 from prism_client.v1 import engine_worker_pb2_grpc, generate_pb2
 from services.common.logs import request_id_var
 from services.gpu_agent.engine import Engine, EngineError
-from services.gpu_agent.engine.shard_follower import ShardFollower, join_ranks
+from services.gpu_agent.engine.shard_follower import ShardFollower, StepChannel, join_ranks
 from services.gpu_agent.engine.tensor_parallel import SINGLE
 from services.gpu_agent.workers import wire
 from services.gpu_agent.workers.device_warmup import WarmupReport
@@ -73,10 +74,12 @@ class EngineWorkerService(engine_worker_pb2_grpc.EngineWorkerServicer):
                                 "its rank 0's worker takes the requests")
         if self.engine is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"worker {os.getpid()} has no model loaded")
+            raise AssertionError("unreachable: abort() raises")
         return self.engine
 
-    async def _abort_with(self, context: grpc.aio.ServicerContext, exc: EngineError) -> None:
+    async def _abort_with(self, context: grpc.aio.ServicerContext, exc: EngineError) -> NoReturn:
         await context.abort(wire.status_code_of(exc), str(exc))
+        raise AssertionError("unreachable: abort() raises")
 
     async def Info(self, request, context) -> wpb.WorkerInfo:
         return wpb.WorkerInfo(pid=os.getpid(), device=self.device, warmup_s=self.warmup.seconds,
@@ -112,29 +115,30 @@ class EngineWorkerService(engine_worker_pb2_grpc.EngineWorkerServicer):
         """Rank 1 or more: loads the shard, then follows rank 0 on a thread of its own."""
         tp_spec = spec.tensor_parallel
         try:
-            self.follower, channel = await asyncio.to_thread(self._build_follower, spec)
+            follower, channel = await asyncio.to_thread(self._build_follower, spec)
         except Exception as exc:  # noqa: BLE001  reported to the agent as a failed load
             log.error("loading rank %d of %s failed: %s", tp_spec.rank, spec.path, exc)
             await self._abort_with(context, EngineError(f"cannot load rank {tp_spec.rank} of {spec.path}: "
                                                         f"{type(exc).__name__}: {exc}"))
-        threading.Thread(target=self._run_follower, args=(channel,), name="shard-follower", daemon=True).start()
-        follower = self.follower
+        self.follower = follower
+        threading.Thread(target=self._run_follower, args=(follower, channel), name="shard-follower",
+                         daemon=True).start()
         return wpb.LoadReply(weight_bytes=follower.weight_bytes, load_s=time.perf_counter() - start,
                              device=str(follower.device),
                              kv_bytes_per_token=follower.geometry.token_bytes)
 
-    def _build_follower(self, spec: wpb.EngineLoadSpec):
+    def _build_follower(self, spec: wpb.EngineLoadSpec) -> tuple[ShardFollower, StepChannel]:
         tp, channel = join_ranks(spec.tensor_parallel.rank, spec.tensor_parallel.size, spec.tensor_parallel.rendezvous,
                                  self.device)
         return ShardFollower(Path(spec.path), tp, spec.dtype or "auto", spec.load_format or "auto",
                              torch.device(self.device), spec.seed), channel
 
-    def _run_follower(self, channel) -> None:
+    def _run_follower(self, follower: ShardFollower, channel: StepChannel) -> None:
         try:
-            self.follower.run(channel)
+            follower.run(channel)
         except Exception:  # a failed step, or rank 0 gone: this rank can do nothing more
             log.exception("tensor-parallel rank %d of %d: its step failed, or rank 0 went; ending this worker",
-                          self.follower.tp.rank, self.follower.tp.size)
+                          follower.tp.rank, follower.tp.size)
             end_process(EXIT_SPLIT_STEP_FAILED)
 
     def _build(self, spec: wpb.EngineLoadSpec) -> Engine:
@@ -173,7 +177,10 @@ class EngineWorkerService(engine_worker_pb2_grpc.EngineWorkerServicer):
         try:
             # Closing the engine's stream (on the agent cancelling the call, which
             # cancels this generator) aborts the request and frees its KV at once.
-            async with contextlib.aclosing(engine.generate(wire.to_generation_request(request))) as stream:
+            outputs = engine.generate(wire.to_generation_request(request))
+            # An async generator (annotated AsyncIterator): closable, which is what aclosing needs.
+            assert isinstance(outputs, AsyncGenerator)
+            async with contextlib.aclosing(outputs) as stream:
                 async for out in stream:
                     yield wire.output_to_proto(out, request.request_id)
         except EngineError as exc:

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import TypeVar
 
 from services.common.placement_config import ModelConfig
 from services.scheduler.policies.snapshot import ClusterSnapshot, GpuKey, PolicyParams, ReplicaTarget
+
+# What a GPU set puts on each of its GPUs: bytes or model counts (int), compute load (float).
+PerGpu = TypeVar("PerGpu", int, float)
 
 
 def gpu_sets(snapshot: ClusterSnapshot, size: int) -> list[GpuKey]:
@@ -40,7 +44,7 @@ def overlaps(a: GpuKey, b: GpuKey) -> bool:
     return a[0] == b[0] and bool(set(a[1]) & set(b[1]))
 
 
-def on_busiest_gpu(per_gpu_of_set: Mapping[GpuKey, float], key: GpuKey) -> float:
+def on_busiest_gpu(per_gpu_of_set: Mapping[GpuKey, PerGpu], key: GpuKey) -> PerGpu:
     """The most that any one GPU of `key` carries, given what each GPU set puts on
     each of its GPUs (memory or compute per GPU): a set of several GPUs (tensor
     parallelism) has room where its fullest GPU has, not where the sum of its GPUs does."""
