@@ -30,6 +30,7 @@ from services.gpu_agent.engine import (
     ModelConfigError,
     Tokenizer,
 )
+from services.gpu_agent.engine import engine as engine_module
 from services.gpu_agent.engine.detokenizer import IncrementalDetokenizer
 from services.gpu_agent.engine.model_config import parse_model_config
 from services.gpu_agent.engine.stop_strings import find_stop, held_back_len
@@ -493,6 +494,56 @@ async def test_no_room_for_the_weights_is_a_capacity_error_and_the_engine_comes_
         assert not engine.active
         monkeypatch.setattr(engine._runner, "move_weights", move)
         engine.activate()
+        assert (await collect(engine, greedy("Hello")))[-1].completion_tokens == NEW_TOKENS
+    finally:
+        engine.stop()
+
+
+def failing_forward(engine: Engine, failures: int | None):
+    """The runner's forward, running the device out of memory on its first `failures` calls (None: on
+    every call) as a step's activations do beside a full device."""
+    forward = engine._runner.forward
+    calls = {"n": 0}
+
+    def forward_or_out_of_memory(*args, **kwargs):
+        calls["n"] += 1
+        if failures is None or calls["n"] <= failures:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 28.00 MiB.")
+        return forward(*args, **kwargs)
+
+    return forward_or_out_of_memory, calls
+
+
+async def test_a_step_that_runs_the_device_out_of_memory_is_tried_again(model_dirs, monkeypatch, caplog):
+    """A step's activations finding no room (live: 19 requests failed INTERNAL on a full H100) is not the
+    requests' failure: the step is run again after a wait, and the output is what it would have been."""
+    engine = started(model_dirs["llama"], name="tiny")
+    try:
+        expected = token_ids(await collect(engine, greedy("Hello", request_id="before")))
+        forward, calls = failing_forward(engine, failures=3)
+        monkeypatch.setattr(engine._runner, "forward", forward)
+        with caplog.at_level(logging.WARNING):
+            outs = await collect(engine, greedy("Hello", request_id="after"))
+        assert token_ids(outs) == expected and outs[-1].finish_reason == "length"
+        assert calls["n"] > 3 and caplog.text.count("out of device memory in a step") == 3
+    finally:
+        engine.stop()
+
+
+async def test_a_device_out_of_memory_for_long_fails_the_step_with_capacity_error(model_dirs, monkeypatch):
+    """Out of memory for OOM_GIVE_UP_S: the step's requests end with CapacityError (RESOURCE_EXHAUSTED at
+    the agent), not an internal error, and the engine serves again once memory is back."""
+    monkeypatch.setattr(engine_module, "OOM_GIVE_UP_S", 0.3)
+    engine = started(model_dirs["llama"], name="tiny")
+    try:
+        forward = engine._runner.forward
+        failing, calls = failing_forward(engine, failures=None)
+        monkeypatch.setattr(engine._runner, "forward", failing)
+        started_at = time.monotonic()
+        with pytest.raises(CapacityError, match="out of memory for 0.3s"):
+            await collect(engine, greedy("Hello"))
+        assert time.monotonic() - started_at >= 0.3 and calls["n"] >= 3
+        monkeypatch.setattr(engine._runner, "forward", forward)
         assert (await collect(engine, greedy("Hello")))[-1].completion_tokens == NEW_TOKENS
     finally:
         engine.stop()

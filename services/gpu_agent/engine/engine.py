@@ -82,6 +82,12 @@ log = logging.getLogger(__name__)
 # PRISM_ENGINE_STEP_LOG=1 logs every step (its batch and wall time): for post-mortems of
 # serving latency (bench/step_log_summary.py reads these lines), off by default.
 STEP_LOG = os.environ.get("PRISM_ENGINE_STEP_LOG", "") not in ("", "0")
+# A step that runs the device out of memory is tried again after a wait (OOM_FIRST_WAIT_S, doubling up to
+# OOM_MAX_WAIT_S) while the agent, measuring what the device's processes hold, lowers KV limits; its
+# requests fail (CapacityError) only once the device has been out of memory for OOM_GIVE_UP_S.
+OOM_FIRST_WAIT_S = 0.05
+OOM_MAX_WAIT_S = 0.5
+OOM_GIVE_UP_S = 10.0
 
 
 def _rlog(seq: Sequence) -> dict[str, str]:
@@ -242,6 +248,8 @@ class Engine:
         self._stopped = False
         # Why this split engine failed (_fail_split): it serves nothing more, its ranks are out of step.
         self._split_failure: str | None = None
+        self._out_of_memory_since: float | None = None  # the first of the steps in a row that ran out
+        self._out_of_memory_wait_s = OOM_FIRST_WAIT_S
         self._on_split_failure = on_split_failure
         self._thread: threading.Thread | None = None
 
@@ -609,7 +617,13 @@ class Engine:
                          self.name, result.num_decode, sum(item.count for item in plan[result.num_decode:]),
                          len(plan) - result.num_decode, "graph" if self._runner.last_step_graph else "eager",
                          1e3 * (time.perf_counter() - started), 1e3 * (started - scheduling))
-        except Exception as exc:  # e.g. out of device memory: these requests fail, the engine goes on
+        except torch.OutOfMemoryError as exc:
+            if self.tp.size > 1:  # its other ranks are left mid-step
+                self._fail_split(f"forward failed: {type(exc).__name__}: {exc}")
+                return
+            self._after_out_of_memory(plan, exc)
+            return
+        except Exception as exc:  # these requests fail, the engine goes on
             log.exception("engine %s: forward of %d sequences failed", self.name, len(plan))
             if self.tp.size > 1:  # unless it is split: then its other ranks are left mid-step
                 self._fail_split(f"forward failed: {type(exc).__name__}: {exc}")
@@ -619,6 +633,7 @@ class Engine:
                 for item in plan:
                     self._fail(item.seq, EngineError(f"forward failed: {type(exc).__name__}: {exc}"))
             return
+        self._out_of_memory_since, self._out_of_memory_wait_s = None, OOM_FIRST_WAIT_S
         with self._lock:
             self._end_step()
             if tokens is None:
@@ -634,6 +649,31 @@ class Engine:
                 item.seq.num_cached = item.start + item.count
                 if token is not None:
                     self._append_token(item.seq, token)
+
+    def _after_out_of_memory(self, plan: list[ScheduledSeq], exc: torch.OutOfMemoryError) -> None:
+        """The step ran the device out of memory: its activations found no room beside every process's
+        weights, KV and caches (the agent's measure of those lags their growth by seconds; on an H100 with
+        12 engine processes a burst failed 19 requests this way). The step did not happen: its sequences
+        keep their places and slots, and the loop waits, longer each time, while the agent lowers KV
+        limits to what the device holds. Only a device out of memory for OOM_GIVE_UP_S fails the step's
+        requests, with CapacityError (RESOURCE_EXHAUSTED: the device is full, not broken)."""
+        now = time.monotonic()
+        if self._out_of_memory_since is None:
+            self._out_of_memory_since = now
+        with self._lock:
+            self._end_step()
+            if now - self._out_of_memory_since >= OOM_GIVE_UP_S:
+                log.error("engine %s: out of device memory for %.1fs; failing the step's %d requests",
+                          self.name, now - self._out_of_memory_since, len(plan))
+                error = CapacityError(f"the device has been out of memory for {OOM_GIVE_UP_S:g}s: {exc}")
+                for item in plan:
+                    self._fail(item.seq, error)
+                self._out_of_memory_since, self._out_of_memory_wait_s = None, OOM_FIRST_WAIT_S
+                return
+            log.warning("engine %s: out of device memory in a step of %d sequences; trying it again in %.2fs",
+                        self.name, len(plan), self._out_of_memory_wait_s)
+            self._lock.wait(timeout=self._out_of_memory_wait_s)  # stop() wakes it
+        self._out_of_memory_wait_s = min(2 * self._out_of_memory_wait_s, OOM_MAX_WAIT_S)
 
     def _fail_split(self, why: str) -> None:
         """A step of this split engine failed: its other ranks are left inside the step's collectives (or

@@ -200,22 +200,28 @@ class ModelRunner:
                 rows = self.slot_table.rows_for(decoding, last_by_step=last_by_step)
             logits = greedy = None
             self.last_step_graph = False
-            if runner is not None and rows is not None:
-                out = self._graph_decode(runner, plan, rows)
-                self.last_step_graph = out is not None
-                if out is not None:
-                    logits, greedy = out
-                elif last_by_step and self.slot_table is not None:
-                    # eager after all: the table needs the slots the graph would have written
+            try:
+                if runner is not None and rows is not None:
+                    out = self._graph_decode(runner, plan, rows)
+                    self.last_step_graph = out is not None
+                    if out is not None:
+                        logits, greedy = out
+                    elif last_by_step and self.slot_table is not None:
+                        # eager after all: the table needs the slots the graph would have written
+                        self.slot_table.unsync_last(decoding)
+                        rows = self.slot_table.rows_for(decoding)
+                        last_by_step = False
+                if logits is None:
+                    logits = self._eager_forward(plan, num_decode, rows, pool)
+                samplers = [item.seq for item in plan if item.samples]
+                if not samplers:
+                    return []
+                return sample_batch(logits, [seq.sampling for seq in samplers], [seq.generator for seq in samplers],
+                                    greedy if len(samplers) == len(plan) else None)
+            except torch.OutOfMemoryError:  # the engine tries the step again: the slots it did not write
+                if last_by_step and self.slot_table is not None:
                     self.slot_table.unsync_last(decoding)
-                    rows = self.slot_table.rows_for(decoding)
-            if logits is None:
-                logits = self._eager_forward(plan, num_decode, rows, pool)
-            samplers = [item.seq for item in plan if item.samples]
-            if not samplers:
-                return []
-            return sample_batch(logits, [seq.sampling for seq in samplers], [seq.generator for seq in samplers],
-                                greedy if len(samplers) == len(plan) else None)
+                raise
 
     def _eager_forward(self, plan: list[ScheduledSeq], num_decode: int, rows: list[int] | None,
                        pool: KVPool) -> torch.Tensor:
@@ -260,6 +266,8 @@ class ModelRunner:
         try:
             return runner.run([item.seq.token_ids[item.start] for item in plan], [item.start for item in plan],
                               [item.seq.slots[item.start] for item in plan], [item.start + 1 for item in plan], rows)
+        except torch.OutOfMemoryError:  # the device is full for now, the graphs are fine: the step is retried
+            raise
         except Exception:  # a capture that fails must not take serving down: eager from now on
             log.exception("engine %s: CUDA graph decode failed; decoding eagerly from now on", self.name)
             self.use_graphs = False
