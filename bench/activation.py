@@ -40,8 +40,7 @@ def measure(name: str, repeats: int, bandwidth: float) -> dict:
     """The built-in engine, in this process."""
     path = common.ROOT / "bench" / "configs" / name
     load_start = time.perf_counter()
-    engine = Engine(path, name=name, load_format="dummy", dtype="bfloat16", device="cuda:0",
-                    memory_limit_bytes=1 << 30)
+    engine = Engine(path, name=name, load_format="dummy", dtype="bfloat16", device="cuda:0", memory_limit_bytes=1 << 30)
     engine.start()
     load_s = time.perf_counter() - load_start
     try:
@@ -68,11 +67,13 @@ async def measure_sglang(name: str, repeats: int, bandwidth: float, work_dir: Pa
     from services.gpu_agent.sglang.driver import DriverOptions
 
     folder = common.dummy_model_folder(name, work_dir)
-    config = SGLangLaunchConfig(name=name, model_path=str(folder), load_format="dummy", dtype="bfloat16",
-                                extra_args=tuple(sglang_args))
+    config = SGLangLaunchConfig(
+        name=name, model_path=str(folder), load_format="dummy", dtype="bfloat16", extra_args=tuple(sglang_args)
+    )
     load_start = time.perf_counter()
-    engine = await SGLangEngine.start(config, memory_limit_bytes=1 << 30,
-                                      options=DriverOptions(log_dir=work_dir / f"{name}-sglang-log"))
+    engine = await SGLangEngine.start(
+        config, memory_limit_bytes=1 << 30, options=DriverOptions(log_dir=work_dir / f"{name}-sglang-log")
+    )
     load_s = time.perf_counter() - load_start
     try:
         await first_token_s(engine)
@@ -85,24 +86,44 @@ async def measure_sglang(name: str, repeats: int, bandwidth: float, work_dir: Pa
             firsts.append(await first_token_s(engine))
     finally:
         await engine.stop()
-    return summary(name, "sglang", engine.weight_bytes, load_s, bandwidth, timings, deactivations, firsts,
-                   free_inactive)
+    return summary(
+        name, "sglang", engine.weight_bytes, load_s, bandwidth, timings, deactivations, firsts, free_inactive
+    )
 
 
-def summary(name: str, engine: str, weight_bytes: int, load_s: float, bandwidth: float, timings: list,
-            deactivations: list[float], firsts: list[float], free_inactive: int) -> dict:
+def summary(
+    name: str,
+    engine: str,
+    weight_bytes: int,
+    load_s: float,
+    bandwidth: float,
+    timings: list,
+    deactivations: list[float],
+    firsts: list[float],
+    free_inactive: int,
+) -> dict:
     floor = weight_bytes / bandwidth
     med = lambda xs: statistics.median(xs)  # noqa: E731
     total = med([t.total_s for t in timings])
     return {
-        "model": name, "engine": engine, "weight_gb": weight_bytes / 1e9, "load_s": load_s, "floor_s": floor,
-        "activate_s": total, "activate_min_s": min(t.total_s for t in timings),
+        "model": name,
+        "engine": engine,
+        "weight_gb": weight_bytes / 1e9,
+        "load_s": load_s,
+        "floor_s": floor,
+        "activate_s": total,
+        "activate_min_s": min(t.total_s for t in timings),
         "activate_max_s": max(t.total_s for t in timings),
-        "allocate_s": med([t.allocate_s for t in timings]), "copy_s": med([t.copy_s for t in timings]),
-        "ready_s": med([t.ready_s for t in timings]), "copy_gbps": med([t.copy_gbps for t in timings]),
-        "ratio_to_floor": total / floor, "deactivate_s": med(deactivations),
-        "first_token_after_s": med(firsts), "free_gb_while_inactive": free_inactive / 1e9,
-        "within_1_5x_floor": total <= 1.5 * floor, "under_1_5_s": total < 1.5,
+        "allocate_s": med([t.allocate_s for t in timings]),
+        "copy_s": med([t.copy_s for t in timings]),
+        "ready_s": med([t.ready_s for t in timings]),
+        "copy_gbps": med([t.copy_gbps for t in timings]),
+        "ratio_to_floor": total / floor,
+        "deactivate_s": med(deactivations),
+        "first_token_after_s": med(firsts),
+        "free_gb_while_inactive": free_inactive / 1e9,
+        "within_1_5x_floor": total <= 1.5 * floor,
+        "under_1_5_s": total < 1.5,
     }
 
 
@@ -110,10 +131,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=CONFIGS)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--engines", default="builtin",
-                        help="comma-separated: builtin (in this process), sglang (SGLang with kvcached)")
-    parser.add_argument("--sglang-args", default="--attention-backend triton",
-                        help="more SGLang launch arguments (default: the Triton attention backend)")
+    parser.add_argument(
+        "--engines", default="builtin", help="comma-separated: builtin (in this process), sglang (SGLang with kvcached)"
+    )
+    parser.add_argument(
+        "--sglang-args",
+        default="--attention-backend triton",
+        help="more SGLang launch arguments (default: the Triton attention backend)",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     engines = args.engines.split(",")
@@ -130,27 +155,54 @@ def main() -> None:
                 if engine == "builtin":
                     rows.append(measure(name, args.repeats, bandwidth))
                 else:
-                    rows.append(asyncio.run(measure_sglang(name, args.repeats, bandwidth, Path(work),
-                                                           args.sglang_args.split())))
-                print(f"{engine} {name}: activate {rows[-1]['activate_s']:.3f}s (floor {rows[-1]['floor_s']:.3f}s, "
-                      f"load {rows[-1]['load_s']:.1f}s)", flush=True)
+                    rows.append(
+                        asyncio.run(measure_sglang(name, args.repeats, bandwidth, Path(work), args.sglang_args.split()))
+                    )
+                print(
+                    f"{engine} {name}: activate {rows[-1]['activate_s']:.3f}s (floor {rows[-1]['floor_s']:.3f}s, "
+                    f"load {rows[-1]['load_s']:.1f}s)",
+                    flush=True,
+                )
     print()
-    print(table(rows, [
-        ("engine", "engine", ""), ("model", "model", ""), ("weight_gb", "weights GB", ".2f"),
-        ("floor_s", "floor s", ".3f"), ("activate_s", "activate s", ".3f"), ("activate_max_s", "max s", ".3f"),
-        ("allocate_s", "alloc s", ".4f"), ("copy_s", "copy s", ".3f"), ("ready_s", "ready s", ".4f"),
-        ("copy_gbps", "copy GB/s", ".1f"), ("ratio_to_floor", "x floor", ".2f"),
-        ("deactivate_s", "deactivate s", ".4f"), ("first_token_after_s", "1st token s", ".3f"),
-    ]))
+    print(
+        table(
+            rows,
+            [
+                ("engine", "engine", ""),
+                ("model", "model", ""),
+                ("weight_gb", "weights GB", ".2f"),
+                ("floor_s", "floor s", ".3f"),
+                ("activate_s", "activate s", ".3f"),
+                ("activate_max_s", "max s", ".3f"),
+                ("allocate_s", "alloc s", ".4f"),
+                ("copy_s", "copy s", ".3f"),
+                ("ready_s", "ready s", ".4f"),
+                ("copy_gbps", "copy GB/s", ".1f"),
+                ("ratio_to_floor", "x floor", ".2f"),
+                ("deactivate_s", "deactivate s", ".4f"),
+                ("first_token_after_s", "1st token s", ".3f"),
+            ],
+        )
+    )
     for engine in engines:
         mine = [r for r in rows if r["engine"] == engine]
         eight_b = [r for r in mine if r["model"] == "llama-3.1-8b"]
-        print(f"\n{engine}: all within 1.5x floor: {all(r['within_1_5x_floor'] for r in mine)}; "
-              f"all under 1.5 s: {all(r['under_1_5_s'] for r in mine)}"
-              + (f"; 8B under 0.5 s: {eight_b[0]['activate_s'] < 0.5}" if eight_b else ""))
-    write_json(args.json, {"benchmark": "activation", "environment": environment(), "engines": engines,
-                           "sglang_args": args.sglang_args if "sglang" in engines else None,
-                           "pinned_bandwidth_gbps": bandwidth / 1e9, "results": rows})
+        print(
+            f"\n{engine}: all within 1.5x floor: {all(r['within_1_5x_floor'] for r in mine)}; "
+            f"all under 1.5 s: {all(r['under_1_5_s'] for r in mine)}"
+            + (f"; 8B under 0.5 s: {eight_b[0]['activate_s'] < 0.5}" if eight_b else "")
+        )
+    write_json(
+        args.json,
+        {
+            "benchmark": "activation",
+            "environment": environment(),
+            "engines": engines,
+            "sglang_args": args.sglang_args if "sglang" in engines else None,
+            "pinned_bandwidth_gbps": bandwidth / 1e9,
+            "results": rows,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -37,9 +37,8 @@ import time
 from pathlib import Path
 
 import common  # first: puts the project on sys.path
-from common import GPU_CONFIGS, parse_fleet, save_figure, table, write_json
-
 import grpc
+from common import GPU_CONFIGS, parse_fleet, save_figure, table, write_json
 
 from prism.cluster import LocalCluster
 from prism_client.v1 import agent_pb2, agent_pb2_grpc, gateway_pb2_grpc, generate_pb2
@@ -51,8 +50,15 @@ TARGET_RATIO = 1.5
 STATIC_FLOOR = 0.9
 
 
-def make_trace(models: list[str], rate: float, duration_s: float, period_s: float, background: float,
-               prompt_range: tuple[int, int], seed: int) -> list[dict]:
+def make_trace(
+    models: list[str],
+    rate: float,
+    duration_s: float,
+    period_s: float,
+    background: float,
+    prompt_range: tuple[int, int],
+    seed: int,
+) -> list[dict]:
     """Poisson arrivals whose rate per model switches every period: the
     bursting model at `rate`, the others at `rate * background`."""
     rng = random.Random(seed)
@@ -81,8 +87,10 @@ async def one_request(gateway: gateway_pb2_grpc.GatewayStub, entry: dict, i: int
     the REST stream sends only text, and dummy weights' tokens often decode to
     none for a while, which would count as time to first token."""
     request = generate_pb2.GenerateRequest(
-        model=entry["model"], prompt=prompt_of(entry["prompt_len"], i),
-        sampling=generate_pb2.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+        model=entry["model"],
+        prompt=prompt_of(entry["prompt_len"], i),
+        sampling=generate_pb2.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
+    )
     start = time.monotonic()
     first = None
     tokens = 0
@@ -95,8 +103,13 @@ async def one_request(gateway: gateway_pb2_grpc.GatewayStub, entry: dict, i: int
     except grpc.aio.AioRpcError as exc:
         return {"model": entry["model"], "error": f"{exc.code().name}: {exc.details()}", "ttft_s": None}
     end = time.monotonic()
-    return {"model": entry["model"], "error": None, "ttft_s": (first - start) if first else None,
-            "e2e_s": end - start, "tpot_s": (end - first) / max(1, tokens - 1) if first else None}
+    return {
+        "model": entry["model"],
+        "error": None,
+        "ttft_s": (first - start) if first else None,
+        "e2e_s": end - start,
+        "tpot_s": (end - first) / max(1, tokens - 1) if first else None,
+    }
 
 
 async def sample_memory(address: str, samples: list[dict], t0: float) -> None:
@@ -106,9 +119,16 @@ async def sample_memory(address: str, samples: list[dict], t0: float) -> None:
             try:
                 status = await stub.GetStatus(agent_pb2.GetStatusRequest(), timeout=2)
                 gpu = status.gpus[0]
-                samples.append({"t": time.monotonic() - t0, "budget": gpu.kv_budget_bytes,
-                                "engines": {e.model: {"limit": e.kv_limit_bytes, "mapped": e.kv_mapped_bytes,
-                                                      "used": e.kv_used_bytes} for e in gpu.engines}})
+                samples.append(
+                    {
+                        "t": time.monotonic() - t0,
+                        "budget": gpu.kv_budget_bytes,
+                        "engines": {
+                            e.model: {"limit": e.kv_limit_bytes, "mapped": e.kv_mapped_bytes, "used": e.kv_used_bytes}
+                            for e in gpu.engines
+                        },
+                    }
+                )
             except grpc.aio.AioRpcError:
                 pass
             await asyncio.sleep(0.1)
@@ -138,7 +158,8 @@ def summarize(results: list[dict], ttft_slo_s: float) -> dict:
     ttfts = sorted(r["ttft_s"] for r in ok)
     attained = sum(1 for t in ttfts if t <= ttft_slo_s)
     return {
-        "requests": len(results), "errors": len(results) - len(ok),
+        "requests": len(results),
+        "errors": len(results) - len(ok),
         "attainment": attained / len(results) if results else 1.0,
         "ttft_p50_s": statistics.median(ttfts) if ttfts else None,
         "ttft_p99_s": ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))] if ttfts else None,
@@ -163,10 +184,19 @@ def write_config(folder: Path, device: str, ttft_ms: float, fleet: str | None = 
 
         models = {name: (str(path), "auto") for name, path in ensure_default_models(folder / "models").items()}
     else:
-        models = {name: (str(common.ROOT / "bench" / "configs" / cfg), "dummy")
-                  for name, cfg in gpu_models(fleet).items()}
-    config = [{"model_name": name, "model_path": path, "load_format": fmt, "slo": {"ttft_ms": ttft_ms},
-               "init_placements": [{"gpu_ids": [0], "on": True}]} for name, (path, fmt) in models.items()]
+        models = {
+            name: (str(common.ROOT / "bench" / "configs" / cfg), "dummy") for name, cfg in gpu_models(fleet).items()
+        }
+    config = [
+        {
+            "model_name": name,
+            "model_path": path,
+            "load_format": fmt,
+            "slo": {"ttft_ms": ttft_ms},
+            "init_placements": [{"gpu_ids": [0], "on": True}],
+        }
+        for name, (path, fmt) in models.items()
+    ]
     path = folder / "models.json"
     path.write_text(json.dumps(config, indent=2))
     return path, list(models)
@@ -177,18 +207,34 @@ async def warm_up(cluster: LocalCluster, models: list[str], max_tokens: int) -> 
         client = gateway_pb2_grpc.GatewayStub(channel)
         for model in models:
             for batch in (1, 8):
-                await asyncio.gather(*(one_request(client, {"model": model, "prompt_len": 64}, i, max_tokens)
-                                       for i in range(batch)))
+                await asyncio.gather(
+                    *(one_request(client, {"model": model, "prompt_len": 64}, i, max_tokens) for i in range(batch))
+                )
 
 
 def run_policy(policy: str, args, folder: Path) -> dict:
     config, models = write_config(folder, args.device, args.ttft_ms, args.fleet)
     # The reserve: what the agent measures its engine processes hold beyond weights and KV (at least
     # --reserve-gb); with several engines on a GPU they share it through CUDA MPS, as in bench/one_gpu.py.
-    agent_args = ("--memory-policy", policy, "--kv-budget-gb", str(args.kv_budget_gb),
-                  "--memory-reserve-gb", str(args.reserve_gb), "--cuda-mps", args.cuda_mps)
-    cluster = LocalCluster(state_dir=folder / policy, config_path=config, http_port=free_port(), grpc_port=free_port(),
-                           device=args.device, cpu_memory_gb=args.cpu_memory_gb, agent_args=agent_args)
+    agent_args = (
+        "--memory-policy",
+        policy,
+        "--kv-budget-gb",
+        str(args.kv_budget_gb),
+        "--memory-reserve-gb",
+        str(args.reserve_gb),
+        "--cuda-mps",
+        args.cuda_mps,
+    )
+    cluster = LocalCluster(
+        state_dir=folder / policy,
+        config_path=config,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        device=args.device,
+        cpu_memory_gb=args.cpu_memory_gb,
+        agent_args=agent_args,
+    )
     started = time.monotonic()
     cluster.start(timeout_s=600)
     print(f"[{policy}] cluster up in {time.monotonic() - started:.1f}s", flush=True)
@@ -196,17 +242,35 @@ def run_policy(policy: str, args, folder: Path) -> dict:
     try:
         asyncio.run(warm_up(cluster, models, args.max_tokens))
         for rate in args.rates:
-            trace = make_trace(models, rate, args.duration_s, args.period_s, args.background,
-                               (args.prompt_min, args.prompt_max), args.seed)
+            trace = make_trace(
+                models,
+                rate,
+                args.duration_s,
+                args.period_s,
+                args.background,
+                (args.prompt_min, args.prompt_max),
+                args.seed,
+            )
             results, samples, wall = asyncio.run(replay(cluster, trace, args.max_tokens))
             summary = summarize(results, args.ttft_ms / 1000)
-            runs.append({"policy": policy, "rate": rate, "wall_s": wall, **summary,
-                         "per_model": {m: summarize([r for r in results if r["model"] == m], args.ttft_ms / 1000)
-                                       for m in models},
-                         "memory": samples})
-            print(f"[{policy}] rate {rate}/s: {summary['requests']} requests, attainment {summary['attainment']:.1%}, "
-                  f"TTFT p50 {summary['ttft_p50_s'] or 0:.3f}s p99 {summary['ttft_p99_s'] or 0:.3f}s, "
-                  f"{summary['errors']} errors", flush=True)
+            runs.append(
+                {
+                    "policy": policy,
+                    "rate": rate,
+                    "wall_s": wall,
+                    **summary,
+                    "per_model": {
+                        m: summarize([r for r in results if r["model"] == m], args.ttft_ms / 1000) for m in models
+                    },
+                    "memory": samples,
+                }
+            )
+            print(
+                f"[{policy}] rate {rate}/s: {summary['requests']} requests, attainment {summary['attainment']:.1%}, "
+                f"TTFT p50 {summary['ttft_p50_s'] or 0:.3f}s p99 {summary['ttft_p99_s'] or 0:.3f}s, "
+                f"{summary['errors']} errors",
+                flush=True,
+            )
     finally:
         cluster.stop()
     return {"policy": policy, "models": models, "runs": runs}
@@ -240,7 +304,13 @@ def verdict(by_policy: dict[str, dict]) -> dict:
         return {"rate": None, "met": None, "note": f"static stayed at or above {STATIC_FLOOR:.0%} at every rate"}
     rate = below[0]
     ratio = balloon[rate] / static[rate] if static[rate] > 0 else float("inf")
-    return {"rate": rate, "static": static[rate], "balloon": balloon[rate], "ratio": ratio, "met": ratio >= TARGET_RATIO}
+    return {
+        "rate": rate,
+        "static": static[rate],
+        "balloon": balloon[rate],
+        "ratio": ratio,
+        "met": ratio >= TARGET_RATIO,
+    }
 
 
 def plot(payload: dict, path: str) -> None:
@@ -256,10 +326,17 @@ def plot(payload: dict, path: str) -> None:
         run = next(r for r in by_policy[policy]["runs"] if r["rate"] == rate)
         times = [s["t"] for s in run["memory"]]
         for model in by_policy[policy]["models"]:
-            ax.plot(times, [s["engines"].get(model, {}).get("mapped", 0) / 2**30 for s in run["memory"]],
-                    label=f"{model} mapped")
-            ax.plot(times, [s["engines"].get(model, {}).get("limit", 0) / 2**30 for s in run["memory"]],
-                    linestyle="--", label=f"{model} limit")
+            ax.plot(
+                times,
+                [s["engines"].get(model, {}).get("mapped", 0) / 2**30 for s in run["memory"]],
+                label=f"{model} mapped",
+            )
+            ax.plot(
+                times,
+                [s["engines"].get(model, {}).get("limit", 0) / 2**30 for s in run["memory"]],
+                linestyle="--",
+                label=f"{model} limit",
+            )
         ax.plot(times, [s["budget"] / 2**30 for s in run["memory"]], color="black", linewidth=0.8, label="KV budget")
         ax.set_title(f"{policy}: KV memory per engine, {rate:g} req/s (attainment {run['attainment']:.0%})")
         ax.set_xlabel("time (s)")
@@ -288,14 +365,27 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--prompt-min", type=int, default=None)
     parser.add_argument("--prompt-max", type=int, default=None)
-    parser.add_argument("--kv-budget-gb", type=float, default=None,
-                        help="the agent's KV budget cap (0: none; default 0.5 GiB on cuda with the two default models)")
-    parser.add_argument("--fleet", default=None,
-                        help="cuda: SIZE=COUNT,... of 1b, 3b, 8b (dummy weights) instead of one 1B and one 3B")
-    parser.add_argument("--reserve-gb", type=float, default=0.0,
-                        help="the agent's --memory-reserve-gb (default 0: what it measures its processes hold)")
-    parser.add_argument("--cuda-mps", choices=["auto", "on", "off"], default=None,
-                        help="the agent's --cuda-mps (default: on for cuda, off on cpu)")
+    parser.add_argument(
+        "--kv-budget-gb",
+        type=float,
+        default=None,
+        help="the agent's KV budget cap (0: none; default 0.5 GiB on cuda with the two default models)",
+    )
+    parser.add_argument(
+        "--fleet", default=None, help="cuda: SIZE=COUNT,... of 1b, 3b, 8b (dummy weights) instead of one 1B and one 3B"
+    )
+    parser.add_argument(
+        "--reserve-gb",
+        type=float,
+        default=0.0,
+        help="the agent's --memory-reserve-gb (default 0: what it measures its processes hold)",
+    )
+    parser.add_argument(
+        "--cuda-mps",
+        choices=["auto", "on", "off"],
+        default=None,
+        help="the agent's --cuda-mps (default: on for cuda, off on cpu)",
+    )
     parser.add_argument("--cpu-memory-gb", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--state-dir", default=None, help="keep each cluster's logs here (default: a temporary folder)")
@@ -314,10 +404,15 @@ def main() -> None:
     # GPU defaults: a KV budget small enough that the 3B model's bursts run out of memory (a static half
     # holds ~4 of its requests) before they run out of compute (measured on the H200 2026-11-27: with
     # 2 GB the 3B engine was compute-bound from 16 req/s on, where no memory policy helps).
-    defaults = {"rates": [2, 4, 6, 8, 12] if gpu else [2, 4], "duration_s": 15.0 if gpu else 10.0,
-                "ttft_ms": 1000.0 if gpu else 2000.0, "max_tokens": 128 if gpu else 32,
-                "prompt_min": 256 if gpu else 16, "prompt_max": 768 if gpu else 64,
-                "kv_budget_gb": (0.0 if args.fleet else 0.5) if gpu else 0.002}
+    defaults = {
+        "rates": [2, 4, 6, 8, 12] if gpu else [2, 4],
+        "duration_s": 15.0 if gpu else 10.0,
+        "ttft_ms": 1000.0 if gpu else 2000.0,
+        "max_tokens": 128 if gpu else 32,
+        "prompt_min": 256 if gpu else 16,
+        "prompt_max": 768 if gpu else 64,
+        "kv_budget_gb": (0.0 if args.fleet else 0.5) if gpu else 0.002,
+    }
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -336,31 +431,64 @@ def main() -> None:
     rows = []
     for policy in POLICIES:
         for run in by_policy[policy]["runs"]:
-            rows.append({"policy": policy, "rate": run["rate"], "requests": run["requests"], "errors": run["errors"],
-                         "attainment": 100 * run["attainment"], "ttft_p50": run["ttft_p50_s"] or 0,
-                         "ttft_p99": run["ttft_p99_s"] or 0, "tpot_ms": 1000 * (run["tpot_mean_s"] or 0),
-                         "peak_gib": max((max((e["mapped"] for e in s["engines"].values()), default=0)
-                                          for s in run["memory"]), default=0) / 2**30})
+            rows.append(
+                {
+                    "policy": policy,
+                    "rate": run["rate"],
+                    "requests": run["requests"],
+                    "errors": run["errors"],
+                    "attainment": 100 * run["attainment"],
+                    "ttft_p50": run["ttft_p50_s"] or 0,
+                    "ttft_p99": run["ttft_p99_s"] or 0,
+                    "tpot_ms": 1000 * (run["tpot_mean_s"] or 0),
+                    "peak_gib": max(
+                        (max((e["mapped"] for e in s["engines"].values()), default=0) for s in run["memory"]), default=0
+                    )
+                    / 2**30,
+                }
+            )
     payload = {"args": vars(args), "environment": common.environment(), "verdict": result, "policies": by_policy}
     write_json(args.json, payload)
     print()
-    print(table(rows, [("policy", "policy", ""), ("rate", "rate/s", "g"), ("requests", "requests", "d"),
-                       ("errors", "errors", "d"), ("attainment", "TTFT attained %", ".1f"),
-                       ("ttft_p50", "TTFT p50 s", ".3f"), ("ttft_p99", "TTFT p99 s", ".3f"),
-                       ("tpot_ms", "TPOT ms", ".1f"), ("peak_gib", "largest engine KV GiB", ".2f")]))
+    print(
+        table(
+            rows,
+            [
+                ("policy", "policy", ""),
+                ("rate", "rate/s", "g"),
+                ("requests", "requests", "d"),
+                ("errors", "errors", "d"),
+                ("attainment", "TTFT attained %", ".1f"),
+                ("ttft_p50", "TTFT p50 s", ".3f"),
+                ("ttft_p99", "TTFT p99 s", ".3f"),
+                ("tpot_ms", "TPOT ms", ".1f"),
+                ("peak_gib", "largest engine KV GiB", ".2f"),
+            ],
+        )
+    )
     print()
     if result["rate"] is None:
         print(f"verdict: {result['note']} (raise --rates or lower --kv-budget-gb)")
     else:
-        print(f"verdict: at {result['rate']:g} req/s static attains {result['static']:.1%}, balloon "
-              f"{result['balloon']:.1%}: {result['ratio']:.2f}x (target {TARGET_RATIO}x): "
-              f"{'met' if result['met'] else 'NOT met'}")
+        print(
+            f"verdict: at {result['rate']:g} req/s static attains {result['static']:.1%}, balloon "
+            f"{result['balloon']:.1%}: {result['ratio']:.2f}x (target {TARGET_RATIO}x): "
+            f"{'met' if result['met'] else 'NOT met'}"
+        )
     sustained = result["sustained_rate"]
-    print("load sustained at >= {:.0%} attainment: ".format(STATIC_FLOOR) + ", ".join(
-        f"{policy} {'' if sustained[policy]['fell_below'] else '>= '}{sustained[policy]['rate']:.1f} req/s"
-        for policy in POLICIES) + (f" ({sustained['balloon']['rate'] / sustained['static']['rate']:.2f}x"
-                                   f"{' or more' if not sustained['balloon']['fell_below'] else ''})"
-                                   if sustained["static"]["rate"] else ""))
+    print(
+        f"load sustained at >= {STATIC_FLOOR:.0%} attainment: "
+        + ", ".join(
+            f"{policy} {'' if sustained[policy]['fell_below'] else '>= '}{sustained[policy]['rate']:.1f} req/s"
+            for policy in POLICIES
+        )
+        + (
+            f" ({sustained['balloon']['rate'] / sustained['static']['rate']:.2f}x"
+            f"{' or more' if not sustained['balloon']['fell_below'] else ''})"
+            if sustained["static"]["rate"]
+            else ""
+        )
+    )
     if args.plot:
         try:
             plot(payload, args.plot)

@@ -35,11 +35,41 @@ def run_tree(tree: Path, out: Path, models: list[str], batches: list[int], repea
     kept = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and not _inside_a_tree(p)]
     env["PYTHONPATH"] = os.pathsep.join([str(tree), str(tree / "clients" / "python"), *kept])
     decode, activation = out / "decode.json", out / "activation.json"
-    subprocess.run([sys.executable, str(tree / "bench" / "decode_throughput.py"), "--models", ",".join(models),
-                    "--batches", ",".join(map(str, batches)), "--attention", "triton", "--no-hf", "--device", device,
-                    "--json", str(decode)], cwd=tree, env=env, check=True)
-    subprocess.run([sys.executable, str(tree / "bench" / "activation.py"), "--models", *ACTIVATION_MODELS,
-                    "--repeats", str(repeats), "--json", str(activation)], cwd=tree, env=env, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(tree / "bench" / "decode_throughput.py"),
+            "--models",
+            ",".join(models),
+            "--batches",
+            ",".join(map(str, batches)),
+            "--attention",
+            "triton",
+            "--no-hf",
+            "--device",
+            device,
+            "--json",
+            str(decode),
+        ],
+        cwd=tree,
+        env=env,
+        check=True,
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            str(tree / "bench" / "activation.py"),
+            "--models",
+            *ACTIVATION_MODELS,
+            "--repeats",
+            str(repeats),
+            "--json",
+            str(activation),
+        ],
+        cwd=tree,
+        env=env,
+        check=True,
+    )
     return {"decode": json.loads(decode.read_text()), "activation": json.loads(activation.read_text())}
 
 
@@ -54,15 +84,31 @@ def rows(before: dict, after: dict) -> list[dict]:
     for r in after["decode"]["results"]:
         b = decode_before.get((r["model"], r["batch"]))
         if b is not None:
-            out.append({"what": f"decode step, batch {r['batch']}", "model": r["model"], "unit": "ms",
-                        "before": b["step_ms"], "after": r["step_ms"], "ratio": r["step_ms"] / b["step_ms"]})
+            out.append(
+                {
+                    "what": f"decode step, batch {r['batch']}",
+                    "model": r["model"],
+                    "unit": "ms",
+                    "before": b["step_ms"],
+                    "after": r["step_ms"],
+                    "ratio": r["step_ms"] / b["step_ms"],
+                }
+            )
     activation_before = {r["model"]: r for r in before["activation"]["results"]}
     for r in after["activation"]["results"]:
         b = activation_before.get(r["model"])
         if b is not None:
             for key, what in (("activate_s", "activation"), ("deactivate_s", "deactivation")):
-                out.append({"what": what, "model": r["model"], "unit": "s", "before": b[key], "after": r[key],
-                            "ratio": r[key] / b[key]})
+                out.append(
+                    {
+                        "what": what,
+                        "model": r["model"],
+                        "unit": "s",
+                        "before": b[key],
+                        "after": r[key],
+                        "ratio": r[key] / b[key],
+                    }
+                )
     return out
 
 
@@ -71,8 +117,10 @@ def print_table(table: list[dict]) -> None:
     print(header)
     print("-" * len(header))
     for r in table:
-        print(f"{r['what']:<22} {r['model']:<14} {r['before']:>9.4f}{r['unit']:<1} {r['after']:>9.4f}{r['unit']:<1} "
-              f"{r['ratio']:>13.3f}")
+        print(
+            f"{r['what']:<22} {r['model']:<14} {r['before']:>9.4f}{r['unit']:<1} {r['after']:>9.4f}{r['unit']:<1} "
+            f"{r['ratio']:>13.3f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -90,8 +138,17 @@ def main(argv: list[str] | None = None) -> None:
             (Path(tmp) / label).mkdir()
             results[label] = run_tree(tree, Path(tmp) / label, args.models, args.batches, args.repeats, args.device)
     table = rows(results["before"], results["after"])
-    args.out.write_text(json.dumps({"benchmark": "before_after", "environment": results["after"]["decode"].get(
-        "environment"), "table": table, **results}, indent=1))
+    args.out.write_text(
+        json.dumps(
+            {
+                "benchmark": "before_after",
+                "environment": results["after"]["decode"].get("environment"),
+                "table": table,
+                **results,
+            },
+            indent=1,
+        )
+    )
     print_table(table)
 
 

@@ -90,9 +90,11 @@ AGENT_LEASE_S = 5  # the agent's --lease-ttl-s default
 STOP_S = AGENT_LEASE_S + 3  # agent-stop: frozen past its lease
 
 _REFUSED_DETAIL = re.compile(r"ConnectError|Connection refused|failed to connect", re.IGNORECASE)
-_CUT_DETAIL = re.compile(r"ReadError|RemoteProtocolError|WriteError|Socket closed|Connection reset|"
-                         r"peer closed|incomplete chunked read|Broken pipe|without the gateway's trailers",
-                         re.IGNORECASE)
+_CUT_DETAIL = re.compile(
+    r"ReadError|RemoteProtocolError|WriteError|Socket closed|Connection reset|"
+    r"peer closed|incomplete chunked read|Broken pipe|without the gateway's trailers",
+    re.IGNORECASE,
+)
 
 
 def chaos_kind(outcome: Outcome) -> str:
@@ -117,8 +119,17 @@ class PrismUp:
     """`prism up` in a process of its own, with its console kept; the pids of what it started read from
     STATE/pids.json (it rewrites the file on every restart)."""
 
-    def __init__(self, state: Path, config: Path, *, agents: int, scheduler_replicas: int, http_port: int,
-                 grpc_port: int, cpu_memory_gb: float):
+    def __init__(
+        self,
+        state: Path,
+        config: Path,
+        *,
+        agents: int,
+        scheduler_replicas: int,
+        http_port: int,
+        grpc_port: int,
+        cpu_memory_gb: float,
+    ):
         self.state = state
         self.http_url = f"http://127.0.0.1:{http_port}"
         self.grpc_target = f"127.0.0.1:{grpc_port}"
@@ -126,11 +137,36 @@ class PrismUp:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "prism.cli", "up", "--config", str(config), "--state-dir", str(state),
-             "--device", "cpu", "--cpu-memory-gb", str(cpu_memory_gb), "--engine-isolation", "process",
-             "--agents", str(agents), "--scheduler-replicas", str(scheduler_replicas),
-             "--http-port", str(http_port), "--grpc-port", str(grpc_port)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "prism.cli",
+                "up",
+                "--config",
+                str(config),
+                "--state-dir",
+                str(state),
+                "--device",
+                "cpu",
+                "--cpu-memory-gb",
+                str(cpu_memory_gb),
+                "--engine-isolation",
+                "process",
+                "--agents",
+                str(agents),
+                "--scheduler-replicas",
+                str(scheduler_replicas),
+                "--http-port",
+                str(http_port),
+                "--grpc-port",
+                str(grpc_port),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
 
@@ -180,9 +216,15 @@ def write_config(state: Path, replicas: int = 1) -> Path:
     from prism.tiny_models import ensure_default_models
 
     paths = ensure_default_models(state / "models")
-    models = [{"model_name": f"{name}{suffix}", "model_path": str(path),
-               "init_placements": [{"gpu_ids": [0], "on": True, "max_memory_pool_size": 0.25}] * replicas}
-              for suffix in ("", "-b") for name, path in sorted(paths.items())]
+    models = [
+        {
+            "model_name": f"{name}{suffix}",
+            "model_path": str(path),
+            "init_placements": [{"gpu_ids": [0], "on": True, "max_memory_pool_size": 0.25}] * replicas,
+        }
+        for suffix in ("", "-b")
+        for name, path in sorted(paths.items())
+    ]
     config = state / "models.json"
     config.write_text(json.dumps(models, indent=2))
     return config
@@ -199,8 +241,17 @@ class OpenLoopLoad:
     """Requests sent at Poisson arrivals of `rate` per second (not waiting for earlier ones), from an event
     loop on a thread of its own, until stopped; every Outcome kept, in the order they ended."""
 
-    def __init__(self, http_url: str, grpc_target: str, models: list[str], *, rate: float, seed: int,
-                 deadline_s: float, max_tokens: int = 8):
+    def __init__(
+        self,
+        http_url: str,
+        grpc_target: str,
+        models: list[str],
+        *,
+        rate: float,
+        seed: int,
+        deadline_s: float,
+        max_tokens: int = 8,
+    ):
         self.http_url, self.grpc_target = http_url, grpc_target
         self.models, self.rate, self.seed = tuple(models), rate, seed
         self.deadline_s, self.max_tokens = deadline_s, max_tokens
@@ -340,8 +391,11 @@ def consistency_problems(snapshot, models: list[str], elected_after: float = 0.0
             else:
                 placed.add(p["model"])
     problems += [f"{m}: not placed on a live agent" for m in models if m not in placed]
-    problems += [f"{agent}: runs {model}, which no placement names"
-                 for (agent, model) in engines if agent in live and (agent, model) not in named]
+    problems += [
+        f"{agent}: runs {model}, which no placement names"
+        for (agent, model) in engines
+        if agent in live and (agent, model) not in named
+    ]
     for agent in live.values():
         if agent.status is None:
             problems.append(f"{agent.agent_id}: no status ({agent.error})")
@@ -397,8 +451,7 @@ def inject(fault: str, up: PrismUp, etcd: str) -> tuple[str, float, float]:
     return target, at, at
 
 
-def watch_recovery(injection: Injection, load: OpenLoopLoad, etcd: str, models: list[str],
-                   bound_s: float) -> None:
+def watch_recovery(injection: Injection, load: OpenLoopLoad, etcd: str, models: list[str], bound_s: float) -> None:
     """Fills the injection's recovery times, polling until both the load and the placement have recovered
     (or bound_s has passed since it cleared)."""
     deadline = injection.cleared_at + bound_s
@@ -437,8 +490,19 @@ def attribute(outcomes: list[Outcome], injections: list[Injection]) -> dict[int,
     return out
 
 
-def run_seed(seed: int, faults: list[str], *, rate: float, deadline_s: float, bound_s: float, gap_s: tuple[float, float],
-             agents: int, cpu_memory_gb: float, replicas: int = 1, log=print) -> dict:
+def run_seed(
+    seed: int,
+    faults: list[str],
+    *,
+    rate: float,
+    deadline_s: float,
+    bound_s: float,
+    gap_s: tuple[float, float],
+    agents: int,
+    cpu_memory_gb: float,
+    replicas: int = 1,
+    log=print,
+) -> dict:
     from services.common.etcd_server import free_port
 
     rng = random.Random(seed)
@@ -446,8 +510,15 @@ def run_seed(seed: int, faults: list[str], *, rate: float, deadline_s: float, bo
         state = Path(tmp)
         config = write_config(state, replicas)
         models = model_names(config)
-        up = PrismUp(state, config, agents=agents, scheduler_replicas=2, http_port=free_port(),
-                     grpc_port=free_port(), cpu_memory_gb=cpu_memory_gb)
+        up = PrismUp(
+            state,
+            config,
+            agents=agents,
+            scheduler_replicas=2,
+            http_port=free_port(),
+            grpc_port=free_port(),
+            cpu_memory_gb=cpu_memory_gb,
+        )
         injections: list[Injection] = []
         load = None
         try:
@@ -463,9 +534,11 @@ def run_seed(seed: int, faults: list[str], *, rate: float, deadline_s: float, bo
                 injections.append(injection)
                 log(f"seed {seed}, {replicas} replica(s) a model: {fault} ({target})")
                 watch_recovery(injection, load, etcd, models, bound_s)
-                log(f"  resumed {_s(injection.resumed_s)}, all models served {_s(injection.all_served_s)}, "
+                log(
+                    f"  resumed {_s(injection.resumed_s)}, all models served {_s(injection.all_served_s)}, "
                     f"consistent {_s(injection.consistent_s)}"
-                    + (f"; still: {injection.problems[:3]}" if injection.consistent_s is None else ""))
+                    + (f"; still: {injection.problems[:3]}" if injection.consistent_s is None else "")
+                )
             time.sleep(gap_s[0])
         finally:
             if load is not None:
@@ -477,8 +550,9 @@ def run_seed(seed: int, faults: list[str], *, rate: float, deadline_s: float, bo
         for i, injection in enumerate(injections):
             mine = by_injection.get(i, [])
             injection.ends = dict(Counter(chaos_kind(o) for o in mine))
-            injection.lost_examples = [f"#{o.index} {o.shape} after {o.latency_s:.2f}s: {o.detail}"
-                                       for o in mine if chaos_kind(o) == LOST][:10]
+            injection.lost_examples = [
+                f"#{o.index} {o.shape} after {o.latency_s:.2f}s: {o.detail}" for o in mine if chaos_kind(o) == LOST
+            ][:10]
         before = by_injection.get(-1, [])
         restarts = [line for line in console if "restart" in line]
         return {
@@ -488,8 +562,16 @@ def run_seed(seed: int, faults: list[str], *, rate: float, deadline_s: float, bo
             "ends": dict(Counter(chaos_kind(o) for o in outcomes)),
             "missing_model_requests": sum(o.expected_error for o in outcomes),
             "before_first_fault": dict(Counter(chaos_kind(o) for o in before)),
-            "injections": [{**asdict(inj), "at": None, "wall_at": None, "cleared_at": None,
-                            "stopped_s": round(inj.cleared_at - inj.at, 2)} for inj in injections],
+            "injections": [
+                {
+                    **asdict(inj),
+                    "at": None,
+                    "wall_at": None,
+                    "cleared_at": None,
+                    "stopped_s": round(inj.cleared_at - inj.at, 2),
+                }
+                for inj in injections
+            ],
             "supervisor_lines": restarts,
         }
 
@@ -518,27 +600,46 @@ def fault_table(runs: list[dict]) -> list[dict]:
             values = sorted(v for v in (inj[key] for inj in injs) if v is not None)
             return values[len(values) // 2] if values else None
 
-        rows.append({"fault": fault, "injected": len(injs), "requests": sum(ends.values()),
-                     **{kind: ends[kind] for kind in KINDS},
-                     "resumed_median_s": median("resumed_s"), "resumed_max_s": worst("resumed_s"),
-                     "all_served_max_s": worst("all_served_s"), "consistent_max_s": worst("consistent_s")})
+        rows.append(
+            {
+                "fault": fault,
+                "injected": len(injs),
+                "requests": sum(ends.values()),
+                **{kind: ends[kind] for kind in KINDS},
+                "resumed_median_s": median("resumed_s"),
+                "resumed_max_s": worst("resumed_s"),
+                "all_served_max_s": worst("all_served_s"),
+                "consistent_max_s": worst("consistent_s"),
+            }
+        )
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--faults", default=",".join(FAULTS), help=f"in this order, each once a seed ({', '.join(FAULTS)})")
     p.add_argument("--rate", type=float, default=4.0, help="requests per second (Poisson arrivals)")
     p.add_argument("--deadline-s", type=float, default=60.0, help="a request not ended by then is hung (lost)")
     p.add_argument("--bound-s", type=float, default=60.0, help="how long recovery is waited for after a fault")
-    p.add_argument("--gap-s", type=float, nargs=2, default=[3.0, 8.0],
-                   help="a fault comes this many seconds (uniform, by the seed) after the last one recovered")
+    p.add_argument(
+        "--gap-s",
+        type=float,
+        nargs=2,
+        default=[3.0, 8.0],
+        help="a fault comes this many seconds (uniform, by the seed) after the last one recovered",
+    )
     p.add_argument("--agents", type=int, default=2)
-    p.add_argument("--replicas", type=int, nargs="+", default=[1, 2],
-                   help="placements of each model; each seed runs once with each (1: an agent's death means "
-                        "re-placing its models; 2: each model also runs on the other agent)")
+    p.add_argument(
+        "--replicas",
+        type=int,
+        nargs="+",
+        default=[1, 2],
+        help="placements of each model; each seed runs once with each (1: an agent's death means "
+        "re-placing its models; 2: each model also runs on the other agent)",
+    )
     p.add_argument("--cpu-memory-gb", type=float, default=1.0, help="each agent's CPU device")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -548,35 +649,83 @@ def main(argv: list[str] | None = None) -> int:
     # A SIGTERM ends the run as Ctrl-C does: each run's cluster is stopped on the way out, not left behind.
     signal.signal(signal.SIGTERM, _interrupt)
     started = time.time()
-    runs = [run_seed(seed, faults, rate=args.rate, deadline_s=args.deadline_s, bound_s=args.bound_s,
-                     gap_s=tuple(args.gap_s), agents=args.agents, cpu_memory_gb=args.cpu_memory_gb, replicas=replicas)
-            for replicas in args.replicas for seed in args.seeds]
-    rows = [{"replicas": replicas, **row} for replicas in args.replicas
-            for row in fault_table([run for run in runs if run["replicas"] == replicas])]
+    runs = [
+        run_seed(
+            seed,
+            faults,
+            rate=args.rate,
+            deadline_s=args.deadline_s,
+            bound_s=args.bound_s,
+            gap_s=tuple(args.gap_s),
+            agents=args.agents,
+            cpu_memory_gb=args.cpu_memory_gb,
+            replicas=replicas,
+        )
+        for replicas in args.replicas
+        for seed in args.seeds
+    ]
+    rows = [
+        {"replicas": replicas, **row}
+        for replicas in args.replicas
+        for row in fault_table([run for run in runs if run["replicas"] == replicas])
+    ]
     totals = Counter()
     for run in runs:
         totals.update(run["ends"])
     wall_s = time.time() - started
     from bench.common import environment, table, write_json
 
-    result = {"benchmark": "chaos", "environment": environment(), "wall_s": round(wall_s, 1),
-              "settings": {"seeds": args.seeds, "faults": faults, "rate": args.rate, "deadline_s": args.deadline_s,
-                           "bound_s": args.bound_s, "gap_s": args.gap_s, "agents": args.agents,
-                           "replicas": args.replicas,
-                           "scheduler_replicas": 2, "engine_isolation": "process", "models": 4},
-              "totals": dict(totals), "faults": rows, "runs": runs,
-              "lost": totals[LOST], "cut_outside_gateway_faults": sum(r[CUT] for r in rows if r["fault"] != "gateway")}
+    result = {
+        "benchmark": "chaos",
+        "environment": environment(),
+        "wall_s": round(wall_s, 1),
+        "settings": {
+            "seeds": args.seeds,
+            "faults": faults,
+            "rate": args.rate,
+            "deadline_s": args.deadline_s,
+            "bound_s": args.bound_s,
+            "gap_s": args.gap_s,
+            "agents": args.agents,
+            "replicas": args.replicas,
+            "scheduler_replicas": 2,
+            "engine_isolation": "process",
+            "models": 4,
+        },
+        "totals": dict(totals),
+        "faults": rows,
+        "runs": runs,
+        "lost": totals[LOST],
+        "cut_outside_gateway_faults": sum(r[CUT] for r in rows if r["fault"] != "gateway"),
+    }
     write_json(args.json, result)
     print()
-    print(f"{sum(r['injected'] for r in rows)} faults over {len(runs)} runs, {sum(totals.values())} requests at "
-          f"{args.rate:g}/s in {wall_s:.0f} s: " + ", ".join(f"{k} {totals[k]}" for k in KINDS))
-    print(table(rows, [("replicas", "replicas", "d"), ("fault", "fault", ""), ("injected", "n", "d"),
-                       ("requests", "requests", "d"),
-                       (COMPLETE, "complete", "d"), (NOT_FOUND, "404", "d"), (ERROR, "error", "d"),
-                       (CANCELLED, "cancel", "d"),
-                       (REFUSED, "refused", "d"), (CUT, "cut", "d"), (LOST, "lost", "d"),
-                       ("resumed_median_s", "resumed p50 s", ".1f"), ("resumed_max_s", "resumed max s", ".1f"),
-                       ("all_served_max_s", "all served s", ".1f"), ("consistent_max_s", "consistent s", ".1f")]))
+    print(
+        f"{sum(r['injected'] for r in rows)} faults over {len(runs)} runs, {sum(totals.values())} requests at "
+        f"{args.rate:g}/s in {wall_s:.0f} s: " + ", ".join(f"{k} {totals[k]}" for k in KINDS)
+    )
+    print(
+        table(
+            rows,
+            [
+                ("replicas", "replicas", "d"),
+                ("fault", "fault", ""),
+                ("injected", "n", "d"),
+                ("requests", "requests", "d"),
+                (COMPLETE, "complete", "d"),
+                (NOT_FOUND, "404", "d"),
+                (ERROR, "error", "d"),
+                (CANCELLED, "cancel", "d"),
+                (REFUSED, "refused", "d"),
+                (CUT, "cut", "d"),
+                (LOST, "lost", "d"),
+                ("resumed_median_s", "resumed p50 s", ".1f"),
+                ("resumed_max_s", "resumed max s", ".1f"),
+                ("all_served_max_s", "all served s", ".1f"),
+                ("consistent_max_s", "consistent s", ".1f"),
+            ],
+        )
+    )
     return 1 if totals[LOST] or result["cut_outside_gateway_faults"] else 0
 
 

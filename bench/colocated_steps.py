@@ -37,21 +37,29 @@ import common  # noqa: F401  first: puts the project on sys.path
 from common import environment, table, write_json
 
 
-
 def _worker(index: int, args: argparse.Namespace, barrier, results) -> None:
     from decode_throughput import build_engine, decode_round, first_token_s, model_folder, prompt_of_length
 
     async def measure(engine, decode_prompt: str, prefill_prompt: str, tag: str) -> dict:
-        steps = [(await decode_round(engine, decode_prompt, args.prompt_tokens, args.batch, args.new_tokens,
-                                     f"{tag}-d{i}"))["step_s"] for i in range(args.rounds)]
+        steps = [
+            (await decode_round(engine, decode_prompt, args.prompt_tokens, args.batch, args.new_tokens, f"{tag}-d{i}"))[
+                "step_s"
+            ]
+            for i in range(args.rounds)
+        ]
         prefills = [await first_token_s(engine, prefill_prompt, f"{tag}-p{i}") for i in range(args.prefills)]
         return {"decode_step_ms": 1e3 * statistics.median(steps), "prefill_ms": 1e3 * statistics.median(prefills)}
 
     async def run() -> None:
         model = args.models[index]
-        engine = build_engine(model_folder(model), "auto", args.device, args.batch, max(args.prompt_tokens,
-                                                                                 args.prefill_tokens),
-                              args.new_tokens)
+        engine = build_engine(
+            model_folder(model),
+            "auto",
+            args.device,
+            args.batch,
+            max(args.prompt_tokens, args.prefill_tokens),
+            args.new_tokens,
+        )
         decode_prompt = prompt_of_length(engine, args.prompt_tokens)
         prefill_prompt = prompt_of_length(engine, args.prefill_tokens)
         await measure(engine, decode_prompt, prefill_prompt, "warm")  # graphs, allocator
@@ -100,20 +108,46 @@ def main() -> None:
             others_alone = sum(results[(other, "alone")][kind] for other in range(count) if other != index)
             # together = alone + (1 - overlap) * the others' alone steps, while all are busy
             overlap = 1 - (together - alone) / others_alone if others_alone else None
-            rows.append({"model": model, "step": kind.removesuffix("_ms"), "alone_ms": alone,
-                         "together_ms": together, "ratio": together / alone, "overlap": overlap})
-    print(table(rows, [("model", "model", "s"), ("step", "step", "s"), ("alone_ms", "alone ms", ".2f"),
-                       ("together_ms", "together ms", ".2f"), ("ratio", "x alone", ".2f"),
-                       ("overlap", "overlap", ".2f")]))
-    write_json(args.json, {"benchmark": "colocated_steps", "environment": environment(), "settings": vars(args) | {
-        "json": str(args.json), "mps": _mps_daemon_running()}, "rows": rows})
+            rows.append(
+                {
+                    "model": model,
+                    "step": kind.removesuffix("_ms"),
+                    "alone_ms": alone,
+                    "together_ms": together,
+                    "ratio": together / alone,
+                    "overlap": overlap,
+                }
+            )
+    print(
+        table(
+            rows,
+            [
+                ("model", "model", "s"),
+                ("step", "step", "s"),
+                ("alone_ms", "alone ms", ".2f"),
+                ("together_ms", "together ms", ".2f"),
+                ("ratio", "x alone", ".2f"),
+                ("overlap", "overlap", ".2f"),
+            ],
+        )
+    )
+    write_json(
+        args.json,
+        {
+            "benchmark": "colocated_steps",
+            "environment": environment(),
+            "settings": vars(args) | {"json": str(args.json), "mps": _mps_daemon_running()},
+            "rows": rows,
+        },
+    )
 
 
 def _mps_daemon_running() -> bool:
     """Whether a CUDA MPS control daemon runs here (the results differ with it)."""
     try:
-        return subprocess.run(["pgrep", "-f", "nvidia-cuda-mps-control"], capture_output=True,
-                              check=False).returncode == 0
+        return (
+            subprocess.run(["pgrep", "-f", "nvidia-cuda-mps-control"], capture_output=True, check=False).returncode == 0
+        )
     except FileNotFoundError:
         return False
 

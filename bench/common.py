@@ -53,8 +53,12 @@ def parse_fleet(text: str, sizes=GPU_CONFIGS) -> list[str]:
 def environment() -> dict:
     import torch
 
-    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "python": platform.python_version(), "torch": torch.__version__, "host": platform.node()}
+    env = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "host": platform.node(),
+    }
     if torch.cuda.is_available():
         env["device"] = torch.cuda.get_device_name(0)
         env["cuda"] = torch.version.cuda
@@ -132,8 +136,12 @@ class MemorySampler:
             sample: dict = {"t": round(time.monotonic() - self.t0, 2)}
             if self._smi:
                 try:
-                    out = subprocess.run([self._smi, "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
-                                         capture_output=True, text=True, timeout=5).stdout
+                    out = subprocess.run(
+                        [self._smi, "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
+                        capture_output=True,
+                        text=True,
+                        timeout=5,
+                    ).stdout
                     sample["used_mib"] = [int(line.split(",")[1]) for line in out.strip().splitlines()]
                 except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
                     pass
@@ -149,9 +157,24 @@ class MemorySampler:
             sample["active"] = sorted(e.model for e in status.engines if e.state == agent_pb2.ENGINE_STATE_ACTIVE)
             # Each active engine's GPU memory, GB: weights + KV mapped (+ its KV limit, the KV its requests
             # use, the pages those are on, and its demand), per GPU.
-            sample["engines_gb"] = [{e.model: [round(b / 1e9, 2) for b in (
-                e.weight_bytes, e.kv_mapped_bytes, e.kv_limit_bytes, e.kv_used_bytes, e.kv_held_bytes,
-                e.kv_demand_bytes)] for e in g.engines if e.active} for g in status.gpus]
+            sample["engines_gb"] = [
+                {
+                    e.model: [
+                        round(b / 1e9, 2)
+                        for b in (
+                            e.weight_bytes,
+                            e.kv_mapped_bytes,
+                            e.kv_limit_bytes,
+                            e.kv_used_bytes,
+                            e.kv_held_bytes,
+                            e.kv_demand_bytes,
+                        )
+                    ]
+                    for e in g.engines
+                    if e.active
+                }
+                for g in status.gpus
+            ]
             self.samples.append(sample)
 
 
@@ -179,8 +202,9 @@ async def first_token_s(engine) -> float:
     from services.gpu_agent.engine import GenerationRequest
 
     start = time.perf_counter()
-    stream = engine.generate(GenerationRequest("first-token", prompt="Hello", max_tokens=1, temperature=0.0,
-                                               ignore_eos=True))
+    stream = engine.generate(
+        GenerationRequest("first-token", prompt="Hello", max_tokens=1, temperature=0.0, ignore_eos=True)
+    )
     async for _ in stream:
         break
     await stream.aclose()

@@ -73,8 +73,9 @@ def torch_decode(q, k_buffer, v_buffer, slot_table, seq_lens, scale: float) -> t
     positions = torch.arange(slot_table.shape[1], device=q.device)
     mask = (positions[None, :] < seq_lens[:, None])[:, None, None, :]  # [B, 1, 1, L]
     with sdpa_kernel(SDPA_BACKENDS):
-        out = F.scaled_dot_product_attention(q[:, :, None, :], keys, values, attn_mask=mask, scale=scale,
-                                             enable_gqa=True)
+        out = F.scaled_dot_product_attention(
+            q[:, :, None, :], keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+        )
     return out[:, :, 0, :]
 
 
@@ -101,7 +102,7 @@ def bench_one(batch: int, context: int, iters: int, sweep: bool, gen: torch.Gene
     from services.gpu_agent.engine import triton_decode
 
     inputs = make_inputs(batch, context, gen)
-    scale = HEAD_DIM ** -0.5
+    scale = HEAD_DIM**-0.5
     row = {"batch": batch, "context": context, "kv_mib": kv_bytes(batch, context) / 2**20}
 
     expected = torch_decode(**inputs, scale=scale)
@@ -112,7 +113,8 @@ def bench_one(batch: int, context: int, iters: int, sweep: bool, gen: torch.Gene
 
     programs = batch * KV_HEADS  # one program per (sequence, kv head): the whole GQA group fits one
     row["auto_splits"] = triton_decode._split_tokens(
-        context, triton_decode._auto_num_splits(programs, context, torch.device("cuda")), 64)[1]
+        context, triton_decode._auto_num_splits(programs, context, torch.device("cuda")), 64
+    )[1]
     row["torch_ms"] = time_ms(lambda: torch_decode(**inputs, scale=scale), iters)
     row["triton_ms"] = time_ms(lambda: triton_decode.paged_decode_attention(**inputs, scale=scale), iters)
     row["speedup"] = row["torch_ms"] / row["triton_ms"]
@@ -126,7 +128,8 @@ def bench_one(batch: int, context: int, iters: int, sweep: bool, gen: torch.Gene
             launched = triton_decode._split_tokens(context, splits, 64)[1]
             if str(launched) not in row["sweep_ms"]:
                 row["sweep_ms"][str(launched)] = time_ms(
-                    lambda n=splits: triton_decode.paged_decode_attention(**inputs, scale=scale, num_splits=n), iters)
+                    lambda n=splits: triton_decode.paged_decode_attention(**inputs, scale=scale, num_splits=n), iters
+                )
         best = min(row["sweep_ms"], key=row["sweep_ms"].get)
         row["best_splits"], row["best_ms"] = int(best), row["sweep_ms"][best]
     return row
@@ -155,22 +158,40 @@ def main() -> None:
                 continue
             rows.append(bench_one(batch, context, args.iters, not args.no_sweep, gen))
             torch.cuda.empty_cache()
-            print(f"batch {batch:3d} context {context:6d}: torch {rows[-1]['torch_ms']:.3f} ms, "
-                  f"triton {rows[-1]['triton_ms']:.3f} ms", flush=True)
+            print(
+                f"batch {batch:3d} context {context:6d}: torch {rows[-1]['torch_ms']:.3f} ms, "
+                f"triton {rows[-1]['triton_ms']:.3f} ms",
+                flush=True,
+            )
 
-    print(f"\n{torch.cuda.get_device_name(0)}: {HEADS} heads, {KV_HEADS} kv heads, head_dim {HEAD_DIM}, "
-          f"{str(DTYPE).removeprefix('torch.')}, one layer; median of {args.iters}")
-    columns = [("batch", "batch", "d"), ("context", "context", "d"), ("kv_mib", "KV MiB", ".0f"),
-               ("torch_ms", "torch ms", ".3f"), ("triton_ms", "triton ms", ".3f"), ("speedup", "speed-up", ".2f"),
-               ("triton_gbps", "KV GB/s", ".0f"), ("auto_splits", "splits", "d")]
+    print(
+        f"\n{torch.cuda.get_device_name(0)}: {HEADS} heads, {KV_HEADS} kv heads, head_dim {HEAD_DIM}, "
+        f"{str(DTYPE).removeprefix('torch.')}, one layer; median of {args.iters}"
+    )
+    columns = [
+        ("batch", "batch", "d"),
+        ("context", "context", "d"),
+        ("kv_mib", "KV MiB", ".0f"),
+        ("torch_ms", "torch ms", ".3f"),
+        ("triton_ms", "triton ms", ".3f"),
+        ("speedup", "speed-up", ".2f"),
+        ("triton_gbps", "KV GB/s", ".0f"),
+        ("auto_splits", "splits", "d"),
+    ]
     if not args.no_sweep:
         columns += [("best_splits", "best splits", "d"), ("best_ms", "best ms", ".3f")]
     columns += [("max_abs_err", "max err", ".1e"), ("agree", "agree", "")]
     print(table(rows, columns))
-    write_json(args.json, {"benchmark": "decode_attention", "environment": environment(),
-                           "geometry": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM,
-                                        "dtype": str(DTYPE)},
-                           "iters": args.iters, "results": rows})
+    write_json(
+        args.json,
+        {
+            "benchmark": "decode_attention",
+            "environment": environment(),
+            "geometry": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "dtype": str(DTYPE)},
+            "iters": args.iters,
+            "results": rows,
+        },
+    )
     if not all(row["agree"] for row in rows):
         raise SystemExit("the Triton and torch outputs disagree (see max err)")
 

@@ -55,9 +55,9 @@ import common  # first: puts the project on sys.path
 import torch
 from common import environment, table, write_json
 
+from services.common.step_costs import DEFAULT_STEP_TOKENS
 from services.gpu_agent.engine import Engine, EngineError, GenerationRequest
 from services.gpu_agent.engine.model_config import load_model_config
-from services.common.step_costs import DEFAULT_STEP_TOKENS
 
 MODELS = ["llama-3.2-1b", "llama-3.1-8b"]
 BATCHES = [1, 8, 32, 128]
@@ -127,8 +127,9 @@ def step_weight_bytes(folder: Path, weight_bytes: int) -> int:
     return weight_bytes - config.vocab_size * config.hidden_size * DTYPE.itemsize
 
 
-def floor_s(weight_bytes: int, kv_bytes_per_token: int, batch: int, prompt_tokens: int, new_tokens: int,
-            bandwidth: float) -> float:
+def floor_s(
+    weight_bytes: int, kv_bytes_per_token: int, batch: int, prompt_tokens: int, new_tokens: int, bandwidth: float
+) -> float:
     # The timed steps attend over prompt + 1 ... prompt + new - 1 tokens: on average prompt + new / 2.
     average_context = prompt_tokens + new_tokens / 2
     return (weight_bytes + batch * average_context * kv_bytes_per_token) / bandwidth
@@ -163,8 +164,15 @@ def prompt_of_length(engine: Engine, n: int) -> str:
     raise RuntimeError(f"no prefix of the prompt text encodes to exactly {n} tokens")
 
 
-def build_engine(folder: Path, attention: str, device: str, max_batch: int, prompt_tokens: int,
-                 new_tokens: int, kv_pool: str = "auto") -> Engine:
+def build_engine(
+    folder: Path,
+    attention: str,
+    device: str,
+    max_batch: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    kv_pool: str = "auto",
+) -> Engine:
     config = load_model_config(folder)
     kv_bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * DTYPE.itemsize
     # Twice what the largest batch holds, plus a margin for the pool's whole-page
@@ -174,8 +182,17 @@ def build_engine(folder: Path, attention: str, device: str, max_batch: int, prom
     # The whole batch's prefill in one step: every request then starts decoding
     # in the same step, and the timed window holds exactly new_tokens - 1 steps.
     step_tokens = max(DEFAULT_STEP_TOKENS, max_batch * prompt_tokens)
-    engine = Engine(folder, name=folder.name, load_format="dummy", dtype="bfloat16", device=device,
-                    memory_limit_bytes=memory_limit, attention=attention, step_tokens=step_tokens, kv_pool=kv_pool)
+    engine = Engine(
+        folder,
+        name=folder.name,
+        load_format="dummy",
+        dtype="bfloat16",
+        device=device,
+        memory_limit_bytes=memory_limit,
+        attention=attention,
+        step_tokens=step_tokens,
+        kv_pool=kv_pool,
+    )
     engine.start()
     return engine
 
@@ -183,22 +200,23 @@ def build_engine(folder: Path, attention: str, device: str, max_batch: int, prom
 async def first_token_s(engine: Engine, prompt: str, tag: str) -> float:
     """Seconds from submitting one greedy request of `prompt` (max_tokens 1) to its first token."""
     start = time.perf_counter()
-    async for out in engine.generate(GenerationRequest(tag, prompt=prompt, max_tokens=1, temperature=0.0,
-                                                       ignore_eos=True)):
+    async for out in engine.generate(
+        GenerationRequest(tag, prompt=prompt, max_tokens=1, temperature=0.0, ignore_eos=True)
+    ):
         if out.token_ids:
             return time.perf_counter() - start
     raise RuntimeError(f"{tag}: no token")
 
 
-async def decode_round(engine: Engine, prompt: str, prompt_tokens: int, batch: int, new_tokens: int,
-                       tag: str) -> dict:
+async def decode_round(engine: Engine, prompt: str, prompt_tokens: int, batch: int, new_tokens: int, tag: str) -> dict:
     """batch concurrent requests; from the times their first and last tokens
     arrived, the decode step time."""
     start = time.perf_counter()
 
     async def one(index: int) -> dict:
-        req = GenerationRequest(f"{tag}-{index}", prompt=prompt, max_tokens=new_tokens, temperature=0.0,
-                                ignore_eos=True)
+        req = GenerationRequest(
+            f"{tag}-{index}", prompt=prompt, max_tokens=new_tokens, temperature=0.0, ignore_eos=True
+        )
         seen = {"first": None, "tokens": 0, "prompt_tokens": None}
         async for out in engine.generate(req):
             if seen["first"] is None and out.token_ids:
@@ -224,12 +242,12 @@ async def decode_round(engine: Engine, prompt: str, prompt_tokens: int, batch: i
     }
 
 
-def measure_prism(folder: Path, attention: str, args, batches: list[int], bandwidth: float,
-                  skipped: list[dict], kv_pool: str = "auto") -> list[dict]:
+def measure_prism(
+    folder: Path, attention: str, args, batches: list[int], bandwidth: float, skipped: list[dict], kv_pool: str = "auto"
+) -> list[dict]:
     """One engine, every batch; a batch that fails (e.g. out of memory: the
     engine fails the requests) is recorded in skipped and the rest go on."""
-    engine = build_engine(folder, attention, args.device, max(batches), args.prompt_tokens, args.new_tokens,
-                          kv_pool)
+    engine = build_engine(folder, attention, args.device, max(batches), args.prompt_tokens, args.new_tokens, kv_pool)
     rows = []
     try:
         prompt = prompt_of_length(engine, args.prompt_tokens)
@@ -247,20 +265,34 @@ def measure_prism(folder: Path, attention: str, args, batches: list[int], bandwi
                 print(f"  prism {tag}: failed: {exc}", flush=True)
                 skipped.append({"model": folder.name, "attention": attention, "batch": batch, "reason": str(exc)})
                 continue
-            floor = floor_s(weight_bytes, engine.kv_bytes_per_token, batch, args.prompt_tokens, args.new_tokens,
-                            bandwidth)
-            rows.append({
-                "model": folder.name, "batch": batch, "attention": attention, "kv_pool": pool,
-                "graphs": "on" if engine.serving_path.cuda_graphs else "off",
-                "step_ms": timed["step_s"] * 1e3, "tokens_per_s": batch / timed["step_s"],
-                "floor_ms": floor * 1e3, "x_floor": timed["step_s"] / floor,
-                "prefill_ms": timed["prefill_s"] * 1e3, "first_token_spread_ms": timed["first_token_spread_s"] * 1e3,
-                "weight_gb": engine.weight_bytes / 1e9, "step_weight_gb": weight_bytes / 1e9,
-                "graph_gpu_ms": (statistics.median(runner.replay_gpu_ms)
-                                 if runner is not None and runner.replay_gpu_ms else None),
-            })
-            print(f"  prism {tag}: step {rows[-1]['step_ms']:.2f} ms, {rows[-1]['tokens_per_s']:.0f} tok/s, "
-                  f"{rows[-1]['x_floor']:.2f}x floor", flush=True)
+            floor = floor_s(
+                weight_bytes, engine.kv_bytes_per_token, batch, args.prompt_tokens, args.new_tokens, bandwidth
+            )
+            rows.append(
+                {
+                    "model": folder.name,
+                    "batch": batch,
+                    "attention": attention,
+                    "kv_pool": pool,
+                    "graphs": "on" if engine.serving_path.cuda_graphs else "off",
+                    "step_ms": timed["step_s"] * 1e3,
+                    "tokens_per_s": batch / timed["step_s"],
+                    "floor_ms": floor * 1e3,
+                    "x_floor": timed["step_s"] / floor,
+                    "prefill_ms": timed["prefill_s"] * 1e3,
+                    "first_token_spread_ms": timed["first_token_spread_s"] * 1e3,
+                    "weight_gb": engine.weight_bytes / 1e9,
+                    "step_weight_gb": weight_bytes / 1e9,
+                    "graph_gpu_ms": (
+                        statistics.median(runner.replay_gpu_ms) if runner is not None and runner.replay_gpu_ms else None
+                    ),
+                }
+            )
+            print(
+                f"  prism {tag}: step {rows[-1]['step_ms']:.2f} ms, {rows[-1]['tokens_per_s']:.0f} tok/s, "
+                f"{rows[-1]['x_floor']:.2f}x floor",
+                flush=True,
+            )
     finally:
         engine.stop()
         del engine
@@ -301,8 +333,14 @@ def hf_generate_s(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     sync()
     start = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
     sync()
     elapsed = time.perf_counter() - start
     if out.shape[1] != input_ids.shape[1] + new_tokens:
@@ -324,8 +362,9 @@ def measure_hf(transformers, folder: Path, args, batches: list[int]) -> dict[int
                 results[batch] = None  # a smaller batch already ran out of memory
                 continue
             # Ids from 1 on: 0 is the pad id given to generate.
-            input_ids = torch.randint(1, model.config.vocab_size, (batch, args.prompt_tokens),
-                                      generator=generator).to(device)
+            input_ids = torch.randint(1, model.config.vocab_size, (batch, args.prompt_tokens), generator=generator).to(
+                device
+            )
             attention_mask = torch.ones_like(input_ids)
             try:
                 hf_generate_s(model, input_ids, attention_mask, args.new_tokens)  # warm-up
@@ -338,8 +377,11 @@ def measure_hf(transformers, folder: Path, args, batches: list[int]) -> dict[int
                 free_device_memory(device)
                 continue
             step = (full - one) / (args.new_tokens - 1)
-            results[batch] = {"step_ms": step * 1e3, "tokens_per_s": batch / step,
-                              "attention": getattr(model.config, "_attn_implementation", None)}
+            results[batch] = {
+                "step_ms": step * 1e3,
+                "tokens_per_s": batch / step,
+                "attention": getattr(model.config, "_attn_implementation", None),
+            }
             print(f"  hf {folder.name}-b{batch}: step {step * 1e3:.2f} ms, {batch / step:.0f} tok/s", flush=True)
     finally:
         del model
@@ -355,13 +397,26 @@ def verdicts(rows: list[dict]) -> list[dict]:
     for row in rows:
         if row["batch"] == 1:
             ratio = row["x_floor"]
-            out.append({"target": f"batch 1 step within {FLOOR_TARGET:g}x floor", "model": row["model"],
-                        "attention": row["attention"], "ratio": ratio, "pass": ratio <= FLOOR_TARGET})
+            out.append(
+                {
+                    "target": f"batch 1 step within {FLOOR_TARGET:g}x floor",
+                    "model": row["model"],
+                    "attention": row["attention"],
+                    "ratio": ratio,
+                    "pass": ratio <= FLOOR_TARGET,
+                }
+            )
         if row["batch"] == 32:
             ratio = row.get("speedup_vs_hf")
-            out.append({"target": f"batch 32 >= {HF_TARGET:g}x transformers", "model": row["model"],
-                        "attention": row["attention"], "ratio": ratio,
-                        "pass": None if ratio is None else ratio >= HF_TARGET})
+            out.append(
+                {
+                    "target": f"batch 32 >= {HF_TARGET:g}x transformers",
+                    "model": row["model"],
+                    "attention": row["attention"],
+                    "ratio": ratio,
+                    "pass": None if ratio is None else ratio >= HF_TARGET,
+                }
+            )
     return out
 
 
@@ -381,16 +436,24 @@ def name_list(text: str) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", type=name_list, default=MODELS,
-                        help="comma-separated config names in bench/configs or model folders")
+    parser.add_argument(
+        "--models",
+        type=name_list,
+        default=MODELS,
+        help="comma-separated config names in bench/configs or model folders",
+    )
     parser.add_argument("--batches", type=int_list, default=BATCHES)
     parser.add_argument("--attention", type=name_list, default=ATTENTION, help="triton, torch and/or auto")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers column")
-    parser.add_argument("--kv-pools", type=name_list, default=["auto"],
-                        help="auto, kvcached and/or pages: an engine per pool (pages beside kvcached: the page "
-                             "pool's step against kvcached's, x kvcached)")
+    parser.add_argument(
+        "--kv-pools",
+        type=name_list,
+        default=["auto"],
+        help="auto, kvcached and/or pages: an engine per pool (pages beside kvcached: the page "
+        "pool's step against kvcached's, x kvcached)",
+    )
     parser.add_argument("--device", default="cuda:0")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -417,8 +480,9 @@ def main() -> None:
                     rows.extend(measure_prism(folder, attention, args, batches, bandwidth, skipped, kv_pool))
                 except EngineError as exc:  # the engine cannot be built: e.g. triton on the CPU
                     print(f"  skipped: {exc}", flush=True)
-                    skipped.append({"model": folder.name, "attention": attention, "kv_pool": kv_pool,
-                                    "reason": str(exc)})
+                    skipped.append(
+                        {"model": folder.name, "attention": attention, "kv_pool": kv_pool, "reason": str(exc)}
+                    )
         if transformers is not None:
             print(f"{folder.name}, transformers {transformers.__version__}:", flush=True)
             hf_rows[folder.name] = measure_hf(transformers, folder, args, batches)
@@ -433,25 +497,53 @@ def main() -> None:
         row["hf_attention"] = hf["attention"] if hf else None
 
     print()
-    print(table(rows, [
-        ("model", "model", ""), ("batch", "batch", "d"), ("attention", "attention", ""), ("kv_pool", "KV pool", ""),
-        ("graphs", "graphs", ""), ("step_ms", "step ms", ".2f"), ("x_kvcached", "x kvcached", ".2f"), ("tokens_per_s", "tokens/s", ".0f"), ("floor_ms", "floor ms", ".2f"),
-        ("graph_gpu_ms", "graph GPU ms", ".2f"),
-        ("x_floor", "x floor", ".2f"), ("hf_step_ms", "HF step ms", ".2f"), ("hf_tokens_per_s", "HF tokens/s", ".0f"),
-        ("speedup_vs_hf", "speed-up vs HF", ".2f"),
-    ]))
+    print(
+        table(
+            rows,
+            [
+                ("model", "model", ""),
+                ("batch", "batch", "d"),
+                ("attention", "attention", ""),
+                ("kv_pool", "KV pool", ""),
+                ("graphs", "graphs", ""),
+                ("step_ms", "step ms", ".2f"),
+                ("x_kvcached", "x kvcached", ".2f"),
+                ("tokens_per_s", "tokens/s", ".0f"),
+                ("floor_ms", "floor ms", ".2f"),
+                ("graph_gpu_ms", "graph GPU ms", ".2f"),
+                ("x_floor", "x floor", ".2f"),
+                ("hf_step_ms", "HF step ms", ".2f"),
+                ("hf_tokens_per_s", "HF tokens/s", ".0f"),
+                ("speedup_vs_hf", "speed-up vs HF", ".2f"),
+            ],
+        )
+    )
     targets = verdicts(rows)
     if targets:
         print()
     for v in targets:
         print(verdict_line(v))
-    write_json(args.json, {
-        "benchmark": "decode_throughput", "environment": environment(),
-        "settings": {"models": args.models, "batches": batches, "attention": args.attention, "kv_pools": args.kv_pools,
-                     "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "device": args.device,
-                     "transformers": transformers.__version__ if transformers is not None else None},
-        "hbm_gbps": bandwidth / 1e9, "results": rows, "skipped": skipped, "targets": targets,
-    })
+    write_json(
+        args.json,
+        {
+            "benchmark": "decode_throughput",
+            "environment": environment(),
+            "settings": {
+                "models": args.models,
+                "batches": batches,
+                "attention": args.attention,
+                "kv_pools": args.kv_pools,
+                "prompt_tokens": args.prompt_tokens,
+                "new_tokens": args.new_tokens,
+                "device": args.device,
+                "transformers": transformers.__version__ if transformers is not None else None,
+            },
+            "hbm_gbps": bandwidth / 1e9,
+            "results": rows,
+            "skipped": skipped,
+            "targets": targets,
+        },
+    )
 
 
 if __name__ == "__main__":

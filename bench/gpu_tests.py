@@ -47,8 +47,12 @@ def outcomes(junit_xml: Path) -> list[dict]:
     """One row per test case of a pytest JUnit report: file, test, outcome, and why where not passed."""
     rows = []
     for case in ET.parse(junit_xml).getroot().iter("testcase"):
-        row = {"file": file_of(case.get("classname", "")), "test": case.get("name", ""),
-               "seconds": float(case.get("time", 0.0)), "outcome": "passed"}
+        row = {
+            "file": file_of(case.get("classname", "")),
+            "test": case.get("name", ""),
+            "seconds": float(case.get("time", 0.0)),
+            "outcome": "passed",
+        }
         for tag, outcome in (("failure", "failed"), ("error", "error"), ("skipped", "skipped")):
             found = case.find(tag)
             if found is not None:
@@ -62,8 +66,7 @@ def outcomes(junit_xml: Path) -> list[dict]:
 def per_file(rows: list[dict]) -> list[dict]:
     files: dict[str, dict] = {}
     for row in rows:
-        entry = files.setdefault(row["file"], {"file": row["file"], "passed": 0, "failed": 0, "error": 0,
-                                               "skipped": 0})
+        entry = files.setdefault(row["file"], {"file": row["file"], "passed": 0, "failed": 0, "error": 0, "skipped": 0})
         entry[row["outcome"]] += 1
     return list(files.values())
 
@@ -77,16 +80,38 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="prism-gpu-tests-") as tmp:
         report = Path(tmp) / "junit.xml"
         try:
-            rc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", f"--junitxml={report}", *args.files],
-                                cwd=ROOT, timeout=args.timeout_s, check=False).returncode
+            rc = subprocess.run(
+                [sys.executable, "-m", "pytest", "-q", "-rs", f"--junitxml={report}", *args.files],
+                cwd=ROOT,
+                timeout=args.timeout_s,
+                check=False,
+            ).returncode
         except subprocess.TimeoutExpired:
             rc = 124  # what the report holds so far is still recorded
         rows = outcomes(report) if report.exists() else []
     files = per_file(rows)
-    write_json(args.out, {"benchmark": "gpu_tests", "environment": environment(), "pytest_exit_status": rc,
-                          "files": files, "tests": rows})
-    print(table(files, [("file", "file", "s"), ("passed", "passed", "d"), ("failed", "failed", "d"),
-                        ("error", "error", "d"), ("skipped", "skipped", "d")]))
+    write_json(
+        args.out,
+        {
+            "benchmark": "gpu_tests",
+            "environment": environment(),
+            "pytest_exit_status": rc,
+            "files": files,
+            "tests": rows,
+        },
+    )
+    print(
+        table(
+            files,
+            [
+                ("file", "file", "s"),
+                ("passed", "passed", "d"),
+                ("failed", "failed", "d"),
+                ("error", "error", "d"),
+                ("skipped", "skipped", "d"),
+            ],
+        )
+    )
     sys.exit(rc)
 
 

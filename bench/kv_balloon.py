@@ -43,13 +43,15 @@ async def wait_for(predicate, timeout_s: float = 30.0, poll_s: float = 0.0005) -
     return time.perf_counter() - start
 
 
-async def serve(engine: Engine, stop: asyncio.Event, results: dict, prompt_words: int, max_tokens: int,
-                index: int) -> None:
+async def serve(
+    engine: Engine, stop: asyncio.Event, results: dict, prompt_words: int, max_tokens: int, index: int
+) -> None:
     """One client: requests back to back until told to stop."""
     n = 0
     while not stop.is_set():
-        req = GenerationRequest(f"load-{index}-{n}", prompt="hello " * prompt_words, max_tokens=max_tokens,
-                                temperature=0.0, ignore_eos=True)
+        req = GenerationRequest(
+            f"load-{index}-{n}", prompt="hello " * prompt_words, max_tokens=max_tokens, temperature=0.0, ignore_eos=True
+        )
         tokens = 0
         try:
             async for out in engine.generate(req):
@@ -63,16 +65,22 @@ async def serve(engine: Engine, stop: asyncio.Event, results: dict, prompt_words
 
 async def run(model: str, gib: int, clients: int) -> dict:
     path = common.ROOT / "bench" / "configs" / model
-    engine = Engine(path, name=model, load_format="dummy", dtype="bfloat16", device="cuda:0",
-                    memory_limit_bytes=8 * GIB)
+    engine = Engine(
+        path, name=model, load_format="dummy", dtype="bfloat16", device="cuda:0", memory_limit_bytes=8 * GIB
+    )
     engine.start()
     pool = engine._batcher.pool  # the bench times the pool's own map/unmap under the engine's lock
     stop = asyncio.Event()
     results = {"completed": 0, "tokens": 0, "errors": []}
     # The dummy model has no tokenizer.json: bytes are tokens, so 50 words are 300 tokens.
     load = [asyncio.create_task(serve(engine, stop, results, 50, 600, i)) for i in range(clients)]
-    row: dict = {"model": model, "pool": type(pool).__name__, "gib": gib, "clients": clients,
-                 "kv_token_bytes": engine.kv_bytes_per_token}
+    row: dict = {
+        "model": model,
+        "pool": type(pool).__name__,
+        "gib": gib,
+        "clients": clients,
+        "kv_token_bytes": engine.kv_bytes_per_token,
+    }
     try:
         await wait_for(lambda: engine.stats().running_requests >= clients // 2, timeout_s=60)
         await asyncio.sleep(1.0)
@@ -148,13 +156,25 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("kv_balloon.py needs a CUDA GPU")
     row = asyncio.run(run(args.model, args.gib, args.clients))
-    print(table([row], [
-        ("model", "model", ""), ("pool", "pool", ""), ("serving_mapped_gb", "serving GB", ".2f"),
-        ("grow_limit_s", "limit+ s", ".4f"), ("grow_map_s", "map s", ".4f"), ("grow_driver_gb", "mapped GB", ".2f"),
-        ("shrink_unmap_s", "unmap s", ".4f"), ("shrink_driver_gb", "freed GB", ".2f"),
-        ("squeeze_applied_s", "squeeze s", ".4f"), ("squeeze_driver_gb", "squeezed GB", ".2f"),
-        ("completed", "completed", "d"), ("errors", "errors", "d"),
-    ]))
+    print(
+        table(
+            [row],
+            [
+                ("model", "model", ""),
+                ("pool", "pool", ""),
+                ("serving_mapped_gb", "serving GB", ".2f"),
+                ("grow_limit_s", "limit+ s", ".4f"),
+                ("grow_map_s", "map s", ".4f"),
+                ("grow_driver_gb", "mapped GB", ".2f"),
+                ("shrink_unmap_s", "unmap s", ".4f"),
+                ("shrink_driver_gb", "freed GB", ".2f"),
+                ("squeeze_applied_s", "squeeze s", ".4f"),
+                ("squeeze_driver_gb", "squeezed GB", ".2f"),
+                ("completed", "completed", "d"),
+                ("errors", "errors", "d"),
+            ],
+        )
+    )
     write_json(args.json, {"benchmark": "kv_balloon", "environment": environment(), "results": [row]})
 
 

@@ -62,8 +62,10 @@ from prism_client.v1 import agent_pb2, agent_pb2_grpc, gateway_pb2_grpc, generat
 MODELS = ("tiny-llama", "tiny-qwen2")
 MISSING_MODEL = "no-such-model"
 REQUEST_ID_KEY = "x-request-id"
-WORDS = ("the model serves a token stream over the cluster while memory moves between engines and requests "
-         "come and go hello world prism gateway agent scheduler").split()
+WORDS = (
+    "the model serves a token stream over the cluster while memory moves between engines and requests "
+    "come and go hello world prism gateway agent scheduler"
+).split()
 
 COMPLETE, ERROR, CANCELLED, LOST = "complete", "error", "cancelled", "lost"
 
@@ -89,8 +91,16 @@ class Planned:
         return f"rest-{'chat' if self.chat else 'completion'}{'-stream' if self.stream else ''}"
 
 
-def plan(count: int, *, seed: int = 0, start: int = 0, max_tokens: int = 8, cancel_fraction: float = 0.1,
-         missing_fraction: float = 0.02, models: tuple[str, ...] = MODELS) -> list[Planned]:
+def plan(
+    count: int,
+    *,
+    seed: int = 0,
+    start: int = 0,
+    max_tokens: int = 8,
+    cancel_fraction: float = 0.1,
+    missing_fraction: float = 0.02,
+    models: tuple[str, ...] = MODELS,
+) -> list[Planned]:
     out = []
     for index in range(start, start + count):
         rng = random.Random(seed * 1_000_003 + index)
@@ -98,11 +108,18 @@ def plan(count: int, *, seed: int = 0, start: int = 0, max_tokens: int = 8, canc
         stream = api == "grpc" or rng.random() < 0.5
         missing = rng.random() < missing_fraction
         cancel_after = rng.randint(1, 2) if stream and not missing and rng.random() < cancel_fraction else 0
-        out.append(Planned(
-            index=index, api=api, model=MISSING_MODEL if missing else rng.choice(models),
-            prompt=" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 24))),
-            max_tokens=rng.randint(max(2, max_tokens // 2), max_tokens), stream=stream,
-            chat=api == "rest" and rng.random() < 0.3, cancel_after=cancel_after))
+        out.append(
+            Planned(
+                index=index,
+                api=api,
+                model=MISSING_MODEL if missing else rng.choice(models),
+                prompt=" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 24))),
+                max_tokens=rng.randint(max(2, max_tokens // 2), max_tokens),
+                stream=stream,
+                chat=api == "rest" and rng.random() < 0.3,
+                cancel_after=cancel_after,
+            )
+        )
     return out
 
 
@@ -174,7 +191,7 @@ async def _rest(client: httpx.AsyncClient, p: Planned) -> tuple[str, str]:
         async for line in response.aiter_lines():
             if not line.startswith("data: "):
                 continue
-            data = line[len("data: "):]
+            data = line[len("data: ") :]
             if data == "[DONE]":
                 done = True
                 break
@@ -202,8 +219,11 @@ async def _rest(client: httpx.AsyncClient, p: Planned) -> tuple[str, str]:
 
 def _grpc_request(p: Planned) -> generate_pb2.GenerateRequest:
     return generate_pb2.GenerateRequest(
-        request_id=request_id(p), model=p.model, prompt=p.prompt,
-        sampling=generate_pb2.SamplingParams(max_tokens=p.max_tokens, temperature=0.0, ignore_eos=True))
+        request_id=request_id(p),
+        model=p.model,
+        prompt=p.prompt,
+        sampling=generate_pb2.SamplingParams(max_tokens=p.max_tokens, temperature=0.0, ignore_eos=True),
+    )
 
 
 async def _grpc(stub: gateway_pb2_grpc.GatewayStub, p: Planned, deadline_s: float) -> tuple[str, str]:
@@ -215,8 +235,7 @@ async def _grpc(stub: gateway_pb2_grpc.GatewayStub, p: Planned, deadline_s: floa
             if response.finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED:
                 finish = response.finish_reason
                 if response.usage.completion_tokens != tokens:
-                    return LOST, (f"usage says {response.usage.completion_tokens} tokens, "
-                                  f"{tokens} arrived")
+                    return LOST, (f"usage says {response.usage.completion_tokens} tokens, {tokens} arrived")
             elif response.token_ids:
                 chunks += 1
             if p.cancel_after and chunks >= p.cancel_after and finish == generate_pb2.FINISH_REASON_UNSPECIFIED:
@@ -241,11 +260,15 @@ class Clients:
     """The load's HTTP client and gRPC channels (a few, so the calls spread over connections)."""
 
     def __init__(self, http_url: str, grpc_target: str, concurrency: int, channels: int = 4):
-        self.http = httpx.AsyncClient(base_url=http_url, timeout=httpx.Timeout(None),
-                                      limits=httpx.Limits(max_connections=concurrency + 8,
-                                                          max_keepalive_connections=concurrency + 8))
-        self.channels = [grpc.aio.insecure_channel(grpc_target, options=[("grpc.use_local_subchannel_pool", 1)])
-                         for _ in range(channels)]
+        self.http = httpx.AsyncClient(
+            base_url=http_url,
+            timeout=httpx.Timeout(None),
+            limits=httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8),
+        )
+        self.channels = [
+            grpc.aio.insecure_channel(grpc_target, options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(channels)
+        ]
         self.stubs = [gateway_pb2_grpc.GatewayStub(c) for c in self.channels]
 
     async def close(self) -> None:
@@ -275,8 +298,9 @@ async def send(clients: Clients, p: Planned, deadline_s: float) -> Outcome:
     return outcome
 
 
-async def run_requests(http_url: str, grpc_target: str, planned: list[Planned], *, concurrency: int,
-                       deadline_s: float) -> list[Outcome]:
+async def run_requests(
+    http_url: str, grpc_target: str, planned: list[Planned], *, concurrency: int, deadline_s: float
+) -> list[Outcome]:
     """Sends every planned request, at most `concurrency` at a time; one Outcome each, in plan order."""
     clients = Clients(http_url, grpc_target, concurrency)
     gate = asyncio.Semaphore(concurrency)
@@ -296,8 +320,16 @@ class BackgroundLoad:
     the block ends (fault tests: requests before, during and after a fault). make(i) plans request i;
     every Outcome is kept, in the order they ended."""
 
-    def __init__(self, http_url: str, grpc_target: str, make: Callable[[int], Planned], *, workers: int = 8,
-                 deadline_s: float = 60.0, pause_after_error_s: float = 0.05):
+    def __init__(
+        self,
+        http_url: str,
+        grpc_target: str,
+        make: Callable[[int], Planned],
+        *,
+        workers: int = 8,
+        deadline_s: float = 60.0,
+        pause_after_error_s: float = 0.05,
+    ):
         self.http_url, self.grpc_target = http_url, grpc_target
         self.make = make
         self.workers = workers
@@ -331,8 +363,9 @@ class BackgroundLoad:
         deadline = time.monotonic() + timeout_s
         while not check(list(self.outcomes)):
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}; outcomes: "
-                                     f"{dict(Counter(o.label for o in self.outcomes))}")
+                raise AssertionError(
+                    f"timed out waiting for {what}; outcomes: {dict(Counter(o.label for o in self.outcomes))}"
+                )
             time.sleep(0.02)
 
     def __enter__(self) -> BackgroundLoad:
@@ -366,8 +399,11 @@ def agent_accounting(agent_addresses: dict[str, str], timeout_s: float = 5.0) ->
 def gateway_in_flight(http_url: str) -> float:
     """The sum of the gateway's prism_gateway_requests_in_flight gauge."""
     text = httpx.get(http_url + "/metrics", timeout=10).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("prism_gateway_requests_in_flight"))
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("prism_gateway_requests_in_flight")
+    )
 
 
 def wait_until_idle(agent_addresses: dict[str, str], http_url: str, timeout_s: float = 20.0) -> dict:
@@ -377,8 +413,9 @@ def wait_until_idle(agent_addresses: dict[str, str], http_url: str, timeout_s: f
     while True:
         agents = agent_accounting(agent_addresses)
         in_flight = gateway_in_flight(http_url)
-        idle = in_flight == 0 and all(v == 0 for models in agents.values() for numbers in models.values()
-                                      for v in numbers.values())
+        idle = in_flight == 0 and all(
+            v == 0 for models in agents.values() for numbers in models.values() for v in numbers.values()
+        )
         if idle or time.monotonic() > deadline:
             return {"agents": agents, "gateway_in_flight": in_flight, "idle": idle}
         time.sleep(0.2)
@@ -427,24 +464,39 @@ def summarize(outcomes: list[Outcome]) -> dict:
         "completed": kinds[COMPLETE],
         "errors": kinds[ERROR],
         "errors_by_kind": dict(sorted(Counter(o.detail for o in outcomes if o.kind == ERROR).items())),
-        "unexpected_errors": dict(sorted(Counter(o.detail for o in outcomes
-                                                 if o.kind == ERROR and not o.expected_error).items())),
+        "unexpected_errors": dict(
+            sorted(Counter(o.detail for o in outcomes if o.kind == ERROR and not o.expected_error).items())
+        ),
         "missing_model_ends": dict(sorted(Counter(o.label for o in outcomes if o.expected_error).items())),
         "cancelled": kinds[CANCELLED],
         "lost": kinds[LOST],
-        "lost_examples": [f"#{o.index} {o.shape} after {o.latency_s:.3f}s: {o.detail}"
-                          for o in outcomes if o.kind == LOST][:20],
-        "by_shape": {shape: dict(Counter(o.label for o in outcomes if o.shape == shape))
-                     for shape in sorted({o.shape for o in outcomes})},
+        "lost_examples": [
+            f"#{o.index} {o.shape} after {o.latency_s:.3f}s: {o.detail}" for o in outcomes if o.kind == LOST
+        ][:20],
+        "by_shape": {
+            shape: dict(Counter(o.label for o in outcomes if o.shape == shape))
+            for shape in sorted({o.shape for o in outcomes})
+        },
         "latency_p50_s": percentile(latencies, 0.5),
         "latency_p99_s": percentile(latencies, 0.99),
         "latency_max_s": max(latencies, default=None),
     }
 
 
-async def soak(cluster, *, requests: int, rounds: int, concurrency: int, warmup: int, deadline_s: float,
-               max_tokens: int = 8, cancel_fraction: float = 0.1, seed: int = 0, models: tuple[str, ...] = MODELS,
-               log=print) -> dict:
+async def soak(
+    cluster,
+    *,
+    requests: int,
+    rounds: int,
+    concurrency: int,
+    warmup: int,
+    deadline_s: float,
+    max_tokens: int = 8,
+    cancel_fraction: float = 0.1,
+    seed: int = 0,
+    models: tuple[str, ...] = MODELS,
+    log=print,
+) -> dict:
     """A warm-up round of `warmup` requests, then `rounds` rounds sharing `requests`; after each,
     the cluster must come back to idle and every process's RSS is read."""
     pids = service_pids(cluster)
@@ -454,41 +506,67 @@ async def soak(cluster, *, requests: int, rounds: int, concurrency: int, warmup:
     start = 0
     for i, count in enumerate([warmup, *per_round]):
         name = "warm-up" if i == 0 else f"round {i}"
-        planned = plan(count, seed=seed, start=start, max_tokens=max_tokens, cancel_fraction=cancel_fraction,
-                       models=models)
+        planned = plan(
+            count, seed=seed, start=start, max_tokens=max_tokens, cancel_fraction=cancel_fraction, models=models
+        )
         start += count
         began = time.monotonic()
-        outcomes = await run_requests(cluster.http_url, cluster.gateway_grpc, planned, concurrency=concurrency,
-                                      deadline_s=deadline_s)
+        outcomes = await run_requests(
+            cluster.http_url, cluster.gateway_grpc, planned, concurrency=concurrency, deadline_s=deadline_s
+        )
         wall_s = time.monotonic() - began
         idle = await asyncio.to_thread(wait_until_idle, cluster.agent_addresses, cluster.http_url)
         rss = {name_: rss_bytes(pid) for name_, pid in pids.items()}
         done.append(Round(name, outcomes, wall_s, rss, idle))
         s = summarize(outcomes)
-        log(f"{name}: {s['requests']} requests in {wall_s:.1f}s: {s['completed']} complete, {s['errors']} errors "
+        log(
+            f"{name}: {s['requests']} requests in {wall_s:.1f}s: {s['completed']} complete, {s['errors']} errors "
             f"{s['errors_by_kind']}, {s['cancelled']} cancelled, {s['lost']} lost; idle after: {idle['idle']}; "
-            f"RSS MiB " + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in rss.items()))
+            f"RSS MiB " + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in rss.items())
+        )
     measured = [o for r in done[1:] for o in r.outcomes]
     return {
         "summary": summarize(measured),
         "warmup": summarize(done[0].outcomes),
-        "rounds": [{"name": r.name, "wall_s": round(r.wall_s, 2), "rss_after": r.rss_after, "idle": r.idle,
-                    **{k: v for k, v in summarize(r.outcomes).items() if k != "by_shape"}} for r in done],
+        "rounds": [
+            {
+                "name": r.name,
+                "wall_s": round(r.wall_s, 2),
+                "rss_after": r.rss_after,
+                "idle": r.idle,
+                **{k: v for k, v in summarize(r.outcomes).items() if k != "by_shape"},
+            }
+            for r in done
+        ],
         "rss_before": rss_before,
         "rss_after": done[-1].rss_after,
         "rss_last_round_growth": {k: done[-1].rss_after[k] - done[-2].rss_after[k] for k in pids},
         "pids": pids,
-        "settings": {"requests": requests, "rounds": rounds, "concurrency": concurrency, "warmup": warmup,
-                     "deadline_s": deadline_s, "max_tokens": max_tokens, "cancel_fraction": cancel_fraction,
-                     "seed": seed, "agents": len(cluster.agent_addresses)},
+        "settings": {
+            "requests": requests,
+            "rounds": rounds,
+            "concurrency": concurrency,
+            "warmup": warmup,
+            "deadline_s": deadline_s,
+            "max_tokens": max_tokens,
+            "cancel_fraction": cancel_fraction,
+            "seed": seed,
+            "agents": len(cluster.agent_addresses),
+        },
     }
 
 
 # ---- the cluster ---------------------------------------------------------------------------
 
 
-def load_cluster(state: Path, *, agents: int = 2, cpu_memory_gb: float = 1.0, agent_args: tuple[str, ...] = (),
-                 gateway_args: tuple[str, ...] = ()):
+def load_cluster(
+    state: Path,
+    *,
+    agents: int = 2,
+    cpu_memory_gb: float = 1.0,
+    agent_args: tuple[str, ...] = (),
+    gateway_args: tuple[str, ...] = (),
+):
     """A LocalCluster for the soak: both tiny models on every agent (static policy, one replica per agent),
     engines inline on the CPU. Not started."""
     from prism.cluster import LocalCluster
@@ -496,42 +574,109 @@ def load_cluster(state: Path, *, agents: int = 2, cpu_memory_gb: float = 1.0, ag
     from services.common.etcd_server import free_port
 
     models = ensure_default_models(state / "models")
-    config = {"policy": "static", "models": [
-        {"model_name": name, "model_path": str(path), "init_placements": [{"gpu_ids": [0], "on": True}] * agents}
-        for name, path in sorted(models.items())]}
+    config = {
+        "policy": "static",
+        "models": [
+            {"model_name": name, "model_path": str(path), "init_placements": [{"gpu_ids": [0], "on": True}] * agents}
+            for name, path in sorted(models.items())
+        ],
+    }
     state.mkdir(parents=True, exist_ok=True)
     (state / "models.json").write_text(json.dumps(config))
-    return LocalCluster(state_dir=state, config_path=state / "models.json", http_port=free_port(),
-                        grpc_port=free_port(), device="cpu", cpu_memory_gb=cpu_memory_gb, engine_isolation="inline",
-                        agents=agents, agent_args=agent_args, gateway_args=gateway_args)
+    return LocalCluster(
+        state_dir=state,
+        config_path=state / "models.json",
+        http_port=free_port(),
+        grpc_port=free_port(),
+        device="cpu",
+        cpu_memory_gb=cpu_memory_gb,
+        engine_isolation="inline",
+        agents=agents,
+        agent_args=agent_args,
+        gateway_args=gateway_args,
+    )
 
 
 def report_table(result: dict) -> str:
     from bench.common import table
 
     s = result["summary"]
-    rows = [{"requests": s["requests"], "completed": s["completed"], "errors": s["errors"],
-             "by_kind": ", ".join(f"{k}: {v}" for k, v in s["errors_by_kind"].items()) or "-",
-             "cancelled": s["cancelled"], "lost": s["lost"],
-             "p50": s["latency_p50_s"] and s["latency_p50_s"] * 1000, "p99": s["latency_p99_s"] and s["latency_p99_s"] * 1000}]
-    out = [table(rows, [("requests", "requests", "d"), ("completed", "completed", "d"), ("errors", "errors", "d"),
-                        ("by_kind", "errors by kind", ""), ("cancelled", "cancelled", "d"), ("lost", "lost", "d"),
-                        ("p50", "p50 ms", ".0f"), ("p99", "p99 ms", ".0f")])]
-    rss_rows = [{"process": name, "before": result["rss_before"][name] / 2**20,
-                 "after": result["rss_after"][name] / 2**20,
-                 "last": result["rss_last_round_growth"][name] / 2**20} for name in result["rss_before"]]
-    out.append(table(rss_rows, [("process", "process", ""), ("before", "RSS before MiB", ".1f"),
-                                ("after", "RSS after MiB", ".1f"), ("last", "last round +MiB", ".1f")]))
+    rows = [
+        {
+            "requests": s["requests"],
+            "completed": s["completed"],
+            "errors": s["errors"],
+            "by_kind": ", ".join(f"{k}: {v}" for k, v in s["errors_by_kind"].items()) or "-",
+            "cancelled": s["cancelled"],
+            "lost": s["lost"],
+            "p50": s["latency_p50_s"] and s["latency_p50_s"] * 1000,
+            "p99": s["latency_p99_s"] and s["latency_p99_s"] * 1000,
+        }
+    ]
+    out = [
+        table(
+            rows,
+            [
+                ("requests", "requests", "d"),
+                ("completed", "completed", "d"),
+                ("errors", "errors", "d"),
+                ("by_kind", "errors by kind", ""),
+                ("cancelled", "cancelled", "d"),
+                ("lost", "lost", "d"),
+                ("p50", "p50 ms", ".0f"),
+                ("p99", "p99 ms", ".0f"),
+            ],
+        )
+    ]
+    rss_rows = [
+        {
+            "process": name,
+            "before": result["rss_before"][name] / 2**20,
+            "after": result["rss_after"][name] / 2**20,
+            "last": result["rss_last_round_growth"][name] / 2**20,
+        }
+        for name in result["rss_before"]
+    ]
+    out.append(
+        table(
+            rss_rows,
+            [
+                ("process", "process", ""),
+                ("before", "RSS before MiB", ".1f"),
+                ("after", "RSS after MiB", ".1f"),
+                ("last", "last round +MiB", ".1f"),
+            ],
+        )
+    )
     processes = list(result["rss_before"])
-    round_rows = [{"name": r["name"], "requests": r["requests"], "wall": r["wall_s"],
-                   "rate": r["requests"] / r["wall_s"] if r["wall_s"] else None, "lost": r["lost"],
-                   "p99": r["latency_p99_s"] and r["latency_p99_s"] * 1000,
-                   "idle": "yes" if r["idle"].get("idle") else "NO",
-                   **{name: r["rss_after"][name] / 2**20 for name in processes}} for r in result["rounds"]]
-    out.append(table(round_rows, [("name", "round", ""), ("requests", "requests", "d"), ("wall", "wall s", ".1f"),
-                                  ("rate", "req/s", ".1f"), ("lost", "lost", "d"), ("p99", "p99 ms", ".0f"),
-                                  ("idle", "idle after", ""),
-                                  *((name, f"{name} MiB", ".1f") for name in processes)]))
+    round_rows = [
+        {
+            "name": r["name"],
+            "requests": r["requests"],
+            "wall": r["wall_s"],
+            "rate": r["requests"] / r["wall_s"] if r["wall_s"] else None,
+            "lost": r["lost"],
+            "p99": r["latency_p99_s"] and r["latency_p99_s"] * 1000,
+            "idle": "yes" if r["idle"].get("idle") else "NO",
+            **{name: r["rss_after"][name] / 2**20 for name in processes},
+        }
+        for r in result["rounds"]
+    ]
+    out.append(
+        table(
+            round_rows,
+            [
+                ("name", "round", ""),
+                ("requests", "requests", "d"),
+                ("wall", "wall s", ".1f"),
+                ("rate", "req/s", ".1f"),
+                ("lost", "lost", "d"),
+                ("p99", "p99 ms", ".0f"),
+                ("idle", "idle after", ""),
+                *((name, f"{name} MiB", ".1f") for name in processes),
+            ],
+        )
+    )
     return "\n\n".join(out)
 
 
@@ -543,12 +688,18 @@ def machine() -> dict:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
     except OSError:
         pass
-    return {"cpus": os.cpu_count(), "cpu_model": model, "machine": f"{os.uname().sysname} {os.uname().machine}",
-            "note": "etcd, scheduler, agents, gateway and the load generator all on this machine"}
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "machine": f"{os.uname().sysname} {os.uname().machine}",
+        "note": "etcd, scheduler, agents, gateway and the load generator all on this machine",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--requests", type=int, default=10000, help="requests after the warm-up, over every round")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--warmup", type=int, default=None, help="requests of the warm-up round (default: one round's)")
@@ -570,11 +721,19 @@ def main(argv: list[str] | None = None) -> int:
         cluster = load_cluster(args.state_dir or Path(tmp), agents=args.agents)
         cluster.start()
         try:
-            result = asyncio.run(soak(cluster, requests=args.requests, rounds=args.rounds,
-                                      concurrency=args.concurrency,
-                                      warmup=args.warmup if args.warmup is not None else args.requests // args.rounds,
-                                      deadline_s=args.deadline_s, max_tokens=args.max_tokens,
-                                      cancel_fraction=args.cancel_fraction, seed=args.seed))
+            result = asyncio.run(
+                soak(
+                    cluster,
+                    requests=args.requests,
+                    rounds=args.rounds,
+                    concurrency=args.concurrency,
+                    warmup=args.warmup if args.warmup is not None else args.requests // args.rounds,
+                    deadline_s=args.deadline_s,
+                    max_tokens=args.max_tokens,
+                    cancel_fraction=args.cancel_fraction,
+                    seed=args.seed,
+                )
+            )
         finally:
             cluster.stop()
     env = environment()

@@ -29,7 +29,8 @@ The table is printed last; the JSON keeps everything. Runs as one command:
 Measured 2026-11-27 on 4 H200s (bench/results/multi_gpu-h200x4.json and .png; the trace at
 12 req/s for 60 s, SLO TTFT 1 s, TPOT 100 ms):
 - the 70B config over 4 GPUs (38.4 GB a rank: its embeddings and LM head were whole on every
-  rank then; split by vocabulary since, a rank is 35.3 GB, not yet measured here) switched on in 1.235 s median, 1.252 s at most, against a floor of 0.98 s (each GPU's
+  rank then; split by vocabulary since, a rank is 35.3 GB, not yet measured here) switched on in
+  1.235 s median, 1.252 s at most, against a floor of 0.98 s (each GPU's
   copy at 39 GB/s while all four copy); switched off in 0.23 s;
 - attainment: prism 79.4%, time-share 85.5%, static 83.4%. Every policy lost the same two
   models: the 70B (0%: the split engine's eager forward, TPOT p99 0.34 s) and the busiest 8B
@@ -96,8 +97,14 @@ def model_entries(args: argparse.Namespace, state: Path) -> list[dict]:
             config = LARGE if large else SMALL[i % len(SMALL)]
             fields = {"model_path": str(CONFIGS / config), "load_format": "dummy", "max_context": MAX_CONTEXT}
         gpu_ids = list(range(args.large_tp)) if large else [i % args.gpus]
-        entries.append({"model_name": f"model-{i}", **fields, "tp_size": len(gpu_ids),
-                        "init_placements": [{"gpu_ids": gpu_ids, "on": False}]})
+        entries.append(
+            {
+                "model_name": f"model-{i}",
+                **fields,
+                "tp_size": len(gpu_ids),
+                "init_placements": [{"gpu_ids": gpu_ids, "on": False}],
+            }
+        )
     return entries
 
 
@@ -105,12 +112,20 @@ def make_trace(args: argparse.Namespace, names: list[str]):
     if args.device == "cpu":  # the tiny models hold 256 positions
         lengths = dict(prompt_mean=64, prompt_std=32, output_mean=32, output_std=16, max_prompt=128, max_output=96)
     else:  # as bench/validate_simulator.py's GPU trace: long prompts, short answers
-        lengths = dict(prompt_mean=1536, prompt_std=512, output_mean=32, output_std=16, max_prompt=4096,
-                       max_output=128)
+        lengths = dict(prompt_mean=1536, prompt_std=512, output_mean=32, output_std=16, max_prompt=4096, max_output=128)
     groups = min(3, len(names))
-    params = BurstyGroupParams(num_models=len(names), num_groups=groups, active_groups=1,
-                               shift_s=args.duration / groups, rate=args.rate, idle_fraction=0.05,
-                               burstiness_cv=2.0, duration_s=args.duration, seed=args.seed, **lengths)
+    params = BurstyGroupParams(
+        num_models=len(names),
+        num_groups=groups,
+        active_groups=1,
+        shift_s=args.duration / groups,
+        rate=args.rate,
+        idle_fraction=0.05,
+        burstiness_cv=2.0,
+        duration_s=args.duration,
+        seed=args.seed,
+        **lengths,
+    )
     return bursty_group_trace(params, names), params
 
 
@@ -140,8 +155,13 @@ print(copy_time([0]), copy_time(list(range(gpus))))
 def pinned_bandwidth(gpus: int, nbytes: int = 4 << 30) -> tuple[float, float]:
     """Bytes/s host-to-device from pinned memory: one GPU alone, and each GPU while all copy at once
     (in a child process, so this one holds no CUDA context during the runs)."""
-    out = subprocess.run([sys.executable, "-c", BANDWIDTH_CHILD, str(nbytes), str(gpus)], check=True,
-                         capture_output=True, text=True, timeout=300).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", BANDWIDTH_CHILD, str(nbytes), str(gpus)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    ).stdout.split()
     return float(out[0]), float(out[1])
 
 
@@ -159,13 +179,19 @@ async def split_activation(args: argparse.Namespace, entry: dict) -> dict:
     pool = WorkerPool([d.torch_device for d in devices], spares_per_device=0)
     await pool.start()
     manager = EngineManager(devices, publish, pool)
-    spec = EngineSpec(name=entry["model_name"], path=entry["model_path"], tp_size=entry["tp_size"],
-                      load_format=entry.get("load_format", "auto"), dtype=entry.get("dtype", "auto"),
-                      max_context=entry.get("max_context", 0))
+    spec = EngineSpec(
+        name=entry["model_name"],
+        path=entry["model_path"],
+        tp_size=entry["tp_size"],
+        load_format=entry.get("load_format", "auto"),
+        dtype=entry.get("dtype", "auto"),
+        max_context=entry.get("max_context", 0),
+    )
     try:
         start = time.perf_counter()
-        managed = await manager.load(spec, tuple(entry["init_placements"][0]["gpu_ids"]), activate=True,
-                                     memory_limit_bytes=0)
+        managed = await manager.load(
+            spec, tuple(entry["init_placements"][0]["gpu_ids"]), activate=True, memory_limit_bytes=0
+        )
         if managed.state != "active":
             raise RuntimeError(f"loading the split model failed: {managed.error}")
         load_s = time.perf_counter() - start
@@ -184,10 +210,17 @@ async def split_activation(args: argparse.Namespace, entry: dict) -> dict:
     finally:
         await manager.stop_all()
         await pool.close()
-    return {"model": Path(entry["model_path"]).name, "tp_size": spec.tp_size, "shard_gb": shard_bytes / 1e9,
-            "load_s": load_s, "activate_s": statistics.median(activations), "activate_max_s": max(activations),
-            "activations_s": activations, "deactivate_s": statistics.median(deactivations),
-            "first_token_after_s": statistics.median(firsts)}
+    return {
+        "model": Path(entry["model_path"]).name,
+        "tp_size": spec.tp_size,
+        "shard_gb": shard_bytes / 1e9,
+        "load_s": load_s,
+        "activate_s": statistics.median(activations),
+        "activate_max_s": max(activations),
+        "activations_s": activations,
+        "deactivate_s": statistics.median(deactivations),
+        "first_token_after_s": statistics.median(firsts),
+    }
 
 
 # ---- part 2: the experiment ------------------------------------------------------
@@ -202,9 +235,17 @@ def run_policy(policy: str, args: argparse.Namespace, entries: list[dict], trace
     agent_args = ["--spare-workers", "0"]
     if args.device == "cpu":
         agent_args += ["--cpu-devices", str(args.gpus)]
-    cluster = LocalCluster(state_dir=state / policy, config_path=config, http_port=free_port(), grpc_port=free_port(),
-                           device=args.device, cpu_memory_gb=args.cpu_memory_gb, engine_isolation="process",
-                           agent_args=tuple(agent_args), scheduler_args=("--replan-interval-s", str(REPLAN_S)))
+    cluster = LocalCluster(
+        state_dir=state / policy,
+        config_path=config,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        device=args.device,
+        cpu_memory_gb=args.cpu_memory_gb,
+        engine_isolation="process",
+        agent_args=tuple(agent_args),
+        scheduler_args=("--replan-interval-s", str(REPLAN_S)),
+    )
     names = [e["model_name"] for e in entries]
     started = time.monotonic()
     cluster.start()
@@ -214,8 +255,9 @@ def run_policy(policy: str, args: argparse.Namespace, entries: list[dict], trace
         sampler = MemorySampler(cluster.agent_address)
         sampler.start()
         slo = SloTargets(ttft_s=args.ttft_ms / 1e3, tpot_s=args.tpot_ms / 1e3)
-        results = asyncio.run(replay(trace, grpc_address=cluster.gateway_grpc, slo=slo,
-                                     chars_per_token=args.chars_per_token))
+        results = asyncio.run(
+            replay(trace, grpc_address=cluster.gateway_grpc, slo=slo, chars_per_token=args.chars_per_token)
+        )
         samples = sampler.stop()
         rep = report(trace, results, slo, api="grpc")
         log = (cluster.log_dir / "agent.log").read_text(errors="replace")
@@ -224,67 +266,132 @@ def run_policy(policy: str, args: argparse.Namespace, entries: list[dict], trace
     activations = [(m, float(s)) for m, s in ACTIVATED.findall(log)]
     made_room = MADE_ROOM.findall(log)
     overall = rep["overall"]
-    return {"policy": policy, "attainment": overall["slo_attainment"], "requests": overall["requests"],
-            "errors": overall.get("errors") or {}, "ttft_p50_s": overall.get("ttft_p50_s"),
-            "ttft_p99_s": overall.get("ttft_p99_s"), "tpot_p50_s": overall.get("tpot_p50_s"),
-            "tpot_p99_s": overall.get("tpot_p99_s"), "load_s": load_s,
-            "per_model": {m: {k: s.get(k) for k in ("requests", "slo_attainment", "ttft_p99_s", "tpot_p99_s")}
-                          for m, s in rep["per_model"].items()},
-            "activations": activations, "made_room": made_room,
-            "peak_used_gib": [max((s["used_mib"][g] for s in samples if "used_mib" in s), default=0) / 1024
-                              for g in range(args.gpus)],
-            "memory_samples": samples}
+    return {
+        "policy": policy,
+        "attainment": overall["slo_attainment"],
+        "requests": overall["requests"],
+        "errors": overall.get("errors") or {},
+        "ttft_p50_s": overall.get("ttft_p50_s"),
+        "ttft_p99_s": overall.get("ttft_p99_s"),
+        "tpot_p50_s": overall.get("tpot_p50_s"),
+        "tpot_p99_s": overall.get("tpot_p99_s"),
+        "load_s": load_s,
+        "per_model": {
+            m: {k: s.get(k) for k in ("requests", "slo_attainment", "ttft_p99_s", "tpot_p99_s")}
+            for m, s in rep["per_model"].items()
+        },
+        "activations": activations,
+        "made_room": made_room,
+        "peak_used_gib": [
+            max((s["used_mib"][g] for s in samples if "used_mib" in s), default=0) / 1024 for g in range(args.gpus)
+        ],
+        "memory_samples": samples,
+    }
 
 
 def activation_summary(run: dict, large_name: str | None) -> dict:
     times = [s for _, s in run["activations"]]
     large = [s for m, s in run["activations"] if m == large_name]
-    return {"count": len(times), "median_s": statistics.median(times) if times else None,
-            "max_s": max(times, default=None), "large_count": len(large),
-            "large_median_s": statistics.median(large) if large else None, "large_max_s": max(large, default=None)}
+    return {
+        "count": len(times),
+        "median_s": statistics.median(times) if times else None,
+        "max_s": max(times, default=None),
+        "large_count": len(large),
+        "large_median_s": statistics.median(large) if large else None,
+        "large_max_s": max(large, default=None),
+    }
 
 
 def print_tables(payload: dict) -> None:
     settings = payload["settings"]
     models = payload["models"]
     large = next((m for m in models if m["tp_size"] > 1), None)
-    print(f"\n{settings['gpus']} {settings['device']} GPU(s) ({', '.join(sorted(set(payload.get('device', []))))}), "
-          f"{len(models)} models" + (f", {large['name']} ({large['config']}) split over {large['tp_size']}" if large else ""))
+    print(
+        f"\n{settings['gpus']} {settings['device']} GPU(s) ({', '.join(sorted(set(payload.get('device', []))))}), "
+        f"{len(models)} models"
+        + (f", {large['name']} ({large['config']}) split over {large['tp_size']}" if large else "")
+    )
     act = payload.get("split_activation")
     if act:
-        print(table([act], [("model", "split model", ""), ("tp_size", "tp", "d"), ("shard_gb", "shard GB", ".1f"),
-                            ("load_s", "load s", ".1f"), ("floor_s", "floor s", ".3f"),
-                            ("activate_s", "activate s (median)", ".3f"), ("activate_max_s", "max s", ".3f"),
-                            ("deactivate_s", "deactivate s", ".3f"),
-                            ("first_token_after_s", "1st token after s", ".3f")]))
+        print(
+            table(
+                [act],
+                [
+                    ("model", "split model", ""),
+                    ("tp_size", "tp", "d"),
+                    ("shard_gb", "shard GB", ".1f"),
+                    ("load_s", "load s", ".1f"),
+                    ("floor_s", "floor s", ".3f"),
+                    ("activate_s", "activate s (median)", ".3f"),
+                    ("activate_max_s", "max s", ".3f"),
+                    ("deactivate_s", "deactivate s", ".3f"),
+                    ("first_token_after_s", "1st token after s", ".3f"),
+                ],
+            )
+        )
         print(f"activation within 1.5 s: {act['activate_max_s'] <= 1.5}\n")
     runs = payload.get("runs")
     if not runs:
         return
     tr = payload["trace"]
-    print(f"trace: {tr['requests']} requests, {tr['rate']:g} req/s, {tr['duration_s']:g} s, seed {tr['seed']}; "
-          f"SLO TTFT {settings['ttft_ms']:g} ms, TPOT {settings['tpot_ms']:g} ms")
+    print(
+        f"trace: {tr['requests']} requests, {tr['rate']:g} req/s, {tr['duration_s']:g} s, seed {tr['seed']}; "
+        f"SLO TTFT {settings['ttft_ms']:g} ms, TPOT {settings['tpot_ms']:g} ms"
+    )
     names = sorted({m for r in runs for m in r["per_model"]}, key=lambda n: int(n.rsplit("-", 1)[-1]))
     configs = {m["name"]: f"{m['config'].removeprefix('llama-')}" for m in models}
-    per_model = [{"model": f"{n} ({configs.get(n, '?')})", "requests": runs[0]["per_model"].get(n, {}).get("requests"),
-                  **{r["policy"]: 100 * r["per_model"][n]["slo_attainment"] for r in runs if n in r["per_model"]}}
-                 for n in names]
-    print(table(per_model, [("model", "attainment % per model", ""), ("requests", "requests", "d")]
-                + [(r["policy"], r["policy"], ".1f") for r in runs]))
+    per_model = [
+        {
+            "model": f"{n} ({configs.get(n, '?')})",
+            "requests": runs[0]["per_model"].get(n, {}).get("requests"),
+            **{r["policy"]: 100 * r["per_model"][n]["slo_attainment"] for r in runs if n in r["per_model"]},
+        }
+        for n in names
+    ]
+    print(
+        table(
+            per_model,
+            [("model", "attainment % per model", ""), ("requests", "requests", "d")]
+            + [(r["policy"], r["policy"], ".1f") for r in runs],
+        )
+    )
     print()
     rows = []
     for r in runs:
         s = r["activation_summary"]
-        rows.append({"policy": r["policy"], "attainment": 100 * r["attainment"],
-                     "errors": sum(r["errors"].values()), "ttft_p99": r["ttft_p99_s"], "tpot_p99": r["tpot_p99_s"],
-                     "activations": s["count"], "act_median": s["median_s"], "act_max": s["max_s"],
-                     "large_acts": s["large_count"], "large_max": s["large_max_s"],
-                     "peak_gib": max(r["peak_used_gib"], default=None)})
-    print(table(rows, [("policy", "policy", ""), ("attainment", "attainment %", ".1f"), ("errors", "errors", "d"),
-                       ("ttft_p99", "TTFT p99 s", ".3f"), ("tpot_p99", "TPOT p99 s", ".3f"),
-                       ("activations", "activations", "d"), ("act_median", "act median s", ".3f"),
-                       ("act_max", "act max s", ".3f"), ("large_acts", "split acts", "d"),
-                       ("large_max", "split act max s", ".3f"), ("peak_gib", "peak GPU GiB", ".1f")]))
+        rows.append(
+            {
+                "policy": r["policy"],
+                "attainment": 100 * r["attainment"],
+                "errors": sum(r["errors"].values()),
+                "ttft_p99": r["ttft_p99_s"],
+                "tpot_p99": r["tpot_p99_s"],
+                "activations": s["count"],
+                "act_median": s["median_s"],
+                "act_max": s["max_s"],
+                "large_acts": s["large_count"],
+                "large_max": s["large_max_s"],
+                "peak_gib": max(r["peak_used_gib"], default=None),
+            }
+        )
+    print(
+        table(
+            rows,
+            [
+                ("policy", "policy", ""),
+                ("attainment", "attainment %", ".1f"),
+                ("errors", "errors", "d"),
+                ("ttft_p99", "TTFT p99 s", ".3f"),
+                ("tpot_p99", "TPOT p99 s", ".3f"),
+                ("activations", "activations", "d"),
+                ("act_median", "act median s", ".3f"),
+                ("act_max", "act max s", ".3f"),
+                ("large_acts", "split acts", "d"),
+                ("large_max", "split act max s", ".3f"),
+                ("peak_gib", "peak GPU GiB", ".1f"),
+            ],
+        )
+    )
 
 
 def plot_memory(payload: dict, path: Path) -> None:
@@ -307,8 +414,10 @@ def plot_memory(payload: dict, path: Path) -> None:
             for t in on:
                 ax.axvspan(t - 0.5, t + 0.5, color="grey", alpha=0.15, lw=0)
         ax.set_ylabel("used GiB")
-        ax.set_title(f"{run['policy']}: {100 * run['attainment']:.1f}% within SLO"
-                     + (f" (grey: {large} on)" if large else ""), fontsize=10)
+        ax.set_title(
+            f"{run['policy']}: {100 * run['attainment']:.1f}% within SLO" + (f" (grey: {large} on)" if large else ""),
+            fontsize=10,
+        )
         ax.legend(loc="lower right", fontsize=8)
     axes[-1, 0].set_xlabel("seconds into the trace")
     save_figure(fig, path)
@@ -338,7 +447,9 @@ def main() -> None:
     p.add_argument("--load-timeout", type=float, default=600.0)
     p.add_argument("--out", type=Path, default=None, help="default: bench/results/multi_gpu-<device>.json")
     p.add_argument("--state-dir", type=Path, default=None, help="keep each cluster's state and logs here")
-    p.add_argument("--tables-from", type=Path, default=None, help="only print the tables of a result file of this script")
+    p.add_argument(
+        "--tables-from", type=Path, default=None, help="only print the tables of a result file of this script"
+    )
     p.add_argument("--plot", type=Path, default=None, help="also write a PNG of GPU memory over time (matplotlib)")
     args = p.parse_args()
     if args.tables_from is not None:
@@ -359,20 +470,32 @@ def main() -> None:
     if args.chars_per_token is None:
         args.chars_per_token = 2.2 if args.device == "cpu" else 1.0
     out_path = args.out or common.ROOT / "bench" / "results" / f"multi_gpu-{args.device}.json"
-    payload: dict = {"benchmark": "multi_gpu", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                     "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    payload: dict = {
+        "benchmark": "multi_gpu",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }
     if shutil.which("nvidia-smi"):
-        payload["device"] = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                                           capture_output=True, text=True).stdout.strip().splitlines()
+        payload["device"] = (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"], capture_output=True, text=True
+            )
+            .stdout.strip()
+            .splitlines()
+        )
     with tempfile.TemporaryDirectory(prefix="prism-multi-gpu-") as tmp:
         state = args.state_dir or Path(tmp)
         state.mkdir(parents=True, exist_ok=True)
         entries = model_entries(args, state)
-        payload["models"] = [{"name": e["model_name"], "config": Path(e["model_path"]).name, "tp_size": e["tp_size"]}
-                             for e in entries]
+        payload["models"] = [
+            {"name": e["model_name"], "config": Path(e["model_path"]).name, "tp_size": e["tp_size"]} for e in entries
+        ]
         large = next((e for e in entries if e["tp_size"] > 1), None)
-        print(f"{len(entries)} models on {args.gpus} {args.device} device(s): "
-              + ", ".join(f"{m['name']} ({m['config']}, tp {m['tp_size']})" for m in payload["models"]), flush=True)
+        print(
+            f"{len(entries)} models on {args.gpus} {args.device} device(s): "
+            + ", ".join(f"{m['name']} ({m['config']}, tp {m['tp_size']})" for m in payload["models"]),
+            flush=True,
+        )
 
         if "activation" in args.parts and large is not None:
             if args.device == "cuda":
@@ -382,8 +505,9 @@ def main() -> None:
             if args.device == "cuda":
                 act["floor_s"] = act["shard_gb"] * 1e9 / each
             payload["split_activation"] = act
-            print(f"split model: activation median {act['activate_s']:.3f}s, max {act['activate_max_s']:.3f}s",
-                  flush=True)
+            print(
+                f"split model: activation median {act['activate_s']:.3f}s, max {act['activate_max_s']:.3f}s", flush=True
+            )
 
         if "experiment" in args.parts:
             trace, params = make_trace(args, [e["model_name"] for e in entries])
@@ -398,6 +522,7 @@ def main() -> None:
     write_json(out_path, payload)
 
     print_tables(payload)
+
 
 if __name__ == "__main__":
     main()

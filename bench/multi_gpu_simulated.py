@@ -59,28 +59,57 @@ from services.common.placement_config import parse
 REPLAN_S = 0.5  # as bench/multi_gpu.py's scheduler
 
 
-def simulated_run(policy: str, args: argparse.Namespace, entries: list[dict], trace, profile: LatencyProfile,
-                  gpus: int) -> dict:
+def simulated_run(
+    policy: str, args: argparse.Namespace, entries: list[dict], trace, profile: LatencyProfile, gpus: int
+) -> dict:
     """One policy's run, in bench/multi_gpu.py's run format (what the simulator has of it)."""
     models = list(parse({"policy": policy, "models": entries}).models)
-    settings = SimSettings(num_gpus=gpus, gpus_per_agent=gpus, policy=policy,
-                           gpu_memory_bytes=int(args.gpu_memory_gb * GB), replan_interval_s=REPLAN_S,
-                           split_step_factor=args.split_step_factor)
+    settings = SimSettings(
+        num_gpus=gpus,
+        gpus_per_agent=gpus,
+        policy=policy,
+        gpu_memory_bytes=int(args.gpu_memory_gb * GB),
+        replan_interval_s=REPLAN_S,
+        split_step_factor=args.split_step_factor,
+    )
     started = time.perf_counter()
     result = simulate(trace, models, profile, settings, SloTargets(args.ttft_ms / 1e3, args.tpot_ms / 1e3))
     overall, sim = result["overall"], result["simulation"]
-    return {"policy": policy, "attainment": overall["slo_attainment"], "requests": overall["requests"],
-            "errors": overall.get("errors") or {}, "ttft_p50_s": overall.get("ttft_p50_s"),
-            "ttft_p99_s": overall.get("ttft_p99_s"), "tpot_p50_s": overall.get("tpot_p50_s"),
-            "tpot_p99_s": overall.get("tpot_p99_s"),
-            "per_model": {m: {k: s.get(k) for k in ("requests", "slo_attainment", "ttft_p99_s", "tpot_p99_s")}
-                          for m, s in result["per_model"].items()},
-            "activation_summary": {"count": sim["activations"], "median_s": None, "max_s": None, "large_count": None,
-                                   "large_max_s": None},
-            "peak_used_gib": [],
-            "simulation": {k: sim[k] for k in ("loads", "unloads", "activations", "deactivations",
-                                               "switched_off_for_room", "activation_out_of_memory", "preemptions")},
-            "wall_s": time.perf_counter() - started}
+    return {
+        "policy": policy,
+        "attainment": overall["slo_attainment"],
+        "requests": overall["requests"],
+        "errors": overall.get("errors") or {},
+        "ttft_p50_s": overall.get("ttft_p50_s"),
+        "ttft_p99_s": overall.get("ttft_p99_s"),
+        "tpot_p50_s": overall.get("tpot_p50_s"),
+        "tpot_p99_s": overall.get("tpot_p99_s"),
+        "per_model": {
+            m: {k: s.get(k) for k in ("requests", "slo_attainment", "ttft_p99_s", "tpot_p99_s")}
+            for m, s in result["per_model"].items()
+        },
+        "activation_summary": {
+            "count": sim["activations"],
+            "median_s": None,
+            "max_s": None,
+            "large_count": None,
+            "large_max_s": None,
+        },
+        "peak_used_gib": [],
+        "simulation": {
+            k: sim[k]
+            for k in (
+                "loads",
+                "unloads",
+                "activations",
+                "deactivations",
+                "switched_off_for_room",
+                "activation_out_of_memory",
+                "preemptions",
+            )
+        },
+        "wall_s": time.perf_counter() - started,
+    }
 
 
 def compare_table(simulated: dict, measured: dict) -> str:
@@ -94,11 +123,13 @@ def compare_table(simulated: dict, measured: dict) -> str:
         row = {"model": name}
         for p in policies:
             for label, run in (("live", runs[p]), ("sim", sims[p])):
-                row[f"{p} {label}"] = 100 * (run["attainment"] if name == "all"
-                                             else run["per_model"].get(name, {}).get("slo_attainment", 0.0))
+                row[f"{p} {label}"] = 100 * (
+                    run["attainment"] if name == "all" else run["per_model"].get(name, {}).get("slo_attainment", 0.0)
+                )
         rows.append(row)
-    columns = [("model", "attainment %", "")] + [(f"{p} {label}", f"{p} {label}", ".1f")
-                                                for p in policies for label in ("live", "sim")]
+    columns = [("model", "attainment %", "")] + [
+        (f"{p} {label}", f"{p} {label}", ".1f") for p in policies for label in ("live", "sim")
+    ]
     return table(rows, columns)
 
 
@@ -109,38 +140,68 @@ def main() -> None:
     p.add_argument("--rate-per-gpu", type=float, default=3.0, help="requests/s over the active group, per GPU")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of trace")
     p.add_argument("--gpu-memory-gb", type=float, default=141.0, help="each GPU's memory (H200: 141)")
-    p.add_argument("--split-step-factor", type=float, default=1.7,
-                   help="a split model's step against the profile's for its shard's size (see above)")
+    p.add_argument(
+        "--split-step-factor",
+        type=float,
+        default=1.7,
+        help="a split model's step against the profile's for its shard's size (see above)",
+    )
     p.add_argument("--profile", type=Path, default=DEFAULT_PROFILE)
-    p.add_argument("--more-seeds", type=int, nargs="*", default=[1, 2],
-                   help="also these traces' seeds (the attainment table; detail for --seed only)")
+    p.add_argument(
+        "--more-seeds",
+        type=int,
+        nargs="*",
+        default=[1, 2],
+        help="also these traces' seeds (the attainment table; detail for --seed only)",
+    )
     p.add_argument("--measured", type=Path, default=None, help="a bench/multi_gpu.py result to compare with")
     p.add_argument("--out", type=Path, default=common.ROOT / "bench" / "results" / "multi_gpu-simulated.json")
     args = p.parse_args()
     profile = LatencyProfile.load(args.profile)
     measured = json.loads(args.measured.read_text()) if args.measured else None
-    payload: dict = {"benchmark": "multi_gpu_simulated", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                     "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                     "profile_device": profile.device, "by_gpus": {}, "attainment": []}
+    payload: dict = {
+        "benchmark": "multi_gpu_simulated",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "profile_device": profile.device,
+        "by_gpus": {},
+        "attainment": [],
+    }
     seeds = [args.seed] + [s for s in args.more_seeds if s != args.seed]
     for gpus in args.gpus:
         for seed in seeds:
-            run_args = argparse.Namespace(device="cuda", gpus=gpus, models=0, large_tp=args.large_tp,
-                                          rate=args.rate_per_gpu * gpus, duration=args.duration, seed=seed)
+            run_args = argparse.Namespace(
+                device="cuda",
+                gpus=gpus,
+                models=0,
+                large_tp=args.large_tp,
+                rate=args.rate_per_gpu * gpus,
+                duration=args.duration,
+                seed=seed,
+            )
             entries = model_entries(run_args, Path("/nonexistent"))  # CUDA configs: nothing is written
             trace, params = make_trace(run_args, [e["model_name"] for e in entries])
             runs = [simulated_run(policy, args, entries, trace, profile, gpus) for policy in args.policies]
-            print(f"{gpus} GPUs, seed {seed}: " + ", ".join(f"{r['policy']} {100 * r['attainment']:.1f}%"
-                                                           for r in runs), flush=True)
-            payload["attainment"].append({"gpus": gpus, "seed": seed,
-                                          **{r["policy"]: r["attainment"] for r in runs}})
+            print(
+                f"{gpus} GPUs, seed {seed}: " + ", ".join(f"{r['policy']} {100 * r['attainment']:.1f}%" for r in runs),
+                flush=True,
+            )
+            payload["attainment"].append({"gpus": gpus, "seed": seed, **{r["policy"]: r["attainment"] for r in runs}})
             if seed == args.seed:  # the detail of the first seed's run (the live run's seed)
                 payload["by_gpus"][str(gpus)] = {
-                    "settings": {"device": f"simulated {profile.device}", "gpus": gpus, "ttft_ms": args.ttft_ms,
-                                 "tpot_ms": args.tpot_ms},
-                    "models": [{"name": e["model_name"], "config": Path(e["model_path"]).name,
-                                "tp_size": e["tp_size"]} for e in entries],
-                    "trace": {**vars(params), "requests": len(trace.requests)}, "runs": runs}
+                    "settings": {
+                        "device": f"simulated {profile.device}",
+                        "gpus": gpus,
+                        "ttft_ms": args.ttft_ms,
+                        "tpot_ms": args.tpot_ms,
+                    },
+                    "models": [
+                        {"name": e["model_name"], "config": Path(e["model_path"]).name, "tp_size": e["tp_size"]}
+                        for e in entries
+                    ],
+                    "trace": {**vars(params), "requests": len(trace.requests)},
+                    "runs": runs,
+                }
     write_json(args.out, payload)
     for gpus, one in payload["by_gpus"].items():
         print_tables(one)
@@ -148,8 +209,12 @@ def main() -> None:
             print(f"\nmeasured ({args.measured.name}, {measured['date']}) beside simulated, {gpus} GPUs:")
             print(compare_table(one, measured))
     print(f"\nattainment % per GPU count and seed (the trace's rate {args.rate_per_gpu:g} req/s a GPU):")
-    print(table([{**row, **{p: 100 * row[p] for p in args.policies}} for row in payload["attainment"]],
-                [("gpus", "GPUs", "d"), ("seed", "seed", "d")] + [(p, p, ".1f") for p in args.policies]))
+    print(
+        table(
+            [{**row, **{p: 100 * row[p] for p in args.policies}} for row in payload["attainment"]],
+            [("gpus", "GPUs", "d"), ("seed", "seed", "d")] + [(p, p, ".1f") for p in args.policies],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -96,10 +96,20 @@ def fleet_entries(args: argparse.Namespace, state: Path) -> list[dict]:
     entries = []
     for i, size in enumerate(parse_fleet(args.fleet, SIZES)):
         config, ttft_ms = SIZES[size]
-        fields = ({"model_path": str(tiny), "dtype": "float32"} if tiny is not None else
-                  {"model_path": str(CONFIGS / config), "load_format": "dummy", "max_context": MAX_CONTEXT})
-        entries.append({"model_name": f"model-{i}", **fields, "slo": {"ttft_ms": ttft_ms, "tpot_ms": TPOT_MS},
-                        "init_placements": [{"gpu_ids": [0], "on": False}], "size": size})
+        fields = (
+            {"model_path": str(tiny), "dtype": "float32"}
+            if tiny is not None
+            else {"model_path": str(CONFIGS / config), "load_format": "dummy", "max_context": MAX_CONTEXT}
+        )
+        entries.append(
+            {
+                "model_name": f"model-{i}",
+                **fields,
+                "slo": {"ttft_ms": ttft_ms, "tpot_ms": TPOT_MS},
+                "init_placements": [{"gpu_ids": [0], "on": False}],
+                "size": size,
+            }
+        )
     return entries
 
 
@@ -130,11 +140,22 @@ def trace_params(args: argparse.Namespace, count: int, rate: float) -> BurstyGro
     if args.device == "cpu":  # the tiny models hold 256 positions
         lengths = dict(prompt_mean=64, prompt_std=32, output_mean=32, output_std=16, max_prompt=128, max_output=96)
     else:  # log-normal: mean 572 and std 286 give a median of 512; 143 and 72 a median of 128
-        lengths = dict(prompt_mean=572, prompt_std=286, output_mean=143, output_std=72, max_prompt=4096,
-                       max_output=1024)
-    return BurstyGroupParams(num_models=count, num_groups=max(1, count // args.group_size), active_groups=1,
-                             shift_s=args.shift_s, rate=rate, idle_fraction=0.02, zipf_alpha=1.0, burstiness_cv=2.0,
-                             duration_s=args.duration, seed=args.seed, **lengths)
+        lengths = dict(
+            prompt_mean=572, prompt_std=286, output_mean=143, output_std=72, max_prompt=4096, max_output=1024
+        )
+    return BurstyGroupParams(
+        num_models=count,
+        num_groups=max(1, count // args.group_size),
+        active_groups=1,
+        shift_s=args.shift_s,
+        rate=rate,
+        idle_fraction=0.02,
+        zipf_alpha=1.0,
+        burstiness_cv=2.0,
+        duration_s=args.duration,
+        seed=args.seed,
+        **lengths,
+    )
 
 
 def slo_targets(entries: list[dict]) -> SloTargets:
@@ -158,9 +179,17 @@ def start_cluster(policy: str, args: argparse.Namespace, entries: list[dict], st
     agent_args = ["--spare-workers", "0", "--memory-reserve-gb", str(args.reserve_gb), "--cuda-mps", args.cuda_mps]
     if policy == "static":
         agent_args += ["--memory-policy", "static"]
-    cluster = LocalCluster(state_dir=state / policy, config_path=config, http_port=free_port(), grpc_port=free_port(),
-                           device=args.device, cpu_memory_gb=args.cpu_memory_gb, engine_isolation="process",
-                           agent_args=tuple(agent_args), scheduler_args=("--replan-interval-s", str(REPLAN_S)))
+    cluster = LocalCluster(
+        state_dir=state / policy,
+        config_path=config,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        device=args.device,
+        cpu_memory_gb=args.cpu_memory_gb,
+        engine_isolation="process",
+        agent_args=tuple(agent_args),
+        scheduler_args=("--replan-interval-s", str(REPLAN_S)),
+    )
     cluster.start(timeout_s=args.load_timeout)
     return cluster
 
@@ -170,8 +199,9 @@ def run_point(cluster: LocalCluster, args: argparse.Namespace, trace, slo: SloTa
     offset = log_path.stat().st_size if log_path.exists() else 0
     sampler = MemorySampler(cluster.agent_address)
     sampler.start()
-    results = asyncio.run(replay(trace, grpc_address=cluster.gateway_grpc, slo=slo,
-                                 chars_per_token=args.chars_per_token))
+    results = asyncio.run(
+        replay(trace, grpc_address=cluster.gateway_grpc, slo=slo, chars_per_token=args.chars_per_token)
+    )
     samples = sampler.stop()
     with log_path.open("rb") as f:
         f.seek(offset)
@@ -188,19 +218,37 @@ def latency_percentiles(overall: dict) -> dict:
 
 def summarize_point(rep: dict, duration_s: float, activations: list, samples: list | None) -> dict:
     overall = rep["overall"]
-    return {"attainment": overall["slo_attainment"], "goodput_rps": overall["goodput_rps"],
-            "requests": overall["requests"], "errors": overall.get("errors") or {},
-            **latency_percentiles(overall),
-            "activations": len(activations), "activations_per_s": len(activations) / max(duration_s, 1e-9),
-            "activation_log": activations,
-            "per_model": {m: {k: s.get(k) for k in ("requests", "slo_attainment", "ttft_p99_s", "tpot_p99_s")}
-                          for m, s in rep["per_model"].items()},
-            **({"peak_used_gib": max((s["used_mib"][0] for s in samples if "used_mib" in s), default=0) / 1024,
-                "memory_samples": samples} if samples is not None else {})}
+    return {
+        "attainment": overall["slo_attainment"],
+        "goodput_rps": overall["goodput_rps"],
+        "requests": overall["requests"],
+        "errors": overall.get("errors") or {},
+        **latency_percentiles(overall),
+        "activations": len(activations),
+        "activations_per_s": len(activations) / max(duration_s, 1e-9),
+        "activation_log": activations,
+        "per_model": {
+            m: {k: s.get(k) for k in ("requests", "slo_attainment", "ttft_p99_s", "tpot_p99_s")}
+            for m, s in rep["per_model"].items()
+        },
+        **(
+            {
+                "peak_used_gib": max((s["used_mib"][0] for s in samples if "used_mib" in s), default=0) / 1024,
+                "memory_samples": samples,
+            }
+            if samples is not None
+            else {}
+        ),
+    }
 
 
-def run_policy(policy: str, args: argparse.Namespace, entries: list[dict], state: Path,
-               save: Callable[[dict], None] = lambda run: None) -> dict:
+def run_policy(
+    policy: str,
+    args: argparse.Namespace,
+    entries: list[dict],
+    state: Path,
+    save: Callable[[dict], None] = lambda run: None,
+) -> dict:
     """save: called with the run so far after each point (a call that reaches its time limit keeps them)."""
     served = served_entries(policy, entries, args, device_memory_bytes(args))
     started = time.monotonic()
@@ -208,14 +256,27 @@ def run_policy(policy: str, args: argparse.Namespace, entries: list[dict], state
     try:
         load_s = wait_loaded(cluster, [e["model_name"] for e in served], args.load_timeout)
         print(f"{policy}: {len(served)} models up in {time.monotonic() - started:.0f}s", flush=True)
-        return run_points(cluster, policy, args, entries, served, load_s, save,
-                          reset=lambda: reset_cluster(cluster, policy, served, args))
+        return run_points(
+            cluster,
+            policy,
+            args,
+            entries,
+            served,
+            load_s,
+            save,
+            reset=lambda: reset_cluster(cluster, policy, served, args),
+        )
     finally:
         cluster.stop()
 
 
-def run_policies_sharing_engines(policies: list[str], args: argparse.Namespace, entries: list[dict], state: Path,
-                                 save: Callable[[list[dict]], None] = lambda runs: None) -> list[dict]:
+def run_policies_sharing_engines(
+    policies: list[str],
+    args: argparse.Namespace,
+    entries: list[dict],
+    state: Path,
+    save: Callable[[list[dict]], None] = lambda runs: None,
+) -> list[dict]:
     """The policies that configure the whole fleet (all but static) on one cluster, in turn: between two,
     and between two points of one, the cluster is reset (reset_cluster). The engines load once: on the
     H100, 12 engine processes took 165-191 s to start, so that a 10-minute call held one policy's
@@ -229,9 +290,18 @@ def run_policies_sharing_engines(policies: list[str], args: argparse.Namespace, 
         for i, policy in enumerate(policies):
             if i:
                 reset_cluster(cluster, policy, entries, args)
-            runs.append(run_points(cluster, policy, args, entries, entries, load_s,
-                                   lambda run: save(runs + [run]),
-                                   reset=lambda p=policy: reset_cluster(cluster, p, entries, args)))
+            runs.append(
+                run_points(
+                    cluster,
+                    policy,
+                    args,
+                    entries,
+                    entries,
+                    load_s,
+                    lambda run: save(runs + [run]),
+                    reset=lambda p=policy: reset_cluster(cluster, p, entries, args),
+                )
+            )
     finally:
         cluster.stop()
     return runs
@@ -261,9 +331,16 @@ def reset_cluster(cluster: LocalCluster, policy: str, entries: list[dict], args:
     time.sleep(args.policy_settle_s)
 
 
-def run_points(cluster: LocalCluster, policy: str, args: argparse.Namespace, entries: list[dict],
-               served: list[dict], load_s: float, save: Callable[[dict], None],
-               reset: Callable[[], None]) -> dict:
+def run_points(
+    cluster: LocalCluster,
+    policy: str,
+    args: argparse.Namespace,
+    entries: list[dict],
+    served: list[dict],
+    load_s: float,
+    save: Callable[[dict], None],
+    reset: Callable[[], None],
+) -> dict:
     """The sweep's points on a running cluster under `policy`, ascending, the cluster reset before each
     but the first (which follows the cluster's start or a reset)."""
     slo = slo_targets(entries)
@@ -277,8 +354,11 @@ def run_points(cluster: LocalCluster, policy: str, args: argparse.Namespace, ent
         point = {"rate": rate, **run_point(cluster, args, trace, slo)}
         points.append(point)
         save(run)
-        print(f"{policy} @ {rate:g} req/s: attainment {100 * point['attainment']:.1f}%, "
-              f"{point['activations']} activations, errors {point['errors'] or 'none'}", flush=True)
+        print(
+            f"{policy} @ {rate:g} req/s: attainment {100 * point['attainment']:.1f}%, "
+            f"{point['activations']} activations, errors {point['errors'] or 'none'}",
+            flush=True,
+        )
     return run
 
 
@@ -298,9 +378,16 @@ def measured_reserve_bytes(points: list[dict]) -> int:
     return int(values[len(values) // 2] * 1e9) if values else 0
 
 
-def simulate_points(policy: str, served_names: list[str], rates: list[float], memory_bytes: int,
-                    args: argparse.Namespace, entries: list[dict], live_points: list[dict] | None = None,
-                    foresight_s: float = 0.0) -> list[dict]:
+def simulate_points(
+    policy: str,
+    served_names: list[str],
+    rates: list[float],
+    memory_bytes: int,
+    args: argparse.Namespace,
+    entries: list[dict],
+    live_points: list[dict] | None = None,
+    foresight_s: float = 0.0,
+) -> list[dict]:
     """Each rate's trace through the simulator (the same policy code, the card's profile); a static
     run's unconfigured models' requests count as missed, as they fail live. live_points: the live run's,
     whose measured reserve (measured_reserve_bytes) the simulated GPU keeps, where the samples have it."""
@@ -315,10 +402,17 @@ def simulate_points(policy: str, served_names: list[str], rates: list[float], me
     profile = LatencyProfile.load(args.profile)
     # The live engines were loaded a minute or more before the traffic (stats_lead_s): a first burst reads
     # as a burst, not as a rate that lasted the whole report window.
-    settings = SimSettings(num_gpus=1, gpus_per_agent=1, policy=policy, gpu_memory_bytes=memory_bytes,
-                           memory_policy="static" if policy == "static" else "balloon", replan_interval_s=REPLAN_S,
-                           memory_reserve_bytes=reserve_bytes or int(args.reserve_gb * (1 << 30)), stats_lead_s=60.0,
-                           foresight_s=foresight_s)
+    settings = SimSettings(
+        num_gpus=1,
+        gpus_per_agent=1,
+        policy=policy,
+        gpu_memory_bytes=memory_bytes,
+        memory_policy="static" if policy == "static" else "balloon",
+        replan_interval_s=REPLAN_S,
+        memory_reserve_bytes=reserve_bytes or int(args.reserve_gb * (1 << 30)),
+        stats_lead_s=60.0,
+        foresight_s=foresight_s,
+    )
     slo = slo_targets(entries)
     out = []
     for rate in rates:
@@ -327,11 +421,18 @@ def simulate_points(policy: str, served_names: list[str], rates: list[float], me
         result = simulate(kept, models, profile, settings, slo)
         attained = sum(r["attained"] for r in result["requests"])
         sim = result["simulation"]
-        out.append({"rate": rate, "attainment": attained / max(1, len(trace.requests)),
-                    "requests": len(trace.requests), "errors": result["overall"]["errors"],
-                    "activations": sim["activations"], "preemptions": sim["preemptions"],
-                    **latency_percentiles(result["overall"]),
-                    "per_model": {m: s["slo_attainment"] for m, s in result["per_model"].items()}})
+        out.append(
+            {
+                "rate": rate,
+                "attainment": attained / max(1, len(trace.requests)),
+                "requests": len(trace.requests),
+                "errors": result["overall"]["errors"],
+                "activations": sim["activations"],
+                "preemptions": sim["preemptions"],
+                **latency_percentiles(result["overall"]),
+                "per_model": {m: s["slo_attainment"] for m, s in result["per_model"].items()},
+            }
+        )
     return out
 
 
@@ -339,23 +440,38 @@ def simulated_only(args: argparse.Namespace, entries: list[dict]) -> dict:
     """The sweep in the simulator alone (--simulate-only): no live run, more rates and seeds for nothing.
     With --seeds, one run per policy and seed (each run names its seed), the seeds' runs in parallel."""
     memory_bytes = int(args.memory_gb * (1 << 30))
-    payload = {"benchmark": "one_gpu", "simulated_only": True, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "settings": {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                            "memory_bytes": memory_bytes},
-               "fleet_weight_gb": sum(weight_bytes(e) for e in entries) / GB,
-               "models": [{"name": e["model_name"], "size": e["size"], "config": Path(e["model_path"]).name,
-                           "slo": e["slo"]} for e in entries], "device": f"simulated ({Path(args.profile).name})",
-               "runs": []}
+    payload = {
+        "benchmark": "one_gpu",
+        "simulated_only": True,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "settings": {
+            **{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "memory_bytes": memory_bytes,
+        },
+        "fleet_weight_gb": sum(weight_bytes(e) for e in entries) / GB,
+        "models": [
+            {"name": e["model_name"], "size": e["size"], "config": Path(e["model_path"]).name, "slo": e["slo"]}
+            for e in entries
+        ],
+        "device": f"simulated ({Path(args.profile).name})",
+        "runs": [],
+    }
     runs = [(policy, 0.0) for policy in args.policies]
     if args.foresight_s:  # prism planning on the trace's future arrivals: a bound, not a baseline
         runs.append(("prism", args.foresight_s))
-    jobs = [(policy, argparse.Namespace(**{**vars(args), "seed": seed}), entries, foresight_s)
-            for policy, foresight_s in runs for seed in (args.seeds or [args.seed])]
+    jobs = [
+        (policy, argparse.Namespace(**{**vars(args), "seed": seed}), entries, foresight_s)
+        for policy, foresight_s in runs
+        for seed in (args.seeds or [args.seed])
+    ]
     with ProcessPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
         for run in pool.map(simulated_run, jobs):
             payload["runs"].append(run)
-            print(f"{run['policy']} seed {run['seed']}: " + ", ".join(
-                f"{p['rate']:g} req/s {100 * p['attainment']:.1f}%" for p in run["points"]), flush=True)
+            print(
+                f"{run['policy']} seed {run['seed']}: "
+                + ", ".join(f"{p['rate']:g} req/s {100 * p['attainment']:.1f}%" for p in run["points"]),
+                flush=True,
+            )
     return payload
 
 
@@ -366,8 +482,13 @@ def simulated_run(job: tuple[str, argparse.Namespace, list[dict], float]) -> dic
     memory_bytes = int(args.memory_gb * (1 << 30))
     served = [e["model_name"] for e in served_entries(policy, entries, args, memory_bytes)]
     points = simulate_points(policy, served, sorted(args.rates), memory_bytes, args, entries, foresight_s=foresight_s)
-    return {"policy": policy + FORESIGHT if foresight_s else policy, "seed": args.seed, "served": served,
-            "points": points, **({"foresight_s": foresight_s} if foresight_s else {})}
+    return {
+        "policy": policy + FORESIGHT if foresight_s else policy,
+        "seed": args.seed,
+        "served": served,
+        "points": points,
+        **({"foresight_s": foresight_s} if foresight_s else {}),
+    }
 
 
 # ---- the summary -----------------------------------------------------------------------
@@ -396,8 +517,10 @@ def summary(payload: dict) -> list[dict]:
     runs = list(payload["runs"])
     seeds = sorted({run["seed"] for run in runs if "seed" in run})
     if len(seeds) > 1:
-        runs += [mean_run(policy, [run for run in runs if run["policy"] == policy])
-                 for policy in dict.fromkeys(run["policy"] for run in runs)]
+        runs += [
+            mean_run(policy, [run for run in runs if run["policy"] == policy])
+            for policy in dict.fromkeys(run["policy"] for run in runs)
+        ]
     rows = []
     for run in runs:
         row = {"policy": run["policy"], "seed": run.get("seed"), "served": len(run["served"])}
@@ -422,8 +545,12 @@ def mean_run(policy: str, runs: list[dict]) -> dict:
     for run in runs:
         for point in run["points"]:
             by_rate.setdefault(point["rate"], []).append(point["attainment"])
-    return {"policy": policy, "seed": "mean", "served": runs[0]["served"],
-            "points": [{"rate": rate, "attainment": sum(v) / len(v)} for rate, v in sorted(by_rate.items())]}
+    return {
+        "policy": policy,
+        "seed": "mean",
+        "served": runs[0]["served"],
+        "points": [{"rate": rate, "attainment": sum(v) / len(v)} for rate, v in sorted(by_rate.items())],
+    }
 
 
 def print_tables(payload: dict) -> None:
@@ -432,35 +559,66 @@ def print_tables(payload: dict) -> None:
     sizes = {}
     for m in models:
         sizes[m["size"]] = sizes.get(m["size"], 0) + 1
-    print(f"\n{payload.get('device', settings['device'])}: {len(models)} models "
-          f"({', '.join(f'{n} x {s}' for s, n in sizes.items())}, {payload['fleet_weight_gb']:.1f} GB of weights "
-          f"on {settings['memory_bytes'] / 2**30:.1f} GiB); trace {settings['duration']:g} s a point, groups of "
-          f"{settings['group_size']} shifting every {settings['shift_s']:g} s, seed {settings['seed']}")
+    print(
+        f"\n{payload.get('device', settings['device'])}: {len(models)} models "
+        f"({', '.join(f'{n} x {s}' for s, n in sizes.items())}, {payload['fleet_weight_gb']:.1f} GB of weights "
+        f"on {settings['memory_bytes'] / 2**30:.1f} GiB); trace {settings['duration']:g} s a point, groups of "
+        f"{settings['group_size']} shifting every {settings['shift_s']:g} s, seed {settings['seed']}"
+    )
     rows = []
     for run in payload["runs"]:
         sim = {p["rate"]: p for p in run.get("simulated", [])}
         for p in run["points"]:
             s = sim.get(p["rate"])
-            rows.append({"policy": run["policy"], "seed": run.get("seed"), "rate": p["rate"], "requests": p["requests"],
-                         "attainment": 100 * p["attainment"], "sim": 100 * s["attainment"] if s else None,
-                         "diff": 100 * (s["attainment"] - p["attainment"]) if s else None,
-                         "goodput": p.get("goodput_rps"), "acts": p.get("activations_per_s"),
-                         "ttft99": p.get("ttft_p99_s"), "tpot99": p.get("tpot_p99_s"),
-                         "sim_tpot99": s.get("tpot_p99_s") if s else None, "peak": p.get("peak_used_gib"),
-                         "errors": sum(p["errors"].values())})
+            rows.append(
+                {
+                    "policy": run["policy"],
+                    "seed": run.get("seed"),
+                    "rate": p["rate"],
+                    "requests": p["requests"],
+                    "attainment": 100 * p["attainment"],
+                    "sim": 100 * s["attainment"] if s else None,
+                    "diff": 100 * (s["attainment"] - p["attainment"]) if s else None,
+                    "goodput": p.get("goodput_rps"),
+                    "acts": p.get("activations_per_s"),
+                    "ttft99": p.get("ttft_p99_s"),
+                    "tpot99": p.get("tpot_p99_s"),
+                    "sim_tpot99": s.get("tpot_p99_s") if s else None,
+                    "peak": p.get("peak_used_gib"),
+                    "errors": sum(p["errors"].values()),
+                }
+            )
     seeded = [("seed", "seed", "")] if any(row["seed"] is not None for row in rows) else []
-    print(table(rows, [("policy", "policy", ""), *seeded, ("rate", "req/s", "g"), ("requests", "requests", "d"),
-                       ("attainment", "attainment %", ".1f"), ("sim", "simulated %", ".1f"),
-                       ("diff", "sim - live", "+.1f"), ("goodput", "goodput req/s", ".2f"),
-                       ("acts", "activations/s", ".2f"), ("ttft99", "TTFT p99 s", ".2f"),
-                       ("tpot99", "TPOT p99 s", ".3f"), ("sim_tpot99", "simulated TPOT p99 s", ".3f"),
-                       ("peak", "peak GiB", ".1f"), ("errors", "errors", "d")]))
+    print(
+        table(
+            rows,
+            [
+                ("policy", "policy", ""),
+                *seeded,
+                ("rate", "req/s", "g"),
+                ("requests", "requests", "d"),
+                ("attainment", "attainment %", ".1f"),
+                ("sim", "simulated %", ".1f"),
+                ("diff", "sim - live", "+.1f"),
+                ("goodput", "goodput req/s", ".2f"),
+                ("acts", "activations/s", ".2f"),
+                ("ttft99", "TTFT p99 s", ".2f"),
+                ("tpot99", "TPOT p99 s", ".3f"),
+                ("sim_tpot99", "simulated TPOT p99 s", ".3f"),
+                ("peak", "peak GiB", ".1f"),
+                ("errors", "errors", "d"),
+            ],
+        )
+    )
     print()
     columns = [("policy", "policy", ""), *seeded, ("served", "models served", "d")]
     for t in THRESHOLDS:
         pct = f"{100 * t:g}%"
-        columns += [(f"held_{t}", f"rate at {pct}", "g"), (f"interp_{t}", f"interpolated {pct}", ".2f"),
-                    (f"ratio_{t}", f"x best baseline {pct}", ".2f")]
+        columns += [
+            (f"held_{t}", f"rate at {pct}", "g"),
+            (f"interp_{t}", f"interpolated {pct}", ".2f"),
+            (f"ratio_{t}", f"x best baseline {pct}", ".2f"),
+        ]
     print(table(summary(payload), columns))
 
 
@@ -476,11 +634,20 @@ def plot(payload: dict, path: Path) -> None:
     fig, axes = plt.subplots(1 + len(runs), 1, figsize=(10, 3.2 * (1 + len(runs))), squeeze=False)
     ax = axes[0, 0]
     for run in runs:
-        line, = ax.plot([p["rate"] for p in run["points"]], [100 * p["attainment"] for p in run["points"]],
-                        marker="o", label=run["policy"])
+        (line,) = ax.plot(
+            [p["rate"] for p in run["points"]],
+            [100 * p["attainment"] for p in run["points"]],
+            marker="o",
+            label=run["policy"],
+        )
         if run.get("simulated"):
-            ax.plot([p["rate"] for p in run["simulated"]], [100 * p["attainment"] for p in run["simulated"]],
-                    ls="--", color=line.get_color(), alpha=0.6)
+            ax.plot(
+                [p["rate"] for p in run["simulated"]],
+                [100 * p["attainment"] for p in run["simulated"]],
+                ls="--",
+                color=line.get_color(),
+                alpha=0.6,
+            )
     for t in THRESHOLDS:
         ax.axhline(100 * t, color="grey", lw=0.5)
     ax.set_xlabel("aggregate rate (req/s)")
@@ -499,8 +666,11 @@ def plot(payload: dict, path: Path) -> None:
             if len(used) == len(times):
                 ax.plot(times, used, color="black", lw=1, label="nvidia-smi")
         ax.set_ylabel("GB")
-        ax.set_title(f"{run['policy']} at {point['rate']:g} req/s: {100 * point['attainment']:.1f}% "
-                     "(each active engine's weights + mapped KV)", fontsize=10)
+        ax.set_title(
+            f"{run['policy']} at {point['rate']:g} req/s: {100 * point['attainment']:.1f}% "
+            "(each active engine's weights + mapped KV)",
+            fontsize=10,
+        )
         ax.legend(loc="upper right", fontsize=6, ncol=4)
     axes[-1, 0].set_xlabel("seconds into the point's trace")
     save_figure(fig, path)
@@ -513,58 +683,106 @@ def merge(files: list[Path]) -> dict:
     payloads = [json.loads(f.read_text()) for f in files]
     out = dict(payloads[0])
     out["runs"] = [run for p in payloads for run in p["runs"]]
-    out["parts"] = [{"file": str(f), "date": p["date"], "policies": [r["policy"] for r in p["runs"]]}
-                    for f, p in zip(files, payloads)]
+    out["parts"] = [
+        {"file": str(f), "date": p["date"], "policies": [r["policy"] for r in p["runs"]]}
+        for f, p in zip(files, payloads)
+    ]
     return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--fleet", default=None, help="SIZE=COUNT,... of 1b, 3b, 8b (default 1b=4,3b=4,8b=4; cpu: "
-                                                 "1b=3,3b=3 of the tiny model)")
+    p.add_argument(
+        "--fleet",
+        default=None,
+        help="SIZE=COUNT,... of 1b, 3b, 8b (default 1b=4,3b=4,8b=4; cpu: 1b=3,3b=3 of the tiny model)",
+    )
     p.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
     p.add_argument("--rates", nargs="+", type=float, default=[6.0, 10.0, 14.0], help="aggregate req/s, one point each")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of trace per point")
     p.add_argument("--shift-s", type=float, default=30.0, help="how often the active group changes")
     p.add_argument("--group-size", type=int, default=4, help="models that become active together")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help="--simulate-only: one sweep per seed (default: --seed alone); the summary gives each "
-                        "seed's highest rates and, per policy, those of the mean over the seeds")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="--simulate-only: one sweep per seed (default: --seed alone); the summary gives each "
+        "seed's highest rates and, per policy, those of the mean over the seeds",
+    )
     p.add_argument("--settle-s", type=float, default=5.0, help="idle seconds before each point")
-    p.add_argument("--share-engines", action="store_true",
-                   help="prism, kvpr and time-share on one cluster in turn (the engines load once; static has "
-                        "its own): the scheduler restarts with each policy, every engine switched off")
-    p.add_argument("--reset-settle-s", "--policy-settle-s", dest="policy_settle_s", type=float, default=60.0,
-                   help="idle seconds after the reset before every point but a cluster's first: scheduler "
-                        "restarted, every engine off (60: the agents' stats window)")
-    p.add_argument("--reserve-gb", type=float, default=None,
-                   help="the agent's --memory-reserve-gb: kept out of weights and KV for the engine processes' "
-                        "CUDA contexts, activations and graphs (default 14 on cuda: about 1 GB for each of 12 "
-                        "engine processes, measured on the H100; 0 on cpu)")
-    p.add_argument("--cuda-mps", default=None, choices=["auto", "on", "off"],
-                   help="the agent's --cuda-mps: engine processes share the GPU through CUDA MPS (default on: "
-                        "the run fails without it; off on cpu)")
-    p.add_argument("--static-kv-gb", type=float, default=None,
-                   help="static: KV each configured model needs at least (default 2; cpu: 0.05)")
+    p.add_argument(
+        "--share-engines",
+        action="store_true",
+        help="prism, kvpr and time-share on one cluster in turn (the engines load once; static has "
+        "its own): the scheduler restarts with each policy, every engine switched off",
+    )
+    p.add_argument(
+        "--reset-settle-s",
+        "--policy-settle-s",
+        dest="policy_settle_s",
+        type=float,
+        default=60.0,
+        help="idle seconds after the reset before every point but a cluster's first: scheduler "
+        "restarted, every engine off (60: the agents' stats window)",
+    )
+    p.add_argument(
+        "--reserve-gb",
+        type=float,
+        default=None,
+        help="the agent's --memory-reserve-gb: kept out of weights and KV for the engine processes' "
+        "CUDA contexts, activations and graphs (default 14 on cuda: about 1 GB for each of 12 "
+        "engine processes, measured on the H100; 0 on cpu)",
+    )
+    p.add_argument(
+        "--cuda-mps",
+        default=None,
+        choices=["auto", "on", "off"],
+        help="the agent's --cuda-mps: engine processes share the GPU through CUDA MPS (default on: "
+        "the run fails without it; off on cpu)",
+    )
+    p.add_argument(
+        "--static-kv-gb",
+        type=float,
+        default=None,
+        help="static: KV each configured model needs at least (default 2; cpu: 0.05)",
+    )
     p.add_argument("--cpu-memory-gb", type=float, default=1.0, help="the CPU device's memory (--device cpu)")
     p.add_argument("--chars-per-token", type=float, default=None, help="default: 1 (cuda: byte tokenizer), 2.2 (cpu)")
     p.add_argument("--load-timeout", type=float, default=600.0)
     p.add_argument("--out", type=Path, default=None, help="default: bench/results/one_gpu-<device>.json")
     p.add_argument("--state-dir", type=Path, default=None, help="keep each cluster's state and logs here")
-    p.add_argument("--tables-from", type=Path, nargs="+", default=None,
-                   help="result files of this script (one per call): merged, tables printed, nothing run")
+    p.add_argument(
+        "--tables-from",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="result files of this script (one per call): merged, tables printed, nothing run",
+    )
     p.add_argument("--simulate", action="store_true", help="also run the simulator on every live point's trace")
     p.add_argument("--simulate-only", action="store_true", help="no live run: the sweep in the simulator alone")
-    p.add_argument("--foresight-s", type=float, default=0.0,
-                   help="with --simulate-only: also run prism planning on each model's arrivals over the next "
-                        "this many seconds of the trace (prism+foresight: an upper bound on demand forecasting, "
-                        "kept out of the baselines)")
-    p.add_argument("--memory-gb", type=float, default=79.19,
-                   help="--simulate-only: the card's memory, GiB (default an H100's, as torch reports it)")
-    p.add_argument("--profile", type=Path, default=None, help="the simulator's latency profile (default: the "
-                                                              "H100's; cpu: the CPU cluster's)")
+    p.add_argument(
+        "--foresight-s",
+        type=float,
+        default=0.0,
+        help="with --simulate-only: also run prism planning on each model's arrivals over the next "
+        "this many seconds of the trace (prism+foresight: an upper bound on demand forecasting, "
+        "kept out of the baselines)",
+    )
+    p.add_argument(
+        "--memory-gb",
+        type=float,
+        default=79.19,
+        help="--simulate-only: the card's memory, GiB (default an H100's, as torch reports it)",
+    )
+    p.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="the simulator's latency profile (default: the H100's; cpu: the CPU cluster's)",
+    )
     p.add_argument("--plot", type=Path, default=None, help="also write a PNG (matplotlib)")
     args = p.parse_args()
     if args.foresight_s < 0 or (args.foresight_s and not args.simulate_only):
@@ -585,8 +803,12 @@ def main() -> None:
     if args.chars_per_token is None:
         args.chars_per_token = 2.2 if args.device == "cpu" else 1.0
     if args.profile is None:
-        args.profile = common.ROOT / "bench" / "results" / (
-            "sim-profile-cpu-cluster.json" if args.device == "cpu" else "sim-profile-h100.json")
+        args.profile = (
+            common.ROOT
+            / "bench"
+            / "results"
+            / ("sim-profile-cpu-cluster.json" if args.device == "cpu" else "sim-profile-h100.json")
+        )
     out_path = args.out or common.ROOT / "bench" / "results" / f"one_gpu-{args.device}.json"
     with tempfile.TemporaryDirectory(prefix="prism-one-gpu-") as tmp:
         state = args.state_dir or Path(tmp)
@@ -598,8 +820,15 @@ def main() -> None:
             payload = live_runs(args, entries, state, out_path)
         if args.simulate:
             for run in payload["runs"]:
-                run["simulated"] = simulate_points(run["policy"], run["served"], [p["rate"] for p in run["points"]],
-                                                   payload["settings"]["memory_bytes"], args, entries, run["points"])
+                run["simulated"] = simulate_points(
+                    run["policy"],
+                    run["served"],
+                    [p["rate"] for p in run["points"]],
+                    payload["settings"]["memory_bytes"],
+                    args,
+                    entries,
+                    run["points"],
+                )
     write_json(out_path, payload)
     if args.plot:
         plot(payload, args.plot)
@@ -609,24 +838,42 @@ def main() -> None:
 def live_runs(args: argparse.Namespace, entries: list[dict], state: Path, out_path: Path) -> dict:
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     settings["memory_bytes"] = device_memory_bytes(args)
-    payload: dict = {"benchmark": "one_gpu", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                     "settings": settings, "fleet_weight_gb": sum(weight_bytes(e) for e in entries) / GB,
-                     "models": [{"name": e["model_name"], "size": e["size"], "config": Path(e["model_path"]).name,
-                                 "slo": e["slo"]} for e in entries]}
+    payload: dict = {
+        "benchmark": "one_gpu",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "settings": settings,
+        "fleet_weight_gb": sum(weight_bytes(e) for e in entries) / GB,
+        "models": [
+            {"name": e["model_name"], "size": e["size"], "config": Path(e["model_path"]).name, "slo": e["slo"]}
+            for e in entries
+        ],
+    }
     if shutil.which("nvidia-smi"):
-        payload["device"] = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                                           capture_output=True, text=True).stdout.strip().splitlines()[0]
-    print(f"{len(entries)} models, {payload['fleet_weight_gb']:.1f} GB of weights, on "
-          f"{settings['memory_bytes'] / 2**30:.1f} GiB ({args.device})", flush=True)
+        payload["device"] = (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"], capture_output=True, text=True
+            )
+            .stdout.strip()
+            .splitlines()[0]
+        )
+    print(
+        f"{len(entries)} models, {payload['fleet_weight_gb']:.1f} GB of weights, on "
+        f"{settings['memory_bytes'] / 2**30:.1f} GiB ({args.device})",
+        flush=True,
+    )
     runs: list[dict] = []
     # Kept as it goes, point by point: a later point or policy may not finish within the call.
     shared = [p for p in args.policies if p != "static"] if args.share_engines else []
     if shared:
-        runs += run_policies_sharing_engines(shared, args, entries, state,
-                                             save=lambda so_far: write_json(out_path, {**payload, "runs": so_far}))
+        runs += run_policies_sharing_engines(
+            shared, args, entries, state, save=lambda so_far: write_json(out_path, {**payload, "runs": so_far})
+        )
     for policy in (p for p in args.policies if p not in shared):
-        runs.append(run_policy(policy, args, entries, state,
-                               save=lambda run: write_json(out_path, {**payload, "runs": runs + [run]})))
+        runs.append(
+            run_policy(
+                policy, args, entries, state, save=lambda run: write_json(out_path, {**payload, "runs": runs + [run]})
+            )
+        )
     payload["runs"] = runs
     return payload
 

@@ -29,8 +29,15 @@ import statistics
 
 import common  # noqa: F401  first: puts the project on sys.path
 from common import environment, table, write_json
-from decode_throughput import build_engine, decode_round, free_device_memory, int_list, model_folder, name_list, \
-    prompt_of_length
+from decode_throughput import (
+    build_engine,
+    decode_round,
+    free_device_memory,
+    int_list,
+    model_folder,
+    name_list,
+    prompt_of_length,
+)
 
 from prism.simulator.profile import fit_prefill
 
@@ -44,7 +51,7 @@ async def first_token_rounds(engine, prompt: str, tokens: int, batch: int, repea
 def measure(model: str, args: argparse.Namespace) -> list[dict]:
     import torch
 
-    shapes = ([(1, n) for n in args.singles] + [(b, args.batch_prompt_tokens) for b in args.batches])
+    shapes = [(1, n) for n in args.singles] + [(b, args.batch_prompt_tokens) for b in args.batches]
     longest = max(b * n for b, n in shapes)
     # build_engine's budget is max_batch * prompt_tokens: one step holds every shape's prompts.
     engine = build_engine(model_folder(model), args.attention, args.device, 1, longest, 2)
@@ -54,9 +61,15 @@ def measure(model: str, args: argparse.Namespace) -> list[dict]:
             prompt = prompt_of_length(engine, tokens)
             tag = f"{model}-b{batch}-p{tokens}"
             samples = asyncio.run(first_token_rounds(engine, prompt, tokens, batch, args.repeats, tag))
-            rows.append({"model": model, "batch": batch, "prompt_tokens": tokens,
-                         "first_token_ms": 1e3 * statistics.median(samples),
-                         "samples_ms": [round(1e3 * s, 3) for s in samples]})
+            rows.append(
+                {
+                    "model": model,
+                    "batch": batch,
+                    "prompt_tokens": tokens,
+                    "first_token_ms": 1e3 * statistics.median(samples),
+                    "samples_ms": [round(1e3 * s, 3) for s in samples],
+                }
+            )
             print(f"  {tag}: {rows[-1]['first_token_ms']:.2f} ms", flush=True)
     finally:
         engine.stop()
@@ -82,16 +95,46 @@ def main() -> None:
         rows = measure(model, args)
         results += rows
         intercept, per_prompt, per_token = fit_prefill(rows)
-        fits.append({"model": model, "intercept_ms": intercept * 1e3, "per_prompt_ms": per_prompt * 1e3,
-                     "per_1k_tokens_ms": per_token * 1e6})
-    print(table(results, [("model", "model", ""), ("batch", "batch", "d"), ("prompt_tokens", "prompt", "d"),
-                          ("first_token_ms", "first token ms", ".2f")]))
+        fits.append(
+            {
+                "model": model,
+                "intercept_ms": intercept * 1e3,
+                "per_prompt_ms": per_prompt * 1e3,
+                "per_1k_tokens_ms": per_token * 1e6,
+            }
+        )
+    print(
+        table(
+            results,
+            [
+                ("model", "model", ""),
+                ("batch", "batch", "d"),
+                ("prompt_tokens", "prompt", "d"),
+                ("first_token_ms", "first token ms", ".2f"),
+            ],
+        )
+    )
     print()
-    print(table(fits, [("model", "model", ""), ("intercept_ms", "intercept ms", ".2f"),
-                       ("per_prompt_ms", "per prompt ms", ".3f"), ("per_1k_tokens_ms", "per 1k tokens ms", ".2f")]))
-    write_json(args.json, {"environment": environment(), "settings": {k: v for k, v in vars(args).items()
-                                                                     if k != "json"},
-                           "results": results, "fits": fits})
+    print(
+        table(
+            fits,
+            [
+                ("model", "model", ""),
+                ("intercept_ms", "intercept ms", ".2f"),
+                ("per_prompt_ms", "per prompt ms", ".3f"),
+                ("per_1k_tokens_ms", "per 1k tokens ms", ".2f"),
+            ],
+        )
+    )
+    write_json(
+        args.json,
+        {
+            "environment": environment(),
+            "settings": {k: v for k, v in vars(args).items() if k != "json"},
+            "results": results,
+            "fits": fits,
+        },
+    )
 
 
 if __name__ == "__main__":

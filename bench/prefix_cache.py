@@ -45,8 +45,10 @@ from common import dummy_model_folder, environment, table, write_json  # noqa: E
 
 from services.gpu_agent.engine import Engine, GenerationRequest  # noqa: E402
 
-WORDS = ("cache prefix token model answer question system prompt user reply memory limit page block engine "
-         "serve request stream batch step").split()
+WORDS = (
+    "cache prefix token model answer question system prompt user reply memory limit page block engine "
+    "serve request stream batch step"
+).split()
 
 
 @dataclass(frozen=True)
@@ -81,15 +83,18 @@ def sessions_for(rate: float, args: argparse.Namespace, seed: int) -> list[Sessi
     systems = [words(rng, rng.randint(*args.system_tokens)) for _ in range(args.system_prompts)]
     out, t = [], rng.expovariate(rate)
     while t < args.duration_s:
-        turns = tuple(Turn(words(rng, rng.randint(*args.user_tokens)), rng.randint(*args.reply_tokens))
-                      for _ in range(rng.randint(*args.turns)))
+        turns = tuple(
+            Turn(words(rng, rng.randint(*args.user_tokens)), rng.randint(*args.reply_tokens))
+            for _ in range(rng.randint(*args.turns))
+        )
         out.append(Session(t, rng.choice(systems), turns))
         t += rng.expovariate(rate)
     return out
 
 
-async def run_session(engine: Engine, session: Session, start: float, think_s: float, seed: int,
-                      results: list[dict]) -> None:
+async def run_session(
+    engine: Engine, session: Session, start: float, think_s: float, seed: int, results: list[dict]
+) -> None:
     rng = random.Random(seed)
     await asyncio.sleep(max(0.0, start + session.start_s - time.perf_counter()))
     history = session.system
@@ -98,17 +103,24 @@ async def run_session(engine: Engine, session: Session, start: float, think_s: f
         sent = time.perf_counter()
         first = last = None
         out = None
-        async for out in engine.generate(GenerationRequest(
-                f"s{seed}-t{i}", prompt=prompt, max_tokens=turn.reply_tokens, temperature=0.0, ignore_eos=True)):
+        async for out in engine.generate(
+            GenerationRequest(
+                f"s{seed}-t{i}", prompt=prompt, max_tokens=turn.reply_tokens, temperature=0.0, ignore_eos=True
+            )
+        ):
             now = time.perf_counter()
             if out.token_ids:
                 first = first or now
                 last = now
         n = out.completion_tokens if out else 0
-        results.append({"ttft_s": (first or time.perf_counter()) - sent,
-                        "tpot_s": (last - first) / (n - 1) if first and n > 1 else None,
-                        "prompt_tokens": out.prompt_tokens if out else 0,
-                        "cached_tokens": out.cached_tokens if out else 0})
+        results.append(
+            {
+                "ttft_s": (first or time.perf_counter()) - sent,
+                "tpot_s": (last - first) / (n - 1) if first and n > 1 else None,
+                "prompt_tokens": out.prompt_tokens if out else 0,
+                "cached_tokens": out.cached_tokens if out else 0,
+            }
+        )
         # The reply, as the next turn repeats it: dummy weights give no text, so a placeholder as long.
         history = f"{prompt} {words(rng, turn.reply_tokens)}"
         await asyncio.sleep(rng.expovariate(1 / think_s) if think_s > 0 else 0)
@@ -126,18 +138,25 @@ async def run_point(engine: Engine, rate: float, args: argparse.Namespace) -> di
     sessions = sessions_for(rate, args, args.seed)
     results: list[dict] = []
     start = time.perf_counter()
-    await asyncio.gather(*(run_session(engine, s, start, args.think_s, args.seed * 100_003 + i, results)
-                           for i, s in enumerate(sessions)))
+    await asyncio.gather(
+        *(run_session(engine, s, start, args.think_s, args.seed * 100_003 + i, results) for i, s in enumerate(sessions))
+    )
     ttfts = [r["ttft_s"] for r in results]
     tpots = [r["tpot_s"] for r in results if r["tpot_s"] is not None]
     attained = sum(r["ttft_s"] <= args.ttft_slo_s and (r["tpot_s"] or 0) <= args.tpot_slo_s for r in results)
     prompt = sum(r["prompt_tokens"] for r in results)
-    return {"rate": rate, "sessions": len(sessions), "requests": len(results),
-            "wall_s": round(time.perf_counter() - start, 1),
-            "attainment": attained / len(results) if results else None,
-            "ttft_p50_s": quantile(ttfts, 0.5), "ttft_p99_s": quantile(ttfts, 0.99),
-            "tpot_p50_s": quantile(tpots, 0.5), "tpot_p99_s": quantile(tpots, 0.99),
-            "cached_fraction": sum(r["cached_tokens"] for r in results) / prompt if prompt else 0.0}
+    return {
+        "rate": rate,
+        "sessions": len(sessions),
+        "requests": len(results),
+        "wall_s": round(time.perf_counter() - start, 1),
+        "attainment": attained / len(results) if results else None,
+        "ttft_p50_s": quantile(ttfts, 0.5),
+        "ttft_p99_s": quantile(ttfts, 0.99),
+        "tpot_p50_s": quantile(tpots, 0.5),
+        "tpot_p99_s": quantile(tpots, 0.99),
+        "cached_fraction": sum(r["cached_tokens"] for r in results) / prompt if prompt else 0.0,
+    }
 
 
 def rate_at(points: list[dict], target: float) -> float | None:
@@ -170,9 +189,14 @@ def span(text: str) -> tuple[int, int]:
 
 
 def start_engine(folder: Path, mode: str, args: argparse.Namespace) -> Engine:
-    engine = Engine(folder, load_format="dummy" if args.device != "cpu" else "auto", dtype=args.dtype,
-                    device=args.device, memory_limit_bytes=int(args.kv_gb * 2**30) if args.kv_gb else None,
-                    prefix_caching=mode == "on")
+    engine = Engine(
+        folder,
+        load_format="dummy" if args.device != "cpu" else "auto",
+        dtype=args.dtype,
+        device=args.device,
+        memory_limit_bytes=int(args.kv_gb * 2**30) if args.kv_gb else None,
+        prefix_caching=mode == "on",
+    )
     engine.start()
     return engine
 
@@ -198,9 +222,13 @@ async def main_async(args: argparse.Namespace) -> dict:
                 run["rate_at_90"] = rate_at(run["points"], 0.9)
                 if point["attainment"] is not None and point["attainment"] < args.stop_below:
                     run["stopped_after"] = rate
-                print(f"  cache {mode}, {rate:g} sessions/s: {point['requests']} requests in {point['wall_s']} s, "
-                      f"attainment {100 * point['attainment']:.1f}%, TTFT p50 {point['ttft_p50_s']:.3f} s, "
-                      f"{100 * point['cached_fraction']:.0f}% of prompt tokens cached", file=sys.stderr, flush=True)
+                print(
+                    f"  cache {mode}, {rate:g} sessions/s: {point['requests']} requests in {point['wall_s']} s, "
+                    f"attainment {100 * point['attainment']:.1f}%, TTFT p50 {point['ttft_p50_s']:.3f} s, "
+                    f"{100 * point['cached_fraction']:.0f}% of prompt tokens cached",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 write_result(args, runs)
     finally:
         for engine in engines.values():
@@ -212,16 +240,28 @@ def ratios_of(runs: dict) -> dict:
     on, off = runs["on"], runs["off"]
     by_rate = {p["rate"]: p for p in on["points"]}
     return {
-        "ttft_p50_off_over_on": {p["rate"]: p["ttft_p50_s"] / by_rate[p["rate"]]["ttft_p50_s"]
-                                 for p in off["points"] if by_rate.get(p["rate"], {}).get("ttft_p50_s")},
-        "rate_at_90_on_over_off": (on["rate_at_90"] / off["rate_at_90"]
-                                   if on["rate_at_90"] and off["rate_at_90"] else None),
+        "ttft_p50_off_over_on": {
+            p["rate"]: p["ttft_p50_s"] / by_rate[p["rate"]]["ttft_p50_s"]
+            for p in off["points"]
+            if by_rate.get(p["rate"], {}).get("ttft_p50_s")
+        },
+        "rate_at_90_on_over_off": (
+            on["rate_at_90"] / off["rate_at_90"] if on["rate_at_90"] and off["rate_at_90"] else None
+        ),
     }
 
 
 def write_result(args: argparse.Namespace, runs: dict) -> None:
-    write_json(args.json, {"benchmark": "prefix_cache", "environment": environment(), "args": {
-        k: v for k, v in vars(args).items() if k != "json"}, "runs": runs, "ratios": ratios_of(runs)})
+    write_json(
+        args.json,
+        {
+            "benchmark": "prefix_cache",
+            "environment": environment(),
+            "args": {k: v for k, v in vars(args).items() if k != "json"},
+            "runs": runs,
+            "ratios": ratios_of(runs),
+        },
+    )
 
 
 def main() -> None:
@@ -229,8 +269,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--model", default="llama-3.2-1b", help="a bench config name, a model folder, or tiny (CPU)")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[1, 2, 4, 6],
-                    help="sessions per second")
+    ap.add_argument(
+        "--rates", type=lambda s: [float(x) for x in s.split(",")], default=[1, 2, 4, 6], help="sessions per second"
+    )
     ap.add_argument("--duration-s", type=float, default=30.0, help="sessions start within this span")
     ap.add_argument("--system-prompts", type=int, default=8)
     ap.add_argument("--system-tokens", type=span, default=(1000, 2000))
@@ -242,8 +283,12 @@ def main() -> None:
     ap.add_argument("--tpot-slo-s", type=float, default=0.1)
     ap.add_argument("--kv-gb", type=float, default=0.0, help="the engines' KV limit (0: the engine's default)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--stop-below", type=float, default=0.5,
-                    help="a mode whose attainment falls below this is not run at higher rates")
+    ap.add_argument(
+        "--stop-below",
+        type=float,
+        default=0.5,
+        help="a mode whose attainment falls below this is not run at higher rates",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.device == "cpu" and args.model == "llama-3.2-1b":
@@ -252,15 +297,31 @@ def main() -> None:
     rows = [{"mode": mode, **p} for mode, run in runs.items() for p in run["points"]]
     on, off = runs["on"], runs["off"]
     ratios = ratios_of(runs)
-    print(table(rows, [("mode", "cache", "s"), ("rate", "sessions/s", "g"), ("requests", "requests", "d"),
-                       ("attainment", "SLO att.", ".1%"), ("ttft_p50_s", "TTFT p50 s", ".3f"),
-                       ("ttft_p99_s", "TTFT p99 s", ".3f"), ("tpot_p50_s", "TPOT p50 s", ".4f"),
-                       ("tpot_p99_s", "TPOT p99 s", ".4f"), ("cached_fraction", "cached", ".0%")]))
-    print("\nTTFT p50, off / on, per rate: "
-          + ", ".join(f"{rate:g}: {r:.1f}x" for rate, r in ratios["ttft_p50_off_over_on"].items()) + " (target >= 3x)")
-    print(f"highest rate at 90% attainment: off {off['rate_at_90']}, on {on['rate_at_90']} sessions/s"
-          + (f" ({ratios['rate_at_90_on_over_off']:.2f}x; target >= 1.5x)" if ratios["rate_at_90_on_over_off"]
-             else ""))
+    print(
+        table(
+            rows,
+            [
+                ("mode", "cache", "s"),
+                ("rate", "sessions/s", "g"),
+                ("requests", "requests", "d"),
+                ("attainment", "SLO att.", ".1%"),
+                ("ttft_p50_s", "TTFT p50 s", ".3f"),
+                ("ttft_p99_s", "TTFT p99 s", ".3f"),
+                ("tpot_p50_s", "TPOT p50 s", ".4f"),
+                ("tpot_p99_s", "TPOT p99 s", ".4f"),
+                ("cached_fraction", "cached", ".0%"),
+            ],
+        )
+    )
+    print(
+        "\nTTFT p50, off / on, per rate: "
+        + ", ".join(f"{rate:g}: {r:.1f}x" for rate, r in ratios["ttft_p50_off_over_on"].items())
+        + " (target >= 3x)"
+    )
+    print(
+        f"highest rate at 90% attainment: off {off['rate_at_90']}, on {on['rate_at_90']} sessions/s"
+        + (f" ({ratios['rate_at_90_on_over_off']:.2f}x; target >= 1.5x)" if ratios["rate_at_90_on_over_off"] else "")
+    )
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import platform
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -73,19 +73,26 @@ def _solve(rows: list[list[float]], ys: list[float]) -> list[float]:
 def measure_model(folder: Path, batches=BATCHES, prompts=PROMPTS, new_tokens: int = NEW_TOKENS) -> dict:
     """Step and prefill times of one model's engine on the CPU, one row per (batch, prompt)."""
     t0 = time.perf_counter()
-    engine = Engine(folder, name=folder.name, device="cpu", attention="torch",
-                    step_tokens=max(512, max(batches) * max(prompts)))
+    engine = Engine(
+        folder, name=folder.name, device="cpu", attention="torch", step_tokens=max(512, max(batches) * max(prompts))
+    )
     engine.start()
     load_s = time.perf_counter() - t0
     try:
+
         async def run_all() -> list[dict]:
             texts = {p: prompt_of_length(engine, p) for p in prompts}
             await measure_rows(engine, texts, batches, new_tokens, "warm")  # untimed: see measure_rows
             return await measure_rows(engine, texts, batches, new_tokens, engine.name)
 
         rows = asyncio.run(run_all())
-        return {"model": folder.name, "weight_bytes": engine.weight_bytes,
-                "kv_bytes_per_token": engine.kv_bytes_per_token, "load_s": load_s, "rows": rows}
+        return {
+            "model": folder.name,
+            "weight_bytes": engine.weight_bytes,
+            "kv_bytes_per_token": engine.kv_bytes_per_token,
+            "load_s": load_s,
+            "rows": rows,
+        }
     finally:
         engine.stop()
 
@@ -98,8 +105,15 @@ async def measure_rows(engine, texts: dict[int, str], batches, new_tokens: int, 
     for prompt, text in texts.items():
         for batch in batches:
             r = await decode_round(engine, text, prompt, batch, new_tokens, f"{tag}-{prompt}-{batch}")
-            rows.append({"batch": batch, "prompt_tokens": prompt, "new_tokens": new_tokens,
-                         "step_s": r["step_s"], "prefill_s": r["prefill_s"]})
+            rows.append(
+                {
+                    "batch": batch,
+                    "prompt_tokens": prompt,
+                    "new_tokens": new_tokens,
+                    "step_s": r["step_s"],
+                    "prefill_s": r["prefill_s"],
+                }
+            )
     return rows
 
 
@@ -121,10 +135,13 @@ class GatewayEngine:
         from prism_client.v1 import generate_pb2
 
         sampling = generate_pb2.SamplingParams(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True)
-        request = generate_pb2.GenerateRequest(request_id=req.request_id, model=self.name, prompt=req.prompt,
-                                               sampling=sampling)
+        request = generate_pb2.GenerateRequest(
+            request_id=req.request_id, model=self.name, prompt=req.prompt, sampling=sampling
+        )
         async for response in self._stub.Generate(request):
-            yield _Output(list(response.token_ids), response.usage.prompt_tokens if response.HasField("usage") else None)
+            yield _Output(
+                list(response.token_ids), response.usage.prompt_tokens if response.HasField("usage") else None
+            )
 
 
 class _Output:
@@ -132,8 +149,9 @@ class _Output:
         self.token_ids, self.prompt_tokens = token_ids, prompt_tokens
 
 
-def measure_through_cluster(models: dict[str, Path], batches=BATCHES, prompts=PROMPTS,
-                            new_tokens: int = NEW_TOKENS) -> list[dict]:
+def measure_through_cluster(
+    models: dict[str, Path], batches=BATCHES, prompts=PROMPTS, new_tokens: int = NEW_TOKENS
+) -> list[dict]:
     """The rows of measure_model, each model served by a real local cluster (see the module doc)."""
     import json
 
@@ -152,14 +170,29 @@ def measure_through_cluster(models: dict[str, Path], batches=BATCHES, prompts=PR
     with tempfile.TemporaryDirectory(prefix="prism-profile-") as tmp:
         state = Path(tmp)
         config = state / "models.json"
-        config.write_text(json.dumps({"policy": "static", "models": [
-            {"model_name": n, "model_path": str(f), "init_placements": [{"gpu_ids": [0], "on": True}]}
-            for n, f in sorted(models.items())]}))
-        cluster = LocalCluster(state_dir=state / "cluster", config_path=config, http_port=free_port(),
-                               grpc_port=free_port(), device="cpu", engine_isolation="inline")
+        config.write_text(
+            json.dumps(
+                {
+                    "policy": "static",
+                    "models": [
+                        {"model_name": n, "model_path": str(f), "init_placements": [{"gpu_ids": [0], "on": True}]}
+                        for n, f in sorted(models.items())
+                    ],
+                }
+            )
+        )
+        cluster = LocalCluster(
+            state_dir=state / "cluster",
+            config_path=config,
+            http_port=free_port(),
+            grpc_port=free_port(),
+            device="cpu",
+            engine_isolation="inline",
+        )
         cluster.start()
         measured = []
         try:
+
             async def run_all() -> None:
                 async with grpc.aio.insecure_channel(cluster.gateway_grpc) as channel:
                     stub = gateway_pb2_grpc.GatewayStub(channel)
@@ -170,8 +203,15 @@ def measure_through_cluster(models: dict[str, Path], batches=BATCHES, prompts=PR
                     for name, engine in engines.items():
                         rows = await measure_rows(engine, texts[name], batches, new_tokens, name)
                         weight_bytes, kv_bytes, load_s = facts[name]
-                        measured.append({"model": name, "weight_bytes": weight_bytes, "kv_bytes_per_token": kv_bytes,
-                                         "load_s": load_s, "rows": rows})
+                        measured.append(
+                            {
+                                "model": name,
+                                "weight_bytes": weight_bytes,
+                                "kv_bytes_per_token": kv_bytes,
+                                "load_s": load_s,
+                                "rows": rows,
+                            }
+                        )
 
             asyncio.run(run_all())
         finally:
@@ -196,27 +236,46 @@ def fit_cpu_profile(measured: list[dict], through_cluster: bool = False) -> Late
     by_size: dict[int, list[SizePoint]] = {}
     for i, m in enumerate(measured):
         base, per_seq = coef[2 * i], coef[2 * i + 1]
-        intercept, per_token = _solve([[1.0, float(r["batch"] * r["prompt_tokens"])] for r in m["rows"]],
-                                      [r["prefill_s"] for r in m["rows"]])
-        by_size.setdefault(m["weight_bytes"], []).append(SizePoint(
-            model=m["model"], weight_bytes=m["weight_bytes"], decode_base_s=max(0.0, base),
-            decode_per_seq_s=max(0.0, per_seq), prefill_base_s=max(0.0, intercept - base),
-            prefill_per_token_s=max(0.0, per_token)))
+        intercept, per_token = _solve(
+            [[1.0, float(r["batch"] * r["prompt_tokens"])] for r in m["rows"]], [r["prefill_s"] for r in m["rows"]]
+        )
+        by_size.setdefault(m["weight_bytes"], []).append(
+            SizePoint(
+                model=m["model"],
+                weight_bytes=m["weight_bytes"],
+                decode_base_s=max(0.0, base),
+                decode_per_seq_s=max(0.0, per_seq),
+                prefill_base_s=max(0.0, intercept - base),
+                prefill_per_token_s=max(0.0, per_token),
+            )
+        )
     points = []
     for size, pts in sorted(by_size.items()):
         n = len(pts)
-        points.append(SizePoint(model="+".join(p.model for p in pts), weight_bytes=size,
-                                **{k: sum(getattr(p, k) for p in pts) / n for k in
-                                   ("decode_base_s", "decode_per_seq_s", "prefill_base_s", "prefill_per_token_s")}))
+        points.append(
+            SizePoint(
+                model="+".join(p.model for p in pts),
+                weight_bytes=size,
+                **{
+                    k: sum(getattr(p, k) for p in pts) / n
+                    for k in ("decode_base_s", "decode_per_seq_s", "prefill_base_s", "prefill_per_token_s")
+                },
+            )
+        )
     device = f"CPU: {cpu_name()} ({torch.get_num_threads()} torch threads)"
     load_s = sum(m["load_s"] for m in measured) / len(measured)
     metadata = {
-        "device": device, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__, "models": names,
+        "device": device,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "models": names,
         "source": "bench/profile_cpu.py" + (" --through-cluster" if through_cluster else ""),
         "measured": [
-            ("requests through a local cluster's gRPC gateway to an inline engine (device cpu, torch attention) of "
-             if through_cluster else "in-process engine (device cpu, torch attention) of ")
+            (
+                "requests through a local cluster's gRPC gateway to an inline engine (device cpu, torch attention) of "
+                if through_cluster
+                else "in-process engine (device cpu, torch attention) of "
+            )
             + f"{', '.join(names)}: decode step time and one-step "
             f"prefill at batch {list(BATCHES)} x prompt {list(PROMPTS)} tokens, {NEW_TOKENS} new tokens; "
             "decode_base_s, decode_per_seq_s, attention_bytes_per_s (shared), prefill_base_s, prefill_per_token_s "
@@ -225,20 +284,36 @@ def fit_cpu_profile(measured: list[dict], through_cluster: bool = False) -> Late
         ],
         "assumptions": [
             "activation and deactivation ~0: weights stay in host memory (copy rate set to 1e15 B/s)",
-            ("the agent's, gRPC's and the gateway's per-token costs are in the step times (measured through them)"
-             if through_cluster else
-             "no agent, gRPC or gateway overhead: the real cluster's per-request costs are not in the step times"),
+            (
+                "the agent's, gRPC's and the gateway's per-token costs are in the step times (measured through them)"
+                if through_cluster
+                else "no agent, gRPC or gateway overhead: the real cluster's per-request costs are not in the step "
+                "times"
+            ),
             "models of the same weight size averaged into one point",
         ],
         "rows": {m["model"]: m["rows"] for m in measured},
     }
-    return LatencyProfile(device=device, points=tuple(points), attention_bytes_per_s=1 / s_per_byte,
-                          copy_bytes_per_s=1e15, activation_overhead_s=0.0, deactivation_s=0.0,
-                          load_base_s=load_s, load_bytes_per_s=1e15, metadata=metadata)
+    return LatencyProfile(
+        device=device,
+        points=tuple(points),
+        attention_bytes_per_s=1 / s_per_byte,
+        copy_bytes_per_s=1e15,
+        activation_overhead_s=0.0,
+        deactivation_s=0.0,
+        load_base_s=load_s,
+        load_bytes_per_s=1e15,
+        metadata=metadata,
+    )
 
 
-def profile_cpu(models_dir: Path | None = None, batches=BATCHES, prompts=PROMPTS,
-                new_tokens: int = NEW_TOKENS, through_cluster: bool = False) -> tuple[LatencyProfile, list[dict]]:
+def profile_cpu(
+    models_dir: Path | None = None,
+    batches=BATCHES,
+    prompts=PROMPTS,
+    new_tokens: int = NEW_TOKENS,
+    through_cluster: bool = False,
+) -> tuple[LatencyProfile, list[dict]]:
     if models_dir is None:
         models_dir = Path(tempfile.gettempdir()) / "prism-tiny-models"
     models = ensure_default_models(Path(models_dir))
@@ -253,17 +328,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=HERE / "results" / "sim-profile-cpu.json")
-    p.add_argument("--through-cluster", action="store_true",
-                   help="measure through a local cluster's gateway (see above) instead of the engine alone")
+    p.add_argument(
+        "--through-cluster",
+        action="store_true",
+        help="measure through a local cluster's gateway (see above) instead of the engine alone",
+    )
     args = p.parse_args()
     profile, measured = profile_cpu(args.models_dir, through_cluster=args.through_cluster)
     for m in measured:
         for r in m["rows"]:
-            print(f"{m['model']:<11} batch {r['batch']:>3} prompt {r['prompt_tokens']:>4}: "
-                  f"step {r['step_s'] * 1e3:6.2f} ms  prefill {r['prefill_s'] * 1e3:7.2f} ms")
+            print(
+                f"{m['model']:<11} batch {r['batch']:>3} prompt {r['prompt_tokens']:>4}: "
+                f"step {r['step_s'] * 1e3:6.2f} ms  prefill {r['prefill_s'] * 1e3:7.2f} ms"
+            )
     for pt in profile.points:
-        print(f"{pt.model}: decode {pt.decode_base_s * 1e3:.2f} ms + {pt.decode_per_seq_s * 1e6:.1f} us/seq, "
-              f"prefill +{pt.prefill_base_s * 1e3:.2f} ms + {pt.prefill_per_token_s * 1e6:.2f} us/token")
+        print(
+            f"{pt.model}: decode {pt.decode_base_s * 1e3:.2f} ms + {pt.decode_per_seq_s * 1e6:.1f} us/seq, "
+            f"prefill +{pt.prefill_base_s * 1e3:.2f} ms + {pt.prefill_per_token_s * 1e6:.2f} us/token"
+        )
     print(f"attention {profile.attention_bytes_per_s / 1e9:.2f} GB/s; device {profile.device}")
     profile.save(args.out)
     print(f"wrote {args.out}")

@@ -34,6 +34,7 @@ def timed(totals: dict, name: str, fn):
             return fn(*args, **kwargs)
         finally:
             totals[name] += time.perf_counter() - start
+
     return wrapper
 
 
@@ -59,9 +60,12 @@ def main() -> None:
         round_("warmup")
         totals: dict[str, float] = collections.defaultdict(float)
         counts: dict[str, int] = collections.defaultdict(int)
-        patches = [(engine._batcher, "schedule", "schedule"), (engine._runner.slot_table, "rows_for", "rows_for"),
-                   (engine._runner, "_graph_decode", "graph_decode (launch)"),
-                   (engine, "_append_token", "append_token (detokenize, deliver)")]
+        patches = [
+            (engine._batcher, "schedule", "schedule"),
+            (engine._runner.slot_table, "rows_for", "rows_for"),
+            (engine._runner, "_graph_decode", "graph_decode (launch)"),
+            (engine, "_append_token", "append_token (detokenize, deliver)"),
+        ]
         patches = [(obj, attr, name) for obj, attr, name in patches if obj is not None]
         for obj, attr, name in patches:
             setattr(obj, attr, timed(totals, name, getattr(obj, attr)))
@@ -82,30 +86,57 @@ def main() -> None:
                 delattr(obj, attr)  # the class's method again
         steps = max(counts["steps"], 1)
         runner = engine._runner.graph_runner
-        gpu_ms = sorted(runner.replay_gpu_ms)[len(runner.replay_gpu_ms) // 2] if runner and runner.replay_gpu_ms else None
-        print(f"{folder.name} batch {args.batch}: client step {result['step_s'] * 1e3:.3f} ms, "
-              f"graph GPU {gpu_ms if gpu_ms is None else round(gpu_ms, 3)} ms, {steps} engine steps")
+        gpu_ms = (
+            sorted(runner.replay_gpu_ms)[len(runner.replay_gpu_ms) // 2] if runner and runner.replay_gpu_ms else None
+        )
+        print(
+            f"{folder.name} batch {args.batch}: client step {result['step_s'] * 1e3:.3f} ms, "
+            f"graph GPU {gpu_ms if gpu_ms is None else round(gpu_ms, 3)} ms, {steps} engine steps"
+        )
         phases = {name: seconds / steps * 1e3 for name, seconds in sorted(totals.items())}
         for name, ms in phases.items():
             print(f"  {name:40s} {ms:8.3f} ms/step")
 
-        activity = torch.profiler.ProfilerActivity.CUDA if torch.device(args.device).type == "cuda" \
+        activity = (
+            torch.profiler.ProfilerActivity.CUDA
+            if torch.device(args.device).type == "cuda"
             else torch.profiler.ProfilerActivity.CPU
+        )
         with torch.profiler.profile(activities=[activity]) as prof:
             round_("profiled")
-        events = [e for e in prof.key_averages()
-                  if activity == torch.profiler.ProfilerActivity.CPU or e.device_type == torch.autograd.DeviceType.CUDA]
+        events = [
+            e
+            for e in prof.key_averages()
+            if activity == torch.profiler.ProfilerActivity.CPU or e.device_type == torch.autograd.DeviceType.CUDA
+        ]
         events.sort(key=lambda e: -e.self_device_time_total)
         per_step = args.new_tokens - 1
-        kernels = [{"name": e.key[:90], "calls_per_step": e.count / per_step,
-                    "us_per_step": e.self_device_time_total / per_step} for e in events]
+        kernels = [
+            {
+                "name": e.key[:90],
+                "calls_per_step": e.count / per_step,
+                "us_per_step": e.self_device_time_total / per_step,
+            }
+            for e in events
+        ]
         total_us = sum(k["us_per_step"] for k in kernels)
-        print(f"kernels: {sum(k['calls_per_step'] for k in kernels):.1f} launches and {total_us:.1f} us of device "
-              f"time a step (prefill included, spread over {per_step} steps)")
-        for k in kernels[:args.kernels]:
+        print(
+            f"kernels: {sum(k['calls_per_step'] for k in kernels):.1f} launches and {total_us:.1f} us of device "
+            f"time a step (prefill included, spread over {per_step} steps)"
+        )
+        for k in kernels[: args.kernels]:
             print(f"  {k['us_per_step']:8.1f} us {k['calls_per_step']:7.1f}x  {k['name']}")
-        write_json(args.json, {"model": folder.name, "batch": args.batch, "client_step_ms": result["step_s"] * 1e3,
-                               "graph_gpu_ms": gpu_ms, "phases_ms": phases, "kernels": kernels})
+        write_json(
+            args.json,
+            {
+                "model": folder.name,
+                "batch": args.batch,
+                "client_step_ms": result["step_s"] * 1e3,
+                "graph_gpu_ms": gpu_ms,
+                "phases_ms": phases,
+                "kernels": kernels,
+            },
+        )
     finally:
         engine.stop()
 

@@ -25,18 +25,33 @@ from prism.packaged_models import SMOLLM2_INSTALL, SMOLLM2_NAME, smollm2_path
 from services.common.etcd_server import free_port
 
 PROMPTS = [
-    "What is the capital of France?", "Write a haiku about the sea.", "Explain gravity to a child.",
-    "Give me three tips for a good night's sleep.", "What is a prime number?", "Describe a cat in one sentence.",
-    "Why is the sky blue?", "Name four planets of the solar system.", "How do plants make food?",
-    "What does a compiler do?", "Suggest a name for a bakery.", "What is the boiling point of water?",
-    "Summarize the plot of Cinderella.", "What is machine learning?", "How many legs does a spider have?",
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain gravity to a child.",
+    "Give me three tips for a good night's sleep.",
+    "What is a prime number?",
+    "Describe a cat in one sentence.",
+    "Why is the sky blue?",
+    "Name four planets of the solar system.",
+    "How do plants make food?",
+    "What does a compiler do?",
+    "Suggest a name for a bakery.",
+    "What is the boiling point of water?",
+    "Summarize the plot of Cinderella.",
+    "What is machine learning?",
+    "How many legs does a spider have?",
     "Translate 'good morning' into French.",
 ]
 
 
 def chat_body(prompt: str, new_tokens: int) -> dict:
-    return {"model": SMOLLM2_NAME, "messages": [{"role": "user", "content": prompt}], "max_tokens": new_tokens,
-            "temperature": 0, "ignore_eos": True}
+    return {
+        "model": SMOLLM2_NAME,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": new_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
 
 
 async def through_gateway(url: str, prompts: list[str], new_tokens: int, streams: int) -> dict:
@@ -68,8 +83,9 @@ def with_transformers(path: Path, prompts: list[str], new_tokens: int) -> dict:
     tokens = 0
     start = time.perf_counter()
     for prompt in prompts:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_dict=True, return_tensors="pt")["input_ids"]
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=True, return_tensors="pt"
+        )["input_ids"]
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
         tokens += out.shape[1] - ids.shape[1]
@@ -97,26 +113,54 @@ def main() -> None:
             first = asyncio.run(through_gateway(cluster.http_url, PROMPTS[:1], 8, 1))
             to_first_answer = time.perf_counter() - start
             asyncio.run(through_gateway(cluster.http_url, PROMPTS[:2], 8, 2))  # warm both paths
-            rows.append({"what": "prism gateway, 1 stream", **asyncio.run(
-                through_gateway(cluster.http_url, single, args.new_tokens, 1))})
-            rows.append({"what": "prism gateway, 16 streams", **asyncio.run(
-                through_gateway(cluster.http_url, PROMPTS, args.new_tokens, 16))})
+            rows.append(
+                {
+                    "what": "prism gateway, 1 stream",
+                    **asyncio.run(through_gateway(cluster.http_url, single, args.new_tokens, 1)),
+                }
+            )
+            rows.append(
+                {
+                    "what": "prism gateway, 16 streams",
+                    **asyncio.run(through_gateway(cluster.http_url, PROMPTS, args.new_tokens, 16)),
+                }
+            )
         finally:
             cluster.stop()
     rows.append({"what": "transformers generate, 1 stream", **with_transformers(path, single, args.new_tokens)})
     reference = rows[-1]["tokens_per_s"]
     for row in rows:
         row["x_transformers"] = row["tokens_per_s"] / reference
-    payload = {"benchmark": "real_model", "model": SMOLLM2_NAME, "file": path.name, "device": args.device,
-               "new_tokens": args.new_tokens, "cluster_start_to_first_answer_s": to_first_answer,
-               "first_answer_tokens": first["tokens"], "rows": rows, "environment": common.environment(),
-               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    payload = {
+        "benchmark": "real_model",
+        "model": SMOLLM2_NAME,
+        "file": path.name,
+        "device": args.device,
+        "new_tokens": args.new_tokens,
+        "cluster_start_to_first_answer_s": to_first_answer,
+        "first_answer_tokens": first["tokens"],
+        "rows": rows,
+        "environment": common.environment(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
     common.write_json(args.out or common.ROOT / "bench" / "results" / f"real_model-{args.device}.json", payload)
-    print(f"\n{SMOLLM2_NAME} ({path.name}) on {args.device}, {args.new_tokens} new tokens a request; "
-          f"cluster start to first answer {to_first_answer:.1f} s")
-    print(common.table(rows, [("what", "", ""), ("requests", "requests", "d"), ("tokens", "tokens", "d"),
-                              ("wall_s", "wall s", ".2f"), ("tokens_per_s", "tokens/s", ".1f"),
-                              ("x_transformers", "x transformers 1 stream", ".2f")]))
+    print(
+        f"\n{SMOLLM2_NAME} ({path.name}) on {args.device}, {args.new_tokens} new tokens a request; "
+        f"cluster start to first answer {to_first_answer:.1f} s"
+    )
+    print(
+        common.table(
+            rows,
+            [
+                ("what", "", ""),
+                ("requests", "requests", "d"),
+                ("tokens", "tokens", "d"),
+                ("wall_s", "wall s", ".2f"),
+                ("tokens_per_s", "tokens/s", ".1f"),
+                ("x_transformers", "x transformers 1 stream", ".2f"),
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -73,8 +73,14 @@ def large_config(num_models: int, gpus_per_machine: int = 8) -> PlacementConfig:
     with an init placement on GPU i mod 8 (static's layout), switched off."""
     models = []
     for i in range(num_models):
-        models.append({"model_name": f"model-{i}", "model_path": f"../configs/{SIZES[i % len(SIZES)]}",
-                       "load_format": "dummy", "init_placements": [{"gpu_ids": [i % gpus_per_machine], "on": False}]})
+        models.append(
+            {
+                "model_name": f"model-{i}",
+                "model_path": f"../configs/{SIZES[i % len(SIZES)]}",
+                "load_format": "dummy",
+                "init_placements": [{"gpu_ids": [i % gpus_per_machine], "on": False}],
+            }
+        )
     path = REPO / "bench" / "sim" / f"models-{num_models}.json"
     if not path.exists():
         path.write_text(json.dumps(models, indent=1) + "\n")
@@ -91,8 +97,9 @@ def peak_rate(times: list[float], window_s: float) -> float:
     return most / window_s
 
 
-def provisioned_for_peak(trace: Trace, models: list[ModelConfig], profile: LatencyProfile,
-                         window_s: float = 10.0) -> list[ModelConfig]:
+def provisioned_for_peak(
+    trace: Trace, models: list[ModelConfig], profile: LatencyProfile, window_s: float = 10.0
+) -> list[ModelConfig]:
     """The models, each with as many placements as GPUs its busiest window_s
     of the trace needs at the policy's compute_overload (dedicated's
     provisioning; the placements' GPU ids are not used by that policy)."""
@@ -104,12 +111,18 @@ def provisioned_for_peak(trace: Trace, models: list[ModelConfig], profile: Laten
         gpus = 1
         if requests:
             rate = peak_rate([r.t for r in requests], window_s)
-            demand = ModelDemand(arrival_rate=rate,
-                                 mean_prompt_tokens=sum(r.prompt_tokens for r in requests) / len(requests),
-                                 mean_output_tokens=sum(r.output_tokens for r in requests) / len(requests))
-            snapshot = ClusterSnapshot(models=(model,), agents=(), demand={model.model_name: demand},
-                                       weight_bytes={model.model_name: spec.weight_bytes},
-                                       kv_bytes_per_token={model.model_name: spec.kv_bytes_per_token})
+            demand = ModelDemand(
+                arrival_rate=rate,
+                mean_prompt_tokens=sum(r.prompt_tokens for r in requests) / len(requests),
+                mean_output_tokens=sum(r.output_tokens for r in requests) / len(requests),
+            )
+            snapshot = ClusterSnapshot(
+                models=(model,),
+                agents=(),
+                demand={model.model_name: demand},
+                weight_bytes={model.model_name: spec.weight_bytes},
+                kv_bytes_per_token={model.model_name: spec.kv_bytes_per_token},
+            )
             gpus = max(1, math.ceil(compute_load(snapshot, model, params) / params.compute_overload))
         out.append(replace(model, init_placements=tuple(InitPlacement(gpu_ids=(0,), on=True) for _ in range(gpus))))
     return out
@@ -127,33 +140,64 @@ def _run(job: tuple) -> tuple:
     # Every model starts switched off with no history: the first WARMUP_S are a cold start for the
     # policies that react to demand (dedicated is provisioned from the trace beforehand).
     after = [r for r in result["requests"] if r["sent_at"] >= WARMUP_S]
-    return (policy, gpus, {"attainment": overall["slo_attainment"], "requests": overall["requests"],
-                           "attainment_after_warmup": sum(r["attained"] for r in after) / len(after) if after else None,
-                           "errors": errors, "gpus_per_agent": gpus_per_agent,
-                           "ttft_p99_s": overall.get("ttft_p99_s"), "tpot_p99_s": overall.get("tpot_p99_s"),
-                           "wall_s": round(time.monotonic() - started, 1),
-                           "counters": {k: result["simulation"][k] for k in
-                                        ("loads", "unloads", "activations", "deactivations", "preemptions")}})
+    return (
+        policy,
+        gpus,
+        {
+            "attainment": overall["slo_attainment"],
+            "requests": overall["requests"],
+            "attainment_after_warmup": sum(r["attained"] for r in after) / len(after) if after else None,
+            "errors": errors,
+            "gpus_per_agent": gpus_per_agent,
+            "ttft_p99_s": overall.get("ttft_p99_s"),
+            "tpot_p99_s": overall.get("tpot_p99_s"),
+            "wall_s": round(time.monotonic() - started, 1),
+            "counters": {
+                k: result["simulation"][k] for k in ("loads", "unloads", "activations", "deactivations", "preemptions")
+            },
+        },
+    )
 
 
-def run_table(name: str, trace_params: BurstyGroupParams, models: list[ModelConfig], gpu_counts: list[int],
-              target: float, jobs: int, agent_gpus: int, search_up_to: int, profile: Path = DEFAULT_PROFILE,
-              standby: int = 0, policies: tuple[str, ...] = POLICIES, search: bool = True) -> dict:
+def run_table(
+    name: str,
+    trace_params: BurstyGroupParams,
+    models: list[ModelConfig],
+    gpu_counts: list[int],
+    target: float,
+    jobs: int,
+    agent_gpus: int,
+    search_up_to: int,
+    profile: Path = DEFAULT_PROFILE,
+    standby: int = 0,
+    policies: tuple[str, ...] = POLICIES,
+    search: bool = True,
+) -> dict:
     dedicated_models = provisioned_for_peak(bursty_group_trace(trace_params), models, LatencyProfile.load(profile))
     provisioned = sum(len(m.init_placements) for m in dedicated_models)
     search_up_to = max(search_up_to, provisioned)
 
     def job(policy: str, gpus: int) -> tuple:
-        return (trace_params, dedicated_models if policy == "dedicated" else models, policy, gpus,
-                8 if policy == "static" else agent_gpus, profile, standby)
+        return (
+            trace_params,
+            dedicated_models if policy == "dedicated" else models,
+            policy,
+            gpus,
+            8 if policy == "static" else agent_gpus,
+            profile,
+            standby,
+        )
 
     results: dict[str, dict[int, dict]] = {p: {} for p in policies}
     work = [job(p, n) for n in gpu_counts for p in policies]
     with ProcessPoolExecutor(jobs) as pool:
         for policy, gpus, row in pool.map(_run, work):
             results[policy][gpus] = row
-            print(f"  {name}: {policy} at {gpus} GPUs: {100 * row['attainment']:.1f}% ({row['wall_s']}s)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  {name}: {policy} at {gpus} GPUs: {100 * row['attainment']:.1f}% ({row['wall_s']}s)",
+                file=sys.stderr,
+                flush=True,
+            )
         # The fewest GPUs at the target: from the table, else doubling past it, then bisecting; where a
         # larger count of the table misses, searched again above it (fewest_meeting).
         fewest: dict[str, int | None] = {}
@@ -166,34 +210,75 @@ def run_table(name: str, trace_params: BurstyGroupParams, models: list[ModelConf
                 return rows[n]["attainment"] >= target
 
             fewest[policy] = fewest_meeting(met, max(gpu_counts), search_up_to, tried=tuple(gpu_counts))
-    return {"name": name, "trace": asdict(trace_params), "models": len(models), "target": target,
-            "gpu_counts": gpu_counts, "fewest_gpus": fewest, "searched": search,
-            "dedicated_provisioned_gpus": provisioned,
-            "prism_standby_replicas": standby,
-            "results": {p: {str(n): r for n, r in sorted(rows.items())} for p, rows in results.items()}}
+    return {
+        "name": name,
+        "trace": asdict(trace_params),
+        "models": len(models),
+        "target": target,
+        "gpu_counts": gpu_counts,
+        "fewest_gpus": fewest,
+        "searched": search,
+        "dedicated_provisioned_gpus": provisioned,
+        "prism_standby_replicas": standby,
+        "results": {p: {str(n): r for n, r in sorted(rows.items())} for p, rows in results.items()},
+    }
 
 
-def rate_sweep(trace_params: BurstyGroupParams, models: list[ModelConfig], rates: list[float], gpus: int,
-               policies: list[str], jobs: int, agent_gpus: int, profile: Path, standby: int = 0) -> dict:
+def rate_sweep(
+    trace_params: BurstyGroupParams,
+    models: list[ModelConfig],
+    rates: list[float],
+    gpus: int,
+    policies: list[str],
+    jobs: int,
+    agent_gpus: int,
+    profile: Path,
+    standby: int = 0,
+) -> dict:
     """Attainment per policy at one GPU count as the trace's rate grows: where
     each policy gives way (dedicated is left out: its GPU count is the trace's)."""
-    work = [(replace(trace_params, rate=rate), models, policy, gpus, 8 if policy == "static" else agent_gpus,
-             profile, standby) for rate in rates for policy in policies]
+    work = [
+        (
+            replace(trace_params, rate=rate),
+            models,
+            policy,
+            gpus,
+            8 if policy == "static" else agent_gpus,
+            profile,
+            standby,
+        )
+        for rate in rates
+        for policy in policies
+    ]
     results: dict[str, dict[str, dict]] = {p: {} for p in policies}
     with ProcessPoolExecutor(jobs) as pool:
         for job, (policy, _, row) in zip(work, pool.map(_run, work)):
             results[policy][f"{job[0].rate:g}"] = row
-            print(f"  sweep at {gpus} GPUs: {policy} at {job[0].rate:g} req/s: {100 * row['attainment']:.1f}% "
-                  f"({row['wall_s']}s)", file=sys.stderr, flush=True)
-    return {"gpus": gpus, "models": len(models), "trace": asdict(trace_params), "rates": rates,
-            "prism_standby_replicas": standby, "results": results}
+            print(
+                f"  sweep at {gpus} GPUs: {policy} at {job[0].rate:g} req/s: {100 * row['attainment']:.1f}% "
+                f"({row['wall_s']}s)",
+                file=sys.stderr,
+                flush=True,
+            )
+    return {
+        "gpus": gpus,
+        "models": len(models),
+        "trace": asdict(trace_params),
+        "rates": rates,
+        "prism_standby_replicas": standby,
+        "results": results,
+    }
 
 
 def sweep_markdown(sweep: dict) -> str:
     rates = [f"{r:g}" for r in sweep["rates"]]
-    lines = [f"### {sweep['models']} models on {sweep['gpus']} GPUs, attainment against the trace's rate "
-             f"({sweep['trace']['duration_s']:g} s, seed {sweep['trace']['seed']})", "",
-             "| policy | " + " | ".join(f"{r} req/s" for r in rates) + " |", "|---" * (len(rates) + 1) + "|"]
+    lines = [
+        f"### {sweep['models']} models on {sweep['gpus']} GPUs, attainment against the trace's rate "
+        f"({sweep['trace']['duration_s']:g} s, seed {sweep['trace']['seed']})",
+        "",
+        "| policy | " + " | ".join(f"{r} req/s" for r in rates) + " |",
+        "|---" * (len(rates) + 1) + "|",
+    ]
     results = sweep["results"]
     for policy, rows in results.items():
         lines.append(f"| {policy} | " + " | ".join(f"{100 * rows[r]['attainment']:.1f}%" for r in rates) + " |")
@@ -209,27 +294,37 @@ def seeds_markdown(tables: list[dict]) -> str:
     first = tables[0]
     counts = first["gpu_counts"]
     seeds = [t["trace"]["seed"] for t in tables]
-    lines = [f"### {first['name']}: {first['models']} models, {first['trace']['rate']:g} req/s, "
-             f"{first['trace']['duration_s']:g} s, mean of seeds {', '.join(map(str, seeds))}",
-             "", "| policy | " + " | ".join(f"{n} GPUs" for n in counts) + f" | fewest GPUs at "
-             f"{100 * first['target']:g}% (each seed) |", "|---" * (len(counts) + 2) + "|"]
+    lines = [
+        f"### {first['name']}: {first['models']} models, {first['trace']['rate']:g} req/s, "
+        f"{first['trace']['duration_s']:g} s, mean of seeds {', '.join(map(str, seeds))}",
+        "",
+        "| policy | " + " | ".join(f"{n} GPUs" for n in counts) + f" | fewest GPUs at "
+        f"{100 * first['target']:g}% (each seed) |",
+        "|---" * (len(counts) + 2) + "|",
+    ]
     for policy in first["results"]:
         cells = []
         for n in counts:
             values = [100 * t["results"][policy][str(n)]["attainment"] for t in tables]
             cells.append(f"{sum(values) / len(values):.1f}% ({'/'.join(f'{v:.0f}' for v in values)})")
-        fewest = "/".join(str(t["fewest_gpus"][policy]) if t["fewest_gpus"].get(policy) is not None else "-"
-                          for t in tables) if first.get("searched", True) else "not searched"
+        fewest = (
+            "/".join(str(t["fewest_gpus"][policy]) if t["fewest_gpus"].get(policy) is not None else "-" for t in tables)
+            if first.get("searched", True)
+            else "not searched"
+        )
         lines.append(f"| {policy} | " + " | ".join(cells) + f" | {fewest} |")
     return "\n".join(lines)
 
 
 def markdown(table: dict) -> str:
     counts = table["gpu_counts"]
-    lines = [f"### {table['name']}: {table['models']} models, {table['trace']['rate']:g} req/s, "
-             f"{table['trace']['duration_s']:g} s, seed {table['trace']['seed']}",
-             "", "| policy | " + " | ".join(f"{n} GPUs" for n in counts) + f" | fewest GPUs at "
-             f"{100 * table['target']:g}% |", "|---" * (len(counts) + 2) + "|"]
+    lines = [
+        f"### {table['name']}: {table['models']} models, {table['trace']['rate']:g} req/s, "
+        f"{table['trace']['duration_s']:g} s, seed {table['trace']['seed']}",
+        "",
+        "| policy | " + " | ".join(f"{n} GPUs" for n in counts) + f" | fewest GPUs at {100 * table['target']:g}% |",
+        "|---" * (len(counts) + 2) + "|",
+    ]
     for policy in table["results"]:
         rows = table["results"][policy]
         cells = [f"{100 * rows[str(n)]['attainment']:.1f}%" for n in counts]
@@ -251,20 +346,34 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=0.99)
     ap.add_argument("--gpus-per-agent", type=int, default=1, help="for every policy but static")
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--no-search", action="store_true",
-                    help="only the table's GPU counts: no search for the fewest GPUs at the target")
+    ap.add_argument(
+        "--no-search",
+        action="store_true",
+        help="only the table's GPU counts: no search for the fewest GPUs at the target",
+    )
     ap.add_argument("--large", action="store_true", help="also the 200-model table")
     ap.add_argument("--large-models", type=int, default=200)
     ap.add_argument("--large-rate", type=float, default=200.0)
     ap.add_argument("--large-gpus", default="8,16,24,32,48,64")
     ap.add_argument("--large-groups", type=int, default=10)
     ap.add_argument("--only-large", action="store_true")
-    ap.add_argument("--profile", type=Path, default=DEFAULT_PROFILE,
-                    help="latency profile (default: the H200's; bench/results/sim-profile-h100.json: the H100's)")
-    ap.add_argument("--standby-replicas", type=int, default=0,
-                    help="the prism policy's standby replicas per model (the scheduler's --standby-replicas)")
-    ap.add_argument("--sweep-rates", default=None,
-                    help="instead of the tables: the 18-model trace at these rates (comma-separated) on --sweep-gpus")
+    ap.add_argument(
+        "--profile",
+        type=Path,
+        default=DEFAULT_PROFILE,
+        help="latency profile (default: the H200's; bench/results/sim-profile-h100.json: the H100's)",
+    )
+    ap.add_argument(
+        "--standby-replicas",
+        type=int,
+        default=0,
+        help="the prism policy's standby replicas per model (the scheduler's --standby-replicas)",
+    )
+    ap.add_argument(
+        "--sweep-rates",
+        default=None,
+        help="instead of the tables: the 18-model trace at these rates (comma-separated) on --sweep-gpus",
+    )
     ap.add_argument("--sweep-gpus", type=int, default=8)
     ap.add_argument("--sweep-policies", default="prism,time-share")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "sim_tables-h200profile.json")
@@ -273,14 +382,31 @@ def main() -> None:
     if args.sweep_rates:
         models = list(load(REPO / "bench" / "sim" / "models-18.json").models)
         params = BurstyGroupParams(num_models=len(models), rate=args.rate, duration_s=args.duration_s, seed=args.seed)
-        sweep = rate_sweep(params, models, [float(r) for r in args.sweep_rates.split(",")], args.sweep_gpus,
-                           args.sweep_policies.split(","), args.jobs, args.gpus_per_agent, args.profile,
-                           args.standby_replicas)
+        sweep = rate_sweep(
+            params,
+            models,
+            [float(r) for r in args.sweep_rates.split(",")],
+            args.sweep_gpus,
+            args.sweep_policies.split(","),
+            args.jobs,
+            args.gpus_per_agent,
+            args.profile,
+            args.standby_replicas,
+        )
         print(sweep_markdown(sweep))
         profile = LatencyProfile.load(args.profile)
-        args.out.write_text(json.dumps({"profile": str(args.profile.resolve().relative_to(REPO)),
-                                        "profile_device": profile.device, "date": time.strftime("%Y-%m-%d"),
-                                        "sweep": sweep}, indent=1) + "\n")
+        args.out.write_text(
+            json.dumps(
+                {
+                    "profile": str(args.profile.resolve().relative_to(REPO)),
+                    "profile_device": profile.device,
+                    "date": time.strftime("%Y-%m-%d"),
+                    "sweep": sweep,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
         print(f"wrote {args.out}")
         return
 
@@ -295,25 +421,66 @@ def main() -> None:
             models = list(load(REPO / "bench" / "sim" / "models-18.json").models)
             params = BurstyGroupParams(num_models=len(models), rate=args.rate, duration_s=args.duration_s, seed=seed)
             counts = [int(n) for n in args.gpus.split(",")]
-            tables.append(run_table("18 models", params, models, counts, args.target, args.jobs,
-                                    args.gpus_per_agent, search_up_to=2 * len(models), profile=args.profile,
-                                    standby=args.standby_replicas, policies=policies, search=not args.no_search))
+            tables.append(
+                run_table(
+                    "18 models",
+                    params,
+                    models,
+                    counts,
+                    args.target,
+                    args.jobs,
+                    args.gpus_per_agent,
+                    search_up_to=2 * len(models),
+                    profile=args.profile,
+                    standby=args.standby_replicas,
+                    policies=policies,
+                    search=not args.no_search,
+                )
+            )
         if args.large or args.only_large:
             models = list(large_config(args.large_models).models)
-            params = BurstyGroupParams(num_models=len(models), num_groups=args.large_groups, rate=args.large_rate,
-                                       duration_s=args.duration_s, seed=seed)
+            params = BurstyGroupParams(
+                num_models=len(models),
+                num_groups=args.large_groups,
+                rate=args.large_rate,
+                duration_s=args.duration_s,
+                seed=seed,
+            )
             counts = [int(n) for n in args.large_gpus.split(",")]
-            tables.append(run_table(f"{len(models)} models", params, models, counts, args.target, args.jobs,
-                                    args.gpus_per_agent, search_up_to=len(models), profile=args.profile,
-                                    standby=args.standby_replicas, policies=policies, search=not args.no_search))
+            tables.append(
+                run_table(
+                    f"{len(models)} models",
+                    params,
+                    models,
+                    counts,
+                    args.target,
+                    args.jobs,
+                    args.gpus_per_agent,
+                    search_up_to=len(models),
+                    profile=args.profile,
+                    standby=args.standby_replicas,
+                    policies=policies,
+                    search=not args.no_search,
+                )
+            )
     for table in tables:
         print(markdown(table) + "\n")
     if len(seeds) > 1:
         for name in dict.fromkeys(t["name"] for t in tables):
             print(seeds_markdown([t for t in tables if t["name"] == name]) + "\n")
     profile = LatencyProfile.load(args.profile)
-    args.out.write_text(json.dumps({"profile": str(args.profile.resolve().relative_to(REPO)), "profile_device": profile.device,
-                                    "date": time.strftime("%Y-%m-%d"), "tables": tables}, indent=1) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "profile": str(args.profile.resolve().relative_to(REPO)),
+                "profile_device": profile.device,
+                "date": time.strftime("%Y-%m-%d"),
+                "tables": tables,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"wrote {args.out}")
 
 

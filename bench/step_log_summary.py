@@ -49,8 +49,12 @@ def _stats(values: list[float]) -> dict:
     if not values:
         return {"n": 0, "mean": None, "p50": None, "p99": None}
     ordered = sorted(values)
-    return {"n": len(values), "mean": statistics.fmean(values), "p50": percentile(ordered, 0.5),
-            "p99": percentile(ordered, 0.99)}
+    return {
+        "n": len(values),
+        "mean": statistics.fmean(values),
+        "p50": percentile(ordered, 0.5),
+        "p99": percentile(ordered, 0.99),
+    }
 
 
 def summarize(lines) -> dict:
@@ -66,7 +70,7 @@ def summarize(lines) -> dict:
             continue
         stamp, _level, _service, rid, _logger, message = m.groups()
         t = _time(stamp)
-        if (s := STEP.match(message)):
+        if s := STEP.match(message):
             engine, decode, prefill, _seqs, kind, ms = s.groups()
             intervals.append((t - float(ms) / 1e3, t, engine, int(decode), int(prefill), kind))  # logged at its end
             label = "prefill" if int(prefill) else f"decode-{kind}"
@@ -78,10 +82,10 @@ def summarize(lines) -> dict:
             first_last = span.setdefault(engine, [t, t])
             first_last[1] = t
             continue
-        if (c := CAPTURE.search(message)):
+        if c := CAPTURE.search(message):
             captures["n"] += 1
             captures["seconds"] += float(c.group(3))
-        if (e := ENGINE_EVENT.match(message)):
+        if e := ENGINE_EVENT.match(message):
             counts[e.group(1)][e.group(2)] += 1
         if message.startswith("preempted at"):
             counts["all"]["preempted"] += 1
@@ -120,9 +124,13 @@ def summarize(lines) -> dict:
                 per_model[model]["engine_to_first_token_s"].append(r["first"] - r["engine"])
         if "end" in r:
             per_model[model]["agent_to_end_s"].append(r["end"] - r["agent"])
-    return {"engines": engines, "graph_captures": captures, "events": dict(counts.get("all", {})),
-            "models": {m: {k: _stats(v) for k, v in d.items()} for m, d in per_model.items()},
-            "intervals": intervals}
+    return {
+        "engines": engines,
+        "graph_captures": captures,
+        "events": dict(counts.get("all", {})),
+        "models": {m: {k: _stats(v) for k, v in d.items()} for m, d in per_model.items()},
+        "intervals": intervals,
+    }
 
 
 CONCURRENCY_BINS = ((1.0, 1.05), (1.05, 2.0), (2.0, 3.0), (3.0, 4.0), (4.0, 5.0), (5.0, float("inf")))
@@ -151,10 +159,17 @@ def contention(intervals: list[tuple], alone_s, group_of) -> dict:
         slowdown = (b - a) / alone
         bin_index = next(i for i, (lo, hi) in enumerate(CONCURRENCY_BINS) if lo <= concurrency < hi)
         rows[group_of(engine)][bin_index].append((slowdown, concurrency / slowdown))
-    return {group: {f"{CONCURRENCY_BINS[i][0]:g}-{CONCURRENCY_BINS[i][1]:g}": {
-                "steps": len(v), "slowdown_p50": statistics.median(s for s, _ in v),
-                "parallelism_p50": statistics.median(p for _, p in v)}
-                for i, v in sorted(bins.items())} for group, bins in sorted(rows.items())}
+    return {
+        group: {
+            f"{CONCURRENCY_BINS[i][0]:g}-{CONCURRENCY_BINS[i][1]:g}": {
+                "steps": len(v),
+                "slowdown_p50": statistics.median(s for s, _ in v),
+                "parallelism_p50": statistics.median(p for _, p in v),
+            }
+            for i, v in sorted(bins.items())
+        }
+        for group, bins in sorted(rows.items())
+    }
 
 
 def alone_step_of(models_json: Path, profile_json: Path, context_tokens: int):
@@ -171,8 +186,11 @@ def alone_step_of(models_json: Path, profile_json: Path, context_tokens: int):
 
     def alone_s(engine: str, decode: int) -> float | None:
         sim = sims.get(engine)
-        return profile.step_s(sim.weight_bytes, decode, decode * context_tokens * sim.kv_bytes_per_token, 0) \
-            if sim else None
+        return (
+            profile.step_s(sim.weight_bytes, decode, decode * context_tokens * sim.kv_bytes_per_token, 0)
+            if sim
+            else None
+        )
 
     return alone_s, lambda engine: Path(models[engine].model_path).name if engine in models else engine
 
@@ -182,20 +200,26 @@ def _fmt(x) -> str:
 
 
 def print_summary(summary: dict) -> None:
-    print(f"graph captures: {summary['graph_captures']['n']} ({summary['graph_captures']['seconds']:.2f} s); "
-          f"events: {summary['events']}")
+    print(
+        f"graph captures: {summary['graph_captures']['n']} ({summary['graph_captures']['seconds']:.2f} s); "
+        f"events: {summary['events']}"
+    )
     print(f"{'engine':<12} {'kind':<20} {'n':>6} {'mean ms':>8} {'p50':>8} {'p99':>8}")
     for engine, e in summary["engines"].items():
-        print(f"{engine:<12} busy {100 * e['busy_fraction']:.0f}%, prefill "
-              f"{_fmt(e['prefill_ms_per_1k_tokens'])} ms per 1k tokens, events {e['events']}")
+        print(
+            f"{engine:<12} busy {100 * e['busy_fraction']:.0f}%, prefill "
+            f"{_fmt(e['prefill_ms_per_1k_tokens'])} ms per 1k tokens, events {e['events']}"
+        )
         for kind, s in e.items():
             if isinstance(s, dict) and "n" in s:
                 print(f"{'':<12} {kind:<20} {s['n']:>6} {_fmt(s['mean']):>8} {_fmt(s['p50']):>8} {_fmt(s['p99']):>8}")
     for group, bins in (summary.get("contention") or {}).items():
         if isinstance(bins, dict):
             for concurrency, b in bins.items():
-                print(f"{group:<14} concurrency {concurrency:<8} {b['steps']:>6} steps: {b['slowdown_p50']:.2f}x "
-                      f"the alone step, parallelism {b['parallelism_p50']:.2f}")
+                print(
+                    f"{group:<14} concurrency {concurrency:<8} {b['steps']:>6} steps: {b['slowdown_p50']:.2f}x "
+                    f"the alone step, parallelism {b['parallelism_p50']:.2f}"
+                )
     print(f"{'model':<12} {'seconds':<24} {'n':>6} {'mean':>8} {'p50':>8} {'p99':>8}")
     for model, m in summary["models"].items():
         for kind, s in m.items():
@@ -206,12 +230,23 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("state_dir", type=Path)
     p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--contention", type=Path, default=None, metavar="MODELS_JSON",
-                   help="also how much slower decode steps ran beside other engines' than alone (by --profile), "
-                        "by concurrency: needs the placement config the cluster ran")
-    p.add_argument("--profile", type=Path, default=Path(__file__).resolve().parent / "results" / "sim-profile-h100.json")
-    p.add_argument("--context-tokens", type=int, default=640,
-                   help="each decoding sequence's context for the alone step (the step log does not say)")
+    p.add_argument(
+        "--contention",
+        type=Path,
+        default=None,
+        metavar="MODELS_JSON",
+        help="also how much slower decode steps ran beside other engines' than alone (by --profile), "
+        "by concurrency: needs the placement config the cluster ran",
+    )
+    p.add_argument(
+        "--profile", type=Path, default=Path(__file__).resolve().parent / "results" / "sim-profile-h100.json"
+    )
+    p.add_argument(
+        "--context-tokens",
+        type=int,
+        default=640,
+        help="each decoding sequence's context for the alone step (the step log does not say)",
+    )
     args = p.parse_args()
     files = sorted(args.state_dir.rglob("*.log"))
     if not files:
@@ -220,9 +255,11 @@ def main() -> None:
     summary = summarize(lines)
     intervals = summary.pop("intervals")
     if args.contention:
-        summary["contention"] = {"profile": args.profile.name, "context_tokens": args.context_tokens,
-                                 **contention(intervals, *alone_step_of(args.contention, args.profile,
-                                                                        args.context_tokens))}
+        summary["contention"] = {
+            "profile": args.profile.name,
+            "context_tokens": args.context_tokens,
+            **contention(intervals, *alone_step_of(args.contention, args.profile, args.context_tokens)),
+        }
     print_summary(summary)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1))

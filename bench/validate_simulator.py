@@ -41,13 +41,14 @@ import os
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from common import agent_status  # noqa: E402  (bench/common.py: the script's folder is on sys.path)
+
 from prism.cluster import LocalCluster  # noqa: E402
 from prism.simulator.profile import LatencyProfile  # noqa: E402
 from prism.simulator.runner import GB, SimSettings, simulate  # noqa: E402
@@ -70,41 +71,70 @@ def make_trace(rate: float, duration_s: float, seed: int, device: str = "cpu"):
     else:
         # Long prompts, short answers: the load is the GPU's prefill compute, not tokens streamed through
         # the Python gateway and agent (per-token costs the simulator does not model).
-        lengths = dict(prompt_mean=1536, prompt_std=512, output_mean=32, output_std=16, max_prompt=4096,
-                       max_output=128)
+        lengths = dict(prompt_mean=1536, prompt_std=512, output_mean=32, output_std=16, max_prompt=4096, max_output=128)
         models = sorted(GPU_MODELS)
-    params = BurstyGroupParams(num_models=2, num_groups=2, active_groups=1, shift_s=duration_s / 3, rate=rate,
-                               idle_fraction=0.2, burstiness_cv=2.0, duration_s=duration_s, seed=seed, **lengths)
+    params = BurstyGroupParams(
+        num_models=2,
+        num_groups=2,
+        active_groups=1,
+        shift_s=duration_s / 3,
+        rate=rate,
+        idle_fraction=0.2,
+        burstiness_cv=2.0,
+        duration_s=duration_s,
+        seed=seed,
+        **lengths,
+    )
     return bursty_group_trace(params, models)
 
 
 def write_config(state: Path, policy: str, device: str = "cpu") -> Path:
     if device == "cpu":
-        models = {name: {"model_path": str(path)}
-                  for name, path in ensure_default_models(state / "models").items()}
+        models = {name: {"model_path": str(path)} for name, path in ensure_default_models(state / "models").items()}
     else:
-        models = {name: {"model_path": str(HERE / "configs" / folder), "load_format": "dummy"}
-                  for name, folder in GPU_MODELS.items()}
-    config = {"policy": policy, "models": [
-        {"model_name": name, **fields, "init_placements": [{"gpu_ids": [0], "on": True}]}
-        for name, fields in sorted(models.items())]}
+        models = {
+            name: {"model_path": str(HERE / "configs" / folder), "load_format": "dummy"}
+            for name, folder in GPU_MODELS.items()
+        }
+    config = {
+        "policy": policy,
+        "models": [
+            {"model_name": name, **fields, "init_placements": [{"gpu_ids": [0], "on": True}]}
+            for name, fields in sorted(models.items())
+        ],
+    }
     path = state / "models.json"
     path.write_text(json.dumps(config))
     return path
 
 
-def run_real(trace, config_path: Path, state: Path, cpu_memory_gb: float, slo: SloTargets,
-             chars_per_token: float, device: str = "cpu", isolation: str = "auto") -> dict:
-    cluster = LocalCluster(state_dir=state, config_path=config_path, http_port=free_port(), grpc_port=free_port(),
-                           device=device, cpu_memory_gb=cpu_memory_gb,
-                           engine_isolation="inline" if device == "cpu" else isolation,
-                           scheduler_args=("--replan-interval-s", str(REPLAN_S)))
+def run_real(
+    trace,
+    config_path: Path,
+    state: Path,
+    cpu_memory_gb: float,
+    slo: SloTargets,
+    chars_per_token: float,
+    device: str = "cpu",
+    isolation: str = "auto",
+) -> dict:
+    cluster = LocalCluster(
+        state_dir=state,
+        config_path=config_path,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        device=device,
+        cpu_memory_gb=cpu_memory_gb,
+        engine_isolation="inline" if device == "cpu" else isolation,
+        scheduler_args=("--replan-interval-s", str(REPLAN_S)),
+    )
     cluster.start()
     try:
         lead_s = stats_lead_s(cluster.agent_address)
         t0 = time.monotonic()
-        results = asyncio.run(replay(trace, grpc_address=cluster.gateway_grpc, slo=slo,
-                                        chars_per_token=chars_per_token))
+        results = asyncio.run(
+            replay(trace, grpc_address=cluster.gateway_grpc, slo=slo, chars_per_token=chars_per_token)
+        )
         out = report(trace, results, slo, api="grpc")
         out["wall_s"] = time.monotonic() - t0
         out["stats_lead_s"] = lead_s
@@ -123,9 +153,15 @@ def stats_lead_s(agent_address: str) -> float:
 
 def row(name: str, rep: dict) -> dict:
     o = rep["overall"]
-    return {"run": name, "attainment": o.get("slo_attainment"), "ttft_p50": o.get("ttft_p50_s"),
-            "ttft_p99": o.get("ttft_p99_s"), "tpot_p50": o.get("tpot_p50_s"), "tpot_p99": o.get("tpot_p99_s"),
-            "errors": sum((o.get("errors") or {}).values())}
+    return {
+        "run": name,
+        "attainment": o.get("slo_attainment"),
+        "ttft_p50": o.get("ttft_p50_s"),
+        "ttft_p99": o.get("ttft_p99_s"),
+        "tpot_p50": o.get("tpot_p50_s"),
+        "tpot_p99": o.get("tpot_p99_s"),
+        "errors": sum((o.get("errors") or {}).values()),
+    }
 
 
 def brief(rep: dict) -> dict:
@@ -133,15 +169,22 @@ def brief(rep: dict) -> dict:
     return {k: v for k, v in rep.items() if k != "requests"}
 
 
-def simulate_like(trace, models: list, args: argparse.Namespace, slo: SloTargets, profile: LatencyProfile,
-                  stats_lead_s: float) -> dict:
+def simulate_like(
+    trace, models: list, args: argparse.Namespace, slo: SloTargets, profile: LatencyProfile, stats_lead_s: float
+) -> dict:
     """The trace through the simulator, set up as the real cluster ran it."""
     # The live scheduler prices compute with its built-in (H200) costs: the simulated one must too,
     # or the two clusters run different placements (the CPU profile's costs shed a model here).
-    settings = SimSettings(num_gpus=1, policy=args.policy, gpus_per_agent=1,
-                           gpu_memory_bytes=args.gpu_memory_bytes, replan_interval_s=REPLAN_S,
-                           policy_compute="default", device_parallelism=args.device_parallelism,
-                           stats_lead_s=stats_lead_s)
+    settings = SimSettings(
+        num_gpus=1,
+        policy=args.policy,
+        gpus_per_agent=1,
+        gpu_memory_bytes=args.gpu_memory_bytes,
+        replan_interval_s=REPLAN_S,
+        policy_compute="default",
+        device_parallelism=args.device_parallelism,
+        stats_lead_s=stats_lead_s,
+    )
     return simulate(trace, models, profile, settings, slo)
 
 
@@ -154,8 +197,16 @@ def validate_at(rate: float, args: argparse.Namespace, slo: SloTargets, profile:
         state.mkdir(parents=True, exist_ok=True)
         config_path = write_config(state, args.policy, args.device)
         models = list(placement_config.load(config_path).models)
-        real = run_real(trace, config_path, state / "cluster", args.cpu_memory_gb, slo, args.chars_per_token,
-                        args.device, args.engine_isolation)
+        real = run_real(
+            trace,
+            config_path,
+            state / "cluster",
+            args.cpu_memory_gb,
+            slo,
+            args.chars_per_token,
+            args.device,
+            args.engine_isolation,
+        )
         sim = simulate_like(trace, models, args, slo, profile, real["stats_lead_s"])
     return comparison(rate, trace, real, sim)
 
@@ -173,15 +224,24 @@ def comparison(rate: float, trace, real: dict, sim: dict) -> dict:
     rows = [row("real", real), row("simulated", sim)]
     ra, sa = rows[0]["attainment"], rows[1]["attainment"]
     diff = None if ra is None or sa is None else 100 * (sa - ra)
-    return {"rate": rate, "requests": len(trace.requests), "trace_metadata": trace.metadata, "table": rows,
-            "attainment_diff_points": diff, "within_5_points": None if diff is None else abs(diff) <= 5,
-            "real": brief(real), "simulated": brief(sim)}
+    return {
+        "rate": rate,
+        "requests": len(trace.requests),
+        "trace_metadata": trace.metadata,
+        "table": rows,
+        "attainment_diff_points": diff,
+        "within_5_points": None if diff is None else abs(diff) <= 5,
+        "real": brief(real),
+        "simulated": brief(sim),
+    }
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--rates", type=float, nargs="+", default=None, help="default: 15 25 40 65 (cpu), 20 40 80 160 (cuda)")
+    p.add_argument(
+        "--rates", type=float, nargs="+", default=None, help="default: 15 25 40 65 (cpu), 20 40 80 160 (cuda)"
+    )
     p.add_argument("--duration", type=float, default=30.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ttft-ms", type=float, default=100.0)
@@ -191,19 +251,35 @@ def main() -> None:
     # (The dummy configs' byte tokenizer: one character a token.)
     p.add_argument("--chars-per-token", type=float, default=None, help="default: 2.2 (cpu), 1 (cuda)")
     p.add_argument("--cpu-memory-gb", type=float, default=1.0)
-    p.add_argument("--engine-isolation", default="auto", choices=["auto", "process", "inline"],
-                   help="the real agent's, on a GPU (the CPU device always runs inline engines)")
-    p.add_argument("--profile", type=Path, default=None,
-                   help="default: results/sim-profile-cpu-cluster.json (cpu), results/sim-profile-h100.json (cuda)")
+    p.add_argument(
+        "--engine-isolation",
+        default="auto",
+        choices=["auto", "process", "inline"],
+        help="the real agent's, on a GPU (the CPU device always runs inline engines)",
+    )
+    p.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="default: results/sim-profile-cpu-cluster.json (cpu), results/sim-profile-h100.json (cuda)",
+    )
     p.add_argument("--out", type=Path, default=None, help="default: results/validate_simulator-DEVICE.json")
     p.add_argument("--state-dir", type=Path, default=None, help="keep each rate's cluster state and logs here")
-    p.add_argument("--resimulate", type=Path, default=None,
-                   help="a result file of this script: keep its real runs, simulate them again with today's "
-                        "simulator (its trace settings, SLOs and memory; today's profile defaults); no cluster")
-    p.add_argument("--device-parallelism", type=float, default=None,
-                   help="engines' steps the simulated device runs at once; default: the profile's on a GPU "
-                        "(bench/colocated_steps.py), on the CPU one per core up to the two models (each inline "
-                        "engine steps on a thread of its own)")
+    p.add_argument(
+        "--resimulate",
+        type=Path,
+        default=None,
+        help="a result file of this script: keep its real runs, simulate them again with today's "
+        "simulator (its trace settings, SLOs and memory; today's profile defaults); no cluster",
+    )
+    p.add_argument(
+        "--device-parallelism",
+        type=float,
+        default=None,
+        help="engines' steps the simulated device runs at once; default: the profile's on a GPU "
+        "(bench/colocated_steps.py), on the CPU one per core up to the two models (each inline "
+        "engine steps on a thread of its own)",
+    )
     args = p.parse_args()
     recorded = None
     if args.resimulate is not None:
@@ -242,26 +318,37 @@ def main() -> None:
         else:
             runs.append(validate_at(rate, args, slo, profile))
         r = runs[-1]
-        print(f"rate {rate:g}/s: {r['requests']} requests, attainment real {r['table'][0]['attainment']:.3f} "
-              f"simulated {r['table'][1]['attainment']:.3f}", flush=True)
+        print(
+            f"rate {rate:g}/s: {r['requests']} requests, attainment real {r['table'][0]['attainment']:.3f} "
+            f"simulated {r['table'][1]['attainment']:.3f}",
+            flush=True,
+        )
     fields = ("attainment", "ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99")
 
     def fmt(v):
         return "-" if v is None else f"{v:.4f}"
 
-    print(f"\nSLO TTFT {args.ttft_ms:.0f} ms, TPOT {args.tpot_ms:.0f} ms, policy {args.policy}, "
-          f"{args.duration:.0f} s a rate, profile {args.profile.name} ({profile.device})")
+    print(
+        f"\nSLO TTFT {args.ttft_ms:.0f} ms, TPOT {args.tpot_ms:.0f} ms, policy {args.policy}, "
+        f"{args.duration:.0f} s a rate, profile {args.profile.name} ({profile.device})"
+    )
     print(f"{'rate':>6} {'run':<10}" + "".join(f"{f:>12}" for f in fields) + f"{'errors':>8}{'diff pts':>10}")
     for r in runs:
         for i, t in enumerate(r["table"]):
             diff = "" if i == 0 or r["attainment_diff_points"] is None else f"{r['attainment_diff_points']:+.1f}"
-            print(f"{r['rate']:>6g} {t['run']:<10}" + "".join(f"{fmt(t[f]):>12}" for f in fields)
-                  + f"{t['errors']!s:>8}{diff:>10}")
+            print(
+                f"{r['rate']:>6g} {t['run']:<10}"
+                + "".join(f"{fmt(t[f]):>12}" for f in fields)
+                + f"{t['errors']!s:>8}{diff:>10}"
+            )
     within = [r["within_5_points"] for r in runs]
     print(f"within 5 points at {sum(bool(w) for w in within)} of {len(runs)} rates")
-    out = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "settings": {**vars(args), "profile": str(args.profile), "out": str(args.out)},
-           "profile_device": profile.device, "runs": runs}
+    out = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "settings": {**vars(args), "profile": str(args.profile), "out": str(args.out)},
+        "profile_device": profile.device,
+        "runs": runs,
+    }
     if recorded is not None:  # the real runs are the recorded ones: say when and where they ran
         out["real_runs_date"] = recorded.get("real_runs_date", recorded["date"])
         out["real_runs_device"] = recorded.get("real_runs_device", recorded.get("profile_device"))

@@ -42,9 +42,14 @@ from services.gpu_agent.workers.worker_pool import WorkerPool
 
 DEFAULT_MODEL = common.ROOT / "bench" / "configs" / "llama-3.2-1b"
 COLUMNS = [
-    ("mode", "mode", ""), ("start_s", "start s", ".3f"), ("load_s", "load s", ".3f"),
-    ("worker_load_s", "in worker s", ".3f"), ("first_token_s", "1st token s", ".3f"), ("total_s", "total s", ".3f"),
-    ("warmup_s", "device init s", ".3f"), ("import_s", "imports s", ".3f"),
+    ("mode", "mode", ""),
+    ("start_s", "start s", ".3f"),
+    ("load_s", "load s", ".3f"),
+    ("worker_load_s", "in worker s", ".3f"),
+    ("first_token_s", "1st token s", ".3f"),
+    ("total_s", "total s", ".3f"),
+    ("warmup_s", "device init s", ".3f"),
+    ("import_s", "imports s", ".3f"),
 ]
 
 
@@ -55,8 +60,14 @@ async def load_to_first_token(pool: WorkerPool, args: argparse.Namespace, mode: 
     t0 = time.perf_counter()
     worker = await pool.acquire(args.device)
     t1 = time.perf_counter()
-    engine = await RemoteEngine.load(worker, args.model, name=Path(args.model).name, load_format=args.load_format,
-                                     dtype=args.dtype, shared_weights_path=shared_path)
+    engine = await RemoteEngine.load(
+        worker,
+        args.model,
+        name=Path(args.model).name,
+        load_format=args.load_format,
+        dtype=args.dtype,
+        shared_weights_path=shared_path,
+    )
     if mode == "mapped" and not engine.weights_attached:
         raise RuntimeError(f"the worker did not map {shared_path}; see its log")
     t2 = time.perf_counter()
@@ -64,9 +75,18 @@ async def load_to_first_token(pool: WorkerPool, args: argparse.Namespace, mode: 
         first = await first_token_s(engine)
     finally:
         await engine.stop()
-    return {"mode": mode, "pid": worker.pid, "start_s": t1 - t0, "load_s": t2 - t1, "worker_load_s": engine.load_s,
-            "first_token_s": first, "total_s": t1 - t0 + t2 - t1 + first,
-            "warmup_s": worker.info.warmup_s, "import_s": worker.info.import_s, "spare_start_s": worker.start_s}
+    return {
+        "mode": mode,
+        "pid": worker.pid,
+        "start_s": t1 - t0,
+        "load_s": t2 - t1,
+        "worker_load_s": engine.load_s,
+        "first_token_s": first,
+        "total_s": t1 - t0 + t2 - t1 + first,
+        "warmup_s": worker.info.warmup_s,
+        "import_s": worker.info.import_s,
+        "spare_start_s": worker.start_s,
+    }
 
 
 async def run(args: argparse.Namespace) -> list[dict]:
@@ -103,14 +123,15 @@ def medians(runs: list[dict]) -> list[dict]:
         of_mode = [r for r in runs if r["mode"] == mode]
         if not of_mode:
             continue
-        rows.append({"mode": mode, **{key: statistics.median(r[key] for r in of_mode)
-                                      for key, _, _ in COLUMNS[1:]}})
+        rows.append({"mode": mode, **{key: statistics.median(r[key] for r in of_mode) for key, _, _ in COLUMNS[1:]}})
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help=f"model folder (default: {DEFAULT_MODEL}, or a tiny model on cpu)")
+    parser.add_argument(
+        "--model", default=None, help=f"model folder (default: {DEFAULT_MODEL}, or a tiny model on cpu)"
+    )
     parser.add_argument("--load-format", default=None, help="auto | dummy (default: dummy for the default model)")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--device", default="cuda:0", help="cuda:N or cpu")
@@ -146,10 +167,23 @@ def main() -> None:
         if faster in by_mode and slower in by_mode:
             a, b = by_mode[faster]["total_s"], by_mode[slower]["total_s"]
             print(f"{faster} saves {b - a:.3f}s of {slower}'s {b:.3f}s ({a / b:.0%} of {slower})")
-    write_json(args.json, {"benchmark": "warm_start", "environment": environment(),
-                           "config": {"model": args.model, "load_format": args.load_format, "dtype": args.dtype,
-                                      "device": args.device, "repeats": args.repeats, "modes": args.modes},
-                           "results": rows, "runs": runs})
+    write_json(
+        args.json,
+        {
+            "benchmark": "warm_start",
+            "environment": environment(),
+            "config": {
+                "model": args.model,
+                "load_format": args.load_format,
+                "dtype": args.dtype,
+                "device": args.device,
+                "repeats": args.repeats,
+                "modes": args.modes,
+            },
+            "results": rows,
+            "runs": runs,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -41,18 +41,23 @@ def config_page() -> str:
         return [(f"`{f.name}`", f.kind, f.default, f.meaning) for f in fields]
 
     header = ("field", "type", "default", "meaning")
-    return (HEADER + "# Placement config reference\n\n"
-            "Source: `services/common/placement_config.py`. A JSON or YAML file: a list of models, or "
-            "`{\"models\": [...], \"policy\": ...}` to name the scheduler's placement policy "
-            f"({', '.join(f'`{p}`' for p in POLICY_NAMES)}; the scheduler's `--policy` flag wins). "
-            "Every problem is reported at once, each with its field's path (`[1].init_placements[0].gpu_ids`).\n\n"
-            "## A model\n\n" + _table(rows(MODEL_FIELDS), header)
-            + "\n## A placement (`init_placements[]`)\n\n" + _table(rows(PLACEMENT_FIELDS), header)
-            + "\n## Latency targets (`slo`)\n\n" + _table(rows(SLO_FIELDS), header)
-            + "\n## Example\n\n```json\n"
-            '[{"model_name": "llama-8b", "model_path": "/models/Llama-3.1-8B-Instruct", "tp_size": 1,\n'
-            '  "init_placements": [{"gpu_ids": [0], "on": true, "max_memory_pool_size": 15}],\n'
-            '  "slo": {"ttft_ms": 2000, "tpot_ms": 100}, "priority": 2}]\n```\n')
+    return (
+        HEADER + "# Placement config reference\n\n"
+        "Source: `services/common/placement_config.py`. A JSON or YAML file: a list of models, or "
+        '`{"models": [...], "policy": ...}` to name the scheduler\'s placement policy '
+        f"({', '.join(f'`{p}`' for p in POLICY_NAMES)}; the scheduler's `--policy` flag wins). "
+        "Every problem is reported at once, each with its field's path (`[1].init_placements[0].gpu_ids`).\n\n"
+        "## A model\n\n"
+        + _table(rows(MODEL_FIELDS), header)
+        + "\n## A placement (`init_placements[]`)\n\n"
+        + _table(rows(PLACEMENT_FIELDS), header)
+        + "\n## Latency targets (`slo`)\n\n"
+        + _table(rows(SLO_FIELDS), header)
+        + "\n## Example\n\n```json\n"
+        '[{"model_name": "llama-8b", "model_path": "/models/Llama-3.1-8B-Instruct", "tp_size": 1,\n'
+        '  "init_placements": [{"gpu_ids": [0], "on": true, "max_memory_pool_size": 15}],\n'
+        '  "slo": {"ttft_ms": 2000, "tpot_ms": 100}, "priority": 2}]\n```\n'
+    )
 
 
 def openapi() -> dict:
@@ -73,10 +78,13 @@ def openapi() -> dict:
 
 def rest_page() -> str:
     spec = openapi()
-    out = [HEADER, "# REST API reference\n\n",
-           f"{spec['info'].get('summary') or spec['info']['title']}. Source: the gateway's OpenAPI document "
-           "(`GET /openapi.json` on a running gateway; `services/gateway/openai_api.py`). Errors have "
-           "OpenAI's body: `{\"error\": {\"message\", \"type\", \"code\"}}`.\n"]
+    out = [
+        HEADER,
+        "# REST API reference\n\n",
+        f"{spec['info'].get('summary') or spec['info']['title']}. Source: the gateway's OpenAPI document "
+        "(`GET /openapi.json` on a running gateway; `services/gateway/openai_api.py`). Errors have "
+        'OpenAI\'s body: `{"error": {"message", "type", "code"}}`.\n',
+    ]
     for path, operations in sorted(spec["paths"].items()):
         for method, op in operations.items():
             out.append(f"\n## `{method.upper()} {path}`\n\n")
@@ -86,8 +94,12 @@ def rest_page() -> str:
                 out.append(op["description"].strip() + "\n\n")
             responses = op.get("responses", {})
             if responses:
-                out.append(_table([(code, r.get("description", "")) for code, r in sorted(responses.items())],
-                                  ("status", "meaning")))
+                out.append(
+                    _table(
+                        [(code, r.get("description", "")) for code, r in sorted(responses.items())],
+                        ("status", "meaning"),
+                    )
+                )
     return "".join(out)
 
 
@@ -139,11 +151,13 @@ def proto_section(text: str, filename: str) -> str:
 def grpc_page() -> str:
     folder = ROOT / "protos" / "prism" / "v1"
     sections = "".join(proto_section((folder / name).read_text(), name) for name in CLIENT_PROTOS)
-    return (HEADER + "# gRPC API reference\n\n"
-            "The client-facing services of package `prism.v1` (the gateway's gRPC port, 50050 by default), "
-            "from `protos/prism/v1/` and their comments. A failed call carries a gRPC status "
-            "(INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, UNAVAILABLE, ...) and the request's id in the "
-            "`x-request-id` trailer. The SDK (`prism_client`, clients/python) wraps them.\n" + sections)
+    return (
+        HEADER + "# gRPC API reference\n\n"
+        "The client-facing services of package `prism.v1` (the gateway's gRPC port, 50050 by default), "
+        "from `protos/prism/v1/` and their comments. A failed call carries a gRPC status "
+        "(INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, UNAVAILABLE, ...) and the request's id in the "
+        "`x-request-id` trailer. The SDK (`prism_client`, clients/python) wraps them.\n" + sections
+    )
 
 
 PAGES = {"config.md": config_page, "rest.md": rest_page, "grpc.md": grpc_page}

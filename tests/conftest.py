@@ -16,7 +16,8 @@ pytest_plugins = ("test_gateway_support",)
 
 
 def pytest_collection_modifyitems(config, items):
-    """Marks each test with its module's tier (tests/tiers.py): `pytest -m unit`, `-m cluster`, `-m cuda`."""
+    """Marks each test with its module's tier (tests/tiers.py): `pytest -m unit`, `-m cluster`, `-m cuda`,
+    `-m lint`."""
     for item in items:
         tier = TIERS.get(item.module.__name__.rsplit(".", 1)[-1]) if item.module is not None else None
         if tier is not None:

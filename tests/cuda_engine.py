@@ -19,11 +19,13 @@ def _triton_ok() -> bool:
 
 
 needs_cuda_kvcached_triton = pytest.mark.skipif(
-    not (torch.cuda.is_available() and kvcached_available() and _triton_ok()), reason="needs CUDA, kvcached and triton")
+    not (torch.cuda.is_available() and kvcached_available() and _triton_ok()), reason="needs CUDA, kvcached and triton"
+)
 
 PROMPTS = ["Hello world", "The cache of the model is", "1 2 3 4 5 6 7 8 9 10 11 12", "a", "x y z " * 9]
 
 
 def greedy(prompt: str, max_tokens: int, request_id: str) -> GenerationRequest:
-    return GenerationRequest(request_id=request_id, prompt=prompt, max_tokens=max_tokens, temperature=0.0,
-                             ignore_eos=True)
+    return GenerationRequest(
+        request_id=request_id, prompt=prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True
+    )

@@ -103,7 +103,7 @@ class State:
     def read_limit(self) -> int | None:
         if self.segment is None or not self.segment.exists():
             return None
-        limit = _FIELDS.unpack(self.segment.read_bytes()[:_FIELDS.size])[0]
+        limit = _FIELDS.unpack(self.segment.read_bytes()[: _FIELDS.size])[0]
         if not self.limits_seen or self.limits_seen[-1] != limit:
             self.limits_seen.append(limit)
         return limit
@@ -135,11 +135,29 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/v1/loads":
             with STATE.lock:
                 running, used = len(STATE.running), sum(STATE.running.values())
-            self._json(200, {"timestamp": "1970-01-01T00:00:00+00:00", "version": "0.5.15", "loads": [
-                {"dp_rank": 0, "num_running_reqs": running, "num_waiting_reqs": 0, "num_waiting_uncached_tokens": 0,
-                 "num_used_tokens": used, "num_total_tokens": used, "max_total_num_tokens": 100000,
-                 "max_running_requests": 256, "token_usage": used / 100000, "gen_throughput": 0.0,
-                 "cache_hit_rate": 0.0, "utilization": 0.0}]})
+            self._json(
+                200,
+                {
+                    "timestamp": "1970-01-01T00:00:00+00:00",
+                    "version": "0.5.15",
+                    "loads": [
+                        {
+                            "dp_rank": 0,
+                            "num_running_reqs": running,
+                            "num_waiting_reqs": 0,
+                            "num_waiting_uncached_tokens": 0,
+                            "num_used_tokens": used,
+                            "num_total_tokens": used,
+                            "max_total_num_tokens": 100000,
+                            "max_running_requests": 256,
+                            "token_usage": used / 100000,
+                            "gen_throughput": 0.0,
+                            "cache_hit_rate": 0.0,
+                            "utilization": 0.0,
+                        }
+                    ],
+                },
+            )
         elif self.path == "/health":
             with STATE.lock:
                 STATE.health_calls += 1
@@ -151,17 +169,21 @@ class Handler(BaseHTTPRequestHandler):
             with STATE.lock:
                 running, used = len(STATE.running), sum(STATE.running.values())
             # SGLang 0.5.15's scheduler labels (observability/metrics_collector.py).
-            labels = (f'model_name="{STATE.args.served_model_name}",engine_type="unified",tp_rank="0",pp_rank="0",'
-                      'moe_ep_rank="0"')
-            text = ("# HELP sglang:num_running_reqs The number of running requests.\n"
-                    "# TYPE sglang:num_running_reqs gauge\n"
-                    f"sglang:num_running_reqs{{{labels}}} {float(running)}\n"
-                    f"sglang:num_queue_reqs{{{labels}}} 0.0\n"
-                    f"sglang:num_used_tokens{{{labels}}} {float(used)}\n"
-                    f"sglang:token_usage{{{labels}}} {used / 100000:.6f}\n"
-                    f"sglang:kv_available_tokens{{{labels}}} {float(90000 - used)}\n"
-                    f"sglang:kv_evictable_tokens{{{labels}}} 10000.0\n"
-                    f"sglang:kv_used_tokens{{{labels}}} {float(used)}\n").encode()
+            labels = (
+                f'model_name="{STATE.args.served_model_name}",engine_type="unified",tp_rank="0",pp_rank="0",'
+                'moe_ep_rank="0"'
+            )
+            text = (
+                "# HELP sglang:num_running_reqs The number of running requests.\n"
+                "# TYPE sglang:num_running_reqs gauge\n"
+                f"sglang:num_running_reqs{{{labels}}} {float(running)}\n"
+                f"sglang:num_queue_reqs{{{labels}}} 0.0\n"
+                f"sglang:num_used_tokens{{{labels}}} {float(used)}\n"
+                f"sglang:token_usage{{{labels}}} {used / 100000:.6f}\n"
+                f"sglang:kv_available_tokens{{{labels}}} {float(90000 - used)}\n"
+                f"sglang:kv_evictable_tokens{{{labels}}} 10000.0\n"
+                f"sglang:kv_used_tokens{{{labels}}} {float(used)}\n"
+            ).encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/plain; version=0.0.4")
             self.send_header("Content-Length", str(len(text)))
@@ -169,13 +191,30 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(text)
         elif self.path == "/fake_state":
             with STATE.lock:
-                self._json(200, {"argv": STATE.argv, "aborted": STATE.aborted, "disconnected": STATE.disconnected,
-                                 "running": dict(STATE.running), "released": STATE.released,
-                                 "memory_calls": STATE.memory_calls, "limit": STATE.read_limit(),
-                                 "limits_seen": STATE.limits_seen, "generated": STATE.generated,
-                                 "health_calls": STATE.health_calls,
-                                 "env": {k: os.environ.get(k) for k in ("ENABLE_KVCACHED", "KVCACHED_AUTOPATCH",
-                                                                        "KVCACHED_IPC_NAME", "CUDA_VISIBLE_DEVICES")}})
+                self._json(
+                    200,
+                    {
+                        "argv": STATE.argv,
+                        "aborted": STATE.aborted,
+                        "disconnected": STATE.disconnected,
+                        "running": dict(STATE.running),
+                        "released": STATE.released,
+                        "memory_calls": STATE.memory_calls,
+                        "limit": STATE.read_limit(),
+                        "limits_seen": STATE.limits_seen,
+                        "generated": STATE.generated,
+                        "health_calls": STATE.health_calls,
+                        "env": {
+                            k: os.environ.get(k)
+                            for k in (
+                                "ENABLE_KVCACHED",
+                                "KVCACHED_AUTOPATCH",
+                                "KVCACHED_IPC_NAME",
+                                "CUDA_VISIBLE_DEVICES",
+                            )
+                        },
+                    },
+                )
         else:
             self._json(404, {"detail": "Not Found"})
 
@@ -199,8 +238,11 @@ class Handler(BaseHTTPRequestHandler):
             with STATE.lock:
                 if releasing and STATE.running:
                     # SGLang 0.5.15: the scheduler asserts is_fully_idle(); the exception ends the server.
-                    print("Scheduler hit an exception: AssertionError: release_memory_occupation should be called "
-                          "only when server is idle. (stand-in)", flush=True)
+                    print(
+                        "Scheduler hit an exception: AssertionError: release_memory_occupation should be called "
+                        "only when server is idle. (stand-in)",
+                        flush=True,
+                    )
                     os._exit(1)
                 if not releasing and not STATE.released:
                     # SGLang 0.5.15: resuming what was not released is a KeyError in the scheduler (offload_tags).
@@ -223,8 +265,16 @@ class Handler(BaseHTTPRequestHandler):
         sampling = body.get("sampling_params", {})
         if not isinstance(sampling, dict) or not isinstance(body.get("input_ids", []), list):
             # FastAPI's validation of GenerateReqInput fails before the stream: SGLang answers 400, ErrorResponse.
-            self._json(400, {"object": "error", "message": "1 validation error for GenerateReqInput (stand-in)",
-                             "type": "Bad Request", "param": None, "code": 400})
+            self._json(
+                400,
+                {
+                    "object": "error",
+                    "message": "1 validation error for GenerateReqInput (stand-in)",
+                    "type": "Bad Request",
+                    "param": None,
+                    "code": 400,
+                },
+            )
             return
         rid = body.get("rid") or f"fake-{time.monotonic_ns()}"
         with STATE.lock:
@@ -237,13 +287,15 @@ class Handler(BaseHTTPRequestHandler):
         # SGLang validates inside the stream (a ValueError in its tokenizer manager): an error event, then [DONE].
         refusal = None
         if len(ids) >= STATE.max_context:
-            refusal = (f"The input ({len(ids)} tokens) is longer than the model's context length "
-                       f"({STATE.max_context} tokens).")
+            refusal = (
+                f"The input ({len(ids)} tokens) is longer than the model's context length ({STATE.max_context} tokens)."
+            )
         elif float(sampling.get("temperature", 1.0)) < 0:
             refusal = f"temperature must be a non-negative finite number, got {float(sampling['temperature'])}."
         if refusal is not None:
-            self._event({"error": {"message": refusal, "type": "invalid_request_error", "code": 400,
-                                   "retryable": False}})
+            self._event(
+                {"error": {"message": refusal, "type": "invalid_request_error", "code": 400, "retryable": False}}
+            )
             self.wfile.write(b"data: [DONE]\n\n")
             return
         if STATE.released:
@@ -262,12 +314,23 @@ class Handler(BaseHTTPRequestHandler):
                 if stop_event.wait(TOKEN_INTERVAL_S):
                     time.sleep(ABORT_LAG_S)  # the aborted request runs one more step before it leaves the batch
                     # An aborted running request finishes with FINISH_ABORT()'s JSON (schedule_batch.py).
-                    meta = {"id": rid, "finish_reason": {"type": "abort", "message": "Aborted",
-                                                         "status_code": None, "err_type": None},
-                            "prompt_tokens": len(ids), "weight_version": "default", "num_retractions": 0,
-                            "reasoning_tokens": 0, "completion_tokens": len(out_ids), "cached_tokens": 0}
-                    self._event({"text": "" if incremental else text, "output_ids": [] if incremental else out_ids,
-                                 "meta_info": meta})
+                    meta = {
+                        "id": rid,
+                        "finish_reason": {"type": "abort", "message": "Aborted", "status_code": None, "err_type": None},
+                        "prompt_tokens": len(ids),
+                        "weight_version": "default",
+                        "num_retractions": 0,
+                        "reasoning_tokens": 0,
+                        "completion_tokens": len(out_ids),
+                        "cached_tokens": 0,
+                    }
+                    self._event(
+                        {
+                            "text": "" if incremental else text,
+                            "output_ids": [] if incremental else out_ids,
+                            "meta_info": meta,
+                        }
+                    )
                     break
                 token = 3 + (sum(ids) + i) % 97
                 piece = f" t{token}"
@@ -277,11 +340,23 @@ class Handler(BaseHTTPRequestHandler):
                     STATE.running[rid] = len(ids) + len(out_ids)
                     STATE.publish_usage()
                 done = i == max_new - 1
-                meta = {"id": rid, "finish_reason": {"type": "length", "length": max_new} if done else None,
-                        "prompt_tokens": len(ids), "weight_version": "default", "num_retractions": 0,
-                        "reasoning_tokens": 0, "completion_tokens": len(out_ids), "cached_tokens": 0}
-                self._event({"text": piece if incremental else text,
-                             "output_ids": [token] if incremental else list(out_ids), "meta_info": meta})
+                meta = {
+                    "id": rid,
+                    "finish_reason": {"type": "length", "length": max_new} if done else None,
+                    "prompt_tokens": len(ids),
+                    "weight_version": "default",
+                    "num_retractions": 0,
+                    "reasoning_tokens": 0,
+                    "completion_tokens": len(out_ids),
+                    "cached_tokens": 0,
+                }
+                self._event(
+                    {
+                        "text": piece if incremental else text,
+                        "output_ids": [token] if incremental else list(out_ids),
+                        "meta_info": meta,
+                    }
+                )
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):

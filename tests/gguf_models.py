@@ -14,9 +14,14 @@ from safetensors.numpy import load_file
 
 _TO_GGUF = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 _LAYER_TO_GGUF = {
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
 
@@ -36,8 +41,13 @@ def permute_rotary_rows(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def write_gguf(model_dir: Path, out: Path, qtype: str = "F32", architecture: str | None = None,
-               tensor_types: dict[str, str] | None = None) -> Path:
+def write_gguf(
+    model_dir: Path,
+    out: Path,
+    qtype: str = "F32",
+    architecture: str | None = None,
+    tensor_types: dict[str, str] | None = None,
+) -> Path:
     """model_dir's tiny model as a GGUF file: 2-D weights in `qtype` (norms stay F32, as llama.cpp
     keeps them), or per tensor as tensor_types names it. architecture: what the file claims
     (default: the model's own)."""

@@ -25,9 +25,16 @@ async def _no_publish(managed: ManagedEngine) -> None:
 
 
 class InProcessAgent:
-    def __init__(self, agent_id: str = "agent-t", *, cpu_memory_gb: float = 1.0,
-                 drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S, make_room_idle_s: float = DEFAULT_MAKE_ROOM_IDLE_S,
-                 publish: Callable[[ManagedEngine], Awaitable[None]] = _no_publish, model_roots: tuple = ()):
+    def __init__(
+        self,
+        agent_id: str = "agent-t",
+        *,
+        cpu_memory_gb: float = 1.0,
+        drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
+        make_room_idle_s: float = DEFAULT_MAKE_ROOM_IDLE_S,
+        publish: Callable[[ManagedEngine], Awaitable[None]] = _no_publish,
+        model_roots: tuple = (),
+    ):
         self.agent_id = agent_id
         self.model_roots = model_roots
         self.cpu_memory_gb = cpu_memory_gb
@@ -38,14 +45,21 @@ class InProcessAgent:
     async def start(self) -> None:
         devices = discover_devices("cpu", cpu_memory_gb=self.cpu_memory_gb)
         self.manager = EngineManager(devices, self.publish, coordinated=True, drain_timeout_s=self.drain_timeout_s)
-        self.coordinator = MemoryCoordinator(devices[0], self.manager, reserve_bytes=0,
-                                             make_room_idle_s=self.make_room_idle_s)
+        self.coordinator = MemoryCoordinator(
+            devices[0], self.manager, reserve_bytes=0, make_room_idle_s=self.make_room_idle_s
+        )
         self.manager.before_activate = self.coordinator.prepare_activation
         queue = AdmissionQueue(self.coordinator)
         self.tasks = [asyncio.create_task(self.coordinator.run()), asyncio.create_task(queue.run())]
         self.admission = AgentAdmission({0: queue})
-        service = AgentService(self.agent_id, devices, self.manager, coordinators={0: self.coordinator},
-                               admission=self.admission, model_roots=self.model_roots)
+        service = AgentService(
+            self.agent_id,
+            devices,
+            self.manager,
+            coordinators={0: self.coordinator},
+            admission=self.admission,
+            model_roots=self.model_roots,
+        )
         self.gate = ShutdownGate(self.agent_id)
         self.server = grpc.aio.server(interceptors=[self.gate])
         agent_pb2_grpc.add_AgentServicer_to_server(service, self.server)
@@ -63,8 +77,10 @@ class InProcessAgent:
         await self.manager.stop_all()
 
     async def load(self, name: str, path: str, activate: bool = True) -> agent_pb2.EngineStatus:
-        return await self.stub.LoadModel(agent_pb2.LoadModelRequest(
-            spec=agent_pb2.ModelSpec(name=name, path=path), gpu_ids=[0], activate=activate), timeout=120)
+        return await self.stub.LoadModel(
+            agent_pb2.LoadModelRequest(spec=agent_pb2.ModelSpec(name=name, path=path), gpu_ids=[0], activate=activate),
+            timeout=120,
+        )
 
     async def __aenter__(self) -> InProcessAgent:
         await self.start()

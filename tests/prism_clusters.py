@@ -16,18 +16,38 @@ from services.common.etcd_server import free_port
 
 
 @contextmanager
-def prism_cluster(state: Path, *, agents: int = 1, on: bool = True, agent_args: tuple[str, ...] = (),
-                  scheduler_args: tuple[str, ...] = (), gateway_args: tuple[str, ...] = ()) -> Iterator[LocalCluster]:
+def prism_cluster(
+    state: Path,
+    *,
+    agents: int = 1,
+    on: bool = True,
+    agent_args: tuple[str, ...] = (),
+    scheduler_args: tuple[str, ...] = (),
+    gateway_args: tuple[str, ...] = (),
+) -> Iterator[LocalCluster]:
     models = ensure_default_models(state / "models")
-    config = {"policy": "prism", "models": [
-        {"model_name": name, "model_path": str(path), "init_placements": [{"gpu_ids": [0], "on": on}]}
-        for name, path in sorted(models.items())]}
+    config = {
+        "policy": "prism",
+        "models": [
+            {"model_name": name, "model_path": str(path), "init_placements": [{"gpu_ids": [0], "on": on}]}
+            for name, path in sorted(models.items())
+        ],
+    }
     path = state / "models.json"
     path.write_text(json.dumps(config))
-    cluster = LocalCluster(state_dir=state, config_path=path, http_port=free_port(), grpc_port=free_port(),
-                           device="cpu", cpu_memory_gb=1.0, engine_isolation="inline", agents=agents,
-                           agent_args=agent_args, scheduler_args=("--replan-interval-s", "0.5", *scheduler_args),
-                           gateway_args=gateway_args)
+    cluster = LocalCluster(
+        state_dir=state,
+        config_path=path,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        device="cpu",
+        cpu_memory_gb=1.0,
+        engine_isolation="inline",
+        agents=agents,
+        agent_args=agent_args,
+        scheduler_args=("--replan-interval-s", "0.5", *scheduler_args),
+        gateway_args=gateway_args,
+    )
     cluster.start()
     try:
         yield cluster

@@ -22,7 +22,11 @@ class ReferenceLlama:
         model_dir = Path(model_dir)
         self.cfg = json.loads((model_dir / "config.json").read_text())
         index = model_dir / "model.safetensors.index.json"
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+        files = (
+            sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            if index.exists()
+            else ["model.safetensors"]
+        )
         self.w: dict[str, torch.Tensor] = {}
         for name in files:
             self.w.update({k: t.to(torch.float64) for k, t in load_file(str(model_dir / name)).items()})
@@ -76,7 +80,7 @@ class ReferenceLlama:
         seq = x.shape[1]
         angle = torch.arange(seq, dtype=torch.float64)[:, None] * self.inv_freq[None, :]
         cos, sin = torch.cos(angle), torch.sin(angle)
-        a, b = x[..., : self.d // 2], x[..., self.d // 2:]
+        a, b = x[..., : self.d // 2], x[..., self.d // 2 :]
         return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
 
     def logits(self, ids: list[int]) -> torch.Tensor:
@@ -107,4 +111,4 @@ class ReferenceLlama:
         ids = list(prompt_ids)
         for _ in range(new_tokens):
             ids.append(int(self.logits(ids).argmax()))
-        return ids[len(prompt_ids):]
+        return ids[len(prompt_ids) :]

@@ -50,8 +50,9 @@ async def test_an_activation_under_way_keeps_the_room_it_took():
     # once. Either fits beside "serving" alone (46 GiB free); both do not (22 GiB after the first).
     serving = CudaReadingEngineFake(30 * GIB)
     first, second = CudaReadingEngineFake(24 * GIB), CudaReadingEngineFake(24 * GIB)
-    coordinator = coordinator_with({"serving": (serving, "active"), "first": (first, "inactive"),
-                                    "second": (second, "inactive")}, Clock())
+    coordinator = coordinator_with(
+        {"serving": (serving, "active"), "first": (first, "inactive"), "second": (second, "inactive")}, Clock()
+    )
     engines = coordinator.manager.engines
     engines["serving"].request_stats.arrived()  # serving: it cannot step aside
     assert coordinator.room_to_activate(engines["second"]) == []

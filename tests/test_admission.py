@@ -12,8 +12,8 @@ import pytest
 
 from prism.tiny_models import write_tiny_model
 from services.gpu_agent.admission import AdmissionQueue, ShedError
-from services.gpu_agent.engine.errors import CapacityError
 from services.gpu_agent.devices import discover_devices
+from services.gpu_agent.engine.errors import CapacityError
 from services.gpu_agent.engine_manager import EngineManager, EngineSpec
 from services.gpu_agent.memory_coordinator import MemoryCoordinator
 from services.gpu_agent.slo import ModelSlo

@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from prism.cluster import LocalCluster
-from tests.prism_clusters import prism_cluster as start_prism_cluster
 from prism_client.v1 import agent_pb2, agent_pb2_grpc
+from tests.prism_clusters import prism_cluster as start_prism_cluster
 
 GUARD_S = 90
 
@@ -31,13 +31,17 @@ def models_on(address: str) -> set[str]:
             status = agent_pb2_grpc.AgentStub(channel).GetStatus(agent_pb2.GetStatusRequest(), timeout=5)
     except grpc.RpcError:
         return set()
-    return {e.model for e in status.engines if e.state in (agent_pb2.ENGINE_STATE_ACTIVE,
-                                                            agent_pb2.ENGINE_STATE_INACTIVE)}
+    return {
+        e.model for e in status.engines if e.state in (agent_pb2.ENGINE_STATE_ACTIVE, agent_pb2.ENGINE_STATE_INACTIVE)
+    }
 
 
 def complete(cluster: LocalCluster, model: str) -> httpx.Response:
-    return httpx.post(cluster.http_url + "/v1/completions", timeout=GUARD_S, json={
-        "model": model, "prompt": "Hello", "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+    return httpx.post(
+        cluster.http_url + "/v1/completions",
+        timeout=GUARD_S,
+        json={"model": model, "prompt": "Hello", "max_tokens": 4, "temperature": 0, "ignore_eos": True},
+    )
 
 
 def test_a_killed_agents_model_is_placed_on_the_other_agent_and_served(two_agents):
@@ -65,5 +69,7 @@ def test_a_killed_agents_model_is_placed_on_the_other_agent_and_served(two_agent
         response = complete(cluster, model)
         assert response.status_code == 200, response.text
         assert response.json()["usage"]["completion_tokens"] == 4
-    print(f"{sorted(moving)} loaded on the surviving agent {replaced_s:.1f}s after theirs was killed "
-          "(the agent lease is 5 s)")
+    print(
+        f"{sorted(moving)} loaded on the surviving agent {replaced_s:.1f}s after theirs was killed "
+        "(the agent lease is 5 s)"
+    )

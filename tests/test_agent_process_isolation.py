@@ -56,10 +56,27 @@ def process_cluster(tmp_path_factory):
     state = tmp_path_factory.mktemp("process-cluster")
     model_dir = write_tiny_model(state / "models" / MODEL, arch="llama")
     config = state / "models.json"
-    config.write_text(json.dumps([{"model_name": MODEL, "model_path": str(model_dir), "tp_size": 1,
-                                   "init_placements": [{"gpu_ids": [0], "on": True, "max_memory_pool_size": 0.25}]}]))
-    cluster = LocalCluster(state_dir=state, config_path=config, http_port=free_port(), grpc_port=free_port(),
-                           device="cpu", cpu_memory_gb=1.0, engine_isolation="process")
+    config.write_text(
+        json.dumps(
+            [
+                {
+                    "model_name": MODEL,
+                    "model_path": str(model_dir),
+                    "tp_size": 1,
+                    "init_placements": [{"gpu_ids": [0], "on": True, "max_memory_pool_size": 0.25}],
+                }
+            ]
+        )
+    )
+    cluster = LocalCluster(
+        state_dir=state,
+        config_path=config,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        device="cpu",
+        cpu_memory_gb=1.0,
+        engine_isolation="process",
+    )
     cluster.start()
     yield cluster, model_dir
     cluster.stop()
@@ -80,16 +97,21 @@ def test_an_agent_with_process_isolation_serves_fails_recovers_and_cleans_up(pro
     ref, tok = ReferenceLlama(model_dir), Tokenizer(model_dir)
     oai = openai.OpenAI(base_url=cluster.http_url + "/v1", api_key="x", max_retries=0, timeout=HANG_GUARD_S)
     prompt = "The capital of France is"
-    done = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0,
-                                  extra_body={"ignore_eos": True})
+    done = oai.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=8, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert done.choices[0].text == tok.decode(ref.greedy(tok.encode(prompt), 8))
     assert done.usage.completion_tokens == 8
 
     # The worker dies: the engine is published as failed, and the scheduler's
     # reload of the failed engine is served by the next warm spare.
     os.kill(engine_pid, signal.SIGKILL)
-    wait_for(lambda: re.search(rf"engine of {MODEL} failed: engine worker {engine_pid} .*killed by SIGKILL",
-                               agent_log(cluster)), "the engine to be marked failed")
+    wait_for(
+        lambda: re.search(
+            rf"engine of {MODEL} failed: engine worker {engine_pid} .*killed by SIGKILL", agent_log(cluster)
+        ),
+        "the engine to be marked failed",
+    )
 
     def reloaded_pid() -> int | None:
         pids = [int(p) for p in re.findall(rf"loaded {MODEL} into engine worker (\d+)", agent_log(cluster))]
@@ -99,9 +121,11 @@ def test_an_agent_with_process_isolation_serves_fails_recovers_and_cleans_up(pro
     assert f"warm start on cpu: engine worker {reloaded_pid()}" in agent_log(cluster)
 
     def serves() -> bool:
-        reply = httpx.post(cluster.http_url + "/v1/completions", timeout=HANG_GUARD_S,
-                           json={"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0,
-                                 "ignore_eos": True})
+        reply = httpx.post(
+            cluster.http_url + "/v1/completions",
+            timeout=HANG_GUARD_S,
+            json={"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True},
+        )
         assert reply.status_code in (200, 500, 503), reply.text  # failed or not yet routed again: no hang
         return reply.status_code == 200 and reply.json()["choices"][0]["text"] == done.choices[0].text
 
@@ -128,8 +152,9 @@ def test_a_worker_never_outlives_its_agent():
 
         asyncio.run(main())
     """)
-    agent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                             cwd=Path(__file__).resolve().parent.parent)
+    agent = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent
+    )
     try:
         worker_pid = int(agent.stdout.readline())
         assert pid_alive(worker_pid)

@@ -36,9 +36,13 @@ DEADLINE_S = 60.0  # per call: far beyond any answer here, so reaching it is a h
 GATEWAY_GENERATE = "/prism.v1.Gateway/Generate"
 AGENT_GENERATE = "/prism.v1.Agent/Generate"
 
-SETTINGS = settings(deadline=None, derandomize=True, database=None, print_blob=True,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                           HealthCheck.data_too_large])
+SETTINGS = settings(
+    deadline=None,
+    derandomize=True,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +59,9 @@ def agent_channel(cluster):
 
 def raw_generate(channel: grpc.Channel, method: str):
     """Generate taking the request as bytes, exactly as sent."""
-    return channel.unary_stream(method, request_serializer=None,
-                                response_deserializer=generate_pb2.GenerateResponse.FromString)
+    return channel.unary_stream(
+        method, request_serializer=None, response_deserializer=generate_pb2.GenerateResponse.FromString
+    )
 
 
 def outcome(call) -> tuple[grpc.StatusCode, list[generate_pb2.GenerateResponse]]:
@@ -102,12 +107,14 @@ int64s = st.one_of(st.sampled_from(ODD_INT64), st.integers(-(2**63), 2**63 - 1))
 def _set(field: str, values: st.SearchStrategy):
     def mutate(request: generate_pb2.GenerateRequest, draw: st.DrawFn) -> None:
         setattr(request.sampling, field, draw(values))
+
     return mutate
 
 
 def _clear(field: str):
     def mutate(request: generate_pb2.GenerateRequest, draw: st.DrawFn) -> None:
         request.sampling.ClearField(field)
+
     return mutate
 
 
@@ -149,17 +156,31 @@ def _ignore_eos(request, draw) -> None:
 
 
 # Each changes one thing of a valid request; several may apply.
-MUTATIONS = (_model, _request_id, _prompt, _no_input, _no_messages, _odd_message, _generation_prompt, _stop,
-             _ignore_eos, _set("max_tokens", int32s), _clear("max_tokens"), _set("temperature", floats),
-             _set("top_p", floats), _set("seed", int64s))
+MUTATIONS = (
+    _model,
+    _request_id,
+    _prompt,
+    _no_input,
+    _no_messages,
+    _odd_message,
+    _generation_prompt,
+    _stop,
+    _ignore_eos,
+    _set("max_tokens", int32s),
+    _clear("max_tokens"),
+    _set("temperature", floats),
+    _set("top_p", floats),
+    _set("seed", int64s),
+)
 
 
 @st.composite
 def generate_requests(draw: st.DrawFn) -> tuple[generate_pb2.GenerateRequest, bool]:
     """A valid request (a tiny max_tokens and input that fits the 256-token context whatever the
     tokenizer does) with none to three MUTATIONS; and whether it is still the valid one."""
-    request = generate_pb2.GenerateRequest(model=draw(st.sampled_from(MODELS)),
-                                           sampling=generate_pb2.SamplingParams(max_tokens=draw(st.integers(1, 4))))
+    request = generate_pb2.GenerateRequest(
+        model=draw(st.sampled_from(MODELS)), sampling=generate_pb2.SamplingParams(max_tokens=draw(st.integers(1, 4)))
+    )
     if draw(st.booleans()):
         request.prompt = draw(st.text(min_size=1, max_size=30))
     else:
@@ -173,13 +194,20 @@ def generate_requests(draw: st.DrawFn) -> tuple[generate_pb2.GenerateRequest, bo
 
 def grid_requests() -> list[tuple[str, generate_pb2.GenerateRequest]]:
     """A valid request with one field at each odd value: a deterministic grid under the random search."""
+
     def base() -> generate_pb2.GenerateRequest:
-        return generate_pb2.GenerateRequest(model=MODELS[0], prompt="Hello",
-                                            sampling=generate_pb2.SamplingParams(max_tokens=2))
+        return generate_pb2.GenerateRequest(
+            model=MODELS[0], prompt="Hello", sampling=generate_pb2.SamplingParams(max_tokens=2)
+        )
 
     cases = []
-    for field, values in (("max_tokens", ODD_INT32), ("temperature", ODD_FLOATS), ("top_p", ODD_FLOATS),
-                          ("seed", ODD_INT64), ("stop", [[t] for t in ODD_TEXT] + [ODD_TEXT])):
+    for field, values in (
+        ("max_tokens", ODD_INT32),
+        ("temperature", ODD_FLOATS),
+        ("top_p", ODD_FLOATS),
+        ("seed", ODD_INT64),
+        ("stop", [[t] for t in ODD_TEXT] + [ODD_TEXT]),
+    ):
         for value in values:
             request = base()
             if field == "stop":
@@ -202,26 +230,42 @@ def grid_requests() -> list[tuple[str, generate_pb2.GenerateRequest]]:
     no_sampling.ClearField("sampling")
     no_generation_prompt.chat.messages.add(role="user", content="Hello")
     no_generation_prompt.chat.add_generation_prompt = False
-    cases += [("no input", no_input), ("no messages", no_messages), ("no sampling", no_sampling),
-              ("no generation prompt", no_generation_prompt)]
+    cases += [
+        ("no input", no_input),
+        ("no messages", no_messages),
+        ("no sampling", no_sampling),
+        ("no generation prompt", no_generation_prompt),
+    ]
     return cases
 
 
 @st.composite
 def request_bytes(draw: st.DrawFn) -> bytes:
     """Random bytes, or a valid request's bytes cut short, bit-flipped, or with a field made invalid UTF-8."""
-    valid = generate_pb2.GenerateRequest(model=MODELS[0], prompt="Hello",
-                                         sampling=generate_pb2.SamplingParams(max_tokens=2)).SerializeToString()
+    valid = generate_pb2.GenerateRequest(
+        model=MODELS[0], prompt="Hello", sampling=generate_pb2.SamplingParams(max_tokens=2)
+    ).SerializeToString()
     index = draw(st.integers(0, len(valid) - 1))
     flipped = bytearray(valid)
     flipped[index] ^= draw(st.integers(1, 255))
-    return draw(st.one_of(
-        st.binary(max_size=200),
-        st.just(valid[:index]),
-        st.just(bytes(flipped)),
-        st.just(valid + draw(st.binary(min_size=1, max_size=20))),
-        st.sampled_from([b"\x12\x02\xff\xfe", b"\x1a\x02\xc3\x28", b"\x12\x0atiny-llama\x1a\x02\xed\xa0",
-                         b"\x2a\x05\x08\xff\xff\xff\xff", b"\x0a\xff\xff\xff\xff\x0f", b"\x22\x04\x0a\x02\x12\xff"])))
+    return draw(
+        st.one_of(
+            st.binary(max_size=200),
+            st.just(valid[:index]),
+            st.just(bytes(flipped)),
+            st.just(valid + draw(st.binary(min_size=1, max_size=20))),
+            st.sampled_from(
+                [
+                    b"\x12\x02\xff\xfe",
+                    b"\x1a\x02\xc3\x28",
+                    b"\x12\x0atiny-llama\x1a\x02\xed\xa0",
+                    b"\x2a\x05\x08\xff\xff\xff\xff",
+                    b"\x0a\xff\xff\xff\xff\x0f",
+                    b"\x22\x04\x0a\x02\x12\xff",
+                ]
+            ),
+        )
+    )
 
 
 # ---- the properties ------------------------------------------------------------------------------
@@ -276,8 +320,11 @@ def test_every_odd_value_in_every_field(gateway_channel, agent_channel, api):
 
 
 def greedy_request(model: str, **sampling) -> generate_pb2.GenerateRequest:
-    return generate_pb2.GenerateRequest(model=model, prompt="The capital of France is",
-                                        sampling=generate_pb2.SamplingParams(max_tokens=4, ignore_eos=True, **sampling))
+    return generate_pb2.GenerateRequest(
+        model=model,
+        prompt="The capital of France is",
+        sampling=generate_pb2.SamplingParams(max_tokens=4, ignore_eos=True, **sampling),
+    )
 
 
 @pytest.mark.parametrize("temperature", [1e-45, 1e-40, 1e-6])
@@ -297,8 +344,11 @@ def test_the_agent_refuses_a_temperature_that_is_not_finite(agent_channel, tempe
     """NaN passed the engine's `temperature < 0` check and failed the step (INTERNAL); inf sampled
     from a flat distribution. Both are INVALID_ARGUMENT (the gateway refuses them itself)."""
     with pytest.raises(grpc.RpcError) as caught:
-        list(agent_pb2_grpc.AgentStub(agent_channel).Generate(greedy_request(MODELS[0], temperature=temperature),
-                                                               timeout=DEADLINE_S))
+        list(
+            agent_pb2_grpc.AgentStub(agent_channel).Generate(
+                greedy_request(MODELS[0], temperature=temperature), timeout=DEADLINE_S
+            )
+        )
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "temperature" in caught.value.details()
 
@@ -320,10 +370,13 @@ def test_a_tiny_temperature_row_samples_beside_others():
 
 CORRUPT = b"\xff\xff\xff"  # no message's wire format
 UNDECODABLE = [
-    (GATEWAY_GENERATE, CORRUPT), (GATEWAY_GENERATE, b"\x12\x02\xff\xfe"),  # model: not UTF-8
+    (GATEWAY_GENERATE, CORRUPT),
+    (GATEWAY_GENERATE, b"\x12\x02\xff\xfe"),  # model: not UTF-8
     (GATEWAY_GENERATE, b"\x12\x0atiny-llama\x1a\x02\xc3\x28"),  # prompt: not UTF-8
-    (AGENT_GENERATE, CORRUPT), (AGENT_GENERATE, b"\x12\x0atiny-llama\x1a\x02\xc3\x28"),
-    ("/prism.v1.Gateway/ListModels", CORRUPT), ("/prism.v1.Agent/GetStatus", CORRUPT),
+    (AGENT_GENERATE, CORRUPT),
+    (AGENT_GENERATE, b"\x12\x0atiny-llama\x1a\x02\xc3\x28"),
+    ("/prism.v1.Gateway/ListModels", CORRUPT),
+    ("/prism.v1.Agent/GetStatus", CORRUPT),
     ("/prism.v1.Agent/UnloadModel", b"\x0a\x02\xff\xfe"),  # model: not UTF-8
 ]
 
@@ -335,7 +388,8 @@ def test_a_request_that_does_not_parse_is_invalid_argument(gateway_channel, agen
     "String field had bad UTF-8"). Both services answer INVALID_ARGUMENT now."""
     channel = gateway_channel if method.startswith("/prism.v1.Gateway/") else agent_channel
     call = (channel.unary_stream if method.endswith("/Generate") else channel.unary_unary)(
-        method, request_serializer=None, response_deserializer=None)
+        method, request_serializer=None, response_deserializer=None
+    )
     with pytest.raises(grpc.RpcError) as caught:
         reply = call(data, timeout=DEADLINE_S)
         if method.endswith("/Generate"):
@@ -358,10 +412,12 @@ async def test_the_guard_passes_a_close_on_to_the_servicer():
         finally:
             closed.append(request.model)
 
-    handler = _guarded(grpc.unary_stream_rpc_method_handler(
-        generate, request_deserializer=generate_pb2.GenerateRequest.FromString))
-    stream = handler.unary_stream(handler.request_deserializer(generate_pb2.GenerateRequest(model="m").SerializeToString()),
-                                  None)
+    handler = _guarded(
+        grpc.unary_stream_rpc_method_handler(generate, request_deserializer=generate_pb2.GenerateRequest.FromString)
+    )
+    stream = handler.unary_stream(
+        handler.request_deserializer(generate_pb2.GenerateRequest(model="m").SerializeToString()), None
+    )
     assert await stream.__anext__() == 1
     await stream.aclose()
     assert closed == ["m"]
@@ -377,8 +433,12 @@ def test_a_request_id_cannot_forge_agent_log_lines(cluster, agent_channel):
     caller's choosing in the agent's log (the gateway only ever sends one visible-ASCII token). Such
     an id is replaced now, in the log and in the responses."""
     marker = f"FORGED-{uuid.uuid4().hex}"
-    request = generate_pb2.GenerateRequest(request_id=f"x\n{marker} ERROR agent [x] forged", model=MODELS[0],
-                                           prompt="Hello", sampling=generate_pb2.SamplingParams(max_tokens=1))
+    request = generate_pb2.GenerateRequest(
+        request_id=f"x\n{marker} ERROR agent [x] forged",
+        model=MODELS[0],
+        prompt="Hello",
+        sampling=generate_pb2.SamplingParams(max_tokens=1),
+    )
     code, responses = call_agent(agent_channel, request)
     assert code == grpc.StatusCode.OK
     assert {r.request_id for r in responses} == {responses[0].request_id}
@@ -406,8 +466,9 @@ def test_the_cluster_survived(cluster, gateway_channel, agent_channel):
     listed = gateway_pb2_grpc.GatewayStub(gateway_channel).ListModels(gateway_pb2.ListModelsRequest(), timeout=10)
     assert {m.name for m in listed.models if m.available} >= set(MODELS)
     for model in MODELS:
-        request = generate_pb2.GenerateRequest(model=model, prompt="Hello",
-                                               sampling=generate_pb2.SamplingParams(max_tokens=2, ignore_eos=True))
+        request = generate_pb2.GenerateRequest(
+            model=model, prompt="Hello", sampling=generate_pb2.SamplingParams(max_tokens=2, ignore_eos=True)
+        )
         for call in (call_gateway, call_agent):
             code, responses = call(gateway_channel if call is call_gateway else agent_channel, request)
             assert code == grpc.StatusCode.OK and responses[-1].usage.completion_tokens == 2
@@ -422,11 +483,15 @@ def test_the_scheduler_answers_undecodable_registrations_invalid_argument(cluste
     with pytest.raises(DecodeError):
         scheduler_pb2.RegisterAgentRequest.FromString(bad)
     with grpc.insecure_channel(cluster.scheduler_address) as channel:
-        register = channel.unary_unary("/prism.v1.Scheduler/RegisterAgent", request_serializer=None,
-                                       response_deserializer=scheduler_pb2.RegisterAgentResponse.FromString)
+        register = channel.unary_unary(
+            "/prism.v1.Scheduler/RegisterAgent",
+            request_serializer=None,
+            response_deserializer=scheduler_pb2.RegisterAgentResponse.FromString,
+        )
         with pytest.raises(grpc.RpcError) as caught:
             register(bad, timeout=DEADLINE_S)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
-                                                           timeout=DEADLINE_S)
+        health = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=DEADLINE_S
+        )
         assert health.status == health_pb2.HealthCheckResponse.SERVING

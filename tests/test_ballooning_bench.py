@@ -11,8 +11,13 @@ from bench_scripts import load_bench_script
 
 def test_a_fleet_names_each_model_by_size_and_points_at_its_config(tmp_path):
     bench = load_bench_script("ballooning")
-    assert bench.gpu_models("8b=3,3b=2") == {"8b-0": "llama-3.1-8b", "8b-1": "llama-3.1-8b", "8b-2": "llama-3.1-8b",
-                                             "3b-0": "llama-3.2-3b", "3b-1": "llama-3.2-3b"}
+    assert bench.gpu_models("8b=3,3b=2") == {
+        "8b-0": "llama-3.1-8b",
+        "8b-1": "llama-3.1-8b",
+        "8b-2": "llama-3.1-8b",
+        "3b-0": "llama-3.2-3b",
+        "3b-1": "llama-3.2-3b",
+    }
     assert bench.gpu_models(None) == {"llama-1b": "llama-3.2-1b", "llama-3b": "llama-3.2-3b"}
     path, names = bench.write_config(tmp_path, "cuda", 1000.0, "8b=1,1b=1")
     config = json.loads(path.read_text())

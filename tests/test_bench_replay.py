@@ -16,16 +16,31 @@ MODELS = ["tiny-llama", "tiny-qwen2"]
 
 
 def test_bench_replays_a_trace_and_writes_its_results(cluster, tmp_path):
-    trace = bursty_group_trace(BurstyGroupParams(num_models=2, num_groups=2, shift_s=2, rate=8, duration_s=4,
-                                                 prompt_mean=20, prompt_std=5, output_mean=6, output_std=2,
-                                                 max_prompt=60, max_output=12, seed=2), MODELS)
+    trace = bursty_group_trace(
+        BurstyGroupParams(
+            num_models=2,
+            num_groups=2,
+            shift_s=2,
+            rate=8,
+            duration_s=4,
+            prompt_mean=20,
+            prompt_std=5,
+            output_mean=6,
+            output_std=2,
+            max_prompt=60,
+            max_output=12,
+            seed=2,
+        ),
+        MODELS,
+    )
     path = tmp_path / "trace.jsonl"
     trace.save(path)
     runner = CliRunner()
     for api_args in (["--url", cluster.http_url], ["--grpc", cluster.gateway_grpc]):
         out = tmp_path / "result.json"
-        done = runner.invoke(app, ["bench", str(path), *api_args, "--out", str(out), "--ttft-ms", "60000",
-                                   "--tpot-ms", "60000"])
+        done = runner.invoke(
+            app, ["bench", str(path), *api_args, "--out", str(out), "--ttft-ms", "60000", "--tpot-ms", "60000"]
+        )
         assert done.exit_code == 0, done.output
         result = json.loads(out.read_text())
         overall = result["overall"]

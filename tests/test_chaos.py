@@ -23,8 +23,17 @@ FAULTS = ["gateway", "engine"]
 @pytest.mark.timeout(600)
 def test_faults_under_load_lose_no_request():
     lines: list[str] = []
-    run = run_seed(0, FAULTS, rate=2.0, deadline_s=60.0, bound_s=60.0, gap_s=(2.0, 3.0), agents=1,
-                   cpu_memory_gb=1.0, log=lines.append)
+    run = run_seed(
+        0,
+        FAULTS,
+        rate=2.0,
+        deadline_s=60.0,
+        bound_s=60.0,
+        gap_s=(2.0, 3.0),
+        agents=1,
+        cpu_memory_gb=1.0,
+        log=lines.append,
+    )
     print("\n".join(lines))
     injections = run["injections"]
     assert [i["fault"] for i in injections] == FAULTS

@@ -105,14 +105,17 @@ class FlakyGatewayFake(gateway_pb2_grpc.GatewayServicer):
         yield generate_pb2.GenerateResponse(request_id="flaky", text="a", token_ids=[1])
         if self.fail_after_tokens:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "broke mid-stream")
-        yield generate_pb2.GenerateResponse(request_id="flaky", text="b", token_ids=[2],
-                                            finish_reason=generate_pb2.FINISH_REASON_STOP,
-                                            usage=generate_pb2.Usage(prompt_tokens=1, completion_tokens=2))
+        yield generate_pb2.GenerateResponse(
+            request_id="flaky",
+            text="b",
+            token_ids=[2],
+            finish_reason=generate_pb2.FINISH_REASON_STOP,
+            usage=generate_pb2.Usage(prompt_tokens=1, completion_tokens=2),
+        )
 
     async def ListModels(self, request, context):
         await self._maybe_fail(context)
-        return gateway_pb2.ListModelsResponse(models=[gateway_pb2.ModelInfo(name="m", available=True,
-                                                                             max_context=8)])
+        return gateway_pb2.ListModelsResponse(models=[gateway_pb2.ModelInfo(name="m", available=True, max_context=8)])
 
 
 @contextmanager
@@ -170,8 +173,17 @@ def test_prompt_request_leaves_unset_sampling_parameters_unset():
 
 
 def test_every_sampling_parameter_is_carried():
-    request = build_generate_request("m", "p", max_tokens=5, temperature=0.5, top_p=0.25, seed=-3,
-                                     stop=["a", "bc"], ignore_eos=True, request_id="req-1")
+    request = build_generate_request(
+        "m",
+        "p",
+        max_tokens=5,
+        temperature=0.5,
+        top_p=0.25,
+        seed=-3,
+        stop=["a", "bc"],
+        ignore_eos=True,
+        request_id="req-1",
+    )
     s = request.sampling
     assert (s.max_tokens, s.temperature, s.top_p, s.seed) == (5, 0.5, 0.25, -3)
     assert list(s.stop) == ["a", "bc"] and s.ignore_eos is True
@@ -202,33 +214,45 @@ def test_messages_become_a_chat_input():
     assert not request.chat.HasField("add_generation_prompt")  # the engine's default: true
 
 
-@pytest.mark.parametrize("kwargs", [
-    {},
-    {"prompt": "p", "messages": [{"role": "user", "content": "Hi"}]},
-], ids=["neither", "both"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"prompt": "p", "messages": [{"role": "user", "content": "Hi"}]},
+    ],
+    ids=["neither", "both"],
+)
 def test_exactly_one_of_prompt_and_messages(kwargs):
     with pytest.raises(ValueError, match="exactly one of prompt and messages"):
         build_generate_request("m", **kwargs)
 
 
-@pytest.mark.parametrize("messages", [
-    [],
-    [{"role": "user"}],
-    [{"role": "user", "content": "Hi", "name": "bob"}],
-    [{"role": "user", "content": 3}],
-    ["Hi"],
-    {"role": "user", "content": "Hi"},
-], ids=["empty", "no-content", "extra-key", "non-str-content", "not-a-dict", "not-a-list"])
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [],
+        [{"role": "user"}],
+        [{"role": "user", "content": "Hi", "name": "bob"}],
+        [{"role": "user", "content": 3}],
+        ["Hi"],
+        {"role": "user", "content": "Hi"},
+    ],
+    ids=["empty", "no-content", "extra-key", "non-str-content", "not-a-dict", "not-a-list"],
+)
 def test_malformed_messages_are_rejected(messages):
     with pytest.raises(ValueError):
         build_generate_request("m", messages=messages)
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"model": "", "prompt": "p"},
-    {"model": "m", "prompt": 5},
-    {"model": "m", "prompt": "p", "stop": ["a", 1]},
-], ids=["empty-model", "non-str-prompt", "non-str-stop"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"model": "", "prompt": "p"},
+        {"model": "m", "prompt": 5},
+        {"model": "m", "prompt": "p", "stop": ["a", 1]},
+    ],
+    ids=["empty-model", "non-str-prompt", "non-str-stop"],
+)
 def test_malformed_arguments_are_rejected(kwargs):
     with pytest.raises(ValueError):
         build_generate_request(**kwargs)
@@ -262,11 +286,13 @@ def test_chunk_without_finish_reason_has_no_usage():
     assert chunk == CompletionChunk(request_id="r", text="ab", token_ids=[1, 2], finish_reason=None, usage=None)
 
 
-@pytest.mark.parametrize("reason, name", [(generate_pb2.FINISH_REASON_STOP, "stop"),
-                                          (generate_pb2.FINISH_REASON_LENGTH, "length")])
+@pytest.mark.parametrize(
+    "reason, name", [(generate_pb2.FINISH_REASON_STOP, "stop"), (generate_pb2.FINISH_REASON_LENGTH, "length")]
+)
 def test_last_chunk_carries_finish_reason_and_usage(reason, name):
-    response = generate_pb2.GenerateResponse(request_id="r", text="", finish_reason=reason,
-                                             usage=generate_pb2.Usage(prompt_tokens=4, completion_tokens=2))
+    response = generate_pb2.GenerateResponse(
+        request_id="r", text="", finish_reason=reason, usage=generate_pb2.Usage(prompt_tokens=4, completion_tokens=2)
+    )
     chunk = chunk_from_response(response)
     assert chunk.finish_reason == name and chunk.usage == Usage(prompt_tokens=4, completion_tokens=2)
 
@@ -278,14 +304,19 @@ def test_chunks_join_into_a_completion():
         CompletionChunk("r", "", [], "length", Usage(prompt_tokens=5, completion_tokens=3)),
     ]
     assert completion_from_chunks(chunks) == Completion(
-        request_id="r", text="Hello", token_ids=[1, 2, 3], finish_reason="length", prompt_tokens=5, completion_tokens=3)
+        request_id="r", text="Hello", token_ids=[1, 2, 3], finish_reason="length", prompt_tokens=5, completion_tokens=3
+    )
 
 
-@pytest.mark.parametrize("chunks", [
-    [],
-    [CompletionChunk("r", "a", [1], None, None)],
-    [CompletionChunk("r", "a", [1], "stop", None)],
-], ids=["empty", "no-finish-reason", "no-usage"])
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [],
+        [CompletionChunk("r", "a", [1], None, None)],
+        [CompletionChunk("r", "a", [1], "stop", None)],
+    ],
+    ids=["empty", "no-finish-reason", "no-usage"],
+)
 def test_a_stream_that_breaks_the_contract_is_an_error(chunks):
     with pytest.raises(PrismError) as caught:
         completion_from_chunks(chunks, request_id="mine")
@@ -376,7 +407,7 @@ def test_retry_delays_back_off_exponentially_with_jitter_up_to_a_cap():
     from prism_client.client import RETRY_BASE_S, RETRY_CAP_S, retry_delays
 
     delays = retry_delays(7, random.Random(1))
-    ceilings = [min(RETRY_CAP_S, RETRY_BASE_S * 2 ** i) for i in range(7)]
+    ceilings = [min(RETRY_CAP_S, RETRY_BASE_S * 2**i) for i in range(7)]
     assert len(delays) == 7 and all(c / 2 <= d <= c for d, c in zip(delays, ceilings))
     assert ceilings[-1] == RETRY_CAP_S and retry_delays(0) == []
 
@@ -505,14 +536,18 @@ class TestAgainstLocalCluster:
         assert done.finish_reason == "length" == chunks[-1].finish_reason
         assert all(c.finish_reason is None and c.usage is None for c in chunks[:-1])
         # The same prompt a second time: part of it may come from the prefix cache, and its usage says so.
-        assert chunks[-1].usage == Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
-                                         cached_prompt_tokens=chunks[-1].usage.cached_prompt_tokens)
+        assert chunks[-1].usage == Usage(
+            prompt_tokens=done.prompt_tokens,
+            completion_tokens=done.completion_tokens,
+            cached_prompt_tokens=chunks[-1].usage.cached_prompt_tokens,
+        )
         assert done.request_id and all(c.request_id == chunks[0].request_id for c in chunks)
 
     def test_usage_counts_prompt_and_completion_tokens(self, client):
         short = client.generate("tiny-llama", "Hi", max_tokens=5, temperature=0.0, ignore_eos=True)
-        longer = client.generate("tiny-llama", "Hi there, how are you today?", max_tokens=5, temperature=0.0,
-                                 ignore_eos=True)
+        longer = client.generate(
+            "tiny-llama", "Hi there, how are you today?", max_tokens=5, temperature=0.0, ignore_eos=True
+        )
         assert 0 < short.prompt_tokens < longer.prompt_tokens
         assert short.completion_tokens == len(short.token_ids) == 5
 
@@ -527,8 +562,9 @@ class TestAgainstLocalCluster:
         # Whole 16-token blocks, never the prompt's last token (its logits give the first new one).
         assert 16 <= again.cached_prompt_tokens < again.prompt_tokens
         assert again.cached_prompt_tokens % 16 == 0
-        rest = httpx.post(f"{cluster.http_url}/v1/completions", timeout=60,
-                          json={"model": "tiny-qwen2", "prompt": prompt, **args}).json()
+        rest = httpx.post(
+            f"{cluster.http_url}/v1/completions", timeout=60, json={"model": "tiny-qwen2", "prompt": prompt, **args}
+        ).json()
         assert rest["usage"]["prompt_tokens_details"] == {"cached_tokens": again.cached_prompt_tokens}
         # Visible per model: the agent's status and the gateway's /metrics count the hits.
         from prism_client.v1 import agent_pb2, agent_pb2_grpc
@@ -540,8 +576,11 @@ class TestAgainstLocalCluster:
         assert engine.prefix_cache_queried_tokens >= 3 * again.prompt_tokens
         assert engine.kv_cached_bytes > 0
         metrics = httpx.get(f"{cluster.http_url}/metrics", timeout=30).text
-        hits = [line for line in metrics.splitlines()
-                if line.startswith("prism_agent_engine_prefix_cache_hit_tokens{") and 'model="tiny-qwen2"' in line]
+        hits = [
+            line
+            for line in metrics.splitlines()
+            if line.startswith("prism_agent_engine_prefix_cache_hit_tokens{") and 'model="tiny-qwen2"' in line
+        ]
         assert hits and float(hits[0].split()[-1]) >= 2 * again.cached_prompt_tokens, hits
 
     def test_max_tokens_ends_with_length(self, client):
@@ -549,26 +588,29 @@ class TestAgainstLocalCluster:
         assert done.finish_reason == "length" and done.completion_tokens == 3
 
     def test_stop_string_ends_with_stop_and_is_not_returned(self, client):
-        full = client.generate("tiny-llama", "Once upon a time", max_tokens=24, temperature=0.0,
-                               ignore_eos=True).text
+        full = client.generate("tiny-llama", "Once upon a time", max_tokens=24, temperature=0.0, ignore_eos=True).text
         # A bit of the middle of the greedy output: greedy decoding repeats the
         # output, so the second run must stop where that bit first appears.
         middle = len(full) // 2
-        stop = full[middle:middle + 3]
+        stop = full[middle : middle + 3]
         assert stop, f"too little text to pick a stop string from: {full!r}"
-        done = client.generate("tiny-llama", "Once upon a time", max_tokens=24, temperature=0.0, ignore_eos=True,
-                               stop=stop)
+        done = client.generate(
+            "tiny-llama", "Once upon a time", max_tokens=24, temperature=0.0, ignore_eos=True, stop=stop
+        )
         assert done.finish_reason == "stop"
-        assert done.text == full[:full.index(stop)]
+        assert done.text == full[: full.index(stop)]
 
     def test_seeded_sampling_is_reproducible(self, client):
         args = dict(max_tokens=8, temperature=1.0, seed=1234, ignore_eos=True)
-        assert client.generate("tiny-qwen2", "Hello", **args).token_ids == \
+        assert (
             client.generate("tiny-qwen2", "Hello", **args).token_ids
+            == client.generate("tiny-qwen2", "Hello", **args).token_ids
+        )
 
     def test_chat_messages(self, client):
-        done = client.generate("tiny-qwen2", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
-                               temperature=0.0, ignore_eos=True)
+        done = client.generate(
+            "tiny-qwen2", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0.0, ignore_eos=True
+        )
         assert done.completion_tokens == 4 and done.prompt_tokens > 1
 
     def test_unknown_model_is_model_not_found(self, client):
@@ -579,12 +621,16 @@ class TestAgainstLocalCluster:
         with pytest.raises(ModelNotFoundError):
             next(client.generate_stream("no-such-model", "Hello"))
 
-    @pytest.mark.parametrize("bad", [
-        {"max_tokens": 0},
-        {"max_tokens": -5},
-        {"temperature": -1.0},
-        {"top_p": 1.5},
-    ], ids=lambda bad: ",".join(f"{k}={v}" for k, v in bad.items()))
+    @pytest.mark.parametrize(
+        "bad",
+        [
+            {"max_tokens": 0},
+            {"max_tokens": -5},
+            {"temperature": -1.0},
+            {"top_p": 1.5},
+        ],
+        ids=lambda bad: ",".join(f"{k}={v}" for k, v in bad.items()),
+    )
     def test_invalid_parameters_are_invalid_requests(self, client, bad):
         with pytest.raises(InvalidRequestError) as caught:
             client.generate("tiny-llama", "Hello", **bad)
@@ -621,22 +667,36 @@ def test_the_sdk_alone_installs_in_a_fresh_venv_and_talks_to_the_cluster(cluster
     env_dir = tmp_path / "sdk-venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     python = env_dir / "bin" / "python"
-    install = subprocess.run([str(python), "-m", "pip", "install", "-q", str(root / "clients" / "python")],
-                             capture_output=True, text=True, timeout=600, env=clean)
+    install = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", str(root / "clients" / "python")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=clean,
+    )
     assert install.returncode == 0, install.stdout + install.stderr
-    installed = subprocess.run([str(python), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True,
-                               timeout=120, env=clean).stdout.lower()
+    installed = subprocess.run(
+        [str(python), "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True, timeout=120, env=clean
+    ).stdout.lower()
     assert "prism-client==" in installed and "grpcio==" in installed and "protobuf==" in installed
     assert "torch" not in installed and "prism-serving" not in installed
-    script = ("import json, sys, importlib.util\n"
-              "from prism_client import PrismClient\n"
-              "with PrismClient(sys.argv[1], timeout_s=120) as c:\n"
-              "    done = c.generate('tiny-llama', 'Hello there', max_tokens=6, temperature=0.0, ignore_eos=True)\n"
-              "    names = sorted(m.name for m in c.list_models())\n"
-              "print(json.dumps({'tokens': done.token_ids, 'names': names,\n"
-              "                  'services': importlib.util.find_spec('services') is not None}))\n")
-    run = subprocess.run([str(python), "-c", script, cluster.gateway_grpc], capture_output=True, text=True,
-                         timeout=300, cwd=tmp_path, env=clean)  # not the checkout: its folders must not import
+    script = (
+        "import json, sys, importlib.util\n"
+        "from prism_client import PrismClient\n"
+        "with PrismClient(sys.argv[1], timeout_s=120) as c:\n"
+        "    done = c.generate('tiny-llama', 'Hello there', max_tokens=6, temperature=0.0, ignore_eos=True)\n"
+        "    names = sorted(m.name for m in c.list_models())\n"
+        "print(json.dumps({'tokens': done.token_ids, 'names': names,\n"
+        "                  'services': importlib.util.find_spec('services') is not None}))\n"
+    )
+    run = subprocess.run(
+        [str(python), "-c", script, cluster.gateway_grpc],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=clean,
+    )  # not the checkout: its folders must not import
     assert run.returncode == 0, run.stdout + run.stderr
     out = json.loads(run.stdout)
     assert set(MODELS) <= set(out["names"]) and out["services"] is False
@@ -650,8 +710,10 @@ def test_the_sdk_imports_no_service_code():
     import subprocess
     import sys
 
-    code = ("import sys, prism_client; "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('services', 'torch', 'fastapi', 'aetcd')); "
-            "print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys, prism_client; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('services', 'torch', 'fastapi', 'aetcd')); "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stdout + run.stderr

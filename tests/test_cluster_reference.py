@@ -42,8 +42,11 @@ def test_sdk_greedy_tokens_equal_the_reference(sdk, references, model):
         expected = ref.greedy(tok.encode(prompt), NEW_TOKENS)
         done = sdk.generate(model, prompt, max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
         assert done.token_ids == expected, (model, prompt)
-        streamed = [t for c in sdk.generate_stream(model, prompt, max_tokens=NEW_TOKENS, temperature=0.0,
-                                                   ignore_eos=True) for t in c.token_ids]
+        streamed = [
+            t
+            for c in sdk.generate_stream(model, prompt, max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+            for t in c.token_ids
+        ]
         assert streamed == expected, (model, prompt)
 
 
@@ -52,8 +55,9 @@ def test_openai_greedy_text_equals_the_reference(oai, references, model):
     ref, tok = references[model]
     for prompt in PROMPTS:
         expected = tok.decode(ref.greedy(tok.encode(prompt), NEW_TOKENS))
-        done = oai.completions.create(model=model, prompt=prompt, max_tokens=NEW_TOKENS, temperature=0,
-                                      extra_body={"ignore_eos": True})
+        done = oai.completions.create(
+            model=model, prompt=prompt, max_tokens=NEW_TOKENS, temperature=0, extra_body={"ignore_eos": True}
+        )
         assert done.choices[0].text == expected, (model, prompt)
         assert done.usage.completion_tokens == NEW_TOKENS
 
@@ -62,6 +66,14 @@ def test_openai_chat_stream_equals_the_reference(oai, references):
     ref, tok = references["tiny-qwen2"]
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
     expected = tok.decode(ref.greedy(tok.encode_chat(messages), NEW_TOKENS))
-    chunks = list(oai.chat.completions.create(model="tiny-qwen2", messages=messages, max_tokens=NEW_TOKENS,
-                                              temperature=0, stream=True, extra_body={"ignore_eos": True}))
+    chunks = list(
+        oai.chat.completions.create(
+            model="tiny-qwen2",
+            messages=messages,
+            max_tokens=NEW_TOKENS,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+    )
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected

@@ -39,8 +39,11 @@ def scrape(cluster) -> dict[str, float]:
 def served(cluster) -> None:
     """A request for each model, so each has an arrival in its serving numbers."""
     for model in MODELS:
-        response = httpx.post(cluster.http_url + "/v1/completions", timeout=60, json={
-            "model": model, "prompt": "Hello", "max_tokens": 3, "temperature": 0, "ignore_eos": True})
+        response = httpx.post(
+            cluster.http_url + "/v1/completions",
+            timeout=60,
+            json={"model": model, "prompt": "Hello", "max_tokens": 3, "temperature": 0, "ignore_eos": True},
+        )
         assert response.status_code == 200, response.text
 
 
@@ -57,8 +60,13 @@ def test_metrics_expose_the_agents_gauges_for_loaded_models(cluster, served):
         engine = f'agent="{agent}",gpu="0",model="{model}"'
         assert samples[f'prism_agent_engine_state{{{engine},state="active"}}'] == 1
         # How it serves: the CPU's page pool, torch attention, no CUDA graphs (never a silent path).
-        assert samples[f'prism_agent_engine_serving_path{{agent="{agent}",attention="torch",cuda_graphs="off",'
-                       f'gpu="0",kv_pool="pages",model="{model}"}}'] == 1  # (the exposition sorts labels)
+        assert (
+            samples[
+                f'prism_agent_engine_serving_path{{agent="{agent}",attention="torch",cuda_graphs="off",'
+                f'gpu="0",kv_pool="pages",model="{model}"}}'
+            ]
+            == 1
+        )  # (the exposition sorts labels)
         assert samples[f"prism_agent_engine_weight_bytes{{{engine}}}"] > 0
         assert samples[f"prism_agent_engine_kv_limit_bytes{{{engine}}}"] > 0
         assert samples[f"prism_agent_model_arrival_rate{{{engine}}}"] > 0
@@ -70,8 +78,9 @@ def test_metrics_expose_the_agents_gauges_for_loaded_models(cluster, served):
 
 
 def run_cli(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "prism.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "prism.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -81,11 +90,11 @@ def test_status_shows_the_memory_split_and_model_numbers(cluster, served):
     # The local cluster's one replica, named "scheduler" (its --scheduler-id), leads.
     assert f"scheduler: scheduler at {cluster.scheduler_address} leads" in out
     assert re.search(r"leads; \d+ plan\(s\) by scheduler, the last [\d.]+ s ago", out), out.splitlines()[0]
-    gpus = out[out.index("gpus:"):out.index("models:")]
+    gpus = out[out.index("gpus:") : out.index("models:")]
     assert re.search(r"gpu 0 \(cpu, 2\.0 GB\)\s+\[#*[AB.#r]+\]", gpus), gpus
     for model in MODELS:
         assert re.search(rf"[AB] {model}\s+active\s+weights", gpus), gpus
-    models = out[out.index("models:"):]
+    models = out[out.index("models:") :]
     assert "TTFT p50/p99 ms" in models
     for model in MODELS:
         line = next(line for line in models.splitlines() if line.strip().startswith(model))
@@ -98,7 +107,7 @@ def test_status_shows_the_memory_split_and_model_numbers(cluster, served):
         assert re.search(r" (\d+%/[\d.]+[KMG]?B|-) +[\d.]+ [KMG]?B/", line), line
     # The step costs the scheduler prices compute with: on a CPU cluster, the constants (no CPU steps
     # are fitted in unless the scheduler is told --step-costs-from all).
-    costs = out[out.index("step costs"):]
+    costs = out[out.index("step costs") :]
     assert "decode ms" in costs and "GB/s" in costs, costs
     assert costs.count("profile") == 2 and "measured" not in costs, costs
 
@@ -125,9 +134,17 @@ def test_status_json_carries_each_agents_status(cluster, served):
 
 
 def test_memory_bar_keeps_small_parts_visible_and_its_width():
-    gpu = agent_pb2.GpuMemory(gpu_id=0, total_bytes=1000, weight_bytes=400, reserve_bytes=0, kv_budget_bytes=600,
-                              engines=[agent_pb2.EngineMemory(model="a", kv_limit_bytes=200),
-                                       agent_pb2.EngineMemory(model="b", kv_limit_bytes=1)])
+    gpu = agent_pb2.GpuMemory(
+        gpu_id=0,
+        total_bytes=1000,
+        weight_bytes=400,
+        reserve_bytes=0,
+        kv_budget_bytes=600,
+        engines=[
+            agent_pb2.EngineMemory(model="a", kv_limit_bytes=200),
+            agent_pb2.EngineMemory(model="b", kv_limit_bytes=1),
+        ],
+    )
     assert memory_bar(gpu, width=10) == "[####AAB...]"
     full = agent_pb2.GpuMemory(total_bytes=10, weight_bytes=9, engines=[agent_pb2.EngineMemory(kv_limit_bytes=9)])
     assert memory_bar(full, width=10) == "[#########A]"  # over-full (rounding) is cut to the width
@@ -142,9 +159,14 @@ def test_an_agent_without_status_is_shown_not_skipped():
 
 
 def test_top_refreshes_until_ctrl_c(cluster):
-    proc = subprocess.Popen([sys.executable, "-m", "prism.cli", "top", "--etcd", cluster.etcd_endpoint,
-                             "--interval", "0.2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=_ctrl_c_works)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prism.cli", "top", "--etcd", cluster.etcd_endpoint, "--interval", "0.2"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_ctrl_c_works,
+    )
     try:
         frames = 0
         while frames < 2:  # a second frame: it refreshes

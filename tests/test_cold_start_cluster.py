@@ -19,8 +19,9 @@ import pytest
 from test_gateway_support import EtcdWriter
 
 from prism.cluster import LocalCluster
-from tests.prism_clusters import prism_cluster as start_prism_cluster, until
 from services.common import records
+from tests.prism_clusters import prism_cluster as start_prism_cluster
+from tests.prism_clusters import until
 from tests.prometheus_text import metric_values
 
 GUARD_S = 60.0  # hang guard: the agent restarts and loads both models well within it
@@ -50,9 +51,19 @@ def test_a_request_for_a_model_served_nowhere_waits_and_the_scheduler_brings_it_
 
     def request() -> None:
         sent = time.monotonic()
-        with httpx.stream("POST", cluster.http_url + "/v1/completions", timeout=GUARD_S, json={
-                "model": "tiny-llama", "prompt": "Hello", "max_tokens": 4, "temperature": 0,
-                "ignore_eos": True, "stream": True}) as response:
+        with httpx.stream(
+            "POST",
+            cluster.http_url + "/v1/completions",
+            timeout=GUARD_S,
+            json={
+                "model": "tiny-llama",
+                "prompt": "Hello",
+                "max_tokens": 4,
+                "temperature": 0,
+                "ignore_eos": True,
+                "stream": True,
+            },
+        ) as response:
             outcome["status"] = response.status_code
             lines = []
             for line in response.iter_lines():

@@ -50,26 +50,46 @@ def test_a_profile_that_is_not_one_is_refused_with_what_it_lacks(tmp_path):
     with pytest.raises(ValueError, match="not a latency profile"):
         compute_costs_from_profile({"points": [{"weight_bytes": 1}]})
     with pytest.raises(ValueError, match="must not be negative"):
-        compute_costs_from_profile({"attention_bytes_per_s": 1e12, "points": [{
-            "weight_bytes": 1, "decode_base_s": -1e-3, "decode_per_seq_s": 0, "prefill_base_s": 0,
-            "prefill_per_token_s": 0}]})
+        compute_costs_from_profile(
+            {
+                "attention_bytes_per_s": 1e12,
+                "points": [
+                    {
+                        "weight_bytes": 1,
+                        "decode_base_s": -1e-3,
+                        "decode_per_seq_s": 0,
+                        "prefill_base_s": 0,
+                        "prefill_per_token_s": 0,
+                    }
+                ],
+            }
+        )
     bad = tmp_path / "costs.json"
     bad.write_text("{}")
     with pytest.raises(SystemExit):
         parse_args(["--config", "x.json", "--compute-costs", str(bad)])
-    assert parse_args(["--config", "x.json", "--compute-costs",
-                       str(ROOT / "bench/results/sim-profile-h100.json")]).compute.points[0].weight_bytes == 2_471_628_800
+    assert (
+        parse_args(["--config", "x.json", "--compute-costs", str(ROOT / "bench/results/sim-profile-h100.json")])
+        .compute.points[0]
+        .weight_bytes
+        == 2_471_628_800
+    )
 
 
 def test_the_placement_loop_prices_compute_as_its_agents_cards():
     config = pc.parse([{"model_name": "a", "model_path": "/m/a", "init_placements": [{"gpu_ids": [0]}]}])
 
     def agent(name: str, kind: str = "cuda") -> records.AgentRecord:
-        return records.AgentRecord(agent_id=name, address="127.0.0.1:1", started_at=0.0, devices=[
-            vars(records.DeviceRecord(0, kind, f"NVIDIA {name}" if kind == "cuda" else "cpu", 80 << 30))])
+        return records.AgentRecord(
+            agent_id=name,
+            address="127.0.0.1:1",
+            started_at=0.0,
+            devices=[vars(records.DeviceRecord(0, kind, f"NVIDIA {name}" if kind == "cuda" else "cpu", 80 << 30))],
+        )
 
-    loop = PlacementLoop(config, None, "prism", SchedulerService(asyncio.Event()), asyncio.Event(), 1.0, 1.0,
-                         compute_from_devices=True)
+    loop = PlacementLoop(
+        config, None, "prism", SchedulerService(asyncio.Event()), asyncio.Event(), 1.0, 1.0, compute_from_devices=True
+    )
     loop._price_compute_for({"x": agent("H100")}, [])
     assert loop.params.compute is H100_COMPUTE_COSTS
     loop._price_compute_for({"x": agent("H200")}, [])
@@ -89,8 +109,12 @@ def test_the_placement_loop_counts_prefill_steps_with_its_devices_step_budget():
     config = pc.parse([{"model_name": "a", "model_path": "/m/a", "init_placements": [{"gpu_ids": [0]}]}])
 
     def agent(kind: str) -> records.AgentRecord:
-        return records.AgentRecord(agent_id="x", address="127.0.0.1:1", started_at=0.0, devices=[
-            vars(records.DeviceRecord(0, kind, "NVIDIA H200" if kind == "cuda" else "cpu", 80 << 30))])
+        return records.AgentRecord(
+            agent_id="x",
+            address="127.0.0.1:1",
+            started_at=0.0,
+            devices=[vars(records.DeviceRecord(0, kind, "NVIDIA H200" if kind == "cuda" else "cpu", 80 << 30))],
+        )
 
     loop = PlacementLoop(config, None, "prism", SchedulerService(asyncio.Event()), asyncio.Event(), 1.0, 1.0)
     assert loop.params.step_tokens == DEFAULT_STEP_TOKENS
@@ -100,9 +124,17 @@ def test_the_placement_loop_counts_prefill_steps_with_its_devices_step_budget():
     assert loop.params.step_tokens == DEFAULT_STEP_TOKENS
 
     model = config.models[0]
-    snapshot = ClusterSnapshot(models=(model,), agents=(), weight_bytes={"a": 6_425_499_648},
-                               demand={"a": ModelDemand(arrival_rate=45.0, busy_fraction=1.0, running=100,
-                                                        mean_prompt_tokens=512, mean_output_tokens=128)})
-    cpu_budget, cuda_budget = (compute_load(snapshot, model, PolicyParams(step_tokens=n))
-                               for n in (DEFAULT_STEP_TOKENS, CUDA_STEP_TOKENS))
+    snapshot = ClusterSnapshot(
+        models=(model,),
+        agents=(),
+        weight_bytes={"a": 6_425_499_648},
+        demand={
+            "a": ModelDemand(
+                arrival_rate=45.0, busy_fraction=1.0, running=100, mean_prompt_tokens=512, mean_output_tokens=128
+            )
+        },
+    )
+    cpu_budget, cuda_budget = (
+        compute_load(snapshot, model, PolicyParams(step_tokens=n)) for n in (DEFAULT_STEP_TOKENS, CUDA_STEP_TOKENS)
+    )
     assert cuda_budget < 0.8 * cpu_budget

@@ -14,10 +14,10 @@ import torch
 
 from prism.tiny_models import write_tiny_model
 from services.gpu_agent.engine import Engine, GenerationRequest
-from services.gpu_agent.engine.model_runner import WARMUP_NEW_TOKENS, WARMUP_PROMPT_TOKENS
-from services.gpu_agent.engine.kv_pool import KVGeometry, PagePool
-from services.gpu_agent.engine.sampling import SamplingParams
 from services.gpu_agent.engine.batch_scheduler import BatchScheduler
+from services.gpu_agent.engine.kv_pool import KVGeometry, PagePool
+from services.gpu_agent.engine.model_runner import WARMUP_NEW_TOKENS, WARMUP_PROMPT_TOKENS
+from services.gpu_agent.engine.sampling import SamplingParams
 from services.gpu_agent.engine.sequence import Sequence
 from tests.engine_watch import gather_watching_running
 from tests.reference_llama import ReferenceLlama
@@ -30,8 +30,17 @@ SLOT = 128  # bytes of one token in one buffer: a page of SLOT bytes holds one t
 
 
 def seq(name: str, prompt_len: int) -> Sequence:
-    return Sequence(request_id=name, prompt_ids=[1] * prompt_len, max_tokens=100, sampling=SamplingParams(0.0),
-                    stop=[], ignore_eos=True, detokenizer=None, generator=None, deliver=lambda out: True)
+    return Sequence(
+        request_id=name,
+        prompt_ids=[1] * prompt_len,
+        max_tokens=100,
+        sampling=SamplingParams(0.0),
+        stop=[],
+        ignore_eos=True,
+        detokenizer=None,
+        generator=None,
+        deliver=lambda out: True,
+    )
 
 
 def scheduler(limit_tokens: int, step_tokens: int = 64, page_tokens: int = 1) -> BatchScheduler:
@@ -149,8 +158,16 @@ def test_removal_frees_everything():
 
 # ---- the engine -------------------------------------------------------------------
 
-PROMPTS = ["Hello world", "The cache of the model is", "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20",
-           "a", "café 🙂 naïve 日本語", "Once upon a time there was a model that", "x y z", "tokens " * 12]
+PROMPTS = [
+    "Hello world",
+    "The cache of the model is",
+    "1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20",
+    "a",
+    "café 🙂 naïve 日本語",
+    "Once upon a time there was a model that",
+    "x y z",
+    "tokens " * 12,
+]
 
 
 @pytest.fixture(scope="module")
@@ -164,8 +181,9 @@ def reference(model_dir):
 
 
 def greedy(prompt: str, max_tokens: int, request_id: str) -> GenerationRequest:
-    return GenerationRequest(request_id=request_id, prompt=prompt, max_tokens=max_tokens, temperature=0.0,
-                             ignore_eos=True)
+    return GenerationRequest(
+        request_id=request_id, prompt=prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True
+    )
 
 
 async def tokens_of(engine: Engine, req: GenerationRequest) -> list[int]:
@@ -177,8 +195,13 @@ async def wait_idle(engine: Engine, timeout: float = 5.0) -> None:
     while asyncio.get_running_loop().time() < deadline:
         s = engine.stats()
         # Nothing held for requests; what stays mapped is the prefix cache's (given back on demand).
-        if s.kv_used_bytes == 0 and s.kv_held_bytes == 0 and s.running_requests == 0 and s.queued_requests == 0 \
-                and (s.kv_mapped_bytes == 0 or s.kv_cached_bytes > 0):
+        if (
+            s.kv_used_bytes == 0
+            and s.kv_held_bytes == 0
+            and s.running_requests == 0
+            and s.queued_requests == 0
+            and (s.kv_mapped_bytes == 0 or s.kv_cached_bytes > 0)
+        ):
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"engine not idle: {engine.stats()}")

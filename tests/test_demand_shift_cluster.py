@@ -35,10 +35,18 @@ def shifting(tmp_path_factory):
         models.append({"model_name": name, "model_path": str(path), "init_placements": [{"gpu_ids": [0]}]})
     config = state / "models.json"
     config.write_text(json.dumps({"policy": "prism", "models": models}))
-    cluster = LocalCluster(state_dir=state, config_path=config, http_port=free_port(), grpc_port=free_port(),
-                           device="cpu", cpu_memory_gb=1.0, engine_isolation="inline", agents=2,
-                           agent_args=("--stats-window-s", "3", "--busy-window-s", "2"),
-                           scheduler_args=("--replan-interval-s", "0.5", "--min-kv-fraction", "0.6"))
+    cluster = LocalCluster(
+        state_dir=state,
+        config_path=config,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        device="cpu",
+        cpu_memory_gb=1.0,
+        engine_isolation="inline",
+        agents=2,
+        agent_args=("--stats-window-s", "3", "--busy-window-s", "2"),
+        scheduler_args=("--replan-interval-s", "0.5", "--min-kv-fraction", "0.6"),
+    )
     cluster.start()
     yield cluster
     cluster.stop()
@@ -69,8 +77,10 @@ class Load:
         with httpx.Client(base_url=self.cluster.http_url, timeout=GUARD_S) as client:
             while not self.stop.is_set():
                 for model in self.models:
-                    r = client.post("/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 2,
-                                                             "temperature": 0, "ignore_eos": True})
+                    r = client.post(
+                        "/v1/completions",
+                        json={"model": model, "prompt": "Hi", "max_tokens": 2, "temperature": 0, "ignore_eos": True},
+                    )
                     if r.status_code != 200:
                         self.failures.append(f"{model}: {r.status_code} {r.text[:200]}")
                 time.sleep(0.1)
@@ -97,8 +107,8 @@ def wait_until(cluster: LocalCluster, check, what: str) -> dict[str, set[str]]:
 def spread_and_alone(group: tuple[str, ...], others: tuple[str, ...]):
     def check(where: dict[str, set[str]]) -> bool:
         placed = [where.get(m, set()) for m in group]
-        return (all(len(p) == 1 for p in placed) and placed[0] != placed[1]
-                and not any(where.get(m) for m in others))
+        return all(len(p) == 1 for p in placed) and placed[0] != placed[1] and not any(where.get(m) for m in others)
+
     return check
 
 

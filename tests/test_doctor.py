@@ -25,9 +25,19 @@ def by_name(checks):
 
 
 def gpu_host(**changes) -> HostFacts:
-    facts = HostFacts(python=(3, 12, 3), torch_version="2.11.0+cu130", torch_cuda="13.0", gpus=[H100],
-                      nvidia_smi_gpus=1, driver="580.65", kvcached_version="0.1.6", kvcached_map="ok",
-                      sglang_version="0.5.17", shm_free_bytes=64 << 30, pinned_gbps=49.1)
+    facts = HostFacts(
+        python=(3, 12, 3),
+        torch_version="2.11.0+cu130",
+        torch_cuda="13.0",
+        gpus=[H100],
+        nvidia_smi_gpus=1,
+        driver="580.65",
+        kvcached_version="0.1.6",
+        kvcached_map="ok",
+        sglang_version="0.5.17",
+        shm_free_bytes=64 << 30,
+        pinned_gbps=49.1,
+    )
     for key, value in changes.items():
         setattr(facts, key, value)
     return facts
@@ -37,7 +47,14 @@ def test_a_cpu_host_is_ready_and_skips_the_gpu_checks():
     facts = HostFacts(python=(3, 11, 7), torch_version="2.13.0+cpu", shm_free_bytes=8 << 30)
     checks = by_name(verdicts(facts, "auto", weight_bytes=1 << 30))
     assert {n: c.status for n, c in checks.items()} == {
-        "python": OK, "torch": OK, "gpus": SKIP, "kvcached": SKIP, "sglang": SKIP, "/dev/shm": OK, "pinned": SKIP}
+        "python": OK,
+        "torch": OK,
+        "gpus": SKIP,
+        "kvcached": SKIP,
+        "sglang": SKIP,
+        "/dev/shm": OK,
+        "pinned": SKIP,
+    }
     assert "CPU build" in checks["torch"].detail
 
 
@@ -66,8 +83,7 @@ def test_what_a_gpu_host_can_lack():
     sglang = by_name(verdicts(gpu_host(sglang_version="0.5.20"), "cuda"))["sglang"]
     assert sglang.status == WARN and "0.5.17" in sglang.fix
     # /dev/shm smaller than the weights that would be shared; a slow link; an old Python.
-    assert by_name(verdicts(gpu_host(shm_free_bytes=1 << 30), "cuda", weight_bytes=16 << 30))["/dev/shm"].status \
-        == WARN
+    assert by_name(verdicts(gpu_host(shm_free_bytes=1 << 30), "cuda", weight_bytes=16 << 30))["/dev/shm"].status == WARN
     assert by_name(verdicts(gpu_host(pinned_gbps=3.2), "cuda"))["pinned"].status == WARN
     assert by_name(verdicts(gpu_host(python=(3, 10, 12)), "cuda"))["python"].status == FAIL
 
@@ -82,13 +98,25 @@ def test_the_cluster_checks(tmp_path):
 
     model = write_tiny_model(tmp_path / "tiny")
     good = tmp_path / "good.json"
-    good.write_text(json.dumps([{"model_name": "tiny", "model_path": str(model),
-                                 "init_placements": [{"gpu_ids": [0], "on": True}]}]))
+    good.write_text(
+        json.dumps(
+            [{"model_name": "tiny", "model_path": str(model), "init_placements": [{"gpu_ids": [0], "on": True}]}]
+        )
+    )
     [check], weights = config_checks(good)
     assert check.status == OK and weights > 0
     missing = tmp_path / "missing.json"
-    missing.write_text(json.dumps([{"model_name": "gone", "model_path": str(tmp_path / "nowhere"),
-                                    "init_placements": [{"gpu_ids": [0], "on": True}]}]))
+    missing.write_text(
+        json.dumps(
+            [
+                {
+                    "model_name": "gone",
+                    "model_path": str(tmp_path / "nowhere"),
+                    "init_placements": [{"gpu_ids": [0], "on": True}],
+                }
+            ]
+        )
+    )
     [check], _ = config_checks(missing)
     assert check.status == FAIL and "gone" in check.detail
     bad = tmp_path / "bad.json"
@@ -108,8 +136,13 @@ def test_the_cluster_checks(tmp_path):
 
 
 def test_prism_doctor_on_this_host(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "prism.cli", "doctor", "--quick", "--http-port", "0", "--grpc-port",
-                          "0"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "prism.cli", "doctor", "--quick", "--http-port", "0", "--grpc-port", "0"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     lines = run.stdout.splitlines()
     assert lines[-1].startswith("ready to serve")
@@ -118,7 +151,12 @@ def test_prism_doctor_on_this_host(tmp_path):
         held.bind(("127.0.0.1", 0))
         held.listen()
         port = held.getsockname()[1]
-        run = subprocess.run([sys.executable, "-m", "prism.cli", "doctor", "--quick", "--http-port", str(port),
-                              "--grpc-port", "0"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        run = subprocess.run(
+            [sys.executable, "-m", "prism.cli", "doctor", "--quick", "--http-port", str(port), "--grpc-port", "0"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+        )
     assert run.returncode == 1 and f"FAIL  port {port}" in run.stdout
     assert "block serving here: port" in run.stdout

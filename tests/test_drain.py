@@ -15,8 +15,8 @@ import time
 
 import grpc
 import pytest
-
 from in_process_agent import InProcessAgent
+
 from prism.simulator.cluster import SimCluster
 from prism.simulator.engine import SimRequest
 from prism.simulator.models import sim_model
@@ -70,9 +70,15 @@ class Agent(InProcessAgent):
         return self.admission.queued("m")
 
     def stream(self, i: int, max_tokens: int):
-        return self.stub.Generate(generate_pb2.GenerateRequest(
-            request_id=f"d{i}", model="m", prompt=f"Hello number {i}",
-            sampling=generate_pb2.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)), timeout=120)
+        return self.stub.Generate(
+            generate_pb2.GenerateRequest(
+                request_id=f"d{i}",
+                model="m",
+                prompt=f"Hello number {i}",
+                sampling=generate_pb2.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
+            ),
+            timeout=120,
+        )
 
 
 async def read_all(call) -> tuple[int, int]:
@@ -133,8 +139,10 @@ async def test_a_load_of_the_draining_model_cancels_its_drain(model_path):
         await call.read()
         status = await agent.stub.UnloadModel(agent_pb2.ModelRequest(model="m"), timeout=10)
         assert status.state == agent_pb2.ENGINE_STATE_DRAINING
-        status = await agent.stub.LoadModel(agent_pb2.LoadModelRequest(
-            spec=agent_pb2.ModelSpec(name="m", path=model_path), gpu_ids=[0], activate=True), timeout=30)
+        status = await agent.stub.LoadModel(
+            agent_pb2.LoadModelRequest(spec=agent_pb2.ModelSpec(name="m", path=model_path), gpu_ids=[0], activate=True),
+            timeout=30,
+        )
         assert status.state == agent_pb2.ENGINE_STATE_ACTIVE
         managed = agent.manager.engines["m"]
         tasks = asyncio.all_tasks()  # a drain task left running would unload it once the call ends
@@ -197,7 +205,8 @@ async def until_routed(router: Router, addresses: list[str], timeout_s: float = 
 
 
 async def test_requests_queued_at_a_draining_engine_go_back_through_the_gateway_to_the_new_replica(
-        model_path, etcd_server, caplog):
+    model_path, etcd_server, caplog
+):
     """Two real agents and the gateway's router and relay over a real etcd: m moves from `old` to `new` while
     `old` has requests running and more waiting in its admission queue (its KV budget capped to one page
     bundle). The running ones finish on `old`; the waiting ones are sent back unstarted and the relay gives
@@ -214,9 +223,14 @@ async def test_requests_queued_at_a_draining_engine_go_back_through_the_gateway_
             relay = Relay(router, timeout_s=120)
 
             async def one(i: int) -> tuple[str, int]:
-                stream = await relay.open(generate_pb2.GenerateRequest(
-                    request_id=f"q{i}", model="m", prompt="hello " * 90,
-                    sampling=generate_pb2.SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)))
+                stream = await relay.open(
+                    generate_pb2.GenerateRequest(
+                        request_id=f"q{i}",
+                        model="m",
+                        prompt="hello " * 90,
+                        sampling=generate_pb2.SamplingParams(max_tokens=100, temperature=0, ignore_eos=True),
+                    )
+                )
                 last = None
                 async for response in stream:
                     last = response
@@ -257,12 +271,16 @@ class StaleRecordAgent(Agent):
 
 
 async def test_a_request_routed_to_an_agent_that_just_unloaded_the_model_goes_to_another_replica(
-        model_path, etcd_server):
+    model_path, etcd_server
+):
     """The gateway's routing still lists a replica whose agent has unloaded the model (shed, moved): that
     agent answers NOT_FOUND, and the relay routes the request again, to the live replica, instead of telling
     the client the model does not exist; with no other replica the client gets 503, not 404."""
     async with routed(etcd_server) as (etcd, router):
-        async with StaleRecordAgent(model_path, 60, etcd, "stale") as stale, Agent(model_path, 60, etcd, "live") as live:
+        async with (
+            StaleRecordAgent(model_path, 60, etcd, "stale") as stale,
+            Agent(model_path, 60, etcd, "live") as live,
+        ):
             await place(etcd, model_path, ["stale", "live"], revision=1)
             await asyncio.wait_for(router.wait_ready(), 10)
             await until_routed(router, [stale.address, live.address])
@@ -274,8 +292,11 @@ async def test_a_request_routed_to_an_agent_that_just_unloaded_the_model_goes_to
 
             def request(i: int) -> generate_pb2.GenerateRequest:
                 return generate_pb2.GenerateRequest(
-                    request_id=f"s{i}", model="m", prompt="hello",
-                    sampling=generate_pb2.SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+                    request_id=f"s{i}",
+                    model="m",
+                    prompt="hello",
+                    sampling=generate_pb2.SamplingParams(max_tokens=5, temperature=0, ignore_eos=True),
+                )
 
             for i in range(4):  # round robin over the two: half of them try the stale one first
                 stream = await relay.open(request(i))
@@ -295,21 +316,27 @@ async def test_a_request_routed_to_an_agent_that_just_unloaded_the_model_goes_to
 
 
 def test_plan_does_not_unload_a_draining_engine_again_and_loads_one_wanted_back():
-    engines = {("a1", "m"): EngineRecord("a1", "m", "draining", [0]),
-               ("a2", "m"): EngineRecord("a2", "m", "active", [0]),
-               ("a1", "n"): EngineRecord("a1", "n", "draining", [0])}
+    engines = {
+        ("a1", "m"): EngineRecord("a1", "m", "draining", [0]),
+        ("a2", "m"): EngineRecord("a2", "m", "active", [0]),
+        ("a1", "n"): EngineRecord("a1", "n", "draining", [0]),
+    }
     target = {"m": [ReplicaTarget("a2", (0,), True)], "n": [ReplicaTarget("a1", (0,), True)]}
     assert plan_actions(target, engines, {"a1", "a2"}) == [Action("load", "a1", "n", (0,))]
     assert current_placement(engines) == {"m": [ReplicaTarget("a2", (0,), True)]}
 
 
 def test_plan_drains_a_replica_of_a_model_placed_elsewhere_and_drops_an_unplaced_model_at_once():
-    engines = {("a1", "m"): EngineRecord("a1", "m", "active", [0]),
-               ("a2", "m"): EngineRecord("a2", "m", "active", [0]),
-               ("a1", "gone"): EngineRecord("a1", "gone", "active", [0])}
+    engines = {
+        ("a1", "m"): EngineRecord("a1", "m", "active", [0]),
+        ("a2", "m"): EngineRecord("a2", "m", "active", [0]),
+        ("a1", "gone"): EngineRecord("a1", "gone", "active", [0]),
+    }
     target = {"m": [ReplicaTarget("a2", (0,), True)], "gone": []}
-    assert plan_actions(target, engines, {"a1", "a2"}) == [Action("unload", "a1", "gone", drain=False),
-                                                           Action("unload", "a1", "m", drain=True)]
+    assert plan_actions(target, engines, {"a1", "a2"}) == [
+        Action("unload", "a1", "gone", drain=False),
+        Action("unload", "a1", "m", drain=True),
+    ]
 
 
 # ---- the gateway's router ------------------------------------------------------------------
@@ -364,10 +391,18 @@ def sim_move(drain_timeout_s: float, output_tokens: int):
     """Model m on agent-1's GPU with 6 requests streaming; then moved to agent-2 as the scheduler does it (the
     placement first, then the load there and the unload here); 4 more requests arrive while agent-2 loads."""
     loop = EventLoop()
-    config = parse([{"model_name": "m", "model_path": "bench/configs/llama-3.2-1b",
-                     "init_placements": [{"gpu_ids": [0]}]}]).models[0]
-    cluster = SimCluster(loop, LatencyProfile.load(DEFAULT_PROFILE), {"m": sim_model(config)}, num_gpus=2,
-                         gpus_per_agent=1, gpu_memory_bytes=80 * GB, drain_timeout_s=drain_timeout_s)
+    config = parse(
+        [{"model_name": "m", "model_path": "bench/configs/llama-3.2-1b", "init_placements": [{"gpu_ids": [0]}]}]
+    ).models[0]
+    cluster = SimCluster(
+        loop,
+        LatencyProfile.load(DEFAULT_PROFILE),
+        {"m": sim_model(config)},
+        num_gpus=2,
+        gpus_per_agent=1,
+        gpu_memory_bytes=80 * GB,
+        drain_timeout_s=drain_timeout_s,
+    )
     done: list[SimRequest] = []
     cluster.on_done = done.append
     cluster.set_placement({"m": [ReplicaTarget("agent-1", (0,), True)]})

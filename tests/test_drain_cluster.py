@@ -29,8 +29,12 @@ GUARD_S = 120
 
 
 def write_config(cluster_state, path: str, replicas: int):
-    config = {"policy": "static", "models": [{"model_name": MODEL, "model_path": path,
-                                              "init_placements": [{"gpu_ids": [0], "on": True}] * replicas}]}
+    config = {
+        "policy": "static",
+        "models": [
+            {"model_name": MODEL, "model_path": path, "init_placements": [{"gpu_ids": [0], "on": True}] * replicas}
+        ],
+    }
     (cluster_state / "models.json").write_text(json.dumps(config))
     return cluster_state / "models.json"
 
@@ -39,9 +43,17 @@ def write_config(cluster_state, path: str, replicas: int):
 def cluster(tmp_path_factory):
     state = tmp_path_factory.mktemp("drain-cluster")
     path = str(ensure_default_models(state / "models")[MODEL])
-    cluster = LocalCluster(state_dir=state, config_path=write_config(state, path, replicas=2), http_port=free_port(),
-                           grpc_port=free_port(), device="cpu", cpu_memory_gb=1.0, engine_isolation="inline",
-                           agents=2, scheduler_args=("--replan-interval-s", "0.5"))
+    cluster = LocalCluster(
+        state_dir=state,
+        config_path=write_config(state, path, replicas=2),
+        http_port=free_port(),
+        grpc_port=free_port(),
+        device="cpu",
+        cpu_memory_gb=1.0,
+        engine_isolation="inline",
+        agents=2,
+        scheduler_args=("--replan-interval-s", "0.5"),
+    )
     cluster.start()
     cluster.model_path = path
     yield cluster
@@ -72,8 +84,15 @@ class Streamers:
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(STREAMERS)]
 
     def _one(self, client: httpx.Client, i: int) -> None:
-        body = {"model": MODEL, "prompt": f"Stream {i}", "max_tokens": TOKENS, "temperature": 0, "ignore_eos": True,
-                "stream": True, "stream_options": {"include_usage": True}}
+        body = {
+            "model": MODEL,
+            "prompt": f"Stream {i}",
+            "max_tokens": TOKENS,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         finish, usage, done = None, None, False
         with client.stream("POST", "/v1/completions", json=body) as response:
             if response.status_code != 200:
@@ -81,15 +100,14 @@ class Streamers:
             for line in response.iter_lines():
                 if not line.startswith("data: "):
                     continue
-                data = line[len("data: "):]
+                data = line[len("data: ") :]
                 if data == "[DONE]":
                     done = True
                     continue
                 event = json.loads(data)
                 if "error" in event:
                     raise AssertionError(f"error event: {event['error']}")
-                finish = next((c["finish_reason"] for c in event.get("choices", []) if c.get("finish_reason")),
-                              finish)
+                finish = next((c["finish_reason"] for c in event.get("choices", []) if c.get("finish_reason")), finish)
                 usage = event.get("usage") or usage
         if not (done and finish == "length" and usage and usage["completion_tokens"] == TOKENS):
             raise AssertionError(f"stream ended short: done={done} finish={finish} usage={usage}")
@@ -122,8 +140,11 @@ class Streamers:
 def drains_logged(cluster: LocalCluster) -> dict[str, str]:
     out = {}
     for name in cluster.agent_addresses:
-        lines = [line for line in (cluster.log_dir / f"{name}.log").read_text(errors="replace").splitlines()
-                 if f"draining {MODEL}:" in line]
+        lines = [
+            line
+            for line in (cluster.log_dir / f"{name}.log").read_text(errors="replace").splitlines()
+            if f"draining {MODEL}:" in line
+        ]
         if lines:
             out[name] = lines[0]
     return out

@@ -41,8 +41,13 @@ torch.set_num_threads(2)
 
 PROMPTS = ["Hello world", "The cache of the model is", "café 🙂 naïve 日本語", "1 2 3 4 5 6 7 8"]
 NEW_TOKENS = 20
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 
 
 # ---- fixtures and helpers --------------------------------------------------
@@ -200,7 +205,9 @@ async def test_seeded_sampling_is_reproducible_and_seed_dependent(engines):
     engine = engines["llama"]
 
     def sampled(seed: int, **kw) -> GenerationRequest:
-        return GenerationRequest("s", prompt="Hello", max_tokens=NEW_TOKENS, temperature=1.0, seed=seed, ignore_eos=True, **kw)
+        return GenerationRequest(
+            "s", prompt="Hello", max_tokens=NEW_TOKENS, temperature=1.0, seed=seed, ignore_eos=True, **kw
+        )
 
     first = token_ids(await collect(engine, sampled(7)))
     # The same seed gives the same tokens, also while other requests run.
@@ -219,9 +226,13 @@ async def test_seeded_sampling_is_reproducible_and_seed_dependent(engines):
 async def test_stop_string_cuts_text(engines):
     engine = engines["llama"]
     full = text(await collect(engine, greedy(PROMPTS[1], max_tokens=40)))
-    stop = next(full[i:i + 3] for i in range(4, len(full) - 3) if full.find(full[i:i + 3]) == i and "\ufffd" not in full[i:i + 3])
+    stop = next(
+        full[i : i + 3]
+        for i in range(4, len(full) - 3)
+        if full.find(full[i : i + 3]) == i and "\ufffd" not in full[i : i + 3]
+    )
     outs = await collect(engine, greedy(PROMPTS[1], max_tokens=40, stop=["never appears", stop]))
-    assert text(outs) == full[:full.index(stop)]
+    assert text(outs) == full[: full.index(stop)]
     assert outs[-1].finish_reason == "stop"
     assert outs[-1].completion_tokens < 40
     for o in outs:  # held back while it could still become the stop string
@@ -261,19 +272,22 @@ async def test_eos_stops_unless_ignored(model_dirs, tmp_path, engines):
 # ---- validation ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("req, message", [
-    (GenerationRequest("v", prompt=""), "prompt is empty"),
-    (GenerationRequest("v"), "prompt is empty"),
-    (GenerationRequest("v", messages=[]), "messages is empty"),
-    (GenerationRequest("v", messages=[{"role": "user"}]), "string role and content"),
-    (GenerationRequest("v", prompt="hi", messages=[{"role": "user", "content": "hi"}]), "not both"),
-    (GenerationRequest("v", prompt="hi", max_tokens=0), "max_tokens"),
-    (GenerationRequest("v", prompt="hi", temperature=-0.5), "temperature"),
-    (GenerationRequest("v", prompt="hi", top_p=0.0), "top_p"),
-    (GenerationRequest("v", prompt="hi", top_p=1.5), "top_p"),
-    (GenerationRequest("v", prompt=" ".join(["word"] * 299)), "over the model's context of 256"),
-    (GenerationRequest("v", prompt="hi", max_tokens=255), "over the model's context of 256"),
-])
+@pytest.mark.parametrize(
+    "req, message",
+    [
+        (GenerationRequest("v", prompt=""), "prompt is empty"),
+        (GenerationRequest("v"), "prompt is empty"),
+        (GenerationRequest("v", messages=[]), "messages is empty"),
+        (GenerationRequest("v", messages=[{"role": "user"}]), "string role and content"),
+        (GenerationRequest("v", prompt="hi", messages=[{"role": "user", "content": "hi"}]), "not both"),
+        (GenerationRequest("v", prompt="hi", max_tokens=0), "max_tokens"),
+        (GenerationRequest("v", prompt="hi", temperature=-0.5), "temperature"),
+        (GenerationRequest("v", prompt="hi", top_p=0.0), "top_p"),
+        (GenerationRequest("v", prompt="hi", top_p=1.5), "top_p"),
+        (GenerationRequest("v", prompt=" ".join(["word"] * 299)), "over the model's context of 256"),
+        (GenerationRequest("v", prompt="hi", max_tokens=255), "over the model's context of 256"),
+    ],
+)
 async def test_invalid_requests_raise_before_streaming(engines, req, message):
     stream = engines["llama"].generate(req)
     with pytest.raises(InvalidRequestError, match=message):
@@ -476,8 +490,7 @@ async def test_deactivate_refuses_and_activate_serves_again(model_dirs):
         engine.stop()
 
 
-async def test_no_room_for_the_weights_is_a_capacity_error_and_the_engine_comes_back_later(model_dirs,
-                                                                                          monkeypatch):
+async def test_no_room_for_the_weights_is_a_capacity_error_and_the_engine_comes_back_later(model_dirs, monkeypatch):
     """The device out of memory when the weights come back (the agent's count of it was short) refuses
     the activation with CapacityError (RESOURCE_EXHAUSTED at the agent): the engine stays off and whole."""
     engine = started(model_dirs["llama"], name="tiny")
@@ -581,20 +594,34 @@ def test_stop_string_helpers():
 
 
 def test_model_config_parsing():
-    base = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "vocab_size": 100}
+    base = {
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "vocab_size": 100,
+    }
     cfg = parse_model_config(base)
     assert cfg.head_dim == 16 and cfg.num_key_value_heads == 4 and cfg.eos_token_ids == () and cfg.rope_scaling is None
     cfg = parse_model_config({**base, "eos_token_id": 5, "attention_bias": True, "rope_scaling": LLAMA3_ROPE})
     assert cfg.eos_token_ids == (5,) and cfg.qkv_bias and cfg.o_bias and cfg.rope_scaling.factor == 8.0
     cfg = parse_model_config({**base, "architectures": ["Qwen2ForCausalLM"], "eos_token_id": [1, 2], "head_dim": 32})
-    assert cfg.model_type == "qwen2" and cfg.eos_token_ids == (1, 2) and cfg.qkv_bias and not cfg.o_bias and cfg.head_dim == 32
+    assert (
+        cfg.model_type == "qwen2"
+        and cfg.eos_token_ids == (1, 2)
+        and cfg.qkv_bias
+        and not cfg.o_bias
+        and cfg.head_dim == 32
+    )
     cfg = parse_model_config({**base, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}})
     assert cfg.rope_theta == 500000.0 and cfg.rope_scaling is None
-    for bad in ({**base, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"},
-                {**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
-                {**base, "hidden_act": "gelu"},
-                {k: v for k, v in base.items() if k != "vocab_size"}):
+    for bad in (
+        {**base, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"},
+        {**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+        {**base, "hidden_act": "gelu"},
+        {k: v for k, v in base.items() if k != "vocab_size"},
+    ):
         with pytest.raises(ModelConfigError):
             parse_model_config(bad)
 
@@ -668,9 +695,13 @@ def test_importing_the_engine_imports_no_triton():
     host has no triton, so this is what the check can see there). Here, not
     in test_triton_decode.py, which is skipped where triton is missing."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import os, sys; import services.gpu_agent.engine; "
-            "import services.gpu_agent.engine.paged_attention; "
-            "assert 'triton' not in sys.modules, 'triton imported'; "
-            "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo imported'; "
-            "assert 'TRITON_INTERPRET' not in os.environ")
-    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, env=env, check=True, timeout=120)
+    code = (
+        "import os, sys; import services.gpu_agent.engine; "
+        "import services.gpu_agent.engine.paged_attention; "
+        "assert 'triton' not in sys.modules, 'triton imported'; "
+        "assert 'torch._dynamo' not in sys.modules, 'torch._dynamo imported'; "
+        "assert 'TRITON_INTERPRET' not in os.environ"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent, env=env, check=True, timeout=120
+    )

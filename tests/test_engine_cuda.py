@@ -37,8 +37,10 @@ async def tokens_of(engine: Engine, req: GenerationRequest) -> list[int]:
 
 
 async def test_two_kvcached_engines_in_one_process_match_the_reference(model_dirs):
-    engines = {arch: Engine(path, device="cuda", dtype="float32", kv_pool="kvcached", attention="triton",
-                            step_tokens=16) for arch, path in model_dirs.items()}
+    engines = {
+        arch: Engine(path, device="cuda", dtype="float32", kv_pool="kvcached", attention="triton", step_tokens=16)
+        for arch, path in model_dirs.items()
+    }
     try:
         for engine in engines.values():
             engine.start()
@@ -106,8 +108,14 @@ async def test_the_page_pool_replays_decode_graphs_too(model_dirs):
 async def test_graph_and_eager_decode_match_the_reference_across_reactivation(model_dirs):
     ref = ReferenceLlama(model_dirs["llama"])
     for graphs in (True, False):
-        engine = Engine(model_dirs["llama"], device="cuda", dtype="float32", kv_pool="kvcached",
-                        attention="triton", cuda_graphs=graphs)
+        engine = Engine(
+            model_dirs["llama"],
+            device="cuda",
+            dtype="float32",
+            kv_pool="kvcached",
+            attention="triton",
+            cuda_graphs=graphs,
+        )
         engine.start()
         try:
             reqs = [greedy(p, 40, f"g{i}") for i, p in enumerate(PROMPTS * 3)]
@@ -128,8 +136,14 @@ async def test_the_warm_up_captures_decode_graphs_and_leaves_none_behind(model_d
     # warm-up's own pool: none of them may survive it (they write that pool's slots).
     ref = ReferenceLlama(model_dirs["llama"])
     with caplog.at_level(logging.INFO, logger="services.gpu_agent.engine"):
-        engine = Engine(model_dirs["llama"], device="cuda", dtype="float32", kv_pool="kvcached",
-                        attention="triton", cuda_graphs=True)
+        engine = Engine(
+            model_dirs["llama"],
+            device="cuda",
+            dtype="float32",
+            kv_pool="kvcached",
+            attention="triton",
+            cuda_graphs=True,
+        )
     try:
         for batch in (16, 8, 4, 2, 1):
             assert f"captured the decode graph for batch {batch}," in caplog.text
@@ -151,8 +165,9 @@ async def test_fused_kernels_and_torch_ops_both_match_the_reference(model_dirs, 
     add + RMSNorm, SiLU * up, argmax) and the torch ops they replace, through
     prefill, eager steps and CUDA graph steps, Llama and Qwen2 (q/k/v biases)."""
     for arch in ("llama", "qwen2"):
-        engine = Engine(model_dirs[arch], device="cuda", dtype="float32", kv_pool="kvcached", attention="triton",
-                        step_tokens=16)
+        engine = Engine(
+            model_dirs[arch], device="cuda", dtype="float32", kv_pool="kvcached", attention="triton", step_tokens=16
+        )
         engine._runner.model.use_fused_ops = fused
         engine.start()
         try:
@@ -165,7 +180,6 @@ async def test_fused_kernels_and_torch_ops_both_match_the_reference(model_dirs, 
             assert engine._runner.graph_runner._graphs
         finally:
             engine.stop()
-
 
 
 async def test_workers_sharing_host_weights_pin_them_each_and_match_the_reference(model_dirs):
@@ -183,8 +197,11 @@ async def test_workers_sharing_host_weights_pin_them_each_and_match_the_referenc
     try:
         for _ in range(2):
             worker = await pool.acquire("cuda:0")
-            engines.append(await RemoteEngine.load(worker, model_dirs["llama"], name="llama", dtype="float32",
-                                                   shared_weights_path=path))
+            engines.append(
+                await RemoteEngine.load(
+                    worker, model_dirs["llama"], name="llama", dtype="float32", shared_weights_path=path
+                )
+            )
         writer, mapper = engines
         assert writer.weights_shared and not writer.weights_attached and mapper.weights_attached
         for engine in engines:
@@ -200,4 +217,3 @@ async def test_workers_sharing_host_weights_pin_them_each_and_match_the_referenc
             await engine.stop()
         await pool.close()
         shutil.rmtree(shm, ignore_errors=True)
-

@@ -44,8 +44,9 @@ EXPLICIT = {"error sse model_unavailable", "error http 503", "error grpc UNAVAIL
 
 @pytest.fixture(scope="module")
 def two_agents(tmp_path_factory):
-    with start_prism_cluster(tmp_path_factory.mktemp("kill-agent"), agents=2,
-                             gateway_args=("--agent-keepalive-s", str(KEEPALIVE_S))) as cluster:
+    with start_prism_cluster(
+        tmp_path_factory.mktemp("kill-agent"), agents=2, gateway_args=("--agent-keepalive-s", str(KEEPALIVE_S))
+    ) as cluster:
         yield cluster
 
 
@@ -73,14 +74,23 @@ def fail_the_serving_agent_under_load(cluster, fail) -> tuple[str, str, list[str
 
     def request(index: int) -> Planned:
         api, stream = [("rest", True), ("grpc", True), ("rest", False)][index % 3]
-        return Planned(index=index, api=api, model=moving[index // 3 % len(moving)], prompt=f"Stream {index}",
-                       max_tokens=96, stream=stream, chat=False, cancel_after=0)
+        return Planned(
+            index=index,
+            api=api,
+            model=moving[index // 3 % len(moving)],
+            prompt=f"Stream {index}",
+            max_tokens=96,
+            stream=stream,
+            chat=False,
+            cancel_after=0,
+        )
 
     with BackgroundLoad(cluster.http_url, cluster.gateway_grpc, request, workers=8, deadline_s=GUARD_S) as load:
         load.wait_for(lambda done: sum(o.kind == COMPLETE for o in done) >= 16, "requests before the kill", GUARD_S)
         deadline = time.monotonic() + GUARD_S
-        while not any(n["running_requests"] for n in agent_accounting(
-                {victim: cluster.agent_addresses[victim]})[victim].values()):
+        while not any(
+            n["running_requests"] for n in agent_accounting({victim: cluster.agent_addresses[victim]})[victim].values()
+        ):
             assert time.monotonic() < deadline, "no request running on the agent to kill"
         killed = time.monotonic()
         fail(victim)
@@ -88,21 +98,27 @@ def fail_the_serving_agent_under_load(cluster, fail) -> tuple[str, str, list[str
             assert time.monotonic() < killed + GUARD_S, f"{moving} not placed again on {survivor}"
             time.sleep(0.1)
         replaced = time.monotonic()
-        load.wait_for(lambda done: sum(o.kind == COMPLETE and o.started > replaced for o in done) >= 16,
-                      "requests after the re-placement", GUARD_S)
+        load.wait_for(
+            lambda done: sum(o.kind == COMPLETE and o.started > replaced for o in done) >= 16,
+            "requests after the re-placement",
+            GUARD_S,
+        )
     return victim, survivor, moving, load.outcomes, killed, replaced
 
 
 def test_killing_an_agent_mid_stream_ends_its_requests_explicitly_and_new_ones_go_to_the_other(two_agents):
     cluster = two_agents
     victim, survivor, moving, outcomes, killed, replaced = fail_the_serving_agent_under_load(
-        cluster, cluster.kill)  # SIGKILL: no drain, no lease revoked
+        cluster, cluster.kill
+    )  # SIGKILL: no drain, no lease revoked
     in_flight = [o for o in outcomes if o.started < killed < o.ended]
     outage = [o for o in outcomes if killed <= o.started < replaced]
     after = [o for o in outcomes if o.started >= replaced]
-    print(f"\n{moving} placed again on {survivor} {replaced - killed:.1f}s after kill -9 of {victim}; "
-          f"in flight at the kill: {dict(Counter(o.label for o in in_flight))}; sent meanwhile: "
-          f"{dict(Counter(o.label for o in outage))}; after: {dict(Counter(o.label for o in after))}")
+    print(
+        f"\n{moving} placed again on {survivor} {replaced - killed:.1f}s after kill -9 of {victim}; "
+        f"in flight at the kill: {dict(Counter(o.label for o in in_flight))}; sent meanwhile: "
+        f"{dict(Counter(o.label for o in outage))}; after: {dict(Counter(o.label for o in after))}"
+    )
     assert not [o for o in outcomes if o.kind == LOST], [f"{o.shape}: {o.detail}" for o in outcomes if o.kind == LOST]
     # In flight on the killed agent: ended explicitly (or finished just before it died).
     assert any(o.kind == ERROR for o in in_flight), "no request was in flight on the killed agent"
@@ -127,10 +143,12 @@ def test_a_frozen_agents_requests_end_with_an_explicit_error_not_a_hang(two_agen
         for name in frozen:
             cluster.kill(name)
     in_flight = [o for o in outcomes if o.started < stopped < o.ended]
-    print(f"\n{moving} placed again on {survivor} {replaced - stopped:.1f}s after {victim} was stopped (SIGSTOP); "
-          f"in flight on it: {dict(Counter(o.label for o in in_flight))}, the last ending "
-          f"{max((o.ended for o in in_flight), default=stopped) - stopped:.1f}s after the stop; "
-          f"after the re-placement: {dict(Counter(o.label for o in outcomes if o.started >= replaced))}")
+    print(
+        f"\n{moving} placed again on {survivor} {replaced - stopped:.1f}s after {victim} was stopped (SIGSTOP); "
+        f"in flight on it: {dict(Counter(o.label for o in in_flight))}, the last ending "
+        f"{max((o.ended for o in in_flight), default=stopped) - stopped:.1f}s after the stop; "
+        f"after the re-placement: {dict(Counter(o.label for o in outcomes if o.started >= replaced))}"
+    )
     assert not [o for o in outcomes if o.kind == LOST], [f"{o.shape}: {o.detail}" for o in outcomes if o.kind == LOST]
     assert any(o.kind == ERROR for o in in_flight), "no request was in flight on the frozen agent"
     assert {o.label for o in outcomes if o.started < replaced} <= EXPLICIT | {"complete"}

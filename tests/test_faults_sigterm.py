@@ -27,6 +27,7 @@ from collections import Counter
 import grpc
 import httpx
 import pytest
+from in_process_agent import InProcessAgent
 from test_gateway_support import (
     EtcdWriter,
     FakeAgent,
@@ -47,7 +48,6 @@ from bench.load_soak import (
     load_cluster,
     send,
 )
-from in_process_agent import InProcessAgent
 from prism.tiny_models import write_tiny_model
 from prism_client.v1 import agent_pb2, gateway_pb2_grpc, generate_pb2
 from services.common.grpc_util import DRAINING_KEY
@@ -60,8 +60,16 @@ LONG = 1000  # 30 s: past the grace
 
 
 def fake(index: int, api: str, tokens: int, stream: bool = True, prompt: str | None = None) -> Planned:
-    return Planned(index=index, api=api, model="fake", prompt=prompt or f"slow {tokens}", max_tokens=tokens,
-                   stream=stream, chat=False, cancel_after=0)
+    return Planned(
+        index=index,
+        api=api,
+        model="fake",
+        prompt=prompt or f"slow {tokens}",
+        max_tokens=tokens,
+        stream=stream,
+        chat=False,
+        cancel_after=0,
+    )
 
 
 @pytest.fixture()
@@ -87,19 +95,25 @@ def gateway(etcd_server, fake_agent, tmp_path):
         stop_process(process)
 
 
-async def _refused_during_the_drain(http_url: str, grpc_target: str) -> tuple[httpx.Response, httpx.Response,
-                                                                                  grpc.aio.AioRpcError]:
+async def _refused_during_the_drain(
+    http_url: str, grpc_target: str
+) -> tuple[httpx.Response, httpx.Response, grpc.aio.AioRpcError]:
     """/health and a new completion (on a new connection), and a new gRPC call (on a new channel)."""
     async with httpx.AsyncClient(base_url=http_url, timeout=10) as http:
         deadline = time.monotonic() + GUARD_S
         while (health := await http.get("/health")).status_code == 200:  # the signal has been handled
             assert time.monotonic() < deadline, "still healthy after SIGTERM"
             await asyncio.sleep(0.02)
-        completion = await http.post("/v1/completions", json={"model": "fake", "prompt": f"slow {SHORT}",
-                                                               "max_tokens": SHORT})
+        completion = await http.post(
+            "/v1/completions", json={"model": "fake", "prompt": f"slow {SHORT}", "max_tokens": SHORT}
+        )
     async with grpc.aio.insecure_channel(grpc_target) as channel:
-        call = gateway_pb2_grpc.GatewayStub(channel).Generate(generate_pb2.GenerateRequest(
-            model="fake", prompt=f"slow {SHORT}", sampling=generate_pb2.SamplingParams(max_tokens=SHORT)), timeout=10)
+        call = gateway_pb2_grpc.GatewayStub(channel).Generate(
+            generate_pb2.GenerateRequest(
+                model="fake", prompt=f"slow {SHORT}", sampling=generate_pb2.SamplingParams(max_tokens=SHORT)
+            ),
+            timeout=10,
+        )
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             async for _ in call:
                 pass
@@ -109,9 +123,14 @@ async def _refused_during_the_drain(http_url: str, grpc_target: str) -> tuple[ht
 def test_sigterm_drains_the_gateway_and_ends_what_outlasts_its_grace_explicitly(gateway, fake_agent):
     process, http_url, grpc_target, log_path = gateway
     short = [fake(0, "rest", SHORT), fake(1, "rest", SHORT, stream=False), fake(2, "grpc", SHORT)]
-    long = [fake(3, "rest", LONG), fake(4, "rest", LONG, stream=False), fake(5, "grpc", LONG),
-            # still waiting for the agent's first response ("hang": none comes)
-            fake(6, "rest", LONG, prompt="hang"), fake(7, "grpc", LONG, prompt="hang")]
+    long = [
+        fake(3, "rest", LONG),
+        fake(4, "rest", LONG, stream=False),
+        fake(5, "grpc", LONG),
+        # still waiting for the agent's first response ("hang": none comes)
+        fake(6, "rest", LONG, prompt="hang"),
+        fake(7, "grpc", LONG, prompt="hang"),
+    ]
 
     async def scenario():
         clients = Clients(http_url, grpc_target, concurrency=8)
@@ -131,8 +150,10 @@ def test_sigterm_drains_the_gateway_and_ends_what_outlasts_its_grace_explicitly(
             await clients.close()
 
     signalled, (health, completion, grpc_refused), outcomes, code, exited = asyncio.run(scenario())
-    print(f"\ngateway exited {code} {exited - signalled:.2f}s after SIGTERM (grace {SHUTDOWN_GRACE_S:g}s); "
-          f"in flight: {[(o.shape, o.label, round(o.ended - signalled, 2)) for o in outcomes]}")
+    print(
+        f"\ngateway exited {code} {exited - signalled:.2f}s after SIGTERM (grace {SHUTDOWN_GRACE_S:g}s); "
+        f"in flight: {[(o.shape, o.label, round(o.ended - signalled, 2)) for o in outcomes]}"
+    )
     # New requests during the drain: refused, explicitly.
     assert health.status_code == 503
     assert completion.status_code == 503, completion.text
@@ -141,9 +162,13 @@ def test_sigterm_drains_the_gateway_and_ends_what_outlasts_its_grace_explicitly(
     assert dict(grpc_refused.trailing_metadata())["x-request-id"].startswith("cmpl-")
     # In flight: the short ones finish whole, the ones that outlast the grace end with an explicit error.
     assert [o.kind for o in outcomes[:3]] == [COMPLETE] * 3, [o.label for o in outcomes[:3]]
-    assert [o.label for o in outcomes[3:]] == ["error sse gateway_shutting_down", "error http 503",
-                                               "error grpc UNAVAILABLE", "error http 503",
-                                               "error grpc UNAVAILABLE"], [o.label for o in outcomes[3:]]
+    assert [o.label for o in outcomes[3:]] == [
+        "error sse gateway_shutting_down",
+        "error http 503",
+        "error grpc UNAVAILABLE",
+        "error http 503",
+        "error grpc UNAVAILABLE",
+    ], [o.label for o in outcomes[3:]]
     assert CANCELLED not in {o.kind for o in outcomes} and all(o.kind in (COMPLETE, ERROR) for o in outcomes)
     # ... and their agent calls were cancelled, not left running.
     ended = [call for call in fake_agent.calls if call.request.prompt in (f"slow {LONG}", "hang")]
@@ -169,13 +194,20 @@ class LoadedAgent(InProcessAgent):
         return self
 
     def load_request(self) -> agent_pb2.LoadModelRequest:
-        return agent_pb2.LoadModelRequest(spec=agent_pb2.ModelSpec(name="m", path=self.model_path), gpu_ids=[0],
-                                          activate=True)
+        return agent_pb2.LoadModelRequest(
+            spec=agent_pb2.ModelSpec(name="m", path=self.model_path), gpu_ids=[0], activate=True
+        )
 
     def generate(self, i: int, max_tokens: int, prompt: str = "Hello"):
-        return self.stub.Generate(generate_pb2.GenerateRequest(
-            request_id=f"r{i}", model="m", prompt=prompt,
-            sampling=generate_pb2.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)), timeout=GUARD_S)
+        return self.stub.Generate(
+            generate_pb2.GenerateRequest(
+                request_id=f"r{i}",
+                model="m",
+                prompt=prompt,
+                sampling=generate_pb2.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
+            ),
+            timeout=GUARD_S,
+        )
 
 
 async def _ending(call) -> tuple[int, grpc.aio.AioRpcError | None]:
@@ -190,8 +222,11 @@ async def _ending(call) -> tuple[int, grpc.aio.AioRpcError | None]:
 
 
 def _sent_back(exc: grpc.aio.AioRpcError | None) -> bool:
-    return (exc is not None and exc.code() == grpc.StatusCode.UNAVAILABLE
-            and (DRAINING_KEY, "1") in tuple(exc.trailing_metadata() or ()))
+    return (
+        exc is not None
+        and exc.code() == grpc.StatusCode.UNAVAILABLE
+        and (DRAINING_KEY, "1") in tuple(exc.trailing_metadata() or ())
+    )
 
 
 @pytest.fixture(scope="module")
@@ -244,16 +279,23 @@ async def test_an_agent_whose_grace_ends_first_ends_its_requests_with_an_explici
 def cluster_request(index: int) -> Planned:
     """Streams of 64 tokens (REST SSE and gRPC) and non-streamed REST completions, both models."""
     api, stream = [("rest", True), ("grpc", True), ("rest", False)][index % 3]
-    return Planned(index=index, api=api, model=MODELS[index // 3 % 2], prompt=f"Request number {index}",
-                   max_tokens=64, stream=stream, chat=False, cancel_after=0)
+    return Planned(
+        index=index,
+        api=api,
+        model=MODELS[index // 3 % 2],
+        prompt=f"Request number {index}",
+        max_tokens=64,
+        stream=stream,
+        chat=False,
+        cancel_after=0,
+    )
 
 
 @pytest.fixture(scope="module")
 def two_agents(tmp_path_factory):
     # A KV budget of a few requests' worth, so that requests wait in the admission queues: one
     # 512-token page bundle per engine, about 7 of cluster_request's 72-token requests.
-    cluster = load_cluster(tmp_path_factory.mktemp("sigterm-agents"), agents=2,
-                           agent_args=("--kv-budget-gb", "0.0005"))
+    cluster = load_cluster(tmp_path_factory.mktemp("sigterm-agents"), agents=2, agent_args=("--kv-budget-gb", "0.0005"))
     cluster.start()
     yield cluster
     cluster.stop()
@@ -263,8 +305,9 @@ def test_sigterm_drains_an_agent_its_requests_finish_and_new_ones_go_to_the_othe
     cluster = two_agents
     # 36 workers: about 9 requests per engine (2 agents, 2 models), more than the 7 that fit, so both of
     # agent-2's engines have some waiting (24 left it to chance, and an even spread had none waiting).
-    with BackgroundLoad(cluster.http_url, cluster.gateway_grpc, cluster_request, workers=36,
-                        deadline_s=GUARD_S) as load:
+    with BackgroundLoad(
+        cluster.http_url, cluster.gateway_grpc, cluster_request, workers=36, deadline_s=GUARD_S
+    ) as load:
         load.wait_for(lambda done: sum(o.kind == COMPLETE for o in done) >= 30, "requests before", GUARD_S)
         deadline = time.monotonic() + GUARD_S
         while True:  # requests running on agent-2, and more waiting in its admission queue
@@ -277,12 +320,15 @@ def test_sigterm_drains_an_agent_its_requests_finish_and_new_ones_go_to_the_othe
         victim.send_signal(signal.SIGTERM)
         code = victim.wait(GUARD_S)
         exited = time.monotonic()
-        load.wait_for(lambda done: sum(o.kind == COMPLETE and o.started > exited for o in done) >= 30,
-                      "requests after", GUARD_S)
+        load.wait_for(
+            lambda done: sum(o.kind == COMPLETE and o.started > exited for o in done) >= 30, "requests after", GUARD_S
+        )
     outcomes = load.outcomes
     around = [o for o in outcomes if o.started < exited and o.ended > signalled]
-    print(f"\nagent-2 exited {code} {exited - signalled:.2f}s after SIGTERM; {len(outcomes)} requests, "
-          f"{len(around)} in flight around it: {dict(Counter(o.label for o in outcomes))}")
+    print(
+        f"\nagent-2 exited {code} {exited - signalled:.2f}s after SIGTERM; {len(outcomes)} requests, "
+        f"{len(around)} in flight around it: {dict(Counter(o.label for o in outcomes))}"
+    )
     log = (cluster.log_dir / "agent-2.log").read_text(errors="replace")
     print("\n".join(line for line in log.splitlines() if "drain" in line or "sent back" in line or "stopping" in line))
     assert code == 0, cluster.log_tail("agent-2")

@@ -78,7 +78,7 @@ def test_rotary_write_kv_matches_the_torch_ops(dtype, heads, kv_heads, head_dim,
     q_size, kv_size = heads * head_dim, kv_heads * head_dim
     if joined:  # slices of one qkv output, as the joined projection gives them
         qkv = torch.randn(tokens, q_size + 2 * kv_size, generator=gen).to(dtype).to(DEVICE)
-        q, k, v = qkv[:, :q_size], qkv[:, q_size:q_size + kv_size], qkv[:, q_size + kv_size:]
+        q, k, v = qkv[:, :q_size], qkv[:, q_size : q_size + kv_size], qkv[:, q_size + kv_size :]
     else:
         q, k, v = (torch.randn(tokens, n, generator=gen).to(dtype).to(DEVICE) for n in (q_size, kv_size, kv_size))
     cos, sin = _cos_sin(tokens, head_dim, dtype, gen)
@@ -115,7 +115,7 @@ def test_add_rms_norm_matches_add_then_rms_norm(dtype, tokens, hidden, residual)
     out, summed = fo.add_rms_norm(x, res, weight, 1e-5)
     expected_sum = x + res if residual else x
     torch.testing.assert_close(summed, expected_sum, atol=0, rtol=0)  # rounded like the torch add
-    expected = (F.rms_norm(expected_sum.float(), (hidden,), eps=1e-5) * weight.float())
+    expected = F.rms_norm(expected_sum.float(), (hidden,), eps=1e-5) * weight.float()
     assert out.dtype == dtype and out.shape == x.shape
     _close(out, expected, dtype)
 

@@ -79,8 +79,9 @@ class KeyedGateway:
         raise AssertionError(f"the gateway never listed {model}:\n{self.log()}")
 
 
-def launch_gateway(etcd_endpoint: str, log_path: Path, *flags: str,
-                   env_keys: str | None = None) -> tuple[subprocess.Popen, str, str]:
+def launch_gateway(
+    etcd_endpoint: str, log_path: Path, *flags: str, env_keys: str | None = None
+) -> tuple[subprocess.Popen, str, str]:
     """The gateway process, with PRISM_API_KEYS set to `env_keys` (never inherited from the test's shell)."""
     env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
     if env_keys is not None:
@@ -88,10 +89,27 @@ def launch_gateway(etcd_endpoint: str, log_path: Path, *flags: str,
     http_port, grpc_port = free_port(), free_port()
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "services.gateway.server", "--etcd", etcd_endpoint,
-             "--http-host", "127.0.0.1", "--http-port", str(http_port),
-             "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port), *flags],
-            cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+            [
+                sys.executable,
+                "-m",
+                "services.gateway.server",
+                "--etcd",
+                etcd_endpoint,
+                "--http-host",
+                "127.0.0.1",
+                "--http-port",
+                str(http_port),
+                "--grpc-host",
+                "127.0.0.1",
+                "--grpc-port",
+                str(grpc_port),
+                *flags,
+            ],
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     return process, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
 
 
@@ -134,10 +152,15 @@ def sha256_hex(text: str) -> str:
 
 
 def test_keys_are_found_by_plain_or_hashed_entries_and_only_digests_are_kept():
-    store = KeyStore(keys_from_entries([
-        {"name": "plain", "key": "sk-plain-1"},
-        {"name": "hashed", "key_sha256": sha256_hex("sk-hashed-2").upper(), "models": ["a", "b"]},
-    ], "keys.yaml"))
+    store = KeyStore(
+        keys_from_entries(
+            [
+                {"name": "plain", "key": "sk-plain-1"},
+                {"name": "hashed", "key_sha256": sha256_hex("sk-hashed-2").upper(), "models": ["a", "b"]},
+            ],
+            "keys.yaml",
+        )
+    )
     plain, hashed = store.keys
     assert store.find("sk-plain-1") is plain and plain.models is None
     assert store.find("sk-hashed-2") is hashed and hashed.models == frozenset({"a", "b"})
@@ -148,32 +171,37 @@ def test_keys_are_found_by_plain_or_hashed_entries_and_only_digests_are_kept():
 
 
 def test_per_key_limits_are_parsed():
-    [key] = keys_from_entries([{"name": "k", "key": "sk-k", "limits": {"rate_limit_rps": 2, "max_tokens_cap": 64}}],
-                              "f")
+    [key] = keys_from_entries(
+        [{"name": "k", "key": "sk-k", "limits": {"rate_limit_rps": 2, "max_tokens_cap": 64}}], "f"
+    )
     assert key.limits == {"rate_limit_rps": 2.0, "max_tokens_cap": 64}
 
 
-@pytest.mark.parametrize("entries, message", [
-    ({"name": "x", "key": "k"}, "expected a list"),
-    (["sk-bare"], "must be a mapping"),
-    ([{"key": "sk-1"}], "name is required"),
-    ([{"name": "", "key": "sk-1"}], "name is required"),
-    ([{"name": "n"}], "exactly one of key and key_sha256"),
-    ([{"name": "n", "key": "sk-1", "key_sha256": sha256_hex("sk-1")}], "exactly one of key and key_sha256"),
-    ([{"name": "n", "key": "has space"}], "visible ASCII"),
-    ([{"name": "n", "key": 12345}], "visible ASCII"),
-    ([{"name": "n", "key_sha256": "abc"}], "64 hex digits"),
-    ([{"name": "n", "key_sha256": "z" * 64}], "64 hex digits"),
-    ([{"name": "n", "key": "sk-1", "models": "tiny-llama"}], "models must be a list"),
-    ([{"name": "n", "key": "sk-1", "models": [""]}], "models must be a list"),
-    ([{"name": "n", "key": "sk-1", "modles": ["a"]}], "unknown field"),
-    ([{"name": "n", "key": "sk-1", "limits": {"rate_limit_rps": -1}}], "rate_limit_rps must be at least 0"),
-    ([{"name": "n", "key": "sk-1", "limits": {"max_tokens_cap": 0}}], "max_tokens_cap must be at least 1"),
-    ([{"name": "n", "key": "sk-1", "limits": {"max_tokens_cap": 1.5}}], "max_tokens_cap must be a whole number"),
-    ([{"name": "n", "key": "sk-1", "limits": {"max_concurrent_streams": True}}], "must be a whole number"),
-    ([{"name": "n", "key": "sk-1", "limits": {"requests_per_day": 5}}], "unknown limit"),
-    ([{"name": "n", "key": "sk-1", "limits": [1]}], "limits must be a mapping"),
-], ids=repr)
+@pytest.mark.parametrize(
+    "entries, message",
+    [
+        ({"name": "x", "key": "k"}, "expected a list"),
+        (["sk-bare"], "must be a mapping"),
+        ([{"key": "sk-1"}], "name is required"),
+        ([{"name": "", "key": "sk-1"}], "name is required"),
+        ([{"name": "n"}], "exactly one of key and key_sha256"),
+        ([{"name": "n", "key": "sk-1", "key_sha256": sha256_hex("sk-1")}], "exactly one of key and key_sha256"),
+        ([{"name": "n", "key": "has space"}], "visible ASCII"),
+        ([{"name": "n", "key": 12345}], "visible ASCII"),
+        ([{"name": "n", "key_sha256": "abc"}], "64 hex digits"),
+        ([{"name": "n", "key_sha256": "z" * 64}], "64 hex digits"),
+        ([{"name": "n", "key": "sk-1", "models": "tiny-llama"}], "models must be a list"),
+        ([{"name": "n", "key": "sk-1", "models": [""]}], "models must be a list"),
+        ([{"name": "n", "key": "sk-1", "modles": ["a"]}], "unknown field"),
+        ([{"name": "n", "key": "sk-1", "limits": {"rate_limit_rps": -1}}], "rate_limit_rps must be at least 0"),
+        ([{"name": "n", "key": "sk-1", "limits": {"max_tokens_cap": 0}}], "max_tokens_cap must be at least 1"),
+        ([{"name": "n", "key": "sk-1", "limits": {"max_tokens_cap": 1.5}}], "max_tokens_cap must be a whole number"),
+        ([{"name": "n", "key": "sk-1", "limits": {"max_concurrent_streams": True}}], "must be a whole number"),
+        ([{"name": "n", "key": "sk-1", "limits": {"requests_per_day": 5}}], "unknown limit"),
+        ([{"name": "n", "key": "sk-1", "limits": [1]}], "limits must be a mapping"),
+    ],
+    ids=repr,
+)
 def test_bad_entries_are_refused_with_a_reason(entries, message):
     with pytest.raises(KeyFileError, match=message) as caught:
         keys_from_entries(entries, "keys.yaml")
@@ -184,8 +212,9 @@ def test_names_and_keys_must_be_unique():
     with pytest.raises(KeyFileError, match="unique"):
         KeyStore(keys_from_entries([{"name": "a", "key": "sk-1"}, {"name": "a", "key": "sk-2"}], "f"))
     with pytest.raises(KeyFileError, match="twice"):
-        KeyStore(keys_from_entries([{"name": "a", "key": "sk-1"}, {"name": "b", "key_sha256": sha256_hex("sk-1")}],
-                                   "f"))
+        KeyStore(
+            keys_from_entries([{"name": "a", "key": "sk-1"}, {"name": "b", "key_sha256": sha256_hex("sk-1")}], "f")
+        )
 
 
 def test_environment_keys_allow_every_model():
@@ -210,11 +239,15 @@ def test_keys_files_in_yaml_and_json_and_the_environment_together(tmp_path):
     assert not load_key_store(None, None).enabled
 
 
-@pytest.mark.parametrize("name, text, message", [
-    ("keys.yaml", "- name: a\n  key: [unclosed", "not valid YAML"),
-    ("keys.json", "[{\"name\": \"a\",}]", "not valid JSON"),
-    ("keys.yaml", "", "expected a list"),
-], ids=["yaml", "json", "empty"])
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("keys.yaml", "- name: a\n  key: [unclosed", "not valid YAML"),
+        ("keys.json", '[{"name": "a",}]', "not valid JSON"),
+        ("keys.yaml", "", "expected a list"),
+    ],
+    ids=["yaml", "json", "empty"],
+)
 def test_unreadable_keys_files_are_refused(tmp_path, name, text, message):
     path = tmp_path / name
     path.write_text(text)
@@ -224,10 +257,20 @@ def test_unreadable_keys_files_are_refused(tmp_path, name, text, message):
         read_keys_file(tmp_path / "missing.yaml")
 
 
-@pytest.mark.parametrize("header, token", [
-    ("Bearer sk-1", "sk-1"), ("bearer  sk-1 ", "sk-1"), ("BEARER sk-1", "sk-1"),
-    (None, None), ("", None), ("Bearer", None), ("Bearer ", None), ("Basic c2stMQ==", None), ("sk-1", None),
-])
+@pytest.mark.parametrize(
+    "header, token",
+    [
+        ("Bearer sk-1", "sk-1"),
+        ("bearer  sk-1 ", "sk-1"),
+        ("BEARER sk-1", "sk-1"),
+        (None, None),
+        ("", None),
+        ("Bearer", None),
+        ("Bearer ", None),
+        ("Basic c2stMQ==", None),
+        ("sk-1", None),
+    ],
+)
 def test_bearer_tokens(header, token):
     assert bearer_token(header) == token
 
@@ -250,8 +293,10 @@ def test_access_control_without_keys_is_anonymous_and_with_keys_refuses_and_coun
         access.check_model(team, "not-m", "grpc")
     access.check_model(team, "m", "grpc")
     sample = metrics.registry.get_sample_value
-    assert sample("prism_gateway_rejected_requests_total",
-                  {"api": "rest", "reason": "auth", "key": "unauthenticated"}) == 3
+    assert (
+        sample("prism_gateway_rejected_requests_total", {"api": "rest", "reason": "auth", "key": "unauthenticated"})
+        == 3
+    )
     assert sample("prism_gateway_rejected_requests_total", {"api": "grpc", "reason": "forbidden", "key": "team"}) == 1
 
 
@@ -278,8 +323,9 @@ def keyed(tmp_path_factory) -> Iterator[KeyedGateway]:
     etcd.start()
     agent = FakeAgent()
     try:
-        gateway = start_keyed_gateway(etcd, state / "gateway.log", "--api-keys-file", str(keys_file),
-                                      "--metrics-auth", env_keys=ENV_KEY)
+        gateway = start_keyed_gateway(
+            etcd, state / "gateway.log", "--api-keys-file", str(keys_file), "--metrics-auth", env_keys=ENV_KEY
+        )
         try:
             gateway.serve_model(OPEN_MODEL, agent, ADMIN_KEY)
             gateway.serve_model(SECRET_MODEL, agent, ADMIN_KEY)
@@ -308,16 +354,36 @@ def test_health_stays_open(keyed):
     assert httpx.get(keyed.http_url + "/health").status_code == 200
 
 
-@pytest.mark.parametrize("headers", [{}, bearer("sk-wrong"), {"Authorization": f"Basic {ADMIN_KEY}"},
-                                     {"Authorization": "Bearer"}, bearer(ADMIN_KEY + "x")],
-                         ids=["none", "unknown", "basic", "empty", "longer"])
-@pytest.mark.parametrize("method, path", [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
-                                          ("GET", "/v1/models"), ("GET", f"/v1/models/{OPEN_MODEL}"),
-                                          ("GET", "/metrics"), ("GET", "/openapi.json")])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        bearer("sk-wrong"),
+        {"Authorization": f"Basic {ADMIN_KEY}"},
+        {"Authorization": "Bearer"},
+        bearer(ADMIN_KEY + "x"),
+    ],
+    ids=["none", "unknown", "basic", "empty", "longer"],
+)
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        ("POST", "/v1/completions"),
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/v1/models"),
+        ("GET", f"/v1/models/{OPEN_MODEL}"),
+        ("GET", "/metrics"),
+        ("GET", "/openapi.json"),
+    ],
+)
 def test_a_missing_or_bad_key_is_401(keyed, headers, method, path):
     request_id = f"no-key-{time.monotonic_ns()}"
-    response = httpx.request(method, keyed.http_url + path, headers={**headers, "x-request-id": request_id},
-                             json=completion(OPEN_MODEL) if method == "POST" else None)
+    response = httpx.request(
+        method,
+        keyed.http_url + path,
+        headers={**headers, "x-request-id": request_id},
+        json=completion(OPEN_MODEL) if method == "POST" else None,
+    )
     error = assert_openai_error(response, 401, "invalid_api_key")
     assert error["type"] == "invalid_request_error"
     assert response.headers["www-authenticate"].startswith("Bearer")
@@ -327,8 +393,9 @@ def test_a_missing_or_bad_key_is_401(keyed, headers, method, path):
 
 def test_keys_from_the_file_and_the_environment_serve(keyed):
     for key in (ADMIN_KEY, TEAM_KEY, ENV_KEY):
-        response = httpx.post(keyed.http_url + "/v1/completions", json=completion(OPEN_MODEL, "echo a b"),
-                              headers=bearer(key))
+        response = httpx.post(
+            keyed.http_url + "/v1/completions", json=completion(OPEN_MODEL, "echo a b"), headers=bearer(key)
+        )
         assert response.status_code == 200, response.text
         assert response.json()["choices"][0]["text"] == "a b "
 
@@ -351,16 +418,23 @@ def test_models_list_only_what_the_key_may_use(keyed):
     assert listed(TEAM_KEY) == {OPEN_MODEL}
     assert listed(ADMIN_KEY) >= {OPEN_MODEL, SECRET_MODEL} and listed(ENV_KEY) == listed(ADMIN_KEY)
     assert httpx.get(f"{keyed.http_url}/v1/models/{OPEN_MODEL}", headers=bearer(TEAM_KEY)).status_code == 200
-    assert_openai_error(httpx.get(f"{keyed.http_url}/v1/models/{SECRET_MODEL}", headers=bearer(TEAM_KEY)), 403,
-                        "model_not_allowed", "model")
+    assert_openai_error(
+        httpx.get(f"{keyed.http_url}/v1/models/{SECRET_MODEL}", headers=bearer(TEAM_KEY)),
+        403,
+        "model_not_allowed",
+        "model",
+    )
 
 
 @pytest.mark.parametrize("model", [SECRET_MODEL, "no-such-model"])  # alike: a 403 tells nothing about existence
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_model_outside_the_keys_list_is_403(keyed, model, stream):
     request_id = f"forbidden-{time.monotonic_ns()}"
-    response = httpx.post(keyed.http_url + "/v1/completions", json=completion(model, stream=stream),
-                          headers={**bearer(TEAM_KEY), "x-request-id": request_id})
+    response = httpx.post(
+        keyed.http_url + "/v1/completions",
+        json=completion(model, stream=stream),
+        headers={**bearer(TEAM_KEY), "x-request-id": request_id},
+    )
     error = assert_openai_error(response, 403, "model_not_allowed", "model")
     assert model in error["message"]
     assert not keyed.agent.received(request_id)
@@ -384,8 +458,9 @@ def prompt_request(model: str, prompt: str = "echo ok", request_id: str = "") ->
     return generate_pb2.GenerateRequest(request_id=request_id, model=model, prompt=prompt)
 
 
-@pytest.mark.parametrize("metadata", [(), grpc_auth("sk-wrong"), (("authorization", ADMIN_KEY),)],
-                         ids=["none", "unknown", "no-scheme"])
+@pytest.mark.parametrize(
+    "metadata", [(), grpc_auth("sk-wrong"), (("authorization", ADMIN_KEY),)], ids=["none", "unknown", "no-scheme"]
+)
 def test_grpc_without_a_good_key_is_unauthenticated(keyed, keyed_stub, metadata):
     request_id = f"grpc-no-key-{time.monotonic_ns()}"
     with pytest.raises(grpc.RpcError) as caught:
@@ -399,8 +474,9 @@ def test_grpc_without_a_good_key_is_unauthenticated(keyed, keyed_stub, metadata)
 
 
 def test_grpc_with_a_key(keyed, keyed_stub):
-    responses = list(keyed_stub.Generate(prompt_request(OPEN_MODEL, "echo x y"), metadata=grpc_auth(TEAM_KEY),
-                                         timeout=5))
+    responses = list(
+        keyed_stub.Generate(prompt_request(OPEN_MODEL, "echo x y"), metadata=grpc_auth(TEAM_KEY), timeout=5)
+    )
     assert "".join(r.text for r in responses) == "x y "
     models = keyed_stub.ListModels(gateway_pb2.ListModelsRequest(), metadata=grpc_auth(TEAM_KEY), timeout=5).models
     assert [m.name for m in models] == [OPEN_MODEL]
@@ -411,8 +487,11 @@ def test_grpc_with_a_key(keyed, keyed_stub):
 def test_grpc_model_outside_the_keys_list_is_permission_denied(keyed, keyed_stub):
     request_id = f"grpc-forbidden-{time.monotonic_ns()}"
     with pytest.raises(grpc.RpcError) as caught:
-        list(keyed_stub.Generate(prompt_request(SECRET_MODEL, request_id=request_id), metadata=grpc_auth(TEAM_KEY),
-                                 timeout=5))
+        list(
+            keyed_stub.Generate(
+                prompt_request(SECRET_MODEL, request_id=request_id), metadata=grpc_auth(TEAM_KEY), timeout=5
+            )
+        )
     assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED and SECRET_MODEL in caught.value.details()
     assert not keyed.agent.received(request_id)
 
@@ -429,8 +508,9 @@ def test_grpc_health_needs_no_key(keyed):
 def test_a_bad_keys_file_stops_the_gateway_with_its_reason(tmp_path):
     keys_file = tmp_path / "keys.yaml"
     keys_file.write_text("- name: a\n  key: sk-a\n  models: tiny-llama\n")
-    process, _, _ = launch_gateway(f"127.0.0.1:{free_port()}", tmp_path / "gateway.log",
-                                   "--api-keys-file", str(keys_file))
+    process, _, _ = launch_gateway(
+        f"127.0.0.1:{free_port()}", tmp_path / "gateway.log", "--api-keys-file", str(keys_file)
+    )
     try:
         assert process.wait(30) == 1
     finally:
@@ -444,11 +524,13 @@ def test_a_bad_keys_file_stops_the_gateway_with_its_reason(tmp_path):
 def test_without_keys_everything_is_open_and_any_authorization_is_ignored(gateway_stack: GatewayStack, echo_model):
     assert "authentication is off" in gateway_stack.log()
     for headers in ({}, bearer("unused"), {"Authorization": "garbage"}):
-        response = httpx.post(gateway_stack.http_url + "/v1/completions", json=completion(echo_model, "echo hi"),
-                              headers=headers)
+        response = httpx.post(
+            gateway_stack.http_url + "/v1/completions", json=completion(echo_model, "echo hi"), headers=headers
+        )
         assert response.status_code == 200, response.text
-        assert echo_model in {m["id"] for m in httpx.get(gateway_stack.http_url + "/v1/models",
-                                                         headers=headers).json()["data"]}
+        assert echo_model in {
+            m["id"] for m in httpx.get(gateway_stack.http_url + "/v1/models", headers=headers).json()["data"]
+        }
     assert httpx.get(gateway_stack.http_url + "/metrics").status_code == 200
     with grpc.insecure_channel(gateway_stack.grpc_target) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)

@@ -78,8 +78,9 @@ class Background:
 def register_unserved(stack: GatewayStack, model: str, how: str, agent: FakeAgent) -> None:
     """`model` in the registry with no servable engine: never placed, or placed with its engine loading."""
     if how == "unplaced":
-        stack.etcd.put(records.MODELS + model,
-                       records.ModelRecord(name=model, path="/m", ttft_ms=LONG_SLO_MS).to_json())
+        stack.etcd.put(
+            records.MODELS + model, records.ModelRecord(name=model, path="/m", ttft_ms=LONG_SLO_MS).to_json()
+        )
     else:
         stack.etcd.serve_model(model, {f"agent-{model}": agent.address}, state="loading", ttft_ms=LONG_SLO_MS)
     stack.wait_for_model(model, available=False)
@@ -91,8 +92,13 @@ def test_a_request_waits_for_its_engine_and_is_served(gateway_stack, fake_agent,
     register_unserved(gateway_stack, model, how, fake_agent)
     assert demand(gateway_stack, model) == []
     started = time.time()
-    request = Background(lambda: httpx.post(gateway_stack.http_url + "/v1/completions", timeout=GUARD_S,
-                                            json={"model": model, "prompt": "echo warm now", "stream": True}))
+    request = Background(
+        lambda: httpx.post(
+            gateway_stack.http_url + "/v1/completions",
+            timeout=GUARD_S,
+            json={"model": model, "prompt": "echo warm now", "stream": True},
+        )
+    )
     (record,) = wait_for_demand(gateway_stack, model, waiting=1)
     seen = time.monotonic()
     assert record.model == model and started - 1 <= record.since <= time.time()
@@ -122,8 +128,9 @@ def test_grpc_requests_wait_too(gateway_stack, fake_agent):
     register_unserved(gateway_stack, model, "loading", fake_agent)
     with grpc.insecure_channel(gateway_stack.grpc_target) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
-        request = Background(lambda: list(stub.Generate(
-            generate_pb2.GenerateRequest(model=model, prompt="echo a b"), timeout=GUARD_S)))
+        request = Background(
+            lambda: list(stub.Generate(generate_pb2.GenerateRequest(model=model, prompt="echo a b"), timeout=GUARD_S))
+        )
         wait_for_demand(gateway_stack, model, waiting=1)
         gateway_stack.etcd.serve_model(model, {f"agent-{model}": fake_agent.address}, state="inactive")
         assert [r.text for r in request.result()] == ["a ", "b "]
@@ -135,14 +142,23 @@ def test_a_model_that_never_comes_is_503_after_its_bound(gateway_stack, fake_age
     gateway_stack.serve_model(model, {"agent-never": fake_agent.address}, state="loading")  # default SLO: 1 s
     bound_s = 1.0 + COLD_START_S
     start = time.monotonic()
-    requests = [Background(lambda: httpx.post(gateway_stack.http_url + "/v1/completions", timeout=GUARD_S,
-                                              json={"model": model, "prompt": "echo hi"})) for _ in range(3)]
+    requests = [
+        Background(
+            lambda: httpx.post(
+                gateway_stack.http_url + "/v1/completions", timeout=GUARD_S, json={"model": model, "prompt": "echo hi"}
+            )
+        )
+        for _ in range(3)
+    ]
 
     def grpc_call() -> grpc.RpcError | None:
         with grpc.insecure_channel(gateway_stack.grpc_target) as channel:
             try:
-                list(gateway_pb2_grpc.GatewayStub(channel).Generate(
-                    generate_pb2.GenerateRequest(model=model, prompt="echo hi"), timeout=GUARD_S))
+                list(
+                    gateway_pb2_grpc.GatewayStub(channel).Generate(
+                        generate_pb2.GenerateRequest(model=model, prompt="echo hi"), timeout=GUARD_S
+                    )
+                )
             except grpc.RpcError as exc:
                 return exc
         return None
@@ -171,8 +187,7 @@ def test_a_client_that_leaves_stops_waiting(gateway_stack, fake_agent):
     model = "cold-left"
     register_unserved(gateway_stack, model, "loading", fake_agent)
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(gateway_stack.http_url + "/v1/completions", json={"model": model, "prompt": "echo hi"},
-                   timeout=0.5)
+        httpx.post(gateway_stack.http_url + "/v1/completions", json={"model": model, "prompt": "echo hi"}, timeout=0.5)
     wait_for_demand(gateway_stack, model, waiting=0)  # long before its 20.5 s bound
     samples = metrics(gateway_stack)
     assert samples[f'prism_gateway_cold_start_wait_seconds_count{{model="{model}",outcome="cancelled"}}'] == 1
@@ -181,8 +196,11 @@ def test_a_client_that_leaves_stops_waiting(gateway_stack, fake_agent):
 
 
 def test_unknown_models_do_not_wait(gateway_stack):
-    response = httpx.post(gateway_stack.http_url + "/v1/completions", timeout=GUARD_S,
-                          json={"model": "cold-no-such-model", "prompt": "hi"})
+    response = httpx.post(
+        gateway_stack.http_url + "/v1/completions",
+        timeout=GUARD_S,
+        json={"model": "cold-no-such-model", "prompt": "hi"},
+    )
     assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
     assert demand(gateway_stack, "cold-no-such-model") == []
     assert not any("cold-no-such-model" in name for name in metrics(gateway_stack))  # no wait began
@@ -191,10 +209,13 @@ def test_unknown_models_do_not_wait(gateway_stack):
 def test_demand_records_are_json_the_scheduler_reads(gateway_stack, fake_agent):
     model = "cold-record"
     register_unserved(gateway_stack, model, "unplaced", fake_agent)
-    request = Background(lambda: httpx.post(gateway_stack.http_url + "/v1/completions", timeout=GUARD_S,
-                                            json={"model": model, "prompt": "echo x"}))
+    request = Background(
+        lambda: httpx.post(
+            gateway_stack.http_url + "/v1/completions", timeout=GUARD_S, json={"model": model, "prompt": "echo x"}
+        )
+    )
     wait_for_demand(gateway_stack, model, waiting=1)
-    (key, raw), = gateway_stack.etcd.get_prefix(records.DEMAND + model + "/").items()
+    ((key, raw),) = gateway_stack.etcd.get_prefix(records.DEMAND + model + "/").items()
     value = json.loads(raw)
     assert set(value) == {"model", "gateway_id", "waiting", "since"}
     assert key == records.demand_key(model, value["gateway_id"])

@@ -33,8 +33,9 @@ def stub(channel: grpc.Channel) -> gateway_pb2_grpc.GatewayStub:
 
 
 def prompt_request(model: str, prompt: str, request_id: str = "", **sampling) -> generate_pb2.GenerateRequest:
-    return generate_pb2.GenerateRequest(request_id=request_id, model=model, prompt=prompt,
-                                        sampling=generate_pb2.SamplingParams(**sampling))
+    return generate_pb2.GenerateRequest(
+        request_id=request_id, model=model, prompt=prompt, sampling=generate_pb2.SamplingParams(**sampling)
+    )
 
 
 def metadata_value(pairs, key: str) -> str | None:
@@ -64,8 +65,10 @@ def test_generate_relays_the_agent_stream(stub, fake_agent, echo_model):
 
 def test_chat_and_the_callers_request_id_are_kept(stub, fake_agent, echo_model):
     request = generate_pb2.GenerateRequest(
-        request_id="grpc-caller-1", model=echo_model,
-        chat=generate_pb2.ChatInput(messages=[generate_pb2.ChatMessage(role="user", content="echo x y")]))
+        request_id="grpc-caller-1",
+        model=echo_model,
+        chat=generate_pb2.ChatInput(messages=[generate_pb2.ChatMessage(role="user", content="echo x y")]),
+    )
     responses = list(stub.Generate(request, timeout=5))
     assert "".join(r.text for r in responses) == "x y "
     assert {r.request_id for r in responses} == {"grpc-caller-1"}
@@ -82,28 +85,37 @@ def test_unknown_model_is_not_found_with_the_request_id(stub):
     assert metadata_value(caught.value.trailing_metadata(), "x-request-id") == "grpc-404"
 
 
-@pytest.mark.parametrize("request_fields", [
-    dict(sampling=dict(max_tokens=0)),
-    dict(sampling=dict(max_tokens=-5)),
-    dict(sampling=dict(temperature=-1.0)),
-    dict(sampling=dict(temperature=2.5)),
-    dict(sampling=dict(temperature=float("nan"))),
-    dict(sampling=dict(top_p=0.0)),
-    dict(sampling=dict(top_p=1.5)),
-    dict(prompt=""),
-    dict(prompt=None),
-    dict(chat=dict(messages=[])),
-    dict(chat=dict(messages=[dict(role="robot", content="hi")])),
-    dict(model=""),
-], ids=repr)
+@pytest.mark.parametrize(
+    "request_fields",
+    [
+        dict(sampling=dict(max_tokens=0)),
+        dict(sampling=dict(max_tokens=-5)),
+        dict(sampling=dict(temperature=-1.0)),
+        dict(sampling=dict(temperature=2.5)),
+        dict(sampling=dict(temperature=float("nan"))),
+        dict(sampling=dict(top_p=0.0)),
+        dict(sampling=dict(top_p=1.5)),
+        dict(prompt=""),
+        dict(prompt=None),
+        dict(chat=dict(messages=[])),
+        dict(chat=dict(messages=[dict(role="robot", content="hi")])),
+        dict(model=""),
+    ],
+    ids=repr,
+)
 def test_invalid_requests_are_invalid_argument(stub, fake_agent, echo_model, request_fields):
-    fields = {"model": echo_model, "prompt": "echo hi", "request_id": f"grpc-invalid-{time.monotonic_ns()}",
-              **request_fields}
+    fields = {
+        "model": echo_model,
+        "prompt": "echo hi",
+        "request_id": f"grpc-invalid-{time.monotonic_ns()}",
+        **request_fields,
+    }
     sampling = fields.pop("sampling", {})
     if "chat" in fields:
         fields.pop("prompt")
-        fields["chat"] = generate_pb2.ChatInput(messages=[generate_pb2.ChatMessage(**m)
-                                                          for m in fields["chat"]["messages"]])
+        fields["chat"] = generate_pb2.ChatInput(
+            messages=[generate_pb2.ChatMessage(**m) for m in fields["chat"]["messages"]]
+        )
     elif fields["prompt"] is None:
         fields.pop("prompt")
     request = generate_pb2.GenerateRequest(sampling=generate_pb2.SamplingParams(**sampling), **fields)
@@ -123,12 +135,16 @@ def test_dead_agent_is_unavailable_at_once(stub, gateway_stack):
     assert "no live replica" in caught.value.details()
 
 
-@pytest.mark.parametrize("code", ["INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "UNAVAILABLE",
-                                  "DEADLINE_EXCEEDED", "INTERNAL"])
+@pytest.mark.parametrize(
+    "code", ["INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL"]
+)
 def test_agent_errors_keep_their_codes(stub, echo_model, code):
     with pytest.raises(grpc.RpcError) as caught:
-        list(stub.Generate(prompt_request(echo_model, f"fail {code} detail-{code}", request_id=f"grpc-{code}"),
-                           timeout=5))
+        list(
+            stub.Generate(
+                prompt_request(echo_model, f"fail {code} detail-{code}", request_id=f"grpc-{code}"), timeout=5
+            )
+        )
     # But an agent's NOT_FOUND: a replica that no longer has the model (it exists: the gateway knows it),
     # so with no other replica, UNAVAILABLE.
     assert caught.value.code() == grpc.StatusCode["UNAVAILABLE" if code == "NOT_FOUND" else code]
@@ -161,8 +177,9 @@ def test_health_and_reflection(channel):
         reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
     reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
-    replies = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
-                                              timeout=5)
+    replies = reflection.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+    )
     names = {s.name for reply in replies for s in reply.list_services_response.service}
     assert {"prism.v1.Gateway", "grpc.health.v1.Health"} <= names
 
@@ -171,4 +188,3 @@ def test_rest_and_grpc_share_the_metrics(stub, gateway_stack, echo_model):
     list(stub.Generate(prompt_request(echo_model, "echo m"), timeout=5))
     text = httpx.get(gateway_stack.http_url + "/metrics").text
     assert f'prism_gateway_requests_total{{api="grpc",code="200",model="{echo_model}"}}' in text
-

@@ -69,8 +69,13 @@ def test_models_lists_every_model_with_availability(gateway_stack, http, fake_ag
     assert body["object"] == "list"
     models = {m["id"]: m for m in body["data"]}
     assert models["listed-live"] | {"created": 0} == {
-        "id": "listed-live", "object": "model", "created": 0, "owned_by": "prism", "available": True,
-        "max_context": 321}
+        "id": "listed-live",
+        "object": "model",
+        "created": 0,
+        "owned_by": "prism",
+        "available": True,
+        "max_context": 321,
+    }
     assert models["listed-loading"]["available"] is False
     assert isinstance(models["listed-live"]["created"], int)
 
@@ -96,11 +101,14 @@ def test_unknown_paths_get_openai_style_errors(http):
 # ---- routing failures --------------------------------------------------------
 
 
-@pytest.mark.parametrize("path, body", [
-    ("/v1/completions", {"prompt": "echo hi"}),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "echo hi"}]}),
-    ("/v1/completions", {"prompt": "echo hi", "stream": True}),
-])
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/v1/completions", {"prompt": "echo hi"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "echo hi"}]}),
+        ("/v1/completions", {"prompt": "echo hi", "stream": True}),
+    ],
+)
 def test_unknown_model_is_404(http, path, body):
     error = assert_error(http.post(path, json={"model": "no-such-model", **body}), 404, param="model")
     assert (error["type"], error["code"]) == ("invalid_request_error", "model_not_found")
@@ -166,8 +174,9 @@ def test_requests_spread_over_replicas_and_a_repeated_prompt_keeps_its_replica(g
             assert http.post("/v1/completions", json={"model": "two-replicas", "prompt": "echo x"}).status_code == 200
         assert sorted(len(a.calls) for a in agents) == [0, 6]
         for i in range(40):
-            assert http.post("/v1/completions", json={"model": "two-replicas",
-                                                      "prompt": f"echo {i}"}).status_code == 200
+            assert (
+                http.post("/v1/completions", json={"model": "two-replicas", "prompt": f"echo {i}"}).status_code == 200
+            )
         assert min(len(a.calls) for a in agents) >= 10, [len(a.calls) for a in agents]
     finally:
         for agent in agents:
@@ -193,41 +202,49 @@ def test_an_agent_restarted_at_the_same_address_is_reached_again(gateway_stack, 
 # ---- validation ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
-    ({"prompt": "hi", "max_tokens": -3}, "max_tokens"),
-    ({"prompt": "hi", "max_tokens": "16"}, "max_tokens"),
-    ({"prompt": "hi", "max_tokens": 1.5}, "max_tokens"),
-    ({"prompt": "hi", "temperature": 2.5}, "temperature"),
-    ({"prompt": "hi", "temperature": -0.1}, "temperature"),
-    ({"prompt": "hi", "temperature": "hot"}, "temperature"),
-    ({"prompt": "hi", "top_p": 0}, "top_p"),
-    ({"prompt": "hi", "top_p": 1.01}, "top_p"),
-    ({"prompt": "hi", "n": 2}, "n"),
-    ({"prompt": "hi", "seed": "x"}, "seed"),
-    ({"prompt": "hi", "stop": 5}, "stop"),
-    ({"prompt": "hi", "stream": "yes"}, "stream"),
-    ({}, "prompt"),
-    ({"prompt": ""}, "prompt"),
-    ({"prompt": [1, 2, 3]}, "prompt"),
-    ({"prompt": ["a", "b"]}, "prompt"),
-], ids=lambda v: json.dumps(v) if isinstance(v, dict) else v)
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": -3}, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": "16"}, "max_tokens"),
+        ({"prompt": "hi", "max_tokens": 1.5}, "max_tokens"),
+        ({"prompt": "hi", "temperature": 2.5}, "temperature"),
+        ({"prompt": "hi", "temperature": -0.1}, "temperature"),
+        ({"prompt": "hi", "temperature": "hot"}, "temperature"),
+        ({"prompt": "hi", "top_p": 0}, "top_p"),
+        ({"prompt": "hi", "top_p": 1.01}, "top_p"),
+        ({"prompt": "hi", "n": 2}, "n"),
+        ({"prompt": "hi", "seed": "x"}, "seed"),
+        ({"prompt": "hi", "stop": 5}, "stop"),
+        ({"prompt": "hi", "stream": "yes"}, "stream"),
+        ({}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": [1, 2, 3]}, "prompt"),
+        ({"prompt": ["a", "b"]}, "prompt"),
+    ],
+    ids=lambda v: json.dumps(v) if isinstance(v, dict) else v,
+)
 def test_invalid_completion_requests_are_400(http, echo_model, body, param):
     error = assert_error(http.post("/v1/completions", json={"model": echo_model, **body}), 400, param=param)
     assert error["type"] == "invalid_request_error"
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"messages": []}, "messages"),
-    ({}, "messages"),
-    ({"messages": "hi"}, "messages"),
-    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "user"}]}, "messages[1].content"),
-    ({"messages": [{"role": "user", "content": 7}]}, "messages[0].content"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages[0].content"),
-    ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}, "max_completion_tokens"),
-    ({"messages": [{"role": "user", "content": "hi"}], "top_p": -1}, "top_p"),
-], ids=lambda v: json.dumps(v) if isinstance(v, dict) else v)
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"messages": []}, "messages"),
+        ({}, "messages"),
+        ({"messages": "hi"}, "messages"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "user"}]}, "messages[1].content"),
+        ({"messages": [{"role": "user", "content": 7}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"messages": [{"role": "user", "content": "hi"}], "top_p": -1}, "top_p"),
+    ],
+    ids=lambda v: json.dumps(v) if isinstance(v, dict) else v,
+)
 def test_invalid_chat_requests_are_400(http, echo_model, body, param):
     assert_error(http.post("/v1/chat/completions", json={"model": echo_model, **body}), 400, param=param)
 
@@ -262,8 +279,12 @@ def test_completion(http, fake_agent, echo_model):
     assert body["id"] == request_id and request_id.startswith("cmpl-")
     assert (body["object"], body["model"]) == ("text_completion", echo_model)
     assert body["choices"] == [{"index": 0, "text": "a b c ", "logprobs": None, "finish_reason": "stop"}]
-    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7,
-                             "prompt_tokens_details": {"cached_tokens": 0}}
+    assert body["usage"] == {
+        "prompt_tokens": 4,
+        "completion_tokens": 3,
+        "total_tokens": 7,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     call = fake_agent.call_for(request_id)
     assert call.request.prompt == "echo a b c" and call.request.model == echo_model
     assert call.request.sampling.max_tokens == 16  # OpenAI's completions default
@@ -272,14 +293,30 @@ def test_completion(http, fake_agent, echo_model):
 
 def test_max_tokens_cuts_with_length(http, echo_model):
     body = http.post("/v1/completions", json={"model": echo_model, "prompt": "echo a b c d", "max_tokens": 2}).json()
-    assert body["choices"][0] | {"index": 0} == {"index": 0, "text": "a b ", "logprobs": None,
-                                                 "finish_reason": "length"}
+    assert body["choices"][0] | {"index": 0} == {
+        "index": 0,
+        "text": "a b ",
+        "logprobs": None,
+        "finish_reason": "length",
+    }
 
 
 def test_sampling_parameters_reach_the_agent(http, fake_agent, echo_model):
-    response = http.post("/v1/completions", json={
-        "model": echo_model, "prompt": ["echo x"], "max_tokens": 5, "temperature": 0, "top_p": 0.5,
-        "seed": 42, "stop": "\n", "ignore_eos": True, "n": 1, "logprobs": None})
+    response = http.post(
+        "/v1/completions",
+        json={
+            "model": echo_model,
+            "prompt": ["echo x"],
+            "max_tokens": 5,
+            "temperature": 0,
+            "top_p": 0.5,
+            "seed": 42,
+            "stop": "\n",
+            "ignore_eos": True,
+            "n": 1,
+            "logprobs": None,
+        },
+    )
     assert response.status_code == 200, response.text
     sampling = fake_agent.call_for(response.json()["id"]).request.sampling
     assert sampling.HasField("temperature") and sampling.temperature == 0.0
@@ -288,16 +325,18 @@ def test_sampling_parameters_reach_the_agent(http, fake_agent, echo_model):
 
 
 def test_unset_sampling_stays_unset(http, fake_agent, echo_model):
-    response = http.post("/v1/chat/completions", json={
-        "model": echo_model, "messages": [{"role": "user", "content": "echo x"}]})
+    response = http.post(
+        "/v1/chat/completions", json={"model": echo_model, "messages": [{"role": "user", "content": "echo x"}]}
+    )
     sampling = fake_agent.call_for(response.json()["id"]).request.sampling
     for name in ("max_tokens", "temperature", "top_p", "seed"):
         assert not sampling.HasField(name), name
 
 
 def test_client_request_id_is_used_throughout(http, fake_agent, echo_model):
-    response = http.post("/v1/completions", json={"model": echo_model, "prompt": "echo x"},
-                         headers={"X-Request-Id": "client-chosen-17"})
+    response = http.post(
+        "/v1/completions", json={"model": echo_model, "prompt": "echo x"}, headers={"X-Request-Id": "client-chosen-17"}
+    )
     assert response.headers["x-request-id"] == "client-chosen-17" == response.json()["id"]
     assert fake_agent.call_for("client-chosen-17").metadata["x-request-id"] == "client-chosen-17"
     error = http.post("/v1/completions", json={"model": "nope", "prompt": "x"}, headers={"X-Request-Id": "err-1"})
@@ -305,16 +344,24 @@ def test_client_request_id_is_used_throughout(http, fake_agent, echo_model):
 
 
 def test_chat_is_sent_as_chat_messages(http, fake_agent, echo_model):
-    response = http.post("/v1/chat/completions", json={
-        "model": echo_model, "max_tokens": 50, "max_completion_tokens": 2,
-        "messages": [{"role": "system", "content": "be brief"},
-                     {"role": "user", "content": [{"type": "text", "text": "echo"},
-                                                  {"type": "text", "text": "p q r"}]}]})
+    response = http.post(
+        "/v1/chat/completions",
+        json={
+            "model": echo_model,
+            "max_tokens": 50,
+            "max_completion_tokens": 2,
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "echo"}, {"type": "text", "text": "p q r"}]},
+            ],
+        },
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
-    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "p q "},
-                                "logprobs": None, "finish_reason": "length"}]
+    assert body["choices"] == [
+        {"index": 0, "message": {"role": "assistant", "content": "p q "}, "logprobs": None, "finish_reason": "length"}
+    ]
     request = fake_agent.call_for(body["id"]).request
     assert request.WhichOneof("input") == "chat"
     assert [(m.role, m.content) for m in request.chat.messages] == [("system", "be brief"), ("user", "echo\np q r")]
@@ -322,8 +369,10 @@ def test_chat_is_sent_as_chat_messages(http, fake_agent, echo_model):
 
 
 def test_completion_stream(http, echo_model):
-    response = http.post("/v1/completions", json={
-        "model": echo_model, "prompt": "echo a b c", "stream": True, "stream_options": {"include_usage": True}})
+    response = http.post(
+        "/v1/completions",
+        json={"model": echo_model, "prompt": "echo a b c", "stream": True, "stream_options": {"include_usage": True}},
+    )
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
     events = sse_payloads(response.text)
     assert events[-1] == "[DONE]"
@@ -352,8 +401,14 @@ def test_openai_client_chat(oai, echo_model):
     assert done.choices[0].message.role == "assistant"
     assert done.choices[0].message.content == "hi there "
     assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens
-    chunks = list(oai.chat.completions.create(model=echo_model, messages=[{"role": "user", "content": "echo hi there"}],
-                                              stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        oai.chat.completions.create(
+            model=echo_model,
+            messages=[{"role": "user", "content": "echo hi there"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "hi there "
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
@@ -363,16 +418,25 @@ def test_openai_client_chat(oai, echo_model):
 # ---- agent failures ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("code, status", [
-    # An agent's NOT_FOUND is a replica that no longer has the model (the gateway knows the model: an
-    # unknown one is refused before any agent is asked), so with no other replica: 503.
-    ("INVALID_ARGUMENT", 400), ("NOT_FOUND", 503), ("RESOURCE_EXHAUSTED", 429), ("UNAVAILABLE", 503),
-    ("DEADLINE_EXCEEDED", 504), ("INTERNAL", 500), ("UNKNOWN", 500),
-])
+@pytest.mark.parametrize(
+    "code, status",
+    [
+        # An agent's NOT_FOUND is a replica that no longer has the model (the gateway knows the model: an
+        # unknown one is refused before any agent is asked), so with no other replica: 503.
+        ("INVALID_ARGUMENT", 400),
+        ("NOT_FOUND", 503),
+        ("RESOURCE_EXHAUSTED", 429),
+        ("UNAVAILABLE", 503),
+        ("DEADLINE_EXCEEDED", 504),
+        ("INTERNAL", 500),
+        ("UNKNOWN", 500),
+    ],
+)
 @pytest.mark.parametrize("stream", [False, True])
 def test_agent_errors_map_to_http_statuses(http, echo_model, code, status, stream):
-    response = http.post("/v1/completions", json={
-        "model": echo_model, "prompt": f"fail {code} prompt has 999 tokens", "stream": stream})
+    response = http.post(
+        "/v1/completions", json={"model": echo_model, "prompt": f"fail {code} prompt has 999 tokens", "stream": stream}
+    )
     error = assert_error(response, status)
     if status == 400:
         assert "prompt has 999 tokens" in error["message"]
@@ -384,13 +448,16 @@ def test_error_statuses_through_the_openai_client(oai, echo_model):
     with pytest.raises(openai.RateLimitError):
         oai.completions.create(model=echo_model, prompt="fail RESOURCE_EXHAUSTED busy")
     with pytest.raises(openai.BadRequestError):
-        oai.chat.completions.create(model=echo_model, messages=[{"role": "user", "content": "fail INVALID_ARGUMENT x"}],
-                                    stream=True)
+        oai.chat.completions.create(
+            model=echo_model, messages=[{"role": "user", "content": "fail INVALID_ARGUMENT x"}], stream=True
+        )
 
 
 def test_an_error_after_the_stream_began_is_an_sse_event(http, echo_model):
-    response = http.post("/v1/chat/completions", json={
-        "model": echo_model, "messages": [{"role": "user", "content": "fail-after 2 INTERNAL"}], "stream": True})
+    response = http.post(
+        "/v1/chat/completions",
+        json={"model": echo_model, "messages": [{"role": "user", "content": "fail-after 2 INTERNAL"}], "stream": True},
+    )
     assert response.status_code == 200
     events = sse_payloads(response.text)
     assert events[-1] == "[DONE]"
@@ -426,9 +493,15 @@ def test_a_hung_agent_times_out_with_504(http, fake_agent, echo_model):
 
 
 def test_leaving_a_stream_cancels_the_agent_call(gateway_stack, fake_agent, echo_model):
-    with httpx.Client(base_url=gateway_stack.http_url) as http, \
-            http.stream("POST", "/v1/completions", json={"model": echo_model, "prompt": "slow 60", "stream": True},
-                        headers={"x-request-id": "leave-stream"}) as response:
+    with (
+        httpx.Client(base_url=gateway_stack.http_url) as http,
+        http.stream(
+            "POST",
+            "/v1/completions",
+            json={"model": echo_model, "prompt": "slow 60", "stream": True},
+            headers={"x-request-id": "leave-stream"},
+        ) as response,
+    ):
         assert next(response.iter_lines()).startswith("data: ")
     call = fake_agent.call_for("leave-stream")
     assert call.ended.wait(2) and call.cancelled
@@ -438,8 +511,12 @@ def test_leaving_a_stream_cancels_the_agent_call(gateway_stack, fake_agent, echo
 def test_leaving_a_non_stream_request_cancels_the_agent_call(gateway_stack, fake_agent, echo_model, script):
     request_id = f"leave-{script.replace(' ', '-')}"
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(gateway_stack.http_url + "/v1/completions", json={"model": echo_model, "prompt": script},
-                   headers={"x-request-id": request_id}, timeout=0.4)
+        httpx.post(
+            gateway_stack.http_url + "/v1/completions",
+            json={"model": echo_model, "prompt": script},
+            headers={"x-request-id": request_id},
+            timeout=0.4,
+        )
     call = fake_agent.wait_for_call(request_id)
     # Well before the gateway's own deadline would end it.
     assert call.ended.wait(1.0) and call.cancelled
@@ -467,18 +544,50 @@ def test_metrics_count_requests_tokens_and_latency(http, echo_model):
 def reporting_agent_status(agent_id: str, model: str) -> agent_pb2.AgentStatus:
     """What a busy agent with one engine on device 0 (and one of a model the cluster does not know) reports."""
     mib = 1 << 20
-    status = agent_pb2.AgentStatus(agent_id=agent_id, gpus=[agent_pb2.GpuMemory(
-        gpu_id=0, total_bytes=8000 * mib, weight_bytes=1000 * mib, reserve_bytes=500 * mib,
-        kv_budget_bytes=6500 * mib, kv_limit_bytes=2000 * mib, kv_mapped_bytes=1500 * mib, free_bytes=4500 * mib,
-        engines=[agent_pb2.EngineMemory(model=model, active=True, weight_bytes=1000 * mib,
-                                        kv_limit_bytes=2000 * mib)])])
+    status = agent_pb2.AgentStatus(
+        agent_id=agent_id,
+        gpus=[
+            agent_pb2.GpuMemory(
+                gpu_id=0,
+                total_bytes=8000 * mib,
+                weight_bytes=1000 * mib,
+                reserve_bytes=500 * mib,
+                kv_budget_bytes=6500 * mib,
+                kv_limit_bytes=2000 * mib,
+                kv_mapped_bytes=1500 * mib,
+                free_bytes=4500 * mib,
+                engines=[
+                    agent_pb2.EngineMemory(model=model, active=True, weight_bytes=1000 * mib, kv_limit_bytes=2000 * mib)
+                ],
+            )
+        ],
+    )
     status.engines.add(
-        model=model, gpu_ids=[0], state=agent_pb2.ENGINE_STATE_ACTIVE, memory_limit_bytes=2000 * mib,
-        kv_mapped_bytes=1500 * mib, kv_used_bytes=1200 * mib, kv_demand_bytes=1800 * mib, weight_bytes=1000 * mib,
-        queued_requests=2, admission_queued=3, running_requests=4, priority=2,
-        serving=agent_pb2.ServingStats(window_s=60, arrival_rate=1.5, finished_requests=80, ttft_p50_ms=120,
-                                       ttft_p99_ms=900, tpot_p50_ms=20, tpot_p99_ms=45, slo_attainment=0.75,
-                                       shed_requests=5, failed_requests=1))
+        model=model,
+        gpu_ids=[0],
+        state=agent_pb2.ENGINE_STATE_ACTIVE,
+        memory_limit_bytes=2000 * mib,
+        kv_mapped_bytes=1500 * mib,
+        kv_used_bytes=1200 * mib,
+        kv_demand_bytes=1800 * mib,
+        weight_bytes=1000 * mib,
+        queued_requests=2,
+        admission_queued=3,
+        running_requests=4,
+        priority=2,
+        serving=agent_pb2.ServingStats(
+            window_s=60,
+            arrival_rate=1.5,
+            finished_requests=80,
+            ttft_p50_ms=120,
+            ttft_p99_ms=900,
+            tpot_p50_ms=20,
+            tpot_p99_ms=45,
+            slo_attainment=0.75,
+            shed_requests=5,
+            failed_requests=1,
+        ),
+    )
     status.engines.add(model="not-in-the-registry", gpu_ids=[0], state=agent_pb2.ENGINE_STATE_ACTIVE)
     return status
 
@@ -537,8 +646,9 @@ def test_metrics_carry_each_agents_status(gateway_stack, http):
 
 def test_agents_that_do_not_answer_do_not_fail_the_scrape(gateway_stack, http, fake_agent):
     # One agent is registered but nothing listens at its address; the fake agent answers UNIMPLEMENTED.
-    gateway_stack.etcd.put(records.AGENTS + "gone", records.AgentRecord(
-        agent_id="gone", address=f"127.0.0.1:{free_port()}").to_json())
+    gateway_stack.etcd.put(
+        records.AGENTS + "gone", records.AgentRecord(agent_id="gone", address=f"127.0.0.1:{free_port()}").to_json()
+    )
     gateway_stack.serve_model("silent", [fake_agent])
     silent = f"fake-{fake_agent.port}"
     samples = scrape_until(http, 'prism_agent_up{agent="gone"}')

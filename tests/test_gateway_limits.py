@@ -71,8 +71,9 @@ def test_a_clock_going_backwards_adds_nothing():
     assert bucket.take(5.0) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("wait_s, seconds", [(0.0001, 1), (0.5, 1), (1.0, 1), (1.01, 2), (2.0000000001, 2),
-                                             (99.2, 100)])
+@pytest.mark.parametrize(
+    "wait_s, seconds", [(0.0001, 1), (0.5, 1), (1.0, 1), (1.01, 2), (2.0000000001, 2), (99.2, 100)]
+)
 def test_retry_after_is_whole_seconds_rounded_up(wait_s, seconds):
     assert retry_after_seconds(wait_s) == seconds
 
@@ -129,8 +130,12 @@ def test_prompt_length_is_counted_in_characters_over_all_chat_messages():
     with pytest.raises(PromptTooLong) as caught:
         check_generate_limits(generate_pb2.GenerateRequest(prompt="x" * 11), limits)
     assert caught.value.param == "prompt" and "11 characters" in caught.value.message
-    chat = generate_pb2.ChatInput(messages=[generate_pb2.ChatMessage(role="system", content="x" * 6),
-                                            generate_pb2.ChatMessage(role="user", content="y" * 5)])
+    chat = generate_pb2.ChatInput(
+        messages=[
+            generate_pb2.ChatMessage(role="system", content="x" * 6),
+            generate_pb2.ChatMessage(role="user", content="y" * 5),
+        ]
+    )
     with pytest.raises(PromptTooLong) as caught:
         check_generate_limits(generate_pb2.GenerateRequest(chat=chat), limits)
     assert caught.value.param == "messages"
@@ -138,19 +143,26 @@ def test_prompt_length_is_counted_in_characters_over_all_chat_messages():
 
 def test_max_tokens_over_the_cap_is_refused_and_unset_is_left_to_the_engine():
     limits = Limits(max_tokens_cap=8)
-    check_generate_limits(generate_pb2.GenerateRequest(prompt="x", sampling=generate_pb2.SamplingParams(max_tokens=8)),
-                          limits)
+    check_generate_limits(
+        generate_pb2.GenerateRequest(prompt="x", sampling=generate_pb2.SamplingParams(max_tokens=8)), limits
+    )
     check_generate_limits(generate_pb2.GenerateRequest(prompt="x"), limits)
     with pytest.raises(MaxTokensTooLarge) as caught:
-        check_generate_limits(generate_pb2.GenerateRequest(
-            prompt="x", sampling=generate_pb2.SamplingParams(max_tokens=9)), limits)
+        check_generate_limits(
+            generate_pb2.GenerateRequest(prompt="x", sampling=generate_pb2.SamplingParams(max_tokens=9)), limits
+        )
     assert (caught.value.param, caught.value.http_status) == ("max_tokens", 400)
 
 
-@pytest.mark.parametrize("raw, message", [
-    ({"max_request_bytes": 0}, "at least 1"), ({"rate_limit_rps": float("inf")}, "must be a number"),
-    ({"rate_limit_rps": "5"}, "must be a number"), ({"rate_limit_burst": 2.0}, "whole number"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"max_request_bytes": 0}, "at least 1"),
+        ({"rate_limit_rps": float("inf")}, "must be a number"),
+        ({"rate_limit_rps": "5"}, "must be a number"),
+        ({"rate_limit_burst": 2.0}, "whole number"),
+    ],
+)
 def test_bad_limit_overrides(raw, message):
     with pytest.raises(ValueError, match=message):
         parse_limit_overrides(raw, "entry 0")
@@ -164,16 +176,43 @@ def test_limit_names_agree():
 
 
 def test_flags_set_every_clients_defaults():
-    args = parse_args(["--max-request-bytes", "1000", "--max-prompt-chars", "50", "--max-tokens-cap", "9",
-                       "--max-concurrent-streams", "3", "--rate-limit-rps", "1.5", "--rate-limit-burst", "4"])
-    assert limits_of(args) == Limits(max_request_bytes=1000, max_prompt_chars=50, max_tokens_cap=9,
-                                     max_concurrent_streams=3, rate_limit_rps=1.5, rate_limit_burst=4)
+    args = parse_args(
+        [
+            "--max-request-bytes",
+            "1000",
+            "--max-prompt-chars",
+            "50",
+            "--max-tokens-cap",
+            "9",
+            "--max-concurrent-streams",
+            "3",
+            "--rate-limit-rps",
+            "1.5",
+            "--rate-limit-burst",
+            "4",
+        ]
+    )
+    assert limits_of(args) == Limits(
+        max_request_bytes=1000,
+        max_prompt_chars=50,
+        max_tokens_cap=9,
+        max_concurrent_streams=3,
+        rate_limit_rps=1.5,
+        rate_limit_burst=4,
+    )
     assert limits_of(parse_args([])) == Limits()
     assert Limits().max_concurrent_streams == 0 and Limits().rate_limit_rps == 0  # off unless asked for
 
 
-@pytest.mark.parametrize("flags", [["--max-tokens-cap", "0"], ["--rate-limit-rps", "-1"],
-                                   ["--max-request-bytes", "1.5"], ["--rate-limit-rps", "nan"]])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--max-tokens-cap", "0"],
+        ["--rate-limit-rps", "-1"],
+        ["--max-request-bytes", "1.5"],
+        ["--rate-limit-rps", "nan"],
+    ],
+)
 def test_bad_limit_flags_are_refused(flags, capsys):
     with pytest.raises(SystemExit) as caught:
         parse_args(flags)
@@ -202,8 +241,9 @@ def test_access_control_refusals_carry_retry_after_and_are_counted():
     sample = metrics.registry.get_sample_value
     assert sample("prism_gateway_rejected_requests_total", {"api": "grpc", "reason": "rate_limited", "key": "k"}) == 1
     assert sample("prism_gateway_rejected_requests_total", {"api": "rest", "reason": "rate_limited", "key": "k"}) == 1
-    assert sample("prism_gateway_rejected_requests_total",
-                  {"api": "grpc", "reason": "too_many_streams", "key": "k"}) == 1
+    assert (
+        sample("prism_gateway_rejected_requests_total", {"api": "grpc", "reason": "too_many_streams", "key": "k"}) == 1
+    )
 
 
 # ---- a gateway with per-key limits ------------------------------------------------------------
@@ -249,8 +289,9 @@ def limited(tmp_path_factory, limits_etcd, limits_agent) -> Iterator[KeyedGatewa
   {{"name": "rated", "key": "{RATED_KEY}", "limits": {{"rate_limit_rps": 0.01, "rate_limit_burst": 2}}}},
   {{"name": "plain", "key": "{PLAIN_KEY}"}}
 ]""")
-    gateway = start_keyed_gateway(limits_etcd, state / "gateway.log", "--api-keys-file", str(keys_file),
-                                  "--max-tokens-cap", str(FLAG_TOKENS))
+    gateway = start_keyed_gateway(
+        limits_etcd, state / "gateway.log", "--api-keys-file", str(keys_file), "--max-tokens-cap", str(FLAG_TOKENS)
+    )
     try:
         gateway.serve_model(MODEL, limits_agent, PLAIN_KEY)
         gateway.agent = limits_agent
@@ -265,8 +306,9 @@ def limited_stub(limited: KeyedGateway) -> Iterator[gateway_pb2_grpc.GatewayStub
         yield gateway_pb2_grpc.GatewayStub(channel)
 
 
-def post(gateway: KeyedGateway, key: str | None, body: dict, request_id: str | None = None,
-         path: str = "/v1/completions") -> httpx.Response:
+def post(
+    gateway: KeyedGateway, key: str | None, body: dict, request_id: str | None = None, path: str = "/v1/completions"
+) -> httpx.Response:
     headers = bearer(key) if key else {}
     if request_id:
         headers["x-request-id"] = request_id
@@ -291,8 +333,12 @@ def test_a_chunked_body_without_a_length_is_counted_as_it_comes(limited):
     chunks = [b'{"model": "' + MODEL.encode() + b'", "prompt": "echo ', *[b"x" * 100] * 10, b'"}']
 
     def send(key: str) -> httpx.Response:
-        return httpx.post(limited.http_url + "/v1/completions", content=iter(chunks), timeout=10,
-                          headers={**bearer(key), "content-type": "application/json", "x-request-id": rid})
+        return httpx.post(
+            limited.http_url + "/v1/completions",
+            content=iter(chunks),
+            timeout=10,
+            headers={**bearer(key), "content-type": "application/json", "x-request-id": rid},
+        )
 
     rid = unique_id("chunked")
     response = send(TIGHT_KEY)
@@ -303,12 +349,20 @@ def test_a_chunked_body_without_a_length_is_counted_as_it_comes(limited):
     assert send(PLAIN_KEY).status_code == 200
 
 
-@pytest.mark.parametrize("path, body, param", [
-    ("/v1/completions", completion(MODEL, "echo " + "p" * TIGHT_CHARS), "prompt"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "system", "content": "s" * 30},
-                                                           {"role": "user", "content": "echo " + "u" * 10}]},
-     "messages"),
-])
+@pytest.mark.parametrize(
+    "path, body, param",
+    [
+        ("/v1/completions", completion(MODEL, "echo " + "p" * TIGHT_CHARS), "prompt"),
+        (
+            "/v1/chat/completions",
+            {
+                "model": MODEL,
+                "messages": [{"role": "system", "content": "s" * 30}, {"role": "user", "content": "echo " + "u" * 10}],
+            },
+            "messages",
+        ),
+    ],
+)
 def test_a_prompt_over_the_limit_is_400(limited, path, body, param):
     request_id = unique_id("long-prompt")
     error = assert_openai_error(post(limited, TIGHT_KEY, body, request_id, path), 400, "prompt_too_long", param)
@@ -319,8 +373,9 @@ def test_a_prompt_over_the_limit_is_400(limited, path, body, param):
 @pytest.mark.parametrize("key, cap", [(TIGHT_KEY, TIGHT_TOKENS), (PLAIN_KEY, FLAG_TOKENS)])
 def test_max_tokens_over_the_keys_cap_is_400(limited, key, cap):
     request_id = unique_id("max-tokens")
-    error = assert_openai_error(post(limited, key, completion(MODEL, max_tokens=cap + 1), request_id), 400,
-                                "invalid_value", "max_tokens")
+    error = assert_openai_error(
+        post(limited, key, completion(MODEL, max_tokens=cap + 1), request_id), 400, "invalid_value", "max_tokens"
+    )
     assert str(cap) in error["message"]
     assert not limited.agent.received(request_id)
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "echo a"}], "max_completion_tokens": cap + 1}
@@ -335,15 +390,27 @@ def test_grpc_limits(limited, limited_stub):
         assert not limited.agent.received(request.request_id)
         return caught.value
 
-    too_many = refused(generate_pb2.GenerateRequest(
-        request_id=unique_id("g-tokens"), model=MODEL, prompt="echo a",
-        sampling=generate_pb2.SamplingParams(max_tokens=TIGHT_TOKENS + 1)))
+    too_many = refused(
+        generate_pb2.GenerateRequest(
+            request_id=unique_id("g-tokens"),
+            model=MODEL,
+            prompt="echo a",
+            sampling=generate_pb2.SamplingParams(max_tokens=TIGHT_TOKENS + 1),
+        )
+    )
     assert too_many.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_tokens" in too_many.details()
-    too_long = refused(generate_pb2.GenerateRequest(request_id=unique_id("g-prompt"), model=MODEL,
-                                                    prompt="echo " + "x" * TIGHT_CHARS))
+    too_long = refused(
+        generate_pb2.GenerateRequest(request_id=unique_id("g-prompt"), model=MODEL, prompt="echo " + "x" * TIGHT_CHARS)
+    )
     assert too_long.code() == grpc.StatusCode.INVALID_ARGUMENT and "characters" in too_long.details()
-    too_large = refused(generate_pb2.GenerateRequest(request_id=unique_id("g-large"), model=MODEL, prompt="echo a",
-                                                     sampling=generate_pb2.SamplingParams(stop=["s" * TIGHT_BYTES])))
+    too_large = refused(
+        generate_pb2.GenerateRequest(
+            request_id=unique_id("g-large"),
+            model=MODEL,
+            prompt="echo a",
+            sampling=generate_pb2.SamplingParams(stop=["s" * TIGHT_BYTES]),
+        )
+    )
     assert too_large.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and str(TIGHT_BYTES) in too_large.details()
 
 
@@ -358,8 +425,11 @@ def test_the_rate_limit_is_per_key_across_both_apis_with_retry_after(limited, li
     assert 1 <= retry_after <= 100 and f"retry in {retry_after}s" in error["message"]
     assert not limited.agent.received(request_id)
     with pytest.raises(grpc.RpcError) as caught:
-        list(limited_stub.Generate(generate_pb2.GenerateRequest(model=MODEL, prompt="echo a"),
-                                   metadata=grpc_auth(RATED_KEY), timeout=5))
+        list(
+            limited_stub.Generate(
+                generate_pb2.GenerateRequest(model=MODEL, prompt="echo a"), metadata=grpc_auth(RATED_KEY), timeout=5
+            )
+        )
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert 1 <= int(dict(caught.value.trailing_metadata())["retry-after"]) <= 100
     # Other keys have buckets of their own.
@@ -372,12 +442,16 @@ def test_the_rate_limit_is_per_key_across_both_apis_with_retry_after(limited, li
 def assert_no_slot(gateway: KeyedGateway, stub: gateway_pb2_grpc.GatewayStub, key: str | None) -> None:
     """Both APIs refuse another generation to `key` (429 / RESOURCE_EXHAUSTED): its one slot is taken."""
     request_id = unique_id("no-slot")
-    error = assert_openai_error(post(gateway, key, completion(MODEL), request_id), 429,
-                                "too_many_concurrent_requests")
+    error = assert_openai_error(post(gateway, key, completion(MODEL), request_id), 429, "too_many_concurrent_requests")
     assert error["type"] == "rate_limit_error"
     with pytest.raises(grpc.RpcError) as caught:
-        list(stub.Generate(generate_pb2.GenerateRequest(request_id=request_id + "-g", model=MODEL, prompt="echo a"),
-                           metadata=grpc_auth(key) if key else (), timeout=5))
+        list(
+            stub.Generate(
+                generate_pb2.GenerateRequest(request_id=request_id + "-g", model=MODEL, prompt="echo a"),
+                metadata=grpc_auth(key) if key else (),
+                timeout=5,
+            )
+        )
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert not gateway.agent.received(request_id) and not gateway.agent.received(request_id + "-g")
 
@@ -389,9 +463,12 @@ def slot_is_free(gateway: KeyedGateway, key: str | None) -> bool:
 def leave_a_rest_stream_midway(gateway: KeyedGateway, stub, key: str | None) -> None:
     request_id = unique_id("leave")
     headers = {**(bearer(key) if key else {}), "x-request-id": request_id}
-    with httpx.Client(base_url=gateway.http_url) as http, \
-            http.stream("POST", "/v1/completions", json=completion(MODEL, "slow 60", stream=True),
-                        headers=headers) as response:
+    with (
+        httpx.Client(base_url=gateway.http_url) as http,
+        http.stream(
+            "POST", "/v1/completions", json=completion(MODEL, "slow 60", stream=True), headers=headers
+        ) as response,
+    ):
         assert response.status_code == 200
         lines = response.iter_lines()  # kept: a dropped line iterator closes the connection
         assert next(lines).startswith("data: ")
@@ -407,8 +484,11 @@ def test_a_rest_stream_left_midway_frees_its_slot(limited, limited_stub):
 
 def test_a_cancelled_grpc_call_frees_its_slot(limited, limited_stub):
     request_id = unique_id("grpc-cancel")
-    call = limited_stub.Generate(generate_pb2.GenerateRequest(request_id=request_id, model=MODEL, prompt="slow 60"),
-                                 metadata=grpc_auth(TIGHT_KEY), timeout=10)
+    call = limited_stub.Generate(
+        generate_pb2.GenerateRequest(request_id=request_id, model=MODEL, prompt="slow 60"),
+        metadata=grpc_auth(TIGHT_KEY),
+        timeout=10,
+    )
     next(call)
     assert_no_slot(limited, limited_stub, TIGHT_KEY)
     call.cancel()
@@ -418,15 +498,23 @@ def test_a_cancelled_grpc_call_frees_its_slot(limited, limited_stub):
 
 def test_a_rest_request_that_times_out_at_the_client_frees_its_slot(limited, limited_stub):
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(limited.http_url + "/v1/completions", json=completion(MODEL, "hang"), headers=bearer(TIGHT_KEY),
-                   timeout=0.5)
+        httpx.post(
+            limited.http_url + "/v1/completions", json=completion(MODEL, "hang"), headers=bearer(TIGHT_KEY), timeout=0.5
+        )
     wait_until(lambda: slot_is_free(limited, TIGHT_KEY), "the slot of a request whose client left was never freed")
 
 
-@pytest.mark.parametrize("prompt, stream", [
-    ("echo a b", True), ("echo a b", False), ("fail INVALID_ARGUMENT no", True), ("fail UNAVAILABLE no", False),
-    ("fail-after 1 INTERNAL", True), ("fail-after 1 INTERNAL", False),
-])
+@pytest.mark.parametrize(
+    "prompt, stream",
+    [
+        ("echo a b", True),
+        ("echo a b", False),
+        ("fail INVALID_ARGUMENT no", True),
+        ("fail UNAVAILABLE no", False),
+        ("fail-after 1 INTERNAL", True),
+        ("fail-after 1 INTERNAL", False),
+    ],
+)
 def test_every_ending_frees_the_slot_before_the_client_sees_it(limited, limited_stub, prompt, stream):
     # No waiting: the slot is free by the time the answer (or the stream's [DONE]) is sent.
     for _ in range(3):
@@ -434,8 +522,11 @@ def test_every_ending_frees_the_slot_before_the_client_sees_it(limited, limited_
     assert post(limited, TIGHT_KEY, completion(MODEL)).status_code == 200
     for _ in range(3):
         try:
-            list(limited_stub.Generate(generate_pb2.GenerateRequest(model=MODEL, prompt=prompt),
-                                       metadata=grpc_auth(TIGHT_KEY), timeout=5))
+            list(
+                limited_stub.Generate(
+                    generate_pb2.GenerateRequest(model=MODEL, prompt=prompt), metadata=grpc_auth(TIGHT_KEY), timeout=5
+                )
+            )
         except grpc.RpcError:
             pass
     assert post(limited, TIGHT_KEY, completion(MODEL)).status_code == 200
@@ -447,11 +538,17 @@ def test_refusals_are_counted_by_reason(limited):
     def count(api: str, reason: str, key: str) -> float:
         return samples.get(f'prism_gateway_rejected_requests_total{{api="{api}",key="{key}",reason="{reason}"}}', 0)
 
-    for api, reason, key in [("rest", "too_large", "tight"), ("rest", "prompt_too_long", "tight"),
-                             ("rest", "max_tokens", "plain"), ("grpc", "max_tokens", "tight"),
-                             ("grpc", "too_large", "tight"), ("rest", "rate_limited", "rated"),
-                             ("grpc", "rate_limited", "rated"), ("rest", "too_many_streams", "tight"),
-                             ("grpc", "too_many_streams", "tight")]:
+    for api, reason, key in [
+        ("rest", "too_large", "tight"),
+        ("rest", "prompt_too_long", "tight"),
+        ("rest", "max_tokens", "plain"),
+        ("grpc", "max_tokens", "tight"),
+        ("grpc", "too_large", "tight"),
+        ("rest", "rate_limited", "rated"),
+        ("grpc", "rate_limited", "rated"),
+        ("rest", "too_many_streams", "tight"),
+        ("grpc", "too_many_streams", "tight"),
+    ]:
         assert count(api, reason, key) >= 1, (api, reason, key)
 
 
@@ -461,8 +558,16 @@ def test_refusals_are_counted_by_reason(limited):
 @pytest.fixture(scope="module")
 def anonymous_limited(tmp_path_factory, limits_etcd, limits_agent) -> Iterator[KeyedGateway]:
     state = tmp_path_factory.mktemp("anonymous-limited-gateway")
-    gateway = start_keyed_gateway(limits_etcd, state / "gateway.log", "--max-tokens-cap", str(TIGHT_TOKENS),
-                                  "--max-request-bytes", str(TIGHT_BYTES), "--max-concurrent-streams", "1")
+    gateway = start_keyed_gateway(
+        limits_etcd,
+        state / "gateway.log",
+        "--max-tokens-cap",
+        str(TIGHT_TOKENS),
+        "--max-request-bytes",
+        str(TIGHT_BYTES),
+        "--max-concurrent-streams",
+        "1",
+    )
     try:
         gateway.serve_model(MODEL, limits_agent, None)
         gateway.agent = limits_agent
@@ -472,10 +577,15 @@ def anonymous_limited(tmp_path_factory, limits_etcd, limits_agent) -> Iterator[K
 
 
 def test_without_keys_the_limits_apply_to_the_anonymous_client(anonymous_limited):
-    assert_openai_error(post(anonymous_limited, None, completion(MODEL, max_tokens=TIGHT_TOKENS + 1)), 400,
-                        "invalid_value", "max_tokens")
-    assert_openai_error(post(anonymous_limited, None, completion(MODEL, "echo " + "x" * TIGHT_BYTES)), 413,
-                        "request_too_large")
+    assert_openai_error(
+        post(anonymous_limited, None, completion(MODEL, max_tokens=TIGHT_TOKENS + 1)),
+        400,
+        "invalid_value",
+        "max_tokens",
+    )
+    assert_openai_error(
+        post(anonymous_limited, None, completion(MODEL, "echo " + "x" * TIGHT_BYTES)), 413, "request_too_large"
+    )
     assert post(anonymous_limited, None, completion(MODEL, max_tokens=TIGHT_TOKENS)).status_code == 200
     with grpc.insecure_channel(anonymous_limited.grpc_target) as channel:
         leave_a_rest_stream_midway(anonymous_limited, gateway_pb2_grpc.GatewayStub(channel), None)

@@ -49,8 +49,9 @@ async def put(etcd, key: str, value: bytes) -> None:
     await etcd.put(key.encode(), value)
 
 
-async def place(etcd, model: str, replicas: dict[str, str | None], state: str = "active",
-                max_context: int = 128) -> None:
+async def place(
+    etcd, model: str, replicas: dict[str, str | None], state: str = "active", max_context: int = 128
+) -> None:
     """`model` placed on agents (agent_id -> address; None: the agent is not registered)."""
     await put(etcd, records.MODELS + model, records.ModelRecord(name=model, path="/m").to_json())
     for agent_id, address in replicas.items():
@@ -185,8 +186,9 @@ def test_the_prefix_key_is_the_beginning_of_the_prompt_or_of_the_chat():
     assert prefix_key(generate_pb2.GenerateRequest(prompt="")) is None
 
     def chat(*turns: tuple[str, str]) -> generate_pb2.GenerateRequest:
-        return generate_pb2.GenerateRequest(chat=generate_pb2.ChatInput(
-            messages=[generate_pb2.ChatMessage(role=r, content=c) for r, c in turns]))
+        return generate_pb2.GenerateRequest(
+            chat=generate_pb2.ChatInput(messages=[generate_pb2.ChatMessage(role=r, content=c) for r, c in turns])
+        )
 
     # A conversation keeps its key over its turns; another opening is another key.
     first = prefix_key(chat(("system", "Be brief."), ("user", "Hi")))
@@ -200,11 +202,14 @@ def assert_picks(router: Router, model: str, count: int) -> None:
     assert len({router.route(model) for _ in range(count * 2)}) == count
 
 
-@pytest.mark.parametrize("replicas, state, reason", [
-    ({"gone": None}, "active", "agent gone is not registered"),
-    ({"a1": "10.0.0.1:1"}, "loading", "engine on agent a1 is loading"),
-    ({"a1": "10.0.0.1:1"}, "failed", "engine on agent a1 is failed"),
-])
+@pytest.mark.parametrize(
+    "replicas, state, reason",
+    [
+        ({"gone": None}, "active", "agent gone is not registered"),
+        ({"a1": "10.0.0.1:1"}, "loading", "engine on agent a1 is loading"),
+        ({"a1": "10.0.0.1:1"}, "failed", "engine on agent a1 is failed"),
+    ],
+)
 async def test_replicas_that_cannot_serve_are_skipped(router, etcd, replicas, state, reason):
     await place(etcd, "m", replicas, state=state)
     await eventually(lambda: assert_unavailable(router, "m", reason))

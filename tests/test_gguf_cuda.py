@@ -45,8 +45,11 @@ async def test_a_gguf_on_the_kvcached_graph_path_serves_what_its_twin_serves(twi
     try:
         twin.start()
         engine.start()
-        assert (engine.serving_path.kv_pool, engine.serving_path.attention, engine.serving_path.cuda_graphs) == \
-            ("kvcached", "triton", True)
+        assert (engine.serving_path.kv_pool, engine.serving_path.attention, engine.serving_path.cuda_graphs) == (
+            "kvcached",
+            "triton",
+            True,
+        )
         expected = await all_tokens(twin, PROMPTS)
         assert await all_tokens(engine, PROMPTS) == expected
         assert engine._runner.graph_runner is not None  # the batch decoded from a captured graph

@@ -15,9 +15,22 @@ def test_the_record_has_every_outcome_and_a_failure_fails_the_run(tmp_path):
     failing = tmp_path / "test_gpu_record_probe.py"
     failing.write_text("def test_passes():\n    pass\n\n\ndef test_fails():\n    assert 1 == 2, 'one is not two'\n")
     out = tmp_path / "gpu_tests.json"
-    done = subprocess.run([sys.executable, "bench/gpu_tests.py", "--out", str(out), "--files",
-                           "tests/test_paged_attention_cuda.py", str(failing)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "bench/gpu_tests.py",
+            "--out",
+            str(out),
+            "--files",
+            "tests/test_paged_attention_cuda.py",
+            str(failing),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 1, done.stdout + done.stderr
     record = json.loads(out.read_text())
     assert record["benchmark"] == "gpu_tests" and record["pytest_exit_status"] == 1

@@ -18,7 +18,7 @@ def pack_into_one_buffer(module: nn.Module) -> torch.Tensor:
     buffer = torch.empty(sum(p.numel() for p in params), dtype=params[0].dtype)
     at = 0
     for p in params:
-        view = buffer[at:at + p.numel()].view(p.shape)
+        view = buffer[at : at + p.numel()].view(p.shape)
         view.copy_(p.data)
         p.data = view
         at += p.numel()

@@ -35,8 +35,9 @@ def _kubectl() -> str:
 
 
 def render(overlay: str) -> list[dict]:
-    out = subprocess.run([_kubectl(), "kustomize", str(KUBERNETES / "overlays" / overlay)],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [_kubectl(), "kustomize", str(KUBERNETES / "overlays" / overlay)], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
@@ -67,12 +68,23 @@ def test_every_object_of_every_overlay_is_valid_kubernetes(rendered):
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     for overlay, objects in rendered.items():
         kinds = {o["kind"] for o in objects}
-        assert {"StatefulSet", "Deployment", "DaemonSet", "Service", "NetworkPolicy", "HorizontalPodAutoscaler",
-                "PodDisruptionBudget", "ConfigMap", "Namespace"} <= kinds, overlay
+        assert {
+            "StatefulSet",
+            "Deployment",
+            "DaemonSet",
+            "Service",
+            "NetworkPolicy",
+            "HorizontalPodAutoscaler",
+            "PodDisruptionBudget",
+            "ConfigMap",
+            "Namespace",
+        } <= kinds, overlay
         for o in objects:
             kubernetes_validate.validate(o, KUBERNETES_VERSION, strict=True)
-            assert o["metadata"].get("namespace", overlay) == {"production": "prism", "insecure": "prism-dev"}[overlay] \
+            assert (
+                o["metadata"].get("namespace", overlay) == {"production": "prism", "insecure": "prism-dev"}[overlay]
                 or o["kind"] == "Namespace"
+            )
     # The check can fail: a misspelt field does.
     broken = copy.deepcopy(find(rendered["production"], "Deployment", "prism-gateway"))
     broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGett"] = {}
@@ -83,11 +95,15 @@ def test_every_object_of_every_overlay_is_valid_kubernetes(rendered):
 def _files_for(made) -> dict[str, str]:
     """The paths the manifests mount, mapped to the files `prism certs` made (and a placement config)."""
     service, https = made.service, made.https
-    return {"/etc/prism/tls/ca.crt": str(service.ca), "/etc/prism/tls/tls.crt": str(service.cert),
-            "/etc/prism/tls/tls.key": str(service.key), "/etc/prism/https/tls.crt": str(https.cert),
-            "/etc/prism/https/tls.key": str(https.key),
-            "/etc/prism/api-keys/api-keys.json": str(made.api_keys_file),
-            "/etc/prism/models/models.json": str(KUBERNETES / "base" / "models.json")}
+    return {
+        "/etc/prism/tls/ca.crt": str(service.ca),
+        "/etc/prism/tls/tls.crt": str(service.cert),
+        "/etc/prism/tls/tls.key": str(service.key),
+        "/etc/prism/https/tls.crt": str(https.cert),
+        "/etc/prism/https/tls.key": str(https.key),
+        "/etc/prism/api-keys/api-keys.json": str(made.api_keys_file),
+        "/etc/prism/models/models.json": str(KUBERNETES / "base" / "models.json"),
+    }
 
 
 def _local(args: list[str], files: dict[str, str], env: dict[str, str]) -> list[str]:
@@ -166,7 +182,8 @@ def test_production_is_secure_by_default_and_insecure_says_so(rendered, made):
     for workload, c in containers(production):
         pod = workload["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"] == {
-            "type": "RuntimeDefault"}, workload["metadata"]["name"]
+            "type": "RuntimeDefault"
+        }, workload["metadata"]["name"]
         assert c["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
         assert pod["automountServiceAccountToken"] is False
         host_paths = [v["name"] for v in pod.get("volumes", []) if "hostPath" in v]
@@ -174,15 +191,22 @@ def test_production_is_secure_by_default_and_insecure_says_so(rendered, made):
     etcd = find(production, "StatefulSet", "prism-etcd")
     command = etcd["spec"]["template"]["spec"]["containers"][0]["command"]
     assert etcd["spec"]["replicas"] == 3 and "--client-cert-auth" in command and "--peer-client-cert-auth" in command
-    assert all(u.startswith("https://") for a in command if a.startswith(("--listen-client", "--advertise-client"))
-               for u in [a.split("=", 1)[1]])
+    assert all(
+        u.startswith("https://")
+        for a in command
+        if a.startswith(("--listen-client", "--advertise-client"))
+        for u in [a.split("=", 1)[1]]
+    )
     # Only the gateway is open beyond Prism's own pods.
     policies = [o for o in production if o["kind"] == "NetworkPolicy"]
     public = [p for p in policies if not all("from" in rule for rule in p["spec"]["ingress"])]
     assert [p["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"] for p in public] == ["prism-gateway"]
     internal = next(p for p in policies if p not in public)
     assert set(internal["spec"]["podSelector"]["matchExpressions"][0]["values"]) == {
-        "prism-etcd", "prism-scheduler", "prism-agent"}
+        "prism-etcd",
+        "prism-scheduler",
+        "prism-agent",
+    }
     # The insecure overlay is plaintext throughout, one etcd member, and its file says what it turns off.
     insecure = rendered["insecure"]
     for _, c in containers(insecure):
@@ -212,8 +236,9 @@ def test_prism_certs_makes_the_secrets_the_manifests_mount_with_the_names_the_se
 
     def names(path) -> set[str]:
         cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
-        return set(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-                   .get_values_for_type(x509.DNSName))
+        return set(
+            cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+        )
 
     assert {SERVICE_NAME, "prism-scheduler", "localhost"} <= names(made.service.cert)
     # etcd's members dial each other by their StatefulSet names: prism-etcd-0.prism-etcd.prism.svc...
@@ -229,8 +254,10 @@ def test_prism_certs_writes_the_secrets_file_private_and_prints_the_key_once(tmp
     from prism.cli import app
 
     out = tmp_path / "secrets.yaml"
-    result = CliRunner().invoke(app, ["certs", str(tmp_path / "pki"), "--namespace", "team-a", "--host", "llm.example",
-                                      "--kubernetes", str(out)])
+    result = CliRunner().invoke(
+        app,
+        ["certs", str(tmp_path / "pki"), "--namespace", "team-a", "--host", "llm.example", "--kubernetes", str(out)],
+    )
     assert result.exit_code == 0, result.output
     key = re.search(r"API key \(shown once; only its sha256 is kept\): (sk-prism-\S+)", result.output).group(1)
     assert out.stat().st_mode & 0o777 == 0o600 and key not in out.read_text()

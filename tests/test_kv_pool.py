@@ -125,7 +125,7 @@ def test_unmapped_pages_give_host_memory_back():
     p.free(slots[: capacity // 2])
     half = _resident_bytes(buffers)
     assert half < 0.6 * touched, (half, touched)
-    p.free(slots[capacity // 2:])
+    p.free(slots[capacity // 2 :])
     assert _resident_bytes(buffers) < 0.1 * touched
     assert p.k_buffers[0][0].abs().sum() == 0  # an unmapped page reads zero when used again
 

@@ -57,8 +57,16 @@ def load_cluster_2(tmp_path_factory):
 
 def test_thousands_of_concurrent_requests_end_complete_or_with_an_explicit_error(load_cluster_2):
     cluster = load_cluster_2
-    result = asyncio.run(soak(cluster, requests=REQUESTS, rounds=ROUNDS, concurrency=CONCURRENCY,
-                              warmup=REQUESTS // ROUNDS, deadline_s=DEADLINE_S))
+    result = asyncio.run(
+        soak(
+            cluster,
+            requests=REQUESTS,
+            rounds=ROUNDS,
+            concurrency=CONCURRENCY,
+            warmup=REQUESTS // ROUNDS,
+            deadline_s=DEADLINE_S,
+        )
+    )
     print("\n" + report_table(result))
     summary = result["summary"]
     everything = [result["warmup"], summary]
@@ -82,8 +90,9 @@ def test_thousands_of_concurrent_requests_end_complete_or_with_an_explicit_error
     first, last = result["rounds"][1]["rss_after"], result["rounds"][-1]["rss_after"]
     for name, grew in growth.items():
         assert grew < GROWTH_BOUND_BYTES, f"{name} grew {grew / 2**20:.1f} MiB in the last round: {growth}"
-        assert last[name] - first[name] < GROWTH_BOUND_BYTES, \
+        assert last[name] - first[name] < GROWTH_BOUND_BYTES, (
             f"{name} grew {(last[name] - first[name]) / 2**20:.1f} MiB from round 1 to round {ROUNDS}"
+        )
 
 
 # ---- regressions the load found ---------------------------------------------------------------
@@ -143,8 +152,9 @@ async def test_a_grpc_call_closed_while_it_waits_at_a_yield_ends_its_request():
     metrics = GatewayMetrics()
     relay = _Relay()
     service = GatewayService(_Router(), relay, metrics, AccessControl(KeyStore(), Limits(), metrics))
-    request = generate_pb2.GenerateRequest(model="m", prompt="hello",
-                                           sampling=generate_pb2.SamplingParams(max_tokens=100))
+    request = generate_pb2.GenerateRequest(
+        model="m", prompt="hello", sampling=generate_pb2.SamplingParams(max_tokens=100)
+    )
     responses = service.Generate(request, _Context())
     await responses.__anext__()
     assert _gauge(metrics, "prism_gateway_requests_in_flight", api="grpc", model="m") == 1

@@ -55,17 +55,23 @@ def test_ties_are_broken_by_name_so_the_agent_and_the_simulator_agree():
 
 def test_kv_shortfall_is_what_the_demand_wants_beyond_the_budget_in_whole_units():
     unit = 2 << 20
-    engines = (EngineMemoryDemand("a", 1, used_bytes=0, demand_bytes=3 * unit + 1, limit_bytes=unit),
-               EngineMemoryDemand("b", 1, used_bytes=2 * unit, demand_bytes=0, limit_bytes=2 * unit),
-               EngineMemoryDemand("c", 1, used_bytes=0, demand_bytes=50 * unit, limit_bytes=unit, cap_bytes=5 * unit))
+    engines = (
+        EngineMemoryDemand("a", 1, used_bytes=0, demand_bytes=3 * unit + 1, limit_bytes=unit),
+        EngineMemoryDemand("b", 1, used_bytes=2 * unit, demand_bytes=0, limit_bytes=2 * unit),
+        EngineMemoryDemand("c", 1, used_bytes=0, demand_bytes=50 * unit, limit_bytes=unit, cap_bytes=5 * unit),
+    )
     # a wants 4 units (rounded up), b holds 2, c is capped at 5: 11 units against a budget of 8.
     assert kv_shortfall_bytes(DeviceMemorySnapshot(8 * unit, unit, engines)) == 3 * unit
     assert kv_shortfall_bytes(DeviceMemorySnapshot(11 * unit, unit, engines)) == 0
 
 
 def test_kv_pressure_switches_off_idle_engines_longest_idle_first_until_their_weights_cover_it():
-    residents = [resident("serving", 16, idle_s=500, serving=True), resident("just-done", 6, idle_s=0.5),
-                 resident("idle", 3, idle_s=20), resident("idler", 2, idle_s=60)]
+    residents = [
+        resident("serving", 16, idle_s=500, serving=True),
+        resident("just-done", 6, idle_s=0.5),
+        resident("idle", 3, idle_s=20),
+        resident("idler", 2, idle_s=60),
+    ]
     assert engines_to_relieve(residents, shortfall_bytes=1 * GB, min_idle_s=1.0) == ["idler"]
     assert engines_to_relieve(residents, shortfall_bytes=4 * GB, min_idle_s=1.0) == ["idler", "idle"]
     # Short of what the idle ones hold: each one still helps.
@@ -75,6 +81,7 @@ def test_kv_pressure_switches_off_idle_engines_longest_idle_first_until_their_we
 
 
 # ---- a real agent's service on the CPU device -------------------------------------------
+
 
 async def two_models_one_fits(tmp_path) -> tuple[dict[str, str], float]:
     """Two tiny models "a" and "b", and a CPU device memory (GB) sized from the first engine: its
@@ -107,9 +114,18 @@ async def test_a_request_for_a_switched_off_model_makes_room_on_a_full_device(tm
             assert status.state == (agent_pb2.ENGINE_STATE_ACTIVE if on else agent_pb2.ENGINE_STATE_INACTIVE)
 
         async def generate(model: str) -> str:
-            responses = [r async for r in agent.stub.Generate(generate_pb2.GenerateRequest(
-                request_id=f"room-{model}", model=model, prompt="Hello",
-                sampling=generate_pb2.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)), timeout=60)]
+            responses = [
+                r
+                async for r in agent.stub.Generate(
+                    generate_pb2.GenerateRequest(
+                        request_id=f"room-{model}",
+                        model=model,
+                        prompt="Hello",
+                        sampling=generate_pb2.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
+                    ),
+                    timeout=60,
+                )
+            ]
             assert responses[-1].finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED
             return "".join(r.text for r in responses)
 
@@ -136,8 +152,11 @@ async def test_a_switched_off_model_that_cannot_get_room_is_refused_at_once(tmp_
 
         def request(model: str) -> generate_pb2.GenerateRequest:
             return generate_pb2.GenerateRequest(
-                request_id=f"full-{model}", model=model, prompt="Hello",
-                sampling=generate_pb2.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+                request_id=f"full-{model}",
+                model=model,
+                prompt="Hello",
+                sampling=generate_pb2.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
+            )
 
         served = [r async for r in agent.stub.Generate(request("a"), timeout=60)]
         assert served[-1].finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED
@@ -159,8 +178,9 @@ async def test_a_switched_off_model_that_cannot_get_room_is_refused_at_once(tmp_
 
 @pytest.mark.parametrize("loaded_active", [False, True], ids=["activated", "loaded-active"])
 @pytest.mark.parametrize("a_stepped_aside", [True, False], ids=["a-idle", "a-busy"])
-async def test_an_engine_is_switched_on_only_with_a_page_bundle_of_kv_for_each(tmp_path, a_stepped_aside,
-                                                                                 loaded_active):
+async def test_an_engine_is_switched_on_only_with_a_page_bundle_of_kv_for_each(
+    tmp_path, a_stepped_aside, loaded_active
+):
     """A KV budget (capped) that holds one page bundle: both weights fit, but beside a busy "a" the policy
     would give "b" no KV at all, and b's requests would wait as long as a's load lasted (found with the
     SIGTERM cluster test's budget lowered). So "b" is switched on (activated, or loaded active) only if idle
@@ -178,9 +198,18 @@ async def test_an_engine_is_switched_on_only_with_a_page_bundle_of_kv_for_each(t
         bundle = agent.manager.engines["a"].engine.kv_bundle_bytes
         agent.coordinator.kv_budget_cap_bytes = bundle * 3 // 2
         await agent.coordinator.rebalance()
-        served = [r async for r in agent.stub.Generate(generate_pb2.GenerateRequest(
-            request_id="floor-a", model="a", prompt="Hello",
-            sampling=generate_pb2.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)), timeout=60)]
+        served = [
+            r
+            async for r in agent.stub.Generate(
+                generate_pb2.GenerateRequest(
+                    request_id="floor-a",
+                    model="a",
+                    prompt="Hello",
+                    sampling=generate_pb2.SamplingParams(max_tokens=4, temperature=0, ignore_eos=True),
+                ),
+                timeout=60,
+            )
+        ]
         assert served[-1].finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED
 
         async def switch_b_on() -> agent_pb2.EngineStatus:

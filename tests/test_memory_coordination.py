@@ -35,8 +35,13 @@ def coordinated_cluster(tmp_path_factory):
     config = [
         {"model_name": HIGH, "model_path": str(models["tiny-llama"]), "init_placements": placement, "priority": 3},
         {"model_name": LOW, "model_path": str(models["tiny-qwen2"]), "init_placements": placement, "priority": 1},
-        {"model_name": SHEDDER, "model_path": str(models["tiny-llama"]), "init_placements": placement,
-         "shed_load": True, "slo": {"ttft_ms": 1}},
+        {
+            "model_name": SHEDDER,
+            "model_path": str(models["tiny-llama"]),
+            "init_placements": placement,
+            "shed_load": True,
+            "slo": {"ttft_ms": 1},
+        },
     ]
     path = state / "models.json"
     path.write_text(json.dumps(config))
@@ -46,12 +51,22 @@ def coordinated_cluster(tmp_path_factory):
     # switched-off shedder could come back only once the others' requests gave their KV back (an
     # activation never takes KV in use), and the budget its weights left would change the contention
     # the priority split is tested under.
-    cluster = LocalCluster(state_dir=state, config_path=path, http_port=free_port(), grpc_port=free_port(),
-                           device="cpu", cpu_memory_gb=8 / 1024, engine_isolation="inline",
-                           agent_args=("--memory-reserve-gb", "0", "--relieve-idle-s", "3600"))
+    cluster = LocalCluster(
+        state_dir=state,
+        config_path=path,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        device="cpu",
+        cpu_memory_gb=8 / 1024,
+        engine_isolation="inline",
+        agent_args=("--memory-reserve-gb", "0", "--relieve-idle-s", "3600"),
+    )
     cluster.start()
-    first = httpx.post(f"{cluster.http_url}/v1/completions", timeout=GUARD_S,
-                       json={"model": SHEDDER, "prompt": "a first request", "max_tokens": 1})
+    first = httpx.post(
+        f"{cluster.http_url}/v1/completions",
+        timeout=GUARD_S,
+        json={"model": SHEDDER, "prompt": "a first request", "max_tokens": 1},
+    )
     assert first.status_code == 200, first.text
     yield cluster
     cluster.stop()
@@ -96,9 +111,16 @@ def engine_of(gpu: agent_pb2.GpuMemory, model: str) -> agent_pb2.EngineMemory:
 
 
 async def complete(client: httpx.AsyncClient, model: str, i: int) -> httpx.Response:
-    return await client.post("/v1/completions", json={
-        "model": model, "prompt": f"request {i} of a burst", "max_tokens": MAX_TOKENS, "temperature": 0,
-        "ignore_eos": True})
+    return await client.post(
+        "/v1/completions",
+        json={
+            "model": model,
+            "prompt": f"request {i} of a burst",
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0,
+            "ignore_eos": True,
+        },
+    )
 
 
 def assert_completed(responses: list[httpx.Response]) -> None:
@@ -121,7 +143,10 @@ async def test_a_burst_takes_memory_from_the_other_model_whose_requests_complete
     cluster = coordinated_cluster
     async with httpx.AsyncClient(base_url=cluster.http_url, timeout=GUARD_S) as client:
         with StatusSampler(cluster.agent_address) as sampler:
-            budget = (await sampler.wait_until(lambda gpu: True, "a status sample"), sampler.samples[-1][1].kv_budget_bytes)[1]
+            budget = (
+                await sampler.wait_until(lambda gpu: True, "a status sample"),
+                sampler.samples[-1][1].kv_budget_bytes,
+            )[1]
             low = [asyncio.create_task(complete(client, LOW, i)) for i in range(BURST)]
             # LOW's burst alone: it grows past half the budget.
             await sampler.wait_until(lambda gpu: engine_of(gpu, LOW).kv_limit_bytes > budget // 2, "LOW to grow")
@@ -130,19 +155,24 @@ async def test_a_burst_takes_memory_from_the_other_model_whose_requests_complete
             burst_at = time.monotonic()
             high = [asyncio.create_task(complete(client, HIGH, i)) for i in range(BURST)]
             grown_at = await sampler.wait_until(
-                lambda gpu: engine_of(gpu, HIGH).kv_limit_bytes > high_idle, "HIGH's limit to grow")
+                lambda gpu: engine_of(gpu, HIGH).kv_limit_bytes > high_idle, "HIGH's limit to grow"
+            )
             shrunk_at = await sampler.wait_until(
-                lambda gpu: engine_of(gpu, LOW).kv_limit_bytes < low_peak, "LOW's limit to shrink")
+                lambda gpu: engine_of(gpu, LOW).kv_limit_bytes < low_peak, "LOW's limit to shrink"
+            )
             # As HIGH's requests generate, their demand grows, and so does HIGH's share.
-            await sampler.wait_until(lambda gpu: engine_of(gpu, HIGH).kv_limit_bytes > budget // 2,
-                                     "HIGH's limit past half the budget")
+            await sampler.wait_until(
+                lambda gpu: engine_of(gpu, HIGH).kv_limit_bytes > budget // 2, "HIGH's limit past half the budget"
+            )
             low_done = await asyncio.gather(*low)
             high_done = await asyncio.gather(*high)
     assert_completed(low_done)  # LOW was squeezed (and preempted), and still finished every request
     assert_completed(high_done)
     assert_within_budget(sampler)
-    print(f"HIGH's limit grew {grown_at - burst_at:.3f}s after its burst began; "
-          f"LOW's went below its peak after {shrunk_at - burst_at:.3f}s")
+    print(
+        f"HIGH's limit grew {grown_at - burst_at:.3f}s after its burst began; "
+        f"LOW's went below its peak after {shrunk_at - burst_at:.3f}s"
+    )
 
 
 async def test_when_both_burst_the_split_follows_priority_and_the_shedder_refuses_late_requests(coordinated_cluster):
@@ -151,8 +181,9 @@ async def test_when_both_burst_the_split_follows_priority_and_the_shedder_refuse
         with StatusSampler(cluster.agent_address) as sampler:
             await sampler.wait_until(lambda gpu: True, "a status sample")
             tasks = [asyncio.create_task(complete(client, model, i)) for i in range(BURST) for model in (HIGH, LOW)]
-            await sampler.wait_until(lambda gpu: gpu.free_bytes < 2 * (gpu.kv_budget_bytes // 24),
-                                     "the budget to be all granted")
+            await sampler.wait_until(
+                lambda gpu: gpu.free_bytes < 2 * (gpu.kv_budget_bytes // 24), "the budget to be all granted"
+            )
             shed_tasks = [asyncio.create_task(complete(client, SHEDDER, i)) for i in range(BURST)]
             shed_done = await asyncio.gather(*shed_tasks)
             done = await asyncio.gather(*tasks)
@@ -161,10 +192,11 @@ async def test_when_both_burst_the_split_follows_priority_and_the_shedder_refuse
     # Under contention (both want more than is free) the higher priority is served first: where HIGH's
     # limit peaked, it held twice LOW's, or all it demanded (then nothing was kept from it for LOW; on a
     # slow run HIGH's requests finish before its demand reaches twice LOW's share).
-    contended = [(engine_of(gpu, HIGH).kv_limit_bytes, engine_of(gpu, LOW).kv_limit_bytes,
-                  engine_of(gpu, HIGH).kv_demand_bytes)
-                 for _, gpu in sampler.samples
-                 if engine_of(gpu, HIGH).kv_demand_bytes + engine_of(gpu, LOW).kv_demand_bytes > gpu.kv_budget_bytes]
+    contended = [
+        (engine_of(gpu, HIGH).kv_limit_bytes, engine_of(gpu, LOW).kv_limit_bytes, engine_of(gpu, HIGH).kv_demand_bytes)
+        for _, gpu in sampler.samples
+        if engine_of(gpu, HIGH).kv_demand_bytes + engine_of(gpu, LOW).kv_demand_bytes > gpu.kv_budget_bytes
+    ]
     assert contended, "the bursts never contended for memory"
     high, low, high_demand = max(contended)
     assert high >= 2 * low or high >= high_demand, contended

@@ -36,10 +36,17 @@ class CudaReadingEngineFake:
         self.device_used_bytes = 0
 
     def stats(self) -> EngineStats:
-        return EngineStats(running_requests=0, queued_requests=0, kv_used_bytes=self.mapped_bytes,
-                           memory_limit_bytes=self.mapped_bytes, weight_bytes=self.weight_bytes,
-                           kv_mapped_bytes=self.mapped_bytes, device_used_bytes=self.device_used_bytes,
-                           kv_held_bytes=self.held_bytes, kv_demand_tokens=self.demand_tokens)
+        return EngineStats(
+            running_requests=0,
+            queued_requests=0,
+            kv_used_bytes=self.mapped_bytes,
+            memory_limit_bytes=self.mapped_bytes,
+            weight_bytes=self.weight_bytes,
+            kv_mapped_bytes=self.mapped_bytes,
+            device_used_bytes=self.device_used_bytes,
+            kv_held_bytes=self.held_bytes,
+            kv_demand_tokens=self.demand_tokens,
+        )
 
 
 class Clock:
@@ -57,8 +64,9 @@ def coordinator_with(engines: dict[str, tuple[CudaReadingEngineFake, str]], cloc
     device = Device(0, "cuda", "a GPU that is not here", 80 * GIB)
     manager = EngineManager([device], noop)
     for name, (engine, state) in engines.items():
-        manager.engines[name] = ManagedEngine(spec=EngineSpec(name=name, path=f"/m/{name}"), gpu_ids=(0,),
-                                              state=state, engine=engine)
+        manager.engines[name] = ManagedEngine(
+            spec=EngineSpec(name=name, path=f"/m/{name}"), gpu_ids=(0,), state=state, engine=engine
+        )
     return MemoryCoordinator(device, manager, reserve_bytes=4 * GIB, clock=clock)
 
 
@@ -117,8 +125,9 @@ async def test_an_activation_under_way_and_a_loading_engine_do_not_read_as_overh
     b.activation_lock.release()
     read((active, switching_on), 20 * GIB)
     # An engine loading here (its weights on the device, in no count): no reading is taken.
-    coordinator.manager.engines["c"] = ManagedEngine(spec=EngineSpec(name="c", path="/m/c"), gpu_ids=(0,),
-                                                     state="loading", engine=CudaReadingEngineFake(8 * GIB))
+    coordinator.manager.engines["c"] = ManagedEngine(
+        spec=EngineSpec(name="c", path="/m/c"), gpu_ids=(0,), state="loading", engine=CudaReadingEngineFake(8 * GIB)
+    )
     read((active, switching_on), 60 * GIB)
     assert coordinator.measured_overhead_bytes() is None
     assert coordinator.observe_overhead() == 4 * GIB

@@ -23,9 +23,16 @@ PARAMS = PolicyParams(headroom_units=2, hysteresis_units=2)
 
 
 def engine(model, *, demand=0, used=0, limit=0, priority=1, cap=0, recent=0, cached=0):
-    return EngineMemoryDemand(model=model, priority=priority, used_bytes=used * UNIT, demand_bytes=demand * UNIT,
-                              limit_bytes=limit * UNIT, cap_bytes=cap * UNIT, recent_demand_bytes=recent * UNIT,
-                              cached_bytes=cached * UNIT)
+    return EngineMemoryDemand(
+        model=model,
+        priority=priority,
+        used_bytes=used * UNIT,
+        demand_bytes=demand * UNIT,
+        limit_bytes=limit * UNIT,
+        cap_bytes=cap * UNIT,
+        recent_demand_bytes=recent * UNIT,
+        cached_bytes=cached * UNIT,
+    )
 
 
 def snapshot(budget_units, *engines):
@@ -49,14 +56,23 @@ def test_a_burst_takes_memory_from_an_idle_engine():
 
 
 def test_contention_splits_by_priority_and_cuts_the_engine_over_its_share():
-    plan = units(plan_balloon(snapshot(90, engine("hi", demand=100, used=30, limit=30, priority=2),
-                                       engine("lo", demand=100, used=60, limit=60, priority=1)), PARAMS))
+    plan = units(
+        plan_balloon(
+            snapshot(
+                90,
+                engine("hi", demand=100, used=30, limit=30, priority=2),
+                engine("lo", demand=100, used=60, limit=60, priority=1),
+            ),
+            PARAMS,
+        )
+    )
     assert plan == {"hi": 60, "lo": 30}  # 2:1, and lo preempts down to 30
 
 
 def test_one_engine_wanting_little_leaves_the_rest_to_the_others():
-    plan = units(plan_balloon(snapshot(100, engine("a", demand=8), engine("b", demand=500), engine("c", demand=500)),
-                              PARAMS))
+    plan = units(
+        plan_balloon(snapshot(100, engine("a", demand=8), engine("b", demand=500), engine("c", demand=500)), PARAMS)
+    )
     assert plan == {"a": 8, "b": 46, "c": 46}  # under contention demand comes first, headroom only from what is left
 
 
@@ -64,23 +80,35 @@ MIB = 1 << 20
 
 
 def sized(model, unit_mib, *, demand=0, limit=0, priority=1):
-    return EngineMemoryDemand(model=model, priority=priority, used_bytes=0, demand_bytes=demand * MIB,
-                              limit_bytes=limit * MIB, unit_bytes=unit_mib * MIB)
+    return EngineMemoryDemand(
+        model=model,
+        priority=priority,
+        used_bytes=0,
+        demand_bytes=demand * MIB,
+        limit_bytes=limit * MIB,
+        unit_bytes=unit_mib * MIB,
+    )
 
 
 def test_engines_of_different_page_bundles_get_whole_bundles_of_their_own():
     # The H100 ballooning bench's device: a 1B (64 MiB bundles) and a 3B (112 MiB) on 512 MiB.
     # The 1B bursts while the 3B, holding three bundles, has gone idle.
-    snap = DeviceMemorySnapshot(budget_bytes=512 * MIB, unit_bytes=112 * MIB,
-                                engines=(sized("1b", 64, demand=300, limit=64), sized("3b", 112, demand=0, limit=336)))
+    snap = DeviceMemorySnapshot(
+        budget_bytes=512 * MIB,
+        unit_bytes=112 * MIB,
+        engines=(sized("1b", 64, demand=300, limit=64), sized("3b", 112, demand=0, limit=336)),
+    )
     plan = {m: b // MIB for m, b in plan_balloon(snap, PARAMS).items()}
     # The 3B keeps one bundle; the 1B gets its 5 bundles of demand and one of headroom
     # (on 4 to 8 bundles of budget, a hysteresis of 2 would freeze every limit).
     assert plan == {"1b": 384, "3b": 112}
     assert plan["1b"] % 64 == 0 and plan["3b"] % 112 == 0 and sum(plan.values()) <= 512
     # Then the 3B bursts: the 1B, now idle, gives it back.
-    snap = DeviceMemorySnapshot(budget_bytes=512 * MIB, unit_bytes=112 * MIB,
-                                engines=(sized("1b", 64, demand=0, limit=384), sized("3b", 112, demand=400, limit=112)))
+    snap = DeviceMemorySnapshot(
+        budget_bytes=512 * MIB,
+        unit_bytes=112 * MIB,
+        engines=(sized("1b", 64, demand=0, limit=384), sized("3b", 112, demand=400, limit=112)),
+    )
     plan = {m: b // MIB for m, b in plan_balloon(snap, PARAMS).items()}
     assert plan == {"1b": 64, "3b": 448}
     # Static: equal bytes, in whole bundles of each.
@@ -98,8 +126,9 @@ def test_water_fill_in_units_of_different_sizes_is_fair_in_bytes():
 
 
 def test_grant_is_in_the_engines_own_units():
-    snap = DeviceMemorySnapshot(budget_bytes=512 * MIB, unit_bytes=112 * MIB,
-                                engines=(sized("1b", 64, limit=64), sized("3b", 112, limit=112)))
+    snap = DeviceMemorySnapshot(
+        budget_bytes=512 * MIB, unit_bytes=112 * MIB, engines=(sized("1b", 64, limit=64), sized("3b", 112, limit=112))
+    )
     assert grant(snap, "1b", 1) == 128 * MIB
     assert grant(snap, "3b", 1) == 224 * MIB
 
@@ -110,17 +139,29 @@ def test_caps_apply():
 
 
 def test_every_engine_keeps_one_unit_even_when_the_budget_is_tiny():
-    plan = units(plan_balloon(snapshot(3, engine("a", demand=50), engine("b", demand=50), engine("c", demand=50)),
-                              PARAMS))
+    plan = units(
+        plan_balloon(snapshot(3, engine("a", demand=50), engine("b", demand=50), engine("c", demand=50)), PARAMS)
+    )
     assert plan == {"a": 1, "b": 1, "c": 1}
-    plan = units(plan_balloon(snapshot(2, engine("a", demand=50, priority=1), engine("b", demand=50, priority=3),
-                                       engine("c", demand=50, priority=2)), PARAMS))
+    plan = units(
+        plan_balloon(
+            snapshot(
+                2,
+                engine("a", demand=50, priority=1),
+                engine("b", demand=50, priority=3),
+                engine("c", demand=50, priority=2),
+            ),
+            PARAMS,
+        )
+    )
     assert plan == {"a": 0, "b": 1, "c": 1}  # not even the floors fit: highest priorities keep theirs
 
 
 def test_small_changes_are_not_made():
     # Demand moved by one unit either way: the limits stay.
-    plan = units(plan_balloon(snapshot(100, engine("a", demand=11, limit=12), engine("b", demand=21, limit=22)), PARAMS))
+    plan = units(
+        plan_balloon(snapshot(100, engine("a", demand=11, limit=12), engine("b", demand=21, limit=22)), PARAMS)
+    )
     assert plan == {"a": 12, "b": 22}
     plan = units(plan_balloon(snapshot(100, engine("a", demand=9, limit=12), engine("b", demand=19, limit=20)), PARAMS))
     assert plan == {"a": 12, "b": 20}
@@ -128,8 +169,9 @@ def test_small_changes_are_not_made():
 
 def test_hysteresis_never_breaks_the_budget():
     # Keeping a's slightly larger limit would put the sum over the budget.
-    plan = units(plan_balloon(snapshot(40, engine("a", demand=100, limit=21), engine("b", demand=100, limit=19)),
-                              PARAMS))
+    plan = units(
+        plan_balloon(snapshot(40, engine("a", demand=100, limit=21), engine("b", demand=100, limit=19)), PARAMS)
+    )
     assert sum(plan.values()) <= 40
 
 
@@ -149,9 +191,17 @@ def test_no_flapping_under_noisy_demand():
 def test_limits_never_sum_over_the_budget(seed):
     rng = random.Random(seed)
     budget = rng.randint(1, 300)
-    engines = [engine(f"m{i}", demand=rng.randint(0, 200), used=rng.randint(0, 100), limit=rng.randint(0, 150),
-                      priority=rng.randint(1, 4), cap=rng.choice([0, 0, rng.randint(1, 100)]))
-               for i in range(rng.randint(1, 5))]
+    engines = [
+        engine(
+            f"m{i}",
+            demand=rng.randint(0, 200),
+            used=rng.randint(0, 100),
+            limit=rng.randint(0, 150),
+            priority=rng.randint(1, 4),
+            cap=rng.choice([0, 0, rng.randint(1, 100)]),
+        )
+        for i in range(rng.randint(1, 5))
+    ]
     for policy in (plan_balloon, plan_static):
         plan = policy(snapshot(budget, *engines), PARAMS)
         assert sum(plan.values()) <= budget * UNIT
@@ -207,15 +257,21 @@ def test_recent_demand_matches_a_brute_force_window():
 def test_a_recent_peak_is_held_while_nobody_needs_the_memory():
     # a's requests just ended (demand 5) but it needed 30 a moment ago: with the
     # budget free it keeps room for its peak (plus headroom) instead of shrinking.
-    plan = units(plan_balloon(snapshot(100, engine("a", demand=5, limit=32, recent=30), engine("b", demand=10, limit=12)),
-                              PARAMS))
+    plan = units(
+        plan_balloon(
+            snapshot(100, engine("a", demand=5, limit=32, recent=30), engine("b", demand=10, limit=12)), PARAMS
+        )
+    )
     assert plan == {"a": 32, "b": 12}
 
 
 def test_a_recent_peak_yields_to_another_engines_demand():
     # b's burst needs 80 of the 100: a's held peak gives way down to its demand.
-    plan = units(plan_balloon(snapshot(100, engine("a", demand=5, limit=32, recent=30), engine("b", demand=80, limit=12)),
-                              PARAMS))
+    plan = units(
+        plan_balloon(
+            snapshot(100, engine("a", demand=5, limit=32, recent=30), engine("b", demand=80, limit=12)), PARAMS
+        )
+    )
     assert plan["b"] >= 80
     assert 5 <= plan["a"] <= 20
     assert sum(plan.values()) <= 100
@@ -231,10 +287,15 @@ def test_a_tiny_budget_does_not_flap_between_a_bursts_requests():
     for step in range(40):  # 4 s at the coordinator's 100 ms
         now = step * 0.1
         demand_a = 3 if step % 5 else 1  # a request ends every half second and the next arrives
-        engines = [engine("a", demand=demand_a, limit=limits["a"], recent=recent.observe("a", now, demand_a)),
-                   engine("b", demand=1, limit=limits["b"], recent=recent.observe("b", now, 1))]
-        plan = units(plan_balloon(DeviceMemorySnapshot(budget_bytes=4 * UNIT, unit_bytes=UNIT,
-                                                       engines=tuple(e for e in engines)), params))
+        engines = [
+            engine("a", demand=demand_a, limit=limits["a"], recent=recent.observe("a", now, demand_a)),
+            engine("b", demand=1, limit=limits["b"], recent=recent.observe("b", now, 1)),
+        ]
+        plan = units(
+            plan_balloon(
+                DeviceMemorySnapshot(budget_bytes=4 * UNIT, unit_bytes=UNIT, engines=tuple(e for e in engines)), params
+            )
+        )
         changes += sum(plan[m] != limits[m] for m in plan)
         limits = plan
     assert limits == {"a": 3, "b": 1}
@@ -254,8 +315,9 @@ def test_a_prefix_cache_keeps_its_memory_only_where_no_demand_needs_it():
 
 
 def test_a_grant_the_free_budget_cannot_cover_takes_other_engines_cache_only_memory():
-    snap = snapshot(110, engine("a", limit=30), engine("b", limit=60, used=10, cached=40),
-                    engine("c", limit=10, cached=8))
+    snap = snapshot(
+        110, engine("a", limit=30), engine("b", limit=60, used=10, cached=40), engine("c", limit=10, cached=8)
+    )
     assert cache_to_free(snap, "a", 10 * UNIT) == {}  # the unassigned 10 units cover it
     assert cache_to_free(snap, "a", 25 * UNIT) == {"b": 45 * UNIT}  # the largest cache first
     # b's requests hold 10 units: at most its 40 of cache can go; then c's.

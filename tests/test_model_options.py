@@ -51,11 +51,13 @@ def test_config_takes_both_options_and_defaults_them():
 
 def test_the_documented_yaml_example_loads(tmp_path):
     path = tmp_path / "models.yaml"
-    path.write_text("- model_name: llama-8b\n"
-                    "  model_path: /models/llama-8b\n"
-                    "  max_context: 8192\n"
-                    "  deterministic_inference: true\n"
-                    "  init_placements: [{gpu_ids: [0], on: true}]\n")
+    path.write_text(
+        "- model_name: llama-8b\n"
+        "  model_path: /models/llama-8b\n"
+        "  max_context: 8192\n"
+        "  deterministic_inference: true\n"
+        "  init_placements: [{gpu_ids: [0], on: true}]\n"
+    )
     model = pc.load(path).models[0]
     assert (model.max_context, model.deterministic_inference) == (8192, True)
 
@@ -80,7 +82,10 @@ def test_every_bad_option_is_reported_at_once():
     with pytest.raises(pc.ConfigError) as exc:
         pc.parse([_entry("a", max_context=0, deterministic_inference="no"), _entry("b", max_context=-5)])
     assert [e.split(":")[0] for e in exc.value.errors] == [
-        "[0].max_context", "[0].deterministic_inference", "[1].max_context"]
+        "[0].max_context",
+        "[0].deterministic_inference",
+        "[1].max_context",
+    ]
 
 
 # ---- the model record in etcd ---------------------------------------------------
@@ -91,8 +96,18 @@ def test_the_model_record_round_trips_both_options():
     back = records.ModelRecord.from_json(rec.to_json())
     assert back == rec and back.max_context == 4096 and back.deterministic_inference is True
     # A record written before the options existed still parses, with their defaults.
-    old = json.dumps({"name": "m", "path": "/m", "tp_size": 1, "load_format": "auto", "engine": "auto",
-                      "dtype": "auto", "seed": 0, "ttft_ms": 0.0})
+    old = json.dumps(
+        {
+            "name": "m",
+            "path": "/m",
+            "tp_size": 1,
+            "load_format": "auto",
+            "engine": "auto",
+            "dtype": "auto",
+            "seed": 0,
+            "ttft_ms": 0.0,
+        }
+    )
     legacy = records.ModelRecord.from_json(old)
     assert legacy.max_context == 0 and legacy.deterministic_inference is False
 
@@ -103,8 +118,10 @@ async def test_the_scheduler_publishes_both_options_in_the_model_records(etcd_se
     try:
         loop = PlacementLoop(config, etcd, "static", SchedulerService(asyncio.Event()), asyncio.Event(), 1.0, 1.0)
         await loop.publish_registry()
-        stored = {kv.key.decode(): records.ModelRecord.from_json(kv.value)
-                  for kv in await etcd.get_prefix(records.MODELS.encode())}
+        stored = {
+            kv.key.decode(): records.ModelRecord.from_json(kv.value)
+            for kv in await etcd.get_prefix(records.MODELS.encode())
+        }
     finally:
         await etcd.close()
     pinned, plain = stored[records.MODELS + "pinned"], stored[records.MODELS + "plain"]
@@ -160,19 +177,29 @@ async def test_load_model_hands_both_options_to_the_sglang_command_line(model_di
     """The agent's gRPC LoadModel, given the scheduler's ModelSpec, starts the
     (stand-in) SGLang server with --context-length and
     --enable-deterministic-inference, and only the model that asked for them."""
-    options = DriverOptions(log_dir=tmp_path / "logs", shm_dir=tmp_path, stats_interval_s=0.05, health_poll_s=0.1,
-                            stop_timeout_s=5.0)
-    manager = EngineManager([Device(0, "cpu", "cpu", 1 << 30)], _published,
-                            sglang_launch_command=(sys.executable, str(FAKE_SERVER)), sglang_options=options)
+    options = DriverOptions(
+        log_dir=tmp_path / "logs", shm_dir=tmp_path, stats_interval_s=0.05, health_poll_s=0.1, stop_timeout_s=5.0
+    )
+    manager = EngineManager(
+        [Device(0, "cpu", "cpu", 1 << 30)],
+        _published,
+        sglang_launch_command=(sys.executable, str(FAKE_SERVER)),
+        sglang_options=options,
+    )
     service = AgentService("agent-t", [], manager)
-    config = pc.parse([_entry("pinned", max_context=64, deterministic_inference=True, engine="sglang"),
-                       _entry("plain", engine="sglang")])
+    config = pc.parse(
+        [
+            _entry("pinned", max_context=64, deterministic_inference=True, engine="sglang"),
+            _entry("plain", engine="sglang"),
+        ]
+    )
     argvs = {}
     try:
         for name in ("pinned", "plain"):
             spec = model_spec(replace(config.model(name), model_path=str(model_dir)))
-            status = await service.LoadModel(agent_pb2.LoadModelRequest(
-                spec=spec, gpu_ids=[0], activate=True, memory_limit_bytes=64 * MiB), None)
+            status = await service.LoadModel(
+                agent_pb2.LoadModelRequest(spec=spec, gpu_ids=[0], activate=True, memory_limit_bytes=64 * MiB), None
+            )
             managed = manager.engines[name]
             assert status.state == agent_pb2.ENGINE_STATE_ACTIVE, managed.error
             assert isinstance(managed.engine, SGLangEngine)
@@ -206,8 +233,12 @@ def tiny_model(tmp_path_factory) -> str:
 async def _tokens(engine, prompt: str, max_tokens: int | None = None) -> tuple[int, str | None]:
     from services.gpu_agent.engine import GenerationRequest
 
-    outs = [o async for o in engine.generate(GenerationRequest(
-        "ctx", prompt=prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True))]
+    outs = [
+        o
+        async for o in engine.generate(
+            GenerationRequest("ctx", prompt=prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        )
+    ]
     return outs[-1].prompt_tokens + outs[-1].completion_tokens, outs[-1].finish_reason
 
 
@@ -248,9 +279,12 @@ async def test_an_engine_worker_and_the_agent_take_max_context(tiny_model):
     finally:
         await pool.close()
     async with InProcessAgent() as agent:
-        status = await agent.stub.LoadModel(agent_pb2.LoadModelRequest(
-            spec=agent_pb2.ModelSpec(name="m", path=tiny_model, max_context=40), gpu_ids=[0], activate=True),
-            timeout=120)
+        status = await agent.stub.LoadModel(
+            agent_pb2.LoadModelRequest(
+                spec=agent_pb2.ModelSpec(name="m", path=tiny_model, max_context=40), gpu_ids=[0], activate=True
+            ),
+            timeout=120,
+        )
         assert status.max_context == 40
 
 
@@ -290,8 +324,9 @@ async def test_an_engine_worker_and_the_agent_turn_the_prefix_cache_off(tiny_mod
     try:
         for off in (False, True):
             worker = await asyncio.wait_for(pool.acquire("cpu"), 120)
-            engine = await asyncio.wait_for(RemoteEngine.load(worker, tiny_model, name="tiny", prefix_caching=not off),
-                                            120)
+            engine = await asyncio.wait_for(
+                RemoteEngine.load(worker, tiny_model, name="tiny", prefix_caching=not off), 120
+            )
             try:
                 queried, hit = await queried_and_hit(engine)
                 assert (queried, hit) == (0, 0) if off else (queried > 0 and hit >= 16), (off, queried, hit)
@@ -301,9 +336,14 @@ async def test_an_engine_worker_and_the_agent_turn_the_prefix_cache_off(tiny_mod
         await pool.close()
     async with InProcessAgent() as agent:
         for name, off in (("cached", False), ("uncached", True)):
-            await agent.stub.LoadModel(agent_pb2.LoadModelRequest(
-                spec=agent_pb2.ModelSpec(name=name, path=tiny_model, no_prefix_caching=off), gpu_ids=[0],
-                activate=True), timeout=120)
+            await agent.stub.LoadModel(
+                agent_pb2.LoadModelRequest(
+                    spec=agent_pb2.ModelSpec(name=name, path=tiny_model, no_prefix_caching=off),
+                    gpu_ids=[0],
+                    activate=True,
+                ),
+                timeout=120,
+            )
         queried, hit = await queried_and_hit(agent.manager.engines["cached"].engine)
         assert queried > 0 and hit >= 16
         assert await queried_and_hit(agent.manager.engines["uncached"].engine) == (0, 0)

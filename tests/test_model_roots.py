@@ -37,9 +37,14 @@ async def test_the_agent_refuses_a_model_outside_its_roots_and_loads_one_inside(
     inside = write_tiny_model(tmp_path / "models" / "tiny")
     outside = write_tiny_model(tmp_path / "elsewhere" / "tiny")
     async with InProcessAgent(model_roots=resolved_roots([tmp_path / "models"])) as agent:
+
         def load(name: str, path: Path):
-            return agent.stub.LoadModel(agent_pb2.LoadModelRequest(
-                spec=agent_pb2.ModelSpec(name=name, path=str(path)), gpu_ids=[0], activate=True), timeout=120)
+            return agent.stub.LoadModel(
+                agent_pb2.LoadModelRequest(
+                    spec=agent_pb2.ModelSpec(name=name, path=str(path)), gpu_ids=[0], activate=True
+                ),
+                timeout=120,
+            )
 
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await load("outside", outside)

@@ -78,8 +78,11 @@ def test_the_simulated_run_prints_the_measured_one_beside_it(tmp_path, monkeypat
     bench's finding, not asserted: its split-step factor was fitted to that measured run."""
     sim = load_bench_script("multi_gpu_simulated")
     out = tmp_path / "sim.json"
-    monkeypatch.setattr(sys, "argv", ["multi_gpu_simulated.py", "--gpus", "4", "--duration", "20",
-                                      "--measured", str(RESULT), "--out", str(out)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["multi_gpu_simulated.py", "--gpus", "4", "--duration", "20", "--measured", str(RESULT), "--out", str(out)],
+    )
     sim.main()
     payload = json.loads(out.read_text())
     run = payload["by_gpus"]["4"]
@@ -94,7 +97,7 @@ def test_the_simulated_run_prints_the_measured_one_beside_it(tmp_path, monkeypat
     assert "measured (multi_gpu-h200x4.json" in printed and "prism live  prism sim" in printed
     measured = {r["policy"]: r["attainment"] for r in json.loads(RESULT.read_text())["runs"]}
     simulated = {r["policy"]: r["attainment"] for r in run["runs"]}
-    comparison = printed[printed.index("measured (multi_gpu-h200x4.json"):]
+    comparison = printed[printed.index("measured (multi_gpu-h200x4.json") :]
     lines = [line.split() for line in comparison.splitlines()]
     header = next(words for words in lines if words[:2] == ["attainment", "%"])  # then "<policy> live|sim" pairs
     total = next(words for words in lines if words[:1] == ["all"])

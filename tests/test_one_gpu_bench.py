@@ -22,8 +22,16 @@ def _bench():
 
 
 def _args(**kw) -> argparse.Namespace:
-    base = dict(device="cuda", fleet="1b=4,3b=4,8b=4", group_size=4, shift_s=30.0, duration=60.0, seed=0,
-                reserve_gb=14.0, static_kv_gb=2.0)
+    base = dict(
+        device="cuda",
+        fleet="1b=4,3b=4,8b=4",
+        group_size=4,
+        shift_s=30.0,
+        duration=60.0,
+        seed=0,
+        reserve_gb=14.0,
+        static_kv_gb=2.0,
+    )
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -57,8 +65,12 @@ def test_the_sweeps_traces_share_their_groups_and_differ_in_rate():
 
 def test_the_highest_rate_holding_a_target_and_its_interpolation():
     bench = _bench()
-    points = [{"rate": 4, "attainment": 1.0}, {"rate": 8, "attainment": 0.95}, {"rate": 12, "attainment": 0.85},
-              {"rate": 16, "attainment": 0.95}]
+    points = [
+        {"rate": 4, "attainment": 1.0},
+        {"rate": 8, "attainment": 0.95},
+        {"rate": 12, "attainment": 0.85},
+        {"rate": 16, "attainment": 0.95},
+    ]
     assert bench.highest_rate(points, 0.9) == (8, pytest.approx(10.0))  # a later recovery does not count
     assert bench.highest_rate(points, 0.99) == (4, pytest.approx(4 + 4 * 0.01 / 0.05))
     assert bench.highest_rate(points, 0.5) == (16, 16)
@@ -69,11 +81,21 @@ def test_several_seeds_compare_prism_with_the_baselines_on_each_seeds_traces_and
     bench = _bench()
 
     def run(policy, seed, attainments):
-        return {"policy": policy, "seed": seed, "served": ["model-0"],
-                "points": [{"rate": r, "attainment": a} for r, a in zip((4, 8, 12), attainments)]}
+        return {
+            "policy": policy,
+            "seed": seed,
+            "served": ["model-0"],
+            "points": [{"rate": r, "attainment": a} for r, a in zip((4, 8, 12), attainments)],
+        }
 
-    payload = {"runs": [run("prism", 0, (1.0, 0.95, 0.85)), run("kvpr", 0, (1.0, 0.85, 0.8)),
-                        run("prism", 1, (0.95, 0.75, 0.7)), run("kvpr", 1, (1.0, 0.97, 0.92))]}
+    payload = {
+        "runs": [
+            run("prism", 0, (1.0, 0.95, 0.85)),
+            run("kvpr", 0, (1.0, 0.85, 0.8)),
+            run("prism", 1, (0.95, 0.75, 0.7)),
+            run("kvpr", 1, (1.0, 0.97, 0.92)),
+        ]
+    }
     rows = {(r["policy"], r["seed"]): r for r in bench.summary(payload)}
     assert rows[("prism", 0)]["interp_0.9"] == pytest.approx(10.0)
     assert rows[("kvpr", 0)]["interp_0.9"] == pytest.approx(4 + 4 * 0.1 / 0.15)
@@ -106,15 +128,39 @@ def test_the_committed_h100_result_prints_its_tables_and_plots(capsys, tmp_path)
 
 
 def test_the_cpu_dry_run_replays_each_policys_points_on_shared_engines_from_a_reset_and_simulates_them(
-        tmp_path, monkeypatch, capsys):
+    tmp_path, monkeypatch, capsys
+):
     bench = _bench()
     out = tmp_path / "one_gpu.json"
     # Two policies on one cluster (--share-engines), two short points each: every cluster start costs CI
     # about 20 s (static's subset is tested above).
-    monkeypatch.setattr(sys, "argv", ["one_gpu.py", "--device", "cpu", "--policies", "prism", "time-share",
-                                      "--share-engines", "--reset-settle-s", "0.5", "--rates", "3", "4",
-                                      "--duration", "3", "--settle-s", "0.2", "--simulate",
-                                      "--state-dir", str(tmp_path / "state"), "--out", str(out)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "one_gpu.py",
+            "--device",
+            "cpu",
+            "--policies",
+            "prism",
+            "time-share",
+            "--share-engines",
+            "--reset-settle-s",
+            "0.5",
+            "--rates",
+            "3",
+            "4",
+            "--duration",
+            "3",
+            "--settle-s",
+            "0.2",
+            "--simulate",
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--out",
+            str(out),
+        ],
+    )
     bench.main()
     payload = json.loads(out.read_text())
     assert [r["policy"] for r in payload["runs"]] == ["prism", "time-share"]

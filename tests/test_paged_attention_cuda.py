@@ -10,8 +10,9 @@ import torch
 
 from services.gpu_agent.engine import paged_attention as pa
 
-pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and pa._VARLEN is not None),
-                                reason="needs CUDA and torch's flash attention op")
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and pa._VARLEN is not None), reason="needs CUDA and torch's flash attention op"
+)
 
 # (start, count): fresh prompts, later chunks of a long prompt, one-token spans (decoding on the torch path)
 SPANS = [(0, 128), (0, 7), (512, 256), (0, 1), (300, 1), (1000, 48), (0, 2048)]
@@ -26,7 +27,7 @@ def test_one_varlen_call_gives_what_one_sdpa_call_per_span_gives(heads, kv_heads
     perm = torch.randperm(pool_slots, generator=gen).tolist()  # slots scattered over the pool, as pages are
     spans, used = [], 0
     for start, count in SPANS:
-        spans.append((start, count, perm[used:used + start + count]))
+        spans.append((start, count, perm[used : used + start + count]))
         used += start + count
     q = torch.randn(sum(c for _, c in SPANS), heads, head_dim, generator=gen).to(device, torch.bfloat16)
 

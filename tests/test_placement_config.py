@@ -7,10 +7,18 @@ import pytest
 from services.common import placement_config as pc
 
 ORIGINAL_EXAMPLE = [
-    {"model_name": "model_1", "model_path": "meta-llama/Llama-3.2-1B", "tp_size": 1,
-     "init_placements": [{"gpu_ids": [0], "on": True, "max_memory_pool_size": 15}]},
-    {"model_name": "model_2", "model_path": "meta-llama/Llama-3.2-3B", "tp_size": 1,
-     "init_placements": [{"gpu_ids": [0], "on": False, "max_memory_pool_size": 15}]},
+    {
+        "model_name": "model_1",
+        "model_path": "meta-llama/Llama-3.2-1B",
+        "tp_size": 1,
+        "init_placements": [{"gpu_ids": [0], "on": True, "max_memory_pool_size": 15}],
+    },
+    {
+        "model_name": "model_2",
+        "model_path": "meta-llama/Llama-3.2-3B",
+        "tp_size": 1,
+        "init_placements": [{"gpu_ids": [0], "on": False, "max_memory_pool_size": 15}],
+    },
 ]
 
 
@@ -43,8 +51,13 @@ def test_tensor_parallel_example_and_yaml(tmp_path):
 def test_every_error_is_reported_with_its_path():
     bad = [
         {"model_name": "a", "model_path": "", "tp_size": 0, "init_placements": []},
-        {"model_name": "a", "model_path": "p", "tp_size": 2, "colour": "red",
-         "init_placements": [{"gpu_ids": [0], "on": "yes", "max_memory_pool_size": -1}]},
+        {
+            "model_name": "a",
+            "model_path": "p",
+            "tp_size": 2,
+            "colour": "red",
+            "init_placements": [{"gpu_ids": [0], "on": "yes", "max_memory_pool_size": -1}],
+        },
         "not an object",
         {"model_path": "p", "engine": "vllm", "init_placements": [{"gpu_ids": [1, 1]}]},
     ]
@@ -96,12 +109,14 @@ def test_slo_priority_and_shed_load():
     assert (m.ttft_slo_ms, m.tpot_slo_ms, m.priority, m.shed_load) == (None, None, 1, False)
     with pytest.raises(pc.ConfigError) as err:
         pc.parse([{**base, "slo": {"ttft_ms": 0, "tpot": 5}, "priority": 0, "shed_load": "yes"}])
-    assert sorted(err.value.errors) == sorted([
-        "[0].slo.ttft_ms: must be a positive number of milliseconds, got 0",
-        "[0].slo.tpot: unknown field",
-        "[0].priority: must be an integer >= 1, got 0",
-        "[0].shed_load: must be true or false, got 'yes'",
-    ])
+    assert sorted(err.value.errors) == sorted(
+        [
+            "[0].slo.ttft_ms: must be a positive number of milliseconds, got 0",
+            "[0].slo.tpot: unknown field",
+            "[0].priority: must be an integer >= 1, got 0",
+            "[0].shed_load: must be true or false, got 'yes'",
+        ]
+    )
 
 
 def test_policy_in_the_file_and_its_names_match_the_schedulers():

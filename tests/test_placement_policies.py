@@ -34,8 +34,18 @@ GB = 1 << 30
 
 def models(*names: str, tp: dict[str, int] | None = None, priority: dict[str, int] | None = None):
     tp, priority = tp or {}, priority or {}
-    return pc.parse([{"model_name": n, "model_path": f"/m/{n}", "tp_size": tp.get(n, 1), "priority": priority.get(n, 1),
-                      "init_placements": [{"gpu_ids": list(range(tp.get(n, 1)))}]} for n in names]).models
+    return pc.parse(
+        [
+            {
+                "model_name": n,
+                "model_path": f"/m/{n}",
+                "tp_size": tp.get(n, 1),
+                "priority": priority.get(n, 1),
+                "init_placements": [{"gpu_ids": list(range(tp.get(n, 1)))}],
+            }
+            for n in names
+        ]
+    ).models
 
 
 def agent(agent_id: str, gpus: int, memory: int = 80 * GB) -> AgentView:
@@ -61,8 +71,9 @@ def as_current(placement: Placement) -> Placement:
 
 
 def test_dedicated_gives_each_model_its_own_gpus_and_leaves_the_rest_unplaced():
-    snap = ClusterSnapshot(models=models("a", "b", "c", "big", tp={"big": 2}, priority={"big": 2}),
-                           agents=(agent("x", 4),))
+    snap = ClusterSnapshot(
+        models=models("a", "b", "c", "big", tp={"big": 2}, priority={"big": 2}), agents=(agent("x", 4),)
+    )
     target = dedicated_policy(snap)
     assert target["big"] == [ReplicaTarget("x", (0, 1), True)]  # highest priority first
     assert target["a"] == [ReplicaTarget("x", (2,), True)]
@@ -74,10 +85,17 @@ def test_dedicated_gives_each_model_its_own_gpus_and_leaves_the_rest_unplaced():
 
 
 def test_dedicated_gives_a_model_provisioned_with_several_placements_that_many_agents():
-    hot_model, cold = pc.parse([
-        {"model_name": "hot", "model_path": "/m/hot", "priority": 2,
-         "init_placements": [{"gpu_ids": [0]}, {"gpu_ids": [0]}, {"gpu_ids": [0]}]},
-        {"model_name": "cold", "model_path": "/m/cold", "init_placements": [{"gpu_ids": [0]}]}]).models
+    hot_model, cold = pc.parse(
+        [
+            {
+                "model_name": "hot",
+                "model_path": "/m/hot",
+                "priority": 2,
+                "init_placements": [{"gpu_ids": [0]}, {"gpu_ids": [0]}, {"gpu_ids": [0]}],
+            },
+            {"model_name": "cold", "model_path": "/m/cold", "init_placements": [{"gpu_ids": [0]}]},
+        ]
+    ).models
     agents = (agent("x", 2), agent("y", 1), agent("z", 1))
     target = dedicated_policy(ClusterSnapshot(models=(hot_model, cold), agents=agents))
     assert sorted(r.agent_id for r in target["hot"]) == ["x", "y", "z"]  # one replica an agent
@@ -94,8 +112,9 @@ def test_dedicated_gives_a_model_provisioned_with_several_placements_that_many_a
 
 
 def test_time_share_places_everyone_and_keeps_one_active_per_gpu():
-    snap = ClusterSnapshot(models=models("a", "b", "c", "d"), agents=(agent("x", 2),),
-                           demand={"a": hot(1.0), "c": hot(5.0)})
+    snap = ClusterSnapshot(
+        models=models("a", "b", "c", "d"), agents=(agent("x", 2),), demand={"a": hot(1.0), "c": hot(5.0)}
+    )
     target = time_share_policy(snap)
     homes = {m: rs[0].gpu_ids for m, rs in target.items()}
     assert sorted(homes.values()) == [(0,), (0,), (1,), (1,)]  # spread two and two
@@ -111,9 +130,12 @@ def test_time_share_places_everyone_and_keeps_one_active_per_gpu():
 
 
 def test_time_share_keeps_the_active_model_while_it_has_demand_then_swaps():
-    snap = ClusterSnapshot(models=models("a", "b"), agents=(agent("x", 1),),
-                           current={"a": [ReplicaTarget("x", (0,), True)], "b": [ReplicaTarget("x", (0,), False)]},
-                           demand={"a": hot(0.1), "b": hot(9.0)})
+    snap = ClusterSnapshot(
+        models=models("a", "b"),
+        agents=(agent("x", 1),),
+        current={"a": [ReplicaTarget("x", (0,), True)], "b": [ReplicaTarget("x", (0,), False)]},
+        demand={"a": hot(0.1), "b": hot(9.0)},
+    )
     target = time_share_policy(snap)
     assert target["a"][0].active and not target["b"][0].active  # no flapping to the busier one
     snap = ClusterSnapshot(models=snap.models, agents=snap.agents, current=snap.current, demand={"b": hot(9.0)})
@@ -137,8 +159,13 @@ def test_prism_places_cold_models_inactive_and_spread():
 def test_prism_colocates_hot_models_that_fit_and_switches_off_cold_ones():
     weights = {"a": 16 * GB, "b": 6 * GB, "c": 2 * GB}
     current = {m: [ReplicaTarget("x", (0,), True)] for m in "abc"}
-    snap = ClusterSnapshot(models=models("a", "b", "c"), agents=(agent("x", 2),), weight_bytes=weights,
-                           current=current, demand={"a": hot(3, kv=10 * GB), "b": hot(1, kv=5 * GB)})
+    snap = ClusterSnapshot(
+        models=models("a", "b", "c"),
+        agents=(agent("x", 2),),
+        weight_bytes=weights,
+        current=current,
+        demand={"a": hot(3, kv=10 * GB), "b": hot(1, kv=5 * GB)},
+    )
     target = prism_policy(snap)
     assert active_of(target) == {"a": [("x", (0,))], "b": [("x", (0,))], "c": []}  # a and b share GPU 0
     assert target["c"] == [ReplicaTarget("x", (0,), False)]  # cold: off the GPU, placed where it was
@@ -149,8 +176,13 @@ def test_prism_spreads_a_group_that_bursts_together_make_before_break():
     weights = dict.fromkeys("abc", 16 * GB)
     current = {m: [ReplicaTarget("x", (0,), False)] for m in "abc"}
     demand = {m: hot(1, kv=20 * GB) for m in "abc"}  # 3 x 36 GB: more than x's 80 GB (compute fits)
-    snap = ClusterSnapshot(models=models("a", "b", "c"), agents=(agent("x", 1), agent("y", 1)), weight_bytes=weights,
-                           current=current, demand=demand)
+    snap = ClusterSnapshot(
+        models=models("a", "b", "c"),
+        agents=(agent("x", 1), agent("y", 1)),
+        weight_bytes=weights,
+        current=current,
+        demand=demand,
+    )
     target = prism_policy(snap)
     moved = [m for m, rs in target.items() if len(rs) == 2]
     assert len(moved) == 1  # two fit on x; the third gets a replica on y ...
@@ -159,8 +191,9 @@ def test_prism_spreads_a_group_that_bursts_together_make_before_break():
     # ... and once that replica is active, the one on the crowded GPU goes.
     current = as_current(target)
     current[m] = [ReplicaTarget("x", (0,), True), ReplicaTarget("y", (0,), True)]
-    after = prism_policy(ClusterSnapshot(models=snap.models, agents=snap.agents, weight_bytes=weights,
-                                         current=current, demand=demand))
+    after = prism_policy(
+        ClusterSnapshot(models=snap.models, agents=snap.agents, weight_bytes=weights, current=current, demand=demand)
+    )
     assert after[m] == [ReplicaTarget("y", (0,), True)]
     assert sum(1 for rs in after.values() for r in rs if r.agent_id == "x" and r.active) == 2
 
@@ -171,8 +204,11 @@ def test_prism_never_plans_two_engines_of_a_model_on_one_agent():
     weights = dict.fromkeys("abc", 16 * GB)
     current = {m: [ReplicaTarget("x", (0,), True)] for m in "abc"}
     demand = {m: hot(1, kv=20 * GB) for m in "abc"}
-    target = prism_policy(ClusterSnapshot(models=models("a", "b", "c"), agents=(agent("x", 2),),
-                                          weight_bytes=weights, current=current, demand=demand))
+    target = prism_policy(
+        ClusterSnapshot(
+            models=models("a", "b", "c"), agents=(agent("x", 2),), weight_bytes=weights, current=current, demand=demand
+        )
+    )
     for replicas in target.values():
         assert len({r.agent_id for r in replicas}) == len(replicas)
 
@@ -186,16 +222,21 @@ def test_prism_keeps_the_placement_under_noisy_demand():
     previous = None
     for _ in range(100):
         demand = {m: hot(rng.uniform(0.5, 2.0), kv=int(rng.uniform(2, 8) * GB)) for m in "abc"}  # d stays cold
-        target = prism_policy(ClusterSnapshot(models=snap_models, agents=agents, weight_bytes=weights,
-                                              current=current, demand=demand))
+        target = prism_policy(
+            ClusterSnapshot(models=snap_models, agents=agents, weight_bytes=weights, current=current, demand=demand)
+        )
         changes += target != previous
         previous, current = target, as_current(target)
     assert changes == 1  # the first plan; noise moves nothing after
 
 
 def test_prism_places_tensor_parallel_models_on_gpus_of_one_agent_and_replaces_a_dead_agents_models():
-    snap = ClusterSnapshot(models=models("big", "small", tp={"big": 2}), agents=(agent("x", 1), agent("y", 2)),
-                           current={"small": [ReplicaTarget("gone", (0,), True)]}, demand={"big": hot()})
+    snap = ClusterSnapshot(
+        models=models("big", "small", tp={"big": 2}),
+        agents=(agent("x", 1), agent("y", 2)),
+        current={"small": [ReplicaTarget("gone", (0,), True)]},
+        demand={"big": hot()},
+    )
     target = prism_policy(snap)
     assert target["big"] == [ReplicaTarget("y", (0, 1), True)]
     assert len(target["small"]) == 1 and target["small"][0].agent_id in ("x", "y")  # off the dead agent
@@ -215,11 +256,17 @@ def test_prism_counts_a_split_models_gpus_one_by_one_not_summed():
 
     def snapshot(small_rate: float) -> ClusterSnapshot:
         demand = {**{m: busy(small_rate) for m in small}, "big": busy(1.0)}
-        return ClusterSnapshot(models=snap_models, agents=(agent("x", 4, memory=141 * GB),), weight_bytes=weights,
-                               current=current, demand=demand)
+        return ClusterSnapshot(
+            models=snap_models,
+            agents=(agent("x", 4, memory=141 * GB),),
+            weight_bytes=weights,
+            current=current,
+            demand=demand,
+        )
 
-    small_rate = next(r for r in (x / 8 for x in range(1, 400))
-                      if compute_load(snapshot(r), snap_models[0], params) >= 0.2)
+    small_rate = next(
+        r for r in (x / 8 for x in range(1, 400)) if compute_load(snapshot(r), snap_models[0], params) >= 0.2
+    )
     snap = snapshot(small_rate)
     loads = {m.model_name: compute_load(snap, m, params) for m in snap.models}
     assert loads["s0"] + loads["big"] <= params.compute_capacity
@@ -235,8 +282,13 @@ def test_prism_counts_a_split_models_memory_on_its_fullest_gpu():
     snap_models = models(*small, "big", tp={"big": 4})
     weights = {**dict.fromkeys(small, 30 * GB), "big": 160 * GB}
     current = {m: [ReplicaTarget("x", (i,), True)] for i, m in enumerate(small)}
-    snap = ClusterSnapshot(models=snap_models, agents=(agent("x", 4, memory=80 * GB),), weight_bytes=weights,
-                           current=current, demand={m: hot(0.1) for m in [*small, "big"]})
+    snap = ClusterSnapshot(
+        models=snap_models,
+        agents=(agent("x", 4, memory=80 * GB),),
+        weight_bytes=weights,
+        current=current,
+        demand={m: hot(0.1) for m in [*small, "big"]},
+    )
     target = prism_policy(snap)
     assert active_of(target)["big"] == [("x", (0, 1, 2, 3))]
     assert all(active_of(target)[m] == [("x", (i,))] for i, m in enumerate(small))
@@ -246,17 +298,26 @@ def test_prism_counts_a_split_models_memory_on_its_fullest_gpu():
 
 
 def test_actions_switch_engines_on_and_off_only_for_policies_that_manage_activity():
-    target = {"a": [ReplicaTarget("x", (0,), True)], "b": [ReplicaTarget("x", (0,), False)],
-              "c": [ReplicaTarget("x", (1,), True)]}
-    engines = {("x", "a"): EngineRecord("x", "a", "inactive", [0]), ("x", "b"): EngineRecord("x", "b", "active", [0]),
-               ("x", "old"): EngineRecord("x", "old", "inactive", [1])}
+    target = {
+        "a": [ReplicaTarget("x", (0,), True)],
+        "b": [ReplicaTarget("x", (0,), False)],
+        "c": [ReplicaTarget("x", (1,), True)],
+    }
+    engines = {
+        ("x", "a"): EngineRecord("x", "a", "inactive", [0]),
+        ("x", "b"): EngineRecord("x", "b", "active", [0]),
+        ("x", "old"): EngineRecord("x", "old", "inactive", [1]),
+    }
     assert plan_actions(target, engines, {"x"}, manage_activity=True) == [
         Action("unload", "x", "old"),
         Action("deactivate", "x", "b", (0,), False, busy_window_s=DEACTIVATE_BUSY_WINDOW_S),
         Action("load", "x", "c", (1,), True, 0),
         Action("activate", "x", "a", (0,)),
     ]
-    assert plan_actions(target, engines, {"x"}) == [Action("unload", "x", "old"), Action("load", "x", "c", (1,), True, 0)]
+    assert plan_actions(target, engines, {"x"}) == [
+        Action("unload", "x", "old"),
+        Action("load", "x", "c", (1,), True, 0),
+    ]
     # The agent's busy window can be left to hold switched-off engines on, as before (the simulator's ablation).
     held = plan_actions(target, engines, {"x"}, manage_activity=True, deactivate_busy_window_s=0.0)
     assert Action("deactivate", "x", "b", (0,), False) in held
@@ -278,8 +339,9 @@ def test_prism_moves_the_same_model_whatever_the_noise_in_the_rates():
     for i in range(20):
         rates = (1.0, 1.1) if i % 2 else (1.1, 1.0)
         demand = {"a": hot(rates[0], kv=30 * GB), "b": hot(rates[1], kv=30 * GB)}
-        target = prism_policy(ClusterSnapshot(models=snap_models, agents=agents, weight_bytes=weights,
-                                              current=current, demand=demand))
+        target = prism_policy(
+            ClusterSnapshot(models=snap_models, agents=agents, weight_bytes=weights, current=current, demand=demand)
+        )
         moved |= {m for m, rs in target.items() if any(r.agent_id == "y" for r in rs)}
     assert moved == {"b"}
 
@@ -302,22 +364,36 @@ def test_new_models_are_spread_by_count_then_by_weight():
 
 
 def busy(rate: float, busy_fraction: float = 1.0) -> ModelDemand:
-    return ModelDemand(arrival_rate=rate, recent_arrival_rate=rate, busy_fraction=busy_fraction,
-                       mean_prompt_tokens=512, mean_output_tokens=128)
+    return ModelDemand(
+        arrival_rate=rate,
+        recent_arrival_rate=rate,
+        busy_fraction=busy_fraction,
+        mean_prompt_tokens=512,
+        mean_output_tokens=128,
+    )
 
 
 def test_compute_load_grows_with_rate_and_size_and_a_busy_fraction_caps_the_fixed_cost():
     weights = {"small": 2 * GB, "big": 16 * GB}
-    snap = ClusterSnapshot(models=models("small", "big"), agents=(agent("x", 1),), weight_bytes=weights,
-                           demand={"small": busy(4.0), "big": busy(4.0)})
+    snap = ClusterSnapshot(
+        models=models("small", "big"),
+        agents=(agent("x", 1),),
+        weight_bytes=weights,
+        demand={"small": busy(4.0), "big": busy(4.0)},
+    )
     small, big = (compute_load(snap, m, PolicyParams()) for m in snap.models)
     assert 0 < small < big
-    faster = ClusterSnapshot(models=snap.models, agents=snap.agents, weight_bytes=weights,
-                             demand={"small": busy(8.0), "big": busy(8.0)})
+    faster = ClusterSnapshot(
+        models=snap.models, agents=snap.agents, weight_bytes=weights, demand={"small": busy(8.0), "big": busy(8.0)}
+    )
     assert compute_load(faster, faster.models[0], PolicyParams()) > small
     # The same rate, busy a tenth of the time (bursts): less fixed per-step cost.
-    bursty = ClusterSnapshot(models=snap.models, agents=snap.agents, weight_bytes=weights,
-                             demand={"small": busy(4.0, 0.1), "big": busy(4.0, 0.1)})
+    bursty = ClusterSnapshot(
+        models=snap.models,
+        agents=snap.agents,
+        weight_bytes=weights,
+        demand={"small": busy(4.0, 0.1), "big": busy(4.0, 0.1)},
+    )
     assert compute_load(bursty, bursty.models[0], PolicyParams()) < small
 
 
@@ -325,18 +401,29 @@ def test_prism_spreads_hot_models_whose_compute_does_not_fit_one_gpu():
     # Two 8B models at 8 requests/s each fit x's memory (2 x 16 GB weights, little KV) but not its compute.
     weights = dict.fromkeys("ab", 16 * GB)
     current = {m: [ReplicaTarget("x", (0,), True)] for m in "ab"}
-    snap = ClusterSnapshot(models=models("a", "b"), agents=(agent("x", 1), agent("y", 1)), weight_bytes=weights,
-                           current=current, demand={m: busy(8.0) for m in "ab"})
+    snap = ClusterSnapshot(
+        models=models("a", "b"),
+        agents=(agent("x", 1), agent("y", 1)),
+        weight_bytes=weights,
+        current=current,
+        demand={m: busy(8.0) for m in "ab"},
+    )
     params = PolicyParams()
     loads = [compute_load(snap, m, params) for m in snap.models]
     assert max(loads) <= params.compute_capacity < sum(loads)
     target = prism_policy(snap, params)
     moved = [m for m, rs in target.items() if any(r.agent_id == "y" and r.active for r in rs)]
     assert len(moved) == 1  # one stays on x, the other gets a replica on y (made before x's breaks)
-    after = prism_policy(ClusterSnapshot(models=snap.models, agents=snap.agents, weight_bytes=weights,
-                                         current={**current, moved[0]: [ReplicaTarget("x", (0,), True),
-                                                                        ReplicaTarget("y", (0,), True)]},
-                                         demand=snap.demand), params)
+    after = prism_policy(
+        ClusterSnapshot(
+            models=snap.models,
+            agents=snap.agents,
+            weight_bytes=weights,
+            current={**current, moved[0]: [ReplicaTarget("x", (0,), True), ReplicaTarget("y", (0,), True)]},
+            demand=snap.demand,
+        ),
+        params,
+    )
     assert active_of(after) == {moved[0]: [("y", (0,))], ({"a", "b"} - set(moved)).pop(): [("x", (0,))]}
     # With memory alone (the compute check off), both would have stayed on x.
     lax = prism_policy(snap, PolicyParams(compute_capacity=10.0))
@@ -349,8 +436,13 @@ def test_prism_keeps_cold_and_light_models_sharing_one_gpu():
     weights = dict.fromkeys(names, 2 * GB)
     current = {m: [ReplicaTarget("x", (0,), True)] for m in names}
     demand = {m: busy(1.0, 0.3) for m in names[:4]}  # two stay cold
-    snap = ClusterSnapshot(models=models(*names), agents=(agent("x", 1), agent("y", 1)), weight_bytes=weights,
-                           current=current, demand=demand)
+    snap = ClusterSnapshot(
+        models=models(*names),
+        agents=(agent("x", 1), agent("y", 1)),
+        weight_bytes=weights,
+        current=current,
+        demand=demand,
+    )
     assert sum(compute_load(snap, m, PolicyParams()) for m in snap.models) < PolicyParams().compute_capacity
     target = prism_policy(snap)
     assert all(rs == [ReplicaTarget("x", (0,), True)] for m, rs in target.items() if m in demand)
@@ -363,10 +455,18 @@ def test_prism_standby_replicas_wait_switched_off_on_other_agents_and_stay_put()
     names = ["a", "b", "c"]
     weights = {"a": 16 * GB, "b": 2 * GB, "c": 2 * GB}
     agents = tuple(agent(a, 1) for a in ("x", "y", "z"))
-    current = {"a": [ReplicaTarget("x", (0,), True)], "b": [ReplicaTarget("y", (0,), True)],
-               "c": [ReplicaTarget("y", (0,), False)]}
-    snap = ClusterSnapshot(models=models(*names), agents=agents, weight_bytes=weights, current=current,
-                           demand={"a": busy(2.0), "b": busy(1.0)})
+    current = {
+        "a": [ReplicaTarget("x", (0,), True)],
+        "b": [ReplicaTarget("y", (0,), True)],
+        "c": [ReplicaTarget("y", (0,), False)],
+    }
+    snap = ClusterSnapshot(
+        models=models(*names),
+        agents=agents,
+        weight_bytes=weights,
+        current=current,
+        demand={"a": busy(2.0), "b": busy(1.0)},
+    )
     params = PolicyParams(standby_replicas=1)
     target = prism_policy(snap, params)
     plain = prism_policy(snap)
@@ -377,12 +477,18 @@ def test_prism_standby_replicas_wait_switched_off_on_other_agents_and_stay_put()
     assert target["a"][1].agent_id == "z"  # the agent with nothing on it, not y (b and c are there)
     assert target["b"][1].agent_id == "x"  # x and z hold 16 GB each now: the first by name
     assert target["c"][1].agent_id == "z"  # x holds 18 GB by then
-    again = prism_policy(ClusterSnapshot(models=snap.models, agents=agents, weight_bytes=weights,
-                                         current=as_current(target), demand=snap.demand), params)
+    again = prism_policy(
+        ClusterSnapshot(
+            models=snap.models, agents=agents, weight_bytes=weights, current=as_current(target), demand=snap.demand
+        ),
+        params,
+    )
     assert again == target
     two = prism_policy(snap, PolicyParams(standby_replicas=2))
-    assert all(len({r.agent_id for r in two[n]}) == 3 and sum(r.active for r in two[n]) == plain_active
-               for n, plain_active in (("a", 1), ("b", 1), ("c", 0)))
+    assert all(
+        len({r.agent_id for r in two[n]}) == 3 and sum(r.active for r in two[n]) == plain_active
+        for n, plain_active in (("a", 1), ("b", 1), ("c", 0))
+    )
 
 
 def test_prism_spreads_a_model_no_gpu_has_room_for_while_the_gpus_have_the_compute_in_sum():
@@ -393,8 +499,12 @@ def test_prism_spreads_a_model_no_gpu_has_room_for_while_the_gpus_have_the_compu
     names = ["a", "b", "c", "d"]
     weights = dict.fromkeys(names, 16 * GB)
     agents = tuple(agent(a, 1) for a in ("x", "y", "z"))
-    current = {"a": [ReplicaTarget("x", (0,), True)], "b": [ReplicaTarget("y", (0,), True)],
-               "c": [ReplicaTarget("z", (0,), True)], "d": [ReplicaTarget("x", (0,), True)]}
+    current = {
+        "a": [ReplicaTarget("x", (0,), True)],
+        "b": [ReplicaTarget("y", (0,), True)],
+        "c": [ReplicaTarget("z", (0,), True)],
+        "d": [ReplicaTarget("x", (0,), True)],
+    }
     demand = {"a": busy(9.0), "b": busy(10.0), "c": busy(6.0), "d": busy(8.0)}
     snap = ClusterSnapshot(models=models(*names), agents=agents, weight_bytes=weights, current=current, demand=demand)
     params = PolicyParams()
@@ -404,9 +514,15 @@ def test_prism_spreads_a_model_no_gpu_has_room_for_while_the_gpus_have_the_compu
     target = prism_policy(snap, params)
     assert sorted(r.agent_id for r in target["d"] if r.active) == ["x", "z"]
     assert active_of(target)["a"] == [("x", (0,))] and active_of(target)["b"] == [("y", (0,))]
-    assert loads["a"] + loads["d"] / 2 < params.compute_overload and loads["c"] + loads["d"] / 2 < params.compute_overload
-    again = prism_policy(ClusterSnapshot(models=snap.models, agents=agents, weight_bytes=weights, demand=demand,
-                                         current=as_current(target)), params)
+    assert (
+        loads["a"] + loads["d"] / 2 < params.compute_overload and loads["c"] + loads["d"] / 2 < params.compute_overload
+    )
+    again = prism_policy(
+        ClusterSnapshot(
+            models=snap.models, agents=agents, weight_bytes=weights, demand=demand, current=as_current(target)
+        ),
+        params,
+    )
     assert {n: sorted(v) for n, v in active_of(again).items()} == {n: sorted(v) for n, v in active_of(target).items()}
 
 
@@ -418,9 +534,14 @@ def test_prism_puts_what_fits_nowhere_together_so_the_others_keep_their_slo():
     names = ["a", "b", "c", "d", "e", "f"]
     weights = dict.fromkeys(names, 16 * GB)
     agents = tuple(agent(a, 1) for a in ("x", "y", "z"))
-    current = {"a": [ReplicaTarget("x", (0,), True)], "b": [ReplicaTarget("y", (0,), True)],
-               "c": [ReplicaTarget("z", (0,), True)], "d": [ReplicaTarget("x", (0,), True)],
-               "e": [ReplicaTarget("y", (0,), True)], "f": [ReplicaTarget("z", (0,), True)]}
+    current = {
+        "a": [ReplicaTarget("x", (0,), True)],
+        "b": [ReplicaTarget("y", (0,), True)],
+        "c": [ReplicaTarget("z", (0,), True)],
+        "d": [ReplicaTarget("x", (0,), True)],
+        "e": [ReplicaTarget("y", (0,), True)],
+        "f": [ReplicaTarget("z", (0,), True)],
+    }
     demand = {"a": busy(9.0), "b": busy(10.0), "c": busy(6.0), "d": busy(8.0), "e": busy(9.5), "f": busy(7.0)}
     snap = ClusterSnapshot(models=models(*names), agents=agents, weight_bytes=weights, current=current, demand=demand)
     params = PolicyParams()
@@ -432,9 +553,16 @@ def test_prism_puts_what_fits_nowhere_together_so_the_others_keep_their_slo():
     assert [r.agent_id for r in target["d"] if r.active] == ["z", "x"]
     assert active_of(target)["a"] == [("x", (0,))] and active_of(target)["b"] == [("y", (0,))]
     assert not any(r.active for r in target["e"] + target["f"])
-    settled = prism_policy(ClusterSnapshot(models=snap.models, agents=agents, weight_bytes=weights, demand=demand,
-                                           current={**current, "d": [ReplicaTarget("x", (0,), True),
-                                                                     ReplicaTarget("z", (0,), True)]}), params)
+    settled = prism_policy(
+        ClusterSnapshot(
+            models=snap.models,
+            agents=agents,
+            weight_bytes=weights,
+            demand=demand,
+            current={**current, "d": [ReplicaTarget("x", (0,), True), ReplicaTarget("z", (0,), True)]},
+        ),
+        params,
+    )
     assert active_of(settled)["d"] == [("z", (0,))]
 
 
@@ -447,8 +575,9 @@ def test_prism_sheds_a_model_whose_squeeze_would_overload_a_gpu_and_serves_it_ag
     weights = dict.fromkeys(names, 16 * GB)
     current = {m: [ReplicaTarget("x", (0,), True)] for m in names}
     demand = {"a": busy(10.0), "b": busy(8.0)}
-    snap = ClusterSnapshot(models=models(*names), agents=(agent("x", 1),), weight_bytes=weights, current=current,
-                           demand=demand)
+    snap = ClusterSnapshot(
+        models=models(*names), agents=(agent("x", 1),), weight_bytes=weights, current=current, demand=demand
+    )
     params = PolicyParams()
     a_load, b_load = (compute_load(snap, m, params) for m in snap.models)
     assert a_load <= params.compute_capacity and a_load + b_load > params.compute_overload
@@ -458,12 +587,22 @@ def test_prism_sheds_a_model_whose_squeeze_would_overload_a_gpu_and_serves_it_ag
     assert unplaced["a"] == [ReplicaTarget("x", (0,), True)] and unplaced["b"] == []
     # Under the bound (b at 4 req/s), b squeezes in beside a instead.
     light = {**demand, "b": busy(4.0)}
-    target = prism_policy(ClusterSnapshot(models=snap.models, agents=snap.agents, weight_bytes=weights,
-                                          current=current, demand=light), params)
+    target = prism_policy(
+        ClusterSnapshot(models=snap.models, agents=snap.agents, weight_bytes=weights, current=current, demand=light),
+        params,
+    )
     assert active_of(target) == {"a": [("x", (0,))], "b": [("x", (0,))]}
     # A second GPU: b goes there.
-    target = prism_policy(ClusterSnapshot(models=snap.models, agents=(agent("x", 1), agent("y", 1)),
-                                          weight_bytes=weights, current=current, demand=demand), params)
+    target = prism_policy(
+        ClusterSnapshot(
+            models=snap.models,
+            agents=(agent("x", 1), agent("y", 1)),
+            weight_bytes=weights,
+            current=current,
+            demand=demand,
+        ),
+        params,
+    )
     assert [r.agent_id for r in target["b"] if r.active][0] == "y"
 
 
@@ -474,12 +613,16 @@ def test_prism_keeps_a_serving_model_it_cannot_move_where_it_runs_while_the_gpus
     # would fail its requests in flight and unload it, to load it again once it is cold).
     names = ["a", "b", "c"]
     weights = dict.fromkeys(names, 16 * GB)
-    current = {"a": [ReplicaTarget("x", (0,), True)], "b": [ReplicaTarget("x", (0,), True)],
-               "c": [ReplicaTarget("x", (1,), True)]}
+    current = {
+        "a": [ReplicaTarget("x", (0,), True)],
+        "b": [ReplicaTarget("x", (0,), True)],
+        "c": [ReplicaTarget("x", (1,), True)],
+    }
     demand = {"a": busy(10.0), "b": busy(8.0), "c": busy(0.5)}
     params = PolicyParams()
-    snap = ClusterSnapshot(models=models(*names), agents=(agent("x", 2),), weight_bytes=weights, current=current,
-                           demand=demand)
+    snap = ClusterSnapshot(
+        models=models(*names), agents=(agent("x", 2),), weight_bytes=weights, current=current, demand=demand
+    )
     loads = {m.model_name: compute_load(snap, m, params) for m in snap.models}
     assert loads["a"] + loads["b"] > params.compute_overload  # beside a, b overloads GPU 0
     assert sum(loads.values()) <= 2 * params.compute_overload  # the two GPUs have room in sum
@@ -487,8 +630,10 @@ def test_prism_keeps_a_serving_model_it_cannot_move_where_it_runs_while_the_gpus
     assert active_of(target) == {"a": [("x", (0,))], "b": [("x", (0,))], "c": [("x", (1,))]}
     # Not running yet (b only waiting at the gateways, say), it can go to GPU 1 instead.
     waiting = {**current, "b": []}
-    target = prism_policy(ClusterSnapshot(models=snap.models, agents=snap.agents, weight_bytes=weights,
-                                          current=waiting, demand=demand), params)
+    target = prism_policy(
+        ClusterSnapshot(models=snap.models, agents=snap.agents, weight_bytes=weights, current=waiting, demand=demand),
+        params,
+    )
     assert ("x", (1,)) in active_of(target)["b"]
 
 
@@ -498,8 +643,9 @@ def test_new_models_spread_over_the_gpus_by_count_before_weight():
     # active together shared two GPUs' compute, and on one agent they could not move off again.
     names = ["big", *(f"s{i}" for i in range(6))]
     weights = {"big": 140 * GB, **{f"s{i}": GB for i in range(6)}}
-    snap = ClusterSnapshot(models=models(*names, tp={"big": 2}), agents=(agent("x", 4, 141 * GB),),
-                           weight_bytes=weights)
+    snap = ClusterSnapshot(
+        models=models(*names, tp={"big": 2}), agents=(agent("x", 4, 141 * GB),), weight_bytes=weights
+    )
     for policy in (prism_policy, time_share_policy):
         homes = {m: rs[0].gpu_ids for m, rs in policy(snap).items()}
         assert homes["big"] == (0, 1)
@@ -514,8 +660,7 @@ def test_prism_gives_a_model_too_hot_for_one_gpu_replicas_on_several_and_drops_t
     agents = tuple(agent(a, 1) for a in ("w", "x", "y", "z"))
     current = {"a": [ReplicaTarget("x", (0,), True)], "b": [ReplicaTarget("w", (0,), True)]}
     demand = {"a": busy(30.0), "b": busy(8.0)}
-    snap = ClusterSnapshot(models=models("a", "b"), agents=agents, weight_bytes=weights, current=current,
-                           demand=demand)
+    snap = ClusterSnapshot(models=models("a", "b"), agents=agents, weight_bytes=weights, current=current, demand=demand)
     params = PolicyParams()
     load = compute_load(snap, snap.models[0], params)
     assert 2 * params.compute_capacity < load <= 3 * params.compute_capacity
@@ -529,8 +674,16 @@ def test_prism_gives_a_model_too_hot_for_one_gpu_replicas_on_several_and_drops_t
     # margin), at 12 two are enough, at 6 one: a keeps some of its replicas and the others go.
     running = as_current(target)
     for rate, count in ((30.0, 3), (16.0, 3), (12.0, 2), (6.0, 1)):
-        after = prism_policy(ClusterSnapshot(models=snap.models, agents=agents, weight_bytes=weights,
-                                             current=running, demand={**demand, "a": busy(rate)}), params)
+        after = prism_policy(
+            ClusterSnapshot(
+                models=snap.models,
+                agents=agents,
+                weight_bytes=weights,
+                current=running,
+                demand={**demand, "a": busy(rate)},
+            ),
+            params,
+        )
         kept = active_of(after)["a"]
         assert len(kept) == count, (rate, kept)
         assert set(kept) <= set(replicas)
@@ -540,8 +693,13 @@ def test_prism_shares_a_hot_models_load_among_the_replicas_it_finds():
     # Two agents only: the 30 req/s model gets both (it would want three), each taking half its load.
     weights = {"a": 16 * GB}
     agents = (agent("x", 1), agent("y", 1))
-    snap = ClusterSnapshot(models=models("a"), agents=agents, weight_bytes=weights,
-                           current={"a": [ReplicaTarget("x", (0,), True)]}, demand={"a": busy(30.0)})
+    snap = ClusterSnapshot(
+        models=models("a"),
+        agents=agents,
+        weight_bytes=weights,
+        current={"a": [ReplicaTarget("x", (0,), True)]},
+        demand={"a": busy(30.0)},
+    )
     target = prism_policy(snap)
     assert sorted(active_of(target)["a"]) == [("x", (0,)), ("y", (0,))]
 
@@ -554,10 +712,19 @@ def test_prism_replicates_a_burst_on_its_recent_rate_before_the_window_shows_it(
     current = {"a": [ReplicaTarget("x", (0,), True)]}
 
     def demand(recent: float) -> dict[str, ModelDemand]:
-        return {"a": ModelDemand(arrival_rate=6.0, recent_arrival_rate=recent, busy_fraction=1.0,
-                                 mean_prompt_tokens=512, mean_output_tokens=128)}
+        return {
+            "a": ModelDemand(
+                arrival_rate=6.0,
+                recent_arrival_rate=recent,
+                busy_fraction=1.0,
+                mean_prompt_tokens=512,
+                mean_output_tokens=128,
+            )
+        }
 
-    snap = ClusterSnapshot(models=models("a"), agents=agents, weight_bytes=weights, current=current, demand=demand(30.0))
+    snap = ClusterSnapshot(
+        models=models("a"), agents=agents, weight_bytes=weights, current=current, demand=demand(30.0)
+    )
     assert compute_load(snap, snap.models[0], PolicyParams()) <= PolicyParams().compute_capacity
     assert sorted(active_of(prism_policy(snap))["a"]) == [("x", (0,)), ("y", (0,)), ("z", (0,))]
     calm = ClusterSnapshot(models=snap.models, agents=agents, weight_bytes=weights, current=current, demand=demand(6.0))
@@ -614,8 +781,9 @@ def test_prism_counts_a_model_whose_last_seconds_fell_below_the_warm_rate_as_coo
     rising = ModelDemand(arrival_rate=0.2, recent_arrival_rate=3.0)  # a burst starting: the window lags
     assert active_of(prism_policy(one_gpu_of(weights, current=current, demand={"cooling": rising})))["cooling"] == []
     steady = hot(3.0)
-    assert active_of(prism_policy(one_gpu_of(weights, current=current, demand={"cooling": steady})))["cooling"] == \
-        [("x", (0,))]
+    assert active_of(prism_policy(one_gpu_of(weights, current=current, demand={"cooling": steady})))["cooling"] == [
+        ("x", (0,))
+    ]
 
 
 def test_prism_puts_a_replica_a_model_is_short_of_where_it_stays_under_the_overload_bound():
@@ -624,10 +792,18 @@ def test_prism_puts_a_replica_a_model_is_short_of_where_it_stays_under_the_overl
     # loaded of them, under the overload bound, rather than the one replica carrying all of a's load.
     weights = {"a": 2 * GB, "b": 2 * GB, "c": 2 * GB}
     agents = (agent("x", 1), agent("y", 1), agent("z", 1))
-    current = {"a": [ReplicaTarget("x", (0,), True)], "b": [ReplicaTarget("y", (0,), True)],
-               "c": [ReplicaTarget("z", (0,), True)]}
-    snap = ClusterSnapshot(models=models("a", "b", "c"), agents=agents, weight_bytes=weights, current=current,
-                           demand={"a": busy(30.0), "b": busy(8.0), "c": busy(10.0)})
+    current = {
+        "a": [ReplicaTarget("x", (0,), True)],
+        "b": [ReplicaTarget("y", (0,), True)],
+        "c": [ReplicaTarget("z", (0,), True)],
+    }
+    snap = ClusterSnapshot(
+        models=models("a", "b", "c"),
+        agents=agents,
+        weight_bytes=weights,
+        current=current,
+        demand={"a": busy(30.0), "b": busy(8.0), "c": busy(10.0)},
+    )
     params = PolicyParams()
     loads = {m.model_name: compute_load(snap, m, params) for m in snap.models}
     assert params.compute_capacity + params.compute_margin < loads["a"] <= 2 * params.compute_capacity
@@ -647,10 +823,20 @@ def test_prism_replicates_a_model_whose_queue_its_rates_do_not_show():
     current = {"small": [ReplicaTarget("x", (0,), True)]}
 
     def plan(queued: int) -> list[str]:
-        demand = {"small": ModelDemand(arrival_rate=4.0, recent_arrival_rate=4.0, busy_fraction=1.0, queued=queued,
-                                       running=256, mean_prompt_tokens=512, mean_output_tokens=128)}
-        snap = ClusterSnapshot(models=models("small"), agents=agents, weight_bytes={"small": 2 * GB},
-                               current=current, demand=demand)
+        demand = {
+            "small": ModelDemand(
+                arrival_rate=4.0,
+                recent_arrival_rate=4.0,
+                busy_fraction=1.0,
+                queued=queued,
+                running=256,
+                mean_prompt_tokens=512,
+                mean_output_tokens=128,
+            )
+        }
+        snap = ClusterSnapshot(
+            models=models("small"), agents=agents, weight_bytes={"small": 2 * GB}, current=current, demand=demand
+        )
         return sorted(r.agent_id for r in prism_policy(snap)["small"] if r.active)
 
     assert plan(queued=0) == ["x"]
@@ -663,10 +849,17 @@ def test_prism_keeps_a_replica_where_its_neighbours_load_rose_while_under_the_ov
     # stays: moving it to the empty z costs a load and a drain, and moved it back when b's load fell.
     weights = {"a": 2 * GB, "b": 2 * GB}
     agents = (agent("x", 1), agent("y", 1), agent("z", 1))
-    current = {"a": [ReplicaTarget("x", (0,), True), ReplicaTarget("y", (0,), True)],
-               "b": [ReplicaTarget("y", (0,), True)]}
-    snap = ClusterSnapshot(models=models("a", "b"), agents=agents, weight_bytes=weights, current=current,
-                           demand={"a": busy(30.0), "b": busy(12.0)})
+    current = {
+        "a": [ReplicaTarget("x", (0,), True), ReplicaTarget("y", (0,), True)],
+        "b": [ReplicaTarget("y", (0,), True)],
+    }
+    snap = ClusterSnapshot(
+        models=models("a", "b"),
+        agents=agents,
+        weight_bytes=weights,
+        current=current,
+        demand={"a": busy(30.0), "b": busy(12.0)},
+    )
     params = PolicyParams()
     loads = {m.model_name: compute_load(snap, m, params) for m in snap.models}
     assert params.compute_capacity < loads["a"] <= 2 * params.compute_capacity

@@ -18,8 +18,10 @@ CONFIG = pc.parse([{"model_name": m, "model_path": f"/m/{m}", "init_placements":
 
 
 async def placements(etcd) -> dict[str, list[dict]]:
-    return {kv.key.decode().removeprefix(records.PLACEMENTS): records.PlacementRecord.from_json(kv.value).replicas
-            for kv in await etcd.get_prefix(records.PLACEMENTS.encode())}
+    return {
+        kv.key.decode().removeprefix(records.PLACEMENTS): records.PlacementRecord.from_json(kv.value).replicas
+        for kv in await etcd.get_prefix(records.PLACEMENTS.encode())
+    }
 
 
 async def test_placements_are_written_only_by_the_current_leader(etcd_server):
@@ -27,12 +29,22 @@ async def test_placements_are_written_only_by_the_current_leader(etcd_server):
     try:
         me = records.LeaderRecord("me", "127.0.0.1:1", 1.0).to_json()
         await etcd.put(records.SCHEDULER_LEADER.encode(), me)
-        loop = PlacementLoop(CONFIG, etcd, "static", SchedulerService(asyncio.Event()), asyncio.Event(), 1.0, 1.0,
-                             fence=(records.SCHEDULER_LEADER, me))
+        loop = PlacementLoop(
+            CONFIG,
+            etcd,
+            "static",
+            SchedulerService(asyncio.Event()),
+            asyncio.Event(),
+            1.0,
+            1.0,
+            fence=(records.SCHEDULER_LEADER, me),
+        )
         first = {"a": [ReplicaTarget("x", (0,), True)], "b": []}
         assert await loop._write_placements(first)
-        assert await placements(etcd) == {"a": [{"agent_id": "x", "gpu_ids": [0], "active": True,
-                                                 "memory_limit_bytes": 0}], "b": []}
+        assert await placements(etcd) == {
+            "a": [{"agent_id": "x", "gpu_ids": [0], "active": True, "memory_limit_bytes": 0}],
+            "b": [],
+        }
         assert await loop._write_placements(first)  # nothing changed: nothing to write
 
         # Another replica leads now: this loop's writes no longer land.
@@ -45,7 +57,8 @@ async def test_placements_are_written_only_by_the_current_leader(etcd_server):
         # Without a fence (a single replica) the write lands, b's placement goes.
         unfenced = PlacementLoop(CONFIG, etcd, "static", SchedulerService(asyncio.Event()), asyncio.Event(), 1.0, 1.0)
         assert await unfenced._write_placements(second)
-        assert await placements(etcd) == {"a": [{"agent_id": "y", "gpu_ids": [0], "active": False,
-                                                 "memory_limit_bytes": 0}]}
+        assert await placements(etcd) == {
+            "a": [{"agent_id": "y", "gpu_ids": [0], "active": False, "memory_limit_bytes": 0}]
+        }
     finally:
         await etcd.close()

@@ -116,23 +116,34 @@ def shared_prefix_workload(seed: int, n: int = 24) -> list[GenerationRequest]:
         else:
             prompt = rng.choice(prefixes) + " " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6)))
         sampled = rng.random() < 0.25
-        requests.append(GenerationRequest(
-            request_id=f"r{i}", prompt=prompt, max_tokens=rng.randint(4, 24), ignore_eos=True,
-            temperature=0.8 if sampled else 0.0, seed=rng.randrange(1 << 30) if sampled else None,
-            stop=[rng.choice(WORDS)] if rng.random() < 0.2 else []))
+        requests.append(
+            GenerationRequest(
+                request_id=f"r{i}",
+                prompt=prompt,
+                max_tokens=rng.randint(4, 24),
+                ignore_eos=True,
+                temperature=0.8 if sampled else 0.0,
+                seed=rng.randrange(1 << 30) if sampled else None,
+                stop=[rng.choice(WORDS)] if rng.random() < 0.2 else [],
+            )
+        )
     return requests
 
 
 async def run_in_waves(engine: Engine, requests: list[GenerationRequest], wave: int = 6) -> dict[str, tuple]:
     """Each request's (tokens, text, cached prompt tokens), `wave` at a time."""
+
     async def one(req: GenerationRequest) -> tuple[str, tuple]:
         outs = [out async for out in engine.generate(req)]
-        return req.request_id, (tuple(t for o in outs for t in o.token_ids), "".join(o.text for o in outs),
-                                outs[-1].cached_tokens)
+        return req.request_id, (
+            tuple(t for o in outs for t in o.token_ids),
+            "".join(o.text for o in outs),
+            outs[-1].cached_tokens,
+        )
 
     results: dict[str, tuple] = {}
     for start in range(0, len(requests), wave):
-        results.update(await asyncio.gather(*(one(r) for r in requests[start:start + wave])))
+        results.update(await asyncio.gather(*(one(r) for r in requests[start : start + wave])))
     return results
 
 
@@ -203,9 +214,15 @@ async def test_a_neighbours_burst_takes_the_memory_only_the_cache_keeps(model_di
     from prism_client.v1 import generate_pb2
 
     def stream(agent, model: str, prompt: str, max_tokens: int):
-        return agent.stub.Generate(generate_pb2.GenerateRequest(
-            request_id=f"{model}-{prompt[:12]}-{random.random()}", model=model, prompt=prompt,
-            sampling=generate_pb2.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)), timeout=120)
+        return agent.stub.Generate(
+            generate_pb2.GenerateRequest(
+                request_id=f"{model}-{prompt[:12]}-{random.random()}",
+                model=model,
+                prompt=prompt,
+                sampling=generate_pb2.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
+            ),
+            timeout=120,
+        )
 
     async def finish(call) -> int:
         last = None
@@ -232,5 +249,7 @@ async def test_a_neighbours_burst_takes_the_memory_only_the_cache_keeps(model_di
         # Served in what the cache gave back: the burst's KV at its peak was beyond what was free beside it.
         cached_after = engines["cached"].stats().kv_cached_bytes
         assert cached_after < cached_before, (cached_before, cached_after)
-        assert engines["cached"].stats().kv_mapped_bytes <= agent.manager.engines["cached"].memory_limit_bytes \
+        assert (
+            engines["cached"].stats().kv_mapped_bytes <= agent.manager.engines["cached"].memory_limit_bytes
             or engines["cached"].stats().memory_limit_status == "applied"
+        )

@@ -14,10 +14,10 @@ import httpx
 import pytest
 
 from prism.cluster import LocalCluster
-from tests.prism_clusters import prism_cluster as start_prism_cluster
 from prism_client.v1 import agent_pb2, agent_pb2_grpc
 from services.common import records
 from services.common.etcd import connect
+from tests.prism_clusters import prism_cluster as start_prism_cluster
 
 GUARD_S = 60
 
@@ -25,13 +25,15 @@ GUARD_S = 60
 @pytest.fixture(scope="module")
 def prism_cluster(tmp_path_factory):
     # The scheduler's status record after every plan: the tests count plans instead of sleeping.
-    with start_prism_cluster(tmp_path_factory.mktemp("prism-policy"),
-                             scheduler_args=("--status-interval-s", "0")) as cluster:
+    with start_prism_cluster(
+        tmp_path_factory.mktemp("prism-policy"), scheduler_args=("--status-interval-s", "0")
+    ) as cluster:
         yield cluster
 
 
 def scheduler_plans(cluster: LocalCluster) -> int:
     """The plans the leading scheduler has made, from its status record in etcd."""
+
     async def read() -> int:
         client = await connect(cluster.etcd_endpoint, timeout_s=5)
         try:
@@ -60,8 +62,11 @@ def test_cold_models_wait_switched_off_and_a_requested_one_is_served_and_kept_on
     cluster = prism_cluster
     off, on = "ENGINE_STATE_INACTIVE", "ENGINE_STATE_ACTIVE"
     wait_for_states(cluster, {"tiny-llama": off, "tiny-qwen2": off})  # no demand: both off the device
-    response = httpx.post(cluster.http_url + "/v1/completions", timeout=GUARD_S, json={
-        "model": "tiny-llama", "prompt": "Hello", "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+    response = httpx.post(
+        cluster.http_url + "/v1/completions",
+        timeout=GUARD_S,
+        json={"model": "tiny-llama", "prompt": "Hello", "max_tokens": 4, "temperature": 0, "ignore_eos": True},
+    )
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] == 4
     wait_for_states(cluster, {"tiny-llama": on, "tiny-qwen2": off})

@@ -60,9 +60,27 @@ def prism_up(tmp_path):
     http_port, grpc_port = free_port(), free_port()
     state = tmp_path / "state"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "prism.cli", "up", "--state-dir", str(state), "--http-port", str(http_port),
-         "--grpc-port", str(grpc_port), "--device", "cpu", "--cpu-memory-gb", "2"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=_ctrl_c_works,
+        [
+            sys.executable,
+            "-m",
+            "prism.cli",
+            "up",
+            "--state-dir",
+            str(state),
+            "--http-port",
+            str(http_port),
+            "--grpc-port",
+            str(grpc_port),
+            "--device",
+            "cpu",
+            "--cpu-memory-gb",
+            "2",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=_ctrl_c_works,
     )
     lines = _read_until_up(proc)
     yield proc, f"http://127.0.0.1:{http_port}", state, lines
@@ -76,8 +94,11 @@ def _serves_again(url: str, model: str, within_s: float) -> float:
     start = time.monotonic()
     while time.monotonic() - start < within_s:
         try:
-            r = httpx.post(f"{url}/v1/completions", timeout=30,
-                           json={"model": model, "prompt": "hello", "max_tokens": 2, "temperature": 0})
+            r = httpx.post(
+                f"{url}/v1/completions",
+                timeout=30,
+                json={"model": model, "prompt": "hello", "max_tokens": 2, "temperature": 0},
+            )
             if r.status_code == 200:
                 return time.monotonic() - start
         except httpx.HTTPError:
@@ -97,13 +118,23 @@ def test_up_serves_a_real_model_and_restarts_what_dies_until_ctrl_c(prism_up):
 
     models = httpx.get(f"{url}/v1/models").json()["data"]
     assert {m["id"] for m in models} == {"smollm2-135m-instruct", "tiny-llama"}
-    r = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
-        "model": "smollm2-135m-instruct", "max_tokens": 16, "temperature": 0,
-        "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+    r = httpx.post(
+        f"{url}/v1/chat/completions",
+        timeout=60,
+        json={
+            "model": "smollm2-135m-instruct",
+            "max_tokens": 16,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        },
+    )
     assert r.status_code == 200, r.text
     assert "Paris" in r.json()["choices"][0]["message"]["content"]
-    r = httpx.post(f"{url}/v1/completions", json={"model": "tiny-llama", "prompt": "hello", "max_tokens": 4,
-                                                  "temperature": 0}, timeout=60)
+    r = httpx.post(
+        f"{url}/v1/completions",
+        json={"model": "tiny-llama", "prompt": "hello", "max_tokens": 4, "temperature": 0},
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["completion_tokens"] >= 1
 
@@ -111,7 +142,9 @@ def test_up_serves_a_real_model_and_restarts_what_dies_until_ctrl_c(prism_up):
     assert set(first) == {"etcd", "scheduler", "agent", "gateway"}
     os.kill(first["agent"], signal.SIGKILL)
     start = time.monotonic()
-    r = httpx.post(f"{url}/v1/completions", json={"model": "tiny-llama", "prompt": "hello", "max_tokens": 4}, timeout=30)
+    r = httpx.post(
+        f"{url}/v1/completions", json={"model": "tiny-llama", "prompt": "hello", "max_tokens": 4}, timeout=30
+    )
     assert r.status_code == 503, r.text
     assert time.monotonic() - start < 10
     body = r.json()["error"]
@@ -138,17 +171,50 @@ def test_up_with_api_keys_checks_readiness_with_the_clients_key(tmp_path):
     keys.write_text("- name: ops\n  key: sk-up-ops-0001\n")
     # One tiny model: what is checked is the key, not a model (SmolLM2's load is the other test's).
     config = tmp_path / "models.json"
-    config.write_text(json.dumps([{"model_name": "tiny-llama", "init_placements": [{"gpu_ids": [0], "on": True}],
-                                   "model_path": str(write_tiny_model(tmp_path / "tiny-llama"))}]))
+    config.write_text(
+        json.dumps(
+            [
+                {
+                    "model_name": "tiny-llama",
+                    "init_placements": [{"gpu_ids": [0], "on": True}],
+                    "model_path": str(write_tiny_model(tmp_path / "tiny-llama")),
+                }
+            ]
+        )
+    )
     http_port, grpc_port = free_port(), free_port()
-    command = [sys.executable, "-m", "prism.cli", "up", "--state-dir", str(tmp_path / "state"), "--http-port",
-               str(http_port), "--grpc-port", str(grpc_port), "--device", "cpu", "--cpu-memory-gb", "1",
-               "--api-keys-file", str(keys), "--config", str(config)]
+    command = [
+        sys.executable,
+        "-m",
+        "prism.cli",
+        "up",
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--http-port",
+        str(http_port),
+        "--grpc-port",
+        str(grpc_port),
+        "--device",
+        "cpu",
+        "--cpu-memory-gb",
+        "1",
+        "--api-keys-file",
+        str(keys),
+        "--config",
+        str(config),
+    ]
     env = {k: v for k, v in os.environ.items() if k not in ("PRISM_API_KEY", "PRISM_API_KEYS")}
     refused = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "PRISM_API_KEY" in refused.stderr, refused.stderr
-    proc = subprocess.Popen(command, cwd=REPO, env={**env, "PRISM_API_KEY": "sk-up-ops-0001"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=_ctrl_c_works)
+    proc = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env={**env, "PRISM_API_KEY": "sk-up-ops-0001"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=_ctrl_c_works,
+    )
     try:
         _read_until_up(proc)
         url = f"http://127.0.0.1:{http_port}/v1/models"

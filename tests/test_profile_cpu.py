@@ -47,8 +47,9 @@ def test_committed_cpu_profile_loads():
 def test_a_profile_measured_through_a_real_cluster(tmp_path):
     # Its numbers against the engine alone's are for the benchmark to show (bench/results), not a test to time.
     module = _profile_cpu_module()
-    served, measured = module.profile_cpu(tmp_path / "models", through_cluster=True, batches=(1, 8), prompts=(16,),
-                                          new_tokens=6)
+    served, measured = module.profile_cpu(
+        tmp_path / "models", through_cluster=True, batches=(1, 8), prompts=(16,), new_tokens=6
+    )
     assert served.metadata["source"] == "bench/profile_cpu.py --through-cluster"
     assert {m["model"] for m in measured} == {"tiny-llama", "tiny-qwen2"}
     for m in measured:

@@ -31,7 +31,17 @@ def test_every_service_has_its_rpcs():
         for s in module.DESCRIPTOR.services_by_name.values()
     }
     assert rpcs["prism.v1.Gateway"] == {"Generate", "ListModels"}
-    assert {"Generate", "GetStatus", "LoadModel", "ActivateModel", "DeactivateModel", "SetMemoryLimit"} <= rpcs["prism.v1.Agent"]
+    assert {"Generate", "GetStatus", "LoadModel", "ActivateModel", "DeactivateModel", "SetMemoryLimit"} <= rpcs[
+        "prism.v1.Agent"
+    ]
     assert rpcs["prism.v1.Scheduler"] == {"RegisterAgent", "StreamLoadReports"}
-    assert rpcs["prism.v1.EngineWorker"] == {"Info", "Load", "Generate", "SetMemoryLimit", "Activate", "Deactivate",
-                                             "Stats", "Shutdown"}
+    assert rpcs["prism.v1.EngineWorker"] == {
+        "Info",
+        "Load",
+        "Generate",
+        "SetMemoryLimit",
+        "Activate",
+        "Deactivate",
+        "Stats",
+        "Shutdown",
+    }

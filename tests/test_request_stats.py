@@ -146,12 +146,15 @@ def test_single_token_requests_have_no_tpot(clock):
     assert snap.slo_attainment == 1.0  # None TPOT meets the TPOT target
 
 
-@pytest.mark.parametrize(("ttft_s", "tpot_s", "met"), [
-    (0.5, 0.05, True),     # exactly at both targets
-    (0.51, 0.01, False),   # TTFT late
-    (0.1, 0.051, False),   # TPOT slow
-    (0.6, None, False),    # one token, late
-])
+@pytest.mark.parametrize(
+    ("ttft_s", "tpot_s", "met"),
+    [
+        (0.5, 0.05, True),  # exactly at both targets
+        (0.51, 0.01, False),  # TTFT late
+        (0.1, 0.051, False),  # TPOT slow
+        (0.6, None, False),  # one token, late
+    ],
+)
 def test_attainment_follows_the_models_slo(clock, ttft_s, tpot_s, met):
     stats = make_stats(clock)
     stats.finished(ttft_s=0.1, tpot_s=0.01)  # one that meets both

@@ -8,11 +8,20 @@ from services.scheduler.demand import MIN_RATE_SPAN_S, RECENT_RATE_S, DemandMemo
 from services.scheduler.policies import ModelDemand
 
 
-def load(rate: float, recent: float | None = None, busy: float = 0.0, window_s: float = 60.0,
-         running: int = 0) -> EngineLoad:
-    return EngineLoad(ModelDemand(arrival_rate=rate, recent_arrival_rate=rate if recent is None else recent,
-                                  busy_fraction=busy, running=running, mean_prompt_tokens=500.0,
-                                  mean_output_tokens=100.0), window_s)
+def load(
+    rate: float, recent: float | None = None, busy: float = 0.0, window_s: float = 60.0, running: int = 0
+) -> EngineLoad:
+    return EngineLoad(
+        ModelDemand(
+            arrival_rate=rate,
+            recent_arrival_rate=rate if recent is None else recent,
+            busy_fraction=busy,
+            running=running,
+            mean_prompt_tokens=500.0,
+            mean_output_tokens=100.0,
+        ),
+        window_s,
+    )
 
 
 def test_the_spans_are_the_agents():
@@ -23,8 +32,9 @@ def test_the_spans_are_the_agents():
 
 def test_engines_of_one_model_add_up():
     memory = DemandMemory()
-    demand = memory.demand(0.0, {("a", "m"): load(3.0, busy=0.5), ("b", "m"): load(1.0, busy=0.25),
-                                 ("a", "other"): load(2.0)})
+    demand = memory.demand(
+        0.0, {("a", "m"): load(3.0, busy=0.5), ("b", "m"): load(1.0, busy=0.25), ("a", "other"): load(2.0)}
+    )
     assert demand["m"].arrival_rate == pytest.approx(4.0)
     assert demand["m"].busy_fraction == pytest.approx(0.75)
     assert demand["other"].arrival_rate == pytest.approx(2.0)
@@ -95,8 +105,9 @@ def test_a_new_replica_does_not_count_the_share_it_took_over_twice():
     its 5 s; the old one's minute still counts 40/s for 55 s of it. The model's rate is its requests over
     the minute (40.0), not the sum of the two rates (60); its recent rate its last 10 s's (40.0)."""
     memory = DemandMemory()
-    old = EngineLoad(ModelDemand(arrival_rate=(40 * 55 + 20 * 5) / 60, recent_arrival_rate=(40 * 5 + 20 * 5) / 10),
-                     60.0)
+    old = EngineLoad(
+        ModelDemand(arrival_rate=(40 * 55 + 20 * 5) / 60, recent_arrival_rate=(40 * 5 + 20 * 5) / 10), 60.0
+    )
     new = EngineLoad(ModelDemand(arrival_rate=20.0, recent_arrival_rate=20.0), 5.0)
     demand = memory.demand(0.0, {("a", "m"): old, ("b", "m"): new})["m"]
     assert demand.arrival_rate == pytest.approx(40.0)

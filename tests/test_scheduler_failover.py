@@ -28,10 +28,17 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 
 @pytest.fixture(scope="module")
 def ha_cluster(tmp_path_factory):
-    cluster = LocalCluster(state_dir=tmp_path_factory.mktemp("ha"), http_port=free_port(), grpc_port=free_port(),
-                           device="cpu", cpu_memory_gb=1.0, engine_isolation="inline", scheduler_replicas=2,
-                           default_models="tiny",
-                           scheduler_args=("--replan-interval-s", "0.5"))
+    cluster = LocalCluster(
+        state_dir=tmp_path_factory.mktemp("ha"),
+        http_port=free_port(),
+        grpc_port=free_port(),
+        device="cpu",
+        cpu_memory_gb=1.0,
+        engine_isolation="inline",
+        scheduler_replicas=2,
+        default_models="tiny",
+        scheduler_args=("--replan-interval-s", "0.5"),
+    )
     cluster.start()
     yield cluster
     cluster.stop()
@@ -48,17 +55,23 @@ def health(address: str) -> int | None:
 
 def etcd_state(cluster: LocalCluster) -> tuple[records.LeaderRecord | None, dict[str, tuple[int, int]], dict[str, int]]:
     """The leader record; each engine key's (create, mod) revision; each placement's revision."""
+
     async def read():
         client = await connect(cluster.etcd_endpoint)
         try:
             leader = await client.get(records.SCHEDULER_LEADER.encode())
-            engines = {kv.key.decode(): (kv.create_revision, kv.mod_revision)
-                       for kv in await client.get_prefix(records.ENGINES.encode())}
-            placements = {kv.key.decode(): records.PlacementRecord.from_json(kv.value).revision
-                          for kv in await client.get_prefix(records.PLACEMENTS.encode())}
+            engines = {
+                kv.key.decode(): (kv.create_revision, kv.mod_revision)
+                for kv in await client.get_prefix(records.ENGINES.encode())
+            }
+            placements = {
+                kv.key.decode(): records.PlacementRecord.from_json(kv.value).revision
+                for kv in await client.get_prefix(records.PLACEMENTS.encode())
+            }
             return (records.LeaderRecord.from_json(leader.value) if leader else None), engines, placements
         finally:
             await client.close()
+
     return asyncio.run(read())
 
 
@@ -86,8 +99,9 @@ class Traffic:
             while not self._stop.is_set():
                 model = models[i % len(models)]
                 i += 1
-                response = client.post("/v1/completions", json={"model": model, "prompt": "Hello", "max_tokens": 2,
-                                                                "temperature": 0})
+                response = client.post(
+                    "/v1/completions", json={"model": model, "prompt": "Hello", "max_tokens": 2, "temperature": 0}
+                )
                 self.results.append((time.monotonic(), model, response.status_code))
 
     def __enter__(self) -> Traffic:
@@ -120,15 +134,19 @@ def test_the_standby_takes_over_when_the_leader_is_killed_without_moving_any_mod
         serving_after_s = time.monotonic() - killed_at
         new_leader, _, _ = etcd_state(cluster)
         took_over_s = new_leader.elected_at - killed_wall
-        print(f"\nfailover: {standby} elected {took_over_s:.2f}s after kill -9 of {leader.scheduler_id}; "
-              f"its health SERVING after {serving_after_s:.2f}s (requirement: 5 s)")
+        print(
+            f"\nfailover: {standby} elected {took_over_s:.2f}s after kill -9 of {leader.scheduler_id}; "
+            f"its health SERVING after {serving_after_s:.2f}s (requirement: 5 s)"
+        )
         assert new_leader.scheduler_id == standby and new_leader.address == cluster.scheduler_addresses[standby]
 
         # The agent's load reports move to the new leader.
         new_log = cluster.log_dir / f"{standby}.log"
         wait_for(lambda: "registered from" in new_log.read_text(), "the agent to register with the new leader")
-        wait_for(lambda: f"registered with scheduler {new_leader.address}" in agent_log.read_text(),
-                 "the agent to report to the new leader")
+        wait_for(
+            lambda: f"registered with scheduler {new_leader.address}" in agent_log.read_text(),
+            "the agent to report to the new leader",
+        )
         reported_s = time.monotonic() - killed_at
         print(f"failover: load reports reach the new leader {reported_s:.2f}s after the kill")
         # Let the new leader re-plan a few times (every 0.5 s) while requests keep coming.

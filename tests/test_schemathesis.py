@@ -27,8 +27,12 @@ from schemathesis.specs.openapi.checks import (
 
 MODELS = ["tiny-llama", "tiny-qwen2"]
 TIMEOUT_S = 60.0  # per request: far beyond any answer here, so reaching it is a hang
-CHECKS = [schemathesis.checks.not_a_server_error, status_code_conformance, content_type_conformance,
-          response_schema_conformance]
+CHECKS = [
+    schemathesis.checks.not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +45,14 @@ def gateway_schema(cluster):
     return schema
 
 
-OPERATIONS = [("GET", "/health"), ("GET", "/metrics"), ("GET", "/v1/models"), ("GET", "/v1/models/{model}"),
-              ("POST", "/v1/completions"), ("POST", "/v1/chat/completions")]
+OPERATIONS = [
+    ("GET", "/health"),
+    ("GET", "/metrics"),
+    ("GET", "/v1/models"),
+    ("GET", "/v1/models/{model}"),
+    ("POST", "/v1/completions"),
+    ("POST", "/v1/chat/completions"),
+]
 
 
 def test_every_operation_is_covered(gateway_schema):
@@ -53,7 +63,8 @@ def test_every_operation_is_covered(gateway_schema):
 # Every operation with valid input; those with a body also with invalid bodies (the others' only
 # parameter, a path segment, has no invalid value).
 CASES = [(method, path, GenerationMode.POSITIVE) for method, path in OPERATIONS] + [
-    (method, path, GenerationMode.NEGATIVE) for method, path in OPERATIONS if method == "POST"]
+    (method, path, GenerationMode.NEGATIVE) for method, path in OPERATIONS if method == "POST"
+]
 
 
 @pytest.mark.parametrize("method, path, mode", CASES, ids=lambda v: str(v))
@@ -62,8 +73,13 @@ def test_the_gateway_keeps_to_its_spec(gateway_schema, method, path, mode):
     # (`_nodeid`) that pytest 9 no longer has; the operation's hypothesis strategy does the same.
     operation = gateway_schema[path][method]
 
-    @settings(max_examples=50, deadline=None, derandomize=True, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
+    @settings(
+        max_examples=50,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
+    )
     @given(case=operation.as_strategy(generation_mode=mode))
     def keeps_to_the_spec(case):
         case.call_and_validate(checks=CHECKS)

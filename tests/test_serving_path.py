@@ -28,8 +28,7 @@ def test_a_cpu_engine_says_it_runs_the_page_pool_with_torch_attention(tmp_path):
 
 
 def test_an_sglang_servers_path_comes_from_its_launch_arguments():
-    config = SGLangLaunchConfig(model_path="/m", name="m", gpu_ids=(0,),
-                                extra_args=("--attention-backend", "triton"))
+    config = SGLangLaunchConfig(model_path="/m", name="m", gpu_ids=(0,), extra_args=("--attention-backend", "triton"))
     assert sglang_serving_path(config, kvcached=True) == ServingPath("kvcached", "triton", True)
     plain = SGLangLaunchConfig(model_path="/m", name="m", gpu_ids=(0,), extra_args=("--disable-cuda-graph",))
     assert sglang_serving_path(plain, kvcached=False) == ServingPath("sglang", "sglang", False)

@@ -46,9 +46,18 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def test_command_line_carries_the_spec():
-    config = SGLangLaunchConfig(name="llama-8b", model_path="/models/llama", gpu_ids=(2, 3), tp_size=2, port=31000,
-                                load_format="safetensors", dtype="bfloat16", seed=7, mem_fraction_static=0.5,
-                                extra_args=("--disable-radix-cache",))
+    config = SGLangLaunchConfig(
+        name="llama-8b",
+        model_path="/models/llama",
+        gpu_ids=(2, 3),
+        tp_size=2,
+        port=31000,
+        load_format="safetensors",
+        dtype="bfloat16",
+        seed=7,
+        mem_fraction_static=0.5,
+        extra_args=("--disable-radix-cache",),
+    )
     argv = build_command(config)
     assert argv[:3] == [sys.executable, "-m", "sglang.launch_server"]
     pairs = dict(zip(argv[3::1], argv[4::1]))
@@ -58,16 +67,23 @@ def test_command_line_carries_the_spec():
     assert pairs["--tp-size"] == "2"
     assert pairs["--load-format"] == "safetensors" and pairs["--dtype"] == "bfloat16"
     assert pairs["--random-seed"] == "7" and pairs["--mem-fraction-static"] == "0.5"
-    for flag in ("--enable-metrics", "--enable-memory-saver", "--enable-weights-cpu-backup",
-                 "--incremental-streaming-output"):
+    for flag in (
+        "--enable-metrics",
+        "--enable-memory-saver",
+        "--enable-weights-cpu-backup",
+        "--incremental-streaming-output",
+    ):
         assert flag in argv
     assert argv[-1] == "--disable-radix-cache"
     # kvcached sizes the KV pool: no memory fraction unless asked for.
     assert "--mem-fraction-static" not in build_command(replace(config, mem_fraction_static=None))
-    bare = build_command(replace(config, enable_memory_saver=False, incremental_streaming=False,
-                                 enable_metrics=False))
-    assert not {"--enable-memory-saver", "--enable-weights-cpu-backup", "--incremental-streaming-output",
-                "--enable-metrics"} & set(bare)
+    bare = build_command(replace(config, enable_memory_saver=False, incremental_streaming=False, enable_metrics=False))
+    assert not {
+        "--enable-memory-saver",
+        "--enable-weights-cpu-backup",
+        "--incremental-streaming-output",
+        "--enable-metrics",
+    } & set(bare)
     stand_in = build_command(replace(config, launch_command=("python3", "fake.py")))
     assert stand_in[:2] == ["python3", "fake.py"] and stand_in[2:] == argv[3:]
     # SGLang 0.5.15's --dtype choices are auto/half/float16/bfloat16/float/float32: our aliases are translated.
@@ -150,8 +166,11 @@ def test_model_info_reads_config_as_sglang_does(tmp_path):
     assert info(seq_length=1024, max_position_embeddings=4096).max_context == 1024  # SGLang's key order
     assert info().max_context == 2048  # SGLang's default
     assert info(max_position_embeddings=4096, rope_scaling={"rope_type": "linear", "factor": 2.0}).max_context == 8192
-    for rope in ({"rope_type": "yarn", "factor": 4.0}, {"rope_type": "llama3", "factor": 8.0},
-                 {"type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 4096}):
+    for rope in (
+        {"rope_type": "yarn", "factor": 4.0},
+        {"rope_type": "llama3", "factor": 8.0},
+        {"type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 4096},
+    ):
         assert info(max_position_embeddings=4096, rope_scaling=rope).max_context == 4096
     with pytest.raises(ModelInfoError, match="MLA"):
         info(kv_lora_rank=512)
@@ -173,17 +192,26 @@ def test_generate_payload():
         return SGLangEngine._payload(engine, _request(seed=3, stop=["\n"], top_p=0.9, max_tokens=4), [1, 2], "r", 4)
 
     body = payload(False)
-    assert body == {"rid": "r", "input_ids": [1, 2],
-                    "sampling_params": {"max_new_tokens": 4, "temperature": 0, "top_p": 0.9, "ignore_eos": False,
-                                        "stop": ["\n"]}}
+    assert body == {
+        "rid": "r",
+        "input_ids": [1, 2],
+        "sampling_params": {"max_new_tokens": 4, "temperature": 0, "top_p": 0.9, "ignore_eos": False, "stop": ["\n"]},
+    }
     assert payload(True)["sampling_params"]["sampling_seed"] == 3
 
 
 def _event(text, ids, finish=None, completion=None, prompt=5):
-    return {"text": text, "output_ids": ids,
-            "meta_info": {"id": "r", "finish_reason": finish, "prompt_tokens": prompt,
-                          "completion_tokens": completion if completion is not None else len(ids),
-                          "cached_tokens": 0}}
+    return {
+        "text": text,
+        "output_ids": ids,
+        "meta_info": {
+            "id": "r",
+            "finish_reason": finish,
+            "prompt_tokens": prompt,
+            "completion_tokens": completion if completion is not None else len(ids),
+            "cached_tokens": 0,
+        },
+    }
 
 
 def test_request_ids_are_prefix_free():
@@ -191,8 +219,10 @@ def test_request_ids_are_prefix_free():
     another's, whatever the callers' ids, nor look like a health check."""
     from services.gpu_agent.sglang.driver import sglang_rid
 
-    rids = [sglang_rid(n, request_id) for n, request_id in
-            enumerate(["a", "a", "ab", "", "1", "1-a", "HEALTH_CHECK_x"] * 3, start=1)]
+    rids = [
+        sglang_rid(n, request_id)
+        for n, request_id in enumerate(["a", "a", "ab", "", "1", "1-a", "HEALTH_CHECK_x"] * 3, start=1)
+    ]
     assert len(set(rids)) == len(rids)
     assert not [(a, b) for a in rids for b in rids if a != b and b.startswith(a)]
     assert not any(r.startswith("HEALTH_CHECK") for r in rids)
@@ -240,10 +270,18 @@ def test_stop_strings_are_not_output():
             pieces, texts = [" a", "\n", last], [" a", " a\n", " a\n" + last]
             outs = []
             for i in range(3):
-                ids = [1, 2, 2][:i + 1]
+                ids = [1, 2, 2][: i + 1]
                 finish = {"type": "stop", "matched": "\n\n"} if i == 2 else None
-                outs.append(d.feed(_event(pieces[i] if incremental else texts[i],
-                                          ids[-1:] if incremental else ids, finish, completion=i + 1)))
+                outs.append(
+                    d.feed(
+                        _event(
+                            pieces[i] if incremental else texts[i],
+                            ids[-1:] if incremental else ids,
+                            finish,
+                            completion=i + 1,
+                        )
+                    )
+                )
             assert [o.text for o in outs] == [" a", "", ""] and outs[-1].finish_reason == "stop"
             assert [t for o in outs for t in o.token_ids] == [1, 2, 2]  # ids as SGLang sends them
     # Held text that turns out not to start a stop string comes out with the next event.
@@ -253,30 +291,52 @@ def test_stop_strings_are_not_output():
     assert d.feed(_event(" EN", [7], {"type": "length", "length": 3})).text == " EN"  # at the end, all of it
     assert ChunkDecoder(True, stop=["END"]).feed(_event("xEND", [1], {"type": "stop", "matched": "END"})).text == "x"
     d = ChunkDecoder(True, stop=["END"])
-    assert d.feed(_event("E", [5])).text == "" and d.feed(_event("x", [6], {"type": "stop", "matched": "END"})).text \
-        == "Ex"  # held text that is not where the stop began
+    assert (
+        d.feed(_event("E", [5])).text == ""
+        and d.feed(_event("x", [6], {"type": "stop", "matched": "END"})).text == "Ex"
+    )  # held text that is not where the stop began
 
 
 def test_stream_errors_map_to_engine_errors():
     # SGLang 0.5.15's in-stream refusal (http_server.py, generate_request's stream_results).
     with pytest.raises(InvalidRequestError, match="longer than the model's context"):
-        ChunkDecoder(True).feed({"error": {"message": "The input (300 tokens) is longer than the model's context",
-                                           "type": "invalid_request_error", "code": 400, "retryable": False}})
+        ChunkDecoder(True).feed(
+            {
+                "error": {
+                    "message": "The input (300 tokens) is longer than the model's context",
+                    "type": "invalid_request_error",
+                    "code": 400,
+                    "retryable": False,
+                }
+            }
+        )
     with pytest.raises(InvalidRequestError, match="longer than the model's context"):  # older: message only
         ChunkDecoder(True).feed({"error": {"message": "The input (300 tokens) is longer than the model's context"}})
     # Aborted while waiting (tokenizer_manager.py, _handle_abort_req): no prompt_tokens, the text so far.
-    waiting = {"text": "so far", "output_ids": [7], "meta_info": {
-        "id": "1-r", "finish_reason": {"type": "abort", "message": "Abort in waiting queue"},
-        "weight_version": "default", "e2e_latency": 0.1, "completion_tokens": 1}}
+    waiting = {
+        "text": "so far",
+        "output_ids": [7],
+        "meta_info": {
+            "id": "1-r",
+            "finish_reason": {"type": "abort", "message": "Abort in waiting queue"},
+            "weight_version": "default",
+            "e2e_latency": 0.1,
+            "completion_tokens": 1,
+        },
+    }
     with pytest.raises(EngineError, match="Abort in waiting queue") as waited:
         ChunkDecoder(True).feed(waiting)
     assert not isinstance(waited.value, InvalidRequestError)
     with pytest.raises(InvalidRequestError, match="bad stop"):
-        ChunkDecoder(True).feed(_event("", [], {"type": "abort", "message": "bad stop", "status_code": 400,
-                                               "err_type": "BadRequestError"}))
+        ChunkDecoder(True).feed(
+            _event("", [], {"type": "abort", "message": "bad stop", "status_code": 400, "err_type": "BadRequestError"})
+        )
     with pytest.raises(EngineError, match="Abort in waiting queue") as info:
-        ChunkDecoder(True).feed(_event("", [], {"type": "abort", "message": "Abort in waiting queue",
-                                               "status_code": None, "err_type": None}))
+        ChunkDecoder(True).feed(
+            _event(
+                "", [], {"type": "abort", "message": "Abort in waiting queue", "status_code": None, "err_type": None}
+            )
+        )
     assert not isinstance(info.value, InvalidRequestError)
     with pytest.raises(StreamFormatError, match="meta_info"):
         ChunkDecoder(True).feed({"text": "x"})
@@ -305,8 +365,9 @@ def test_metrics_parsing():
     # TP rank 1 is not counted twice, nor is a per-priority breakdown.
     assert (m.running_requests, m.queued_requests, m.used_tokens) == (3, 3, 1536)
     assert m.token_usage == 0.25 and m.available_tokens is None and m.free_tokens is None
-    kv = parse_sglang_metrics(METRICS + 'sglang:kv_available_tokens{tp_rank="0"} 4096\n'
-                              'sglang:kv_evictable_tokens{tp_rank="0"} 1000\n')
+    kv = parse_sglang_metrics(
+        METRICS + 'sglang:kv_available_tokens{tp_rank="0"} 4096\nsglang:kv_evictable_tokens{tp_rank="0"} 1000\n'
+    )
     assert (kv.available_tokens, kv.evictable_tokens, kv.free_tokens) == (4096, 1000, 5096)
     with pytest.raises(MetricsFormatError, match="line 1"):
         parse_prometheus_text("sglang:num_running_reqs{model_name=m} 1")
@@ -323,8 +384,12 @@ def test_kvcached_limit_revisions(tmp_path):
     limit = KvcachedLimit(segment, bundle, tp_size=2)
     state = limit.attach(100 * MiB)
     assert limit.capacity_bytes == 2048 * MiB and limit.bundle_bytes == 16 * MiB
-    assert (state.status, state.limit_bytes, state.effective_limit_bytes, state.revision) == \
-           ("applied", 100 * MiB, 96 * MiB, 0)
+    assert (state.status, state.limit_bytes, state.effective_limit_bytes, state.revision) == (
+        "applied",
+        100 * MiB,
+        96 * MiB,
+        0,
+    )
     assert segment.read().limit_bytes == 48 * MiB  # what each rank's kvcached reads: half, in whole bundles
     state = limit.set(200 * MiB)  # no revision: the next
     assert (state.status, state.revision, state.effective_limit_bytes) == ("applied", 1, 192 * MiB)
@@ -365,13 +430,19 @@ def test_kvcached_limit_revisions(tmp_path):
 
 
 def _config(model_dir: Path, **kw) -> SGLangLaunchConfig:
-    return SGLangLaunchConfig(name="tiny-llama", model_path=str(model_dir), gpu_ids=(0,),
-                              launch_command=(sys.executable, str(FAKE_SERVER)), **kw)
+    return SGLangLaunchConfig(
+        name="tiny-llama",
+        model_path=str(model_dir),
+        gpu_ids=(0,),
+        launch_command=(sys.executable, str(FAKE_SERVER)),
+        **kw,
+    )
 
 
 def _options(tmp_path: Path, **kw) -> DriverOptions:
-    return DriverOptions(log_dir=tmp_path / "logs", shm_dir=tmp_path, stats_interval_s=0.05, health_poll_s=0.1,
-                         stop_timeout_s=5.0, **kw)
+    return DriverOptions(
+        log_dir=tmp_path / "logs", shm_dir=tmp_path, stats_interval_s=0.05, health_poll_s=0.1, stop_timeout_s=5.0, **kw
+    )
 
 
 @pytest.fixture()
@@ -440,6 +511,7 @@ async def test_lifecycle_against_the_stand_in(model_dir, tmp_path, fake_env):
         async def aborted():
             s = await _fake_state(engine)
             return any(r.endswith("-cancelled") for r in s["aborted"] + s["disconnected"]) and not s["running"]
+
         await _eventually(aborted, what="the stand-in to abort the closed stream")
         assert engine.stats().running_requests == 0
 
@@ -465,8 +537,10 @@ async def test_lifecycle_against_the_stand_in(model_dir, tmp_path, fake_env):
         state = await _fake_state(engine)
         assert state["released"] and any(r.endswith("-held") for r in state["aborted"])
         # Nothing is held any more: the deferred shrink applies (at the driver's next stats refresh).
-        await _eventually(lambda: asyncio.sleep(0, engine.stats().memory_limit_status == "applied"),
-                          what="the deferred shrink to apply")
+        await _eventually(
+            lambda: asyncio.sleep(0, engine.stats().memory_limit_status == "applied"),
+            what="the deferred shrink to apply",
+        )
         with pytest.raises(EngineInactiveError):
             await anext(engine.generate(_request()))
         await engine.deactivate()  # again: nothing to do
@@ -476,8 +550,7 @@ async def test_lifecycle_against_the_stand_in(model_dir, tmp_path, fake_env):
         assert timing is not None and 0.2 <= timing.copy_s < 5 and timing.nbytes == engine.weight_bytes
         assert await engine.activate() is None
         state = await _fake_state(engine)
-        assert [c["path"] for c in state["memory_calls"]] == \
-               ["/release_memory_occupation", "/resume_memory_occupation"]
+        assert [c["path"] for c in state["memory_calls"]] == ["/release_memory_occupation", "/resume_memory_occupation"]
         # Ready when a one-token request after the resume finishes, not by SGLang's /health (a second at least).
         assert state["generated"][-1].endswith("-activation-check") and state["health_calls"] == health_before
         assert timing.ready_s < 1.0
@@ -594,15 +667,20 @@ def _sglang_runs_here() -> bool:
     return torch.cuda.is_available() and bool(os.environ.get("PRISM_SGLANG_TEST_MODEL"))
 
 
-@pytest.mark.skipif(not _sglang_runs_here(),
-                    reason="needs `import sglang`, a CUDA GPU and PRISM_SGLANG_TEST_MODEL (a local model folder)")
+@pytest.mark.skipif(
+    not _sglang_runs_here(),
+    reason="needs `import sglang`, a CUDA GPU and PRISM_SGLANG_TEST_MODEL (a local model folder)",
+)
 @pytest.mark.timeout(1800)
 async def test_real_sglang_with_kvcached(tmp_path):
     # PRISM_SGLANG_TEST_LOAD_FORMAT=dummy serves a config with made-up weights; PRISM_SGLANG_TEST_ARGS adds
     # launch arguments (bench/sglang_gpu.sh: "--attention-backend triton", its bundle has no FA3).
-    config = SGLangLaunchConfig(name="sglang-it", model_path=os.environ["PRISM_SGLANG_TEST_MODEL"],
-                                load_format=os.environ.get("PRISM_SGLANG_TEST_LOAD_FORMAT", "auto"),
-                                extra_args=tuple(os.environ.get("PRISM_SGLANG_TEST_ARGS", "").split()))
+    config = SGLangLaunchConfig(
+        name="sglang-it",
+        model_path=os.environ["PRISM_SGLANG_TEST_MODEL"],
+        load_format=os.environ.get("PRISM_SGLANG_TEST_LOAD_FORMAT", "auto"),
+        extra_args=tuple(os.environ.get("PRISM_SGLANG_TEST_ARGS", "").split()),
+    )
     engine = await SGLangEngine.start(config, memory_limit_bytes=1 << 30, options=DriverOptions(log_dir=tmp_path))
     try:
         outs = [o async for o in engine.generate(_request(max_tokens=8))]
@@ -611,8 +689,10 @@ async def test_real_sglang_with_kvcached(tmp_path):
         assert state.status == "applied" and state.revision == 1
         await engine.deactivate()
         timing = await engine.activate()
-        print(f"SGLang deactivate {engine.last_deactivate_s:.3f}s, activate {timing.total_s:.3f}s "
-              f"(resume {timing.copy_s:.3f}s, first token {timing.ready_s:.3f}s)")
+        print(
+            f"SGLang deactivate {engine.last_deactivate_s:.3f}s, activate {timing.total_s:.3f}s "
+            f"(resume {timing.copy_s:.3f}s, first token {timing.ready_s:.3f}s)"
+        )
         outs = [o async for o in engine.generate(_request(max_tokens=8))]
         assert outs[-1].finish_reason in ("length", "stop")
     finally:
@@ -629,10 +709,15 @@ async def test_the_engine_manager_runs_sglang_engines(model_dir, tmp_path, fake_
         states.append(managed.state)
 
     cpu = [Device(0, "cpu", "cpu", 1 << 30)]
-    manager = EngineManager(cpu, publish, sglang_launch_command=(sys.executable, str(FAKE_SERVER)),
-                            sglang_options=_options(tmp_path))
-    managed = await manager.load(EngineSpec(name="tiny-llama", path=str(model_dir), engine="sglang"), (0,),
-                                 activate=True, memory_limit_bytes=64 * MiB)
+    manager = EngineManager(
+        cpu, publish, sglang_launch_command=(sys.executable, str(FAKE_SERVER)), sglang_options=_options(tmp_path)
+    )
+    managed = await manager.load(
+        EngineSpec(name="tiny-llama", path=str(model_dir), engine="sglang"),
+        (0,),
+        activate=True,
+        memory_limit_bytes=64 * MiB,
+    )
     try:
         assert managed.state == "active" and isinstance(managed.engine, SGLangEngine), managed.error
         assert managed.spec.engine == "sglang" and states[-1] == "active"
@@ -647,8 +732,9 @@ async def test_the_engine_manager_runs_sglang_engines(model_dir, tmp_path, fake_
     with pytest.raises(ProcessLookupError):
         os.killpg(pgid, 0)  # the server's whole process group is gone
     # auto on a CPU device is the built-in engine, even where SGLang could start.
-    auto = await manager.load(EngineSpec(name="auto-llama", path=str(model_dir)), (0,), activate=True,
-                              memory_limit_bytes=0)
+    auto = await manager.load(
+        EngineSpec(name="auto-llama", path=str(model_dir)), (0,), activate=True, memory_limit_bytes=0
+    )
     try:
         assert auto.state == "active" and auto.spec.engine == "torch" and not isinstance(auto.engine, SGLangEngine)
     finally:
@@ -657,8 +743,9 @@ async def test_the_engine_manager_runs_sglang_engines(model_dir, tmp_path, fake_
     plain = EngineManager(cpu, publish)
     if importlib.util.find_spec("sglang") is None:
         with pytest.raises(PlacementError, match="needs the sglang package"):
-            await plain.load(EngineSpec(name="x", path=str(model_dir), engine="sglang"), (0,), activate=True,
-                             memory_limit_bytes=0)
+            await plain.load(
+                EngineSpec(name="x", path=str(model_dir), engine="sglang"), (0,), activate=True, memory_limit_bytes=0
+            )
 
 
 def test_engine_auto_runs_sglang_only_for_a_verified_release_on_a_gpu():

@@ -111,8 +111,10 @@ async def test_a_second_engine_maps_the_first_ones_copy_and_gives_the_same_token
         assert second.weights_shared and second.weights_attached
         for engine in (first, second):
             engine.start()
-            reqs = [GenerationRequest(request_id=f"s{i}", prompt=p, max_tokens=8, temperature=0.0, ignore_eos=True)
-                    for i, p in enumerate(PROMPTS)]
+            reqs = [
+                GenerationRequest(request_id=f"s{i}", prompt=p, max_tokens=8, temperature=0.0, ignore_eos=True)
+                for i, p in enumerate(PROMPTS)
+            ]
             outs = await asyncio.gather(*(collect(engine, r) for r in reqs))
             for req, out in zip(reqs, outs):
                 assert out == ref.greedy(engine.tokenize_prompt(req), 8), req.request_id
@@ -130,11 +132,13 @@ def test_the_name_changes_with_what_changes_the_bytes(model_dirs, tmp_path):
     model = str(model_dirs["llama"])
     base = shared_weights_name("p", model, "auto", "auto", 0, "cuda")
     assert base == shared_weights_name("p", model, "auto", "auto", 0, "cuda")
-    others = {shared_weights_name("p", model, "dummy", "auto", 0, "cuda"),
-              shared_weights_name("p", model, "auto", "bfloat16", 0, "cuda"),
-              shared_weights_name("p", model, "dummy", "auto", 1, "cuda"),
-              shared_weights_name("p", model, "auto", "auto", 0, "cpu"),
-              shared_weights_name("q", model, "auto", "auto", 0, "cuda")}
+    others = {
+        shared_weights_name("p", model, "dummy", "auto", 0, "cuda"),
+        shared_weights_name("p", model, "auto", "bfloat16", 0, "cuda"),
+        shared_weights_name("p", model, "dummy", "auto", 1, "cuda"),
+        shared_weights_name("p", model, "auto", "auto", 0, "cpu"),
+        shared_weights_name("q", model, "auto", "auto", 0, "cuda"),
+    }
     assert base not in others and len(others) == 5
     # A checkpoint replaced on disk gets a new copy.
     weights = model_dirs["llama"] / "model.safetensors"
@@ -147,8 +151,13 @@ def test_the_name_changes_with_what_changes_the_bytes(model_dirs, tmp_path):
 
 
 def test_removing_an_agents_leftovers_spares_other_files(tmp_path):
-    for name in ("prism-aa-1.weights", "prism-aa-1.weights.json", "prism-aa-2.weights", "prism-bb-1.weights",
-                 "other.txt"):
+    for name in (
+        "prism-aa-1.weights",
+        "prism-aa-1.weights.json",
+        "prism-aa-2.weights",
+        "prism-bb-1.weights",
+        "other.txt",
+    ):
         (tmp_path / name).write_bytes(b"x")
     assert remove_shared_weights(tmp_path, "prism-aa") == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other.txt", "prism-bb-1.weights"]

@@ -23,9 +23,9 @@ from prism.simulator.runner import GB, SimSettings, fewest_meeting, min_gpus_for
 from prism.workload.generator import BurstyGroupParams, bursty_group_trace
 from prism.workload.replay import SloTargets
 from prism.workload.trace import Trace, TraceRequest
+from services.common import step_costs
 from services.common.placement_config import parse
 from services.gpu_agent import memory_policy
-from services.common import step_costs
 from services.gpu_agent.engine import batch_scheduler as engine_scheduler
 from services.scheduler import actions, policies
 
@@ -40,13 +40,23 @@ def profile() -> LatencyProfile:
 
 def models(*specs: tuple[str, str, int, bool]):
     """(name, config dir, gpu id, on) per model."""
-    return list(parse([{"model_name": n, "model_path": path, "init_placements": [{"gpu_ids": [gpu], "on": on}]}
-                       for n, path, gpu, on in specs]).models)
+    return list(
+        parse(
+            [
+                {"model_name": n, "model_path": path, "init_placements": [{"gpu_ids": [gpu], "on": on}]}
+                for n, path, gpu, on in specs
+            ]
+        ).models
+    )
 
 
 def two_model_trace(rate: float, seed: int = 3, duration_s: float = 60.0) -> Trace:
-    return bursty_group_trace(BurstyGroupParams(num_models=2, num_groups=2, shift_s=5, rate=rate, idle_fraction=0.05,
-                                                duration_s=duration_s, seed=seed), ["a", "b"])
+    return bursty_group_trace(
+        BurstyGroupParams(
+            num_models=2, num_groups=2, shift_s=5, rate=rate, idle_fraction=0.05, duration_s=duration_s, seed=seed
+        ),
+        ["a", "b"],
+    )
 
 
 def test_the_policies_run_are_the_real_ones(profile):
@@ -56,6 +66,7 @@ def test_the_policies_run_are_the_real_ones(profile):
     assert sim_cluster.grant is memory_policy.grant
     assert sim_engine.BatchScheduler is engine_scheduler.BatchScheduler
     from services.gpu_agent import admission
+
     assert sim_cluster.admission_key is admission.admission_key
     assert sim_cluster.free_tokens is admission.free_tokens
     cluster = sim_cluster.SimCluster(None, profile, {}, 1, 8, 80 * GB)
@@ -112,20 +123,29 @@ def test_balloon_beats_static_partitions_when_kv_is_scarce(profile):
     trace = two_model_trace(rate=24)  # where static falls short on this seed's trace (16: both at 100%)
     out = {}
     for name in ("static", "balloon"):
-        run = simulate(trace, config, profile, SimSettings(num_gpus=1, policy="static", gpu_memory_bytes=memory,
-                                                           memory_policy=name))
+        run = simulate(
+            trace,
+            config,
+            profile,
+            SimSettings(num_gpus=1, policy="static", gpu_memory_bytes=memory, memory_policy=name),
+        )
         out[name] = run["overall"]["slo_attainment"]
     assert out["balloon"] > out["static"] + 0.02, out
     # With memory to spare the two split it alike.
-    roomy = {name: simulate(trace, config, profile, SimSettings(num_gpus=1, policy="static", memory_policy=name))
-             ["overall"]["slo_attainment"] for name in ("static", "balloon")}
+    roomy = {
+        name: simulate(trace, config, profile, SimSettings(num_gpus=1, policy="static", memory_policy=name))["overall"][
+            "slo_attainment"
+        ]
+        for name in ("static", "balloon")
+    }
     assert roomy["static"] == roomy["balloon"] == 1.0
 
 
 def test_dedicated_with_fewer_gpus_than_models_fails_the_rest_visibly(profile):
     config = models(("a", ONE_B, 0, True), ("b", ONE_B, 0, True), ("c", ONE_B, 0, True))
-    trace = bursty_group_trace(BurstyGroupParams(num_models=3, num_groups=1, rate=3, duration_s=30, seed=2),
-                               ["a", "b", "c"])
+    trace = bursty_group_trace(
+        BurstyGroupParams(num_models=3, num_groups=1, rate=3, duration_s=30, seed=2), ["a", "b", "c"]
+    )
     result = simulate(trace, config, profile, SimSettings(num_gpus=2, policy="dedicated"))
     per_model = result["per_model"]
     unplaced = [m for m, s in per_model.items() if s["succeeded"] == 0]
@@ -140,10 +160,12 @@ def test_dedicated_with_fewer_gpus_than_models_fails_the_rest_visibly(profile):
 
 def test_fewest_gpus_search(profile):
     config = models(("a", ONE_B, 0, True), ("b", ONE_B, 1, True), ("c", ONE_B, 2, True))
-    trace = bursty_group_trace(BurstyGroupParams(num_models=3, num_groups=1, rate=3, duration_s=30, seed=2),
-                               ["a", "b", "c"])
-    needed, tried = min_gpus_for(trace, config, profile, SimSettings(num_gpus=8, policy="dedicated"), 0.99,
-                                 SloTargets(), max_gpus=8)
+    trace = bursty_group_trace(
+        BurstyGroupParams(num_models=3, num_groups=1, rate=3, duration_s=30, seed=2), ["a", "b", "c"]
+    )
+    needed, tried = min_gpus_for(
+        trace, config, profile, SimSettings(num_gpus=8, policy="dedicated"), 0.99, SloTargets(), max_gpus=8
+    )
     assert needed == 3
     assert tried[3] >= 0.99 and tried[2] < 0.99
 
@@ -180,35 +202,58 @@ def test_committed_profile_is_the_fit_of_the_committed_results(profile):
         # The fit passes through the decode points it was made from (two a model, two constants a model:
         # this checks the fit's algebra and the context it assumes, not its accuracy elsewhere; no step
         # times of this engine beyond the fitted batches were measured on the H200).
-        assert profile.step_s(point.weight_bytes, row["batch"], context, 0) == pytest.approx(row["step_ms"] / 1e3,
-                                                                                             rel=1e-6)
+        assert profile.step_s(point.weight_bytes, row["batch"], context, 0) == pytest.approx(
+            row["step_ms"] / 1e3, rel=1e-6
+        )
     # Between the measured sizes, times are in between; activation grows with weights.
     small, large = profile.points[0], profile.points[-1]
     mid = (small.weight_bytes + large.weight_bytes) // 2
-    assert profile.step_s(small.weight_bytes, 8, 0, 0) < profile.step_s(mid, 8, 0, 0) < profile.step_s(
-        large.weight_bytes, 8, 0, 0)
+    assert (
+        profile.step_s(small.weight_bytes, 8, 0, 0)
+        < profile.step_s(mid, 8, 0, 0)
+        < profile.step_s(large.weight_bytes, 8, 0, 0)
+    )
     assert profile.activation_s(small.weight_bytes) < profile.activation_s(large.weight_bytes) < 1.0
 
 
 def test_the_h100_profile_is_regenerated_from_its_sources_and_says_how_each_value_came_to_be():
     committed = LatencyProfile.load("bench/results/sim-profile-h100.json")
     sources = {k: Path(v).name for k, v in committed.metadata["sources"].items()}
-    fitted = fit_profile("bench/results", "bench/configs", decode_file=sources["decode"],
-                         attention_file=sources["attention"], activation_file=sources["activation"],
-                         colocated_file=sources["colocated"], prefill_file=sources["prefill"],
-                         step_log_file=sources["step_log"], step_costs_file=sources["step_costs"])
+    fitted = fit_profile(
+        "bench/results",
+        "bench/configs",
+        decode_file=sources["decode"],
+        attention_file=sources["attention"],
+        activation_file=sources["activation"],
+        colocated_file=sources["colocated"],
+        prefill_file=sources["prefill"],
+        step_log_file=sources["step_log"],
+        step_costs_file=sources["step_costs"],
+    )
     assert fitted == committed and fitted.metadata == committed.metadata
     values = committed.metadata["values"]
     # Every number the profile holds has its record: the points' costs by model, and the device's.
-    names = {f"{p.model}.{f}" for p in committed.points for f in ("decode_base_s", "decode_per_seq_s",
-             "prefill_base_s", "prefill_per_token_s", "prefill_per_seq_s")}
-    assert set(values) == names | {"attention_bytes_per_s", "copy_bytes_per_s", "activation_overhead_s",
-                                   "deactivation_s", "load_base_s", "load_bytes_per_s", "device_parallelism",
-                                   "graph_capture_s"}
+    names = {
+        f"{p.model}.{f}"
+        for p in committed.points
+        for f in ("decode_base_s", "decode_per_seq_s", "prefill_base_s", "prefill_per_token_s", "prefill_per_seq_s")
+    }
+    assert set(values) == names | {
+        "attention_bytes_per_s",
+        "copy_bytes_per_s",
+        "activation_overhead_s",
+        "deactivation_s",
+        "load_base_s",
+        "load_bytes_per_s",
+        "device_parallelism",
+        "graph_capture_s",
+    }
     # A negative fit kept at 0 says so, with the fit it replaced (the activation's fixed cost on the H100).
     clamped = values["activation_overhead_s"]
     assert clamped["how"] == "clamped" and clamped["fitted"] < 0 and committed.activation_overhead_s == 0.0
-    assert values["graph_capture_s"] == {"how": "measured"} and values["llama-3.2-3b.decode_base_s"] == {"how": "fitted"}
+    assert values["graph_capture_s"] == {"how": "measured"} and values["llama-3.2-3b.decode_base_s"] == {
+        "how": "fitted"
+    }
     # The prefill costs are a live cluster's (bench/step_costs.py), where its steps measured them.
     live = json.loads(Path("bench/results/step_costs-h100.json").read_text())["sizes"]
     eight_b = next(r for r in live if abs(r["weight_gb"] * 1e9 - committed.points[-1].weight_bytes) < 1e8)
@@ -226,12 +271,37 @@ def test_cli_writes_a_bench_shaped_report_per_policy(tmp_path):
     from prism.cli import app
 
     config = tmp_path / "models.json"
-    config.write_text(json.dumps([{"model_name": n, "model_path": str(Path(ONE_B).resolve()),
-                                   "init_placements": [{"gpu_ids": [0], "on": True}]} for n in ("a", "b")]))
+    config.write_text(
+        json.dumps(
+            [
+                {
+                    "model_name": n,
+                    "model_path": str(Path(ONE_B).resolve()),
+                    "init_placements": [{"gpu_ids": [0], "on": True}],
+                }
+                for n in ("a", "b")
+            ]
+        )
+    )
     two_model_trace(rate=4, duration_s=20).save(tmp_path / "trace.jsonl")
     out = tmp_path / "sim.json"
-    result = CliRunner().invoke(app, ["simulate", str(tmp_path / "trace.jsonl"), "--config", str(config), "--gpus", "2",
-                                      "--policy", "all", "--min-gpus-for", "0.99", "--out", str(out)])
+    result = CliRunner().invoke(
+        app,
+        [
+            "simulate",
+            str(tmp_path / "trace.jsonl"),
+            "--config",
+            str(config),
+            "--gpus",
+            "2",
+            "--policy",
+            "all",
+            "--min-gpus-for",
+            "0.99",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     written = json.loads(out.read_text())
     assert set(written["policies"]) == set(policies.POLICIES)
@@ -241,8 +311,23 @@ def test_cli_writes_a_bench_shaped_report_per_policy(tmp_path):
         assert run["min_gpus"]["target"] == 0.99
         assert f"{name}" in result.output
     # Prism with a standby replica of each model: the second GPU's agent holds it, switched off.
-    standby = CliRunner().invoke(app, ["simulate", str(tmp_path / "trace.jsonl"), "--config", str(config), "--gpus",
-                                       "2", "--gpus-per-agent", "1", "--standby-replicas", "1", "--out", str(out)])
+    standby = CliRunner().invoke(
+        app,
+        [
+            "simulate",
+            str(tmp_path / "trace.jsonl"),
+            "--config",
+            str(config),
+            "--gpus",
+            "2",
+            "--gpus-per-agent",
+            "1",
+            "--standby-replicas",
+            "1",
+            "--out",
+            str(out),
+        ],
+    )
     assert standby.exit_code == 0, standby.output
     run = json.loads(out.read_text())  # one policy (prism, the default): its report alone
     assert run["simulation"]["standby_replicas"] == 1 and run["simulation"]["loads"] == 4  # 2 without
@@ -283,14 +368,23 @@ def test_the_prefill_fit_tells_a_prompts_own_cost_from_its_tokens():
     from prism.simulator.profile import SizePoint, fit_prefill
 
     intercept, per_prompt, per_token = 0.012, 0.0013, 4e-6
-    rows = [{"batch": b, "prompt_tokens": n, "first_token_ms": 1e3 * (intercept + per_prompt * b + per_token * b * n)}
-            for b, n in ((1, 128), (1, 512), (1, 1024), (1, 2048), (4, 128), (16, 128))]
+    rows = [
+        {"batch": b, "prompt_tokens": n, "first_token_ms": 1e3 * (intercept + per_prompt * b + per_token * b * n)}
+        for b, n in ((1, 128), (1, 512), (1, 1024), (1, 2048), (4, 128), (16, 128))
+    ]
     assert fit_prefill(rows) == pytest.approx((intercept, per_prompt, per_token), rel=1e-9)
     with pytest.raises(ValueError, match="two lengths"):
         fit_prefill([r for r in rows if r["batch"] > 1 or r["prompt_tokens"] == 128])
 
-    point = SizePoint("m", 10**9, decode_base_s=0.002, decode_per_seq_s=0.0, prefill_base_s=intercept - 0.002,
-                      prefill_per_token_s=per_token, prefill_per_seq_s=per_prompt)
+    point = SizePoint(
+        "m",
+        10**9,
+        decode_base_s=0.002,
+        decode_per_seq_s=0.0,
+        prefill_base_s=intercept - 0.002,
+        prefill_per_token_s=per_token,
+        prefill_per_seq_s=per_prompt,
+    )
     profile = LatencyProfile("GPU", (point,), 1e12, 1e10, 0.0, 0.0, 0.0, 1e10)
     one, sixteen = profile.step_s(10**9, 0, 0, 2048, 1), profile.step_s(10**9, 0, 0, 2048, 16)
     assert sixteen - one == pytest.approx(15 * per_prompt)
@@ -357,10 +451,17 @@ def test_a_decode_graph_is_captured_once_a_shape_until_the_engine_is_switched_of
 
 def test_the_committed_h100_profile_is_the_fit_of_its_results_and_step_log():
     committed = LatencyProfile.load("bench/results/sim-profile-h100.json")
-    fitted = fit_profile("bench/results", "bench/configs", decode_file="decode_throughput-h100.json",
-                         attention_file="decode_attention-h100.json", activation_file="activation-h100.json",
-                         colocated_file="colocated_steps-h100.json", prefill_file="prefill_steps-h100.json",
-                         step_log_file="one_gpu-h100-steplog-steps.json", step_costs_file="step_costs-h100.json")
+    fitted = fit_profile(
+        "bench/results",
+        "bench/configs",
+        decode_file="decode_throughput-h100.json",
+        attention_file="decode_attention-h100.json",
+        activation_file="activation-h100.json",
+        colocated_file="colocated_steps-h100.json",
+        prefill_file="prefill_steps-h100.json",
+        step_log_file="one_gpu-h100-steplog-steps.json",
+        step_costs_file="step_costs-h100.json",
+    )
     assert fitted == committed
     captures = json.loads(Path("bench/results/one_gpu-h100-steplog-steps.json").read_text())["graph_captures"]
     assert committed.graph_capture_s == pytest.approx(captures["seconds"] / captures["n"])
@@ -377,7 +478,12 @@ def test_foresight_plans_on_the_traces_next_arrivals_and_changes_nothing_else(pr
     assert ahead.rates(9.5) == {"a": 0.0, "b": 0.0}
     measured = {"a": policies.ModelDemand(arrival_rate=7.0, recent_arrival_rate=9.0, queued=3, running=2)}
     seen = ahead.foreseen(measured, ["a", "b", "c"], now=1.0)
-    assert (seen["a"].arrival_rate, seen["a"].recent_arrival_rate, seen["a"].queued, seen["a"].running) == (1.0, 1.0, 3, 2)
+    assert (seen["a"].arrival_rate, seen["a"].recent_arrival_rate, seen["a"].queued, seen["a"].running) == (
+        1.0,
+        1.0,
+        3,
+        2,
+    )
     assert seen["b"].arrival_rate == 0.5 and seen["c"] == policies.ModelDemand()
     with pytest.raises(ValueError, match="window"):
         sim_scheduler.Foresight([], window_s=0)
@@ -407,8 +513,12 @@ def test_a_burst_of_cold_starts_is_one_replan_after_the_live_loops_pause(profile
     monkeypatch.setattr(sim_scheduler.SimScheduler, "replan", recording)
     # On a GPU the cluster lacks, under static: placed nowhere, each request waits at the gateway.
     config = models(*((name, ONE_B, 3, False) for name in "abcd"))
-    trace = Trace(tuple(TraceRequest(t=1.0 + 0.01 * i, model=name, prompt_tokens=100, output_tokens=5)
-                        for i, name in enumerate("abcd")))
+    trace = Trace(
+        tuple(
+            TraceRequest(t=1.0 + 0.01 * i, model=name, prompt_tokens=100, output_tokens=5)
+            for i, name in enumerate("abcd")
+        )
+    )
     result = simulate(trace, config, profile, SimSettings(num_gpus=1, policy="static"))
     assert all("did not become available" in r["error"] for r in result["requests"])
     assert [t for t in times if 1.0 <= t < 2.0] == [pytest.approx(1.0 + live_pause)]
@@ -477,11 +587,18 @@ def test_each_sizes_parallelism_can_be_fitted_from_a_step_logs_contention_and_pr
     each engine's steps with its size's. Without it (the committed profiles) every size has the device's."""
     committed = LatencyProfile.load("bench/results/sim-profile-h100.json")
     sources = {k: Path(v).name for k, v in committed.metadata["sources"].items()}
-    sized = fit_profile("bench/results", "bench/configs", decode_file=sources["decode"],
-                        attention_file=sources["attention"], activation_file=sources["activation"],
-                        colocated_file=sources["colocated"], prefill_file=sources["prefill"],
-                        step_log_file=sources["step_log"], step_costs_file=sources["step_costs"],
-                        parallelism_by_size=True)
+    sized = fit_profile(
+        "bench/results",
+        "bench/configs",
+        decode_file=sources["decode"],
+        attention_file=sources["attention"],
+        activation_file=sources["activation"],
+        colocated_file=sources["colocated"],
+        prefill_file=sources["prefill"],
+        step_log_file=sources["step_log"],
+        step_costs_file=sources["step_costs"],
+        parallelism_by_size=True,
+    )
     one_b, three_b, eight_b = sized.points
     assert 1.2 < one_b.parallelism < three_b.parallelism < 1.6 < 2.0 < eight_b.parallelism < 2.4
     assert sized.metadata["values"]["llama-3.1-8b.parallelism"] == {"how": "fitted"}
@@ -495,7 +612,7 @@ def test_each_sizes_parallelism_can_be_fitted_from_a_step_logs_contention_and_pr
     specs = {m.model_name: sim_model(m) for m in models(("a", ONE_B, 0, False))}
     cluster = sim_cluster.SimCluster(EventLoop(), sized, specs, 1, 1, 80 * GB)
     sim_scheduler.SimScheduler(cluster, "static").replan(instant=True)
-    engine, = (e for agent in cluster.agents.values() for e in agent.engines.values())
+    (engine,) = (e for agent in cluster.agents.values() for e in agent.engines.values())
     assert cluster._parallelism(engine) == pytest.approx(sized.parallelism_at(specs["a"].weight_bytes))
     forced = sim_cluster.SimCluster(EventLoop(), sized, specs, 1, 1, 80 * GB, device_parallelism=3.0)
     assert forced._parallelism(engine) == 3.0

@@ -29,8 +29,19 @@ def profile() -> LatencyProfile:
 
 def config(*specs: tuple[str, str, list[int], bool]):
     """(name, config dir, gpu ids, on) per model."""
-    return list(parse([{"model_name": n, "model_path": path, "tp_size": len(gpus),
-                        "init_placements": [{"gpu_ids": gpus, "on": on}]} for n, path, gpus, on in specs]).models)
+    return list(
+        parse(
+            [
+                {
+                    "model_name": n,
+                    "model_path": path,
+                    "tp_size": len(gpus),
+                    "init_placements": [{"gpu_ids": gpus, "on": on}],
+                }
+                for n, path, gpus, on in specs
+            ]
+        ).models
+    )
 
 
 def cluster_of(profile, specs, num_gpus=4, memory=141 * GB, **kwargs):
@@ -56,8 +67,9 @@ def test_a_split_model_holds_a_shard_of_its_weights_and_kv_heads_on_each_gpu():
 
 
 def test_a_split_engine_takes_its_shard_and_fixed_kv_on_every_gpu_and_the_policy_plans_the_rest(profile):
-    loop, cluster, engines = cluster_of(profile, config(("big", SEVENTY_B, [0, 1, 2, 3], True),
-                                                       ("small", EIGHT_B, [1], True)))
+    loop, cluster, engines = cluster_of(
+        profile, config(("big", SEVENTY_B, [0, 1, 2, 3], True), ("small", EIGHT_B, [1], True))
+    )
     big, small = engines["big"], engines["small"]
     assert big.gpus == (0, 1, 2, 3) and big.split and not small.split
     devices = cluster.agents["agent-1"].devices
@@ -76,8 +88,9 @@ def test_a_split_activation_needs_room_on_every_gpu_and_switches_nothing_off_wit
     """GPU 3 is full of a busy engine's weights: the split model cannot come on, and the idle engine
     on GPU 0, which would have stepped aside for it, stays on. With GPU 3 free it steps aside."""
     for busy_gpu3 in (True, False):
-        specs = config(("big", SEVENTY_B, [0, 1, 2, 3], False), ("idle", SEVENTY_B, [0], True),
-                       ("busy", SEVENTY_B, [3], True))
+        specs = config(
+            ("big", SEVENTY_B, [0, 1, 2, 3], False), ("idle", SEVENTY_B, [0], True), ("busy", SEVENTY_B, [3], True)
+        )
         loop, cluster, engines = cluster_of(profile, specs)
         big, idle, busy = engines["big"], engines["idle"], engines["busy"]
         if not busy_gpu3:
@@ -100,8 +113,11 @@ def test_a_split_step_is_priced_by_the_busiest_of_its_gpus(profile):
     """A lone decode step of the split model takes the profile's time for its shard's size (times the
     factor); with another engine stepping on one of its GPUs it is shared as that GPU is."""
     for factor in (1.0, 3.0):
-        loop, cluster, engines = cluster_of(profile, config(("big", SEVENTY_B, [0, 1, 2, 3], True),
-                                                           ("small", ONE_B, [2], True)), split_step_factor=factor)
+        loop, cluster, engines = cluster_of(
+            profile,
+            config(("big", SEVENTY_B, [0, 1, 2, 3], True), ("small", ONE_B, [2], True)),
+            split_step_factor=factor,
+        )
         big = engines["big"]
         alone = SimRequest(index=0, model="big", t=0.0, prompt_tokens=200, output_tokens=1)
         cluster.arrive(alone)
@@ -120,20 +136,35 @@ def test_a_trace_with_a_split_model_runs_under_every_policy(profile):
     """Issue 9's setting scaled to 4 GPUs: the 70B config over all four beside 1B and 8B models; every
     request ends (none unfinished), the same trace gives the same result twice, and a slower split
     engine serves the 70B's tokens slower."""
-    specs = config(("big", SEVENTY_B, [0, 1, 2, 3], False),
-                   *[(f"m{i}", (ONE_B, EIGHT_B)[i % 2], [i % 4], False) for i in range(5)])
+    specs = config(
+        ("big", SEVENTY_B, [0, 1, 2, 3], False), *[(f"m{i}", (ONE_B, EIGHT_B)[i % 2], [i % 4], False) for i in range(5)]
+    )
     names = [m.model_name for m in specs]
-    trace = bursty_group_trace(BurstyGroupParams(num_models=len(names), num_groups=2, shift_s=10, rate=6.0,
-                                                 idle_fraction=0.05, duration_s=20, seed=1), names)
+    trace = bursty_group_trace(
+        BurstyGroupParams(
+            num_models=len(names), num_groups=2, shift_s=10, rate=6.0, idle_fraction=0.05, duration_s=20, seed=1
+        ),
+        names,
+    )
     slo = SloTargets(1.0, 0.1)
     for policy in ("static", "time-share", "prism"):
         settings = SimSettings(num_gpus=4, gpus_per_agent=4, policy=policy, gpu_memory_bytes=141 * GB)
         first = simulate(trace, specs, profile, settings, slo)
         assert first == simulate(trace, specs, profile, settings, slo)
         assert not any(r["error"] and r["error"].startswith("UNFINISHED") for r in first["requests"]), policy
-    fast = simulate(trace, specs, profile, SimSettings(num_gpus=4, gpus_per_agent=4, policy="static",
-                                                        gpu_memory_bytes=141 * GB), slo)
-    slow = simulate(trace, specs, profile, SimSettings(num_gpus=4, gpus_per_agent=4, policy="static",
-                                                        gpu_memory_bytes=141 * GB, split_step_factor=5.0), slo)
+    fast = simulate(
+        trace,
+        specs,
+        profile,
+        SimSettings(num_gpus=4, gpus_per_agent=4, policy="static", gpu_memory_bytes=141 * GB),
+        slo,
+    )
+    slow = simulate(
+        trace,
+        specs,
+        profile,
+        SimSettings(num_gpus=4, gpus_per_agent=4, policy="static", gpu_memory_bytes=141 * GB, split_step_factor=5.0),
+        slo,
+    )
     assert fast["per_model"]["big"]["requests"] > 0
     assert slow["per_model"]["big"]["tpot_p50_s"] > 2 * fast["per_model"]["big"]["tpot_p50_s"]

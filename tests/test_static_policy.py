@@ -5,11 +5,17 @@ from services.common.records import EngineRecord
 from services.scheduler.actions import Action, plan_actions
 from services.scheduler.policies import AgentView, ClusterSnapshot, ReplicaTarget, static_policy
 
-CONFIG = pc.parse([
-    {"model_name": "a", "model_path": "/m/a", "init_placements": [{"gpu_ids": [0], "on": True, "max_memory_pool_size": 1}]},
-    {"model_name": "b", "model_path": "/m/b", "init_placements": [{"gpu_ids": [1], "on": False}]},
-    {"model_name": "c", "model_path": "/m/c", "init_placements": [{"gpu_ids": [0]}, {"gpu_ids": [0]}]},
-])
+CONFIG = pc.parse(
+    [
+        {
+            "model_name": "a",
+            "model_path": "/m/a",
+            "init_placements": [{"gpu_ids": [0], "on": True, "max_memory_pool_size": 1}],
+        },
+        {"model_name": "b", "model_path": "/m/b", "init_placements": [{"gpu_ids": [1], "on": False}]},
+        {"model_name": "c", "model_path": "/m/c", "init_placements": [{"gpu_ids": [0]}, {"gpu_ids": [0]}]},
+    ]
+)
 
 
 def snapshot(*agents: AgentView) -> ClusterSnapshot:

@@ -23,20 +23,54 @@ from services.gpu_agent.status_report import (
 
 MIB = 1 << 20
 
-SNAPSHOT = ServingSnapshot(window_s=60.0, arrival_rate=2.5, finished_requests=140, ttft_p50_ms=80.0,
-                           ttft_p99_ms=950.0, tpot_p50_ms=12.0, tpot_p99_ms=40.0, slo_attainment=0.93,
-                           shed_requests=3, failed_requests=1, busy_fraction=0.4, mean_prompt_tokens=480.0,
-                           mean_output_tokens=120.0, recent_arrival_rate=7.5)
+SNAPSHOT = ServingSnapshot(
+    window_s=60.0,
+    arrival_rate=2.5,
+    finished_requests=140,
+    ttft_p50_ms=80.0,
+    ttft_p99_ms=950.0,
+    tpot_p50_ms=12.0,
+    tpot_p99_ms=40.0,
+    slo_attainment=0.93,
+    shed_requests=3,
+    failed_requests=1,
+    busy_fraction=0.4,
+    mean_prompt_tokens=480.0,
+    mean_output_tokens=120.0,
+    recent_arrival_rate=7.5,
+)
 
 
 def split(gpu_id: int = 0) -> DeviceMemorySplit:
-    a = EngineMemory(model="model-a", active=True, weight_bytes=2000 * MIB, kv_limit_bytes=3000 * MIB,
-                     kv_mapped_bytes=1000 * MIB, kv_used_bytes=900 * MIB, kv_demand_bytes=2500 * MIB)
-    b = EngineMemory(model="model-b", active=False, weight_bytes=6000 * MIB, kv_limit_bytes=0,
-                     kv_mapped_bytes=0, kv_used_bytes=0, kv_demand_bytes=0)
-    return DeviceMemorySplit(gpu_id=gpu_id, total_bytes=80_000 * MIB, weight_bytes=2000 * MIB,
-                             reserve_bytes=4000 * MIB, kv_budget_bytes=74_000 * MIB, kv_limit_bytes=3000 * MIB,
-                             kv_mapped_bytes=1000 * MIB, free_bytes=71_000 * MIB, engines=(a, b))
+    a = EngineMemory(
+        model="model-a",
+        active=True,
+        weight_bytes=2000 * MIB,
+        kv_limit_bytes=3000 * MIB,
+        kv_mapped_bytes=1000 * MIB,
+        kv_used_bytes=900 * MIB,
+        kv_demand_bytes=2500 * MIB,
+    )
+    b = EngineMemory(
+        model="model-b",
+        active=False,
+        weight_bytes=6000 * MIB,
+        kv_limit_bytes=0,
+        kv_mapped_bytes=0,
+        kv_used_bytes=0,
+        kv_demand_bytes=0,
+    )
+    return DeviceMemorySplit(
+        gpu_id=gpu_id,
+        total_bytes=80_000 * MIB,
+        weight_bytes=2000 * MIB,
+        reserve_bytes=4000 * MIB,
+        kv_budget_bytes=74_000 * MIB,
+        kv_limit_bytes=3000 * MIB,
+        kv_mapped_bytes=1000 * MIB,
+        free_bytes=71_000 * MIB,
+        engines=(a, b),
+    )
 
 
 class FixedCoordinator:
@@ -99,8 +133,9 @@ def test_engine_status_and_model_load_get_the_same_fields(message_type):
     managed.request_stats.finished(ttft_s=0.05, tpot_s=None)
     managed.request_stats.finished(ttft_s=0.5, tpot_s=None)  # misses the 100 ms TTFT
     message = message_type(model="model-a")
-    fill_model_serving(message, managed, admission=CountingQueue({"model-a": 4}),
-                       demand_bytes=demand_by_model([split()]))
+    fill_model_serving(
+        message, managed, admission=CountingQueue({"model-a": 4}), demand_bytes=demand_by_model([split()])
+    )
     assert message.kv_demand_bytes == 2500 * MIB
     assert message.admission_queued == 4
     assert message.serving.finished_requests == 2 and message.serving.slo_attainment == 0.5
@@ -128,9 +163,15 @@ def manager() -> EngineManager:
 
 
 def test_load_report_carries_the_split_queue_demand_and_serving(manager):
-    reporter = LoadReporter("127.0.0.1:1", "agent-1", "127.0.0.1:2", [], manager,
-                            coordinators={0: FixedCoordinator(split())},
-                            admission=CountingQueue({"model-a": 2}))
+    reporter = LoadReporter(
+        "127.0.0.1:1",
+        "agent-1",
+        "127.0.0.1:2",
+        [],
+        manager,
+        coordinators={0: FixedCoordinator(split())},
+        admission=CountingQueue({"model-a": 2}),
+    )
     report = reporter._report()
     assert [g.gpu_id for g in report.gpus] == [0] and report.gpus[0] == gpu_memory_proto(split())
     loads = {m.model: m for m in report.models}
@@ -149,8 +190,9 @@ def test_load_report_without_coordinators_or_queue(manager):
 
 
 async def test_get_status_carries_the_split_queue_demand_priority_and_serving(manager):
-    service = AgentService("agent-1", [], manager, coordinators={0: FixedCoordinator(split())},
-                           admission=CountingQueue({"model-a": 5}))
+    service = AgentService(
+        "agent-1", [], manager, coordinators={0: FixedCoordinator(split())}, admission=CountingQueue({"model-a": 5})
+    )
     status = await service.GetStatus(agent_pb2.GetStatusRequest(), None)
     assert list(status.gpus) == [gpu_memory_proto(split())]
     engines = {e.model: e for e in status.engines}
@@ -168,10 +210,26 @@ def test_the_scheduler_sums_the_reports_busy_fractions_and_averages_their_tokens
     for agent_id, rate, busy, prompt in (("a", 3.0, 0.5, 400.0), ("b", 1.0, 0.25, 800.0)):
         report = scheduler_pb2.LoadReport(agent_id=agent_id)
         load = report.models.add(model="m")
-        load.serving.CopyFrom(serving_stats_proto(ServingSnapshot(
-            window_s=60.0, arrival_rate=rate, finished_requests=10, ttft_p50_ms=0, ttft_p99_ms=0, tpot_p50_ms=0,
-            tpot_p99_ms=0, slo_attainment=1.0, shed_requests=0, failed_requests=0, busy_fraction=busy,
-            mean_prompt_tokens=prompt, mean_output_tokens=100.0, recent_arrival_rate=2 * rate)))
+        load.serving.CopyFrom(
+            serving_stats_proto(
+                ServingSnapshot(
+                    window_s=60.0,
+                    arrival_rate=rate,
+                    finished_requests=10,
+                    ttft_p50_ms=0,
+                    ttft_p99_ms=0,
+                    tpot_p50_ms=0,
+                    tpot_p99_ms=0,
+                    slo_attainment=1.0,
+                    shed_requests=0,
+                    failed_requests=0,
+                    busy_fraction=busy,
+                    mean_prompt_tokens=prompt,
+                    mean_output_tokens=100.0,
+                    recent_arrival_rate=2 * rate,
+                )
+            )
+        )
         reports.append(report)
     demand = DemandMemory().demand(0.0, engine_loads_from_reports(reports))["m"]
     assert demand.arrival_rate == pytest.approx(4.0)
@@ -194,8 +252,10 @@ def test_the_scheduler_counts_a_split_models_weights_over_all_its_gpus():
                 gpu.engines.add(model=model, weight_bytes=nbytes)
         return out
 
-    reports = [report("a", {0: {"split": 10 * MIB, "small": 3 * MIB}, 1: {"split": 10 * MIB}}),
-               report("b", {0: {"small": 4 * MIB, "unknown": 0}})]
+    reports = [
+        report("a", {0: {"split": 10 * MIB, "small": 3 * MIB}, 1: {"split": 10 * MIB}}),
+        report("b", {0: {"small": 4 * MIB, "unknown": 0}}),
+    ]
     assert reported_weight_bytes(reports) == {"split": 20 * MIB, "small": 4 * MIB}
 
 
@@ -208,8 +268,10 @@ def test_the_scheduler_counts_a_split_models_kv_demand_on_every_rank():
     report.models.add(model="split", kv_demand_bytes=100 * MIB)
     report.models.add(model="whole", kv_demand_bytes=30 * MIB)
     loads = engine_loads_from_reports([report], {"split": 4, "whole": 1})
-    assert (loads[("a", "split")].demand.kv_demand_bytes, loads[("a", "whole")].demand.kv_demand_bytes) == \
-        (400 * MIB, 30 * MIB)
+    assert (loads[("a", "split")].demand.kv_demand_bytes, loads[("a", "whole")].demand.kv_demand_bytes) == (
+        400 * MIB,
+        30 * MIB,
+    )
     # no sizes given: as reported
     assert engine_loads_from_reports([report])[("a", "split")].demand.kv_demand_bytes == 100 * MIB
 

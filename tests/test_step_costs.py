@@ -43,8 +43,14 @@ def steps(count: int, prefill: bool = True, seed: int = 0) -> list[tuple[float, 
     for _ in range(count):
         decode = rng.randint(0, 64)
         tokens = rng.choice([0, 0, rng.randint(1, 2048)]) if prefill else 0
-        out.append(step_features(decode if (decode or tokens) else 1, decode * rng.randint(100, 4000) * 32768,
-                                 tokens, rng.randint(1, 4) if tokens else 0))
+        out.append(
+            step_features(
+                decode if (decode or tokens) else 1,
+                decode * rng.randint(100, 4000) * 32768,
+                tokens,
+                rng.randint(1, 4) if tokens else 0,
+            )
+        )
     return out
 
 
@@ -133,8 +139,12 @@ def report_with(agent_id: str, model: str, weight_bytes: int, sums: StepTimeSums
 
 def agent(agent_id: str, kind: str) -> records.AgentRecord:
     name = "NVIDIA H100 80GB HBM3" if kind == "cuda" else "cpu"
-    return records.AgentRecord(agent_id=agent_id, address="127.0.0.1:1", started_at=0.0,
-                               devices=[vars(records.DeviceRecord(0, kind, name, 80 << 30))])
+    return records.AgentRecord(
+        agent_id=agent_id,
+        address="127.0.0.1:1",
+        started_at=0.0,
+        devices=[vars(records.DeviceRecord(0, kind, name, 80 << 30))],
+    )
 
 
 def test_the_placement_loop_prices_compute_with_the_cuda_engines_measured_steps():
@@ -145,8 +155,17 @@ def test_the_placement_loop_prices_compute_with_the_cuda_engines_measured_steps(
     agents = {"gpu-host": agent("gpu-host", "cuda"), "cpu-host": agent("cpu-host", "cpu")}
 
     def loop(**kw) -> PlacementLoop:
-        made = PlacementLoop(config, None, "prism", SchedulerService(asyncio.Event()), asyncio.Event(), 1.0, 1.0,
-                             compute_from_devices=True, **kw)
+        made = PlacementLoop(
+            config,
+            None,
+            "prism",
+            SchedulerService(asyncio.Event()),
+            asyncio.Event(),
+            1.0,
+            1.0,
+            compute_from_devices=True,
+            **kw,
+        )
         made._price_compute_for(agents, reports)
         return made
 
@@ -172,8 +191,14 @@ def test_a_real_engines_steps_reach_the_sums_through_the_worker_wire(tmp_path):
         assert engine.stats().step_times.steps == 0
 
         async def generate() -> int:
-            outs = [o async for o in engine.generate(GenerationRequest(
-                prompt="Hello there", max_tokens=40, temperature=0.0, ignore_eos=True, request_id="r"))]
+            outs = [
+                o
+                async for o in engine.generate(
+                    GenerationRequest(
+                        prompt="Hello there", max_tokens=40, temperature=0.0, ignore_eos=True, request_id="r"
+                    )
+                )
+            ]
             return sum(len(o.token_ids) for o in outs)
 
         assert asyncio.run(generate()) == 40
@@ -227,8 +252,14 @@ def test_an_engine_with_a_board_fits_only_its_steps_that_ran_alone(tmp_path):
     engine.start()
 
     async def generate(tokens: int) -> None:
-        outs = [o async for o in engine.generate(GenerationRequest(
-            prompt="Hello there", max_tokens=tokens, temperature=0.0, ignore_eos=True, request_id="r"))]
+        outs = [
+            o
+            async for o in engine.generate(
+                GenerationRequest(
+                    prompt="Hello there", max_tokens=tokens, temperature=0.0, ignore_eos=True, request_id="r"
+                )
+            )
+        ]
         assert sum(len(o.token_ids) for o in outs) == tokens
 
     try:

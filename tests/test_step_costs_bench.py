@@ -14,8 +14,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_the_cpu_dry_run_reads_back_the_costs_the_scheduler_fitted(tmp_path):
     out = tmp_path / "step_costs.json"
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "step_costs.py"), "--device", "cpu", "--out", str(out),
-                           "--state-dir", str(tmp_path / "state")], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "step_costs.py"),
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     payload = json.loads(out.read_text())
     assert payload["completed"] == {"tiny": 2 * (1 + 4 + 16 + 32)}  # every request ran its 24 tokens

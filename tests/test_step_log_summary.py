@@ -8,9 +8,11 @@ from bench_scripts import load_bench_script
 
 
 def line(t: str, engine: str, decode: int, ms: float, kind: str = "graph", prefill: int = 0) -> str:
-    return (f"2026-12-06 14:00:{t} INFO worker-1 [-] services.gpu_agent.engine.engine: engine {engine} step: "
-            f"{decode} decode, {prefill} prefill tokens in {1 if prefill else 0} seqs, {kind}, {ms:.2f} ms "
-            "(scheduled in 0.05 ms)")
+    return (
+        f"2026-12-06 14:00:{t} INFO worker-1 [-] services.gpu_agent.engine.engine: engine {engine} step: "
+        f"{decode} decode, {prefill} prefill tokens in {1 if prefill else 0} seqs, {kind}, {ms:.2f} ms "
+        "(scheduled in 0.05 ms)"
+    )
 
 
 def test_steps_beside_others_are_binned_by_concurrency_against_the_alone_step():
@@ -25,7 +27,11 @@ def test_steps_beside_others_are_binned_by_concurrency_against_the_alone_step():
     intervals = summary.pop("intervals")
     assert len(intervals) == 4 and intervals[0][2:] == ("a", 4, 0, "graph")
     table = bench.contention(intervals, lambda engine, decode: 0.010, lambda engine: engine)
-    assert table["a"]["1-1.05"] == {"steps": 1, "slowdown_p50": pytest.approx(1.0), "parallelism_p50": pytest.approx(1.0)}
+    assert table["a"]["1-1.05"] == {
+        "steps": 1,
+        "slowdown_p50": pytest.approx(1.0),
+        "parallelism_p50": pytest.approx(1.0),
+    }
     # a's second step: concurrency 1 + 20/20 = 2, twice its alone time: the two took turns (parallelism 1).
     assert table["a"]["2-3"] == {"steps": 1, "slowdown_p50": pytest.approx(2.0), "parallelism_p50": pytest.approx(1.0)}
     # b's: 1 + 20/30 beside it, 3x its alone time.

@@ -65,5 +65,11 @@ def test_readiness_progress_says_each_change_of_a_waiting_models_engine_state():
     progress.update({"tiny"}, {"big": "switched off", "bad": "failed: no such file", "tiny": "active"})  # 4 s
     progress.update({"tiny"}, {})  # 5 s: an agent that did not answer changes nothing
     progress.update({"tiny", "big"}, {"big": "active", "tiny": "active"})  # 6 s
-    assert said == ["  big loading (1.0s)", "  tiny loading (1.0s)", "  bad failed: no such file (3.0s)",
-                    "  tiny served (3.0s)", "  big switched off (4.0s)", "  big served (6.0s)"]
+    assert said == [
+        "  big loading (1.0s)",
+        "  tiny loading (1.0s)",
+        "  bad failed: no such file (3.0s)",
+        "  tiny served (3.0s)",
+        "  big switched off (4.0s)",
+        "  big served (6.0s)",
+    ]

@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 from prism.cluster import LocalCluster
 from prism.tiny_models import write_tiny_model
 from prism_client.v1 import engine_worker_pb2 as wpb
+from services.gpu_agent.devices import Device
 from services.gpu_agent.engine import Engine, GenerationRequest
 from services.gpu_agent.engine.errors import EngineError
 from services.gpu_agent.engine.kv_pool import KVGeometry, PagePool
@@ -40,7 +41,6 @@ from services.gpu_agent.engine.tensor_parallel import (
 )
 from services.gpu_agent.engine.weights import load_model
 from services.gpu_agent.engine_manager import EngineManager, EngineSpec, PlacementError
-from services.gpu_agent.devices import Device
 from services.gpu_agent.workers.remote_engine import RemoteEngine
 from services.gpu_agent.workers.worker_pool import WorkerPool
 
@@ -103,8 +103,9 @@ def _free_port() -> int:
 def _logits(model, kv_heads: int, prompt: list[int]) -> list[torch.Tensor]:
     """A prefill of the prompt, then one decode step: the logits of both."""
     cfg = model.config
-    pool = PagePool(KVGeometry(cfg.num_hidden_layers, kv_heads, cfg.head_dim, model.dtype), 64, 1 << 30,
-                    page_bytes=4096)
+    pool = PagePool(
+        KVGeometry(cfg.num_hidden_layers, kv_heads, cfg.head_dim, model.dtype), 64, 1 << 30, page_bytes=4096
+    )
     slots = pool.alloc(len(prompt) + 1)
     out = []
     with torch.inference_mode():
@@ -122,8 +123,9 @@ def _rank(rank: int, port: int, variants: list[tuple[str, Path, str]], results) 
     torch.set_num_threads(1)
     compared = {}
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                                timeout=timedelta(seconds=60))
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=60)
+        )
         for name, model_dir, load_format in variants:
             try:
                 compared[name] = _compare(rank, 2, model_dir, load_format)
@@ -157,8 +159,10 @@ def _compare(rank: int, size: int, model_dir: Path, load_format: str) -> tuple[l
 def test_two_ranks_give_the_whole_models_logits(tmp_path):
     # qwen2 has q/k/v biases (cut with their heads); "auto" reads the checkpoint and cuts it,
     # "dummy" draws each whole matrix from its seed and keeps the rank's part.
-    variants = [(f"{arch}-{load_format}", write_tiny_model(tmp_path / arch, arch=arch), load_format)
-                for arch, load_format in [("llama", "auto"), ("qwen2", "auto"), ("llama", "dummy")]]
+    variants = [
+        (f"{arch}-{load_format}", write_tiny_model(tmp_path / arch, arch=arch), load_format)
+        for arch, load_format in [("llama", "auto"), ("qwen2", "auto"), ("llama", "dummy")]
+    ]
     got = run_ranks(_rank, variants)
     assert sorted(got) == [0, 1]
     for rank, compared in got.items():
@@ -190,8 +194,16 @@ def serve_split(rank: int, port: int, model_dir: Path, device_kind: str, results
             return
         # step_tokens 8: prompts are cut into chunks, and chunks share steps with decoding sequences
         # 16 tokens a page of this rank's KV: a limit of a few pages is one to preempt under
-        engine = Engine(model_dir, dtype="float32", device=device, kv_pool="pages", step_tokens=8,
-                        kv_page_bytes=1024, tensor_parallel=tp, step_channel=channel)
+        engine = Engine(
+            model_dir,
+            dtype="float32",
+            device=device,
+            kv_pool="pages",
+            step_tokens=8,
+            kv_page_bytes=1024,
+            tensor_parallel=tp,
+            step_channel=channel,
+        )
         engine.start()
         preemptions = _PreemptionCount()
         engine_log = logging.getLogger("services.gpu_agent.engine.engine")
@@ -272,10 +284,15 @@ async def _split_over_two_workers(pool: WorkerPool, model_dir: Path):
     workers = [await pool.acquire("cpu") for _ in range(2)]
     rendezvous = f"tcp://127.0.0.1:{_free_port()}"
     specs = [wpb.TensorParallelSpec(rank=r, size=2, rendezvous=rendezvous) for r in range(2)]
-    engine, follower = await asyncio.wait_for(asyncio.gather(
-        RemoteEngine.load(workers[0], str(model_dir), name="split", dtype="float32", tensor_parallel=specs[0]),
-        RemoteEngine.load_shard_follower(workers[1], str(model_dir), name="split", dtype="float32",
-                                         tensor_parallel=specs[1])), 120)
+    engine, follower = await asyncio.wait_for(
+        asyncio.gather(
+            RemoteEngine.load(workers[0], str(model_dir), name="split", dtype="float32", tensor_parallel=specs[0]),
+            RemoteEngine.load_shard_follower(
+                workers[1], str(model_dir), name="split", dtype="float32", tensor_parallel=specs[1]
+            ),
+        ),
+        120,
+    )
     return workers, engine, follower
 
 
@@ -310,7 +327,8 @@ async def test_two_workers_serve_one_model_split_over_them(tmp_path):
 
 @pytest.mark.parametrize("failing_rank", [0, 1])
 async def test_a_step_failing_on_one_rank_fails_the_split_engine_on_every_rank_within_seconds(
-        tmp_path, monkeypatch, failing_rank):
+    tmp_path, monkeypatch, failing_rank
+):
     # tests/faults/sitecustomize.py makes the workers' 40th all-reduce on one rank raise, mid-forward:
     # the other rank is left inside that forward. Every request ends with an error (none hangs), both
     # workers end, and the engine is reported lost, within seconds, not the process group's timeout.
@@ -331,8 +349,9 @@ async def test_a_step_failing_on_one_rank_fails_the_split_engine_on_every_rank_w
         engine.on_lost(on_lost)
 
         async def one(i: int) -> Exception | None:
-            req = GenerationRequest(f"r{i}", prompt=PROMPTS[i % len(PROMPTS)], max_tokens=48, temperature=0.0,
-                                    ignore_eos=True)
+            req = GenerationRequest(
+                f"r{i}", prompt=PROMPTS[i % len(PROMPTS)], max_tokens=48, temperature=0.0, ignore_eos=True
+            )
             try:
                 async for _ in engine.generate(req):
                     pass
@@ -344,8 +363,10 @@ async def test_a_step_failing_on_one_rank_fails_the_split_engine_on_every_rank_w
         errors = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(4))), 30)
         assert all(isinstance(e, EngineError) for e in errors), errors
         if failing_rank == 0:  # rank 0's own error reaches its requests before its worker ends
-            assert all("injected failure of all-reduce 40 on rank 0" in str(e) and "split engine has failed" in str(e)
-                       for e in errors), errors
+            assert all(
+                "injected failure of all-reduce 40 on rank 0" in str(e) and "split engine has failed" in str(e)
+                for e in errors
+            ), errors
         await asyncio.wait_for(asyncio.gather(*(w.exited.wait() for w in workers)), 30)
         while not lost and time.monotonic() - started < 30:  # the listeners run once the exit is seen
             await asyncio.sleep(0.05)
@@ -425,8 +446,12 @@ async def test_every_device_of_a_split_model_counts_its_weights_and_fixed_kv(tmp
     try:
         split_spec = EngineSpec(name="split", path=str(model_dir), tp_size=2, dtype="float32")
         split = await asyncio.wait_for(manager.load(split_spec, (0, 1), True, memory_limit_bytes=reservation), 120)
-        one = await asyncio.wait_for(manager.load(EngineSpec(name="one", path=str(model_dir), dtype="float32"),
-                                                  (1,), True, memory_limit_bytes=0), 120)
+        one = await asyncio.wait_for(
+            manager.load(
+                EngineSpec(name="one", path=str(model_dir), dtype="float32"), (1,), True, memory_limit_bytes=0
+            ),
+            120,
+        )
         assert split.state == one.state == "active", (split.error, one.error)
         assert split.fixed_kv and not one.fixed_kv
         for c in coordinators.values():
@@ -462,12 +487,19 @@ async def test_every_device_of_a_split_model_counts_its_weights_and_fixed_kv(tmp
 
         # Switching the split model on where device 0 could make room (an idle model there steps
         # aside) but device 1 cannot: refused, and nothing was switched off on device 0 for it.
-        zero = await asyncio.wait_for(manager.load(EngineSpec(name="zero", path=str(model_dir), dtype="float32"),
-                                                   (0,), True, memory_limit_bytes=0), 120)
+        zero = await asyncio.wait_for(
+            manager.load(
+                EngineSpec(name="zero", path=str(model_dir), dtype="float32"), (0,), True, memory_limit_bytes=0
+            ),
+            120,
+        )
         await manager.deactivate("split")
-        tight = [MemoryCoordinator(Device(0, "cpu", "cpu", zero.engine.weight_bytes + shard + reservation - 1),
-                                   manager, reserve_bytes=0),
-                 MemoryCoordinator(Device(1, "cpu", "cpu", shard + reservation - 1), manager, reserve_bytes=0)]
+        tight = [
+            MemoryCoordinator(
+                Device(0, "cpu", "cpu", zero.engine.weight_bytes + shard + reservation - 1), manager, reserve_bytes=0
+            ),
+            MemoryCoordinator(Device(1, "cpu", "cpu", shard + reservation - 1), manager, reserve_bytes=0),
+        ]
         assert tight[0].room_to_activate(split) == ["zero"] and tight[1].room_to_activate(split) is None
         with pytest.raises(CapacityError, match="do not fit on device 1"):
             await prepare_activation_on(tight, split)
@@ -501,6 +533,7 @@ def test_a_local_cluster_serves_a_model_split_over_two_cpu_devices(tmp_path):
     single = Engine(model_dir, dtype="float32")
     single.start()
     try:
+
         async def text_of_one() -> str:
             req = GenerationRequest("one", prompt=prompt, max_tokens=10, temperature=0.0, ignore_eos=True)
             return "".join([out.text async for out in single.generate(req)])
@@ -508,22 +541,45 @@ def test_a_local_cluster_serves_a_model_split_over_two_cpu_devices(tmp_path):
         expected = asyncio.run(text_of_one())
     finally:
         single.stop()
-    config = {"policy": "prism", "models": [
-        {"model_name": "split", "model_path": str(model_dir), "tp_size": 2, "dtype": "float32",
-         "init_placements": [{"gpu_ids": [0, 1]}]},
-        {"model_name": "whole", "model_path": str(model_dir), "dtype": "float32",
-         "init_placements": [{"gpu_ids": [1]}]}]}
+    config = {
+        "policy": "prism",
+        "models": [
+            {
+                "model_name": "split",
+                "model_path": str(model_dir),
+                "tp_size": 2,
+                "dtype": "float32",
+                "init_placements": [{"gpu_ids": [0, 1]}],
+            },
+            {
+                "model_name": "whole",
+                "model_path": str(model_dir),
+                "dtype": "float32",
+                "init_placements": [{"gpu_ids": [1]}],
+            },
+        ],
+    }
     config_path = tmp_path / "models.json"
     config_path.write_text(json.dumps(config))
-    cluster = LocalCluster(state_dir=tmp_path / "state", config_path=config_path, http_port=_free_port(),
-                           grpc_port=_free_port(), device="cpu", cpu_memory_gb=1.0, engine_isolation="process",
-                           agent_args=("--cpu-devices", "2", "--spare-workers", "0"),
-                           scheduler_args=("--replan-interval-s", "0.5"))
+    cluster = LocalCluster(
+        state_dir=tmp_path / "state",
+        config_path=config_path,
+        http_port=_free_port(),
+        grpc_port=_free_port(),
+        device="cpu",
+        cpu_memory_gb=1.0,
+        engine_isolation="process",
+        agent_args=("--cpu-devices", "2", "--spare-workers", "0"),
+        scheduler_args=("--replan-interval-s", "0.5"),
+    )
     cluster.start()
     try:
         for model in ("split", "whole"):
-            reply = httpx.post(f"{cluster.http_url}/v1/completions", timeout=120, json={
-                "model": model, "prompt": prompt, "max_tokens": 10, "temperature": 0, "ignore_eos": True})
+            reply = httpx.post(
+                f"{cluster.http_url}/v1/completions",
+                timeout=120,
+                json={"model": model, "prompt": prompt, "max_tokens": 10, "temperature": 0, "ignore_eos": True},
+            )
             assert reply.status_code == 200, reply.text
             body = reply.json()
             assert body["choices"][0]["text"] == expected  # the same weights, split or not

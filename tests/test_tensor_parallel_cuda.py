@@ -13,8 +13,9 @@ import torch
 from prism.tiny_models import write_tiny_model
 from tests.test_tensor_parallel import one_rank_tokens, run_ranks, serve_split
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
-                                reason="needs two CUDA devices")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA devices"
+)
 
 
 def test_a_two_gpu_engine_generates_what_a_one_gpu_engine_does_and_again_after_switching(tmp_path):

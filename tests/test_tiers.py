@@ -15,7 +15,7 @@ def test_every_test_module_has_a_tier():
     modules = {path.stem for path in TESTS.glob("test_*.py")}
     assert sorted(modules - set(TIERS)) == [], "add these to tests/tiers.py"
     assert sorted(set(TIERS) - modules) == [], "tests/tiers.py names modules that are gone"
-    assert set(TIERS.values()) <= {"unit", "cluster", "cuda"}
+    assert set(TIERS.values()) <= {"unit", "cluster", "cuda", "lint"}
 
 
 def test_gpu_modules_are_in_the_cuda_tier():

@@ -37,13 +37,22 @@ def test_layout_and_tensor_names(tiny, arch):
     for n in range(layers):
         p = f"model.layers.{n}."
         expected |= {
-            p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
-            p + "mlp.gate_proj.weight": (128, h), p + "mlp.up_proj.weight": (128, h), p + "mlp.down_proj.weight": (h, 128),
-            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (h, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, h),
+            p + "mlp.gate_proj.weight": (128, h),
+            p + "mlp.up_proj.weight": (128, h),
+            p + "mlp.down_proj.weight": (h, 128),
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
         }
         if arch == "qwen2":
-            expected |= {p + "self_attn.q_proj.bias": (h,), p + "self_attn.k_proj.bias": (kv,), p + "self_attn.v_proj.bias": (kv,)}
+            expected |= {
+                p + "self_attn.q_proj.bias": (h,),
+                p + "self_attn.k_proj.bias": (kv,),
+                p + "self_attn.v_proj.bias": (kv,),
+            }
     if arch == "llama":
         expected["lm_head.weight"] = (vocab, h)
     assert {k: tuple(t.shape) for k, t in tensors.items()} == expected

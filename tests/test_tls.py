@@ -25,9 +25,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from prism.cluster import LocalCluster
-from prism_client.v1 import gateway_pb2, gateway_pb2_grpc
 from prism.workload.replay import replay
 from prism.workload.trace import Trace, TraceRequest
+from prism_client.v1 import gateway_pb2, gateway_pb2_grpc
 from services.common import tls
 from services.common.etcd import (
     ETCD_PASSWORD_ENV,
@@ -67,8 +67,10 @@ def test_local_ca_issues_server_and_client_certificates_for_the_hosts(tmp_path):
     cert.verify_directly_issued_by(ca)
     assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert set(san.get_values_for_type(x509.IPAddress)) == {ipaddress.ip_address("127.0.0.1"),
-                                                             ipaddress.ip_address("::1")}
+    assert set(san.get_values_for_type(x509.IPAddress)) == {
+        ipaddress.ip_address("127.0.0.1"),
+        ipaddress.ip_address("::1"),
+    }
     assert set(san.get_values_for_type(x509.DNSName)) == {"localhost", "gpu-7.example"}
     usages = set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
     assert usages == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}  # every service is both
@@ -99,29 +101,42 @@ def test_bad_tls_settings_are_errors_that_name_the_option_and_the_file(tmp_path,
     assert etcd_access(user="prism", environ={ETCD_PASSWORD_ENV: "s3cret"}).password == "s3cret"
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--tls-cert", "CERT"], "--tls-cert needs --tls-key"),
-    (["--tls-ca", "CA"], "--tls-ca needs --tls-cert and --tls-key"),
-    (["--tls-cert", "CERT", "--tls-key", "KEY", "--mtls"], "--mtls needs --tls-ca"),
-    (["--mtls"], "--mtls needs --tls-ca"),
-    (["--tls-cert", "CERT", "--tls-key", "MISSING"], "--tls-key .*missing.pem: cannot read it"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--tls-cert", "CERT"], "--tls-cert needs --tls-key"),
+        (["--tls-ca", "CA"], "--tls-ca needs --tls-cert and --tls-key"),
+        (["--tls-cert", "CERT", "--tls-key", "KEY", "--mtls"], "--mtls needs --tls-ca"),
+        (["--mtls"], "--mtls needs --tls-ca"),
+        (["--tls-cert", "CERT", "--tls-key", "MISSING"], "--tls-key .*missing.pem: cannot read it"),
+    ],
+)
 def test_a_service_refuses_a_tls_flag_without_its_pair(pki, tmp_path, capsys, flags, message):
     from services.scheduler.server import parse_args
 
-    paths = {"CERT": pki["server"].cert, "KEY": pki["server"].key, "CA": pki["server"].ca,
-             "MISSING": tmp_path / "missing.pem"}
+    paths = {
+        "CERT": pki["server"].cert,
+        "KEY": pki["server"].key,
+        "CA": pki["server"].ca,
+        "MISSING": tmp_path / "missing.pem",
+    }
     with pytest.raises(SystemExit) as exited:
         parse_args(["--config", "models.json", *[str(paths.get(f, f)) for f in flags]])
     assert exited.value.code == 2
     assert re.search(message, capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--http-tls-cert", "CERT"], "--http-tls-cert needs --http-tls-key"),
-    (["--http-tls-cert", "CERT", "--http-tls-key", "OTHER_KEY"], "--http-tls-key .* is not the key of --http-tls-cert"),
-    (["--etcd-user", "prism"], ETCD_PASSWORD_ENV),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--http-tls-cert", "CERT"], "--http-tls-cert needs --http-tls-key"),
+        (
+            ["--http-tls-cert", "CERT", "--http-tls-key", "OTHER_KEY"],
+            "--http-tls-key .* is not the key of --http-tls-cert",
+        ),
+        (["--etcd-user", "prism"], ETCD_PASSWORD_ENV),
+    ],
+)
 def test_the_gateway_refuses_bad_https_and_etcd_flags(pki, capsys, monkeypatch, flags, message):
     from services.gateway.server import parse_args
 
@@ -137,8 +152,17 @@ def test_a_service_takes_its_tls_and_etcd_flags(pki):
     from services.gpu_agent.server import parse_args
 
     server, client = pki["server"], pki["client"]
-    args = parse_args([*tls.service_tls_args(server, mtls=True), "--etcd-ca", str(client.ca),
-                       "--etcd-cert", str(client.cert), "--etcd-key", str(client.key)])
+    args = parse_args(
+        [
+            *tls.service_tls_args(server, mtls=True),
+            "--etcd-ca",
+            str(client.ca),
+            "--etcd-cert",
+            str(client.cert),
+            "--etcd-key",
+            str(client.key),
+        ]
+    )
     assert args.tls_files == server and args.mtls
     assert args.etcd_access == EtcdAccess(tls=TlsFiles(client.ca, client.cert, client.key))
     assert parse_args([]).tls_files is None  # plaintext stays the default
@@ -217,7 +241,9 @@ async def test_the_health_probe_checks_a_server_over_its_mtls(pki, capsys):
     try:
         assert await asyncio.to_thread(health_probe.main, [address, *flags]) == 0
         assert capsys.readouterr().out.strip() == f"{address}: SERVING"
-        assert await asyncio.to_thread(health_probe.main, [address, "--tls-ca", str(client.ca), "--timeout-s", "2"]) == 1
+        assert (
+            await asyncio.to_thread(health_probe.main, [address, "--tls-ca", str(client.ca), "--timeout-s", "2"]) == 1
+        )
         assert "UNAVAILABLE" in capsys.readouterr().out
     finally:
         await server.stop(None)
@@ -339,8 +365,16 @@ async def test_etcd_user_and_password_and_a_new_token_after_an_etcd_restart(etcd
 @pytest.fixture()
 def tls_cluster(tmp_path) -> Iterator[LocalCluster]:
     """The two tiny models on one CPU agent, every service started as `prism up --tls` starts it."""
-    cluster = LocalCluster(state_dir=tmp_path, http_port=free_port(), grpc_port=free_port(), device="cpu",
-                           cpu_memory_gb=1.0, engine_isolation="inline", tls=True, default_models="tiny")
+    cluster = LocalCluster(
+        state_dir=tmp_path,
+        http_port=free_port(),
+        grpc_port=free_port(),
+        device="cpu",
+        cpu_memory_gb=1.0,
+        engine_isolation="inline",
+        tls=True,
+        default_models="tiny",
+    )
     cluster.start()
     try:
         yield cluster
@@ -349,8 +383,8 @@ def tls_cluster(tmp_path) -> Iterator[LocalCluster]:
 
 
 def test_cluster_under_tls_serves_a_generation_with_mtls_between_services(tls_cluster):
-    from prism_client import PrismClient, UnavailableError
     from prism.cluster_view import ClusterReader
+    from prism_client import PrismClient, UnavailableError
 
     cluster = tls_cluster
     ca = cluster.ca_path
@@ -360,8 +394,9 @@ def test_cluster_under_tls_serves_a_generation_with_mtls_between_services(tls_cl
     with PrismClient(cluster.gateway_grpc, timeout_s=GUARD_S) as plaintext, pytest.raises(UnavailableError):
         plaintext.list_models()
 
-    listed = httpx.get(cluster.http_url + "/v1/models", verify=tls.ssl_context(TlsFiles(ca=ca)),
-                       timeout=GUARD_S).json()["data"]
+    listed = httpx.get(
+        cluster.http_url + "/v1/models", verify=tls.ssl_context(TlsFiles(ca=ca)), timeout=GUARD_S
+    ).json()["data"]
     assert {m["id"] for m in listed} == {"tiny-llama", "tiny-qwen2"}
     assert cluster.http_url.startswith("https://")
 
@@ -372,8 +407,7 @@ def test_cluster_under_tls_serves_a_generation_with_mtls_between_services(tls_cl
         assert [(r.error, r.e2e_s is not None) for r in results] == [(None, True)] * 2, api
 
     async def read(files: TlsFiles | None):
-        reader = ClusterReader(cluster.etcd_endpoint, GUARD_S, etcd_access=cluster.client_etcd_access(),
-                               tls=files)
+        reader = ClusterReader(cluster.etcd_endpoint, GUARD_S, etcd_access=cluster.client_etcd_access(), tls=files)
         try:
             return await reader.read()
         finally:
@@ -391,4 +425,3 @@ def test_cluster_under_tls_serves_a_generation_with_mtls_between_services(tls_cl
     assert "(mTLS)" in logs["scheduler"] and "(mTLS)" in logs["agent"], json.dumps(logs)[:2000]
     assert "registered with scheduler" in logs["agent"], logs["agent"]
     assert "REST on https://" in logs["gateway"], logs["gateway"]
-

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from tests.triton_interpreter import interpreter_env
 
 ON_CUDA = torch.cuda.is_available()
@@ -82,8 +83,17 @@ def reference(q, k_buffer, v_buffer, slot_table, seq_lens, scale) -> torch.Tenso
     return out
 
 
-def make_case(lens: list[int], heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype, *,
-              seed: int = 0, pad_slot: int | None = None, spare_rows: int = 64):
+def make_case(
+    lens: list[int],
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    *,
+    seed: int = 0,
+    pad_slot: int | None = None,
+    spare_rows: int = 64,
+):
     """(q, k_buffer, v_buffer, slot_table, seq_lens) with each sequence's tokens
     at random slots scattered over a buffer larger than needed. Rows that no
     sequence uses hold NaN, so reading any of them poisons the output. Padding
@@ -103,7 +113,7 @@ def make_case(lens: list[int], heads: int, kv_heads: int, head_dim: int, dtype: 
     slot_table = torch.full((len(lens), max(lens)), pad, dtype=torch.int32)
     offset = 0
     for b, n in enumerate(lens):
-        slot_table[b, :n] = used[offset:offset + n].int()
+        slot_table[b, :n] = used[offset : offset + n].int()
         offset += n
     q = torch.randn(len(lens), heads, head_dim, generator=gen).to(dtype)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
@@ -217,8 +227,14 @@ def test_slot_table_wider_than_the_longest_sequence_and_int64():
 
 def test_empty_batch():
     q, k_buffer, v_buffer, _, _ = make_case([4], 4, 2, 32, torch.float16)
-    out = paged_decode_attention(q[:0], k_buffer, v_buffer, torch.zeros((0, 1), dtype=torch.int32, device=DEVICE),
-                                 torch.zeros(0, dtype=torch.int32, device=DEVICE), 0.1)
+    out = paged_decode_attention(
+        q[:0],
+        k_buffer,
+        v_buffer,
+        torch.zeros((0, 1), dtype=torch.int32, device=DEVICE),
+        torch.zeros(0, dtype=torch.int32, device=DEVICE),
+        0.1,
+    )
     assert out.shape == (0, 4, 32)
 
 
@@ -257,4 +273,3 @@ def test_split_choice(monkeypatch):
     assert td._split_tokens(1000, 3, 64) == (384, 3)
     assert td._split_tokens(100, 64, 64) == (64, 2)  # no split shorter than one block
     assert td._split_tokens(1, 8, 64) == (64, 1)
-

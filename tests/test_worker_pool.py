@@ -47,8 +47,9 @@ HANG_GUARD_S = 60  # only so that a bug fails the test instead of hanging it
 
 
 def greedy(prompt: str, max_tokens: int = NEW_TOKENS, request_id: str = "w-test") -> GenerationRequest:
-    return GenerationRequest(request_id=request_id, prompt=prompt, max_tokens=max_tokens, temperature=0.0,
-                             ignore_eos=True)
+    return GenerationRequest(
+        request_id=request_id, prompt=prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True
+    )
 
 
 async def tokens_of(engine: RemoteEngine, req: GenerationRequest) -> list[int]:
@@ -162,8 +163,9 @@ async def test_greedy_tokens_equal_the_reference_alone_and_batched(engine, refer
     outs = [o async for o in engine.generate(reqs[0])]
     assert outs[-1].finish_reason == "length" and all(o.finish_reason is None for o in outs[:-1])
     assert outs[-1].completion_tokens == NEW_TOKENS and outs[-1].prompt_tokens == len(tokenizer.encode(PROMPTS[0]))
-    chat = GenerationRequest(request_id="chat", messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
-                             temperature=0.0, ignore_eos=True)
+    chat = GenerationRequest(
+        request_id="chat", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0.0, ignore_eos=True
+    )
     assert await tokens_of(engine, chat) == reference.greedy(tokenizer.encode_chat(chat.messages), 6)
 
 
@@ -232,8 +234,9 @@ async def test_deactivate_activate_round_trip_gives_identical_outputs_and_a_timi
 # ---- a worker that dies ---------------------------------------------------------------------
 
 
-async def test_killing_a_worker_mid_stream_fails_its_requests_and_its_engine(pool, model_dir, reference, tokenizer,
-                                                                             tmp_path):
+async def test_killing_a_worker_mid_stream_fails_its_requests_and_its_engine(
+    pool, model_dir, reference, tokenizer, tmp_path
+):
     published: list[tuple[str, str]] = []
 
     async def publish(managed: ManagedEngine) -> None:
@@ -242,8 +245,13 @@ async def test_killing_a_worker_mid_stream_fails_its_requests_and_its_engine(poo
     shared_dir = tmp_path / "shm"
     shared_dir.mkdir()
     (shared_dir / "prism-t-left-by-a-crash.weights").write_bytes(b"x")
-    manager = EngineManager([Device(0, "cpu", "cpu", 1 << 30)], publish, pool, shared_weights_dir=shared_dir,
-                            shared_weights_prefix="prism-t")
+    manager = EngineManager(
+        [Device(0, "cpu", "cpu", 1 << 30)],
+        publish,
+        pool,
+        shared_weights_dir=shared_dir,
+        shared_weights_prefix="prism-t",
+    )
     assert list(shared_dir.iterdir()) == []  # an earlier run's copies are removed
     spec = EngineSpec(name="doomed", path=str(model_dir))
     managed = await asyncio.wait_for(manager.load(spec, (0,), activate=True, memory_limit_bytes=0), HANG_GUARD_S)
@@ -296,7 +304,8 @@ async def test_a_hung_worker_is_killed_and_its_requests_fail(pool, model_dir):
     """SIGSTOP stands in for a hang: the process lives on but answers nothing."""
     worker = await asyncio.wait_for(pool.acquire("cpu"), HANG_GUARD_S)
     engine = await asyncio.wait_for(
-        RemoteEngine.load(worker, model_dir, name="hung", unresponsive_after_s=1.0), HANG_GUARD_S)
+        RemoteEngine.load(worker, model_dir, name="hung", unresponsive_after_s=1.0), HANG_GUARD_S
+    )
     try:
         stream = engine.generate(greedy("Hello", 250, "hung-1"))
         await stream.__anext__()

@@ -15,9 +15,21 @@ from prism.workload.trace import Trace
 
 
 def test_rate_lengths_and_determinism():
-    params = BurstyGroupParams(num_models=6, num_groups=2, active_groups=1, shift_s=50, rate=20, idle_fraction=0,
-                               burstiness_cv=1.0, prompt_mean=300, prompt_std=100, output_mean=80, output_std=20,
-                               duration_s=400, seed=1)
+    params = BurstyGroupParams(
+        num_models=6,
+        num_groups=2,
+        active_groups=1,
+        shift_s=50,
+        rate=20,
+        idle_fraction=0,
+        burstiness_cv=1.0,
+        prompt_mean=300,
+        prompt_std=100,
+        output_mean=80,
+        output_std=20,
+        duration_s=400,
+        seed=1,
+    )
     trace = bursty_group_trace(params)
     assert trace == bursty_group_trace(params)  # same seed, same trace
     assert trace != bursty_group_trace(BurstyGroupParams(**{**params.__dict__, "seed": 2}))
@@ -30,8 +42,9 @@ def test_rate_lengths_and_determinism():
 
 
 def test_groups_take_turns():
-    params = BurstyGroupParams(num_models=6, num_groups=3, active_groups=1, shift_s=100, rate=10, idle_fraction=0,
-                               duration_s=1000, seed=4)
+    params = BurstyGroupParams(
+        num_models=6, num_groups=3, active_groups=1, shift_s=100, rate=10, idle_fraction=0, duration_s=1000, seed=4
+    )
     trace = bursty_group_trace(params)
     groups = trace.metadata["groups"]
     for window in trace.metadata["windows"]:
@@ -42,8 +55,9 @@ def test_groups_take_turns():
 
 
 def test_zipf_popularity_within_the_active_models():
-    params = BurstyGroupParams(num_models=4, num_groups=1, active_groups=1, rate=50, zipf_alpha=1.0,
-                               burstiness_cv=1.0, duration_s=400, seed=7)
+    params = BurstyGroupParams(
+        num_models=4, num_groups=1, active_groups=1, rate=50, zipf_alpha=1.0, burstiness_cv=1.0, duration_s=400, seed=7
+    )
     trace = bursty_group_trace(params)
     (group,) = trace.metadata["groups"]  # in rank order
     counts = Counter(r.model for r in trace.requests)
@@ -53,8 +67,9 @@ def test_zipf_popularity_within_the_active_models():
 
 def test_burstiness_sets_the_spread_of_inter_arrival_times():
     def cv_of(cv: float) -> float:
-        params = BurstyGroupParams(num_models=1, num_groups=1, rate=20, burstiness_cv=cv, shift_s=10_000,
-                                   duration_s=2000, seed=3)
+        params = BurstyGroupParams(
+            num_models=1, num_groups=1, rate=20, burstiness_cv=cv, shift_s=10_000, duration_s=2000, seed=3
+        )
         times = [r.t for r in bursty_group_trace(params).requests]
         gaps = [b - a for a, b in zip(times, times[1:])]
         return statistics.stdev(gaps) / statistics.mean(gaps)
@@ -85,10 +100,12 @@ def test_a_trace_round_trips_through_its_file_and_scales(tmp_path):
 
 def test_azure_loader(tmp_path):
     path = tmp_path / "azure.csv"
-    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
-                    "2023-11-16 18:15:46.6805900,374,44\n"
-                    "2023-11-16 18:15:50.9951690,396,109\n"
-                    "2023-11-16 18:15:47.5330010,879,0\n")
+    path.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        "2023-11-16 18:15:46.6805900,374,44\n"
+        "2023-11-16 18:15:50.9951690,396,109\n"
+        "2023-11-16 18:15:47.5330010,879,0\n"
+    )
     trace = load_azure(path, ["a", "b"], assign="round-robin", time_scale=0.5)
     assert [round(r.t, 4) for r in trace.requests] == [0.0, round(0.852411 / 2, 4), round(4.314579 / 2, 4)]
     assert [(r.prompt_tokens, r.output_tokens) for r in trace.requests] == [(374, 44), (879, 1), (396, 109)]
@@ -100,14 +117,19 @@ def test_azure_loader(tmp_path):
 
 def test_burstgpt_loader_maps_its_models_and_drops_failures(tmp_path):
     path = tmp_path / "burstgpt.csv"
-    path.write_text("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
-                    "5,ChatGPT,472,18,490,Conversation log\n"
-                    "45,ChatGPT,1087,230,1317,Conversation log\n"
-                    "118,GPT-4,417,276,693,Conversation log\n"
-                    "1106,ChatGPT,0,0,0,Conversation log\n")
+    path.write_text(
+        "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+        "5,ChatGPT,472,18,490,Conversation log\n"
+        "45,ChatGPT,1087,230,1317,Conversation log\n"
+        "118,GPT-4,417,276,693,Conversation log\n"
+        "1106,ChatGPT,0,0,0,Conversation log\n"
+    )
     trace = load_burstgpt(path, ["small", "large"])
     assert [(r.t, r.model, r.prompt_tokens, r.output_tokens) for r in trace.requests] == [
-        (0.0, "small", 472, 18), (40.0, "small", 1087, 230), (113.0, "large", 417, 276)]
+        (0.0, "small", 472, 18),
+        (40.0, "small", 1087, 230),
+        (113.0, "large", 417, 276),
+    ]
     assert len(load_burstgpt(path, ["small", "large"], keep_failed=True).requests) == 4
     zipf = load_burstgpt(path, ["x", "y", "z"], assign="zipf", seed=1)
     assert {r.model for r in zipf.requests} <= {"x", "y", "z"}
@@ -122,16 +144,35 @@ def test_prism_trace_commands(tmp_path):
 
     runner = CliRunner()
     out = tmp_path / "g.jsonl"
-    done = runner.invoke(app, ["trace", "generate", "-o", str(out), "--models", "a,b,c", "--num-groups", "3",
-                               "--duration-s", "20", "--seed", "9"])
+    done = runner.invoke(
+        app,
+        [
+            "trace",
+            "generate",
+            "-o",
+            str(out),
+            "--models",
+            "a,b,c",
+            "--num-groups",
+            "3",
+            "--duration-s",
+            "20",
+            "--seed",
+            "9",
+        ],
+    )
     assert done.exit_code == 0, done.output
     trace = Trace.load(out)
     assert set(trace.models) <= {"a", "b", "c"} and trace.metadata["params"]["seed"] == 9
     source = tmp_path / "b.csv"
-    source.write_text("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
-                      "5,ChatGPT,472,18,490,Conversation log\n7,GPT-4,10,20,30,API log\n")
-    done = runner.invoke(app, ["trace", "convert", str(source), "-o", str(tmp_path / "b.jsonl"), "--models", "x,y",
-                               "--time-scale", "0.5"])
+    source.write_text(
+        "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+        "5,ChatGPT,472,18,490,Conversation log\n7,GPT-4,10,20,30,API log\n"
+    )
+    done = runner.invoke(
+        app,
+        ["trace", "convert", str(source), "-o", str(tmp_path / "b.jsonl"), "--models", "x,y", "--time-scale", "0.5"],
+    )
     assert done.exit_code == 0, done.output
     assert [(r.t, r.model) for r in Trace.load(tmp_path / "b.jsonl").requests] == [(0.0, "x"), (1.0, "y")]
     done = runner.invoke(app, ["trace", "generate", "-o", str(out), "--num-groups", "40"])
@@ -155,16 +196,21 @@ def test_traces_that_differ_only_in_rate_share_their_groups_windows_and_scaled_a
 
             s, f = of(slow), of(fast)
             assert len(f) >= len(s)
-            assert [round(start + (r.t - start) / 2, 4) for r in s] == [round(r.t, 4) for r in f[:len(s)]]
-            assert [(r.prompt_tokens, r.output_tokens) for r in s] == [(r.prompt_tokens, r.output_tokens)
-                                                                       for r in f[:len(s)]]
+            assert [round(start + (r.t - start) / 2, 4) for r in s] == [round(r.t, 4) for r in f[: len(s)]]
+            assert [(r.prompt_tokens, r.output_tokens) for r in s] == [
+                (r.prompt_tokens, r.output_tokens) for r in f[: len(s)]
+            ]
 
 
 def test_a_model_is_judged_by_its_own_slo_where_its_config_sets_one():
     from prism.workload.replay import SloTargets
     from services.common.placement_config import ModelConfig
 
-    models = [ModelConfig("big", "/m", ttft_slo_ms=2000), ModelConfig("fast", "/m", tpot_slo_ms=50), ModelConfig("plain", "/m")]
+    models = [
+        ModelConfig("big", "/m", ttft_slo_ms=2000),
+        ModelConfig("fast", "/m", tpot_slo_ms=50),
+        ModelConfig("plain", "/m"),
+    ]
     slo = SloTargets(ttft_s=1.0, tpot_s=0.1).with_models(models)
     assert slo.of("big") == (2.0, 0.1) and slo.of("fast") == (1.0, 0.05) and slo.of("plain") == (1.0, 0.1)
     assert slo.attained(1.5, 0.08, "big") and not slo.attained(1.5, 0.08, "plain")

@@ -4,6 +4,7 @@
   cluster  real processes (etcd, the services, engine workers, SGLang's stand-in) or real
            models: the bulk of the suite's time
   cuda     needs a CUDA GPU (skipped elsewhere)
+  lint     ruff's formatter and checker and mypy over the tree (about a minute, most of it mypy's)
 
 A new test module must be listed here (tests/test_tiers.py fails until it is)."""
 
@@ -59,7 +60,7 @@ TIERS = {
     "test_leader_election": "cluster",
     "test_load_reports": "cluster",
     "test_load_without_loss": "cluster",
-    "test_lint": "unit",
+    "test_lint": "lint",
     "test_make_room": "unit",
     "test_memory_coordination": "cluster",
     "test_memory_overhead": "unit",

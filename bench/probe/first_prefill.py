@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from decode_throughput import build_engine, first_token_s, model_folder, prompt_of_length  # noqa: E402
 
-from services.gpu_agent.engine import engine as engine_module  # noqa: E402
 from services.common.step_costs import CUDA_STEP_TOKENS  # noqa: E402
+from services.gpu_agent.engine import engine as engine_module  # noqa: E402
 
 PROMPTS = (1536, 1400, 1536, 3000)
 

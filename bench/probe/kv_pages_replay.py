@@ -41,13 +41,27 @@ def replay(payload: dict, counted_as: str) -> list[dict]:
             for run in payload["runs"]:
                 if run["policy"] == "static":
                     continue
-                simulated = one_gpu.simulate_points(run["policy"], run["served"], [p["rate"] for p in run["points"]],
-                                                    payload["settings"]["memory_bytes"], args, entries, run["points"])
+                simulated = one_gpu.simulate_points(
+                    run["policy"],
+                    run["served"],
+                    [p["rate"] for p in run["points"]],
+                    payload["settings"]["memory_bytes"],
+                    args,
+                    entries,
+                    run["points"],
+                )
                 for sim, live in zip(simulated, run["points"]):
-                    rows.append({"policy": run["policy"], "rate": live["rate"], "counted_as": counted_as,
-                                 "live": 100 * live["attainment"], "simulated": 100 * sim["attainment"],
-                                 "sim_minus_live": 100 * (sim["attainment"] - live["attainment"]),
-                                 "preemptions": sim["preemptions"]})
+                    rows.append(
+                        {
+                            "policy": run["policy"],
+                            "rate": live["rate"],
+                            "counted_as": counted_as,
+                            "live": 100 * live["attainment"],
+                            "simulated": 100 * sim["attainment"],
+                            "sim_minus_live": 100 * (sim["attainment"] - live["attainment"]),
+                            "preemptions": sim["preemptions"],
+                        }
+                    )
         return rows
     finally:
         sim_engine.SimEngine.holding_bytes = holding
@@ -59,9 +73,20 @@ def main() -> None:
     args = p.parse_args()
     payload = one_gpu.merge([args.result])
     rows = replay(payload, "tokens") + replay(payload, "pages")
-    print(table(rows, [("policy", "policy", "s"), ("rate", "req/s", "g"), ("counted_as", "KV counted as", "s"),
-                       ("live", "live %", ".1f"), ("simulated", "simulated %", ".1f"),
-                       ("sim_minus_live", "sim - live", "+.1f"), ("preemptions", "sim preemptions", "d")]))
+    print(
+        table(
+            rows,
+            [
+                ("policy", "policy", "s"),
+                ("rate", "req/s", "g"),
+                ("counted_as", "KV counted as", "s"),
+                ("live", "live %", ".1f"),
+                ("simulated", "simulated %", ".1f"),
+                ("sim_minus_live", "sim - live", "+.1f"),
+                ("preemptions", "sim preemptions", "d"),
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -39,9 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from decode_throughput import build_engine, model_folder, prompt_of_length  # noqa: E402
 
 from prism.simulator.profile import LatencyProfile  # noqa: E402
+from services.common.step_costs import CUDA_STEP_TOKENS  # noqa: E402
 from services.gpu_agent.engine import GenerationRequest  # noqa: E402
 from services.gpu_agent.engine import engine as engine_module  # noqa: E402
-from services.common.step_costs import CUDA_STEP_TOKENS  # noqa: E402
 
 STEP = re.compile(r"step: (\d+) decode, (\d+) prefill tokens in (\d+) seqs, (graph|eager), ([\d.]+) ms")
 
@@ -79,15 +79,26 @@ def main() -> None:
     p.add_argument("--decoders", type=int, default=64)
     p.add_argument("--device", default="cuda")
     p.add_argument("--cprofile", action="store_true", help="also cProfile the mixed steps' Python")
-    p.add_argument("--repeat", type=int, default=0,
-                   help="run each mixed step's forward this many times more (the same tokens into the same slots, "
-                        "so the same result): its time with the event loop idle and every shape seen before")
-    p.add_argument("--torch-profile", action="store_true",
-                   help="torch.profiler over one repeat of a mixed step of 64 decoding sequences and a 128-token "
-                        "prefill: host time and kernel time by op")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=0,
+        help="run each mixed step's forward this many times more (the same tokens into the same slots, "
+        "so the same result): its time with the event loop idle and every shape seen before",
+    )
+    p.add_argument(
+        "--torch-profile",
+        action="store_true",
+        help="torch.profiler over one repeat of a mixed step of 64 decoding sequences and a 128-token "
+        "prefill: host time and kernel time by op",
+    )
     p.add_argument("--profile", default=str(Path(__file__).resolve().parents[1] / "results" / "sim-profile-h100.json"))
-    p.add_argument("--switch-interval", type=float, default=None,
-                   help="sys.setswitchinterval for the run, in seconds (Python's default is 0.005)")
+    p.add_argument(
+        "--switch-interval",
+        type=float,
+        default=None,
+        help="sys.setswitchinterval for the run, in seconds (Python's default is 0.005)",
+    )
     args = p.parse_args()
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
@@ -105,8 +116,9 @@ def main() -> None:
 
         repeats: dict[tuple[int, int], list[float]] = {}
         profiled: list[tuple[int, int]] = []
-        torch_profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                           torch.profiler.ProfilerActivity.CUDA])
+        torch_profile = torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        )
 
         def profiled_forward(plan, num_decode):  # only the mixed steps
             mixed = 0 < num_decode < len(plan)
@@ -155,8 +167,9 @@ def main() -> None:
         for (kind, _, prefill), rows in sorted(groups.items()):
             decode = round(statistics.mean(d for d, _ in rows))
             # the decoders' context: 128 prompt tokens and about half their output so far
-            priced = 1e3 * profile.step_s(engine.weight_bytes, decode, decode * (128 + 200) * kv, prefill,
-                                          1 if prefill else 0)
+            priced = 1e3 * profile.step_s(
+                engine.weight_bytes, decode, decode * (128 + 200) * kv, prefill, 1 if prefill else 0
+            )
             real = statistics.median(ms for _, ms in rows)
             print(f"{kind:6s} {decode:6d} {prefill:7d} {len(rows):5d} {real:8.2f} {priced:10.2f}")
     finally:

@@ -39,7 +39,9 @@ def masked_sdpa(query, keys, values, start, count, **gqa):
 def biased_sdpa(query, keys, values, start, count, **gqa):
     if start == 0:  # the engine's first chunk: plain causal
         return F.scaled_dot_product_attention(query, keys, values, is_causal=True, **gqa)
-    return F.scaled_dot_product_attention(query, keys, values, attn_mask=causal_lower_right(count, start + count), **gqa)
+    return F.scaled_dot_product_attention(
+        query, keys, values, attn_mask=causal_lower_right(count, start + count), **gqa
+    )
 
 
 def time_call(fn, repeats: int = 50) -> float:
@@ -82,14 +84,18 @@ def old_attend_span(q, k_buffer, v_buffer, span):
 
 
 async def engine_probe(device: str) -> None:
-    engine = build_engine(model_folder("llama-3.2-3b"), "auto", device, max_batch=1, prompt_tokens=3072,
-                          new_tokens=1)
+    engine = build_engine(model_folder("llama-3.2-3b"), "auto", device, max_batch=1, prompt_tokens=3072, new_tokens=1)
     prompts = {n: prompt_of_length(engine, n) for n in (1536, 3072)}
     new_attend = paged_attention._attend_span
     print("\n3B engine: time to first token of one prompt (ms, best of 3)")
     print(f"{'budget':>7} {'attention':>10} {'1536':>8} {'3072':>8}")
-    for budget, attend in ((512, old_attend_span), (512, new_attend), (1024, new_attend), (2048, new_attend),
-                           (4096, new_attend)):
+    for budget, attend in (
+        (512, old_attend_span),
+        (512, new_attend),
+        (1024, new_attend),
+        (2048, new_attend),
+        (4096, new_attend),
+    ):
         paged_attention._attend_span = attend
         engine._batcher.step_tokens = budget  # a probe: the engine is built with one budget
         row = []
@@ -100,6 +106,7 @@ async def engine_probe(device: str) -> None:
         print(f"{budget:>7} {label:>10} {1e3 * row[0]:>8.1f} {1e3 * row[1]:>8.1f}")
     paged_attention._attend_span = new_attend
     import logging
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
     engine_module = sys.modules["services.gpu_agent.engine.engine"]
     engine_module.STEP_LOG = True

@@ -54,8 +54,9 @@ def main() -> None:
         engine_module.STEP_LOG = True
         print("logged:", [f"{t:.1f}" for t in asyncio.run(rounds(engine, prompt, 3))], flush=True)
         engine_module.STEP_LOG = False
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        ) as prof:
             times = asyncio.run(rounds(engine, prompt, 5))
         print("profiled:", [f"{t:.1f}" for t in times], flush=True)
         print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=60))

@@ -1,5 +1,6 @@
 """Probe: can two processes pin (cudaHostRegister) the same shared-memory file's pages at once?
 Prints one line per case. python bench/probe/shared_register.py"""
+
 import multiprocessing as mp
 import os
 import tempfile
@@ -36,11 +37,14 @@ def case(nbytes: int, concurrent: bool, directory: str = "/dev/shm") -> str:
     hold.set()
     for p in procs:
         p.join()
-    return f"in {directory}: {nbytes} bytes ({'page multiple' if nbytes % 4096 == 0 else 'not a page multiple'}), {'both alive' if concurrent else 'one after the other'}: errors {errs}"
+    pages = "page multiple" if nbytes % 4096 == 0 else "not a page multiple"
+    together = "both alive" if concurrent else "one after the other"
+    return f"in {directory}: {nbytes} bytes ({pages}), {together}: errors {errs}"
 
 
 if __name__ == "__main__":
     import sys
+
     for directory in sys.argv[1:] or ["/dev/shm", tempfile.gettempdir()]:
         for n in (558592, 2 << 20):
             print(case(n, True, directory), flush=True)

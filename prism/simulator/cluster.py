@@ -115,13 +115,15 @@ class Ticket:
 class Device:
     """One GPU: its engines, memory coordinator state and admission queue."""
 
-    def __init__(self, agent_id: str, index: int, memory_bytes: int, demand_hold_s: float,
-                 reserve_bytes: int | None = None):
+    def __init__(
+        self, agent_id: str, index: int, memory_bytes: int, demand_hold_s: float, reserve_bytes: int | None = None
+    ):
         self.agent_id = agent_id
         self.index = index
         self.memory_bytes = memory_bytes
-        self.reserve_bytes = min(int(memory_bytes * RESERVE_FRACTION), RESERVE_MAX) if reserve_bytes is None \
-            else reserve_bytes
+        self.reserve_bytes = (
+            min(int(memory_bytes * RESERVE_FRACTION), RESERVE_MAX) if reserve_bytes is None else reserve_bytes
+        )
         self.engines: list[SimEngine] = []
         self.waiting: list[Ticket] = []
         self.reserved: dict[str, int] = {}  # model -> tokens admitted but not yet counted by its engine
@@ -151,19 +153,31 @@ def kv_floor_bytes(engine: SimEngine) -> int:
 
 
 class Agent:
-    def __init__(self, agent_id: str, num_gpus: int, memory_bytes: int, demand_hold_s: float,
-                 reserve_bytes: int | None = None):
+    def __init__(
+        self, agent_id: str, num_gpus: int, memory_bytes: int, demand_hold_s: float, reserve_bytes: int | None = None
+    ):
         self.agent_id = agent_id
         self.devices = {i: Device(agent_id, i, memory_bytes, demand_hold_s, reserve_bytes) for i in range(num_gpus)}
         self.engines: dict[str, SimEngine] = {}
 
 
 class SimCluster:
-    def __init__(self, clock: Clock, profile: LatencyProfile, models: dict[str, SimModel], num_gpus: int,
-                 gpus_per_agent: int, gpu_memory_bytes: int, memory_policy: str = "balloon",
-                 starvation_s: float = DEFAULT_STARVATION_S, drain_timeout_s: float = DRAIN_TIMEOUT_S,
-                 device_parallelism: float | None = None, stats_lead_s: float = 0.0, split_step_factor: float = 1.0,
-                 reserve_bytes: int | None = None):
+    def __init__(
+        self,
+        clock: Clock,
+        profile: LatencyProfile,
+        models: dict[str, SimModel],
+        num_gpus: int,
+        gpus_per_agent: int,
+        gpu_memory_bytes: int,
+        memory_policy: str = "balloon",
+        starvation_s: float = DEFAULT_STARVATION_S,
+        drain_timeout_s: float = DRAIN_TIMEOUT_S,
+        device_parallelism: float | None = None,
+        stats_lead_s: float = 0.0,
+        split_step_factor: float = 1.0,
+        reserve_bytes: int | None = None,
+    ):
         """device_parallelism: how many engines' steps one device runs at once, in alone-step
         equivalents, for every engine (default: the profile's for each engine's size,
         LatencyProfile.parallelism_at; 1 is fully serialized): with n engines busy on a device, each
@@ -199,16 +213,34 @@ class SimCluster:
         while left > 0:
             n += 1
             agent_id = f"agent-{n}"
-            self.agents[agent_id] = Agent(agent_id, min(gpus_per_agent, left), gpu_memory_bytes,
-                                          self.memory_params.demand_hold_s, reserve_bytes)
+            self.agents[agent_id] = Agent(
+                agent_id, min(gpus_per_agent, left), gpu_memory_bytes, self.memory_params.demand_hold_s, reserve_bytes
+            )
             left -= gpus_per_agent
         self.placement: Placement = {}  # the scheduler's latest target, what the gateway routes by
         self.gateway_waiting: dict[str, list[SimRequest]] = {}
         self.turns: dict[str, int] = {}
         self.on_cold_start: Callable[[], None] = lambda: None  # the scheduler re-plans at once
         self.on_done: Callable[[SimRequest], None] = lambda r: None
-        self.stats = {"loads": 0, "unloads": 0, "activations": 0, "deactivations": 0, "deactivations_refused": 0,
-                      "drains": 0, "drain_timeouts": 0, "drains_cancelled": 0, "drain_rerouted": 0, "activation_out_of_memory": 0, "switched_off_for_room": 0, "switched_off_for_kv": 0, "preemptions": 0, "memory_plans": 0, "grants": 0, "steps": 0, "graph_captures": 0}
+        self.stats = {
+            "loads": 0,
+            "unloads": 0,
+            "activations": 0,
+            "deactivations": 0,
+            "deactivations_refused": 0,
+            "drains": 0,
+            "drain_timeouts": 0,
+            "drains_cancelled": 0,
+            "drain_rerouted": 0,
+            "activation_out_of_memory": 0,
+            "switched_off_for_room": 0,
+            "switched_off_for_kv": 0,
+            "preemptions": 0,
+            "memory_plans": 0,
+            "grants": 0,
+            "steps": 0,
+            "graph_captures": 0,
+        }
 
     @property
     def now(self) -> float:
@@ -290,8 +322,11 @@ class SimCluster:
         waiting = self.gateway_waiting.get(request.model, [])
         if request in waiting:
             waiting.remove(request)
-            self._fail(request, f"UNAVAILABLE: model {request.model!r} did not become available within "
-                                f"{self.models[request.model].ttft_s + COLD_START_TIMEOUT_S:.0f}s")
+            self._fail(
+                request,
+                f"UNAVAILABLE: model {request.model!r} did not become available within "
+                f"{self.models[request.model].ttft_s + COLD_START_TIMEOUT_S:.0f}s",
+            )
 
     def _published(self, model: str) -> None:
         """An engine of `model` became servable (or the placement changed): waiting requests go."""
@@ -317,8 +352,9 @@ class SimCluster:
             engine.pending.append(request)
             self.activate(engine)
 
-    def load(self, agent_id: str, model: str, gpu_ids: tuple[int, ...], activate: bool, cap_bytes: int,
-             instant: bool = False) -> None:
+    def load(
+        self, agent_id: str, model: str, gpu_ids: tuple[int, ...], activate: bool, cap_bytes: int, instant: bool = False
+    ) -> None:
         agent = self.agents[agent_id]
         if model in agent.engines and agent.engines[model].state != "failed":
             engine = agent.engines[model]
@@ -332,10 +368,18 @@ class SimCluster:
         device = agent.devices[gpu_ids[0]]
         capacity = device.memory_bytes // spec.kv_bytes_per_token  # kvcached's virtual reservation: the whole GPU
         split = len(gpu_ids) > 1
-        engine = SimEngine(spec, agent_id, tuple(gpu_ids), capacity, self.now, cap_bytes, clock=lambda: self.now,
-                           step_tokens=self.profile.step_tokens,
-                           stats_started_at=self.now - self.stats_lead_s if self.now <= 0 else None,
-                           step_factor=self.split_step_factor if split else 1.0)
+        engine = SimEngine(
+            spec,
+            agent_id,
+            tuple(gpu_ids),
+            capacity,
+            self.now,
+            cap_bytes,
+            clock=lambda: self.now,
+            step_tokens=self.profile.step_tokens,
+            stats_started_at=self.now - self.stats_lead_s if self.now <= 0 else None,
+            step_factor=self.split_step_factor if split else 1.0,
+        )
         agent.engines[model] = engine
         for d in self.devices_of(engine):
             d.engines.append(engine)
@@ -357,8 +401,9 @@ class SimCluster:
 
     def _has_requests(self, engine: SimEngine) -> bool:
         """What a drain waits for: requests in the engine, waiting for its activation or in admission."""
-        return bool(engine.requests or engine.pending) or any(t.engine is engine
-                                                              for t in self.device_of(engine).waiting)
+        return bool(engine.requests or engine.pending) or any(
+            t.engine is engine for t in self.device_of(engine).waiting
+        )
 
     def unload(self, agent_id: str, model: str, drain: bool = True) -> None:
         """As the agent's UnloadModel: drains (at once when nothing is in flight); drain=False (force):
@@ -436,14 +481,23 @@ class SimCluster:
         """As the agent's: what the engine's requests hold and need soon, and its next arrivals' KV."""
         serving = e.stats.snapshot()
         arriving = arriving_tokens(serving.recent_arrival_rate, serving.mean_prompt_tokens, serving.mean_output_tokens)
-        return kv_kept_bytes(kv_floor_bytes(e), e.holding_bytes, e.demand_tokens() * e.model.kv_bytes_per_token,
-                             arriving * e.model.kv_bytes_per_token)
+        return kv_kept_bytes(
+            kv_floor_bytes(e),
+            e.holding_bytes,
+            e.demand_tokens() * e.model.kv_bytes_per_token,
+            arriving * e.model.kv_bytes_per_token,
+        )
 
     def _resident(self, e: SimEngine, extra_bytes: int = 0) -> ResidentEngine:
         """An engine holding memory as make_room.py sees it (the agent's MemoryCoordinator._resident)."""
-        return ResidentEngine(model=e.name, weight_bytes=taken_bytes(e) + extra_bytes, idle_s=self.now - e.last_arrival,
-                              serving=e.state == "activating" or bool(e.requests or e.pending)
-                              or any(t.engine is e for t in self.device_of(e).waiting))
+        return ResidentEngine(
+            model=e.name,
+            weight_bytes=taken_bytes(e) + extra_bytes,
+            idle_s=self.now - e.last_arrival,
+            serving=e.state == "activating"
+            or bool(e.requests or e.pending)
+            or any(t.engine is e for t in self.device_of(e).waiting),
+        )
 
     def activate(self, engine: SimEngine, instant: bool = False) -> None:
         if engine.state != "inactive":
@@ -459,8 +513,11 @@ class SimCluster:
             # Its weights do not fit beside the engines on a GPU: the agent refuses it at once.
             self.stats["activation_out_of_memory"] += 1
             for request in engine.pending:
-                self._fail(request, f"RESOURCE_EXHAUSTED: activating {engine.name!r} failed: its weights do not "
-                                    f"fit on GPU {engine.gpu} of {engine.agent_id} beside the active engines")
+                self._fail(
+                    request,
+                    f"RESOURCE_EXHAUSTED: activating {engine.name!r} failed: its weights do not "
+                    f"fit on GPU {engine.gpu} of {engine.agent_id} beside the active engines",
+                )
             engine.pending.clear()
             return
         agent = self.agents[engine.agent_id]
@@ -544,15 +601,24 @@ class SimCluster:
         budget, unit = self._budget_and_unit(device, holding)
         pending = dict(device.reserved)  # _pending_tokens of every engine, in one pass over the queue
         for ticket in device.waiting:
-            pending[ticket.engine.model.config.model_name] = (pending.get(ticket.engine.model.config.model_name, 0)
-                                                              + ticket.tokens)
+            pending[ticket.engine.model.config.model_name] = (
+                pending.get(ticket.engine.model.config.model_name, 0) + ticket.tokens
+            )
         engines = []
         for e in planned(holding):
             demand = (e.demand_tokens() + pending.get(e.name, 0)) * e.model.kv_bytes_per_token
-            engines.append(EngineMemoryDemand(
-                model=e.name, priority=e.model.priority, used_bytes=e.holding_bytes, demand_bytes=demand,
-                limit_bytes=e.limit_bytes, cap_bytes=e.cap_bytes, unit_bytes=e.model.bundle_bytes,
-                recent_demand_bytes=device.recent_demand.observe(e.name, self.now, demand)))
+            engines.append(
+                EngineMemoryDemand(
+                    model=e.name,
+                    priority=e.model.priority,
+                    used_bytes=e.holding_bytes,
+                    demand_bytes=demand,
+                    limit_bytes=e.limit_bytes,
+                    cap_bytes=e.cap_bytes,
+                    unit_bytes=e.model.bundle_bytes,
+                    recent_demand_bytes=device.recent_demand.observe(e.name, self.now, demand),
+                )
+            )
         device.recent_demand.forget_all_but({e.name for e in planned(holding)})
         return DeviceMemorySnapshot(budget_bytes=budget, unit_bytes=unit, engines=tuple(engines))
 
@@ -564,10 +630,22 @@ class SimCluster:
         (224 of 305 s) re-counting the queue."""
         holding = device.holding_memory()
         budget, unit = self._budget_and_unit(device, holding)
-        return DeviceMemorySnapshot(budget_bytes=budget, unit_bytes=unit, engines=tuple(EngineMemoryDemand(
-            model=e.name, priority=e.model.priority, used_bytes=e.holding_bytes, demand_bytes=0,
-            limit_bytes=e.limit_bytes, cap_bytes=e.cap_bytes, unit_bytes=e.model.bundle_bytes)
-            for e in planned(holding)))
+        return DeviceMemorySnapshot(
+            budget_bytes=budget,
+            unit_bytes=unit,
+            engines=tuple(
+                EngineMemoryDemand(
+                    model=e.name,
+                    priority=e.model.priority,
+                    used_bytes=e.holding_bytes,
+                    demand_bytes=0,
+                    limit_bytes=e.limit_bytes,
+                    cap_bytes=e.cap_bytes,
+                    unit_bytes=e.model.bundle_bytes,
+                )
+                for e in planned(holding)
+            ),
+        )
 
     def rebalance(self, device: Device) -> None:
         """One plan of the device's KV limits, then admission and compute look again."""
@@ -608,13 +686,19 @@ class SimCluster:
     # ---- admission ---------------------------------------------------------------
 
     def _free(self, device: Device, engine: SimEngine) -> int:
-        return free_tokens(engine.limit_bytes, engine.model.kv_bytes_per_token, engine.demand_tokens(),
-                           engine.used_bytes, device.reserved.get(engine.name, 0))
+        return free_tokens(
+            engine.limit_bytes,
+            engine.model.kv_bytes_per_token,
+            engine.demand_tokens(),
+            engine.used_bytes,
+            device.reserved.get(engine.name, 0),
+        )
 
     def _admit(self, engine: SimEngine, request: SimRequest) -> None:
         device = self.device_of(engine)
-        ticket = Ticket(request, engine, request.prompt_tokens + DEMAND_GROWTH_TOKENS, self.now,
-                        self.now + engine.model.ttft_s)
+        ticket = Ticket(
+            request, engine, request.prompt_tokens + DEMAND_GROWTH_TOKENS, self.now, self.now + engine.model.ttft_s
+        )
         if not device.waiting and ticket.tokens <= self._free(device, engine):
             self._start(device, ticket)
             self._kick(device)
@@ -628,20 +712,26 @@ class SimCluster:
         now = self.now
         blocked: set[str] = set()
         limits = None  # the limits snapshot for grants, taken again only after a grant changed a limit
-        for ticket in sorted(device.waiting, key=lambda t: admission_key(t.arrival, t.deadline, now, self.starvation_s)):
+        for ticket in sorted(
+            device.waiting, key=lambda t: admission_key(t.arrival, t.deadline, now, self.starvation_s)
+        ):
             engine = ticket.engine
             if engine.name in blocked:
                 continue
             if engine.model.config.shed_load and now > ticket.deadline:
                 device.waiting.remove(ticket)
-                self._fail(ticket.request, f"RESOURCE_EXHAUSTED: model {engine.name!r} is overloaded: the request "
-                                           f"waited {now - ticket.arrival:.2f}s for memory")
+                self._fail(
+                    ticket.request,
+                    f"RESOURCE_EXHAUSTED: model {engine.name!r} is overloaded: the request "
+                    f"waited {now - ticket.arrival:.2f}s for memory",
+                )
                 continue
             free = self._free(device, engine)
             if ticket.tokens > free:
                 limits = limits or self.limits_snapshot(device)
-                new_limit = grant(limits, engine.name,
-                                  shortfall_bytes(ticket.tokens, free, engine.model.kv_bytes_per_token))
+                new_limit = grant(
+                    limits, engine.name, shortfall_bytes(ticket.tokens, free, engine.model.kv_bytes_per_token)
+                )
                 if new_limit is None:
                     blocked.add(engine.name)
                     continue
@@ -659,8 +749,11 @@ class SimCluster:
         device.reserved[ticket.engine.name] = device.reserved.get(ticket.engine.name, 0) + ticket.tokens
         ticket.request.ticket = ticket
         if not ticket.engine.submit(ticket.request):
-            self._fail(ticket.request, f"RESOURCE_EXHAUSTED: the prompt of {ticket.request.prompt_tokens} tokens is "
-                                       f"over {ticket.engine.name!r}'s KV limit")
+            self._fail(
+                ticket.request,
+                f"RESOURCE_EXHAUSTED: the prompt of {ticket.request.prompt_tokens} tokens is "
+                f"over {ticket.engine.name!r}'s KV limit",
+            )
 
     def _unreserve(self, ticket: Ticket) -> None:
         if not ticket.reserved:
@@ -692,8 +785,11 @@ class SimCluster:
         stepping = sum(1 for e in device.engines if e.stepping)
         for engine, step in started:
             # A split engine steps on all its GPUs: priced by the busiest.
-            busy = max(sum(1 for e in d.engines if e.stepping) for d in self.devices_of(engine)) if engine.split \
+            busy = (
+                max(sum(1 for e in d.engines if e.stepping) for d in self.devices_of(engine))
+                if engine.split
                 else stepping
+            )
             duration = step.duration_s * max(1.0, busy / self._parallelism(engine))
             self.clock.at(self.now + duration, functools.partial(self._step_done, device, engine, step))
 
@@ -709,8 +805,12 @@ class SimCluster:
         for i in range(n):
             position = (device.turn + i) % n
             engine = device.engines[position]
-            if engine.state != "active" or engine.stepping or engine.gpu != device.index \
-                    or not engine.batcher.has_work():
+            if (
+                engine.state != "active"
+                or engine.stepping
+                or engine.gpu != device.index
+                or not engine.batcher.has_work()
+            ):
                 continue  # (a split engine's steps start from its first GPU)
             step = engine.start_step(self.profile)
             if step is None:

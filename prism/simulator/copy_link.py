@@ -66,8 +66,9 @@ class CopyLink:
             return
         number = self._next
         least = min(c.remaining_bytes for c in self.copies)
-        self.clock.at(self.clock.now + max(0.0, least) * len(self.copies) / self.bytes_per_s,
-                      lambda: self._ended(number))
+        self.clock.at(
+            self.clock.now + max(0.0, least) * len(self.copies) / self.bytes_per_s, lambda: self._ended(number)
+        )
 
     def _ended(self, number: int) -> None:
         if number != self._next:  # a copy started since: its event replaced this one

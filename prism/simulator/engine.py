@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING
 
 from prism.simulator.models import SimModel
 from prism.simulator.profile import LatencyProfile
+from services.common.step_costs import DEFAULT_STEP_TOKENS
+from services.gpu_agent.engine.batch_scheduler import BatchScheduler, ScheduleResult
 from services.gpu_agent.engine.graph_shapes import graph_shape
 from services.gpu_agent.engine.kv_pool import KVPool, MemoryLimitState
 from services.gpu_agent.engine.request import DEMAND_GROWTH_TOKENS
-from services.common.step_costs import DEFAULT_STEP_TOKENS
-from services.gpu_agent.engine.batch_scheduler import BatchScheduler, ScheduleResult
+from services.gpu_agent.engine.sampling import SamplingParams
 from services.gpu_agent.engine.sequence import Sequence
 from services.gpu_agent.request_stats import ModelRequestStats
 from services.gpu_agent.slo import ModelSlo
@@ -111,8 +112,9 @@ class CountingPool(KVPool):
     def limit_state(self) -> MemoryLimitState:
         mapped = len(self._free_in_page) * self._bundle
         effective = self._effective()
-        return MemoryLimitState("deferred" if mapped > effective else "applied", self._limit, effective, mapped,
-                                self._revision)
+        return MemoryLimitState(
+            "deferred" if mapped > effective else "applied", self._limit, effective, mapped, self._revision
+        )
 
     @property
     def limit_bytes(self) -> int:
@@ -171,17 +173,30 @@ class SimEngine:
     the real one is until its weights are on the GPU); `draining` on top of
     active or inactive is reported as draining."""
 
-    def __init__(self, model: SimModel, agent_id: str, gpus: tuple[int, ...], capacity_tokens: int, created_at: float,
-                 cap_bytes: int = 0, clock: Callable[[], float] | None = None, step_tokens: int = DEFAULT_STEP_TOKENS,
-                 stats_started_at: float | None = None, step_factor: float = 1.0):
+    def __init__(
+        self,
+        model: SimModel,
+        agent_id: str,
+        gpus: tuple[int, ...],
+        capacity_tokens: int,
+        created_at: float,
+        cap_bytes: int = 0,
+        clock: Callable[[], float] | None = None,
+        step_tokens: int = DEFAULT_STEP_TOKENS,
+        stats_started_at: float | None = None,
+        step_factor: float = 1.0,
+    ):
         """step_factor: its steps take this many times the profile's time for its shard's size (a split
         model's; 1 for one on a single GPU)."""
         self.model = model
         self.name = model.name  # read tens of millions of times in an overloaded run: an attribute, not a property
         # The agent's request stats for this engine (arrival rate, busy fraction, tokens per request), on
         # simulated time.
-        self.stats = ModelRequestStats(ModelSlo(ttft_ms=model.ttft_s * 1000, tpot_ms=model.tpot_s * 1000),
-                                       clock=clock or (lambda: created_at), started_at=stats_started_at)
+        self.stats = ModelRequestStats(
+            ModelSlo(ttft_ms=model.ttft_s * 1000, tpot_ms=model.tpot_s * 1000),
+            clock=clock or (lambda: created_at),
+            started_at=stats_started_at,
+        )
         self.agent_id = agent_id
         self.gpus = gpus
         self.gpu = gpus[0]
@@ -234,11 +249,19 @@ class SimEngine:
         now (the real engine's CapacityError at submission)."""
         if not self.batcher.fits_alone(request.prompt_tokens):
             return False
-        # No sampling and no detokenizer: the batch scheduler reads only a sequence's lengths, and nothing here
-        # samples or detokenizes. Sequence types them as always given (services/gpu_agent/engine/sequence.py).
-        seq = Sequence(request_id=str(request.index), prompt_ids=[0] * request.prompt_tokens,
-                       max_tokens=request.output_tokens, stop=[], ignore_eos=True, generator=None, deliver=_ignore,
-                       sampling=None, detokenizer=None)  # type: ignore[arg-type]
+        # No detokenizer: the batch scheduler reads only a sequence's lengths, and nothing here samples or
+        # detokenizes. Sequence types it as always given (services/gpu_agent/engine/sequence.py).
+        seq = Sequence(
+            request_id=str(request.index),
+            prompt_ids=[0] * request.prompt_tokens,
+            max_tokens=request.output_tokens,
+            stop=[],
+            ignore_eos=True,
+            generator=None,
+            deliver=_ignore,
+            sampling=SamplingParams(),
+            detokenizer=None,  # type: ignore[arg-type]
+        )
         request.seq = seq
         self.requests[seq] = request
         self.batcher.add(seq)
@@ -254,8 +277,9 @@ class SimEngine:
         decode = result.num_decode
         context = sum(item.start for item in result.batch[:decode]) * self.model.kv_bytes_per_token
         prefill = sum(item.count for item in result.batch[decode:])
-        duration = self.step_factor * profile.step_s(self.model.shard_weight_bytes, decode, context, prefill,
-                                                     len(result.batch) - decode)
+        duration = self.step_factor * profile.step_s(
+            self.model.shard_weight_bytes, decode, context, prefill, len(result.batch) - decode
+        )
         captured = self._captures_graph(profile, result)
         self.stepping = True
         return Step(result, duration + (profile.graph_capture_s if captured else 0.0), too_big, captured)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from services.common.model_size import estimate_weight_bytes
 from services.common.placement_config import ModelConfig
-from services.gpu_agent.engine.kv_pool_factory import default_kv_limit_bytes
 from services.gpu_agent.engine.kv_pool import DEFAULT_PAGE_BYTES
+from services.gpu_agent.engine.kv_pool_factory import default_kv_limit_bytes
 from services.gpu_agent.slo import DEFAULT_TPOT_MS, DEFAULT_TTFT_MS
 
 DEFAULT_MAX_CONTEXT = 8192
@@ -72,15 +72,22 @@ def sim_model(config: ModelConfig) -> SimModel:
         kv_heads = int(cfg.get("num_key_value_heads", heads))
         layers = int(cfg["num_hidden_layers"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{config.model_name}: cannot read {config.model_path}/config.json ({exc}); the simulator "
-                         "needs each model's config.json (e.g. bench/configs/llama-3.2-1b)") from None
+        raise ValueError(
+            f"{config.model_name}: cannot read {config.model_path}/config.json ({exc}); the simulator "
+            "needs each model's config.json (e.g. bench/configs/llama-3.2-1b)"
+        ) from None
     element = {"float32": 4}.get(config.dtype if config.dtype != "auto" else str(cfg.get("torch_dtype")), 2)
     if kv_heads % config.tp_size:
-        raise ValueError(f"{config.model_name}: tp_size {config.tp_size} does not divide its {kv_heads} "
-                         "key/value heads")
+        raise ValueError(
+            f"{config.model_name}: tp_size {config.tp_size} does not divide its {kv_heads} key/value heads"
+        )
     slot_bytes = kv_heads // config.tp_size * head_dim * element  # one token in one layer's K or V buffer, one GPU's
     return SimModel(
-        config=config, weight_bytes=estimate_weight_bytes(config.model_path, config.dtype),
-        kv_bytes_per_token=2 * layers * slot_bytes, tokens_per_page=max(1, DEFAULT_PAGE_BYTES // slot_bytes),
+        config=config,
+        weight_bytes=estimate_weight_bytes(config.model_path, config.dtype),
+        kv_bytes_per_token=2 * layers * slot_bytes,
+        tokens_per_page=max(1, DEFAULT_PAGE_BYTES // slot_bytes),
         max_context=min(int(cfg.get("max_position_embeddings", DEFAULT_MAX_CONTEXT)), DEFAULT_MAX_CONTEXT),
-        ttft_s=(config.ttft_slo_ms or DEFAULT_TTFT_MS) / 1000, tpot_s=(config.tpot_slo_ms or DEFAULT_TPOT_MS) / 1000)
+        ttft_s=(config.ttft_slo_ms or DEFAULT_TTFT_MS) / 1000,
+        tpot_s=(config.tpot_slo_ms or DEFAULT_TPOT_MS) / 1000,
+    )

@@ -82,18 +82,25 @@ class LatencyProfile:
     def _at(self, weight_bytes: int, name: str) -> float:
         return by_weight(self.points, weight_bytes, name)
 
-    def step_s(self, weight_bytes: int, decode_seqs: int, context_kv_bytes: int, prefill_tokens: int,
-               prefill_seqs: int = 1) -> float:
+    def step_s(
+        self, weight_bytes: int, decode_seqs: int, context_kv_bytes: int, prefill_tokens: int, prefill_seqs: int = 1
+    ) -> float:
         """One engine step over `decode_seqs` decoding sequences (reading
         `context_kv_bytes` of KV) and `prefill_tokens` prompt tokens of
         `prefill_seqs` prompts."""
         if decode_seqs == 0 and prefill_tokens == 0:
             return 0.0
-        t = (self._at(weight_bytes, "decode_base_s") + self._at(weight_bytes, "decode_per_seq_s") * decode_seqs
-             + context_kv_bytes / self.attention_bytes_per_s)
+        t = (
+            self._at(weight_bytes, "decode_base_s")
+            + self._at(weight_bytes, "decode_per_seq_s") * decode_seqs
+            + context_kv_bytes / self.attention_bytes_per_s
+        )
         if prefill_tokens:
-            t += (self._at(weight_bytes, "prefill_base_s") + self._at(weight_bytes, "prefill_per_seq_s") * prefill_seqs
-                  + self._at(weight_bytes, "prefill_per_token_s") * prefill_tokens)
+            t += (
+                self._at(weight_bytes, "prefill_base_s")
+                + self._at(weight_bytes, "prefill_per_seq_s") * prefill_seqs
+                + self._at(weight_bytes, "prefill_per_token_s") * prefill_tokens
+            )
         return t
 
     def parallelism_at(self, weight_bytes: int) -> float:
@@ -107,9 +114,20 @@ class LatencyProfile:
 
     def compute_costs(self) -> ComputeCosts:
         """The step costs as the placement policy prices compute (PolicyParams.compute)."""
-        return ComputeCosts(points=tuple(StepCost(p.weight_bytes, p.decode_base_s, p.decode_per_seq_s, p.prefill_base_s,
-                                                  p.prefill_per_token_s, p.prefill_per_seq_s) for p in self.points),
-                            attention_bytes_per_s=self.attention_bytes_per_s)
+        return ComputeCosts(
+            points=tuple(
+                StepCost(
+                    p.weight_bytes,
+                    p.decode_base_s,
+                    p.decode_per_seq_s,
+                    p.prefill_base_s,
+                    p.prefill_per_token_s,
+                    p.prefill_per_seq_s,
+                )
+                for p in self.points
+            ),
+            attention_bytes_per_s=self.attention_bytes_per_s,
+        )
 
     def prefill_s(self, weight_bytes: int, tokens: int) -> float:
         """A step that only prefills one prompt of `tokens` tokens."""
@@ -134,12 +152,19 @@ class LatencyProfile:
     @classmethod
     def from_json(cls, data: dict) -> LatencyProfile:
         points = tuple(sorted((SizePoint(**p) for p in data["points"]), key=lambda p: p.weight_bytes))
-        return cls(device=data["device"], points=points, attention_bytes_per_s=data["attention_bytes_per_s"],
-                   copy_bytes_per_s=data["copy_bytes_per_s"], activation_overhead_s=data["activation_overhead_s"],
-                   deactivation_s=data["deactivation_s"], load_base_s=data["load_base_s"],
-                   load_bytes_per_s=data["load_bytes_per_s"],
-                   device_parallelism=data.get("device_parallelism", 1.0),
-                   graph_capture_s=data.get("graph_capture_s", 0.0), metadata=data.get("metadata", {}))
+        return cls(
+            device=data["device"],
+            points=points,
+            attention_bytes_per_s=data["attention_bytes_per_s"],
+            copy_bytes_per_s=data["copy_bytes_per_s"],
+            activation_overhead_s=data["activation_overhead_s"],
+            deactivation_s=data["deactivation_s"],
+            load_base_s=data["load_base_s"],
+            load_bytes_per_s=data["load_bytes_per_s"],
+            device_parallelism=data.get("device_parallelism", 1.0),
+            graph_capture_s=data.get("graph_capture_s", 0.0),
+            metadata=data.get("metadata", {}),
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyProfile:
@@ -173,8 +198,10 @@ def fit_prefill(rows: list[dict]) -> tuple[float, float, float]:
     if len({r["prompt_tokens"] for r in singles}) < 2 or not batches:
         raise ValueError("fit_prefill needs single prompts of two lengths or more and one batch of several")
     one_prompt, per_token = _line([r["prompt_tokens"] for r in singles], [r["first_token_ms"] / 1e3 for r in singles])
-    extra = [(r["batch"] - 1, r["first_token_ms"] / 1e3 - one_prompt - per_token * r["batch"] * r["prompt_tokens"])
-             for r in batches]
+    extra = [
+        (r["batch"] - 1, r["first_token_ms"] / 1e3 - one_prompt - per_token * r["batch"] * r["prompt_tokens"])
+        for r in batches
+    ]
     per_seq = sum(x * y for x, y in extra) / sum(x * x for x, _ in extra)
     return one_prompt - per_seq, per_seq, per_token
 
@@ -214,15 +241,24 @@ def with_live_prefill(point: SizePoint, sizes: list[dict], values: dict[str, dic
     """The point with the prefill costs a live cluster fitted for its size (bench/step_costs.py's `sizes`,
     the one within SAME_SIZE of its weight bytes, as the scheduler matches measured sizes to a profile's),
     recorded in `values`; as it was where none was measured."""
-    live = next((r for r in sizes if abs(r["weight_gb"] * 1e9 - point.weight_bytes) <= SAME_SIZE * point.weight_bytes),
-                None)
+    live = next(
+        (r for r in sizes if abs(r["weight_gb"] * 1e9 - point.weight_bytes) <= SAME_SIZE * point.weight_bytes), None
+    )
     if live is None:
         return point
     for name in LIVE_FIELDS:
-        values[f"{point.model}.{name}"] = {"how": "fitted", "live": f"{live['steps']:.0f} alone steps",
-                                           **({"note": "0: the live fit keeps each cost at 0 or more "
-                                                       "(services/common/step_costs.py), so it may be clamped"}
-                                              if live[name] == 0.0 else {})}
+        values[f"{point.model}.{name}"] = {
+            "how": "fitted",
+            "live": f"{live['steps']:.0f} alone steps",
+            **(
+                {
+                    "note": "0: the live fit keeps each cost at 0 or more "
+                    "(services/common/step_costs.py), so it may be clamped"
+                }
+                if live[name] == 0.0
+                else {}
+            ),
+        }
     return replace(point, **{name: live[name] for name in LIVE_FIELDS})
 
 
@@ -234,12 +270,19 @@ def kv_bytes_per_token(config: dict) -> int:
     return int(config["num_hidden_layers"]) * 2 * int(config.get("num_key_value_heads", heads)) * head_dim * element
 
 
-def fit_profile(results_dir: str | Path, configs_dir: str | Path, *,
-                decode_file: str = "decode_throughput-h200-fused.json",
-                attention_file: str = "decode_attention-h200.json",
-                activation_file: str = "activation-h200.json", colocated_file: str | None = None,
-                prefill_file: str | None = None, step_log_file: str | None = None,
-                step_costs_file: str | None = None, parallelism_by_size: bool = False) -> LatencyProfile:
+def fit_profile(
+    results_dir: str | Path,
+    configs_dir: str | Path,
+    *,
+    decode_file: str = "decode_throughput-h200-fused.json",
+    attention_file: str = "decode_attention-h200.json",
+    activation_file: str = "activation-h200.json",
+    colocated_file: str | None = None,
+    prefill_file: str | None = None,
+    step_log_file: str | None = None,
+    step_costs_file: str | None = None,
+    parallelism_by_size: bool = False,
+) -> LatencyProfile:
     """Fits the profile from three benchmark results:
     - decode_file (bench/decode_throughput.py): per model, the decode step
       time at two batch sizes and the one-step prefill of the whole batch's
@@ -328,12 +371,23 @@ def fit_profile(results_dir: str | Path, configs_dir: str | Path, *,
             if not prefill_rows:
                 raise ValueError(f"{prefill_file} has no rows of {model}, which {decode_file} has")
             intercept, per_prompt, per_token = fit_prefill(prefill_rows)
-        point = SizePoint(model=model, weight_bytes=round(small["weight_gb"] * 1e9), decode_base_s=base,
-                          decode_per_seq_s=max(0.0, per_seq), prefill_base_s=max(0.0, intercept - base),
-                          prefill_per_token_s=max(0.0, per_token), prefill_per_seq_s=max(0.0, per_prompt))
+        point = SizePoint(
+            model=model,
+            weight_bytes=round(small["weight_gb"] * 1e9),
+            decode_base_s=base,
+            decode_per_seq_s=max(0.0, per_seq),
+            prefill_base_s=max(0.0, intercept - base),
+            prefill_per_token_s=max(0.0, per_token),
+            prefill_per_seq_s=max(0.0, per_prompt),
+        )
         points.append(point)
-        fitted = {"decode_base_s": base, "decode_per_seq_s": per_seq, "prefill_base_s": intercept - base,
-                  "prefill_per_token_s": per_token, "prefill_per_seq_s": per_prompt}
+        fitted = {
+            "decode_base_s": base,
+            "decode_per_seq_s": per_seq,
+            "prefill_base_s": intercept - base,
+            "prefill_per_token_s": per_token,
+            "prefill_per_seq_s": per_prompt,
+        }
         for name, raw in fitted.items():
             assumed = name == "prefill_per_seq_s" and prefill is None
             values[f"{model}.{name}"] = provenance(raw, getattr(point, name), "assumed" if assumed else "fitted")
@@ -349,75 +403,136 @@ def fit_profile(results_dir: str | Path, configs_dir: str | Path, *,
     act_overhead, act_slope = _line(weights, [r["activate_s"] for r in rows])
     load_base, load_slope = _line(weights, [r["load_s"] for r in rows])
     deactivation_s = sum(r["deactivate_s"] for r in rows) / len(rows)
-    values.update({
-        "copy_bytes_per_s": provenance(1 / act_slope, 1 / act_slope, "fitted"),
-        "activation_overhead_s": provenance(act_overhead, max(0.0, act_overhead), "fitted"),
-        "deactivation_s": provenance(deactivation_s, deactivation_s, "measured"),
-        "load_base_s": provenance(load_base, max(0.0, load_base), "fitted"),
-        "load_bytes_per_s": (provenance(1 / load_slope, 1 / load_slope, "fitted") if load_slope > 0 else
-                             {"how": "assumed", "why": "the load times do not grow with weight bytes: infinite"}),
-        "device_parallelism": (provenance(measured_parallelism, parallelism, "measured") if colocated_file else
-                               {"how": "assumed", "why": "no colocated steps measured: steps one at a time"}),
-        "graph_capture_s": (provenance(graph_capture_s, graph_capture_s, "measured") if captures else
-                            {"how": "assumed", "why": "no captures measured: 0"}),
-    })
+    values.update(
+        {
+            "copy_bytes_per_s": provenance(1 / act_slope, 1 / act_slope, "fitted"),
+            "activation_overhead_s": provenance(act_overhead, max(0.0, act_overhead), "fitted"),
+            "deactivation_s": provenance(deactivation_s, deactivation_s, "measured"),
+            "load_base_s": provenance(load_base, max(0.0, load_base), "fitted"),
+            "load_bytes_per_s": (
+                provenance(1 / load_slope, 1 / load_slope, "fitted")
+                if load_slope > 0
+                else {"how": "assumed", "why": "the load times do not grow with weight bytes: infinite"}
+            ),
+            "device_parallelism": (
+                provenance(measured_parallelism, parallelism, "measured")
+                if colocated_file
+                else {"how": "assumed", "why": "no colocated steps measured: steps one at a time"}
+            ),
+            "graph_capture_s": (
+                provenance(graph_capture_s, graph_capture_s, "measured")
+                if captures
+                else {"how": "assumed", "why": "no captures measured: 0"}
+            ),
+        }
+    )
     device = decode["environment"]["device"]
     metadata = {
         "device": device,
         "activation_device": activation["environment"]["device"],
-        "sources": {"decode": f"bench/results/{decode_file}", "attention": f"bench/results/{attention_file}",
-                    "activation": f"bench/results/{activation_file}",
-                    **({"colocated": f"bench/results/{colocated_file}"} if colocated_file else {}),
-                    **({"prefill": f"bench/results/{prefill_file}"} if prefill_file else {}),
-                    **({"step_log": f"bench/results/{step_log_file}"} if step_log_file else {}),
-                    **({"step_costs": f"bench/results/{step_costs_file}"} if step_costs_file else {})},
-        "source_dates": {"decode": decode["environment"]["date"], "attention": attention["environment"]["date"],
-                         "activation": activation["environment"]["date"]},
+        "sources": {
+            "decode": f"bench/results/{decode_file}",
+            "attention": f"bench/results/{attention_file}",
+            "activation": f"bench/results/{activation_file}",
+            **({"colocated": f"bench/results/{colocated_file}"} if colocated_file else {}),
+            **({"prefill": f"bench/results/{prefill_file}"} if prefill_file else {}),
+            **({"step_log": f"bench/results/{step_log_file}"} if step_log_file else {}),
+            **({"step_costs": f"bench/results/{step_costs_file}"} if step_costs_file else {}),
+        },
+        "source_dates": {
+            "decode": decode["environment"]["date"],
+            "attention": attention["environment"]["date"],
+            "activation": activation["environment"]["date"],
+        },
         "measured": [
             f"decode step time at batch {small['batch']} and {large['batch']} ({prompt}-token prompts, {new} new "
             f"tokens) for {', '.join(p.model for p in points)}: decode_base_s, decode_per_seq_s",
-            (f"time to first token of single prompts of {sorted({r['prompt_tokens'] for r in prefill['results']})} "
-             f"tokens and batches of {sorted({r['batch'] for r in prefill['results']} - {1})} prompts: prefill_base_s, "
-             "prefill_per_seq_s, prefill_per_token_s (the intercept includes the client's submission overhead)"
-             if prefill else
-             f"one-step prefill of {small['batch']} and {large['batch']} prompts of {prompt} tokens: prefill_base_s, "
-             "prefill_per_token_s (the prefill intercept includes the client's submission overhead)"),
+            (
+                f"time to first token of single prompts of {sorted({r['prompt_tokens'] for r in prefill['results']})} "
+                f"tokens and batches of {sorted({r['batch'] for r in prefill['results']} - {1})} prompts: "
+                "prefill_base_s, "
+                "prefill_per_seq_s, prefill_per_token_s (the intercept includes the client's submission overhead)"
+                if prefill
+                else f"one-step prefill of {small['batch']} and {large['batch']} prompts of {prompt} tokens: "
+                "prefill_base_s, "
+                "prefill_per_token_s (the prefill intercept includes the client's submission overhead)"
+            ),
             f"Triton decode attention on the {geometry['kv_heads']}-KV-head geometry: attention_bytes_per_s",
             "activation (weights host to device) and engine load (dummy weights) of the 1B, 3B and 8B configs: "
             "copy_bytes_per_s, activation_overhead_s, load_base_s, load_bytes_per_s, deactivation_s",
-            *([f"prefill costs of {', '.join(p.model for p in points if values[p.model + '.prefill_base_s'].get('live'))}"
-               f" from a live cluster's alone steps, {step_costs['date']}: prefill_base_s, prefill_per_token_s, "
-               "prefill_per_seq_s"] if step_costs else []),
-            *([f"{captures['n']} CUDA-graph captures of decode steps in a cluster run's engine step log, "
-               f"{captures['seconds']:.2f} s in all: graph_capture_s (their mean)"] if captures else []),
-            *([f"the same step log's decode steps beside other engines' steps, per model: parallelism (the "
-               f"steps-weighted mean of concurrency over slowdown where {SHARED_FROM_CONCURRENCY:g} or more engines "
-               f"stepped at once)"] if any(p.parallelism for p in points) else []),
+            *(
+                [
+                    "prefill costs of "
+                    f"{', '.join(p.model for p in points if values[p.model + '.prefill_base_s'].get('live'))}"
+                    f" from a live cluster's alone steps, {step_costs['date']}: prefill_base_s, prefill_per_token_s, "
+                    "prefill_per_seq_s"
+                ]
+                if step_costs
+                else []
+            ),
+            *(
+                [
+                    f"{captures['n']} CUDA-graph captures of decode steps in a cluster run's engine step log, "
+                    f"{captures['seconds']:.2f} s in all: graph_capture_s (their mean)"
+                ]
+                if captures
+                else []
+            ),
+            *(
+                [
+                    f"the same step log's decode steps beside other engines' steps, per model: parallelism (the "
+                    f"steps-weighted mean of concurrency over slowdown where {SHARED_FROM_CONCURRENCY:g} or more "
+                    "engines "
+                    f"stepped at once)"
+                ]
+                if any(p.parallelism for p in points)
+                else []
+            ),
         ],
         "values": values,
         "assumptions": [
             "linear in weight bytes between the measured sizes, the last slope beyond the largest, the smallest's "
             "numbers below it; tensor parallelism is not modeled",
-            ("prefill cost is linear in prompt tokens (no quadratic attention term) up to the step budget, and a "
-             "chunk's attention over earlier context is not charged" if prefill else
-             "prefill cost is linear in prompt tokens (no quadratic attention term; measured on 128-token prompts "
-             "only), and a chunk's attention over earlier context is not charged"),
+            (
+                "prefill cost is linear in prompt tokens (no quadratic attention term) up to the step budget, and a "
+                "chunk's attention over earlier context is not charged"
+                if prefill
+                else "prefill cost is linear in prompt tokens (no quadratic attention term; measured on 128-token "
+                "prompts "
+                "only), and a chunk's attention over earlier context is not charged"
+            ),
             "decode attention cost is the kernel's per-byte slope applied to all layers' KV (measured on one layer)",
-            ("colocated engines' steps are slowed by how many engines step at once over their size's parallelism "
-             "(processor sharing), whatever the sizes beside them, and a size between the measured ones "
-             "interpolated" if any(p.parallelism for p in points) else
-             f"colocated engines share a GPU as {parallelism:.2f} alone-steps at once (measured with two engines' decode "
-             "steps; more engines assumed to share it the same way)" if colocated_file else
-             "colocated engines on a GPU run their steps one at a time (no overlap of their kernels)"),
+            (
+                "colocated engines' steps are slowed by how many engines step at once over their size's parallelism "
+                "(processor sharing), whatever the sizes beside them, and a size between the measured ones "
+                "interpolated"
+                if any(p.parallelism for p in points)
+                else f"colocated engines share a GPU as {parallelism:.2f} alone-steps at once (measured with two "
+                "engines' decode "
+                "steps; more engines assumed to share it the same way)"
+                if colocated_file
+                else "colocated engines on a GPU run their steps one at a time (no overlap of their kernels)"
+            ),
             "a load reads weights as fast as the benchmark's dummy-weight load (no disk or network time)",
-            "KV slots are placed on pages as kvcached places them (best fit; a page is unmapped with its last slot: the simulator's CountingPool), not checked against a GPU's page counts",
-            ("every CUDA-graph capture takes the mean one's time, whatever the model and shape" if captures else
-             "no CUDA-graph capture time (not measured: graph_capture_s 0)"),
+            "KV slots are placed on pages as kvcached places them (best fit; a page is unmapped with its last "
+            "slot: the simulator's CountingPool), not checked against a GPU's page counts",
+            (
+                "every CUDA-graph capture takes the mean one's time, whatever the model and shape"
+                if captures
+                else "no CUDA-graph capture time (not measured: graph_capture_s 0)"
+            ),
         ],
     }
     return LatencyProfile(
-        device=device, points=tuple(points), attention_bytes_per_s=attention_rate,
-        copy_bytes_per_s=1 / act_slope, activation_overhead_s=max(0.0, act_overhead),
+        device=device,
+        points=tuple(points),
+        attention_bytes_per_s=attention_rate,
+        copy_bytes_per_s=1 / act_slope,
+        activation_overhead_s=max(0.0, act_overhead),
         deactivation_s=deactivation_s,
-        load_base_s=max(0.0, load_base), load_bytes_per_s=1 / load_slope if load_slope > 0 else float("inf"),
-        device_parallelism=parallelism, graph_capture_s=graph_capture_s, metadata=metadata)
+        load_base_s=max(0.0, load_base),
+        load_bytes_per_s=1 / load_slope if load_slope > 0 else float("inf"),
+        device_parallelism=parallelism,
+        graph_capture_s=graph_capture_s,
+        metadata=metadata,
+    )

@@ -98,18 +98,34 @@ def _result(r: SimRequest, slo: SloTargets) -> RequestResult:
     return out
 
 
-def simulate(trace: Trace, models: list[ModelConfig], profile: LatencyProfile, settings: SimSettings,
-             slo: SloTargets = SloTargets()) -> dict:
+def simulate(
+    trace: Trace,
+    models: list[ModelConfig],
+    profile: LatencyProfile,
+    settings: SimSettings,
+    slo: SloTargets = SloTargets(),
+) -> dict:
     """Runs the trace; returns prism bench's report plus the simulation's settings and counters."""
     specs = {m.model_name: sim_model(m) for m in models}
     unknown = sorted(set(trace.models) - set(specs))
     if unknown:
         raise ValueError(f"the trace has models the config lacks: {', '.join(unknown)}")
     loop = EventLoop()
-    cluster = SimCluster(loop, profile, specs, settings.num_gpus, settings.gpus_per_agent, settings.gpu_memory_bytes,
-                         settings.memory_policy, settings.starvation_s, settings.drain_timeout_s,
-                         settings.device_parallelism, settings.stats_lead_s, settings.split_step_factor,
-                         settings.memory_reserve_bytes)
+    cluster = SimCluster(
+        loop,
+        profile,
+        specs,
+        settings.num_gpus,
+        settings.gpus_per_agent,
+        settings.gpu_memory_bytes,
+        settings.memory_policy,
+        settings.starvation_s,
+        settings.drain_timeout_s,
+        settings.device_parallelism,
+        settings.stats_lead_s,
+        settings.split_step_factor,
+        settings.memory_reserve_bytes,
+    )
     if settings.policy_compute not in ("profile", "default"):
         raise ValueError(f"policy_compute {settings.policy_compute!r} is not profile or default")
     # The policy counts prefill steps with the step budget the simulated engines run (the live scheduler
@@ -117,10 +133,12 @@ def simulate(trace: Trace, models: list[ModelConfig], profile: LatencyProfile, s
     params = PolicyParams(standby_replicas=settings.standby_replicas, step_tokens=profile.step_tokens)
     if settings.policy_compute == "profile":
         params = replace(params, compute=profile.compute_costs())
-    foresight = Foresight(((r.t, r.model) for r in trace.requests), settings.foresight_s) \
-        if settings.foresight_s > 0 else None
-    scheduler = SimScheduler(cluster, settings.policy, settings.replan_interval_s, params,
-                             settings.deactivate_busy_window_s, foresight)
+    foresight = (
+        Foresight(((r.t, r.model) for r in trace.requests), settings.foresight_s) if settings.foresight_s > 0 else None
+    )
+    scheduler = SimScheduler(
+        cluster, settings.policy, settings.replan_interval_s, params, settings.deactivate_busy_window_s, foresight
+    )
     requests = [SimRequest(i, r.model, r.t, r.prompt_tokens, r.output_tokens) for i, r in enumerate(trace.requests)]
     open_requests = len(requests)
     replan_due = False
@@ -164,15 +182,28 @@ def simulate(trace: Trace, models: list[ModelConfig], profile: LatencyProfile, s
             r.error = f"UNFINISHED: not done {settings.drain_s:.0f}s after the trace's last arrival"
     results = [_result(r, slo) for r in requests]
     out = report(trace, results, slo, api="simulate")
-    out["simulation"] = {**asdict(settings), "gpu_memory_gb": settings.gpu_memory_bytes / GB,
-                         "profile_device": profile.device, "profile_sources": profile.metadata.get("sources"),
-                         "simulated_s": loop.now, "events": loop.events, "placement_plans": scheduler.plans,
-                         **cluster.stats}
+    out["simulation"] = {
+        **asdict(settings),
+        "gpu_memory_gb": settings.gpu_memory_bytes / GB,
+        "profile_device": profile.device,
+        "profile_sources": profile.metadata.get("sources"),
+        "simulated_s": loop.now,
+        "events": loop.events,
+        "placement_plans": scheduler.plans,
+        **cluster.stats,
+    }
     return out
 
 
-def min_gpus_for(trace: Trace, models: list[ModelConfig], profile: LatencyProfile, settings: SimSettings,
-                 target: float, slo: SloTargets = SloTargets(), max_gpus: int | None = None) -> tuple[int | None, dict]:
+def min_gpus_for(
+    trace: Trace,
+    models: list[ModelConfig],
+    profile: LatencyProfile,
+    settings: SimSettings,
+    target: float,
+    slo: SloTargets = SloTargets(),
+    max_gpus: int | None = None,
+) -> tuple[int | None, dict]:
     """The fewest GPUs whose attainment reaches `target` (fewest_meeting: a
     doubling and binary search from settings.num_gpus). Returns (count or None
     if max_gpus misses, {gpus: attainment} tried)."""

@@ -62,22 +62,35 @@ class Foresight:
     def rates(self, now: float) -> dict[str, float]:
         """model -> its arrivals in [now, now + window_s) per second."""
         end = now + self.window_s
-        return {model: (bisect.bisect_left(times, end) - bisect.bisect_left(times, now)) / self.window_s
-                for model, times in self._times.items()}
+        return {
+            model: (bisect.bisect_left(times, end) - bisect.bisect_left(times, now)) / self.window_s
+            for model, times in self._times.items()
+        }
 
     def foreseen(self, demand: dict[str, ModelDemand], models: Iterable[str], now: float) -> dict[str, ModelDemand]:
         """`demand` with every model's measured rates (window and recent) replaced by the foreseen one;
         its queued and running requests, KV demand and token means as measured."""
         rates = self.rates(now)
-        return {name: dataclasses.replace(demand.get(name, ModelDemand()), arrival_rate=rates.get(name, 0.0),
-                                          recent_arrival_rate=rates.get(name, 0.0))
-                for name in dict.fromkeys([*demand, *models])}
+        return {
+            name: dataclasses.replace(
+                demand.get(name, ModelDemand()),
+                arrival_rate=rates.get(name, 0.0),
+                recent_arrival_rate=rates.get(name, 0.0),
+            )
+            for name in dict.fromkeys([*demand, *models])
+        }
 
 
 class SimScheduler:
-    def __init__(self, cluster: SimCluster, policy: str, interval_s: float = DEFAULT_REPLAN_INTERVAL_S,
-                 params: PolicyParams | None = None, deactivate_busy_window_s: float = DEACTIVATE_BUSY_WINDOW_S,
-                 foresight: Foresight | None = None):
+    def __init__(
+        self,
+        cluster: SimCluster,
+        policy: str,
+        interval_s: float = DEFAULT_REPLAN_INTERVAL_S,
+        params: PolicyParams | None = None,
+        deactivate_busy_window_s: float = DEACTIVATE_BUSY_WINDOW_S,
+        foresight: Foresight | None = None,
+    ):
         if policy not in POLICIES:
             raise ValueError(f"placement policy {policy!r} is not one of {', '.join(POLICIES)}")
         self.cluster = cluster
@@ -99,8 +112,9 @@ class SimScheduler:
         out = {}
         for engine in self.cluster.engines():
             state = "draining" if engine.draining else {"activating": "inactive"}.get(engine.state, engine.state)
-            out[(engine.agent_id, engine.name)] = EngineRecord(agent_id=engine.agent_id, model=engine.name,
-                                                               state=state, gpu_ids=list(engine.gpus))
+            out[(engine.agent_id, engine.name)] = EngineRecord(
+                agent_id=engine.agent_id, model=engine.name, state=state, gpu_ids=list(engine.gpus)
+            )
         return out
 
     def snapshot(self, records: dict[tuple[str, str], EngineRecord]) -> ClusterSnapshot:
@@ -110,25 +124,36 @@ class SimScheduler:
             if engine.draining:  # on its way out: the agent does not report its load (it needs no placement)
                 continue
             serving = cluster.serving(engine)
-            loads[(engine.agent_id, engine.name)] = EngineLoad(ModelDemand.from_serving(
-                serving, queued=cluster.queued(engine), running=engine.running,
-                kv_demand_bytes=cluster.kv_demand_bytes(engine) * engine.model.tp_size),  # as the scheduler counts it
-                serving.window_s)
+            loads[(engine.agent_id, engine.name)] = EngineLoad(
+                ModelDemand.from_serving(
+                    serving,
+                    queued=cluster.queued(engine),
+                    running=engine.running,
+                    kv_demand_bytes=cluster.kv_demand_bytes(engine) * engine.model.tp_size,
+                ),  # as the scheduler counts it
+                serving.window_s,
+            )
         demand = self.demand_memory.demand(cluster.now, loads)
         # The gateways' demand records.
         demand = with_waiting(demand, {model: len(waiting) for model, waiting in cluster.gateway_waiting.items()})
         if self.foresight is not None:
             demand = self.foresight.foreseen(demand, cluster.models, cluster.now)
         # What weights and KV may take on each GPU, as the live scheduler reads it (usable_gpu_memory).
-        agents = tuple(AgentView(a.agent_id, frozenset(a.devices),
-                                 {i: d.memory_bytes - d.reserve_bytes for i, d in a.devices.items()})
-                       for a in cluster.agents.values())
-        return ClusterSnapshot(models=tuple(m.config for m in cluster.models.values()), agents=agents, demand=demand,
-                               weight_bytes={name: m.weight_bytes for name, m in cluster.models.items()},
-                               current=current_placement(records),
-                               # a split model's per GPU, times its GPUs: the whole model's, as the policies take it
-                               kv_bytes_per_token={name: m.kv_bytes_per_token * m.tp_size
-                                                   for name, m in cluster.models.items()})
+        agents = tuple(
+            AgentView(
+                a.agent_id, frozenset(a.devices), {i: d.memory_bytes - d.reserve_bytes for i, d in a.devices.items()}
+            )
+            for a in cluster.agents.values()
+        )
+        return ClusterSnapshot(
+            models=tuple(m.config for m in cluster.models.values()),
+            agents=agents,
+            demand=demand,
+            weight_bytes={name: m.weight_bytes for name, m in cluster.models.items()},
+            current=current_placement(records),
+            # a split model's per GPU, times its GPUs: the whole model's, as the policies take it
+            kv_bytes_per_token={name: m.kv_bytes_per_token * m.tp_size for name, m in cluster.models.items()},
+        )
 
     def replan(self, instant: bool = False) -> None:
         """instant: the actions take effect at once (the cluster was up before the trace began)."""
@@ -138,16 +163,28 @@ class SimScheduler:
         self.cluster.set_placement(target)
         now = self.cluster.now
         self.activated_at = still_held_off(self.activated_at, now)
-        for action in plan_actions(target, records, set(self.cluster.agents), self.manages_activity,
-                                   self.deactivate_busy_window_s, held_off=frozenset(self.activated_at)):
+        for action in plan_actions(
+            target,
+            records,
+            set(self.cluster.agents),
+            self.manages_activity,
+            self.deactivate_busy_window_s,
+            held_off=frozenset(self.activated_at),
+        ):
             self.execute(action, instant)
 
     def execute(self, action: Action, instant: bool) -> None:
         cluster = self.cluster
         engine = cluster.agents[action.agent_id].engines.get(action.model)
         if action.kind == "load":
-            cluster.load(action.agent_id, action.model, action.gpu_ids, action.activate, action.memory_limit_bytes,
-                         instant=instant)
+            cluster.load(
+                action.agent_id,
+                action.model,
+                action.gpu_ids,
+                action.activate,
+                action.memory_limit_bytes,
+                instant=instant,
+            )
         elif action.kind == "unload":
             cluster.unload(action.agent_id, action.model, drain=action.drain)
         elif action.kind == "activate" and engine is not None:

@@ -97,7 +97,7 @@ def bursty_group_trace(params: BurstyGroupParams, models: list[str] | None = Non
     rng = random.Random(params.seed)
     order = names[:]
     rng.shuffle(order)
-    groups = [order[g::params.num_groups] for g in range(params.num_groups)]
+    groups = [order[g :: params.num_groups] for g in range(params.num_groups)]
     rank = {m: i + 1 for group in groups for i, m in enumerate(group)}  # popularity rank within its group
     requests: list[TraceRequest] = []
     windows = []
@@ -118,11 +118,16 @@ def bursty_group_trace(params: BurstyGroupParams, models: list[str] | None = Non
             stream = f"{params.seed}:{m}:{len(windows)}"
             lengths = random.Random(stream + ":lengths")
             for t in _arrivals(random.Random(stream), rate, params.burstiness_cv, start, end):
-                requests.append(TraceRequest(
-                    t=round(t, 6), model=m,
-                    prompt_tokens=_lognormal(lengths, params.prompt_mean, params.prompt_std, params.max_prompt),
-                    output_tokens=_lognormal(lengths, params.output_mean, params.output_std, params.max_output)))
+                requests.append(
+                    TraceRequest(
+                        t=round(t, 6),
+                        model=m,
+                        prompt_tokens=_lognormal(lengths, params.prompt_mean, params.prompt_std, params.max_prompt),
+                        output_tokens=_lognormal(lengths, params.output_mean, params.output_std, params.max_output),
+                    )
+                )
         start = end
     requests.sort(key=lambda r: (r.t, r.model))
-    return Trace(tuple(requests), {"generator": "bursty-group", "params": asdict(params),
-                                   "groups": groups, "windows": windows})
+    return Trace(
+        tuple(requests), {"generator": "bursty-group", "params": asdict(params), "groups": groups, "windows": windows}
+    )

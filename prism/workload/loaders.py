@@ -46,8 +46,11 @@ class _Assigner:
         self.rng = random.Random(seed)
         self.weights = [1 / (i + 1) ** zipf_alpha for i in range(len(models))]
         self.count = 0
-        self.by_source = ({src: models[i % len(models)] for i, (src, _) in enumerate(sources.most_common())}
-                          if sources is not None else {})
+        self.by_source = (
+            {src: models[i % len(models)] for i, (src, _) in enumerate(sources.most_common())}
+            if sources is not None
+            else {}
+        )
 
     def __call__(self, source: str | None) -> str:
         self.count += 1
@@ -63,13 +66,22 @@ def _finish(rows: list[tuple[float, str, int, int]], metadata: dict, time_scale:
         raise ValueError("time_scale must be positive")
     rows.sort(key=lambda r: r[0])
     start = rows[0][0] if rows else 0.0
-    requests = tuple(TraceRequest(round((t - start) * time_scale, 6), model, max(1, p), max(1, o))
-                     for t, model, p, o in rows)
+    requests = tuple(
+        TraceRequest(round((t - start) * time_scale, 6), model, max(1, p), max(1, o)) for t, model, p, o in rows
+    )
     return Trace(requests, {**metadata, "time_scale": time_scale})
 
 
-def load_azure(path: str | Path, models: list[str], *, time_scale: float = 1.0, assign: str = "zipf",
-               zipf_alpha: float = 1.0, seed: int = 0, limit: int | None = None) -> Trace:
+def load_azure(
+    path: str | Path,
+    models: list[str],
+    *,
+    time_scale: float = 1.0,
+    assign: str = "zipf",
+    zipf_alpha: float = 1.0,
+    seed: int = 0,
+    limit: int | None = None,
+) -> Trace:
     assigner = _Assigner(models, assign, zipf_alpha, seed)
     rows: list[tuple[float, str, int, int]] = []  # (arrival time, model, prompt tokens, output tokens)
     with open(path, newline="") as f:
@@ -81,16 +93,30 @@ def load_azure(path: str | Path, models: list[str], *, time_scale: float = 1.0, 
             if limit is not None and len(rows) >= limit:
                 break
             try:
-                rows.append((_azure_time(row["TIMESTAMP"]), assigner(None), int(row["ContextTokens"]),
-                             int(row["GeneratedTokens"])))
+                rows.append(
+                    (
+                        _azure_time(row["TIMESTAMP"]),
+                        assigner(None),
+                        int(row["ContextTokens"]),
+                        int(row["GeneratedTokens"]),
+                    )
+                )
             except ValueError as exc:
                 raise ValueError(f"{path}:{number}: {exc}") from None
     return _finish(rows, {"source": "azure", "file": str(path), "assign": assign}, time_scale)
 
 
-def load_burstgpt(path: str | Path, models: list[str], *, time_scale: float = 1.0, assign: str = "source",
-                  zipf_alpha: float = 1.0, seed: int = 0, limit: int | None = None,
-                  keep_failed: bool = False) -> Trace:
+def load_burstgpt(
+    path: str | Path,
+    models: list[str],
+    *,
+    time_scale: float = 1.0,
+    assign: str = "source",
+    zipf_alpha: float = 1.0,
+    seed: int = 0,
+    limit: int | None = None,
+    keep_failed: bool = False,
+) -> Trace:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         missing = {"Timestamp", "Model", "Request tokens", "Response tokens"} - set(reader.fieldnames or ())

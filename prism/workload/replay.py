@@ -34,8 +34,29 @@ from prism.workload.trace import Trace, TraceRequest
 if TYPE_CHECKING:  # grpc loads only for a replay (the simulator imports this module too)
     from services.common.tls import TlsFiles
 
-WORDS = ("the", "model", "serves", "many", "requests", "from", "users", "across", "a", "shared", "cluster",
-         "of", "graphics", "cards", "while", "latency", "targets", "hold", "for", "each", "one")
+WORDS = (
+    "the",
+    "model",
+    "serves",
+    "many",
+    "requests",
+    "from",
+    "users",
+    "across",
+    "a",
+    "shared",
+    "cluster",
+    "of",
+    "graphics",
+    "cards",
+    "while",
+    "latency",
+    "targets",
+    "hold",
+    "for",
+    "each",
+    "one",
+)
 
 
 @dataclass(frozen=True)
@@ -52,18 +73,25 @@ class SloTargets:
         own = dict(self.per_model)
         for m in models:
             if m.ttft_slo_ms or m.tpot_slo_ms:
-                own[m.model_name] = (m.ttft_slo_ms / 1000 if m.ttft_slo_ms else self.ttft_s,
-                                     m.tpot_slo_ms / 1000 if m.tpot_slo_ms else self.tpot_s)
+                own[m.model_name] = (
+                    m.ttft_slo_ms / 1000 if m.ttft_slo_ms else self.ttft_s,
+                    m.tpot_slo_ms / 1000 if m.tpot_slo_ms else self.tpot_s,
+                )
         return replace(self, per_model=own)
 
     def of(self, model: str | None) -> tuple[float, float]:
         """The model's (ttft_s, tpot_s), before scaling."""
-        return self.per_model.get(model, (self.ttft_s, self.tpot_s)) if model is not None else (self.ttft_s, self.tpot_s)
+        return (
+            self.per_model.get(model, (self.ttft_s, self.tpot_s)) if model is not None else (self.ttft_s, self.tpot_s)
+        )
 
     def attained(self, ttft_s: float | None, tpot_s: float | None, model: str | None = None) -> bool:
         ttft_target, tpot_target = self.of(model)
-        return (ttft_s is not None and ttft_s <= ttft_target * self.scale
-                and (tpot_s is None or tpot_s <= tpot_target * self.scale))
+        return (
+            ttft_s is not None
+            and ttft_s <= ttft_target * self.scale
+            and (tpot_s is None or tpot_s <= tpot_target * self.scale)
+        )
 
 
 @dataclass
@@ -95,8 +123,14 @@ def prompt_text(length_tokens: int, index: int, chars_per_token: float) -> str:
 async def _send_rest(client, req: TraceRequest, index: int, chars_per_token: float, result: RequestResult) -> None:
     import httpx
 
-    body = {"model": req.model, "prompt": prompt_text(req.prompt_tokens, index, chars_per_token),
-            "max_tokens": req.output_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    body = {
+        "model": req.model,
+        "prompt": prompt_text(req.prompt_tokens, index, chars_per_token),
+        "max_tokens": req.output_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
     start = time.monotonic()
     first = None
     try:
@@ -122,15 +156,18 @@ async def _send_rest(client, req: TraceRequest, index: int, chars_per_token: flo
     _finish(result, start, first, req.output_tokens)
 
 
-async def _send_grpc(stub, req: TraceRequest, index: int, chars_per_token: float, result: RequestResult,
-                     metadata=None) -> None:
+async def _send_grpc(
+    stub, req: TraceRequest, index: int, chars_per_token: float, result: RequestResult, metadata=None
+) -> None:
     import grpc
 
     from prism_client.v1 import generate_pb2
 
     request = generate_pb2.GenerateRequest(
-        model=req.model, prompt=prompt_text(req.prompt_tokens, index, chars_per_token),
-        sampling=generate_pb2.SamplingParams(max_tokens=req.output_tokens, temperature=0, ignore_eos=True))
+        model=req.model,
+        prompt=prompt_text(req.prompt_tokens, index, chars_per_token),
+        sampling=generate_pb2.SamplingParams(max_tokens=req.output_tokens, temperature=0, ignore_eos=True),
+    )
     start = time.monotonic()
     first = None
     try:
@@ -161,10 +198,17 @@ def progress_text(results: list[RequestResult], done: int, elapsed_s: float) -> 
     return f"{bar(done, len(results))} {done}/{len(results)} requests, {share}, {errors} errors, {elapsed_s:.0f}s"
 
 
-async def replay(trace: Trace, *, http_url: str | None = None, grpc_address: str | None = None,
-                 slo: SloTargets = SloTargets(), chars_per_token: float = 1.0,
-                 progress: bool = False, tls: TlsFiles | None = None,
-                 api_key: str | None = None) -> list[RequestResult]:
+async def replay(
+    trace: Trace,
+    *,
+    http_url: str | None = None,
+    grpc_address: str | None = None,
+    slo: SloTargets = SloTargets(),
+    chars_per_token: float = 1.0,
+    progress: bool = False,
+    tls: TlsFiles | None = None,
+    api_key: str | None = None,
+) -> list[RequestResult]:
     """Sends the trace to the REST API at http_url, or to the gRPC gateway
     at grpc_address; returns one result per request, in trace order. tls:
     the CA that verifies a TLS gateway (and a client certificate, if it wants one).
@@ -204,8 +248,13 @@ async def replay(trace: Trace, *, http_url: str | None = None, grpc_address: str
         import httpx
 
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-        async with httpx.AsyncClient(base_url=http_url, timeout=3600, limits=limits, headers=dict(metadata or ()),
-                                     verify=True if tls is None else ssl_context(tls)) as client:
+        async with httpx.AsyncClient(
+            base_url=http_url,
+            timeout=3600,
+            limits=limits,
+            headers=dict(metadata or ()),
+            verify=True if tls is None else ssl_context(tls),
+        ) as client:
             await run(_send_rest, client)
     else:
         from prism_client.v1 import gateway_pb2_grpc
@@ -237,11 +286,15 @@ def summarize(results: list[RequestResult], duration_s: float) -> dict:
             errors[kind] = errors.get(kind, 0) + 1
     attained = sum(r.attained for r in results)
     return {
-        "requests": len(results), "succeeded": len(ok), "errors": errors,
+        "requests": len(results),
+        "succeeded": len(ok),
+        "errors": errors,
         "slo_attainment": attained / len(results) if results else 1.0,
         "goodput_rps": attained / duration_s if duration_s > 0 else 0.0,
-        "ttft_p50_s": _percentile(ttft, 0.5), "ttft_p99_s": _percentile(ttft, 0.99),
-        "tpot_p50_s": _percentile(tpot, 0.5), "tpot_p99_s": _percentile(tpot, 0.99),
+        "ttft_p50_s": _percentile(ttft, 0.5),
+        "ttft_p99_s": _percentile(ttft, 0.99),
+        "tpot_p50_s": _percentile(tpot, 0.5),
+        "tpot_p99_s": _percentile(tpot, 0.99),
         "e2e_mean_s": statistics.mean(e2e) if e2e else None,
     }
 
@@ -250,14 +303,18 @@ def attainment_over_time(results: list[RequestResult], bucket_s: float) -> list[
     buckets: dict[int, list[RequestResult]] = {}
     for r in results:
         buckets.setdefault(int(r.sent_at // bucket_s), []).append(r)
-    return [{"start_s": b * bucket_s, "requests": len(rs), "slo_attainment": sum(r.attained for r in rs) / len(rs)}
-            for b, rs in sorted(buckets.items())]
+    return [
+        {"start_s": b * bucket_s, "requests": len(rs), "slo_attainment": sum(r.attained for r in rs) / len(rs)}
+        for b, rs in sorted(buckets.items())
+    ]
 
 
 def report(trace: Trace, results: list[RequestResult], slo: SloTargets, api: str) -> dict:
     duration = max(trace.duration_s, 1e-9)
     return {
-        "trace": trace.metadata, "api": api, "slo": asdict(slo),
+        "trace": trace.metadata,
+        "api": api,
+        "slo": asdict(slo),
         "overall": summarize(results, duration),
         "per_model": {m: summarize([r for r in results if r.model == m], duration) for m in trace.models},
         "over_time": attainment_over_time(results, max(1.0, duration / 20)),

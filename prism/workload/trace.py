@@ -55,9 +55,14 @@ class Trace:
                     if "trace" in item:
                         metadata = item["trace"]
                         continue
-                    requests.append(TraceRequest(t=float(item["t"]), model=str(item["model"]),
-                                                 prompt_tokens=int(item["prompt_tokens"]),
-                                                 output_tokens=int(item["output_tokens"])))
+                    requests.append(
+                        TraceRequest(
+                            t=float(item["t"]),
+                            model=str(item["model"]),
+                            prompt_tokens=int(item["prompt_tokens"]),
+                            output_tokens=int(item["output_tokens"]),
+                        )
+                    )
                 except (ValueError, KeyError, TypeError) as exc:
                     raise ValueError(f"{path}:{number}: not a trace line ({exc}): {line.strip()[:80]}") from None
         return cls(tuple(sorted(requests, key=lambda r: r.t)), metadata)
@@ -66,5 +71,7 @@ class Trace:
         """The same requests with times multiplied by time_scale (0.5: twice the rate)."""
         if time_scale <= 0:
             raise ValueError("time_scale must be positive")
-        return Trace(tuple(TraceRequest(r.t * time_scale, r.model, r.prompt_tokens, r.output_tokens)
-                           for r in self.requests), {**self.metadata, "time_scale": time_scale})
+        return Trace(
+            tuple(TraceRequest(r.t * time_scale, r.model, r.prompt_tokens, r.output_tokens) for r in self.requests),
+            {**self.metadata, "time_scale": time_scale},
+        )

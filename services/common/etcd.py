@@ -41,13 +41,20 @@ class EtcdAccess:
 
     def __post_init__(self) -> None:
         if (self.user is None) != (self.password is None):
-            raise TlsConfigError(f"an etcd user needs its password in ${ETCD_PASSWORD_ENV}"
-                                 if self.user is not None else "an etcd password needs --etcd-user")
+            raise TlsConfigError(
+                f"an etcd user needs its password in ${ETCD_PASSWORD_ENV}"
+                if self.user is not None
+                else "an etcd password needs --etcd-user"
+            )
 
 
-def etcd_access(ca: str | os.PathLike | None = None, cert: str | os.PathLike | None = None,
-                key: str | os.PathLike | None = None, user: str | None = None,
-                environ: Mapping[str, str] = os.environ) -> EtcdAccess:
+def etcd_access(
+    ca: str | os.PathLike | None = None,
+    cert: str | os.PathLike | None = None,
+    key: str | os.PathLike | None = None,
+    user: str | None = None,
+    environ: Mapping[str, str] = os.environ,
+) -> EtcdAccess:
     """EtcdAccess from the --etcd-* options; the password from $PRISM_ETCD_PASSWORD when a user is given."""
     tls = client_tls(ca, cert, key, options="--etcd")
     if user is None:
@@ -60,11 +67,18 @@ def etcd_access(ca: str | os.PathLike | None = None, cert: str | os.PathLike | N
 
 def add_etcd_args(parser: argparse.ArgumentParser) -> None:
     """The etcd access flags every service shares (--etcd itself stays the service's own)."""
-    group = parser.add_argument_group("etcd access", f"TLS and user of the etcd connection (the user's password: "
-                                                     f"${ETCD_PASSWORD_ENV})")
-    group.add_argument("--etcd-ca", default=None, metavar="PEM", help="CA certificate that verifies etcd (turns TLS on)")
-    group.add_argument("--etcd-cert", default=None, metavar="PEM",
-                       help="client certificate for an etcd with --client-cert-auth (turns TLS on)")
+    group = parser.add_argument_group(
+        "etcd access", f"TLS and user of the etcd connection (the user's password: ${ETCD_PASSWORD_ENV})"
+    )
+    group.add_argument(
+        "--etcd-ca", default=None, metavar="PEM", help="CA certificate that verifies etcd (turns TLS on)"
+    )
+    group.add_argument(
+        "--etcd-cert",
+        default=None,
+        metavar="PEM",
+        help="client certificate for an etcd with --client-cert-auth (turns TLS on)",
+    )
     group.add_argument("--etcd-key", default=None, metavar="PEM", help="the private key of --etcd-cert")
     group.add_argument("--etcd-user", default=None, help=f"etcd user (password from ${ETCD_PASSWORD_ENV})")
 
@@ -77,15 +91,18 @@ def etcd_access_args(access: EtcdAccess) -> list[str]:
     """The flags that give a service this access (the password travels in its environment)."""
     out = []
     tls = access.tls
-    for flag, path in (("--etcd-ca", tls and tls.ca), ("--etcd-cert", tls and tls.cert),
-                       ("--etcd-key", tls and tls.key)):
+    for flag, path in (
+        ("--etcd-ca", tls and tls.ca),
+        ("--etcd-cert", tls and tls.cert),
+        ("--etcd-key", tls and tls.key),
+    ):
         if path is not None:
             out += [flag, str(path)]
     return out + (["--etcd-user", access.user] if access.user is not None else [])
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
-    """"127.0.0.1:2379" or "http://127.0.0.1:2379" -> ("127.0.0.1", 2379)."""
+    """ "127.0.0.1:2379" or "http://127.0.0.1:2379" -> ("127.0.0.1", 2379)."""
     rest = endpoint.split("://", 1)[-1].rstrip("/")
     host, sep, port = rest.rpartition(":")
     if not sep or not port.isdigit():
@@ -147,15 +164,17 @@ class _EtcdToken:
             if self.value is None or self.value == stale:
                 assert self.auth_stub is not None
                 reply = await self.auth_stub.Authenticate(
-                    rpc.AuthenticateRequest(name=self._user, password=self._password), timeout=5)
+                    rpc.AuthenticateRequest(name=self._user, password=self._password), timeout=5
+                )
                 self.value = reply.token
             return self.value
 
 
 def _with_token(details: grpc.aio.ClientCallDetails, token: str) -> grpc.aio.ClientCallDetails:
     metadata = grpc.aio.Metadata(*(details.metadata or ()), ("token", token))
-    return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
-                                      details.wait_for_ready)
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )
 
 
 def _method_name(details: grpc.aio.ClientCallDetails) -> str:
@@ -242,8 +261,11 @@ class _SecuredClient(aetcd.Client):
         if self._access.user is not None and self._access.password is not None:
             token = _EtcdToken(self._access.user, self._access.password)
             # grpc.aio files each interceptor under one call kind: one object per kind aetcd uses.
-            interceptors += [_UnaryTokenInterceptor(token), _StreamTokenInterceptor(token),
-                             _ServerStreamTokenInterceptor(token)]
+            interceptors += [
+                _UnaryTokenInterceptor(token),
+                _StreamTokenInterceptor(token),
+                _ServerStreamTokenInterceptor(token),
+            ]
         target = f"{self._host}:{self._port}"
         options = list(self._options.items())
         if token is not None:

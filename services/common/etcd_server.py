@@ -70,8 +70,14 @@ class EmbeddedEtcd:
     port speak TLS only, and clients must present a certificate signed by
     tls.ca (etcd's --client-cert-auth)."""
 
-    def __init__(self, state_dir: Path, client_port: int | None = None, peer_port: int | None = None,
-                 host: str = "127.0.0.1", tls: TlsFiles | None = None):
+    def __init__(
+        self,
+        state_dir: Path,
+        client_port: int | None = None,
+        peer_port: int | None = None,
+        host: str = "127.0.0.1",
+        tls: TlsFiles | None = None,
+    ):
         self.state_dir = Path(state_dir)
         self.host = host
         if tls is not None and (tls.ca is None or tls.cert is None):
@@ -94,8 +100,10 @@ class EmbeddedEtcd:
                 return self._start_once(timeout_s)
             except _PortTaken:
                 if not self._chosen_ports or attempt == BIND_ATTEMPTS - 1:
-                    raise RuntimeError(f"etcd could not bind {self.endpoint} or its peer port {self.peer_port}: "
-                                       f"address already in use; see {self.state_dir / 'etcd.log'}") from None
+                    raise RuntimeError(
+                        f"etcd could not bind {self.endpoint} or its peer port {self.peer_port}: "
+                        f"address already in use; see {self.state_dir / 'etcd.log'}"
+                    ) from None
                 self.client_port, self.peer_port = free_port(self.host), free_port(self.host)
 
     def _start_once(self, timeout_s: float) -> None:
@@ -109,14 +117,22 @@ class EmbeddedEtcd:
         self.process = subprocess.Popen(
             [
                 etcd_binary(),
-                "--name", "prism",
-                "--data-dir", str(self.state_dir / "data"),
-                "--listen-client-urls", client_url,
-                "--advertise-client-urls", client_url,
-                "--listen-peer-urls", peer_url,
-                "--initial-advertise-peer-urls", peer_url,
-                "--initial-cluster", f"prism={peer_url}",
-                "--log-level", "warn",
+                "--name",
+                "prism",
+                "--data-dir",
+                str(self.state_dir / "data"),
+                "--listen-client-urls",
+                client_url,
+                "--advertise-client-urls",
+                client_url,
+                "--listen-peer-urls",
+                peer_url,
+                "--initial-advertise-peer-urls",
+                peer_url,
+                "--initial-cluster",
+                f"prism={peer_url}",
+                "--log-level",
+                "warn",
                 *self._tls_flags(),
             ],
             stdout=log_file,
@@ -140,9 +156,22 @@ class EmbeddedEtcd:
         if self.tls is None:
             return []
         ca, cert, key = str(self.tls.ca), str(self.tls.cert), str(self.tls.key)
-        return ["--cert-file", cert, "--key-file", key, "--trusted-ca-file", ca, "--client-cert-auth",
-                "--peer-cert-file", cert, "--peer-key-file", key, "--peer-trusted-ca-file", ca,
-                "--peer-client-cert-auth"]
+        return [
+            "--cert-file",
+            cert,
+            "--key-file",
+            key,
+            "--trusted-ca-file",
+            ca,
+            "--client-cert-auth",
+            "--peer-cert-file",
+            cert,
+            "--peer-key-file",
+            key,
+            "--peer-trusted-ca-file",
+            ca,
+            "--peer-client-cert-auth",
+        ]
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

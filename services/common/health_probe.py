@@ -36,11 +36,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     file exits with a usage error."""
     p = argparse.ArgumentParser(description="Checks a Prism gRPC server's health service (exit 0: SERVING)")
     p.add_argument("target", help="HOST:PORT")
-    p.add_argument("--tls-ca", default=None, metavar="PEM", help="CA certificate that verifies the server (turns TLS on)")
+    p.add_argument(
+        "--tls-ca", default=None, metavar="PEM", help="CA certificate that verifies the server (turns TLS on)"
+    )
     p.add_argument("--tls-cert", default=None, metavar="PEM", help="client certificate, for a server that requires one")
     p.add_argument("--tls-key", default=None, metavar="PEM", help="the private key of --tls-cert")
-    p.add_argument("--tls-server-name", default=None, metavar="NAME",
-                   help="the name the server's certificate must have (default: the host of TARGET)")
+    p.add_argument(
+        "--tls-server-name",
+        default=None,
+        metavar="NAME",
+        help="the name the server's certificate must have (default: the host of TARGET)",
+    )
     p.add_argument("--timeout-s", type=float, default=3.0)
     args = p.parse_args(argv)
     try:

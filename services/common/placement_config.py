@@ -94,36 +94,76 @@ class FieldDoc:
 
 MODEL_FIELDS = (
     FieldDoc("model_name", "string", "required", "the name clients ask for; unique, no '/' or spaces"),
-    FieldDoc("model_path", "string", "required", "a folder with config.json (and safetensors weights unless "
-             "load_format is dummy), or a .gguf file; relative paths are resolved against the config's folder"),
+    FieldDoc(
+        "model_path",
+        "string",
+        "required",
+        "a folder with config.json (and safetensors weights unless "
+        "load_format is dummy), or a .gguf file; relative paths are resolved against the config's folder",
+    ),
     FieldDoc("tp_size", "integer >= 1", "1", "GPUs one engine of the model is split over (tensor parallelism)"),
     FieldDoc("init_placements", "list of placements", "required", "where the model starts (see below)"),
-    FieldDoc("load_format", " | ".join(LOAD_FORMATS), "auto", "auto: the folder's safetensors or the .gguf file; "
-             "dummy: random weights from config.json alone"),
-    FieldDoc("engine", " | ".join(ENGINES), "auto", "torch: the built-in engine; sglang: an SGLang server with "
-             "kvcached; auto: SGLang on a CUDA agent where a verified release is installed, else torch"),
+    FieldDoc(
+        "load_format",
+        " | ".join(LOAD_FORMATS),
+        "auto",
+        "auto: the folder's safetensors or the .gguf file; dummy: random weights from config.json alone",
+    ),
+    FieldDoc(
+        "engine",
+        " | ".join(ENGINES),
+        "auto",
+        "torch: the built-in engine; sglang: an SGLang server with "
+        "kvcached; auto: SGLang on a CUDA agent where a verified release is installed, else torch",
+    ),
     FieldDoc("dtype", " | ".join(DTYPES), "auto", "the weights' and activations' type (auto: the checkpoint's)"),
     FieldDoc("seed", "integer", "0", "the seed of dummy weights"),
-    FieldDoc("slo", "object", "the agent's defaults", "the latency targets the model's requests are admitted "
-             "and judged against (see below)"),
+    FieldDoc(
+        "slo",
+        "object",
+        "the agent's defaults",
+        "the latency targets the model's requests are admitted and judged against (see below)",
+    ),
     FieldDoc("priority", "integer >= 1", "1", "the model's weight when models on a GPU contend for memory"),
-    FieldDoc("shed_load", "boolean", "false", "true: refuse with 429 a request that can no longer meet its TTFT, "
-             "instead of serving it late"),
-    FieldDoc("max_context", "integer >= 1", "the model's own", "the longest sequence (prompt and output) the "
-             "engine accepts, at most the model's own; SGLang gets it as --context-length"),
-    FieldDoc("deterministic_inference", "boolean", "false", "SGLang engines honour requests' seeds "
-             "(--enable-deterministic-inference); the built-in engine always does"),
-    FieldDoc("prefix_caching", "boolean", "true", "the built-in engine keeps the KV of full blocks of prompt "
-             "and output for later requests that begin with the same tokens, given back first when memory is "
-             "needed; false: every request computes its whole prompt"),
+    FieldDoc(
+        "shed_load",
+        "boolean",
+        "false",
+        "true: refuse with 429 a request that can no longer meet its TTFT, instead of serving it late",
+    ),
+    FieldDoc(
+        "max_context",
+        "integer >= 1",
+        "the model's own",
+        "the longest sequence (prompt and output) the "
+        "engine accepts, at most the model's own; SGLang gets it as --context-length",
+    ),
+    FieldDoc(
+        "deterministic_inference",
+        "boolean",
+        "false",
+        "SGLang engines honour requests' seeds (--enable-deterministic-inference); the built-in engine always does",
+    ),
+    FieldDoc(
+        "prefix_caching",
+        "boolean",
+        "true",
+        "the built-in engine keeps the KV of full blocks of prompt "
+        "and output for later requests that begin with the same tokens, given back first when memory is "
+        "needed; false: every request computes its whole prompt",
+    ),
 )
 SLO_FIELDS = (
     FieldDoc("ttft_ms", "number > 0", "1000", "time to the first token, milliseconds"),
     FieldDoc("tpot_ms", "number > 0", "100", "time per output token after the first, milliseconds"),
 )
 PLACEMENT_FIELDS = (
-    FieldDoc("gpu_ids", "list of integers >= 0", "required", "the GPUs of one engine, tp_size of them; the "
-             "scheduler picks the agent"),
+    FieldDoc(
+        "gpu_ids",
+        "list of integers >= 0",
+        "required",
+        "the GPUs of one engine, tp_size of them; the scheduler picks the agent",
+    ),
     FieldDoc("on", "boolean", "true", "false: loaded switched off, switched on by its first request"),
     FieldDoc("max_memory_pool_size", "number > 0", "no cap", "the most KV memory, in GB, the engine may hold"),
 )
@@ -213,8 +253,11 @@ def parse(data: Any, base_dir: Path | None = None, source: str = "<config>") -> 
         if max_context is None:
             max_context = 0
         elif not _is_int(max_context) or max_context < 1:
-            c.error(f"{p}.max_context", f"must be an integer >= 1 (tokens; leave it out for the model's own "
-                    f"context length), got {max_context!r}")
+            c.error(
+                f"{p}.max_context",
+                f"must be an integer >= 1 (tokens; leave it out for the model's own "
+                f"context length), got {max_context!r}",
+            )
             max_context = 0
         deterministic = entry.get("deterministic_inference", False)
         if not isinstance(deterministic, bool):
@@ -224,23 +267,25 @@ def parse(data: Any, base_dir: Path | None = None, source: str = "<config>") -> 
         if not isinstance(prefix_caching, bool):
             c.error(f"{p}.prefix_caching", f"must be true or false, got {prefix_caching!r}")
             prefix_caching = True
-        models.append(ModelConfig(
-            model_name=name,
-            model_path=path,
-            tp_size=tp,
-            init_placements=placements,
-            load_format=c.choice(entry, "load_format", p, LOAD_FORMATS, "auto"),
-            engine=c.choice(entry, "engine", p, ENGINES, "auto"),
-            dtype=c.choice(entry, "dtype", p, DTYPES, "auto"),
-            seed=seed,
-            ttft_slo_ms=ttft_ms,
-            tpot_slo_ms=tpot_ms,
-            priority=priority,
-            shed_load=shed_load,
-            max_context=max_context,
-            deterministic_inference=deterministic,
-            prefix_caching=prefix_caching,
-        ))
+        models.append(
+            ModelConfig(
+                model_name=name,
+                model_path=path,
+                tp_size=tp,
+                init_placements=placements,
+                load_format=c.choice(entry, "load_format", p, LOAD_FORMATS, "auto"),
+                engine=c.choice(entry, "engine", p, ENGINES, "auto"),
+                dtype=c.choice(entry, "dtype", p, DTYPES, "auto"),
+                seed=seed,
+                ttft_slo_ms=ttft_ms,
+                tpot_slo_ms=tpot_ms,
+                priority=priority,
+                shed_load=shed_load,
+                max_context=max_context,
+                deterministic_inference=deterministic,
+                prefix_caching=prefix_caching,
+            )
+        )
     if c.errors:
         raise ConfigError(source, c.errors)
     return PlacementConfig(models=tuple(models), policy=policy)
@@ -250,7 +295,7 @@ def _parse_slo(c: _Checker, raw: Any, path: str) -> tuple[float | None, float | 
     if raw is None:
         return None, None
     if not isinstance(raw, dict):
-        c.error(path, f"must be an object like {{\"ttft_ms\": 1000, \"tpot_ms\": 100}}, got {raw!r}")
+        c.error(path, f'must be an object like {{"ttft_ms": 1000, "tpot_ms": 100}}, got {raw!r}')
         return None, None
     for unknown in sorted(set(raw) - _SLO_FIELDS):
         c.error(f"{path}.{unknown}", "unknown field")
@@ -311,5 +356,7 @@ def load(path: str | Path) -> PlacementConfig:
     try:
         data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(str(path), [f"<file>: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {exc}"]) from exc
+        raise ConfigError(
+            str(path), [f"<file>: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {exc}"]
+        ) from exc
     return parse(data, base_dir=path.parent, source=str(path))

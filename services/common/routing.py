@@ -36,6 +36,7 @@ def least_busy_first(replicas: list[R], in_flight: Callable[[R], int], turn: int
 
 def prefix_home(replicas: list[R], key: str) -> R:
     """The replica a prefix key belongs to (rendezvous hashing over the replicas' names)."""
+
     def weight(replica: R) -> bytes:
         return hashlib.blake2b(f"{key}\0{replica}".encode(), digest_size=8).digest()
 
@@ -53,13 +54,19 @@ def affinity_first(ordered: list[R], in_flight: Callable[[R], int], key: str | N
     return [home] + [r for r in ordered if r != home]
 
 
-def route_order(replicas: list[R], active: Callable[[R], bool], in_flight: Callable[[R], int], turn: int,
-                prefix_key: str | None = None) -> list[R]:
+def route_order(
+    replicas: list[R],
+    active: Callable[[R], bool],
+    in_flight: Callable[[R], int],
+    turn: int,
+    prefix_key: str | None = None,
+) -> list[R]:
     """The active replicas by least_busy_first (the prefix key's home first, within its load bound),
     then the switched-off ones the same way: a request goes to a switched-off replica (its agent
     switches it on) only when none is active, since the scheduler switches replicas on and off, and a
     request that switched one on beside an active one would undo that; they stay fallbacks."""
     on = [r for r in replicas if active(r)]
     off = [r for r in replicas if not active(r)]
-    return affinity_first(least_busy_first(on, in_flight, turn), in_flight, prefix_key) \
-        + least_busy_first(off, in_flight, turn)
+    return affinity_first(least_busy_first(on, in_flight, turn), in_flight, prefix_key) + least_busy_first(
+        off, in_flight, turn
+    )

@@ -41,8 +41,14 @@ def step_tokens_for(device_kinds: Iterable[str]) -> int:
 
 
 # The coefficients, in the features' units (scaled so that the sums stay well conditioned).
-COEFFICIENTS = ("decode_base_s", "decode_per_seq_s", "s_per_kv_gb", "prefill_base_s", "prefill_per_ktoken_s",
-                "prefill_per_seq_s")
+COEFFICIENTS = (
+    "decode_base_s",
+    "decode_per_seq_s",
+    "s_per_kv_gb",
+    "prefill_base_s",
+    "prefill_per_ktoken_s",
+    "prefill_per_seq_s",
+)
 N = len(COEFFICIENTS)
 # A typical step's feature values: the prior's weight per coefficient (PRIOR_STEPS steps of these).
 TYPICAL = (1.0, 16.0, 0.5, 0.3, 0.5, 1.0)
@@ -52,8 +58,14 @@ DEFAULT_HALF_LIFE_STEPS = 20_000
 
 def step_features(decode_seqs: int, context_kv_bytes: int, prefill_tokens: int, prefill_seqs: int) -> tuple[float, ...]:
     prefill = 1.0 if prefill_tokens else 0.0
-    return (1.0, float(decode_seqs), context_kv_bytes / 1e9, prefill, prefill_tokens / 1000.0,
-            float(prefill_seqs) * prefill)
+    return (
+        1.0,
+        float(decode_seqs),
+        context_kv_bytes / 1e9,
+        prefill,
+        prefill_tokens / 1000.0,
+        float(prefill_seqs) * prefill,
+    )
 
 
 def _index(i: int, j: int) -> int:
@@ -71,15 +83,19 @@ class StepTimeSums:
     xty: tuple[float, ...] = (0.0,) * N
 
     def __add__(self, other: StepTimeSums) -> StepTimeSums:
-        return StepTimeSums(self.steps + other.steps, tuple(a + b for a, b in zip(self.xtx, other.xtx)),
-                            tuple(a + b for a, b in zip(self.xty, other.xty)))
+        return StepTimeSums(
+            self.steps + other.steps,
+            tuple(a + b for a, b in zip(self.xtx, other.xtx)),
+            tuple(a + b for a, b in zip(self.xty, other.xty)),
+        )
 
     @classmethod
     def from_values(cls, steps: float, xtx: Sequence[float], xty: Sequence[float]) -> StepTimeSums:
         """From a report's numbers; ValueError if their counts are not the sums'."""
         if len(xtx) != N * (N + 1) // 2 or len(xty) != N:
-            raise ValueError(f"step time sums need {N * (N + 1) // 2} X'X and {N} X'y values, "
-                             f"got {len(xtx)} and {len(xty)}")
+            raise ValueError(
+                f"step time sums need {N * (N + 1) // 2} X'X and {N} X'y values, got {len(xtx)} and {len(xty)}"
+            )
         return cls(float(steps), tuple(map(float, xtx)), tuple(map(float, xty)))
 
 

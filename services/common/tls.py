@@ -58,8 +58,11 @@ class TlsFiles:
         return f"{self.options}-{part}" if self.options.startswith("--") else f"{self.options}_{part}"
 
     def read(self) -> TlsPem:
-        return TlsPem(ca=_read(self.ca, self.option("ca")), cert=_read(self.cert, self.option("cert")),
-                      key=_read(self.key, self.option("key")))
+        return TlsPem(
+            ca=_read(self.ca, self.option("ca")),
+            cert=_read(self.cert, self.option("cert")),
+            key=_read(self.key, self.option("key")),
+        )
 
     def check(self) -> None:
         """Raises TlsConfigError unless every file is readable PEM and the key is the certificate's."""
@@ -81,7 +84,9 @@ class TlsFiles:
         try:
             key = serialization.load_pem_private_key(pem.key, password=None)
         except (ValueError, TypeError) as exc:
-            raise TlsConfigError(f"{self.option('key')} {self.key}: not an unencrypted PEM private key ({exc})") from None
+            raise TlsConfigError(
+                f"{self.option('key')} {self.key}: not an unencrypted PEM private key ({exc})"
+            ) from None
         if key.public_key() != cert.public_key():
             raise TlsConfigError(f"{self.option('key')} {self.key} is not the key of {self.option('cert')} {self.cert}")
 
@@ -108,8 +113,12 @@ def _path(value: str | os.PathLike | None) -> Path | None:
     return None if value is None or value == "" else Path(value)
 
 
-def client_tls(ca: str | os.PathLike | None = None, cert: str | os.PathLike | None = None,
-               key: str | os.PathLike | None = None, options: str = "--tls") -> TlsFiles | None:
+def client_tls(
+    ca: str | os.PathLike | None = None,
+    cert: str | os.PathLike | None = None,
+    key: str | os.PathLike | None = None,
+    options: str = "--tls",
+) -> TlsFiles | None:
     """A client's TLS from optional paths: None (plaintext) when none is given."""
     if ca is None and cert is None and key is None:
         return None
@@ -129,8 +138,11 @@ def server_credentials(files: TlsFiles, require_client_cert: bool = False) -> gr
         raise TlsConfigError(f"a TLS server needs {files.option('cert')} and {files.option('key')}")
     if require_client_cert and pem.ca is None:
         raise TlsConfigError(f"requiring client certificates needs {files.option('ca')} to verify them")
-    return grpc.ssl_server_credentials([(pem.key, pem.cert)], root_certificates=pem.ca if require_client_cert else None,
-                                       require_client_auth=require_client_cert)
+    return grpc.ssl_server_credentials(
+        [(pem.key, pem.cert)],
+        root_certificates=pem.ca if require_client_cert else None,
+        require_client_auth=require_client_cert,
+    )
 
 
 def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
@@ -155,17 +167,21 @@ def _with_server_name(files: TlsFiles, options: Sequence[tuple[str, object]]) ->
     return [*options, *([("grpc.ssl_target_name_override", files.server_name)] if files.server_name else [])]
 
 
-def aio_channel(target: str, files: TlsFiles | None, options: Sequence[tuple[str, object]] = (),
-                interceptors: Sequence[grpc.aio.ClientInterceptor] = ()) -> grpc.aio.Channel:
+def aio_channel(
+    target: str,
+    files: TlsFiles | None,
+    options: Sequence[tuple[str, object]] = (),
+    interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+) -> grpc.aio.Channel:
     """An asyncio channel to target: TLS with files, plaintext without."""
     if files is None:
         return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
-    return grpc.aio.secure_channel(target, channel_credentials(files), options=_with_server_name(files, options),
-                                   interceptors=interceptors)
+    return grpc.aio.secure_channel(
+        target, channel_credentials(files), options=_with_server_name(files, options), interceptors=interceptors
+    )
 
 
-def sync_channel(target: str, files: TlsFiles | None,
-                 options: Sequence[tuple[str, object]] = ()) -> grpc.Channel:
+def sync_channel(target: str, files: TlsFiles | None, options: Sequence[tuple[str, object]] = ()) -> grpc.Channel:
     """The blocking twin of aio_channel."""
     if files is None:
         return grpc.insecure_channel(target, options=options)
@@ -185,19 +201,33 @@ def ssl_context(files: TlsFiles) -> ssl.SSLContext:
 
 def add_tls_args(parser: argparse.ArgumentParser) -> None:
     """The shared TLS flags of a service that serves gRPC and calls other services."""
-    group = parser.add_argument_group("TLS", "this service's gRPC server and its calls to other services "
-                                              "(all plaintext when none is given)")
-    group.add_argument("--tls-cert", default=None, metavar="PEM",
-                       help="this service's certificate: it serves TLS with it and presents it when calling others")
+    group = parser.add_argument_group(
+        "TLS", "this service's gRPC server and its calls to other services (all plaintext when none is given)"
+    )
+    group.add_argument(
+        "--tls-cert",
+        default=None,
+        metavar="PEM",
+        help="this service's certificate: it serves TLS with it and presents it when calling others",
+    )
     group.add_argument("--tls-key", default=None, metavar="PEM", help="the private key of --tls-cert")
-    group.add_argument("--tls-ca", default=None, metavar="PEM",
-                       help="CA certificate(s) that verify the services this one calls and, with --mtls, its clients "
-                            "(default: the system's roots)")
-    group.add_argument("--mtls", action="store_true",
-                       help="require client certificates signed by --tls-ca (needs --tls-ca)")
-    group.add_argument("--tls-server-name", default=None, metavar="NAME",
-                       help="check the certificates of the services this one calls for NAME instead of the host "
-                            "dialled (services reached by pod IP, as in deploy/kubernetes/, share one name)")
+    group.add_argument(
+        "--tls-ca",
+        default=None,
+        metavar="PEM",
+        help="CA certificate(s) that verify the services this one calls and, with --mtls, its clients "
+        "(default: the system's roots)",
+    )
+    group.add_argument(
+        "--mtls", action="store_true", help="require client certificates signed by --tls-ca (needs --tls-ca)"
+    )
+    group.add_argument(
+        "--tls-server-name",
+        default=None,
+        metavar="NAME",
+        help="check the certificates of the services this one calls for NAME instead of the host "
+        "dialled (services reached by pod IP, as in deploy/kubernetes/, share one name)",
+    )
 
 
 def tls_from_args(args: argparse.Namespace) -> TlsFiles | None:
@@ -205,14 +235,20 @@ def tls_from_args(args: argparse.Namespace) -> TlsFiles | None:
     TlsConfigError for a flag without its pair or an unreadable file."""
     if args.tls_ca is None and args.tls_cert is None and args.tls_key is None:
         if args.mtls or getattr(args, "tls_server_name", None):
-            raise TlsConfigError(f"{'--mtls' if args.mtls else '--tls-server-name'} needs --tls-ca, --tls-cert "
-                                 "and --tls-key")
+            raise TlsConfigError(
+                f"{'--mtls' if args.mtls else '--tls-server-name'} needs --tls-ca, --tls-cert and --tls-key"
+            )
         return None
     if args.tls_cert is None and args.tls_key is None:
         raise TlsConfigError("--tls-ca needs --tls-cert and --tls-key: the service serves TLS with them")
     if args.mtls and args.tls_ca is None:
         raise TlsConfigError("--mtls needs --tls-ca: the CA that signed the clients' certificates")
-    files = TlsFiles(_path(args.tls_ca), _path(args.tls_cert), _path(args.tls_key), server_name=getattr(args, "tls_server_name", None))
+    files = TlsFiles(
+        _path(args.tls_ca),
+        _path(args.tls_cert),
+        _path(args.tls_key),
+        server_name=getattr(args, "tls_server_name", None),
+    )
     files.check()
     return files
 
@@ -268,8 +304,9 @@ def _can_issue(key: PrivateKeyTypes) -> TypeGuard[CertificateIssuerPrivateKeyTyp
 def _key_pem(key) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _san(hosts: Iterable[str]):
@@ -293,17 +330,33 @@ def create_ca(directory: Path, common_name: str = "Prism local CA") -> TlsFiles:
     directory.mkdir(parents=True, exist_ok=True)
     key = _new_key()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))  # tolerates a little clock skew
-            .not_valid_after(now + datetime.timedelta(days=CA_VALID_DAYS))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .sign(key, hashes.SHA256()))
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))  # tolerates a little clock skew
+        .not_valid_after(now + datetime.timedelta(days=CA_VALID_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
     ca_path, key_path = directory / CA_CERT, directory / CA_KEY
     _write(key_path, _key_pem(key), 0o600)
     _write(ca_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
@@ -336,22 +389,37 @@ def issue_cert(ca: TlsFiles, directory: Path, name: str, hosts: Iterable[str] = 
     if not _can_issue(ca_key):
         raise TlsConfigError(f"{ca.option('key')} {ca.key}: a {type(ca_key).__name__} cannot sign certificates")
     key = _new_key()
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(ca_cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(min(now + datetime.timedelta(days=CERT_VALID_DAYS), ca_cert.not_valid_after_utc))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                         data_encipherment=False, key_agreement=True, key_cert_sign=False,
-                                         crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-                           critical=False)
-            .add_extension(_san(hosts), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(min(now + datetime.timedelta(days=CERT_VALID_DAYS), ca_cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        .add_extension(_san(hosts), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     directory.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = directory / f"{name}.pem", directory / f"{name}-key.pem"
     _write(key_path, _key_pem(key), 0o600)

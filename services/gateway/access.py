@@ -54,13 +54,21 @@ class Client:
 
 
 class AccessControl:
-    def __init__(self, keys: KeyStore, defaults: Limits, metrics: GatewayMetrics, *, metrics_auth: bool = False,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        keys: KeyStore,
+        defaults: Limits,
+        metrics: GatewayMetrics,
+        *,
+        metrics_auth: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.keys = keys
         self.metrics = metrics
         self.metrics_auth = metrics_auth and keys.enabled  # no keys: nothing to ask for
-        self._clients = {key.digest: Client(key.name, key.models, defaults.with_overrides(key.limits))
-                         for key in keys.keys}
+        self._clients = {
+            key.digest: Client(key.name, key.models, defaults.with_overrides(key.limits)) for key in keys.keys
+        }
         self._anonymous = Client(ANONYMOUS, None, defaults)
         self._rates = RateLimiter(clock)
         self.streams = StreamSlots()
@@ -80,9 +88,15 @@ class AccessControl:
             return self._anonymous
         token = bearer_token(authorization)
         if token is None:
-            raise self._refuse(Unauthenticated(
-                "no API key: send it as 'Authorization: Bearer <key>'" if not authorization
-                else "the Authorization header must be 'Bearer <key>'"), api, UNAUTHENTICATED)
+            raise self._refuse(
+                Unauthenticated(
+                    "no API key: send it as 'Authorization: Bearer <key>'"
+                    if not authorization
+                    else "the Authorization header must be 'Bearer <key>'"
+                ),
+                api,
+                UNAUTHENTICATED,
+            )
         key = self.keys.find(token)
         if key is None:
             # Never echo the key: it may be a real key of another system, pasted by mistake.
@@ -94,15 +108,25 @@ class AccessControl:
         wait_s = self._rates.take(client.name, client.limits)
         if wait_s > 0:
             retry_after = retry_after_seconds(wait_s)
-            raise self._refuse(KeyRateLimited(
-                f"rate limit of {client.limits.rate_limit_rps:g} requests/s reached for {client.name!r}; "
-                f"retry in {retry_after}s", retry_after_s=retry_after), api, client.name)
+            raise self._refuse(
+                KeyRateLimited(
+                    f"rate limit of {client.limits.rate_limit_rps:g} requests/s reached for {client.name!r}; "
+                    f"retry in {retry_after}s",
+                    retry_after_s=retry_after,
+                ),
+                api,
+                client.name,
+            )
 
     def too_large(self, client: Client, api: str) -> GatewayError:
         """The (counted) refusal of a request over the client's size limit, for the caller to raise."""
-        return self._refuse(RequestTooLarge(
-            f"the request is larger than this client's limit of {client.limits.max_request_bytes} bytes"),
-            api, client.name)
+        return self._refuse(
+            RequestTooLarge(
+                f"the request is larger than this client's limit of {client.limits.max_request_bytes} bytes"
+            ),
+            api,
+            client.name,
+        )
 
     def check_size(self, client: Client, size: int, api: str) -> None:
         if size > client.limits.max_request_bytes:
@@ -111,8 +135,9 @@ class AccessControl:
     def check_model(self, client: Client, model: str, api: str) -> None:
         # By the allow-list alone, whether the model exists or not: a 403 tells nothing about other models.
         if not client.may_use(model):
-            raise self._refuse(ModelNotAllowed(f"this API key may not use the model {model!r}", param="model"),
-                               api, client.name)
+            raise self._refuse(
+                ModelNotAllowed(f"this API key may not use the model {model!r}", param="model"), api, client.name
+            )
 
     def check_generate(self, client: Client, request: generate_pb2.GenerateRequest, api: str) -> None:
         """The model and the request's own limits; raises ModelNotAllowed, PromptTooLong, MaxTokensTooLarge."""
@@ -126,7 +151,12 @@ class AccessControl:
         """A slot for one generation in flight; release it however the generation ends."""
         slot = self.streams.acquire(client.name, client.limits.max_concurrent_streams)
         if slot is None:
-            raise self._refuse(TooManyStreams(
-                f"{client.name!r} already has {client.limits.max_concurrent_streams} generations in flight; "
-                "retry when one ends"), api, client.name)
+            raise self._refuse(
+                TooManyStreams(
+                    f"{client.name!r} already has {client.limits.max_concurrent_streams} generations in flight; "
+                    "retry when one ends"
+                ),
+                api,
+                client.name,
+            )
         return slot

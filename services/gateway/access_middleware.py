@@ -99,8 +99,9 @@ class AccessMiddleware:
             return  # nobody to answer
         except GatewayError as error:
             request_id = scope.get("state", {}).get("request_id") or request_id_var.get()
-            response = JSONResponse(error_body(error, request_id), status_code=error.http_status,
-                                    headers=error.http_headers())
+            response = JSONResponse(
+                error_body(error, request_id), status_code=error.http_status, headers=error.http_headers()
+            )
             await response(scope, receive, send)
             return
         scope.setdefault("state", {})["client"] = client

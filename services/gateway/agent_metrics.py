@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 AGENT_STATUS_TIMEOUT_S = 1.0
 
 
-
 def engine_state_label(state: int) -> str:
     """ENGINE_STATE_ACTIVE -> "active" (an unknown number -> "unknown")."""
     try:
@@ -46,8 +45,11 @@ class AgentScrape:
     error: str = ""
 
 
-async def scrape_agents(agents: dict[str, str], stub_for: Callable[[str], agent_pb2_grpc.AgentStub],
-                        timeout_s: float = AGENT_STATUS_TIMEOUT_S) -> list[AgentScrape]:
+async def scrape_agents(
+    agents: dict[str, str],
+    stub_for: Callable[[str], agent_pb2_grpc.AgentStub],
+    timeout_s: float = AGENT_STATUS_TIMEOUT_S,
+) -> list[AgentScrape]:
     """GetStatus of every agent (agent_id -> address) at once; one slow or
     dead agent costs the scrape at most `timeout_s`."""
 
@@ -97,39 +99,48 @@ class AgentStatusCollector(Collector):
             "memory_limit_bytes": ("engine_kv_limit_bytes", "The engine's KV memory limit"),
             "kv_mapped_bytes": ("engine_kv_mapped_bytes", "Physical KV memory the engine holds"),
             "kv_used_bytes": ("engine_kv_used_bytes", "KV memory its requests use"),
-            "kv_cached_bytes": ("engine_kv_cached_bytes",
-                                "KV memory only its prefix cache keeps (given back first when memory is needed)"),
-            "prefix_cache_queried_tokens": ("engine_prefix_cache_queried_tokens",
-                                            "Prompt tokens admitted with the prefix cache on, since the engine loaded"),
-            "prefix_cache_hit_tokens": ("engine_prefix_cache_hit_tokens",
-                                        "Of those, tokens whose KV came from the prefix cache"),
+            "kv_cached_bytes": (
+                "engine_kv_cached_bytes",
+                "KV memory only its prefix cache keeps (given back first when memory is needed)",
+            ),
+            "prefix_cache_queried_tokens": (
+                "engine_prefix_cache_queried_tokens",
+                "Prompt tokens admitted with the prefix cache on, since the engine loaded",
+            ),
+            "prefix_cache_hit_tokens": (
+                "engine_prefix_cache_hit_tokens",
+                "Of those, tokens whose KV came from the prefix cache",
+            ),
             "kv_demand_bytes": ("engine_kv_demand_bytes", "KV its running and queued requests need soon"),
             "weight_bytes": ("engine_weight_bytes", "The engine's weights"),
             "queued_requests": ("engine_queued_requests", "Requests waiting in the engine"),
-            "admission_queued": ("engine_admission_queued_requests",
-                                 "Requests waiting in the agent's admission queue"),
+            "admission_queued": ("engine_admission_queued_requests", "Requests waiting in the agent's admission queue"),
             "running_requests": ("engine_running_requests", "Requests the engine is running"),
             "priority": ("engine_priority", "The model's weight in memory and admission contention"),
         }
         engines = {f: gauge(m, doc, engine_labels) for f, (m, doc) in engine_fields.items()}
         state = gauge("engine_state", "1 for the engine's state", [*engine_labels, "state"])
-        path = gauge("engine_serving_path", "1, labelled with how the engine serves: its KV pool, attention "
-                     "kernels and CUDA graphs (on or off)", [*engine_labels, "kv_pool", "attention", "cuda_graphs"])
+        path = gauge(
+            "engine_serving_path",
+            "1, labelled with how the engine serves: its KV pool, attention kernels and CUDA graphs (on or off)",
+            [*engine_labels, "kv_pool", "attention", "cuda_graphs"],
+        )
 
         serving_fields = {  # ServingStats field -> (metric, help)
             "arrival_rate": ("model_arrival_rate", "Requests per second over the agent's window"),
-            "slo_attainment": ("model_slo_attainment",
-                               "Fraction of the window's finished requests within both SLOs"),
+            "slo_attainment": ("model_slo_attainment", "Fraction of the window's finished requests within both SLOs"),
             "finished_requests": ("model_finished_requests", "Requests finished in the window"),
             "shed_requests": ("model_shed_requests", "Requests refused (load shedding) in the window"),
             "failed_requests": ("model_failed_requests", "Requests that failed in the window"),
             "window_s": ("model_window_seconds", "The span the serving numbers cover"),
         }
         serving = {f: gauge(m, doc, engine_labels) for f, (m, doc) in serving_fields.items()}
-        ttft = gauge("model_ttft_seconds", "Time to first token over the window, by quantile",
-                     [*engine_labels, "quantile"])
-        tpot = gauge("model_tpot_seconds", "Time per output token over the window, by quantile",
-                     [*engine_labels, "quantile"])
+        ttft = gauge(
+            "model_ttft_seconds", "Time to first token over the window, by quantile", [*engine_labels, "quantile"]
+        )
+        tpot = gauge(
+            "model_tpot_seconds", "Time per output token over the window, by quantile", [*engine_labels, "quantile"]
+        )
 
         for scrape in self.scrapes:
             up.add_metric([scrape.agent_id], 1.0 if scrape.status is not None else 0.0)
@@ -147,8 +158,9 @@ class AgentStatusCollector(Collector):
                     family.add_metric(labels, getattr(engine, f))
                 state.add_metric([*labels, engine_state_label(engine.state)], 1.0)
                 if engine.kv_pool:  # loaded
-                    path.add_metric([*labels, engine.kv_pool, engine.attention, "on" if engine.cuda_graphs else "off"],
-                                    1.0)
+                    path.add_metric(
+                        [*labels, engine.kv_pool, engine.attention, "on" if engine.cuda_graphs else "off"], 1.0
+                    )
                 if not engine.HasField("serving"):
                     continue
                 s = engine.serving

@@ -72,7 +72,8 @@ class DemandPublisher:
     def _records(self) -> dict[str, bytes]:
         return {
             records.demand_key(model, self.gateway_id): records.DemandRecord(
-                model=model, gateway_id=self.gateway_id, waiting=len(arrivals), since=min(arrivals.values())).to_json()
+                model=model, gateway_id=self.gateway_id, waiting=len(arrivals), since=min(arrivals.values())
+            ).to_json()
             for model, arrivals in self._waiting.items()
         }
 
@@ -110,8 +111,13 @@ class DemandPublisher:
 class ColdStart:
     """Finds the agents for a request's model, waiting for one where needed."""
 
-    def __init__(self, router: Router, metrics: GatewayMetrics, allowance_s: float = DEFAULT_ALLOWANCE_S,
-                 demand: DemandPublisher | None = None):
+    def __init__(
+        self,
+        router: Router,
+        metrics: GatewayMetrics,
+        allowance_s: float = DEFAULT_ALLOWANCE_S,
+        demand: DemandPublisher | None = None,
+    ):
         self.router = router
         self.metrics = metrics
         self.allowance_s = allowance_s
@@ -155,10 +161,11 @@ class ColdStart:
                     outcome = "timeout"
                     raise ColdStartTimeout(
                         f"model {model!r} did not become available within {bound_s:g}s (its TTFT SLO of "
-                        f"{ttft_s:g}s plus {self.allowance_s:g}s to load and activate it): {last.message}")
+                        f"{ttft_s:g}s plus {self.allowance_s:g}s to load and activate it): {last.message}"
+                    )
                 try:
                     await asyncio.wait_for(changed.wait(), remaining)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         except Exception:
             if outcome == "cancelled":  # the model left the registry, or the gateway lost etcd

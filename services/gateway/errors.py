@@ -149,15 +149,23 @@ def retry_after_of(trailing_metadata) -> int | None:
     return None
 
 
-def from_agent_error(code: grpc.StatusCode, details: str | None, *, model: str, request_id: str,
-                     timeout_s: float, retry_after_s: int | None = None) -> GatewayError:
+def from_agent_error(
+    code: grpc.StatusCode,
+    details: str | None,
+    *,
+    model: str,
+    request_id: str,
+    timeout_s: float,
+    retry_after_s: int | None = None,
+) -> GatewayError:
     """The gateway error for an agent's failed Generate call."""
     details = details or code.name
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         # Every 429 says when to come back: the agent's own hint (its shedder's), else a second (no room to
         # switch the model on now: the busy engines' window moves on).
-        return RateLimited(details, retry_after_s=retry_after_s if retry_after_s is not None
-                           else AGENT_REFUSAL_RETRY_AFTER_S)
+        return RateLimited(
+            details, retry_after_s=retry_after_s if retry_after_s is not None else AGENT_REFUSAL_RETRY_AFTER_S
+        )
     if code == grpc.StatusCode.UNAVAILABLE:
         return ModelUnavailable(f"model {model!r} is unavailable: {details}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -171,10 +179,12 @@ def from_agent_error(code: grpc.StatusCode, details: str | None, *, model: str, 
 
 def error_body(error: GatewayError, request_id: str) -> dict[str, Any]:
     """The OpenAI-style error object; `request_id` is our addition."""
-    return {"error": {
-        "message": error.message,
-        "type": error.error_type,
-        "param": error.param,
-        "code": error.error_code,
-        "request_id": request_id,
-    }}
+    return {
+        "error": {
+            "message": error.message,
+            "type": error.error_type,
+            "param": error.param,
+            "code": error.error_code,
+            "request_id": request_id,
+        }
+    }

@@ -62,8 +62,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         self.access.admit(client, GRPC)
         return client
 
-    async def Generate(self, request: generate_pb2.GenerateRequest,
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[generate_pb2.GenerateResponse]:
+    async def Generate(
+        self, request: generate_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[generate_pb2.GenerateResponse]:
         request_id = choose_request_id(request.request_id, prefix_for(request))
         request.request_id = request_id
         request_id_var.set(request_id)
@@ -111,18 +112,23 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
             tracker.finish(failure.http_status)
             await _abort(context, failure, metadata)
 
-    async def ListModels(self, request: gateway_pb2.ListModelsRequest,
-                         context: grpc.aio.ServicerContext) -> gateway_pb2.ListModelsResponse:
+    async def ListModels(
+        self, request: gateway_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ListModelsResponse:
         try:
             client = self._admit(context)
             models = [m for m in self.router.list_models() if client.may_use(m.name)]
         except GatewayError as error:
             await _abort(context, error, ())
-        return gateway_pb2.ListModelsResponse(models=[
-            gateway_pb2.ModelInfo(name=m.name, available=m.available, max_context=m.max_context) for m in models])
+        return gateway_pb2.ListModelsResponse(
+            models=[
+                gateway_pb2.ModelInfo(name=m.name, available=m.available, max_context=m.max_context) for m in models
+            ]
+        )
 
 
-def add_gateway_service(server: grpc.aio.Server, router: Router, relay: Relay, metrics: GatewayMetrics,
-                        access: AccessControl) -> None:
+def add_gateway_service(
+    server: grpc.aio.Server, router: Router, relay: Relay, metrics: GatewayMetrics, access: AccessControl
+) -> None:
     # A request that does not parse is INVALID_ARGUMENT (not gRPC's UNKNOWN): services/common/grpc_decode.py.
     add_servicer(gateway_pb2_grpc.add_GatewayServicer_to_server, GatewayService(router, relay, metrics, access), server)

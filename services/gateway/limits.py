@@ -47,6 +47,7 @@ class Limits:
 
 class LimitOverrides(TypedDict, total=False):
     """An API key's overrides of the gateway's limits (its `limits:` in the keys file): any of Limits' fields."""
+
     max_request_bytes: int
     max_prompt_chars: int
     max_tokens_cap: int
@@ -109,13 +110,16 @@ def check_generate_limits(request: generate_pb2.GenerateRequest, limits: Limits)
     chars = prompt_chars(request)
     if chars > limits.max_prompt_chars:
         param = "messages" if request.WhichOneof("input") == "chat" else "prompt"
-        raise PromptTooLong(f"{param} has {chars} characters, over this client's limit of "
-                            f"{limits.max_prompt_chars}", param=param)
+        raise PromptTooLong(
+            f"{param} has {chars} characters, over this client's limit of {limits.max_prompt_chars}", param=param
+        )
     sampling = request.sampling
     # An unset max_tokens (chat) means the rest of the model's context, which the engine bounds.
     if sampling.HasField("max_tokens") and sampling.max_tokens > limits.max_tokens_cap:
-        raise MaxTokensTooLarge(f"max_tokens is {sampling.max_tokens}, over this client's limit of "
-                                f"{limits.max_tokens_cap}", param="max_tokens")
+        raise MaxTokensTooLarge(
+            f"max_tokens is {sampling.max_tokens}, over this client's limit of {limits.max_tokens_cap}",
+            param="max_tokens",
+        )
 
 
 # ---- request rate -----------------------------------------------------------------

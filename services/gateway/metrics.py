@@ -35,34 +35,65 @@ class GatewayMetrics:
         self.agent_status_timeout_s = agent_status_timeout_s
         self.registry = CollectorRegistry()
         self.agent_scrape_errors = Counter(
-            "prism_gateway_agent_scrape_errors", "Agents that did not answer a /metrics status call in time",
-            ["agent"], registry=self.registry)
+            "prism_gateway_agent_scrape_errors",
+            "Agents that did not answer a /metrics status call in time",
+            ["agent"],
+            registry=self.registry,
+        )
         self.rejected = Counter(
             "prism_gateway_rejected_requests",
             "Requests refused by the gateway's access control, by API (rest, grpc), reason (auth, forbidden, "
             "too_large, prompt_too_long, max_tokens, rate_limited, too_many_streams) and API key name",
-            ["api", "reason", "key"], registry=self.registry)
-        self.requests = Counter("prism_gateway_requests", "Generate requests by API, model and status code",
-                                ["api", "model", "code"], registry=self.registry)
+            ["api", "reason", "key"],
+            registry=self.registry,
+        )
+        self.requests = Counter(
+            "prism_gateway_requests",
+            "Generate requests by API, model and status code",
+            ["api", "model", "code"],
+            registry=self.registry,
+        )
         self.time_to_first_token = Histogram(
-            "prism_gateway_time_to_first_token_seconds", "From a request's arrival to its first generated token",
-            ["api", "model"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+            "prism_gateway_time_to_first_token_seconds",
+            "From a request's arrival to its first generated token",
+            ["api", "model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.latency = Histogram(
-            "prism_gateway_request_duration_seconds", "End-to-end duration of successful generate requests",
-            ["api", "model"], buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.generated_tokens = Counter("prism_gateway_generated_tokens", "Tokens generated and relayed to clients",
-                                        ["api", "model"], registry=self.registry)
-        self.in_flight = Gauge("prism_gateway_requests_in_flight", "Generate requests being served",
-                               ["api", "model"], registry=self.registry)
+            "prism_gateway_request_duration_seconds",
+            "End-to-end duration of successful generate requests",
+            ["api", "model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.generated_tokens = Counter(
+            "prism_gateway_generated_tokens",
+            "Tokens generated and relayed to clients",
+            ["api", "model"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "prism_gateway_requests_in_flight",
+            "Generate requests being served",
+            ["api", "model"],
+            registry=self.registry,
+        )
         # Cold starts (services/gateway/cold_start.py): requests whose model had no servable engine on arrival.
         self.cold_start_wait = Histogram(
             "prism_gateway_cold_start_wait_seconds",
             "How long a request for a model with no servable engine waited for one, by outcome "
             "(served: one became servable; timeout: none did within the bound; cancelled: the client left)",
-            ["model", "outcome"], buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.cold_start_waiting = Gauge("prism_gateway_cold_start_waiting",
-                                        "Requests waiting now for their model to become servable",
-                                        ["model"], registry=self.registry)
+            ["model", "outcome"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.cold_start_waiting = Gauge(
+            "prism_gateway_cold_start_waiting",
+            "Requests waiting now for their model to become servable",
+            ["model"],
+            registry=self.registry,
+        )
 
     def track(self, api: str, model: str) -> RequestTracker:
         return RequestTracker(self, api, model)

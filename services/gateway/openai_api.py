@@ -72,8 +72,9 @@ def _request_id(request: Request) -> str:
 
 
 def _error_response(request: Request, error: GatewayError) -> JSONResponse:
-    return JSONResponse(error_body(error, _request_id(request)), status_code=error.http_status,
-                        headers=error.http_headers())
+    return JSONResponse(
+        error_body(error, _request_id(request)), status_code=error.http_status, headers=error.http_headers()
+    )
 
 
 def _client(request: Request) -> Client:
@@ -138,8 +139,9 @@ class RelayedStreamResponse(StreamingResponse):
     when Starlette cancels it because the client disconnected."""
 
     def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None]):
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
         self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -149,8 +151,9 @@ class RelayedStreamResponse(StreamingResponse):
             self._on_close()
 
 
-async def _sse_events(stream: AgentStream, fmt: OpenAIFormat, tracker: RequestTracker,
-                      include_usage: bool, slot: StreamSlot) -> AsyncIterator[bytes]:
+async def _sse_events(
+    stream: AgentStream, fmt: OpenAIFormat, tracker: RequestTracker, include_usage: bool, slot: StreamSlot
+) -> AsyncIterator[bytes]:
     try:
         for chunk in fmt.opening_chunks():
             yield sse_event(chunk)
@@ -195,8 +198,14 @@ ERRORS: dict[int | str, dict[str, Any]] = {"4XX": {"model": ErrorResponse}, "5XX
 
 
 def _generation_responses(body: type) -> dict[int | str, dict[str, Any]]:
-    return {200: {"model": body, "description": "The answer, or with `stream` its chunks as server-sent events",
-                  "content": {"text/event-stream": SSE_EVENTS}}, **ERRORS}
+    return {
+        200: {
+            "model": body,
+            "description": "The answer, or with `stream` its chunks as server-sent events",
+            "content": {"text/event-stream": SSE_EVENTS},
+        },
+        **ERRORS,
+    }
 
 
 def create_app(router: Router, relay: Relay, metrics: GatewayMetrics, access: AccessControl) -> FastAPI:
@@ -219,9 +228,15 @@ def create_app(router: Router, relay: Relay, metrics: GatewayMetrics, access: Ac
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        body = {"error": {"message": f"{exc.detail} ({request.method} {request.url.path})",
-                          "type": "invalid_request_error", "param": None, "code": None,
-                          "request_id": _request_id(request)}}
+        body = {
+            "error": {
+                "message": f"{exc.detail} ({request.method} {request.url.path})",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": None,
+                "request_id": _request_id(request),
+            }
+        }
         return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
@@ -232,24 +247,43 @@ def create_app(router: Router, relay: Relay, metrics: GatewayMetrics, access: Ac
         error = InternalError(f"request {request_id} failed in the gateway: {exc}")
         return JSONResponse(error_body(error, request_id), status_code=500, headers={HEADER: request_id})
 
-    @app.get("/health", response_model=None, responses={
-        200: {"model": Health}, 503: {"model": Health, "description": "The cluster state is not loaded yet"}})
+    @app.get(
+        "/health",
+        response_model=None,
+        responses={
+            200: {"model": Health},
+            503: {"model": Health, "description": "The cluster state is not loaded yet"},
+        },
+    )
     async def health() -> JSONResponse:
         if router.ready:
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "loading cluster state from etcd"}, status_code=503)
 
-    @app.get("/metrics", response_class=PlainTextResponse, responses={
-        200: {"description": "Prometheus text format"},
-        "4XX": {"description": "With --metrics-auth, a missing or unknown API key (401)", "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}})
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={
+            200: {"description": "Prometheus text format"},
+            "4XX": {
+                "description": "With --metrics-auth, a missing or unknown API key (401)",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+            },
+        },
+    )
     async def prometheus_metrics() -> Response:
         return Response(await metrics.render_cluster(router), media_type=metrics.content_type)
 
     def model_object(name: str, available: bool, max_context: int) -> dict[str, Any]:
         # `available` and `max_context` are ours; OpenAI clients ignore them.
-        return {"id": name, "object": "model", "created": started, "owned_by": "prism",
-                "available": available, "max_context": max_context}
+        return {
+            "id": name,
+            "object": "model",
+            "created": started,
+            "owned_by": "prism",
+            "available": available,
+            "max_context": max_context,
+        }
 
     @app.get("/v1/models", response_model=None, responses={200: {"model": ModelList}, **ERRORS})
     async def list_models(request: Request) -> dict[str, Any]:
@@ -265,8 +299,15 @@ def create_app(router: Router, relay: Relay, metrics: GatewayMetrics, access: Ac
                 return model_object(m.name, m.available, m.max_context)
         raise ModelNotFound(f"The model {model!r} does not exist", param="model")
 
-    async def generate(request: Request, grpc_request: generate_pb2.GenerateRequest, api: str, *, chat: bool,
-                       stream: bool, include_usage: bool) -> Response:
+    async def generate(
+        request: Request,
+        grpc_request: generate_pb2.GenerateRequest,
+        api: str,
+        *,
+        chat: bool,
+        stream: bool,
+        include_usage: bool,
+    ) -> Response:
         model = grpc_request.model
         tracker = metrics.track(api, model if router.has_model(model) else UNKNOWN_MODEL)
         agent_stream: AgentStream | None = None
@@ -313,13 +354,19 @@ def create_app(router: Router, relay: Relay, metrics: GatewayMetrics, access: Ac
         if body.max_tokens is None:  # OpenAI's default, which the client did not ask for: kept within its cap
             cap = _client(request).limits.max_tokens_cap
             grpc_request.sampling.max_tokens = min(grpc_request.sampling.max_tokens, cap)
-        return await generate(request, grpc_request, "completions", chat=False,
-                              stream=body.stream, include_usage=body.include_usage_chunk)
+        return await generate(
+            request, grpc_request, "completions", chat=False, stream=body.stream, include_usage=body.include_usage_chunk
+        )
 
     @app.post("/v1/chat/completions", response_model=None, responses=_generation_responses(ChatCompletion))
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        return await generate(request, body.to_grpc(_request_id(request)), "chat", chat=True,
-                              stream=body.stream, include_usage=body.include_usage_chunk)
+        return await generate(
+            request,
+            body.to_grpc(_request_id(request)),
+            "chat",
+            chat=True,
+            stream=body.stream,
+            include_usage=body.include_usage_chunk,
+        )
 
     return app
-

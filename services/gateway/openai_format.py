@@ -46,17 +46,21 @@ class OpenAIFormat:
         self.created = int(time.time())
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model,
-                "choices": choices}
+        return {"id": self.request_id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
 
     def response(self, text: str, finish: str | None, usage: generate_pb2.Usage) -> dict[str, Any]:
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish,
+            }
             body = self._envelope("chat.completion", [choice])
         else:
-            body = self._envelope("text_completion", [{"index": 0, "text": text, "logprobs": None,
-                                                       "finish_reason": finish}])
+            body = self._envelope(
+                "text_completion", [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]
+            )
         body["usage"] = usage_dict(usage)
         return body
 
@@ -65,10 +69,12 @@ class OpenAIFormat:
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
-            return self._envelope("chat.completion.chunk",
-                                  [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
-        return self._envelope("text_completion",
-                              [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}])
+            return self._envelope(
+                "chat.completion.chunk", [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+            )
+        return self._envelope(
+            "text_completion", [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]
+        )
 
     def opening_chunks(self) -> list[dict[str, Any]]:
         """Chat streams open with the assistant's role, as OpenAI's do."""

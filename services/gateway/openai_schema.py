@@ -34,8 +34,9 @@ def _unicode(value: Any) -> Any:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as exc:
-            raise ValueError(f"must be valid Unicode: unpaired surrogate {value[exc.start]!r} at index {exc.start}"
-                             ) from None
+            raise ValueError(
+                f"must be valid Unicode: unpaired surrogate {value[exc.start]!r} at index {exc.start}"
+            ) from None
     return value
 
 
@@ -98,9 +99,17 @@ class _GenerateBody(_Body):
 
 
 class CompletionRequest(_GenerateBody):
-    prompt: Annotated[str, WithJsonSchema({"anyOf": [
-        {"type": "string", "minLength": 1},
-        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1}]})]
+    prompt: Annotated[
+        str,
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "string", "minLength": 1},
+                    {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
+                ]
+            }
+        ),
+    ]
     # null, like absent, means OpenAI's default
     max_tokens: MaxTokens | None = None
 
@@ -117,16 +126,31 @@ class CompletionRequest(_GenerateBody):
 
     def to_grpc(self, request_id: str) -> generate_pb2.GenerateRequest:
         max_tokens = self.max_tokens if self.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
-        return generate_pb2.GenerateRequest(request_id=request_id, model=self.model, prompt=self.prompt,
-                                            sampling=self._sampling(max_tokens))
+        return generate_pb2.GenerateRequest(
+            request_id=request_id, model=self.model, prompt=self.prompt, sampling=self._sampling(max_tokens)
+        )
 
 
 class ChatMessage(_Body):
     role: Literal[CHAT_ROLES]  # type: ignore[valid-type]
-    content: Annotated[str, WithJsonSchema({"anyOf": [
-        {"type": "string"},
-        {"type": "array", "items": {"type": "object", "required": ["type", "text"], "properties": {
-            "type": {"const": "text"}, "text": {"type": "string"}}}}]})]
+    content: Annotated[
+        str,
+        WithJsonSchema(
+            {
+                "anyOf": [
+                    {"type": "string"},
+                    {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["type", "text"],
+                            "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+                        },
+                    },
+                ]
+            }
+        ),
+    ]
 
     @field_validator("content", mode="before")
     @classmethod
@@ -153,9 +177,11 @@ class ChatCompletionRequest(_GenerateBody):
     def to_grpc(self, request_id: str) -> generate_pb2.GenerateRequest:
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         chat = generate_pb2.ChatInput(
-            messages=[generate_pb2.ChatMessage(role=m.role, content=m.content) for m in self.messages])
-        return generate_pb2.GenerateRequest(request_id=request_id, model=self.model, chat=chat,
-                                            sampling=self._sampling(max_tokens))
+            messages=[generate_pb2.ChatMessage(role=m.role, content=m.content) for m in self.messages]
+        )
+        return generate_pb2.GenerateRequest(
+            request_id=request_id, model=self.model, chat=chat, sampling=self._sampling(max_tokens)
+        )
 
 
 # ---- responses (documentation only: the routes build these bodies as dicts) -------------------------

@@ -80,8 +80,11 @@ class GatewayShuttingDown(GatewayError):
 
 
 def shutting_down(request_id: str) -> GatewayShuttingDown:
-    return GatewayShuttingDown(f"request {request_id} was ended unfinished: the gateway is shutting down and its "
-                               "grace has passed; send it again", retry_after_s=1)
+    return GatewayShuttingDown(
+        f"request {request_id} was ended unfinished: the gateway is shutting down and its "
+        "grace has passed; send it again",
+        retry_after_s=1,
+    )
 
 
 def _cancelling() -> bool:
@@ -97,9 +100,15 @@ class AgentStream:
     any time, also after the stream finished. end(error) ends it so that its
     reader gets `error`."""
 
-    def __init__(self, call: grpc.aio.UnaryStreamCall, first: generate_pb2.GenerateResponse,
-                 request: generate_pb2.GenerateRequest, address: str, timeout_s: float,
-                 on_done: Callable[[AgentStream], None] | None = None):
+    def __init__(
+        self,
+        call: grpc.aio.UnaryStreamCall,
+        first: generate_pb2.GenerateResponse,
+        request: generate_pb2.GenerateRequest,
+        address: str,
+        timeout_s: float,
+        on_done: Callable[[AgentStream], None] | None = None,
+    ):
         self._call = call
         self.first = first
         self._request = request
@@ -120,9 +129,14 @@ class AgentStream:
         self._call.cancel()
 
     def _error(self, exc: grpc.aio.AioRpcError) -> GatewayError:
-        return from_agent_error(exc.code(), exc.details(), model=self._request.model,
-                                request_id=self._request.request_id, timeout_s=self._timeout_s,
-                                retry_after_s=retry_after_of(exc.trailing_metadata()))
+        return from_agent_error(
+            exc.code(),
+            exc.details(),
+            model=self._request.model,
+            request_id=self._request.request_id,
+            timeout_s=self._timeout_s,
+            retry_after_s=retry_after_of(exc.trailing_metadata()),
+        )
 
     async def __aiter__(self) -> AsyncIterator[generate_pb2.GenerateResponse]:
         response = self.first
@@ -145,8 +159,10 @@ class AgentStream:
                         raise self._ended_with from None
                     raise
                 if response is grpc.aio.EOF:
-                    raise InternalError(f"request {self._request.request_id}: the agent at {self.address} "
-                                        "ended the stream without a finish reason")
+                    raise InternalError(
+                        f"request {self._request.request_id}: the agent at {self.address} "
+                        "ended the stream without a finish reason"
+                    )
         finally:
             self.cancel()  # a no-op when the call is complete
 
@@ -229,7 +245,8 @@ class Relay:
             handed_over = False
             try:
                 call = self.router.stub(address).Generate(
-                    request, timeout=remaining, metadata=((HEADER, request.request_id),))
+                    request, timeout=remaining, metadata=((HEADER, request.request_id),)
+                )
                 try:
                     first = await call.read()
                 except grpc.aio.AioRpcError as exc:
@@ -238,16 +255,24 @@ class Relay:
                     # gateway holds last saw it. The model exists; this replica is gone: route again.
                     gone = exc.code() == grpc.StatusCode.NOT_FOUND
                     if gone:
-                        log.info("request %s: the agent at %s no longer serves %s (%s); routing it again",
-                                 request.request_id, address, request.model, exc.details())
+                        log.info(
+                            "request %s: the agent at %s no longer serves %s (%s); routing it again",
+                            request.request_id,
+                            address,
+                            request.model,
+                            exc.details(),
+                        )
                         unreachable.append(f"agent at {address}: {exc.details()}")
                     if (draining or gone) and bounces < MAX_DRAIN_BOUNCES:
                         bounces += 1
                         if draining:
-                            log.info("request %s sent back by the draining engine of %s at %s; routing it again",
-                                     request.request_id, request.model, address)
-                        candidates = [c for c in await self._candidates(request)
-                                      if not (gone and c == address)]
+                            log.info(
+                                "request %s sent back by the draining engine of %s at %s; routing it again",
+                                request.request_id,
+                                request.model,
+                                address,
+                            )
+                        candidates = [c for c in await self._candidates(request) if not (gone and c == address)]
                         continue
                     if gone:
                         continue
@@ -255,15 +280,21 @@ class Relay:
                         log.warning("agent at %s unavailable for %s: %s", address, request.model, exc.details())
                         unreachable.append(f"agent at {address}: {exc.details()}")
                         continue
-                    raise from_agent_error(exc.code(), exc.details(), model=request.model,
-                                           request_id=request.request_id, timeout_s=self.timeout_s,
-                                           retry_after_s=retry_after_of(exc.trailing_metadata())) from None
+                    raise from_agent_error(
+                        exc.code(),
+                        exc.details(),
+                        model=request.model,
+                        request_id=request.request_id,
+                        timeout_s=self.timeout_s,
+                        retry_after_s=retry_after_of(exc.trailing_metadata()),
+                    ) from None
                 except BaseException:  # our caller was cancelled (its client left): end the call too
                     call.cancel()
                     raise
                 if first is grpc.aio.EOF:
-                    raise InternalError(f"request {request.request_id}: the agent at {address} "
-                                        "ended the stream without any response")
+                    raise InternalError(
+                        f"request {request.request_id}: the agent at {address} ended the stream without any response"
+                    )
                 stream = AgentStream(call, first, request, address, self.timeout_s, on_done=self._stream_done)
                 handed_over = True
                 return stream
@@ -271,8 +302,13 @@ class Relay:
                 if not handed_over:
                     self.router.ended(request.model, address)
         if not unreachable:
-            raise from_agent_error(grpc.StatusCode.DEADLINE_EXCEEDED, None, model=request.model,
-                                   request_id=request.request_id, timeout_s=self.timeout_s)
+            raise from_agent_error(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                None,
+                model=request.model,
+                request_id=request.request_id,
+                timeout_s=self.timeout_s,
+            )
         raise ModelUnavailable(f"model {request.model!r} has no live replica ({'; '.join(unreachable)})")
 
     async def _candidates(self, request: generate_pb2.GenerateRequest) -> list[str]:

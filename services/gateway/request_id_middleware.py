@@ -51,6 +51,12 @@ class RequestIdMiddleware:
         finally:
             # Polls (health, metrics, model lists) would drown the requests that matter.
             level = logging.INFO if scope["method"] == "POST" else logging.DEBUG
-            log.log(level, "%s %s -> %s in %.3fs", scope["method"], scope["path"], status or "no response",
-                    time.monotonic() - start)
+            log.log(
+                level,
+                "%s %s -> %s in %.3fs",
+                scope["method"],
+                scope["path"],
+                status or "no response",
+                time.monotonic() - start,
+            )
             request_id_var.reset(token)

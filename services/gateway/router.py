@@ -59,9 +59,13 @@ def channel_options(keepalive_s: float) -> list[tuple[str, int]]:
     ms = max(1, round(keepalive_s * 1000))
     # gRPC core times an unanswered ping out after grpc.http2.ping_timeout_ms (1 min by default), whatever
     # the keepalive timeout says: both are set.
-    return [*CHANNEL_OPTIONS, ("grpc.keepalive_time_ms", ms), ("grpc.keepalive_timeout_ms", ms),
-            ("grpc.http2.ping_timeout_ms", ms),
-            ("grpc.http2.max_pings_without_data", 0)]  # ping a silent agent for as long as calls wait
+    return [
+        *CHANNEL_OPTIONS,
+        ("grpc.keepalive_time_ms", ms),
+        ("grpc.keepalive_timeout_ms", ms),
+        ("grpc.http2.ping_timeout_ms", ms),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]  # ping a silent agent for as long as calls wait
 
 
 @dataclass(frozen=True)
@@ -87,9 +91,15 @@ def _parse(cls: type[R], raw: bytes | None, key: str) -> R | None:
 
 
 class Router:
-    def __init__(self, etcd_endpoint: str, channel_close_grace_s: float = 600.0, *,
-                 etcd_access: EtcdAccess = EtcdAccess(), tls: TlsFiles | None = None,
-                 agent_keepalive_s: float = DEFAULT_AGENT_KEEPALIVE_S):
+    def __init__(
+        self,
+        etcd_endpoint: str,
+        channel_close_grace_s: float = 600.0,
+        *,
+        etcd_access: EtcdAccess = EtcdAccess(),
+        tls: TlsFiles | None = None,
+        agent_keepalive_s: float = DEFAULT_AGENT_KEEPALIVE_S,
+    ):
         """etcd_access: TLS and user of the etcd connection; tls: the
         gateway's TLS files for its calls to the agents (None: plaintext);
         agent_keepalive_s: how soon a frozen agent's calls fail (see
@@ -216,8 +226,13 @@ class Router:
             why = "; ".join(reasons) if reasons else "it is not placed on any agent"
             raise ModelUnavailable(f"model {model!r} has no live replica ({why})")
         turn = next(self._turns.setdefault(model, itertools.count()))
-        return route_order(list(servable), servable.__getitem__,
-                           lambda address: self._in_flight.get((model, address), 0), turn, prefix_key)
+        return route_order(
+            list(servable),
+            servable.__getitem__,
+            lambda address: self._in_flight.get((model, address), 0),
+            turn,
+            prefix_key,
+        )
 
     def began(self, model: str, address: str) -> None:
         """A request for `model` was sent to the agent at `address` (the relay tells)."""
@@ -268,12 +283,15 @@ class Router:
     def list_models(self) -> list[ModelStatus]:
         models = []
         for key in sorted(self._items(records.MODELS)):
-            name = key[len(records.MODELS):]
+            name = key[len(records.MODELS) :]
             replicas = self._replica_states(name)
             engines = [e for _, address, e in replicas if address is not None and e is not None]
             available = any(e.servable for e in engines) or bool(replicas and self._draining(name))
-            models.append(ModelStatus(name=name, available=available,
-                                      max_context=max((e.max_context for e in engines), default=0)))
+            models.append(
+                ModelStatus(
+                    name=name, available=available, max_context=max((e.max_context for e in engines), default=0)
+                )
+            )
         return models
 
     # ---- channels ------------------------------------------------------

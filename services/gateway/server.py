@@ -89,37 +89,61 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-host", default="127.0.0.1")
     p.add_argument("--grpc-port", type=int, default=50050)
-    p.add_argument("--request-timeout-s", type=float, default=600.0,
-                   help="deadline of every agent call, a whole streamed generation included")
-    p.add_argument("--agent-keepalive-s", type=float, default=DEFAULT_AGENT_KEEPALIVE_S,
-                   help="ping each agent connection with calls open this often; one that does not answer a ping "
-                        "within as long (a frozen agent, a partition) is dropped and its requests fail with "
-                        "503 / UNAVAILABLE instead of waiting out --request-timeout-s")
-    p.add_argument("--cold-start-timeout-s", type=float, default=DEFAULT_ALLOWANCE_S,
-                   help="how long beyond its TTFT SLO a request waits for its model to become servable "
-                        "(loaded and switched on somewhere) before it fails with 503; 0: fail at once")
-    p.add_argument("--gateway-id", default=None,
-                   help="names this gateway's demand records in etcd (default: HOSTNAME-HTTP_PORT)")
-    p.add_argument("--api-keys-file", type=Path, default=None,
-                   help=f"YAML or JSON list of API keys (see docs/security.md); {ENV_VAR} adds comma-separated "
-                        "keys for every model. Without any key, authentication is off")
+    p.add_argument(
+        "--request-timeout-s",
+        type=float,
+        default=600.0,
+        help="deadline of every agent call, a whole streamed generation included",
+    )
+    p.add_argument(
+        "--agent-keepalive-s",
+        type=float,
+        default=DEFAULT_AGENT_KEEPALIVE_S,
+        help="ping each agent connection with calls open this often; one that does not answer a ping "
+        "within as long (a frozen agent, a partition) is dropped and its requests fail with "
+        "503 / UNAVAILABLE instead of waiting out --request-timeout-s",
+    )
+    p.add_argument(
+        "--cold-start-timeout-s",
+        type=float,
+        default=DEFAULT_ALLOWANCE_S,
+        help="how long beyond its TTFT SLO a request waits for its model to become servable "
+        "(loaded and switched on somewhere) before it fails with 503; 0: fail at once",
+    )
+    p.add_argument(
+        "--gateway-id", default=None, help="names this gateway's demand records in etcd (default: HOSTNAME-HTTP_PORT)"
+    )
+    p.add_argument(
+        "--api-keys-file",
+        type=Path,
+        default=None,
+        help=f"YAML or JSON list of API keys (see docs/security.md); {ENV_VAR} adds comma-separated "
+        "keys for every model. Without any key, authentication is off",
+    )
     p.add_argument("--metrics-auth", action="store_true", help="/metrics requires an API key too")
     defaults = Limits()
     limit_help = {
         "max_request_bytes": "largest request body (REST) or message (gRPC); larger: 413 / RESOURCE_EXHAUSTED",
         "max_prompt_chars": "longest prompt, or all chat messages together, in characters; longer: 400",
         "max_tokens_cap": "largest max_tokens a request may ask for; larger: 400",
-        "max_concurrent_streams": "generations in flight per client (API key), streamed or not; more: 429; "
-                                  "0: no limit",
+        "max_concurrent_streams": "generations in flight per client (API key), streamed or not; more: 429; 0: no limit",
         "rate_limit_rps": "requests per second per client (token bucket); over: 429 with Retry-After; 0: no limit",
         "rate_limit_burst": "requests a client may send at once after a quiet spell; 0: one second's worth",
     }
     for name, (kind, _) in LIMIT_FIELDS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(defaults, name),
-                       help=f"{limit_help[name]} (default %(default)s; a key's `limits:` overrides it)")
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=kind,
+            default=getattr(defaults, name),
+            help=f"{limit_help[name]} (default %(default)s; a key's `limits:` overrides it)",
+        )
     add_tls_args(p)
-    p.add_argument("--http-tls-cert", default=None, metavar="PEM",
-                   help="serve REST over HTTPS with this certificate (may differ from --tls-cert)")
+    p.add_argument(
+        "--http-tls-cert",
+        default=None,
+        metavar="PEM",
+        help="serve REST over HTTPS with this certificate (may differ from --tls-cert)",
+    )
     p.add_argument("--http-tls-key", default=None, metavar="PEM", help="the private key of --http-tls-cert")
     add_etcd_args(p)
     args = p.parse_args(argv)
@@ -146,8 +170,11 @@ def http_tls_from_args(args: argparse.Namespace) -> TlsFiles | None:
     """The REST API's certificate and key (None: plain HTTP)."""
     if args.http_tls_cert is None and args.http_tls_key is None:
         return None
-    files = TlsFiles(cert=Path(args.http_tls_cert) if args.http_tls_cert else None,
-                     key=Path(args.http_tls_key) if args.http_tls_key else None, options="--http-tls")
+    files = TlsFiles(
+        cert=Path(args.http_tls_cert) if args.http_tls_cert else None,
+        key=Path(args.http_tls_key) if args.http_tls_key else None,
+        options="--http-tls",
+    )
     files.check()
     return files
 
@@ -163,8 +190,12 @@ def _log_auth(keys: KeyStore, args: argparse.Namespace) -> None:
         if args.metrics_auth:
             log.warning("--metrics-auth has no effect without API keys")
         return
-    log.info("authentication is on: %d API key(s) (%s); /metrics %s", len(keys.keys),
-             ", ".join(key.name for key in keys.keys), "needs a key" if args.metrics_auth else "is open")
+    log.info(
+        "authentication is on: %d API key(s) (%s); /metrics %s",
+        len(keys.keys),
+        ", ".join(key.name for key in keys.keys),
+        "needs a key" if args.metrics_auth else "is open",
+    )
 
 
 class HttpGate:
@@ -196,13 +227,26 @@ class HttpGate:
             body: dict = {"status": "shutting down"}
         else:
             request_id = new_request_id(OTHER_PREFIX)
-            body = error_body(GatewayShuttingDown(f"the gateway is shutting down: {scope['method']} {scope['path']} "
-                                                  "was not taken; send it to another gateway or again later"),
-                              request_id)
+            body = error_body(
+                GatewayShuttingDown(
+                    f"the gateway is shutting down: {scope['method']} {scope['path']} "
+                    "was not taken; send it to another gateway or again later"
+                ),
+                request_id,
+            )
         payload = json.dumps(body).encode()
-        await send({"type": "http.response.start", "status": 503, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-            (b"retry-after", b"1"), (b"connection", b"close")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 503,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode()),
+                    (b"retry-after", b"1"),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": payload})
 
 
@@ -219,22 +263,34 @@ class GrpcGate(grpc.aio.ServerInterceptor):
             return handler
 
         async def refuse(request, context: grpc.aio.ServicerContext) -> None:
-            request_id = (choose_request_id(request.request_id, prefix_for(request))
-                          if isinstance(request, generate_pb2.GenerateRequest) else new_request_id(OTHER_PREFIX))
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the gateway is shutting down: the call was not "
-                                "taken; send it to another gateway or again later",
-                                trailing_metadata=((HEADER, request_id),))
+            request_id = (
+                choose_request_id(request.request_id, prefix_for(request))
+                if isinstance(request, generate_pb2.GenerateRequest)
+                else new_request_id(OTHER_PREFIX)
+            )
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "the gateway is shutting down: the call was not taken; send it to another gateway or again later",
+                trailing_metadata=((HEADER, request_id),),
+            )
 
-        make = grpc.unary_stream_rpc_method_handler if handler.response_streaming else \
-            grpc.unary_unary_rpc_method_handler
+        make = (
+            grpc.unary_stream_rpc_method_handler if handler.response_streaming else grpc.unary_unary_rpc_method_handler
+        )
         if handler.request_streaming:  # the gateway has no such call; leave it to the servicer
             return handler
-        return make(refuse, request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
+        return make(
+            refuse, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
 
 
-async def drain(http_gate: HttpGate, grpc_gate: GrpcGate, relay: Relay, grace_s: float = SHUTDOWN_GRACE_S,
-                end_margin_s: float = END_MARGIN_S) -> None:
+async def drain(
+    http_gate: HttpGate,
+    grpc_gate: GrpcGate,
+    relay: Relay,
+    grace_s: float = SHUTDOWN_GRACE_S,
+    end_margin_s: float = END_MARGIN_S,
+) -> None:
     """Closes both gates, waits for the requests in flight (REST requests
     inside the gate, generations of either API in the relay) for up to
     grace_s - end_margin_s, then ends those left explicitly and gives them
@@ -247,8 +303,12 @@ async def drain(http_gate: HttpGate, grpc_gate: GrpcGate, relay: Relay, grace_s:
         return http_gate.in_flight > 0 or relay.in_flight > 0
 
     if busy():
-        log.info("draining: %d REST request(s) and %d generation(s) in flight get up to %.1fs",
-                 http_gate.in_flight, relay.in_flight, grace_s - end_margin_s)
+        log.info(
+            "draining: %d REST request(s) and %d generation(s) in flight get up to %.1fs",
+            http_gate.in_flight,
+            relay.in_flight,
+            grace_s - end_margin_s,
+        )
     while busy() and loop.time() - start < grace_s - end_margin_s:
         await asyncio.sleep(DRAIN_POLL_S)
     if busy():
@@ -295,8 +355,13 @@ async def serve(args: argparse.Namespace) -> int:
     http_socket = _bind(args.http_host, args.http_port)
     if http_socket is None:
         return 1
-    router = Router(args.etcd, channel_close_grace_s=args.request_timeout_s, etcd_access=args.etcd_access,
-                    tls=args.tls_files, agent_keepalive_s=args.agent_keepalive_s)
+    router = Router(
+        args.etcd,
+        channel_close_grace_s=args.request_timeout_s,
+        etcd_access=args.etcd_access,
+        tls=args.tls_files,
+        agent_keepalive_s=args.agent_keepalive_s,
+    )
     metrics = GatewayMetrics()
     access = AccessControl(keys, limits_of(args), metrics, metrics_auth=args.metrics_auth)
     demand = DemandPublisher(router, args.gateway_id or f"{socket.gethostname()}-{args.http_port}")
@@ -304,9 +369,10 @@ async def serve(args: argparse.Namespace) -> int:
 
     # gRPC refuses larger messages itself (RESOURCE_EXHAUSTED); the service checks each caller's own limit.
     grpc_gate = GrpcGate()
-    grpc_server = grpc.aio.server(options=[("grpc.max_receive_message_length", access.largest_request_bytes),
-                                              REUSE_NO_PORT],
-                                  interceptors=[grpc_gate])
+    grpc_server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", access.largest_request_bytes), REUSE_NO_PORT],
+        interceptors=[grpc_gate],
+    )
     add_gateway_service(grpc_server, router, relay, metrics, access)
     health = add_health_and_reflection(grpc_server, [SERVICE_NAME])
     await mark_not_serving(health, [SERVICE_NAME])  # until the cluster state is loaded
@@ -318,14 +384,22 @@ async def serve(args: argparse.Namespace) -> int:
     await grpc_server.start()
 
     http_gate = HttpGate(create_app(router, relay, metrics, access))
-    http_server = _HttpServer(uvicorn.Config(
-        http_gate, host=args.http_host, port=args.http_port,
-        log_config=None, access_log=False, lifespan="off",
-        # uvicorn annotates this int, but hands it only to asyncio.timeout, which takes float seconds: half a second.
-        timeout_graceful_shutdown=END_MARGIN_S / 2,  # type: ignore[arg-type]
-        timeout_keep_alive=HTTP_KEEP_ALIVE_S,
-        ssl_certfile=args.http_tls.cert if args.http_tls else None,
-        ssl_keyfile=args.http_tls.key if args.http_tls else None))
+    http_server = _HttpServer(
+        uvicorn.Config(
+            http_gate,
+            host=args.http_host,
+            port=args.http_port,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            # uvicorn annotates this int, but hands it only to asyncio.timeout, which takes float seconds:
+            # half a second.
+            timeout_graceful_shutdown=END_MARGIN_S / 2,  # type: ignore[arg-type]
+            timeout_keep_alive=HTTP_KEEP_ALIVE_S,
+            ssl_certfile=args.http_tls.cert if args.http_tls else None,
+            ssl_keyfile=args.http_tls.key if args.http_tls else None,
+        )
+    )
     router_task = asyncio.create_task(router.run(), name="router")
     demand_task = asyncio.create_task(demand.run(), name="demand")
     http_task = asyncio.create_task(http_server.serve(sockets=[http_socket]), name="http")
@@ -333,8 +407,14 @@ async def serve(args: argparse.Namespace) -> int:
     async def serving_once_ready() -> None:
         await router.wait_ready()
         await mark_serving(health, [SERVICE_NAME])
-        log.info("gateway ready: REST on %s://%s:%d, gRPC on %s (%s)", "https" if args.http_tls else "http",
-                 args.http_host, args.http_port, grpc_address, transport_name(args.tls_files, args.mtls))
+        log.info(
+            "gateway ready: REST on %s://%s:%d, gRPC on %s (%s)",
+            "https" if args.http_tls else "http",
+            args.http_host,
+            args.http_port,
+            grpc_address,
+            transport_name(args.tls_files, args.mtls),
+        )
 
     ready_task = asyncio.create_task(serving_once_ready(), name="ready")
     stop = asyncio.Event()
@@ -348,8 +428,11 @@ async def serve(args: argparse.Namespace) -> int:
     for serving_task in (http_task, router_task):
         if serving_task.done():  # either ending on its own is a failure (uvicorn exits when it cannot bind)
             exit_code = 1
-            log.error("%s stopped unexpectedly: %r", serving_task.get_name(),
-                      serving_task.exception() if not serving_task.cancelled() else "cancelled")
+            log.error(
+                "%s stopped unexpectedly: %r",
+                serving_task.get_name(),
+                serving_task.exception() if not serving_task.cancelled() else "cancelled",
+            )
     log.info("gateway stopping: new requests are refused")
     await mark_not_serving(health, [SERVICE_NAME])
     if exit_code == 0:

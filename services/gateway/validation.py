@@ -28,14 +28,17 @@ def validate_generate_request(request: generate_pb2.GenerateRequest) -> None:
             raise InvalidRequest("messages must not be empty", param="messages")
         for i, message in enumerate(request.chat.messages):
             if message.role not in CHAT_ROLES:
-                raise InvalidRequest(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}; got {message.role!r}",
-                                     param=f"messages[{i}].role")
+                raise InvalidRequest(
+                    f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}; got {message.role!r}",
+                    param=f"messages[{i}].role",
+                )
     sampling = request.sampling
     if sampling.HasField("max_tokens") and sampling.max_tokens < 1:
         raise InvalidRequest(f"max_tokens must be at least 1, got {sampling.max_tokens}", param="max_tokens")
     # Written as `not (in range)` so NaN fails too.
     if sampling.HasField("temperature") and not 0.0 <= sampling.temperature <= MAX_TEMPERATURE:
-        raise InvalidRequest(f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {sampling.temperature:g}",
-                             param="temperature")
+        raise InvalidRequest(
+            f"temperature must be in [0, {MAX_TEMPERATURE:g}], got {sampling.temperature:g}", param="temperature"
+        )
     if sampling.HasField("top_p") and not 0.0 < sampling.top_p <= 1.0:
         raise InvalidRequest(f"top_p must be in (0, 1], got {sampling.top_p:g}", param="top_p")

@@ -51,8 +51,9 @@ def admission_key(arrival: float, deadline: float, now: float, starvation_s: flo
     return (1, deadline)
 
 
-def free_tokens(limit_bytes: int, kv_bytes_per_token: int, engine_demand_tokens: int, engine_used_bytes: int,
-                reserved_tokens: int) -> int:
+def free_tokens(
+    limit_bytes: int, kv_bytes_per_token: int, engine_demand_tokens: int, engine_used_bytes: int, reserved_tokens: int
+) -> int:
     """Token slots under an engine's limit that neither its requests (what
     they hold or will need soon, whichever is more) nor admission's
     reservations claim; negative when they claim more than the limit."""
@@ -103,8 +104,12 @@ class Ticket:
 
 
 class AdmissionQueue:
-    def __init__(self, coordinator: MemoryCoordinator, starvation_s: float = DEFAULT_STARVATION_S,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        coordinator: MemoryCoordinator,
+        starvation_s: float = DEFAULT_STARVATION_S,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.coordinator = coordinator
         self.starvation_s = starvation_s
         self.clock = clock
@@ -139,8 +144,13 @@ class AdmissionQueue:
         CapacityError at once for a request whose KV no limit on this device
         could ever hold (it would wait forever)."""
         now = self.clock()
-        ticket = Ticket(managed=managed, tokens=prompt_tokens + DEMAND_GROWTH_TOKENS, arrival=now,
-                        deadline=now + managed.slo.ttft_s, queue=self)
+        ticket = Ticket(
+            managed=managed,
+            tokens=prompt_tokens + DEMAND_GROWTH_TOKENS,
+            arrival=now,
+            deadline=now + managed.slo.ttft_s,
+            queue=self,
+        )
         engine = managed.started_engine  # the agent admits requests for ready engines only
         if prompt_tokens >= engine.max_context:
             ticket.tokens = 0  # over the model's context: the engine refuses it at once, nothing to wait for
@@ -148,8 +158,10 @@ class AdmissionQueue:
         most = self.coordinator.most_kv_bytes(managed)
         need = (prompt_tokens + 1) * engine.kv_bytes_per_token
         if need > most:
-            raise CapacityError(f"the prompt's {prompt_tokens} tokens need {need} bytes of KV cache, more than "
-                                f"model {managed.spec.name!r} can ever be given on this device ({most} bytes)")
+            raise CapacityError(
+                f"the prompt's {prompt_tokens} tokens need {need} bytes of KV cache, more than "
+                f"model {managed.spec.name!r} can ever be given on this device ({most} bytes)"
+            )
         if not self.waiting and self._fits(ticket):  # nobody ahead and room now: no queueing at all
             self._reserve(ticket)
             return ticket
@@ -192,8 +204,12 @@ class AdmissionQueue:
             managed = ticket.managed
             if managed.state != "active" or managed.engine is None:
                 self._drop(ticket)
-                ticket.future.set_exception(EngineNotReadyError(
-                    f"model {ticket.model!r} stopped serving on this agent ({managed.state}) while the request waited"))
+                ticket.future.set_exception(
+                    EngineNotReadyError(
+                        f"model {ticket.model!r} stopped serving on this agent ({managed.state}) while the "
+                        "request waited"
+                    )
+                )
                 continue
             if ticket.model in blocked:
                 continue
@@ -201,9 +217,13 @@ class AdmissionQueue:
                 self._drop(ticket)
                 self.shed += 1
                 waited = now - ticket.arrival
-                ticket.future.set_exception(ShedError(
-                    f"model {ticket.model!r} is overloaded: the request waited {waited:.2f}s for memory, past its "
-                    f"TTFT SLO of {managed.slo.ttft_ms:.0f} ms", retry_after_s=max(1, math.ceil(waited))))
+                ticket.future.set_exception(
+                    ShedError(
+                        f"model {ticket.model!r} is overloaded: the request waited {waited:.2f}s for memory, past its "
+                        f"TTFT SLO of {managed.slo.ttft_ms:.0f} ms",
+                        retry_after_s=max(1, math.ceil(waited)),
+                    )
+                )
                 continue
             if not self._fits(ticket):
                 shortfall = self._shortfall_bytes(ticket)
@@ -225,15 +245,21 @@ class AdmissionQueue:
         active ones)."""
         engine = managed.started_engine
         stats = engine.stats()
-        return free_tokens(managed.memory_limit_bytes, engine.kv_bytes_per_token, stats.kv_demand_tokens,
-                           stats.kv_used_bytes, self._reserved_tokens.get(managed.spec.name, 0))
+        return free_tokens(
+            managed.memory_limit_bytes,
+            engine.kv_bytes_per_token,
+            stats.kv_demand_tokens,
+            stats.kv_used_bytes,
+            self._reserved_tokens.get(managed.spec.name, 0),
+        )
 
     def _fits(self, ticket: Ticket) -> bool:
         return ticket.managed.engine is not None and ticket.tokens <= self._free_tokens(ticket.managed)
 
     def _shortfall_bytes(self, ticket: Ticket) -> int:
-        return shortfall_bytes(ticket.tokens, self._free_tokens(ticket.managed),
-                               ticket.managed.started_engine.kv_bytes_per_token)
+        return shortfall_bytes(
+            ticket.tokens, self._free_tokens(ticket.managed), ticket.managed.started_engine.kv_bytes_per_token
+        )
 
     def _reserve(self, ticket: Ticket) -> None:
         ticket.reserved = True

@@ -66,8 +66,7 @@ def loggable_request_id(request_id: str) -> str:
     if not request_id or _LOGGABLE_ID.fullmatch(request_id):
         return request_id
     replacement = f"agent-{uuid.uuid4().hex}"
-    log.warning("request id %r is not one visible-ASCII token: the request goes by %s", request_id[:200],
-                replacement)
+    log.warning("request id %r is not one visible-ASCII token: the request goes by %s", request_id[:200], replacement)
     return replacement
 
 
@@ -80,8 +79,9 @@ STATE_TO_PROTO = {
 }
 
 
-def engine_status(managed: ManagedEngine, *, admission: AdmissionQueueView | None = None,
-                  demand_bytes: dict[str, int] | None = None) -> agent_pb2.EngineStatus:
+def engine_status(
+    managed: ManagedEngine, *, admission: AdmissionQueueView | None = None, demand_bytes: dict[str, int] | None = None
+) -> agent_pb2.EngineStatus:
     """admission and demand_bytes (model -> KV demand, from the memory
     coordinators) fill admission_queued and kv_demand_bytes; the serving
     stats come from the engine's own request stats."""
@@ -116,15 +116,26 @@ def engine_status(managed: ManagedEngine, *, admission: AdmissionQueueView | Non
 
 def slo_from_proto(spec: agent_pb2.ModelSpec) -> ModelSlo:
     """The spec's SLO, the agent's defaults where it leaves a field unset (0)."""
-    return ModelSlo(ttft_ms=spec.slo.ttft_ms or DEFAULT_TTFT_MS, tpot_ms=spec.slo.tpot_ms or DEFAULT_TPOT_MS,
-                    priority=spec.priority or DEFAULT_PRIORITY, shed_load=spec.shed_load)
+    return ModelSlo(
+        ttft_ms=spec.slo.ttft_ms or DEFAULT_TTFT_MS,
+        tpot_ms=spec.slo.tpot_ms or DEFAULT_TPOT_MS,
+        priority=spec.priority or DEFAULT_PRIORITY,
+        shed_load=spec.shed_load,
+    )
 
 
 class AgentService(agent_pb2_grpc.AgentServicer):
-    def __init__(self, agent_id: str, devices, manager: EngineManager, *,
-                 coordinators: Mapping[int, MemorySplitSource] | None = None,
-                 admission: AgentAdmission | None = None, busy_window_s: float = DEFAULT_BUSY_WINDOW_S,
-                 model_roots: tuple[Path, ...] = ()):
+    def __init__(
+        self,
+        agent_id: str,
+        devices,
+        manager: EngineManager,
+        *,
+        coordinators: Mapping[int, MemorySplitSource] | None = None,
+        admission: AgentAdmission | None = None,
+        busy_window_s: float = DEFAULT_BUSY_WINDOW_S,
+        model_roots: tuple[Path, ...] = (),
+    ):
         """The agent's gRPC service (prism.v1.Agent) over its engines.
 
         Args:
@@ -155,7 +166,9 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         raise AssertionError("unreachable")
 
-    async def Generate(self, request: generate_pb2.GenerateRequest, context) -> AsyncIterator[generate_pb2.GenerateResponse]:
+    async def Generate(
+        self, request: generate_pb2.GenerateRequest, context
+    ) -> AsyncIterator[generate_pb2.GenerateResponse]:
         request.request_id = loggable_request_id(request.request_id)
         request_id_var.set(request.request_id or "-")
         arrival = time.monotonic()
@@ -169,8 +182,9 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         finally:
             stats.ended()
 
-    async def _generate(self, request: generate_pb2.GenerateRequest, context, managed: ManagedEngine,
-                        arrival: float) -> AsyncGenerator[generate_pb2.GenerateResponse, None]:
+    async def _generate(
+        self, request: generate_pb2.GenerateRequest, context, managed: ManagedEngine, arrival: float
+    ) -> AsyncGenerator[generate_pb2.GenerateResponse, None]:
         stats = managed.request_stats
         if managed.state == "inactive":  # the first request for a switched-off model brings it back
             await self._activate(request.model, context)
@@ -194,8 +208,9 @@ class AgentService(agent_pb2_grpc.AgentServicer):
                     assert first_token_at is not None
                     # Recorded before the last yield: the gateway cancels the call once it has the
                     # final response, so code after the loop may never run.
-                    tpot = ((time.monotonic() - first_token_at) / (completion_tokens - 1)
-                            if completion_tokens > 1 else None)
+                    tpot = (
+                        (time.monotonic() - first_token_at) / (completion_tokens - 1) if completion_tokens > 1 else None
+                    )
                     stats.finished(first_token_at - arrival, tpot, out.prompt_tokens, completion_tokens)
                 yield output_to_proto(out, request.request_id, usage_at_end_only=True)
         except InvalidRequestError as exc:
@@ -203,8 +218,11 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         except ShedError as exc:
             stats.shed()
             log.info("shed: %s", exc)
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc),
-                                trailing_metadata=((RETRY_AFTER_KEY, str(exc.retry_after_s)),))
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                str(exc),
+                trailing_metadata=((RETRY_AFTER_KEY, str(exc.retry_after_s)),),
+            )
         except CapacityError as exc:
             stats.failed()
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
@@ -217,10 +235,13 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             stats.failed()
             if managed.unload_reason:  # a drain timed out: the engine was stopped under the request
                 log.warning("request %s ended unfinished: %s", request.request_id, managed.unload_reason)
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"request {request.request_id}: "
-                                                                 f"{managed.unload_reason}")
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE, f"request {request.request_id}: {managed.unload_reason}"
+                )
             log.error("engine failure: %s", exc)
-            await context.abort(grpc.StatusCode.INTERNAL, f"engine for {request.model!r} failed on request {request.request_id}: {exc}")
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"engine for {request.model!r} failed on request {request.request_id}: {exc}"
+            )
         finally:
             if ticket is not None:
                 ticket.release()
@@ -230,9 +251,13 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         demand = demand_by_model(splits)
         return agent_pb2.AgentStatus(
             agent_id=self.agent_id,
-            devices=[agent_pb2.Device(index=d.index, kind=d.kind, name=d.name, memory_bytes=d.memory_bytes) for d in self.devices],
-            engines=[engine_status(m, admission=self.admission, demand_bytes=demand)
-                     for m in self.manager.engines.values()],
+            devices=[
+                agent_pb2.Device(index=d.index, kind=d.kind, name=d.name, memory_bytes=d.memory_bytes)
+                for d in self.devices
+            ],
+            engines=[
+                engine_status(m, admission=self.admission, demand_bytes=demand) for m in self.manager.engines.values()
+            ],
             gpus=[gpu_memory_proto(s) for s in splits],
         )
 
@@ -245,13 +270,22 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         if (why := refusal(s.path, self.model_roots)) is not None:
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{s.name}: {why}")
         spec = EngineSpec(
-            name=s.name, path=s.path, tp_size=s.tp_size or 1, load_format=s.load_format or "auto",
-            engine=s.engine or "auto", dtype=s.dtype or "auto", seed=s.seed, slo=slo_from_proto(s),
-            max_context=s.max_context, deterministic_inference=s.deterministic_inference,
+            name=s.name,
+            path=s.path,
+            tp_size=s.tp_size or 1,
+            load_format=s.load_format or "auto",
+            engine=s.engine or "auto",
+            dtype=s.dtype or "auto",
+            seed=s.seed,
+            slo=slo_from_proto(s),
+            max_context=s.max_context,
+            deterministic_inference=s.deterministic_inference,
             prefix_caching=not s.no_prefix_caching,
         )
         try:
-            managed = await self.manager.load(spec, tuple(request.gpu_ids), request.activate, request.memory_limit_bytes)
+            managed = await self.manager.load(
+                spec, tuple(request.gpu_ids), request.activate, request.memory_limit_bytes
+            )
         except PlacementError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except CapacityError as exc:  # loaded, but no room to switch it on: the scheduler retries later
@@ -266,14 +300,19 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             return engine_status(await self.manager.unload(request.model))
         managed = await self.manager.drain(request.model)
         if self.admission is not None:  # what waits to go into the engine goes back to the gateway at once
-            self.admission.send_back_unstarted(managed, (
-                f"model {request.model!r} is draining on agent {self.agent_id} (being unloaded): the request had "
-                "not started; sent back for another replica"))
+            self.admission.send_back_unstarted(
+                managed,
+                (
+                    f"model {request.model!r} is draining on agent {self.agent_id} (being unloaded): the request had "
+                    "not started; sent back for another replica"
+                ),
+            )
         return engine_status(managed)
 
     @staticmethod
-    async def _engine_call(context: grpc.aio.ServicerContext, call: Awaitable[ManagedEngine],
-                           failure: str) -> ManagedEngine:
+    async def _engine_call(
+        context: grpc.aio.ServicerContext, call: Awaitable[ManagedEngine], failure: str
+    ) -> ManagedEngine:
         """Awaits a manager call that drives an engine; an engine that failed
         meanwhile is UNAVAILABLE, one that cannot get the memory now (its weights
         do not fit beside the busy engines) RESOURCE_EXHAUSTED, an engine error
@@ -301,15 +340,21 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         if not request.force and managed.state == "active" and self._busy(managed, window_s):
             log.info("not deactivating %s: it has requests, or had one in the last %.0fs", request.model, window_s)
             return engine_status(managed)
-        return engine_status(await self._engine_call(context, self.manager.deactivate(request.model),
-                                                     f"deactivating {request.model!r} failed"))
+        return engine_status(
+            await self._engine_call(
+                context, self.manager.deactivate(request.model), f"deactivating {request.model!r} failed"
+            )
+        )
 
     def _busy(self, managed: ManagedEngine, window_s: float) -> bool:
         """A request running or waiting in it, or one arrived within window_s."""
         stats = managed.started_engine.stats()
         queued = self.admission.queued(managed.spec.name) if self.admission is not None else 0
-        return (stats.running_requests + stats.queued_requests + queued > 0
-                or managed.request_stats.in_flight > 0 or managed.request_stats.idle_s() < window_s)
+        return (
+            stats.running_requests + stats.queued_requests + queued > 0
+            or managed.request_stats.in_flight > 0
+            or managed.request_stats.idle_s() < window_s
+        )
 
     async def SetMemoryLimit(self, request: agent_pb2.SetMemoryLimitRequest, context) -> agent_pb2.EngineStatus:
         await self._managed(request.model, context)

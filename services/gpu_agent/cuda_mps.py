@@ -54,8 +54,14 @@ class MpsDaemon:
         if not self.owned:
             return
         try:
-            subprocess.run([self.control_binary], input=b"quit\n", env=_env_for(self.pipe_dir),
-                           capture_output=True, timeout=QUIT_TIMEOUT_S, check=False)
+            subprocess.run(
+                [self.control_binary],
+                input=b"quit\n",
+                env=_env_for(self.pipe_dir),
+                capture_output=True,
+                timeout=QUIT_TIMEOUT_S,
+                check=False,
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             log.warning("CUDA MPS daemon (pipe %s) did not quit: %s", self.pipe_dir, exc)
         else:

@@ -91,8 +91,10 @@ def auto_engine(device_kind: str, sglang_version: str, stand_in: bool = False) -
     if not sglang_version:
         return "torch", "SGLang is not installed"
     if sglang_version not in SGLANG_VERIFIED:
-        return "torch", (f"SGLang {sglang_version} is installed, but the driver was verified with "
-                         f"{', '.join(SGLANG_VERIFIED)}; engine: sglang runs it anyway")
+        return "torch", (
+            f"SGLang {sglang_version} is installed, but the driver was verified with "
+            f"{', '.join(SGLANG_VERIFIED)}; engine: sglang runs it anyway"
+        )
     return "sglang", f"SGLang {sglang_version}, a verified release"
 
 
@@ -158,6 +160,7 @@ OnChange = Callable[[ManagedEngine], Awaitable[None]]
 
 class ModelLoadArgs(TypedDict):
     """What every rank of a split model is loaded with (RemoteEngine.load and load_shard_follower)."""
+
     name: str
     load_format: str
     dtype: str
@@ -171,11 +174,19 @@ COORDINATED_INITIAL_LIMIT_BYTES = 1
 
 
 class EngineManager:
-    def __init__(self, devices: list[Device], on_change: OnChange, pool: WorkerPool | None = None,
-                 coordinated: bool = False, stats_window_s: float = DEFAULT_WINDOW_S,
-                 shared_weights_dir: Path | None = None, shared_weights_prefix: str = "prism",
-                 drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
-                 sglang_launch_command: tuple[str, ...] | None = None, sglang_options: DriverOptions | None = None):
+    def __init__(
+        self,
+        devices: list[Device],
+        on_change: OnChange,
+        pool: WorkerPool | None = None,
+        coordinated: bool = False,
+        stats_window_s: float = DEFAULT_WINDOW_S,
+        shared_weights_dir: Path | None = None,
+        shared_weights_prefix: str = "prism",
+        drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
+        sglang_launch_command: tuple[str, ...] | None = None,
+        sglang_options: DriverOptions | None = None,
+    ):
         """pool: run each engine in a worker process from it; None runs engines inline.
         coordinated: a memory coordinator sets the KV limits; a load's memory
         limit is then the engine's cap, not its limit (but a split built-in
@@ -214,8 +225,11 @@ class EngineManager:
         if self.shared_weights_dir is not None:
             stale = remove_shared_weights(self.shared_weights_dir, shared_weights_prefix)
             if stale:
-                log.warning("removed %d shared weight copies an earlier run of this agent left in %s",
-                            stale, self.shared_weights_dir)
+                log.warning(
+                    "removed %d shared weight copies an earlier run of this agent left in %s",
+                    stale,
+                    self.shared_weights_dir,
+                )
 
     async def _publish(self, managed: ManagedEngine) -> None:
         try:
@@ -233,7 +247,9 @@ class EngineManager:
         """The device of the engine itself: rank 0's where the model is split (_start_split_engine)."""
         return self.devices[gpu_ids[0]].torch_device
 
-    async def load(self, spec: EngineSpec, gpu_ids: tuple[int, ...], activate: bool, memory_limit_bytes: int) -> ManagedEngine:
+    async def load(
+        self, spec: EngineSpec, gpu_ids: tuple[int, ...], activate: bool, memory_limit_bytes: int
+    ) -> ManagedEngine:
         """Loads (or finds) the model's engine; returns when it is ready or failed."""
         unknown = [g for g in gpu_ids if g not in self.devices]
         if not gpu_ids or unknown:
@@ -242,8 +258,10 @@ class EngineManager:
             raise PlacementError(f"tp_size {spec.tp_size} needs {spec.tp_size} GPU(s), got {list(gpu_ids)}")
         spec = replace(spec, engine=self._engine_kind(spec, gpu_ids))
         if spec.tp_size > 1 and spec.engine == "torch" and self.pool is None:
-            raise PlacementError("tensor parallelism (tp_size > 1) with the built-in engine needs engine workers "
-                                 "(one process per GPU): the agent runs its engines inline")
+            raise PlacementError(
+                "tensor parallelism (tp_size > 1) with the built-in engine needs engine workers "
+                "(one process per GPU): the agent runs its engines inline"
+            )
         existing = self.engines.get(spec.name)
         if existing is not None and existing.state == "failed" and existing.engine is not None:
             await existing.engine.stop()  # what is left of it (a dead worker's channel)
@@ -256,8 +274,12 @@ class EngineManager:
             if activate and existing.state == "inactive":
                 await self.activate(spec.name)
             return existing
-        managed = ManagedEngine(spec=spec, gpu_ids=gpu_ids, memory_limit_bytes=memory_limit_bytes,
-                                request_stats=ModelRequestStats(spec.slo, self.stats_window_s))
+        managed = ManagedEngine(
+            spec=spec,
+            gpu_ids=gpu_ids,
+            memory_limit_bytes=memory_limit_bytes,
+            request_stats=ModelRequestStats(spec.slo, self.stats_window_s),
+        )
         if self.coordinated and not managed.fixed_kv:  # the coordinator sets the limit; the load's is its cap
             managed.memory_limit_bytes, managed.cap_bytes = COORDINATED_INITIAL_LIMIT_BYTES, memory_limit_bytes
         self.engines[spec.name] = managed
@@ -291,9 +313,9 @@ class EngineManager:
             raise CapacityError(f"model {spec.name!r} is loaded but stays switched off: {no_room}")
         return managed
 
-    async def _prepare_loaded_activation(self, managed: ManagedEngine,
-                                         before_activate: Callable[[ManagedEngine], Awaitable[None]]
-                                         ) -> CapacityError | None:
+    async def _prepare_loaded_activation(
+        self, managed: ManagedEngine, before_activate: Callable[[ManagedEngine], Awaitable[None]]
+    ) -> CapacityError | None:
         """An engine loaded active gets what an activation gets (before_activate):
         idle engines step aside and the KV limits make room. Its weights are on
         the device already, so what this decides is whether each engine there
@@ -317,17 +339,21 @@ class EngineManager:
         return device.memory_bytes if device.kind == "cpu" else None
 
     def _engine_kind(self, spec: EngineSpec, gpu_ids: tuple[int, ...]) -> str:
-        """"torch" or "sglang": auto is SGLang on a CUDA GPU where a verified release is installed
+        """ "torch" or "sglang": auto is SGLang on a CUDA GPU where a verified release is installed
         (auto_engine), and says which it chose."""
         sglang_here = self.sglang_launch_command is not None or importlib.util.find_spec("sglang") is not None
         if spec.engine == "auto":
-            kind, why = auto_engine(self.devices[gpu_ids[0]].kind, installed_version("sglang") if sglang_here else "",
-                                    stand_in=self.sglang_launch_command is not None)
+            kind, why = auto_engine(
+                self.devices[gpu_ids[0]].kind,
+                installed_version("sglang") if sglang_here else "",
+                stand_in=self.sglang_launch_command is not None,
+            )
             log.info("%s: engine auto is %s (%s)", spec.name, kind, why)
             return kind
         if spec.engine == "sglang" and not sglang_here:
-            raise PlacementError("engine 'sglang' needs the sglang package on this agent (pip install '.[sglang]'); "
-                                 "or use engine: torch")
+            raise PlacementError(
+                "engine 'sglang' needs the sglang package on this agent (pip install '.[sglang]'); or use engine: torch"
+            )
         if spec.engine not in ("torch", "sglang"):
             raise PlacementError(f"engine {spec.engine!r} is not one of auto, torch, sglang")
         return spec.engine
@@ -337,13 +363,21 @@ class EngineManager:
         from services.gpu_agent.sglang import SGLangEngine, SGLangLaunchConfig
 
         spec = managed.spec
-        config = SGLangLaunchConfig(name=spec.name, model_path=spec.path, gpu_ids=managed.gpu_ids,
-                                    tp_size=spec.tp_size, load_format=spec.load_format, dtype=spec.dtype,
-                                    seed=spec.seed, max_context=spec.max_context,
-                                    deterministic_inference=spec.deterministic_inference,
-                                    launch_command=self.sglang_launch_command)
-        engine = await SGLangEngine.start(config, memory_limit_bytes=managed.memory_limit_bytes,
-                                          options=self.sglang_options)
+        config = SGLangLaunchConfig(
+            name=spec.name,
+            model_path=spec.path,
+            gpu_ids=managed.gpu_ids,
+            tp_size=spec.tp_size,
+            load_format=spec.load_format,
+            dtype=spec.dtype,
+            seed=spec.seed,
+            max_context=spec.max_context,
+            deterministic_inference=spec.deterministic_inference,
+            launch_command=self.sglang_launch_command,
+        )
+        engine = await SGLangEngine.start(
+            config, memory_limit_bytes=managed.memory_limit_bytes, options=self.sglang_options
+        )
 
         async def lost(error: WorkerLostError) -> None:
             await self._engine_lost(managed, error)
@@ -357,8 +391,15 @@ class EngineManager:
             return await self._start_sglang(managed)
         # The built-in engine honours seeds always (deterministic_inference is SGLang's switch for that).
         if self.pool is None:
-            return InlineEngine(await asyncio.to_thread(self._build_engine, spec, gpu_ids, managed.memory_limit_bytes,
-                                                        self.step_boards.slot_for(gpu_ids[0], spec.name)))
+            return InlineEngine(
+                await asyncio.to_thread(
+                    self._build_engine,
+                    spec,
+                    gpu_ids,
+                    managed.memory_limit_bytes,
+                    self.step_boards.slot_for(gpu_ids[0], spec.name),
+                )
+            )
         if spec.tp_size > 1:
             return await self._start_split_engine(managed, self.pool)
         start = time.perf_counter()
@@ -366,10 +407,19 @@ class EngineManager:
         try:
             shared = managed.shared_weights = self._shared_weights_of(managed)
             engine = await RemoteEngine.load(
-                worker, spec.path, name=spec.name, load_format=spec.load_format, dtype=spec.dtype, seed=spec.seed,
-                memory_limit_bytes=managed.memory_limit_bytes, kv_capacity_bytes=self._kv_capacity_bytes(gpu_ids) or 0,
-                shared_weights_path=str(shared.path) if shared is not None else "", max_context=spec.max_context,
-                step_board=self.step_boards.slot_for(gpu_ids[0], spec.name), prefix_caching=spec.prefix_caching)
+                worker,
+                spec.path,
+                name=spec.name,
+                load_format=spec.load_format,
+                dtype=spec.dtype,
+                seed=spec.seed,
+                memory_limit_bytes=managed.memory_limit_bytes,
+                kv_capacity_bytes=self._kv_capacity_bytes(gpu_ids) or 0,
+                shared_weights_path=str(shared.path) if shared is not None else "",
+                max_context=spec.max_context,
+                step_board=self.step_boards.slot_for(gpu_ids[0], spec.name),
+                prefix_caching=spec.prefix_caching,
+            )
         except BaseException:
             await worker.terminate()  # a worker that failed a load is not reused
             raise
@@ -378,9 +428,15 @@ class EngineManager:
             await self._engine_lost(managed, error)
 
         engine.on_lost(lost)
-        log.info("loaded %s in engine worker %d on %s in %.2fs (%d MB of weights%s)", spec.name, worker.pid,
-                 engine.device, time.perf_counter() - start, engine.weight_bytes >> 20,
-                 ", mapped from the shared host copy" if engine.weights_attached else "")
+        log.info(
+            "loaded %s in engine worker %d on %s in %.2fs (%d MB of weights%s)",
+            spec.name,
+            worker.pid,
+            engine.device,
+            time.perf_counter() - start,
+            engine.weight_bytes >> 20,
+            ", mapped from the shared host copy" if engine.weights_attached else "",
+        )
         return engine
 
     async def _start_split_engine(self, managed: ManagedEngine, pool: WorkerPool) -> EngineHandle:
@@ -392,23 +448,34 @@ class EngineManager:
         workers = []
         try:
             # All at once: with no spare worker, each starts (imports, CUDA, warm-up) in 5-10 s.
-            acquired = await asyncio.gather(*(pool.acquire(self.devices[gpu].torch_device) for gpu in gpu_ids),
-                                            return_exceptions=True)
+            acquired = await asyncio.gather(
+                *(pool.acquire(self.devices[gpu].torch_device) for gpu in gpu_ids), return_exceptions=True
+            )
             workers = [w for w in acquired if not isinstance(w, BaseException)]
             failed = next((w for w in acquired if isinstance(w, BaseException)), None)
             if failed is not None:
                 raise failed
             rendezvous = f"tcp://127.0.0.1:{free_port()}"
-            ranks = [wpb.TensorParallelSpec(rank=r, size=len(gpu_ids), rendezvous=rendezvous)
-                     for r in range(len(gpu_ids))]
+            ranks = [
+                wpb.TensorParallelSpec(rank=r, size=len(gpu_ids), rendezvous=rendezvous) for r in range(len(gpu_ids))
+            ]
             common = ModelLoadArgs(name=spec.name, load_format=spec.load_format, dtype=spec.dtype, seed=spec.seed)
             engine, *_ = await asyncio.gather(
-                RemoteEngine.load(workers[0], spec.path, memory_limit_bytes=managed.memory_limit_bytes,
-                                  kv_capacity_bytes=self._kv_capacity_bytes(gpu_ids) or 0,
-                                  max_context=spec.max_context, tensor_parallel=ranks[0],
-                                  prefix_caching=spec.prefix_caching, **common),
-                *(RemoteEngine.load_shard_follower(w, spec.path, tensor_parallel=ranks[r], **common)
-                  for r, w in enumerate(workers[1:], 1)))
+                RemoteEngine.load(
+                    workers[0],
+                    spec.path,
+                    memory_limit_bytes=managed.memory_limit_bytes,
+                    kv_capacity_bytes=self._kv_capacity_bytes(gpu_ids) or 0,
+                    max_context=spec.max_context,
+                    tensor_parallel=ranks[0],
+                    prefix_caching=spec.prefix_caching,
+                    **common,
+                ),
+                *(
+                    RemoteEngine.load_shard_follower(w, spec.path, tensor_parallel=ranks[r], **common)
+                    for r, w in enumerate(workers[1:], 1)
+                ),
+            )
         except BaseException:
             for worker in workers:  # a rank that failed leaves the others waiting at the rendezvous
                 await worker.terminate()
@@ -419,8 +486,14 @@ class EngineManager:
             await self._engine_lost(managed, error)
 
         engine.on_lost(lost)
-        log.info("loaded %s split over %d workers on %s in %.2fs (%d MB of weights a rank)", spec.name, len(workers),
-                 ", ".join(w.device for w in workers), time.perf_counter() - start, engine.weight_bytes >> 20)
+        log.info(
+            "loaded %s split over %d workers on %s in %.2fs (%d MB of weights a rank)",
+            spec.name,
+            len(workers),
+            ", ".join(w.device for w in workers),
+            time.perf_counter() - start,
+            engine.weight_bytes >> 20,
+        )
         return engine
 
     def _shared_weights_of(self, managed: ManagedEngine) -> SharedWeightsFile | None:
@@ -428,8 +501,9 @@ class EngineManager:
             return None
         spec = managed.spec
         device_kind = self.devices[managed.gpu_ids[0]].kind
-        name = shared_weights_name(self.shared_weights_prefix, spec.path, spec.load_format, spec.dtype, spec.seed,
-                                   device_kind)
+        name = shared_weights_name(
+            self.shared_weights_prefix, spec.path, spec.load_format, spec.dtype, spec.seed, device_kind
+        )
         return SharedWeightsFile(self.shared_weights_dir / name)
 
     def _remove_shared_weights(self, managed: ManagedEngine) -> None:
@@ -450,8 +524,13 @@ class EngineManager:
         log.error("engine of %s failed: %s", managed.spec.name, error)
         await self._publish(managed)
 
-    def _build_engine(self, spec: EngineSpec, gpu_ids: tuple[int, ...], memory_limit_bytes: int,
-                      step_board: tuple[str, int] | None = None) -> Engine:
+    def _build_engine(
+        self,
+        spec: EngineSpec,
+        gpu_ids: tuple[int, ...],
+        memory_limit_bytes: int,
+        step_board: tuple[str, int] | None = None,
+    ) -> Engine:
         start = time.perf_counter()
         engine = Engine(
             spec.path,
@@ -467,8 +546,13 @@ class EngineManager:
             prefix_caching=spec.prefix_caching,
         )
         engine.start()
-        log.info("loaded %s on %s in %.2fs (%d MB of weights)", spec.name, engine.device,
-                 time.perf_counter() - start, engine.weight_bytes >> 20)
+        log.info(
+            "loaded %s on %s in %.2fs (%d MB of weights)",
+            spec.name,
+            engine.device,
+            time.perf_counter() - start,
+            engine.weight_bytes >> 20,
+        )
         return engine
 
     async def unload(self, model: str) -> ManagedEngine:
@@ -477,8 +561,10 @@ class EngineManager:
         managed = self.get(model)
         left = managed.request_stats.in_flight
         if left and not managed.unload_reason:
-            managed.unload_reason = (f"model {model!r} was unloaded from this agent while the request was in flight "
-                                     f"(unloaded at once, with {left} request(s) unfinished)")
+            managed.unload_reason = (
+                f"model {model!r} was unloaded from this agent while the request was in flight "
+                f"(unloaded at once, with {left} request(s) unfinished)"
+            )
         return await self._unload(managed)
 
     async def _unload(self, managed: ManagedEngine) -> ManagedEngine:
@@ -514,8 +600,12 @@ class EngineManager:
         managed.draining = True
         managed.drain_deadline = time.monotonic() + timeout_s
         managed.drain_why = why or f"its drain timeout of {timeout_s:g}s passed"
-        log.info("draining %s: %d request(s) in flight, unloading once they end (at most %.0fs)", model,
-                 managed.request_stats.in_flight, timeout_s)
+        log.info(
+            "draining %s: %d request(s) in flight, unloading once they end (at most %.0fs)",
+            model,
+            managed.request_stats.in_flight,
+            timeout_s,
+        )
         await self._publish(managed)
         managed.drain_task = asyncio.create_task(self._drain(managed), name=f"drain-{model}")
         return managed
@@ -539,10 +629,17 @@ class EngineManager:
             return  # unloaded at once meanwhile, or placed here again
         left = managed.request_stats.in_flight
         if left:
-            managed.unload_reason = (f"model {model!r} was unloaded from this agent while the request was in flight: "
-                                     f"{managed.drain_why} with {left} request(s) unfinished")
-            log.warning("drain of %s ended after %.1fs with %d request(s) in flight (%s): unloading it", model,
-                        time.monotonic() - start, left, managed.drain_why)
+            managed.unload_reason = (
+                f"model {model!r} was unloaded from this agent while the request was in flight: "
+                f"{managed.drain_why} with {left} request(s) unfinished"
+            )
+            log.warning(
+                "drain of %s ended after %.1fs with %d request(s) in flight (%s): unloading it",
+                model,
+                time.monotonic() - start,
+                left,
+                managed.drain_why,
+            )
         else:
             log.info("drained %s in %.2fs; unloading it", model, time.monotonic() - start)
         try:

@@ -63,22 +63,30 @@ class HostFacts:
 def python_check(facts: HostFacts) -> Check:
     version = ".".join(map(str, facts.python))
     if facts.python[:2] < MIN_PYTHON:
-        return Check("python", FAIL, f"{version} ({sys.executable})",
-                     f"Prism needs Python {'.'.join(map(str, MIN_PYTHON))} or newer")
+        return Check(
+            "python",
+            FAIL,
+            f"{version} ({sys.executable})",
+            f"Prism needs Python {'.'.join(map(str, MIN_PYTHON))} or newer",
+        )
     return Check("python", OK, f"{version} ({sys.executable})")
 
 
 def torch_check(facts: HostFacts, device: str) -> Check:
     if not facts.torch_version:
-        return Check("torch", FAIL, f"does not import: {facts.torch_error}",
-                     "pip install torch (a CUDA build on a GPU host)")
+        return Check(
+            "torch", FAIL, f"does not import: {facts.torch_error}", "pip install torch (a CUDA build on a GPU host)"
+        )
     build = f"CUDA {facts.torch_cuda} build" if facts.torch_cuda else "CPU build"
     detail = f"{facts.torch_version} ({build})"
     if not facts.torch_cuda and (facts.nvidia_smi_gpus or device == "cuda"):
-        return Check("torch", FAIL if device == "cuda" else WARN, detail + f"; this host has "
-                     f"{facts.nvidia_smi_gpus} NVIDIA GPU(s)",
-                     "install a CUDA build of torch (pip install torch --index-url "
-                     "https://download.pytorch.org/whl/cu130, or your CUDA's)")
+        return Check(
+            "torch",
+            FAIL if device == "cuda" else WARN,
+            detail + f"; this host has {facts.nvidia_smi_gpus} NVIDIA GPU(s)",
+            "install a CUDA build of torch (pip install torch --index-url "
+            "https://download.pytorch.org/whl/cu130, or your CUDA's)",
+        )
     return Check("torch", OK, detail)
 
 
@@ -88,8 +96,11 @@ def gpu_check(facts: HostFacts, device: str) -> Check:
         driver = f"; driver {facts.driver}" if facts.driver else ""
         return Check("gpus", OK, f"{len(facts.gpus)}: {names}{driver}")
     if device == "cuda":
-        why = (f"nvidia-smi lists {facts.nvidia_smi_gpus} but torch sees none" if facts.nvidia_smi_gpus
-               else "no NVIDIA GPU or driver found")
+        why = (
+            f"nvidia-smi lists {facts.nvidia_smi_gpus} but torch sees none"
+            if facts.nvidia_smi_gpus
+            else "no NVIDIA GPU or driver found"
+        )
         return Check("gpus", FAIL, why, "check the driver (nvidia-smi) and the torch build, or use --device cpu")
     return Check("gpus", SKIP, "no CUDA GPU: models are served on the CPU")
 
@@ -98,12 +109,19 @@ def kvcached_check(facts: HostFacts) -> Check:
     if not facts.gpus:
         return Check("kvcached", SKIP, "not needed on the CPU (the page pool has the same semantics)")
     if not facts.kvcached_version:
-        return Check("kvcached", WARN, f"does not import ({facts.kvcached_error}): engines run without "
-                     "ballooning, on the page pool",
-                     "pip install kvcached --no-build-isolation (it builds against this torch)")
+        return Check(
+            "kvcached",
+            WARN,
+            f"does not import ({facts.kvcached_error}): engines run without ballooning, on the page pool",
+            "pip install kvcached --no-build-isolation (it builds against this torch)",
+        )
     if facts.kvcached_map and facts.kvcached_map != "ok":
-        return Check("kvcached", WARN, f"{facts.kvcached_version} imports but could not map a page: "
-                     f"{facts.kvcached_map}", "rebuild kvcached against this torch and driver")
+        return Check(
+            "kvcached",
+            WARN,
+            f"{facts.kvcached_version} imports but could not map a page: {facts.kvcached_map}",
+            "rebuild kvcached against this torch and driver",
+        )
     mapped = ", mapped and freed a page" if facts.kvcached_map == "ok" else ""
     return Check("kvcached", OK, f"{facts.kvcached_version}{mapped}")
 
@@ -112,9 +130,12 @@ def sglang_check(facts: HostFacts) -> Check:
     if not facts.sglang_version:
         return Check("sglang", SKIP, "not installed: models run on the built-in engine")
     if facts.sglang_version not in SGLANG_VERIFIED:
-        return Check("sglang", WARN, f"{facts.sglang_version}, not a release the driver was verified with "
-                     f"({', '.join(SGLANG_VERIFIED)})", f"pip install sglang=={SGLANG_VERIFIED[-1]}, or set "
-                     "engine: torch for the models")
+        return Check(
+            "sglang",
+            WARN,
+            f"{facts.sglang_version}, not a release the driver was verified with ({', '.join(SGLANG_VERIFIED)})",
+            f"pip install sglang=={SGLANG_VERIFIED[-1]}, or set engine: torch for the models",
+        )
     return Check("sglang", OK, f"{facts.sglang_version} (verified)")
 
 
@@ -124,9 +145,13 @@ def shm_check(facts: HostFacts, weight_bytes: int) -> Check:
         return Check("/dev/shm", SKIP, "none here: each engine keeps its own copy of its weights")
     free = f"{facts.shm_free_bytes / 2**30:.1f} GiB free"
     if weight_bytes and facts.shm_free_bytes < weight_bytes:
-        return Check("/dev/shm", WARN, f"{free}, the models' weights are {weight_bytes / 2**30:.1f} GiB: those "
-                     "that do not fit are kept once per engine",
-                     "enlarge it (docker: --shm-size; mount -o remount,size=...)")
+        return Check(
+            "/dev/shm",
+            WARN,
+            f"{free}, the models' weights are {weight_bytes / 2**30:.1f} GiB: those "
+            "that do not fit are kept once per engine",
+            "enlarge it (docker: --shm-size; mount -o remount,size=...)",
+        )
     return Check("/dev/shm", OK, free + (f" for {weight_bytes / 2**30:.1f} GiB of weights" if weight_bytes else ""))
 
 
@@ -134,19 +159,35 @@ def bandwidth_check(facts: HostFacts) -> Check:
     if facts.pinned_gbps is None:
         return Check("pinned", SKIP, "host-to-device bandwidth not measured (no GPU)")
     if facts.pinned_gbps < MIN_PINNED_GBPS:
-        return Check("pinned", WARN, f"host-to-device {facts.pinned_gbps:.1f} GB/s: switching models on from "
-                     "host memory will be slow", "check the GPU's PCIe link (nvidia-smi -q | grep -i width)")
+        return Check(
+            "pinned",
+            WARN,
+            f"host-to-device {facts.pinned_gbps:.1f} GB/s: switching models on from host memory will be slow",
+            "check the GPU's PCIe link (nvidia-smi -q | grep -i width)",
+        )
     return Check("pinned", OK, f"host-to-device {facts.pinned_gbps:.1f} GB/s")
 
 
 def verdicts(facts: HostFacts, device: str = "auto", weight_bytes: int = 0) -> list[Check]:
     """Every host check's line, for `device` ("auto", "cpu" or "cuda")."""
     if device == "cpu":  # the GPUs do not matter to a CPU agent: judged as if it had none
-        facts = HostFacts(python=facts.python, torch_version=facts.torch_version, torch_error=facts.torch_error,
-                          torch_cuda=facts.torch_cuda, sglang_version=facts.sglang_version,
-                          shm_free_bytes=facts.shm_free_bytes)
-    return [python_check(facts), torch_check(facts, device), gpu_check(facts, device), kvcached_check(facts),
-            sglang_check(facts), shm_check(facts, weight_bytes), bandwidth_check(facts)]
+        facts = HostFacts(
+            python=facts.python,
+            torch_version=facts.torch_version,
+            torch_error=facts.torch_error,
+            torch_cuda=facts.torch_cuda,
+            sglang_version=facts.sglang_version,
+            shm_free_bytes=facts.shm_free_bytes,
+        )
+    return [
+        python_check(facts),
+        torch_check(facts, device),
+        gpu_check(facts, device),
+        kvcached_check(facts),
+        sglang_check(facts),
+        shm_check(facts, weight_bytes),
+        bandwidth_check(facts),
+    ]
 
 
 # ---- looking at the host -------------------------------------------------------------------
@@ -167,8 +208,10 @@ def gather_facts(*, measure: bool = True) -> HostFacts:
     facts.torch_version = torch.__version__
     facts.torch_cuda = torch.version.cuda or ""
     if torch.cuda.is_available():
-        facts.gpus = [(torch.cuda.get_device_name(i), torch.cuda.get_device_properties(i).total_memory)
-                      for i in range(torch.cuda.device_count())]
+        facts.gpus = [
+            (torch.cuda.get_device_name(i), torch.cuda.get_device_properties(i).total_memory)
+            for i in range(torch.cuda.device_count())
+        ]
     if measure:
         try:
             import kvcached
@@ -192,8 +235,9 @@ def _nvidia_smi() -> tuple[int, str]:
     if binary is None:
         return 0, ""
     try:
-        out = subprocess.run([binary, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(
+            [binary, "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         return 0, ""
     lines = [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []

@@ -37,9 +37,19 @@ log = logging.getLogger(__name__)
 
 
 class LoadReporter:
-    def __init__(self, scheduler_address: str, agent_id: str, address: str, devices, manager: EngineManager, *,
-                 coordinators: Mapping[int, MemorySplitSource] | None = None,
-                 admission: AdmissionQueueView | None = None, etcd=None, tls: TlsFiles | None = None):
+    def __init__(
+        self,
+        scheduler_address: str,
+        agent_id: str,
+        address: str,
+        devices,
+        manager: EngineManager,
+        *,
+        coordinators: Mapping[int, MemorySplitSource] | None = None,
+        admission: AdmissionQueueView | None = None,
+        etcd=None,
+        tls: TlsFiles | None = None,
+    ):
         """coordinators (device index -> its memory coordinator) and the
         admission queue add the memory split and queue numbers to each
         report; without them those stay empty. etcd (an aetcd client): where
@@ -63,8 +73,9 @@ class LoadReporter:
         self._sequence += 1
         splits = memory_splits(self.coordinators)
         demand = demand_by_model(splits)
-        report = scheduler_pb2.LoadReport(agent_id=self.agent_id, sequence=self._sequence,
-                                          gpus=[gpu_memory_proto(s) for s in splits])
+        report = scheduler_pb2.LoadReport(
+            agent_id=self.agent_id, sequence=self._sequence, gpus=[gpu_memory_proto(s) for s in splits]
+        )
         for name, managed in self.manager.engines.items():
             if managed.draining:  # on its way out: its requests need no placement (the simulator agrees)
                 continue
@@ -113,8 +124,11 @@ class LoadReporter:
         return records.LeaderRecord.from_json(got.value).address if got is not None else self.scheduler_address
 
     def _on_leader_change(self, key: str, value: bytes | None) -> None:
-        if key == records.SCHEDULER_LEADER and value is not None \
-                and records.LeaderRecord.from_json(value).address != self.target:
+        if (
+            key == records.SCHEDULER_LEADER
+            and value is not None
+            and records.LeaderRecord.from_json(value).address != self.target
+        ):
             self._leader_moved.set()
 
     async def _until_leader_moves(self, coro) -> None:
@@ -134,12 +148,17 @@ class LoadReporter:
     async def _session(self) -> None:
         async with aio_channel(self.target, self.tls) as channel:
             stub = scheduler_pb2_grpc.SchedulerStub(channel)
-            reply = await stub.RegisterAgent(scheduler_pb2.RegisterAgentRequest(
-                agent_id=self.agent_id,
-                address=self.address,
-                devices=[agent_pb2.Device(index=d.index, kind=d.kind, name=d.name, memory_bytes=d.memory_bytes)
-                         for d in self.devices],
-            ), timeout=5)
+            reply = await stub.RegisterAgent(
+                scheduler_pb2.RegisterAgentRequest(
+                    agent_id=self.agent_id,
+                    address=self.address,
+                    devices=[
+                        agent_pb2.Device(index=d.index, kind=d.kind, name=d.name, memory_bytes=d.memory_bytes)
+                        for d in self.devices
+                    ],
+                ),
+                timeout=5,
+            )
             if reply.report_interval_ms > 0:
                 self.interval_s = reply.report_interval_ms / 1000
             log.info("registered with scheduler %s; reporting every %.1fs", self.target, self.interval_s)
@@ -150,7 +169,9 @@ class LoadReporter:
     async def run(self) -> None:
         follower = None
         if self.etcd is not None:
-            follower = asyncio.create_task(PrefixMirror(self.etcd, records.SCHEDULER_LEADER, self._on_leader_change).run())
+            follower = asyncio.create_task(
+                PrefixMirror(self.etcd, records.SCHEDULER_LEADER, self._on_leader_change).run()
+            )
         self._backoff = 0.2
         try:
             while True:
@@ -161,8 +182,9 @@ class LoadReporter:
                 except asyncio.CancelledError:
                     raise
                 except grpc.aio.AioRpcError as exc:
-                    log.warning("scheduler %s unreachable (%s); retrying in %.1fs", self.target, exc.code().name,
-                                self._backoff)
+                    log.warning(
+                        "scheduler %s unreachable (%s); retrying in %.1fs", self.target, exc.code().name, self._backoff
+                    )
                 if self._leader_moved.is_set():
                     continue  # straight to the new leader
                 await self._until_leader_moves(asyncio.sleep(self._backoff))

@@ -59,8 +59,9 @@ ARRIVALS_KEPT_S = 1.0
 DEFAULT_REQUEST_TOKENS = 512 + 128
 
 
-def arriving_tokens(recent_rate: float, mean_prompt_tokens: float, mean_output_tokens: float,
-                    horizon_s: float = ARRIVALS_KEPT_S) -> int:
+def arriving_tokens(
+    recent_rate: float, mean_prompt_tokens: float, mean_output_tokens: float, horizon_s: float = ARRIVALS_KEPT_S
+) -> int:
     """The KV tokens an engine's requests arriving over horizon_s will take, at its recent rate and its
     requests' mean sizes (DEFAULT_REQUEST_TOKENS before any finished)."""
     per_request = (mean_prompt_tokens + mean_output_tokens) or DEFAULT_REQUEST_TOKENS
@@ -85,8 +86,9 @@ def kv_kept_bytes(floor_bytes: int, used_bytes: int, demand_bytes: int = 0, arri
     return max(floor_bytes, max(used_bytes, demand_bytes) + arriving_bytes)
 
 
-def engines_to_switch_off(residents: Sequence[ResidentEngine], need_bytes: int, free_bytes: int,
-                          min_idle_s: float = 0.0) -> list[str] | None:
+def engines_to_switch_off(
+    residents: Sequence[ResidentEngine], need_bytes: int, free_bytes: int, min_idle_s: float = 0.0
+) -> list[str] | None:
     """The engines to switch off, in order, so that `need_bytes` of weights
     fit where `free_bytes` are free now: [] when they fit already, None when
     even every engine with nothing to serve for `min_idle_s` would not make
@@ -113,8 +115,9 @@ def engines_to_relieve(residents: Sequence[ResidentEngine], shortfall_bytes: int
     for KV that no limit can give while idle neighbours hold gigabytes."""
     chosen: list[str] = []
     freed = 0
-    for engine in sorted((e for e in residents if not e.serving and e.idle_s >= min_idle_s),
-                         key=lambda e: (-e.idle_s, e.model)):
+    for engine in sorted(
+        (e for e in residents if not e.serving and e.idle_s >= min_idle_s), key=lambda e: (-e.idle_s, e.model)
+    ):
         if freed >= shortfall_bytes:
             break
         chosen.append(engine.model)

@@ -95,11 +95,19 @@ def default_reserve_bytes(device: Device) -> int:
 
 
 class MemoryCoordinator:
-    def __init__(self, device: Device, manager: EngineManager, policy: str = "balloon",
-                 reserve_bytes: int | None = None, interval_s: float = DEFAULT_INTERVAL_S,
-                 params: PolicyParams = PolicyParams(), kv_budget_cap_bytes: int = 0,
-                 clock: Callable[[], float] = time.monotonic, make_room_idle_s: float = DEFAULT_MAKE_ROOM_IDLE_S,
-                 relieve_idle_s: float = DEFAULT_RELIEVE_IDLE_S):
+    def __init__(
+        self,
+        device: Device,
+        manager: EngineManager,
+        policy: str = "balloon",
+        reserve_bytes: int | None = None,
+        interval_s: float = DEFAULT_INTERVAL_S,
+        params: PolicyParams = PolicyParams(),
+        kv_budget_cap_bytes: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+        make_room_idle_s: float = DEFAULT_MAKE_ROOM_IDLE_S,
+        relieve_idle_s: float = DEFAULT_RELIEVE_IDLE_S,
+    ):
         """kv_budget_cap_bytes: the KV budget never exceeds this (0: no cap),
         for a device shared with something else, or a benchmark that wants
         memory to be scarce.
@@ -145,8 +153,11 @@ class MemoryCoordinator:
 
     def _switching_on(self, besides: ManagedEngine | None = None) -> list[ManagedEngine]:
         """Engines being switched on here (not yet active, their activation under way), but `besides`."""
-        return [m for m in self.engines() if m.engine is not None and m.state == "inactive"
-                and m.activation_lock.locked() and m is not besides]
+        return [
+            m
+            for m in self.engines()
+            if m.engine is not None and m.state == "inactive" and m.activation_lock.locked() and m is not besides
+        ]
 
     def _plans(self, m: ManagedEngine) -> bool:
         """Whether this device's policy sets the engine's limit: yes for an engine
@@ -163,8 +174,10 @@ class MemoryCoordinator:
 
     def unit_bytes(self, engines: list[ManagedEngine]) -> int:
         # Each engine's limit is in its own page bundles; this unit is for an engine that reports none.
-        return max((m.started_engine.kv_bundle_bytes for m in engines if m.started_engine.kv_bundle_bytes > 0),
-                   default=DEFAULT_UNIT_BYTES)
+        return max(
+            (m.started_engine.kv_bundle_bytes for m in engines if m.started_engine.kv_bundle_bytes > 0),
+            default=DEFAULT_UNIT_BYTES,
+        )
 
     def budget_bytes(self, active: list[ManagedEngine]) -> int:
         taken = sum(self._taken_bytes(m) for m in active)
@@ -193,8 +206,9 @@ class MemoryCoordinator:
         used = max((s.device_used_bytes for s in stats), default=0)
         if not used:
             return None
-        counted = (sum(self._taken_bytes(m) for m in self._active() + self._switching_on())
-                   + sum(s.kv_mapped_bytes for s in stats))
+        counted = sum(self._taken_bytes(m) for m in self._active() + self._switching_on()) + sum(
+            s.kv_mapped_bytes for s in stats
+        )
         return max(0, used - counted)
 
     def observe_overhead(self) -> int:
@@ -223,8 +237,9 @@ class MemoryCoordinator:
     def demand_bytes(self, managed: ManagedEngine, stats: EngineStats | None = None) -> int:
         """stats: the engine's, when the caller has just read them."""
         stats = stats or managed.started_engine.stats()
-        return (stats.kv_demand_tokens * managed.started_engine.kv_bytes_per_token
-                + self.pending_demand_bytes(managed.spec.name))
+        return stats.kv_demand_tokens * managed.started_engine.kv_bytes_per_token + self.pending_demand_bytes(
+            managed.spec.name
+        )
 
     def snapshot(self, also: ManagedEngine | None = None) -> DeviceMemorySnapshot:
         """The active engines (and `also`, about to be activated) as the policy sees them."""
@@ -234,16 +249,25 @@ class MemoryCoordinator:
         for m in self._planned(active):
             stats = m.started_engine.stats()
             demand = self.demand_bytes(m, stats)
-            engines.append(EngineMemoryDemand(
-                model=m.spec.name, priority=m.spec.slo.priority, used_bytes=stats.kv_holding_bytes,
-                demand_bytes=demand, limit_bytes=m.memory_limit_bytes if m.state == "active" else 0,
-                cap_bytes=m.cap_bytes, unit_bytes=m.started_engine.kv_bundle_bytes,
-                recent_demand_bytes=self.recent_demand.observe(m.spec.name, now, demand),
-                cached_bytes=stats.kv_cached_bytes))
+            engines.append(
+                EngineMemoryDemand(
+                    model=m.spec.name,
+                    priority=m.spec.slo.priority,
+                    used_bytes=stats.kv_holding_bytes,
+                    demand_bytes=demand,
+                    limit_bytes=m.memory_limit_bytes if m.state == "active" else 0,
+                    cap_bytes=m.cap_bytes,
+                    unit_bytes=m.started_engine.kv_bundle_bytes,
+                    recent_demand_bytes=self.recent_demand.observe(m.spec.name, now, demand),
+                    cached_bytes=stats.kv_cached_bytes,
+                )
+            )
         self.recent_demand.forget_all_but({m.spec.name for m in active})
-        return DeviceMemorySnapshot(budget_bytes=self.budget_bytes(active),
-                                    unit_bytes=self.unit_bytes(self._planned(active)),
-                                    engines=tuple(engines))
+        return DeviceMemorySnapshot(
+            budget_bytes=self.budget_bytes(active),
+            unit_bytes=self.unit_bytes(self._planned(active)),
+            engines=tuple(engines),
+        )
 
     def most_kv_bytes(self, managed: ManagedEngine) -> int:
         """The largest KV limit the engine could ever get here: the budget
@@ -269,9 +293,12 @@ class MemoryCoordinator:
         stats = m.started_engine.stats()
         serving = m.request_stats.snapshot()
         arriving = arriving_tokens(serving.recent_arrival_rate, serving.mean_prompt_tokens, serving.mean_output_tokens)
-        return kv_kept_bytes(self._kv_floor_bytes(m), stats.kv_holding_bytes,
-                             stats.kv_demand_tokens * m.started_engine.kv_bytes_per_token,
-                             arriving * m.started_engine.kv_bytes_per_token)
+        return kv_kept_bytes(
+            self._kv_floor_bytes(m),
+            stats.kv_holding_bytes,
+            stats.kv_demand_tokens * m.started_engine.kv_bytes_per_token,
+            arriving * m.started_engine.kv_bytes_per_token,
+        )
 
     def room_to_activate(self, activating: ManagedEngine) -> list[str] | None:
         """The active engines to switch off, longest idle first and only those
@@ -288,8 +315,7 @@ class MemoryCoordinator:
         # Another activation under way needs its room too (the scheduler activates models concurrently:
         # on the H100 two did, each counted room the other then took, and both ran out of memory).
         arriving = sum(self._taken_bytes(m) + self._kv_floor_bytes(m) for m in self._switching_on(activating))
-        free = (self.device.memory_bytes - self.reserve_now() - sum(self._taken_bytes(m) for m in others)
-                - arriving)
+        free = self.device.memory_bytes - self.reserve_now() - sum(self._taken_bytes(m) for m in others) - arriving
         residents = [self._resident(m, kept[m.spec.name]) for m in others]
         need = self._taken_bytes(activating) + self._kv_floor_bytes(activating)
         room = engines_to_switch_off(residents, need, free - sum(kept.values()), self.make_room_idle_s)
@@ -297,19 +323,29 @@ class MemoryCoordinator:
             return room
         # The cap bounds the KV alone: the KV the engines left on keep must fit under it as well.
         staying = [replace(r, weight_bytes=kept[r.model]) for r in residents if r.model not in room]
-        more = engines_to_switch_off(staying, self._kv_floor_bytes(activating),
-                                     self.kv_budget_cap_bytes - sum(r.weight_bytes for r in staying),
-                                     self.make_room_idle_s)
+        more = engines_to_switch_off(
+            staying,
+            self._kv_floor_bytes(activating),
+            self.kv_budget_cap_bytes - sum(r.weight_bytes for r in staying),
+            self.make_room_idle_s,
+        )
         return None if more is None else room + more
 
     def _resident(self, m: ManagedEngine, extra_bytes: int = 0) -> ResidentEngine:
         """An active engine as make_room.py sees it: what switching it off frees here (plus
         extra_bytes), how long since its last request, whether a request runs or waits in it."""
         stats = m.started_engine.stats()
-        serving = (stats.running_requests + stats.queued_requests > 0 or m.request_stats.in_flight > 0
-                   or self.pending_demand_bytes(m.spec.name) > 0)
-        return ResidentEngine(model=m.spec.name, weight_bytes=self._taken_bytes(m) + extra_bytes,
-                              idle_s=m.request_stats.idle_s(), serving=serving)
+        serving = (
+            stats.running_requests + stats.queued_requests > 0
+            or m.request_stats.in_flight > 0
+            or self.pending_demand_bytes(m.spec.name) > 0
+        )
+        return ResidentEngine(
+            model=m.spec.name,
+            weight_bytes=self._taken_bytes(m) + extra_bytes,
+            idle_s=m.request_stats.idle_s(),
+            serving=serving,
+        )
 
     async def relieve_kv_pressure(self) -> list[str]:
         """Balloon policy: when the active engines' KV demand exceeds the budget, idle engines (nothing
@@ -324,8 +360,12 @@ class MemoryCoordinator:
         residents = [self._resident(m) for m in self._planned(self._active())]
         chosen = engines_to_relieve(residents, shortfall, self.relieve_idle_s)
         for model in chosen:
-            log.info("switching %s off: idle, while the engines serving on device %d need %.0f MiB more KV than "
-                     "it has", model, self.device.index, shortfall / 2**20)
+            log.info(
+                "switching %s off: idle, while the engines serving on device %d need %.0f MiB more KV than it has",
+                model,
+                self.device.index,
+                shortfall / 2**20,
+            )
             await self.manager.deactivate(model)
         if chosen:
             await self.rebalance()
@@ -336,8 +376,9 @@ class MemoryCoordinator:
         taken = sum(self._taken_bytes(m) for m in others)
         floors = sum(self._kv_floor_bytes(m) for m in others + [activating])
         held = sum(self._kv_kept_bytes(m) - self._kv_floor_bytes(m) for m in others)
-        cap = (f", the KV budget capped at {self.kv_budget_cap_bytes / 2**20:.1f} MiB"
-               if self.kv_budget_cap_bytes else "")
+        cap = (
+            f", the KV budget capped at {self.kv_budget_cap_bytes / 2**20:.1f} MiB" if self.kv_budget_cap_bytes else ""
+        )
         return CapacityError(
             f"model {activating.spec.name!r} cannot be switched on now: its weights "
             f"({self._taken_bytes(activating) / 2**20:.0f} MiB) and one KV page bundle for each engine "
@@ -346,7 +387,8 @@ class MemoryCoordinator:
             f"beyond that ({held / 2**20:.0f} MiB) and "
             f"their weights ({taken / 2**20:.0f} MiB of {self.device.memory_bytes / 2**20:.0f} MiB, "
             f"{self.reserve_now() / 2**20:.0f} MiB kept in reserve{cap}), and none of them has been idle "
-            f"{self.make_room_idle_s:g} s to step aside")
+            f"{self.make_room_idle_s:g} s to step aside"
+        )
 
     async def prepare_activation(self, activating: ManagedEngine) -> None:
         """Before an engine is switched on (the engine manager's
@@ -362,8 +404,11 @@ class MemoryCoordinator:
         if room is None:
             raise self.no_room_error(activating)
         for model in room:
-            log.info("switching %s off to make room for %s (its weights and a page bundle of KV each)", model,
-                     activating.spec.name)
+            log.info(
+                "switching %s off to make room for %s (its weights and a page bundle of KV each)",
+                model,
+                activating.spec.name,
+            )
             await self.manager.deactivate(model)
         await self.rebalance(activating=activating)
 
@@ -377,22 +422,33 @@ class MemoryCoordinator:
             on = m in active
             # A split engine's demand is counted once, on its first device (demand_by_model sums devices).
             counted_here = on and m.gpu_ids[0] == self.device.index
-            rows.append(EngineMemory(
-                model=m.spec.name, active=on, weight_bytes=m.engine.weight_bytes if m.engine is not None else 0,
-                kv_limit_bytes=m.memory_limit_bytes if on else 0,
-                kv_mapped_bytes=stats.kv_mapped_bytes if stats else 0,
-                kv_used_bytes=stats.kv_used_bytes if stats else 0,
-                kv_demand_bytes=self.demand_bytes(m, stats) if counted_here else 0,
-                kv_held_bytes=stats.kv_holding_bytes if stats else 0,
-                kv_cached_bytes=stats.kv_cached_bytes if stats else 0))
+            rows.append(
+                EngineMemory(
+                    model=m.spec.name,
+                    active=on,
+                    weight_bytes=m.engine.weight_bytes if m.engine is not None else 0,
+                    kv_limit_bytes=m.memory_limit_bytes if on else 0,
+                    kv_mapped_bytes=stats.kv_mapped_bytes if stats else 0,
+                    kv_used_bytes=stats.kv_used_bytes if stats else 0,
+                    kv_demand_bytes=self.demand_bytes(m, stats) if counted_here else 0,
+                    kv_held_bytes=stats.kv_holding_bytes if stats else 0,
+                    kv_cached_bytes=stats.kv_cached_bytes if stats else 0,
+                )
+            )
         # Limits not planned here count in both the budget and the limits (budget_bytes leaves them out).
         budget += sum(m.memory_limit_bytes for m in active if not self._plans(m))
         limits = sum(r.kv_limit_bytes for r in rows)
         return DeviceMemorySplit(
-            gpu_id=self.device.index, total_bytes=self.device.memory_bytes,
-            weight_bytes=sum(m.started_engine.weight_bytes for m in active), reserve_bytes=self.reserve_now(),
-            kv_budget_bytes=budget, kv_limit_bytes=limits, kv_mapped_bytes=sum(r.kv_mapped_bytes for r in rows),
-            free_bytes=budget - limits, engines=tuple(rows))
+            gpu_id=self.device.index,
+            total_bytes=self.device.memory_bytes,
+            weight_bytes=sum(m.started_engine.weight_bytes for m in active),
+            reserve_bytes=self.reserve_now(),
+            kv_budget_bytes=budget,
+            kv_limit_bytes=limits,
+            kv_mapped_bytes=sum(r.kv_mapped_bytes for r in rows),
+            free_bytes=budget - limits,
+            engines=tuple(rows),
+        )
 
     # ---- changing limits ---------------------------------------------------------
 
@@ -453,8 +509,11 @@ class MemoryCoordinator:
     async def _apply(self, plan: dict[str, int], skip: ManagedEngine | None) -> None:
         current = {m.spec.name: m.memory_limit_bytes for m in self._planned(self._active())}
         shrinks = [(model, nbytes) for model, nbytes in plan.items() if model in current and nbytes < current[model]]
-        grows = [(model, nbytes) for model, nbytes in plan.items()
-                 if model in current and nbytes > current[model] and (skip is None or model != skip.spec.name)]
+        grows = [
+            (model, nbytes)
+            for model, nbytes in plan.items()
+            if model in current and nbytes > current[model] and (skip is None or model != skip.spec.name)
+        ]
         for model, nbytes in shrinks:
             await self._set(model, nbytes)
         for model, nbytes in grows:
@@ -463,8 +522,9 @@ class MemoryCoordinator:
             # Set while inactive: the engine takes it on activation (the limit outlives deactivation).
             await self._set(skip.spec.name, plan[skip.spec.name], inactive_ok=True)
         if grows or shrinks:
-            log.debug("device %d limits: %s", self.device.index,
-                      ", ".join(f"{m} {b >> 20} MiB" for m, b in plan.items()))
+            log.debug(
+                "device %d limits: %s", self.device.index, ", ".join(f"{m} {b >> 20} MiB" for m, b in plan.items())
+            )
             self.on_limits_changed()
 
     async def _set(self, model: str, nbytes: int, inactive_ok: bool = False) -> bool:

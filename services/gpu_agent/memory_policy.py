@@ -105,8 +105,14 @@ def _cap_units(engine: EngineMemoryDemand, unit: int) -> int | None:
     return max(1, engine.cap_bytes // unit) if engine.cap_bytes > 0 else None
 
 
-def water_fill(wants: dict[str, int], weights: dict[str, int], total: int, floor: int = 1,
-               units: dict[str, int] | None = None, start: dict[str, int] | None = None) -> dict[str, int]:
+def water_fill(
+    wants: dict[str, int],
+    weights: dict[str, int],
+    total: int,
+    floor: int = 1,
+    units: dict[str, int] | None = None,
+    start: dict[str, int] | None = None,
+) -> dict[str, int]:
     """Splits `total` bytes by weighted max-min fairness, in whole units per
     key (`units`, default 1): each key gets at least `floor` units (if the
     total allows; highest weights first otherwise), no more than its want
@@ -168,8 +174,12 @@ def plan_balloon(snapshot: DeviceMemorySnapshot, params: PolicyParams = PolicyPa
     for model, n in plan.items():
         now, cap = current[model], caps[model]
         used = sum(plan[m] * units[m] for m in plan)
-        if n < now and now - n <= slack[model] and (cap is None or now <= cap) \
-                and used + (now - n) * units[model] <= total:
+        if (
+            n < now
+            and now - n <= slack[model]
+            and (cap is None or now <= cap)
+            and used + (now - n) * units[model] <= total
+        ):
             plan[model] = now
     return {model: n * units[model] for model, n in plan.items()}
 
@@ -195,11 +205,14 @@ def cache_to_free(snapshot: DeviceMemorySnapshot, model: str, need_bytes: int) -
     engine = next((e for e in snapshot.engines if e.model == model), None)
     if engine is None:
         return None
-    short = _units_up(need_bytes, snapshot.unit_of(engine)) * snapshot.unit_of(engine) \
-        - (snapshot.budget_bytes - sum(e.limit_bytes for e in snapshot.engines))
+    short = _units_up(need_bytes, snapshot.unit_of(engine)) * snapshot.unit_of(engine) - (
+        snapshot.budget_bytes - sum(e.limit_bytes for e in snapshot.engines)
+    )
     lowered: dict[str, int] = {}
-    for other in sorted((e for e in snapshot.engines if e.model != model and e.cached_bytes > 0),
-                        key=lambda e: (-e.cached_bytes, e.model)):
+    for other in sorted(
+        (e for e in snapshot.engines if e.model != model and e.cached_bytes > 0),
+        key=lambda e: (-e.cached_bytes, e.model),
+    ):
         if short <= 0:
             break
         unit = snapshot.unit_of(other)

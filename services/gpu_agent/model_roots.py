@@ -25,5 +25,7 @@ def refusal(path: str, roots: Sequence[Path]) -> str | None:
     if any(real == root or real.is_relative_to(root) for root in roots):
         return None
     shown = f" ({real})" if str(real) != path else ""
-    return (f"model path {path}{shown} is outside this agent's model roots ({', '.join(map(str, roots))}): "
-            "put the model under one, or start the agent with a --model-root that covers it")
+    return (
+        f"model path {path}{shown} is outside this agent's model roots ({', '.join(map(str, roots))}): "
+        "put the model under one, or start the agent with a --model-root that covers it"
+    )

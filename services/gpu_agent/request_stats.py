@@ -113,9 +113,14 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 class ModelRequestStats:
-    def __init__(self, slo: ModelSlo, window_s: float = DEFAULT_WINDOW_S,
-                 clock: Callable[[], float] = time.monotonic, max_events: int = DEFAULT_MAX_EVENTS,
-                 started_at: float | None = None):
+    def __init__(
+        self,
+        slo: ModelSlo,
+        window_s: float = DEFAULT_WINDOW_S,
+        clock: Callable[[], float] = time.monotonic,
+        max_events: int = DEFAULT_MAX_EVENTS,
+        started_at: float | None = None,
+    ):
         """started_at: when the numbers began (default: now), on `clock`; rates are over the
         time since then until it reaches the window (the simulator backdates it for engines
         that were up before its trace began, as a live cluster's are)."""
@@ -165,8 +170,9 @@ class ModelRequestStats:
         (0: not known) feed the mean tokens per request."""
         with self._lock:
             now = self._clock()
-            self._finished.append(_Finished(now, ttft_s, tpot_s, self.slo.met(ttft_s, tpot_s), prompt_tokens,
-                                            output_tokens))
+            self._finished.append(
+                _Finished(now, ttft_s, tpot_s, self.slo.met(ttft_s, tpot_s), prompt_tokens, output_tokens)
+            )
             self._prune(now)
 
     def shed(self) -> None:

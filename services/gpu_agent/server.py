@@ -53,7 +53,8 @@ from services.common.logs import setup_logging
 from services.common.tls import TlsConfigError, add_port, add_tls_args, tls_from_args, transport_name
 from services.gpu_agent.admission import DEFAULT_STARVATION_S, AdmissionQueue, AgentAdmission
 from services.gpu_agent.agent_service import DEFAULT_BUSY_WINDOW_S, AgentService
-from services.gpu_agent.cuda_mps import CHOICES as MPS_CHOICES, MpsError, start_mps
+from services.gpu_agent.cuda_mps import CHOICES as MPS_CHOICES
+from services.gpu_agent.cuda_mps import MpsError, start_mps
 from services.gpu_agent.devices import Device, discover_devices
 from services.gpu_agent.engine.shared_weights import check_shared_dir, default_shared_dir
 from services.gpu_agent.engine_manager import DEFAULT_DRAIN_TIMEOUT_S, EngineManager, ManagedEngine
@@ -71,8 +72,11 @@ DEFAULT_SHUTDOWN_GRACE_S = 10.0
 # The gateway pings the agents it has calls open on, to find a frozen one (services/gateway/router.py): the
 # pings are welcome however often they come (gRPC's default answers a second ping within 5 minutes without
 # data, as in a long prefill, with GOAWAY too_many_pings, failing every call on the connection).
-SERVER_OPTIONS = [("grpc.http2.min_ping_interval_without_data_ms", 1000), ("grpc.http2.max_ping_strikes", 0),
-                  REUSE_NO_PORT]
+SERVER_OPTIONS = [
+    ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+    ("grpc.http2.max_ping_strikes", 0),
+    REUSE_NO_PORT,
+]
 # Of the grace, what is kept for the gRPC server to send the last responses and errors.
 END_MARGIN_S = 1.0
 
@@ -92,25 +96,34 @@ class ShutdownGate(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if not self.closed or handler is None or method not in (f"/{SERVICE_NAME}/Generate",
-                                                                f"/{SERVICE_NAME}/LoadModel"):
+        if (
+            not self.closed
+            or handler is None
+            or method not in (f"/{SERVICE_NAME}/Generate", f"/{SERVICE_NAME}/LoadModel")
+        ):
             return handler
         generate = method.endswith("/Generate")
-        message = (f"agent {self.agent_id} is shutting down: the request was not started; sent back for another "
-                   "replica" if generate else f"agent {self.agent_id} is shutting down: it loads no model")
+        message = (
+            f"agent {self.agent_id} is shutting down: the request was not started; sent back for another replica"
+            if generate
+            else f"agent {self.agent_id} is shutting down: it loads no model"
+        )
         metadata = ((DRAINING_KEY, "1"),) if generate else ()
 
         async def refuse(request, context: grpc.aio.ServicerContext) -> None:
             await context.abort(grpc.StatusCode.UNAVAILABLE, message, trailing_metadata=metadata)
 
-        make = grpc.unary_stream_rpc_method_handler if handler.response_streaming else \
-            grpc.unary_unary_rpc_method_handler
-        return make(refuse, request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
+        make = (
+            grpc.unary_stream_rpc_method_handler if handler.response_streaming else grpc.unary_unary_rpc_method_handler
+        )
+        return make(
+            refuse, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
 
 
-async def drain_for_shutdown(manager: EngineManager, admission: AgentAdmission | None, gate: ShutdownGate,
-                             grace_s: float) -> None:
+async def drain_for_shutdown(
+    manager: EngineManager, admission: AgentAdmission | None, gate: ShutdownGate, grace_s: float
+) -> None:
     """Closes the gate and drains every engine (see the module docstring);
     returns once all are unloaded, within grace_s."""
     gate.closed = True
@@ -125,9 +138,13 @@ async def drain_for_shutdown(manager: EngineManager, admission: AgentAdmission |
             continue
         managed = await manager.drain(model, grace_s, why)
         if admission is not None:  # not started: back to the gateway at once, for another replica
-            admission.send_back_unstarted(managed, (
-                f"model {model!r}: agent {agent} is shutting down; the request had not started: sent back for "
-                "another replica"))
+            admission.send_back_unstarted(
+                managed,
+                (
+                    f"model {model!r}: agent {agent} is shutting down; the request had not started: sent back for "
+                    "another replica"
+                ),
+            )
     await manager.drain_all(grace_s, why)
     log.info("drained in %.2fs", time.monotonic() - start)
 
@@ -135,53 +152,116 @@ async def drain_for_shutdown(manager: EngineManager, admission: AgentAdmission |
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Prism GPU agent")
     p.add_argument("--etcd", default="127.0.0.1:2379", help="etcd endpoint host:port")
-    p.add_argument("--scheduler", default="127.0.0.1:50051",
-                   help="scheduler gRPC address, used while etcd names no leading scheduler replica")
+    p.add_argument(
+        "--scheduler",
+        default="127.0.0.1:50051",
+        help="scheduler gRPC address, used while etcd names no leading scheduler replica",
+    )
     p.add_argument("--listen", default="127.0.0.1:50061", help="address to serve gRPC on")
     p.add_argument("--advertise", default=None, help="address others reach this agent at (default: --listen)")
     p.add_argument("--agent-id", default=None, help="stable id (default: hostname-port)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--cpu-memory-gb", type=float, default=4.0, help="memory budget of the CPU device")
-    p.add_argument("--cpu-devices", type=int, default=1,
-                   help="on the CPU, this many devices (GPU ids 0..n-1) with --cpu-memory-gb each, on the same cores: "
-                        "multi-GPU placements (tp_size > 1) on a machine without GPUs")
-    p.add_argument("--model-root", action="append", default=[], metavar="DIR",
-                   help="load models only from under this folder (repeatable); none: from any path")
+    p.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=1,
+        help="on the CPU, this many devices (GPU ids 0..n-1) with --cpu-memory-gb each, on the same cores: "
+        "multi-GPU placements (tp_size > 1) on a machine without GPUs",
+    )
+    p.add_argument(
+        "--model-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="load models only from under this folder (repeatable); none: from any path",
+    )
     p.add_argument("--lease-ttl-s", type=int, default=5, help="etcd lease; the agent vanishes this long after dying")
-    p.add_argument("--engine-isolation", default="auto", choices=["auto", "process", "inline"],
-                   help="engines in worker processes or in the agent (auto: process on CUDA, inline on the CPU)")
-    p.add_argument("--spare-workers", type=int, default=1,
-                   help="pre-started engine workers per device (process isolation; 0: every load starts cold)")
-    p.add_argument("--shared-weights-dir", default="auto",
-                   help="engine workers keep host weights in shared-memory files here, so a replacement worker "
-                        "maps them instead of loading (auto: /dev/shm where it exists; none: private copies)")
-    p.add_argument("--memory-policy", default="balloon", choices=sorted(POLICIES),
-                   help="how a device's KV budget is split among its engines: balloon (by demand and priority) "
-                        "or static (equal shares)")
-    p.add_argument("--memory-reserve-gb", type=float, default=None,
-                   help="device memory kept out of the KV budget (default: 5%% of a GPU, at most 4 GiB; 0 on the CPU)")
-    p.add_argument("--kv-budget-gb", type=float, default=0.0,
-                   help="cap on each device's KV budget (default 0: no cap; the budget is memory - weights - reserve)")
-    p.add_argument("--busy-window-s", type=float, default=DEFAULT_BUSY_WINDOW_S,
-                   help="an engine that had a request this recently is not switched off unless the call forces it")
-    p.add_argument("--relieve-idle-s", type=float, default=DEFAULT_RELIEVE_IDLE_S,
-                   help="when the serving engines need more KV than a device has, engines idle this long are "
-                        "switched off to give it their memory (balloon policy)")
-    p.add_argument("--stats-window-s", type=float, default=DEFAULT_WINDOW_S,
-                   help="window of each model's request stats; a model with no request in it reports no demand")
-    p.add_argument("--starvation-s", type=float, default=DEFAULT_STARVATION_S,
-                   help="a request waiting this long for admission goes first, whatever its deadline")
-    p.add_argument("--drain-timeout-s", type=float, default=DEFAULT_DRAIN_TIMEOUT_S,
-                   help="an engine the scheduler removes first finishes its requests (new ones go to the model's "
-                        "other replicas); after this long it is unloaded anyway and the requests left fail")
-    p.add_argument("--shutdown-grace-s", type=float, default=DEFAULT_SHUTDOWN_GRACE_S,
-                   help="on SIGTERM, how long the requests in flight may take to finish (new ones go to other "
-                        "replicas) before they end with an error and the agent exits")
-    p.add_argument("--cuda-mps", default="auto", choices=MPS_CHOICES,
-                   help="run the engine processes of each GPU through CUDA MPS, so their kernels share the GPU at "
-                        "once instead of time-slicing it (auto: when nvidia-cuda-mps-control is found; a daemon "
-                        "already at $CUDA_MPS_PIPE_DIRECTORY is used). Trade-off: a fatal GPU fault in one engine "
-                        "ends all engines on that GPU (services/gpu_agent/cuda_mps.py)")
+    p.add_argument(
+        "--engine-isolation",
+        default="auto",
+        choices=["auto", "process", "inline"],
+        help="engines in worker processes or in the agent (auto: process on CUDA, inline on the CPU)",
+    )
+    p.add_argument(
+        "--spare-workers",
+        type=int,
+        default=1,
+        help="pre-started engine workers per device (process isolation; 0: every load starts cold)",
+    )
+    p.add_argument(
+        "--shared-weights-dir",
+        default="auto",
+        help="engine workers keep host weights in shared-memory files here, so a replacement worker "
+        "maps them instead of loading (auto: /dev/shm where it exists; none: private copies)",
+    )
+    p.add_argument(
+        "--memory-policy",
+        default="balloon",
+        choices=sorted(POLICIES),
+        help="how a device's KV budget is split among its engines: balloon (by demand and priority) "
+        "or static (equal shares)",
+    )
+    p.add_argument(
+        "--memory-reserve-gb",
+        type=float,
+        default=None,
+        help="device memory kept out of the KV budget (default: 5%% of a GPU, at most 4 GiB; 0 on the CPU)",
+    )
+    p.add_argument(
+        "--kv-budget-gb",
+        type=float,
+        default=0.0,
+        help="cap on each device's KV budget (default 0: no cap; the budget is memory - weights - reserve)",
+    )
+    p.add_argument(
+        "--busy-window-s",
+        type=float,
+        default=DEFAULT_BUSY_WINDOW_S,
+        help="an engine that had a request this recently is not switched off unless the call forces it",
+    )
+    p.add_argument(
+        "--relieve-idle-s",
+        type=float,
+        default=DEFAULT_RELIEVE_IDLE_S,
+        help="when the serving engines need more KV than a device has, engines idle this long are "
+        "switched off to give it their memory (balloon policy)",
+    )
+    p.add_argument(
+        "--stats-window-s",
+        type=float,
+        default=DEFAULT_WINDOW_S,
+        help="window of each model's request stats; a model with no request in it reports no demand",
+    )
+    p.add_argument(
+        "--starvation-s",
+        type=float,
+        default=DEFAULT_STARVATION_S,
+        help="a request waiting this long for admission goes first, whatever its deadline",
+    )
+    p.add_argument(
+        "--drain-timeout-s",
+        type=float,
+        default=DEFAULT_DRAIN_TIMEOUT_S,
+        help="an engine the scheduler removes first finishes its requests (new ones go to the model's "
+        "other replicas); after this long it is unloaded anyway and the requests left fail",
+    )
+    p.add_argument(
+        "--shutdown-grace-s",
+        type=float,
+        default=DEFAULT_SHUTDOWN_GRACE_S,
+        help="on SIGTERM, how long the requests in flight may take to finish (new ones go to other "
+        "replicas) before they end with an error and the agent exits",
+    )
+    p.add_argument(
+        "--cuda-mps",
+        default="auto",
+        choices=MPS_CHOICES,
+        help="run the engine processes of each GPU through CUDA MPS, so their kernels share the GPU at "
+        "once instead of time-slicing it (auto: when nvidia-cuda-mps-control is found; a daemon "
+        "already at $CUDA_MPS_PIPE_DIRECTORY is used). Trade-off: a fatal GPU fault in one engine "
+        "ends all engines on that GPU (services/gpu_agent/cuda_mps.py)",
+    )
     add_tls_args(p)
     add_etcd_args(p)
     args = p.parse_args(argv)
@@ -276,8 +356,12 @@ async def serve_engines(args: argparse.Namespace) -> None:
             await leased.delete(key)
             return
         record = records.EngineRecord(
-            agent_id=agent_id, model=managed.spec.name, state=managed.published_state, gpu_ids=list(managed.gpu_ids),
-            max_context=managed.engine.max_context if managed.engine else 0, error=managed.error,
+            agent_id=agent_id,
+            model=managed.spec.name,
+            state=managed.published_state,
+            gpu_ids=list(managed.gpu_ids),
+            max_context=managed.engine.max_context if managed.engine else 0,
+            error=managed.error,
         )
         await leased.put(key, record.to_json())
 
@@ -285,15 +369,27 @@ async def serve_engines(args: argparse.Namespace) -> None:
     if engine_isolation(args.engine_isolation, devices) == "process":
         pool = WorkerPool([d.torch_device for d in devices], args.spare_workers)
         await pool.start()  # the spares warm up while the agent registers
-    manager = EngineManager(devices, publish, pool, coordinated=True, stats_window_s=args.stats_window_s,
-                            shared_weights_dir=shared_dir, drain_timeout_s=args.drain_timeout_s,
-                            shared_weights_prefix=f"prism-{hashlib.sha256(agent_id.encode()).hexdigest()[:10]}")
+    manager = EngineManager(
+        devices,
+        publish,
+        pool,
+        coordinated=True,
+        stats_window_s=args.stats_window_s,
+        shared_weights_dir=shared_dir,
+        drain_timeout_s=args.drain_timeout_s,
+        shared_weights_prefix=f"prism-{hashlib.sha256(agent_id.encode()).hexdigest()[:10]}",
+    )
     reserve = None if args.memory_reserve_gb is None else int(args.memory_reserve_gb * (1 << 30))
     for d in devices:
-        coordinators[d.index] = MemoryCoordinator(d, manager, args.memory_policy, reserve,
-                                                  kv_budget_cap_bytes=int(args.kv_budget_gb * (1 << 30)),
-                                                  make_room_idle_s=args.busy_window_s,
-                                                  relieve_idle_s=args.relieve_idle_s)
+        coordinators[d.index] = MemoryCoordinator(
+            d,
+            manager,
+            args.memory_policy,
+            reserve,
+            kv_budget_cap_bytes=int(args.kv_budget_gb * (1 << 30)),
+            make_room_idle_s=args.busy_window_s,
+            relieve_idle_s=args.relieve_idle_s,
+        )
     admission = AgentAdmission({i: AdmissionQueue(c, args.starvation_s) for i, c in coordinators.items()})
 
     async def before_activate(managed: ManagedEngine) -> None:
@@ -307,8 +403,15 @@ async def serve_engines(args: argparse.Namespace) -> None:
         log.info("loading models only from under %s (--model-root)", ", ".join(map(str, roots)))
     else:
         log.warning("loading models from any path on this host: give --model-root to bound where from")
-    service = AgentService(agent_id, devices, manager, coordinators=coordinators, admission=admission,
-                           busy_window_s=args.busy_window_s, model_roots=roots)
+    service = AgentService(
+        agent_id,
+        devices,
+        manager,
+        coordinators=coordinators,
+        admission=admission,
+        busy_window_s=args.busy_window_s,
+        model_roots=roots,
+    )
 
     gate = ShutdownGate(agent_id)
     server = grpc.aio.server(interceptors=[gate], options=SERVER_OPTIONS)
@@ -319,23 +422,39 @@ async def serve_engines(args: argparse.Namespace) -> None:
     await server.start()
 
     agent_record = records.AgentRecord(
-        agent_id=agent_id, address=advertise,
+        agent_id=agent_id,
+        address=advertise,
         devices=[vars(records.DeviceRecord(d.index, d.kind, d.name, d.memory_bytes)) for d in devices],
         started_at=time.time(),
     )
     await leased.put(agent_record.key(), agent_record.to_json())
     await mark_serving(health, [SERVICE_NAME])
-    log.info("agent %s serving on %s (%s) with %s; engines %s", agent_id, advertise,
-             transport_name(args.tls_files, args.mtls),
-             ", ".join(f"{d.kind}:{d.index} {d.memory_bytes >> 20} MB" for d in devices),
-             "inline" if pool is None else f"in worker processes ({args.spare_workers} spare a device)")
+    log.info(
+        "agent %s serving on %s (%s) with %s; engines %s",
+        agent_id,
+        advertise,
+        transport_name(args.tls_files, args.mtls),
+        ", ".join(f"{d.kind}:{d.index} {d.memory_bytes >> 20} MB" for d in devices),
+        "inline" if pool is None else f"in worker processes ({args.spare_workers} spare a device)",
+    )
 
-    reporter = LoadReporter(args.scheduler, agent_id, advertise, devices, manager, coordinators=coordinators,
-                            admission=admission, etcd=etcd,  # reports follow the scheduler leader in etcd
-                            tls=args.tls_files)
-    tasks = [asyncio.create_task(leased.run()), asyncio.create_task(reporter.run()),
-             *(asyncio.create_task(c.run()) for c in coordinators.values()),
-             *(asyncio.create_task(q.run()) for q in admission.queues.values())]
+    reporter = LoadReporter(
+        args.scheduler,
+        agent_id,
+        advertise,
+        devices,
+        manager,
+        coordinators=coordinators,
+        admission=admission,
+        etcd=etcd,  # reports follow the scheduler leader in etcd
+        tls=args.tls_files,
+    )
+    tasks = [
+        asyncio.create_task(leased.run()),
+        asyncio.create_task(reporter.run()),
+        *(asyncio.create_task(c.run()) for c in coordinators.values()),
+        *(asyncio.create_task(q.run()) for q in admission.queues.values()),
+    ]
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

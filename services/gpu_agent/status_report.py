@@ -94,8 +94,13 @@ def demand_by_model(splits: Iterable[DeviceMemorySplit]) -> dict[str, int]:
     return demand
 
 
-def fill_model_serving(message: agent_pb2.EngineStatus, managed: ManagedEngine, *, admission: AdmissionQueueView | None,
-                       demand_bytes: Mapping[str, int]) -> None:
+def fill_model_serving(
+    message: agent_pb2.EngineStatus,
+    managed: ManagedEngine,
+    *,
+    admission: AdmissionQueueView | None,
+    demand_bytes: Mapping[str, int],
+) -> None:
     """Sets the admission, demand and serving fields an EngineStatus and a
     ModelLoad share (same names in both messages) from one ManagedEngine."""
     model = managed.spec.name

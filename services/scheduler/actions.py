@@ -52,10 +52,14 @@ def still_held_off(activated_at: dict[tuple[str, str], float], now: float) -> di
     return {key: t for key, t in activated_at.items() if now - t < REACTIVATE_HOLD_S}
 
 
-def plan_actions(target: Placement, engines: dict[tuple[str, str], EngineRecord], live_agents: set[str],
-                 manage_activity: bool = False,
-                 deactivate_busy_window_s: float = DEACTIVATE_BUSY_WINDOW_S,
-                 held_off: frozenset[tuple[str, str]] = frozenset()) -> list[Action]:
+def plan_actions(
+    target: Placement,
+    engines: dict[tuple[str, str], EngineRecord],
+    live_agents: set[str],
+    manage_activity: bool = False,
+    deactivate_busy_window_s: float = DEACTIVATE_BUSY_WINDOW_S,
+    held_off: frozenset[tuple[str, str]] = frozenset(),
+) -> list[Action]:
     """engines: (agent_id, model) -> what that agent reports in etcd.
 
     Unloads come first so their memory is free before loads need it, then
@@ -66,8 +70,8 @@ def plan_actions(target: Placement, engines: dict[tuple[str, str], EngineRecord]
     requests first. A model the target places nowhere (its policy sheds or
     drops it) is unloaded at once: draining would keep the load its policy
     means to take off the GPU. An engine already draining is not unloaded
-    again, and one the target wants back is loaded, which cancels its drain. manage_activity: switch engines on and off to match the
-    target (policies that time-share); otherwise a replica's `active` only
+    again, and one the target wants back is loaded, which cancels its drain. manage_activity: switch
+    engines on and off to match the target (policies that time-share); otherwise a replica's `active` only
     applies when it is loaded, and agents switch engines on by demand.
     deactivate_busy_window_s: deactivations hold an engine on only this long after its last request, in
     place of the agent's busy window (0: the agent's, 10 s). The policies' own hysteresis decides when a
@@ -97,6 +101,14 @@ def plan_actions(target: Placement, engines: dict[tuple[str, str], EngineRecord]
         elif manage_activity and record.state == "inactive" and action.activate and key not in held_off:
             activations.append(Action("activate", action.agent_id, action.model, action.gpu_ids))
         elif manage_activity and record.state == "active" and not action.activate:
-            deactivations.append(Action("deactivate", action.agent_id, action.model, action.gpu_ids, False,
-                                        busy_window_s=deactivate_busy_window_s))
+            deactivations.append(
+                Action(
+                    "deactivate",
+                    action.agent_id,
+                    action.model,
+                    action.gpu_ids,
+                    False,
+                    busy_window_s=deactivate_busy_window_s,
+                )
+            )
     return unloads + deactivations + loads + activations

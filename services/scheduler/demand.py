@@ -73,9 +73,10 @@ class DepartedEngine:
         """Its requests still within the last `window_s` and the last RECENT_RATE_S at `now`, its last
         report's spread evenly over the span each covered."""
         age = max(0.0, now - self.left_at)
-        return (self.load.demand.arrival_rate * max(0.0, min(self.load.span, window_s - age)),
-                self.load.demand.recent_arrival_rate * max(0.0, min(recent_span(self.load.window_s),
-                                                                    RECENT_RATE_S - age)))
+        return (
+            self.load.demand.arrival_rate * max(0.0, min(self.load.span, window_s - age)),
+            self.load.demand.recent_arrival_rate * max(0.0, min(recent_span(self.load.window_s), RECENT_RATE_S - age)),
+        )
 
     def covers(self, now: float) -> float:
         """How far back its numbers reach from `now`."""
@@ -93,8 +94,9 @@ class DemandMemory:
     def demand(self, now: float, loads: Mapping[EngineKey, EngineLoad]) -> dict[str, ModelDemand]:
         self._note_departures(now, loads)
         # The agents' window: a mature engine's span. Until one has one, the longest span seen.
-        window = max([load.window_s for load in loads.values()]
-                     + [d.load.window_s for d in self._departed] + [MIN_RATE_SPAN_S])
+        window = max(
+            [load.window_s for load in loads.values()] + [d.load.window_s for d in self._departed] + [MIN_RATE_SPAN_S]
+        )
         self._departed = [d for d in self._departed if now - d.left_at < window]
         by_model: dict[str, list[EngineLoad]] = {}
         for (_, model), load in loads.items():
@@ -102,22 +104,24 @@ class DemandMemory:
         departed_by_model: dict[str, list[DepartedEngine]] = {}
         for departed in self._departed:
             departed_by_model.setdefault(departed.key[1], []).append(departed)
-        return {model: model_demand(now, window, by_model.get(model, []), departed_by_model.get(model, []))
-                for model in by_model.keys() | departed_by_model.keys()}
+        return {
+            model: model_demand(now, window, by_model.get(model, []), departed_by_model.get(model, []))
+            for model in by_model.keys() | departed_by_model.keys()
+        }
 
     def _note_departures(self, now: float, loads: Mapping[EngineKey, EngineLoad]) -> None:
         """Engines reported last time and not now have left. One that reports again with a window
         reaching back before it left is the same engine's numbers (its agent's report was late, not
         the engine gone): its own window counts those requests, so its departure is forgotten."""
-        self._departed = [d for d in self._departed
-                          if not (d.key in loads and loads[d.key].window_s >= now - d.left_at)]
+        self._departed = [
+            d for d in self._departed if not (d.key in loads and loads[d.key].window_s >= now - d.left_at)
+        ]
         for key in self._last.keys() - loads.keys():
             self._departed.append(DepartedEngine(key, self._last[key], now))
         self._last = dict(loads)
 
 
-def model_demand(now: float, window_s: float, loads: list[EngineLoad],
-                 departed: list[DepartedEngine]) -> ModelDemand:
+def model_demand(now: float, window_s: float, loads: list[EngineLoad], departed: list[DepartedEngine]) -> ModelDemand:
     """One model's demand: its engines' loads summed, its rates its arrivals over the span they cover
     (departed engines' arrivals within the window included)."""
     total = ModelDemand()
@@ -137,5 +141,6 @@ def model_demand(now: float, window_s: float, loads: list[EngineLoad],
     if not loads:  # its token means, from the departed engines' last reports
         for engine in departed:
             total = total + replace(engine.load.demand, queued=0, running=0, kv_demand_bytes=0)
-    return replace(total, arrival_rate=arrivals / span, recent_arrival_rate=recent_arrivals / recent_span(span),
-                   busy_fraction=busy)
+    return replace(
+        total, arrival_rate=arrivals / span, recent_arrival_rate=recent_arrivals / recent_span(span), busy_fraction=busy
+    )

@@ -42,6 +42,7 @@ LeaderWork = Callable[[], Coroutine[Any, Any, None]]
 
 class EtcdLease(Protocol):
     """What the election uses of an aetcd.Lease (aetcd ships no type hints)."""
+
     id: int
     ttl: int  # seconds, as etcd granted it
 
@@ -51,8 +52,17 @@ class EtcdLease(Protocol):
 
 
 class LeaderElection:
-    def __init__(self, client: aetcd.Client, candidate_id: str, address: str, *, ttl_s: int = 2,
-                 fence_margin_s: float = 0.5, key: str = records.SCHEDULER_LEADER, on_role: OnRole | None = None):
+    def __init__(
+        self,
+        client: aetcd.Client,
+        candidate_id: str,
+        address: str,
+        *,
+        ttl_s: int = 2,
+        fence_margin_s: float = 0.5,
+        key: str = records.SCHEDULER_LEADER,
+        on_role: OnRole | None = None,
+    ):
         """ttl_s: the leader's lease; a dead leader is replaced about this long
         after its death. etcd's shortest lease is 2 s with default timing.
         fence_margin_s: how long before its lease could lapse the leader stops."""
@@ -138,7 +148,7 @@ class LeaderElection:
             log.info("%s won the election (lease %x, ttl %ds)", self.candidate_id, lease.id, lease.ttl)
             return lease
         await self._forget(lease)
-        for _value, got in (responses[0] if responses else []):
+        for _value, got in responses[0] if responses else []:
             self.leader = records.LeaderRecord.from_json(got.value)
         return None
 
@@ -163,7 +173,7 @@ class LeaderElection:
                 if await asyncio.wait_for(self._until_deleted(watch), 3 * self.ttl_s):
                     log.info("%s: the leader key is gone; campaigning", self.candidate_id)
                     return
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             finally:
                 await watch.cancel()
@@ -216,8 +226,10 @@ class LeaderElection:
                 reply = await asyncio.wait_for(lease.refresh(), fence_at - sent_at)
                 if reply is None or reply.TTL <= 0:
                     return "etcd says the lease expired"
-                got = await asyncio.wait_for(self._client.get(self.key.encode()), max(0.01, fence_at - time.monotonic()))
-            except asyncio.TimeoutError:
+                got = await asyncio.wait_for(
+                    self._client.get(self.key.encode()), max(0.01, fence_at - time.monotonic())
+                )
+            except TimeoutError:
                 continue
             except asyncio.CancelledError:
                 raise

@@ -30,7 +30,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
     async def RegisterAgent(self, request, context) -> scheduler_pb2.RegisterAgentResponse:
         await self._refuse_unless_leading(context)
-        log.info("agent %s registered from %s with %d device(s)", request.agent_id, request.address, len(request.devices))
+        log.info(
+            "agent %s registered from %s with %d device(s)", request.agent_id, request.address, len(request.devices)
+        )
         self.wake.set()
         return scheduler_pb2.RegisterAgentResponse(report_interval_ms=self.report_interval_ms)
 

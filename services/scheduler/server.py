@@ -77,31 +77,59 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--etcd", default="127.0.0.1:2379")
     p.add_argument("--config", required=True, help="placement config (.json, .yaml)")
     p.add_argument("--listen", default="127.0.0.1:50051")
-    p.add_argument("--policy", default=None, choices=sorted(POLICIES),
-                   help="placement policy (default: the config's \"policy\", else static)")
+    p.add_argument(
+        "--policy",
+        default=None,
+        choices=sorted(POLICIES),
+        help='placement policy (default: the config\'s "policy", else static)',
+    )
     p.add_argument("--replan-interval-s", type=float, default=2.0)
     p.add_argument("--load-timeout-s", type=float, default=600.0, help="deadline of one LoadModel command")
-    p.add_argument("--min-kv-fraction", type=float, default=PolicyParams.min_kv_fraction,
-                   help="prism policy: KV an active model is counted with at least, as a fraction of its GPU")
-    p.add_argument("--standby-replicas", type=int, default=PolicyParams.standby_replicas,
-                   help="prism policy: switched-off replicas of each model on other agents, which a burst "
-                        "switches on instead of loading; each costs its agent host memory for the weights")
-    p.add_argument("--compute-costs", default=None, metavar="PROFILE_JSON",
-                   help="step costs the policies price compute with: a latency profile's JSON (as "
-                        "bench/results/sim-profile-h100.json). Default: the fitted costs of the card the agents "
-                        "name (H100, H200; another CUDA card: the H100's; several: the slowest's)")
-    p.add_argument("--step-costs-from", default="cuda", choices=STEP_COSTS_FROM,
-                   help="whose measured steps replace the costs above for their model sizes once enough were "
-                        "run: cuda (engines on CUDA devices; CPU clusters keep the constants their placement "
-                        "tests were written against), all (every engine's), none (the costs above alone)")
-    p.add_argument("--status-interval-s", type=float, default=DEFAULT_STATUS_INTERVAL_S,
-                   help="how often the leader writes its status record (plans made, step costs; prism status "
-                        "shows it) at most")
-    p.add_argument("--scheduler-id", default=None, help="this replica's name in the leader election "
-                   "(default: <hostname>-<port>)")
+    p.add_argument(
+        "--min-kv-fraction",
+        type=float,
+        default=PolicyParams.min_kv_fraction,
+        help="prism policy: KV an active model is counted with at least, as a fraction of its GPU",
+    )
+    p.add_argument(
+        "--standby-replicas",
+        type=int,
+        default=PolicyParams.standby_replicas,
+        help="prism policy: switched-off replicas of each model on other agents, which a burst "
+        "switches on instead of loading; each costs its agent host memory for the weights",
+    )
+    p.add_argument(
+        "--compute-costs",
+        default=None,
+        metavar="PROFILE_JSON",
+        help="step costs the policies price compute with: a latency profile's JSON (as "
+        "bench/results/sim-profile-h100.json). Default: the fitted costs of the card the agents "
+        "name (H100, H200; another CUDA card: the H100's; several: the slowest's)",
+    )
+    p.add_argument(
+        "--step-costs-from",
+        default="cuda",
+        choices=STEP_COSTS_FROM,
+        help="whose measured steps replace the costs above for their model sizes once enough were "
+        "run: cuda (engines on CUDA devices; CPU clusters keep the constants their placement "
+        "tests were written against), all (every engine's), none (the costs above alone)",
+    )
+    p.add_argument(
+        "--status-interval-s",
+        type=float,
+        default=DEFAULT_STATUS_INTERVAL_S,
+        help="how often the leader writes its status record (plans made, step costs; prism status shows it) at most",
+    )
+    p.add_argument(
+        "--scheduler-id", default=None, help="this replica's name in the leader election (default: <hostname>-<port>)"
+    )
     p.add_argument("--advertise", default=None, help="the address agents reach this replica at (default: --listen)")
-    p.add_argument("--leader-ttl-s", type=int, default=2,
-                   help="the leader's etcd lease: a dead leader is replaced about this long after its death")
+    p.add_argument(
+        "--leader-ttl-s",
+        type=int,
+        default=2,
+        help="the leader's etcd lease: a dead leader is replaced about this long after its death",
+    )
     add_tls_args(p)
     add_etcd_args(p)
     args = p.parse_args(argv)
@@ -128,10 +156,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def model_spec(model: ModelConfig) -> agent_pb2.ModelSpec:
     """What an agent needs to run the model (its SLO unset where the config leaves it to the agent's default)."""
     return agent_pb2.ModelSpec(
-        name=model.model_name, path=model.model_path, tp_size=model.tp_size, load_format=model.load_format,
-        engine=model.engine, dtype=model.dtype, seed=model.seed, priority=model.priority, shed_load=model.shed_load,
+        name=model.model_name,
+        path=model.model_path,
+        tp_size=model.tp_size,
+        load_format=model.load_format,
+        engine=model.engine,
+        dtype=model.dtype,
+        seed=model.seed,
+        priority=model.priority,
+        shed_load=model.shed_load,
         slo=agent_pb2.ModelSlo(ttft_ms=model.ttft_slo_ms or 0, tpot_ms=model.tpot_slo_ms or 0),
-        max_context=model.max_context, deterministic_inference=model.deterministic_inference,
+        max_context=model.max_context,
+        deterministic_inference=model.deterministic_inference,
         no_prefix_caching=not model.prefix_caching,
     )
 
@@ -145,29 +181,38 @@ REPLAN_COALESCE_S = 0.05
 DEFAULT_STATUS_INTERVAL_S = 10.0  # how often the scheduler status record (prism status) is written at most
 
 
-def engine_loads_from_reports(reports: list[scheduler_pb2.LoadReport],
-                              tp_sizes: Mapping[str, int] | None = None) -> dict[EngineKey, EngineLoad]:
+def engine_loads_from_reports(
+    reports: list[scheduler_pb2.LoadReport], tp_sizes: Mapping[str, int] | None = None
+) -> dict[EngineKey, EngineLoad]:
     """Each engine's load in the agents' latest reports, keyed by (agent, model), for DemandMemory to
     sum. tp_sizes: a model split over several GPUs reports its KV demand as one rank holds it (its
     share of the KV heads), and the policies take a model's whole demand (they divide it by tp_size,
     as its weights): it counts tp_size times."""
     tp_sizes = tp_sizes or {}
-    return {(report.agent_id, load.model): EngineLoad(
-                ModelDemand.from_serving(load.serving, queued=load.queued_requests, running=load.running_requests,
-                                         kv_demand_bytes=load.kv_demand_bytes * tp_sizes.get(load.model, 1)),
-                load.serving.window_s)
-            for report in reports for load in report.models}
+    return {
+        (report.agent_id, load.model): EngineLoad(
+            ModelDemand.from_serving(
+                load.serving,
+                queued=load.queued_requests,
+                running=load.running_requests,
+                kv_demand_bytes=load.kv_demand_bytes * tp_sizes.get(load.model, 1),
+            ),
+            load.serving.window_s,
+        )
+        for report in reports
+        for load in report.models
+    }
 
 
-def usable_gpu_memory(agent_id: str, devices: list[dict],
-                      reports: list[scheduler_pb2.LoadReport]) -> dict[int, int]:
+def usable_gpu_memory(agent_id: str, devices: list[dict], reports: list[scheduler_pb2.LoadReport]) -> dict[int, int]:
     """Each GPU's memory that weights and KV may take, as the policies plan it: the device's memory less
     the reserve its agent keeps in force (its latest report's; the agent measures what its processes hold
     beyond weights and KV, about 20 GB with 12 engine processes on an H100). Planned on the whole card,
     prism counted 85 GB where 65 were there to take, kept more models on than fit, and their requests
     met refused activations."""
-    reserve = {gpu.gpu_id: gpu.reserve_bytes for report in reports if report.agent_id == agent_id
-               for gpu in report.gpus}
+    reserve = {
+        gpu.gpu_id: gpu.reserve_bytes for report in reports if report.agent_id == agent_id for gpu in report.gpus
+    }
     return {d["index"]: max(0, d.get("memory_bytes", 0) - reserve.get(d["index"], 0)) for d in devices}
 
 
@@ -228,11 +273,23 @@ class PlacementLoop:
     resulting actions in the background, one at a time per (agent, model),
     backing off after failures."""
 
-    def __init__(self, config: placement_config.PlacementConfig, etcd, policy_name: str, service: SchedulerService,
-                 wake: asyncio.Event, interval_s: float, load_timeout_s: float,
-                 params: PolicyParams = PolicyParams(), fence: tuple[str, bytes] | None = None,
-                 tls: TlsFiles | None = None, compute_from_devices: bool = False, step_costs_from: str = "cuda",
-                 scheduler_id: str = "", status_interval_s: float = DEFAULT_STATUS_INTERVAL_S):
+    def __init__(
+        self,
+        config: placement_config.PlacementConfig,
+        etcd,
+        policy_name: str,
+        service: SchedulerService,
+        wake: asyncio.Event,
+        interval_s: float,
+        load_timeout_s: float,
+        params: PolicyParams = PolicyParams(),
+        fence: tuple[str, bytes] | None = None,
+        tls: TlsFiles | None = None,
+        compute_from_devices: bool = False,
+        step_costs_from: str = "cuda",
+        scheduler_id: str = "",
+        status_interval_s: float = DEFAULT_STATUS_INTERVAL_S,
+    ):
         """fence: (key, value) that must still be in etcd for this loop's
         placement writes to land (the leader key with this term's record), so
         a deposed leader can never overwrite its successor's placements.
@@ -280,10 +337,18 @@ class PlacementLoop:
     async def publish_registry(self) -> None:
         wanted = {}
         for m in self.config.models:
-            rec = records.ModelRecord(name=m.model_name, path=m.model_path, tp_size=m.tp_size,
-                                      load_format=m.load_format, engine=m.engine, dtype=m.dtype, seed=m.seed,
-                                      ttft_ms=m.ttft_slo_ms or 0.0, max_context=m.max_context,
-                                      deterministic_inference=m.deterministic_inference)
+            rec = records.ModelRecord(
+                name=m.model_name,
+                path=m.model_path,
+                tp_size=m.tp_size,
+                load_format=m.load_format,
+                engine=m.engine,
+                dtype=m.dtype,
+                seed=m.seed,
+                ttft_ms=m.ttft_slo_ms or 0.0,
+                max_context=m.max_context,
+                deterministic_inference=m.deterministic_inference,
+            )
             wanted[rec.key()] = rec.to_json()
         existing = {kv.key.decode(): kv.value for kv in await self.etcd.get_prefix(records.MODELS.encode())}
         for key in existing.keys() - wanted.keys():
@@ -316,7 +381,9 @@ class PlacementLoop:
         compare = [tx.value(self.fence[0].encode()) == self.fence[1]] if self.fence else []
         ops, changes = [], []
         for model, replicas in target.items():
-            as_dicts = [vars(records.Replica(r.agent_id, list(r.gpu_ids), r.active, r.memory_limit_bytes)) for r in replicas]
+            as_dicts = [
+                vars(records.Replica(r.agent_id, list(r.gpu_ids), r.active, r.memory_limit_bytes)) for r in replicas
+            ]
             key = records.PLACEMENTS + model
             old = existing.get(key)
             if old is None or old.replicas != as_dicts:
@@ -334,8 +401,12 @@ class PlacementLoop:
             log.warning("placement not written: another writer changed it, or this replica no longer leads")
             return False
         for model, as_dicts, revision in changes:
-            log.info("placement of %s -> %s (revision %d)", model,
-                     [f"{r['agent_id']}:{r['gpu_ids']}" for r in as_dicts] or "unplaced", revision)
+            log.info(
+                "placement of %s -> %s (revision %d)",
+                model,
+                [f"{r['agent_id']}:{r['gpu_ids']}" for r in as_dicts] or "unplaced",
+                revision,
+            )
         return True
 
     def _channel(self, address: str) -> grpc.aio.Channel:
@@ -343,31 +414,47 @@ class PlacementLoop:
             self._channels[address] = aio_channel(address, self.tls)
         return self._channels[address]
 
-    def _price_compute_for(self, agents: Mapping[str, records.AgentRecord],
-                           reports: list[scheduler_pb2.LoadReport]) -> None:
+    def _price_compute_for(
+        self, agents: Mapping[str, records.AgentRecord], reports: list[scheduler_pb2.LoadReport]
+    ) -> None:
         """params.compute: the step costs of the cards the agents name (with compute_from_devices; else the
         configured ones), with every model size whose engines have run enough steps fitted from those steps
         (services/common/step_costs.py), so that compute is priced with what the GPUs actually take; and
         params.step_tokens, the step budget their devices' engines run with (step_tokens_for: on CUDA four
         times the CPU's, so a prompt takes a quarter of the steps the CPU's budget would count)."""
-        step_tokens = step_tokens_for(d["kind"] for a in agents.values() for d in a.devices) if agents \
+        step_tokens = (
+            step_tokens_for(d["kind"] for a in agents.values() for d in a.devices)
+            if agents
             else self.params.step_tokens
+        )
         if step_tokens != self.params.step_tokens:
             self.params = dataclasses.replace(self.params, step_tokens=step_tokens)
         if self.compute_from_devices and agents:
             costs = compute_costs_for([(d["kind"], d["name"]) for a in agents.values() for d in a.devices])
             if costs != self.profile_compute:
-                log.info("pricing compute with the step costs of %s",
-                         ", ".join(sorted({d["name"] for a in agents.values() for d in a.devices})))
+                log.info(
+                    "pricing compute with the step costs of %s",
+                    ", ".join(sorted({d["name"] for a in agents.values() for d in a.devices})),
+                )
                 self.profile_compute = costs
-        measuring = [r for r in reports if self.step_costs_from == "all" or (
-            self.step_costs_from == "cuda" and r.agent_id in agents
-            and any(d["kind"] == "cuda" for d in agents[r.agent_id].devices))]
+        measuring = [
+            r
+            for r in reports
+            if self.step_costs_from == "all"
+            or (
+                self.step_costs_from == "cuda"
+                and r.agent_id in agents
+                and any(d["kind"] == "cuda" for d in agents[r.agent_id].devices)
+            )
+        ]
         measured = measured_sizes(self.profile_compute, step_sums_by_weight(measuring))
         if measured.keys() - self.measured.keys():
-            log.info("pricing compute with the measured steps of models of %s",
-                     ", ".join(f"{w / 1e9:.2f} GB ({m.steps:.0f} steps)" for w, m in measured.items()
-                               if w not in self.measured))
+            log.info(
+                "pricing compute with the measured steps of models of %s",
+                ", ".join(
+                    f"{w / 1e9:.2f} GB ({m.steps:.0f} steps)" for w, m in measured.items() if w not in self.measured
+                ),
+            )
         self.measured = measured
         costs = with_measured(self.profile_compute, measured)
         if costs != self.params.compute:
@@ -381,10 +468,18 @@ class PlacementLoop:
             return
         self._status_written_at = now
         record = records.SchedulerStatusRecord(
-            scheduler_id=self.scheduler_id, plans=self.plans, planned_at=self._planned_at,
+            scheduler_id=self.scheduler_id,
+            plans=self.plans,
+            planned_at=self._planned_at,
             attention_bytes_per_s=self.params.compute.attention_bytes_per_s,
-            points=[{**dataclasses.asdict(p), "measured_steps": self.measured[p.weight_bytes].steps
-                     if p.weight_bytes in self.measured else 0.0} for p in self.params.compute.points])
+            points=[
+                {
+                    **dataclasses.asdict(p),
+                    "measured_steps": self.measured[p.weight_bytes].steps if p.weight_bytes in self.measured else 0.0,
+                }
+                for p in self.params.compute.points
+            ],
+        )
         try:
             await self.etcd.put(records.SCHEDULER_STATUS.encode(), record.to_json())
         except Exception as exc:  # a status record: the plan goes on without it
@@ -397,11 +492,21 @@ class PlacementLoop:
         self._price_compute_for(agents, reports)
         snapshot = ClusterSnapshot(
             models=self.config.models,
-            agents=tuple(AgentView(a.agent_id, frozenset(d["index"] for d in a.devices),
-                                   usable_gpu_memory(a.agent_id, a.devices, reports)) for a in agents.values()),
-            demand=with_waiting(self.demand_memory.demand(time.monotonic(), engine_loads_from_reports(
-                reports, {m.model_name: m.tp_size for m in self.config.models})),
-                                waiting_at_gateways(self.waiting.items.values())),
+            agents=tuple(
+                AgentView(
+                    a.agent_id,
+                    frozenset(d["index"] for d in a.devices),
+                    usable_gpu_memory(a.agent_id, a.devices, reports),
+                )
+                for a in agents.values()
+            ),
+            demand=with_waiting(
+                self.demand_memory.demand(
+                    time.monotonic(),
+                    engine_loads_from_reports(reports, {m.model_name: m.tp_size for m in self.config.models}),
+                ),
+                waiting_at_gateways(self.waiting.items.values()),
+            ),
             weight_bytes={**self._estimated_weights, **reported_weight_bytes(reports)},
             current=current_placement(engines),
         )
@@ -413,8 +518,9 @@ class PlacementLoop:
             return  # fenced off or raced: act on nothing; the next plan reads etcd afresh
         now = time.monotonic()
         self._activated_at = still_held_off(self._activated_at, now)
-        for action in plan_actions(target, engines, set(agents), self.manages_activity,
-                                   held_off=frozenset(self._activated_at)):
+        for action in plan_actions(
+            target, engines, set(agents), self.manages_activity, held_off=frozenset(self._activated_at)
+        ):
             key = (action.agent_id, action.model)
             if key in self._in_flight or self._retry_at.get(key, (0.0, 0.0))[0] > now:
                 continue
@@ -426,20 +532,28 @@ class PlacementLoop:
         try:
             if action.kind == "load":
                 spec = self.config.model(action.model)
-                status = await stub.LoadModel(agent_pb2.LoadModelRequest(
-                    spec=model_spec(spec),
-                    gpu_ids=list(action.gpu_ids), activate=action.activate, memory_limit_bytes=action.memory_limit_bytes,
-                ), timeout=self.load_timeout_s)
+                status = await stub.LoadModel(
+                    agent_pb2.LoadModelRequest(
+                        spec=model_spec(spec),
+                        gpu_ids=list(action.gpu_ids),
+                        activate=action.activate,
+                        memory_limit_bytes=action.memory_limit_bytes,
+                    ),
+                    timeout=self.load_timeout_s,
+                )
                 if status.state == agent_pb2.ENGINE_STATE_FAILED:
                     raise RuntimeError(status.error)
-                log.info("loaded %s on %s (%s)", action.model, action.agent_id, agent_pb2.EngineState.Name(status.state))
+                log.info(
+                    "loaded %s on %s (%s)", action.model, action.agent_id, agent_pb2.EngineState.Name(status.state)
+                )
             elif action.kind == "activate":
                 await stub.ActivateModel(agent_pb2.ModelRequest(model=action.model), timeout=60)
                 self._activated_at[key] = time.monotonic()
                 log.info("activated %s on %s", action.model, action.agent_id)
             elif action.kind == "deactivate":
-                status = await stub.DeactivateModel(agent_pb2.ModelRequest(
-                    model=action.model, busy_window_s=action.busy_window_s), timeout=60)
+                status = await stub.DeactivateModel(
+                    agent_pb2.ModelRequest(model=action.model, busy_window_s=action.busy_window_s), timeout=60
+                )
                 if status.state == agent_pb2.ENGINE_STATE_ACTIVE:  # it had requests our reports had not shown yet
                     log.info("%s on %s stays on: the agent saw recent requests", action.model, action.agent_id)
                     self._retry_at[key] = (time.monotonic() + KEPT_ON_RETRY_S, 1.0)  # the reports catch up meanwhile
@@ -447,11 +561,17 @@ class PlacementLoop:
                 log.info("deactivated %s on %s", action.model, action.agent_id)
             else:
                 # A drain returns at once; the agent unloads the engine once its requests have ended.
-                status = await stub.UnloadModel(agent_pb2.ModelRequest(model=action.model, force=not action.drain),
-                                                timeout=60)
+                status = await stub.UnloadModel(
+                    agent_pb2.ModelRequest(model=action.model, force=not action.drain), timeout=60
+                )
                 if status.state == agent_pb2.ENGINE_STATE_DRAINING:
-                    log.info("draining %s on %s: %d request(s) running, %d queued", action.model, action.agent_id,
-                             status.running_requests, status.queued_requests + status.admission_queued)
+                    log.info(
+                        "draining %s on %s: %d request(s) running, %d queued",
+                        action.model,
+                        action.agent_id,
+                        status.running_requests,
+                        status.queued_requests + status.admission_queued,
+                    )
                 else:
                     log.info("unloaded %s from %s", action.model, action.agent_id)
             self._retry_at.pop(key, None)
@@ -459,7 +579,14 @@ class PlacementLoop:
             message = exc.details() if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
             backoff = min(self._retry_at.get(key, (0.0, 1.0))[1] * 2, 60.0)
             self._retry_at[key] = (time.monotonic() + backoff, backoff)
-            log.warning("%s %s on %s failed: %s; retrying in %.0fs", action.kind, action.model, action.agent_id, message, backoff)
+            log.warning(
+                "%s %s on %s failed: %s; retrying in %.0fs",
+                action.kind,
+                action.model,
+                action.agent_id,
+                message,
+                backoff,
+            )
         finally:
             self._in_flight.pop(key, None)
             self.wake.set()
@@ -478,7 +605,7 @@ class PlacementLoop:
                     log.exception("re-planning failed; trying again")
                 try:
                     await asyncio.wait_for(self.wake.wait(), self.interval_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 await asyncio.sleep(REPLAN_COALESCE_S)
         finally:
@@ -492,14 +619,15 @@ async def wait_for_agent_reports(etcd, service: SchedulerService, timeout_s: flo
     """Waits until every registered agent has sent this replica a load report,
     at most timeout_s: a new leader's first plan then sees the demand its
     predecessor saw, instead of switching off models that only look idle."""
-    agents = {records.AgentRecord.from_json(kv.value).agent_id
-              for kv in await etcd.get_prefix(records.AGENTS.encode())}
+    agents = {records.AgentRecord.from_json(kv.value).agent_id for kv in await etcd.get_prefix(records.AGENTS.encode())}
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if agents <= {r.agent_id for r in service.fresh_reports()}:
             return
         await asyncio.sleep(0.05)
-    log.warning("no load report yet from %s; planning without", sorted(agents - {r.agent_id for r in service.fresh_reports()}))
+    log.warning(
+        "no load report yet from %s; planning without", sorted(agents - {r.agent_id for r in service.fresh_reports()})
+    )
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -519,8 +647,14 @@ async def serve(args: argparse.Namespace) -> None:
         raise SystemExit(f"scheduler: cannot listen on {args.listen}")
     await server.start()
     await mark_not_serving(health, [SERVICE_NAME])
-    log.info("scheduler %s serving on %s (%s), policy %s, %d model(s)", scheduler_id, args.listen,
-             transport_name(args.tls_files, args.mtls), policy, len(config.models))
+    log.info(
+        "scheduler %s serving on %s (%s), policy %s, %d model(s)",
+        scheduler_id,
+        args.listen,
+        transport_name(args.tls_files, args.mtls),
+        policy,
+        len(config.models),
+    )
 
     async def on_role(role: str) -> None:
         service.leading = role == LEADER
@@ -532,10 +666,22 @@ async def serve(args: argparse.Namespace) -> None:
         params = PolicyParams(min_kv_fraction=args.min_kv_fraction, standby_replicas=args.standby_replicas)
         if args.compute is not None:
             params = dataclasses.replace(params, compute=args.compute)
-        loop_ = PlacementLoop(config, etcd, policy, service, wake, args.replan_interval_s, args.load_timeout_s,
-                              params, fence=fence, tls=args.tls_files, compute_from_devices=args.compute is None,
-                              step_costs_from=args.step_costs_from, scheduler_id=scheduler_id,
-                              status_interval_s=args.status_interval_s)
+        loop_ = PlacementLoop(
+            config,
+            etcd,
+            policy,
+            service,
+            wake,
+            args.replan_interval_s,
+            args.load_timeout_s,
+            params,
+            fence=fence,
+            tls=args.tls_files,
+            compute_from_devices=args.compute is None,
+            step_costs_from=args.step_costs_from,
+            scheduler_id=scheduler_id,
+            status_interval_s=args.status_interval_s,
+        )
         await loop_.publish_registry()
         await wait_for_agent_reports(etcd, service, timeout_s=3 * service.report_interval_ms / 1000 + 1.0)
         await loop_.run()

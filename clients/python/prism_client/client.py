@@ -260,8 +260,11 @@ def build_generate_request(
 def chunk_from_response(response: generate_pb2.GenerateResponse) -> CompletionChunk:
     usage = None
     if response.HasField("usage"):
-        usage = Usage(prompt_tokens=response.usage.prompt_tokens, completion_tokens=response.usage.completion_tokens,
-                      cached_prompt_tokens=response.usage.cached_prompt_tokens)
+        usage = Usage(
+            prompt_tokens=response.usage.prompt_tokens,
+            completion_tokens=response.usage.completion_tokens,
+            cached_prompt_tokens=response.usage.cached_prompt_tokens,
+        )
     return CompletionChunk(
         request_id=response.request_id,
         text=response.text,
@@ -278,11 +281,13 @@ def completion_from_chunks(chunks: Iterable[CompletionChunk], request_id: str | 
     request_id = next((c.request_id for c in chunks if c.request_id), request_id or "")
     last = chunks[-1] if chunks else None
     if last is None or last.finish_reason is None:
-        raise PrismError("the stream ended without a finish reason", code=grpc.StatusCode.UNKNOWN,
-                         request_id=request_id or None)
+        raise PrismError(
+            "the stream ended without a finish reason", code=grpc.StatusCode.UNKNOWN, request_id=request_id or None
+        )
     if last.usage is None:
-        raise PrismError("the last response carried no usage", code=grpc.StatusCode.UNKNOWN,
-                         request_id=request_id or None)
+        raise PrismError(
+            "the last response carried no usage", code=grpc.StatusCode.UNKNOWN, request_id=request_id or None
+        )
     return Completion(
         request_id=request_id,
         text="".join(c.text for c in chunks),
@@ -309,8 +314,9 @@ class TlsConfigError(ValueError):
     read. (A file that is not PEM is found by the TLS handshake: UnavailableError.)"""
 
 
-def tls_credentials(tls_ca: PemPath | None, tls_cert: PemPath | None,
-                    tls_key: PemPath | None) -> grpc.ChannelCredentials | None:
+def tls_credentials(
+    tls_ca: PemPath | None, tls_cert: PemPath | None, tls_key: PemPath | None
+) -> grpc.ChannelCredentials | None:
     """The channel's TLS credentials; None (plaintext) when no file is given."""
     if tls_ca is None and tls_cert is None and tls_key is None:
         return None
@@ -326,9 +332,13 @@ def tls_credentials(tls_ca: PemPath | None, tls_cert: PemPath | None,
         except OSError as exc:
             raise TlsConfigError(f"{option} {path}: cannot read it ({exc.strerror})") from None
 
-    return grpc.ssl_channel_credentials(root_certificates=read(tls_ca, "tls_ca"),
-                                        private_key=read(tls_key, "tls_key"),
-                                        certificate_chain=read(tls_cert, "tls_cert"))
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(tls_ca, "tls_ca"),
+        private_key=read(tls_key, "tls_key"),
+        certificate_chain=read(tls_cert, "tls_cert"),
+    )
+
+
 API_KEY_ENV = "PRISM_API_KEY"
 
 
@@ -344,7 +354,7 @@ def retry_delays(retries: int, rng: random.Random | None = None) -> list[float]:
     between half and all of it (jitter, so that clients a restart failed together do not come back
     together)."""
     draw = (rng or random).uniform
-    return [draw(0.5, 1.0) * min(RETRY_CAP_S, RETRY_BASE_S * 2 ** i) for i in range(max(0, retries))]
+    return [draw(0.5, 1.0) * min(RETRY_CAP_S, RETRY_BASE_S * 2**i) for i in range(max(0, retries))]
 
 
 def retryable(exc: grpc.RpcError, produced: bool) -> bool:
@@ -389,10 +399,17 @@ class PrismClient:
             (0: never), within its deadline.
     """
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout_s: float | None = DEFAULT_TIMEOUT_S,
-                 tls_ca: PemPath | None = None, tls_cert: PemPath | None = None,
-                 tls_key: PemPath | None = None, api_key: str | None = None,
-                 retries: int = DEFAULT_RETRIES) -> None:
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout_s: float | None = DEFAULT_TIMEOUT_S,
+        tls_ca: PemPath | None = None,
+        tls_cert: PemPath | None = None,
+        tls_key: PemPath | None = None,
+        api_key: str | None = None,
+        retries: int = DEFAULT_RETRIES,
+    ) -> None:
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
         self.target = target
@@ -400,8 +417,9 @@ class PrismClient:
         self.retries = retries
         self._metadata = auth_metadata(api_key)
         credentials = tls_credentials(tls_ca, tls_cert, tls_key)
-        self._channel = (grpc.insecure_channel(target) if credentials is None
-                         else grpc.secure_channel(target, credentials))
+        self._channel = (
+            grpc.insecure_channel(target) if credentials is None else grpc.secure_channel(target, credentials)
+        )
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
     def close(self) -> None:
@@ -410,16 +428,20 @@ class PrismClient:
     def __enter__(self) -> PrismClient:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def list_models(self) -> list[ModelInfo]:
         deadline = _deadline(self.timeout_s)
         for delay in (*retry_delays(self.retries), None):
             try:
-                return _model_infos(self._stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=_left(deadline),
-                                                          metadata=self._metadata))
+                return _model_infos(
+                    self._stub.ListModels(
+                        gateway_pb2.ListModelsRequest(), timeout=_left(deadline), metadata=self._metadata
+                    )
+                )
             except grpc.RpcError as exc:
                 if not _may_retry(exc, False, delay, deadline):
                     raise error_from_rpc(exc) from exc
@@ -430,8 +452,9 @@ class PrismClient:
         request = build_generate_request(model, prompt, **options)
         return completion_from_chunks(self._stream(request), request.request_id)
 
-    def generate_stream(self, model: str, prompt: str | None = None,
-                        **options: Unpack[GenerateOptions]) -> Iterator[CompletionChunk]:
+    def generate_stream(
+        self, model: str, prompt: str | None = None, **options: Unpack[GenerateOptions]
+    ) -> Iterator[CompletionChunk]:
         """Streams the completion. Closing the iterator before its end (close(),
         leaving a for loop and dropping it) cancels the call."""
         # Built here, not in the generator, so bad arguments raise at the call.
@@ -474,10 +497,17 @@ class AsyncPrismClient:
             (0: never), within its deadline.
     """
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout_s: float | None = DEFAULT_TIMEOUT_S,
-                 tls_ca: PemPath | None = None, tls_cert: PemPath | None = None,
-                 tls_key: PemPath | None = None, api_key: str | None = None,
-                 retries: int = DEFAULT_RETRIES) -> None:
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        timeout_s: float | None = DEFAULT_TIMEOUT_S,
+        tls_ca: PemPath | None = None,
+        tls_cert: PemPath | None = None,
+        tls_key: PemPath | None = None,
+        api_key: str | None = None,
+        retries: int = DEFAULT_RETRIES,
+    ) -> None:
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
         self.target = target
@@ -485,8 +515,9 @@ class AsyncPrismClient:
         self.retries = retries
         self._metadata = auth_metadata(api_key)
         credentials = tls_credentials(tls_ca, tls_cert, tls_key)
-        self._channel = (grpc.aio.insecure_channel(target) if credentials is None
-                         else grpc.aio.secure_channel(target, credentials))
+        self._channel = (
+            grpc.aio.insecure_channel(target) if credentials is None else grpc.aio.secure_channel(target, credentials)
+        )
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
     async def close(self) -> None:
@@ -495,30 +526,34 @@ class AsyncPrismClient:
     async def __aenter__(self) -> AsyncPrismClient:
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         await self.close()
 
     async def list_models(self) -> list[ModelInfo]:
         deadline = _deadline(self.timeout_s)
         for delay in (*retry_delays(self.retries), None):
             try:
-                return _model_infos(await self._stub.ListModels(
-                    gateway_pb2.ListModelsRequest(), timeout=_left(deadline), metadata=self._metadata))
+                return _model_infos(
+                    await self._stub.ListModels(
+                        gateway_pb2.ListModelsRequest(), timeout=_left(deadline), metadata=self._metadata
+                    )
+                )
             except grpc.RpcError as exc:
                 if not _may_retry(exc, False, delay, deadline):
                     raise error_from_rpc(exc) from exc
             await asyncio.sleep(delay)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    async def generate(self, model: str, prompt: str | None = None,
-                       **options: Unpack[GenerateOptions]) -> Completion:
+    async def generate(self, model: str, prompt: str | None = None, **options: Unpack[GenerateOptions]) -> Completion:
         request = build_generate_request(model, prompt, **options)
         chunks = [chunk async for chunk in self._stream(request)]
         return completion_from_chunks(chunks, request.request_id)
 
-    def generate_stream(self, model: str, prompt: str | None = None,
-                        **options: Unpack[GenerateOptions]) -> AsyncIterator[CompletionChunk]:
+    def generate_stream(
+        self, model: str, prompt: str | None = None, **options: Unpack[GenerateOptions]
+    ) -> AsyncIterator[CompletionChunk]:
         # A plain method returning the async generator, so bad arguments raise
         # at the call rather than at the first `async for` step.
         request = build_generate_request(model, prompt, **options)

@@ -70,8 +70,13 @@ class ScheduleResult:
 
 
 class BatchScheduler:
-    def __init__(self, pool: KVPool, step_tokens: int = DEFAULT_STEP_TOKENS, max_running: int = DEFAULT_MAX_RUNNING,
-                 cache: PrefixCache | None = None):
+    def __init__(
+        self,
+        pool: KVPool,
+        step_tokens: int = DEFAULT_STEP_TOKENS,
+        max_running: int = DEFAULT_MAX_RUNNING,
+        cache: PrefixCache | None = None,
+    ):
         if step_tokens < 1:
             raise ValueError(f"the step token budget must be at least 1, got {step_tokens}")
         self.pool = pool
@@ -88,8 +93,10 @@ class BatchScheduler:
         """Token slots the running and waiting sequences need: all their tokens
         so far (a waiting one must recompute its KV) and up to `growth` more
         each, bounded by what each may still generate."""
-        return sum(len(seq.token_ids) + min(growth, max(0, seq.max_tokens - seq.num_output))
-                   for seq in (*self.running, *self.waiting))
+        return sum(
+            len(seq.token_ids) + min(growth, max(0, seq.max_tokens - seq.num_output))
+            for seq in (*self.running, *self.waiting)
+        )
 
     def fits_alone(self, num_tokens: int) -> bool:
         """Whether a sequence of num_tokens and one more token fits under the limit by itself."""
@@ -222,8 +229,12 @@ class BatchScheduler:
         # 4. Admission, first come first served: nobody overtakes a sequence
         #    that fits the limit (those that do not, wait for it to grow).
         position = 0
-        while position < len(self.waiting) and budget > 0 and len(self.running) < self.max_running \
-                and not self.pool.over_limit:
+        while (
+            position < len(self.waiting)
+            and budget > 0
+            and len(self.running) < self.max_running
+            and not self.pool.over_limit
+        ):
             seq = self.waiting[position]
             if not self.fits_ever(len(seq.token_ids)):
                 del self.waiting[position]

@@ -50,8 +50,15 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
 
 
 class DecodeGraphRunner:
-    def __init__(self, model: torch.nn.Module, pool: KVPool, table: DeviceSlotTable, device: torch.device,
-                 max_batch: int = BATCH_BUCKETS[-1], max_width: int = DEFAULT_MAX_WIDTH):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        pool: KVPool,
+        table: DeviceSlotTable,
+        device: torch.device,
+        max_batch: int = BATCH_BUCKETS[-1],
+        max_width: int = DEFAULT_MAX_WIDTH,
+    ):
         if pool.padding_slot is None:
             raise ValueError(f"{type(pool).__name__} has no padding slot: decode graphs cannot pad a batch on it")
         self.model = model
@@ -74,16 +81,16 @@ class DecodeGraphRunner:
         self.replay_gpu_ms: deque[float] = deque(maxlen=1024)
         # Two pairs of timing events, used in turn: a pair is read (one step late)
         # before it is recorded again, and none is made per step.
-        self._events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                        for _ in range(2)]
+        self._events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(2)]
         self._recorded: list[bool] = [False, False]
         self._turn = 0
 
     def can_run(self, batch: int, longest: int) -> bool:
         return batch <= self.max_batch and graph_shape(batch, longest, self.max_width) is not None
 
-    def run(self, input_ids: list[int], positions: list[int], new_slots: list[int], seq_lens: list[int],
-            rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(
+        self, input_ids: list[int], positions: list[int], new_slots: list[int], seq_lens: list[int], rows: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step of len(input_ids) sequences: float32 logits [batch, vocab]
         and the greedy tokens [batch] (int64), both on the device (views of the
         graph's outputs: read them before the next run). Also writes new_slots
@@ -141,8 +148,13 @@ class DecodeGraphRunner:
         # slot into the padding row's first entry, the only one a padded row reads).
         table[inputs[_ROWS], inputs[_LENS] - 1] = inputs[_SLOTS].to(table.dtype)
         slot_table = table.index_select(0, inputs[_ROWS])[:, :width]
-        step = StepAttention(slot_mapping=inputs[_SLOTS], spans=[], num_decode=bucket,
-                             decode_slot_table=slot_table, decode_seq_lens=inputs[_LENS].to(torch.int32))
+        step = StepAttention(
+            slot_mapping=inputs[_SLOTS],
+            spans=[],
+            num_decode=bucket,
+            decode_slot_table=slot_table,
+            decode_seq_lens=inputs[_LENS].to(torch.int32),
+        )
         every_row = torch.arange(bucket, device=self.device)
         logits = self.model(inputs[_IDS], inputs[_POSITIONS], self.pool, step, every_row)
         return logits, greedy_tokens(logits)

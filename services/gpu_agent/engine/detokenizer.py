@@ -34,7 +34,7 @@ class IncrementalDetokenizer:
             return ""
         self.prefix_offset = self.read_offset
         self.read_offset = len(self.ids)
-        return full_text[len(prefix_text):]
+        return full_text[len(prefix_text) :]
 
     def flush(self) -> str:
         """At the end of a sequence: whatever is still held back, even an
@@ -42,4 +42,4 @@ class IncrementalDetokenizer:
         prefix_text = self._decode(self.prefix_offset, self.read_offset)
         full_text = self._decode(self.prefix_offset)
         self.prefix_offset = self.read_offset = len(self.ids)
-        return full_text[len(prefix_text):]
+        return full_text[len(prefix_text) :]

@@ -74,8 +74,14 @@ from services.gpu_agent.engine.tokenizer import Tokenizer
 from services.gpu_agent.engine.weights import resolve_dtype, use_device_on_this_thread
 
 __all__ = [
-    "CapacityError", "Engine", "EngineError", "EngineInactiveError", "EngineStats",
-    "GenerationOutput", "GenerationRequest", "InvalidRequestError",
+    "CapacityError",
+    "Engine",
+    "EngineError",
+    "EngineInactiveError",
+    "EngineStats",
+    "GenerationOutput",
+    "GenerationRequest",
+    "InvalidRequestError",
 ]
 
 log = logging.getLogger(__name__)
@@ -95,15 +101,31 @@ def _rlog(seq: Sequence) -> dict[str, str]:
 
 
 class Engine:
-    def __init__(self, model_path: str | Path, *, name: str | None = None, load_format: str = "auto",
-                 dtype: str = "auto", device: str = "cpu", seed: int = 0,
-                 memory_limit_bytes: int | None = None, kv_capacity_bytes: int | None = None,
-                 kv_pool: str = "auto", kv_page_bytes: int | None = None,
-                 step_tokens: int | None = None, attention: str = "auto", cuda_graphs: bool = True,
-                 shared_weights_path: str | Path | None = None, warm_up: bool = True,
-                 max_context: int | None = None, tensor_parallel: TensorParallel = SINGLE,
-                 step_channel: StepChannel | None = None, step_board: tuple[str, int] | None = None,
-                 prefix_caching: bool = True, on_split_failure: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        name: str | None = None,
+        load_format: str = "auto",
+        dtype: str = "auto",
+        device: str = "cpu",
+        seed: int = 0,
+        memory_limit_bytes: int | None = None,
+        kv_capacity_bytes: int | None = None,
+        kv_pool: str = "auto",
+        kv_page_bytes: int | None = None,
+        step_tokens: int | None = None,
+        attention: str = "auto",
+        cuda_graphs: bool = True,
+        shared_weights_path: str | Path | None = None,
+        warm_up: bool = True,
+        max_context: int | None = None,
+        tensor_parallel: TensorParallel = SINGLE,
+        step_channel: StepChannel | None = None,
+        step_board: tuple[str, int] | None = None,
+        prefix_caching: bool = True,
+        on_split_failure: Callable[[str], None] | None = None,
+    ):
         """Loads the model and makes its KV pool; `start()` begins serving.
 
         Args:
@@ -154,8 +176,7 @@ class Engine:
         self._init_device(device)
         self._init_tensor_parallel(tensor_parallel, step_channel, shared_weights_path)
         self._init_model(load_format, dtype, seed, shared_weights_path, max_context, attention, cuda_graphs)
-        self._init_kv_pool(kv_pool, kv_page_bytes, kv_capacity_bytes, memory_limit_bytes, step_tokens,
-                           prefix_caching)
+        self._init_kv_pool(kv_pool, kv_page_bytes, kv_capacity_bytes, memory_limit_bytes, step_tokens, prefix_caching)
         self._init_step_loop(step_board, on_split_failure)
         if warm_up and self._device.type == "cuda":
             self._warm_up_kernels()
@@ -168,8 +189,9 @@ class Engine:
         use_device_on_this_thread(self._device)  # the load and the warm-up's kernels run on this thread
         self.device = str(self._device)
 
-    def _init_tensor_parallel(self, tensor_parallel: TensorParallel, step_channel: StepChannel | None,
-                              shared_weights_path: str | Path | None) -> None:
+    def _init_tensor_parallel(
+        self, tensor_parallel: TensorParallel, step_channel: StepChannel | None, shared_weights_path: str | Path | None
+    ) -> None:
         self.tp = tensor_parallel
         if (self.tp.size > 1) != (step_channel is not None):
             raise EngineError("a tensor-parallel engine needs a step channel to its other ranks, and only it")
@@ -179,8 +201,16 @@ class Engine:
             raise EngineError("shared host weights are not supported with tensor parallelism yet")
         self._steps = step_channel
 
-    def _init_model(self, load_format: str, dtype: str, seed: int, shared_weights_path: str | Path | None,
-                    max_context: int | None, attention: str, cuda_graphs: bool) -> None:
+    def _init_model(
+        self,
+        load_format: str,
+        dtype: str,
+        seed: int,
+        shared_weights_path: str | Path | None,
+        max_context: int | None,
+        attention: str,
+        cuda_graphs: bool,
+    ) -> None:
         """The configuration, the tokenizer and the model runner with its weights loaded; what a sequence
         may hold (max_context, its KV bytes a token) and where it ends (EOS)."""
         if max_context is not None and max_context < 1:
@@ -192,9 +222,17 @@ class Engine:
             self.dtype = resolve_dtype(dtype, self.config, self._device)
             cfg = self.config
             self.max_context = min(cfg.max_position_embeddings, max_context or cfg.max_position_embeddings)
-            self._runner = ModelRunner(self.name, cfg, self.dtype, self._device, self.max_context,
-                                       attention=attention, cuda_graphs=cuda_graphs,
-                                       tensor_parallel=self.tp, step_channel=self._steps)
+            self._runner = ModelRunner(
+                self.name,
+                cfg,
+                self.dtype,
+                self._device,
+                self.max_context,
+                attention=attention,
+                cuda_graphs=cuda_graphs,
+                tensor_parallel=self.tp,
+                step_channel=self._steps,
+            )
             self._runner.load_weights(self.model_path, load_format, seed, shared_weights_path, gguf)
         except EngineError:
             raise
@@ -209,19 +247,34 @@ class Engine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
 
-    def _init_kv_pool(self, kv_pool: str, kv_page_bytes: int | None, kv_capacity_bytes: int | None,
-                      memory_limit_bytes: int | None, step_tokens: int | None, prefix_caching: bool) -> None:
+    def _init_kv_pool(
+        self,
+        kv_pool: str,
+        kv_page_bytes: int | None,
+        kv_capacity_bytes: int | None,
+        memory_limit_bytes: int | None,
+        step_tokens: int | None,
+        prefix_caching: bool,
+    ) -> None:
         """The KV pool under its first limit, and the batch scheduler over it."""
         kind = choose_pool_kind(kv_pool, self._device)
         if self.tp.size > 1 and kind == "kvcached":
             # The followers would need kvcached's own tensor-parallel mapping (its workers map the pages
             # rank 0's allocator maps); until then their pools are PagePools of rank 0's reservation.
             raise EngineError("tensor parallelism runs on the page pool for now: kv_pool='pages'")
-        self._pools = KVPoolFactory(kind, self._geometry, self._device, self.max_context, self.name,
-                                    page_bytes_asked=kv_page_bytes, capacity_bytes=kv_capacity_bytes,
-                                    padding_slot=self._runner.use_graphs)
-        limit = memory_limit_bytes or default_kv_limit_bytes(self.max_context, self.kv_bytes_per_token,
-                                                             self._pools.bundle_bytes)
+        self._pools = KVPoolFactory(
+            kind,
+            self._geometry,
+            self._device,
+            self.max_context,
+            self.name,
+            page_bytes_asked=kv_page_bytes,
+            capacity_bytes=kv_capacity_bytes,
+            padding_slot=self._runner.use_graphs,
+        )
+        limit = memory_limit_bytes or default_kv_limit_bytes(
+            self.max_context, self.kv_bytes_per_token, self._pools.bundle_bytes
+        )
         if step_tokens is None:
             step_tokens = CUDA_STEP_TOKENS if self._device.type == "cuda" else DEFAULT_STEP_TOKENS
         pool = self._pools.make(limit, 0)
@@ -235,8 +288,9 @@ class Engine:
         if self._steps is not None:  # the other ranks' pools are as large
             self._steps.send(ShardSetup(pool.capacity_tokens))
 
-    def _init_step_loop(self, step_board: tuple[str, int] | None,
-                        on_split_failure: Callable[[str], None] | None) -> None:
+    def _init_step_loop(
+        self, step_board: tuple[str, int] | None, on_split_failure: Callable[[str], None] | None
+    ) -> None:
         self._step_times = StepTimeAccumulator()  # steps' times, for the scheduler's step costs
         self._board = StepBoard(*step_board) if step_board is not None else None
         self._in_step: set[Sequence] = set()  # sequences the running step computes
@@ -261,16 +315,29 @@ class Engine:
 
     def _log_loaded(self, seconds: float) -> None:
         runner = self._runner
-        self.serving_path = ServingPath(self._pools.kind, "triton" if runner.use_triton else "torch",
-                                        runner.use_graphs)
-        log.info("engine %s: %s %s on %s, %d layers, context %d, %.1f MB weights, KV pool %s, attention %s, "
-                 "CUDA graphs %s, loaded in %.2fs", self.name, self.config.architecture, self.dtype, self.device,
-                 self.config.num_hidden_layers, self.max_context, self.weight_bytes / 1e6, self._pools.kind,
-                 self.serving_path.attention, "on" if runner.use_graphs else "off", seconds)
+        self.serving_path = ServingPath(self._pools.kind, "triton" if runner.use_triton else "torch", runner.use_graphs)
+        log.info(
+            "engine %s: %s %s on %s, %d layers, context %d, %.1f MB weights, KV pool %s, attention %s, "
+            "CUDA graphs %s, loaded in %.2fs",
+            self.name,
+            self.config.architecture,
+            self.dtype,
+            self.device,
+            self.config.num_hidden_layers,
+            self.max_context,
+            self.weight_bytes / 1e6,
+            self._pools.kind,
+            self.serving_path.attention,
+            "on" if runner.use_graphs else "off",
+            seconds,
+        )
         if self.serving_path.slow_on(self.device):
-            log.warning("engine %s runs the slow path on %s: the page pool without CUDA graphs (no triton, or "
-                        "graphs turned off); decode steps take 2-6x as long as with graphs",
-                        self.name, self.device)
+            log.warning(
+                "engine %s runs the slow path on %s: the page pool without CUDA graphs (no triton, or "
+                "graphs turned off); decode steps take 2-6x as long as with graphs",
+                self.name,
+                self.device,
+            )
 
     @property
     def weights_attached(self) -> bool:
@@ -354,8 +421,15 @@ class Engine:
                 self._steps.send(ShardSetup(pool.capacity_tokens))
                 self._steps.barrier()
             timing = timing.with_ready(time.perf_counter() - ready_start)
-            log.info("engine %s activated in %.3fs: allocate %.3fs, copy %.3fs (%.1f GB/s), ready %.3fs", self.name,
-                     timing.total_s, timing.allocate_s, timing.copy_s, timing.copy_gbps, timing.ready_s)
+            log.info(
+                "engine %s activated in %.3fs: allocate %.3fs, copy %.3fs (%.1f GB/s), ready %.3fs",
+                self.name,
+                timing.total_s,
+                timing.allocate_s,
+                timing.copy_s,
+                timing.copy_gbps,
+                timing.ready_s,
+            )
             return timing
 
     def deactivate(self) -> None:
@@ -411,8 +485,9 @@ class Engine:
                 if rev > current.revision:
                     self._pool_state = MemoryLimitState("applied", int(nbytes), int(nbytes), 0, rev)
                     return self._pool_state
-                return MemoryLimitState("stale", current.limit_bytes, current.effective_limit_bytes, 0,
-                                        current.revision)
+                return MemoryLimitState(
+                    "stale", current.limit_bytes, current.effective_limit_bytes, 0, current.revision
+                )
             rev = pool.limit_state().revision + 1 if revision is None else revision
             state = pool.set_memory_limit(int(nbytes), rev)
             if state.status == "deferred":  # what only the prefix cache keeps goes at once, not at the next step
@@ -441,8 +516,11 @@ class Engine:
                 memory_limit_revision=state.revision,
                 memory_limit_status=state.status,
                 kv_demand_tokens=s.demand_tokens(DEMAND_GROWTH_TOKENS),
-                kv_held_bytes=(pool.held_bytes_excluding(s.cache.reclaimable_in_page) if s.cache is not None
-                               else pool.held_bytes) if pool is not None else 0,
+                kv_held_bytes=(
+                    pool.held_bytes_excluding(s.cache.reclaimable_in_page) if s.cache is not None else pool.held_bytes
+                )
+                if pool is not None
+                else 0,
                 kv_cached_bytes=reclaimable * self.kv_bytes_per_token,
                 prefix_cache_queried_tokens=cache.queried_tokens,
                 prefix_cache_hit_tokens=cache.hit_tokens,
@@ -459,7 +537,9 @@ class Engine:
         if not ids:
             raise InvalidRequestError("the prompt encodes to no tokens")
         if max(ids) >= self.config.vocab_size:
-            raise InvalidRequestError(f"token id {max(ids)} is outside the model's vocabulary of {self.config.vocab_size}")
+            raise InvalidRequestError(
+                f"token id {max(ids)} is outside the model's vocabulary of {self.config.vocab_size}"
+            )
         return ids
 
     def _validate(self, req: GenerationRequest) -> None:
@@ -479,11 +559,15 @@ class Engine:
         prompt_ids = self._checked_prompt_ids(req)
         n = len(prompt_ids)
         if n >= self.max_context:
-            raise InvalidRequestError(f"prompt has {n} tokens, over the model's context of {self.max_context} "
-                                      "(at least one token must be left to generate)")
+            raise InvalidRequestError(
+                f"prompt has {n} tokens, over the model's context of {self.max_context} "
+                "(at least one token must be left to generate)"
+            )
         if req.max_tokens is not None and n + req.max_tokens > self.max_context:
-            raise InvalidRequestError(f"prompt has {n} tokens and max_tokens is {req.max_tokens}: "
-                                      f"{n + req.max_tokens} is over the model's context of {self.max_context}")
+            raise InvalidRequestError(
+                f"prompt has {n} tokens and max_tokens is {req.max_tokens}: "
+                f"{n + req.max_tokens} is over the model's context of {self.max_context}"
+            )
         sampling = SamplingParams(temperature=float(req.temperature), top_p=float(req.top_p), seed=req.seed)
         return Sequence(
             request_id=req.request_id,
@@ -511,7 +595,8 @@ class Engine:
                 raise CapacityError(
                     f"prompt has {seq.num_prompt} tokens: with one more that needs "
                     f"{(seq.num_prompt + 1) * self.kv_bytes_per_token} bytes of KV cache, over the engine's "
-                    f"memory limit of {self._batcher.pool.limit_state().effective_limit_bytes} bytes")
+                    f"memory limit of {self._batcher.pool.limit_state().effective_limit_bytes} bytes"
+                )
             self._batcher.add(seq)
             self._lock.notify_all()
         log.info("queued: %d prompt tokens, max_tokens %d", seq.num_prompt, seq.max_tokens, extra=_rlog(seq))
@@ -613,10 +698,16 @@ class Engine:
                 took = time.perf_counter() - started
                 alone = self._board.end(others) if self._board is not None and others is not None else True
             if STEP_LOG and plan:
-                log.info("engine %s step: %d decode, %d prefill tokens in %d seqs, %s, %.2f ms (scheduled in %.2f ms)",
-                         self.name, result.num_decode, sum(item.count for item in plan[result.num_decode:]),
-                         len(plan) - result.num_decode, "graph" if self._runner.last_step_graph else "eager",
-                         1e3 * (time.perf_counter() - started), 1e3 * (started - scheduling))
+                log.info(
+                    "engine %s step: %d decode, %d prefill tokens in %d seqs, %s, %.2f ms (scheduled in %.2f ms)",
+                    self.name,
+                    result.num_decode,
+                    sum(item.count for item in plan[result.num_decode :]),
+                    len(plan) - result.num_decode,
+                    "graph" if self._runner.last_step_graph else "eager",
+                    1e3 * (time.perf_counter() - started),
+                    1e3 * (started - scheduling),
+                )
         except torch.OutOfMemoryError as exc:
             if self.tp.size > 1:  # its other ranks are left mid-step
                 self._fail_split(f"forward failed: {type(exc).__name__}: {exc}")
@@ -639,8 +730,9 @@ class Engine:
             if tokens is None:
                 return  # stopped meanwhile; stop() has failed the requests
             if plan and alone:  # a graph captured in the step is a one-off, not what such a step costs
-                self._record_step_time(plan, result.num_decode,
-                                       took - max(0.0, self._runner.capture_seconds - captures_before))
+                self._record_step_time(
+                    plan, result.num_decode, took - max(0.0, self._runner.capture_seconds - captures_before)
+                )
             sampled = iter(tokens)
             for item in plan:
                 token = next(sampled) if item.samples else None
@@ -663,15 +755,23 @@ class Engine:
         with self._lock:
             self._end_step()
             if now - self._out_of_memory_since >= OOM_GIVE_UP_S:
-                log.error("engine %s: out of device memory for %.1fs; failing the step's %d requests",
-                          self.name, now - self._out_of_memory_since, len(plan))
+                log.error(
+                    "engine %s: out of device memory for %.1fs; failing the step's %d requests",
+                    self.name,
+                    now - self._out_of_memory_since,
+                    len(plan),
+                )
                 error = CapacityError(f"the device has been out of memory for {OOM_GIVE_UP_S:g}s: {exc}")
                 for item in plan:
                     self._fail(item.seq, error)
                 self._out_of_memory_since, self._out_of_memory_wait_s = None, OOM_FIRST_WAIT_S
                 return
-            log.warning("engine %s: out of device memory in a step of %d sequences; trying it again in %.2fs",
-                        self.name, len(plan), self._out_of_memory_wait_s)
+            log.warning(
+                "engine %s: out of device memory in a step of %d sequences; trying it again in %.2fs",
+                self.name,
+                len(plan),
+                self._out_of_memory_wait_s,
+            )
             self._lock.wait(timeout=self._out_of_memory_wait_s)  # stop() wakes it
         self._out_of_memory_wait_s = min(2 * self._out_of_memory_wait_s, OOM_MAX_WAIT_S)
 
@@ -682,8 +782,9 @@ class Engine:
         why: the worker ends its process, so the agent reports the engine failed and ends the other ranks
         (whose collectives then fail too) within seconds, instead of leaving them waiting for the process
         group's timeout."""
-        message = (f"{why} (tensor-parallel rank 0 of {self.tp.size}): the split engine has failed, "
-                   f"its ranks are out of step")
+        message = (
+            f"{why} (tensor-parallel rank 0 of {self.tp.size}): the split engine has failed, its ranks are out of step"
+        )
         log.error("engine %s: %s", self.name, message)
         with self._lock:
             self._end_step()
@@ -711,15 +812,21 @@ class Engine:
         """Into the step-time sums the scheduler fits step costs from (services/common/step_costs.py)."""
         context = sum(item.start for item in plan[:num_decode]) * self.kv_bytes_per_token
         prefill = plan[num_decode:]
-        self._step_times.record(step_features(num_decode, context, sum(item.count for item in prefill), len(prefill)),
-                                seconds)
+        self._step_times.record(
+            step_features(num_decode, context, sum(item.count for item in prefill), len(prefill)), seconds
+        )
 
     def _too_big(self, seq: Sequence) -> None:
         """The limit shrank below what this sequence needs even alone."""
         if seq.num_output == 0:
             limit = self._batcher.pool.limit_state().effective_limit_bytes
-            self._fail(seq, CapacityError(f"request needs {(len(seq.token_ids) + 1) * self.kv_bytes_per_token} bytes "
-                                          f"of KV cache, over the engine's memory limit of {limit}"))
+            self._fail(
+                seq,
+                CapacityError(
+                    f"request needs {(len(seq.token_ids) + 1) * self.kv_bytes_per_token} bytes "
+                    f"of KV cache, over the engine's memory limit of {limit}"
+                ),
+            )
         else:
             log.warning("KV limit reached: ending at %d tokens", len(seq.token_ids), extra=_rlog(seq))
             self._emit(seq, "length")
@@ -748,9 +855,13 @@ class Engine:
             if at >= 0:
                 seq.text = seq.text[:at]
                 finish = "stop"
-        release = len(seq.text) if finish is not None else max(seq.sent_chars, len(seq.text) - held_back_len(seq.text, seq.stop))
+        release = (
+            len(seq.text)
+            if finish is not None
+            else max(seq.sent_chars, len(seq.text) - held_back_len(seq.text, seq.stop))
+        )
         out = GenerationOutput(
-            text=seq.text[seq.sent_chars:release],
+            text=seq.text[seq.sent_chars : release],
             token_ids=seq.unsent_ids,
             finish_reason=finish,
             prompt_tokens=seq.num_prompt,
@@ -761,7 +872,13 @@ class Engine:
         seq.unsent_ids = []
         if finish is not None:  # freed and logged before the consumer can see the end
             self._remove(seq)
-            log.info("finished (%s): %d prompt + %d completion tokens", finish, seq.num_prompt, seq.num_output, extra=_rlog(seq))
+            log.info(
+                "finished (%s): %d prompt + %d completion tokens",
+                finish,
+                seq.num_prompt,
+                seq.num_output,
+                extra=_rlog(seq),
+            )
         if not seq.deliver(out) and finish is None:
             self._remove(seq)
             log.info("consumer gone; aborted after %d tokens", seq.num_output, extra=_rlog(seq))

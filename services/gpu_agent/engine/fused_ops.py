@@ -57,9 +57,22 @@ def _next_power_of_2(n: int) -> int:
 
 
 @triton.jit
-def _rotate_heads(src_ptr, src_stride_t, dst_ptr, dst_stride_h, dst_stride_d, cos_ptr, sin_ptr,
-                  token, num_heads, head_dim, half,
-                  ROTATE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rotate_heads(
+    src_ptr,
+    src_stride_t,
+    dst_ptr,
+    dst_stride_h,
+    dst_stride_d,
+    cos_ptr,
+    sin_ptr,
+    token,
+    num_heads,
+    head_dim,
+    half,
+    ROTATE: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """One token's heads [num_heads, head_dim] from src (row `token`, heads back to
     back) to dst (already offset to the token's row or slot), rotated or copied."""
     heads = tl.arange(0, BLOCK_H)
@@ -76,40 +89,116 @@ def _rotate_heads(src_ptr, src_stride_t, dst_ptr, dst_stride_h, dst_stride_d, co
         cos = tl.load(cos_ptr + dims, mask=dims < head_dim, other=0.0).to(tl.float32)
         sin = tl.load(sin_ptr + dims, mask=dims < head_dim, other=0.0).to(tl.float32)
         x = x.to(tl.float32) * cos[None, :] + xp.to(tl.float32) * sin[None, :]
-    tl.store(dst_ptr + heads[:, None] * dst_stride_h + dims[None, :] * dst_stride_d,
-             x.to(dst_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        dst_ptr + heads[:, None] * dst_stride_h + dims[None, :] * dst_stride_d,
+        x.to(dst_ptr.dtype.element_ty),
+        mask=mask,
+    )
 
 
 @triton.jit
-def _rotary_kv_kernel(q_ptr, k_ptr, v_ptr, q_stride_t, k_stride_t, v_stride_t, cos_ptr, sin_ptr, cos_stride_t, sin_stride_t,
-                      slots_ptr, q_out_ptr, k_buf_ptr, v_buf_ptr,
-                      q_out_stride_t, q_out_stride_h, q_out_stride_d,
-                      k_stride_s, k_stride_h, k_stride_d, v_stride_s, v_stride_h, v_stride_d,
-                      num_heads, num_kv_heads, head_dim, half,
-                      BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_D: tl.constexpr):
+def _rotary_kv_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    q_stride_t,
+    k_stride_t,
+    v_stride_t,
+    cos_ptr,
+    sin_ptr,
+    cos_stride_t,
+    sin_stride_t,
+    slots_ptr,
+    q_out_ptr,
+    k_buf_ptr,
+    v_buf_ptr,
+    q_out_stride_t,
+    q_out_stride_h,
+    q_out_stride_d,
+    k_stride_s,
+    k_stride_h,
+    k_stride_d,
+    v_stride_s,
+    v_stride_h,
+    v_stride_d,
+    num_heads,
+    num_kv_heads,
+    head_dim,
+    half,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HKV: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     token = tl.program_id(0)
     part = tl.program_id(1)  # 0: q, 1: k, 2: v
     cos_row = cos_ptr + token * cos_stride_t
     sin_row = sin_ptr + token * sin_stride_t
     if part == 0:
-        _rotate_heads(q_ptr, q_stride_t, q_out_ptr + token * q_out_stride_t, q_out_stride_h, q_out_stride_d,
-                      cos_row, sin_row, token, num_heads, head_dim, half,
-                      ROTATE=True, BLOCK_H=BLOCK_HQ, BLOCK_D=BLOCK_D)
+        _rotate_heads(
+            q_ptr,
+            q_stride_t,
+            q_out_ptr + token * q_out_stride_t,
+            q_out_stride_h,
+            q_out_stride_d,
+            cos_row,
+            sin_row,
+            token,
+            num_heads,
+            head_dim,
+            half,
+            ROTATE=True,
+            BLOCK_H=BLOCK_HQ,
+            BLOCK_D=BLOCK_D,
+        )
     else:
         # int64: slot * stride can pass 2**31 elements in a large virtual reservation.
         slot = tl.load(slots_ptr + token).to(tl.int64)
         if part == 1:
-            _rotate_heads(k_ptr, k_stride_t, k_buf_ptr + slot * k_stride_s, k_stride_h, k_stride_d,
-                          cos_row, sin_row, token, num_kv_heads, head_dim, half,
-                          ROTATE=True, BLOCK_H=BLOCK_HKV, BLOCK_D=BLOCK_D)
+            _rotate_heads(
+                k_ptr,
+                k_stride_t,
+                k_buf_ptr + slot * k_stride_s,
+                k_stride_h,
+                k_stride_d,
+                cos_row,
+                sin_row,
+                token,
+                num_kv_heads,
+                head_dim,
+                half,
+                ROTATE=True,
+                BLOCK_H=BLOCK_HKV,
+                BLOCK_D=BLOCK_D,
+            )
         else:
-            _rotate_heads(v_ptr, v_stride_t, v_buf_ptr + slot * v_stride_s, v_stride_h, v_stride_d,
-                          cos_row, sin_row, token, num_kv_heads, head_dim, half,
-                          ROTATE=False, BLOCK_H=BLOCK_HKV, BLOCK_D=BLOCK_D)
+            _rotate_heads(
+                v_ptr,
+                v_stride_t,
+                v_buf_ptr + slot * v_stride_s,
+                v_stride_h,
+                v_stride_d,
+                cos_row,
+                sin_row,
+                token,
+                num_kv_heads,
+                head_dim,
+                half,
+                ROTATE=False,
+                BLOCK_H=BLOCK_HKV,
+                BLOCK_D=BLOCK_D,
+            )
 
 
-def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
-                    k_buffer: torch.Tensor, v_buffer: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+def rotary_write_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    signed_sin: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
     """q: [tokens, heads * head_dim], k and v: [tokens, kv_heads * head_dim], each
     with unit-stride rows (slices of the joined qkv output will do); cos/signed_sin: [tokens, head_dim] (rotary.py).
     Writes rotated k and plain v into k_buffer/v_buffer ([slots, kv_heads,
@@ -117,8 +206,14 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     tokens = q.shape[0]
     num_kv_heads, head_dim = k_buffer.shape[1], k_buffer.shape[2]
     num_heads = q.shape[1] // head_dim
-    if head_dim % 2 or q.stride(1) != 1 or k.stride(1) != 1 or v.stride(1) != 1 \
-            or cos.stride(1) != 1 or signed_sin.stride(1) != 1:
+    if (
+        head_dim % 2
+        or q.stride(1) != 1
+        or k.stride(1) != 1
+        or v.stride(1) != 1
+        or cos.stride(1) != 1
+        or signed_sin.stride(1) != 1
+    ):
         raise ValueError("rotary_write_kv wants unit-stride rows and an even head_dim")
     q_out = torch.empty((tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if tokens == 0:
@@ -126,11 +221,30 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
     block_d = _next_power_of_2(head_dim)
     block_hq, block_hkv = _next_power_of_2(num_heads), _next_power_of_2(num_kv_heads)
     _rotary_kv_kernel[(tokens, 3)](
-        q, k, v, q.stride(0), k.stride(0), v.stride(0), cos, signed_sin, cos.stride(0), signed_sin.stride(0),
-        slot_mapping, q_out, k_buffer, v_buffer,
-        *q_out.stride(), *k_buffer.stride(), *v_buffer.stride(),
-        num_heads, num_kv_heads, head_dim, head_dim // 2,
-        BLOCK_HQ=block_hq, BLOCK_HKV=block_hkv, BLOCK_D=block_d,
+        q,
+        k,
+        v,
+        q.stride(0),
+        k.stride(0),
+        v.stride(0),
+        cos,
+        signed_sin,
+        cos.stride(0),
+        signed_sin.stride(0),
+        slot_mapping,
+        q_out,
+        k_buffer,
+        v_buffer,
+        *q_out.stride(),
+        *k_buffer.stride(),
+        *v_buffer.stride(),
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        head_dim // 2,
+        BLOCK_HQ=block_hq,
+        BLOCK_HKV=block_hkv,
+        BLOCK_D=block_d,
         num_warps=4 if block_hq * block_d <= 4096 else 8,
     )
     return q_out
@@ -140,9 +254,21 @@ def rotary_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torc
 
 
 @triton.jit
-def _add_rms_norm_kernel(x_ptr, res_ptr, weight_ptr, out_ptr, res_out_ptr,
-                         x_stride, res_stride, out_stride, res_out_stride, n, eps,
-                         HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+def _add_rms_norm_kernel(
+    x_ptr,
+    res_ptr,
+    weight_ptr,
+    out_ptr,
+    res_out_ptr,
+    x_stride,
+    res_stride,
+    out_stride,
+    res_out_stride,
+    n,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n
@@ -158,8 +284,9 @@ def _add_rms_norm_kernel(x_ptr, res_ptr, weight_ptr, out_ptr, res_out_ptr,
     tl.store(out_ptr + row * out_stride + cols, (xf * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x, residual: [tokens, hidden]. Returns (rms_norm(s) * weight, s) with
     s = x + residual (in x's dtype), or s = x where residual is None."""
     tokens, n = x.shape
@@ -172,8 +299,19 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     block = _next_power_of_2(n)
     res = residual if residual is not None else x
     _add_rms_norm_kernel[(tokens,)](
-        x, res, weight, out, summed, x.stride(0), res.stride(0), out.stride(0), summed.stride(0), n, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=block,
+        x,
+        res,
+        weight,
+        out,
+        summed,
+        x.stride(0),
+        res.stride(0),
+        out.stride(0),
+        summed.stride(0),
+        n,
+        eps,
+        HAS_RESIDUAL=residual is not None,
+        BLOCK=block,
         num_warps=max(1, min(16, block // 512)),
     )
     return out, summed
@@ -204,8 +342,9 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if tokens == 0:
         return out
     block = min(1024, _next_power_of_2(n))
-    _silu_mul_kernel[(tokens, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), out.stride(0), n,
-                                                      BLOCK=block, num_warps=4)
+    _silu_mul_kernel[(tokens, triton.cdiv(n, block))](
+        gate_up, out, gate_up.stride(0), out.stride(0), n, BLOCK=block, num_warps=4
+    )
     return out
 
 
@@ -253,8 +392,8 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     chunks = triton.cdiv(n, _ARGMAX_BLOCK)
     part_max = torch.empty((rows, chunks), dtype=torch.float32, device=x.device)
     part_idx = torch.empty((rows, chunks), dtype=torch.int32, device=x.device)
-    _argmax_chunks_kernel[(rows, chunks)](x, part_max, part_idx, x.stride(0), n, chunks,
-                                          BLOCK=_ARGMAX_BLOCK, num_warps=8)
-    _argmax_combine_kernel[(rows,)](part_max, part_idx, out, chunks, BLOCK_C=_next_power_of_2(chunks),
-                                    num_warps=1)
+    _argmax_chunks_kernel[(rows, chunks)](
+        x, part_max, part_idx, x.stride(0), n, chunks, BLOCK=_ARGMAX_BLOCK, num_warps=8
+    )
+    _argmax_combine_kernel[(rows,)](part_max, part_idx, out, chunks, BLOCK_C=_next_power_of_2(chunks), num_warps=1)
     return out

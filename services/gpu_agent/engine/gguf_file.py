@@ -30,10 +30,14 @@ TOKENIZER_MODELS = ("gpt2",)  # byte-level BPE; SentencePiece ("llama") files ar
 # How a byte-level vocabulary's text is split before the merges, by the file's tokenizer.ggml.pre:
 # the split its merges were learned with (each model's own tokenizer.json says the same).
 _GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 @dataclass(frozen=True)
@@ -43,19 +47,26 @@ class PreTokenizer:
 
 
 PRE_TOKENIZERS = {
-    "default": PreTokenizer(_GPT2_SPLIT), "gpt2": PreTokenizer(_GPT2_SPLIT),
+    "default": PreTokenizer(_GPT2_SPLIT),
+    "gpt2": PreTokenizer(_GPT2_SPLIT),
     "smollm": PreTokenizer(_GPT2_SPLIT, single_digits=True),
-    "llama-bpe": PreTokenizer(_LLAMA3_SPLIT), "llama3": PreTokenizer(_LLAMA3_SPLIT),
+    "llama-bpe": PreTokenizer(_LLAMA3_SPLIT),
+    "llama3": PreTokenizer(_LLAMA3_SPLIT),
     "qwen2": PreTokenizer(_QWEN2_SPLIT),
 }
 
 # GGUF tensor names (blk.N.*) to the Hugging Face names the engine's model has.
 _TOP_LEVEL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _PER_LAYER = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
 }
 
 
@@ -95,12 +106,15 @@ class GGUFModelFile:
         try:
             self._reader = gguf.GGUFReader(str(self.path))
         except Exception as exc:  # the reader raises ValueError, struct errors, ... on a cut or foreign file
-            raise GGUFError(f"{self.path}: not a readable GGUF file (truncated or corrupt?): "
-                            f"{type(exc).__name__}: {exc}") from None
+            raise GGUFError(
+                f"{self.path}: not a readable GGUF file (truncated or corrupt?): {type(exc).__name__}: {exc}"
+            ) from None
         self.architecture = self._string("general.architecture")
         if self.architecture not in ARCHITECTURES:
-            raise GGUFError(f"{self.path}: architecture {self.architecture!r} is not supported "
-                            f"(supported: {', '.join(ARCHITECTURES)})")
+            raise GGUFError(
+                f"{self.path}: architecture {self.architecture!r} is not supported "
+                f"(supported: {', '.join(ARCHITECTURES)})"
+            )
         self._check_tensor_types()
 
     # ---- metadata -------------------------------------------------------------------------
@@ -124,8 +138,10 @@ class GGUFModelFile:
     def _check_tensor_types(self) -> None:
         unsupported = sorted({t.tensor_type.name for t in self._reader.tensors} - set(TENSOR_TYPES))
         if unsupported:
-            raise GGUFError(f"{self.path}: tensor types {', '.join(unsupported)} are not supported "
-                            f"(supported: {', '.join(TENSOR_TYPES)})")
+            raise GGUFError(
+                f"{self.path}: tensor types {', '.join(unsupported)} are not supported "
+                f"(supported: {', '.join(TENSOR_TYPES)})"
+            )
         names = {t.name for t in self._reader.tensors}
         if "rope_freqs.weight" in names:  # Llama 3.1's rope scaling, stored as factors, not as metadata
             raise GGUFError(f"{self.path}: rope frequency factors (rope_freqs.weight) are not supported")
@@ -144,46 +160,66 @@ class GGUFModelFile:
         names = {t.name for t in self._reader.tensors}
         model_type = self.architecture
         # The ids that end a reply: end of sequence, and end of turn / message where the file names them.
-        eos = tuple(dict.fromkeys(int(v) for v in (self._value(f"tokenizer.ggml.{kind}_token_id")
-                                                    for kind in ("eos", "eot", "eom")) if v is not None))
+        eos = tuple(
+            dict.fromkeys(
+                int(v)
+                for v in (self._value(f"tokenizer.ggml.{kind}_token_id") for kind in ("eos", "eot", "eom"))
+                if v is not None
+            )
+        )
         try:
             return ModelConfig(
-                architecture=ARCHITECTURES[model_type], model_type=model_type, hidden_size=hidden,
+                architecture=ARCHITECTURES[model_type],
+                model_type=model_type,
+                hidden_size=hidden,
                 intermediate_size=int(self._arch("feed_forward_length")),
-                num_hidden_layers=int(self._arch("block_count")), num_attention_heads=heads,
-                num_key_value_heads=kv_heads, head_dim=head_dim,
+                num_hidden_layers=int(self._arch("block_count")),
+                num_attention_heads=heads,
+                num_key_value_heads=kv_heads,
+                head_dim=head_dim,
                 rms_norm_eps=float(self._arch("attention.layer_norm_rms_epsilon", 1e-6)),
-                rope_theta=float(self._arch("rope.freq_base", 10000.0)), rope_scaling=scaling,
+                rope_theta=float(self._arch("rope.freq_base", 10000.0)),
+                rope_scaling=scaling,
                 vocab_size=int(self._arch("vocab_size", len(tokens))),
                 max_position_embeddings=int(self._arch("context_length", 2048)),
                 tie_word_embeddings="output.weight" not in names,
                 qkv_bias=model_type == "qwen2" or "blk.0.attn_q.bias" in names,
-                o_bias="blk.0.attn_output.bias" in names, mlp_bias="blk.0.ffn_up.bias" in names,
-                torch_dtype=None, bos_token_id=self._value("tokenizer.ggml.bos_token_id"),
-                eos_token_ids=eos)
+                o_bias="blk.0.attn_output.bias" in names,
+                mlp_bias="blk.0.ffn_up.bias" in names,
+                torch_dtype=None,
+                bos_token_id=self._value("tokenizer.ggml.bos_token_id"),
+                eos_token_ids=eos,
+            )
         except (TypeError, ValueError) as exc:
             raise GGUFError(f"{self.path}: {exc}") from None
 
     def tokenizer_spec(self) -> GGUFTokenizerSpec:
         kind = self._value("tokenizer.ggml.model")
         if kind not in TOKENIZER_MODELS:
-            raise GGUFError(f"{self.path}: tokenizer model {kind!r} is not supported (supported: "
-                            f"{', '.join(TOKENIZER_MODELS)}: byte-level BPE)")
+            raise GGUFError(
+                f"{self.path}: tokenizer model {kind!r} is not supported (supported: "
+                f"{', '.join(TOKENIZER_MODELS)}: byte-level BPE)"
+            )
         pre_name = self._value("tokenizer.ggml.pre", "default")
         if pre_name not in PRE_TOKENIZERS:
-            raise GGUFError(f"{self.path}: tokenizer pre-type {pre_name!r} is not supported "
-                            f"(supported: {', '.join(PRE_TOKENIZERS)})")
+            raise GGUFError(
+                f"{self.path}: tokenizer pre-type {pre_name!r} is not supported "
+                f"(supported: {', '.join(PRE_TOKENIZERS)})"
+            )
         tokens = tuple(self._value("tokenizer.ggml.tokens") or ())
         if not tokens:
             raise GGUFError(f"{self.path}: metadata tokenizer.ggml.tokens is missing")
         types = tuple(self._value("tokenizer.ggml.token_type") or (1,) * len(tokens))
-        return GGUFTokenizerSpec(tokens=tokens, token_types=types,
-                                 merges=tuple(self._value("tokenizer.ggml.merges") or ()),
-                                 pre=PRE_TOKENIZERS[pre_name],
-                                 bos_token_id=self._value("tokenizer.ggml.bos_token_id"),
-                                 eos_token_id=self._value("tokenizer.ggml.eos_token_id"),
-                                 add_bos_token=bool(self._value("tokenizer.ggml.add_bos_token", False)),
-                                 chat_template=self._value("tokenizer.chat_template"))
+        return GGUFTokenizerSpec(
+            tokens=tokens,
+            token_types=types,
+            merges=tuple(self._value("tokenizer.ggml.merges") or ()),
+            pre=PRE_TOKENIZERS[pre_name],
+            bos_token_id=self._value("tokenizer.ggml.bos_token_id"),
+            eos_token_id=self._value("tokenizer.ggml.eos_token_id"),
+            add_bos_token=bool(self._value("tokenizer.ggml.add_bos_token", False)),
+            chat_template=self._value("tokenizer.chat_template"),
+        )
 
     # ---- tensors --------------------------------------------------------------------------
 
@@ -200,8 +236,9 @@ class GGUFModelFile:
             try:
                 values = np.asarray(dequantize(t.data, GGMLQuantizationType(t.tensor_type)), dtype=np.float32)
             except Exception as exc:
-                raise GGUFError(f"{self.path}: cannot read tensor {t.name!r} (truncated file?): "
-                                f"{type(exc).__name__}: {exc}") from None
+                raise GGUFError(
+                    f"{self.path}: cannot read tensor {t.name!r} (truncated file?): {type(exc).__name__}: {exc}"
+                ) from None
             # GGUF writes dimensions innermost first; the dequantized array is rows x columns already.
             values = values.reshape(tuple(int(d) for d in reversed(t.shape)))
             if config.model_type == "llama" and name.endswith(ROTARY_PERMUTED):

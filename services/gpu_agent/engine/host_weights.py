@@ -36,7 +36,7 @@ def _page_aligned_bytes(nbytes: int) -> torch.Tensor:
     """Plain host memory starting on an OS page, as cudaHostRegister pins whole pages."""
     raw = torch.empty(nbytes + mmap.PAGESIZE, dtype=torch.uint8)
     skip = -raw.data_ptr() % mmap.PAGESIZE
-    return raw[skip:skip + nbytes]
+    return raw[skip : skip + nbytes]
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ class HostWeights:
     def _view(self, buffer: torch.Tensor, i: int) -> torch.Tensor:
         t = self._tensors[i]
         n = t.numel() * t.element_size()
-        return buffer[self._offsets[i]:self._offsets[i] + n].view(t.dtype).view(t.shape)
+        return buffer[self._offsets[i] : self._offsets[i] + n].view(t.dtype).view(t.shape)
 
     def to_device(self, device: torch.device, streams: int = DEFAULT_COPY_STREAMS) -> ActivationTiming:
         start = time.perf_counter()

@@ -182,9 +182,15 @@ class PagePool(KVPool):
     padding_slot: one row more in every buffer, outside the pages and never
     handed out, for CUDA graphs' padded rows to write (padding_slot is its index)."""
 
-    def __init__(self, geometry: KVGeometry, capacity_tokens: int, limit_bytes: int,
-                 device: torch.device | str = "cpu", page_bytes: int = DEFAULT_PAGE_BYTES,
-                 padding_slot: bool = False):
+    def __init__(
+        self,
+        geometry: KVGeometry,
+        capacity_tokens: int,
+        limit_bytes: int,
+        device: torch.device | str = "cpu",
+        page_bytes: int = DEFAULT_PAGE_BYTES,
+        padding_slot: bool = False,
+    ):
         if capacity_tokens < 1:
             raise ValueError(f"capacity must be at least one token, got {capacity_tokens}")
         self.geometry = geometry
@@ -212,7 +218,7 @@ class PagePool(KVPool):
         nbytes = shape[0] * self.geometry.slot_bytes_per_buffer
         raw = torch.empty(nbytes + mmap.PAGESIZE, dtype=torch.uint8)
         skip = -raw.data_ptr() % mmap.PAGESIZE
-        return raw[skip:skip + nbytes].view(self.geometry.dtype).view(shape)
+        return raw[skip : skip + nbytes].view(self.geometry.dtype).view(shape)
 
     def _effective_limit(self, limit_bytes: int) -> int:
         return min(max(0, limit_bytes) // self.bundle_bytes, self.num_pages) * self.bundle_bytes
@@ -229,7 +235,8 @@ class PagePool(KVPool):
         free_mapped = sum(len(s) for s in self._free_in_page.values())
         new_pages = max(0, -(-(n - free_mapped) // self.tokens_per_page))
         if new_pages > len(self._unmapped) or (
-                new_pages and (self._mapped_pages + new_pages) * self.bundle_bytes > self._effective):
+            new_pages and (self._mapped_pages + new_pages) * self.bundle_bytes > self._effective
+        ):
             return None
         for _ in range(new_pages):
             page = heapq.heappop(self._unmapped)

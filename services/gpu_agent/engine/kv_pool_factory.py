@@ -27,7 +27,7 @@ CPU_PAGE_BYTES = 64 * 1024
 
 
 def choose_pool_kind(kind: str, device: torch.device) -> str:
-    """"kvcached" or "pages" for an engine asked for `kind` ("auto": kvcached where it runs)."""
+    """ "kvcached" or "pages" for an engine asked for `kind` ("auto": kvcached where it runs)."""
     if kind not in KV_POOLS:
         raise EngineError(f"kv_pool {kind!r} is not one of {', '.join(KV_POOLS)}")
     if kind == "kvcached" and (device.type != "cuda" or not kvcached_available()):
@@ -93,11 +93,17 @@ class KVPoolFactory:
         if self.kind == "kvcached":
             pool = KvcachedPool(self.geometry, capacity, limit_bytes, self.device)
         else:
-            pool = PagePool(self.geometry, capacity, limit_bytes, self.device, self.page_bytes,
-                            padding_slot=self.padding_slot)
+            pool = PagePool(
+                self.geometry, capacity, limit_bytes, self.device, self.page_bytes, padding_slot=self.padding_slot
+            )
         if revision:
             pool.set_memory_limit(limit_bytes, revision)
-        log.info("engine %s: KV pool of %d virtual slots (%.1f MB), %d slots a page, limit %.1f MB",
-                 self.engine_name, pool.capacity_tokens, pool.capacity_tokens * self.geometry.token_bytes / 1e6,
-                 pool.tokens_per_page, limit_bytes / 1e6)
+        log.info(
+            "engine %s: KV pool of %d virtual slots (%.1f MB), %d slots a page, limit %.1f MB",
+            self.engine_name,
+            pool.capacity_tokens,
+            pool.capacity_tokens * self.geometry.token_bytes / 1e6,
+            pool.tokens_per_page,
+            limit_bytes / 1e6,
+        )
         return pool

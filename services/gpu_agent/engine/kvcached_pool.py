@@ -42,8 +42,14 @@ class KvcachedPool(KVPool):
             kvi.init_kvcached(device=str(self.device))
         shape = (capacity_tokens, geometry.num_kv_heads, geometry.head_dim)
         self.k_buffers, self.v_buffers = kvi.alloc_kv_cache(
-            shape, geometry.dtype, str(self.device), geometry.num_layers,
-            page_size=1, attention_type="GQA", group_id=self.group_id)
+            shape,
+            geometry.dtype,
+            str(self.device),
+            geometry.num_layers,
+            page_size=1,
+            attention_type="GQA",
+            group_id=self.group_id,
+        )
         # kvcached sizes the virtual tensors to the whole GPU; use what it gave.
         self.capacity_tokens = self.k_buffers[0].shape[0]
         self.padding_slot = 0  # kvcached keeps slot 0 mapped and never hands it out
@@ -51,8 +57,13 @@ class KvcachedPool(KVPool):
         # kvcached's own unit for limits and mapped bytes: a whole page of every K and V tensor.
         self._kvcached_bundle_bytes = PAGE_SIZE * 2 * geometry.num_layers
         self._manager = kvi.get_kv_cache_manager(
-            self.capacity_tokens, 1, geometry.slot_bytes_per_buffer, geometry.num_layers,
-            group_id=self.group_id, pool_name=f"prism-{self.group_id}")
+            self.capacity_tokens,
+            1,
+            geometry.slot_bytes_per_buffer,
+            geometry.num_layers,
+            group_id=self.group_id,
+            pool_name=f"prism-{self.group_id}",
+        )
         self._used_tokens = 0
         self.set_memory_limit(limit_bytes, 0)
 
@@ -111,8 +122,13 @@ class KvcachedPool(KVPool):
         status = raw["status"]
         if status == "rejected":  # quarantined pages (a failed unmap) block the shrink: still waiting
             status = "deferred"
-        return MemoryLimitState(status, int(raw["limit_bytes"] or 0), int(raw["effective_limit_bytes"] or 0),
-                                int(raw["mapped_bytes"]), int(raw["revision"]))
+        return MemoryLimitState(
+            status,
+            int(raw["limit_bytes"] or 0),
+            int(raw["effective_limit_bytes"] or 0),
+            int(raw["mapped_bytes"]),
+            int(raw["revision"]),
+        )
 
     @property
     def used_tokens(self) -> int:

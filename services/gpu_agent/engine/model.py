@@ -69,8 +69,14 @@ def rows_back_to_back(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     storage = first.untyped_storage().data_ptr()
     at = first.data_ptr()
     for t in tensors:
-        if (t.dim() != 2 or t.dtype != first.dtype or t.shape[1] != first.shape[1] or not t.is_contiguous()
-                or t.data_ptr() != at or t.untyped_storage().data_ptr() != storage):
+        if (
+            t.dim() != 2
+            or t.dtype != first.dtype
+            or t.shape[1] != first.shape[1]
+            or not t.is_contiguous()
+            or t.data_ptr() != at
+            or t.untyped_storage().data_ptr() != storage
+        ):
             return None
         at += t.numel() * t.element_size()
     rows = sum(t.shape[0] for t in tensors)
@@ -113,8 +119,16 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=config.o_bias, dtype=dtype)
         self._qkv = JoinedWeights(self.q_proj, self.k_proj, self.v_proj)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int, pool: KVPool,
-                step: StepAttention, fused: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        layer: int,
+        pool: KVPool,
+        step: StepAttention,
+        fused: bool = False,
+    ) -> torch.Tensor:
         tokens = x.shape[0]
         qkv_weight = self._qkv.get()
         k_buffer, v_buffer = pool.k_buffers[layer], pool.v_buffers[layer]
@@ -123,7 +137,7 @@ class Attention(nn.Module):
             q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
             if qkv_weight is not None:
                 qkv = F.linear(x, qkv_weight)
-                q, k, v = qkv[:, :q_size], qkv[:, q_size:q_size + kv_size], qkv[:, q_size + kv_size:]
+                q, k, v = qkv[:, :q_size], qkv[:, q_size : q_size + kv_size], qkv[:, q_size + kv_size :]
             else:  # biases: three matmuls
                 q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
             q = _fused_ops().rotary_write_kv(q, k, v, cos, sin, k_buffer, v_buffer, step.slot_mapping)
@@ -133,7 +147,7 @@ class Attention(nn.Module):
             qkv = F.linear(x, qkv_weight)
             qk_size = (self.num_heads + self.num_kv_heads) * self.head_dim
             qk = apply_rotary(qkv[:, :qk_size].view(tokens, -1, self.head_dim), cos, sin)
-            q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
+            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
             v = qkv[:, qk_size:].view(tokens, self.num_kv_heads, self.head_dim)
         else:
             q = apply_rotary(self.q_proj(x).view(tokens, self.num_heads, self.head_dim), cos, sin)
@@ -171,13 +185,22 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int, pool: KVPool,
-                step: StepAttention) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int, pool: KVPool, step: StepAttention
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer, pool, step)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward_fused(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                      layer: int, pool: KVPool, step: StepAttention) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_fused(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        layer: int,
+        pool: KVPool,
+        step: StepAttention,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The same layer with the fused kernels (fused_ops.py), the residual
         stream carried apart: x is the previous layer's MLP output (or the
         embeddings, with residual None); returns this layer's MLP output and the
@@ -256,8 +279,14 @@ class CausalLM(nn.Module):
         logits = self.lm_head(hidden)
         return (self.tp.all_gather_last(logits) if self.vocab_split else logits).float()
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, pool: KVPool, step: StepAttention,
-                logits_at: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        pool: KVPool,
+        step: StepAttention,
+        logits_at: torch.Tensor,
+    ) -> torch.Tensor:
         """input_ids/positions: [tokens], the step's new tokens in span order.
         Returns float32 logits of the tokens at logits_at, [len(logits_at), vocab]."""
         x = self.embed(input_ids)

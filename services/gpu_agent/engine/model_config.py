@@ -87,7 +87,9 @@ def _rope(raw: dict[str, Any]) -> tuple[float, RopeScaling | None]:
     scaling = raw.get("rope_scaling") or params
     rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ModelConfigError(f"rope_scaling type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+        raise ModelConfigError(
+            f"rope_scaling type {rope_type!r} is not supported (supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+        )
     if rope_type == "default":
         return theta, None
     factor = float(scaling["factor"])
@@ -109,8 +111,10 @@ def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> Mode
         by_type = {v: k for k, v in SUPPORTED_ARCHITECTURES.items()}
         architecture = by_type.get(raw.get("model_type", ""))
     if architecture is None:
-        raise ModelConfigError(f"{source}: architectures {architectures} / model_type {raw.get('model_type')!r} "
-                               f"not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        raise ModelConfigError(
+            f"{source}: architectures {architectures} / model_type {raw.get('model_type')!r} "
+            f"not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
     model_type = SUPPORTED_ARCHITECTURES[architecture]
     if raw.get("hidden_act", "silu") != "silu":
         raise ModelConfigError(f"{source}: hidden_act {raw['hidden_act']!r} is not supported (only silu)")
@@ -153,5 +157,7 @@ def parse_model_config(raw: dict[str, Any], source: str = "config.json") -> Mode
             raise
         raise ModelConfigError(f"{source}: {exc}") from None
     if heads % kv_heads:
-        raise ModelConfigError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+        raise ModelConfigError(
+            f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}"
+        )
     return config

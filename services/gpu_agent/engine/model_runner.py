@@ -66,9 +66,19 @@ def choose_triton(attention: str, device: torch.device) -> bool:
 
 
 class ModelRunner:
-    def __init__(self, name: str, config: ModelConfig, dtype: torch.dtype, device: torch.device, max_context: int,
-                 *, attention: str = "auto", cuda_graphs: bool = True, tensor_parallel: TensorParallel = SINGLE,
-                 step_channel: StepChannel | None = None):
+    def __init__(
+        self,
+        name: str,
+        config: ModelConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+        max_context: int,
+        *,
+        attention: str = "auto",
+        cuda_graphs: bool = True,
+        tensor_parallel: TensorParallel = SINGLE,
+        step_channel: StepChannel | None = None,
+    ):
         """The runner of one engine's model; load_weights() brings the weights.
 
         Args:
@@ -105,8 +115,9 @@ class ModelRunner:
 
     # ---- weights ----------------------------------------------------------
 
-    def load_weights(self, model_path: Path, load_format: str, seed: int, shared_path: str | Path | None,
-                     gguf: GGUFModelFile | None) -> None:
+    def load_weights(
+        self, model_path: Path, load_format: str, seed: int, shared_path: str | Path | None, gguf: GGUFModelFile | None
+    ) -> None:
         """Loads the model onto the device. On an accelerator the weights always stay in (pinned) host
         memory too, for fast switching; on the CPU the host copy is the weights, kept only where it is
         shared."""
@@ -119,8 +130,7 @@ class ModelRunner:
             if attached is not None:
                 self.model, self.host_weights, self.weights_attached = skeleton, attached, True
         if attached is None:
-            self.model = load_model(self.config, model_path, load_format, self.dtype, self.device, seed, self.tp,
-                                    gguf)
+            self.model = load_model(self.config, model_path, load_format, self.dtype, self.device, seed, self.tp, gguf)
             if shared is not None or self.device.type != "cpu":
                 self.host_weights = HostWeights(self.model, shared, pin=pin)
         # Off the device and back into one buffer, as every activation does:
@@ -158,9 +168,11 @@ class ModelRunner:
             return self.move_weights(self.device)
         except torch.OutOfMemoryError as exc:
             free, total = torch.cuda.mem_get_info(self.device) if self.device.type == "cuda" else (0, 0)
-            raise CapacityError(f"engine {self.name}: no room on {self.device} for its weights "
-                                f"({weight_bytes / 2**30:.2f} GiB; {free / 2**30:.2f} of "
-                                f"{total / 2**30:.2f} GiB free): {exc}") from None
+            raise CapacityError(
+                f"engine {self.name}: no room on {self.device} for its weights "
+                f"({weight_bytes / 2**30:.2f} GiB; {free / 2**30:.2f} of "
+                f"{total / 2**30:.2f} GiB free): {exc}"
+            ) from None
 
     def new_slot_table(self) -> DeviceSlotTable | None:
         return DeviceSlotTable(self.device, self.max_context) if self.use_triton else None
@@ -216,15 +228,20 @@ class ModelRunner:
                 samplers = [item.seq for item in plan if item.samples]
                 if not samplers:
                     return []
-                return sample_batch(logits, [seq.sampling for seq in samplers], [seq.generator for seq in samplers],
-                                    greedy if len(samplers) == len(plan) else None)
+                return sample_batch(
+                    logits,
+                    [seq.sampling for seq in samplers],
+                    [seq.generator for seq in samplers],
+                    greedy if len(samplers) == len(plan) else None,
+                )
             except torch.OutOfMemoryError:  # the engine tries the step again: the slots it did not write
                 if last_by_step and self.slot_table is not None:
                     self.slot_table.unsync_last(decoding)
                 raise
 
-    def _eager_forward(self, plan: list[ScheduledSeq], num_decode: int, rows: list[int] | None,
-                       pool: KVPool) -> torch.Tensor:
+    def _eager_forward(
+        self, plan: list[ScheduledSeq], num_decode: int, rows: list[int] | None, pool: KVPool
+    ) -> torch.Tensor:
         assert self.model is not None  # forward() checked
         input_ids: list[int] = []
         positions: list[int] = []
@@ -232,7 +249,7 @@ class ModelRunner:
         logits_at: list[int] = []
         for item in plan:
             seq = item.seq
-            input_ids.extend(seq.token_ids[item.start:item.start + item.count])
+            input_ids.extend(seq.token_ids[item.start : item.start + item.count])
             positions.extend(range(item.start, item.start + item.count))
             spans.append((item.start, item.count, seq.slots))
             if item.samples:
@@ -240,15 +257,19 @@ class ModelRunner:
         table = self.slot_table.tensor if rows is not None and self.slot_table is not None else None
         if self._steps is not None:  # the other ranks run this forward too, on their shards
             updates, finished = self.slots_sent.updates(
-                (item.seq, start, count, slots) for item, (start, count, slots) in zip(plan, spans))
+                (item.seq, start, count, slots) for item, (start, count, slots) in zip(plan, spans)
+            )
             self._steps.send(ForwardStep(input_ids, positions, updates, logits_at, finished))
         step = build_step_attention(spans, num_decode, self.device, table, rows, self.dtype)
-        return self.model(torch.tensor(input_ids, device=self.device),
-                          torch.tensor(positions, device=self.device), pool, step,
-                          torch.tensor(logits_at, dtype=torch.long, device=self.device))
+        return self.model(
+            torch.tensor(input_ids, device=self.device),
+            torch.tensor(positions, device=self.device),
+            pool,
+            step,
+            torch.tensor(logits_at, dtype=torch.long, device=self.device),
+        )
 
-    def _decode_graph_runner(self, plan: list[ScheduledSeq], num_decode: int,
-                             pool: KVPool) -> DecodeGraphRunner | None:
+    def _decode_graph_runner(self, plan: list[ScheduledSeq], num_decode: int, pool: KVPool) -> DecodeGraphRunner | None:
         """The graph runner, where this step is a pure decode step that a CUDA graph can run."""
         if not (self.use_graphs and self.slot_table is not None and num_decode and num_decode == len(plan)):
             return None
@@ -259,13 +280,19 @@ class ModelRunner:
             return None
         return self.graph_runner
 
-    def _graph_decode(self, runner: DecodeGraphRunner, plan: list[ScheduledSeq],
-                      rows: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _graph_decode(
+        self, runner: DecodeGraphRunner, plan: list[ScheduledSeq], rows: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A pure decode step from a CUDA graph: (logits, greedy tokens); None
         where the graph failed (then the engine decodes eagerly from now on)."""
         try:
-            return runner.run([item.seq.token_ids[item.start] for item in plan], [item.start for item in plan],
-                              [item.seq.slots[item.start] for item in plan], [item.start + 1 for item in plan], rows)
+            return runner.run(
+                [item.seq.token_ids[item.start] for item in plan],
+                [item.start for item in plan],
+                [item.seq.slots[item.start] for item in plan],
+                [item.start + 1 for item in plan],
+                rows,
+            )
         except torch.OutOfMemoryError:  # the device is full for now, the graphs are fine: the step is retried
             raise
         except Exception:  # a capture that fails must not take serving down: eager from now on
@@ -295,8 +322,9 @@ class ModelRunner:
         finished: list[tuple[int, int]] = []
         scratch = None
         try:
-            scratch = PagePool(geometry, sum(WARMUP_PROMPT_TOKENS) + sum(WARMUP_NEW_TOKENS) + 1, 0, self.device,
-                               padding_slot=True)  # for the graphs' padded rows
+            scratch = PagePool(
+                geometry, sum(WARMUP_PROMPT_TOKENS) + sum(WARMUP_NEW_TOKENS) + 1, 0, self.device, padding_slot=True
+            )  # for the graphs' padded rows
             scratch.set_memory_limit(scratch.capacity_tokens * geometry.token_bytes, 1)
             batcher = BatchScheduler(scratch, WARMUP_STEP_TOKENS)
             for sequence in self._warm_up_sequences(tokenizer):
@@ -308,12 +336,22 @@ class ModelRunner:
             if self.use_graphs:  # the decode kernel's variants for the other graph shapes
                 from services.gpu_agent.engine.triton_decode import compile_decode_variants
 
-                compile_decode_variants(self.config.num_attention_heads // self.tp.size, geometry.num_kv_heads,
-                                        geometry.head_dim, self.dtype, self.device, graph_batch_buckets(),
-                                        graph_width_buckets())
+                compile_decode_variants(
+                    self.config.num_attention_heads // self.tp.size,
+                    geometry.num_kv_heads,
+                    geometry.head_dim,
+                    self.dtype,
+                    self.device,
+                    graph_batch_buckets(),
+                    graph_width_buckets(),
+                )
             if batcher.has_work() or len(finished) < len(WARMUP_PROMPT_TOKENS):
-                log.warning("engine %s: kernel warm-up incomplete (%d of %d requests finished)", self.name,
-                            len(finished), len(WARMUP_PROMPT_TOKENS))
+                log.warning(
+                    "engine %s: kernel warm-up incomplete (%d of %d requests finished)",
+                    self.name,
+                    len(finished),
+                    len(WARMUP_PROMPT_TOKENS),
+                )
         except Exception as exc:  # noqa: BLE001  an optimization: serving goes on without it
             log.warning("engine %s: kernel warm-up failed: %s: %s", self.name, type(exc).__name__, exc)
         finally:
@@ -330,11 +368,19 @@ class ModelRunner:
         sequences = []
         for i, n in enumerate(WARMUP_PROMPT_TOKENS):
             prompt = [1 + j % (vocab - 1) for j in range(n)]
-            sequences.append(Sequence(
-                request_id=f"warm-up-{i}", prompt_ids=prompt, max_tokens=WARMUP_NEW_TOKENS[i],
-                sampling=SamplingParams(temperature=0.0), stop=[], ignore_eos=True,
-                detokenizer=IncrementalDetokenizer(tokenizer, prompt), generator=None,
-                deliver=lambda out: True))
+            sequences.append(
+                Sequence(
+                    request_id=f"warm-up-{i}",
+                    prompt_ids=prompt,
+                    max_tokens=WARMUP_NEW_TOKENS[i],
+                    sampling=SamplingParams(temperature=0.0),
+                    stop=[],
+                    ignore_eos=True,
+                    detokenizer=IncrementalDetokenizer(tokenizer, prompt),
+                    generator=None,
+                    deliver=lambda out: True,
+                )
+            )
         return sequences
 
     def _warm_up_step(self, batcher: BatchScheduler, pool: KVPool) -> list[tuple[int, int]]:

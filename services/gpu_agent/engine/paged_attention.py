@@ -98,9 +98,14 @@ class StepAttention:
         return sdpa_kernel(_CUDA_SDPA_BACKENDS) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def build_step_attention(spans: list[tuple[int, int, list[int]]], num_decode: int, device: torch.device,
-                         decode_table: torch.Tensor | None = None, decode_rows: list[int] | None = None,
-                         dtype: torch.dtype | None = None) -> StepAttention:
+def build_step_attention(
+    spans: list[tuple[int, int, list[int]]],
+    num_decode: int,
+    device: torch.device,
+    decode_table: torch.Tensor | None = None,
+    decode_rows: list[int] | None = None,
+    dtype: torch.dtype | None = None,
+) -> StepAttention:
     """spans: (start, count, slots of positions 0..start+count) per sequence,
     decoding ones first. With decode_table (the slots of every decoding
     sequence, one row each: slot_table.py) and the decoding spans' rows in it,
@@ -108,7 +113,7 @@ def build_step_attention(spans: list[tuple[int, int, list[int]]], num_decode: in
     as one varlen call on CUDA where torch has it and `dtype` (the KV's) is
     one flash attention takes. Each index tensor is built from host lists and
     moved to the device in one transfer."""
-    new_slots = [slot for start, count, slots in spans for slot in slots[start:start + count]]
+    new_slots = [slot for start, count, slots in spans for slot in slots[start : start + count]]
     step = StepAttention(_to_device(new_slots, torch.int64, device), [], num_decode)
     varlen_here = _VARLEN is not None and device.type == "cuda" and dtype in _VARLEN_DTYPES
     torch_from = 0
@@ -125,14 +130,14 @@ def build_step_attention(spans: list[tuple[int, int, list[int]]], num_decode: in
         torch_from = num_decode
         step.decode_batch = _padded_decode_batch(spans[:num_decode], device)
     # Every other span's slots in one tensor; each span takes a slice of it.
-    flat = [slot for start, count, slots in spans[torch_from:] for slot in slots[:start + count]]
+    flat = [slot for start, count, slots in spans[torch_from:] for slot in slots[: start + count]]
     all_slots = _to_device(flat, torch.int64, device)
     offset = 0
     for start, count, _ in spans:
         if len(step.spans) < torch_from:  # served by the kernel or the padded batch: no gather here
             step.spans.append(SeqSpan(start, count, all_slots[:0]))
             continue
-        step.spans.append(SeqSpan(start, count, all_slots[offset:offset + start + count]))
+        step.spans.append(SeqSpan(start, count, all_slots[offset : offset + start + count]))
         offset += start + count
     rest = spans[torch_from:]
     if rest and varlen_here:
@@ -140,17 +145,24 @@ def build_step_attention(spans: list[tuple[int, int, list[int]]], num_decode: in
         for start, count, _ in rest:
             cu_q.append(cu_q[-1] + count)
             cu_k.append(cu_k[-1] + start + count)
-        step.varlen = VarlenSpans(all_slots, _to_device(cu_q, torch.int32, device), _to_device(cu_k, torch.int32, device),
-                                  max(count for _, count, _ in rest), max(start + count for start, count, _ in rest))
+        step.varlen = VarlenSpans(
+            all_slots,
+            _to_device(cu_q, torch.int32, device),
+            _to_device(cu_k, torch.int32, device),
+            max(count for _, count, _ in rest),
+            max(start + count for start, count, _ in rest),
+        )
     return step
 
 
-def _padded_decode_batch(spans: list[tuple[int, int, list[int]]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _padded_decode_batch(
+    spans: list[tuple[int, int, list[int]]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The decoding spans' slots as one [n, longest] table and its mask (StepAttention.decode_batch): on the
     CPU one SDPA over the batch took a 16-sequence decode step of SmolLM2-135M's attention from 37 ms (one
     call per sequence and layer) to a few."""
     longest = max(start + 1 for start, _, _ in spans)
-    rows = [slots[:start + 1] + [slots[0]] * (longest - start - 1) for start, _, slots in spans]
+    rows = [slots[: start + 1] + [slots[0]] * (longest - start - 1) for start, _, slots in spans]
     lengths = torch.tensor([start + 1 for start, _, _ in spans])
     mask = (torch.arange(longest) < lengths[:, None])[:, None, None, :]
     return _to_device(rows, torch.int64, device), mask.to(device)
@@ -160,23 +172,26 @@ def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.
     return torch.tensor(values, dtype=dtype, device=device)
 
 
-def write_kv(k_buffer: torch.Tensor, v_buffer: torch.Tensor, step: StepAttention,
-             k: torch.Tensor, v: torch.Tensor) -> None:
+def write_kv(
+    k_buffer: torch.Tensor, v_buffer: torch.Tensor, step: StepAttention, k: torch.Tensor, v: torch.Tensor
+) -> None:
     """k, v: [new tokens, kv_heads, head_dim] into their slots."""
     k_buffer[step.slot_mapping] = k
     v_buffer[step.slot_mapping] = v
 
 
-def paged_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
-                    step: StepAttention) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, step: StepAttention
+) -> torch.Tensor:
     """q: [new tokens, heads, head_dim], in the order of step.spans. Returns the same shape."""
     first_prefill = 0
     if step.decode_slot_table is not None and step.decode_seq_lens is not None:  # set together
         from services.gpu_agent.engine.triton_decode import paged_decode_attention
 
         first_prefill = step.num_decode
-        decoded = paged_decode_attention(q[:first_prefill], k_buffer, v_buffer, step.decode_slot_table,
-                                         step.decode_seq_lens, q.shape[-1] ** -0.5)
+        decoded = paged_decode_attention(
+            q[:first_prefill], k_buffer, v_buffer, step.decode_slot_table, step.decode_seq_lens, q.shape[-1] ** -0.5
+        )
         if first_prefill == q.shape[0]:
             return decoded  # a pure decode step: no copy into a joint output
     elif step.decode_batch is not None:
@@ -186,8 +201,15 @@ def paged_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Ten
             return decoded
     if step.varlen is not None:
         batch = step.varlen
-        rest = _VARLEN(q[first_prefill:], k_buffer[batch.slots], v_buffer[batch.slots], batch.cu_q, batch.cu_k,
-                       batch.max_q, batch.max_k)
+        rest = _VARLEN(
+            q[first_prefill:],
+            k_buffer[batch.slots],
+            v_buffer[batch.slots],
+            batch.cu_q,
+            batch.cu_k,
+            batch.max_q,
+            batch.max_k,
+        )
         return torch.cat([decoded, rest]) if first_prefill else rest
     out = torch.empty_like(q)
     if first_prefill:
@@ -200,8 +222,9 @@ def paged_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Ten
     return out
 
 
-def _attend_decode_batch(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, slots: torch.Tensor,
-                         mask: torch.Tensor) -> torch.Tensor:
+def _attend_decode_batch(
+    q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """q: [n, heads, head_dim], one new token for each of n decoding sequences -> the same shape, in one
     SDPA call over their keys padded to the longest (masked)."""
     keys = k_buffer[slots].transpose(1, 2)  # [n, kv_heads, longest, head_dim]
@@ -239,6 +262,7 @@ def _attend_span(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor
         # Imported here: torch.nn.attention.bias imports torch's compile stack (and triton, where installed).
         from torch.nn.attention.bias import causal_lower_right
 
-        out = F.scaled_dot_product_attention(query, keys, values,
-                                             attn_mask=causal_lower_right(span.count, span.start + span.count), **gqa)
+        out = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=causal_lower_right(span.count, span.start + span.count), **gqa
+        )
     return out[0].transpose(0, 1)

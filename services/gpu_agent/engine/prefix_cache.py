@@ -69,7 +69,7 @@ class PrefixCache:
         parent = 0
         n = self.block_tokens
         for i in range((len(token_ids) - 1) // n):
-            block = self._blocks.get((parent, tuple(token_ids[i * n:(i + 1) * n])))
+            block = self._blocks.get((parent, tuple(token_ids[i * n : (i + 1) * n])))
             if block is None:
                 break
             chain.append(block)
@@ -86,8 +86,7 @@ class PrefixCache:
         """Gives back a match that was not used (the sequence was not admitted after all)."""
         self._let_go(chain)
 
-    def release(self, held: list[CachedBlock], token_ids: list[int], slots: list[int],
-                num_computed: int) -> list[int]:
+    def release(self, held: list[CachedBlock], token_ids: list[int], slots: list[int], num_computed: int) -> list[int]:
         """A sequence ends or is preempted: it lets go of the blocks it held (the first
         len(held) blocks of its slots), and its other fully computed blocks join the cache
         (where another sequence cached the same block meanwhile, that one is kept). Returns
@@ -98,19 +97,19 @@ class PrefixCache:
         to_free: list[int] = []
         full = min(num_computed, len(slots)) // n
         for i in range(len(held), full):
-            key = (parent, tuple(token_ids[i * n:(i + 1) * n]))
+            key = (parent, tuple(token_ids[i * n : (i + 1) * n]))
             block = self._blocks.get(key)
             if block is None:
-                block = CachedBlock(key, self._next_id, slots[i * n:(i + 1) * n])
+                block = CachedBlock(key, self._next_id, slots[i * n : (i + 1) * n])
                 self._next_id += 1
                 self._blocks[key] = block
                 self._hold(block)  # counted as held until _let_go below, like the matched ones
             else:
-                to_free.extend(slots[i * n:(i + 1) * n])
+                to_free.extend(slots[i * n : (i + 1) * n])
                 self._hold(block)
             chain.append(block)
             parent = block.block_id
-        to_free.extend(slots[max(full, len(held)) * n:])
+        to_free.extend(slots[max(full, len(held)) * n :])
         self._let_go(chain)
         return to_free
 
@@ -136,8 +135,9 @@ class PrefixCache:
 
     def stats(self) -> PrefixCacheStats:
         reclaimable = len(self._reclaimable) * self.block_tokens
-        return PrefixCacheStats(self.queried_tokens, self.hit_tokens, reclaimable,
-                                len(self._blocks) * self.block_tokens)
+        return PrefixCacheStats(
+            self.queried_tokens, self.hit_tokens, reclaimable, len(self._blocks) * self.block_tokens
+        )
 
     @property
     def reclaimable_in_page(self) -> Counter[int]:

@@ -51,13 +51,19 @@ def sample_one(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     return torch.multinomial(probs, 1, generator=generator)[0]
 
 
-def sample_batch(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-                 greedy: torch.Tensor | None = None) -> list[int]:
+def sample_batch(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    greedy: torch.Tensor | None = None,
+) -> list[int]:
     """logits: float32 [batch, vocab]; one token per row. greedy: the rows'
     argmax where the caller has it already (a CUDA graph step computes it)."""
     if greedy is None:
         greedy = logits.argmax(dim=-1)
     if all(p.greedy for p in params):
         return greedy.tolist()  # one copy to the host, not one per row
-    chosen = [greedy[i] if p.greedy else sample_one(logits[i], p, g) for i, (p, g) in enumerate(zip(params, generators))]
+    chosen = [
+        greedy[i] if p.greedy else sample_one(logits[i], p, g) for i, (p, g) in enumerate(zip(params, generators))
+    ]
     return torch.stack(chosen).tolist()

@@ -114,8 +114,9 @@ class StepChannel:
         return box[0]
 
 
-def join_ranks(rank: int, size: int, init_method: str, device: str | torch.device,
-               timeout_s: float = 600.0) -> tuple[TensorParallel, StepChannel]:
+def join_ranks(
+    rank: int, size: int, init_method: str, device: str | torch.device, timeout_s: float = 600.0
+) -> tuple[TensorParallel, StepChannel]:
     """Joins this process to its model's ranks: the default process group (NCCL
     on CUDA, for the all-reduces; gloo on the CPU) and, on CUDA, a gloo group
     beside it for the step channel, whose messages stay in host memory. One
@@ -126,15 +127,29 @@ def join_ranks(rank: int, size: int, init_method: str, device: str | torch.devic
 
     device = torch.device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=size,
-                            timeout=timedelta(seconds=timeout_s), device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(
+        backend,
+        init_method=init_method,
+        rank=rank,
+        world_size=size,
+        timeout=timedelta(seconds=timeout_s),
+        device_id=device if device.type == "cuda" else None,
+    )
     tp = TensorParallel(rank, size)
     group = dist.new_group(backend="gloo") if backend != "gloo" else None
     return tp, StepChannel(tp, group)
 
 
-def follow(model_path: str | Path, tp: TensorParallel, channel: StepChannel, *, dtype: str = "auto",
-           load_format: str = "auto", device: str = "cpu", seed: int = 0) -> int:
+def follow(
+    model_path: str | Path,
+    tp: TensorParallel,
+    channel: StepChannel,
+    *,
+    dtype: str = "auto",
+    load_format: str = "auto",
+    device: str = "cpu",
+    seed: int = 0,
+) -> int:
     """Loads this rank's shard and runs rank 0's steps until it stops; returns
     how many forwards ran. dtype, load_format and seed: as rank 0's engine was
     given them (the same dummy weights need the same seed)."""
@@ -144,8 +159,9 @@ def follow(model_path: str | Path, tp: TensorParallel, channel: StepChannel, *, 
 class ShardFollower:
     """One follower rank's shard, host copy and KV pool."""
 
-    def __init__(self, model_path: Path, tp: TensorParallel, dtype: str, load_format: str, device: torch.device,
-                 seed: int):
+    def __init__(
+        self, model_path: Path, tp: TensorParallel, dtype: str, load_format: str, device: torch.device, seed: int
+    ):
         if tp.rank == 0:
             raise ValueError("rank 0 runs the engine, not a follower")
         config = load_model_config(model_path)
@@ -160,8 +176,9 @@ class ShardFollower:
         if self.host is not None:
             self.host.to_host()
             self.host.to_device(device)
-        self.geometry = KVGeometry(config.num_hidden_layers, config.num_key_value_heads // tp.size,
-                                   config.head_dim, self.dtype)
+        self.geometry = KVGeometry(
+            config.num_hidden_layers, config.num_key_value_heads // tp.size, config.head_dim, self.dtype
+        )
         self.pool: PagePool | None = None
         self.slots = SlotsKnown()
         self.forwards = 0
@@ -214,8 +231,13 @@ class ShardFollower:
             raise RuntimeError("rank 0 sent a step before its ShardSetup")
         device = self.device
         step = build_step_attention(self.slots.spans(message.spans, message.finished), 0, device, dtype=self.dtype)
-        self.model(torch.tensor(message.input_ids, device=device), torch.tensor(message.positions, device=device),
-                   self.pool, step, torch.tensor(message.logits_at, dtype=torch.long, device=device))
+        self.model(
+            torch.tensor(message.input_ids, device=device),
+            torch.tensor(message.positions, device=device),
+            self.pool,
+            step,
+            torch.tensor(message.logits_at, dtype=torch.long, device=device),
+        )
         self.forwards += 1
 
     def switch_off(self) -> None:

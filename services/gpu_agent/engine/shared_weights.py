@@ -61,8 +61,10 @@ def check_shared_dir(path: Path) -> None:
         raise ValueError(f"shared weights directory {path} does not exist")
     fstype = filesystem_type(path)
     if fstype is not None and fstype not in MEMORY_FILESYSTEMS:
-        raise ValueError(f"shared weights directory {path} is on {fstype}, not in memory (tmpfs, like /dev/shm): "
-                         "CUDA cannot pin a disk file's pages")
+        raise ValueError(
+            f"shared weights directory {path} is on {fstype}, not in memory (tmpfs, like /dev/shm): "
+            "CUDA cannot pin a disk file's pages"
+        )
 
 
 def layout_digest(tensors: list[torch.Tensor], offsets: list[int], nbytes: int) -> str:
@@ -73,8 +75,7 @@ def layout_digest(tensors: list[torch.Tensor], offsets: list[int], nbytes: int) 
     return h.hexdigest()
 
 
-def shared_weights_name(prefix: str, model_path: str, load_format: str, dtype: str, seed: int,
-                        device_kind: str) -> str:
+def shared_weights_name(prefix: str, model_path: str, load_format: str, dtype: str, seed: int, device_kind: str) -> str:
     """The file name of one model's shared copy. Everything that changes the
     bytes is in it: the checkpoint files' sizes and times (a model replaced on
     disk gets a new copy), the load format and seed (dummy weights), the dtype
@@ -130,8 +131,12 @@ class SharedWeightsFile:
         except OSError as exc:
             os.close(fd)
             self.path.unlink(missing_ok=True)
-            log.warning("no room for %d MB of shared weights in %s (%s); keeping a private copy",
-                        nbytes >> 20, self.path.parent, exc)
+            log.warning(
+                "no room for %d MB of shared weights in %s (%s); keeping a private copy",
+                nbytes >> 20,
+                self.path.parent,
+                exc,
+            )
             return None
         os.close(fd)
         return torch.from_file(str(self.path), shared=True, size=nbytes, dtype=torch.uint8)

@@ -43,7 +43,7 @@ class SlotsSent:
             key = id(seq)
             known = self._sent.get(key)
             if known is not None and known[1] is slots and known[2] <= len(slots):
-                out.append((key, start, count, slots[known[2]:], False))
+                out.append((key, start, count, slots[known[2] :], False))
             else:
                 out.append((key, start, count, list(slots), True))
             self._sent[key] = (seq, slots, len(slots))

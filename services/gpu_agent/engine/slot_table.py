@@ -34,8 +34,7 @@ class DeviceSlotTable:
         self.device = device
         self.max_width = max(max_width, 1)
         self.version = 0
-        self.tensor = torch.zeros((rows, min(max(width, _MIN_WIDTH), self.max_width)), dtype=torch.int32,
-                                  device=device)
+        self.tensor = torch.zeros((rows, min(max(width, _MIN_WIDTH), self.max_width)), dtype=torch.int32, device=device)
         self._free_rows = list(range(rows - 1, PADDING_ROW, -1))  # pop() takes the lowest first
         # seq -> (row, the slot list that was copied, how many of its slots are on the device)
         self._rows: dict[Sequence, tuple[int, list[int], int]] = {}
@@ -104,7 +103,7 @@ class DeviceSlotTable:
             new_width *= 2
         new_width = min(new_width, max(self.max_width, width))
         grown = torch.zeros((rows, new_width), dtype=torch.int32, device=self.device)
-        grown[:old_rows, :self.width] = self.tensor
+        grown[:old_rows, : self.width] = self.tensor
         self.tensor = grown
         self._free_rows = list(range(rows - 1, old_rows - 1, -1)) + self._free_rows
         self.version += 1

@@ -55,7 +55,7 @@ class StepBoard:
         """The other slots' counters: (steps begun, steps ended), slot by slot."""
         counters = _BOARD.unpack_from(self._map)
         own = 2 * self.slot
-        others = counters[:own] + counters[own + 2:]
+        others = counters[:own] + counters[own + 2 :]
         return others[0::2], others[1::2]
 
     def begin(self) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -30,8 +30,18 @@ import torch
 from services.gpu_agent.engine.model_config import ModelConfig
 
 # Parameter name endings -> the dimension split across ranks.
-_COLUMN_PARALLEL = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "q_proj.bias", "k_proj.bias", "v_proj.bias",
-                    "gate_proj.weight", "up_proj.weight", "gate_proj.bias", "up_proj.bias")
+_COLUMN_PARALLEL = (
+    "q_proj.weight",
+    "k_proj.weight",
+    "v_proj.weight",
+    "q_proj.bias",
+    "k_proj.bias",
+    "v_proj.bias",
+    "gate_proj.weight",
+    "up_proj.weight",
+    "gate_proj.bias",
+    "up_proj.bias",
+)
 _ROW_PARALLEL = ("o_proj.weight", "down_proj.weight")
 _ROW_PARALLEL_BIAS = ("o_proj.bias", "down_proj.bias")
 _VOCAB_PARALLEL = ("embed_tokens.weight", "lm_head.weight")
@@ -85,9 +95,11 @@ SINGLE = TensorParallel(0, 1)
 
 
 def check_divisible(config: ModelConfig, size: int) -> None:
-    for what, count in (("attention heads", config.num_attention_heads),
-                        ("key/value heads", config.num_key_value_heads),
-                        ("intermediate size", config.intermediate_size)):
+    for what, count in (
+        ("attention heads", config.num_attention_heads),
+        ("key/value heads", config.num_key_value_heads),
+        ("intermediate size", config.intermediate_size),
+    ):
         if count % size:
             raise TensorParallelError(f"tp_size {size} does not divide the model's {count} {what}")
 

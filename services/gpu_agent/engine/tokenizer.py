@@ -35,7 +35,9 @@ def _merge_pair(merge: str) -> tuple[str, str]:
 def _byte_to_unicode() -> dict[int, str]:
     # The byte-level BPE alphabet: printable bytes stand for themselves, the
     # rest are shifted to code points from 256 on.
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     mapping = {b: chr(b) for b in printable}
     shift = 0
     for b in range(256):
@@ -80,21 +82,29 @@ def gguf_tokenizer(spec: GGUFTokenizerSpec) -> tokenizers.Tokenizer:
     alphabet = _byte_to_unicode()
     spelled = set(alphabet.values())
     # A token written in raw text rather than in the byte alphabet is spelled in it, byte by byte.
-    vocab = {token if set(token) <= spelled else "".join(alphabet[b] for b in token.encode()): index
-             for index, token in enumerate(spec.tokens)}
+    vocab = {
+        token if set(token) <= spelled else "".join(alphabet[b] for b in token.encode()): index
+        for index, token in enumerate(spec.tokens)
+    }
     merges = [_merge_pair(m) for m in spec.merges]
     tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges))
     steps = [pre_tokenizers.Digits(individual_digits=True)] if spec.pre.single_digits else []
-    tok.pre_tokenizer = pre_tokenizers.Sequence([*steps, pre_tokenizers.Split(Regex(spec.pre.split), "isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            *steps,
+            pre_tokenizers.Split(Regex(spec.pre.split), "isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     typed = list(zip(spec.tokens, spec.token_types))
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, kind in typed if kind == CONTROL])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, kind in typed if kind == USER_DEFINED])
     if spec.add_bos_token and spec.bos_token_id is not None:
         bos = spec.tokens[spec.bos_token_id]
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
-                                                           special_tokens=[(bos, spec.bos_token_id)])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, spec.bos_token_id)]
+        )
     return tok
 
 
@@ -111,22 +121,39 @@ class Tokenizer:
             byte_fallback = True
         config_file = model_dir / "tokenizer_config.json"
         config: dict[str, Any] = json.loads(config_file.read_text()) if config_file.exists() else {}
-        self._setup(tok, _token_text(config.get("bos_token")), _token_text(config.get("eos_token")),
-                    _chat_template_source(model_dir, config), byte_fallback)
+        self._setup(
+            tok,
+            _token_text(config.get("bos_token")),
+            _token_text(config.get("eos_token")),
+            _chat_template_source(model_dir, config),
+            byte_fallback,
+        )
 
     @classmethod
     def from_gguf(cls, spec: GGUFTokenizerSpec) -> Tokenizer:
         """The tokenizer and chat template a GGUF file's metadata holds (gguf_file.py)."""
+
         def text(token_id: int | None) -> str | None:
             return spec.tokens[token_id] if token_id is not None and 0 <= token_id < len(spec.tokens) else None
 
         self = cls.__new__(cls)
-        self._setup(gguf_tokenizer(spec), text(spec.bos_token_id), text(spec.eos_token_id), spec.chat_template,
-                    byte_fallback=False)
+        self._setup(
+            gguf_tokenizer(spec),
+            text(spec.bos_token_id),
+            text(spec.eos_token_id),
+            spec.chat_template,
+            byte_fallback=False,
+        )
         return self
 
-    def _setup(self, tok: tokenizers.Tokenizer, bos_token: str | None, eos_token: str | None,
-               chat_template: str | None, byte_fallback: bool) -> None:
+    def _setup(
+        self,
+        tok: tokenizers.Tokenizer,
+        bos_token: str | None,
+        eos_token: str | None,
+        chat_template: str | None,
+        byte_fallback: bool,
+    ) -> None:
         self._tok = tok
         self.is_byte_fallback = byte_fallback
         self.bos_token = bos_token

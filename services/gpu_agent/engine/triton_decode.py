@@ -82,17 +82,37 @@ def triton_available() -> bool:
 
 @triton.jit
 def _attend_split_kernel(
-    q_ptr, k_ptr, v_ptr, slot_table_ptr, seq_lens_ptr,
-    out_ptr, part_max_ptr, part_sum_ptr, part_acc_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    slot_table_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    part_acc_ptr,
     qk_scale,  # softmax scale * log2(e)
     max_len,  # the slot table's width: a bound on every sequence's length
     tokens_per_split,
-    num_heads, group_size, head_blocks_per_group, head_dim, num_splits,
-    stride_qb, stride_qh, stride_qd,
-    stride_ks, stride_kh, stride_kd,
-    stride_vs, stride_vh, stride_vd,
-    stride_tb, stride_tn,
-    stride_ob, stride_oh, stride_od,
+    num_heads,
+    group_size,
+    head_blocks_per_group,
+    head_dim,
+    num_splits,
+    stride_qb,
+    stride_qh,
+    stride_qd,
+    stride_ks,
+    stride_kh,
+    stride_kd,
+    stride_vs,
+    stride_vh,
+    stride_vd,
+    stride_tb,
+    stride_tn,
+    stride_ob,
+    stride_oh,
+    stride_od,
     BLOCK_G: tl.constexpr,  # query heads per program (the GQA group, padded to tl.dot's minimum of 16)
     BLOCK_N: tl.constexpr,  # tokens per loop iteration
     BLOCK_D: tl.constexpr,  # head_dim padded to a power of two
@@ -122,8 +142,11 @@ def _attend_split_kernel(
 
     # Padding rows (heads past the group) and columns (dims past head_dim) load as
     # zeros: they add nothing to the dot products and are never stored.
-    q = tl.load(q_ptr + batch * stride_qb + heads[:, None] * stride_qh + dims[None, :] * stride_qd,
-                mask=head_mask[:, None] & dim_mask[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + batch * stride_qb + heads[:, None] * stride_qh + dims[None, :] * stride_qd,
+        mask=head_mask[:, None] & dim_mask[None, :],
+        other=0.0,
+    )
 
     running_max = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -140,8 +163,11 @@ def _attend_split_kernel(
 
         # Keys as [BLOCK_D, BLOCK_N], ready for q @ k. Masked lanes (tokens past
         # `end`) are not dereferenced, whatever slot the padding names.
-        keys = tl.load(k_head_ptr + slots[None, :] * stride_ks + dims[:, None] * stride_kd,
-                       mask=dim_mask[:, None] & token_mask[None, :], other=0.0)
+        keys = tl.load(
+            k_head_ptr + slots[None, :] * stride_ks + dims[:, None] * stride_kd,
+            mask=dim_mask[:, None] & token_mask[None, :],
+            other=0.0,
+        )
         scores = tl.dot(q, keys, input_precision=DOT_PRECISION) * qk_scale
         scores = tl.where(token_mask[None, :], scores, float("-inf"))
 
@@ -152,16 +178,22 @@ def _attend_split_kernel(
         probs = tl.exp2(scores - new_max[:, None])
         running_sum = running_sum * rescale + tl.sum(probs, 1)
 
-        values = tl.load(v_head_ptr + slots[:, None] * stride_vs + dims[None, :] * stride_vd,
-                         mask=token_mask[:, None] & dim_mask[None, :], other=0.0)
+        values = tl.load(
+            v_head_ptr + slots[:, None] * stride_vs + dims[None, :] * stride_vd,
+            mask=token_mask[:, None] & dim_mask[None, :],
+            other=0.0,
+        )
         acc = acc * rescale[:, None] + tl.dot(probs.to(values.dtype), values, input_precision=DOT_PRECISION)
         running_max = new_max
 
     store_mask = head_mask[:, None] & dim_mask[None, :]
     if SINGLE_SPLIT:
         out = acc / running_sum[:, None]
-        tl.store(out_ptr + batch * stride_ob + heads[:, None] * stride_oh + dims[None, :] * stride_od,
-                 out.to(out_ptr.dtype.element_ty), mask=store_mask)
+        tl.store(
+            out_ptr + batch * stride_ob + heads[:, None] * stride_oh + dims[None, :] * stride_od,
+            out.to(out_ptr.dtype.element_ty),
+            mask=store_mask,
+        )
     else:
         # Scratch is contiguous: max and sum are [batch, heads, splits], acc [batch, heads, splits, head_dim].
         partial = ((batch * num_heads + heads) * num_splits + split).to(tl.int64)
@@ -175,9 +207,19 @@ def _attend_split_kernel(
 
 @triton.jit
 def _combine_splits_kernel(
-    part_max_ptr, part_sum_ptr, part_acc_ptr, seq_lens_ptr, out_ptr,
-    max_len, tokens_per_split, num_heads, head_dim, num_splits,
-    stride_ob, stride_oh, stride_od,
+    part_max_ptr,
+    part_sum_ptr,
+    part_acc_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    max_len,
+    tokens_per_split,
+    num_heads,
+    head_dim,
+    num_splits,
+    stride_ob,
+    stride_oh,
+    stride_od,
     BLOCK_S: tl.constexpr,  # num_splits padded to a power of two
     BLOCK_D: tl.constexpr,
 ):
@@ -196,24 +238,37 @@ def _combine_splits_kernel(
     partial = ((batch * num_heads + head) * num_splits + splits).to(tl.int64)
     maxes = tl.load(part_max_ptr + partial, mask=split_mask, other=float("-inf"))
     sums = tl.load(part_sum_ptr + partial, mask=split_mask, other=0.0)
-    accs = tl.load(part_acc_ptr + partial[:, None] * head_dim + dims[None, :],
-                   mask=split_mask[:, None] & dim_mask[None, :], other=0.0)
+    accs = tl.load(
+        part_acc_ptr + partial[:, None] * head_dim + dims[None, :],
+        mask=split_mask[:, None] & dim_mask[None, :],
+        other=0.0,
+    )
 
     # Bring every split to the common max; unwritten splits weigh exp2(-inf) = 0.
     overall_max = tl.max(maxes, 0)
     weights = tl.exp2(maxes - overall_max)
     total = tl.sum(weights * sums, 0)
     out = tl.sum(accs * weights[:, None], 0) / total
-    tl.store(out_ptr + batch * stride_ob + head * stride_oh + dims * stride_od,
-             out.to(out_ptr.dtype.element_ty), mask=dim_mask)
+    tl.store(
+        out_ptr + batch * stride_ob + head * stride_oh + dims * stride_od,
+        out.to(out_ptr.dtype.element_ty),
+        mask=dim_mask,
+    )
 
 
 # ---- host side ----------------------------------------------------------------------------
 
 
-def paged_decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
-                           slot_table: torch.Tensor, seq_lens: torch.Tensor, scale: float, *,
-                           num_splits: int | None = None) -> torch.Tensor:
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    slot_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    num_splits: int | None = None,
+) -> torch.Tensor:
     """q: [B, H, D] (float16, bfloat16 or float32), one new query token per sequence.
     k_buffer, v_buffer: [S, KVH, D], q's dtype: one layer's key/value buffers of the
       KV pool; token slot s holds k_buffer[s]. Any strides (passed to the kernel).
@@ -255,29 +310,66 @@ def paged_decode_attention(q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: to
         part_acc = torch.empty((batch, num_heads, splits, head_dim), dtype=torch.float32, device=q.device)
 
     _attend_split_kernel[(batch, num_kv_heads * head_blocks_per_group, splits)](
-        q, k_buffer, v_buffer, slot_table, seq_lens,
-        out, part_max, part_sum, part_acc,
-        float(scale) * _LOG2_E, max_len, tokens_per_split,
-        num_heads, group_size, head_blocks_per_group, head_dim, splits,
-        *q.stride(), *k_buffer.stride(), *v_buffer.stride(), *slot_table.stride(), *out.stride(),
-        BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, SINGLE_SPLIT=splits == 1,
+        q,
+        k_buffer,
+        v_buffer,
+        slot_table,
+        seq_lens,
+        out,
+        part_max,
+        part_sum,
+        part_acc,
+        float(scale) * _LOG2_E,
+        max_len,
+        tokens_per_split,
+        num_heads,
+        group_size,
+        head_blocks_per_group,
+        head_dim,
+        splits,
+        *q.stride(),
+        *k_buffer.stride(),
+        *v_buffer.stride(),
+        *slot_table.stride(),
+        *out.stride(),
+        BLOCK_G=block_g,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        SINGLE_SPLIT=splits == 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=2,  # 2 stages: the next block's loads overlap this one's math
+        num_warps=num_warps,
+        num_stages=2,  # 2 stages: the next block's loads overlap this one's math
     )
     if splits > 1:
         block_s = _next_power_of_2(splits)
         _combine_splits_kernel[(batch, num_heads)](
-            part_max, part_sum, part_acc, seq_lens, out,
-            max_len, tokens_per_split, num_heads, head_dim, splits,
+            part_max,
+            part_sum,
+            part_acc,
+            seq_lens,
+            out,
+            max_len,
+            tokens_per_split,
+            num_heads,
+            head_dim,
+            splits,
             *out.stride(),
-            BLOCK_S=block_s, BLOCK_D=block_d,
+            BLOCK_S=block_s,
+            BLOCK_D=block_d,
             num_warps=8 if block_s * block_d >= 8192 else 4,
         )
     return out
 
 
-def compile_decode_variants(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                            device: torch.device, batches: list[int], widths: list[int]) -> None:
+def compile_decode_variants(
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    batches: list[int],
+    widths: list[int],
+) -> None:
     """Runs paged_decode_attention once for every (batch, slot-table width) on
     inputs that read one slot, so that Triton compiles now, at load, the
     variants those shapes select (one split or several, the combine kernel's
@@ -298,21 +390,28 @@ def _check_inputs(q, k_buffer, v_buffer, slot_table, seq_lens) -> None:
     """Shapes, dtypes and devices; nothing that needs the tensors' values (that
     would synchronize with the GPU)."""
     if q.dim() != 3 or k_buffer.dim() != 3 or v_buffer.shape != k_buffer.shape:
-        raise ValueError(f"want q [B, H, D] and k/v buffers [S, KVH, D] of one shape; got "
-                         f"{tuple(q.shape)}, {tuple(k_buffer.shape)}, {tuple(v_buffer.shape)}")
+        raise ValueError(
+            f"want q [B, H, D] and k/v buffers [S, KVH, D] of one shape; got "
+            f"{tuple(q.shape)}, {tuple(k_buffer.shape)}, {tuple(v_buffer.shape)}"
+        )
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_buffer.shape[1]
     if k_buffer.shape[2] != head_dim or num_kv_heads == 0 or num_heads % num_kv_heads:
-        raise ValueError(f"q {tuple(q.shape)} does not fit kv buffers {tuple(k_buffer.shape)}: "
-                         "head_dim must match and the query heads must be a multiple of the kv heads")
+        raise ValueError(
+            f"q {tuple(q.shape)} does not fit kv buffers {tuple(k_buffer.shape)}: "
+            "head_dim must match and the query heads must be a multiple of the kv heads"
+        )
     if not 1 <= head_dim <= _MAX_HEAD_DIM:
         raise ValueError(f"head_dim {head_dim} is not supported (at most {_MAX_HEAD_DIM})")
     if q.dtype not in _DTYPES or k_buffer.dtype != q.dtype or v_buffer.dtype != q.dtype:
-        raise ValueError(f"q, k and v must share one of float16, bfloat16, float32; got "
-                         f"{q.dtype}, {k_buffer.dtype}, {v_buffer.dtype}")
+        raise ValueError(
+            f"q, k and v must share one of float16, bfloat16, float32; got "
+            f"{q.dtype}, {k_buffer.dtype}, {v_buffer.dtype}"
+        )
     if slot_table.dim() != 2 or slot_table.shape[0] != batch or slot_table.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"slot_table must be int32 [B={batch}, max_len]; got {slot_table.dtype} "
-                         f"{tuple(slot_table.shape)}")
+        raise ValueError(
+            f"slot_table must be int32 [B={batch}, max_len]; got {slot_table.dtype} {tuple(slot_table.shape)}"
+        )
     if seq_lens.shape != (batch,) or seq_lens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"seq_lens must be int32 [B={batch}]; got {seq_lens.dtype} {tuple(seq_lens.shape)}")
     if batch and slot_table.shape[1] == 0:

@@ -30,14 +30,19 @@ log = logging.getLogger(__name__)
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 
 _DTYPES = {
-    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
 }
 
 
 def resolve_dtype(dtype: str, config: ModelConfig, device: torch.device) -> torch.dtype:
-    """"auto": the checkpoint's dtype on accelerators, float32 on the CPU
+    """ "auto": the checkpoint's dtype on accelerators, float32 on the CPU
     (CPU half-precision matmuls are slow and inexact)."""
     if dtype == "auto":
         if device.type == "cpu":
@@ -61,8 +66,9 @@ class WeightsError(RuntimeError):
     pass
 
 
-def build_empty_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.device,
-                      tp: TensorParallel = SINGLE) -> CausalLM:
+def build_empty_model(
+    config: ModelConfig, dtype: torch.dtype, device: str | torch.device, tp: TensorParallel = SINGLE
+) -> CausalLM:
     check_divisible(config, tp.size)
     with torch.device("meta"):
         model = CausalLM(config, dtype, tp)
@@ -107,7 +113,9 @@ def load_safetensors(model: CausalLM, model_dir: Path) -> None:
                     continue
                 tensor = shard_of(name, f.get_tensor(name), model.tp)
                 if tuple(tensor.shape) != tuple(param.shape):
-                    raise WeightsError(f"{path.name}: {name} has shape {tuple(tensor.shape)}, the config needs {tuple(param.shape)}")
+                    raise WeightsError(
+                        f"{path.name}: {name} has shape {tuple(tensor.shape)}, the config needs {tuple(param.shape)}"
+                    )
                 param.copy_(tensor)
                 loaded.add(name)
     _check_complete(params, loaded, f"checkpoint in {model_dir}")
@@ -132,8 +140,10 @@ def load_gguf(model: CausalLM, source: GGUFModelFile) -> None:
                 continue
             raise WeightsError(f"{source.path.name}: tensor {name} has no place in a {model.config.architecture}")
         if tuple(tensor.shape) != tuple(param.shape):
-            raise WeightsError(f"{source.path.name}: {name} has shape {tuple(tensor.shape)}, "
-                               f"the file's metadata needs {tuple(param.shape)}")
+            raise WeightsError(
+                f"{source.path.name}: {name} has shape {tuple(tensor.shape)}, "
+                f"the file's metadata needs {tuple(param.shape)}"
+            )
         param.copy_(tensor)
         loaded.add(name)
     _check_complete(params, loaded, str(source.path))
@@ -166,9 +176,16 @@ def init_dummy(model: CausalLM, seed: int) -> None:
                 bias.zero_()
 
 
-def load_model(config: ModelConfig, model_dir: Path, load_format: str, dtype: torch.dtype,
-               device: str | torch.device, seed: int, tp: TensorParallel = SINGLE,
-               gguf: GGUFModelFile | None = None) -> CausalLM:
+def load_model(
+    config: ModelConfig,
+    model_dir: Path,
+    load_format: str,
+    dtype: torch.dtype,
+    device: str | torch.device,
+    seed: int,
+    tp: TensorParallel = SINGLE,
+    gguf: GGUFModelFile | None = None,
+) -> CausalLM:
     """Weights from files are read into host memory first (the engine moves
     them on activation); random ones are made directly on `device`. gguf: the
     open file when model_dir names a GGUF file (its weights are that file's)."""

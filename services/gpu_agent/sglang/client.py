@@ -130,10 +130,11 @@ class ChunkDecoder:
             matched = finish_reason.get("matched") if isinstance(finish_reason, dict) else None
             if isinstance(matched, str) and matched:
                 if matched in text:  # all of it arrived: cut it
-                    text = text[:text.index(matched)]
+                    text = text[: text.index(matched)]
                 else:  # SGLang cut what it had not sent yet: drop the start of it that it had
-                    text = text[:len(text) - max((j for j in range(1, len(matched)) if text.endswith(matched[:j])),
-                                                 default=0)]
+                    text = text[
+                        : len(text) - max((j for j in range(1, len(matched)) if text.endswith(matched[:j])), default=0)
+                    ]
             return text
         held = max((j for s in self.stop for j in range(1, len(s)) if text.endswith(s[:j])), default=0)
         if held:
@@ -160,12 +161,12 @@ class ChunkDecoder:
             self.text += new_text
             self.token_ids += new_ids
         else:
-            new_ids = list(ids[len(self.token_ids):])
+            new_ids = list(ids[len(self.token_ids) :])
             self.token_ids = list(ids)
             if text is None:  # newer versions defer the text of intermediate chunks
                 new_text = ""
             elif text.startswith(self.text):
-                new_text, self.text = text[len(self.text):], text
+                new_text, self.text = text[len(self.text) :], text
             else:  # detokenization revised earlier text: cannot happen with SGLang's surrogate handling
                 raise StreamFormatError(f"cumulative text no longer extends what was streamed: {text[:200]!r}")
         finish = _finish_reason(meta.get("finish_reason"))
@@ -173,9 +174,13 @@ class ChunkDecoder:
         self.completion_tokens = int(meta.get("completion_tokens", len(self.token_ids)))
         if not new_text and not new_ids and finish is None:
             return None
-        return GenerationOutput(text=new_text, token_ids=new_ids, finish_reason=finish,
-                                prompt_tokens=int(meta.get("prompt_tokens", 0)),
-                                completion_tokens=self.completion_tokens)
+        return GenerationOutput(
+            text=new_text,
+            token_ids=new_ids,
+            finish_reason=finish,
+            prompt_tokens=int(meta.get("prompt_tokens", 0)),
+            completion_tokens=self.completion_tokens,
+        )
 
 
 def _finish_reason(value: Any) -> str | None:
@@ -191,8 +196,11 @@ def _finish_reason(value: Any) -> str | None:
         return kind
     if kind == "abort":
         status = reason.get("status_code")
-        raise engine_error(f"request aborted: {reason.get('message') or 'no reason given'}",
-                           int(status) if isinstance(status, int) else None, reason.get("err_type"))
+        raise engine_error(
+            f"request aborted: {reason.get('message') or 'no reason given'}",
+            int(status) if isinstance(status, int) else None,
+            reason.get("err_type"),
+        )
     raise StreamFormatError(f"unknown finish_reason type {kind!r}")
 
 
@@ -211,8 +219,13 @@ class GenerateStream:
 
 
 class SGLangClient:
-    def __init__(self, base_url: str, control_timeout_s: float = 30.0, stream_read_timeout_s: float = 600.0,
-                 connect_timeout_s: float = 5.0):
+    def __init__(
+        self,
+        base_url: str,
+        control_timeout_s: float = 30.0,
+        stream_read_timeout_s: float = 600.0,
+        connect_timeout_s: float = 5.0,
+    ):
         """control_timeout_s bounds every call but /generate streams, whose
         wait between two events is bounded by stream_read_timeout_s (a long
         prefill under load; a dead server is noticed by its exit instead)."""
@@ -220,9 +233,11 @@ class SGLangClient:
         self.control_timeout_s = control_timeout_s
         self._stream_timeout = httpx.Timeout(connect_timeout_s, read=stream_read_timeout_s)
         # No pool limit: every in-flight request holds a connection while it streams.
-        self._http = httpx.AsyncClient(base_url=base_url,
-                                       timeout=httpx.Timeout(control_timeout_s, connect=connect_timeout_s),
-                                       limits=httpx.Limits(max_connections=None, max_keepalive_connections=32))
+        self._http = httpx.AsyncClient(
+            base_url=base_url,
+            timeout=httpx.Timeout(control_timeout_s, connect=connect_timeout_s),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
+        )
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -237,8 +252,9 @@ class SGLangClient:
     @asynccontextmanager
     async def generate(self, payload: dict[str, Any]) -> AsyncIterator[GenerateStream]:
         """The open /generate stream; the response closes when the block ends."""
-        async with self._http.stream("POST", "/generate", json={**payload, "stream": True},
-                                     timeout=self._stream_timeout) as response:
+        async with self._http.stream(
+            "POST", "/generate", json={**payload, "stream": True}, timeout=self._stream_timeout
+        ) as response:
             if response.status_code != 200:
                 body = await response.aread()
                 raise _refusal(response.status_code, body)
@@ -263,8 +279,9 @@ class SGLangClient:
 
     async def version(self, timeout_s: float | None = None) -> str:
         """SGLang's version, as /v1/loads reports it."""
-        response = await self._http.get("/v1/loads", params={"include": "core"},
-                                        timeout=timeout_s or self.control_timeout_s)
+        response = await self._http.get(
+            "/v1/loads", params={"include": "core"}, timeout=timeout_s or self.control_timeout_s
+        )
         if response.status_code != 200:
             raise SGLangHTTPError("/v1/loads", response.status_code, response.text[:500])
         version = response.json().get("version")
@@ -276,8 +293,9 @@ class SGLangClient:
         """GET /v1/loads?include=core: one entry per data-parallel rank
         (num_running_reqs, num_waiting_reqs, num_used_tokens, ...) from the
         snapshot each scheduler publishes, also without --enable-metrics."""
-        response = await self._http.get("/v1/loads", params={"include": "core"},
-                                        timeout=timeout_s or self.control_timeout_s)
+        response = await self._http.get(
+            "/v1/loads", params={"include": "core"}, timeout=timeout_s or self.control_timeout_s
+        )
         if response.status_code != 200:
             raise SGLangHTTPError("/v1/loads", response.status_code, response.text[:500])
         body = response.json()

@@ -141,16 +141,27 @@ def sglang_serving_path(config: SGLangLaunchConfig, kvcached: bool) -> ServingPa
 
 
 class SGLangEngine:
-    def __init__(self, config: SGLangLaunchConfig, info: ModelInfo, process: ServerProcess, client: SGLangClient,
-                 limit: KvcachedLimit | None, options: DriverOptions, initial_limit_bytes: int):
+    def __init__(
+        self,
+        config: SGLangLaunchConfig,
+        info: ModelInfo,
+        process: ServerProcess,
+        client: SGLangClient,
+        limit: KvcachedLimit | None,
+        options: DriverOptions,
+        initial_limit_bytes: int,
+    ):
         self.config = config
         self.info = info
         self.process = process
         self.client = client
         self.options = options
         self.name = config.name
-        self.device = f"cuda:{config.gpu_ids[0]}" if len(config.gpu_ids) == 1 else \
-            "cuda:" + ",".join(str(g) for g in config.gpu_ids)
+        self.device = (
+            f"cuda:{config.gpu_ids[0]}"
+            if len(config.gpu_ids) == 1
+            else "cuda:" + ",".join(str(g) for g in config.gpu_ids)
+        )
         self.max_context = config.max_context or info.max_context
         self.weight_bytes = info.weight_bytes
         self.kv_bytes_per_token = info.kv_bytes_per_token_over(config.tp_size)
@@ -181,8 +192,9 @@ class SGLangEngine:
     # ---- start -----------------------------------------------------------------
 
     @classmethod
-    async def start(cls, config: SGLangLaunchConfig, memory_limit_bytes: int = 0,
-                    options: DriverOptions | None = None) -> SGLangEngine:
+    async def start(
+        cls, config: SGLangLaunchConfig, memory_limit_bytes: int = 0, options: DriverOptions | None = None
+    ) -> SGLangEngine:
         """Starts the server and returns once it serves. memory_limit_bytes:
         the initial KV limit (0: none, the pool's whole virtual capacity,
         until the memory coordinator sets one)."""
@@ -211,8 +223,14 @@ class SGLangEngine:
             if segment is not None:
                 segment.remove()
             raise
-        log.info("SGLang server for %s serves at %s (pid %d, GPUs %s, kvcached %s)", config.name, config.base_url,
-                 process.pid, list(config.gpu_ids), config.kvcached_ipc_name if config.kvcached else "off")
+        log.info(
+            "SGLang server for %s serves at %s (pid %d, GPUs %s, kvcached %s)",
+            config.name,
+            config.base_url,
+            process.pid,
+            list(config.gpu_ids),
+            config.kvcached_ipc_name if config.kvcached else "off",
+        )
         engine = cls(config, info, process, client, limit, options, memory_limit_bytes)
         engine.sglang_version = version
         return engine
@@ -237,8 +255,10 @@ class SGLangEngine:
     def stats(self) -> EngineStats:
         flights = list(self._flights.values())
         running = sum(1 for f in flights if f.started)
-        demand = sum(min(f.prompt_tokens + f.max_tokens, f.prompt_tokens + f.completion_tokens + DEMAND_GROWTH_TOKENS)
-                     for f in flights)
+        demand = sum(
+            min(f.prompt_tokens + f.max_tokens, f.prompt_tokens + f.completion_tokens + DEMAND_GROWTH_TOKENS)
+            for f in flights
+        )
         if self._limit is not None:
             usage = self._usage
             state = self._limit.state(usage=usage) if usage is not None else self._limit.state()
@@ -249,13 +269,19 @@ class SGLangEngine:
             metrics = self._metrics
             used = metrics.used_tokens * self.kv_bytes_per_token if metrics else 0
             free_tokens = (metrics.free_tokens or 0) if metrics else 0
-            state = MemoryLimitState(state.status, state.limit_bytes, state.effective_limit_bytes, used,
-                                     state.revision)
-        return EngineStats(running_requests=running, queued_requests=len(flights) - running, kv_used_bytes=used,
-                           memory_limit_bytes=state.limit_bytes, weight_bytes=self.weight_bytes,
-                           kv_mapped_bytes=state.mapped_bytes, kv_free_tokens=free_tokens,
-                           memory_limit_revision=state.revision, memory_limit_status=state.status,
-                           kv_demand_tokens=demand)
+            state = MemoryLimitState(state.status, state.limit_bytes, state.effective_limit_bytes, used, state.revision)
+        return EngineStats(
+            running_requests=running,
+            queued_requests=len(flights) - running,
+            kv_used_bytes=used,
+            memory_limit_bytes=state.limit_bytes,
+            weight_bytes=self.weight_bytes,
+            kv_mapped_bytes=state.mapped_bytes,
+            kv_free_tokens=free_tokens,
+            memory_limit_revision=state.revision,
+            memory_limit_status=state.status,
+            kv_demand_tokens=demand,
+        )
 
     def sglang_metrics(self) -> SGLangMetrics | None:
         """The latest /metrics summary (None before the first scrape)."""
@@ -290,8 +316,10 @@ class SGLangEngine:
     def count_prompt_tokens(self, req: GenerationRequest) -> int:
         n = len(self._tokenize(req))
         if self.max_context and n >= self.max_context:
-            raise InvalidRequestError(f"the prompt has {n} tokens; {self.name!r} takes at most "
-                                      f"{self.max_context - 1} so that one can be generated")
+            raise InvalidRequestError(
+                f"the prompt has {n} tokens; {self.name!r} takes at most "
+                f"{self.max_context - 1} so that one can be generated"
+            )
         return n
 
     def _raise_if_unavailable(self) -> None:
@@ -303,8 +331,12 @@ class SGLangEngine:
             raise EngineInactiveError(f"model {self.name!r} is deactivated")
 
     def _payload(self, req: GenerationRequest, ids: list[int], rid: str, max_tokens: int) -> dict[str, Any]:
-        sampling: dict[str, Any] = {"max_new_tokens": max_tokens, "temperature": req.temperature,
-                                    "top_p": req.top_p, "ignore_eos": req.ignore_eos}
+        sampling: dict[str, Any] = {
+            "max_new_tokens": max_tokens,
+            "temperature": req.temperature,
+            "top_p": req.top_p,
+            "ignore_eos": req.ignore_eos,
+        }
         if req.stop:
             sampling["stop"] = list(req.stop)
         if req.seed is not None and self.options.send_sampling_seed:
@@ -312,9 +344,11 @@ class SGLangEngine:
                 sampling["sampling_seed"] = req.seed
             elif not self._seed_warned:
                 self._seed_warned = True
-                log.warning("%s: SGLang ignores per-request seeds unless started with deterministic inference "
-                            "(SGLangLaunchConfig.deterministic_inference); seeded requests are sampled unseeded",
-                            self.name)
+                log.warning(
+                    "%s: SGLang ignores per-request seeds unless started with deterministic inference "
+                    "(SGLangLaunchConfig.deterministic_inference); seeded requests are sampled unseeded",
+                    self.name,
+                )
         return {"rid": rid, "input_ids": ids, "sampling_params": sampling}
 
     async def generate(self, req: GenerationRequest) -> AsyncIterator[GenerationOutput]:
@@ -325,8 +359,9 @@ class SGLangEngine:
         if not ids:
             raise InvalidRequestError("the prompt encodes to no tokens")
         if self.max_context and len(ids) >= self.max_context:
-            raise InvalidRequestError(f"the prompt has {len(ids)} tokens; {self.name!r} takes at most "
-                                      f"{self.max_context - 1}")
+            raise InvalidRequestError(
+                f"the prompt has {len(ids)} tokens; {self.name!r} takes at most {self.max_context - 1}"
+            )
         room = self.max_context - len(ids) if self.max_context else None
         if req.max_tokens is not None and req.max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be at least 1, got {req.max_tokens}")
@@ -356,7 +391,8 @@ class SGLangEngine:
                         break
             if not finished:  # the body ended early: a dying server's closed connection looks the same
                 raise flight.failure or await self._transport_error(
-                    EngineError("the stream ended without a finish reason"), rid)
+                    EngineError("the stream ended without a finish reason"), rid
+                )
         except EngineError as exc:
             raise flight.failure or exc from None
         except (httpx.HTTPError, httpx.StreamError) as exc:
@@ -378,8 +414,7 @@ class SGLangEngine:
             await self._server_exited()
             if self._lost is not None:
                 return self._lost
-        return EngineError(f"request {rid} to the SGLang server of {self.name!r} failed: "
-                           f"{type(exc).__name__}: {exc}")
+        return EngineError(f"request {rid} to the SGLang server of {self.name!r} failed: {type(exc).__name__}: {exc}")
 
     async def _abort(self, rid: str) -> None:
         try:
@@ -417,8 +452,10 @@ class SGLangEngine:
         if self._limit is None:
             if nbytes < 0:
                 raise InvalidRequestError(f"the memory limit must be non-negative, got {nbytes}")
-            raise EngineError(f"engine {self.name!r} runs SGLang without kvcached: its KV pool is fixed at start "
-                              "(--mem-fraction-static) and cannot follow a memory limit")
+            raise EngineError(
+                f"engine {self.name!r} runs SGLang without kvcached: its KV pool is fixed at start "
+                "(--mem-fraction-static) and cannot follow a memory limit"
+            )
         state = await asyncio.to_thread(self._limit.set, nbytes, revision)
         self._usage = await asyncio.to_thread(self._limit.usage)
         return state
@@ -436,8 +473,9 @@ class SGLangEngine:
             try:
                 await asyncio.wait_for(self._release_when_idle(), self.options.memory_call_timeout_s)
             except TimeoutError:
-                raise EngineError(f"SGLang did not release the memory of {self.name!r} within "
-                                  f"{self.options.memory_call_timeout_s:g}s") from None
+                raise EngineError(
+                    f"SGLang did not release the memory of {self.name!r} within {self.options.memory_call_timeout_s:g}s"
+                ) from None
             self.last_deactivate_s = time.perf_counter() - start
             log.info("deactivated %s (SGLang released its memory in %.3fs)", self.name, self.last_deactivate_s)
 
@@ -470,15 +508,18 @@ class SGLangEngine:
             try:
                 loads = await self.client.loads()
             except SGLangHTTPError as exc:  # no /v1/loads: settle instead
-                log.warning("SGLang /v1/loads of %s answered %s; waiting %.1fs for the aborts to land",
-                            self.name, exc.status, NO_LOADS_SETTLE_S)
+                log.warning(
+                    "SGLang /v1/loads of %s answered %s; waiting %.1fs for the aborts to land",
+                    self.name,
+                    exc.status,
+                    NO_LOADS_SETTLE_S,
+                )
                 await asyncio.sleep(NO_LOADS_SETTLE_S)
                 return
             if not loads:
                 await asyncio.sleep(NO_LOADS_SETTLE_S)
                 return
-            busy = any(int(load.get("num_running_reqs", 0)) or int(load.get("num_waiting_reqs", 0))
-                       for load in loads)
+            busy = any(int(load.get("num_running_reqs", 0)) or int(load.get("num_waiting_reqs", 0)) for load in loads)
             idle_reads = 0 if busy else idle_reads + 1
             await asyncio.sleep(IDLE_POLL_S)
 
@@ -493,16 +534,22 @@ class SGLangEngine:
             try:
                 await asyncio.wait_for(self.client.resume_memory(tags), self.options.memory_call_timeout_s)
             except TimeoutError:
-                raise EngineError(f"SGLang did not resume the memory of {self.name!r} within "
-                                  f"{self.options.memory_call_timeout_s:g}s") from None
+                raise EngineError(
+                    f"SGLang did not resume the memory of {self.name!r} within {self.options.memory_call_timeout_s:g}s"
+                ) from None
             resumed = time.perf_counter()
             await self._one_token_after_resume()
             self._active = True
             # SGLang does not split a resume into allocation and copy: copy_s is the whole call.
             timing = ActivationTiming(self.weight_bytes, 0.0, resumed - start, time.perf_counter() - resumed)
             self.last_activation = timing
-            log.info("activated %s in %.3fs (resume %.3fs, first token %.3fs)", self.name, timing.total_s,
-                     timing.copy_s, timing.ready_s)
+            log.info(
+                "activated %s in %.3fs (resume %.3fs, first token %.3fs)",
+                self.name,
+                timing.total_s,
+                timing.copy_s,
+                timing.ready_s,
+            )
             return timing
 
     async def _one_token_after_resume(self) -> None:
@@ -527,11 +574,14 @@ class SGLangEngine:
         try:
             await asyncio.wait_for(first_token(), self.options.health_timeout_s)
         except TimeoutError:
-            raise EngineError(f"the SGLang server of {self.name!r} generated no token within "
-                              f"{self.options.health_timeout_s:g}s of resuming its memory") from None
+            raise EngineError(
+                f"the SGLang server of {self.name!r} generated no token within "
+                f"{self.options.health_timeout_s:g}s of resuming its memory"
+            ) from None
         except (EngineError, httpx.HTTPError) as exc:
-            raise EngineError(f"the SGLang server of {self.name!r} failed a one-token request after resuming "
-                              f"its memory: {exc}") from None
+            raise EngineError(
+                f"the SGLang server of {self.name!r} failed a one-token request after resuming its memory: {exc}"
+            ) from None
 
     def _raise_if_gone(self) -> None:
         if self._lost is not None:
@@ -550,7 +600,8 @@ class SGLangEngine:
             return
         self._lost = WorkerLostError(
             f"the SGLang server of {self.name!r} (pid {self.pid}) {self.process.exit_description()}; its log "
-            f"({self.process.log_path}) ends:\n{self.process.log_tail(LOG_TAIL_LINES)}")
+            f"({self.process.log_path}) ends:\n{self.process.log_tail(LOG_TAIL_LINES)}"
+        )
         log.error("%s", self._lost)
         self._refresher.cancel()
         await self._end_flights(self._lost, abort_on_server=False)
@@ -581,21 +632,24 @@ class SGLangEngine:
         log.info("stopped the SGLang server of %s (pid %d, %s)", self.name, self.pid, self.process.exit_description())
 
 
-async def _wait_healthy(process: ServerProcess, client: SGLangClient, config: SGLangLaunchConfig,
-                        options: DriverOptions) -> None:
+async def _wait_healthy(
+    process: ServerProcess, client: SGLangClient, config: SGLangLaunchConfig, options: DriverOptions
+) -> None:
     deadline = time.monotonic() + options.start_timeout_s
     while True:
         if not process.alive:
             raise SGLangStartError(
                 f"the SGLang server for {config.name!r} ({process.exit_description()}) exited during start-up; its "
-                f"log ({process.log_path}) ends:\n{process.log_tail(LOG_TAIL_LINES)}")
+                f"log ({process.log_path}) ends:\n{process.log_tail(LOG_TAIL_LINES)}"
+            )
         if await client.health(max(1.0, min(options.health_timeout_s, deadline - time.monotonic()))):
             return
         if time.monotonic() >= deadline:
             raise SGLangStartError(
                 f"the SGLang server for {config.name!r} (pid {process.pid}) did not become healthy within "
                 f"{options.start_timeout_s:g}s at {config.base_url}/health; it was stopped. Its log "
-                f"({process.log_path}) ends:\n{process.log_tail(LOG_TAIL_LINES)}")
+                f"({process.log_path}) ends:\n{process.log_tail(LOG_TAIL_LINES)}"
+            )
         await process.wait_exit(options.health_poll_s)
 
 
@@ -608,23 +662,30 @@ async def _server_version(client: SGLangClient, config: SGLangLaunchConfig) -> s
         log.warning("the SGLang server for %s does not say its version (%s)", config.name, exc)
         return None
     if version not in SGLANG_VERIFIED:
-        log.warning("the SGLang server for %s is version %s; the driver was verified with %s",
-                    config.name, version, ", ".join(SGLANG_VERIFIED))
+        log.warning(
+            "the SGLang server for %s is version %s; the driver was verified with %s",
+            config.name,
+            version,
+            ", ".join(SGLANG_VERIFIED),
+        )
     return version
 
 
-async def _attach_limit(process: ServerProcess, limit: KvcachedLimit, initial_bytes: int,
-                        config: SGLangLaunchConfig, options: DriverOptions) -> None:
+async def _attach_limit(
+    process: ServerProcess, limit: KvcachedLimit, initial_bytes: int, config: SGLangLaunchConfig, options: DriverOptions
+) -> None:
     deadline = time.monotonic() + options.segment_timeout_s
     while await asyncio.to_thread(limit.attach, initial_bytes) is None:
         if not process.alive:
-            raise SGLangStartError(f"the SGLang server for {config.name!r} exited ({process.exit_description()}) "
-                                   f"before kvcached started; its log ends:\n{process.log_tail(LOG_TAIL_LINES)}")
+            raise SGLangStartError(
+                f"the SGLang server for {config.name!r} exited ({process.exit_description()}) "
+                f"before kvcached started; its log ends:\n{process.log_tail(LOG_TAIL_LINES)}"
+            )
         if time.monotonic() >= deadline:
             raise SGLangStartError(
                 f"the SGLang server for {config.name!r} is healthy but kvcached's segment {limit.segment.path} did "
                 f"not appear within {options.segment_timeout_s:g}s: kvcached is not active in the server (is it "
                 f"installed in the server's Python, {config.python}, and does it support this SGLang version?). "
-                f"Its log ends:\n{process.log_tail(LOG_TAIL_LINES)}")
+                f"Its log ends:\n{process.log_tail(LOG_TAIL_LINES)}"
+            )
         await asyncio.sleep(0.1)
-

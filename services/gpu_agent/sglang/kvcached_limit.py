@@ -100,8 +100,9 @@ class KvcachedSegment:
             try:
                 data = f.read(_FIELDS.size)
                 if len(data) < _FIELDS.size:
-                    raise KvcachedSegmentError(f"kvcached segment {self.path} holds {len(data)} bytes, "
-                                               f"not {_FIELDS.size}")
+                    raise KvcachedSegmentError(
+                        f"kvcached segment {self.path} holds {len(data)} bytes, not {_FIELDS.size}"
+                    )
                 _, used, prealloc = _FIELDS.unpack(data)
                 f.seek(0)
                 f.write(struct.pack("=q", int(limit_bytes)))
@@ -122,8 +123,13 @@ class KvcachedSegment:
 class KvcachedLimit:
     """The engine's KV limit with revisions, applied through the segment."""
 
-    def __init__(self, segment: KvcachedSegment, bundle_bytes_per_rank: int, tp_size: int = 1,
-                 page_bytes: int = KVCACHED_PAGE_BYTES):
+    def __init__(
+        self,
+        segment: KvcachedSegment,
+        bundle_bytes_per_rank: int,
+        tp_size: int = 1,
+        page_bytes: int = KVCACHED_PAGE_BYTES,
+    ):
         """bundle_bytes_per_rank: one kvcached page of every layer's K and V
         buffer on one rank (page_bytes x layers x 2)."""
         if bundle_bytes_per_rank < 1 or tp_size < 1 or page_bytes < 1 or bundle_bytes_per_rank % page_bytes:
@@ -184,8 +190,9 @@ class KvcachedLimit:
         self._write(effective)
         self._limit, self._effective, self._revision = int(limit_bytes), effective, rev
         state = self.state()
-        log.info("kvcached %s: limit %.1f MB (revision %d): %s", self.segment.ipc_name, limit_bytes / 1e6, rev,
-                 state.status)
+        log.info(
+            "kvcached %s: limit %.1f MB (revision %d): %s", self.segment.ipc_name, limit_bytes / 1e6, rev, state.status
+        )
         return state
 
     def usage(self) -> KvcachedUsage | None:
@@ -193,8 +200,9 @@ class KvcachedLimit:
         usage = self.segment.read()
         if usage is None:
             return None
-        return KvcachedUsage(usage.limit_bytes * self.tp_size, usage.used_bytes * self.tp_size,
-                             usage.prealloc_bytes * self.tp_size)
+        return KvcachedUsage(
+            usage.limit_bytes * self.tp_size, usage.used_bytes * self.tp_size, usage.prealloc_bytes * self.tp_size
+        )
 
     def state(self, status: str | None = None, usage: KvcachedUsage | None = None) -> MemoryLimitState:
         usage = usage or self.usage()

@@ -97,8 +97,10 @@ class SGLangLaunchConfig:
         if self.mem_fraction_static is not None and not 0 < self.mem_fraction_static <= 1:
             raise ValueError(f"mem_fraction_static must be in (0, 1], got {self.mem_fraction_static}")
         if self.ipc_name and (_IPC_UNSAFE.search(self.ipc_name) or len(self.ipc_name) > KVCACHED_IPC_NAME_MAX):
-            raise ValueError(f"kvcached IPC name {self.ipc_name!r} must be at most {KVCACHED_IPC_NAME_MAX} characters "
-                             "of A-Z a-z 0-9 _ - (kvcached would silently use another name)")
+            raise ValueError(
+                f"kvcached IPC name {self.ipc_name!r} must be at most {KVCACHED_IPC_NAME_MAX} characters "
+                "of A-Z a-z 0-9 _ - (kvcached would silently use another name)"
+            )
 
     @property
     def kvcached_ipc_name(self) -> str:
@@ -107,7 +109,7 @@ class SGLangLaunchConfig:
         if not self.port:
             raise ValueError("the IPC name is derived from the port: resolve the port first")
         suffix = f"_{self.port}"
-        return "prism_" + _IPC_UNSAFE.sub("-", self.name)[:KVCACHED_IPC_NAME_MAX - 6 - len(suffix)] + suffix
+        return "prism_" + _IPC_UNSAFE.sub("-", self.name)[: KVCACHED_IPC_NAME_MAX - 6 - len(suffix)] + suffix
 
     @property
     def base_url(self) -> str:
@@ -130,14 +132,22 @@ def build_command(config: SGLangLaunchConfig) -> list[str]:
         raise ValueError("resolve the port before building the command")
     prefix = list(config.launch_command) if config.launch_command else [config.python, "-m", LAUNCH_MODULE]
     args = [
-        "--model-path", config.model_path,
-        "--served-model-name", config.name,
-        "--host", config.host,
-        "--port", str(config.port),
-        "--tp-size", str(config.tp_size),
-        "--load-format", config.load_format,
-        "--dtype", sglang_dtype(config.dtype),
-        "--random-seed", str(config.seed),
+        "--model-path",
+        config.model_path,
+        "--served-model-name",
+        config.name,
+        "--host",
+        config.host,
+        "--port",
+        str(config.port),
+        "--tp-size",
+        str(config.tp_size),
+        "--load-format",
+        config.load_format,
+        "--dtype",
+        sglang_dtype(config.dtype),
+        "--random-seed",
+        str(config.seed),
     ]
     if config.max_context:
         args += ["--context-length", str(config.max_context)]

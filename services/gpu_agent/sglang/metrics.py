@@ -70,7 +70,7 @@ def _parse_line(line: str) -> Sample:
             i = j + 1
             while line[i] in ", ":
                 i += 1
-        rest = line[i + 1:].split()
+        rest = line[i + 1 :].split()
     else:
         name, *rest = line.split()
     if not name or not rest:
@@ -97,8 +97,12 @@ class SGLangMetrics:
 
 def summarize(samples: list[Sample]) -> SGLangMetrics:
     def counted(s: Sample) -> bool:
-        return (s.labels.get("tp_rank", "0") == "0" and s.labels.get("pp_rank", "0") == "0"
-                and s.labels.get("priority", "") == "" and not math.isnan(s.value))
+        return (
+            s.labels.get("tp_rank", "0") == "0"
+            and s.labels.get("pp_rank", "0") == "0"
+            and s.labels.get("priority", "") == ""
+            and not math.isnan(s.value)
+        )
 
     def total(name: str) -> float | None:
         values = [s.value for s in samples if s.name == name and counted(s)]

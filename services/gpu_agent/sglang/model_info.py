@@ -26,10 +26,14 @@ from pathlib import Path
 from services.common.model_size import estimate_weight_bytes
 
 # dtype names in config.json and SGLang's --dtype -> bytes per element.
-_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "half": 2, "float32": 4, "float": 4, "float8_e4m3fn": 1,
-                "float8_e5m2": 1}
-_CONTEXT_LENGTH_KEYS = ("max_sequence_length", "seq_length", "max_seq_len", "model_max_length",
-                        "max_position_embeddings")
+_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "half": 2, "float32": 4, "float": 4, "float8_e4m3fn": 1, "float8_e5m2": 1}
+_CONTEXT_LENGTH_KEYS = (
+    "max_sequence_length",
+    "seq_length",
+    "max_seq_len",
+    "model_max_length",
+    "max_position_embeddings",
+)
 _ROPE_TYPES_WITH_ORIGINAL = ("llama3", "yarn", "longrope")  # factor not applied (see above)
 DEFAULT_CONTEXT = 2048
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -84,7 +88,9 @@ def read_model_info(model_dir: str | Path, dtype: str = "auto", load_format: str
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelInfoError(f"{path} lacks the attention geometry ({exc})") from None
     if text.get("kv_lora_rank"):
-        raise ModelInfoError(f"{path}: an MLA model (kv_lora_rank); the SGLang driver sizes separate K and V heads only")
+        raise ModelInfoError(
+            f"{path}: an MLA model (kv_lora_rank); the SGLang driver sizes separate K and V heads only"
+        )
     if min(layers, heads, kv_heads, head_dim) < 1:
         raise ModelInfoError(f"{path}: layers, heads, KV heads and head_dim must be positive")
     name = runtime_dtype(raw, text) if dtype == "auto" else dtype
@@ -98,19 +104,22 @@ def read_model_info(model_dir: str | Path, dtype: str = "auto", load_format: str
 
 def runtime_dtype(raw: dict, text: dict) -> str:
     """The dtype SGLang runs a checkpoint in under --dtype auto."""
-    name = str(text.get("dtype") or text.get("torch_dtype") or raw.get("dtype") or raw.get("torch_dtype")
-               or "float32")
+    name = str(text.get("dtype") or text.get("torch_dtype") or raw.get("dtype") or raw.get("torch_dtype") or "float32")
     if name in ("float32", "float"):
-        return "bfloat16" if str(text.get("model_type") or raw.get("model_type") or "").startswith("gemma") \
-            else "float16"
+        return (
+            "bfloat16" if str(text.get("model_type") or raw.get("model_type") or "").startswith("gemma") else "float16"
+        )
     return name
 
 
 def context_length(text: dict) -> int:
     rope = text.get("rope_scaling") or text.get("rope_parameters")
     factor = 1.0
-    if isinstance(rope, dict) and "original_max_position_embeddings" not in rope \
-            and (rope.get("rope_type") or rope.get("type")) not in _ROPE_TYPES_WITH_ORIGINAL:
+    if (
+        isinstance(rope, dict)
+        and "original_max_position_embeddings" not in rope
+        and (rope.get("rope_type") or rope.get("type")) not in _ROPE_TYPES_WITH_ORIGINAL
+    ):
         factor = float(rope.get("factor", 1))
     for key in _CONTEXT_LENGTH_KEYS:
         if text.get(key) is not None:

@@ -31,16 +31,23 @@ class ServerProcess:
         self._waiter = asyncio.create_task(self._wait(), name=f"sglang-exit-{proc.pid}")
 
     @classmethod
-    async def start(cls, argv: Sequence[str], env: Mapping[str, str], log_path: Path,
-                    cwd: str | None = None) -> ServerProcess:
+    async def start(
+        cls, argv: Sequence[str], env: Mapping[str, str], log_path: Path, cwd: str | None = None
+    ) -> ServerProcess:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log_file:  # the child keeps its own descriptor
             log_file.write(f"---- prism: starting {' '.join(argv)}\n".encode())
             log_file.flush()
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    *argv, env=dict(env), cwd=cwd, stdin=subprocess.DEVNULL, stdout=log_file,
-                    stderr=subprocess.STDOUT, start_new_session=True)
+                    *argv,
+                    env=dict(env),
+                    cwd=cwd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
             except OSError as exc:
                 raise OSError(f"cannot start {argv[0]!r}: {exc}") from exc
         log.info("started SGLang server pid %d: %s (log %s)", proc.pid, " ".join(argv), log_path)
@@ -116,8 +123,11 @@ class ServerProcess:
             while self.group_alive() and time.monotonic() < deadline:
                 await asyncio.sleep(_GROUP_POLL_S)
             if self.alive or self.group_alive():
-                log.warning("SGLang server pid %d did not end within %.0fs of SIGTERM; killing its process group",
-                            self.pid, timeout_s)
+                log.warning(
+                    "SGLang server pid %d did not end within %.0fs of SIGTERM; killing its process group",
+                    self.pid,
+                    timeout_s,
+                )
                 self.kill()
         await self.wait_exit(timeout_s)
         deadline = time.monotonic() + timeout_s

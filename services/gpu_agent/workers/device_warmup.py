@@ -47,9 +47,13 @@ def warm_up(device: str) -> WarmupReport:
     else:
         _step(report, "cpu_matmul", lambda: _matmuls(dev, (torch.float32,)))
     report.seconds = time.perf_counter() - start
-    log.info("device %s warm in %.2fs (%s)%s", device, report.seconds,
-             ", ".join(f"{k} {v:.2f}s" for k, v in report.steps.items()),
-             "".join(f"; skipped {k}: {v}" for k, v in report.skipped.items()))
+    log.info(
+        "device %s warm in %.2fs (%s)%s",
+        device,
+        report.seconds,
+        ", ".join(f"{k} {v:.2f}s" for k, v in report.steps.items()),
+        "".join(f"; skipped {k}: {v}" for k, v in report.skipped.items()),
+    )
     return report
 
 
@@ -113,6 +117,6 @@ def _triton_decode(dev: torch.device) -> str | None:
         table = torch.arange(slots, device=dev, dtype=torch.int32).view(batch, max_len)
         lens = torch.full((batch,), max_len, device=dev, dtype=torch.int32)
         for splits in (1, 4):  # one split writes directly; several add the combine kernel
-            paged_decode_attention(q, k, v, table, lens, _WARMUP_HEAD_DIM ** -0.5, num_splits=splits)
+            paged_decode_attention(q, k, v, table, lens, _WARMUP_HEAD_DIM**-0.5, num_splits=splits)
     torch.cuda.synchronize(dev)
     return None

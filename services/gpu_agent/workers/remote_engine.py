@@ -53,8 +53,15 @@ OnLost = Callable[[WorkerLostError], Awaitable[None]]
 
 
 class RemoteEngine:
-    def __init__(self, worker: WorkerProcess, name: str, loaded: wpb.LoadReply, stats: wpb.EngineStatsReply,
-                 unresponsive_after_s: float = UNRESPONSIVE_AFTER_S, model_path: str = ""):
+    def __init__(
+        self,
+        worker: WorkerProcess,
+        name: str,
+        loaded: wpb.LoadReply,
+        stats: wpb.EngineStatsReply,
+        unresponsive_after_s: float = UNRESPONSIVE_AFTER_S,
+        model_path: str = "",
+    ):
         self.worker = worker
         self.name = name
         self.device = loaded.device
@@ -85,47 +92,87 @@ class RemoteEngine:
         self._refresher = asyncio.create_task(self._refresh_forever(), name=f"stats-{name}")
 
     @classmethod
-    async def load(cls, worker: WorkerProcess, path: str, *, name: str, load_format: str = "auto",
-                   dtype: str = "auto", seed: int = 0, memory_limit_bytes: int = 0,
-                   kv_capacity_bytes: int = 0, shared_weights_path: str = "", max_context: int = 0,
-                   unresponsive_after_s: float = UNRESPONSIVE_AFTER_S,
-                   tensor_parallel: wpb.TensorParallelSpec | None = None,
-                   step_board: tuple[str, int] | None = None, prefix_caching: bool = True) -> RemoteEngine:
+    async def load(
+        cls,
+        worker: WorkerProcess,
+        path: str,
+        *,
+        name: str,
+        load_format: str = "auto",
+        dtype: str = "auto",
+        seed: int = 0,
+        memory_limit_bytes: int = 0,
+        kv_capacity_bytes: int = 0,
+        shared_weights_path: str = "",
+        max_context: int = 0,
+        unresponsive_after_s: float = UNRESPONSIVE_AFTER_S,
+        tensor_parallel: wpb.TensorParallelSpec | None = None,
+        step_board: tuple[str, int] | None = None,
+        prefix_caching: bool = True,
+    ) -> RemoteEngine:
         """Loads the model into the (model-less) worker. On failure the worker is
         left as it is: the caller ends it. shared_weights_path: see EngineLoadSpec.
         tensor_parallel: this worker is rank 0 of a split model; its other ranks'
         workers load at the same time (load_shard_follower). step_board: (path, slot), see EngineLoadSpec."""
-        spec = wpb.EngineLoadSpec(path=str(path), name=name, load_format=load_format, dtype=dtype, seed=seed,
-                                  memory_limit_bytes=memory_limit_bytes or 0, kv_capacity_bytes=kv_capacity_bytes or 0,
-                                  shared_weights_path=shared_weights_path, max_context=max_context or 0,
-                                  tensor_parallel=tensor_parallel,
-                                  step_board_path=step_board[0] if step_board else "",
-                                  step_board_slot=step_board[1] if step_board else 0,
-                                  no_prefix_caching=not prefix_caching)
+        spec = wpb.EngineLoadSpec(
+            path=str(path),
+            name=name,
+            load_format=load_format,
+            dtype=dtype,
+            seed=seed,
+            memory_limit_bytes=memory_limit_bytes or 0,
+            kv_capacity_bytes=kv_capacity_bytes or 0,
+            shared_weights_path=shared_weights_path,
+            max_context=max_context or 0,
+            tensor_parallel=tensor_parallel,
+            step_board_path=step_board[0] if step_board else "",
+            step_board_slot=step_board[1] if step_board else 0,
+            no_prefix_caching=not prefix_caching,
+        )
         try:
             loaded = await worker.stub.Load(spec, timeout=LOAD_TIMEOUT_S)
             stats = await worker.stub.Stats(wpb.EngineStatsRequest(), timeout=CONTROL_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
             raise await _load_error(worker, name, exc) from None
-        log.info("loaded %s into engine worker %d on %s in %.2fs%s", name, worker.pid, loaded.device, loaded.load_s,
-                 " (weights mapped from the shared host copy)" if loaded.weights_attached else "")
+        log.info(
+            "loaded %s into engine worker %d on %s in %.2fs%s",
+            name,
+            worker.pid,
+            loaded.device,
+            loaded.load_s,
+            " (weights mapped from the shared host copy)" if loaded.weights_attached else "",
+        )
         return cls(worker, name, loaded, stats, unresponsive_after_s, model_path=str(path))
 
     @staticmethod
-    async def load_shard_follower(worker: WorkerProcess, path: str, *, name: str,
-                                  tensor_parallel: wpb.TensorParallelSpec, load_format: str = "auto",
-                                  dtype: str = "auto", seed: int = 0) -> wpb.LoadReply:
+    async def load_shard_follower(
+        worker: WorkerProcess,
+        path: str,
+        *,
+        name: str,
+        tensor_parallel: wpb.TensorParallelSpec,
+        load_format: str = "auto",
+        dtype: str = "auto",
+        seed: int = 0,
+    ) -> wpb.LoadReply:
         """Loads rank tensor_parallel.rank (1 or more) of a split model into the
         worker, which then follows rank 0's engine until it stops (shard_follower.py);
         rank 0's worker must load at the same time (load)."""
-        spec = wpb.EngineLoadSpec(path=str(path), name=name, load_format=load_format, dtype=dtype, seed=seed,
-                                  tensor_parallel=tensor_parallel)
+        spec = wpb.EngineLoadSpec(
+            path=str(path), name=name, load_format=load_format, dtype=dtype, seed=seed, tensor_parallel=tensor_parallel
+        )
         try:
             loaded = await worker.stub.Load(spec, timeout=LOAD_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
             raise await _load_error(worker, name, exc) from None
-        log.info("loaded rank %d of %s into engine worker %d on %s in %.2fs", tensor_parallel.rank, name, worker.pid,
-                 loaded.device, loaded.load_s)
+        log.info(
+            "loaded rank %d of %s into engine worker %d on %s in %.2fs",
+            tensor_parallel.rank,
+            name,
+            worker.pid,
+            loaded.device,
+            loaded.load_s,
+        )
         return loaded
 
     # ---- state -----------------------------------------------------------------
@@ -162,8 +209,9 @@ class RemoteEngine:
         # the latest request issued wins.
         self._stats_requests += 1
         ticket = self._stats_requests
-        reply = await self._control(self._stub.Stats, wpb.EngineStatsRequest(),
-                                    timeout=min(CONTROL_TIMEOUT_S, self._unresponsive_after_s))
+        reply = await self._control(
+            self._stub.Stats, wpb.EngineStatsRequest(), timeout=min(CONTROL_TIMEOUT_S, self._unresponsive_after_s)
+        )
         self._last_answer = time.monotonic()
         if ticket > self._stats_applied:
             self._stats_applied = ticket
@@ -180,8 +228,9 @@ class RemoteEngine:
                     log.warning("stats of %s from engine worker %d: %s", self.name, self.pid, exc)
             silent_s = time.monotonic() - self._last_answer
             if silent_s > self._unresponsive_after_s and self._lost is None and not self._stopping:
-                log.error("engine worker %d for %r has not answered for %.0fs; killing it", self.pid, self.name,
-                          silent_s)
+                log.error(
+                    "engine worker %d for %r has not answered for %.0fs; killing it", self.pid, self.name, silent_s
+                )
                 self._killed_as_hung = True
                 self.worker.kill()  # the exit watcher then fails its requests (_worker_exited)
                 return
@@ -236,8 +285,11 @@ class RemoteEngine:
                 await self._stub.Shutdown(wpb.ShutdownRequest(), timeout=timeout_s)
                 await asyncio.wait_for(self.worker.exited.wait(), timeout_s)
             except (grpc.aio.AioRpcError, TimeoutError) as exc:
-                log.warning("engine worker %d did not shut down cleanly (%s); terminating it", self.pid,
-                            exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "timeout")
+                log.warning(
+                    "engine worker %d did not shut down cleanly (%s); terminating it",
+                    self.pid,
+                    exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "timeout",
+                )
         await self.worker.terminate(timeout_s)
         # Their follower threads ended with the engine. All at once: on 4 H200s each follower of a
         # 70B config took about 3 s to exit, and ended one after another, the last GPU got its
@@ -256,8 +308,13 @@ class RemoteEngine:
         if self._stopping or self._lost is not None:
             return
         self._follower_died = worker
-        log.error("engine worker %d, a tensor-parallel rank of %r, died (%s): ending rank 0's worker %d", worker.pid,
-                  self.name, worker.exit_description(), self.pid)
+        log.error(
+            "engine worker %d, a tensor-parallel rank of %r, died (%s): ending rank 0's worker %d",
+            worker.pid,
+            self.name,
+            worker.exit_description(),
+            self.pid,
+        )
         await self.worker.terminate()
 
     # ---- failures --------------------------------------------------------------
@@ -287,8 +344,9 @@ class RemoteEngine:
                 await self._worker_exited(self.worker)  # the exit watcher may not have run yet
             if self._lost is not None:
                 return self._lost
-            return WorkerLostError(f"engine worker {self.pid} for {self.name!r} is unreachable: "
-                                   f"{code.name}: {exc.details()}")
+            return WorkerLostError(
+                f"engine worker {self.pid} for {self.name!r} is unreachable: {code.name}: {exc.details()}"
+            )
         return EngineError(f"engine worker {self.pid} for {self.name!r}: {code.name}: {exc.details()}")
 
     async def _worker_exited(self, worker: WorkerProcess) -> None:
@@ -296,15 +354,23 @@ class RemoteEngine:
             return
         why = "unresponsive, so killed" if self._killed_as_hung else "died"
         if self._follower_died is not None:
-            why = (f"ended: worker {self._follower_died.pid} of another tensor-parallel rank died "
-                   f"({self._follower_died.exit_description()})")
-        self._lost = WorkerLostError(f"engine worker {worker.pid} for {self.name!r} on {worker.device} {why} "
-                                     f"({worker.exit_description()})")
+            why = (
+                f"ended: worker {self._follower_died.pid} of another tensor-parallel rank died "
+                f"({self._follower_died.exit_description()})"
+            )
+        self._lost = WorkerLostError(
+            f"engine worker {worker.pid} for {self.name!r} on {worker.device} {why} ({worker.exit_description()})"
+        )
         log.error("%s", self._lost)
         self._refresher.cancel()
-        self._stats = EngineStats(running_requests=0, queued_requests=0, kv_used_bytes=0,
-                                  memory_limit_bytes=self._stats.memory_limit_bytes, weight_bytes=self.weight_bytes,
-                                  memory_limit_revision=self._stats.memory_limit_revision)
+        self._stats = EngineStats(
+            running_requests=0,
+            queued_requests=0,
+            kv_used_bytes=0,
+            memory_limit_bytes=self._stats.memory_limit_bytes,
+            weight_bytes=self.weight_bytes,
+            memory_limit_revision=self._stats.memory_limit_revision,
+        )
         for call in list(self._calls):  # should gRPC not have noticed the broken socket yet
             call.cancel()
         for callback in self._on_lost:
@@ -319,8 +385,9 @@ class RemoteEngine:
 async def _load_error(worker: WorkerProcess, name: str, exc: grpc.aio.AioRpcError) -> Exception:
     if exc.code() == grpc.StatusCode.UNAVAILABLE or not worker.alive:
         await _wait_exit(worker)
-        return WorkerLostError(f"engine worker {worker.pid} on {worker.device} died while loading "
-                               f"{name!r} ({worker.exit_description()})")
+        return WorkerLostError(
+            f"engine worker {worker.pid} on {worker.device} died while loading {name!r} ({worker.exit_description()})"
+        )
     return wire.CODE_TO_ERROR.get(exc.code(), EngineError)(exc.details())
 
 

@@ -16,12 +16,12 @@ import time
 
 _STARTED = time.perf_counter()  # before the heavy imports, so their cost is measured
 
-import argparse
-import asyncio
-import logging
-import os
-import signal
-import threading
+import argparse  # noqa: E402  after _STARTED, on purpose
+import asyncio  # noqa: E402  after _STARTED, on purpose
+import logging  # noqa: E402  after _STARTED, on purpose
+import os  # noqa: E402  after _STARTED, on purpose
+import signal  # noqa: E402  after _STARTED, on purpose
+import threading  # noqa: E402  after _STARTED, on purpose
 
 log = logging.getLogger("engine_worker")
 PARENT_POLL_S = 0.5
@@ -31,8 +31,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Prism engine worker (started by the gpu agent)")
     p.add_argument("--device", required=True, help="torch device: cuda:N or cpu")
     p.add_argument("--socket", required=True, help="unix socket path to serve EngineWorker on")
-    p.add_argument("--parent-fd", type=int, default=None,
-                   help="read end of a pipe the parent holds open; EOF means the parent died")
+    p.add_argument(
+        "--parent-fd",
+        type=int,
+        default=None,
+        help="read end of a pipe the parent holds open; EOF means the parent died",
+    )
     return p.parse_args(argv)
 
 
@@ -99,8 +103,14 @@ async def serve(args: argparse.Namespace, warmup, import_s: float) -> None:
     if server.add_insecure_port(f"unix:{args.socket}") == 0:
         raise SystemExit(f"engine worker: cannot listen on unix:{args.socket}")
     await server.start()
-    log.info("worker %d on %s serving at %s (imports %.2fs, device warm-up %.2fs)", os.getpid(), args.device,
-             args.socket, service.import_s, service.warmup.seconds)
+    log.info(
+        "worker %d on %s serving at %s (imports %.2fs, device warm-up %.2fs)",
+        os.getpid(),
+        args.device,
+        args.socket,
+        service.import_s,
+        service.warmup.seconds,
+    )
     await stop.wait()
     log.info("worker %d stopping", os.getpid())
     await server.stop(grace=1)

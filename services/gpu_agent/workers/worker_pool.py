@@ -28,8 +28,14 @@ log = logging.getLogger(__name__)
 
 
 class WorkerPool:
-    def __init__(self, devices: Sequence[str], spares_per_device: int = 1, *, ready_timeout_s: float = 600.0,
-                 stop_timeout_s: float = 10.0):
+    def __init__(
+        self,
+        devices: Sequence[str],
+        spares_per_device: int = 1,
+        *,
+        ready_timeout_s: float = 600.0,
+        stop_timeout_s: float = 10.0,
+    ):
         """devices: torch device strings ("cuda:0", "cpu")."""
         if spares_per_device < 0:
             raise ValueError(f"spares_per_device must be >= 0, got {spares_per_device}")

@@ -51,8 +51,14 @@ def describe_exit(returncode: int | None) -> str:
 
 
 class WorkerProcess:
-    def __init__(self, device: str, socket_path: Path, process: asyncio.subprocess.Process, spawned_at: float,
-                 ready_timeout_s: float):
+    def __init__(
+        self,
+        device: str,
+        socket_path: Path,
+        process: asyncio.subprocess.Process,
+        spawned_at: float,
+        ready_timeout_s: float,
+    ):
         self.device = device
         self.socket_path = socket_path
         self.process = process
@@ -78,11 +84,20 @@ class WorkerProcess:
         env["KVCACHED_IPC_NAME"] = f"{base}_prism{os.getpid()}_w{socket_path.stem}"
         spawned_at = time.perf_counter()
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", WORKER_MODULE, "--device", device, "--socket", str(socket_path),
-            "--parent-fd", str(parent_fd),
-            pass_fds=(parent_fd,), env=env,
+            sys.executable,
+            "-m",
+            WORKER_MODULE,
+            "--device",
+            device,
+            "--socket",
+            str(socket_path),
+            "--parent-fd",
+            str(parent_fd),
+            pass_fds=(parent_fd,),
+            env=env,
             # Its own session: a terminal's Ctrl-C reaches the agent, which stops its workers in order.
-            start_new_session=True)
+            start_new_session=True,
+        )
         log.info("started engine worker %d for %s", process.pid, device)
         return cls(device, socket_path, process, spawned_at, ready_timeout_s)
 
@@ -122,8 +137,9 @@ class WorkerProcess:
         return await asyncio.shield(self._ready_task)
 
     async def _await_ready(self, timeout_s: float) -> wpb.WorkerInfo:
-        info_call = asyncio.ensure_future(self.stub.Info(wpb.WorkerInfoRequest(), wait_for_ready=True,
-                                                         timeout=timeout_s))
+        info_call = asyncio.ensure_future(
+            self.stub.Info(wpb.WorkerInfoRequest(), wait_for_ready=True, timeout=timeout_s)
+        )
         exit_wait = asyncio.ensure_future(self.exited.wait())
         try:
             await asyncio.wait({info_call, exit_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -132,23 +148,37 @@ class WorkerProcess:
         answered = info_call.done() and not info_call.cancelled() and info_call.exception() is None
         if not answered and self.exited.is_set():  # (closing the channel at exit may have cancelled the call)
             info_call.cancel()
-            raise WorkerStartError(f"engine worker {self.pid} for {self.device} exited before it was ready "
-                                   f"({self.exit_description()}); see its log lines above")
+            raise WorkerStartError(
+                f"engine worker {self.pid} for {self.device} exited before it was ready "
+                f"({self.exit_description()}); see its log lines above"
+            )
         try:
             self.info = info_call.result()
         except grpc.aio.AioRpcError as exc:
-            raise WorkerStartError(f"engine worker {self.pid} for {self.device} did not become ready: "
-                                   f"{exc.code().name}: {exc.details()}") from None
+            raise WorkerStartError(
+                f"engine worker {self.pid} for {self.device} did not become ready: {exc.code().name}: {exc.details()}"
+            ) from None
         self.ready_at = time.perf_counter()
-        log.info("engine worker %d for %s ready in %.2fs (imports %.2fs, device warm-up %.2fs)", self.pid,
-                 self.device, self.start_s, self.info.import_s, self.info.warmup_s)
+        log.info(
+            "engine worker %d for %s ready in %.2fs (imports %.2fs, device warm-up %.2fs)",
+            self.pid,
+            self.device,
+            self.start_s,
+            self.info.import_s,
+            self.info.warmup_s,
+        )
         return self.info
 
     async def _watch_exit(self) -> None:
         await self.process.wait()
         self.exited.set()
-        log.log(logging.INFO if self.returncode == 0 else logging.WARNING, "engine worker %d for %s exited (%s)",
-                self.pid, self.device, self.exit_description())
+        log.log(
+            logging.INFO if self.returncode == 0 else logging.WARNING,
+            "engine worker %d for %s exited (%s)",
+            self.pid,
+            self.device,
+            self.exit_description(),
+        )
         for callback in self._on_exit:
             try:
                 await callback(self)

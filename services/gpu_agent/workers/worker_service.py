@@ -69,9 +69,11 @@ class EngineWorkerService(engine_worker_pb2_grpc.EngineWorkerServicer):
 
     async def _engine(self, context: grpc.aio.ServicerContext) -> Engine:
         if self.follower is not None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"worker {os.getpid()} is tensor-parallel rank {self.follower.tp.rank} of a model: "
-                                "its rank 0's worker takes the requests")
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"worker {os.getpid()} is tensor-parallel rank {self.follower.tp.rank} of a model: "
+                "its rank 0's worker takes the requests",
+            )
         if self.engine is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"worker {os.getpid()} has no model loaded")
             raise AssertionError("unreachable: abort() raises")
@@ -82,16 +84,22 @@ class EngineWorkerService(engine_worker_pb2_grpc.EngineWorkerServicer):
         raise AssertionError("unreachable: abort() raises")
 
     async def Info(self, request, context) -> wpb.WorkerInfo:
-        return wpb.WorkerInfo(pid=os.getpid(), device=self.device, warmup_s=self.warmup.seconds,
-                              import_s=self.import_s,
-                              model_loaded=self.engine is not None or self.follower is not None,
-                              model=self.engine.name if self.engine is not None else "")
+        return wpb.WorkerInfo(
+            pid=os.getpid(),
+            device=self.device,
+            warmup_s=self.warmup.seconds,
+            import_s=self.import_s,
+            model_loaded=self.engine is not None or self.follower is not None,
+            model=self.engine.name if self.engine is not None else "",
+        )
 
     async def Load(self, spec: wpb.EngineLoadSpec, context) -> wpb.LoadReply:
         async with self._load_lock:
             if self.engine is not None or self.follower is not None:
-                await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                    f"worker {os.getpid()} holds a model already (one engine a worker)")
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"worker {os.getpid()} holds a model already (one engine a worker)",
+                )
             start = time.perf_counter()
             if spec.HasField("tensor_parallel") and spec.tensor_parallel.rank > 0:
                 return await self._follow(spec, context, start)
@@ -101,15 +109,19 @@ class EngineWorkerService(engine_worker_pb2_grpc.EngineWorkerServicer):
                 log.error("loading %s failed: %s", spec.path, exc)
                 await self._abort_with(context, exc)
             load_s = time.perf_counter() - start
-            return wpb.LoadReply(weight_bytes=self.engine.weight_bytes, max_context=self.engine.max_context,
-                                 load_s=load_s, device=self.engine.device,
-                                 kv_bytes_per_token=self.engine.kv_bytes_per_token,
-                                 kv_bundle_bytes=self.engine.kv_bundle_bytes,
-                                 weights_attached=self.engine.weights_attached,
-                                 weights_shared=self.engine.weights_shared,
-                                 kv_pool=self.engine.serving_path.kv_pool,
-                                 attention=self.engine.serving_path.attention,
-                                 cuda_graphs=self.engine.serving_path.cuda_graphs)
+            return wpb.LoadReply(
+                weight_bytes=self.engine.weight_bytes,
+                max_context=self.engine.max_context,
+                load_s=load_s,
+                device=self.engine.device,
+                kv_bytes_per_token=self.engine.kv_bytes_per_token,
+                kv_bundle_bytes=self.engine.kv_bundle_bytes,
+                weights_attached=self.engine.weights_attached,
+                weights_shared=self.engine.weights_shared,
+                kv_pool=self.engine.serving_path.kv_pool,
+                attention=self.engine.serving_path.attention,
+                cuda_graphs=self.engine.serving_path.cuda_graphs,
+            )
 
     async def _follow(self, spec: wpb.EngineLoadSpec, context, start: float) -> wpb.LoadReply:
         """Rank 1 or more: loads the shard, then follows rank 0 on a thread of its own."""
@@ -118,27 +130,37 @@ class EngineWorkerService(engine_worker_pb2_grpc.EngineWorkerServicer):
             follower, channel = await asyncio.to_thread(self._build_follower, spec)
         except Exception as exc:  # noqa: BLE001  reported to the agent as a failed load
             log.error("loading rank %d of %s failed: %s", tp_spec.rank, spec.path, exc)
-            await self._abort_with(context, EngineError(f"cannot load rank {tp_spec.rank} of {spec.path}: "
-                                                        f"{type(exc).__name__}: {exc}"))
+            await self._abort_with(
+                context, EngineError(f"cannot load rank {tp_spec.rank} of {spec.path}: {type(exc).__name__}: {exc}")
+            )
         self.follower = follower
-        threading.Thread(target=self._run_follower, args=(follower, channel), name="shard-follower",
-                         daemon=True).start()
-        return wpb.LoadReply(weight_bytes=follower.weight_bytes, load_s=time.perf_counter() - start,
-                             device=str(follower.device),
-                             kv_bytes_per_token=follower.geometry.token_bytes)
+        threading.Thread(
+            target=self._run_follower, args=(follower, channel), name="shard-follower", daemon=True
+        ).start()
+        return wpb.LoadReply(
+            weight_bytes=follower.weight_bytes,
+            load_s=time.perf_counter() - start,
+            device=str(follower.device),
+            kv_bytes_per_token=follower.geometry.token_bytes,
+        )
 
     def _build_follower(self, spec: wpb.EngineLoadSpec) -> tuple[ShardFollower, StepChannel]:
-        tp, channel = join_ranks(spec.tensor_parallel.rank, spec.tensor_parallel.size, spec.tensor_parallel.rendezvous,
-                                 self.device)
-        return ShardFollower(Path(spec.path), tp, spec.dtype or "auto", spec.load_format or "auto",
-                             torch.device(self.device), spec.seed), channel
+        tp, channel = join_ranks(
+            spec.tensor_parallel.rank, spec.tensor_parallel.size, spec.tensor_parallel.rendezvous, self.device
+        )
+        return ShardFollower(
+            Path(spec.path), tp, spec.dtype or "auto", spec.load_format or "auto", torch.device(self.device), spec.seed
+        ), channel
 
     def _run_follower(self, follower: ShardFollower, channel: StepChannel) -> None:
         try:
             follower.run(channel)
         except Exception:  # a failed step, or rank 0 gone: this rank can do nothing more
-            log.exception("tensor-parallel rank %d of %d: its step failed, or rank 0 went; ending this worker",
-                          follower.tp.rank, follower.tp.size)
+            log.exception(
+                "tensor-parallel rank %d of %d: its step failed, or rank 0 went; ending this worker",
+                follower.tp.rank,
+                follower.tp.size,
+            )
             end_process(EXIT_SPLIT_STEP_FAILED)
 
     def _build(self, spec: wpb.EngineLoadSpec) -> Engine:
@@ -146,16 +168,24 @@ class EngineWorkerService(engine_worker_pb2_grpc.EngineWorkerServicer):
         if spec.HasField("tensor_parallel") and spec.tensor_parallel.size > 1:
             tp, channel = join_ranks(0, spec.tensor_parallel.size, spec.tensor_parallel.rendezvous, self.device)
         try:
-            engine = Engine(spec.path, name=spec.name or None, load_format=spec.load_format or "auto",
-                            dtype=spec.dtype or "auto", device=self.device, seed=spec.seed,
-                            memory_limit_bytes=spec.memory_limit_bytes or None,
-                            kv_capacity_bytes=spec.kv_capacity_bytes or None,
-                            shared_weights_path=spec.shared_weights_path or None,
-                            max_context=spec.max_context or None, tensor_parallel=tp, step_channel=channel,
-                            kv_pool="pages" if channel is not None else "auto",
-                            step_board=(spec.step_board_path, spec.step_board_slot) if spec.step_board_path else None,
-                            prefix_caching=not spec.no_prefix_caching,
-                            on_split_failure=self._split_engine_failed if channel is not None else None)
+            engine = Engine(
+                spec.path,
+                name=spec.name or None,
+                load_format=spec.load_format or "auto",
+                dtype=spec.dtype or "auto",
+                device=self.device,
+                seed=spec.seed,
+                memory_limit_bytes=spec.memory_limit_bytes or None,
+                kv_capacity_bytes=spec.kv_capacity_bytes or None,
+                shared_weights_path=spec.shared_weights_path or None,
+                max_context=spec.max_context or None,
+                tensor_parallel=tp,
+                step_channel=channel,
+                kv_pool="pages" if channel is not None else "auto",
+                step_board=(spec.step_board_path, spec.step_board_slot) if spec.step_board_path else None,
+                prefix_caching=not spec.no_prefix_caching,
+                on_split_failure=self._split_engine_failed if channel is not None else None,
+            )
         except EngineError:
             raise
         except Exception as exc:  # the engine wraps its own failures; anything else still means "cannot load"
@@ -171,7 +201,9 @@ class EngineWorkerService(engine_worker_pb2_grpc.EngineWorkerServicer):
         timer.daemon = True
         timer.start()
 
-    async def Generate(self, request: generate_pb2.GenerateRequest, context) -> AsyncIterator[generate_pb2.GenerateResponse]:
+    async def Generate(
+        self, request: generate_pb2.GenerateRequest, context
+    ) -> AsyncIterator[generate_pb2.GenerateResponse]:
         request_id_var.set(request.request_id or "-")
         engine = await self._engine(context)
         try:
@@ -208,8 +240,9 @@ class EngineWorkerService(engine_worker_pb2_grpc.EngineWorkerServicer):
 
     async def Stats(self, request, context) -> wpb.EngineStatsReply:
         engine = await self._engine(context)
-        return wire.stats_to_proto(replace(engine.stats(), device_used_bytes=device_used_bytes(self.device)),
-                                   engine.active)
+        return wire.stats_to_proto(
+            replace(engine.stats(), device_used_bytes=device_used_bytes(self.device)), engine.active
+        )
 
     async def Shutdown(self, request, context) -> wpb.ShutdownReply:
         log.info("shutdown requested")

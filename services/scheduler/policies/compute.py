@@ -60,17 +60,23 @@ def by_weight(points: tuple, weight_bytes: int, name: str) -> float:
 # the built-in engine), rounded; a cluster of other GPUs passes its own (the
 # simulator passes its profile's: LatencyProfile.compute_costs()).
 H200_COMPUTE_COSTS = ComputeCosts(
-    points=(StepCost(2_471_628_800, 1.48e-3, 3.79e-5, 1.149e-2, 1.328e-5),
-            StepCost(16_060_522_496, 5.07e-3, 4.13e-5, 1.671e-2, 2.227e-5)),
-    attention_bytes_per_s=4.61e12)
+    points=(
+        StepCost(2_471_628_800, 1.48e-3, 3.79e-5, 1.149e-2, 1.328e-5),
+        StepCost(16_060_522_496, 5.07e-3, 4.13e-5, 1.671e-2, 2.227e-5),
+    ),
+    attention_bytes_per_s=4.61e12,
+)
 # The H100 fit in bench/results/sim-profile-h100.json (Llama 3.2 1B and 3B, 3.1 8B, bf16, the
 # built-in engine on kvcached), rounded: a decode step costs about a third more than on the H200;
 # the prefill costs are a live cluster's (bench/results/step_costs-h100.json).
 H100_COMPUTE_COSTS = ComputeCosts(
-    points=(StepCost(2_471_628_800, 1.92e-3, 3.74e-5, 1.563e-2, 1.70e-6),
-            StepCost(6_425_499_648, 3.84e-3, 5.87e-5, 1.650e-2, 5.58e-6),
-            StepCost(16_060_522_496, 6.88e-3, 6.31e-5, 1.208e-2, 1.585e-5)),
-    attention_bytes_per_s=3.02e12)
+    points=(
+        StepCost(2_471_628_800, 1.92e-3, 3.74e-5, 1.563e-2, 1.70e-6),
+        StepCost(6_425_499_648, 3.84e-3, 5.87e-5, 1.650e-2, 5.58e-6),
+        StepCost(16_060_522_496, 6.88e-3, 6.31e-5, 1.208e-2, 1.585e-5),
+    ),
+    attention_bytes_per_s=3.02e12,
+)
 # Costs by a word in the device's name, as torch names it ("NVIDIA H100 80GB HBM3").
 COSTS_BY_CARD = {"H100": H100_COMPUTE_COSTS, "H200": H200_COMPUTE_COSTS}
 # A CUDA card named in none: the slower of the fitted ones, so compute is not over-promised.
@@ -100,14 +106,28 @@ def compute_costs_from_profile(data: dict) -> ComputeCosts:
     weight_bytes, decode_base_s, decode_per_seq_s, prefill_base_s, prefill_per_token_s and optionally
     prefill_per_seq_s; `attention_bytes_per_s`): an operator's own fit. ValueError says what is wrong."""
     try:
-        points = tuple(sorted((StepCost(int(p["weight_bytes"]), float(p["decode_base_s"]),
-                                        float(p["decode_per_seq_s"]), float(p["prefill_base_s"]),
-                                        float(p["prefill_per_token_s"]), float(p.get("prefill_per_seq_s", 0.0)))
-                               for p in data["points"]), key=lambda c: c.weight_bytes))
+        points = tuple(
+            sorted(
+                (
+                    StepCost(
+                        int(p["weight_bytes"]),
+                        float(p["decode_base_s"]),
+                        float(p["decode_per_seq_s"]),
+                        float(p["prefill_base_s"]),
+                        float(p["prefill_per_token_s"]),
+                        float(p.get("prefill_per_seq_s", 0.0)),
+                    )
+                    for p in data["points"]
+                ),
+                key=lambda c: c.weight_bytes,
+            )
+        )
         attention = float(data["attention_bytes_per_s"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"not a latency profile (points with weight_bytes, decode_base_s, decode_per_seq_s, "
-                         f"prefill_base_s, prefill_per_token_s; attention_bytes_per_s): {exc!r}") from None
+        raise ValueError(
+            f"not a latency profile (points with weight_bytes, decode_base_s, decode_per_seq_s, "
+            f"prefill_base_s, prefill_per_token_s; attention_bytes_per_s): {exc!r}"
+        ) from None
     if not points:
         raise ValueError("a latency profile needs at least one point")
     if attention <= 0 or any(v < 0 for c in points for v in vars(c).values()):
@@ -131,24 +151,36 @@ class MeasuredSize:
 
 def coefficients_at(costs: ComputeCosts, weight_bytes: int) -> tuple[float, ...]:
     """The costs at a size as services.common.step_costs' coefficients (its order and units)."""
+
     def at(name: str) -> float:
         return costs.at(weight_bytes, name)
-    return (at("decode_base_s"), at("decode_per_seq_s"), 1e9 / costs.attention_bytes_per_s, at("prefill_base_s"),
-            1000 * at("prefill_per_token_s"), at("prefill_per_seq_s"))
+
+    return (
+        at("decode_base_s"),
+        at("decode_per_seq_s"),
+        1e9 / costs.attention_bytes_per_s,
+        at("prefill_base_s"),
+        1000 * at("prefill_per_token_s"),
+        at("prefill_per_seq_s"),
+    )
 
 
-def measured_sizes(costs: ComputeCosts, sums_by_weight: Mapping[int, StepTimeSums],
-                   min_steps: float = MIN_MEASURED_STEPS) -> dict[int, MeasuredSize]:
+def measured_sizes(
+    costs: ComputeCosts, sums_by_weight: Mapping[int, StepTimeSums], min_steps: float = MIN_MEASURED_STEPS
+) -> dict[int, MeasuredSize]:
     """Each model size whose engines ran `min_steps` steps, fitted with `costs` as the prior."""
     out = {}
     for weight_bytes, sums in sorted(sums_by_weight.items()):
         if sums.steps < min_steps:
             continue
         base, per_seq, s_per_gb, prefill_base, per_ktoken, prefill_per_seq = fit_coefficients(
-            sums, coefficients_at(costs, weight_bytes))
+            sums, coefficients_at(costs, weight_bytes)
+        )
         out[weight_bytes] = MeasuredSize(
             StepCost(weight_bytes, base, per_seq, prefill_base, per_ktoken / 1000, prefill_per_seq),
-            1e9 / s_per_gb if s_per_gb > 0 else float("inf"), sums.steps)
+            1e9 / s_per_gb if s_per_gb > 0 else float("inf"),
+            sums.steps,
+        )
     return out
 
 
@@ -157,8 +189,7 @@ def with_measured(costs: ComputeCosts, measured: Mapping[int, MeasuredSize]) -> 
     the attention rate the measured sizes' fits give (weighted by their steps) where they give one."""
     if not measured:
         return costs
-    kept = [p for p in costs.points
-            if all(abs(p.weight_bytes - w) > SAME_SIZE * w for w in measured)]
+    kept = [p for p in costs.points if all(abs(p.weight_bytes - w) > SAME_SIZE * w for w in measured)]
     points = tuple(sorted(kept + [m.cost for m in measured.values()], key=lambda c: c.weight_bytes))
     finite = [m for m in measured.values() if m.attention_bytes_per_s != float("inf")]
     attention = costs.attention_bytes_per_s
@@ -170,8 +201,9 @@ def with_measured(costs: ComputeCosts, measured: Mapping[int, MeasuredSize]) -> 
 DEFAULT_TPOT_S = 0.1  # the agent's default TPOT SLO (services/gpu_agent/slo.py)
 
 
-def compute_load(snapshot: ClusterSnapshot, model: ModelConfig, params: PolicyParams,
-                 rate: float | None = None) -> float:
+def compute_load(
+    snapshot: ClusterSnapshot, model: ModelConfig, params: PolicyParams, rate: float | None = None
+) -> float:
     """The share of one GPU's time (each of its GPUs, for tensor parallelism)
     that the model needs to keep its TPOT SLO while it shares the GPU.
 
@@ -184,7 +216,8 @@ def compute_load(snapshot: ClusterSnapshot, model: ModelConfig, params: PolicyPa
     per round), and per-token work for its prompts and outputs:
 
         load = busy * decode_base / C + min(rate, 1/C) * prefill_base
-               + rate * (prompt * prefill_per_token + output * (decode_per_seq + context * kv_per_token / attention_rate))
+               + rate * (prompt * prefill_per_token
+                         + output * (decode_per_seq + context * kv_per_token / attention_rate))
 
     busy is the measured busy fraction, capped by what the rate implies at
     the cycle (1 - exp(-rate * T), T a request's time in flight: its output
@@ -209,11 +242,18 @@ def compute_load(snapshot: ClusterSnapshot, model: ModelConfig, params: PolicyPa
     base = costs.at(weights, "decode_base_s")
     # Steps with prefill: a prompt is cut into chunks of the step's token budget; small ones share a step.
     prefill_steps = max(rate * prompt / params.step_tokens, min(rate, 1 / cycle))
-    per_token = (costs.at(weights, "decode_per_seq_s")
-                 + (prompt + output / 2) * kv_per_token / costs.attention_bytes_per_s)
-    load = (busy * base / cycle + max(0.0, prefill_steps - busy / cycle) * base
-            + prefill_steps * costs.at(weights, "prefill_base_s")
-            + rate * (costs.at(weights, "prefill_per_seq_s") + prompt * costs.at(weights, "prefill_per_token_s")
-                      + output * per_token))
+    per_token = (
+        costs.at(weights, "decode_per_seq_s") + (prompt + output / 2) * kv_per_token / costs.attention_bytes_per_s
+    )
+    load = (
+        busy * base / cycle
+        + max(0.0, prefill_steps - busy / cycle) * base
+        + prefill_steps * costs.at(weights, "prefill_base_s")
+        + rate
+        * (
+            costs.at(weights, "prefill_per_seq_s")
+            + prompt * costs.at(weights, "prefill_per_token_s")
+            + output * per_token
+        )
+    )
     return load / model.tp_size
-

@@ -37,8 +37,9 @@ def dedicated_policy(snapshot: ClusterSnapshot, params: PolicyParams = PolicyPar
         placement[model.model_name].append(ReplicaTarget(key[0], key[1], True))
 
     def free_for(model: ModelConfig, key: GpuKey) -> bool:
-        return (not any(overlaps(key, t) for t in taken)
-                and all(r.agent_id != key[0] for r in placement[model.model_name]))
+        return not any(overlaps(key, t) for t in taken) and all(
+            r.agent_id != key[0] for r in placement[model.model_name]
+        )
 
     for model in snapshot.models:  # keep what runs
         for r in live_replicas(snapshot, model):

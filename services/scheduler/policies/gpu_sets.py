@@ -22,7 +22,7 @@ def gpu_sets(snapshot: ClusterSnapshot, size: int) -> list[GpuKey]:
     for agent in sorted(snapshot.agents, key=lambda a: a.agent_id):
         ids = sorted(agent.gpu_ids)
         for start in range(0, len(ids) - size + 1, size):
-            out.append((agent.agent_id, tuple(ids[start:start + size])))
+            out.append((agent.agent_id, tuple(ids[start : start + size])))
     return out
 
 
@@ -35,9 +35,11 @@ def shard_memory(snapshot: ClusterSnapshot, key: GpuKey) -> int:
 def live_replicas(snapshot: ClusterSnapshot, model: ModelConfig) -> list[ReplicaTarget]:
     """Current replicas on live agents with GPUs that exist there and the model's tp size."""
     agents = {a.agent_id: a for a in snapshot.agents}
-    return [r for r in snapshot.current.get(model.model_name, [])
-            if r.agent_id in agents and set(r.gpu_ids) <= agents[r.agent_id].gpu_ids
-            and len(r.gpu_ids) == model.tp_size]
+    return [
+        r
+        for r in snapshot.current.get(model.model_name, [])
+        if r.agent_id in agents and set(r.gpu_ids) <= agents[r.agent_id].gpu_ids and len(r.gpu_ids) == model.tp_size
+    ]
 
 
 def overlaps(a: GpuKey, b: GpuKey) -> bool:
@@ -49,8 +51,9 @@ def on_busiest_gpu(per_gpu_of_set: Mapping[GpuKey, PerGpu], key: GpuKey) -> PerG
     each of its GPUs (memory or compute per GPU): a set of several GPUs (tensor
     parallelism) has room where its fullest GPU has, not where the sum of its GPUs does."""
     agent, gpus = key
-    return max((sum(v for (a, ids), v in per_gpu_of_set.items() if a == agent and gpu in ids) for gpu in gpus),
-               default=0)
+    return max(
+        (sum(v for (a, ids), v in per_gpu_of_set.items() if a == agent and gpu in ids) for gpu in gpus), default=0
+    )
 
 
 def home_of_everyone(snapshot: ClusterSnapshot) -> dict[str, GpuKey]:
@@ -75,8 +78,10 @@ def home_of_everyone(snapshot: ClusterSnapshot) -> dict[str, GpuKey]:
         if replicas:
             homes[model.model_name] = (replicas[0].agent_id, replicas[0].gpu_ids)
             add(homes[model.model_name], model)
-    unplaced = sorted((m for m in snapshot.models if m.model_name not in homes),
-                      key=lambda m: (-snapshot.weight_bytes.get(m.model_name, 0), m.model_name))
+    unplaced = sorted(
+        (m for m in snapshot.models if m.model_name not in homes),
+        key=lambda m: (-snapshot.weight_bytes.get(m.model_name, 0), m.model_name),
+    )
     for model in unplaced:
         sets = gpu_sets(snapshot, model.tp_size)
         if not sets:
@@ -93,8 +98,9 @@ def home_of_everyone(snapshot: ClusterSnapshot) -> dict[str, GpuKey]:
     return homes
 
 
-def need_per_gpu(snapshot: ClusterSnapshot, model: ModelConfig, memory: int, params: PolicyParams,
-                 replicas: int = 1) -> int:
+def need_per_gpu(
+    snapshot: ClusterSnapshot, model: ModelConfig, memory: int, params: PolicyParams, replicas: int = 1
+) -> int:
     """Memory an active replica takes on each of its GPUs: its weight shard
     and its share of the KV demand (of `replicas` serving it), at least a
     small share of the GPU."""

@@ -58,8 +58,7 @@ class PressureMap:
     def __init__(self, snapshot: ClusterSnapshot, params: PolicyParams):
         self.snapshot = snapshot
         self.params = params
-        self.memory: dict[GpuId, int] = {(a.agent_id, g): a.memory_of(g) for a in snapshot.agents
-                                         for g in a.gpu_ids}
+        self.memory: dict[GpuId, int] = {(a.agent_id, g): a.memory_of(g) for a in snapshot.agents for g in a.gpu_ids}
         self.weights: dict[GpuId, int] = dict.fromkeys(self.memory, 0)
         self.pressure: dict[GpuId, float] = dict.fromkeys(self.memory, 0.0)
         # Every GPU's ratio, highest first, until the next add: a candidate's worst over the other GPUs
@@ -97,7 +96,7 @@ class PressureMap:
         memory, weights, pressure = self.memory, self.weights, self.pressure
         min_fraction = self.params.min_kv_fraction
         # The first GPU outside a set of n GPUs is among the n + 1 highest.
-        highest = self._ranked()[:len(candidates[0][1]) + 1]
+        highest = self._ranked()[: len(candidates[0][1]) + 1]
         best: tuple[float, float, GpuKey] | None = None
         for key in candidates:
             agent, ids = key
@@ -139,8 +138,13 @@ def _candidate_sets(live: list[ReplicaTarget], sets: list[GpuKey]) -> list[GpuKe
     return sorted({(r.agent_id, r.gpu_ids) for r in live} | {k for k in sets if k[0] not in hosting})
 
 
-def _assign(snapshot: ClusterSnapshot, params: PolicyParams, models: list[ModelConfig],
-            candidates: Mapping[str, list[GpuKey]], placed: Mapping[str, GpuKey]) -> dict[str, GpuKey]:
+def _assign(
+    snapshot: ClusterSnapshot,
+    params: PolicyParams,
+    models: list[ModelConfig],
+    candidates: Mapping[str, list[GpuKey]],
+    placed: Mapping[str, GpuKey],
+) -> dict[str, GpuKey]:
     """The heuristic. Every placed model counts where it is; then, in order of w, each model goes to
     the set that keeps the worst ratio lowest, unless it is placed and staying keeps the worst ratio
     within (1 + tau) of that, the others where they are meanwhile (a move costs a load and a drain:
@@ -180,8 +184,10 @@ def kvpr_policy(snapshot: ClusterSnapshot, params: PolicyParams = PolicyParams()
         The target placement: each model's replicas (agent, GPU ids, whether active).
     """
     homes = home_of_everyone(snapshot)
-    hot = sorted((m for m in snapshot.models if snapshot.demand_of(m.model_name).hot and m.model_name in homes),
-                 key=lambda m: (-pressure_weight(snapshot, m), m.model_name))
+    hot = sorted(
+        (m for m in snapshot.models if snapshot.demand_of(m.model_name).hot and m.model_name in homes),
+        key=lambda m: (-pressure_weight(snapshot, m), m.model_name),
+    )
     # Where each hot model is now: its active replica, else one loaded or loading there (a loading engine
     # reads inactive). Keeping only the active ones let every pass move a model whose load had not
     # ended: 200 models on 64 GPUs loaded 2,312 engines in 5 simulated seconds, 11 a model.

@@ -135,8 +135,16 @@ class PrismPlan:
         models = {m.model_name: m for m in snapshot.models}
         loads = compute_loads(snapshot, params)
         homes = home_of_everyone(snapshot)
-        return cls(snapshot, params, homes, models, loads, burst_loads(snapshot, params, loads),
-                   {name: [] for name in models}, homed_weight(snapshot, homes, models))
+        return cls(
+            snapshot,
+            params,
+            homes,
+            models,
+            loads,
+            burst_loads(snapshot, params, loads),
+            {name: [] for name in models},
+            homed_weight(snapshot, homes, models),
+        )
 
     def room(self, key: GpuKey) -> int:
         memory = shard_memory(self.snapshot, key)
@@ -154,7 +162,8 @@ class PrismPlan:
         self.placement[name].append(ReplicaTarget(key[0], key[1], active))
         if active:
             self.used[key] = self.used.get(key, 0) + need_per_gpu(
-                self.snapshot, self.models[name], shard_memory(self.snapshot, key), self.params, replicas)
+                self.snapshot, self.models[name], shard_memory(self.snapshot, key), self.params, replicas
+            )
             self.compute[key] = self.compute.get(key, 0.0) + load
 
     def protect(self, key: GpuKey, rate: float) -> None:
@@ -166,8 +175,7 @@ class PrismPlan:
         need = need_per_gpu(self.snapshot, model, memory, self.params, replicas)
         return not memory or need <= self.room(key) + self.params.overcommit_margin * memory
 
-    def fits(self, model: ModelConfig, key: GpuKey, staying: bool, replicas: int = 1,
-             overload: bool = False) -> bool:
+    def fits(self, model: ModelConfig, key: GpuKey, staying: bool, replicas: int = 1, overload: bool = False) -> bool:
         """Memory and compute (a replica's share of the model's, with `replicas` serving it); a model
         already active there keeps it up to the margins. A replica of a model replicated for its load
         may fill a GPU with nothing else on it up to the overload bound: no one else's SLO is at stake.
@@ -175,8 +183,10 @@ class PrismPlan:
         limit = self.params.compute_capacity + (self.params.compute_margin if staying else 0.0)
         if overload or (replicas > 1 and not self.compute_used(key)):
             limit = max(limit, self.params.compute_overload)
-        return (self.memory_fits(model, key, replicas)
-                and self.compute_used(key) + self.loads[model.model_name] / replicas <= limit)
+        return (
+            self.memory_fits(model, key, replicas)
+            and self.compute_used(key) + self.loads[model.model_name] / replicas <= limit
+        )
 
 
 class Replicas(NamedTuple):
@@ -195,8 +205,11 @@ class Replicas(NamedTuple):
 
 def replicas_now(snapshot: ClusterSnapshot, model: ModelConfig) -> Replicas:
     live = live_replicas(snapshot, model)
-    return Replicas(live, [(r.agent_id, r.gpu_ids) for r in live if r.active],
-                    [(r.agent_id, r.gpu_ids) for r in live if not r.active])
+    return Replicas(
+        live,
+        [(r.agent_id, r.gpu_ids) for r in live if r.active],
+        [(r.agent_id, r.gpu_ids) for r in live if not r.active],
+    )
 
 
 def serving_sets(plan: PrismPlan, model: ModelConfig, active: list[GpuKey]) -> list[GpuKey]:
@@ -213,8 +226,9 @@ def compute_loads(snapshot: ClusterSnapshot, params: PolicyParams) -> dict[str, 
     return {m.model_name: compute_load(snapshot, m, params) for m in snapshot.models}
 
 
-def homed_weight(snapshot: ClusterSnapshot, homes: dict[str, GpuKey],
-                 models: dict[str, ModelConfig]) -> dict[tuple[str, int], int]:
+def homed_weight(
+    snapshot: ClusterSnapshot, homes: dict[str, GpuKey], models: dict[str, ModelConfig]
+) -> dict[tuple[str, int], int]:
     """The weight bytes of the models whose home is on each (agent, gpu): a model split over several
     GPUs counts its shard on each."""
     out: dict[tuple[str, int], int] = {}
@@ -235,6 +249,7 @@ def burst_loads(snapshot: ClusterSnapshot, params: PolicyParams, loads: dict[str
     miss: simulated (18 models at 90 req/s on 4 H200s, seed 4), a 1B whose burst had 180 requests
     queued behind 256 running was planned at 0.3 of a GPU on its window's rate, one replica, and
     kept 2% of its requests within SLO."""
+
     def burst_load(model: ModelConfig) -> float:
         demand = snapshot.demand_of(model.model_name)
         rate = max(demand.recent_arrival_rate, demand.arrival_rate) + demand.queued / BACKLOG_DRAIN_S
@@ -253,8 +268,7 @@ def hot_in_order(plan: PrismPlan) -> list[ModelConfig]:
     snapshot = plan.snapshot
 
     def running_at_home(m: ModelConfig) -> bool:
-        return any(r.active and (r.agent_id, r.gpu_ids) == plan.homes[m.model_name]
-                   for r in live_replicas(snapshot, m))
+        return any(r.active and (r.agent_id, r.gpu_ids) == plan.homes[m.model_name] for r in live_replicas(snapshot, m))
 
     def order(m: ModelConfig) -> tuple:
         settled = running_at_home(m)
@@ -278,8 +292,7 @@ def is_warm(plan: PrismPlan, model: ModelConfig) -> bool:
     window's minute (one GPU: 92.1% either way; 18 models on 4 GPUs, seed 0: 63.4% -> 73.4%)."""
     demand = plan.snapshot.demand_of(model.model_name)
     home = plan.homes.get(model.model_name)
-    warm_rate = (plan.params.warm_rate_oversubscribed if home and oversubscribed(plan, home)
-                 else plan.params.warm_rate)
+    warm_rate = plan.params.warm_rate_oversubscribed if home and oversubscribed(plan, home) else plan.params.warm_rate
     rate = min(demand.arrival_rate, demand.recent_arrival_rate) if plan.params.cooling else demand.arrival_rate
     return (rate < warm_rate and not demand.queued) or (plan.params.cooling and is_idle_now(demand))
 
@@ -382,8 +395,9 @@ def move(plan: PrismPlan, model: ModelConfig, replicas: Replicas) -> bool:
     current = serving_sets(plan, model, replicas.active)
     target = next((k for k in replicas.loaded if k not in current and plan.fits(model, k, staying=False)), None)
     if target is None:
-        candidates = [k for k in open_sets(plan.snapshot, model, replicas.live)
-                      if k not in current and plan.fits(model, k, False)]
+        candidates = [
+            k for k in open_sets(plan.snapshot, model, replicas.live) if k not in current and plan.fits(model, k, False)
+        ]
         if candidates:
             target = max(candidates, key=lambda k: (-plan.compute_used(k), plan.room(k), k))
     if target is None:
@@ -468,10 +482,14 @@ def squeeze_candidates(plan: PrismPlan, model: ModelConfig, replicas: Replicas, 
     GPU's whole (past it, the squeeze would take their SLO too). None left and the GPUs not short in
     sum: where it runs active (see gpus_short_of_compute)."""
     load = plan.loads[model.model_name]
-    candidates = [k for k in replicas.live_sets + open_sets(plan.snapshot, model, replicas.live)
-                  if plan.memory_fits(model, k)]
-    candidates = [k for k in candidates
-                  if not plan.protected_rate(k) or plan.compute_used(k) + load <= plan.params.compute_overload]
+    candidates = [
+        k for k in replicas.live_sets + open_sets(plan.snapshot, model, replicas.live) if plan.memory_fits(model, k)
+    ]
+    candidates = [
+        k
+        for k in candidates
+        if not plan.protected_rate(k) or plan.compute_used(k) + load <= plan.params.compute_overload
+    ]
     if not candidates and replicas.active and not short:
         candidates = replicas.active[:1]
     return candidates
@@ -489,8 +507,17 @@ def squeeze_or_shed(plan: PrismPlan, model: ModelConfig, short: bool) -> None:
     if not candidates:
         plan.shed.add(name)  # not switched on by the plan until a set has room
         return
-    key = min(candidates, key=lambda k: (not any(overlaps(k, s) for s in plan.sacrificed), plan.protected_rate(k),
-                                        k not in active, k not in live_sets, -plan.room(k), k))
+    key = min(
+        candidates,
+        key=lambda k: (
+            not any(overlaps(k, s) for s in plan.sacrificed),
+            plan.protected_rate(k),
+            k not in active,
+            k not in live_sets,
+            -plan.room(k),
+            k,
+        ),
+    )
     plan.sacrificed.append(key)
     plan.add(name, key, True, plan.loads[name])
     if key not in active and current[0] != key and (key not in live_sets or current[0] in active):
@@ -547,8 +574,9 @@ def add_standby_replicas(snapshot: ClusterSnapshot, placement: Placement, count:
             continue
         live = live_replicas(snapshot, model)
         kept = [(r.agent_id, r.gpu_ids) for r in live if r.agent_id != placement[name][0].agent_id]
-        sets = kept + sorted(open_sets(snapshot, model, live + placement[name]),
-                             key=lambda k: (weight_on.get(k[0], 0), k))
+        sets = kept + sorted(
+            open_sets(snapshot, model, live + placement[name]), key=lambda k: (weight_on.get(k[0], 0), k)
+        )
         for key in sets:
             if len(placement[name]) > count:
                 break

@@ -49,26 +49,37 @@ class ModelDemand:
     def from_serving(cls, serving, *, queued: int, running: int, kv_demand_bytes: int) -> ModelDemand:
         """One engine's load: `serving` is its request stats, a ServingStats proto (a load report) or
         the ServingSnapshot it mirrors (the simulator), which name their fields alike."""
-        return cls(arrival_rate=serving.arrival_rate, recent_arrival_rate=serving.recent_arrival_rate,
-                   queued=queued, running=running, kv_demand_bytes=kv_demand_bytes,
-                   busy_fraction=serving.busy_fraction, mean_prompt_tokens=serving.mean_prompt_tokens,
-                   mean_output_tokens=serving.mean_output_tokens)
+        return cls(
+            arrival_rate=serving.arrival_rate,
+            recent_arrival_rate=serving.recent_arrival_rate,
+            queued=queued,
+            running=running,
+            kv_demand_bytes=kv_demand_bytes,
+            busy_fraction=serving.busy_fraction,
+            mean_prompt_tokens=serving.mean_prompt_tokens,
+            mean_output_tokens=serving.mean_output_tokens,
+        )
 
     def __add__(self, other: ModelDemand) -> ModelDemand:
         """Two sources' load on one model (two agents' reports, say): counts and
         rates summed, mean tokens per request averaged weighted by arrival rate."""
+
         def mean(a: float, b: float) -> float:
             if not a or not b:
                 return a or b
             rates = self.arrival_rate + other.arrival_rate
             return (a * self.arrival_rate + b * other.arrival_rate) / rates if rates > 0 else (a + b) / 2
 
-        return ModelDemand(self.arrival_rate + other.arrival_rate, self.queued + other.queued,
-                           self.running + other.running, self.kv_demand_bytes + other.kv_demand_bytes,
-                           self.busy_fraction + other.busy_fraction,
-                           mean(self.mean_prompt_tokens, other.mean_prompt_tokens),
-                           mean(self.mean_output_tokens, other.mean_output_tokens),
-                           self.recent_arrival_rate + other.recent_arrival_rate)
+        return ModelDemand(
+            self.arrival_rate + other.arrival_rate,
+            self.queued + other.queued,
+            self.running + other.running,
+            self.kv_demand_bytes + other.kv_demand_bytes,
+            self.busy_fraction + other.busy_fraction,
+            mean(self.mean_prompt_tokens, other.mean_prompt_tokens),
+            mean(self.mean_output_tokens, other.mean_output_tokens),
+            self.recent_arrival_rate + other.recent_arrival_rate,
+        )
 
 
 def with_waiting(demand: Mapping[str, ModelDemand], waiting: Mapping[str, int]) -> dict[str, ModelDemand]:

@@ -34,8 +34,9 @@ def time_share_policy(snapshot: ClusterSnapshot, params: PolicyParams = PolicyPa
         if current:
             chosen = current[0].model_name  # the one on the GPU keeps it while it has demand
         elif hot:
-            chosen = max(hot, key=lambda m: (snapshot.demand_of(m.model_name).arrival_rate, m.priority,
-                                             m.model_name)).model_name
+            chosen = max(
+                hot, key=lambda m: (snapshot.demand_of(m.model_name).arrival_rate, m.priority, m.model_name)
+            ).model_name
         else:
             chosen = None
         for m in models:
