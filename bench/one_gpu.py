@@ -80,6 +80,8 @@ SIZES = {size: (common.GPU_CONFIGS[size], ttft_ms) for size, ttft_ms in TTFT_MS_
 TPOT_MS = 100.0
 POLICIES = ("prism", "kvpr", "time-share", "static")
 REPLAN_S = 0.5
+# After a reset's idle the scheduler starts afresh; its first plans (every REPLAN_S) come before the point.
+RESET_FIRST_PLAN_S = 2.0
 MAX_CONTEXT = 8192
 THRESHOLDS = (0.9, 0.99)
 FORESIGHT = "+foresight"  # the name suffix of a run that plans on the trace's future (--foresight-s)
@@ -308,14 +310,17 @@ def run_policies_sharing_engines(
 
 
 def reset_cluster(cluster: LocalCluster, policy: str, entries: list[dict], args: argparse.Namespace) -> None:
-    """Every point starts from the same state: the cluster's scheduler restarted with `policy` (its
-    demand memory empty), every engine switched off (as at a cluster's start), then --reset-settle-s
-    idle, so that the agents' request statistics forget the last point's traffic (their 60 s window).
-    Without it a point began where the last one ended: each rate's trace has the same groups, so a
-    policy that keeps engines on started its second point with that point's first group already on,
-    and one that switches idle engines off did not (H100, 2026-12-07: kvpr 81.9% within SLO at 8
-    req/s after a reset and 97.5% at 14 after the 8 req/s point, with one activation; the simulator,
-    which starts every point afresh, 96.3% and 87.5%)."""
+    """Every point starts from the same state: every engine switched off (as at a cluster's start) and
+    --reset-settle-s idle with the scheduler stopped, so that the agents' request statistics forget the
+    last point's traffic (their 60 s window), then the scheduler started afresh with `policy` (its demand
+    memory empty) and RESET_FIRST_PLAN_S for its first plans. Without it a point began where the last one
+    ended: each rate's trace has the same groups, so a policy that keeps engines on started its second
+    point with that point's first group already on, and one that switches idle engines off did not
+    (H100, 2026-12-07: kvpr 81.9% within SLO at 8 req/s after a reset and 97.5% at 14 after the 8 req/s
+    point, with one activation; the simulator, which starts every point afresh, 96.3% and 87.5%). The
+    scheduler stays stopped through the idle: started before it, kvpr's plan switched the last point's
+    engines back on from the agents' windows, which still held that traffic, and kept them on into the
+    next point (73.9% at 8 req/s, 2026-12-07; simulated 88.3%)."""
     import grpc
 
     from prism_client.v1 import agent_pb2, agent_pb2_grpc
@@ -326,9 +331,33 @@ def reset_cluster(cluster: LocalCluster, policy: str, entries: list[dict], args:
         stub = agent_pb2_grpc.AgentStub(channel)
         for entry in entries:
             stub.DeactivateModel(agent_pb2.ModelRequest(model=entry["model_name"], force=True), timeout=60)
-    cluster.spawn_scheduler("scheduler")
-    print(f"reset: scheduler now {policy}; every engine off; idle {args.policy_settle_s:g}s", flush=True)
+    print(f"reset: every engine off; idle {args.policy_settle_s:g}s; scheduler then {policy}", flush=True)
     time.sleep(args.policy_settle_s)
+    cluster.spawn_scheduler("scheduler")
+    wait_serving(cluster.scheduler_addresses["scheduler"], timeout_s=60)
+    time.sleep(min(RESET_FIRST_PLAN_S, args.policy_settle_s))
+
+
+def wait_serving(address: str, timeout_s: float) -> None:
+    """Returns once the gRPC server at `address` answers its health check SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
+                    return
+            except grpc.RpcError:
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{address} not serving after {timeout_s:g}s")
+            time.sleep(0.2)
 
 
 def run_points(
@@ -378,6 +407,18 @@ def measured_reserve_bytes(points: list[dict]) -> int:
     return int(values[len(values) // 2] * 1e9) if values else 0
 
 
+def point_reserve_bytes(rate: float, live_points: list[dict] | None, args: argparse.Namespace) -> int:
+    """The reserve the simulated GPU keeps at this rate: what the live point at the rate measured, else the
+    run's (measured_reserve_bytes), else the configured --reserve-gb. Point by point, since the processes
+    hold more the longer they have served: on the H100 (2026-12-07) the agent kept 16-21 GB through a
+    cluster's first point and 26-29 GB through its fourth."""
+    configured = int(args.reserve_gb * (1 << 30))
+    if not live_points:
+        return configured
+    at_rate = [p for p in live_points if p["rate"] == rate]
+    return measured_reserve_bytes(at_rate) or measured_reserve_bytes(live_points) or configured
+
+
 def simulate_points(
     policy: str,
     served_names: list[str],
@@ -389,33 +430,32 @@ def simulate_points(
     foresight_s: float = 0.0,
 ) -> list[dict]:
     """Each rate's trace through the simulator (the same policy code, the card's profile); a static
-    run's unconfigured models' requests count as missed, as they fail live. live_points: the live run's,
-    whose measured reserve (measured_reserve_bytes) the simulated GPU keeps, where the samples have it."""
+    run's unconfigured models' requests count as missed, as they fail live. live_points: the live run's;
+    the simulated GPU keeps the reserve each point measured (point_reserve_bytes)."""
     from prism.simulator.profile import LatencyProfile
     from prism.simulator.runner import SimSettings, simulate
     from prism.workload.trace import Trace
 
     served = [e for e in served_entries(policy, entries, args, memory_bytes) if e["model_name"] in served_names]
-    reserve_bytes = measured_reserve_bytes(live_points) if live_points else int(args.reserve_gb * (1 << 30))
     models = list(parse_config(config_of(served, policy)).models)
     names = {m.model_name for m in models}
     profile = LatencyProfile.load(args.profile)
-    # The live engines were loaded a minute or more before the traffic (stats_lead_s): a first burst reads
-    # as a burst, not as a rate that lasted the whole report window.
-    settings = SimSettings(
-        num_gpus=1,
-        gpus_per_agent=1,
-        policy=policy,
-        gpu_memory_bytes=memory_bytes,
-        memory_policy="static" if policy == "static" else "balloon",
-        replan_interval_s=REPLAN_S,
-        memory_reserve_bytes=reserve_bytes or int(args.reserve_gb * (1 << 30)),
-        stats_lead_s=60.0,
-        foresight_s=foresight_s,
-    )
     slo = slo_targets(entries)
     out = []
     for rate in rates:
+        # The live engines were loaded a minute or more before the traffic (stats_lead_s): a first burst reads
+        # as a burst, not as a rate that lasted the whole report window.
+        settings = SimSettings(
+            num_gpus=1,
+            gpus_per_agent=1,
+            policy=policy,
+            gpu_memory_bytes=memory_bytes,
+            memory_policy="static" if policy == "static" else "balloon",
+            replan_interval_s=REPLAN_S,
+            memory_reserve_bytes=point_reserve_bytes(rate, live_points, args),
+            stats_lead_s=60.0,
+            foresight_s=foresight_s,
+        )
         trace = bursty_group_trace(trace_params(args, len(entries), rate), [e["model_name"] for e in entries])
         kept = Trace(tuple(r for r in trace.requests if r.model in names), trace.metadata)
         result = simulate(kept, models, profile, settings, slo)

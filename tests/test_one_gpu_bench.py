@@ -177,5 +177,5 @@ def test_the_cpu_dry_run_replays_each_policys_points_on_shared_engines_from_a_re
     log = (tmp_path / "state" / "prism" / "logs" / "scheduler.log").read_text()
     starts = [line for line in log.splitlines() if ", policy " in line]
     assert [("prism" if ", policy prism," in s else "time-share") for s in starts] == ["prism"] * 2 + ["time-share"] * 2
-    assert capsys.readouterr().out.count("reset: scheduler now") == 3
+    assert capsys.readouterr().out.count("reset: every engine off") == 3
     assert not (tmp_path / "state" / "time-share").exists()
