@@ -63,7 +63,8 @@ def summarize(lines) -> dict:
     counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     captures = {"n": 0, "seconds": 0.0}
     requests: dict[str, dict[str, float | str]] = defaultdict(dict)
-    intervals: list[tuple[float, float, str, int, int, str]] = []  # (start, end, engine, decode, prefill, kind)
+    # (start, end, engine, decode, prefill tokens, prefill seqs, kind)
+    intervals: list[tuple[float, float, str, int, int, int, str]] = []
     for raw in lines:
         m = LINE.match(raw.rstrip("\n"))
         if not m:
@@ -71,8 +72,9 @@ def summarize(lines) -> dict:
         stamp, _level, _service, rid, _logger, message = m.groups()
         t = _time(stamp)
         if s := STEP.match(message):
-            engine, decode, prefill, _seqs, kind, ms = s.groups()
-            intervals.append((t - float(ms) / 1e3, t, engine, int(decode), int(prefill), kind))  # logged at its end
+            engine, decode, prefill, seqs, kind, ms = s.groups()
+            # logged at its end
+            intervals.append((t - float(ms) / 1e3, t, engine, int(decode), int(prefill), int(seqs), kind))
             label = "prefill" if int(prefill) else f"decode-{kind}"
             steps[engine][label].append(float(ms))
             if label == "prefill":
@@ -136,18 +138,33 @@ def summarize(lines) -> dict:
 CONCURRENCY_BINS = ((1.0, 1.05), (1.05, 2.0), (2.0, 3.0), (3.0, 4.0), (4.0, 5.0), (5.0, float("inf")))
 
 
+def step_class(decode: int, prefill: int, kind: str) -> str | None:
+    """Which contention table a step goes into: "" for a CUDA-graph decode step (the group's own table,
+    what fit_profile's parallelism_by_size reads), " mixed" for an eager step of decoding sequences and
+    prompt tokens, " prefill" for prompt tokens alone; None for an eager pure decode step."""
+    if prefill:
+        return " mixed" if decode else " prefill"
+    return "" if kind == "graph" else None
+
+
 def contention(intervals: list[tuple], alone_s, group_of) -> dict:
-    """How much slower the CUDA-graph decode steps ran than alone, by how many engines' steps ran beside
-    them: a step's concurrency is 1 plus the other engines' step time overlapping it, over its own time;
-    its slowdown its wall time over alone_s(engine, decode) (the profile's alone step). Per group_of(engine)
-    and concurrency bin: steps, median slowdown, and the median of concurrency / slowdown (the parallelism
-    the simulator's processor sharing would need for that step: 1 when the steps took turns)."""
+    """How much slower the steps ran than alone, by how many engines' steps ran beside them: a step's
+    concurrency is 1 plus the other engines' step time overlapping it, over its own time; its slowdown
+    its wall time over alone_s(engine, decode, prefill, prefill_seqs) (the profile's alone step). Per
+    group_of(engine), kind of step (step_class: CUDA-graph decode steps under the group's name, eager
+    steps with prompt tokens under "GROUP mixed" and "GROUP prefill") and concurrency bin: steps, median
+    slowdown, and the median of concurrency / slowdown (the parallelism the simulator's processor
+    sharing would need for that step: 1 when the steps took turns). On the H100 (2026-12-07,
+    one_gpu-h100-arrivals-steps.txt's cluster) the steps with prompt tokens shared the GPU far better
+    than the decode steps did: beside 5 or more engines the 1B's and 3B's decode steps took 4.2-4.4x
+    their alone time (parallelism 1.35-1.42), their mixed steps 1.3-1.6x (3.7-4.7)."""
     ordered = sorted(intervals)
     starts = [i[0] for i in ordered]
     longest = max((b - a for a, b, *_ in ordered), default=0.0)
     rows: dict[str, dict[int, list[tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
-    for index, (a, b, engine, decode, prefill, kind) in enumerate(ordered):
-        alone = alone_s(engine, decode) if kind == "graph" and not prefill else None
+    for a, b, engine, decode, prefill, seqs, kind in ordered:
+        cls = step_class(decode, prefill, kind)
+        alone = alone_s(engine, decode, prefill, seqs) if cls is not None else None
         if not alone or b <= a:
             continue
         overlap = 0.0
@@ -158,7 +175,7 @@ def contention(intervals: list[tuple], alone_s, group_of) -> dict:
         concurrency = 1 + overlap / (b - a)
         slowdown = (b - a) / alone
         bin_index = next(i for i, (lo, hi) in enumerate(CONCURRENCY_BINS) if lo <= concurrency < hi)
-        rows[group_of(engine)][bin_index].append((slowdown, concurrency / slowdown))
+        rows[f"{group_of(engine)}{cls}"][bin_index].append((slowdown, concurrency / slowdown))
     return {
         group: {
             f"{CONCURRENCY_BINS[i][0]:g}-{CONCURRENCY_BINS[i][1]:g}": {
@@ -184,13 +201,12 @@ def alone_step_of(models_json: Path, profile_json: Path, context_tokens: int):
     models = {m.model_name: m for m in parse(json.loads(models_json.read_text()), models_json.parent).models}
     sims = {name: sim_model(m) for name, m in models.items()}
 
-    def alone_s(engine: str, decode: int) -> float | None:
+    def alone_s(engine: str, decode: int, prefill: int = 0, prefill_seqs: int = 0) -> float | None:
         sim = sims.get(engine)
-        return (
-            profile.step_s(sim.weight_bytes, decode, decode * context_tokens * sim.kv_bytes_per_token, 0)
-            if sim
-            else None
-        )
+        if sim is None:
+            return None
+        context = decode * context_tokens * sim.kv_bytes_per_token
+        return profile.step_s(sim.weight_bytes, decode, context, prefill, max(1, prefill_seqs))
 
     return alone_s, lambda engine: Path(models[engine].model_path).name if engine in models else engine
 
