@@ -34,6 +34,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from services.common.request_sizes import DEFAULT_OUTPUT_TOKENS, DEFAULT_PROMPT_TOKENS
+
 
 @dataclass(frozen=True)
 class ResidentEngine:
@@ -56,7 +58,7 @@ class ResidentEngine:
 # 1.1 at 8 req/s on 0-3): prism +1.5/-0.5, time-share +1.8/+0.8, kvpr +1.2/+5.9 at 14/17 req/s.
 ARRIVALS_KEPT_S = 1.0
 # Tokens a request brings when the engine has finished none yet (the policies' defaults too).
-DEFAULT_REQUEST_TOKENS = 512 + 128
+DEFAULT_REQUEST_TOKENS = DEFAULT_PROMPT_TOKENS + DEFAULT_OUTPUT_TOKENS
 
 
 def arriving_tokens(

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from services.common.placement_config import ModelConfig
+from services.common.request_sizes import DEFAULT_OUTPUT_TOKENS, DEFAULT_PROMPT_TOKENS
 from services.common.step_costs import DEFAULT_STEP_TOKENS
 from services.scheduler.policies.compute import H200_COMPUTE_COSTS, ComputeCosts
 
@@ -147,9 +148,9 @@ class PolicyParams:
     # on for nothing blocks the next burst's activations: there a model of a few requests a second is
     # switched on by its requests (a tenth to four tenths of a second) rather than kept on.
     warm_rate_oversubscribed: float = 2.0
-    # Tokens per request when the reports have none yet.
-    default_prompt_tokens: float = 512.0
-    default_output_tokens: float = 128.0
+    # Tokens per request when the reports have none yet (services/common/request_sizes.py).
+    default_prompt_tokens: float = float(DEFAULT_PROMPT_TOKENS)
+    default_output_tokens: float = float(DEFAULT_OUTPUT_TOKENS)
     # KV bytes per token per weight byte, for a model whose KV geometry is not in the snapshot.
     kv_bytes_per_weight_byte: float = 1.2e-5
     # Standby replicas (prism): this many more engines of each placed model that runs one, switched
