@@ -17,11 +17,14 @@ pytest_plugins = ("test_gateway_support",)
 
 def pytest_collection_modifyitems(config, items):
     """Marks each test with its module's tier (tests/tiers.py): `pytest -m unit`, `-m cluster`, `-m cuda`,
-    `-m lint`."""
+    `-m lint`; the lint tier runs first, so that CI reports a formatting or type error before the rest."""
+    tiers = {}
     for item in items:
         tier = TIERS.get(item.module.__name__.rsplit(".", 1)[-1]) if item.module is not None else None
+        tiers[item.nodeid] = tier
         if tier is not None:
             item.add_marker(getattr(pytest.mark, tier))
+    items.sort(key=lambda item: tiers[item.nodeid] != "lint")  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session")
