@@ -38,7 +38,7 @@ from services.gpu_agent.request_stats import percentile  # noqa: E402  the agent
 LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\w+) (\S+) \[([^\]]*)\] ([\w.]+): (.*)$")
 STEP = re.compile(r"engine (\S+) step: (\d+) decode, (\d+) prefill tokens in (\d+) seqs, (graph|eager), ([\d.]+) ms")
 CAPTURE = re.compile(r"captured the decode graph for batch (\d+), width (\d+) in ([\d.]+)s")
-ENGINE_EVENT = re.compile(r"engine ([^\s:]+):? (activated in|deactivated|memory limit)")
+ENGINE_EVENT = re.compile(r"engine ([^\s:]+):? (activated in|deactivated|memory limit|admission waits for KV)")
 
 
 def _time(stamp: str) -> float:

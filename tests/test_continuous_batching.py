@@ -14,6 +14,7 @@ import torch
 
 from prism.tiny_models import write_tiny_model
 from services.gpu_agent.engine import Engine, GenerationRequest
+from services.gpu_agent.engine import engine as engine_module
 from services.gpu_agent.engine.batch_scheduler import BatchScheduler
 from services.gpu_agent.engine.kv_pool import KVGeometry, PagePool
 from services.gpu_agent.engine.model_runner import WARMUP_NEW_TOKENS, WARMUP_PROMPT_TOKENS
@@ -124,6 +125,24 @@ def test_a_sequence_over_the_limit_waits_and_lets_smaller_ones_pass():
     assert run_step(sched) == [("small", 2, 1), ("big", 0, 5)]
 
 
+def test_admission_that_stops_for_want_of_slots_says_what_the_head_needed_and_the_pool_had():
+    # The engine's step log prints it (kv_short): with a kvcached pool the pool can have fewer free
+    # slots than the limit leaves room for (it maps only pages the card has free).
+    sched = scheduler(limit_tokens=10)
+    a, b = seq("a", 6), seq("b", 6)
+    sched.add(a)
+    sched.add(b)
+    result = sched.schedule()
+    assert [i.seq for i in result.batch] == [a] and list(sched.waiting) == [b]
+    assert result.kv_short == (6, 4)  # b's 6 prompt slots; 10 - 6 are free
+    a.num_cached = 6
+    a.token_ids.append(2)  # the step ran: a decodes from now on
+    # a's next slot taken (3 free), and b would need one more kept for a's token after: 7.
+    assert sched.schedule().kv_short == (7, 3)
+    sched.remove(a)
+    assert sched.schedule().kv_short is None
+
+
 def test_a_running_sequence_squeezed_below_its_size_waits_for_the_limit():
     sched = scheduler(limit_tokens=20)
     a = seq("a", 8)
@@ -217,6 +236,23 @@ async def test_batched_chunked_equals_one_at_a_time_and_the_reference(engine_fac
     for req, out in zip(reqs, together):
         assert out == reference.greedy(engine.tokenize_prompt(req), req.max_tokens), req.request_id
     assert most_running > 2
+    await wait_idle(engine)
+
+
+async def test_the_step_log_says_when_admission_waits_for_kv(engine_factory, reference, caplog, monkeypatch):
+    # PRISM_ENGINE_STEP_LOG's line for bench/step_log_summary.py: the queue's head, the pool's free slots
+    # and the limit's room (here the limit itself holds it back: room and free agree).
+    monkeypatch.setattr(engine_module, "STEP_LOG", True)
+    engine = engine_factory(step_tokens=64, kv_page_bytes=4 * SLOT)
+    reqs = [greedy(p, 12, f"w{i}") for i, p in enumerate(PROMPTS[:3])]
+    longest = max(len(engine.tokenize_prompt(r)) for r in reqs) + 12
+    engine.set_memory_limit((longest + 8) * engine.kv_bytes_per_token)  # one request at a time, about
+    with caplog.at_level(logging.INFO, logger="services.gpu_agent.engine"):
+        results = await asyncio.gather(*(tokens_of(engine, r) for r in reqs))
+    for req, out in zip(reqs, results):
+        assert out == reference.greedy(engine.tokenize_prompt(req), req.max_tokens)
+    waits = [r.getMessage() for r in caplog.records if "admission waits for KV" in r.getMessage()]
+    assert waits and all("the queue's head needs" in w and "the limit room for" in w for w in waits)
     await wait_idle(engine)
 
 

@@ -63,6 +63,9 @@ class ScheduleResult:
     batch: list[ScheduledSeq] = field(default_factory=list)  # decoding ones first
     too_big: list[Sequence] = field(default_factory=list)  # cannot fit even alone; removed
     preempted: list[Sequence] = field(default_factory=list)  # moved back to waiting
+    # Admission stopped for want of slots: (the slots the queue's head needed, the pool's free slots then).
+    # Under its limit, a kvcached pool can still be short of the pages the card has free.
+    kv_short: tuple[int, int] | None = None
 
     @property
     def num_decode(self) -> int:
@@ -255,6 +258,7 @@ class BatchScheduler:
             slots = self._alloc(count) if self.pool.free_tokens >= count + headroom else None
             if slots is None:
                 self._unmatch(seq)
+                result.kv_short = (count + headroom, self.pool.free_tokens)
                 break
             del self.waiting[position]
             if self.cache is not None:

@@ -686,6 +686,8 @@ class Engine:
                 log.info("preempted at %d tokens (KV limit)", len(seq.token_ids), extra=_rlog(seq))
             for seq in result.too_big:
                 self._too_big(seq)
+            if STEP_LOG and result.kv_short is not None:
+                self._log_kv_short(*result.kv_short)
             plan = result.batch
             self._in_step = {item.seq for item in plan}
         started = time.perf_counter()
@@ -774,6 +776,24 @@ class Engine:
             )
             self._lock.wait(timeout=self._out_of_memory_wait_s)  # stop() wakes it
         self._out_of_memory_wait_s = min(2 * self._out_of_memory_wait_s, OOM_MAX_WAIT_S)
+
+    def _log_kv_short(self, needed: int, free: int) -> None:
+        """Under _lock, for the step log: the queue's head waits for slots. Where the limit leaves room
+        for it, the pool could not map the pages (kvcached counts only what the card has free): the
+        agent's accounting promised memory the device does not have (H100, 2026-12-07: an 8B switched
+        on beside another 8B's weights coming in ran one-sequence steps for 1.3 s, its queue waiting)."""
+        pool = self._pool
+        if pool is None:
+            return
+        room = pool.limit_state().effective_limit_bytes // pool.geometry.token_bytes - pool.used_tokens
+        log.info(
+            "engine %s: admission waits for KV: the queue's head needs %d slots, the pool has %d free, "
+            "the limit room for %d",
+            self.name,
+            needed,
+            free,
+            room,
+        )
 
     def _fail_split(self, why: str) -> None:
         """A step of this split engine failed: its other ranks are left inside the step's collectives (or
