@@ -339,25 +339,17 @@ def reset_cluster(cluster: LocalCluster, policy: str, entries: list[dict], args:
 
 
 def wait_serving(address: str, timeout_s: float) -> None:
-    """Returns once the gRPC server at `address` answers its health check SERVING."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    """Returns once the gRPC server at `address` answers its health check SERVING (health_probe.probe)."""
+    from services.common.health_probe import probe
 
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                if (
-                    stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status
-                    == health_pb2.HealthCheckResponse.SERVING
-                ):
-                    return
-            except grpc.RpcError:
-                pass  # not listening yet
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{address} not serving after {timeout_s:g}s")
-            time.sleep(0.2)
+    while True:
+        serving, why = probe(address, timeout_s=2)
+        if serving:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not serving after {timeout_s:g}s: {why}")
+        time.sleep(0.2)
 
 
 def run_points(
