@@ -166,3 +166,45 @@ async def test_a_reading_that_does_not_hold_is_not_overhead():
         clock.now += 2.0
         assert coordinator.observe_overhead() == 4 * GIB
     assert coordinator.reserve_now() == 4 * GIB + OVERHEAD_MARGIN_BYTES
+
+
+async def test_an_engine_being_switched_on_keeps_its_weights_and_limit_from_plans_and_grants():
+    """Between prepare_activation and the engine's state turning active its weights are being copied in:
+    the coordinator's periodic plans and admission's grants must not hand that memory (or the limit
+    prepared for it) to the engines already on."""
+    serving, arriving = CudaReadingEngineFake(16 * GIB), CudaReadingEngineFake(16 * GIB)
+    serving.demand_tokens = (200 * GIB) // serving.kv_bytes_per_token  # wants more than the device has
+    clock = Clock()
+    coordinator = coordinator_with({"a": (serving, "active"), "b": (arriving, "inactive")}, clock)
+    a, b = coordinator.manager.engines["a"], coordinator.manager.engines["b"]
+    # Without b: a's limit may reach 80 - 16 - 4 GiB.
+    assert coordinator.snapshot().budget_bytes == 60 * GIB
+    # b is switched on: its prepared limit is set, its weights are on the way (the activation lock is held).
+    await b.activation_lock.acquire()
+    b.memory_limit_bytes = 3 * GIB
+    assert coordinator.snapshot().budget_bytes == 60 * GIB - 16 * GIB - 3 * GIB
+    assert coordinator.memory_split().kv_budget_bytes == 60 * GIB - 16 * GIB - 3 * GIB
+    # The plan during the copy grows a no further than that budget...
+    a.memory_limit_bytes = 40 * GIB
+    plan = coordinator._policy(coordinator.snapshot(), coordinator.params)
+    assert plan["a"] <= 41 * GIB and "b" not in plan
+    # ... and a grant finds none of b's memory unassigned.
+    a.memory_limit_bytes = 41 * GIB
+    assert await coordinator.grant(a, 2 << 20) is False
+    # prepare_activation's own plan (b counted as active, `also`) does not count b twice.
+    assert coordinator.snapshot(also=b).budget_bytes == 60 * GIB - 16 * GIB
+    # A third engine asking for room meanwhile counts b's weights and prepared limit, not a page bundle:
+    # with a just served (not idle long enough to step aside), c's 16 GiB fit beside a small limit of
+    # b's (80 - 4 reserve - 16 a - 16 b - 3 = 41 GiB free) but not beside a large one (14 GiB free).
+    coordinator.manager.engines["c"] = ManagedEngine(
+        spec=EngineSpec(name="c", path="/m/c"), gpu_ids=(0,), state="inactive", engine=CudaReadingEngineFake(16 * GIB)
+    )
+    c = coordinator.manager.engines["c"]
+    a.memory_limit_bytes, serving.demand_tokens = 2 * GIB, 0
+    a.request_stats.arrived()
+    a.request_stats.ended()
+    assert coordinator.room_to_activate(c) == []
+    b.memory_limit_bytes = 30 * GIB
+    assert coordinator.room_to_activate(c) is None
+    b.activation_lock.release()
+    assert coordinator.room_to_activate(c) == []  # b's switch-on given up: its memory is free again

@@ -159,6 +159,17 @@ class MemoryCoordinator:
             if m.engine is not None and m.state == "inactive" and m.activation_lock.locked() and m is not besides
         ]
 
+    def _arriving_bytes(self, besides: ManagedEngine | None = None) -> int:
+        """What the engines being switched on here (but `besides`) hold or are about to: their weights,
+        on their way onto the device, and the KV limit prepare_activation gave them, at least a page
+        bundle. No plan or grant hands it to another engine until they are active and planned with the
+        rest (H100, 2026-12-07: plans run while an 8B's weights were coming in gave another 8B a limit
+        of 3.4 GB the device did not have; it ran one sequence at a time for 1.3 s, its queue waiting)."""
+        return sum(
+            self._taken_bytes(m) + (max(self._kv_floor_bytes(m), m.memory_limit_bytes) if self._plans(m) else 0)
+            for m in self._switching_on(besides)
+        )
+
     def _plans(self, m: ManagedEngine) -> bool:
         """Whether this device's policy sets the engine's limit: yes for an engine
         whose first device this is, unless its KV is fixed (a split built-in engine)."""
@@ -179,8 +190,10 @@ class MemoryCoordinator:
             default=DEFAULT_UNIT_BYTES,
         )
 
-    def budget_bytes(self, active: list[ManagedEngine]) -> int:
-        taken = sum(self._taken_bytes(m) for m in active)
+    def budget_bytes(self, active: list[ManagedEngine], arriving_bytes: int = 0) -> int:
+        """The KV the engines planned here may share: the device less the weights (and unplanned KV) of
+        `active`, what engines being switched on beside them hold (arriving_bytes), and the reserve."""
+        taken = sum(self._taken_bytes(m) for m in active) + arriving_bytes
         budget = max(0, self.device.memory_bytes - taken - self.reserve_now())
         return min(budget, self.kv_budget_cap_bytes) if self.kv_budget_cap_bytes > 0 else budget
 
@@ -264,7 +277,7 @@ class MemoryCoordinator:
             )
         self.recent_demand.forget_all_but({m.spec.name for m in active})
         return DeviceMemorySnapshot(
-            budget_bytes=self.budget_bytes(active),
+            budget_bytes=self.budget_bytes(active, self._arriving_bytes(besides=also)),
             unit_bytes=self.unit_bytes(self._planned(active)),
             engines=tuple(engines),
         )
@@ -314,7 +327,7 @@ class MemoryCoordinator:
         kept = {m.spec.name: self._kv_kept_bytes(m) for m in others}
         # Another activation under way needs its room too (the scheduler activates models concurrently:
         # on the H100 two did, each counted room the other then took, and both ran out of memory).
-        arriving = sum(self._taken_bytes(m) + self._kv_floor_bytes(m) for m in self._switching_on(activating))
+        arriving = self._arriving_bytes(besides=activating)
         free = self.device.memory_bytes - self.reserve_now() - sum(self._taken_bytes(m) for m in others) - arriving
         residents = [self._resident(m, kept[m.spec.name]) for m in others]
         need = self._taken_bytes(activating) + self._kv_floor_bytes(activating)
@@ -415,7 +428,7 @@ class MemoryCoordinator:
     def memory_split(self) -> DeviceMemorySplit:
         engines = self.engines()
         active = self._active()
-        budget = self.budget_bytes(active)
+        budget = self.budget_bytes(active, self._arriving_bytes())
         rows = []
         for m in engines:
             stats = m.engine.stats() if m.engine is not None else None
