@@ -73,6 +73,7 @@ from prism.workload.generator import BurstyGroupParams, bursty_group_trace
 from prism.workload.replay import SloTargets, replay, report
 from services.common.etcd_server import free_port
 from services.common.placement_config import parse as parse_config
+from services.gpu_agent.devices import gpu_memory_bytes
 
 CONFIGS = common.ROOT / "bench" / "configs"
 TTFT_MS_BY_SIZE = {"1b": 1000.0, "3b": 1000.0, "8b": 2000.0}
@@ -172,13 +173,15 @@ def device_memory_bytes(args: argparse.Namespace) -> int:
         return int(args.cpu_memory_gb * (1 << 30))
     import torch  # only for the card's size; the runs are in the cluster's processes
 
-    return torch.cuda.get_device_properties(0).total_memory
+    return gpu_memory_bytes(torch.cuda.get_device_properties(0).total_memory, args.gpu_memory_gb)
 
 
 def start_cluster(policy: str, args: argparse.Namespace, entries: list[dict], state: Path) -> LocalCluster:
     config = state / f"models-{policy}.json"
     config.write_text(json.dumps(config_of(entries, policy), indent=1))
     agent_args = ["--spare-workers", "0", "--memory-reserve-gb", str(args.reserve_gb), "--cuda-mps", args.cuda_mps]
+    if args.gpu_memory_gb:
+        agent_args += ["--gpu-memory-gb", str(args.gpu_memory_gb)]
     if policy == "static":
         agent_args += ["--memory-policy", "static"]
     cluster = LocalCluster(
@@ -591,10 +594,12 @@ def print_tables(payload: dict) -> None:
     sizes = {}
     for m in models:
         sizes[m["size"]] = sizes.get(m["size"], 0) + 1
+    capped = ", the card capped" if settings.get("gpu_memory_gb") else ""
     print(
         f"\n{payload.get('device', settings['device'])}: {len(models)} models "
         f"({', '.join(f'{n} x {s}' for s, n in sizes.items())}, {payload['fleet_weight_gb']:.1f} GB of weights "
-        f"on {settings['memory_bytes'] / 2**30:.1f} GiB); trace {settings['duration']:g} s a point, groups of "
+        f"on {settings['memory_bytes'] / 2**30:.1f} GiB{capped}); "
+        f"trace {settings['duration']:g} s a point, groups of "
         f"{settings['group_size']} shifting every {settings['shift_s']:g} s, seed {settings['seed']}"
     )
     rows = []
@@ -761,6 +766,13 @@ def main() -> None:
         "restarted, every engine off (60: the agents' stats window)",
     )
     p.add_argument(
+        "--gpu-memory-gb",
+        type=float,
+        default=0.0,
+        help="the agent's --gpu-memory-gb: plan the card as this many GiB (default 0: all of it); on an "
+        "H200, 79.19 runs it as an H100 (the fleet is 1.3x an H100's memory, not an H200's)",
+    )
+    p.add_argument(
         "--reserve-gb",
         type=float,
         default=None,
@@ -890,7 +902,9 @@ def live_runs(args: argparse.Namespace, entries: list[dict], state: Path, out_pa
         )
     print(
         f"{len(entries)} models, {payload['fleet_weight_gb']:.1f} GB of weights, on "
-        f"{settings['memory_bytes'] / 2**30:.1f} GiB ({args.device})",
+        f"{settings['memory_bytes'] / 2**30:.1f} GiB ({args.device}"
+        + (f", the card capped at {args.gpu_memory_gb:g} GiB" if args.gpu_memory_gb else "")
+        + ")",
         flush=True,
     )
     runs: list[dict] = []

@@ -64,6 +64,7 @@ TIERS = {
     "test_make_room": "unit",
     "test_memory_coordination": "cluster",
     "test_memory_overhead": "unit",
+    "test_devices": "unit",
     "test_memory_policy": "unit",
     "test_model_roots": "unit",
     "test_model_options": "cluster",

@@ -163,6 +163,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--cpu-memory-gb", type=float, default=4.0, help="memory budget of the CPU device")
     p.add_argument(
+        "--gpu-memory-gb",
+        type=float,
+        default=0.0,
+        help="plan each GPU as having at most this much memory, GiB (default 0: all of it): a card shared "
+        "with something else, or a larger card standing in for a smaller one",
+    )
+    p.add_argument(
         "--cpu-devices",
         type=int,
         default=1,
@@ -328,7 +335,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 async def serve_engines(args: argparse.Namespace) -> None:
     try:
-        devices = discover_devices(args.device, args.cpu_memory_gb, args.cpu_devices)
+        devices = discover_devices(args.device, args.cpu_memory_gb, args.cpu_devices, args.gpu_memory_gb)
     except ValueError as exc:
         raise SystemExit(f"agent: {exc}") from None
     try:
