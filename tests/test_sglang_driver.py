@@ -109,6 +109,9 @@ def test_environment_enables_kvcached_per_engine():
     long = SGLangLaunchConfig(name="x" * 100, model_path="/m", port=40000)
     assert len(long.kvcached_ipc_name) <= 64 and long.kvcached_ipc_name.endswith("_40000")
     assert build_env(replace(a, extra_env=(("KVCACHED_PAGE_SIZE_MB", "4"),)), base)["KVCACHED_PAGE_SIZE_MB"] == "4"
+    # kvcached's own headroom is off (the agent's reserve is the headroom), unless the operator set one.
+    assert env_a["KVCACHED_GPU_UTILIZATION"] == "1.0"
+    assert build_env(a, {**base, "KVCACHED_GPU_UTILIZATION": "0.9"})["KVCACHED_GPU_UTILIZATION"] == "0.9"
 
 
 def test_launch_config_refuses_what_cannot_run():

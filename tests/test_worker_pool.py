@@ -56,6 +56,12 @@ async def tokens_of(engine: RemoteEngine, req: GenerationRequest) -> list[int]:
     return [t async for out in engine.generate(req) for t in out.token_ids]
 
 
+def process_environ(pid: int) -> dict[str, str]:
+    """The environment a process was started with (Linux)."""
+    items = Path(f"/proc/{pid}/environ").read_text().split("\0")
+    return dict(item.split("=", 1) for item in items if "=" in item)
+
+
 async def eventually(check, what: str, timeout_s: float = HANG_GUARD_S) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
@@ -126,6 +132,11 @@ async def test_a_load_is_served_by_the_prestarted_spare_and_a_replacement_appear
     replacement_info = await asyncio.wait_for(replacement.wait_ready(), HANG_GUARD_S)
     assert not replacement_info.model_loaded
     assert engine.max_context == 256 and engine.weight_bytes > 0
+    # The worker's kvcached runs without its own memory headroom (the agent's reserve is the headroom;
+    # services/gpu_agent/kvcached_env.py), in a KV accounting segment no other worker shares.
+    spare_env, replacement_env = process_environ(spare_pid), process_environ(replacement.pid)
+    assert spare_env["KVCACHED_GPU_UTILIZATION"] == "1.0"
+    assert spare_env["KVCACHED_IPC_NAME"] != replacement_env["KVCACHED_IPC_NAME"]
 
 
 async def test_without_spares_a_load_starts_a_fresh_worker_and_close_ends_it():

@@ -59,6 +59,7 @@ from services.gpu_agent.devices import Device, discover_devices
 from services.gpu_agent.engine.shared_weights import check_shared_dir, default_shared_dir
 from services.gpu_agent.engine_manager import DEFAULT_DRAIN_TIMEOUT_S, EngineManager, ManagedEngine
 from services.gpu_agent.host_checks import FAIL, WARN, gather_facts, verdicts
+from services.gpu_agent.kvcached_env import apply_to_this_process
 from services.gpu_agent.load_reporter import LoadReporter
 from services.gpu_agent.memory_coordinator import DEFAULT_RELIEVE_IDLE_S, MemoryCoordinator, prepare_activation_on
 from services.gpu_agent.memory_policy import POLICIES
@@ -489,6 +490,7 @@ async def serve_engines(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     setup_logging("agent")
     args = parse_args(argv)
+    apply_to_this_process()  # inline engines' kvcached, imported later in this process
     try:
         asyncio.run(serve(args))
     except EtcdLoginRefused as exc:

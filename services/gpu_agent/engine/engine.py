@@ -779,9 +779,10 @@ class Engine:
 
     def _log_kv_short(self, needed: int, free: int) -> None:
         """Under _lock, for the step log: the queue's head waits for slots. Where the limit leaves room
-        for it, the pool could not map the pages (kvcached counts only what the card has free): the
-        agent's accounting promised memory the device does not have (H100, 2026-12-07: an 8B switched
-        on beside another 8B's weights coming in ran one-sequence steps for 1.3 s, its queue waiting)."""
+        for it, the pool could not map the pages: kvcached maps none while the card has less free than
+        its headroom (KVCACHED_GPU_UTILIZATION, which the agent turns off: kvcached_env.py), so the
+        agent's accounting promised memory the engine could not take (H100, 2026-12-07, headroom on:
+        every such wait of a 12-model run, up to 12.7 s with room for 31,077 tokens under the limit)."""
         pool = self._pool
         if pool is None:
             return

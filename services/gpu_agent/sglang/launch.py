@@ -40,6 +40,8 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+from services.gpu_agent.kvcached_env import with_agent_accounting
+
 LAUNCH_MODULE = "sglang.launch_server"
 KVCACHED_IPC_NAME_MAX = 64
 _IPC_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
@@ -176,6 +178,7 @@ def build_env(config: SGLangLaunchConfig, base: Mapping[str, str] | None = None)
     if config.kvcached:
         env["ENABLE_KVCACHED"] = "true"
         env["KVCACHED_AUTOPATCH"] = "1"
+        env = with_agent_accounting(env)
         env["KVCACHED_IPC_NAME"] = config.kvcached_ipc_name
     else:
         env["ENABLE_KVCACHED"] = "false"

@@ -13,13 +13,14 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 import grpc
 
 from prism_client.v1 import engine_worker_pb2 as wpb
 from prism_client.v1 import engine_worker_pb2_grpc
+from services.gpu_agent.kvcached_env import with_agent_accounting
 from services.gpu_agent.workers.errors import EXIT_SPLIT_STEP_FAILED, WorkerStartError
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,18 @@ def describe_exit(returncode: int | None) -> str:
     return f"exit code {returncode}"
 
 
+def worker_env(base: Mapping[str, str], socket_path: Path) -> dict[str, str]:
+    """A worker's environment: the agent's, with the project importable and kvcached set for it."""
+    env = with_agent_accounting({**base, "PYTHONUNBUFFERED": "1"})
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    # kvcached keeps each process's KV memory accounting in a /dev/shm segment
+    # named by KVCACHED_IPC_NAME; engines in separate processes on one GPU
+    # must not share it (the agent pid and socket name make it unique).
+    ipc_base = base.get("KVCACHED_IPC_NAME", "kvcached_mem_info")
+    env["KVCACHED_IPC_NAME"] = f"{ipc_base}_prism{os.getpid()}_w{socket_path.stem}"
+    return env
+
+
 class WorkerProcess:
     def __init__(
         self,
@@ -75,13 +88,7 @@ class WorkerProcess:
 
     @classmethod
     async def spawn(cls, device: str, socket_path: Path, parent_fd: int, ready_timeout_s: float) -> WorkerProcess:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
-        # kvcached keeps each process's KV memory accounting in a /dev/shm segment
-        # named by KVCACHED_IPC_NAME; engines in separate processes on one GPU
-        # must not share it (the agent pid and socket name make it unique).
-        base = os.environ.get("KVCACHED_IPC_NAME", "kvcached_mem_info")
-        env["KVCACHED_IPC_NAME"] = f"{base}_prism{os.getpid()}_w{socket_path.stem}"
+        env = worker_env(os.environ, socket_path)
         spawned_at = time.perf_counter()
         process = await asyncio.create_subprocess_exec(
             sys.executable,
