@@ -8,6 +8,7 @@ would (CudaReadingEngineFake); the coordinator's arithmetic over them is the rea
 from __future__ import annotations
 
 from services.gpu_agent.devices import Device
+from services.gpu_agent.engine.kv_pool import MemoryLimitState
 from services.gpu_agent.engine.request import EngineStats, ServingPath
 from services.gpu_agent.engine_manager import EngineManager, EngineSpec, ManagedEngine
 from services.gpu_agent.memory_coordinator import (
@@ -34,6 +35,11 @@ class CudaReadingEngineFake:
         self.held_bytes = 0  # the pages the used KV is on, where more than the KV itself
         self.demand_tokens = 0  # what its running and queued requests need soon
         self.device_used_bytes = 0
+        self.revision = 0
+
+    async def set_memory_limit(self, nbytes: int, revision: int | None) -> MemoryLimitState:
+        self.revision = revision or self.revision + 1
+        return MemoryLimitState("applied", nbytes, nbytes, self.mapped_bytes, self.revision)
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -208,3 +214,28 @@ async def test_an_engine_being_switched_on_keeps_its_weights_and_limit_from_plan
     assert coordinator.room_to_activate(c) is None
     b.activation_lock.release()
     assert coordinator.room_to_activate(c) == []  # b's switch-on given up: its memory is free again
+
+
+async def test_kv_an_engine_holds_above_its_limit_is_not_planned_for_another_until_given_back():
+    """A shrink kvcached has not finished (the pages still hold running sequences' slots) leaves the
+    engine's pages on the card: neither a plan nor a grant gives them to another engine meanwhile."""
+    shrinking, growing = CudaReadingEngineFake(16 * GIB), CudaReadingEngineFake(16 * GIB)
+    clock = Clock()
+    coordinator = coordinator_with({"a": (shrinking, "active"), "b": (growing, "active")}, clock)
+    a, b = coordinator.manager.engines["a"], coordinator.manager.engines["b"]
+    budget = 80 * GIB - 32 * GIB - 4 * GIB
+    a.memory_limit_bytes, b.memory_limit_bytes = 10 * GIB, budget - 10 * GIB
+    shrinking.held_bytes = 10 * GIB
+    assert coordinator.snapshot().budget_bytes == budget
+    # a's limit went from 14 to 10 GiB, but its sequences still hold 14 GiB of pages.
+    shrinking.held_bytes = 14 * GIB
+    assert coordinator.snapshot().budget_bytes == budget - 4 * GIB
+    b.memory_limit_bytes = budget - 14 * GIB
+    assert await coordinator.grant(b, 2 * GIB) is False  # the 4 GiB a's limit gave up are still a's pages
+    growing.demand_tokens = (100 * GIB) // growing.kv_bytes_per_token
+    plan = coordinator._policy(coordinator.snapshot(), coordinator.params)
+    assert sum(plan.values()) <= budget - 4 * GIB
+    # Given back: the budget is whole again.
+    shrinking.held_bytes = 9 * GIB
+    assert coordinator.snapshot().budget_bytes == budget
+    assert await coordinator.grant(b, 2 * GIB) is True
