@@ -121,10 +121,13 @@ async def test_a_switched_off_replica_gets_requests_only_when_none_is_active(rou
     while none is active; it stays a fallback."""
     await place(etcd, "m", {"on": "10.0.0.1:1", "off": "10.0.0.2:1"})
     standby = records.EngineRecord(agent_id="off", model="m", state="inactive", max_context=128)
-    await put(etcd, standby.key(), standby.to_json())
-    await eventually(lambda: assert_candidates(router, "m", ["10.0.0.1:1", "10.0.0.2:1"]))
     for _ in range(5):
         router.began("m", "10.0.0.1:1")
+    await put(etcd, standby.key(), standby.to_json())
+    # The busy active replica first: only once the router has seen the standby's record (before, the two
+    # look alike and the idle one would come first; waiting for the order before the load made it busy
+    # could pass on that older view, and the picks below then went to the standby).
+    await eventually(lambda: assert_candidates(router, "m", ["10.0.0.1:1", "10.0.0.2:1"]))
     assert [router.route("m") for _ in range(3)] == ["10.0.0.1:1"] * 3
     switched_off = records.EngineRecord(agent_id="on", model="m", state="inactive", max_context=128)
     await put(etcd, switched_off.key(), switched_off.to_json())
