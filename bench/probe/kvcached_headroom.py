@@ -15,6 +15,7 @@ import sys
 FREE_GIB = 3.0  # left free on the card: less than 5% of an H100 or H200
 LIMIT_GIB = 2.0  # the pool's limit: fits in what is free
 SEQUENCE_TOKENS = 1024
+CASE_TIMEOUT_S = 30.0
 
 
 def one_case() -> None:
@@ -52,7 +53,12 @@ def main() -> None:
         env.pop("KVCACHED_GPU_UTILIZATION", None)
         if value is not None:
             env["KVCACHED_GPU_UTILIZATION"] = value
-        subprocess.run([sys.executable, __file__, "--case"], env=env, check=False)
+        shown = value or "(unset: 0.95)"
+        try:
+            subprocess.run([sys.executable, __file__, "--case"], env=env, check=False, timeout=CASE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            # kvcached waits, without end, for room to map even its null block: it sees no page free.
+            print(f"KVCACHED_GPU_UTILIZATION={shown:>14}: no pool after {CASE_TIMEOUT_S:g} s", flush=True)
 
 
 if __name__ == "__main__":
