@@ -163,8 +163,8 @@ class MemoryCoordinator:
         """What the engines being switched on here (but `besides`) hold or are about to: their weights,
         on their way onto the device, and the KV limit prepare_activation gave them, at least a page
         bundle. No plan or grant hands it to another engine until they are active and planned with the
-        rest (H100, 2026-12-07: plans run while an 8B's weights were coming in gave another 8B a limit
-        of 3.4 GB the device did not have; it ran one sequence at a time for 1.3 s, its queue waiting)."""
+        rest: the periodic plans and admission's grants that run during the copy (up to a second for an
+        8B) used to count neither, and gave the memory the weights were landing in to the engines on."""
         return sum(
             self._taken_bytes(m) + (max(self._kv_floor_bytes(m), m.memory_limit_bytes) if self._plans(m) else 0)
             for m in self._switching_on(besides)
