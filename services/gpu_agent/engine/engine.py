@@ -786,7 +786,7 @@ class Engine:
         pool = self._pool
         if pool is None:
             return
-        room = pool.limit_state().effective_limit_bytes // pool.geometry.token_bytes - pool.used_tokens
+        room = pool.limit_tokens - pool.used_tokens
         log.info(
             "engine %s: admission waits for KV: the queue's head needs %d slots, the pool has %d free, "
             "the limit room for %d",
