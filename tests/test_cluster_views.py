@@ -16,17 +16,11 @@ import pytest
 
 from prism.cluster_view import ClusterSnapshot, gpu_lines, memory_bar, model_lines
 from prism_client.v1 import agent_pb2
+from tests.interruptible import interruptible_python
 from tests.prometheus_text import metric_values
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = ("tiny-llama", "tiny-qwen2")
-
-
-def _ctrl_c_works() -> None:
-    """In the child before exec: SIGINT back to its default, so the Python it starts turns Ctrl-C into
-    KeyboardInterrupt even where the test run was started in the background (which ignores SIGINT,
-    and children inherit that)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def scrape(cluster) -> dict[str, float]:
@@ -160,12 +154,11 @@ def test_an_agent_without_status_is_shown_not_skipped():
 
 def test_top_refreshes_until_ctrl_c(cluster):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "prism.cli", "top", "--etcd", cluster.etcd_endpoint, "--interval", "0.2"],
+        [*interruptible_python("prism.cli"), "top", "--etcd", cluster.etcd_endpoint, "--interval", "0.2"],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=_ctrl_c_works,
     )
     try:
         frames = 0

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,15 +16,9 @@ import pytest
 
 from prism.tiny_models import write_tiny_model
 from services.common.etcd_server import free_port
+from tests.interruptible import interruptible_python
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _ctrl_c_works() -> None:
-    """In the child before exec: SIGINT back to its default, so the Python it starts turns Ctrl-C into
-    KeyboardInterrupt even where the test run was started in the background (which ignores SIGINT,
-    and children inherit that)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _alive(pid: int) -> bool:
@@ -61,9 +54,7 @@ def prism_up(tmp_path):
     state = tmp_path / "state"
     proc = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "prism.cli",
+            *interruptible_python("prism.cli"),
             "up",
             "--state-dir",
             str(state),
@@ -80,7 +71,6 @@ def prism_up(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        preexec_fn=_ctrl_c_works,
     )
     lines = _read_until_up(proc)
     yield proc, f"http://127.0.0.1:{http_port}", state, lines
@@ -184,9 +174,7 @@ def test_up_with_api_keys_checks_readiness_with_the_clients_key(tmp_path):
     )
     http_port, grpc_port = free_port(), free_port()
     command = [
-        sys.executable,
-        "-m",
-        "prism.cli",
+        *interruptible_python("prism.cli"),
         "up",
         "--state-dir",
         str(tmp_path / "state"),
@@ -213,7 +201,6 @@ def test_up_with_api_keys_checks_readiness_with_the_clients_key(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        preexec_fn=_ctrl_c_works,
     )
     try:
         _read_until_up(proc)
