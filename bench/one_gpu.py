@@ -68,6 +68,7 @@ import common  # first: puts the project on sys.path
 from common import MemorySampler, parse_fleet, save_figure, table, wait_loaded, write_json
 
 from prism.cluster import LocalCluster
+from prism.simulator.cluster import MAKE_ROOM_IDLE_S
 from prism.tiny_models import write_tiny_model
 from prism.workload.generator import BurstyGroupParams, bursty_group_trace
 from prism.workload.replay import SloTargets, replay, report
@@ -450,6 +451,8 @@ def simulate_points(
             memory_reserve_bytes=point_reserve_bytes(rate, live_points, args),
             stats_lead_s=60.0,
             foresight_s=foresight_s,
+            make_room_idle_s=args.make_room_idle_s,
+            room_wait=args.room_wait,
         )
         trace = bursty_group_trace(trace_params(args, len(entries), rate), [e["model_name"] for e in entries])
         kept = Trace(tuple(r for r in trace.requests if r.model in names), trace.metadata)
@@ -814,6 +817,19 @@ def main() -> None:
         help="with --simulate-only: also run prism planning on each model's arrivals over the next "
         "this many seconds of the trace (prism+foresight: an upper bound on demand forecasting, "
         "kept out of the baselines)",
+    )
+    p.add_argument(
+        "--make-room-idle-s",
+        type=float,
+        default=MAKE_ROOM_IDLE_S,
+        help="--simulate-only: the simulated agent switches off, to make room for an activation, engines idle "
+        "this long (the live agent's --busy-window-s; default %(default)s)",
+    )
+    p.add_argument(
+        "--room-wait",
+        action="store_true",
+        help="--simulate-only, an experiment the live agent does not run: a request whose model cannot be "
+        "switched on for lack of room waits for it up to its TTFT deadline rather than failing at once",
     )
     p.add_argument(
         "--memory-gb",

@@ -90,6 +90,7 @@ COLD_START_TIMEOUT_S = 30.0  # the gateway's --cold-start-timeout-s default
 BUSY_WINDOW_S = 10.0  # the agent's --busy-window-s default
 RELIEVE_IDLE_S = 1.0  # the agent's --relieve-idle-s default
 MAKE_ROOM_IDLE_S = BUSY_WINDOW_S  # the agent's make-room spares engines this recently used (its busy window)
+ROOM_RETRY_S = 0.05  # how often a refused activation whose requests wait for room tries again
 DRAIN_TIMEOUT_S = 30.0  # the agent's --drain-timeout-s default
 RESERVE_FRACTION, RESERVE_MAX = 0.05, 4 << 30  # memory_coordinator.default_reserve_bytes on a GPU
 
@@ -177,6 +178,8 @@ class SimCluster:
         stats_lead_s: float = 0.0,
         split_step_factor: float = 1.0,
         reserve_bytes: int | None = None,
+        make_room_idle_s: float = MAKE_ROOM_IDLE_S,
+        room_wait: bool = False,
     ):
         """device_parallelism: how many engines' steps one device runs at once, in alone-step
         equivalents, for every engine (default: the profile's for each engine's size,
@@ -190,11 +193,15 @@ class SimCluster:
         split_step_factor: a split model's step takes this many times the profile's time for a model of
         its shard's size.
         reserve_bytes: each GPU's memory kept out of the KV budget (the agent's --memory-reserve-gb);
-        None: the agent's default (5%, at most 4 GiB)."""
+        None: the agent's default (5%, at most 4 GiB).
+        make_room_idle_s: an activation's room is made from engines idle this long (the agent's
+        --make-room-idle-s, make_room.py)."""
         if memory_policy not in MEMORY_POLICIES:
             raise ValueError(f"memory policy {memory_policy!r} is not one of {', '.join(MEMORY_POLICIES)}")
         self.clock = clock
         self.profile = profile
+        self.make_room_idle_s = make_room_idle_s
+        self.room_wait = room_wait
         self.models = models
         self.memory_policy = MEMORY_POLICIES[memory_policy]
         self.memory_params = PolicyParams()
@@ -475,7 +482,9 @@ class SimCluster:
         holding = [e for e in device.holding_memory() if e is not engine]
         residents = [self._resident(e, 0 if e.split else self._kv_kept_bytes(e)) for e in holding]
         free = device.memory_bytes - device.reserve_bytes - sum(r.weight_bytes for r in residents)
-        return engines_to_switch_off(residents, taken_bytes(engine) + kv_floor_bytes(engine), free, MAKE_ROOM_IDLE_S)
+        return engines_to_switch_off(
+            residents, taken_bytes(engine) + kv_floor_bytes(engine), free, self.make_room_idle_s
+        )
 
     def _kv_kept_bytes(self, e: SimEngine) -> int:
         """As the agent's: what the engine's requests hold and need soon, and its next arrivals' KV."""
@@ -510,15 +519,10 @@ class SimCluster:
         if len(rooms) < len(devices):  # a GPU where no room can be made (its _room is None)
             if engine.split:
                 engine.set_limit(0)
-            # Its weights do not fit beside the engines on a GPU: the agent refuses it at once.
+            # Its weights do not fit beside the engines on a GPU: its requests wait for room up to their
+            # TTFT deadlines (room_wait), or the agent refuses them at once.
             self.stats["activation_out_of_memory"] += 1
-            for request in engine.pending:
-                self._fail(
-                    request,
-                    f"RESOURCE_EXHAUSTED: activating {engine.name!r} failed: its weights do not "
-                    f"fit on GPU {engine.gpu} of {engine.agent_id} beside the active engines",
-                )
-            engine.pending.clear()
+            self._wait_for_room(engine)
             return
         agent = self.agents[engine.agent_id]
         freed: list[Device] = []  # GPUs beyond this engine's where a split engine switched off left room
@@ -547,6 +551,27 @@ class SimCluster:
             activated()
         else:
             self._copy_weights(engine, devices, activated)
+
+    def _wait_for_room(self, engine: SimEngine) -> None:
+        """An engine refused room: its requests past their TTFT deadline (all of them without room_wait)
+        fail; the rest try again in ROOM_RETRY_S."""
+        deadline_s = self.models[engine.name].ttft_s if self.room_wait else 0.0
+        overdue = [r for r in engine.pending if self.now >= r.t + deadline_s]
+        for request in overdue:
+            engine.pending.remove(request)
+            self._fail(
+                request,
+                f"RESOURCE_EXHAUSTED: activating {engine.name!r} failed: its weights do not "
+                f"fit on GPU {engine.gpu} of {engine.agent_id} beside the active engines",
+            )
+        if engine.pending and not engine.room_retry:
+            engine.room_retry = True
+            self.clock.at(self.now + ROOM_RETRY_S, lambda: self._retry_room(engine))
+
+    def _retry_room(self, engine: SimEngine) -> None:
+        engine.room_retry = False
+        if engine.state == "inactive" and engine.pending:
+            self.activate(engine)
 
     def _copy_weights(self, engine: SimEngine, devices: list[Device], then: Callable[[], None]) -> None:
         """The engine's weights to its GPUs (a split model's ranks copy their shards at once), each over its

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from itertools import count
 
-from prism.simulator.cluster import DRAIN_TIMEOUT_S, MEMORY_INTERVAL_S, SimCluster
+from prism.simulator.cluster import DRAIN_TIMEOUT_S, MAKE_ROOM_IDLE_S, MEMORY_INTERVAL_S, SimCluster
 from prism.simulator.engine import SimRequest
 from prism.simulator.models import sim_model
 from prism.simulator.profile import LatencyProfile
@@ -85,6 +85,10 @@ class SimSettings:
     # > 0: the policy plans on each model's arrivals over the next this many seconds of the trace instead
     # of measured rates (scheduler.Foresight): an upper bound on what demand forecasting could win.
     foresight_s: float = 0.0
+    # An activation's room is made from engines idle this long (the agent's --make-room-idle-s).
+    make_room_idle_s: float = MAKE_ROOM_IDLE_S
+    # A refused activation's requests wait for room up to their TTFT deadlines, not failing at once.
+    room_wait: bool = False
 
 
 def _result(r: SimRequest, slo: SloTargets) -> RequestResult:
@@ -125,6 +129,8 @@ def simulate(
         settings.stats_lead_s,
         settings.split_step_factor,
         settings.memory_reserve_bytes,
+        settings.make_room_idle_s,
+        settings.room_wait,
     )
     if settings.policy_compute not in ("profile", "default"):
         raise ValueError(f"policy_compute {settings.policy_compute!r} is not profile or default")
