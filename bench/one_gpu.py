@@ -452,7 +452,6 @@ def simulate_points(
             stats_lead_s=60.0,
             foresight_s=foresight_s,
             make_room_idle_s=args.make_room_idle_s,
-            room_wait=args.room_wait,
         )
         trace = bursty_group_trace(trace_params(args, len(entries), rate), [e["model_name"] for e in entries])
         kept = Trace(tuple(r for r in trace.requests if r.model in names), trace.metadata)
@@ -824,12 +823,6 @@ def main() -> None:
         default=MAKE_ROOM_IDLE_S,
         help="--simulate-only: the simulated agent switches off, to make room for an activation, engines idle "
         "this long (the live agent's --busy-window-s; default %(default)s)",
-    )
-    p.add_argument(
-        "--room-wait",
-        action="store_true",
-        help="--simulate-only, an experiment the live agent does not run: a request whose model cannot be "
-        "switched on for lack of room waits for it up to its TTFT deadline rather than failing at once",
     )
     p.add_argument(
         "--memory-gb",

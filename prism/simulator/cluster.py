@@ -90,7 +90,6 @@ COLD_START_TIMEOUT_S = 30.0  # the gateway's --cold-start-timeout-s default
 BUSY_WINDOW_S = 10.0  # the agent's --busy-window-s default
 RELIEVE_IDLE_S = 1.0  # the agent's --relieve-idle-s default
 MAKE_ROOM_IDLE_S = BUSY_WINDOW_S  # the agent's make-room spares engines this recently used (its busy window)
-ROOM_RETRY_S = 0.05  # how often a refused activation whose requests wait for room tries again
 DRAIN_TIMEOUT_S = 30.0  # the agent's --drain-timeout-s default
 RESERVE_FRACTION, RESERVE_MAX = 0.05, 4 << 30  # memory_coordinator.default_reserve_bytes on a GPU
 
@@ -179,7 +178,6 @@ class SimCluster:
         split_step_factor: float = 1.0,
         reserve_bytes: int | None = None,
         make_room_idle_s: float = MAKE_ROOM_IDLE_S,
-        room_wait: bool = False,
     ):
         """device_parallelism: how many engines' steps one device runs at once, in alone-step
         equivalents, for every engine (default: the profile's for each engine's size,
@@ -201,7 +199,6 @@ class SimCluster:
         self.clock = clock
         self.profile = profile
         self.make_room_idle_s = make_room_idle_s
-        self.room_wait = room_wait
         self.models = models
         self.memory_policy = MEMORY_POLICIES[memory_policy]
         self.memory_params = PolicyParams()
@@ -519,10 +516,17 @@ class SimCluster:
         if len(rooms) < len(devices):  # a GPU where no room can be made (its _room is None)
             if engine.split:
                 engine.set_limit(0)
-            # Its weights do not fit beside the engines on a GPU: its requests wait for room up to their
-            # TTFT deadlines (room_wait), or the agent refuses them at once.
+            # Its weights do not fit beside the engines on a GPU: the agent refuses it at once. (Waiting for
+            # room up to the requests' TTFT deadlines was simulated, 2026-12-07, and not kept: over seeds 0-3,
+            # groups of 8 active, +1.6 points at 4 req/s, -7.6 at 17; bench/results/one_gpu-sim-h100-group8*.)
             self.stats["activation_out_of_memory"] += 1
-            self._wait_for_room(engine)
+            for request in engine.pending:
+                self._fail(
+                    request,
+                    f"RESOURCE_EXHAUSTED: activating {engine.name!r} failed: its weights do not "
+                    f"fit on GPU {engine.gpu} of {engine.agent_id} beside the active engines",
+                )
+            engine.pending.clear()
             return
         agent = self.agents[engine.agent_id]
         freed: list[Device] = []  # GPUs beyond this engine's where a split engine switched off left room
@@ -551,27 +555,6 @@ class SimCluster:
             activated()
         else:
             self._copy_weights(engine, devices, activated)
-
-    def _wait_for_room(self, engine: SimEngine) -> None:
-        """An engine refused room: its requests past their TTFT deadline (all of them without room_wait)
-        fail; the rest try again in ROOM_RETRY_S."""
-        deadline_s = self.models[engine.name].ttft_s if self.room_wait else 0.0
-        overdue = [r for r in engine.pending if self.now >= r.t + deadline_s]
-        for request in overdue:
-            engine.pending.remove(request)
-            self._fail(
-                request,
-                f"RESOURCE_EXHAUSTED: activating {engine.name!r} failed: its weights do not "
-                f"fit on GPU {engine.gpu} of {engine.agent_id} beside the active engines",
-            )
-        if engine.pending and not engine.room_retry:
-            engine.room_retry = True
-            self.clock.at(self.now + ROOM_RETRY_S, lambda: self._retry_room(engine))
-
-    def _retry_room(self, engine: SimEngine) -> None:
-        engine.room_retry = False
-        if engine.state == "inactive" and engine.pending:
-            self.activate(engine)
 
     def _copy_weights(self, engine: SimEngine, devices: list[Device], then: Callable[[], None]) -> None:
         """The engine's weights to its GPUs (a split model's ranks copy their shards at once), each over its

@@ -209,7 +209,6 @@ class SimEngine:
         self.created_at = created_at
         self.last_arrival = float("-inf")
         self.pending: list[SimRequest] = []  # arrived while it was switched off: wait for its activation
-        self.room_retry = False  # refused room, its activation is to be tried again (SimCluster)
         self.requests: dict[Sequence, SimRequest] = {}
         self.stepping = False
         self.draining = False  # being unloaded: serves what it has, then goes (SimCluster.unload)

@@ -87,8 +87,6 @@ class SimSettings:
     foresight_s: float = 0.0
     # An activation's room is made from engines idle this long (the agent's --make-room-idle-s).
     make_room_idle_s: float = MAKE_ROOM_IDLE_S
-    # A refused activation's requests wait for room up to their TTFT deadlines, not failing at once.
-    room_wait: bool = False
 
 
 def _result(r: SimRequest, slo: SloTargets) -> RequestResult:
@@ -130,7 +128,6 @@ def simulate(
         settings.split_step_factor,
         settings.memory_reserve_bytes,
         settings.make_room_idle_s,
-        settings.room_wait,
     )
     if settings.policy_compute not in ("profile", "default"):
         raise ValueError(f"policy_compute {settings.policy_compute!r} is not profile or default")
