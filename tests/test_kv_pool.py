@@ -151,3 +151,17 @@ def test_a_padding_slot_is_a_row_outside_the_pages_never_handed_out():
     slots = padded.alloc(padded.capacity_tokens)  # every slot there is: the padding row is not one of them
     assert slots is not None and padded.padding_slot not in slots and padded.alloc(1) is None
     assert padded.held_bytes == padded.num_pages * padded.bundle_bytes  # the row is outside the accounting
+
+
+def test_a_kvcached_pool_is_refused_where_kvcached_could_never_map_its_first_page():
+    """kvcached waits without end for the first page of a pool on a card too full for it (its headroom
+    counted): the pool refuses at once instead, with what is short."""
+    from services.gpu_agent.engine.kvcached_pool import pool_shortfall_bytes
+
+    gib, page = 1 << 30, 64 << 20  # a first page of 2 MiB in each of 16 layers' K and V
+    total = 80 * gib
+    # The H100 probe's case: 3 GiB free, kvcached's default headroom of 5% (4 GiB): 1 GiB and the page short.
+    assert pool_shortfall_bytes(3 * gib, total, page, 0.95) == gib + page
+    assert pool_shortfall_bytes(3 * gib, total, page, 1.0) == 0  # the agent's setting: the page fits
+    assert pool_shortfall_bytes(page - 1, total, page, 1.0) == 1
+    assert pool_shortfall_bytes(page, total, page, 1.2) == 0  # above 1: no headroom, not a negative one

@@ -21,6 +21,7 @@ CASE_TIMEOUT_S = 30.0
 def one_case() -> None:
     import torch
 
+    from services.gpu_agent.engine.errors import CapacityError
     from services.gpu_agent.engine.kv_pool import KVGeometry
     from services.gpu_agent.engine.kvcached_pool import KvcachedPool
 
@@ -28,14 +29,19 @@ def one_case() -> None:
     filler = torch.empty(int(free - FREE_GIB * 2**30), dtype=torch.uint8, device="cuda")
     geometry = KVGeometry(num_layers=16, num_kv_heads=8, head_dim=64, dtype=torch.bfloat16)
     capacity = total // geometry.token_bytes  # as the engine sizes it (kv_pool_factory.py)
-    pool = KvcachedPool(geometry, capacity, int(LIMIT_GIB * 2**30), "cuda")
+    shown = os.environ.get("KVCACHED_GPU_UTILIZATION", "(unset: 0.95)")
+    try:
+        pool = KvcachedPool(geometry, capacity, int(LIMIT_GIB * 2**30), "cuda")
+    except CapacityError as exc:  # where kvcached would wait without end for the pool's first page
+        print(f"KVCACHED_GPU_UTILIZATION={shown:>14}: refused: {exc}", flush=True)
+        return
     sequences = 0
     while pool.alloc(SEQUENCE_TOKENS) is not None:
         sequences += 1
     mapped = sequences * SEQUENCE_TOKENS * geometry.token_bytes
     left = torch.cuda.mem_get_info()[0]
     print(
-        f"KVCACHED_GPU_UTILIZATION={os.environ.get('KVCACHED_GPU_UTILIZATION', '(unset: 0.95)'):>14}: "
+        f"KVCACHED_GPU_UTILIZATION={shown:>14}: "
         f"{sequences:4d} sequences of {SEQUENCE_TOKENS} tokens, {mapped / 2**30:.2f} GiB of KV under a "
         f"{LIMIT_GIB:g} GiB limit, the card {total / 2**30:.1f} GiB with {FREE_GIB:g} GiB free before, "
         f"{left / 2**30:.2f} after",

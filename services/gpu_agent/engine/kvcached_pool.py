@@ -12,14 +12,29 @@ kvcached.integration.sglang.interfaces (kvcached 0.1.6)."""
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 
 import torch
 
+from services.gpu_agent.engine.errors import CapacityError
 from services.gpu_agent.engine.kv_pool import KVGeometry, KVPool, MemoryLimitState, page_bundle_bytes
 
 _next_group = itertools.count()
 _init_lock = threading.Lock()
+# kvcached maps a page only while more than (1 - this) of the card stays free (its default 0.95; the
+# agent sets 1.0: services/gpu_agent/kvcached_env.py).
+UTILIZATION_ENV, DEFAULT_UTILIZATION = "KVCACHED_GPU_UTILIZATION", 0.95
+
+
+def pool_shortfall_bytes(free_bytes: int, total_bytes: int, first_page_bytes: int, utilization: float) -> int:
+    """What the card lacks for kvcached to map a new pool's first page (its null block, which it
+    reserves before the pool serves anything): that page beside the headroom kvcached keeps free,
+    (1 - utilization) of the card. Short of it, kvcached waits for the page without end (kvcached
+    0.1.6, KVCacheManager._reserve_null_block: on an H100 with 3 GiB free and the default headroom,
+    70 s until the probe's call ended, bench/results/kvcached_headroom-h100.txt)."""
+    headroom = int(max(0.0, 1.0 - utilization) * total_bytes)
+    return max(0, first_page_bytes + headroom - free_bytes)
 
 
 def kvcached_available() -> bool:
@@ -37,6 +52,9 @@ class KvcachedPool(KVPool):
 
         self.geometry = geometry
         self.device = torch.device(device)
+        # kvcached's own unit for limits and mapped bytes: a whole page of every K and V tensor.
+        self._kvcached_bundle_bytes = PAGE_SIZE * 2 * geometry.num_layers
+        self._check_room_for_first_page()
         self.group_id = next(_next_group)
         with _init_lock:
             kvi.init_kvcached(device=str(self.device))
@@ -54,8 +72,6 @@ class KvcachedPool(KVPool):
         self.capacity_tokens = self.k_buffers[0].shape[0]
         self.padding_slot = 0  # kvcached keeps slot 0 mapped and never hands it out
         self.tokens_per_page = page_bundle_bytes(geometry, PAGE_SIZE) // geometry.token_bytes
-        # kvcached's own unit for limits and mapped bytes: a whole page of every K and V tensor.
-        self._kvcached_bundle_bytes = PAGE_SIZE * 2 * geometry.num_layers
         self._manager = kvi.get_kv_cache_manager(
             self.capacity_tokens,
             1,
@@ -66,6 +82,19 @@ class KvcachedPool(KVPool):
         )
         self._used_tokens = 0
         self.set_memory_limit(limit_bytes, 0)
+
+    def _check_room_for_first_page(self) -> None:
+        """CapacityError, at once, where kvcached would wait without end to map the pool's first page."""
+        free, total = torch.cuda.mem_get_info(self.device)
+        utilization = float(os.environ.get(UTILIZATION_ENV, DEFAULT_UTILIZATION))
+        short = pool_shortfall_bytes(free, total, self._kvcached_bundle_bytes, utilization)
+        if short:
+            raise CapacityError(
+                f"no KV pool can be made on {self.device}: {free / 2**20:.0f} MiB of the card is free, and kvcached "
+                f"maps the pool's first page ({self._kvcached_bundle_bytes / 2**20:.0f} MiB: a page of every "
+                f"layer's K and V) only with {(1 - utilization) * total / 2**20:.0f} MiB left free beside it "
+                f"({UTILIZATION_ENV}={utilization:g}): {short / 2**20:.0f} MiB short"
+            )
 
     def alloc(self, n: int) -> list[int] | None:
         if n <= 0:
