@@ -3,19 +3,25 @@ and the agent doing it on a real CPU device with two tiny engines."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
 import pytest
 
-from services.gpu_agent.make_room import ResidentEngine, engines_to_relieve, engines_to_switch_off
+from services.gpu_agent.make_room import (
+    ResidentEngine,
+    engine_to_yield,
+    engines_to_relieve,
+    engines_to_switch_off,
+)
 from services.gpu_agent.memory_policy import DeviceMemorySnapshot, EngineMemoryDemand, kv_shortfall_bytes
 
 GB = 1 << 30
 
 
-def resident(model, gb, idle_s=100.0, serving=False):
-    return ResidentEngine(model=model, weight_bytes=int(gb * GB), idle_s=idle_s, serving=serving)
+def resident(model, gb, idle_s=100.0, serving=False, rate=0.0):
+    return ResidentEngine(model=model, weight_bytes=int(gb * GB), idle_s=idle_s, serving=serving, recent_rate=rate)
 
 
 def test_nothing_is_switched_off_when_the_weights_fit():
@@ -78,6 +84,21 @@ def test_kv_pressure_switches_off_idle_engines_longest_idle_first_until_their_we
     assert engines_to_relieve(residents, shortfall_bytes=40 * GB, min_idle_s=1.0) == ["idler", "idle"]
     assert engines_to_relieve(residents, shortfall_bytes=40 * GB, min_idle_s=0.0) == ["idler", "idle", "just-done"]
     assert engines_to_relieve(residents, shortfall_bytes=0, min_idle_s=0.0) == []
+
+
+def test_under_kv_pressure_a_trickle_beside_a_burst_gives_way():
+    """The engine switched off though it serves: the lowest rate below 1 a second and ten times below the
+    busiest; none where every engine is busy or the busiest is not ten times busier."""
+    burst = resident("3b-burst", 6, idle_s=0, serving=True, rate=13.0)
+    trickle = resident("8b-trickle", 16, idle_s=1, serving=True, rate=0.9)
+    assert engine_to_yield([burst, trickle]) == "8b-trickle"
+    slower = resident("1b-slower", 2, idle_s=3, serving=True, rate=0.3)
+    assert engine_to_yield([burst, trickle, slower]) == "1b-slower"
+    # Equal rates: the heavier goes (more memory for the burst).
+    assert engine_to_yield([burst, resident("x", 2, rate=0.5), resident("y", 16, rate=0.5)]) == "y"
+    assert engine_to_yield([resident("a", 6, rate=3.0), resident("b", 6, rate=2.0)]) is None  # both busy
+    assert engine_to_yield([resident("a", 6, rate=5.0), resident("b", 16, rate=0.6)]) is None  # not 10x
+    assert engine_to_yield([]) is None
 
 
 # ---- a real agent's service on the CPU device -------------------------------------------
@@ -232,4 +253,49 @@ async def test_an_engine_is_switched_on_only_with_a_page_bundle_of_kv_for_each(
             assert "KV budget capped at" in details, details
             assert (engines["a"].state, engines["b"].state) == ("active", "inactive")
             assert engines["a"].memory_limit_bytes >= bundle
+        assert agent.coordinator.budget_violations == 0
+
+
+async def test_a_trickle_engine_is_switched_off_for_a_busy_one_and_its_request_is_told_why(tmp_path):
+    """A KV budget (capped) that the busy engine's requests need more of than it has, and nothing idle
+    beside it: the engine serving one request (a trickle) is switched off, that request ends with
+    RESOURCE_EXHAUSTED saying why, and the busy engine's requests all complete."""
+    from in_process_agent import InProcessAgent
+
+    from prism.tiny_models import write_tiny_model
+    from prism_client.v1 import generate_pb2
+
+    paths = {
+        name: str(write_tiny_model(tmp_path / name, arch="llama", seed=i)) for i, name in enumerate(("busy", "trickle"))
+    }
+    async with InProcessAgent("agent-trickle") as agent:
+        for name in ("busy", "trickle"):
+            await agent.load(name, paths[name])
+        bundle = agent.manager.engines["busy"].engine.kv_bundle_bytes
+        agent.coordinator.kv_budget_cap_bytes = 2 * bundle
+        await agent.coordinator.rebalance()
+        # Rates are over the time since the engines' stats began: from here one request reads as under
+        # 0.4 a second, sixteen as over 4.
+        await asyncio.sleep(2.5)
+
+        async def generate(model: str, i: int, tokens: int) -> list:
+            request = generate_pb2.GenerateRequest(
+                request_id=f"{model}-{i}",
+                model=model,
+                prompt="Hello there",
+                sampling=generate_pb2.SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True),
+            )
+            return [r async for r in agent.stub.Generate(request, timeout=120)]
+
+        busy = [asyncio.create_task(generate("busy", i, 240)) for i in range(16)]
+        trickle = asyncio.create_task(generate("trickle", 0, 240))
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await trickle
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        details = caught.value.details()
+        assert "'trickle' was switched off" in details and "busier engines" in details, details
+        for responses in await asyncio.gather(*busy):
+            assert responses[-1].finish_reason != generate_pb2.FINISH_REASON_UNSPECIFIED
+        assert agent.manager.engines["trickle"].state == "inactive"
+        assert agent.manager.engines["busy"].state == "active"
         assert agent.coordinator.budget_violations == 0

@@ -69,6 +69,7 @@ from services.gpu_agent.engine.request import DEMAND_GROWTH_TOKENS
 from services.gpu_agent.make_room import (
     ResidentEngine,
     arriving_tokens,
+    engine_to_yield,
     engines_to_relieve,
     engines_to_switch_off,
     kv_kept_bytes,
@@ -239,6 +240,7 @@ class SimCluster:
             "activation_out_of_memory": 0,
             "switched_off_for_room": 0,
             "switched_off_for_kv": 0,
+            "switched_off_for_busier": 0,
             "preemptions": 0,
             "memory_plans": 0,
             "grants": 0,
@@ -500,6 +502,7 @@ class SimCluster:
             model=e.name,
             weight_bytes=taken_bytes(e) + extra_bytes,
             idle_s=self.now - e.last_arrival,
+            recent_rate=e.stats.snapshot().recent_arrival_rate,
             serving=e.state == "activating"
             or bool(e.requests or e.pending)
             or any(t.engine is e for t in self.device_of(e).waiting),
@@ -683,13 +686,29 @@ class SimCluster:
         if shortfall <= 0:
             return
         holding = [e for e in planned(device.holding_memory()) if e.state == "active"]
-        chosen = engines_to_relieve([self._resident(e) for e in holding], shortfall, RELIEVE_IDLE_S)
+        residents = [self._resident(e) for e in holding]
+        chosen = engines_to_relieve(residents, shortfall, RELIEVE_IDLE_S)
         agent = self.agents[device.agent_id]
         for model in chosen:
             self._switch_off(agent.engines[model])
             self.stats["switched_off_for_kv"] += 1
+        if not chosen and (trickle := engine_to_yield(residents)) is not None:
+            self._switch_off_serving(agent.engines[trickle], device)
+            self.stats["switched_off_for_busier"] += 1
+            chosen = [trickle]
         if chosen:
             self.rebalance(device)
+
+    def _switch_off_serving(self, engine: SimEngine, device: Device) -> None:
+        """As the agent's switch-off of an engine serving a trickle (engine_to_yield): its requests, those
+        waiting for admission and those running, fail."""
+        why = f"RESOURCE_EXHAUSTED: model {engine.name!r} was switched off while serving, for busier engines' KV"
+        for ticket in [t for t in device.waiting if t.engine is engine]:
+            device.waiting.remove(ticket)
+            self._fail(ticket.request, why)
+        for request in engine.drop_all():
+            self._fail(request, why)
+        self._switch_off(engine)
 
     # ---- admission ---------------------------------------------------------------
 

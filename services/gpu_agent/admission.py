@@ -118,6 +118,7 @@ class AdmissionQueue:
         self._wake = asyncio.Event()
         coordinator.pending_demand_bytes = self.pending_demand_bytes
         coordinator.on_limits_changed = self.poke
+        coordinator.send_back = self.send_back
         self.admitted = self.shed = 0
 
     # ---- numbers for the coordinator and the reports -----------------------------

@@ -230,6 +230,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc), trailing_metadata=((DRAINING_KEY, "1"),))
         except (EngineInactiveError, EngineNotReadyError) as exc:
             stats.failed()
+            if isinstance(exc, EngineInactiveError) and managed.switched_off_why:  # for busier engines' KV
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, managed.switched_off_why)
             await context.abort(grpc.StatusCode.UNAVAILABLE, managed.unload_reason or str(exc))
         except EngineError as exc:
             stats.failed()

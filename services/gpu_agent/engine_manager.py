@@ -126,6 +126,9 @@ class ManagedEngine:
     # Why it was unloaded while requests were still in flight (a drain that
     # timed out): those requests end with this message.
     unload_reason: str = ""
+    # Why the memory coordinator switched it off while it served (relieve_kv_pressure): the requests
+    # that switch-off ended are told this. Cleared when it is switched on again.
+    switched_off_why: str = ""
 
     def __post_init__(self) -> None:
         if self.request_stats is None:
@@ -664,6 +667,7 @@ class EngineManager:
                 start = time.perf_counter()
                 await managed.started_engine.activate()
                 managed.state = "active"
+                managed.switched_off_why = ""
                 log.info("activated %s in %.3fs", model, time.perf_counter() - start)
                 await self._publish(managed)
         return managed

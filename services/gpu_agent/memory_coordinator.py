@@ -47,6 +47,7 @@ from services.gpu_agent.engine_manager import (
 from services.gpu_agent.make_room import (
     ResidentEngine,
     arriving_tokens,
+    engine_to_yield,
     engines_to_relieve,
     engines_to_switch_off,
     kv_kept_bytes,
@@ -138,6 +139,8 @@ class MemoryCoordinator:
         # KV the agent's admission queue holds back for each model (queued, or
         # admitted and not yet in the engine's own numbers); set by admission.
         self.pending_demand_bytes: Callable[[str], int] = lambda model: 0
+        # Ends the admission queue's waits for an engine switched off under them; how many (set by admission).
+        self.send_back: Callable[[ManagedEngine, Exception], int] = lambda managed, error: 0
         self.on_limits_changed: Callable[[], None] = lambda: None
         self.plans = 0
         self.budget_violations = 0  # limits found summing over the budget after a change; stays 0
@@ -365,13 +368,15 @@ class MemoryCoordinator:
             weight_bytes=self._taken_bytes(m) + extra_bytes,
             idle_s=m.request_stats.idle_s(),
             serving=serving,
+            recent_rate=m.request_stats.snapshot().recent_arrival_rate,
         )
 
     async def relieve_kv_pressure(self) -> list[str]:
         """Balloon policy: when the active engines' KV demand exceeds the budget, idle engines (nothing
-        to serve for make_room_idle_s, longest idle first) are switched off until their weights cover
-        the shortfall (make_room.engines_to_relieve). Returns the models switched off. Static
-        partitions keep their engines on: their split is the operator's."""
+        to serve for relieve_idle_s, longest idle first) are switched off until their weights cover
+        the shortfall (make_room.engines_to_relieve); with none idle, an engine with a trickle of
+        requests beside a busy one is, its requests failing (make_room.engine_to_yield). Returns the
+        models switched off. Static partitions keep their engines on: their split is the operator's."""
         if self.policy_name != "balloon":
             return []
         shortfall = kv_shortfall_bytes(self.snapshot())
@@ -387,9 +392,28 @@ class MemoryCoordinator:
                 shortfall / 2**20,
             )
             await self.manager.deactivate(model)
+        if not chosen:
+            trickle = engine_to_yield(residents)
+            if trickle is not None:
+                await self._switch_off_for_busier(next(r for r in residents if r.model == trickle), shortfall)
+                chosen = [trickle]
         if chosen:
             await self.rebalance()
         return chosen
+
+    async def _switch_off_for_busier(self, trickle: ResidentEngine, shortfall: int) -> None:
+        """Switches off an engine that serves a trickle (engine_to_yield): its requests waiting for
+        admission and those running end with RESOURCE_EXHAUSTED saying why (ManagedEngine.switched_off_why)."""
+        managed = self.manager.ready(trickle.model)
+        why = (
+            f"model {trickle.model!r} was switched off on device {self.device.index} while serving: its requests "
+            f"arrive at {trickle.recent_rate:.2f}/s, and the busier engines there need {shortfall / 2**20:.1f} MiB "
+            "more KV than the device has; it is switched on again when a request finds room"
+        )
+        log.warning("switching %s off though it serves: %s", trickle.model, why)
+        managed.switched_off_why = why
+        self.send_back(managed, CapacityError(why))
+        await self.manager.deactivate(trickle.model)
 
     def no_room_error(self, activating: ManagedEngine) -> CapacityError:
         others = [m for m in self._active() if m is not activating]
