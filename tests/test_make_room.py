@@ -20,8 +20,16 @@ from services.gpu_agent.memory_policy import DeviceMemorySnapshot, EngineMemoryD
 GB = 1 << 30
 
 
-def resident(model, gb, idle_s=100.0, serving=False, rate=0.0):
-    return ResidentEngine(model=model, weight_bytes=int(gb * GB), idle_s=idle_s, serving=serving, recent_rate=rate)
+def resident(model, gb, idle_s=100.0, serving=False, rate=0.0, waiting=False, priority=0):
+    return ResidentEngine(
+        model=model,
+        weight_bytes=int(gb * GB),
+        idle_s=idle_s,
+        serving=serving,
+        recent_rate=rate,
+        waiting=waiting,
+        priority=priority,
+    )
 
 
 def test_nothing_is_switched_off_when_the_weights_fit():
@@ -88,7 +96,8 @@ def test_kv_pressure_switches_off_idle_engines_longest_idle_first_until_their_we
 
 def test_under_kv_pressure_a_trickle_beside_a_burst_gives_way():
     """The engine switched off though it serves: the lowest rate below 1 a second and ten times below the
-    busiest; none where every engine is busy or the busiest is not ten times busier."""
+    busiest, with nothing waiting and no higher priority than the busiest's; none where every engine is
+    busy or the busiest is not ten times busier."""
     burst = resident("3b-burst", 6, idle_s=0, serving=True, rate=13.0)
     trickle = resident("8b-trickle", 16, idle_s=1, serving=True, rate=0.9)
     assert engine_to_yield([burst, trickle]) == "8b-trickle"
@@ -99,6 +108,9 @@ def test_under_kv_pressure_a_trickle_beside_a_burst_gives_way():
     assert engine_to_yield([resident("a", 6, rate=3.0), resident("b", 6, rate=2.0)]) is None  # both busy
     assert engine_to_yield([resident("a", 6, rate=5.0), resident("b", 16, rate=0.6)]) is None  # not 10x
     assert engine_to_yield([]) is None
+    # A burst beginning (requests waiting) is not a trickle; nor is a model of higher priority.
+    assert engine_to_yield([burst, resident("starting", 6, serving=True, rate=0.1, waiting=True)]) is None
+    assert engine_to_yield([burst, resident("vip", 6, serving=True, rate=0.1, priority=3)]) is None
 
 
 # ---- a real agent's service on the CPU device -------------------------------------------

@@ -503,6 +503,8 @@ class SimCluster:
             weight_bytes=taken_bytes(e) + extra_bytes,
             idle_s=self.now - e.last_arrival,
             recent_rate=e.stats.snapshot().recent_arrival_rate,
+            waiting=bool(e.queued or any(t.engine is e for t in self.device_of(e).waiting)),
+            priority=e.model.config.priority,
             serving=e.state == "activating"
             or bool(e.requests or e.pending)
             or any(t.engine is e for t in self.device_of(e).waiting),

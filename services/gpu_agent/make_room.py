@@ -46,6 +46,8 @@ class ResidentEngine:
     idle_s: float  # since its last request arrived; infinite if none ever did
     serving: bool  # a request is running in it or waiting for it
     recent_rate: float = 0.0  # its requests a second over the agent's recent window (10 s)
+    waiting: bool = False  # a request waits for admission or in the engine's queue
+    priority: int = 0  # the model's (placement config): higher is served first
 
 
 # An engine staying on through another's activation keeps KV for its arrivals over this long too: about
@@ -143,15 +145,27 @@ YIELD_RATIO = 10.0
 def engine_to_yield(residents: Sequence[ResidentEngine]) -> str | None:
     """The engine to switch off, though it serves, when the device's serving engines need more KV than
     it has and no idle engine can give its memory (engines_to_relieve chose none): the one with the
-    fewest recent requests among those below YIELD_RATE and YIELD_RATIO times below the busiest (the
-    heaviest first among equals); None when there is none. A trickle of requests keeps an engine busy
-    (a request every few seconds, each running for seconds), so it never goes idle and its weights
-    stay while a burst beside it runs out of KV: simulated, bench/one_gpu.py's 12 models at 20 req/s,
-    seed 3, an 8B switched on for 0.9 requests a second beside a 3B at 13 a second cost the 3B 103
-    preemptions and all but 39 of its 331 requests their SLO (166 where the 8B had not come on); its
-    requests failing, and later ones refused until the burst leaves room, is the cheaper loss."""
-    busiest = max((r.recent_rate for r in residents), default=0.0)
-    low = [r for r in residents if r.recent_rate < YIELD_RATE and r.recent_rate * YIELD_RATIO < busiest]
+    fewest recent requests among those below YIELD_RATE and YIELD_RATIO times below the busiest, with
+    nothing waiting and a priority no higher than the busiest's (the heaviest first among equals); None
+    when there is none. A trickle of requests keeps an engine busy (a request every few seconds, each
+    running for seconds), so it never goes idle and its weights stay while a burst beside it runs out of
+    KV: simulated, bench/one_gpu.py's 12 models at 20 req/s, seed 3, an 8B switched on for 0.9 requests
+    a second beside a 3B at 13 a second cost the 3B 103 preemptions and all but 39 of its 331 requests
+    their SLO (166 where the 8B had not come on); its requests failing, and later ones refused until
+    the burst leaves room, is the cheaper loss. An engine with requests waiting is not a trickle but a
+    burst beginning (two models bursting together on the CPU cluster: the first arrivals of one reached
+    the agent before the other's, which read as 0.1 a second beside 4)."""
+    if not residents:
+        return None
+    busiest = max(residents, key=lambda r: r.recent_rate)
+    low = [
+        r
+        for r in residents
+        if r.recent_rate < YIELD_RATE
+        and r.recent_rate * YIELD_RATIO < busiest.recent_rate
+        and not r.waiting
+        and r.priority <= busiest.priority
+    ]
     if not low:
         return None
     return min(low, key=lambda r: (r.recent_rate, -r.weight_bytes, r.model)).model

@@ -369,6 +369,8 @@ class MemoryCoordinator:
             idle_s=m.request_stats.idle_s(),
             serving=serving,
             recent_rate=m.request_stats.snapshot().recent_arrival_rate,
+            waiting=stats.queued_requests > 0 or self.pending_demand_bytes(m.spec.name) > 0,
+            priority=m.slo.priority,
         )
 
     async def relieve_kv_pressure(self) -> list[str]:

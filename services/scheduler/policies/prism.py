@@ -287,19 +287,13 @@ def is_warm(plan: PrismPlan, model: ModelConfig) -> bool:
     or `warm_rate_oversubscribed` where the model's home is oversubscribed (simulated, bench/one_gpu.py's
     12 models on an H100, seeds 0-4 at 6/10/14 req/s: 84.6% within SLO on average at 0.5 req/s, 89.4%
     at 1, 91.9% at 2, 92.1% at 4, time-share 92.4%; on 18 models at 90 req/s on 4 H200s, where every
-    model fits, 2 req/s cost 7 points). With `cooling`, the demand is the last 10 s's rate, so a burst
-    that has ended counts as over within seconds rather than the window's minute (one GPU: 92.1% either
-    way; 18 models on 4 GPUs, seed 0: 63.4% -> 73.4%), and one that has begun counts at once. (The lower
-    of the window's rate and the last 10 s's, as before 2026-12-07, held a burst's model warm, and
-    planned it off, for the 10-20 s its window's rate took to pass the warm rate: a 3B with 13 requests
-    a second and 168 running was planned off every other plan, each plan's switch-off refused as the
-    engine was busy; simulated, bench/one_gpu.py's 12 models at 20 req/s, seed 3: 313 switch-offs
-    refused, 152 since; within SLO over seeds 0-7 at 8-23 req/s the same, prism's rate at 90% 16.86
-    and 16.90 req/s.)"""
+    model fits, 2 req/s cost 7 points). With `cooling`, the demand is the lower of the window's rate
+    and the last 10 s's, so a burst that has ended counts as over within seconds rather than the
+    window's minute (one GPU: 92.1% either way; 18 models on 4 GPUs, seed 0: 63.4% -> 73.4%)."""
     demand = plan.snapshot.demand_of(model.model_name)
     home = plan.homes.get(model.model_name)
     warm_rate = plan.params.warm_rate_oversubscribed if home and oversubscribed(plan, home) else plan.params.warm_rate
-    rate = demand.recent_arrival_rate if plan.params.cooling else demand.arrival_rate
+    rate = min(demand.arrival_rate, demand.recent_arrival_rate) if plan.params.cooling else demand.arrival_rate
     return (rate < warm_rate and not demand.queued) or (plan.params.cooling and is_idle_now(demand))
 
 
