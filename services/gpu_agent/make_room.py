@@ -134,9 +134,9 @@ def engines_to_relieve(residents: Sequence[ResidentEngine], shortfall_bytes: int
 # YIELD_RATIO times slower than the busiest engine's on its device, is switched off, its few requests
 # failing (engine_to_yield). Chosen before measuring (a trickle, an order of magnitude below a burst), not
 # tuned: simulated, bench/one_gpu.py's 12 models on an H100 (30 s points), at 17/20/23 req/s over seeds 4-7,
-# which no choice here saw: prism 93.8/88.1/77.0% within SLO -> 96.0/92.8/79.7%, time-share 95.3/90.6/77.0
-# -> 97.0/92.9/79.6, kvpr 94.0/92.9/78.2 -> 97.7/95.5/83.1; at 8-14 req/s within +-0.2 but kvpr +1.7 at 11;
-# seeds 0-3 (where the 3B burst below was found) +0.4 to +3.8 at 17-23 req/s, the same below
+# which no choice here saw: prism 93.8/88.1/77.0% within SLO -> 96.7/93.6/79.6%, time-share 95.3/90.6/77.0
+# -> 97.0/92.9/79.6, kvpr 94.0/92.9/78.2 -> 97.7/95.5/83.1; at 8-14 req/s within +0.6 but kvpr +1.7 at 11;
+# seeds 0-3 (where the 3B burst below was found) +0.4 to +3.7 at 17-23 req/s, the same below
 # (bench/results/one_gpu-sim-h100-8seeds-30s.* before, one_gpu-sim-h100-switch-off-trickle.* after).
 YIELD_RATE = 1.0
 YIELD_RATIO = 10.0
