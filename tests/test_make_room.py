@@ -20,7 +20,7 @@ from services.gpu_agent.memory_policy import DeviceMemorySnapshot, EngineMemoryD
 GB = 1 << 30
 
 
-def resident(model, gb, idle_s=100.0, serving=False, rate=0.0, waiting=False, priority=0):
+def resident(model, gb, idle_s=100.0, serving=False, rate=0.0, waiting=False, priority=0, in_flight=1):
     return ResidentEngine(
         model=model,
         weight_bytes=int(gb * GB),
@@ -29,6 +29,7 @@ def resident(model, gb, idle_s=100.0, serving=False, rate=0.0, waiting=False, pr
         recent_rate=rate,
         waiting=waiting,
         priority=priority,
+        in_flight=in_flight,
     )
 
 
@@ -111,6 +112,9 @@ def test_under_kv_pressure_a_trickle_beside_a_burst_gives_way():
     # A burst beginning (requests waiting) is not a trickle; nor is a model of higher priority.
     assert engine_to_yield([burst, resident("starting", 6, serving=True, rate=0.1, waiting=True)]) is None
     assert engine_to_yield([burst, resident("vip", 6, serving=True, rate=0.1, priority=3)]) is None
+    # A burst's tail (no arrival for 10 s, 40 requests still running) is not a trickle either.
+    assert engine_to_yield([burst, resident("tail", 6, serving=True, rate=0.0, in_flight=40)]) is None
+    assert engine_to_yield([burst, resident("few", 6, serving=True, rate=0.0, in_flight=4)]) == "few"
 
 
 # ---- a real agent's service on the CPU device -------------------------------------------

@@ -504,6 +504,7 @@ class SimCluster:
             idle_s=self.now - e.last_arrival,
             recent_rate=e.stats.snapshot().recent_arrival_rate,
             waiting=bool(e.queued or any(t.engine is e for t in self.device_of(e).waiting)),
+            in_flight=len(e.requests) + self.queued(e),
             priority=e.model.config.priority,
             serving=e.state == "activating"
             or bool(e.requests or e.pending)

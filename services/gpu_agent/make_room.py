@@ -47,6 +47,7 @@ class ResidentEngine:
     serving: bool  # a request is running in it or waiting for it
     recent_rate: float = 0.0  # its requests a second over the agent's recent window (10 s)
     waiting: bool = False  # a request waits for admission or in the engine's queue
+    in_flight: int = 0  # its requests running or waiting
     priority: int = 0  # the model's (placement config): higher is served first
 
 
@@ -140,13 +141,17 @@ def engines_to_relieve(residents: Sequence[ResidentEngine], shortfall_bytes: int
 # (bench/results/one_gpu-sim-h100-8seeds-30s.* before, one_gpu-sim-h100-switch-off-trickle.* after).
 YIELD_RATE = 1.0
 YIELD_RATIO = 10.0
+# ... and only while it has at most this many requests to fail: a burst's tail (many requests running, none
+# arriving for 10 s) is not a trickle.
+YIELD_MAX_IN_FLIGHT = 4
 
 
 def engine_to_yield(residents: Sequence[ResidentEngine]) -> str | None:
     """The engine to switch off, though it serves, when the device's serving engines need more KV than
     it has and no idle engine can give its memory (engines_to_relieve chose none): the one with the
     fewest recent requests among those below YIELD_RATE and YIELD_RATIO times below the busiest, with
-    nothing waiting and a priority no higher than the busiest's (the heaviest first among equals); None
+    nothing waiting, at most YIELD_MAX_IN_FLIGHT requests in flight and a priority no higher than the
+    busiest's (the heaviest first among equals); None
     when there is none. A trickle of requests keeps an engine busy (a request every few seconds, each
     running for seconds), so it never goes idle and its weights stay while a burst beside it runs out of
     KV: simulated, bench/one_gpu.py's 12 models at 20 req/s, seed 3, an 8B switched on for 0.9 requests
@@ -154,7 +159,8 @@ def engine_to_yield(residents: Sequence[ResidentEngine]) -> str | None:
     their SLO (166 where the 8B had not come on); its requests failing, and later ones refused until
     the burst leaves room, is the cheaper loss. An engine with requests waiting is not a trickle but a
     burst beginning (two models bursting together on the CPU cluster: the first arrivals of one reached
-    the agent before the other's, which read as 0.1 a second beside 4)."""
+    the agent before the other's, which read as 0.1 a second beside 4); nor is one with many requests
+    running (a burst's tail on a slow CI machine: 40 requests running, none arrived in the last 10 s)."""
     if not residents:
         return None
     busiest = max(residents, key=lambda r: r.recent_rate)
@@ -164,6 +170,7 @@ def engine_to_yield(residents: Sequence[ResidentEngine]) -> str | None:
         if r.recent_rate < YIELD_RATE
         and r.recent_rate * YIELD_RATIO < busiest.recent_rate
         and not r.waiting
+        and r.in_flight <= YIELD_MAX_IN_FLIGHT
         and r.priority <= busiest.priority
     ]
     if not low:

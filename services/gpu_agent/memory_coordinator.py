@@ -370,6 +370,7 @@ class MemoryCoordinator:
             serving=serving,
             recent_rate=m.request_stats.snapshot().recent_arrival_rate,
             waiting=stats.queued_requests > 0 or self.pending_demand_bytes(m.spec.name) > 0,
+            in_flight=m.request_stats.in_flight,
             priority=m.slo.priority,
         )
 
