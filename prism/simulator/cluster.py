@@ -194,7 +194,7 @@ class SimCluster:
         reserve_bytes: each GPU's memory kept out of the KV budget (the agent's --memory-reserve-gb);
         None: the agent's default (5%, at most 4 GiB).
         make_room_idle_s: an activation's room is made from engines idle this long (the agent's
-        --make-room-idle-s, make_room.py)."""
+        --busy-window-s, which its make-room uses: make_room.py)."""
         if memory_policy not in MEMORY_POLICIES:
             raise ValueError(f"memory policy {memory_policy!r} is not one of {', '.join(MEMORY_POLICIES)}")
         self.clock = clock

@@ -85,7 +85,7 @@ class SimSettings:
     # > 0: the policy plans on each model's arrivals over the next this many seconds of the trace instead
     # of measured rates (scheduler.Foresight): an upper bound on what demand forecasting could win.
     foresight_s: float = 0.0
-    # An activation's room is made from engines idle this long (the agent's --make-room-idle-s).
+    # An activation's room is made from engines idle this long (the agent's --busy-window-s).
     make_room_idle_s: float = MAKE_ROOM_IDLE_S
 
 

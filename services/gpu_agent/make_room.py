@@ -147,20 +147,19 @@ YIELD_MAX_IN_FLIGHT = 4
 
 
 def engine_to_yield(residents: Sequence[ResidentEngine]) -> str | None:
-    """The engine to switch off, though it serves, when the device's serving engines need more KV than
-    it has and no idle engine can give its memory (engines_to_relieve chose none): the one with the
-    fewest recent requests among those below YIELD_RATE and YIELD_RATIO times below the busiest, with
-    nothing waiting, at most YIELD_MAX_IN_FLIGHT requests in flight and a priority no higher than the
-    busiest's (the heaviest first among equals); None
-    when there is none. A trickle of requests keeps an engine busy (a request every few seconds, each
-    running for seconds), so it never goes idle and its weights stay while a burst beside it runs out of
-    KV: simulated, bench/one_gpu.py's 12 models at 20 req/s, seed 3, an 8B switched on for 0.9 requests
-    a second beside a 3B at 13 a second cost the 3B 103 preemptions and all but 39 of its 331 requests
-    their SLO (166 where the 8B had not come on); its requests failing, and later ones refused until
-    the burst leaves room, is the cheaper loss. An engine with requests waiting is not a trickle but a
-    burst beginning (two models bursting together on the CPU cluster: the first arrivals of one reached
-    the agent before the other's, which read as 0.1 a second beside 4); nor is one with many requests
-    running (a burst's tail on a slow CI machine: 40 requests running, none arrived in the last 10 s)."""
+    """The engine to switch off, though it serves, when the device's serving engines need more KV than it has and no
+    idle engine can give its memory (engines_to_relieve chose none): the one with the fewest recent requests among
+    those below YIELD_RATE and YIELD_RATIO times below the busiest, with nothing waiting, at most
+    YIELD_MAX_IN_FLIGHT requests in flight and a priority no higher than the busiest's (the heaviest first among
+    equals); None when there is none. A trickle of requests keeps an engine busy (a request every few seconds, each
+    running for seconds), so it never goes idle and its weights stay while a burst beside it runs out of KV:
+    simulated, bench/one_gpu.py's 12 models at 20 req/s, seed 3, an 8B switched on for 0.9 requests a second beside
+    a 3B at 13 a second cost the 3B 103 preemptions and all but 39 of its 331 requests their SLO (166 where the 8B
+    had not come on); its requests failing, and later ones refused until the burst leaves room, is the cheaper loss.
+    An engine with requests waiting is not a trickle but a burst beginning (two models bursting together on the CPU
+    cluster: the first arrivals of one reached the agent before the other's, which read as 0.1 a second beside 4);
+    nor is one with many requests running (a burst's tail on a slow CI machine: 40 requests running, none arrived in
+    the last 10 s)."""
     if not residents:
         return None
     busiest = max(residents, key=lambda r: r.recent_rate)
