@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from prism.simulator.copy_link import CopyLink
@@ -502,13 +502,19 @@ class SimCluster:
             model=e.name,
             weight_bytes=taken_bytes(e) + extra_bytes,
             idle_s=self.now - e.last_arrival,
+            serving=e.state == "activating"
+            or bool(e.requests or e.pending)
+            or any(t.engine is e for t in self.device_of(e).waiting),
+        )
+
+    def _resident_under_pressure(self, e: SimEngine) -> ResidentEngine:
+        """As the agent's: _resident with what engine_to_yield weighs besides."""
+        return replace(
+            self._resident(e),
             recent_rate=e.stats.snapshot().recent_arrival_rate,
             waiting=bool(e.queued or any(t.engine is e for t in self.device_of(e).waiting)),
             in_flight=len(e.requests) + self.queued(e),
             priority=e.model.config.priority,
-            serving=e.state == "activating"
-            or bool(e.requests or e.pending)
-            or any(t.engine is e for t in self.device_of(e).waiting),
         )
 
     def activate(self, engine: SimEngine, instant: bool = False) -> None:
@@ -689,7 +695,7 @@ class SimCluster:
         if shortfall <= 0:
             return
         holding = [e for e in planned(device.holding_memory()) if e.state == "active"]
-        residents = [self._resident(e) for e in holding]
+        residents = [self._resident_under_pressure(e) for e in holding]
         chosen = engines_to_relieve(residents, shortfall, RELIEVE_IDLE_S)
         agent = self.agents[device.agent_id]
         for model in chosen:

@@ -368,6 +368,14 @@ class MemoryCoordinator:
             weight_bytes=self._taken_bytes(m) + extra_bytes,
             idle_s=m.request_stats.idle_s(),
             serving=serving,
+        )
+
+    def _resident_under_pressure(self, m: ManagedEngine) -> ResidentEngine:
+        """_resident with what make_room.engine_to_yield weighs besides: its recent rate, whether a request
+        waits, how many are in flight, its priority (read only here: the rate is a stats snapshot)."""
+        stats = m.started_engine.stats()
+        return replace(
+            self._resident(m),
             recent_rate=m.request_stats.snapshot().recent_arrival_rate,
             waiting=stats.queued_requests > 0 or self.pending_demand_bytes(m.spec.name) > 0,
             in_flight=m.request_stats.in_flight,
@@ -385,7 +393,7 @@ class MemoryCoordinator:
         shortfall = kv_shortfall_bytes(self.snapshot())
         if shortfall <= 0:
             return []
-        residents = [self._resident(m) for m in self._planned(self._active())]
+        residents = [self._resident_under_pressure(m) for m in self._planned(self._active())]
         chosen = engines_to_relieve(residents, shortfall, self.relieve_idle_s)
         for model in chosen:
             log.info(
