@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,10 +22,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_gateway_support import (  # its fixtures come as a plugin (tests/conftest.py)
     # noqa: F401 - fixtures,
-    REPO_ROOT,
     EtcdWriter,
     FakeAgent,
     GatewayStack,
+    start_gateway,
     stop_process,
     wait_until_healthy,
 )
@@ -86,31 +85,7 @@ def launch_gateway(
     env = {k: v for k, v in os.environ.items() if k != ENV_VAR}
     if env_keys is not None:
         env[ENV_VAR] = env_keys
-    http_port, grpc_port = free_port(), free_port()
-    with open(log_path, "ab") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "services.gateway.server",
-                "--etcd",
-                etcd_endpoint,
-                "--http-host",
-                "127.0.0.1",
-                "--http-port",
-                str(http_port),
-                "--grpc-host",
-                "127.0.0.1",
-                "--grpc-port",
-                str(grpc_port),
-                *flags,
-            ],
-            cwd=REPO_ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    return process, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
+    return start_gateway(etcd_endpoint, log_path, *flags, env=env)
 
 
 def start_keyed_gateway(etcd: EmbeddedEtcd, log_path: Path, *flags: str, env_keys: str | None = None) -> KeyedGateway:

@@ -256,7 +256,11 @@ def wait_until_healthy(url: str, process: subprocess.Popen, log_path: Path, time
     raise TimeoutError(f"gateway not healthy within {timeout_s}s:\n{log_path.read_text()}")
 
 
-def start_gateway(etcd_endpoint: str, log_path: Path, *extra: str) -> tuple[subprocess.Popen, str, str]:
+def start_gateway(
+    etcd_endpoint: str, log_path: Path, *extra: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str, str]:
+    """The gateway process on free ports (env: its whole environment; default the test's), as (process,
+    its REST URL, its gRPC target)."""
     http_port, grpc_port = free_port(), free_port()
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
@@ -279,6 +283,7 @@ def start_gateway(etcd_endpoint: str, log_path: Path, *extra: str) -> tuple[subp
             cwd=REPO_ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
+            env=env,
         )
     return process, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
 
