@@ -204,9 +204,17 @@ async def test_cancelling_streams_frees_their_kv(engine):
         return s.kv_used_bytes == 0 and s.kv_held_bytes == 0 and s.running_requests == 0 and s.queued_requests == 0
 
     await eventually(idle, "the cancelled requests to free their KV")
-    # a consumer task cancelled mid-stream frees its KV too
-    task = asyncio.create_task(tokens_of(engine, greedy("Hello", 200, "cancelled")))
-    await eventually(lambda: engine.stats().running_requests == 1, "the request to run")
+    # a consumer task cancelled mid-stream frees its KV too. It holds after its first token: polling the
+    # stats for the request running raced the tiny model, whose 200 tokens could end between two refreshes.
+    first_token = asyncio.Event()
+
+    async def consume_and_hold() -> None:
+        async for _ in engine.generate(greedy("Hello", 200, "cancelled")):
+            first_token.set()
+            await asyncio.Event().wait()  # mid-stream until cancelled
+
+    task = asyncio.create_task(consume_and_hold())
+    await asyncio.wait_for(first_token.wait(), HANG_GUARD_S)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
