@@ -115,6 +115,8 @@ def test_under_kv_pressure_a_trickle_beside_a_burst_gives_way():
     # A burst's tail (no arrival for 10 s, 40 requests still running) is not a trickle either.
     assert engine_to_yield([burst, resident("tail", 6, serving=True, rate=0.0, in_flight=40)]) is None
     assert engine_to_yield([burst, resident("few", 6, serving=True, rate=0.0, in_flight=4)]) == "few"
+    # nothing in flight: idle, left to the idle rule and its --relieve-idle-s
+    assert engine_to_yield([burst, resident("idle", 6, rate=0.0, in_flight=0)]) is None
 
 
 # ---- a real agent's service on the CPU device -------------------------------------------

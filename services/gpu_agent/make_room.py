@@ -159,7 +159,8 @@ def engine_to_yield(residents: Sequence[ResidentEngine]) -> str | None:
     An engine with requests waiting is not a trickle but a burst beginning (two models bursting together on the CPU
     cluster: the first arrivals of one reached the agent before the other's, which read as 0.1 a second beside 4);
     nor is one with many requests running (a burst's tail on a slow CI machine: 40 requests running, none arrived in
-    the last 10 s)."""
+    the last 10 s). One with nothing in flight is idle, not a trickle: the idle rule's, after the operator's
+    idle time (engines_to_relieve, --relieve-idle-s), which this must not bypass."""
     if not residents:
         return None
     busiest = max(residents, key=lambda r: r.recent_rate)
@@ -169,7 +170,7 @@ def engine_to_yield(residents: Sequence[ResidentEngine]) -> str | None:
         if r.recent_rate < YIELD_RATE
         and r.recent_rate * YIELD_RATIO < busiest.recent_rate
         and not r.waiting
-        and r.in_flight <= YIELD_MAX_IN_FLIGHT
+        and 0 < r.in_flight <= YIELD_MAX_IN_FLIGHT
         and r.priority <= busiest.priority
     ]
     if not low:
