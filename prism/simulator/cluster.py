@@ -513,7 +513,7 @@ class SimCluster:
             self._resident(e),
             recent_rate=e.stats.snapshot().recent_arrival_rate,
             waiting=bool(e.queued or any(t.engine is e for t in self.device_of(e).waiting)),
-            in_flight=len(e.requests) + self.queued(e),
+            in_flight=e.stats.in_flight,  # arrival to end, as the agent's request stats count it
             priority=e.model.config.priority,
         )
 
