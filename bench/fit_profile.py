@@ -5,9 +5,16 @@ which numbers are measured or assumed recorded inside.
     python bench/fit_profile.py [--results bench/results] [--configs bench/configs]
         [--decode decode_throughput-h200-fused.json] [--attention decode_attention-h200.json]
         [--activation activation-h200.json] [--colocated colocated_steps-h100.json]
-        [--prefill prefill_steps-h100.json] [--step-log one_gpu-h100-steplog-steps.json]
+        [--prefill prefill_steps-h100.json] [--step-log one_gpu-h100-live-17-steps.json] [--parallelism-by-size]
         [--step-costs step_costs-h100.json]
         [--out bench/results/sim-profile-h200.json]
+
+The committed H100 profile (tests/test_simulator.py regenerates it):
+
+    python bench/fit_profile.py --decode decode_throughput-h100.json --attention decode_attention-h100.json \
+        --activation activation-h100.json --colocated colocated_steps-h100.json \
+        --prefill prefill_steps-h100.json --step-costs step_costs-h100.json \
+        --step-log one_gpu-h100-live-17-steps.json --parallelism-by-size --out bench/results/sim-profile-h100.json
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ def main() -> None:
         action="store_true",
         help="each size's parallelism beside other engines from the step log's contention table "
         "(bench/step_log_summary.py --contention) in place of the colocated steps' one "
-        "(fit_profile's parallelism_by_size says why the committed profiles do without)",
+        "(fit_profile's parallelism_by_size says how it was validated; the committed H100 profile has it)",
     )
     p.add_argument(
         "--step-costs",

@@ -314,12 +314,12 @@ def fit_profile(
       simulator's attainment on two live showdowns neither fit saw came
       within 2.1 and 2.6 points of live on average (3.0 and 3.1 before).
     parallelism_by_size: each size's parallelism from the step log's contention table (with_parallelism) in
-    place of the device's one. Off for the committed profiles: on the 14 points of three H100 showdowns the
-    step log's run is not among (bench/results/one_gpu-h100-{reset,warmstart,repeat}.json), it brought the
-    simulated TPOT p99 from 1.8-6.3x live to 0.8-2.9x, and took the attainment from 4.9 points off live on
-    average to 7.0 (time-share at 14 req/s: +17). The closer match rested on the 8B's simulated TPOT misses
-    standing in for the TTFT tails that a live point's cold start has and the simulator does not (TTFT p99
-    2.2-4.6 s live, 1.0-1.7 s simulated)."""
+    place of the device's one. On for the committed H100 profile since 2026-12-08: fitted on the live
+    showdown at 17 req/s (bench/results/one_gpu-h100-live-17-steps.json), the simulator came within 0.1-0.7
+    points of the 22 req/s showdown it did not see (30-33 points below with the one parallelism of 1.25)
+    and its TPOT p99 from 3.8-4.6x live to 1.2-1.5x. On older showdowns whose live points still had
+    cold-start TTFT tails (p99 2-6 s) it is further off (8.0 points on average over 28, against 6.3): those
+    tails, fixed since, are not modelled, and the old profile's TPOT misses stood in for them."""
     results_dir, configs_dir = Path(results_dir), Path(configs_dir)
     decode = json.loads((results_dir / decode_file).read_text())
     attention = json.loads((results_dir / attention_file).read_text())
