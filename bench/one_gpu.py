@@ -110,6 +110,7 @@ def fleet_entries(args: argparse.Namespace, state: Path) -> list[dict]:
                 "model_name": f"model-{i}",
                 **fields,
                 "slo": {"ttft_ms": ttft_ms, "tpot_ms": TPOT_MS},
+                **({"shed_load": True} if getattr(args, "shed_load", False) else {}),
                 "init_placements": [{"gpu_ids": [0], "on": False}],
                 "size": size,
             }
@@ -753,6 +754,12 @@ def main() -> None:
     )
     p.add_argument("--settle-s", type=float, default=5.0, help="idle seconds before each point")
     p.add_argument(
+        "--shed-load",
+        action="store_true",
+        help="every model sheds load (placement config shed_load): a request with no first token by its "
+        "TTFT SLO is refused (429) instead of served late, for every policy alike",
+    )
+    p.add_argument(
         "--share-engines",
         action="store_true",
         help="prism, kvpr and time-share on one cluster in turn (the engines load once; static has "
@@ -844,6 +851,7 @@ def main() -> None:
         payload = merge(args.tables_from)
         for key in ("device", "fleet", "duration", "shift_s", "group_size", "seed", "chars_per_token", "reserve_gb"):
             setattr(args, key, payload["settings"][key])
+        args.shed_load = payload["settings"].get("shed_load", False)  # runs before 2026-12-08 had none
     else:
         payload = None
     if args.reserve_gb is None:

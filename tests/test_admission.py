@@ -2,17 +2,21 @@
 of a CPU device whose budget the test opens one page bundle at a time: the
 earliest TTFT deadline goes first across models, a request that waited past
 the starvation bound goes before any deadline, a client that leaves while
-waiting leaves no reservation behind."""
+waiting leaves no reservation behind. And a shedding model's request that has
+no first token by its TTFT deadline, wherever it waited, is refused and leaves
+its engine (started_by)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from prism.tiny_models import write_tiny_model
-from services.gpu_agent.admission import AdmissionQueue, ShedError
+from services.gpu_agent.admission import AdmissionQueue, ShedError, started_by
 from services.gpu_agent.devices import discover_devices
+from services.gpu_agent.engine import GenerationRequest
 from services.gpu_agent.engine.errors import CapacityError
 from services.gpu_agent.engine_manager import EngineManager, EngineSpec
 from services.gpu_agent.memory_coordinator import MemoryCoordinator
@@ -122,3 +126,38 @@ async def test_requests_that_could_never_be_admitted_do_not_wait(device, tmp_pat
     ticket = await asyncio.wait_for(queue.admit(manager.get("tight"), 10_000), 5)
     assert ticket.tokens == 0 and not ticket.reserved and queue.waiting == []
     ticket.release()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("shed") / "llama", arch="llama")
+
+
+def greedy(request_id: str) -> GenerationRequest:
+    return GenerationRequest(
+        request_id=request_id, prompt="hello " * 40, max_tokens=24, temperature=0.0, ignore_eos=True
+    )
+
+
+async def test_a_request_without_a_first_token_by_its_deadline_is_refused_and_leaves_its_engine(engine_factory):
+    engine = engine_factory()
+    arrival = time.monotonic() - 0.2  # it waited (an activation, the admission queue) past its 100 ms already
+    with pytest.raises(
+        ShedError, match="no first token 0.2.s after it arrived, past its TTFT SLO of 100 ms"
+    ) as refused:
+        async for _ in started_by(engine.generate(greedy("late")), arrival + 0.1, "m", 100, arrival):
+            pass
+    assert refused.value.retry_after_s == 1
+    # Its sequence is out of the engine: nothing queued, running or holding KV for it.
+    for _ in range(200):
+        stats = engine.stats()
+        if stats.running_requests == stats.queued_requests == stats.kv_used_bytes == 0:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError(f"the refused request stayed in its engine: {engine.stats()}")
+    # Within its deadline every output goes through, the same as without one.
+    on_time = [o async for o in started_by(engine.generate(greedy("a")), time.monotonic() + 60, "m", 60_000, 0.0)]
+    plain = [o async for o in engine.generate(greedy("b"))]
+    assert [o.token_ids for o in on_time] == [o.token_ids for o in plain]
+    assert on_time[-1].finish_reason == "length" and on_time[-1].completion_tokens == 24

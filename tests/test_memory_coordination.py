@@ -67,7 +67,8 @@ def coordinated_cluster(tmp_path_factory):
         timeout=GUARD_S,
         json={"model": SHEDDER, "prompt": "a first request", "max_tokens": 1},
     )
-    assert first.status_code == 200, first.text
+    # Asked, whatever the answer: with a TTFT SLO of 1 ms it has no first token in time and is refused (429).
+    assert first.status_code in (200, 429), first.text
     yield cluster
     cluster.stop()
 

@@ -628,3 +628,29 @@ def test_each_sizes_parallelism_is_fitted_from_a_step_logs_contention_and_prices
     assert cluster._parallelism(engine) == pytest.approx(sized.parallelism_at(specs["a"].weight_bytes))
     forced = sim_cluster.SimCluster(EventLoop(), sized, specs, 1, 1, 80 * GB, device_parallelism=3.0)
     assert forced._parallelism(engine) == 3.0
+
+
+def test_a_shedding_models_requests_without_a_first_token_by_their_ttft_slo_are_refused_not_served_late(profile):
+    """The agent's started_by, simulated: under overload a shedding model refuses, wherever it waits, each
+    request that has no first token by its TTFT SLO (RESOURCE_EXHAUSTED), so every request it serves starts
+    in time and the compute goes to them; served late without shed_load, the same trace meets fewer SLOs."""
+    heavy = bursty_group_trace(BurstyGroupParams(num_models=1, num_groups=1, rate=60, duration_s=15, seed=1), ["a"])
+
+    def run(shed_load: bool) -> dict:
+        entry = {
+            "model_name": "a",
+            "model_path": EIGHT_B,
+            "init_placements": [{"gpu_ids": [0], "on": True}],
+            "slo": {"ttft_ms": 1000, "tpot_ms": 100},
+            "shed_load": shed_load,
+        }
+        return simulate(heavy, list(parse([entry]).models), profile, SimSettings(num_gpus=1, policy="static"))
+
+    late, shed = run(False), run(True)
+    refused = [r for r in shed["requests"] if r["error"]]
+    served = [r for r in shed["requests"] if not r["error"]]
+    assert refused and all("no first token within its TTFT SLO" in r["error"] for r in refused)
+    assert all(r["ttft_s"] <= 1.0 + 1e-9 for r in served)  # nothing served late
+    assert max(r["ttft_s"] for r in late["requests"] if not r["error"]) > 1.0
+    assert len(shed["requests"]) == len(late["requests"]) == len(heavy.requests)  # each ends one way or the other
+    assert shed["overall"]["slo_attainment"] > late["overall"]["slo_attainment"] + 0.1

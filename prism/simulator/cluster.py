@@ -352,11 +352,33 @@ class SimCluster:
         engine.last_arrival = self.now
         engine.stats.arrived()
         request.engine = engine
+        if engine.model.config.shed_load:
+            self.clock.at(self.now + engine.model.ttft_s, functools.partial(self._shed_if_not_started, engine, request))
         if engine.state == "active":
             self._admit(engine, request)
         else:  # the first request for a switched-off model brings it back
             engine.pending.append(request)
             self.activate(engine)
+
+    def _shed_if_not_started(self, engine: SimEngine, request: SimRequest) -> None:
+        """A shedding model's request with no first token by its TTFT deadline is refused wherever it waits
+        (the agent's admission.started_by): out of the activation's wait, the admission queue or the
+        engine, its KV and compute left to requests that can still meet their SLO."""
+        if request.done or request.first_token_at is not None or request.engine is not engine:
+            return
+        device = self.device_of(engine)
+        if request in engine.pending:
+            engine.pending.remove(request)
+        device.waiting[:] = [t for t in device.waiting if t.request is not request]
+        if request.seq is not None and engine.requests.get(request.seq) is request:
+            engine.batcher.remove(request.seq)  # a step under way that computes it ends without it
+            del engine.requests[request.seq]
+        self._fail(
+            request,
+            f"RESOURCE_EXHAUSTED: model {engine.name!r} is overloaded: no first token within its TTFT SLO",
+        )
+        self._pump(device)
+        self._kick(device)
 
     def load(
         self, agent_id: str, model: str, gpu_ids: tuple[int, ...], activate: bool, cap_bytes: int, instant: bool = False

@@ -17,7 +17,7 @@ import grpc
 from prism_client.v1 import agent_pb2, agent_pb2_grpc, generate_pb2
 from services.common.grpc_util import DRAINING_KEY, RETRY_AFTER_KEY
 from services.common.logs import request_id_var
-from services.gpu_agent.admission import AgentAdmission, ShedError
+from services.gpu_agent.admission import AgentAdmission, ShedError, started_by
 from services.gpu_agent.engine import (
     CapacityError,
     EngineError,
@@ -197,7 +197,10 @@ class AgentService(agent_pb2_grpc.AgentServicer):
             queue = self.admission.queue_for(managed) if self.admission is not None else None
             if queue is not None:
                 ticket = await queue.admit(managed, managed.started_engine.count_prompt_tokens(req))
-            async for out in managed.started_engine.generate(req):
+            outputs = managed.started_engine.generate(req)
+            if managed.slo.shed_load:
+                outputs = started_by(outputs, arrival + managed.slo.ttft_s, request.model, managed.slo.ttft_ms, arrival)
+            async for out in outputs:
                 if first_token_at is None and (out.token_ids or out.finish_reason):
                     first_token_at = time.monotonic()
                     if ticket is not None:
