@@ -140,8 +140,9 @@ CONCURRENCY_BINS = ((1.0, 1.05), (1.05, 2.0), (2.0, 3.0), (3.0, 4.0), (4.0, 5.0)
 
 def step_class(decode: int, prefill: int, kind: str) -> str | None:
     """Which contention table a step goes into: "" for a CUDA-graph decode step (the group's own table,
-    what fit_profile's parallelism_by_size reads), " mixed" for an eager step of decoding sequences and
-    prompt tokens, " prefill" for prompt tokens alone; None for an eager pure decode step."""
+    whence fit_profile's parallelism_by_size takes a size's parallelism), " mixed" for an eager step of
+    decoding sequences and prompt tokens, " prefill" for prompt tokens alone (the two pooled give its
+    prefill_parallelism); None for an eager pure decode step."""
     if prefill:
         return " mixed" if decode else " prefill"
     return "" if kind == "graph" else None

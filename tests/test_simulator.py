@@ -244,6 +244,7 @@ def test_the_h100_profile_is_regenerated_from_its_sources_and_says_how_each_valu
             "prefill_per_token_s",
             "prefill_per_seq_s",
             "parallelism",
+            "prefill_parallelism",
         )
     }
     assert set(values) == names | {
@@ -613,6 +614,9 @@ def test_each_sizes_parallelism_is_fitted_from_a_step_logs_contention_and_prices
     one_b, three_b, eight_b = sized.points
     assert 1.2 < one_b.parallelism < three_b.parallelism < 1.6 < 2.0 < eight_b.parallelism < 2.4
     assert sized.metadata["values"]["llama-3.1-8b.parallelism"] == {"how": "fitted"}
+    # Steps with prompt tokens shared the GPU better than decode steps, every size (2.8-3.4 alone-steps at once).
+    assert all(2.5 < p.prefill_parallelism < 4.0 and p.prefill_parallelism > p.parallelism for p in sized.points)
+    assert sized.parallelism_at(eight_b.weight_bytes, prefill=True) == eight_b.prefill_parallelism
     between = (three_b.weight_bytes + eight_b.weight_bytes) // 2
     assert sized.parallelism_at(between) == pytest.approx((three_b.parallelism + eight_b.parallelism) / 2)
     assert sized.parallelism_at(70 * 10**9) == eight_b.parallelism and sized.parallelism_at(1) == one_b.parallelism
@@ -626,6 +630,7 @@ def test_each_sizes_parallelism_is_fitted_from_a_step_logs_contention_and_prices
     sim_scheduler.SimScheduler(cluster, "static").replan(instant=True)
     (engine,) = (e for agent in cluster.agents.values() for e in agent.engines.values())
     assert cluster._parallelism(engine) == pytest.approx(sized.parallelism_at(specs["a"].weight_bytes))
+    assert cluster._parallelism(engine, prefill=True) == pytest.approx(one_b.prefill_parallelism)
     forced = sim_cluster.SimCluster(EventLoop(), sized, specs, 1, 1, 80 * GB, device_parallelism=3.0)
     assert forced._parallelism(engine) == 3.0
 

@@ -848,15 +848,16 @@ class SimCluster:
                 if engine.split
                 else stepping
             )
-            duration = step.duration_s * max(1.0, busy / self._parallelism(engine))
+            prefill = step.result.num_decode != len(step.result.batch)
+            duration = step.duration_s * max(1.0, busy / self._parallelism(engine, prefill))
             self.clock.at(self.now + duration, functools.partial(self._step_done, device, engine, step))
 
-    def _parallelism(self, engine: SimEngine) -> float:
+    def _parallelism(self, engine: SimEngine, prefill: bool = False) -> float:
         """The parallelism the engine's steps see beside others': the one given for every engine, else the
-        profile's for its size (a split engine's shard)."""
+        profile's for its size (a split engine's shard) and kind of step (with prompt tokens or not)."""
         if self.device_parallelism is not None:
             return self.device_parallelism
-        return self.profile.parallelism_at(engine.model.shard_weight_bytes)
+        return self.profile.parallelism_at(engine.model.shard_weight_bytes, prefill)
 
     def _start_next_step(self, device: Device) -> tuple[SimEngine, Step] | None:
         n = len(device.engines)

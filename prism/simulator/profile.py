@@ -51,6 +51,9 @@ class SizePoint:
     # time: a larger model's kernels take a larger share of the GPU beside others (0: not measured, the
     # device's device_parallelism)
     parallelism: float = 0.0
+    # The same for its steps with prompt tokens (eager, mixed with decoding sequences or not), which share
+    # the GPU better than its CUDA-graph decode steps (0: not measured, `parallelism` for them too)
+    prefill_parallelism: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -103,14 +106,18 @@ class LatencyProfile:
             )
         return t
 
-    def parallelism_at(self, weight_bytes: int) -> float:
-        """The parallelism a step of this size sees beside other engines' (SizePoint.parallelism):
+    def parallelism_at(self, weight_bytes: int, prefill: bool = False) -> float:
+        """The parallelism a step of this size sees beside other engines' (SizePoint.parallelism; with
+        prefill, a step with prompt tokens: SizePoint.prefill_parallelism where every size has one):
         linear in weight bytes between the measured sizes, the nearest one's beyond them; the device's
         where a size point has none."""
         if not self.points or any(p.parallelism <= 0 for p in self.points):
             return self.device_parallelism
-        values = [p.parallelism for p in self.points]
-        return min(max(self._at(weight_bytes, "parallelism"), min(values)), max(values))
+        name = (
+            "prefill_parallelism" if prefill and all(p.prefill_parallelism > 0 for p in self.points) else "parallelism"
+        )
+        values = [getattr(p, name) for p in self.points]
+        return min(max(self._at(weight_bytes, name), min(values)), max(values))
 
     def compute_costs(self) -> ComputeCosts:
         """The step costs as the placement policy prices compute (PolicyParams.compute)."""
@@ -216,22 +223,40 @@ def provenance(raw: float, kept: float, how: str) -> dict:
 SHARED_FROM_CONCURRENCY = 2.0
 
 
-def with_parallelism(point: SizePoint, bins: dict[str, dict], values: dict[str, dict]) -> SizePoint:
-    """The point with the parallelism its size's CUDA-graph decode steps saw in a cluster run (a step log's
-    contention table for its model: per bin of concurrency, the steps and their median concurrency over
-    slowdown): the steps-weighted mean over the bins of at least SHARED_FROM_CONCURRENCY engines, kept at
-    1 or more (a step cannot beat its alone time by sharing), recorded in `values`. On the H100 showdown
-    the 8B's steps were slowed less than the 1B's and 3B's beside the same neighbours (2.2 against 1.3-1.4
-    alone-steps at once), where one device-wide parallelism of 1.25 gave the 8B a simulated TPOT p99 of
-    87-142 ms against 28-32 ms live."""
+def shared_parallelism(bins: dict[str, dict]) -> float | None:
+    """The steps-weighted mean parallelism over a contention table's bins of at least SHARED_FROM_CONCURRENCY
+    engines stepping at once; None where it has no such steps."""
     shared = [b for name, b in bins.items() if float(name.split("-")[0]) >= SHARED_FROM_CONCURRENCY]
     steps = sum(b["steps"] for b in shared)
-    if not steps:
+    return sum(b["steps"] * b["parallelism_p50"] for b in shared) / steps if steps else None
+
+
+def with_parallelism(point: SizePoint, contention: dict[str, dict], values: dict[str, dict]) -> SizePoint:
+    """The point with the parallelism its size's steps saw in a cluster run (a step log's contention
+    tables, bench/step_log_summary.py: per kind of step and bin of concurrency, the steps and their median
+    concurrency over slowdown): its CUDA-graph decode steps' (the table named for its model), and its
+    steps with prompt tokens' (" mixed" and " prefill" pooled), each the steps-weighted mean over the bins
+    of at least SHARED_FROM_CONCURRENCY engines, kept at 1 or more (a step cannot beat its alone time by
+    sharing), recorded in `values`. On the H100 showdown the 8B's decode steps were slowed less than the 1B's
+    and 3B's beside the same neighbours (2.2 against 1.4-1.5 alone-steps at once), where one device-wide
+    parallelism of 1.25 gave the 8B a simulated TPOT p99 of 87-142 ms against 28-32 ms live; the steps with
+    prompt tokens shared better still (3-4)."""
+    decode = shared_parallelism(contention.get(point.model, {}))
+    if decode is None:
         return point
-    raw = sum(b["steps"] * b["parallelism_p50"] for b in shared) / steps
-    kept = max(1.0, raw)
-    values[f"{point.model}.parallelism"] = provenance(raw, kept, "fitted")
-    return replace(point, parallelism=kept)
+    kept = max(1.0, decode)
+    values[f"{point.model}.parallelism"] = provenance(decode, kept, "fitted")
+    point = replace(point, parallelism=kept)
+    pooled: dict[str, dict] = {}
+    for kind in (" mixed", " prefill"):
+        for name, b in contention.get(point.model + kind, {}).items():
+            pooled[f"{name}{kind}"] = b  # "3-4 mixed": its bin still leads the name
+    prefill = shared_parallelism(pooled)
+    if prefill is not None:
+        kept = max(1.0, prefill)
+        values[f"{point.model}.prefill_parallelism"] = provenance(prefill, kept, "fitted")
+        point = replace(point, prefill_parallelism=kept)
+    return point
 
 
 LIVE_FIELDS = ("prefill_base_s", "prefill_per_token_s", "prefill_per_seq_s")
@@ -314,10 +339,12 @@ def fit_profile(
       simulator's attainment on two live showdowns neither fit saw came
       within 2.1 and 2.6 points of live on average (3.0 and 3.1 before).
     parallelism_by_size: each size's parallelism from the step log's contention table (with_parallelism) in
-    place of the device's one. On for the committed H100 profile since 2026-12-08: fitted on the live
-    showdown at 17 req/s (bench/results/one_gpu-h100-live-17-steps.json), the simulator came within 0.1-0.7
-    points of the 22 req/s showdown it did not see (30-33 points below with the one parallelism of 1.25)
-    and its TPOT p99 from 3.8-4.6x live to 1.2-1.5x. On older showdowns whose live points still had
+    place of the device's one, for decode steps and for steps with prompt tokens apart. On for the committed
+    H100 profile since 2026-12-08: fitted on the live showdown at 17 req/s
+    (bench/results/one_gpu-h100-live-17-steps.json), the simulator came within 0.3-0.6 points of the
+    22 req/s showdown it did not see (30-33 points below with the one parallelism of 1.25), its TPOT p50
+    within 8-15% of live and p99 within 3-11% (p99 3.8-4.6x live before; 1.2-1.5x with the decode steps'
+    parallelism for every step). On older showdowns whose live points still had
     cold-start TTFT tails (p99 2-6 s) it is further off (8.0 points on average over 28, against 6.3): those
     tails, fixed since, are not modelled, and the old profile's TPOT misses stood in for them."""
     results_dir, configs_dir = Path(results_dir), Path(configs_dir)
@@ -393,7 +420,7 @@ def fit_profile(
             values[f"{model}.{name}"] = provenance(raw, getattr(point, name), "assumed" if assumed else "fitted")
     points.sort(key=lambda p: p.weight_bytes)
     if parallelism_by_size and contention and all(p.model in contention for p in points):
-        points = [with_parallelism(point, contention[point.model], values) for point in points]
+        points = [with_parallelism(point, contention, values) for point in points]
     step_costs = json.loads((results_dir / step_costs_file).read_text()) if step_costs_file else None
     if step_costs is not None:
         points = [with_live_prefill(point, step_costs["sizes"], values) for point in points]
@@ -480,10 +507,10 @@ def fit_profile(
             ),
             *(
                 [
-                    f"the same step log's decode steps beside other engines' steps, per model: parallelism (the "
-                    f"steps-weighted mean of concurrency over slowdown where {SHARED_FROM_CONCURRENCY:g} or more "
-                    "engines "
-                    f"stepped at once)"
+                    f"the same step log's steps beside other engines' steps, per model: parallelism (its CUDA-graph "
+                    "decode steps) and prefill_parallelism (its steps with prompt tokens), each the steps-weighted "
+                    f"mean of concurrency over slowdown where {SHARED_FROM_CONCURRENCY:g} or more engines stepped at "
+                    "once"
                 ]
                 if any(p.parallelism for p in points)
                 else []
@@ -504,8 +531,8 @@ def fit_profile(
             "decode attention cost is the kernel's per-byte slope applied to all layers' KV (measured on one layer)",
             (
                 "colocated engines' steps are slowed by how many engines step at once over their size's parallelism "
-                "(processor sharing), whatever the sizes beside them, and a size between the measured ones "
-                "interpolated"
+                "for their kind of step (processor sharing), whatever the sizes and steps beside them, and a size "
+                "between the measured ones interpolated"
                 if any(p.parallelism for p in points)
                 else f"colocated engines share a GPU as {parallelism:.2f} alone-steps at once (measured with two "
                 "engines' decode "
