@@ -6,6 +6,7 @@
 # NAME-kv-waits.txt (the agent log's KV waits, allocator refusals, pending shrinks, switch-offs of a serving
 # engine) and NAME-logs.tgz. On an H200 it caps the card at an H100's 79.19 GiB (--gpu-memory-gb) and takes the
 # H200 profile for the simulator. Several policies but static share one cluster (--share-engines).
+# SHOWDOWN_ARGS: more of bench/one_gpu.py's flags (for example "--shed-load").
 NAME=$1; shift
 source .device/setup-kvcached.sh .device > /tmp/setup.log 2>&1
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .device/wheels/*.whl > /tmp/pip.log 2>&1
@@ -17,7 +18,7 @@ if echo "$GPU" | grep -q H200; then EXTRA="--gpu-memory-gb 79.19 --profile bench
 SHARE=""
 if [ "$#" -gt 1 ] && ! echo "$@" | grep -q static; then SHARE="--share-engines"; fi
 PRISM_ENGINE_STEP_LOG=1 timeout ${SHOWDOWN_TIMEOUT:-550} python3 bench/one_gpu.py --policies "$@" $SHARE --rates ${RATES:-8 14} --duration 30 \
-  --reset-settle-s 62 --cuda-mps on --reserve-gb 14 --simulate $EXTRA \
+  --reset-settle-s 62 --cuda-mps on --reserve-gb 14 --simulate $EXTRA ${SHOWDOWN_ARGS:-} \
   --out $OUT/$NAME.json --plot $OUT/$NAME.png --state-dir /tmp/st > $OUT/$NAME.log 2>&1
 echo "bench rc=$?"
 for p in "$@"; do
