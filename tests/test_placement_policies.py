@@ -592,6 +592,14 @@ def test_prism_sheds_a_model_whose_squeeze_would_overload_a_gpu_and_serves_it_ag
         params,
     )
     assert active_of(target) == {"a": [("x", (0,))], "b": [("x", (0,))]}
+    # b busier than a (12 req/s against 10): shedding it would cost more requests their SLO than the
+    # squeeze puts at risk, so it goes beside a (the GPU sacrificed), active.
+    busier = {**demand, "b": busy(12.0)}
+    busier_snap = ClusterSnapshot(
+        models=snap.models, agents=snap.agents, weight_bytes=weights, current=current, demand=busier
+    )
+    assert sum(compute_load(busier_snap, m, params) for m in snap.models) > params.compute_overload
+    assert active_of(prism_policy(busier_snap, params)) == {"a": [("x", (0,))], "b": [("x", (0,))]}
     # A second GPU: b goes there.
     target = prism_policy(
         ClusterSnapshot(
