@@ -223,10 +223,10 @@ def provenance(raw: float, kept: float, how: str) -> dict:
 SHARED_FROM_CONCURRENCY = 2.0
 
 
-def shared_parallelism(bins: dict[str, dict]) -> float | None:
-    """The steps-weighted mean parallelism over a contention table's bins of at least SHARED_FROM_CONCURRENCY
-    engines stepping at once; None where it has no such steps."""
-    shared = [b for name, b in bins.items() if float(name.split("-")[0]) >= SHARED_FROM_CONCURRENCY]
+def shared_parallelism(*tables: dict[str, dict]) -> float | None:
+    """The steps-weighted mean parallelism over contention tables' bins of at least SHARED_FROM_CONCURRENCY
+    engines stepping at once; None where they have no such steps."""
+    shared = [b for bins in tables for name, b in bins.items() if float(name.split("-")[0]) >= SHARED_FROM_CONCURRENCY]
     steps = sum(b["steps"] for b in shared)
     return sum(b["steps"] * b["parallelism_p50"] for b in shared) / steps if steps else None
 
@@ -247,11 +247,7 @@ def with_parallelism(point: SizePoint, contention: dict[str, dict], values: dict
     kept = max(1.0, decode)
     values[f"{point.model}.parallelism"] = provenance(decode, kept, "fitted")
     point = replace(point, parallelism=kept)
-    pooled: dict[str, dict] = {}
-    for kind in (" mixed", " prefill"):
-        for name, b in contention.get(point.model + kind, {}).items():
-            pooled[f"{name}{kind}"] = b  # "3-4 mixed": its bin still leads the name
-    prefill = shared_parallelism(pooled)
+    prefill = shared_parallelism(*(contention.get(point.model + kind, {}) for kind in (" mixed", " prefill")))
     if prefill is not None:
         kept = max(1.0, prefill)
         values[f"{point.model}.prefill_parallelism"] = provenance(prefill, kept, "fitted")
